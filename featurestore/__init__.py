@@ -1,0 +1,13 @@
+"""featurestore: read datasets, decode, encode once, and query features by clip id."""
+from featurestore.errors import (
+    CorruptChunkError, FeatureStoreError, FingerprintMismatchError, MissingFeatureError,
+    ReadOnlyStoreError, StoreFormatError, UnknownClipError, UnknownFeatureError,
+)
+from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
+from featurestore.store import FeatureInfo, FeatureStore, VerifyReport, convert_store, create_store, open_store
+
+__all__ = [
+    "TAU_CLASSES", "ClipRecord", "CorruptChunkError", "FeatureInfo", "FeatureStore", "FeatureStoreError",
+    "FingerprintMismatchError", "Manifest", "MissingFeatureError", "ReadOnlyStoreError", "StoreFormatError",
+    "UnknownClipError", "UnknownFeatureError", "VerifyReport", "convert_store", "create_store", "open_store",
+]

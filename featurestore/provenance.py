@@ -1,0 +1,65 @@
+"""Provenance records and the fingerprints derived from them.
+
+A feature set's fingerprint is the SHA-256 of its provenance *minus* the ``runtime`` section, in
+canonical JSON. The runtime section (library versions, host, time) documents a run but must not make
+a rerun after ``pip install -U`` refuse to resume into the same feature set.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from importlib import metadata
+from typing import Any
+
+RUNTIME_KEY = "runtime"
+_VERSIONED = ("avscene", "numpy", "torch", "torchvision", "timm", "open_clip_torch", "zarr", "h5py", "librosa", "av")
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the same dict always gives the same text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(provenance: dict) -> str:
+    """SHA-256 (hex, first 16 chars) of the provenance without its runtime section."""
+    body = {k: v for k, v in provenance.items() if k != RUNTIME_KEY}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()[:16]
+
+
+def runtime_info() -> dict:
+    """Library versions, Python and host: recorded beside every feature set and prediction run."""
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "versions": versions,
+    }
+
+
+def is_random_weights(provenance: dict) -> bool:
+    """True when the encoder behind a feature set ran with randomly initialised weights."""
+    weights = provenance.get("weights") or {}
+    return weights.get("kind") == "random"
+
+
+def weights_identity(provenance: dict) -> str:
+    """A short human-readable identity of the weights: ``openai``, ``file:ab12cd..``, ``RANDOM(seed=0)``."""
+    weights = provenance.get("weights") or {}
+    kind = weights.get("kind")
+    if kind == "random":
+        return f"RANDOM(seed={weights.get('seed')})"
+    if kind == "file":
+        return f"file:{str(weights.get('sha256', ''))[:12]}"
+    if kind == "pretrained":
+        return str(weights.get("tag"))
+    if kind is None:
+        return "n/a"
+    return str(kind)

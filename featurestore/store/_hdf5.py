@@ -1,0 +1,111 @@
+"""HDF5 backend (h5py): one file, fletcher32-checksummed chunks, for handing a finished store over.
+
+HDF5 cannot put a checksum filter on variable-length strings, so string arrays are stored as
+fixed-width UTF-8 bytes (width grows on demand) and keep their checksum. Attributes are stored as
+JSON text so that nested provenance dicts survive unchanged.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import h5py
+import numpy as np
+
+from featurestore.store._backend import STRING, as_str_array
+
+_STRING_ATTR = "avscene_string_array"
+
+
+class HDF5Backend:
+    """One HDF5 file; datasets are chunked by whole row blocks and sealed with fletcher32."""
+
+    def __init__(self, location: str, mode: str):
+        self.location = location
+        self.read_only = mode == "r"
+        h5mode = {"r": "r", "a": "a", "w": "w"}[mode]
+        self._file = h5py.File(location, h5mode)
+
+    def _node(self, path: str):
+        return self._file[path] if path else self._file
+
+    def exists(self, path: str) -> bool:
+        return not path or path in self._file
+
+    def is_array(self, path: str) -> bool:
+        return bool(path) and path in self._file and isinstance(self._file[path], h5py.Dataset)
+
+    def children(self, path: str) -> list[str]:
+        return sorted(self._node(path).keys())
+
+    def get_attrs(self, path: str) -> dict[str, Any]:
+        out = {}
+        for key, value in self._node(path).attrs.items():
+            if key == _STRING_ATTR:
+                continue
+            out[key] = json.loads(value) if isinstance(value, str) else value
+        return out
+
+    def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
+        node = self._node(path)
+        for key, value in attrs.items():
+            node.attrs[key] = json.dumps(value)
+
+    def create_group(self, path: str) -> None:
+        self._file.require_group(path)
+
+    def create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value) -> None:
+        if path in self._file:
+            del self._file[path]
+        is_str = dtype == STRING
+        h5dtype = np.dtype("S16") if is_str else np.dtype(dtype)
+        chunks = (max(1, chunk_rows),) + tuple(shape[1:])
+        ds = self._file.create_dataset(path, shape=tuple(shape), maxshape=(None,) + tuple(shape[1:]),
+                                       dtype=h5dtype, chunks=chunks, fletcher32=True,
+                                       fillvalue=b"" if is_str else fill_value)
+        if is_str:
+            ds.attrs[_STRING_ATTR] = 1
+
+    def _is_str(self, path: str) -> bool:
+        return _STRING_ATTR in self._file[path].attrs
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return tuple(self._file[path].shape)
+
+    def dtype(self, path: str) -> str:
+        return STRING if self._is_str(path) else str(self._file[path].dtype)
+
+    def chunk_rows(self, path: str) -> int:
+        return int(self._file[path].chunks[0])
+
+    def read(self, path: str, start: int, stop: int) -> np.ndarray:
+        data = self._file[path][start:stop]
+        return as_str_array(data) if self._is_str(path) else data
+
+    def write(self, path: str, start: int, data: np.ndarray) -> None:
+        if self._is_str(path):
+            data = np.asarray([str(v).encode("utf-8") for v in np.asarray(data).ravel()])
+            self._widen(path, data.dtype.itemsize)
+        self._file[path][start:start + len(data)] = data
+
+    def _widen(self, path: str, width: int) -> None:
+        """Rewrite a string dataset with a wider fixed width (rare: only the index and error texts)."""
+        ds = self._file[path]
+        if ds.dtype.itemsize >= width:
+            return
+        old, rows, attrs = ds[...], ds.chunks[0], dict(ds.attrs)
+        del self._file[path]
+        new = self._file.create_dataset(path, shape=old.shape, maxshape=(None,), dtype=np.dtype(f"S{width}"),
+                                        chunks=(rows,), fletcher32=True, fillvalue=b"")
+        new[...] = old
+        new.attrs.update(attrs)
+
+    def resize(self, path: str, n_rows: int) -> None:
+        self._file[path].resize(n_rows, axis=0)
+
+    def delete(self, path: str) -> None:
+        del self._file[path]
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()

@@ -1,0 +1,690 @@
+"""The feature store: an index of clips plus feature sets and prediction runs keyed by clip and segment.
+
+Reads go through an id->row map and a decoded-chunk cache; writes go in blocks of whole chunks and
+set ``done`` flags only after the data is on disk, so a killed writer never leaves a clip that looks
+finished but holds fill values. See docs/architecture.md for the layout.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from featurestore.errors import (
+    CorruptChunkError, FingerprintMismatchError, MissingFeatureError, ReadOnlyStoreError,
+    StoreFormatError, UnknownClipError, UnknownFeatureError,
+)
+from featurestore.manifest import Manifest
+from featurestore.provenance import fingerprint, is_random_weights, runtime_info, weights_identity
+from featurestore.store._backend import STRING, Backend, join
+from featurestore.store._cache import ChunkCache
+
+SCHEMA_VERSION = 1
+DEFAULT_CACHE_BYTES = 256 * 2**20
+TARGET_CHUNK_BYTES = 2 * 2**20
+INDEX_CHUNK_ROWS = 65536
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.+@=-]+(/[A-Za-z0-9_.+@=-]+)*$")
+_INDEX_STRINGS = ("clip_id", "city", "location", "audio_path", "video_path")
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """What ``feature_sets()`` says about one feature set."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_clips: int
+    provenance: dict = field(repr=False)
+    fingerprint: str
+    n_done: int
+    n_errors: int
+
+    @property
+    def n_segments(self) -> int:
+        return self.shape[1]
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return self.shape[2:]
+
+    @property
+    def random_weights(self) -> bool:
+        return is_random_weights(self.provenance)
+
+    @property
+    def weights_identity(self) -> str:
+        return weights_identity(self.provenance)
+
+
+def default_chunk_clips(n_segments: int, feature_shape: Sequence[int], dtype: str) -> int:
+    """Clips per chunk so that one chunk is about 2 MiB: big enough to amortise per-chunk overhead."""
+    per_clip = n_segments * int(np.prod(feature_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return int(min(4096, max(1, TARGET_CHUNK_BYTES // max(1, per_clip))))
+
+
+def validate_name(kind: str, name: str) -> str:
+    """Feature set / run names become group paths: letters, digits, ``_.+@=-``, '/'-separated."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name.split("/"):
+        raise ValueError(f"invalid {kind} name {name!r}: use letters, digits and _ . + @ = -, "
+                         f"with '/' between parts (e.g. 'clip/ViT-B-32')")
+    return name
+
+
+class FeatureStore:
+    """One store = one set of clips. Create with ``open_store`` or ``create_store``."""
+
+    def __init__(self, backend: Backend, mode: str, cache_bytes: int, open_args: dict):
+        self._b = backend
+        self.mode = mode
+        self._open_args = open_args
+        self._cache = ChunkCache(cache_bytes)
+        self._done: dict[str, np.ndarray] = {}
+        self._row_of: dict[str, int] | None = None
+        self._clip_ids: list[str] | None = None
+        if mode == "w" or not self._b.exists("index"):
+            self._init_layout()
+        self._check_schema()
+
+    # ----------------------------------------------------------------------------------- layout
+    def _init_layout(self) -> None:
+        if self._b.read_only:
+            raise StoreFormatError(f"{self.location} is not a feature store (no index group)")
+        for group in ("index", "index/split", "features", "predictions", "class_features"):
+            self._b.create_group(group)
+        attrs = self._b.get_attrs("")
+        if "schema_version" not in attrs:
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                created_by = f"avscene {version('avscene')}"
+            except PackageNotFoundError:
+                created_by = "avscene (not installed)"
+            self._b.set_attrs("", {"schema_version": SCHEMA_VERSION, "classes": [], "dataset": "",
+                                   "created_by": created_by})
+        for name in _INDEX_STRINGS:
+            if not self._b.exists(f"index/{name}"):
+                self._b.create_array(f"index/{name}", (0,), STRING, INDEX_CHUNK_ROWS, "")
+        if not self._b.exists("index/label"):
+            self._b.create_array("index/label", (0,), "int16", INDEX_CHUNK_ROWS, -1)
+
+    def _check_schema(self) -> None:
+        attrs = self._b.get_attrs("")
+        found = attrs.get("schema_version")
+        if found != SCHEMA_VERSION:
+            raise StoreFormatError(f"{self.location}: schema version {found!r}, this library reads "
+                                   f"version {SCHEMA_VERSION}")
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def location(self) -> str:
+        return self._b.location
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes: schema_version, classes, dataset, created_by, segment scheme."""
+        return self._b.get_attrs("")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs.get("classes", []))
+
+    @property
+    def clip_ids(self) -> list[str]:
+        if self._clip_ids is None:
+            self._load_index()
+        return list(self._clip_ids)
+
+    @property
+    def n_clips(self) -> int:
+        if self._clip_ids is None:
+            self._load_index()
+        return len(self._clip_ids)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.column("label")
+
+    def _load_index(self) -> None:
+        ids = self._b.read("index/clip_id", 0, self._b.shape("index/clip_id")[0])
+        self._clip_ids = [str(i) for i in ids]
+        self._row_of = {cid: row for row, cid in enumerate(self._clip_ids)}
+
+    def columns(self) -> list[str]:
+        """Index column names: ``label``, ``city``, ..., ``split/<name>``."""
+        plain = [c for c in self._b.children("index") if c != "split"]
+        return plain + [f"split/{s}" for s in self.splits()]
+
+    def splits(self) -> list[str]:
+        return self._b.children("index/split")
+
+    def column(self, name: str) -> np.ndarray:
+        """One index column for every clip, in row order."""
+        path = f"index/{name}"
+        if not self._b.is_array(path):
+            raise UnknownFeatureError("index column", name, self.columns())
+        return self._b.read(path, 0, self._b.shape(path)[0])
+
+    def rows(self, clip_ids: Iterable[str]) -> np.ndarray:
+        """Row numbers of clip ids; an unknown id raises ``UnknownClipError`` with the nearest ids."""
+        if self._row_of is None:
+            self._load_index()
+        row_of = self._row_of
+        try:
+            return np.fromiter((row_of[c] for c in clip_ids), dtype=np.int64)
+        except KeyError as err:
+            raise UnknownClipError(err.args[0], row_of) from None
+
+    def row(self, clip_id: str) -> int:
+        if self._row_of is None:
+            self._load_index()
+        try:
+            return self._row_of[clip_id]
+        except KeyError:
+            raise UnknownClipError(clip_id, self._row_of) from None
+
+    # ------------------------------------------------------------------------------- the index
+    def _require_writable(self) -> None:
+        if self._b.read_only:
+            raise ReadOnlyStoreError(f"{self.location} is open read-only (mode='r'); open with mode='a'")
+
+    def append_clips(self, manifest: Manifest) -> None:
+        """Add the manifest's clips to the index and grow every feature and prediction array."""
+        self._require_writable()
+        attrs = self.attrs
+        if attrs.get("classes") and list(attrs["classes"]) != list(manifest.classes):
+            raise ValueError(f"{self.location}: classes {attrs['classes']} differ from the manifest's "
+                             f"{manifest.classes}")
+        dup = set(self.clip_ids) & set(manifest.clip_ids)
+        if dup or len(set(manifest.clip_ids)) != len(manifest):
+            raise ValueError(f"clip ids must be unique; already present or repeated: {sorted(dup)[:5]}")
+        self._b.set_attrs("", {"classes": list(manifest.classes), "dataset": manifest.name,
+                               "audio_segments": manifest.audio_segments,
+                               "segment_seconds": manifest.segment_seconds,
+                               "video_frames": manifest.video_frames,
+                               "dataset_root": str(manifest.root) if manifest.root else ""})
+        start, n_new = self.n_clips, len(manifest)
+        end = start + n_new
+        columns = _manifest_columns(manifest)
+        for split in manifest.split_names:
+            if not self._b.exists(f"index/split/{split}"):
+                self._b.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
+        for path in self._row_arrays():
+            self._b.resize(path, end)
+        for name, values in columns.items():
+            self._b.write(f"index/{name}", start, values)
+        for split in self.splits():
+            member = np.array([split in c.splits for c in manifest.clips], dtype=bool)
+            self._b.write(f"index/split/{split}", start, member)
+        self._clip_ids = None
+        self._done.clear()
+
+    def _row_arrays(self) -> list[str]:
+        """Every array whose first axis is the clip axis."""
+        paths = [f"index/{c}" for c in self.columns()]
+        for name in self._groups_with("features", "data"):
+            paths += [join("features", name, a) for a in ("data", "done", "errors")]
+        for name in self._groups_with("predictions", "probs"):
+            paths += [join("predictions", name, a) for a in ("probs", "done")]
+        return paths
+
+    def select(self, split: str | Sequence[str] | None = None, label: str | int | Sequence | None = None,
+               city: str | Sequence[str] | None = None,
+               location: str | Sequence[str] | None = None) -> list[str]:
+        """Clip ids matching every given filter (a list means "any of"), in row order."""
+        keep = np.ones(self.n_clips, dtype=bool)
+        if split is not None:
+            any_split = np.zeros(self.n_clips, dtype=bool)
+            for s in _as_list(split):
+                if s not in self.splits():
+                    raise UnknownFeatureError("split", s, self.splits())
+                any_split |= self.column(f"split/{s}").astype(bool)
+            keep &= any_split
+        if label is not None:
+            wanted = [self._label_index(v) for v in _as_list(label)]
+            keep &= np.isin(self.labels, wanted)
+        for name, value in (("city", city), ("location", location)):
+            if value is not None:
+                keep &= np.isin(self.column(name), _as_list(value))
+        ids = self.clip_ids
+        return [ids[i] for i in np.flatnonzero(keep)]
+
+    def _label_index(self, label: str | int) -> int:
+        if isinstance(label, (int, np.integer)):
+            return int(label)
+        if label not in self.classes:
+            raise UnknownFeatureError("class", label, self.classes)
+        return self.classes.index(label)
+
+    # --------------------------------------------------------------------------- feature sets
+    def _groups_with(self, top: str, leaf: str) -> list[str]:
+        """Names of the (possibly nested) groups under ``top`` that hold an array ``leaf``."""
+        found: list[str] = []
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            path = join(top, rel)
+            if not self._b.exists(path) or self._b.is_array(path):
+                continue
+            kids = self._b.children(path)
+            if leaf in kids and self._b.is_array(join(path, leaf)):
+                found.append(rel)
+                continue
+            stack.extend(join(rel, k) for k in kids)
+        return sorted(found)
+
+    def feature_sets(self) -> dict[str, FeatureInfo]:
+        """Every feature set with its shape, dtype, provenance, fingerprint and done/error counts."""
+        return {name: self.feature_info(name) for name in self._groups_with("features", "data")}
+
+    def feature_info(self, name: str) -> FeatureInfo:
+        path = self._feature_path(name)
+        attrs = self._b.get_attrs(path)
+        done = self.done_mask(name, refresh=True)
+        errors = self._b.read(join(path, "errors"), 0, self.n_clips)
+        return FeatureInfo(name, self._b.shape(join(path, "data")), self._b.dtype(join(path, "data")),
+                           self._b.chunk_rows(join(path, "data")), attrs.get("provenance", {}),
+                           attrs.get("fingerprint", ""), int(done.sum()), int((errors != "").sum()))
+
+    def _feature_path(self, name: str) -> str:
+        path = join("features", name)
+        if not self._b.is_array(join(path, "data")):
+            raise UnknownFeatureError("feature set", name, self._groups_with("features", "data"))
+        return path
+
+    def create_feature_set(self, name: str, n_segments: int, feature_shape: Sequence[int],
+                           provenance: dict, dtype: str = "float16", chunk_clips: int | None = None,
+                           overwrite: bool = False) -> FeatureInfo:
+        """Create (or, with the same fingerprint, reopen for resuming) a feature set.
+
+        A different fingerprint raises ``FingerprintMismatchError`` naming both configurations;
+        ``overwrite=True`` deletes the old set first.
+        """
+        self._require_writable()
+        validate_name("feature set", name)
+        path = join("features", name)
+        fp = fingerprint(provenance)
+        if self._b.exists(join(path, "data")):
+            old = self._b.get_attrs(path)
+            if old.get("fingerprint") == fp and not overwrite:
+                return self.feature_info(name)
+            if not overwrite:
+                raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})),
+                                               _strip_runtime(provenance))
+            self._b.delete(path)
+            self._forget(path)
+        elif self._b.exists(path) and self._b.children(path) and not overwrite:
+            raise ValueError(f"{name!r} is a group of other feature sets "
+                             f"({', '.join(self._b.children(path))}); choose another name")
+        shape = (self.n_clips, int(n_segments)) + tuple(int(s) for s in feature_shape)
+        rows = int(chunk_clips or default_chunk_clips(n_segments, feature_shape, dtype))
+        self._b.create_group(path)
+        self._b.create_array(join(path, "data"), shape, str(np.dtype(dtype)), rows, 0)
+        self._b.create_array(join(path, "done"), (self.n_clips,), "bool", rows, False)
+        self._b.create_array(join(path, "errors"), (self.n_clips,), STRING, rows, "")
+        prov = dict(provenance)
+        prov.setdefault("runtime", runtime_info())
+        self._b.set_attrs(path, {"provenance": prov, "fingerprint": fp, "n_segments": int(n_segments),
+                                 "feature_shape": list(shape[2:]), "chunk_clips": rows})
+        return self.feature_info(name)
+
+    def delete_feature_set(self, name: str) -> None:
+        self._require_writable()
+        path = self._feature_path(name)
+        self._b.delete(path)
+        self._forget(path)
+
+    def _forget(self, path: str) -> None:
+        for key in [k for k in self._done if k == path or k.startswith(path + "/")]:
+            del self._done[key]
+        for leaf in ("data", "probs"):
+            self._cache.drop(join(path, leaf))
+
+    def done_mask(self, name: str, refresh: bool = False) -> np.ndarray:
+        """Which clips of a feature set are computed (a copy; cached until ``refresh``)."""
+        return self._done_of(self._feature_path(name), refresh).copy()
+
+    def _done_of(self, group: str, refresh: bool = False) -> np.ndarray:
+        mask = self._done.get(group)
+        if mask is None or refresh:
+            mask = self._b.read(join(group, "done"), 0, self._b.shape(join(group, "done"))[0]).astype(bool)
+            self._done[group] = mask
+        return mask
+
+    def write_rows(self, name: str, start: int, data: np.ndarray) -> None:
+        """Write rows ``start:start+len(data)`` of a feature set, then mark them done.
+
+        The block must cover whole chunks (its end may be the last row), so that parallel writers
+        never touch the same chunk. Errors recorded earlier for these rows are cleared.
+        """
+        self._require_writable()
+        path = self._feature_path(name)
+        self._write_block(path, "data", start, data)
+        stop = start + len(data)
+        self._b.write(join(path, "errors"), start, np.full(len(data), "", dtype=object))
+        self._mark_done(path, start, stop)
+
+    def _write_block(self, group: str, leaf: str, start: int, data: np.ndarray) -> None:
+        array = join(group, leaf)
+        shape, rows = self._b.shape(array), self._b.chunk_rows(array)
+        data = np.asarray(data)
+        stop = start + len(data)
+        if data.shape[1:] != tuple(shape[1:]):
+            raise ValueError(f"{array}: rows have shape {tuple(data.shape[1:])}, expected {tuple(shape[1:])}")
+        if start < 0 or stop > shape[0] or len(data) == 0:
+            raise ValueError(f"{array}: rows {start}:{stop} are outside 0:{shape[0]} or empty")
+        if start % rows or (stop % rows and stop != shape[0]):
+            raise ValueError(f"{array}: block {start}:{stop} is not aligned to whole chunks of {rows} "
+                             f"rows (parallel writers must own whole chunks)")
+        self._b.write(array, start, data.astype(self._b.dtype(array), copy=False))
+        self._cache.drop(array)
+
+    def _mark_done(self, group: str, start: int, stop: int, value: bool = True) -> None:
+        self._b.write(join(group, "done"), start, np.full(stop - start, value, dtype=bool))
+        mask = self._done.get(group)
+        if mask is not None:
+            mask[start:stop] = value
+
+    def set_errors(self, name: str, errors: dict[int | str, str]) -> None:
+        """Record per-clip failures (row or clip id -> message); those clips are marked not done."""
+        self._require_writable()
+        path = self._feature_path(name)
+        for key, message in errors.items():
+            row = self.row(key) if isinstance(key, str) else int(key)
+            self._b.write(join(path, "errors"), row, np.array([str(message)[:500] or "error"], dtype=object))
+            self._mark_done(path, row, row + 1, False)
+
+    def errors(self, name: str) -> dict[str, str]:
+        """Clip id -> error message for every clip whose extraction failed."""
+        texts = self._b.read(join(self._feature_path(name), "errors"), 0, self.n_clips)
+        ids = self.clip_ids
+        return {ids[i]: str(texts[i]) for i in np.flatnonzero(texts != "")}
+
+    # ------------------------------------------------------------------------------- reading
+    def get(self, name: str, clip_id: str) -> np.ndarray:
+        """Features of one clip, ``[n_segments, *feature_shape]`` in the stored dtype."""
+        path = self._feature_path(name)
+        row = self.row(clip_id)
+        self._require_done(path, name, np.array([row]))
+        return self._row_block(join(path, "data"), path, row)[0].copy()
+
+    def get_many(self, name: str, clip_ids: Sequence[str]) -> np.ndarray:
+        """Features of many clips in the given order; each chunk is read and decoded once."""
+        path = self._feature_path(name)
+        return self._gather(path, "data", name, self.rows(clip_ids))
+
+    def read_rows(self, name: str, start: int, stop: int, check_done: bool = True) -> np.ndarray:
+        """A contiguous block of rows (loaders read chunk-sized blocks through this)."""
+        path = self._feature_path(name)
+        if check_done:
+            self._require_done(path, name, np.arange(start, stop))
+        return self._gather(path, "data", name, np.arange(start, stop), check_done=False)
+
+    def _require_done(self, group: str, name: str, rows: np.ndarray) -> None:
+        mask = self._done_of(group)
+        if len(rows) and not mask[rows].all():
+            mask = self._done_of(group, refresh=True)  # another process may have written since
+            missing = rows[~mask[rows]]
+            if len(missing):
+                ids = self.clip_ids
+                raise MissingFeatureError(name, [ids[r] for r in missing])
+
+    def _gather(self, group: str, leaf: str, name: str, rows: np.ndarray, check_done: bool = True) -> np.ndarray:
+        if check_done:
+            self._require_done(group, name, rows)
+        array = join(group, leaf)
+        shape, per = self._b.shape(array), self._b.chunk_rows(array)
+        out = np.empty((len(rows),) + tuple(shape[1:]), dtype=self._b.dtype(array))
+        if not len(rows):
+            return out
+        chunk_of = rows // per
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+        for part in np.split(order, bounds):
+            chunk = int(chunk_of[part[0]])
+            block = self._chunk(array, group, chunk, per, shape[0])
+            out[part] = block[rows[part] - chunk * per]
+        return out
+
+    def _row_block(self, array: str, group: str, row: int) -> np.ndarray:
+        per = self._b.chunk_rows(array)
+        chunk = row // per
+        block = self._chunk(array, group, chunk, per, self._b.shape(array)[0])
+        offset = row - chunk * per
+        return block[offset:offset + 1]
+
+    def _chunk(self, array: str, group: str, chunk: int, per: int, n_rows: int) -> np.ndarray:
+        key = (array, chunk)
+        block = self._cache.get(key)
+        if block is not None:
+            return block
+        start, stop = chunk * per, min(n_rows, (chunk + 1) * per)
+        complete = bool(self._done_of(group)[start:stop].all())  # read done before data: see module doc
+        try:
+            block = self._b.read(array, start, stop)
+        except Exception as err:  # checksum failures surface as codec errors from either backend
+            raise CorruptChunkError(f"{self.location}:{array}", start, stop, err) from err
+        if complete:
+            self._cache.put(key, block)
+        return block
+
+    def refresh(self) -> None:
+        """Drop cached chunks, done masks and the index: see what other processes wrote since."""
+        self._cache.clear()
+        self._done.clear()
+        self._clip_ids = self._row_of = None
+
+    # ------------------------------------------------------------------------ class features
+    def write_class_features(self, name: str, data: np.ndarray, provenance: dict,
+                             prompts: Sequence[str] | None = None) -> None:
+        """Per-class vectors (e.g. CLIP text embeddings of class prompts) with their provenance."""
+        self._require_writable()
+        validate_name("class feature set", name)
+        data = np.asarray(data)
+        if data.ndim < 1 or data.shape[0] != len(self.classes):
+            raise ValueError(f"class features {name!r}: first axis must be the {len(self.classes)} classes, "
+                             f"got shape {data.shape}")
+        path = join("class_features", name)
+        self._b.create_group(path)
+        self._b.create_array(join(path, "data"), data.shape, str(data.dtype), data.shape[0], 0)
+        self._b.write(join(path, "data"), 0, data)
+        prov = dict(provenance)
+        prov.setdefault("runtime", runtime_info())
+        self._b.set_attrs(path, {"provenance": prov, "fingerprint": fingerprint(prov),
+                                 "prompts": list(prompts or []), "classes": self.classes})
+
+    def class_feature_sets(self) -> list[str]:
+        return self._groups_with("class_features", "data")
+
+    def get_class_features(self, name: str) -> tuple[np.ndarray, dict]:
+        """``(array [n_classes, ...], attrs)`` where attrs hold provenance, fingerprint and prompts."""
+        path = join("class_features", name)
+        if not self._b.is_array(join(path, "data")):
+            raise UnknownFeatureError("class feature set", name, self.class_feature_sets())
+        data = self._b.read(join(path, "data"), 0, self._b.shape(join(path, "data"))[0])
+        return data, self._b.get_attrs(path)
+
+    # ---------------------------------------------------------------------------- predictions
+    def create_predictions(self, run: str, n_segments: int, attrs: dict, overwrite: bool = False,
+                           chunk_clips: int | None = None) -> None:
+        """Create ``predictions/<run>`` for every clip; an existing run needs ``overwrite=True``."""
+        self._require_writable()
+        validate_name("prediction run", run)
+        path = join("predictions", run)
+        if self._b.exists(join(path, "probs")):
+            if not overwrite:
+                raise FileExistsError(f"{self.location}: prediction run {run!r} exists; pass overwrite=True")
+            self._b.delete(path)
+            self._forget(path)
+        n_classes = len(self.classes)
+        rows = int(chunk_clips or default_chunk_clips(n_segments, (n_classes,), "float32"))
+        self._b.create_group(path)
+        self._b.create_array(join(path, "probs"), (self.n_clips, int(n_segments), n_classes), "float32", rows, 0)
+        self._b.create_array(join(path, "done"), (self.n_clips,), "bool", rows, False)
+        self._b.set_attrs(path, {**attrs, "runtime": runtime_info()})
+
+    def write_predictions(self, run: str, rows: np.ndarray | slice | int, probs: np.ndarray) -> None:
+        """Write probabilities for rows (any order; a single writer per run), then mark them done."""
+        self._require_writable()
+        path = self._run_path(run)
+        probs = np.asarray(probs, dtype=np.float32)
+        if isinstance(rows, slice):
+            rows = np.arange(self.n_clips)[rows]
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        if len(rows) != len(probs):
+            raise ValueError(f"predictions {run!r}: {len(rows)} rows but {len(probs)} probability rows")
+        array = join(path, "probs")
+        expected = tuple(self._b.shape(array)[1:])
+        if probs.shape[1:] != expected:
+            raise ValueError(f"predictions {run!r}: rows have shape {probs.shape[1:]}, expected {expected}")
+        order = np.argsort(rows)
+        rows, probs = rows[order], probs[order]
+        for part in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):
+            if len(part):
+                start = int(rows[part[0]])
+                self._b.write(array, start, probs[part])
+                self._mark_done(path, start, start + len(part))
+        self._cache.drop(array)
+
+    def _run_path(self, run: str) -> str:
+        path = join("predictions", run)
+        if not self._b.is_array(join(path, "probs")):
+            raise UnknownFeatureError("prediction run", run, self._groups_with("predictions", "probs"))
+        return path
+
+    def prediction_runs(self) -> dict[str, dict]:
+        """Run name -> its attributes (head config, feature fingerprints, ...)."""
+        return {run: self._b.get_attrs(join("predictions", run))
+                for run in self._groups_with("predictions", "probs")}
+
+    def prediction_done(self, run: str) -> np.ndarray:
+        return self._done_of(self._run_path(run), refresh=True).copy()
+
+    def get_predictions(self, run: str, clip_ids: Sequence[str] | None = None) -> np.ndarray:
+        """Probabilities ``[n, n_segments, n_classes]``; clips never predicted raise an error."""
+        path = self._run_path(run)
+        rows = np.arange(self.n_clips) if clip_ids is None else self.rows(clip_ids)
+        return self._gather(path, "probs", f"predictions/{run}", rows)
+
+    def delete_predictions(self, run: str) -> None:
+        self._require_writable()
+        path = self._run_path(run)
+        self._b.delete(path)
+        self._forget(path)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def verify(self):
+        """Check consistency and every checksum; see ``featurestore.store.verify``."""
+        from featurestore.store.verify import verify_store
+
+        return verify_store(self)
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._b.close()
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        """Pickles as its open arguments: worker processes reopen the store, never share handles."""
+        if self.mode != "r":
+            raise TypeError(f"only stores opened with mode='r' can be sent to other processes "
+                            f"({self.location} is open with mode={self.mode!r})")
+        return dict(self._open_args)
+
+    def __setstate__(self, state: dict) -> None:
+        other = open_store(**state)
+        self.__dict__.update(other.__dict__)
+
+    def __repr__(self) -> str:
+        return (f"FeatureStore({self.location!r}, mode={self.mode!r}, clips={self.n_clips}, "
+                f"features={list(self._groups_with('features', 'data'))})")
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple, set, np.ndarray)) else [value]
+
+
+def _strip_runtime(provenance: dict) -> dict:
+    return {k: v for k, v in provenance.items() if k != "runtime"}
+
+
+def _manifest_columns(manifest: Manifest) -> dict[str, np.ndarray]:
+    def rel(p: Path | None) -> str:
+        if p is None:
+            return ""
+        if manifest.root is not None:
+            try:
+                return Path(p).relative_to(manifest.root).as_posix()
+            except ValueError:
+                pass
+        return Path(p).as_posix()
+
+    clips = manifest.clips
+    return {
+        "clip_id": np.array([c.clip_id for c in clips], dtype=object),
+        "label": np.array([manifest.label_index(c.label) for c in clips], dtype=np.int16),
+        "city": np.array([c.city for c in clips], dtype=object),
+        "location": np.array([c.location for c in clips], dtype=object),
+        "audio_path": np.array([rel(c.audio) for c in clips], dtype=object),
+        "video_path": np.array([rel(c.video) for c in clips], dtype=object),
+    }
+
+
+def _backend_for(location: str, mode: str, backend: str | None, storage_options: dict | None) -> Backend:
+    kind = backend or ("hdf5" if location.lower().endswith((".h5", ".hdf5")) else "zarr")
+    if kind == "hdf5":
+        from featurestore.store._hdf5 import HDF5Backend
+
+        if "://" in location:
+            raise ValueError(f"{location}: HDF5 stores must be local files; use a Zarr store for URLs")
+        if mode == "r" and not Path(location).exists():
+            raise FileNotFoundError(f"no feature store at {location}")
+        return HDF5Backend(location, mode)
+    if kind == "zarr":
+        from featurestore.store._zarr import ZarrBackend
+
+        if mode == "r" and "://" not in location and not (Path(location) / "zarr.json").exists():
+            raise FileNotFoundError(f"no feature store at {location} (no zarr.json there)")
+        return ZarrBackend(location, mode, storage_options)
+    raise ValueError(f"unknown backend {backend!r}; use 'zarr' or 'hdf5'")
+
+
+def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
+               cache_bytes: int = DEFAULT_CACHE_BYTES, storage_options: dict | None = None) -> FeatureStore:
+    """Open a feature store.
+
+    Args:
+        path: a directory (Zarr v3), a ``.h5``/``.hdf5`` file (HDF5), or an fsspec URL
+            (``s3://...``, ``gs://...``, ``memory://...``; Zarr only).
+        mode: ``"r"`` read-only, ``"a"`` read/write (created when missing), ``"w"`` create anew
+            (an existing store at that path is replaced).
+        backend: ``"zarr"`` or ``"hdf5"`` to override the choice by file name.
+        cache_bytes: bound of the decoded-chunk cache (0 disables it).
+        storage_options: passed to fsspec for URLs (credentials, endpoints).
+    """
+    if mode not in ("r", "a", "w"):
+        raise ValueError(f"mode must be 'r', 'a' or 'w', not {mode!r}")
+    location = str(path)
+    args = dict(path=location, mode=mode, backend=backend, cache_bytes=cache_bytes,
+                storage_options=storage_options)
+    b = _backend_for(location, mode, backend, storage_options)
+    try:
+        return FeatureStore(b, mode, cache_bytes, args)
+    except Exception:
+        b.close()
+        raise
+
+
+def create_store(path: str | Path, manifest: Manifest, backend: str | None = None, **kwargs) -> FeatureStore:
+    """Create a new store at ``path`` whose index holds the manifest's clips (mode ``"w"``)."""
+    store = open_store(path, "w", backend=backend, **kwargs)
+    store.append_clips(manifest)
+    return store
