@@ -25,6 +25,18 @@ class HDF5Backend:
         self.read_only = mode == "r"
         h5mode = {"r": "r", "a": "a", "w": "w"}[mode]
         self._file = h5py.File(location, h5mode)
+        self._datasets: dict[str, h5py.Dataset] = {}  # h5py name lookups cost ~50 us each
+
+    def _ds(self, path: str) -> h5py.Dataset:
+        ds = self._datasets.get(path)
+        if ds is None:
+            ds = self._file[path]
+            self._datasets[path] = ds
+        return ds
+
+    def _forget(self, path: str) -> None:
+        self._datasets = {k: v for k, v in self._datasets.items()
+                          if not (k == path or k.startswith(path + "/"))}
 
     def _node(self, path: str):
         return self._file[path] if path else self._file
@@ -33,7 +45,12 @@ class HDF5Backend:
         return not path or path in self._file
 
     def is_array(self, path: str) -> bool:
-        return bool(path) and path in self._file and isinstance(self._file[path], h5py.Dataset)
+        if path in self._datasets:
+            return True
+        if not path or path not in self._file or not isinstance(self._file[path], h5py.Dataset):
+            return False
+        self._ds(path)
+        return True
 
     def children(self, path: str) -> list[str]:
         return sorted(self._node(path).keys())
@@ -57,6 +74,7 @@ class HDF5Backend:
     def create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value) -> None:
         if path in self._file:
             del self._file[path]
+        self._forget(path)
         is_str = dtype == STRING
         h5dtype = np.dtype("S16") if is_str else np.dtype(dtype)
         chunks = (max(1, chunk_rows),) + tuple(shape[1:])
@@ -67,45 +85,48 @@ class HDF5Backend:
             ds.attrs[_STRING_ATTR] = 1
 
     def _is_str(self, path: str) -> bool:
-        return _STRING_ATTR in self._file[path].attrs
+        return _STRING_ATTR in self._ds(path).attrs
 
     def shape(self, path: str) -> tuple[int, ...]:
-        return tuple(self._file[path].shape)
+        return tuple(self._ds(path).shape)
 
     def dtype(self, path: str) -> str:
-        return STRING if self._is_str(path) else str(self._file[path].dtype)
+        return STRING if self._is_str(path) else str(self._ds(path).dtype)
 
     def chunk_rows(self, path: str) -> int:
-        return int(self._file[path].chunks[0])
+        return int(self._ds(path).chunks[0])
 
     def read(self, path: str, start: int, stop: int) -> np.ndarray:
-        data = self._file[path][start:stop]
+        data = self._ds(path)[start:stop]
         return as_str_array(data) if self._is_str(path) else data
 
     def write(self, path: str, start: int, data: np.ndarray) -> None:
         if self._is_str(path):
             data = np.asarray([str(v).encode("utf-8") for v in np.asarray(data).ravel()])
             self._widen(path, data.dtype.itemsize)
-        self._file[path][start:start + len(data)] = data
+        self._ds(path)[start:start + len(data)] = data
 
     def _widen(self, path: str, width: int) -> None:
         """Rewrite a string dataset with a wider fixed width (rare: only the index and error texts)."""
-        ds = self._file[path]
+        ds = self._ds(path)
         if ds.dtype.itemsize >= width:
             return
         old, rows, attrs = ds[...], ds.chunks[0], dict(ds.attrs)
         del self._file[path]
+        self._forget(path)
         new = self._file.create_dataset(path, shape=old.shape, maxshape=(None,), dtype=np.dtype(f"S{width}"),
                                         chunks=(rows,), fletcher32=True, fillvalue=b"")
         new[...] = old
         new.attrs.update(attrs)
 
     def resize(self, path: str, n_rows: int) -> None:
-        self._file[path].resize(n_rows, axis=0)
+        self._ds(path).resize(n_rows, axis=0)
 
     def delete(self, path: str) -> None:
         del self._file[path]
+        self._forget(path)
 
     def close(self) -> None:
+        self._datasets.clear()
         if self._file.id.valid:
             self._file.close()
