@@ -1,0 +1,377 @@
+"""``featurestore`` / ``python -m featurestore``: look into, check, copy and fill feature stores.
+
+Each command is a thin function over a library call (``open_store``, ``FeatureStore.verify``,
+``convert_store``, ``featurestore.extract.run_extract``), so what the command line does is what the
+tests exercise through the library. Exit codes: 0 ok, 1 the work failed (verify found problems, a
+clip's features are missing or corrupt), 2 usage or bad input (unknown store, clip or feature);
+errors print their message, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from featurestore.errors import CorruptChunkError, FeatureStoreError, MissingFeatureError
+from featurestore.provenance import is_random_weights, weights_identity
+from featurestore.store import FeatureStore, convert_store, open_store
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+RANDOM_FLAG = "<-- RANDOM WEIGHTS, not pretrained"
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> str:
+    """Left-aligned columns wide enough for their longest cell."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _backend_name(store: FeatureStore) -> str:
+    return "hdf5" if store.location.lower().endswith((".h5", ".hdf5")) else "zarr"
+
+
+def _encoder_spec(provenance: dict) -> str:
+    encoder = provenance.get("encoder", "?")
+    return encoder if isinstance(encoder, str) else json.dumps(encoder, sort_keys=True)
+
+
+def _head_of(attrs: dict) -> str:
+    head = attrs.get("head", "?")
+    if isinstance(head, dict):
+        return str(head.get("name") or head.get("head") or json.dumps(head, sort_keys=True)[:60])
+    return str(head)
+
+
+# ------------------------------------------------------------------------------------------- ls
+def describe_store(store: FeatureStore) -> dict[str, Any]:
+    """Everything ``ls`` shows, as JSON-able data: index summary, feature sets, class features, runs."""
+    n = store.n_clips
+    attrs = store.attrs
+    features = {}
+    for name, info in store.feature_sets().items():
+        features[name] = {
+            "shape": list(info.shape), "dtype": info.dtype, "chunk_clips": info.chunk_clips,
+            "n_done": info.n_done, "n_clips": n, "n_errors": info.n_errors,
+            "encoder": _encoder_spec(info.provenance), "weights": info.weights_identity,
+            "random_weights": info.random_weights, "fingerprint": info.fingerprint,
+        }
+    class_features = {}
+    for name in store.class_feature_sets():
+        data, cattrs = store.get_class_features(name)
+        prov = cattrs.get("provenance", {})
+        class_features[name] = {"shape": list(data.shape), "dtype": str(data.dtype),
+                                "encoder": _encoder_spec(prov), "weights": weights_identity(prov),
+                                "random_weights": is_random_weights(prov),
+                                "fingerprint": cattrs.get("fingerprint", "")}
+    runs = {run: {"head": _head_of(rattrs), "n_done": int(store.prediction_done(run).sum()), "n_clips": n,
+                  "attrs": {k: v for k, v in rattrs.items() if k != "runtime"}}
+            for run, rattrs in store.prediction_runs().items()}
+    return {"location": store.location, "backend": _backend_name(store),
+            "schema_version": attrs.get("schema_version"), "dataset": attrs.get("dataset", ""),
+            "created_by": attrs.get("created_by", ""), "index": _index_summary(store),
+            "features": features, "class_features": class_features, "predictions": runs}
+
+
+def _index_summary(store: FeatureStore) -> dict[str, Any]:
+    labels = store.labels
+    splits = {s: int(store.column(f"split/{s}").astype(bool).sum()) for s in store.splits()}
+    cities = sorted({str(c) for c in store.column("city")} - {""})
+    return {"n_clips": store.n_clips, "classes": store.classes, "n_labelled": int((labels >= 0).sum()),
+            "splits": splits, "cities": cities}
+
+
+def _print_store(desc: dict[str, Any]) -> None:
+    idx = desc["index"]
+    print(f"store     {desc['location']}  ({desc['backend']}, schema {desc['schema_version']}, "
+          f"dataset {desc['dataset']!r}, created by {desc['created_by']})")
+    print(f"index     {idx['n_clips']} clips ({idx['n_labelled']} labelled), {len(idx['classes'])} classes, "
+          f"{len(idx['cities'])} cities")
+    print(f"classes   {', '.join(idx['classes']) or '(none)'}")
+    splits = ", ".join(f"{s} ({k})" for s, k in idx["splits"].items())
+    print(f"splits    {splits or '(none)'}")
+    _print_features(desc["features"])
+    _print_class_features(desc["class_features"])
+    _print_runs(desc["predictions"])
+    random = [n for n, f in {**desc["features"], **desc["class_features"]}.items() if f["random_weights"]]
+    if random:
+        print(f"\nWARNING: {len(random)} set(s) were computed with RANDOM encoder weights (not pretrained); "
+              f"their features carry no pretrained knowledge: {', '.join(random)}")
+
+
+def _print_features(features: dict[str, dict]) -> None:
+    print(f"\nfeature sets ({len(features)})")
+    if not features:
+        return
+    rows = [[name, "x".join(map(str, f["shape"])), f["dtype"], f"{f['n_done']}/{f['n_clips']}", f["n_errors"],
+             f["encoder"], f["weights"] + ("  " + RANDOM_FLAG if f["random_weights"] else ""), f["fingerprint"]]
+            for name, f in features.items()]
+    print(_table(["name", "shape", "dtype", "done", "errors", "encoder", "weights", "fingerprint"], rows))
+
+
+def _print_class_features(class_features: dict[str, dict]) -> None:
+    if not class_features:
+        return
+    print(f"\nclass feature sets ({len(class_features)})")
+    rows = [[name, "x".join(map(str, f["shape"])), f["dtype"], f["encoder"],
+             f["weights"] + ("  " + RANDOM_FLAG if f["random_weights"] else ""), f["fingerprint"]]
+            for name, f in class_features.items()]
+    print(_table(["name", "shape", "dtype", "encoder", "weights", "fingerprint"], rows))
+
+
+def _print_runs(runs: dict[str, dict]) -> None:
+    print(f"\nprediction runs ({len(runs)})")
+    if runs:
+        print(_table(["run", "head", "done"], [[r, v["head"], f"{v['n_done']}/{v['n_clips']}"]
+                                               for r, v in runs.items()]))
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with open_store(args.store, "r") as store:
+        desc = describe_store(store)
+    _emit_json(desc) if args.json else _print_store(desc)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------- show
+def array_stats(array: np.ndarray) -> dict[str, float]:
+    """min/max/mean/std in float64 (float16 sums would overflow or round)."""
+    values = np.asarray(array, dtype=np.float64)
+    return {"min": float(values.min()), "max": float(values.max()),
+            "mean": float(values.mean()), "std": float(values.std())}
+
+
+def describe_clip(store: FeatureStore, clip_id: str) -> dict[str, Any]:
+    """Index metadata of one clip plus, per feature set and prediction run, its state and stats."""
+    row = store.row(clip_id)
+    label = int(store.labels[row])
+    meta = {"clip_id": clip_id, "row": row, "label": store.classes[label] if label >= 0 else None,
+            "label_index": label,
+            "splits": [s for s in store.splits() if bool(store.column(f"split/{s}")[row])]}
+    for column in ("city", "location", "audio_path", "video_path"):
+        meta[column] = str(store.column(column)[row])
+    features = {name: _feature_state(store, name, info.shape[1:], info.dtype, clip_id)
+                for name, info in store.feature_sets().items()}
+    runs = {run: _prediction_state(store, run, clip_id) for run in store.prediction_runs()}
+    return {"clip": meta, "features": features, "predictions": runs}
+
+
+def _feature_state(store: FeatureStore, name: str, shape: tuple, dtype: str, clip_id: str) -> dict:
+    state: dict[str, Any] = {"shape": list(shape), "dtype": dtype}
+    error = store.errors(name).get(clip_id)
+    if error:
+        return {**state, "status": "error", "error": error}
+    try:
+        return {**state, "status": "done", **array_stats(store.get(name, clip_id))}
+    except MissingFeatureError:
+        return {**state, "status": "not computed"}
+    except CorruptChunkError as err:
+        return {**state, "status": "corrupt", "error": str(err)}
+
+
+def _prediction_state(store: FeatureStore, run: str, clip_id: str) -> dict:
+    try:
+        probs = store.get_predictions(run, [clip_id])[0]
+    except MissingFeatureError:
+        return {"status": "not computed"}
+    except CorruptChunkError as err:
+        return {"status": "corrupt", "error": str(err)}
+    mean = probs.mean(axis=0)
+    top = int(mean.argmax())
+    return {"status": "done", "shape": list(probs.shape), "top_class": store.classes[top],
+            "top_prob": float(mean[top])}
+
+
+def _print_clip(desc: dict[str, Any]) -> None:
+    clip = desc["clip"]
+    for key in ("clip_id", "row", "label", "city", "location", "splits", "audio_path", "video_path"):
+        value = ", ".join(clip[key]) if key == "splits" else clip[key]
+        print(f"{key:<11} {value if value not in ('', None) else '-'}")
+    print("\nfeatures")
+    rows = []
+    for name, f in desc["features"].items():
+        shape = "x".join(map(str, f["shape"]))
+        if f["status"] == "done":
+            detail = f"min {f['min']:.4g}  max {f['max']:.4g}  mean {f['mean']:.4g}  std {f['std']:.4g}"
+        else:
+            detail = f"{f['status']}: {f['error']}" if "error" in f else f["status"]
+        rows.append([name, shape, f["dtype"], detail])
+    print(_table(["name", "shape", "dtype", "values"], rows) if rows else "  (none)")
+    if desc["predictions"]:
+        print("\npredictions")
+        rows = [[run, f"{p['top_class']} ({p['top_prob']:.3f})" if p["status"] == "done" else p["status"]]
+                for run, p in desc["predictions"].items()]
+        print(_table(["run", "top class (mean prob)"], rows))
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with open_store(args.store, "r") as store:
+        desc = describe_clip(store, args.clip_id)
+    _emit_json(desc) if args.json else _print_clip(desc)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ get
+def cmd_get(args: argparse.Namespace) -> int:
+    if (args.feature is None) == (args.run is None):
+        raise _UsageError("give exactly one of FEATURE or --run RUN")
+    out = Path(args.output)
+    if out.suffix != ".npy":
+        raise _UsageError(f"output {out} must end with .npy (it is written with numpy.save)")
+    with open_store(args.store, "r") as store:
+        if args.run is not None:
+            array = store.get_predictions(args.run, [args.clip_id])[0]
+        else:
+            array = store.get(args.feature, args.clip_id)
+    np.save(out, array)
+    print(f"wrote {out}: {args.feature or 'predictions/' + args.run} of {args.clip_id}, "
+          f"shape {list(array.shape)}, {array.dtype}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------- verify
+def cmd_verify(args: argparse.Namespace) -> int:
+    with open_store(args.store, "r") as store:
+        report = store.verify()
+    if args.json:
+        _emit_json(report.to_dict())
+    else:
+        for problem in report.problems:
+            print(f"PROBLEM {problem}")
+        print(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+# -------------------------------------------------------------------------------------- convert
+def cmd_convert(args: argparse.Namespace) -> int:
+    src, dst = Path(args.src), Path(args.dst)
+    if src.resolve() == dst.resolve():
+        raise _UsageError(f"source and destination are the same: {src}")
+    if dst.exists() and not args.overwrite:
+        raise _UsageError(f"{dst} exists; pass --overwrite to replace it")
+    n_arrays = convert_store(args.src, args.dst, progress=not args.quiet)
+    print(f"converted {args.src} -> {args.dst}: {n_arrays} arrays copied")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------- extract
+def cmd_extract(argv: list[str]) -> int:
+    """Hand the arguments to ``featurestore.extract``, imported only now (it pulls in torch and encoders)."""
+    try:
+        extract = importlib.import_module("featurestore.extract")
+    except ModuleNotFoundError as err:
+        if err.name != "featurestore.extract":
+            raise _FailedError(f"a module featurestore.extract needs is missing: {err}") from err
+        raise _UsageError("featurestore.extract is not available in this installation "
+                          "(featurestore/extract.py is missing); the other commands work without it") from err
+    parser = argparse.ArgumentParser(prog="featurestore extract",
+                                     description="Run encoders over a dataset into a store (resumable).")
+    extract.add_extract_arguments(parser)
+    args = _parse(parser, argv)
+    if isinstance(args, int):
+        return args
+    return int(extract.run_extract(args))
+
+
+# ----------------------------------------------------------------------------------------- main
+class _UsageError(Exception):
+    """Bad command-line input that argparse cannot see (exit code 2)."""
+
+
+class _FailedError(Exception):
+    """The command could not do its work (exit code 1)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featurestore", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("ls", help="feature sets, class features, prediction runs and the index of a store")
+    p.add_argument("store", help="store path (.zarr directory, .h5 file) or fsspec URL")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("show", help="one clip: index metadata and every feature set's state and stats")
+    p.add_argument("store")
+    p.add_argument("clip_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("get", help="write one clip's features (or predictions) to a .npy file")
+    p.add_argument("store")
+    p.add_argument("clip_id")
+    p.add_argument("feature", nargs="?", help="feature set name, e.g. clip/ViT-B-32")
+    p.add_argument("--run", help="read predictions/<RUN>/probs instead of a feature set")
+    p.add_argument("-o", "--output", required=True, help="output .npy file")
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("verify", help="check consistency and every checksum; exit 1 when problems are found")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("convert", help="copy a store between Zarr and HDF5 (backend chosen by DST's name)")
+    p.add_argument("src")
+    p.add_argument("dst", help="a .h5/.hdf5 file for HDF5, anything else for Zarr")
+    p.add_argument("--overwrite", action="store_true", help="replace DST when it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    sub.add_parser("extract", add_help=False,
+                   help="run encoders over a dataset into a store ('featurestore extract --help')")
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """argparse exits on --help and on errors; turn that into a return code for ``main``."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+
+
+def _guarded(run: Callable[[], int], command: str) -> int:
+    """Run a command; expected failures become a one-line message on stderr and an exit code."""
+    try:
+        return run()
+    except _UsageError as err:
+        code, message = EXIT_USAGE, str(err)
+    except (MissingFeatureError, CorruptChunkError, _FailedError) as err:
+        code, message = EXIT_FAILED, str(err)
+    except (FeatureStoreError, FileNotFoundError, FileExistsError, ValueError, OSError) as err:
+        code, message = EXIT_USAGE, str(err) or type(err).__name__
+    print(f"featurestore {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``featurestore`` and ``python -m featurestore``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["extract"]:
+        return _guarded(lambda: cmd_extract(argv[1:]), "extract")
+    args = _parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    return _guarded(lambda: args.func(args), args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
