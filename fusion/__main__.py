@@ -1,0 +1,4 @@
+"""``python -m fusion``."""
+from fusion.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""Input checks shared by the pure numpy modules.
+
+Every public function of `fusion` takes plain arrays; these helpers turn a wrong shape, a NaN or a
+label out of range into a ``ValueError`` that says what was expected and what was found, instead of
+a silent broadcast or a log of a negative number three calls later.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_probs(probs: np.ndarray, what: str = "probs", ndim: int = 2) -> np.ndarray:
+    """Return ``probs`` as a float64 array after checking its rank, finiteness and range [0, 1].
+
+    Args:
+        probs: array of probabilities (rows need not sum to one).
+        what: name used in error messages.
+        ndim: expected number of dimensions.
+    """
+    arr = np.asarray(probs, dtype=np.float64)
+    if arr.ndim != ndim:
+        raise ValueError(f"{what}: expected a {ndim}-D array, found shape {arr.shape}")
+    if arr.size and not np.all(np.isfinite(arr)):
+        bad = int(np.sum(~np.isfinite(arr)))
+        raise ValueError(f"{what}: expected finite values, found {bad} NaN/inf entries")
+    if arr.size and (arr.min() < -1e-6 or arr.max() > 1 + 1e-6):
+        raise ValueError(f"{what}: expected values in [0, 1], found range [{arr.min():.6g}, {arr.max():.6g}]")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def as_labels(labels: np.ndarray, n_rows: int, n_classes: int, what: str = "labels") -> np.ndarray:
+    """Return integer labels after checking their count and that each is a valid class index.
+
+    Unknown labels (-1, the store's marker for evaluation data) are refused: a metric or a fit on
+    them would be meaningless.
+    """
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or arr.shape[0] != n_rows:
+        raise ValueError(f"{what}: expected {n_rows} labels (one per row), found shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what}: expected integer class indices, found dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+        unknown = int(np.sum(arr < 0))
+        raise ValueError(
+            f"{what}: expected class indices in [0, {n_classes}), found range [{arr.min()}, {arr.max()}]"
+            + (f" ({unknown} unknown labels: is this an unlabelled split?)" if unknown else "")
+        )
+    return arr
+
+
+def same_shape(arrays: dict[str, np.ndarray]) -> tuple[int, ...]:
+    """Check that all named arrays share one shape and return it."""
+    shapes = {name: np.shape(a) for name, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        listing = ", ".join(f"{n}: {s}" for n, s in shapes.items())
+        raise ValueError(f"expected arrays of one shape, found {listing}")
+    return next(iter(shapes.values()))

@@ -1,0 +1,201 @@
+"""Calibration fitted on one split and applied to another (the principled alternative to eq. (1)).
+
+Everything here that learns from labels is a *fitted object* that remembers the clip ids it was
+fitted on and refuses to be applied to any of them (:class:`LeakageError`): a calibrator scored on
+its own fit data reports a log-loss that no held-out set will reproduce.
+
+* :class:`TemperatureScaling` - one scalar T; p -> softmax(log p / T). Fitted by minimising the
+  negative log-likelihood over log T with a bounded 1-D search (scipy). Keeps the arg-max, so
+  accuracy is unchanged; only confidence moves.
+* :class:`StackingCalibrator` - multinomial logistic regression (scikit-learn) on log-probabilities.
+  On the fused output it is a full affine recalibration; on the families' outputs side by side it
+  is a learned fusion (stacking).
+* :class:`ConfidenceWeights` - the paper's class-wise family weights, fitted on validation data
+  (see :func:`fusion.rules.confidence_weights`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fusion._validate import as_labels, as_probs
+from fusion.rules import confidence_weights
+
+LOG_FLOOR = 1e-12  # probabilities are floored here before taking logs
+
+
+class LeakageError(ValueError):
+    """A fitted object was asked to score clips it was fitted on."""
+
+
+class NotFittedError(RuntimeError):
+    """``apply`` was called before ``fit``."""
+
+
+def check_disjoint(fit_ids: Sequence[str], apply_ids: Sequence[str], what: str = "calibration") -> None:
+    """Raise :class:`LeakageError` naming the shared clips when the two id lists overlap."""
+    shared = sorted(set(fit_ids) & set(apply_ids))
+    if shared:
+        shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+        raise LeakageError(
+            f"{what}: the fit clips and the clips to score overlap in {len(shared)} clip(s) ({shown}); "
+            f"fit on a split disjoint from the one you evaluate"
+        )
+
+
+class _FittedOnClips:
+    """Remembers the clip ids of the fit and guards every apply against them."""
+
+    what = "fitted object"
+
+    def __init__(self) -> None:
+        self.fit_ids: frozenset[str] | None = None
+
+    def _remember(self, clip_ids: Sequence[str], n_rows: int) -> None:
+        ids = list(clip_ids)
+        if len(ids) != n_rows:
+            raise ValueError(f"{self.what}: expected one clip id per row ({n_rows}), found {len(ids)}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{self.what}: clip ids given to fit contain duplicates")
+        self.fit_ids = frozenset(ids)
+
+    def _guard(self, clip_ids: Sequence[str], n_rows: int) -> None:
+        if self.fit_ids is None:
+            raise NotFittedError(f"{self.what}: call fit() on a labelled split before apply()")
+        if len(clip_ids) != n_rows:
+            raise ValueError(f"{self.what}: expected one clip id per row ({n_rows}), found {len(clip_ids)}")
+        check_disjoint(sorted(self.fit_ids), clip_ids, self.what)
+
+
+def _log_probs(probs: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(probs, LOG_FLOOR, 1.0))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class TemperatureScaling(_FittedOnClips):
+    """p -> softmax(log p / T), with T fitted by minimum NLL on a labelled split.
+
+    Args:
+        bounds: search interval for T (the search runs on log T).
+    """
+
+    what = "temperature scaling"
+
+    def __init__(self, bounds: tuple[float, float] = (0.02, 50.0)) -> None:
+        super().__init__()
+        self.bounds = bounds
+        self.temperature: float | None = None
+
+    @staticmethod
+    def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+        """Mean negative log-likelihood of ``labels`` under softmax(logits / T)."""
+        z = logits / temperature
+        z = z - z.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(z).sum(axis=1))
+        return float(np.mean(log_norm - z[np.arange(len(labels)), labels]))
+
+    def fit(self, clip_ids: Sequence[str], probs: np.ndarray, labels: np.ndarray) -> "TemperatureScaling":
+        from scipy.optimize import minimize_scalar
+
+        p = as_probs(probs, "temperature fit probs")
+        y = as_labels(labels, p.shape[0], p.shape[1], "temperature fit labels")
+        self._remember(clip_ids, p.shape[0])
+        logits = _log_probs(p)
+        lo, hi = np.log(self.bounds[0]), np.log(self.bounds[1])
+        result = minimize_scalar(lambda lt: self.nll(logits, y, float(np.exp(lt))),
+                                 bounds=(lo, hi), method="bounded", options={"xatol": 1e-5})
+        self.temperature = float(np.exp(result.x))
+        return self
+
+    def apply(self, clip_ids: Sequence[str], probs: np.ndarray) -> np.ndarray:
+        p = as_probs(probs, "temperature apply probs")
+        self._guard(clip_ids, p.shape[0])
+        return _softmax(_log_probs(p) / self.temperature)
+
+    def describe(self) -> dict:
+        return {"method": "temperature", "temperature": self.temperature, "n_fit": len(self.fit_ids or ())}
+
+
+class StackingCalibrator(_FittedOnClips):
+    """Multinomial logistic regression on log-probabilities (one or several models side by side).
+
+    Args:
+        n_classes: number of output classes (columns of the result).
+        C: inverse L2 regularisation strength of scikit-learn's ``LogisticRegression``.
+    """
+
+    what = "stacking calibrator"
+
+    def __init__(self, n_classes: int, C: float = 1.0, max_iter: int = 2000) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.C = C
+        self.max_iter = max_iter
+        self.model = None
+        self.missing_classes: list[int] = []
+
+    def fit(self, clip_ids: Sequence[str], probs: np.ndarray, labels: np.ndarray) -> "StackingCalibrator":
+        from sklearn.linear_model import LogisticRegression
+
+        x = as_probs(probs, "stacking fit inputs")
+        y = as_labels(labels, x.shape[0], self.n_classes, "stacking fit labels")
+        self._remember(clip_ids, x.shape[0])
+        present = np.unique(y)
+        if present.size < 2:
+            raise ValueError(f"stacking calibrator: expected at least 2 classes in the fit split, found {present.tolist()}")
+        self.missing_classes = sorted(set(range(self.n_classes)) - set(present.tolist()))
+        self.model = LogisticRegression(C=self.C, max_iter=self.max_iter)
+        self.model.fit(_log_probs(x), y)
+        return self
+
+    def apply(self, clip_ids: Sequence[str], probs: np.ndarray) -> np.ndarray:
+        x = as_probs(probs, "stacking apply inputs")
+        self._guard(clip_ids, x.shape[0])
+        out = np.zeros((x.shape[0], self.n_classes))
+        out[:, self.model.classes_] = self.model.predict_proba(_log_probs(x))
+        return out
+
+    def describe(self) -> dict:
+        return {"method": "stacking", "C": self.C, "n_fit": len(self.fit_ids or ()),
+                "classes_missing_from_fit": self.missing_classes}
+
+
+class ConfidenceWeights(_FittedOnClips):
+    """The paper's class-wise family weights, fitted on a labelled validation split."""
+
+    what = "class-wise confidence weights"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.families: list[str] = []
+        self.weights: np.ndarray | None = None
+
+    def fit(self, clip_ids: Sequence[str], family_probs: Mapping[str, np.ndarray],
+            labels: np.ndarray) -> "ConfidenceWeights":
+        self.families = list(family_probs)
+        self.weights = confidence_weights(family_probs, labels)
+        self._remember(clip_ids, len(labels))
+        return self
+
+    def for_clips(self, clip_ids: Sequence[str]) -> np.ndarray:
+        """The [n_families, n_classes] weights, after checking ``clip_ids`` were not in the fit."""
+        self._guard(list(clip_ids), len(clip_ids))
+        return self.weights
+
+
+CALIBRATORS = ("temperature", "stacking")
+
+
+def make_calibrator(method: str, n_classes: int, **params) -> TemperatureScaling | StackingCalibrator:
+    """Build an unfitted calibrator by name (``temperature`` or ``stacking``)."""
+    if method == "temperature":
+        return TemperatureScaling(**params)
+    if method == "stacking":
+        return StackingCalibrator(n_classes, **params)
+    raise ValueError(f"unknown calibration method {method!r}; expected one of {list(CALIBRATORS)}")

@@ -1,0 +1,194 @@
+"""Run a fusion recipe against a store: read runs, aggregate, apply the rules, calibrate.
+
+This is the only module (with :mod:`fusion.report`) that talks to the store; the rules, the
+calibrators and the metrics it calls are pure numpy. Order of the steps, as in the paper:
+
+1. every run's segment probabilities -> clip probabilities (:mod:`fusion.aggregate`);
+2. equal-weight mean of the runs of each family (A04 = mean of A01-A03);
+3. replacement of low-confidence video rows by audio rows;
+4. class-wise fusion with selection and/or validation-confidence weights;
+5. calibration fitted on ``calibration.fit_split`` (optional), then equation (1) (optional).
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fusion.aggregate import load_clip_probs
+from fusion.calibration import ConfidenceWeights, check_disjoint, make_calibrator
+from fusion.postprocess import clamp_eq1
+from fusion.recipe import VAL_SPLIT_REF, Calibration, FusionRecipe, RecipeError
+from fusion.rules import average_models, classwise_fuse, replace_low_confidence, selection_weights
+
+
+@dataclass
+class FamilyStage:
+    """Probabilities of one set of clips up to (and including) the class-wise fusion."""
+
+    clip_ids: list[str]
+    run_probs: dict[str, np.ndarray]       # run -> [n, C] clip probabilities
+    family_means: dict[str, np.ndarray]    # family -> mean of its runs (before replacement)
+    family_probs: dict[str, np.ndarray]    # family -> after the replacement rule
+    replaced: dict[str, np.ndarray]        # target family -> bool mask of replaced clips
+
+
+@dataclass
+class FusionOutput:
+    """Everything a report needs about one recipe run on one split."""
+
+    recipe: FusionRecipe
+    split: str | None
+    classes: list[str]
+    labels: np.ndarray                     # int64, -1 where unknown
+    stage: FamilyStage
+    weights: np.ndarray                    # [n_families, n_classes] used by the fusion
+    fused: np.ndarray                      # after class-wise fusion
+    final: np.ndarray                      # after calibration and/or equation (1)
+    calibration: dict | None = None        # what was fitted, on which split
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def clip_ids(self) -> list[str]:
+        return self.stage.clip_ids
+
+
+def resolve_split(store, recipe: FusionRecipe, split: str) -> str:
+    """Turn ``@val_split`` into the validation split named by the recipe's runs, and check it exists."""
+    if split == VAL_SPLIT_REF:
+        attrs = store.prediction_runs()
+        found = {attrs[r].get("val_split") for r in recipe.runs if r in attrs}
+        if len(found) != 1 or None in found:
+            raise RecipeError(f"recipe {recipe.name!r}: '{VAL_SPLIT_REF}' needs every run to record the same "
+                              f"val_split; found {sorted(map(str, found))}")
+        split = found.pop()
+    if split not in store.splits():
+        raise RecipeError(f"recipe {recipe.name!r}: split {split!r} is not in the store; splits are {store.splits()}")
+    return split
+
+
+def validate_recipe(store, recipe: FusionRecipe) -> None:
+    """Check the recipe's runs and classes against the store; errors list what exists."""
+    runs = store.prediction_runs()
+    missing = [r for r in recipe.runs if r not in runs]
+    if missing:
+        raise RecipeError(f"recipe {recipe.name!r}: prediction run(s) {missing} are not in the store; "
+                          f"runs there: {sorted(runs) or '(none)'}")
+    if recipe.class_weights:
+        selection_weights(list(recipe.families), store.classes, recipe.class_weights.select)
+
+
+def labels_of(store, clip_ids: Sequence[str]) -> np.ndarray:
+    """Labels (int64, -1 unknown) of ``clip_ids`` in that order."""
+    return np.asarray(store.labels, dtype=np.int64)[store.rows(clip_ids)]
+
+
+def family_stage(store, recipe: FusionRecipe, clip_ids: Sequence[str]) -> FamilyStage:
+    """Steps 1-3: aggregated runs, family means, replacement rule."""
+    ids = list(clip_ids)
+    run_probs = {run: load_clip_probs(store, run, ids, recipe.aggregation) for run in recipe.runs}
+    means = {fam: average_models([run_probs[r] for r in runs]) for fam, runs in recipe.families.items()}
+    probs, replaced = dict(means), {}
+    if recipe.replacement:
+        rep = recipe.replacement
+        for target in rep.targets:
+            probs[target], replaced[target] = replace_low_confidence(means[target], means[rep.source], rep.margin)
+    return FamilyStage(ids, run_probs, means, probs, replaced)
+
+
+def _weights(store, recipe: FusionRecipe, eval_ids: Sequence[str]) -> np.ndarray:
+    """Step 4's family x class weights: selection mask times fitted confidence weights."""
+    families, classes = list(recipe.families), store.classes
+    spec = recipe.class_weights
+    if spec is None:
+        return np.ones((len(families), len(classes)))
+    weights = selection_weights(families, classes, spec.select)
+    if spec.confidence_fit_split:
+        fit_split = resolve_split(store, recipe, spec.confidence_fit_split)
+        fit_ids = store.select(split=fit_split)
+        check_disjoint(fit_ids, eval_ids, f"class-wise confidence weights (fit split {fit_split!r})")
+        fit = family_stage(store, recipe, fit_ids)
+        fitted = ConfidenceWeights().fit(fit_ids, fit.family_probs, labels_of(store, fit_ids))
+        weights = weights * fitted.for_clips(eval_ids)
+    return weights
+
+
+def _fuse(recipe: FusionRecipe, stage: FamilyStage, weights: np.ndarray) -> np.ndarray:
+    return classwise_fuse(stage.family_probs, weights, renormalize=recipe.renormalize_fused)
+
+
+def calibrate(store, recipe: FusionRecipe, calib: Calibration, stage: FamilyStage, fused: np.ndarray,
+              weights: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Fit ``calib`` on its fit split (never the clips of ``stage``) and apply it to ``fused``.
+
+    Returns:
+        (calibrated probabilities, a description of the fit: method, split, parameters).
+    """
+    fit_split = resolve_split(store, recipe, calib.fit_split)
+    fit_ids = store.select(split=fit_split)
+    check_disjoint(fit_ids, stage.clip_ids, f"{calib.method} calibration (fit split {fit_split!r})")
+    _warn_if_training_split(store, recipe, fit_split)
+    fit_stage = family_stage(store, recipe, fit_ids)
+    calibrator = make_calibrator(calib.method, len(store.classes), **calib.params)
+    if calib.method == "stacking" and calib.stack_on == "families":
+        fit_x = np.concatenate(list(fit_stage.family_probs.values()), axis=1)
+        apply_x = np.concatenate(list(stage.family_probs.values()), axis=1)
+    else:
+        fit_x, apply_x = _fuse(recipe, fit_stage, weights), fused
+    calibrator.fit(fit_ids, fit_x, labels_of(store, fit_ids))
+    described = {**calibrator.describe(), "fit_split": fit_split, "stack_on": calib.stack_on}
+    return calibrator.apply(stage.clip_ids, apply_x), described
+
+
+def _warn_if_training_split(store, recipe: FusionRecipe, fit_split: str) -> None:
+    attrs = store.prediction_runs()
+    trained = [r for r in recipe.runs if attrs.get(r, {}).get("train_split") == fit_split]
+    if trained:
+        warnings.warn(f"calibration is fitted on {fit_split!r}, the training split of runs {trained}: "
+                      f"their predictions there are over-confident; prefer their validation split",
+                      stacklevel=3)
+
+
+def training_overlap(store, recipe: FusionRecipe, clip_ids: Sequence[str]) -> dict[str, int]:
+    """Per run, how many of ``clip_ids`` are in that run's recorded training split (should be 0)."""
+    attrs, wanted, found = store.prediction_runs(), set(clip_ids), {}
+    for run in recipe.runs:
+        train = attrs.get(run, {}).get("train_split")
+        if train and train in store.splits():
+            shared = len(wanted & set(store.select(split=train)))
+            if shared:
+                found[run] = shared
+    return found
+
+
+def clip_ids_for(store, recipe: FusionRecipe, split: str | None = None,
+                 clip_ids: Sequence[str] | None = None) -> tuple[str | None, list[str]]:
+    """The evaluated clips: explicit ids, else the given split, else the recipe's ``eval_split``."""
+    if clip_ids is not None:
+        return split, list(clip_ids)
+    split = resolve_split(store, recipe, split or recipe.eval_split)
+    ids = store.select(split=split)
+    if not ids:
+        raise RecipeError(f"split {split!r} has no clips in the store")
+    return split, ids
+
+
+def fuse(store, recipe: FusionRecipe, split: str | None = None,
+         clip_ids: Sequence[str] | None = None) -> FusionOutput:
+    """Run the whole recipe on a split (or explicit clip ids) and return every intermediate."""
+    validate_recipe(store, recipe)
+    split, ids = clip_ids_for(store, recipe, split, clip_ids)
+    stage = family_stage(store, recipe, ids)
+    weights = _weights(store, recipe, ids)
+    fused = _fuse(recipe, stage, weights)
+    final, described = fused, None
+    if recipe.calibration:
+        final, described = calibrate(store, recipe, recipe.calibration, stage, fused, weights)
+    if recipe.postprocess:
+        final = clamp_eq1(final, renormalize=recipe.postprocess.renormalize)
+    notes = [f"{n} clip(s) of this split are in the training split of run {r}"
+             for r, n in training_overlap(store, recipe, ids).items()]
+    return FusionOutput(recipe, split, store.classes, labels_of(store, ids), stage, weights, fused,
+                        final, described, notes)

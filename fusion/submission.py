@@ -1,0 +1,84 @@
+"""DCASE submission files: one tab-separated row per evaluated clip with every class probability.
+
+Format (header, then one row per clip; sources in docs/fusion.md)::
+
+    filename<TAB>scene_label<TAB>airport<TAB>bus<TAB>...<TAB>tram
+    audio/0.wav<TAB>bus<TAB>0.001<TAB>0.99<TAB>...
+
+``filename`` defaults to ``audio/<clip_id>.wav``, the audio file's path relative to the dataset
+root, as the organisers' baseline writes it (the ``filename_audio`` column of ``meta.csv``); their
+evaluation compares base names, so ``<clip_id>.wav`` (``--filename-template '{clip_id}.wav'``) is
+scored the same. ``scene_label`` is the arg-max class.
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fusion._validate import as_probs
+
+DEFAULT_FILENAME_TEMPLATE = "audio/{clip_id}.wav"
+PROB_FORMAT = ".8g"  # keeps small calibrated values (1e-9 is not written as 0.000000)
+
+
+@dataclass
+class Submission:
+    """A submission file read back: file names, decided labels, probabilities [n, n_classes]."""
+
+    filenames: list[str]
+    scene_labels: list[str]
+    probs: np.ndarray
+    classes: list[str]
+
+
+def write_submission(path: str | Path, clip_ids: Sequence[str], probs: np.ndarray, classes: Sequence[str],
+                     filename_template: str = DEFAULT_FILENAME_TEMPLATE) -> Path:
+    """Write the tab-separated submission file and return its path.
+
+    Args:
+        path: output file (parent directories are created).
+        clip_ids: one id per row of ``probs``.
+        probs: [n, n_classes] final probabilities, written as given (no renormalisation).
+        classes: class names in column order.
+        filename_template: ``str.format`` template with ``{clip_id}``.
+    """
+    p = as_probs(probs, "submission probabilities")
+    if p.shape != (len(clip_ids), len(classes)):
+        raise ValueError(f"submission: expected probabilities of shape {(len(clip_ids), len(classes))}, found {p.shape}")
+    if "{clip_id}" not in filename_template:
+        raise ValueError(f"submission: filename template must contain '{{clip_id}}', found {filename_template!r}")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(["filename", "scene_label", *classes])
+        for clip_id, row in zip(clip_ids, p):
+            writer.writerow([filename_template.format(clip_id=clip_id), classes[int(row.argmax())],
+                             *(format(v, PROB_FORMAT) for v in row)])
+    return out
+
+
+def read_submission(path: str | Path, classes: Sequence[str] | None = None) -> Submission:
+    """Parse a submission file, checking its header (against ``classes`` when given) and every row."""
+    with Path(path).open(newline="") as handle:
+        rows = list(csv.reader(handle, delimiter="\t"))
+    if not rows or rows[0][:2] != ["filename", "scene_label"]:
+        raise ValueError(f"{path}: expected a header starting 'filename<TAB>scene_label', found {rows[:1]}")
+    header_classes = rows[0][2:]
+    if classes is not None and list(classes) != header_classes:
+        raise ValueError(f"{path}: expected class columns {list(classes)}, found {header_classes}")
+    filenames, labels, values = [], [], []
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(rows[0]):
+            raise ValueError(f"{path}:{number}: expected {len(rows[0])} tab-separated fields, found {len(row)}")
+        if row[1] not in header_classes:
+            raise ValueError(f"{path}:{number}: scene_label {row[1]!r} is not one of {header_classes}")
+        filenames.append(row[0])
+        labels.append(row[1])
+        values.append([float(v) for v in row[2:]])
+    probs = np.asarray(values, dtype=np.float64).reshape(len(values), len(header_classes))
+    return Submission(filenames, labels, probs, header_classes)

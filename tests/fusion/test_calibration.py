@@ -1,0 +1,118 @@
+"""Calibrators fit on one split, apply to another, and never see the held-out rows."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusion.calibration import (
+    ConfidenceWeights, LeakageError, NotFittedError, StackingCalibrator, TemperatureScaling, make_calibrator,
+)
+from fusion.metrics import log_loss
+
+
+def _overconfident(n: int, seed: int, sharpen: float = 3.0, n_classes: int = 5):
+    """Probabilities that are softmax(sharpen * true logits): temperature ``sharpen`` undoes it."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, size=n)
+    logits = rng.normal(size=(n, n_classes))
+    logits[np.arange(n), labels] += 1.0
+    labels = np.array([rng.choice(n_classes, p=np.exp(l) / np.exp(l).sum()) for l in logits])
+    z = sharpen * logits
+    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True), labels
+
+
+def _ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i}" for i in range(n)]
+
+
+def test_temperature_recovers_the_sharpening_and_helps_held_out():
+    fit_p, fit_y = _overconfident(3000, seed=0)
+    test_p, test_y = _overconfident(1000, seed=1)
+    ts = TemperatureScaling().fit(_ids("fit", 3000), fit_p, fit_y)
+    assert ts.temperature == pytest.approx(3.0, rel=0.15)
+    calibrated = ts.apply(_ids("test", 1000), test_p)
+    assert log_loss(calibrated, test_y) < log_loss(test_p, test_y) - 0.1
+    np.testing.assert_array_equal(calibrated.argmax(axis=1), test_p.argmax(axis=1))  # accuracy unchanged
+    np.testing.assert_allclose(calibrated.sum(axis=1), 1.0)
+
+
+def test_temperature_nll_by_hand():
+    logits = np.log(np.array([[0.5, 0.25, 0.25]]))
+    # T = 1 gives back the probabilities; T = 2 gives softmax(log p / 2) ~ sqrt(p)
+    assert TemperatureScaling.nll(logits, np.array([0]), 1.0) == pytest.approx(-np.log(0.5))
+    s = np.sqrt([0.5, 0.25, 0.25])
+    assert TemperatureScaling.nll(logits, np.array([0]), 2.0) == pytest.approx(-np.log(s[0] / s.sum()))
+
+
+def test_stacking_improves_held_out_loss():
+    fit_p, fit_y = _overconfident(2000, seed=2)
+    test_p, test_y = _overconfident(800, seed=3)
+    st = StackingCalibrator(n_classes=5).fit(_ids("fit", 2000), fit_p, fit_y)
+    out = st.apply(_ids("test", 800), test_p)
+    assert out.shape == (800, 5)
+    assert log_loss(out, test_y) < log_loss(test_p, test_y) - 0.1
+
+
+@pytest.mark.parametrize("method", ["temperature", "stacking"])
+def test_overlapping_clip_ids_are_refused(method):
+    p, y = _overconfident(60, seed=4)
+    cal = make_calibrator(method, 5).fit(_ids("clip", 60), p, y)
+    with pytest.raises(LeakageError, match="overlap in 1 clip\\(s\\) \\(clip-59\\)"):
+        cal.apply(["other-1", "clip-59"], p[:2])
+
+
+@pytest.mark.parametrize("method", ["temperature", "stacking"])
+def test_apply_before_fit_is_refused(method):
+    with pytest.raises(NotFittedError):
+        make_calibrator(method, 5).apply(["a"], np.full((1, 5), 0.2))
+
+
+def test_stacking_model_is_fitted_on_the_fit_rows_only(monkeypatch):
+    """Spy on LogisticRegression.fit: it must see exactly the fit split's rows, none of the held-out."""
+    from sklearn.linear_model import LogisticRegression
+
+    seen = []
+    original = LogisticRegression.fit
+
+    def spy(self, x, y, *args, **kwargs):
+        seen.append(np.array(x))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    fit_p, fit_y = _overconfident(100, seed=5)
+    held_p, _ = _overconfident(40, seed=6)
+    st = StackingCalibrator(n_classes=5).fit(_ids("fit", 100), fit_p, fit_y)
+    st.apply(_ids("held", 40), held_p)
+    assert len(seen) == 1 and seen[0].shape == (100, 5)
+    held_features = np.log(np.clip(held_p, 1e-12, 1))
+    for row in held_features:
+        assert not np.any(np.all(np.isclose(seen[0], row), axis=1))
+
+
+def test_temperature_fit_depends_only_on_fit_rows():
+    fit_p, fit_y = _overconfident(500, seed=7)
+    a = TemperatureScaling().fit(_ids("fit", 500), fit_p, fit_y)
+    b = TemperatureScaling().fit(_ids("fit", 500), fit_p, fit_y)
+    held_one, _ = _overconfident(50, seed=8)
+    held_two, _ = _overconfident(50, seed=9)
+    a.apply(_ids("h", 50), held_one)
+    b.apply(_ids("h", 50), held_two)
+    assert a.temperature == b.temperature  # different held-out data cannot change what was fitted
+
+
+def test_confidence_weights_guard():
+    probs = {"A04": np.array([[0.6, 0.4], [0.3, 0.7]]), "V04": np.array([[0.9, 0.1], [0.2, 0.8]])}
+    cw = ConfidenceWeights().fit(["v1", "v2"], probs, np.array([0, 1]))
+    np.testing.assert_allclose(cw.for_clips(["e1"]), [[0.6, 0.7], [0.9, 0.8]])
+    with pytest.raises(LeakageError):
+        cw.for_clips(["e1", "v2"])
+
+
+def test_unknown_method_and_bad_input():
+    with pytest.raises(ValueError, match="unknown calibration method 'platt'"):
+        make_calibrator("platt", 5)
+    with pytest.raises(ValueError, match="one clip id per row"):
+        TemperatureScaling().fit(["a"], np.full((2, 2), 0.5), np.array([0, 1]))
+    with pytest.raises(ValueError, match="duplicates"):
+        TemperatureScaling().fit(["a", "a"], np.full((2, 2), 0.5), np.array([0, 1]))
