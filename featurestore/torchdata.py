@@ -1,0 +1,440 @@
+"""Stored features -> torch batches, read in chunk-sized blocks.
+
+The paper's training unit is one *segment* (a 1 s audio segment or one video frame) of one clip; a
+clip-level view is also offered for prediction and validation (all segments of a clip together).
+Several feature sets can be read together: the k arrays of one clip/segment arrive side by side, which
+is what the late-fusion head needs (3 CLIP embeddings of the same frame).
+
+Why blocks: a store is chunked by whole clips, and decoding a chunk is the expensive part of a read.
+`StoreDataset` therefore reads contiguous row ranges with ``store.read_rows`` (each chunk decoded once
+per epoch), shuffles the order of the blocks and then the samples inside a window of blocks (seeded,
+per epoch), and reads the next window in a background thread while the current one is consumed. Only
+a window or two is ever in memory, so a store larger than RAM trains; ``cache=True`` loads the selected
+rows once instead (fastest when they fit). Stored float16 is converted to float32 per batch.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from featurestore.errors import MissingFeatureError
+
+Level = Literal["segment", "clip"]
+_LEVELS = ("segment", "clip")
+
+
+@dataclass
+class Batch:
+    """A batch of samples from one or more feature sets.
+
+    Attributes:
+        inputs: one float tensor per feature set, ``[B, *shape]`` at segment level and
+            ``[B, n_segments, *shape]`` at clip level.
+        labels: ``[B]`` int64 class indices (-1 where the store does not know the label).
+        rows: ``[B]`` int64 store rows of the clips.
+        segments: ``[B]`` int64 segment index (-1 at clip level).
+    """
+
+    inputs: list[torch.Tensor]
+    labels: torch.Tensor
+    rows: torch.Tensor
+    segments: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as ``inputs, labels, rows, segments``."""
+        return iter((self.inputs, self.labels, self.rows, self.segments))
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """The same batch on ``device`` (inputs and labels; rows/segments stay on the CPU)."""
+        return Batch([x.to(device, non_blocking=True) for x in self.inputs],
+                     self.labels.to(device, non_blocking=True), self.rows, self.segments)
+
+
+@dataclass
+class _Window:
+    """Samples of a group of blocks, ready to be cut into batches (arrays keep the stored dtype)."""
+
+    arrays: list[np.ndarray]  # per feature set: [n_samples, *shape]
+    labels: np.ndarray
+    rows: np.ndarray
+    segments: np.ndarray
+    order: np.ndarray  # sample order to emit
+
+
+class StoreDataset(IterableDataset):
+    """An iterable over one or more stored feature sets, by segment or by clip.
+
+    Iterating yields single samples ``(inputs, label, row, segment)`` when ``batch_size`` is None
+    (use it with a ``DataLoader(batch_size=...)``), or whole `Batch` objects when ``batch_size`` is set
+    (use it directly, or with ``DataLoader(batch_size=None)``); the batched form is the fast one.
+
+    Args:
+        store: an open `FeatureStore` or a path/URL (opened read-only). With DataLoader workers
+            each worker reopens the store (a read-only store pickles as its open arguments).
+        features: one feature-set name or a list of them; all are returned together.
+        split: keep the clips of this split (``store.select(split=...)``); a list means any of them.
+        clip_ids: keep exactly these clips (instead of ``split``).
+        level: ``"segment"`` (one sample per clip x segment) or ``"clip"``.
+        batch_size: yield batches of this size (None: single samples).
+        shuffle: shuffle blocks and, within windows of ``shuffle_buffer`` clips, samples.
+        seed: base seed of the shuffle; epoch ``e`` uses ``(seed, e)`` (see `set_epoch`).
+        shuffle_buffer: clips per shuffle window (rounded to whole blocks).
+        cache: load the selected rows into memory on first use instead of streaming.
+        drop_last: drop the last incomplete batch.
+        missing: ``"error"`` refuses selected clips whose features are not done (naming them);
+            ``"skip"`` leaves them out (see `n_skipped`).
+        require_labels: refuse clips whose label is unknown (-1); set it for training.
+        prefetch: read the next window in a background thread.
+        block_clips: clips per block read (default: the feature sets' chunk size).
+    """
+
+    def __init__(self, store: Any, features: str | Sequence[str], *, split: str | Sequence[str] | None = None,
+                 clip_ids: Sequence[str] | None = None, level: Level = "segment",
+                 batch_size: int | None = None, shuffle: bool = False, seed: int = 0,
+                 shuffle_buffer: int = 2048, cache: bool = False, drop_last: bool = False,
+                 missing: Literal["error", "skip"] = "error", require_labels: bool = False,
+                 prefetch: bool = True, block_clips: int | None = None):
+        if level not in _LEVELS:
+            raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
+        if missing not in ("error", "skip"):
+            raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._store = None if isinstance(store, (str, Path)) else store
+        self._store_ref = str(store) if isinstance(store, (str, Path)) else None
+        self.features = [features] if isinstance(features, str) else list(features)
+        if not self.features:
+            raise ValueError("features must name at least one feature set")
+        self.level, self.batch_size, self.shuffle, self.seed = level, batch_size, shuffle, seed
+        self.shuffle_buffer, self.cache, self.drop_last, self.prefetch = shuffle_buffer, cache, drop_last, prefetch
+        self.epoch = 0
+        self._cached: list[np.ndarray] | None = None
+        infos = self.store.feature_sets()
+        _check_known(self.features, infos)
+        self.infos = [infos[name] for name in self.features]
+        self.n_segments = [int(info.n_segments) for info in self.infos]
+        self.feature_shapes = [tuple(int(s) for s in info.feature_shape) for info in self.infos]
+        if level == "segment" and len(set(self.n_segments)) > 1:
+            raise ValueError("segment level needs the same number of segments in every feature set; got "
+                             + ", ".join(f"{n}={s}" for n, s in zip(self.features, self.n_segments)))
+        self.rows, self.n_skipped = self._select_rows(split, clip_ids, missing)
+        self.labels = np.asarray(self.store.labels, dtype=np.int64)[self.rows]
+        if require_labels:
+            self._check_labels()
+        chunk = max(int(info.chunk_clips) for info in self.infos)
+        self.block_clips = int(block_clips or chunk)
+        self.blocks = _make_blocks(self.rows, self.block_clips)
+
+    # ----------------------------------------------------------------- setup
+    @property
+    def store(self) -> Any:
+        """The open store (opened read-only on first use when a path was given)."""
+        if self._store is None:
+            from featurestore.store import open_store
+
+            self._store = open_store(self._store_ref, mode="r")
+        return self._store
+
+    def __getstate__(self) -> dict:
+        """Pickle for DataLoader workers: an open store travels as its open arguments (read-only
+        stores only, see ``FeatureStore.__getstate__``) and the cache is dropped, not copied."""
+        state = dict(self.__dict__)
+        state["_cached"] = None
+        if self._store_ref is not None:
+            state["_store"] = None
+        return state
+
+    def _select_rows(self, split: Any, clip_ids: Sequence[str] | None, missing: str) -> tuple[np.ndarray, int]:
+        store = self.store
+        if clip_ids is not None and split is not None:
+            raise ValueError("give either split or clip_ids, not both")
+        if clip_ids is not None:
+            rows = np.asarray(store.rows(list(clip_ids)), dtype=np.int64)
+        elif split is not None:
+            rows = np.asarray(store.rows(store.select(split=split)), dtype=np.int64)
+        else:
+            rows = np.arange(store.n_clips, dtype=np.int64)
+        rows = np.unique(rows)
+        done = np.ones(len(rows), dtype=bool)
+        for name in self.features:
+            ok = np.asarray(store.done_mask(name), dtype=bool)[rows]
+            if missing == "error" and not ok.all():
+                ids = store.clip_ids
+                raise MissingFeatureError(name, [ids[r] for r in rows[~ok]])
+            done &= ok
+        return rows[done], int((~done).sum())
+
+    def _check_labels(self) -> None:
+        unknown = self.rows[self.labels < 0]
+        if len(unknown):
+            ids = self.store.clip_ids
+            shown = ", ".join(ids[r] for r in unknown[:5])
+            raise ValueError(f"{len(unknown)} selected clip(s) have no label (e.g. {shown}); training needs "
+                             f"labelled clips: choose a labelled split")
+
+    # ------------------------------------------------------------ iteration
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle of epoch ``epoch`` (the order depends only on ``(seed, epoch)``)."""
+        self.epoch = int(epoch)
+
+    @property
+    def n_samples(self) -> int:
+        """Samples per epoch: clips, times segments at segment level."""
+        return len(self.rows) * (self.n_segments[0] if self.level == "segment" else 1)
+
+    def __len__(self) -> int:
+        if self.batch_size is None:
+            return self.n_samples
+        if self.drop_last:
+            return self.n_samples // self.batch_size
+        return math.ceil(self.n_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        windows = self._window_plan(rng)
+        if self.cache:
+            self._load_cache()
+        produce = (self._build_window(w, rng) for w in windows)
+        source = _prefetched(produce) if self.prefetch and not self.cache else produce
+        batches = _batches(source, self.batch_size or 1, self.drop_last)
+        if self.batch_size is not None:
+            yield from batches
+            return
+        for batch in batches:
+            yield [x[0] for x in batch.inputs], batch.labels[0], batch.rows[0], batch.segments[0]
+
+    def _window_plan(self, rng: np.random.Generator) -> list[list[tuple[int, int, np.ndarray]]]:
+        """Blocks grouped into windows; shuffled when training, this worker's share when in a DataLoader."""
+        blocks = list(self.blocks)
+        if self.shuffle:
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        per_window = max(1, self.shuffle_buffer // self.block_clips) if self.shuffle else 1
+        windows = [blocks[i:i + per_window] for i in range(0, len(blocks), per_window)]
+        worker = get_worker_info()
+        if worker is not None:
+            windows = windows[worker.id::worker.num_workers]
+        return windows
+
+    def _build_window(self, blocks: list[tuple[int, int, np.ndarray]], rng: np.random.Generator) -> _Window:
+        arrays = [np.concatenate([self._read(i, start, stop, local) for start, stop, local in blocks])
+                  for i in range(len(self.features))]
+        rows = np.concatenate([start + local for start, _, local in blocks])
+        labels = self.labels[np.searchsorted(self.rows, rows)]
+        if self.level == "segment":
+            n_seg = self.n_segments[0]
+            arrays = [a.reshape(len(rows) * n_seg, *a.shape[2:]) for a in arrays]
+            segments = np.tile(np.arange(n_seg, dtype=np.int64), len(rows))
+            rows, labels = np.repeat(rows, n_seg), np.repeat(labels, n_seg)
+        else:
+            segments = np.full(len(rows), -1, dtype=np.int64)
+        order = rng.permutation(len(rows)) if self.shuffle else np.arange(len(rows))
+        return _Window(arrays, labels, rows, segments, order)
+
+    def _read(self, i: int, start: int, stop: int, local: np.ndarray) -> np.ndarray:
+        """Rows ``start + local`` of feature set ``i``: one block read (or a slice of the cache)."""
+        if self._cached is not None:
+            pos = np.searchsorted(self.rows, start + local)
+            return self._cached[i][pos]
+        block = np.asarray(self.store.read_rows(self.features[i], start, stop, check_done=False))
+        return block if len(local) == stop - start else block[local]
+
+    def _load_cache(self) -> None:
+        """Read every selected row once, block by block, into one array per feature set."""
+        if self._cached is not None:
+            return
+        cached = []
+        for i in range(len(self.features)):
+            parts = [self._read(i, start, stop, local) for start, stop, local in self.blocks]
+            empty = np.zeros((0, self.n_segments[i], *self.feature_shapes[i]), dtype=np.float16)
+            cached.append(np.concatenate(parts) if parts else empty)
+        self._cached = cached
+
+
+def _check_known(features: list[str], infos: dict) -> None:
+    from featurestore.errors import UnknownFeatureError
+
+    for name in features:
+        if name not in infos:
+            raise UnknownFeatureError("feature set", name, infos.keys())
+
+
+def _make_blocks(rows: np.ndarray, block_clips: int) -> list[tuple[int, int, np.ndarray]]:
+    """Group sorted rows by aligned block: ``(start, stop, rows - start)`` with the tightest read range."""
+    if len(rows) == 0:
+        return []
+    block_ids = rows // block_clips
+    cuts = np.flatnonzero(np.diff(block_ids)) + 1
+    blocks = []
+    for part in np.split(rows, cuts):
+        start, stop = int(part[0]), int(part[-1]) + 1
+        blocks.append((start, stop, part - start))
+    return blocks
+
+
+def _prefetched(windows: Iterator[_Window], depth: int = 1) -> Iterator[_Window]:
+    """Build windows in a background thread (block decoding overlaps training), in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def work() -> None:
+        try:
+            for w in windows:
+                while not stop.is_set():
+                    try:
+                        q.put(w, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=work, name="StoreDataset-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+def _batches(windows: Iterator[_Window], batch_size: int, drop_last: bool) -> Iterator[Batch]:
+    """Cut windows into batches; a window's leftover is joined to the start of the next one."""
+    carry: Batch | None = None
+    for w in windows:
+        pos = 0
+        if carry is not None:
+            need = batch_size - len(carry)
+            head = _take(w, w.order[:need])
+            carry, pos = _cat(carry, head), need
+            if len(carry) < batch_size:
+                continue
+            yield carry
+            carry = None
+        n = len(w.order)
+        while pos + batch_size <= n:
+            yield _take(w, w.order[pos:pos + batch_size])
+            pos += batch_size
+        if pos < n:
+            carry = _take(w, w.order[pos:])
+    if carry is not None and len(carry) and not drop_last:
+        yield carry
+
+
+def _take(w: _Window, idx: np.ndarray) -> Batch:
+    inputs = [torch.from_numpy(np.ascontiguousarray(a[idx])).float() for a in w.arrays]
+    return Batch(inputs, torch.from_numpy(w.labels[idx]), torch.from_numpy(w.rows[idx]),
+                 torch.from_numpy(w.segments[idx]))
+
+
+def _cat(a: Batch, b: Batch) -> Batch:
+    return Batch([torch.cat([x, y]) for x, y in zip(a.inputs, b.inputs)], torch.cat([a.labels, b.labels]),
+                 torch.cat([a.rows, b.rows]), torch.cat([a.segments, b.segments]))
+
+
+class TensorBatches:
+    """Seeded shuffled batches from tensors already in memory: the same `Batch` interface as `StoreDataset`.
+
+    It is the in-memory reference the store loader is benchmarked against, and lets heads be trained
+    on synthetic tensors without a store.
+
+    Args:
+        inputs: one tensor per feature set, all ``[N, *shape]`` (segment-level samples).
+        labels: ``[N]`` class indices.
+        batch_size: samples per batch.
+        shuffle: reshuffle every epoch (order depends on ``(seed, epoch)`` only).
+        rows: ``[N]`` store rows (default ``arange(N)``); segments: ``[N]`` (default -1).
+    """
+
+    def __init__(self, inputs: Sequence[torch.Tensor], labels: torch.Tensor, batch_size: int, *,
+                 shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                 rows: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+        n = int(labels.shape[0])
+        for i, x in enumerate(inputs):
+            if int(x.shape[0]) != n:
+                raise ValueError(f"input {i} has {x.shape[0]} samples, labels have {n}")
+        self.inputs = [x.float() for x in inputs]
+        self.labels = labels.long()
+        self.rows = rows.long() if rows is not None else torch.arange(n)
+        self.segments = segments.long() if segments is not None else torch.full((n,), -1, dtype=torch.long)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle of epoch ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = int(self.labels.shape[0])
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = int(self.labels.shape[0])
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, self.epoch]).integers(2**62)))
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        stop = n - n % self.batch_size if self.drop_last else n
+        for pos in range(0, stop, self.batch_size):
+            idx = order[pos:pos + self.batch_size]
+            yield Batch([x[idx] for x in self.inputs], self.labels[idx], self.rows[idx], self.segments[idx])
+
+
+def _unchanged(batch: Any) -> Any:
+    return batch
+
+
+class WorkerLoader:
+    """A `StoreDataset` read by DataLoader worker processes, keeping ``set_epoch``/``level``/``len``.
+
+    Each worker reopens the store and builds every ``num_workers``-th window; batches arrive in
+    round-robin order, which is deterministic for a given ``num_workers``.
+    """
+
+    def __init__(self, dataset: StoreDataset, num_workers: int):
+        if dataset.batch_size is None:
+            raise ValueError("WorkerLoader needs a StoreDataset with batch_size set")
+        self.dataset, self.num_workers = dataset, num_workers
+
+    @property
+    def level(self) -> str:
+        return self.dataset.level
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[Batch]:
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_unchanged)
+        return iter(loader)

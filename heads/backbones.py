@@ -1,0 +1,104 @@
+"""timm backbones for heads, with explicit weights: random (seeded), a local checkpoint, or a pretrained tag.
+
+No machine here reaches a model hub, so ``pretrained`` only works when the weights are already in the
+local Hugging Face / timm cache; otherwise the error says so and names the alternatives. Whatever was
+loaded is described by a provenance-style ``weights`` record, so predictions can say plainly when a
+backbone was random.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+RANDOM = "random"
+PRETRAINED = "pretrained"
+
+
+def create_backbone(model: str, weights: str, *, num_classes: int, in_chans: int = 3, seed: int = 0,
+                    **kwargs: Any) -> tuple[nn.Module, dict]:
+    """A timm model and the record of its weights.
+
+    Args:
+        model: timm model name (``regnety_064``, ``tf_efficientnet_b1.ns_jft_in1k``, ``test_resnet``).
+        weights: ``"random"`` (initialised under ``torch.manual_seed(seed)``), ``"pretrained"`` (timm's
+            default tag), ``"pretrained:<tag>"`` (``model.<tag>``), or a path to a ``.safetensors`` /
+            ``.pth`` / ``.pt`` / ``.bin`` checkpoint (classifier weights of another shape are skipped).
+        num_classes: size of the classifier timm builds.
+        in_chans: input channels.
+        seed: seed of the random initialisation (also of the classifier when loading a checkpoint).
+
+    Returns:
+        ``(module, weights_record)`` where the record is ``{"kind": "random", "seed": ...}``,
+        ``{"kind": "pretrained", "tag": ...}`` or ``{"kind": "file", "path": ..., "sha256": ...}``.
+    """
+    import timm
+
+    if not timm.is_model(model.split(".")[0]):
+        raise ValueError(f"{model!r} is not a timm model name (see timm.list_models())")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if weights == RANDOM:
+            net = timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+            return net, {"kind": "random", "seed": seed}
+        if weights == PRETRAINED or weights.startswith(PRETRAINED + ":"):
+            return _pretrained(model, weights, num_classes, in_chans, **kwargs)
+        net = timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return net, load_checkpoint_into(net, Path(weights))
+
+
+def _pretrained(model: str, weights: str, num_classes: int, in_chans: int, **kwargs: Any) -> tuple[nn.Module, dict]:
+    import timm
+
+    tag = weights.partition(":")[2]
+    name = f"{model.split('.')[0]}.{tag}" if tag else model
+    try:
+        net = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except Exception as exc:  # hub errors come in many types; all mean "not available here"
+        raise RuntimeError(
+            f"could not load pretrained weights for timm model {name!r} ({type(exc).__name__}: {exc}). "
+            f"This machine has no network: put the weights in the local Hugging Face cache, pass a local "
+            f"checkpoint path as weights=..., or use weights='random' (results are then NOT pretrained)."
+        ) from exc
+    return net, {"kind": "pretrained", "tag": f"timm:{name}"}
+
+
+def load_checkpoint_into(net: nn.Module, path: Path) -> dict:
+    """Load a local checkpoint into ``net`` (shape-mismatched keys such as another classifier are skipped)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights {str(path)!r}: no such file (expected 'random', 'pretrained', "
+                                f"'pretrained:<tag>' or a checkpoint path)")
+    state = _read_state_dict(path)
+    own = net.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not usable:
+        raise ValueError(f"checkpoint {str(path)!r} has no tensor matching the model's parameters "
+                         f"(first keys: {list(state)[:5]}, model keys: {list(own)[:5]})")
+    net.load_state_dict(usable, strict=False)
+    return {"kind": "file", "path": str(path), "sha256": _sha256(path), "loaded": len(usable),
+            "skipped": len(own) - len(usable)}
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {str(path)!r} does not hold a state dict (found {type(state).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

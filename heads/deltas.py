@@ -1,0 +1,60 @@
+"""Delta features in torch, numerically compatible with ``librosa.feature.delta`` (mode ``"interp"``).
+
+Deltas are not stored (they are a cheap function of the stored log-mel), so they are computed per
+batch on the training device. ``librosa.feature.delta(S, width, order)`` is a Savitzky-Golay filter
+with ``polyorder = deriv = order``; in ``"interp"`` mode the edge values come from the polynomial fitted
+to the first/last ``width`` frames, whose ``order``-th derivative is constant, so the edges equal the
+first/last interior value. That gives: a valid 1-D convolution plus replicate padding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def savgol_derivative_coeffs(width: int, order: int) -> torch.Tensor:
+    """Weights ``w`` such that ``sum_k w[k] * x[t + k - width//2]`` is the ``order``-th derivative at ``t``.
+
+    They are the least-squares polynomial (degree ``order``) fit over the window, differentiated
+    ``order`` times: row ``order`` of the Vandermonde pseudo-inverse times ``order!``.
+    """
+    _check(width, order)
+    half = width // 2
+    k = torch.arange(-half, half + 1, dtype=torch.float64)
+    vander = torch.stack([k ** p for p in range(order + 1)], dim=1)  # [width, order + 1]
+    pinv = torch.linalg.pinv(vander)
+    return pinv[order] * math.factorial(order)
+
+
+def delta(x: torch.Tensor, width: int = 9, order: int = 1) -> torch.Tensor:
+    """``order``-th delta of ``x`` along its last axis (time), like ``librosa.feature.delta``.
+
+    Args:
+        x: ``[..., time]`` tensor; time must be at least ``width`` (librosa refuses shorter input too).
+        width: odd window length >= 3 (librosa's default is 9).
+        order: derivative order (1 = delta, 2 = delta-delta as librosa defines it).
+    """
+    _check(width, order)
+    steps = x.shape[-1]
+    if steps < width:
+        raise ValueError(f"delta width {width} exceeds the {steps} time steps of the input")
+    w = savgol_derivative_coeffs(width, order).to(dtype=x.dtype, device=x.device)
+    flat = x.reshape(-1, 1, steps)
+    out = F.conv1d(flat, w.view(1, 1, -1))  # cross-correlation: w[k] multiplies x[t + k]
+    half = width // 2
+    out = F.pad(out, (half, half), mode="replicate")
+    return out.reshape(x.shape)
+
+
+def with_deltas(logmel: torch.Tensor, width: int = 9) -> torch.Tensor:
+    """``[B, mels, time]`` -> ``[B, 3, mels, time]``: log-mel, delta and delta-delta as image channels."""
+    return torch.stack([logmel, delta(logmel, width, 1), delta(logmel, width, 2)], dim=1)
+
+
+def _check(width: int, order: int) -> None:
+    if width < 3 or width % 2 != 1:
+        raise ValueError(f"width must be an odd integer >= 3, got {width}")
+    if order < 1:
+        raise ValueError(f"order must be a positive integer, got {order}")

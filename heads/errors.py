@@ -1,0 +1,16 @@
+"""Errors the heads package raises on purpose."""
+from __future__ import annotations
+
+from featurestore.errors import FeatureStoreError
+
+
+class FeatureFingerprintError(FeatureStoreError):
+    """A trained head was asked to predict on a feature set computed differently from its training data."""
+
+    def __init__(self, run_dir: str, feature: str, trained: str, found: str):
+        self.feature, self.trained, self.found = feature, trained, found
+        super().__init__(
+            f"head in {run_dir!r} was trained on feature set {feature!r} with fingerprint {trained}, but the "
+            f"store's {feature!r} has fingerprint {found}: the features were computed with another encoder "
+            f"configuration or weights. Re-extract them as in training, or train a new head on these features."
+        )

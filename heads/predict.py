@@ -1,0 +1,188 @@
+"""Prediction: run a trained head over a store and write ``predictions/<run>/probs`` back into it.
+
+Probabilities are written per clip and segment, ``[n_clips, n_segments, n_classes]``, so fusion can
+aggregate segments however it likes. The run's attributes say what produced them: the head and its
+config, the feature sets with their fingerprints, the splits, the ensemble family, and whether any
+weights involved were random (so no report presents a random-weights result as a real one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from featurestore.provenance import fingerprint as provenance_fingerprint
+from featurestore.torchdata import StoreDataset
+from heads._registry import Head, head_class
+from heads.checkpoint import load_weights, read_json
+from heads.errors import FeatureFingerprintError
+from heads.evaluate import clip_outputs
+from heads.train import resolve_device
+
+FLUSH_CLIPS = 4096
+
+
+@dataclass
+class PredictResult:
+    """What `predict` wrote."""
+
+    run: str
+    n_clips: int
+    n_skipped: int
+    n_segments: int
+    attrs: dict
+
+
+def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "best") -> tuple[Head, dict]:
+    """A trained head (eval mode) and its ``run.json``.
+
+    Args:
+        run_dir: a directory written by `heads.train`.
+        device: where to put the head.
+        weights: ``"best"`` (best epoch by validation accuracy) or ``"last"`` (last completed epoch).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a training run directory (no run.json)")
+    info = read_json(run_dir / "run.json")
+    cls = head_class(info["head"])
+    head = cls(cls.config_class(**cls.loading_config(info["head_config"])))
+    if weights == "best":
+        path = run_dir / "best.safetensors"
+    elif weights == "last":
+        path = run_dir / read_json(run_dir / "state.json")["checkpoint"]
+    else:
+        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+    state, _ = load_weights(path)
+    head.load_state_dict(state)
+    return head.to(torch.device(device)).eval(), info
+
+
+def check_fingerprints(store: Any, info: dict, run_dir: str | Path) -> None:
+    """Refuse feature sets (and class features) whose fingerprint differs from the ones trained on."""
+    sets = store.feature_sets()
+    for name, trained in info["features"].items():
+        if name not in sets:
+            from featurestore.errors import UnknownFeatureError
+
+            raise UnknownFeatureError("feature set", name, sets.keys())
+        if sets[name].fingerprint != trained:
+            raise FeatureFingerprintError(str(run_dir), name, trained, sets[name].fingerprint)
+    for name, trained in (info.get("class_features") or {}).items():
+        if name in store.class_feature_sets():
+            attrs = store.get_class_features(name)[1]
+            found = attrs.get("fingerprint") or provenance_fingerprint(attrs.get("provenance", {}))
+            if found != trained:
+                raise FeatureFingerprintError(str(run_dir), name, trained, found)
+
+
+def prediction_attrs(info: dict, family: str | None = None) -> dict:
+    """The attributes fusion reads from ``predictions/<run>``."""
+    train = info.get("train", {})
+    feature_info = info.get("feature_info", {})
+    backbone = info.get("backbone_weights")
+    random = any(v.get("random_weights") for v in feature_info.values()) or \
+        bool(backbone and backbone.get("kind") == "random")
+    return {
+        "head": info["head"],
+        "head_config": info["head_config"],
+        "features": {name: info["features"][name] for name in train.get("features", info["features"])},
+        "class_features": dict(info.get("class_features") or {}),
+        "train_split": train.get("train_split"),
+        "val_split": train.get("val_split"),
+        "family": family or train.get("family") or _family(info),
+        "random_weights": bool(random),
+        "weights_identity": {name: v.get("weights_identity") for name, v in feature_info.items()},
+        "backbone_weights": backbone,
+    }
+
+
+def _family(info: dict) -> str:
+    """Ensemble family from the head and its input feature sets: audio, clip or video."""
+    default = head_class(info["head"]).default_family
+    if default:
+        return default
+    kinds = set()
+    for name in info["train"]["features"]:
+        meta = info.get("feature_info", {}).get(name, {})
+        encoder = str(meta.get("encoder") or name)
+        if encoder.startswith("clip/"):
+            kinds.add("clip")
+        elif meta.get("modality") == "audio" or encoder.startswith("logmel"):
+            kinds.add("audio")
+        else:
+            kinds.add("video")
+    return kinds.pop() if len(kinds) == 1 else "+".join(sorted(kinds))
+
+
+def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: str | list[str] | None = None,
+            batch_size: int | None = None, device: str = "auto", overwrite: bool = False,
+            family: str | None = None, weights: str = "best", progress: bool = True) -> PredictResult:
+    """Run the head trained in ``run_dir`` over the store and write ``predictions/<name>/probs``.
+
+    Args:
+        store: an open store (mode ``"a"``) or a path (opened with mode ``"a"``).
+        run_dir: the training run directory.
+        name: prediction run name (default: the run directory's name).
+        split: predict only this split's clips (default: every clip whose features are done).
+        batch_size: clips per forward pass (default: enough for about 256 segments).
+        overwrite: replace an existing prediction run of that name.
+        family: ensemble family recorded in the attrs (default: the training config's, else derived).
+        weights: ``"best"`` or ``"last"`` checkpoint.
+    """
+    own = isinstance(store, (str, Path))
+    if own:
+        from featurestore.store import open_store
+
+        store = open_store(store, mode="a")
+    try:
+        return _predict(store, Path(run_dir), name or Path(run_dir).name, split, batch_size, device,
+                        overwrite, family, weights, progress)
+    finally:
+        if own:
+            store.close()
+
+
+def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int | None, device: str,
+             overwrite: bool, family: str | None, weights: str, progress: bool) -> PredictResult:
+    dev = resolve_device(device)
+    head, info = load_head(run_dir, dev, weights)
+    check_fingerprints(store, info, run_dir)
+    features = list(info["train"]["features"])  # the head's input order (the JSON dict is key-sorted)
+    sets = store.feature_sets()
+    segments = {sets[f].n_segments for f in features}
+    if len(segments) != 1:
+        raise ValueError(f"feature sets {features} have different segment counts {sorted(segments)}; "
+                         f"a head predicts one row per segment, so they must match")
+    n_segments = segments.pop()
+    clips = batch_size or max(1, 256 // n_segments)
+    data = StoreDataset(store, features, split=split, level="clip", batch_size=clips, missing="skip")
+    attrs = prediction_attrs(info, family)
+    attrs.update({"run_dir": str(run_dir), "weights": weights, "n_segments": n_segments})
+    store.create_predictions(name, n_segments, attrs, overwrite=overwrite)
+    rows, probs, written = [], [], 0
+    with tqdm(total=len(data.rows), desc=f"predict {name}", unit="clip", disable=not progress) as bar:
+        for out in clip_outputs(head, data, dev):
+            rows.append(out.rows)
+            probs.append(out.probs)
+            bar.update(len(out.rows))
+            if sum(len(r) for r in rows) >= FLUSH_CLIPS:
+                written += _flush(store, name, rows, probs)
+        written += _flush(store, name, rows, probs)
+    tqdm.write(f"predict {name}: wrote {written} clip(s) x {n_segments} segment(s) to predictions/{name}"
+               + (f"; skipped {data.n_skipped} clip(s) whose features are not done" if data.n_skipped else ""))
+    return PredictResult(name, written, data.n_skipped, n_segments, attrs)
+
+
+def _flush(store: Any, name: str, rows: list[np.ndarray], probs: list[np.ndarray]) -> int:
+    if not rows:
+        return 0
+    r, p = np.concatenate(rows), np.concatenate(probs)
+    store.write_predictions(name, r, p)
+    rows.clear()
+    probs.clear()
+    return len(r)

@@ -1,0 +1,367 @@
+"""The one trainer: SGD with momentum, step decay, focal loss, best epoch by validation accuracy, resumable.
+
+`fit` is the core and works on any loaders that yield `featurestore.torchdata.Batch` and have a
+``set_epoch`` method (in-memory `TensorBatches` or a `StoreDataset`); `train` builds the head and the
+loaders from a store and a `TrainConfig`, then calls `fit`.
+
+Determinism: the head is initialised under ``torch.manual_seed(seed)``, and every epoch re-seeds
+torch's global RNG (dropout, augmentation) and the data order from ``(seed, epoch)``. The learning
+rate is a function of the epoch number. So an epoch depends only on the weights and optimizer state
+at its start: two runs on the CPU give identical weights, and a run resumed from the checkpoint of
+epoch k continues exactly as if it had never stopped.
+
+Run directory::
+
+    run.json               what was trained on what: config, head config, feature fingerprints
+    metrics.jsonl          one JSON line per epoch: epoch, loss, val_accuracy, val_logloss, lr, seconds
+    best.safetensors       weights of the best epoch by validation accuracy (last epoch without validation)
+    ckpt/epoch_NNN.*       weights and optimizer state of the last completed epoch (for resuming)
+    state.json             the commit point: last completed epoch, best epoch and its metrics
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from featurestore.provenance import fingerprint as provenance_fingerprint
+from featurestore.provenance import is_random_weights, runtime_info, weights_identity
+from featurestore.torchdata import StoreDataset, WorkerLoader
+from heads._registry import Head, create_head, head_class
+from heads.checkpoint import load_optimizer, load_weights, read_json, save_optimizer, save_weights, write_json
+from heads.config import RESUMABLE_FIELDS, TrainConfig
+from heads.evaluate import evaluate
+from heads.losses import make_loss
+
+EpochCallback = Callable[[int, dict], None]
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    run_dir: Path
+    best_epoch: int
+    best_val_accuracy: float | None
+    best_val_logloss: float | None
+    epochs_completed: int
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def best_weights(self) -> Path:
+        return self.run_dir / "best.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; other names are passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+# ------------------------------------------------------------------------------- store -> fit
+def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
+          on_epoch_end: EpochCallback | None = None) -> TrainResult:
+    """Train ``cfg.head`` on stored features and write a run directory (resuming one left unfinished).
+
+    Args:
+        cfg: the training configuration.
+        store: an open store; None opens ``cfg.store`` read-only.
+        overwrite: delete an existing run directory that holds a different run instead of refusing.
+        on_epoch_end: called with ``(epoch, metrics)`` after each epoch is committed to disk.
+    """
+    own = store is None
+    if own:
+        if not cfg.store:
+            raise ValueError("no store given: set TrainConfig.store (--store) or pass an open store")
+        from featurestore.store import open_store
+
+        store = open_store(cfg.store, mode="r")
+    try:
+        head, identity = build_head(cfg, store)
+        train_loader, val_loader = make_loaders(cfg, store, head)
+        return fit(head, train_loader, val_loader, cfg, identity, overwrite=overwrite, on_epoch_end=on_epoch_end)
+    finally:
+        if own:
+            store.close()
+
+
+def build_head(cfg: TrainConfig, store: Any) -> tuple[Head, dict]:
+    """The head with input dims from the store, seeded; and the run identity recorded in run.json."""
+    sets = store.feature_sets()
+    missing = [f for f in cfg.features if f not in sets]
+    if missing:
+        from featurestore.errors import UnknownFeatureError
+
+        raise UnknownFeatureError("feature set", missing[0], sets.keys())
+    infos = [sets[f] for f in cfg.features]
+    cls = head_class(cfg.head)
+    derived = cls.store_config(infos, len(store.classes))
+    _check_overrides(cfg.head, derived, cfg.head_config)
+    head_cfg = {**derived, **cfg.head_config}
+    torch.manual_seed(cfg.seed)
+    head = create_head(cfg.head, **head_cfg)
+    class_fp, class_info = _install_class_features(head, store)
+    identity = {
+        "head": cfg.head,
+        "head_config": head.config_dict(),
+        "features": {i.name: i.fingerprint for i in infos},
+        "class_features": class_fp,
+        "feature_info": {**{i.name: _feature_summary(i) for i in infos}, **class_info},
+        "backbone_weights": head.backbone_weights(),
+        "classes": list(store.classes),
+        "train": cfg.to_dict(),
+    }
+    return head, identity
+
+
+def _check_overrides(name: str, derived: dict, given: dict) -> None:
+    for key, value in derived.items():
+        if key in given and given[key] != value:
+            raise ValueError(f"head {name!r}: head_config sets {key}={given[key]!r} but the store says {value!r}")
+
+
+def _install_class_features(head: Head, store: Any) -> tuple[dict[str, str], dict[str, dict]]:
+    """Give a zero-shot head its stored class-prompt embeddings; ``({name: fingerprint}, {name: summary})``."""
+    name = head.class_features
+    if name is None:
+        return {}, {}
+    data, attrs = store.get_class_features(name)
+    head.set_class_embeddings(data)
+    prov = attrs.get("provenance", {})
+    fp = attrs.get("fingerprint") or provenance_fingerprint(prov)
+    summary = {"shape": list(data.shape), "encoder": prov.get("encoder"), "modality": "text",
+               "random_weights": is_random_weights(prov), "weights_identity": weights_identity(prov)}
+    return {name: fp}, {name: summary}
+
+
+def _feature_summary(info: Any) -> dict:
+    prov = info.provenance or {}
+    modality = (prov.get("config") or {}).get("modality") if isinstance(prov.get("config"), dict) else None
+    return {"shape": list(info.shape[1:]), "encoder": prov.get("encoder"), "modality": modality,
+            "random_weights": bool(info.random_weights), "weights_identity": info.weights_identity}
+
+
+def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable, Iterable | None]:
+    """Shuffled segment-level training batches and clip-level validation batches from the store."""
+    batch_size = cfg.batch_size or head.default_batch_size
+    train_ds = StoreDataset(store, cfg.features, split=cfg.train_split, level="segment", batch_size=batch_size,
+                            shuffle=True, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=cfg.cache,
+                            drop_last=True, require_labels=True)
+    if len(train_ds) == 0:
+        raise ValueError(f"split {cfg.train_split!r} has {train_ds.n_samples} training samples, fewer than one "
+                         f"batch of {batch_size}")
+    val_ds = None
+    if cfg.val_split:
+        clips_per_batch = max(1, 4 * batch_size // max(1, train_ds.n_segments[0]))
+        val_ds = StoreDataset(store, cfg.features, split=cfg.val_split, level="clip", batch_size=clips_per_batch,
+                              require_labels=True)
+    if cfg.num_workers > 0:
+        return WorkerLoader(train_ds, cfg.num_workers), (WorkerLoader(val_ds, cfg.num_workers) if val_ds else None)
+    return train_ds, val_ds
+
+
+# ------------------------------------------------------------------------------------ the core
+def fit(head: Head, train_loader: Iterable, val_loader: Iterable | None, cfg: TrainConfig, identity: dict,
+        *, overwrite: bool = False, on_epoch_end: EpochCallback | None = None) -> TrainResult:
+    """Train ``head`` for ``cfg.epochs`` epochs into the run directory ``cfg.out``, resuming if it holds
+    an unfinished run of the same configuration."""
+    run_dir = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    head.to(device)
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay) if params else None
+    state = _open_run_dir(run_dir, identity, overwrite)
+    if state.get("epoch", 0) > 0:
+        _restore(run_dir, state, head, optimizer)
+    if optimizer is None:
+        return _no_training(head, val_loader, cfg, run_dir, device, state)
+    loss_fn = make_loss(cfg.loss, cfg.focal_gamma)
+    history = _read_metrics(run_dir)
+    for epoch in range(state.get("epoch", 0) + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        loss = _train_epoch(head, train_loader, optimizer, loss_fn, cfg, epoch, device)
+        record = {"epoch": epoch, "loss": loss, "lr": cfg.lr_at(epoch)}
+        if val_loader is not None:
+            record.update(evaluate(head, val_loader, device))
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        state = _commit_epoch(run_dir, head, optimizer, state, record, cfg)
+        history.append(record)
+        _log(_epoch_line(record, cfg.epochs))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+    return _finish(run_dir, state, cfg, history)
+
+
+def _train_epoch(head: Head, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
+                 cfg: TrainConfig, epoch: int, device: torch.device) -> float:
+    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    loader.set_epoch(epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr_at(epoch)
+    head.train()
+    total = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    bar = tqdm(total=total, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
+               leave=False, dynamic_ncols=True)
+    loss_sum, seen = 0.0, 0
+    for step, batch in enumerate(loader):
+        if step >= total:
+            break
+        batch = batch.to(device)
+        loss = loss_fn(head(batch.inputs), batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(batch)
+        seen += len(batch)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+    bar.close()
+    if seen == 0:
+        raise ValueError("the training loader produced no batches")
+    return loss_sum / seen
+
+
+def _no_training(head: Head, val_loader: Iterable | None, cfg: TrainConfig, run_dir: Path,
+                 device: torch.device, state: dict) -> TrainResult:
+    """A head without trainable parameters (zero-shot): validate once and save it as epoch 0."""
+    if state.get("finished"):
+        return _finish(run_dir, state, cfg, _read_metrics(run_dir))
+    started = time.perf_counter()
+    record: dict[str, Any] = {"epoch": 0, "loss": None, "lr": None}
+    if val_loader is not None:
+        record.update(evaluate(head, val_loader, device))
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    save_weights(run_dir / "best.safetensors", head.state_dict(), {"epoch": 0})
+    state = {"epoch": 0, "best_epoch": 0, "best_val_accuracy": record.get("val_accuracy"),
+             "best_val_logloss": record.get("val_logloss"), "finished": True, "trainable_parameters": 0}
+    write_json(run_dir / "state.json", state)
+    _append_metrics(run_dir, record)
+    _log(f"{cfg.head}: no trainable parameters, nothing to train; " + _epoch_line(record, 0))
+    return _finish(run_dir, state, cfg, [record])
+
+
+# ------------------------------------------------------------------------- run directory state
+def _open_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> dict:
+    """The saved state of a resumable run with the same identity, {} for a new run."""
+    state_path, info_path = run_dir / "state.json", run_dir / "run.json"
+    if info_path.exists():
+        old = read_json(info_path)
+        diff = _identity_diff(old, identity)
+        if diff and not overwrite:
+            raise FileExistsError(f"run directory {str(run_dir)!r} holds a different run (differs in: "
+                                  f"{', '.join(diff)}); choose another --out or pass --overwrite")
+        if diff:
+            shutil.rmtree(run_dir)
+    if overwrite and not info_path.exists() and run_dir.exists() and any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+    (run_dir / "ckpt").mkdir(parents=True, exist_ok=True)
+    if not info_path.exists():
+        write_json(info_path, {**identity, "created": runtime_info()})
+        return {}
+    return read_json(state_path) if state_path.exists() else {}
+
+
+def _identity_diff(old: dict, new: dict) -> list[str]:
+    """Top-level (and train-config) keys that differ, ignoring fields that may change on resume."""
+    diff = [k for k in new if k not in ("train", "created") and _canon(old.get(k)) != _canon(new[k])]
+    old_train, new_train = old.get("train", {}), new.get("train", {})
+    diff += [f"train.{k}" for k in new_train
+             if k not in RESUMABLE_FIELDS and _canon(old_train.get(k)) != _canon(new_train[k])]
+    return diff
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _restore(run_dir: Path, state: dict, head: Head, optimizer: torch.optim.Optimizer | None) -> None:
+    weights, _ = load_weights(run_dir / state["checkpoint"])
+    head.load_state_dict(weights)
+    if optimizer is not None:
+        load_optimizer(run_dir / state["optimizer"], optimizer)
+    _truncate_metrics(run_dir, state["epoch"])
+
+
+def _commit_epoch(run_dir: Path, head: Head, optimizer: torch.optim.Optimizer, state: dict, record: dict,
+                  cfg: TrainConfig) -> dict:
+    """Save the epoch's checkpoint (and best weights), then state.json, then the metrics line."""
+    epoch = record["epoch"]
+    best_acc = state.get("best_val_accuracy")
+    acc = record.get("val_accuracy")
+    improved = epoch == 1 or state.get("best_epoch") is None or (acc is None or best_acc is None or acc > best_acc)
+    stem = f"ckpt/epoch_{epoch:03d}"
+    save_weights(run_dir / f"{stem}.safetensors", head.state_dict(), {"epoch": epoch})
+    save_optimizer(run_dir / f"{stem}.optim.safetensors", optimizer)
+    if improved:
+        save_weights(run_dir / "best.safetensors", head.state_dict(), {"epoch": epoch})
+    new_state = {
+        "epoch": epoch, "checkpoint": f"{stem}.safetensors", "optimizer": f"{stem}.optim.safetensors",
+        "best_epoch": epoch if improved else state["best_epoch"],
+        "best_val_accuracy": acc if improved else best_acc,
+        "best_val_logloss": record.get("val_logloss") if improved else state.get("best_val_logloss"),
+        "finished": epoch >= cfg.epochs,
+        "trainable_parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
+    }
+    write_json(run_dir / "state.json", new_state)
+    for old in (run_dir / "ckpt").glob("epoch_*"):
+        if not old.name.startswith(f"epoch_{epoch:03d}."):
+            old.unlink()
+    _append_metrics(run_dir, record)
+    return new_state
+
+
+def _finish(run_dir: Path, state: dict, cfg: TrainConfig, history: list[dict]) -> TrainResult:
+    result = TrainResult(run_dir, int(state.get("best_epoch") or 0), state.get("best_val_accuracy"),
+                         state.get("best_val_logloss"), int(state.get("epoch", 0)), history)
+    acc = "n/a" if result.best_val_accuracy is None else f"{result.best_val_accuracy:.4f}"
+    _log(f"{cfg.head}: {result.epochs_completed} epoch(s) done; best epoch {result.best_epoch} "
+              f"(val_accuracy {acc}) -> {run_dir / 'best.safetensors'}")
+    return result
+
+
+def _append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(run_dir: Path, epoch: int) -> None:
+    """Drop metric lines of epochs after the last committed checkpoint (written before a crash)."""
+    kept = [r for r in _read_metrics(run_dir) if r["epoch"] <= epoch]
+    path = run_dir / "metrics.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}"]
+    for key in ("loss", "val_accuracy", "val_logloss", "lr", "seconds"):
+        value = record.get(key)
+        if value is not None:
+            parts.append(f"{key} {value:.4g}")
+    return " ".join(parts)
+
+
+def _log(line: str) -> None:
+    """One summary line (through tqdm so it does not break a progress bar)."""
+    tqdm.write(line)
+
