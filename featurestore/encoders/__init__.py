@@ -1,0 +1,47 @@
+"""Encoders: turn decoded audio segments / video frames into the arrays the feature store keeps.
+
+Public face: ``create_encoder(spec)``, ``list_encoders()``, ``register_encoder(family)``,
+``parse_spec(spec)``, the ``Encoder`` base class and ``resolve_device``. Built-in families:
+``logmel``, ``timm/<model>``, ``clip/<model>``, ``cliptext/<model>``; plugins join through the
+entry-point group ``featurestore.encoders``. See docs/encoders.md.
+"""
+from featurestore.encoders._base import (
+    MODALITIES,
+    AudioSegments,
+    Encoder,
+    EncoderSpec,
+    FramePreprocessor,
+    SpecError,
+    UnknownEncoderError,
+    parse_spec,
+    resolve_device,
+)
+from featurestore.encoders._registry import (
+    ENTRY_POINT_GROUP,
+    create_encoder,
+    get_builder,
+    list_encoders,
+    refresh_plugins,
+    register_encoder,
+)
+from featurestore.encoders._weights import (
+    Weights,
+    WeightsMismatchError,
+    WeightsNotFoundError,
+    parse_weights,
+    read_state_dict,
+)
+from featurestore.encoders.logmel import LogMelConfig, LogMelEncoder, mel_filterbank
+from featurestore.encoders.timm_frames import TimmFrameEncoder
+from featurestore.encoders.clip import ClipImageEncoder, ClipTextEncoder
+
+__all__ = [
+    "MODALITIES", "ENTRY_POINT_GROUP",
+    "Encoder", "EncoderSpec", "AudioSegments", "FramePreprocessor",
+    "create_encoder", "list_encoders", "register_encoder", "get_builder", "refresh_plugins",
+    "parse_spec", "resolve_device",
+    "Weights", "parse_weights", "read_state_dict",
+    "SpecError", "UnknownEncoderError", "WeightsNotFoundError", "WeightsMismatchError",
+    "LogMelConfig", "LogMelEncoder", "mel_filterbank",
+    "TimmFrameEncoder", "ClipImageEncoder", "ClipTextEncoder",
+]
