@@ -25,6 +25,8 @@ def _recipe(args: argparse.Namespace) -> FusionRecipe:
     recipe = FusionRecipe.from_json(args.recipe)
     if getattr(args, "raw_metric", False):
         recipe.metric_renormalize = False
+    if getattr(args, "cross_fit", None) is not None and recipe.calibration:
+        recipe.calibration.cross_fit = args.cross_fit  # one fold count for the recipe and its comparison rows
     return recipe
 
 
@@ -32,7 +34,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fusion.evaluate import evaluate_recipe
 
     with _open(args.store) as store:
-        ev = evaluate_recipe(store, _recipe(args), args.split, args.calibration_split)
+        ev = evaluate_recipe(store, _recipe(args), args.split, args.calibration_split, args.cross_fit)
     if args.json:
         print(json.dumps(ev.to_dict(), indent=2))
         return 0
@@ -50,7 +52,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fusion.report import write_report
 
     with _open(args.store) as store:
-        report = write_report(store, _recipe(args), args.out, args.split, args.calibration_split)
+        report = write_report(store, _recipe(args), args.out, args.split, args.calibration_split, args.cross_fit)
     final = report.evaluation.final
     print(f"wrote {report.markdown} (+ {report.confusion_png.name}, {report.reliability_png.name}, "
           f"{report.metrics_json.name}); final log-loss {final.logloss:.3f}, accuracy {100 * final.accuracy:.1f} %")
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score a recipe on a labelled split")
     common(ev, "labelled split to score (default: the recipe's eval_split)")
     ev.add_argument("--calibration-split", default=None, help="fit split for the temperature/stacking rows")
+    ev.add_argument("--cross-fit", type=int, default=None, help="location folds when that split overlaps --split")
     ev.add_argument("--raw-metric", action="store_true", help="score rows without renormalising them")
     ev.add_argument("--json", action="store_true", help="print every score as JSON")
     ev.set_defaults(func=cmd_evaluate)
@@ -96,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write report.md, figures and metrics.json")
     common(rp, "labelled split to score (default: the recipe's eval_split)")
     rp.add_argument("--calibration-split", default=None, help="fit split for the temperature/stacking rows")
+    rp.add_argument("--cross-fit", type=int, default=None, help="location folds when that split overlaps --split")
     rp.add_argument("--raw-metric", action="store_true", help="score rows without renormalising them")
     rp.add_argument("--out", required=True, help="output directory")
     rp.set_defaults(func=cmd_report)

@@ -49,31 +49,39 @@ class Evaluation:
         }
 
 
-def _variant_probs(store, output: FusionOutput, calibration_split: str | None
+def _variant_probs(store, output: FusionOutput, calibration_split: str | None, cross_fit: int | None
                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     recipe = output.recipe
     probs = {FUSED: output.fused, EQ1: clamp_eq1(output.fused)}
     notes: dict[str, str] = {}
-    split = calibration_split or (recipe.calibration.fit_split if recipe.calibration else None)
+    own = recipe.calibration
+    split = calibration_split or (own.fit_split if own else None)
     if split is None:
         return probs, notes
-    params = recipe.calibration.params if recipe.calibration else {}
+    folds = cross_fit if cross_fit is not None else (own.cross_fit if own else 0)
     for name, method in ((TEMPERATURE, "temperature"), (STACKING, "stacking")):
-        calib = Calibration(method=method, fit_split=split,
-                            params=params if recipe.calibration and recipe.calibration.method == method else {})
+        same = own is not None and own.method == method
+        calib = Calibration(method=method, fit_split=split, cross_fit=folds,
+                            stack_on=own.stack_on if same else "fused", params=own.params if same else {})
         probs[name], described = calibrate(store, recipe, calib, output.stage, output.fused, output.weights)
-        notes[name] = _describe(described)
+        notes[name] = describe_calibration(described)
     return probs, notes
 
 
-def _describe(described: dict) -> str:
+def describe_calibration(described: dict) -> str:
+    """One line for a report: what was fitted, on what, and how."""
+    where = f"{described['fit_split']} ({described['n_fit']} clips)"
+    if "folds" in described:
+        where = f"{described['cross_fit']} location-disjoint folds of {where}"
     if described["method"] == "temperature":
-        return f"temperature T={described['temperature']:.3f} fitted on {described['fit_split']} ({described['n_fit']} clips)"
-    return f"logistic regression on log-probs ({described['stack_on']}) fitted on {described['fit_split']} ({described['n_fit']} clips)"
+        temps = [f["temperature"] for f in described.get("folds", [])] or [described["temperature"]]
+        t = f"T={temps[0]:.3f}" if len(temps) == 1 else f"T={min(temps):.3f}..{max(temps):.3f}"
+        return f"temperature scaling {t} fitted on {where}"
+    return f"logistic regression on log-probs ({described['stack_on']}) fitted on {where}"
 
 
 def evaluate_recipe(store, recipe: FusionRecipe, split: str | None = None,
-                    calibration_split: str | None = None) -> Evaluation:
+                    calibration_split: str | None = None, cross_fit: int | None = None) -> Evaluation:
     """Run ``recipe`` on ``split`` (default: the recipe's ``eval_split``) and score everything.
 
     Args:
@@ -82,6 +90,8 @@ def evaluate_recipe(store, recipe: FusionRecipe, split: str | None = None,
         split: labelled split to score.
         calibration_split: fit split for the temperature/stacking comparison rows; defaults to the
             recipe's ``calibration.fit_split``; without either, those rows are left out.
+        cross_fit: folds for those rows when their fit split overlaps ``split`` (default: the
+            recipe's ``calibration.cross_fit``; 0 makes an overlap a ``LeakageError``).
     """
     output = fuse(store, recipe, split)
     renorm, classes, labels = recipe.metric_renormalize, output.classes, output.labels
@@ -89,7 +99,7 @@ def evaluate_recipe(store, recipe: FusionRecipe, split: str | None = None,
     def scored(p: np.ndarray) -> Scores:
         return score(p, labels, classes, renormalize=renorm)
 
-    variant_probs, notes = _variant_probs(store, output, calibration_split)
+    variant_probs, notes = _variant_probs(store, output, calibration_split, cross_fit)
     variants = {name: scored(p) for name, p in variant_probs.items()}
     final_variant = next((n for n, p in variant_probs.items() if np.array_equal(p, output.final)), None)
     return Evaluation(

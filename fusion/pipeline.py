@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fusion.aggregate import load_clip_probs
-from fusion.calibration import ConfidenceWeights, check_disjoint, make_calibrator
+from fusion.calibration import ConfidenceWeights, check_disjoint, crossfit_apply, make_calibrator
 from fusion.postprocess import clamp_eq1
 from fusion.recipe import VAL_SPLIT_REF, Calibration, FusionRecipe, RecipeError
 from fusion.rules import average_models, classwise_fuse, replace_low_confidence, selection_weights
@@ -121,25 +121,45 @@ def _fuse(recipe: FusionRecipe, stage: FamilyStage, weights: np.ndarray) -> np.n
 
 def calibrate(store, recipe: FusionRecipe, calib: Calibration, stage: FamilyStage, fused: np.ndarray,
               weights: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Fit ``calib`` on its fit split (never the clips of ``stage``) and apply it to ``fused``.
+    """Fit ``calib`` on its fit split and apply it to ``fused``, never scoring a clip with its own fit.
+
+    When the fit split and the scored clips are disjoint, one calibrator is fitted. When they
+    overlap, ``calib.cross_fit`` >= 2 calibrates them by location-disjoint folds
+    (:func:`fusion.calibration.crossfit_apply`); otherwise a ``LeakageError`` is raised.
 
     Returns:
         (calibrated probabilities, a description of the fit: method, split, parameters).
     """
     fit_split = resolve_split(store, recipe, calib.fit_split)
     fit_ids = store.select(split=fit_split)
-    check_disjoint(fit_ids, stage.clip_ids, f"{calib.method} calibration (fit split {fit_split!r})")
     _warn_if_training_split(store, recipe, fit_split)
+    overlap = bool(set(fit_ids) & set(stage.clip_ids))
+    if overlap and calib.cross_fit < 2:
+        check_disjoint(fit_ids, stage.clip_ids,
+                       f"{calib.method} calibration (fit split {fit_split!r}; set calibration.cross_fit >= 2 "
+                       f"to cross-fit by location)")
     fit_stage = family_stage(store, recipe, fit_ids)
-    calibrator = make_calibrator(calib.method, len(store.classes), **calib.params)
     if calib.method == "stacking" and calib.stack_on == "families":
         fit_x = np.concatenate(list(fit_stage.family_probs.values()), axis=1)
         apply_x = np.concatenate(list(stage.family_probs.values()), axis=1)
     else:
         fit_x, apply_x = _fuse(recipe, fit_stage, weights), fused
-    calibrator.fit(fit_ids, fit_x, labels_of(store, fit_ids))
-    described = {**calibrator.describe(), "fit_split": fit_split, "stack_on": calib.stack_on}
-    return calibrator.apply(stage.clip_ids, apply_x), described
+    fit_y = labels_of(store, fit_ids)
+    base = {"method": calib.method, "fit_split": fit_split, "stack_on": calib.stack_on, "n_fit": len(fit_ids)}
+    if overlap:
+        out, folds = crossfit_apply(calib.method, len(store.classes), calib.params, calib.cross_fit,
+                                    (fit_ids, fit_x, fit_y, _groups(store, fit_ids)),
+                                    (stage.clip_ids, apply_x, _groups(store, stage.clip_ids)))
+        return out, {**base, "cross_fit": calib.cross_fit, "folds": folds}
+    calibrator = make_calibrator(calib.method, len(store.classes), **calib.params)
+    calibrator.fit(fit_ids, fit_x, fit_y)
+    return calibrator.apply(stage.clip_ids, apply_x), {**calibrator.describe(), **base}
+
+
+def _groups(store, clip_ids: Sequence[str]) -> list[str]:
+    """Recording location of each clip (the clip id itself where the location is unknown)."""
+    locations = store.column("location")[store.rows(clip_ids)]
+    return [str(loc) or cid for loc, cid in zip(locations, clip_ids)]
 
 
 def _warn_if_training_split(store, recipe: FusionRecipe, fit_split: str) -> None:

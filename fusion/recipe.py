@@ -63,6 +63,7 @@ class Calibration:
     method: str                  # "temperature" or "stacking"
     fit_split: str = VAL_SPLIT_REF  # a labelled split disjoint from the evaluated one
     stack_on: str = "fused"      # stacking input: "fused" output or "families" side by side
+    cross_fit: int = 0           # >= 2: clips inside the fit split are calibrated by K location-disjoint fits
     params: dict[str, Any] = field(default_factory=dict)  # e.g. {"C": 0.5} for stacking
 
 
@@ -104,6 +105,8 @@ class FusionRecipe:
                 raise RecipeError(f"recipe {self.name!r}: unknown calibration method {self.calibration.method!r}; expected one of {list(CALIBRATORS)}")
             if self.calibration.stack_on not in ("fused", "families"):
                 raise RecipeError(f"recipe {self.name!r}: calibration.stack_on must be 'fused' or 'families', found {self.calibration.stack_on!r}")
+            if self.calibration.cross_fit == 1 or self.calibration.cross_fit < 0:
+                raise RecipeError(f"recipe {self.name!r}: calibration.cross_fit must be 0 (off) or >= 2, found {self.calibration.cross_fit}")
 
     @property
     def runs(self) -> list[str]:
@@ -147,7 +150,7 @@ def _read(path_or_text: str | Path) -> tuple[str, str]:
     if isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{"):
         return path_or_text, "recipe text"
     path = Path(path_or_text)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
     return path.read_text(), str(path)
 

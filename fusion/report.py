@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.evaluate import EQ1, FUSED, Evaluation, evaluate_recipe
+from fusion.evaluate import EQ1, FUSED, Evaluation, describe_calibration, evaluate_recipe
 from fusion.metrics import Scores, reliability
 from fusion.plots import plot_confusion, plot_reliability
 from fusion.recipe import FusionRecipe
@@ -113,14 +113,14 @@ def _fused_rows(ev: Evaluation, infos: dict[str, RunInfo]) -> list[TableRow]:
                              _join_notes(base, extra.get(name, ""), _random_note(random), mark), scores))
     if ev.final_variant is None:
         rows.append(TableRow(f"{recipe.name}: recipe output", arch, audio, video,
-                             _join_notes(base, _final_description(recipe), _random_note(random)), ev.final))
+                             _join_notes(base, _final_description(ev), _random_note(random)), ev.final))
     return rows
 
 
-def _final_description(recipe: FusionRecipe) -> str:
-    parts = []
-    if recipe.calibration:
-        parts.append(f"{recipe.calibration.method} calibration fitted on {recipe.calibration.fit_split}")
+def _final_description(ev: Evaluation) -> str:
+    recipe, parts = ev.output.recipe, []
+    if ev.output.calibration:
+        parts.append(describe_calibration(ev.output.calibration))
     if recipe.postprocess:
         parts.append("equation (1)")
     return " then ".join(parts)
@@ -170,9 +170,10 @@ def _weights_table(store, infos: dict[str, RunInfo]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for feature in sorted(used):
         info = stored.get(feature)
-        modality = feature_modality(feature, info.provenance if info else None)
+        backbone = feature.startswith("backbone:")
+        modality = "head backbone" if backbone else feature_modality(feature, info.provenance if info else None)
         flag = "**RANDOM**" if feature in random else "no"
-        fingerprint = info.fingerprint if info else "(not in this store)"
+        fingerprint = info.fingerprint if info else ("-" if backbone else "(not in this store)")
         lines.append(f"| {feature} | {modality} | {identity[feature]} | {flag} | {fingerprint} | {', '.join(used[feature])} |")
     return lines
 
@@ -205,7 +206,7 @@ def render_markdown(store, ev: Evaluation, rows: list[TableRow], infos: dict[str
 
 
 def write_report(store, recipe: FusionRecipe, out_dir: str | Path, split: str | None = None,
-                 calibration_split: str | None = None) -> Report:
+                 calibration_split: str | None = None, cross_fit: int | None = None) -> Report:
     """Evaluate ``recipe`` and write report.md, confusion.png, reliability.png and metrics.json.
 
     Args:
@@ -214,10 +215,11 @@ def write_report(store, recipe: FusionRecipe, out_dir: str | Path, split: str | 
         out_dir: directory to create (existing files there are overwritten).
         split: labelled split to score (default: the recipe's ``eval_split``).
         calibration_split: fit split for the temperature/stacking comparison rows.
+        cross_fit: location folds for those rows when their fit split overlaps ``split``.
     """
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    ev = evaluate_recipe(store, recipe, split, calibration_split)
+    ev = evaluate_recipe(store, recipe, split, calibration_split, cross_fit)
     infos = {run: describe_run(store, run) for run in recipe.runs}
     rows = table_rows(ev, infos)
     out = ev.output

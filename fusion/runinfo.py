@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from featurestore.provenance import is_random_weights, weights_identity
+
 ARCH_KEYS = ("backbone", "model", "arch", "timm_model", "encoder")
 
 
@@ -66,6 +68,18 @@ def describe_run(store, run: str) -> RunInfo:
         info.weights[feature] = identity
         if (known and known.random_weights) or str(run_identities.get(feature, "")).upper().startswith("RANDOM"):
             info.random_features.append(feature)
+    _add_backbone(info, attrs)
     if attrs.get("random_weights") and not info.random_features:
         info.random_features = list(info.weights) or ["(unnamed inputs)"]
     return info
+
+
+def _add_backbone(info: RunInfo, attrs: dict) -> None:
+    """A head with its own pretrained backbone (spectrogram_cnn) has weights that are no feature set."""
+    backbone = attrs.get("backbone_weights")
+    if not backbone:
+        return
+    name = f"backbone:{(attrs.get('head_config') or {}).get('backbone', info.head)}"
+    info.weights[name] = weights_identity({"weights": backbone})
+    if is_random_weights({"weights": backbone}):
+        info.random_features.append(name)

@@ -40,7 +40,7 @@ def _manifest() -> Manifest:
             city = ["lisbon", "vienna"][i % 2]
             clip_id = f"{label}-{city}-{split}-{i}"
             clips.append(ClipRecord(clip_id=clip_id, label=None if split == "fold1_test" else label,
-                                    city=city, location=f"{city}-{split}", splits=frozenset({split}),
+                                    city=city, location=f"{city}-{split}-{i % 3}", splits=frozenset({split}),
                                     audio=Path("audio") / f"{clip_id}.wav"))
     return Manifest("tiny", list(TAU_CLASSES), clips, root=None, audio_segments=10, video_frames=12)
 

@@ -116,3 +116,18 @@ def test_unknown_method_and_bad_input():
         TemperatureScaling().fit(["a"], np.full((2, 2), 0.5), np.array([0, 1]))
     with pytest.raises(ValueError, match="duplicates"):
         TemperatureScaling().fit(["a", "a"], np.full((2, 2), 0.5), np.array([0, 1]))
+
+
+def test_crossfit_apply_keeps_locations_apart():
+    from fusion.calibration import crossfit_apply, fold_of_groups
+
+    p, y = _overconfident(120, seed=10)
+    ids = _ids("c", 120)
+    groups = [f"loc{i % 6}" for i in range(120)]
+    out, folds = crossfit_apply("temperature", 5, {}, 3, (ids, p, y, groups), (ids, p, groups))
+    assert out.shape == (120, 5) and len(folds) == 3
+    assert sorted(f["n_scored"] for f in folds) == [40, 40, 40]
+    assert all(f["n_fit"] == 80 for f in folds)  # the fold's own two locations are left out of its fit
+    assert fold_of_groups(groups, 3) == {"loc0": 0, "loc1": 1, "loc2": 2, "loc3": 0, "loc4": 1, "loc5": 2}
+    with pytest.raises(ValueError, match="at least 7 distinct locations, found 6"):
+        fold_of_groups(groups, 7)
