@@ -1,0 +1,569 @@
+"""Decoding: audio files -> fixed-length mono segments, video files -> frames at equal intervals.
+
+Everything an encoder sees comes through here, so the policies live in one place:
+
+* Audio is read with soundfile, averaged to mono over all channels and resampled to the requested
+  rate with a polyphase filter (``scipy.signal.resample_poly``) when the file's rate differs.
+  librosa is deliberately not used: its first call spends ~20 s compiling.
+* A clip shorter or longer than ``n_segments * segment_seconds`` by at most ``tolerance_seconds``
+  is zero-padded or trimmed at the end; beyond that it is a :class:`DecodeError` (a clip of the
+  wrong length usually means the wrong dataset or a broken file, and silently padding 4 s of a
+  10 s clip would put 6 s of silence into the features).
+* All-zero audio is a :class:`DecodeError` unless ``allow_silent=True``.
+* Video frames are taken at times ``(i + 0.5) * duration / n`` by seeking to the keyframe before
+  each time and decoding forward to it, so a 10 s clip costs a few GOPs, not every frame. When the
+  next time lies in the GOP already being decoded, decoding simply continues instead of seeking.
+
+Every failure is a :class:`DecodeError` naming the file and what was wrong.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+PathLike = str | os.PathLike
+
+#: Default slack on a clip's length before it counts as too short / too long (seconds).
+DEFAULT_TOLERANCE_SECONDS = 0.1
+
+
+class DecodeError(Exception):
+    """A media file could not be turned into the samples or frames that were asked for.
+
+    Attributes:
+        path: the file.
+        reason: what was wrong, in words (``"too short: 4.2 s, expected 10 s"``).
+    """
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------
+
+
+def load_audio(path: PathLike, sample_rate: int = 48000, *, allow_silent: bool = False) -> np.ndarray:
+    """Read a whole audio file as mono float32 at ``sample_rate``.
+
+    Channels are averaged (stereo, binaural and multichannel alike), because the paper's
+    pipeline works on mono. Files at another rate are resampled, not rejected.
+
+    Args:
+        path: audio file (anything libsndfile reads: WAV, FLAC, OGG, ...).
+        sample_rate: rate of the returned signal in Hz.
+        allow_silent: accept a file whose samples are all zero.
+
+    Returns:
+        ``np.ndarray[float32]`` of shape ``[n_samples]``.
+
+    Raises:
+        DecodeError: missing, empty, unreadable, truncated, silent or non-finite audio.
+    """
+    data, file_rate = _read_audio_file(path)
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if not np.all(np.isfinite(mono)):
+        raise DecodeError(path, "audio contains NaN or infinite samples")
+    if not allow_silent and not np.any(mono):
+        raise DecodeError(path, f"silent: all {len(mono)} samples are zero (allow_silent=True accepts it)")
+    return resample(mono, file_rate, sample_rate)
+
+
+def load_audio_segments(
+    path: PathLike,
+    sample_rate: int,
+    n_segments: int,
+    segment_seconds: float = 1.0,
+    *,
+    tolerance_seconds: float = DEFAULT_TOLERANCE_SECONDS,
+    trim_long: bool = False,
+    allow_silent: bool = False,
+) -> np.ndarray:
+    """Read a clip and cut it into ``n_segments`` consecutive segments of ``segment_seconds``.
+
+    Length policy: the clip is expected to last ``n_segments * segment_seconds``. Within
+    ``tolerance_seconds`` of that it is zero-padded or trimmed at the end. Shorter than that is
+    an error; longer is an error unless ``trim_long=True``, which keeps the first part.
+
+    Args:
+        path: audio file.
+        sample_rate: rate of the returned segments in Hz.
+        n_segments: segments per clip (10 for TAU development clips, 1 for evaluation clips).
+        segment_seconds: length of one segment.
+        tolerance_seconds: accepted difference between actual and expected length.
+        trim_long: keep the start of clips that are longer than expected instead of failing.
+        allow_silent: accept all-zero audio.
+
+    Returns:
+        ``np.ndarray[float32]`` of shape ``[n_segments, round(segment_seconds * sample_rate)]``.
+
+    Raises:
+        DecodeError: as :func:`load_audio`, plus a clip that is too short or too long.
+    """
+    if n_segments < 1 or segment_seconds <= 0:
+        raise ValueError(f"need n_segments >= 1 and segment_seconds > 0, got {n_segments}, {segment_seconds}")
+    audio = load_audio(path, sample_rate, allow_silent=allow_silent)
+    seg_len = int(round(segment_seconds * sample_rate))
+    want = seg_len * n_segments
+    missing = want - len(audio)
+    if missing > tolerance_seconds * sample_rate:
+        raise DecodeError(path, f"too short: {_secs(len(audio), sample_rate)} s, "
+                                f"expected {_secs(want, sample_rate)} s")
+    if -missing > tolerance_seconds * sample_rate and not trim_long:
+        raise DecodeError(path, f"too long: {_secs(len(audio), sample_rate)} s, expected "
+                                f"{_secs(want, sample_rate)} s (trim_long=True keeps the start)")
+    if missing > 0:
+        audio = np.concatenate([audio, np.zeros(missing, dtype=np.float32)])
+    return np.ascontiguousarray(audio[:want].reshape(n_segments, seg_len))
+
+
+def resample(signal: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Resample a mono float signal with a polyphase FIR filter (exact rational ratio).
+
+    Args:
+        signal: ``[n]`` samples.
+        from_rate: rate of ``signal``.
+        to_rate: wanted rate.
+
+    Returns:
+        float32 signal of ``ceil(n * to_rate / from_rate)`` samples (the input when the rates match).
+    """
+    if from_rate == to_rate:
+        return signal.astype(np.float32, copy=False)
+    from scipy.signal import resample_poly  # lazily: only needed for odd rates
+
+    g = math.gcd(int(from_rate), int(to_rate))
+    return resample_poly(signal, int(to_rate) // g, int(from_rate) // g).astype(np.float32)
+
+
+def _secs(n_samples: int, rate: int) -> str:
+    return f"{n_samples / rate:.3g}"
+
+
+def _read_audio_file(path: PathLike) -> tuple[np.ndarray, int]:
+    """``(data [n, channels] float32, sample_rate)``; every failure becomes a DecodeError."""
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.is_file():
+        raise DecodeError(p, "file not found" if not p.exists() else "not a regular file")
+    size = p.stat().st_size
+    if size == 0:
+        raise DecodeError(p, "empty file (0 bytes)")
+    _check_wav_not_truncated(p, size)
+    try:
+        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, ValueError) as exc:
+        raise DecodeError(p, f"unreadable audio ({exc})") from exc
+    if data.shape[0] == 0:
+        raise DecodeError(p, "no audio samples in file")
+    return data, int(rate)
+
+
+def _check_wav_not_truncated(path: Path, size: int) -> None:
+    """Compare a RIFF/WAVE file's declared data size with the bytes actually there.
+
+    libsndfile quietly reads a truncated WAV as a shorter one; a clip cut in half by an
+    interrupted copy should be reported as truncated, not as "too short".
+    """
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return  # not a plain RIFF WAV (RF64, FLAC, ...): leave it to libsndfile
+        offset = 12
+        while offset + 8 <= size:
+            f.seek(offset)
+            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            if chunk_id == b"data":
+                available = size - offset - 8
+                if chunk_size not in (0, 0xFFFFFFFF) and chunk_size > available:
+                    raise DecodeError(path, f"truncated WAV: header declares {chunk_size} bytes of "
+                                            f"audio data, file holds {available}")
+                return
+            offset += 8 + chunk_size + (chunk_size & 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Video
+# --------------------------------------------------------------------------------------------
+
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe_video` found out about a file's first video stream.
+
+    Attributes:
+        duration: seconds covered by the frames (first frame's start to last frame's end).
+        fps: average frame rate.
+        width: frame width in pixels.
+        height: frame height in pixels.
+        n_frames: number of frames (counted by the container, else estimated from duration * fps).
+        duration_source: where ``duration`` came from: ``"stream"``, ``"container"``,
+            ``"frame_count"`` or ``"packets"`` (a demux pass, for streams without metadata).
+    """
+
+    duration: float
+    fps: float
+    width: int
+    height: int
+    n_frames: int
+    duration_source: str
+
+
+def probe_video(path: PathLike) -> VideoInfo:
+    """Duration, frame rate, size and frame count of a video's first video stream.
+
+    Falls back from the stream's duration to the container's, to the frame count, and finally to
+    demuxing all packets (no decoding), so streams without duration metadata (raw H.264,
+    some Matroska/MPEG-TS files) still work.
+
+    Raises:
+        DecodeError: missing, unreadable, or without a video stream.
+    """
+    with _open_video(path) as container:
+        return _probe(container, path)
+
+
+def sample_times(duration: float, n_frames: int) -> list[float]:
+    """The sampling times ``(i + 0.5) * duration / n_frames``: the centres of n equal intervals."""
+    return [(i + 0.5) * duration / n_frames for i in range(n_frames)]
+
+
+def sample_frames(path: PathLike, n_frames: int, *, method: str = "seek") -> np.ndarray:
+    """``n_frames`` RGB frames at the times :func:`sample_times` gives for the clip's duration.
+
+    For each time the frame on screen at that moment is returned (the last frame starting at or
+    before it).
+
+    Args:
+        path: video file.
+        n_frames: frames to return (12 for TAU development clips, 5 for evaluation clips).
+        method: ``"seek"`` (default) seeks to the keyframe before each time and decodes forward
+            to it; ``"decode_all"`` decodes every frame and keeps the wanted ones (the reference
+            the benchmark compares with; also used automatically for streams without timestamps).
+
+    Returns:
+        ``np.ndarray[uint8]`` of shape ``[n_frames, height, width, 3]``.
+
+    Raises:
+        DecodeError: missing, unreadable or truncated video.
+    """
+    frames, _ = _sample_frames(path, n_frames, method)
+    return frames
+
+
+def _sample_frames(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarray, int]:
+    """:func:`sample_frames` plus the number of frames the decoder produced (for tests/benchmarks)."""
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    if method not in ("seek", "decode_all"):
+        raise ValueError(f"method must be 'seek' or 'decode_all', got {method!r}")
+    try:
+        return _sample_with(path, n_frames, method)
+    except _CannotSeek:
+        pass
+    try:
+        return _sample_with(path, n_frames, "decode_all")
+    except _CannotSeek:  # timestamps out of order (e.g. B-frames in AVI): count frames instead
+        return _sample_with(path, n_frames, "decode_all_by_index")
+
+
+def _sample_with(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarray, int]:
+    with _open_video(path) as container:
+        info = _probe(container, path)
+        stream = container.streams.video[0]
+        times = sample_times(info.duration, n_frames)
+        sampler = _Sampler(container, stream, path, info.fps)
+        try:
+            if method == "seek":
+                picked = sampler.by_seeking(times)
+            else:
+                picked = sampler.by_decoding_all(times, info.fps, by_index=method == "decode_all_by_index")
+            arrays = [f.to_ndarray(format="rgb24") for f in picked]
+        except (DecodeError, _CannotSeek):
+            raise
+        except Exception as exc:  # av.error.*: corrupt data in the middle of the file
+            raise DecodeError(path, f"corrupt or truncated video data ({type(exc).__name__}: {exc})") from exc
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise DecodeError(path, f"frame size changes within the clip: {sorted(shapes)}")
+    return np.stack(arrays), sampler.n_decoded
+
+
+class _CannotSeek(Exception):
+    """The frame timestamps cannot be trusted for seeking (missing, out of order, or the demuxer
+    refuses to seek): decode everything instead."""
+
+
+class _open_video:
+    """Context manager: ``av.open`` with every failure turned into a DecodeError."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self.container = None
+
+    def __enter__(self):
+        import av
+
+        if not self.path.is_file():
+            raise DecodeError(self.path, "file not found" if not self.path.exists() else "not a regular file")
+        if self.path.stat().st_size == 0:
+            raise DecodeError(self.path, "empty file (0 bytes)")
+        try:
+            self.container = av.open(str(self.path), mode="r")
+        except Exception as exc:  # av.error.InvalidDataError, av.error.FFmpegError, ...
+            raise DecodeError(self.path, f"unreadable video ({type(exc).__name__}: {exc})") from exc
+        if not self.container.streams.video:
+            self.container.close()
+            raise DecodeError(self.path, "no video stream in file")
+        return self.container
+
+    def __exit__(self, *exc_info) -> None:
+        if self.container is not None:
+            self.container.close()
+
+
+def _probe(container, path: PathLike) -> VideoInfo:
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    fps = float(rate) if rate else 0.0
+    if stream.duration and stream.time_base:
+        duration, source = float(stream.duration * stream.time_base), "stream"
+    elif container.duration:
+        duration, source = container.duration / 1_000_000, "container"  # AV_TIME_BASE units
+    elif stream.frames and fps > 0:
+        duration, source = stream.frames / fps, "frame_count"
+    else:
+        duration, n_packets = _scan_packets(path)
+        fps = n_packets / duration if duration else 0.0  # the stream's rate fields are guesses here
+        source = "packets"
+    if not duration or duration <= 0 or fps <= 0:
+        raise DecodeError(path, f"cannot tell the video's duration or frame rate "
+                                f"(duration {duration}, fps {fps:.3g}); the file may be truncated")
+    n_frames = int(stream.frames) if stream.frames else int(round(duration * fps))
+    return VideoInfo(duration, fps, int(ctx.width), int(ctx.height), n_frames, source)
+
+
+def _scan_packets(path: PathLike) -> tuple[float | None, int]:
+    """``(duration, n_packets)`` from a demux pass over a separate handle (nothing is decoded).
+
+    Uses the span of packet timestamps, or the sum of packet durations when there are none
+    (raw elementary streams).
+    """
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        first = last_end = None
+        total = n = 0
+        for packet in container.demux(stream):
+            if not packet.size:
+                continue
+            n += 1
+            total += packet.duration or 0
+            if packet.pts is not None:
+                end = packet.pts + (packet.duration or 0)
+                first = packet.pts if first is None else min(first, packet.pts)
+                last_end = end if last_end is None else max(last_end, end)
+        if not stream.time_base or n == 0:
+            return None, n
+        ticks = (last_end - first) if first is not None else total
+        return float(ticks * stream.time_base), n
+
+
+class _Sampler:
+    """Picks frames out of an open container, keeping decoder state between targets.
+
+    Times are converted to pts ticks once; the frame for a target is the last frame whose pts
+    is at or before it.
+    """
+
+    def __init__(self, container, stream, path: PathLike, fps: float):
+        self.container = container
+        self.stream = stream
+        self.path = Path(path)
+        self.n_decoded = 0
+        self._tb = stream.time_base
+        self._start = stream.start_time or 0
+        self._fps = fps
+        self._frame_ticks = max(1, int(round(1 / (fps * self._tb)))) if self._tb else 1
+        self._frames: Iterator | None = None
+        self._prev = None  # last decoded frame with pts <= the current target
+        self._pending = None  # first decoded frame past the current target
+        self._eof = False
+        self._windows: list[tuple[int, int]] | None = None  # (lo, hi] pts ranges worth decoding
+        self._current = 0  # the target being looked for; windows before it are finished
+        self._index_offset = self._pts_minus_index_ts()
+
+    def _ticks(self, t: float) -> int:
+        return self._start + int(math.floor(Fraction(t) / self._tb + Fraction(1, 1000)))
+
+    def _seconds(self, ticks: int) -> float:
+        return float((ticks - self._start) * self._tb)
+
+    # -- seeking --------------------------------------------------------------------------------
+    def by_seeking(self, times: list[float]) -> list:
+        if not self._tb:
+            raise _CannotSeek()
+        targets = [self._ticks(t) for t in times]
+        margin = 3 * self._frame_ticks  # a target's frame starts less than one frame before it
+        self._windows = [(target - margin, target) for target in targets]
+        out = []
+        for target in targets:
+            self._current = target
+            if self._must_seek(target):
+                self._seek(target)
+            frame = self._frame_at(target)
+            if frame is None or (self._prev is None and frame.pts > target):
+                frame = self._seek_earlier(target)
+            out.append(self._checked(frame, target))
+        return out
+
+    def _must_seek(self, target: int) -> bool:
+        """Seek unless the keyframe before ``target`` is at or behind the decoder's position."""
+        position = next((f.pts for f in (self._pending, self._prev) if f is not None), None)
+        if self._frames is None or position is None or self._eof:
+            return True
+        entries = self.stream.index_entries
+        idx = entries.search_timestamp(target - self._index_offset, backward=True) if len(entries) else -1
+        if idx < 0:
+            return True
+        return entries[idx].timestamp + self._index_offset > position
+
+    def _pts_minus_index_ts(self) -> int:
+        """How far pts run ahead of the demuxer's index timestamps.
+
+        MP4 indexes frames by decode time, which B-frames put a constant delay behind the
+        presentation time; Matroska indexes by pts (offset 0). Only used to decide whether to
+        seek, so a wrong guess costs time, never correctness.
+        """
+        entries = self.stream.index_entries
+        if not len(entries) or self.stream.start_time is None:
+            return 0
+        return max(0, self.stream.start_time - entries[0].timestamp)
+
+    def _seek(self, ticks: int) -> None:
+        try:
+            self.container.seek(ticks, stream=self.stream, backward=True, any_frame=False)
+        except Exception as exc:  # e.g. raw elementary streams: "Operation not permitted"
+            raise _CannotSeek(str(exc)) from exc
+        self._frames = self._decode_iter()
+        self._prev = self._pending = None
+        self._eof = False
+
+    def _seek_earlier(self, target: int):
+        """Recover from a seek that landed past the target or at the end of the stream.
+
+        Happens with B-frames (a keyframe's pts is later than its decode time) and with demuxers
+        that seek by byte position (MPEG-TS). Seek further back, doubling the distance, until the
+        decoder starts at or before the target.
+        """
+        back = self._frame_ticks * 8
+        while True:
+            point = target - back
+            if point <= self._start:
+                point = min(self._start, 0)  # the very beginning of the file
+            self._seek(point)
+            frame = self._frame_at(target)
+            if frame is not None and (self._prev is not None or frame.pts <= target):
+                return frame
+            if point <= self._start:
+                if frame is not None and self._seconds(frame.pts) < 0.5 / self._fps:
+                    return frame  # the target lies before the first frame: that frame is on screen
+                raise _CannotSeek(f"no seek reaches t={self._seconds(target):.3f} s")
+            back *= 2
+
+    def _checked(self, frame, target: int):
+        """The frame for ``target``, or a DecodeError when the stream ended well before it."""
+        if frame is None:
+            raise DecodeError(self.path, f"truncated: no frame could be decoded at "
+                                         f"t={self._seconds(target):.3f} s")
+        if self._eof and self._pending is None:
+            end = frame.pts + (frame.duration or self._frame_ticks)
+            if end + self._frame_ticks // 2 < target:
+                raise DecodeError(self.path, f"truncated: frames end at {self._seconds(end):.3f} s, "
+                                             f"needed one at {self._seconds(target):.3f} s")
+        return frame
+
+    def _frame_at(self, target: int):
+        """The last frame with pts <= target, decoding forward from the current position."""
+        if self._pending is not None and self._pending.pts > target:
+            return self._prev if self._prev is not None else self._pending
+        while True:
+            frame = self._pending if self._pending is not None else next(self._frames, None)
+            self._pending = None
+            if frame is None:
+                self._eof = True
+                return self._prev
+            if frame.pts is None:
+                raise _CannotSeek("frames carry no timestamps")
+            if self._prev is not None and frame.pts <= self._prev.pts:
+                raise _CannotSeek("frame timestamps out of order")
+            if frame.pts > target:
+                self._pending = frame
+                return self._prev if self._prev is not None else frame
+            self._prev = frame
+
+    def _decode_iter(self) -> Iterator:
+        """Decoded frames from the current position on.
+
+        While seeking, packets of non-reference frames that cannot be the answer to any remaining
+        target are dropped by the decoder (``skip_frame="NONREF"``): no other frame depends on
+        them, so skipping them changes nothing but the time spent.
+        """
+        ctx = self.stream.codec_context
+        skipping = False
+        try:
+            for packet in self.container.demux(self.stream):
+                skip = self._windows is not None and not self._near_target(packet.pts)
+                if skip != skipping:
+                    ctx.skip_frame = "NONREF" if skip else "DEFAULT"
+                    skipping = skip
+                for frame in packet.decode():
+                    self.n_decoded += 1
+                    yield frame
+        finally:
+            if skipping:
+                ctx.skip_frame = "DEFAULT"
+
+    def _near_target(self, pts: int | None) -> bool:
+        """Whether a frame at ``pts`` could be the frame shown at one of the remaining targets."""
+        if pts is None:
+            return True
+        return any(lo < pts <= hi for lo, hi in self._windows if hi >= self._current)
+
+    # -- reference: decode everything ---------------------------------------------------------------
+    def by_decoding_all(self, times: list[float], fps: float, by_index: bool = False) -> list:
+        """Decode every frame; frame times come from pts, or from the frame index when absent
+        (or when ``by_index``)."""
+        out: list = []
+        prev, prev_end = None, 0.0
+        k = 0
+        for index, frame in enumerate(self._decode_iter()):
+            if frame.pts is not None and self._tb and not by_index:
+                if prev is not None and prev.pts is not None and frame.pts <= prev.pts:
+                    raise _CannotSeek("frame timestamps out of order")
+                t = self._seconds(frame.pts)
+                length = float(frame.duration * self._tb) if frame.duration else 1 / fps
+            else:
+                t, length = index / fps, 1 / fps
+            while k < len(times) and t > times[k] + 1e-6:
+                out.append(prev if prev is not None else frame)
+                k += 1
+            prev, prev_end = frame, t + length
+        if k < len(times):
+            if prev is None or prev_end + 0.5 / fps < times[-1]:
+                raise DecodeError(self.path, f"truncated: frames end at {prev_end:.3f} s, "
+                                             f"needed one at {times[-1]:.3f} s")
+            out.extend([prev] * (len(times) - k))
+        return out
