@@ -210,5 +210,10 @@ def fuse(store, recipe: FusionRecipe, split: str | None = None,
         final = clamp_eq1(final, renormalize=recipe.postprocess.renormalize)
     notes = [f"{n} clip(s) of this split are in the training split of run {r}"
              for r, n in training_overlap(store, recipe, ids).items()]
+    attrs = store.prediction_runs()
+    selected = [r for r in recipe.runs if split and attrs[r].get("val_split") == split]
+    if selected:
+        notes.append(f"runs {selected} chose their best epoch on {split!r} itself (as the paper did on fold1): "
+                     f"scores on it are slightly optimistic")
     return FusionOutput(recipe, split, store.classes, labels_of(store, ids), stage, weights, fused,
                         final, described, notes)
