@@ -1,0 +1,193 @@
+"""The CPU side of extraction: decode each clip once per source, run every encoder's preprocessor.
+
+This runs inside DataLoader worker processes. Everything here is plain picklable data (paths,
+frozen source descriptions, the encoders' model-free preprocessors): a worker never receives a model,
+a store or an open file, and opens each media file itself.
+
+A clip that fails to decode is not an exception here but a per-encoder error message carried in the
+batch, so one broken file costs one row, not the run.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from featurestore._extract_plan import Plan, Source
+from featurestore.decode import DecodeError, load_audio_segments, sample_frames
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker does for one encoder: which source it reads and how to preprocess it."""
+
+    index: int
+    name: str
+    source: str
+    preprocess: Callable[[np.ndarray], torch.Tensor]
+    n_segments: int
+
+
+@dataclass
+class ClipResult:
+    """One decoded clip: per-job input tensors or error messages, plus stage times."""
+
+    row: int
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DecodedBatch:
+    """A batch window's clips, stacked per job for the device.
+
+    Attributes:
+        rows: every store row in the window that was decoded.
+        inputs: job index -> (rows that succeeded, ``[n_ok * n_segments, ...]`` tensor).
+        errors: job index -> {row: message}.
+        seconds: stage -> seconds spent in the worker (decode per source, preprocess per job).
+    """
+
+    rows: np.ndarray
+    inputs: dict[int, tuple[np.ndarray, torch.Tensor]]
+    errors: dict[int, dict[int, str]]
+    seconds: dict[str, float]
+
+    def pin_memory(self) -> DecodedBatch:
+        """Called by the DataLoader's pin-memory thread when extracting on CUDA."""
+        pinned = {j: (rows, x.pin_memory()) for j, (rows, x) in self.inputs.items()}
+        return DecodedBatch(self.rows, pinned, self.errors, self.seconds)
+
+
+class ClipDecoder(Dataset):
+    """Map-style dataset over store rows: item ``row`` -> :class:`ClipResult`.
+
+    Args:
+        sources: source key -> Source.
+        jobs: one per encoder, in target order.
+        needs: row -> indices of the jobs that need that row.
+        audio_paths: absolute audio path per store row.
+        video_paths: absolute video path per store row.
+    """
+
+    def __init__(self, sources: dict[str, Source], jobs: Sequence[Job], needs: dict[int, tuple[int, ...]],
+                 audio_paths: Sequence[str], video_paths: Sequence[str]):
+        self.sources = dict(sources)
+        self.jobs = list(jobs)
+        self.needs = dict(needs)
+        self.paths = {row: (audio_paths[row], video_paths[row]) for row in self.needs}
+
+    def __len__(self) -> int:
+        return len(self.needs)
+
+    def __getitem__(self, row: int) -> ClipResult:
+        result = ClipResult(int(row))
+        wanted = [self.jobs[j] for j in self.needs[row]]
+        decoded: dict[str, np.ndarray | str] = {}
+        shared: dict[tuple, torch.Tensor] = {}  # encoders with equal preprocessors share one tensor
+        for key in dict.fromkeys(job.source for job in wanted):
+            t0 = time.perf_counter()
+            decoded[key] = self._decode(self.sources[key], row)
+            _add(result.seconds, f"decode {self.sources[key].kind}", time.perf_counter() - t0)
+        for job in wanted:
+            value = decoded[job.source]
+            if isinstance(value, str):
+                result.errors[job.index] = value
+                continue
+            key = _share_key(job)
+            if key is not None and key in shared:
+                result.inputs[job.index] = shared[key]
+                continue
+            t0 = time.perf_counter()
+            try:
+                result.inputs[job.index] = self._preprocess(job, value, row)
+            except ValueError as err:  # preprocessors validate their input with ValueError
+                result.errors[job.index] = f"preprocessing for {job.name} failed: {err}"
+            else:
+                if key is not None:
+                    shared[key] = result.inputs[job.index]
+            _add(result.seconds, "preprocess", time.perf_counter() - t0)
+        return result
+
+    def _decode(self, source: Source, row: int) -> np.ndarray | str:
+        """The decoded array, or the error message when the file cannot be decoded."""
+        audio, video = self.paths[row]
+        path = audio if source.kind == "audio" else video
+        if not path:
+            return f"no {source.kind} file listed for this clip"
+        try:
+            if source.kind == "audio":
+                return load_audio_segments(path, source.sample_rate, source.n_segments, source.segment_seconds)
+            return sample_frames(path, source.n_segments)
+        except DecodeError as err:
+            return f"decode failed: {err}"
+
+    @staticmethod
+    def _preprocess(job: Job, value: np.ndarray, row: int) -> torch.Tensor:
+        x = job.preprocess(value)
+        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] != job.n_segments:
+            found = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise RuntimeError(f"preprocessor of {job.name} returned {found} for row {row}; expected a tensor "
+                             f"with {job.n_segments} segments on its first axis")
+        return x
+
+
+def collate(results: list[ClipResult]) -> DecodedBatch:
+    """Stack the clips of a window per job (runs in the worker, so the main thread only encodes)."""
+    rows = np.array([r.row for r in results], dtype=np.int64)
+    jobs = sorted({j for r in results for j in (*r.inputs, *r.errors)})
+    inputs: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
+    errors: dict[int, dict[int, str]] = {}
+    seconds: dict[str, float] = {}
+    for r in results:
+        for stage, value in r.seconds.items():
+            _add(seconds, stage, value)
+    stacked: dict[tuple[int, ...], tuple[np.ndarray, torch.Tensor]] = {}
+    for j in jobs:
+        ok = [r for r in results if j in r.inputs]
+        if ok:
+            parts = tuple(id(r.inputs[j]) for r in ok)  # same tensors (shared preprocessing): stack once
+            if parts not in stacked:
+                stacked[parts] = (np.array([r.row for r in ok], dtype=np.int64),
+                                  torch.cat([r.inputs[j] for r in ok]))
+            inputs[j] = stacked[parts]
+        failed = {r.row: r.errors[j] for r in results if j in r.errors}
+        if failed:
+            errors[j] = failed
+    return DecodedBatch(rows, inputs, errors, seconds)
+
+
+def make_decoder(plan: Plan, blocks: list[tuple[int, int]]) -> tuple[ClipDecoder, list[list[int]], list[int]]:
+    """The dataset, its batch windows (lists of rows) and the number of windows per block."""
+    sources = plan.sources()
+    jobs = [Job(i, t.name, t.source.key, t.encoder.preprocessor(), t.source.n_segments)
+            for i, t in enumerate(plan.targets)]
+    needs: dict[int, tuple[int, ...]] = {}
+    windows: list[list[int]] = []
+    per_block: list[int] = []
+    for start, stop in blocks:
+        block_windows = plan.windows(start, stop)
+        per_block.append(len(block_windows))
+        for rows in block_windows:
+            windows.append([int(r) for r in rows])
+            for r in rows:
+                needs[int(r)] = tuple(i for i, t in enumerate(plan.targets) if t.todo[r])
+    return ClipDecoder(sources, jobs, needs, plan.audio_paths, plan.video_paths), windows, per_block
+
+
+def _share_key(job: Job) -> tuple | None:
+    """Jobs on the same source whose preprocessors compare equal get one tensor (None: not hashable)."""
+    try:
+        hash(job.preprocess)
+    except TypeError:
+        return None
+    return (job.source, job.preprocess)
+
+
+def _add(acc: dict[str, float], key: str, value: float) -> None:
+    acc[key] = acc.get(key, 0.0) + value

@@ -1,0 +1,259 @@
+"""Extraction planning: which feature sets to fill, which rows still need work, in which blocks.
+
+The plan is made once, in the process that starts the run, before any decoding. It fixes three
+things every later stage relies on:
+
+* each feature set exists in the store with its provenance (same fingerprint -> resume into it,
+  different -> ``FingerprintMismatchError`` unless ``overwrite``);
+* the *block*: a run of rows that is a whole number of chunks of every feature set being written,
+  so one writer (a thread, or a Dask task on another machine) owns each block outright;
+* the *batch windows*: fixed row ranges inside a block. A batch never crosses a block, and its rows
+  depend only on which rows of its window need work, so an interrupted-then-resumed run and a Dask
+  run feed the encoders exactly the batches an uninterrupted run does (bit-identical outputs on CPU).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featurestore.errors import FingerprintMismatchError
+from featurestore.manifest import Manifest
+from featurestore.provenance import fingerprint, runtime_info
+from featurestore.store.store import FeatureStore, default_chunk_clips
+
+#: A block larger than this many clips means the feature sets' chunk sizes do not align well.
+MAX_BLOCK_CLIPS = 4096
+
+
+@dataclass(frozen=True)
+class Source:
+    """One decoding of a clip that encoders share: audio at one rate, or frames.
+
+    Attributes:
+        kind: ``"audio"`` or ``"frames"``.
+        n_segments: audio segments, or frames, per clip.
+        sample_rate: audio rate in Hz (0 for frames).
+        segment_seconds: audio segment length (0 for frames).
+    """
+
+    kind: str
+    n_segments: int
+    sample_rate: int = 0
+    segment_seconds: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"audio@{self.sample_rate}" if self.kind == "audio" else f"frames@{self.n_segments}"
+
+    def scheme(self) -> dict:
+        """The segment scheme recorded in provenance (part of the fingerprint)."""
+        if self.kind == "audio":
+            return {"kind": "audio", "n_segments": self.n_segments, "segment_seconds": self.segment_seconds,
+                    "sample_rate": self.sample_rate}
+        return {"kind": "frames", "n_frames": self.n_segments}
+
+
+@dataclass
+class Target:
+    """One feature set this run fills.
+
+    Attributes:
+        name: feature set name in the store (the encoder's name, e.g. ``clip/ViT-B-32``).
+        encoder: the encoder object (local runs) or None (a plan shipped to a Dask task).
+        spec: the encoder's canonical spec (``clip/ViT-B-32@none``), used to rebuild it elsewhere.
+        source: the decoding it reads.
+        shape: per-segment output shape.
+        dtype: stored dtype.
+        chunk_clips: rows per chunk of the feature set.
+        provenance: as stored (with runtime).
+        todo: bool per store row: selected for this run and not done yet.
+        skipped: number of selected rows already done before this run.
+    """
+
+    name: str
+    encoder: object | None
+    spec: str
+    source: Source
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_clips: int
+    provenance: dict = field(repr=False)
+    todo: np.ndarray = field(repr=False)
+    skipped: int = 0
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.provenance)
+
+    @property
+    def random_weights(self) -> bool:
+        return (self.provenance.get("weights") or {}).get("kind") == "random"
+
+
+@dataclass
+class Plan:
+    """Everything the pipeline needs, independent of the process that runs it.
+
+    Attributes:
+        targets: the feature sets to fill (audio and video encoders).
+        block_clips: rows per block (a multiple of every target's chunk_clips).
+        n_rows: rows in the store.
+        selected: bool per store row: the clips this run covers.
+        audio_paths: absolute audio path per store row ('' where none).
+        video_paths: absolute video path per store row ('' where none).
+        clip_ids: clip id per store row.
+        batch_size: clips per batch window.
+    """
+
+    targets: list[Target]
+    block_clips: int
+    n_rows: int
+    selected: np.ndarray
+    audio_paths: list[str]
+    video_paths: list[str]
+    clip_ids: list[str]
+    batch_size: int
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of every block with at least one row that needs work."""
+        need = self.needed_any()
+        out = []
+        for start in range(0, self.n_rows, self.block_clips):
+            stop = min(start + self.block_clips, self.n_rows)
+            if need[start:stop].any():
+                out.append((start, stop))
+        return out
+
+    def needed_any(self) -> np.ndarray:
+        need = np.zeros(self.n_rows, dtype=bool)
+        for target in self.targets:
+            need |= target.todo
+        return need
+
+    def windows(self, start: int, stop: int) -> list[np.ndarray]:
+        """Rows needing work in each fixed batch window of the block ``start:stop`` (empty ones dropped)."""
+        need = self.needed_any()
+        out = []
+        for lo in range(start, stop, self.batch_size):
+            rows = lo + np.flatnonzero(need[lo:min(lo + self.batch_size, stop)])
+            if len(rows):
+                out.append(rows)
+        return out
+
+    def sources(self) -> dict[str, Source]:
+        return {t.source.key: t.source for t in self.targets}
+
+    def n_todo_clips(self) -> int:
+        return int(self.needed_any().sum())
+
+
+# ----------------------------------------------------------------------------------- sources
+def source_for(encoder, manifest: Manifest) -> Source:
+    """The decoding an encoder needs, checked against the dataset's segment scheme."""
+    if encoder.modality == "audio":
+        seconds = float(encoder.segment_seconds or manifest.segment_seconds)
+        if not math.isclose(seconds, float(manifest.segment_seconds)):
+            raise ValueError(f"encoder {encoder.spec} works on {seconds} s segments but dataset "
+                             f"{manifest.name!r} is cut into {manifest.segment_seconds} s segments; "
+                             f"configure the encoder with segment_seconds={manifest.segment_seconds}")
+        if not encoder.sample_rate:
+            raise ValueError(f"audio encoder {encoder.spec} declares no sample_rate; cannot decode for it")
+        return Source("audio", int(manifest.audio_segments), int(encoder.sample_rate), seconds)
+    if encoder.modality == "video":
+        return Source("frames", int(manifest.video_frames))
+    raise ValueError(f"encoder {encoder.spec} has modality {encoder.modality!r}; expected audio or video")
+
+
+def target_provenance(encoder, source: Source, device: str) -> dict:
+    """Encoder provenance + segment scheme + runtime (runtime is outside the fingerprint)."""
+    prov = dict(encoder.provenance())
+    prov["segments"] = source.scheme()
+    prov["runtime"] = {**runtime_info(), "device": device}
+    return prov
+
+
+# ------------------------------------------------------------------------------ feature sets
+def power_of_two_chunk(n_segments: int, shape: tuple[int, ...], dtype: str) -> int:
+    """The store's ~2 MiB default rounded down to a power of two, so chunk sizes of different
+    feature sets divide each other and their common block is simply the largest."""
+    default = default_chunk_clips(n_segments, shape, dtype)
+    return 1 << (max(1, default).bit_length() - 1)
+
+
+def prepare_target(store: FeatureStore, encoder, source: Source, selected: np.ndarray, device: str,
+                   chunk_clips: int | None, overwrite: bool) -> Target:
+    """Create or reopen the encoder's feature set and work out which selected rows are not done."""
+    shape = tuple(int(s) for s in encoder.output_shape)
+    dtype = str(encoder.dtype)
+    prov = target_provenance(encoder, source, device)
+    _drop_half_created(store, encoder.name)
+    rows = int(chunk_clips or power_of_two_chunk(source.n_segments, shape, dtype))
+    info = store.create_feature_set(encoder.name, source.n_segments, shape, prov, dtype=dtype,
+                                    chunk_clips=rows, overwrite=overwrite)
+    if info.shape[1:] != (source.n_segments, *shape):  # same fingerprint but another shape: store bug
+        raise ValueError(f"feature set {encoder.name!r} has shape {info.shape[1:]}, the encoder gives "
+                         f"{(source.n_segments, *shape)}")
+    done = store.done_mask(encoder.name, refresh=True)
+    todo = selected & ~done
+    return Target(encoder.name, encoder, encoder.spec, source, shape, dtype, info.chunk_clips,
+                  info.provenance, todo, skipped=int((selected & done).sum()))
+
+
+def _drop_half_created(store: FeatureStore, name: str) -> None:
+    """A run killed inside ``create_feature_set`` leaves arrays without a fingerprint and no done
+    rows; that set holds nothing, so it is removed instead of failing as a fingerprint mismatch."""
+    sets = store.feature_sets()
+    info = sets.get(name)
+    if info is not None and not info.fingerprint and info.n_done == 0:
+        store.delete_feature_set(name)
+
+
+def block_size(targets: list[Target]) -> int:
+    """Least common multiple of the chunk sizes of the targets that have work."""
+    sizes = [t.chunk_clips for t in targets if t.todo.any()] or [t.chunk_clips for t in targets] or [1]
+    block = 1
+    for size in sizes:
+        block = block * size // math.gcd(block, size)
+    if block > MAX_BLOCK_CLIPS:
+        listing = ", ".join(f"{t.name}: {t.chunk_clips}" for t in targets)
+        raise ValueError(f"the feature sets' chunk sizes ({listing}) have a common multiple of {block} clips, "
+                         f"more than {MAX_BLOCK_CLIPS}; extract these encoders in separate runs")
+    return block
+
+
+# ------------------------------------------------------------------------------ class features
+def write_text_features(store: FeatureStore, encoder, device: str, overwrite: bool) -> bool:
+    """Class-prompt embeddings of a text encoder; returns False when identical ones already exist."""
+    prompts = list(encoder.class_prompts(store.classes))
+    prov = dict(encoder.provenance())
+    prov["prompts"] = prompts
+    prov["runtime"] = {**runtime_info(), "device": device}
+    if encoder.name in store.class_feature_sets():
+        _, attrs = store.get_class_features(encoder.name)
+        old = attrs.get("provenance", {})
+        if attrs.get("fingerprint") == fingerprint(prov) and not overwrite:
+            return False
+        if not overwrite:
+            raise FingerprintMismatchError(encoder.name, _no_runtime(old), _no_runtime(prov))
+    data = encoder.encode_text(prompts)
+    data = data.detach().float().cpu().numpy() if hasattr(data, "detach") else np.asarray(data, np.float32)
+    store.write_class_features(encoder.name, data.astype(np.float32), prov, prompts)
+    return True
+
+
+def _no_runtime(prov: dict) -> dict:
+    return {k: v for k, v in prov.items() if k != "runtime"}
+
+
+# ------------------------------------------------------------------------------------ paths
+def resolve_path(path, root: Path | None) -> str:
+    """Absolute path of a manifest path (root-relative paths are joined to the dataset root)."""
+    if path is None or str(path) == "":
+        return ""
+    p = Path(path)
+    if not p.is_absolute() and root is not None:
+        p = Path(root) / p
+    return str(p)

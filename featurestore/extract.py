@@ -1,0 +1,335 @@
+"""Extraction: run every encoder once over a dataset, into a feature store, resumably.
+
+``extract(dataset, store, encoders)`` decodes each clip once per source in DataLoader worker
+processes (audio once per sample rate, frames once), runs each encoder's preprocessor there,
+encodes batches on the device and writes blocks of whole chunks from a writer thread, so the three
+overlap. A rerun skips clips already done; a killed run loses at most the blocks in flight; a clip
+that cannot be decoded is recorded in the store and the summary while the others go on; the same
+pipeline runs as tasks on a Dask cluster (``scheduler=``). See docs/extraction.md.
+
+The command line ``featurestore extract DATASET STORE ...`` is ``add_extract_arguments`` +
+``run_extract``; ``python -m featurestore.extract`` is the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from featurestore._extract_plan import (
+    Plan, block_size, prepare_target, resolve_path, source_for, write_text_features,
+)
+from featurestore._extract_run import RunStats, default_num_workers, run_blocks
+from featurestore._extract_summary import ExtractSummary, FeatureSetSummary
+from featurestore.errors import FeatureStoreError
+from featurestore.manifest import Manifest
+from featurestore.store import FeatureStore, create_store, open_store
+
+__all__ = ["DEFAULT_ENCODERS", "ExtractSummary", "FeatureSetSummary", "add_extract_arguments", "extract",
+           "main", "run_extract"]
+
+#: The paper's encoders: log-mel for the audio CNNs, RegNetY-6.4GF frames, three CLIP image encoders.
+DEFAULT_ENCODERS = "logmel,timm/regnety_064,clip/RN50x4,clip/RN101,clip/ViT-B-32"
+DEFAULT_BATCH_SIZE = 16
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
+            encoders: str | Sequence = DEFAULT_ENCODERS, device: str = "auto",
+            batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int | None = None, frames: int | None = None,
+            limit: int | None = None, overwrite: bool = False, scheduler=None, progress: bool = True,
+            backend: str | None = None, chunk_clips: int | None = None) -> ExtractSummary:
+    """Extract features of a dataset's clips into a store; resumable, with per-clip errors.
+
+    Args:
+        dataset: a dataset directory (read with ``featurestore.datasets.open_dataset``) or a Manifest.
+        store: a store path/URL (created from the dataset when missing) or an open writable store.
+        encoders: comma-separated specs (``"logmel,clip/ViT-B-32@none"``) or a list of specs/encoders.
+            Text encoders (``cliptext/...``) write class-prompt embeddings.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda[:N]"``. With a scheduler it is
+            resolved on each Dask worker.
+        batch_size: clips per batch (an encoder call sees ``batch_size * segments`` items).
+        num_workers: decoding processes (default: one per spare core, at most 8; 0 = in this thread).
+        frames: video frames per clip, overriding the dataset's ``video_frames``.
+        limit: only the first ``limit`` clips of the dataset (the store still indexes all of them).
+        overwrite: replace feature sets whose configuration differs instead of refusing.
+        scheduler: a Dask scheduler address, ``distributed.Client`` or cluster: run as Dask tasks.
+        progress: show a progress bar and print the summary line and failures.
+        backend: ``"zarr"`` or ``"hdf5"`` when the store's name does not say.
+        chunk_clips: clips per chunk of newly created feature sets (default: about 2 MiB per chunk,
+            rounded down to a power of two so that all feature sets' chunks align).
+
+    Returns:
+        An ExtractSummary (its ``exit_code`` is 1 when some clip failed).
+
+    Raises:
+        MissingFilesError: files listed by the dataset are missing (all of them are named).
+        FingerprintMismatchError: a feature set exists with another configuration (see ``overwrite``).
+        ValueError: bad arguments, or encoders whose chunk sizes do not align.
+    """
+    t_start = time.perf_counter()
+    _check_arguments(batch_size, num_workers, frames, limit, chunk_clips)
+    manifest = _load_manifest(dataset, frames)
+    selected_ids = manifest.clip_ids[:limit] if limit else manifest.clip_ids
+    _check_files(manifest.subset(selected_ids) if limit else manifest)
+    dev = _resolve_device(device if scheduler is None else "cpu")  # Dask: resolved on each worker
+    built = _build_encoders(encoders, dev)
+    fs, owned = _open_store(store, manifest, backend)
+    try:
+        summary = _extract_into(fs, manifest, selected_ids, built, dev, device, batch_size, num_workers,
+                                overwrite, scheduler, progress, backend, chunk_clips)
+    finally:
+        if owned:
+            fs.close()
+    summary.wall_seconds = time.perf_counter() - t_start
+    if progress:
+        print(summary.line())
+        for line in summary.failure_lines():
+            print(line)
+    return summary
+
+
+def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], built: list, dev, device: str,
+                  batch_size: int, num_workers: int | None, overwrite: bool, scheduler, progress: bool,
+                  backend: str | None, chunk_clips: int | None) -> ExtractSummary:
+    rows = _ensure_clips(fs, manifest)
+    selected = np.zeros(fs.n_clips, dtype=bool)
+    selected[rows[:len(selected_ids)]] = True
+    summary = ExtractSummary(fs.location, str(dev) if scheduler is None else "dask",
+                             clips_selected=len(selected_ids))
+    for enc in (e for e in built if e.modality == "text"):
+        summary.class_features[enc.name] = "written" if write_text_features(fs, enc, str(dev), overwrite) \
+            else "unchanged"
+    plan = _make_plan(fs, manifest, rows, selected, built, str(dev), batch_size, chunk_clips, overwrite)
+    summary.random_weights = [e.name for e in built if _is_random(e)]
+    with _ProgressBar(plan.n_todo_clips(), progress) as bar:
+        if scheduler is None:
+            workers = default_num_workers() if num_workers is None else num_workers
+            stats = run_blocks(plan, fs, plan.blocks(), dev, workers, bar.update)
+        else:
+            from featurestore._extract_dask import StoreRef, run_distributed
+
+            ref = StoreRef(fs.location, backend)
+            stats, summary.device = run_distributed(plan, ref, scheduler, device, bar.update)
+            fs.refresh()
+    _fill_summary(summary, plan, stats, fs.clip_ids)
+    return summary
+
+
+# ------------------------------------------------------------------------------- arguments
+def _check_arguments(batch_size: int, num_workers: int | None, frames: int | None, limit: int | None,
+                     chunk_clips: int | None) -> None:
+    checks = [("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("frames", frames, 1),
+              ("limit", limit, 1), ("chunk_clips", chunk_clips, 1)]
+    for name, value, low in checks:
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _load_manifest(dataset: str | Path | Manifest, frames: int | None) -> Manifest:
+    if isinstance(dataset, Manifest):
+        manifest = dataset
+    else:
+        from featurestore.datasets import open_dataset
+
+        manifest = open_dataset(dataset)
+    if len(manifest) == 0:
+        raise ValueError(f"dataset {manifest.name!r} lists no clips")
+    return replace(manifest, video_frames=int(frames)) if frames else manifest
+
+
+def _check_files(manifest: Manifest) -> None:
+    """Every missing file at once, before any work (``MissingFilesError`` lists them all)."""
+    from featurestore.datasets import check_files
+
+    check_files(manifest)
+
+
+def _resolve_device(device: str):
+    from featurestore.encoders import resolve_device
+
+    return resolve_device(device)
+
+
+def _build_encoders(encoders: str | Sequence, device) -> list:
+    """Encoders from specs (or ready Encoder objects); one feature set name may appear once."""
+    from featurestore.encoders import Encoder, create_encoder
+
+    items = [s.strip() for s in encoders.split(",") if s.strip()] if isinstance(encoders, str) else list(encoders)
+    if not items:
+        raise ValueError("no encoders given; e.g. --encoders logmel,clip/ViT-B-32@none")
+    built = [e if isinstance(e, Encoder) else create_encoder(e, device) for e in items]
+    names = [e.name for e in built]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"feature set(s) {twice} requested twice (specs "
+                         f"{[e.spec for e in built if e.name in twice]}); one run fills each name once")
+    return built
+
+
+def _is_random(encoder) -> bool:
+    return (encoder.provenance().get("weights") or {}).get("kind") == "random"
+
+
+# ------------------------------------------------------------------------------------- store
+def _open_store(store: str | Path | FeatureStore, manifest: Manifest,
+                backend: str | None) -> tuple[FeatureStore, bool]:
+    """An open writable store and whether this call opened it (and must close it)."""
+    if isinstance(store, FeatureStore):
+        if store.mode == "r":
+            raise ValueError(f"{store.location} is open read-only; extraction needs mode 'a'")
+        return store, False
+    location = str(store)
+    if "://" not in location and not Path(location).exists():
+        return _create_atomically(Path(location), manifest, backend), True
+    return open_store(location, "a", backend=backend), True
+
+
+def _create_atomically(path: Path, manifest: Manifest, backend: str | None) -> FeatureStore:
+    """Build a new store beside its final path and rename it into place, so a run killed while the
+    index is being written leaves no half-made store where the rerun would find it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    kind = backend or ("hdf5" if path.suffix.lower() in (".h5", ".hdf5") else "zarr")
+    create_store(tmp, manifest, backend=kind).close()
+    os.replace(tmp, path)
+    return open_store(path, "a", backend=kind)
+
+
+def _ensure_clips(fs: FeatureStore, manifest: Manifest) -> np.ndarray:
+    """Store rows of the manifest's clips, adding clips the store does not index yet."""
+    known = set(fs.clip_ids)
+    new = [c for c in manifest.clip_ids if c not in known]
+    if new:
+        if known:
+            print(f"adding {len(new)} clips of {manifest.name!r} to the index of {fs.location}", file=sys.stderr)
+        fs.append_clips(manifest.subset(new))
+    return fs.rows(manifest.clip_ids)
+
+
+def _make_plan(fs: FeatureStore, manifest: Manifest, rows: np.ndarray, selected: np.ndarray, built: list,
+               device: str, batch_size: int, chunk_clips: int | None, overwrite: bool) -> Plan:
+    targets = [prepare_target(fs, e, source_for(e, manifest), selected, device, chunk_clips, overwrite)
+               for e in built if e.modality != "text"]
+    audio = [""] * fs.n_clips
+    video = [""] * fs.n_clips
+    for row, clip in zip(rows, manifest.clips):
+        audio[row] = resolve_path(clip.audio, manifest.root)
+        video[row] = resolve_path(clip.video, manifest.root)
+    return Plan(targets, block_size(targets), fs.n_clips, selected, audio, video, fs.clip_ids, batch_size)
+
+
+# ----------------------------------------------------------------------------------- summary
+class _ProgressBar:
+    """tqdm over clips (clips/s and ETA), or a no-op when progress is off."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.bar = total, enabled, None
+
+    def __enter__(self) -> _ProgressBar:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, unit="clip", desc="extract", file=sys.stderr, smoothing=0.1)
+        return self
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fill_summary(summary: ExtractSummary, plan: Plan, stats: RunStats, clip_ids: list[str]) -> None:
+    for target in plan.targets:
+        failed = stats.failed.get(target.name, {})
+        summary.features[target.name] = FeatureSetSummary(
+            target.name, target.spec, stats.written.get(target.name, 0), target.skipped, len(failed),
+            target.random_weights)
+        for row, message in sorted(failed.items()):
+            summary.failures.setdefault(clip_ids[row], {})[target.name] = message
+    summary.clips_skipped = int((plan.selected & ~plan.needed_any()).sum())
+    summary.clips_done = stats.clips - len(summary.failures)
+    summary.stage_seconds = dict(stats.seconds)
+
+
+# --------------------------------------------------------------------------------------- CLI
+def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``featurestore extract`` arguments (the CLI module builds the parser, this fills it)."""
+    parser.add_argument("dataset", help="dataset directory (meta.csv + audio/ + video/)")
+    parser.add_argument("store", help="store path (.zarr directory, .h5 file) or fsspec URL; created when missing")
+    parser.add_argument("--encoders", default=DEFAULT_ENCODERS,
+                        help=f"comma-separated encoder specs family[/model][@weights] (default: the paper's "
+                             f"{DEFAULT_ENCODERS}; '@none' = random weights, '@/path.pt' = a checkpoint)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips per batch")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="decoding processes (default: one per spare core, at most 8)")
+    parser.add_argument("--frames", type=int, default=None, help="video frames per clip (default: the dataset's)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N clips")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace feature sets made with another configuration instead of refusing")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run as tasks on this Dask scheduler (tcp://host:8786)")
+    parser.add_argument("--backend", choices=("zarr", "hdf5"), default=None,
+                        help="store backend when the store's name does not say (.h5 -> hdf5)")
+    parser.add_argument("--chunk-clips", type=int, default=None,
+                        help="clips per chunk of new feature sets (default: ~2 MiB chunks, power of two)")
+    parser.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
+    return parser
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    """Run ``featurestore extract``: 0 all clips done, 1 some clips failed, 2 bad usage or input."""
+    try:
+        summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
+                          num_workers=args.num_workers, frames=args.frames, limit=args.limit,
+                          overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
+                          backend=args.backend, chunk_clips=args.chunk_clips)
+    except _usage_errors() as err:
+        print(f"featurestore extract: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.quiet:
+        print(summary.line())
+        for line in summary.failure_lines():
+            print(line)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    return summary.exit_code
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (exit 2): store/encoder/dataset errors, missing files, bad values."""
+    errors: list[type[BaseException]] = [FeatureStoreError, FileNotFoundError, ValueError]
+    try:
+        from featurestore.datasets import MissingFilesError
+
+        errors.append(MissingFilesError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m featurestore.extract``: the same command as ``featurestore extract``."""
+    parser = argparse.ArgumentParser(prog="featurestore extract",
+                                     description="Run encoders over a dataset into a store (resumable).")
+    add_extract_arguments(parser)
+    return run_extract(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
