@@ -15,6 +15,7 @@ its own fit data reports a log-loss that no held-out set will reproduce.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -150,6 +151,9 @@ class StackingCalibrator(_FittedOnClips):
         if present.size < 2:
             raise ValueError(f"stacking calibrator: expected at least 2 classes in the fit split, found {present.tolist()}")
         self.missing_classes = sorted(set(range(self.n_classes)) - set(present.tolist()))
+        if self.missing_classes:
+            warnings.warn(f"stacking calibrator: classes {self.missing_classes} have no clip in the fit data; "
+                          f"it will give them probability 0", stacklevel=2)
         self.model = LogisticRegression(C=self.C, max_iter=self.max_iter)
         self.model.fit(_log_probs(x), y)
         return self

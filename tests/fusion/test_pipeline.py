@@ -182,3 +182,21 @@ def test_cli_errors_are_one_line_and_name_what_exists(tiny_store_path, paper_rec
 def test_python_dash_m_fusion_help():
     done = subprocess.run([sys.executable, "-m", "fusion", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "evaluate" in done.stdout and "submit" in done.stdout
+
+
+def test_confidence_weights_fitted_on_validation_only(tiny_store, paper_recipe_dict):
+    recipe = FusionRecipe.from_dict({**paper_recipe_dict, "class_weights": {
+        "select": {"A04": ["bus", "park", "tram"]}, "confidence_fit_split": "fold1_val"}})
+    out = fuse(tiny_store, recipe, "fold1_evaluate")
+    mask = selection_weights(["A04", "V04", "C04"], tiny_store.classes, {"A04": ["bus", "park", "tram"]})
+    assert np.all(out.weights[mask == 0] == 0) and np.all((out.weights[mask == 1] > 0) & (out.weights[mask == 1] < 1))
+    leaky = FusionRecipe.from_dict({**paper_recipe_dict, "class_weights": {"confidence_fit_split": "fold1_evaluate"}})
+    with pytest.raises(LeakageError, match="class-wise confidence weights"):
+        fuse(tiny_store, leaky, "fold1_evaluate")
+
+
+def test_unlabelled_split_cannot_be_scored_but_can_be_submitted(tiny_store, paper_recipe_dict):
+    recipe = FusionRecipe.from_dict(paper_recipe_dict)
+    with pytest.raises(ValueError, match="unlabelled split"):
+        evaluate_recipe(tiny_store, recipe, "fold1_test")
+    assert fuse(tiny_store, recipe, "fold1_test").final.shape == (8, 10)
