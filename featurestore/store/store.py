@@ -429,6 +429,17 @@ class FeatureStore:
             self._b.write(join(path, "errors"), row, np.array([str(message)[:500] or "error"], dtype=object))
             self._mark_done(path, row, row + 1, False)
 
+    def clear_errors(self, name: str, rows: Iterable[int | str]) -> None:
+        """Forget the recorded failures of these clips (rows or clip ids), e.g. before a retry.
+
+        Their done flags stay false: the clips are simply "not computed" again.
+        """
+        self._require_writable()
+        path = self._feature_path(name)
+        for key in rows:
+            row = self.row(key) if isinstance(key, str) else int(key)
+            self._b.write(join(path, "errors"), row, np.array([""], dtype=object))
+
     def errors(self, name: str) -> dict[str, str]:
         """Clip id -> error message for every clip whose extraction failed."""
         texts = self._b.read(join(self._feature_path(name), "errors"), 0, self.n_clips)
