@@ -1,0 +1,170 @@
+"""Integrity on real files: corrupt chunks, verify(), readers in a second process, pickling, bad paths."""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from featurestore import (
+    TAU_CLASSES, ClipRecord, CorruptChunkError, Manifest, MissingFeatureError, StoreFormatError, create_store,
+    open_store,
+)
+
+N_CLIPS, N_SEG, DIM, CHUNK = 20, 3, 4, 4
+FEAT = "clip/RN50"
+DATA = f"features/{FEAT}/data"
+PROV = {"encoder": "clip/RN50@none", "config": {}, "weights": {"kind": "random", "seed": 0}, "segments": {}}
+
+
+def build(path: str, n_written: int = N_CLIPS) -> np.ndarray:
+    """A store whose first ``n_written`` rows (whole chunks) are written and done."""
+    clips = [ClipRecord(f"bus-lisbon-{i}-{i}", label="bus", city="lisbon", location=f"lisbon-{i}",
+                        splits=frozenset({"fold1_train"})) for i in range(N_CLIPS)]
+    data = np.random.default_rng(0).standard_normal((N_CLIPS, N_SEG, DIM)).astype(np.float16)
+    with create_store(path, Manifest("toy", list(TAU_CLASSES), clips)) as store:
+        store.create_feature_set(FEAT, N_SEG, (DIM,), PROV, chunk_clips=CHUNK)
+        if n_written:
+            store.write_rows(FEAT, 0, data[:n_written])
+    return data
+
+
+def flip_chunk_bytes(path: str, first_row: int) -> None:
+    """Flip a byte in the middle of the stored (checksummed) chunk holding ``first_row``."""
+    if path.endswith(".h5"):
+        with h5py.File(path, "r") as f:
+            info = f[DATA].id.get_chunk_info_by_coord((first_row, 0, 0))
+            offset = info.byte_offset + info.size // 2
+    else:
+        chunk = Path(path, DATA, "c", str(first_row // CHUNK), "0", "0")
+        offset, path = chunk.stat().st_size // 2, str(chunk)
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([byte ^ 0xFF]))
+
+
+@pytest.fixture(params=["zarr", "hdf5"])
+def path(request, tmp_path) -> str:
+    return str(tmp_path / ("store.zarr" if request.param == "zarr" else "store.h5"))
+
+
+# ------------------------------------------------------------------------------ corrupt chunks
+def test_corrupt_chunk_raises_and_verify_names_rows(path):
+    data = build(path)
+    flip_chunk_bytes(path, 9)
+    with open_store(path, "r") as store:
+        ids = store.clip_ids
+        np.testing.assert_array_equal(store.get(FEAT, ids[3]), data[3])
+        with pytest.raises(CorruptChunkError, match="rows 8:12") as err:
+            store.get(FEAT, ids[9])
+        assert (err.value.start, err.value.stop) == (8, 12)
+        with pytest.raises(CorruptChunkError):
+            store.get_many(FEAT, [ids[0], ids[10]])
+        report = store.verify()
+    assert not report.ok
+    assert [(p.where, p.rows) for p in report.problems] == [(DATA, (8, 12))]
+    assert "could not be read" in report.problems[0].what
+    assert report.chunks_read == N_CLIPS // CHUNK
+
+
+def test_verify_ok_on_clean_store(path):
+    build(path)
+    with open_store(path, "r") as store:
+        report = store.verify()
+    assert report.ok and report.chunks_read == N_CLIPS // CHUNK
+    assert report.to_dict()["ok"] is True and "OK" in report.summary()
+
+
+def test_verify_skips_garbage_chunks_without_done_rows(path):
+    """A writer killed after writing data but before setting done leaves a chunk nobody may read."""
+    data = build(path, n_written=8)
+    with open_store(path, "a") as store:
+        store._b.write(DATA, 8, data[8:12])  # the data half of write_rows, then the "kill"
+    flip_chunk_bytes(path, 8)
+    with open_store(path, "r") as store:
+        report = store.verify()
+        assert report.ok, report.problems
+        assert report.chunks_read == 2
+        with pytest.raises(MissingFeatureError):
+            store.get(FEAT, store.clip_ids[8])
+        with pytest.raises(CorruptChunkError):
+            store.read_rows(FEAT, 8, 12, check_done=False)
+    with open_store(path, "a") as store:  # a resumed run rewrites the chunk and the store is whole again
+        store.write_rows(FEAT, 8, data[8:])
+        assert store.verify().ok
+        np.testing.assert_array_equal(store.get_many(FEAT, store.clip_ids), data)
+
+
+def test_verify_reports_length_mismatch_fingerprint_and_nan(path):
+    data = build(path, n_written=8)
+    with open_store(path, "a") as store:
+        bad = data[8:12].copy()
+        bad[1, 0, 0] = np.nan
+        store.write_rows(FEAT, 8, bad)
+        store._b.set_attrs(f"features/{FEAT}", {"fingerprint": "0000"})
+    if path.endswith(".h5"):
+        with h5py.File(path, "a") as f:
+            f["index/city"].resize(N_CLIPS - 1, axis=0)
+    else:
+        zarr.open_array(str(Path(path, "index", "city")), mode="a").resize((N_CLIPS - 1,))
+    with open_store(path, "r") as store:
+        report = store.verify()
+    found = {(p.where, p.rows): p.what for p in report.problems}
+    assert found[("index/city", None)] == f"has {N_CLIPS - 1} rows, index has {N_CLIPS} clips"
+    assert "does not match its provenance" in found[(f"features/{FEAT}", None)]
+    assert "NaN" in found[(DATA, (8, 12))]
+    assert len(report.problems) == 3
+
+
+# ------------------------------------------------------------------------------ other processes
+def test_second_process_reads_same_data(path):
+    data = build(path)
+    with open_store(path, "r") as store:
+        ids = [store.clip_ids[i] for i in (19, 0, 7, 8, 3)]
+        local = store.get_many(FEAT, ids)
+    np.testing.assert_array_equal(local, data[[19, 0, 7, 8, 3]])
+    code = ("import hashlib, sys\nfrom featurestore import open_store\n"
+            "with open_store(sys.argv[1], mode='r') as s:\n"
+            "    x = s.get_many(sys.argv[2], sys.argv[3].split(','))\n"
+            "print(hashlib.sha256(x.tobytes()).hexdigest(), x.shape, s.mode)\n")
+    out = subprocess.run([sys.executable, "-c", code, path, FEAT, ",".join(ids)], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [hashlib.sha256(local.tobytes()).hexdigest(), "(5,", "3,", "4)", "r"]
+
+
+def test_pickling_reopens_read_only_and_refuses_writable(path):
+    data = build(path)
+    with open_store(path, "r") as store:
+        clone = pickle.loads(pickle.dumps(store))
+        try:
+            assert clone.mode == "r" and clone._b is not store._b
+            np.testing.assert_array_equal(clone.get(FEAT, clone.clip_ids[5]), data[5])
+        finally:
+            clone.close()
+    with open_store(path, "a") as store:
+        with pytest.raises(TypeError, match="mode='r'"):
+            pickle.dumps(store)
+
+
+# ------------------------------------------------------------------------------------ bad paths
+def test_opening_what_is_not_a_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no feature store"):
+        open_store(tmp_path / "missing.zarr", "r")
+    with pytest.raises(FileNotFoundError, match="no feature store"):
+        open_store(tmp_path / "missing.h5", "r")
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(StoreFormatError, match="not a feature store"):
+        open_store(tmp_path / "plain.h5", "r")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=3).attrs["x"] = 1
+    with pytest.raises(StoreFormatError, match="not a feature store"):
+        open_store(tmp_path / "plain.zarr", "r")
