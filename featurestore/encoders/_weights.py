@@ -18,6 +18,8 @@ import contextlib
 import hashlib
 import os
 import sys
+import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,16 +154,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path) -> Any:
+    if _is_torchscript_archive(path):  # OpenAI's CLIP .pt files: read the archive's tensors
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated; old archives still exist
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # TorchScript archives (OpenAI's CLIP .pt files) do not unpickle
-        try:
-            obj = torch.jit.load(str(path), map_location="cpu")
-        except Exception:
-            raise WeightsMismatchError(f"checkpoint {path} could not be read as a torch file: {exc}") from exc
-    if isinstance(obj, torch.jit.ScriptModule):
-        obj = obj.state_dict()
-    return obj
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsMismatchError(f"checkpoint {path} could not be read as a torch file: {exc}") from exc
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """TorchScript zips hold ``<name>/constants.pkl``; plain ``torch.save`` zips do not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def _unnest(obj: Any) -> Any:

@@ -88,7 +88,7 @@ def build_open_clip(spec: EncoderSpec, strict: bool, image_only_ok: bool) -> Ope
     quick_gelu = bool(tag_cfg.get("quick_gelu", False)) or "quickgelu" in model_name.lower()
     with seeded(weights.seed):
         if weights.kind == "pretrained":
-            model = _create_pretrained(spec, model_name, str(weights.tag), tag_cfg, quick_gelu)
+            model = _create_pretrained(spec.with_weights(weights.spec_text), model_name, str(weights.tag), tag_cfg, quick_gelu)
         else:
             model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
     if weights.kind == "file":

@@ -13,6 +13,7 @@ call). One 1 s segment gives ``[256, 94]`` (94 = 1 + 48000 // 512 frames).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -117,6 +118,24 @@ class LogMelSpectrogram(torch.nn.Module):
                              config.mel_norm)
         self.register_buffer("mel", torch.from_numpy(mel.astype(np.float32)), persistent=False)
         self.register_buffer("window", torch.hann_window(config.n_fft, periodic=True), persistent=False)
+        self._mel_csr: torch.Tensor | None = None  # CPU only, built on first CPU forward
+
+    def _apply_mel(self, spec: torch.Tensor) -> torch.Tensor:
+        """``[B, F, T]`` power -> ``[B, n_mels, T]``.
+
+        On the CPU the filterbank is applied as a sparse CSR matrix: every FFT bin lies under at
+        most two triangles, so the dense product does ~100x more multiply-adds than needed and
+        costs more than the STFT itself. On GPUs the dense matmul is already cheap.
+        """
+        if spec.device.type != "cpu":
+            return torch.matmul(self.mel, spec)
+        if self._mel_csr is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                self._mel_csr = self.mel.cpu().to_sparse_csr()
+        batch, bins, frames = spec.shape
+        flat = spec.transpose(0, 1).reshape(bins, batch * frames)
+        return (self._mel_csr @ flat).reshape(-1, batch, frames).transpose(0, 1)
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -126,7 +145,7 @@ class LogMelSpectrogram(torch.nn.Module):
             spec = stft.real.square() + stft.imag.square()
         else:
             spec = stft.abs().pow(cfg.power)
-        mel = torch.matmul(self.mel, spec)
+        mel = self._apply_mel(spec)
         db = 10.0 * torch.log10(mel.clamp_min(cfg.amin)) - 10.0 * math.log10(max(cfg.amin, cfg.ref))
         if cfg.top_db is not None:
             floor = db.amax(dim=(-2, -1), keepdim=True) - cfg.top_db
