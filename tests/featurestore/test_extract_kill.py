@@ -1,0 +1,89 @@
+"""A real SIGKILL in the middle of an extraction: the store stays valid and a rerun completes it to
+exactly the arrays of an uninterrupted run."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_extract_support import ENCODERS, FAST, assert_same_arrays, make_dataset, read_all
+
+from featurestore.extract import extract
+from featurestore.store import open_store
+
+N_CLIPS = 24
+CHILD = """
+import pickle, sys
+from featurestore.extract import extract
+manifest = pickle.load(open(sys.argv[1], "rb"))
+extract(manifest, sys.argv[2], {encoders!r}, device="cpu", batch_size=2, num_workers=1, chunk_clips=2,
+        progress=False)
+"""
+
+
+def _done_counts(path: Path) -> dict[str, int]:
+    """Done rows per feature set, as another process sees them now ({} before the store exists)."""
+    if not path.exists():
+        return {}
+    with open_store(path, "r") as store:
+        return {name: int(store.done_mask(name, refresh=True).sum()) for name in store.feature_sets()}
+
+
+def _run_and_kill(manifest_file: Path, store: Path, at_least: int, timeout: float = 90.0) -> dict[str, int]:
+    """Start an extraction in a new process group; SIGKILL it (and its decode workers) as soon as
+    every feature set has at least ``at_least`` done rows. Returns the counts seen after the kill."""
+    code = CHILD.format(encoders=ENCODERS)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(manifest_file), str(store)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            counts = _done_counts(store)
+            if len(counts) == 2 and min(counts.values()) >= at_least:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"extraction ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("no progress within the timeout")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return _done_counts(store)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
+    manifest = make_dataset(tmp_path / "data", N_CLIPS)
+    manifest_file = tmp_path / "manifest.pkl"
+    manifest_file.write_bytes(pickle.dumps(manifest))
+    store = tmp_path / "killed.zarr"
+
+    seen = _run_and_kill(manifest_file, store, at_least=4)
+    assert 0 < min(seen.values()) and max(seen.values()) < N_CLIPS, seen
+    with open_store(store) as fs:
+        report = fs.verify()
+        assert report.ok, report.problems
+        done_before = np.ones(N_CLIPS, dtype=bool)
+        for name in fs.feature_sets():
+            done_before &= fs.done_mask(name)
+
+    summary = extract(manifest, store, ENCODERS, **FAST)
+    assert summary.exit_code == 0
+    assert summary.clips_skipped == int(done_before.sum())
+    assert summary.clips_done == N_CLIPS - int(done_before.sum())
+    with open_store(store) as fs:
+        assert fs.verify().ok
+
+    reference = tmp_path / "reference.zarr"
+    extract(manifest, reference, ENCODERS, **FAST)
+    killed, clean = read_all(store), read_all(reference)
+    assert all(mask.all() for _, mask in killed.values())
+    assert_same_arrays(killed, clean)
