@@ -488,30 +488,38 @@ class FeatureStore:
         bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
         for part in np.split(order, bounds):
             chunk = int(chunk_of[part[0]])
-            block = self._chunk(array, group, chunk, per, shape[0])
-            out[part] = block[rows[part] - chunk * per]
+            offsets = rows[part] - chunk * per
+            out[part] = self._chunk(array, group, chunk, per, shape[0], offsets)[offsets]
         return out
 
     def _row_block(self, array: str, group: str, row: int) -> np.ndarray:
         per = self._b.chunk_rows(array)
         chunk = row // per
-        block = self._chunk(array, group, chunk, per, self._b.shape(array)[0])
         offset = row - chunk * per
+        block = self._chunk(array, group, chunk, per, self._b.shape(array)[0], np.array([offset]))
         return block[offset:offset + 1]
 
-    def _chunk(self, array: str, group: str, chunk: int, per: int, n_rows: int) -> np.ndarray:
-        key = (array, chunk)
-        block = self._cache.get(key)
-        if block is not None:
+    def _chunk(self, array: str, group: str, chunk: int, per: int, n_rows: int,
+               offsets: np.ndarray) -> np.ndarray:
+        """The decoded chunk; from the cache when every row asked for was done when it was read.
+
+        Partly finished chunks are cached too (one failed clip would otherwise make its whole chunk
+        be re-read on every get), together with the done flags seen when they were read: a row
+        finished since, e.g. by another process, misses the cache and is never served stale.
+        """
+        key, done_key = (array, chunk), (array, chunk, "done")
+        block, done_then = self._cache.get(key), self._cache.get(done_key)
+        if (block is not None and done_then is not None and int(offsets.max()) < len(done_then)
+                and done_then[offsets].all()):
             return block
         start, stop = chunk * per, min(n_rows, (chunk + 1) * per)
-        complete = bool(self._done_of(group)[start:stop].all())  # read done before data: see module doc
+        done_now = self._done_of(group)[start:stop].copy()  # read done before data: see module doc
         try:
             block = self._b.read(array, start, stop)
         except Exception as err:  # checksum failures surface as codec errors from either backend
             raise CorruptChunkError(f"{self.location}:{array}", start, stop, err) from err
-        if complete:
-            self._cache.put(key, block)
+        self._cache.put(key, block)
+        self._cache.put(done_key, done_now)
         return block
 
     def refresh(self) -> None:

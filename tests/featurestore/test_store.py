@@ -313,3 +313,37 @@ def test_predictions_round_trip(filled):
         np.testing.assert_array_equal(store.get_predictions("c04/seed0", [ids[r] for r in rows]), probs)
         with pytest.raises(MissingFeatureError, match=ids[0]):
             store.get_predictions("c04/seed0")  # every clip: most were never predicted
+
+
+def test_chunk_with_a_failed_clip_is_still_cached(filled, monkeypatch):
+    """Clip 19 failed; the other clips of its chunk (16-18) must not be re-read on every get."""
+    path, data = filled
+    with open_store(path, "r") as store:
+        reads: list[tuple[str, int]] = []
+        original = store._b.read
+        monkeypatch.setattr(store._b, "read", lambda a, s, e: (reads.append((a, s)), original(a, s, e))[1])
+        ids = store.clip_ids
+        for _ in range(3):
+            np.testing.assert_array_equal(store.get(FEAT, ids[17]), data[17])
+            np.testing.assert_array_equal(store.get_many(FEAT, [ids[16], ids[18]]), data[[16, 18]])
+        assert [r for r in reads if r[0].endswith("/data")] == [(f"features/{FEAT}/data", 16)]
+
+
+def test_rows_finished_by_another_writer_are_not_served_stale(tmp_path):
+    """A reader that cached a partly done chunk sees the rows another store object finished later.
+
+    Zarr only: an HDF5 file takes one writer and no concurrent readers (file locking).
+    """
+    path = str(tmp_path / "store.zarr")
+    data = features()
+    with create_store(path, make_manifest()) as store:
+        store.create_feature_set(FEAT, N_SEG, (DIM,), provenance(), chunk_clips=CHUNK)
+        store.write_rows(FEAT, 0, np.zeros((4, N_SEG, DIM), np.float16))
+        store.set_errors(FEAT, {1: "failed once"})
+    with open_store(path, "r") as reader, open_store(path, "a") as writer:
+        ids = reader.clip_ids
+        np.testing.assert_array_equal(reader.get(FEAT, ids[0]), 0)  # chunk 0 read while row 1 failed
+        writer.write_rows(FEAT, 0, data[:4])  # a retry by another process rewrites the chunk
+        np.testing.assert_array_equal(reader.get(FEAT, ids[1]), data[1])
+        reader.refresh()  # rows done before the retry are served from the cache until a refresh
+        np.testing.assert_array_equal(reader.get(FEAT, ids[0]), data[0])
