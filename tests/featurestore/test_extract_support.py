@@ -48,10 +48,13 @@ def clip_id(i: int) -> str:
     return f"{TAU_CLASSES[i % len(TAU_CLASSES)]}-london-{i}-{100 + i}"
 
 
-def make_dataset(root: Path, n_clips: int, seconds: float = 2.0, frames: int = 2) -> Manifest:
+def make_dataset(root: Path, n_clips: int, seconds: float = 2.0, frames: int = 2, rate: int = 48000,
+                 fps: int = 4) -> Manifest:
     """Write ``n_clips`` clips and a TAU-style meta.csv under ``root``; return their Manifest.
 
-    Paths in the manifest are relative to ``root`` (as dataset readers give them).
+    Paths in the manifest are relative to ``root`` (as dataset readers give them). With
+    ``seconds=10`` the directory is a valid TAU development layout for ``open_dataset``; a low
+    ``rate`` keeps such files small (decoding resamples them to the encoders' rate).
     """
     root = Path(root)
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -60,8 +63,8 @@ def make_dataset(root: Path, n_clips: int, seconds: float = 2.0, frames: int = 2
     for i in range(n_clips):
         cid = clip_id(i)
         label = TAU_CLASSES[i % len(TAU_CLASSES)]
-        write_wav(root / "audio" / f"{cid}.wav", seconds, seed=i)
-        write_mp4(root / "video" / f"{cid}.mp4", seconds, seed=i)
+        write_wav(root / "audio" / f"{cid}.wav", seconds, seed=i, rate=rate)
+        write_mp4(root / "video" / f"{cid}.mp4", seconds, seed=i, fps=fps)
         clips.append(ClipRecord(cid, Path("audio") / f"{cid}.wav", Path("video") / f"{cid}.mp4", label,
                                 "london", f"london-{i}", frozenset({"fold1_train"})))
         lines.append(f"audio/{cid}.wav\tvideo/{cid}.mp4\t{label}\tlondon-{i}")
