@@ -8,6 +8,7 @@ backbone was random.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +52,48 @@ def create_backbone(model: str, weights: str, *, num_classes: int, in_chans: int
 
 
 def _pretrained(model: str, weights: str, num_classes: int, in_chans: int, **kwargs: Any) -> tuple[nn.Module, dict]:
+    """Pretrained timm weights: from the local HF / torch-hub cache when there, else timm's download."""
     import timm
 
     tag = weights.partition(":")[2]
     name = f"{model.split('.')[0]}.{tag}" if tag else model
+    cached = cached_pretrained_file(name)
+    if cached is not None:
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        record = load_checkpoint_into(net, cached)
+        return net, {"kind": "pretrained", "tag": f"timm:{name}", "sha256": record["sha256"]}
+    hint = (f"put the weights in the local Hugging Face or torch-hub cache, pass a local checkpoint path "
+            f"as weights=..., or use weights='random' (results are then NOT pretrained)")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise RuntimeError(f"pretrained weights for timm model {name!r} are not in the local cache and "
+                           f"HF_HUB_OFFLINE is set: {hint}")
     try:
         net = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except Exception as exc:  # hub errors come in many types; all mean "not available here"
-        raise RuntimeError(
-            f"could not load pretrained weights for timm model {name!r} ({type(exc).__name__}: {exc}). "
-            f"This machine has no network: put the weights in the local Hugging Face cache, pass a local "
-            f"checkpoint path as weights=..., or use weights='random' (results are then NOT pretrained)."
-        ) from exc
+        raise RuntimeError(f"could not load pretrained weights for timm model {name!r} "
+                           f"({type(exc).__name__}: {exc}); no network? {hint}") from exc
     return net, {"kind": "pretrained", "tag": f"timm:{name}"}
+
+
+def cached_pretrained_file(name: str) -> Path | None:
+    """The locally cached pretrained weights file of timm model ``name`` (``arch[.tag]``), if any."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.url:
+        found = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if found.is_file():
+            return found
+    return None
 
 
 def load_checkpoint_into(net: nn.Module, path: Path) -> dict:

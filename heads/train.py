@@ -152,27 +152,33 @@ def _feature_summary(info: Any) -> dict:
             "random_weights": bool(info.random_weights), "weights_identity": info.weights_identity}
 
 
-def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable, Iterable | None]:
-    """Shuffled segment-level training batches and clip-level validation batches from the store."""
+def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable | None, Iterable | None]:
+    """Shuffled segment-level training batches and clip-level validation batches from the store.
+
+    A head without trainable parameters (zero-shot) gets no training loader.
+    """
     batch_size = cfg.batch_size or head.default_batch_size
-    train_ds = StoreDataset(store, cfg.features, split=cfg.train_split, level="segment", batch_size=batch_size,
+    trainable = any(p.requires_grad for p in head.parameters())
+    n_segments = store.feature_sets()[cfg.features[0]].n_segments
+    train_ds = None if not trainable else StoreDataset(store, cfg.features, split=cfg.train_split, level="segment", batch_size=batch_size,
                             shuffle=True, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=cfg.cache,
                             drop_last=True, require_labels=True)
-    if len(train_ds) == 0:
+    if train_ds is not None and len(train_ds) == 0:
         raise ValueError(f"split {cfg.train_split!r} has {train_ds.n_samples} training samples, fewer than one "
                          f"batch of {batch_size}")
     val_ds = None
     if cfg.val_split:
-        clips_per_batch = max(1, 4 * batch_size // max(1, train_ds.n_segments[0]))
+        clips_per_batch = max(1, 4 * batch_size // max(1, n_segments))
         val_ds = StoreDataset(store, cfg.features, split=cfg.val_split, level="clip", batch_size=clips_per_batch,
                               require_labels=True)
     if cfg.num_workers > 0:
-        return WorkerLoader(train_ds, cfg.num_workers), (WorkerLoader(val_ds, cfg.num_workers) if val_ds else None)
+        wrap = lambda ds: WorkerLoader(ds, cfg.num_workers) if ds is not None else None  # noqa: E731
+        return wrap(train_ds), wrap(val_ds)
     return train_ds, val_ds
 
 
 # ------------------------------------------------------------------------------------ the core
-def fit(head: Head, train_loader: Iterable, val_loader: Iterable | None, cfg: TrainConfig, identity: dict,
+def fit(head: Head, train_loader: Iterable | None, val_loader: Iterable | None, cfg: TrainConfig, identity: dict,
         *, overwrite: bool = False, on_epoch_end: EpochCallback | None = None) -> TrainResult:
     """Train ``head`` for ``cfg.epochs`` epochs into the run directory ``cfg.out``, resuming if it holds
     an unfinished run of the same configuration."""
@@ -187,6 +193,8 @@ def fit(head: Head, train_loader: Iterable, val_loader: Iterable | None, cfg: Tr
         _restore(run_dir, state, head, optimizer)
     if optimizer is None:
         return _no_training(head, val_loader, cfg, run_dir, device, state)
+    if train_loader is None:
+        raise ValueError(f"{cfg.head} has trainable parameters but no training loader was given")
     loss_fn = make_loss(cfg.loss, cfg.focal_gamma)
     history = _read_metrics(run_dir)
     for epoch in range(state.get("epoch", 0) + 1, cfg.epochs + 1):

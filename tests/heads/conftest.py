@@ -78,3 +78,15 @@ def writable_store(tmp_path: Path):
     store = open_store(path, mode="a")
     yield store
     store.close()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and the suite shares 2 cores: intra-op threads that wait for
+    each other on a loaded machine slow these tests down many times over."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,76 @@
+"""The ``heads`` command line and the recipe files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import heads
+from heads.cli import main
+from heads.config import TrainConfig
+
+from conftest import N_CLIPS, build_store
+
+RECIPES = Path(__file__).resolve().parents[2] / "scripts" / "recipes"
+ALL_RECIPES = sorted(RECIPES.glob("*.json")) + sorted((RECIPES / "paper").glob("*.json"))
+
+
+def test_list_names_every_head(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in heads.list_heads())
+    assert main(["list", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == set(heads.list_heads())
+
+
+def test_train_then_predict_from_flags(tiny_store_path, tmp_path, capsys):
+    from featurestore.store import open_store
+
+    own = build_store(tmp_path / "own.zarr")  # a store of our own to write predictions into
+    out = tmp_path / "runs" / "mlp"
+    code = main(["train", "--store", str(own), "--head", "embedding_mlp", "--features", "clip/RN101,clip/ViT-B-32",
+                 "--train-split", "train", "--val-split", "val", "--out", str(out), "--epochs", "2",
+                 "--batch-size", "16", "--set", "hidden=[32]", "--set", "dropout=0.1", "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["best_epoch"] in (1, 2) and (out / "best.safetensors").exists()
+    info = json.loads((out / "run.json").read_text())
+    assert info["head_config"]["hidden"] == [32] and info["head_config"]["input_dims"] == [16, 16]
+    assert main(["predict", "--store", str(own), "--run", str(out), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["clips"] == N_CLIPS
+    with open_store(own) as store:
+        assert store.get_predictions("mlp").shape[0] == N_CLIPS
+
+
+def test_train_from_a_recipe_with_overrides(tiny_store_path, tmp_path, capsys):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"description": "x", "head": "linear", "features": ["clip/RN101"],
+                                  "train_split": "train", "val_split": "val", "epochs": 9, "batch_size": 16}))
+    out = tmp_path / "lin"
+    code = main(["train", "--recipe", str(recipe), "--store", str(tiny_store_path), "--out", str(out),
+                 "--epochs", "1", "--no-progress"])
+    assert code == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_missing_arguments_and_bad_values_exit_with_a_message(capsys, tmp_path):
+    assert main(["train", "--head", "linear"]) == 2
+    assert "--store" in capsys.readouterr().err
+    assert main(["train", "--store", str(tmp_path / "absent.zarr"), "--head", "linear", "--features", "x"]) == 2
+    assert "no feature store" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
+def test_recipes_are_valid_train_configs(path):
+    cfg = TrainConfig.from_json(path)
+    cls = heads.head_class(cfg.head)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    assert set(cfg.head_config) <= fields, f"{path.name}: unknown head config fields"
+    assert cfg.features and cfg.train_split == "fold1_train" and cfg.val_split == "fold1_evaluate"
+
+
+def test_the_paper_recipes_are_all_there():
+    names = {p.name.split("_")[0] for p in (RECIPES / "paper").glob("*.json")}
+    assert names == {"A01", "A02", "A03", "V01", "V02", "V03", "C01", "C02", "C03", "C04"}

@@ -1,0 +1,33 @@
+"""Training-time deltas match librosa.feature.delta (the reference is used in this test only)."""
+from __future__ import annotations
+
+import librosa
+import numpy as np
+import pytest
+import torch
+
+from heads.deltas import delta, with_deltas
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("width", [9, 5])
+def test_delta_matches_librosa(order, width):
+    x = np.random.default_rng(order + width).normal(size=(3, 16, 94)) * 20 - 40
+    expected = librosa.feature.delta(x, width=width, order=order, axis=-1)
+    got = delta(torch.from_numpy(x), width=width, order=order).numpy()
+    assert np.allclose(got, expected, atol=1e-9)
+
+
+def test_with_deltas_stacks_three_channels():
+    x = torch.randn(2, 8, 20)
+    out = with_deltas(x)
+    assert out.shape == (2, 3, 8, 20) and torch.equal(out[:, 0], x)
+    assert torch.allclose(out[:, 2].double(), torch.from_numpy(librosa.feature.delta(x.numpy(), order=2)).double(),
+                          atol=1e-4)
+
+
+def test_delta_rejects_bad_widths_and_short_input():
+    with pytest.raises(ValueError, match="odd"):
+        delta(torch.zeros(1, 20), width=4)
+    with pytest.raises(ValueError, match="exceeds"):
+        delta(torch.zeros(1, 5), width=9)
