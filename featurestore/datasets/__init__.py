@@ -1,0 +1,69 @@
+"""Dataset readers: a dataset directory or CSV file in, a :class:`~featurestore.manifest.Manifest` out.
+
+* :func:`read_tau` - TAU Urban Audio-Visual Scenes 2021 development set (10 s clips, labels, folds).
+* :func:`read_tau_eval` - the evaluation layout (1 s clips ``0.wav``/``0.mp4``..., no labels).
+* :func:`read_csv_manifest` - a plain CSV for any other dataset.
+* :func:`open_dataset` - picks one of the above by looking at the path.
+* :func:`check_files` - every listed file exists, or one error listing all that do not.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from featurestore.datasets._common import DatasetFormatError, MissingFilesError, PathLike, check_files
+from featurestore.datasets.csv_manifest import read_csv_manifest
+from featurestore.datasets.tau import TauLayout, locate_tau, read_tau, read_tau_eval
+from featurestore.manifest import Manifest
+
+__all__ = [
+    "DatasetFormatError", "MissingFilesError", "TauLayout", "check_files", "locate_tau", "open_dataset",
+    "read_csv_manifest", "read_tau", "read_tau_eval",
+]
+
+
+def open_dataset(path: PathLike) -> Manifest:
+    """Read a dataset, recognising which kind it is.
+
+    * a ``.csv`` file: ``meta.csv`` -> :func:`read_tau` on its directory; a file with a
+      ``clip_id`` column -> :func:`read_csv_manifest`;
+    * a directory with a ``meta.csv`` near it (itself, its ``.meta`` sibling or a subdirectory)
+      -> :func:`read_tau`;
+    * a directory with ``evaluation_setup/*.csv`` or ``audio/``/``video/`` but no meta.csv ->
+      :func:`read_tau_eval`;
+    * a directory holding exactly one CSV with a ``clip_id`` column -> :func:`read_csv_manifest`.
+
+    Raises:
+        FileNotFoundError: the path does not exist or holds none of these.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _open_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset path {path} does not exist")
+    layout = locate_tau(path)
+    if layout.meta_csv is not None:
+        return read_tau(path)
+    if layout.fold_files or layout.media_dir is not None:
+        return read_tau_eval(path)
+    manifests = [p for p in sorted(path.glob("*.csv")) if _has_clip_id(p)]
+    if len(manifests) == 1:
+        return read_csv_manifest(manifests[0])
+    raise FileNotFoundError(
+        f"{path} is not a dataset this package reads: no meta.csv (TAU development), no "
+        f"evaluation_setup/ or audio/ or video/ (TAU evaluation), and "
+        f"{'several' if manifests else 'no'} CSV file(s) with a clip_id column "
+        f"(looked in: {', '.join(str(d) for d in layout.searched)})")
+
+
+def _open_file(path: Path) -> Manifest:
+    if path.name == "meta.csv":
+        return read_tau(path.parent)
+    if _has_clip_id(path):
+        return read_csv_manifest(path)
+    raise DatasetFormatError(path, 1, "not a dataset manifest: expected meta.csv or a CSV with a clip_id column")
+
+
+def _has_clip_id(path: Path) -> bool:
+    with open(path, encoding="utf-8-sig") as f:
+        first = f.readline()
+    return "clip_id" in [h.strip().lower() for h in first.replace("\t", ",").split(",")]

@@ -1,0 +1,92 @@
+"""A plain CSV manifest, for datasets that are not laid out like TAU.
+
+Columns (comma- or tab-separated, header required)::
+
+    clip_id, audio, video[, label][, split][, city][, location]
+
+``audio``/``video`` are paths relative to the CSV's directory (absolute paths are kept); one of
+the two columns may be absent or a cell empty for clips without that modality. ``split`` holds
+split names separated by ``;`` (a clip may be in several). ``location`` lets location-level
+splits and cross-fitting work as they do for TAU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from featurestore.datasets._common import DatasetFormatError, PathLike, read_table
+from featurestore.manifest import ClipRecord, Manifest
+
+_KNOWN = ("clip_id", "audio", "video", "label", "split", "city", "location")
+
+
+def read_csv_manifest(
+    path: PathLike,
+    classes: list[str] | None = None,
+    *,
+    audio_segments: int = 10,
+    segment_seconds: float = 1.0,
+    video_frames: int = 12,
+    name: str | None = None,
+) -> Manifest:
+    """Read a CSV manifest.
+
+    Args:
+        path: the CSV file.
+        classes: ordered class names; None takes the sorted unique labels of the file.
+        audio_segments: audio segments per clip for extraction.
+        segment_seconds: length of one audio segment.
+        video_frames: frames sampled per clip.
+        name: dataset name for the store (default: the CSV's stem).
+
+    Raises:
+        DatasetFormatError: missing columns, duplicate ids, a label not in ``classes``
+            (naming the file and line).
+    """
+    table = read_table(path)
+    header = [h.lower() for h in table.header or []]
+    if "clip_id" not in header or not ({"audio", "video"} & set(header)):
+        raise DatasetFormatError(table.path, 1, f"need a clip_id column and an audio and/or video column; "
+                                                f"header is {table.header}")
+    unknown = [h for h in header if h not in _KNOWN]
+    if unknown:
+        raise DatasetFormatError(table.path, 1, f"unknown column(s) {unknown}; known: {', '.join(_KNOWN)}")
+    base = table.path.parent.absolute()
+    clips, lines = [], {}
+    for line, row in table.rows:
+        cell = dict(zip(header, row + [""] * (len(header) - len(row))))
+        clip = _record(cell)
+        if not clip.clip_id:
+            raise DatasetFormatError(table.path, line, "empty clip_id")
+        if clip.clip_id in lines:
+            raise DatasetFormatError(table.path, line, f"clip {clip.clip_id!r} already listed on line "
+                                                       f"{lines[clip.clip_id]}")
+        lines[clip.clip_id] = line
+        clips.append(clip)
+    classes = _classes(table.path, clips, lines, classes)
+    return Manifest(name or table.path.stem, classes, clips, base, audio_segments=audio_segments,
+                    segment_seconds=segment_seconds, video_frames=video_frames)
+
+
+def _record(cell: dict[str, str]) -> ClipRecord:
+    splits = frozenset(s.strip() for s in cell.get("split", "").split(";") if s.strip())
+    return ClipRecord(
+        clip_id=cell["clip_id"],
+        audio=Path(cell["audio"]) if cell.get("audio") else None,
+        video=Path(cell["video"]) if cell.get("video") else None,
+        label=cell.get("label") or None,
+        city=cell.get("city", ""),
+        location=cell.get("location", ""),
+        splits=splits,
+    )
+
+
+def _classes(path: Path, clips: list[ClipRecord], lines: dict[str, int], classes: list[str] | None) -> list[str]:
+    labels = {c.label for c in clips if c.label is not None}
+    if classes is None:
+        return sorted(labels)
+    classes = list(classes)
+    for clip in clips:
+        if clip.label is not None and clip.label not in classes:
+            raise DatasetFormatError(path, lines[clip.clip_id], f"label {clip.label!r} of clip {clip.clip_id!r} "
+                                                                f"is not one of the classes {classes}")
+    return classes

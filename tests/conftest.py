@@ -1,0 +1,41 @@
+"""Fixtures shared by every test package: tiny real demo datasets made by the synthetic generator."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from featurestore.datasets import read_tau, read_tau_eval
+from featurestore.datasets.synthetic import make_demo_dataset, make_demo_eval_dataset
+from featurestore.manifest import Manifest
+
+#: The tiny development set: 2 clips per class (20 clips of 10 s, 48 kHz stereo 24-bit WAV, 64x48
+#: H.264 at 5 fps), one location per clip, so each class has one clip in fold1_train and one in
+#: fold1_evaluate; 5 of the 20 are night clips (see demo_truth.csv).
+TINY = dict(clips_per_class=2, duration=10.0, n_cities=2, seed=0, width=64, height=48, fps=5,
+            night_fraction=0.25, clips_per_location=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Directory of the tiny TAU-layout demo dataset (read-only: copy it before changing files)."""
+    return make_demo_dataset(tmp_path_factory.mktemp("tiny_dataset") / "demo-development", **TINY)
+
+
+@pytest.fixture
+def tiny_manifest(tiny_dataset) -> Manifest:
+    """A fresh Manifest of ``tiny_dataset`` per test (10 audio segments, 12 frames per clip)."""
+    return read_tau(tiny_dataset)
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_dataset(tmp_path_factory) -> Path:
+    """Directory of a tiny evaluation-layout demo set: 6 clips of 1 s named 0..5, no labels."""
+    return make_demo_eval_dataset(tmp_path_factory.mktemp("tiny_eval") / "demo-evaluation", n_clips=6,
+                                  duration=1.0, width=64, height=48, fps=5, progress=False)
+
+
+@pytest.fixture
+def tiny_eval_manifest(tiny_eval_dataset) -> Manifest:
+    """A fresh Manifest of ``tiny_eval_dataset`` (1 audio segment, 5 frames per clip)."""
+    return read_tau_eval(tiny_eval_dataset)
