@@ -227,7 +227,7 @@ class ClipTextEncoder(_OpenClipEncoder):
     """
 
     modality = "text"
-    smoke_spec = "cliptext/ViT-B-32@none"
+    smoke_spec = "cliptext/ViT-S-32-alt@none"  # the smallest built-in CLIP config
 
     def __init__(self, spec: str | EncoderSpec, strict: bool = True, template: str = PROMPT_TEMPLATE) -> None:
         super().__init__(spec)
