@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_extract_support import ENCODERS, FAST, assert_same_arrays, clip_id, make_dataset, read_all, write_wav
+from tests.featurestore.test_extract_support import ENCODERS, FAST, assert_same_arrays, clip_id, make_dataset, read_all, write_wav
 
 import featurestore._extract_decode as extract_decode
 from featurestore.decode import load_audio_segments, sample_frames

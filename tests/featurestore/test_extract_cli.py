@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from test_extract_support import clip_id, make_dataset
+from tests.featurestore.test_extract_support import clip_id, make_dataset
 
 from featurestore.cli import main
 from featurestore.extract import DEFAULT_ENCODERS

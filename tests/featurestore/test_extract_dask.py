@@ -4,12 +4,14 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from test_extract_support import ENCODERS, FAST, assert_same_arrays, clip_id, make_dataset, read_all
+from tests.featurestore.test_extract_support import ENCODERS, FAST, assert_same_arrays, clip_id, make_dataset, read_all
 
 from featurestore.extract import extract
 from featurestore.store import open_store
 
 distributed = pytest.importorskip("distributed")
+# Blocks of 4 rows (the ViT's chunk), log-mel chunks of 2 inside them: tasks own whole blocks.
+OPTIONS = {**FAST, "batch_size": 4, "chunk_clips": {"logmel": 2, "timm/test_vit": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +24,12 @@ def client():
 
 @pytest.mark.slow
 def test_dask_tasks_write_the_same_arrays_as_a_local_run(tmp_path, client):
-    manifest = make_dataset(tmp_path / "data", 9)  # 5 blocks of 2 clips, the last one short
+    manifest = make_dataset(tmp_path / "data", 9)  # 3 blocks: 4, 4 and 1 clips
     local = tmp_path / "local.zarr"
-    extract(manifest, local, ENCODERS, **FAST)
+    extract(manifest, local, ENCODERS, **OPTIONS)
 
     remote = tmp_path / "dask.zarr"
-    summary = extract(manifest, remote, ENCODERS, scheduler=client, **FAST)
+    summary = extract(manifest, remote, ENCODERS, scheduler=client, **OPTIONS)
     assert summary.exit_code == 0 and summary.clips_done == 9
     assert summary.device.startswith("dask (2 workers")
     assert summary.stage_seconds["encode timm/test_vit"] > 0 and summary.stage_seconds["write"] > 0
@@ -42,10 +44,10 @@ def test_dask_tasks_write_the_same_arrays_as_a_local_run(tmp_path, client):
     root = tmp_path / "data"
     shutil.copy(root / manifest.clips[4].audio, tmp_path / "saved.wav")
     (root / manifest.clips[4].audio).write_bytes(b"RIFF0000WAVEjunk" * 10)
-    failed = extract(manifest, bad, ENCODERS, scheduler=client, **FAST)
+    failed = extract(manifest, bad, ENCODERS, scheduler=client, **OPTIONS)
     assert failed.exit_code == 1 and list(failed.failures) == [clip_id(4)]
     shutil.copy(tmp_path / "saved.wav", root / manifest.clips[4].audio)
-    again = extract(manifest, bad, ENCODERS, scheduler=client, **FAST)
+    again = extract(manifest, bad, ENCODERS, scheduler=client, **OPTIONS)
     assert again.exit_code == 0 and (again.clips_done, again.clips_skipped) == (1, 8)
     with open_store(bad) as store:
         assert store.verify().ok and all(info.n_done == 9 for info in store.feature_sets().values())
