@@ -60,7 +60,12 @@ class DecodedBatch:
 
     def pin_memory(self) -> DecodedBatch:
         """Called by the DataLoader's pin-memory thread when extracting on CUDA."""
-        pinned = {j: (rows, x.pin_memory()) for j, (rows, x) in self.inputs.items()}
+        done: dict[int, torch.Tensor] = {}  # jobs sharing one tensor share its pinned copy
+        pinned = {}
+        for j, (rows, x) in self.inputs.items():
+            if id(x) not in done:
+                done[id(x)] = x.pin_memory()
+            pinned[j] = (rows, done[id(x)])
         return DecodedBatch(self.rows, pinned, self.errors, self.seconds)
 
 
@@ -162,22 +167,19 @@ def collate(results: list[ClipResult]) -> DecodedBatch:
     return DecodedBatch(rows, inputs, errors, seconds)
 
 
-def make_decoder(plan: Plan, blocks: list[tuple[int, int]]) -> tuple[ClipDecoder, list[list[int]], list[int]]:
-    """The dataset, its batch windows (lists of rows) and the number of windows per block."""
+def make_decoder(plan: Plan, blocks: list[tuple[int, int]]) -> tuple[ClipDecoder, list[list[int]]]:
+    """The dataset and its decode batches (lists of rows, in row order) for the given blocks."""
     sources = plan.sources()
     jobs = [Job(i, t.name, t.source.key, t.encoder.preprocessor(), t.source.n_segments)
             for i, t in enumerate(plan.targets)]
     needs: dict[int, tuple[int, ...]] = {}
     windows: list[list[int]] = []
-    per_block: list[int] = []
     for start, stop in blocks:
-        block_windows = plan.windows(start, stop)
-        per_block.append(len(block_windows))
-        for rows in block_windows:
+        for rows in plan.windows(start, stop):
             windows.append([int(r) for r in rows])
             for r in rows:
                 needs[int(r)] = tuple(i for i, t in enumerate(plan.targets) if t.todo[r])
-    return ClipDecoder(sources, jobs, needs, plan.audio_paths, plan.video_paths), windows, per_block
+    return ClipDecoder(sources, jobs, needs, plan.audio_paths, plan.video_paths), windows
 
 
 def _share_key(job: Job) -> tuple | None:

@@ -7,13 +7,16 @@ things every later stage relies on:
   different -> ``FingerprintMismatchError`` unless ``overwrite``);
 * the *block*: a run of rows that is a whole number of chunks of every feature set being written,
   so one writer (a thread, or a Dask task on another machine) owns each block outright;
-* the *batch windows*: fixed row ranges inside a block. A batch never crosses a block, and its rows
-  depend only on which rows of its window need work, so an interrupted-then-resumed run and a Dask
-  run feed the encoders exactly the batches an uninterrupted run does (bit-identical outputs on CPU).
+* the *decode batches*: fixed row ranges of ``batch_size`` inside a block, holding the rows that
+  need work for any encoder. (Encode windows are fixed per feature set, counted from each of its
+  chunk starts, see ``_extract_run._Lane``: as feature sets are written chunk by chunk, an
+  interrupted-then-resumed run and a Dask run feed the encoders exactly the batches an
+  uninterrupted run does, so CPU outputs are bit-identical.)
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +108,7 @@ class Plan:
         audio_paths: absolute audio path per store row ('' where none).
         video_paths: absolute video path per store row ('' where none).
         clip_ids: clip id per store row.
-        batch_size: clips per batch window.
+        batch_size: clips per decode batch and per encode window.
     """
 
     targets: list[Target]
@@ -116,6 +119,7 @@ class Plan:
     video_paths: list[str]
     clip_ids: list[str]
     batch_size: int
+    _need: tuple | None = field(default=None, repr=False, compare=False)
 
     def blocks(self) -> list[tuple[int, int]]:
         """``(start, stop)`` of every block with at least one row that needs work."""
@@ -128,13 +132,17 @@ class Plan:
         return out
 
     def needed_any(self) -> np.ndarray:
-        need = np.zeros(self.n_rows, dtype=bool)
-        for target in self.targets:
-            need |= target.todo
-        return need
+        """Rows that need work for at least one target (computed once; targets are fixed)."""
+        key = tuple(id(t.todo) for t in self.targets)
+        if self._need is None or self._need[0] != key:
+            need = np.zeros(self.n_rows, dtype=bool)
+            for target in self.targets:
+                need |= target.todo
+            self._need = (key, need)
+        return self._need[1]
 
     def windows(self, start: int, stop: int) -> list[np.ndarray]:
-        """Rows needing work in each fixed batch window of the block ``start:stop`` (empty ones dropped)."""
+        """Rows needing work in each fixed decode batch of the block ``start:stop`` (empty ones dropped)."""
         need = self.needed_any()
         out = []
         for lo in range(start, stop, self.batch_size):
@@ -184,13 +192,14 @@ def power_of_two_chunk(n_segments: int, shape: tuple[int, ...], dtype: str) -> i
 
 
 def prepare_target(store: FeatureStore, encoder, source: Source, selected: np.ndarray, device: str,
-                   chunk_clips: int | None, overwrite: bool) -> Target:
+                   chunk_clips: int | Mapping[str, int] | None, overwrite: bool) -> Target:
     """Create or reopen the encoder's feature set and work out which selected rows are not done."""
     shape = tuple(int(s) for s in encoder.output_shape)
     dtype = str(encoder.dtype)
     prov = target_provenance(encoder, source, device)
     _drop_half_created(store, encoder.name)
-    rows = int(chunk_clips or power_of_two_chunk(source.n_segments, shape, dtype))
+    asked = chunk_clips.get(encoder.name) if isinstance(chunk_clips, Mapping) else chunk_clips
+    rows = int(asked or power_of_two_chunk(source.n_segments, shape, dtype))
     info = store.create_feature_set(encoder.name, source.n_segments, shape, prov, dtype=dtype,
                                     chunk_clips=rows, overwrite=overwrite)
     if info.shape[1:] != (source.n_segments, *shape):  # same fingerprint but another shape: store bug

@@ -2,15 +2,16 @@
 
 Three stages overlap:
 
-1. a torch ``DataLoader`` whose worker processes decode and preprocess whole batch windows ahead
-   of time (``prefetch_factor`` windows per worker);
-2. the calling thread moves each window to the device and runs every encoder on it, filling the
-   in-memory buffer of the window's block;
-3. a writer thread takes finished blocks from a bounded queue and writes them, one
-   ``write_rows`` call per feature set (data, then errors, then done flags).
+1. a torch ``DataLoader`` whose worker processes decode and preprocess batches of clips ahead of
+   time (``prefetch_factor`` batches per worker);
+2. the calling thread hands each decoded batch to one *lane* per encoder; a lane encodes fixed
+   windows of rows on the device and fills the buffer of the feature set's current chunk;
+3. a writer thread takes finished chunks from a bounded queue and writes each with one
+   ``write_rows`` call (data, then errors, then done flags).
 
-So the device only waits for decoding when the workers are slower than it, and writing never
-stalls encoding unless the queue is full (which bounds memory to a few blocks).
+So the device only waits for decoding when the workers are slower than it, writing never stalls
+encoding unless the queue is full, and memory is bounded by a window of inputs and a chunk of
+outputs per encoder plus the queue, whatever the number of clips.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,8 +31,8 @@ from featurestore._extract_decode import DecodedBatch, collate, make_decoder
 from featurestore._extract_plan import Plan, Target
 from featurestore.store.store import FeatureStore
 
-#: Finished blocks waiting for the writer; bounds memory to (this + 2) blocks of outputs.
-WRITE_QUEUE_BLOCKS = 2
+#: Finished chunks waiting for the writer (a chunk is ~4 MiB of one feature set by default).
+WRITE_QUEUE_CHUNKS = 8
 #: Batch windows each DataLoader worker decodes ahead.
 PREFETCH_WINDOWS = 2
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -67,72 +69,151 @@ class RunStats:
 
 
 @dataclass
-class _Block:
-    """Outputs of one block being assembled: per target a buffer, the rows done and the failures."""
+class _Chunk:
+    """Outputs of one chunk of one feature set being filled, and what is still missing."""
 
+    target: int
     start: int
     stop: int
-    windows_left: int
-    data: dict[int, np.ndarray] = field(default_factory=dict)
-    ok: dict[int, np.ndarray] = field(default_factory=dict)
-    errors: dict[int, dict[int, str]] = field(default_factory=dict)
+    data: np.ndarray
+    ok: np.ndarray
+    remaining: int
+    errors: dict[int, str] = field(default_factory=dict)
 
-    def buffer(self, j: int, target: Target) -> np.ndarray:
-        if j not in self.data:
-            n = self.stop - self.start
-            self.data[j] = np.zeros((n, target.source.n_segments, *target.shape), dtype=target.dtype)
-            self.ok[j] = np.zeros(n, dtype=bool)
-        return self.data[j]
+
+class _Lane:
+    """One encoder's path: collects decoded rows into fixed encode windows, encodes, fills chunks.
+
+    Encode windows are ``batch_size`` rows at fixed positions counted from each chunk start of the
+    feature set, restricted to the rows that need work. A resumed run (whose feature sets are done
+    chunk by chunk) or a Dask task (which owns whole chunks) therefore encodes exactly the batches
+    an uninterrupted run does, which keeps CPU outputs bit-identical. Memory is bounded by one
+    window of inputs and one chunk of outputs per encoder.
+    """
+
+    def __init__(self, j: int, target: Target, blocks: list[tuple[int, int]], batch_size: int, n_rows: int,
+                 device: torch.device, writer: _Writer, stats: RunStats):
+        self.j, self.target, self.device, self.writer, self.stats = j, target, device, writer, stats
+        self.windows: deque[np.ndarray] = deque()
+        self.chunk_need: dict[int, int] = {}
+        per = target.chunk_clips
+        for start, stop in blocks:
+            for c in range(start, stop, per):
+                c_stop = min(c + per, n_rows)
+                rows = c + np.flatnonzero(target.todo[c:c_stop])
+                if len(rows):
+                    self.chunk_need[c] = len(rows)
+                for lo in range(c, c_stop, batch_size):
+                    window = rows[(rows >= lo) & (rows < lo + batch_size)]
+                    if len(window):
+                        self.windows.append(window)
+        self.pending: dict[int, tuple[torch.Tensor, int]] = {}  # row -> (batch tensor, index in batch)
+        self.failed: set[int] = set()
+        self.chunks: dict[int, _Chunk] = {}
+
+    def add(self, rows: np.ndarray | None, x: torch.Tensor | None, errors: dict[int, str]) -> None:
+        """Take a decoded batch's rows for this encoder (and its failures); encode full windows."""
+        if rows is not None:
+            for i, row in enumerate(rows):
+                self.pending[int(row)] = (x, i)
+        for row, message in errors.items():
+            self.failed.add(int(row))
+            chunk = self._chunk(int(row))
+            chunk.errors[int(row)] = message
+            self._handled(chunk, 1)
+        while self.windows and all(int(r) in self.pending or int(r) in self.failed for r in self.windows[0]):
+            self._encode(self.windows.popleft())
+
+    def _encode(self, window: np.ndarray) -> None:
+        rows = np.array([r for r in window if int(r) not in self.failed], dtype=np.int64)
+        if not len(rows):
+            return
+        x = self._inputs(rows)
+        t0 = time.perf_counter()
+        out = _encode(self.target, x, self.device)
+        self.stats.add_seconds(f"encode {self.target.name}", time.perf_counter() - t0)
+        out = out.reshape(len(rows), self.target.source.n_segments, *self.target.shape)
+        for i, row in enumerate(rows):
+            chunk = self._chunk(int(row))
+            chunk.data[row - chunk.start] = out[i]
+            chunk.ok[row - chunk.start] = True
+            self._handled(chunk, 1)
+
+    def _inputs(self, rows: np.ndarray) -> torch.Tensor:
+        """The window's input tensor: a view of one batch when the rows are consecutive in it."""
+        parts = [self.pending.pop(int(r)) for r in rows]
+        n_seg = self.target.source.n_segments
+        first, i0 = parts[0]
+        if all(t is first and i == i0 + k for k, (t, i) in enumerate(parts)):
+            return first[i0 * n_seg:(i0 + len(parts)) * n_seg]
+        return torch.cat([t[i * n_seg:(i + 1) * n_seg] for t, i in parts])
+
+    def _chunk(self, row: int) -> _Chunk:
+        per = self.target.chunk_clips
+        start = row - row % per
+        chunk = self.chunks.get(start)
+        if chunk is None:
+            stop = min(start + per, len(self.target.todo))
+            t = self.target
+            chunk = _Chunk(self.j, start, stop, np.zeros((stop - start, t.source.n_segments, *t.shape), t.dtype),
+                           np.zeros(stop - start, dtype=bool), self.chunk_need[start])
+            self.chunks[start] = chunk
+        return chunk
+
+    def _handled(self, chunk: _Chunk, n: int) -> None:
+        chunk.remaining -= n
+        if chunk.remaining == 0:
+            del self.chunks[chunk.start]
+            self.writer.put(chunk)
+
+    def check_finished(self) -> None:
+        """Every window encoded and every chunk handed to the writer (else a row never arrived)."""
+        if self.windows or self.chunks or self.pending:
+            raise RuntimeError(f"{self.target.name}: {len(self.windows)} windows and {len(self.chunks)} chunks "
+                               f"left unfinished after the last batch (rows {sorted(self.pending)[:5]} pending)")
 
 
 class _Writer(threading.Thread):
-    """Writes finished blocks in the background; the first error stops it and is re-raised."""
+    """Writes finished chunks in the background; the first error stops it and is re-raised."""
 
     def __init__(self, store: FeatureStore, targets: list[Target], stats: RunStats):
         super().__init__(name="featurestore-extract-writer", daemon=True)
         self.store, self.targets, self.stats = store, targets, stats
-        self.queue: queue.Queue[_Block | None] = queue.Queue(maxsize=WRITE_QUEUE_BLOCKS)
+        self.queue: queue.Queue[_Chunk | None] = queue.Queue(maxsize=WRITE_QUEUE_CHUNKS)
         self.error: BaseException | None = None
         self.lock = threading.Lock()
 
     def run(self) -> None:
         while True:
-            block = self.queue.get()
-            if block is None or self.error is not None:
+            chunk = self.queue.get()
+            if chunk is None or self.error is not None:
                 return
             try:
                 t0 = time.perf_counter()
-                self._write(block)
+                self._write(chunk)
                 with self.lock:
                     self.stats.add_seconds("write", time.perf_counter() - t0)
             except BaseException as err:  # re-raised in the encoding thread by check()
                 self.error = err
                 return
 
-    def _write(self, block: _Block) -> None:
-        for j in sorted(set(block.data) | set(block.errors)):
-            target = self.targets[j]
-            n = block.stop - block.start
-            data = block.data.get(j)
-            if data is None:
-                data = np.zeros((n, target.source.n_segments, *target.shape), dtype=target.dtype)
-            ok = block.ok.get(j, np.zeros(n, dtype=bool))
-            old_done = self.store.done_mask(target.name)[block.start:block.stop]
-            if old_done.any():  # rows finished earlier share these chunks: carry their data over
-                old = self.store.read_rows(target.name, block.start, block.stop, check_done=False)
-                data[old_done] = old[old_done]
-            errors = block.errors.get(j, {})
-            self.store.write_rows(target.name, block.start, data, done=old_done | ok, errors=errors)
-            with self.lock:
-                self.stats.written[target.name] = self.stats.written.get(target.name, 0) + int(ok.sum())
-                if errors:
-                    self.stats.failed.setdefault(target.name, {}).update(errors)
+    def _write(self, chunk: _Chunk) -> None:
+        target = self.targets[chunk.target]
+        old_done = self.store.done_mask(target.name)[chunk.start:chunk.stop]
+        if old_done.any():  # rows finished earlier (limit, retried failures) share this chunk: keep them
+            old = self.store.read_rows(target.name, chunk.start, chunk.stop, check_done=False)
+            chunk.data[old_done] = old[old_done]
+        self.store.write_rows(target.name, chunk.start, chunk.data, done=old_done | chunk.ok, errors=chunk.errors)
+        with self.lock:
+            self.stats.written[target.name] = self.stats.written.get(target.name, 0) + int(chunk.ok.sum())
+            if chunk.errors:
+                self.stats.failed.setdefault(target.name, {}).update(chunk.errors)
 
-    def put(self, block: _Block) -> None:
+    def put(self, chunk: _Chunk) -> None:
         while True:  # wait for room, but notice a writer that died meanwhile
             self.check()
             try:
-                self.queue.put(block, timeout=0.5)
+                self.queue.put(chunk, timeout=0.5)
                 return
             except queue.Full:
                 continue
@@ -165,13 +246,13 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
         blocks: ``(start, stop)`` row ranges, each a whole number of chunks of every target.
         device: where the encoders run.
         num_workers: decoding processes (0 decodes in this thread, as Dask tasks do).
-        on_progress: called with the number of clips after each batch (progress bars).
+        on_progress: called with the number of clips after each decoded batch (progress bars).
 
     Returns:
         What was written and what failed, with per-stage seconds.
     """
     stats = RunStats()
-    decoder, windows, per_block = make_decoder(plan, blocks)
+    decoder, windows = make_decoder(plan, blocks)
     if not windows:
         return stats
     loader = DataLoader(decoder, batch_sampler=windows, collate_fn=collate, num_workers=num_workers,
@@ -181,48 +262,32 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
     writer = _Writer(store, plan.targets, stats)
     writer.start()
     try:
-        _encode_all(plan, batches, blocks, per_block, device, writer, stats, on_progress)
+        lanes = [_Lane(j, t, blocks, plan.batch_size, plan.n_rows, device, writer, stats)
+                 for j, t in enumerate(plan.targets)]
+        _encode_all(batches, len(windows), lanes, writer, stats, on_progress)
     finally:
         del batches  # shuts the worker processes down
         writer.finish()
     return stats
 
 
-def _encode_all(plan: Plan, batches, blocks: list[tuple[int, int]], per_block: list[int],
-                device: torch.device, writer: _Writer, stats: RunStats,
+def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writer, stats: RunStats,
                 on_progress: Callable[[int], None] | None) -> None:
-    for (start, stop), n_windows in zip(blocks, per_block):
-        if n_windows == 0:
-            continue
-        block = _Block(start, stop, n_windows)
-        for _ in range(n_windows):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            stats.add_seconds("wait for input", time.perf_counter() - t0)
-            _encode_batch(plan, batch, block, device, stats)
-            writer.check()
-            stats.clips += len(batch.rows)
-            if on_progress is not None:
-                on_progress(len(batch.rows))
-        writer.put(block)
-
-
-def _encode_batch(plan: Plan, batch: DecodedBatch, block: _Block, device: torch.device, stats: RunStats) -> None:
-    """Run every encoder that has inputs in the batch and put the outputs into the block buffer."""
-    for stage, value in batch.seconds.items():
-        stats.add_seconds(stage, value)
-    for j, (rows, x) in batch.inputs.items():
-        target = plan.targets[j]
+    for _ in range(n_batches):
         t0 = time.perf_counter()
-        out = _encode(target, x, device)
-        stats.add_seconds(f"encode {target.name}", time.perf_counter() - t0)
-        buf = block.buffer(j, target)
-        offsets = rows - block.start
-        buf[offsets] = out.reshape(len(rows), target.source.n_segments, *target.shape)
-        block.ok[j][offsets] = True
-    for j, errs in batch.errors.items():
-        block.buffer(j, plan.targets[j])
-        block.errors.setdefault(j, {}).update(errs)
+        batch: DecodedBatch = next(batches)
+        stats.add_seconds("wait for input", time.perf_counter() - t0)
+        for stage, value in batch.seconds.items():
+            stats.add_seconds(stage, value)
+        for lane in lanes:
+            rows, x = batch.inputs.get(lane.j, (None, None))
+            lane.add(rows, x, batch.errors.get(lane.j, {}))
+        writer.check()
+        stats.clips += len(batch.rows)
+        if on_progress is not None:
+            on_progress(len(batch.rows))
+    for lane in lanes:
+        lane.check_finished()
 
 
 def _encode(target: Target, x: torch.Tensor, device: torch.device) -> np.ndarray:

@@ -44,7 +44,8 @@ class ExtractSummary:
         stage_seconds: decode per source, preprocess, encode per encoder, write, wait for input.
             Decode and preprocess are summed over worker processes, so the sum of the stages may
             exceed ``wall_seconds``: that difference is the overlap.
-        wall_seconds: the whole run, planning included.
+        wall_seconds: the whole run: reading the dataset, building encoders, planning, the pipeline.
+        pipeline_seconds: decode + encode + write of the clips (the part the stages overlap in).
         random_weights: names of feature sets whose encoder used random weights.
     """
 
@@ -58,6 +59,7 @@ class ExtractSummary:
     class_features: dict[str, str] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    pipeline_seconds: float = 0.0
     random_weights: list[str] = field(default_factory=list)
 
     @property
@@ -81,11 +83,11 @@ class ExtractSummary:
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
         rate = self.clips_done / self.wall_seconds if self.wall_seconds > 0 else 0.0
-        stages = ", ".join(f"{_stage_label(k)} {v:.1f} s" for k, v in _ordered(self.stage_seconds))
+        stages = ", ".join(f"{_stage_label(k)} {v:.1f} s" for k, v in ordered_stages(self.stage_seconds))
         text = (f"extract: {self.clips_done} clips done, {self.clips_skipped} skipped, {self.clips_failed} failed "
                 f"of {self.clips_selected} in {self.wall_seconds:.1f} s ({rate:.1f} clips/s) on {self.device}")
         if stages:
-            text += f"; {stages}"
+            text += f"; pipeline {self.pipeline_seconds:.1f} s: {stages}"
         if self.random_weights:
             text += f"; RANDOM weights: {', '.join(self.random_weights)}"
         return text
@@ -107,10 +109,12 @@ class ExtractSummary:
         return out
 
 
-def _ordered(seconds: dict[str, float]) -> list[tuple[str, float]]:
-    def rank(key: str) -> tuple[int, str]:
-        order = ("decode", "preprocess", "encode", "write", "wait")
-        return next((i for i, p in enumerate(order) if key.startswith(p)), len(order)), ""
+def ordered_stages(seconds: dict[str, float]) -> list[tuple[str, float]]:
+    """Stages in pipeline order: decode, preprocess, encoders (in run order), write, waiting."""
+    order = ("decode", "preprocess", "encode", "write", "wait")
+
+    def rank(key: str) -> int:
+        return next((i for i, p in enumerate(order) if key.startswith(p)), len(order))
 
     return sorted(seconds.items(), key=lambda kv: rank(kv[0]))
 

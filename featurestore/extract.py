@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from featurestore._extract_plan import (
     Plan, block_size, prepare_target, resolve_path, source_for, write_text_features,
 )
 from featurestore._extract_run import RunStats, default_num_workers, run_blocks
-from featurestore._extract_summary import ExtractSummary, FeatureSetSummary
+from featurestore._extract_summary import ExtractSummary, FeatureSetSummary, ordered_stages
 from featurestore.errors import FeatureStoreError
 from featurestore.manifest import Manifest
 from featurestore.store import FeatureStore, create_store, open_store
@@ -46,7 +46,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             encoders: str | Sequence = DEFAULT_ENCODERS, device: str = "auto",
             batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int | None = None, frames: int | None = None,
             limit: int | None = None, overwrite: bool = False, scheduler=None, progress: bool = True,
-            backend: str | None = None, chunk_clips: int | None = None) -> ExtractSummary:
+            backend: str | None = None, chunk_clips: int | Mapping[str, int] | None = None) -> ExtractSummary:
     """Extract features of a dataset's clips into a store; resumable, with per-clip errors.
 
     Args:
@@ -64,8 +64,9 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         scheduler: a Dask scheduler address, ``distributed.Client`` or cluster: run as Dask tasks.
         progress: show a progress bar and print the summary line and failures.
         backend: ``"zarr"`` or ``"hdf5"`` when the store's name does not say.
-        chunk_clips: clips per chunk of newly created feature sets (default: about 2 MiB per chunk,
-            rounded down to a power of two so that all feature sets' chunks align).
+        chunk_clips: clips per chunk of newly created feature sets, one number for all or a dict by
+            feature set name (default: the store's ~4 MiB per chunk rounded down to a power of two,
+            so that the chunks of all feature sets align). Existing feature sets keep theirs.
 
     Returns:
         An ExtractSummary (its ``exit_code`` is 1 when some clip failed).
@@ -99,7 +100,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
 
 def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], built: list, dev, device: str,
                   batch_size: int, num_workers: int | None, overwrite: bool, scheduler, progress: bool,
-                  backend: str | None, chunk_clips: int | None) -> ExtractSummary:
+                  backend: str | None, chunk_clips: int | Mapping[str, int] | None) -> ExtractSummary:
     rows = _ensure_clips(fs, manifest)
     selected = np.zeros(fs.n_clips, dtype=bool)
     selected[rows[:len(selected_ids)]] = True
@@ -110,6 +111,7 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
             else "unchanged"
     plan = _make_plan(fs, manifest, rows, selected, built, str(dev), batch_size, chunk_clips, overwrite)
     summary.random_weights = [e.name for e in built if _is_random(e)]
+    t_pipeline = time.perf_counter()
     with _ProgressBar(plan.n_todo_clips(), progress) as bar:
         if scheduler is None:
             workers = default_num_workers() if num_workers is None else num_workers
@@ -120,15 +122,20 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
             ref = StoreRef(fs.location, backend)
             stats, summary.device = run_distributed(plan, ref, scheduler, device, bar.update)
             fs.refresh()
+    summary.pipeline_seconds = time.perf_counter() - t_pipeline
     _fill_summary(summary, plan, stats, fs.clip_ids)
     return summary
 
 
 # ------------------------------------------------------------------------------- arguments
 def _check_arguments(batch_size: int, num_workers: int | None, frames: int | None, limit: int | None,
-                     chunk_clips: int | None) -> None:
+                     chunk_clips: int | Mapping[str, int] | None) -> None:
     checks = [("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("frames", frames, 1),
-              ("limit", limit, 1), ("chunk_clips", chunk_clips, 1)]
+              ("limit", limit, 1)]
+    if isinstance(chunk_clips, Mapping):
+        checks += [(f"chunk_clips[{name!r}]", value, 1) for name, value in chunk_clips.items()]
+    else:
+        checks.append(("chunk_clips", chunk_clips, 1))
     for name, value, low in checks:
         if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -218,7 +225,12 @@ def _ensure_clips(fs: FeatureStore, manifest: Manifest) -> np.ndarray:
 
 
 def _make_plan(fs: FeatureStore, manifest: Manifest, rows: np.ndarray, selected: np.ndarray, built: list,
-               device: str, batch_size: int, chunk_clips: int | None, overwrite: bool) -> Plan:
+               device: str, batch_size: int, chunk_clips: int | Mapping[str, int] | None, overwrite: bool) -> Plan:
+    if isinstance(chunk_clips, Mapping):
+        unknown = sorted(set(chunk_clips) - {e.name for e in built})
+        if unknown:
+            raise ValueError(f"chunk_clips names {unknown} are not feature sets of this run "
+                             f"({', '.join(e.name for e in built)})")
     targets = [prepare_target(fs, e, source_for(e, manifest), selected, device, chunk_clips, overwrite)
                for e in built if e.modality != "text"]
     audio = [""] * fs.n_clips
@@ -262,7 +274,7 @@ def _fill_summary(summary: ExtractSummary, plan: Plan, stats: RunStats, clip_ids
             summary.failures.setdefault(clip_ids[row], {})[target.name] = message
     summary.clips_skipped = int((plan.selected & ~plan.needed_any()).sum())
     summary.clips_done = stats.clips - len(summary.failures)
-    summary.stage_seconds = dict(stats.seconds)
+    summary.stage_seconds = dict(ordered_stages(stats.seconds))
 
 
 # --------------------------------------------------------------------------------------- CLI

@@ -1,0 +1,170 @@
+"""Benchmark of featurestore.extract: time per stage vs wall time, and peak memory vs dataset size.
+
+What it measures, on a synthetic TAU-layout dataset of 4N clips (real WAV + MP4, 10 s each):
+
+* **Overlap.** Per-stage busy time (decode, preprocess, each encoder, write) summed, against the
+  pipeline's wall time, for the same N clips with decode workers and with decoding in the encoding
+  thread (``--num-workers 0``): the ratio stages/wall > 1 and the speed-up over the serial run
+  are the overlap.
+* **Memory.** Peak resident memory of an extraction of N clips and of 4N clips, each in a fresh
+  subprocess: the sum over the process tree (main process + decode workers), sampled every 20 ms,
+  and the main process's own peak (``ru_maxrss``). Extraction holds a bounded number of blocks,
+  so 4N should cost at most 1.2x the memory of N.
+
+Every run is a fresh ``python`` process, so model loading and imports are in the wall time but
+counted separately (``startup``). Ratios from one run of this script are what to compare.
+
+Usage:
+    python scripts/bench/bench_extract.py --clips 10 --encoders logmel,timm/test_vit@none --workers 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MEMORY_LIMIT_RATIO = 1.2
+
+
+# ------------------------------------------------------------------------------------- child
+def _tree_rss() -> int:
+    """Resident bytes of this process and all its descendants."""
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+class _PeakSampler(threading.Thread):
+    """Samples the process tree's RSS until stopped; keeps the maximum."""
+
+    def __init__(self, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self._stop_event = interval, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _tree_rss())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, _tree_rss())
+
+
+def child(args: argparse.Namespace) -> None:
+    """One extraction in this (fresh) process; prints a JSON line with the summary and memory."""
+    t0 = time.perf_counter()
+    sampler = _PeakSampler()
+    sampler.start()
+    from featurestore.extract import extract
+
+    imported = time.perf_counter() - t0
+    summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
+                      num_workers=args.workers, limit=args.limit, frames=args.frames, progress=False)
+    peak_tree = sampler.stop()
+    self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"summary": summary.to_dict(), "stages_total": summary.stages_total(),
+                      "import_seconds": imported, "peak_tree_bytes": peak_tree, "peak_main_bytes": self_peak,
+                      "peak_worker_bytes": workers_peak}))
+
+
+# ------------------------------------------------------------------------------------ parent
+def run_child(dataset: Path, store: Path, args: argparse.Namespace, limit: int | None, workers: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--dataset", str(dataset), "--store", str(store),
+           "--encoders", args.encoders, "--device", args.device, "--batch-size", str(args.batch_size),
+           "--workers", str(workers), "--frames", str(args.frames)]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - started
+    return result
+
+
+def describe(label: str, r: dict) -> str:
+    s = r["summary"]
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in s["stage_seconds"].items())
+    wall = s["pipeline_seconds"]
+    return (f"{label:<22} clips {s['clips_done']:>4}  pipeline {wall:7.2f} s (run {s['wall_seconds']:.1f} s, "
+            f"process {r['process_seconds']:.1f} s)  stages {r['stages_total']:7.2f} s  "
+            f"stages/pipeline {r['stages_total'] / wall:4.2f}  {s['clips_done'] / wall:6.2f} clips/s  "
+            f"peak RSS {r['peak_tree_bytes'] / 2**20:7.1f} MiB (main {r['peak_main_bytes'] / 2**20:.1f})\n"
+            f"{'':<22} [{stages}]")
+
+
+def parent(args: argparse.Namespace) -> None:
+    from featurestore.datasets.synthetic import make_demo_dataset
+
+    n = args.clips
+    with tempfile.TemporaryDirectory(prefix="bench_extract_", dir=args.tmp) as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        dataset = make_demo_dataset(tmp / "data", clips_per_class=math.ceil(4 * n / 10), duration=10.0,
+                                    progress=False)
+        print(f"dataset: {math.ceil(4 * n / 10) * 10} clips of 10 s written in {time.perf_counter() - t0:.1f} s")
+        print(f"encoders {args.encoders}; batch {args.batch_size} clips; {args.frames} frames/clip; "
+              f"device {args.device}; {os.cpu_count()} CPUs")
+        small = run_child(dataset, tmp / "n.zarr", args, n, args.workers)
+        large = run_child(dataset, tmp / "4n.zarr", args, 4 * n, args.workers)
+        serial = run_child(dataset, tmp / "serial.zarr", args, n, 0)
+    print(describe(f"N={n}, {args.workers} workers", small))
+    print(describe(f"4N={4 * n}, {args.workers} workers", large))
+    print(describe(f"N={n}, serial decode", serial))
+    speedup = serial["summary"]["pipeline_seconds"] / small["summary"]["pipeline_seconds"]
+    mem_ratio = large["peak_tree_bytes"] / small["peak_tree_bytes"]
+    main_ratio = large["peak_main_bytes"] / small["peak_main_bytes"]
+    ratio = {k: r["stages_total"] / r["summary"]["pipeline_seconds"] for k, r in (("n", small), ("s", serial))}
+    print(f"overlap: busy stages / pipeline time = {ratio['n']:.2f} with {args.workers} decode worker(s) vs "
+          f"{ratio['s']:.2f} with serial decode; pipeline speed-up over serial decode {speedup:.2f}x")
+    verdict = "OK" if mem_ratio <= MEMORY_LIMIT_RATIO else "OVER THE LIMIT"
+    print(f"memory: peak RSS 4N/N = {mem_ratio:.3f} (process tree: {large['peak_tree_bytes'] / 2**20:.1f} / "
+          f"{small['peak_tree_bytes'] / 2**20:.1f} MiB), main process {main_ratio:.3f}; limit "
+          f"{MEMORY_LIMIT_RATIO} -> {verdict}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"n": small, "4n": large, "serial": serial, "speedup": speedup,
+                                               "memory_ratio": mem_ratio}, indent=2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clips", type=int, default=10, help="N (the large run has 4N clips)")
+    p.add_argument("--encoders", default="logmel,timm/test_vit@none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--tmp", default=None, help="where the dataset and stores go (default: the system temp)")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dataset", help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    p.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
