@@ -513,6 +513,8 @@ class _Sampler:
                 self._pending = frame
                 return self._prev if self._prev is not None else frame
             self._prev = frame
+            if frame.duration and frame.pts + frame.duration > target:
+                return frame  # still on screen at the target: no need to decode the next frame
 
     def _decode_iter(self) -> Iterator:
         """Decoded frames from the current position on.
