@@ -23,8 +23,15 @@ def canonical_json(obj: Any) -> str:
 
 
 def fingerprint(provenance: dict) -> str:
-    """SHA-256 (hex, first 16 chars) of the provenance without its runtime section."""
+    """SHA-256 (hex, first 16 chars) of the provenance without its runtime section.
+
+    A checkpoint is identified by its content hash, not where it lies: moving the file must not
+    make a resume refuse, so ``weights.path`` is left out whenever ``weights.sha256`` is there.
+    """
     body = {k: v for k, v in provenance.items() if k != RUNTIME_KEY}
+    weights = body.get("weights")
+    if isinstance(weights, dict) and weights.get("sha256"):
+        body["weights"] = {k: v for k, v in weights.items() if k != "path"}
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()[:16]
 
 
