@@ -227,3 +227,24 @@ def test_encoder_outputs_on_cpu_do_not_depend_on_torch_threads(tiny, tiny_store,
     finally:
         torch.set_num_threads(threads)
     assert_same_arrays(read_all(tmp_path / "one.zarr"), read_all(tiny_store[0]))
+
+
+def test_encoders_with_equal_preprocessors_share_one_tensor_per_clip(tiny):
+    from featurestore._extract_decode import ClipDecoder, Job, collate
+    from featurestore._extract_plan import Source
+    from featurestore.encoders import FramePreprocessor
+
+    def frames_job(index: int, name: str, crop: int) -> Job:
+        pre = FramePreprocessor(crop=(crop, crop), resize=crop, interpolation="bicubic", mean=(0.5,) * 3,
+                                std=(0.25,) * 3)
+        return Job(index, name, "frames@2", pre, 2)
+
+    jobs = [frames_job(0, "a", 32), frames_job(1, "b", 32), frames_job(2, "c", 40)]
+    paths = [str(tiny.root / c.video) for c in tiny.clips]
+    decoder = ClipDecoder({"frames@2": Source("frames", 2)}, jobs, {0: (0, 1, 2), 1: (0, 1, 2)}, [""] * 5, paths)
+    first = decoder[0]
+    assert first.inputs[0] is first.inputs[1] and first.inputs[2].shape == (2, 3, 40, 40)
+    batch = collate([first, decoder[1]])
+    assert batch.inputs[0][1] is batch.inputs[1][1] and batch.inputs[0][1].shape == (4, 3, 32, 32)
+    np.testing.assert_array_equal(batch.inputs[0][0], [0, 1])
+    assert batch.seconds["decode frames"] > 0 and not batch.errors
