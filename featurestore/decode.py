@@ -22,6 +22,7 @@ import math
 import os
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -198,7 +199,6 @@ def _check_wav_not_truncated(path: Path, size: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-
 @dataclass(frozen=True)
 class VideoInfo:
     """What :func:`probe_video` found out about a file's first video stream.
@@ -306,32 +306,26 @@ class _CannotSeek(Exception):
     refuses to seek): decode everything instead."""
 
 
-class _open_video:
-    """Context manager: ``av.open`` with every failure turned into a DecodeError."""
+@contextmanager
+def _open_video(path: PathLike) -> Iterator:
+    """``av.open`` for reading, with every failure to open turned into a DecodeError."""
+    import av
 
-    def __init__(self, path: PathLike):
-        self.path = Path(path)
-        self.container = None
-
-    def __enter__(self):
-        import av
-
-        if not self.path.is_file():
-            raise DecodeError(self.path, "file not found" if not self.path.exists() else "not a regular file")
-        if self.path.stat().st_size == 0:
-            raise DecodeError(self.path, "empty file (0 bytes)")
-        try:
-            self.container = av.open(str(self.path), mode="r")
-        except Exception as exc:  # av.error.InvalidDataError, av.error.FFmpegError, ...
-            raise DecodeError(self.path, f"unreadable video ({type(exc).__name__}: {exc})") from exc
-        if not self.container.streams.video:
-            self.container.close()
-            raise DecodeError(self.path, "no video stream in file")
-        return self.container
-
-    def __exit__(self, *exc_info) -> None:
-        if self.container is not None:
-            self.container.close()
+    path = Path(path)
+    if not path.is_file():
+        raise DecodeError(path, "file not found" if not path.exists() else "not a regular file")
+    if path.stat().st_size == 0:
+        raise DecodeError(path, "empty file (0 bytes)")
+    try:
+        container = av.open(str(path), mode="r")
+    except Exception as exc:  # av.error.InvalidDataError, av.error.FFmpegError, ...
+        raise DecodeError(path, f"unreadable video ({type(exc).__name__}: {exc})") from exc
+    try:
+        if not container.streams.video:
+            raise DecodeError(path, "no video stream in file")
+        yield container
+    finally:
+        container.close()
 
 
 def _probe(container, path: PathLike) -> VideoInfo:
@@ -366,15 +360,18 @@ def _scan_packets(path: PathLike) -> tuple[float | None, int]:
         stream = container.streams.video[0]
         first = last_end = None
         total = n = 0
-        for packet in container.demux(stream):
-            if not packet.size:
-                continue
-            n += 1
-            total += packet.duration or 0
-            if packet.pts is not None:
-                end = packet.pts + (packet.duration or 0)
-                first = packet.pts if first is None else min(first, packet.pts)
-                last_end = end if last_end is None else max(last_end, end)
+        try:
+            for packet in container.demux(stream):
+                if not packet.size:
+                    continue
+                n += 1
+                total += packet.duration or 0
+                if packet.pts is not None:
+                    end = packet.pts + (packet.duration or 0)
+                    first = packet.pts if first is None else min(first, packet.pts)
+                    last_end = end if last_end is None else max(last_end, end)
+        except Exception as exc:  # av.error.*: the demuxer hit corrupt data
+            raise DecodeError(path, f"corrupt or truncated video data ({type(exc).__name__}: {exc})") from exc
         if not stream.time_base or n == 0:
             return None, n
         ticks = (last_end - first) if first is not None else total
