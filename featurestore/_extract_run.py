@@ -33,8 +33,8 @@ from featurestore.store.store import FeatureStore
 
 #: Finished chunks waiting for the writer (a chunk is ~4 MiB of one feature set by default).
 WRITE_QUEUE_CHUNKS = 8
-#: Batch windows each DataLoader worker decodes ahead.
-PREFETCH_WINDOWS = 2
+#: Batches each DataLoader worker decodes ahead.
+PREFETCH_BATCHES = 2
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -174,14 +174,17 @@ class _Lane:
 
 
 class _Writer(threading.Thread):
-    """Writes finished chunks in the background; the first error stops it and is re-raised."""
+    """Writes finished chunks in the background; the first error stops it and is re-raised.
 
-    def __init__(self, store: FeatureStore, targets: list[Target], stats: RunStats):
+    It counts into its own ``stats`` (merged by the caller after ``finish``), so no counter is
+    shared between threads.
+    """
+
+    def __init__(self, store: FeatureStore, targets: list[Target]):
         super().__init__(name="featurestore-extract-writer", daemon=True)
-        self.store, self.targets, self.stats = store, targets, stats
+        self.store, self.targets, self.stats = store, targets, RunStats()
         self.queue: queue.Queue[_Chunk | None] = queue.Queue(maxsize=WRITE_QUEUE_CHUNKS)
         self.error: BaseException | None = None
-        self.lock = threading.Lock()
 
     def run(self) -> None:
         while True:
@@ -191,8 +194,7 @@ class _Writer(threading.Thread):
             try:
                 t0 = time.perf_counter()
                 self._write(chunk)
-                with self.lock:
-                    self.stats.add_seconds("write", time.perf_counter() - t0)
+                self.stats.add_seconds("write", time.perf_counter() - t0)
             except BaseException as err:  # re-raised in the encoding thread by check()
                 self.error = err
                 return
@@ -204,10 +206,9 @@ class _Writer(threading.Thread):
             old = self.store.read_rows(target.name, chunk.start, chunk.stop, check_done=False)
             chunk.data[old_done] = old[old_done]
         self.store.write_rows(target.name, chunk.start, chunk.data, done=old_done | chunk.ok, errors=chunk.errors)
-        with self.lock:
-            self.stats.written[target.name] = self.stats.written.get(target.name, 0) + int(chunk.ok.sum())
-            if chunk.errors:
-                self.stats.failed.setdefault(target.name, {}).update(chunk.errors)
+        self.stats.written[target.name] = self.stats.written.get(target.name, 0) + int(chunk.ok.sum())
+        if chunk.errors:
+            self.stats.failed.setdefault(target.name, {}).update(chunk.errors)
 
     def put(self, chunk: _Chunk) -> None:
         while True:  # wait for room, but notice a writer that died meanwhile
@@ -256,10 +257,10 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
     if not windows:
         return stats
     loader = DataLoader(decoder, batch_sampler=windows, collate_fn=collate, num_workers=num_workers,
-                        prefetch_factor=PREFETCH_WINDOWS if num_workers else None,
+                        prefetch_factor=PREFETCH_BATCHES if num_workers else None,
                         pin_memory=device.type == "cuda")
     batches = iter(loader)  # workers are forked here, before the writer thread exists
-    writer = _Writer(store, plan.targets, stats)
+    writer = _Writer(store, plan.targets)
     writer.start()
     try:
         lanes = [_Lane(j, t, blocks, plan.batch_size, plan.n_rows, device, writer, stats)
@@ -268,6 +269,7 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
     finally:
         del batches  # shuts the worker processes down
         writer.finish()
+    stats.merge(writer.stats)
     return stats
 
 
