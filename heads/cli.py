@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="head_set", action="append", default=[], metavar="KEY=VALUE",
                    help="head config field (value parsed as JSON when it can be), e.g. --set backbone=test_resnet")
     p.add_argument("--cache", action="store_true", default=None, help="load training features into memory")
-    p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
+    p.add_argument("--overwrite", action="store_true", help="discard what the run directory holds and train afresh (default: resume the same run, refuse another)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 

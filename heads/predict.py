@@ -129,7 +129,7 @@ def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: 
         run_dir: the training run directory.
         name: prediction run name (default: the run directory's name).
         split: predict only this split's clips (default: every clip whose features are done).
-        batch_size: clips per forward pass (default: enough for about 256 segments).
+        batch_size: clips per forward pass (default: about 4 training batches of segments).
         overwrite: replace an existing prediction run of that name.
         family: ensemble family recorded in the attrs (default: the training config's, else derived).
         weights: ``"best"`` or ``"last"`` checkpoint.
@@ -159,7 +159,7 @@ def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int |
         raise ValueError(f"feature sets {features} have different segment counts {sorted(segments)}; "
                          f"a head predicts one row per segment, so they must match")
     n_segments = segments.pop()
-    clips = batch_size or max(1, 256 // n_segments)
+    clips = batch_size or max(1, 4 * head.default_batch_size // n_segments)
     data = StoreDataset(store, features, split=split, level="clip", batch_size=clips, missing="skip")
     attrs = prediction_attrs(info, family)
     attrs.update({"run_dir": str(run_dir), "weights": weights, "n_segments": n_segments})

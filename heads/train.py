@@ -77,7 +77,8 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
     Args:
         cfg: the training configuration.
         store: an open store; None opens ``cfg.store`` read-only.
-        overwrite: delete an existing run directory that holds a different run instead of refusing.
+        overwrite: delete whatever the run directory holds and start afresh (otherwise a directory
+            holding the same run is resumed, and one holding a different run is refused).
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch is committed to disk.
     """
     own = store is None
@@ -262,18 +263,19 @@ def _no_training(head: Head, val_loader: Iterable | None, cfg: TrainConfig, run_
 
 # ------------------------------------------------------------------------- run directory state
 def _open_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> dict:
-    """The saved state of a resumable run with the same identity, {} for a new run."""
+    """The saved state of a resumable run with the same identity, {} for a new run.
+
+    ``overwrite`` discards whatever the directory holds; otherwise a directory holding a different
+    run is refused, and one holding the same run is resumed (or returned as is when finished).
+    """
     state_path, info_path = run_dir / "state.json", run_dir / "run.json"
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
     if info_path.exists():
-        old = read_json(info_path)
-        diff = _identity_diff(old, identity)
-        if diff and not overwrite:
+        diff = _identity_diff(read_json(info_path), identity)
+        if diff:
             raise FileExistsError(f"run directory {str(run_dir)!r} holds a different run (differs in: "
                                   f"{', '.join(diff)}); choose another --out or pass --overwrite")
-        if diff:
-            shutil.rmtree(run_dir)
-    if overwrite and not info_path.exists() and run_dir.exists() and any(run_dir.iterdir()):
-        shutil.rmtree(run_dir)
     (run_dir / "ckpt").mkdir(parents=True, exist_ok=True)
     if not info_path.exists():
         write_json(info_path, {**identity, "created": runtime_info()})
