@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from featurestore.errors import MissingFeatureError
+from featurestore.errors import MissingFeatureError, UnknownFeatureError
 
 Level = Literal["segment", "clip"]
 _LEVELS = ("segment", "clip")
@@ -263,8 +263,6 @@ class StoreDataset(IterableDataset):
 
 
 def _check_known(features: list[str], infos: dict) -> None:
-    from featurestore.errors import UnknownFeatureError
-
     for name in features:
         if name not in infos:
             raise UnknownFeatureError("feature set", name, infos.keys())

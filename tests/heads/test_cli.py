@@ -11,7 +11,7 @@ import heads
 from heads.cli import main
 from heads.config import TrainConfig
 
-from tests.heads.conftest import N_CLIPS, build_store
+from tests.heads._store import N_CLIPS, build_store
 
 RECIPES = Path(__file__).resolve().parents[2] / "scripts" / "recipes"
 ALL_RECIPES = sorted(RECIPES.glob("*.json")) + sorted((RECIPES / "paper").glob("*.json"))

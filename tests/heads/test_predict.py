@@ -7,7 +7,7 @@ import pytest
 import heads
 from heads.config import TrainConfig
 
-from tests.heads.conftest import CLASSES, N_CLIPS, SEGMENTS, provenance
+from tests.heads._store import CLASSES, N_CLIPS, SEGMENTS, provenance
 
 CLIP3 = ["clip/RN50x4", "clip/RN101", "clip/ViT-B-32"]
 REQUIRED = {"head", "head_config", "features", "train_split", "val_split", "family", "random_weights",

@@ -14,7 +14,7 @@ from heads.evaluate import evaluate
 from heads.predict import load_head
 from heads.train import make_loaders
 
-from tests.heads.conftest import build_store
+from tests.heads._store import build_store
 
 CLIP3 = ["clip/RN50x4", "clip/RN101", "clip/ViT-B-32"]
 # Features and head config of each registered head on the tiny store: a new head must be added here.
