@@ -528,6 +528,12 @@ class FeatureStore:
         self._done.clear()
         self._clip_ids = self._row_of = None
 
+    def torch_dataset(self, features: str | Sequence[str], **kwargs):
+        """A ``featurestore.torchdata.StoreDataset`` over this store (see that class for arguments)."""
+        from featurestore.torchdata import StoreDataset
+
+        return StoreDataset(self, [features] if isinstance(features, str) else list(features), **kwargs)
+
     # ------------------------------------------------------------------------ class features
     def write_class_features(self, name: str, data: np.ndarray, provenance: dict,
                              prompts: Sequence[str] | None = None) -> None:

@@ -172,3 +172,10 @@ def test_tensor_batches_shuffle_like_the_store_loader():
     tb.set_epoch(2)
     assert sorted(first.tolist()) == list(range(10)) and first.tolist() != torch.cat([b.rows for b in tb]).tolist()
     assert len(tb) == 3
+
+
+def test_store_method_builds_the_same_dataset(store):
+    direct = _collect(StoreDataset(store, ["emb/a"], split="train", batch_size=5))
+    via_method = _collect(store.torch_dataset("emb/a", split="train", batch_size=5))
+    assert all(np.array_equal(x, y) for x, y in zip(direct[0], via_method[0]))
+    assert np.array_equal(direct[2], via_method[2])
