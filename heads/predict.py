@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from featurestore.encoders import resolve_device
 from featurestore.provenance import fingerprint as provenance_fingerprint
 from featurestore.torchdata import StoreDataset
 from heads._registry import Head, head_class
 from heads.checkpoint import load_weights, read_json
 from heads.errors import FeatureFingerprintError
 from heads.evaluate import clip_outputs
-from heads.train import resolve_device
 
 FLUSH_CLIPS = 4096
 
@@ -42,7 +42,7 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
 
     Args:
         run_dir: a directory written by `heads.train`.
-        device: where to put the head.
+        device: where to put the head (``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or a torch.device).
         weights: ``"best"`` (best epoch by validation accuracy) or ``"last"`` (last completed epoch).
     """
     run_dir = Path(run_dir)
@@ -59,7 +59,7 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
         raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
     state, _ = load_weights(path)
     head.load_state_dict(state)
-    return head.to(torch.device(device)).eval(), info
+    return head.to(resolve_device(device)).eval(), info
 
 
 def check_fingerprints(store: Any, info: dict, run_dir: str | Path) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from featurestore.encoders import resolve_device
 from featurestore.provenance import fingerprint as provenance_fingerprint
 from featurestore.provenance import is_random_weights, runtime_info, weights_identity
 from featurestore.torchdata import StoreDataset, WorkerLoader
@@ -59,16 +60,6 @@ class TrainResult:
         return self.run_dir / "best.safetensors"
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; other names are passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
-    return device
-
-
 # ------------------------------------------------------------------------------- store -> fit
 def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
           on_epoch_end: EpochCallback | None = None) -> TrainResult:
@@ -81,6 +72,7 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
             holding the same run is resumed, and one holding a different run is refused).
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch is committed to disk.
     """
+    resolve_device(cfg.device)  # a bad or unavailable device fails before any data is read
     own = store is None
     if own:
         if not cfg.store:

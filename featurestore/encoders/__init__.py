@@ -6,6 +6,7 @@ Public face: ``create_encoder(spec)``, ``list_encoders()``, ``register_encoder(f
 entry-point group ``featurestore.encoders``. See docs/encoders.md.
 """
 from featurestore.encoders._base import (
+    DEVICE_HELP,
     MODALITIES,
     AudioSegments,
     Encoder,
@@ -36,7 +37,7 @@ from featurestore.encoders.timm_frames import TimmFrameEncoder
 from featurestore.encoders.clip import ClipImageEncoder, ClipTextEncoder
 
 __all__ = [
-    "MODALITIES", "ENTRY_POINT_GROUP",
+    "DEVICE_HELP", "MODALITIES", "ENTRY_POINT_GROUP",
     "Encoder", "EncoderSpec", "AudioSegments", "FramePreprocessor",
     "create_encoder", "list_encoders", "register_encoder", "get_builder", "refresh_plugins",
     "parse_spec", "resolve_device",

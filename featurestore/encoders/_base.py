@@ -47,6 +47,10 @@ class UnknownEncoderError(FeatureStoreError, KeyError):
         return self.args[0]
 
 
+#: The ``--device`` help text of every command that runs a model (extract, heads train/predict).
+DEVICE_HELP = "auto (CUDA when available, else the CPU), cpu, cuda or cuda:N"
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """Turn ``"auto"`` / ``"cpu"`` / ``"cuda[:n]"`` / a ``torch.device`` into a usable device.
 

@@ -108,6 +108,16 @@ def test_resolve_device() -> None:
             resolve_device("cuda")
 
 
+def test_auto_picks_cuda_whenever_torch_sees_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The code path a GPU machine takes ("auto" -> cuda), checked here without one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device(" AUTO ") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
 # ===================================================================== the worked example (docs/encoders.md)
 class FrameStats(Encoder):
     """Per-frame RGB mean and standard deviation: a 6-d colour summary of each frame."""
