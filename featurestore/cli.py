@@ -4,7 +4,8 @@ Each command is a thin function over a library call (``open_store``, ``FeatureSt
 ``convert_store``, ``featurestore.extract.run_extract``), so what the command line does is what the
 tests exercise through the library. Exit codes: 0 ok, 1 the work failed (verify found problems, a
 clip's features are missing or corrupt), 2 usage or bad input (unknown store, clip or feature);
-errors print their message, never a traceback.
+errors print their message, never a traceback. ``run_command`` is that error handling, shared with
+the ``heads`` and ``fusion`` command lines.
 """
 from __future__ import annotations
 
@@ -301,7 +302,8 @@ class _FailedError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featurestore", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="featurestore",
+                                     description="Look into, check, copy and fill feature stores.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("ls", help="feature sets, class features, prediction runs and the index of a store")
@@ -348,29 +350,48 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Nam
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
 
 
-def _guarded(run: Callable[[], int], command: str) -> int:
-    """Run a command; expected failures become a one-line message on stderr and an exit code."""
+#: Errors that mean bad input or an unusable store (exit 2), for ``run_command``.
+USAGE_ERRORS: tuple[type[BaseException], ...] = (
+    _UsageError, FeatureStoreError, FileNotFoundError, FileExistsError, ValueError, OSError)
+#: Errors that mean the work itself failed (exit 1): data missing or corrupt.
+FAILURE_ERRORS: tuple[type[BaseException], ...] = (MissingFeatureError, CorruptChunkError, _FailedError)
+
+
+def run_command(prog: str, command: str, run: Callable[[], int],
+                usage: tuple[type[BaseException], ...] = USAGE_ERRORS,
+                failures: tuple[type[BaseException], ...] = FAILURE_ERRORS) -> int:
+    """Run one command; an expected error becomes one line on stderr and an exit code.
+
+    ``failures`` exit 1 and ``usage`` exit 2 (``failures`` are matched first, so a subclass of a
+    usage error can still count as a failure). Anything else is a bug and keeps its traceback.
+    The ``featurestore``, ``heads`` and ``fusion`` command lines all report errors through this.
+    """
     try:
         return run()
-    except _UsageError as err:
-        code, message = EXIT_USAGE, str(err)
-    except (MissingFeatureError, CorruptChunkError, _FailedError) as err:
-        code, message = EXIT_FAILED, str(err)
-    except (FeatureStoreError, FileNotFoundError, FileExistsError, ValueError, OSError) as err:
-        code, message = EXIT_USAGE, str(err) or type(err).__name__
-    print(f"featurestore {command}: error: {message}", file=sys.stderr)
+    except failures as err:
+        code, message = EXIT_FAILED, error_message(err)
+    except usage as err:
+        code, message = EXIT_USAGE, error_message(err)
+    print(f"{prog} {command}: error: {message}", file=sys.stderr)
     return code
+
+
+def error_message(err: BaseException) -> str:
+    """The text of an error for a one-line report (a plain KeyError's message without its quotes)."""
+    if isinstance(err, KeyError) and type(err).__str__ is KeyError.__str__ and len(err.args) == 1:
+        return str(err.args[0])
+    return str(err) or type(err).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``featurestore`` and ``python -m featurestore``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["extract"]:
-        return _guarded(lambda: cmd_extract(argv[1:]), "extract")
+        return run_command("featurestore", "extract", lambda: cmd_extract(argv[1:]))
     args = _parse(build_parser(), argv)
     if isinstance(args, int):
         return args
-    return _guarded(lambda: args.func(args), args.command)
+    return run_command("featurestore", args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

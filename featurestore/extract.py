@@ -29,7 +29,7 @@ from featurestore._extract_plan import (
 )
 from featurestore._extract_run import RunStats, default_num_workers, run_blocks
 from featurestore._extract_summary import ExtractSummary, FeatureSetSummary, ordered_stages
-from featurestore.errors import FeatureStoreError
+from featurestore.encoders._base import DEVICE_HELP
 from featurestore.manifest import Manifest
 from featurestore.store import FeatureStore, create_store, open_store
 
@@ -39,7 +39,6 @@ __all__ = ["DEFAULT_ENCODERS", "ExtractSummary", "FeatureSetSummary", "add_extra
 #: The paper's encoders: log-mel for the audio CNNs, RegNetY-6.4GF frames, three CLIP image encoders.
 DEFAULT_ENCODERS = "logmel,timm/regnety_064,clip/RN50x4,clip/RN101,clip/ViT-B-32"
 DEFAULT_BATCH_SIZE = 16
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
@@ -285,7 +284,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--encoders", default=DEFAULT_ENCODERS,
                         help=f"comma-separated encoder specs family[/model][@weights] (default: the paper's "
                              f"{DEFAULT_ENCODERS}; '@none' = random weights, '@/path.pt' = a checkpoint)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips per batch")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="decoding processes (default: one per spare core, at most 8)")
@@ -298,22 +297,23 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--backend", choices=("zarr", "hdf5"), default=None,
                         help="store backend when the store's name does not say (.h5 -> hdf5)")
     parser.add_argument("--chunk-clips", type=int, default=None,
-                        help="clips per chunk of new feature sets (default: ~2 MiB chunks, power of two)")
+                        help="clips per chunk of new feature sets (default: the store's ~4 MiB rounded down "
+                             "to a power of two)")
     parser.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
     return parser
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    """Run ``featurestore extract``: 0 all clips done, 1 some clips failed, 2 bad usage or input."""
-    try:
-        summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
-                          num_workers=args.num_workers, frames=args.frames, limit=args.limit,
-                          overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
-                          backend=args.backend, chunk_clips=args.chunk_clips)
-    except _usage_errors() as err:
-        print(f"featurestore extract: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    """Run ``featurestore extract``: 0 all clips done, 1 some clips failed.
+
+    Bad usage or input raises (``featurestore.cli.run_command`` turns it into exit code 2 and one
+    line on stderr).
+    """
+    summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
+                      num_workers=args.num_workers, frames=args.frames, limit=args.limit,
+                      overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
+                      backend=args.backend, chunk_clips=args.chunk_clips)
     if args.quiet:
         print(summary.line())
         for line in summary.failure_lines():
@@ -323,24 +323,11 @@ def run_extract(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input (exit 2): store/encoder/dataset errors, missing files, bad values."""
-    errors: list[type[BaseException]] = [FeatureStoreError, FileNotFoundError, ValueError]
-    try:
-        from featurestore.datasets import MissingFilesError
-
-        errors.append(MissingFilesError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m featurestore.extract``: the same command as ``featurestore extract``."""
-    parser = argparse.ArgumentParser(prog="featurestore extract",
-                                     description="Run encoders over a dataset into a store (resumable).")
-    add_extract_arguments(parser)
-    return run_extract(parser.parse_args(argv))
+    """``python -m featurestore.extract``: exactly ``featurestore extract`` (same parser, same exit codes)."""
+    from featurestore.cli import main as cli_main
+
+    return cli_main(["extract", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 
 from fusion.recipe import FusionRecipe, RecipeError
@@ -80,7 +79,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusion", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fusion", description="Evaluate, report and submit fusion recipes "
+                                     "on the prediction runs of a feature store.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, split_help: str) -> None:
@@ -88,19 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recipe", required=True, help="fusion recipe JSON file")
         p.add_argument("--split", default=None, help=split_help)
 
+    def scoring(p: argparse.ArgumentParser) -> None:
+        common(p, "labelled split to score (default: the recipe's eval_split)")
+        p.add_argument("--calibration-split", default=None, help="fit split for the temperature/stacking rows")
+        p.add_argument("--cross-fit", type=int, default=None, help="location folds when that split overlaps --split")
+        p.add_argument("--raw-metric", action="store_true", help="score rows without renormalising them")
+
     ev = sub.add_parser("evaluate", help="score a recipe on a labelled split")
-    common(ev, "labelled split to score (default: the recipe's eval_split)")
-    ev.add_argument("--calibration-split", default=None, help="fit split for the temperature/stacking rows")
-    ev.add_argument("--cross-fit", type=int, default=None, help="location folds when that split overlaps --split")
-    ev.add_argument("--raw-metric", action="store_true", help="score rows without renormalising them")
+    scoring(ev)
     ev.add_argument("--json", action="store_true", help="print every score as JSON")
     ev.set_defaults(func=cmd_evaluate)
 
     rp = sub.add_parser("report", help="write report.md, figures and metrics.json")
-    common(rp, "labelled split to score (default: the recipe's eval_split)")
-    rp.add_argument("--calibration-split", default=None, help="fit split for the temperature/stacking rows")
-    rp.add_argument("--cross-fit", type=int, default=None, help="location folds when that split overlaps --split")
-    rp.add_argument("--raw-metric", action="store_true", help="score rows without renormalising them")
+    scoring(rp)
     rp.add_argument("--out", required=True, help="output directory")
     rp.set_defaults(func=cmd_report)
 
@@ -118,14 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Entry point of ``fusion`` and ``python -m fusion``; returns the exit code (2: bad input)."""
+    from featurestore.cli import run_command
     from featurestore.errors import FeatureStoreError
 
-    try:
-        return args.func(args)
-    except (RecipeError, FeatureStoreError, FileNotFoundError, ValueError) as err:
-        print(f"fusion {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return run_command("fusion", args.command, lambda: args.func(args),
+                       usage=(RecipeError, FeatureStoreError, FileNotFoundError, ValueError), failures=())
 
 
 if __name__ == "__main__":

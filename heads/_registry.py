@@ -6,12 +6,13 @@ a class makes it available to `create_head`, the trainer, the CLI and the regist
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from heads.errors import HeadConfigError, UnknownHeadError
 
 _HEADS: dict[str, type["Head"]] = {}
 
@@ -96,7 +97,7 @@ def head_class(name: str) -> type[Head]:
     try:
         return _HEADS[name]
     except KeyError:
-        raise KeyError(f"no head named {name!r}; registered heads: {', '.join(list_heads())}") from None
+        raise UnknownHeadError(name, list_heads()) from None
 
 
 def create_head(name: str, **config: Any) -> Head:
@@ -111,11 +112,6 @@ def make_config(name: str, config: dict) -> Any:
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(config) - fields)
     if unknown:
-        raise TypeError(f"unknown config field(s) for head {name!r}: {', '.join(unknown)}; "
-                        f"known: {', '.join(sorted(fields))}")
+        raise HeadConfigError(f"unknown config field(s) for head {name!r}: {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(fields))}")
     return cls.config_class(**config)
-
-
-def config_to_json(cfg: Any) -> str:
-    """A config dataclass as JSON text (the inverse of ``Cfg(**json.loads(text))``)."""
-    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)

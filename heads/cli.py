@@ -14,25 +14,53 @@ import json
 import sys
 from typing import Any
 
+from featurestore.cli import run_command
+from featurestore.encoders import DEVICE_HELP
+from featurestore.errors import FeatureStoreError
 from heads._registry import head_class, list_heads
 from heads.config import TrainConfig
+from heads.errors import HeadConfigError
 
-# CLI flag -> TrainConfig field, for flags that override a recipe.
-_TRAIN_FLAGS = {
-    "store": str, "head": str, "features": str, "train_split": str, "val_split": str, "out": str,
-    "epochs": int, "batch_size": int, "lr": float, "momentum": float, "weight_decay": float,
-    "loss": str, "focal_gamma": float, "seed": int, "device": str, "shuffle_buffer": int,
-    "num_workers": int, "max_steps_per_epoch": int, "family": str,
+# CLI flag -> (type, help) for TrainConfig fields; a flag given overrides the recipe's field.
+_TRAIN_FLAGS: dict[str, tuple[type, str]] = {
+    "store": (str, "feature store path or URL"),
+    "head": (str, "registered head name ('heads list')"),
+    "features": (str, "comma-separated input feature sets, in the head's input order"),
+    "train_split": (str, "store split to train on"),
+    "val_split": (str, "split that picks the best epoch"),
+    "out": (str, "run directory (checkpoints, metrics, run.json)"),
+    "epochs": (int, "training epochs"),
+    "batch_size": (int, "samples per batch (default: the head's, 24 for audio CNNs, 48 for embeddings)"),
+    "lr": (float, "initial learning rate"),
+    "momentum": (float, "SGD momentum"),
+    "weight_decay": (float, "SGD weight decay"),
+    "loss": (str, "focal or cross_entropy"),
+    "focal_gamma": (float, "focal loss gamma"),
+    "seed": (int, "seed of the head's init, the data order and augmentation"),
+    "device": (str, DEVICE_HELP),
+    "shuffle_buffer": (int, "clips per shuffle window when streaming from the store"),
+    "num_workers": (int, "DataLoader processes reading the store (0: a reader thread)"),
+    "max_steps_per_epoch": (int, "cap on optimizer steps per epoch (quick demos)"),
+    "family": (str, "ensemble family recorded with the predictions (default: derived from the inputs)"),
 }
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                   if f.default is not dataclasses.MISSING}
+#: Errors that mean bad input (exit 2, one line on stderr): missing store or run, unknown head or
+#: field, a fingerprint refusal, an unavailable device.
+_USAGE_ERRORS = (FeatureStoreError, HeadConfigError, ValueError, KeyError, FileNotFoundError, FileExistsError,
+                 RuntimeError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``heads`` and ``python -m heads``; returns the exit code (2: bad input)."""
     args = _parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        print(f"heads {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("heads", args.command, lambda: args.func(args), usage=_USAGE_ERRORS, failures=())
+
+
+def _flag_help(field: str, text: str) -> str:
+    """The help text with TrainConfig's default, so the two cannot disagree."""
+    default = _TRAIN_DEFAULTS.get(field)
+    return text if default is None else f"{text} (default: {default})"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,26 +73,29 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a head (from flags, or a recipe plus overriding flags)")
     p.add_argument("--recipe", help="JSON recipe (a TrainConfig); flags given override its fields")
-    for flag, kind in _TRAIN_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None)
+    for flag, (kind, text) in _TRAIN_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None,
+                       help=_flag_help(flag, text))
     p.add_argument("--set", dest="head_set", action="append", default=[], metavar="KEY=VALUE",
                    help="head config field (value parsed as JSON when it can be), e.g. --set backbone=test_resnet")
     p.add_argument("--cache", action="store_true", default=None, help="load training features into memory")
-    p.add_argument("--overwrite", action="store_true", help="discard what the run directory holds and train afresh (default: resume the same run, refuse another)")
+    p.add_argument("--overwrite", action="store_true", help="discard what the run directory holds and train "
+                   "afresh (default: resume the same run, refuse another)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="write a trained head's predictions into the store")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="feature store path or URL (opened for writing)")
     p.add_argument("--run", required=True, help="training run directory")
     p.add_argument("--name", help="prediction run name (default: the run directory's name)")
     p.add_argument("--split", help="only this split's clips (default: every clip with its features done)")
     p.add_argument("--batch-size", type=int, help="clips per forward pass")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--family", help="ensemble family to record (default: from the run)")
-    p.add_argument("--weights", default="best", choices=["best", "last"])
+    p.add_argument("--weights", default="best", choices=["best", "last"],
+                   help="best epoch (by validation accuracy) or last completed epoch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prediction run")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
     return parser
 

@@ -57,15 +57,32 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
-        """A config from a recipe file, with ``overrides`` (None values ignored) applied on top."""
+        """A config from a recipe file, with ``overrides`` (None values ignored) applied on top.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not a JSON object, unknown fields, or required fields missing (naming the file).
+        """
         with open(path) as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"recipe {str(path)!r} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe {str(path)!r}: expected a JSON object, found {type(data).__name__}")
         data.pop("description", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields})
         if unknown:
-            raise ValueError(f"recipe {str(path)!r}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(f"recipe {str(path)!r}: unknown field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(f.name for f in fields))}")
         data.update({k: v for k, v in overrides.items() if v is not None})
+        required = [f.name for f in fields
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"recipe {str(path)!r}: required field(s) {', '.join(missing)} missing "
+                             f"(give them in the file or as flags)")
         return cls(**data)
 
     def lr_at(self, epoch: int) -> float:

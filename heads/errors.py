@@ -14,3 +14,19 @@ class FeatureFingerprintError(FeatureStoreError):
             f"store's {feature!r} has fingerprint {found}: the features were computed with another encoder "
             f"configuration or weights. Re-extract them as in training, or train a new head on these features."
         )
+
+
+class UnknownHeadError(KeyError):
+    """No head is registered under the requested name; the message lists the registered ones."""
+
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        super().__init__(f"no head named {name!r}; registered heads: {', '.join(known)}")
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self.args[0]
+
+
+class HeadConfigError(TypeError):
+    """A head config names fields the head's config dataclass does not have (a TypeError, as a wrong
+    keyword argument would be)."""

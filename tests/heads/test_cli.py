@@ -62,6 +62,47 @@ def test_missing_arguments_and_bad_values_exit_with_a_message(capsys, tmp_path):
     assert "no feature store" in capsys.readouterr().err
 
 
+def test_bad_head_fields_and_recipes_exit_2_naming_what_is_wrong(tiny_store_path, tmp_path, capsys):
+    base = ["train", "--store", str(tiny_store_path), "--features", "clip/RN101", "--train-split", "train",
+            "--val-split", "val", "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress"]
+    assert main([*base, "--head", "linear", "--set", "hiddn=[8]"]) == 2
+    err = capsys.readouterr().err
+    assert "hiddn" in err and "known: input_dims" in err and "Traceback" not in err
+    assert main([*base, "--head", "nohead"]) == 2
+    assert "heads train: error: no head named 'nohead'; registered heads: embedding_mlp" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert main(["train", "--recipe", str(broken), "--store", str(tiny_store_path)]) == 2
+    assert str(broken) in capsys.readouterr().err
+    headless = tmp_path / "headless.json"
+    headless.write_text(json.dumps({"features": ["clip/RN101"]}))
+    assert main(["train", "--recipe", str(headless), "--store", str(tiny_store_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(headless) in err and "head" in err and "missing" in err
+
+
+def test_device_is_read_the_same_way_by_extract_train_and_predict(tiny_store_path, tmp_path, capsys):
+    from featurestore.cli import main as featurestore_main
+    from featurestore.encoders import DEVICE_HELP, resolve_device
+
+    for argv, run in ((["extract", "--help"], featurestore_main), (["train", "--help"], main),
+                      (["predict", "--help"], main)):
+        try:
+            assert run(argv) == 0
+        except SystemExit as stop:  # argparse's --help in the heads parser
+            assert stop.code == 0
+        assert " ".join(DEVICE_HELP.split()) in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(ValueError) as expected:
+        resolve_device("banana")
+    train = ["train", "--store", str(tiny_store_path), "--head", "linear", "--features", "clip/RN101",
+             "--out", str(tmp_path / "r"), "--device", "banana"]
+    predict = ["predict", "--store", str(tiny_store_path), "--run", str(tmp_path / "r"), "--device", "banana"]
+    for argv in (train, predict):
+        assert main(argv) == 2
+        assert str(expected.value) in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
 @pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
 def test_recipes_are_valid_train_configs(path):
     cfg = TrainConfig.from_json(path)
