@@ -185,8 +185,9 @@ def target_provenance(encoder, source: Source, device: str) -> dict:
 
 # ------------------------------------------------------------------------------ feature sets
 def power_of_two_chunk(n_segments: int, shape: tuple[int, ...], dtype: str) -> int:
-    """The store's ~2 MiB default rounded down to a power of two, so chunk sizes of different
-    feature sets divide each other and their common block is simply the largest."""
+    """The store's default (~4 MiB per chunk) rounded down to a power of two clips (so 2-4 MiB), so
+    that chunk sizes of different feature sets divide each other and their common block is simply
+    the largest."""
     default = default_chunk_clips(n_segments, shape, dtype)
     return 1 << (max(1, default).bit_length() - 1)
 
