@@ -7,13 +7,14 @@ backbone was random.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from featurestore.encoders import file_sha256, read_state_dict
 
 RANDOM = "random"
 PRETRAINED = "pretrained"
@@ -101,34 +102,12 @@ def load_checkpoint_into(net: nn.Module, path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights {str(path)!r}: no such file (expected 'random', 'pretrained', "
                                 f"'pretrained:<tag>' or a checkpoint path)")
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     own = net.state_dict()
     usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not usable:
         raise ValueError(f"checkpoint {str(path)!r} has no tensor matching the model's parameters "
                          f"(first keys: {list(state)[:5]}, model keys: {list(own)[:5]})")
     net.load_state_dict(usable, strict=False)
-    return {"kind": "file", "path": str(path), "sha256": _sha256(path), "loaded": len(usable),
+    return {"kind": "file", "path": str(path), "sha256": file_sha256(path), "loaded": len(usable),
             "skipped": len(own) - len(usable)}
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {str(path)!r} does not hold a state dict (found {type(state).__name__})")
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -29,6 +29,7 @@ from featurestore.encoders._weights import (
     Weights,
     WeightsMismatchError,
     WeightsNotFoundError,
+    file_sha256,
     parse_weights,
     read_state_dict,
 )
@@ -41,7 +42,7 @@ __all__ = [
     "Encoder", "EncoderSpec", "AudioSegments", "FramePreprocessor",
     "create_encoder", "list_encoders", "register_encoder", "get_builder", "refresh_plugins",
     "parse_spec", "resolve_device",
-    "Weights", "parse_weights", "read_state_dict",
+    "Weights", "file_sha256", "parse_weights", "read_state_dict",
     "SpecError", "UnknownEncoderError", "WeightsNotFoundError", "WeightsMismatchError",
     "LogMelConfig", "LogMelEncoder", "mel_filterbank",
     "TimmFrameEncoder", "ClipImageEncoder", "ClipTextEncoder",

@@ -33,7 +33,7 @@ from featurestore.errors import FeatureStoreError
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 DEFAULT_SEED = 0
 ALLOW_DOWNLOAD_ENV = "FEATURESTORE_ALLOW_DOWNLOAD"
-_NESTING_KEYS = ("state_dict", "model", "module")
+_NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _ANNOUNCED: set[str] = set()
 
 
@@ -130,8 +130,8 @@ def file_sha256(path: str | Path) -> str:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (pickle or TorchScript archive).
 
-    Unwraps one level of nesting under ``state_dict`` / ``model`` / ``module`` (training
-    checkpoints) and a ``module.`` key prefix (DataParallel), because those are how checkpoints
+    Unwraps one level of nesting under ``state_dict`` / ``model_state_dict`` / ``model`` /
+    ``module`` (training checkpoints) and a ``module.`` key prefix (DataParallel), because those are how checkpoints
     are commonly saved and carry the same weights.
 
     Raises:

@@ -68,6 +68,17 @@ def test_local_checkpoint_is_loaded_except_a_differently_sized_classifier(tmp_pa
     assert own["fc.weight"].shape[0] == 3  # classifier kept at n_classes, not loaded
 
 
+def test_a_training_checkpoint_with_nesting_and_module_prefix_loads(tmp_path):
+    """A torch trainer's file ({"epoch", "model_state_dict": {"module.*": ...}}) is read like the encoders read it."""
+    source, _ = create_backbone("test_resnet", "random", num_classes=3, seed=4)
+    path = tmp_path / "trainer.pth"
+    torch.save({"epoch": 7, "model_state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    head = heads.create_head("spectrogram_cnn", **SMALL, weights=str(path))
+    assert head.backbone_weights()["skipped"] == 0
+    for key, value in source.state_dict().items():
+        assert torch.equal(head.backbone.state_dict()[key], value), key
+
+
 def test_pretrained_weights_come_from_the_local_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
     from timm.models import get_pretrained_cfg
