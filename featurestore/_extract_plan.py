@@ -24,7 +24,7 @@ import numpy as np
 
 from featurestore.errors import FingerprintMismatchError
 from featurestore.manifest import Manifest
-from featurestore.provenance import fingerprint, runtime_info
+from featurestore.provenance import fingerprint, is_random_weights, runtime_info
 from featurestore.store.store import FeatureStore, default_chunk_clips
 
 #: A block larger than this many clips means the feature sets' chunk sizes do not align well.
@@ -93,7 +93,7 @@ class Target:
 
     @property
     def random_weights(self) -> bool:
-        return (self.provenance.get("weights") or {}).get("kind") == "random"
+        return is_random_weights(self.provenance)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from featurestore._extract_run import RunStats, default_num_workers, run_blocks
 from featurestore._extract_summary import ExtractSummary, FeatureSetSummary, ordered_stages
 from featurestore.encoders._base import DEVICE_HELP
 from featurestore.manifest import Manifest
+from featurestore.provenance import is_random_weights
 from featurestore.store import FeatureStore, create_store, open_store
 
 __all__ = ["DEFAULT_ENCODERS", "ExtractSummary", "FeatureSetSummary", "add_extract_arguments", "extract",
@@ -109,7 +110,7 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
         summary.class_features[enc.name] = "written" if write_text_features(fs, enc, str(dev), overwrite) \
             else "unchanged"
     plan = _make_plan(fs, manifest, rows, selected, built, str(dev), batch_size, chunk_clips, overwrite)
-    summary.random_weights = [e.name for e in built if _is_random(e)]
+    summary.random_weights = [e.name for e in built if is_random_weights(e.provenance())]
     t_pipeline = time.perf_counter()
     with _ProgressBar(plan.n_todo_clips(), progress) as bar:
         if scheduler is None:
@@ -179,10 +180,6 @@ def _build_encoders(encoders: str | Sequence, device) -> list:
         raise ValueError(f"feature set(s) {twice} requested twice (specs "
                          f"{[e.spec for e in built if e.name in twice]}); one run fills each name once")
     return built
-
-
-def _is_random(encoder) -> bool:
-    return (encoder.provenance().get("weights") or {}).get("kind") == "random"
 
 
 # ------------------------------------------------------------------------------------- store

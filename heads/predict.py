@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from featurestore.encoders import resolve_device
 from featurestore.provenance import fingerprint as provenance_fingerprint
+from featurestore.provenance import is_random_weights
 from featurestore.torchdata import StoreDataset
 from heads._registry import Head, head_class
 from heads.checkpoint import load_weights, read_json
@@ -86,7 +87,7 @@ def prediction_attrs(info: dict, family: str | None = None) -> dict:
     feature_info = info.get("feature_info", {})
     backbone = info.get("backbone_weights")
     random = any(v.get("random_weights") for v in feature_info.values()) or \
-        bool(backbone and backbone.get("kind") == "random")
+        is_random_weights({"weights": backbone})
     return {
         "head": info["head"],
         "head_config": info["head_config"],
