@@ -257,7 +257,7 @@ class StoreDataset(IterableDataset):
         cached = []
         for i in range(len(self.features)):
             parts = [self._read(i, start, stop, local) for start, stop, local in self.blocks]
-            empty = np.zeros((0, self.n_segments[i], *self.feature_shapes[i]), dtype=np.float16)
+            empty = np.zeros((0, self.n_segments[i], *self.feature_shapes[i]), dtype=self.infos[i].dtype)
             cached.append(np.concatenate(parts) if parts else empty)
         self._cached = cached
 
@@ -413,7 +413,10 @@ class WorkerLoader:
     """A `StoreDataset` read by DataLoader worker processes, keeping ``set_epoch``/``level``/``len``.
 
     Each worker reopens the store and builds every ``num_workers``-th window; batches arrive in
-    round-robin order, which is deterministic for a given ``num_workers``.
+    round-robin order, which is deterministic for a given ``num_workers``. Each worker cuts its own
+    windows into batches, so an epoch ends with up to one short batch per worker (with
+    ``drop_last``: those samples are dropped, so up to ``num_workers - 1`` batches fewer than
+    ``len``, which stays the single-process count).
     """
 
     def __init__(self, dataset: StoreDataset, num_workers: int):

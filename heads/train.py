@@ -153,12 +153,14 @@ def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable | N
     batch_size = cfg.batch_size or head.default_batch_size
     trainable = any(p.requires_grad for p in head.parameters())
     n_segments = store.feature_sets()[cfg.features[0]].n_segments
-    train_ds = None if not trainable else StoreDataset(store, cfg.features, split=cfg.train_split, level="segment", batch_size=batch_size,
-                            shuffle=True, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=cfg.cache,
-                            drop_last=True, require_labels=True)
-    if train_ds is not None and len(train_ds) == 0:
-        raise ValueError(f"split {cfg.train_split!r} has {train_ds.n_samples} training samples, fewer than one "
-                         f"batch of {batch_size}")
+    train_ds = None
+    if trainable:
+        train_ds = StoreDataset(store, cfg.features, split=cfg.train_split, level="segment", batch_size=batch_size,
+                                shuffle=True, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=cfg.cache,
+                                drop_last=True, require_labels=True)
+        if len(train_ds) == 0:
+            raise ValueError(f"split {cfg.train_split!r} has {train_ds.n_samples} training samples, fewer than "
+                             f"one batch of {batch_size}")
     val_ds = None
     if cfg.val_split:
         clips_per_batch = max(1, 4 * batch_size // max(1, n_segments))
@@ -329,7 +331,7 @@ def _finish(run_dir: Path, state: dict, cfg: TrainConfig, history: list[dict]) -
                          state.get("best_val_logloss"), int(state.get("epoch", 0)), history)
     acc = "n/a" if result.best_val_accuracy is None else f"{result.best_val_accuracy:.4f}"
     _log(f"{cfg.head}: {result.epochs_completed} epoch(s) done; best epoch {result.best_epoch} "
-              f"(val_accuracy {acc}) -> {run_dir / 'best.safetensors'}")
+         f"(val_accuracy {acc}) -> {run_dir / 'best.safetensors'}")
     return result
 
 
