@@ -126,7 +126,7 @@ def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: 
     """Run the head trained in ``run_dir`` over the store and write ``predictions/<name>/probs``.
 
     Args:
-        store: an open store (mode ``"a"``) or a path (opened with mode ``"a"``).
+        store: an open store (mode ``"a"``) or the path of an existing store (opened with mode ``"a"``).
         run_dir: the training run directory.
         name: prediction run name (default: the run directory's name).
         split: predict only this split's clips (default: every clip whose features are done).
@@ -139,6 +139,7 @@ def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: 
     if own:
         from featurestore.store import open_store
 
+        open_store(store, mode="r").close()  # mode "a" would create a missing store: a typo must fail instead
         store = open_store(store, mode="a")
     try:
         return _predict(store, Path(run_dir), name or Path(run_dir).name, split, batch_size, device,

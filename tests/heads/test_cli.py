@@ -103,6 +103,13 @@ def test_device_is_read_the_same_way_by_extract_train_and_predict(tiny_store_pat
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
+def test_predict_into_a_missing_store_fails_instead_of_creating_one(tmp_path, capsys):
+    typo = tmp_path / "tpyo.zarr"
+    assert main(["predict", "--store", str(typo), "--run", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    assert str(typo) in capsys.readouterr().err
+    assert not typo.exists()
+
+
 @pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
 def test_recipes_are_valid_train_configs(path):
     cfg = TrainConfig.from_json(path)
