@@ -1,0 +1,65 @@
+"""Shared steps of the end-to-end recipes (``demo.py``, ``reproduce_dcase2021.py``).
+
+Each step runs the same command line a user would type (the packages' ``main(argv)``), in this
+process, after printing it: the recipes double as a transcript of how to use the tools.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import featurestore.cli
+import fusion.cli
+import heads.cli
+
+_MAINS = {"featurestore": featurestore.cli.main, "heads": heads.cli.main, "fusion": fusion.cli.main}
+
+
+class StepFailed(RuntimeError):
+    """A step's command exited non-zero: the recipe stops there, naming the command."""
+
+
+@dataclass
+class Transcript:
+    """The commands run and the seconds each took, for the closing summary."""
+
+    steps: list[tuple[str, float, int]] = field(default_factory=list)
+
+    def run(self, tool: str, *args: str | Path, allow: tuple[int, ...] = (0,)) -> int:
+        argv = [str(a) for a in args]
+        line = " ".join([tool] + [shlex.quote(a) for a in argv])
+        print(f"\n$ {line}", flush=True)
+        start = time.perf_counter()
+        code = _MAINS[tool](argv)
+        code = 0 if code is None else int(code)
+        self.steps.append((line, time.perf_counter() - start, code))
+        if code not in allow:
+            raise StepFailed(f"`{line}` exited with status {code}")
+        return code
+
+    def summary(self) -> str:
+        width = max((len(s[0]) for s in self.steps), default=0)
+        rows = [f"  {secs:7.1f} s  {line[:100]}" for line, secs, _ in self.steps]
+        total = sum(s[1] for s in self.steps)
+        return "\n".join(["steps:"] + rows + [f"  {total:7.1f} s  total"]) if width else "no steps"
+
+
+def train_and_predict(t: Transcript, store: Path, recipe: Path, run_id: str, runs_dir: Path,
+                      device: str, extra: tuple[str, ...] = ()) -> None:
+    """Train one head from a recipe into ``runs_dir/run_id`` and write ``predictions/<run_id>``."""
+    out = runs_dir / run_id
+    t.run("heads", "train", "--recipe", recipe, "--store", store, "--out", out, "--device", device, *extra)
+    t.run("heads", "predict", "--store", store, "--run", out, "--name", run_id, "--device", device,
+          "--overwrite")
+
+
+def banner(text: str) -> None:
+    print("\n" + "=" * 100 + f"\n{text}\n" + "=" * 100, flush=True)
+
+
+def fail(err: Exception) -> int:
+    print(f"\nFAILED: {err}", file=sys.stderr)
+    return 1
