@@ -210,11 +210,14 @@ class Encoder(abc.ABC):
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """Encode a preprocessed batch: ``[B, ...]`` on any device -> ``[B, *output_shape]`` float32.
 
-        Runs without gradients in eval mode on ``self.device``. The result stays float32; the store
-        casts to ``self.dtype`` when it writes.
+        Runs without gradients in eval mode on ``self.device`` (a plugin need not call ``eval()``
+        itself: dropout or batch-norm statistics must never change stored features). The result
+        stays float32 on the device; extraction casts it to ``self.dtype`` before writing.
         """
         if not isinstance(batch, torch.Tensor):
             raise TypeError(f"{self.spec}: encode() expects a torch.Tensor batch, got {type(batch).__name__}")
+        if self.module is not None and self.module.training:
+            self.module.eval()
         with torch.inference_mode():
             out = self.forward(batch.to(self.device, non_blocking=True))
         expected = (batch.shape[0], *self.output_shape)

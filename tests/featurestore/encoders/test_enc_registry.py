@@ -149,6 +149,26 @@ class FrameStats(Encoder):
         return torch.cat([batch.mean(dim=(2, 3)), batch.std(dim=(2, 3))], dim=1) * self.scale
 
 
+class _DropoutStats(FrameStats):
+    """FrameStats behind a Dropout module left in training mode, as a careless plugin might build it."""
+
+    def __init__(self, spec: str | EncoderSpec = "framestats") -> None:
+        super().__init__(spec)
+        self.module = torch.nn.Dropout(p=0.5)  # training mode: would zero half the values at random
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.module(super().forward(batch))
+
+
+def test_encode_runs_a_plugin_module_in_eval_mode(smooth_frames) -> None:
+    enc = _DropoutStats()
+    batch = enc.preprocessor()(smooth_frames(4, 40, 60))
+    first, second = enc.encode(batch), enc.encode(batch)
+    assert not enc.module.training
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(first, FrameStats().encode(batch))
+
+
 def test_custom_encoder_registered_and_created_by_spec(clean_registry, smooth_frames) -> None:
     register_encoder("framestats")(FrameStats)
     assert "framestats" in list_encoders()
