@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featurestore.datasets._common import DatasetFormatError, MissingFilesError, PathLike, check_files
+from featurestore.datasets._common import (
+    DatasetFormatError,
+    MissingFilesError,
+    PathLike,
+    check_count,
+    check_files,
+)
 from featurestore.datasets.csv_manifest import read_csv_manifest
 from featurestore.datasets.tau import TauLayout, locate_tau, read_tau, read_tau_eval
 from featurestore.manifest import Manifest
@@ -21,7 +27,8 @@ __all__ = [
 ]
 
 
-def open_dataset(path: PathLike) -> Manifest:
+def open_dataset(path: PathLike, *, audio_segments: int | None = None,
+                 video_frames: int | None = None) -> Manifest:
     """Read a dataset, recognising which kind it is.
 
     * a ``.csv`` file: ``meta.csv`` -> :func:`read_tau` on its directory; a file with a
@@ -32,22 +39,32 @@ def open_dataset(path: PathLike) -> Manifest:
       :func:`read_tau_eval`;
     * a directory holding exactly one CSV with a ``clip_id`` column -> :func:`read_csv_manifest`.
 
+    Args:
+        path: dataset directory or CSV file.
+        audio_segments: 1 s audio segments per clip; None lets the reader decide (TAU: 10 for
+            development, 1 for evaluation, or the clip duration of a synthetic demo set; CSV: 10).
+        video_frames: frames sampled per clip; None lets the reader decide (12, 5 for evaluation).
+
     Raises:
         FileNotFoundError: the path does not exist or holds none of these.
+        ValueError: ``audio_segments``/``video_frames`` not an integer >= 1.
     """
+    check_count("audio_segments", audio_segments)
+    check_count("video_frames", video_frames)
+    shape = {"audio_segments": audio_segments, "video_frames": video_frames}
     path = Path(path)
     if path.is_file():
-        return _open_file(path)
+        return _open_file(path, shape)
     if not path.is_dir():
         raise FileNotFoundError(f"dataset path {path} does not exist")
     layout = locate_tau(path)
     if layout.meta_csv is not None:
-        return read_tau(path)
+        return read_tau(path, **shape)
     if layout.fold_files or layout.media_dir is not None:
-        return read_tau_eval(path)
+        return read_tau_eval(path, **shape)
     manifests = [p for p in sorted(path.glob("*.csv")) if _has_clip_id(p)]
     if len(manifests) == 1:
-        return read_csv_manifest(manifests[0])
+        return read_csv_manifest(manifests[0], **_given(shape))
     raise FileNotFoundError(
         f"{path} is not a dataset this package reads: no meta.csv (TAU development), no "
         f"evaluation_setup/ or audio/ or video/ (TAU evaluation), and "
@@ -55,12 +72,17 @@ def open_dataset(path: PathLike) -> Manifest:
         f"(looked in: {', '.join(str(d) for d in layout.searched)})")
 
 
-def _open_file(path: Path) -> Manifest:
+def _open_file(path: Path, shape: dict[str, int | None]) -> Manifest:
     if path.name == "meta.csv":
-        return read_tau(path.parent)
+        return read_tau(path.parent, **shape)
     if _has_clip_id(path):
-        return read_csv_manifest(path)
+        return read_csv_manifest(path, **_given(shape))
     raise DatasetFormatError(path, 1, "not a dataset manifest: expected meta.csv or a CSV with a clip_id column")
+
+
+def _given(shape: dict[str, int | None]) -> dict[str, int]:
+    """The overrides that were given (read_csv_manifest has its own defaults for the rest)."""
+    return {k: v for k, v in shape.items() if v is not None}
 
 
 def _has_clip_id(path: Path) -> bool:

@@ -13,6 +13,16 @@ PathLike = str | os.PathLike
 #: Shown in full up to this many paths; the exception's ``paths`` always holds all of them.
 _MAX_LISTED = 100
 
+#: The parameters file the synthetic demo generator writes next to meta.csv; the TAU readers take
+#: the clip duration (and so the number of audio segments) from it.
+DEMO_CONFIG_FILE = "demo_config.json"
+
+
+def check_count(name: str, value: int | None) -> None:
+    """``value`` must be None (derive it) or an integer >= 1; raises ValueError naming ``name``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1 (or None to derive it), got {value!r}")
+
 
 class DatasetFormatError(ValueError):
     """A metadata file does not have the expected shape or content (names the file and line)."""

@@ -34,13 +34,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from featurestore.datasets._common import DEMO_CONFIG_FILE
 from featurestore.manifest import TAU_CLASSES
 
 PathLike = str | os.PathLike
 
 CITIES = ("barcelona", "helsinki", "lisbon", "london", "lyon", "milan", "paris", "prague", "stockholm", "vienna")
 TRUTH_FILE = "demo_truth.csv"
-CONFIG_FILE = "demo_config.json"
+CONFIG_FILE = DEMO_CONFIG_FILE  # read back by the TAU readers for the clip duration
 
 
 @dataclass(frozen=True)

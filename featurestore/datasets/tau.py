@@ -13,11 +13,20 @@ searches these places and says what it found.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featurestore.datasets._common import DatasetFormatError, PathLike, Table, read_table
+from featurestore.datasets._common import (
+    DEMO_CONFIG_FILE,
+    DatasetFormatError,
+    PathLike,
+    Table,
+    check_count,
+    read_table,
+)
 from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
 
 log = logging.getLogger(__name__)
@@ -26,6 +35,14 @@ _AUDIO_COLUMNS = ("filename_audio", "filename")
 _VIDEO_COLUMNS = ("filename_video",)
 _LABEL_COLUMNS = ("scene_label",)
 _HEADER_FIRST = _AUDIO_COLUMNS + _VIDEO_COLUMNS
+
+#: TAU's fixed shapes: 10 s development clips cut into 10 segments of 1 s with 12 frames (the
+#: paper's setup); 1 s evaluation clips, 1 segment, 5 frames.
+SEGMENT_SECONDS = 1.0
+DEV_SEGMENTS, DEV_FRAMES = 10, 12
+EVAL_SEGMENTS, EVAL_FRAMES = 1, 5
+#: How far a clip may be from a whole number of segments (as ``decode.DEFAULT_TOLERANCE_SECONDS``).
+_TOLERANCE_SECONDS = 0.1
 
 
 @dataclass
@@ -78,18 +95,30 @@ def locate_tau(root: PathLike) -> TauLayout:
     return TauLayout(root, media, meta, _fold_files(setup) if setup else [], candidates)
 
 
-def read_tau(root: PathLike) -> Manifest:
+def read_tau(root: PathLike, *, audio_segments: int | None = None,
+             video_frames: int | None = None) -> Manifest:
     """Read the TAU Urban Audio-Visual Scenes 2021 development set into a Manifest.
 
     Every ``evaluation_setup/*.csv`` present becomes a split named by its stem (``fold1_train``).
     The clip id is the file stem; city and location come from the name
     ``scene-city-locationID-segmentID`` (location = ``city-locationID``).
 
+    Args:
+        root: the dataset directory (or its ``.meta`` sibling, or their common parent).
+        audio_segments: 1 s audio segments per clip. None derives it: from the clip duration
+            in ``demo_config.json`` when the synthetic generator wrote the directory (a demo set
+            of 3 s clips gets 3), else TAU's 10.
+        video_frames: frames sampled per clip (None: the paper's 12).
+
     Raises:
         FileNotFoundError: no meta.csv near ``root``.
         DatasetFormatError: malformed metadata, an unknown scene label, a name that does not
-            parse, a split file listing an unknown clip (each naming the file and line).
+            parse, a split file listing an unknown clip (each naming the file and line), or an
+            unreadable ``demo_config.json``.
+        ValueError: ``audio_segments``/``video_frames`` not an integer >= 1.
     """
+    check_count("audio_segments", audio_segments)
+    check_count("video_frames", video_frames)
     layout = locate_tau(root)
     if layout.meta_csv is None:
         raise FileNotFoundError(f"no meta.csv found for a TAU development set; looked in: "
@@ -100,11 +129,14 @@ def read_tau(root: PathLike) -> Manifest:
     by_id = {c.clip_id: c for c in clips}
     for fold in layout.fold_files:
         _apply_split(read_table(fold, "\t", _HEADER_FIRST), by_id)
-    return Manifest(layout.name, list(TAU_CLASSES), clips, base,
-                    audio_segments=10, segment_seconds=1.0, video_frames=12)
+    if audio_segments is None:
+        audio_segments = _segments_from_demo_config(layout, DEV_SEGMENTS)
+    return Manifest(layout.name, list(TAU_CLASSES), clips, base, audio_segments=audio_segments,
+                    segment_seconds=SEGMENT_SECONDS, video_frames=video_frames or DEV_FRAMES)
 
 
-def read_tau_eval(root: PathLike) -> Manifest:
+def read_tau_eval(root: PathLike, *, audio_segments: int | None = None,
+                  video_frames: int | None = None) -> Manifest:
     """Read a TAU-style evaluation set (1 s clips named ``0.wav``/``0.mp4``..., no labels).
 
     Clips come from ``evaluation_setup/*.csv`` when present (each file becomes a split), else
@@ -112,9 +144,19 @@ def read_tau_eval(root: PathLike) -> Manifest:
     only under one of the two directories still gets the other's expected path, so that
     :func:`check_files` reports it as missing.
 
+    Args:
+        root: the dataset directory.
+        audio_segments: 1 s audio segments per clip. None derives it: from ``demo_config.json``
+            when present (a demo evaluation set of 2 s clips gets 2), else TAU's 1.
+        video_frames: frames sampled per clip (None: 5).
+
     Raises:
         FileNotFoundError: neither split files nor audio/video directories near ``root``.
+        DatasetFormatError: an unreadable split file or ``demo_config.json``.
+        ValueError: ``audio_segments``/``video_frames`` not an integer >= 1.
     """
+    check_count("audio_segments", audio_segments)
+    check_count("video_frames", video_frames)
     layout = locate_tau(root)
     if not layout.fold_files and layout.media_dir is None:
         raise FileNotFoundError(f"no evaluation_setup/*.csv and no audio/ or video/ directory; looked in: "
@@ -125,8 +167,10 @@ def read_tau_eval(root: PathLike) -> Manifest:
         clips = _clips_from_folds(layout.fold_files)
     else:
         clips = _clips_from_listing(base)
-    return Manifest(layout.name, list(TAU_CLASSES), clips, base,
-                    audio_segments=1, segment_seconds=1.0, video_frames=5)
+    if audio_segments is None:
+        audio_segments = _segments_from_demo_config(layout, EVAL_SEGMENTS)
+    return Manifest(layout.name, list(TAU_CLASSES), clips, base, audio_segments=audio_segments,
+                    segment_seconds=SEGMENT_SECONDS, video_frames=video_frames or EVAL_FRAMES)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,6 +183,51 @@ def _candidates(root: Path) -> list[Path]:
                                                                                   "evaluation_setup"))
     out = [root] + ([sibling] if sibling.is_dir() else []) + children
     return list(dict.fromkeys(out))
+
+
+def _segments_from_demo_config(layout: TauLayout, default: int) -> int:
+    """Audio segments per clip from a demo set's ``demo_config.json``, else ``default``.
+
+    Why: the synthetic generator can write clips of any length, and a reader that always
+    assumed TAU's 10 s would make extraction reject every clip of a 3 s demo set as too short.
+    A duration that is not a whole number of segments (within 0.1 s) is rounded down, with a
+    warning, because extraction will then find the clips too long.
+    """
+    config = _find_demo_config(layout)
+    if config is None:
+        return default
+    duration = _demo_duration(config)
+    exact = duration / SEGMENT_SECONDS
+    segments = max(1, math.floor(exact + _TOLERANCE_SECONDS / SEGMENT_SECONDS))
+    if abs(segments * SEGMENT_SECONDS - duration) > _TOLERANCE_SECONDS:
+        log.warning("%s: demo clips last %g s, not a whole number of %g s segments; using %d "
+                    "segment(s), so extraction will report the clips as too %s", config, duration,
+                    SEGMENT_SECONDS, segments, "short" if segments * SEGMENT_SECONDS > duration else "long")
+    log.info("%s: demo clips of %g s -> %d audio segment(s) of %g s", config, duration, segments,
+             SEGMENT_SECONDS)
+    return segments
+
+
+def _find_demo_config(layout: TauLayout) -> Path | None:
+    """``demo_config.json`` next to meta.csv, the split files or the media directories."""
+    places = [layout.meta_csv.parent if layout.meta_csv else None,
+              layout.fold_files[0].parent.parent if layout.fold_files else None, layout.media_dir]
+    for directory in dict.fromkeys(d for d in places if d is not None):
+        if (directory / DEMO_CONFIG_FILE).is_file():
+            return directory / DEMO_CONFIG_FILE
+    return None
+
+
+def _demo_duration(config: Path) -> float:
+    """The ``duration`` (seconds per clip) a demo config records; DatasetFormatError otherwise."""
+    try:
+        duration = json.loads(config.read_text(encoding="utf-8")).get("duration")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DatasetFormatError(config, None, f"not a readable demo config ({exc})") from exc
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
+        raise DatasetFormatError(config, None, f"expected a positive number of seconds under "
+                                               f"'duration', found {duration!r}")
+    return float(duration)
 
 
 def _fold_files(setup: Path) -> list[Path]:

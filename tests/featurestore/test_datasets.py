@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tests.featurestore.test_extract_support import FAST
 
 from featurestore.datasets import (
     DatasetFormatError,
@@ -16,7 +17,11 @@ from featurestore.datasets import (
     read_tau,
     read_tau_eval,
 )
+from featurestore.datasets.synthetic import make_demo_dataset, make_demo_eval_dataset
+from featurestore.decode import load_audio_segments
+from featurestore.extract import extract
 from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
+from featurestore.store import open_store
 
 META_HEADER = "filename_audio\tfilename_video\tscene_label\tidentifier"
 FOLD_HEADER = "filename_audio\tfilename_video\tscene_label"
@@ -257,3 +262,77 @@ def test_check_files_message_stays_readable_for_many_missing_files(tmp_path):
         check_files(Manifest("big", [], clips, tmp_path))
     assert len(err.value.paths) == 150
     assert "150 of 150 files" in str(err.value) and "and 50 more (all in .paths)" in str(err.value)
+
+
+# ------------------------------------------------------------------------------ segments per clip
+
+
+SHORT = dict(clips_per_class=1, n_cities=1, width=32, height=24, fps=5, progress=False)
+
+
+def test_short_demo_clips_get_as_many_segments_as_seconds_and_extract(tmp_path):
+    root = make_demo_dataset(tmp_path / "demo3", duration=3.0, **SHORT)
+    m = read_tau(root)
+    assert (m.audio_segments, m.segment_seconds, m.video_frames) == (3, 1.0, 12)
+    assert load_audio_segments(root / m.clips[0].audio, 48000, m.audio_segments).shape == (3, 48000)
+    summary = extract(root, tmp_path / "s.zarr", "logmel", **FAST)  # reads the directory itself
+    assert (summary.clips_done, summary.clips_failed) == (10, 0)
+    with open_store(tmp_path / "s.zarr") as store:
+        assert store.get("logmel", m.clips[0].clip_id).shape[0] == 3
+    (root / "demo_config.json").unlink()  # without the generator's config: TAU's 10 s assumption
+    assert read_tau(root).audio_segments == 10
+
+
+def test_short_demo_eval_clips_get_as_many_segments_as_seconds(tmp_path):
+    root = make_demo_eval_dataset(tmp_path / "eval2", n_clips=2, duration=2.0, width=32, height=24, fps=5,
+                                  progress=False)
+    m = read_tau_eval(root)
+    assert (m.audio_segments, m.video_frames, len(m)) == (2, 5, 2)
+
+
+def test_explicit_segment_and_frame_counts_override_every_reader(tmp_path, tiny_dataset, tiny_eval_dataset):
+    assert (read_tau(tiny_dataset, audio_segments=4, video_frames=6).audio_segments,
+            read_tau(tiny_dataset, audio_segments=4, video_frames=6).video_frames) == (4, 6)
+    m = open_dataset(tiny_dataset, video_frames=3)
+    assert (m.audio_segments, m.video_frames) == (10, 3)
+    m = open_dataset(tiny_eval_dataset, audio_segments=2)
+    assert (m.audio_segments, m.video_frames) == (2, 5)
+    (tmp_path / "list.csv").write_text("clip_id,audio\nq,q.wav\n")
+    m = open_dataset(tmp_path / "list.csv", audio_segments=7)
+    assert (m.audio_segments, m.video_frames) == (7, 12)
+    for bad in (0, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="audio_segments must be an integer >= 1"):
+            open_dataset(tiny_dataset, audio_segments=bad)
+    with pytest.raises(ValueError, match="video_frames must be an integer >= 1"):
+        read_tau_eval(tiny_eval_dataset, video_frames=-1)
+
+
+@pytest.mark.parametrize("duration, segments, warning", [
+    (2.95, 3, None),          # container rounding: within 0.1 s of 3 segments
+    (2.5, 2, "too long"),     # extraction would reject the clips: say so when reading
+    (0.4, 1, "too short"),
+])
+def test_segments_from_a_demo_config_duration(tmp_path, caplog, duration, segments, warning):
+    root = _fake_tau(tmp_path / "d", IDS)
+    (root / "demo_config.json").write_text(f'{{"duration": {duration}, "layout": "development"}}')
+    with caplog.at_level("WARNING", logger="featurestore.datasets.tau"):
+        assert read_tau(root).audio_segments == segments
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warning in warnings[0] and f"{duration:g} s" in warnings[0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not a readable demo config"),
+    ('{"duration": "ten"}', "expected a positive number of seconds under 'duration', found 'ten'"),
+    ('{"seed": 1}', "found None"),
+    ("[1, 2]", "not a readable demo config"),
+])
+def test_a_broken_demo_config_is_an_error_naming_the_file(tmp_path, text, message):
+    root = _fake_tau(tmp_path / "d", IDS)
+    (root / "demo_config.json").write_text(text)
+    with pytest.raises(DatasetFormatError, match=message) as err:
+        read_tau(root)
+    assert err.value.path == root.absolute() / "demo_config.json"
