@@ -14,6 +14,7 @@ from importlib import metadata
 from typing import Any
 
 RUNTIME_KEY = "runtime"
+PER_DATASET_SEGMENT_KEYS = ("n_segments", "n_frames")
 _VERSIONED = ("avscene", "numpy", "torch", "torchvision", "timm", "open_clip_torch", "zarr", "h5py", "librosa", "av")
 
 
@@ -27,8 +28,14 @@ def fingerprint(provenance: dict) -> str:
 
     A checkpoint is identified by its content hash, not where it lies: moving the file must not
     make a resume refuse, so ``weights.path`` is left out whenever ``weights.sha256`` is there.
+    How many segments or frames a clip has is the dataset's, not the encoder's (10 x 1 s in the
+    development set, 1 x 1 s in the evaluation set): it is left out too, so a head trained on one
+    store accepts the same encoder's features in the other. The array shape guards it in a store.
     """
     body = {k: v for k, v in provenance.items() if k != RUNTIME_KEY}
+    segments = body.get("segments")
+    if isinstance(segments, dict):
+        body["segments"] = {k: v for k, v in segments.items() if k not in PER_DATASET_SEGMENT_KEYS}
     weights = body.get("weights")
     if isinstance(weights, dict) and weights.get("sha256"):
         body["weights"] = {k: v for k, v in weights.items() if k != "path"}

@@ -316,7 +316,13 @@ class FeatureStore:
         if self._b.exists(join(path, "data")):
             old = self._b.get_attrs(path)
             if old.get("fingerprint") == fp and not overwrite:
-                return self.feature_info(name)
+                info = self.feature_info(name)
+                wanted = (int(n_segments), *(int(s) for s in feature_shape))
+                if info.shape[1:] != wanted:
+                    raise FingerprintMismatchError(
+                        name, {**_strip_runtime(old.get("provenance", {})), "shape": list(info.shape[1:])},
+                        {**_strip_runtime(provenance), "shape": list(wanted)})
+                return info
             if not overwrite:
                 raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})),
                                                _strip_runtime(provenance))

@@ -24,3 +24,17 @@ def test_random_weights_are_named_as_such():
     assert weights_identity(prov) == "RANDOM(seed=3)"
     assert not is_random_weights({"weights": {"kind": "pretrained", "tag": "openai"}})
     assert weights_identity({"weights": {"kind": "pretrained", "tag": "openai"}}) == "openai"
+
+
+def test_segment_count_is_the_datasets_not_the_encoders():
+    dev = {"encoder": "logmel", "segments": {"kind": "audio", "n_segments": 10, "segment_seconds": 1.0,
+                                             "sample_rate": 48000}}
+    evaluation = {"encoder": "logmel", "segments": {"kind": "audio", "n_segments": 1, "segment_seconds": 1.0,
+                                                    "sample_rate": 48000}}
+    other_rate = {"encoder": "logmel", "segments": {"kind": "audio", "n_segments": 10, "segment_seconds": 1.0,
+                                                    "sample_rate": 44100}}
+    assert fingerprint(dev) == fingerprint(evaluation)
+    assert fingerprint(dev) != fingerprint(other_rate)
+    frames12 = {"encoder": "clip/RN101@openai", "segments": {"kind": "frames", "n_frames": 12}}
+    frames5 = {"encoder": "clip/RN101@openai", "segments": {"kind": "frames", "n_frames": 5}}
+    assert fingerprint(frames12) == fingerprint(frames5)

@@ -347,3 +347,12 @@ def test_rows_finished_by_another_writer_are_not_served_stale(tmp_path):
         np.testing.assert_array_equal(reader.get(FEAT, ids[1]), data[1])
         reader.refresh()  # rows done before the retry are served from the cache until a refresh
         np.testing.assert_array_equal(reader.get(FEAT, ids[0]), data[0])
+
+
+def test_same_fingerprint_with_another_segment_count_is_refused(path):
+    """The segment count is outside the fingerprint (dev vs eval sets), so the shape must guard it."""
+    with create_store(path, make_manifest()) as store:
+        store.create_feature_set(FEAT, N_SEG, (DIM,), provenance(), chunk_clips=CHUNK)
+        with pytest.raises(FingerprintMismatchError, match="shape"):
+            store.create_feature_set(FEAT, N_SEG + 1, (DIM,), provenance(), chunk_clips=CHUNK)
+        assert store.feature_info(FEAT).shape[1] == N_SEG
