@@ -263,8 +263,22 @@ def sample_frames(path: PathLike, n_frames: int, *, method: str = "seek") -> np.
     return frames
 
 
-def _sample_frames(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarray, int]:
-    """:func:`sample_frames` plus the number of frames the decoder produced (for tests/benchmarks)."""
+@dataclass(frozen=True)
+class _Counts:
+    """What sampling cost, for tests and benchmarks.
+
+    Attributes:
+        frames: frames the decoder handed out.
+        packets: packets sent to the decoder (including those it dropped as skippable and those
+            it decoded but had not handed out when a seek reset it).
+    """
+
+    frames: int
+    packets: int
+
+
+def _sample_frames(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarray, _Counts]:
+    """:func:`sample_frames` plus what the decoder did (for tests/benchmarks)."""
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
     if method not in ("seek", "decode_all"):
@@ -279,7 +293,7 @@ def _sample_frames(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarr
         return _sample_with(path, n_frames, "decode_all_by_index")
 
 
-def _sample_with(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarray, int]:
+def _sample_with(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarray, _Counts]:
     with _open_video(path) as container:
         info = _probe(container, path)
         stream = container.streams.video[0]
@@ -298,7 +312,7 @@ def _sample_with(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarray
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise DecodeError(path, f"frame size changes within the clip: {sorted(shapes)}")
-    return np.stack(arrays), sampler.n_decoded
+    return np.stack(arrays), _Counts(sampler.n_decoded, sampler.n_packets)
 
 
 class _CannotSeek(Exception):
@@ -378,6 +392,15 @@ def _scan_packets(path: PathLike) -> tuple[float | None, int]:
         return float(ticks * stream.time_base), n
 
 
+def _shows(packet, target: int) -> bool:
+    """Whether a packet's frame is on screen at pts ``target`` by its pts and duration.
+
+    Packets without a duration never match, so their streams keep the slower, safer path.
+    """
+    return (packet.pts is not None and bool(packet.duration)
+            and packet.pts <= target < packet.pts + packet.duration)
+
+
 class _Sampler:
     """Picks frames out of an open container, keeping decoder state between targets.
 
@@ -390,6 +413,7 @@ class _Sampler:
         self.stream = stream
         self.path = Path(path)
         self.n_decoded = 0
+        self.n_packets = 0
         self._tb = stream.time_base
         self._start = stream.start_time or 0
         self._fps = fps
@@ -400,6 +424,8 @@ class _Sampler:
         self._eof = False
         self._windows: list[tuple[int, int]] | None = None  # (lo, hi] pts ranges worth decoding
         self._current = 0  # the target being looked for; windows before it are finished
+        self._drain_for: int | None = None  # target whose packet ends decoding (the next one seeks)
+        self._drained = False  # the decoder was drained: only a seek can continue
         self._index_offset = self._pts_minus_index_ts()
 
     def _ticks(self, t: float) -> int:
@@ -416,8 +442,9 @@ class _Sampler:
         margin = 3 * self._frame_ticks  # a target's frame starts less than one frame before it
         self._windows = [(target - margin, target) for target in targets]
         out = []
-        for target in targets:
+        for target, drain in zip(targets, self._drain_plan(targets)):
             self._current = target
+            self._drain_for = target if drain else None
             if self._must_seek(target):
                 self._seek(target)
             frame = self._frame_at(target)
@@ -429,13 +456,36 @@ class _Sampler:
     def _must_seek(self, target: int) -> bool:
         """Seek unless the keyframe before ``target`` is at or behind the decoder's position."""
         position = next((f.pts for f in (self._pending, self._prev) if f is not None), None)
-        if self._frames is None or position is None or self._eof:
+        if self._frames is None or position is None or self._eof or self._drained:
             return True
+        keyframe = self._keyframe_before(target)
+        return keyframe is None or keyframe > position
+
+    def _keyframe_before(self, target: int) -> int | None:
+        """pts of the demuxer-indexed keyframe at or before ``target`` (None: no index entry)."""
         entries = self.stream.index_entries
         idx = entries.search_timestamp(target - self._index_offset, backward=True) if len(entries) else -1
-        if idx < 0:
-            return True
-        return entries[idx].timestamp + self._index_offset > position
+        return entries[idx].timestamp + self._index_offset if idx >= 0 else None
+
+    def _drain_plan(self, targets: list[int]) -> list[bool]:
+        """For each target, whether decoding may stop at its frame's packet.
+
+        A decoder holds frames back for reordering (two with x264's B-frame pyramid), so the
+        frame on screen at a target normally comes out only after one or two more packets are
+        decoded - often the next GOP's keyframe, the most expensive frame there is. When the
+        next target lies beyond the next keyframe (or there is none), those packets would be
+        thrown away by the seek anyway, so the decoder is drained instead: it hands out the
+        frames it holds without decoding anything more. Without an index (no keyframe
+        positions) nothing is drained.
+        """
+        plan = []
+        for i, target in enumerate(targets):
+            if i + 1 == len(targets):
+                plan.append(True)
+                continue
+            keyframe = self._keyframe_before(targets[i + 1])
+            plan.append(keyframe is not None and keyframe > target)
+        return plan
 
     def _pts_minus_index_ts(self) -> int:
         """How far pts run ahead of the demuxer's index timestamps.
@@ -456,7 +506,7 @@ class _Sampler:
             raise _CannotSeek(str(exc)) from exc
         self._frames = self._decode_iter()
         self._prev = self._pending = None
-        self._eof = False
+        self._eof = self._drained = False
 
     def _seek_earlier(self, target: int):
         """Recover from a seek that landed past the target or at the end of the stream.
@@ -518,28 +568,44 @@ class _Sampler:
 
         While seeking, packets of non-reference frames that cannot be the answer to any remaining
         target are dropped by the decoder (``skip_frame="NONREF"``): no other frame depends on
-        them, so skipping them changes nothing but the time spent.
+        them, so skipping them changes nothing but the time spent. Once the packet of the frame
+        on screen at a target planned for draining (:meth:`_drain_plan`) has been sent, the
+        decoder is drained and iteration ends; the next target seeks.
         """
         ctx = self.stream.codec_context
         skipping = False
         try:
             for packet in self.container.demux(self.stream):
-                skip = self._windows is not None and not self._near_target(packet.pts)
+                skip = self._windows is not None and not self._near_target(packet)
                 if skip != skipping:
                     ctx.skip_frame = "NONREF" if skip else "DEFAULT"
                     skipping = skip
+                self.n_packets += 1
                 for frame in packet.decode():
                     self.n_decoded += 1
                     yield frame
+                if self._drain_for is not None and _shows(packet, self._drain_for):
+                    self._drained = True
+                    for frame in ctx.decode(None):
+                        self.n_decoded += 1
+                        yield frame
+                    return
         finally:
             if skipping:
                 ctx.skip_frame = "DEFAULT"
 
-    def _near_target(self, pts: int | None) -> bool:
-        """Whether a frame at ``pts`` could be the frame shown at one of the remaining targets."""
-        if pts is None:
+    def _near_target(self, packet) -> bool:
+        """Whether the packet's frame could be the frame shown at one of the remaining targets.
+
+        With a packet duration that is exact: the frame is on screen at a target. Without one:
+        it starts at most three frames before a target.
+        """
+        if packet.pts is None:
             return True
-        return any(lo < pts <= hi for lo, hi in self._windows if hi >= self._current)
+        remaining = [(lo, hi) for lo, hi in self._windows if hi >= self._current]
+        if packet.duration:
+            return any(_shows(packet, hi) for _, hi in remaining)
+        return any(lo < packet.pts <= hi for lo, hi in remaining)
 
     # -- reference: decode everything ---------------------------------------------------------------
     def by_decoding_all(self, times: list[float], fps: float, by_index: bool = False) -> list:

@@ -46,6 +46,10 @@ def write_clip(path: Path, gop: int, width: int = 1280, height: int = 720, fps: 
     stream = container.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "20"})
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     stream.codec_context.gop_size = gop
+    # Frame-threaded x264, as the ffmpeg command line runs it: one slice per frame. PyAV's default
+    # (slice threads) would cut each frame into one slice per CPU core, which makes the decoder's
+    # slice threading, and so the timings, depend on the machine that wrote the clip.
+    stream.codec_context.thread_type = "FRAME"
     for i in range(int(seconds * fps)):
         t = i / fps
         img = np.full((height, width, 3), 110.0, np.float32)
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             path = write_clip(Path(tmp) / f"clip_gop{gop}.mp4", gop)
             seek, n_seek = _sample_frames(path, args.frames, "seek")
             full, n_full = _sample_frames(path, args.frames, "decode_all")
+            n_seek, n_full = n_seek.frames, n_full.frames
             if not np.array_equal(seek, full):
                 print(f"GOP {gop}: seek and decode_all returned different frames", file=sys.stderr)
                 return 1
