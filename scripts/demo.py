@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "demo", help="working directory (default: ./demo)")
     p.add_argument("--clips-per-class", type=int, default=5, help="demo dataset size (10 classes)")
+    p.add_argument("--clips-per-location", type=int, default=2, help="demo clips per recording location")
+    p.add_argument("--duration", type=float, default=10.0, help="demo clip length in seconds (TAU: 10)")
     p.add_argument("--frames", type=int, default=2, help="video frames per clip (the paper: 12)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--encoders", default=DEMO_ENCODERS, help="encoder specs for extraction")
@@ -46,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_dataset(data: Path, clips_per_class: int) -> None:
+def make_dataset(data: Path, args: argparse.Namespace) -> None:
     from featurestore.datasets.synthetic import make_demo_dataset
 
     if (data / "meta.csv").exists():
@@ -54,8 +56,9 @@ def make_dataset(data: Path, clips_per_class: int) -> None:
         return
     if data.exists():
         shutil.rmtree(data)
-    print(f"demo dataset: writing {clips_per_class * 10} clips of 10 s to {data}")
-    make_demo_dataset(data, clips_per_class=clips_per_class, seed=0)
+    print(f"demo dataset: writing {args.clips_per_class * 10} clips of {args.duration:g} s to {data}")
+    make_demo_dataset(data, clips_per_class=args.clips_per_class, duration=args.duration,
+                      clips_per_location=args.clips_per_location, seed=0)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> Path:
     t = Transcript()
 
     banner("1/4 demo dataset")
-    make_dataset(data, args.clips_per_class)
+    make_dataset(data, args)
     banner("2/4 extraction into the store (random encoder weights)")
     t.run("featurestore", "extract", data, store, "--encoders", args.encoders, "--frames", str(args.frames),
           "--device", args.device)

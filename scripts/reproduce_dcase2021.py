@@ -1,0 +1,93 @@
+"""Reproduce the paper's Table 2 pipeline on the real TAU Urban Audio-Visual Scenes 2021 data.
+
+Needs the development set on disk, pretrained weights (the hub cache, or local checkpoints given as
+``--encoders clip/RN101@/path/RN101.pt,...``) and, realistically, a GPU:
+
+  TAU dev set -> featurestore extract (logmel; timm regnety_064/resnest50d/hrnet_w18; CLIP RN50x4/RN101/
+                 ViT-B-32 image and text towers; 12 frames per clip)
+              -> heads: A01-A03 (spectrogram CNNs), V01-V03 (MLPs on frozen CNN frame embeddings),
+                 C01-C03 (zero-shot), C04 (CLIP late fusion), recipes in scripts/recipes/paper/
+              -> fusion: E01, E02 (equation (1)), E02-T (temperature scaling): reports in --out/reports
+              -> optional: the evaluation set (--eval-dataset) -> a DCASE submission file.
+
+Deviation from the paper, stated in every recipe: V01-V03 train a head on frozen ImageNet embeddings
+instead of fine-tuning the whole CNN on frames (fine-tuning is not a store-based workflow).
+
+Usage: .venv/bin/python scripts/reproduce_dcase2021.py --dataset /data/TAU-urban-audio-visual-scenes-2021-development
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _steps import StepFailed, Transcript, banner, fail, train_and_predict  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PAPER = REPO / "scripts" / "recipes" / "paper"
+FUSION = REPO / "scripts" / "recipes" / "fusion"
+PAPER_ENCODERS = ("logmel,timm/regnety_064,timm/resnest50d,timm/hrnet_w18,clip/RN50x4,clip/RN101,clip/ViT-B-32,"
+                  "cliptext/RN50x4,cliptext/RN101,cliptext/ViT-B-32")
+FUSION_RECIPES = ("E01.json", "E02.json", "E02_temperature.json", "A04_V04.json")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", type=Path, required=True, help="TAU 2021 development directory")
+    p.add_argument("--eval-dataset", type=Path, help="TAU 2021 evaluation directory (for a submission)")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "dcase2021", help="working directory")
+    p.add_argument("--encoders", default=PAPER_ENCODERS,
+                   help="encoder specs; add @TAG or @/path/to/checkpoint to each to choose weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", default="16", help="clips per extraction batch")
+    p.add_argument("--num-workers", default=None, help="decoding processes for extraction")
+    return p.parse_args(argv)
+
+
+def extract(t: Transcript, dataset: Path, store: Path, args: argparse.Namespace, frames: str | None) -> None:
+    extra = ["--num-workers", args.num_workers] if args.num_workers else []
+    extra += ["--frames", frames] if frames else []
+    t.run("featurestore", "extract", dataset, store, "--encoders", args.encoders, "--device", args.device,
+          "--batch-size", args.batch_size, *extra)
+    t.run("featurestore", "verify", store)
+
+
+def run(args: argparse.Namespace) -> None:
+    out = args.out.resolve()
+    store, runs, reports = out / "tau2021-dev.zarr", out / "runs", out / "reports"
+    t = Transcript()
+    banner("1/3 extraction (resumable: rerun the same command after an interruption)")
+    extract(t, args.dataset, store, args, frames="12")
+    banner("2/3 heads: the paper's A01-A03, V01-V03, C01-C04")
+    for recipe in sorted(PAPER.glob("*.json")):
+        train_and_predict(t, store, recipe, recipe.name.split("_")[0], runs, args.device)
+    banner("3/3 fusion: E01, E02, E02 with temperature scaling, and the A04/V04 ablation")
+    for name in FUSION_RECIPES:
+        t.run("fusion", "report", "--store", store, "--recipe", FUSION / name, "--out", reports / Path(name).stem)
+    if args.eval_dataset:
+        eval_store = out / "tau2021-eval.zarr"
+        banner("evaluation set: extraction, predictions with the trained heads, submission")
+        extract(t, args.eval_dataset, eval_store, args, frames="5")  # the paper used 5 frames per test clip
+        for recipe in sorted(PAPER.glob("*.json")):
+            run_id = recipe.name.split("_")[0]
+            t.run("heads", "predict", "--store", eval_store, "--run", runs / run_id, "--name", run_id,
+                  "--device", args.device, "--overwrite")
+        t.run("fusion", "submit", "--store", eval_store, "--recipe", FUSION / "E02.json",
+              "--out", out / "submission_E02.csv")
+    print("\n" + t.summary())
+    print(f"\nreports: {reports}/*/report.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except StepFailed as err:
+        return fail(err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
