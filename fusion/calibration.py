@@ -140,6 +140,7 @@ class StackingCalibrator(_FittedOnClips):
         self.max_iter = max_iter
         self.model = None
         self.missing_classes: list[int] = []
+        self.floor = 0.0
 
     def fit(self, clip_ids: Sequence[str], probs: np.ndarray, labels: np.ndarray) -> "StackingCalibrator":
         from sklearn.linear_model import LogisticRegression
@@ -153,7 +154,8 @@ class StackingCalibrator(_FittedOnClips):
         self.missing_classes = sorted(set(range(self.n_classes)) - set(present.tolist()))
         if self.missing_classes:
             warnings.warn(f"stacking calibrator: classes {self.missing_classes} have no clip in the fit data; "
-                          f"it will give them probability 0", stacklevel=2)
+                          f"it gives them the add-one floor 1/(n_fit + n_classes) each", stacklevel=2)
+        self.floor = 1.0 / (x.shape[0] + self.n_classes)
         self.model = LogisticRegression(C=self.C, max_iter=self.max_iter)
         self.model.fit(_log_probs(x), y)
         return self
@@ -162,7 +164,13 @@ class StackingCalibrator(_FittedOnClips):
         x = as_probs(probs, "stacking apply inputs")
         self._guard(clip_ids, x.shape[0])
         out = np.zeros((x.shape[0], self.n_classes))
-        out[:, self.model.classes_] = self.model.predict_proba(_log_probs(x))
+        seen = self.model.predict_proba(_log_probs(x))
+        if self.missing_classes:
+            # A class never seen in fitting must not get probability 0 (an infinite log-loss on the
+            # first clip of it): it gets an add-one (Laplace) floor and the seen classes share the rest.
+            seen = seen * (1.0 - self.floor * len(self.missing_classes))
+            out[:, self.missing_classes] = self.floor
+        out[:, self.model.classes_] = seen
         return out
 
     def describe(self) -> dict:

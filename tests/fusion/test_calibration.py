@@ -131,3 +131,18 @@ def test_crossfit_apply_keeps_locations_apart():
     assert fold_of_groups(groups, 3) == {"loc0": 0, "loc1": 1, "loc2": 2, "loc3": 0, "loc4": 1, "loc5": 2}
     with pytest.raises(ValueError, match="at least 7 distinct locations, found 6"):
         fold_of_groups(groups, 7)
+
+
+def test_stacking_never_gives_an_unseen_class_probability_zero():
+    rng = np.random.default_rng(0)
+    fit_y = np.array([0, 1, 2] * 10)  # classes 3 and 4 never appear in the fit split
+    fit_p = rng.dirichlet(np.ones(5), size=30)
+    fit_p[np.arange(30), fit_y] += 1.0
+    fit_p /= fit_p.sum(axis=1, keepdims=True)
+    with pytest.warns(UserWarning, match="add-one floor"):
+        st = StackingCalibrator(n_classes=5).fit(_ids("fit", 30), fit_p, fit_y)
+    out = st.apply(_ids("new", 4), rng.dirichlet(np.ones(5), size=4))
+    floor = 1.0 / (30 + 5)
+    np.testing.assert_allclose(out[:, [3, 4]], floor)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0)
+    assert log_loss(out, np.array([3, 4, 3, 4])) < -np.log(floor) + 1e-6
