@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from featurestore.encoders import file_sha256, read_state_dict
+from featurestore.encoders import ALLOW_DOWNLOAD_ENV, downloads_allowed, file_sha256, read_state_dict
 
 RANDOM = "random"
 PRETRAINED = "pretrained"
@@ -53,7 +53,7 @@ def create_backbone(model: str, weights: str, *, num_classes: int, in_chans: int
 
 
 def _pretrained(model: str, weights: str, num_classes: int, in_chans: int, **kwargs: Any) -> tuple[nn.Module, dict]:
-    """Pretrained timm weights: from the local HF / torch-hub cache when there, else timm's download."""
+    """Pretrained timm weights: from the local HF / torch-hub cache; timm's download only when allowed."""
     import timm
 
     tag = weights.partition(":")[2]
@@ -65,9 +65,9 @@ def _pretrained(model: str, weights: str, num_classes: int, in_chans: int, **kwa
         return net, {"kind": "pretrained", "tag": f"timm:{name}", "sha256": record["sha256"]}
     hint = (f"put the weights in the local Hugging Face or torch-hub cache, pass a local checkpoint path "
             f"as weights=..., or use weights='random' (results are then NOT pretrained)")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise RuntimeError(f"pretrained weights for timm model {name!r} are not in the local cache and "
-                           f"HF_HUB_OFFLINE is set: {hint}")
+    if not downloads_allowed():  # the same policy as the encoders: no network unless asked for
+        raise RuntimeError(f"pretrained weights for timm model {name!r} are not in the local cache "
+                           f"(downloads are off; set {ALLOW_DOWNLOAD_ENV}=1 to allow them): {hint}")
     try:
         net = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except Exception as exc:  # hub errors come in many types; all mean "not available here"

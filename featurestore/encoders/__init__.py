@@ -26,9 +26,11 @@ from featurestore.encoders._registry import (
     register_encoder,
 )
 from featurestore.encoders._weights import (
+    ALLOW_DOWNLOAD_ENV,
     Weights,
     WeightsMismatchError,
     WeightsNotFoundError,
+    downloads_allowed,
     file_sha256,
     parse_weights,
     read_state_dict,
@@ -42,7 +44,7 @@ __all__ = [
     "Encoder", "EncoderSpec", "AudioSegments", "FramePreprocessor",
     "create_encoder", "list_encoders", "register_encoder", "get_builder", "refresh_plugins",
     "parse_spec", "resolve_device",
-    "Weights", "file_sha256", "parse_weights", "read_state_dict",
+    "ALLOW_DOWNLOAD_ENV", "Weights", "downloads_allowed", "file_sha256", "parse_weights", "read_state_dict",
     "SpecError", "UnknownEncoderError", "WeightsNotFoundError", "WeightsMismatchError",
     "LogMelConfig", "LogMelEncoder", "mel_filterbank",
     "TimmFrameEncoder", "ClipImageEncoder", "ClipTextEncoder",

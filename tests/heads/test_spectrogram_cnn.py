@@ -102,8 +102,8 @@ def test_missing_pretrained_weights_give_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="not in the local cache.*weights='random'"):
+    monkeypatch.delenv("FEATURESTORE_ALLOW_DOWNLOAD", raising=False)  # no network attempt without it
+    with pytest.raises(RuntimeError, match="not in the local cache.*FEATURESTORE_ALLOW_DOWNLOAD.*weights='random'"):
         heads.create_head("spectrogram_cnn", **SMALL, weights="pretrained")
     with pytest.raises(FileNotFoundError, match="no such file"):
         heads.create_head("spectrogram_cnn", **SMALL, weights=str(tmp_path / "absent.pth"))
