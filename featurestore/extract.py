@@ -119,7 +119,7 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
         else:
             from featurestore._extract_dask import StoreRef, run_distributed
 
-            ref = StoreRef(fs.location, backend)
+            ref = StoreRef(fs.location, backend, fs.open_args.get("storage_options"))
             stats, summary.device = run_distributed(plan, ref, scheduler, device, bar.update)
             fs.refresh()
     summary.pipeline_seconds = time.perf_counter() - t_pipeline

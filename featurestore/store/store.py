@@ -130,6 +130,11 @@ class FeatureStore:
         return self._b.location
 
     @property
+    def open_args(self) -> dict[str, Any]:
+        """The arguments this store was opened with: other processes reopen it from these."""
+        return dict(self._open_args)
+
+    @property
     def attrs(self) -> dict[str, Any]:
         """Root attributes: schema_version, classes, dataset, created_by, segment scheme."""
         return self._b.get_attrs("")
