@@ -13,6 +13,13 @@ Everything an encoder sees comes through here, so the policies live in one place
 * Video frames are taken at times ``(i + 0.5) * duration / n`` by seeking to the keyframe before
   each time and decoding forward to it, so a 10 s clip costs a few GOPs, not every frame. When the
   next time lies in the GOP already being decoded, decoding simply continues instead of seeking.
+  Non-reference frames that are not on screen at a time are not decoded, and when the next time
+  needs a seek the decoder is drained at the wanted frame instead of being fed the next GOP's
+  first packets (which its reordering delay would otherwise ask for). None of this changes a
+  pixel: every frame that is decoded, and every frame it depends on, is decoded exactly.
+* Decoding is single-threaded unless ``threads`` asks for more (extraction already decodes many
+  clips at once in worker processes); then groups of times that share no keyframe are sought in
+  parallel, each in its own opened copy of the file.
 
 Every failure is a :class:`DecodeError` naming the file and what was wrong.
 """
@@ -240,11 +247,11 @@ def sample_times(duration: float, n_frames: int) -> list[float]:
     return [(i + 0.5) * duration / n_frames for i in range(n_frames)]
 
 
-def sample_frames(path: PathLike, n_frames: int, *, method: str = "seek") -> np.ndarray:
+def sample_frames(path: PathLike, n_frames: int, *, method: str = "seek", threads: int = 1) -> np.ndarray:
     """``n_frames`` RGB frames at the times :func:`sample_times` gives for the clip's duration.
 
     For each time the frame on screen at that moment is returned (the last frame starting at or
-    before it).
+    before it). The frames do not depend on ``method`` or ``threads``.
 
     Args:
         path: video file.
@@ -252,6 +259,12 @@ def sample_frames(path: PathLike, n_frames: int, *, method: str = "seek") -> np.
         method: ``"seek"`` (default) seeks to the keyframe before each time and decodes forward
             to it; ``"decode_all"`` decodes every frame and keeps the wanted ones (the reference
             the benchmark compares with; also used automatically for streams without timestamps).
+        threads: decoding threads for this one clip. 1 (default) decodes in the calling thread
+            only, which is right when many clips are decoded at once (extraction's worker
+            processes). More: ``"seek"`` splits the times into groups that share no keyframe and
+            seeks each group in its own opened copy of the file, in parallel (no extra decoding);
+            when there are fewer groups than threads, or with ``"decode_all"``, FFmpeg's frame
+            threading uses the rest.
 
     Returns:
         ``np.ndarray[uint8]`` of shape ``[n_frames, height, width, 3]``.
@@ -259,7 +272,7 @@ def sample_frames(path: PathLike, n_frames: int, *, method: str = "seek") -> np.
     Raises:
         DecodeError: missing, unreadable or truncated video.
     """
-    frames, _ = _sample_frames(path, n_frames, method)
+    frames, _ = _sample_frames(path, n_frames, method, threads)
     return frames
 
 
@@ -277,27 +290,36 @@ class _Counts:
     packets: int
 
 
-def _sample_frames(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarray, _Counts]:
+def _sample_frames(path: PathLike, n_frames: int, method: str, threads: int = 1) -> tuple[np.ndarray, _Counts]:
     """:func:`sample_frames` plus what the decoder did (for tests/benchmarks)."""
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
     if method not in ("seek", "decode_all"):
         raise ValueError(f"method must be 'seek' or 'decode_all', got {method!r}")
-    try:
-        return _sample_with(path, n_frames, method)
-    except _CannotSeek:
-        pass
-    try:
-        return _sample_with(path, n_frames, "decode_all")
-    except _CannotSeek:  # timestamps out of order (e.g. B-frames in AVI): count frames instead
-        return _sample_with(path, n_frames, "decode_all_by_index")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    for attempt in dict.fromkeys((method, "decode_all")):  # a stream that cannot seek: decode all
+        try:
+            if attempt == "seek" and threads > 1:
+                arrays, counts = _seek_in_parallel(path, n_frames, threads)
+            else:
+                arrays, counts = _sample_with(path, n_frames, attempt, threads)
+            return _stacked(path, arrays), counts
+        except _CannotSeek:
+            continue
+    # timestamps out of order (e.g. B-frames in AVI): decode everything and count frames instead
+    arrays, counts = _sample_with(path, n_frames, "decode_all_by_index", threads)
+    return _stacked(path, arrays), counts
 
 
-def _sample_with(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarray, _Counts]:
+def _sample_with(path: PathLike, want: int | list[float], method: str, threads: int = 1) -> tuple[list, _Counts]:
+    """RGB arrays of the frames at ``want`` (a list of times, or a number of frames for
+    :func:`sample_times` of the file's duration), decoded from one opened copy of the file."""
     with _open_video(path) as container:
         info = _probe(container, path)
         stream = container.streams.video[0]
-        times = sample_times(info.duration, n_frames)
+        _set_decoder_threads(stream, threads)
+        times = sample_times(info.duration, want) if isinstance(want, int) else want
         sampler = _Sampler(container, stream, path, info.fps)
         try:
             if method == "seek":
@@ -309,10 +331,52 @@ def _sample_with(path: PathLike, n_frames: int, method: str) -> tuple[np.ndarray
             raise
         except Exception as exc:  # av.error.*: corrupt data in the middle of the file
             raise DecodeError(path, f"corrupt or truncated video data ({type(exc).__name__}: {exc})") from exc
+    return arrays, _Counts(sampler.n_decoded, sampler.n_packets)
+
+
+#: Speed-up FFmpeg's frame threading gives per extra thread on H.264 (measured 1.54-1.55x with two
+#: threads on 720p30 clips; docs/datasets-and-decoding.md). Used only to choose how to use threads.
+_FRAME_THREADING_GAIN = 0.5
+
+
+def _seek_in_parallel(path: PathLike, n_frames: int, threads: int) -> tuple[list, _Counts]:
+    """Seek groups of times that share no keyframe in parallel, one opened file per group.
+
+    Groups are cut exactly where the sequential sampler would seek anyway, so together they
+    decode the same frames as one sampler would; decoding releases the GIL, so the groups run
+    on separate cores. When the largest group holds so much of the work that frame threading
+    would finish sooner (one long GOP holding most targets), one file is decoded with frame
+    threading instead.
+    """
+    with _open_video(path) as container:
+        info = _probe(container, path)
+        stream = container.streams.video[0]
+        times = sample_times(info.duration, n_frames)
+        groups = _Sampler(container, stream, path, info.fps).independent_groups(times, threads)
+    total = sum(work for _, work in groups)
+    if max(work for _, work in groups) * (1 + _FRAME_THREADING_GAIN * (threads - 1)) > total:
+        return _sample_with(path, times, "seek", threads)
+    per_group = max(1, threads // len(groups))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(groups), thread_name_prefix="sample_frames") as pool:
+        parts = list(pool.map(lambda group: _sample_with(path, group[0], "seek", per_group), groups))
+    arrays = [a for part, _ in parts for a in part]
+    return arrays, _Counts(sum(c.frames for _, c in parts), sum(c.packets for _, c in parts))
+
+
+def _set_decoder_threads(stream, threads: int) -> None:
+    """One thread: plain decoding. More: FFmpeg frame + slice threading with that many threads."""
+    ctx = stream.codec_context
+    ctx.thread_count = threads
+    ctx.thread_type = "AUTO" if threads > 1 else "SLICE"
+
+
+def _stacked(path: PathLike, arrays: list) -> np.ndarray:
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise DecodeError(path, f"frame size changes within the clip: {sorted(shapes)}")
-    return np.stack(arrays), _Counts(sampler.n_decoded, sampler.n_packets)
+    return np.stack(arrays)
 
 
 class _CannotSeek(Exception):
@@ -392,6 +456,29 @@ def _scan_packets(path: PathLike) -> tuple[float | None, int]:
         return float(ticks * stream.time_base), n
 
 
+def _balanced_split(costs: list[int], parts: int) -> list[tuple[int, int]]:
+    """Cut ``costs`` into at most ``parts`` contiguous ``[a, b)`` ranges, minimising the largest
+    sum (exact dynamic programme; a clip has a dozen runs at most)."""
+    n = len(costs)
+    parts = max(1, min(parts, n))
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[k][j]: (largest sum, cut) splitting the first j costs into k ranges
+    best = [[(math.inf, 0)] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = (0, 0)
+    for k in range(1, parts + 1):
+        for j in range(1, n + 1):
+            best[k][j] = min((max(best[k - 1][i][0], prefix[j] - prefix[i]), i) for i in range(j))
+    k = min(range(1, parts + 1), key=lambda k: (best[k][n][0], k))  # fewest ranges among the best
+    ranges, j = [], n
+    while k:
+        i = best[k][j][1]
+        ranges.append((i, j))
+        j, k = i, k - 1
+    return ranges[::-1]
+
+
 def _shows(packet, target: int) -> bool:
     """Whether a packet's frame is on screen at pts ``target`` by its pts and duration.
 
@@ -466,6 +553,34 @@ class _Sampler:
         entries = self.stream.index_entries
         idx = entries.search_timestamp(target - self._index_offset, backward=True) if len(entries) else -1
         return entries[idx].timestamp + self._index_offset if idx >= 0 else None
+
+    def independent_groups(self, times: list[float], max_groups: int) -> list[tuple[list[float], int]]:
+        """Split ``times`` into at most ``max_groups`` runs that share no keyframe.
+
+        A cut is made only where :meth:`by_seeking` would seek anyway (the next time's keyframe
+        lies after the previous time), so the groups, sampled separately, decode exactly what
+        one sampler would. Runs are balanced by the frames they span (keyframe to last time).
+        Without a keyframe index there is one group.
+
+        Returns:
+            ``(times, frames spanned)`` per group.
+        """
+        if not self._tb:
+            return [(times, 1)]
+        targets = [self._ticks(t) for t in times]
+        runs: list[list[int]] = []  # indices into times
+        for i, cut in enumerate([True] + self._drain_plan(targets)[:-1]):
+            if cut:
+                runs.append([])
+            runs[-1].append(i)
+        cost = [max(1, (targets[r[-1]] - self._start_of(targets[r[0]])) // self._frame_ticks) for r in runs]
+        return [([times[i] for run in runs[a:b] for i in run], sum(cost[a:b]))
+                for a, b in _balanced_split(cost, max_groups)]
+
+    def _start_of(self, target: int) -> int:
+        """Where decoding for ``target`` starts: its keyframe, or the stream start without an index."""
+        keyframe = self._keyframe_before(target)
+        return self._start if keyframe is None else keyframe
 
     def _drain_plan(self, targets: list[int]) -> list[bool]:
         """For each target, whether decoding may stop at its frame's packet.

@@ -1,22 +1,28 @@
 #!/usr/bin/env python
 """Benchmark: sampling 12 frames by seeking vs decoding every frame of a 10 s 720p30 H.264 clip.
 
-The script writes the clip itself (1280x720, 30 fps, 10 s, libx264 CRF 20, a GOP of ``--gop``
-frames, B-frames on; drifting colour waves plus sensor-like noise so that P/B-frames carry real
-residuals), then times, in one run and alternating the methods:
+The script writes the clip itself (1280x720, 30 fps, 10 s, libx264 veryfast CRF 20, one slice
+per frame, a GOP of ``--gop`` frames, B-frames on; drifting colour waves plus sensor-like noise
+so that P/B-frames carry real residuals), checks that every method returns identical frames, then
+times, in one run and alternating the methods (median of ``--repeats``, after a warm-up):
 
 * ``seek``: :func:`featurestore.decode.sample_frames` (seek to the keyframe before each time,
-  decode forward to it, skip non-reference frames that no target needs);
-* ``decode_all``: the same function with ``method="decode_all"`` (decode every frame, convert only
-  the 12 wanted ones to RGB) - the strict baseline;
-* ``decode_all+rgb``: decode every frame and convert every frame to RGB, what a reader that loads
-  the whole clip as an array does (for reference).
+  decode forward to it, skip non-reference frames that no target needs, drain the decoder at
+  the target instead of decoding the next GOP's first frames);
+* ``decode_all``: the same function with ``method="decode_all"``: decode every frame, convert
+  only the 12 wanted ones to RGB. The strict baseline (decoding alone, nothing else);
+* ``decode_all+rgb``: decode every frame and convert each to an RGB array, as a reader that
+  loads the whole clip does (``[f.to_ndarray(format="rgb24") for f in container.decode(video=0)]``,
+  then pick 12; the arrays are dropped at once here, so their 830 MB are not even allocated
+  together - a favour to the baseline).
 
-Both sampling methods must return identical frames; the script checks that before timing.
+Each is run single-threaded (``threads=1``: the sampler's default, and what extraction's worker
+processes use) and with ``--threads`` threads: the sampler then seeks groups of times that share
+no keyframe in parallel, one opened file per group; the baselines use FFmpeg frame threading.
 
 Usage:
     python scripts/bench/bench_frames.py                  # GOP 15 (0.5 s)
-    python scripts/bench/bench_frames.py --gops 15 30 250 # one line per GOP length
+    python scripts/bench/bench_frames.py --gops 8 15 30 250 --repeats 7
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -66,35 +73,76 @@ def write_clip(path: Path, gop: int, width: int = 1280, height: int = 720, fps: 
     return path
 
 
-def decode_all_rgb(path: Path) -> int:
+def decode_all_rgb(path: Path, threads: int = 1) -> int:
     """Decode every frame and convert each to an RGB array (the whole-clip reader)."""
     with av.open(str(path)) as container:
-        return sum(f.to_ndarray(format="rgb24").shape[0] > 0 for f in container.decode(video=0))
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = threads
+        stream.codec_context.thread_type = "AUTO" if threads > 1 else "SLICE"
+        return sum(f.to_ndarray(format="rgb24").shape[0] > 0 for f in container.decode(stream))
 
 
-def bench(path: Path, n_frames: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """Median (wall, CPU) seconds per method over ``repeats`` alternating runs, after a warm-up.
+METHODS = ("seek", "decode_all", "decode_all+rgb")
 
-    CPU time of this process is reported beside wall time because on a shared machine other
-    processes inflate wall time unevenly; decoding here is single-threaded, so the two agree
-    on an idle machine.
-    """
-    runs = {
-        "seek": lambda: sample_frames(path, n_frames, method="seek"),
-        "decode_all": lambda: sample_frames(path, n_frames, method="decode_all"),
-        "decode_all+rgb": lambda: decode_all_rgb(path),
+
+def runs(path: Path, n_frames: int, threads: int) -> dict[str, Callable[[], object]]:
+    """The timed calls for one thread count."""
+    return {
+        "seek": lambda: sample_frames(path, n_frames, method="seek", threads=threads),
+        "decode_all": lambda: sample_frames(path, n_frames, method="decode_all", threads=threads),
+        "decode_all+rgb": lambda: decode_all_rgb(path, threads),
     }
-    wall: dict[str, list[float]] = {name: [] for name in runs}
-    cpu: dict[str, list[float]] = {name: [] for name in runs}
-    for fn in runs.values():
+
+
+def bench(path: Path, n_frames: int, repeats: int, thread_counts: tuple[int, ...] = (1,)
+          ) -> dict[tuple[str, int], tuple[float, float]]:
+    """Median (wall, CPU) seconds per (method, threads) over ``repeats`` alternating runs.
+
+    CPU time of this process (all its threads) is reported beside wall time because on a shared
+    machine other processes inflate wall time unevenly; single-threaded, the two agree on an
+    idle machine. With more threads, only wall time can show a gain.
+    """
+    calls = {(name, t): fn for t in thread_counts for name, fn in runs(path, n_frames, t).items()}
+    wall: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
+    cpu: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
+    for fn in calls.values():
         fn()
     for _ in range(repeats):
-        for name, fn in runs.items():
+        for key, fn in calls.items():
             w0, c0 = time.perf_counter(), time.process_time()
             fn()
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
-    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in runs}
+            wall[key].append(time.perf_counter() - w0)
+            cpu[key].append(time.process_time() - c0)
+    return {key: (statistics.median(wall[key]), statistics.median(cpu[key])) for key in calls}
+
+
+def same_frames(path: Path, n_frames: int, threads: int) -> tuple[bool, object, object]:
+    """Whether every method and thread count returns the frames of a full decode; the counts."""
+    full, n_full = _sample_frames(path, n_frames, "decode_all")
+    seek, n_seek = _sample_frames(path, n_frames, "seek")
+    others = [_sample_frames(path, n_frames, "seek", threads)[0],
+              _sample_frames(path, n_frames, "decode_all", threads)[0]]
+    return all(np.array_equal(full, x) for x in [seek, *others]), n_seek, n_full
+
+
+def report(gop: int, path: Path, n_frames: int, threads: int, n_seek, n_full,
+           t: dict[tuple[str, int], tuple[float, float]]) -> None:
+    """Print one block per GOP: single-threaded wall and CPU, then wall with ``threads``."""
+    mbps = path.stat().st_size * 8 / 10 / 1e6
+    print(f"720p30 10 s H.264 ({mbps:.1f} Mbit/s), GOP {gop}, {n_frames} frames; frames decoded: "
+          f"seek {n_seek.frames} ({n_seek.packets} packets sent), decode_all {n_full.frames}")
+    lines = [("1 thread, wall", 1, 0), ("1 thread, cpu ", 1, 1)]
+    if threads > 1:
+        lines.append((f"{threads} threads, wall", threads, 0))
+    for label, n, k in lines:
+        s, a, r = (t[(m, n)][k] * 1000 for m in METHODS)
+        print(f"  {label}: seek {s:6.0f} ms | decode_all {a:6.0f} ms, ratio {a / s:.2f}x | "
+              f"decode_all+rgb {r:6.0f} ms, ratio {r / s:.2f}x")
+    if threads > 1:
+        s1, st = t[("seek", 1)][0], t[("seek", threads)][0]
+        a1, r1 = t[("decode_all", 1)][0], t[("decode_all+rgb", 1)][0]
+        print(f"  seek with {threads} threads vs single-threaded baselines (wall): decode_all {a1 / st:.2f}x, "
+              f"decode_all+rgb {r1 / st:.2f}x; seek itself {s1 / st:.2f}x faster than with 1 thread")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,26 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gops", type=int, nargs="+", default=[15], help="GOP lengths in frames (default 15)")
     p.add_argument("--frames", type=int, default=12, help="frames to sample (default 12)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per method (median reported)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="also time every method with this many threads (default 2; 1 = single-threaded only)")
     args = p.parse_args(argv)
+    thread_counts = (1, args.threads) if args.threads > 1 else (1,)
     with tempfile.TemporaryDirectory() as tmp:
         for gop in args.gops:
             path = write_clip(Path(tmp) / f"clip_gop{gop}.mp4", gop)
-            seek, n_seek = _sample_frames(path, args.frames, "seek")
-            full, n_full = _sample_frames(path, args.frames, "decode_all")
-            n_seek, n_full = n_seek.frames, n_full.frames
-            if not np.array_equal(seek, full):
-                print(f"GOP {gop}: seek and decode_all returned different frames", file=sys.stderr)
+            same, n_seek, n_full = same_frames(path, args.frames, max(thread_counts))
+            if not same:
+                print(f"GOP {gop}: the methods returned different frames", file=sys.stderr)
                 return 1
-            t = bench(path, args.frames, args.repeats)
-            mbps = path.stat().st_size * 8 / 10 / 1e6
-            print(f"720p30 10 s H.264 ({mbps:.1f} Mbit/s), GOP {gop}, {args.frames} frames; "
-                  f"frames decoded: seek {n_seek}, decode_all {n_full}")
-            for k, clock in enumerate(("wall", "cpu")):
-                s, a, r = (t[m][k] * 1000 for m in ("seek", "decode_all", "decode_all+rgb"))
-                print(f"  {clock:4s}: seek {s:6.0f} ms | decode_all {a:6.0f} ms | ratio {a / s:.2f}x | "
-                      f"decode_all+rgb {r:6.0f} ms, ratio {r / s:.2f}x")
+            t = bench(path, args.frames, args.repeats, thread_counts)
+            report(gop, path, args.frames, max(thread_counts), n_seek, n_full, t)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,10 @@ import soundfile as sf
 
 from featurestore.decode import (
     DecodeError,
+    _balanced_split,
+    _open_video,
     _sample_frames,
+    _Sampler,
     load_audio,
     load_audio_segments,
     probe_video,
@@ -239,6 +242,35 @@ def test_seeking_returns_exactly_the_pixels_of_a_plain_full_decode(tmp_path, gop
     seek, n_seek = _sample_frames(path, n, "seek")
     np.testing.assert_array_equal(seek, np.stack([every[i] for i in wanted]))
     assert n_seek.frames < 90 if gop == 250 else n_seek.frames <= 6 * n  # short GOPs: ~half a GOP per target
+    # parallel groups (cut where the sampler seeks anyway) decode exactly the same frames
+    parallel, n_parallel = _sample_frames(path, n, "seek", threads=3)
+    np.testing.assert_array_equal(parallel, seek)
+    assert n_parallel == n_seek
+    np.testing.assert_array_equal(sample_frames(path, n, method="decode_all", threads=2), seek)
+
+
+def test_parallel_groups_share_no_keyframe_and_are_balanced(tmp_path):
+    path = _textured_video(tmp_path / "g10.mp4", 10)
+    with av.open(str(path)) as container:
+        keyframes = [i for i, f in enumerate(container.decode(video=0)) if f.key_frame]
+    assert len(keyframes) >= 6
+    times = sample_times(3.0, 12)
+    with _open_video(path) as container:
+        sampler = _Sampler(container, container.streams.video[0], path, 30.0)
+        planned = sampler.independent_groups(times, 3)
+        assert [g for g, _ in sampler.independent_groups(times, 1)] == [times]
+    groups = [g for g, _ in planned]
+    assert [t for g in groups for t in g] == times and len(groups) == 3
+    assert sum(work for _, work in planned) <= 90
+    for before, after in zip(groups, groups[1:]):  # the keyframe each group starts from lies
+        first = int(after[0] * 30)                 # after the previous group's last frame
+        assert max(k for k in keyframes if k <= first) > int(before[-1] * 30)
+    assert max(len(g) for g in groups) <= 6
+    assert _balanced_split([13, 8, 3, 28, 3], 2) == [(0, 3), (3, 5)]
+    assert _balanced_split([237, 37], 4) == [(0, 1), (1, 2)]
+    assert _balanced_split([5], 2) == [(0, 1)]
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        sample_frames(path, 2, threads=0)
 
 
 @pytest.mark.parametrize("name, fmt, source", [
@@ -254,6 +286,7 @@ def test_other_containers_and_streams_without_duration(tmp_path, name, fmt, sour
     assert info.duration == pytest.approx(2.0, abs=0.01)
     assert info.fps == pytest.approx(FPS)
     assert _frame_indices(sample_frames(path, 5)) == [2, 6, 10, 14, 18]
+    assert _frame_indices(sample_frames(path, 5, threads=2)) == [2, 6, 10, 14, 18]  # same fallbacks
 
 
 @pytest.mark.parametrize("faststart", [False, True])
