@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     cmd = [sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--clips-per-class", "2",
-           "--clips-per-location", "1", "--duration", "2", "--frames", "1", "--device", "cpu"]
+           "--clips-per-location", "1", "--duration", "2", "--frames", "2", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
