@@ -27,11 +27,15 @@ class Transcript:
     """The commands run and the seconds each took, for the closing summary."""
 
     steps: list[tuple[str, float, int]] = field(default_factory=list)
+    dry_run: bool = False  # print the commands without running them
 
     def run(self, tool: str, *args: str | Path, allow: tuple[int, ...] = (0,)) -> int:
         argv = [str(a) for a in args]
         line = " ".join([tool] + [shlex.quote(a) for a in argv])
         print(f"\n$ {line}", flush=True)
+        if self.dry_run:
+            self.steps.append((line, 0.0, 0))
+            return 0
         start = time.perf_counter()
         code = _MAINS[tool](argv)
         code = 0 if code is None else int(code)

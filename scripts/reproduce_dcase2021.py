@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", default="16", help="clips per extraction batch")
     p.add_argument("--num-workers", default=None, help="decoding processes for extraction")
+    p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     return p.parse_args(argv)
 
 
@@ -57,7 +58,7 @@ def extract(t: Transcript, dataset: Path, store: Path, args: argparse.Namespace,
 def run(args: argparse.Namespace) -> None:
     out = args.out.resolve()
     store, runs, reports = out / "tau2021-dev.zarr", out / "runs", out / "reports"
-    t = Transcript()
+    t = Transcript(dry_run=args.dry_run)
     banner("1/3 extraction (resumable: rerun the same command after an interruption)")
     extract(t, args.dataset, store, args, frames="12")
     banner("2/3 heads: the paper's A01-A03, V01-V03, C01-C04")
