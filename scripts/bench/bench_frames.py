@@ -37,7 +37,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from featurestore.decode import _sample_frames, sample_frames
+from featurestore.decode import sample_frames
+from featurestore.decode.video import _sample_frames
 
 
 def write_clip(path: Path, gop: int, width: int = 1280, height: int = 720, fps: int = 30,

@@ -8,18 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from featurestore.decode import (
-    DecodeError,
-    _balanced_split,
-    _open_video,
-    _sample_frames,
-    _Sampler,
-    load_audio,
-    load_audio_segments,
-    probe_video,
-    sample_frames,
-    sample_times,
-)
+from featurestore.decode import DecodeError, load_audio, load_audio_segments, probe_video, sample_frames, sample_times
+from featurestore.decode.video import _balanced_split, _open_video, _sample_frames, _Sampler
 
 SR = 48000
 

@@ -1,0 +1,25 @@
+"""The one error decoding raises: it names the file and what was wrong."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PathLike = str | os.PathLike
+
+class DecodeError(Exception):
+    """A media file could not be turned into the samples or frames that were asked for.
+
+    Attributes:
+        path: the file.
+        reason: what was wrong, in words (``"too short: 4.2 s, expected 10 s"``).
+    """
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------
