@@ -46,7 +46,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             encoders: str | Sequence = DEFAULT_ENCODERS, device: str = "auto",
             batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int | None = None, frames: int | None = None,
             limit: int | None = None, overwrite: bool = False, scheduler=None, progress: bool = True,
-            backend: str | None = None, chunk_clips: int | Mapping[str, int] | None = None) -> ExtractSummary:
+            backend: str | None = None, chunk_clips: int | Mapping[str, int] | None = None,
+            segments: int | None = None) -> ExtractSummary:
     """Extract features of a dataset's clips into a store; resumable, with per-clip errors.
 
     Args:
@@ -59,6 +60,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         batch_size: clips per batch (an encoder call sees ``batch_size * segments`` items).
         num_workers: decoding processes (default: one per spare core, at most 8; 0 = in this thread).
         frames: video frames per clip, overriding the dataset's ``video_frames``.
+        segments: audio segments per clip, overriding the dataset's ``audio_segments`` (a clip of
+            another length is an error for that clip: see ``featurestore.decode``).
         limit: only the first ``limit`` clips of the dataset (the store still indexes all of them).
         overwrite: replace feature sets whose configuration differs instead of refusing.
         scheduler: a Dask scheduler address, ``distributed.Client`` or cluster: run as Dask tasks.
@@ -77,8 +80,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         ValueError: bad arguments, or encoders whose chunk sizes do not align.
     """
     t_start = time.perf_counter()
-    _check_arguments(batch_size, num_workers, frames, limit, chunk_clips)
-    manifest = _load_manifest(dataset, frames)
+    _check_arguments(batch_size, num_workers, frames, limit, chunk_clips, segments)
+    manifest = _load_manifest(dataset, frames, segments)
     selected_ids = manifest.clip_ids[:limit] if limit else manifest.clip_ids
     _check_files(manifest.subset(selected_ids) if limit else manifest)
     dev = _resolve_device(device if scheduler is None else "cpu")  # Dask: resolved on each worker
@@ -129,9 +132,9 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
 
 # ------------------------------------------------------------------------------- arguments
 def _check_arguments(batch_size: int, num_workers: int | None, frames: int | None, limit: int | None,
-                     chunk_clips: int | Mapping[str, int] | None) -> None:
+                     chunk_clips: int | Mapping[str, int] | None, segments: int | None = None) -> None:
     checks = [("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("frames", frames, 1),
-              ("limit", limit, 1)]
+              ("limit", limit, 1), ("segments", segments, 1)]
     if isinstance(chunk_clips, Mapping):
         checks += [(f"chunk_clips[{name!r}]", value, 1) for name, value in chunk_clips.items()]
     else:
@@ -141,7 +144,7 @@ def _check_arguments(batch_size: int, num_workers: int | None, frames: int | Non
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _load_manifest(dataset: str | Path | Manifest, frames: int | None) -> Manifest:
+def _load_manifest(dataset: str | Path | Manifest, frames: int | None, segments: int | None = None) -> Manifest:
     if isinstance(dataset, Manifest):
         manifest = dataset
     else:
@@ -150,6 +153,8 @@ def _load_manifest(dataset: str | Path | Manifest, frames: int | None) -> Manife
         manifest = open_dataset(dataset)
     if len(manifest) == 0:
         raise ValueError(f"dataset {manifest.name!r} lists no clips")
+    if segments:
+        manifest = replace(manifest, audio_segments=int(segments))
     return replace(manifest, video_frames=int(frames)) if frames else manifest
 
 
@@ -286,6 +291,8 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--num-workers", type=int, default=None,
                         help="decoding processes (default: one per spare core, at most 8)")
     parser.add_argument("--frames", type=int, default=None, help="video frames per clip (default: the dataset's)")
+    parser.add_argument("--segments", type=int, default=None,
+                        help="audio segments per clip (default: the dataset's; TAU development: 10 x 1 s)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N clips")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace feature sets made with another configuration instead of refusing")
@@ -310,7 +317,7 @@ def run_extract(args: argparse.Namespace) -> int:
     summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
                       num_workers=args.num_workers, frames=args.frames, limit=args.limit,
                       overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
-                      backend=args.backend, chunk_clips=args.chunk_clips)
+                      backend=args.backend, chunk_clips=args.chunk_clips, segments=args.segments)
     if args.quiet:
         print(summary.line())
         for line in summary.failure_lines():

@@ -90,3 +90,16 @@ def test_help_lists_every_option(capsys):
     for option in ("--encoders", "--device", "--batch-size", "--num-workers", "--frames", "--limit", "--overwrite",
                    "--scheduler", "--backend", "--chunk-clips"):
         assert option in out
+
+
+def test_segments_override_fits_clips_of_another_length(tmp_path, capsys):
+    root = tmp_path / "short"
+    make_dataset(root, 2, seconds=3.0, frames=1)  # a TAU layout whose clips are 3 s, not 10
+    store = tmp_path / "s.zarr"
+    assert main(["extract", str(root), str(store), "--encoders", "logmel", "--num-workers", "0", "--quiet"]) == 1
+    assert "too short" in capsys.readouterr().out
+    assert main(["extract", str(root), str(tmp_path / "t.zarr"), "--encoders", "logmel", "--segments", "3",
+                 "--num-workers", "0", "--quiet"]) == 0
+    with open_store(tmp_path / "t.zarr") as s:
+        assert s.feature_sets()["logmel"].shape == (2, 3, 256, 94)
+    assert main(["extract", str(root), str(store), "--segments", "0", "--encoders", "logmel"]) == 2
