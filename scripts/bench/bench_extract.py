@@ -67,6 +67,36 @@ class _PeakSampler(threading.Thread):
         return max(self.peak, _tree_rss())
 
 
+class _GpuSampler(threading.Thread):
+    """Samples the GPU's utilisation with ``nvidia-smi`` while an extraction runs on CUDA.
+
+    nvidia-smi rather than ``torch.cuda.utilization`` (which needs pynvml) because it is there on
+    every machine with an NVIDIA driver; on a machine without one this records nothing.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.interval, self.samples = interval, []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"]
+        while not self._stop_event.is_set():
+            try:
+                out = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout.strip()
+                self.samples.append(float(out.splitlines()[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+            time.sleep(self.interval)
+
+    def stop(self) -> dict | None:
+        self._stop_event.set()
+        self.join()
+        if not self.samples:
+            return None
+        return {"mean": sum(self.samples) / len(self.samples), "max": max(self.samples), "n": len(self.samples)}
+
+
 def child(args: argparse.Namespace) -> None:
     """One extraction in this (fresh) process; prints a JSON line with the summary and memory."""
     t0 = time.perf_counter()
@@ -74,15 +104,21 @@ def child(args: argparse.Namespace) -> None:
     sampler.start()
     from featurestore.extract import extract
 
+    import torch
+
     imported = time.perf_counter() - t0
+    gpu = _GpuSampler() if torch.cuda.is_available() and args.device in ("auto", "cuda") else None
+    if gpu:
+        gpu.start()
     summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
                       num_workers=args.workers, limit=args.limit, frames=args.frames, progress=False)
+    gpu_util = gpu.stop() if gpu else None
     peak_tree = sampler.stop()
     self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print(json.dumps({"summary": summary.to_dict(), "stages_total": summary.stages_total(),
                       "import_seconds": imported, "peak_tree_bytes": peak_tree, "peak_main_bytes": self_peak,
-                      "peak_worker_bytes": workers_peak}))
+                      "peak_worker_bytes": workers_peak, "gpu_utilisation": gpu_util}))
 
 
 # ------------------------------------------------------------------------------------ parent
@@ -108,8 +144,15 @@ def describe(label: str, r: dict) -> str:
     return (f"{label:<22} clips {s['clips_done']:>4}  pipeline {wall:7.2f} s (run {s['wall_seconds']:.1f} s, "
             f"process {r['process_seconds']:.1f} s)  stages {r['stages_total']:7.2f} s  "
             f"stages/pipeline {r['stages_total'] / wall:4.2f}  {s['clips_done'] / wall:6.2f} clips/s  "
-            f"peak RSS {r['peak_tree_bytes'] / 2**20:7.1f} MiB (main {r['peak_main_bytes'] / 2**20:.1f})\n"
+            f"peak RSS {r['peak_tree_bytes'] / 2**20:7.1f} MiB (main {r['peak_main_bytes'] / 2**20:.1f})  "
+            f"{_gpu_text(r.get('gpu_utilisation'))}\n"
             f"{'':<22} [{stages}]")
+
+
+def _gpu_text(util: dict | None) -> str:
+    if not util:
+        return "GPU utilisation: not measured (no CUDA device)"
+    return f"GPU utilisation mean {util['mean']:.0f}% max {util['max']:.0f}% ({util['n']} samples)"
 
 
 def parent(args: argparse.Namespace) -> None:
