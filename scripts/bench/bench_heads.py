@@ -94,11 +94,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+_DEVICE = "auto"  # set from --device in run_case: every case trains where the user asked
+
+
 def _train_cfg(head: str, features: list[str], out: Path, **kw):
     from heads.config import TrainConfig
 
     return TrainConfig(head=head, features=features, train_split="fold1_train", val_split=None, out=str(out),
-                       epochs=1, progress=False, **kw)
+                       epochs=1, progress=False, device=_DEVICE, **kw)
 
 
 def _train_segments(store, feature: str) -> int:
@@ -196,6 +199,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     import featurestore.store  # noqa: F401  (the imports-only case measures the RSS of these imports)
     import heads  # noqa: F401
 
+    global _DEVICE
+    _DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     cache_dir = Path(args.cache_dir)
@@ -215,7 +220,10 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         "spectrogram_cnn/store": lambda: case_spectrogram(logmel_store, out, args.backbone),
     }
     result = cases[name]()
-    result.update({"case": name, "peak_rss_mb": round(_peak_rss_mb(), 1), "threads": torch.get_num_threads()})
+    from featurestore.encoders import resolve_device
+
+    result.update({"case": name, "peak_rss_mb": round(_peak_rss_mb(), 1), "threads": torch.get_num_threads(),
+                   "device": str(resolve_device(args.device))})
     return result
 
 
@@ -236,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="mobilenetv3_small_050", help="timm backbone of the spectrogram CNN case")
     parser.add_argument("--repeats", type=int, default=2, help="alternating store/memory repeats")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch default)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -268,12 +277,12 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
     ratio = best["late_fusion/store"]["seconds"] / best["late_fusion/memory"]["seconds"]
     print(f"\nlate_fusion epoch, store / in-memory tensors: {ratio:.3f}x (floor <= 1.25x); "
           f"{args.clips} clips x {args.frames} frames, fastest of {args.repeats} alternating runs each\n")
-    print("| case | seconds / epoch | samples / epoch | ms / 1000 samples | peak RSS (MB) | torch threads |")
-    print("|---|---|---|---|---|---|")
+    print("| case | device | seconds / epoch | samples / epoch | ms / 1000 samples | peak RSS (MB) | torch threads |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in best.items():
         n = r.get("samples")
         per_k = f"{1e6 * r['seconds'] / n:.0f}" if n else ""
-        print(f"| {name} | {r['seconds']:.2f} | {n or ''} | {per_k} | {r['peak_rss_mb']:.0f} | {r['threads']} |")
+        print(f"| {name} | {r['device']} | {r['seconds']:.2f} | {n or ''} | {per_k} | {r['peak_rss_mb']:.0f} | {r['threads']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"ratio_store_over_memory": ratio, "args": vars(args),
                                                "runs": results}, indent=2))
