@@ -19,8 +19,9 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,8 +89,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     built = _build_encoders(encoders, dev)
     fs, owned = _open_store(store, manifest, backend)
     try:
-        summary = _extract_into(fs, manifest, selected_ids, built, dev, device, batch_size, num_workers,
-                                overwrite, scheduler, progress, backend, chunk_clips)
+        options = _RunOptions(device, batch_size, num_workers, overwrite, scheduler, progress, backend, chunk_clips)
+        summary = _extract_into(fs, manifest, selected_ids, built, dev, options)
     finally:
         if owned:
             fs.close()
@@ -101,29 +102,42 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     return summary
 
 
-def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], built: list, dev, device: str,
-                  batch_size: int, num_workers: int | None, overwrite: bool, scheduler, progress: bool,
-                  backend: str | None, chunk_clips: int | Mapping[str, int] | None) -> ExtractSummary:
+@dataclass(frozen=True)
+class _RunOptions:
+    """How one extraction runs, as given to ``extract`` (documented there)."""
+
+    device: str  # as asked ("auto", "cuda"...): Dask workers resolve it themselves
+    batch_size: int
+    num_workers: int | None
+    overwrite: bool
+    scheduler: Any
+    progress: bool
+    backend: str | None
+    chunk_clips: int | Mapping[str, int] | None
+
+
+def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], built: list, dev,
+                  opt: _RunOptions) -> ExtractSummary:
     rows = _ensure_clips(fs, manifest)
     selected = np.zeros(fs.n_clips, dtype=bool)
     selected[rows[:len(selected_ids)]] = True
-    summary = ExtractSummary(fs.location, str(dev) if scheduler is None else "dask",
+    summary = ExtractSummary(fs.location, str(dev) if opt.scheduler is None else "dask",
                              clips_selected=len(selected_ids))
     for enc in (e for e in built if e.modality == "text"):
-        summary.class_features[enc.name] = "written" if write_text_features(fs, enc, str(dev), overwrite) \
+        summary.class_features[enc.name] = "written" if write_text_features(fs, enc, str(dev), opt.overwrite) \
             else "unchanged"
-    plan = _make_plan(fs, manifest, rows, selected, built, str(dev), batch_size, chunk_clips, overwrite)
+    plan = _make_plan(fs, manifest, rows, selected, built, str(dev), opt.batch_size, opt.chunk_clips, opt.overwrite)
     summary.random_weights = [e.name for e in built if is_random_weights(e.provenance())]
     t_pipeline = time.perf_counter()
-    with _ProgressBar(plan.n_todo_clips(), progress) as bar:
-        if scheduler is None:
-            workers = default_num_workers() if num_workers is None else num_workers
+    with _ProgressBar(plan.n_todo_clips(), opt.progress) as bar:
+        if opt.scheduler is None:
+            workers = default_num_workers() if opt.num_workers is None else opt.num_workers
             stats = run_blocks(plan, fs, plan.blocks(), dev, workers, bar.update)
         else:
             from featurestore._extract_dask import StoreRef, run_distributed
 
-            ref = StoreRef(fs.location, backend, fs.open_args.get("storage_options"))
-            stats, summary.device = run_distributed(plan, ref, scheduler, device, bar.update)
+            ref = StoreRef(fs.location, opt.backend, fs.open_args.get("storage_options"))
+            stats, summary.device = run_distributed(plan, ref, opt.scheduler, opt.device, bar.update)
             fs.refresh()
     summary.pipeline_seconds = time.perf_counter() - t_pipeline
     _fill_summary(summary, plan, stats, fs.clip_ids)
