@@ -15,6 +15,7 @@ rows once instead (fastest when they fit). Stored float16 is converted to float3
 from __future__ import annotations
 
 import math
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -314,11 +315,9 @@ def _prefetched(windows: Iterator[_Window], depth: int = 1) -> Iterator[_Window]
             yield item
     finally:
         stop.set()
-        while thread.is_alive():
-            try:
+        while thread.is_alive():  # drain, so a producer blocked on a full queue sees the stop
+            with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.05)
-            except queue.Empty:
-                pass
         thread.join()
 
 

@@ -688,11 +688,8 @@ def _manifest_columns(manifest: Manifest) -> dict[str, np.ndarray]:
     def rel(p: Path | None) -> str:
         if p is None:
             return ""
-        if manifest.root is not None:
-            try:
-                return Path(p).relative_to(manifest.root).as_posix()
-            except ValueError:
-                pass
+        if manifest.root is not None and Path(p).is_relative_to(manifest.root):
+            return Path(p).relative_to(manifest.root).as_posix()
         return Path(p).as_posix()
 
     clips = manifest.clips
