@@ -14,8 +14,8 @@ rows once instead (fastest when they fit). Stored float16 is converted to float3
 """
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 import queue
 import threading
 from collections.abc import Iterator, Sequence
