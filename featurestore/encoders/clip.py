@@ -19,6 +19,8 @@ Design decisions:
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +92,8 @@ def build_open_clip(spec: EncoderSpec, strict: bool, image_only_ok: bool) -> Ope
         if weights.kind == "pretrained":
             model = _create_pretrained(spec.with_weights(weights.spec_text), model_name, str(weights.tag), tag_cfg, quick_gelu)
         else:
-            model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
+            with _quiet_random_init():  # said once, by us, for '@none'; wrong for '@file' (loaded next)
+                model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
     if weights.kind == "file":
         _load_checkpoint(model, weights, strict, image_only_ok)
     preprocess = dict(open_clip.get_model_preprocess_cfg(model))
@@ -98,6 +101,21 @@ def build_open_clip(spec: EncoderSpec, strict: bool, image_only_ok: bool) -> Ope
         preprocess.update({key: tag_cfg[key] for key in _PREPROCESS_KEYS if key in tag_cfg})
     embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
     return OpenClipModel(model.eval(), weights, preprocess, quick_gelu, embed_dim)
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" log record."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def _create_pretrained(spec: EncoderSpec, model_name: str, tag: str, tag_cfg: dict, quick_gelu: bool) -> Any:

@@ -151,3 +151,15 @@ def test_zero_shot_with_tied_towers_prefers_the_matching_prompt(tiny_clip) -> No
     sims = unit @ unit.T
     assert torch.equal(sims.argmax(dim=1), torch.arange(3))
     assert not np.allclose(emb.norm(dim=-1).numpy(), 1.0)  # stored raw, not normalised
+
+
+def test_random_init_is_announced_once_by_us_not_by_open_clip(tiny_clip, tmp_path, caplog, capsys) -> None:
+    """open_clip's own "initialized randomly" log would be wrong for '@file' (loaded right after)."""
+    path = tmp_path / "tiny.pt"
+    torch.save(_tiny_source(tiny_clip, seed=5).state_dict(), path)  # open_clip itself logs here
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        create_encoder(f"clip/{tiny_clip}@{path}")
+        create_encoder(f"clip/{tiny_clip}@none:11")
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+    assert f"clip/{tiny_clip}@none:11 uses RANDOM weights" in capsys.readouterr().err
