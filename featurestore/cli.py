@@ -252,6 +252,11 @@ def cmd_get(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     with open_store(args.store, "r") as store:
         report = store.verify()
+    if args.remove_leftovers and report.leftovers:
+        from featurestore.store.verify import remove_leftovers
+
+        print(f"removed {remove_leftovers(report)} temp file(s) left by interrupted writes", file=sys.stderr)
+        report.leftovers = []
     if args.json:
         _emit_json(report.to_dict())
     else:
@@ -328,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check consistency and every checksum; exit 1 when problems are found")
     p.add_argument("store")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--remove-leftovers", action="store_true",
+                   help="delete temp files of interrupted Zarr writes (only while no extraction runs)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("convert", help="copy a store between Zarr and HDF5 (backend chosen by DST's name)")

@@ -7,6 +7,7 @@ are not read: a killed writer may have left them half-written, and they hold not
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +37,7 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     chunks_read: int = 0
     arrays_checked: int = 0
+    leftovers: list[str] = field(default_factory=list)  # temp files of interrupted Zarr writes
 
     @property
     def ok(self) -> bool:
@@ -43,18 +45,21 @@ class VerifyReport:
 
     def summary(self) -> str:
         state = "OK" if self.ok else f"{len(self.problems)} problem(s)"
+        extra = (f"; {len(self.leftovers)} temp file(s) left by interrupted writes (harmless; "
+                 f"'featurestore verify --remove-leftovers' deletes them when no writer runs)"
+                 if self.leftovers else "")
         return (f"verify {self.location}: {state}; {self.arrays_checked} arrays checked, "
-                f"{self.chunks_read} chunks read")
+                f"{self.chunks_read} chunks read{extra}")
 
     def to_dict(self) -> dict:
         return {"location": self.location, "ok": self.ok, "chunks_read": self.chunks_read,
-                "arrays_checked": self.arrays_checked,
+                "arrays_checked": self.arrays_checked, "leftovers": self.leftovers,
                 "problems": [{"where": p.where, "rows": p.rows, "what": p.what} for p in self.problems]}
 
 
 def verify_store(store) -> VerifyReport:
     """Check ``store`` (a FeatureStore) and return a report; never raises for bad data."""
-    report = VerifyReport(store.location)
+    report = VerifyReport(store.location, leftovers=[str(p) for p in leftover_files(store.location)])
     store.refresh()
     try:
         _check_index(store, report)
@@ -66,6 +71,26 @@ def verify_store(store) -> VerifyReport:
     for run in store._groups_with("predictions", "probs"):
         _check_group(store, report, join("predictions", run), "probs", check_fingerprint=False)
     return report
+
+
+def leftover_files(location: str) -> list[Path]:
+    """Temp files (``*.partial``) that a killed Zarr writer left in a local store directory.
+
+    Zarr writes every chunk to a temp file and renames it into place, so a kill leaves at most such
+    files, never a torn chunk. They hold nothing the store reads; zarr warns about them when it
+    lists a group. Deleting one while a writer runs would break that writer's rename.
+    """
+    root = Path(location)
+    if "://" in location or not root.is_dir():
+        return []
+    return sorted(root.rglob("*.partial"))
+
+
+def remove_leftovers(report: VerifyReport) -> int:
+    """Delete the temp files a report found; only safe while no process writes to the store."""
+    for path in report.leftovers:
+        Path(path).unlink(missing_ok=True)
+    return len(report.leftovers)
 
 
 def _check_index(store, report: VerifyReport) -> None:

@@ -213,3 +213,17 @@ def test_module_and_console_script(tmp_path):
         assert json.loads(done.stdout)["features"][FEAT]["n_done"] == 8
         bad = subprocess.run(cmd + ["show", path, "nope"], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and "not in the store" in bad.stderr
+
+
+def test_verify_lists_and_removes_temp_files_of_interrupted_writes(tmp_path, capsys):
+    path = str(tmp_path / "s.zarr")
+    build(path)
+    chunk_dir = next(p for p in Path(path).rglob("c") if p.is_dir())
+    leftover = chunk_dir / "0.0123456789abcdef.partial"  # what a writer killed mid-rename leaves
+    leftover.write_bytes(b"half a chunk")
+    code, out, _ = run(capsys, "verify", path, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and report["leftovers"] == [str(leftover)]
+    code, out, err = run(capsys, "verify", path, "--remove-leftovers")
+    assert code == 0 and "removed 1 temp file" in err and "temp file" not in out
+    assert not leftover.exists()
