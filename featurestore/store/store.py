@@ -403,12 +403,9 @@ class FeatureStore:
             texts = self._b.read(join(path, "errors"), start, stop).astype(object)
             texts[done] = ""
             for row, message in errors.items():
-                texts[row - start] = message[:500] or "error"
+                texts[row - start] = _error_text(message)
         self._b.write(join(path, "errors"), start, texts)
-        self._b.write(join(path, "done"), start, done)
-        mask = self._done.get(path)
-        if mask is not None:
-            mask[start:stop] = done
+        self._set_done(path, start, done)
 
     def _write_block(self, group: str, leaf: str, start: int, data: np.ndarray) -> None:
         array = join(group, leaf)
@@ -425,11 +422,12 @@ class FeatureStore:
         self._b.write(array, start, data.astype(self._b.dtype(array), copy=False))
         self._cache.drop(array)
 
-    def _mark_done(self, group: str, start: int, stop: int, value: bool = True) -> None:
-        self._b.write(join(group, "done"), start, np.full(stop - start, value, dtype=bool))
+    def _set_done(self, group: str, start: int, flags: np.ndarray) -> None:
+        """Write done flags for rows ``start:start+len(flags)`` and keep the cached mask in step."""
+        self._b.write(join(group, "done"), start, flags)
         mask = self._done.get(group)
         if mask is not None:
-            mask[start:stop] = value
+            mask[start:start + len(flags)] = flags
 
     def set_errors(self, name: str, errors: dict[int | str, str]) -> None:
         """Record per-clip failures (row or clip id -> message); those clips are marked not done."""
@@ -437,8 +435,8 @@ class FeatureStore:
         path = self._feature_path(name)
         for key, message in errors.items():
             row = self.row(key) if isinstance(key, str) else int(key)
-            self._b.write(join(path, "errors"), row, np.array([str(message)[:500] or "error"], dtype=object))
-            self._mark_done(path, row, row + 1, False)
+            self._b.write(join(path, "errors"), row, np.array([_error_text(message)], dtype=object))
+            self._set_done(path, row, np.zeros(1, dtype=bool))
 
     def clear_errors(self, name: str, rows: Iterable[int | str]) -> None:
         """Forget the recorded failures of these clips (rows or clip ids), e.g. before a retry.
@@ -614,7 +612,7 @@ class FeatureStore:
             if len(part):
                 start = int(rows[part[0]])
                 self._b.write(array, start, probs[part])
-                self._mark_done(path, start, start + len(part))
+                self._set_done(path, start, np.ones(len(part), dtype=bool))
         self._cache.drop(array)
 
     def _run_path(self, run: str) -> str:
@@ -674,6 +672,11 @@ class FeatureStore:
     def __repr__(self) -> str:
         return (f"FeatureStore({self.location!r}, mode={self.mode!r}, clips={self.n_clips}, "
                 f"features={list(self._groups_with('features', 'data'))})")
+
+
+def _error_text(message: object) -> str:
+    """What is stored for a failed clip: the message, cut to 500 characters, never empty."""
+    return str(message)[:500] or "error"
 
 
 def _as_list(value: Any) -> list:
