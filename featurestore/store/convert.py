@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featurestore.store._backend import join
+from featurestore.store._backend import STRING, join
 from featurestore.store.store import open_store
 
 
@@ -22,9 +22,8 @@ def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> in
             for group in _groups(sb, ""):
                 tb.create_group(group)
             for path in tqdm(arrays, desc=f"convert -> {Path(str(dst)).name}", disable=not progress, unit="array"):
-                shape, rows = sb.shape(path), sb.chunk_rows(path)
-                tb.create_array(path, shape, sb.dtype(path), rows, sb.read(path, 0, 0).dtype.type(0)
-                                if sb.dtype(path) != "str" else "")
+                shape, rows, dtype = sb.shape(path), sb.chunk_rows(path), sb.dtype(path)
+                tb.create_array(path, shape, dtype, rows, "" if dtype == STRING else 0)
                 for start in range(0, shape[0], rows):
                     block = sb.read(path, start, min(shape[0], start + rows))
                     if len(block):
