@@ -45,10 +45,11 @@ class Transcript:
         return code
 
     def summary(self) -> str:
-        width = max((len(s[0]) for s in self.steps), default=0)
+        if not self.steps:
+            return "no steps"
         rows = [f"  {secs:7.1f} s  {line[:100]}" for line, secs, _ in self.steps]
-        total = sum(s[1] for s in self.steps)
-        return "\n".join(["steps:"] + rows + [f"  {total:7.1f} s  total"]) if width else "no steps"
+        total = sum(secs for _, secs, _ in self.steps)
+        return "\n".join(["steps:"] + rows + [f"  {total:7.1f} s  total"])
 
 
 def train_and_predict(t: Transcript, store: Path, recipe: Path, run_id: str, runs_dir: Path,
