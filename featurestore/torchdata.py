@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from featurestore.errors import MissingFeatureError, UnknownFeatureError
+from featurestore.errors import MissingFeatureError
 
 Level = Literal["segment", "clip"]
 _LEVELS = ("segment", "clip")
@@ -122,9 +122,7 @@ class StoreDataset(IterableDataset):
         self.shuffle_buffer, self.cache, self.drop_last, self.prefetch = shuffle_buffer, cache, drop_last, prefetch
         self.epoch = 0
         self._cached: list[np.ndarray] | None = None
-        infos = self.store.feature_sets()
-        _check_known(self.features, infos)
-        self.infos = [infos[name] for name in self.features]
+        self.infos = [self.store.feature_info(name) for name in self.features]  # only these sets are read
         self.n_segments = [int(info.n_segments) for info in self.infos]
         self.feature_shapes = [tuple(int(s) for s in info.feature_shape) for info in self.infos]
         if level == "segment" and len(set(self.n_segments)) > 1:
@@ -261,12 +259,6 @@ class StoreDataset(IterableDataset):
             empty = np.zeros((0, self.n_segments[i], *self.feature_shapes[i]), dtype=self.infos[i].dtype)
             cached.append(np.concatenate(parts) if parts else empty)
         self._cached = cached
-
-
-def _check_known(features: list[str], infos: dict) -> None:
-    for name in features:
-        if name not in infos:
-            raise UnknownFeatureError("feature set", name, infos.keys())
 
 
 def _make_blocks(rows: np.ndarray, block_clips: int) -> list[tuple[int, int, np.ndarray]]:

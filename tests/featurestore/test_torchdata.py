@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from featurestore.errors import MissingFeatureError
+from featurestore.errors import MissingFeatureError, UnknownFeatureError
 from featurestore.manifest import ClipRecord, Manifest
 from featurestore.store import create_store, open_store
 from featurestore.torchdata import Batch, StoreDataset, TensorBatches, WorkerLoader
@@ -128,6 +128,11 @@ def test_missing_features_are_refused_or_skipped(store):
     ds = StoreDataset(store, ["emb/a", "emb/partial"], missing="skip", level="clip", batch_size=100)
     assert ds.n_skipped == N_CLIPS - CHUNK
     assert _collect(ds)[2].tolist() == list(range(CHUNK))
+
+
+def test_unknown_feature_set_is_refused_naming_the_stored_ones(store):
+    with pytest.raises(UnknownFeatureError, match="emb/nope.*emb/a"):
+        StoreDataset(store, ["emb/a", "emb/nope"])
 
 
 def test_unlabelled_clips_are_refused_when_labels_are_required(store):
