@@ -68,11 +68,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from fusion.runinfo import describe_run
+    from fusion.runinfo import describe_runs
 
     with _open(args.store) as store:
-        for run in sorted(store.prediction_runs()):
-            info = describe_run(store, run)
+        for run, info in describe_runs(store).items():
             flag = "  RANDOM weights: " + ", ".join(info.random_features) if info.random else ""
             print(f"{run}: {info.architecture}; audio={info.audio_inputs} video={info.video_inputs}{flag}")
     return 0

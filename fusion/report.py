@@ -15,7 +15,7 @@ from fusion.evaluate import EQ1, FUSED, Evaluation, describe_calibration, evalua
 from fusion.metrics import Scores, reliability
 from fusion.plots import plot_confusion, plot_reliability
 from fusion.recipe import FusionRecipe
-from fusion.runinfo import RunInfo, describe_run, feature_modality
+from fusion.runinfo import RunInfo, describe_runs, feature_modality
 
 RANDOM_BANNER = (
     "> **WARNING: RANDOM WEIGHTS.** At least one encoder behind these predictions ran with randomly "
@@ -156,8 +156,7 @@ def _classwise_table(ev: Evaluation) -> list[str]:
     return lines
 
 
-def _weights_table(store, infos: dict[str, RunInfo]) -> list[str]:
-    stored = store.feature_sets()
+def _weights_table(stored: dict, infos: dict[str, RunInfo]) -> list[str]:
     used: dict[str, list[str]] = {}
     identity: dict[str, str] = {}
     random: set[str] = set()
@@ -179,8 +178,8 @@ def _weights_table(store, infos: dict[str, RunInfo]) -> list[str]:
 
 
 def render_markdown(store, ev: Evaluation, rows: list[TableRow], infos: dict[str, RunInfo],
-                    images: dict[str, str]) -> str:
-    """The text of report.md."""
+                    images: dict[str, str], feature_sets: dict) -> str:
+    """The text of report.md (``feature_sets``: the store's, as read once by :func:`write_report`)."""
     out, recipe = ev.output, ev.output.recipe
     random = sorted({f for i in infos.values() for f in i.random_features})
     lines = [RANDOM_BANNER.format(features=", ".join(random)), ""] if random else []
@@ -197,7 +196,7 @@ def render_markdown(store, ev: Evaluation, rows: list[TableRow], infos: dict[str
     lines += [f"- Note: {n}" for n in out.notes]
     lines += ["", "## Models and ensembles (shape of the paper's Table 2)", "", *_table2(rows), "",
               "## Class-wise results", "", *_classwise_table(ev), "",
-              "## Encoder weights", "", *_weights_table(store, infos), "",
+              "## Encoder weights", "", *_weights_table(feature_sets, infos), "",
               "## Figures", "",
               f"![Confusion matrix of the recipe output]({images['confusion']})", "",
               f"![Reliability diagram]({images['reliability']})", "",
@@ -220,7 +219,8 @@ def write_report(store, recipe: FusionRecipe, out_dir: str | Path, split: str | 
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     ev = evaluate_recipe(store, recipe, split, calibration_split, cross_fit)
-    infos = {run: describe_run(store, run) for run in recipe.runs}
+    stored = store.feature_sets()  # reads every done mask: once per report
+    infos = describe_runs(store, recipe.runs, stored)
     rows = table_rows(ev, infos)
     out = ev.output
     confusion = plot_confusion(np.asarray(ev.final.confusion), out.classes, directory / "confusion.png",
@@ -230,7 +230,7 @@ def write_report(store, recipe: FusionRecipe, out_dir: str | Path, split: str | 
     rel = plot_reliability(curves, directory / "reliability.png", f"{recipe.name} on {out.split}")
     markdown = directory / "report.md"
     markdown.write_text(render_markdown(store, ev, rows, infos,
-                                        {"confusion": confusion.name, "reliability": rel.name}))
+                                        {"confusion": confusion.name, "reliability": rel.name}, stored))
     metrics = directory / "metrics.json"
     payload = {**ev.to_dict(), "weights": {r: {"identity": i.weights, "random": i.random_features}
                                            for r, i in infos.items()}}

@@ -7,7 +7,9 @@ when *either* says so.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from featurestore.provenance import is_random_weights, weights_identity
 
@@ -54,10 +56,25 @@ def _architecture(attrs: dict) -> tuple[str, str]:
 
 def describe_run(store, run: str) -> RunInfo:
     """Build the :class:`RunInfo` of one run from its attributes and the store's feature sets."""
-    attrs = store.prediction_runs()[run]
+    return describe_runs(store, [run])[run]
+
+
+def describe_runs(store, runs: Iterable[str] | None = None,
+                  feature_sets: dict[str, Any] | None = None) -> dict[str, RunInfo]:
+    """The :class:`RunInfo` of each of ``runs`` (default: every run in the store, sorted).
+
+    Reads the run attributes and the feature sets once for all runs: ``store.feature_sets()``
+    reads every feature set's done mask. Pass ``feature_sets`` when the caller has them already.
+    """
+    attrs = store.prediction_runs()
+    stored = store.feature_sets() if feature_sets is None else feature_sets
+    names = sorted(attrs) if runs is None else list(runs)
+    return {run: _describe(run, attrs[run], stored) for run in names}
+
+
+def _describe(run: str, attrs: dict, stored: dict[str, Any]) -> RunInfo:
     head, arch = _architecture(attrs)
     info = RunInfo(run, head, arch, train_split=attrs.get("train_split"), val_split=attrs.get("val_split"))
-    stored = store.feature_sets()
     run_identities = attrs.get("weights_identity") or {}
     for feature in (attrs.get("features") or {}):
         known = stored.get(feature)

@@ -137,6 +137,17 @@ def test_report_files_and_random_weights_flag(tiny_store, paper_recipe_dict, tmp
     assert metrics["weights"]["V01"]["random"] == ["timm/test_vit"]
 
 
+def test_report_reads_the_feature_sets_once(tiny_store, paper_recipe_dict, tmp_path, monkeypatch):
+    """feature_sets() reads every done mask: one report must not call it once per run."""
+    calls = []
+    real = type(tiny_store).feature_sets
+    monkeypatch.setattr(tiny_store, "feature_sets", lambda: calls.append(1) or real(tiny_store))
+    recipe = FusionRecipe.from_dict(paper_recipe_dict)
+    report = write_report(tiny_store, recipe, tmp_path / "rep", "fold1_evaluate", calibration_split="fold1_val")
+    assert len(calls) == 1
+    assert "| timm/test_vit | video | RANDOM(seed=0) | **RANDOM** |" in report.markdown.read_text()
+
+
 def test_submission_round_trip(tiny_store, paper_recipe_dict, tmp_path):
     recipe = FusionRecipe.from_dict(paper_recipe_dict)
     path, n = submit_recipe(tiny_store, recipe, "fold1_test", tmp_path / "sub" / "out.csv")
