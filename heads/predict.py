@@ -63,14 +63,14 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
     return head.to(resolve_device(device)).eval(), info
 
 
-def check_fingerprints(store: Any, info: dict, run_dir: str | Path) -> None:
-    """Refuse feature sets (and class features) whose fingerprint differs from the ones trained on."""
-    sets = store.feature_sets()
-    for name, trained in info["features"].items():
-        if name not in sets:
-            from featurestore.errors import UnknownFeatureError
+def check_fingerprints(store: Any, info: dict, run_dir: str | Path) -> dict[str, Any]:
+    """Refuse feature sets (and class features) whose fingerprint differs from the ones trained on.
 
-            raise UnknownFeatureError("feature set", name, sets.keys())
+    Returns:
+        The store's ``FeatureInfo`` of each feature set the head was trained on, by name.
+    """
+    sets = {name: store.feature_info(name) for name in info["features"]}  # raises UnknownFeatureError
+    for name, trained in info["features"].items():
         if sets[name].fingerprint != trained:
             raise FeatureFingerprintError(str(run_dir), name, trained, sets[name].fingerprint)
     for name, trained in (info.get("class_features") or {}).items():
@@ -79,6 +79,7 @@ def check_fingerprints(store: Any, info: dict, run_dir: str | Path) -> None:
             found = attrs.get("fingerprint") or provenance_fingerprint(attrs.get("provenance", {}))
             if found != trained:
                 raise FeatureFingerprintError(str(run_dir), name, trained, found)
+    return sets
 
 
 def prediction_attrs(info: dict, family: str | None = None) -> dict:
@@ -153,9 +154,8 @@ def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int |
              overwrite: bool, family: str | None, weights: str, progress: bool) -> PredictResult:
     dev = resolve_device(device)
     head, info = load_head(run_dir, dev, weights)
-    check_fingerprints(store, info, run_dir)
+    sets = check_fingerprints(store, info, run_dir)
     features = list(info["train"]["features"])  # the head's input order (the JSON dict is key-sorted)
-    sets = store.feature_sets()
     segments = {sets[f].n_segments for f in features}
     if len(segments) != 1:
         raise ValueError(f"feature sets {features} have different segment counts {sorted(segments)}; "

@@ -91,13 +91,7 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
 
 def build_head(cfg: TrainConfig, store: Any) -> tuple[Head, dict]:
     """The head with input dims from the store, seeded; and the run identity recorded in run.json."""
-    sets = store.feature_sets()
-    missing = [f for f in cfg.features if f not in sets]
-    if missing:
-        from featurestore.errors import UnknownFeatureError
-
-        raise UnknownFeatureError("feature set", missing[0], sets.keys())
-    infos = [sets[f] for f in cfg.features]
+    infos = [store.feature_info(f) for f in cfg.features]  # raises UnknownFeatureError naming the stored sets
     cls = head_class(cfg.head)
     derived = cls.store_config(infos, len(store.classes))
     _check_overrides(cfg.head, derived, cfg.head_config)
@@ -152,7 +146,7 @@ def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable | N
     """
     batch_size = cfg.batch_size or head.default_batch_size
     trainable = any(p.requires_grad for p in head.parameters())
-    n_segments = store.feature_sets()[cfg.features[0]].n_segments
+    n_segments = store.feature_info(cfg.features[0]).n_segments
     train_ds = None
     if trainable:
         train_ds = StoreDataset(store, cfg.features, split=cfg.train_split, level="segment", batch_size=batch_size,

@@ -154,3 +154,12 @@ def test_fit_trains_on_in_memory_tensors(tmp_path):
     cfg = TrainConfig(head="linear", features=["x"], out=str(tmp_path / "mem"), epochs=3, lr=0.1, progress=False)
     result = heads.fit(head, TensorBatches([x], labels, 20, shuffle=True), TensorBatches([x], labels, 50), cfg, {})
     assert result.best_val_accuracy > 0.9
+
+
+def test_an_unknown_feature_set_is_refused_naming_the_stored_ones(tiny_store, tmp_path):
+    from featurestore.errors import UnknownFeatureError
+
+    cfg = config(tmp_path, "linear", features=["clip/RN101", "clip/nope"])
+    with pytest.raises(UnknownFeatureError, match="clip/nope.*clip/RN101"):
+        heads.train(cfg, tiny_store)
+    assert not (tmp_path / "linear").exists()  # refused before the run directory is made
