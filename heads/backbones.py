@@ -63,8 +63,8 @@ def _pretrained(model: str, weights: str, num_classes: int, in_chans: int, **kwa
         net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
         record = load_checkpoint_into(net, cached)
         return net, {"kind": "pretrained", "tag": f"timm:{name}", "sha256": record["sha256"]}
-    hint = (f"put the weights in the local Hugging Face or torch-hub cache, pass a local checkpoint path "
-            f"as weights=..., or use weights='random' (results are then NOT pretrained)")
+    hint = ("put the weights in the local Hugging Face or torch-hub cache, pass a local checkpoint path "
+            "as weights=..., or use weights='random' (results are then NOT pretrained)")
     if not downloads_allowed():  # the same policy as the encoders: no network unless asked for
         raise RuntimeError(f"pretrained weights for timm model {name!r} are not in the local cache "
                            f"(downloads are off; set {ALLOW_DOWNLOAD_ENV}=1 to allow them): {hint}")
