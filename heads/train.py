@@ -134,7 +134,8 @@ def _install_class_features(head: Head, store: Any) -> tuple[dict[str, str], dic
 
 def _feature_summary(info: Any) -> dict:
     prov = info.provenance or {}
-    modality = (prov.get("config") or {}).get("modality") if isinstance(prov.get("config"), dict) else None
+    config = prov.get("config")
+    modality = config.get("modality") if isinstance(config, dict) else None
     return {"shape": list(info.shape[1:]), "encoder": prov.get("encoder"), "modality": modality,
             "random_weights": bool(info.random_weights), "weights_identity": info.weights_identity}
 
