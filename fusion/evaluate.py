@@ -63,7 +63,8 @@ def _variant_probs(store, output: FusionOutput, calibration_split: str | None, c
         same = own is not None and own.method == method
         calib = Calibration(method=method, fit_split=split, cross_fit=folds,
                             stack_on=own.stack_on if same else "fused", params=own.params if same else {})
-        probs[name], described = calibrate(store, recipe, calib, output.stage, output.fused, output.weights)
+        probs[name], described = calibrate(store, recipe, calib, output.stage, output.fused, output.weights,
+                                           output.stages)
         notes[name] = describe_calibration(described)
     return probs, notes
 

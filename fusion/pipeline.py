@@ -49,6 +49,8 @@ class FusionOutput:
     final: np.ndarray                      # after calibration and/or equation (1)
     calibration: dict | None = None        # what was fitted, on which split
     notes: list[str] = field(default_factory=list)
+    # every FamilyStage read for this output (scored clips, fit splits), so comparison rows reuse them
+    stages: dict[tuple[str, ...], FamilyStage] = field(default_factory=dict, repr=False)
 
     @property
     def clip_ids(self) -> list[str]:
@@ -98,7 +100,23 @@ def family_stage(store, recipe: FusionRecipe, clip_ids: Sequence[str]) -> Family
     return FamilyStage(ids, run_probs, means, probs, replaced)
 
 
-def _weights(store, recipe: FusionRecipe, eval_ids: Sequence[str]) -> np.ndarray:
+def _cached_stage(store, recipe: FusionRecipe, clip_ids: Sequence[str],
+                  stages: dict[tuple[str, ...], FamilyStage] | None) -> FamilyStage:
+    """:func:`family_stage`, reused from ``stages`` when these clips were read already.
+
+    Each stage reads every run of the recipe from the store; the confidence weights, the recipe's
+    calibration and evaluate's comparison rows often fit on the same split.
+    """
+    if stages is None:
+        return family_stage(store, recipe, clip_ids)
+    key = tuple(clip_ids)
+    if key not in stages:
+        stages[key] = family_stage(store, recipe, key)
+    return stages[key]
+
+
+def _weights(store, recipe: FusionRecipe, eval_ids: Sequence[str],
+             stages: dict[tuple[str, ...], FamilyStage]) -> np.ndarray:
     """Step 4's family x class weights: selection mask times fitted confidence weights."""
     families, classes = list(recipe.families), store.classes
     spec = recipe.class_weights
@@ -109,7 +127,7 @@ def _weights(store, recipe: FusionRecipe, eval_ids: Sequence[str]) -> np.ndarray
         fit_split = resolve_split(store, recipe, spec.confidence_fit_split)
         fit_ids = store.select(split=fit_split)
         check_disjoint(fit_ids, eval_ids, f"class-wise confidence weights (fit split {fit_split!r})")
-        fit = family_stage(store, recipe, fit_ids)
+        fit = _cached_stage(store, recipe, fit_ids, stages)
         fitted = ConfidenceWeights().fit(fit_ids, fit.family_probs, labels_of(store, fit_ids))
         weights = weights * fitted.for_clips(eval_ids)
     return weights
@@ -120,12 +138,15 @@ def _fuse(recipe: FusionRecipe, stage: FamilyStage, weights: np.ndarray) -> np.n
 
 
 def calibrate(store, recipe: FusionRecipe, calib: Calibration, stage: FamilyStage, fused: np.ndarray,
-              weights: np.ndarray) -> tuple[np.ndarray, dict]:
+              weights: np.ndarray, stages: dict[tuple[str, ...], FamilyStage] | None = None
+              ) -> tuple[np.ndarray, dict]:
     """Fit ``calib`` on its fit split and apply it to ``fused``, never scoring a clip with its own fit.
 
     When the fit split and the scored clips are disjoint, one calibrator is fitted. When they
     overlap, ``calib.cross_fit`` >= 2 calibrates them by location-disjoint folds
     (:func:`fusion.calibration.crossfit_apply`); otherwise a ``LeakageError`` is raised.
+
+    ``stages`` (a :attr:`FusionOutput.stages`) supplies, and collects, the fit split's stage.
 
     Returns:
         (calibrated probabilities, a description of the fit: method, split, parameters).
@@ -138,7 +159,7 @@ def calibrate(store, recipe: FusionRecipe, calib: Calibration, stage: FamilyStag
         check_disjoint(fit_ids, stage.clip_ids,
                        f"{calib.method} calibration (fit split {fit_split!r}; set calibration.cross_fit >= 2 "
                        f"to cross-fit by location)")
-    fit_stage = family_stage(store, recipe, fit_ids)
+    fit_stage = _cached_stage(store, recipe, fit_ids, stages)
     if calib.method == "stacking" and calib.stack_on == "families":
         fit_x = np.concatenate(list(fit_stage.family_probs.values()), axis=1)
         apply_x = np.concatenate(list(stage.family_probs.values()), axis=1)
@@ -201,11 +222,12 @@ def fuse(store, recipe: FusionRecipe, split: str | None = None,
     validate_recipe(store, recipe)
     split, ids = clip_ids_for(store, recipe, split, clip_ids)
     stage = family_stage(store, recipe, ids)
-    weights = _weights(store, recipe, ids)
+    stages = {tuple(ids): stage}
+    weights = _weights(store, recipe, ids, stages)
     fused = _fuse(recipe, stage, weights)
     final, described = fused, None
     if recipe.calibration:
-        final, described = calibrate(store, recipe, recipe.calibration, stage, fused, weights)
+        final, described = calibrate(store, recipe, recipe.calibration, stage, fused, weights, stages)
     if recipe.postprocess:
         final = clamp_eq1(final, renormalize=recipe.postprocess.renormalize)
     notes = [f"{n} clip(s) of this split are in the training split of run {r}"
@@ -216,4 +238,4 @@ def fuse(store, recipe: FusionRecipe, split: str | None = None,
         notes.append(f"runs {selected} chose their best epoch on {split!r} itself (as the paper did on fold1): "
                      f"scores on it are slightly optimistic")
     return FusionOutput(recipe, split, store.classes, labels_of(store, ids), stage, weights, fused,
-                        final, described, notes)
+                        final, described, notes, stages)

@@ -137,6 +137,20 @@ def test_report_files_and_random_weights_flag(tiny_store, paper_recipe_dict, tmp
     assert metrics["weights"]["V01"]["random"] == ["timm/test_vit"]
 
 
+def test_evaluate_reads_each_run_once_per_split(tiny_store, paper_recipe_dict, monkeypatch):
+    """Confidence weights, the recipe's calibration and both comparison rows fit on fold1_val: one read."""
+    reads = []
+    real = type(tiny_store).get_predictions
+    monkeypatch.setattr(tiny_store, "get_predictions",
+                        lambda run, ids=None: reads.append((run, tuple(ids))) or real(tiny_store, run, ids))
+    recipe = FusionRecipe.from_dict({**paper_recipe_dict, "calibration": {"method": "temperature"},
+                                     "class_weights": {"confidence_fit_split": "fold1_val"}})
+    ev = evaluate_recipe(tiny_store, recipe, "fold1_evaluate", calibration_split="fold1_val")
+    splits = [tuple(tiny_store.select(split=s)) for s in ("fold1_evaluate", "fold1_val")]
+    assert sorted(reads) == sorted((run, ids) for run in recipe.runs for ids in splits)
+    assert ev.output.calibration["fit_split"] == "fold1_val" and set(ev.variants) == {FUSED, EQ1, TEMPERATURE, STACKING}
+
+
 def test_report_reads_the_feature_sets_once(tiny_store, paper_recipe_dict, tmp_path, monkeypatch):
     """feature_sets() reads every done mask: one report must not call it once per run."""
     calls = []
