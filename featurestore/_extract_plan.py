@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.errors import FingerprintMismatchError
+from featurestore.errors import FingerprintMismatchError, UnknownFeatureError
 from featurestore.manifest import Manifest
 from featurestore.provenance import fingerprint, is_random_weights, runtime_info
 from featurestore.store.store import FeatureStore, default_chunk_clips
@@ -215,9 +215,11 @@ def prepare_target(store: FeatureStore, encoder, source: Source, selected: np.nd
 def _drop_half_created(store: FeatureStore, name: str) -> None:
     """A run killed inside ``create_feature_set`` leaves arrays without a fingerprint and no done
     rows; that set holds nothing, so it is removed instead of failing as a fingerprint mismatch."""
-    sets = store.feature_sets()
-    info = sets.get(name)
-    if info is not None and not info.fingerprint and info.n_done == 0:
+    try:
+        info = store.feature_info(name)  # this set only: feature_sets() would read every set's arrays
+    except UnknownFeatureError:
+        return
+    if not info.fingerprint and info.n_done == 0:
         store.delete_feature_set(name)
 
 

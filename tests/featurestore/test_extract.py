@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import zarr
 from tests.featurestore.test_extract_support import ENCODERS, FAST, assert_same_arrays, clip_id, make_dataset, read_all, write_wav
 
 import featurestore._extract_decode as extract_decode
@@ -13,7 +14,7 @@ from featurestore.decode import load_audio_segments, sample_frames
 from featurestore.encoders import create_encoder, resolve_device
 from featurestore.errors import FingerprintMismatchError
 from featurestore.extract import extract
-from featurestore.store import open_store
+from featurestore.store import create_store, open_store
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,21 @@ def test_a_different_encoder_config_is_refused_unless_overwrite(tiny, tiny_store
         info = store.feature_sets()["timm/test_vit"]
         assert info.shape == (5, 3, 64) and info.n_done == 5
         assert store.feature_sets()["logmel"].n_done == 5  # other feature sets are left alone
+
+
+def test_a_feature_set_left_half_created_by_a_kill_is_replaced(tiny, tiny_store, tmp_path):
+    path = tmp_path / "half.zarr"
+    with create_store(path, tiny) as store:  # a kill inside create_feature_set: arrays, no attributes
+        store.create_feature_set("logmel", 2, (256, 94), {"encoder": "stale"}, chunk_clips=4)
+    zarr.open_group(str(path), mode="r+")["features/logmel"].attrs.clear()
+    with open_store(path) as store:
+        assert store.feature_sets()["logmel"].fingerprint == ""
+    summary = extract(tiny, path, "logmel", **FAST)
+    assert summary.clips_done == 5
+    with open_store(path) as store:
+        info = store.feature_sets()["logmel"]
+        assert info.fingerprint and info.chunk_clips == 2 and info.n_done == 5
+    assert_same_arrays({"logmel": read_all(path)["logmel"]}, {"logmel": read_all(tiny_store[0])["logmel"]})
 
 
 def test_limit_extracts_the_first_clips_and_a_full_rerun_completes(tiny, tmp_path):
