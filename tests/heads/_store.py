@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.manifest import ClipRecord, Manifest
-from featurestore.store import create_store, open_store
+from featurestore.store import create_store
 
 CLASSES = ["airport", "bus", "park", "tram"]
 N_CLIPS = 64

@@ -1,7 +1,6 @@
 """A head learns the synthetic demo data (real WAV/MP4 files -> extraction -> store) well above chance."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 import featurestore
