@@ -19,7 +19,7 @@ from featurestore.encoders import resolve_device
 from featurestore.provenance import fingerprint as provenance_fingerprint
 from featurestore.provenance import is_random_weights
 from featurestore.torchdata import StoreDataset
-from heads._registry import Head, head_class
+from heads._registry import Head, create_head, head_class
 from heads.checkpoint import load_weights, read_json
 from heads.errors import FeatureFingerprintError
 from heads.evaluate import clip_outputs
@@ -50,8 +50,7 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a training run directory (no run.json)")
     info = read_json(run_dir / "run.json")
-    cls = head_class(info["head"])
-    head = cls(cls.config_class(**cls.loading_config(info["head_config"])))
+    head = create_head(info["head"], **head_class(info["head"]).loading_config(info["head_config"]))
     if weights == "best":
         path = run_dir / "best.safetensors"
     elif weights == "last":
