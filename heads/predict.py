@@ -16,13 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from featurestore.encoders import resolve_device
-from featurestore.provenance import fingerprint as provenance_fingerprint
 from featurestore.provenance import is_random_weights
 from featurestore.torchdata import StoreDataset
 from heads._registry import Head, create_head, head_class
 from heads.checkpoint import load_weights, read_json
 from heads.errors import FeatureFingerprintError
 from heads.evaluate import clip_outputs
+from heads.train import class_features_fingerprint
 
 FLUSH_CLIPS = 4096
 
@@ -75,7 +75,7 @@ def check_fingerprints(store: Any, info: dict, run_dir: str | Path) -> dict[str,
     for name, trained in (info.get("class_features") or {}).items():
         if name in store.class_feature_sets():
             attrs = store.get_class_features(name)[1]
-            found = attrs.get("fingerprint") or provenance_fingerprint(attrs.get("provenance", {}))
+            found = class_features_fingerprint(attrs)
             if found != trained:
                 raise FeatureFingerprintError(str(run_dir), name, trained, found)
     return sets

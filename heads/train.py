@@ -126,10 +126,15 @@ def _install_class_features(head: Head, store: Any) -> tuple[dict[str, str], dic
     data, attrs = store.get_class_features(name)
     head.set_class_embeddings(data)
     prov = attrs.get("provenance", {})
-    fp = attrs.get("fingerprint") or provenance_fingerprint(prov)
+    fp = class_features_fingerprint(attrs)
     summary = {"shape": list(data.shape), "encoder": prov.get("encoder"), "modality": "text",
                "random_weights": is_random_weights(prov), "weights_identity": weights_identity(prov)}
     return {name: fp}, {name: summary}
+
+
+def class_features_fingerprint(attrs: dict) -> str:
+    """Fingerprint of a stored class-feature set from its attrs; training records it, prediction compares it."""
+    return attrs.get("fingerprint") or provenance_fingerprint(attrs.get("provenance", {}))
 
 
 def _feature_summary(info: Any) -> dict:
