@@ -7,6 +7,7 @@ function (:func:`fusion.evaluate.evaluate_recipe`, :func:`fusion.report.write_re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -25,7 +26,8 @@ def _recipe(args: argparse.Namespace) -> FusionRecipe:
     if getattr(args, "raw_metric", False):
         recipe.metric_renormalize = False
     if getattr(args, "cross_fit", None) is not None and recipe.calibration:
-        recipe.calibration.cross_fit = args.cross_fit  # one fold count for the recipe and its comparison rows
+        # one fold count for the recipe and its comparison rows; replace() re-runs the checks
+        recipe.calibration = dataclasses.replace(recipe.calibration, cross_fit=args.cross_fit)
     return recipe
 
 

@@ -66,6 +66,15 @@ class Calibration:
     cross_fit: int = 0           # >= 2: clips inside the fit split are calibrated by K location-disjoint fits
     params: dict[str, Any] = field(default_factory=dict)  # e.g. {"C": 0.5} for stacking
 
+    def __post_init__(self) -> None:
+        # checked here, not only in FusionRecipe: evaluate builds its comparison calibrations directly
+        if self.method not in CALIBRATORS:
+            raise RecipeError(f"unknown calibration method {self.method!r}; expected one of {list(CALIBRATORS)}")
+        if self.stack_on not in ("fused", "families"):
+            raise RecipeError(f"calibration.stack_on must be 'fused' or 'families', found {self.stack_on!r}")
+        if self.cross_fit == 1 or self.cross_fit < 0:
+            raise RecipeError(f"calibration.cross_fit must be 0 (off) or >= 2, found {self.cross_fit}")
+
 
 @dataclass
 class FusionRecipe:
@@ -100,13 +109,6 @@ class FusionRecipe:
             raise RecipeError(f"recipe {self.name!r}: class_weights.select names unknown families {sorted(set(self.class_weights.select) - names)}; families are {sorted(names)}")
         if self.postprocess and self.postprocess.method != "eq1":
             raise RecipeError(f"recipe {self.name!r}: unknown postprocess method {self.postprocess.method!r}; expected 'eq1'")
-        if self.calibration:
-            if self.calibration.method not in CALIBRATORS:
-                raise RecipeError(f"recipe {self.name!r}: unknown calibration method {self.calibration.method!r}; expected one of {list(CALIBRATORS)}")
-            if self.calibration.stack_on not in ("fused", "families"):
-                raise RecipeError(f"recipe {self.name!r}: calibration.stack_on must be 'fused' or 'families', found {self.calibration.stack_on!r}")
-            if self.calibration.cross_fit == 1 or self.calibration.cross_fit < 0:
-                raise RecipeError(f"recipe {self.name!r}: calibration.cross_fit must be 0 (off) or >= 2, found {self.calibration.cross_fit}")
 
     @property
     def runs(self) -> list[str]:
@@ -120,7 +122,10 @@ class FusionRecipe:
                   "postprocess": PostProcess, "calibration": Calibration}
         for key, kind in nested.items():
             if data.get(key) is not None:
-                data[key] = kind(**_strict(kind, data[key], f"{source}.{key}"))
+                try:
+                    data[key] = kind(**_strict(kind, data[key], f"{source}.{key}"))
+                except RecipeError as err:
+                    raise RecipeError(f"recipe {data.get('name')!r}: {err}") from None
         return cls(**data)
 
     @classmethod

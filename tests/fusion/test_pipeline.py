@@ -204,6 +204,17 @@ def test_cli_errors_are_one_line_and_name_what_exists(tiny_store_path, paper_rec
     assert "A09" in err and "runs there: ['A01', 'A02', 'C04', 'V01', 'V02']" in err
 
 
+def test_cross_fit_option_is_checked_like_the_recipe_field(tiny_store, tiny_store_path, paper_recipe_dict,
+                                                          tmp_path, capsys):
+    recipe = FusionRecipe.from_dict(paper_recipe_dict)
+    with pytest.raises(RecipeError, match="cross_fit must be 0 \\(off\\) or >= 2, found 1"):
+        evaluate_recipe(tiny_store, recipe, "fold1_evaluate", calibration_split="fold1_val", cross_fit=1)
+    path = tmp_path / "r.json"
+    FusionRecipe.from_dict({**paper_recipe_dict, "calibration": {"method": "temperature"}}).to_json(path)
+    assert cli.main(["evaluate", "--store", str(tiny_store_path), "--recipe", str(path), "--cross-fit", "1"]) == 2
+    assert "cross_fit must be 0 (off) or >= 2, found 1" in capsys.readouterr().err
+
+
 def test_python_dash_m_fusion_help():
     done = subprocess.run([sys.executable, "-m", "fusion", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "evaluate" in done.stdout and "submit" in done.stdout
