@@ -16,7 +16,7 @@ its own fit data reports a log-loss that no held-out set will reproduce.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class NotFittedError(RuntimeError):
     """``apply`` was called before ``fit``."""
 
 
-def check_disjoint(fit_ids: Sequence[str], apply_ids: Sequence[str], what: str = "calibration") -> None:
+def check_disjoint(fit_ids: Collection[str], apply_ids: Collection[str], what: str = "calibration") -> None:
     """Raise :class:`LeakageError` naming the shared clips when the two id lists overlap."""
     shared = sorted(set(fit_ids) & set(apply_ids))
     if shared:
@@ -66,7 +66,7 @@ class _FittedOnClips:
             raise NotFittedError(f"{self.what}: call fit() on a labelled split before apply()")
         if len(clip_ids) != n_rows:
             raise ValueError(f"{self.what}: expected one clip id per row ({n_rows}), found {len(clip_ids)}")
-        check_disjoint(sorted(self.fit_ids), clip_ids, self.what)
+        check_disjoint(self.fit_ids, clip_ids, self.what)
 
 
 def _log_probs(probs: np.ndarray) -> np.ndarray:
