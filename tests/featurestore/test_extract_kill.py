@@ -47,7 +47,10 @@ def _run_and_kill(manifest_file: Path, store: Path, at_least: int, timeout: floa
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            counts = _done_counts(store)
+            try:
+                counts = _done_counts(store)
+            except KeyError:  # a feature set is being created right now: its arrays appear one by one
+                counts = {}
             if counts.get("logmel", 0) >= at_least:
                 break
             if proc.poll() is not None:
