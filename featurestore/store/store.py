@@ -91,6 +91,7 @@ class FeatureStore:
         self._done: dict[str, np.ndarray] = {}
         self._row_of: dict[str, int] | None = None
         self._clip_ids: list[str] | None = None
+        self._runs: dict[str, dict] | None = None  # prediction run attrs, read once (refresh() drops them)
         if mode == "w" or not self._b.exists("index"):
             self._init_layout()
         self._check_schema()
@@ -536,6 +537,7 @@ class FeatureStore:
         self._cache.clear()
         self._done.clear()
         self._clip_ids = self._row_of = None
+        self._runs = None
 
     def torch_dataset(self, features: str | Sequence[str], **kwargs):
         """A ``featurestore.torchdata.StoreDataset`` over this store (see that class for arguments)."""
@@ -591,6 +593,7 @@ class FeatureStore:
         self._b.create_array(join(path, "probs"), (self.n_clips, int(n_segments), n_classes), "float32", rows, 0)
         self._b.create_array(join(path, "done"), (self.n_clips,), "bool", rows, False)
         self._b.set_attrs(path, {**attrs, "runtime": runtime_info()})
+        self._runs = None
 
     def write_predictions(self, run: str, rows: np.ndarray | slice | int, probs: np.ndarray) -> None:
         """Write probabilities for rows (any order; a single writer per run), then mark them done."""
@@ -622,9 +625,16 @@ class FeatureStore:
         return path
 
     def prediction_runs(self) -> dict[str, dict]:
-        """Run name -> its attributes (head config, feature fingerprints, ...)."""
-        return {run: self._b.get_attrs(join("predictions", run))
-                for run in self._groups_with("predictions", "probs")}
+        """Run name -> its attributes (head config, feature fingerprints, ...).
+
+        Read once and kept (fusion asks many times per evaluation; each read walks every run's
+        group, which is slow on object storage); runs written by other processes appear after
+        ``refresh()``. The dicts are copies: editing them changes nothing stored.
+        """
+        if self._runs is None:
+            self._runs = {run: self._b.get_attrs(join("predictions", run))
+                          for run in self._groups_with("predictions", "probs")}
+        return {run: dict(attrs) for run, attrs in self._runs.items()}
 
     def prediction_done(self, run: str) -> np.ndarray:
         return self._done_of(self._run_path(run), refresh=True).copy()
@@ -640,6 +650,7 @@ class FeatureStore:
         path = self._run_path(run)
         self._b.delete(path)
         self._forget(path)
+        self._runs = None
 
     # ------------------------------------------------------------------------------ lifecycle
     def verify(self):

@@ -356,3 +356,19 @@ def test_same_fingerprint_with_another_segment_count_is_refused(path):
         with pytest.raises(FingerprintMismatchError, match="shape"):
             store.create_feature_set(FEAT, N_SEG + 1, (DIM,), provenance(), chunk_clips=CHUNK)
         assert store.feature_info(FEAT).shape[1] == N_SEG
+
+
+def test_prediction_run_attrs_are_read_once_and_follow_own_writes(filled, monkeypatch):
+    path, _ = filled
+    with open_store(path, "a") as store:
+        store.create_predictions("a", N_SEG, {"head": "x"})
+        assert set(store.prediction_runs()) == {"a"}
+        reads = []
+        original = store._b.get_attrs
+        monkeypatch.setattr(store._b, "get_attrs", lambda p: reads.append(p) or original(p))
+        store.prediction_runs()["a"]["head"] = "edited"  # a copy: the cache is not changed
+        assert store.prediction_runs()["a"]["head"] == "x" and reads == []
+        store.create_predictions("b", N_SEG, {"head": "y"})
+        assert set(store.prediction_runs()) == {"a", "b"}
+        store.delete_predictions("a")
+        assert set(store.prediction_runs()) == {"b"}
