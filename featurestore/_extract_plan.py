@@ -119,7 +119,7 @@ class Plan:
     video_paths: list[str]
     clip_ids: list[str]
     batch_size: int
-    _need: tuple | None = field(default=None, repr=False, compare=False)
+    _need: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def blocks(self) -> list[tuple[int, int]]:
         """``(start, stop)`` of every block with at least one row that needs work."""
@@ -132,14 +132,16 @@ class Plan:
         return out
 
     def needed_any(self) -> np.ndarray:
-        """Rows that need work for at least one target (computed once; targets are fixed)."""
-        key = tuple(id(t.todo) for t in self.targets)
-        if self._need is None or self._need[0] != key:
-            need = np.zeros(self.n_rows, dtype=bool)
+        """Rows that need work for at least one target.
+
+        Computed once per plan: targets are never changed in place, and ``dataclasses.replace``
+        (how a Dask task swaps in its own targets) makes a new plan without this cache.
+        """
+        if self._need is None:
+            self._need = np.zeros(self.n_rows, dtype=bool)
             for target in self.targets:
-                need |= target.todo
-            self._need = (key, need)
-        return self._need[1]
+                self._need |= target.todo
+        return self._need
 
     def windows(self, start: int, stop: int) -> list[np.ndarray]:
         """Rows needing work in each fixed decode batch of the block ``start:stop`` (empty ones dropped)."""
