@@ -88,10 +88,6 @@ class Target:
     skipped: int = 0
 
     @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.provenance)
-
-    @property
     def random_weights(self) -> bool:
         return is_random_weights(self.provenance)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 PathLike = str | os.PathLike
 
+
 class DecodeError(Exception):
     """A media file could not be turned into the samples or frames that were asked for.
 
@@ -18,8 +19,3 @@ class DecodeError(Exception):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
-
-
-# --------------------------------------------------------------------------------------------
-# Audio
-# --------------------------------------------------------------------------------------------
