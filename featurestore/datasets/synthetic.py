@@ -26,7 +26,6 @@ from __future__ import annotations
 import colorsys
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +33,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from featurestore.datasets._common import DEMO_CONFIG_FILE
+from featurestore.datasets._common import DEMO_CONFIG_FILE, PathLike
 from featurestore.manifest import TAU_CLASSES
-
-PathLike = str | os.PathLike
 
 CITIES = ("barcelona", "helsinki", "lisbon", "london", "lyon", "milan", "paris", "prague", "stockholm", "vienna")
 TRUTH_FILE = "demo_truth.csv"

@@ -121,7 +121,7 @@ def read_tau(root: PathLike, *, audio_segments: int | None = None,
     check_count("video_frames", video_frames)
     layout = locate_tau(root)
     if layout.meta_csv is None:
-        raise FileNotFoundError(f"no meta.csv found for a TAU development set; looked in: "
+        raise FileNotFoundError("no meta.csv found for a TAU development set; looked in: "
                                 + ", ".join(str(d) for d in layout.searched))
     _log_layout(layout)
     base = layout.media_dir or layout.meta_csv.parent
@@ -159,7 +159,7 @@ def read_tau_eval(root: PathLike, *, audio_segments: int | None = None,
     check_count("video_frames", video_frames)
     layout = locate_tau(root)
     if not layout.fold_files and layout.media_dir is None:
-        raise FileNotFoundError(f"no evaluation_setup/*.csv and no audio/ or video/ directory; looked in: "
+        raise FileNotFoundError("no evaluation_setup/*.csv and no audio/ or video/ directory; looked in: "
                                 + ", ".join(str(d) for d in layout.searched))
     _log_layout(layout)
     base = layout.media_dir or layout.fold_files[0].parent.parent
