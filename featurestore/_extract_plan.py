@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featurestore.datasets._common import resolve
 from featurestore.errors import FingerprintMismatchError, UnknownFeatureError
 from featurestore.manifest import Manifest
 from featurestore.provenance import fingerprint, is_random_weights, runtime_info
@@ -260,10 +261,8 @@ def _no_runtime(prov: dict) -> dict:
 
 # ------------------------------------------------------------------------------------ paths
 def resolve_path(path, root: Path | None) -> str:
-    """Absolute path of a manifest path (root-relative paths are joined to the dataset root)."""
+    """Absolute path of a manifest path, the very one ``check_files`` checked before the run
+    (relative paths are joined to the dataset root, or to the working directory without one)."""
     if path is None or str(path) == "":
         return ""
-    p = Path(path)
-    if not p.is_absolute() and root is not None:
-        p = Path(root) / p
-    return str(p)
+    return str(resolve(Path(root) if root is not None else Path.cwd(), str(path)))
