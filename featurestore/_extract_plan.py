@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.datasets._common import resolve
-from featurestore.errors import FingerprintMismatchError, UnknownFeatureError
+from featurestore.errors import FingerprintMismatchError
 from featurestore.manifest import Manifest
 from featurestore.provenance import fingerprint, is_random_weights, runtime_info
 from featurestore.store.store import FeatureStore, default_chunk_clips
@@ -197,29 +197,14 @@ def prepare_target(store: FeatureStore, encoder, source: Source, selected: np.nd
     shape = tuple(int(s) for s in encoder.output_shape)
     dtype = str(encoder.dtype)
     prov = target_provenance(encoder, source, device)
-    _drop_half_created(store, encoder.name)
     asked = chunk_clips.get(encoder.name) if isinstance(chunk_clips, Mapping) else chunk_clips
     rows = int(asked or power_of_two_chunk(source.n_segments, shape, dtype))
     info = store.create_feature_set(encoder.name, source.n_segments, shape, prov, dtype=dtype,
                                     chunk_clips=rows, overwrite=overwrite)
-    if info.shape[1:] != (source.n_segments, *shape):  # same fingerprint but another shape: store bug
-        raise ValueError(f"feature set {encoder.name!r} has shape {info.shape[1:]}, the encoder gives "
-                         f"{(source.n_segments, *shape)}")
-    done = store.done_mask(encoder.name, refresh=True)
+    done = store.done_mask(encoder.name)  # create_feature_set has just read it from the store
     todo = selected & ~done
     return Target(encoder.name, encoder, encoder.spec, source, shape, dtype, info.chunk_clips,
                   info.provenance, todo, skipped=int((selected & done).sum()))
-
-
-def _drop_half_created(store: FeatureStore, name: str) -> None:
-    """A run killed inside ``create_feature_set`` leaves arrays without a fingerprint and no done
-    rows; that set holds nothing, so it is removed instead of failing as a fingerprint mismatch."""
-    try:
-        info = store.feature_info(name)  # this set only: feature_sets() would read every set's arrays
-    except UnknownFeatureError:
-        return
-    if not info.fingerprint and info.n_done == 0:
-        store.delete_feature_set(name)
 
 
 def block_size(targets: list[Target]) -> int:

@@ -321,7 +321,11 @@ class FeatureStore:
         fp = fingerprint(provenance)
         if self._b.exists(join(path, "data")):
             old = self._b.get_attrs(path)
-            if old.get("fingerprint") == fp and not overwrite:
+            if "fingerprint" not in old:
+                # Attributes are the last step of a creation: without them it was interrupted and
+                # nothing in the set was ever marked done, so it is replaced, not a mismatch.
+                overwrite = True
+            elif old.get("fingerprint") == fp and not overwrite:
                 info = self.feature_info(name)
                 wanted = (int(n_segments), *(int(s) for s in feature_shape))
                 if info.shape[1:] != wanted:

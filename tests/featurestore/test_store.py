@@ -372,3 +372,16 @@ def test_prediction_run_attrs_are_read_once_and_follow_own_writes(filled, monkey
         assert set(store.prediction_runs()) == {"a", "b"}
         store.delete_predictions("a")
         assert set(store.prediction_runs()) == {"b"}
+
+
+def test_a_creation_interrupted_before_its_attributes_is_replaced_not_refused(path):
+    with create_store(path, make_manifest()) as store:
+        store.create_feature_set(FEAT, N_SEG, (DIM,), provenance(seed=1), chunk_clips=CHUNK)
+        attrs = store._b._node(f"features/{FEAT}").attrs
+        for key in list(attrs):  # what a kill between the arrays and the attributes leaves
+            del attrs[key]
+    with open_store(path, "a") as store:
+        info = store.create_feature_set(FEAT, N_SEG, (DIM,), provenance(seed=2), chunk_clips=CHUNK)
+        assert info.fingerprint and info.n_done == 0
+        with pytest.raises(FingerprintMismatchError):  # a finished creation is still protected
+            store.create_feature_set(FEAT, N_SEG, (DIM,), provenance(seed=3), chunk_clips=CHUNK)
