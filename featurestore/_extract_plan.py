@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.datasets._common import resolve
-from featurestore.errors import FingerprintMismatchError
 from featurestore.manifest import Manifest
-from featurestore.provenance import fingerprint, is_random_weights, runtime_info
+from featurestore.provenance import is_random_weights, runtime_info
 from featurestore.store.store import FeatureStore, default_chunk_clips
 
 #: A block larger than this many clips means the feature sets' chunk sizes do not align well.
@@ -227,21 +226,12 @@ def write_text_features(store: FeatureStore, encoder, device: str, overwrite: bo
     prov = dict(encoder.provenance())
     prov["prompts"] = prompts
     prov["runtime"] = {**runtime_info(), "device": device}
-    if encoder.name in store.class_feature_sets():
-        _, attrs = store.get_class_features(encoder.name)
-        old = attrs.get("provenance", {})
-        if attrs.get("fingerprint") == fingerprint(prov) and not overwrite:
-            return False
-        if not overwrite:
-            raise FingerprintMismatchError(encoder.name, _no_runtime(old), _no_runtime(prov))
+    if store.has_class_features(encoder.name, prov, overwrite):
+        return False
     data = encoder.encode_text(prompts)
     data = data.detach().float().cpu().numpy() if hasattr(data, "detach") else np.asarray(data, np.float32)
-    store.write_class_features(encoder.name, data.astype(np.float32), prov, prompts)
+    store.write_class_features(encoder.name, data.astype(np.float32), prov, prompts, overwrite=overwrite)
     return True
-
-
-def _no_runtime(prov: dict) -> dict:
-    return {k: v for k, v in prov.items() if k != "runtime"}
 
 
 # ------------------------------------------------------------------------------------ paths

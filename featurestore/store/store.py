@@ -551,10 +551,15 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------ class features
     def write_class_features(self, name: str, data: np.ndarray, provenance: dict,
-                             prompts: Sequence[str] | None = None) -> None:
-        """Per-class vectors (e.g. CLIP text embeddings of class prompts) with their provenance."""
+                             prompts: Sequence[str] | None = None, overwrite: bool = False) -> None:
+        """Per-class vectors (e.g. CLIP text embeddings of class prompts) with their provenance.
+
+        Replacing a set made with another configuration needs ``overwrite=True``
+        (:meth:`has_class_features` tells the rule).
+        """
         self._require_writable()
         validate_name("class feature set", name)
+        self.has_class_features(name, provenance, overwrite)
         data = np.asarray(data)
         if data.ndim < 1 or data.shape[0] != len(self.classes):
             raise ValueError(f"class features {name!r}: first axis must be the {len(self.classes)} classes, "
@@ -567,6 +572,22 @@ class FeatureStore:
         prov.setdefault("runtime", runtime_info())
         self._b.set_attrs(path, {"provenance": prov, "fingerprint": fingerprint(prov),
                                  "prompts": list(prompts or []), "classes": self.classes})
+
+    def has_class_features(self, name: str, provenance: dict, overwrite: bool = False) -> bool:
+        """Whether class features ``name`` made with this provenance are stored already.
+
+        The class-feature form of :meth:`create_feature_set`'s fingerprint rule, as a check of its
+        own so that a caller can ask before computing anything: the same fingerprint -> True;
+        none stored, or ``overwrite`` -> False; another fingerprint -> ``FingerprintMismatchError``
+        naming both configurations.
+        """
+        path = join("class_features", name)
+        if overwrite or not self._b.is_array(join(path, "data")):
+            return False
+        old = self._b.get_attrs(path)
+        if old.get("fingerprint") == fingerprint(provenance):
+            return True
+        raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})), _strip_runtime(provenance))
 
     def class_feature_sets(self) -> list[str]:
         return self._groups_with("class_features", "data")

@@ -213,6 +213,18 @@ def test_text_encoders_write_class_prompt_embeddings_once(tiny, tmp_path):
         assert attrs["provenance"]["weights"]["kind"] == "random"
     again = extract(tiny, path, "logmel,cliptext/ViT-B-32@none", **FAST)
     assert again.class_features == {"cliptext/ViT-B-32": "unchanged"} and again.clips_skipped == 5
+    with open_store(path, "a") as store:  # someone stored the same name with other weights
+        store.write_class_features("cliptext/ViT-B-32", np.zeros((10, 512), np.float32),
+                                   {**attrs["provenance"], "weights": {"kind": "file", "sha256": "ab"}},
+                                   overwrite=True)
+    with pytest.raises(FingerprintMismatchError, match="cliptext/ViT-B-32' already exists with a different"):
+        extract(tiny, path, "logmel,cliptext/ViT-B-32@none", **FAST)
+    with open_store(path) as store:
+        assert not store.get_class_features("cliptext/ViT-B-32")[0].any()  # refused: nothing replaced
+    assert extract(tiny, path, "logmel,cliptext/ViT-B-32@none", **FAST, overwrite=True).class_features == {
+        "cliptext/ViT-B-32": "written"}
+    with open_store(path) as store:
+        np.testing.assert_array_equal(store.get_class_features("cliptext/ViT-B-32")[0], data)
 
 
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(num_workers=-1), dict(frames=0), dict(limit=0)])

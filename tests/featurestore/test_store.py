@@ -294,6 +294,26 @@ def test_class_features_round_trip(filled):
             store.get_class_features("cliptext/RN50")
 
 
+def test_class_features_follow_the_fingerprint_rule(filled):
+    """Same configuration: stored already; another one: refused naming both, until overwrite."""
+    path, _ = filled
+    first, second = provenance(encoder="cliptext/RN50@none"), provenance(encoder="cliptext/RN50@openai")
+    with open_store(path, "a") as store:
+        assert not store.has_class_features("cliptext/RN50", first)
+        store.write_class_features("cliptext/RN50", np.ones((10, 3), np.float32), first)
+        assert store.has_class_features("cliptext/RN50", first)
+        with pytest.raises(FingerprintMismatchError, match="openai"):
+            store.has_class_features("cliptext/RN50", second)
+        with pytest.raises(FingerprintMismatchError, match="openai"):
+            store.write_class_features("cliptext/RN50", np.zeros((10, 3), np.float32), second)
+        np.testing.assert_array_equal(store.get_class_features("cliptext/RN50")[0], 1)  # nothing lost
+        assert not store.has_class_features("cliptext/RN50", second, overwrite=True)
+        store.write_class_features("cliptext/RN50", np.zeros((10, 3), np.float32), second, overwrite=True)
+        data, attrs = store.get_class_features("cliptext/RN50")
+    np.testing.assert_array_equal(data, 0)
+    assert attrs["provenance"]["encoder"] == "cliptext/RN50@openai"
+
+
 def test_predictions_round_trip(filled):
     path, _ = filled
     probs = np.random.default_rng(2).dirichlet(np.ones(10), size=(5, N_SEG)).astype(np.float32)
