@@ -16,6 +16,12 @@ times, in one run and alternating the methods (median of ``--repeats``, after a 
   then pick 12; the arrays are dropped at once here, so their 830 MB are not even allocated
   together - a favour to the baseline).
 
+Beside them the script prints a bound that holds for any sampler returning exact frames: it
+parses each packet's NAL headers (``nal_ref_idc``), keeps only the packets that must be decoded
+(for every target, its keyframe, the reference frames after it in decode order, and the target
+itself), and times FFmpeg decoding just those. ``decode_all`` over that time is the largest ratio
+an exact sampler could reach on the clip (it ignores demuxing, seeking and RGB conversion).
+
 Each is run single-threaded (``threads=1``: the sampler's default, and what extraction's worker
 processes use) and with ``--threads`` threads: the sampler then seeks groups of times that share
 no keyframe in parallel, one opened file per group; the baselines use FFmpeg frame threading.
@@ -37,7 +43,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from featurestore.decode import sample_frames
+from featurestore.decode import sample_frames, sample_times
 from featurestore.decode.video import _sample_frames
 
 
@@ -72,6 +78,69 @@ def write_clip(path: Path, gop: int, width: int = 1280, height: int = 720, fps: 
         container.mux(packet)
     container.close()
     return path
+
+
+def _nal_ref_idc(data: bytes) -> int:
+    """Largest ``nal_ref_idc`` of the coded slices in one AVCC packet (4-byte length prefixes,
+    as H.264 in MP4 stores them): 0 means no later frame refers to this one."""
+    ref, i = 0, 0
+    while i + 4 < len(data):
+        size, header = int.from_bytes(data[i:i + 4], "big"), data[i + 4]
+        if header & 0x1F in (1, 5):  # coded slice of a non-IDR / IDR picture
+            ref = max(ref, header >> 5 & 3)
+        i += 4 + size
+    return ref
+
+
+def required_packets(path: Path, n_frames: int) -> tuple[list, set[int], list[int]]:
+    """All video packets in decode order, the indices an exact sampler must decode, and the
+    index of each target's own packet.
+
+    For each target (the frame on screen at each of :func:`sample_times`): the keyframe at or
+    before it in decode order, every reference packet between that keyframe and the target, and
+    the target's own packet.
+    """
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = [p for p in container.demux(stream) if p.size]
+        tb, start = stream.time_base, stream.start_time or 0
+        duration = float(stream.duration * tb)
+    by_pts = sorted(p.pts for p in packets)
+    where = {p.pts: i for i, p in enumerate(packets)}
+    needed: set[int] = set()
+    targets = []
+    for t in sample_times(duration, n_frames):
+        tick = start + int(t / tb)
+        target = where[max(pts for pts in by_pts if pts <= tick)]
+        key = max(i for i in range(target + 1) if packets[i].is_keyframe)
+        needed.update(i for i in range(key, target + 1) if i == target or _nal_ref_idc(bytes(packets[i])))
+        targets.append(target)
+    return packets, needed, targets
+
+
+def decode_only(packets: list, indices: set[int], codec_context) -> int:
+    """Decode the packets at ``indices`` (and flush): CPU work only, no demuxing."""
+    n = sum(len(codec_context.decode(p)) for i, p in enumerate(packets) if i in indices)
+    return n + len(codec_context.decode(None))
+
+
+def exact_bound(path: Path, n_frames: int, repeats: int) -> tuple[int, float, float]:
+    """``(frames any exact sampler decodes, ms decoding all, ms decoding only those)``, one
+    thread, CPU time, median of ``repeats`` runs each on a fresh decoder."""
+    packets, needed, _ = required_packets(path, n_frames)
+    times: dict[str, list[float]] = {"all": [], "needed": []}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, indices in (("all", set(range(len(packets)))), ("needed", needed)):
+                ctx = av.CodecContext.create(stream.codec_context.name, "r")
+                ctx.extradata = stream.codec_context.extradata
+                ctx.thread_count, ctx.thread_type = 1, "SLICE"
+                c0 = time.process_time()
+                decode_only(packets, indices, ctx)
+                times[name].append(time.process_time() - c0)
+    med = {name: statistics.median(v[1:]) * 1000 for name, v in times.items()}
+    return len(needed), med["all"], med["needed"]
 
 
 def decode_all_rgb(path: Path, threads: int = 1) -> int:
@@ -164,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             t = bench(path, args.frames, args.repeats, thread_counts)
             report(gop, path, args.frames, max(thread_counts), n_seek, n_full, t)
+            n_needed, all_ms, needed_ms = exact_bound(path, args.frames, args.repeats)
+            print(f"  bound for any exact sampler: it must decode {n_needed} of {n_full.frames} frames; "
+                  f"decoding only those takes {needed_ms:.0f} ms vs {all_ms:.0f} ms for all "
+                  f"(1 thread, CPU): at most {all_ms / needed_ms:.2f}x")
     return 0
 
 if __name__ == "__main__":
