@@ -63,17 +63,49 @@ class MissingFeatureError(FeatureStoreError):
 
 
 class FingerprintMismatchError(FeatureStoreError):
-    """An existing feature set was made with a different configuration than the one given."""
+    """An existing feature set was made with a different configuration than the one given.
 
-    def __init__(self, feature: str, existing: dict, requested: dict):
+    The message leads with the settings that differ (dotted paths into the provenance), since two
+    configurations of one encoder share most of their text and a shortened dump would hide them.
+    """
+
+    def __init__(self, feature: str, existing: dict, requested: dict, kind: str = "feature set"):
         self.feature = feature
         self.existing = existing
         self.requested = requested
+        diffs = _differences(existing, requested)
+        lines = [f"  {key}: existing {_value(old)}, requested {_value(new)}" for key, old, new in diffs[:8]]
+        if len(diffs) > 8:
+            lines.append(f"  ... and {len(diffs) - 8} more")
         super().__init__(
-            f"feature set {feature!r} already exists with a different configuration.\n"
-            f"  existing:  {_short(existing)}\n  requested: {_short(requested)}\n"
+            f"{kind} {feature!r} already exists with a different configuration; what differs:\n"
+            + "\n".join(lines)
+            + f"\n  existing:  {_short(existing)}\n  requested: {_short(requested)}\n"
             f"Use another name, or overwrite=True (--overwrite) to replace it."
         )
+
+
+def _differences(existing, requested, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, existing value, requested value)`` for every leaf that differs."""
+    if not (isinstance(existing, dict) and isinstance(requested, dict)):
+        return [] if existing == requested else [(prefix or "(value)", existing, requested)]
+    out = []
+    for key in sorted(set(existing) | set(requested), key=str):
+        path = f"{prefix}.{key}" if prefix else str(key)
+        out += _differences(existing.get(key, _ABSENT), requested.get(key, _ABSENT), path)
+    return out
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+def _value(value) -> str:
+    return "<absent>" if value is _ABSENT else _short(value, 120)
 
 
 class CorruptChunkError(FeatureStoreError):
@@ -84,8 +116,8 @@ class CorruptChunkError(FeatureStoreError):
         super().__init__(f"{where}: rows {start}:{stop} could not be read ({type(cause).__name__}: {cause})")
 
 
-def _short(config: dict) -> str:
+def _short(config, limit: int = 400) -> str:
     import json
 
     text = json.dumps(config, sort_keys=True, default=str)
-    return text if len(text) < 400 else text[:400] + "..."
+    return text if len(text) < limit else text[:limit] + "..."

@@ -587,7 +587,8 @@ class FeatureStore:
         old = self._b.get_attrs(path)
         if old.get("fingerprint") == fingerprint(provenance):
             return True
-        raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})), _strip_runtime(provenance))
+        raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})), _strip_runtime(provenance),
+                                       kind="class feature set")
 
     def class_feature_sets(self) -> list[str]:
         return self._groups_with("class_features", "data")
