@@ -9,7 +9,9 @@ first/last interior value. That gives: a valid 1-D convolution plus replicate pa
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,11 +23,17 @@ def savgol_derivative_coeffs(width: int, order: int) -> torch.Tensor:
     ``order`` times: row ``order`` of the Vandermonde pseudo-inverse times ``order!``.
     """
     _check(width, order)
+    return torch.tensor(_coeffs(width, order), dtype=torch.float64)
+
+
+@lru_cache(maxsize=None)
+def _coeffs(width: int, order: int) -> tuple[float, ...]:
+    """The weights as plain floats, computed once per ``(width, order)``: a fresh tensor is made
+    from them per call, so no cached tensor carries inference-mode or device state into training."""
     half = width // 2
-    k = torch.arange(-half, half + 1, dtype=torch.float64)
-    vander = torch.stack([k ** p for p in range(order + 1)], dim=1)  # [width, order + 1]
-    pinv = torch.linalg.pinv(vander)
-    return pinv[order] * math.factorial(order)
+    k = np.arange(-half, half + 1, dtype=np.float64)
+    vander = np.stack([k ** p for p in range(order + 1)], axis=1)  # [width, order + 1]
+    return tuple(float(v) for v in np.linalg.pinv(vander)[order] * math.factorial(order))
 
 
 def delta(x: torch.Tensor, width: int = 9, order: int = 1) -> torch.Tensor:
