@@ -16,7 +16,12 @@ class ZarrBackend:
     def __init__(self, location: str, mode: str, storage_options: dict | None = None):
         self.location = location
         self.read_only = mode == "r"
-        kwargs = {"storage_options": storage_options} if storage_options and "://" in location else {}
+        options = dict(storage_options or {})
+        if location.split("://")[0] in ("file", "local"):
+            # object stores need no directories; fsspec's local filesystem does, and only
+            # creates them when asked to
+            options.setdefault("auto_mkdir", True)
+        kwargs = {"storage_options": options} if options and "://" in location else {}
         self._root = zarr.open_group(location, mode=mode, zarr_format=3, **kwargs)
         self._arrays: dict[str, zarr.Array] = {}
 

@@ -231,7 +231,7 @@ class FeatureStore:
         for split in self.splits():
             member = np.array([split in c.splits for c in manifest.clips], dtype=bool)
             self._b.write(f"index/split/{split}", start, member)
-        self._clip_ids = None
+        self._clip_ids = self._row_of = None
         self._done.clear()
 
     def _row_arrays(self) -> list[str]:

@@ -234,6 +234,25 @@ def test_bad_arguments_are_refused_by_name(tiny, tmp_path, bad):
         extract(tiny, tmp_path / "x.zarr", "logmel", **{**FAST, **bad})
 
 
+def test_more_clips_join_an_existing_store_at_a_file_url(tiny, tmp_path):
+    """Clips added by a later run (e.g. a second batch of recordings) are indexed and extracted;
+    the first clips are skipped. Through a ``file://`` URL: the fsspec path object stores take."""
+    url = f"file://{tmp_path}/nested/grow.zarr"  # parents missing: fsspec must create them
+    first = extract(tiny.subset(tiny.clip_ids[:3]), url, "logmel", **FAST)
+    assert first.exit_code == 0 and first.clips_done == 3
+    again = extract(tiny, url, "logmel", **FAST)
+    assert again.exit_code == 0 and (again.clips_done, again.clips_skipped) == (2, 3)
+    with open_store(url) as store:
+        assert store.clip_ids == tiny.clip_ids and store.verify().ok
+        assert store.feature_info("logmel").n_done == 5
+    assert_same_arrays(read_all(url), read_all(_extracted(tiny, tmp_path / "local.zarr")))
+
+
+def _extracted(manifest, path):
+    extract(manifest, path, "logmel", **FAST)
+    return path
+
+
 def test_the_same_feature_set_twice_is_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match="requested twice"):
         extract(tiny, tmp_path / "x.zarr", "timm/test_vit@none,timm/test_vit@none:1", **FAST)

@@ -241,7 +241,10 @@ def test_append_clips_grows_every_array(filled):
     path, data = filled
     with open_store(path, "a") as store:
         store.create_predictions("run1", N_SEG, {"head": "mlp"}, chunk_clips=CHUNK)
-        store.append_clips(make_manifest(6, first=100, extra_split="fold2_train"))
+        assert store.rows(store.clip_ids[:2]).tolist() == [0, 1]  # the index is loaded before the append
+        new = make_manifest(6, first=100, extra_split="fold2_train")
+        store.append_clips(new)
+        assert store.rows(new.clip_ids).tolist() == list(range(N_CLIPS, N_CLIPS + 6))
         assert store.n_clips == N_CLIPS + 6
         assert store.feature_sets()[FEAT].shape == (N_CLIPS + 6, N_SEG, DIM)
         assert store.done_mask(FEAT)[N_CLIPS:].sum() == 0
