@@ -190,6 +190,20 @@ def power_of_two_chunk(n_segments: int, shape: tuple[int, ...], dtype: str) -> i
     return 1 << (max(1, default).bit_length() - 1)
 
 
+def check_targets(store: FeatureStore, manifest: Manifest, encoders: list, device: str, overwrite: bool) -> None:
+    """Refuse a run before it changes anything: each feature set and class-feature set it would
+    write must be absent, made with the same configuration, or ``overwrite``-n (the store's
+    fingerprint rule). Runs before the manifest's clips are added to the index, so a refused
+    run leaves the store exactly as it was."""
+    for encoder in encoders:
+        if encoder.modality == "text":
+            store.has_class_features(encoder.name, text_provenance(encoder, manifest.classes, device), overwrite)
+            continue
+        source = source_for(encoder, manifest)
+        store.check_feature_set(encoder.name, source.n_segments, tuple(int(s) for s in encoder.output_shape),
+                                target_provenance(encoder, source, device), overwrite)
+
+
 def prepare_target(store: FeatureStore, encoder, source: Source, selected: np.ndarray, device: str,
                    chunk_clips: int | Mapping[str, int] | None, overwrite: bool) -> Target:
     """Create or reopen the encoder's feature set and work out which selected rows are not done."""
@@ -220,12 +234,18 @@ def block_size(targets: list[Target]) -> int:
 
 
 # ------------------------------------------------------------------------------ class features
+def text_provenance(encoder, classes: list[str], device: str) -> dict:
+    """Provenance of a text encoder's class-prompt embeddings: the encoder's, plus the prompts."""
+    prov = dict(encoder.provenance())
+    prov["prompts"] = list(encoder.class_prompts(classes))
+    prov["runtime"] = {**runtime_info(), "device": device}
+    return prov
+
+
 def write_text_features(store: FeatureStore, encoder, device: str, overwrite: bool) -> bool:
     """Class-prompt embeddings of a text encoder; returns False when identical ones already exist."""
-    prompts = list(encoder.class_prompts(store.classes))
-    prov = dict(encoder.provenance())
-    prov["prompts"] = prompts
-    prov["runtime"] = {**runtime_info(), "device": device}
+    prov = text_provenance(encoder, store.classes, device)
+    prompts = prov["prompts"]
     if store.has_class_features(encoder.name, prov, overwrite):
         return False
     data = encoder.encode_text(prompts)

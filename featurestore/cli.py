@@ -88,6 +88,7 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
             for run, rattrs in store.prediction_runs().items()}
     return {"location": store.location, "backend": _backend_name(store),
             "schema_version": attrs.get("schema_version"), "dataset": attrs.get("dataset", ""),
+            "datasets": attrs.get("datasets", []),
             "created_by": attrs.get("created_by", ""), "index": _index_summary(store),
             "features": features, "class_features": class_features, "predictions": runs}
 
@@ -106,6 +107,10 @@ def _print_store(desc: dict[str, Any]) -> None:
           f"dataset {desc['dataset']!r}, created by {desc['created_by']})")
     print(f"index     {idx['n_clips']} clips ({idx['n_labelled']} labelled), {len(idx['classes'])} classes, "
           f"{len(idx['cities'])} cities")
+    if len(desc["datasets"]) > 1:  # clips were added from more than one manifest
+        parts = [f"{d['dataset']!r} rows {d['rows'][0]}:{d['rows'][1]} ({d['dataset_root'] or 'no root'})"
+                 for d in desc["datasets"]]
+        print(f"added     {'; '.join(parts)}")
     print(f"classes   {', '.join(idx['classes']) or '(none)'}")
     splits = ", ".join(f"{s} ({k})" for s, k in idx["splits"].items())
     print(f"splits    {splits or '(none)'}")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from featurestore._extract_plan import (
-    Plan, block_size, prepare_target, resolve_path, source_for, write_text_features,
+    Plan, block_size, check_targets, prepare_target, resolve_path, source_for, write_text_features,
 )
 from featurestore._extract_run import RunStats, default_num_workers, run_blocks
 from featurestore._extract_summary import ExtractSummary, FeatureSetSummary, ordered_stages
@@ -118,6 +118,7 @@ class _RunOptions:
 
 def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], built: list, dev,
                   opt: _RunOptions) -> ExtractSummary:
+    check_targets(fs, manifest, built, str(dev), opt.overwrite)
     rows = _ensure_clips(fs, manifest)
     selected = np.zeros(fs.n_clips, dtype=bool)
     selected[rows[:len(selected_ids)]] = True

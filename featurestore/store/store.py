@@ -204,7 +204,13 @@ class FeatureStore:
             raise ReadOnlyStoreError(f"{self.location} is open read-only (mode='r'); open with mode='a'")
 
     def append_clips(self, manifest: Manifest) -> None:
-        """Add the manifest's clips to the index and grow every feature and prediction array."""
+        """Add the manifest's clips to the index and grow every feature and prediction array.
+
+        The store's ``dataset``, ``dataset_root`` and segment attributes describe the dataset of
+        its first clips and are kept; every manifest added is listed in the ``datasets``
+        attribute with its root and rows, so the relative paths in the index of clips from
+        another dataset stay resolvable.
+        """
         self._require_writable()
         attrs = self.attrs
         if attrs.get("classes") and list(attrs["classes"]) != list(manifest.classes):
@@ -213,13 +219,15 @@ class FeatureStore:
         dup = set(self.clip_ids) & set(manifest.clip_ids)
         if dup or len(set(manifest.clip_ids)) != len(manifest):
             raise ValueError(f"clip ids must be unique; already present or repeated: {sorted(dup)[:5]}")
-        self._b.set_attrs("", {"classes": list(manifest.classes), "dataset": manifest.name,
-                               "audio_segments": manifest.audio_segments,
-                               "segment_seconds": manifest.segment_seconds,
-                               "video_frames": manifest.video_frames,
-                               "dataset_root": str(manifest.root) if manifest.root else ""})
         start, n_new = self.n_clips, len(manifest)
         end = start + n_new
+        described = {"dataset": manifest.name, "dataset_root": str(manifest.root) if manifest.root else "",
+                     "audio_segments": manifest.audio_segments, "segment_seconds": manifest.segment_seconds,
+                     "video_frames": manifest.video_frames}
+        first = described if start == 0 else {}
+        added = {**described, "rows": [start, end]}
+        self._b.set_attrs("", {"classes": list(manifest.classes), **first,
+                               "datasets": [*attrs.get("datasets", []), added]})
         columns = _manifest_columns(manifest)
         for split in manifest.split_names:
             if not self._b.exists(f"index/split/{split}"):
@@ -313,34 +321,17 @@ class FeatureStore:
         """Create (or, with the same fingerprint, reopen for resuming) a feature set.
 
         A different fingerprint raises ``FingerprintMismatchError`` naming both configurations;
-        ``overwrite=True`` deletes the old set first.
+        ``overwrite=True`` deletes the old set first (:meth:`check_feature_set` tells the rule).
         """
         self._require_writable()
         validate_name("feature set", name)
+        existing = self.check_feature_set(name, n_segments, feature_shape, provenance, overwrite)
+        if existing is not None:
+            return existing
         path = join("features", name)
-        fp = fingerprint(provenance)
-        if self._b.exists(join(path, "data")):
-            old = self._b.get_attrs(path)
-            if "fingerprint" not in old:
-                # Attributes are the last step of a creation: without them it was interrupted and
-                # nothing in the set was ever marked done, so it is replaced, not a mismatch.
-                overwrite = True
-            elif old.get("fingerprint") == fp and not overwrite:
-                info = self.feature_info(name)
-                wanted = (int(n_segments), *(int(s) for s in feature_shape))
-                if info.shape[1:] != wanted:
-                    raise FingerprintMismatchError(
-                        name, {**_strip_runtime(old.get("provenance", {})), "shape": list(info.shape[1:])},
-                        {**_strip_runtime(provenance), "shape": list(wanted)})
-                return info
-            if not overwrite:
-                raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})),
-                                               _strip_runtime(provenance))
+        if self._b.exists(join(path, "data")):  # overwritten, or a creation that never finished
             self._b.delete(path)
             self._forget(path)
-        elif self._b.exists(path) and self._b.children(path) and not overwrite:
-            raise ValueError(f"{name!r} is a group of other feature sets "
-                             f"({', '.join(self._b.children(path))}); choose another name")
         shape = (self.n_clips, int(n_segments)) + tuple(int(s) for s in feature_shape)
         rows = int(chunk_clips or default_chunk_clips(n_segments, feature_shape, dtype))
         self._b.create_group(path)
@@ -349,9 +340,39 @@ class FeatureStore:
         self._b.create_array(join(path, "errors"), (self.n_clips,), STRING, rows, "")
         prov = dict(provenance)
         prov.setdefault("runtime", runtime_info())
-        self._b.set_attrs(path, {"provenance": prov, "fingerprint": fp, "n_segments": int(n_segments),
+        self._b.set_attrs(path, {"provenance": prov, "fingerprint": fingerprint(provenance),
+                                 "n_segments": int(n_segments),
                                  "feature_shape": list(shape[2:]), "chunk_clips": rows})
         return self.feature_info(name)
+
+    def check_feature_set(self, name: str, n_segments: int, feature_shape: Sequence[int], provenance: dict,
+                          overwrite: bool = False) -> FeatureInfo | None:
+        """What :meth:`create_feature_set` would do with these arguments, without writing anything.
+
+        Returns the existing set's info when it would be reopened (same fingerprint and shape),
+        None when a set would be created (none there, ``overwrite``, or a creation killed before
+        its attributes, which never marked anything done). Raises ``FingerprintMismatchError``
+        where it would refuse, so a caller can check every set before changing the store.
+        """
+        path = join("features", name)
+        if not self._b.exists(join(path, "data")):
+            if self._b.exists(path) and self._b.children(path) and not overwrite:
+                raise ValueError(f"{name!r} is a group of other feature sets "
+                                 f"({', '.join(self._b.children(path))}); choose another name")
+            return None
+        old = self._b.get_attrs(path)
+        if overwrite or "fingerprint" not in old:
+            return None
+        if old["fingerprint"] != fingerprint(provenance):
+            raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})),
+                                           _strip_runtime(provenance))
+        info = self.feature_info(name)
+        wanted = (int(n_segments), *(int(s) for s in feature_shape))
+        if info.shape[1:] != wanted:
+            raise FingerprintMismatchError(
+                name, {**_strip_runtime(old.get("provenance", {})), "shape": list(info.shape[1:])},
+                {**_strip_runtime(provenance), "shape": list(wanted)})
+        return info
 
     def delete_feature_set(self, name: str) -> None:
         self._require_writable()

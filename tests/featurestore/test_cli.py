@@ -62,6 +62,17 @@ def test_ls_tables_and_random_weights_warning(store_path, capsys):
     assert "cliptext/ViT-B-32" in out and "zs/clip" in out and "1/12" in out
 
 
+def test_ls_lists_datasets_added_after_the_first(store_path, capsys):
+    path, _ = store_path
+    assert "\nadded " not in run(capsys, "ls", path)[1]  # one dataset: nothing to add
+    more = [ClipRecord(f"bus-oslo-{i}-{i}", label="bus", city="oslo", location=f"oslo-{i}") for i in range(3)]
+    with open_store(path, "a") as store:
+        store.append_clips(Manifest("batch2", list(TAU_CLASSES), more, root=Path("/data/batch2")))
+    code, out, _ = run(capsys, "ls", path)
+    assert code == 0 and "dataset 'toy'" in out
+    assert "added     'toy' rows 0:12 (no root); 'batch2' rows 12:15 (/data/batch2)" in out
+
+
 def test_ls_json(store_path, capsys):
     path, _ = store_path
     code, out, _ = run(capsys, "ls", path, "--json")

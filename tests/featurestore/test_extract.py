@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -246,6 +247,27 @@ def test_more_clips_join_an_existing_store_at_a_file_url(tiny, tmp_path):
         assert store.clip_ids == tiny.clip_ids and store.verify().ok
         assert store.feature_info("logmel").n_done == 5
     assert_same_arrays(read_all(url), read_all(_extracted(tiny, tmp_path / "local.zarr")))
+
+
+def test_a_refused_run_leaves_the_store_as_it_was(tiny, tmp_path):
+    """Clips of another segment layout cannot join a feature set: the run is refused before the
+    index grows, the store's attributes change, or any text embedding is written."""
+    path = tmp_path / "keep.zarr"
+    extract(tiny.subset(tiny.clip_ids[:3]), path, "logmel", **FAST)
+    with open_store(path) as store:
+        attrs_before, data_before = store.attrs, store.get_many("logmel", store.clip_ids)
+    with pytest.raises(FingerprintMismatchError, match="n_segments: existing 2, requested 1"):
+        extract(tiny, path, "cliptext/ViT-B-32@none,logmel", **FAST, segments=1)
+    with open_store(path) as store:
+        assert store.n_clips == 3 and store.attrs == attrs_before and store.class_feature_sets() == []
+        np.testing.assert_array_equal(store.get_many("logmel", store.clip_ids), data_before)
+
+    renamed = replace(tiny, name="second-batch")  # the same layout from another manifest joins
+    assert extract(renamed, path, "logmel", **FAST).clips_done == 2
+    with open_store(path) as store:
+        assert store.attrs["dataset"] == tiny.name  # the store still describes its first dataset
+        assert [(d["dataset"], d["rows"]) for d in store.attrs["datasets"]] == [(tiny.name, [0, 3]),
+                                                                                ("second-batch", [3, 5])]
 
 
 def _extracted(manifest, path):
