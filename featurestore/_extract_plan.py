@@ -204,6 +204,19 @@ def check_targets(store: FeatureStore, manifest: Manifest, encoders: list, devic
                                 target_provenance(encoder, source, device), overwrite)
 
 
+def check_inputs(manifest: Manifest, encoders: list) -> None:
+    """An encoder whose input no clip of the dataset has (frames from an audio-only manifest) is a
+    mistake in the command, not a failure of every clip: refuse it by name before any work."""
+    for encoder in encoders:
+        if encoder.modality == "text":
+            continue
+        column = "audio" if encoder.modality == "audio" else "video"
+        if manifest.clips and not any(getattr(c, column) for c in manifest.clips):
+            where = f" ({manifest.root})" if manifest.root else ""
+            raise ValueError(f"encoder {encoder.spec} needs {column} files, but dataset {manifest.name!r}{where} "
+                             f"lists none for its {len(manifest)} clip(s); leave it out of --encoders")
+
+
 def prepare_target(store: FeatureStore, encoder, source: Source, selected: np.ndarray, device: str,
                    chunk_clips: int | Mapping[str, int] | None, overwrite: bool) -> Target:
     """Create or reopen the encoder's feature set and work out which selected rows are not done."""

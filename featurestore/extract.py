@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from featurestore._extract_plan import (
-    Plan, block_size, check_targets, prepare_target, resolve_path, source_for, write_text_features,
+    Plan, block_size, check_inputs, check_targets, prepare_target, resolve_path, source_for, write_text_features,
 )
 from featurestore._extract_run import RunStats, default_num_workers, run_blocks
 from featurestore._extract_summary import ExtractSummary, FeatureSetSummary, ordered_stages
@@ -87,6 +87,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     _check_files(manifest.subset(selected_ids) if limit else manifest)
     dev = _resolve_device(device if scheduler is None else "cpu")  # Dask: resolved on each worker
     built = _build_encoders(encoders, dev)
+    check_inputs(manifest, built)
     fs, owned = _open_store(store, manifest, backend)
     try:
         options = _RunOptions(device, batch_size, num_workers, overwrite, scheduler, progress, backend, chunk_clips)

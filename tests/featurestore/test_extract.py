@@ -270,6 +270,14 @@ def test_a_refused_run_leaves_the_store_as_it_was(tiny, tmp_path):
                                                                                 ("second-batch", [3, 5])]
 
 
+def test_a_frame_encoder_on_an_audio_only_dataset_is_refused_before_any_work(tiny, tmp_path):
+    audio_only = replace(tiny, clips=[replace(c, video=None) for c in tiny.clips])
+    with pytest.raises(ValueError, match="timm/test_vit@none needs video files, but dataset 'tiny'"):
+        extract(audio_only, tmp_path / "never.zarr", "logmel,timm/test_vit@none", **FAST)
+    assert not (tmp_path / "never.zarr").exists()
+    assert extract(audio_only, tmp_path / "audio.zarr", "logmel", **FAST).clips_done == 5
+
+
 def _extracted(manifest, path):
     extract(manifest, path, "logmel", **FAST)
     return path
