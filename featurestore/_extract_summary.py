@@ -101,6 +101,9 @@ class ExtractSummary:
         if len(self.failures) > limit:
             lines.append(f"  ... and {len(self.failures) - limit} more failed clips "
                          f"(store.errors(<feature set>) lists them all)")
+        if any(": too short: " in m or ": too long: " in m for e in self.failures.values() for m in e.values()):
+            lines.append("  hint: audio is cut into the dataset's number of segments; if your clips have "
+                         "another length, pass --segments N (extract(..., segments=N))")
         return lines
 
     def to_dict(self) -> dict:

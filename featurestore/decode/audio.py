@@ -78,10 +78,11 @@ def load_audio_segments(
     missing = want - len(audio)
     if missing > tolerance_seconds * sample_rate:
         raise DecodeError(path, f"too short: {_secs(len(audio), sample_rate)} s, "
-                                f"expected {_secs(want, sample_rate)} s")
+                                f"expected {_secs(want, sample_rate)} s ({n_segments} segments of {segment_seconds:g} s)")
     if -missing > tolerance_seconds * sample_rate and not trim_long:
         raise DecodeError(path, f"too long: {_secs(len(audio), sample_rate)} s, expected "
-                                f"{_secs(want, sample_rate)} s (trim_long=True keeps the start)")
+                                f"{_secs(want, sample_rate)} s ({n_segments} segments of {segment_seconds:g} s; "
+                                f"trim_long=True keeps the start)")
     if missing > 0:
         audio = np.concatenate([audio, np.zeros(missing, dtype=np.float32)])
     return np.ascontiguousarray(audio[:want].reshape(n_segments, seg_len))

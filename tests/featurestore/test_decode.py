@@ -59,7 +59,7 @@ def test_too_short_is_an_error_naming_the_file_and_lengths(tmp_path):
     with pytest.raises(DecodeError) as err:
         load_audio_segments(path, SR, 10)
     assert err.value.path == path
-    assert err.value.reason == "too short: 4.2 s, expected 10 s"
+    assert err.value.reason == "too short: 4.2 s, expected 10 s (10 segments of 1 s)"
     assert str(path) in str(err.value)
 
 

@@ -97,7 +97,8 @@ def test_segments_override_fits_clips_of_another_length(tmp_path, capsys):
     make_dataset(root, 2, seconds=3.0, frames=1)  # a TAU layout whose clips are 3 s, not 10
     store = tmp_path / "s.zarr"
     assert main(["extract", str(root), str(store), "--encoders", "logmel", "--num-workers", "0", "--quiet"]) == 1
-    assert "too short" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "too short: 3 s, expected 10 s (10 segments of 1 s)" in out and "hint:" in out and "--segments N" in out
     assert main(["extract", str(root), str(tmp_path / "t.zarr"), "--encoders", "logmel", "--segments", "3",
                  "--num-workers", "0", "--quiet"]) == 0
     with open_store(tmp_path / "t.zarr") as s:
