@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,6 +24,7 @@ from featurestore.provenance import is_random_weights, weights_identity
 from featurestore.store import FeatureStore, convert_store, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader quit
 RANDOM_FLAG = "<-- RANDOM WEIGHTS, not pretrained"
 
 
@@ -379,7 +381,14 @@ def run_command(prog: str, command: str, run: Callable[[], int],
     The ``featurestore``, ``heads`` and ``fusion`` command lines all report errors through this.
     """
     try:
-        return run()
+        code = run()
+        sys.stdout.flush()  # a reader that quit shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (`featurestore ls STORE | head`): no error to report; point stdout at
+        # devnull so the interpreter's final flush does not fail again, and exit as a shell would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except failures as err:
         code, message = EXIT_FAILED, error_message(err)
     except usage as err:

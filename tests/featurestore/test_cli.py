@@ -73,6 +73,16 @@ def test_ls_lists_datasets_added_after_the_first(store_path, capsys):
     assert "added     'toy' rows 0:12 (no root); 'batch2' rows 12:15 (/data/batch2)" in out
 
 
+def test_a_reader_that_quits_is_no_error(store_path):
+    """`featurestore ls STORE | head -1`: the closed pipe ends the command quietly, as in a shell."""
+    path, _ = store_path
+    proc = subprocess.Popen([sys.executable, "-m", "featurestore", "ls", path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader quits before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == ""
+
+
 def test_ls_json(store_path, capsys):
     path, _ = store_path
     code, out, _ = run(capsys, "ls", path, "--json")
