@@ -325,9 +325,8 @@ class FeatureStore:
         """
         self._require_writable()
         validate_name("feature set", name)
-        existing = self.check_feature_set(name, n_segments, feature_shape, provenance, overwrite)
-        if existing is not None:
-            return existing
+        if self.check_feature_set(name, n_segments, feature_shape, provenance, overwrite):
+            return self.feature_info(name)
         path = join("features", name)
         if self._b.exists(join(path, "data")):  # overwritten, or a creation that never finished
             self._b.delete(path)
@@ -346,33 +345,33 @@ class FeatureStore:
         return self.feature_info(name)
 
     def check_feature_set(self, name: str, n_segments: int, feature_shape: Sequence[int], provenance: dict,
-                          overwrite: bool = False) -> FeatureInfo | None:
+                          overwrite: bool = False) -> bool:
         """What :meth:`create_feature_set` would do with these arguments, without writing anything.
 
-        Returns the existing set's info when it would be reopened (same fingerprint and shape),
-        None when a set would be created (none there, ``overwrite``, or a creation killed before
-        its attributes, which never marked anything done). Raises ``FingerprintMismatchError``
-        where it would refuse, so a caller can check every set before changing the store.
+        True: the set exists with this fingerprint and shape and would be reopened (resume).
+        False: a set would be created (none there, ``overwrite``, or a creation killed before its
+        attributes, which never marked anything done). Raises ``FingerprintMismatchError`` where
+        it would refuse, so a caller can check every set before changing the store.
         """
         path = join("features", name)
         if not self._b.exists(join(path, "data")):
             if self._b.exists(path) and self._b.children(path) and not overwrite:
                 raise ValueError(f"{name!r} is a group of other feature sets "
                                  f"({', '.join(self._b.children(path))}); choose another name")
-            return None
+            return False
         old = self._b.get_attrs(path)
         if overwrite or "fingerprint" not in old:
-            return None
+            return False
         if old["fingerprint"] != fingerprint(provenance):
             raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})),
                                            _strip_runtime(provenance))
-        info = self.feature_info(name)
+        stored = tuple(self._b.shape(join(path, "data"))[1:])
         wanted = (int(n_segments), *(int(s) for s in feature_shape))
-        if info.shape[1:] != wanted:
+        if stored != wanted:
             raise FingerprintMismatchError(
-                name, {**_strip_runtime(old.get("provenance", {})), "shape": list(info.shape[1:])},
+                name, {**_strip_runtime(old.get("provenance", {})), "shape": list(stored)},
                 {**_strip_runtime(provenance), "shape": list(wanted)})
-        return info
+        return True
 
     def delete_feature_set(self, name: str) -> None:
         self._require_writable()

@@ -148,6 +148,21 @@ def test_fingerprint_mismatch_names_both_configs_and_overwrite(path):
             store.get(FEAT, store.clip_ids[0])
 
 
+def test_check_feature_set_says_what_create_would_do_and_writes_nothing(path):
+    with create_store(path, make_manifest()) as store:
+        assert store.check_feature_set(FEAT, N_SEG, (DIM,), provenance()) is False
+        assert FEAT not in store.feature_sets()  # asking created nothing
+        store.create_feature_set(FEAT, N_SEG, (DIM,), provenance(), chunk_clips=CHUNK)
+        store.write_rows(FEAT, 0, features(4))
+        assert store.check_feature_set(FEAT, N_SEG, (DIM,), provenance()) is True
+        with pytest.raises(FingerprintMismatchError, match="weights.seed: existing 0, requested 1"):
+            store.check_feature_set(FEAT, N_SEG, (DIM,), provenance(seed=1))
+        with pytest.raises(FingerprintMismatchError, match="shape"):
+            store.check_feature_set(FEAT, N_SEG + 1, (DIM,), provenance())
+        assert store.check_feature_set(FEAT, N_SEG, (DIM,), provenance(seed=1), overwrite=True) is False
+        np.testing.assert_array_equal(store.read_rows(FEAT, 0, 4), features(4))  # untouched
+
+
 def test_same_fingerprint_resumes_with_data_intact(path):
     data = features()
     with create_store(path, make_manifest()) as store:
