@@ -239,5 +239,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"(1 thread, CPU): at most {all_ms / needed_ms:.2f}x")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
