@@ -2,7 +2,7 @@
 
 Public face: ``create_encoder(spec)``, ``list_encoders()``, ``register_encoder(family)``,
 ``parse_spec(spec)``, the ``Encoder`` base class and ``resolve_device``. Built-in families:
-``logmel``, ``timm/<model>``, ``clip/<model>``, ``cliptext/<model>``; plugins join through the
+``logmel``, ``timm/<model>``, ``clip/<model>``, ``cliptext/<model>``, ``frames/<size>``; plugins join through the
 entry-point group ``featurestore.encoders``. See docs/encoders.md.
 """
 from featurestore.encoders._base import (
@@ -38,6 +38,7 @@ from featurestore.encoders._weights import (
 from featurestore.encoders.logmel import LogMelConfig, LogMelEncoder, mel_filterbank
 from featurestore.encoders.timm_frames import TimmFrameEncoder
 from featurestore.encoders.clip import ClipImageEncoder, ClipTextEncoder
+from featurestore.encoders.frames import FrameResize, FramesEncoder
 
 __all__ = [
     "DEVICE_HELP", "MODALITIES", "ENTRY_POINT_GROUP",
@@ -47,5 +48,5 @@ __all__ = [
     "ALLOW_DOWNLOAD_ENV", "Weights", "downloads_allowed", "file_sha256", "parse_weights", "read_state_dict",
     "SpecError", "UnknownEncoderError", "WeightsNotFoundError", "WeightsMismatchError",
     "LogMelConfig", "LogMelEncoder", "mel_filterbank",
-    "TimmFrameEncoder", "ClipImageEncoder", "ClipTextEncoder",
+    "TimmFrameEncoder", "ClipImageEncoder", "ClipTextEncoder", "FrameResize", "FramesEncoder",
 ]
