@@ -116,6 +116,19 @@ class CorruptChunkError(FeatureStoreError):
         super().__init__(f"{where}: rows {start}:{stop} could not be read ({type(cause).__name__}: {cause})")
 
 
+class MissingChunkError(CorruptChunkError):
+    """Rows that were written (index rows, clips marked done) have no chunk in storage.
+
+    Zarr reads a missing chunk as fill values; the store refuses instead, since a deleted chunk
+    file would otherwise turn finished features into zeros and labels into "unknown".
+    """
+
+    def __init__(self, where: str, start: int, stop: int):
+        self.where, self.start, self.stop = where, start, stop
+        FeatureStoreError.__init__(self, f"{where}: rows {start}:{stop} were written but their chunk is missing "
+                                         f"from storage (deleted or lost); recompute those rows")
+
+
 def _short(config, limit: int = 400) -> str:
     import json
 

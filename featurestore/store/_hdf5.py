@@ -12,9 +12,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from featurestore.store._backend import STRING, as_str_array
+from featurestore.errors import StoreFormatError
+from featurestore.store._backend import COMPRESSORS, STRING, as_str_array
 
 _STRING_ATTR = "avscene_string_array"
+_CONTIGUOUS_BLOCK_BYTES = 4 * 2**20  # read unchunked datasets (other tools' default) in blocks of this size
 
 
 class HDF5Backend:
@@ -26,6 +28,11 @@ class HDF5Backend:
         h5mode = {"r": "r", "a": "a", "w": "w"}[mode]
         self._file = h5py.File(location, h5mode)
         self._datasets: dict[str, h5py.Dataset] = {}  # h5py name lookups cost ~50 us each
+        try:
+            refuse_outside_storage(self._file, location)
+        except Exception:
+            self._file.close()
+            raise
 
     def _ds(self, path: str) -> h5py.Dataset:
         ds = self._datasets.get(path)
@@ -71,16 +78,18 @@ class HDF5Backend:
     def create_group(self, path: str) -> None:
         self._file.require_group(path)
 
-    def create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value) -> None:
+    def create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value,
+                     compressor: str | None = None) -> None:
         if path in self._file:
             del self._file[path]
         self._forget(path)
         is_str = dtype == STRING
         h5dtype = np.dtype("S16") if is_str else np.dtype(dtype)
         chunks = (max(1, chunk_rows),) + tuple(shape[1:])
+        gzip = {"compression": "gzip", "shuffle": True} if COMPRESSORS[compressor] == "zstd" else {}
         ds = self._file.create_dataset(path, shape=tuple(shape), maxshape=(None,) + tuple(shape[1:]),
                                        dtype=h5dtype, chunks=chunks, fletcher32=True,
-                                       fillvalue=b"" if is_str else fill_value)
+                                       fillvalue=b"" if is_str else fill_value, **gzip)
         if is_str:
             ds.attrs[_STRING_ATTR] = 1
 
@@ -94,7 +103,22 @@ class HDF5Backend:
         return STRING if self._is_str(path) else str(self._ds(path).dtype)
 
     def chunk_rows(self, path: str) -> int:
-        return int(self._ds(path).chunks[0])
+        ds = self._ds(path)
+        if ds.chunks is None:  # contiguous, as other HDF5 tools write by default: read in ~4 MiB blocks
+            per_row = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+            return max(1, min(max(1, ds.shape[0]), _CONTIGUOUS_BLOCK_BYTES // per_row))
+        return int(ds.chunks[0])
+
+    def compressor(self, path: str) -> str | None:
+        # gzip is what this backend writes for "zstd" (HDF5 has no built-in zstd filter)
+        return "zstd" if self._ds(path).compression else None
+
+    def chunk_written(self, path: str, chunk: int) -> bool:
+        ds = self._ds(path)
+        if ds.chunks is None:
+            return True  # contiguous storage is allocated whole
+        coords = (chunk * ds.chunks[0],) + (0,) * (ds.ndim - 1)
+        return ds.id.get_chunk_info_by_coord(coords).byte_offset is not None
 
     def read(self, path: str, start: int, stop: int) -> np.ndarray:
         data = self._ds(path)[start:stop]
@@ -130,3 +154,28 @@ class HDF5Backend:
         self._datasets.clear()
         if self._file.id.valid:
             self._file.close()
+
+
+def refuse_outside_storage(file: h5py.File, location: str) -> None:
+    """Refuse a file whose data lives elsewhere: external storage, virtual datasets, external links.
+
+    A store is data handed over by someone else. HDF5 lets a dataset point at raw bytes in another
+    file (external storage), at datasets of other files (virtual datasets) or link out of the file;
+    reading would show another file's bytes and writing would overwrite it. Soft links are refused
+    too: the store never writes them, and they could alias one array as another.
+    """
+    def check_link(name: str, link) -> None:
+        if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
+            kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
+            raise StoreFormatError(f"{location}: {name} is {kind}; a feature store keeps all its data "
+                                   f"inside the file, refusing to open it")
+        obj = file.get(name, getlink=False)
+        if isinstance(obj, h5py.Dataset):
+            if obj.external:
+                raise StoreFormatError(f"{location}: dataset {name} uses external storage "
+                                       f"({obj.external[0][0]!r}); refusing to open it")
+            if obj.is_virtual:
+                raise StoreFormatError(f"{location}: dataset {name} is a virtual dataset mapping other "
+                                       f"files; refusing to open it")
+
+    file.visititems_links(lambda name, link: check_link(name, link))

@@ -1,13 +1,22 @@
-"""Zarr v3 backend: a directory (or any fsspec URL) with crc32c-checksummed chunks."""
+"""Zarr v3 backend: a directory (or any fsspec URL) with crc32c-checksummed chunks.
+
+Every array is written with ``write_empty_chunks=True``: zarr's default skips (and deletes) chunks
+that hold only the fill value, which would make a deleted chunk file indistinguishable from a
+chunk of fill values. With every written chunk on disk, a missing chunk is always damage, and the
+store can refuse to serve it (``chunk_written``) instead of returning zeros.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
-from featurestore.store._backend import STRING, as_str_array
+from featurestore.store._backend import COMPRESSORS, STRING, as_str_array
+
+_CONFIG = {"write_empty_chunks": True}
 
 
 class ZarrBackend:
@@ -31,7 +40,7 @@ class ZarrBackend:
     def _array(self, path: str) -> zarr.Array:
         arr = self._arrays.get(path)
         if arr is None:
-            arr = self._root[path]
+            arr = self._root[path].with_config(_CONFIG)
             self._arrays[path] = arr
         return arr
 
@@ -56,7 +65,7 @@ class ZarrBackend:
         except KeyError:
             return False
         if isinstance(node, zarr.Array):
-            self._arrays[path] = node
+            self._arrays[path] = node.with_config(_CONFIG)
             return True
         return False
 
@@ -68,19 +77,33 @@ class ZarrBackend:
         return dict(self._node(path).attrs)
 
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
-        self._node(path).attrs.update(attrs)
+        # One metadata write for all keys: ``attrs.update`` rewrites zarr.json once per key, so a
+        # kill in between would leave a half-described group (e.g. a fingerprint without a shape).
+        self._node(path).update_attributes(dict(attrs))
 
     def create_group(self, path: str) -> None:
         if not self.exists(path):
             self._root.require_group(path)
 
-    def create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value) -> None:
+    def create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value,
+                     compressor: str | None = None) -> None:
         chunks = (max(1, chunk_rows),) + tuple(shape[1:])
         zdtype = str if dtype == STRING else np.dtype(dtype)
         self._arrays.pop(path, None)
+        codecs = [ZstdCodec(level=3)] if COMPRESSORS[compressor] == "zstd" else []
         self._root.create_array(path, shape=tuple(shape), chunks=chunks, dtype=zdtype,
                                 fill_value="" if dtype == STRING else fill_value,
-                                compressors=[Crc32cCodec()], overwrite=True)
+                                compressors=[*codecs, Crc32cCodec()], overwrite=True, config=_CONFIG)
+
+    def compressor(self, path: str) -> str | None:
+        names = [type(c).__name__ for c in self._array(path).compressors]
+        return "zstd" if "ZstdCodec" in names else None
+
+    def chunk_written(self, path: str, chunk: int) -> bool:
+        arr = self._array(path)
+        coords = (chunk,) + (0,) * (arr.ndim - 1)
+        key = arr.metadata.encode_chunk_key(coords)
+        return bool(sync((arr.store_path / key).exists()))
 
     def shape(self, path: str) -> tuple[int, ...]:
         return tuple(self._array(path).shape)

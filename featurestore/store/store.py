@@ -14,20 +14,25 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from featurestore.errors import (
-    CorruptChunkError, FingerprintMismatchError, MissingFeatureError, ReadOnlyStoreError,
+    CorruptChunkError, FingerprintMismatchError, MissingChunkError, MissingFeatureError, ReadOnlyStoreError,
     StoreFormatError, UnknownClipError, UnknownFeatureError,
 )
 from featurestore.manifest import Manifest
 from featurestore.provenance import fingerprint, is_random_weights, runtime_info, weights_identity
-from featurestore.store._backend import STRING, Backend, join
+from featurestore.store._backend import COMPRESSORS, STRING, Backend, join
 from featurestore.store._cache import ChunkCache
 
-SCHEMA_VERSION = 1
+# 2: every written chunk is stored (a missing one is damage) and ``n_clips`` in the root attributes
+# is the commit point of an append. Version 1 stores are read as before (missing chunks = fill).
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 DEFAULT_CACHE_BYTES = 256 * 2**20
 TARGET_CHUNK_BYTES = 4 * 2**20  # see default_chunk_clips and docs/store.md (benchmark)
 INDEX_CHUNK_ROWS = 65536
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+@=-]+(/[A-Za-z0-9_.+@=-]+)*$")
 _INDEX_STRINGS = ("clip_id", "city", "location", "audio_path", "video_path")
+# what create_feature_set writes in its last step; a set missing any of them was never finished
+_FEATURE_ATTRS = {"provenance", "fingerprint", "n_segments", "feature_shape", "chunk_clips"}
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,9 @@ class FeatureStore:
         self._runs: dict[str, dict] | None = None  # prediction run attrs, read once (refresh() drops them)
         if mode == "w" or not self._b.exists("index"):
             self._init_layout()
-        self._check_schema()
+        self._strict = self._check_schema() >= 2
+        if not self._b.read_only:
+            self._roll_back_partial_append()
 
     # ----------------------------------------------------------------------------------- layout
     def _init_layout(self) -> None:
@@ -111,19 +118,67 @@ class FeatureStore:
             except PackageNotFoundError:
                 created_by = "avscene (not installed)"
             self._b.set_attrs("", {"schema_version": SCHEMA_VERSION, "classes": [], "dataset": "",
-                                   "created_by": created_by})
+                                   "created_by": created_by, "n_clips": 0})
         for name in _INDEX_STRINGS:
             if not self._b.exists(f"index/{name}"):
                 self._b.create_array(f"index/{name}", (0,), STRING, INDEX_CHUNK_ROWS, "")
         if not self._b.exists("index/label"):
             self._b.create_array("index/label", (0,), "int16", INDEX_CHUNK_ROWS, -1)
 
-    def _check_schema(self) -> None:
+    def _check_schema(self) -> int:
         attrs = self._b.get_attrs("")
         found = attrs.get("schema_version")
-        if found != SCHEMA_VERSION:
+        if found not in READABLE_SCHEMAS:
             raise StoreFormatError(f"{self.location}: schema version {found!r}, this library reads "
-                                   f"version {SCHEMA_VERSION}")
+                                   f"versions {', '.join(map(str, READABLE_SCHEMAS))}")
+        return int(found)
+
+    def _committed_rows(self) -> int:
+        """Rows of the index that a finished ``append_clips`` committed (its last write)."""
+        n = self._b.get_attrs("").get("n_clips")
+        return int(n) if n is not None else self._b.shape("index/clip_id")[0]
+
+    def _roll_back_partial_append(self) -> None:
+        """Cut arrays that an append killed before its commit left longer than the index.
+
+        ``append_clips`` grows every row array and writes the new index rows before it commits the
+        new row count, so a killed append leaves only rows past ``n_clips``; dropping them restores
+        the store as it was before, and rerunning the append then ends as a clean run would.
+        """
+        n = self._committed_rows()
+        for path in self._row_arrays():
+            if self._b.shape(path)[0] > n:
+                self._b.resize(path, n)
+
+    # ------------------------------------------------------------------------- checked reads
+    def _read(self, path: str, start: int, stop: int, written: bool = True) -> np.ndarray:
+        """Rows ``start:stop`` of an array; damage raises ``CorruptChunkError`` naming array and rows.
+
+        ``written``: these rows were written, so each of their chunks must be in storage (a missing
+        one would read as fill values: zeros, "unknown" labels). Version 1 stores did not keep
+        chunks of fill values, so there a missing chunk cannot be told from one and is not checked.
+        """
+        if written and self._strict:
+            per = self._b.chunk_rows(path)
+            for chunk in range(start // per, -(-stop // per)):
+                if not self._b.chunk_written(path, chunk):
+                    raise MissingChunkError(f"{self.location}:{path}", chunk * per,
+                                            min(stop, (chunk + 1) * per))
+        try:
+            return self._b.read(path, start, stop)
+        except Exception as err:  # checksum and decode failures surface as codec errors
+            raise self._corrupt_rows(path, start, stop, err) from err
+
+    def _corrupt_rows(self, path: str, start: int, stop: int, err: Exception) -> CorruptChunkError:
+        """The error for a failed read, narrowed to the first chunk that fails on its own."""
+        per = self._b.chunk_rows(path)
+        for chunk_start in range(start - start % per, stop, per):
+            lo, hi = max(start, chunk_start), min(stop, chunk_start + per)
+            try:
+                self._b.read(path, lo, hi)
+            except Exception as chunk_err:  # noqa: BLE001 - the failure being located
+                return CorruptChunkError(f"{self.location}:{path}", lo, hi, chunk_err)
+        return CorruptChunkError(f"{self.location}:{path}", start, stop, err)
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -161,7 +216,7 @@ class FeatureStore:
         return self.column("label")
 
     def _load_index(self) -> None:
-        ids = self._b.read("index/clip_id", 0, self._b.shape("index/clip_id")[0])
+        ids = self._read("index/clip_id", 0, self._committed_rows())
         self._clip_ids = [str(i) for i in ids]
         self._row_of = {cid: row for row, cid in enumerate(self._clip_ids)}
 
@@ -178,7 +233,7 @@ class FeatureStore:
         path = f"index/{name}"
         if not self._b.is_array(path):
             raise UnknownFeatureError("index column", name, self.columns())
-        return self._b.read(path, 0, self._b.shape(path)[0])
+        return self._read(path, 0, self.n_clips)
 
     def rows(self, clip_ids: Iterable[str]) -> np.ndarray:
         """Row numbers of clip ids; an unknown id raises ``UnknownClipError`` with the nearest ids."""
@@ -226,19 +281,22 @@ class FeatureStore:
                      "video_frames": manifest.video_frames}
         first = described if start == 0 else {}
         added = {**described, "rows": [start, end]}
-        self._b.set_attrs("", {"classes": list(manifest.classes), **first,
-                               "datasets": [*attrs.get("datasets", []), added]})
-        columns = _manifest_columns(manifest)
-        for split in manifest.split_names:
-            if not self._b.exists(f"index/split/{split}"):
-                self._b.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
+        new_splits = [s for s in manifest.split_names if not self._b.exists(f"index/split/{s}")]
+        for split in new_splits:
+            self._b.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
         for path in self._row_arrays():
             self._b.resize(path, end)
-        for name, values in columns.items():
+        for name, values in _manifest_columns(manifest).items():
             self._b.write(f"index/{name}", start, values)
         for split in self.splits():
             member = np.array([split in c.splits for c in manifest.clips], dtype=bool)
-            self._b.write(f"index/split/{split}", start, member)
+            if split in new_splits and start:
+                member = np.concatenate([np.zeros(start, dtype=bool), member])  # earlier rows: written too
+            self._b.write(f"index/split/{split}", end - len(member), member)
+        # the commit point, one attribute update: a kill before it leaves rows past n_clips, which
+        # the next writable open cuts off (_roll_back_partial_append)
+        self._b.set_attrs("", {"classes": list(manifest.classes), **first, "n_clips": end,
+                               "datasets": [*attrs.get("datasets", []), added]})
         self._clip_ids = self._row_of = None
         self._done.clear()
 
@@ -304,7 +362,7 @@ class FeatureStore:
         path = self._feature_path(name)
         attrs = self._b.get_attrs(path)
         done = self.done_mask(name, refresh=True)
-        errors = self._b.read(join(path, "errors"), 0, self.n_clips)
+        errors = self._read(join(path, "errors"), 0, self.n_clips, written=False)
         return FeatureInfo(name, self._b.shape(join(path, "data")), self._b.dtype(join(path, "data")),
                            self._b.chunk_rows(join(path, "data")), attrs.get("provenance", {}),
                            attrs.get("fingerprint", ""), int(done.sum()), int((errors != "").sum()))
@@ -317,14 +375,20 @@ class FeatureStore:
 
     def create_feature_set(self, name: str, n_segments: int, feature_shape: Sequence[int],
                            provenance: dict, dtype: str = "float16", chunk_clips: int | None = None,
-                           overwrite: bool = False) -> FeatureInfo:
+                           overwrite: bool = False, compressor: str | None = None) -> FeatureInfo:
         """Create (or, with the same fingerprint, reopen for resuming) a feature set.
 
         A different fingerprint raises ``FingerprintMismatchError`` naming both configurations;
         ``overwrite=True`` deletes the old set first (:meth:`check_feature_set` tells the rule).
+        ``compressor``: None stores chunks as they are (embeddings barely compress); ``"zstd"``
+        compresses them losslessly (zstd in Zarr, gzip in HDF5), for data such as stored frames.
+        The checksum is kept either way.
         """
         self._require_writable()
         validate_name("feature set", name)
+        if compressor not in COMPRESSORS:
+            raise ValueError(f"feature set {name!r}: unknown compressor {compressor!r}; use one of "
+                             f"{', '.join(str(c) for c in COMPRESSORS)}")
         if self.check_feature_set(name, n_segments, feature_shape, provenance, overwrite):
             return self.feature_info(name)
         path = join("features", name)
@@ -334,14 +398,16 @@ class FeatureStore:
         shape = (self.n_clips, int(n_segments)) + tuple(int(s) for s in feature_shape)
         rows = int(chunk_clips or default_chunk_clips(n_segments, feature_shape, dtype))
         self._b.create_group(path)
-        self._b.create_array(join(path, "data"), shape, str(np.dtype(dtype)), rows, 0)
+        self._b.create_array(join(path, "data"), shape, str(np.dtype(dtype)), rows, 0, compressor=compressor)
         self._b.create_array(join(path, "done"), (self.n_clips,), "bool", rows, False)
         self._b.create_array(join(path, "errors"), (self.n_clips,), STRING, rows, "")
         prov = dict(provenance)
         prov.setdefault("runtime", runtime_info())
+        # one update, written last: a set without its fingerprint is an unfinished creation, which
+        # check_feature_set replaces
         self._b.set_attrs(path, {"provenance": prov, "fingerprint": fingerprint(provenance),
-                                 "n_segments": int(n_segments),
-                                 "feature_shape": list(shape[2:]), "chunk_clips": rows})
+                                 "n_segments": int(n_segments), "feature_shape": list(shape[2:]),
+                                 "chunk_clips": rows, "compressor": COMPRESSORS[compressor]})
         return self.feature_info(name)
 
     def check_feature_set(self, name: str, n_segments: int, feature_shape: Sequence[int], provenance: dict,
@@ -360,7 +426,7 @@ class FeatureStore:
                                  f"({', '.join(self._b.children(path))}); choose another name")
             return False
         old = self._b.get_attrs(path)
-        if overwrite or "fingerprint" not in old:
+        if overwrite or not _FEATURE_ATTRS <= set(old):  # an unfinished creation: replace it
             return False
         if old["fingerprint"] != fingerprint(provenance):
             raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})),
@@ -392,7 +458,8 @@ class FeatureStore:
     def _done_of(self, group: str, refresh: bool = False) -> np.ndarray:
         mask = self._done.get(group)
         if mask is None or refresh:
-            mask = self._b.read(join(group, "done"), 0, self._b.shape(join(group, "done"))[0]).astype(bool)
+            # a missing done chunk reads as "not done": safe (the rows are recomputed), never wrong
+            mask = self._read(join(group, "done"), 0, self.n_clips, written=False).astype(bool)
             self._done[group] = mask
         return mask
 
@@ -425,7 +492,7 @@ class FeatureStore:
         if done.all() and not errors:
             texts = np.full(len(data), "", dtype=object)
         else:
-            texts = self._b.read(join(path, "errors"), start, stop).astype(object)
+            texts = self._read(join(path, "errors"), start, stop, written=False).astype(object)
             texts[done] = ""
             for row, message in errors.items():
                 texts[row - start] = _error_text(message)
@@ -476,7 +543,7 @@ class FeatureStore:
 
     def errors(self, name: str) -> dict[str, str]:
         """Clip id -> error message for every clip whose extraction failed."""
-        texts = self._b.read(join(self._feature_path(name), "errors"), 0, self.n_clips)
+        texts = self._read(join(self._feature_path(name), "errors"), 0, self.n_clips, written=False)
         ids = self.clip_ids
         return {ids[i]: str(texts[i]) for i in np.flatnonzero(texts != "")}
 
@@ -548,10 +615,7 @@ class FeatureStore:
             return block
         start, stop = chunk * per, min(n_rows, (chunk + 1) * per)
         done_now = self._done_of(group)[start:stop].copy()  # read done before data: see module doc
-        try:
-            block = self._b.read(array, start, stop)
-        except Exception as err:  # checksum failures surface as codec errors from either backend
-            raise CorruptChunkError(f"{self.location}:{array}", start, stop, err) from err
+        block = self._read(array, start, stop, written=bool(done_now.any()))
         self._cache.put(key, block)
         self._cache.put(done_key, done_now)
         return block
@@ -618,7 +682,7 @@ class FeatureStore:
         path = join("class_features", name)
         if not self._b.is_array(join(path, "data")):
             raise UnknownFeatureError("class feature set", name, self.class_feature_sets())
-        data = self._b.read(join(path, "data"), 0, self._b.shape(join(path, "data"))[0])
+        data = self._read(join(path, "data"), 0, self._b.shape(join(path, "data"))[0])
         return data, self._b.get_attrs(path)
 
     # ---------------------------------------------------------------------------- predictions

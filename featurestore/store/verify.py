@@ -58,18 +58,25 @@ class VerifyReport:
 
 
 def verify_store(store) -> VerifyReport:
-    """Check ``store`` (a FeatureStore) and return a report; never raises for bad data."""
+    """Check ``store`` (a FeatureStore) and return a report; never raises for bad data.
+
+    Every array is checked chunk by chunk, the index included: each chunk that holds written rows
+    (every index row; feature and prediction rows marked done; anything stored for the rest) must
+    be in storage and pass its checksum. Then the logical checks run on what could be read.
+    """
     report = VerifyReport(store.location, leftovers=[str(p) for p in leftover_files(store.location)])
     store.refresh()
+    damaged = _check_chunks(store, report)
     try:
         _check_index(store, report)
     except FeatureStoreError as err:
-        report.problems.append(Problem("index", None, str(err)))
+        if "index" not in damaged:
+            report.problems.append(Problem("index", None, str(err)))
         return report
     for name in store._groups_with("features", "data"):
-        _check_group(store, report, join("features", name), "data", check_fingerprint=True)
+        _check_group(store, report, join("features", name), "data", damaged)
     for run in store._groups_with("predictions", "probs"):
-        _check_group(store, report, join("predictions", run), "probs", check_fingerprint=False)
+        _check_group(store, report, join("predictions", run), "probs", damaged)
     return report
 
 
@@ -93,11 +100,85 @@ def remove_leftovers(report: VerifyReport) -> int:
     return len(report.leftovers)
 
 
+def _check_chunks(store, report: VerifyReport) -> set[str]:
+    """Read every chunk of every array that should hold data; returns the damaged array paths."""
+    b = store._b
+    n = _rows_or_none(store)
+    damaged: set[str] = set()
+    for path in _arrays(b, ""):
+        report.arrays_checked += 1
+        rows = b.shape(path)[0] if n is None or not _is_row_array(path) else min(n, b.shape(path)[0])
+        required = _required_rows(store, path, rows)
+        per = b.chunk_rows(path)
+        for start in range(0, rows, per):
+            stop = min(rows, start + per)
+            needed = required is None or required[start:stop].any()
+            if not needed and path.endswith(("/data", "/probs")):
+                continue  # no finished row: a killed writer may have left it half-written (HDF5)
+            if not b.chunk_written(path, start // per):
+                if needed and store._strict:
+                    report.problems.append(Problem(path, (start, stop), "chunk missing from storage (deleted "
+                                                   "or lost) although its rows were written"))
+                    damaged.add(path)
+                continue
+            report.chunks_read += 1
+            try:
+                block = b.read(path, start, stop)
+            except Exception as err:  # noqa: BLE001 - any decode failure is a finding
+                report.problems.append(Problem(path, (start, stop), str(CorruptChunkError(path, start, stop, err))))
+                damaged.add(path)
+                continue
+            leaf = path.rpartition("/")[2]
+            if required is not None and leaf in ("data", "probs"):
+                _check_values(report, path, start, block[required[start:stop]], leaf)
+    if any(p.startswith("index/") for p in damaged):
+        damaged.add("index")
+    return damaged
+
+
+def _rows_or_none(store) -> int | None:
+    try:
+        return store._committed_rows()
+    except Exception:  # noqa: BLE001 - reported by the index checks
+        return None
+
+
+def _arrays(backend, path: str) -> list[str]:
+    out = []
+    for child in backend.children(path):
+        full = join(path, child)
+        out += [full] if backend.is_array(full) else _arrays(backend, full)
+    return out
+
+
+def _is_row_array(path: str) -> bool:
+    return path.startswith(("index/", "features/", "predictions/"))
+
+
+def _required_rows(store, path: str, rows: int) -> np.ndarray | None:
+    """Which rows of ``path`` must be in storage: None for all, else a mask (done rows).
+
+    Feature data and prediction probabilities are required where their clip is done; done flags
+    and error texts are not (a missing chunk there reads as "not done, no error": the rows are
+    recomputed, nothing is served wrong). Index and class-feature arrays: every row.
+    """
+    group, _, leaf = path.rpartition("/")
+    if path.startswith("index/") or path.startswith("class_features/"):
+        return None
+    if leaf in ("done", "errors"):
+        return np.zeros(rows, dtype=bool)
+    if leaf in ("data", "probs") and store._b.is_array(join(group, "done")):
+        try:
+            return store._b.read(join(group, "done"), 0, rows).astype(bool)
+        except Exception:  # noqa: BLE001 - the done array's own damage is reported on its own
+            return None
+    return None
+
+
 def _check_index(store, report: VerifyReport) -> None:
     b, n = store._b, store.n_clips
     classes = store.classes
     for column in store.columns():
-        report.arrays_checked += 1
         length = b.shape(f"index/{column}")[0]
         if length != n:
             report.problems.append(Problem(f"index/{column}", None, f"has {length} rows, index has {n} clips"))
@@ -113,41 +194,30 @@ def _check_index(store, report: VerifyReport) -> None:
                                        f"{len(bad)} label(s) outside -1..{len(classes) - 1}"))
 
 
-def _check_group(store, report: VerifyReport, group: str, leaf: str, check_fingerprint: bool) -> None:
+def _check_group(store, report: VerifyReport, group: str, leaf: str, damaged: set[str]) -> None:
+    """Logical checks of a feature set or prediction run: lengths, attributes, done/error overlap.
+
+    (The values of finished rows are checked while their chunks are read, in ``_check_chunks``.)
+    """
     b, n = store._b, store.n_clips
     array = join(group, leaf)
     attrs = b.get_attrs(group)
-    report.arrays_checked += 2
     for part in (array, join(group, "done")):
         if b.shape(part)[0] != n:
             report.problems.append(Problem(part, None, f"has {b.shape(part)[0]} rows, index has {n} clips"))
             return
-    if check_fingerprint:
+    is_features = leaf == "data"
+    if is_features:
         _check_feature_attrs(store, report, group, attrs)
-    try:
-        done = b.read(join(group, "done"), 0, n).astype(bool)
-    except Exception as err:  # noqa: BLE001 - any decode failure is a finding
-        report.problems.append(Problem(join(group, "done"), None, f"unreadable: {err}"))
+    if {join(group, "done"), join(group, "errors")} & damaged:
         return
-    if check_fingerprint:
+    done = b.read(join(group, "done"), 0, n).astype(bool)
+    if is_features:
         texts = b.read(join(group, "errors"), 0, n)
         both = np.flatnonzero(done & (texts != ""))
         if len(both):
             report.problems.append(Problem(join(group, "errors"), (int(both[0]), int(both[-1]) + 1),
                                            f"{len(both)} clip(s) marked done but also failed"))
-    per = b.chunk_rows(array)
-    for start in range(0, n, per):
-        stop = min(n, start + per)
-        rows_done = done[start:stop]
-        if not rows_done.any():
-            continue
-        report.chunks_read += 1
-        try:
-            block = b.read(array, start, stop)
-        except Exception as err:  # noqa: BLE001
-            report.problems.append(Problem(array, (start, stop), str(CorruptChunkError(array, start, stop, err))))
-            continue
-        _check_values(report, array, start, block[rows_done], leaf)
 
 
 def _check_feature_attrs(store, report: VerifyReport, group: str, attrs: dict) -> None:

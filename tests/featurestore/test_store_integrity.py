@@ -20,6 +20,9 @@ from featurestore import (
 N_CLIPS, N_SEG, DIM, CHUNK = 20, 3, 4, 4
 FEAT = "clip/RN50"
 DATA = f"features/{FEAT}/data"
+# verify reads every chunk: 7 index arrays of one chunk (clip_id, label, city, location, audio_path,
+# video_path, split/fold1_train) + data, done and errors of the feature set in chunks of CHUNK rows
+ALL_CHUNKS = 7 + 3 * (N_CLIPS // CHUNK)
 PROV = {"encoder": "clip/RN50@none", "config": {}, "weights": {"kind": "random", "seed": 0}, "segments": {}}
 
 
@@ -72,14 +75,14 @@ def test_corrupt_chunk_raises_and_verify_names_rows(path):
     assert not report.ok
     assert [(p.where, p.rows) for p in report.problems] == [(DATA, (8, 12))]
     assert "could not be read" in report.problems[0].what
-    assert report.chunks_read == N_CLIPS // CHUNK
+    assert report.chunks_read == ALL_CHUNKS
 
 
 def test_verify_ok_on_clean_store(path):
     build(path)
     with open_store(path, "r") as store:
         report = store.verify()
-    assert report.ok and report.chunks_read == N_CLIPS // CHUNK
+    assert report.ok and report.chunks_read == ALL_CHUNKS
     assert report.to_dict()["ok"] is True and "OK" in report.summary()
 
 
@@ -92,7 +95,9 @@ def test_verify_skips_garbage_chunks_without_done_rows(path):
     with open_store(path, "r") as store:
         report = store.verify()
         assert report.ok, report.problems
-        assert report.chunks_read == 2
+        # data, done and errors of rows 0:8 (two chunks each) + the index; data 8:12 holds no done
+        # row and is not read, done/errors 8:20 were never written
+        assert report.chunks_read == 7 + 3 * 2
         with pytest.raises(MissingFeatureError):
             store.get(FEAT, store.clip_ids[8])
         with pytest.raises(CorruptChunkError):
