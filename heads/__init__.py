@@ -12,7 +12,7 @@ Public API::
 ``heads.predict`` in ``sys.modules`` (import names from them with ``from heads.train import fit``).
 """
 from heads._registry import Head, create_head, head_class, list_heads, make_config, register_head
-from heads import embedding_mlp, late_fusion, spectrogram_cnn, zero_shot  # noqa: F401  (registers the heads)
+from heads import embedding_mlp, frame_cnn, late_fusion, spectrogram_cnn, zero_shot  # noqa: F401  (registers the heads)
 from heads.config import TrainConfig
 from heads.errors import FeatureFingerprintError
 from heads.predict import PredictResult, load_head, predict

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -156,7 +157,7 @@ def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable | N
     train_ds = None
     if trainable:
         train_ds = StoreDataset(store, cfg.features, split=cfg.train_split, level="segment", batch_size=batch_size,
-                                shuffle=True, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, cache=cfg.cache,
+                                shuffle=True, seed=cfg.seed, shuffle_buffer=shuffle_clips(cfg, store, head), cache=cfg.cache,
                                 drop_last=True, require_labels=True)
         if len(train_ds) == 0:
             raise ValueError(f"split {cfg.train_split!r} has {train_ds.n_samples} training samples, fewer than "
@@ -170,6 +171,18 @@ def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable | N
         wrap = lambda ds: WorkerLoader(ds, cfg.num_workers) if ds is not None else None  # noqa: E731
         return wrap(train_ds), wrap(val_ds)
     return train_ds, val_ds
+
+
+def shuffle_clips(cfg: TrainConfig, store: Any, head: Head) -> int:
+    """Clips per shuffle window: ``cfg.shuffle_buffer``, capped for heads that declare
+    ``max_window_bytes`` (stored frames: 2048 clips of 448 px frames would be 15 GB per window)."""
+    if not head.max_window_bytes:
+        return cfg.shuffle_buffer
+    per_clip = 0
+    for name in cfg.features:
+        info = store.feature_info(name)
+        per_clip += info.n_segments * int(np.prod(info.feature_shape)) * np.dtype(info.dtype).itemsize
+    return max(1, min(cfg.shuffle_buffer, head.max_window_bytes // max(1, per_clip)))
 
 
 # ------------------------------------------------------------------------------------ the core
