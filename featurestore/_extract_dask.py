@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -23,6 +24,8 @@ from featurestore._extract_plan import Plan, target_provenance
 from featurestore._extract_run import RunStats, run_blocks
 from featurestore.provenance import fingerprint
 
+#: ``scheduler="local:N"``: start a LocalCluster of N single-threaded worker processes for this run.
+LOCAL_PREFIX = "local:"
 #: Tasks per Dask worker thread: enough to balance uneven blocks, few enough to load models rarely.
 TASKS_PER_THREAD = 4
 
@@ -72,18 +75,38 @@ def _encoder(spec: str, device) -> object:
         return _ENCODERS[key]
 
 
-def connect(scheduler) -> tuple[object, bool]:
-    """A ``distributed.Client`` for an address, a cluster object or a client; True when we own it."""
+def connect(scheduler, stack: ExitStack):
+    """A ``distributed.Client`` for ``scheduler``; whatever this call starts is closed by ``stack``.
+
+    ``scheduler`` is an address (``tcp://host:8786``), ``local:N`` (a ``LocalCluster`` of N worker
+    processes with one thread each, started here and closed at the end), a cluster object or a
+    ``distributed.Client`` (used as is, left open).
+    """
     from distributed import Client
 
     if isinstance(scheduler, Client):
-        return scheduler, False
-    if isinstance(scheduler, str):
-        return Client(scheduler), True
-    if hasattr(scheduler, "scheduler_address"):
-        return Client(scheduler), True
-    raise TypeError(f"scheduler must be an address like 'tcp://host:8786', a distributed.Client or a cluster, "
-                    f"got {type(scheduler).__name__}")
+        return scheduler
+    if isinstance(scheduler, str) and scheduler.startswith(LOCAL_PREFIX):
+        scheduler = stack.enter_context(local_cluster(_local_workers(scheduler)))
+    elif not isinstance(scheduler, str) and not hasattr(scheduler, "scheduler_address"):
+        raise TypeError(f"scheduler must be an address like 'tcp://host:8786', 'local:N', a distributed.Client "
+                        f"or a cluster, got {type(scheduler).__name__}")
+    return stack.enter_context(Client(scheduler))
+
+
+def local_cluster(n_workers: int):
+    """A ``LocalCluster`` of ``n_workers`` processes with one thread each (torch single-threaded too:
+    Dask's nanny sets ``OMP_NUM_THREADS=1`` in the workers), no dashboard."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
+def _local_workers(scheduler: str) -> int:
+    count = scheduler[len(LOCAL_PREFIX):]
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"scheduler {scheduler!r}: expected 'local:N' with N >= 1 worker processes, e.g. 'local:2'")
+    return int(count)
 
 
 def group_blocks(blocks: list[tuple[int, int]], n_tasks: int) -> list[list[tuple[int, int]]]:
@@ -95,31 +118,63 @@ def group_blocks(blocks: list[tuple[int, int]], n_tasks: int) -> list[list[tuple
 
 def run_distributed(plan: Plan, store_ref: StoreRef, scheduler, device: str,
                     on_progress: Callable[[int], None] | None = None) -> tuple[RunStats, str]:
-    """Run every block of ``plan`` as Dask tasks; returns merged stats and a description of the cluster."""
-    from distributed import as_completed
+    """Run every block of ``plan`` as Dask tasks; returns merged stats and a description of the cluster.
+
+    A task whose worker died (``KilledWorker``: Dask retried it ``allowed-failures`` times) does not
+    stop the others: they finish, and the rows the lost task left not done are reported as failed
+    clips (exit code 1), so a rerun extracts exactly those. Any other task error cancels the run.
+    """
+    from distributed import KilledWorker, as_completed
 
     if store_ref.location.lower().endswith((".h5", ".hdf5")) or store_ref.backend == "hdf5":
         raise ValueError(f"{store_ref.location}: an HDF5 file cannot be written by several processes; extract "
                          f"into a Zarr store and convert it ('featurestore convert') afterwards")
-    client, owned = connect(scheduler)
-    try:
+    with ExitStack() as stack:
+        client = connect(scheduler, stack)
         threads = sum(client.nthreads().values()) or 1
         groups = group_blocks(plan.blocks(), threads * TASKS_PER_THREAD)
         light = replace(plan, targets=[replace(t, encoder=None) for t in plan.targets])
         shared = client.scatter(light, broadcast=True)
         need = plan.needed_any()
-        futures = {client.submit(run_task, shared, store_ref, group, device, pure=False):
-                   int(sum(need[a:b].sum() for a, b in group)) for group in groups}
-        stats = RunStats()
+        futures = {client.submit(run_task, shared, store_ref, group, device, pure=False): group for group in groups}
+        stats, lost = RunStats(), []
         try:
             for future in as_completed(futures):
-                stats.merge(future.result())
+                try:
+                    stats.merge(future.result())
+                except KilledWorker as err:
+                    lost.append((futures[future], err))
                 if on_progress is not None:
-                    on_progress(futures[future])
+                    on_progress(int(sum(need[a:b].sum() for a, b in futures[future])))
         except BaseException:
             client.cancel(list(futures))
             raise
-        return stats, f"dask ({len(client.nthreads())} workers, {threads} threads, device {device})"
-    finally:
-        if owned:
-            client.close()
+        if lost:
+            stats.merge(lost_task_stats(plan, store_ref, lost))
+        where = "local cluster" if isinstance(scheduler, str) and scheduler.startswith(LOCAL_PREFIX) else "cluster"
+        return stats, f"dask ({len(client.nthreads())} workers, {threads} threads, device {device}; {where})"
+
+
+def lost_task_stats(plan: Plan, store_ref: StoreRef, lost: list[tuple[list[tuple[int, int]], Exception]]) -> RunStats:
+    """What tasks whose worker died left behind, read back from the store: rows they finished count as
+    written, rows still not done as failed (the next run extracts them)."""
+    from featurestore.store import open_store
+
+    stats = RunStats()
+    with open_store(store_ref.location, "r", backend=store_ref.backend,
+                    storage_options=store_ref.storage_options) as store:
+        for blocks, err in lost:
+            in_task = np.zeros(plan.n_rows, dtype=bool)
+            for a, b in blocks:
+                in_task[a:b] = True
+            stats.clips += int((in_task & plan.needed_any()).sum())
+            message = (f"Dask worker died while extracting rows {blocks[0][0]}-{blocks[-1][1] - 1} "
+                       f"({type(err).__name__}); a rerun extracts them")
+            for target in plan.targets:
+                todo = in_task & target.todo
+                done = store.done_mask(target.name, refresh=True)
+                stats.written[target.name] = stats.written.get(target.name, 0) + int((todo & done).sum())
+                missing = np.flatnonzero(todo & ~done)
+                if len(missing):
+                    stats.failed.setdefault(target.name, {}).update({int(r): message for r in missing})
+    return stats

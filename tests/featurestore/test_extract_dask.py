@@ -1,7 +1,11 @@
-"""Extraction as Dask tasks on a real two-process LocalCluster equals the local run bit for bit."""
+"""Extraction as Dask tasks on a real two-process LocalCluster equals the local run bit for bit;
+``scheduler="local:N"`` starts its own cluster; a worker SIGKILLed mid-task loses nothing written
+by other tasks, and a rerun extracts only what is missing."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 
 import pytest
 from tests.featurestore.test_extract_support import ENCODERS, FAST, assert_same_arrays, clip_id, make_dataset, read_all
@@ -58,3 +62,122 @@ def _tasks_seen() -> int:
     from featurestore import _extract_dask
 
     return len(_extract_dask._ENCODERS)
+
+
+@pytest.mark.slow
+def test_local_n_starts_a_cluster_of_n_processes_for_the_run(tmp_path):
+    manifest = make_dataset(tmp_path / "data", 5)  # 2 blocks: 4 and 1 clips
+    local = tmp_path / "local.zarr"
+    extract(manifest, local, ENCODERS, **OPTIONS)
+    summary = extract(manifest, tmp_path / "dask.zarr", ENCODERS, scheduler="local:2", **OPTIONS)
+    assert summary.exit_code == 0 and summary.clips_done == 5
+    assert summary.device == "dask (2 workers, 2 threads, device cpu; local cluster)"
+    assert_same_arrays(read_all(tmp_path / "dask.zarr"), read_all(local))
+
+
+@pytest.mark.parametrize("spelling", ["local:0", "local:", "local:two"])
+def test_local_n_needs_a_positive_worker_count(spelling):
+    from featurestore._extract_dask import _local_workers
+
+    with pytest.raises(ValueError, match="local:N"):
+        _local_workers(spelling)
+
+
+class KillOnWrite(distributed.WorkerPlugin):
+    """SIGKILLs the worker process when it is about to write ``feature``'s chunk at ``row`` (once:
+    ``marker`` records that it happened, so the retried task and later tests pass through)."""
+
+    def __init__(self, feature: str, row: int, marker: str):
+        self.feature, self.row, self.marker = feature, row, marker
+
+    def setup(self, worker) -> None:
+        from featurestore.store.store import FeatureStore
+
+        self.original = original = FeatureStore.write_rows
+        feature, row, marker = self.feature, self.row, self.marker
+
+        def write_rows(store, name, start, *args, **kwargs):
+            if name == feature and start == row and not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(store, name, start, *args, **kwargs)
+
+        FeatureStore.write_rows = write_rows
+
+    def teardown(self, worker) -> None:
+        from featurestore.store.store import FeatureStore
+
+        FeatureStore.write_rows = self.original
+
+
+def _set_allowed_failures(n: int, dask_scheduler=None) -> int:
+    old, dask_scheduler.allowed_failures = dask_scheduler.allowed_failures, n
+    return old
+
+
+@pytest.fixture()
+def killing(tmp_path, client):
+    """Registers a one-shot kill of the worker that writes the ViT chunk at row 4 (block 4-8)."""
+    marker = tmp_path / "killed"
+    name = f"kill-{tmp_path.name}"
+    client.register_plugin(KillOnWrite("timm/test_vit", 4, str(marker)), name=name)
+    yield marker
+    client.unregister_worker_plugin(name)
+
+
+N_KILL = 12  # blocks 0-4, 4-8, 8-12; the kill lands after the block's two log-mel chunks are written
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_and_the_retry_skips_what_was_written(tmp_path, client, killing):
+    manifest = make_dataset(tmp_path / "data", N_KILL)
+    clean = tmp_path / "clean.zarr"
+    extract(manifest, clean, ENCODERS, **OPTIONS)
+    summary = extract(manifest, tmp_path / "dask.zarr", ENCODERS, scheduler=client, **OPTIONS)
+    assert killing.exists(), "the worker was not killed"
+    assert summary.exit_code == 0 and summary.clips_done == N_KILL
+    # the retried task found log-mel rows 4-7 done by the killed attempt and only encoded the ViT
+    assert summary.features["logmel"].written == N_KILL - 4
+    assert summary.features["timm/test_vit"].written == N_KILL
+    with open_store(tmp_path / "dask.zarr") as store:
+        assert store.verify().ok
+    assert_same_arrays(read_all(tmp_path / "dask.zarr"), read_all(clean))
+
+
+@pytest.mark.slow
+def test_a_task_lost_for_good_fails_only_its_rows_and_a_rerun_completes_them(tmp_path, client, killing):
+    manifest = make_dataset(tmp_path / "data", N_KILL)
+    clean = tmp_path / "clean.zarr"
+    extract(manifest, clean, ENCODERS, **OPTIONS)
+    store = tmp_path / "dask.zarr"
+    old = client.run_on_scheduler(_set_allowed_failures, 0)  # no retry: the first death loses the task
+    try:
+        failed = extract(manifest, store, ENCODERS, scheduler=client, **OPTIONS)
+    finally:
+        client.run_on_scheduler(_set_allowed_failures, old)
+    assert killing.exists(), "the worker was not killed"
+    assert failed.exit_code == 1
+    killed_rows = [clip_id(i) for i in range(4, 8)]
+    assert set(killed_rows) <= set(failed.failures)
+    assert all(list(failed.failures[c]) == ["timm/test_vit"] for c in killed_rows)
+    assert "Dask worker died" in failed.failures[clip_id(4)]["timm/test_vit"]
+
+    after = read_all(store)
+    with open_store(store) as fs:
+        assert fs.verify().ok
+    ids = [clip_id(i) for i in range(N_KILL)]
+    # the failures are exactly the rows left not done: nothing written by another task was lost,
+    # the killed task's log-mel chunks (written before the kill) included
+    assert after["logmel"][1][4:8].all()
+    not_done = {ids[r] for name, (_, mask) in after.items() for r in range(N_KILL) if not mask[r]}
+    assert not_done == set(failed.failures)
+    clean_arrays = read_all(clean)
+    for name, (data, mask) in after.items():
+        assert_same_arrays({name: (data, mask)}, {name: (clean_arrays[name][0], mask)})
+    missing = {name: int((~mask).sum()) for name, (_, mask) in after.items()}
+
+    again = extract(manifest, store, ENCODERS, scheduler=client, **OPTIONS)
+    assert again.exit_code == 0
+    assert (again.clips_done, again.clips_skipped) == (len(failed.failures), N_KILL - len(failed.failures))
+    assert {name: f.written for name, f in again.features.items()} == missing
+    assert_same_arrays(read_all(store), clean_arrays)
