@@ -1,9 +1,11 @@
 """The main job, end to end, on generated demo data (CPU, random encoder weights, < 10 minutes).
 
 demo dataset (real 48 kHz WAVs + H.264 MP4s in the TAU layout)
-  -> featurestore extract  (the paper's encoder set: logmel, timm/regnety_064, clip/RN50x4, clip/RN101,
-                            clip/ViT-B-32, plus cliptext prompt embeddings; all @none = random weights)
-  -> heads train/predict   (A01 log-mel CNN, V01 frame-embedding MLP, C04 CLIP late fusion, C03 zero-shot)
+  -> featurestore extract  (the paper's encoder set: logmel, frames/64 (the sampled frames themselves; the
+                            paper: frames/448), timm/regnetx_064, clip/RN50x4, clip/RN101, clip/ViT-B-32,
+                            plus cliptext prompt embeddings; all @none = random weights)
+  -> heads train/predict   (A01 log-mel CNN, V01 frame CNN fine-tuned on the stored frames, V01_frozen
+                            frame-embedding MLP (the cheap alternative), C04 CLIP late fusion, C03 zero-shot)
   -> fusion report/submit  (E01, E02 = E01 + equation (1), temperature scaling and stacking)
 
 Rerunning resumes: the dataset is kept, extraction skips finished clips, finished training runs are kept.
@@ -26,10 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "scripts" / "recipes"
 # The paper's encoder set with random weights (no model hub is reachable here), plus the text
 # towers the zero-shot head needs.
-DEMO_ENCODERS = ("logmel,timm/regnety_064@none,clip/RN50x4@none,clip/RN101@none,clip/ViT-B-32@none,"
+DEMO_ENCODERS = ("logmel,frames/64,timm/regnetx_064@none,clip/RN50x4@none,clip/RN101@none,clip/ViT-B-32@none,"
                  "cliptext/ViT-B-32@none")
-HEADS = (("A01", "demo_spectrogram_cnn.json"), ("V01", "demo_embedding_mlp.json"),
-         ("C04", "demo_late_fusion.json"), ("C03", "demo_zero_shot.json"))
+HEADS = (("A01", "demo_spectrogram_cnn.json"), ("V01", "demo_frame_cnn.json"),
+         ("V01_frozen", "demo_embedding_mlp.json"), ("C04", "demo_late_fusion.json"), ("C03", "demo_zero_shot.json"))
 DISCLAIMER = ("These numbers are for the synthetic demo data and RANDOM encoder weights: they say that the "
               "pipeline runs end to end, not how well the paper's system works (paper E02: log-loss 0.149, "
               "accuracy 96.1 % on TAU 2021 fold1).")

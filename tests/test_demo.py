@@ -40,12 +40,12 @@ def test_demo_store_holds_every_stage_and_verifies(demo):
     with featurestore.open_store(out / "store.zarr") as store:
         assert store.verify().ok
         sets = store.feature_sets()
-        assert {"logmel", "timm/regnety_064", "clip/RN50x4", "clip/RN101", "clip/ViT-B-32"} <= set(sets)
+        assert {"logmel", "frames/64", "timm/regnetx_064", "clip/RN50x4", "clip/RN101", "clip/ViT-B-32"} <= set(sets)
         assert sets["clip/RN50x4"].feature_shape == (640,) and sets["logmel"].feature_shape == (256, 94)
         assert all(info.n_done == store.n_clips for info in sets.values())
-        assert sets["timm/regnety_064"].random_weights
+        assert sets["timm/regnetx_064"].random_weights
         runs = store.prediction_runs()
-        assert {"A01", "V01", "C04", "C03"} <= set(runs)
+        assert {"A01", "V01", "V01_frozen", "C04", "C03"} <= set(runs) and runs["V01"]["head"] == "frame_cnn"
         probs = store.get_predictions("C04")
         np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-4)
 

@@ -76,12 +76,12 @@ def test_unknown_encoder_gives_exit_2_naming_it(tau_dir, tmp_path, capsys):
 
 
 def test_default_encoders_are_the_papers_and_fail_offline_with_the_way_out(tau_dir, tmp_path, capsys):
-    assert DEFAULT_ENCODERS == "logmel,timm/regnety_064,clip/RN50x4,clip/RN101,clip/ViT-B-32"
+    assert DEFAULT_ENCODERS == "logmel,timm/regnetx_064,clip/RN50x4,clip/RN101,clip/ViT-B-32"
     code = main(["extract", str(tau_dir), str(tmp_path / "s.zarr"), "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err
     if code == 0:
         pytest.skip("pretrained weights are available on this machine")
-    assert code == 2 and "@none" in err and "regnety_064" in err
+    assert code == 2 and "@none" in err and "regnetx_064" in err
 
 
 def test_help_lists_every_option(capsys):
