@@ -81,6 +81,28 @@ def check_fingerprints(store: Any, info: dict, run_dir: str | Path) -> dict[str,
     return sets
 
 
+def class_order(run_classes: list[str] | None, store_classes: list[str], run_dir: str | Path) -> np.ndarray | None:
+    """Columns of the head's output in the store's class order, matched by name.
+
+    Returns:
+        ``order`` such that ``probs[..., order]`` lists the store's classes in the store's order, or
+        None when the orders already agree (or the run predates recording its classes).
+
+    Raises:
+        ValueError: the run's class names and the store's are not the same set.
+    """
+    if run_classes is None or list(run_classes) == list(store_classes):
+        return None
+    run, stored = list(run_classes), list(store_classes)
+    if sorted(run) != sorted(stored) or len(set(run)) != len(run):
+        only_run = sorted(set(run) - set(stored))
+        only_store = sorted(set(stored) - set(run))
+        raise ValueError(f"run {str(run_dir)!r} was trained on classes {run} but the store has {stored}"
+                         f" (only in the run: {only_run or 'none'}; only in the store: {only_store or 'none'})")
+    position = {name: i for i, name in enumerate(run)}
+    return np.asarray([position[name] for name in stored], dtype=np.int64)
+
+
 def prediction_attrs(info: dict, family: str | None = None) -> dict:
     """The attributes fusion reads from ``predictions/<run>``."""
     train = info.get("train", {})
@@ -154,6 +176,7 @@ def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int |
     dev = resolve_device(device)
     head, info = load_head(run_dir, dev, weights)
     sets = check_fingerprints(store, info, run_dir)
+    order = class_order(info.get("classes"), store.classes, run_dir)
     features = list(info["train"]["features"])  # the head's input order (the JSON dict is key-sorted)
     segments = {sets[f].n_segments for f in features}
     if len(segments) != 1:
@@ -169,7 +192,7 @@ def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int |
     with tqdm(total=len(data.rows), desc=f"predict {name}", unit="clip", disable=not progress) as bar:
         for out in clip_outputs(head, data, dev):
             rows.append(out.rows)
-            probs.append(out.probs)
+            probs.append(out.probs if order is None else out.probs[..., order])
             bar.update(len(out.rows))
             if sum(len(r) for r in rows) >= FLUSH_CLIPS:
                 written += _flush(store, name, rows, probs)
