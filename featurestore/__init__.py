@@ -1,6 +1,6 @@
 """featurestore: read datasets, decode, encode once, and query features by clip id."""
 from featurestore.errors import (
-    CorruptChunkError, FeatureStoreError, FingerprintMismatchError, MissingFeatureError,
+    CorruptChunkError, FeatureStoreError, FingerprintMismatchError, MissingChunkError, MissingFeatureError,
     ReadOnlyStoreError, StoreFormatError, UnknownClipError, UnknownFeatureError,
 )
 from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
@@ -8,6 +8,6 @@ from featurestore.store import FeatureInfo, FeatureStore, VerifyReport, convert_
 
 __all__ = [
     "TAU_CLASSES", "ClipRecord", "CorruptChunkError", "FeatureInfo", "FeatureStore", "FeatureStoreError",
-    "FingerprintMismatchError", "Manifest", "MissingFeatureError", "ReadOnlyStoreError", "StoreFormatError",
+    "FingerprintMismatchError", "Manifest", "MissingChunkError", "MissingFeatureError", "ReadOnlyStoreError", "StoreFormatError",
     "UnknownClipError", "UnknownFeatureError", "VerifyReport", "convert_store", "create_store", "open_store",
 ]

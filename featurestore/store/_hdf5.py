@@ -164,18 +164,18 @@ def refuse_outside_storage(file: h5py.File, location: str) -> None:
     reading would show another file's bytes and writing would overwrite it. Soft links are refused
     too: the store never writes them, and they could alias one array as another.
     """
-    def check_link(name: str, link) -> None:
+    def problem(name: str, link) -> str | None:  # a non-None return stops the visit
         if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
             kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
-            raise StoreFormatError(f"{location}: {name} is {kind}; a feature store keeps all its data "
-                                   f"inside the file, refusing to open it")
-        obj = file.get(name, getlink=False)
+            return f"{name} is {kind}; a feature store keeps all its data inside the file"
+        obj = file.get(name)
         if isinstance(obj, h5py.Dataset):
             if obj.external:
-                raise StoreFormatError(f"{location}: dataset {name} uses external storage "
-                                       f"({obj.external[0][0]!r}); refusing to open it")
+                return f"dataset {name} uses external storage ({obj.external[0][0]!r})"
             if obj.is_virtual:
-                raise StoreFormatError(f"{location}: dataset {name} is a virtual dataset mapping other "
-                                       f"files; refusing to open it")
+                return f"dataset {name} is a virtual dataset mapping other files"
+        return None
 
-    file.visititems_links(lambda name, link: check_link(name, link))
+    found = file.visititems_links(problem)
+    if found:
+        raise StoreFormatError(f"{location}: {found}; refusing to open it")

@@ -1,6 +1,13 @@
-"""Copy a store between backends (Zarr <-> HDF5) with every array, chunking and attribute intact."""
+"""Copy a store between backends (Zarr <-> HDF5) with every array, chunking and attribute intact.
+
+A local destination is written under a temporary name beside it and renamed into place at the end,
+so a killed conversion leaves no half-written store at the destination (only the temporary, which
+the next conversion to that destination replaces).
+"""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from featurestore.store._backend import STRING, join
@@ -10,29 +17,66 @@ from featurestore.store.store import open_store
 def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> int:
     """Copy ``src`` into a new store at ``dst`` (backend chosen by ``dst``'s name); returns arrays copied.
 
-    Copies block by block (one chunk of rows at a time), so stores larger than memory convert.
+    Copies block by block (one chunk of rows at a time), so stores larger than memory convert. An
+    existing store at a local ``dst`` is replaced only once the copy is complete.
     """
+    dst_text = str(dst)
+    if "://" in dst_text:  # object stores have no rename: written in place
+        return _copy(src, dst_text, dst_text, progress)
+    final = Path(dst_text)
+    tmp = final.with_name(f".{final.name}.converting")
+    _remove(tmp)
+    backend = "hdf5" if final.name.lower().endswith((".h5", ".hdf5")) else "zarr"
+    n_arrays = _copy(src, str(tmp), dst_text, progress, backend)
+    _replace(tmp, final)
+    return n_arrays
+
+
+def _copy(src: str | Path, dst: str, shown: str, progress: bool, backend: str | None = None) -> int:
     from tqdm.auto import tqdm
 
     with open_store(src, "r") as source:
-        arrays = _walk(source._b, "")
-        target = open_store(dst, "w")
+        sb = source._b
+        arrays = _walk(sb, "")
+        target = open_store(dst, "w", backend=backend)
         try:
-            tb, sb = target._b, source._b
+            tb = target._b
             for group in _groups(sb, ""):
                 tb.create_group(group)
-            for path in tqdm(arrays, desc=f"convert -> {Path(str(dst)).name}", disable=not progress, unit="array"):
+            for path in tqdm(arrays, desc=f"convert -> {Path(shown).name}", disable=not progress, unit="array"):
                 shape, rows, dtype = sb.shape(path), sb.chunk_rows(path), sb.dtype(path)
-                tb.create_array(path, shape, dtype, rows, "" if dtype == STRING else 0)
+                tb.create_array(path, shape, dtype, rows, "" if dtype == STRING else 0,
+                                compressor=sb.compressor(path))
                 for start in range(0, shape[0], rows):
                     block = sb.read(path, start, min(shape[0], start + rows))
                     if len(block):
                         tb.write(path, start, block)
-            for group in [""] + _groups(sb, "") + arrays:
+            for group in _groups(sb, "") + arrays:
                 tb.set_attrs(group, sb.get_attrs(group))
+            # the root last (it commits the row count; a version 1 source has none recorded)
+            tb.set_attrs("", {**sb.get_attrs(""), "n_clips": source.n_clips})
         finally:
             target.close()
     return len(arrays)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move the finished copy into place; an old store there is set aside first, then deleted."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.replaced")
+    _remove(old)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    _remove(old)
 
 
 def _walk(backend, path: str) -> list[str]:

@@ -307,7 +307,7 @@ class FeatureStore:
             paths += [join("features", name, a) for a in ("data", "done", "errors")]
         for name in self._groups_with("predictions", "probs"):
             paths += [join("predictions", name, a) for a in ("probs", "done")]
-        return paths
+        return [p for p in paths if self._b.is_array(p)]  # a creation killed midway has only some
 
     def select(self, split: str | Sequence[str] | None = None, label: str | int | Sequence | None = None,
                city: str | Sequence[str] | None = None,

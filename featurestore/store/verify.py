@@ -38,6 +38,9 @@ class VerifyReport:
     chunks_read: int = 0
     arrays_checked: int = 0
     leftovers: list[str] = field(default_factory=list)  # temp files of interrupted Zarr writes
+    # arrays longer than the committed index: an append killed before its commit; not damage (the
+    # rows are ignored, and the next writable open cuts them off)
+    uncommitted: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -48,12 +51,16 @@ class VerifyReport:
         extra = (f"; {len(self.leftovers)} temp file(s) left by interrupted writes (harmless; "
                  f"'featurestore verify --remove-leftovers' deletes them when no writer runs)"
                  if self.leftovers else "")
+        if self.uncommitted:
+            extra += (f"; {len(self.uncommitted)} array(s) hold rows of an append that never committed "
+                      f"(ignored; removed when the store is next opened for writing)")
         return (f"verify {self.location}: {state}; {self.arrays_checked} arrays checked, "
                 f"{self.chunks_read} chunks read{extra}")
 
     def to_dict(self) -> dict:
         return {"location": self.location, "ok": self.ok, "chunks_read": self.chunks_read,
                 "arrays_checked": self.arrays_checked, "leftovers": self.leftovers,
+                "uncommitted": self.uncommitted,
                 "problems": [{"where": p.where, "rows": p.rows, "what": p.what} for p in self.problems]}
 
 
@@ -179,9 +186,7 @@ def _check_index(store, report: VerifyReport) -> None:
     b, n = store._b, store.n_clips
     classes = store.classes
     for column in store.columns():
-        length = b.shape(f"index/{column}")[0]
-        if length != n:
-            report.problems.append(Problem(f"index/{column}", None, f"has {length} rows, index has {n} clips"))
+        _check_length(report, f"index/{column}", b.shape(f"index/{column}")[0], n)
     ids = store.clip_ids
     if len(set(ids)) != len(ids):
         report.problems.append(Problem("index/clip_id", None, "clip ids are not unique"))
@@ -202,10 +207,14 @@ def _check_group(store, report: VerifyReport, group: str, leaf: str, damaged: se
     b, n = store._b, store.n_clips
     array = join(group, leaf)
     attrs = b.get_attrs(group)
-    for part in (array, join(group, "done")):
-        if b.shape(part)[0] != n:
-            report.problems.append(Problem(part, None, f"has {b.shape(part)[0]} rows, index has {n} clips"))
-            return
+    parts = (array, join(group, "done")) + ((join(group, "errors"),) if leaf == "data" else ())
+    absent = [p for p in parts if not b.is_array(p)]
+    if absent:
+        report.problems.append(Problem(group, None, f"unfinished creation ({', '.join(absent)} missing); "
+                                                    f"rerunning the extraction or prediction replaces it"))
+        return
+    if not all([_check_length(report, part, b.shape(part)[0], n) for part in parts[:2]]):
+        return
     is_features = leaf == "data"
     if is_features:
         _check_feature_attrs(store, report, group, attrs)
@@ -218,6 +227,16 @@ def _check_group(store, report: VerifyReport, group: str, leaf: str, damaged: se
         if len(both):
             report.problems.append(Problem(join(group, "errors"), (int(both[0]), int(both[-1]) + 1),
                                            f"{len(both)} clip(s) marked done but also failed"))
+
+
+def _check_length(report: VerifyReport, path: str, length: int, n: int) -> bool:
+    """Fewer rows than the index is damage; more are rows of an append that never committed."""
+    if length < n:
+        report.problems.append(Problem(path, None, f"has {length} rows, index has {n} clips"))
+        return False
+    if length > n:
+        report.uncommitted.append(path)
+    return True
 
 
 def _check_feature_attrs(store, report: VerifyReport, group: str, attrs: dict) -> None:
