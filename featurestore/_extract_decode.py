@@ -6,9 +6,16 @@ a store or an open file, and opens each media file itself.
 
 A clip that fails to decode is not an exception here but a per-encoder error message carried in the
 batch, so one broken file costs one row, not the run.
+
+In a worker, ``collate`` moves the batch into shared memory itself. Otherwise the DataLoader's queue
+would do it in a background thread whose errors are only printed, and the batch would be lost
+while the main process waited for it for ever (``/dev/shm`` full, a file-size limit). A batch that
+cannot be shared is replaced by one that carries only the reason (``DecodedBatch.fatal``), which
+the main process turns into an error that stops the run.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,12 +58,14 @@ class DecodedBatch:
         inputs: job index -> (rows that succeeded, ``[n_ok * n_segments, ...]`` tensor).
         errors: job index -> {row: message}.
         seconds: stage -> seconds spent in the worker (decode per source, preprocess per job).
+        fatal: why the worker could not hand this batch over ('' when it could); the run stops.
     """
 
     rows: np.ndarray
     inputs: dict[int, tuple[np.ndarray, torch.Tensor]]
     errors: dict[int, dict[int, str]]
     seconds: dict[str, float]
+    fatal: str = ""
 
     def pin_memory(self) -> DecodedBatch:
         """Called by the DataLoader's pin-memory thread when extracting on CUDA."""
@@ -66,7 +75,7 @@ class DecodedBatch:
             if id(x) not in done:
                 done[id(x)] = x.pin_memory()
             pinned[j] = (rows, done[id(x)])
-        return DecodedBatch(self.rows, pinned, self.errors, self.seconds)
+        return DecodedBatch(self.rows, pinned, self.errors, self.seconds, self.fatal)
 
 
 class ClipDecoder(Dataset):
@@ -164,6 +173,15 @@ def collate(results: list[ClipResult]) -> DecodedBatch:
         failed = {r.row: r.errors[j] for r in results if j in r.errors}
         if failed:
             errors[j] = failed
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            for _, x in stacked.values():
+                x.share_memory_()
+        except (OSError, RuntimeError) as err:
+            reason = " ".join(str(err).split())
+            return DecodedBatch(rows, {}, {}, seconds, fatal=(
+                f"decode worker (pid {os.getpid()}) could not pass rows {rows.min()}..{rows.max()} to the "
+                f"main process through shared memory (/dev/shm full or a file-size limit?): {reason}"))
     return DecodedBatch(rows, inputs, errors, seconds)
 
 

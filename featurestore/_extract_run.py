@@ -12,11 +12,17 @@ Three stages overlap:
 So the device only waits for decoding when the workers are slower than it, writing never stalls
 encoding unless the queue is full, and memory is bounded by a window of inputs and a chunk of
 outputs per encoder plus the queue, whatever the number of clips.
+
+A run that cannot go on stops with one error and a consistent store: a failed write (disk full,
+file-size limit) is a :class:`StoreWriteError` naming the rows; a decode worker that dies (killed,
+out of shared memory) or hands over nothing for ``DECODE_TIMEOUT_S`` is a :class:`DecodeWorkerError`.
+Either way the chunks finished before are written (or kept) and nothing else is marked done.
 """
 from __future__ import annotations
 
 import os
 import queue
+import signal
 import threading
 import time
 from collections import deque
@@ -28,6 +34,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from featurestore._extract_decode import DecodedBatch, collate, make_decoder
+from featurestore._extract_errors import (
+    DecodeWorkerError, ExtractionStopped, find_os_error, store_write_error,
+)
 from featurestore._extract_plan import Plan, Target
 from featurestore.store.store import FeatureStore
 
@@ -35,6 +44,12 @@ from featurestore.store.store import FeatureStore
 WRITE_QUEUE_CHUNKS = 8
 #: Batches each DataLoader worker decodes ahead.
 PREFETCH_BATCHES = 2
+#: Longest wait for one decoded batch before the run stops (a worker that lost a batch, or hangs).
+DECODE_TIMEOUT_S = 600.0
+#: Test hook: ``"KILL:10"`` makes the process send itself SIGKILL (its process group when it leads
+#: one, so decode workers go too) once a write leaves >= 10 done rows summed over the run's feature
+#: sets; ``"STOP:10"`` stops it (SIGSTOP) there. Tests kill a run at chosen points with it.
+TEST_SIGNAL_ENV = "FEATURESTORE_TEST_SIGNAL_AT_DONE"
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -185,6 +200,7 @@ class _Writer(threading.Thread):
         self.store, self.targets, self.stats = store, targets, RunStats()
         self.queue: queue.Queue[_Chunk | None] = queue.Queue(maxsize=WRITE_QUEUE_CHUNKS)
         self.error: BaseException | None = None
+        self.test_signal = _test_signal()
 
     def run(self) -> None:
         while True:
@@ -196,8 +212,23 @@ class _Writer(threading.Thread):
                 self._write(chunk)
                 self.stats.add_seconds("write", time.perf_counter() - t0)
             except BaseException as err:  # re-raised in the encoding thread by check()
+                os_error = find_os_error(err)
+                if os_error is not None:
+                    name = self.targets[chunk.target].name
+                    err = store_write_error(self.store.location, os_error,
+                                            f"writing features/{name} rows {chunk.start}:{chunk.stop}")
                 self.error = err
                 return
+            if self.test_signal is not None:
+                self._maybe_signal(*self.test_signal)
+
+    def _maybe_signal(self, sig: signal.Signals, at_done: int) -> None:
+        if sum(int(self.store.done_mask(t.name).sum()) for t in self.targets) < at_done:
+            return
+        if sig == signal.SIGKILL and os.getpgrp() == os.getpid():
+            os.killpg(os.getpid(), sig)
+        os.kill(os.getpid(), sig)
+        self.test_signal = None  # SIGSTOP: once continued, go on
 
     def _write(self, chunk: _Chunk) -> None:
         target = self.targets[chunk.target]
@@ -220,6 +251,8 @@ class _Writer(threading.Thread):
                 continue
 
     def check(self) -> None:
+        if isinstance(self.error, ExtractionStopped):
+            raise self.error
         if self.error is not None:
             raise RuntimeError(f"writing to {self.store.location} failed: {self.error}") from self.error
 
@@ -258,7 +291,7 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
         return stats
     loader = DataLoader(decoder, batch_sampler=windows, collate_fn=collate, num_workers=num_workers,
                         prefetch_factor=PREFETCH_BATCHES if num_workers else None,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", timeout=DECODE_TIMEOUT_S if num_workers else 0)
     batches = iter(loader)  # workers are forked here, before the writer thread exists
     writer = _Writer(store, plan.targets)
     writer.start()
@@ -266,11 +299,45 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
         lanes = [_Lane(j, t, blocks, plan.batch_size, plan.n_rows, device, writer, stats)
                  for j, t in enumerate(plan.targets)]
         _encode_all(batches, len(windows), lanes, writer, stats, on_progress)
+    except _WorkerFailed as err:
+        raise _stopped(store, str(err)) from None
+    except RuntimeError as err:  # torch's DataLoader: a worker died, or no batch within the timeout
+        if not str(err).startswith("DataLoader"):
+            raise
+        raise _stopped(store, _loader_reason(err)) from None
     finally:
         del batches  # shuts the worker processes down
-        writer.finish()
+        writer.finish()  # the chunks finished before a failure are still written
     stats.merge(writer.stats)
     return stats
+
+
+class _WorkerFailed(Exception):
+    """A decode worker reported that it could not hand its batch over (message: why)."""
+
+
+def _stopped(store: FeatureStore, reason: str) -> DecodeWorkerError:
+    return DecodeWorkerError(f"{store.location}: extraction stopped: {reason}; the chunks finished before "
+                             f"are in the store; rerun to resume")
+
+
+def _loader_reason(err: RuntimeError) -> str:
+    """torch's message on one line, in our words ('DataLoader worker (pid 12) is killed by signal: Killed.')."""
+    text = " ".join(str(err).split()).rstrip(". ")
+    text = text.replace("DataLoader worker", "a decode worker").replace("DataLoader timed out",
+                                                                       "no decoded batch arrived")
+    if "no decoded batch arrived" in text:
+        text += " (a decode worker hangs or lost its batch)"
+    return text.split(". If ")[0].split(". Details")[0]
+
+
+def _test_signal() -> tuple[signal.Signals, int] | None:
+    """The ``TEST_SIGNAL_ENV`` hook's (signal, done rows), or None when unset."""
+    value = os.environ.get(TEST_SIGNAL_ENV)
+    if not value:
+        return None
+    name, _, at_done = value.partition(":")
+    return signal.Signals[f"SIG{name.upper()}"], int(at_done)
 
 
 def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writer, stats: RunStats,
@@ -279,6 +346,8 @@ def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writer, st
         t0 = time.perf_counter()
         batch: DecodedBatch = next(batches)
         stats.add_seconds("wait for input", time.perf_counter() - t0)
+        if batch.fatal:
+            raise _WorkerFailed(batch.fatal)
         for stage, value in batch.seconds.items():
             stats.add_seconds(stage, value)
         for lane in lanes:

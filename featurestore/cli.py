@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from featurestore._extract_errors import ExtractionStopped
 from featurestore.errors import CorruptChunkError, FeatureStoreError, MissingFeatureError
 from featurestore.provenance import is_random_weights, weights_identity
 from featurestore.store import FeatureStore, convert_store, open_store
@@ -367,8 +368,11 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Nam
 #: Errors that mean bad input or an unusable store (exit 2), for ``run_command``.
 USAGE_ERRORS: tuple[type[BaseException], ...] = (
     _UsageError, FeatureStoreError, FileNotFoundError, FileExistsError, ValueError, OSError)
-#: Errors that mean the work itself failed (exit 1): data missing or corrupt.
-FAILURE_ERRORS: tuple[type[BaseException], ...] = (MissingFeatureError, CorruptChunkError, _FailedError)
+#: Errors that mean the work itself failed (exit 1): data missing or corrupt; an extraction stopped
+#: part way by a failed store write (disk full) or a dead decode worker (a rerun resumes). A store
+#: being written by another run (StoreLockedError) is refused with exit 2, like other refused input.
+FAILURE_ERRORS: tuple[type[BaseException], ...] = (MissingFeatureError, CorruptChunkError, ExtractionStopped,
+                                                   _FailedError)
 
 
 def run_command(prog: str, command: str, run: Callable[[], int],

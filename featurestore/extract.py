@@ -5,7 +5,9 @@ processes (audio once per sample rate, frames once), runs each encoder's preproc
 encodes batches on the device and writes blocks of whole chunks from a writer thread, so the three
 overlap. A rerun skips clips already done; a killed run loses at most the blocks in flight; a clip
 that cannot be decoded is recorded in the store and the summary while the others go on; the same
-pipeline runs as tasks on a Dask cluster (``scheduler=``). See docs/extraction.md.
+pipeline runs as tasks on a Dask cluster (``scheduler=``). One run writes a store at a time (a
+writer lock beside the store, ``featurestore.store.lock``); a write that fails for lack of room
+stops the run with one line naming the store and the rows. See docs/extraction.md.
 
 The command line ``featurestore extract DATASET STORE ...`` is ``add_extract_arguments`` +
 ``run_extract``; ``python -m featurestore.extract`` is the same command.
@@ -13,18 +15,22 @@ The command line ``featurestore extract DATASET STORE ...`` is ``add_extract_arg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from featurestore._extract_errors import (
+    NO_ROOM, DecodeWorkerError, ExtractionStopped, StoreWriteError, find_os_error, store_write_error,
+)
 from featurestore._extract_plan import (
     Plan, block_size, check_inputs, check_targets, prepare_target, resolve_path, source_for, write_text_features,
 )
@@ -34,9 +40,10 @@ from featurestore.encoders._base import DEVICE_HELP
 from featurestore.manifest import Manifest
 from featurestore.provenance import is_random_weights
 from featurestore.store import FeatureStore, create_store, open_store
+from featurestore.store.lock import StoreLockedError, writer_lock
 
-__all__ = ["DEFAULT_ENCODERS", "ExtractSummary", "FeatureSetSummary", "add_extract_arguments", "extract",
-           "main", "run_extract"]
+__all__ = ["DEFAULT_ENCODERS", "DecodeWorkerError", "ExtractSummary", "FeatureSetSummary", "StoreLockedError",
+           "StoreWriteError", "add_extract_arguments", "extract", "main", "run_extract"]
 
 #: The paper's encoders: log-mel for the audio CNNs, RegNetX-6.4GF frames (Table 5: 24.60M), three CLIP image encoders.
 DEFAULT_ENCODERS = "logmel,timm/regnetx_064,clip/RN50x4,clip/RN101,clip/ViT-B-32"
@@ -78,6 +85,10 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     Raises:
         MissingFilesError: files listed by the dataset are missing (all of them are named).
         FingerprintMismatchError: a feature set exists with another configuration (see ``overwrite``).
+        StoreLockedError: another process is writing the store (its pid, host and the lock file are named).
+        StoreWriteError: the store could not be written (disk full, file-size limit); the rows
+            finished before are kept and a rerun resumes.
+        DecodeWorkerError: a decode worker died or could not hand a batch over; a rerun resumes.
         ValueError: bad arguments, or encoders whose chunk sizes do not align.
     """
     t_start = time.perf_counter()
@@ -85,16 +96,25 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     manifest = _load_manifest(dataset, frames, segments)
     selected_ids = manifest.clip_ids[:limit] if limit else manifest.clip_ids
     _check_files(manifest.subset(selected_ids) if limit else manifest)
-    dev = _resolve_device(device if scheduler is None else "cpu")  # Dask: resolved on each worker
-    built = _build_encoders(encoders, dev)
-    check_inputs(manifest, built)
-    fs, owned = _open_store(store, manifest, backend)
+    location = store.location if isinstance(store, FeatureStore) else str(store)
+    with _no_room(location, "writing its lock file"):
+        lock = writer_lock(location).acquire()  # refused at once while another run writes the store
     try:
-        options = _RunOptions(device, batch_size, num_workers, overwrite, scheduler, progress, backend, chunk_clips)
-        summary = _extract_into(fs, manifest, selected_ids, built, dev, options)
+        dev = _resolve_device(device if scheduler is None else "cpu")  # Dask: resolved on each worker
+        built = _build_encoders(encoders, dev)
+        check_inputs(manifest, built)
+        with _no_room(location, "creating the store"):
+            fs, owned = _open_store(store, manifest, backend)
+        try:
+            options = _RunOptions(device, batch_size, num_workers, overwrite, scheduler, progress, backend,
+                                  chunk_clips)
+            with _no_room(location, "adding clips to the index or creating feature sets"):
+                summary = _extract_into(fs, manifest, selected_ids, built, dev, options)
+        finally:
+            if owned:
+                fs.close()
     finally:
-        if owned:
-            fs.close()
+        lock.release()
     summary.wall_seconds = time.perf_counter() - t_start
     if progress:
         print(summary.line())
@@ -219,15 +239,32 @@ def _open_store(store: str | Path | FeatureStore, manifest: Manifest,
 
 def _create_atomically(path: Path, manifest: Manifest, backend: str | None) -> FeatureStore:
     """Build a new store beside its final path and rename it into place, so a run killed while the
-    index is being written leaves no half-made store where the rerun would find it."""
+    index is being written leaves no half-made store where the rerun would find it.
+
+    The caller holds the store's writer lock, so no other process creates it now: temp stores left
+    by killed creators (any pid) are removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f".{path.name}.creating-*"):
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     kind = backend or ("hdf5" if path.suffix.lower() in (".h5", ".hdf5") else "zarr")
     create_store(tmp, manifest, backend=kind).close()
     os.replace(tmp, path)
     return open_store(path, "a", backend=kind)
+
+
+@contextlib.contextmanager
+def _no_room(location: str, doing: str) -> Iterator[None]:
+    """An OSError for lack of room (disk full, quota, file-size limit) becomes a StoreWriteError."""
+    try:
+        yield
+    except ExtractionStopped:
+        raise
+    except Exception as err:  # the store's libraries may wrap the OSError
+        os_error = find_os_error(err)
+        if os_error is None or os_error.errno not in NO_ROOM:
+            raise
+        raise store_write_error(location, os_error, doing) from None
 
 
 def _ensure_clips(fs: FeatureStore, manifest: Manifest) -> np.ndarray:

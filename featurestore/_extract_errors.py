@@ -1,0 +1,51 @@
+"""Errors that stop an extraction run part way (no torch import: the CLI maps them to exit codes).
+
+Each leaves the store consistent: every chunk written before the error is complete and marked done,
+nothing else is marked done, so ``verify`` is clean and rerunning the same command resumes.
+"""
+from __future__ import annotations
+
+import errno
+
+from featurestore.errors import FeatureStoreError
+
+__all__ = ["DecodeWorkerError", "ExtractionStopped", "StoreWriteError", "find_os_error", "store_write_error"]
+
+#: errno values that mean "no room": the disk, a quota, or a file-size limit.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class ExtractionStopped(FeatureStoreError):
+    """The run stopped before the end; the store holds every chunk finished so far (exit code 1)."""
+
+
+class StoreWriteError(ExtractionStopped):
+    """Writing to the store failed (disk full, file-size limit, I/O error)."""
+
+
+class DecodeWorkerError(ExtractionStopped):
+    """A decode worker process died or could not hand a batch over (shared memory full, limits)."""
+
+
+def find_os_error(err: BaseException) -> OSError | None:
+    """The OSError with an errno in ``err`` or its causes/contexts (libraries wrap them), or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def store_write_error(store: str, err: OSError, doing: str) -> StoreWriteError:
+    """One line naming the store, what was being written, the cause and the way out."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "disk full" if err.errno == errno.ENOSPC else "disk quota exceeded"
+        return StoreWriteError(f"{store}: {what} while {doing}; free space and rerun to resume")
+    if err.errno == errno.EFBIG:
+        return StoreWriteError(f"{store}: file size limit exceeded while {doing} (see 'ulimit -f'); "
+                               f"raise the limit and rerun to resume")
+    cause = err.strerror or str(err)
+    where = f" ({err.filename})" if err.filename else ""
+    return StoreWriteError(f"{store}: {cause}{where} while {doing}; fix the cause and rerun to resume")
