@@ -762,6 +762,19 @@ class FeatureStore:
         self._forget(path)
         self._runs = None
 
+    # ------------------------------------------------------------------------- search, export
+    def search(self, feature_set: str, query: Any = None, k: int = 10, **kwargs: Any):
+        """Nearest clips by cosine similarity of clip-mean embeddings; see ``featurestore.store.search``."""
+        from featurestore.store.search import search
+
+        return search(self, feature_set, query, k, **kwargs)
+
+    def to_pandas(self, done: bool = False):
+        """The index as a pandas DataFrame by clip id; see ``featurestore.store.export``."""
+        from featurestore.store.export import to_pandas
+
+        return to_pandas(self, done=done)
+
     # ------------------------------------------------------------------------------ lifecycle
     def verify(self):
         """Check consistency and every checksum; see ``featurestore.store.verify``."""
