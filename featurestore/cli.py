@@ -256,6 +256,30 @@ def cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------- search
+def cmd_search(args: argparse.Namespace) -> int:
+    """``search STORE --feature-set F (--like CLIP_ID | --text TEXT) [-k K]``: the nearest clips."""
+    if (args.like is None) == (args.text is None):
+        raise _UsageError("give exactly one of --like CLIP_ID or --text TEXT")
+    with open_store(args.store, "r") as store:
+        result = store.search(args.feature_set, args.like, args.k, text=args.text, method=args.method,
+                              include_self=args.include_self, device=args.device)
+    if args.json:
+        _emit_json(result.to_dict())
+        return EXIT_OK
+    query = f"like {args.like}" if args.like is not None else f"text {args.text!r} ({result.query['encoder']})"
+    print(f"{result.feature_set}: {len(result.clip_ids)} nearest clips to {query}, {result.method} search")
+    rows = [(i + 1, c, f"{s:.4f}", lab if lab is not None else "-")
+            for i, (c, s, lab) in enumerate(zip(result.clip_ids, result.scores, result.labels))]
+    print(_table(["rank", "clip_id", "score", "label"], rows, indent=""))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if result.random_weights:
+        print(f"WARNING: {result.feature_set} (or its text tower) has RANDOM weights: these neighbours "
+              f"carry no pretrained knowledge", file=sys.stderr)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
     with open_store(args.store, "r") as store:
@@ -351,6 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DST when it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("search", help="the clips nearest to a clip or a sentence (cosine of clip-mean embeddings)")
+    p.add_argument("store")
+    p.add_argument("--feature-set", required=True, help="embedding set to search, e.g. clip/ViT-B-32")
+    p.add_argument("--like", metavar="CLIP_ID", help="clips like this stored clip (itself left out)")
+    p.add_argument("--text", help="a sentence, embedded by the same CLIP model's text tower")
+    p.add_argument("-k", type=int, default=10, help="how many clips (default: 10)")
+    p.add_argument("--method", default="auto", choices=["auto", "exact", "faiss"],
+                   help="exact numpy search or a faiss index (default auto: exact while the clip matrix fits in memory)")
+    p.add_argument("--include-self", action="store_true", help="keep the --like clip in the results")
+    p.add_argument("--device", default="cpu", help="where the text tower runs (cpu, cuda, auto)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
 
     sub.add_parser("extract", add_help=False,
                    help="run encoders over a dataset into a store ('featurestore extract --help')")
