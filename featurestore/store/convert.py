@@ -48,7 +48,7 @@ def _copy(src: str | Path, dst: str, shown: str, progress: bool, backend: str | 
                 tb.create_array(path, shape, dtype, rows, "" if dtype == STRING else 0,
                                 compressor=sb.compressor(path))
                 for start in range(0, shape[0], rows):
-                    block = sb.read(path, start, min(shape[0], start + rows))
+                    block = source._read(path, start, min(shape[0], start + rows), written=False)
                     if len(block):
                         tb.write(path, start, block)
             for group in _groups(sb, "") + arrays:

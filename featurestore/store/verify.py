@@ -125,14 +125,16 @@ def _check_chunks(store, report: VerifyReport) -> set[str]:
             if not b.chunk_written(path, start // per):
                 if needed and store._strict:
                     report.problems.append(Problem(path, (start, stop), "chunk missing from storage (deleted "
-                                                   "or lost) although its rows were written"))
+                                                   "or lost) although its rows were written"
+                                                   + _clip_span(store, path, start, stop)))
                     damaged.add(path)
                 continue
             report.chunks_read += 1
             try:
                 block = b.read(path, start, stop)
             except Exception as err:  # noqa: BLE001 - any decode failure is a finding
-                report.problems.append(Problem(path, (start, stop), str(CorruptChunkError(path, start, stop, err))))
+                report.problems.append(Problem(path, (start, stop), str(CorruptChunkError(path, start, stop, err))
+                                               + _clip_span(store, path, start, stop)))
                 damaged.add(path)
                 continue
             leaf = path.rpartition("/")[2]
@@ -141,6 +143,17 @@ def _check_chunks(store, report: VerifyReport) -> set[str]:
     if any(p.startswith("index/") for p in damaged):
         damaged.add("index")
     return damaged
+
+
+def _clip_span(store, path: str, start: int, stop: int) -> str:
+    """' (clips A .. B)' for a damaged chunk of a feature set or prediction run, when the index reads."""
+    if not path.startswith(("features/", "predictions/")):
+        return ""
+    try:
+        ids = store.clip_ids[start:stop]
+    except Exception:  # noqa: BLE001 - the index's own damage is reported on its own
+        return ""
+    return f" (clips {ids[0]} .. {ids[-1]})" if ids else ""
 
 
 def _rows_or_none(store) -> int | None:

@@ -78,6 +78,7 @@ def test_deleted_feature_chunk_is_refused_by_get_and_found_by_verify(zstore, cap
         report = store.verify()
     assert [(p.where, p.rows) for p in report.problems] == [(DATA, (4, 8))]
     assert "missing" in report.problems[0].what
+    assert f"(clips {ids[4]} .. {ids[7]})" in report.problems[0].what
     assert main(["get", path, ids[5], FEAT, "-o", str(Path(path).parent / "x.npy")]) == 1
     assert main(["verify", path]) == 1
     assert "features/clip/RN50/data rows 4:8" in capsys.readouterr().out
