@@ -226,7 +226,8 @@ def prepare_target(store: FeatureStore, encoder, source: Source, selected: np.nd
     asked = chunk_clips.get(encoder.name) if isinstance(chunk_clips, Mapping) else chunk_clips
     rows = int(asked or power_of_two_chunk(source.n_segments, shape, dtype))
     info = store.create_feature_set(encoder.name, source.n_segments, shape, prov, dtype=dtype,
-                                    chunk_clips=rows, overwrite=overwrite)
+                                    chunk_clips=rows, overwrite=overwrite,
+                                    compressor=getattr(encoder, "compressor", None))  # frames: "zstd"
     done = store.done_mask(encoder.name)  # create_feature_set has just read it from the store
     todo = selected & ~done
     return Target(encoder.name, encoder, encoder.spec, source, shape, dtype, info.chunk_clips,

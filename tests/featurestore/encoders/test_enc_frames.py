@@ -72,6 +72,7 @@ def test_extraction_stores_the_resized_frames_and_resumes(clips, tmp_path):
         assert many.shape == (2, 2, 3, 32, 32) and many.dtype == np.uint8
         np.testing.assert_array_equal(many[1], store.get("frames/32", clip_id(0)))
         assert store.verify().ok
+        assert store._b.compressor("features/frames/32/data") == "zstd"  # lossless, checksum kept
     h5 = tmp_path / "s.h5"
     convert_store(path, h5, progress=False)
     with open_store(h5) as converted:
