@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import pickle
 import sys
-import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,20 +129,22 @@ def file_sha256(path: str | Path) -> str:
 
 # ===================================================================== checkpoints
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (pickle or TorchScript archive).
+    """Read a state dict from ``.safetensors`` or a plain ``torch.save`` file, never running code.
 
-    Unwraps one level of nesting under ``state_dict`` / ``model_state_dict`` / ``model`` /
-    ``module`` (training checkpoints) and a ``module.`` key prefix (DataParallel), because those are how checkpoints
-    are commonly saved and carry the same weights.
+    A checkpoint is data: safetensors is read as such, a torch file only with
+    ``torch.load(weights_only=True)`` (tensors and plain containers; a pickle that names any other
+    callable is refused), and a TorchScript archive (which holds code that runs while it loads) is
+    refused. Unwraps one level of nesting under ``state_dict`` / ``model_state_dict`` / ``model`` /
+    ``module`` (training checkpoints) and a ``module.`` key prefix (DataParallel), because those are
+    how checkpoints are commonly saved and carry the same weights.
 
     Raises:
-        WeightsMismatchError: the file holds something that is not a tensor dict.
+        WeightsMismatchError: the file is a TorchScript archive, holds pickled objects other than
+            tensors, cannot be read, or holds something that is not a tensor dict.
     """
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path), device="cpu")
+        obj: Any = _safetensors_load(path)
     else:
         obj = _torch_load(path)
     obj = _unnest(obj)
@@ -153,23 +156,58 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+_SAVE_HINT = ("save the weights alone instead: safetensors.torch.save_file(model.state_dict(), 'x.safetensors') "
+              "or torch.save(model.state_dict(), 'x.pt')")
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise WeightsMismatchError(f"checkpoint {path} could not be read as a safetensors file: "
+                                   f"{one_line(exc)}") from None
+
+
 def _torch_load(path: Path) -> Any:
-    if _is_torchscript_archive(path):  # OpenAI's CLIP .pt files: read the archive's tensors
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated; old archives still exist
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    if _is_torchscript_archive(path):
+        raise WeightsMismatchError(f"checkpoint {path} is a TorchScript archive, which holds code that runs when it "
+                                   f"is loaded, so it is not loaded; {_SAVE_HINT}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsMismatchError(f"checkpoint {path} could not be read as a torch file: {exc}") from exc
+        refused = _refused_global(exc)
+        if refused:
+            raise WeightsMismatchError(
+                f"checkpoint {path} holds pickled objects other than tensors and plain containers ({refused}), "
+                f"which are refused because unpickling them can run code; {_SAVE_HINT}") from None
+        raise WeightsMismatchError(f"checkpoint {path} could not be read as a torch file: {one_line(exc)}") from None
+
+
+def _refused_global(exc: BaseException) -> str:
+    """The 'Unsupported global: GLOBAL x.y ...' line of torch's weights-only refusal, or ''."""
+    if not isinstance(exc, pickle.UnpicklingError):
+        return ""
+    for line in str(exc).splitlines():
+        if "Unsupported global" in line:
+            return line.strip().rstrip(".")[:200]
+    return ""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first non-empty line (or its type), cut to ``limit`` characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_torchscript_archive(path: Path) -> bool:
-    """TorchScript zips hold ``<name>/constants.pkl``; plain ``torch.save`` zips do not."""
+    """TorchScript zips hold ``<name>/constants.pkl`` or ``<name>/code/``; plain ``torch.save`` zips do not."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
 def _unnest(obj: Any) -> Any:
@@ -185,17 +223,48 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
     """Load ``state_dict`` into ``module``; with ``strict`` every key must match both ways.
 
     Raises:
-        WeightsMismatchError: naming the checkpoint and the missing / unexpected / misshapen keys.
+        WeightsMismatchError: one line naming the checkpoint, how many keys are missing / unexpected
+            / misshapen, and what the keys look like on both sides (a wrong key prefix shows at once).
     """
     try:
         result = module.load_state_dict(state_dict, strict=False)
-    except RuntimeError as exc:  # shape mismatches raise even when strict=False
-        raise WeightsMismatchError(f"checkpoint {source} does not fit {type(module).__name__}: {exc}") from exc
+    except RuntimeError:  # shape mismatches raise even when strict=False; torch lists every one
+        raise WeightsMismatchError(_mismatch_message(module, state_dict, source)) from None
     if strict and (result.missing_keys or result.unexpected_keys):
-        raise WeightsMismatchError(
-            f"checkpoint {source} does not fit {type(module).__name__} (strict load): "
-            f"{len(result.missing_keys)} missing keys {result.missing_keys[:5]}, "
-            f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:5]}")
+        raise WeightsMismatchError(_mismatch_message(module, state_dict, source, result.missing_keys))
+
+
+def _mismatch_message(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path,
+                      missing: list[str] | None = None) -> str:
+    own = module.state_dict()
+    if missing is None:
+        missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    misshapen = [key for key in state_dict if key in own and tuple(state_dict[key].shape) != tuple(own[key].shape)]
+    parts = [f"checkpoint {source} does not fit {type(module).__name__}: {len(missing)} missing keys, "
+             f"{len(unexpected)} unexpected keys, {len(misshapen)} keys with another shape "
+             f"({len(state_dict)} keys in the checkpoint, {len(own)} in the model)"]
+    if misshapen:
+        key = misshapen[0]
+        parts.append(f"e.g. {key!r} is {list(state_dict[key].shape)} in the checkpoint, "
+                     f"{list(own[key].shape)} in the model")
+    if missing or unexpected:
+        parts.append(f"expected keys like {missing[:2] or list(own)[:2]}, found {unexpected[:2] or list(state_dict)[:2]}")
+        hint = _prefix_hint(missing, unexpected)
+        if hint:
+            parts.append(hint)
+    return "; ".join(parts)
+
+
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """Name a key prefix that the checkpoint has and the model lacks (or the other way round)."""
+    for found in unexpected[:50]:
+        for wanted in missing:
+            if found.endswith("." + wanted):
+                return f"the checkpoint's keys carry an extra prefix {found[:-len(wanted)]!r}"
+            if wanted.endswith("." + found):
+                return f"the checkpoint's keys lack the prefix {wanted[:-len(found)]!r}"
+    return ""
 
 
 # ===================================================================== random init
@@ -250,6 +319,36 @@ def hub_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old_env
         if constants is not None:
             constants.HF_HUB_OFFLINE = old_const
+
+
+@contextlib.contextmanager
+def captured_root_log(drop: Any = None) -> Iterator[list[str]]:
+    """Keep records logged on the root logger (``logging.error(...)``) off the user's terminal.
+
+    open_clip reports a failed pretrained attempt with ``logging.error("Failed to download ...")``
+    and then raises; the raised error becomes our one-line message, so its log line would only be a
+    second, contradicting copy. Records for which ``drop(message)`` is true (all when ``drop`` is
+    None) are collected into the yielded list instead of printed. A ``NullHandler`` sits on the
+    root logger meanwhile so that ``logging.error`` does not call ``basicConfig`` as a side effect.
+    """
+    kept: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if drop is None or drop(message):
+            kept.append(message)
+            return False
+        return True
+
+    root = logging.getLogger()
+    guard = logging.NullHandler()
+    root.addHandler(guard)
+    root.addFilter(keep)
+    try:
+        yield kept
+    finally:
+        root.removeFilter(keep)
+        root.removeHandler(guard)
 
 
 def _hf_constants() -> Any:

@@ -20,7 +20,6 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from featurestore.encoders._registry import register_encoder
 from featurestore.encoders._weights import (
     Weights,
     announce_random_weights,
+    captured_root_log,
     hf_cache_location,
     hub_offline,
     load_into,
@@ -103,26 +103,16 @@ def build_open_clip(spec: EncoderSpec, strict: bool, image_only_ok: bool) -> Ope
     return OpenClipModel(model.eval(), weights, preprocess, quick_gelu, embed_dim)
 
 
-@contextlib.contextmanager
-def _quiet_random_init():
+def _quiet_random_init() -> contextlib.AbstractContextManager:
     """Drop open_clip's "No pretrained weights loaded ... initialized randomly" log record."""
-
-    def drop(record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-    root = logging.getLogger()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
+    return captured_root_log(lambda message: "No pretrained weights loaded" in message)
 
 
 def _create_pretrained(spec: EncoderSpec, model_name: str, tag: str, tag_cfg: dict, quick_gelu: bool) -> Any:
     import open_clip
 
     try:
-        with hub_offline():
+        with hub_offline(), captured_root_log():  # its "Failed to download" line repeats what we raise
             return open_clip.create_model(model_name, pretrained=tag, force_quick_gelu=quick_gelu)
     except Exception as exc:
         looked = []
@@ -136,12 +126,20 @@ def _create_pretrained(spec: EncoderSpec, model_name: str, tag: str, tag_cfg: di
 
 
 def _load_checkpoint(model: torch.nn.Module, weights: Weights, strict: bool, image_only_ok: bool) -> None:
-    """Load a whole-CLIP (or, for image encoders, image-tower-only) state dict."""
+    """Load a whole-CLIP state dict or, for image encoders, an image tower's alone (``visual.`` prefix or not)."""
     state = {k: v for k, v in read_state_dict(weights.path).items() if k not in _JIT_EXTRA_KEYS}
     if image_only_ok and all(key.startswith("visual.") for key in state):
-        load_into(model.visual, {k[len("visual."):]: v for k, v in state.items()}, weights.path, strict=strict)
+        state = {k[len("visual."):]: v for k, v in state.items()}
+        load_into(model.visual, state, weights.path, strict=strict)
+    elif image_only_ok and _fits_better(state, model.visual, model):
+        load_into(model.visual, state, weights.path, strict=strict)
     else:
         load_into(model, state, weights.path, strict=strict)
+
+
+def _fits_better(state: dict[str, torch.Tensor], tower: torch.nn.Module, model: torch.nn.Module) -> bool:
+    """True when more of ``state``'s keys name the tower's parameters than the whole model's."""
+    return len(state.keys() & tower.state_dict().keys()) > len(state.keys() & model.state_dict().keys())
 
 
 def clip_frame_preprocessor(preprocess: dict[str, Any]) -> FramePreprocessor:
