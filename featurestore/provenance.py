@@ -27,7 +27,8 @@ def fingerprint(provenance: dict) -> str:
     """SHA-256 (hex, first 16 chars) of the provenance without its runtime section.
 
     A checkpoint is identified by its content hash, not where it lies: moving the file must not
-    make a resume refuse, so ``weights.path`` is left out whenever ``weights.sha256`` is there.
+    make a resume refuse, so ``weights.path`` is left out whenever ``weights.sha256`` is there, and
+    so is the path inside the encoder spec (``timm/x@/ckpt/w.pt`` counts as ``timm/x@file``).
     How many segments or frames a clip has is the dataset's, not the encoder's (10 x 1 s in the
     development set, 1 x 1 s in the evaluation set): it is left out too, so a head trained on one
     store accepts the same encoder's features in the other. The array shape guards it in a store.
@@ -39,7 +40,16 @@ def fingerprint(provenance: dict) -> str:
     weights = body.get("weights")
     if isinstance(weights, dict) and weights.get("sha256"):
         body["weights"] = {k: v for k, v in weights.items() if k != "path"}
+        body["encoder"] = _spec_without_path(body.get("encoder"), weights.get("path"))
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()[:16]
+
+
+def _spec_without_path(spec: Any, path: Any) -> Any:
+    """``family/model@<checkpoint path>`` -> ``family/model@file``; any other spec as it is."""
+    if not isinstance(spec, str) or "@" not in spec:
+        return spec
+    name, _, weights = spec.partition("@")
+    return f"{name}@file" if not path or weights == str(path) else spec
 
 
 def runtime_info() -> dict:
