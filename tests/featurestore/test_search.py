@@ -1,0 +1,220 @@
+"""Search over stored embeddings: exact and faiss answers, the sidecar index, text queries, the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store, open_store
+from featurestore.cli import main
+from featurestore.errors import MissingFeatureError, UnknownClipError, UnknownFeatureError
+from featurestore.store import search as search_mod
+
+N, SEG, DIM, CHUNK = 40, 3, 8, 8
+FEAT = "clip/ViT-B-32"
+
+
+def _prov(encoder: str = "clip/ViT-B-32@openai", weights: dict | None = None) -> dict:
+    return {"encoder": encoder, "config": {}, "weights": weights or {"kind": "pretrained", "tag": "openai"}}
+
+
+def _manifest(n: int) -> Manifest:
+    clips = [ClipRecord(f"c{i:03d}", label=TAU_CLASSES[i % 10] if i % 7 else None, city="x", location=f"x-{i}",
+                        splits=frozenset({"train" if i % 2 else "test"})) for i in range(n)]
+    return Manifest("toy", list(TAU_CLASSES), clips)
+
+
+def build(path: Path, n: int = N, done: int | None = None, seed: int = 0) -> np.ndarray:
+    """``n`` clips of random embeddings; rows ``done:`` are left not computed (default: all done)."""
+    data = np.random.default_rng(seed).standard_normal((n, SEG, DIM)).astype(np.float16)
+    with create_store(path, _manifest(n)) as store:
+        store.create_feature_set(FEAT, SEG, (DIM,), _prov(), chunk_clips=CHUNK)
+        store.write_rows(FEAT, 0, data[:done] if done is not None else data)
+    return data
+
+
+def brute_force(data: np.ndarray, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of clip means, the slow way, over ``rows``: (rows best first, scores)."""
+    means = data.astype(np.float64).mean(1)
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    q = query / np.linalg.norm(query)
+    scores = means[rows] @ q
+    order = np.argsort(-scores, kind="stable")
+    return rows[order], scores[order]
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    path = tmp_path / "s.zarr"
+    return path, build(path)
+
+
+def test_like_returns_the_cosine_nearest_clip_means_without_the_clip_itself(store_path):
+    path, data = store_path
+    with open_store(path) as store:
+        result = store.search(FEAT, "c005", k=5)
+        labels = store.labels
+    others = np.array([r for r in range(N) if r != 5])
+    rows, scores = brute_force(data, data[5].astype(np.float64).mean(0), others)
+    assert result.clip_ids == [f"c{r:03d}" for r in rows[:5]]
+    np.testing.assert_allclose(result.scores, scores[:5], atol=1e-5)
+    assert result.labels == [TAU_CLASSES[labels[r]] if labels[r] >= 0 else None for r in rows[:5]]
+    assert result.method == "exact" and result.query == {"like": "c005"}
+
+
+def test_include_self_puts_the_clip_first_with_score_one(store_path):
+    path, _ = store_path
+    with open_store(path) as store:
+        result = store.search(FEAT, "c005", k=3, include_self=True)
+    assert result.clip_ids[0] == "c005" and abs(result.scores[0] - 1.0) < 1e-5
+
+
+def test_a_vector_query_and_k_larger_than_the_store(store_path):
+    path, data = store_path
+    with open_store(path) as store:
+        result = store.search(FEAT, data[7].astype(np.float32), k=100)  # [segments, dim] is averaged
+    assert len(result.clip_ids) == N and result.clip_ids[0] == "c007"
+    assert np.all(np.diff(result.scores) <= 1e-6)
+
+
+def test_clips_not_done_are_never_returned_and_cannot_be_queried(tmp_path):
+    path = tmp_path / "part.zarr"
+    data = build(path, done=24)
+    with open_store(path) as store:
+        result = store.search(FEAT, "c003", k=N)
+        assert sorted(result.clip_ids) == sorted(f"c{i:03d}" for i in range(24) if i != 3)
+        with pytest.raises(MissingFeatureError, match="c030"):
+            store.search(FEAT, "c030")
+    rows, _ = brute_force(data, data[3].astype(np.float64).mean(0), np.array([r for r in range(24) if r != 3]))
+    assert result.clip_ids == [f"c{r:03d}" for r in rows]
+
+
+def test_bad_queries_are_refused_naming_what_was_wrong(store_path):
+    path, _ = store_path
+    with open_store(path) as store:
+        with pytest.raises(UnknownClipError, match="c999"):
+            store.search(FEAT, "c999")
+        with pytest.raises(UnknownFeatureError, match="clip/RN101"):
+            store.search("clip/RN101", "c001")
+        with pytest.raises(ValueError, match="has 5 values but .* have 8"):
+            store.search(FEAT, np.ones(5))
+        with pytest.raises(ValueError, match="exactly one query"):
+            store.search(FEAT, "c001", text="a park")
+        with pytest.raises(ValueError, match="method"):
+            store.search(FEAT, "c001", method="annoy")
+
+
+def test_the_clip_matrix_is_kept_beside_the_store_and_rebuilt_when_the_set_changes(tmp_path):
+    path = tmp_path / "grow.zarr"
+    data = build(path, done=16)
+    with open_store(path) as store:
+        first = store.search(FEAT, "c001", k=N)
+    assert any("built the clip matrix" in n for n in first.notes)
+    files = list((Path(str(path) + ".search") / "clip" / "ViT-B-32").glob("*.npz"))
+    assert len(files) == 1
+    with open_store(path) as store:  # a fresh store object: read from the sidecar, nothing built
+        again = store.search(FEAT, "c001", k=N)
+    assert again.notes == [] and again.clip_ids == first.clip_ids
+    with open_store(path, mode="a") as store:
+        store.write_rows(FEAT, 16, data[16:])
+    with open_store(path) as store:
+        grown = store.search(FEAT, "c001", k=N)
+    assert any("built the clip matrix" in n for n in grown.notes)
+    assert len(grown.clip_ids) == N - 1 and "c030" in grown.clip_ids
+    assert [p.name for p in files[0].parent.glob("*.npz")] != [files[0].name]  # the stale one is gone
+    assert len(list(files[0].parent.glob("*.npz"))) == 1
+
+
+def test_faiss_flat_and_ivf_agree_with_exact(tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(search_mod, "FLAT_BELOW", 100)  # 256 clips -> an IVF index of 64 lists
+    path = tmp_path / "ivf.zarr"
+    build(path, n=256, seed=1)
+    with open_store(path) as store:
+        exact = store.search(FEAT, "c010", k=10, method="exact")
+        ivf = store.search(FEAT, "c010", k=10, method="faiss", nprobe=64)  # every list: exact answer
+        assert any("nlist 64" in n for n in ivf.notes)
+        assert ivf.clip_ids == exact.clip_ids and ivf.method == "faiss"
+        np.testing.assert_allclose(ivf.scores, exact.scores, atol=1e-5)
+        default = store.search(FEAT, "c010", k=10, method="faiss")  # a quarter of the lists
+        assert len(set(default.clip_ids) & set(exact.clip_ids)) >= 5
+    small = tmp_path / "flat.zarr"
+    build(small)
+    with open_store(small) as store:
+        assert store.search(FEAT, "c002", method="faiss").clip_ids == store.search(FEAT, "c002").clip_ids
+
+
+def test_auto_falls_back_to_exact_with_a_note_when_faiss_is_missing(store_path, monkeypatch):
+    path, _ = store_path
+    monkeypatch.setattr(search_mod, "EXACT_MAX_BYTES", 0)  # every set counts as "large"
+    monkeypatch.setattr(search_mod, "faiss_available", lambda: False)
+    with open_store(path) as store:
+        result = store.search(FEAT, "c001")
+        assert result.method == "exact" and any("faiss-cpu is not installed" in n for n in result.notes)
+        with pytest.raises(ValueError, match="needs faiss-cpu"):
+            store.search(FEAT, "c001", method="faiss")
+
+
+# ------------------------------------------------------------------------------------ text queries
+def test_the_text_tower_follows_the_recorded_weights(tmp_path):
+    path = tmp_path / "t.zarr"
+    with create_store(path, _manifest(4)) as store:
+        for name, weights in (("clip/RN101", {"kind": "random", "seed": 3}),
+                              ("clip/RN50", {"kind": "file", "path": "/ckpt/rn50.pt", "sha256": "ab"}),
+                              ("timm/resnet18", None)):
+            enc = name + ("@none:3" if weights and weights["kind"] == "random" else "")
+            store.create_feature_set(name, 1, (4,), _prov(enc, weights))
+        store.create_feature_set(FEAT, 1, (4,), _prov())
+        store.write_class_features("cliptext/ViT-B-32", np.ones((10, 4), np.float32),
+                                   _prov("cliptext/ViT-B-32@/ckpt/text.pt", {"kind": "file", "path": "/ckpt/text.pt",
+                                                                            "sha256": "cd"}))
+        spec = lambda name: search_mod.text_encoder_spec(store, store.feature_info(name))  # noqa: E731
+        assert spec("clip/RN101") == "cliptext/RN101@none:3"
+        assert spec("clip/RN50") == "cliptext/RN50@/ckpt/rn50.pt"
+        assert spec(FEAT) == "cliptext/ViT-B-32@/ckpt/text.pt"  # the stored class features' tower wins
+        with pytest.raises(ValueError, match="no CLIP text tower"):
+            spec("timm/resnet18")
+
+
+@pytest.mark.slow
+def test_a_text_query_finds_the_clip_holding_that_sentence_embedding(tmp_path, capsys):
+    from featurestore.encoders import create_encoder
+
+    text = "a quiet park at night"
+    encoder = create_encoder("cliptext/ViT-S-32-alt@none:3")
+    target = encoder.encode_text([text])[0].numpy()
+    dim = target.shape[0]
+    data = np.random.default_rng(0).standard_normal((N, SEG, dim)).astype(np.float16)
+    data[17] = target.astype(np.float16)
+    path = tmp_path / "text.zarr"
+    with create_store(path, _manifest(N)) as store:
+        store.create_feature_set("clip/ViT-S-32-alt", SEG, (dim,),
+                                 _prov("clip/ViT-S-32-alt@none:3", {"kind": "random", "seed": 3}), chunk_clips=CHUNK)
+        store.write_rows("clip/ViT-S-32-alt", 0, data)
+    code = main(["search", str(path), "--feature-set", "clip/ViT-S-32-alt", "--text", text, "-k", "3", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    got = json.loads(out)
+    assert got["results"][0]["clip_id"] == "c017" and got["results"][0]["score"] > 0.999
+    assert got["query"] == {"text": text, "encoder": "cliptext/ViT-S-32-alt@none:3"}
+    assert got["random_weights"] is True
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def test_cli_search_table_json_and_exit_codes(store_path, capsys):
+    path, _ = store_path
+    assert main(["search", str(path), "--feature-set", FEAT, "--like", "c005", "-k", "4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    with open_store(path) as store:
+        expected = store.search(FEAT, "c005", k=4)
+    assert [r["clip_id"] for r in got["results"]] == expected.clip_ids
+    assert [r["rank"] for r in got["results"]] == [1, 2, 3, 4] and got["method"] == "exact"
+    assert main(["search", str(path), "--feature-set", FEAT, "--like", "c005", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert expected.clip_ids[0] in out and "rank" in out and "exact search" in out
+    assert main(["search", str(path), "--feature-set", FEAT]) == 2
+    assert "exactly one of --like CLIP_ID or --text TEXT" in capsys.readouterr().err
+    assert main(["search", str(path), "--feature-set", "clip/nope", "--like", "c005"]) == 2
+    assert "no feature set named 'clip/nope'" in capsys.readouterr().err
