@@ -28,7 +28,6 @@ import os
 import socket
 import sys
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from featurestore.errors import FeatureStoreError
 __all__ = ["LOCK_SUFFIX", "StoreLockedError", "WriterLock", "lock_path", "writer_lock"]
 
 LOCK_SUFFIX = ".lock"
-_HELD: weakref.WeakSet[WriterLock] = weakref.WeakSet()
+_HELD_FDS: set[int] = set()  # descriptors of the locks this process holds
 
 
 class StoreLockedError(FeatureStoreError):
@@ -78,11 +77,12 @@ class WriterLock:
         self.path, self.store = path, store
         self.command = command if command is not None else " ".join(sys.argv)
         self._fd: int | None = None
+        self._pid = os.getpid()  # the process that holds it (a forked copy of this object holds nothing)
         self.previous: dict[str, Any] | None = None  # a dead holder's record, when taken over
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._fd is not None and self._pid == os.getpid()
 
     def acquire(self) -> WriterLock:
         """Take the lock or raise StoreLockedError; prints a note when a dead holder's file is taken over."""
@@ -109,8 +109,8 @@ class WriterLock:
         except BaseException:
             os.close(fd)
             raise
-        self._fd = fd
-        _HELD.add(self)
+        self._fd, self._pid = fd, os.getpid()
+        _HELD_FDS.add(fd)
         if self.previous:
             print(f"note: {self.path}: taking over the writer lock left by a process that ended without "
                   f"releasing it ({describe_holder(self.previous)})", file=sys.stderr)
@@ -118,23 +118,14 @@ class WriterLock:
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (removed first, while still held, so no one else's)."""
-        if self._fd is None:
+        if not self.held:
             return
         try:
             if _same_file(self._fd, self.path):
                 self.path.unlink(missing_ok=True)
         finally:
+            _HELD_FDS.discard(self._fd)
             os.close(self._fd)
-            self._fd = None
-            _HELD.discard(self)
-
-    def _forget_in_child(self) -> None:
-        """In a forked child: close the inherited descriptor (the parent keeps the lock)."""
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
             self._fd = None
 
     def __enter__(self) -> WriterLock:
@@ -196,9 +187,16 @@ def _write_record(fd: int, record: dict[str, Any]) -> None:
 
 
 def _close_held_in_child() -> None:
-    for lock in list(_HELD):
-        lock._forget_in_child()
-    _HELD.clear()
+    """In a forked child: close the inherited lock descriptors (the parent keeps its locks).
+
+    ``WriterLock`` objects copied into the child say ``held`` False and release nothing.
+    """
+    for fd in _HELD_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
 
 
 os.register_at_fork(after_in_child=_close_held_in_child)
