@@ -1,7 +1,10 @@
 """Encoders: turn decoded audio segments / video frames into the arrays the feature store keeps.
 
 Public face: ``create_encoder(spec)``, ``list_encoders()``, ``register_encoder(family)``,
-``parse_spec(spec)``, the ``Encoder`` base class and ``resolve_device``. Built-in families:
+``parse_spec(spec)``, the ``Encoder`` base class and ``resolve_device``; for plugin authors the
+weight helpers (``parse_weights`` for the ``@weights`` grammar, ``seeded`` for ``@none`` inits,
+``read_state_dict`` + ``load_into`` for ``@path`` checkpoints, ``announce_random_weights``), the torch
+``LogMelSpectrogram`` transform, and ``featurestore.testing.check_encoder`` for the contract. Built-in families:
 ``logmel``, ``timm/<model>``, ``clip/<model>``, ``cliptext/<model>``, ``frames/<size>``; plugins join through the
 entry-point group ``featurestore.encoders``. See docs/encoders.md.
 """
@@ -30,12 +33,15 @@ from featurestore.encoders._weights import (
     Weights,
     WeightsMismatchError,
     WeightsNotFoundError,
+    announce_random_weights,
     downloads_allowed,
     file_sha256,
+    load_into,
     parse_weights,
     read_state_dict,
+    seeded,
 )
-from featurestore.encoders.logmel import LogMelConfig, LogMelEncoder, mel_filterbank
+from featurestore.encoders.logmel import LogMelConfig, LogMelEncoder, LogMelSpectrogram, mel_filterbank
 from featurestore.encoders.timm_frames import TimmFrameEncoder
 from featurestore.encoders.clip import ClipImageEncoder, ClipTextEncoder
 from featurestore.encoders.frames import FrameResize, FramesEncoder
@@ -46,7 +52,8 @@ __all__ = [
     "create_encoder", "list_encoders", "register_encoder", "get_builder", "refresh_plugins",
     "parse_spec", "resolve_device",
     "ALLOW_DOWNLOAD_ENV", "Weights", "downloads_allowed", "file_sha256", "parse_weights", "read_state_dict",
+    "seeded", "load_into", "announce_random_weights",
     "SpecError", "UnknownEncoderError", "WeightsNotFoundError", "WeightsMismatchError",
-    "LogMelConfig", "LogMelEncoder", "mel_filterbank",
+    "LogMelConfig", "LogMelEncoder", "LogMelSpectrogram", "mel_filterbank",
     "TimmFrameEncoder", "ClipImageEncoder", "ClipTextEncoder", "FrameResize", "FramesEncoder",
 ]
