@@ -55,7 +55,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int | None = None, frames: int | None = None,
             limit: int | None = None, overwrite: bool = False, scheduler=None, progress: bool = True,
             backend: str | None = None, chunk_clips: int | Mapping[str, int] | None = None,
-            segments: int | None = None) -> ExtractSummary:
+            segments: int | None = None, allow_outside_root: bool = False) -> ExtractSummary:
     """Extract features of a dataset's clips into a store; resumable, with per-clip errors.
 
     Args:
@@ -78,6 +78,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         chunk_clips: clips per chunk of newly created feature sets, one number for all or a dict by
             feature set name (default: the store's ~4 MiB per chunk rounded down to a power of two,
             so that the chunks of all feature sets align). Existing feature sets keep theirs.
+        allow_outside_root: accept manifest paths that are absolute or lead outside the dataset
+            root (refused by default, before any work).
 
     Returns:
         An ExtractSummary (its ``exit_code`` is 1 when some clip failed).
@@ -93,7 +95,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     """
     t_start = time.perf_counter()
     _check_arguments(batch_size, num_workers, frames, limit, chunk_clips, segments)
-    manifest = _load_manifest(dataset, frames, segments)
+    manifest = _load_manifest(dataset, frames, segments, allow_outside_root)
     selected_ids = manifest.clip_ids[:limit] if limit else manifest.clip_ids
     _check_files(manifest.subset(selected_ids) if limit else manifest)
     location = store.location if isinstance(store, FeatureStore) else str(store)
@@ -180,13 +182,14 @@ def _check_arguments(batch_size: int, num_workers: int | None, frames: int | Non
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _load_manifest(dataset: str | Path | Manifest, frames: int | None, segments: int | None = None) -> Manifest:
+def _load_manifest(dataset: str | Path | Manifest, frames: int | None, segments: int | None = None,
+                   allow_outside_root: bool = False) -> Manifest:
     if isinstance(dataset, Manifest):
         manifest = dataset
     else:
         from featurestore.datasets import open_dataset
 
-        manifest = open_dataset(dataset)
+        manifest = open_dataset(dataset, allow_outside_root=allow_outside_root)
     if len(manifest) == 0:
         raise ValueError(f"dataset {manifest.name!r} lists no clips")
     if segments:
@@ -358,6 +361,8 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                              "to a power of two)")
     parser.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="accept manifest paths that are absolute or lead outside the dataset directory")
     return parser
 
 
@@ -370,7 +375,8 @@ def run_extract(args: argparse.Namespace) -> int:
     summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
                       num_workers=args.num_workers, frames=args.frames, limit=args.limit,
                       overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
-                      backend=args.backend, chunk_clips=args.chunk_clips, segments=args.segments)
+                      backend=args.backend, chunk_clips=args.chunk_clips, segments=args.segments,
+                      allow_outside_root=args.allow_outside_root)
     if args.quiet:
         print(summary.line())
         for line in summary.failure_lines():
