@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from featurestore.store._backend import STRING, join
-from featurestore.store.store import open_store
+from featurestore.store.store import SCHEMA_VERSION, open_store
 
 
 def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> int:
@@ -53,8 +53,9 @@ def _copy(src: str | Path, dst: str, shown: str, progress: bool, backend: str | 
                         tb.write(path, start, block)
             for group in _groups(sb, "") + arrays:
                 tb.set_attrs(group, sb.get_attrs(group))
-            # the root last (it commits the row count; a version 1 source has none recorded)
-            tb.set_attrs("", {**sb.get_attrs(""), "n_clips": source.n_clips})
+            # the root last (it commits the row count; a version 1 source has none recorded). The
+            # copy wrote every chunk, so it is a current-schema store whatever the source was
+            tb.set_attrs("", {**sb.get_attrs(""), "n_clips": source.n_clips, "schema_version": SCHEMA_VERSION})
         finally:
             target.close()
     return len(arrays)

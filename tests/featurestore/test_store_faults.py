@@ -357,3 +357,27 @@ def test_unchunked_hdf5_store_converts(tmp_path):
         np.testing.assert_array_equal(a.get_many(FEAT, a.clip_ids), b.get_many(FEAT, b.clip_ids))
         np.testing.assert_array_equal(a.labels, b.labels)
         assert a.verify().ok and b.verify().ok
+
+
+def test_schema_1_stores_are_still_read(zstore):
+    """Stores written before schema 2 have no ``n_clips`` and may lack chunks of fill values."""
+    path, data = zstore
+    meta = Path(path, "zarr.json")
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["schema_version"] = 1
+    del doc["attributes"]["n_clips"]
+    meta.write_text(json.dumps(doc))
+    chunk_file(path, DATA, 2).unlink()  # a version 1 store kept no chunk of zeros: read as before
+    with open_store(path) as store:
+        assert store.n_clips == N_CLIPS and store.attrs["schema_version"] == 1
+        np.testing.assert_array_equal(store.get_many(FEAT, store.clip_ids[:8]), data[:8])
+        assert not store.get(FEAT, store.clip_ids[9]).any()
+        assert store.verify().ok
+    converted = str(Path(path).parent / "converted.zarr")
+    convert_store(path, converted, progress=False)
+    with open_store(converted) as store:  # every chunk written: a schema 2 store
+        assert store.attrs["schema_version"] == 2 and store.verify().ok
+        np.testing.assert_array_equal(store.get_many(FEAT, store.clip_ids[:8]), data[:8])
+    chunk_file(converted, DATA, 2).unlink()
+    with open_store(converted) as store, pytest.raises(MissingChunkError):
+        store.get(FEAT, store.clip_ids[9])
