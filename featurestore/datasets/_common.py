@@ -111,6 +111,35 @@ def resolve(base: Path, relative: str) -> Path:
     return p if p.is_absolute() else (base / p).absolute()
 
 
+#: What an error about a path outside the dataset root tells the user to do when it is meant.
+OUTSIDE_ROOT_HINT = ("if the files really live there, pass allow_outside_root=True "
+                     "(featurestore extract --allow-outside-root)")
+
+
+def check_inside_root(base: Path, relative: str, manifest: Path, line: int | None, clip_id: str,
+                      allow_outside_root: bool = False) -> None:
+    """Refuse a listed path that is absolute or leads outside the dataset root ``base``.
+
+    The dataset root is a boundary: a manifest from elsewhere must not make extraction read (and
+    the store record) files anywhere on the machine. ``..`` components and symlinks are resolved
+    first, so a link under the root that points outside counts as outside.
+
+    Raises:
+        DatasetFormatError: naming the manifest, the line, the clip id and the path.
+    """
+    if allow_outside_root or not relative:
+        return
+    where = f"clip {clip_id!r}: path {relative!r}"
+    if Path(relative).is_absolute():
+        raise DatasetFormatError(manifest, line, f"{where} is absolute; paths must be relative to the dataset "
+                                                 f"root {base}; {OUTSIDE_ROOT_HINT}")
+    root = base.resolve()
+    target = (base / relative).resolve()
+    if not target.is_relative_to(root):
+        raise DatasetFormatError(manifest, line, f"{where} leads outside the dataset root {root} (to {target}); "
+                                                 f"{OUTSIDE_ROOT_HINT}")
+
+
 def check_files(manifest: Manifest) -> None:
     """Check that every audio and video file the manifest lists exists, all at once.
 

@@ -4,7 +4,9 @@ Columns (comma- or tab-separated, header required)::
 
     clip_id, audio, video[, label][, split][, city][, location]
 
-``audio``/``video`` are paths relative to the CSV's directory (absolute paths are kept); one of
+``audio``/``video`` are paths relative to the CSV's directory, which is the dataset root: an absolute
+path, or one that leads outside it (``..``, a symlink), is refused unless the reader is called with
+``allow_outside_root=True`` (``featurestore extract --allow-outside-root``); one of
 the two columns may be absent or a cell empty for clips without that modality. ``split`` holds
 split names separated by ``;`` (a clip may be in several). ``location`` lets location-level
 splits and cross-fitting work as they do for TAU.
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featurestore.datasets._common import DatasetFormatError, PathLike, read_table
+from featurestore.datasets._common import DatasetFormatError, PathLike, check_inside_root, read_table
 from featurestore.manifest import ClipRecord, Manifest
 
 _KNOWN = ("clip_id", "audio", "video", "label", "split", "city", "location")
@@ -27,6 +29,7 @@ def read_csv_manifest(
     segment_seconds: float = 1.0,
     video_frames: int = 12,
     name: str | None = None,
+    allow_outside_root: bool = False,
 ) -> Manifest:
     """Read a CSV manifest.
 
@@ -37,10 +40,11 @@ def read_csv_manifest(
         segment_seconds: length of one audio segment.
         video_frames: frames sampled per clip.
         name: dataset name for the store (default: the CSV's stem).
+        allow_outside_root: accept absolute paths and paths leading outside the CSV's directory.
 
     Raises:
-        DatasetFormatError: missing columns, duplicate ids, a label not in ``classes``
-            (naming the file and line).
+        DatasetFormatError: missing columns, duplicate ids, a label not in ``classes``, a path
+            outside the dataset root (naming the file and line).
     """
     table = read_table(path)
     header = [h.lower() for h in table.header or []]
@@ -61,6 +65,8 @@ def read_csv_manifest(
             raise DatasetFormatError(table.path, line, f"clip {clip.clip_id!r} already listed on line "
                                                        f"{lines[clip.clip_id]}")
         lines[clip.clip_id] = line
+        for listed in (cell.get("audio", ""), cell.get("video", "")):
+            check_inside_root(base, listed, table.path, line, clip.clip_id, allow_outside_root)
         clips.append(clip)
     classes = _classes(table.path, clips, lines, classes)
     return Manifest(name or table.path.stem, classes, clips, base, audio_segments=audio_segments,

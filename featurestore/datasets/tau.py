@@ -25,6 +25,7 @@ from featurestore.datasets._common import (
     PathLike,
     Table,
     check_count,
+    check_inside_root,
     read_table,
 )
 from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
@@ -96,7 +97,7 @@ def locate_tau(root: PathLike) -> TauLayout:
 
 
 def read_tau(root: PathLike, *, audio_segments: int | None = None,
-             video_frames: int | None = None) -> Manifest:
+             video_frames: int | None = None, allow_outside_root: bool = False) -> Manifest:
     """Read the TAU Urban Audio-Visual Scenes 2021 development set into a Manifest.
 
     Every ``evaluation_setup/*.csv`` present becomes a split named by its stem (``fold1_train``).
@@ -109,12 +110,14 @@ def read_tau(root: PathLike, *, audio_segments: int | None = None,
             in ``demo_config.json`` when the synthetic generator wrote the directory (a demo set
             of 3 s clips gets 3), else TAU's 10.
         video_frames: frames sampled per clip (None: the paper's 12).
+        allow_outside_root: accept listed paths that are absolute or lead outside the media
+            directory (``..``, symlinks); refused by default (see ``check_inside_root``).
 
     Raises:
         FileNotFoundError: no meta.csv near ``root``.
         DatasetFormatError: malformed metadata, an unknown scene label, a name that does not
-            parse, a split file listing an unknown clip (each naming the file and line), or an
-            unreadable ``demo_config.json``.
+            parse, a split file listing an unknown clip, a path outside the dataset root (each
+            naming the file and line), or an unreadable ``demo_config.json``.
         ValueError: ``audio_segments``/``video_frames`` not an integer >= 1.
     """
     check_count("audio_segments", audio_segments)
@@ -125,7 +128,7 @@ def read_tau(root: PathLike, *, audio_segments: int | None = None,
                                 + ", ".join(str(d) for d in layout.searched))
     _log_layout(layout)
     base = layout.media_dir or layout.meta_csv.parent
-    clips = _read_meta(read_table(layout.meta_csv, "\t"))
+    clips = _read_meta(read_table(layout.meta_csv, "\t"), base, allow_outside_root)
     by_id = {c.clip_id: c for c in clips}
     for fold in layout.fold_files:
         _apply_split(read_table(fold, "\t", _HEADER_FIRST), by_id)
@@ -136,7 +139,7 @@ def read_tau(root: PathLike, *, audio_segments: int | None = None,
 
 
 def read_tau_eval(root: PathLike, *, audio_segments: int | None = None,
-                  video_frames: int | None = None) -> Manifest:
+                  video_frames: int | None = None, allow_outside_root: bool = False) -> Manifest:
     """Read a TAU-style evaluation set (1 s clips named ``0.wav``/``0.mp4``..., no labels).
 
     Clips come from ``evaluation_setup/*.csv`` when present (each file becomes a split), else
@@ -149,10 +152,12 @@ def read_tau_eval(root: PathLike, *, audio_segments: int | None = None,
         audio_segments: 1 s audio segments per clip. None derives it: from ``demo_config.json``
             when present (a demo evaluation set of 2 s clips gets 2), else TAU's 1.
         video_frames: frames sampled per clip (None: 5).
+        allow_outside_root: as for :func:`read_tau`.
 
     Raises:
         FileNotFoundError: neither split files nor audio/video directories near ``root``.
-        DatasetFormatError: an unreadable split file or ``demo_config.json``.
+        DatasetFormatError: an unreadable split file or ``demo_config.json``, a path outside the
+            dataset root.
         ValueError: ``audio_segments``/``video_frames`` not an integer >= 1.
     """
     check_count("audio_segments", audio_segments)
@@ -164,9 +169,9 @@ def read_tau_eval(root: PathLike, *, audio_segments: int | None = None,
     _log_layout(layout)
     base = layout.media_dir or layout.fold_files[0].parent.parent
     if layout.fold_files:
-        clips = _clips_from_folds(layout.fold_files)
+        clips = _clips_from_folds(layout.fold_files, base, allow_outside_root)
     else:
-        clips = _clips_from_listing(base)
+        clips = _clips_from_listing(base, allow_outside_root)
     if audio_segments is None:
         audio_segments = _segments_from_demo_config(layout, EVAL_SEGMENTS)
     return Manifest(layout.name, list(TAU_CLASSES), clips, base, audio_segments=audio_segments,
@@ -249,7 +254,7 @@ def _require(table: Table, names: tuple[str, ...], what: str) -> int:
     return idx
 
 
-def _read_meta(table: Table) -> list[ClipRecord]:
+def _read_meta(table: Table, base: Path, allow_outside_root: bool) -> list[ClipRecord]:
     ia = _require(table, _AUDIO_COLUMNS, "filename_audio")
     iv = _require(table, _VIDEO_COLUMNS, "filename_video")
     il = _require(table, _LABEL_COLUMNS, "scene_label")
@@ -264,6 +269,8 @@ def _read_meta(table: Table) -> list[ClipRecord]:
         if clip_id in seen:
             raise DatasetFormatError(table.path, line, f"clip {clip_id!r} already listed on line {seen[clip_id]}")
         seen[clip_id] = line
+        for listed in (row[ia], row[iv]):
+            check_inside_root(base, listed, table.path, line, clip_id, allow_outside_root)
         label = _label(table, line, row[il])
         city, location = _city_location(table, line, clip_id, label)
         if ii is not None and row[ii] and row[ii] != location:
@@ -334,7 +341,7 @@ def _field(row: list[str], idx: int | None) -> str:
     return row[idx] if idx is not None and idx < len(row) else ""
 
 
-def _clips_from_folds(folds: list[Path]) -> list[ClipRecord]:
+def _clips_from_folds(folds: list[Path], base: Path, allow_outside_root: bool) -> list[ClipRecord]:
     clips: dict[str, ClipRecord] = {}
     for fold in folds:
         table = read_table(fold, "\t", _HEADER_FIRST)
@@ -344,6 +351,8 @@ def _clips_from_folds(folds: list[Path]) -> list[ClipRecord]:
         for line, row in table.rows:
             audio, video = _field(row, ia), _field(row, iv)
             clip_id = _clip_id(table, line, audio, video)
+            for listed in (audio, video):
+                check_inside_root(base, listed, fold, line, clip_id, allow_outside_root)
             label = _field(row, il) or None
             if label is not None:
                 _label(table, line, label)
@@ -355,9 +364,13 @@ def _clips_from_folds(folds: list[Path]) -> list[ClipRecord]:
     return list(clips.values())
 
 
-def _clips_from_listing(base: Path) -> list[ClipRecord]:
+def _clips_from_listing(base: Path, allow_outside_root: bool) -> list[ClipRecord]:
     audio = {p.stem: p for p in sorted((base / "audio").glob("*")) if p.is_file()} if (base / "audio").is_dir() else {}
     video = {p.stem: p for p in sorted((base / "video").glob("*")) if p.is_file()} if (base / "video").is_dir() else {}
     ids = sorted(set(audio) | set(video), key=lambda s: (0, int(s), "") if s.isdigit() else (1, 0, s))
-    return [ClipRecord(i, audio.get(i, base / "audio" / f"{i}.wav").relative_to(base),
-                       video.get(i, base / "video" / f"{i}.mp4").relative_to(base)) for i in ids]
+    clips = [ClipRecord(i, audio.get(i, base / "audio" / f"{i}.wav").relative_to(base),
+                        video.get(i, base / "video" / f"{i}.mp4").relative_to(base)) for i in ids]
+    for clip in clips:  # a symlink in audio/ or video/ may lead anywhere
+        for listed in (clip.audio, clip.video):
+            check_inside_root(base, str(listed), base, None, clip.clip_id, allow_outside_root)
+    return clips
