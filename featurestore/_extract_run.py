@@ -324,8 +324,8 @@ def _stopped(store: FeatureStore, reason: str) -> DecodeWorkerError:
 def _loader_reason(err: RuntimeError) -> str:
     """torch's message on one line, in our words ('DataLoader worker (pid 12) is killed by signal: Killed.')."""
     text = " ".join(str(err).split()).rstrip(". ")
-    text = text.replace("DataLoader worker", "a decode worker").replace("DataLoader timed out",
-                                                                       "no decoded batch arrived")
+    text = text.replace("DataLoader worker", "a decode worker").replace(") is killed", ") was killed")
+    text = text.replace("DataLoader timed out", "no decoded batch arrived")
     if "no decoded batch arrived" in text:
         text += " (a decode worker hangs or lost its batch)"
     return text.split(". If ")[0].split(". Details")[0]

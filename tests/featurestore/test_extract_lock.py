@@ -93,6 +93,7 @@ def test_remote_urls_take_no_lock():
 
 
 # ------------------------------------------------------------------------------ with extraction
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_readers_see_only_finished_clips(dataset, reference, tmp_path, capsys):
     store = tmp_path / "s.zarr"
     proc = start_child(tmp_path / "child", dataset, store, CHILD_OPTIONS, signal_at="STOP:6")
@@ -130,6 +131,7 @@ def test_a_second_writer_is_refused_and_readers_see_only_finished_clips(dataset,
     assert not lock_path(store).exists()
 
 
+@pytest.mark.slow
 def test_two_runs_creating_the_same_store_at_once_do_not_collide(dataset, reference, tmp_path):
     store = tmp_path / "new.zarr"
     go = tmp_path / "go"
@@ -157,6 +159,7 @@ def test_two_runs_creating_the_same_store_at_once_do_not_collide(dataset, refere
     assert not list(tmp_path.glob(".new.zarr.creating-*")) and not lock_path(store).exists()
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_writer_is_taken_over(dataset, reference, tmp_path, capfd):
     store = tmp_path / "s.zarr"
     proc = start_child(tmp_path / "child", dataset, store, CHILD_OPTIONS, signal_at="KILL:6")
