@@ -114,3 +114,18 @@ def test_learns_class_colours(tmp_path):
     with open_store(path) as store:
         result = heads.train(cfg, store)
     assert result.best_val_accuracy > 1 / len(CLASSES) + 0.2
+
+
+def test_frozen_alternatives_parse_and_use_what_reproduce_extracts_with_frozen_video():
+    import sys
+
+    sys.path.insert(0, str(RECIPES.parents[1]))
+    import reproduce_dcase2021 as reproduce
+
+    extracted = {s.split("@")[0] for s in reproduce.FROZEN_ENCODERS.split(",")}
+    recipes = sorted((RECIPES.parent / "frozen").glob("*.json"))
+    assert [p.name[:3] for p in recipes] == ["V01", "V02", "V03"]
+    for path in recipes:
+        cfg = heads.TrainConfig.from_json(path)
+        assert cfg.head == "embedding_mlp" and set(cfg.features) <= extracted
+        assert cfg.out.endswith("_frozen") and "NOT the paper's method" in json.loads(path.read_text())["description"]
