@@ -1,5 +1,6 @@
 """A real SIGKILL in the middle of an extraction: the store stays valid and a rerun completes it to
-exactly the arrays of an uninterrupted run."""
+exactly the arrays of an uninterrupted run. Once at a moment chosen by polling the store from
+outside, and at five points chosen by done-row count (the test hook of ``featurestore._extract_run``)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.featurestore.fault_support import done_total, finish, start_child
 from tests.featurestore.test_extract_support import ENCODERS, assert_same_arrays, make_dataset, read_all
 
 from featurestore.extract import extract
@@ -93,3 +95,34 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run_bit_for_bit(tmp_
     killed, clean = read_all(store), read_all(reference)
     assert all(mask.all() for _, mask in killed.values())
     assert_same_arrays(killed, clean)
+
+
+#: Kill points, as done rows summed over both feature sets (48 in all): after the first chunk, then
+#: spread over the run. Each resumed run is killed at the next point.
+KILL_AT_DONE = (1, 9, 18, 28, 38)
+
+
+@pytest.mark.slow
+def test_sigkill_at_five_points_spread_over_the_run_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL (the whole process group, decode workers too) at chosen points by done-row count,
+    resuming after each: the store verifies every time and ends bit-identical to a clean run."""
+    manifest = make_dataset(tmp_path / "data", N_CLIPS)
+    store = tmp_path / "killed.zarr"
+    total = 2 * N_CLIPS
+    for at_done in KILL_AT_DONE:
+        proc = start_child(tmp_path / "child", manifest, store, dict(encoders=ENCODERS, **OPTIONS),
+                           signal_at=f"KILL:{at_done}")
+        code, err = finish(proc)
+        assert code == -signal.SIGKILL, err
+        with open_store(store) as fs:
+            report = fs.verify()
+            assert report.ok, (at_done, report.problems)
+        assert at_done <= done_total(store) < total, at_done
+
+    summary = extract(manifest, store, ENCODERS, **OPTIONS)
+    assert summary.exit_code == 0
+    reference = tmp_path / "reference.zarr"
+    extract(manifest, reference, ENCODERS, **OPTIONS)
+    assert_same_arrays(read_all(store), read_all(reference))
+    with open_store(store) as fs:
+        assert fs.verify().ok
