@@ -10,6 +10,8 @@ Two methods answer the same question:
   sort. This is the default while the matrix fits in ``EXACT_MAX_BYTES``.
 * ``faiss``: an inverted-file index (``IVF<nlist>,Flat``, inner product; ``Flat`` for small sets)
   built from the same clip vectors, for sets whose clip matrix would not fit in memory or when asked.
+  The number of lists a query visits is calibrated at build time: the fewest that reach recall@10
+  >= ``CALIBRATION_RECALL`` against exact answers for sample queries.
   faiss-cpu is optional: without it ``auto`` falls back to exact search and says so.
 
 Both the matrix and the index are built once and kept beside the store, in the sidecar directory
@@ -35,7 +37,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -44,6 +46,8 @@ from featurestore.provenance import is_random_weights
 EXACT_MAX_BYTES = 4 * 2**30  # clip matrices up to this size are searched exactly in memory by default
 BLOCK_BYTES = 64 * 2**20  # rows read per block while building the clip matrix (about this many bytes)
 FLAT_BELOW = 4096  # fewer clips than this: a faiss index is a plain flat (exact) index
+CALIBRATION_RECALL = 0.97  # the IVF index visits enough lists to reach this recall@10 on sample queries
+CALIBRATION_QUERIES = 200
 METHODS = ("auto", "exact", "faiss")
 SIDECAR_SUFFIX = ".search"
 
@@ -98,7 +102,8 @@ def search(store: Any, feature_set: str, query: str | np.ndarray | None = None, 
         method: ``auto`` (exact while the clip matrix fits in ``EXACT_MAX_BYTES``, else faiss),
             ``exact`` or ``faiss``.
         include_self: keep the query clip in the results of a clip-id query (default: left out).
-        nprobe: faiss IVF lists visited per query (default: ``FaissIndex.default_nprobe``).
+        nprobe: faiss IVF lists visited per query (default: the number calibrated when the index was
+            built to reach ``CALIBRATION_RECALL`` recall@10 on sample queries).
         device: where the text tower runs.
 
     Raises:
@@ -110,7 +115,8 @@ def search(store: Any, feature_set: str, query: str | np.ndarray | None = None, 
         raise ValueError(f"search method must be one of {', '.join(METHODS)}, got {method!r}")
     if int(k) < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    info = store.feature_info(feature_set)  # raises UnknownFeatureError naming the stored sets
+    state = set_state(store, feature_set)  # raises UnknownFeatureError naming the stored sets
+    info = state.info
     if len(info.feature_shape) != 1:
         raise ValueError(f"feature set {feature_set!r} holds {list(info.feature_shape)} arrays per segment; "
                          f"search needs one embedding vector per segment")
@@ -122,7 +128,7 @@ def search(store: Any, feature_set: str, query: str | np.ndarray | None = None, 
         rows, scores = clip_matrix(store, feature_set, notes).top_k(vector, int(k), exclude)
     else:
         rows, scores = faiss_index(store, feature_set, notes).top_k(vector, int(k), exclude, nprobe)
-    ids, labels, classes = store.clip_ids, np.asarray(store.labels), store.classes
+    ids, labels, classes = state.clip_ids, state.labels, state.classes
     return SearchResult([ids[r] for r in rows], scores.astype(np.float32),
                         [classes[labels[r]] if labels[r] >= 0 else None for r in rows],
                         feature_set, method, described, random or info.random_weights, notes)
@@ -182,23 +188,29 @@ def clip_matrix(store: Any, feature_set: str, notes: list[str] | None = None) ->
 
 
 def _build_matrix(store: Any, feature_set: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read the feature set block by block (whole chunks), keeping only the clip means of done rows."""
+    """Rows and unit clip vectors of every done clip, ``[n_done, dim]`` float32."""
+    info = store.feature_info(feature_set)
+    rows = np.flatnonzero(store.done_mask(feature_set))
+    matrix = np.empty((len(rows), info.feature_shape[0]), dtype=np.float32)
+    filled = 0
+    for _, vectors in clip_blocks(store, feature_set):
+        matrix[filled:filled + len(vectors)] = vectors
+        filled += len(vectors)
+    return rows, matrix
+
+
+def clip_blocks(store: Any, feature_set: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, unit clip vectors)`` of the done clips, reading whole chunks of about ``BLOCK_BYTES``."""
     info = store.feature_info(feature_set)
     done = store.done_mask(feature_set)
-    rows = np.flatnonzero(done)
-    matrix = np.empty((len(rows), info.feature_shape[0]), dtype=np.float32)
     row_bytes = max(1, int(np.prod(info.shape[1:])) * np.dtype(info.dtype).itemsize)
     block = max(1, BLOCK_BYTES // row_bytes // info.chunk_clips) * info.chunk_clips
-    filled = 0
     for start in range(0, store.n_clips, block):
         stop = min(store.n_clips, start + block)
         keep = done[start:stop]
-        if not keep.any():
-            continue
-        data = store.read_rows(feature_set, start, stop, check_done=False)[keep]
-        matrix[filled:filled + len(data)] = clip_vectors(data)
-        filled += len(data)
-    return rows, matrix
+        if keep.any():
+            data = store.read_rows(feature_set, start, stop, check_done=False)[keep]
+            yield start + np.flatnonzero(keep), clip_vectors(data)
 
 
 def _load_matrix(path: Path | None, key: str) -> ClipMatrix | None:
@@ -222,15 +234,18 @@ class FaissIndex:
 
     @property
     def default_nprobe(self) -> int:
-        """IVF lists visited per query: a quarter of them, at least 16 (recall@10 >= 0.95 in the benchmark)."""
-        return min(self.nlist, max(16, self.nlist // 4))
+        """IVF lists visited per query: the value calibrated at build time (see `calibrate_nprobe`)."""
+        return int(getattr(self.index, "nprobe", 1)) if self.nlist > 1 else 1
 
     def top_k(self, vector: np.ndarray, k: int, exclude: int | None = None,
               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        if self.nlist > 1:
-            self.index.nprobe = int(nprobe or self.default_nprobe)
         want = min(k + (exclude is not None), self.index.ntotal)
-        scores, ids = self.index.search(vector[None].astype(np.float32), want)
+        params = None
+        if self.nlist > 1 and nprobe:
+            import faiss
+
+            params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+        scores, ids = self.index.search(vector[None].astype(np.float32), want, params=params)
         scores, ids = scores[0], ids[0]
         keep = (ids >= 0) & (ids != (-2 if exclude is None else exclude))
         return ids[keep][:k].astype(np.int64), scores[keep][:k]
@@ -265,7 +280,8 @@ def faiss_index(store: Any, feature_set: str, notes: list[str] | None = None) ->
         t0 = time.perf_counter()
         built = build_faiss_index(store, feature_set, key)
         _save(path, lambda tmp: faiss.write_index(built.index, str(tmp)))
-        _note(notes, f"built the faiss index of {feature_set!r} ({built.index.ntotal} clips, nlist {built.nlist}) "
+        _note(notes, f"built the faiss index of {feature_set!r} ({built.index.ntotal} clips, nlist {built.nlist}, "
+                     f"nprobe {built.default_nprobe})"
                      f"in {time.perf_counter() - t0:.2f} s" + (f"; saved to {path}" if path else ""))
     memo[("faiss", feature_set)] = built
     return built
@@ -274,25 +290,70 @@ def faiss_index(store: Any, feature_set: str, notes: list[str] | None = None) ->
 def build_faiss_index(store: Any, feature_set: str, key: str = "") -> FaissIndex:
     """Train and fill an ``IVF<nlist>,Flat`` inner-product index (``Flat`` below ``FLAT_BELOW`` clips).
 
-    nlist is about ``4 * sqrt(n)``; training uses at most 64 clip vectors per list. The clip vectors
-    are computed block by block (the clip matrix is not kept), so the index is all that stays in memory.
+    nlist is about ``4 * sqrt(n)``, at most ``n / 39`` (faiss wants 39 training points per list);
+    training uses at most 64 random clip vectors per list. The vectors are then added block by block,
+    so no clip matrix is held: the index is what stays in memory.
     """
     import faiss
 
     info = store.feature_info(feature_set)
     dim, n = info.feature_shape[0], int(store.done_mask(feature_set).sum())
-    nlist = 1 if n < FLAT_BELOW else int(4 * np.sqrt(n))
+    nlist = 1 if n < FLAT_BELOW else max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants 39 points per list
     if nlist == 1:
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     else:
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    rows, matrix = _build_matrix(store, feature_set)
+    sample = None
     if nlist > 1:
-        sample = np.random.default_rng(0).choice(len(rows), size=min(len(rows), 64 * nlist), replace=False)
-        index.train(matrix[np.sort(sample)])
-    index.add_with_ids(matrix, rows.astype(np.int64))
+        done_ids = [store.clip_ids[r] for r in np.flatnonzero(store.done_mask(feature_set))]
+        pick = np.sort(np.random.default_rng(0).choice(len(done_ids), size=min(len(done_ids), 64 * nlist),
+                                                       replace=False))
+        sample = clip_vectors(store.get_many(feature_set, [done_ids[i] for i in pick]))
+        sample_rows = np.flatnonzero(store.done_mask(feature_set))[pick]
+        index.train(sample)
+    for rows, vectors in clip_blocks(store, feature_set):
+        index.add_with_ids(vectors, rows.astype(np.int64))
+    if nlist > 1:
+        spread = np.linspace(0, len(sample) - 1, min(len(sample), CALIBRATION_QUERIES)).astype(int)
+        index.nprobe = calibrate_nprobe(index, store, feature_set, sample[spread], sample_rows[spread])
     return FaissIndex(key, index, nlist)
+
+
+def calibrate_nprobe(index: Any, store: Any, feature_set: str, queries: np.ndarray, query_rows: np.ndarray,
+                     k: int = 10) -> int:
+    """The fewest IVF lists (8, 16, 32, ... nlist) whose recall@k reaches ``CALIBRATION_RECALL``.
+
+    ``queries`` are stored clips (rows ``query_rows``), searched the way ``--like`` does: the clip
+    itself left out of both answers.
+
+    The exact answers come from one more pass over the feature set (block by block). How many lists
+    are needed depends on the data: clustered embeddings (real ones) need few, embeddings spread
+    evenly over the sphere need nearly all of them (the benchmark shows both); calibrating keeps the
+    recall promise either way and records the speed it costs in the index (faiss saves ``nprobe``).
+    """
+    k1 = k + 1
+    exact_scores = np.full((len(queries), k1), -np.inf, dtype=np.float32)
+    exact_rows = np.full((len(queries), k1), -1, dtype=np.int64)
+    for rows, vectors in clip_blocks(store, feature_set):
+        scores = np.concatenate([exact_scores, queries @ vectors.T], axis=1)
+        ids = np.concatenate([exact_rows, np.broadcast_to(rows, (len(queries), len(rows)))], axis=1)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k1]
+        exact_scores, exact_rows = np.take_along_axis(scores, top, 1), np.take_along_axis(ids, top, 1)
+    nlist = index.nlist
+    nprobe = min(8, nlist)
+    while True:
+        index.nprobe = nprobe
+        _, found = index.search(queries, k1)
+        recall = np.mean([len(_others(a, q, k) & _others(b, q, k)) / k
+                          for a, b, q in zip(found, exact_rows, query_rows)])
+        if recall >= CALIBRATION_RECALL or nprobe >= nlist:
+            return nprobe
+        nprobe = min(nlist, nprobe * 2)
+
+
+def _others(rows: np.ndarray, own: int, k: int) -> set[int]:
+    return set([int(r) for r in rows if r != own][:k])
 
 
 def _nlist(index: Any) -> int:
@@ -387,14 +448,43 @@ def text_vector(store: Any, info: Any, text: str, device: str = "cpu") -> tuple[
 
 
 # ------------------------------------------------------------------------- keys and the sidecar
+@dataclass
+class SetState:
+    """What a search needs to know about a feature set, kept while its done mask stays the same.
+
+    Reading ``feature_info`` and the label column costs milliseconds (they are read from the store
+    every time); the done mask is cached by the store until ``store.refresh()``, so hashing it is
+    the cheap test of "has this set changed" that keeps a warm query a matrix product.
+    """
+
+    done_key: str
+    info: Any
+    clip_ids: list[str]
+    labels: np.ndarray
+    classes: list[str]
+
+    def key(self, method: str) -> str:
+        """What a built matrix/index depends on: fingerprint, shape, done mask and the method."""
+        text = json.dumps([self.info.fingerprint, list(self.info.shape), method, FLAT_BELOW, self.done_key])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def set_state(store: Any, feature_set: str) -> SetState:
+    """The feature set's `SetState`, rebuilt when its done mask differs from the one it was made with."""
+    done = store.done_mask(feature_set)  # UnknownFeatureError for a bad name; cached by the store
+    done_key = hashlib.sha256(np.packbits(done).tobytes() + str(len(done)).encode()).hexdigest()[:16]
+    memo = _MEMO.setdefault(store, {})
+    state = memo.get(("state", feature_set))
+    if state is None or state.done_key != done_key:
+        state = SetState(done_key, store.feature_info(feature_set), store.clip_ids,
+                         np.asarray(store.labels), store.classes)
+        memo[("state", feature_set)] = state
+    return state
+
+
 def set_key(store: Any, feature_set: str, method: str) -> str:
-    """What a built matrix/index depends on: the set's fingerprint and shape, its done mask, the method."""
-    info = store.feature_info(feature_set)
-    done = np.packbits(store.done_mask(feature_set))
-    h = hashlib.sha256()
-    h.update(json.dumps([info.fingerprint, list(info.shape), method, FLAT_BELOW]).encode())
-    h.update(done.tobytes())
-    return h.hexdigest()[:16]
+    """What a built matrix/index of ``method`` depends on (see `SetState.key`)."""
+    return set_state(store, feature_set).key(method)
 
 
 def sidecar_dir(store: Any, feature_set: str) -> Path | None:

@@ -129,17 +129,22 @@ def test_the_clip_matrix_is_kept_beside_the_store_and_rebuilt_when_the_set_chang
 
 def test_faiss_flat_and_ivf_agree_with_exact(tmp_path, monkeypatch):
     pytest.importorskip("faiss")
-    monkeypatch.setattr(search_mod, "FLAT_BELOW", 100)  # 256 clips -> an IVF index of 64 lists
+    monkeypatch.setattr(search_mod, "FLAT_BELOW", 100)  # 2000 clips -> an IVF index of 2000 // 39 = 51 lists
     path = tmp_path / "ivf.zarr"
-    build(path, n=256, seed=1)
+    build(path, n=2000, seed=1)
     with open_store(path) as store:
         exact = store.search(FEAT, "c010", k=10, method="exact")
-        ivf = store.search(FEAT, "c010", k=10, method="faiss", nprobe=64)  # every list: exact answer
-        assert any("nlist 64" in n for n in ivf.notes)
+        ivf = store.search(FEAT, "c010", k=10, method="faiss", nprobe=51)  # every list: exact answer
+        assert any("nlist 51" in n for n in ivf.notes)
         assert ivf.clip_ids == exact.clip_ids and ivf.method == "faiss"
         np.testing.assert_allclose(ivf.scores, exact.scores, atol=1e-5)
-        default = store.search(FEAT, "c010", k=10, method="faiss")  # a quarter of the lists
-        assert len(set(default.clip_ids) & set(exact.clip_ids)) >= 5
+        calibrated = search_mod.faiss_index(store, FEAT).default_nprobe
+        queries = store.clip_ids[::50]
+        hits = sum(len(set(store.search(FEAT, q, method="faiss").clip_ids) & set(store.search(FEAT, q).clip_ids))
+                   for q in queries)
+        assert hits / (10 * len(queries)) >= 0.9  # the calibrated nprobe keeps its recall promise
+    with open_store(path) as store:  # read back from the sidecar with the calibrated nprobe
+        assert search_mod.faiss_index(store, FEAT).default_nprobe == calibrated and 1 <= calibrated <= 51
     small = tmp_path / "flat.zarr"
     build(small)
     with open_store(small) as store:
