@@ -33,6 +33,20 @@ def fingerprint(provenance: dict) -> str:
     development set, 1 x 1 s in the evaluation set): it is left out too, so a head trained on one
     store accepts the same encoder's features in the other. The array shape guards it in a store.
     """
+    return _fingerprint(provenance, spec_path=False)
+
+
+def fingerprint_matches(stored: str | None, provenance: dict) -> bool:
+    """Whether a fingerprint recorded with a feature set belongs to ``provenance``.
+
+    Feature sets made from a checkpoint before the path inside the spec was left out carry the
+    fingerprint of that older rule; they are still recognised (same file at the same path), so an
+    upgrade neither makes ``verify`` report them nor refuses resuming into them.
+    """
+    return stored in (fingerprint(provenance), _fingerprint(provenance, spec_path=True))
+
+
+def _fingerprint(provenance: dict, spec_path: bool) -> str:
     body = {k: v for k, v in provenance.items() if k != RUNTIME_KEY}
     segments = body.get("segments")
     if isinstance(segments, dict):
@@ -40,7 +54,8 @@ def fingerprint(provenance: dict) -> str:
     weights = body.get("weights")
     if isinstance(weights, dict) and weights.get("sha256"):
         body["weights"] = {k: v for k, v in weights.items() if k != "path"}
-        body["encoder"] = _spec_without_path(body.get("encoder"), weights.get("path"))
+        if not spec_path:
+            body["encoder"] = _spec_without_path(body.get("encoder"), weights.get("path"))
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()[:16]
 
 

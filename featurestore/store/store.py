@@ -18,7 +18,9 @@ from featurestore.errors import (
     StoreFormatError, UnknownClipError, UnknownFeatureError,
 )
 from featurestore.manifest import Manifest
-from featurestore.provenance import fingerprint, is_random_weights, runtime_info, weights_identity
+from featurestore.provenance import (
+    fingerprint, fingerprint_matches, is_random_weights, runtime_info, weights_identity,
+)
 from featurestore.store._backend import COMPRESSORS, STRING, Backend, join
 from featurestore.store._cache import ChunkCache
 
@@ -428,7 +430,7 @@ class FeatureStore:
         old = self._b.get_attrs(path)
         if overwrite or not _FEATURE_ATTRS <= set(old):  # an unfinished creation: replace it
             return False
-        if old["fingerprint"] != fingerprint(provenance):
+        if not fingerprint_matches(old["fingerprint"], provenance):
             raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})),
                                            _strip_runtime(provenance))
         stored = tuple(self._b.shape(join(path, "data"))[1:])
@@ -669,7 +671,7 @@ class FeatureStore:
         if overwrite or not self._b.is_array(join(path, "data")):
             return False
         old = self._b.get_attrs(path)
-        if old.get("fingerprint") == fingerprint(provenance):
+        if fingerprint_matches(old.get("fingerprint"), provenance):
             return True
         raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})), _strip_runtime(provenance),
                                        kind="class feature set")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.errors import CorruptChunkError, FeatureStoreError
-from featurestore.provenance import fingerprint
+from featurestore.provenance import fingerprint, fingerprint_matches
 from featurestore.store._backend import join
 
 
@@ -257,7 +257,7 @@ def _check_feature_attrs(store, report: VerifyReport, group: str, attrs: dict) -
     if not isinstance(prov, dict):
         report.problems.append(Problem(group, None, "no provenance attribute"))
         return
-    if attrs.get("fingerprint") != fingerprint(prov):
+    if not fingerprint_matches(attrs.get("fingerprint"), prov):
         report.problems.append(Problem(group, None, f"fingerprint {attrs.get('fingerprint')!r} does not "
                                                      f"match its provenance ({fingerprint(prov)!r})"))
     shape = store._b.shape(join(group, "data"))

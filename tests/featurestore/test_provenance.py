@@ -38,3 +38,29 @@ def test_segment_count_is_the_datasets_not_the_encoders():
     frames12 = {"encoder": "clip/RN101@openai", "segments": {"kind": "frames", "n_frames": 12}}
     frames5 = {"encoder": "clip/RN101@openai", "segments": {"kind": "frames", "n_frames": 5}}
     assert fingerprint(frames12) == fingerprint(frames5)
+
+
+def test_sets_fingerprinted_before_the_spec_path_rule_still_verify_and_resume(tmp_path):
+    """Feature sets made from a checkpoint carry the older fingerprint (spec path included)."""
+    import hashlib
+
+    import numpy as np
+
+    from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store, open_store
+    from featurestore.provenance import canonical_json, fingerprint_matches
+
+    prov = {"encoder": "timm/x@/ckpt/w.pt", "config": {}, "segments": {},
+            "weights": {"kind": "file", "path": "/ckpt/w.pt", "sha256": "ab" * 32}}
+    body = {**prov, "weights": {"kind": "file", "sha256": "ab" * 32}}
+    legacy = hashlib.sha256(canonical_json(body).encode()).hexdigest()[:16]
+    assert legacy != fingerprint(prov) and fingerprint_matches(legacy, prov)
+    assert not fingerprint_matches(legacy, {**prov, "encoder": "timm/x@/elsewhere/w.pt",
+                                            "weights": {**prov["weights"], "path": "/elsewhere/w.pt"}})
+    path = str(tmp_path / "s.zarr")
+    with create_store(path, Manifest("toy", list(TAU_CLASSES), [ClipRecord("a"), ClipRecord("b")])) as store:
+        store.create_feature_set("timm/x", 1, (2,), prov)
+        store._b.set_attrs("features/timm/x", {"fingerprint": legacy})  # as an older version wrote it
+        store.write_rows("timm/x", 0, np.ones((2, 1, 2), np.float16))
+    with open_store(path, "a") as store:
+        assert store.verify().ok
+        assert store.check_feature_set("timm/x", 1, (2,), prov)  # resumes instead of refusing
