@@ -39,8 +39,25 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(state_dict, metadata)`` of a safetensors file."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - safetensors' own errors do not name the file
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); heads "
+                              f"read weights as safetensors only, never pickles") from None
+
+
+class CheckpointError(ValueError):
+    """A run's checkpoint file is not what the trainer writes (safetensors + JSON)."""
+
+
+def run_file(run_dir: Path, name: str) -> Path:
+    """``run_dir / name`` for a file name recorded in a run's JSON, refused if it leads out of the run."""
+    path = (run_dir / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(run_dir.resolve()):
+        raise CheckpointError(f"{run_dir}: state.json names checkpoint {name!r}, outside the run directory")
+    return path
 
 
 def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:

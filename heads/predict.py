@@ -19,7 +19,7 @@ from featurestore.encoders import resolve_device
 from featurestore.provenance import is_random_weights
 from featurestore.torchdata import StoreDataset
 from heads._registry import Head, create_head, head_class
-from heads.checkpoint import load_weights, read_json
+from heads.checkpoint import load_weights, read_json, run_file
 from heads.errors import FeatureFingerprintError
 from heads.evaluate import clip_outputs
 from heads.train import class_features_fingerprint
@@ -54,7 +54,7 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
     if weights == "best":
         path = run_dir / "best.safetensors"
     elif weights == "last":
-        path = run_dir / read_json(run_dir / "state.json")["checkpoint"]
+        path = run_file(run_dir, read_json(run_dir / "state.json")["checkpoint"])
     else:
         raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
     state, _ = load_weights(path)

@@ -37,7 +37,9 @@ from featurestore.provenance import fingerprint as provenance_fingerprint
 from featurestore.provenance import is_random_weights, runtime_info, weights_identity
 from featurestore.torchdata import StoreDataset, WorkerLoader
 from heads._registry import Head, create_head, head_class
-from heads.checkpoint import load_optimizer, load_weights, read_json, save_optimizer, save_weights, write_json
+from heads.checkpoint import (
+    load_optimizer, load_weights, read_json, run_file, save_optimizer, save_weights, write_json,
+)
 from heads.config import RESUMABLE_FIELDS, TrainConfig
 from heads.evaluate import evaluate
 from heads.losses import make_loss
@@ -304,10 +306,10 @@ def _canon(value: Any) -> str:
 
 
 def _restore(run_dir: Path, state: dict, head: Head, optimizer: torch.optim.Optimizer | None) -> None:
-    weights, _ = load_weights(run_dir / state["checkpoint"])
+    weights, _ = load_weights(run_file(run_dir, state["checkpoint"]))
     head.load_state_dict(weights)
     if optimizer is not None:
-        load_optimizer(run_dir / state["optimizer"], optimizer)
+        load_optimizer(run_file(run_dir, state["optimizer"]), optimizer)
     _truncate_metrics(run_dir, state["epoch"])
 
 

@@ -17,6 +17,7 @@ N_CLIPS = 64
 SEGMENTS = 4
 EMBEDDINGS = {"clip/RN50x4": 24, "clip/RN101": 16, "clip/ViT-B-32": 16, "timm/test_resnet": 12}
 LOGMEL_SHAPE = (20, 16)  # [n_mels, frames]: small, but at least the delta width (9) in time
+FRAMES_SHAPE = (3, 16, 16)  # stored frames (uint8 RGB), for frame_cnn
 
 
 def provenance(encoder: str, modality: str, seed: int = 0, kind: str = "pretrained") -> dict:
@@ -54,5 +55,11 @@ def build_store(path: Path, n_clips: int = N_CLIPS, seed: int = 0, separation: f
                              {"encoder": "logmel", "config": {"modality": "audio"}, "weights": {"kind": "parameter-free"}},
                              chunk_clips=16)
     store.write_rows("logmel", 0, (logmel * 10 - 40).astype(np.float16))
+    colours = rng.uniform(40, 215, size=(len(CLASSES), 3, 1, 1))  # one colour per class, plus noise
+    frames = colours[labels][:, None] + rng.normal(scale=20, size=(n_clips, SEGMENTS, *FRAMES_SHAPE))
+    store.create_feature_set("frames/16", SEGMENTS, FRAMES_SHAPE,
+                             {"encoder": "frames/16", "config": {"modality": "video"}, "weights": {"kind": "parameter-free"}},
+                             dtype="uint8", chunk_clips=16)
+    store.write_rows("frames/16", 0, np.clip(frames, 0, 255).astype(np.uint8))
     store.close()
     return path

@@ -24,6 +24,7 @@ SETUPS = {
     "linear": (["clip/RN101", "clip/ViT-B-32"], {}),
     "zero_shot": (["clip/ViT-B-32"], {"class_features": "cliptext/ViT-B-32"}),
     "spectrogram_cnn": (["logmel"], {"backbone": "test_resnet", "resize_to": [32, 24], "freq_mask_width": 4}),
+    "frame_cnn": (["frames/16"], {"backbone": "test_resnet", "augment": False}),
 }
 
 
