@@ -43,7 +43,7 @@ def _load() -> str:
 def _extract(dataset: Path, store: Path, args: argparse.Namespace, scheduler=None, limit: int | None = None) -> dict:
     from featurestore.extract import extract
 
-    options = dict(device="cpu", batch_size=args.batch_size, chunk_clips=args.chunk_clips, frames=args.frames,
+    options = dict(device=args.device, batch_size=args.batch_size, chunk_clips=args.chunk_clips, frames=args.frames,
                    progress=False, limit=limit)
     load_before = _load()
     if scheduler is None:
@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=32)
     p.add_argument("--encoders", default="timm/resnet18@none")
     p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--device", default="cpu", help="where the encoders run (cuda: measure GPU per-clip costs)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--chunk-clips", type=int, default=4,
                    help="clips per chunk, hence per block: small enough to give every worker several tasks")
