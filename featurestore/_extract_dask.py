@@ -7,6 +7,10 @@ which rows of its blocks are still not done (so a task retried after a worker di
 first attempt wrote), and runs ``run_blocks`` with decoding in its own thread. Tasks never share a
 chunk, because blocks are whole chunks of every feature set.
 
+``scheduler`` may be an address, ``"local:N"`` (a LocalCluster of N single-threaded processes started
+for the run), a cluster or a client. A task lost to dead workers (``KilledWorker``) does not stop the
+others; its rows still not done are reported as failed clips, and a rerun extracts them.
+
 Dask worker processes are daemonic and cannot start DataLoader workers, so within a task decoding
 is not overlapped with encoding; the parallelism is the cluster's (one task per worker thread),
 and the writer thread still overlaps writing.

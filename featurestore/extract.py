@@ -353,7 +353,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--overwrite", action="store_true",
                         help="replace feature sets made with another configuration instead of refusing")
     parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                        help="run as tasks on this Dask scheduler (tcp://host:8786)")
+                        help="run as tasks on this Dask scheduler (tcp://host:8786), or local:N for a local cluster of N processes")
     parser.add_argument("--backend", choices=("zarr", "hdf5"), default=None,
                         help="store backend when the store's name does not say (.h5 -> hdf5)")
     parser.add_argument("--chunk-clips", type=int, default=None,
