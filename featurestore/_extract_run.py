@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -325,6 +326,7 @@ def _loader_reason(err: RuntimeError) -> str:
     """torch's message on one line, in our words ('DataLoader worker (pid 12) is killed by signal: Killed.')."""
     text = " ".join(str(err).split()).rstrip(". ")
     text = text.replace("DataLoader worker", "a decode worker").replace(") is killed", ") was killed")
+    text = re.sub(r"\(pid\(s\) (\d+)\)", r"(pid \1)", text)  # torch's other wording of one dead worker
     text = text.replace("DataLoader timed out", "no decoded batch arrived")
     if "no decoded batch arrived" in text:
         text += " (a decode worker hangs or lost its batch)"

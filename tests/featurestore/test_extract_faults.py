@@ -17,6 +17,7 @@ from tests.featurestore.fault_support import (
 from tests.featurestore.test_extract_support import assert_same_arrays, make_dataset, read_all
 
 from featurestore._extract_errors import StoreWriteError
+from featurestore._extract_run import _loader_reason
 from featurestore.cli import run_command
 from featurestore.extract import extract
 from featurestore.store import open_store
@@ -49,6 +50,16 @@ def _resumes_to_reference(dataset, store, reference) -> None:
 
 
 # --------------------------------------------------------------------------------- decode workers
+@pytest.mark.parametrize("torch_text, ours", [
+    ("DataLoader worker (pid 12) is killed by signal: Killed.", "a decode worker (pid 12) was killed by signal: Killed"),
+    ("DataLoader worker (pid(s) 12) exited unexpectedly", "a decode worker (pid 12) exited unexpectedly"),
+    ("DataLoader worker (pid(s) 12, 13) exited unexpectedly", "a decode worker (pid(s) 12, 13) exited unexpectedly"),
+])
+def test_both_of_torchs_wordings_of_a_dead_worker_name_its_pid_the_same_way(torch_text, ours):
+    """torch says either, depending on which of its checks sees the death first (a race)."""
+    assert _loader_reason(RuntimeError(torch_text)) == ours
+
+
 @pytest.mark.slow
 def test_a_decode_worker_killed_with_sigkill_stops_the_run_with_one_line(dataset, reference, tmp_path):
     store = tmp_path / "s.zarr"
