@@ -135,7 +135,7 @@ class HDF5Backend:
         ds = self._ds(path)
         if ds.dtype.itemsize >= width:
             return
-        old, rows, attrs = ds[...], ds.chunks[0], dict(ds.attrs)
+        old, rows, attrs = ds[...], self._growable(path).chunks[0], dict(ds.attrs)
         del self._file[path]
         self._forget(path)
         new = self._file.create_dataset(path, shape=old.shape, maxshape=(None,), dtype=np.dtype(f"S{width}"),
@@ -144,7 +144,21 @@ class HDF5Backend:
         new.attrs.update(attrs)
 
     def resize(self, path: str, n_rows: int) -> None:
-        self._ds(path).resize(n_rows, axis=0)
+        if n_rows != len(self._ds(path)):
+            self._growable(path).resize(n_rows, axis=0)
+
+    def _growable(self, path: str) -> h5py.Dataset:
+        """The dataset at ``path``, refused in one line when HDF5 cannot resize it.
+
+        Stores made by other HDF5 tools may hold contiguous (unchunked) datasets, which HDF5 can read
+        but never grow or rewrite chunk-wise; `convert` rewrites such a store into a chunked one.
+        """
+        ds = self._ds(path)
+        if ds.chunks is None or ds.maxshape[0] is not None:
+            layout = "is not chunked" if ds.chunks is None else f"has a fixed maximum of {ds.maxshape[0]} rows"
+            raise StoreFormatError(f"{self.location}: dataset {path} {layout}, so it cannot grow; "
+                                   f"rewrite the store with `featurestore convert` first")
+        return ds
 
     def delete(self, path: str) -> None:
         del self._file[path]

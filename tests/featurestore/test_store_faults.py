@@ -92,6 +92,8 @@ def test_deleted_label_chunk_is_not_read_as_unlabelled(zstore):
             store.labels
         report = store.verify()
     assert ("index/label", (0, N_CLIPS)) in [(p.where, p.rows) for p in report.problems]
+    assert main(["verify", path]) == 1
+    assert main(["show", path, clips(0, N_CLIPS)[1].clip_id]) == 1
 
 
 def test_flipped_byte_in_a_split_column_is_found_and_select_says_which_array(zstore):
@@ -318,6 +320,8 @@ def test_hdf5_dataset_with_external_storage_is_refused(tmp_path):
         open_store(path)
     with pytest.raises(StoreFormatError):
         open_store(path, "a")
+    assert main(["show", path, clips(0, N_CLIPS)[0].clip_id]) == 2
+    assert main(["verify", path]) == 2
     assert outside.read_bytes() == b"SECRET" * 100
 
 
@@ -340,6 +344,12 @@ def test_hdf5_virtual_dataset_and_links_out_of_the_file_are_refused(tmp_path):
     with pytest.raises(StoreFormatError, match="features/elsewhere is an external link"):
         open_store(path2)
     assert main(["ls", path2]) == 2
+    path3 = str(tmp_path / "aliased.h5")
+    build(path3)
+    with h5py.File(path3, "a") as f:
+        f["index/alias"] = h5py.SoftLink("/index/clip_id")
+    with pytest.raises(StoreFormatError, match="index/alias is a soft link"):
+        open_store(path3)
 
 
 def test_unchunked_hdf5_store_converts(tmp_path):
@@ -354,9 +364,28 @@ def test_unchunked_hdf5_store_converts(tmp_path):
     dst = str(tmp_path / "out.zarr")
     convert_store(path, dst, progress=False)
     with open_store(path) as a, open_store(dst) as b:
-        np.testing.assert_array_equal(a.get_many(FEAT, a.clip_ids), b.get_many(FEAT, b.clip_ids))
+        expected = a.get_many(FEAT, a.clip_ids)
+        np.testing.assert_array_equal(b.get_many(FEAT, b.clip_ids), expected)
         np.testing.assert_array_equal(a.labels, b.labels)
         assert a.verify().ok and b.verify().ok
+    assert main(["convert", path, str(tmp_path / "out.h5"), "--quiet"]) == 0  # the command, too
+    with open_store(str(tmp_path / "out.h5")) as c:
+        np.testing.assert_array_equal(c.get_many(FEAT, c.clip_ids), expected)
+
+
+def test_an_unchunked_hdf5_store_that_must_grow_is_refused_in_one_line(tmp_path):
+    """A contiguous dataset cannot be resized or rewritten chunk-wise: appending clips to such a store
+    is refused naming the dataset and the way out (convert), and the store is left as it was."""
+    path = hdf5_store(tmp_path)
+    with h5py.File(path, "a") as f:
+        values, attrs = f["index/clip_id"][...], dict(f["index/clip_id"].attrs)
+        del f["index/clip_id"]
+        f.create_dataset("index/clip_id", data=values)
+        f["index/clip_id"].attrs.update(attrs)
+    with open_store(path, "a") as store, pytest.raises(StoreFormatError, match="index/clip_id is not chunked"):
+        store.append_clips(Manifest("more", list(TAU_CLASSES), clips(N_CLIPS, 2)))
+    with open_store(path) as store:
+        assert store.n_clips == N_CLIPS and store.verify().ok
 
 
 def test_schema_1_stores_are_still_read(zstore):

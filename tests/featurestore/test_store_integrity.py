@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
+from featurestore.cli import main
 from featurestore import (
     TAU_CLASSES, ClipRecord, CorruptChunkError, Manifest, MissingFeatureError, StoreFormatError, create_store,
     open_store,
@@ -75,7 +76,20 @@ def test_corrupt_chunk_raises_and_verify_names_rows(path):
     assert not report.ok
     assert [(p.where, p.rows) for p in report.problems] == [(DATA, (8, 12))]
     assert "could not be read" in report.problems[0].what
+    assert f"(clips {ids[8]} .. {ids[11]})" in report.problems[0].what
     assert report.chunks_read == ALL_CHUNKS
+
+
+def test_verify_command_names_feature_set_rows_and_clips_of_a_flipped_chunk(path, capsys):
+    build(path)
+    flip_chunk_bytes(path, 9)
+    assert main(["verify", path]) == 1
+    out = capsys.readouterr().out
+    assert f"{DATA} rows 8:12" in out and "bus-lisbon-8-8 .. bus-lisbon-11-11" in out
+    assert main(["get", path, "bus-lisbon-9-9", FEAT, "-o", str(Path(path).parent / "x.npy")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{DATA}: rows 8:12" in err
+    assert not (Path(path).parent / "x.npy").exists()  # nothing wrong written out
 
 
 def test_verify_ok_on_clean_store(path):
