@@ -22,7 +22,7 @@ from heads.deltas import with_deltas
 
 @dataclass
 class SpectrogramCNNConfig:
-    backbone: str = "regnety_064"  # any timm model name (paper: regnety_064, resnest50d, tf_efficientnet_b1)
+    backbone: str = "regnetx_064"  # any timm model name (paper: regnetx_064, resnest50d, tf_efficientnet_b1)
     weights: str = "random"  # "random" | "pretrained" | "pretrained:<tag>" | path to a local checkpoint
     seed: int = 0  # seed of random backbone weights
     n_classes: int = 10  # output classes

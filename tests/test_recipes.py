@@ -61,3 +61,21 @@ def test_reproduction_dry_run_lists_every_step(capsys, tmp_path):
     assert trained == {str(p) for p in (RECIPES / "paper").glob("*.json")}
     assert sum(c.startswith("fusion report") for c in commands) == len(reproduce.FUSION_RECIPES)
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+PAPER_BACKBONES = {"A01": "regnetx_064", "A02": "resnest50d", "A03": "tf_efficientnet_b1",
+                   "V01": "regnetx_064", "V02": "resnest50d", "V03": "hrnet_w18"}
+
+
+@pytest.mark.parametrize("run", sorted(PAPER_BACKBONES))
+def test_paper_cnn_recipes_follow_the_papers_training_recipe(run):
+    """Table 5's backbones (RegNetX, not RegNetY), ImageNet weights, lr 0.1 (IBN-Net's default, the
+    paper's 'as IBN-Net'), /10 at 5/10/15, 20 epochs, focal loss, batch 24 (audio) / 20 (video)."""
+    (recipe,) = (RECIPES / "paper").glob(f"{run}_*.json")
+    cfg = heads.TrainConfig.from_json(recipe)
+    assert cfg.head == ("spectrogram_cnn" if run.startswith("A") else "frame_cnn")
+    assert cfg.head_config["backbone"] == PAPER_BACKBONES[run]
+    assert cfg.head_config["weights"].startswith("pretrained")  # A03: the Noisy Student tag ns_jft_in1k
+    assert (cfg.lr, cfg.epochs, list(cfg.lr_milestones), cfg.lr_gamma) == (0.1, 20, [5, 10, 15], 0.1)
+    assert (cfg.loss, cfg.focal_gamma) == ("focal", 2.0)
+    assert cfg.batch_size == (24 if run.startswith("A") else 20)
+    assert cfg.train_split == "fold1_train" and cfg.val_split == "fold1_evaluate"

@@ -39,6 +39,21 @@ def test_images_are_normalised_and_only_augmented_in_training():
     assert torch.equal(off.images(frames), off.eval().images(frames))
 
 
+def test_the_augmentation_is_the_papers():
+    """RandomAffine(10, translate 0.1, scale 0.5-1.5), ColorJitter (PyTorch defaults: identity, so not
+    built), GaussianBlur(11), then RandomErasing (p 0.5) after normalisation: torchvision v2 objects."""
+    from torchvision.transforms import v2
+
+    head = heads.create_head("frame_cnn", **SMALL)
+    affine, blur = head._geometric.transforms
+    assert isinstance(affine, v2.RandomAffine) and isinstance(blur, v2.GaussianBlur)
+    assert (affine.degrees, affine.translate, affine.scale) == ([-10.0, 10.0], (0.1, 0.1), (0.5, 1.5))
+    assert tuple(blur.kernel_size) == (11, 11)
+    assert isinstance(head._erase, v2.RandomErasing) and head._erase.p == 0.5
+    jitter = heads.create_head("frame_cnn", **SMALL, color_jitter=[0.4, 0.4, 0.4, 0.1])._geometric.transforms
+    assert [type(t) for t in jitter] == [v2.RandomAffine, v2.ColorJitter, v2.GaussianBlur]
+
+
 def test_resize_to_image_size_and_wrong_shapes_are_named():
     head = heads.create_head("frame_cnn", **SMALL, image_size=48).eval()
     assert head.images(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 48, 48)
