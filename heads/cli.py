@@ -5,6 +5,10 @@
                 --train-split fold1_train --val-split fold1_evaluate --out runs/c04
     heads train --recipe scripts/recipes/paper/C04_late_fusion.json --store S [--epochs 5 ...]
     heads predict --store S --run runs/c04 [--name c04] [--split fold1_evaluate]
+    heads classify runs/c04 x.wav x.mp4 y.wav [--json] [--out probs.csv]
+
+``--json`` prints what a command did as one JSON object on stdout (progress and summary lines go
+to stderr); ``--quiet`` (``-q``) silences progress bars and per-epoch lines.
 """
 from __future__ import annotations
 
@@ -81,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", action="store_true", default=None, help="load training features into memory")
     p.add_argument("--overwrite", action="store_true", help="discard what the run directory holds and train "
                    "afresh (default: resume the same run, refuse another)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _output_flags(p, "the run directory, epochs done and the best epoch's metrics")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="write a trained head's predictions into the store")
@@ -95,9 +99,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="best", choices=["best", "last"],
                    help="best epoch (by validation accuracy) or last completed epoch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prediction run")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _output_flags(p, "the prediction run, clips written and skipped, family and random-weights flag")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("classify", help="classify audio/video files that are in no store with a trained run",
+                       description="Run the encoders recorded with the run's feature sets and its head on new "
+                       "files. Files sharing a stem (x.wav x.mp4) form one clip; a clip needs a file of each "
+                       "modality the run's feature sets were made from.")
+    p.add_argument("run", help="training run directory (written by 'heads train')")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="audio (.wav, .flac, ...) and/or video (.mp4, .mkv, ...) files")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--weights", default="best", choices=["best", "last"],
+                   help="best epoch (by validation accuracy) or last completed epoch")
+    p.add_argument("--out", metavar="CSV", help="also write clip,files,top_class,probability,<class>... to this CSV")
+    p.add_argument("--store", help="store to read the feature sets' provenance from, for runs that did not record "
+                   "it (default: the store the run was trained on)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="FEATURE_SET=PATH",
+                   help="where a feature set's encoder checkpoint lies now, when it was moved (its sha256 must "
+                        "be the recorded one); repeatable")
+    p.add_argument("--segments", type=int, help="audio segments per clip (default: as in the training features)")
+    p.add_argument("--frames", type=int, help="video frames per clip (default: as in the training features)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per encoder call (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="decoding processes (default: %(default)s, decode in this process)")
+    _output_flags(p, "the run, classes and per clip its files, top class, clip and segment probabilities")
+    p.set_defaults(func=cmd_classify)
     return parser
+
+
+def _output_flags(p: argparse.ArgumentParser, json_what: str) -> None:
+    """``--json`` and ``--quiet``/``-q`` (``--no-progress`` stays as a hidden alias)."""
+    p.add_argument("--json", action="store_true", help=f"print a JSON object on stdout: {json_what}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-epoch lines "
+                   "(the summary line is still printed on stderr)")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -119,7 +155,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     if args.cache:
         flags["cache"] = True
-    if args.no_progress:
+    if args.quiet:
         flags["progress"] = False
     head_set = dict(_parse_set(item) for item in args.head_set)
     if args.recipe:
@@ -131,6 +167,20 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         cfg = TrainConfig(**flags)
     cfg.head_config = {**cfg.head_config, **head_set}
     return cfg
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns as wide as their longest cell."""
+    cells = [headers, *rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _parse_pair(item: str, flag: str, form: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+        raise ValueError(f"{flag} expects {form}, got {item!r}")
+    return key, value
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
@@ -148,8 +198,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args)
     result = train(cfg, overwrite=args.overwrite)
-    print(json.dumps({"run_dir": str(result.run_dir), "best_epoch": result.best_epoch,
-                      "best_val_accuracy": result.best_val_accuracy, "best_val_logloss": result.best_val_logloss}))
+    if args.json:
+        print(json.dumps({"run_dir": str(result.run_dir), "head": cfg.head, "features": list(cfg.features),
+                          "epochs": cfg.epochs, "epochs_completed": result.epochs_completed,
+                          "nothing_to_do": result.nothing_to_do, "best_epoch": result.best_epoch,
+                          "best_val_accuracy": result.best_val_accuracy,
+                          "best_val_logloss": result.best_val_logloss}, indent=2))
     return 0
 
 
@@ -158,11 +212,49 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     result = predict(args.store, args.run, name=args.name, split=args.split, batch_size=args.batch_size,
                      device=args.device, overwrite=args.overwrite, family=args.family, weights=args.weights,
-                     progress=not args.no_progress)
-    print(json.dumps({"run": result.run, "clips": result.n_clips, "skipped": result.n_skipped,
-                      "segments": result.n_segments, "family": result.attrs["family"],
-                      "random_weights": result.attrs["random_weights"]}))
+                     progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"store": str(args.store), "run": result.run, "run_dir": result.attrs["run_dir"],
+                          "clips": result.n_clips, "skipped": result.n_skipped, "segments": result.n_segments,
+                          "family": result.attrs["family"], "random_weights": result.attrs["random_weights"]},
+                         indent=2))
     return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    """``heads classify RUN FILE...``: a table (file, top class, probability) or JSON; 1 if a clip failed."""
+    from featurestore.encode_files import group_files
+    from heads.classify import Classifier
+
+    clips = group_files(args.files)  # missing files and unknown kinds are refused before any model is built
+    checkpoints = dict(_parse_pair(item, "--checkpoint", "FEATURE_SET=PATH") for item in args.checkpoint)
+    classifier = Classifier(args.run, args.device, weights=args.weights, store=args.store, checkpoints=checkpoints,
+                            segments=args.segments, frames=args.frames, batch_size=args.batch_size,
+                            num_workers=args.num_workers)
+    result = classifier.classify(clips, progress=not args.quiet)
+    if args.out:
+        result.write_csv(args.out)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(classify_table(result))
+    failed = f"; {len(result.errors)} failed" if result.errors else ""
+    print(f"classify: {len(result.clips)} clip(s) classified with {args.run} ({args.weights} weights) on "
+          f"{classifier.trained.device}{failed}" + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
+    return result.exit_code
+
+
+def classify_table(result: Any) -> str:
+    """The plain-text answer of ``heads classify``: random-weights warning, table, failures."""
+    lines = []
+    if result.random_weights:
+        lines.append(f"WARNING: RANDOM weights in {', '.join(result.random_weights)}: these probabilities carry "
+                     f"no pretrained knowledge")
+    rows = [(clip.describe(), label, f"{p:.4f}") for clip, (label, p) in zip(result.clips, result.top())]
+    if rows:
+        lines.append(_table(("file", "top class", "probability"), rows))
+    lines += [f"FAILED {name}: {message}" for name, message in result.errors.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ weights involved were random (so no report presents a random-weights result as a
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,8 @@ def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int |
     clips = batch_size or max(1, 4 * head.default_batch_size // n_segments)
     data = StoreDataset(store, features, split=split, level="clip", batch_size=clips, missing="skip")
     attrs = prediction_attrs(info, family)
-    attrs.update({"run_dir": str(run_dir), "weights": weights, "n_segments": n_segments})
+    # absolute, so that `fusion classify` finds the run from any working directory
+    attrs.update({"run_dir": str(run_dir.resolve()), "weights": weights, "n_segments": n_segments})
     store.create_predictions(name, n_segments, attrs, overwrite=overwrite)
     rows, probs, written = [], [], 0
     with tqdm(total=len(data.rows), desc=f"predict {name}", unit="clip", disable=not progress) as bar:
@@ -197,8 +199,9 @@ def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int |
             if sum(len(r) for r in rows) >= FLUSH_CLIPS:
                 written += _flush(store, name, rows, probs)
         written += _flush(store, name, rows, probs)
-    tqdm.write(f"predict {name}: wrote {written} clip(s) x {n_segments} segment(s) to predictions/{name}"
-               + (f"; skipped {data.n_skipped} clip(s) whose features are not done" if data.n_skipped else ""))
+    line = f"predict {name}: wrote {written} clip(s) x {n_segments} segment(s) to predictions/{name}" \
+        + (f"; skipped {data.n_skipped} clip(s) whose features are not done" if data.n_skipped else "")
+    tqdm.write(line, file=sys.stderr)  # stderr: stdout holds only the command's result (--json)
     return PredictResult(name, written, data.n_skipped, n_segments, attrs)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class TrainResult:
     best_val_logloss: float | None
     epochs_completed: int
     history: list[dict] = field(default_factory=list)
+    nothing_to_do: bool = False  # the run had every asked-for epoch already; nothing was built or trained
 
     @property
     def best_weights(self) -> Path:
@@ -76,6 +78,9 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch is committed to disk.
     """
     resolve_device(cfg.device)  # a bad or unavailable device fails before any data is read
+    done = None if overwrite else finished_already(cfg, store)
+    if done is not None:  # nothing to train: said in one line, without building the head or loaders
+        return done
     own = store is None
     if own:
         if not cfg.store:
@@ -90,6 +95,61 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
     finally:
         if own:
             store.close()
+
+
+def finished_already(cfg: TrainConfig, store: Any = None) -> TrainResult | None:
+    """The result of the run in ``cfg.out`` when it has nothing left to train, else None.
+
+    Nothing is left when the run directory holds this run (same training config up to the fields
+    a resume may change, and the store's feature sets still have the trained fingerprints) and it
+    has ``cfg.epochs`` or more epochs done, or it is a finished head without training. This reads
+    two JSON files and the store's feature-set attributes, so a resume with nothing to do returns
+    at once; asking for fewer epochs than were done is said in one line. Anything else (another run
+    in the directory, features that changed) is None: ``train`` then resumes or refuses as usual.
+    """
+    run_dir = Path(cfg.out)
+    info_path, state_path = run_dir / "run.json", run_dir / "state.json"
+    if not (info_path.is_file() and state_path.is_file()):
+        return None
+    info, state = read_json(info_path), read_json(state_path)
+    done = int(state.get("epoch", 0))
+    no_training = bool(state.get("finished")) and state.get("trainable_parameters") == 0
+    if (done < cfg.epochs and not no_training) or _train_diff(info.get("train", {}), cfg.to_dict()):
+        return None
+    if not _same_features(info, cfg, store):
+        return None
+    best = state.get("best_epoch")
+    if no_training:
+        _log(f"{run_dir}: {cfg.head} has no trainable parameters and was saved already; nothing to do")
+    elif done > cfg.epochs:
+        _log(f"{run_dir}: {done} epoch(s) are done already, more than --epochs {cfg.epochs} asks for; nothing "
+             f"to train (best epoch {best} stays; --overwrite trains afresh for {cfg.epochs} epoch(s))")
+    else:
+        _log(f"{run_dir}: all {done} epoch(s) are done already; nothing to train (best epoch {best}; a larger "
+             f"--epochs trains on)")
+    return TrainResult(run_dir, int(best or 0), state.get("best_val_accuracy"), state.get("best_val_logloss"),
+                       done, _read_metrics(run_dir), nothing_to_do=True)
+
+
+def _train_diff(old: dict, new: dict) -> list[str]:
+    """Training-config fields that differ, ignoring those a resume may change."""
+    return [k for k in new if k not in RESUMABLE_FIELDS and _canon(old.get(k)) != _canon(new[k])]
+
+
+def _same_features(info: dict, cfg: TrainConfig, store: Any) -> bool:
+    """Whether the store's feature sets still have the fingerprints the run was trained on."""
+    if store is None:
+        if not cfg.store:
+            return False
+        from featurestore.store import open_store
+
+        with open_store(cfg.store, mode="r") as opened:
+            return _same_features(info, cfg, opened)
+    try:
+        found = {name: store.feature_info(name).fingerprint for name in cfg.features}
+    except KeyError:  # UnknownFeatureError: train() reports it
+        return False
+    return found == {name: info.get("features", {}).get(name) for name in cfg.features}
 
 
 def build_head(cfg: TrainConfig, store: Any) -> tuple[Head, dict]:
@@ -108,6 +168,7 @@ def build_head(cfg: TrainConfig, store: Any) -> tuple[Head, dict]:
         "features": {i.name: i.fingerprint for i in infos},
         "class_features": class_fp,
         "feature_info": {**{i.name: _feature_summary(i) for i in infos}, **class_info},
+        "feature_provenance": {i.name: _recorded_provenance(i) for i in infos},
         "backbone_weights": head.backbone_weights(),
         "classes": list(store.classes),
         "train": cfg.to_dict(),
@@ -138,6 +199,13 @@ def _install_class_features(head: Head, store: Any) -> tuple[dict[str, str], dic
 def class_features_fingerprint(attrs: dict) -> str:
     """Fingerprint of a stored class-feature set from its attrs; training records it, prediction compares it."""
     return attrs.get("fingerprint") or provenance_fingerprint(attrs.get("provenance", {}))
+
+
+def _recorded_provenance(info: Any) -> dict:
+    """A feature set's provenance without its runtime section: what ``heads classify`` rebuilds the
+    encoder from (spec and weights identity, preprocessing, segment scheme, stored dtype), so a run
+    classifies new files without the store it was trained on."""
+    return {k: v for k, v in (info.provenance or {}).items() if k != "runtime"}
 
 
 def _feature_summary(info: Any) -> dict:
@@ -216,7 +284,8 @@ def fit(head: Head, train_loader: Iterable | None, val_loader: Iterable | None, 
         record["seconds"] = round(time.perf_counter() - started, 3)
         state = _commit_epoch(run_dir, head, optimizer, state, record, cfg)
         history.append(record)
-        _log(_epoch_line(record, cfg.epochs))
+        if cfg.progress:
+            _log(_epoch_line(record, cfg.epochs))
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     return _finish(run_dir, state, cfg, history)
@@ -292,12 +361,15 @@ def _open_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> dict:
     return read_json(state_path) if state_path.exists() else {}
 
 
+#: run.json keys that are not part of a run's identity: ``feature_provenance`` is documentation the
+#: fingerprints in ``features`` already cover (and runs made before it was recorded lack it).
+_NOT_IDENTITY = ("train", "created", "feature_provenance")
+
+
 def _identity_diff(old: dict, new: dict) -> list[str]:
     """Top-level (and train-config) keys that differ, ignoring fields that may change on resume."""
-    diff = [k for k in new if k not in ("train", "created") and _canon(old.get(k)) != _canon(new[k])]
-    old_train, new_train = old.get("train", {}), new.get("train", {})
-    diff += [f"train.{k}" for k in new_train
-             if k not in RESUMABLE_FIELDS and _canon(old_train.get(k)) != _canon(new_train[k])]
+    diff = [k for k in new if k not in _NOT_IDENTITY and _canon(old.get(k)) != _canon(new[k])]
+    diff += [f"train.{k}" for k in _train_diff(old.get("train", {}), new.get("train", {}))]
     return diff
 
 
@@ -381,6 +453,7 @@ def _epoch_line(record: dict, epochs: int) -> str:
 
 
 def _log(line: str) -> None:
-    """One summary line (through tqdm so it does not break a progress bar)."""
-    tqdm.write(line)
+    """One summary line on stderr (through tqdm so it does not break a progress bar), so that stdout
+    holds only what the command prints as its result (``heads train --json``)."""
+    tqdm.write(line, file=sys.stderr)
 

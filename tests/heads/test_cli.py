@@ -32,14 +32,16 @@ def test_train_then_predict_from_flags(tiny_store_path, tmp_path, capsys):
     out = tmp_path / "runs" / "mlp"
     code = main(["train", "--store", str(own), "--head", "embedding_mlp", "--features", "clip/RN101,clip/ViT-B-32",
                  "--train-split", "train", "--val-split", "val", "--out", str(out), "--epochs", "2",
-                 "--batch-size", "16", "--set", "hidden=[32]", "--set", "dropout=0.1", "--no-progress"])
+                 "--batch-size", "16", "--set", "hidden=[32]", "--set", "dropout=0.1", "--quiet", "--json"])
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads(capsys.readouterr().out)
     assert summary["best_epoch"] in (1, 2) and (out / "best.safetensors").exists()
     info = json.loads((out / "run.json").read_text())
     assert info["head_config"]["hidden"] == [32] and info["head_config"]["input_dims"] == [16, 16]
-    assert main(["predict", "--store", str(own), "--run", str(out), "--no-progress"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["clips"] == N_CLIPS
+    assert main(["predict", "--store", str(own), "--run", str(out), "--no-progress", "--json"]) == 0  # old spelling
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["clips"] == N_CLIPS and "clip/s" not in captured.err  # no bar
+    assert "predict mlp: wrote" in captured.err  # the summary line, on stderr
     with open_store(own) as store:
         assert store.get_predictions("mlp").shape[0] == N_CLIPS
 
@@ -50,7 +52,7 @@ def test_train_from_a_recipe_with_overrides(tiny_store_path, tmp_path, capsys):
                                   "train_split": "train", "val_split": "val", "epochs": 9, "batch_size": 16}))
     out = tmp_path / "lin"
     code = main(["train", "--recipe", str(recipe), "--store", str(tiny_store_path), "--out", str(out),
-                 "--epochs", "1", "--no-progress"])
+                 "--epochs", "1", "--quiet"])
     assert code == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
@@ -64,7 +66,7 @@ def test_missing_arguments_and_bad_values_exit_with_a_message(capsys, tmp_path):
 
 def test_bad_head_fields_and_recipes_exit_2_naming_what_is_wrong(tiny_store_path, tmp_path, capsys):
     base = ["train", "--store", str(tiny_store_path), "--features", "clip/RN101", "--train-split", "train",
-            "--val-split", "val", "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress"]
+            "--val-split", "val", "--out", str(tmp_path / "r"), "--epochs", "1", "--quiet"]
     assert main([*base, "--head", "linear", "--set", "hiddn=[8]"]) == 2
     err = capsys.readouterr().err
     assert "hiddn" in err and "known: input_dims" in err and "Traceback" not in err

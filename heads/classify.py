@@ -1,0 +1,207 @@
+"""Classify new recordings with a trained run: files -> the run's encoders -> the head -> probabilities.
+
+``Classifier(run_dir)`` loads the head once and rebuilds, once, the encoders that made its training
+features (``featurestore.encode_files.FileEncoder``, from the provenance recorded with each feature
+set: spec and weights identity, preprocessing, segment layout, stored dtype). ``classify(files)`` then
+decodes and encodes the files exactly as extraction would have stored them (same segments and
+frames, same cast to float16), runs the head per segment (``TrainedHead.predict_proba``) and averages
+the segments per clip, as ``heads predict`` followed by fusion's default aggregation (``mean``) does.
+
+Files form clips by stem: ``x.wav x.mp4`` is one clip ``x`` with audio and video; a clip lacking a
+modality that one of the run's feature sets needs is refused in one line naming the file and the
+feature set. A file that cannot be decoded fails its clip only (exit code 1 on the command line).
+
+Where the provenance comes from: runs record a copy of it in ``run.json`` (``feature_provenance``);
+older runs are read from a store holding the same feature sets (``store=``, else the store the run was
+trained on). Either way it must have the fingerprint the run was trained with.
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featurestore.encode_files import DEFAULT_BATCH_CLIPS, ClipFiles, FileEncoder, group_files
+from featurestore.provenance import fingerprint, fingerprint_matches, is_random_weights, weights_identity
+from heads.errors import FeatureFingerprintError
+from heads.trained import TrainedHead
+
+
+@dataclass
+class ClassifyResult:
+    """Probabilities of the clips that worked, and why the others did not.
+
+    Attributes:
+        run_dir: the run that classified them.
+        classes: class names, in the order of every probability vector.
+        clips: the classified clips, in the order given.
+        segment_probs: float32 ``[n_clips, n_segments, n_classes]``, per segment (frame) softmax.
+        errors: clip name -> why it could not be classified (a file that does not decode).
+        features: feature set -> fingerprint the run was trained on.
+        weights_identity: feature set -> ``openai``, ``file:ab12..``, ``RANDOM(seed=0)``...
+        random_weights: feature sets (and ``backbone:<name>``) whose weights are random: such
+            probabilities carry no pretrained knowledge.
+        weights: the run's ``best`` or ``last`` checkpoint.
+    """
+
+    run_dir: str
+    classes: list[str]
+    clips: list[ClipFiles]
+    segment_probs: np.ndarray
+    errors: dict[str, str] = field(default_factory=dict)
+    features: dict[str, str] = field(default_factory=dict)
+    weights_identity: dict[str, str] = field(default_factory=dict)
+    random_weights: list[str] = field(default_factory=list)
+    weights: str = "best"
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.clips]
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Clip probabilities ``[n_clips, n_classes]``: the mean over segments (fusion's ``mean``)."""
+        if self.segment_probs.shape[0] == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return self.segment_probs.mean(axis=1)
+
+    def top(self) -> list[tuple[str, float]]:
+        """``(class, probability)`` of each clip's most probable class."""
+        probs = self.probs
+        best = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+        return [(self.classes[int(i)], float(probs[k, i])) for k, i in enumerate(best)]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every clip was classified, 1 when some failed."""
+        return 1 if self.errors else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the run, the classes, per clip its files, top class, clip and segment probabilities."""
+        clips = []
+        for clip, (label, p), probs, seg in zip(self.clips, self.top(), self.probs, self.segment_probs):
+            clips.append({"clip": clip.name, "files": [str(f) for f in clip.files], "top_class": label,
+                          "probability": p, "probs": probs.tolist(), "segment_probs": seg.tolist()})
+        return {"run_dir": self.run_dir, "weights": self.weights, "classes": list(self.classes),
+                "features": dict(self.features), "weights_identity": dict(self.weights_identity),
+                "random_weights": list(self.random_weights), "clips": clips, "errors": dict(self.errors)}
+
+    def write_csv(self, path: str | Path) -> Path:
+        """``clip,files,top_class,probability,<class>...``: one row per classified clip."""
+        path = Path(path)
+        with open(path, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["clip", "files", "top_class", "probability", *self.classes])
+            for clip, (label, p), probs in zip(self.clips, self.top(), self.probs):
+                out.writerow([clip.name, clip.describe(), label, f"{p:.6f}", *(f"{v:.6f}" for v in probs)])
+        return path
+
+
+class Classifier:
+    """A trained run ready to classify files: its head and its encoders, each built once.
+
+    Args:
+        run_dir: a directory written by ``heads.train``.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda[:N]"``; head and encoders.
+        weights: the run's ``"best"`` or ``"last"`` checkpoint.
+        store: a store (path or open) to read the feature sets' provenance from, for runs that
+            did not record it (default: the store the run was trained on).
+        checkpoints: feature set -> where its encoder checkpoint lies now, when it was moved.
+        segments: audio segments per clip instead of the training features' count.
+        frames: video frames per clip instead of the training features' count.
+        batch_size: clips per encoder call.
+        num_workers: decoding processes (0: decode in this process).
+
+    Raises:
+        FeatureFingerprintError: the recorded provenance does not have the fingerprint the run was
+            trained with; and what ``FileEncoder`` raises (checkpoint missing or with another sha256,
+            an encoder that rebuilds differently).
+    """
+
+    def __init__(self, run_dir: str | Path, device: str | torch.device = "auto", *, weights: str = "best",
+                 store: Any = None, checkpoints: Mapping[str, str | Path] | None = None,
+                 segments: int | None = None, frames: int | None = None,
+                 batch_size: int = DEFAULT_BATCH_CLIPS, num_workers: int = 0):
+        self.trained = TrainedHead.load(run_dir, device, weights)
+        provenances, store_classes = run_provenance(self.trained, store)
+        self.classes = self.trained.classes or store_classes
+        self.encoder = FileEncoder(provenances, self.trained.device, checkpoints=checkpoints, segments=segments,
+                                   frames=frames, batch_size=batch_size, num_workers=num_workers)
+
+    @property
+    def random_weights(self) -> list[str]:
+        """Feature sets, and the head's own backbone, whose weights are random."""
+        backbone = self.trained.info.get("backbone_weights")
+        extra = [f"backbone:{self.trained.info['head_config'].get('backbone', self.trained.info['head'])}"] \
+            if backbone and is_random_weights({"weights": backbone}) else []
+        return self.encoder.random_weights + extra
+
+    def classify(self, files: Iterable[str | Path] | Sequence[ClipFiles], progress: bool = False) -> ClassifyResult:
+        """Classify clips given as file paths (grouped by stem) or as ``ClipFiles``.
+
+        Raises:
+            FilesError: a file is missing or of an unknown kind, or a clip lacks a modality the
+                run's feature sets need (before any work).
+        """
+        items = list(files)
+        clips = items if items and all(isinstance(c, ClipFiles) for c in items) else group_files(items)
+        encoded = self.encoder.encode(clips, progress=progress)
+        if encoded.ok.any():
+            segment_probs = self.trained.predict_proba(encoded.features)
+        else:
+            segment_probs = np.zeros((0, 0, len(self.classes)), np.float32)
+        identity = dict(self.encoder.weights_identity)
+        backbone = self.trained.info.get("backbone_weights")
+        if backbone:
+            identity["backbone"] = weights_identity({"weights": backbone})
+        return ClassifyResult(str(self.trained.run_dir), list(self.classes), encoded.ok_clips, segment_probs,
+                              dict(encoded.errors), dict(self.trained.info["features"]), identity,
+                              self.random_weights, self.trained.weights)
+
+
+def classify(run_dir: str | Path, files: Iterable[str | Path] | Sequence[ClipFiles], device: str = "auto",
+             progress: bool = False, **options: Any) -> ClassifyResult:
+    """Classify files with the run in ``run_dir`` (``Classifier(run_dir, device, **options).classify(files)``).
+
+    Building a :class:`Classifier` loads the head and builds the encoders; keep one to classify
+    many batches of files.
+    """
+    return Classifier(run_dir, device, **options).classify(files, progress=progress)
+
+
+def run_provenance(trained: TrainedHead, store: Any = None) -> tuple[dict[str, dict], list[str] | None]:
+    """The provenance of each input feature set of the run, checked against the trained fingerprints.
+
+    Returns:
+        (feature set -> provenance, the store's classes when a store was read, else None).
+    """
+    info, names = trained.info, trained.features
+    recorded = info.get("feature_provenance") or {}
+    classes = None
+    if store is None and all(name in recorded for name in names):
+        provenances = {name: dict(recorded[name]) for name in names}
+    else:
+        provenances, classes = _from_store(store if store is not None else info["train"].get("store"), names,
+                                           trained.run_dir)
+    for name in names:
+        trained_fp = info["features"][name]
+        if not fingerprint_matches(trained_fp, provenances[name]):
+            raise FeatureFingerprintError(str(trained.run_dir), name, trained_fp, fingerprint(provenances[name]))
+    return provenances, classes
+
+
+def _from_store(store: Any, names: list[str], run_dir: Path) -> tuple[dict[str, dict], list[str]]:
+    if store is None or store == "":
+        raise ValueError(f"run {str(run_dir)!r} records neither its feature sets' provenance nor a store to "
+                         f"read it from; pass --store (store=) with the feature sets {names}")
+    if isinstance(store, (str, Path)):
+        from featurestore.store import open_store
+
+        with open_store(store, mode="r") as opened:
+            return _from_store(opened, names, run_dir)
+    return {name: dict(store.feature_info(name).provenance) for name in names}, list(store.classes)

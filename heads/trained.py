@@ -1,0 +1,125 @@
+"""A trained run loaded for use on arrays: ``TrainedHead.load(run_dir).predict_proba(features)``.
+
+``heads predict`` runs a head over a store; this runs it over feature arrays a caller already has
+(the features of new recordings, made by ``featurestore.encode_files.FileEncoder``), with the same
+forward pass: segments flattened into one batch, softmax in float32, reshaped back per clip.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featurestore.encoders import resolve_device
+from heads._registry import Head
+from heads.predict import load_head
+
+
+@dataclass
+class TrainedHead:
+    """A head from a run directory, in eval mode on ``device``, with what its run recorded.
+
+    Attributes:
+        head: the module.
+        info: the run's ``run.json``.
+        run_dir: where it was loaded from.
+        weights: ``"best"`` or ``"last"``.
+        device: where it runs.
+    """
+
+    head: Head
+    info: dict
+    run_dir: Path
+    weights: str
+    device: torch.device
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | torch.device = "auto", weights: str = "best") -> TrainedHead:
+        """Load the run's ``best`` (or ``last``) weights; ``device="auto"`` picks CUDA when available."""
+        dev = resolve_device(device)
+        head, info = load_head(run_dir, dev, weights)
+        return cls(head, info, Path(run_dir), weights, dev)
+
+    @property
+    def features(self) -> list[str]:
+        """The input feature sets, in the head's input order."""
+        return list(self.info["train"]["features"])
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names in the order of the head's outputs (None for runs that predate recording them)."""
+        classes = self.info.get("classes")
+        return list(classes) if classes is not None else None
+
+    def feature_shape(self, name: str) -> tuple[int, ...] | None:
+        """Per-segment shape of input ``name`` as trained (None when the run did not record it)."""
+        shape = (self.info.get("feature_info", {}).get(name) or {}).get("shape")
+        return tuple(int(s) for s in shape[1:]) if shape else None  # recorded as [n_segments, *shape]
+
+    def batch_clips(self, n_segments: int) -> int:
+        """Clips per forward pass: about four training batches of segments, as ``heads predict`` uses."""
+        return max(1, 4 * self.head.default_batch_size // max(1, n_segments))
+
+    @torch.no_grad()
+    def predict_proba(self, features: Mapping[str, np.ndarray], batch_size: int | None = None) -> np.ndarray:
+        """Per-segment class probabilities of feature arrays.
+
+        Args:
+            features: feature set name -> ``[n_clips, n_segments, *shape]`` (as ``store.get_many``
+                returns) or one clip's ``[n_segments, *shape]``; any stored dtype. Every input of the
+                head must be there (extra names are ignored), all with the same clip and segment counts.
+            batch_size: clips per forward pass (default: :meth:`batch_clips`).
+
+        Returns:
+            float32 ``[n_clips, n_segments, n_classes]`` (``[n_segments, n_classes]`` for one clip's
+            arrays), classes in :attr:`classes` order; softmax per segment, as ``heads predict`` writes
+            them. The clip-level probabilities are their mean over segments.
+
+        Raises:
+            ValueError: an input is missing or its shape is not the one the head was trained on.
+        """
+        arrays, single = self._inputs(features)
+        n_clips, n_segments = arrays[0].shape[:2]
+        step = batch_size or self.batch_clips(n_segments)
+        self.head.eval()
+        parts = []
+        for lo in range(0, n_clips, step):
+            flat = [torch.from_numpy(np.ascontiguousarray(a[lo:lo + step])).float().to(self.device).flatten(0, 1)
+                    for a in arrays]
+            probs = torch.softmax(self.head(flat).float(), dim=-1)
+            parts.append(probs.reshape(-1, n_segments, probs.shape[-1]).cpu().numpy())
+        out = np.concatenate(parts) if parts else np.zeros((0, n_segments, self._n_classes()), np.float32)
+        return out[0] if single else out
+
+    def _n_classes(self) -> int:
+        return int(self.info["head_config"].get("n_classes") or len(self.classes or []))
+
+    def _inputs(self, features: Mapping[str, Any]) -> tuple[list[np.ndarray], bool]:
+        """The head's inputs in order, batched, checked against the trained shapes."""
+        missing = [name for name in self.features if name not in features]
+        if missing:
+            raise ValueError(f"run {str(self.run_dir)!r} takes feature sets {self.features}; missing {missing}")
+        arrays, single = [], None
+        for name in self.features:
+            array = np.asarray(features[name])
+            shape = self.feature_shape(name)
+            one = shape is not None and array.ndim == len(shape) + 1
+            if shape is not None and (array.ndim not in (len(shape) + 1, len(shape) + 2)
+                                      or tuple(array.shape[-len(shape):]) != shape):
+                raise ValueError(f"feature set {name!r}: expected [n_clips, n_segments, {', '.join(map(str, shape))}] "
+                                 f"or [n_segments, {', '.join(map(str, shape))}], got shape {list(array.shape)}")
+            if shape is None and array.ndim < 3:
+                raise ValueError(f"feature set {name!r}: expected [n_clips, n_segments, ...], got shape {list(array.shape)}")
+            single = one if single is None else single
+            if one != single:
+                raise ValueError(f"feature set {name!r}: one clip's array among batched ones (shape {list(array.shape)})")
+            arrays.append(array[None] if one else array)
+        counts = {a.shape[:2] for a in arrays}
+        if len(counts) != 1:
+            raise ValueError(f"feature sets {self.features} have different [n_clips, n_segments]: "
+                             f"{[list(a.shape[:2]) for a in arrays]}; a head predicts one row per segment")
+        return arrays, bool(single)
