@@ -8,13 +8,14 @@ is what the late-fusion head needs (3 CLIP embeddings of the same frame).
 Why blocks: a store is chunked by whole clips, and decoding a chunk is the expensive part of a read.
 `StoreDataset` therefore reads contiguous row ranges with ``store.read_rows`` (each chunk decoded once
 per epoch), shuffles the order of the blocks and then the samples inside a window of blocks (seeded,
-per epoch), and reads the next window in a background thread while the current one is consumed. Only
-a window or two is ever in memory, so a store larger than RAM trains; ``cache=True`` loads the selected
-rows once instead (fastest when they fit). Stored float16 is converted to float32 per batch.
+per epoch), and reads the next window in a background thread while the current one is consumed. At
+most two windows are ever in memory (the one being cut into batches and the next one being read,
+each read block by block into one preallocated array), so a store larger than RAM trains in bounded
+memory; ``cache=True`` loads the selected rows once instead (fastest when they fit). Stored float16
+is converted to float32 per batch.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import queue
 import threading
@@ -227,9 +228,8 @@ class StoreDataset(IterableDataset):
         return windows
 
     def _build_window(self, blocks: list[tuple[int, int, np.ndarray]], rng: np.random.Generator) -> _Window:
-        arrays = [np.concatenate([self._read(i, start, stop, local) for start, stop, local in blocks])
-                  for i in range(len(self.features))]
         rows = np.concatenate([start + local for start, _, local in blocks])
+        arrays = [self._fill(i, blocks, len(rows)) for i in range(len(self.features))]
         labels = self.labels[np.searchsorted(self.rows, rows)]
         if self.level == "segment":
             n_seg = self.n_segments[0]
@@ -240,6 +240,16 @@ class StoreDataset(IterableDataset):
             segments = np.full(len(rows), -1, dtype=np.int64)
         order = rng.permutation(len(rows)) if self.shuffle else np.arange(len(rows))
         return _Window(arrays, labels, rows, segments, order)
+
+    def _fill(self, i: int, blocks: list[tuple[int, int, np.ndarray]], n_rows: int) -> np.ndarray:
+        """Feature set ``i`` of ``blocks``, read block by block into one array (no list of blocks
+        plus a concatenated copy: a window of stored frames is hundreds of MB)."""
+        out = np.empty((n_rows, self.n_segments[i], *self.feature_shapes[i]), dtype=self.infos[i].dtype)
+        pos = 0
+        for start, stop, local in blocks:
+            out[pos:pos + len(local)] = self._read(i, start, stop, local)
+            pos += len(local)
+        return out
 
     def _read(self, i: int, start: int, stop: int, local: np.ndarray) -> np.ndarray:
         """Rows ``start + local`` of feature set ``i``: one block read (or a slice of the cache)."""
@@ -253,12 +263,7 @@ class StoreDataset(IterableDataset):
         """Read every selected row once, block by block, into one array per feature set."""
         if self._cached is not None:
             return
-        cached = []
-        for i in range(len(self.features)):
-            parts = [self._read(i, start, stop, local) for start, stop, local in self.blocks]
-            empty = np.zeros((0, self.n_segments[i], *self.feature_shapes[i]), dtype=self.infos[i].dtype)
-            cached.append(np.concatenate(parts) if parts else empty)
-        self._cached = cached
+        self._cached = [self._fill(i, self.blocks, len(self.rows)) for i in range(len(self.features))]
 
 
 def _make_blocks(rows: np.ndarray, block_clips: int) -> list[tuple[int, int, np.ndarray]]:
@@ -275,23 +280,32 @@ def _make_blocks(rows: np.ndarray, block_clips: int) -> list[tuple[int, int, np.
 
 
 def _prefetched(windows: Iterator[_Window], depth: int = 1) -> Iterator[_Window]:
-    """Build windows in a background thread (block decoding overlaps training), in order."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    """Build windows in a background thread (block decoding overlaps training), in order.
+
+    At most ``depth`` windows are built ahead of the one being consumed: the producer starts a window
+    only once the consumer has taken the previous one, and the consumer lets go of a window before
+    it asks for the next (see `_batches`). With ``depth=1`` that is two windows in memory, whatever
+    the number of windows in an epoch.
+    """
+    q: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(depth)
     stop = threading.Event()
     end = object()
 
     def work() -> None:
         try:
-            for w in windows:
-                while not stop.is_set():
-                    try:
-                        q.put(w, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+            source = iter(windows)
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
-            q.put(end)
+                w = next(source, end)
+                q.put(w)
+                if w is end:
+                    return
+                del w  # the queue (then the consumer) holds the only reference
         except BaseException as exc:  # re-raised in the consumer
             q.put(exc)
 
@@ -304,25 +318,33 @@ def _prefetched(windows: Iterator[_Window], depth: int = 1) -> Iterator[_Window]
                 return
             if isinstance(item, BaseException):
                 raise item
+            slots.release()  # taken: the producer may read the next window while this one is consumed
             yield item
+            item = None
     finally:
         stop.set()
-        while thread.is_alive():  # drain, so a producer blocked on a full queue sees the stop
-            with contextlib.suppress(queue.Empty):
-                q.get(timeout=0.05)
+        slots.release()  # wake a producer waiting for a slot
         thread.join()
 
 
 def _batches(windows: Iterator[_Window], batch_size: int, drop_last: bool) -> Iterator[Batch]:
-    """Cut windows into batches; a window's leftover is joined to the start of the next one."""
+    """Cut windows into batches; a window's leftover is joined to the start of the next one.
+
+    A window is dropped before the next one is asked for, so the two are never both held here.
+    """
     carry: Batch | None = None
-    for w in windows:
+    source = iter(windows)
+    while True:
+        w = next(source, None)
+        if w is None:
+            break
         pos = 0
         if carry is not None:
             need = batch_size - len(carry)
             head = _take(w, w.order[:need])
             carry, pos = _cat(carry, head), need
             if len(carry) < batch_size:
+                w = None
                 continue
             yield carry
             carry = None
@@ -332,6 +354,7 @@ def _batches(windows: Iterator[_Window], batch_size: int, drop_last: bool) -> It
             pos += batch_size
         if pos < n:
             carry = _take(w, w.order[pos:])
+        w = None
     if carry is not None and len(carry) and not drop_last:
         yield carry
 

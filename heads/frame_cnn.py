@@ -68,8 +68,10 @@ class FrameCNN(Head):
     default_batch_size = 20  # the paper's video batch size
     default_family = "video"
     #: Stored frames are large (a 12-frame 448 px clip is 7.2 MB): the trainer caps the shuffle
-    #: window so that one holds at most this many bytes of stored clips (memory does not grow with
-    #: the dataset; blocks of clips are still shuffled across the whole split every epoch).
+    #: window so that one holds at most this many bytes of stored clips. The loader holds at most two
+    #: windows (the one being trained on and the next being read), so the data path peaks at about
+    #: twice this plus the store's chunk cache, whatever the dataset size (docs/benchmarks.md); blocks
+    #: of clips are still shuffled across the whole split every epoch.
     max_window_bytes: ClassVar[int | None] = 256 << 20
 
     def __init__(self, cfg: FrameCNNConfig):
@@ -126,7 +128,7 @@ class FrameCNN(Head):
 
 
 def _geometric_transforms(cfg: FrameCNNConfig):
-    """RandomAffine, ColorJitter and GaussianBlur as one v2 pipeline (None when nothing is on)."""
+    """RandomAffine, then ColorJitter (only when a factor is non-zero) and GaussianBlur (unless off), as one v2 pipeline."""
     from torchvision.transforms import v2
 
     steps = [v2.RandomAffine(degrees=cfg.affine_degrees, translate=tuple(cfg.affine_translate),
