@@ -15,7 +15,7 @@ fingerprint, a checkpoint must have the recorded sha256 (a moved checkpoint is f
 so (``random_weights``).
 
 Files are grouped into clips by stem: ``x.wav`` and ``x.mp4`` are the audio and video of clip ``x``
-(:func:`group_files`).
+(:func:`featurestore.clip_files.group_files`, re-exported here).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from featurestore._extract_decode import ClipDecoder, DecodedBatch, Job, collate
 from featurestore._extract_plan import Source
 from featurestore._extract_run import _encode as encode_and_cast
+from featurestore.clip_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES, ClipFiles, FilesError, group_files
 from featurestore.encoders import (
     Encoder, WeightsMismatchError, WeightsNotFoundError, create_encoder, file_sha256, parse_spec, resolve_device,
 )
@@ -42,75 +43,12 @@ from featurestore.provenance import RUNTIME_KEY, fingerprint, is_random_weights,
 __all__ = ["AUDIO_SUFFIXES", "VIDEO_SUFFIXES", "ClipFiles", "EncodedFiles", "EncoderRebuildError", "FileEncoder",
            "FilesError", "group_files", "rebuild_encoder"]
 
-#: File name endings read as audio (libsndfile) and as video (FFmpeg through PyAV).
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".mp3")
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts")
 DEFAULT_BATCH_CLIPS = 16  # extraction's default batch: the encoders see the same batch sizes
 _CONFIG_ONLY = ("modality", "output_shape", "dtype")  # recorded config keys that are never options
 
 
-class FilesError(FeatureStoreError, ValueError):
-    """Files given for encoding cannot be used: missing, of an unknown kind, two of one kind in a
-    clip, or without the modality a feature set needs."""
-
-
 class EncoderRebuildError(FeatureStoreError, ValueError):
     """The encoder recorded with a feature set cannot be rebuilt with the same configuration."""
-
-
-@dataclass(frozen=True)
-class ClipFiles:
-    """The files of one clip: its name (the files' common stem) and its audio and/or video file."""
-
-    name: str
-    audio: Path | None = None
-    video: Path | None = None
-
-    @property
-    def files(self) -> list[Path]:
-        return [p for p in (self.audio, self.video) if p is not None]
-
-    def describe(self) -> str:
-        """``x.wav+x.mp4``: how tables and errors name the clip."""
-        return "+".join(str(p) for p in self.files)
-
-
-def group_files(paths: Iterable[str | Path]) -> list[ClipFiles]:
-    """Group files into clips by stem, in the order the stems first appear.
-
-    ``a/x.wav b/x.mp4 y.wav`` gives clip ``x`` (audio and video) and clip ``y`` (audio only). The
-    kind of a file comes from its ending (:data:`AUDIO_SUFFIXES`, :data:`VIDEO_SUFFIXES`).
-
-    Raises:
-        FilesError: no files, missing files (all named at once), an unknown ending, or two audio
-            (or two video) files with one stem.
-    """
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise FilesError("no files given: expected audio (.wav) and/or video (.mp4) files")
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FilesError(f"{len(missing)} file(s) not found: {', '.join(missing[:10])}"
-                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
-    found: dict[str, dict[str, Path]] = {}
-    for path in paths:
-        kind = _kind(path)
-        clip = found.setdefault(path.stem, {})
-        if kind in clip:
-            raise FilesError(f"clip {path.stem!r}: two {kind} files, {clip[kind]} and {path}; a clip is all the "
-                             f"files given with one stem, at most one audio and one video file")
-        clip[kind] = path
-    return [ClipFiles(stem, kinds.get("audio"), kinds.get("video")) for stem, kinds in found.items()]
-
-
-def _kind(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in AUDIO_SUFFIXES:
-        return "audio"
-    if suffix in VIDEO_SUFFIXES:
-        return "video"
-    raise FilesError(f"{path}: unknown kind of file {suffix or '(no ending)'!r}; expected audio "
-                     f"({', '.join(AUDIO_SUFFIXES)}) or video ({', '.join(VIDEO_SUFFIXES)})")
 
 
 # ------------------------------------------------------------------------------ rebuilding encoders

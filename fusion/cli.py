@@ -1,14 +1,16 @@
-"""``python -m fusion`` / ``fusion``: evaluate, report and submit fusion recipes on a store.
+"""``python -m fusion`` / ``fusion``: evaluate, report, submit and classify with fusion recipes on a store.
 
 Each command is a thin wrapper: it opens the store read-only, reads the recipe and calls one library
 function (:func:`fusion.evaluate.evaluate_recipe`, :func:`fusion.report.write_report`,
-:func:`fusion.submit.submit_recipe`).
+:func:`fusion.submit.submit_recipe`, :func:`fusion.classify.classify_files`). ``--json`` prints what
+a command did as one JSON object on stdout.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 
 from fusion.recipe import FusionRecipe, RecipeError
@@ -55,6 +57,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     with _open(args.store) as store:
         report = write_report(store, _recipe(args), args.out, args.split, args.calibration_split, args.cross_fit)
     final = report.evaluation.final
+    if args.json:
+        print(json.dumps({"recipe": report.evaluation.output.recipe.name, "split": report.evaluation.output.split,
+                          "directory": str(report.directory), "markdown": str(report.markdown),
+                          "figures": [str(report.confusion_png), str(report.reliability_png)],
+                          "metrics_json": str(report.metrics_json), "final": {"logloss": final.logloss,
+                          "accuracy": final.accuracy, "n_clips": final.n_clips}}, indent=2))
+        return 0
     print(f"wrote {report.markdown} (+ {report.confusion_png.name}, {report.reliability_png.name}, "
           f"{report.metrics_json.name}); final log-loss {final.logloss:.3f}, accuracy {100 * final.accuracy:.1f} %")
     return 0
@@ -63,8 +72,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from fusion.submit import submit_recipe
 
+    recipe = _recipe(args)
     with _open(args.store) as store:
-        path, n = submit_recipe(store, _recipe(args), args.split, args.out, args.filename_template)
+        path, n = submit_recipe(store, recipe, args.split, args.out, args.filename_template)
+    if args.json:
+        print(json.dumps({"recipe": recipe.name, "split": args.split or recipe.eval_split, "path": str(path),
+                          "clips": n}, indent=2))
+        return 0
     print(f"wrote {path}: {n} clips")
     return 0
 
@@ -73,10 +87,53 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from fusion.runinfo import describe_runs
 
     with _open(args.store) as store:
-        for run, info in describe_runs(store).items():
-            flag = "  RANDOM weights: " + ", ".join(info.random_features) if info.random else ""
-            print(f"{run}: {info.architecture}; audio={info.audio_inputs} video={info.video_inputs}{flag}")
+        runs = describe_runs(store)
+    if args.json:
+        print(json.dumps({run: {**dataclasses.asdict(info), "random": info.random} for run, info in runs.items()},
+                         indent=2))
+        return 0
+    for run, info in runs.items():
+        flag = "  RANDOM weights: " + ", ".join(info.random_features) if info.random else ""
+        print(f"{run}: {info.architecture}; audio={info.audio_inputs} video={info.video_inputs}{flag}")
     return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    """``fusion classify``: the recipe's fusion of new files, as a table or JSON; 1 if a clip failed."""
+    from fusion.classify import classify_files
+
+    run_dirs = {}
+    for item in args.run_dir:
+        run, sep, path = item.partition("=")
+        if not sep or not run or not path:
+            raise ValueError(f"--run-dir expects RUN=PATH, got {item!r}")
+        run_dirs[run] = path
+    recipe = FusionRecipe.from_json(args.recipe)
+    with _open(args.store) as store:
+        result = classify_files(store, recipe, args.files, args.device, run_dirs, progress=not args.quiet)
+    if args.out:
+        result.write_csv(args.out)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(classify_table(result))
+    failed = f"; {len(result.errors)} failed" if result.errors else ""
+    print(f"fusion classify: {len(result.clips)} clip(s) fused with {recipe.name} from {len(result.runs)} run(s)"
+          f"{failed}" + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
+    return result.exit_code
+
+
+def classify_table(result) -> str:
+    """Random-weights warning, a table (file, top class, probability) and the failed clips."""
+    lines = [f"WARNING: run {run} uses RANDOM weights ({', '.join(features)}): its probabilities carry no "
+             f"pretrained knowledge" for run, features in result.random_weights.items()]
+    rows = [("file", "top class", "probability")]
+    rows += [(clip.describe(), label, f"{p:.4f}") for clip, (label, p) in zip(result.clips, result.top())]
+    if len(rows) > 1:
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines += [f"FAILED {name}: {message}" for name, message in result.errors.items()]
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write report.md, figures and metrics.json")
     scoring(rp)
     rp.add_argument("--out", required=True, help="output directory")
+    rp.add_argument("--json", action="store_true", help="print the files written and the final scores as JSON")
     rp.set_defaults(func=cmd_report)
 
     sm = sub.add_parser("submit", help="write a DCASE submission CSV")
@@ -110,11 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", required=True, help="output .csv file (tab-separated)")
     sm.add_argument("--filename-template", default=DEFAULT_FILENAME_TEMPLATE,
                     help="filename column, a format string with {clip_id} (default: %(default)s)")
+    sm.add_argument("--json", action="store_true", help="print the recipe, split, file written and clip count as JSON")
     sm.set_defaults(func=cmd_submit)
 
     rn = sub.add_parser("runs", help="list the store's prediction runs and their inputs")
     rn.add_argument("--store", required=True, help="feature store path or URL")
+    rn.add_argument("--json", action="store_true", help="print every run's head, inputs, weights and splits as JSON")
     rn.set_defaults(func=cmd_runs)
+
+    cl = sub.add_parser("classify", help="fuse the recipe's runs on audio/video files that are in no store",
+                        description="Each run of the recipe classifies the files through 'python -m heads "
+                        "classify' (its recorded run directory); the recipe's rules, weights and calibration "
+                        "are fitted on the store, as 'fusion evaluate' does. Files sharing a stem (x.wav "
+                        "x.mp4) form one clip.")
+    cl.add_argument("--store", required=True, help="feature store path or URL holding the recipe's runs")
+    cl.add_argument("--recipe", required=True, help="fusion recipe JSON file")
+    cl.add_argument("files", nargs="+", metavar="FILE", help="audio (.wav ...) and/or video (.mp4 ...) files")
+    cl.add_argument("--device", default="auto", help="device each run's 'heads classify' uses: auto (CUDA "
+                    "when available, else the CPU), cpu, cuda or cuda:N")
+    cl.add_argument("--run-dir", action="append", default=[], metavar="RUN=PATH",
+                    help="training run directory of a prediction run, instead of the one it records; repeatable")
+    cl.add_argument("--out", metavar="CSV", help="also write clip,files,top_class,probability,<class>... to this CSV")
+    cl.add_argument("--json", action="store_true", help="print the runs asked and per clip its files, top class "
+                    "and fused probabilities as JSON")
+    cl.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the summary line is still "
+                    "printed on stderr)")
+    cl.set_defaults(func=cmd_classify)
     return parser
 
 

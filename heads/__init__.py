@@ -7,9 +7,13 @@ Public API::
     heads.train(heads.TrainConfig(...))      # -> TrainResult (a run directory with checkpoints)
     heads.predict(store, "runs/c04")         # -> writes predictions/<run>/probs into the store
     heads.load_head("runs/c04")              # -> (trained head, run.json)
+    heads.TrainedHead.load("runs/c04").predict_proba({"clip/RN101": x, ...})  # -> [n_clips, n_segments, C]
+    heads.classify("runs/c04", ["x.wav", "x.mp4"])  # -> ClassifyResult (new files, through the run's encoders)
+    heads.Classifier("runs/c04")             # -> head and encoders built once, .classify(files) many times
 
-``heads.train`` and ``heads.predict`` are the functions; their modules are ``heads.train`` /
-``heads.predict`` in ``sys.modules`` (import names from them with ``from heads.train import fit``).
+``heads.train``, ``heads.predict`` and ``heads.classify`` are the functions; their modules are
+``heads.train`` / ``heads.predict`` / ``heads.classify`` in ``sys.modules`` (import names from them
+with ``from heads.train import fit``).
 """
 from heads._registry import Head, create_head, head_class, list_heads, make_config, register_head
 from heads import embedding_mlp, frame_cnn, late_fusion, spectrogram_cnn, zero_shot  # noqa: F401  (registers the heads)
@@ -17,8 +21,11 @@ from heads.config import TrainConfig
 from heads.errors import FeatureFingerprintError
 from heads.predict import PredictResult, load_head, predict
 from heads.train import TrainResult, fit, train
+from heads.trained import TrainedHead
+from heads.classify import Classifier, ClassifyResult, classify
 
 __all__ = [
-    "FeatureFingerprintError", "Head", "PredictResult", "TrainConfig", "TrainResult", "create_head", "fit",
-    "head_class", "list_heads", "load_head", "make_config", "predict", "register_head", "train",
+    "Classifier", "ClassifyResult", "FeatureFingerprintError", "Head", "PredictResult", "TrainConfig",
+    "TrainResult", "TrainedHead", "classify", "create_head", "fit", "head_class", "list_heads", "load_head",
+    "make_config", "predict", "register_head", "train",
 ]
