@@ -70,11 +70,11 @@ def rebuild_encoder(name: str, provenance: Mapping[str, Any], device: str | torc
         EncoderRebuildError: the rebuilt encoder's configuration differs from the recorded one.
     """
     spec = _spec_to_build(name, provenance, checkpoint)
-    options = provenance.get("options") if isinstance(provenance.get("options"), dict) else {}
+    options = recorded_options(provenance)
     encoder = create_encoder(spec, device, **options)
     differences = _differences(provenance, encoder)
     if differences and not options:
-        retry = _recorded_options(provenance, encoder)
+        retry = _options_from_config(provenance, encoder)
         if retry:  # a feature set made with encoder options (logmel n_mels=128): build with them
             try:
                 encoder = create_encoder(spec, device, **retry)
@@ -86,6 +86,16 @@ def rebuild_encoder(name: str, provenance: Mapping[str, Any], device: str | torc
                                   f"one recorded with it ({'; '.join(differences[:4])}); it was made with other "
                                   f"encoder options or another version of the encoder")
     return encoder
+
+
+def recorded_options(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``create_encoder`` options a feature set was made with, where its provenance records them
+    (``options``, or the runtime section's ``request.options``, which extraction writes); else {}."""
+    for where in (provenance, (provenance.get(RUNTIME_KEY) or {}).get("request") or {}):
+        options = where.get("options") if isinstance(where, Mapping) else None
+        if isinstance(options, Mapping) and options:
+            return dict(options)
+    return {}
 
 
 def _spec_to_build(name: str, provenance: Mapping[str, Any], checkpoint: str | Path | None) -> str:
@@ -135,8 +145,9 @@ def _differences(provenance: Mapping[str, Any], encoder: Encoder) -> list[str]:
     return out or ["fingerprint"]
 
 
-def _recorded_options(provenance: Mapping[str, Any], encoder: Encoder) -> dict[str, Any]:
-    """Recorded config values that differ from the default build (candidate encoder options)."""
+def _options_from_config(provenance: Mapping[str, Any], encoder: Encoder) -> dict[str, Any]:
+    """Recorded config values that differ from the default build: the options of a feature set whose
+    provenance does not record them (candidates; the rebuild is checked by fingerprint anyway)."""
     want = _body(provenance).get("config", {})
     got = _body(encoder.provenance()).get("config", {})
     return {k: v for k, v in want.items() if k in got and got[k] != v and k not in _CONFIG_ONLY}

@@ -202,10 +202,16 @@ def class_features_fingerprint(attrs: dict) -> str:
 
 
 def _recorded_provenance(info: Any) -> dict:
-    """A feature set's provenance without its runtime section: what ``heads classify`` rebuilds the
-    encoder from (spec and weights identity, preprocessing, segment scheme, stored dtype), so a run
-    classifies new files without the store it was trained on."""
-    return {k: v for k, v in (info.provenance or {}).items() if k != "runtime"}
+    """A feature set's provenance without its runtime section (but with how the encoder was asked
+    for, ``runtime.request``, when extraction recorded it): what ``heads classify`` rebuilds the
+    encoder from (spec and weights identity, options, preprocessing, segment scheme, stored dtype),
+    so a run classifies new files without the store it was trained on."""
+    prov = info.provenance or {}
+    kept = {k: v for k, v in prov.items() if k != "runtime"}
+    request = (prov.get("runtime") or {}).get("request")
+    if request:
+        kept["runtime"] = {"request": request}
+    return kept
 
 
 def _feature_summary(info: Any) -> dict:

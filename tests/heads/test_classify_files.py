@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from featurestore.clip_files import ClipFiles, FilesError, group_files
-from featurestore.encode_files import EncoderRebuildError, FileEncoder, rebuild_encoder
+from featurestore.encode_files import EncoderRebuildError, FileEncoder, rebuild_encoder, recorded_options
 from featurestore.encoders import WeightsMismatchError, WeightsNotFoundError, create_encoder
 from featurestore.extract import extract
 from featurestore.store import open_store
@@ -91,7 +91,10 @@ def test_encoder_options_are_rebuilt_and_other_configurations_refused():
     made = create_encoder("logmel", n_mels=64)
     provenance = {**made.provenance(), "segments": {"kind": "audio", "n_segments": 1, "segment_seconds": 1.0,
                                                     "sample_rate": 48000}}
-    assert rebuild_encoder("logmel", provenance).output_shape == (64, 94)
+    assert rebuild_encoder("logmel", provenance).output_shape == (64, 94)  # options found from the config
+    asked = {**create_encoder("logmel", n_mels=32).provenance(), "runtime": {"request": {"options": {"n_mels": 32}}}}
+    assert recorded_options(asked) == {"n_mels": 32}  # as extraction records how an encoder was asked for
+    assert rebuild_encoder("logmel", asked).output_shape == (32, 94)
     frames = create_encoder("timm/test_resnet@none")
     changed = frames.provenance()
     changed["config"] = {**changed["config"], "preprocess": {**changed["config"]["preprocess"], "crop": [99, 99]}}
