@@ -1,7 +1,7 @@
 """featurestore: read datasets, decode, encode once, and query features by clip id."""
 from featurestore.errors import (
     CorruptChunkError, FeatureStoreError, FingerprintMismatchError, MissingChunkError, MissingFeatureError,
-    ReadOnlyStoreError, StoreFormatError, UnknownClipError, UnknownFeatureError,
+    ReadOnlyStoreError, StoreFormatError, UnknownClipError, UnknownFeatureError, UnknownValueError,
 )
 from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
 from featurestore.store import FeatureInfo, FeatureStore, VerifyReport, convert_store, create_store, open_store
@@ -9,5 +9,5 @@ from featurestore.store import FeatureInfo, FeatureStore, VerifyReport, convert_
 __all__ = [
     "TAU_CLASSES", "ClipRecord", "CorruptChunkError", "FeatureInfo", "FeatureStore", "FeatureStoreError",
     "FingerprintMismatchError", "Manifest", "MissingChunkError", "MissingFeatureError", "ReadOnlyStoreError", "StoreFormatError",
-    "UnknownClipError", "UnknownFeatureError", "VerifyReport", "convert_store", "create_store", "open_store",
+    "UnknownClipError", "UnknownFeatureError", "UnknownValueError", "VerifyReport", "convert_store", "create_store", "open_store",
 ]

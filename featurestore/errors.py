@@ -49,6 +49,31 @@ class UnknownFeatureError(FeatureStoreError, KeyError):
         return self.args[0]
 
 
+class UnknownValueError(UnknownFeatureError):
+    """A value asked of an index column (a split, city, location or label) that no clip has.
+
+    A subclass of ``UnknownFeatureError`` (itself a ``KeyError``), so code that caught unknown
+    splits before still does.
+
+    Attributes:
+        column: what was asked of: ``split``, ``city``, ``location`` or ``label``.
+        value: the value that is not there.
+        known: the values the store has (for an integer label: the valid indices' range is named).
+    """
+
+    def __init__(self, column: str, value: object, known: Iterable[object], detail: str = ""):
+        self.column, self.value, self.name = column, value, str(value)
+        self.known = sorted({str(k) for k in known})
+        near = difflib.get_close_matches(str(value), self.known, n=3)
+        listing = ", ".join(self.known) if self.known else "(none)"
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        extra = f" {detail}" if detail else ""
+        KeyError.__init__(self, f"no clip has {column} {value!r}; the store's {column} values: {listing}.{extra}{hint}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class MissingFeatureError(FeatureStoreError):
     """A clip's row exists but its ``done`` flag is false: the data is not there, never zeros."""
 

@@ -4,7 +4,8 @@ It is plain data (no I/O) so that readers, the store, the extractor and tests ca
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 # The DCASE2021 Task 1B classes in the baseline's order (index 0-9).
@@ -12,6 +13,21 @@ TAU_CLASSES: tuple[str, ...] = (
     "airport", "bus", "metro", "metro_station", "park",
     "public_square", "shopping_mall", "street_pedestrian", "street_traffic", "tram",
 )
+
+
+def check_classes(classes: Sequence[str], what: str = "classes") -> list[str]:
+    """The class list as a list of names; refuses an empty list, empty or non-string names and
+    repeats, because a label index is a position in this list."""
+    if isinstance(classes, str) or not isinstance(classes, Sequence):
+        raise ValueError(f"{what} must be a list of class names, got {type(classes).__name__} {classes!r}")
+    names = list(classes)
+    bad = [c for c in names if not isinstance(c, str) or not c.strip() or c != c.strip()]
+    if not names or bad:
+        raise ValueError(f"{what} must be non-empty class names without surrounding spaces, got {names!r}")
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise ValueError(f"{what} name {', '.join(map(repr, twice))} more than once: {names}")
+    return names
 
 
 @dataclass
@@ -78,6 +94,22 @@ class Manifest:
             return self.classes.index(label)
         except ValueError:
             raise ValueError(f"label {label!r} is not one of the classes {self.classes}") from None
+
+    def with_classes(self, classes: Sequence[str]) -> "Manifest":
+        """The same manifest with the given class order, e.g. for clips without labels
+        (``extract --classes``), so that the store, its labels and every head agree on one order.
+
+        Raises:
+            ValueError: bad class names (see `check_classes`), or a labelled clip whose label is
+                not among them (one line naming the dataset, the clip and the label).
+        """
+        names = check_classes(classes)
+        known = set(names)
+        for clip in self.clips:
+            if clip.label is not None and clip.label not in known:
+                raise ValueError(f"dataset {self.name!r}: clip {clip.clip_id!r} has label {clip.label!r}, "
+                                 f"which is not one of the given classes {names}")
+        return replace(self, classes=names)
 
     def subset(self, clip_ids: list[str]) -> "Manifest":
         """The same manifest restricted to ``clip_ids`` (kept in the given order)."""

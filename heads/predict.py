@@ -90,8 +90,14 @@ def class_order(run_classes: list[str] | None, store_classes: list[str], run_dir
         None when the orders already agree (or the run predates recording its classes).
 
     Raises:
-        ValueError: the run's class names and the store's are not the same set.
+        ValueError: the run's class names and the store's are not the same set, or neither the
+            run nor the store has classes (a store from a manifest without labels takes the
+            run's, see ``_predict``; a run too old to record them cannot give them).
     """
+    if not store_classes and not run_classes:
+        raise ValueError(f"the store has no classes (made from a manifest without labels) and run {str(run_dir)!r} "
+                         f"does not record the classes it was trained on; extract with --classes A,B,C "
+                         f"(extract(..., classes=[...])) to give the store its classes")
     if run_classes is None or list(run_classes) == list(store_classes):
         return None
     run, stored = list(run_classes), list(store_classes)
@@ -177,6 +183,8 @@ def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int |
     dev = resolve_device(device)
     head, info = load_head(run_dir, dev, weights)
     sets = check_fingerprints(store, info, run_dir)
+    if not store.classes and info.get("classes"):
+        store.set_classes(info["classes"])  # a store of unlabelled clips takes the classes the head predicts
     order = class_order(info.get("classes"), store.classes, run_dir)
     features = list(info["train"]["features"])  # the head's input order (the JSON dict is key-sorted)
     segments = {sets[f].n_segments for f in features}

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from featurestore.datasets._common import (
@@ -28,7 +29,8 @@ __all__ = [
 
 
 def open_dataset(path: PathLike, *, audio_segments: int | None = None,
-                 video_frames: int | None = None, allow_outside_root: bool = False) -> Manifest:
+                 video_frames: int | None = None, allow_outside_root: bool = False,
+                 classes: Sequence[str] | None = None) -> Manifest:
     """Read a dataset, recognising which kind it is.
 
     * a ``.csv`` file: ``meta.csv`` -> :func:`read_tau` on its directory; a file with a
@@ -46,6 +48,8 @@ def open_dataset(path: PathLike, *, audio_segments: int | None = None,
         video_frames: frames sampled per clip; None lets the reader decide (12, 5 for evaluation).
         allow_outside_root: accept listed paths that are absolute or lead outside the dataset root
             (refused by default: the root is a boundary).
+        classes: the class order (needed for a CSV without labels; TAU readers default to the
+            DCASE order); a labelled clip whose label is not among them is an error.
 
     Raises:
         FileNotFoundError: the path does not exist or holds none of these.
@@ -56,17 +60,17 @@ def open_dataset(path: PathLike, *, audio_segments: int | None = None,
     shape = {"audio_segments": audio_segments, "video_frames": video_frames}
     path = Path(path)
     if path.is_file():
-        return _open_file(path, shape, allow_outside_root)
+        return _open_file(path, shape, allow_outside_root, classes)
     if not path.is_dir():
         raise FileNotFoundError(f"dataset path {path} does not exist")
     layout = locate_tau(path)
     if layout.meta_csv is not None:
-        return read_tau(path, **shape, allow_outside_root=allow_outside_root)
+        return read_tau(path, **shape, allow_outside_root=allow_outside_root, classes=classes)
     if layout.fold_files or layout.media_dir is not None:
-        return read_tau_eval(path, **shape, allow_outside_root=allow_outside_root)
+        return read_tau_eval(path, **shape, allow_outside_root=allow_outside_root, classes=classes)
     manifests = [p for p in sorted(path.glob("*.csv")) if _has_clip_id(p)]
     if len(manifests) == 1:
-        return read_csv_manifest(manifests[0], **_given(shape), allow_outside_root=allow_outside_root)
+        return read_csv_manifest(manifests[0], classes, **_given(shape), allow_outside_root=allow_outside_root)
     raise FileNotFoundError(
         f"{path} is not a dataset this package reads: no meta.csv (TAU development), no "
         f"evaluation_setup/ or audio/ or video/ (TAU evaluation), and "
@@ -74,11 +78,12 @@ def open_dataset(path: PathLike, *, audio_segments: int | None = None,
         f"(looked in: {', '.join(str(d) for d in layout.searched)})")
 
 
-def _open_file(path: Path, shape: dict[str, int | None], allow_outside_root: bool) -> Manifest:
+def _open_file(path: Path, shape: dict[str, int | None], allow_outside_root: bool,
+               classes: Sequence[str] | None) -> Manifest:
     if path.name == "meta.csv":
-        return read_tau(path.parent, **shape, allow_outside_root=allow_outside_root)
+        return read_tau(path.parent, **shape, allow_outside_root=allow_outside_root, classes=classes)
     if _has_clip_id(path):
-        return read_csv_manifest(path, **_given(shape), allow_outside_root=allow_outside_root)
+        return read_csv_manifest(path, classes, **_given(shape), allow_outside_root=allow_outside_root)
     raise DatasetFormatError(path, 1, "not a dataset manifest: expected meta.csv or a CSV with a clip_id column")
 
 

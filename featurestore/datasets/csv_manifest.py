@@ -4,6 +4,8 @@ Columns (comma- or tab-separated, header required)::
 
     clip_id, audio, video[, label][, split][, city][, location]
 
+A manifest without a ``label`` column (``clip_id,audio,video``) has no classes of its own: give them
+with ``classes=`` (``featurestore extract --classes a,b,c``), or a head's predictions bring them.
 ``audio``/``video`` are paths relative to the CSV's directory, which is the dataset root: an absolute
 path, or one that leads outside it (``..``, a symlink), is refused unless the reader is called with
 ``allow_outside_root=True`` (``featurestore extract --allow-outside-root``); one of
@@ -13,17 +15,18 @@ splits and cross-fitting work as they do for TAU.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from featurestore.datasets._common import DatasetFormatError, PathLike, check_inside_root, read_table
-from featurestore.manifest import ClipRecord, Manifest
+from featurestore.manifest import ClipRecord, Manifest, check_classes
 
 _KNOWN = ("clip_id", "audio", "video", "label", "split", "city", "location")
 
 
 def read_csv_manifest(
     path: PathLike,
-    classes: list[str] | None = None,
+    classes: Sequence[str] | None = None,
     *,
     audio_segments: int = 10,
     segment_seconds: float = 1.0,
@@ -35,7 +38,8 @@ def read_csv_manifest(
 
     Args:
         path: the CSV file.
-        classes: ordered class names; None takes the sorted unique labels of the file.
+        classes: ordered class names (every label must be one of them); None takes the sorted
+            unique labels of the file, which is no classes at all for a file without labels.
         audio_segments: audio segments per clip for extraction.
         segment_seconds: length of one audio segment.
         video_frames: frames sampled per clip.
@@ -86,11 +90,12 @@ def _record(cell: dict[str, str]) -> ClipRecord:
     )
 
 
-def _classes(path: Path, clips: list[ClipRecord], lines: dict[str, int], classes: list[str] | None) -> list[str]:
+def _classes(path: Path, clips: list[ClipRecord], lines: dict[str, int],
+             classes: Sequence[str] | None) -> list[str]:
     labels = {c.label for c in clips if c.label is not None}
     if classes is None:
         return sorted(labels)
-    classes = list(classes)
+    classes = check_classes(classes)
     for clip in clips:
         if clip.label is not None and clip.label not in classes:
             raise DatasetFormatError(path, lines[clip.clip_id], f"label {clip.label!r} of clip {clip.clip_id!r} "

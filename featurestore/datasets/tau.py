@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def locate_tau(root: PathLike) -> TauLayout:
 
 
 def read_tau(root: PathLike, *, audio_segments: int | None = None,
-             video_frames: int | None = None, allow_outside_root: bool = False) -> Manifest:
+             video_frames: int | None = None, allow_outside_root: bool = False,
+             classes: Sequence[str] | None = None) -> Manifest:
     """Read the TAU Urban Audio-Visual Scenes 2021 development set into a Manifest.
 
     Every ``evaluation_setup/*.csv`` present becomes a split named by its stem (``fold1_train``).
@@ -112,6 +114,8 @@ def read_tau(root: PathLike, *, audio_segments: int | None = None,
         video_frames: frames sampled per clip (None: the paper's 12).
         allow_outside_root: accept listed paths that are absolute or lead outside the media
             directory (``..``, symlinks); refused by default (see ``check_inside_root``).
+        classes: the class order of the store (default: the DCASE order, ``TAU_CLASSES``); every
+            label must be one of them.
 
     Raises:
         FileNotFoundError: no meta.csv near ``root``.
@@ -134,12 +138,14 @@ def read_tau(root: PathLike, *, audio_segments: int | None = None,
         _apply_split(read_table(fold, "\t", _HEADER_FIRST), by_id)
     if audio_segments is None:
         audio_segments = _segments_from_demo_config(layout, DEV_SEGMENTS)
-    return Manifest(layout.name, list(TAU_CLASSES), clips, base, audio_segments=audio_segments,
-                    segment_seconds=SEGMENT_SECONDS, video_frames=video_frames or DEV_FRAMES)
+    manifest = Manifest(layout.name, list(TAU_CLASSES), clips, base, audio_segments=audio_segments,
+                        segment_seconds=SEGMENT_SECONDS, video_frames=video_frames or DEV_FRAMES)
+    return manifest if classes is None else manifest.with_classes(classes)
 
 
 def read_tau_eval(root: PathLike, *, audio_segments: int | None = None,
-                  video_frames: int | None = None, allow_outside_root: bool = False) -> Manifest:
+                  video_frames: int | None = None, allow_outside_root: bool = False,
+                  classes: Sequence[str] | None = None) -> Manifest:
     """Read a TAU-style evaluation set (1 s clips named ``0.wav``/``0.mp4``..., no labels).
 
     Clips come from ``evaluation_setup/*.csv`` when present (each file becomes a split), else
@@ -153,6 +159,7 @@ def read_tau_eval(root: PathLike, *, audio_segments: int | None = None,
             when present (a demo evaluation set of 2 s clips gets 2), else TAU's 1.
         video_frames: frames sampled per clip (None: 5).
         allow_outside_root: as for :func:`read_tau`.
+        classes: the class list a store of these unlabelled clips gets (default: ``TAU_CLASSES``).
 
     Raises:
         FileNotFoundError: neither split files nor audio/video directories near ``root``.
@@ -174,8 +181,9 @@ def read_tau_eval(root: PathLike, *, audio_segments: int | None = None,
         clips = _clips_from_listing(base, allow_outside_root)
     if audio_segments is None:
         audio_segments = _segments_from_demo_config(layout, EVAL_SEGMENTS)
-    return Manifest(layout.name, list(TAU_CLASSES), clips, base, audio_segments=audio_segments,
-                    segment_seconds=SEGMENT_SECONDS, video_frames=video_frames or EVAL_FRAMES)
+    manifest = Manifest(layout.name, list(TAU_CLASSES), clips, base, audio_segments=audio_segments,
+                        segment_seconds=SEGMENT_SECONDS, video_frames=video_frames or EVAL_FRAMES)
+    return manifest if classes is None else manifest.with_classes(classes)
 
 
 # ------------------------------------------------------------------------------------------------

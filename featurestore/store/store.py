@@ -15,9 +15,9 @@ import numpy as np
 
 from featurestore.errors import (
     CorruptChunkError, FingerprintMismatchError, MissingChunkError, MissingFeatureError, ReadOnlyStoreError,
-    StoreFormatError, UnknownClipError, UnknownFeatureError,
+    StoreFormatError, UnknownClipError, UnknownFeatureError, UnknownValueError,
 )
-from featurestore.manifest import Manifest
+from featurestore.manifest import Manifest, check_classes
 from featurestore.provenance import (
     fingerprint, fingerprint_matches, is_random_weights, runtime_info, weights_identity,
 )
@@ -270,7 +270,8 @@ class FeatureStore:
         """
         self._require_writable()
         attrs = self.attrs
-        if attrs.get("classes") and list(attrs["classes"]) != list(manifest.classes):
+        classes = list(manifest.classes) or list(attrs.get("classes", []))  # unlabelled clips keep the store's
+        if attrs.get("classes") and list(attrs["classes"]) != classes:
             raise ValueError(f"{self.location}: classes {attrs['classes']} differ from the manifest's "
                              f"{manifest.classes}")
         dup = set(self.clip_ids) & set(manifest.clip_ids)
@@ -297,7 +298,7 @@ class FeatureStore:
             self._b.write(f"index/split/{split}", end - len(member), member)
         # the commit point, one attribute update: a kill before it leaves rows past n_clips, which
         # the next writable open cuts off (_roll_back_partial_append)
-        self._b.set_attrs("", {"classes": list(manifest.classes), **first, "n_clips": end,
+        self._b.set_attrs("", {"classes": classes, **first, "n_clips": end,
                                "datasets": [*attrs.get("datasets", []), added]})
         self._clip_ids = self._row_of = None
         self._done.clear()
@@ -314,13 +315,19 @@ class FeatureStore:
     def select(self, split: str | Sequence[str] | None = None, label: str | int | Sequence | None = None,
                city: str | Sequence[str] | None = None,
                location: str | Sequence[str] | None = None) -> list[str]:
-        """Clip ids matching every given filter (a list means "any of"), in row order."""
+        """Clip ids matching every given filter (a list means "any of"), in row order.
+
+        ``label`` takes class names or indices (-1: clips without a label). A value no clip can
+        match (an unknown split, class, city or location, an index outside the class list) raises
+        ``UnknownValueError`` naming the column, the value and the values the store has, rather
+        than selecting nothing, which a typo would otherwise do silently.
+        """
         keep = np.ones(self.n_clips, dtype=bool)
         if split is not None:
             any_split = np.zeros(self.n_clips, dtype=bool)
             for s in _as_list(split):
                 if s not in self.splits():
-                    raise UnknownFeatureError("split", s, self.splits())
+                    raise UnknownValueError("split", s, self.splits())
                 any_split |= self.column(f"split/{s}").astype(bool)
             keep &= any_split
         if label is not None:
@@ -328,16 +335,63 @@ class FeatureStore:
             keep &= np.isin(self.labels, wanted)
         for name, value in (("city", city), ("location", location)):
             if value is not None:
-                keep &= np.isin(self.column(name), _as_list(value))
+                column = self.column(name)
+                present = set(column.tolist())
+                for v in _as_list(value):
+                    if v not in present:
+                        raise UnknownValueError(name, v, present - {""})
+                keep &= np.isin(column, _as_list(value))
         ids = self.clip_ids
         return [ids[i] for i in np.flatnonzero(keep)]
 
     def _label_index(self, label: str | int) -> int:
-        if isinstance(label, (int, np.integer)):
+        classes = self.classes
+        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+            if not -1 <= int(label) < len(classes):
+                raise UnknownValueError("label", int(label), classes,
+                                        f"An integer label is an index 0..{len(classes) - 1} (-1: no label).")
             return int(label)
-        if label not in self.classes:
-            raise UnknownFeatureError("class", label, self.classes)
-        return self.classes.index(label)
+        if label not in classes:
+            raise UnknownValueError("label", label, classes)
+        return classes.index(label)
+
+    def set_classes(self, classes: Sequence[str]) -> None:
+        """Give a store without classes its class list.
+
+        A store made from a manifest without labels (``clip_id,audio,video``) has no classes, and a
+        head trained elsewhere predicts into it in its own class order (``heads predict`` calls
+        this). Allowed only while the store has no classes (or with the very same list): labels,
+        predictions and class features are laid out in that order, so changing it would relabel
+        them.
+
+        Prediction runs or class features that older versions let a store without classes create
+        have no class axis, so they hold no values; they are removed.
+
+        Raises:
+            ValueError: other classes are already set, or bad class names.
+        """
+        self._require_writable()
+        names = check_classes(classes)
+        current = self.classes
+        if current == names:
+            return
+        if current:
+            raise ValueError(f"{self.location}: the store already has classes {current}; refusing to replace "
+                             f"them with {names} (labels, predictions and class features use that order)")
+        empty = [join("predictions", r) for r in self._groups_with("predictions", "probs")] + \
+                [join("class_features", c) for c in self.class_feature_sets()]
+        for path in empty:
+            self._b.delete(path)
+            self._forget(path)
+        self._runs = None
+        self._b.set_attrs("", {"classes": names})
+
+    def _require_classes(self, what: str) -> None:
+        """Per-class arrays need a class list; a store made from unlabelled clips has none yet."""
+        if not self.classes:
+            raise ValueError(f"{self.location}: {what} needs the store's classes, and it has none (made from a "
+                             f"manifest without labels); give them first: store.set_classes([...]) or "
+                             f"featurestore extract --classes A,B,C")
 
     # --------------------------------------------------------------------------- feature sets
     def _groups_with(self, top: str, leaf: str) -> list[str]:
@@ -645,6 +699,7 @@ class FeatureStore:
         """
         self._require_writable()
         validate_name("class feature set", name)
+        self._require_classes(f"class feature set {name!r}")
         self.has_class_features(name, provenance, overwrite)
         data = np.asarray(data)
         if data.ndim < 1 or data.shape[0] != len(self.classes):
@@ -693,6 +748,7 @@ class FeatureStore:
         """Create ``predictions/<run>`` for every clip; an existing run needs ``overwrite=True``."""
         self._require_writable()
         validate_name("prediction run", run)
+        self._require_classes(f"prediction run {run!r}")
         path = join("predictions", run)
         if self._b.exists(join(path, "probs")):
             if not overwrite:

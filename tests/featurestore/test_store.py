@@ -10,7 +10,7 @@ import pytest
 
 from featurestore import (
     TAU_CLASSES, ClipRecord, FingerprintMismatchError, Manifest, MissingFeatureError, ReadOnlyStoreError,
-    UnknownClipError, UnknownFeatureError, create_store, open_store,
+    UnknownClipError, UnknownFeatureError, UnknownValueError, create_store, open_store,
 )
 
 N_CLIPS, N_SEG, DIM, CHUNK = 20, 3, 4, 4
@@ -213,6 +213,51 @@ def test_unknown_clip_feature_split_list_names(filled):
             store.get_predictions("nope")
         with pytest.raises(UnknownFeatureError, match="index column"):
             store.column("weather")
+
+
+def test_select_with_an_unknown_value_raises_naming_column_value_and_known(filled):
+    path, _ = filled
+    with open_store(path, "r") as store:
+        for kwargs, column, known in [({"city": "londn"}, "city", "london, paris, vienna"),
+                                      ({"location": ["paris-1", "rome-1"]}, "location", "london-0"),
+                                      ({"label": "beach"}, "label", "airport"),
+                                      ({"label": 10}, "label", "index 0..9"),
+                                      ({"label": -2}, "label", "index 0..9"),
+                                      ({"split": "fold2_train"}, "split", "fold1_evaluate, fold1_train")]:
+            with pytest.raises(UnknownValueError, match=known) as caught:
+                store.select(**kwargs)
+            err = caught.value
+            assert err.column == column and isinstance(err, UnknownFeatureError) and isinstance(err, KeyError)
+            assert repr(err.value) in str(err) and "\n" not in str(err)
+        assert "Did you mean london?" in str(pytest.raises(UnknownValueError, store.select, city="londn").value)
+        # known values still select as before; -1 selects the clips without a label
+        assert len(store.select(city="paris")) == len([i for i in range(N_CLIPS) if i % 3 == 1])
+        assert store.select(label=-1) == [store.clip_ids[7]]
+        assert store.select(label=9) == store.select(label=TAU_CLASSES[9])
+
+
+def test_set_classes_only_on_a_store_without_classes(path):
+    unlabelled = Manifest("toy", [], [ClipRecord(f"c{i}") for i in range(4)], audio_segments=N_SEG)
+    with create_store(path, unlabelled) as store:
+        assert store.classes == []
+        store.set_classes(["a", "b"])
+        store.set_classes(["a", "b"])  # the same list again: nothing changes
+        with pytest.raises(ValueError, match=r"already has classes \['a', 'b'\]"):
+            store.set_classes(["b", "a"])
+        more = Manifest("more", [], [ClipRecord("c9")], audio_segments=N_SEG)
+        store.append_clips(more)  # unlabelled clips keep the store's classes
+        assert store.classes == ["a", "b"] and store.n_clips == 5 and (store.labels == -1).all()
+    with open_store(path, "r") as store:
+        assert store.classes == ["a", "b"]
+    other = path.replace("store", "other")
+    with create_store(other, unlabelled) as store:
+        with pytest.raises(ValueError, match="more than once"):
+            store.set_classes(["a", "a"])
+        for make in (lambda: store.create_predictions("zs", N_SEG, {"head": "zero_shot"}),
+                     lambda: store.write_class_features("cliptext/x", np.zeros((0, 4), np.float32), provenance())):
+            with pytest.raises(ValueError, match=r"has none \(made from a manifest without labels\).*--classes"):
+                make()
+        assert store.classes == [] and store.prediction_runs() == {} and store.class_feature_sets() == []
 
 
 def test_write_blocks_must_be_chunk_aligned(path):
