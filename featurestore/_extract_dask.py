@@ -2,7 +2,7 @@
 
 The driver plans (creates the feature sets, fixes blocks and batch windows) and sends each task a
 list of blocks. A task opens the store by its path itself, rebuilds the encoders from their specs
-(once per worker process), checks that they give the fingerprints the driver recorded, recomputes
+and options (once per worker process), checks that they give the fingerprints the driver recorded, recomputes
 which rows of its blocks are still not done (so a task retried after a worker died skips what the
 first attempt wrote), and runs ``run_blocks`` with decoding in its own thread. Tasks never share a
 chunk, because blocks are whole chunks of every feature set.
@@ -26,14 +26,14 @@ import numpy as np
 
 from featurestore._extract_plan import Plan, target_provenance
 from featurestore._extract_run import RunStats, run_blocks
-from featurestore.provenance import fingerprint
+from featurestore.provenance import canonical_json, fingerprint
 
 #: ``scheduler="local:N"``: start a LocalCluster of N single-threaded worker processes for this run.
 LOCAL_PREFIX = "local:"
 #: Tasks per Dask worker thread: enough to balance uneven blocks, few enough to load models rarely.
 TASKS_PER_THREAD = 4
 
-_ENCODERS: dict[tuple[str, str], object] = {}  # per worker process: (spec, device) -> encoder
+_ENCODERS: dict[tuple[str, str, str], object] = {}  # per worker process: (spec, options, device) -> encoder
 _ENCODERS_LOCK = threading.Lock()
 
 
@@ -56,7 +56,7 @@ def run_task(plan: Plan, store_ref: StoreRef, blocks: list[tuple[int, int]], dev
                     storage_options=store_ref.storage_options) as store:
         targets = []
         for target in plan.targets:
-            encoder = _encoder(target.spec, dev)
+            encoder = _encoder(target.spec, target.options, dev)
             expected = fingerprint(target.provenance)
             found = fingerprint(target_provenance(encoder, target.source, str(dev)))
             if found != expected:
@@ -68,14 +68,15 @@ def run_task(plan: Plan, store_ref: StoreRef, blocks: list[tuple[int, int]], dev
         return run_blocks(local, store, blocks, dev, num_workers=0)
 
 
-def _encoder(spec: str, device) -> object:
-    """Build an encoder once per worker process; later tasks on that worker reuse it."""
+def _encoder(spec: str, options: dict, device) -> object:
+    """Build an encoder (with the options the driver built it with) once per worker process;
+    later tasks on that worker reuse it."""
     from featurestore.encoders import create_encoder
 
-    key = (spec, str(device))
+    key = (spec, canonical_json(options), str(device))
     with _ENCODERS_LOCK:
         if key not in _ENCODERS:
-            _ENCODERS[key] = create_encoder(spec, device)
+            _ENCODERS[key] = create_encoder(spec, device, **options)
         return _ENCODERS[key]
 
 

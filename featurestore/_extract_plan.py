@@ -74,6 +74,8 @@ class Target:
         provenance: as stored (with runtime).
         todo: bool per store row: selected for this run and not done yet.
         skipped: number of selected rows already done before this run.
+        options: the encoder's constructor options (``create_encoder(spec, **options)``), so that
+            a Dask worker rebuilds the very encoder the driver planned with.
     """
 
     name: str
@@ -86,6 +88,7 @@ class Target:
     provenance: dict = field(repr=False)
     todo: np.ndarray = field(repr=False)
     skipped: int = 0
+    options: dict = field(default_factory=dict, repr=False)
 
     @property
     def random_weights(self) -> bool:
@@ -177,8 +180,25 @@ def target_provenance(encoder, source: Source, device: str) -> dict:
     """Encoder provenance + segment scheme + runtime (runtime is outside the fingerprint)."""
     prov = dict(encoder.provenance())
     prov["segments"] = source.scheme()
-    prov["runtime"] = {**runtime_info(), "device": device}
+    prov["runtime"] = run_record(encoder, device)
     return prov
+
+
+def run_record(encoder, device: str) -> dict:
+    """The runtime section: versions, host, device and how the encoder was asked for (its spec as
+    written and its options). Outside the fingerprint; a rerun asking the same with the same
+    library versions can tell that it would rebuild this very encoder (``_extract_request``)."""
+    record = {**runtime_info(), "device": device}
+    request = getattr(encoder, "request", None)
+    if request is not None:
+        record["request"] = request
+    return record
+
+
+def encoder_options(encoder) -> dict:
+    """The options ``create_encoder`` built the encoder with (none for an encoder built directly)."""
+    request = getattr(encoder, "request", None) or {}
+    return dict(request.get("options") or {})
 
 
 # ------------------------------------------------------------------------------ feature sets
@@ -231,7 +251,7 @@ def prepare_target(store: FeatureStore, encoder, source: Source, selected: np.nd
     done = store.done_mask(encoder.name)  # create_feature_set has just read it from the store
     todo = selected & ~done
     return Target(encoder.name, encoder, encoder.spec, source, shape, dtype, info.chunk_clips,
-                  info.provenance, todo, skipped=int((selected & done).sum()))
+                  info.provenance, todo, skipped=int((selected & done).sum()), options=encoder_options(encoder))
 
 
 def block_size(targets: list[Target]) -> int:
@@ -252,7 +272,7 @@ def text_provenance(encoder, classes: list[str], device: str) -> dict:
     """Provenance of a text encoder's class-prompt embeddings: the encoder's, plus the prompts."""
     prov = dict(encoder.provenance())
     prov["prompts"] = list(encoder.class_prompts(classes))
-    prov["runtime"] = {**runtime_info(), "device": device}
+    prov["runtime"] = run_record(encoder, device)
     return prov
 
 

@@ -49,6 +49,42 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = 
     return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
+def add_store_argument(parser: argparse.ArgumentParser, help: str, after: Sequence[str] = ()) -> None:
+    """The store argument, spelled the same way in every command line: ``STORE`` or ``--store STORE``.
+
+    Args:
+        parser: the subcommand's parser; call this where the positional STORE goes.
+        help: what the store is, for ``--help``.
+        after: names of the positional arguments that follow STORE (``show STORE CLIP_ID``): with
+            ``--store`` they shift left, which `resolve_store_argument` undoes.
+    """
+    parser.add_argument("store", nargs="?", default=None, metavar="STORE", help=f"{help} (or give it as --store STORE)")
+    parser.add_argument("--store", dest="store_option", default=None, metavar="STORE",
+                        help="the store, as an option instead of the positional STORE")
+    parser.set_defaults(store_positionals_after=tuple(after))
+
+
+def resolve_store_argument(args: argparse.Namespace) -> argparse.Namespace:
+    """Set ``args.store`` from ``--store`` or the positional, shifting the positionals after it.
+
+    With ``--store S``, argparse hands the first remaining positional to STORE; the values are
+    moved back to the arguments they belong to. Giving the store both ways, or not at all, is a
+    usage error (exit 2)."""
+    after = tuple(getattr(args, "store_positionals_after", ()))
+    option = getattr(args, "store_option", None)
+    if option is None:
+        if args.store is None:
+            raise _UsageError("give the store: STORE or --store STORE")
+        return args
+    values = [v for v in [args.store, *(getattr(args, name) for name in after)] if v is not None]
+    if len(values) > len(after):
+        raise _UsageError(f"the store is given twice: {values[0]!r} and --store {option!r}")
+    for name, value in zip(after, values + [None] * (len(after) - len(values))):
+        setattr(args, name, value)
+    args.store = option
+    return args
+
+
 def _backend_name(store: FeatureStore) -> str:
     return "hdf5" if store.location.lower().endswith((".h5", ".hdf5")) else "zarr"
 
@@ -306,7 +342,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if dst.exists() and not args.overwrite:
         raise _UsageError(f"{dst} exists; pass --overwrite to replace it")
     n_arrays = convert_store(args.src, args.dst, progress=not args.quiet)
-    print(f"converted {args.src} -> {args.dst}: {n_arrays} arrays copied")
+    if args.json:
+        _emit_json({"src": str(args.src), "dst": str(args.dst), "backend": "hdf5" if dst.suffix.lower() in
+                    (".h5", ".hdf5") else "zarr", "n_arrays": n_arrays})
+    else:
+        print(f"converted {args.src} -> {args.dst}: {n_arrays} arrays copied")
     return EXIT_OK
 
 
@@ -320,13 +360,19 @@ def cmd_extract(argv: list[str]) -> int:
             raise _FailedError(f"a module featurestore.extract needs is missing: {err}") from err
         raise _UsageError("featurestore.extract is not available in this installation "
                           "(featurestore/extract.py is missing); the other commands work without it") from err
+    args = _parse(extract_parser(extract), argv)
+    if isinstance(args, int):
+        return args
+    return int(extract.run_extract(resolve_store_argument(args)))
+
+
+def extract_parser(extract: Any = None) -> argparse.ArgumentParser:
+    """The parser of ``featurestore extract`` (built apart: its module is imported only when used)."""
+    extract = extract or importlib.import_module("featurestore.extract")
     parser = argparse.ArgumentParser(prog="featurestore extract",
                                      description="Run encoders over a dataset into a store (resumable).")
     extract.add_extract_arguments(parser)
-    args = _parse(parser, argv)
-    if isinstance(args, int):
-        return args
-    return int(extract.run_extract(args))
+    return parser
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -342,42 +388,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurestore",
                                      description="Look into, check, copy and fill feature stores.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    where = "store path (.zarr directory, .h5 file) or fsspec URL"
+    json_help = "print JSON instead of tables"
 
     p = sub.add_parser("ls", help="feature sets, class features, prediction runs and the index of a store")
-    p.add_argument("store", help="store path (.zarr directory, .h5 file) or fsspec URL")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    add_store_argument(p, where)
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("show", help="one clip: index metadata and every feature set's state and stats")
-    p.add_argument("store")
-    p.add_argument("clip_id")
-    p.add_argument("--json", action="store_true")
+    add_store_argument(p, where, after=("clip_id",))
+    p.add_argument("clip_id", help="the clip's id in the store's index")
+    p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("get", help="write one clip's features (or predictions) to a .npy file")
-    p.add_argument("store")
-    p.add_argument("clip_id")
+    add_store_argument(p, where, after=("clip_id", "feature"))
+    p.add_argument("clip_id", help="the clip's id in the store's index")
     p.add_argument("feature", nargs="?", help="feature set name, e.g. clip/ViT-B-32")
     p.add_argument("--run", help="read predictions/<RUN>/probs instead of a feature set")
     p.add_argument("-o", "--output", required=True, help="output .npy file")
     p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("verify", help="check consistency and every checksum; exit 1 when problems are found")
-    p.add_argument("store")
-    p.add_argument("--json", action="store_true")
+    add_store_argument(p, where)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--remove-leftovers", action="store_true",
                    help="delete temp files of interrupted Zarr writes (only while no extraction runs)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("convert", help="copy a store between Zarr and HDF5 (backend chosen by DST's name)")
-    p.add_argument("src")
+    p.add_argument("src", help="the store to copy (Zarr directory or .h5 file)")
     p.add_argument("dst", help="a .h5/.hdf5 file for HDF5, anything else for Zarr")
     p.add_argument("--overwrite", action="store_true", help="replace DST when it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print what was copied as JSON")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("search", help="the clips nearest to a clip or a sentence (cosine of clip-mean embeddings)")
-    p.add_argument("store")
+    add_store_argument(p, where)
     p.add_argument("--feature-set", required=True, help="embedding set to search, e.g. clip/ViT-B-32")
     p.add_argument("--like", metavar="CLIP_ID", help="clips like this stored clip (itself left out)")
     p.add_argument("--text", help="a sentence, embedded by the same CLIP model's text tower")
@@ -386,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact numpy search or a faiss index (default auto: exact while the clip matrix fits in memory)")
     p.add_argument("--include-self", action="store_true", help="keep the --like clip in the results")
     p.add_argument("--device", default="cpu", help="where the text tower runs (cpu, cuda, auto)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_search)
 
     sub.add_parser("extract", add_help=False,
@@ -453,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
     if isinstance(args, int):
         return args
+    if hasattr(args, "store_option"):
+        return run_command("featurestore", args.command, lambda: args.func(resolve_store_argument(args)))
     return run_command("featurestore", args.command, lambda: args.func(args))
 
 

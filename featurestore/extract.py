@@ -24,23 +24,27 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featurestore._extract_errors import (
     NO_ROOM, DecodeWorkerError, ExtractionStopped, StoreWriteError, find_os_error, store_write_error,
 )
+from featurestore._devices import DEVICE_HELP
 from featurestore._extract_plan import (
     Plan, block_size, check_inputs, check_targets, prepare_target, resolve_path, source_for, write_text_features,
 )
-from featurestore._extract_run import RunStats, default_num_workers, run_blocks
+from featurestore._extract_request import EncoderRequest, build, nothing_to_do, requests
 from featurestore._extract_summary import ExtractSummary, FeatureSetSummary, ordered_stages
-from featurestore.encoders._base import DEVICE_HELP
-from featurestore.manifest import Manifest
+from featurestore._spec import parse_option
+from featurestore.manifest import Manifest, check_classes
 from featurestore.provenance import is_random_weights
 from featurestore.store import FeatureStore, create_store, open_store
 from featurestore.store.lock import StoreLockedError, writer_lock
+
+if TYPE_CHECKING:  # torch is imported only once there is work to do
+    from featurestore._extract_run import RunStats
 
 __all__ = ["DEFAULT_ENCODERS", "DecodeWorkerError", "ExtractSummary", "FeatureSetSummary", "StoreLockedError",
            "StoreWriteError", "add_extract_arguments", "extract", "main", "run_extract"]
@@ -51,18 +55,28 @@ DEFAULT_BATCH_SIZE = 16
 
 
 def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
-            encoders: str | Sequence = DEFAULT_ENCODERS, device: str = "auto",
+            encoders: str | Sequence | Mapping = DEFAULT_ENCODERS, device: str = "auto",
             batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int | None = None, frames: int | None = None,
             limit: int | None = None, overwrite: bool = False, scheduler=None, progress: bool = True,
             backend: str | None = None, chunk_clips: int | Mapping[str, int] | None = None,
-            segments: int | None = None, allow_outside_root: bool = False) -> ExtractSummary:
+            segments: int | None = None, allow_outside_root: bool = False,
+            encoder_options: Mapping[str, Mapping[str, Any]] | None = None,
+            classes: Sequence[str] | None = None) -> ExtractSummary:
     """Extract features of a dataset's clips into a store; resumable, with per-clip errors.
 
     Args:
         dataset: a dataset directory (read with ``featurestore.datasets.open_dataset``) or a Manifest.
         store: a store path/URL (created from the dataset when missing) or an open writable store.
-        encoders: comma-separated specs (``"logmel,clip/ViT-B-32@none"``) or a list of specs/encoders.
-            Text encoders (``cliptext/...``) write class-prompt embeddings.
+        encoders: comma-separated specs ``[NAME=]family[/model][@weights]``
+            (``"logmel,vit_random=clip/ViT-B-32@none"``), a list of specs/encoders, or a mapping
+            ``{feature set name: spec or encoder}``. ``NAME`` is the feature set the encoder fills
+            (default: the spec without its weights), so two weight choices of one encoder can share
+            a store. Text encoders (``cliptext/...``) write class-prompt embeddings.
+        encoder_options: constructor options per encoder, keyed by feature-set name or spec:
+            ``{"logmel": {"n_mels": 128}}`` (``--encoder-option logmel.n_mels=128``); they are part
+            of the feature set's configuration and fingerprint.
+        classes: the class order for the store, e.g. for a manifest without labels
+            (``clip_id,audio,video``); every labelled clip's label must be one of them.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda[:N]"``. With a scheduler it is
             resolved on each Dask worker.
         batch_size: clips per batch (an encoder call sees ``batch_size * segments`` items).
@@ -81,6 +95,9 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         allow_outside_root: accept manifest paths that are absolute or lead outside the dataset
             root (refused by default, before any work).
 
+    A rerun with nothing left to do (every selected clip done by the same request under the same
+    library versions) is told from the store alone and returns before any encoder is built.
+
     Returns:
         An ExtractSummary (its ``exit_code`` is 1 when some clip failed).
 
@@ -95,26 +112,18 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     """
     t_start = time.perf_counter()
     _check_arguments(batch_size, num_workers, frames, limit, chunk_clips, segments)
-    manifest = _load_manifest(dataset, frames, segments, allow_outside_root)
+    asked = requests(encoders, encoder_options)
+    manifest = _load_manifest(dataset, frames, segments, allow_outside_root, classes)
     selected_ids = manifest.clip_ids[:limit] if limit else manifest.clip_ids
     _check_files(manifest.subset(selected_ids) if limit else manifest)
     location = store.location if isinstance(store, FeatureStore) else str(store)
     with _no_room(location, "writing its lock file"):
         lock = writer_lock(location).acquire()  # refused at once while another run writes the store
     try:
-        dev = _resolve_device(device if scheduler is None else "cpu")  # Dask: resolved on each worker
-        built = _build_encoders(encoders, dev)
-        check_inputs(manifest, built)
-        with _no_room(location, "creating the store"):
-            fs, owned = _open_store(store, manifest, backend)
-        try:
-            options = _RunOptions(device, batch_size, num_workers, overwrite, scheduler, progress, backend,
-                                  chunk_clips)
-            with _no_room(location, "adding clips to the index or creating feature sets"):
-                summary = _extract_into(fs, manifest, selected_ids, built, dev, options)
-        finally:
-            if owned:
-                fs.close()
+        summary = _already_done(store, manifest, selected_ids, asked, overwrite, backend)
+        if summary is None:
+            summary = _run(store, manifest, selected_ids, asked, _RunOptions(
+                device, batch_size, num_workers, overwrite, scheduler, progress, backend, chunk_clips))
     finally:
         lock.release()
     summary.wall_seconds = time.perf_counter() - t_start
@@ -123,6 +132,41 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         for line in summary.failure_lines():
             print(line)
     return summary
+
+
+def _already_done(store: str | Path | FeatureStore, manifest: Manifest, selected_ids: list[str],
+                  asked: list[EncoderRequest], overwrite: bool, backend: str | None) -> ExtractSummary | None:
+    """The summary of a run with nothing left to do, told from an existing store without building
+    any encoder (``_extract_request.nothing_to_do``), else None."""
+    if isinstance(store, FeatureStore):
+        return nothing_to_do(store, manifest, selected_ids, asked, overwrite)
+    location = str(store)
+    local = location.removeprefix("file://")
+    if overwrite or ("://" not in local and not Path(local).exists()):
+        return None
+    try:
+        fs = open_store(location, "r", backend=backend)
+    except Exception:  # noqa: BLE001 - no store at that URL yet (or unreadable): the full run decides and says why
+        return None
+    with fs:
+        return nothing_to_do(fs, manifest, selected_ids, asked, overwrite)
+
+
+def _run(store: str | Path | FeatureStore, manifest: Manifest, selected_ids: list[str],
+         asked: list[EncoderRequest], opt: _RunOptions) -> ExtractSummary:
+    """Build the encoders, open (or create) the store and extract; the caller holds the lock."""
+    location = store.location if isinstance(store, FeatureStore) else str(store)
+    dev = _resolve_device(opt.device if opt.scheduler is None else "cpu")  # Dask: resolved on each worker
+    built = build(asked, dev)
+    check_inputs(manifest, built)
+    with _no_room(location, "creating the store"):
+        fs, owned = _open_store(store, manifest, opt.backend)
+    try:
+        with _no_room(location, "adding clips to the index or creating feature sets"):
+            return _extract_into(fs, manifest, selected_ids, built, dev, opt)
+    finally:
+        if owned:
+            fs.close()
 
 
 @dataclass(frozen=True)
@@ -153,6 +197,8 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
     plan = _make_plan(fs, manifest, rows, selected, built, str(dev), opt.batch_size, opt.chunk_clips, opt.overwrite)
     summary.random_weights = [e.name for e in built if is_random_weights(e.provenance())]
     t_pipeline = time.perf_counter()
+    from featurestore._extract_run import default_num_workers, run_blocks
+
     with _ProgressBar(plan.n_todo_clips(), opt.progress) as bar:
         if opt.scheduler is None:
             workers = default_num_workers() if opt.num_workers is None else opt.num_workers
@@ -183,13 +229,13 @@ def _check_arguments(batch_size: int, num_workers: int | None, frames: int | Non
 
 
 def _load_manifest(dataset: str | Path | Manifest, frames: int | None, segments: int | None = None,
-                   allow_outside_root: bool = False) -> Manifest:
+                   allow_outside_root: bool = False, classes: Sequence[str] | None = None) -> Manifest:
     if isinstance(dataset, Manifest):
-        manifest = dataset
+        manifest = dataset if classes is None else dataset.with_classes(classes)
     else:
         from featurestore.datasets import open_dataset
 
-        manifest = open_dataset(dataset, allow_outside_root=allow_outside_root)
+        manifest = open_dataset(dataset, allow_outside_root=allow_outside_root, classes=classes)
     if len(manifest) == 0:
         raise ValueError(f"dataset {manifest.name!r} lists no clips")
     if segments:
@@ -208,22 +254,6 @@ def _resolve_device(device: str):
     from featurestore.encoders import resolve_device
 
     return resolve_device(device)
-
-
-def _build_encoders(encoders: str | Sequence, device) -> list:
-    """Encoders from specs (or ready Encoder objects); one feature set name may appear once."""
-    from featurestore.encoders import Encoder, create_encoder
-
-    items = [s.strip() for s in encoders.split(",") if s.strip()] if isinstance(encoders, str) else list(encoders)
-    if not items:
-        raise ValueError("no encoders given; e.g. --encoders logmel,clip/ViT-B-32@none")
-    built = [e if isinstance(e, Encoder) else create_encoder(e, device) for e in items]
-    names = [e.name for e in built]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"feature set(s) {twice} requested twice (specs "
-                         f"{[e.spec for e in built if e.name in twice]}); one run fills each name once")
-    return built
 
 
 # ------------------------------------------------------------------------------------- store
@@ -271,14 +301,30 @@ def _no_room(location: str, doing: str) -> Iterator[None]:
 
 
 def _ensure_clips(fs: FeatureStore, manifest: Manifest) -> np.ndarray:
-    """Store rows of the manifest's clips, adding clips the store does not index yet."""
+    """Store rows of the manifest's clips, adding clips the store does not index yet (and the
+    manifest's classes to a store made without any, see ``_adopt_classes``)."""
     known = set(fs.clip_ids)
     new = [c for c in manifest.clip_ids if c not in known]
     if new:
         if known:
             print(f"adding {len(new)} clips of {manifest.name!r} to the index of {fs.location}", file=sys.stderr)
         fs.append_clips(manifest.subset(new))
+    elif manifest.classes and not fs.classes:
+        _adopt_classes(fs, manifest)
     return fs.rows(manifest.clip_ids)
+
+
+def _adopt_classes(fs: FeatureStore, manifest: Manifest) -> None:
+    """``extract --classes`` on a store made from the same unlabelled clips: give it the classes.
+
+    Labels cannot be added to indexed clips, so a manifest that labels them is refused."""
+    labelled = [c.clip_id for c in manifest.clips if c.label is not None]
+    if labelled:
+        raise ValueError(f"{fs.location} was made without classes and its clips have no labels; dataset "
+                         f"{manifest.name!r} labels {len(labelled)} of them (e.g. {labelled[0]!r}): extract "
+                         f"into a new store to keep the labels")
+    fs.set_classes(manifest.classes)
+    print(f"{fs.location}: classes set to {', '.join(manifest.classes)}", file=sys.stderr)
 
 
 def _make_plan(fs: FeatureStore, manifest: Manifest, rows: np.ndarray, selected: np.ndarray, built: list,
@@ -337,11 +383,22 @@ def _fill_summary(summary: ExtractSummary, plan: Plan, stats: RunStats, clip_ids
 # --------------------------------------------------------------------------------------- CLI
 def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``featurestore extract`` arguments (the CLI module builds the parser, this fills it)."""
-    parser.add_argument("dataset", help="dataset directory (meta.csv + audio/ + video/)")
-    parser.add_argument("store", help="store path (.zarr directory, .h5 file) or fsspec URL; created when missing")
-    parser.add_argument("--encoders", default=DEFAULT_ENCODERS,
-                        help=f"comma-separated encoder specs family[/model][@weights] (default: the paper's "
-                             f"{DEFAULT_ENCODERS}; '@none' = random weights, '@/path.pt' = a checkpoint)")
+    from featurestore.cli import add_store_argument
+
+    parser.add_argument("dataset", help="dataset directory (meta.csv + audio/ + video/) or a CSV manifest")
+    add_store_argument(parser, "store path (.zarr directory, .h5 file) or fsspec URL; created when missing")
+    parser.add_argument("--encoders", default=DEFAULT_ENCODERS, metavar="SPECS",
+                        help=f"comma-separated encoder specs [NAME=]family[/model][@weights] (default: the paper's "
+                             f"{DEFAULT_ENCODERS}; '@none' = random weights, '@/path.pt' = a checkpoint; NAME= "
+                             f"names the feature set, default the spec without weights, e.g. "
+                             f"'clip/ViT-B-32@openai,vit_random=clip/ViT-B-32@none')")
+    parser.add_argument("--encoder-option", action="append", default=[], metavar="SPEC_OR_NAME.KEY=VALUE",
+                        help="a constructor option of one encoder, by spec or feature-set name, e.g. "
+                             "logmel.n_mels=128 (VALUE is a JSON literal when it parses as one, else a string; "
+                             "repeatable; part of the feature set's configuration and fingerprint)")
+    parser.add_argument("--classes", default=None, metavar="A,B,C|@FILE",
+                        help="the class order of the store, comma-separated or @FILE with one class per line; "
+                             "needed for a manifest without labels (clip_id,audio,video)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips per batch")
     parser.add_argument("--num-workers", type=int, default=None,
@@ -360,7 +417,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="clips per chunk of new feature sets (default: the store's ~4 MiB rounded down "
                              "to a power of two)")
     parser.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as JSON on stdout (progress and the summary line go to stderr)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (the summary is still printed)")
     parser.add_argument("--allow-outside-root", action="store_true",
                         help="accept manifest paths that are absolute or lead outside the dataset directory")
     return parser
@@ -372,18 +431,47 @@ def run_extract(args: argparse.Namespace) -> int:
     Bad usage or input raises (``featurestore.cli.run_command`` turns it into exit code 2 and one
     line on stderr).
     """
-    summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
-                      num_workers=args.num_workers, frames=args.frames, limit=args.limit,
-                      overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
-                      backend=args.backend, chunk_clips=args.chunk_clips, segments=args.segments,
-                      allow_outside_root=args.allow_outside_root)
-    if args.quiet:
-        print(summary.line())
-        for line in summary.failure_lines():
-            print(line)
+    options = encoder_options_argument(args.encoder_option)
+    classes = None if args.classes is None else classes_argument(args.classes)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
+                          num_workers=args.num_workers, frames=args.frames, limit=args.limit,
+                          overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
+                          backend=args.backend, chunk_clips=args.chunk_clips, segments=args.segments,
+                          allow_outside_root=args.allow_outside_root, encoder_options=options, classes=classes)
+        if args.quiet and not args.json:
+            print(summary.line())
+            for line in summary.failure_lines():
+                print(line)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2, default=str))
     return summary.exit_code
+
+
+def encoder_options_argument(values: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["logmel.n_mels=128", ...]`` (repeated ``--encoder-option``) -> ``{"logmel": {"n_mels": 128}}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for text in values:
+        target, key, value = parse_option(text)
+        options.setdefault(target, {})[key] = value
+    return options
+
+
+def classes_argument(text: str) -> list[str]:
+    """``--classes``: ``"a,b,c"``, or ``"@FILE"`` with one class per line (blank lines and ``#``
+    comments skipped), checked by ``check_classes``."""
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except OSError as err:
+            raise ValueError(f"--classes {text}: cannot read {path} ({err.strerror or err})") from None
+        names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    else:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+    return check_classes(names, f"--classes {text}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

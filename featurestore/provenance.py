@@ -11,6 +11,7 @@ import hashlib
 import json
 import platform
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 RUNTIME_KEY = "runtime"
@@ -65,6 +66,15 @@ def _spec_without_path(spec: Any, path: Any) -> Any:
         return spec
     name, _, weights = spec.partition("@")
     return f"{name}@file" if not path or weights == str(path) else spec
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks so multi-GB checkpoints do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def runtime_info() -> dict:

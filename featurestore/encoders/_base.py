@@ -1,4 +1,7 @@
-"""The encoder spec, the ``Encoder`` base class, device resolution and the shared preprocessors.
+"""The ``Encoder`` base class, device resolution and the shared preprocessors.
+
+The spec grammar (``EncoderSpec``, ``parse_spec``, ``SpecError``) lives in ``featurestore._spec``,
+which imports no torch, and is re-exported here and from ``featurestore.encoders``.
 
 An encoder turns decoded input (1 s audio segments or RGB video frames) into the arrays the store
 keeps. It is split in two on purpose: ``preprocessor()`` returns a small picklable callable that runs
@@ -9,23 +12,20 @@ from __future__ import annotations
 
 import abc
 import difflib
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featurestore._devices import DEVICE_HELP  # noqa: F401 - re-exported by featurestore.encoders
+from featurestore._spec import FAMILY_RE, EncoderSpec, SpecError, parse_spec  # noqa: F401 - re-exported
 from featurestore.errors import FeatureStoreError
 
 MODALITIES = ("audio", "video", "text")
-_FAMILY_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-
-class SpecError(FeatureStoreError, ValueError):
-    """An encoder spec string or an encoder option is malformed."""
+_FAMILY_RE = FAMILY_RE
 
 
 class UnknownEncoderError(FeatureStoreError, KeyError):
@@ -47,10 +47,6 @@ class UnknownEncoderError(FeatureStoreError, KeyError):
         return self.args[0]
 
 
-#: The ``--device`` help text of every command that runs a model (extract, heads train/predict).
-DEVICE_HELP = "auto (CUDA when available, else the CPU), cpu, cuda or cuda:N"
-
-
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """Turn ``"auto"`` / ``"cpu"`` / ``"cuda[:n]"`` / a ``torch.device`` into a usable device.
 
@@ -67,60 +63,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but CUDA is not available here; use 'cpu' or 'auto'")
     return resolved
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """A parsed encoder spec ``family[/model][@weights]``.
-
-    Attributes:
-        family: registry key (``clip``, ``timm``, ``logmel``, or a plugin's name).
-        model: the family's model name (``ViT-B-32``, ``regnety_064``), None for model-less families.
-        weights: a pretrained tag, ``none`` (random), a checkpoint path, or None for the family default.
-    """
-
-    family: str
-    model: str | None = None
-    weights: str | None = None
-
-    @property
-    def name(self) -> str:
-        """The feature-set name in the store: the spec without its weights."""
-        return self.family if self.model is None else f"{self.family}/{self.model}"
-
-    def with_weights(self, weights: str | None) -> EncoderSpec:
-        """The same spec with other weights (used to record the resolved default)."""
-        return replace(self, weights=weights)
-
-    def __str__(self) -> str:
-        return self.name if self.weights is None else f"{self.name}@{self.weights}"
-
-
-def parse_spec(spec: str | EncoderSpec) -> EncoderSpec:
-    """Parse ``family[/model][@weights]``; the weights part is everything after the first ``@``.
-
-    Splitting at the first ``@`` lets checkpoint paths contain ``@`` and ``/``; model names never
-    contain ``@``. Examples: ``logmel``, ``timm/regnety_064``, ``clip/ViT-B-32@none``,
-    ``clip/RN101@/ckpt/rn101.pt``.
-
-    Raises:
-        SpecError: empty parts or a family name with characters other than letters, digits, ``_.-``.
-    """
-    if isinstance(spec, EncoderSpec):
-        return spec
-    if not isinstance(spec, str):
-        raise SpecError(f"encoder spec must be a string like 'clip/ViT-B-32@openai', got {type(spec).__name__}")
-    text = spec.strip()
-    head, at, weights = text.partition("@")
-    family, slash, model = head.partition("/")
-    if not family or not _FAMILY_RE.match(family):
-        raise SpecError(f"encoder spec {spec!r}: family {family!r} must be letters, digits, '_', '.' or '-' "
-                        f"(expected 'family[/model][@weights]')")
-    if slash and not model:
-        raise SpecError(f"encoder spec {spec!r}: empty model name after '/'")
-    if at and not weights:
-        raise SpecError(f"encoder spec {spec!r}: empty weights after '@' (use a tag, 'none' or a checkpoint path)")
-    return EncoderSpec(family=family, model=model or None, weights=weights or None)
 
 
 class Encoder(abc.ABC):
@@ -140,6 +82,11 @@ class Encoder(abc.ABC):
 
     def __init__(self, spec: str | EncoderSpec) -> None:
         self._spec = parse_spec(spec)
+        self._feature_set: str | None = None  # a user-chosen feature-set name (NAME=SPEC)
+        #: How ``create_encoder`` was asked for this encoder: ``{"spec": ..., "options": {...}}`` (None
+        #: when built directly). Extraction records it beside the provenance and rebuilds Dask
+        #: workers' encoders from it; a rerun that asks the same can skip building at all.
+        self.request: dict[str, Any] | None = None
         self.device = torch.device("cpu")
         self.module: torch.nn.Module | None = None
         self.sample_rate: int | None = None
@@ -172,8 +119,16 @@ class Encoder(abc.ABC):
 
     @property
     def name(self) -> str:
-        """The feature-set name in the store (``clip/ViT-B-32``, ``logmel``)."""
-        return self._spec.name
+        """The feature-set name in the store: the one chosen with ``NAME=SPEC``, else the spec
+        without its weights (``clip/ViT-B-32``, ``logmel``)."""
+        return getattr(self, "_feature_set", None) or self._spec.name
+
+    @name.setter
+    def name(self, name: str | None) -> None:
+        """Choose the feature-set name (None: back to the default); checked like every store name."""
+        from featurestore._spec import check_feature_set_name
+
+        self._feature_set = None if name is None else check_feature_set_name(name)
 
     @property
     @abc.abstractmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import inspect
 import warnings
 from collections.abc import Callable
 from importlib import metadata
@@ -19,7 +20,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from featurestore.encoders._base import _FAMILY_RE, Encoder, EncoderSpec, UnknownEncoderError, parse_spec
+from featurestore._spec import split_name
+from featurestore.encoders._base import _FAMILY_RE, Encoder, EncoderSpec, SpecError, UnknownEncoderError, parse_spec
 
 ENTRY_POINT_GROUP = "featurestore.encoders"
 
@@ -123,21 +125,50 @@ def create_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu", 
     """Build the encoder for ``spec`` and move it to ``device`` (``"auto"``: CUDA when available).
 
     Args:
-        spec: ``family[/model][@weights]``, e.g. ``"clip/ViT-B-32@openai"`` or ``"logmel"``.
+        spec: ``[NAME=]family[/model][@weights]``, e.g. ``"clip/ViT-B-32@openai"``, ``"logmel"`` or
+            ``"vit_random=clip/ViT-B-32@none"`` (``NAME`` is the feature set it fills; default: the
+            spec without its weights).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
         **options: family-specific constructor options (e.g. ``n_mels=128`` for ``logmel``); they
             change the encoder's config and therefore its provenance fingerprint.
 
     Raises:
-        SpecError, UnknownEncoderError, WeightsNotFoundError, WeightsMismatchError.
+        SpecError (also for an option the family does not take, naming the ones it does),
+        UnknownEncoderError, WeightsNotFoundError, WeightsMismatchError.
     """
-    parsed = parse_spec(spec)
+    name, text = split_name(spec) if isinstance(spec, str) else (None, spec)
+    parsed = parse_spec(text)
     builder = get_builder(parsed.family)
     check = getattr(builder, "check_spec", None)
     if check is not None:
         check(parsed)
+    check_options(builder, parsed, options)
     encoder = builder(parsed, **options)
     if not isinstance(encoder, Encoder):
         raise TypeError(f"encoder family {parsed.family!r}: {_describe(builder)} returned "
                         f"{type(encoder).__name__}, not an Encoder")
+    if name is not None:
+        encoder.name = name
+    encoder.request = {"spec": str(parsed), "options": dict(options)}
     return encoder.to(device)
+
+
+def check_options(builder: EncoderBuilder, spec: EncoderSpec, options: dict[str, Any]) -> None:
+    """Refuse options the builder's signature does not take, naming those it does.
+
+    A builder that takes ``**kwargs`` checks its own (``logmel`` does, naming its config fields).
+    """
+    if not options:
+        return
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: let the call itself complain
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = sorted(n for n, p in list(params.items())[1:]
+                   if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise SpecError(f"encoder {spec}: unknown option(s) {unknown}; {spec.family} takes "
+                        f"{', '.join(valid) if valid else 'no options'}")

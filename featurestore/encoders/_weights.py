@@ -15,7 +15,6 @@ download.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import pickle
@@ -30,6 +29,7 @@ import torch
 
 from featurestore.encoders._base import SpecError
 from featurestore.errors import FeatureStoreError
+from featurestore.provenance import file_sha256  # noqa: F401 - re-exported (torch-free, used by the planner)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 DEFAULT_SEED = 0
@@ -116,15 +116,6 @@ def _parse_seed(text: str, spec: str) -> int:
         return int(text.split(":", 1)[1])
     except ValueError:
         raise SpecError(f"{spec}: random weights take an integer seed, 'none' or 'none:<seed>', got {text!r}") from None
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks so multi-GB checkpoints do not fill memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ===================================================================== checkpoints

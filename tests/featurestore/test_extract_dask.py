@@ -57,6 +57,22 @@ def test_dask_tasks_write_the_same_arrays_as_a_local_run(tmp_path, client):
         assert store.verify().ok and all(info.n_done == 9 for info in store.feature_sets().values())
 
 
+@pytest.mark.slow
+def test_dask_workers_rebuild_named_encoders_with_their_options(tmp_path, client):
+    """Workers get the options the driver built with (they rebuilt from the spec alone and refused
+    on the fingerprint before), and fill the chosen feature-set names."""
+    manifest = make_dataset(tmp_path / "data", 5)
+    asked = dict(encoders={"logmel": "logmel", "vit1": "timm/test_vit@none:1"},
+                 encoder_options={"logmel": {"n_mels": 32}}, **{**OPTIONS, "chunk_clips": {"logmel": 2, "vit1": 4}})
+    local = tmp_path / "local.zarr"
+    extract(manifest, local, **asked)
+    summary = extract(manifest, tmp_path / "dask.zarr", scheduler=client, **asked)
+    assert summary.exit_code == 0 and summary.clips_done == 5 and sorted(summary.features) == ["logmel", "vit1"]
+    assert_same_arrays(read_all(tmp_path / "dask.zarr"), read_all(local))
+    with open_store(tmp_path / "dask.zarr") as store:
+        assert store.feature_info("logmel").shape[2] == 32
+
+
 def _tasks_seen() -> int:
     """Runs on each worker: how many extraction encoders it built (one per spec once tasks ran)."""
     from featurestore import _extract_dask
