@@ -395,10 +395,14 @@ def _unit(x: np.ndarray, dim: int, what: str) -> np.ndarray:
 def text_encoder_spec(store: Any, info: Any) -> str:
     """The ``cliptext/<model>@<weights>`` spec matching a ``clip/<model>`` feature set.
 
-    The store's ``cliptext/<model>`` class features (when there) say which text tower went with the
-    image tower; otherwise the weights come from the feature set's own provenance.
+    The store's class features say which text tower went with the image tower: first a set made by
+    ``cliptext/<model>`` with the same weights (whatever its name: a store may hold two weight
+    choices of one model, ``vit_random=clip/ViT-B-32@none``), then, for the default-named
+    ``clip/<model>`` set, the ``cliptext/<model>`` class features; otherwise the weights come from
+    the feature set's own provenance.
     """
-    from featurestore.encoders import parse_spec
+    from featurestore._spec import parse_spec
+    from featurestore.provenance import weights_identity
 
     prov = info.provenance or {}
     spec = parse_spec(str(prov.get("encoder") or info.name))
@@ -406,11 +410,24 @@ def text_encoder_spec(store: Any, info: Any) -> str:
         raise ValueError(f"feature set {info.name!r} was made by {prov.get('encoder') or info.name!r}, which has "
                          f"no CLIP text tower; text queries need a clip/<model> feature set")
     text_name = f"cliptext/{spec.model}"
-    if text_name in store.class_feature_sets():
-        text_prov = store.get_class_features(text_name)[1].get("provenance") or {}
-        if text_prov.get("encoder"):
-            return str(text_prov["encoder"])
+    towers = {name: store.get_class_features(name)[1].get("provenance") or {} for name in store.class_feature_sets()}
+    towers = {name: p for name, p in towers.items() if _spec_name(p.get("encoder")) == text_name}
+    same = [p for p in towers.values() if prov.get("weights") and weights_identity(p) == weights_identity(prov)]
+    if same:
+        return str(same[0]["encoder"])
+    if info.name == spec.name and towers.get(text_name, {}).get("encoder"):
+        return str(towers[text_name]["encoder"])
     return f"{text_name}@{_weights_text(prov.get('weights') or {}, spec.weights, info.name)}"
+
+
+def _spec_name(encoder: Any) -> str | None:
+    """``cliptext/ViT-B-32`` of ``cliptext/ViT-B-32@openai``; None for anything that is not a spec."""
+    from featurestore._spec import SpecError, parse_spec
+
+    try:
+        return parse_spec(str(encoder)).name if encoder else None
+    except SpecError:
+        return None
 
 
 def _weights_text(weights: dict, fallback: str | None, name: str) -> str:

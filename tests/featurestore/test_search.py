@@ -183,6 +183,23 @@ def test_the_text_tower_follows_the_recorded_weights(tmp_path):
             spec("timm/resnet18")
 
 
+def test_the_text_tower_of_a_chosen_name_matches_its_weights(tmp_path):
+    """Two weight choices of one CLIP model in one store: each image set pairs with the text tower
+    of its own weights, not with the cliptext/<model> class features of the other."""
+    path = tmp_path / "t.zarr"
+    with create_store(path, _manifest(4)) as store:
+        store.create_feature_set(FEAT, 1, (4,), _prov())
+        store.create_feature_set("vit_random", 1, (4,), _prov("clip/ViT-B-32@none", {"kind": "random", "seed": 0}))
+        store.create_feature_set("vit_seed5", 1, (4,), _prov("clip/ViT-B-32@none:5", {"kind": "random", "seed": 5}))
+        store.write_class_features("cliptext/ViT-B-32", np.ones((10, 4), np.float32), _prov("cliptext/ViT-B-32@openai"))
+        store.write_class_features("text_random", np.ones((10, 4), np.float32),
+                                   _prov("cliptext/ViT-B-32@none", {"kind": "random", "seed": 0}))
+        spec = lambda name: search_mod.text_encoder_spec(store, store.feature_info(name))  # noqa: E731
+        assert spec(FEAT) == "cliptext/ViT-B-32@openai"
+        assert spec("vit_random") == "cliptext/ViT-B-32@none"  # the class features of the same weights
+        assert spec("vit_seed5") == "cliptext/ViT-B-32@none:5"  # none stored: from its own provenance
+
+
 @pytest.mark.slow
 def test_a_text_query_finds_the_clip_holding_that_sentence_embedding(tmp_path, capsys):
     from featurestore.encoders import create_encoder
