@@ -7,9 +7,10 @@
 * ``manifest_records(store, features=...)`` / ``write_manifest(store, path, ...)``: lhotse-style cut
   records (JSON lines), one per clip, each naming where its features are (store location, feature
   set, row, shape) instead of copying them.
-* Hugging Face ``datasets``: ``datasets.Dataset.from_pandas(store.to_pandas())`` for the index; for
-  embeddings, ``hf_columns(store, "clip/ViT-B-32")`` gives a dict of columns (clip-level means, or
-  every segment with ``level="segment"``) for ``datasets.Dataset.from_dict``. docs/store.md shows both.
+* Hugging Face ``datasets``: ``datasets.Dataset.from_dict(index_columns(store))`` for the index (plain
+  columns: ``from_pandas`` does not take the categorical label column in every ``datasets`` version);
+  for embeddings, ``hf_columns(store, "clip/ViT-B-32")`` gives a dict of columns (clip-level means,
+  or every segment with ``level="segment"``) for ``datasets.Dataset.from_dict``. docs/store.md shows both.
 
 pandas is imported when ``to_pandas`` runs (it is a dependency, but nothing else in the store needs it).
 """

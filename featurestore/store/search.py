@@ -281,7 +281,7 @@ def faiss_index(store: Any, feature_set: str, notes: list[str] | None = None) ->
         built = build_faiss_index(store, feature_set, key)
         _save(path, lambda tmp: faiss.write_index(built.index, str(tmp)))
         _note(notes, f"built the faiss index of {feature_set!r} ({built.index.ntotal} clips, nlist {built.nlist}, "
-                     f"nprobe {built.default_nprobe})"
+                     f"nprobe {built.default_nprobe}) "
                      f"in {time.perf_counter() - t0:.2f} s" + (f"; saved to {path}" if path else ""))
     memo[("faiss", feature_set)] = built
     return built

@@ -65,3 +65,16 @@ def test_hf_columns_hold_clip_means_or_segments_of_done_clips(store):
     seg = hf_columns(store, FEAT, split="train", level="segment")
     assert seg["clip_id"][:3] == ["c0", "c0", "c1"] and seg["segment"][:3] == [0, 1, 0]
     np.testing.assert_allclose(seg["embedding"][2], [6, 7, 8])
+
+
+def test_index_columns_are_plain_equal_length_columns_matching_to_pandas(store):
+    """What docs/store.md hands to ``datasets.Dataset.from_dict``: lists and 1-d arrays of one length,
+    labels as text (no pandas categorical), the same values as ``to_pandas``."""
+    from featurestore.store.export import index_columns
+
+    cols = index_columns(store)
+    assert {len(v) for v in cols.values()} == {6}
+    assert all(isinstance(v, list) or (isinstance(v, np.ndarray) and v.ndim == 1) for v in cols.values())
+    assert cols["label"] == [TAU_CLASSES[i] for i in range(5)] + [None]
+    df = store.to_pandas()
+    assert list(df.index) == cols["clip_id"] and df["train"].tolist() == cols["train"].tolist()
