@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from featurestore._extract_errors import ExtractionStopped
+from featurestore.extract.errors import ExtractionStopped
 from featurestore.errors import CorruptChunkError, FeatureStoreError, MissingFeatureError
 from featurestore.provenance import is_random_weights, weights_identity
 from featurestore.store import FeatureStore, convert_store, open_store

@@ -5,8 +5,8 @@ the very encoders, segment layout and storage cast its features went through. Ev
 records that (its provenance: the encoder spec with the weights' identity, the encoder config
 including preprocessing, the segment scheme, the stored dtype), so :class:`FileEncoder` rebuilds each
 encoder from it once and then encodes any number of files with extraction's own decoder
-(``_extract_decode.ClipDecoder``: same decoding, segments, frame times and preprocessing) and its
-own encode-and-cast step (``_extract_run._encode``: float16 rounding on the device), in batches of
+(``featurestore.extract.workers.ClipDecoder``: same decoding, segments, frame times and preprocessing) and its
+own encode-and-cast step (``featurestore.extract.pipeline._encode``: float16 rounding on the device), in batches of
 whole clips on ``device``.
 
 Rebuilding is checked, not assumed: the rebuilt encoder's provenance must have the recorded
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from featurestore._extract_decode import ClipDecoder, DecodedBatch, Job, collate
-from featurestore._extract_plan import Source
-from featurestore._extract_run import _encode as encode_and_cast
+from featurestore.extract.workers import ClipDecoder, DecodedBatch, Job, collate
+from featurestore.extract.plan import Source
+from featurestore.extract.pipeline import _encode as encode_and_cast
 from featurestore.clip_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES, ClipFiles, FilesError, group_files
 from featurestore.encoders import (
     Encoder, WeightsMismatchError, WeightsNotFoundError, create_encoder, file_sha256, parse_spec, resolve_device,

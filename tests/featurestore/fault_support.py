@@ -2,7 +2,7 @@
 
 The child runs ``extract`` through ``featurestore.cli.run_command``, so its exit code and stderr are
 what ``featurestore extract`` gives. Points in the run are chosen by the number of done rows
-(``FEATURESTORE_TEST_SIGNAL_AT_DONE=KILL:10`` / ``STOP:10``, see ``featurestore._extract_run``), never
+(``FEATURESTORE_TEST_SIGNAL_AT_DONE=KILL:10`` / ``STOP:10``, see ``featurestore.extract.pipeline``), never
 by sleeping.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from featurestore._extract_run import TEST_SIGNAL_ENV
+from featurestore.extract.pipeline import TEST_SIGNAL_ENV
 from featurestore.store import open_store
 
 CHILD = """

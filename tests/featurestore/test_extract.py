@@ -10,7 +10,7 @@ import torch
 import zarr
 from tests.featurestore.test_extract_support import ENCODERS, FAST, assert_same_arrays, clip_id, make_dataset, read_all, write_wav
 
-import featurestore._extract_decode as extract_decode
+import featurestore.extract.workers as extract_decode
 from featurestore.decode import load_audio_segments, sample_frames
 from featurestore.encoders import create_encoder, resolve_device
 from featurestore.errors import FingerprintMismatchError
@@ -307,8 +307,8 @@ def test_encoder_outputs_on_cpu_do_not_depend_on_torch_threads(tiny, tiny_store,
 
 
 def test_encoders_with_equal_preprocessors_share_one_tensor_per_clip(tiny):
-    from featurestore._extract_decode import ClipDecoder, Job, collate
-    from featurestore._extract_plan import Source
+    from featurestore.extract.workers import ClipDecoder, Job, collate
+    from featurestore.extract.plan import Source
     from featurestore.encoders import FramePreprocessor
 
     def frames_job(index: int, name: str, crop: int) -> Job:

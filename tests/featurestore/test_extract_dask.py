@@ -75,9 +75,9 @@ def test_dask_workers_rebuild_named_encoders_with_their_options(tmp_path, client
 
 def _tasks_seen() -> int:
     """Runs on each worker: how many extraction encoders it built (one per spec once tasks ran)."""
-    from featurestore import _extract_dask
+    from featurestore.extract import dask as extract_dask
 
-    return len(_extract_dask._ENCODERS)
+    return len(extract_dask._ENCODERS)
 
 
 @pytest.mark.slow
@@ -93,7 +93,7 @@ def test_local_n_starts_a_cluster_of_n_processes_for_the_run(tmp_path):
 
 @pytest.mark.parametrize("spelling", ["local:0", "local:", "local:two"])
 def test_local_n_needs_a_positive_worker_count(spelling):
-    from featurestore._extract_dask import _local_workers
+    from featurestore.extract.dask import _local_workers
 
     with pytest.raises(ValueError, match="local:N"):
         _local_workers(spelling)

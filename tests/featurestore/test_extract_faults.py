@@ -16,8 +16,8 @@ from tests.featurestore.fault_support import (
 )
 from tests.featurestore.test_extract_support import assert_same_arrays, make_dataset, read_all
 
-from featurestore._extract_errors import StoreWriteError
-from featurestore._extract_run import _loader_reason
+from featurestore.extract.errors import StoreWriteError
+from featurestore.extract.pipeline import _loader_reason
 from featurestore.cli import run_command
 from featurestore.extract import extract
 from featurestore.store import open_store

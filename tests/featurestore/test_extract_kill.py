@@ -1,6 +1,6 @@
 """A real SIGKILL in the middle of an extraction: the store stays valid and a rerun completes it to
 exactly the arrays of an uninterrupted run. Once at a moment chosen by polling the store from
-outside, and at five points chosen by done-row count (the test hook of ``featurestore._extract_run``)."""
+outside, and at five points chosen by done-row count (the test hook of ``featurestore.extract.pipeline``)."""
 from __future__ import annotations
 
 import os

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from tests.featurestore.test_extract_support import FAST, make_dataset
 
-import featurestore._extract_request as request_mod
+import featurestore.extract.request as request_mod
 import featurestore.encoders
 import featurestore.encoders._registry as registry
 from featurestore.extract import extract

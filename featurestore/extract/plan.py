@@ -9,7 +9,7 @@ things every later stage relies on:
   so one writer (a thread, or a Dask task on another machine) owns each block outright;
 * the *decode batches*: fixed row ranges of ``batch_size`` inside a block, holding the rows that
   need work for any encoder. (Encode windows are fixed per feature set, counted from each of its
-  chunk starts, see ``_extract_run._Lane``: as feature sets are written chunk by chunk, an
+  chunk starts, see ``pipeline._Lane``: as feature sets are written chunk by chunk, an
   interrupted-then-resumed run and a Dask run feed the encoders exactly the batches an
   uninterrupted run does, so CPU outputs are bit-identical.)
 """
@@ -187,7 +187,7 @@ def target_provenance(encoder, source: Source, device: str) -> dict:
 def run_record(encoder, device: str) -> dict:
     """The runtime section: versions, host, device and how the encoder was asked for (its spec as
     written and its options). Outside the fingerprint; a rerun asking the same with the same
-    library versions can tell that it would rebuild this very encoder (``_extract_request``)."""
+    library versions can tell that it would rebuild this very encoder (``request.nothing_to_do``)."""
     record = {**runtime_info(), "device": device}
     request = getattr(encoder, "request", None)
     if request is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featurestore._extract_summary import ExtractSummary, FeatureSetSummary
+from featurestore.extract.summary import ExtractSummary, FeatureSetSummary
 from featurestore._spec import SpecError, parse_spec, split_name
 from featurestore.manifest import Manifest
 from featurestore.provenance import canonical_json, file_sha256, is_random_weights, runtime_info

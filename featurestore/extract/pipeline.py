@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from featurestore._extract_decode import DecodedBatch, collate, make_decoder
-from featurestore._extract_errors import (
+from featurestore.extract.workers import DecodedBatch, collate, make_decoder
+from featurestore.extract.errors import (
     DecodeWorkerError, ExtractionStopped, find_os_error, store_write_error,
 )
-from featurestore._extract_plan import Plan, Target
+from featurestore.extract.plan import Plan, Target
 from featurestore.store.store import FeatureStore
 
 #: Finished chunks waiting for the writer (a chunk is ~4 MiB of one feature set by default).

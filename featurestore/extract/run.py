@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featurestore._extract_errors import (
+from featurestore.extract.errors import (
     NO_ROOM, DecodeWorkerError, ExtractionStopped, StoreWriteError, find_os_error, store_write_error,
 )
 from featurestore._devices import DEVICE_HELP
-from featurestore._extract_plan import (
+from featurestore.extract.plan import (
     Plan, block_size, check_inputs, check_targets, prepare_target, resolve_path, source_for, write_text_features,
 )
-from featurestore._extract_request import EncoderRequest, build, nothing_to_do, requests
-from featurestore._extract_summary import ExtractSummary, FeatureSetSummary, ordered_stages
+from featurestore.extract.request import EncoderRequest, build, nothing_to_do, requests
+from featurestore.extract.summary import ExtractSummary, FeatureSetSummary, ordered_stages
 from featurestore._spec import parse_option
 from featurestore.manifest import Manifest, check_classes
 from featurestore.provenance import is_random_weights
@@ -44,7 +44,7 @@ from featurestore.store import FeatureStore, create_store, open_store
 from featurestore.store.lock import StoreLockedError, writer_lock
 
 if TYPE_CHECKING:  # torch is imported only once there is work to do
-    from featurestore._extract_run import RunStats
+    from featurestore.extract.pipeline import RunStats
 
 __all__ = ["DEFAULT_ENCODERS", "DecodeWorkerError", "ExtractSummary", "FeatureSetSummary", "StoreLockedError",
            "StoreWriteError", "add_extract_arguments", "extract", "main", "run_extract"]
@@ -137,7 +137,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
 def _already_done(store: str | Path | FeatureStore, manifest: Manifest, selected_ids: list[str],
                   asked: list[EncoderRequest], overwrite: bool, backend: str | None) -> ExtractSummary | None:
     """The summary of a run with nothing left to do, told from an existing store without building
-    any encoder (``_extract_request.nothing_to_do``), else None."""
+    any encoder (``request.nothing_to_do``), else None."""
     if isinstance(store, FeatureStore):
         return nothing_to_do(store, manifest, selected_ids, asked, overwrite)
     location = str(store)
@@ -197,14 +197,14 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
     plan = _make_plan(fs, manifest, rows, selected, built, str(dev), opt.batch_size, opt.chunk_clips, opt.overwrite)
     summary.random_weights = [e.name for e in built if is_random_weights(e.provenance())]
     t_pipeline = time.perf_counter()
-    from featurestore._extract_run import default_num_workers, run_blocks
+    from featurestore.extract.pipeline import default_num_workers, run_blocks
 
     with _ProgressBar(plan.n_todo_clips(), opt.progress) as bar:
         if opt.scheduler is None:
             workers = default_num_workers() if opt.num_workers is None else opt.num_workers
             stats = run_blocks(plan, fs, plan.blocks(), dev, workers, bar.update)
         else:
-            from featurestore._extract_dask import StoreRef, run_distributed
+            from featurestore.extract.dask import StoreRef, run_distributed
 
             ref = StoreRef(fs.location, opt.backend, fs.open_args.get("storage_options"))
             stats, summary.device = run_distributed(plan, ref, opt.scheduler, opt.device, bar.update)

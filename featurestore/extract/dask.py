@@ -24,8 +24,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from featurestore._extract_plan import Plan, target_provenance
-from featurestore._extract_run import RunStats, run_blocks
+from featurestore.extract.plan import Plan, target_provenance
+from featurestore.extract.pipeline import RunStats, run_blocks
 from featurestore.provenance import canonical_json, fingerprint
 
 #: ``scheduler="local:N"``: start a LocalCluster of N single-threaded worker processes for this run.

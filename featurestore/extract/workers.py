@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from featurestore._extract_plan import Plan, Source
+from featurestore.extract.plan import Plan, Source
 from featurestore.decode import DecodeError, load_audio_segments, sample_frames
 
 
