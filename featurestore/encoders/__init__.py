@@ -8,18 +8,10 @@ weight helpers (``parse_weights`` for the ``@weights`` grammar, ``seeded`` for `
 ``logmel``, ``timm/<model>``, ``clip/<model>``, ``cliptext/<model>``, ``frames/<size>``; plugins join through the
 entry-point group ``featurestore.encoders``. See docs/encoders.md.
 """
-from featurestore.encoders._base import (
-    DEVICE_HELP,
-    MODALITIES,
-    AudioSegments,
-    Encoder,
-    EncoderSpec,
-    FramePreprocessor,
-    SpecError,
-    UnknownEncoderError,
-    parse_spec,
-    resolve_device,
-)
+from featurestore.encoders._device import DEVICE_HELP, resolve_device
+from featurestore.encoders._encoder import Encoder
+from featurestore.encoders._names import MODALITIES, EncoderSpec, SpecError, UnknownEncoderError, parse_spec
+from featurestore.encoders._preprocess import AudioSegments, FramePreprocessor
 from featurestore.encoders._registry import (
     ENTRY_POINT_GROUP,
     create_encoder,

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import torch
 
 from featurestore._spec import split_name
-from featurestore.encoders._base import _FAMILY_RE, Encoder, EncoderSpec, SpecError, UnknownEncoderError, parse_spec
+from featurestore.encoders._encoder import Encoder
+from featurestore.encoders._names import _FAMILY_RE, EncoderSpec, SpecError, UnknownEncoderError, parse_spec
 
 ENTRY_POINT_GROUP = "featurestore.encoders"
 

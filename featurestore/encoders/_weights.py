@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from featurestore.encoders._base import SpecError
+from featurestore.encoders._names import SpecError
 from featurestore.errors import FeatureStoreError
 from featurestore.provenance import file_sha256  # noqa: F401 - re-exported (torch-free, used by the planner)
 

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
-from featurestore.encoders._base import Encoder, EncoderSpec, FramePreprocessor, SpecError
+from featurestore.encoders._encoder import Encoder
+from featurestore.encoders._names import EncoderSpec, SpecError
+from featurestore.encoders._preprocess import FramePreprocessor
 from featurestore.encoders._registry import register_encoder
 from featurestore.encoders._weights import (
     Weights,

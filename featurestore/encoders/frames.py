@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from featurestore.encoders._base import Encoder, EncoderSpec, SpecError
+from featurestore.encoders._encoder import Encoder
+from featurestore.encoders._names import EncoderSpec, SpecError
 from featurestore.encoders._registry import register_encoder
 
 #: The paper's frame size (Section 3, "Resized to 448 x 448 x 3").

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from featurestore.encoders._base import AudioSegments, Encoder, EncoderSpec, SpecError
+from featurestore.encoders._encoder import Encoder
+from featurestore.encoders._names import EncoderSpec, SpecError
+from featurestore.encoders._preprocess import AudioSegments
 from featurestore.encoders._registry import register_encoder
 
 

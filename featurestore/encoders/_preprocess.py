@@ -1,0 +1,113 @@
+"""The shared preprocessors: checked audio segments, and frame resize + centre crop + normalise.
+
+Both are small frozen dataclasses holding no model, so they pickle as plain data and run in
+DataLoader worker processes (see ``Encoder.preprocessor``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AudioSegments:
+    """Checks and converts ``float [n_seg, samples]`` numpy audio to a float32 tensor.
+
+    The check matters: a segment of the wrong length would otherwise become a log-mel with a
+    different number of frames and fail much later when the store writes it.
+    """
+
+    samples: int
+    sample_rate: int
+
+    def __call__(self, segments: np.ndarray) -> torch.Tensor:
+        array = np.asarray(segments)
+        if array.ndim != 2 or array.shape[1] != self.samples or not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(
+                f"expected float audio segments [n_seg, {self.samples}] ({self.samples / self.sample_rate:g} s "
+                f"at {self.sample_rate} Hz), got {array.dtype} array of shape {array.shape}")
+        return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+
+
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class FramePreprocessor:
+    """Resize, center-crop and normalise ``uint8 [K, H, W, 3]`` RGB frames to ``float32 [K, 3, h, w]``.
+
+    It reproduces the eval transforms of timm and open_clip (PIL resize -> center crop -> to tensor ->
+    normalise) with torch ops on whole frame stacks, so it needs no PIL and pickles as plain data.
+    Resizing uses antialiased interpolation, which is the kernel PIL uses, and rounds to the uint8
+    grid as PIL does; tests compare it with the libraries' own transforms.
+
+    Attributes:
+        crop: output ``(h, w)``.
+        resize: an int resizes the shorter side to it (aspect kept, torchvision's rounding); an
+            ``(h, w)`` pair resizes to exactly that ("squash").
+        interpolation: ``bilinear``, ``bicubic`` or ``nearest``.
+        mean: per-channel mean on the [0, 1] scale.
+        std: per-channel std on the [0, 1] scale.
+    """
+
+    crop: tuple[int, int]
+    resize: int | tuple[int, int]
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {_INTERPOLATIONS}")
+
+    def config(self) -> dict[str, Any]:
+        """The parameters as JSON-able data, for provenance."""
+        resize = self.resize if isinstance(self.resize, int) else list(self.resize)
+        return {"crop": list(self.crop), "resize": resize, "interpolation": self.interpolation,
+                "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """Size after the resize step, with torchvision's rounding for shorter-side resizes."""
+        if not isinstance(self.resize, int):
+            return int(self.resize[0]), int(self.resize[1])
+        if width <= height:
+            return int(self.resize * height / width), self.resize
+        return self.resize, int(self.resize * width / height)
+
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
+                and frames.shape[-1] == 3):
+            found = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) \
+                else type(frames).__name__
+            raise ValueError(f"expected uint8 RGB frames [K, H, W, 3], got {found}")
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        out = torch.empty((frames.shape[0], 3, *self.crop), dtype=torch.float32)
+        for i, frame in enumerate(frames):  # one frame at a time: a 12 x 1080p float stack is 300 MB
+            x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).unsqueeze(0).float()
+            x = _center_crop(self._resize(x), self.crop)
+            out[i] = ((x / 255.0 - mean) / std)[0]
+        return out
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.resized_size(x.shape[-2], x.shape[-1])
+        if size == tuple(x.shape[-2:]):
+            return x
+        if self.interpolation == "nearest":
+            return F.interpolate(x, size=size, mode="nearest")
+        x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False, antialias=True)
+        return x.clamp_(0.0, 255.0).round_()
+
+
+def _center_crop(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
+    """Center crop with torchvision's offsets (``round((H - h) / 2)``)."""
+    height, width = x.shape[-2:]
+    if height < crop[0] or width < crop[1]:
+        raise ValueError(f"cannot crop {tuple(crop)} from a {height}x{width} resized frame")
+    top = int(round((height - crop[0]) / 2.0))
+    left = int(round((width - crop[1]) / 2.0))
+    return x[..., top:top + crop[0], left:left + crop[1]]
