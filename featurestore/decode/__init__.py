@@ -18,8 +18,9 @@ Everything an encoder sees comes through here, so the policies live in one place
   first packets (which its reordering delay would otherwise ask for). None of this changes a
   pixel: every frame that is decoded, and every frame it depends on, is decoded exactly.
 * Decoding is single-threaded unless ``threads`` asks for more (extraction already decodes many
-  clips at once in worker processes); then groups of times that share no keyframe are sought in
-  parallel, each in its own opened copy of the file.
+  clips at once in worker processes, and never asks); then groups of times that share no keyframe
+  are sought in parallel, each in its own opened copy of the file (``_parallel_seek``, loaded only
+  then; ``scripts/bench/bench_frames.py`` reports it beside the single-threaded sampler).
 
 Every failure is a :class:`DecodeError` naming the file and what was wrong.
 """

@@ -107,8 +107,10 @@ def _sample_frames(path: PathLike, n_frames: int, method: str, threads: int = 1)
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     for attempt in dict.fromkeys((method, "decode_all")):  # a stream that cannot seek: decode all
         try:
-            if attempt == "seek" and threads > 1:
-                arrays, counts = _seek_in_parallel(path, n_frames, threads)
+            if attempt == "seek" and threads > 1:  # only benchmarks and callers outside extraction
+                from featurestore.decode._parallel_seek import seek_in_parallel
+
+                arrays, counts = seek_in_parallel(path, n_frames, threads)
             else:
                 arrays, counts = _sample_with(path, n_frames, attempt, threads)
             return _stacked(path, arrays), counts
@@ -139,37 +141,6 @@ def _sample_with(path: PathLike, want: int | list[float], method: str, threads: 
         except Exception as exc:  # av.error.*: corrupt data in the middle of the file
             raise DecodeError(path, f"corrupt or truncated video data ({type(exc).__name__}: {exc})") from exc
     return arrays, _Counts(sampler.n_decoded, sampler.n_packets)
-
-
-#: Speed-up FFmpeg's frame threading gives per extra thread on H.264 (measured 1.54-1.55x with two
-#: threads on 720p30 clips; docs/datasets-and-decoding.md). Used only to choose how to use threads.
-_FRAME_THREADING_GAIN = 0.5
-
-
-def _seek_in_parallel(path: PathLike, n_frames: int, threads: int) -> tuple[list, _Counts]:
-    """Seek groups of times that share no keyframe in parallel, one opened file per group.
-
-    Groups are cut exactly where the sequential sampler would seek anyway, so together they
-    decode the same frames as one sampler would; decoding releases the GIL, so the groups run
-    on separate cores. When the largest group holds so much of the work that frame threading
-    would finish sooner (one long GOP holding most targets), one file is decoded with frame
-    threading instead.
-    """
-    with _open_video(path) as container:
-        info = _probe(container, path)
-        stream = container.streams.video[0]
-        times = sample_times(info.duration, n_frames)
-        groups = _Sampler(container, stream, path, info.fps).independent_groups(times, threads)
-    total = sum(work for _, work in groups)
-    if max(work for _, work in groups) * (1 + _FRAME_THREADING_GAIN * (threads - 1)) > total:
-        return _sample_with(path, times, "seek", threads)
-    per_group = max(1, threads // len(groups))
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(len(groups), thread_name_prefix="sample_frames") as pool:
-        parts = list(pool.map(lambda group: _sample_with(path, group[0], "seek", per_group), groups))
-    arrays = [a for part, _ in parts for a in part]
-    return arrays, _Counts(sum(c.frames for _, c in parts), sum(c.packets for _, c in parts))
 
 
 def _set_decoder_threads(stream, threads: int) -> None:
@@ -263,29 +234,6 @@ def _scan_packets(path: PathLike) -> tuple[float | None, int]:
         return float(ticks * stream.time_base), n
 
 
-def _balanced_split(costs: list[int], parts: int) -> list[tuple[int, int]]:
-    """Cut ``costs`` into at most ``parts`` contiguous ``[a, b)`` ranges, minimising the largest
-    sum (exact dynamic programme; a clip has a dozen runs at most)."""
-    n = len(costs)
-    parts = max(1, min(parts, n))
-    prefix = [0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    # best[k][j]: (largest sum, cut) splitting the first j costs into k ranges
-    best = [[(math.inf, 0)] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = (0, 0)
-    for k in range(1, parts + 1):
-        for j in range(1, n + 1):
-            best[k][j] = min((max(best[k - 1][i][0], prefix[j] - prefix[i]), i) for i in range(j))
-    k = min(range(1, parts + 1), key=lambda k: (best[k][n][0], k))  # fewest ranges among the best
-    ranges, j = [], n
-    while k:
-        i = best[k][j][1]
-        ranges.append((i, j))
-        j, k = i, k - 1
-    return ranges[::-1]
-
-
 def _shows(packet, target: int) -> bool:
     """Whether a packet's frame is on screen at pts ``target`` by its pts and duration.
 
@@ -316,8 +264,8 @@ class _Sampler:
         self._prev = None  # last decoded frame with pts <= the current target
         self._pending = None  # first decoded frame past the current target
         self._eof = False
-        self._windows: list[tuple[int, int]] | None = None  # (lo, hi] pts ranges worth decoding
-        self._current = 0  # the target being looked for; windows before it are finished
+        self._wanted: list[tuple[int, int]] | None = None  # (lo, hi] pts ranges worth decoding
+        self._current = 0  # the target being looked for; ranges before it are finished
         self._drain_for: int | None = None  # target whose packet ends decoding (the next one seeks)
         self._drained = False  # the decoder was drained: only a seek can continue
         self._index_offset = self._pts_minus_index_ts()
@@ -334,7 +282,7 @@ class _Sampler:
             raise _CannotSeek()
         targets = [self._ticks(t) for t in times]
         margin = 3 * self._frame_ticks  # a target's frame starts less than one frame before it
-        self._windows = [(target - margin, target) for target in targets]
+        self._wanted = [(target - margin, target) for target in targets]
         out = []
         for target, drain in zip(targets, self._drain_plan(targets)):
             self._current = target
@@ -360,34 +308,6 @@ class _Sampler:
         entries = self.stream.index_entries
         idx = entries.search_timestamp(target - self._index_offset, backward=True) if len(entries) else -1
         return entries[idx].timestamp + self._index_offset if idx >= 0 else None
-
-    def independent_groups(self, times: list[float], max_groups: int) -> list[tuple[list[float], int]]:
-        """Split ``times`` into at most ``max_groups`` runs that share no keyframe.
-
-        A cut is made only where :meth:`by_seeking` would seek anyway (the next time's keyframe
-        lies after the previous time), so the groups, sampled separately, decode exactly what
-        one sampler would. Runs are balanced by the frames they span (keyframe to last time).
-        Without a keyframe index there is one group.
-
-        Returns:
-            ``(times, frames spanned)`` per group.
-        """
-        if not self._tb:
-            return [(times, 1)]
-        targets = [self._ticks(t) for t in times]
-        runs: list[list[int]] = []  # indices into times
-        for i, cut in enumerate([True] + self._drain_plan(targets)[:-1]):
-            if cut:
-                runs.append([])
-            runs[-1].append(i)
-        cost = [max(1, (targets[r[-1]] - self._start_of(targets[r[0]])) // self._frame_ticks) for r in runs]
-        return [([times[i] for run in runs[a:b] for i in run], sum(cost[a:b]))
-                for a, b in _balanced_split(cost, max_groups)]
-
-    def _start_of(self, target: int) -> int:
-        """Where decoding for ``target`` starts: its keyframe, or the stream start without an index."""
-        keyframe = self._keyframe_before(target)
-        return self._start if keyframe is None else keyframe
 
     def _drain_plan(self, targets: list[int]) -> list[bool]:
         """For each target, whether decoding may stop at its frame's packet.
@@ -498,7 +418,7 @@ class _Sampler:
         skipping = False
         try:
             for packet in self.container.demux(self.stream):
-                skip = self._windows is not None and not self._near_target(packet)
+                skip = self._wanted is not None and not self._near_target(packet)
                 if skip != skipping:
                     ctx.skip_frame = "NONREF" if skip else "DEFAULT"
                     skipping = skip
@@ -524,7 +444,7 @@ class _Sampler:
         """
         if packet.pts is None:
             return True
-        remaining = [(lo, hi) for lo, hi in self._windows if hi >= self._current]
+        remaining = [(lo, hi) for lo, hi in self._wanted if hi >= self._current]
         if packet.duration:
             return any(_shows(packet, hi) for _, hi in remaining)
         return any(lo < packet.pts <= hi for lo, hi in remaining)

@@ -9,7 +9,8 @@ import pytest
 import soundfile as sf
 
 from featurestore.decode import DecodeError, load_audio, load_audio_segments, probe_video, sample_frames, sample_times
-from featurestore.decode.video import _balanced_split, _open_video, _sample_frames, _Sampler
+from featurestore.decode._parallel_seek import _balanced_split, independent_groups
+from featurestore.decode.video import _open_video, _sample_frames, _Sampler
 
 SR = 48000
 
@@ -247,8 +248,8 @@ def test_parallel_groups_share_no_keyframe_and_are_balanced(tmp_path):
     times = sample_times(3.0, 12)
     with _open_video(path) as container:
         sampler = _Sampler(container, container.streams.video[0], path, 30.0)
-        planned = sampler.independent_groups(times, 3)
-        assert [g for g, _ in sampler.independent_groups(times, 1)] == [times]
+        planned = independent_groups(sampler, times, 3)
+        assert [g for g, _ in independent_groups(sampler, times, 1)] == [times]
     groups = [g for g, _ in planned]
     assert [t for g in groups for t in g] == times and len(groups) == 3
     assert sum(work for _, work in planned) <= 90
