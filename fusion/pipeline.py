@@ -1,7 +1,10 @@
 """Run a fusion recipe against a store: read runs, aggregate, apply the rules, calibrate.
 
-This is the only module (with :mod:`fusion.report`) that talks to the store; the rules, the
-calibrators and the metrics it calls are pure numpy. Order of the steps, as in the paper:
+It reads an open store its caller passes in (:mod:`fusion.cli` opens it): prediction-run
+attributes, labels, splits and locations here; segment probabilities in :mod:`fusion.aggregate`.
+The other readers of a store are :mod:`fusion.runinfo` and :mod:`fusion.report` (run attributes,
+feature sets) and :mod:`fusion.classify` (the runs and classes that classify new files). The
+rules, the calibrators and the metrics it calls are pure numpy. Order of the steps, as in the paper:
 
 1. every run's segment probabilities -> clip probabilities (:mod:`fusion.aggregate`);
 2. equal-weight mean of the runs of each family (A04 = mean of A01-A03);
