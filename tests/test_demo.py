@@ -13,6 +13,9 @@ import featurestore
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: Minutes on 2 cores: deselected by a plain ``pytest``; ``pytest -m demo`` runs them (pyproject.toml).
+pytestmark = pytest.mark.demo
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
