@@ -310,12 +310,12 @@ class FileEncoder:
         audio = [str(c.audio) if c.audio else "" for c in clips]
         video = [str(c.video) if c.video else "" for c in clips]
         decoder = ClipDecoder(sources, jobs, {row: everything for row in range(len(clips))}, audio, video)
-        windows = [list(range(lo, min(lo + self.batch_size, len(clips)))) for lo in range(0, len(clips), self.batch_size)]
-        if self.num_workers == 0 or len(windows) < 2:
-            for window in windows:
-                yield collate([decoder[row] for row in window])
+        batches = [list(range(lo, min(lo + self.batch_size, len(clips)))) for lo in range(0, len(clips), self.batch_size)]
+        if self.num_workers == 0 or len(batches) < 2:
+            for rows in batches:
+                yield collate([decoder[row] for row in rows])
             return
-        loader = torch.utils.data.DataLoader(decoder, batch_sampler=windows, collate_fn=collate,
+        loader = torch.utils.data.DataLoader(decoder, batch_sampler=batches, collate_fn=collate,
                                              num_workers=self.num_workers, prefetch_factor=2)
         for batch in loader:
             if batch.fatal:

@@ -7,9 +7,12 @@ is what the late-fusion head needs (3 CLIP embeddings of the same frame).
 
 Why blocks: a store is chunked by whole clips, and decoding a chunk is the expensive part of a read.
 `StoreDataset` therefore reads contiguous row ranges with ``store.read_rows`` (each chunk decoded once
-per epoch), shuffles the order of the blocks and then the samples inside a window of blocks (seeded,
-per epoch), and reads the next window in a background thread while the current one is consumed. At
-most two windows are ever in memory (the one being cut into batches and the next one being read,
+per epoch) and gathers consecutive blocks into *read groups*: a read group is the unit that is read
+into memory at once and whose samples are shuffled together (``shuffle_buffer`` clips, rounded to
+whole blocks; one block when not shuffling). Each epoch shuffles the order of the blocks, then the
+samples inside each read group (seeded, per epoch), and reads the next read group in a background
+thread while the current one is consumed. At most two read groups are ever in memory (the one being
+cut into batches and the next one being read,
 each read block by block into one preallocated array), so a store larger than RAM trains in bounded
 memory; ``cache=True`` loads the selected rows once instead (fastest when they fit). Stored float16
 is converted to float32 per batch.
@@ -65,8 +68,8 @@ class Batch:
 
 
 @dataclass
-class _Window:
-    """Samples of a group of blocks, ready to be cut into batches (arrays keep the stored dtype)."""
+class _ReadGroup:
+    """Samples of one read group (consecutive blocks of the epoch's block order), ready to be cut into batches (arrays keep the stored dtype)."""
 
     arrays: list[np.ndarray]  # per feature set: [n_samples, *shape]
     labels: np.ndarray
@@ -90,15 +93,15 @@ class StoreDataset(IterableDataset):
         clip_ids: keep exactly these clips (instead of ``split``).
         level: ``"segment"`` (one sample per clip x segment) or ``"clip"``.
         batch_size: yield batches of this size (None: single samples).
-        shuffle: shuffle blocks and, within windows of ``shuffle_buffer`` clips, samples.
+        shuffle: shuffle blocks and, within read groups of ``shuffle_buffer`` clips, samples.
         seed: base seed of the shuffle; epoch ``e`` uses ``(seed, e)`` (see `set_epoch`).
-        shuffle_buffer: clips per shuffle window (rounded to whole blocks).
+        shuffle_buffer: clips per read group, the samples shuffled together (rounded to whole blocks).
         cache: load the selected rows into memory on first use instead of streaming.
         drop_last: drop the last incomplete batch.
         missing: ``"error"`` refuses selected clips whose features are not done (naming them);
             ``"skip"`` leaves them out (see `n_skipped`).
         require_labels: refuse clips whose label is unknown (-1); set it for training.
-        prefetch: read the next window in a background thread.
+        prefetch: read the next read group in a background thread.
         block_clips: clips per block read (default: the feature sets' chunk size).
     """
 
@@ -203,10 +206,10 @@ class StoreDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        windows = self._window_plan(rng)
+        groups = self._read_group_plan(rng)
         if self.cache:
             self._load_cache()
-        produce = (self._build_window(w, rng) for w in windows)
+        produce = (self._build_read_group(g, rng) for g in groups)
         source = _prefetched(produce) if self.prefetch and not self.cache else produce
         batches = _batches(source, self.batch_size or 1, self.drop_last)
         if self.batch_size is not None:
@@ -215,19 +218,20 @@ class StoreDataset(IterableDataset):
         for batch in batches:
             yield [x[0] for x in batch.inputs], batch.labels[0], batch.rows[0], batch.segments[0]
 
-    def _window_plan(self, rng: np.random.Generator) -> list[list[tuple[int, int, np.ndarray]]]:
-        """Blocks grouped into windows; shuffled when training, this worker's share when in a DataLoader."""
+    def _read_group_plan(self, rng: np.random.Generator) -> list[list[tuple[int, int, np.ndarray]]]:
+        """Blocks grouped into read groups; shuffled when training, this worker's share in a DataLoader."""
         blocks = list(self.blocks)
         if self.shuffle:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-        per_window = max(1, self.shuffle_buffer // self.block_clips) if self.shuffle else 1
-        windows = [blocks[i:i + per_window] for i in range(0, len(blocks), per_window)]
+        per_group = max(1, self.shuffle_buffer // self.block_clips) if self.shuffle else 1
+        groups = [blocks[i:i + per_group] for i in range(0, len(blocks), per_group)]
         worker = get_worker_info()
         if worker is not None:
-            windows = windows[worker.id::worker.num_workers]
-        return windows
+            groups = groups[worker.id::worker.num_workers]
+        return groups
 
-    def _build_window(self, blocks: list[tuple[int, int, np.ndarray]], rng: np.random.Generator) -> _Window:
+    def _build_read_group(self, blocks: list[tuple[int, int, np.ndarray]],
+                          rng: np.random.Generator) -> _ReadGroup:
         rows = np.concatenate([start + local for start, _, local in blocks])
         arrays = [self._fill(i, blocks, len(rows)) for i in range(len(self.features))]
         labels = self.labels[np.searchsorted(self.rows, rows)]
@@ -239,11 +243,11 @@ class StoreDataset(IterableDataset):
         else:
             segments = np.full(len(rows), -1, dtype=np.int64)
         order = rng.permutation(len(rows)) if self.shuffle else np.arange(len(rows))
-        return _Window(arrays, labels, rows, segments, order)
+        return _ReadGroup(arrays, labels, rows, segments, order)
 
     def _fill(self, i: int, blocks: list[tuple[int, int, np.ndarray]], n_rows: int) -> np.ndarray:
         """Feature set ``i`` of ``blocks``, read block by block into one array (no list of blocks
-        plus a concatenated copy: a window of stored frames is hundreds of MB)."""
+        plus a concatenated copy: a read group of stored frames is hundreds of MB)."""
         out = np.empty((n_rows, self.n_segments[i], *self.feature_shapes[i]), dtype=self.infos[i].dtype)
         pos = 0
         for start, stop, local in blocks:
@@ -279,13 +283,13 @@ def _make_blocks(rows: np.ndarray, block_clips: int) -> list[tuple[int, int, np.
     return blocks
 
 
-def _prefetched(windows: Iterator[_Window], depth: int = 1) -> Iterator[_Window]:
-    """Build windows in a background thread (block decoding overlaps training), in order.
+def _prefetched(groups: Iterator[_ReadGroup], depth: int = 1) -> Iterator[_ReadGroup]:
+    """Build read groups in a background thread (block decoding overlaps training), in order.
 
-    At most ``depth`` windows are built ahead of the one being consumed: the producer starts a window
-    only once the consumer has taken the previous one, and the consumer lets go of a window before
-    it asks for the next (see `_batches`). With ``depth=1`` that is two windows in memory, whatever
-    the number of windows in an epoch.
+    At most ``depth`` read groups are built ahead of the one being consumed: the producer starts one
+    only once the consumer has taken the previous one, and the consumer lets go of a read group
+    before it asks for the next (see `_batches`). With ``depth=1`` that is two read groups in memory,
+    whatever the number of read groups in an epoch.
     """
     q: queue.Queue = queue.Queue()
     slots = threading.Semaphore(depth)
@@ -294,7 +298,7 @@ def _prefetched(windows: Iterator[_Window], depth: int = 1) -> Iterator[_Window]
 
     def work() -> None:
         try:
-            source = iter(windows)
+            source = iter(groups)
             while True:
                 while not slots.acquire(timeout=0.1):
                     if stop.is_set():
@@ -318,7 +322,7 @@ def _prefetched(windows: Iterator[_Window], depth: int = 1) -> Iterator[_Window]
                 return
             if isinstance(item, BaseException):
                 raise item
-            slots.release()  # taken: the producer may read the next window while this one is consumed
+            slots.release()  # taken: the producer may read the next read group while this one is consumed
             yield item
             item = None
     finally:
@@ -327,13 +331,13 @@ def _prefetched(windows: Iterator[_Window], depth: int = 1) -> Iterator[_Window]
         thread.join()
 
 
-def _batches(windows: Iterator[_Window], batch_size: int, drop_last: bool) -> Iterator[Batch]:
-    """Cut windows into batches; a window's leftover is joined to the start of the next one.
+def _batches(groups: Iterator[_ReadGroup], batch_size: int, drop_last: bool) -> Iterator[Batch]:
+    """Cut read groups into batches; a read group's leftover is joined to the start of the next one.
 
-    A window is dropped before the next one is asked for, so the two are never both held here.
+    A read group is dropped before the next one is asked for, so the two are never both held here.
     """
     carry: Batch | None = None
-    source = iter(windows)
+    source = iter(groups)
     while True:
         w = next(source, None)
         if w is None:
@@ -359,7 +363,7 @@ def _batches(windows: Iterator[_Window], batch_size: int, drop_last: bool) -> It
         yield carry
 
 
-def _take(w: _Window, idx: np.ndarray) -> Batch:
+def _take(w: _ReadGroup, idx: np.ndarray) -> Batch:
     inputs = [torch.from_numpy(np.ascontiguousarray(a[idx])).float() for a in w.arrays]
     return Batch(inputs, torch.from_numpy(w.labels[idx]), torch.from_numpy(w.rows[idx]),
                  torch.from_numpy(w.segments[idx]))
@@ -426,9 +430,9 @@ def _unchanged(batch: Any) -> Any:
 class WorkerLoader:
     """A `StoreDataset` read by DataLoader worker processes, keeping ``set_epoch``/``level``/``len``.
 
-    Each worker reopens the store and builds every ``num_workers``-th window; batches arrive in
+    Each worker reopens the store and builds every ``num_workers``-th read group; batches arrive in
     round-robin order, which is deterministic for a given ``num_workers``. Each worker cuts its own
-    windows into batches, so an epoch ends with up to one short batch per worker (with
+    read groups into batches, so an epoch ends with up to one short batch per worker (with
     ``drop_last``: those samples are dropped, so up to ``num_workers - 1`` batches fewer than
     ``len``, which stays the single-process count).
     """

@@ -1,6 +1,10 @@
 """The feature store: Zarr v3 (default) or HDF5 files keyed by clip id and segment."""
+from featurestore.store._backend import backend_for
+from featurestore.store.arrays import StoreArrays
 from featurestore.store.convert import convert_store
+from featurestore.store.row_group import FEATURE_SETS, PREDICTION_RUNS, RowGroup, RowGroupKind
 from featurestore.store.store import FeatureInfo, FeatureStore, create_store, open_store
 from featurestore.store.verify import Problem, VerifyReport
 
-__all__ = ["FeatureInfo", "FeatureStore", "Problem", "VerifyReport", "convert_store", "create_store", "open_store"]
+__all__ = ["FEATURE_SETS", "PREDICTION_RUNS", "FeatureInfo", "FeatureStore", "Problem", "RowGroup", "RowGroupKind",
+           "StoreArrays", "VerifyReport", "backend_for", "convert_store", "create_store", "open_store"]

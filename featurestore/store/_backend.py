@@ -6,6 +6,8 @@ written as row ranges along axis 0, which is how the store chunks them (whole cl
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,6 +21,7 @@ COMPRESSORS = {None: None, "none": None, "zstd": "zstd"}
 class Backend(Protocol):
     """What the store needs from a storage engine: groups with JSON attributes and chunked arrays."""
 
+    kind: str  # "zarr" or "hdf5"
     read_only: bool
     location: str
 
@@ -52,3 +55,78 @@ def as_str_array(values: Any) -> np.ndarray:
     arr = np.asarray(values, dtype=object)
     out = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr.ravel()]
     return np.asarray(out, dtype=str).reshape(arr.shape) if out else np.zeros(arr.shape, dtype="<U1")
+
+
+BACKENDS = ("zarr", "hdf5")
+_HDF5_SUFFIXES = (".h5", ".hdf5")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def backend_for(location: str | os.PathLike, backend: str | None = None, *, new: bool = False) -> str:
+    """The backend of the store at ``location``: ``"zarr"`` or ``"hdf5"``; the one place that decides.
+
+    An existing store is recognised by what is there: a file with the HDF5 signature is HDF5, a
+    directory is Zarr, whatever its name. Where nothing recognisable is (a new store), ``backend``
+    decides when given, else the name: ``.h5``/``.hdf5`` is HDF5, anything else Zarr. URLs
+    (``s3://``, ``memory://``) are Zarr unless ``backend`` says otherwise (which ``open_store``
+    then refuses: HDF5 stores are local files).
+
+    Args:
+        location: a path or URL.
+        backend: ``"zarr"``, ``"hdf5"`` or None (decide from the location).
+        new: the location is about to be written anew (``open_store(..., "w")``, a conversion's
+            destination), so what is there now does not count: ``backend`` or the name decides.
+
+    Raises:
+        ValueError: an unknown ``backend``, or one that contradicts the store found at ``location``.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use 'zarr' or 'hdf5'")
+    text = os.fspath(location)
+    found = None if new or "://" in text else _backend_found(Path(text))
+    if found is not None:
+        if backend is not None and backend != found:
+            raise ValueError(f"{text} is a {'HDF5 file' if found == 'hdf5' else 'Zarr directory'}, "
+                             f"not a {backend} store (backend={backend!r})")
+        return found
+    if backend is not None:
+        return backend
+    return "hdf5" if "://" not in text and text.lower().endswith(_HDF5_SUFFIXES) else "zarr"
+
+
+def _backend_found(path: Path) -> str | None:
+    """What is at ``path``: 'zarr' (a directory), 'hdf5' (a file with the HDF5 signature) or None."""
+    if path.is_dir():
+        return "zarr"
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as f:
+            size = path.stat().st_size
+            offset = 0  # the signature is at 0 or, after a user block, at 512, 1024, 2048, ...
+            while offset + len(_HDF5_SIGNATURE) <= size:
+                f.seek(offset)
+                if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                    return "hdf5"
+                offset = 512 if offset == 0 else offset * 2
+    except OSError:
+        return None
+    return None
+
+
+def open_backend(location: str, mode: str, backend: str | None, storage_options: dict | None) -> Backend:
+    """Open the storage engine for a store: the backend chosen by :func:`backend_for`."""
+    kind = backend_for(location, backend, new=mode == "w")
+    if kind == "hdf5":
+        from featurestore.store._hdf5 import HDF5Backend
+
+        if "://" in location:
+            raise ValueError(f"{location}: HDF5 stores must be local files; use a Zarr store for URLs")
+        if mode == "r" and not Path(location).exists():
+            raise FileNotFoundError(f"no feature store at {location}")
+        return HDF5Backend(location, mode)
+    from featurestore.store._zarr import ZarrBackend
+
+    if mode == "r" and "://" not in location and not (Path(location) / "zarr.json").exists():
+        raise FileNotFoundError(f"no feature store at {location} (no zarr.json there)")
+    return ZarrBackend(location, mode, storage_options)

@@ -22,6 +22,8 @@ _CONTIGUOUS_BLOCK_BYTES = 4 * 2**20  # read unchunked datasets (other tools' def
 class HDF5Backend:
     """One HDF5 file; datasets are chunked by whole row blocks and sealed with fletcher32."""
 
+    kind = "hdf5"
+
     def __init__(self, location: str, mode: str):
         self.location = location
         self.read_only = mode == "r"

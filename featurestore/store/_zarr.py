@@ -22,6 +22,8 @@ _CONFIG = {"write_empty_chunks": True}
 class ZarrBackend:
     """Zarr v3 group; chunks are whole blocks of rows, each sealed with a crc32c checksum."""
 
+    kind = "zarr"
+
     def __init__(self, location: str, mode: str, storage_options: dict | None = None):
         self.location = location
         self.read_only = mode == "r"

@@ -10,12 +10,15 @@ import os
 import shutil
 from pathlib import Path
 
-from featurestore.store._backend import STRING, join
+from featurestore.store._backend import STRING, backend_for
 from featurestore.store.store import SCHEMA_VERSION, open_store
 
 
 def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> int:
     """Copy ``src`` into a new store at ``dst`` (backend chosen by ``dst``'s name); returns arrays copied.
+
+    The destination's backend is what ``backend_for(dst, new=True)`` says: HDF5 for a
+    ``.h5``/``.hdf5`` name, else Zarr (a store already at ``dst`` is replaced, whatever it is).
 
     Copies block by block (one chunk of rows at a time), so stores larger than memory convert. An
     existing store at a local ``dst`` is replaced only once the copy is complete.
@@ -26,7 +29,7 @@ def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> in
     final = Path(dst_text)
     tmp = final.with_name(f".{final.name}.converting")
     _remove(tmp)
-    backend = "hdf5" if final.name.lower().endswith((".h5", ".hdf5")) else "zarr"
+    backend = backend_for(final, new=True)
     n_arrays = _copy(src, str(tmp), dst_text, progress, backend)
     _replace(tmp, final)
     return n_arrays
@@ -36,26 +39,27 @@ def _copy(src: str | Path, dst: str, shown: str, progress: bool, backend: str | 
     from tqdm.auto import tqdm
 
     with open_store(src, "r") as source:
-        sb = source._b
-        arrays = _walk(sb, "")
+        sa = source.arrays
+        arrays = sa.arrays()
+        groups = sa.groups()
         target = open_store(dst, "w", backend=backend)
         try:
-            tb = target._b
-            for group in _groups(sb, ""):
-                tb.create_group(group)
+            ta = target.arrays
+            for group in groups:
+                ta.create_group(group)
             for path in tqdm(arrays, desc=f"convert -> {Path(shown).name}", disable=not progress, unit="array"):
-                shape, rows, dtype = sb.shape(path), sb.chunk_rows(path), sb.dtype(path)
-                tb.create_array(path, shape, dtype, rows, "" if dtype == STRING else 0,
-                                compressor=sb.compressor(path))
+                shape, rows, dtype = sa.shape(path), sa.chunk_rows(path), sa.dtype(path)
+                ta.create_array(path, shape, dtype, rows, "" if dtype == STRING else 0,
+                                compressor=sa.compressor(path))
                 for start in range(0, shape[0], rows):
-                    block = source._read(path, start, min(shape[0], start + rows), written=False)
+                    block = sa.read(path, start, min(shape[0], start + rows), written=False)
                     if len(block):
-                        tb.write(path, start, block)
-            for group in _groups(sb, "") + arrays:
-                tb.set_attrs(group, sb.get_attrs(group))
+                        ta.write(path, start, block)
+            for group in groups + arrays:
+                ta.set_attrs(group, sa.attrs(group))
             # the root last (it commits the row count; a version 1 source has none recorded). The
             # copy wrote every chunk, so it is a current-schema store whatever the source was
-            tb.set_attrs("", {**sb.get_attrs(""), "n_clips": source.n_clips, "schema_version": SCHEMA_VERSION})
+            ta.set_attrs("", {**sa.attrs(""), "n_clips": source.n_clips, "schema_version": SCHEMA_VERSION})
         finally:
             target.close()
     return len(arrays)
@@ -78,20 +82,3 @@ def _replace(tmp: Path, final: Path) -> None:
     os.replace(final, old)
     os.replace(tmp, final)
     _remove(old)
-
-
-def _walk(backend, path: str) -> list[str]:
-    out = []
-    for child in backend.children(path):
-        full = join(path, child)
-        out += [full] if backend.is_array(full) else _walk(backend, full)
-    return out
-
-
-def _groups(backend, path: str) -> list[str]:
-    out = []
-    for child in backend.children(path):
-        full = join(path, child)
-        if not backend.is_array(full):
-            out += [full] + _groups(backend, full)
-    return out

@@ -1,8 +1,11 @@
 """The feature store: an index of clips plus feature sets and prediction runs keyed by clip and segment.
 
-Reads go through an id->row map and a decoded-chunk cache; writes go in blocks of whole chunks and
-set ``done`` flags only after the data is on disk, so a killed writer never leaves a clip that looks
-finished but holds fill values. See docs/architecture.md for the layout.
+``FeatureStore`` is the facade: the index (ids, labels, splits, appends) lives here, and feature
+sets and prediction runs are both ``RowGroup``s (``row_group.py``: values, ``done`` flags and, for
+feature sets, error texts, read through a decoded-chunk cache and written in whole chunks with
+``done`` last, so a killed writer never leaves a clip that looks finished but holds fill values).
+Below both, ``StoreArrays`` (``arrays.py``) addresses arrays by path with checked reads, and
+``backend_for`` (``_backend.py``) picks the storage engine. See docs/architecture.md for the layout.
 """
 from __future__ import annotations
 
@@ -14,15 +17,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from featurestore.errors import (
-    CorruptChunkError, FingerprintMismatchError, MissingChunkError, MissingFeatureError, ReadOnlyStoreError,
-    StoreFormatError, UnknownClipError, UnknownFeatureError, UnknownValueError,
+    FingerprintMismatchError, StoreFormatError, UnknownClipError, UnknownFeatureError, UnknownValueError,
 )
 from featurestore.manifest import Manifest, check_classes
 from featurestore.provenance import (
     fingerprint, fingerprint_matches, is_random_weights, runtime_info, weights_identity,
 )
-from featurestore.store._backend import COMPRESSORS, STRING, Backend, join
-from featurestore.store._cache import ChunkCache
+from featurestore.store._backend import COMPRESSORS, STRING, Backend, join, open_backend
+from featurestore.store.arrays import StoreArrays
+from featurestore.store.row_group import FEATURE_SETS, KINDS, PREDICTION_RUNS, RowCaches, RowGroup, RowGroupKind
 
 # 2: every written chunk is stored (a missing one is damage) and ``n_clips`` in the root attributes
 # is the commit point of an append. Version 1 stores are read as before (missing chunks = fill).
@@ -91,27 +94,27 @@ class FeatureStore:
     """One store = one set of clips. Create with ``open_store`` or ``create_store``."""
 
     def __init__(self, backend: Backend, mode: str, cache_bytes: int, open_args: dict):
-        self._b = backend
+        self._b = backend  # the storage engine; everything here goes through self._arrays
+        self._arrays = StoreArrays(backend)
         self.mode = mode
         self._open_args = open_args
-        self._cache = ChunkCache(cache_bytes)
-        self._done: dict[str, np.ndarray] = {}
+        self._rows_cache = RowCaches(cache_bytes)
         self._row_of: dict[str, int] | None = None
         self._clip_ids: list[str] | None = None
         self._runs: dict[str, dict] | None = None  # prediction run attrs, read once (refresh() drops them)
-        if mode == "w" or not self._b.exists("index"):
+        if mode == "w" or not self._arrays.exists("index"):
             self._init_layout()
-        self._strict = self._check_schema() >= 2
-        if not self._b.read_only:
+        self._arrays.strict = self._check_schema() >= 2
+        if not self._arrays.read_only:
             self._roll_back_partial_append()
 
     # ----------------------------------------------------------------------------------- layout
     def _init_layout(self) -> None:
-        if self._b.read_only:
+        if self._arrays.read_only:
             raise StoreFormatError(f"{self.location} is not a feature store (no index group)")
         for group in ("index", "index/split", "features", "predictions", "class_features"):
-            self._b.create_group(group)
-        attrs = self._b.get_attrs("")
+            self._arrays.create_group(group)
+        attrs = self._arrays.attrs("")
         if "schema_version" not in attrs:
             from importlib.metadata import PackageNotFoundError, version
 
@@ -119,16 +122,16 @@ class FeatureStore:
                 created_by = f"avscene {version('avscene')}"
             except PackageNotFoundError:
                 created_by = "avscene (not installed)"
-            self._b.set_attrs("", {"schema_version": SCHEMA_VERSION, "classes": [], "dataset": "",
+            self._arrays.set_attrs("", {"schema_version": SCHEMA_VERSION, "classes": [], "dataset": "",
                                    "created_by": created_by, "n_clips": 0})
         for name in _INDEX_STRINGS:
-            if not self._b.exists(f"index/{name}"):
-                self._b.create_array(f"index/{name}", (0,), STRING, INDEX_CHUNK_ROWS, "")
-        if not self._b.exists("index/label"):
-            self._b.create_array("index/label", (0,), "int16", INDEX_CHUNK_ROWS, -1)
+            if not self._arrays.exists(f"index/{name}"):
+                self._arrays.create_array(f"index/{name}", (0,), STRING, INDEX_CHUNK_ROWS, "")
+        if not self._arrays.exists("index/label"):
+            self._arrays.create_array("index/label", (0,), "int16", INDEX_CHUNK_ROWS, -1)
 
     def _check_schema(self) -> int:
-        attrs = self._b.get_attrs("")
+        attrs = self._arrays.attrs("")
         found = attrs.get("schema_version")
         if found not in READABLE_SCHEMAS:
             raise StoreFormatError(f"{self.location}: schema version {found!r}, this library reads "
@@ -137,8 +140,8 @@ class FeatureStore:
 
     def _committed_rows(self) -> int:
         """Rows of the index that a finished ``append_clips`` committed (its last write)."""
-        n = self._b.get_attrs("").get("n_clips")
-        return int(n) if n is not None else self._b.shape("index/clip_id")[0]
+        n = self._arrays.attrs("").get("n_clips")
+        return int(n) if n is not None else self._arrays.shape("index/clip_id")[0]
 
     def _roll_back_partial_append(self) -> None:
         """Cut arrays that an append killed before its commit left longer than the index.
@@ -149,43 +152,39 @@ class FeatureStore:
         """
         n = self._committed_rows()
         for path in self._row_arrays():
-            if self._b.shape(path)[0] > n:
-                self._b.resize(path, n)
+            if self._arrays.shape(path)[0] > n:
+                self._arrays.resize(path, n)
 
-    # ------------------------------------------------------------------------- checked reads
     def _read(self, path: str, start: int, stop: int, written: bool = True) -> np.ndarray:
-        """Rows ``start:stop`` of an array; damage raises ``CorruptChunkError`` naming array and rows.
-
-        ``written``: these rows were written, so each of their chunks must be in storage (a missing
-        one would read as fill values: zeros, "unknown" labels). Version 1 stores did not keep
-        chunks of fill values, so there a missing chunk cannot be told from one and is not checked.
-        """
-        if written and self._strict:
-            per = self._b.chunk_rows(path)
-            for chunk in range(start // per, -(-stop // per)):
-                if not self._b.chunk_written(path, chunk):
-                    raise MissingChunkError(f"{self.location}:{path}", chunk * per,
-                                            min(stop, (chunk + 1) * per))
-        try:
-            return self._b.read(path, start, stop)
-        except Exception as err:  # checksum and decode failures surface as codec errors
-            raise self._corrupt_rows(path, start, stop, err) from err
-
-    def _corrupt_rows(self, path: str, start: int, stop: int, err: Exception) -> CorruptChunkError:
-        """The error for a failed read, narrowed to the first chunk that fails on its own."""
-        per = self._b.chunk_rows(path)
-        for chunk_start in range(start - start % per, stop, per):
-            lo, hi = max(start, chunk_start), min(stop, chunk_start + per)
-            try:
-                self._b.read(path, lo, hi)
-            except Exception as chunk_err:  # noqa: BLE001 - the failure being located
-                return CorruptChunkError(f"{self.location}:{path}", lo, hi, chunk_err)
-        return CorruptChunkError(f"{self.location}:{path}", start, stop, err)
+        """Rows ``start:stop`` of an array, checked (see ``StoreArrays.read``)."""
+        return self._arrays.read(path, start, stop, written)
 
     # ------------------------------------------------------------------------------ properties
     @property
     def location(self) -> str:
-        return self._b.location
+        return self._arrays.location
+
+    @property
+    def backend(self) -> str:
+        """The storage engine of this store: ``"zarr"`` or ``"hdf5"`` (see ``backend_for``)."""
+        return self._arrays.backend
+
+    @property
+    def arrays(self) -> StoreArrays:
+        """The store's groups and arrays by path, below the clip/feature-set vocabulary.
+
+        Read-only tools (``verify``, ``convert``) walk and read the layout through it; its writes
+        bypass done flags and fingerprints, so prefer this class's methods for writing.
+        """
+        return self._arrays
+
+    @property
+    def committed_rows(self) -> int:
+        """Rows of the index that a finished ``append_clips`` committed, from the root attributes.
+
+        It does not read the index itself, so it answers for a store whose index is damaged.
+        """
+        return self._committed_rows()
 
     @property
     def open_args(self) -> dict[str, Any]:
@@ -195,7 +194,7 @@ class FeatureStore:
     @property
     def attrs(self) -> dict[str, Any]:
         """Root attributes: schema_version, classes, dataset, created_by, segment scheme."""
-        return self._b.get_attrs("")
+        return self._arrays.attrs("")
 
     @property
     def classes(self) -> list[str]:
@@ -224,16 +223,16 @@ class FeatureStore:
 
     def columns(self) -> list[str]:
         """Index column names: ``label``, ``city``, ..., ``split/<name>``."""
-        plain = [c for c in self._b.children("index") if c != "split"]
+        plain = [c for c in self._arrays.children("index") if c != "split"]
         return plain + [f"split/{s}" for s in self.splits()]
 
     def splits(self) -> list[str]:
-        return self._b.children("index/split")
+        return self._arrays.children("index/split")
 
     def column(self, name: str) -> np.ndarray:
         """One index column for every clip, in row order."""
         path = f"index/{name}"
-        if not self._b.is_array(path):
+        if not self._arrays.is_array(path):
             raise UnknownFeatureError("index column", name, self.columns())
         return self._read(path, 0, self.n_clips)
 
@@ -257,8 +256,7 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------------- the index
     def _require_writable(self) -> None:
-        if self._b.read_only:
-            raise ReadOnlyStoreError(f"{self.location} is open read-only (mode='r'); open with mode='a'")
+        self._arrays.require_writable()
 
     def append_clips(self, manifest: Manifest) -> None:
         """Add the manifest's clips to the index and grow every feature and prediction array.
@@ -284,33 +282,31 @@ class FeatureStore:
                      "video_frames": manifest.video_frames}
         first = described if start == 0 else {}
         added = {**described, "rows": [start, end]}
-        new_splits = [s for s in manifest.split_names if not self._b.exists(f"index/split/{s}")]
+        new_splits = [s for s in manifest.split_names if not self._arrays.exists(f"index/split/{s}")]
         for split in new_splits:
-            self._b.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
+            self._arrays.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
         for path in self._row_arrays():
-            self._b.resize(path, end)
+            self._arrays.resize(path, end)
         for name, values in _manifest_columns(manifest).items():
-            self._b.write(f"index/{name}", start, values)
+            self._arrays.write(f"index/{name}", start, values)
         for split in self.splits():
             member = np.array([split in c.splits for c in manifest.clips], dtype=bool)
             if split in new_splits and start:
                 member = np.concatenate([np.zeros(start, dtype=bool), member])  # earlier rows: written too
-            self._b.write(f"index/split/{split}", end - len(member), member)
+            self._arrays.write(f"index/split/{split}", end - len(member), member)
         # the commit point, one attribute update: a kill before it leaves rows past n_clips, which
         # the next writable open cuts off (_roll_back_partial_append)
-        self._b.set_attrs("", {"classes": classes, **first, "n_clips": end,
+        self._arrays.set_attrs("", {"classes": classes, **first, "n_clips": end,
                                "datasets": [*attrs.get("datasets", []), added]})
         self._clip_ids = self._row_of = None
-        self._done.clear()
+        self._rows_cache.done.clear()
 
     def _row_arrays(self) -> list[str]:
         """Every array whose first axis is the clip axis."""
         paths = [f"index/{c}" for c in self.columns()]
-        for name in self._groups_with("features", "data"):
-            paths += [join("features", name, a) for a in ("data", "done", "errors")]
-        for name in self._groups_with("predictions", "probs"):
-            paths += [join("predictions", name, a) for a in ("probs", "done")]
-        return [p for p in paths if self._b.is_array(p)]  # a creation killed midway has only some
+        for group in self.row_groups():
+            paths += group.array_paths
+        return [p for p in paths if self._arrays.is_array(p)]  # a creation killed midway has only some
 
     def select(self, split: str | Sequence[str] | None = None, label: str | int | Sequence | None = None,
                city: str | Sequence[str] | None = None,
@@ -378,13 +374,12 @@ class FeatureStore:
         if current:
             raise ValueError(f"{self.location}: the store already has classes {current}; refusing to replace "
                              f"them with {names} (labels, predictions and class features use that order)")
-        empty = [join("predictions", r) for r in self._groups_with("predictions", "probs")] + \
-                [join("class_features", c) for c in self.class_feature_sets()]
-        for path in empty:
-            self._b.delete(path)
-            self._forget(path)
+        for group in self.row_groups(PREDICTION_RUNS):
+            group.delete()
+        for name in self.class_feature_sets():
+            self._arrays.delete(join("class_features", name))
         self._runs = None
-        self._b.set_attrs("", {"classes": names})
+        self._arrays.set_attrs("", {"classes": names})
 
     def _require_classes(self, what: str) -> None:
         """Per-class arrays need a class list; a store made from unlabelled clips has none yet."""
@@ -393,41 +388,44 @@ class FeatureStore:
                              f"manifest without labels); give them first: store.set_classes([...]) or "
                              f"featurestore extract --classes A,B,C")
 
-    # --------------------------------------------------------------------------- feature sets
-    def _groups_with(self, top: str, leaf: str) -> list[str]:
-        """Names of the (possibly nested) groups under ``top`` that hold an array ``leaf``."""
-        found: list[str] = []
-        stack = [""]
-        while stack:
-            rel = stack.pop()
-            path = join(top, rel)
-            if not self._b.exists(path) or self._b.is_array(path):
-                continue
-            kids = self._b.children(path)
-            if leaf in kids and self._b.is_array(join(path, leaf)):
-                found.append(rel)
-                continue
-            stack.extend(join(rel, k) for k in kids)
-        return sorted(found)
+    # ----------------------------------------------------------------------------- row groups
+    def row_groups(self, kind: RowGroupKind | None = None) -> list[RowGroup]:
+        """Every feature set and prediction run (or those of ``kind``) as a ``RowGroup``.
 
+        A group is listed when it holds its value array, also when a killed creation left it
+        without its other arrays or attributes (``RowGroup.missing_arrays`` tells).
+        """
+        return [self._group(k, name) for k in ([kind] if kind else KINDS)
+                for name in self._arrays.groups_with(k.top, k.leaf)]
+
+    def row_group(self, kind: RowGroupKind, name: str) -> RowGroup:
+        """One feature set (``FEATURE_SETS``) or prediction run (``PREDICTION_RUNS``) by name.
+
+        Raises:
+            UnknownFeatureError: nothing of that kind and name is stored (it lists what is).
+        """
+        group = self._group(kind, name)
+        if not group.exists():
+            raise UnknownFeatureError(kind.noun, name, self._arrays.groups_with(kind.top, kind.leaf))
+        return group
+
+    def _group(self, kind: RowGroupKind, name: str) -> RowGroup:
+        return RowGroup(kind, name, self._arrays, self._rows_cache, self)
+
+    # --------------------------------------------------------------------------- feature sets
     def feature_sets(self) -> dict[str, FeatureInfo]:
         """Every feature set with its shape, dtype, provenance, fingerprint and done/error counts."""
-        return {name: self.feature_info(name) for name in self._groups_with("features", "data")}
+        return {group.name: self._feature_info(group) for group in self.row_groups(FEATURE_SETS)}
 
     def feature_info(self, name: str) -> FeatureInfo:
-        path = self._feature_path(name)
-        attrs = self._b.get_attrs(path)
-        done = self.done_mask(name, refresh=True)
-        errors = self._read(join(path, "errors"), 0, self.n_clips, written=False)
-        return FeatureInfo(name, self._b.shape(join(path, "data")), self._b.dtype(join(path, "data")),
-                           self._b.chunk_rows(join(path, "data")), attrs.get("provenance", {}),
-                           attrs.get("fingerprint", ""), int(done.sum()), int((errors != "").sum()))
+        return self._feature_info(self.row_group(FEATURE_SETS, name))
 
-    def _feature_path(self, name: str) -> str:
-        path = join("features", name)
-        if not self._b.is_array(join(path, "data")):
-            raise UnknownFeatureError("feature set", name, self._groups_with("features", "data"))
-        return path
+    def _feature_info(self, group: RowGroup) -> FeatureInfo:
+        attrs = group.attrs
+        done = group.done_mask(refresh=True)
+        errors = group.error_texts()
+        return FeatureInfo(group.name, group.shape, group.dtype, group.chunk_rows, attrs.get("provenance", {}),
+                           attrs.get("fingerprint", ""), int(done.sum()), int((errors != "").sum()))
 
     def create_feature_set(self, name: str, n_segments: int, feature_shape: Sequence[int],
                            provenance: dict, dtype: str = "float16", chunk_clips: int | None = None,
@@ -447,24 +445,19 @@ class FeatureStore:
                              f"{', '.join(str(c) for c in COMPRESSORS)}")
         if self.check_feature_set(name, n_segments, feature_shape, provenance, overwrite):
             return self.feature_info(name)
-        path = join("features", name)
-        if self._b.exists(join(path, "data")):  # overwritten, or a creation that never finished
-            self._b.delete(path)
-            self._forget(path)
+        group = self._group(FEATURE_SETS, name)
+        if group.exists():  # overwritten, or a creation that never finished
+            group.delete()
         shape = (self.n_clips, int(n_segments)) + tuple(int(s) for s in feature_shape)
         rows = int(chunk_clips or default_chunk_clips(n_segments, feature_shape, dtype))
-        self._b.create_group(path)
-        self._b.create_array(join(path, "data"), shape, str(np.dtype(dtype)), rows, 0, compressor=compressor)
-        self._b.create_array(join(path, "done"), (self.n_clips,), "bool", rows, False)
-        self._b.create_array(join(path, "errors"), (self.n_clips,), STRING, rows, "")
         prov = dict(provenance)
         prov.setdefault("runtime", runtime_info())
-        # one update, written last: a set without its fingerprint is an unfinished creation, which
-        # check_feature_set replaces
-        self._b.set_attrs(path, {"provenance": prov, "fingerprint": fingerprint(provenance),
-                                 "n_segments": int(n_segments), "feature_shape": list(shape[2:]),
-                                 "chunk_clips": rows, "compressor": COMPRESSORS[compressor]})
-        return self.feature_info(name)
+        # the attributes are written last, in one update: a set without its fingerprint is an
+        # unfinished creation, which check_feature_set replaces
+        group.create(shape, str(np.dtype(dtype)), rows, compressor=compressor, attrs={
+            "provenance": prov, "fingerprint": fingerprint(provenance), "n_segments": int(n_segments),
+            "feature_shape": list(shape[2:]), "chunk_clips": rows, "compressor": COMPRESSORS[compressor]})
+        return self._feature_info(group)
 
     def check_feature_set(self, name: str, n_segments: int, feature_shape: Sequence[int], provenance: dict,
                           overwrite: bool = False) -> bool:
@@ -476,18 +469,18 @@ class FeatureStore:
         it would refuse, so a caller can check every set before changing the store.
         """
         path = join("features", name)
-        if not self._b.exists(join(path, "data")):
-            if self._b.exists(path) and self._b.children(path) and not overwrite:
+        if not self._arrays.exists(join(path, "data")):
+            if self._arrays.exists(path) and self._arrays.children(path) and not overwrite:
                 raise ValueError(f"{name!r} is a group of other feature sets "
-                                 f"({', '.join(self._b.children(path))}); choose another name")
+                                 f"({', '.join(self._arrays.children(path))}); choose another name")
             return False
-        old = self._b.get_attrs(path)
+        old = self._arrays.attrs(path)
         if overwrite or not _FEATURE_ATTRS <= set(old):  # an unfinished creation: replace it
             return False
         if not fingerprint_matches(old["fingerprint"], provenance):
             raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})),
                                            _strip_runtime(provenance))
-        stored = tuple(self._b.shape(join(path, "data"))[1:])
+        stored = tuple(self._arrays.shape(join(path, "data"))[1:])
         wanted = (int(n_segments), *(int(s) for s in feature_shape))
         if stored != wanted:
             raise FingerprintMismatchError(
@@ -497,27 +490,11 @@ class FeatureStore:
 
     def delete_feature_set(self, name: str) -> None:
         self._require_writable()
-        path = self._feature_path(name)
-        self._b.delete(path)
-        self._forget(path)
-
-    def _forget(self, path: str) -> None:
-        for key in [k for k in self._done if k == path or k.startswith(path + "/")]:
-            del self._done[key]
-        for leaf in ("data", "probs"):
-            self._cache.drop(join(path, leaf))
+        self.row_group(FEATURE_SETS, name).delete()
 
     def done_mask(self, name: str, refresh: bool = False) -> np.ndarray:
         """Which clips of a feature set are computed (a copy; cached until ``refresh``)."""
-        return self._done_of(self._feature_path(name), refresh).copy()
-
-    def _done_of(self, group: str, refresh: bool = False) -> np.ndarray:
-        mask = self._done.get(group)
-        if mask is None or refresh:
-            # a missing done chunk reads as "not done": safe (the rows are recomputed), never wrong
-            mask = self._read(join(group, "done"), 0, self.n_clips, written=False).astype(bool)
-            self._done[group] = mask
-        return mask
+        return self.row_group(FEATURE_SETS, name).done_mask(refresh)
 
     def write_rows(self, name: str, start: int, data: np.ndarray, done: np.ndarray | None = None,
                    errors: dict[int, str] | None = None) -> None:
@@ -534,57 +511,13 @@ class FeatureStore:
         a row marked done whose data is not there.
         """
         self._require_writable()
-        path = self._feature_path(name)
-        stop = start + len(data)
-        done = np.ones(len(data), dtype=bool) if done is None else np.asarray(done, dtype=bool)
-        if done.shape != (len(data),):
-            raise ValueError(f"features/{name}: done mask has shape {done.shape}, expected ({len(data)},)")
-        errors = {int(row): str(msg) for row, msg in (errors or {}).items()}
-        bad = [row for row in errors if not start <= row < stop or done[row - start]]
-        if bad:
-            raise ValueError(f"features/{name}: error rows {bad[:5]} are outside the block {start}:{stop} "
-                             f"or also marked done")
-        self._write_block(path, "data", start, data)
-        if done.all() and not errors:
-            texts = np.full(len(data), "", dtype=object)
-        else:
-            texts = self._read(join(path, "errors"), start, stop, written=False).astype(object)
-            texts[done] = ""
-            for row, message in errors.items():
-                texts[row - start] = _error_text(message)
-        self._b.write(join(path, "errors"), start, texts)
-        self._set_done(path, start, done)
-
-    def _write_block(self, group: str, leaf: str, start: int, data: np.ndarray) -> None:
-        array = join(group, leaf)
-        shape, rows = self._b.shape(array), self._b.chunk_rows(array)
-        data = np.asarray(data)
-        stop = start + len(data)
-        if data.shape[1:] != tuple(shape[1:]):
-            raise ValueError(f"{array}: rows have shape {tuple(data.shape[1:])}, expected {tuple(shape[1:])}")
-        if start < 0 or stop > shape[0] or len(data) == 0:
-            raise ValueError(f"{array}: rows {start}:{stop} are outside 0:{shape[0]} or empty")
-        if start % rows or (stop % rows and stop != shape[0]):
-            raise ValueError(f"{array}: block {start}:{stop} is not aligned to whole chunks of {rows} "
-                             f"rows (parallel writers must own whole chunks)")
-        self._b.write(array, start, data.astype(self._b.dtype(array), copy=False))
-        self._cache.drop(array)
-
-    def _set_done(self, group: str, start: int, flags: np.ndarray) -> None:
-        """Write done flags for rows ``start:start+len(flags)`` and keep the cached mask in step."""
-        self._b.write(join(group, "done"), start, flags)
-        mask = self._done.get(group)
-        if mask is not None:
-            mask[start:start + len(flags)] = flags
+        self.row_group(FEATURE_SETS, name).write_rows(start, data, done, errors)
 
     def set_errors(self, name: str, errors: dict[int | str, str]) -> None:
         """Record per-clip failures (row or clip id -> message); those clips are marked not done."""
         self._require_writable()
-        path = self._feature_path(name)
-        for key, message in errors.items():
-            row = self.row(key) if isinstance(key, str) else int(key)
-            self._b.write(join(path, "errors"), row, np.array([_error_text(message)], dtype=object))
-            self._set_done(path, row, np.zeros(1, dtype=bool))
+        group = self.row_group(FEATURE_SETS, name)
+        group.set_errors({self._row_number(key): message for key, message in errors.items()})
 
     def clear_errors(self, name: str, rows: Iterable[int | str]) -> None:
         """Forget the recorded failures of these clips (rows or clip ids), e.g. before a retry.
@@ -592,94 +525,40 @@ class FeatureStore:
         Their done flags stay false: the clips are simply "not computed" again.
         """
         self._require_writable()
-        path = self._feature_path(name)
+        group = self.row_group(FEATURE_SETS, name)
         for key in rows:
-            row = self.row(key) if isinstance(key, str) else int(key)
-            self._b.write(join(path, "errors"), row, np.array([""], dtype=object))
+            group.write_errors(self._row_number(key), np.array([""], dtype=object))
+
+    def _row_number(self, key: int | str) -> int:
+        return self.row(key) if isinstance(key, str) else int(key)
 
     def errors(self, name: str) -> dict[str, str]:
         """Clip id -> error message for every clip whose extraction failed."""
-        texts = self._read(join(self._feature_path(name), "errors"), 0, self.n_clips, written=False)
+        texts = self.row_group(FEATURE_SETS, name).error_texts()
         ids = self.clip_ids
         return {ids[i]: str(texts[i]) for i in np.flatnonzero(texts != "")}
 
     # ------------------------------------------------------------------------------- reading
     def get(self, name: str, clip_id: str) -> np.ndarray:
         """Features of one clip, ``[n_segments, *feature_shape]`` in the stored dtype."""
-        path = self._feature_path(name)
+        group = self.row_group(FEATURE_SETS, name)
         row = self.row(clip_id)
-        self._require_done(path, name, np.array([row]))
-        return self._row_block(join(path, "data"), path, row)[0].copy()
+        group.require_done(np.array([row]))
+        return group.read_row(row)[0].copy()
 
     def get_many(self, name: str, clip_ids: Sequence[str]) -> np.ndarray:
         """Features of many clips in the given order; each chunk is read and decoded once."""
-        path = self._feature_path(name)
-        return self._gather(path, "data", name, self.rows(clip_ids))
+        group = self.row_group(FEATURE_SETS, name)
+        return group.gather(self.rows(clip_ids))
 
     def read_rows(self, name: str, start: int, stop: int, check_done: bool = True) -> np.ndarray:
         """A contiguous block of rows (loaders read chunk-sized blocks through this)."""
-        path = self._feature_path(name)
-        if check_done:
-            self._require_done(path, name, np.arange(start, stop))
-        return self._gather(path, "data", name, np.arange(start, stop), check_done=False)
-
-    def _require_done(self, group: str, name: str, rows: np.ndarray) -> None:
-        mask = self._done_of(group)
-        if len(rows) and not mask[rows].all():
-            mask = self._done_of(group, refresh=True)  # another process may have written since
-            missing = rows[~mask[rows]]
-            if len(missing):
-                ids = self.clip_ids
-                raise MissingFeatureError(name, [ids[r] for r in missing])
-
-    def _gather(self, group: str, leaf: str, name: str, rows: np.ndarray, check_done: bool = True) -> np.ndarray:
-        if check_done:
-            self._require_done(group, name, rows)
-        array = join(group, leaf)
-        shape, per = self._b.shape(array), self._b.chunk_rows(array)
-        out = np.empty((len(rows),) + tuple(shape[1:]), dtype=self._b.dtype(array))
-        if not len(rows):
-            return out
-        chunk_of = rows // per
-        order = np.argsort(chunk_of, kind="stable")
-        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
-        for part in np.split(order, bounds):
-            chunk = int(chunk_of[part[0]])
-            offsets = rows[part] - chunk * per
-            out[part] = self._chunk(array, group, chunk, per, shape[0], offsets)[offsets]
-        return out
-
-    def _row_block(self, array: str, group: str, row: int) -> np.ndarray:
-        per = self._b.chunk_rows(array)
-        chunk = row // per
-        offset = row - chunk * per
-        block = self._chunk(array, group, chunk, per, self._b.shape(array)[0], np.array([offset]))
-        return block[offset:offset + 1]
-
-    def _chunk(self, array: str, group: str, chunk: int, per: int, n_rows: int,
-               offsets: np.ndarray) -> np.ndarray:
-        """The decoded chunk; from the cache when every row asked for was done when it was read.
-
-        Partly finished chunks are cached too (one failed clip would otherwise make its whole chunk
-        be re-read on every get), together with the done flags seen when they were read: a row
-        finished since, e.g. by another process, misses the cache and is never served stale.
-        """
-        key, done_key = (array, chunk), (array, chunk, "done")
-        block, done_then = self._cache.get(key), self._cache.get(done_key)
-        if (block is not None and done_then is not None and int(offsets.max()) < len(done_then)
-                and done_then[offsets].all()):
-            return block
-        start, stop = chunk * per, min(n_rows, (chunk + 1) * per)
-        done_now = self._done_of(group)[start:stop].copy()  # read done before data: see module doc
-        block = self._read(array, start, stop, written=bool(done_now.any()))
-        self._cache.put(key, block)
-        self._cache.put(done_key, done_now)
-        return block
+        group = self.row_group(FEATURE_SETS, name)
+        return group.gather(np.arange(start, stop), check_done=check_done)
 
     def refresh(self) -> None:
         """Drop cached chunks, done masks and the index: see what other processes wrote since."""
-        self._cache.clear()
-        self._done.clear()
+        self._rows_cache.clear()
         self._clip_ids = self._row_of = None
         self._runs = None
 
@@ -706,12 +585,12 @@ class FeatureStore:
             raise ValueError(f"class features {name!r}: first axis must be the {len(self.classes)} classes, "
                              f"got shape {data.shape}")
         path = join("class_features", name)
-        self._b.create_group(path)
-        self._b.create_array(join(path, "data"), data.shape, str(data.dtype), data.shape[0], 0)
-        self._b.write(join(path, "data"), 0, data)
+        self._arrays.create_group(path)
+        self._arrays.create_array(join(path, "data"), data.shape, str(data.dtype), data.shape[0], 0)
+        self._arrays.write(join(path, "data"), 0, data)
         prov = dict(provenance)
         prov.setdefault("runtime", runtime_info())
-        self._b.set_attrs(path, {"provenance": prov, "fingerprint": fingerprint(prov),
+        self._arrays.set_attrs(path, {"provenance": prov, "fingerprint": fingerprint(prov),
                                  "prompts": list(prompts or []), "classes": self.classes})
 
     def has_class_features(self, name: str, provenance: dict, overwrite: bool = False) -> bool:
@@ -723,24 +602,24 @@ class FeatureStore:
         naming both configurations.
         """
         path = join("class_features", name)
-        if overwrite or not self._b.is_array(join(path, "data")):
+        if overwrite or not self._arrays.is_array(join(path, "data")):
             return False
-        old = self._b.get_attrs(path)
+        old = self._arrays.attrs(path)
         if fingerprint_matches(old.get("fingerprint"), provenance):
             return True
         raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})), _strip_runtime(provenance),
                                        kind="class feature set")
 
     def class_feature_sets(self) -> list[str]:
-        return self._groups_with("class_features", "data")
+        return self._arrays.groups_with("class_features", "data")
 
     def get_class_features(self, name: str) -> tuple[np.ndarray, dict]:
         """``(array [n_classes, ...], attrs)`` where attrs hold provenance, fingerprint and prompts."""
         path = join("class_features", name)
-        if not self._b.is_array(join(path, "data")):
+        if not self._arrays.is_array(join(path, "data")):
             raise UnknownFeatureError("class feature set", name, self.class_feature_sets())
-        data = self._read(join(path, "data"), 0, self._b.shape(join(path, "data"))[0])
-        return data, self._b.get_attrs(path)
+        data = self._read(join(path, "data"), 0, self._arrays.shape(join(path, "data"))[0])
+        return data, self._arrays.attrs(path)
 
     # ---------------------------------------------------------------------------- predictions
     def create_predictions(self, run: str, n_segments: int, attrs: dict, overwrite: bool = False,
@@ -749,48 +628,31 @@ class FeatureStore:
         self._require_writable()
         validate_name("prediction run", run)
         self._require_classes(f"prediction run {run!r}")
-        path = join("predictions", run)
-        if self._b.exists(join(path, "probs")):
+        group = self._group(PREDICTION_RUNS, run)
+        if group.exists():
             if not overwrite:
                 raise FileExistsError(f"{self.location}: prediction run {run!r} exists; pass overwrite=True")
-            self._b.delete(path)
-            self._forget(path)
+            group.delete()
         n_classes = len(self.classes)
         rows = int(chunk_clips or default_chunk_clips(n_segments, (n_classes,), "float32"))
-        self._b.create_group(path)
-        self._b.create_array(join(path, "probs"), (self.n_clips, int(n_segments), n_classes), "float32", rows, 0)
-        self._b.create_array(join(path, "done"), (self.n_clips,), "bool", rows, False)
-        self._b.set_attrs(path, {**attrs, "runtime": runtime_info()})
+        group.create((self.n_clips, int(n_segments), n_classes), "float32", rows,
+                     attrs={**attrs, "runtime": runtime_info()})
         self._runs = None
 
     def write_predictions(self, run: str, rows: np.ndarray | slice | int, probs: np.ndarray) -> None:
         """Write probabilities for rows (any order; a single writer per run), then mark them done."""
         self._require_writable()
-        path = self._run_path(run)
+        group = self.row_group(PREDICTION_RUNS, run)
         probs = np.asarray(probs, dtype=np.float32)
         if isinstance(rows, slice):
             rows = np.arange(self.n_clips)[rows]
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         if len(rows) != len(probs):
             raise ValueError(f"predictions {run!r}: {len(rows)} rows but {len(probs)} probability rows")
-        array = join(path, "probs")
-        expected = tuple(self._b.shape(array)[1:])
+        expected = tuple(group.shape[1:])
         if probs.shape[1:] != expected:
             raise ValueError(f"predictions {run!r}: rows have shape {probs.shape[1:]}, expected {expected}")
-        order = np.argsort(rows)
-        rows, probs = rows[order], probs[order]
-        for part in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):
-            if len(part):
-                start = int(rows[part[0]])
-                self._b.write(array, start, probs[part])
-                self._set_done(path, start, np.ones(len(part), dtype=bool))
-        self._cache.drop(array)
-
-    def _run_path(self, run: str) -> str:
-        path = join("predictions", run)
-        if not self._b.is_array(join(path, "probs")):
-            raise UnknownFeatureError("prediction run", run, self._groups_with("predictions", "probs"))
-        return path
+        group.write_scattered(rows, probs)
 
     def prediction_runs(self) -> dict[str, dict]:
         """Run name -> its attributes (head config, feature fingerprints, ...).
@@ -800,24 +662,21 @@ class FeatureStore:
         ``refresh()``. The dicts are copies: editing them changes nothing stored.
         """
         if self._runs is None:
-            self._runs = {run: self._b.get_attrs(join("predictions", run))
-                          for run in self._groups_with("predictions", "probs")}
+            self._runs = {group.name: group.attrs for group in self.row_groups(PREDICTION_RUNS)}
         return {run: dict(attrs) for run, attrs in self._runs.items()}
 
     def prediction_done(self, run: str) -> np.ndarray:
-        return self._done_of(self._run_path(run), refresh=True).copy()
+        return self.row_group(PREDICTION_RUNS, run).done_mask(refresh=True)
 
     def get_predictions(self, run: str, clip_ids: Sequence[str] | None = None) -> np.ndarray:
         """Probabilities ``[n, n_segments, n_classes]``; clips never predicted raise an error."""
-        path = self._run_path(run)
+        group = self.row_group(PREDICTION_RUNS, run)
         rows = np.arange(self.n_clips) if clip_ids is None else self.rows(clip_ids)
-        return self._gather(path, "probs", f"predictions/{run}", rows)
+        return group.gather(rows)
 
     def delete_predictions(self, run: str) -> None:
         self._require_writable()
-        path = self._run_path(run)
-        self._b.delete(path)
-        self._forget(path)
+        self.row_group(PREDICTION_RUNS, run).delete()
         self._runs = None
 
     # ------------------------------------------------------------------------- search, export
@@ -841,7 +700,7 @@ class FeatureStore:
         return verify_store(self)
 
     def close(self) -> None:
-        self._cache.clear()
+        self._rows_cache.clear()
         self._b.close()
 
     def __enter__(self) -> "FeatureStore":
@@ -863,12 +722,7 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return (f"FeatureStore({self.location!r}, mode={self.mode!r}, clips={self.n_clips}, "
-                f"features={list(self._groups_with('features', 'data'))})")
-
-
-def _error_text(message: object) -> str:
-    """What is stored for a failed clip: the message, cut to 500 characters, never empty."""
-    return str(message)[:500] or "error"
+                f"features={self._arrays.groups_with('features', 'data')})")
 
 
 def _as_list(value: Any) -> list:
@@ -898,25 +752,6 @@ def _manifest_columns(manifest: Manifest) -> dict[str, np.ndarray]:
     }
 
 
-def _backend_for(location: str, mode: str, backend: str | None, storage_options: dict | None) -> Backend:
-    kind = backend or ("hdf5" if location.lower().endswith((".h5", ".hdf5")) else "zarr")
-    if kind == "hdf5":
-        from featurestore.store._hdf5 import HDF5Backend
-
-        if "://" in location:
-            raise ValueError(f"{location}: HDF5 stores must be local files; use a Zarr store for URLs")
-        if mode == "r" and not Path(location).exists():
-            raise FileNotFoundError(f"no feature store at {location}")
-        return HDF5Backend(location, mode)
-    if kind == "zarr":
-        from featurestore.store._zarr import ZarrBackend
-
-        if mode == "r" and "://" not in location and not (Path(location) / "zarr.json").exists():
-            raise FileNotFoundError(f"no feature store at {location} (no zarr.json there)")
-        return ZarrBackend(location, mode, storage_options)
-    raise ValueError(f"unknown backend {backend!r}; use 'zarr' or 'hdf5'")
-
-
 def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
                cache_bytes: int = DEFAULT_CACHE_BYTES, storage_options: dict | None = None) -> FeatureStore:
     """Open a feature store.
@@ -926,7 +761,9 @@ def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
             (``s3://...``, ``gs://...``, ``memory://...``; Zarr only).
         mode: ``"r"`` read-only, ``"a"`` read/write (created when missing), ``"w"`` create anew
             (an existing store at that path is replaced).
-        backend: ``"zarr"`` or ``"hdf5"`` to override the choice by file name.
+        backend: ``"zarr"`` or ``"hdf5"`` for a new store whose name does not say (``backend_for``
+            decides: an existing store is recognised by its contents, and a ``backend`` that
+            contradicts them is refused; with ``"w"`` the new store is made with ``backend``).
         cache_bytes: bound of the decoded-chunk cache (0 disables it).
         storage_options: passed to fsspec for URLs (credentials, endpoints).
     """
@@ -935,7 +772,7 @@ def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
     location = str(path)
     args = dict(path=location, mode=mode, backend=backend, cache_bytes=cache_bytes,
                 storage_options=storage_options)
-    b = _backend_for(location, mode, backend, storage_options)
+    b = open_backend(location, mode, backend, storage_options)
     try:
         return FeatureStore(b, mode, cache_bytes, args)
     except Exception:

@@ -80,10 +80,8 @@ def verify_store(store) -> VerifyReport:
         if "index" not in damaged:
             report.problems.append(Problem("index", None, str(err)))
         return report
-    for name in store._groups_with("features", "data"):
-        _check_group(store, report, join("features", name), "data", damaged)
-    for run in store._groups_with("predictions", "probs"):
-        _check_group(store, report, join("predictions", run), "probs", damaged)
+    for group in store.row_groups():
+        _check_group(store, report, group, damaged)
     return report
 
 
@@ -109,21 +107,21 @@ def remove_leftovers(report: VerifyReport) -> int:
 
 def _check_chunks(store, report: VerifyReport) -> set[str]:
     """Read every chunk of every array that should hold data; returns the damaged array paths."""
-    b = store._b
+    arrays = store.arrays
     n = _rows_or_none(store)
     damaged: set[str] = set()
-    for path in _arrays(b, ""):
+    for path in arrays.arrays():
         report.arrays_checked += 1
-        rows = b.shape(path)[0] if n is None or not _is_row_array(path) else min(n, b.shape(path)[0])
-        required = _required_rows(store, path, rows)
-        per = b.chunk_rows(path)
+        rows = arrays.shape(path)[0] if n is None or not _is_row_array(path) else min(n, arrays.shape(path)[0])
+        required = _required_rows(arrays, path, rows)
+        per = arrays.chunk_rows(path)
         for start in range(0, rows, per):
             stop = min(rows, start + per)
             needed = required is None or required[start:stop].any()
             if not needed and path.endswith(("/data", "/probs")):
                 continue  # no finished row: a killed writer may have left it half-written (HDF5)
-            if not b.chunk_written(path, start // per):
-                if needed and store._strict:
+            if not arrays.chunk_written(path, start // per):
+                if needed and arrays.strict:
                     report.problems.append(Problem(path, (start, stop), "chunk missing from storage (deleted "
                                                    "or lost) although its rows were written"
                                                    + _clip_span(store, path, start, stop)))
@@ -131,7 +129,7 @@ def _check_chunks(store, report: VerifyReport) -> set[str]:
                 continue
             report.chunks_read += 1
             try:
-                block = b.read(path, start, stop)
+                block = arrays.read_unchecked(path, start, stop)
             except Exception as err:  # noqa: BLE001 - any decode failure is a finding
                 report.problems.append(Problem(path, (start, stop), str(CorruptChunkError(path, start, stop, err))
                                                + _clip_span(store, path, start, stop)))
@@ -158,24 +156,16 @@ def _clip_span(store, path: str, start: int, stop: int) -> str:
 
 def _rows_or_none(store) -> int | None:
     try:
-        return store._committed_rows()
+        return store.committed_rows
     except Exception:  # noqa: BLE001 - reported by the index checks
         return None
-
-
-def _arrays(backend, path: str) -> list[str]:
-    out = []
-    for child in backend.children(path):
-        full = join(path, child)
-        out += [full] if backend.is_array(full) else _arrays(backend, full)
-    return out
 
 
 def _is_row_array(path: str) -> bool:
     return path.startswith(("index/", "features/", "predictions/"))
 
 
-def _required_rows(store, path: str, rows: int) -> np.ndarray | None:
+def _required_rows(arrays, path: str, rows: int) -> np.ndarray | None:
     """Which rows of ``path`` must be in storage: None for all, else a mask (done rows).
 
     Feature data and prediction probabilities are required where their clip is done; done flags
@@ -187,19 +177,19 @@ def _required_rows(store, path: str, rows: int) -> np.ndarray | None:
         return None
     if leaf in ("done", "errors"):
         return np.zeros(rows, dtype=bool)
-    if leaf in ("data", "probs") and store._b.is_array(join(group, "done")):
+    if leaf in ("data", "probs") and arrays.is_array(join(group, "done")):
         try:
-            return store._b.read(join(group, "done"), 0, rows).astype(bool)
+            return arrays.read_unchecked(join(group, "done"), 0, rows).astype(bool)
         except Exception:  # noqa: BLE001 - the done array's own damage is reported on its own
             return None
     return None
 
 
 def _check_index(store, report: VerifyReport) -> None:
-    b, n = store._b, store.n_clips
+    arrays, n = store.arrays, store.n_clips
     classes = store.classes
     for column in store.columns():
-        _check_length(report, f"index/{column}", b.shape(f"index/{column}")[0], n)
+        _check_length(report, f"index/{column}", arrays.shape(f"index/{column}")[0], n)
     ids = store.clip_ids
     if len(set(ids)) != len(ids):
         report.problems.append(Problem("index/clip_id", None, "clip ids are not unique"))
@@ -212,33 +202,31 @@ def _check_index(store, report: VerifyReport) -> None:
                                        f"{len(bad)} label(s) outside -1..{len(classes) - 1}"))
 
 
-def _check_group(store, report: VerifyReport, group: str, leaf: str, damaged: set[str]) -> None:
-    """Logical checks of a feature set or prediction run: lengths, attributes, done/error overlap.
+def _check_group(store, report: VerifyReport, group, damaged: set[str]) -> None:
+    """Logical checks of a feature set or prediction run (a ``RowGroup``): lengths, attributes,
+    done/error overlap.
 
     (The values of finished rows are checked while their chunks are read, in ``_check_chunks``.)
     """
-    b, n = store._b, store.n_clips
-    array = join(group, leaf)
-    attrs = b.get_attrs(group)
-    parts = (array, join(group, "done")) + ((join(group, "errors"),) if leaf == "data" else ())
-    absent = [p for p in parts if not b.is_array(p)]
+    arrays, n = store.arrays, store.n_clips
+    absent = group.missing_arrays()
     if absent:
-        report.problems.append(Problem(group, None, f"unfinished creation ({', '.join(absent)} missing); "
-                                                    f"rerunning the extraction or prediction replaces it"))
+        report.problems.append(Problem(group.path, None, f"unfinished creation ({', '.join(absent)} missing); "
+                                                         f"rerunning the extraction or prediction replaces it"))
         return
-    if not all([_check_length(report, part, b.shape(part)[0], n) for part in parts[:2]]):
+    parts = group.array_paths
+    if not all([_check_length(report, part, arrays.shape(part)[0], n) for part in parts[:2]]):
         return
-    is_features = leaf == "data"
-    if is_features:
-        _check_feature_attrs(store, report, group, attrs)
-    if {join(group, "done"), join(group, "errors")} & damaged:
+    if group.kind.with_errors:
+        _check_feature_attrs(report, group)
+    if {group.done_path, group.errors_path} & damaged:
         return
-    done = b.read(join(group, "done"), 0, n).astype(bool)
-    if is_features:
-        texts = b.read(join(group, "errors"), 0, n)
+    done = arrays.read_unchecked(group.done_path, 0, n).astype(bool)
+    if group.kind.with_errors:
+        texts = arrays.read_unchecked(group.errors_path, 0, n)
         both = np.flatnonzero(done & (texts != ""))
         if len(both):
-            report.problems.append(Problem(join(group, "errors"), (int(both[0]), int(both[-1]) + 1),
+            report.problems.append(Problem(group.errors_path, (int(both[0]), int(both[-1]) + 1),
                                            f"{len(both)} clip(s) marked done but also failed"))
 
 
@@ -252,17 +240,18 @@ def _check_length(report: VerifyReport, path: str, length: int, n: int) -> bool:
     return True
 
 
-def _check_feature_attrs(store, report: VerifyReport, group: str, attrs: dict) -> None:
+def _check_feature_attrs(report: VerifyReport, group) -> None:
+    attrs, where = group.attrs, group.path
     prov = attrs.get("provenance")
     if not isinstance(prov, dict):
-        report.problems.append(Problem(group, None, "no provenance attribute"))
+        report.problems.append(Problem(where, None, "no provenance attribute"))
         return
     if not fingerprint_matches(attrs.get("fingerprint"), prov):
-        report.problems.append(Problem(group, None, f"fingerprint {attrs.get('fingerprint')!r} does not "
+        report.problems.append(Problem(where, None, f"fingerprint {attrs.get('fingerprint')!r} does not "
                                                      f"match its provenance ({fingerprint(prov)!r})"))
-    shape = store._b.shape(join(group, "data"))
+    shape = group.shape
     if list(shape[2:]) != list(attrs.get("feature_shape", [])) or shape[1] != attrs.get("n_segments"):
-        report.problems.append(Problem(group, None, f"data shape {shape} disagrees with attributes "
+        report.problems.append(Problem(where, None, f"data shape {shape} disagrees with attributes "
                                                      f"n_segments={attrs.get('n_segments')}, "
                                                      f"feature_shape={attrs.get('feature_shape')}"))
 

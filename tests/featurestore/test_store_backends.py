@@ -7,10 +7,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, convert_store, create_store, open_store
+from featurestore.store import backend_for
 
 N_CLIPS, N_SEG, DIM, CHUNK = 14, 2, 3, 4
 
@@ -22,12 +24,12 @@ def manifest() -> Manifest:
     return Manifest("toy", list(TAU_CLASSES), clips)
 
 
-def fill(location: str) -> None:
+def fill(location: str, backend: str | None = None) -> None:
     """Every kind of content: two feature sets (one nested, one failed clip), class features, a run."""
     rng = np.random.default_rng(0)
     prov = {"encoder": "timm/test_vit@none", "config": {"size": 32}, "weights": {"kind": "random", "seed": 3},
             "segments": {"frames": N_SEG}, "runtime": {"host": "h"}}
-    with create_store(location, manifest()) as store:
+    with create_store(location, manifest(), backend=backend) as store:
         store.create_feature_set("timm/test_vit", N_SEG, (DIM,), prov, chunk_clips=CHUNK)
         store.write_rows("timm/test_vit", 0, rng.standard_normal((8, N_SEG, DIM)))
         store.set_errors("timm/test_vit", {9: "video stream missing"})
@@ -101,3 +103,47 @@ def test_memory_url_create_write_read(tmp_path):
         assert store.verify().ok
     convert_store(url, str(tmp_path / "from_memory.h5"), progress=False)
     assert snapshot(str(tmp_path / "from_memory.h5")) == snapshot(url)
+
+
+# --------------------------------------------------------------------------- choosing the backend
+def test_hdf5_store_at_a_path_without_h5_suffix_reopens_as_hdf5(tmp_path):
+    """A store created with backend='hdf5' under any name is recognised by its contents when reopened."""
+    path = str(tmp_path / "store")
+    fill(path, backend="hdf5")
+    assert backend_for(path) == "hdf5"
+    with open_store(path, "r") as store:
+        assert store.backend == "hdf5" and store.n_clips == N_CLIPS
+        assert store.feature_sets()["timm/test_vit"].n_done == 8
+        assert store.verify().ok
+    with open_store(path, "a") as store:  # writable too, without saying backend= again
+        store.set_errors("logmel", {0: "decode failed"})
+    convert_store(path, str(tmp_path / "copy.zarr"), progress=False)
+    with open_store(str(tmp_path / "copy.zarr")) as copy:
+        assert copy.backend == "zarr" and copy.errors("logmel") == {manifest().clip_ids[0]: "decode failed"}
+
+
+def test_backend_for_new_and_existing_locations(tmp_path):
+    # new stores: the explicit backend, else the name; URLs are Zarr
+    assert backend_for(tmp_path / "a.h5") == backend_for(tmp_path / "a.HDF5") == "hdf5"
+    assert backend_for(tmp_path / "a.zarr") == backend_for(tmp_path / "a") == "zarr"
+    assert backend_for(tmp_path / "a", "hdf5") == "hdf5" and backend_for(tmp_path / "a.h5", "zarr") == "zarr"
+    assert backend_for("memory://x/a.h5") == backend_for("s3://bucket/store") == "zarr"
+    with pytest.raises(ValueError, match="unknown backend 'lmdb'"):
+        backend_for(tmp_path / "a", "lmdb")
+    # existing stores: their contents, whatever their name
+    fill(str(tmp_path / "looks_like.h5"), backend="zarr")
+    fill(str(tmp_path / "looks_like.zarr"), backend="hdf5")
+    assert backend_for(tmp_path / "looks_like.h5") == "zarr"
+    assert backend_for(tmp_path / "looks_like.zarr") == "hdf5"
+    with open_store(tmp_path / "looks_like.zarr") as store:
+        assert store.backend == "hdf5"
+    with pytest.raises(ValueError, match="is a HDF5 file, not a zarr store"):
+        open_store(tmp_path / "looks_like.zarr", "r", backend="zarr")
+    # being written anew (mode "w", a conversion's destination): what is there does not count
+    assert backend_for(tmp_path / "looks_like.h5", new=True) == "hdf5"
+    # an HDF5 file with a user block has its signature at 512 (or 1024, 2048, ...)
+    with h5py.File(tmp_path / "userblock", "w", userblock_size=1024) as f:
+        f["x"] = np.arange(3)
+    assert backend_for(tmp_path / "userblock") == "hdf5"
+    (tmp_path / "notes.txt").write_text("not a store")
+    assert backend_for(tmp_path / "notes.txt") == "zarr"  # nothing recognisable: the name decides

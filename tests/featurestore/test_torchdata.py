@@ -97,7 +97,7 @@ def test_reads_whole_blocks_through_read_rows(store, monkeypatch):
     assert all(stop - start == CHUNK and start % CHUNK == 0 for _, start, stop in calls)
 
 
-def test_streams_lazily_one_window_ahead(store, monkeypatch):
+def test_streams_lazily_one_read_group_ahead(store, monkeypatch):
     calls: list[int] = []
     original = store.read_rows
     monkeypatch.setattr(store, "read_rows", lambda n, a, b, check_done=True: calls.append(a) or original(n, a, b, check_done))
@@ -107,10 +107,10 @@ def test_streams_lazily_one_window_ahead(store, monkeypatch):
     import time
 
     time.sleep(0.2)  # let the prefetch thread run as far as it may
-    # the window being consumed and the next one, read ahead: never more, whatever the epoch's length
+    # the read group being consumed and the next one, read ahead: never more, whatever the epoch's length
     assert len(calls) == 2 < N_CLIPS // CHUNK
-    batches_per_window = CHUNK * SEGMENTS // 4  # level="segment": one sample per (clip, segment)
-    for _ in range(batches_per_window):  # into the second window: the third may now be read
+    batches_per_group = CHUNK * SEGMENTS // 4  # level="segment": one sample per (clip, segment)
+    for _ in range(batches_per_group):  # into the second read group: the third may now be read
         next(it)
     time.sleep(0.2)
     assert len(calls) == 3

@@ -1,0 +1,181 @@
+"""A store's groups and arrays by path: listing, checked reads and low-level writes over one backend.
+
+This is the layer below the store's vocabulary (clips, feature sets, prediction runs): what
+``verify`` walks and ``convert`` copies. Reads of rows that were written check that their chunks
+are in storage and raise ``CorruptChunkError`` / ``MissingChunkError`` naming the array and rows;
+writes are refused on a store opened read-only. Prefer the ``FeatureStore`` methods: writing here
+bypasses the done flags, fingerprints and chunk alignment they keep.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from featurestore.errors import CorruptChunkError, MissingChunkError, ReadOnlyStoreError
+from featurestore.store._backend import Backend, join
+
+
+class StoreArrays:
+    """The arrays and groups of one open store, addressed by '/'-separated paths.
+
+    Attributes:
+        strict: every written chunk is kept (schema version 2), so a missing chunk of written
+            rows is damage; version 1 stores did not keep chunks of fill values.
+    """
+
+    def __init__(self, backend: Backend, strict: bool = True):
+        self._backend = backend
+        self.strict = strict
+
+    @property
+    def location(self) -> str:
+        return self._backend.location
+
+    @property
+    def read_only(self) -> bool:
+        return self._backend.read_only
+
+    @property
+    def backend(self) -> str:
+        """``"zarr"`` or ``"hdf5"``."""
+        return self._backend.kind
+
+    # ------------------------------------------------------------------------------- listing
+    def exists(self, path: str) -> bool:
+        """Whether a group or array is at ``path`` ('' is the root)."""
+        return self._backend.exists(path)
+
+    def is_array(self, path: str) -> bool:
+        return self._backend.is_array(path)
+
+    def children(self, path: str) -> list[str]:
+        """Names of the groups and arrays directly under the group at ``path``, sorted."""
+        return self._backend.children(path)
+
+    def arrays(self, path: str = "") -> list[str]:
+        """Paths of every array under the group at ``path``, depth first, sorted per level."""
+        out: list[str] = []
+        for child in self.children(path):
+            full = join(path, child)
+            out += [full] if self.is_array(full) else self.arrays(full)
+        return out
+
+    def groups(self, path: str = "") -> list[str]:
+        """Paths of every group under the group at ``path`` (not the group itself), parents first."""
+        out: list[str] = []
+        for child in self.children(path):
+            full = join(path, child)
+            if not self.is_array(full):
+                out += [full] + self.groups(full)
+        return out
+
+    def groups_with(self, top: str, leaf: str) -> list[str]:
+        """Names (relative to ``top``) of the possibly nested groups under ``top`` holding an array ``leaf``."""
+        found: list[str] = []
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            path = join(top, rel)
+            if not self.exists(path) or self.is_array(path):
+                continue
+            kids = self.children(path)
+            if leaf in kids and self.is_array(join(path, leaf)):
+                found.append(rel)
+                continue
+            stack.extend(join(rel, k) for k in kids)
+        return sorted(found)
+
+    # ---------------------------------------------------------------------------- describing
+    def attrs(self, path: str) -> dict[str, Any]:
+        """The JSON attributes of a group or array (a copy)."""
+        return self._backend.get_attrs(path)
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return self._backend.shape(path)
+
+    def dtype(self, path: str) -> str:
+        """The numpy dtype name, or ``"str"`` for string arrays."""
+        return self._backend.dtype(path)
+
+    def chunk_rows(self, path: str) -> int:
+        """Rows per chunk (for unchunked HDF5 datasets: rows per ~4 MiB read block)."""
+        return self._backend.chunk_rows(path)
+
+    def compressor(self, path: str) -> str | None:
+        """``"zstd"`` when the array's chunks are compressed (gzip in HDF5), else None."""
+        return self._backend.compressor(path)
+
+    def chunk_written(self, path: str, chunk: int) -> bool:
+        """Whether chunk number ``chunk`` is in storage (False: never written, or lost)."""
+        return self._backend.chunk_written(path, chunk)
+
+    # --------------------------------------------------------------------------------- reads
+    def read(self, path: str, start: int, stop: int, written: bool = True) -> np.ndarray:
+        """Rows ``start:stop``; damage raises ``CorruptChunkError`` naming array and rows.
+
+        ``written``: these rows were written, so each of their chunks must be in storage (a missing
+        one would read as fill values: zeros, "unknown" labels) or ``MissingChunkError`` is raised.
+        Version 1 stores did not keep chunks of fill values, so there it is not checked.
+        """
+        if written and self.strict:
+            per = self.chunk_rows(path)
+            for chunk in range(start // per, -(-stop // per)):
+                if not self.chunk_written(path, chunk):
+                    raise MissingChunkError(f"{self.location}:{path}", chunk * per,
+                                            min(stop, (chunk + 1) * per))
+        try:
+            return self._backend.read(path, start, stop)
+        except Exception as err:  # checksum and decode failures surface as codec errors
+            raise self._corrupt_rows(path, start, stop, err) from err
+
+    def read_unchecked(self, path: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as the backend returns them: a decode failure propagates as it is
+        and a missing chunk reads as fill values (``verify`` locates and words damage itself)."""
+        return self._backend.read(path, start, stop)
+
+    def _corrupt_rows(self, path: str, start: int, stop: int, err: Exception) -> CorruptChunkError:
+        """The error for a failed read, narrowed to the first chunk that fails on its own."""
+        per = self.chunk_rows(path)
+        for chunk_start in range(start - start % per, stop, per):
+            lo, hi = max(start, chunk_start), min(stop, chunk_start + per)
+            try:
+                self._backend.read(path, lo, hi)
+            except Exception as chunk_err:  # noqa: BLE001 - the failure being located
+                return CorruptChunkError(f"{self.location}:{path}", lo, hi, chunk_err)
+        return CorruptChunkError(f"{self.location}:{path}", start, stop, err)
+
+    # -------------------------------------------------------------------- low-level writes
+    def require_writable(self) -> None:
+        """Raise ``ReadOnlyStoreError`` when the store is open with mode 'r'."""
+        if self.read_only:
+            raise ReadOnlyStoreError(f"{self.location} is open read-only (mode='r'); open with mode='a'")
+
+    def create_group(self, path: str) -> None:
+        self.require_writable()
+        self._backend.create_group(path)
+
+    def create_array(self, path: str, shape: tuple[int, ...], dtype: str, chunk_rows: int, fill_value: Any,
+                     compressor: str | None = None) -> None:
+        """A new array (replacing one at ``path``), chunked by ``chunk_rows`` rows, checksummed."""
+        self.require_writable()
+        self._backend.create_array(path, shape, dtype, chunk_rows, fill_value, compressor=compressor)
+
+    def write(self, path: str, start: int, data: np.ndarray) -> None:
+        """Write rows ``start:start+len(data)``."""
+        self.require_writable()
+        self._backend.write(path, start, data)
+
+    def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
+        """Add or replace these attributes in one update."""
+        self.require_writable()
+        self._backend.set_attrs(path, attrs)
+
+    def resize(self, path: str, n_rows: int) -> None:
+        self.require_writable()
+        self._backend.resize(path, n_rows)
+
+    def delete(self, path: str) -> None:
+        """Remove the group or array at ``path`` with everything under it."""
+        self.require_writable()
+        self._backend.delete(path)

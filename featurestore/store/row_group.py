@@ -1,0 +1,321 @@
+"""Row-aligned array groups: what feature sets and prediction runs both are.
+
+A row group ``<top>/<name>`` holds one value array whose first axis is the store's clip axis
+(``data`` of a feature set, ``probs`` of a prediction run), a ``done`` flag per row and, for feature
+sets, an ``errors`` text per row, all chunked alike by whole clips. The rules they share live here
+once: ``done`` is written after the values, a row whose ``done`` is false is not there
+(``MissingFeatureError``, never fill values), reads go chunk by chunk through a decoded-chunk
+cache that never serves a row finished since it was cached, and aligned writers own whole chunks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from featurestore.errors import MissingFeatureError
+from featurestore.store._backend import STRING, join
+from featurestore.store._cache import ChunkCache
+from featurestore.store.arrays import StoreArrays
+
+
+@dataclass(frozen=True)
+class RowGroupKind:
+    """What tells the kinds of row group apart; everything else they share."""
+
+    top: str  # the group that holds every group of this kind
+    leaf: str  # the value array: [n_clips, ...]
+    noun: str  # how messages name one group
+    with_errors: bool  # an ``errors`` text per row
+    missing_label: str  # how MissingFeatureError names a group ({name} is its name)
+
+    @property
+    def leaves(self) -> tuple[str, ...]:
+        """The group's row arrays: the value array, ``done`` and (feature sets) ``errors``."""
+        return (self.leaf, "done") + (("errors",) if self.with_errors else ())
+
+
+FEATURE_SETS = RowGroupKind("features", "data", "feature set", True, "{name}")
+PREDICTION_RUNS = RowGroupKind("predictions", "probs", "prediction run", False, "predictions/{name}")
+KINDS = (FEATURE_SETS, PREDICTION_RUNS)
+
+
+class _Index(Protocol):
+    """What a group needs of its store's index: the row count and the ids that messages name."""
+
+    @property
+    def n_clips(self) -> int: ...
+    @property
+    def clip_ids(self) -> list[str]: ...
+
+
+class RowCaches:
+    """Decoded chunks and done masks of one store, shared by all its row groups."""
+
+    def __init__(self, cache_bytes: int):
+        self.chunks = ChunkCache(cache_bytes)
+        self.done: dict[str, np.ndarray] = {}  # group path -> done mask, until refresh
+
+    def forget(self, path: str) -> None:
+        """Drop what is cached of the group at ``path`` and of the groups nested in it."""
+        for key in [k for k in self.done if k == path or k.startswith(path + "/")]:
+            del self.done[key]
+        for kind in KINDS:
+            self.chunks.drop(join(path, kind.leaf))
+
+    def clear(self) -> None:
+        self.chunks.clear()
+        self.done.clear()
+
+
+class RowGroup:
+    """One feature set or prediction run: a value array plus per-row ``done`` flags (and errors).
+
+    Obtained from ``FeatureStore.row_group`` / ``row_groups``; the read-only methods (``attrs``,
+    ``shape``, ``done_mask``, ``error_texts``, ``missing_arrays``) are public for tools such as
+    ``verify``. Writers go through the ``FeatureStore`` methods, which validate their input.
+    """
+
+    def __init__(self, kind: RowGroupKind, name: str, arrays: StoreArrays, caches: RowCaches, index: _Index):
+        self.kind, self.name = kind, name
+        self.path = join(kind.top, name)
+        self._arrays, self._caches, self._index = arrays, caches, index
+
+    def __repr__(self) -> str:
+        return f"RowGroup({self.kind.noun} {self.name!r})"
+
+    # ------------------------------------------------------------------------------ describing
+    @property
+    def values_path(self) -> str:
+        """The value array: ``<path>/data`` or ``<path>/probs``."""
+        return join(self.path, self.kind.leaf)
+
+    @property
+    def done_path(self) -> str:
+        return join(self.path, "done")
+
+    @property
+    def errors_path(self) -> str:
+        return join(self.path, "errors")
+
+    @property
+    def array_paths(self) -> tuple[str, ...]:
+        """Every row array the group should hold (values, done, errors)."""
+        return tuple(join(self.path, leaf) for leaf in self.kind.leaves)
+
+    def exists(self) -> bool:
+        """Whether the value array is there (a creation killed midway may lack the others)."""
+        return self._arrays.is_array(self.values_path)
+
+    def missing_arrays(self) -> list[str]:
+        """Paths of the row arrays that are absent: an unfinished creation when not empty."""
+        return [p for p in self.array_paths if not self._arrays.is_array(p)]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The group's attributes (provenance and fingerprint, or a run's head config)."""
+        return self._arrays.attrs(self.path)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the value array: ``[rows, n_segments, ...]``."""
+        return self._arrays.shape(self.values_path)
+
+    @property
+    def dtype(self) -> str:
+        return self._arrays.dtype(self.values_path)
+
+    @property
+    def chunk_rows(self) -> int:
+        return self._arrays.chunk_rows(self.values_path)
+
+    # ------------------------------------------------------------------------ create, delete
+    def create(self, shape: tuple[int, ...], dtype: str, chunk_rows: int, attrs: dict[str, Any],
+               compressor: str | None = None) -> None:
+        """Create the row arrays (values filled with 0, not done, no errors), attributes last.
+
+        The attributes are one update written after the arrays, so a group without them is a
+        creation that never finished.
+        """
+        n_rows = shape[0]
+        self._arrays.create_group(self.path)
+        self._arrays.create_array(self.values_path, shape, dtype, chunk_rows, 0, compressor=compressor)
+        self._arrays.create_array(self.done_path, (n_rows,), "bool", chunk_rows, False)
+        if self.kind.with_errors:
+            self._arrays.create_array(self.errors_path, (n_rows,), STRING, chunk_rows, "")
+        self._arrays.set_attrs(self.path, attrs)
+
+    def delete(self) -> None:
+        """Remove the group and forget what is cached of it."""
+        self._arrays.delete(self.path)
+        self._caches.forget(self.path)
+
+    # --------------------------------------------------------------------------- done, errors
+    def done_mask(self, refresh: bool = False) -> np.ndarray:
+        """Which rows are finished (a copy; read once and kept until ``refresh``)."""
+        return self._done(refresh).copy()
+
+    def _done(self, refresh: bool = False) -> np.ndarray:
+        mask = self._caches.done.get(self.path)
+        if mask is None or refresh:
+            # a missing done chunk reads as "not done": safe (the rows are recomputed), never wrong
+            mask = self._arrays.read(self.done_path, 0, self._index.n_clips, written=False).astype(bool)
+            self._caches.done[self.path] = mask
+        return mask
+
+    def set_done(self, start: int, flags: np.ndarray) -> None:
+        """Write done flags for rows ``start:start+len(flags)`` and keep the cached mask in step."""
+        self._arrays.write(self.done_path, start, flags)
+        mask = self._caches.done.get(self.path)
+        if mask is not None:
+            mask[start:start + len(flags)] = flags
+
+    def require_done(self, rows: np.ndarray) -> None:
+        """Raise ``MissingFeatureError`` naming the clips of ``rows`` that are not finished."""
+        mask = self._done()
+        if len(rows) and not mask[rows].all():
+            mask = self._done(refresh=True)  # another process may have written since
+            missing = rows[~mask[rows]]
+            if len(missing):
+                ids = self._index.clip_ids
+                raise MissingFeatureError(self.kind.missing_label.format(name=self.name), [ids[r] for r in missing])
+
+    def error_texts(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Error texts of rows ``start:stop`` ('' where a row has none; all '' without an errors array)."""
+        stop = self._index.n_clips if stop is None else stop
+        if not self.kind.with_errors:
+            return np.full(stop - start, "", dtype=str)
+        return self._arrays.read(self.errors_path, start, stop, written=False)
+
+    def write_errors(self, start: int, texts: np.ndarray) -> None:
+        """Write error texts for rows ``start:start+len(texts)`` (done flags are not touched)."""
+        self._arrays.write(self.errors_path, start, np.asarray(texts, dtype=object))
+
+    # ---------------------------------------------------------------------------------- writes
+    def write_block(self, start: int, data: np.ndarray) -> None:
+        """Write values of rows ``start:start+len(data)``; the block must cover whole chunks.
+
+        Its end may be the last row. Parallel writers then never touch the same chunk (Zarr
+        loses data when two do). Done flags are not touched: the caller sets them afterwards.
+        """
+        array = self.values_path
+        shape, rows = self._arrays.shape(array), self._arrays.chunk_rows(array)
+        data = np.asarray(data)
+        stop = start + len(data)
+        if data.shape[1:] != tuple(shape[1:]):
+            raise ValueError(f"{array}: rows have shape {tuple(data.shape[1:])}, expected {tuple(shape[1:])}")
+        if start < 0 or stop > shape[0] or len(data) == 0:
+            raise ValueError(f"{array}: rows {start}:{stop} are outside 0:{shape[0]} or empty")
+        if start % rows or (stop % rows and stop != shape[0]):
+            raise ValueError(f"{array}: block {start}:{stop} is not aligned to whole chunks of {rows} "
+                             f"rows (parallel writers must own whole chunks)")
+        self._arrays.write(array, start, data.astype(self._arrays.dtype(array), copy=False))
+        self._caches.chunks.drop(array)
+
+    def write_rows(self, start: int, data: np.ndarray, done: np.ndarray | None = None,
+                   errors: dict[int, str] | None = None) -> None:
+        """Write a block of whole chunks, then its error texts, then its done flags.
+
+        ``done`` (bool per row of the block, default all True) says which rows are finished;
+        ``errors`` (absolute row -> message) records the failures of this block. Rows neither done
+        nor in ``errors`` keep their done flag false and their earlier error text; a done row's
+        earlier error is cleared. A writer killed in between never leaves a row marked done whose
+        values are not there.
+        """
+        stop = start + len(data)
+        done = np.ones(len(data), dtype=bool) if done is None else np.asarray(done, dtype=bool)
+        if done.shape != (len(data),):
+            raise ValueError(f"{self.path}: done mask has shape {done.shape}, expected ({len(data)},)")
+        errors = {int(row): str(msg) for row, msg in (errors or {}).items()}
+        bad = [row for row in errors if not start <= row < stop or done[row - start]]
+        if bad:
+            raise ValueError(f"{self.path}: error rows {bad[:5]} are outside the block {start}:{stop} "
+                             f"or also marked done")
+        self.write_block(start, data)
+        if self.kind.with_errors:
+            if done.all() and not errors:
+                texts = np.full(len(data), "", dtype=object)
+            else:
+                texts = self.error_texts(start, stop).astype(object)
+                texts[done] = ""
+                for row, message in errors.items():
+                    texts[row - start] = error_text(message)
+            self.write_errors(start, texts)
+        self.set_done(start, done)
+
+    def set_errors(self, errors: dict[int, str]) -> None:
+        """Record failures (row -> message); those rows are marked not done."""
+        for row, message in errors.items():
+            self.write_errors(row, np.array([error_text(message)], dtype=object))
+            self.set_done(row, np.zeros(1, dtype=bool))
+
+    def write_scattered(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Write values of any rows (in any order; one writer per group), then mark them done.
+
+        Each run of consecutive rows is one write followed by its done flags.
+        """
+        order = np.argsort(rows)
+        rows, values = rows[order], values[order]
+        for part in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):
+            if len(part):
+                start = int(rows[part[0]])
+                self._arrays.write(self.values_path, start, values[part])
+                self.set_done(start, np.ones(len(part), dtype=bool))
+        self._caches.chunks.drop(self.values_path)
+
+    # ----------------------------------------------------------------------------------- reads
+    def gather(self, rows: np.ndarray, check_done: bool = True) -> np.ndarray:
+        """Values of ``rows`` in the given order; each chunk is read and decoded once.
+
+        ``check_done``: refuse rows that are not finished (``MissingFeatureError``).
+        """
+        if check_done:
+            self.require_done(rows)
+        array = self.values_path
+        shape, per = self._arrays.shape(array), self._arrays.chunk_rows(array)
+        out = np.empty((len(rows),) + tuple(shape[1:]), dtype=self._arrays.dtype(array))
+        if not len(rows):
+            return out
+        chunk_of = rows // per
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+        for part in np.split(order, bounds):
+            chunk = int(chunk_of[part[0]])
+            offsets = rows[part] - chunk * per
+            out[part] = self._chunk(chunk, per, shape[0], offsets)[offsets]
+        return out
+
+    def read_row(self, row: int) -> np.ndarray:
+        """Values of one row, ``[1, ...]`` (a view of the cached chunk: copy before changing it)."""
+        array = self.values_path
+        per = self._arrays.chunk_rows(array)
+        chunk = row // per
+        offset = row - chunk * per
+        block = self._chunk(chunk, per, self._arrays.shape(array)[0], np.array([offset]))
+        return block[offset:offset + 1]
+
+    def _chunk(self, chunk: int, per: int, n_rows: int, offsets: np.ndarray) -> np.ndarray:
+        """The decoded chunk; from the cache when every row asked for was done when it was read.
+
+        Partly finished chunks are cached too (one failed clip would otherwise make its whole chunk
+        be re-read on every get), together with the done flags seen when they were read: a row
+        finished since, e.g. by another process, misses the cache and is never served stale.
+        """
+        array, cache = self.values_path, self._caches.chunks
+        key, done_key = (array, chunk), (array, chunk, "done")
+        block, done_then = cache.get(key), cache.get(done_key)
+        if (block is not None and done_then is not None and int(offsets.max()) < len(done_then)
+                and done_then[offsets].all()):
+            return block
+        start, stop = chunk * per, min(n_rows, (chunk + 1) * per)
+        done_now = self._done()[start:stop].copy()  # read done before data: a row done now was written
+        block = self._arrays.read(array, start, stop, written=bool(done_now.any()))
+        cache.put(key, block)
+        cache.put(done_key, done_now)
+        return block
+
+
+def error_text(message: object) -> str:
+    """What is stored for a failed row: the message, cut to 500 characters, never empty."""
+    return str(message)[:500] or "error"
