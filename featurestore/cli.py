@@ -1,7 +1,7 @@
 """``featurestore`` / ``python -m featurestore``: look into, check, copy and fill feature stores.
 
 Each command is a thin function over a library call (``open_store``, ``FeatureStore.verify``,
-``convert_store``, ``featurestore.extract.run_extract``), so what the command line does is what the
+``convert_store``, ``featurestore.extract.extract``), so what the command line does is what the
 tests exercise through the library. Exit codes: 0 ok, 1 the work failed (verify found problems, a
 clip's features are missing or corrupt), 2 usage or bad input (unknown store, clip or feature);
 errors print their message, never a traceback. ``run_command`` is that error handling, shared with
@@ -10,7 +10,7 @@ the ``heads`` and ``fusion`` command lines.
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
 import json
 import os
 import sys
@@ -19,10 +19,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from featurestore._devices import DEVICE_HELP
+from featurestore.extract import DEFAULT_BATCH_SIZE, DEFAULT_ENCODERS
 from featurestore.extract.errors import ExtractionStopped
 from featurestore.errors import CorruptChunkError, FeatureStoreError, MissingFeatureError
 from featurestore.provenance import is_random_weights, weights_identity
-from featurestore.store import FeatureStore, convert_store, open_store
+from featurestore.store import FeatureStore, backend_for, convert_store, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader quit
@@ -85,10 +87,6 @@ def resolve_store_argument(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _backend_name(store: FeatureStore) -> str:
-    return "hdf5" if store.location.lower().endswith((".h5", ".hdf5")) else "zarr"
-
-
 def _encoder_spec(provenance: dict) -> str:
     encoder = provenance.get("encoder", "?")
     return encoder if isinstance(encoder, str) else json.dumps(encoder, sort_keys=True)
@@ -125,7 +123,7 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
     runs = {run: {"head": _head_of(rattrs), "n_done": int(store.prediction_done(run).sum()), "n_clips": n,
                   "attrs": {k: v for k, v in rattrs.items() if k != "runtime"}}
             for run, rattrs in store.prediction_runs().items()}
-    return {"location": store.location, "backend": _backend_name(store),
+    return {"location": store.location, "backend": store.backend,
             "schema_version": attrs.get("schema_version"), "dataset": attrs.get("dataset", ""),
             "datasets": attrs.get("datasets", []),
             "created_by": attrs.get("created_by", ""), "index": _index_summary(store),
@@ -343,36 +341,86 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise _UsageError(f"{dst} exists; pass --overwrite to replace it")
     n_arrays = convert_store(args.src, args.dst, progress=not args.quiet)
     if args.json:
-        _emit_json({"src": str(args.src), "dst": str(args.dst), "backend": "hdf5" if dst.suffix.lower() in
-                    (".h5", ".hdf5") else "zarr", "n_arrays": n_arrays})
+        _emit_json({"src": str(args.src), "dst": str(args.dst), "backend": backend_for(dst),
+                    "n_arrays": n_arrays})
     else:
         print(f"converted {args.src} -> {args.dst}: {n_arrays} arrays copied")
     return EXIT_OK
 
 
 # -------------------------------------------------------------------------------------- extract
-def cmd_extract(argv: list[str]) -> int:
-    """Hand the arguments to ``featurestore.extract``, imported only now (it pulls in torch and encoders)."""
-    try:
-        extract = importlib.import_module("featurestore.extract")
-    except ModuleNotFoundError as err:
-        if err.name != "featurestore.extract":
-            raise _FailedError(f"a module featurestore.extract needs is missing: {err}") from err
-        raise _UsageError("featurestore.extract is not available in this installation "
-                          "(featurestore/extract.py is missing); the other commands work without it") from err
-    args = _parse(extract_parser(extract), argv)
-    if isinstance(args, int):
-        return args
-    return int(extract.run_extract(resolve_store_argument(args)))
-
-
-def extract_parser(extract: Any = None) -> argparse.ArgumentParser:
-    """The parser of ``featurestore extract`` (built apart: its module is imported only when used)."""
-    extract = extract or importlib.import_module("featurestore.extract")
-    parser = argparse.ArgumentParser(prog="featurestore extract",
-                                     description="Run encoders over a dataset into a store (resumable).")
-    extract.add_extract_arguments(parser)
+def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``featurestore extract`` arguments (also used by recipes that build their own parser)."""
+    parser.add_argument("dataset", help="dataset directory (meta.csv + audio/ + video/) or a CSV manifest")
+    add_store_argument(parser, "store path (.zarr directory, .h5 file) or fsspec URL; created when missing")
+    parser.add_argument("--encoders", default=DEFAULT_ENCODERS, metavar="SPECS",
+                        help=f"comma-separated encoder specs [NAME=]family[/model][@weights] (default: the paper's "
+                             f"{DEFAULT_ENCODERS}; '@none' = random weights, '@/path.pt' = a checkpoint; NAME= "
+                             f"names the feature set, default the spec without weights, e.g. "
+                             f"'clip/ViT-B-32@openai,vit_random=clip/ViT-B-32@none')")
+    parser.add_argument("--encoder-option", action="append", default=[], metavar="SPEC_OR_NAME.KEY=VALUE",
+                        help="a constructor option of one encoder, by spec or feature-set name, e.g. "
+                             "logmel.n_mels=128 (VALUE is a JSON literal when it parses as one, else a string; "
+                             "repeatable; part of the feature set's configuration and fingerprint)")
+    parser.add_argument("--classes", default=None, metavar="A,B,C|@FILE",
+                        help="the class order of the store, comma-separated or @FILE with one class per line; "
+                             "needed for a manifest without labels (clip_id,audio,video)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips per batch")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="decoding processes (default: one per spare core, at most 8)")
+    parser.add_argument("--frames", type=int, default=None, help="video frames per clip (default: the dataset's)")
+    parser.add_argument("--segments", type=int, default=None,
+                        help="audio segments per clip (default: the dataset's; TAU development: 10 x 1 s)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N clips")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace feature sets made with another configuration instead of refusing")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run as tasks on this Dask scheduler (tcp://host:8786), or local:N for a local cluster of N processes")
+    parser.add_argument("--backend", choices=("zarr", "hdf5"), default=None,
+                        help="store backend when the store's name does not say (.h5 -> hdf5)")
+    parser.add_argument("--chunk-clips", type=int, default=None,
+                        help="clips per chunk of new feature sets (default: the store's ~4 MiB rounded down "
+                             "to a power of two)")
+    parser.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as JSON on stdout (progress and the summary line go to stderr)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (the summary is still printed)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="accept manifest paths that are absolute or lead outside the dataset directory")
     return parser
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Run ``featurestore extract``: 0 all clips done, 1 some clips failed.
+
+    Bad usage or input raises (``run_command`` turns it into exit code 2 and one line on stderr).
+    Torch and the encoders are imported by ``extract`` only once there is work to do.
+    """
+    from featurestore.extract import classes_argument, encoder_options_argument, extract
+
+    options = encoder_options_argument(args.encoder_option)
+    classes = None if args.classes is None else classes_argument(args.classes)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
+                          num_workers=args.num_workers, frames=args.frames, limit=args.limit,
+                          overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
+                          backend=args.backend, chunk_clips=args.chunk_clips, segments=args.segments,
+                          allow_outside_root=args.allow_outside_root, encoder_options=options, classes=classes)
+        if args.quiet and not args.json:
+            print(summary.line())
+            for line in summary.failure_lines():
+                print(line)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2, default=str))
+    return summary.exit_code
+
+
+def extract_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m featurestore.extract``: exactly ``featurestore extract``."""
+    return main(["extract", *(sys.argv[1:] if argv is None else argv)])
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -438,8 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_search)
 
-    sub.add_parser("extract", add_help=False,
-                   help="run encoders over a dataset into a store ('featurestore extract --help')")
+    p = sub.add_parser("extract", help="run encoders over a dataset into a store (resumable)",
+                       description="Run encoders over a dataset into a store (resumable).")
+    add_extract_arguments(p)
+    p.set_defaults(func=cmd_extract)
     return parser
 
 
@@ -497,8 +547,6 @@ def error_message(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``featurestore`` and ``python -m featurestore``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["extract"]:
-        return run_command("featurestore", "extract", lambda: cmd_extract(argv[1:]))
     args = _parse(build_parser(), argv)
     if isinstance(args, int):
         return args

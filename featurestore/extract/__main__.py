@@ -1,6 +1,6 @@
 """``python -m featurestore.extract``: exactly ``featurestore extract`` (same parser, same exit codes)."""
 import sys
 
-from featurestore.extract.run import main
+from featurestore.cli import extract_main
 
-sys.exit(main())
+sys.exit(extract_main())

@@ -1,6 +1,6 @@
 """Extraction as tasks on a Dask cluster: the same pipeline, one task per run of whole blocks.
 
-The driver plans (creates the feature sets, fixes blocks and batch windows) and sends each task a
+The driver plans (creates the feature sets, fixes blocks and decode batches) and sends each task a
 list of blocks. A task opens the store by its path itself, rebuilds the encoders from their specs
 and options (once per worker process), checks that they give the fingerprints the driver recorded, recomputes
 which rows of its blocks are still not done (so a task retried after a worker died skips what the
@@ -131,7 +131,7 @@ def run_distributed(plan: Plan, store_ref: StoreRef, scheduler, device: str,
     """
     from distributed import KilledWorker, as_completed
 
-    if store_ref.location.lower().endswith((".h5", ".hdf5")) or store_ref.backend == "hdf5":
+    if store_ref.backend == "hdf5":
         raise ValueError(f"{store_ref.location}: an HDF5 file cannot be written by several processes; extract "
                          f"into a Zarr store and convert it ('featurestore convert') afterwards")
     with ExitStack() as stack:

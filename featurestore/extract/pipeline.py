@@ -5,13 +5,13 @@ Three stages overlap:
 1. a torch ``DataLoader`` whose worker processes decode and preprocess batches of clips ahead of
    time (``prefetch_factor`` batches per worker);
 2. the calling thread hands each decoded batch to one *lane* per encoder; a lane encodes fixed
-   windows of rows on the device and fills the buffer of the feature set's current chunk;
+   batches of rows on the device and fills the buffer of the feature set's current chunk;
 3. a writer thread takes finished chunks from a bounded queue and writes each with one
    ``write_rows`` call (data, then errors, then done flags).
 
 So the device only waits for decoding when the workers are slower than it, writing never stalls
-encoding unless the queue is full, and memory is bounded by a window of inputs and a chunk of
-outputs per encoder plus the queue, whatever the number of clips.
+encoding unless the queue is full, and memory is bounded by an encode batch of inputs and a chunk
+of outputs per encoder plus the queue, whatever the number of clips.
 
 A run that cannot go on stops with one error and a consistent store: a failed write (disk full,
 file-size limit) is a :class:`StoreWriteError` naming the rows; a decode worker that dies (killed,
@@ -98,19 +98,19 @@ class _Chunk:
 
 
 class _Lane:
-    """One encoder's path: collects decoded rows into fixed encode windows, encodes, fills chunks.
+    """One encoder's path: collects decoded rows into fixed encode batches, encodes, fills chunks.
 
-    Encode windows are ``batch_size`` rows at fixed positions counted from each chunk start of the
+    Encode batches are ``batch_size`` rows at fixed positions counted from each chunk start of the
     feature set, restricted to the rows that need work. A resumed run (whose feature sets are done
     chunk by chunk) or a Dask task (which owns whole chunks) therefore encodes exactly the batches
     an uninterrupted run does, which keeps CPU outputs bit-identical. Memory is bounded by one
-    window of inputs and one chunk of outputs per encoder.
+    encode batch of inputs and one chunk of outputs per encoder.
     """
 
     def __init__(self, j: int, target: Target, blocks: list[tuple[int, int]], batch_size: int, n_rows: int,
                  device: torch.device, writer: _Writer, stats: RunStats):
         self.j, self.target, self.device, self.writer, self.stats = j, target, device, writer, stats
-        self.windows: deque[np.ndarray] = deque()
+        self.batches: deque[np.ndarray] = deque()  # encode batches, in row order
         self.chunk_need: dict[int, int] = {}
         per = target.chunk_clips
         for start, stop in blocks:
@@ -120,15 +120,15 @@ class _Lane:
                 if len(rows):
                     self.chunk_need[c] = len(rows)
                 for lo in range(c, c_stop, batch_size):
-                    window = rows[(rows >= lo) & (rows < lo + batch_size)]
-                    if len(window):
-                        self.windows.append(window)
+                    batch = rows[(rows >= lo) & (rows < lo + batch_size)]
+                    if len(batch):
+                        self.batches.append(batch)
         self.pending: dict[int, tuple[torch.Tensor, int]] = {}  # row -> (batch tensor, index in batch)
         self.failed: set[int] = set()
         self.chunks: dict[int, _Chunk] = {}
 
     def add(self, rows: np.ndarray | None, x: torch.Tensor | None, errors: dict[int, str]) -> None:
-        """Take a decoded batch's rows for this encoder (and its failures); encode full windows."""
+        """Take a decoded batch's rows for this encoder (and its failures); encode the batches that are complete."""
         if rows is not None:
             for i, row in enumerate(rows):
                 self.pending[int(row)] = (x, i)
@@ -137,11 +137,11 @@ class _Lane:
             chunk = self._chunk(int(row))
             chunk.errors[int(row)] = message
             self._handled(chunk, 1)
-        while self.windows and all(int(r) in self.pending or int(r) in self.failed for r in self.windows[0]):
-            self._encode(self.windows.popleft())
+        while self.batches and all(int(r) in self.pending or int(r) in self.failed for r in self.batches[0]):
+            self._encode(self.batches.popleft())
 
-    def _encode(self, window: np.ndarray) -> None:
-        rows = np.array([r for r in window if int(r) not in self.failed], dtype=np.int64)
+    def _encode(self, batch: np.ndarray) -> None:
+        rows = np.array([r for r in batch if int(r) not in self.failed], dtype=np.int64)
         if not len(rows):
             return
         x = self._inputs(rows)
@@ -156,7 +156,7 @@ class _Lane:
             self._handled(chunk, 1)
 
     def _inputs(self, rows: np.ndarray) -> torch.Tensor:
-        """The window's input tensor: a view of one batch when the rows are consecutive in it."""
+        """The encode batch's input tensor: a view of one decoded batch when its rows are consecutive there."""
         parts = [self.pending.pop(int(r)) for r in rows]
         n_seg = self.target.source.n_segments
         first, i0 = parts[0]
@@ -183,9 +183,9 @@ class _Lane:
             self.writer.put(chunk)
 
     def check_finished(self) -> None:
-        """Every window encoded and every chunk handed to the writer (else a row never arrived)."""
-        if self.windows or self.chunks or self.pending:
-            raise RuntimeError(f"{self.target.name}: {len(self.windows)} windows and {len(self.chunks)} chunks "
+        """Every encode batch encoded and every chunk handed to the writer (else a row never arrived)."""
+        if self.batches or self.chunks or self.pending:
+            raise RuntimeError(f"{self.target.name}: {len(self.batches)} encode batches and {len(self.chunks)} chunks "
                                f"left unfinished after the last batch (rows {sorted(self.pending)[:5]} pending)")
 
 
@@ -287,10 +287,10 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
         What was written and what failed, with per-stage seconds.
     """
     stats = RunStats()
-    decoder, windows = make_decoder(plan, blocks)
-    if not windows:
+    decoder, decode_batches = make_decoder(plan, blocks)
+    if not decode_batches:
         return stats
-    loader = DataLoader(decoder, batch_sampler=windows, collate_fn=collate, num_workers=num_workers,
+    loader = DataLoader(decoder, batch_sampler=decode_batches, collate_fn=collate, num_workers=num_workers,
                         prefetch_factor=PREFETCH_BATCHES if num_workers else None,
                         pin_memory=device.type == "cuda", timeout=DECODE_TIMEOUT_S if num_workers else 0)
     batches = iter(loader)  # workers are forked here, before the writer thread exists
@@ -299,7 +299,7 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
     try:
         lanes = [_Lane(j, t, blocks, plan.batch_size, plan.n_rows, device, writer, stats)
                  for j, t in enumerate(plan.targets)]
-        _encode_all(batches, len(windows), lanes, writer, stats, on_progress)
+        _encode_all(batches, len(decode_batches), lanes, writer, stats, on_progress)
     except _WorkerFailed as err:
         raise _stopped(store, str(err)) from None
     except RuntimeError as err:  # torch's DataLoader: a worker died, or no batch within the timeout

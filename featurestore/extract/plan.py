@@ -1,17 +1,17 @@
 """Extraction planning: which feature sets to fill, which rows still need work, in which blocks.
 
-The plan is made once, in the process that starts the run, before any decoding. It fixes three
-things every later stage relies on:
+The plan is made once, in the process that starts the run, before any decoding (``make_plan``).
+It fixes three things every later stage relies on:
 
 * each feature set exists in the store with its provenance (same fingerprint -> resume into it,
   different -> ``FingerprintMismatchError`` unless ``overwrite``);
 * the *block*: a run of rows that is a whole number of chunks of every feature set being written,
   so one writer (a thread, or a Dask task on another machine) owns each block outright;
 * the *decode batches*: fixed row ranges of ``batch_size`` inside a block, holding the rows that
-  need work for any encoder. (Encode windows are fixed per feature set, counted from each of its
-  chunk starts, see ``pipeline._Lane``: as feature sets are written chunk by chunk, an
-  interrupted-then-resumed run and a Dask run feed the encoders exactly the batches an
-  uninterrupted run does, so CPU outputs are bit-identical.)
+  need work for any encoder. (Encode batches, the rows one encoder call sees, are fixed per
+  feature set, counted from each of its chunk starts, see ``pipeline._Lane``: as feature sets are
+  written chunk by chunk, an interrupted-then-resumed run and a Dask run feed the encoders exactly
+  the batches an uninterrupted run does, so CPU outputs are bit-identical.)
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ class Plan:
         audio_paths: absolute audio path per store row ('' where none).
         video_paths: absolute video path per store row ('' where none).
         clip_ids: clip id per store row.
-        batch_size: clips per decode batch and per encode window.
+        batch_size: clips per decode batch and per encode batch.
     """
 
     targets: list[Target]
@@ -142,7 +142,7 @@ class Plan:
                 self._need |= target.todo
         return self._need
 
-    def windows(self, start: int, stop: int) -> list[np.ndarray]:
+    def decode_batches(self, start: int, stop: int) -> list[np.ndarray]:
         """Rows needing work in each fixed decode batch of the block ``start:stop`` (empty ones dropped)."""
         need = self.needed_any()
         out = []
@@ -157,6 +157,38 @@ class Plan:
 
     def n_todo_clips(self) -> int:
         return int(self.needed_any().sum())
+
+
+# -------------------------------------------------------------------------------------- plan
+def make_plan(store: FeatureStore, manifest: Manifest, rows: np.ndarray, selected: np.ndarray, encoders: list,
+              device: str, batch_size: int, chunk_clips: int | Mapping[str, int] | None, overwrite: bool) -> Plan:
+    """The plan of a run: the targets (feature sets created or reopened, their rows to do), the
+    block size and the absolute media path of every store row.
+
+    Args:
+        store: the store, open for writing, already indexing the manifest's clips.
+        manifest: the dataset.
+        rows: the store row of each of the manifest's clips.
+        selected: bool per store row: the clips this run covers.
+        encoders: the built encoders (text encoders are left out: they write class features).
+        device: the device's name, for provenance.
+        batch_size: clips per decode batch and per encode batch.
+        chunk_clips: clips per chunk of new feature sets, one number or a dict by feature-set name.
+        overwrite: replace feature sets made with another configuration.
+    """
+    if isinstance(chunk_clips, Mapping):
+        unknown = sorted(set(chunk_clips) - {e.name for e in encoders})
+        if unknown:
+            raise ValueError(f"chunk_clips names {unknown} are not feature sets of this run "
+                             f"({', '.join(e.name for e in encoders)})")
+    targets = [prepare_target(store, e, source_for(e, manifest), selected, device, chunk_clips, overwrite)
+               for e in encoders if e.modality != "text"]
+    audio = [""] * store.n_clips
+    video = [""] * store.n_clips
+    for row, clip in zip(rows, manifest.clips):
+        audio[row] = resolve_path(clip.audio, manifest.root)
+        video[row] = resolve_path(clip.video, manifest.root)
+    return Plan(targets, block_size(targets), store.n_clips, selected, audio, video, store.clip_ids, batch_size)
 
 
 # ----------------------------------------------------------------------------------- sources

@@ -5,6 +5,9 @@ comma-separated string, a list, or a mapping of feature-set names to specs) and 
 options into `EncoderRequest` objects, refusing a name asked for twice or an option for no encoder
 of the run before anything is built. ``build`` builds them.
 
+``encoder_options_argument`` and ``classes_argument`` read the same requests from command-line
+text (``--encoder-option logmel.n_mels=128``, ``--classes a,b,c`` or ``--classes @FILE``).
+
 ``nothing_to_do`` answers "is every selected clip already done with exactly this request?" from
 the store alone: the runtime record of each feature set says how its encoder was asked for (spec as
 written, options) and with which library versions, so a rerun that asks the same under the same
@@ -20,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featurestore._spec import SpecError, parse_option, parse_spec, split_name
 from featurestore.extract.summary import ExtractSummary, FeatureSetSummary
-from featurestore._spec import SpecError, parse_spec, split_name
-from featurestore.manifest import Manifest
+from featurestore.manifest import Manifest, check_classes
 from featurestore.provenance import canonical_json, file_sha256, is_random_weights, runtime_info
 
 #: ``ExtractSummary.device`` of a run that found nothing to do and built no encoder.
@@ -154,6 +157,31 @@ def build(items: list[EncoderRequest], device: Any) -> list:
             encoder.name = item.name
         built.append(encoder)
     return built
+
+
+# ---------------------------------------------------------------------- command-line text
+def encoder_options_argument(values: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["logmel.n_mels=128", ...]`` (repeated ``--encoder-option``) -> ``{"logmel": {"n_mels": 128}}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for text in values:
+        target, key, value = parse_option(text)
+        options.setdefault(target, {})[key] = value
+    return options
+
+
+def classes_argument(text: str) -> list[str]:
+    """``--classes``: ``"a,b,c"``, or ``"@FILE"`` with one class per line (blank lines and ``#``
+    comments skipped), checked by ``check_classes``."""
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except OSError as err:
+            raise ValueError(f"--classes {text}: cannot read {path} ({err.strerror or err})") from None
+        names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    else:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+    return check_classes(names, f"--classes {text}")
 
 
 # ------------------------------------------------------------------------- nothing to do?

@@ -9,14 +9,12 @@ pipeline runs as tasks on a Dask cluster (``scheduler=``). One run writes a stor
 writer lock beside the store, ``featurestore.store.lock``); a write that fails for lack of room
 stops the run with one line naming the store and the rows. See docs/extraction.md.
 
-The command line ``featurestore extract DATASET STORE ...`` is ``add_extract_arguments`` +
-``run_extract``; ``python -m featurestore.extract`` is the same command.
+The command line ``featurestore extract DATASET STORE ...`` is built with the other commands in
+``featurestore/cli.py``; ``python -m featurestore.extract`` is the same command.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -24,30 +22,23 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from featurestore.extract.errors import (
     NO_ROOM, DecodeWorkerError, ExtractionStopped, StoreWriteError, find_os_error, store_write_error,
 )
-from featurestore._devices import DEVICE_HELP
-from featurestore.extract.plan import (
-    Plan, block_size, check_inputs, check_targets, prepare_target, resolve_path, source_for, write_text_features,
-)
+from featurestore.extract.plan import check_inputs, check_targets, make_plan, write_text_features
 from featurestore.extract.request import EncoderRequest, build, nothing_to_do, requests
-from featurestore.extract.summary import ExtractSummary, FeatureSetSummary, ordered_stages
-from featurestore._spec import parse_option
-from featurestore.manifest import Manifest, check_classes
+from featurestore.extract.summary import ExtractSummary, FeatureSetSummary, fill_summary
+from featurestore.manifest import Manifest
 from featurestore.provenance import is_random_weights
-from featurestore.store import FeatureStore, create_store, open_store
+from featurestore.store import FeatureStore, backend_for, create_store, open_store
 from featurestore.store.lock import StoreLockedError, writer_lock
 
-if TYPE_CHECKING:  # torch is imported only once there is work to do
-    from featurestore.extract.pipeline import RunStats
-
-__all__ = ["DEFAULT_ENCODERS", "DecodeWorkerError", "ExtractSummary", "FeatureSetSummary", "StoreLockedError",
-           "StoreWriteError", "add_extract_arguments", "extract", "main", "run_extract"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_ENCODERS", "DecodeWorkerError", "ExtractSummary", "FeatureSetSummary",
+           "StoreLockedError", "StoreWriteError", "extract"]
 
 #: The paper's encoders: log-mel for the audio CNNs, RegNetX-6.4GF frames (Table 5: 24.60M), three CLIP image encoders.
 DEFAULT_ENCODERS = "logmel,timm/regnetx_064,clip/RN50x4,clip/RN101,clip/ViT-B-32"
@@ -194,7 +185,7 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
     for enc in (e for e in built if e.modality == "text"):
         summary.class_features[enc.name] = "written" if write_text_features(fs, enc, str(dev), opt.overwrite) \
             else "unchanged"
-    plan = _make_plan(fs, manifest, rows, selected, built, str(dev), opt.batch_size, opt.chunk_clips, opt.overwrite)
+    plan = make_plan(fs, manifest, rows, selected, built, str(dev), opt.batch_size, opt.chunk_clips, opt.overwrite)
     summary.random_weights = [e.name for e in built if is_random_weights(e.provenance())]
     t_pipeline = time.perf_counter()
     from featurestore.extract.pipeline import default_num_workers, run_blocks
@@ -206,11 +197,11 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
         else:
             from featurestore.extract.dask import StoreRef, run_distributed
 
-            ref = StoreRef(fs.location, opt.backend, fs.open_args.get("storage_options"))
+            ref = StoreRef(fs.location, fs.backend, fs.open_args.get("storage_options"))
             stats, summary.device = run_distributed(plan, ref, opt.scheduler, opt.device, bar.update)
             fs.refresh()
     summary.pipeline_seconds = time.perf_counter() - t_pipeline
-    _fill_summary(summary, plan, stats, fs.clip_ids)
+    fill_summary(summary, plan, stats, fs.clip_ids)
     return summary
 
 
@@ -280,7 +271,7 @@ def _create_atomically(path: Path, manifest: Manifest, backend: str | None) -> F
     for old in path.parent.glob(f".{path.name}.creating-*"):
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    kind = backend or ("hdf5" if path.suffix.lower() in (".h5", ".hdf5") else "zarr")
+    kind = backend_for(path, backend, new=True)
     create_store(tmp, manifest, backend=kind).close()
     os.replace(tmp, path)
     return open_store(path, "a", backend=kind)
@@ -327,24 +318,7 @@ def _adopt_classes(fs: FeatureStore, manifest: Manifest) -> None:
     print(f"{fs.location}: classes set to {', '.join(manifest.classes)}", file=sys.stderr)
 
 
-def _make_plan(fs: FeatureStore, manifest: Manifest, rows: np.ndarray, selected: np.ndarray, built: list,
-               device: str, batch_size: int, chunk_clips: int | Mapping[str, int] | None, overwrite: bool) -> Plan:
-    if isinstance(chunk_clips, Mapping):
-        unknown = sorted(set(chunk_clips) - {e.name for e in built})
-        if unknown:
-            raise ValueError(f"chunk_clips names {unknown} are not feature sets of this run "
-                             f"({', '.join(e.name for e in built)})")
-    targets = [prepare_target(fs, e, source_for(e, manifest), selected, device, chunk_clips, overwrite)
-               for e in built if e.modality != "text"]
-    audio = [""] * fs.n_clips
-    video = [""] * fs.n_clips
-    for row, clip in zip(rows, manifest.clips):
-        audio[row] = resolve_path(clip.audio, manifest.root)
-        video[row] = resolve_path(clip.video, manifest.root)
-    return Plan(targets, block_size(targets), fs.n_clips, selected, audio, video, fs.clip_ids, batch_size)
-
-
-# ----------------------------------------------------------------------------------- summary
+# ---------------------------------------------------------------------------------- progress
 class _ProgressBar:
     """tqdm over clips (clips/s and ETA), or a no-op when progress is off."""
 
@@ -365,121 +339,3 @@ class _ProgressBar:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _fill_summary(summary: ExtractSummary, plan: Plan, stats: RunStats, clip_ids: list[str]) -> None:
-    for target in plan.targets:
-        failed = stats.failed.get(target.name, {})
-        summary.features[target.name] = FeatureSetSummary(
-            target.name, target.spec, stats.written.get(target.name, 0), target.skipped, len(failed),
-            target.random_weights)
-        for row, message in sorted(failed.items()):
-            summary.failures.setdefault(clip_ids[row], {})[target.name] = message
-    summary.clips_skipped = int((plan.selected & ~plan.needed_any()).sum())
-    summary.clips_done = stats.clips - len(summary.failures)
-    summary.stage_seconds = dict(ordered_stages(stats.seconds))
-
-
-# --------------------------------------------------------------------------------------- CLI
-def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``featurestore extract`` arguments (the CLI module builds the parser, this fills it)."""
-    from featurestore.cli import add_store_argument
-
-    parser.add_argument("dataset", help="dataset directory (meta.csv + audio/ + video/) or a CSV manifest")
-    add_store_argument(parser, "store path (.zarr directory, .h5 file) or fsspec URL; created when missing")
-    parser.add_argument("--encoders", default=DEFAULT_ENCODERS, metavar="SPECS",
-                        help=f"comma-separated encoder specs [NAME=]family[/model][@weights] (default: the paper's "
-                             f"{DEFAULT_ENCODERS}; '@none' = random weights, '@/path.pt' = a checkpoint; NAME= "
-                             f"names the feature set, default the spec without weights, e.g. "
-                             f"'clip/ViT-B-32@openai,vit_random=clip/ViT-B-32@none')")
-    parser.add_argument("--encoder-option", action="append", default=[], metavar="SPEC_OR_NAME.KEY=VALUE",
-                        help="a constructor option of one encoder, by spec or feature-set name, e.g. "
-                             "logmel.n_mels=128 (VALUE is a JSON literal when it parses as one, else a string; "
-                             "repeatable; part of the feature set's configuration and fingerprint)")
-    parser.add_argument("--classes", default=None, metavar="A,B,C|@FILE",
-                        help="the class order of the store, comma-separated or @FILE with one class per line; "
-                             "needed for a manifest without labels (clip_id,audio,video)")
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips per batch")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="decoding processes (default: one per spare core, at most 8)")
-    parser.add_argument("--frames", type=int, default=None, help="video frames per clip (default: the dataset's)")
-    parser.add_argument("--segments", type=int, default=None,
-                        help="audio segments per clip (default: the dataset's; TAU development: 10 x 1 s)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N clips")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace feature sets made with another configuration instead of refusing")
-    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                        help="run as tasks on this Dask scheduler (tcp://host:8786), or local:N for a local cluster of N processes")
-    parser.add_argument("--backend", choices=("zarr", "hdf5"), default=None,
-                        help="store backend when the store's name does not say (.h5 -> hdf5)")
-    parser.add_argument("--chunk-clips", type=int, default=None,
-                        help="clips per chunk of new feature sets (default: the store's ~4 MiB rounded down "
-                             "to a power of two)")
-    parser.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON")
-    parser.add_argument("--json", action="store_true",
-                        help="print the summary as JSON on stdout (progress and the summary line go to stderr)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar (the summary is still printed)")
-    parser.add_argument("--allow-outside-root", action="store_true",
-                        help="accept manifest paths that are absolute or lead outside the dataset directory")
-    return parser
-
-
-def run_extract(args: argparse.Namespace) -> int:
-    """Run ``featurestore extract``: 0 all clips done, 1 some clips failed.
-
-    Bad usage or input raises (``featurestore.cli.run_command`` turns it into exit code 2 and one
-    line on stderr).
-    """
-    options = encoder_options_argument(args.encoder_option)
-    classes = None if args.classes is None else classes_argument(args.classes)
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
-                          num_workers=args.num_workers, frames=args.frames, limit=args.limit,
-                          overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
-                          backend=args.backend, chunk_clips=args.chunk_clips, segments=args.segments,
-                          allow_outside_root=args.allow_outside_root, encoder_options=options, classes=classes)
-        if args.quiet and not args.json:
-            print(summary.line())
-            for line in summary.failure_lines():
-                print(line)
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
-    if args.json:
-        print(json.dumps(summary.to_dict(), indent=2, default=str))
-    return summary.exit_code
-
-
-def encoder_options_argument(values: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["logmel.n_mels=128", ...]`` (repeated ``--encoder-option``) -> ``{"logmel": {"n_mels": 128}}``."""
-    options: dict[str, dict[str, Any]] = {}
-    for text in values:
-        target, key, value = parse_option(text)
-        options.setdefault(target, {})[key] = value
-    return options
-
-
-def classes_argument(text: str) -> list[str]:
-    """``--classes``: ``"a,b,c"``, or ``"@FILE"`` with one class per line (blank lines and ``#``
-    comments skipped), checked by ``check_classes``."""
-    if text.startswith("@"):
-        path = Path(text[1:]).expanduser()
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-        except OSError as err:
-            raise ValueError(f"--classes {text}: cannot read {path} ({err.strerror or err})") from None
-        names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    else:
-        names = [part.strip() for part in text.split(",") if part.strip()]
-    return check_classes(names, f"--classes {text}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m featurestore.extract``: exactly ``featurestore extract`` (same parser, same exit codes)."""
-    from featurestore.cli import main as cli_main
-
-    return cli_main(["extract", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

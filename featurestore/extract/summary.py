@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the pipeline imports torch; the summary is read without it
+    from featurestore.extract.pipeline import RunStats
+    from featurestore.extract.plan import Plan
 
 #: Failures listed one per line after the summary before the rest is counted.
 SHOWN_FAILURES = 20
@@ -110,6 +115,20 @@ class ExtractSummary:
         out = asdict(self)
         out["clips_failed"] = self.clips_failed
         return out
+
+
+def fill_summary(summary: ExtractSummary, plan: Plan, stats: RunStats, clip_ids: list[str]) -> None:
+    """Count what the pipeline did (``stats``) into ``summary``, per feature set of ``plan``."""
+    for target in plan.targets:
+        failed = stats.failed.get(target.name, {})
+        summary.features[target.name] = FeatureSetSummary(
+            target.name, target.spec, stats.written.get(target.name, 0), target.skipped, len(failed),
+            target.random_weights)
+        for row, message in sorted(failed.items()):
+            summary.failures.setdefault(clip_ids[row], {})[target.name] = message
+    summary.clips_skipped = int((plan.selected & ~plan.needed_any()).sum())
+    summary.clips_done = stats.clips - len(summary.failures)
+    summary.stage_seconds = dict(ordered_stages(stats.seconds))
 
 
 def ordered_stages(seconds: dict[str, float]) -> list[tuple[str, float]]:

@@ -1,4 +1,5 @@
-"""The CPU side of extraction: decode each clip once per source, run every encoder's preprocessor.
+"""What the decode workers run, the CPU side of extraction: decode each clip once per source, run
+every encoder's preprocessor, stack the clips of a decode batch per encoder.
 
 This runs inside DataLoader worker processes. Everything here is plain picklable data (paths,
 frozen source descriptions, the encoders' model-free preprocessors): a worker never receives a model,
@@ -51,10 +52,10 @@ class ClipResult:
 
 @dataclass
 class DecodedBatch:
-    """A batch window's clips, stacked per job for the device.
+    """The clips of one decode batch, stacked per job for the device.
 
     Attributes:
-        rows: every store row in the window that was decoded.
+        rows: every store row of the batch that was decoded.
         inputs: job index -> (rows that succeeded, ``[n_ok * n_segments, ...]`` tensor).
         errors: job index -> {row: message}.
         seconds: stage -> seconds spent in the worker (decode per source, preprocess per job).
@@ -152,7 +153,7 @@ class ClipDecoder(Dataset):
 
 
 def collate(results: list[ClipResult]) -> DecodedBatch:
-    """Stack the clips of a window per job (runs in the worker, so the main thread only encodes)."""
+    """Stack the clips of a decode batch per job (runs in the worker, so the main thread only encodes)."""
     rows = np.array([r.row for r in results], dtype=np.int64)
     jobs = sorted({j for r in results for j in (*r.inputs, *r.errors)})
     inputs: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
@@ -191,13 +192,13 @@ def make_decoder(plan: Plan, blocks: list[tuple[int, int]]) -> tuple[ClipDecoder
     jobs = [Job(i, t.name, t.source.key, t.encoder.preprocessor(), t.source.n_segments)
             for i, t in enumerate(plan.targets)]
     needs: dict[int, tuple[int, ...]] = {}
-    windows: list[list[int]] = []
+    batches: list[list[int]] = []
     for start, stop in blocks:
-        for rows in plan.windows(start, stop):
-            windows.append([int(r) for r in rows])
+        for rows in plan.decode_batches(start, stop):
+            batches.append([int(r) for r in rows])
             for r in rows:
                 needs[int(r)] = tuple(i for i, t in enumerate(plan.targets) if t.todo[r])
-    return ClipDecoder(sources, jobs, needs, plan.audio_paths, plan.video_paths), windows
+    return ClipDecoder(sources, jobs, needs, plan.audio_paths, plan.video_paths), batches
 
 
 def _share_key(job: Job) -> tuple | None:

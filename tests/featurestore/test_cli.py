@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -197,32 +196,46 @@ def test_usage_errors(tmp_path, capsys):
     assert run(capsys, "--help")[0] == 0
 
 
-def test_extract_without_module_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "featurestore.extract", None)  # import now fails as if absent
-    code, _, err = run(capsys, "extract", "data", "store.zarr")
-    assert code == 2 and "featurestore.extract is not available" in err and "Traceback" not in err
+def test_extract_is_a_subcommand_like_the_others_and_imports_no_torch_until_work():
+    """``featurestore --help`` and ``featurestore extract --help`` list the extract options without
+    importing torch (a fresh interpreter: this one has torch already)."""
+    code = ("import sys; from featurestore.cli import main; "
+            "rc = main(['extract', '--help']); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--encoders" in done.stdout and "--scheduler" in done.stdout
+    assert done.stdout.strip().endswith("NO-TORCH 0")
 
 
-def test_extract_hands_arguments_to_the_module(monkeypatch, capsys):
+def test_extract_hands_arguments_to_the_library(monkeypatch, tmp_path, capsys):
     seen = {}
-    fake = types.ModuleType("featurestore.extract")
 
-    def add_extract_arguments(parser):
-        parser.add_argument("dataset")
-        parser.add_argument("store")
-        parser.add_argument("--encoders", nargs="+", required=True)
+    def fake_extract(dataset, store, encoders, **kwargs):
+        seen.update(dataset=dataset, store=store, encoders=encoders, **kwargs)
+        from featurestore.extract import ExtractSummary
 
-    def run_extract(args):
-        seen.update(vars(args))
-        return 1
+        return ExtractSummary(str(store), "cpu", clips_selected=0)
 
-    fake.add_extract_arguments, fake.run_extract = add_extract_arguments, run_extract
-    monkeypatch.setitem(sys.modules, "featurestore.extract", fake)
-    assert run(capsys, "extract", "tau/", "s.zarr", "--encoders", "logmel", "clip/RN50")[0] == 1
-    assert seen == {"dataset": "tau/", "store": "s.zarr", "encoders": ["logmel", "clip/RN50"]}
-    code, _, err = run(capsys, "extract", "tau/")
+    monkeypatch.setattr("featurestore.extract.extract", fake_extract)
+    code = run(capsys, "extract", "tau/", "--store", "s.zarr", "--encoders", "logmel", "--quiet",
+               "--encoder-option", "logmel.n_mels=64", "--classes", "a,b", "--segments", "3")[0]
+    assert code == 0
+    assert (seen["dataset"], seen["store"], seen["encoders"]) == ("tau/", "s.zarr", "logmel")
+    assert seen["encoder_options"] == {"logmel": {"n_mels": 64}} and seen["classes"] == ["a", "b"]
+    assert seen["segments"] == 3 and seen["progress"] is False
+    code, _, err = run(capsys, "extract")
     assert code == 2 and "featurestore extract" in err
-    assert run(capsys, "extract", "--help")[0] == 0
+
+
+def test_old_extract_cli_names_still_work_with_a_warning():
+    import featurestore.cli
+    import featurestore.extract
+
+    with pytest.warns(DeprecationWarning, match="featurestore.cli.cmd_extract"):
+        assert featurestore.extract.run_extract is featurestore.cli.cmd_extract
+    with pytest.warns(DeprecationWarning, match="featurestore.cli.add_extract_arguments"):
+        assert featurestore.extract.add_extract_arguments is featurestore.cli.add_extract_arguments
 
 
 def test_module_and_console_script(tmp_path):

@@ -12,17 +12,16 @@ import pytest
 from tests.featurestore.test_extract_support import make_dataset
 
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store, open_store
-from featurestore.cli import build_parser, extract_parser, main
+from featurestore.cli import build_parser, main
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
-    """Every top-level parser; ``featurestore extract`` is built apart (its module imports torch)."""
+    """Every top-level parser (their subcommands are walked by ``_walk``)."""
     import fusion.cli
     import heads.cli
 
     heads_parser = getattr(heads.cli, "build_parser", None) or heads.cli._parser
-    return {"featurestore": build_parser(), "featurestore extract": extract_parser(),
-            "heads": heads_parser(), "fusion": fusion.cli.build_parser()}
+    return {"featurestore": build_parser(), "heads": heads_parser(), "fusion": fusion.cli.build_parser()}
 
 
 def _walk(prog: str, parser: argparse.ArgumentParser):
@@ -34,9 +33,6 @@ def _walk(prog: str, parser: argparse.ArgumentParser):
         if isinstance(action, argparse._SubParsersAction):
             helps = {a.dest: a for a in action._choices_actions}
             for name, sub in action.choices.items():
-                if prog == "featurestore" and name == "extract":
-                    yield f"{prog} {name}", helps.get(name)  # its arguments: the 'featurestore extract' parser
-                    continue
                 yield f"{prog} {name}", helps.get(name)
                 yield from _walk(f"{prog} {name}", sub)
             continue

@@ -20,7 +20,7 @@ from featurestore.extract import extract
 from featurestore.store import open_store
 
 N_CLIPS = 24
-# Chunks of different sizes per feature set and encode windows of 4 rows: a kill usually lands
+# Chunks of different sizes per feature set and encode batches of 4 rows: a kill usually lands
 # after some log-mel chunks of a block are written but before that block's ViT chunk is.
 OPTIONS = dict(device="cpu", batch_size=4, num_workers=1, chunk_clips={"logmel": 2, "timm/test_vit": 8},
                progress=False)
