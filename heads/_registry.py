@@ -26,15 +26,15 @@ class Head(nn.Module):
         default_batch_size: the paper's batch size for this kind of head.
         default_family: ensemble family written into prediction attrs when the user gives none
             (None: derived from the feature sets).
-        max_window_bytes: heads on large samples (stored frames) cap the trainer's shuffle window
-            at this many bytes of stored clips (None: ``TrainConfig.shuffle_buffer`` clips as given).
+        max_read_group_bytes: heads on large samples (stored frames) cap the trainer's read groups
+            (clips read at once and shuffled together) at this many bytes of stored clips (None: ``TrainConfig.shuffle_buffer`` clips as given).
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
     default_batch_size: ClassVar[int] = 48
     default_family: ClassVar[str | None] = None
-    max_window_bytes: ClassVar[int | None] = None
+    max_read_group_bytes: ClassVar[int | None] = None
 
     def __init__(self, cfg: Any):
         super().__init__()

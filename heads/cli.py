@@ -42,7 +42,7 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "focal_gamma": (float, "focal loss gamma"),
     "seed": (int, "seed of the head's init, the data order and augmentation"),
     "device": (str, DEVICE_HELP),
-    "shuffle_buffer": (int, "clips per shuffle window when streaming from the store"),
+    "shuffle_buffer": (int, "clips per read group (read into memory and shuffled together) when streaming from the store"),
     "num_workers": (int, "DataLoader processes reading the store (0: a reader thread)"),
     "max_steps_per_epoch": (int, "cap on optimizer steps per epoch (quick demos)"),
     "family": (str, "ensemble family recorded with the predictions (default: derived from the inputs)"),

@@ -34,7 +34,7 @@ class TrainConfig:
     seed: int = 0  # seeds the head's init, the data order and dropout/augmentation, per epoch
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     cache: bool = False  # load the training features into memory instead of streaming them
-    shuffle_buffer: int = 2048  # clips per shuffle window when streaming
+    shuffle_buffer: int = 2048  # clips per read group (read at once, shuffled together) when streaming
     num_workers: int = 0  # DataLoader worker processes reading the store (0: a reader thread)
     max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (quick demos); None: full epochs
     family: str | None = None  # ensemble family for predictions ("audio", "video", "clip", ...); None: derived

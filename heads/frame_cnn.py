@@ -20,8 +20,9 @@ that every frame gets its own draw; the random numbers come from torch's global 
 trainer reseeds every epoch (runs stay deterministic on the CPU).
 
 Then ImageNet mean/std normalisation (the timm backbones' pretrained statistics) and the backbone with
-a ``n_classes`` classifier. Predictions are per frame; the trainer and ``heads.predict`` average the
-frame probabilities of a clip, like every head.
+a ``n_classes`` classifier. Predictions are per frame: the trainer's validation averages a clip's
+frame probabilities; ``heads.predict`` stores them per frame (frames on the segment axis) and fusion
+averages them per clip, as for every head's segments.
 """
 from __future__ import annotations
 
@@ -67,12 +68,12 @@ class FrameCNN(Head):
     config_class = FrameCNNConfig
     default_batch_size = 20  # the paper's video batch size
     default_family = "video"
-    #: Stored frames are large (a 12-frame 448 px clip is 7.2 MB): the trainer caps the shuffle
-    #: window so that one holds at most this many bytes of stored clips. The loader holds at most two
-    #: windows (the one being trained on and the next being read), so the data path peaks at about
+    #: Stored frames are large (a 12-frame 448 px clip is 7.2 MB): the trainer caps the read
+    #: group (clips read at once and shuffled together) so that one holds at most this many bytes of stored clips. The loader holds at most two
+    #: read groups (the one being trained on and the next being read), so the data path peaks at about
     #: twice this plus the store's chunk cache, whatever the dataset size (docs/benchmarks.md); blocks
     #: of clips are still shuffled across the whole split every epoch.
-    max_window_bytes: ClassVar[int | None] = 256 << 20
+    max_read_group_bytes: ClassVar[int | None] = 256 << 20
 
     def __init__(self, cfg: FrameCNNConfig):
         super().__init__(cfg)

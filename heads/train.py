@@ -250,15 +250,15 @@ def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable | N
 
 
 def shuffle_clips(cfg: TrainConfig, store: Any, head: Head) -> int:
-    """Clips per shuffle window: ``cfg.shuffle_buffer``, capped for heads that declare
-    ``max_window_bytes`` (stored frames: 2048 clips of 448 px frames would be 15 GB per window)."""
-    if not head.max_window_bytes:
+    """Clips per read group (read at once and shuffled together, see ``featurestore.torchdata``): ``cfg.shuffle_buffer``, capped for heads that declare
+    ``max_read_group_bytes`` (stored frames: 2048 clips of 448 px frames would be 15 GB per read group)."""
+    if not head.max_read_group_bytes:
         return cfg.shuffle_buffer
     per_clip = 0
     for name in cfg.features:
         info = store.feature_info(name)
         per_clip += info.n_segments * int(np.prod(info.feature_shape)) * np.dtype(info.dtype).itemsize
-    return max(1, min(cfg.shuffle_buffer, head.max_window_bytes // max(1, per_clip)))
+    return max(1, min(cfg.shuffle_buffer, head.max_read_group_bytes // max(1, per_clip)))
 
 
 # ------------------------------------------------------------------------------------ the core

@@ -113,8 +113,8 @@ def test_shuffle_window_is_capped_by_bytes_for_frames_only(tmp_path):
         frame_head = heads.create_head("frame_cnn", **SMALL)
         cfg = heads.TrainConfig(head="frame_cnn", features=[FRAMES], shuffle_buffer=2048)
         per_clip = 2 * 3 * 32 * 32
-        assert shuffle_clips(cfg, store, frame_head) == min(2048, frame_head.max_window_bytes // per_clip)
-        frame_head.max_window_bytes = 10 * per_clip
+        assert shuffle_clips(cfg, store, frame_head) == min(2048, frame_head.max_read_group_bytes // per_clip)
+        frame_head.max_read_group_bytes = 10 * per_clip
         assert shuffle_clips(cfg, store, frame_head) == 10
     other = heads.create_head("embedding_mlp", input_dims=[8], n_classes=4)
     assert shuffle_clips(cfg, None, other) == 2048  # other heads: as configured
