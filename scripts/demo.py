@@ -51,10 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_dataset(data: Path, args: argparse.Namespace) -> None:
-    from featurestore.datasets.synthetic import make_demo_dataset
+    from featurestore.demo import add_dataset_file, make_demo_dataset
 
     if (data / "meta.csv").exists():
         print(f"demo dataset: reusing {data}")
+        add_dataset_file(data)  # a directory from before dataset.json: its clip length for the readers
         return
     if data.exists():
         shutil.rmtree(data)

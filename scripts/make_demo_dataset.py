@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from featurestore.datasets.synthetic import DemoConfig, make_demo_dataset, make_demo_eval_dataset
+from featurestore.demo import DemoConfig, make_demo_dataset, make_demo_eval_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:

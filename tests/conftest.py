@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from featurestore.datasets import read_tau, read_tau_eval
-from featurestore.datasets.synthetic import make_demo_dataset, make_demo_eval_dataset
+from featurestore.demo import make_demo_dataset, make_demo_eval_dataset
 from featurestore.manifest import Manifest
 
 #: The tiny development set: 2 clips per class (20 clips of 10 s, 48 kHz stereo 24-bit WAV, 64x48

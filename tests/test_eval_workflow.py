@@ -10,7 +10,7 @@ import torch
 
 import featurestore
 import heads
-from featurestore.datasets.synthetic import make_demo_dataset, make_demo_eval_dataset
+from featurestore.demo import make_demo_dataset, make_demo_eval_dataset
 from featurestore.extract import extract
 from fusion.cli import main as fusion_main
 

@@ -5,6 +5,9 @@
 * :func:`read_csv_manifest` - a plain CSV for any other dataset.
 * :func:`open_dataset` - picks one of the above by looking at the path.
 * :func:`check_files` - every listed file exists, or one error listing all that do not.
+
+Every reader honours a ``dataset.json`` next to the dataset's metadata (:class:`DatasetSidecar`:
+the clip length, or the segment and frame counts); an explicit argument wins over it.
 """
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from featurestore.datasets._common import (
+    DATASET_FILE,
     DatasetFormatError,
+    DatasetSidecar,
     MissingFilesError,
     PathLike,
     check_count,
@@ -23,8 +28,8 @@ from featurestore.datasets.tau import TauLayout, locate_tau, read_tau, read_tau_
 from featurestore.manifest import Manifest
 
 __all__ = [
-    "DatasetFormatError", "MissingFilesError", "TauLayout", "check_files", "locate_tau", "open_dataset",
-    "read_csv_manifest", "read_tau", "read_tau_eval",
+    "DATASET_FILE", "DatasetFormatError", "DatasetSidecar", "MissingFilesError", "TauLayout", "check_files",
+    "locate_tau", "open_dataset", "read_csv_manifest", "read_tau", "read_tau_eval",
 ]
 
 
@@ -43,9 +48,10 @@ def open_dataset(path: PathLike, *, audio_segments: int | None = None,
 
     Args:
         path: dataset directory or CSV file.
-        audio_segments: 1 s audio segments per clip; None lets the reader decide (TAU: 10 for
-            development, 1 for evaluation, or the clip duration of a synthetic demo set; CSV: 10).
-        video_frames: frames sampled per clip; None lets the reader decide (12, 5 for evaluation).
+        audio_segments: 1 s audio segments per clip; None lets the reader decide (the dataset's
+            ``dataset.json`` when it has one, else TAU: 10 for development, 1 for evaluation; CSV: 10).
+        video_frames: frames sampled per clip; None lets the reader decide (``dataset.json``,
+            else 12, 5 for evaluation).
         allow_outside_root: accept listed paths that are absolute or lead outside the dataset root
             (refused by default: the root is a boundary).
         classes: the class order (needed for a CSV without labels; TAU readers default to the
@@ -70,7 +76,7 @@ def open_dataset(path: PathLike, *, audio_segments: int | None = None,
         return read_tau_eval(path, **shape, allow_outside_root=allow_outside_root, classes=classes)
     manifests = [p for p in sorted(path.glob("*.csv")) if _has_clip_id(p)]
     if len(manifests) == 1:
-        return read_csv_manifest(manifests[0], classes, **_given(shape), allow_outside_root=allow_outside_root)
+        return read_csv_manifest(manifests[0], classes, **shape, allow_outside_root=allow_outside_root)
     raise FileNotFoundError(
         f"{path} is not a dataset this package reads: no meta.csv (TAU development), no "
         f"evaluation_setup/ or audio/ or video/ (TAU evaluation), and "
@@ -83,13 +89,8 @@ def _open_file(path: Path, shape: dict[str, int | None], allow_outside_root: boo
     if path.name == "meta.csv":
         return read_tau(path.parent, **shape, allow_outside_root=allow_outside_root, classes=classes)
     if _has_clip_id(path):
-        return read_csv_manifest(path, classes, **_given(shape), allow_outside_root=allow_outside_root)
+        return read_csv_manifest(path, classes, **shape, allow_outside_root=allow_outside_root)
     raise DatasetFormatError(path, 1, "not a dataset manifest: expected meta.csv or a CSV with a clip_id column")
-
-
-def _given(shape: dict[str, int | None]) -> dict[str, int]:
-    """The overrides that were given (read_csv_manifest has its own defaults for the rest)."""
-    return {k: v for k, v in shape.items() if v is not None}
 
 
 def _has_clip_id(path: Path) -> bool:

@@ -1,21 +1,30 @@
-"""What every dataset reader shares: its errors, table reading, path handling and the file check."""
+"""What every dataset reader shares: its errors, table reading, path handling, the dataset sidecar
+(``dataset.json``) and the file check."""
 from __future__ import annotations
 
 import csv
+import json
+import logging
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from featurestore.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 
 #: Shown in full up to this many paths; the exception's ``paths`` always holds all of them.
 _MAX_LISTED = 100
 
-#: The parameters file the synthetic demo generator writes next to meta.csv; the TAU readers take
-#: the clip duration (and so the number of audio segments) from it.
-DEMO_CONFIG_FILE = "demo_config.json"
+#: The optional sidecar next to a dataset's metadata that says how long its clips are (see
+#: :class:`DatasetSidecar`); every reader honours it.
+DATASET_FILE = "dataset.json"
+#: How far a clip may be from a whole number of segments (as ``decode.DEFAULT_TOLERANCE_SECONDS``).
+_TOLERANCE_SECONDS = 0.1
 
 
 def check_count(name: str, value: int | None) -> None:
@@ -59,6 +68,100 @@ class MissingFilesError(FileNotFoundError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+@dataclass(frozen=True)
+class DatasetSidecar:
+    """The clip shape a dataset's ``dataset.json`` records; every field is optional.
+
+    ``{"clip_seconds": 3.0}`` says the clips last 3 s, so extraction cuts 3 audio segments of 1 s.
+    A reader's explicit argument wins over the file, and the file wins over the reader's default.
+    Give ``clip_seconds`` or ``audio_segments``, not both (one source for the segment count).
+    """
+
+    clip_seconds: float | None = None  # seconds per clip; segments = clip_seconds / segment_seconds
+    audio_segments: int | None = None  # audio segments per clip, when the count is not derived
+    video_frames: int | None = None  # frames sampled per clip
+
+    @classmethod
+    def read(cls, path: PathLike) -> DatasetSidecar:
+        """Parse ``path``; DatasetFormatError naming it when it is not such an object."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DatasetFormatError(path, None, f"not readable JSON ({exc})") from exc
+        known = [f.name for f in fields(cls)]
+        if not isinstance(data, dict):
+            raise DatasetFormatError(path, None, f"expected a JSON object, found {type(data).__name__}")
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise DatasetFormatError(path, None, f"unknown key(s) {unknown}; known: {', '.join(known)}")
+        _check_field(path, "clip_seconds", data.get("clip_seconds"), float)
+        for name in ("audio_segments", "video_frames"):
+            _check_field(path, name, data.get(name), int)
+        if "clip_seconds" in data and "audio_segments" in data:
+            raise DatasetFormatError(path, None, "give clip_seconds or audio_segments, not both")
+        return cls(**data)
+
+    def write(self, directory: PathLike) -> Path:
+        """Write the fields that are set to ``directory/dataset.json``; returns the file."""
+        path = Path(directory) / DATASET_FILE
+        path.write_text(json.dumps({k: v for k, v in asdict(self).items() if v is not None}, indent=2) + "\n")
+        return path
+
+
+def _check_field(path: Path, name: str, value: object, kind: type) -> None:
+    """``value`` is None, or a finite number > 0 (``kind`` float) or an integer >= 1 (``kind`` int)."""
+    if value is None or isinstance(value, bool):
+        ok = value is None
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    else:
+        ok = isinstance(value, int) and value >= 1
+    if not ok:
+        expected = "a positive number of seconds" if kind is float else "an integer >= 1"
+        raise DatasetFormatError(path, None, f"expected {expected} under {name!r}, found {value!r}")
+
+
+def clip_counts(directories: Iterable[Path], audio_segments: int | None, video_frames: int | None, *,
+                default_segments: int, default_frames: int, segment_seconds: float = 1.0) -> tuple[int, int]:
+    """Audio segments and video frames per clip, for every reader.
+
+    Each is the explicit argument when given, else what the first ``dataset.json`` among
+    ``directories`` says, else the reader's default. The sidecar is not read when both are given.
+
+    Raises:
+        DatasetFormatError: a malformed ``dataset.json`` (naming it).
+    """
+    if audio_segments is not None and video_frames is not None:
+        return audio_segments, video_frames
+    path = next((d / DATASET_FILE for d in dict.fromkeys(directories) if (d / DATASET_FILE).is_file()), None)
+    if path is None:
+        log.info("no %s next to the dataset: %s audio segment(s) and %s frame(s) per clip",
+                 DATASET_FILE, audio_segments or default_segments, video_frames or default_frames)
+        return audio_segments or default_segments, video_frames or default_frames
+    sidecar = DatasetSidecar.read(path)
+    if audio_segments is None and sidecar.clip_seconds is not None:
+        audio_segments = segments_for(sidecar.clip_seconds, segment_seconds, path)
+    elif audio_segments is None:
+        audio_segments = sidecar.audio_segments or default_segments
+    return audio_segments, video_frames or sidecar.video_frames or default_frames
+
+
+def segments_for(clip_seconds: float, segment_seconds: float, source: PathLike) -> int:
+    """Whole segments in a clip of ``clip_seconds`` (within 0.1 s counts as whole).
+
+    Any other length is rounded down (to at least 1) with a warning naming ``source``, because
+    extraction will then find the clips too long (or, below one segment, too short).
+    """
+    segments = max(1, math.floor(clip_seconds / segment_seconds + _TOLERANCE_SECONDS / segment_seconds))
+    if abs(segments * segment_seconds - clip_seconds) > _TOLERANCE_SECONDS:
+        log.warning("%s: clips last %g s, not a whole number of %g s segments; using %d segment(s), so "
+                    "extraction will report the clips as too %s", source, clip_seconds, segment_seconds,
+                    segments, "short" if segments * segment_seconds > clip_seconds else "long")
+    log.info("%s: clips of %g s -> %d audio segment(s) of %g s", source, clip_seconds, segments, segment_seconds)
+    return segments
 
 
 @dataclass

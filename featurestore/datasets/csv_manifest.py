@@ -11,26 +11,36 @@ path, or one that leads outside it (``..``, a symlink), is refused unless the re
 ``allow_outside_root=True`` (``featurestore extract --allow-outside-root``); one of
 the two columns may be absent or a cell empty for clips without that modality. ``split`` holds
 split names separated by ``;`` (a clip may be in several). ``location`` lets location-level
-splits and cross-fitting work as they do for TAU.
+splits and cross-fitting work as they do for TAU. A ``dataset.json`` next to the CSV (see
+``DatasetSidecar``) may give the clip length or the segment and frame counts.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from featurestore.datasets._common import DatasetFormatError, PathLike, check_inside_root, read_table
+from featurestore.datasets._common import (
+    DatasetFormatError,
+    PathLike,
+    check_count,
+    check_inside_root,
+    clip_counts,
+    read_table,
+)
 from featurestore.manifest import ClipRecord, Manifest, check_classes
 
 _KNOWN = ("clip_id", "audio", "video", "label", "split", "city", "location")
+#: Without an argument or a ``dataset.json``: TAU-like 10 s clips, 12 frames.
+DEFAULT_SEGMENTS, DEFAULT_FRAMES = 10, 12
 
 
 def read_csv_manifest(
     path: PathLike,
     classes: Sequence[str] | None = None,
     *,
-    audio_segments: int = 10,
+    audio_segments: int | None = None,
     segment_seconds: float = 1.0,
-    video_frames: int = 12,
+    video_frames: int | None = None,
     name: str | None = None,
     allow_outside_root: bool = False,
 ) -> Manifest:
@@ -40,16 +50,21 @@ def read_csv_manifest(
         path: the CSV file.
         classes: ordered class names (every label must be one of them); None takes the sorted
             unique labels of the file, which is no classes at all for a file without labels.
-        audio_segments: audio segments per clip for extraction.
+        audio_segments: audio segments per clip for extraction. None derives it: from the
+            ``dataset.json`` next to the CSV when there is one (``clip_seconds / segment_seconds``,
+            or its ``audio_segments``), else 10.
         segment_seconds: length of one audio segment.
-        video_frames: frames sampled per clip.
+        video_frames: frames sampled per clip (None: ``dataset.json``'s, else 12).
         name: dataset name for the store (default: the CSV's stem).
         allow_outside_root: accept absolute paths and paths leading outside the CSV's directory.
 
     Raises:
         DatasetFormatError: missing columns, duplicate ids, a label not in ``classes``, a path
-            outside the dataset root (naming the file and line).
+            outside the dataset root (naming the file and line), a malformed ``dataset.json``.
+        ValueError: ``audio_segments``/``video_frames`` not an integer >= 1.
     """
+    check_count("audio_segments", audio_segments)
+    check_count("video_frames", video_frames)
     table = read_table(path)
     header = [h.lower() for h in table.header or []]
     if "clip_id" not in header or not ({"audio", "video"} & set(header)):
@@ -73,6 +88,8 @@ def read_csv_manifest(
             check_inside_root(base, listed, table.path, line, clip.clip_id, allow_outside_root)
         clips.append(clip)
     classes = _classes(table.path, clips, lines, classes)
+    audio_segments, video_frames = clip_counts([base], audio_segments, video_frames, default_segments=DEFAULT_SEGMENTS,
+                                               default_frames=DEFAULT_FRAMES, segment_seconds=segment_seconds)
     return Manifest(name or table.path.stem, classes, clips, base, audio_segments=audio_segments,
                     segment_seconds=segment_seconds, video_frames=video_frames)
 

@@ -9,24 +9,23 @@ The development layout (see docs/datasets-and-decoding.md)::
 
 The metadata may also sit in a sibling ``...-development.meta/`` directory (how the metadata archive
 unpacks) or the two directories may sit side by side under a common parent; :func:`locate_tau`
-searches these places and says what it found.
+searches these places and says what it found. A ``dataset.json`` next to meta.csv, the split files
+or the media directories may say how long the clips are (see ``DatasetSidecar``).
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from featurestore.datasets._common import (
-    DEMO_CONFIG_FILE,
     DatasetFormatError,
     PathLike,
     Table,
     check_count,
     check_inside_root,
+    clip_counts,
     read_table,
 )
 from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
@@ -43,8 +42,6 @@ _HEADER_FIRST = _AUDIO_COLUMNS + _VIDEO_COLUMNS
 SEGMENT_SECONDS = 1.0
 DEV_SEGMENTS, DEV_FRAMES = 10, 12
 EVAL_SEGMENTS, EVAL_FRAMES = 1, 5
-#: How far a clip may be from a whole number of segments (as ``decode.DEFAULT_TOLERANCE_SECONDS``).
-_TOLERANCE_SECONDS = 0.1
 
 
 @dataclass
@@ -108,10 +105,11 @@ def read_tau(root: PathLike, *, audio_segments: int | None = None,
 
     Args:
         root: the dataset directory (or its ``.meta`` sibling, or their common parent).
-        audio_segments: 1 s audio segments per clip. None derives it: from the clip duration
-            in ``demo_config.json`` when the synthetic generator wrote the directory (a demo set
-            of 3 s clips gets 3), else TAU's 10.
-        video_frames: frames sampled per clip (None: the paper's 12).
+        audio_segments: 1 s audio segments per clip. None derives it: from ``dataset.json``
+            when the dataset has one (``{"clip_seconds": 3}`` gives 3), else TAU's 10. Only
+            ``dataset.json`` is read: a directory written by an old demo generator, with only
+            ``demo_config.json``, gets TAU's 10 (``featurestore.demo.add_dataset_file`` fixes it).
+        video_frames: frames sampled per clip (None: ``dataset.json``'s, else the paper's 12).
         allow_outside_root: accept listed paths that are absolute or lead outside the media
             directory (``..``, symlinks); refused by default (see ``check_inside_root``).
         classes: the class order of the store (default: the DCASE order, ``TAU_CLASSES``); every
@@ -121,7 +119,7 @@ def read_tau(root: PathLike, *, audio_segments: int | None = None,
         FileNotFoundError: no meta.csv near ``root``.
         DatasetFormatError: malformed metadata, an unknown scene label, a name that does not
             parse, a split file listing an unknown clip, a path outside the dataset root (each
-            naming the file and line), or an unreadable ``demo_config.json``.
+            naming the file and line), or a malformed ``dataset.json``.
         ValueError: ``audio_segments``/``video_frames`` not an integer >= 1.
     """
     check_count("audio_segments", audio_segments)
@@ -136,10 +134,10 @@ def read_tau(root: PathLike, *, audio_segments: int | None = None,
     by_id = {c.clip_id: c for c in clips}
     for fold in layout.fold_files:
         _apply_split(read_table(fold, "\t", _HEADER_FIRST), by_id)
-    if audio_segments is None:
-        audio_segments = _segments_from_demo_config(layout, DEV_SEGMENTS)
+    audio_segments, video_frames = clip_counts(_sidecar_places(layout), audio_segments, video_frames,
+                                               default_segments=DEV_SEGMENTS, default_frames=DEV_FRAMES)
     manifest = Manifest(layout.name, list(TAU_CLASSES), clips, base, audio_segments=audio_segments,
-                        segment_seconds=SEGMENT_SECONDS, video_frames=video_frames or DEV_FRAMES)
+                        segment_seconds=SEGMENT_SECONDS, video_frames=video_frames)
     return manifest if classes is None else manifest.with_classes(classes)
 
 
@@ -155,16 +153,16 @@ def read_tau_eval(root: PathLike, *, audio_segments: int | None = None,
 
     Args:
         root: the dataset directory.
-        audio_segments: 1 s audio segments per clip. None derives it: from ``demo_config.json``
-            when present (a demo evaluation set of 2 s clips gets 2), else TAU's 1.
-        video_frames: frames sampled per clip (None: 5).
+        audio_segments: 1 s audio segments per clip. None derives it: from ``dataset.json`` when
+            present (``{"clip_seconds": 2}`` gives 2), else TAU's 1.
+        video_frames: frames sampled per clip (None: ``dataset.json``'s, else 5).
         allow_outside_root: as for :func:`read_tau`.
         classes: the class list a store of these unlabelled clips gets (default: ``TAU_CLASSES``).
 
     Raises:
         FileNotFoundError: neither split files nor audio/video directories near ``root``.
-        DatasetFormatError: an unreadable split file or ``demo_config.json``, a path outside the
-            dataset root.
+        DatasetFormatError: an unreadable split file, a malformed ``dataset.json``, a path outside
+            the dataset root.
         ValueError: ``audio_segments``/``video_frames`` not an integer >= 1.
     """
     check_count("audio_segments", audio_segments)
@@ -179,10 +177,10 @@ def read_tau_eval(root: PathLike, *, audio_segments: int | None = None,
         clips = _clips_from_folds(layout.fold_files, base, allow_outside_root)
     else:
         clips = _clips_from_listing(base, allow_outside_root)
-    if audio_segments is None:
-        audio_segments = _segments_from_demo_config(layout, EVAL_SEGMENTS)
+    audio_segments, video_frames = clip_counts(_sidecar_places(layout), audio_segments, video_frames,
+                                               default_segments=EVAL_SEGMENTS, default_frames=EVAL_FRAMES)
     manifest = Manifest(layout.name, list(TAU_CLASSES), clips, base, audio_segments=audio_segments,
-                        segment_seconds=SEGMENT_SECONDS, video_frames=video_frames or EVAL_FRAMES)
+                        segment_seconds=SEGMENT_SECONDS, video_frames=video_frames)
     return manifest if classes is None else manifest.with_classes(classes)
 
 
@@ -198,49 +196,11 @@ def _candidates(root: Path) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def _segments_from_demo_config(layout: TauLayout, default: int) -> int:
-    """Audio segments per clip from a demo set's ``demo_config.json``, else ``default``.
-
-    Why: the synthetic generator can write clips of any length, and a reader that always
-    assumed TAU's 10 s would make extraction reject every clip of a 3 s demo set as too short.
-    A duration that is not a whole number of segments (within 0.1 s) is rounded down, with a
-    warning, because extraction will then find the clips too long.
-    """
-    config = _find_demo_config(layout)
-    if config is None:
-        return default
-    duration = _demo_duration(config)
-    exact = duration / SEGMENT_SECONDS
-    segments = max(1, math.floor(exact + _TOLERANCE_SECONDS / SEGMENT_SECONDS))
-    if abs(segments * SEGMENT_SECONDS - duration) > _TOLERANCE_SECONDS:
-        log.warning("%s: demo clips last %g s, not a whole number of %g s segments; using %d "
-                    "segment(s), so extraction will report the clips as too %s", config, duration,
-                    SEGMENT_SECONDS, segments, "short" if segments * SEGMENT_SECONDS > duration else "long")
-    log.info("%s: demo clips of %g s -> %d audio segment(s) of %g s", config, duration, segments,
-             SEGMENT_SECONDS)
-    return segments
-
-
-def _find_demo_config(layout: TauLayout) -> Path | None:
-    """``demo_config.json`` next to meta.csv, the split files or the media directories."""
+def _sidecar_places(layout: TauLayout) -> list[Path]:
+    """Where a ``dataset.json`` may sit: next to meta.csv, the split files or the media directories."""
     places = [layout.meta_csv.parent if layout.meta_csv else None,
               layout.fold_files[0].parent.parent if layout.fold_files else None, layout.media_dir]
-    for directory in dict.fromkeys(d for d in places if d is not None):
-        if (directory / DEMO_CONFIG_FILE).is_file():
-            return directory / DEMO_CONFIG_FILE
-    return None
-
-
-def _demo_duration(config: Path) -> float:
-    """The ``duration`` (seconds per clip) a demo config records; DatasetFormatError otherwise."""
-    try:
-        duration = json.loads(config.read_text(encoding="utf-8")).get("duration")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DatasetFormatError(config, None, f"not a readable demo config ({exc})") from exc
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
-        raise DatasetFormatError(config, None, f"expected a positive number of seconds under "
-                                               f"'duration', found {duration!r}")
-    return float(duration)
+    return [d for d in places if d is not None]
 
 
 def _fold_files(setup: Path) -> list[Path]:

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Path]]:
     """The clip to classify, the training store and the two runs under the cache directory (reused)."""
-    from featurestore.datasets.synthetic import make_demo_dataset, make_demo_eval_dataset
+    from featurestore.demo import make_demo_dataset, make_demo_eval_dataset
     from featurestore.extract import extract
 
     import heads

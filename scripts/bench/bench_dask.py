@@ -101,8 +101,8 @@ def main() -> None:
 
     logging.getLogger("distributed").setLevel(logging.ERROR)  # the in-process scheduler's INFO lines
 
+    from featurestore.demo import make_demo_dataset
     from featurestore.extract.dask import local_cluster
-    from featurestore.datasets.synthetic import make_demo_dataset
 
     torch.set_num_threads(1)  # the local run uses one core, like a Dask worker (whose nanny sets OMP_NUM_THREADS=1)
     print(f"{os.cpu_count()} CPUs, load average {_load()} at start; encoders {args.encoders}; {args.frames} frames; "

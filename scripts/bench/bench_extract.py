@@ -156,7 +156,7 @@ def _gpu_text(util: dict | None) -> str:
 
 
 def parent(args: argparse.Namespace) -> None:
-    from featurestore.datasets.synthetic import make_demo_dataset
+    from featurestore.demo import make_demo_dataset
 
     n = args.clips
     with tempfile.TemporaryDirectory(prefix="bench_extract_", dir=args.tmp) as tmp:

@@ -48,7 +48,7 @@ FRAMES_PER_CLIP = 12
 
 # ------------------------------------------------------------------------------------- data
 def build_dataset(root: Path, args: argparse.Namespace) -> Path:
-    from featurestore.datasets.synthetic import make_demo_dataset
+    from featurestore.demo import make_demo_dataset
 
     if (root / "meta.csv").exists():
         with open(root / "meta.csv") as f:

@@ -17,8 +17,8 @@ from featurestore.datasets import (
     read_tau,
     read_tau_eval,
 )
-from featurestore.datasets.synthetic import make_demo_dataset, make_demo_eval_dataset
 from featurestore.decode import load_audio_segments
+from featurestore.demo import make_demo_dataset, make_demo_eval_dataset
 from featurestore.extract import extract
 from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
 from featurestore.store import open_store
@@ -279,7 +279,8 @@ def test_short_demo_clips_get_as_many_segments_as_seconds_and_extract(tmp_path):
     assert (summary.clips_done, summary.clips_failed) == (10, 0)
     with open_store(tmp_path / "s.zarr") as store:
         assert store.get("logmel", m.clips[0].clip_id).shape[0] == 3
-    (root / "demo_config.json").unlink()  # without the generator's config: TAU's 10 s assumption
+    assert (root / "dataset.json").is_file() and (root / "demo_config.json").is_file()
+    (root / "dataset.json").unlink()  # without the sidecar: TAU's 10 s, whatever demo_config.json says
     assert read_tau(root).audio_segments == 10
 
 
@@ -305,34 +306,3 @@ def test_explicit_segment_and_frame_counts_override_every_reader(tmp_path, tiny_
             open_dataset(tiny_dataset, audio_segments=bad)
     with pytest.raises(ValueError, match="video_frames must be an integer >= 1"):
         read_tau_eval(tiny_eval_dataset, video_frames=-1)
-
-
-@pytest.mark.parametrize("duration, segments, warning", [
-    (2.95, 3, None),          # container rounding: within 0.1 s of 3 segments
-    (2.5, 2, "too long"),     # extraction would reject the clips: say so when reading
-    (0.4, 1, "too short"),
-])
-def test_segments_from_a_demo_config_duration(tmp_path, caplog, duration, segments, warning):
-    root = _fake_tau(tmp_path / "d", IDS)
-    (root / "demo_config.json").write_text(f'{{"duration": {duration}, "layout": "development"}}')
-    with caplog.at_level("WARNING", logger="featurestore.datasets.tau"):
-        assert read_tau(root).audio_segments == segments
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    if warning is None:
-        assert warnings == []
-    else:
-        assert len(warnings) == 1 and warning in warnings[0] and f"{duration:g} s" in warnings[0]
-
-
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "not a readable demo config"),
-    ('{"duration": "ten"}', "expected a positive number of seconds under 'duration', found 'ten'"),
-    ('{"seed": 1}', "found None"),
-    ("[1, 2]", "not a readable demo config"),
-])
-def test_a_broken_demo_config_is_an_error_naming_the_file(tmp_path, text, message):
-    root = _fake_tau(tmp_path / "d", IDS)
-    (root / "demo_config.json").write_text(text)
-    with pytest.raises(DatasetFormatError, match=message) as err:
-        read_tau(root)
-    assert err.value.path == root.absolute() / "demo_config.json"

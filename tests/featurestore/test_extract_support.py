@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
-import soundfile as sf
 
+from featurestore import demo
 from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
 from featurestore.store import open_store
 
@@ -20,26 +19,18 @@ FAST = dict(device="cpu", batch_size=2, num_workers=1, chunk_clips=2, progress=F
 
 
 def write_wav(path: Path, seconds: float, seed: int, rate: int = 48000) -> Path:
-    """Stereo 16-bit noise (a different signal per seed)."""
+    """Stereo 16-bit noise (a different signal per seed), written by the demo generator's writer."""
     rng = np.random.default_rng(seed)
     data = (0.1 * rng.standard_normal((int(round(seconds * rate)), 2))).astype(np.float32)
-    sf.write(str(path), data, rate, subtype="PCM_16")
+    demo.write_wav(path, data, rate, subtype="PCM_16")
     return path
 
 
 def write_mp4(path: Path, seconds: float, seed: int, fps: int = 4, size: tuple[int, int] = (48, 64)) -> Path:
-    """MPEG-4 video of random frames (a different one per seed)."""
+    """MPEG-4 video of random frames (a different one per seed), written by the demo generator's writer."""
     rng = np.random.default_rng(seed)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.height, stream.width = size
-        stream.pix_fmt = "yuv420p"
-        for _ in range(int(round(seconds * fps))):
-            image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    frames = (rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(int(round(seconds * fps))))
+    demo.write_mp4(path, frames, fps, width=size[1], height=size[0], codec="mpeg4")
     return path
 
 

@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 
 from featurestore.datasets import read_tau, read_tau_eval
-from featurestore.datasets.synthetic import (
+from featurestore.decode import load_audio_segments, probe_video, sample_frames
+from featurestore.demo import (
     DemoConfig,
     class_style,
     make_demo_dataset,
@@ -20,7 +21,6 @@ from featurestore.datasets.synthetic import (
     synth_audio,
     synth_frames,
 )
-from featurestore.decode import load_audio_segments, probe_video, sample_frames
 from featurestore.manifest import TAU_CLASSES
 
 SMALL = dict(clips_per_class=1, duration=2.0, n_cities=2, width=32, height=24, fps=5, progress=False)

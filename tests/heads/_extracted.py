@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featurestore.datasets.synthetic import make_demo_dataset
+from featurestore.demo import make_demo_dataset
 from featurestore.extract import extract
 
 ENCODERS = "logmel,timm/test_resnet@none"

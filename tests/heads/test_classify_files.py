@@ -33,7 +33,7 @@ def _save_weights(path, seed: int):
 @pytest.fixture(scope="module")
 def checkpoint_store(tmp_path_factory):
     """Four clips' frames extracted with a checkpoint-weighted encoder."""
-    from featurestore.datasets.synthetic import make_demo_dataset
+    from featurestore.demo import make_demo_dataset
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("ckpt")

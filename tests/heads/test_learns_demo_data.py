@@ -5,7 +5,7 @@ import torch
 
 import featurestore
 import heads
-from featurestore.datasets.synthetic import make_demo_dataset
+from featurestore.demo import make_demo_dataset
 from featurestore.extract import extract
 
 
