@@ -9,6 +9,7 @@ cache that never serves a row finished since it was cached, and aligned writers 
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,17 +57,20 @@ class RowCaches:
     def __init__(self, cache_bytes: int):
         self.chunks = ChunkCache(cache_bytes)
         self.done: dict[str, np.ndarray] = {}  # group path -> done mask, until refresh
+        self.versions: dict[str, str | None] = {}  # group path -> data version, until refresh
 
     def forget(self, path: str) -> None:
         """Drop what is cached of the group at ``path`` and of the groups nested in it."""
-        for key in [k for k in self.done if k == path or k.startswith(path + "/")]:
-            del self.done[key]
+        for cache in (self.done, self.versions):
+            for key in [k for k in cache if k == path or k.startswith(path + "/")]:
+                del cache[key]
         for kind in KINDS:
             self.chunks.drop(join(path, kind.leaf))
 
     def clear(self) -> None:
         self.chunks.clear()
         self.done.clear()
+        self.versions.clear()
 
 
 class RowGroup:
@@ -136,7 +140,7 @@ class RowGroup:
         """Create the row arrays (values filled with 0, not done, no errors), attributes last.
 
         The attributes are one update written after the arrays, so a group without them is a
-        creation that never finished.
+        creation that never finished. They get a new ``data_version`` (see :meth:`data_version`).
         """
         n_rows = shape[0]
         self._arrays.create_group(self.path)
@@ -144,12 +148,42 @@ class RowGroup:
         self._arrays.create_array(self.done_path, (n_rows,), "bool", chunk_rows, False)
         if self.kind.with_errors:
             self._arrays.create_array(self.errors_path, (n_rows,), STRING, chunk_rows, "")
-        self._arrays.set_attrs(self.path, attrs)
+        self._arrays.set_attrs(self.path, {**attrs, DATA_VERSION: _new_version()})
+        self._caches.versions.pop(self.path, None)
 
     def delete(self) -> None:
         """Remove the group and forget what is cached of it."""
         self._arrays.delete(self.path)
         self._caches.forget(self.path)
+
+    # ---------------------------------------------------------------------------- data version
+    def data_version(self, refresh: bool = False) -> str | None:
+        """A token that changes whenever values of finished rows may have changed.
+
+        New at creation (an overwritten set gets another) and whenever rows that are already done
+        are written again; finishing new rows changes the done mask instead. So "same done mask and
+        same data version" means "same values", which is what caches built from a group's values
+        (search's matrix and faiss index) are keyed by. None for groups written before it existed.
+        """
+        if refresh or self.path not in self._caches.versions:
+            self._caches.versions[self.path] = self.attrs.get(DATA_VERSION)
+        return self._caches.versions[self.path]
+
+    def _rewriting(self, rows: np.ndarray) -> bool:
+        """Whether some of ``rows`` are done already; if so, bump the data version (see ``_bump``)."""
+        mask = self._done()
+        rows = rows[(rows >= 0) & (rows < len(mask))]  # out-of-range blocks are refused by the write itself
+        rewriting = bool(mask[rows].any())
+        if rewriting:
+            self._bump()
+        return rewriting
+
+    def _bump(self) -> None:
+        """A new data version, written before and again after a rewrite of done rows: a reader that
+        built something in between holds the first token, which the second one retires."""
+        version = _new_version()
+        self._arrays.set_attrs(self.path, {DATA_VERSION: version})
+        self._caches.versions[self.path] = version
 
     # --------------------------------------------------------------------------- done, errors
     def done_mask(self, refresh: bool = False) -> np.ndarray:
@@ -232,6 +266,7 @@ class RowGroup:
         if bad:
             raise ValueError(f"{self.path}: error rows {bad[:5]} are outside the block {start}:{stop} "
                              f"or also marked done")
+        rewriting = self._rewriting(np.arange(start, stop))
         self.write_block(start, data)
         if self.kind.with_errors:
             if done.all() and not errors:
@@ -243,6 +278,8 @@ class RowGroup:
                     texts[row - start] = error_text(message)
             self.write_errors(start, texts)
         self.set_done(start, done)
+        if rewriting:
+            self._bump()
 
     def set_errors(self, errors: dict[int, str]) -> None:
         """Record failures (row -> message); those rows are marked not done."""
@@ -257,12 +294,15 @@ class RowGroup:
         """
         order = np.argsort(rows)
         rows, values = rows[order], values[order]
+        rewriting = self._rewriting(rows)
         for part in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):
             if len(part):
                 start = int(rows[part[0]])
                 self._arrays.write(self.values_path, start, values[part])
                 self.set_done(start, np.ones(len(part), dtype=bool))
         self._caches.chunks.drop(self.values_path)
+        if rewriting:
+            self._bump()
 
     # ----------------------------------------------------------------------------------- reads
     def gather(self, rows: np.ndarray, check_done: bool = True) -> np.ndarray:
@@ -314,6 +354,13 @@ class RowGroup:
         cache.put(key, block)
         cache.put(done_key, done_now)
         return block
+
+
+DATA_VERSION = "data_version"
+
+
+def _new_version() -> str:
+    return uuid.uuid4().hex
 
 
 def error_text(message: object) -> str:

@@ -481,15 +481,17 @@ class SetState:
     classes: list[str]
 
     def key(self, method: str) -> str:
-        """What a built matrix/index depends on: fingerprint, shape, done mask and the method."""
+        """What a built matrix/index depends on: fingerprint, shape, done mask + data version, method."""
         text = json.dumps([self.info.fingerprint, list(self.info.shape), method, FLAT_BELOW, self.done_key])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def set_state(store: Any, feature_set: str) -> SetState:
-    """The feature set's `SetState`, rebuilt when its done mask differs from the one it was made with."""
+    """The feature set's `SetState`, rebuilt when its done mask or data version differs from the one
+    it was made with (both are cached by the store until ``store.refresh()``)."""
     done = store.done_mask(feature_set)  # UnknownFeatureError for a bad name; cached by the store
-    done_key = hashlib.sha256(np.packbits(done).tobytes() + str(len(done)).encode()).hexdigest()[:16]
+    version = str(store.data_version(feature_set))  # changes when done rows are written again
+    done_key = hashlib.sha256(np.packbits(done).tobytes() + f"{len(done)}/{version}".encode()).hexdigest()[:16]
     memo = _MEMO.setdefault(store, {})
     state = memo.get(("state", feature_set))
     if state is None or state.done_key != done_key:

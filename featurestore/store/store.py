@@ -496,6 +496,12 @@ class FeatureStore:
         """Which clips of a feature set are computed (a copy; cached until ``refresh``)."""
         return self.row_group(FEATURE_SETS, name).done_mask(refresh)
 
+    def data_version(self, name: str, refresh: bool = False) -> str | None:
+        """A token that changes whenever values of finished clips of a feature set may have changed
+        (a new set, an overwrite, done rows written again; cached until ``refresh``). With the done
+        mask it keys caches built from the values, such as search's index (see ``RowGroup``)."""
+        return self.row_group(FEATURE_SETS, name).data_version(refresh)
+
     def write_rows(self, name: str, start: int, data: np.ndarray, done: np.ndarray | None = None,
                    errors: dict[int, str] | None = None) -> None:
         """Write rows ``start:start+len(data)`` of a feature set, then mark them done.

@@ -14,11 +14,15 @@ import soundfile as sf
 from tests.featurestore.test_extract_support import write_mp4, write_wav
 
 from featurestore.datasets import DatasetFormatError
+from featurestore.decode import load_audio_segments, probe_video, resample, sample_frames
+from featurestore.encoders import create_encoder
 from featurestore.extract import extract
 from featurestore.store import open_store
 
 ENCODERS = "logmel,timm/test_vit@none"
 FAST = dict(device="cpu", batch_size=2, num_workers=0, chunk_clips=2, progress=False, segments=1, frames=1)
+# stored float16 log-mel against float32: the fp16 step at |x| < 128 dB is 1/16 (as in encoders/test_enc_logmel.py)
+FP16_LOGMEL_TOLERANCE_DB = 0.07
 
 
 def _audio_only_mp4(path, seconds: float = 1.0, rate: int = 16000):
@@ -80,10 +84,17 @@ def _manifest(root, rows: dict, name: str = "clips.csv", extra: list[str] = ()):
     return path
 
 
-def test_every_clip_is_done_or_has_a_clear_error_and_the_run_goes_on(hostile, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def extracted(hostile, tmp_path_factory):
+    """The store extracted from the hostile manifest (once for the module) and the run's summary."""
     root, rows = hostile
-    store = tmp_path / "s.zarr"
-    summary = extract(_manifest(root, rows), store, ENCODERS, **FAST)
+    store = tmp_path_factory.mktemp("hostile_store") / "s.zarr"
+    return store, extract(_manifest(root, rows), store, ENCODERS, **FAST)
+
+
+def test_every_clip_is_done_or_has_a_clear_error_and_the_run_goes_on(hostile, extracted) -> None:
+    root, rows = hostile
+    store, summary = extracted
     with open_store(store) as fs:
         done = {name: dict(zip(fs.clip_ids, fs.done_mask(name))) for name in ("logmel", "timm/test_vit")}
         errors = {name: fs.errors(name) for name in ("logmel", "timm/test_vit")}
@@ -121,3 +132,49 @@ def test_duplicate_clip_ids_are_refused_before_any_work(hostile, tmp_path) -> No
     with pytest.raises(DatasetFormatError, match=r"dups.csv, line 11: clip 'good' already listed on line 2"):
         extract(manifest, store, ENCODERS, **FAST)
     assert not store.exists()
+
+
+@pytest.mark.parametrize("clip, wav", [("mono-8k", "mono8k.wav"), ("six-channels-96k", "six96k.wav")])
+def test_odd_rates_and_channels_store_the_log_mel_of_the_48k_mono_signal(hostile, extracted, clip, wav) -> None:
+    """The stored log-mel is that of the file decoded the library's way: channels averaged to mono,
+    resampled to 48 kHz (``load_audio_segments``), then the logmel encoder."""
+    root, _ = hostile
+    store, _ = extracted
+    with open_store(store) as fs:
+        stored = fs.get("logmel", clip).astype(np.float32)
+    encoder = create_encoder("logmel")
+    segments = load_audio_segments(root / wav, encoder.sample_rate, 1, encoder.segment_seconds)
+    assert segments.shape == (1, 48000)
+    expected = encoder.encode(encoder.preprocessor()(segments)).numpy()
+    assert stored.shape == expected.shape == (1, 256, 94)
+    diff = np.abs(stored - expected).max()
+    assert diff < FP16_LOGMEL_TOLERANCE_DB, f"{clip}: max |stored - log-mel of 48 kHz mono| = {diff:.4f} dB"
+    if clip == "six-channels-96k":  # the comparison tells channel averaging from taking the first channel
+        data, rate = sf.read(str(root / wav), dtype="float32", always_2d=True)
+        assert (rate, data.shape[1]) == (96000, 6)
+        first = resample(data[:, 0], rate, 48000)[None, :48000]
+        other = encoder.encode(encoder.preprocessor()(first)).numpy()
+        assert np.abs(stored - other).max() > 1.0
+
+
+def test_a_video_shorter_than_one_second_stores_the_frame_at_its_middle(hostile, extracted) -> None:
+    """Video has no length policy (only audio does): the 0.25 s clip (one frame at 4 fps) is sampled at
+    (0 + 0.5) * 0.25 s = 0.125 s, where its only frame is on screen, and that frame's embedding is stored."""
+    root, _ = hostile
+    store, _ = extracted
+    info = probe_video(root / "short.mp4")
+    assert (info.duration, info.n_frames) == (0.25, 1)
+    with av.open(str(root / "short.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    frames = sample_frames(root / "short.mp4", 1)
+    assert len(decoded) == 1 and np.array_equal(frames, np.stack(decoded))
+    with open_store(store) as fs:
+        assert "short-video" not in fs.errors("timm/test_vit") and "short-video" not in fs.errors("logmel")
+        assert fs.done_mask("timm/test_vit")[fs.row("short-video")]
+        stored = fs.get("timm/test_vit", "short-video").astype(np.float32)
+        good = fs.get("timm/test_vit", "good").astype(np.float32)
+    encoder = create_encoder("timm/test_vit@none")
+    expected = encoder.encode(encoder.preprocessor()(frames)).numpy()
+    assert stored.shape == expected.shape and stored.shape[0] == 1
+    np.testing.assert_allclose(stored, expected, rtol=1e-2, atol=1e-2)
+    assert np.abs(good - expected).max() > 0.1  # another clip's frame would not pass the comparison

@@ -240,3 +240,71 @@ def test_cli_search_table_json_and_exit_codes(store_path, capsys):
     assert "exactly one of --like CLIP_ID or --text TEXT" in capsys.readouterr().err
     assert main(["search", str(path), "--feature-set", "clip/nope", "--like", "c005"]) == 2
     assert "no feature set named 'clip/nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the faiss sidecar
+def _faiss_sidecar(path: Path) -> Path:
+    """The one ``.faiss`` file kept beside the store for FEAT (fails when there are none or several)."""
+    files = list((Path(str(path) + search_mod.SIDECAR_SUFFIX) / "clip" / "ViT-B-32").glob("*.faiss"))
+    assert len(files) == 1, f"expected one faiss sidecar for {FEAT}, found {[f.name for f in files]}"
+    return files[0]
+
+
+def _faiss_and_exact(path: Path, query: str = "c001"):
+    with open_store(path) as store:  # a fresh store object: nothing memoised from earlier searches
+        return store.search(FEAT, query, k=N, method="faiss"), store.search(FEAT, query, k=N, method="exact")
+
+
+def _assert_same_answer(faiss: search_mod.SearchResult, exact: search_mod.SearchResult) -> None:
+    assert faiss.method == "faiss" and exact.method == "exact"
+    assert faiss.clip_ids == exact.clip_ids
+    np.testing.assert_allclose(faiss.scores, exact.scores, atol=1e-5)
+
+
+def test_the_faiss_sidecar_is_reused_while_the_set_is_unchanged_and_rebuilt_when_more_clips_are_done(tmp_path):
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed: there is no faiss sidecar to test")
+    path = tmp_path / "grow.zarr"
+    data = build(path, done=16)
+    with open_store(path) as store:
+        first = store.search(FEAT, "c001", k=N, method="faiss")
+    assert any("built the faiss index" in n for n in first.notes), first.notes
+    sidecar = _faiss_sidecar(path)
+    stamp = (sidecar.stat().st_ino, sidecar.stat().st_mtime_ns)
+    assert sorted(first.clip_ids) == sorted(f"c{i:03d}" for i in range(16) if i != 1)
+
+    again, exact = _faiss_and_exact(path)  # unchanged: read from the sidecar, nothing built or rewritten
+    assert not any("built the faiss index" in n for n in again.notes), again.notes
+    assert _faiss_sidecar(path) == sidecar
+    assert (sidecar.stat().st_ino, sidecar.stat().st_mtime_ns) == stamp, "the unchanged set's sidecar was rewritten"
+    _assert_same_answer(again, exact)
+
+    with open_store(path, mode="a") as store:
+        store.write_rows(FEAT, 16, data[16:])  # 24 more clips done
+    grown, exact = _faiss_and_exact(path)
+    assert any("built the faiss index" in n and "(40 clips" in n for n in grown.notes), grown.notes
+    rebuilt = _faiss_sidecar(path)  # the stale file is gone, the new one has another key
+    assert rebuilt.name != sidecar.name and not sidecar.exists()
+    assert len(grown.clip_ids) == N - 1 and "c030" in grown.clip_ids
+    _assert_same_answer(grown, exact)
+    rows, _ = brute_force(data, data[1].astype(np.float64).mean(0), np.array([r for r in range(N) if r != 1]))
+    assert grown.clip_ids == [f"c{r:03d}" for r in rows]
+
+
+def test_the_faiss_sidecar_is_rebuilt_when_done_rows_are_rewritten(tmp_path):
+    """Same done mask, other values (rows written again): the old index would answer for old vectors."""
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed: there is no faiss sidecar to test")
+    path = tmp_path / "rewrite.zarr"
+    build(path)
+    before, _ = _faiss_and_exact(path)
+    old = _faiss_sidecar(path)
+    new_data = np.random.default_rng(7).standard_normal((N, SEG, DIM)).astype(np.float16)
+    with open_store(path, mode="a") as store:
+        store.write_rows(FEAT, 0, new_data)
+    after, exact = _faiss_and_exact(path)
+    rows, _ = brute_force(new_data, new_data[1].astype(np.float64).mean(0), np.array([r for r in range(N) if r != 1]))
+    expected = [f"c{r:03d}" for r in rows]
+    assert expected != before.clip_ids  # the rewrite changes the answer
+    assert after.clip_ids == expected, (
+        f"rows rewritten under the same done mask, but the faiss sidecar {old.name} still answers for the old "
+        f"vectors (rebuilt: {any('built the faiss index' in n for n in after.notes)})")
+    _assert_same_answer(after, exact)

@@ -177,6 +177,31 @@ def test_same_fingerprint_resumes_with_data_intact(path):
         np.testing.assert_array_equal(store.get_many(FEAT, store.clip_ids), data)
 
 
+def test_data_version_changes_when_done_rows_are_rewritten_not_when_new_rows_finish(path):
+    """Caches built from a set's values (search) are keyed by done mask + data version: finishing
+    new rows changes the mask, rewriting finished rows or recreating the set changes the version."""
+    data = features()
+    with create_store(path, make_manifest()) as store:
+        store.create_feature_set(FEAT, N_SEG, (DIM,), provenance(), chunk_clips=CHUNK)
+        created = store.data_version(FEAT)
+        assert created
+        store.write_rows(FEAT, 0, data[:8])  # rows not done before: same version
+        assert store.data_version(FEAT) == created
+        with open_store(path, "r") as reader:
+            seen = reader.data_version(FEAT)
+            assert seen == created
+            store.write_rows(FEAT, 0, data[:8] + 1)  # finished rows written again
+            rewritten = store.data_version(FEAT)
+            assert rewritten != created
+            assert reader.data_version(FEAT) == seen  # cached until refresh, like done masks
+            assert reader.data_version(FEAT, refresh=True) == rewritten
+        store.create_feature_set(FEAT, N_SEG, (DIM,), provenance(seed=1), chunk_clips=CHUNK, overwrite=True)
+        final = store.data_version(FEAT)
+        assert final not in (created, rewritten)
+    with open_store(path, "r") as store:  # stored in the set's attributes, not only in memory
+        assert store.data_version(FEAT) == final
+
+
 def test_errors_clear_done_and_rewrite_clears_errors(filled):
     path, data = filled
     with open_store(path, "a") as store:

@@ -44,7 +44,8 @@ def fill(location: str, backend: str | None = None) -> None:
 def snapshot(location: str, keep_runtime: bool = True) -> dict[str, Any]:
     """Everything a user can read from a store, as plain Python data (so == compares it all)."""
     def prov(p: dict) -> dict:
-        return p if keep_runtime else {k: v for k, v in p.items() if k != "runtime"}
+        # runtime and data_version identify one creation (time, host, a random token)
+        return p if keep_runtime else {k: v for k, v in p.items() if k not in ("runtime", "data_version")}
 
     with open_store(location, "r") as store:
         snap: dict[str, Any] = {"attrs": store.attrs, "clip_ids": store.clip_ids, "splits": store.splits(),

@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 from featurestore.cli import main
+from featurestore.store.convert import convert_store
 from featurestore import (
     TAU_CLASSES, ClipRecord, CorruptChunkError, Manifest, MissingFeatureError, StoreFormatError, create_store,
     open_store,
@@ -187,3 +188,77 @@ def test_opening_what_is_not_a_store(tmp_path):
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=3).attrs["x"] = 1
     with pytest.raises(StoreFormatError, match="not a feature store"):
         open_store(tmp_path / "plain.zarr", "r")
+
+
+# ------------------------------------------------------------------------------ every array sealed
+FRAMES = "frames/raw"
+
+
+def build_everything(path: str) -> list[str]:
+    """A store holding one of everything a store writes; returns the array paths it lists.
+
+    The index (grown by an append that adds a split), a float16 feature set with a long error text
+    (HDF5 rewrites a string array wider for it), a zstd-compressed uint8 set, a prediction run and
+    class features.
+    """
+    build(path)
+    extra = [ClipRecord(f"bus-porto-{i}-{i}", label="bus", city="porto", location=f"porto-{i}",
+                        splits=frozenset({"fold2_test"})) for i in range(2)]
+    with open_store(path, "a") as store:
+        store.append_clips(Manifest("more", list(TAU_CLASSES), extra))
+        store.set_errors(FEAT, {N_CLIPS: "decode failed: " + "a long message that widens the error texts " * 3})
+        store.create_feature_set(FRAMES, 2, (6, 8, 3), {"encoder": "frames", "config": {}}, dtype="uint8",
+                                 chunk_clips=CHUNK, compressor="zstd")
+        frames = np.random.default_rng(1).integers(0, 256, (CHUNK, 2, 6, 8, 3), dtype=np.uint8)
+        store.write_rows(FRAMES, 0, frames)
+        store.create_predictions("head/run1", N_SEG, {"head": "linear"}, chunk_clips=CHUNK)
+        store.write_predictions("head/run1", slice(0, 6), np.full((6, N_SEG, len(TAU_CLASSES)), 0.1, np.float32))
+        store.write_class_features("cliptext/RN50", np.ones((len(TAU_CLASSES), DIM), np.float32), PROV)
+        assert store.arrays.compressor(f"features/{FRAMES}/data") == "zstd"
+        return store.arrays.arrays()
+
+
+# what build_everything must have made, so that a walk that misses a kind of array cannot pass
+EXPECTED_ARRAYS = {
+    "index/clip_id", "index/label", "index/split/fold1_train", "index/split/fold2_test", DATA,
+    f"features/{FEAT}/done", f"features/{FEAT}/errors", f"features/{FRAMES}/data", f"features/{FRAMES}/done",
+    "predictions/head/run1/probs", "class_features/cliptext/RN50/data",
+}
+
+
+def test_every_zarr_array_carries_a_crc32c_checksum(tmp_path):
+    path = str(tmp_path / "all.zarr")
+    listed = build_everything(path)
+    root = zarr.open_group(path, mode="r")
+    on_disk = sorted(name for name, node in root.members(max_depth=None) if isinstance(node, zarr.Array))
+    assert sorted(listed) == on_disk  # the store's listing is every array zarr sees
+    missing = EXPECTED_ARRAYS - set(on_disk)
+    assert not missing, f"build_everything made no {sorted(missing)}: names changed?"
+    codecs = {name: [c["name"] for c in root[name].metadata.to_dict()["codecs"]] for name in on_disk}
+    unsealed = {name: names for name, names in codecs.items() if "crc32c" not in names}
+    assert not unsealed, f"arrays written without a crc32c codec: {unsealed}"
+    assert "zstd" in codecs[f"features/{FRAMES}/data"] and "zstd" not in codecs[DATA]
+
+
+@pytest.mark.parametrize("made_by", ["created", "converted"])
+def test_every_hdf5_dataset_carries_a_fletcher32_checksum(tmp_path, made_by):
+    path = str(tmp_path / "all.h5")
+    if made_by == "created":
+        listed = build_everything(path)
+    else:
+        listed = build_everything(str(tmp_path / "all.zarr"))
+        convert_store(tmp_path / "all.zarr", path, progress=False)
+    datasets: dict[str, h5py.Dataset] = {}
+
+    def collect(name: str, node) -> None:  # a visitor returning anything but None stops the walk
+        if isinstance(node, h5py.Dataset):
+            datasets[name] = node
+
+    with h5py.File(path, "r") as f:
+        f.visititems(collect)
+        assert sorted(datasets) == sorted(listed)
+        assert not EXPECTED_ARRAYS - set(datasets)
+        unsealed = sorted(name for name, ds in datasets.items() if not ds.fletcher32)
+        assert not unsealed, f"{made_by} HDF5 datasets without a fletcher32 checksum: {unsealed}"
+        assert datasets[f"features/{FRAMES}/data"].compression == "gzip" and datasets[DATA].compression is None
+        assert datasets[f"features/{FEAT}/errors"].dtype.itemsize > 16  # the widened string array too
