@@ -91,6 +91,20 @@ def test_local_n_starts_a_cluster_of_n_processes_for_the_run(tmp_path):
     assert_same_arrays(read_all(tmp_path / "dask.zarr"), read_all(local))
 
 
+def test_local_clusters_leave_glibc_malloc_trimming_alone(monkeypatch):
+    """Dask's nanny would set MALLOC_TRIM_THRESHOLD_ in the workers (and here), which slows torch
+    forwards by about a third; ``local_cluster`` unsets it (a default LocalCluster started earlier in
+    this process may have put it into os.environ: removed first, so only our cluster decides)."""
+    from featurestore.extract.dask import local_cluster
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with local_cluster(1) as cluster, distributed.Client(cluster) as client:
+        seen = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
+    (worker_env,) = seen.values()
+    assert worker_env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+
+
 @pytest.mark.parametrize("spelling", ["local:0", "local:", "local:two"])
 def test_local_n_needs_a_positive_worker_count(spelling):
     from featurestore.extract.dask import _local_workers
