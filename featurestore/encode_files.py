@@ -19,6 +19,7 @@ Files are grouped into clips by stem: ``x.wav`` and ``x.mp4`` are the audio and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -76,10 +77,8 @@ def rebuild_encoder(name: str, provenance: Mapping[str, Any], device: str | torc
     if differences and not options:
         retry = _options_from_config(provenance, encoder)
         if retry:  # a feature set made with encoder options (logmel n_mels=128): build with them
-            try:
+            with contextlib.suppress(TypeError, ValueError):  # those options do not fit: report the differences
                 encoder = create_encoder(spec, device, **retry)
-            except (TypeError, ValueError):
-                pass
             differences = _differences(provenance, encoder)
     if differences:
         raise EncoderRebuildError(f"feature set {name!r}: rebuilding {spec} gives another configuration than the "

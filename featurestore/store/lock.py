@@ -21,6 +21,7 @@ never mistaken for a running one: the next writer takes it over and says so. The
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -192,10 +193,8 @@ def _close_held_in_child() -> None:
     ``WriterLock`` objects copied into the child say ``held`` False and release nothing.
     """
     for fd in _HELD_FDS:
-        try:
+        with contextlib.suppress(OSError):  # already closed in the child
             os.close(fd)
-        except OSError:
-            pass
     _HELD_FDS.clear()
 
 
