@@ -155,10 +155,6 @@ class FeatureStore:
             if self._arrays.shape(path)[0] > n:
                 self._arrays.resize(path, n)
 
-    def _read(self, path: str, start: int, stop: int, written: bool = True) -> np.ndarray:
-        """Rows ``start:stop`` of an array, checked (see ``StoreArrays.read``)."""
-        return self._arrays.read(path, start, stop, written)
-
     # ------------------------------------------------------------------------------ properties
     @property
     def location(self) -> str:
@@ -217,7 +213,7 @@ class FeatureStore:
         return self.column("label")
 
     def _load_index(self) -> None:
-        ids = self._read("index/clip_id", 0, self._committed_rows())
+        ids = self._arrays.read("index/clip_id", 0, self._committed_rows())
         self._clip_ids = [str(i) for i in ids]
         self._row_of = {cid: row for row, cid in enumerate(self._clip_ids)}
 
@@ -234,7 +230,7 @@ class FeatureStore:
         path = f"index/{name}"
         if not self._arrays.is_array(path):
             raise UnknownFeatureError("index column", name, self.columns())
-        return self._read(path, 0, self.n_clips)
+        return self._arrays.read(path, 0, self.n_clips)
 
     def rows(self, clip_ids: Iterable[str]) -> np.ndarray:
         """Row numbers of clip ids; an unknown id raises ``UnknownClipError`` with the nearest ids."""
@@ -624,7 +620,7 @@ class FeatureStore:
         path = join("class_features", name)
         if not self._arrays.is_array(join(path, "data")):
             raise UnknownFeatureError("class feature set", name, self.class_feature_sets())
-        data = self._read(join(path, "data"), 0, self._arrays.shape(join(path, "data"))[0])
+        data = self._arrays.read(join(path, "data"), 0, self._arrays.shape(join(path, "data"))[0])
         return data, self._arrays.attrs(path)
 
     # ---------------------------------------------------------------------------- predictions
