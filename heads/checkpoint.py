@@ -1,25 +1,32 @@
 """Checkpoint files: weights and optimizer state as safetensors, everything else as JSON, written atomically.
 
-Every file is written to a temporary name and renamed, so a run killed mid-write leaves the previous
-checkpoint intact; ``state.json`` is written last and is the commit point of an epoch.
+Every file goes through `featurestore.atomic_files` (a temp name beside it, then one rename), so a
+run killed mid-write, or stopped by a full disk or a file-size limit, leaves the previous checkpoint
+intact; a write that fails is an `OutputWriteError` naming the file. Files follow the process's
+umask (safetensors' own ``save_file`` makes them 0600, which hides a run from a teammate).
+``state.json`` is written last and is the commit point of an epoch. Weights that are not finite are
+never written: a NaN model is refused here whatever asked for it.
+
+A run's files are read with their sizes checked before anything is allocated: `stored_shapes` reads
+only a safetensors header, so a crafted ``run.json`` cannot make a loader build a huge model first.
 """
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from featurestore.atomic_files import atomic_write_bytes, atomic_write_text
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    """Write JSON atomically (temp file + rename); `OutputWriteError` naming ``path`` if it cannot."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def read_json(path: Path) -> Any:
@@ -28,11 +35,25 @@ def read_json(path: Path) -> Any:
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A module's state dict as safetensors (tensors moved to the CPU, made contiguous)."""
+    """A module's state dict as safetensors (tensors moved to the CPU, made contiguous), atomically.
+
+    Raises:
+        NonFiniteWeightsError: a tensor holds NaN or infinity (nothing is written).
+        OutputWriteError: the file could not be written (the previous one stays).
+    """
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise NonFiniteWeightsError(f"refusing to write {path}: tensor(s) {', '.join(bad[:5])}"
+                                    f"{' ...' if len(bad) > 5 else ''} hold NaN or infinity")
+    data = safetensors_bytes(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    atomic_write_bytes(path, data)
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity (integer tensors are always finite)."""
+    return [name for name, t in tensors.items()
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -43,13 +64,55 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
     except Exception as err:  # noqa: BLE001 - safetensors' own errors do not name the file
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file "
-                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); heads "
-                              f"read weights as safetensors only, never pickles") from None
+        raise _unreadable(path, err) from None
 
 
 class CheckpointError(ValueError):
     """A run's checkpoint file is not what the trainer writes (safetensors + JSON)."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Weights or optimizer state hold NaN or infinity, so they are not written (training diverged)."""
+
+
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of a safetensors file, from its header alone (no tensor is read).
+
+    safetensors checks that the header's offsets cover exactly the bytes the file has, so shapes
+    that pass here describe data that is really on disk.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(int(n) for n in f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors' own errors do not name the file
+        raise _unreadable(path, err) from None
+
+
+def check_shapes(path: Path, expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Refuse a weights file whose tensor names or shapes are not ``expected`` (``what`` builds them).
+
+    Called before the module is built for real, so a config that claims a huge model costs nothing.
+    """
+    found = stored_shapes(path)
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = [f"{k} {list(found[k])} (expected {list(expected[k])})" for k in sorted(set(found) & set(expected))
+             if tuple(found[k]) != tuple(expected[k])]
+    if not (missing or extra or wrong):
+        return
+    parts = ([f"shape of {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}"] if wrong else []) + \
+        ([f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []) + \
+        ([f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}"] if extra else [])
+    raise CheckpointError(f"checkpoint {str(path)!r} does not fit {what}: {'; '.join(parts)}; the run's files "
+                          f"do not belong together (run.json edited, or weights from another run)")
+
+
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file "
+                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); heads "
+                           f"read weights as safetensors only, never pickles")
 
 
 def run_file(run_dir: Path, name: str) -> Path:

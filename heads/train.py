@@ -17,6 +17,15 @@ Run directory::
     best.safetensors       weights of the best epoch by validation accuracy (last epoch without validation)
     ckpt/epoch_NNN.*       weights and optimizer state of the last completed epoch (for resuming)
     state.json             the commit point: last completed epoch, best epoch and its metrics
+
+One trainer per run directory: ``train`` and ``fit`` hold the writer lock ``<run_dir>.lock`` (the
+store's flock design, `featurestore.store.lock`) for the whole run, so a second trainer into the same
+``--out`` is refused at once, naming the first. Every file is written atomically (temp + rename); a
+full disk is an `OutputWriteError` naming the file, with the previous epoch's checkpoint intact.
+
+Nothing non-finite is trained on or saved: a batch holding NaN or infinity stops the run with
+`NonFiniteInputError` naming the feature set and the clips; a non-finite loss or weights stops it
+with `TrainingDivergedError` naming the epoch (and step); the last committed checkpoint stays.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,19 +42,29 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from featurestore.atomic_files import atomic_write_text
 from featurestore.encoders import resolve_device
+from featurestore.store.lock import WriterLock, writer_lock
 from featurestore.provenance import fingerprint as provenance_fingerprint
 from featurestore.provenance import is_random_weights, runtime_info, weights_identity
 from featurestore.torchdata import StoreDataset, WorkerLoader
 from heads._registry import Head, create_head, head_class
 from heads.checkpoint import (
-    load_optimizer, load_weights, read_json, run_file, save_optimizer, save_weights, write_json,
+    load_optimizer, load_weights, non_finite_tensors, read_json, run_file, save_optimizer, save_weights, write_json,
 )
 from heads.config import RESUMABLE_FIELDS, TrainConfig
 from heads.evaluate import evaluate
 from heads.losses import make_loss
 
 EpochCallback = Callable[[int, dict], None]
+
+
+class NonFiniteInputError(ValueError):
+    """A training or validation batch holds NaN or infinity; the message names the feature set and clips."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights became NaN or infinite; the last committed checkpoint is kept."""
 
 
 @dataclass
@@ -78,9 +97,23 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch is committed to disk.
     """
     resolve_device(cfg.device)  # a bad or unavailable device fails before any data is read
-    done = None if overwrite else finished_already(cfg, store)
-    if done is not None:  # nothing to train: said in one line, without building the head or loaders
-        return done
+    with run_lock(cfg.out):  # a second trainer into this run directory is refused here, at once
+        done = None if overwrite else finished_already(cfg, store)
+        if done is not None:  # nothing to train: said in one line, without building the head or loaders
+            return done
+        return _train_locked(cfg, store, overwrite, on_epoch_end)
+
+
+def run_lock(run_dir: str | Path) -> WriterLock:
+    """The writer lock of a run directory (``<run_dir>.lock`` beside it), not yet taken.
+
+    Raises (on entering):
+        StoreLockedError: another process trains into ``run_dir``; the message names it.
+    """
+    return writer_lock(Path(run_dir))
+
+
+def _train_locked(cfg: TrainConfig, store: Any, overwrite: bool, on_epoch_end: EpochCallback | None) -> TrainResult:
     own = store is None
     if own:
         if not cfg.store:
@@ -91,7 +124,7 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
     try:
         head, identity = build_head(cfg, store)
         train_loader, val_loader = make_loaders(cfg, store, head)
-        return fit(head, train_loader, val_loader, cfg, identity, overwrite=overwrite, on_epoch_end=on_epoch_end)
+        return _fit(head, train_loader, val_loader, cfg, identity, overwrite=overwrite, on_epoch_end=on_epoch_end)
     finally:
         if own:
             store.close()
@@ -261,12 +294,91 @@ def shuffle_clips(cfg: TrainConfig, store: Any, head: Head) -> int:
     return max(1, min(cfg.shuffle_buffer, head.max_read_group_bytes // max(1, per_clip)))
 
 
+# ------------------------------------------------------------------------------- finite inputs
+class FiniteBatches:
+    """A loader whose batches are checked for NaN and infinity, naming the clips of any that hold them.
+
+    One ``isfinite`` per floating-point input per batch (integer inputs, stored frames, are always
+    finite). When a batch fails, the whole selection of the failing feature set is scanned so the
+    message names every affected clip, not only those of one batch. Everything else (``set_epoch``,
+    ``level``, ``len``) is the wrapped loader's.
+    """
+
+    def __init__(self, loader: Iterable):
+        self.loader = loader
+
+    @classmethod
+    def wrap(cls, loader: Iterable | None) -> Iterable | None:
+        return loader if loader is None or isinstance(loader, cls) else cls(loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            for i, x in enumerate(batch.inputs):
+                if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                    raise self._error(i, batch, x)
+            yield batch
+
+    def _error(self, i: int, batch: Any, x: torch.Tensor) -> NonFiniteInputError:
+        dataset = getattr(self.loader, "dataset", self.loader)  # a WorkerLoader reads a StoreDataset
+        bad_rows = batch.rows[~torch.isfinite(x.reshape(len(x), -1)).all(dim=1).cpu()]
+        if isinstance(dataset, StoreDataset):
+            name = dataset.features[i]
+            clips = non_finite_clips(dataset, i) or sorted({dataset.store.clip_ids[int(r)] for r in bad_rows})
+            where = f"feature set {name!r} holds NaN or infinity in {len(clips)} clip(s): {_some(clips)}"
+        else:
+            where = f"input {i} holds NaN or infinity in sample row(s) {_some(sorted({int(r) for r in bad_rows}))}"
+        return NonFiniteInputError(f"{where}; training refuses non-finite inputs (a NaN model is never saved): "
+                                   f"re-extract those clips or leave them out of the split")
+
+
+def non_finite_clips(dataset: StoreDataset, i: int) -> list[str]:
+    """Clip ids of the dataset's rows whose stored features of input ``i`` hold NaN or infinity."""
+    name, store = dataset.features[i], dataset.store
+    if not np.issubdtype(np.dtype(dataset.infos[i].dtype), np.floating):
+        return []
+    bad: list[int] = []
+    for start, stop, local in dataset.blocks:
+        block = np.asarray(store.read_rows(name, start, stop, check_done=False))[local]
+        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        bad.extend(int(start + r) for r in local[~finite])
+    ids = store.clip_ids
+    return [ids[r] for r in bad]
+
+
+def _some(items: list[Any], limit: int = 10) -> str:
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 # ------------------------------------------------------------------------------------ the core
 def fit(head: Head, train_loader: Iterable | None, val_loader: Iterable | None, cfg: TrainConfig, identity: dict,
         *, overwrite: bool = False, on_epoch_end: EpochCallback | None = None) -> TrainResult:
     """Train ``head`` for ``cfg.epochs`` epochs into the run directory ``cfg.out``, resuming if it holds
-    an unfinished run of the same configuration."""
+    an unfinished run of the same configuration.
+
+    Raises:
+        StoreLockedError: another process trains into ``cfg.out``.
+        NonFiniteInputError: a batch holds NaN or infinity (naming the feature set and the clips).
+        TrainingDivergedError: the loss or the weights became non-finite (naming the epoch).
+        OutputWriteError: a run file could not be written (disk full); the last checkpoint stays.
+    """
+    with run_lock(cfg.out):
+        return _fit(head, train_loader, val_loader, cfg, identity, overwrite=overwrite, on_epoch_end=on_epoch_end)
+
+
+def _fit(head: Head, train_loader: Iterable | None, val_loader: Iterable | None, cfg: TrainConfig, identity: dict,
+         *, overwrite: bool = False, on_epoch_end: EpochCallback | None = None) -> TrainResult:
+    """`fit` with the run directory's lock held."""
     run_dir = Path(cfg.out)
+    train_loader, val_loader = FiniteBatches.wrap(train_loader), FiniteBatches.wrap(val_loader)
     device = resolve_device(cfg.device)
     head.to(device)
     params = [p for p in head.parameters() if p.requires_grad]
@@ -313,6 +425,10 @@ def _train_epoch(head: Head, loader: Iterable, optimizer: torch.optim.Optimizer,
             break
         batch = batch.to(device)
         loss = loss_fn(head(batch.inputs), batch.labels)
+        if not bool(torch.isfinite(loss.detach())):  # before the step: the weights are still those of the last step
+            raise TrainingDivergedError(f"the training loss became {float(loss.detach())} at epoch {epoch}, step "
+                                        f"{step + 1}; stopped before saving anything of this epoch (the last "
+                                        f"committed checkpoint stays): lower --lr, or check the features")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -339,8 +455,8 @@ def _no_training(head: Head, val_loader: Iterable | None, cfg: TrainConfig, run_
     save_weights(run_dir / "best.safetensors", head.state_dict(), {"epoch": 0})
     state = {"epoch": 0, "best_epoch": 0, "best_val_accuracy": record.get("val_accuracy"),
              "best_val_logloss": record.get("val_logloss"), "finished": True, "trainable_parameters": 0}
-    write_json(run_dir / "state.json", state)
     _append_metrics(run_dir, record)
+    write_json(run_dir / "state.json", state)
     _log(f"{cfg.head}: no trainable parameters, nothing to train; " + _epoch_line(record, 0))
     return _finish(run_dir, state, cfg, [record])
 
@@ -393,8 +509,9 @@ def _restore(run_dir: Path, state: dict, head: Head, optimizer: torch.optim.Opti
 
 def _commit_epoch(run_dir: Path, head: Head, optimizer: torch.optim.Optimizer, state: dict, record: dict,
                   cfg: TrainConfig) -> dict:
-    """Save the epoch's checkpoint (and best weights), then state.json, then the metrics line."""
+    """Save the epoch's checkpoint (and best weights), then the metrics line, then state.json (the commit)."""
     epoch = record["epoch"]
+    _check_finite_weights(head, optimizer, epoch)
     best_acc = state.get("best_val_accuracy")
     acc = record.get("val_accuracy")
     improved = epoch == 1 or state.get("best_epoch") is None or (acc is None or best_acc is None or acc > best_acc)
@@ -411,12 +528,24 @@ def _commit_epoch(run_dir: Path, head: Head, optimizer: torch.optim.Optimizer, s
         "finished": epoch >= cfg.epochs,
         "trainable_parameters": sum(p.numel() for p in head.parameters() if p.requires_grad),
     }
+    _append_metrics(run_dir, record)  # before the commit: a resume drops lines of uncommitted epochs
     write_json(run_dir / "state.json", new_state)
     for old in (run_dir / "ckpt").glob("epoch_*"):
         if not old.name.startswith(f"epoch_{epoch:03d}."):
             old.unlink()
-    _append_metrics(run_dir, record)
     return new_state
+
+
+def _check_finite_weights(head: Head, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    """Refuse to checkpoint an epoch whose weights (or optimizer state) hold NaN or infinity."""
+    bad = non_finite_tensors(head.state_dict())
+    for slots in optimizer.state.values():
+        bad += [f"optimizer.{key}" for key, value in slots.items() if isinstance(value, torch.Tensor)
+                and non_finite_tensors({key: value})]
+    if bad:
+        raise TrainingDivergedError(f"the weights became NaN or infinite in epoch {epoch} ({', '.join(bad[:3])}"
+                                    f"{' ...' if len(bad) > 3 else ''}); epoch {epoch} was not saved (the last "
+                                    f"committed checkpoint stays): lower --lr, or check the features")
 
 
 def _finish(run_dir: Path, state: dict, cfg: TrainConfig, history: list[dict]) -> TrainResult:
@@ -429,8 +558,12 @@ def _finish(run_dir: Path, state: dict, cfg: TrainConfig, history: list[dict]) -
 
 
 def _append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Add an epoch's line by rewriting the (small) file atomically: a full disk never leaves half a line."""
+    _write_metrics(run_dir, [*_read_metrics(run_dir), record])
+
+
+def _write_metrics(run_dir: Path, records: list[dict]) -> None:
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:
@@ -442,11 +575,7 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 
 def _truncate_metrics(run_dir: Path, epoch: int) -> None:
     """Drop metric lines of epochs after the last committed checkpoint (written before a crash)."""
-    kept = [r for r in _read_metrics(run_dir) if r["epoch"] <= epoch]
-    path = run_dir / "metrics.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    _write_metrics(run_dir, [r for r in _read_metrics(run_dir) if r["epoch"] <= epoch])
 
 
 def _epoch_line(record: dict, epochs: int) -> str:

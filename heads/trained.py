@@ -3,6 +3,11 @@
 ``heads predict`` runs a head over a store; this runs it over feature arrays a caller already has
 (the features of new recordings, made by ``featurestore.encode_files.FileEncoder``), with the same
 forward pass: segments flattened into one batch, softmax in float32, reshaped back per clip.
+
+`load_head` is the one way a run's head is rebuilt (``heads predict`` and ``heads classify`` both
+use it). Every size in ``run.json`` is taken on trust by the head's constructor, so the head is
+first built on torch's ``meta`` device (shapes only, nothing allocated) and its tensor shapes are
+compared with the weights file's header; only a head that fits the weights on disk is built for real.
 """
 from __future__ import annotations
 
@@ -15,8 +20,61 @@ import numpy as np
 import torch
 
 from featurestore.encoders import resolve_device
-from heads._registry import Head
-from heads.predict import load_head
+from heads._registry import Head, create_head, head_class
+from heads.checkpoint import CheckpointError, check_shapes, load_weights, read_json, run_file
+
+
+def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "best") -> tuple[Head, dict]:
+    """A trained head (eval mode) and its ``run.json``.
+
+    Args:
+        run_dir: a directory written by `heads.train`.
+        device: where to put the head (``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or a torch.device).
+        weights: ``"best"`` (best epoch by validation accuracy) or ``"last"`` (last completed epoch).
+
+    Raises:
+        FileNotFoundError: not a run directory, or its weights file is missing.
+        CheckpointError: ``run.json`` does not describe a head, or the weights file does not fit it
+            (checked from the safetensors header before the head is allocated).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a training run directory (no run.json)")
+    info = read_json(run_dir / "run.json")
+    if weights == "best":
+        path = run_dir / "best.safetensors"
+    elif weights == "last":
+        path = run_file(run_dir, read_json(run_dir / "state.json")["checkpoint"])
+    else:
+        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+    name, config = _head_spec(run_dir, info)
+    check_shapes(path, _shapes_on_meta(run_dir, name, config), f"the {name} head run.json describes")
+    head = create_head(name, **config)
+    state, _ = load_weights(path)
+    head.load_state_dict(state)
+    return head.to(resolve_device(device)).eval(), info
+
+
+def _head_spec(run_dir: Path, info: Any) -> tuple[str, dict]:
+    """The head name and loading config ``run.json`` records, checked to be the right kinds of JSON."""
+    name = info.get("head") if isinstance(info, dict) else None
+    config = info.get("head_config") if isinstance(info, dict) else None
+    if not isinstance(name, str) or not isinstance(config, dict):
+        raise CheckpointError(f"{run_dir / 'run.json'}: expected a JSON object with 'head' (a name) and "
+                              f"'head_config' (an object), found {type(info).__name__} "
+                              f"{sorted(info) if isinstance(info, dict) else ''}")
+    return name, head_class(name).loading_config(config)
+
+
+def _shapes_on_meta(run_dir: Path, name: str, config: dict) -> dict[str, tuple[int, ...]]:
+    """The shapes of the head's state dict, from a head built on the meta device (no memory used)."""
+    try:
+        with torch.device("meta"):
+            head = create_head(name, **config)
+    except Exception as err:  # noqa: BLE001 - any constructor error means run.json's config is not buildable
+        raise CheckpointError(f"{run_dir / 'run.json'}: head_config does not build a {name} head "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    return {key: tuple(t.shape) for key, t in head.state_dict().items()}
 
 
 @dataclass

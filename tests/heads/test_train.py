@@ -125,8 +125,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_store, tmp_path):
 def test_a_run_directory_holding_another_run_is_refused(tiny_store, tmp_path):
     heads.train(config(tmp_path, epochs=1), tiny_store)
     with pytest.raises(FileExistsError, match="train.lr"):
-        heads.train(config(tmp_path, epochs=1, lr=0.5), tiny_store)
-    result = heads.train(config(tmp_path, epochs=1, lr=0.5), tiny_store, overwrite=True)
+        heads.train(config(tmp_path, epochs=1, lr=0.05), tiny_store)
+    result = heads.train(config(tmp_path, epochs=1, lr=0.05), tiny_store, overwrite=True)
     assert result.epochs_completed == 1
 
 
