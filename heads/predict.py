@@ -4,11 +4,23 @@ Probabilities are written per clip and segment, ``[n_clips, n_segments, n_classe
 aggregate segments however it likes. The run's attributes say what produced them: the head and its
 config, the feature sets with their fingerprints, the splits, the ensemble family, and whether any
 weights involved were random (so no report presents a random-weights result as a real one).
+
+A predict writes a store under the store's writer lock (``featurestore.store.lock``, the lock
+extraction takes), probabilities before done flags, a few thousand clips or a minute's work at a
+time. A killed predict is resumed by running it again: the same run (same run directory, weights
+and settings, compared through the run's attributes) continues with the clips not done; another
+run into that name is refused unless ``overwrite``. A clip whose features or probabilities hold NaN
+or infinity is reported and never written: no NaN is stored as a probability.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,50 +29,54 @@ import torch
 from tqdm.auto import tqdm
 
 from featurestore.encoders import resolve_device
-from featurestore.provenance import is_random_weights
+from featurestore.extract.errors import NO_ROOM, find_os_error, store_write_error
+from featurestore.provenance import file_sha256, is_random_weights
+from featurestore.store.lock import writer_lock
 from featurestore.torchdata import StoreDataset
-from heads._registry import Head, create_head, head_class
-from heads.checkpoint import load_weights, read_json, run_file
+from heads._registry import head_class
+from heads.checkpoint import read_json, run_file
 from heads.errors import FeatureFingerprintError
 from heads.evaluate import clip_outputs
 from heads.train import class_features_fingerprint
+from heads.trained import load_head
 
+__all__ = ["FLUSH_CLIPS", "PredictResult", "load_head", "predict"]
+
+#: Clips whose probabilities are gathered before one store write (a write rewrites whole chunks).
 FLUSH_CLIPS = 4096
+#: ...or this many seconds since the last write, so a kill loses at most about a minute of work.
+FLUSH_SECONDS = 60.0
+#: Test hook: ``SIGNAL:N`` sends the process SIGNAL (``KILL``, ``STOP``...) once, after the store
+#: write that brings the clips written to N or more (tests kill a real ``heads predict`` mid-run).
+TEST_SIGNAL_ENV = "HEADS_TEST_SIGNAL_AT_DONE"
 
 
 @dataclass
 class PredictResult:
-    """What `predict` wrote."""
+    """What `predict` wrote.
+
+    Attributes:
+        run: the prediction run's name.
+        n_clips: clips written by this call.
+        n_skipped: clips left out because their features are not done.
+        n_segments: segments per clip.
+        attrs: the run's attributes.
+        n_resumed: selected clips that were done already (an interrupted run continued).
+        errors: clip id -> why it was not predicted (non-finite inputs or outputs); not marked done.
+    """
 
     run: str
     n_clips: int
     n_skipped: int
     n_segments: int
     attrs: dict
+    n_resumed: int = 0
+    errors: dict[str, str] = field(default_factory=dict)
 
-
-def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "best") -> tuple[Head, dict]:
-    """A trained head (eval mode) and its ``run.json``.
-
-    Args:
-        run_dir: a directory written by `heads.train`.
-        device: where to put the head (``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or a torch.device).
-        weights: ``"best"`` (best epoch by validation accuracy) or ``"last"`` (last completed epoch).
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").exists():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a training run directory (no run.json)")
-    info = read_json(run_dir / "run.json")
-    head = create_head(info["head"], **head_class(info["head"]).loading_config(info["head_config"]))
-    if weights == "best":
-        path = run_dir / "best.safetensors"
-    elif weights == "last":
-        path = run_file(run_dir, read_json(run_dir / "state.json")["checkpoint"])
-    else:
-        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
-    state, _ = load_weights(path)
-    head.load_state_dict(state)
-    return head.to(resolve_device(device)).eval(), info
+    @property
+    def exit_code(self) -> int:
+        """0 when every selected clip with features was predicted, 1 when some failed."""
+        return 1 if self.errors else 0
 
 
 def check_fingerprints(store: Any, info: dict, run_dir: str | Path) -> dict[str, Any]:
@@ -151,8 +167,14 @@ def _family(info: dict) -> str:
 
 def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: str | list[str] | None = None,
             batch_size: int | None = None, device: str = "auto", overwrite: bool = False,
-            family: str | None = None, weights: str = "best", progress: bool = True) -> PredictResult:
+            family: str | None = None, weights: str = "best", progress: bool = True,
+            flush_clips: int = FLUSH_CLIPS) -> PredictResult:
     """Run the head trained in ``run_dir`` over the store and write ``predictions/<name>/probs``.
+
+    The store's writer lock is held throughout (the one extraction takes), so two predicts, or a
+    predict and an extraction, never write one store at once. Probabilities are written before
+    their done flags, ``flush_clips`` clips (or a minute's work) at a time; rerunning the same run
+    into the same name continues with the clips not done yet.
 
     Args:
         store: an open store (mode ``"a"``) or the path of an existing store (opened with mode ``"a"``).
@@ -160,26 +182,61 @@ def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: 
         name: prediction run name (default: the run directory's name).
         split: predict only this split's clips (default: every clip whose features are done).
         batch_size: clips per forward pass (default: about 4 training batches of segments).
-        overwrite: replace an existing prediction run of that name.
+        overwrite: replace an existing prediction run of that name (default: resume the same run
+            -- same run directory, weights and settings --, refuse another).
         family: ensemble family recorded in the attrs (default: the training config's, else derived).
         weights: ``"best"`` or ``"last"`` checkpoint.
+        flush_clips: clips gathered per store write; a killed predict loses at most these.
+
+    Returns:
+        A PredictResult; clips whose features or probabilities are not finite are in ``errors``,
+        not written and not marked done (``exit_code`` 1).
+
+    Raises:
+        StoreLockedError: another process writes the store.
+        StoreWriteError: the store could not be written (disk full, file-size limit); the clips
+            written before stay done and a rerun continues.
+        FileExistsError: a prediction run of that name exists with other settings.
     """
+    if isinstance(flush_clips, bool) or not isinstance(flush_clips, int) or flush_clips < 1:
+        raise ValueError(f"flush_clips must be an integer >= 1, got {flush_clips!r}")
+    name = name or Path(run_dir).name
     own = isinstance(store, (str, Path))
+    location = str(store) if own else store.location
     if own:
         from featurestore.store import open_store
 
         open_store(store, mode="r").close()  # mode "a" would create a missing store: a typo must fail instead
-        store = open_store(store, mode="a")
+    with _no_room(location, "writing its lock file"):
+        lock = writer_lock(location).acquire()  # refused at once while another predict or extract writes
     try:
-        return _predict(store, Path(run_dir), name or Path(run_dir).name, split, batch_size, device,
-                        overwrite, family, weights, progress)
+        with _no_room(location, f"writing predictions/{name}"):
+            if own:
+                store = open_store(store, mode="a")
+            try:
+                return _predict(store, Path(run_dir), name, split, batch_size, device, overwrite, family, weights,
+                                progress, flush_clips)
+            finally:
+                if own:
+                    store.close()
     finally:
-        if own:
-            store.close()
+        lock.release()
+
+
+@contextlib.contextmanager
+def _no_room(location: str, doing: str) -> Iterator[None]:
+    """An OSError for lack of room (disk full, quota, file-size limit) becomes a StoreWriteError."""
+    try:
+        yield
+    except Exception as err:  # the store's libraries may wrap the OSError
+        os_error = find_os_error(err)
+        if os_error is None or os_error.errno not in NO_ROOM:
+            raise
+        raise store_write_error(location, os_error, doing) from None
 
 
 def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int | None, device: str,
-             overwrite: bool, family: str | None, weights: str, progress: bool) -> PredictResult:
+             overwrite: bool, family: str | None, weights: str, progress: bool, flush_clips: int) -> PredictResult:
     dev = resolve_device(device)
     head, info = load_head(run_dir, dev, weights)
     sets = check_fingerprints(store, info, run_dir)
@@ -192,32 +249,108 @@ def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int |
         raise ValueError(f"feature sets {features} have different segment counts {sorted(segments)}; "
                          f"a head predicts one row per segment, so they must match")
     n_segments = segments.pop()
-    clips = batch_size or max(1, 4 * head.default_batch_size // n_segments)
-    data = StoreDataset(store, features, split=split, level="clip", batch_size=clips, missing="skip")
     attrs = prediction_attrs(info, family)
-    # absolute, so that `fusion classify` finds the run from any working directory
-    attrs.update({"run_dir": str(run_dir.resolve()), "weights": weights, "n_segments": n_segments})
+    # absolute, so that `fusion classify` finds the run from any working directory; the weights'
+    # hash tells a rerun of this run (resumed) from a retrained one (refused without overwrite)
+    attrs.update({"run_dir": str(run_dir.resolve()), "weights": weights,
+                  "weights_sha256": file_sha256(_weights_file(run_dir, weights)), "n_segments": n_segments})
     store.create_predictions(name, n_segments, attrs, overwrite=overwrite)
-    rows, probs, written = [], [], 0
+    selected = np.arange(store.n_clips) if split is None else store.rows(store.select(split=split))
+    todo = selected[~store.prediction_done(name)[selected]]
+    ids = store.clip_ids
+    clips = batch_size or max(1, 4 * head.default_batch_size // n_segments)
+    data = StoreDataset(store, features, clip_ids=[ids[r] for r in todo], level="clip", batch_size=clips,
+                        missing="skip")
+    writer = _Writer(store, name, flush_clips)
+    errors: dict[str, str] = {}
     with tqdm(total=len(data.rows), desc=f"predict {name}", unit="clip", disable=not progress) as bar:
-        for out in clip_outputs(head, data, dev):
-            rows.append(out.rows)
-            probs.append(out.probs if order is None else out.probs[..., order])
+        for batch in data:
+            out = next(clip_outputs(head, [batch], dev))
+            probs = out.probs if order is None else out.probs[..., order]
+            bad = _non_finite(batch.inputs, probs, features)
+            errors.update({ids[int(out.rows[i])]: message for i, message in bad.items()})
+            keep = np.setdiff1d(np.arange(len(out.rows)), list(bad))
+            writer.add(out.rows[keep], probs[keep])
             bar.update(len(out.rows))
-            if sum(len(r) for r in rows) >= FLUSH_CLIPS:
-                written += _flush(store, name, rows, probs)
-        written += _flush(store, name, rows, probs)
-    line = f"predict {name}: wrote {written} clip(s) x {n_segments} segment(s) to predictions/{name}" \
-        + (f"; skipped {data.n_skipped} clip(s) whose features are not done" if data.n_skipped else "")
-    tqdm.write(line, file=sys.stderr)  # stderr: stdout holds only the command's result (--json)
-    return PredictResult(name, written, data.n_skipped, n_segments, attrs)
+        writer.flush()
+    result = PredictResult(name, writer.written, data.n_skipped, n_segments, attrs, len(selected) - len(todo), errors)
+    tqdm.write(_summary(result), file=sys.stderr)  # stderr: stdout holds only the command's result (--json)
+    return result
 
 
-def _flush(store: Any, name: str, rows: list[np.ndarray], probs: list[np.ndarray]) -> int:
-    if not rows:
-        return 0
-    r, p = np.concatenate(rows), np.concatenate(probs)
-    store.write_predictions(name, r, p)
-    rows.clear()
-    probs.clear()
-    return len(r)
+def _weights_file(run_dir: Path, weights: str) -> Path:
+    """The safetensors file ``weights`` (``best`` or ``last``) names in a run directory."""
+    if weights == "best":
+        return run_dir / "best.safetensors"
+    return run_file(run_dir, read_json(run_dir / "state.json")["checkpoint"])
+
+
+def _non_finite(inputs: list[torch.Tensor], probs: np.ndarray, features: list[str]) -> dict[int, str]:
+    """Batch position -> why that clip's probabilities must not be stored (NaN or inf in or out)."""
+    n = len(probs)
+    bad: dict[int, str] = {}
+    for feature, x in zip(features, inputs):
+        if x.is_floating_point():
+            finite = torch.isfinite(x.reshape(n, -1)).all(dim=1).cpu().numpy()
+            for i in np.flatnonzero(~finite):
+                bad.setdefault(int(i), f"its {feature!r} features hold NaN or infinity")
+    finite = np.isfinite(probs.reshape(n, -1)).all(axis=1)
+    for i in np.flatnonzero(~finite):
+        bad.setdefault(int(i), "the head gave NaN or infinite probabilities (are the run's weights finite?)")
+    return bad
+
+
+def _summary(result: PredictResult) -> str:
+    name = result.run
+    line = f"predict {name}: wrote {result.n_clips} clip(s) x {result.n_segments} segment(s) to predictions/{name}"
+    if result.n_resumed:
+        line += f"; {result.n_resumed} clip(s) were done already (resumed)"
+    if result.n_skipped:
+        line += f"; skipped {result.n_skipped} clip(s) whose features are not done"
+    if result.errors:
+        line += f"; {len(result.errors)} clip(s) failed, not marked done"
+    return line
+
+
+class _Writer:
+    """Gathers probabilities and writes them (values, then done flags) every ``flush_clips`` clips
+    or every ``FLUSH_SECONDS``, whichever comes first."""
+
+    def __init__(self, store: Any, name: str, flush_clips: int):
+        self.store, self.name, self.flush_clips = store, name, flush_clips
+        self.rows: list[np.ndarray] = []
+        self.probs: list[np.ndarray] = []
+        self.pending = self.written = 0
+        self.last = time.monotonic()
+
+    def add(self, rows: np.ndarray, probs: np.ndarray) -> None:
+        if len(rows):
+            self.rows.append(rows)
+            self.probs.append(probs)
+            self.pending += len(rows)
+        if self.pending >= self.flush_clips or (self.pending and time.monotonic() - self.last >= FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.store.write_predictions(self.name, np.concatenate(self.rows), np.concatenate(self.probs))
+            self.written += self.pending
+        self.rows.clear()
+        self.probs.clear()
+        self.pending, self.last = 0, time.monotonic()
+        _test_signal(self.written)
+
+
+_signalled = False
+
+
+def _test_signal(written: int) -> None:
+    """The ``TEST_SIGNAL_ENV`` hook: signal this process once ``written`` reaches the given count."""
+    global _signalled
+    value = os.environ.get(TEST_SIGNAL_ENV)
+    if not value or _signalled:
+        return
+    name, _, at = value.partition(":")
+    if written >= int(at):
+        _signalled = True
+        os.kill(os.getpid(), signal.Signals[f"SIG{name.upper()}"])

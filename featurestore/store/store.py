@@ -9,6 +9,7 @@ Below both, ``StoreArrays`` (``arrays.py``) addresses arrays by path with checke
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,9 @@ from featurestore.provenance import (
 )
 from featurestore.store._backend import COMPRESSORS, STRING, Backend, join, open_backend
 from featurestore.store.arrays import StoreArrays
-from featurestore.store.row_group import FEATURE_SETS, KINDS, PREDICTION_RUNS, RowCaches, RowGroup, RowGroupKind
+from featurestore.store.row_group import (
+    DATA_VERSION, FEATURE_SETS, KINDS, PREDICTION_RUNS, RowCaches, RowGroup, RowGroupKind,
+)
 
 # 2: every written chunk is stored (a missing one is damage) and ``n_clips`` in the root attributes
 # is the commit point of an append. Version 1 stores are read as before (missing chunks = fill).
@@ -625,24 +628,46 @@ class FeatureStore:
 
     # ---------------------------------------------------------------------------- predictions
     def create_predictions(self, run: str, n_segments: int, attrs: dict, overwrite: bool = False,
-                           chunk_clips: int | None = None) -> None:
-        """Create ``predictions/<run>`` for every clip; an existing run needs ``overwrite=True``."""
+                           chunk_clips: int | None = None) -> bool:
+        """Create ``predictions/<run>`` for every clip, or reopen it to resume.
+
+        An existing run whose attributes (``runtime`` aside) and shape are the ones given is the
+        same run: it is reopened, its finished rows kept, and True is returned, so a killed
+        ``heads predict`` continues where it stopped. A run with other attributes is refused
+        (``FileExistsError`` naming what differs) unless ``overwrite=True``, which deletes it first.
+
+        Returns:
+            True when an existing run was reopened, False when one was created.
+        """
         self._require_writable()
         validate_name("prediction run", run)
         self._require_classes(f"prediction run {run!r}")
         group = self._group(PREDICTION_RUNS, run)
-        if group.exists():
-            if not overwrite:
-                raise FileExistsError(f"{self.location}: prediction run {run!r} exists; pass overwrite=True")
-            group.delete()
         n_classes = len(self.classes)
+        shape = (self.n_clips, int(n_segments), n_classes)
+        if group.exists() and not overwrite:
+            stored = group.attrs
+            if stored:  # none: a creation killed before its attributes (written last), replaced below
+                differs = _run_differences(stored, attrs) + (["shape"] if tuple(group.shape) != shape else [])
+                if not differs:
+                    self._runs = None
+                    return True
+                raise FileExistsError(f"{self.location}: prediction run {run!r} exists with other settings "
+                                      f"(differing: {', '.join(differs[:8])}); use another name, or "
+                                      f"overwrite=True (--overwrite) to replace it")
+        if group.exists():
+            group.delete()
         rows = int(chunk_clips or default_chunk_clips(n_segments, (n_classes,), "float32"))
-        group.create((self.n_clips, int(n_segments), n_classes), "float32", rows,
-                     attrs={**attrs, "runtime": runtime_info()})
+        group.create(shape, "float32", rows, attrs={**attrs, "runtime": runtime_info()})
         self._runs = None
+        return False
 
     def write_predictions(self, run: str, rows: np.ndarray | slice | int, probs: np.ndarray) -> None:
-        """Write probabilities for rows (any order; a single writer per run), then mark them done."""
+        """Write probabilities for rows (any order; a single writer per run), then mark them done.
+
+        Non-finite probabilities are refused (``ValueError`` naming the clips): a NaN must never be
+        stored as a prediction, whatever produced it.
+        """
         self._require_writable()
         group = self.row_group(PREDICTION_RUNS, run)
         probs = np.asarray(probs, dtype=np.float32)
@@ -654,6 +679,12 @@ class FeatureStore:
         expected = tuple(group.shape[1:])
         if probs.shape[1:] != expected:
             raise ValueError(f"predictions {run!r}: rows have shape {probs.shape[1:]}, expected {expected}")
+        finite = np.isfinite(probs.reshape(len(probs), -1)).all(axis=1)
+        if not finite.all():
+            ids = self.clip_ids
+            bad = [ids[r] for r in rows[~finite][:5]]
+            raise ValueError(f"predictions {run!r}: {int((~finite).sum())} clip(s) have non-finite probabilities "
+                             f"(e.g. {', '.join(bad)}); nothing was written")
         group.write_scattered(rows, probs)
 
     def prediction_runs(self) -> dict[str, dict]:
@@ -729,6 +760,20 @@ class FeatureStore:
 
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple, set, np.ndarray)) else [value]
+
+
+def _run_differences(stored: dict, requested: dict) -> list[str]:
+    """Top-level attributes of a prediction run that differ (``runtime`` and the data version aside).
+
+    Both sides go through JSON first, as stored attributes did (tuples become lists, keys strings).
+    """
+    ignore = {"runtime", DATA_VERSION}
+    old = json.loads(json.dumps({k: v for k, v in stored.items() if k not in ignore}, default=str))
+    new = json.loads(json.dumps({k: v for k, v in requested.items() if k not in ignore}, default=str))
+    return sorted(k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
+
+
+_MISSING = object()
 
 
 def _strip_runtime(provenance: dict) -> dict:

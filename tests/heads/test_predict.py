@@ -106,8 +106,12 @@ def test_clips_without_features_are_skipped_and_counted(writable_store, trained)
     assert not writable_store.prediction_done("partial")[3]
 
 
-def test_an_existing_prediction_run_needs_overwrite(writable_store, trained):
+def test_the_same_run_resumes_and_another_run_into_its_name_needs_overwrite(writable_store, trained):
     heads.predict(writable_store, trained / "c04", name="twice", progress=False)
-    with pytest.raises(FileExistsError):
-        heads.predict(writable_store, trained / "c04", name="twice", progress=False)
-    assert heads.predict(writable_store, trained / "c04", name="twice", overwrite=True, progress=False).n_clips == N_CLIPS
+    again = heads.predict(writable_store, trained / "c04", name="twice", progress=False)  # same run: resumed
+    assert again.n_clips == 0 and again.n_resumed == N_CLIPS
+    with pytest.raises(FileExistsError, match="--overwrite"):  # another run (zero-shot) into that name
+        heads.predict(writable_store, trained / "c03", name="twice", progress=False)
+    assert writable_store.prediction_runs()["twice"]["head"] == "late_fusion"
+    assert heads.predict(writable_store, trained / "c03", name="twice", overwrite=True, progress=False).n_clips == N_CLIPS
+    assert writable_store.prediction_runs()["twice"]["head"] == "zero_shot"
