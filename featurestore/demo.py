@@ -36,6 +36,7 @@ import colorsys
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,8 +174,10 @@ def make_demo_dataset(
     for clip in tqdm(clips, desc="demo dataset", unit="clip", disable=not progress):
         _write_clip(root, clip, cfg)
     _write_metadata(root, clips, cfg)
+    n_eval = sum(c.split == "fold1_evaluate" for c in clips)
+    if progress and n_eval == 0 and evaluate_fraction > 0:
+        print(f"demo dataset: warning: {empty_evaluate_reason(cfg)}", file=sys.stderr)
     if progress:
-        n_eval = sum(c.split == "fold1_evaluate" for c in clips)
         print(f"demo dataset: {len(clips)} clips ({len(clips) - n_eval} train, {n_eval} evaluate, "
               f"{sum(c.night for c in clips)} night) of {duration:g} s written to {root} "
               f"in {time.perf_counter() - started:.1f} s")
@@ -258,6 +261,14 @@ def add_dataset_file(root: PathLike) -> Path:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{config}: not a demo config with a clip 'duration' ({exc!r})") from exc
     return DatasetSidecar(clip_seconds=duration).write(root)
+
+
+def empty_evaluate_reason(cfg: DemoConfig) -> str:
+    """Why a configuration gives an empty fold1_evaluate, and what to change (heads validate on it)."""
+    return (f"fold1_evaluate is empty: clips_per_class={cfg.clips_per_class} with clips_per_location="
+            f"{cfg.clips_per_location} gives each class one recording location, and a location never crosses "
+            f"splits; heads train validates on fold1_evaluate by default, so use --clips-per-location 1 or "
+            f"--clips-per-class {2 * cfg.clips_per_location - 1} or more")
 
 
 def plan_clips(cfg: DemoConfig) -> list[DemoClip]:

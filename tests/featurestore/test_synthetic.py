@@ -161,3 +161,15 @@ def test_script_writes_a_dataset_the_reader_accepts(tmp_path, capsys):
     assert "10 clips" in capsys.readouterr().out
     assert script.main(argv) == 2  # refuses to overwrite
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_config_with_an_empty_evaluate_split_warns_and_says_what_to_change(tmp_path, capsys):
+    root = make_demo_dataset(tmp_path / "two", clips_per_class=2, duration=1.0, width=32, height=24, fps=4,
+                             n_cities=1, progress=True)
+    err = capsys.readouterr().err
+    assert "fold1_evaluate is empty" in err and "--clips-per-location 1" in err
+    assert not [c for c in read_tau(root).clips if "fold1_evaluate" in c.splits]
+    make_demo_dataset(tmp_path / "one-per-location", clips_per_class=2, clips_per_location=1, duration=1.0,
+                      width=32, height=24, fps=4, n_cities=1, progress=True)
+    assert "empty" not in capsys.readouterr().err
+    assert [c for c in read_tau(tmp_path / "one-per-location").clips if "fold1_evaluate" in c.splits]
