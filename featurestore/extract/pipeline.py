@@ -7,7 +7,13 @@ Three stages overlap:
 2. the calling thread hands each decoded batch to one *lane* per encoder; a lane encodes fixed
    batches of rows on the device and fills the buffer of the feature set's current chunk;
 3. a writer thread takes finished chunks from a bounded queue and writes each with one
-   ``write_rows`` call (data, then errors, then done flags).
+   ``write_rows`` call (data, then errors, then done flags). Every ``plan.commit_seconds`` the
+   chunks still being filled are queued too, as copies holding the rows encoded so far, so a kill
+   loses at most that much encoding whatever the chunk size (the full chunk is written again later;
+   the rows done by then keep their stored bits and done flags).
+
+A row whose encoder output holds a NaN or an infinity is a per-clip error ("non-finite output from
+<encoder>") like a clip that cannot be decoded: never marked done, recorded with the failures.
 
 So the device only waits for decoding when the workers are slower than it, writing never stalls
 encoding unless the queue is full, and memory is bounded by an encode batch of inputs and a chunk
@@ -95,6 +101,16 @@ class _Chunk:
     ok: np.ndarray
     remaining: int
     errors: dict[int, str] = field(default_factory=dict)
+    committed: int = 0  # rows handled (encoded or failed) when it was last committed partly
+
+    def handled(self) -> int:
+        """Rows of the chunk encoded or failed so far."""
+        return int(self.ok.sum()) + len(self.errors)
+
+    def snapshot(self) -> _Chunk:
+        """A copy of what is filled now, for the writer to commit while filling goes on."""
+        return _Chunk(self.target, self.start, self.stop, self.data.copy(), self.ok.copy(), self.remaining,
+                      dict(self.errors))
 
 
 class _Lane:
@@ -149,10 +165,14 @@ class _Lane:
         out = _encode(self.target, x, self.device)
         self.stats.add_seconds(f"encode {self.target.name}", time.perf_counter() - t0)
         out = out.reshape(len(rows), self.target.source.n_segments, *self.target.shape)
+        finite = np.isfinite(out.reshape(len(rows), -1)).all(axis=1)
         for i, row in enumerate(rows):
             chunk = self._chunk(int(row))
-            chunk.data[row - chunk.start] = out[i]
-            chunk.ok[row - chunk.start] = True
+            if finite[i]:
+                chunk.data[row - chunk.start] = out[i]
+                chunk.ok[row - chunk.start] = True
+            else:  # never stored as done: NaN would reach every model and output trained on it
+                chunk.errors[int(row)] = non_finite_message(self.target, out[i])
             self._handled(chunk, 1)
 
     def _inputs(self, rows: np.ndarray) -> torch.Tensor:
@@ -181,6 +201,18 @@ class _Lane:
         if chunk.remaining == 0:
             del self.chunks[chunk.start]
             self.writer.put(chunk)
+
+    def commit_partial(self) -> int:
+        """Queue a copy of every chunk being filled that has rows handled since its last commit;
+        returns how many were queued. Rows encoded so far are then written and marked done."""
+        queued = 0
+        for chunk in list(self.chunks.values()):
+            handled = chunk.handled()
+            if handled > chunk.committed:
+                self.writer.put(chunk.snapshot())
+                chunk.committed = handled
+                queued += 1
+        return queued
 
     def check_finished(self) -> None:
         """Every encode batch encoded and every chunk handed to the writer (else a row never arrived)."""
@@ -237,8 +269,10 @@ class _Writer(threading.Thread):
         if old_done.any():  # rows finished earlier (limit, retried failures) share this chunk: keep them
             old = self.store.read_rows(target.name, chunk.start, chunk.stop, check_done=False)
             chunk.data[old_done] = old[old_done]
+        # never clears a done flag; done rows are written again with their stored bits (no new data version)
         self.store.write_rows(target.name, chunk.start, chunk.data, done=old_done | chunk.ok, errors=chunk.errors)
-        self.stats.written[target.name] = self.stats.written.get(target.name, 0) + int(chunk.ok.sum())
+        newly = int((chunk.ok & ~old_done).sum())  # a partly committed chunk's earlier rows count once
+        self.stats.written[target.name] = self.stats.written.get(target.name, 0) + newly
         if chunk.errors:
             self.stats.failed.setdefault(target.name, {}).update(chunk.errors)
 
@@ -299,7 +333,8 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
     try:
         lanes = [_Lane(j, t, blocks, plan.batch_size, plan.n_rows, device, writer, stats)
                  for j, t in enumerate(plan.targets)]
-        _encode_all(batches, len(decode_batches), lanes, writer, stats, on_progress)
+        _encode_all(batches, len(decode_batches), lanes, writer, stats, on_progress,
+                    _CommitClock(plan.commit_seconds))
     except _WorkerFailed as err:
         raise _stopped(store, str(err)) from None
     except RuntimeError as err:  # torch's DataLoader: a worker died, or no batch within the timeout
@@ -342,8 +377,22 @@ def _test_signal() -> tuple[signal.Signals, int] | None:
     return signal.Signals[f"SIG{name.upper()}"], int(at_done)
 
 
+class _CommitClock:
+    """When the chunks being filled are due for a partial commit (every ``seconds``)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() - self.last < self.seconds:
+            return False
+        self.last = time.monotonic()
+        return True
+
+
 def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writer, stats: RunStats,
-                on_progress: Callable[[int], None] | None) -> None:
+                on_progress: Callable[[int], None] | None, clock: _CommitClock) -> None:
     for _ in range(n_batches):
         t0 = time.perf_counter()
         batch: DecodedBatch = next(batches)
@@ -355,12 +404,22 @@ def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writer, st
         for lane in lanes:
             rows, x = batch.inputs.get(lane.j, (None, None))
             lane.add(rows, x, batch.errors.get(lane.j, {}))
+            if clock.due():  # checked after each lane: one slow encoder does not hold the others' rows back
+                for each in lanes:
+                    each.commit_partial()
         writer.check()
         stats.clips += len(batch.rows)
         if on_progress is not None:
             on_progress(len(batch.rows))
     for lane in lanes:
         lane.check_finished()
+
+
+def non_finite_message(target: Target, out: np.ndarray) -> str:
+    """The per-clip error of an output holding NaN or infinity (counted as stored, after the cast)."""
+    nan = int(np.isnan(out).sum())
+    inf = int(np.isinf(out).sum())
+    return f"non-finite output from {target.spec}: {nan} NaN and {inf} infinite of {out.size} values (as {target.dtype})"
 
 
 def _encode(target: Target, x: torch.Tensor, device: torch.device) -> np.ndarray:

@@ -29,6 +29,9 @@ from featurestore.store.store import FeatureStore, default_chunk_clips
 
 #: A block larger than this many clips means the feature sets' chunk sizes do not align well.
 MAX_BLOCK_CLIPS = 4096
+#: Longest time encoded rows wait in a partly filled chunk before they are committed (written and
+#: marked done): what a kill can lose, whatever the chunk size (``extract(commit_seconds=)``).
+DEFAULT_COMMIT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class Plan:
         video_paths: absolute video path per store row ('' where none).
         clip_ids: clip id per store row.
         batch_size: clips per decode batch and per encode batch.
+        commit_seconds: longest time encoded rows wait in a partly filled chunk before the chunk
+            is written with them marked done (a kill loses at most this much encoding).
     """
 
     targets: list[Target]
@@ -118,6 +123,7 @@ class Plan:
     video_paths: list[str]
     clip_ids: list[str]
     batch_size: int
+    commit_seconds: float = DEFAULT_COMMIT_SECONDS
     _need: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def blocks(self) -> list[tuple[int, int]]:
@@ -161,7 +167,8 @@ class Plan:
 
 # -------------------------------------------------------------------------------------- plan
 def make_plan(store: FeatureStore, manifest: Manifest, rows: np.ndarray, selected: np.ndarray, encoders: list,
-              device: str, batch_size: int, chunk_clips: int | Mapping[str, int] | None, overwrite: bool) -> Plan:
+              device: str, batch_size: int, chunk_clips: int | Mapping[str, int] | None, overwrite: bool,
+              commit_seconds: float = DEFAULT_COMMIT_SECONDS) -> Plan:
     """The plan of a run: the targets (feature sets created or reopened, their rows to do), the
     block size and the absolute media path of every store row.
 
@@ -175,7 +182,9 @@ def make_plan(store: FeatureStore, manifest: Manifest, rows: np.ndarray, selecte
         batch_size: clips per decode batch and per encode batch.
         chunk_clips: clips per chunk of new feature sets, one number or a dict by feature-set name.
         overwrite: replace feature sets made with another configuration.
+        commit_seconds: see :attr:`Plan.commit_seconds`.
     """
+    check_commit_seconds(commit_seconds)
     if isinstance(chunk_clips, Mapping):
         unknown = sorted(set(chunk_clips) - {e.name for e in encoders})
         if unknown:
@@ -188,7 +197,15 @@ def make_plan(store: FeatureStore, manifest: Manifest, rows: np.ndarray, selecte
     for row, clip in zip(rows, manifest.clips):
         audio[row] = resolve_path(clip.audio, manifest.root)
         video[row] = resolve_path(clip.video, manifest.root)
-    return Plan(targets, block_size(targets), store.n_clips, selected, audio, video, store.clip_ids, batch_size)
+    return Plan(targets, block_size(targets), store.n_clips, selected, audio, video, store.clip_ids, batch_size,
+                float(commit_seconds))
+
+
+def check_commit_seconds(value: object) -> None:
+    """``commit_seconds`` must be a finite number of seconds > 0 (ValueError naming what was given)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"commit_seconds must be a number of seconds > 0, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------- sources

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from featurestore.errors import MissingFeatureError
+from featurestore.errors import CorruptChunkError, MissingFeatureError
 from featurestore.store._backend import STRING, join
 from featurestore.store._cache import ChunkCache
 from featurestore.store.arrays import StoreArrays
@@ -161,22 +161,42 @@ class RowGroup:
         """A token that changes whenever values of finished rows may have changed.
 
         New at creation (an overwritten set gets another) and whenever rows that are already done
-        are written again; finishing new rows changes the done mask instead. So "same done mask and
-        same data version" means "same values", which is what caches built from a group's values
-        (search's matrix and faiss index) are keyed by. None for groups written before it existed.
+        are written again with other values; finishing new rows changes the done mask instead, and
+        done rows written again bit for bit unchanged (a partly committed chunk when its rest is
+        written) keep it. So "same done mask and same data version" means "same values", which is
+        what caches built from a group's values (search's matrix and faiss index) are keyed by.
+        None for groups written before it existed.
         """
         if refresh or self.path not in self._caches.versions:
             self._caches.versions[self.path] = self.attrs.get(DATA_VERSION)
         return self._caches.versions[self.path]
 
-    def _rewriting(self, rows: np.ndarray) -> bool:
-        """Whether some of ``rows`` are done already; if so, bump the data version (see ``_bump``)."""
+    def _rewriting(self, rows: np.ndarray, values: np.ndarray | None = None) -> bool:
+        """Whether some of ``rows`` are done already; if so, bump the data version (see ``_bump``).
+
+        With ``values`` (the new values of ``rows``, in order), done rows written again with the
+        very same bits are no rewrite: an extraction that commits a chunk part by part writes the
+        rows it finished earlier again, unchanged, and caches keyed by the version stay valid.
+        """
         mask = self._done()
-        rows = rows[(rows >= 0) & (rows < len(mask))]  # out-of-range blocks are refused by the write itself
-        rewriting = bool(mask[rows].any())
+        keep = (rows >= 0) & (rows < len(mask))  # out-of-range blocks are refused by the write itself
+        finished = keep.copy()
+        finished[keep] = mask[rows[keep]]
+        rewriting = bool(finished.any())
+        if rewriting and values is not None and self._same_values(rows[finished], values[finished]):
+            rewriting = False
         if rewriting:
             self._bump()
         return rewriting
+
+    def _same_values(self, rows: np.ndarray, values: np.ndarray) -> bool:
+        """Whether ``values`` are bit for bit what is stored for ``rows`` (a damaged chunk: no)."""
+        try:
+            stored = self.gather(rows, check_done=False)
+        except CorruptChunkError:  # the write repairs it: a rewrite, as far as caches can tell
+            return False
+        new = np.asarray(values).astype(stored.dtype, copy=False)
+        return new.shape == stored.shape and new.tobytes() == stored.tobytes()
 
     def _bump(self) -> None:
         """A new data version, written before and again after a rewrite of done rows: a reader that
@@ -233,9 +253,15 @@ class RowGroup:
         Its end may be the last row. Parallel writers then never touch the same chunk (Zarr
         loses data when two do). Done flags are not touched: the caller sets them afterwards.
         """
+        data = self._check_block(start, np.asarray(data))
+        array = self.values_path
+        self._arrays.write(array, start, data.astype(self._arrays.dtype(array), copy=False))
+        self._caches.chunks.drop(array)
+
+    def _check_block(self, start: int, data: np.ndarray) -> np.ndarray:
+        """``data`` when it is a block of whole chunks of the value array's row shape, else ValueError."""
         array = self.values_path
         shape, rows = self._arrays.shape(array), self._arrays.chunk_rows(array)
-        data = np.asarray(data)
         stop = start + len(data)
         if data.shape[1:] != tuple(shape[1:]):
             raise ValueError(f"{array}: rows have shape {tuple(data.shape[1:])}, expected {tuple(shape[1:])}")
@@ -244,8 +270,7 @@ class RowGroup:
         if start % rows or (stop % rows and stop != shape[0]):
             raise ValueError(f"{array}: block {start}:{stop} is not aligned to whole chunks of {rows} "
                              f"rows (parallel writers must own whole chunks)")
-        self._arrays.write(array, start, data.astype(self._arrays.dtype(array), copy=False))
-        self._caches.chunks.drop(array)
+        return data
 
     def write_rows(self, start: int, data: np.ndarray, done: np.ndarray | None = None,
                    errors: dict[int, str] | None = None) -> None:
@@ -266,7 +291,8 @@ class RowGroup:
         if bad:
             raise ValueError(f"{self.path}: error rows {bad[:5]} are outside the block {start}:{stop} "
                              f"or also marked done")
-        rewriting = self._rewriting(np.arange(start, stop))
+        data = self._check_block(start, np.asarray(data))
+        rewriting = self._rewriting(np.arange(start, stop), data)
         self.write_block(start, data)
         if self.kind.with_errors:
             if done.all() and not errors:
