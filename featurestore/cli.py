@@ -382,6 +382,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--chunk-clips", type=int, default=None,
                         help="clips per chunk of new feature sets (default: the store's ~4 MiB rounded down "
                              "to a power of two)")
+    parser.add_argument("--commit-every", type=float, default=None, metavar="SECONDS",
+                        help="write and mark done the clips encoded so far at least this often, even in a "
+                             "partly filled chunk: what a kill can lose (default 60)")
     parser.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON")
     parser.add_argument("--json", action="store_true",
                         help="print the summary as JSON on stdout (progress and the summary line go to stderr)")
@@ -406,7 +409,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
                           num_workers=args.num_workers, frames=args.frames, limit=args.limit,
                           overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
                           backend=args.backend, chunk_clips=args.chunk_clips, segments=args.segments,
-                          allow_outside_root=args.allow_outside_root, encoder_options=options, classes=classes)
+                          allow_outside_root=args.allow_outside_root, encoder_options=options, classes=classes,
+                          **({} if args.commit_every is None else {"commit_seconds": args.commit_every}))
         if args.quiet and not args.json:
             print(summary.line())
             for line in summary.failure_lines():

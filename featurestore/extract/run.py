@@ -29,7 +29,9 @@ import numpy as np
 from featurestore.extract.errors import (
     NO_ROOM, DecodeWorkerError, ExtractionStopped, StoreWriteError, find_os_error, store_write_error,
 )
-from featurestore.extract.plan import check_inputs, check_targets, make_plan, write_text_features
+from featurestore.extract.plan import (
+    DEFAULT_COMMIT_SECONDS, check_commit_seconds, check_inputs, check_targets, make_plan, write_text_features,
+)
 from featurestore.extract.request import EncoderRequest, build, nothing_to_do, requests
 from featurestore.extract.summary import ExtractSummary, FeatureSetSummary, fill_summary
 from featurestore.manifest import Manifest
@@ -52,7 +54,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             backend: str | None = None, chunk_clips: int | Mapping[str, int] | None = None,
             segments: int | None = None, allow_outside_root: bool = False,
             encoder_options: Mapping[str, Mapping[str, Any]] | None = None,
-            classes: Sequence[str] | None = None) -> ExtractSummary:
+            classes: Sequence[str] | None = None, commit_seconds: float = DEFAULT_COMMIT_SECONDS) -> ExtractSummary:
     """Extract features of a dataset's clips into a store; resumable, with per-clip errors.
 
     Args:
@@ -85,6 +87,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             so that the chunks of all feature sets align). Existing feature sets keep theirs.
         allow_outside_root: accept manifest paths that are absolute or lead outside the dataset
             root (refused by default, before any work).
+        commit_seconds: longest time encoded clips wait in a partly filled chunk before they are
+            written and marked done (``--commit-every``): what a kill can lose, whatever the chunk size.
 
     A rerun with nothing left to do (every selected clip done by the same request under the same
     library versions) is told from the store alone and returns before any encoder is built.
@@ -103,6 +107,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     """
     t_start = time.perf_counter()
     _check_arguments(batch_size, num_workers, frames, limit, chunk_clips, segments)
+    check_commit_seconds(commit_seconds)
     asked = requests(encoders, encoder_options)
     manifest = _load_manifest(dataset, frames, segments, allow_outside_root, classes)
     selected_ids = manifest.clip_ids[:limit] if limit else manifest.clip_ids
@@ -114,7 +119,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         summary = _already_done(store, manifest, selected_ids, asked, overwrite, backend)
         if summary is None:
             summary = _run(store, manifest, selected_ids, asked, _RunOptions(
-                device, batch_size, num_workers, overwrite, scheduler, progress, backend, chunk_clips))
+                device, batch_size, num_workers, overwrite, scheduler, progress, backend, chunk_clips,
+                commit_seconds))
     finally:
         lock.release()
     summary.wall_seconds = time.perf_counter() - t_start
@@ -172,6 +178,7 @@ class _RunOptions:
     progress: bool
     backend: str | None
     chunk_clips: int | Mapping[str, int] | None
+    commit_seconds: float = DEFAULT_COMMIT_SECONDS
 
 
 def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], built: list, dev,
@@ -185,7 +192,8 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
     for enc in (e for e in built if e.modality == "text"):
         summary.class_features[enc.name] = "written" if write_text_features(fs, enc, str(dev), opt.overwrite) \
             else "unchanged"
-    plan = make_plan(fs, manifest, rows, selected, built, str(dev), opt.batch_size, opt.chunk_clips, opt.overwrite)
+    plan = make_plan(fs, manifest, rows, selected, built, str(dev), opt.batch_size, opt.chunk_clips, opt.overwrite,
+                     opt.commit_seconds)
     summary.random_weights = [e.name for e in built if is_random_weights(e.provenance())]
     t_pipeline = time.perf_counter()
     from featurestore.extract.pipeline import default_num_workers, run_blocks
