@@ -21,6 +21,17 @@ parameters: a set that changes (new clips done, another encoder) gets a new key 
 files of that set are removed. Stores at URLs (``memory://``, ``s3://``) keep them in memory only.
 Within one process, a store object keeps what it built (weakly), so a warm query is a matmul.
 
+The sidecar files are caches, never trusted (`featurestore.store._search_files`): each file's name
+carries the sha256 of its bytes, checked before anything is decoded, once per file per process
+(the check is remembered by the file's inode, size, mtime and ctime, so warm queries and stores
+reopened in the same process do not hash again); what is read is bounded by the file's size and the
+store's done rows before anything is allocated; the decoded rows must be done store rows and the
+vectors unit vectors; and a query that yields a "cosine" outside [-1, 1] drops what it used. Any
+of these is damage: one warning line, the file is removed and the index rebuilt from the store.
+Directories are opened without following links: a symbolic link where a sidecar directory belongs
+is never used (search answers from memory), and cleaning never deletes through a link. When the
+sidecar cannot be written (a read-only directory), search warns once and answers from memory.
+
 Text queries (``text="a quiet park at night"``) go through the text tower of the same CLIP model:
 ``cliptext/<model>`` with the weights recorded in the store's class-feature provenance of that model
 or, failing that, in the feature set's provenance (a tag, a checkpoint identified by its SHA-256, or
@@ -29,25 +40,29 @@ weights are announced by the encoder and flagged in the result.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import sys
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
+from featurestore.atomic_files import describe_os_error
 from featurestore.provenance import is_random_weights
+from featurestore.store import _search_files as _files
+from featurestore.store._search_files import SidecarDamage, SidecarDir
 
 EXACT_MAX_BYTES = 4 * 2**30  # clip matrices up to this size are searched exactly in memory by default
 BLOCK_BYTES = 64 * 2**20  # rows read per block while building the clip matrix (about this many bytes)
 FLAT_BELOW = 4096  # fewer clips than this: a faiss index is a plain flat (exact) index
 CALIBRATION_RECALL = 0.97  # the IVF index visits enough lists to reach this recall@10 on sample queries
 CALIBRATION_QUERIES = 200
+COSINE_TOLERANCE = 1e-3  # float32 rounding of unit vectors stays far below this; beyond it, a score is no cosine
 METHODS = ("auto", "exact", "faiss")
 SIDECAR_SUFFIX = ".search"
 
@@ -124,10 +139,11 @@ def search(store: Any, feature_set: str, query: str | np.ndarray | None = None, 
     vector, described, self_row, random = _query_vector(store, info, query, text, device)
     method = _choose_method(info, method, notes)
     exclude = None if include_self or self_row is None else self_row
-    if method == "exact":
-        rows, scores = clip_matrix(store, feature_set, notes).top_k(vector, int(k), exclude)
-    else:
-        rows, scores = faiss_index(store, feature_set, notes).top_k(vector, int(k), exclude, nprobe)
+    try:
+        rows, scores = _top_k(store, feature_set, method, vector, int(k), exclude, nprobe, notes, reuse=True)
+    except SidecarDamage as damage:  # a loaded index gave a "cosine" outside [-1, 1]: never served
+        _warn(f"the {method} search index of {feature_set!r} {damage}; rebuilding it from the store")
+        rows, scores = _top_k(store, feature_set, method, vector, int(k), exclude, nprobe, notes, reuse=False)
     ids, labels, classes = state.clip_ids, state.labels, state.classes
     return SearchResult([ids[r] for r in rows], scores.astype(np.float32),
                         [classes[labels[r]] if labels[r] >= 0 else None for r in rows],
@@ -146,6 +162,26 @@ def clip_vectors(segments: np.ndarray) -> np.ndarray:
     return mean / np.maximum(norm, 1e-12)
 
 
+def _top_k(store: Any, feature_set: str, method: str, vector: np.ndarray, k: int, exclude: int | None,
+           nprobe: int | None, notes: list[str], reuse: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and scores of the ``k`` best; ``reuse=False`` builds the index anew from the store."""
+    if method == "exact":
+        return clip_matrix(store, feature_set, notes, reuse=reuse).top_k(vector, k, exclude)
+    return faiss_index(store, feature_set, notes, reuse=reuse).top_k(vector, k, exclude, nprobe)
+
+
+def check_cosines(scores: np.ndarray) -> None:
+    """Raise `SidecarDamage` when a score cannot be a cosine of unit vectors (outside [-1, 1], NaN).
+
+    Unit query and clip vectors give cosines within float32 rounding of [-1, 1]; anything else
+    means the index that produced them holds other numbers than the ones built (a flipped bit).
+    """
+    if scores.size:
+        worst = float(np.max(np.abs(scores)))
+        if not worst <= 1 + COSINE_TOLERANCE:
+            raise SidecarDamage(f"gave a cosine of {worst:.3g}, outside [-1, 1]")
+
+
 # ------------------------------------------------------------------------------- the clip matrix
 @dataclass
 class ClipMatrix:
@@ -156,7 +192,10 @@ class ClipMatrix:
     matrix: np.ndarray
 
     def top_k(self, vector: np.ndarray, k: int, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and cosines of the ``k`` best; `SidecarDamage` when a score is no cosine (checked on
+        all scores: one pass over ``n`` floats, next to the ``n x dim`` product)."""
         scores = self.matrix @ vector
+        check_cosines(scores)
         if exclude is not None:
             scores[self.rows == exclude] = -np.inf
         k = min(k, len(scores) - (exclude is not None and bool((self.rows == exclude).any())))
@@ -167,40 +206,38 @@ class ClipMatrix:
         return self.rows[top], scores[top]
 
 
-def clip_matrix(store: Any, feature_set: str, notes: list[str] | None = None) -> ClipMatrix:
-    """The clip matrix of a feature set: from this process's memo, the sidecar file, or built now."""
+def clip_matrix(store: Any, feature_set: str, notes: list[str] | None = None, *, reuse: bool = True) -> ClipMatrix:
+    """The clip matrix of a feature set: from this process's memo, the sidecar file, or built now
+    (always built when ``reuse`` is False)."""
+    def build() -> ClipMatrix:
+        rows, matrix = _build_matrix(store, feature_set, notes)
+        return ClipMatrix(key, rows, matrix)
+
     key = set_key(store, feature_set, "exact")
-    memo = _MEMO.setdefault(store, {})
-    held = memo.get(("exact", feature_set))
-    if held is not None and held.key == key:
-        return held
-    path = _sidecar(store, feature_set, key, ".npz")
-    built = _load_matrix(path, key)
-    if built is None:
-        t0 = time.perf_counter()
-        rows, matrix = _build_matrix(store, feature_set)
-        built = ClipMatrix(key, rows, matrix)
-        _save(path, lambda tmp: np.savez(tmp, rows=rows, matrix=matrix))
-        _note(notes, f"built the clip matrix of {feature_set!r} ({len(rows)} clips) in "
-                     f"{time.perf_counter() - t0:.2f} s" + (f"; saved to {path}" if path else ""))
-    memo[("exact", feature_set)] = built
-    return built
+    return _cached(store, feature_set, "exact", key, build, reuse, notes)
 
 
-def _build_matrix(store: Any, feature_set: str) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and unit clip vectors of every done clip, ``[n_done, dim]`` float32."""
+def _build_matrix(store: Any, feature_set: str, notes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and unit clip vectors of every done clip with finite values, ``[n, dim]`` float32."""
     info = store.feature_info(feature_set)
-    rows = np.flatnonzero(store.done_mask(feature_set))
-    matrix = np.empty((len(rows), info.feature_shape[0]), dtype=np.float32)
-    filled = 0
-    for _, vectors in clip_blocks(store, feature_set):
+    done = store.done_mask(feature_set)
+    matrix = np.empty((int(done.sum()), info.feature_shape[0]), dtype=np.float32)
+    rows, filled = [], 0
+    for block_rows, vectors in clip_blocks(store, feature_set):
         matrix[filled:filled + len(vectors)] = vectors
         filled += len(vectors)
-    return rows, matrix
+        rows.append(block_rows)
+    rows = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+    _note_not_finite(store, done, rows, notes)
+    return rows, matrix[:filled]
 
 
 def clip_blocks(store: Any, feature_set: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(rows, unit clip vectors)`` of the done clips, reading whole chunks of about ``BLOCK_BYTES``."""
+    """``(rows, unit clip vectors)`` of the done clips, reading whole chunks of about ``BLOCK_BYTES``.
+
+    Clips whose vector is not finite (NaN or inf in the stored values) are left out: they have no
+    cosine, and an index holding them could not be told from a damaged one.
+    """
     info = store.feature_info(feature_set)
     done = store.done_mask(feature_set)
     row_bytes = max(1, int(np.prod(info.shape[1:])) * np.dtype(info.dtype).itemsize)
@@ -210,17 +247,17 @@ def clip_blocks(store: Any, feature_set: str) -> Iterator[tuple[np.ndarray, np.n
         keep = done[start:stop]
         if keep.any():
             data = store.read_rows(feature_set, start, stop, check_done=False)[keep]
-            yield start + np.flatnonzero(keep), clip_vectors(data)
+            vectors = clip_vectors(data)
+            finite = np.isfinite(vectors).all(axis=1)
+            yield (start + np.flatnonzero(keep))[finite], vectors[finite]
 
 
-def _load_matrix(path: Path | None, key: str) -> ClipMatrix | None:
-    if path is None or not path.exists():
-        return None
-    try:
-        with np.load(path) as f:
-            return ClipMatrix(key, f["rows"], f["matrix"])
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged sidecar is rebuilt
+def _note_not_finite(store: Any, done: np.ndarray, rows: np.ndarray, notes: list[str] | None) -> None:
+    left = np.setdiff1d(np.flatnonzero(done), rows)
+    if len(left):
+        ids = [store.clip_ids[r] for r in left[:5]]
+        _note(notes, f"{len(left)} done clips hold non-finite values and are left out of the search: "
+                     f"{', '.join(ids)}{', ...' if len(left) > 5 else ''}")
 
 
 # -------------------------------------------------------------------------------- the faiss index
@@ -248,6 +285,7 @@ class FaissIndex:
         scores, ids = self.index.search(vector[None].astype(np.float32), want, params=params)
         scores, ids = scores[0], ids[0]
         keep = (ids >= 0) & (ids != (-2 if exclude is None else exclude))
+        check_cosines(scores[ids >= 0])
         return ids[keep][:k].astype(np.int64), scores[keep][:k]
 
 
@@ -259,35 +297,15 @@ def faiss_available() -> bool:
     return True
 
 
-def faiss_index(store: Any, feature_set: str, notes: list[str] | None = None) -> FaissIndex:
-    """The faiss index of a feature set: from this process's memo, the sidecar file, or built now."""
-    import faiss
-
+def faiss_index(store: Any, feature_set: str, notes: list[str] | None = None, *, reuse: bool = True) -> FaissIndex:
+    """The faiss index of a feature set: from this process's memo, the sidecar file, or built now
+    (always built when ``reuse`` is False)."""
     key = set_key(store, feature_set, "faiss")
-    memo = _MEMO.setdefault(store, {})
-    held = memo.get(("faiss", feature_set))
-    if held is not None and held.key == key:
-        return held
-    path = _sidecar(store, feature_set, key, ".faiss")
-    built = None
-    if path is not None and path.exists():
-        try:
-            index = faiss.read_index(str(path))
-            built = FaissIndex(key, index, _nlist(index))
-        except RuntimeError:
-            built = None
-    if built is None:
-        t0 = time.perf_counter()
-        built = build_faiss_index(store, feature_set, key)
-        _save(path, lambda tmp: faiss.write_index(built.index, str(tmp)))
-        _note(notes, f"built the faiss index of {feature_set!r} ({built.index.ntotal} clips, nlist {built.nlist}, "
-                     f"nprobe {built.default_nprobe}) "
-                     f"in {time.perf_counter() - t0:.2f} s" + (f"; saved to {path}" if path else ""))
-    memo[("faiss", feature_set)] = built
-    return built
+    return _cached(store, feature_set, "faiss", key, lambda: build_faiss_index(store, feature_set, key, notes),
+                   reuse, notes)
 
 
-def build_faiss_index(store: Any, feature_set: str, key: str = "") -> FaissIndex:
+def build_faiss_index(store: Any, feature_set: str, key: str = "", notes: list[str] | None = None) -> FaissIndex:
     """Train and fill an ``IVF<nlist>,Flat`` inner-product index (``Flat`` below ``FLAT_BELOW`` clips).
 
     nlist is about ``4 * sqrt(n)``, at most ``n / 39`` (faiss wants 39 training points per list);
@@ -311,9 +329,14 @@ def build_faiss_index(store: Any, feature_set: str, key: str = "") -> FaissIndex
                                                        replace=False))
         sample = clip_vectors(store.get_many(feature_set, [done_ids[i] for i in pick]))
         sample_rows = np.flatnonzero(store.done_mask(feature_set))[pick]
+        finite = np.isfinite(sample).all(axis=1)
+        sample, sample_rows = sample[finite], sample_rows[finite]
         index.train(sample)
+    added = []
     for rows, vectors in clip_blocks(store, feature_set):
         index.add_with_ids(vectors, rows.astype(np.int64))
+        added.append(rows)
+    _note_not_finite(store, store.done_mask(feature_set), np.concatenate(added) if added else np.empty(0), notes)
     if nlist > 1:
         spread = np.linspace(0, len(sample) - 1, min(len(sample), CALIBRATION_QUERIES)).astype(int)
         index.nprobe = calibrate_nprobe(index, store, feature_set, sample[spread], sample_rows[spread])
@@ -378,6 +401,9 @@ def _query_vector(store: Any, info: Any, query: Any, text: str | None,
     if isinstance(query, str):
         row = store.row(query)  # raises UnknownClipError with the nearest ids
         vector = clip_vectors(store.get(info.name, query))  # MissingFeatureError when not done
+        if not np.isfinite(vector).all():
+            raise ValueError(f"clip {query!r} holds non-finite values in feature set {info.name!r}: it has "
+                             f"no cosine to search by")
         return vector, {"like": query}, row, False
     x = np.asarray(query, dtype=np.float32)
     if x.ndim == 2:
@@ -389,6 +415,8 @@ def _unit(x: np.ndarray, dim: int, what: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32).reshape(-1)
     if x.shape != (dim,):
         raise ValueError(f"{what} has {x.shape[0]} values but the feature set's embeddings have {dim}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} holds non-finite values (NaN or inf)")
     return x / max(float(np.linalg.norm(x)), 1e-12)
 
 
@@ -508,33 +536,110 @@ def set_key(store: Any, feature_set: str, method: str) -> str:
 
 def sidecar_dir(store: Any, feature_set: str) -> Path | None:
     """``<store path>.search/<feature set>/``, or None for stores at URLs (kept in memory only)."""
+    where = _sidecar_parts(store, feature_set)
+    return None if where is None else where[0].joinpath(*where[1])
+
+
+def _sidecar_parts(store: Any, feature_set: str) -> tuple[Path, list[str]] | None:
+    """(the store's parent directory, the names below it) of the sidecar directory; None at URLs."""
     location = str(store.location)
     if "://" in location and not location.startswith("file://"):
         return None
-    base = Path(location.removeprefix("file://").rstrip("/") + SIDECAR_SUFFIX)
-    return base.joinpath(*feature_set.split("/"))
+    store_path = Path(location.removeprefix("file://").rstrip("/"))
+    return store_path.parent, [store_path.name + SIDECAR_SUFFIX, *feature_set.split("/")]
 
 
-def _sidecar(store: Any, feature_set: str, key: str, suffix: str) -> Path | None:
-    folder = sidecar_dir(store, feature_set)
-    return None if folder is None else folder / f"{key}{suffix}"
+_SUFFIX = {"exact": ".npz", "faiss": ".faiss"}
 
 
-def _save(path: Path | None, write: Any) -> None:
-    """Write atomically (temp + rename) and drop older files of the same kind; failures only warn."""
-    if path is None:
-        return
+def _cached(store: Any, feature_set: str, method: str, key: str, build: Any, reuse: bool,
+            notes: list[str] | None) -> Any:
+    """What ``build()`` makes for ``key``: from the memo, else a checked sidecar file, else built
+    now and saved; ``reuse=False`` skips memo and file (they gave a damaged answer)."""
+    memo = _MEMO.setdefault(store, {})
+    held = memo.get((method, feature_set))
+    if reuse and held is not None and held.key == key:
+        return held
+    with _sidecar_folder(store, feature_set) as folder:
+        built = _load(folder, store, feature_set, method, key) if reuse else None
+        if built is None:
+            t0 = time.perf_counter()
+            built = build()
+            saved = _save(folder, key, method, built)
+            what = (f"the clip matrix of {feature_set!r} ({len(built.rows)} clips)" if method == "exact" else
+                    f"the faiss index of {feature_set!r} ({built.index.ntotal} clips, nlist {built.nlist}, "
+                    f"nprobe {built.default_nprobe})")
+            _note(notes, f"built {what} in {time.perf_counter() - t0:.2f} s"
+                         + (f"; saved to {folder.path / saved}" if saved else ""))
+    memo[(method, feature_set)] = built
+    return built
+
+
+@contextlib.contextmanager
+def _sidecar_folder(store: Any, feature_set: str) -> Iterator[SidecarDir | None]:
+    """The open sidecar directory, or None (a URL store; a link or an unwritable place: one warning)."""
+    where = _sidecar_parts(store, feature_set)
+    with contextlib.ExitStack() as stack:
+        folder = None
+        if where is not None:
+            try:
+                folder = stack.enter_context(_files.open_dir(*where))
+            except OSError as err:
+                _warn(f"not keeping the search index in {err.filename or sidecar_dir(store, feature_set)}: "
+                      f"{describe_os_error(err)}; searching in memory")
+        yield folder
+
+
+def _load(folder: SidecarDir | None, store: Any, feature_set: str, method: str, key: str) -> Any:
+    """The checked sidecar file of ``key``, decoded; None when there is none that is whole.
+
+    A damaged file (bytes other than its name's sha256, too large for the store, contents that are
+    not the store's done rows as unit vectors, undecodable) is removed with one warning line.
+    """
+    if folder is None:
+        return None
+    done = store.done_mask(feature_set)
+    dim = store.feature_info(feature_set).feature_shape[0]
+    max_bytes = 2 * int(done.sum()) * (4 * dim + 8) + 16 * 2**20  # twice what the done clips need
+    for name in _files.names(folder, key, _SUFFIX[method]):
+        try:
+            with _files.open_checked(folder, name, max_bytes) as f:
+                if method == "exact":
+                    return ClipMatrix(key, *_files.read_matrix(f, done, dim))
+                index = _files.read_faiss(f, done, dim)
+                return FaissIndex(key, index, _nlist(index))
+        except SidecarDamage as damage:
+            _warn(f"the search index {folder.path / name} is damaged: {damage}; rebuilding it")
+            _files.remove(folder, name)
+        except OSError:
+            continue  # removed meanwhile by another search, or unreadable: build
+    return None
+
+
+def _save(folder: SidecarDir | None, key: str, method: str, built: Any) -> str | None:
+    """Keep ``built`` in the sidecar directory and drop the other files of its kind; the file's name,
+    or None when it was not written (a URL store, or a failure: one warning line)."""
+    if folder is None:
+        return None
+    suffix = _SUFFIX[method]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-        write(tmp)
-        os.replace(tmp, path)
-        for old in path.parent.glob(f"*{path.suffix}"):
-            if old != path:
-                old.unlink(missing_ok=True)
+        name = _files.save(folder, key, suffix, lambda f: _encode(method, built, f))
     except OSError as err:
-        print(f"featurestore search: warning: could not keep the search index in {path.parent}: {err}",
-              file=sys.stderr)
+        _warn(f"could not keep the search index in {folder.path}: {describe_os_error(err)}; searching in memory")
+        return None
+    _files.remove_others(folder, suffix, name)
+    return name
+
+
+def _encode(method: str, built: Any, f: BinaryIO) -> None:
+    if method == "exact":
+        _files.write_matrix(f, built.rows, built.matrix)
+    else:
+        _files.write_faiss(f, built.index)
+
+
+def _warn(text: str) -> None:
+    print(f"featurestore search: warning: {text}", file=sys.stderr)
 
 
 def _choose_method(info: Any, method: str, notes: list[str]) -> str:
