@@ -25,6 +25,7 @@ from heads.train import NonFiniteInputError, TrainingDivergedError
 from heads.trained import TrainedHead, load_head
 
 from tests.heads._store import build_store
+from tests.heads.test_train import SETUPS
 
 ROOT = Path(__file__).resolve().parents[2]
 FEATURES = ["clip/RN50x4", "clip/RN101", "clip/ViT-B-32"]
@@ -235,6 +236,17 @@ def test_a_run_json_that_does_not_fit_its_weights_is_one_checkpoint_error(traine
     run = _crafted_copy(trained_run, tmp_path / "crafted", **change)
     with pytest.raises(CheckpointError, match=match):
         load_head(run)
+
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_every_head_is_checked_on_the_meta_device_and_loads_its_trained_weights(name, tiny_store, tmp_path):
+    features, head_config = SETUPS[name]
+    cfg = TrainConfig(head=name, features=features, head_config=head_config, train_split="train", val_split=None,
+                      out=str(tmp_path / name), epochs=1, batch_size=16, max_steps_per_epoch=1, progress=False)
+    heads.train(cfg, tiny_store)
+    head, _ = load_head(cfg.out)
+    saved, _ = load_weights(Path(cfg.out) / "best.safetensors")
+    assert all(torch.equal(head.state_dict()[k], saved[k]) for k in saved)
 
 
 def test_a_run_json_that_is_not_an_object_is_a_checkpoint_error(trained_run, tmp_path):
