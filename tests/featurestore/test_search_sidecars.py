@@ -366,3 +366,23 @@ def test_a_sidecar_that_cannot_be_written_leaves_no_file_and_the_answer_right(st
     assert "could not keep the search index" in done.stderr and "file-size limit" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert [p.name for p in _folder(path).iterdir()] == []  # no temp file, no half-written sidecar
+
+
+# -------------------------------------------------------------------------- non-finite stored values
+@pytest.mark.parametrize("method", ["exact", pytest.param("faiss", marks=needs_faiss)])
+def test_a_clip_with_non_finite_features_is_left_out_with_a_note_and_cannot_be_a_query(tmp_path, method):
+    """Such a clip has no cosine: it is left out of the index (named in a note), so the index's own
+    check holds and the sidecar is loaded, not rebuilt, by the next search."""
+    path = tmp_path / "nan.zarr"
+    data = build(path)
+    data[7, 1, 2] = np.nan
+    with open_store(path, mode="a") as s:
+        s.write_rows(FEAT, 0, data)
+    first = _search(path, method)
+    assert any("1 done clips hold non-finite values" in n and "c007" in n for n in first.notes), first.notes
+    rows, _ = brute_force(data, data[1].astype(np.float64).mean(0), np.array([r for r in range(N) if r not in (1, 7)]))
+    assert first.clip_ids == [f"c{r:03d}" for r in rows]
+    again = _search(path, method)
+    assert not _built(again) and again.clip_ids == first.clip_ids, again.notes
+    with open_store(path) as s, pytest.raises(ValueError, match="c007.*non-finite"):
+        s.search(FEAT, "c007", method=method)
