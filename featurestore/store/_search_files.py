@@ -32,6 +32,7 @@ import hashlib
 import os
 import re
 import stat
+import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +47,7 @@ from featurestore.errors import FeatureStoreError
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NAME = re.compile(r"([0-9a-f]{16})-([0-9a-f]{64})(\.[a-z]+)")
 _VERIFIED: dict[tuple[int, ...], str] = {}  # file stamp -> the sha256 its bytes were found to have
+STALE_TEMP_SECONDS = 3600  # a temp file older than this belongs to a search that was killed
 UNIT_TOLERANCE = 2e-3  # squared lengths of stored unit vectors are 1 within float32 rounding, far below this
 
 
@@ -181,10 +183,17 @@ def remove(folder: SidecarDir, name: str) -> None:
 
 
 def remove_others(folder: SidecarDir, suffix: str, keep: str | None) -> None:
-    """Remove every ``*<suffix>`` entry but ``keep``: older keys, damaged files, links put there."""
+    """Remove every ``*<suffix>`` entry but ``keep`` (older keys, damaged files, links put there), and
+    temp files of that kind untouched for ``STALE_TEMP_SECONDS`` (left by a killed search; a live
+    writer's temp file is younger, as every write updates its mtime)."""
+    now = time.time()
     for name in os.listdir(folder.fd):
         if name.endswith(suffix) and name != keep:
             remove(folder, name)
+        elif name.startswith(".") and name.endswith(f"{suffix}.tmp"):
+            with contextlib.suppress(OSError):
+                if now - os.stat(name, dir_fd=folder.fd, follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
+                    remove(folder, name)
 
 
 def _stamp(info: os.stat_result) -> tuple[int, ...]:

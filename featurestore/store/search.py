@@ -177,7 +177,7 @@ def check_cosines(scores: np.ndarray) -> None:
     means the index that produced them holds other numbers than the ones built (a flipped bit).
     """
     if scores.size:
-        worst = float(np.max(np.abs(scores)))
+        worst = max(float(scores.max()), -float(scores.min()))  # NaN stays NaN; no temporary array
         if not worst <= 1 + COSINE_TOLERANCE:
             raise SidecarDamage(f"gave a cosine of {worst:.3g}, outside [-1, 1]")
 

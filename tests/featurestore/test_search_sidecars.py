@@ -386,3 +386,21 @@ def test_a_clip_with_non_finite_features_is_left_out_with_a_note_and_cannot_be_a
     assert not _built(again) and again.clip_ids == first.clip_ids, again.notes
     with open_store(path) as s, pytest.raises(ValueError, match="c007.*non-finite"):
         s.search(FEAT, "c007", method=method)
+
+
+def test_temp_files_of_a_killed_search_are_removed_once_stale_and_live_ones_kept(tmp_path):
+    """A search killed while writing leaves ``.<key>-<pid>.npz.tmp``; the next save of that set removes
+    it once it is an hour old, and leaves a younger one (another search may be writing it)."""
+    path = tmp_path / "grow.zarr"
+    data = build(path, done=16)
+    _search(path, "exact")
+    folder = _folder(path)
+    stale, live = folder / ".0123456789abcdef-4242.npz.tmp", folder / ".0123456789abcdef-4343.npz.tmp"
+    stale.write_bytes(b"half a matrix")
+    live.write_bytes(b"being written")
+    hour_ago = stale.stat().st_mtime - search_mod._files.STALE_TEMP_SECONDS - 5
+    os.utime(stale, (hour_ago, hour_ago))
+    with open_store(path, mode="a") as s:
+        s.write_rows(FEAT, 16, data[16:])  # the set changes: the next search builds and saves again
+    assert _built(_search(path, "exact"))
+    assert not stale.exists() and live.exists()
