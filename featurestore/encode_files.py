@@ -24,6 +24,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from featurestore.encoders import (
     Encoder, WeightsMismatchError, WeightsNotFoundError, create_encoder, file_sha256, parse_spec, resolve_device,
 )
 from featurestore.errors import FeatureStoreError
+from featurestore.manifest import MAX_AUDIO_SEGMENTS, MAX_VIDEO_FRAMES
 from featurestore.provenance import RUNTIME_KEY, fingerprint, is_random_weights, weights_identity
 
 __all__ = ["AUDIO_SUFFIXES", "VIDEO_SUFFIXES", "ClipFiles", "EncodedFiles", "EncoderRebuildError", "FileEncoder",
@@ -209,10 +211,13 @@ class FileEncoder:
     def __init__(self, provenances: Mapping[str, Mapping[str, Any]], device: str | torch.device = "auto", *,
                  checkpoints: Mapping[str, str | Path] | None = None, segments: int | None = None,
                  frames: int | None = None, batch_size: int = DEFAULT_BATCH_CLIPS, num_workers: int = 0):
-        for label, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                  ("segments", segments, 1), ("frames", frames, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+        for label, value, low, high in (("batch_size", batch_size, 1, None), ("num_workers", num_workers, 0, None),
+                                        ("segments", segments, 1, MAX_AUDIO_SEGMENTS),
+                                        ("frames", frames, 1, MAX_VIDEO_FRAMES)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low
+                                      or (high is not None and value > high)):
+                raise ValueError(f"{label} must be an integer >= {low}{f' and <= {high}' if high else ''}, "
+                                 f"got {value!r}")
         unknown = sorted(set(checkpoints or {}) - set(provenances))
         if unknown:
             raise ValueError(f"checkpoints given for {unknown}, which are not among the feature sets "
@@ -333,15 +338,23 @@ def _source(name: str, prov: Mapping[str, Any], encoder: Encoder, segments: int 
         if not n or not seconds or not rate:
             raise EncoderRebuildError(f"feature set {name!r} records no audio segment scheme (found {scheme!r}); "
                                       f"pass segments= to say how many segments a clip has")
-        return Source("audio", int(n), int(rate), float(seconds))
+        return Source("audio", _bounded(name, "n_segments", n, MAX_AUDIO_SEGMENTS), int(rate), float(seconds))
     if encoder.modality == "video":
         n = frames or scheme.get("n_frames")
         if not n:
             raise EncoderRebuildError(f"feature set {name!r} records no frame count (found {scheme!r}); "
                                       f"pass frames= to say how many frames to take per clip")
-        return Source("frames", int(n))
+        return Source("frames", _bounded(name, "n_frames", n, MAX_VIDEO_FRAMES))
     raise EncoderRebuildError(f"feature set {name!r}: encoder {encoder.spec} has modality {encoder.modality!r}; "
                               f"only audio and video feature sets are made from files")
+
+
+def _bounded(name: str, key: str, value: Any, most: int) -> int:
+    """A recorded count, checked before any array is sized by it (a provenance is read from a file)."""
+    whole = isinstance(value, Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or not 1 <= value <= most:
+        raise EncoderRebuildError(f"feature set {name!r} records {key} {value!r}; expected an integer from 1 to {most}")
+    return int(value)
 
 
 def _add_all(acc: dict[str, float], more: Mapping[str, float]) -> None:

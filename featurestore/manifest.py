@@ -4,8 +4,11 @@ It is plain data (no I/O) so that readers, the store, the extractor and tests ca
 """
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from numbers import Integral, Real
 from pathlib import Path
 
 # The DCASE2021 Task 1B classes in the baseline's order (index 0-9).
@@ -13,6 +16,58 @@ TAU_CLASSES: tuple[str, ...] = (
     "airport", "bus", "metro", "metro_station", "park",
     "public_square", "shopping_mall", "street_pedestrian", "street_traffic", "tram",
 )
+
+
+#: The largest clip shape a dataset may declare (``dataset.json``, a reader's arguments, a Manifest):
+#: every size read from a file is checked against these before anything is allocated or created, so
+#: ``clip_seconds: 1e12`` is a one-line error, not a feature set of 1e12 segments. An hour of audio
+#: in 1 s segments, and a thousand frames (12 per clip in the paper's setup, 5 in evaluation).
+MAX_CLIP_SECONDS = 3600.0
+MAX_AUDIO_SEGMENTS = 3600
+MAX_VIDEO_FRAMES = 1000
+
+#: Clip ids (docs/store.md, "Clip ids"): they are store keys, file stems, CSV cells and command-line
+#: arguments, so only what survives all of these unchanged is accepted.
+MAX_CLIP_ID_LENGTH = 255
+_ID_PUNCTUATION = "._-+=@,"
+_CLIP_ID = re.compile(r"(?![.-])(?!.*\.\.)[\w.+=@,-]{1,%d}" % MAX_CLIP_ID_LENGTH)
+CLIP_ID_GRAMMAR = (f"a clip id is 1-{MAX_CLIP_ID_LENGTH} letters, digits or any of {_ID_PUNCTUATION!r}, not "
+                   f"starting with '.' or '-', without '..' (docs/store.md, 'Clip ids')")
+
+
+def clip_id_problem(clip_id: object) -> str | None:
+    """What is wrong with ``clip_id`` in words (the id shown with repr, cut at 60 characters), or
+    None for a valid id. Kept apart from :func:`check_clip_id` so readers can name their file and line."""
+    if isinstance(clip_id, str) and _CLIP_ID.fullmatch(clip_id):
+        return None
+    if not isinstance(clip_id, str):
+        return f"clip id must be a string, found {type(clip_id).__name__} {clip_id!r:.60}; {CLIP_ID_GRAMMAR}"
+    shown = repr(clip_id[:60]) + ("..." if len(clip_id) > 60 else "")
+    if not clip_id:
+        why = "is empty"
+    elif len(clip_id) > MAX_CLIP_ID_LENGTH:
+        why = f"has {len(clip_id)} characters"
+    elif clip_id[0] in ".-":
+        why = f"starts with {clip_id[0]!r}"
+    elif ".." in clip_id:
+        why = "holds '..'"
+    else:
+        bad = next(c for c in clip_id if not (c.isalnum() or c in _ID_PUNCTUATION or c == "_"))
+        why = f"holds {bad!r}"
+    return f"clip id {shown} {why}; {CLIP_ID_GRAMMAR}"
+
+
+def check_clip_id(clip_id: object) -> str:
+    """``clip_id`` when it follows the clip id grammar (:data:`CLIP_ID_GRAMMAR`), else ValueError.
+
+    A newline, tab, ``/``, ``..`` or 5,000 characters in an id would be silently changed or
+    misread by some consumer (CSV files, paths, shells, terminals), so they are refused where the
+    id enters: every reader and every :class:`Manifest`.
+    """
+    problem = clip_id_problem(clip_id)
+    if problem:
+        raise ValueError(problem)
+    return clip_id
 
 
 def check_classes(classes: Sequence[str], what: str = "classes") -> list[str]:
@@ -74,6 +129,24 @@ class Manifest:
     audio_segments: int = 10
     segment_seconds: float = 1.0
     video_frames: int = 12
+
+    def __post_init__(self) -> None:
+        """Refuse, before any store is created from it, a clip id outside the grammar and a clip
+        shape beyond the maxima (one line naming the dataset, the field and the allowed range)."""
+        for i, clip in enumerate(self.clips):
+            problem = clip_id_problem(clip.clip_id)
+            if problem:
+                raise ValueError(f"dataset {self.name!r}, clip {i}: {problem}")
+        for name, value, most in (("audio_segments", self.audio_segments, MAX_AUDIO_SEGMENTS),
+                                  ("video_frames", self.video_frames, MAX_VIDEO_FRAMES)):
+            if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= most:
+                raise ValueError(f"dataset {self.name!r}: {name} must be an integer with 1 <= {name} <= {most}, "
+                                 f"got {value!r}")
+        seconds = self.segment_seconds
+        if (isinstance(seconds, bool) or not isinstance(seconds, Real) or not math.isfinite(seconds)
+                or not 0 < seconds * self.audio_segments <= MAX_CLIP_SECONDS):
+            raise ValueError(f"dataset {self.name!r}: segment_seconds must be a number with 0 < segment_seconds x "
+                             f"audio_segments ({self.audio_segments}) <= {MAX_CLIP_SECONDS:g} s, got {seconds!r}")
 
     def __len__(self) -> int:
         return len(self.clips)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -11,7 +12,13 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from featurestore.manifest import Manifest
+from featurestore.manifest import (
+    MAX_AUDIO_SEGMENTS,
+    MAX_CLIP_SECONDS,
+    MAX_VIDEO_FRAMES,
+    Manifest,
+    clip_id_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +34,25 @@ DATASET_FILE = "dataset.json"
 _TOLERANCE_SECONDS = 0.1
 
 
+#: The largest value each size a dataset may declare can take (``featurestore.manifest``'s maxima).
+_MAXIMA = {"clip_seconds": MAX_CLIP_SECONDS, "audio_segments": MAX_AUDIO_SEGMENTS, "video_frames": MAX_VIDEO_FRAMES}
+
+
 def check_count(name: str, value: int | None) -> None:
-    """``value`` must be None (derive it) or an integer >= 1; raises ValueError naming ``name``."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be an integer >= 1 (or None to derive it), got {value!r}")
+    """``value`` must be None (derive it) or an integer from 1 to the maximum for ``name``
+    (``audio_segments``, ``video_frames``); raises ValueError naming ``name`` and the range."""
+    most = _MAXIMA[name]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
+        raise ValueError(f"{name} must be an integer >= 1 and <= {most} (or None to derive it), got {value!r}")
+
+
+def checked_clip_id(path: PathLike, line: int | None, clip_id: str) -> str:
+    """``clip_id`` when it follows the clip id grammar (``featurestore.manifest.check_clip_id``),
+    else a DatasetFormatError naming the file, the line and the id."""
+    problem = clip_id_problem(clip_id)
+    if problem:
+        raise DatasetFormatError(path, line, problem)
+    return clip_id
 
 
 class DatasetFormatError(ValueError):
@@ -102,6 +124,7 @@ class DatasetSidecar:
             _check_field(path, name, data.get(name), int)
         if "clip_seconds" in data and "audio_segments" in data:
             raise DatasetFormatError(path, None, "give clip_seconds or audio_segments, not both")
+        # json.loads reads Infinity, NaN and 1e400 as floats: _check_field refuses them
         return cls(**data)
 
     def write(self, directory: PathLike) -> Path:
@@ -112,16 +135,20 @@ class DatasetSidecar:
 
 
 def _check_field(path: Path, name: str, value: object, kind: type) -> None:
-    """``value`` is None, or a finite number > 0 (``kind`` float) or an integer >= 1 (``kind`` int)."""
+    """``value`` is None, or a finite number in (0, max] (``kind`` float) or an integer in [1, max]
+    (``kind`` int), max being ``_MAXIMA[name]``: a size is bounded before anything is sized by it."""
+    most = _MAXIMA[name]
     if value is None or isinstance(value, bool):
         ok = value is None
     elif kind is float:
-        ok = isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= most
     else:
-        ok = isinstance(value, int) and value >= 1
+        ok = isinstance(value, int) and 1 <= value <= most
     if not ok:
-        expected = "a positive number of seconds" if kind is float else "an integer >= 1"
-        raise DatasetFormatError(path, None, f"expected {expected} under {name!r}, found {value!r}")
+        expected, allowed = (("a positive number of seconds", f"0 < {name} <= {most:g}") if kind is float
+                             else ("an integer >= 1", f"1 <= {name} <= {most}"))
+        raise DatasetFormatError(path, None, f"expected {expected} under {name!r}, found {value!r} "
+                                             f"(allowed: {allowed})")
 
 
 def clip_counts(directories: Iterable[Path], audio_segments: int | None, video_frames: int | None, *,
@@ -144,6 +171,10 @@ def clip_counts(directories: Iterable[Path], audio_segments: int | None, video_f
     sidecar = DatasetSidecar.read(path)
     if audio_segments is None and sidecar.clip_seconds is not None:
         audio_segments = segments_for(sidecar.clip_seconds, segment_seconds, path)
+        if audio_segments > MAX_AUDIO_SEGMENTS:
+            raise DatasetFormatError(path, None, f"'clip_seconds' {sidecar.clip_seconds!r} makes {audio_segments} "
+                                                 f"segments of {segment_seconds:g} s; at most {MAX_AUDIO_SEGMENTS} "
+                                                 f"are allowed")
     elif audio_segments is None:
         audio_segments = sidecar.audio_segments or default_segments
     return audio_segments, video_frames or sidecar.video_frames or default_frames
@@ -194,13 +225,19 @@ def read_table(path: PathLike, delimiter: str | None = None, header_first: tuple
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise DatasetFormatError(path, None, f"cannot read file ({exc})") from exc
-    lines = text.splitlines()
     if delimiter is None:
-        delimiter = "\t" if lines and "\t" in lines[0] else ","
-    parsed = [(i + 1, [f.strip() for f in fields])
-              for i, fields in enumerate(csv.reader(lines, delimiter=delimiter)) if any(f.strip() for f in fields)]
+        delimiter = "\t" if "\t" in io.StringIO(text, newline="").readline() else ","
+    # Parsed as the file it is (newline=""), not line by line: a quoted cell holding a newline keeps it,
+    # so the id checks see "new\nline" instead of a silently joined "newline".
+    parsed: list[tuple[int, list[str]]] = []
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    start = 1
+    for fields in reader:
+        if any(f.strip() for f in fields):  # spaces and tabs around a cell go; the rest stays, to be judged
+            parsed.append((start, [f.strip(" \t") for f in fields]))
+        start = reader.line_num + 1
     if not parsed:
         raise DatasetFormatError(path, None, "file is empty")
     first = parsed[0][1]

@@ -24,6 +24,7 @@ from featurestore.datasets._common import (
     PathLike,
     check_count,
     check_inside_root,
+    checked_clip_id,
     clip_counts,
     read_table,
 )
@@ -78,8 +79,7 @@ def read_csv_manifest(
     for line, row in table.rows:
         cell = dict(zip(header, row + [""] * (len(header) - len(row))))
         clip = _record(cell)
-        if not clip.clip_id:
-            raise DatasetFormatError(table.path, line, "empty clip_id")
+        checked_clip_id(table.path, line, clip.clip_id)
         if clip.clip_id in lines:
             raise DatasetFormatError(table.path, line, f"clip {clip.clip_id!r} already listed on line "
                                                        f"{lines[clip.clip_id]}")

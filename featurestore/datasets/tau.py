@@ -25,6 +25,7 @@ from featurestore.datasets._common import (
     Table,
     check_count,
     check_inside_root,
+    checked_clip_id,
     clip_counts,
     read_table,
 )
@@ -257,7 +258,7 @@ def _clip_id(table: Table, line: int, audio: str, video: str) -> str:
     clip_id = a or v
     if not clip_id:
         raise DatasetFormatError(table.path, line, "no file name")
-    return clip_id
+    return checked_clip_id(table.path, line, clip_id)
 
 
 def _label(table: Table, line: int, label: str) -> str:
@@ -336,6 +337,8 @@ def _clips_from_listing(base: Path, allow_outside_root: bool) -> list[ClipRecord
     audio = {p.stem: p for p in sorted((base / "audio").glob("*")) if p.is_file()} if (base / "audio").is_dir() else {}
     video = {p.stem: p for p in sorted((base / "video").glob("*")) if p.is_file()} if (base / "video").is_dir() else {}
     ids = sorted(set(audio) | set(video), key=lambda s: (0, int(s), "") if s.isdigit() else (1, 0, s))
+    for i in ids:
+        checked_clip_id(audio.get(i) or video.get(i), None, i)
     clips = [ClipRecord(i, audio.get(i, base / "audio" / f"{i}.wav").relative_to(base),
                         video.get(i, base / "video" / f"{i}.mp4").relative_to(base)) for i in ids]
     for clip in clips:  # a symlink in audio/ or video/ may lead anywhere

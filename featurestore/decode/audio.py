@@ -1,8 +1,17 @@
-"""Audio files -> mono float32 at a requested rate, cut into fixed-length segments (see the package doc)."""
+"""Audio files -> mono float32 at a requested rate, cut into fixed-length segments (see the package doc).
+
+Files are read in blocks of :data:`_BLOCK_FRAMES` frames and averaged to mono block by block, and a
+clip is never read further than its segments need: a file's header is only believed as far as it
+makes the work smaller (a header that claims hours is refused before anything is read; one that
+claims seconds while the stream goes on for hours is read no further than the clip allows). So
+memory stays bounded by the clip, whatever a file holds or claims.
+"""
 from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +20,18 @@ from featurestore.decode._errors import DecodeError, PathLike
 
 #: Default slack on a clip's length before it counts as too short / too long (seconds).
 DEFAULT_TOLERANCE_SECONDS = 0.1
+#: Frames read (all channels) per call: 65536 x 8 channels x 4 bytes = 2 MiB at a time.
+_BLOCK_FRAMES = 1 << 16
+#: Header frame counts from here on mean "unknown" (libsndfile's SF_COUNT_MAX for streams).
+_UNKNOWN_FRAMES = 1 << 62
 
 
 def load_audio(path: PathLike, sample_rate: int = 48000, *, allow_silent: bool = False) -> np.ndarray:
     """Read a whole audio file as mono float32 at ``sample_rate``.
 
     Channels are averaged (stereo, binaural and multichannel alike), because the paper's
-    pipeline works on mono. Files at another rate are resampled, not rejected.
+    pipeline works on mono. Files at another rate are resampled, not rejected. The file is read
+    in blocks, so only the mono signal is ever held whole (not all of its channels).
 
     Args:
         path: audio file (anything libsndfile reads: WAV, FLAC, OGG, ...).
@@ -30,12 +44,10 @@ def load_audio(path: PathLike, sample_rate: int = 48000, *, allow_silent: bool =
     Raises:
         DecodeError: missing, empty, unreadable, truncated, silent or non-finite audio.
     """
-    data, file_rate = _read_audio_file(path)
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if not np.all(np.isfinite(mono)):
-        raise DecodeError(path, "audio contains NaN or infinite samples")
-    if not allow_silent and not np.any(mono):
-        raise DecodeError(path, f"silent: all {len(mono)} samples are zero (allow_silent=True accepts it)")
+    with _open_audio(path) as f:
+        mono, _ = _read_mono(f, path, None)
+        file_rate = int(f.samplerate)
+    _check_samples(path, mono, allow_silent)
     return resample(mono, file_rate, sample_rate)
 
 
@@ -55,6 +67,12 @@ def load_audio_segments(
     ``tolerance_seconds`` of that it is zero-padded or trimmed at the end. Shorter than that is
     an error; longer is an error unless ``trim_long=True``, which keeps the first part.
 
+    Only what the segments need is decoded: a file whose header says it is too long is refused
+    before any sample is read, and no file is read past the longest clip that would be accepted
+    (with ``trim_long``, past the segments plus the resampling filter's reach). The segments are
+    the same, bit for bit, as cutting the whole file's decoded and resampled signal; the silence
+    and finiteness checks cover the part read.
+
     Args:
         path: audio file.
         sample_rate: rate of the returned segments in Hz.
@@ -72,16 +90,29 @@ def load_audio_segments(
     """
     if n_segments < 1 or segment_seconds <= 0:
         raise ValueError(f"need n_segments >= 1 and segment_seconds > 0, got {n_segments}, {segment_seconds}")
-    audio = load_audio(path, sample_rate, allow_silent=allow_silent)
     seg_len = int(round(segment_seconds * sample_rate))
     want = seg_len * n_segments
+    slack = tolerance_seconds * sample_rate
+    expected = f"expected {_secs(want, sample_rate)} s ({n_segments} segments of {segment_seconds:g} s"
+    with _open_audio(path) as f:
+        file_rate = int(f.samplerate)
+        claimed = int(f.frames) if 0 <= f.frames < _UNKNOWN_FRAMES else None
+        if claimed is not None and not trim_long and _resampled_len(claimed, file_rate, sample_rate) - want > slack:
+            raise DecodeError(path, f"too long: {_secs(_resampled_len(claimed, file_rate, sample_rate), sample_rate)} s, "
+                                    f"{expected}; trim_long=True keeps the start)")
+        limit = (_trim_frames(want, file_rate, sample_rate) if trim_long
+                 else math.ceil((want + slack) * file_rate / sample_rate) + 1)
+        mono, more = _read_mono(f, path, limit)
+    if more and not trim_long:  # the header said less than the stream holds
+        raise DecodeError(path, f"too long: more than {_secs(limit, file_rate)} s, {expected}; "
+                                f"trim_long=True keeps the start)")
+    _check_samples(path, mono, allow_silent)
+    audio = resample(mono, file_rate, sample_rate)
     missing = want - len(audio)
-    if missing > tolerance_seconds * sample_rate:
-        raise DecodeError(path, f"too short: {_secs(len(audio), sample_rate)} s, "
-                                f"expected {_secs(want, sample_rate)} s ({n_segments} segments of {segment_seconds:g} s)")
-    if -missing > tolerance_seconds * sample_rate and not trim_long:
-        raise DecodeError(path, f"too long: {_secs(len(audio), sample_rate)} s, expected "
-                                f"{_secs(want, sample_rate)} s ({n_segments} segments of {segment_seconds:g} s; "
+    if missing > slack:
+        raise DecodeError(path, f"too short: {_secs(len(audio), sample_rate)} s, {expected})")
+    if -missing > slack and not trim_long:
+        raise DecodeError(path, f"too long: {_secs(len(audio), sample_rate)} s, {expected}; "
                                 f"trim_long=True keeps the start)")
     if missing > 0:
         audio = np.concatenate([audio, np.zeros(missing, dtype=np.float32)])
@@ -111,8 +142,35 @@ def _secs(n_samples: int, rate: int) -> str:
     return f"{n_samples / rate:.3g}"
 
 
-def _read_audio_file(path: PathLike) -> tuple[np.ndarray, int]:
-    """``(data [n, channels] float32, sample_rate)``; every failure becomes a DecodeError."""
+def _resampled_len(n_frames: int, from_rate: int, to_rate: int) -> int:
+    """Samples :func:`resample` returns for ``n_frames`` (``ceil(n * to / from)``, exactly)."""
+    return n_frames if from_rate == to_rate else -(-n_frames * int(to_rate) // int(from_rate))
+
+
+def _trim_frames(want: int, from_rate: int, to_rate: int) -> int:
+    """Input frames that give the first ``want`` resampled samples exactly as the whole file would.
+
+    ``resample_poly``'s filter has ``10 * max(up, down)`` taps on each side at the upsampled rate,
+    which is ``10 * max(up, down) / up`` input frames: an output sample depends on no frame further
+    away, so frames past this many change none of the first ``want`` samples.
+    """
+    if from_rate == to_rate:
+        return want
+    g = math.gcd(int(from_rate), int(to_rate))
+    up, down = int(to_rate) // g, int(from_rate) // g
+    return math.ceil(want * down / up) + math.ceil(10 * max(up, down) / up) + 16
+
+
+def _check_samples(path: PathLike, mono: np.ndarray, allow_silent: bool) -> None:
+    if not np.all(np.isfinite(mono)):
+        raise DecodeError(path, "audio contains NaN or infinite samples")
+    if not allow_silent and not np.any(mono):
+        raise DecodeError(path, f"silent: all {len(mono)} samples are zero (allow_silent=True accepts it)")
+
+
+@contextmanager
+def _open_audio(path: PathLike) -> Iterator:
+    """An open ``soundfile.SoundFile``; every failure to open becomes a DecodeError."""
     import soundfile as sf
 
     p = Path(path)
@@ -123,12 +181,41 @@ def _read_audio_file(path: PathLike) -> tuple[np.ndarray, int]:
         raise DecodeError(p, "empty file (0 bytes)")
     _check_wav_not_truncated(p, size)
     try:
-        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+        f = sf.SoundFile(str(p))
     except (sf.SoundFileError, RuntimeError, ValueError) as exc:
         raise DecodeError(p, f"unreadable audio ({exc})") from exc
-    if data.shape[0] == 0:
-        raise DecodeError(p, "no audio samples in file")
-    return data, int(rate)
+    with f:
+        yield f
+
+
+def _read_mono(f, path: PathLike, limit: int | None) -> tuple[np.ndarray, bool]:
+    """``(mono float32 of at most limit frames, whether the stream holds more)``, read block by block.
+
+    Each block is averaged over its channels as the whole file would be (row by row: the same
+    float32 sums), so the result equals averaging the file read at once, bit for bit. The header's
+    frame count is never used to size anything: reading stops at the stream's end or at ``limit``.
+    """
+    import soundfile as sf
+
+    channels = int(f.channels)
+    buffer = np.empty((_BLOCK_FRAMES, channels), dtype=np.float32)
+    parts: list[np.ndarray] = []
+    n = 0
+    try:
+        while limit is None or n <= limit:
+            block = f.read(_BLOCK_FRAMES if limit is None else min(_BLOCK_FRAMES, limit + 1 - n),
+                           dtype="float32", always_2d=True, out=buffer)
+            if not len(block):
+                break
+            parts.append(block.mean(axis=1, dtype=np.float32) if channels > 1 else block[:, 0].copy())
+            n += len(block)
+    except (sf.SoundFileError, RuntimeError, ValueError) as exc:
+        raise DecodeError(path, f"unreadable audio ({exc})") from exc
+    if n == 0:
+        raise DecodeError(path, "no audio samples in file")
+    mono = np.concatenate(parts) if len(parts) != 1 else parts[0]
+    more = limit is not None and n > limit
+    return (mono[:limit] if more else mono), more
 
 
 def _check_wav_not_truncated(path: Path, size: int) -> None:
