@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from featurestore._devices import DEVICE_HELP
+from featurestore.atomic_files import OutputWriteError, atomic_write_text
 from featurestore.extract import DEFAULT_BATCH_SIZE, DEFAULT_ENCODERS
 from featurestore.extract.errors import ExtractionStopped
 from featurestore.errors import CorruptChunkError, FeatureStoreError, MissingFeatureError
@@ -416,7 +417,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             for line in summary.failure_lines():
                 print(line)
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+        atomic_write_text(args.summary_json, json.dumps(summary.to_dict(), indent=2, default=str))
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2, default=str))
     return summary.exit_code
@@ -509,10 +510,11 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Nam
 USAGE_ERRORS: tuple[type[BaseException], ...] = (
     _UsageError, FeatureStoreError, FileNotFoundError, FileExistsError, ValueError, OSError)
 #: Errors that mean the work itself failed (exit 1): data missing or corrupt; an extraction stopped
-#: part way by a failed store write (disk full) or a dead decode worker (a rerun resumes). A store
-#: being written by another run (StoreLockedError) is refused with exit 2, like other refused input.
+#: part way by a failed store write (disk full) or a dead decode worker (a rerun resumes); an output
+#: file that could not be written (disk full; the previous file stays). A store being written by
+#: another run (StoreLockedError) is refused with exit 2, like other refused input.
 FAILURE_ERRORS: tuple[type[BaseException], ...] = (MissingFeatureError, CorruptChunkError, ExtractionStopped,
-                                                   _FailedError)
+                                                   OutputWriteError, _FailedError)
 
 
 def run_command(prog: str, command: str, run: Callable[[], int],

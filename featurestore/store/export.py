@@ -22,6 +22,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from featurestore.atomic_files import atomic_write
+
 _STRING_COLUMNS = ("city", "location", "audio_path", "video_path")
 
 
@@ -100,9 +102,12 @@ def manifest_records(store: Any, features: Sequence[str] = (), split: str | None
 
 
 def write_manifest(store: Any, path: str | Path, features: Sequence[str] = (), split: str | None = None) -> int:
-    """Write ``manifest_records`` as JSON lines (``.jsonl``); returns the number of records."""
+    """Write ``manifest_records`` as JSON lines (``.jsonl``); returns the number of records.
+
+    Whole or not at all (temp name + rename): a full disk leaves the previous file as it was.
+    """
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         for record in manifest_records(store, features, split):
             f.write(json.dumps(record) + "\n")
             n += 1
