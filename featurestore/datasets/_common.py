@@ -224,7 +224,8 @@ def read_table(path: PathLike, delimiter: str | None = None, header_first: tuple
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline="") as f:  # csv sees every \r and \n as they are
+            text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetFormatError(path, None, f"cannot read file ({exc})") from exc
     if delimiter is None:

@@ -5,6 +5,9 @@ Everything an encoder sees comes through here, so the policies live in one place
 * Audio is read with soundfile, averaged to mono over all channels and resampled to the requested
   rate with a polyphase filter (``scipy.signal.resample_poly``) when the file's rate differs.
   librosa is deliberately not used: its first call spends ~20 s compiling.
+* Audio is streamed in blocks and decoded no further than the clip needs: a header that says the
+  file is too long is refused before any sample is read, and no header's frame count sizes an
+  allocation, so memory is bounded by the clip whatever a file holds or claims.
 * A clip shorter or longer than ``n_segments * segment_seconds`` by at most ``tolerance_seconds``
   is zero-padded or trimmed at the end; beyond that it is a :class:`DecodeError` (a clip of the
   wrong length usually means the wrong dataset or a broken file, and silently padding 4 s of a
