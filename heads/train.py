@@ -29,6 +29,7 @@ with `TrainingDivergedError` naming the epoch (and step); the last committed che
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from featurestore.atomic_files import atomic_write_text
+from featurestore.atomic_files import OutputWriteError, atomic_write_text, describe_os_error
 from featurestore.encoders import resolve_device
 from featurestore.store.lock import WriterLock, writer_lock
 from featurestore.provenance import fingerprint as provenance_fingerprint
@@ -104,13 +105,24 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
         return _train_locked(cfg, store, overwrite, on_epoch_end)
 
 
-def run_lock(run_dir: str | Path) -> WriterLock:
-    """The writer lock of a run directory (``<run_dir>.lock`` beside it), not yet taken.
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[WriterLock]:
+    """Hold the writer lock of a run directory (``<run_dir>.lock``, beside it) for the block.
 
-    Raises (on entering):
+    Raises:
         StoreLockedError: another process trains into ``run_dir``; the message names it.
+        OutputWriteError: the lock file could not be written (disk full, read-only directory).
     """
-    return writer_lock(Path(run_dir))
+    lock = writer_lock(Path(run_dir))
+    try:
+        lock.acquire()
+    except OSError as err:  # StoreLockedError is no OSError: it passes through as it is
+        raise OutputWriteError(f"could not take the lock {lock.path} of run directory {run_dir}: "
+                               f"{describe_os_error(err)}") from err
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def _train_locked(cfg: TrainConfig, store: Any, overwrite: bool, on_epoch_end: EpochCallback | None) -> TrainResult:
