@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 
 from featurestore.atomic_files import OutputWriteError, atomic_write_text, describe_os_error
 from featurestore.encoders import resolve_device
-from featurestore.store.lock import WriterLock, writer_lock
 from featurestore.provenance import fingerprint as provenance_fingerprint
 from featurestore.provenance import is_random_weights, runtime_info, weights_identity
+from featurestore.store.lock import WriterLock, writer_lock
 from featurestore.torchdata import StoreDataset, WorkerLoader
 from heads._registry import Head, create_head, head_class
 from heads.checkpoint import (
