@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from featurestore.encoders import ALLOW_DOWNLOAD_ENV, downloads_allowed, file_sha256, read_state_dict
+from featurestore.encoders import (
+    ALLOW_DOWNLOAD_ENV, WeightsNotFoundError, downloads_allowed, file_sha256, read_state_dict,
+)
 
 RANDOM = "random"
 PRETRAINED = "pretrained"
@@ -66,12 +68,12 @@ def _pretrained(model: str, weights: str, num_classes: int, in_chans: int, **kwa
     hint = ("put the weights in the local Hugging Face or torch-hub cache, pass a local checkpoint path "
             "as weights=..., or use weights='random' (results are then NOT pretrained)")
     if not downloads_allowed():  # the same policy as the encoders: no network unless asked for
-        raise RuntimeError(f"pretrained weights for timm model {name!r} are not in the local cache "
+        raise WeightsNotFoundError(f"pretrained weights for timm model {name!r} are not in the local cache "
                            f"(downloads are off; set {ALLOW_DOWNLOAD_ENV}=1 to allow them): {hint}")
     try:
         net = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except Exception as exc:  # hub errors come in many types; all mean "not available here"
-        raise RuntimeError(f"could not load pretrained weights for timm model {name!r} "
+        raise WeightsNotFoundError(f"could not load pretrained weights for timm model {name!r} "
                            f"({type(exc).__name__}: {exc}); no network? {hint}") from exc
     return net, {"kind": "pretrained", "tag": f"timm:{name}"}
 

@@ -9,7 +9,11 @@ the segments per clip, as ``heads predict`` followed by fusion's default aggrega
 
 Files form clips by stem: ``x.wav x.mp4`` is one clip ``x`` with audio and video; a clip lacking a
 modality that one of the run's feature sets needs is refused in one line naming the file and the
-feature set. A file that cannot be decoded fails its clip only (exit code 1 on the command line).
+feature set. A file that cannot be decoded fails its clip only (exit code 1 on the command line),
+and so does a clip whose features or probabilities hold NaN or infinity: no non-finite probability
+is ever printed or written. Sizes given by the caller (segments, frames, batch size, workers) are
+checked against :data:`LIMITS` before anything is allocated; the CSV is written atomically
+(``featurestore.atomic_files``: the previous file stays if the disk is full).
 
 Where the provenance comes from: runs record a copy of it in ``run.json`` (``feature_provenance``);
 older runs are read from a store holding the same feature sets (``store=``, else the store the run was
@@ -26,10 +30,41 @@ from typing import Any
 import numpy as np
 import torch
 
+from featurestore.atomic_files import atomic_write
+from featurestore.clip_files import FilesError
 from featurestore.encode_files import DEFAULT_BATCH_CLIPS, ClipFiles, FileEncoder, group_files
 from featurestore.provenance import fingerprint, fingerprint_matches, is_random_weights, weights_identity
 from heads.errors import FeatureFingerprintError
 from heads.trained import TrainedHead
+
+#: (lowest, highest) value accepted for each size a caller gives, checked before anything is
+#: allocated: 1,000 one-second segments or 256 frames per clip already make a very long clip.
+LIMITS: dict[str, tuple[int, int]] = {"segments": (1, 1000), "frames": (1, 256), "batch_size": (1, 1024),
+                                      "num_workers": (0, 64)}
+
+
+def check_sizes(sizes: Mapping[str, Any], names: Mapping[str, str] | None = None) -> None:
+    """Refuse a size outside :data:`LIMITS` (None means "as recorded"), naming it as ``names`` says.
+
+    Raises:
+        ValueError: ``<name> must be an integer from LOW to HIGH, got VALUE``.
+    """
+    for key, value in sizes.items():
+        if value is None:
+            continue
+        low, high = LIMITS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+            raise ValueError(f"{(names or {}).get(key, key)} must be an integer from {low} to {high}, got {value!r}")
+
+
+def group_clip_files(paths: Iterable[str | Path]) -> list[ClipFiles]:
+    """``group_files``, with a directory called a directory (not "not found")."""
+    paths = [Path(p) for p in paths]
+    directories = [str(p) for p in paths if p.is_dir()]
+    if directories:
+        raise FilesError(f"{len(directories)} argument(s) are directories, not files: {', '.join(directories[:10])}; "
+                         f"give the audio and video files in them (e.g. DIR/*.wav DIR/*.mp4)")
+    return group_files(paths)
 
 
 @dataclass
@@ -92,9 +127,13 @@ class ClassifyResult:
                 "random_weights": list(self.random_weights), "clips": clips, "errors": dict(self.errors)}
 
     def write_csv(self, path: str | Path) -> Path:
-        """``clip,files,top_class,probability,<class>...``: one row per classified clip."""
+        """``clip,files,top_class,probability,<class>...``: one row per classified clip, written atomically.
+
+        Raises:
+            OutputWriteError: the file could not be written (disk full...); a previous file is kept.
+        """
         path = Path(path)
-        with open(path, "w", newline="") as f:
+        with atomic_write(path, "w", newline="") as f:  # OutputWriteError if it cannot; the old file stays
             out = csv.writer(f)
             out.writerow(["clip", "files", "top_class", "probability", *self.classes])
             for clip, (label, p), probs in zip(self.clips, self.top(), self.probs):
@@ -127,6 +166,7 @@ class Classifier:
                  store: Any = None, checkpoints: Mapping[str, str | Path] | None = None,
                  segments: int | None = None, frames: int | None = None,
                  batch_size: int = DEFAULT_BATCH_CLIPS, num_workers: int = 0):
+        check_sizes({"segments": segments, "frames": frames, "batch_size": batch_size, "num_workers": num_workers})
         self.trained = TrainedHead.load(run_dir, device, weights)
         provenances, store_classes = run_provenance(self.trained, store)
         self.classes = self.trained.classes or store_classes
@@ -149,19 +189,38 @@ class Classifier:
                 run's feature sets need (before any work).
         """
         items = list(files)
-        clips = items if items and all(isinstance(c, ClipFiles) for c in items) else group_files(items)
+        clips = items if items and all(isinstance(c, ClipFiles) for c in items) else group_clip_files(items)
         encoded = self.encoder.encode(clips, progress=progress)
+        classified, errors = encoded.ok_clips, dict(encoded.errors)
         if encoded.ok.any():
             segment_probs = self.trained.predict_proba(encoded.features)
+            bad = non_finite_clips(encoded.features, segment_probs)
+            errors.update({classified[i].name: message for i, message in bad.items()})
+            keep = [i for i in range(len(classified)) if i not in bad]
+            classified, segment_probs = [classified[i] for i in keep], segment_probs[keep]
         else:
             segment_probs = np.zeros((0, 0, len(self.classes)), np.float32)
         identity = dict(self.encoder.weights_identity)
         backbone = self.trained.info.get("backbone_weights")
         if backbone:
             identity["backbone"] = weights_identity({"weights": backbone})
-        return ClassifyResult(str(self.trained.run_dir), list(self.classes), encoded.ok_clips, segment_probs,
-                              dict(encoded.errors), dict(self.trained.info["features"]), identity,
+        return ClassifyResult(str(self.trained.run_dir), list(self.classes), classified, segment_probs,
+                              errors, dict(self.trained.info["features"]), identity,
                               self.random_weights, self.trained.weights)
+
+
+def non_finite_clips(features: Mapping[str, np.ndarray], segment_probs: np.ndarray) -> dict[int, str]:
+    """Clip index -> why its probabilities must not be shown: NaN or infinity in its features or output."""
+    n = len(segment_probs)
+    bad: dict[int, str] = {}
+    for name, values in features.items():
+        values = np.asarray(values)
+        if values.dtype.kind in "fc":
+            for i in np.flatnonzero(~np.isfinite(values.reshape(n, -1)).all(axis=1)):
+                bad.setdefault(int(i), f"{name}: the features hold NaN or infinity (samples out of range in the file?)")
+    for i in np.flatnonzero(~np.isfinite(segment_probs.reshape(n, -1)).all(axis=1)):
+        bad.setdefault(int(i), "the head gave NaN or infinite probabilities (are the run's weights finite?)")
+    return bad
 
 
 def classify(run_dir: str | Path, files: Iterable[str | Path] | Sequence[ClipFiles], device: str = "auto",

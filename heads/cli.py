@@ -18,12 +18,16 @@ import json
 import sys
 from typing import Any
 
+from featurestore.atomic_files import OutputWriteError
 from featurestore.cli import run_command
 from featurestore.encoders import DEVICE_HELP
-from featurestore.errors import FeatureStoreError
+from featurestore.errors import CorruptChunkError, FeatureStoreError
+from featurestore.extract.errors import ExtractionStopped
 from heads._registry import head_class, list_heads
+from heads.checkpoint import NonFiniteWeightsError
 from heads.config import TrainConfig
 from heads.errors import HeadConfigError
+from heads.predict import FLUSH_CLIPS
 
 # CLI flag -> (type, help) for TrainConfig fields; a flag given overrides the recipe's field.
 _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
@@ -50,15 +54,20 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                    if f.default is not dataclasses.MISSING}
 #: Errors that mean bad input (exit 2, one line on stderr): missing store or run, unknown head or
-#: field, a fingerprint refusal, an unavailable device.
-_USAGE_ERRORS = (FeatureStoreError, HeadConfigError, ValueError, KeyError, FileNotFoundError, FileExistsError,
-                 RuntimeError)
+#: field, a fingerprint refusal, an unavailable device, a path that cannot be read (a directory given
+#: as a recipe), a store another process writes. RuntimeError is not one: torch raises it for real
+#: failures (out of memory, a broken kernel), which keep their traceback.
+_USAGE_ERRORS = (FeatureStoreError, HeadConfigError, ValueError, KeyError, OSError)
+#: Errors that mean the work failed (exit 1): the store or an output file could not be written (disk
+#: full: a rerun resumes), stored data is damaged, training diverged to non-finite weights.
+_FAILURE_ERRORS = (ExtractionStopped, OutputWriteError, CorruptChunkError, NonFiniteWeightsError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``heads`` and ``python -m heads``; returns the exit code (2: bad input)."""
+    """Entry point of ``heads`` and ``python -m heads``; returns the exit code (2: bad input, 1: failed)."""
     args = _parser().parse_args(argv)
-    return run_command("heads", args.command, lambda: args.func(args), usage=_USAGE_ERRORS, failures=())
+    return run_command("heads", args.command, lambda: args.func(args), usage=_USAGE_ERRORS,
+                       failures=_FAILURE_ERRORS)
 
 
 def _flag_help(field: str, text: str) -> str:
@@ -98,7 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--family", help="ensemble family to record (default: from the run)")
     p.add_argument("--weights", default="best", choices=["best", "last"],
                    help="best epoch (by validation accuracy) or last completed epoch")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing prediction run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prediction run (default: continue "
+                   "the same run where it stopped, refuse another run into that name)")
+    p.add_argument("--flush-clips", type=int, default=FLUSH_CLIPS, metavar="N",
+                   help="clips per store write (default: %(default)s, or a minute's work): a killed predict loses "
+                        "at most these; rerun it to continue")
     _output_flags(p, "the prediction run, clips written and skipped, family and random-weights flag")
     p.set_defaults(func=cmd_predict)
 
@@ -208,25 +221,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``heads predict``: 0, or 1 when some clip had non-finite features or probabilities (named)."""
     from heads.predict import predict
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    if args.flush_clips < 1:
+        raise ValueError(f"--flush-clips must be an integer >= 1, got {args.flush_clips}")
     result = predict(args.store, args.run, name=args.name, split=args.split, batch_size=args.batch_size,
                      device=args.device, overwrite=args.overwrite, family=args.family, weights=args.weights,
-                     progress=not args.quiet)
+                     progress=not args.quiet, flush_clips=args.flush_clips)
     if args.json:
         print(json.dumps({"store": str(args.store), "run": result.run, "run_dir": result.attrs["run_dir"],
-                          "clips": result.n_clips, "skipped": result.n_skipped, "segments": result.n_segments,
-                          "family": result.attrs["family"], "random_weights": result.attrs["random_weights"]},
-                         indent=2))
-    return 0
+                          "clips": result.n_clips, "resumed": result.n_resumed, "skipped": result.n_skipped,
+                          "segments": result.n_segments, "family": result.attrs["family"],
+                          "random_weights": result.attrs["random_weights"], "errors": result.errors}, indent=2))
+    if result.errors:
+        shown = "; ".join(f"{clip}: {why}" for clip, why in list(result.errors.items())[:5])
+        more = f"; and {len(result.errors) - 5} more" if len(result.errors) > 5 else ""
+        print(f"heads predict: error: {len(result.errors)} clip(s) not predicted (not marked done): {shown}{more}",
+              file=sys.stderr)
+    return result.exit_code
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
     """``heads classify RUN FILE...``: a table (file, top class, probability) or JSON; 1 if a clip failed."""
-    from featurestore.encode_files import group_files
-    from heads.classify import Classifier
+    from heads.classify import Classifier, check_sizes, group_clip_files
 
-    clips = group_files(args.files)  # missing files and unknown kinds are refused before any model is built
+    check_sizes({"segments": args.segments, "frames": args.frames, "batch_size": args.batch_size,
+                 "num_workers": args.num_workers}, _CLASSIFY_FLAGS)  # before anything is allocated
+    clips = group_clip_files(args.files)  # missing files and unknown kinds are refused before any model is built
     checkpoints = dict(_parse_pair(item, "--checkpoint", "FEATURE_SET=PATH") for item in args.checkpoint)
     classifier = Classifier(args.run, args.device, weights=args.weights, store=args.store, checkpoints=checkpoints,
                             segments=args.segments, frames=args.frames, batch_size=args.batch_size,
@@ -242,6 +266,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     print(f"classify: {len(result.clips)} clip(s) classified with {args.run} ({args.weights} weights) on "
           f"{classifier.trained.device}{failed}" + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     return result.exit_code
+
+
+_CLASSIFY_FLAGS = {"segments": "--segments", "frames": "--frames", "batch_size": "--batch-size",
+                   "num_workers": "--num-workers"}
 
 
 def classify_table(result: Any) -> str:

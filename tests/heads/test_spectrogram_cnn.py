@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import heads
+from featurestore.encoders import WeightsNotFoundError
 from heads.backbones import create_backbone
 
 SMALL = dict(backbone="test_resnet", n_classes=3, input_shape=[20, 16], resize_to=[32, 24], freq_mask_width=6)
@@ -103,7 +104,8 @@ def test_missing_pretrained_weights_give_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.delenv("FEATURESTORE_ALLOW_DOWNLOAD", raising=False)  # no network attempt without it
-    with pytest.raises(RuntimeError, match="not in the local cache.*FEATURESTORE_ALLOW_DOWNLOAD.*weights='random'"):
+    # a usage error (exit 2 on the command line), never a RuntimeError, which means a real torch failure
+    with pytest.raises(WeightsNotFoundError, match="not in the local cache.*FEATURESTORE_ALLOW_DOWNLOAD.*weights='random'"):
         heads.create_head("spectrogram_cnn", **SMALL, weights="pretrained")
     with pytest.raises(FileNotFoundError, match="no such file"):
         heads.create_head("spectrogram_cnn", **SMALL, weights=str(tmp_path / "absent.pth"))
