@@ -56,3 +56,37 @@ def same_shape(arrays: dict[str, np.ndarray]) -> tuple[int, ...]:
         listing = ", ".join(f"{n}: {s}" for n, s in shapes.items())
         raise ValueError(f"expected arrays of one shape, found {listing}")
     return next(iter(shapes.values()))
+
+
+class NonFiniteProbabilitiesError(ValueError):
+    """Probabilities that are NaN or infinite for some clips.
+
+    Raised before anything is written or printed from them: a submission or a classify answer holding
+    ``nan`` looks like an answer and is not one. The command line counts it as failed work (exit 1).
+    """
+
+
+def nonfinite_rows(probs: np.ndarray) -> np.ndarray:
+    """Bool mask of the rows (first axis) of ``probs`` holding any NaN or infinity."""
+    arr = np.asarray(probs, dtype=np.float64)
+    return ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1) if arr.shape[0] else np.zeros(0, dtype=bool)
+
+
+def name_some(names: list[str], limit: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 7 more``: clip lists short enough for one error line."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_finite_rows(probs: np.ndarray, clip_ids: list[str], source: str) -> None:
+    """Refuse probabilities with a non-finite entry, naming the clips and where they came from.
+
+    Args:
+        probs: ``[n_clips, ...]`` probabilities, one row per clip id.
+        clip_ids: the clips of the rows.
+        source: what produced them, for the message ("prediction run 'A01'").
+    """
+    bad = [clip_ids[i] for i in np.flatnonzero(nonfinite_rows(probs))]
+    if bad:
+        raise NonFiniteProbabilitiesError(f"{source} holds non-finite probabilities (NaN/inf) for {len(bad)} "
+                                          f"clip(s): {name_some(bad)}; nothing was written")

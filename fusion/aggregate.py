@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fusion._validate import as_probs
+from fusion._validate import as_probs, check_finite_rows
 
 GEOMETRIC_EPS = 1e-7  # floor before the log, so one zero segment does not zero the clip
 
@@ -63,10 +63,13 @@ def aggregate_segments(probs: np.ndarray, method: str = "mean") -> np.ndarray:
 def load_clip_probs(store, run: str, clip_ids: Sequence[str], method: str = "mean") -> np.ndarray:
     """Read one prediction run for ``clip_ids`` from a store and aggregate it to clip level.
 
-    Raises the store's ``MissingFeatureError`` when some clips were not predicted by the run, and
-    ``UnknownFeatureError`` (listing the runs that exist) when the run is not in the store.
+    Raises the store's ``MissingFeatureError`` when some clips were not predicted by the run,
+    ``UnknownFeatureError`` (listing the runs that exist) when the run is not in the store, and
+    ``NonFiniteProbabilitiesError`` naming the run and the clips whose stored probabilities hold a NaN
+    or an infinity (a model that diverged): those never reach a fusion, a submission or a score.
     """
     segment_probs = store.get_predictions(run, list(clip_ids))
+    check_finite_rows(segment_probs, list(clip_ids), f"prediction run {run!r}")
     try:
         return aggregate_segments(segment_probs, method)
     except ValueError as err:

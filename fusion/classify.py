@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.atomic_files import atomic_write
 from featurestore.clip_files import ClipFiles, group_files
-from fusion.pipeline import _fuse, _weights, calibrate, family_stage, validate_recipe
+from fusion._validate import NonFiniteProbabilitiesError, name_some
+from fusion.pipeline import _fuse, _weights, calibrate, check_output, family_stage, validate_recipe
 from fusion.postprocess import clamp_eq1
 from fusion.recipe import FusionRecipe, RecipeError
 from fusion.runinfo import describe_runs
@@ -99,9 +101,13 @@ class FusedFiles:
                 "clips": clips, "errors": dict(self.errors)}
 
     def write_csv(self, path: str | Path) -> Path:
-        """``clip,files,top_class,probability,<class>...`` (the columns ``heads classify --out`` writes)."""
+        """``clip,files,top_class,probability,<class>...`` (the columns ``heads classify --out`` writes).
+
+        Written to a temp name and renamed: a full disk leaves the previous file as it was
+        (``OutputWriteError`` naming the file).
+        """
         path = Path(path)
-        with open(path, "w", newline="") as f:
+        with atomic_write(path, "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["clip", "files", "top_class", "probability", *self.classes])
             for clip, (label, p), probs in zip(self.clips, self.top(), self.probs):
@@ -135,6 +141,7 @@ def classify_files(store, recipe: FusionRecipe, files: Iterable[str | Path], dev
         FilesError: missing files or unknown kinds (before any run is asked).
         RecipeError: a run is not in the store, or records no run directory.
         ClassifyError: a run directory is gone or holds another head, or heads refused the files.
+        NonFiniteProbabilitiesError: a run's answer, or the fused output, holds a NaN or an infinity.
     """
     validate_recipe(store, recipe)
     clips = group_files(files)
@@ -183,6 +190,7 @@ def fuse_new_clips(store, recipe: FusionRecipe, names: Sequence[str],
         final, described = calibrate(store, recipe, recipe.calibration, stage, fused, weights, stages)
     if recipe.postprocess:
         final = clamp_eq1(final, renormalize=recipe.postprocess.renormalize)
+    check_output(recipe, final, names)
     return final, described
 
 
@@ -194,6 +202,7 @@ def ask_heads(run: str, attrs: Mapping[str, Any], clips: Sequence[ClipFiles], cl
         RecipeError: the run records no run directory (it was not written by ``heads predict``).
         ClassifyError: the directory is gone, heads refused (its one-line error is quoted), or the
             directory now holds a head trained on other features, or on other classes.
+        NonFiniteProbabilitiesError: the answer holds a NaN or infinity for some clips (named).
     """
     where = run_dir or attrs.get("run_dir")
     if not where:
@@ -216,6 +225,10 @@ def ask_heads(run: str, attrs: Mapping[str, Any], clips: Sequence[ClipFiles], cl
     _check_answer(run, where, attrs, answer, classes)
     order = [answer["classes"].index(name) for name in classes]
     probs = {c["clip"]: np.asarray(c["segment_probs"], dtype=np.float32)[:, order] for c in answer["clips"]}
+    bad = [name for name, p in probs.items() if not np.isfinite(p).all()]
+    if bad:
+        raise NonFiniteProbabilitiesError(f"the answer of run {run!r} ({where}) holds non-finite probabilities "
+                                          f"(NaN/inf) for {len(bad)} clip(s): {name_some(bad)}; nothing was written")
     return RunProbs(run, str(where), probs, dict(answer.get("errors") or {}), seconds)
 
 

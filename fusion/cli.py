@@ -4,6 +4,11 @@ Each command is a thin wrapper: it opens the store read-only, reads the recipe a
 function (:func:`fusion.evaluate.evaluate_recipe`, :func:`fusion.report.write_report`,
 :func:`fusion.submit.submit_recipe`, :func:`fusion.classify.classify_files`). ``--json`` prints what
 a command did as one JSON object on stdout.
+
+Every command that scores or writes a recipe's output says when a run behind it used random encoder
+weights (a ``WARNING: run ... uses RANDOM weights`` line: first on stdout, or on stderr with
+``--json``). Python warnings (a calibrator fitted on a training split, a class missing from a
+stacking fit) are one line each, ``fusion <cmd>: warning: ...``, without source lines.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 
 from fusion.recipe import FusionRecipe, RecipeError
@@ -21,6 +27,25 @@ def _open(path: str):
     from featurestore import open_store
 
     return open_store(path, mode="r")
+
+
+def random_warnings(store, runs: Sequence[str]) -> list[str]:
+    """One ``WARNING:`` line per run whose inputs ran with random weights (README: every output says so)."""
+    from fusion.runinfo import describe_runs
+
+    return random_lines({run: info.random_features for run, info in describe_runs(store, runs).items()
+                         if info.random})
+
+
+def random_lines(random_weights: dict[str, list[str]]) -> list[str]:
+    """``WARNING: run R uses RANDOM weights (features): ...`` for each run -> its random-weight inputs."""
+    return [f"WARNING: run {run} uses RANDOM weights ({', '.join(features)}): its probabilities carry no "
+            f"pretrained knowledge" for run, features in random_weights.items()]
+
+
+def _say_warnings(lines: list[str], as_json: bool) -> None:
+    for line in lines:
+        print(line, file=sys.stderr if as_json else sys.stdout)
 
 
 def _recipe(args: argparse.Namespace) -> FusionRecipe:
@@ -37,7 +62,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fusion.evaluate import evaluate_recipe
 
     with _open(args.store) as store:
-        ev = evaluate_recipe(store, _recipe(args), args.split, args.calibration_split, args.cross_fit)
+        recipe = _recipe(args)
+        ev = evaluate_recipe(store, recipe, args.split, args.calibration_split, args.cross_fit)
+        _say_warnings(random_warnings(store, recipe.runs), args.json)
     if args.json:
         print(json.dumps(ev.to_dict(), indent=2))
         return 0
@@ -55,7 +82,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fusion.report import write_report
 
     with _open(args.store) as store:
-        report = write_report(store, _recipe(args), args.out, args.split, args.calibration_split, args.cross_fit)
+        recipe = _recipe(args)
+        report = write_report(store, recipe, args.out, args.split, args.calibration_split, args.cross_fit)
+        _say_warnings(random_warnings(store, recipe.runs), args.json)
     final = report.evaluation.final
     if args.json:
         print(json.dumps({"recipe": report.evaluation.output.recipe.name, "split": report.evaluation.output.split,
@@ -75,6 +104,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     with _open(args.store) as store:
         path, n = submit_recipe(store, recipe, args.split, args.out, args.filename_template)
+        _say_warnings(random_warnings(store, recipe.runs), args.json)
     if args.json:
         print(json.dumps({"recipe": recipe.name, "split": args.split or recipe.eval_split, "path": str(path),
                           "clips": n}, indent=2))
@@ -101,7 +131,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     """``fusion classify``: the recipe's fusion of new files, as a table or JSON; 1 if a clip failed."""
     from fusion.classify import classify_files
+    from fusion.submission import check_output_file
 
+    if args.out:
+        check_output_file(args.out)  # a directory is refused before any run classifies the files
     run_dirs = {}
     for item in args.run_dir:
         run, sep, path = item.partition("=")
@@ -114,6 +147,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if args.out:
         result.write_csv(args.out)
     if args.json:
+        _say_warnings(random_lines(result.random_weights), as_json=True)
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(classify_table(result))
@@ -125,8 +159,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def classify_table(result) -> str:
     """Random-weights warning, a table (file, top class, probability) and the failed clips."""
-    lines = [f"WARNING: run {run} uses RANDOM weights ({', '.join(features)}): its probabilities carry no "
-             f"pretrained knowledge" for run, features in result.random_weights.items()]
+    lines = random_lines(result.random_weights)
     rows = [("file", "top class", "probability")]
     rows += [(clip.describe(), label, f"{p:.4f}") for clip, (label, p) in zip(result.clips, result.top())]
     if len(rows) > 1:
@@ -198,13 +231,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``fusion`` and ``python -m fusion``; returns the exit code (2: bad input)."""
+    """Entry point of ``fusion`` and ``python -m fusion``; returns the exit code.
+
+    2: bad input (a recipe, a store, an output path that is a directory or a file); 1: the work
+    failed (an output file could not be written -- a full disk --, or probabilities came out NaN).
+    """
+    from featurestore.atomic_files import OutputWriteError
     from featurestore.cli import run_command
     from featurestore.errors import FeatureStoreError
+    from fusion._validate import NonFiniteProbabilitiesError
 
     args = build_parser().parse_args(argv)
-    return run_command("fusion", args.command, lambda: args.func(args),
-                       usage=(RecipeError, FeatureStoreError, FileNotFoundError, ValueError), failures=())
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning(args.command)
+        return run_command("fusion", args.command, lambda: args.func(args),
+                           usage=(RecipeError, FeatureStoreError, ValueError, OSError),
+                           failures=(OutputWriteError, NonFiniteProbabilitiesError))
+
+
+def _one_line_warning(command: str):
+    """``warnings.showwarning`` for the command line: ``fusion <cmd>: warning: ...``, no source lines.
+
+    Each text is said once (a calibration fitted for the recipe and again for a comparison row warns
+    from two places about one thing).
+    """
+    said: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if str(message) not in said:
+            said.add(str(message))
+            print(f"fusion {command}: warning: {message}", file=sys.stderr)
+
+    return show
 
 
 if __name__ == "__main__":

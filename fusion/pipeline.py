@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fusion._validate import check_finite_rows
 from fusion.aggregate import load_clip_probs
 from fusion.calibration import ConfidenceWeights, check_disjoint, crossfit_apply, make_calibrator
 from fusion.postprocess import clamp_eq1
@@ -195,6 +196,14 @@ def _warn_if_training_split(store, recipe: FusionRecipe, fit_split: str) -> None
                       stacklevel=3)
 
 
+def check_output(recipe: FusionRecipe, final: np.ndarray, clip_ids: Sequence[str]) -> None:
+    """The last guard before a submission, a report or a classify answer: every probability is finite.
+
+    The runs' inputs are checked when read; this catches a step that made a NaN from finite inputs.
+    """
+    check_finite_rows(final, list(clip_ids), f"the output of recipe {recipe.name!r} (runs {', '.join(recipe.runs)})")
+
+
 def training_overlap(store, recipe: FusionRecipe, clip_ids: Sequence[str]) -> dict[str, int]:
     """Per run, how many of ``clip_ids`` are in that run's recorded training split (should be 0)."""
     attrs, wanted, found = store.prediction_runs(), set(clip_ids), {}
@@ -233,6 +242,7 @@ def fuse(store, recipe: FusionRecipe, split: str | None = None,
         final, described = calibrate(store, recipe, recipe.calibration, stage, fused, weights, stages)
     if recipe.postprocess:
         final = clamp_eq1(final, renormalize=recipe.postprocess.renormalize)
+    check_output(recipe, final, ids)
     notes = [f"{n} clip(s) of this split are in the training split of run {r}"
              for r, n in training_overlap(store, recipe, ids).items()]
     attrs = store.prediction_runs()

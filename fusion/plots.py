@@ -1,11 +1,18 @@
-"""Report figures: confusion matrix and reliability diagram (matplotlib, Agg backend, PNG)."""
+"""Report figures: confusion matrix and reliability diagram (matplotlib, Agg backend, PNG).
+
+Figures are rendered to PNG bytes in memory, so a caller can write them whole or not at all:
+:func:`plot_confusion` and :func:`plot_reliability` write one file each through ``atomic_write_bytes``;
+:func:`fusion.report.write_report` publishes its figures together with the rest of the report.
+"""
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from featurestore.atomic_files import atomic_write_bytes
 from fusion.metrics import ReliabilityBins
 
 
@@ -18,8 +25,17 @@ def _pyplot():
     return plt
 
 
-def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """Row-normalised confusion matrix (true class rows) with the counts written in each cell."""
+def _png(plt, fig) -> bytes:
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=100, format="png")
+        return buffer.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def confusion_png(matrix: np.ndarray, classes: Sequence[str], title: str = "") -> bytes:
+    """Row-normalised confusion matrix (true class rows) with the counts written in each cell, as PNG."""
     plt = _pyplot()
     counts = np.asarray(matrix)
     totals = counts.sum(axis=1, keepdims=True)
@@ -38,13 +54,11 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | Path,
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
     ax.set_title(title or "Confusion matrix")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _png(plt, fig)
 
 
-def plot_reliability(curves: Mapping[str, ReliabilityBins], path: str | Path, title: str = "") -> Path:
-    """Accuracy against confidence per bin for each named variant, with the diagonal and ECE."""
+def reliability_png(curves: Mapping[str, ReliabilityBins], title: str = "") -> bytes:
+    """Accuracy against confidence per bin for each named variant, with the diagonal and ECE, as PNG."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
@@ -58,6 +72,14 @@ def plot_reliability(curves: Mapping[str, ReliabilityBins], path: str | Path, ti
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title or "Reliability diagram")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _png(plt, fig)
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """Write :func:`confusion_png` to ``path`` (whole, or the previous file stays)."""
+    return atomic_write_bytes(path, confusion_png(matrix, classes, title))
+
+
+def plot_reliability(curves: Mapping[str, ReliabilityBins], path: str | Path, title: str = "") -> Path:
+    """Write :func:`reliability_png` to ``path`` (whole, or the previous file stays)."""
+    return atomic_write_bytes(path, reliability_png(curves, title))

@@ -21,6 +21,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from featurestore.atomic_files import atomic_write_text
 from fusion.aggregate import AGGREGATORS
 from fusion.calibration import CALIBRATORS
 
@@ -144,10 +145,10 @@ class FusionRecipe:
         return asdict(self)
 
     def to_json(self, path: str | Path | None = None) -> str:
-        """The recipe as JSON text; also written to ``path`` when given."""
+        """The recipe as JSON text; also written to ``path`` when given (whole, or the old file stays)."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
 

@@ -5,15 +5,17 @@ word RANDOM in the notes of every affected row of the table, and the weights-ide
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from featurestore.atomic_files import atomic_path
 from fusion.evaluate import EQ1, FUSED, Evaluation, describe_calibration, evaluate_recipe
 from fusion.metrics import Scores, reliability
-from fusion.plots import plot_confusion, plot_reliability
+from fusion.plots import confusion_png, reliability_png
 from fusion.recipe import FusionRecipe
 from fusion.runinfo import RunInfo, describe_runs, feature_modality
 
@@ -208,31 +210,50 @@ def write_report(store, recipe: FusionRecipe, out_dir: str | Path, split: str | 
                  calibration_split: str | None = None, cross_fit: int | None = None) -> Report:
     """Evaluate ``recipe`` and write report.md, confusion.png, reliability.png and metrics.json.
 
+    The four files are published together: each is written to a temp name, and only when all four
+    are written are they renamed onto their names. A full disk part way leaves the previous report
+    as it was (``OutputWriteError`` naming the file that failed) and no temp file.
+
     Args:
         store: an open store with the recipe's prediction runs.
         recipe: the fusion recipe.
-        out_dir: directory to create (existing files there are overwritten).
+        out_dir: directory to create (existing report files there are replaced; a file there is refused).
         split: labelled split to score (default: the recipe's ``eval_split``).
         calibration_split: fit split for the temperature/stacking comparison rows.
         cross_fit: location folds for those rows when their fit split overlaps ``split``.
     """
     directory = Path(out_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"report directory {str(directory)!r} is a file; expected a directory (or a new name)")
     ev = evaluate_recipe(store, recipe, split, calibration_split, cross_fit)
     stored = store.feature_sets()  # reads every done mask: once per report
     infos = describe_runs(store, recipe.runs, stored)
     rows = table_rows(ev, infos)
     out = ev.output
-    confusion = plot_confusion(np.asarray(ev.final.confusion), out.classes, directory / "confusion.png",
-                               f"{recipe.name} on {out.split}")
-    curves = {name: reliability(p, out.labels, renormalize=recipe.metric_renormalize)
-              for name, p in ev.variant_probs.items()}
-    rel = plot_reliability(curves, directory / "reliability.png", f"{recipe.name} on {out.split}")
-    markdown = directory / "report.md"
-    markdown.write_text(render_markdown(store, ev, rows, infos,
-                                        {"confusion": confusion.name, "reliability": rel.name}, stored))
-    metrics = directory / "metrics.json"
+    names = {"markdown": directory / "report.md", "metrics": directory / "metrics.json",
+             "confusion": directory / "confusion.png", "reliability": directory / "reliability.png"}
+    markdown = render_markdown(store, ev, rows, infos, {k: names[k].name for k in ("confusion", "reliability")},
+                               stored)
     payload = {**ev.to_dict(), "weights": {r: {"identity": i.weights, "random": i.random_features}
                                            for r, i in infos.items()}}
-    metrics.write_text(json.dumps(payload, indent=2) + "\n")
-    return Report(directory, markdown, confusion, rel, metrics, ev, rows)
+    curves = {name: reliability(p, out.labels, renormalize=recipe.metric_renormalize)
+              for name, p in ev.variant_probs.items()}
+    title = f"{recipe.name} on {out.split}"
+    publish_together({names["markdown"]: markdown.encode(),
+                      names["metrics"]: (json.dumps(payload, indent=2) + "\n").encode(),
+                      names["confusion"]: confusion_png(np.asarray(ev.final.confusion), out.classes, title),
+                      names["reliability"]: reliability_png(curves, title)})
+    return Report(directory, names["markdown"], names["confusion"], names["reliability"], names["metrics"], ev, rows)
+
+
+def publish_together(files: dict[Path, bytes]) -> None:
+    """Write every file to a temp name beside it, then rename them all: a report is never half new.
+
+    A failed write (full disk) removes every temp file and renames none, so the previous files stay
+    as they were; ``OutputWriteError`` names the file that failed.
+    """
+    for parent in {path.parent for path in files}:
+        parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as publish:  # the renames happen as the stack closes, after every write
+        for path, data in files.items():
+            publish.enter_context(atomic_path(path)).write_bytes(data)

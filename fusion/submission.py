@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featurestore.atomic_files import atomic_write
 from fusion._validate import as_probs
 
 DEFAULT_FILENAME_TEMPLATE = "audio/{clip_id}.wav"
@@ -39,8 +40,11 @@ def write_submission(path: str | Path, clip_ids: Sequence[str], probs: np.ndarra
                      filename_template: str = DEFAULT_FILENAME_TEMPLATE) -> Path:
     """Write the tab-separated submission file and return its path.
 
+    The file is written to a temp name beside ``path`` and renamed: a full disk or a kill leaves the
+    previous submission as it was (``OutputWriteError`` naming the file), never one cut mid-row.
+
     Args:
-        path: output file (parent directories are created).
+        path: output file (parent directories are created; an existing directory is refused).
         clip_ids: one id per row of ``probs``.
         probs: [n, n_classes] final probabilities, written as given (no renormalisation).
         classes: class names in column order.
@@ -51,14 +55,23 @@ def write_submission(path: str | Path, clip_ids: Sequence[str], probs: np.ndarra
         raise ValueError(f"submission: expected probabilities of shape {(len(clip_ids), len(classes))}, found {p.shape}")
     if "{clip_id}" not in filename_template:
         raise ValueError(f"submission: filename template must contain '{{clip_id}}', found {filename_template!r}")
-    out = Path(path)
+    out = check_output_file(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
+    with atomic_write(out, "w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         writer.writerow(["filename", "scene_label", *classes])
         for clip_id, row in zip(clip_ids, p):
             writer.writerow([filename_template.format(clip_id=clip_id), classes[int(row.argmax())],
                              *(format(v, PROB_FORMAT) for v in row)])
+    return out
+
+
+def check_output_file(path: str | Path) -> Path:
+    """``path`` as a file to write: an existing directory there is refused before any work is done."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"output file {str(out)!r} is a directory; expected a file name such as "
+                         f"{str(out / 'submission.csv')!r}")
     return out
 
 
