@@ -20,8 +20,8 @@ from featurestore.decode._errors import DecodeError, PathLike
 
 #: Default slack on a clip's length before it counts as too short / too long (seconds).
 DEFAULT_TOLERANCE_SECONDS = 0.1
-#: Frames read (all channels) per call: 65536 x 8 channels x 4 bytes = 2 MiB at a time.
-_BLOCK_FRAMES = 1 << 16
+#: Frames read (all channels) per call: 262144 x 8 channels x 4 bytes = 8 MiB at a time.
+_BLOCK_FRAMES = 1 << 18
 #: Header frame counts from here on mean "unknown" (libsndfile's SF_COUNT_MAX for streams).
 _UNKNOWN_FRAMES = 1 << 62
 
