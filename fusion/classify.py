@@ -202,7 +202,7 @@ def ask_heads(run: str, attrs: Mapping[str, Any], clips: Sequence[ClipFiles], cl
         RecipeError: the run records no run directory (it was not written by ``heads predict``).
         ClassifyError: the directory is gone, heads refused (its one-line error is quoted), or the
             directory now holds a head trained on other features, or on other classes.
-        NonFiniteProbabilitiesError: the answer holds a NaN or infinity for some clips (named).
+        NonFiniteProbabilitiesError: the answer holds a NaN or infinity for some clips (:func:`read_answer`).
     """
     where = run_dir or attrs.get("run_dir")
     if not where:
@@ -221,7 +221,19 @@ def ask_heads(run: str, attrs: Mapping[str, Any], clips: Sequence[ClipFiles], cl
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if "error:" in line), lines[-1] if lines else "no output")
         raise ClassifyError(f"run {run!r} ({where}): {reason.strip()} (exit code {done.returncode})")
-    answer = json.loads(done.stdout)
+    return read_answer(run, where, attrs, done.stdout, classes, seconds)
+
+
+def read_answer(run: str, where: str | Path, attrs: Mapping[str, Any], text: str, classes: Sequence[str],
+                seconds: float = 0.0) -> RunProbs:
+    """Check the JSON that ``heads classify --json`` printed and map its probabilities onto ``classes``.
+
+    Raises:
+        ClassifyError: the answer comes from another head (other features or classes).
+        NonFiniteProbabilitiesError: it holds a NaN or an infinity for some clips (named): a
+            diverged head; fusing it would print and write ``nan``.
+    """
+    answer = json.loads(text)
     _check_answer(run, where, attrs, answer, classes)
     order = [answer["classes"].index(name) for name in classes]
     probs = {c["clip"]: np.asarray(c["segment_probs"], dtype=np.float32)[:, order] for c in answer["clips"]}

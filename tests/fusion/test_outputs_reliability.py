@@ -196,6 +196,21 @@ def test_classify_refuses_a_nan_answer_naming_the_clips_and_the_run(tiny_store):
         fuse_new_clips(tiny_store, FusionRecipe.from_dict(PLAIN, "test"), ["new0", "new1", "new2"], answers)
 
 
+def test_a_heads_answer_with_nan_is_refused_naming_the_run_and_clips(tiny_store):
+    """``heads classify --json`` prints NaN as the JSON token ``NaN``; fusion refuses it before fusing."""
+    from fusion.classify import read_answer
+    from fusion._validate import NonFiniteProbabilitiesError
+
+    classes = list(tiny_store.classes)
+    row = ", ".join(["0.1"] * len(classes))
+    text = ('{"classes": %s, "features": {}, "errors": {}, "clips": [{"clip": "park1", "segment_probs": [[%s]]}, '
+            '{"clip": "bus2", "segment_probs": [[NaN%s]]}]}' % (json.dumps(classes), row, ", 0.1" * (len(classes) - 1)))
+    assert np.isnan(json.loads(text)["clips"][1]["segment_probs"][0][0])  # the crafted answer parses as heads' would
+    with pytest.raises(NonFiniteProbabilitiesError,
+                       match=r"the answer of run 'V01' \(runs/v01\) holds non-finite .* 1 clip\(s\): bus2;"):
+        read_answer("V01", "runs/v01", {}, text, classes)
+
+
 def test_the_output_guard_names_the_recipe_and_its_runs():
     """A step that makes a NaN out of finite inputs is caught before anything is written."""
     from fusion.pipeline import check_output
