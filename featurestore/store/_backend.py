@@ -45,6 +45,20 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+#: The array name whose writes publish rows (feature sets' and prediction runs' done flags).
+DONE_ARRAY = "done"
+
+
+def is_commit_point(path: str, attrs: bool = False) -> bool:
+    """Whether writing ``path`` publishes work: a ``done`` array, or (``attrs``) the root's attributes.
+
+    Done flags say "these rows' values are there", and the root's ``n_clips`` says "these index rows
+    are there". A backend that buffers writes (HDF5) makes everything written before such a write
+    durable first, and the write itself after; Zarr writes each chunk and attribute through.
+    """
+    return path == "" if attrs else path.rsplit("/", 1)[-1] == DONE_ARRAY
+
+
 def join(*parts: str) -> str:
     """Join path parts with '/', ignoring empty parts."""
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))

@@ -3,20 +3,41 @@
 HDF5 cannot put a checksum filter on variable-length strings, so string arrays are stored as
 fixed-width UTF-8 bytes (width grows on demand) and keep their checksum. Attributes are stored as
 JSON text so that nested provenance dicts survive unchanged.
+
+Unlike Zarr, HDF5 keeps the file's structure (chunk indexes, object headers, the superblock's end of
+file) in a cache and writes it when it flushes. So that finished rows survive a kill or a full disk:
+
+- writable files keep no raw-data chunk cache: each chunk is written by the call that writes it, and a
+  full disk fails that call, before the done flags that would publish it;
+- at the store's commit points (see ``_backend.is_commit_point``: a ``done`` array, the root's
+  attributes) the file is flushed before the write, so what the flags publish is in the file, and
+  after it, so the flags are;
+- the first failed write abandons the file: its descriptor is pointed at a scratch file and the file
+  is closed, so HDF5's dirty cache never reaches the disk (the file keeps its last flushed state,
+  which opens and verifies) and no half-closed HDF5 object is left for the interpreter's exit (HDF5
+  crashes there, SIGSEGV, on the objects of a file whose close failed). The error raised is an
+  ``OSError`` with the cause's errno (``ENOSPC``, ``EFBIG``), which extraction reports in one line;
+  every later call on this backend raises it again.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import h5py
 import numpy as np
 
 from featurestore.errors import StoreFormatError
-from featurestore.store._backend import COMPRESSORS, STRING, as_str_array
+from featurestore.store._backend import COMPRESSORS, STRING, as_str_array, is_commit_point
 
 _STRING_ATTR = "avscene_string_array"
 _CONTIGUOUS_BLOCK_BYTES = 4 * 2**20  # read unchunked datasets (other tools' default) in blocks of this size
+_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")  # HDF5 puts the system call's errno in its message text
 
 
 class HDF5Backend:
@@ -27,14 +48,55 @@ class HDF5Backend:
     def __init__(self, location: str, mode: str):
         self.location = location
         self.read_only = mode == "r"
+        self._failed: OSError | None = None  # the write that failed; the file is closed since
         h5mode = {"r": "r", "a": "a", "w": "w"}[mode]
-        self._file = h5py.File(location, h5mode)
+        # no chunk cache when writing: a chunk reaches the file in the call that writes it (see above)
+        cache = {} if self.read_only else {"rdcc_nbytes": 0}
+        try:
+            self._h5 = h5py.File(location, h5mode, **cache)
+        except (OSError, RuntimeError) as err:
+            if self.read_only or _errno_of(err) is None:
+                raise
+            raise _os_error(err, location) from err  # creating on a full disk: the errno, for one line
         self._datasets: dict[str, h5py.Dataset] = {}  # h5py name lookups cost ~50 us each
         try:
-            refuse_outside_storage(self._file, location)
+            refuse_outside_storage(self._h5, location)
         except Exception:
-            self._file.close()
+            self._h5.close()
             raise
+
+    @property
+    def _file(self) -> h5py.File:
+        """The open file; after a failed write, the error again (the file is closed)."""
+        if self._failed is not None:
+            raise OSError(self._failed.errno, f"closed after a failed write: {self._failed.strerror}",
+                          self.location) from self._failed
+        return self._h5
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Run a change of the file; if HDF5 fails, abandon the file and raise an OSError with errno.
+
+        h5py raises OSError or RuntimeError for failed file operations (lookups and bad arguments
+        are KeyError/ValueError/TypeError, raised before anything is written, and pass through).
+        """
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            if self._failed is not None:  # already abandoned (raised by ``_file``)
+                raise
+            raise self._abandon(err) from err
+
+    def _abandon(self, err: BaseException) -> OSError:
+        """Mark the file failed and close it without writing to it again (see the module docstring)."""
+        self._failed = _os_error(err, self.location)
+        self._datasets.clear()
+        close_without_writing(self._h5)
+        return self._failed
+
+    def _commit(self) -> None:
+        """Make everything written so far part of the file on disk (metadata included)."""
+        self._file.flush()
 
     def _ds(self, path: str) -> h5py.Dataset:
         ds = self._datasets.get(path)
@@ -74,14 +136,26 @@ class HDF5Backend:
 
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
         node = self._node(path)
-        for key, value in attrs.items():
-            node.attrs[key] = json.dumps(value)
+        with self._writing():
+            commit = is_commit_point(path, attrs=True)
+            if commit:
+                self._commit()
+            for key, value in attrs.items():
+                node.attrs[key] = json.dumps(value)
+            if commit:
+                self._commit()
 
     def create_group(self, path: str) -> None:
-        self._file.require_group(path)
+        with self._writing():
+            self._file.require_group(path)
 
     def create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value,
                      compressor: str | None = None) -> None:
+        with self._writing():
+            self._create_array(path, shape, dtype, chunk_rows, fill_value, compressor)
+
+    def _create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value,
+                      compressor: str | None) -> None:
         if path in self._file:
             del self._file[path]
         self._forget(path)
@@ -127,10 +201,16 @@ class HDF5Backend:
         return as_str_array(data) if self._is_str(path) else data
 
     def write(self, path: str, start: int, data: np.ndarray) -> None:
-        if self._is_str(path):
-            data = np.asarray([str(v).encode("utf-8") for v in np.asarray(data).ravel()])
-            self._widen(path, data.dtype.itemsize)
-        self._ds(path)[start:start + len(data)] = data
+        commit = is_commit_point(path)
+        with self._writing():
+            if commit:  # what the done flags publish is in the file before them
+                self._commit()
+            if self._is_str(path):
+                data = np.asarray([str(v).encode("utf-8") for v in np.asarray(data).ravel()])
+                self._widen(path, data.dtype.itemsize)
+            self._ds(path)[start:start + len(data)] = data
+            if commit:
+                self._commit()
 
     def _widen(self, path: str, width: int) -> None:
         """Rewrite a string dataset with a wider fixed width (rare: only the index and error texts)."""
@@ -147,7 +227,9 @@ class HDF5Backend:
 
     def resize(self, path: str, n_rows: int) -> None:
         if n_rows != len(self._ds(path)):
-            self._growable(path).resize(n_rows, axis=0)
+            ds = self._growable(path)
+            with self._writing():
+                ds.resize(n_rows, axis=0)
 
     def _growable(self, path: str) -> h5py.Dataset:
         """The dataset at ``path``, refused in one line when HDF5 cannot resize it.
@@ -163,13 +245,59 @@ class HDF5Backend:
         return ds
 
     def delete(self, path: str) -> None:
-        del self._file[path]
+        with self._writing():
+            del self._file[path]
         self._forget(path)
 
     def close(self) -> None:
+        """Close the file; a writable one is flushed first, and a failed flush abandons it (raised)."""
         self._datasets.clear()
-        if self._file.id.valid:
-            self._file.close()
+        if self._failed is not None or not self._h5.id.valid:
+            return  # abandoned files were closed when their write failed
+        if self.read_only:
+            self._h5.close()
+            return
+        with self._writing():
+            self._commit()
+            self._h5.close()
+
+
+def close_without_writing(file: h5py.File) -> None:
+    """Close a file whose write failed so that nothing more is written to it; never raises.
+
+    HDF5 still holds the failed chunk and dirty metadata: a close would write them (over the last
+    flushed state, and the superblock's end of file past the real end: "truncated file" on the next
+    open), and a close that fails leaves objects HDF5 crashes on at the interpreter's exit. So the
+    file's descriptor is first pointed at a scratch in-memory file (``/dev/null`` without memfd):
+    those writes land there and the close succeeds (under a file-size limit HDF5 cannot grow even
+    the scratch file and reports that, which is swallowed; the real file is closed either way).
+    """
+    with contextlib.suppress(Exception):
+        fd = file.id.get_vfd_handle()
+        scratch = os.memfd_create("avscene-abandoned-hdf5") if hasattr(os, "memfd_create") \
+            else os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(scratch, fd)
+        finally:
+            os.close(scratch)
+    with contextlib.suppress(Exception):
+        file.close()
+
+
+def _errno_of(err: BaseException) -> int | None:
+    """The errno of a failed HDF5 call: h5py's own, else the one in HDF5's message text, else None."""
+    if isinstance(err, OSError) and err.errno:
+        return err.errno
+    found = _ERRNO_IN_MESSAGE.search(str(err))
+    return int(found.group(1)) if found and int(found.group(1)) else None
+
+
+def _os_error(err: BaseException, location: str) -> OSError:
+    """An OSError with the errno of ``err`` (EIO when HDF5 names none) and the file's name."""
+    code = _errno_of(err)
+    if code is None:
+        return OSError(errno.EIO, f"HDF5 could not write the file ({str(err).splitlines()[0]})", location)
+    return OSError(code, os.strerror(code), location)
 
 
 def refuse_outside_storage(file: h5py.File, location: str) -> None:
