@@ -2,16 +2,21 @@
 
 A local destination is written under a temporary name beside it and renamed into place at the end,
 so a killed conversion leaves no half-written store at the destination (only the temporary, which
-the next conversion to that destination replaces).
+the next conversion to that destination replaces). A conversion that fails (a full disk, a file-size
+limit) removes the temporary itself and raises ``OutputWriteError`` naming the destination and the
+cause; the source is only read, and a store already at the destination is left as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+from featurestore.atomic_files import OutputWriteError, describe_os_error
 from featurestore.store._backend import STRING, backend_for
-from featurestore.store.store import SCHEMA_VERSION, open_store
+from featurestore.store.store import SCHEMA_VERSION, FeatureStore, open_store
 
 
 def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> int:
@@ -22,6 +27,10 @@ def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> in
 
     Copies block by block (one chunk of rows at a time), so stores larger than memory convert. An
     existing store at a local ``dst`` is replaced only once the copy is complete.
+
+    Raises:
+        OutputWriteError: the destination could not be written (disk full, file-size limit, ...);
+            no temporary copy is left and a store already at ``dst`` is unchanged.
     """
     dst_text = str(dst)
     if "://" in dst_text:  # object stores have no rename: written in place
@@ -30,39 +39,88 @@ def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> in
     tmp = final.with_name(f".{final.name}.converting")
     _remove(tmp)
     backend = backend_for(final, new=True)
-    n_arrays = _copy(src, str(tmp), dst_text, progress, backend)
-    _replace(tmp, final)
+    try:
+        n_arrays = _copy(src, str(tmp), dst_text, progress, backend)
+        with _writing(dst_text, "moving the copy into place"):
+            _replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        raise
     return n_arrays
 
 
 def _copy(src: str | Path, dst: str, shown: str, progress: bool, backend: str | None = None) -> int:
+    with open_store(src, "r") as source:
+        with _writing(shown, "creating it"):
+            target = open_store(dst, "w", backend=backend)
+        try:
+            n_arrays = _copy_into(source, target, shown, progress)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the copy's own error is the one to report
+                target.close()
+            raise
+        with _writing(shown, "closing it"):
+            target.close()
+    return n_arrays
+
+
+def _copy_into(source: FeatureStore, target: FeatureStore, shown: str, progress: bool) -> int:
+    """Every group, array and attribute of ``source`` into the empty ``target``; returns arrays copied.
+
+    Reads raise the source's own errors (``CorruptChunkError``); writes are wrapped by ``_writing``.
+    """
     from tqdm.auto import tqdm
 
-    with open_store(src, "r") as source:
-        sa = source.arrays
-        arrays = sa.arrays()
-        groups = sa.groups()
-        target = open_store(dst, "w", backend=backend)
-        try:
-            ta = target.arrays
-            for group in groups:
-                ta.create_group(group)
-            for path in tqdm(arrays, desc=f"convert -> {Path(shown).name}", disable=not progress, unit="array"):
-                shape, rows, dtype = sa.shape(path), sa.chunk_rows(path), sa.dtype(path)
-                ta.create_array(path, shape, dtype, rows, "" if dtype == STRING else 0,
-                                compressor=sa.compressor(path))
-                for start in range(0, shape[0], rows):
-                    block = sa.read(path, start, min(shape[0], start + rows), written=False)
-                    if len(block):
-                        ta.write(path, start, block)
-            for group in groups + arrays:
-                ta.set_attrs(group, sa.attrs(group))
-            # the root last (it commits the row count; a version 1 source has none recorded). The
-            # copy wrote every chunk, so it is a current-schema store whatever the source was
-            ta.set_attrs("", {**sa.attrs(""), "n_clips": source.n_clips, "schema_version": SCHEMA_VERSION})
-        finally:
-            target.close()
+    sa, ta = source.arrays, target.arrays
+    arrays, groups = sa.arrays(), sa.groups()
+    with _writing(shown, "creating its groups"):
+        for group in groups:
+            ta.create_group(group)
+    for path in tqdm(arrays, desc=f"convert -> {Path(shown).name}", disable=not progress, unit="array"):
+        shape, rows, dtype = sa.shape(path), sa.chunk_rows(path), sa.dtype(path)
+        with _writing(shown, f"creating {path}"):
+            ta.create_array(path, shape, dtype, rows, "" if dtype == STRING else 0, compressor=sa.compressor(path))
+        for start in range(0, shape[0], rows):
+            stop = min(shape[0], start + rows)
+            block = sa.read(path, start, stop, written=False)
+            if len(block):
+                with _writing(shown, f"writing {path} rows {start}:{stop}"):
+                    ta.write(path, start, block)
+    with _writing(shown, "writing attributes"):
+        for group in groups + arrays:
+            ta.set_attrs(group, sa.attrs(group))
+        # the root last (it commits the row count; a version 1 source has none recorded). The
+        # copy wrote every chunk, so it is a current-schema store whatever the source was
+        ta.set_attrs("", {**sa.attrs(""), "n_clips": source.n_clips, "schema_version": SCHEMA_VERSION})
     return len(arrays)
+
+
+@contextlib.contextmanager
+def _writing(dst: str, doing: str) -> Iterator[None]:
+    """A failed write to the destination (an OSError, possibly wrapped by the storage library)
+    becomes one ``OutputWriteError`` naming the destination, what was being written and the cause."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except Exception as err:
+        os_error = _os_error_in(err)
+        if os_error is None:
+            raise
+        raise OutputWriteError(f"could not convert into {dst}: {describe_os_error(os_error)} while {doing}; "
+                               f"the source is unchanged and no partial copy is left") from err
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError with an errno in ``err`` or its causes (libraries wrap them), or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _remove(path: Path) -> None:
