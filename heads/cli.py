@@ -28,6 +28,7 @@ from heads.checkpoint import NonFiniteWeightsError
 from heads.config import TrainConfig
 from heads.errors import HeadConfigError
 from heads.predict import FLUSH_CLIPS
+from heads.train import TrainingDivergedError
 
 # CLI flag -> (type, help) for TrainConfig fields; a flag given overrides the recipe's field.
 _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
@@ -59,8 +60,9 @@ _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
 #: failures (out of memory, a broken kernel), which keep their traceback.
 _USAGE_ERRORS = (FeatureStoreError, HeadConfigError, ValueError, KeyError, OSError)
 #: Errors that mean the work failed (exit 1): the store or an output file could not be written (disk
-#: full: a rerun resumes), stored data is damaged, training diverged to non-finite weights.
-_FAILURE_ERRORS = (ExtractionStopped, OutputWriteError, CorruptChunkError, NonFiniteWeightsError)
+#: full: a rerun resumes), stored data is damaged, training diverged (non-finite loss or weights).
+_FAILURE_ERRORS = (ExtractionStopped, OutputWriteError, CorruptChunkError, NonFiniteWeightsError,
+                   TrainingDivergedError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,6 +197,16 @@ class _BrokenConfig:
     n_classes: int = 4
 
 
+def test_a_diverging_train_is_one_line_exit_1(tmp_path, capsys):
+    store = build_store(tmp_path / "s.zarr")
+    recipe = tmp_path / "diverge.json"  # epoch 1 at lr 0.01, then lr x 1000: the loss becomes NaN in epoch 2
+    recipe.write_text(json.dumps({"head": "late_fusion", "features": CLIP3, "train_split": "train", "val_split": "val",
+                                  "epochs": 3, "batch_size": 16, "lr": 0.01, "lr_milestones": [1], "lr_gamma": 1000.0}))
+    assert main(["train", "--recipe", str(recipe), "--store", str(store), "--out", str(tmp_path / "run"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("heads train: error: ") and "epoch 2" in err[0]
+
+
 class _BrokenInTorch(Head):
     """A head whose forward pass fails inside torch (mismatched matmul), as a real kernel failure would."""
 
