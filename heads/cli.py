@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-clips", type=int, default=FLUSH_CLIPS, metavar="N",
                    help="clips per store write (default: %(default)s, or a minute's work): a killed predict loses "
                         "at most these; rerun it to continue")
-    _output_flags(p, "the prediction run, clips written and skipped, family and random-weights flag")
+    _output_flags(p, "the prediction run, clips written, resumed and skipped, family, random-weights flag and "
+                  "the clips that failed")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("classify", help="classify audio/video files that are in no store with a trained run",
