@@ -7,6 +7,13 @@ process dies, however it dies (``kill -9`` included), so a lock file left by a k
 never mistaken for a running one: the next writer takes it over and says so. The file holds JSON
 (pid, host, start time, command) only to name the holder in the refusal message.
 
+The refusal names the process that holds the ``flock`` now, never a dead one: the holder writes its
+record just *after* taking the lock, so a refused writer may find no record yet, or the record of a
+killed earlier holder. Where ``/proc/locks`` lists the lock, the kernel says which pid holds it and
+the record is believed only when it names that pid; elsewhere a record is believed when its pid
+runs. A refused writer reads again for up to ``HOLDER_WAIT_S`` until the record is believable, then
+names what it knows: the kernel's pid ("details not recorded yet") or "holder not known yet".
+
 * A second writer is refused at once with :class:`StoreLockedError` naming the running process and
   the lock file; it never waits.
 * The lock is taken before a new store is created, so two processes creating the same store are
@@ -34,9 +41,13 @@ from typing import Any
 
 from featurestore.errors import FeatureStoreError
 
-__all__ = ["LOCK_SUFFIX", "StoreLockedError", "WriterLock", "lock_path", "writer_lock"]
+__all__ = ["HOLDER_WAIT_S", "LOCK_SUFFIX", "StoreLockedError", "WriterLock", "current_holder", "lock_path",
+           "writer_lock"]
 
 LOCK_SUFFIX = ".lock"
+#: How long a refused writer waits for the holder to record itself (the time between its ``flock``
+#: and its record: microseconds, unless the machine is loaded).
+HOLDER_WAIT_S = 1.0
 _HELD_FDS: set[int] = set()  # descriptors of the locks this process holds
 
 
@@ -95,11 +106,14 @@ class WriterLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
-                holder = _read_record(fd)
-                os.close(fd)
-                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise StoreLockedError(self.store, self.path, holder) from None
-                raise
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                try:
+                    holder = current_holder(fd)
+                finally:
+                    os.close(fd)
+                raise StoreLockedError(self.store, self.path, holder) from None
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # the holder removed the file after we opened it: lock the new one
@@ -139,16 +153,66 @@ class WriterLock:
 def describe_holder(holder: dict[str, Any]) -> str:
     """``pid 123 on host h since ..., running 'cmd'`` from a lock record (whatever of it is there)."""
     if not holder:
-        return "holder not recorded yet"
+        return "holder not known yet"
     pid, host = holder.get("pid", "?"), holder.get("host", "?")
     text = f"pid {pid} on host {host}"
     if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
         text += " (no longer running)"
+    if not holder.get("started") and not holder.get("command"):
+        return text + " (details not recorded yet)"
     if holder.get("started"):
         text += f" since {holder['started']}"
     if holder.get("command"):
         text += f", running {holder['command']!r}"
     return text
+
+
+def current_holder(fd: int, wait: float | None = None) -> dict[str, Any]:
+    """The record of the process that holds the ``flock`` on ``fd``'s file (see the module docstring).
+
+    Reads the record again for up to ``wait`` seconds (default ``HOLDER_WAIT_S``) while it is
+    missing or names another process than the holder (a dead earlier holder's record, or a record
+    half written). Then: ``{"pid", "host"}`` when the kernel named the holder, else ``{}``.
+    """
+    deadline = time.monotonic() + (HOLDER_WAIT_S if wait is None else wait)
+    while True:
+        pid = _kernel_holder(fd)
+        record = _read_record(fd)
+        if _names_holder(record, pid):
+            return record
+        if time.monotonic() >= deadline:
+            return {"pid": pid, "host": socket.gethostname()} if pid is not None else {}
+        time.sleep(0.02)
+
+
+def _names_holder(record: dict[str, Any], kernel_pid: int | None) -> bool:
+    """Whether ``record`` describes the process holding the lock now."""
+    if not record:
+        return False
+    here = record.get("host") == socket.gethostname()
+    if kernel_pid is not None:
+        return here and record.get("pid") == kernel_pid
+    pid = record.get("pid")
+    return not here or (isinstance(pid, int) and _alive(pid))
+
+
+def _kernel_holder(fd: int) -> int | None:
+    """The pid holding a ``flock`` on ``fd``'s file, as ``/proc/locks`` lists it (Linux), else None.
+
+    ``/proc/locks`` names a file by ``MAJOR:MINOR:INODE`` (hexadecimal device numbers) and lists only
+    locks whose owner is visible in this pid namespace."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks", encoding="ascii", errors="replace") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()  # '1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF' ('->' marks a waiter)
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit():
+            return int(fields[4]) or None
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -171,19 +235,21 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _read_record(fd: int) -> dict[str, Any]:
+    """The JSON object at the start of the file ({} when there is none): a record being replaced
+    may be followed by the tail of a longer old one until the file is truncated."""
     try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        text = os.read(fd, 65536).decode("utf-8", "replace")
-        record = json.loads(text) if text.strip() else {}
+        text = os.pread(fd, 65536, 0).decode("utf-8", "replace")
+        record = json.JSONDecoder().raw_decode(text.lstrip())[0] if text.strip() else {}
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
 
 
 def _write_record(fd: int, record: dict[str, Any]) -> None:
+    """Written over the old record, then cut to length: the file is never seen empty."""
     data = json.dumps(record).encode()
-    os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
     os.fsync(fd)
 
 

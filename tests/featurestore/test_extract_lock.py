@@ -1,6 +1,7 @@
-"""One writer per store: a second extraction is refused naming the running one, two creators of a new
-store do not collide, a lock left by a killed writer is taken over, and readers never wait and see
-only finished clips. Every writer here is a real process."""
+"""One writer per store: a second extraction is refused naming the running one (even before it has
+recorded itself in the lock file), two creators of a new store do not collide, a lock left by a
+killed writer is taken over, and readers never wait and see only finished clips. Every writer here
+is a real process."""
 from __future__ import annotations
 
 import json
@@ -152,7 +153,9 @@ def test_two_runs_creating_the_same_store_at_once_do_not_collide(dataset, refere
     assert codes == [0, 2], results
     winner = next(p for p, (code, _) in zip(procs, results) if code == 0)
     refused = one_error_line(next(err for code, err in results if code == 2))
-    assert f"pid {winner.pid}" in refused and str(lock_path(store)) in refused
+    # the holder, named by the kernel's lock table, even when the winner had not recorded itself yet
+    assert f"pid {winner.pid} on host {socket.gethostname()}" in refused, refused
+    assert str(lock_path(store)) in refused
     with open_store(store) as fs:
         assert fs.n_clips == N_CLIPS and fs.verify().ok  # created once, nothing doubled
     assert_same_arrays(read_all(store), reference)
@@ -177,3 +180,56 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over(dataset, reference, tmp_pa
     with open_store(store) as fs:
         assert fs.verify().ok
     assert_same_arrays(read_all(store), reference)
+
+
+# ------------------------------------------------------- who holds it, when the holder has not said yet
+HOLDER = """
+import fcntl, json, os, socket, sys, time
+from pathlib import Path
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+Path(sys.argv[2]).touch()  # locked: the record in the file is still the dead holder's
+time.sleep(float(sys.argv[3]))
+if float(sys.argv[3]) < 10:  # then records itself, as WriterLock does
+    from featurestore.store.lock import _write_record
+    _write_record(fd, {"pid": os.getpid(), "host": socket.gethostname(), "command": "late holder"})
+time.sleep(60)
+"""
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("delay", [0.3, 60.0], ids=["records-late", "never-records"])
+def test_a_refusal_names_the_holder_even_before_it_has_recorded_itself(tmp_path, delay):
+    """The race of two creators, made deterministic: a holder takes the flock and records itself
+    late (or not at all) over the record a killed earlier holder left. The refusal must name the
+    process that holds the lock, never the dead one."""
+    store = tmp_path / "s.zarr"
+    dead = _dead_pid()
+    lock_path(store).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "command": "killed run"}))
+    locked = tmp_path / "locked"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock_path(store)), str(locked), str(delay)])
+    try:
+        deadline = time.monotonic() + 60
+        while not locked.exists():
+            assert holder.poll() is None and time.monotonic() < deadline, "the holder did not start"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(StoreLockedError) as refused:
+            writer_lock(store).acquire()
+        waited = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(refused.value)
+    assert f"pid {dead} " not in message and "killed run" not in message, message
+    assert f"pid {holder.pid} on host {socket.gethostname()}" in message, message
+    if delay < 10:
+        assert "'late holder'" in message
+    else:
+        assert "(details not recorded yet)" in message
+    assert waited < 10  # a bounded wait for the record, never for the lock
