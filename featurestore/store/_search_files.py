@@ -1,4 +1,4 @@
-"""Search's sidecar files: reached without following links, named by their bytes' sha256, checked once per load.
+"""Search's sidecar files: reached without following links, named by their bytes' sha256, checked before use.
 
 The clip matrix and the faiss index of a feature set are caches kept in ``<store>.search/<set>/``
 (see `featurestore.store.search`). A cache must never serve wrong neighbours, nor be a way to read,
@@ -235,11 +235,24 @@ def _read_npy(z: zipfile.ZipFile, name: str, dtype: Any, fits: Callable[[tuple],
         shape, fortran, found = read_header(member)
         if fortran or found != np.dtype(dtype) or not fits(shape):
             raise SidecarDamage(f"{name} holds {found} {shape}, which does not fit the store's done clips")
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        data = member.read(size)
-    if len(data) != size:
-        raise SidecarDamage(f"{name} is cut short ({len(data)} of {size} bytes)")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+        out = np.empty(shape, dtype=dtype)
+        filled = _read_into(member, memoryview(out).cast("B"))
+    if filled != out.nbytes:
+        raise SidecarDamage(f"{name} is cut short ({filled} of {out.nbytes} bytes)")
+    return out
+
+
+def _read_into(member: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``member`` in 4 MiB reads (one big ``read`` of a zip member copies it twice
+    more); returns the bytes read."""
+    filled = 0
+    while filled < len(view):
+        chunk = member.read(min(4 * 2**20, len(view) - filled))
+        if not chunk:
+            break
+        view[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+    return filled
 
 
 def read_faiss(f: BinaryIO, done: np.ndarray, dim: int) -> Any:
