@@ -353,7 +353,8 @@ def _bounded(name: str, key: str, value: Any, most: int) -> int:
     """A recorded count, checked before any array is sized by it (a provenance is read from a file)."""
     whole = isinstance(value, Integral) or (isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not whole or not 1 <= value <= most:
-        raise EncoderRebuildError(f"feature set {name!r} records {key} {value!r}; expected an integer from 1 to {most}")
+        raise EncoderRebuildError(f"feature set {name!r} records {key} {value!r}; "
+                                  f"expected an integer from 1 to {most}")
     return int(value)
 
 

@@ -96,10 +96,10 @@ def load_audio_segments(
     expected = f"expected {_secs(want, sample_rate)} s ({n_segments} segments of {segment_seconds:g} s"
     with _open_audio(path) as f:
         file_rate = int(f.samplerate)
-        claimed = int(f.frames) if 0 <= f.frames < _UNKNOWN_FRAMES else None
-        if claimed is not None and not trim_long and _resampled_len(claimed, file_rate, sample_rate) - want > slack:
-            raise DecodeError(path, f"too long: {_secs(_resampled_len(claimed, file_rate, sample_rate), sample_rate)} s, "
-                                    f"{expected}; trim_long=True keeps the start)")
+        claimed = _resampled_len(int(f.frames), file_rate, sample_rate) if 0 <= f.frames < _UNKNOWN_FRAMES else 0
+        if not trim_long and claimed - want > slack:  # the header says so: nothing is read
+            raise DecodeError(path, f"too long: {_secs(claimed, sample_rate)} s, {expected}; "
+                                    f"trim_long=True keeps the start)")
         limit = (_trim_frames(want, file_rate, sample_rate) if trim_long
                  else math.ceil((want + slack) * file_rate / sample_rate) + 1)
         mono, more = _read_mono(f, path, limit)

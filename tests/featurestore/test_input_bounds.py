@@ -222,8 +222,8 @@ def test_the_largest_allowed_sizes_are_accepted(tmp_path):
 def test_extract_refuses_a_huge_clip_seconds_before_any_store_exists(tmp_path):
     root = _csv_dataset(tmp_path / "ds", {"clip_seconds": 1e12})
     store = tmp_path / "out.zarr"
-    done = subprocess.run([sys.executable, "-m", "featurestore", "extract", str(root), str(store), "--encoders", "logmel"],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+    command = [sys.executable, "-m", "featurestore", "extract", str(root), str(store), "--encoders", "logmel"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and "clip_seconds" in lines[0] and "1000000000000.0" in lines[0]
