@@ -90,8 +90,9 @@ class MissingFeatureError(FeatureStoreError):
 class FingerprintMismatchError(FeatureStoreError):
     """An existing feature set was made with a different configuration than the one given.
 
-    The message leads with the settings that differ (dotted paths into the provenance), since two
-    configurations of one encoder share most of their text and a shortened dump would hide them.
+    The message is one line that names the settings that differ (dotted paths into the provenance),
+    since two configurations of one encoder share most of their text and a dump would hide them;
+    ``existing`` and ``requested`` hold the whole configurations for code that wants them.
     """
 
     def __init__(self, feature: str, existing: dict, requested: dict, kind: str = "feature set"):
@@ -99,14 +100,12 @@ class FingerprintMismatchError(FeatureStoreError):
         self.existing = existing
         self.requested = requested
         diffs = _differences(existing, requested)
-        lines = [f"  {key}: existing {_value(old)}, requested {_value(new)}" for key, old, new in diffs[:8]]
-        if len(diffs) > 8:
-            lines.append(f"  ... and {len(diffs) - 8} more")
+        shown = [f"{key}: existing {_value(old)}, requested {_value(new)}" for key, old, new in diffs[:4]]
+        if len(diffs) > 4:
+            shown.append(f"and {len(diffs) - 4} more")
         super().__init__(
-            f"{kind} {feature!r} already exists with a different configuration; what differs:\n"
-            + "\n".join(lines)
-            + f"\n  existing:  {_short(existing)}\n  requested: {_short(requested)}\n"
-            f"Use another name, or overwrite=True (--overwrite) to replace it."
+            f"{kind} {feature!r} already exists with a different configuration ({'; '.join(shown)}); "
+            f"use another name, or overwrite=True (--overwrite) to replace it"
         )
 
 
@@ -130,7 +129,7 @@ _ABSENT = _Absent()
 
 
 def _value(value) -> str:
-    return "<absent>" if value is _ABSENT else _short(value, 120)
+    return "<absent>" if value is _ABSENT else _short(value, 80)
 
 
 class CorruptChunkError(FeatureStoreError):
