@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOC_ORDER = ["README.md", "docs/store.md", "docs/datasets-and-decoding.md", "docs/encoders.md",
              "docs/extraction.md", "docs/heads.md", "docs/fusion.md", "docs/scaling.md", "docs/reliability.md",
              "docs/architecture.md", "docs/benchmarks.md"]
-BLOCK_TIMEOUT_S = 900
+BLOCK_TIMEOUT_S = 1200
 
 #: Runs python blocks one after another in one namespace, so a later block may use an earlier one's
 #: names as a reader's session would; each block's result is one JSON line after a marker.
