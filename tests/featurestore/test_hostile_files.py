@@ -72,7 +72,7 @@ def hostile(tmp_path_factory):
         "short-video": ("good.wav", "short.mp4"),
         "mono-8k": ("mono8k.wav", good_mp4.name),
         "six-channels-96k": ("six96k.wav", good_mp4.name),
-        "non-ascii name": ("café scène ü.wav", "vidéo à espaces.mp4"),
+        "non-ascii-café": ("café scène ü.wav", "vidéo à espaces.mp4"),
     }
     return root, rows
 
@@ -103,7 +103,7 @@ def test_every_clip_is_done_or_has_a_clear_error_and_the_run_goes_on(hostile, ex
                 assert done[name][cid] != (cid in errors[name]), (name, cid)  # one or the other
                 if done[name][cid]:
                     assert np.all(np.isfinite(fs.get(name, cid).astype(np.float32))), (name, cid)
-        for cid in ("good", "mono-8k", "six-channels-96k", "non-ascii name"):
+        for cid in ("good", "mono-8k", "six-channels-96k", "non-ascii-café"):
             assert done["logmel"][cid] and done["timm/test_vit"][cid], cid
         for cid, fragment in (("empty-wav", "empty.wav"), ("garbage-wav", "garbage.wav")):
             assert fragment in errors["logmel"][cid] and done["timm/test_vit"][cid]
