@@ -91,7 +91,7 @@ class HDF5Backend:
         """Mark the file failed and close it without writing to it again (see the module docstring)."""
         self._failed = _os_error(err, self.location)
         self._datasets.clear()
-        close_without_writing(self._h5)
+        _close_without_writing(self._h5)
         return self._failed
 
     def _commit(self) -> None:
@@ -262,7 +262,7 @@ class HDF5Backend:
             self._h5.close()
 
 
-def close_without_writing(file: h5py.File) -> None:
+def _close_without_writing(file: h5py.File) -> None:
     """Close a file whose write failed so that nothing more is written to it; never raises.
 
     HDF5 still holds the failed chunk and dirty metadata: a close would write them (over the last
