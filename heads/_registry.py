@@ -110,11 +110,16 @@ def create_head(name: str, **config: Any) -> Head:
 
 
 def make_config(name: str, config: dict) -> Any:
-    """The config dataclass of head ``name`` from a dict, naming any unknown field."""
+    """The config dataclass of head ``name`` from a dict, naming any unknown field.
+
+    Raises:
+        HeadConfigError: a field the head does not have (a TypeError, as a wrong keyword would be).
+        heads.config.ConfigError: a value of the wrong type or out of range (a ValueError), naming it.
+    """
     cls = head_class(name)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(config) - fields)
     if unknown:
         raise HeadConfigError(f"unknown config field(s) for head {name!r}: {', '.join(unknown)}; "
                               f"known: {', '.join(sorted(fields))}")
-    return cls.config_class(**config)
+    return cls.config_class(**config)  # typed: the config class checks every value (strict)

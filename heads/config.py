@@ -3,54 +3,76 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, ValidationInfo, field_validator
+
+from featurestore.typed_config import field_names, load_data, parse_field, typed_config
 from heads.losses import LOSSES
 
 # Fields that may change between an interrupted run and its resumption without changing its result.
 RESUMABLE_FIELDS = ("epochs", "device", "progress", "num_workers", "store", "out", "cache")
 
+# Field types with their ranges, shared with the heads' configs (`heads.embedding_mlp`, ...).
+Name = Annotated[str, Field(min_length=1)]  # a head, feature set, split, path or device: never empty
+Count = Annotated[int, Field(ge=0)]  # 0 allowed (epochs, workers, seeds, masks)
+Size = Annotated[int, Field(ge=1)]  # a width, batch or number of classes
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0, le=1)]
 
-@dataclass
+
+class ConfigError(ValueError):
+    """A train or head config holds an unknown key, a value of the wrong type or one out of range."""
+
+
+@typed_config(ConfigError)
 class TrainConfig:
-    head: str  # registered head name (heads.list_heads())
-    features: list[str]  # input feature sets, in the head's input order
-    train_split: str = "fold1_train"  # store split to train on
-    val_split: str | None = "fold1_evaluate"  # split for validation / best-epoch choice (None: keep the last epoch)
-    out: str = "runs/run"  # run directory (checkpoints, metrics, config)
-    store: str | None = None  # store path or URL (library callers may pass an open store instead)
-    head_config: dict = field(default_factory=dict)  # head config fields beyond those read from the store
-    epochs: int = 20  # the paper trains 20 epochs
-    batch_size: int | None = None  # None: the head's default (paper: 24 audio, 48 late fusion)
-    lr: float = 0.01  # initial learning rate
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-4  # SGD weight decay (IBN-Net's value, which the paper follows)
-    lr_milestones: list[int] = field(default_factory=lambda: [5, 10, 15])  # lr *= lr_gamma after these epochs
-    lr_gamma: float = 0.1  # learning-rate decay factor at each milestone
-    loss: str = "focal"  # "focal" or "cross_entropy"
-    focal_gamma: float = 2.0  # focal loss gamma
-    seed: int = 0  # seeds the head's init, the data order and dropout/augmentation, per epoch
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    """What to train on what, and how; every field is typed and range-checked when it is built or loaded.
+
+    A JSON recipe is read strictly (``"epochs": "five"`` is refused naming ``epochs``), and
+    ``head_config`` is checked against the head's own config class (``head_config.l2_normalize``).
+    """
+
+    head: Name  # registered head name (heads.list_heads())
+    features: Annotated[list[Name], Field(min_length=1)]  # input feature sets, in the head's input order ("a,b" is split)
+    train_split: Name = "fold1_train"  # store split to train on
+    val_split: Name | None = "fold1_evaluate"  # split for validation / best-epoch choice (None: keep the last epoch)
+    out: Name = "runs/run"  # run directory (checkpoints, metrics, config)
+    store: Name | None = None  # store path or URL (library callers may pass an open store instead)
+    head_config: dict[str, Any] = field(default_factory=dict)  # head config fields beyond those read from the store
+    epochs: Count = 20  # the paper trains 20 epochs
+    batch_size: Size | None = None  # None: the head's default (paper: 24 audio, 48 late fusion)
+    lr: Positive = 0.01  # initial learning rate
+    momentum: Probability = 0.9  # SGD momentum, in [0, 1]
+    weight_decay: NonNegative = 1e-4  # SGD weight decay (IBN-Net's value, which the paper follows)
+    lr_milestones: list[Size] = field(default_factory=lambda: [5, 10, 15])  # lr *= lr_gamma after these epochs
+    lr_gamma: Positive = 0.1  # learning-rate decay factor at each milestone
+    loss: Literal[LOSSES] = "focal"  # "focal" or "cross_entropy"
+    focal_gamma: NonNegative = 2.0  # focal loss gamma
+    seed: Count = 0  # seeds the head's init, the data order and dropout/augmentation, per epoch
+    device: Name = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     cache: bool = False  # load the training features into memory instead of streaming them
-    shuffle_buffer: int = 2048  # clips per read group (read at once, shuffled together) when streaming
-    num_workers: int = 0  # DataLoader worker processes reading the store (0: a reader thread)
-    max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (quick demos); None: full epochs
-    family: str | None = None  # ensemble family for predictions ("audio", "video", "clip", ...); None: derived
+    shuffle_buffer: Size = 2048  # clips per read group (read at once, shuffled together) when streaming
+    num_workers: Count = 0  # DataLoader worker processes reading the store (0: a reader thread)
+    max_steps_per_epoch: Size | None = None  # cap on optimizer steps per epoch (quick demos); None: full epochs
+    family: Name | None = None  # ensemble family for predictions ("audio", "video", "clip", ...); None: derived
     progress: bool = True  # tqdm progress bar per epoch
 
-    def __post_init__(self) -> None:
-        if isinstance(self.features, str):
-            self.features = [f for f in self.features.split(",") if f]
-        if not self.features:
-            raise ValueError("features must name at least one stored feature set")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    @field_validator("features", mode="before")
+    @classmethod
+    def _split_features(cls, value: Any) -> Any:
+        """``--features a,b`` (and a recipe's "a,b") is the list [a, b]."""
+        return [f for f in value.split(",") if f] if isinstance(value, str) else value
+
+    @field_validator("head_config")
+    @classmethod
+    def _check_head_config(cls, value: dict, info: ValidationInfo) -> dict:
+        """Check the head's fields now, not when the store is open and the run directory locked."""
+        check_head_config(info.data.get("head"), value)
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -61,31 +83,64 @@ class TrainConfig:
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: not a JSON object, unknown fields, or required fields missing (naming the file).
+            ConfigError: not a JSON object, or a key unknown, missing, of the wrong type or out of range
+                (one line naming the file, the dotted key, the value and what was expected).
         """
         with open(path) as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as err:
-                raise ValueError(f"recipe {str(path)!r} is not valid JSON: {err}") from None
+                raise ConfigError(f"recipe {str(path)!r} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"recipe {str(path)!r}: expected a JSON object, found {type(data).__name__}")
+            raise ConfigError(f"recipe {str(path)!r}: expected a JSON object, found {type(data).__name__}")
         data.pop("description", None)
-        fields = dataclasses.fields(cls)
-        unknown = sorted(set(data) - {f.name for f in fields})
-        if unknown:
-            raise ValueError(f"recipe {str(path)!r}: unknown field(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(f.name for f in fields))}")
         data.update({k: v for k, v in overrides.items() if v is not None})
-        required = [f.name for f in fields
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise ValueError(f"recipe {str(path)!r}: required field(s) {', '.join(missing)} missing "
-                             f"(give them in the file or as flags)")
-        return cls(**data)
+        return load_data(cls, data, f"recipe {str(path)!r}", ConfigError)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch``: divided by 10 once each milestone epoch has been completed."""
         passed = sum(1 for m in self.lr_milestones if epoch > m)
         return self.lr * self.lr_gamma ** passed
+
+
+def check_head_config(head: str | None, given: dict) -> None:
+    """Refuse head config fields that head ``head`` does not have, or values of the wrong type or range.
+
+    An unregistered head is left to `heads.train`, which names the registered ones.
+    """
+    from heads._registry import head_class
+
+    try:
+        config_class = head_class(head or "").config_class
+    except KeyError:
+        return
+    known = field_names(config_class)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"head_config: unknown field(s) for head {head!r}: {', '.join(unknown)}; "
+                          f"known: {', '.join(known)}")
+    load_data(config_class, given, "", ConfigError, at=("head_config",))
+
+
+def parse_head_set(head: str, items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` strings as head config fields, each parsed into its field's type.
+
+    ``l2_normalize=true`` is True, ``hidden=[256]`` a list, ``backbone=resnet18`` a string;
+    ``l2_normalize=maybe`` is a ConfigError naming the key, the value and what was expected.
+    """
+    from heads._registry import head_class
+
+    config_class = head_class(head).config_class
+    known = field_names(config_class)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in known:
+            raise ConfigError(f"--set {key}: head {head!r} has no such field; known: {', '.join(known)}")
+        try:
+            out[key] = parse_field(config_class, key, raw)
+        except ValueError as err:
+            raise ConfigError(f"--set head_config.{err}") from None
+    return out

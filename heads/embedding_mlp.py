@@ -5,29 +5,33 @@ embeddings the trainable part is this head, which is what makes an experiment ta
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from featurestore.typed_config import typed_config
 from heads._registry import Head, register_head
+from heads.config import ConfigError, Probability, Size
 
 
-@dataclass
+@typed_config(ConfigError)
 class EmbeddingMLPConfig:
-    input_dims: list[int] = field(default_factory=lambda: [512])  # one per feature set (concatenated)
-    n_classes: int = 10  # output classes
-    hidden: list[int] = field(default_factory=lambda: [512])  # hidden layer widths
-    dropout: float = 0.2  # dropout after each hidden layer
+    input_dims: Annotated[list[Size], Field(min_length=1)] = field(default_factory=lambda: [512])  # one per feature set (concatenated)
+    n_classes: Size = 10  # output classes
+    hidden: list[Size] = field(default_factory=lambda: [512])  # hidden layer widths
+    dropout: Probability = 0.2  # dropout after each hidden layer
     batchnorm: bool = True  # BatchNorm1d after each hidden Linear
     l2_normalize: bool = False  # L2-normalise each input embedding first (CLIP-style features)
 
 
-@dataclass
+@typed_config(ConfigError)
 class LinearProbeConfig:
-    input_dims: list[int] = field(default_factory=lambda: [512])  # one per feature set (concatenated)
-    n_classes: int = 10  # output classes
+    input_dims: Annotated[list[Size], Field(min_length=1)] = field(default_factory=lambda: [512])  # one per feature set (concatenated)
+    n_classes: Size = 10  # output classes
     l2_normalize: bool = False  # L2-normalise each input embedding first
 
 

@@ -26,38 +26,46 @@ averages them per clip, as for every head's segments.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import field
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from featurestore.typed_config import typed_config
 from heads._registry import Head, register_head
 from heads.backbones import create_backbone
+from heads.config import ConfigError, Count, Name, NonNegative, Positive, Probability, Size
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-@dataclass
+def _fixed(item: Any, n: int) -> Any:
+    """A list of exactly ``n`` items of type ``item``."""
+    return Annotated[list[item], Field(min_length=n, max_length=n)]
+
+
+@typed_config(ConfigError)
 class FrameCNNConfig:
-    backbone: str = "regnetx_064"  # any timm model (paper V01-V03: regnetx_064, resnest50d, hrnet_w18)
-    weights: str = "random"  # "random" | "pretrained" | "pretrained:<tag>" | path to a local checkpoint
-    seed: int = 0  # seed of random backbone weights
-    n_classes: int = 10  # output classes
-    input_shape: list[int] = field(default_factory=lambda: [3, 448, 448])  # stored frame [3, S, S]
-    image_size: int | None = None  # size fed to the backbone; None: the stored size (paper: 448)
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation on the [0, 1] scale
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    backbone: Name = "regnetx_064"  # any timm model (paper V01-V03: regnetx_064, resnest50d, hrnet_w18)
+    weights: Name = "random"  # "random" | "pretrained" | "pretrained:<tag>" | path to a local checkpoint
+    seed: Count = 0  # seed of random backbone weights
+    n_classes: Size = 10  # output classes
+    input_shape: _fixed(Size, 3) = field(default_factory=lambda: [3, 448, 448])  # stored frame [3, S, S]
+    image_size: Size | None = None  # size fed to the backbone; None: the stored size (paper: 448)
+    mean: _fixed(float, 3) = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation on the [0, 1] scale
+    std: _fixed(Positive, 3) = field(default_factory=lambda: list(IMAGENET_STD))
     augment: bool = True  # training-time augmentation (all of the below); False turns it off
-    affine_degrees: float = 10.0  # RandomAffine rotation range +-degrees
-    affine_translate: list[float] = field(default_factory=lambda: [0.1, 0.1])  # RandomAffine translate
-    affine_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])  # RandomAffine scale range
-    color_jitter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # brightness, contrast, saturation, hue (PyTorch defaults: identity)
-    blur_kernel: int = 11  # GaussianBlur kernel size; 0 turns it off
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # GaussianBlur sigma range
-    erasing_p: float = 0.5  # RandomErasing probability (PyTorch default); 0 turns it off
-    drop_rate: float = 0.0  # dropout before the backbone's classifier
+    affine_degrees: NonNegative = 10.0  # RandomAffine rotation range +-degrees
+    affine_translate: _fixed(Probability, 2) = field(default_factory=lambda: [0.1, 0.1])  # RandomAffine translate (fractions)
+    affine_scale: _fixed(Positive, 2) = field(default_factory=lambda: [0.5, 1.5])  # RandomAffine scale range
+    color_jitter: _fixed(NonNegative, 4) = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # brightness, contrast, saturation, hue (PyTorch defaults: identity)
+    blur_kernel: Count = 11  # GaussianBlur kernel size (odd); 0 turns it off
+    blur_sigma: _fixed(Positive, 2) = field(default_factory=lambda: [0.1, 2.0])  # GaussianBlur sigma range
+    erasing_p: Probability = 0.5  # RandomErasing probability (PyTorch default); 0 turns it off
+    drop_rate: Probability = 0.0  # dropout before the backbone's classifier
 
 
 @register_head

@@ -7,22 +7,26 @@ exactly 1,350,282 parameters, the paper's "1.35M".
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from featurestore.typed_config import typed_config
 from heads._registry import Head, register_head
+from heads.config import ConfigError, Probability, Size
 
 
-@dataclass
+@typed_config(ConfigError)
 class LateFusionConfig:
-    input_dims: list[int] = field(default_factory=lambda: [640, 512, 512])  # one per feature set
-    n_classes: int = 10  # output classes
-    hidden: int = 512  # first layer of each branch
-    branch_out: int = 256  # output of each branch (concatenated)
-    fusion_hidden: int = 128  # layer after the concatenation
-    dropout: float = 0.2  # dropout in each branch
+    input_dims: Annotated[list[Size], Field(min_length=1)] = field(default_factory=lambda: [640, 512, 512])  # one per feature set
+    n_classes: Size = 10  # output classes
+    hidden: Size = 512  # first layer of each branch
+    branch_out: Size = 256  # output of each branch (concatenated)
+    fusion_hidden: Size = 128  # layer after the concatenation
+    dropout: Probability = 0.2  # dropout in each branch
 
 
 @register_head

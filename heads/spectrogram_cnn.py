@@ -9,30 +9,34 @@ during training only: a random gain (dB offset, as the log-mel is in dB) and fre
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from featurestore.typed_config import typed_config
 from heads._registry import Head, register_head
 from heads.backbones import create_backbone
+from heads.config import ConfigError, Count, Name, NonNegative, Probability, Size
 from heads.deltas import with_deltas
 
 
-@dataclass
+@typed_config(ConfigError)
 class SpectrogramCNNConfig:
-    backbone: str = "regnetx_064"  # any timm model name (paper: regnetx_064, resnest50d, tf_efficientnet_b1)
-    weights: str = "random"  # "random" | "pretrained" | "pretrained:<tag>" | path to a local checkpoint
-    seed: int = 0  # seed of random backbone weights
-    n_classes: int = 10  # output classes
-    input_shape: list[int] = field(default_factory=lambda: [256, 94])  # stored log-mel [n_mels, frames]
-    resize_to: list[int] = field(default_factory=lambda: [256, 100])  # image size fed to the backbone
-    delta_width: int = 9  # librosa.feature.delta width
-    gain_db: float = 6.0  # training: add U(-gain_db, gain_db) dB per sample; 0 turns it off
-    freq_mask_width: int = 32  # training: max mel bins per frequency mask (after resize); 0 turns it off
-    freq_masks: int = 1  # training: masks per sample
-    drop_rate: float = 0.0  # dropout before the backbone's classifier
+    backbone: Name = "regnetx_064"  # any timm model name (paper: regnetx_064, resnest50d, tf_efficientnet_b1)
+    weights: Name = "random"  # "random" | "pretrained" | "pretrained:<tag>" | path to a local checkpoint
+    seed: Count = 0  # seed of random backbone weights
+    n_classes: Size = 10  # output classes
+    input_shape: Annotated[list[Size], Field(min_length=2, max_length=2)] = field(default_factory=lambda: [256, 94])  # stored log-mel [n_mels, frames]
+    resize_to: Annotated[list[Size], Field(min_length=2, max_length=2)] = field(default_factory=lambda: [256, 100])  # image size fed to the backbone
+    delta_width: Annotated[int, Field(ge=3)] = 9  # librosa.feature.delta width (odd, >= 3)
+    gain_db: NonNegative = 6.0  # training: add U(-gain_db, gain_db) dB per sample; 0 turns it off
+    freq_mask_width: Count = 32  # training: max mel bins per frequency mask (after resize); 0 turns it off
+    freq_masks: Count = 1  # training: masks per sample
+    drop_rate: Probability = 0.0  # dropout before the backbone's classifier
 
 
 @register_head

@@ -8,21 +8,25 @@ store without re-encoding the prompts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from featurestore.typed_config import typed_config
 from heads._registry import Head, register_head
+from heads.config import ConfigError, Name, Positive, Size
 
 
-@dataclass
+@typed_config(ConfigError)
 class ZeroShotConfig:
-    input_dims: list[int] = field(default_factory=lambda: [512])  # one image feature set: [dim]
-    n_classes: int = 10  # rows of the class-prompt embeddings
-    class_features: str = "cliptext/ViT-B-32"  # stored class-feature set with the prompt embeddings
-    logit_scale: float = 100.0  # CLIP's learned temperature (exp(4.6052) = 100)
+    input_dims: Annotated[list[Size], Field(min_length=1, max_length=1)] = field(default_factory=lambda: [512])  # one image feature set: [dim]
+    n_classes: Size = 10  # rows of the class-prompt embeddings
+    class_features: Name = "cliptext/ViT-B-32"  # stored class-feature set with the prompt embeddings
+    logit_scale: Positive = 100.0  # CLIP's learned temperature (exp(4.6052) = 100)
 
 
 @register_head

@@ -25,16 +25,16 @@ def test_unknown_key_lists_the_allowed_ones(paper_recipe_dict):
     with pytest.raises(RecipeError, match=r"unknown key\(s\) \['famlies'\]; allowed keys are .*'families'"):
         FusionRecipe.from_dict({**paper_recipe_dict, "famlies": {}})
     bad = {**paper_recipe_dict, "replacement": {"source": "A04", "targets": ["V04"], "margn": 0.3}}
-    with pytest.raises(RecipeError, match=r"recipe.replacement: unknown key\(s\) \['margn'\]"):
+    with pytest.raises(RecipeError, match=r"recipe: replacement: unknown key\(s\) \['margn'\]; allowed keys are \['margin', 'source', 'targets'\]"):
         FusionRecipe.from_dict(bad)
 
 
 def test_semantic_errors(paper_recipe_dict):
     with pytest.raises(RecipeError, match="replacement names unknown families \\['X04'\\]"):
         FusionRecipe.from_dict({**paper_recipe_dict, "replacement": {"source": "X04", "targets": ["V04"]}})
-    with pytest.raises(RecipeError, match="unknown aggregation"):
+    with pytest.raises(RecipeError, match="aggregation: expected 'mean', .* got \"vote\""):
         FusionRecipe.from_dict({**paper_recipe_dict, "aggregation": "vote"})
-    with pytest.raises(RecipeError, match="unknown calibration method 'platt'"):
+    with pytest.raises(RecipeError, match="calibration.method: expected 'temperature' or 'stacking', got \"platt\""):
         FusionRecipe.from_dict({**paper_recipe_dict, "calibration": {"method": "platt"}})
     with pytest.raises(RecipeError, match="missing required key\\(s\\) \\['families'\\]"):
         FusionRecipe.from_dict({"name": "x"})
