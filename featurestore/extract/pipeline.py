@@ -162,10 +162,9 @@ class _Lane:
             return
         x = self._inputs(rows)
         t0 = time.perf_counter()
-        out = _encode(self.target, x, self.device)
+        out, finite = _encode(self.target, x, self.device, len(rows))
         self.stats.add_seconds(f"encode {self.target.name}", time.perf_counter() - t0)
         out = out.reshape(len(rows), self.target.source.n_segments, *self.target.shape)
-        finite = np.isfinite(out.reshape(len(rows), -1)).all(axis=1)
         for i, row in enumerate(rows):
             chunk = self._chunk(int(row))
             if finite[i]:
@@ -422,10 +421,26 @@ def non_finite_message(target: Target, out: np.ndarray) -> str:
     return f"non-finite output from {target.spec}: {nan} NaN and {inf} infinite of {out.size} values (as {target.dtype})"
 
 
-def _encode(target: Target, x: torch.Tensor, device: torch.device) -> np.ndarray:
-    """One encoder call; the cast to the stored dtype happens on the device (same rounding as numpy)."""
+def _encode(target: Target, x: torch.Tensor, device: torch.device, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """One encoder call: the outputs as stored, and which of the ``n_rows`` rows are all finite.
+
+    The cast to the stored dtype happens on the device (same rounding as numpy); finiteness is
+    judged after it, so a float16 overflow counts. On an accelerator the check runs there too (only
+    ``n_rows`` flags come back); on the CPU numpy's is the faster one for float16.
+    """
     out = target.encoder.encode(x.to(device, non_blocking=True))
     torch_dtype = _TORCH_DTYPES.get(target.dtype)
-    if torch_dtype is not None:
-        return out.to(torch_dtype).cpu().numpy()
-    return out.float().cpu().numpy().astype(target.dtype)
+    if torch_dtype is None:
+        stored = out.float().cpu().numpy().astype(target.dtype)
+        return stored, finite_rows(stored, n_rows)
+    cast = out.to(torch_dtype)
+    finite = finite_rows(cast, n_rows) if cast.device.type != "cpu" else None
+    stored = cast.cpu().numpy()
+    return stored, finite_rows(stored, n_rows) if finite is None else finite
+
+
+def finite_rows(out: np.ndarray | torch.Tensor, n_rows: int) -> np.ndarray:
+    """bool per row: every value of the row (``out`` holds ``n_rows`` rows, first axis) is finite."""
+    if isinstance(out, torch.Tensor):
+        return torch.isfinite(out.reshape(n_rows, -1)).all(dim=1).cpu().numpy()
+    return np.isfinite(out.reshape(n_rows, -1)).all(axis=1)

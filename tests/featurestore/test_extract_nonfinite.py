@@ -117,3 +117,18 @@ def test_a_non_finite_row_is_a_per_clip_error_and_the_rest_of_its_chunk_is_done(
     with open_store(store) as fs:
         assert not fs.done_mask("quietnan")[QUIET] and fs.verify().ok
 
+
+
+def test_the_device_side_check_finds_the_same_rows_as_numpys():
+    """On an accelerator the rows are judged there (torch); on the CPU by numpy: the same verdicts."""
+    import torch
+
+    from featurestore.extract.pipeline import finite_rows
+
+    out = np.ones((5 * 2, 3), dtype=np.float16)  # 5 rows of 2 segments
+    out[2, 1] = np.nan
+    out[5, 0] = np.inf  # what a float16 overflow gives
+    out[9, 2] = -np.inf
+    expected = [True, False, False, True, False]
+    np.testing.assert_array_equal(finite_rows(out, 5), expected)
+    np.testing.assert_array_equal(finite_rows(torch.from_numpy(out), 5), expected)
