@@ -725,6 +725,18 @@ class FeatureStore:
 
         return to_pandas(self, done=done)
 
+    def to_lhotse(self, features: Sequence[str] = (), split: str | None = None):
+        """A lhotse ``CutSet`` of the clips with audio; see ``featurestore.store.export.to_lhotse``."""
+        from featurestore.store.export import to_lhotse
+
+        return to_lhotse(self, features, split)
+
+    def to_hf(self, features: Sequence[str] = (), **kwargs: Any):
+        """A Hugging Face ``DatasetDict`` by split; see ``featurestore.store.export.to_hf``."""
+        from featurestore.store.export import to_hf
+
+        return to_hf(self, features, **kwargs)
+
     # ------------------------------------------------------------------------------ lifecycle
     def verify(self):
         """Check consistency and every checksum; see ``featurestore.store.verify``."""
