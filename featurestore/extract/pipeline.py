@@ -118,9 +118,10 @@ class _Lane:
 
     Encode batches are ``batch_size`` rows at fixed positions counted from each chunk start of the
     feature set, restricted to the rows that need work. A resumed run (whose feature sets are done
-    chunk by chunk) or a Dask task (which owns whole chunks) therefore encodes exactly the batches
-    an uninterrupted run does, which keeps CPU outputs bit-identical. Memory is bounded by one
-    encode batch of inputs and one chunk of outputs per encoder.
+    in whole encode batches: chunks, and partial commits made between batches) or a Dask task
+    (which owns whole chunks) therefore encodes exactly the batches an uninterrupted run does, which
+    keeps CPU outputs bit-identical. Memory is bounded by one encode batch of inputs and one chunk of
+    outputs per encoder (a partial commit queues a copy of the chunk, in place of a full one).
     """
 
     def __init__(self, j: int, target: Target, blocks: list[tuple[int, int]], batch_size: int, n_rows: int,
