@@ -144,7 +144,8 @@ def _expected(problem: dict) -> str:
     """What the field wanted, in words: pydantic's message without its 'Input should be'."""
     bound = _BOUNDS.get(problem["type"])
     if bound is not None:
-        return bound.format(**(problem.get("ctx") or {}))
+        ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in (problem.get("ctx") or {}).items()}
+        return bound.format(**ctx)
     msg = problem["msg"]
     for prefix in ("Input should be ", "Value should be "):
         if msg.startswith(prefix):
