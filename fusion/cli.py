@@ -9,6 +9,10 @@ Every command that scores or writes a recipe's output says when a run behind it 
 weights (a ``WARNING: run ... uses RANDOM weights`` line: first on stdout, or on stderr with
 ``--json``). Python warnings (a calibrator fitted on a training split, a class missing from a
 stacking fit) are one line each, ``fusion <cmd>: warning: ...``, without source lines.
+
+``--predictions MINE`` reads prediction runs from a prediction store of the user's own too (what
+``heads predict --predictions`` writes for a store the user may only read); its index must be the
+store's (docs/store.md, "Shared, read-only stores"). Ctrl-C is one line saying what was kept, exit 130.
 """
 from __future__ import annotations
 
@@ -23,10 +27,18 @@ from fusion.recipe import FusionRecipe, RecipeError
 from fusion.submission import DEFAULT_FILENAME_TEMPLATE
 
 
-def _open(path: str):
-    from featurestore import open_store
+#: Exit code after Ctrl-C, as a shell reports a process stopped by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
-    return open_store(path, mode="r")
+
+def _open(args: argparse.Namespace):
+    """The store, read-only; with ``--predictions`` together with the runs of that prediction store."""
+    from featurestore import open_store
+    from featurestore.store.store import open_with_predictions
+
+    if getattr(args, "predictions", None):
+        return open_with_predictions(args.store, args.predictions)
+    return open_store(args.store, mode="r")
 
 
 def random_warnings(store, runs: Sequence[str]) -> list[str]:
@@ -61,7 +73,7 @@ def _recipe(args: argparse.Namespace) -> FusionRecipe:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fusion.evaluate import evaluate_recipe
 
-    with _open(args.store) as store:
+    with _open(args) as store:
         recipe = _recipe(args)
         ev = evaluate_recipe(store, recipe, args.split, args.calibration_split, args.cross_fit)
         _say_warnings(random_warnings(store, recipe.runs), args.json)
@@ -81,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fusion.report import write_report
 
-    with _open(args.store) as store:
+    with _open(args) as store:
         recipe = _recipe(args)
         report = write_report(store, recipe, args.out, args.split, args.calibration_split, args.cross_fit)
         _say_warnings(random_warnings(store, recipe.runs), args.json)
@@ -102,7 +114,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from fusion.submit import submit_recipe
 
     recipe = _recipe(args)
-    with _open(args.store) as store:
+    with _open(args) as store:
         path, n = submit_recipe(store, recipe, args.split, args.out, args.filename_template)
         _say_warnings(random_warnings(store, recipe.runs), args.json)
     if args.json:
@@ -116,7 +128,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from fusion.runinfo import describe_runs
 
-    with _open(args.store) as store:
+    with _open(args) as store:
         runs = describe_runs(store)
     if args.json:
         print(json.dumps({run: {**dataclasses.asdict(info), "random": info.random} for run, info in runs.items()},
@@ -142,7 +154,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             raise ValueError(f"--run-dir expects RUN=PATH, got {item!r}")
         run_dirs[run] = path
     recipe = FusionRecipe.from_json(args.recipe)
-    with _open(args.store) as store:
+    with _open(args) as store:
         result = classify_files(store, recipe, args.files, args.device, run_dirs, progress=not args.quiet)
     if args.out:
         result.write_csv(args.out)
@@ -174,8 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "on the prediction runs of a feature store.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def store_flags(p: argparse.ArgumentParser, store_help: str = "feature store path or URL") -> None:
+        p.add_argument("--store", required=True, help=store_help)
+        p.add_argument("--predictions", metavar="MINE", help="also read the prediction runs of this store of your "
+                       "own (written by 'heads predict --predictions' for a --store you can only read); its clip "
+                       "ids and classes must be --store's")
+
     def common(p: argparse.ArgumentParser, split_help: str) -> None:
-        p.add_argument("--store", required=True, help="feature store path or URL")
+        store_flags(p)
         p.add_argument("--recipe", required=True, help="fusion recipe JSON file")
         p.add_argument("--split", default=None, help=split_help)
 
@@ -205,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.set_defaults(func=cmd_submit)
 
     rn = sub.add_parser("runs", help="list the store's prediction runs and their inputs")
-    rn.add_argument("--store", required=True, help="feature store path or URL")
+    store_flags(rn)
     rn.add_argument("--json", action="store_true", help="print every run's head, inputs, weights and splits as JSON")
     rn.set_defaults(func=cmd_runs)
 
@@ -214,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "classify' (its recorded run directory); the recipe's rules, weights and calibration "
                         "are fitted on the store, as 'fusion evaluate' does. Files sharing a stem (x.wav "
                         "x.mp4) form one clip.")
-    cl.add_argument("--store", required=True, help="feature store path or URL holding the recipe's runs")
+    store_flags(cl, "feature store path or URL holding the recipe's runs")
     cl.add_argument("--recipe", required=True, help="fusion recipe JSON file")
     cl.add_argument("files", nargs="+", metavar="FILE", help="audio (.wav ...) and/or video (.mp4 ...) files")
     cl.add_argument("--device", default="auto", help="device each run's 'heads classify' uses: auto (CUDA "
@@ -242,11 +260,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fusion._validate import NonFiniteProbabilitiesError
 
     args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning(args.command)
-        return run_command("fusion", args.command, lambda: args.func(args),
-                           usage=(RecipeError, FeatureStoreError, ValueError, OSError),
-                           failures=(OutputWriteError, NonFiniteProbabilitiesError))
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return run_command("fusion", args.command, lambda: args.func(args),
+                               usage=(RecipeError, FeatureStoreError, ValueError, OSError),
+                               failures=(OutputWriteError, NonFiniteProbabilitiesError))
+    except KeyboardInterrupt:  # one line, no traceback
+        print(f"fusion {args.command}: interrupted; {_interrupted_kept(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _interrupted_kept(args: argparse.Namespace) -> str:
+    """What an interrupted command left: fusion writes its files whole or not at all, never the store."""
+    out = getattr(args, "out", None)
+    if not out:
+        return "nothing was written (the store is only read); rerun the same command"
+    if args.command == "report":
+        return (f"the files already in {out} are whole (each is written at once) but the report may lack some; "
+                f"rerun the same command")
+    return f"{out} is written whole or not at all, never half; rerun the same command"
 
 
 def _one_line_warning(command: str):

@@ -4,11 +4,13 @@
     heads train --store S --head late_fusion --features clip/RN50x4,clip/RN101,clip/ViT-B-32 \\
                 --train-split fold1_train --val-split fold1_evaluate --out runs/c04
     heads train --recipe scripts/recipes/paper/C04_late_fusion.json --store S [--epochs 5 ...]
-    heads predict --store S --run runs/c04 [--name c04] [--split fold1_evaluate]
+    heads predict --store S --run runs/c04 [--name c04] [--split fold1_evaluate] [--predictions MINE.zarr]
     heads classify runs/c04 x.wav x.mp4 y.wav [--json] [--out probs.csv]
 
 ``--json`` prints what a command did as one JSON object on stdout (progress and summary lines go
-to stderr); ``--quiet`` (``-q``) silences progress bars and per-epoch lines.
+to stderr); ``--quiet`` (``-q``) silences progress bars and per-epoch lines. Ctrl-C is one line
+saying what was kept and how to resume (``heads train: interrupted; epochs 1-3 kept in runs/x, ...``),
+exit code 130.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from featurestore.atomic_files import OutputWriteError
@@ -65,11 +68,25 @@ _FAILURE_ERRORS = (ExtractionStopped, OutputWriteError, CorruptChunkError, NonFi
                    TrainingDivergedError)
 
 
+#: Exit code after Ctrl-C, as a shell reports a process stopped by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+
+
+class CommandInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a command; the message says what was kept and how to resume."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``heads`` and ``python -m heads``; returns the exit code (2: bad input, 1: failed)."""
+    """Entry point of ``heads`` and ``python -m heads``; returns the exit code (2: bad input, 1: failed,
+    130: interrupted by Ctrl-C)."""
     args = _parser().parse_args(argv)
-    return run_command("heads", args.command, lambda: args.func(args), usage=_USAGE_ERRORS,
-                       failures=_FAILURE_ERRORS)
+    try:
+        return run_command("heads", args.command, lambda: args.func(args), usage=_USAGE_ERRORS,
+                           failures=_FAILURE_ERRORS)
+    except KeyboardInterrupt as err:  # one line, no traceback: what was kept, how to go on
+        kept = str(err) or "nothing was kept; rerun the same command"
+        print(f"heads {args.command}: interrupted; {kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _flag_help(field: str, text: str) -> str:
@@ -100,7 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="write a trained head's predictions into the store")
-    p.add_argument("--store", required=True, help="feature store path or URL (opened for writing)")
+    p.add_argument("--store", required=True, help="feature store path or URL (opened for writing, unless "
+                   "--predictions is given)")
+    p.add_argument("--predictions", metavar="MINE", help="write the predictions into this store of your own "
+                   "instead (created with a copy of --store's index when missing): for a --store you can only "
+                   "read, such as a shared read-only one; fusion reads it with --predictions too")
     p.add_argument("--run", required=True, help="training run directory")
     p.add_argument("--name", help="prediction run name (default: the run directory's name)")
     p.add_argument("--split", help="only this split's clips (default: every clip with its features done)")
@@ -213,7 +234,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from heads.train import train
 
     cfg = train_config_from_args(args)
-    result = train(cfg, overwrite=args.overwrite)
+    try:
+        result = train(cfg, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        raise CommandInterrupted(train_kept(cfg.out)) from None
     if args.json:
         print(json.dumps({"run_dir": str(result.run_dir), "head": cfg.head, "features": list(cfg.features),
                           "epochs": cfg.epochs, "epochs_completed": result.epochs_completed,
@@ -221,6 +245,18 @@ def cmd_train(args: argparse.Namespace) -> int:
                           "best_val_accuracy": result.best_val_accuracy,
                           "best_val_logloss": result.best_val_logloss}, indent=2))
     return 0
+
+
+def train_kept(run_dir: str) -> str:
+    """What an interrupted ``heads train`` kept: the epochs committed to ``state.json``."""
+    try:
+        epoch = int(json.loads((Path(run_dir) / "state.json").read_text()).get("epoch", 0))
+    except (OSError, ValueError, AttributeError):
+        epoch = 0
+    if epoch < 1:
+        return f"no epoch was finished, nothing kept in {run_dir}; rerun the same command to start"
+    epochs = "epoch 1" if epoch == 1 else f"epochs 1-{epoch}"
+    return f"{epochs} kept in {run_dir}, rerun the same command to resume"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -233,9 +269,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--flush-clips must be an integer >= 1, got {args.flush_clips}")
     result = predict(args.store, args.run, name=args.name, split=args.split, batch_size=args.batch_size,
                      device=args.device, overwrite=args.overwrite, family=args.family, weights=args.weights,
-                     progress=not args.quiet, flush_clips=args.flush_clips)
+                     progress=not args.quiet, flush_clips=args.flush_clips, predictions=args.predictions)
     if args.json:
-        print(json.dumps({"store": str(args.store), "run": result.run, "run_dir": result.attrs["run_dir"],
+        print(json.dumps({"store": str(args.store), "predictions": args.predictions, "run": result.run, "run_dir": result.attrs["run_dir"],
                           "clips": result.n_clips, "resumed": result.n_resumed, "skipped": result.n_skipped,
                           "segments": result.n_segments, "family": result.attrs["family"],
                           "random_weights": result.attrs["random_weights"], "errors": result.errors}, indent=2))
@@ -258,7 +294,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     classifier = Classifier(args.run, args.device, weights=args.weights, store=args.store, checkpoints=checkpoints,
                             segments=args.segments, frames=args.frames, batch_size=args.batch_size,
                             num_workers=args.num_workers)
-    result = classifier.classify(clips, progress=not args.quiet)
+    try:
+        result = classifier.classify(clips, progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise CommandInterrupted("nothing was written; rerun the same command") from None
     if args.out:
         result.write_csv(args.out)
     if args.json:

@@ -11,6 +11,12 @@ time. A killed predict is resumed by running it again: the same run (same run di
 and settings, compared through the run's attributes) continues with the clips not done; another
 run into that name is refused unless ``overwrite``. A clip whose features or probabilities hold NaN
 or infinity is reported and never written: no NaN is stored as a probability.
+
+A store this user cannot write (a lab's shared store on a read-only mount) is refused before
+anything is tried, in one line pointing at ``predictions=`` (``--predictions``): a *prediction store*
+of the user's own holding a copy of the store's index, where the probabilities (and the writer lock)
+go while the features are read from the shared store (docs/store.md, "Shared, read-only stores").
+Ctrl-C stops a predict with ``PredictInterrupted`` saying how many clips were kept.
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ from tqdm.auto import tqdm
 from featurestore.encoders import resolve_device
 from featurestore.extract.errors import NO_ROOM, find_os_error, store_write_error
 from featurestore.provenance import file_sha256, is_random_weights
+from featurestore.errors import ReadOnlyStoreError
 from featurestore.store.lock import writer_lock
+from featurestore.store.store import open_prediction_store, write_problem
 from featurestore.torchdata import StoreDataset
 from heads._registry import head_class
 from heads.checkpoint import read_json, run_file
@@ -40,7 +48,7 @@ from heads.evaluate import clip_outputs
 from heads.train import class_features_fingerprint
 from heads.trained import load_head
 
-__all__ = ["FLUSH_CLIPS", "PredictResult", "load_head", "predict"]
+__all__ = ["FLUSH_CLIPS", "PredictInterrupted", "PredictResult", "load_head", "predict"]
 
 #: Clips whose probabilities are gathered before one store write (a write rewrites whole chunks).
 FLUSH_CLIPS = 4096
@@ -49,6 +57,13 @@ FLUSH_SECONDS = 60.0
 #: Test hook: ``SIGNAL:N`` sends the process SIGNAL (``KILL``, ``STOP``...) once, after the store
 #: write that brings the clips written to N or more (tests kill a real ``heads predict`` mid-run).
 TEST_SIGNAL_ENV = "HEADS_TEST_SIGNAL_AT_DONE"
+
+
+class PredictInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a predict; the message says how many clips the store kept and how to resume.
+
+    A KeyboardInterrupt still, so a script or notebook stops as it would; ``heads predict`` prints
+    the message as one line and exits 130."""
 
 
 @dataclass
@@ -168,16 +183,16 @@ def _family(info: dict) -> str:
 def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: str | list[str] | None = None,
             batch_size: int | None = None, device: str = "auto", overwrite: bool = False,
             family: str | None = None, weights: str = "best", progress: bool = True,
-            flush_clips: int = FLUSH_CLIPS) -> PredictResult:
+            flush_clips: int = FLUSH_CLIPS, predictions: str | Path | None = None) -> PredictResult:
     """Run the head trained in ``run_dir`` over the store and write ``predictions/<name>/probs``.
 
-    The store's writer lock is held throughout (the one extraction takes), so two predicts, or a
-    predict and an extraction, never write one store at once. Probabilities are written before
-    their done flags, ``flush_clips`` clips (or a minute's work) at a time; rerunning the same run
-    into the same name continues with the clips not done yet.
+    The writer lock of the store written is held throughout (the one extraction takes), so two
+    predicts, or a predict and an extraction, never write one store at once. Probabilities are
+    written before their done flags, ``flush_clips`` clips (or a minute's work) at a time; rerunning
+    the same run into the same name continues with the clips not done yet.
 
     Args:
-        store: an open store (mode ``"a"``) or the path of an existing store (opened with mode ``"a"``).
+        store: an open store (mode ``"a"``; ``"r"`` with ``predictions``) or the path of an existing store.
         run_dir: the training run directory.
         name: prediction run name (default: the run directory's name).
         split: predict only this split's clips (default: every clip whose features are done).
@@ -187,40 +202,107 @@ def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: 
         family: ensemble family recorded in the attrs (default: the training config's, else derived).
         weights: ``"best"`` or ``"last"`` checkpoint.
         flush_clips: clips gathered per store write; a killed predict loses at most these.
+        predictions: a prediction store of your own to write into, for a ``store`` you may only read
+            (created with a copy of its index when missing; its index must be ``store``'s). Its
+            lock is taken; ``store`` is only read.
 
     Returns:
         A PredictResult; clips whose features or probabilities are not finite are in ``errors``,
         not written and not marked done (``exit_code`` 1).
 
     Raises:
+        ReadOnlyStoreError: the store written cannot be written by this process (a read-only mount,
+            no permission): nothing was tried; use ``predictions``.
         StoreLockedError: another process writes the store.
         StoreWriteError: the store could not be written (disk full, file-size limit); the clips
             written before stay done and a rerun continues.
         FileExistsError: a prediction run of that name exists with other settings.
+        PredictInterrupted: Ctrl-C; the clips written before stay done and a rerun continues.
     """
     if isinstance(flush_clips, bool) or not isinstance(flush_clips, int) or flush_clips < 1:
         raise ValueError(f"flush_clips must be an integer >= 1, got {flush_clips!r}")
     name = name or Path(run_dir).name
     own = isinstance(store, (str, Path))
     location = str(store) if own else store.location
+    target = location if predictions is None else str(predictions)
     if own:
         from featurestore.store import open_store
 
-        open_store(store, mode="r").close()  # mode "a" would create a missing store: a typo must fail instead
-    with _no_room(location, "writing its lock file"):
-        lock = writer_lock(location).acquire()  # refused at once while another predict or extract writes
+        # mode "a" would create a missing store: a typo must fail instead; with ``predictions`` the
+        # store is only read, and stays open as the reader
+        store = open_store(store, mode="r")
+        if predictions is None:
+            store.close()
+            store = location
     try:
-        with _no_room(location, f"writing predictions/{name}"):
-            if own:
-                store = open_store(store, mode="a")
-            try:
-                return _predict(store, Path(run_dir), name, split, batch_size, device, overwrite, family, weights,
-                                progress, flush_clips)
-            finally:
-                if own:
-                    store.close()
+        _check_writable(target, location, predictions is not None)
+        with _no_room(target, "writing its lock file"):
+            lock = writer_lock(target).acquire()  # refused at once while another predict or extract writes
+        try:
+            return _predict_locked(store, target, predictions, Path(run_dir), name, _Options(
+                split, batch_size, device, overwrite, family, weights, progress, flush_clips))
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        if own and predictions is not None:
+            store.close()
+
+
+def _check_writable(target: str, location: str, own_store: bool) -> None:
+    """Refuse, before any lock file is tried, a store this process cannot write (one line)."""
+    problem = write_problem(target)
+    if problem is None:
+        return
+    if own_store:
+        raise ReadOnlyStoreError(f"cannot write the prediction store {target}: {problem}; choose a "
+                                 f"--predictions path you can write")
+    raise ReadOnlyStoreError(f"cannot write predictions into {location}: {problem}; write them into a store of "
+                             f"your own with --predictions MINE.zarr (predictions= in Python), which fusion reads "
+                             f"beside it (docs/store.md, 'Shared, read-only stores')")
+
+
+@dataclass
+class _Options:
+    split: Any
+    batch_size: int | None
+    device: str
+    overwrite: bool
+    family: str | None
+    weights: str
+    progress: bool
+    flush_clips: int
+
+
+def _predict_locked(store: Any, target: str, predictions: Any, run_dir: Path, name: str,
+                    opt: _Options) -> PredictResult:
+    """Open what is written (the store itself, or the prediction store) and predict; the lock is held.
+
+    ``store`` is an open store, or the path of one to open for writing (no ``predictions``)."""
+    from featurestore.store import open_store
+
+    opened = predictions is not None or isinstance(store, (str, Path))
+    with _no_room(target, f"writing predictions/{name}"):
+        if predictions is not None:
+            out = open_prediction_store(predictions, store, mode="a")
+        else:
+            out = store = open_store(store, mode="a") if opened else store
+        try:
+            return _predict(store, out, run_dir, name, opt)
+        except KeyboardInterrupt:
+            raise _interrupted(out, name) from None
+        finally:
+            if opened:
+                out.close()
+
+
+def _interrupted(target: Any, name: str) -> PredictInterrupted:
+    """What a Ctrl-C kept: the clips whose probabilities and done flags were written."""
+    try:
+        kept = int(target.prediction_done(name).sum()) if name in target.prediction_runs() else 0
+    except Exception:  # the store is as it was at the interrupt; a failed count must not hide the interrupt
+        kept = 0
+    return PredictInterrupted(f"{kept} clip(s) of predictions/{name} kept in {target.location}; rerun the same "
+                              f"command to resume")
 
 
 @contextlib.contextmanager
@@ -235,35 +317,36 @@ def _no_room(location: str, doing: str) -> Iterator[None]:
         raise store_write_error(location, os_error, doing) from None
 
 
-def _predict(store: Any, run_dir: Path, name: str, split: Any, batch_size: int | None, device: str,
-             overwrite: bool, family: str | None, weights: str, progress: bool, flush_clips: int) -> PredictResult:
-    dev = resolve_device(device)
-    head, info = load_head(run_dir, dev, weights)
+def _predict(store: Any, out: Any, run_dir: Path, name: str, opt: _Options) -> PredictResult:
+    """Read features from ``store``, write probabilities into ``out`` (``store`` itself, or a
+    prediction store of the same index: the same rows)."""
+    dev = resolve_device(opt.device)
+    head, info = load_head(run_dir, dev, opt.weights)
     sets = check_fingerprints(store, info, run_dir)
-    if not store.classes and info.get("classes"):
-        store.set_classes(info["classes"])  # a store of unlabelled clips takes the classes the head predicts
-    order = class_order(info.get("classes"), store.classes, run_dir)
+    if not out.classes and info.get("classes"):
+        out.set_classes(info["classes"])  # a store of unlabelled clips takes the classes the head predicts
+    order = class_order(info.get("classes"), out.classes, run_dir)
     features = list(info["train"]["features"])  # the head's input order (the JSON dict is key-sorted)
     segments = {sets[f].n_segments for f in features}
     if len(segments) != 1:
         raise ValueError(f"feature sets {features} have different segment counts {sorted(segments)}; "
                          f"a head predicts one row per segment, so they must match")
     n_segments = segments.pop()
-    attrs = prediction_attrs(info, family)
+    attrs = prediction_attrs(info, opt.family)
     # absolute, so that `fusion classify` finds the run from any working directory; the weights'
     # hash tells a rerun of this run (resumed) from a retrained one (refused without overwrite)
-    attrs.update({"run_dir": str(run_dir.resolve()), "weights": weights,
-                  "weights_sha256": file_sha256(_weights_file(run_dir, weights)), "n_segments": n_segments})
-    store.create_predictions(name, n_segments, attrs, overwrite=overwrite)
-    selected = np.arange(store.n_clips) if split is None else store.rows(store.select(split=split))
-    todo = selected[~store.prediction_done(name)[selected]]
+    attrs.update({"run_dir": str(run_dir.resolve()), "weights": opt.weights,
+                  "weights_sha256": file_sha256(_weights_file(run_dir, opt.weights)), "n_segments": n_segments})
+    out.create_predictions(name, n_segments, attrs, overwrite=opt.overwrite)
+    selected = np.arange(store.n_clips) if opt.split is None else store.rows(store.select(split=opt.split))
+    todo = selected[~out.prediction_done(name)[selected]]
     ids = store.clip_ids
-    clips = batch_size or max(1, 4 * head.default_batch_size // n_segments)
+    clips = opt.batch_size or max(1, 4 * head.default_batch_size // n_segments)
     data = StoreDataset(store, features, clip_ids=[ids[r] for r in todo], level="clip", batch_size=clips,
                         missing="skip")
-    writer = _Writer(store, name, flush_clips)
+    writer = _Writer(out, name, opt.flush_clips)
     errors: dict[str, str] = {}
-    with tqdm(total=len(data.rows), desc=f"predict {name}", unit="clip", disable=not progress) as bar:
+    with tqdm(total=len(data.rows), desc=f"predict {name}", unit="clip", disable=not opt.progress) as bar:
         for batch in data:
             out = next(clip_outputs(head, [batch], dev))
             probs = out.probs if order is None else out.probs[..., order]
