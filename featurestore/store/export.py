@@ -70,6 +70,7 @@ def _row_roots(store: Any) -> list[str]:
     roots = [str(attrs.get("dataset_root") or "")] * store.n_clips
     for added in attrs.get("datasets", []):
         start, stop = added.get("rows", (0, 0))
+        stop = min(stop, len(roots))  # rows of an append killed before its commit are not there
         roots[start:stop] = [str(added.get("dataset_root") or "")] * (stop - start)
     return roots
 
@@ -282,6 +283,10 @@ def export_clip_ids(store: Any, features: Sequence[str], split: str | None = Non
     A clip not done in every named set raises ``MissingFeatureError`` before anything is written
     (an export never holds zeros), unless ``skip_missing`` leaves such clips out.
     """
+    clash = sorted(set(features) & {"clip_id", "label", "label_index", *_STRING_COLUMNS, *store.splits()})
+    if clash:
+        raise ValueError(f"feature set(s) {', '.join(clash)} have the name of an index column, and an export "
+                         f"names its columns after both; export the others")
     ids = store.select(split=split) if split is not None else list(store.clip_ids)
     rows = store.rows(ids)
     keep = np.ones(len(ids), dtype=bool)

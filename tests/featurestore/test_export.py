@@ -296,3 +296,17 @@ def test_parquet_on_a_full_disk_keeps_the_previous_file(store, tmp_path):
     assert done.returncode == 1
     assert f"OutputWriteError: could not write {target}: file-size limit reached" in done.stderr, done.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_rows_appended_from_another_dataset_resolve_against_their_own_root(tmp_path):
+    """``append_clips`` keeps each manifest's root (``datasets`` attribute): exports use the right one."""
+    stores = []
+    for name in ("one", "two"):
+        root = tmp_path / name
+        clip = ClipRecord(f"{name}-1", label="park", audio=root / "audio" / f"{name}-1.wav", splits=frozenset({"train"}))
+        stores.append(Manifest(name, list(TAU_CLASSES), [clip], root=root, audio_segments=1, segment_seconds=1.0))
+    with create_store(tmp_path / "s.zarr", stores[0]) as store:
+        store.append_clips(stores[1])
+        records = list(manifest_records(store))
+    assert [r["recording"]["audio_path"] for r in records] == [
+        str(tmp_path / "one" / "audio" / "one-1.wav"), str(tmp_path / "two" / "audio" / "two-1.wav")]
