@@ -21,7 +21,7 @@ import numpy as np
 
 from featurestore._devices import DEVICE_HELP
 from featurestore.atomic_files import OutputWriteError, atomic_write_text
-from featurestore.extract import DEFAULT_BATCH_SIZE, DEFAULT_ENCODERS
+from featurestore.extract import DEFAULT_BATCH_SIZE, DEFAULT_ENCODERS, ExtractSummary
 from featurestore.extract.errors import ExtractionStopped
 from featurestore.errors import CorruptChunkError, FeatureStoreError, MissingFeatureError
 from featurestore.provenance import is_random_weights, weights_identity
@@ -401,10 +401,31 @@ def cmd_extract(args: argparse.Namespace) -> int:
     Bad usage or input raises (``run_command`` turns it into exit code 2 and one line on stderr).
     Torch and the encoders are imported by ``extract`` only once there is work to do.
     """
-    from featurestore.extract import classes_argument, encoder_options_argument, extract
+    from featurestore.extract import classes_argument, encoder_options_argument
 
     options = encoder_options_argument(args.encoder_option)
     classes = None if args.classes is None else classes_argument(args.classes)
+    try:
+        summary = _extract_command(args, options, classes)
+    except KeyboardInterrupt as stop:  # Ctrl-C: one line saying what the store kept, as heads does
+        kept = str(stop) or "nothing was kept; rerun the same command"
+        print(f"featurestore extract: interrupted; {kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.summary_json:
+        atomic_write_text(args.summary_json, json.dumps(summary.to_dict(), indent=2, default=str))
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2, default=str))
+    return summary.exit_code
+
+
+#: Exit code of ``featurestore extract`` after Ctrl-C, as a shell reports a process stopped by SIGINT.
+EXIT_INTERRUPTED = 130
+
+
+def _extract_command(args: argparse.Namespace, options: dict, classes: list[str] | None) -> ExtractSummary:
+    """``extract`` with the command's arguments; the summary lines on stdout (stderr with --json)."""
+    from featurestore.extract import extract
+
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         summary = extract(args.dataset, args.store, args.encoders, device=args.device, batch_size=args.batch_size,
                           num_workers=args.num_workers, frames=args.frames, limit=args.limit,
@@ -416,11 +437,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             print(summary.line())
             for line in summary.failure_lines():
                 print(line)
-    if args.summary_json:
-        atomic_write_text(args.summary_json, json.dumps(summary.to_dict(), indent=2, default=str))
-    if args.json:
-        print(json.dumps(summary.to_dict(), indent=2, default=str))
-    return summary.exit_code
+    return summary
 
 
 def extract_main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,8 @@
-"""Errors that stop an extraction run part way (no torch import: the CLI maps them to exit codes).
+"""Errors that stop or refuse an extraction run (no torch import: the CLI maps them to exit codes).
 
 Each leaves the store consistent: every chunk written before the error is complete and marked done,
-nothing else is marked done, so ``verify`` is clean and rerunning the same command resumes.
+nothing else is marked done, so ``verify`` is clean and rerunning the same command resumes. A run
+refused before its pipeline starts leaves no store it created itself.
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import errno
 
 from featurestore.errors import FeatureStoreError
 
-__all__ = ["DecodeWorkerError", "ExtractionStopped", "StoreWriteError", "find_os_error", "store_write_error"]
+__all__ = ["DecodeWorkerError", "ExtractionInterrupted", "ExtractionStopped", "SchedulerError", "StoreWriteError",
+           "find_os_error", "hdf5_with_dask", "store_write_error"]
 
 #: errno values that mean "no room": the disk, a quota, or a file-size limit.
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -25,6 +27,25 @@ class StoreWriteError(ExtractionStopped):
 
 class DecodeWorkerError(ExtractionStopped):
     """A decode worker process died or could not hand a batch over (shared memory full, limits)."""
+
+
+class SchedulerError(FeatureStoreError):
+    """``scheduler=`` names no Dask scheduler that answers (exit code 2: the run is refused before the
+    store is created)."""
+
+
+class ExtractionInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run; the message says what the store kept and how to resume.
+
+    A KeyboardInterrupt still, so that a script or notebook calling ``extract`` stops as it would;
+    ``featurestore extract`` prints ``interrupted; <message>`` as one line and exits 130 (like
+    ``heads``)."""
+
+
+def hdf5_with_dask(location: str) -> ValueError:
+    """The refusal of an HDF5 store for a Dask run (before the run takes its lock or makes the store)."""
+    return ValueError(f"{location}: an HDF5 file cannot be written by several processes; extract into a Zarr "
+                      f"store and convert it ('featurestore convert') afterwards")
 
 
 def find_os_error(err: BaseException) -> OSError | None:

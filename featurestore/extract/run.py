@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 
 from featurestore.extract.errors import (
-    NO_ROOM, DecodeWorkerError, ExtractionStopped, StoreWriteError, find_os_error, store_write_error,
+    NO_ROOM, DecodeWorkerError, ExtractionInterrupted, ExtractionStopped, SchedulerError, StoreWriteError,
+    find_os_error, hdf5_with_dask, store_write_error,
 )
 from featurestore.extract.plan import (
-    DEFAULT_COMMIT_SECONDS, check_commit_seconds, check_inputs, check_targets, make_plan, write_text_features,
+    DEFAULT_COMMIT_SECONDS, MAX_BLOCK_CLIPS, Plan, check_commit_seconds, check_inputs, check_targets, make_plan,
+    write_text_features,
 )
 from featurestore.extract.request import EncoderRequest, build, nothing_to_do, requests
 from featurestore.extract.summary import ExtractSummary, FeatureSetSummary, fill_summary
@@ -39,8 +41,8 @@ from featurestore.provenance import is_random_weights
 from featurestore.store import FeatureStore, backend_for, create_store, open_store
 from featurestore.store.lock import StoreLockedError, writer_lock
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_ENCODERS", "DecodeWorkerError", "ExtractSummary", "FeatureSetSummary",
-           "StoreLockedError", "StoreWriteError", "extract"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_ENCODERS", "DecodeWorkerError", "ExtractSummary", "ExtractionInterrupted",
+           "FeatureSetSummary", "SchedulerError", "StoreLockedError", "StoreWriteError", "extract"]
 
 #: The paper's encoders: log-mel for the audio CNNs, RegNetX-6.4GF frames (Table 5: 24.60M), three CLIP image encoders.
 DEFAULT_ENCODERS = "logmel,timm/regnetx_064,clip/RN50x4,clip/RN101,clip/ViT-B-32"
@@ -100,10 +102,16 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         MissingFilesError: files listed by the dataset are missing (all of them are named).
         FingerprintMismatchError: a feature set exists with another configuration (see ``overwrite``).
         StoreLockedError: another process is writing the store (its pid, host and the lock file are named).
+        SchedulerError: nothing at the ``scheduler`` address greets like a Dask scheduler within
+            Dask's connect timeout (``distributed.comm.timeouts.connect``).
+        ExtractionInterrupted: Ctrl-C (a KeyboardInterrupt saying how many clips the store kept).
         StoreWriteError: the store could not be written (disk full, file-size limit); the rows
             finished before are kept and a rerun resumes.
         DecodeWorkerError: a decode worker died or could not hand a batch over; a rerun resumes.
         ValueError: bad arguments, or encoders whose chunk sizes do not align.
+
+    A run refused after it created a new store (a bad scheduler, an encoder that does not fit the
+    dataset, chunk sizes that do not align...) removes that store: a refusal leaves nothing new.
     """
     t_start = time.perf_counter()
     _check_arguments(batch_size, num_workers, frames, limit, chunk_clips, segments)
@@ -113,6 +121,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     selected_ids = manifest.clip_ids[:limit] if limit else manifest.clip_ids
     _check_files(manifest.subset(selected_ids) if limit else manifest)
     location = store.location if isinstance(store, FeatureStore) else str(store)
+    if scheduler is not None:
+        _check_dask_backend(store, backend)
     with _no_room(location, "writing its lock file"):
         lock = writer_lock(location).acquire()  # refused at once while another run writes the store
     try:
@@ -121,6 +131,11 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             summary = _run(store, manifest, selected_ids, asked, _RunOptions(
                 device, batch_size, num_workers, overwrite, scheduler, progress, backend, chunk_clips,
                 commit_seconds))
+    except ExtractionInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise ExtractionInterrupted(f"no clip was extracted into {location} yet; rerun the same command to "
+                                    f"start") from None
     finally:
         lock.release()
     summary.wall_seconds = time.perf_counter() - t_start
@@ -151,19 +166,53 @@ def _already_done(store: str | Path | FeatureStore, manifest: Manifest, selected
 
 def _run(store: str | Path | FeatureStore, manifest: Manifest, selected_ids: list[str],
          asked: list[EncoderRequest], opt: _RunOptions) -> ExtractSummary:
-    """Build the encoders, open (or create) the store and extract; the caller holds the lock."""
+    """Connect to the scheduler, build the encoders, open (or create) the store and extract; the
+    caller holds the lock.
+
+    Everything that can refuse the run happens before the pipeline starts; a store this run created
+    is removed when the run is refused (or interrupted) before then, so a refusal leaves nothing."""
     location = store.location if isinstance(store, FeatureStore) else str(store)
-    dev = _resolve_device(opt.device if opt.scheduler is None else "cpu")  # Dask: resolved on each worker
-    built = build(asked, dev)
-    check_inputs(manifest, built)
-    with _no_room(location, "creating the store"):
-        fs, owned = _open_store(store, manifest, opt.backend)
-    try:
-        with _no_room(location, "adding clips to the index or creating feature sets"):
-            return _extract_into(fs, manifest, selected_ids, built, dev, opt)
-    finally:
-        if owned:
-            fs.close()
+    with contextlib.ExitStack() as stack:
+        client = _connect(opt.scheduler, stack)  # before the store exists: a bad scheduler leaves nothing
+        dev = _resolve_device(opt.device if opt.scheduler is None else "cpu")  # Dask: resolved on each worker
+        built = build(asked, dev)
+        check_inputs(manifest, built)
+        with _no_room(location, "creating the store"):
+            fs, owned, created = _open_store(store, manifest, opt.backend)
+        try:
+            with _no_room(location, "adding clips to the index or creating feature sets"):
+                summary, plan = _prepare(fs, manifest, selected_ids, built, dev, opt)
+        except BaseException:
+            if owned:
+                fs.close()
+            if created:
+                _remove_created(created)
+            raise
+        try:
+            with _no_room(location, "writing features"):
+                return _execute(fs, summary, plan, dev, opt, client)
+        except KeyboardInterrupt:
+            raise _interrupted(fs, plan) from None
+        finally:
+            if owned:
+                fs.close()
+
+
+def _connect(scheduler: Any, stack: contextlib.ExitStack) -> Any:
+    """The Dask client of a ``scheduler=`` run (closed by ``stack``), None for a local run."""
+    if scheduler is None:
+        return None
+    from featurestore.extract.dask import connect
+
+    return connect(scheduler, stack)
+
+
+def _check_dask_backend(store: str | Path | FeatureStore, backend: str | None) -> None:
+    """Dask tasks write from several processes, which HDF5 cannot take: refused before the lock."""
+    location = store.location if isinstance(store, FeatureStore) else str(store)
+    kind = store.backend if isinstance(store, FeatureStore) else backend_for(location, backend)
+    if kind == "hdf5":
+        raise hdf5_with_dask(location)
 
 
 @dataclass(frozen=True)
@@ -181,8 +230,10 @@ class _RunOptions:
     commit_seconds: float = DEFAULT_COMMIT_SECONDS
 
 
-def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], built: list, dev,
-                  opt: _RunOptions) -> ExtractSummary:
+def _prepare(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], built: list, dev,
+             opt: _RunOptions) -> tuple[ExtractSummary, Plan]:
+    """Check the targets, index the clips, write class features and plan: every refusal of a run
+    that found an open store happens here, before any clip is extracted."""
     check_targets(fs, manifest, built, str(dev), opt.overwrite)
     rows = _ensure_clips(fs, manifest)
     selected = np.zeros(fs.n_clips, dtype=bool)
@@ -195,22 +246,44 @@ def _extract_into(fs: FeatureStore, manifest: Manifest, selected_ids: list[str],
     plan = make_plan(fs, manifest, rows, selected, built, str(dev), opt.batch_size, opt.chunk_clips, opt.overwrite,
                      opt.commit_seconds)
     summary.random_weights = [e.name for e in built if is_random_weights(e.provenance())]
+    return summary, plan
+
+
+def _execute(fs: FeatureStore, summary: ExtractSummary, plan: Plan, dev, opt: _RunOptions,
+             client: Any) -> ExtractSummary:
+    """Run the pipeline over the plan's blocks (here, or as Dask tasks on ``client``) and count."""
     t_pipeline = time.perf_counter()
     from featurestore.extract.pipeline import default_num_workers, run_blocks
 
     with _ProgressBar(plan.n_todo_clips(), opt.progress) as bar:
-        if opt.scheduler is None:
+        if client is None:
             workers = default_num_workers() if opt.num_workers is None else opt.num_workers
             stats = run_blocks(plan, fs, plan.blocks(), dev, workers, bar.update)
         else:
             from featurestore.extract.dask import StoreRef, run_distributed
 
             ref = StoreRef(fs.location, fs.backend, fs.open_args.get("storage_options"))
-            stats, summary.device = run_distributed(plan, ref, opt.scheduler, opt.device, bar.update)
+            stats, summary.device = run_distributed(plan, ref, client, opt.device, bar.update)
             fs.refresh()
     summary.pipeline_seconds = time.perf_counter() - t_pipeline
     fill_summary(summary, plan, stats, fs.clip_ids)
     return summary
+
+
+def _interrupted(fs: FeatureStore, plan: Plan) -> ExtractionInterrupted:
+    """What Ctrl-C leaves: the selected clips done in every feature set of the run, read back from
+    the store after the pipeline wrote what it had finished."""
+    try:
+        fs.refresh()
+        done = plan.selected.copy()
+        for target in plan.targets:
+            done &= fs.done_mask(target.name, refresh=True)
+        before = plan.selected & ~plan.needed_any()
+        kept = f"{int(done.sum())} of {int(plan.selected.sum())} clips done and kept in {fs.location} " \
+               f"({int((done & ~before).sum())} by this run)"
+    except Exception as err:  # noqa: BLE001 - the count is a courtesy; the interrupt must still be one line
+        kept = f"the clips finished before are kept in {fs.location} (not counted: {type(err).__name__})"
+    return ExtractionInterrupted(f"{kept}; rerun the same command to resume")
 
 
 # ------------------------------------------------------------------------------- arguments
@@ -225,6 +298,10 @@ def _check_arguments(batch_size: int, num_workers: int | None, frames: int | Non
     for name, value, low in checks:
         if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value, _ in checks:
+        if name.startswith("chunk_clips") and value is not None and value > MAX_BLOCK_CLIPS:
+            raise ValueError(f"{name} must be at most {MAX_BLOCK_CLIPS} clips (a block of whole chunks of every "
+                             f"feature set is the unit of work), got {value}")
 
 
 def _load_manifest(dataset: str | Path | Manifest, frames: int | None, segments: int | None = None,
@@ -257,16 +334,17 @@ def _resolve_device(device: str):
 
 # ------------------------------------------------------------------------------------- store
 def _open_store(store: str | Path | FeatureStore, manifest: Manifest,
-                backend: str | None) -> tuple[FeatureStore, bool]:
-    """An open writable store and whether this call opened it (and must close it)."""
+                backend: str | None) -> tuple[FeatureStore, bool, Path | None]:
+    """An open writable store, whether this call opened it (and must close it), and its path when
+    this call created it (a refused run removes it)."""
     if isinstance(store, FeatureStore):
         if store.mode == "r":
             raise ValueError(f"{store.location} is open read-only; extraction needs mode 'a'")
-        return store, False
+        return store, False, None
     location = str(store)
     if "://" not in location and not Path(location).exists():
-        return _create_atomically(Path(location), manifest, backend), True
-    return open_store(location, "a", backend=backend), True
+        return _create_atomically(Path(location), manifest, backend), True, Path(location)
+    return open_store(location, "a", backend=backend), True, None
 
 
 def _create_atomically(path: Path, manifest: Manifest, backend: str | None) -> FeatureStore:
@@ -280,9 +358,22 @@ def _create_atomically(path: Path, manifest: Manifest, backend: str | None) -> F
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     kind = backend_for(path, backend, new=True)
-    create_store(tmp, manifest, backend=kind).close()
-    os.replace(tmp, path)
+    try:
+        create_store(tmp, manifest, backend=kind).close()
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_created(tmp)  # a full disk or Ctrl-C while creating: no half-made temp store left
+        raise
     return open_store(path, "a", backend=kind)
+
+
+def _remove_created(path: Path) -> None:
+    """Remove a store this run created (the caller holds its lock, so no one else uses it)."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 @contextlib.contextmanager

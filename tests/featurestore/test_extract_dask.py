@@ -73,6 +73,18 @@ def test_dask_workers_rebuild_named_encoders_with_their_options(tmp_path, client
         assert store.feature_info("logmel").shape[2] == 32
 
 
+@pytest.mark.slow
+def test_a_scheduler_address_passes_the_greeting_check_and_runs(tmp_path, client):
+    """``scheduler="tcp://..."`` (what ``--scheduler`` gives): the greeting check accepts a real
+    scheduler and the run uses it."""
+    manifest = make_dataset(tmp_path / "data", 5)
+    address = client.scheduler.address
+    assert address.startswith("tcp://")
+    summary = extract(manifest, tmp_path / "dask.zarr", ENCODERS, scheduler=address, **OPTIONS)
+    assert summary.exit_code == 0 and summary.clips_done == 5
+    assert summary.device == "dask (2 workers, 2 threads, device cpu; cluster)"
+
+
 def _tasks_seen() -> int:
     """Runs on each worker: how many extraction encoders it built (one per spec once tasks ran)."""
     from featurestore.extract import dask as extract_dask
