@@ -1,0 +1,81 @@
+"""Ctrl-C in ``heads``: a real SIGINT sent to a real ``heads train`` and ``heads predict`` mid-run.
+
+Each is one line on stderr saying what was kept and how to resume, exit code 130, no traceback;
+rerunning the same command then resumes from what was kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import heads
+from featurestore.store import open_store
+from heads.cli import main
+from heads.config import TrainConfig
+
+from tests.heads._store import build_store
+
+HOOK = "HEADS_TEST_SIGNAL_AT_DONE"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != HOOK}
+    return {**env, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_ctrl_c_in_heads_train_is_one_line_naming_the_epochs_kept(tiny_store_path, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "heads", "train", "--store", str(tiny_store_path), "--head", "embedding_mlp",
+               "--features", "clip/ViT-B-32", "--train-split", "train", "--val-split", "val", "--out", str(run),
+               "--epochs", "100000", "--batch-size", "16", "--device", "cpu", "-q"]
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "state.json").exists():  # the first epoch is committed
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no epoch was committed in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    line, = err.strip().splitlines()  # one line, no traceback
+    epoch = json.loads((run / "state.json").read_text())["epoch"]
+    kept = "epoch 1" if epoch == 1 else f"epochs 1-{epoch}"
+    assert line == f"heads train: interrupted; {kept} kept in {run}, rerun the same command to resume"
+
+
+def test_ctrl_c_in_heads_predict_is_one_line_and_the_rerun_resumes(tiny_store_path, tmp_path, capsys):
+    with open_store(tiny_store_path) as store:
+        heads.train(TrainConfig(head="embedding_mlp", features=["clip/ViT-B-32"], train_split="train",
+                                val_split="val", out=str(tmp_path / "m"), epochs=1, batch_size=16, progress=False),
+                    store)
+    store = build_store(tmp_path / "s.zarr")
+    command = ["predict", "--store", str(store), "--run", str(tmp_path / "m"), "--name", "p", "--device", "cpu",
+               "--batch-size", "8", "--flush-clips", "8", "-q"]
+    # a real SIGINT, sent by the process to itself once 16 clips are written (the test hook)
+    done = subprocess.run([sys.executable, "-m", "heads", *command], env=_env(**{HOOK: "INT:16"}),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr
+    line, = done.stderr.strip().splitlines()
+    assert line == (f"heads predict: interrupted; 16 clip(s) of predictions/p kept in {store}; rerun the same "
+                    f"command to resume")
+    assert not Path(f"{store}.lock").exists()
+    assert main(command) == 0
+    assert "16 clip(s) were done already (resumed)" in capsys.readouterr().err
+    with open_store(store) as opened:
+        assert opened.prediction_done("p").all()
+
+
+@pytest.fixture(autouse=True)
+def _no_hook(monkeypatch):
+    monkeypatch.delenv(HOOK, raising=False)
