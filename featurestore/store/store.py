@@ -830,6 +830,8 @@ def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
     if mode not in ("r", "a", "w"):
         raise ValueError(f"mode must be 'r', 'a' or 'w', not {mode!r}")
     location = str(path)
+    if "://" not in location:  # a local path: absolute, so a later chdir cannot turn chunks "missing"
+        location = os.path.abspath(location)
     args = dict(path=location, mode=mode, backend=backend, cache_bytes=cache_bytes,
                 storage_options=storage_options)
     b = open_backend(location, mode, backend, storage_options)

@@ -5,6 +5,8 @@ backends compared with each other and converted into each other in test_store_ba
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -495,3 +497,14 @@ def test_a_creation_interrupted_before_its_attributes_is_replaced_not_refused(pa
         assert info.fingerprint and info.n_done == 0
         with pytest.raises(FingerprintMismatchError):  # a finished creation is still protected
             store.create_feature_set(FEAT, N_SEG, (DIM,), provenance(seed=3), chunk_clips=CHUNK)
+
+
+def test_a_store_opened_by_a_relative_path_still_reads_after_a_chdir(path, tmp_path, monkeypatch):
+    with create_store(path, make_manifest()) as store:
+        store.create_feature_set(FEAT, N_SEG, (DIM,), provenance(), chunk_clips=CHUNK)
+        store.write_rows(FEAT, 0, features(4))
+    monkeypatch.chdir(os.path.dirname(path))
+    with open_store(os.path.basename(path)) as store:
+        monkeypatch.chdir(tmp_path.parent)  # e.g. a notebook that changes directory
+        np.testing.assert_array_equal(store.read_rows(FEAT, 0, 4), features(4))
+        assert store.location == str(path)
