@@ -47,16 +47,22 @@ def group_files(paths: Iterable[str | Path]) -> list[ClipFiles]:
     kind of a file comes from its ending (:data:`AUDIO_SUFFIXES`, :data:`VIDEO_SUFFIXES`).
 
     Raises:
-        FilesError: no files, missing files (all named at once), an unknown ending, or two audio
-            (or two video) files with one stem.
+        FilesError: no files, directories or missing files (all named at once), an unknown ending,
+            or two audio (or two video) files with one stem.
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise FilesError("no files given: expected audio (.wav) and/or video (.mp4) files")
-    missing = [str(p) for p in paths if not p.is_file()]
+    directories = [str(p) for p in paths if p.is_dir()]
+    if directories:  # said before "not found": a folder given for its files is the likelier mistake
+        raise FilesError(f"{len(directories)} argument(s) are directories, not files: {_listed(directories)}; "
+                         f"give the audio and video files in them (e.g. DIR/*.wav DIR/*.mp4)")
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise FilesError(f"{len(missing)} file(s) not found: {', '.join(missing[:10])}"
-                         + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+        raise FilesError(f"{len(missing)} file(s) not found: {_listed(missing)}")
+    special = [str(p) for p in paths if not p.is_file()]
+    if special:
+        raise FilesError(f"{len(special)} argument(s) are not regular files (a FIFO, a device?): {_listed(special)}")
     found: dict[str, dict[str, Path]] = {}
     for path in paths:
         kind = _kind(path)
@@ -66,6 +72,11 @@ def group_files(paths: Iterable[str | Path]) -> list[ClipFiles]:
                              f"files given with one stem, at most one audio and one video file")
         clip[kind] = path
     return [ClipFiles(stem, kinds.get("audio"), kinds.get("video")) for stem, kinds in found.items()]
+
+
+def _listed(paths: list[str]) -> str:
+    """The first ten paths, and how many more."""
+    return ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
 
 
 def _kind(path: Path) -> str:

@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 
 from featurestore.extract.workers import ClipDecoder, DecodedBatch, Job, collate
 from featurestore.extract.plan import Source
+from featurestore.extract.errors import DecodeWorkerError
 from featurestore.extract.pipeline import _encode as encode_and_cast
+from featurestore.extract.pipeline import _loader_reason
 from featurestore.clip_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES, ClipFiles, FilesError, group_files
 from featurestore.encoders import (
     Encoder, WeightsMismatchError, WeightsNotFoundError, create_encoder, file_sha256, parse_spec, resolve_device,
@@ -278,6 +280,8 @@ class FileEncoder:
 
         Raises:
             FilesError: files missing or of an unknown kind, or a clip lacking a needed modality.
+            DecodeWorkerError: a decode worker died or could not hand a batch over (with
+                ``num_workers`` > 0); one line, exit 1 in the command lines.
         """
         clips = list(clips)
         if not all(isinstance(c, ClipFiles) for c in clips):
@@ -299,7 +303,7 @@ class FileEncoder:
                         continue
                     rows, x = batch.inputs[j]
                     t0 = time.perf_counter()
-                    out = encode_and_cast(t, x, self.device)
+                    out, _ = encode_and_cast(t, x, self.device, len(rows))  # heads.classify judges finiteness
                     _add_all(seconds, {f"encode {t.name}": time.perf_counter() - t0})
                     outputs[t.name][rows] = out.reshape(len(rows), t.source.n_segments, *t.shape)
                 bar.update(len(batch.rows))
@@ -321,10 +325,21 @@ class FileEncoder:
             return
         loader = torch.utils.data.DataLoader(decoder, batch_sampler=batches, collate_fn=collate,
                                              num_workers=self.num_workers, prefetch_factor=2)
-        for batch in loader:
-            if batch.fatal:
-                raise RuntimeError(batch.fatal)
-            yield batch
+        try:
+            for batch in loader:
+                if batch.fatal:
+                    raise _worker_stopped(batch.fatal)
+                yield batch
+        except RuntimeError as err:  # torch's DataLoader: a worker died, or no batch within the timeout
+            if not str(err).startswith("DataLoader"):
+                raise
+            raise _worker_stopped(_loader_reason(err)) from None
+
+
+def _worker_stopped(reason: str) -> DecodeWorkerError:
+    """One line (exit 1 in the CLIs): why, and that decoding in-process avoids the workers."""
+    return DecodeWorkerError(f"encoding the files stopped: {reason}; nothing was returned for them; try again, "
+                             f"or decode in this process (num_workers=0, --num-workers 0)")
 
 
 def _source(name: str, prov: Mapping[str, Any], encoder: Encoder, segments: int | None,

@@ -238,6 +238,7 @@ class FeatureStore:
 
     def rows(self, clip_ids: Iterable[str]) -> np.ndarray:
         """Row numbers of clip ids; an unknown id raises ``UnknownClipError`` with the nearest ids."""
+        _check_id_sequence("rows", clip_ids, "row(clip_id)")
         if self._row_of is None:
             self._load_index()
         row_of = self._row_of
@@ -530,6 +531,7 @@ class FeatureStore:
 
         Their done flags stay false: the clips are simply "not computed" again.
         """
+        _check_id_sequence("clear_errors", rows)
         self._require_writable()
         group = self.row_group(FEATURE_SETS, name)
         for key in rows:
@@ -554,6 +556,7 @@ class FeatureStore:
 
     def get_many(self, name: str, clip_ids: Sequence[str]) -> np.ndarray:
         """Features of many clips in the given order; each chunk is read and decoded once."""
+        _check_id_sequence("get_many", clip_ids, "get(name, clip_id)")
         group = self.row_group(FEATURE_SETS, name)
         return group.gather(self.rows(clip_ids))
 
@@ -704,6 +707,7 @@ class FeatureStore:
 
     def get_predictions(self, run: str, clip_ids: Sequence[str] | None = None) -> np.ndarray:
         """Probabilities ``[n, n_segments, n_classes]``; clips never predicted raise an error."""
+        _check_id_sequence("get_predictions", clip_ids)
         group = self.row_group(PREDICTION_RUNS, run)
         rows = np.arange(self.n_clips) if clip_ids is None else self.rows(clip_ids)
         return group.gather(rows)
@@ -769,6 +773,16 @@ class FeatureStore:
     def __repr__(self) -> str:
         return (f"FeatureStore({self.location!r}, mode={self.mode!r}, clips={self.n_clips}, "
                 f"features={self._arrays.groups_with('features', 'data')})")
+
+
+def _check_id_sequence(method: str, clip_ids: Any, single: str = "") -> None:
+    """A str or bytes where many clip ids are expected would be iterated character by character
+    (and fail as "unknown clip 'o'", or worse, match one-letter ids): refuse it in one line."""
+    if isinstance(clip_ids, (str, bytes)):
+        shown = repr(clip_ids) if len(clip_ids) <= 60 else f"{clip_ids[:57]!r}..."
+        instead = f", or use {single} for one clip" if single else ""
+        raise TypeError(f"{method}: expected a list of clip ids, got the {type(clip_ids).__name__} {shown}; "
+                        f"pass a list ([{shown}]){instead}")
 
 
 def _as_list(value: Any) -> list:
