@@ -52,8 +52,8 @@ def open_dataset(path: PathLike, *, audio_segments: int | None = None,
             ``dataset.json`` when it has one, else TAU: 10 for development, 1 for evaluation; CSV: 10).
         video_frames: frames sampled per clip; None lets the reader decide (``dataset.json``,
             else 12, 5 for evaluation).
-        allow_outside_root: accept listed paths that are absolute or lead outside the dataset root
-            (refused by default: the root is a boundary).
+        allow_outside_root: accept listed paths that are absolute or hold ``..`` (refused by
+            default: the root is a boundary; symlinks placed under it are followed).
         classes: the class order (needed for a CSV without labels; TAU readers default to the
             DCASE order); a labelled clip whose label is not among them is an error.
 

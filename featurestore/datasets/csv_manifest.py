@@ -7,8 +7,9 @@ Columns (comma- or tab-separated, header required)::
 A manifest without a ``label`` column (``clip_id,audio,video``) has no classes of its own: give them
 with ``classes=`` (``featurestore extract --classes a,b,c``), or a head's predictions bring them.
 ``audio``/``video`` are paths relative to the CSV's directory, which is the dataset root: an absolute
-path, or one that leads outside it (``..``, a symlink), is refused unless the reader is called with
-``allow_outside_root=True`` (``featurestore extract --allow-outside-root``); one of
+path, or one with a ``..`` component, is refused unless the reader is called with
+``allow_outside_root=True`` (``featurestore extract --allow-outside-root``); symlinks under the root
+(``audio -> /data/tau/audio``) are followed. One of
 the two columns may be absent or a cell empty for clips without that modality. ``split`` holds
 split names separated by ``;`` (a clip may be in several). ``location`` lets location-level
 splits and cross-fitting work as they do for TAU. A ``dataset.json`` next to the CSV (see
@@ -57,7 +58,8 @@ def read_csv_manifest(
         segment_seconds: length of one audio segment.
         video_frames: frames sampled per clip (None: ``dataset.json``'s, else 12).
         name: dataset name for the store (default: the CSV's stem).
-        allow_outside_root: accept absolute paths and paths leading outside the CSV's directory.
+        allow_outside_root: accept absolute paths and paths with ``..`` (symlinks under the CSV's
+            directory are followed either way).
 
     Raises:
         DatasetFormatError: missing columns, duplicate ids, a label not in ``classes``, a path
@@ -77,7 +79,7 @@ def read_csv_manifest(
     base = table.path.parent.absolute()
     clips, lines = [], {}
     for line, row in table.rows:
-        cell = dict(zip(header, row + [""] * (len(header) - len(row))))
+        cell = dict(zip(header, row, strict=True))  # read_table checked every row's width
         clip = _record(cell)
         checked_clip_id(table.path, line, clip.clip_id)
         if clip.clip_id in lines:

@@ -1,4 +1,5 @@
-"""The dataset root is a boundary: listed paths that are absolute or lead outside it are refused by default."""
+"""The dataset root is a boundary: listed paths that are absolute or hold ``..`` are refused by default;
+symlinks placed under the root are followed (more in test_symlinked_media.py)."""
 from __future__ import annotations
 
 import os
@@ -25,20 +26,18 @@ def outside(tmp_path):
     return write_wav(tmp_path / "outside" / "x.wav", 1.0, seed=0, rate=8000)
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("kind", ["dotdot", "absolute"])
 def test_csv_paths_outside_the_root_are_refused_unless_allowed(kind, tmp_path, outside) -> None:
     data = tmp_path / "data"
     data.mkdir()
     write_wav(data / "ok.wav", 1.0, seed=1, rate=8000)
-    listed = {"dotdot": "../outside/x.wav", "absolute": str(outside), "symlink": "link.wav"}[kind]
-    if kind == "symlink":
-        os.symlink(outside, data / "link.wav")
+    listed = {"dotdot": "../outside/x.wav", "absolute": str(outside)}[kind]
     path = _csv(data, ["good,ok.wav,a", f"bad,{listed},b"])
     with pytest.raises(DatasetFormatError) as info:
         read_csv_manifest(path)
     message = str(info.value)
     assert "\n" not in message and f"{path}, line 3" in message and "'bad'" in message and repr(listed) in message
-    assert ("absolute" if kind == "absolute" else "outside the dataset root") in message
+    assert ("is absolute" if kind == "absolute" else "has a '..' component") in message
     assert "allow_outside_root=True" in message
     with pytest.raises(DatasetFormatError):
         open_dataset(path)
@@ -60,14 +59,15 @@ def test_tau_meta_path_outside_the_root_is_refused(tmp_path) -> None:
     assert read_tau(root, allow_outside_root=True).clips[1].audio.as_posix() == f"../elsewhere/{name}.wav"
 
 
-def test_tau_eval_symlink_leading_outside_is_refused(tmp_path, outside) -> None:
+def test_tau_eval_symlink_placed_inside_is_followed(tmp_path, outside) -> None:
+    """Where a link under the root points is the dataset owner's choice (shared machines link media in);
+    the listed path, ``audio/1.wav``, is under the root as written."""
     root = tmp_path / "eval"
     (root / "audio").mkdir(parents=True)
     write_wav(root / "audio" / "0.wav", 1.0, seed=0, rate=8000)
     os.symlink(outside, root / "audio" / "1.wav")
-    with pytest.raises(DatasetFormatError, match="clip '1'.*outside the dataset root"):
-        read_tau_eval(root)
-    assert [c.clip_id for c in read_tau_eval(root, allow_outside_root=True).clips] == ["0", "1"]
+    manifest = read_tau_eval(root)
+    assert [(c.clip_id, c.audio.as_posix()) for c in manifest.clips] == [("0", "audio/0.wav"), ("1", "audio/1.wav")]
 
 
 def test_extract_cli_refuses_before_any_work_and_accepts_with_the_flag(tmp_path, outside, capsys) -> None:
