@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from featurestore.store.store import StoreWithPredictions
 from fusion._validate import check_finite_rows
 from fusion.aggregate import load_clip_probs
 from fusion.calibration import ConfidenceWeights, check_disjoint, crossfit_apply, make_calibrator
@@ -81,7 +82,9 @@ def validate_recipe(store, recipe: FusionRecipe) -> None:
     missing = [r for r in recipe.runs if r not in runs]
     if missing:
         raise RecipeError(f"recipe {recipe.name!r}: prediction run(s) {missing} are not in the store; "
-                          f"runs there: {sorted(runs) or '(none)'}")
+                          f"runs there: {sorted(runs) or '(none)'}"
+                          + ("" if isinstance(store, StoreWithPredictions) else
+                             " (runs predicted into a store of your own are read with --predictions MINE)"))
     if recipe.class_weights:
         selection_weights(list(recipe.families), store.classes, recipe.class_weights.select)
 
