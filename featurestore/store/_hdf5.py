@@ -50,10 +50,11 @@ class HDF5Backend:
         self.read_only = mode == "r"
         self._failed: OSError | None = None  # the write that failed; the file is closed since
         h5mode = {"r": "r", "a": "a", "w": "w"}[mode]
-        # no chunk cache when writing: a chunk reaches the file in the call that writes it (see above)
-        cache = {} if self.read_only else {"rdcc_nbytes": 0}
+        options = {} if self.read_only else {"rdcc_nbytes": 0}  # no chunk cache when writing (see above)
+        if mode == "w":  # space freed by a rewrite is never handed out again (see ``write``)
+            options["fs_strategy"] = "none"
         try:
-            self._h5 = h5py.File(location, h5mode, **cache)
+            self._h5 = h5py.File(location, h5mode, **options)
         except (OSError, RuntimeError) as err:
             if self.read_only or _errno_of(err) is None:
                 raise
@@ -201,15 +202,24 @@ class HDF5Backend:
         return as_str_array(data) if self._is_str(path) else data
 
     def write(self, path: str, start: int, data: np.ndarray) -> None:
-        commit = is_commit_point(path)
         with self._writing():
-            if commit:  # what the done flags publish is in the file before them
-                self._commit()
+            # Each write starts from a flushed file. HDF5 frees a chunk's old place when a rewrite
+            # changes its size (compressed chunks) and, in files made by other tools (default
+            # file-space strategy), may hand it to the next chunk it allocates, while the file on
+            # disk still points there until the next flush: flushed first, the space freed by an
+            # earlier write is no longer referenced. Stores made here never reuse freed space
+            # (strategy "none"), which also covers a chunk reusing its own old place. For done
+            # flags this flush is also what makes the values they publish durable before them.
+            self._commit()
             if self._is_str(path):
                 data = np.asarray([str(v).encode("utf-8") for v in np.asarray(data).ravel()])
                 self._widen(path, data.dtype.itemsize)
-            self._ds(path)[start:start + len(data)] = data
-            if commit:
+            ds = self._ds(path)
+            for lo, hi in _chunk_runs(ds, start, start + len(data)):
+                if lo > start:
+                    self._commit()  # the same between the chunks of one write (see above)
+                ds[lo:hi] = data[lo - start:hi - start]
+            if is_commit_point(path):
                 self._commit()
 
     def _widen(self, path: str, width: int) -> None:
@@ -282,6 +292,16 @@ def _close_without_writing(file: h5py.File) -> None:
             os.close(scratch)
     with contextlib.suppress(Exception):
         file.close()
+
+
+def _chunk_runs(ds: h5py.Dataset, start: int, stop: int) -> list[tuple[int, int]]:
+    """Row ranges to write one at a time: one per chunk for compressed datasets (a rewrite may move
+    their chunks, see ``write``), else the whole range (fixed-size chunks are rewritten in place)."""
+    if not ds.compression or ds.chunks is None:
+        return [(start, stop)]
+    per = ds.chunks[0]
+    edges = [start, *range(start - start % per + per, stop, per), stop]
+    return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
 
 
 def _errno_of(err: BaseException) -> int | None:
