@@ -123,6 +123,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     location = store.location if isinstance(store, FeatureStore) else str(store)
     if scheduler is not None:
         _check_dask_backend(store, backend)
+    new_dirs = _missing_dirs(location)  # made for the lock file and the store; removed again if left empty
     with _no_room(location, "writing its lock file"):
         lock = writer_lock(location).acquire()  # refused at once while another run writes the store
     try:
@@ -138,6 +139,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
                                     f"start") from None
     finally:
         lock.release()
+        _remove_empty(new_dirs)
     summary.wall_seconds = time.perf_counter() - t_start
     if progress:
         print(summary.line())
@@ -365,6 +367,29 @@ def _create_atomically(path: Path, manifest: Manifest, backend: str | None) -> F
         _remove_created(tmp)  # a full disk or Ctrl-C while creating: no half-made temp store left
         raise
     return open_store(path, "a", backend=kind)
+
+
+def _missing_dirs(location: str) -> list[Path]:
+    """The directories above a local store that do not exist yet, deepest first."""
+    local = location.removeprefix("file://")
+    if "://" in local:
+        return []
+    missing = []
+    for parent in Path(local).absolute().parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove the directories this run made that hold nothing (a refused run); a run that made its
+    store leaves them, as ``rmdir`` removes only empty directories."""
+    for path in dirs:
+        try:
+            path.rmdir()
+        except OSError:
+            return  # not empty (the store is there, or someone else's files): keep it and those above
 
 
 def _remove_created(path: Path) -> None:
