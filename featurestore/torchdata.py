@@ -164,7 +164,7 @@ class StoreDataset(IterableDataset):
         if clip_ids is not None and split is not None:
             raise ValueError("give either split or clip_ids, not both")
         if clip_ids is not None:
-            rows = np.asarray(store.rows(list(clip_ids)), dtype=np.int64)
+            rows = np.asarray(store.rows(clip_ids), dtype=np.int64)  # rows() refuses one str
         elif split is not None:
             rows = np.asarray(store.rows(store.select(split=split)), dtype=np.int64)
         else:

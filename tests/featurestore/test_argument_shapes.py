@@ -255,3 +255,10 @@ def test_decode_worker_error_is_a_failure_of_heads_classify() -> None:
 
     assert heads_cli.run_command("heads", "classify", run, usage=heads_cli._USAGE_ERRORS,
                                  failures=heads_cli._FAILURE_ERRORS) == 1
+
+
+def test_torch_dataset_refuses_one_string_of_clip_ids(store_path):
+    """``clip_ids="ab"`` used to reach the store as the list ['a', 'b']: two real clips."""
+    with open_store(store_path) as store:
+        with pytest.raises(TypeError, match="expected a list of clip ids"):
+            store.torch_dataset([FEAT], clip_ids="ab")
