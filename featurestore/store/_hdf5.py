@@ -9,9 +9,11 @@ file) in a cache and writes it when it flushes. So that finished rows survive a 
 
 - writable files keep no raw-data chunk cache: each chunk is written by the call that writes it, and a
   full disk fails that call, before the done flags that would publish it;
-- at the store's commit points (see ``_backend.is_commit_point``: a ``done`` array, the root's
-  attributes) the file is flushed before the write, so what the flags publish is in the file, and
-  after it, so the flags are;
+- every write starts from a flushed file, and the store's commit points (see
+  ``_backend.is_commit_point``: a ``done`` array, the root's attributes) are flushed after the
+  write too: what the flags publish is in the file before them, and then the flags are;
+- stores are made with HDF5's file-space strategy "none": space freed when a rewritten compressed
+  chunk moves is never handed out again, so no chunk lands where the file on disk still points;
 - the first failed write abandons the file: its descriptor is pointed at a scratch file and the file
   is closed, so HDF5's dirty cache never reaches the disk (the file keeps its last flushed state,
   which opens and verifies) and no half-closed HDF5 object is left for the interpreter's exit (HDF5
@@ -139,7 +141,7 @@ class HDF5Backend:
         node = self._node(path)
         with self._writing():
             commit = is_commit_point(path, attrs=True)
-            if commit:
+            if commit:  # the index rows that n_clips publishes are in the file first
                 self._commit()
             for key, value in attrs.items():
                 node.attrs[key] = json.dumps(value)
