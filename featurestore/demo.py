@@ -26,9 +26,6 @@ Besides the TAU files, a demo directory holds ``demo_truth.csv`` (labels and nig
 generic ``dataset.json`` sidecar with the clip length, which every dataset reader honours, so
 that a set of 3 s clips is cut into 3 audio segments. :func:`add_dataset_file` gives a directory
 written before the sidecar existed its ``dataset.json``.
-
-This module used to be ``featurestore.datasets.synthetic``; that name still imports, with a
-DeprecationWarning.
 """
 from __future__ import annotations
 

@@ -647,7 +647,8 @@ def _choose_method(info: Any, method: str, notes: list[str]) -> str:
         return method
     if method == "faiss":
         if not faiss_available():
-            raise ValueError("search method 'faiss' needs faiss-cpu (pip install faiss-cpu); "
+            raise ValueError("search method 'faiss' needs faiss-cpu, which is not installed: "
+                             "pip install 'avscene[faiss]'; "
                              "method 'exact' searches with numpy")
         return method
     big = info.n_done * info.feature_shape[0] * 4 > EXACT_MAX_BYTES
@@ -655,7 +656,7 @@ def _choose_method(info: Any, method: str, notes: list[str]) -> str:
         return "exact"
     if faiss_available():
         return "faiss"
-    notes.append(f"faiss-cpu is not installed: searching {info.n_done} clips exactly with numpy "
+    notes.append(f"faiss-cpu is not installed (pip install 'avscene[faiss]'): searching {info.n_done} clips exactly with numpy "
                  f"(the clip matrix needs {info.n_done * info.feature_shape[0] * 4 / 2**30:.1f} GiB)")
     return "exact"
 

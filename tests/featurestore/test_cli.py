@@ -228,14 +228,12 @@ def test_extract_hands_arguments_to_the_library(monkeypatch, tmp_path, capsys):
     assert code == 2 and "featurestore extract" in err
 
 
-def test_old_extract_cli_names_still_work_with_a_warning():
-    import featurestore.cli
+def test_the_extract_package_keeps_no_aliases_of_the_cli():
+    """Nothing is released: names that moved to featurestore.cli are gone from the old place."""
     import featurestore.extract
 
-    with pytest.warns(DeprecationWarning, match="featurestore.cli.cmd_extract"):
-        assert featurestore.extract.run_extract is featurestore.cli.cmd_extract
-    with pytest.warns(DeprecationWarning, match="featurestore.cli.add_extract_arguments"):
-        assert featurestore.extract.add_extract_arguments is featurestore.cli.add_extract_arguments
+    for old in ("run_extract", "add_extract_arguments", "main"):
+        assert not hasattr(featurestore.extract, old)
 
 
 def test_module_and_console_script(tmp_path):

@@ -190,10 +190,6 @@ def test_readers_ignore_demo_config_and_add_dataset_file_upgrades_an_old_demo_di
         demo.add_dataset_file(_fake_tau(tmp_path / "plain", IDS))
 
 
-def test_the_old_generator_module_still_imports_and_warns(monkeypatch):
-    monkeypatch.delitem(sys.modules, "featurestore.datasets.synthetic", raising=False)
-    with pytest.warns(DeprecationWarning, match="featurestore.datasets.synthetic is deprecated.*featurestore.demo"):
-        old = importlib.import_module("featurestore.datasets.synthetic")
-    assert set(old.__all__) == set(demo.__all__)
-    assert all(getattr(old, name) is getattr(demo, name) for name in demo.__all__)
-    assert old.make_demo_dataset is demo.make_demo_dataset
+def test_the_old_generator_module_is_gone():
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("featurestore.datasets.synthetic")
