@@ -10,6 +10,7 @@ every fence has a language and every skip a reason is fast and always runs.
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -130,3 +131,22 @@ def _run_python(proc: subprocess.Popen, block: Block) -> None:
             return
         output.append(line)
     raise AssertionError(f"{block.where}: the interpreter died\n{''.join(output)[-3000:]}")
+
+
+def test_reliability_names_only_tests_that_exist():
+    """Every promise in docs/reliability.md names its test; a renamed or deleted test fails here."""
+    text = (REPO / "docs" / "reliability.md").read_text()
+    missing, current = [], None
+    for match in re.finditer(r"`?(tests/[\w/]+\.py|test_[\w]+\.py)?::(\w+)(?:\[[^\]]*\])?`?", text):
+        file, name = match.group(1), match.group(2)
+        if name == "test":  # the intro's "`file::test`"
+            continue
+        if file:
+            found = [REPO / file] if file.startswith("tests/") else sorted((REPO / "tests").rglob(file))
+            current = found[0] if len(found) == 1 and found[0].is_file() else None
+            if current is None:
+                missing.append(file)
+                continue
+        if current is None or not re.search(rf"^(async )?def {name}\(", current.read_text(), re.M):
+            missing.append(f"{current.relative_to(REPO) if current else '?'}::{name}")
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
