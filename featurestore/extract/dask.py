@@ -102,7 +102,10 @@ def connect(scheduler, stack: ExitStack):
             was found there).
         ValueError: ``local:N`` without a positive N.
     """
-    from distributed import Client
+    try:
+        from distributed import Client
+    except ImportError:
+        raise SchedulerError(f"--scheduler {scheduler}: Dask is not installed; pip install 'avscene[dask]'") from None
 
     if isinstance(scheduler, Client):
         return scheduler

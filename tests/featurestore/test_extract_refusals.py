@@ -30,8 +30,6 @@ from featurestore.datasets import open_dataset
 from featurestore.extract.pipeline import TEST_SIGNAL_ENV
 from featurestore.store import create_store, open_store
 
-dask = pytest.importorskip("dask")
-pytest.importorskip("distributed")
 WAIT_S = 2  # DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT in the children (Dask's default is 30 s)
 LIGHT = ["--encoders", "logmel", "--device", "cpu", "--num-workers", "0", "--quiet"]
 
@@ -107,6 +105,7 @@ def _left(tmp_path: Path, before: set[str]) -> set[str]:
 @pytest.mark.parametrize("server", ["silent", "http", "nothing"])
 def test_a_scheduler_address_that_is_no_dask_scheduler_is_one_line_within_the_timeout(
         server, tau_dir, tmp_path, request):
+    pytest.importorskip("distributed")
     port = {"silent": lambda: request.getfixturevalue("silent_port"),
             "http": lambda: request.getfixturevalue("http_port"), "nothing": _free_port}[server]()
     address = f"tcp://127.0.0.1:{port}"
@@ -129,6 +128,8 @@ def test_a_scheduler_address_that_is_no_dask_scheduler_is_one_line_within_the_ti
     (["--scheduler", "local:1", "--backend", "hdf5"], "an HDF5 file cannot be written by several processes"),
 ], ids=["encoder-misfit", "chunk-sizes", "local-0", "hdf5-for-dask"])
 def test_a_run_refused_after_it_made_a_new_store_leaves_no_store(extra, says, tau_dir, tmp_path, capsys):
+    if "--scheduler" in extra:
+        pytest.importorskip("distributed")
     before = {p.name for p in tmp_path.iterdir()}
     assert main(["extract", str(tau_dir), str(tmp_path / "runs" / "a" / "new.zarr"), *LIGHT, *extra]) == 2
     assert says in one_error_line(capsys.readouterr().err)
@@ -136,6 +137,8 @@ def test_a_run_refused_after_it_made_a_new_store_leaves_no_store(extra, says, ta
 
 
 def test_a_refused_run_never_removes_a_store_that_was_there(tau_dir, tmp_path, capsys):
+    dask = pytest.importorskip("dask")
+    pytest.importorskip("distributed")
     store = tmp_path / "old.zarr"
     create_store(store, open_dataset(tau_dir)).close()
     marker = store / "kept-by-the-user"
@@ -198,3 +201,14 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_scheduler_without_dask_installed_is_one_line_naming_the_extra(tau_dir, tmp_path):
+    """Dask is an extra (``avscene[dask]``): without it ``--scheduler`` is refused before any work."""
+    code = ("import sys; sys.modules['distributed'] = None  # what an install without the extra gives\n"
+            "from featurestore.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "extract", str(tau_dir), str(tmp_path / "runs" / "s.zarr"),
+                           *LIGHT, "--scheduler", "local:2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'avscene[dask]'" in one_error_line(done.stderr)
+    assert list(tmp_path.iterdir()) == []
