@@ -11,8 +11,10 @@ A recipe is data, not code, so the paper's E01/E02 and any variant are files und
       "postprocess": {"method": "eq1"}
     }
 
-Unknown keys are errors that list the keys that exist; runs, families, classes and splits are
-checked against the store by :func:`fusion.pipeline.validate_recipe`.
+Every key is typed (a strict pydantic dataclass, `featurestore.typed_config`): a value of the wrong
+JSON type (``"margin": "0.2"``) or out of range, an unknown or a missing key is a `RecipeError` of one
+line naming the file, the dotted key (``replacement.margin``), the value and what was expected. Runs,
+families, classes and splits are checked against the store by :func:`fusion.pipeline.validate_recipe`.
 """
 from __future__ import annotations
 
