@@ -694,12 +694,16 @@ class FeatureStore:
     def prediction_runs(self) -> dict[str, dict]:
         """Run name -> its attributes (head config, feature fingerprints, ...).
 
-        Read once and kept (fusion asks many times per evaluation; each read walks every run's
-        group, which is slow on object storage); runs written by other processes appear after
-        ``refresh()``. The dicts are copies: editing them changes nothing stored.
+        The run names are listed on every call, so a run written meanwhile (by ``heads.predict`` in
+        this process, or by another process) is there as ``get_predictions`` sees it; each run's
+        attributes are read once and kept (fusion asks many times per evaluation, and reading them is
+        slow on object storage): ``refresh()`` rereads them. The dicts are copies: editing them
+        changes nothing stored.
         """
-        if self._runs is None:
-            self._runs = {group.name: group.attrs for group in self.row_groups(PREDICTION_RUNS)}
+        kind = PREDICTION_RUNS
+        names = self._arrays.groups_with(kind.top, kind.leaf)
+        cached = self._runs or {}
+        self._runs = {name: cached[name] if name in cached else self._group(kind, name).attrs for name in names}
         return {run: dict(attrs) for run, attrs in self._runs.items()}
 
     def prediction_done(self, run: str) -> np.ndarray:

@@ -508,3 +508,21 @@ def test_a_store_opened_by_a_relative_path_still_reads_after_a_chdir(path, tmp_p
         monkeypatch.chdir(tmp_path.parent)  # e.g. a notebook that changes directory
         np.testing.assert_array_equal(store.read_rows(FEAT, 0, 4), features(4))
         assert store.location == str(path)
+
+
+def test_prediction_runs_of_an_open_store_list_a_run_written_by_another_handle(filled):
+    """heads.predict opens the store itself: a reader's open handle must list the new run, as
+    get_predictions already sees it, without a refresh()."""
+    path, _ = filled
+    if path.endswith(".h5"):
+        pytest.skip("HDF5 opens no writer while a reader holds the file (docs/store.md)")
+    with open_store(path) as reader:
+        before = set(reader.prediction_runs())
+        with open_store(path, "a") as writer:
+            writer.create_predictions("late", N_SEG, {"head": "z"})
+            writer.write_predictions("late", np.arange(2), np.full((2, N_SEG, 10), 0.1, dtype=np.float32))
+        assert set(reader.prediction_runs()) == before | {"late"}
+        assert reader.prediction_runs()["late"]["head"] == "z"
+        with open_store(path, "a") as writer:
+            writer.delete_predictions("late")
+        assert set(reader.prediction_runs()) == before
