@@ -6,14 +6,23 @@ are not read: a killed writer may have left them half-written, and they hold not
 """
 from __future__ import annotations
 
+import json
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import google_crc32c
+import numcodecs
 import numpy as np
 
 from featurestore.errors import CorruptChunkError, FeatureStoreError
 from featurestore.provenance import fingerprint, fingerprint_matches
 from featurestore.store._backend import join
+
+DEFAULT_THREADS = min(4, os.cpu_count() or 1)
+_IN_FLIGHT_PER_THREAD = 2  # chunks queued or being checked per thread: bounds verify's memory
 
 
 @dataclass(frozen=True)
@@ -64,16 +73,18 @@ class VerifyReport:
                 "problems": [{"where": p.where, "rows": p.rows, "what": p.what} for p in self.problems]}
 
 
-def verify_store(store) -> VerifyReport:
+def verify_store(store, threads: int | None = None) -> VerifyReport:
     """Check ``store`` (a FeatureStore) and return a report; never raises for bad data.
 
     Every array is checked chunk by chunk, the index included: each chunk that holds written rows
     (every index row; feature and prediction rows marked done; anything stored for the rest) must
     be in storage and pass its checksum. Then the logical checks run on what could be read.
+    ``threads`` (default ``DEFAULT_THREADS``) check Zarr chunks in parallel; the report is the same
+    with any number.
     """
     report = VerifyReport(store.location, leftovers=[str(p) for p in leftover_files(store.location)])
     store.refresh()
-    damaged = _check_chunks(store, report)
+    damaged = _check_chunks(store, report, DEFAULT_THREADS if threads is None else max(1, int(threads)))
     try:
         _check_index(store, report)
     except FeatureStoreError as err:
@@ -105,42 +116,214 @@ def remove_leftovers(report: VerifyReport) -> int:
     return len(report.leftovers)
 
 
-def _check_chunks(store, report: VerifyReport) -> set[str]:
-    """Read every chunk of every array that should hold data; returns the damaged array paths."""
+def _check_chunks(store, report: VerifyReport, threads: int) -> set[str]:
+    """Read every chunk of every array that should hold data; returns the damaged array paths.
+
+    Chunks are checked by a pool of threads (reading, checksums and the value checks release the
+    GIL), at most ``_IN_FLIGHT_PER_THREAD`` per thread at a time so memory stays a few chunks
+    whatever the store's size; outcomes are recorded in chunk order, so the report reads the same
+    with any number of threads.
+    """
+    arrays = store.arrays
+    raw = _LocalZarrChunks(arrays.location) if arrays.backend == "zarr" else None
+    damaged: set[str] = set()
+    outcomes = _in_order(lambda chunk: _read_chunk(arrays, raw, chunk), _chunks(store, report),
+                         threads if arrays.backend == "zarr" else 1)  # h5py serialises every call anyway
+    for outcome in outcomes:
+        _record(store, report, outcome, damaged)
+    if any(p.startswith("index/") for p in damaged):
+        damaged.add("index")
+    return damaged
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One chunk to check: rows ``start:stop`` of ``path``; ``done`` masks the rows whose values
+    are checked (None: not checked); ``needed``: its rows were written, so it must be in storage."""
+
+    path: str
+    number: int
+    start: int
+    stop: int
+    needed: bool
+    done: np.ndarray | None
+
+
+@dataclass
+class _Outcome:
+    chunk: _Chunk
+    missing: bool = False
+    error: Exception | None = None
+    findings: list[tuple[tuple[int, int], str]] = field(default_factory=list)
+
+
+def _chunks(store, report: VerifyReport):
+    """The chunks to check, array by array in storage order (counts the arrays in ``report``)."""
     arrays = store.arrays
     n = _rows_or_none(store)
-    damaged: set[str] = set()
     for path in arrays.arrays():
         report.arrays_checked += 1
         rows = arrays.shape(path)[0] if n is None or not _is_row_array(path) else min(n, arrays.shape(path)[0])
         required = _required_rows(arrays, path, rows)
+        leaf = path.rpartition("/")[2]
+        checked = required is not None and leaf in ("data", "probs")
         per = arrays.chunk_rows(path)
         for start in range(0, rows, per):
             stop = min(rows, start + per)
-            needed = required is None or required[start:stop].any()
-            if not needed and path.endswith(("/data", "/probs")):
+            needed = required is None or bool(required[start:stop].any())
+            if not needed and leaf in ("data", "probs"):
                 continue  # no finished row: a killed writer may have left it half-written (HDF5)
-            if not arrays.chunk_written(path, start // per):
-                if needed and arrays.strict:
-                    report.problems.append(Problem(path, (start, stop), "chunk missing from storage (deleted "
-                                                   "or lost) although its rows were written"
-                                                   + _clip_span(store, path, start, stop)))
-                    damaged.add(path)
-                continue
-            report.chunks_read += 1
+            yield _Chunk(path, start // per, start, stop, needed, required[start:stop] if checked else None)
+
+
+def _in_order(work, items, threads: int):
+    """``map(work, items)`` on ``threads`` threads with a bounded window, results in item order."""
+    if threads <= 1:
+        yield from map(work, items)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="verify") as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(work, item))
+            if len(window) >= threads * _IN_FLIGHT_PER_THREAD:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def _read_chunk(arrays, raw: "_LocalZarrChunks | None", chunk: _Chunk) -> _Outcome:
+    """Check one chunk: in storage, checksum, and the values of its done rows; never raises.
+
+    The fast path checks local Zarr chunks from their files; where it finds anything wrong (or
+    cannot tell) the chunk is read through the backend, which decides and words the error as
+    every other read does.
+    """
+    fast = raw.layout(chunk.path) if raw is not None else None
+    block = _BACKEND
+    if fast is not None:
+        try:
+            block = raw.read(fast, chunk)
+        except Exception:  # noqa: BLE001 - a failed check, or a chunk the fast path cannot judge
+            block = _BACKEND
+    try:
+        if block is _BACKEND:
+            if not arrays.chunk_written(chunk.path, chunk.number):
+                return _Outcome(chunk, missing=True)
+            block = arrays.read_unchecked(chunk.path, chunk.start, chunk.stop)
+        if chunk.done is None:
+            return _Outcome(chunk)
+        if block is None:  # a string chunk whose checksum the fast path checked
+            block = arrays.read_unchecked(chunk.path, chunk.start, chunk.stop)
+    except Exception as err:  # noqa: BLE001 - any decode failure is a finding
+        return _Outcome(chunk, error=err)
+    values = block if chunk.done.all() else block[chunk.done]
+    return _Outcome(chunk, findings=_value_findings(chunk.start, values, chunk.path.rpartition("/")[2]))
+
+
+def _record(store, report: VerifyReport, outcome: _Outcome, damaged: set[str]) -> None:
+    chunk = outcome.chunk
+    path, span = chunk.path, (chunk.start, chunk.stop)
+    if outcome.missing:
+        if chunk.needed and store.arrays.strict:
+            report.problems.append(Problem(path, span, "chunk missing from storage (deleted or lost) although "
+                                                       "its rows were written"
+                                           + _clip_span(store, path, *span)))
+            damaged.add(path)
+        return
+    report.chunks_read += 1
+    if outcome.error is not None:
+        report.problems.append(Problem(path, span, str(CorruptChunkError(path, *span, outcome.error))
+                                       + _clip_span(store, path, *span)))
+        damaged.add(path)
+        return
+    report.problems += [Problem(path, rows, what) for rows, what in outcome.findings]
+
+
+class _RawChunkError(Exception):
+    """A chunk's bytes failed a check of the fast path; the backend's read then decides."""
+
+
+_BACKEND = object()  # a chunk to read through the backend
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the fast path needs of a Zarr v3 array's metadata."""
+
+    folder: Path
+    separator: str
+    ndim: int
+    chunk_shape: tuple[int, ...]
+    dtype: np.dtype | None  # None: strings (only the checksum is checked here)
+    zstd: bool
+
+
+class _LocalZarrChunks:
+    """Checks chunks of a local Zarr v3 store from their files: crc32c over the bytes, the length,
+    and the values without zarr's per-call machinery (~2 ms a chunk on a loaded machine), strings
+    without building Python strings. Arrays in any other layout (sharded, other codecs) return no
+    layout and are read through the backend.
+    """
+
+    def __init__(self, location: str):
+        root = Path(location)
+        self._root = None if "://" in location or not root.is_dir() else root
+        self._layouts: dict[str, _Layout | None] = {}
+        self._zstd = numcodecs.Zstd()
+
+    def layout(self, path: str) -> _Layout | None:
+        if self._root is None:
+            return None
+        if path not in self._layouts:
             try:
-                block = arrays.read_unchecked(path, start, stop)
-            except Exception as err:  # noqa: BLE001 - any decode failure is a finding
-                report.problems.append(Problem(path, (start, stop), str(CorruptChunkError(path, start, stop, err))
-                                               + _clip_span(store, path, start, stop)))
-                damaged.add(path)
-                continue
-            leaf = path.rpartition("/")[2]
-            if required is not None and leaf in ("data", "probs"):
-                _check_values(report, path, start, block[required[start:stop]], leaf)
-    if any(p.startswith("index/") for p in damaged):
-        damaged.add("index")
-    return damaged
+                self._layouts[path] = _parse_layout(self._root / path)
+            except (OSError, ValueError, KeyError, TypeError):
+                self._layouts[path] = None
+        return self._layouts[path]
+
+    def read(self, layout: _Layout, chunk: _Chunk):
+        """The chunk's values (rows ``start:stop``), None for strings, ``_BACKEND`` when absent."""
+        key = layout.separator.join(["c", str(chunk.number)] + ["0"] * (layout.ndim - 1))
+        try:
+            data = (layout.folder / key).read_bytes()
+        except FileNotFoundError:
+            return _BACKEND  # the backend's own test decides whether the chunk is missing
+        body = np.frombuffer(data, np.uint8)[:-4]
+        if len(data) < 4 or google_crc32c.value(body) != int.from_bytes(data[-4:], "little"):
+            raise _RawChunkError("stored and computed crc32c checksums differ")
+        if layout.zstd:
+            body = np.frombuffer(self._zstd.decode(body), np.uint8)
+        if layout.dtype is None:
+            return None
+        if len(body) != int(np.prod(layout.chunk_shape)) * layout.dtype.itemsize:
+            raise _RawChunkError(f"chunk holds {len(body)} bytes, expected {layout.chunk_shape} "
+                                 f"{layout.dtype}")
+        return np.frombuffer(body, layout.dtype).reshape(layout.chunk_shape)[:chunk.stop - chunk.start]
+
+
+def _parse_layout(folder: Path) -> _Layout | None:
+    """The layout of the array in ``folder`` when the fast path knows it: regular chunks, default
+    chunk keys, codecs bytes (little-endian) or vlen-utf8, then optional zstd, then crc32c."""
+    meta = json.loads((folder / "zarr.json").read_text())
+    codecs = [c["name"] if isinstance(c, dict) else c for c in meta["codecs"]]
+    first = meta["codecs"][0]
+    keys = meta["chunk_key_encoding"]
+    if (meta.get("zarr_format") != 3 or meta["chunk_grid"]["name"] != "regular" or keys["name"] != "default"
+            or codecs[-1] != "crc32c" or codecs[1:-1] not in ([], ["zstd"])
+            or meta.get("storage_transformers")):
+        return None
+    if codecs[0] == "vlen-utf8" and meta["data_type"] == "string":
+        dtype = None
+    elif codecs[0] == "bytes" and meta["data_type"] not in ("string", "bytes"):
+        dtype = np.dtype(meta["data_type"])
+        if dtype.itemsize > 1 and first.get("configuration", {}).get("endian", "little") != "little":
+            return None
+        dtype = dtype.newbyteorder("<")
+    else:
+        return None
+    shape = tuple(int(s) for s in meta["chunk_grid"]["configuration"]["chunk_shape"])
+    return _Layout(folder, keys.get("configuration", {}).get("separator", "/"), len(meta["shape"]),
+                   shape, dtype, codecs[1:-1] == ["zstd"])
 
 
 def _clip_span(store, path: str, start: int, stop: int) -> str:
@@ -256,12 +439,23 @@ def _check_feature_attrs(report: VerifyReport, group) -> None:
                                                      f"feature_shape={attrs.get('feature_shape')}"))
 
 
-def _check_values(report: VerifyReport, array: str, start: int, values: np.ndarray, leaf: str) -> None:
+def _value_findings(start: int, values: np.ndarray, leaf: str) -> list[tuple[tuple[int, int], str]]:
+    """NaN/Inf in finished rows (and probabilities outside [0, 1]) as (rows, what) findings."""
     if values.dtype.kind != "f" or not values.size:
-        return
-    finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        return []
+    rows, found = (start, start + len(values)), []
+    finite = _finite_rows(values)
     if not finite.all():
-        report.problems.append(Problem(array, (start, start + len(values)),
-                                       f"{int((~finite).sum())} finished clip(s) hold NaN or Inf"))
+        found.append((rows, f"{int((~finite).sum())} finished clip(s) hold NaN or Inf"))
     if leaf == "probs" and ((values < 0) | (values > 1)).any():
-        report.problems.append(Problem(array, (start, start + len(values)), "probabilities outside [0, 1]"))
+        found.append((rows, "probabilities outside [0, 1]"))
+    return found
+
+
+def _finite_rows(values: np.ndarray) -> np.ndarray:
+    """Per row: every value finite. float16 is tested on its exponent bits (all ones: Inf or NaN),
+    exactly what ``np.isfinite`` answers and ~20x faster, since numpy widens float16 for it."""
+    flat = values.reshape(len(values), -1)
+    if flat.dtype == np.float16:
+        return ((flat.view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
+    return np.isfinite(flat).all(axis=1)

@@ -1,0 +1,142 @@
+"""Benchmark ``store.verify()`` against checksumming the same chunk files directly, in one process.
+
+The store is built through the public API: ``--clips`` clips (default 200,000) x ``--segments`` x
+``--dim`` float16 (default 1 x 512: ~205 MB of feature data), every clip done, uncompressed (the
+default for embeddings), in ``--workdir`` (reused when it exists with the same parameters).
+
+Compared, over the same bytes (every chunk file under the store directory, index included):
+  * ``verify``: ``open_store(path, "r").verify()``, the whole check (checksums of every chunk,
+    done-vs-data, finiteness of done rows, index checks);
+  * the reference: read each chunk file's bytes, crc32c of the chunk (``google_crc32c``, the
+    implementation zarr's ``crc32c`` codec uses) and ``np.isfinite`` over the float values of the
+    feature data. This is the least any check of every checksum and value must do.
+
+Throughput is total chunk bytes / wall time. The two are interleaved per repeat (so load from other
+processes hits both alike) and the best of ``--repeats`` is compared. The OS page cache is warm for
+both: this compares CPU work, not the disk.
+
+Floor from issue 23: verify >= 50% of the reference's throughput.
+
+Run:  .venv/bin/python scripts/bench/bench_verify.py [--clips 200000] [--threads N] [--workdir DIR]
+Exit code 1 when the floor is missed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store, open_store
+from featurestore.store.verify import DEFAULT_THREADS, verify_store
+
+FEATURE = "clip/bench"
+PROVENANCE = {"encoder": "bench/random-normal", "config": {}, "weights": {"kind": "random", "seed": 0},
+              "segments": {"frames": 1}}
+FLOOR = 0.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="/tmp/avscene-bench-verify", help="where the store is built once")
+    p.add_argument("--clips", type=int, default=200_000)
+    p.add_argument("--segments", type=int, default=1)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help=f"verify's threads (default: its own, {DEFAULT_THREADS} here)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rebuild", action="store_true")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace) -> Path:
+    """The store, built once through the public API; a marker file records what was built."""
+    spec = {"clips": args.clips, "segments": args.segments, "dim": args.dim, "seed": args.seed}
+    work = Path(args.workdir) / f"{args.clips}x{args.segments}x{args.dim}"
+    store_path, marker = work / "store.zarr", work / "built.json"
+    if not args.rebuild and marker.exists() and json.loads(marker.read_text()) == spec:
+        return store_path
+    work.mkdir(parents=True, exist_ok=True)
+    ids = [f"{TAU_CLASSES[i % 10]}-city{i % 12}-{i % 97}-{i}-a" for i in range(args.clips)]
+    manifest = Manifest("bench", list(TAU_CLASSES),
+                        [ClipRecord(c, label=TAU_CLASSES[i % 10], splits=frozenset({"all"}))
+                         for i, c in enumerate(ids)])
+    rng = np.random.default_rng(args.seed)
+    with create_store(store_path, manifest) as store:
+        info = store.create_feature_set(FEATURE, args.segments, (args.dim,), PROVENANCE)
+        block = info.chunk_clips * 8
+        for start in range(0, args.clips, block):
+            n = min(block, args.clips - start)
+            store.write_rows(FEATURE, start, rng.standard_normal((n, args.segments, args.dim), np.float32)
+                             .astype(np.float16))
+    marker.write_text(json.dumps(spec))
+    return store_path
+
+
+def chunk_files(store_path: Path) -> list[tuple[Path, bool]]:
+    """Every chunk file of the store, and whether it holds float16 feature values."""
+    out = []
+    for meta in sorted(store_path.rglob("zarr.json")):
+        node = json.loads(meta.read_text())
+        if node.get("node_type") != "array":
+            continue
+        is_float = node.get("data_type") == "float16"
+        out += [(f, is_float) for f in sorted((meta.parent / "c").rglob("*")) if f.is_file()]
+    return out
+
+
+def reference(files: list[tuple[Path, bool]]) -> int:
+    """Read every chunk file, crc32c its chunk, isfinite over its float values; returns bad chunks."""
+    bad = 0
+    for path, is_float in files:
+        raw = np.fromfile(path, dtype=np.uint8)
+        body, stored = raw[:-4], raw[-4:]
+        if np.uint32(google_crc32c.value(body)).tobytes() != stored.tobytes():
+            bad += 1
+        elif is_float and not np.isfinite(body.view(np.float16)).all():
+            bad += 1
+    return bad
+
+
+def run_verify(store_path: Path, threads: int | None):
+    with open_store(store_path, "r") as store:
+        return verify_store(store, threads=threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    store_path = build(args)
+    files = chunk_files(store_path)
+    total = sum(f.stat().st_size for f, _ in files)
+    print(f"store {store_path}: {len(files)} chunk files, {total / 1e6:.1f} MB "
+          f"(ready in {time.perf_counter() - t0:.1f} s); load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
+    reference(files), run_verify(store_path, args.threads)  # warm the page cache and imports
+    ours, ref = [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        bad = reference(files)
+        ref.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        report = run_verify(store_path, args.threads)
+        ours.append(time.perf_counter() - t)
+        if bad or not report.ok:
+            print(f"the benchmark store is damaged: reference {bad} bad chunk(s); {report.summary()}")
+            return 1
+    best_ours, best_ref = min(ours), min(ref)
+    ratio = best_ref / best_ours
+    print(f"verify:    {total / best_ours / 1e6:8.1f} MB/s  best {best_ours * 1e3:8.1f} ms "
+          f"(all: {', '.join(f'{t * 1e3:.0f}' for t in ours)}); {report.chunks_read} chunks read")
+    print(f"reference: {total / best_ref / 1e6:8.1f} MB/s  best {best_ref * 1e3:8.1f} ms "
+          f"(all: {', '.join(f'{t * 1e3:.0f}' for t in ref)}) crc32c + isfinite over the same files")
+    print(f"ratio verify/reference throughput: {ratio:.2f} (floor {FLOOR}); load {os.getloadavg()[0]:.2f}")
+    return 0 if ratio >= FLOOR else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
