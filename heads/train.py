@@ -277,12 +277,14 @@ def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable | N
     n_segments = store.feature_info(cfg.features[0]).n_segments
     train_ds = None
     if trainable:
-        train_ds = StoreDataset(store, cfg.features, split=cfg.train_split, level="segment", batch_size=batch_size,
-                                shuffle=True, seed=cfg.seed, shuffle_buffer=shuffle_clips(cfg, store, head), cache=cfg.cache,
-                                drop_last=True, require_labels=True)
-        if len(train_ds) == 0:
-            raise ValueError(f"split {cfg.train_split!r} has {train_ds.n_samples} training samples, fewer than "
-                             f"one batch of {batch_size}")
+        make = lambda size: StoreDataset(  # noqa: E731
+            store, cfg.features, split=cfg.train_split, level="segment", batch_size=size, shuffle=True,
+            seed=cfg.seed, shuffle_buffer=shuffle_clips(cfg, store, head), cache=cfg.cache, drop_last=True,
+            require_labels=True)
+        train_ds = make(batch_size)
+        batch_size = _fit_batch_to_split(cfg, train_ds.n_samples, batch_size)
+        if batch_size != train_ds.batch_size:
+            train_ds = make(batch_size)
     val_ds = None
     if cfg.val_split:
         clips_per_batch = max(1, 4 * batch_size // max(1, n_segments))
@@ -292,6 +294,24 @@ def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable | N
         wrap = lambda ds: WorkerLoader(ds, cfg.num_workers) if ds is not None else None  # noqa: E731
         return wrap(train_ds), wrap(val_ds)
     return train_ds, val_ds
+
+
+def _fit_batch_to_split(cfg: TrainConfig, n_samples: int, batch_size: int) -> int:
+    """The batch size to train with: a head's default larger than a small split is cut to the split
+    (said on stderr), since a tiny dataset should train without knowing the option; a batch the user
+    asked for is never changed: fewer samples than it is an error naming ``--batch-size``."""
+    if n_samples == 0:
+        raise ValueError(f"split {cfg.train_split!r} has no labelled clips with {', '.join(cfg.features)} done: "
+                         f"nothing to train on (choose another --train-split)")
+    if n_samples >= batch_size:
+        return batch_size
+    if cfg.batch_size is not None:
+        raise ValueError(f"split {cfg.train_split!r} has {n_samples} training samples, fewer than one batch of "
+                         f"{batch_size} (--batch-size): pass --batch-size {n_samples} or less")
+    print(f"heads train: note: split {cfg.train_split!r} has {n_samples} training samples, fewer than the head's "
+          f"default batch of {batch_size}: training with batches of {n_samples} (--batch-size sets it)",
+          file=sys.stderr)
+    return n_samples
 
 
 def shuffle_clips(cfg: TrainConfig, store: Any, head: Head) -> int:
