@@ -13,6 +13,10 @@ Decisions the paper leaves open, made here and documented in docs/fusion.md:
   with two values in (0.2, 0.7] can exceed one). We do not renormalise by default (the paper does
   not); ``renormalize=True`` is available. The metric's own ``renormalize`` flag decides how the
   unnormalised rows are scored (see :mod:`fusion.metrics`).
+* Ties: a band maps all its values to one number, so a flat row (every class <= 0.2) comes out with
+  tied maxima, and an arg-max of it takes the first tied class in class order (numpy's rule), not the
+  class ranked first before the clamp. The paper does not say; docs/fusion.md tells where the
+  pre-clamp ranking is reported.
 * The band edges and values are parameters (:class:`ClampBands`), the paper's by default.
 """
 from __future__ import annotations

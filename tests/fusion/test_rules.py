@@ -112,3 +112,11 @@ def test_equation_1_custom_bands_are_validated():
     np.testing.assert_allclose(out, [[0.01, 0.7]])
     with pytest.raises(ValueError, match="one value per edge"):
         ClampBands(edges=(0.5, 1.0), values=(0.01,))
+
+
+def test_a_flat_row_ties_after_eq1_and_the_arg_max_takes_the_first_class_as_documented():
+    """docs/fusion.md, 'Ties after equation (1)': the clamp erases the ranking inside a band."""
+    row = np.full((1, 10), 0.09)
+    row[0, 7] = 0.19  # ranked first before the clamp
+    out = clamp_eq1(row / row.sum())
+    assert np.all(out == out[0, 0]) and out.argmax() == 0 and (row / row.sum()).argmax() == 7
