@@ -1,0 +1,117 @@
+"""verify's parallel chunk check: the same findings with 1 and many threads, memory of a few chunks.
+
+The damage is real: flipped bytes in chunk files (plain, zstd-compressed and string chunks), a
+deleted chunk file, done flags written for rows whose data never was, NaN and Inf in finished rows.
+"""
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store, open_store
+from featurestore.store.verify import verify_store
+
+N_CLIPS, DIM, CHUNK = 48, 8, 4
+PLAIN, PACKED = "clip/plain", "clip/packed"
+PROV = {"encoder": "test/random", "config": {}, "weights": {"kind": "random", "seed": 0}, "segments": {}}
+
+
+def _flip(chunk: Path) -> None:
+    """Flip a byte in the middle of a chunk file (its checksum then fails)."""
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+
+
+def _damaged_store(path: Path) -> list[str]:
+    clips = [ClipRecord(f"bus-lisbon-{i}-{i}", label="bus", city="lisbon", location=f"lisbon-{i}",
+                        splits=frozenset({"train"})) for i in range(N_CLIPS)]
+    rng = np.random.default_rng(0)
+    with create_store(path, Manifest("toy", list(TAU_CLASSES), clips)) as store:
+        store.create_feature_set(PLAIN, 1, (DIM,), PROV, chunk_clips=CHUNK)
+        store.write_rows(PLAIN, 0, rng.standard_normal((40, 1, DIM)).astype(np.float16))
+        store.create_feature_set(PACKED, 1, (DIM,), PROV, dtype="float32", chunk_clips=CHUNK, compressor="zstd")
+        store.write_rows(PACKED, 0, rng.standard_normal((N_CLIPS, 1, DIM)).astype(np.float32))
+        arrays = store.arrays
+        nan_block = rng.standard_normal((CHUNK, 1, DIM)).astype(np.float16)
+        nan_block[1, 0, 3] = np.nan
+        arrays.write(f"features/{PLAIN}/data", 12, nan_block)  # rows 12:16 are done: one now holds NaN
+        inf_block = rng.standard_normal((CHUNK, 1, DIM)).astype(np.float32)
+        inf_block[[0, 2], 0, 0] = np.inf
+        arrays.write(f"features/{PACKED}/data", 28, inf_block)
+        arrays.write(f"features/{PLAIN}/done", 40, np.ones(CHUNK, dtype=bool))  # done, data never written
+        ids = store.clip_ids
+    _flip(path / "features" / PLAIN / "data" / "c" / "2" / "0" / "0")  # rows 8:12
+    (path / "features" / PLAIN / "data" / "c" / "5" / "0" / "0").unlink()  # rows 20:24
+    _flip(path / "features" / PACKED / "data" / "c" / "1" / "0" / "0")  # rows 4:8, compressed
+    _flip(path / "features" / PACKED / "errors" / "c" / "3")  # rows 12:16, strings
+    _flip(path / "index" / "city" / "c" / "0")  # strings, rows 0:48
+    return ids
+
+
+def test_findings_are_the_same_with_one_and_many_threads(tmp_path):
+    path = tmp_path / "store.zarr"
+    ids = _damaged_store(path)
+    with open_store(path, "r") as store:
+        one = verify_store(store, threads=1)
+        many = verify_store(store, threads=4)
+    assert one.to_dict() == many.to_dict()
+    assert one.summary() == many.summary()
+    found = [(p.where, p.rows) for p in one.problems]
+    assert found == [
+        (f"features/{PACKED}/data", (4, 8)),
+        (f"features/{PACKED}/data", (28, 32)),
+        (f"features/{PACKED}/errors", (12, 16)),
+        (f"features/{PLAIN}/data", (8, 12)),
+        (f"features/{PLAIN}/data", (12, 16)),
+        (f"features/{PLAIN}/data", (20, 24)),
+        (f"features/{PLAIN}/data", (40, 44)),
+        ("index/city", (0, N_CLIPS)),
+    ], "\n".join(map(str, one.problems))
+    what = [p.what for p in one.problems]
+    assert "could not be read" in what[0] and f"(clips {ids[4]} .. {ids[7]})" in what[0]
+    assert "2 finished clip(s) hold NaN or Inf" in what[1]
+    assert "could not be read" in what[2]
+    assert "could not be read" in what[3] and "checksum" in what[3].lower()
+    assert "1 finished clip(s) hold NaN or Inf" in what[4]
+    assert "chunk missing from storage" in what[5] and f"(clips {ids[20]} .. {ids[23]})" in what[5]
+    assert "chunk missing from storage" in what[6]
+    assert "could not be read" in what[7]
+
+
+def test_an_undamaged_store_verifies_clean_with_many_threads(tmp_path):
+    path = tmp_path / "store.zarr"
+    clips = [ClipRecord(f"bus-lisbon-{i}-{i}", label="bus", splits=frozenset({"train"})) for i in range(N_CLIPS)]
+    with create_store(path, Manifest("toy", list(TAU_CLASSES), clips)) as store:
+        store.create_feature_set(PLAIN, 1, (DIM,), PROV, chunk_clips=CHUNK)
+        store.write_rows(PLAIN, 0, np.ones((N_CLIPS, 1, DIM), np.float16))
+    with open_store(path, "r") as store:
+        report = verify_store(store, threads=4)
+    assert report.ok, report.problems
+    assert report.chunks_read == 3 * N_CLIPS // CHUNK + 7  # data, done, errors + one chunk per index array
+
+
+def test_verify_holds_a_few_chunks_in_memory_not_the_array(tmp_path):
+    """32 MiB of features in 64 chunks of 512 KiB, checked on 4 threads: verify's peak allocation
+    stays a few chunks per thread (plus the index it reads), never the array."""
+    n, dim, per = 8192, 2048, 128
+    path = tmp_path / "store.zarr"
+    clips = [ClipRecord(f"c{i}", label="bus") for i in range(n)]
+    with create_store(path, Manifest("toy", list(TAU_CLASSES), clips)) as store:
+        store.create_feature_set(PLAIN, 1, (dim,), PROV, chunk_clips=per)
+        block = np.ones((per * 8, 1, dim), np.float16)
+        for start in range(0, n, len(block)):
+            store.write_rows(PLAIN, start, block)
+    data_bytes, chunk_bytes = n * dim * 2, per * dim * 2
+    with open_store(path, "r") as store:
+        store.clip_ids  # the index the store itself holds is not verify's memory
+        tracemalloc.start()
+        try:
+            report = verify_store(store, threads=4)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert report.ok and report.chunks_read >= n // per
+    assert peak < data_bytes / 2, f"peak {peak / 2**20:.1f} MiB for {data_bytes / 2**20:.0f} MiB of data"
