@@ -53,7 +53,7 @@ class FrameCNNConfig:
     weights: Name = "random"  # "random" | "pretrained" | "pretrained:<tag>" | path to a local checkpoint
     seed: Count = 0  # seed of random backbone weights
     n_classes: Size = 10  # output classes
-    input_shape: _fixed(Size, 3) = field(default_factory=lambda: [3, 448, 448])  # stored frame [3, S, S]
+    input_shape: list[Size] = field(default_factory=lambda: [3, 448, 448])  # stored frame [3, S, S] (the head checks the form)
     image_size: Size | None = None  # size fed to the backbone; None: the stored size (paper: 448)
     mean: _fixed(float, 3) = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation on the [0, 1] scale
     std: _fixed(Positive, 3) = field(default_factory=lambda: list(IMAGENET_STD))

@@ -30,8 +30,8 @@ class SpectrogramCNNConfig:
     weights: Name = "random"  # "random" | "pretrained" | "pretrained:<tag>" | path to a local checkpoint
     seed: Count = 0  # seed of random backbone weights
     n_classes: Size = 10  # output classes
-    input_shape: Annotated[list[Size], Field(min_length=2, max_length=2)] = field(default_factory=lambda: [256, 94])  # stored log-mel [n_mels, frames]
-    resize_to: Annotated[list[Size], Field(min_length=2, max_length=2)] = field(default_factory=lambda: [256, 100])  # image size fed to the backbone
+    input_shape: list[Size] = field(default_factory=lambda: [256, 94])  # stored log-mel [n_mels, frames] (the head checks the form)
+    resize_to: list[Size] = field(default_factory=lambda: [256, 100])  # image size fed to the backbone, [mels, frames]
     delta_width: Annotated[int, Field(ge=3)] = 9  # librosa.feature.delta width (odd, >= 3)
     gain_db: NonNegative = 6.0  # training: add U(-gain_db, gain_db) dB per sample; 0 turns it off
     freq_mask_width: Count = 32  # training: max mel bins per frequency mask (after resize); 0 turns it off
