@@ -34,7 +34,7 @@ EXIT_INTERRUPTED = 130
 def _open(args: argparse.Namespace):
     """The store, read-only; with ``--predictions`` together with the runs of that prediction store."""
     from featurestore import open_store
-    from featurestore.store.store import open_with_predictions
+    from featurestore.store.shared import open_with_predictions
 
     if getattr(args, "predictions", None):
         return open_with_predictions(args.store, args.predictions)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featurestore.store.store import StoreWithPredictions
+from featurestore.store.shared import StoreWithPredictions
 from fusion._validate import check_finite_rows
 from fusion.aggregate import load_clip_probs
 from fusion.calibration import ConfidenceWeights, check_disjoint, crossfit_apply, make_calibrator

@@ -39,7 +39,7 @@ from featurestore.extract.errors import NO_ROOM, find_os_error, store_write_erro
 from featurestore.provenance import file_sha256, is_random_weights
 from featurestore.errors import ReadOnlyStoreError
 from featurestore.store.lock import writer_lock
-from featurestore.store.store import open_prediction_store, write_problem
+from featurestore.store.shared import open_prediction_store, write_problem
 from featurestore.torchdata import StoreDataset
 from heads._registry import head_class
 from heads.checkpoint import read_json, run_file

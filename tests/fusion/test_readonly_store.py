@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from featurestore import open_store
-from featurestore.store.store import open_prediction_store
+from featurestore.store.shared import open_prediction_store
 from fusion.cli import main
 
 from tests.fusion.conftest import build_tiny_store

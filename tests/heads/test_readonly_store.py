@@ -20,7 +20,7 @@ import pytest
 import heads
 from featurestore.manifest import ClipRecord, Manifest
 from featurestore.store import create_store, open_store
-from featurestore.store.store import PREDICTIONS_FOR, open_prediction_store
+from featurestore.store.shared import PREDICTIONS_FOR, open_prediction_store
 from fusion.cli import main as fusion_main
 from heads.cli import main
 from heads.config import TrainConfig
