@@ -28,7 +28,7 @@ from featurestore.errors import CorruptChunkError, FeatureStoreError
 from featurestore.extract.errors import ExtractionStopped
 from heads._registry import head_class, list_heads
 from heads.checkpoint import NonFiniteWeightsError
-from heads.config import TrainConfig
+from heads.config import TrainConfig, parse_head_set
 from heads.errors import HeadConfigError
 from heads.predict import FLUSH_CLIPS
 from heads.train import TrainingDivergedError
@@ -194,7 +194,6 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         flags["cache"] = True
     if args.quiet:
         flags["progress"] = False
-    head_set = dict(_parse_set(item) for item in args.head_set)
     if args.recipe:
         cfg = TrainConfig.from_json(args.recipe, **flags)
     else:
@@ -202,7 +201,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         if missing:
             raise ValueError(f"train needs {', '.join(missing)} (or --recipe)")
         cfg = TrainConfig(**flags)
-    cfg.head_config = {**cfg.head_config, **head_set}
+    cfg.head_config = {**cfg.head_config, **parse_head_set(cfg.head, args.head_set)}
     return cfg
 
 
@@ -218,16 +217,6 @@ def _parse_pair(item: str, flag: str, form: str) -> tuple[str, str]:
     if not sep or not key or not value:
         raise ValueError(f"{flag} expects {form}, got {item!r}")
     return key, value
-
-
-def _parse_set(item: str) -> tuple[str, Any]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def cmd_train(args: argparse.Namespace) -> int:

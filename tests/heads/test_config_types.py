@@ -92,8 +92,9 @@ def _nothing_written(out: Path) -> bool:
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--set", "l2_normalize=maybe"], 'head_config.l2_normalize: expected a valid boolean, got "maybe" (a string)'),
-    (["--set", "n_classes=0"], "head_config.n_classes: expected >= 1, got 0"),
+    (["--set", "l2_normalize=maybe"], "--set head_config.l2_normalize: expected a valid boolean, unable to interpret "
+                                      "input, got 'maybe'"),
+    (["--set", "n_classes=0"], "--set head_config.n_classes: expected >= 1, got '0'"),
     (["--lr", "0"], "lr: expected > 0"),
     (["--batch-size", "0"], "batch_size: expected >= 1, got 0"),
     (["--features", ","], "features: expected at least 1 item(s), got []"),
@@ -120,3 +121,13 @@ def test_cli_set_true_records_a_boolean(tiny_store_path, tmp_path):
     assert main([*_train_argv(tiny_store_path, out), "--set", "l2_normalize=true"]) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["head_config"]["l2_normalize"] is True and info["train"]["head_config"] == {"l2_normalize": True}
+
+
+def test_set_values_are_parsed_into_the_fields_type_so_a_digit_string_stays_a_string(tmp_path):
+    """``--set backbone=123`` is the string '123' (a backbone name), not the JSON number 123."""
+    from heads.cli import _parser, train_config_from_args
+
+    args = _parser().parse_args(["train", "--store", "s.zarr", "--head", "spectrogram_cnn", "--features", "logmel",
+                                 "--set", "backbone=123", "--set", "drop_rate=0.5", "--out", str(tmp_path / "r")])
+    cfg = train_config_from_args(args)
+    assert cfg.head_config["backbone"] == "123" and cfg.head_config["drop_rate"] == 0.5
