@@ -279,7 +279,7 @@ class _LocalZarrChunks:
         if path not in self._layouts:
             try:
                 self._layouts[path] = _parse_layout(self._root / path)
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
                 self._layouts[path] = None
         return self._layouts[path]
 
