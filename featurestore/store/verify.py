@@ -353,8 +353,9 @@ def _parse_layout(folder: Path) -> _Layout | None:
     else:
         return None
     shape = tuple(int(s) for s in meta["chunk_grid"]["configuration"]["chunk_shape"])
-    return _Layout(folder, int(meta["shape"][0]), keys.get("configuration", {}).get("separator", "/"), len(meta["shape"]),
-                   shape, dtype, codecs[1:-1] == ["zstd"])
+    separator = keys.get("configuration", {}).get("separator", "/")
+    return _Layout(folder, int(meta["shape"][0]), separator, len(meta["shape"]), shape, dtype,
+                   codecs[1:-1] == ["zstd"])
 
 
 def _clip_span(store, path: str, start: int, stop: int) -> str:

@@ -5,16 +5,18 @@ The store is built through the public API: ``--clips`` clips (default 200,000) x
 default for embeddings), in ``--workdir`` (reused when it exists with the same parameters).
 
 Compared, over the same bytes (every chunk file under the store directory, index included):
-  * ``verify``: ``open_store(path, "r").verify()``, the whole check (checksums of every chunk,
-    done-vs-data, finiteness of done rows, index checks);
-  * the reference: read each chunk file's bytes, crc32c of the chunk (``google_crc32c``, the
-    implementation zarr's ``crc32c`` codec uses) and ``np.isfinite`` over the float values of the
-    feature data. This is the least any check of every checksum and value must do.
+  * ``verify``: ``verify_store(store, threads)`` (what ``store.verify()`` runs), the whole check:
+    checksums of every chunk, done-vs-data, finiteness of done rows, index checks;
+  * the reference the issue names: read each chunk file's bytes, crc32c of the chunk
+    (``google_crc32c``, the implementation zarr's ``crc32c`` codec uses) and ``np.isfinite`` over
+    the float values of the feature data.
 
 Throughput is total chunk bytes / wall time; verify's time starts on an open store (opening is
-printed beside it) and includes re-reading the index, since verify starts with ``store.refresh()``. The two are interleaved per repeat (so load from other
-processes hits both alike) and the best of ``--repeats`` is compared. The OS page cache is warm for
-both: this compares CPU work, not the disk.
+printed beside it) and includes re-reading the index, since verify starts with ``store.refresh()``.
+The two are interleaved per repeat (so load from other processes hits both alike) and the best of
+``--repeats`` is compared. The OS page cache is warm for both: this compares CPU work, not the disk.
+Context lines: verify on one thread, and the reference testing float16 finiteness on the exponent
+bits as verify does.
 
 Floor from issue 23: verify >= 50% of the reference's throughput.
 
@@ -49,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--segments", type=int, default=1)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help=f"verify's threads (default: its own, {DEFAULT_THREADS} here)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"verify's threads (default: its own, {DEFAULT_THREADS} here)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rebuild", action="store_true")
     return p.parse_args(argv)
