@@ -134,7 +134,7 @@ def describe_store(store: FeatureStore) -> dict[str, Any]:
 def _index_summary(store: FeatureStore) -> dict[str, Any]:
     labels = store.labels
     splits = {s: int(store.column(f"split/{s}").astype(bool).sum()) for s in store.splits()}
-    cities = sorted({str(c) for c in store.column("city")} - {""})
+    cities = store.index.distinct("city")  # kept by appends in the root attributes: no column decoded
     return {"n_clips": store.n_clips, "classes": store.classes, "n_labelled": int((labels >= 0).sum()),
             "splits": splits, "cities": cities}
 

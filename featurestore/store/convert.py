@@ -93,6 +93,10 @@ def _copy_into(source: FeatureStore, target: FeatureStore, shown: str, progress:
         # the root last (it commits the row count; a version 1 source has none recorded). The
         # copy wrote every chunk, so it is a current-schema store whatever the source was
         ta.set_attrs("", {**sa.attrs(""), "n_clips": source.n_clips, "schema_version": SCHEMA_VERSION})
+        target.index.forget()
+        lookup = target.index.write_missing()  # a source in the layout before the id lookup gets one
+        if lookup:
+            ta.set_attrs("", lookup)
     return len(arrays)
 
 

@@ -49,6 +49,7 @@ class _Index(Protocol):
     def n_clips(self) -> int: ...
     @property
     def clip_ids(self) -> list[str]: ...
+    def ids_at(self, rows: np.ndarray) -> list[str]: ...
 
 
 class RowCaches:
@@ -232,8 +233,7 @@ class RowGroup:
             mask = self._done(refresh=True)  # another process may have written since
             missing = rows[~mask[rows]]
             if len(missing):
-                ids = self._index.clip_ids
-                raise MissingFeatureError(self.kind.missing_label.format(name=self.name), [ids[r] for r in missing])
+                raise MissingFeatureError(self.kind.missing_label.format(name=self.name), self._index.ids_at(missing))
 
     def error_texts(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Error texts of rows ``start:stop`` ('' where a row has none; all '' without an errors array)."""
@@ -241,6 +241,29 @@ class RowGroup:
         if not self.kind.with_errors:
             return np.full(stop - start, "", dtype=str)
         return self._arrays.read(self.errors_path, start, stop, written=False)
+
+    def failed_rows(self, done: np.ndarray | None = None) -> dict[int, str]:
+        """Row -> error text of every failed row, reading only the error chunks that can hold one.
+
+        A row that has an error is never done (``write_rows`` clears the text of a row it marks done,
+        ``set_errors`` marks its rows not done), so only chunks with rows not done are read, and of
+        those only the chunks in storage (a chunk never written holds no error). On a finished
+        feature set of a million clips that is no chunk at all, where decoding every text took
+        seconds. ``done``: the done mask when the caller has it.
+        """
+        if not self.kind.with_errors:
+            return {}
+        open_rows = np.flatnonzero(~(self._done() if done is None else np.asarray(done, dtype=bool)))
+        per = self._arrays.chunk_rows(self.errors_path)
+        failed: dict[int, str] = {}
+        for chunk in np.unique(open_rows // per):
+            if not self._arrays.chunk_written(self.errors_path, int(chunk)):
+                continue
+            start = int(chunk) * per
+            texts = self.error_texts(start, min(self._index.n_clips, start + per))
+            for offset in np.flatnonzero(texts != ""):
+                failed[start + int(offset)] = str(texts[offset])
+        return failed
 
     def write_errors(self, start: int, texts: np.ndarray) -> None:
         """Write error texts for rows ``start:start+len(texts)`` (done flags are not touched)."""

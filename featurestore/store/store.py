@@ -27,6 +27,7 @@ from featurestore.provenance import (
 )
 from featurestore.store._backend import COMPRESSORS, STRING, Backend, join, open_backend
 from featurestore.store.arrays import StoreArrays
+from featurestore.store.index import NOT_COLUMNS, ClipIndex
 from featurestore.store.row_group import (
     DATA_VERSION, FEATURE_SETS, KINDS, PREDICTION_RUNS, RowCaches, RowGroup, RowGroupKind,
 )
@@ -103,8 +104,7 @@ class FeatureStore:
         self.mode = mode
         self._open_args = open_args
         self._rows_cache = RowCaches(cache_bytes)
-        self._row_of: dict[str, int] | None = None
-        self._clip_ids: list[str] | None = None
+        self._index = ClipIndex(self._arrays)  # ids, the id -> row lookup, columns: read lazily
         self._runs: dict[str, dict] | None = None  # prediction run attrs, read once (refresh() drops them)
         if mode == "w" or not self._arrays.exists("index"):
             self._init_layout()
@@ -144,8 +144,7 @@ class FeatureStore:
 
     def _committed_rows(self) -> int:
         """Rows of the index that a finished ``append_clips`` committed (its last write)."""
-        n = self._arrays.attrs("").get("n_clips")
-        return int(n) if n is not None else self._arrays.shape("index/clip_id")[0]
+        return self._index.committed_rows()
 
     def _roll_back_partial_append(self) -> None:
         """Cut arrays that an append killed before its commit left longer than the index.
@@ -158,6 +157,7 @@ class FeatureStore:
         for path in self._row_arrays():
             if self._arrays.shape(path)[0] > n:
                 self._arrays.resize(path, n)
+        self._index.drop_unused()  # a lookup written for the rows cut off
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -201,29 +201,27 @@ class FeatureStore:
         return list(self.attrs.get("classes", []))
 
     @property
+    def index(self) -> ClipIndex:
+        """The clip index below the facade (``featurestore.store.index``): lookups, ids of rows."""
+        return self._index
+
+    @property
     def clip_ids(self) -> list[str]:
-        if self._clip_ids is None:
-            self._load_index()
-        return list(self._clip_ids)
+        """Every clip id in row order (decodes the id column: use ``row``/``rows`` to look ids up)."""
+        return list(self._index.clip_ids)
 
     @property
     def n_clips(self) -> int:
-        if self._clip_ids is None:
-            self._load_index()
-        return len(self._clip_ids)
+        """Committed rows, from the root attributes: no column is read."""
+        return self._index.n_clips
 
     @property
     def labels(self) -> np.ndarray:
         return self.column("label")
 
-    def _load_index(self) -> None:
-        ids = self._arrays.read("index/clip_id", 0, self._committed_rows())
-        self._clip_ids = [str(i) for i in ids]
-        self._row_of = {cid: row for row, cid in enumerate(self._clip_ids)}
-
     def columns(self) -> list[str]:
         """Index column names: ``label``, ``city``, ..., ``split/<name>``."""
-        plain = [c for c in self._arrays.children("index") if c != "split"]
+        plain = [c for c in self._arrays.children("index") if c not in NOT_COLUMNS]
         return plain + [f"split/{s}" for s in self.splits()]
 
     def splits(self) -> list[str]:
@@ -231,29 +229,21 @@ class FeatureStore:
 
     def column(self, name: str) -> np.ndarray:
         """One index column for every clip, in row order."""
-        path = f"index/{name}"
-        if not self._arrays.is_array(path):
+        if name.split("/")[0] == "lookup" or not self._arrays.is_array(f"index/{name}"):
             raise UnknownFeatureError("index column", name, self.columns())
-        return self._arrays.read(path, 0, self.n_clips)
+        return self._index.column(name)
 
     def rows(self, clip_ids: Iterable[str]) -> np.ndarray:
-        """Row numbers of clip ids; an unknown id raises ``UnknownClipError`` with the nearest ids."""
+        """Row numbers of clip ids; an unknown id raises ``UnknownClipError`` with the nearest ids.
+
+        Resolved through the persisted lookup (a few table chunks, no id decoded) when the store
+        has one, else through a dict of the decoded ids (see ``featurestore.store.index``).
+        """
         _check_id_sequence("rows", clip_ids, "row(clip_id)")
-        if self._row_of is None:
-            self._load_index()
-        row_of = self._row_of
-        try:
-            return np.fromiter((row_of[c] for c in clip_ids), dtype=np.int64)
-        except KeyError as err:
-            raise UnknownClipError(err.args[0], row_of) from None
+        return self._index.rows(list(clip_ids))
 
     def row(self, clip_id: str) -> int:
-        if self._row_of is None:
-            self._load_index()
-        try:
-            return self._row_of[clip_id]
-        except KeyError:
-            raise UnknownClipError(clip_id, self._row_of) from None
+        return self._index.row(clip_id)
 
     # ------------------------------------------------------------------------------- the index
     def _require_writable(self) -> None:
@@ -273,8 +263,9 @@ class FeatureStore:
         if attrs.get("classes") and list(attrs["classes"]) != classes:
             raise ValueError(f"{self.location}: classes {attrs['classes']} differ from the manifest's "
                              f"{manifest.classes}")
-        dup = set(self.clip_ids) & set(manifest.clip_ids)
-        if dup or len(set(manifest.clip_ids)) != len(manifest):
+        new_ids = manifest.clip_ids
+        dup = {new_ids[i] for i in np.flatnonzero(self._index.find(new_ids) >= 0)}
+        if dup or len(set(new_ids)) != len(manifest):
             raise ValueError(f"clip ids must be unique; already present or repeated: {sorted(dup)[:5]}")
         start, n_new = self.n_clips, len(manifest)
         end = start + n_new
@@ -295,11 +286,14 @@ class FeatureStore:
             if split in new_splits and start:
                 member = np.concatenate([np.zeros(start, dtype=bool), member])  # earlier rows: written too
             self._arrays.write(f"index/split/{split}", end - len(member), member)
-        # the commit point, one attribute update: a kill before it leaves rows past n_clips, which
-        # the next writable open cuts off (_roll_back_partial_append)
-        self._arrays.set_attrs("", {"classes": classes, **first, "n_clips": end,
+        looked_up = self._index.prepare_append(new_ids, [c.city for c in manifest.clips], start)
+        # the commit point, one attribute update (the lookup's name included): a kill before it leaves
+        # rows past n_clips and an unnamed lookup, which the next writable open removes
+        # (_roll_back_partial_append)
+        self._arrays.set_attrs("", {"classes": classes, **first, "n_clips": end, **looked_up,
                                "datasets": [*attrs.get("datasets", []), added]})
-        self._clip_ids = self._row_of = None
+        self._index.forget()
+        self._index.drop_unused()
         self._rows_cache.done.clear()
 
     def _row_arrays(self) -> list[str]:
@@ -338,8 +332,7 @@ class FeatureStore:
                     if v not in present:
                         raise UnknownValueError(name, v, present - {""})
                 keep &= np.isin(column, _as_list(value))
-        ids = self.clip_ids
-        return [ids[i] for i in np.flatnonzero(keep)]
+        return self._index.ids_at(np.flatnonzero(keep))
 
     def _label_index(self, label: str | int) -> int:
         classes = self.classes
@@ -411,7 +404,7 @@ class FeatureStore:
         return group
 
     def _group(self, kind: RowGroupKind, name: str) -> RowGroup:
-        return RowGroup(kind, name, self._arrays, self._rows_cache, self)
+        return RowGroup(kind, name, self._arrays, self._rows_cache, self._index)
 
     # --------------------------------------------------------------------------- feature sets
     def feature_sets(self) -> dict[str, FeatureInfo]:
@@ -424,9 +417,9 @@ class FeatureStore:
     def _feature_info(self, group: RowGroup) -> FeatureInfo:
         attrs = group.attrs
         done = group.done_mask(refresh=True)
-        errors = group.error_texts()
+        n_errors = len(group.failed_rows(done))  # reads error texts only where rows are not done
         return FeatureInfo(group.name, group.shape, group.dtype, group.chunk_rows, attrs.get("provenance", {}),
-                           attrs.get("fingerprint", ""), int(done.sum()), int((errors != "").sum()))
+                           attrs.get("fingerprint", ""), int(done.sum()), n_errors)
 
     def create_feature_set(self, name: str, n_segments: int, feature_shape: Sequence[int],
                            provenance: dict, dtype: str = "float16", chunk_clips: int | None = None,
@@ -542,9 +535,8 @@ class FeatureStore:
 
     def errors(self, name: str) -> dict[str, str]:
         """Clip id -> error message for every clip whose extraction failed."""
-        texts = self.row_group(FEATURE_SETS, name).error_texts()
-        ids = self.clip_ids
-        return {ids[i]: str(texts[i]) for i in np.flatnonzero(texts != "")}
+        failed = self.row_group(FEATURE_SETS, name).failed_rows()
+        return dict(zip(self._index.ids_at(list(failed)), failed.values()))
 
     # ------------------------------------------------------------------------------- reading
     def get(self, name: str, clip_id: str) -> np.ndarray:
@@ -568,7 +560,7 @@ class FeatureStore:
     def refresh(self) -> None:
         """Drop cached chunks, done masks and the index: see what other processes wrote since."""
         self._rows_cache.clear()
-        self._clip_ids = self._row_of = None
+        self._index.forget()
         self._runs = None
 
     def torch_dataset(self, features: str | Sequence[str], **kwargs):
@@ -685,8 +677,7 @@ class FeatureStore:
             raise ValueError(f"predictions {run!r}: rows have shape {probs.shape[1:]}, expected {expected}")
         finite = np.isfinite(probs.reshape(len(probs), -1)).all(axis=1)
         if not finite.all():
-            ids = self.clip_ids
-            bad = [ids[r] for r in rows[~finite][:5]]
+            bad = self._index.ids_at(rows[~finite][:5])
             raise ValueError(f"predictions {run!r}: {int((~finite).sum())} clip(s) have non-finite probabilities "
                              f"(e.g. {', '.join(bad)}); nothing was written")
         group.write_scattered(rows, probs)

@@ -23,8 +23,10 @@ N_CLIPS, N_SEG, DIM, CHUNK = 20, 3, 4, 4
 FEAT = "clip/RN50"
 DATA = f"features/{FEAT}/data"
 # verify reads every chunk: 7 index arrays of one chunk (clip_id, label, city, location, audio_path,
-# video_path, split/fold1_train) + data, done and errors of the feature set in chunks of CHUNK rows
-ALL_CHUNKS = 7 + 3 * (N_CLIPS // CHUNK)
+# video_path, split/fold1_train) + the id lookup's table and fence + data, done and errors of the
+# feature set in chunks of CHUNK rows
+INDEX_CHUNKS = 7 + 2
+ALL_CHUNKS = INDEX_CHUNKS + 3 * (N_CLIPS // CHUNK)
 PROV = {"encoder": "clip/RN50@none", "config": {}, "weights": {"kind": "random", "seed": 0}, "segments": {}}
 
 
@@ -112,7 +114,7 @@ def test_verify_skips_garbage_chunks_without_done_rows(path):
         assert report.ok, report.problems
         # data, done and errors of rows 0:8 (two chunks each) + the index; data 8:12 holds no done
         # row and is not read, done/errors 8:20 were never written
-        assert report.chunks_read == 7 + 3 * 2
+        assert report.chunks_read == INDEX_CHUNKS + 3 * 2
         with pytest.raises(MissingFeatureError):
             store.get(FEAT, store.clip_ids[8])
         with pytest.raises(CorruptChunkError):

@@ -1,0 +1,274 @@
+"""The store's clip index: ids, the persisted id -> row lookup, and the index columns, read lazily.
+
+At a million clips, decoding ``index/clip_id`` whole (a Python string per clip) to build an id dict
+costs seconds per process. So an append also writes a *lookup* beside the columns: every id's
+128-bit BLAKE2b key with its row, sorted by key (``index/lookup/<n>/table``, ``[n, 3]`` uint64:
+key high, key low, row; chunks of ``LOOKUP_CHUNK_ROWS``), plus ``fence``, the first key-high of each
+table chunk. Resolving a few ids reads the fence once and one table chunk per id (binary search);
+resolving many reads the table whole (24 bytes per clip, no strings). Other columns are decoded only
+when asked for.
+
+Kill-safety: the lookup is written under a new name (the row count it covers) before the append's
+commit, and the root attribute ``index_lookup`` that names it is part of that same commit (the
+update that sets ``n_clips``). A reader trusts a lookup only when it covers exactly the committed
+rows; a killed append leaves an orphan the next writable open deletes. A store without a lookup (the
+layout before it, or ids whose keys collide, which BLAKE2b makes practically impossible) is read as
+before: the ids are decoded and a dict built in memory. ``featurestore convert`` or the next append
+writes one.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from featurestore.errors import FeatureStoreError, UnknownClipError
+from featurestore.store._backend import join
+from featurestore.store.arrays import StoreArrays
+
+LOOKUP_ATTR = "index_lookup"  # root attribute: {"path", "n_clips", "key"} of the lookup in use
+VALUES_ATTR = "index_values"  # root attribute: {"n_clips", "city": [distinct values]} for summaries
+LOOKUP_GROUP = "index/lookup"
+LOOKUP_KEY = "blake2b-128"
+# 4,096 rows x 24 bytes = 96 KiB per table chunk: one chunk per cold lookup, a fence of 245 keys at 1M
+LOOKUP_CHUNK_ROWS = 4096
+# beyond this many ids per call, the whole table is read once (and kept) instead of chunk by chunk
+_BULK_IDS = 64
+_TABLE_CHUNKS_KEPT = 256
+# distinct values kept in VALUES_ATTR per column; a column with more is summarised by reading it
+_MAX_DISTINCT = 1000
+_SUMMARISED = ("city",)
+#: index arrays that are not per-clip columns (``FeatureStore.columns`` leaves them out)
+NOT_COLUMNS = ("split", "lookup")
+
+
+def id_keys(clip_ids: Iterable[str]) -> np.ndarray:
+    """``[n, 2]`` uint64: the 128-bit BLAKE2b key of each id (high, low), as the lookup sorts them."""
+    digests = b"".join(hashlib.blake2b(str(c).encode("utf-8"), digest_size=16).digest() for c in clip_ids)
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64).reshape(-1, 2)
+
+
+def lookup_table(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``[n, 3]`` uint64 (key high, key low, row) sorted by key."""
+    table = np.empty((len(keys), 3), dtype=np.uint64)
+    table[:, :2] = keys
+    table[:, 2] = rows
+    return table[np.lexsort((table[:, 1], table[:, 0]))]
+
+
+def search_table(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Row of each key in a sorted ``table`` (see :func:`lookup_table`), -1 where it is absent."""
+    out = np.full(len(keys), -1, dtype=np.int64)
+    if not len(table) or not len(keys):
+        return out
+    left = np.searchsorted(table[:, 0], keys[:, 0], "left")
+    right = np.searchsorted(table[:, 0], keys[:, 0], "right")
+    single = np.flatnonzero(right - left == 1)
+    hit = table[left[single], 1] == keys[single, 1]
+    out[single[hit]] = table[left[single[hit]], 2].astype(np.int64)
+    for i in np.flatnonzero(right - left > 1):  # equal high halves: practically never
+        span = table[left[i]:right[i]]
+        match = np.flatnonzero(span[:, 1] == keys[i, 1])
+        if len(match):
+            out[i] = int(span[match[0], 2])
+    return out
+
+
+class ClipIndex:
+    """The index of one open store; everything is read on first use and kept until :meth:`forget`."""
+
+    def __init__(self, arrays: StoreArrays):
+        self._arrays = arrays
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what was read: the next use sees what other processes committed since."""
+        self._n: int | None = None
+        self._ids: list[str] | None = None
+        self._row_of: dict[str, int] | None = None
+        self._meta: dict | None | bool = False  # False: not looked at yet
+        self._fence: np.ndarray | None = None
+        self._table: np.ndarray | None = None
+        self._chunks: dict[int, np.ndarray] = {}
+
+    # ----------------------------------------------------------------------------- row count, ids
+    def committed_rows(self) -> int:
+        """Rows a finished append committed (root ``n_clips``; version 1 stores: the id column)."""
+        n = self._arrays.attrs("").get("n_clips")
+        return int(n) if n is not None else self._arrays.shape("index/clip_id")[0]
+
+    @property
+    def n_clips(self) -> int:
+        if self._n is None:
+            self._n = self.committed_rows()
+        return self._n
+
+    @property
+    def clip_ids(self) -> list[str]:
+        """Every id in row order (decodes the id column once: slow at millions of clips)."""
+        if self._ids is None:
+            self._ids = [str(i) for i in self._arrays.read("index/clip_id", 0, self.n_clips)]
+        return self._ids
+
+    def ids_at(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """Ids of some rows, reading only the chunks of the id column that hold them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._ids is not None or not len(rows):
+            return [self.clip_ids[r] for r in rows]
+        per = self._arrays.chunk_rows("index/clip_id")
+        out: list[str] = [""] * len(rows)
+        for chunk in np.unique(rows // per):
+            start, stop = int(chunk) * per, min(self.n_clips, (int(chunk) + 1) * per)
+            texts = self._arrays.read("index/clip_id", start, stop)
+            for i in np.flatnonzero(rows // per == chunk):
+                out[i] = str(texts[rows[i] - start])
+        return out
+
+    def column(self, name: str) -> np.ndarray:
+        """One index column (``label``, ``city``, ``split/<name>``, ...) for every clip, in row order."""
+        return self._arrays.read(f"index/{name}", 0, self.n_clips)
+
+    def distinct(self, name: str) -> list[str]:
+        """Sorted distinct non-empty values of a string column (``city``), from the summary an
+        append keeps in the root attributes when there is one, else by reading the column."""
+        values = self._arrays.attrs("").get(VALUES_ATTR) or {}
+        if values.get("n_clips") == self.n_clips and isinstance(values.get(name), list):
+            return list(values[name])
+        return sorted({str(v) for v in self.column(name)} - {""})
+
+    # ---------------------------------------------------------------------------------- lookups
+    def row(self, clip_id: str) -> int:
+        return int(self.rows([clip_id])[0])
+
+    def rows(self, clip_ids: Sequence[str]) -> np.ndarray:
+        """Rows of ids; an unknown id raises ``UnknownClipError`` with the nearest ids."""
+        clip_ids = list(clip_ids)
+        found = self.find(clip_ids)
+        missing = np.flatnonzero(found < 0)
+        if len(missing):
+            raise UnknownClipError(clip_ids[missing[0]], self.clip_ids)
+        return found
+
+    def find(self, clip_ids: Sequence[str]) -> np.ndarray:
+        """Row of each id, -1 where it is not in the index."""
+        if self._row_of is None and self._lookup() is not None:
+            try:
+                return self._find_in_lookup(id_keys(clip_ids))
+            except FeatureStoreError:
+                if self._lookup_exists():
+                    raise  # damage: reported as it is, never served around
+                self._meta = None  # an append replaced the lookup since: use the ids themselves
+        row_of = self._row_dict()
+        return np.fromiter((row_of.get(c, -1) for c in clip_ids), dtype=np.int64, count=len(clip_ids))
+
+    def _row_dict(self) -> dict[str, int]:
+        if self._row_of is None:
+            self._row_of = {cid: row for row, cid in enumerate(self.clip_ids)}
+        return self._row_of
+
+    def _lookup(self) -> dict | None:
+        """The root attribute naming the lookup, when it covers exactly the committed rows."""
+        if self._meta is False:
+            meta = self._arrays.attrs("").get(LOOKUP_ATTR)
+            ok = (isinstance(meta, dict) and meta.get("key") == LOOKUP_KEY and meta.get("n_clips") == self.n_clips
+                  and self._arrays.is_array(join(str(meta.get("path")), "table")))
+            self._meta = meta if ok else None
+        return self._meta or None
+
+    def _lookup_exists(self) -> bool:
+        meta = self._meta or {}
+        return bool(meta) and self._arrays.exists(join(str(meta.get("path")), "table"))  # not cached
+
+    def _find_in_lookup(self, keys: np.ndarray) -> np.ndarray:
+        path = join(self._lookup()["path"], "table")
+        if self._table is None and len(keys) > _BULK_IDS:
+            self._table = self._arrays.read(path, 0, self.n_clips)
+        if self._table is not None:
+            found = search_table(self._table, keys)
+        else:
+            found = np.array([self._find_one(path, key) for key in keys], dtype=np.int64)
+        found[found >= self.n_clips] = -1  # a reader trusts only committed rows
+        return found
+
+    def _find_one(self, path: str, key: np.ndarray) -> int:
+        """Binary search: the fence names the table chunk(s) whose key range holds ``key``."""
+        if self._fence is None:
+            fence_path = join(self._lookup()["path"], "fence")
+            self._fence = self._arrays.read(fence_path, 0, self._arrays.shape(fence_path)[0])
+        first = max(0, int(np.searchsorted(self._fence, key[0], "left")) - 1)
+        last = max(first, int(np.searchsorted(self._fence, key[0], "right")) - 1)
+        parts = [self._table_chunk(path, c) for c in range(first, last + 1)]
+        return int(search_table(np.concatenate(parts), key[None])[0])
+
+    def _table_chunk(self, path: str, chunk: int) -> np.ndarray:
+        block = self._chunks.get(chunk)
+        if block is None:
+            per = self._arrays.chunk_rows(path)
+            block = self._arrays.read(path, chunk * per, min(self.n_clips, (chunk + 1) * per))
+            if len(self._chunks) >= _TABLE_CHUNKS_KEPT:
+                self._chunks.pop(next(iter(self._chunks)))
+            self._chunks[chunk] = block
+        return block
+
+    # ----------------------------------------------------------------------------------- writes
+    def prepare_append(self, new_ids: Sequence[str], new_cities: Sequence[str], start: int) -> dict[str, Any]:
+        """Write the lookup covering rows ``0:start+len(new_ids)``; return the root attributes to
+        commit with the new ``n_clips`` (the lookup's name, the distinct-value summary).
+
+        Called by ``append_clips`` after the duplicate check, before its commit. Nothing written
+        here is read until that commit names it.
+        """
+        end = start + len(new_ids)
+        attrs: dict[str, Any] = {VALUES_ATTR: self._values_after(new_cities, start, end)}
+        old = self._old_table(start)
+        table = lookup_table(id_keys(new_ids), np.arange(start, end, dtype=np.uint64))
+        if len(old):
+            table = np.concatenate([old, table])
+            table = table[np.lexsort((table[:, 1], table[:, 0]))]
+        same = (np.diff(table[:, 0]) == 0) & (np.diff(table[:, 1]) == 0)
+        attrs[LOOKUP_ATTR] = None if same.any() or not end else self._write_lookup(table, end)
+        return attrs
+
+    def _old_table(self, start: int) -> np.ndarray:
+        if not start:
+            return np.zeros((0, 3), dtype=np.uint64)
+        if self._lookup() is not None:
+            return self._arrays.read(join(self._lookup()["path"], "table"), 0, start)
+        return lookup_table(id_keys(self.clip_ids), np.arange(start, dtype=np.uint64))
+
+    def _values_after(self, new_cities: Sequence[str], start: int, end: int) -> dict[str, Any]:
+        old = set(self.distinct("city")) if start else set()
+        cities = sorted((old | {str(c) for c in new_cities}) - {""})
+        return {"n_clips": end, "city": cities if len(cities) <= _MAX_DISTINCT else None}
+
+    def _write_lookup(self, table: np.ndarray, end: int) -> dict[str, Any]:
+        group = join(LOOKUP_GROUP, str(end))
+        per = LOOKUP_CHUNK_ROWS
+        fence = table[::per, 0].copy()
+        self._arrays.create_group(LOOKUP_GROUP)
+        self._arrays.create_group(group)
+        self._arrays.create_array(join(group, "table"), table.shape, "uint64", per, 0)
+        self._arrays.write(join(group, "table"), 0, table)
+        self._arrays.create_array(join(group, "fence"), fence.shape, "uint64", max(1, len(fence)), 0)
+        self._arrays.write(join(group, "fence"), 0, fence)
+        return {"path": group, "n_clips": end, "key": LOOKUP_KEY}
+
+    def write_missing(self) -> dict[str, Any] | None:
+        """Write a lookup for a store without one (``convert``); the root attributes to set, or None."""
+        n = self.n_clips
+        if self._lookup() is not None or not n:
+            return None
+        ids = self.clip_ids
+        attrs = self.prepare_append(ids, self.column("city").tolist(), 0)  # as one append of every row
+        return attrs
+
+    def drop_unused(self) -> None:
+        """Delete lookups the committed root attribute does not name (a killed append's, a replaced
+        one). Writers only: a reader of the replaced one falls back to the ids (see ``find``)."""
+        if not self._arrays.exists(LOOKUP_GROUP):
+            return
+        meta = self._arrays.attrs("").get(LOOKUP_ATTR) or {}
+        for name in self._arrays.children(LOOKUP_GROUP):
+            if join(LOOKUP_GROUP, name) != meta.get("path"):
+                self._arrays.delete(join(LOOKUP_GROUP, name))
