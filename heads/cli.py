@@ -6,6 +6,7 @@
     heads train --recipe scripts/recipes/paper/C04_late_fusion.json --store S [--epochs 5 ...]
     heads predict --store S --run runs/c04 [--name c04] [--split fold1_evaluate] [--predictions MINE.zarr]
     heads classify runs/c04 x.wav x.mp4 y.wav [--json] [--out probs.csv]
+    heads sweep --store S --head linear --features clip/ViT-B-32 --grid lr=0.1,0.01 --seeds 0,1,2 --out sweeps/x
 
 ``--json`` prints what a command did as one JSON object on stdout (progress and summary lines go
 to stderr); ``--quiet`` (``-q``) silences progress bars and per-epoch lines. Ctrl-C is one line
@@ -116,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     _output_flags(p, "the run directory, epochs done and the best epoch's metrics")
     p.set_defaults(func=cmd_train)
 
+    _sweep_parser(sub)
+
     p = sub.add_parser("predict", help="write a trained head's predictions into the store")
     p.add_argument("--store", required=True, help="feature store path or URL (opened for writing, unless "
                    "--predictions is given)")
@@ -163,6 +166,53 @@ def _parser() -> argparse.ArgumentParser:
     _output_flags(p, "the run, classes and per clip its files, top class, clip and segment probabilities")
     p.set_defaults(func=cmd_classify)
     return parser
+
+
+_SWEEP_EXAMPLE = """\
+example (the paper's C04 late fusion over learning rate x hidden width x 3 seeds):
+  heads sweep --store S --head late_fusion --features clip/RN50x4,clip/RN101,clip/ViT-B-32 \\
+      --train-split fold1_train --val-split fold1_evaluate --epochs 20 \\
+      --grid lr=0.1,0.01,0.001 --grid hidden=128,256,512 --seeds 0,1,2 --out sweeps/c04
+random search beside the grid: --grid lr=log:1e-4:1e-1 --samples 8 (also lin:LOW:HIGH, int:LOW:HIGH)
+"""
+
+
+def _sweep_parser(sub: Any) -> None:
+    """``heads sweep``: every ``heads train`` flag, fixed for all trials, plus the swept axes."""
+    p = sub.add_parser("sweep", help="train a grid (or random draws) of configurations x seeds; mean +- std table",
+                       description="Train every configuration of --grid with every seed of --seeds, each a normal "
+                       "run directory DIR/<config>/seed_<s> (a rerun skips finished trials and resumes a killed "
+                       "one); print the validation metrics per configuration as mean +- std (DIR/results.md, "
+                       ".csv, .json) and point DIR/best at the best configuration by --metric.",
+                       epilog=_SWEEP_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help="JSON recipe (a TrainConfig); flags given override its fields")
+    for flag, (kind, text) in _TRAIN_FLAGS.items():
+        if flag == "out":
+            text = "sweep directory: one run directory per trial, the results table and 'best'"
+        elif flag == "seed":
+            text = "the one seed when --seeds is not given"
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None,
+                       help=_flag_help(flag, text))
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a swept training field (lr, batch_size, weight_decay, ...) or head field (hidden, dropout, "
+                        "...) and its values; repeatable (the product is swept); KEY=log:LOW:HIGH, lin:LOW:HIGH or "
+                        "int:LOW:HIGH is a range for --samples")
+    p.add_argument("--seeds", help="comma-separated seeds, each configuration is trained with every one "
+                   "(default: --seed, or the recipe's)")
+    p.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="random search: draw N configurations from the --grid ranges (crossed with the grid's values)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the random-search draws (default: %(default)s; "
+                   "a rerun draws the same configurations)")
+    p.add_argument("--metric", default="val_accuracy", choices=["val_accuracy", "val_logloss", "loss"],
+                   help="picks the best configuration: its mean over seeds at each trial's best epoch (the trainer "
+                        "picks that epoch by val_accuracy) (default: %(default)s)")
+    p.add_argument("--set", dest="head_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="head config field fixed for all trials, e.g. --set dropout=0.1")
+    p.add_argument("--cache", action="store_true", default=None, help="load training features into memory")
+    p.add_argument("--overwrite", action="store_true", help="train every trial afresh (default: skip finished "
+                   "trials, resume killed ones)")
+    _output_flags(p, "the sweep directory, metric, the table's rows and the best configuration")
+    p.set_defaults(func=cmd_sweep)
 
 
 def _output_flags(p: argparse.ArgumentParser, json_what: str) -> None:
@@ -233,6 +283,31 @@ def cmd_train(args: argparse.Namespace) -> int:
                           "nothing_to_do": result.nothing_to_do, "best_epoch": result.best_epoch,
                           "best_val_accuracy": result.best_val_accuracy,
                           "best_val_logloss": result.best_val_logloss}, indent=2))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``heads sweep``: the Markdown table (or ``--json``) on stdout, a summary line on stderr."""
+    from heads.sweep import SweepError, parse_grid, parse_seeds, sweep
+
+    cfg = train_config_from_args(args)
+    grid, ranges = parse_grid(cfg.head, args.grid)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    if args.samples < 0:
+        raise SweepError(f"--samples must be an integer >= 0, got {args.samples}")
+    try:
+        result = sweep(cfg, grid, seeds=seeds, ranges=ranges, samples=args.samples, sample_seed=args.sample_seed,
+                       metric=args.metric, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        raise CommandInterrupted(f"finished trials and committed epochs kept in {cfg.out}, rerun the same command "
+                                 f"to resume") from None
+    if args.json:
+        print(json.dumps({"out": str(result.out), "metric": result.metric, "trials": len(result.trials),
+                          "trained": result.trained, "rows": result.rows, "best": result.best}, indent=2))
+    else:
+        print(result.markdown())
+    best = f"; best {result.best['config']} ({result.metric} {result.best['mean']:.4f})" if result.best else ""
+    print(f"sweep: {len(result.trials)} trial(s), {result.trained} trained now, in {result.out}{best}", file=sys.stderr)
     return 0
 
 

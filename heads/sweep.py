@@ -1,0 +1,422 @@
+"""Sweeps: many configurations x seeds of one head, each a normal run directory, summarised as mean +- std.
+
+Why each trial goes through `heads.train.train` unchanged: a sweep's trial is then exactly the run a
+lone ``heads train`` of the same config and seed makes (same weights, same metrics, same files), it
+resumes the way any run resumes (a finished trial is a "nothing to do" read of two JSON files, a
+killed one continues from its last committed epoch), and `heads predict` / fusion take a trial's
+directory as they take any run.
+
+Layout of a sweep directory::
+
+    DIR/sweep.json                   what was swept: the fixed config, grid, ranges, seeds, trials
+    DIR/<config>/seed_<s>/           one run directory per trial (run.json, metrics.jsonl, best.safetensors)
+    DIR/results.csv, results.json    per configuration: each metric's mean and std over the seeds
+    DIR/results.md                   the same table in Markdown (what the command prints)
+    DIR/best                         symlink to the best configuration's directory (by ``metric``)
+    DIR/best.json                    that configuration, its metric mean/std and its run directories
+
+``<config>`` spells the swept values (``lr=0.01,hidden=32x64``), so adding a value to the grid and
+rerunning trains only the new configurations. Trials run one after another in a fixed order
+(configuration-major, then seed), under the lock ``DIR.lock`` so two sweeps never share a directory.
+
+Random search (``ranges`` with ``samples`` N) draws N configurations from ``numpy``'s generator seeded
+by ``sample_seed``, so a rerun draws the same ones (and resumes them); drawn floats are rounded to 3
+significant digits, so a configuration's name is its exact value. The drawn configurations are
+crossed with the grid's.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurestore.atomic_files import atomic_write_text
+from featurestore.typed_config import field_names, parse_field
+from heads.config import ConfigError, TrainConfig
+
+#: Metrics read from a trial's best epoch (the trainer picks it by validation accuracy); the table has each.
+METRICS = ("val_accuracy", "val_logloss", "loss")
+#: Whether a larger value of a metric is better.
+HIGHER_IS_BETTER = {"val_accuracy": True, "val_logloss": False, "loss": False}
+#: TrainConfig fields a sweep cannot vary: what defines the sweep itself, or is set per trial.
+FIXED_FIELDS = ("head", "features", "store", "out", "seed", "head_config", "device", "progress", "num_workers",
+                "cache")
+RANGE_KINDS = ("log", "lin", "int")
+
+
+class SweepError(ConfigError):
+    """A grid, range, seed list or metric that cannot be swept; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """A value range for random search: ``log`` (log-uniform), ``lin`` (uniform) or ``int`` (integers, both ends in)."""
+
+    kind: str
+    low: float
+    high: float
+
+    def draw(self, rng: np.random.Generator) -> float | int:
+        if self.kind == "int":
+            return int(rng.integers(int(self.low), int(self.high) + 1))
+        if self.kind == "log":
+            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            value = rng.uniform(self.low, self.high)
+        return float(f"{value:.3g}")
+
+
+@dataclass
+class Trial:
+    """One configuration trained with one seed; ``values`` are the swept fields (head fields by their name)."""
+
+    config: str
+    seed: int
+    values: dict[str, Any]
+    cfg: TrainConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced: the trials, the per-configuration table and the best configuration."""
+
+    out: Path
+    metric: str
+    trials: list[Trial]
+    rows: list[dict[str, Any]]  # one per configuration: config, values, seeds, <metric>_mean/_std, runs
+    best: dict[str, Any] | None
+    trained: int = 0  # trials that trained at least one epoch in this call (0 on a rerun of a finished sweep)
+    per_trial: list[dict[str, Any]] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        return markdown_table(self.rows, self.metric)
+
+
+# --------------------------------------------------------------------------------- parsing
+def split_values(text: str) -> list[str]:
+    """``"0.1,0.01"`` -> ``["0.1", "0.01"]``; commas inside brackets stay (``"[32],[64,64]"`` is two values)."""
+    values, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    values.append(text[start:])
+    return [v.strip() for v in values]
+
+
+def _field_owner(head: str, key: str) -> type:
+    """The config class a swept key belongs to: TrainConfig's own fields first, then the head's."""
+    from heads._registry import head_class
+
+    if key in FIXED_FIELDS:
+        raise SweepError(f"--grid {key}: cannot be swept (fixed for the whole sweep"
+                         f"{'; use --seeds' if key == 'seed' else ''})")
+    if key in field_names(TrainConfig):
+        return TrainConfig
+    try:
+        config_class = head_class(head).config_class
+    except KeyError as err:
+        raise SweepError(str(err).strip("'\"")) from None
+    if key in field_names(config_class):
+        return config_class
+    known = sorted(set(field_names(TrainConfig)) - set(FIXED_FIELDS)) + field_names(config_class)
+    raise SweepError(f"--grid {key}: neither a training field nor a field of head {head!r}; known: {', '.join(known)}")
+
+
+def _typed(head: str, key: str, raw: str, flag: str = "--grid") -> Any:
+    owner = _field_owner(head, key)
+    try:
+        return parse_field(owner, key, raw)
+    except ValueError as err:
+        raise SweepError(f"{flag} {err}") from None
+
+
+def parse_grid(head: str, items: Iterable[str]) -> tuple[dict[str, list[Any]], dict[str, Range]]:
+    """``--grid`` strings as ``(grid, ranges)``: ``lr=0.1,0.01`` is a grid axis, ``lr=log:1e-4:1e-1`` a range.
+
+    Every value is parsed into its field's type now (``hidden=[32],[64]`` -> [[32], [64]]), so a bad one
+    is a one-line SweepError before anything is trained.
+    """
+    grid: dict[str, list[Any]] = {}
+    ranges: dict[str, Range] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise SweepError(f"--grid expects KEY=V1,V2,... or KEY=log:LOW:HIGH, got {item!r}")
+        if key in grid or key in ranges:
+            raise SweepError(f"--grid {key}: given twice")
+        kind = raw.split(":", 1)[0]
+        if kind in RANGE_KINDS and raw.count(":") == 2:
+            ranges[key] = parse_range(head, key, raw)
+        else:
+            grid[key] = [_typed(head, key, v) for v in split_values(raw)]
+    return grid, ranges
+
+
+def parse_range(head: str, key: str, raw: str) -> Range:
+    """``log:1e-4:1e-1`` / ``lin:0.1:0.9`` / ``int:16:128`` as a Range whose ends are valid values of ``key``."""
+    kind, low_text, high_text = raw.split(":")
+    try:
+        low, high = float(low_text), float(high_text)
+    except ValueError:
+        raise SweepError(f"--grid {key}={raw}: range ends must be numbers, got {low_text!r} and {high_text!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high or (kind == "log" and low <= 0):
+        raise SweepError(f"--grid {key}={raw}: expected LOW <= HIGH{' and LOW > 0' if kind == 'log' else ''}, "
+                         f"got {low_text} and {high_text}")
+    for end in (low, high):  # both ends must be values of the field: a log range of batch sizes is refused
+        _typed(head, key, str(int(end)) if kind == "int" else repr(end))
+    return Range(kind, low, high)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]; each a non-negative integer, none repeated."""
+    try:
+        seeds = [int(s) for s in split_values(text)]
+    except ValueError:
+        raise SweepError(f"--seeds expects comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise SweepError(f"--seeds expects distinct integers >= 0, got {text!r}")
+    return seeds
+
+
+# ------------------------------------------------------------------------------ the trials
+def configurations(grid: Mapping[str, Sequence[Any]], ranges: Mapping[str, Range] | None = None,
+                   samples: int = 0, sample_seed: int = 0) -> list[dict[str, Any]]:
+    """The swept values of each configuration: the grid's product, crossed with ``samples`` draws of the ranges."""
+    ranges = dict(ranges or {})
+    if ranges and samples < 1:
+        raise SweepError(f"--grid ranges ({', '.join(ranges)}) need --samples N (how many configurations to draw)")
+    if samples and not ranges:
+        raise SweepError("--samples needs at least one range (--grid KEY=log:LOW:HIGH, lin:LOW:HIGH or int:LOW:HIGH)")
+    keys = list(grid)
+    combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    if ranges:
+        rng = np.random.default_rng(sample_seed)
+        drawn = [{k: r.draw(rng) for k, r in ranges.items()} for _ in range(samples)]
+        combos = [{**c, **d} for c in combos for d in drawn]
+    unique: dict[str, dict[str, Any]] = {}
+    for combo in combos:  # a value listed twice (or drawn twice) is one configuration
+        unique.setdefault(json.dumps(combo, sort_keys=True), combo)
+    return list(unique.values())
+
+
+def config_name(values: Mapping[str, Any]) -> str:
+    """A directory name spelling the swept values: ``lr=0.01,hidden=32x64`` (``default`` when nothing is swept)."""
+    if not values:
+        return "default"
+    parts = []
+    for key, value in values.items():
+        text = "x".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        parts.append(f"{key}={text}")
+    name = ",".join(parts)
+    return "".join(ch if ch.isalnum() or ch in "._=,+-x" else "-" for ch in name)
+
+
+def make_trials(base: TrainConfig, configs: list[dict[str, Any]], seeds: Sequence[int], out: str | Path) -> list[Trial]:
+    """One TrainConfig per configuration and seed, each checked by TrainConfig (one line when a value is refused)."""
+    head_fields = set(field_names(_head_config_class(base.head)))
+    names: dict[str, str] = {}
+    trials = []
+    for values in configs:
+        name = config_name(values)
+        key = json.dumps(values, sort_keys=True)
+        if names.setdefault(name, key) != key:
+            raise SweepError(f"two configurations have the same directory name {name!r}: {names[name]} and {key}")
+        train_values = {k: v for k, v in values.items() if k not in head_fields or k in field_names(TrainConfig)}
+        head_values = {k: v for k, v in values.items() if k not in train_values}
+        for seed in seeds:
+            fields = {**base.to_dict(), **train_values, "seed": seed, "out": str(Path(out) / name / f"seed_{seed}"),
+                      "head_config": {**base.head_config, **head_values}}
+            trials.append(Trial(name, seed, values, TrainConfig(**fields)))
+    return trials
+
+
+def _head_config_class(head: str) -> type:
+    from heads._registry import head_class
+
+    try:
+        return head_class(head).config_class
+    except KeyError as err:
+        raise SweepError(str(err).strip("'\"")) from None
+
+
+# ------------------------------------------------------------------------------------ sweep
+def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *, seeds: Sequence[int] | None = None,
+          out: str | Path | None = None, ranges: Mapping[str, Range | str] | None = None, samples: int = 0,
+          sample_seed: int = 0, metric: str = "val_accuracy", overwrite: bool = False, store: Any = None,
+          on_trial_end: Any = None) -> SweepResult:
+    """Train every configuration of ``grid`` (and ``samples`` draws of ``ranges``) with every seed.
+
+    Args:
+        base: the fixed configuration (head, features, splits, epochs, ...); its ``seed`` is the seed when
+            ``seeds`` is None and its ``out`` the sweep directory when ``out`` is None.
+        grid: swept field -> values (TrainConfig fields such as ``lr``, or head fields such as ``hidden``).
+        ranges: swept field -> `Range` or ``"log:1e-4:1e-1"`` for random search, with ``samples``.
+        metric: what picks the best configuration (its mean over seeds at each trial's best epoch).
+        overwrite: train every trial afresh (default: finished trials are skipped, killed ones resumed).
+        store: an open store for every trial (None: each trial opens ``base.store``).
+        on_trial_end: called with ``(trial, TrainResult)`` after each trial.
+
+    Raises:
+        SweepError / ConfigError: a bad grid, range, seed or metric (before any training).
+        StoreLockedError: another sweep works in ``out``.
+    """
+    from heads.train import run_lock, train
+
+    if metric not in METRICS:
+        raise SweepError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    out = Path(out if out is not None else base.out)
+    seeds = list(seeds) if seeds is not None else [base.seed]
+    ranges = {k: (parse_range(base.head, k, r) if isinstance(r, str) else r) for k, r in (ranges or {}).items()}
+    for key in [*(grid or {}), *ranges]:
+        _field_owner(base.head, key)
+    trials = make_trials(base, configurations(dict(grid or {}), ranges, samples, sample_seed), seeds, out)
+    with run_lock(out):
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "sweep.json", _describe(base, grid or {}, ranges, samples, sample_seed, seeds, metric, trials))
+        trained, per_trial = 0, []
+        for trial in trials:
+            result = train(trial.cfg, store, overwrite=overwrite)
+            trained += not result.nothing_to_do
+            per_trial.append(_trial_row(trial, result))
+            if on_trial_end is not None:
+                on_trial_end(trial, result)
+        rows = summarise(per_trial)
+        best = pick_best(rows, metric, out)
+        _write_outputs(out, rows, best, metric)
+    return SweepResult(out, metric, trials, rows, best, trained, per_trial)
+
+
+def _describe(base: TrainConfig, grid: Mapping, ranges: Mapping[str, Range], samples: int, sample_seed: int,
+              seeds: list[int], metric: str, trials: list[Trial]) -> dict:
+    fixed = {k: v for k, v in base.to_dict().items() if k not in ("out", "seed")}
+    return {"fixed": fixed, "grid": {k: list(v) for k, v in grid.items()},
+            "ranges": {k: dataclasses.asdict(r) for k, r in ranges.items()}, "samples": samples,
+            "sample_seed": sample_seed, "seeds": seeds, "metric": metric,
+            "trials": [{"config": t.config, "seed": t.seed, "values": t.values, "run_dir": str(t.run_dir)}
+                       for t in trials]}
+
+
+def _trial_row(trial: Trial, result: Any) -> dict[str, Any]:
+    """A trial's metrics at its best epoch, read back from the run's own metrics (what ``heads train`` wrote)."""
+    best = next((r for r in result.history if r.get("epoch") == result.best_epoch), {})
+    row = {"config": trial.config, "seed": trial.seed, "values": trial.values, "run_dir": str(trial.run_dir),
+           "best_epoch": result.best_epoch, "epochs_completed": result.epochs_completed}
+    row.update({m: best.get(m) for m in METRICS})
+    return row
+
+
+def summarise(per_trial: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration (in sweep order): each metric's mean and sample std (n-1; 0 for one seed)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for t in per_trial:
+        row = rows.setdefault(t["config"], {"config": t["config"], "values": t["values"], "seeds": [], "runs": [],
+                                            **{m: [] for m in METRICS}})
+        row["seeds"].append(t["seed"])
+        row["runs"].append(t["run_dir"])
+        for m in METRICS:
+            row[m].append(t[m])
+    out = []
+    for row in rows.values():
+        summary = {k: row[k] for k in ("config", "values", "seeds", "runs")}
+        for m in METRICS:
+            values = [v for v in row[m] if v is not None]
+            summary[f"{m}_mean"] = float(np.mean(values)) if values else None
+            summary[f"{m}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None)
+        out.append(summary)
+    return out
+
+
+def pick_best(rows: list[dict[str, Any]], metric: str, out: Path) -> dict[str, Any] | None:
+    """The configuration with the best mean ``metric`` (the first of equals, in sweep order); None if none has it."""
+    best = _best_row(rows, metric)
+    if best is None:
+        return None
+    return {"config": best["config"], "values": best["values"], "metric": metric, "mean": best[f"{metric}_mean"],
+            "std": best[f"{metric}_std"], "dir": str(out / best["config"]), "runs": best["runs"]}
+
+
+def _best_row(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """Best mean ``metric``; equal means (val_accuracy 1.0 twice is common on small splits) are decided by
+    the lower mean val_logloss, then by sweep order."""
+    scored = [r for r in rows if r.get(f"{metric}_mean") is not None]
+    if not scored:
+        return None
+    sign = 1 if HIGHER_IS_BETTER[metric] else -1
+
+    def key(r: dict[str, Any]) -> tuple[float, float]:
+        tie = r.get("val_logloss_mean")
+        return sign * r[f"{metric}_mean"], -tie if tie is not None else -math.inf
+
+    return max(scored, key=key)  # max keeps the first of equals
+
+
+# ---------------------------------------------------------------------------------- outputs
+def markdown_table(rows: list[dict[str, Any]], metric: str) -> str:
+    """The per-configuration table: ``config | seeds | val_accuracy | val_logloss | loss`` as mean +- std."""
+    headers = ["config", "seeds", *METRICS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    best_row = _best_row(rows, metric)
+    best = best_row["config"] if best_row else None
+    for r in rows:
+        cells = [r["config"] + (" (best)" if r["config"] == best else ""), str(len(r["seeds"]))]
+        cells += [_mean_std(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    return "n/a" if mean is None else f"{mean:.4f} +- {std:.4f}"
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    keys = sorted({k for r in rows for k in r["values"]})
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["config", *keys, "n_seeds", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]])
+    for r in rows:
+        writer.writerow([r["config"], *[json.dumps(r["values"].get(k)) if k in r["values"] else "" for k in keys],
+                         len(r["seeds"]), *[_cell(r[f"{m}_{s}"]) for m in METRICS for s in ("mean", "std")]])
+    return buf.getvalue()
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _write_outputs(out: Path, rows: list[dict[str, Any]], best: dict[str, Any] | None, metric: str) -> None:
+    atomic_write_text(out / "results.csv", csv_text(rows))
+    _write_json(out / "results.json", {"metric": metric, "rows": rows, "best": best})
+    atomic_write_text(out / "results.md", markdown_table(rows, metric) + "\n")
+    if best is not None:
+        _write_json(out / "best.json", best)
+        _point_best(out, best["config"])
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _point_best(out: Path, config: str) -> None:
+    """``out/best`` -> ``<config>`` (relative, so the sweep directory can move), replaced atomically."""
+    link, temp = out / "best", out / ".best.tmp"
+    if temp.is_symlink() or temp.exists():
+        temp.unlink()
+    os.symlink(config, temp)
+    os.replace(temp, link)

@@ -1,0 +1,153 @@
+"""``heads sweep``: run directories, the mean +- std table, the best configuration, resuming after a real kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from heads.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ["lr=0.1,l2_normalize=True", "lr=0.1,l2_normalize=False", "lr=0.01,l2_normalize=True",
+           "lr=0.01,l2_normalize=False"]
+
+
+def _args(store: Path, out: Path, epochs: int = 2, *extra: str) -> list[str]:
+    return ["sweep", "--store", str(store), "--head", "linear", "--features", "clip/RN101", "--train-split", "train",
+            "--val-split", "val", "--epochs", str(epochs), "--batch-size", "16", "--grid", "lr=0.1,0.01",
+            "--grid", "l2_normalize=true,false", "--seeds", "0,1", "--out", str(out), "-q", *extra]
+
+
+def _best_record(run: Path) -> dict:
+    state = json.loads((run / "state.json").read_text())
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in lines if r["epoch"] == state["best_epoch"])
+
+
+def _run_files(out: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(out.glob("*/seed_*/**/*")) if p.is_file()}
+
+
+def _same_runs(a: Path, b: Path) -> None:
+    """Every trial of sweep ``a`` has the weights, checkpoint and metrics (timings aside) of ``b``'s."""
+    for config in CONFIGS:
+        for seed in (0, 1):
+            ra, rb = a / config / f"seed_{seed}", b / config / f"seed_{seed}"
+            for name in ["best.safetensors", *sorted(p.name for p in (rb / "ckpt").iterdir())]:
+                fa, fb = (ra / name, rb / name) if name == "best.safetensors" else (ra / "ckpt" / name, rb / "ckpt" / name)
+                wa, wb = load_file(fa), load_file(fb)
+                assert wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa), (config, seed, name)
+            strip = lambda run: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
+                                 for x in (run / "metrics.jsonl").read_text().splitlines()]
+            assert strip(ra) == strip(rb)
+
+
+def test_sweep_trains_every_trial_and_tables_their_metrics(tiny_store_path, tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(_args(tiny_store_path, out, 2, "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trials"] == 8 and summary["trained"] == 8
+    rows = {r["config"]: r for r in summary["rows"]}
+    assert list(rows) == CONFIGS
+    for config in CONFIGS:
+        records = [_best_record(out / config / f"seed_{s}") for s in (0, 1)]
+        for metric in ("val_accuracy", "val_logloss", "loss"):
+            values = [r[metric] for r in records]
+            assert rows[config][f"{metric}_mean"] == pytest.approx(np.mean(values), abs=1e-12)
+            assert rows[config][f"{metric}_std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    expected = max(CONFIGS, key=lambda c: (rows[c]["val_accuracy_mean"], -rows[c]["val_logloss_mean"]))
+    assert summary["best"]["config"] == expected
+    assert os.readlink(out / "best") == expected and (out / "best" / "seed_0" / "best.safetensors").is_file()
+    assert json.loads((out / "best.json").read_text())["config"] == expected
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("config,l2_normalize,lr,n_seeds,val_accuracy_mean")
+    # a trial is exactly a lone `heads train` of its config and seed
+    lone = tmp_path / "lone"
+    assert main(["train", "--store", str(tiny_store_path), "--head", "linear", "--features", "clip/RN101",
+                 "--train-split", "train", "--val-split", "val", "--epochs", "2", "--batch-size", "16", "--lr", "0.01",
+                 "--set", "l2_normalize=true", "--seed", "1", "--out", str(lone), "-q"]) == 0
+    a, b = load_file(lone / "best.safetensors"), load_file(out / CONFIGS[2] / "seed_1" / "best.safetensors")
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+    # a rerun trains nothing and touches no run file, and prints the same table
+    before = _run_files(out)
+    capsys.readouterr()
+    assert main(_args(tiny_store_path, out, 2)) == 0
+    captured = capsys.readouterr()
+    assert "8 trial(s), 0 trained now" in captured.err and "| " + expected + " (best) |" in captured.out
+    assert _run_files(out) == before
+
+
+def test_a_killed_sweep_resumes_to_the_uninterrupted_result(tiny_store_path, tmp_path):
+    epochs = 12
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "heads", *_args(tiny_store_path, killed, epochs)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first, second = killed / CONFIGS[0] / "seed_0" / "state.json", killed / CONFIGS[0] / "seed_1" / "state.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if first.exists() and second.exists():  # the first trial is finished, the second has an epoch committed
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed mid-trial"
+    state = json.loads(second.read_text())
+    assert json.loads(first.read_text())["finished"] and not state["finished"], state
+    assert main(_args(tiny_store_path, killed, epochs)) == 0  # resumes: skips the first, continues the second
+    assert main(_args(tiny_store_path, whole, epochs)) == 0
+    _same_runs(killed, whole)
+    assert (killed / "results.csv").read_text() == (whole / "results.csv").read_text()
+    assert os.readlink(killed / "best") == os.readlink(whole / "best")
+
+
+@pytest.mark.parametrize("grid, expected", [
+    (["lr=0.1,abc"], "--grid lr: expected a valid number"),
+    (["lr=0.1,-1"], "--grid lr: expected > 0, got '-1'"),
+    (["hidden=[32],[64]"], "--grid hidden: neither a training field nor a field of head 'linear'"),
+    (["seed=1,2"], "--grid seed: cannot be swept"),
+    (["lr"], "--grid expects KEY=V1,V2,... or KEY=log:LOW:HIGH"),
+    (["lr=log:0:1"], "--grid lr=log:0:1: expected LOW <= HIGH and LOW > 0"),
+    (["batch_size=lin:0.5:8"], "--grid batch_size: expected a valid integer"),
+    (["lr=log:1e-3:1e-1"], "need --samples N"),
+])
+def test_bad_grid_values_are_one_line_before_any_training(tiny_store_path, tmp_path, capsys, grid, expected):
+    out = tmp_path / "bad"
+    argv = ["sweep", "--store", str(tiny_store_path), "--head", "linear", "--features", "clip/RN101", "--out", str(out),
+            "--epochs", "1", "-q"]
+    for item in grid:
+        argv += ["--grid", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("heads sweep: error: ") and expected in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_random_search_draws_the_same_configurations_again(tiny_store_path, tmp_path, capsys):
+    out = tmp_path / "rs"
+    argv = ["sweep", "--store", str(tiny_store_path), "--head", "embedding_mlp", "--features", "clip/RN101",
+            "--train-split", "train", "--val-split", "val", "--epochs", "1", "--batch-size", "16",
+            "--grid", "lr=log:1e-3:1e-1", "--grid", "hidden=[8],[16]", "--samples", "2", "--seeds", "3",
+            "--metric", "val_logloss", "--out", str(out), "-q", "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["trials"] == 4 and first["trained"] == 4
+    values = [r["values"] for r in first["rows"]]
+    assert {json.dumps(v["hidden"]) for v in values} == {"[8]", "[16]"}
+    assert all(1e-3 <= v["lr"] <= 1e-1 and float(f"{v['lr']:.3g}") == v["lr"] for v in values)
+    assert all((out / r["config"] / "seed_3" / "best.safetensors").is_file() for r in first["rows"])
+    assert first["best"]["config"] == min(first["rows"], key=lambda r: r["val_logloss_mean"])["config"]
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["trained"] == 0 and again["rows"] == first["rows"]
