@@ -1,7 +1,10 @@
 """The shared preprocessors: checked audio segments, and frame resize + centre crop + normalise.
 
 Both are small frozen dataclasses holding no model, so they pickle as plain data and run in
-DataLoader worker processes (see ``Encoder.preprocessor``).
+DataLoader worker processes (see ``Encoder.preprocessor``). Frame preprocessing is split in two for
+extraction: the workers only check and hand over uint8 frames (``as_uint8_frames``), and
+``FramePreprocessor.batched`` resizes, crops and normalises whole encode batches on the encoder's
+device; calling the preprocessor runs both halves on one clip on the host.
 """
 from __future__ import annotations
 
@@ -79,18 +82,35 @@ class FramePreprocessor:
         return self.resize, int(self.resize * width / height)
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
-        if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
-                and frames.shape[-1] == 3):
-            found = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) \
-                else type(frames).__name__
-            raise ValueError(f"expected uint8 RGB frames [K, H, W, 3], got {found}")
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        out = torch.empty((frames.shape[0], 3, *self.crop), dtype=torch.float32)
-        for i, frame in enumerate(frames):  # one frame at a time: a 12 x 1080p float stack is 300 MB
-            x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).unsqueeze(0).float()
+        """One clip's frames on the host: ``uint8 [K, H, W, 3]`` -> ``float32 [K, 3, h, w]``."""
+        return self.batched(as_uint8_frames(frames))
+
+    def batched(self, frames: torch.Tensor) -> torch.Tensor:
+        """Resize, crop and normalise a stack of equally sized frames where they are.
+
+        ``uint8 [N, H, W, 3]`` on any device -> ``float32 [N, 3, h, w]`` on the same device.
+        Extraction hands decoded uint8 frames to the encoder's device and calls this once per
+        encode batch, so the decode workers never resize and only ``H x W x 3`` bytes per frame
+        cross shared memory. On a GPU the whole stack is one op per step; on the CPU it goes in
+        slices of about ``CPU_SLICE_BYTES`` of float intermediate, because a large float stack
+        costs more in fresh pages than it saves (a 720p frame is 11 MB as float32). Every op is
+        per frame (antialiased interpolation is separable and frame-independent), so on the CPU the
+        output is bit for bit the one a frame gets alone: stored features and fingerprints are those
+        of the per-frame preprocessing this replaced.
+        """
+        check_frame_tensor(frames)
+        out = torch.empty((frames.shape[0], 3, *self.crop), dtype=torch.float32, device=frames.device)
+        if frames.shape[0] == 0:
+            return out
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
+        step = frames.shape[0]
+        if frames.device.type == "cpu":
+            step = max(1, CPU_SLICE_BYTES // (4 * frames[0].numel()))
+        for lo in range(0, frames.shape[0], step):
+            x = frames[lo:lo + step].permute(0, 3, 1, 2).contiguous().float()
             x = _center_crop(self._resize(x), self.crop)
-            out[i] = ((x / 255.0 - mean) / std)[0]
+            out[lo:lo + step] = (x / 255.0 - mean) / std
         return out
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +121,33 @@ class FramePreprocessor:
             return F.interpolate(x, size=size, mode="nearest")
         x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False, antialias=True)
         return x.clamp_(0.0, 255.0).round_()
+
+
+#: On the CPU, ``FramePreprocessor.batched`` converts frames to float in slices of about this size.
+CPU_SLICE_BYTES = 16 << 20
+
+
+def as_uint8_frames(frames: np.ndarray) -> torch.Tensor:
+    """The decode workers' half of frame preprocessing: check ``uint8 [K, H, W, 3]`` RGB, wrap as a tensor.
+
+    Every image encoder whose preprocessor has a ``batched`` step shares this one function, so the
+    workers hand one uint8 tensor per clip to all of them (no float copy, no per-encoder copy).
+    """
+    if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
+            and frames.shape[-1] == 3):
+        found = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) \
+            else type(frames).__name__
+        raise ValueError(f"expected uint8 RGB frames [K, H, W, 3], got {found}")
+    return torch.from_numpy(np.ascontiguousarray(frames))
+
+
+def check_frame_tensor(frames: torch.Tensor) -> None:
+    """Refuse anything but a ``uint8 [N, H, W, 3]`` tensor (what ``as_uint8_frames`` hands over)."""
+    if not (isinstance(frames, torch.Tensor) and frames.dtype == torch.uint8 and frames.ndim == 4
+            and frames.shape[-1] == 3):
+        found = f"{frames.dtype} tensor of shape {tuple(frames.shape)}" if isinstance(frames, torch.Tensor) \
+            else type(frames).__name__
+        raise ValueError(f"expected a uint8 RGB frame tensor [N, H, W, 3], got {found}")
 
 
 def _center_crop(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:

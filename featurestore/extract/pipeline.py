@@ -122,11 +122,17 @@ class _Lane:
     (which owns whole chunks) therefore encodes exactly the batches an uninterrupted run does, which
     keeps CPU outputs bit-identical. Memory is bounded by one encode batch of inputs and one chunk of
     outputs per encoder (a partial commit queues a copy of the chunk, in place of a full one).
+
+    A lane given ``batched`` (the device half of an image encoder's preprocessing) receives uint8
+    frames and runs ``batched`` on each encode batch on the device: one call per frame size in the
+    batch (one in practice), never one per frame.
     """
 
     def __init__(self, j: int, target: Target, blocks: list[tuple[int, int]], batch_size: int, n_rows: int,
-                 device: torch.device, writer: _Writer, stats: RunStats):
+                 device: torch.device, writer: _Writer, stats: RunStats,
+                 batched: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.j, self.target, self.device, self.writer, self.stats = j, target, device, writer, stats
+        self.batched = batched
         self.batches: deque[np.ndarray] = deque()  # encode batches, in row order
         self.chunk_need: dict[int, int] = {}
         per = target.chunk_clips
@@ -176,13 +182,27 @@ class _Lane:
             self._handled(chunk, 1)
 
     def _inputs(self, rows: np.ndarray) -> torch.Tensor:
-        """The encode batch's input tensor: a view of one decoded batch when its rows are consecutive there."""
+        """The encode batch's input tensor, preprocessed on the device when the lane has ``batched``."""
         parts = [self.pending.pop(int(r)) for r in rows]
         n_seg = self.target.source.n_segments
-        first, i0 = parts[0]
-        if all(t is first and i == i0 + k for k, (t, i) in enumerate(parts)):
-            return first[i0 * n_seg:(i0 + len(parts)) * n_seg]
-        return torch.cat([t[i * n_seg:(i + 1) * n_seg] for t, i in parts])
+        if self.batched is None:
+            return _stack(parts, n_seg)
+        t0 = time.perf_counter()
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for k, (t, _) in enumerate(parts):
+            by_size.setdefault(tuple(t.shape[1:]), []).append(k)
+        if len(by_size) == 1:
+            x = self.batched(_stack(parts, n_seg).to(self.device, non_blocking=True))
+        else:  # clips of several frame sizes: one call per size, outputs put back in row order
+            x = None
+            for ks in by_size.values():
+                y = self.batched(_stack([parts[k] for k in ks], n_seg).to(self.device, non_blocking=True))
+                if x is None:
+                    x = torch.empty((len(parts) * n_seg, *y.shape[1:]), dtype=y.dtype, device=y.device)
+                at = (torch.tensor(ks)[:, None] * n_seg + torch.arange(n_seg)).reshape(-1)
+                x[at.to(y.device)] = y
+        self.stats.add_seconds(f"preprocess {self.target.name}", time.perf_counter() - t0)
+        return x
 
     def _chunk(self, row: int) -> _Chunk:
         per = self.target.chunk_clips
@@ -331,7 +351,7 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
     writer = _Writer(store, plan.targets)
     writer.start()
     try:
-        lanes = [_Lane(j, t, blocks, plan.batch_size, plan.n_rows, device, writer, stats)
+        lanes = [_Lane(j, t, blocks, plan.batch_size, plan.n_rows, device, writer, stats, decoder.jobs[j].batched)
                  for j, t in enumerate(plan.targets)]
         _encode_all(batches, len(decode_batches), lanes, writer, stats, on_progress,
                     _CommitClock(plan.commit_seconds))
@@ -368,6 +388,14 @@ def _loader_reason(err: RuntimeError) -> str:
     return text.split(". If ")[0].split(". Details")[0]
 
 
+def _stack(parts: list[tuple[torch.Tensor, int]], n_seg: int) -> torch.Tensor:
+    """Rows ``(decoded batch tensor, index in it)`` as one tensor: a view when they are consecutive there."""
+    first, i0 = parts[0]
+    if all(t is first and i == i0 + k for k, (t, i) in enumerate(parts)):
+        return first[i0 * n_seg:(i0 + len(parts)) * n_seg]
+    return torch.cat([t[i * n_seg:(i + 1) * n_seg] for t, i in parts])
+
+
 def _test_signal() -> tuple[signal.Signals, int] | None:
     """The ``TEST_SIGNAL_ENV`` hook's (signal, done rows), or None when unset."""
     value = os.environ.get(TEST_SIGNAL_ENV)
@@ -402,8 +430,9 @@ def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writer, st
         for stage, value in batch.seconds.items():
             stats.add_seconds(stage, value)
         for lane in lanes:
-            rows, x = batch.inputs.get(lane.j, (None, None))
-            lane.add(rows, x, batch.errors.get(lane.j, {}))
+            lane.add(None, None, batch.errors.get(lane.j, {}))
+            for rows, x in batch.groups(lane.j):  # one group, or one per frame size
+                lane.add(rows, x, {})
             if clock.due():  # checked after each lane: one slow encoder does not hold the others' rows back
                 for each in lanes:
                     each.commit_partial()

@@ -1,6 +1,13 @@
 """What the decode workers run, the CPU side of extraction: decode each clip once per source, run
 every encoder's preprocessor, stack the clips of a decode batch per encoder.
 
+Image encoders whose preprocessor has a ``batched`` step (``FramePreprocessor``: every ``clip/`` and
+``timm/`` encoder) are not preprocessed here: the workers hand over the decoded frames as they are,
+``uint8 [n * K, H, W, 3]``, one tensor per source shared by all those encoders, and the encode lane
+resizes, crops and normalises each encode batch on the encoder's device (``Job.batched``). That is
+``H x W x 3`` bytes per frame through shared memory, against ``3 x h x w x 4`` per encoder before.
+Clips of different frame sizes in one decode batch are stacked per size (``DecodedBatch.extra``).
+
 This runs inside DataLoader worker processes. Everything here is plain picklable data (paths,
 frozen source descriptions, the encoders' model-free preprocessors): a worker never receives a model,
 a store or an open file, and opens each media file itself.
@@ -25,8 +32,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from featurestore.extract.plan import Plan, Source
 from featurestore.decode import DecodeError, load_audio_segments, sample_frames
+from featurestore.encoders._preprocess import as_uint8_frames
+from featurestore.extract.plan import Plan, Source
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,18 @@ class Job:
     source: str
     preprocess: Callable[[np.ndarray], torch.Tensor]
     n_segments: int
+    #: The device half of the preprocessing (``uint8 [N, H, W, 3]`` -> model input), run by the
+    #: encode lane once per encode batch; None when ``preprocess`` does all of it in the worker.
+    batched: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def make_job(index: int, name: str, source: str, preprocessor: Callable, n_segments: int) -> Job:
+    """The job of one encoder: a preprocessor with a ``batched`` step runs it on the device and
+    leaves the workers only ``as_uint8_frames`` (shared by all such jobs of a source)."""
+    batched = getattr(preprocessor, "batched", None)
+    if callable(batched):
+        return Job(index, name, source, as_uint8_frames, n_segments, batched)
+    return Job(index, name, source, preprocessor, n_segments)
 
 
 @dataclass
@@ -56,7 +76,9 @@ class DecodedBatch:
 
     Attributes:
         rows: every store row of the batch that was decoded.
-        inputs: job index -> (rows that succeeded, ``[n_ok * n_segments, ...]`` tensor).
+        inputs: job index -> (rows that succeeded, ``[n_ok * n_segments, ...]`` tensor); for a job
+            handed uint8 frames of several sizes, the rows of the first size.
+        extra: job index -> further (rows, tensor) groups, one per other frame size (usually empty).
         errors: job index -> {row: message}.
         seconds: stage -> seconds spent in the worker (decode per source, preprocess per job).
         fatal: why the worker could not hand this batch over ('' when it could); the run stops.
@@ -67,16 +89,26 @@ class DecodedBatch:
     errors: dict[int, dict[int, str]]
     seconds: dict[str, float]
     fatal: str = ""
+    extra: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = field(default_factory=dict)
+
+    def groups(self, job: int) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """Every (rows, tensor) group of ``job``: ``inputs``' one, then ``extra``'s."""
+        first = [self.inputs[job]] if job in self.inputs else []
+        return first + self.extra.get(job, [])
 
     def pin_memory(self) -> DecodedBatch:
         """Called by the DataLoader's pin-memory thread when extracting on CUDA."""
         done: dict[int, torch.Tensor] = {}  # jobs sharing one tensor share its pinned copy
-        pinned = {}
-        for j, (rows, x) in self.inputs.items():
+
+        def pin(group: tuple[np.ndarray, torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
+            rows, x = group
             if id(x) not in done:
                 done[id(x)] = x.pin_memory()
-            pinned[j] = (rows, done[id(x)])
-        return DecodedBatch(self.rows, pinned, self.errors, self.seconds, self.fatal)
+            return rows, done[id(x)]
+
+        pinned = {j: pin(group) for j, group in self.inputs.items()}
+        extra = {j: [pin(group) for group in groups] for j, groups in self.extra.items()}
+        return DecodedBatch(self.rows, pinned, self.errors, self.seconds, self.fatal, extra)
 
 
 class ClipDecoder(Dataset):
@@ -157,6 +189,7 @@ def collate(results: list[ClipResult]) -> DecodedBatch:
     rows = np.array([r.row for r in results], dtype=np.int64)
     jobs = sorted({j for r in results for j in (*r.inputs, *r.errors)})
     inputs: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
+    extra: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}
     errors: dict[int, dict[int, str]] = {}
     seconds: dict[str, float] = {}
     for r in results:
@@ -164,13 +197,17 @@ def collate(results: list[ClipResult]) -> DecodedBatch:
             _add(seconds, stage, value)
     stacked: dict[tuple[int, ...], tuple[np.ndarray, torch.Tensor]] = {}
     for j in jobs:
-        ok = [r for r in results if j in r.inputs]
-        if ok:
+        groups = []
+        for ok in _by_shape([r for r in results if j in r.inputs], j):
             parts = tuple(id(r.inputs[j]) for r in ok)  # same tensors (shared preprocessing): stack once
             if parts not in stacked:
                 stacked[parts] = (np.array([r.row for r in ok], dtype=np.int64),
                                   torch.cat([r.inputs[j] for r in ok]))
-            inputs[j] = stacked[parts]
+            groups.append(stacked[parts])
+        if groups:
+            inputs[j] = groups[0]
+        if len(groups) > 1:
+            extra[j] = groups[1:]
         failed = {r.row: r.errors[j] for r in results if j in r.errors}
         if failed:
             errors[j] = failed
@@ -183,13 +220,22 @@ def collate(results: list[ClipResult]) -> DecodedBatch:
             return DecodedBatch(rows, {}, {}, seconds, fatal=(
                 f"decode worker (pid {os.getpid()}) could not pass rows {rows.min()}..{rows.max()} to the "
                 f"main process through shared memory (/dev/shm full or a file-size limit?): {reason}"))
-    return DecodedBatch(rows, inputs, errors, seconds)
+    return DecodedBatch(rows, inputs, errors, seconds, extra=extra)
+
+
+def _by_shape(results: list[ClipResult], job: int) -> list[list[ClipResult]]:
+    """The clips of ``job`` grouped by input shape past the first axis (uint8 frames of several
+    sizes cannot be stacked), in order of first appearance."""
+    groups: dict[tuple[int, ...], list[ClipResult]] = {}
+    for r in results:
+        groups.setdefault(tuple(r.inputs[job].shape[1:]), []).append(r)
+    return list(groups.values())
 
 
 def make_decoder(plan: Plan, blocks: list[tuple[int, int]]) -> tuple[ClipDecoder, list[list[int]]]:
     """The dataset and its decode batches (lists of rows, in row order) for the given blocks."""
     sources = plan.sources()
-    jobs = [Job(i, t.name, t.source.key, t.encoder.preprocessor(), t.source.n_segments)
+    jobs = [make_job(i, t.name, t.source.key, t.encoder.preprocessor(), t.source.n_segments)
             for i, t in enumerate(plan.targets)]
     needs: dict[int, tuple[int, ...]] = {}
     batches: list[list[int]] = []
