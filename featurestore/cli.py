@@ -293,24 +293,36 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- search
 def cmd_search(args: argparse.Namespace) -> int:
-    """``search STORE --feature-set F (--like CLIP_ID | --text TEXT) [-k K]``: the nearest clips."""
-    if (args.like is None) == (args.text is None):
-        raise _UsageError("give exactly one of --like CLIP_ID or --text TEXT")
+    """``search STORE --feature-set F (--like CLIP_ID [--like ...] | --text TEXT) [-k K]``: the nearest clips.
+
+    Several ``--like`` ids are one batch query (one matrix product); ``--json`` then prints a list.
+    A sentence is embedded here, above the store (`featurestore.text_query`), which searches vectors only.
+    """
+    if (not args.like) == (args.text is None):
+        raise _UsageError("give --like CLIP_ID (one or more) or --text TEXT, not both")
     with open_store(args.store, "r") as store:
-        result = store.search(args.feature_set, args.like, args.k, text=args.text, method=args.method,
-                              include_self=args.include_self, device=args.device)
+        if args.text is not None:
+            from featurestore.text_query import search_text
+
+            results = [search_text(store, args.feature_set, args.text, args.k, method=args.method, device=args.device)]
+        else:
+            results = store.search(args.feature_set, list(args.like), args.k, method=args.method,
+                                   include_self=args.include_self)
     if args.json:
-        _emit_json(result.to_dict())
+        _emit_json(results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results])
         return EXIT_OK
-    query = f"like {args.like}" if args.like is not None else f"text {args.text!r} ({result.query['encoder']})"
-    print(f"{result.feature_set}: {len(result.clip_ids)} nearest clips to {query}, {result.method} search")
-    rows = [(i + 1, c, f"{s:.4f}", lab if lab is not None else "-")
-            for i, (c, s, lab) in enumerate(zip(result.clip_ids, result.scores, result.labels))]
-    print(_table(["rank", "clip_id", "score", "label"], rows, indent=""))
-    for note in result.notes:
+    for number, result in enumerate(results):
+        query = f"like {result.query['like']}" if "like" in result.query else \
+            f"text {args.text!r} ({result.query['encoder']})"
+        print(("\n" if number else "") + f"{result.feature_set}: {len(result.clip_ids)} nearest clips to {query}, "
+              f"{result.method} search")
+        rows = [(i + 1, c, f"{s:.4f}", lab if lab is not None else "-")
+                for i, (c, s, lab) in enumerate(zip(result.clip_ids, result.scores, result.labels))]
+        print(_table(["rank", "clip_id", "score", "label"], rows, indent=""))
+    for note in results[0].notes:
         print(f"note: {note}", file=sys.stderr)
-    if result.random_weights:
-        print(f"WARNING: {result.feature_set} (or its text tower) has RANDOM weights: these neighbours "
+    if any(r.random_weights for r in results):
+        print(f"WARNING: {results[0].feature_set} (or its text tower) has RANDOM weights: these neighbours "
               f"carry no pretrained knowledge", file=sys.stderr)
     return EXIT_OK
 
@@ -498,11 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="the clips nearest to a clip or a sentence (cosine of clip-mean embeddings)")
     add_store_argument(p, where)
     p.add_argument("--feature-set", required=True, help="embedding set to search, e.g. clip/ViT-B-32")
-    p.add_argument("--like", metavar="CLIP_ID", help="clips like this stored clip (itself left out)")
+    p.add_argument("--like", metavar="CLIP_ID", action="append",
+                   help="clips like this stored clip (itself left out); repeat for several queries at once")
     p.add_argument("--text", help="a sentence, embedded by the same CLIP model's text tower")
     p.add_argument("-k", type=int, default=10, help="how many clips (default: 10)")
     p.add_argument("--method", default="auto", choices=["auto", "exact", "faiss"],
-                   help="exact numpy search or a faiss index (default auto: exact while the clip matrix fits in memory)")
+                   help="exact numpy search or a faiss index (default auto: exact up to 24M clips x dim values, "
+                        "about 50 ms a query; faiss above)")
     p.add_argument("--include-self", action="store_true", help="keep the --like clip in the results")
     p.add_argument("--device", default="cpu", help="where the text tower runs (cpu, cuda, auto)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

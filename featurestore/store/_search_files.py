@@ -10,32 +10,40 @@ write or delete files elsewhere, so:
   written or deleted through it, and search answers from memory.
 * Files are opened with ``O_NOFOLLOW`` and must be regular files. Cleaning removes directory
   entries (``unlink`` of a link removes the link, never what it points to).
-* A file's name carries the sha256 of its bytes: ``<key>-<sha256><ext>``, given when it is written
-  (temp file, hash, one rename, so a name never points at other bytes than those hashed). Loading
-  compares the bytes with the name *before* any of them is decoded, and refuses files larger than
-  the caller's bound: a flipped bit, a cut file or one edited by hand is `SidecarDamage`, rebuilt
-  by the caller, never served.
-* What is decoded is bounded before it is allocated (``.npy`` headers against the store's done
-  rows and dimension) and must be what the builders write: done store rows, each once, and unit
-  vectors (`read_matrix`, `read_faiss`).
+* The faiss index is one file whose name carries the sha256 of its bytes: ``<key>-<sha256>.faiss``,
+  given when it is written (temp file, hash, one rename, so a name never points at other bytes than
+  those hashed). Loading compares the bytes with the name *before* any of them is decoded, and
+  refuses files larger than the caller's bound: a flipped bit, a cut file or one edited by hand is
+  `SidecarDamage`, rebuilt by the caller, never served.
+* The clip matrix is a ``.npy`` (memory-mapped, never read whole) plus a JSON manifest written after
+  it: ``<key>-<sha256>.json`` named by the manifest's own bytes, and ``<key>-<same sha256>.npy``.
+  The manifest holds the matrix's shape, size, the crc32 of each 64 MiB block of its data and the
+  done rows left out (non-finite values). Every open checks the manifest's sha256, the matrix's
+  size and header (cheap); the block crc32s and unit lengths once per file per process (below),
+  before the first answer. A flipped bit, a cut or a reordered matrix is damage like any other.
+* What is decoded is bounded before it is allocated (headers against the store's done rows and
+  dimension) and must be what the builders write: done store rows, each once, and unit vectors
+  (`read_matrix`, `read_faiss`).
 
 Hashing costs about one more read of the file, so it is done once per file per process: the process
 remembers the files it has checked (or written) by (device, inode, size, mtime, ctime). A store
-opened again in the same process does not hash again, while any write to the file changes its ctime
-(which no one can set back) and has it checked again. A warm query never touches the file at all.
+opened again in the same process does not check again, while any write to the file changes its ctime
+(which no one can set back) and has it checked again. A warm query never touches the file at all,
+except through the matrix's memory map (a matrix rewritten in place under a live process is caught
+by the query-time cosine check only).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import stat
 import time
-import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,6 +56,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NAME = re.compile(r"([0-9a-f]{16})-([0-9a-f]{64})(\.[a-z]+)")
 _VERIFIED: dict[tuple[int, ...], str] = {}  # file stamp -> the sha256 its bytes were found to have
 STALE_TEMP_SECONDS = 3600  # a temp file older than this belongs to a search that was killed
+HEADER_BYTES = 128  # the clip matrix's .npy header, padded to this length (numpy aligns data to 64 bytes)
+CHECK_BLOCK_BYTES = 64 * 2**20  # the manifest holds the crc32 of every block of this many bytes of matrix data
+MATRIX_FORMAT = "avscene-search-matrix/1"
 UNIT_TOLERANCE = 2e-3  # squared lengths of stored unit vectors are 1 within float32 rounding, far below this
 
 
@@ -200,59 +211,194 @@ def _stamp(info: os.stat_result) -> tuple[int, ...]:
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
-# ------------------------------------------------------------------------- what a file may hold
-def read_matrix(f: BinaryIO, done: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(rows, unit clip vectors)`` of an ``.npz`` clip matrix, reading no more than the done rows fill.
+# ------------------------------------------------------------------------- the clip matrix files
+def manifest_matrix_name(manifest: str) -> str:
+    """The ``.npy`` matrix file that belongs to the manifest ``<key>-<sha256>.json``."""
+    return manifest.removesuffix(".json") + ".npy"
+
+
+def write_matrix(folder: SidecarDir, key: str, n_max: int, dim: int, blocks: Iterable[np.ndarray],
+                 left_out: Callable[[], list[int]]) -> tuple[str, np.ndarray]:
+    """Stream ``blocks`` (``[m, dim]`` unit vectors, at most ``n_max`` rows in all) into a ``.npy``, then
+    write its manifest; returns (the manifest's name, the matrix memory-mapped read-only).
+
+    The vectors go to a temp file as they come (one pass, memory bounded by one block), the crc32 of
+    every ``CHECK_BLOCK_BYTES`` of data computed on the way; the header is written first for
+    ``n_max`` rows and rewritten in place (same length) for the rows that came. The manifest
+    (shape, size, crc32s, the done rows ``left_out()`` names as not searchable) is named by its
+    bytes' sha256; the matrix is renamed ``<key>-<that sha256>.npy`` first and the manifest last,
+    so a manifest in place always has its whole matrix beside it. On any error no file is left.
+    """
+    tmp, manifest_tmp = f".{key}-{os.getpid()}.npy.tmp", f".{key}-{os.getpid()}.json.tmp"
+    placed: list[str] = []
+    try:
+        with _create(folder, tmp) as f:
+            f.write(_npy_header(n_max, dim))
+            crc, n = _BlockCrc(CHECK_BLOCK_BYTES), 0
+            for block in blocks:
+                data = np.ascontiguousarray(block, dtype=np.float32)
+                f.write(data)
+                crc.update(memoryview(data).cast("B"))
+                n += len(data)
+            f.truncate(HEADER_BYTES + n * dim * 4)
+            f.seek(0)
+            f.write(_npy_header(n, dim))
+            f.flush()
+            text = json.dumps({"format": MATRIX_FORMAT, "key": key, "rows": n, "dim": dim,
+                               "header_bytes": HEADER_BYTES, "size": HEADER_BYTES + n * dim * 4,
+                               "block_bytes": CHECK_BLOCK_BYTES, "crc32": crc.finish(),
+                               "left_out": left_out()}).encode()
+            digest = hashlib.sha256(text).hexdigest()
+            name = f"{key}-{digest}.json"
+            os.replace(tmp, manifest_matrix_name(name), src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+            placed.append(manifest_matrix_name(name))
+            _VERIFIED[_stamp(os.fstat(f.fileno()))] = digest  # after the rename, which changes ctime
+            matrix = _map(f, n, dim)
+        with _create(folder, manifest_tmp) as m:
+            m.write(text)
+        os.replace(manifest_tmp, name, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
+    except BaseException:
+        for left in (tmp, manifest_tmp, *placed):
+            with contextlib.suppress(OSError):
+                os.unlink(left, dir_fd=folder.fd)
+        raise
+    return name, matrix
+
+
+def read_matrix(folder: SidecarDir, name: str, done: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, unit clip vectors memory-mapped)`` of the manifest ``name`` and its ``.npy``.
+
+    Every open checks the manifest's sha256 (a few KiB), the matrix file's size and header against
+    it and against the store's done rows (nothing is mapped or allocated before). The crc32 of every
+    block and the unit length of every vector are checked once per file per process (remembered
+    like `open_checked`'s hashes), before the matrix is returned.
 
     Raises:
-        SidecarDamage: not a zip of ``rows.npy`` and ``matrix.npy``, headers that do not fit the store,
-            rows that are not done store rows in order, or vectors that are not unit vectors.
+        SidecarDamage: any of these differs; a link or not a regular file.
+        OSError: a file vanished (removed by another search meanwhile).
     """
-    n_done = int(done.sum())
-    try:
-        with zipfile.ZipFile(f) as z:
-            rows = _read_npy(z, "rows.npy", np.int64, lambda shape: len(shape) == 1 and shape[0] <= n_done)
-            matrix = _read_npy(z, "matrix.npy", np.float32, lambda shape: shape == (len(rows), dim))
-    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, zlib.error) as err:
-        raise SidecarDamage(f"it cannot be read as a clip matrix ({type(err).__name__}: {err})") from err
-    check_rows(rows, done)
-    check_unit(matrix)
+    digest = _NAME.fullmatch(name)[2]
+    with open_checked(folder, name, 2**16 + 24 * len(done)) as f:
+        manifest = _parse_manifest(f.read(), dim)
+    left_out = np.asarray(manifest["left_out"], dtype=np.int64)
+    check_rows(left_out, done)
+    rows = np.setdiff1d(np.flatnonzero(done), left_out)
+    if len(rows) != manifest["rows"]:
+        raise SidecarDamage(f"its manifest counts {manifest['rows']} rows; the store has {len(rows)} done clips to search")
+    with _open_file(folder, manifest_matrix_name(name)) as f:
+        info = os.fstat(f.fileno())
+        if info.st_size != manifest["size"]:
+            raise SidecarDamage(f"its matrix file holds {info.st_size} bytes, its manifest says {manifest['size']}")
+        _check_header(f, len(rows), dim)
+        matrix = _map(f, len(rows), dim)
+    if _VERIFIED.get(_stamp(info)) != digest:
+        _check_blocks(matrix, manifest["crc32"], manifest["block_bytes"])
+        _VERIFIED[_stamp(info)] = digest
     return rows, matrix
 
 
-def write_matrix(f: BinaryIO, rows: np.ndarray, matrix: np.ndarray) -> None:
-    np.savez(f, rows=rows, matrix=matrix)
+class _BlockCrc:
+    """The crc32 of each ``block`` bytes of a stream fed in pieces of any size."""
+
+    def __init__(self, block: int) -> None:
+        self.block, self.crcs, self.crc, self.filled = block, [], 0, 0
+
+    def update(self, data: memoryview) -> None:
+        while len(data):
+            take = min(len(data), self.block - self.filled)
+            self.crc = zlib.crc32(data[:take], self.crc)
+            self.filled += take
+            data = data[take:]
+            if self.filled == self.block:
+                self.crcs.append(self.crc)
+                self.crc, self.filled = 0, 0
+
+    def finish(self) -> list[int]:
+        return self.crcs + ([self.crc] if self.filled else [])
 
 
-def _read_npy(z: zipfile.ZipFile, name: str, dtype: Any, fits: Callable[[tuple], bool]) -> np.ndarray:
-    """One ``.npy`` member whose header passes ``fits(shape)``, read without trusting its size."""
-    with z.open(name) as member:
-        version = np.lib.format.read_magic(member)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise SidecarDamage(f"{name} is .npy format {version}, not 1.0 or 2.0")
-        shape, fortran, found = read_header(member)
-        if fortran or found != np.dtype(dtype) or not fits(shape):
-            raise SidecarDamage(f"{name} holds {found} {shape}, which does not fit the store's done clips")
-        out = np.empty(shape, dtype=dtype)
-        filled = _read_into(member, memoryview(out).cast("B"))
-    if filled != out.nbytes:
-        raise SidecarDamage(f"{name} is cut short ({filled} of {out.nbytes} bytes)")
-    return out
+def _check_blocks(matrix: np.ndarray, crcs: list[int], block_bytes: int) -> None:
+    """Every block's crc32 is the manifest's and every vector is a unit vector (a manifest forged to
+    match forged bytes still cannot hold a vector that yields no cosine)."""
+    data = memoryview(matrix.reshape(-1).view(np.uint8)) if matrix.size else memoryview(b"")
+    if len(crcs) != -(-len(data) // block_bytes):
+        raise SidecarDamage(f"its manifest has {len(crcs)} block checksums for {len(data)} bytes")
+    for number, want in enumerate(crcs):
+        found = zlib.crc32(data[number * block_bytes:(number + 1) * block_bytes])
+        if found != want:
+            raise SidecarDamage(f"block {number} of its matrix has crc32 {found:08x}, its manifest says {want:08x}")
+    step = max(1, block_bytes // max(1, 4 * matrix.shape[1]))
+    for start in range(0, len(matrix), step):
+        check_unit(matrix[start:start + step])
 
 
-def _read_into(member: BinaryIO, view: memoryview) -> int:
-    """Fill ``view`` from ``member`` in 4 MiB reads (one big ``read`` of a zip member copies it twice
-    more); returns the bytes read."""
-    filled = 0
-    while filled < len(view):
-        chunk = member.read(min(4 * 2**20, len(view) - filled))
-        if not chunk:
-            break
-        view[filled:filled + len(chunk)] = chunk
-        filled += len(chunk)
-    return filled
+def _parse_manifest(text: bytes, dim: int) -> dict:
+    """The manifest's fields, each of the type and range the writer gives it."""
+    try:
+        manifest = json.loads(text)
+        ints = {key: manifest[key] for key in ("rows", "dim", "header_bytes", "size", "block_bytes")}
+        lists = [manifest["crc32"], manifest["left_out"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SidecarDamage(f"its manifest cannot be read ({type(err).__name__}: {err})") from err
+    if (manifest.get("format") != MATRIX_FORMAT or not all(type(v) is int and v >= 0 for v in ints.values())
+            or not all(isinstance(v, list) and all(type(i) is int for i in v) for v in lists)):
+        raise SidecarDamage(f"its manifest is not a {MATRIX_FORMAT} manifest")
+    if ints["dim"] != dim or ints["header_bytes"] != HEADER_BYTES or ints["block_bytes"] < 1:
+        raise SidecarDamage(f"its manifest describes {ints['dim']}-value vectors after a {ints['header_bytes']}-byte "
+                            f"header; the feature set's have {dim}")
+    if ints["size"] != HEADER_BYTES + ints["rows"] * dim * 4:
+        raise SidecarDamage(f"its manifest gives {ints['size']} bytes for {ints['rows']} rows of {dim}")
+    return manifest
+
+
+def _npy_header(n: int, dim: int) -> bytes:
+    """A ``.npy`` 1.0 header for ``[n, dim]`` float32, always ``HEADER_BYTES`` long (so the row count
+    can be rewritten in place once the stream is done)."""
+    text = repr({"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
+    body = text.ljust(HEADER_BYTES - 11).encode("latin1") + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
+def _check_header(f: BinaryIO, n: int, dim: int) -> None:
+    try:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else (None, None, None)
+    except (ValueError, EOFError) as err:
+        raise SidecarDamage(f"its matrix file has no .npy header ({err})") from err
+    if (shape, fortran, dtype, f.tell()) != ((n, dim), False, np.dtype("<f4"), HEADER_BYTES):
+        raise SidecarDamage(f"its matrix file holds {dtype} {shape}; the manifest and the store say float32 {(n, dim)}")
+
+
+def _map(f: BinaryIO, n: int, dim: int) -> np.ndarray:
+    """The ``[n, dim]`` float32 data after the header, memory-mapped read-only (the map outlives ``f``)."""
+    if n == 0:
+        return np.empty((0, dim), dtype=np.float32)
+    return np.memmap(f, dtype=np.float32, mode="r", offset=HEADER_BYTES, shape=(n, dim))
+
+
+@contextlib.contextmanager
+def _create(folder: SidecarDir, name: str) -> Iterator[BinaryIO]:
+    """A new file ``name`` (a leftover of a killed process with our pid is replaced), never through a link."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=folder.fd)
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder.fd)
+    with os.fdopen(fd, "w+b") as f:
+        yield f
+
+
+@contextlib.contextmanager
+def _open_file(folder: SidecarDir, name: str) -> Iterator[BinaryIO]:
+    """The regular file ``name``, opened without following a link (`SidecarDamage` otherwise)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder.fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise SidecarDamage("its matrix file is a symbolic link") from err
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SidecarDamage("its matrix file is not a regular file")
+        yield f
 
 
 def read_faiss(f: BinaryIO, done: np.ndarray, dim: int) -> Any:

@@ -1,46 +1,53 @@
-"""Search stored embeddings: the clips nearest to a clip, a vector or a sentence, by cosine similarity.
+"""Search stored embeddings: the clips nearest to a clip or a vector, by cosine similarity.
 
 A clip's search vector is the mean of its stored segment/frame embeddings, L2-normalised, so the
 score is the cosine similarity of clip-level means. Only clips whose ``done`` flag is set take part.
+The store layer searches vectors only: a sentence is embedded above it (`featurestore.text_query`),
+so nothing here imports ``featurestore.encoders``. Several queries at once (a ``[q, dim]`` matrix or
+a list of clip ids) are one matrix product (exact) or one faiss call, with one result per query.
 
 Two methods answer the same question:
 
-* ``exact`` (numpy): the clip-level matrix ``[n_done, dim]`` float32 is built once (block by block,
-  never the whole feature set in memory) and a query is one matrix-vector product plus a partial
-  sort. This is the default while the matrix fits in ``EXACT_MAX_BYTES``.
+* ``exact`` (numpy): the clip matrix ``[n_done, dim]`` float32, built in one streaming pass over the
+  store's chunks (``BLOCK_BYTES`` at a time) straight into a ``.npy`` file beside the store, which
+  later processes memory-map (nothing is loaded whole). A query is one matrix product and a partial sort.
 * ``faiss``: an inverted-file index (``IVF<nlist>,Flat``, inner product; ``Flat`` for small sets)
-  built from the same clip vectors, for sets whose clip matrix would not fit in memory or when asked.
+  trained and filled from that clip matrix (so building it reads the store once, like the matrix).
   The number of lists a query visits is calibrated at build time: the fewest that reach recall@10
   >= ``CALIBRATION_RECALL`` against exact answers for sample queries.
-  faiss-cpu is optional: without it ``auto`` falls back to exact search and says so.
 
-Both the matrix and the index are built once and kept beside the store, in the sidecar directory
+``auto`` searches exactly while ``n_done x dim`` stays at or below ``APPROX_ABOVE`` values (measured
+here: a query over 24M float32 values takes about 40 ms on this loaded 2-core machine, so exact
+search stays under ~50 ms), and with faiss above that; without faiss-cpu it stays exact and says so.
+
+Both the matrix and the index are kept beside the store, in the sidecar directory
 ``<store path>.search/<feature set>/`` (the store itself is never written, so a read-only store can
-be searched), under a key made of the feature set's fingerprint, its done mask and the method's
-parameters: a set that changes (new clips done, another encoder) gets a new key and is rebuilt; older
-files of that set are removed. Stores at URLs (``memory://``, ``s3://``) keep them in memory only.
-Within one process, a store object keeps what it built (weakly), so a warm query is a matmul.
+be searched), under a key made of the feature set's fingerprint, its done mask and data version and
+the method's parameters: a set that changes gets a new key and is rebuilt; older files of that set are
+removed. Stores at URLs (``memory://``, ``s3://``) keep them in memory only. Within one process, a
+store object keeps what it built (weakly), so a warm query is a matmul.
 
-The sidecar files are caches, never trusted (`featurestore.store._search_files`): each file's name
-carries the sha256 of its bytes, checked before anything is decoded, once per file per process
-(the check is remembered by the file's inode, size, mtime and ctime, so warm queries and stores
-reopened in the same process do not hash again); what is read is bounded by the file's size and the
-store's done rows before anything is allocated; the decoded rows must be done store rows and the
-vectors unit vectors; and a query that yields a "cosine" outside [-1, 1] drops what it used. Any
-of these is damage: one warning line, the file is removed and the index rebuilt from the store.
+The sidecar files are caches, never trusted (`featurestore.store._search_files`):
+
+* the clip matrix is a ``.npy`` file plus a small JSON manifest written after it; the manifest's
+  name carries the sha256 of its bytes (checked on every open: it is a few KiB) and it holds the
+  matrix file's size, shape and the crc32 of every 64 MiB block of its data. Opening checks the
+  manifest, the size and the ``.npy`` header (cheap); the block crc32s and the unit length of every
+  vector are checked once per file per process, before the first answer from it (about 1 GB/s: 0.1 s
+  for the largest matrix ``auto`` searches exactly), remembered by the file's inode, size, mtime and ctime;
+* the faiss index is one file named by its bytes' sha256, checked before faiss decodes it;
+* a query that yields a "cosine" outside [-1, 1] drops what it used (the last guard for an index
+  whose memory went bad after its check).
+
+Any of these is damage: one warning line, the files are removed and the index rebuilt from the store.
 Directories are opened without following links: a symbolic link where a sidecar directory belongs
 is never used (search answers from memory), and cleaning never deletes through a link. When the
-sidecar cannot be written (a read-only directory), search warns once and answers from memory.
-
-Text queries (``text="a quiet park at night"``) go through the text tower of the same CLIP model:
-``cliptext/<model>`` with the weights recorded in the store's class-feature provenance of that model
-or, failing that, in the feature set's provenance (a tag, a checkpoint identified by its SHA-256, or
-the random seed: ``@none`` builds the whole CLIP model under the seed, so both towers match). Random
-weights are announced by the encoder and flagged in the result.
+sidecar cannot be written (a read-only directory, a full disk), search warns once and answers from memory.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import sys
@@ -48,17 +55,17 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from featurestore.atomic_files import describe_os_error
-from featurestore.provenance import is_random_weights
 from featurestore.store import _search_files as _files
 from featurestore.store._search_files import SidecarDamage, SidecarDir
 
-EXACT_MAX_BYTES = 4 * 2**30  # clip matrices up to this size are searched exactly in memory by default
+APPROX_ABOVE = 24_000_000  # auto: exact search up to this many n_done x dim values (~40 ms a query here), faiss above
 BLOCK_BYTES = 64 * 2**20  # rows read per block while building the clip matrix (about this many bytes)
+SCORE_BLOCK_BYTES = 64 * 2**20  # a batch of queries is scored this many bytes of scores at a time
 FLAT_BELOW = 4096  # fewer clips than this: a faiss index is a plain flat (exact) index
 CALIBRATION_RECALL = 0.97  # the IVF index visits enough lists to reach this recall@10 on sample queries
 CALIBRATION_QUERIES = 200
@@ -67,11 +74,12 @@ METHODS = ("auto", "exact", "faiss")
 SIDECAR_SUFFIX = ".search"
 
 _MEMO: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_WARNED: contextvars.ContextVar[set | None] = contextvars.ContextVar("search_warned", default=None)
 
 
 @dataclass
 class SearchResult:
-    """The ``k`` nearest clips, best first.
+    """The ``k`` nearest clips of one query, best first.
 
     Attributes:
         clip_ids: clip ids, best first.
@@ -79,7 +87,8 @@ class SearchResult:
         labels: class names (None where the label is unknown).
         feature_set: the searched feature set.
         method: ``exact`` or ``faiss``.
-        query: what was asked (``{"like": id}``, ``{"text": ..., "encoder": spec}`` or ``{"vector": dim}``).
+        query: what was asked (``{"like": id}``, ``{"vector": dim}``, or ``{"text": ..., "encoder": spec}``
+            for `featurestore.text_query.search_text`).
         random_weights: the feature set (or the text tower) has random weights: the neighbours mean nothing.
         notes: what the caller should know (a fallback, a freshly built index).
     """
@@ -102,29 +111,27 @@ class SearchResult:
 
 
 # ------------------------------------------------------------------------------------ public API
-def search(store: Any, feature_set: str, query: str | np.ndarray | None = None, k: int = 10, *,
-           text: str | None = None, method: str = "auto", include_self: bool = False,
-           nprobe: int | None = None, device: str = "cpu") -> SearchResult:
+def search(store: Any, feature_set: str, query: Any, k: int = 10, *, method: str = "auto",
+           include_self: bool = False, nprobe: int | None = None) -> SearchResult | list[SearchResult]:
     """The ``k`` clips whose clip-level embeddings are nearest (cosine) to the query.
 
     Args:
         store: an open `FeatureStore`.
         feature_set: the embedding set to search (``[n_clips, n_segments, dim]``).
-        query: a clip id in the store (search "more like this clip"), or an embedding ``[dim]`` or
-            ``[n_segments, dim]`` (averaged). Leave None and give ``text`` for a text query.
-        k: how many clips to return (fewer when fewer clips are done).
-        text: a sentence, embedded by the matching ``cliptext`` tower (CLIP feature sets only).
-        method: ``auto`` (exact while the clip matrix fits in ``EXACT_MAX_BYTES``, else faiss),
+        query: a clip id in the store (search "more like this clip") or an embedding ``[dim]``: one
+            `SearchResult`. A list of clip ids or a ``[q, dim]`` matrix of embeddings: a list of ``q``
+            results, answered together (one matrix product, or one faiss call).
+        k: how many clips to return per query (fewer when fewer clips are done).
+        method: ``auto`` (exact up to ``APPROX_ABOVE`` ``n_done x dim`` values, else faiss),
             ``exact`` or ``faiss``.
-        include_self: keep the query clip in the results of a clip-id query (default: left out).
+        include_self: keep a query clip in its own results (default: left out).
         nprobe: faiss IVF lists visited per query (default: the number calibrated when the index was
             built to reach ``CALIBRATION_RECALL`` recall@10 on sample queries).
-        device: where the text tower runs.
 
     Raises:
-        UnknownFeatureError, UnknownClipError, MissingFeatureError (the query clip is not done),
-        ValueError: bad ``k``/method/query shape, a feature set that is not one vector per segment,
-        or a text query on a set without a CLIP text tower.
+        UnknownFeatureError, UnknownClipError, MissingFeatureError (a query clip is not done),
+        ValueError: bad ``k``/method/query shape, a query vector that is all zeros or not finite, or
+        a feature set that is not one vector per segment.
     """
     if method not in METHODS:
         raise ValueError(f"search method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -135,19 +142,26 @@ def search(store: Any, feature_set: str, query: str | np.ndarray | None = None, 
     if len(info.feature_shape) != 1:
         raise ValueError(f"feature set {feature_set!r} holds {list(info.feature_shape)} arrays per segment; "
                          f"search needs one embedding vector per segment")
+    batch = _is_batch(query)
+    vectors, described, self_rows = query_vectors(store, info, query)
     notes: list[str] = []
-    vector, described, self_row, random = _query_vector(store, info, query, text, device)
     method = _choose_method(info, method, notes)
-    exclude = None if include_self or self_row is None else self_row
+    excludes = [None if include_self else row for row in self_rows]
+    token = _WARNED.set(set())
     try:
-        rows, scores = _top_k(store, feature_set, method, vector, int(k), exclude, nprobe, notes, reuse=True)
-    except SidecarDamage as damage:  # a loaded index gave a "cosine" outside [-1, 1]: never served
-        _warn(f"the {method} search index of {feature_set!r} {damage}; rebuilding it from the store")
-        rows, scores = _top_k(store, feature_set, method, vector, int(k), exclude, nprobe, notes, reuse=False)
+        try:
+            answers = _top_k(store, feature_set, method, vectors, int(k), excludes, nprobe, notes, reuse=True)
+        except SidecarDamage as damage:  # an index gave a "cosine" outside [-1, 1]: never served
+            _warn(f"the {method} search index of {feature_set!r} {damage}; rebuilding it from the store")
+            answers = _top_k(store, feature_set, method, vectors, int(k), excludes, nprobe, notes, reuse=False)
+    finally:
+        _WARNED.reset(token)
     ids, labels, classes = state.clip_ids, state.labels, state.classes
-    return SearchResult([ids[r] for r in rows], scores.astype(np.float32),
-                        [classes[labels[r]] if labels[r] >= 0 else None for r in rows],
-                        feature_set, method, described, random or info.random_weights, notes)
+    results = [SearchResult([ids[r] for r in rows], scores.astype(np.float32),
+                            [classes[labels[r]] if labels[r] >= 0 else None for r in rows],
+                            feature_set, method, asked, info.random_weights, list(notes))
+               for (rows, scores), asked in zip(answers, described)]
+    return results if batch else results[0]
 
 
 def clip_vectors(segments: np.ndarray) -> np.ndarray:
@@ -162,12 +176,12 @@ def clip_vectors(segments: np.ndarray) -> np.ndarray:
     return mean / np.maximum(norm, 1e-12)
 
 
-def _top_k(store: Any, feature_set: str, method: str, vector: np.ndarray, k: int, exclude: int | None,
-           nprobe: int | None, notes: list[str], reuse: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and scores of the ``k`` best; ``reuse=False`` builds the index anew from the store."""
+def _top_k(store: Any, feature_set: str, method: str, vectors: np.ndarray, k: int, excludes: list[int | None],
+           nprobe: int | None, notes: list[str], reuse: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows and scores of the ``k`` best per query; ``reuse=False`` builds the index anew from the store."""
     if method == "exact":
-        return clip_matrix(store, feature_set, notes, reuse=reuse).top_k(vector, k, exclude)
-    return faiss_index(store, feature_set, notes, reuse=reuse).top_k(vector, k, exclude, nprobe)
+        return clip_matrix(store, feature_set, notes, reuse=reuse).top_k(vectors, k, excludes)
+    return faiss_index(store, feature_set, notes, reuse=reuse).top_k(vectors, k, excludes, nprobe)
 
 
 def check_cosines(scores: np.ndarray) -> None:
@@ -182,42 +196,158 @@ def check_cosines(scores: np.ndarray) -> None:
             raise SidecarDamage(f"gave a cosine of {worst:.3g}, outside [-1, 1]")
 
 
+# ------------------------------------------------------------------------------------- queries
+def _is_batch(query: Any) -> bool:
+    """A list/tuple of clip ids or a 2-D array: several queries (a list of results)."""
+    if isinstance(query, (list, tuple)):
+        return bool(query) and all(isinstance(q, str) for q in query) or np.ndim(query) == 2
+    return not isinstance(query, str) and np.ndim(query) == 2
+
+
+def query_vectors(store: Any, info: Any, query: Any) -> tuple[np.ndarray, list[dict], list[int | None]]:
+    """(unit query vectors ``[q, dim]``, what each asked, each query clip's row or None).
+
+    Raises:
+        ValueError: an empty or misshapen query, a vector that is all zeros or holds NaN/inf (it has
+            no direction, so no cosine), or a query clip whose stored values are so.
+    """
+    dim = info.feature_shape[0]
+    ids = [query] if isinstance(query, str) else query if isinstance(query, (list, tuple)) and query and all(
+        isinstance(q, str) for q in query) else None
+    if ids is not None:
+        rows = [store.row(q) for q in ids]  # UnknownClipError with the nearest ids
+        vectors = clip_vectors(store.get_many(info.name, list(ids)))  # MissingFeatureError when not done
+        _check_vectors(vectors, [f"clip {q!r} in feature set {info.name!r}" for q in ids])
+        return vectors, [{"like": q} for q in ids], rows
+    if query is None or isinstance(query, (list, tuple)) and not query:
+        raise ValueError("give a query: a clip id, a list of clip ids, an embedding [dim] or a matrix [q, dim]")
+    x = np.asarray(query, dtype=np.float32)
+    if x.ndim not in (1, 2) or x.shape[-1] != dim or not x.size:
+        raise ValueError(f"the query embedding has shape {list(x.shape)}; the feature set's embeddings have {dim} "
+                         f"values: give [{dim}] or [q, {dim}]")
+    x = x.reshape(-1, dim)
+    what = ["the query embedding"] if len(x) == 1 else [f"query {i + 1} of {len(x)}" for i in range(len(x))]
+    norms = _check_vectors(x, what)
+    return x / norms[:, None], [{"vector": dim}] * len(x), [None] * len(x)
+
+
+def _check_vectors(x: np.ndarray, what: list[str]) -> np.ndarray:
+    """The norms of ``x``'s rows; a ValueError naming the first row that is not finite or all zeros."""
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"{what[int(np.argmin(finite))]} holds non-finite values (NaN or inf): it has no cosine "
+                         f"to search by")
+    norms = np.linalg.norm(x, axis=1)
+    if not (norms > 0).all():
+        raise ValueError(f"{what[int(np.argmin(norms > 0))]} is all zeros: it has no direction, so no cosine "
+                         f"to search by")
+    return norms
+
+
+def _top_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest scores, best first (ties in position order)."""
+    k = min(k, len(scores))
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    return top[np.argsort(-scores[top], kind="stable")]
+
+
 # ------------------------------------------------------------------------------- the clip matrix
 @dataclass
 class ClipMatrix:
-    """Unit clip vectors of the done clips: ``matrix[i]`` belongs to store row ``rows[i]``."""
+    """Unit clip vectors of the done clips: ``matrix[i]`` belongs to store row ``rows[i]`` (rows increase).
+
+    ``matrix`` is a memory map of the sidecar ``.npy`` when there is one, else an array in memory.
+    """
 
     key: str
     rows: np.ndarray
     matrix: np.ndarray
 
-    def top_k(self, vector: np.ndarray, k: int, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and cosines of the ``k`` best; `SidecarDamage` when a score is no cosine (checked on
-        all scores: one pass over ``n`` floats, next to the ``n x dim`` product)."""
-        scores = self.matrix @ vector
-        check_cosines(scores)
+    def top_k(self, vectors: np.ndarray, k: int, excludes: list[int | None] | None = None,
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Rows and cosines of the ``k`` best per query row of ``vectors`` ``[q, dim]``; `SidecarDamage`
+        when a score is no cosine (checked on all scores: one pass next to the ``n x dim`` product).
+
+        Queries are scored a block at a time (``SCORE_BLOCK_BYTES`` of scores), so a large batch
+        over a large matrix never holds ``q x n`` floats.
+        """
+        excludes = excludes or [None] * len(vectors)
+        n = len(self.rows)
+        step = max(1, SCORE_BLOCK_BYTES // max(1, 4 * n))
+        out = []
+        for start in range(0, len(vectors), step):
+            scores = np.atleast_2d(vectors[start:start + step] @ self.matrix.T)
+            check_cosines(scores)
+            for row_scores, exclude in zip(scores, excludes[start:start + step]):
+                out.append(self._best(row_scores, k, exclude))
+        return out
+
+    def _best(self, scores: np.ndarray, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
         if exclude is not None:
-            scores[self.rows == exclude] = -np.inf
-        k = min(k, len(scores) - (exclude is not None and bool((self.rows == exclude).any())))
-        if k <= 0:
+            at = int(np.searchsorted(self.rows, exclude))
+            if at < len(self.rows) and self.rows[at] == exclude:
+                scores[at] = -np.inf
+                k = min(k, len(scores) - 1)
+        if k <= 0 or not len(scores):
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-        top = top[np.argsort(-scores[top], kind="stable")]
+        top = _top_rows(scores, k)
         return self.rows[top], scores[top]
 
 
 def clip_matrix(store: Any, feature_set: str, notes: list[str] | None = None, *, reuse: bool = True) -> ClipMatrix:
-    """The clip matrix of a feature set: from this process's memo, the sidecar file, or built now
-    (always built when ``reuse`` is False)."""
-    def build() -> ClipMatrix:
-        rows, matrix = _build_matrix(store, feature_set, notes)
-        return ClipMatrix(key, rows, matrix)
-
+    """The clip matrix of a feature set: from this process's memo, the sidecar files (memory-mapped),
+    or built now in one streaming pass (always built when ``reuse`` is False)."""
     key = set_key(store, feature_set, "exact")
-    return _cached(store, feature_set, "exact", key, build, reuse, notes)
+    memo = _MEMO.setdefault(store, {})
+    held = memo.get(("exact", feature_set))
+    if reuse and held is not None and held.key == key:
+        return held
+    with _sidecar_folder(store, feature_set) as folder:
+        built = _load_matrix(folder, store, feature_set, key) if reuse else None
+        if built is None:
+            t0 = time.perf_counter()
+            built, saved = _build_matrix(folder, store, feature_set, key, notes)
+            _note(notes, f"built the clip matrix of {feature_set!r} ({len(built.rows)} clips) in "
+                         f"{time.perf_counter() - t0:.2f} s" + (f"; saved to {folder.path / saved}" if saved else ""))
+    memo[("exact", feature_set)] = built
+    return built
 
 
-def _build_matrix(store: Any, feature_set: str, notes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+def _build_matrix(folder: SidecarDir | None, store: Any, feature_set: str, key: str,
+                  notes: list[str] | None) -> tuple[ClipMatrix, str | None]:
+    """The clip matrix, streamed into the sidecar ``.npy`` (then memory-mapped), or in memory when
+    there is no sidecar directory or it cannot be written (one warning); (matrix, manifest name or None)."""
+    done = store.done_mask(feature_set)
+    dim = store.feature_info(feature_set).feature_shape[0]
+    if folder is not None:
+        kept: list[np.ndarray] = []
+
+        def vectors() -> Iterator[np.ndarray]:
+            for block_rows, block in clip_blocks(store, feature_set):
+                kept.append(block_rows)
+                yield block
+
+        try:
+            name, matrix = _files.write_matrix(folder, key, int(done.sum()), dim, vectors(),
+                                               lambda: _left_out(done, kept))
+        except OSError as err:
+            _warn(f"could not keep the search index in {folder.path}: {describe_os_error(err)}; searching in memory")
+        else:
+            rows = np.concatenate(kept) if kept else np.empty(0, dtype=np.int64)
+            _note_not_finite(store, done, rows, notes)
+            _files.remove_others(folder, ".npy", _files.manifest_matrix_name(name))
+            _files.remove_others(folder, ".json", name)
+            return ClipMatrix(key, rows, matrix), name
+    rows, matrix = _matrix_in_memory(store, feature_set, notes)
+    return ClipMatrix(key, rows, matrix), None
+
+
+def _left_out(done: np.ndarray, kept: list[np.ndarray]) -> list[int]:
+    rows = np.concatenate(kept) if kept else np.empty(0, dtype=np.int64)
+    return [int(r) for r in np.setdiff1d(np.flatnonzero(done), rows)]
+
+
+def _matrix_in_memory(store: Any, feature_set: str, notes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
     """Rows and unit clip vectors of every done clip with finite values, ``[n, dim]`` float32."""
     info = store.feature_info(feature_set)
     done = store.done_mask(feature_set)
@@ -260,6 +390,30 @@ def _note_not_finite(store: Any, done: np.ndarray, rows: np.ndarray, notes: list
                      f"{', '.join(ids)}{', ...' if len(left) > 5 else ''}")
 
 
+def _load_matrix(folder: SidecarDir | None, store: Any, feature_set: str, key: str) -> ClipMatrix | None:
+    """The checked, memory-mapped clip matrix of ``key``; None when there is none that is whole.
+
+    Damage (a manifest other than its name's sha256, a matrix file of another size or header, a block
+    whose crc32 differs, vectors that are not unit vectors, rows that are not done store rows) removes
+    both files with one warning line.
+    """
+    if folder is None:
+        return None
+    done = store.done_mask(feature_set)
+    dim = store.feature_info(feature_set).feature_shape[0]
+    for name in _files.names(folder, key, ".json"):
+        try:
+            rows, matrix = _files.read_matrix(folder, name, done, dim)
+            return ClipMatrix(key, rows, matrix)
+        except SidecarDamage as damage:
+            _warn(f"the search index {folder.path / name} is damaged: {damage}; rebuilding it")
+            _files.remove(folder, name)
+            _files.remove(folder, _files.manifest_matrix_name(name))
+        except OSError:
+            continue  # removed meanwhile by another search, or unreadable: build
+    return None
+
+
 # -------------------------------------------------------------------------------- the faiss index
 @dataclass
 class FaissIndex:
@@ -274,19 +428,25 @@ class FaissIndex:
         """IVF lists visited per query: the value calibrated at build time (see `calibrate_nprobe`)."""
         return int(getattr(self.index, "nprobe", 1)) if self.nlist > 1 else 1
 
-    def top_k(self, vector: np.ndarray, k: int, exclude: int | None = None,
-              nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        want = min(k + (exclude is not None), self.index.ntotal)
+    def top_k(self, vectors: np.ndarray, k: int, excludes: list[int | None] | None = None,
+              nprobe: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Rows and cosines of the ``k`` best per query row of ``vectors`` (one faiss call)."""
+        excludes = excludes or [None] * len(vectors)
+        want = min(k + any(e is not None for e in excludes), self.index.ntotal)
+        if want <= 0:
+            return [(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)) for _ in excludes]
         params = None
         if self.nlist > 1 and nprobe:
             import faiss
 
             params = faiss.SearchParametersIVF(nprobe=int(nprobe))
-        scores, ids = self.index.search(vector[None].astype(np.float32), want, params=params)
-        scores, ids = scores[0], ids[0]
-        keep = (ids >= 0) & (ids != (-2 if exclude is None else exclude))
+        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), want, params=params)
         check_cosines(scores[ids >= 0])
-        return ids[keep][:k].astype(np.int64), scores[keep][:k]
+        out = []
+        for row_scores, row_ids, exclude in zip(scores, ids, excludes):
+            keep = (row_ids >= 0) & (row_ids != (-2 if exclude is None else exclude))
+            out.append((row_ids[keep][:k].astype(np.int64), row_scores[keep][:k]))
+        return out
 
 
 def faiss_available() -> bool:
@@ -305,71 +465,58 @@ def faiss_index(store: Any, feature_set: str, notes: list[str] | None = None, *,
                    reuse, notes)
 
 
+def nlist_for(n: int) -> int:
+    """IVF lists for ``n`` clips: about ``4 * sqrt(n)``, at most ``n / 39`` (faiss wants 39 training
+    points per list); 1 (a flat index) below ``FLAT_BELOW``."""
+    return 1 if n < FLAT_BELOW else max(1, min(int(4 * np.sqrt(n)), n // 39))
+
+
 def build_faiss_index(store: Any, feature_set: str, key: str = "", notes: list[str] | None = None) -> FaissIndex:
     """Train and fill an ``IVF<nlist>,Flat`` inner-product index (``Flat`` below ``FLAT_BELOW`` clips).
 
-    nlist is about ``4 * sqrt(n)``, at most ``n / 39`` (faiss wants 39 training points per list);
-    training uses at most 64 random clip vectors per list. The vectors are then added block by block,
-    so no clip matrix is held: the index is what stays in memory.
+    Everything comes from the clip matrix (`clip_matrix`: the memory-mapped sidecar, built in one
+    streaming pass when missing), so the store is read at most once: training uses at most 64
+    random clip vectors per list, the vectors are added ``BLOCK_BYTES`` at a time, and the exact
+    answers of the nprobe calibration are matrix products over the same map.
     """
     import faiss
 
-    info = store.feature_info(feature_set)
-    dim, n = info.feature_shape[0], int(store.done_mask(feature_set).sum())
-    nlist = 1 if n < FLAT_BELOW else max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants 39 points per list
+    held = clip_matrix(store, feature_set, notes)
+    dim, n = held.matrix.shape[1], len(held.rows)
+    nlist = nlist_for(n)
     if nlist == 1:
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     else:
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    sample = None
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        pick = np.sort(np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False))
+        index.train(np.ascontiguousarray(held.matrix[pick]))
+    step = max(1, BLOCK_BYTES // (4 * max(1, dim)))
+    for start in range(0, n, step):
+        index.add_with_ids(np.ascontiguousarray(held.matrix[start:start + step]), held.rows[start:start + step])
     if nlist > 1:
-        done_ids = [store.clip_ids[r] for r in np.flatnonzero(store.done_mask(feature_set))]
-        pick = np.sort(np.random.default_rng(0).choice(len(done_ids), size=min(len(done_ids), 64 * nlist),
-                                                       replace=False))
-        sample = clip_vectors(store.get_many(feature_set, [done_ids[i] for i in pick]))
-        sample_rows = np.flatnonzero(store.done_mask(feature_set))[pick]
-        finite = np.isfinite(sample).all(axis=1)
-        sample, sample_rows = sample[finite], sample_rows[finite]
-        index.train(sample)
-    added = []
-    for rows, vectors in clip_blocks(store, feature_set):
-        index.add_with_ids(vectors, rows.astype(np.int64))
-        added.append(rows)
-    _note_not_finite(store, store.done_mask(feature_set), np.concatenate(added) if added else np.empty(0), notes)
-    if nlist > 1:
-        spread = np.linspace(0, len(sample) - 1, min(len(sample), CALIBRATION_QUERIES)).astype(int)
-        index.nprobe = calibrate_nprobe(index, store, feature_set, sample[spread], sample_rows[spread])
+        spread = np.linspace(0, n - 1, min(n, CALIBRATION_QUERIES)).astype(int)
+        index.nprobe = calibrate_nprobe(index, held, np.asarray(held.matrix[spread]), held.rows[spread])
     return FaissIndex(key, index, nlist)
 
 
-def calibrate_nprobe(index: Any, store: Any, feature_set: str, queries: np.ndarray, query_rows: np.ndarray,
-                     k: int = 10) -> int:
+def calibrate_nprobe(index: Any, held: ClipMatrix, queries: np.ndarray, query_rows: np.ndarray, k: int = 10) -> int:
     """The fewest IVF lists (8, 16, 32, ... nlist) whose recall@k reaches ``CALIBRATION_RECALL``.
 
     ``queries`` are stored clips (rows ``query_rows``), searched the way ``--like`` does: the clip
-    itself left out of both answers.
+    itself left out of both answers; the exact answers are products with the clip matrix ``held``.
 
-    The exact answers come from one more pass over the feature set (block by block). How many lists
-    are needed depends on the data: clustered embeddings (real ones) need few, embeddings spread
-    evenly over the sphere need nearly all of them (the benchmark shows both); calibrating keeps the
-    recall promise either way and records the speed it costs in the index (faiss saves ``nprobe``).
+    How many lists are needed depends on the data: clustered embeddings (real ones) need few,
+    embeddings spread evenly over the sphere need nearly all of them (the benchmark shows both);
+    calibrating keeps the recall promise either way and records the speed it costs in the index
+    (faiss saves ``nprobe``).
     """
-    k1 = k + 1
-    exact_scores = np.full((len(queries), k1), -np.inf, dtype=np.float32)
-    exact_rows = np.full((len(queries), k1), -1, dtype=np.int64)
-    for rows, vectors in clip_blocks(store, feature_set):
-        scores = np.concatenate([exact_scores, queries @ vectors.T], axis=1)
-        ids = np.concatenate([exact_rows, np.broadcast_to(rows, (len(queries), len(rows)))], axis=1)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k1]
-        exact_scores, exact_rows = np.take_along_axis(scores, top, 1), np.take_along_axis(ids, top, 1)
-    nlist = index.nlist
+    exact = [set(rows.tolist()) for rows, _ in held.top_k(queries, k, list(query_rows))]
+    nlist = int(faiss_nlist(index))
     nprobe = min(8, nlist)
     while True:
         index.nprobe = nprobe
-        _, found = index.search(queries, k1)
-        recall = np.mean([len(_others(a, q, k) & _others(b, q, k)) / k
-                          for a, b, q in zip(found, exact_rows, query_rows)])
+        _, found = index.search(queries, k + 1)
+        recall = np.mean([len(_others(a, q, k) & b) / k for a, b, q in zip(found, exact, query_rows)])
         if recall >= CALIBRATION_RECALL or nprobe >= nlist:
             return nprobe
         nprobe = min(nlist, nprobe * 2)
@@ -379,117 +526,14 @@ def _others(rows: np.ndarray, own: int, k: int) -> set[int]:
     return set([int(r) for r in rows if r != own][:k])
 
 
-def _nlist(index: Any) -> int:
+def faiss_nlist(index: Any) -> int:
+    """The IVF lists of ``index`` (1 for a flat one)."""
     import faiss
 
     try:
         return int(faiss.extract_index_ivf(index).nlist)
     except RuntimeError:
         return 1
-
-
-# ------------------------------------------------------------------------------------- queries
-def _query_vector(store: Any, info: Any, query: Any, text: str | None,
-                  device: str) -> tuple[np.ndarray, dict, int | None, bool]:
-    """(unit query vector, what was asked, the query clip's row or None, random text tower)."""
-    dim = info.feature_shape[0]
-    if (query is None) == (text is None):
-        raise ValueError("give exactly one query: a clip id, an embedding, or text=")
-    if text is not None:
-        vector, spec, random = text_vector(store, info, text, device)
-        return _unit(vector, dim, "the text embedding"), {"text": text, "encoder": spec}, None, random
-    if isinstance(query, str):
-        row = store.row(query)  # raises UnknownClipError with the nearest ids
-        vector = clip_vectors(store.get(info.name, query))  # MissingFeatureError when not done
-        if not np.isfinite(vector).all():
-            raise ValueError(f"clip {query!r} holds non-finite values in feature set {info.name!r}: it has "
-                             f"no cosine to search by")
-        return vector, {"like": query}, row, False
-    x = np.asarray(query, dtype=np.float32)
-    if x.ndim == 2:
-        x = x.mean(axis=0)
-    return _unit(x, dim, "the query embedding"), {"vector": dim}, None, False
-
-
-def _unit(x: np.ndarray, dim: int, what: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32).reshape(-1)
-    if x.shape != (dim,):
-        raise ValueError(f"{what} has {x.shape[0]} values but the feature set's embeddings have {dim}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{what} holds non-finite values (NaN or inf)")
-    return x / max(float(np.linalg.norm(x)), 1e-12)
-
-
-def text_encoder_spec(store: Any, info: Any) -> str:
-    """The ``cliptext/<model>@<weights>`` spec matching a ``clip/<model>`` feature set.
-
-    The store's class features say which text tower went with the image tower: first a set made by
-    ``cliptext/<model>`` with the same weights (whatever its name: a store may hold two weight
-    choices of one model, ``vit_random=clip/ViT-B-32@none``), then, for the default-named
-    ``clip/<model>`` set, the ``cliptext/<model>`` class features; otherwise the weights come from
-    the feature set's own provenance.
-    """
-    from featurestore._spec import parse_spec
-    from featurestore.provenance import weights_identity
-
-    prov = info.provenance or {}
-    spec = parse_spec(str(prov.get("encoder") or info.name))
-    if spec.family != "clip" or not spec.model:
-        raise ValueError(f"feature set {info.name!r} was made by {prov.get('encoder') or info.name!r}, which has "
-                         f"no CLIP text tower; text queries need a clip/<model> feature set")
-    text_name = f"cliptext/{spec.model}"
-    towers = {name: store.get_class_features(name)[1].get("provenance") or {} for name in store.class_feature_sets()}
-    towers = {name: p for name, p in towers.items() if _spec_name(p.get("encoder")) == text_name}
-    same = [p for p in towers.values() if prov.get("weights") and weights_identity(p) == weights_identity(prov)]
-    if same:
-        return str(same[0]["encoder"])
-    if info.name == spec.name and towers.get(text_name, {}).get("encoder"):
-        return str(towers[text_name]["encoder"])
-    return f"{text_name}@{_weights_text(prov.get('weights') or {}, spec.weights, info.name)}"
-
-
-def _spec_name(encoder: Any) -> str | None:
-    """``cliptext/ViT-B-32`` of ``cliptext/ViT-B-32@openai``; None for anything that is not a spec."""
-    from featurestore._spec import SpecError, parse_spec
-
-    try:
-        return parse_spec(str(encoder)).name if encoder else None
-    except SpecError:
-        return None
-
-
-def _weights_text(weights: dict, fallback: str | None, name: str) -> str:
-    kind = weights.get("kind")
-    if kind == "random":
-        seed = int(weights.get("seed", 0))
-        return "none" if seed == 0 else f"none:{seed}"
-    if kind == "pretrained" and weights.get("tag"):
-        return str(weights["tag"])
-    if kind == "file" and weights.get("path"):
-        return str(weights["path"])
-    if fallback:
-        return fallback
-    raise ValueError(f"feature set {name!r}: its provenance does not say which weights made it "
-                     f"({weights or 'nothing recorded'}), so no matching text tower can be built")
-
-
-def text_vector(store: Any, info: Any, text: str, device: str = "cpu") -> tuple[np.ndarray, str, bool]:
-    """Embed ``text`` with the matching text tower: (vector, the encoder spec, random weights)."""
-    from featurestore.encoders import create_encoder
-
-    spec = text_encoder_spec(store, info)
-    recorded = (info.provenance or {}).get("weights") or {}
-    memo = _MEMO.setdefault(store, {})
-    encoder = memo.get(("text", spec))
-    if encoder is None:
-        encoder = create_encoder(spec, device=device)  # announces random weights itself
-        memo[("text", spec)] = encoder
-    built = encoder.weights_provenance()
-    if recorded.get("kind") == "file" and built.get("sha256") != recorded.get("sha256"):
-        raise ValueError(f"text tower {spec}: checkpoint sha256 {built.get('sha256')} differs from the "
-                         f"{recorded.get('sha256')} recorded with feature set {info.name!r}")
-    vector = encoder.encode_text([text])[0].cpu().numpy()
-    return vector, encoder.spec, is_random_weights({"weights": built})
 
 
 # ------------------------------------------------------------------------- keys and the sidecar
@@ -549,28 +593,24 @@ def _sidecar_parts(store: Any, feature_set: str) -> tuple[Path, list[str]] | Non
     return store_path.parent, [store_path.name + SIDECAR_SUFFIX, *feature_set.split("/")]
 
 
-_SUFFIX = {"exact": ".npz", "faiss": ".faiss"}
-
-
 def _cached(store: Any, feature_set: str, method: str, key: str, build: Any, reuse: bool,
             notes: list[str] | None) -> Any:
-    """What ``build()`` makes for ``key``: from the memo, else a checked sidecar file, else built
-    now and saved; ``reuse=False`` skips memo and file (they gave a damaged answer)."""
+    """The faiss index of ``key``: from the memo, else a checked sidecar file, else built now and
+    saved; ``reuse=False`` skips memo and file (they gave a damaged answer)."""
     memo = _MEMO.setdefault(store, {})
     held = memo.get((method, feature_set))
     if reuse and held is not None and held.key == key:
         return held
     with _sidecar_folder(store, feature_set) as folder:
-        built = _load(folder, store, feature_set, method, key) if reuse else None
-        if built is None:
-            t0 = time.perf_counter()
-            built = build()
-            saved = _save(folder, key, method, built)
-            what = (f"the clip matrix of {feature_set!r} ({len(built.rows)} clips)" if method == "exact" else
-                    f"the faiss index of {feature_set!r} ({built.index.ntotal} clips, nlist {built.nlist}, "
-                    f"nprobe {built.default_nprobe})")
-            _note(notes, f"built {what} in {time.perf_counter() - t0:.2f} s"
-                         + (f"; saved to {folder.path / saved}" if saved else ""))
+        built = _load_faiss(folder, store, feature_set, key) if reuse else None
+    if built is None:
+        t0 = time.perf_counter()
+        built = build()  # outside the folder: it may open it itself for the clip matrix
+        with _sidecar_folder(store, feature_set) as folder:
+            saved = _save_faiss(folder, key, built)
+        _note(notes, f"built the faiss index of {feature_set!r} ({built.index.ntotal} clips, nlist {built.nlist}, "
+                     f"nprobe {built.default_nprobe}) in {time.perf_counter() - t0:.2f} s"
+                     + (f"; saved to {folder.path / saved}" if saved else ""))
     memo[(method, feature_set)] = built
     return built
 
@@ -590,8 +630,8 @@ def _sidecar_folder(store: Any, feature_set: str) -> Iterator[SidecarDir | None]
         yield folder
 
 
-def _load(folder: SidecarDir | None, store: Any, feature_set: str, method: str, key: str) -> Any:
-    """The checked sidecar file of ``key``, decoded; None when there is none that is whole.
+def _load_faiss(folder: SidecarDir | None, store: Any, feature_set: str, key: str) -> FaissIndex | None:
+    """The checked faiss sidecar of ``key``, decoded; None when there is none that is whole.
 
     A damaged file (bytes other than its name's sha256, too large for the store, contents that are
     not the store's done rows as unit vectors, undecodable) is removed with one warning line.
@@ -601,13 +641,11 @@ def _load(folder: SidecarDir | None, store: Any, feature_set: str, method: str, 
     done = store.done_mask(feature_set)
     dim = store.feature_info(feature_set).feature_shape[0]
     max_bytes = 2 * int(done.sum()) * (4 * dim + 8) + 16 * 2**20  # twice what the done clips need
-    for name in _files.names(folder, key, _SUFFIX[method]):
+    for name in _files.names(folder, key, ".faiss"):
         try:
             with _files.open_checked(folder, name, max_bytes) as f:
-                if method == "exact":
-                    return ClipMatrix(key, *_files.read_matrix(f, done, dim))
                 index = _files.read_faiss(f, done, dim)
-                return FaissIndex(key, index, _nlist(index))
+                return FaissIndex(key, index, faiss_nlist(index))
         except SidecarDamage as damage:
             _warn(f"the search index {folder.path / name} is damaged: {damage}; rebuilding it")
             _files.remove(folder, name)
@@ -616,29 +654,28 @@ def _load(folder: SidecarDir | None, store: Any, feature_set: str, method: str, 
     return None
 
 
-def _save(folder: SidecarDir | None, key: str, method: str, built: Any) -> str | None:
-    """Keep ``built`` in the sidecar directory and drop the other files of its kind; the file's name,
-    or None when it was not written (a URL store, or a failure: one warning line)."""
+def _save_faiss(folder: SidecarDir | None, key: str, built: FaissIndex) -> str | None:
+    """Keep ``built`` in the sidecar directory and drop the other faiss files; the file's name, or
+    None when it was not written (a URL store, or a failure: one warning line)."""
     if folder is None:
         return None
-    suffix = _SUFFIX[method]
     try:
-        name = _files.save(folder, key, suffix, lambda f: _encode(method, built, f))
+        name = _files.save(folder, key, ".faiss", lambda f: _files.write_faiss(f, built.index))
     except OSError as err:
         _warn(f"could not keep the search index in {folder.path}: {describe_os_error(err)}; searching in memory")
         return None
-    _files.remove_others(folder, suffix, name)
+    _files.remove_others(folder, ".faiss", name)
     return name
 
 
-def _encode(method: str, built: Any, f: BinaryIO) -> None:
-    if method == "exact":
-        _files.write_matrix(f, built.rows, built.matrix)
-    else:
-        _files.write_faiss(f, built.index)
-
-
 def _warn(text: str) -> None:
+    """One warning line on stderr; within one search call, the same line is said once (the matrix and
+    the faiss index of one set share a directory, so an unwritable one would be reported twice)."""
+    said = _WARNED.get()
+    if said is not None:
+        if text in said:
+            return
+        said.add(text)
     print(f"featurestore search: warning: {text}", file=sys.stderr)
 
 
@@ -651,13 +688,14 @@ def _choose_method(info: Any, method: str, notes: list[str]) -> str:
                              "pip install 'avscene[faiss]'; "
                              "method 'exact' searches with numpy")
         return method
-    big = info.n_done * info.feature_shape[0] * 4 > EXACT_MAX_BYTES
-    if not big:
+    values = info.n_done * info.feature_shape[0]
+    if values <= APPROX_ABOVE:
         return "exact"
     if faiss_available():
         return "faiss"
-    notes.append(f"faiss-cpu is not installed (pip install 'avscene[faiss]'): searching {info.n_done} clips exactly with numpy "
-                 f"(the clip matrix needs {info.n_done * info.feature_shape[0] * 4 / 2**30:.1f} GiB)")
+    notes.append(f"faiss-cpu is not installed (pip install 'avscene[faiss]'): searching {info.n_done} clips exactly "
+                 f"with numpy ({values / 1e6:.0f}M values a query; an approximate index answers sets above "
+                 f"{APPROX_ABOVE / 1e6:.0f}M far faster)")
     return "exact"
 
 

@@ -10,6 +10,7 @@ import pytest
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store, open_store
 from featurestore.cli import main
 from featurestore.errors import MissingFeatureError, UnknownClipError, UnknownFeatureError
+from featurestore import text_query
 from featurestore.store import search as search_mod
 
 N, SEG, DIM, CHUNK = 40, 3, 8, 8
@@ -74,7 +75,7 @@ def test_include_self_puts_the_clip_first_with_score_one(store_path):
 def test_a_vector_query_and_k_larger_than_the_store(store_path):
     path, data = store_path
     with open_store(path) as store:
-        result = store.search(FEAT, data[7].astype(np.float32), k=100)  # [segments, dim] is averaged
+        result = store.search(FEAT, data[7].astype(np.float32).mean(0), k=100)
     assert len(result.clip_ids) == N and result.clip_ids[0] == "c007"
     assert np.all(np.diff(result.scores) <= 1e-6)
 
@@ -98,10 +99,10 @@ def test_bad_queries_are_refused_naming_what_was_wrong(store_path):
             store.search(FEAT, "c999")
         with pytest.raises(UnknownFeatureError, match="clip/RN101"):
             store.search("clip/RN101", "c001")
-        with pytest.raises(ValueError, match="has 5 values but .* have 8"):
+        with pytest.raises(ValueError, match=r"shape \[5\]; the feature set's embeddings have 8"):
             store.search(FEAT, np.ones(5))
-        with pytest.raises(ValueError, match="exactly one query"):
-            store.search(FEAT, "c001", text="a park")
+        with pytest.raises(ValueError, match=r"give a query"):
+            store.search(FEAT, [])
         with pytest.raises(ValueError, match="method"):
             store.search(FEAT, "c001", method="annoy")
 
@@ -112,7 +113,7 @@ def test_the_clip_matrix_is_kept_beside_the_store_and_rebuilt_when_the_set_chang
     with open_store(path) as store:
         first = store.search(FEAT, "c001", k=N)
     assert any("built the clip matrix" in n for n in first.notes)
-    files = list((Path(str(path) + ".search") / "clip" / "ViT-B-32").glob("*.npz"))
+    files = list((Path(str(path) + ".search") / "clip" / "ViT-B-32").glob("*.npy"))
     assert len(files) == 1
     with open_store(path) as store:  # a fresh store object: read from the sidecar, nothing built
         again = store.search(FEAT, "c001", k=N)
@@ -123,8 +124,8 @@ def test_the_clip_matrix_is_kept_beside_the_store_and_rebuilt_when_the_set_chang
         grown = store.search(FEAT, "c001", k=N)
     assert any("built the clip matrix" in n for n in grown.notes)
     assert len(grown.clip_ids) == N - 1 and "c030" in grown.clip_ids
-    assert [p.name for p in files[0].parent.glob("*.npz")] != [files[0].name]  # the stale one is gone
-    assert len(list(files[0].parent.glob("*.npz"))) == 1
+    assert [p.name for p in files[0].parent.glob("*.npy")] != [files[0].name]  # the stale one is gone
+    assert len(list(files[0].parent.glob("*.npy"))) == 1 and len(list(files[0].parent.glob("*.json"))) == 1
 
 
 def test_faiss_flat_and_ivf_agree_with_exact(tmp_path, monkeypatch):
@@ -153,7 +154,7 @@ def test_faiss_flat_and_ivf_agree_with_exact(tmp_path, monkeypatch):
 
 def test_auto_falls_back_to_exact_with_a_note_when_faiss_is_missing(store_path, monkeypatch):
     path, _ = store_path
-    monkeypatch.setattr(search_mod, "EXACT_MAX_BYTES", 0)  # every set counts as "large"
+    monkeypatch.setattr(search_mod, "APPROX_ABOVE", 0)  # every set counts as "large"
     monkeypatch.setattr(search_mod, "faiss_available", lambda: False)
     with open_store(path) as store:
         result = store.search(FEAT, "c001")
@@ -175,7 +176,7 @@ def test_the_text_tower_follows_the_recorded_weights(tmp_path):
         store.write_class_features("cliptext/ViT-B-32", np.ones((10, 4), np.float32),
                                    _prov("cliptext/ViT-B-32@/ckpt/text.pt", {"kind": "file", "path": "/ckpt/text.pt",
                                                                             "sha256": "cd"}))
-        spec = lambda name: search_mod.text_encoder_spec(store, store.feature_info(name))  # noqa: E731
+        spec = lambda name: text_query.text_encoder_spec(store, store.feature_info(name))  # noqa: E731
         assert spec("clip/RN101") == "cliptext/RN101@none:3"
         assert spec("clip/RN50") == "cliptext/RN50@/ckpt/rn50.pt"
         assert spec(FEAT) == "cliptext/ViT-B-32@/ckpt/text.pt"  # the stored class features' tower wins
@@ -194,7 +195,7 @@ def test_the_text_tower_of_a_chosen_name_matches_its_weights(tmp_path):
         store.write_class_features("cliptext/ViT-B-32", np.ones((10, 4), np.float32), _prov("cliptext/ViT-B-32@openai"))
         store.write_class_features("text_random", np.ones((10, 4), np.float32),
                                    _prov("cliptext/ViT-B-32@none", {"kind": "random", "seed": 0}))
-        spec = lambda name: search_mod.text_encoder_spec(store, store.feature_info(name))  # noqa: E731
+        spec = lambda name: text_query.text_encoder_spec(store, store.feature_info(name))  # noqa: E731
         assert spec(FEAT) == "cliptext/ViT-B-32@openai"
         assert spec("vit_random") == "cliptext/ViT-B-32@none"  # the class features of the same weights
         assert spec("vit_seed5") == "cliptext/ViT-B-32@none:5"  # none stored: from its own provenance
@@ -237,7 +238,7 @@ def test_cli_search_table_json_and_exit_codes(store_path, capsys):
     out = capsys.readouterr().out
     assert expected.clip_ids[0] in out and "rank" in out and "exact search" in out
     assert main(["search", str(path), "--feature-set", FEAT]) == 2
-    assert "exactly one of --like CLIP_ID or --text TEXT" in capsys.readouterr().err
+    assert "give --like CLIP_ID (one or more) or --text TEXT" in capsys.readouterr().err
     assert main(["search", str(path), "--feature-set", "clip/nope", "--like", "c005"]) == 2
     assert "no feature set named 'clip/nope'" in capsys.readouterr().err
 

@@ -2,7 +2,7 @@
 followed, and a place that cannot be written leaves search answering from memory.
 
 Every fault is a real file: bytes flipped or cut in the sidecar the search wrote, files crafted with
-numpy/zipfile/faiss (with a name whose sha256 matches, as a hand-made file would have), real symbolic
+json/numpy/faiss (with a name whose sha256 matches, as a hand-made file would have), real symbolic
 links, a real immutable (or read-only) directory and a real ``RLIMIT_FSIZE``. Each test checks the
 answer after the fault against the brute-force answer, and that the sidecar is rebuilt.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -95,12 +94,6 @@ def _vector_offset(raw: bytes, data: np.ndarray) -> int:
     offset = raw.find(vector)
     assert offset > 0, "clip 0's vector is not stored as float32 in the sidecar"
     return offset
-
-
-def _npz_bytes(**arrays: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -198,62 +191,129 @@ def test_a_score_outside_minus_one_one_at_query_time_drops_the_index_and_answers
     assert result.clip_ids == _expected(data) and float(np.max(np.abs(result.scores))) <= 1 + 1e-5
 
 
-# ------------------------------------------------------------------------------- damaged npz files
-def _reordered_matrix(raw: bytes) -> bytes:
-    with np.load(io.BytesIO(raw)) as f:
-        return _npz_bytes(rows=f["rows"], matrix=f["matrix"][::-1])
+# ------------------------------------------------------------------------- damaged clip matrix files
+HEADER = search_mod._files.HEADER_BYTES
 
 
-def _reordered_rows(raw: bytes) -> bytes:
-    with np.load(io.BytesIO(raw)) as f:
-        return _npz_bytes(rows=f["rows"][::-1], matrix=f["matrix"])
+def _matrix_files(path: Path) -> tuple[Path, Path]:
+    """The one manifest and its ``.npy`` (fails when there are none or several)."""
+    manifest = _one(path, ".json")
+    matrix = _one(path, ".npy")
+    assert matrix.name == manifest.name.removesuffix(".json") + ".npy"
+    return manifest, matrix
 
 
-def _foreign_rows(raw: bytes) -> bytes:
-    with np.load(io.BytesIO(raw)) as f:
-        return _npz_bytes(rows=f["rows"] + 10**6, matrix=f["matrix"])
+def _with_crcs(manifest: bytes, npy: bytes) -> bytes:
+    """The manifest with its crc32s recomputed for ``npy`` (what a hand-made pair would hold)."""
+    fields = json.loads(manifest)
+    data, block = npy[HEADER:], fields["block_bytes"]
+    fields["crc32"] = [zlib.crc32(data[i:i + block]) for i in range(0, len(data), block)]
+    return json.dumps(fields).encode()
 
 
-def _huge_header(raw: bytes) -> bytes:
-    """An .npz whose rows.npy header claims 2^40 rows (8 TiB) followed by 8 bytes."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z, z.open("rows.npy", "w") as member:
-        np.lib.format.write_array_header_1_0(member, {"descr": "<i8", "fortran_order": False, "shape": (2**40,)})
-        member.write(b"\0" * 8)
-    return buffer.getvalue()
+def _cut(manifest: bytes, npy: bytes):
+    return manifest, npy[:len(npy) // 2]
 
 
-# (how, forge the name's sha256?): the forged ones get past the hash and must be caught by the bounds
-# and content checks; the others are caught by the hash before anything is decoded.
-NPZ_DAMAGE = {
-    "cut in half": (lambda raw: raw[:len(raw) // 2], False),
-    "one byte flipped": (lambda raw: raw[:len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 0xFF]) + raw[len(raw) // 2 + 1:],
-                         False),
-    "matrix rows reordered": (_reordered_matrix, False),
-    "rows reordered, name forged": (_reordered_rows, True),
-    "rows that are not store rows, name forged": (_foreign_rows, True),
-    "a header claiming 2^40 rows, name forged": (_huge_header, True),
-    "not a zip file, name forged": (lambda raw: b"PK\x03\x04 not really a zip" * 10, True),
+def _flip_data(manifest: bytes, npy: bytes):
+    at = HEADER + 5 * 4 + 1  # a mantissa byte of clip 0's sixth value: the vector stays near unit length
+    return manifest, npy[:at] + bytes([npy[at] ^ 0x01]) + npy[at + 1:]
+
+
+def _reorder(manifest: bytes, npy: bytes):
+    rows = np.frombuffer(npy[HEADER:], np.float32).reshape(N, -1)
+    return manifest, npy[:HEADER] + rows[::-1].tobytes()
+
+
+def _flip_manifest(manifest: bytes, npy: bytes):
+    at = manifest.index(b'"rows": ') + 8
+    return manifest[:at] + bytes([manifest[at] ^ 0x01]) + manifest[at + 1:], npy
+
+
+def _foreign_rows(manifest: bytes, npy: bytes):
+    fields = json.loads(manifest)
+    fields["left_out"] = [10**6]
+    return json.dumps(fields).encode(), npy
+
+
+def _huge_header(manifest: bytes, npy: bytes):
+    return manifest, search_mod._files._npy_header(2**40, npy_dim(npy)) + npy[HEADER:]
+
+
+def npy_dim(npy: bytes) -> int:
+    return (len(npy) - HEADER) // (4 * N)
+
+
+def _huge_vector(manifest: bytes, npy: bytes):
+    rows = np.frombuffer(npy[HEADER:], np.float32).reshape(N, -1).copy()
+    rows[0] *= 5e35
+    npy = npy[:HEADER] + rows.tobytes()
+    return _with_crcs(manifest, npy), npy
+
+
+# (how, forge the manifest's sha256 name?): the forged ones get past the hash and must be caught by
+# the bounds and content checks; the others are caught by the sha256, the size or the crc32s.
+MATRIX_DAMAGE = {
+    "matrix cut in half": (_cut, False),
+    "one mantissa bit flipped in the matrix": (_flip_data, False),
+    "matrix rows reordered": (_reorder, False),
+    "one byte flipped in the manifest": (_flip_manifest, False),
+    "rows that are not store rows, manifest forged": (_foreign_rows, True),
+    "a header claiming 2^40 rows": (_huge_header, False),
+    "not JSON, manifest forged": (lambda m, n: (b"{not json" * 10, n), True),
+    "a 5e35 vector, crc32s forged to match": (_huge_vector, True),
 }
 
 
-@pytest.mark.parametrize("damage", NPZ_DAMAGE)
-def test_a_damaged_or_crafted_npz_sidecar_is_rebuilt_not_served(store, capsys, damage):
-    """Issue 19 items 4 and 10: reordered rows were served silently; cut, flipped or foreign files gave
-    BadZipFile/IndexError tracebacks on every later search."""
+@pytest.mark.parametrize("damage", MATRIX_DAMAGE)
+def test_a_damaged_or_crafted_clip_matrix_is_rebuilt_not_served(store, capsys, damage):
+    """Issue 19 items 4 and 10 (then for the .npz): reordered rows were served silently; cut, flipped
+    or foreign files gave tracebacks. Issue 23: the memory-mapped .npy and its manifest keep that promise."""
     path, data = store
     _search(path, "exact")
-    sidecar = _one(path, ".npz")
-    change, forge = NPZ_DAMAGE[damage]
-    raw = change(sidecar.read_bytes())
+    manifest, matrix = _matrix_files(path)
+    change, forge = MATRIX_DAMAGE[damage]
+    new_manifest, new_matrix = change(manifest.read_bytes(), matrix.read_bytes())
     if forge:
-        _forge(sidecar, raw)
+        forged = _forge(manifest, new_manifest)
+        matrix.unlink()
+        matrix = forged.with_suffix(".npy")
     else:
-        sidecar.write_bytes(raw)
+        manifest.write_bytes(new_manifest)
+    matrix.write_bytes(new_matrix)
     result = _search(path, "exact")
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "is damaged" in err, err
-    _assert_rebuilt_and_right(path, data, "exact", ".npz", raw, result)
+    assert result.clip_ids == _expected(data), "a damaged clip matrix was served"
+    assert result.method == "exact" and _built(result), result.notes
+    assert float(np.max(np.abs(result.scores))) <= 1 + 1e-5
+    kept, kept_matrix = _matrix_files(path)
+    raw = kept.read_bytes()
+    assert kept.name.split("-")[1] == f"{hashlib.sha256(raw).hexdigest()}.json"
+    assert (raw, kept_matrix.read_bytes()) != (new_manifest, new_matrix)
+    again = _search(path, "exact")
+    assert not _built(again) and again.clip_ids == result.clip_ids, again.notes
+    assert _matrix_files(path) == (kept, kept_matrix)
+
+
+def test_the_clip_matrix_is_memory_mapped_and_checked_once_per_process(store, monkeypatch):
+    """A new store object maps the .npy (no copy in memory) and does not run the block check again;
+    a rewrite of the file (its ctime changes) is checked again."""
+    path, data = store
+    _search(path, "exact")
+    search_mod._files._VERIFIED.clear()  # as in a new process
+    checks = []
+    real = search_mod._files._check_blocks
+    monkeypatch.setattr(search_mod._files, "_check_blocks", lambda *a: checks.append(1) or real(*a))
+    with open_store(path) as s:
+        held = search_mod.clip_matrix(s, FEAT)
+        assert isinstance(held.matrix, np.memmap) and not held.matrix.flags.writeable
+    _search(path, "exact")
+    assert len(checks) == 1
+    _, matrix = _matrix_files(path)
+    matrix.write_bytes(matrix.read_bytes())  # same bytes, new ctime
+    assert _search(path, "exact").clip_ids == _expected(data)
+    assert len(checks) == 2
 
 
 # ------------------------------------------------------------------------------------ links
@@ -301,19 +361,19 @@ def test_symlinked_files_in_the_sidecar_directory_are_never_followed(store, tmp_
     cleaning removes links, never what they point to."""
     path, data = store
     _search(path, "exact")
-    sidecar = _one(path, ".npz")
+    sidecar = _one(path, ".npy")
     outside = _outside(tmp_path)
     shutil.copy(sidecar, outside / sidecar.name)  # whole, sha256 right: only following the link would use it
     sidecar.unlink()
     sidecar.symlink_to(outside / sidecar.name)
-    (sidecar.parent / "old.npz").symlink_to(outside / "precious.npz")
-    (sidecar.parent / "older.npz").symlink_to(outside / "sub", target_is_directory=True)
+    (sidecar.parent / "old.npy").symlink_to(outside / "precious.npz")
+    (sidecar.parent / "older.json").symlink_to(outside / "sub", target_is_directory=True)
     before = _snapshot(outside)
     result = _search(path, "exact")
     assert "symbolic link" in capsys.readouterr().err
     assert result.clip_ids == _expected(data) and _built(result)
     assert _snapshot(outside) == before
-    kept = _one(path, ".npz")
+    kept = _one(path, ".npy")
     assert not kept.is_symlink() and kept.is_file()
     assert [p.name for p in sidecar.parent.iterdir() if p.is_symlink()] == []
 
@@ -400,13 +460,13 @@ def test_a_clip_with_non_finite_features_is_left_out_with_a_note_and_cannot_be_a
 
 
 def test_temp_files_of_a_killed_search_are_removed_once_stale_and_live_ones_kept(tmp_path):
-    """A search killed while writing leaves ``.<key>-<pid>.npz.tmp``; the next save of that set removes
+    """A search killed while writing leaves ``.<key>-<pid>.npy.tmp``; the next save of that set removes
     it once it is an hour old, and leaves a younger one (another search may be writing it)."""
     path = tmp_path / "grow.zarr"
     data = build(path, done=16)
     _search(path, "exact")
     folder = _folder(path)
-    stale, live = folder / ".0123456789abcdef-4242.npz.tmp", folder / ".0123456789abcdef-4343.npz.tmp"
+    stale, live = folder / ".0123456789abcdef-4242.npy.tmp", folder / ".0123456789abcdef-4343.npy.tmp"
     stale.write_bytes(b"half a matrix")
     live.write_bytes(b"being written")
     hour_ago = stale.stat().st_mtime - search_mod._files.STALE_TEMP_SECONDS - 5
