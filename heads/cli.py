@@ -211,6 +211,9 @@ def _sweep_parser(sub: Any) -> None:
     p.add_argument("--cache", action="store_true", default=None, help="load training features into memory")
     p.add_argument("--overwrite", action="store_true", help="train every trial afresh (default: skip finished "
                    "trials, resume killed ones)")
+    p.add_argument("--no-shared-reads", dest="share_reads", action="store_false",
+                   help="read the store for every trial and epoch, as separate 'heads train' runs do (default: the "
+                        "linear, embedding_mlp and late_fusion trials share one in-memory read of their splits)")
     _output_flags(p, "the sweep directory, metric, the table's rows and the best configuration")
     p.set_defaults(func=cmd_sweep)
 
@@ -297,7 +300,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise SweepError(f"--samples must be an integer >= 0, got {args.samples}")
     try:
         result = sweep(cfg, grid, seeds=seeds, ranges=ranges, samples=args.samples, sample_seed=args.sample_seed,
-                       metric=args.metric, overwrite=args.overwrite)
+                       metric=args.metric, overwrite=args.overwrite, share_reads=args.share_reads)
     except KeyboardInterrupt:
         raise CommandInterrupted(f"finished trials and committed epochs kept in {cfg.out}, rerun the same command "
                                  f"to resume") from None

@@ -151,3 +151,36 @@ def test_random_search_draws_the_same_configurations_again(tiny_store_path, tmp_
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["trained"] == 0 and again["rows"] == first["rows"]
+
+
+def test_trials_share_one_read_of_the_store_and_train_as_if_alone(tiny_store_path, tmp_path):
+    """An embedding MLP (dropout, batchnorm: the RNG matters) swept with shared reads ends bit for bit where
+    the same sweep reading the store per trial and epoch ends, while reading each stored row once."""
+    import heads
+    from featurestore.store import open_store
+    from heads.config import TrainConfig
+
+    base = TrainConfig(head="embedding_mlp", features=["clip/RN101", "clip/ViT-B-32"], train_split="train",
+                       val_split="val", epochs=2, batch_size=16, head_config={"dropout": 0.3}, progress=False)
+    grid = {"lr": [0.1, 0.01], "hidden": [[8], [16]]}
+    reads = {}
+    for share in (True, False):
+        with open_store(tiny_store_path) as store:
+            calls = []
+            original = store.read_rows
+            store.read_rows = lambda name, start, stop, **kw: calls.append(name) or original(name, start, stop, **kw)
+            out = tmp_path / f"share_{share}"
+            result = heads.sweep(base, grid, seeds=[0, 1], out=out, store=store, share_reads=share)
+            reads[share] = len(calls)
+        assert result.trained == 8
+    shared, alone = tmp_path / "share_True", tmp_path / "share_False"
+    for config in ("lr=0.1,hidden=8", "lr=0.01,hidden=16"):
+        for seed in (0, 1):
+            a = load_file(shared / config / f"seed_{seed}" / "best.safetensors")
+            b = load_file(alone / config / f"seed_{seed}" / "best.safetensors")
+            assert all(bool((a[k] == b[k]).all()) for k in a), (config, seed)
+    assert (shared / "results.csv").read_text() == (alone / "results.csv").read_text()
+    # 64 clips in chunks of 16, train and val rows in every chunk: one pass is 2 sets x 2 splits x 4 blocks;
+    # shared, the whole sweep makes one pass; alone, every trial makes one per epoch (8 trials x 2 epochs)
+    one_pass = 2 * 2 * 4
+    assert reads[True] == one_pass and reads[False] == 8 * 2 * one_pass
