@@ -17,6 +17,15 @@ from zarr.core.sync import sync
 from featurestore.store._backend import COMPRESSORS, STRING, as_str_array
 
 _CONFIG = {"write_empty_chunks": True}
+#: URL schemes whose fsspec filesystem comes with one of avscene's extras.
+_EXTRAS = {"s3": "s3", "s3a": "s3"}
+
+
+def _missing_filesystem(location: str, err: ImportError) -> str:
+    """One line for a URL whose fsspec filesystem is not installed: which package, which extra."""
+    scheme = location.split("://")[0]
+    fix = f"pip install 'avscene[{_EXTRAS[scheme]}]'" if scheme in _EXTRAS else "install it"
+    return f"{location}: {scheme}:// URLs need a filesystem package that is not installed ({err}); {fix}"
 
 
 class ZarrBackend:
@@ -33,7 +42,10 @@ class ZarrBackend:
             # creates them when asked to
             options.setdefault("auto_mkdir", True)
         kwargs = {"storage_options": options} if options and "://" in location else {}
-        self._root = zarr.open_group(location, mode=mode, zarr_format=3, **kwargs)
+        try:
+            self._root = zarr.open_group(location, mode=mode, zarr_format=3, **kwargs)
+        except ImportError as err:  # fsspec names the missing package (s3fs, gcsfs) in a traceback
+            raise ValueError(_missing_filesystem(location, err)) from None
         self._arrays: dict[str, zarr.Array] = {}
 
     def _node(self, path: str):

@@ -22,8 +22,8 @@ def test_the_core_install_is_lean_and_every_extra_is_in_test_and_all():
     for name in ("librosa", "joblib", "psutil", "dask", "faiss"):
         assert name not in core, f"{name} belongs in an extra"
     extras = project["optional-dependencies"]
-    assert {"dask", "faiss", "export", "test", "all"} <= set(extras)
-    assert "avscene[dask,faiss,export]" in extras["test"]
+    assert {"dask", "s3", "faiss", "export", "test", "all"} <= set(extras)
+    assert "avscene[dask,s3,faiss,export]" in extras["test"]
 
 
 def test_faiss_search_without_faiss_names_the_extra(tmp_path):
