@@ -8,6 +8,7 @@ device; calling the preprocessor runs both halves on one clip on the host.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,9 +90,9 @@ class FramePreprocessor:
         """Resize, crop and normalise a stack of equally sized frames where they are.
 
         ``uint8 [N, H, W, 3]`` on any device -> ``float32 [N, 3, h, w]`` on the same device.
-        Extraction hands decoded uint8 frames to the encoder's device and calls this once per
-        encode batch, so the decode workers never resize and only ``H x W x 3`` bytes per frame
-        cross shared memory. On a GPU the whole stack is one op per step; on the CPU it goes in
+        Extraction on an accelerator hands decoded uint8 frames to the encoder's device and calls
+        this once per encode batch, so the decode workers never resize and only ``H x W x 3`` bytes
+        per frame cross shared memory (``featurestore.extract.workers``). On a GPU the whole stack is one op per step; on the CPU it goes in
         slices of about ``CPU_SLICE_BYTES`` of float intermediate, because a large float stack
         costs more in fresh pages than it saves (a 720p frame is 11 MB as float32). Every op is
         per frame (antialiased interpolation is separable and frame-independent), so on the CPU the
@@ -102,13 +103,12 @@ class FramePreprocessor:
         out = torch.empty((frames.shape[0], 3, *self.crop), dtype=torch.float32, device=frames.device)
         if frames.shape[0] == 0:
             return out
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=frames.device).view(1, 3, 1, 1)
+        mean, std = _channel_stats(self.mean, self.std, frames.device)
         step = frames.shape[0]
         if frames.device.type == "cpu":
             step = max(1, CPU_SLICE_BYTES // (4 * frames[0].numel()))
         for lo in range(0, frames.shape[0], step):
-            x = frames[lo:lo + step].permute(0, 3, 1, 2).contiguous().float()
+            x = frames[lo:lo + step].permute(0, 3, 1, 2).float()  # channels-last: the cheapest conversion
             x = _center_crop(self._resize(x), self.crop)
             out[lo:lo + step] = (x / 255.0 - mean) / std
         return out
@@ -125,6 +125,15 @@ class FramePreprocessor:
 
 #: On the CPU, ``FramePreprocessor.batched`` converts frames to float in slices of about this size.
 CPU_SLICE_BYTES = 16 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as float32 ``[1, 3, 1, 1]`` tensors on ``device``, made once (no copy to a GPU
+    per batch)."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1))
 
 
 def as_uint8_frames(frames: np.ndarray) -> torch.Tensor:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from featurestore.extract.workers import DecodedBatch, collate, make_decoder
+from featurestore.extract.workers import DecodedBatch, collate, make_decoder, preprocess_on_device
 from featurestore.extract.errors import (
     DecodeWorkerError, ExtractionStopped, find_os_error, store_write_error,
 )
@@ -341,7 +341,7 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
         What was written and what failed, with per-stage seconds.
     """
     stats = RunStats()
-    decoder, decode_batches = make_decoder(plan, blocks)
+    decoder, decode_batches = make_decoder(plan, blocks, preprocess_on_device(device))
     if not decode_batches:
         return stats
     loader = DataLoader(decoder, batch_sampler=decode_batches, collate_fn=collate, num_workers=num_workers,

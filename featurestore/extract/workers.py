@@ -7,6 +7,10 @@ Image encoders whose preprocessor has a ``batched`` step (``FramePreprocessor``:
 resizes, crops and normalises each encode batch on the encoder's device (``Job.batched``). That is
 ``H x W x 3`` bytes per frame through shared memory, against ``3 x h x w x 4`` per encoder before.
 Clips of different frame sizes in one decode batch are stacked per size (``DecodedBatch.extra``).
+That is the path when the encoders run on an accelerator; on the CPU the workers keep preprocessing
+(``PREPROCESS_ON_DEVICE``): there the "device" is the one encoding thread, which would then resize
+what several workers resized in parallel, and a 720p frame is 4.6x the bytes of a float 224 crop.
+The outputs are the same bit for bit either way.
 
 This runs inside DataLoader worker processes. Everything here is plain picklable data (paths,
 frozen source descriptions, the encoders' model-free preprocessors): a worker never receives a model,
@@ -51,11 +55,24 @@ class Job:
     batched: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def make_job(index: int, name: str, source: str, preprocessor: Callable, n_segments: int) -> Job:
-    """The job of one encoder: a preprocessor with a ``batched`` step runs it on the device and
-    leaves the workers only ``as_uint8_frames`` (shared by all such jobs of a source)."""
+#: Where image encoders' frames are resized, cropped and normalised: True on the encoder's device
+#: (the workers hand over uint8 frames), False in the decode workers, None: on the device unless it
+#: is the CPU (see the module docstring). Tests set True to run the device path on the CPU.
+PREPROCESS_ON_DEVICE: bool | None = None
+
+
+def preprocess_on_device(device: torch.device) -> bool:
+    """Whether extraction on ``device`` hands uint8 frames to the encoders (``PREPROCESS_ON_DEVICE``)."""
+    return device.type != "cpu" if PREPROCESS_ON_DEVICE is None else bool(PREPROCESS_ON_DEVICE)
+
+
+def make_job(index: int, name: str, source: str, preprocessor: Callable, n_segments: int,
+             on_device: bool = True) -> Job:
+    """The job of one encoder. With ``on_device``, a preprocessor with a ``batched`` step runs that
+    step on the device and leaves the workers only ``as_uint8_frames`` (shared by all such jobs of a
+    source); otherwise the workers run the whole preprocessor."""
     batched = getattr(preprocessor, "batched", None)
-    if callable(batched):
+    if on_device and callable(batched):
         return Job(index, name, source, as_uint8_frames, n_segments, batched)
     return Job(index, name, source, preprocessor, n_segments)
 
@@ -232,10 +249,12 @@ def _by_shape(results: list[ClipResult], job: int) -> list[list[ClipResult]]:
     return list(groups.values())
 
 
-def make_decoder(plan: Plan, blocks: list[tuple[int, int]]) -> tuple[ClipDecoder, list[list[int]]]:
-    """The dataset and its decode batches (lists of rows, in row order) for the given blocks."""
+def make_decoder(plan: Plan, blocks: list[tuple[int, int]],
+                 on_device: bool = False) -> tuple[ClipDecoder, list[list[int]]]:
+    """The dataset and its decode batches (lists of rows, in row order) for the given blocks;
+    ``on_device``: image encoders' frames go to the device as uint8 (see ``make_job``)."""
     sources = plan.sources()
-    jobs = [make_job(i, t.name, t.source.key, t.encoder.preprocessor(), t.source.n_segments)
+    jobs = [make_job(i, t.name, t.source.key, t.encoder.preprocessor(), t.source.n_segments, on_device)
             for i, t in enumerate(plan.targets)]
     needs: dict[int, tuple[int, ...]] = {}
     batches: list[list[int]] = []

@@ -23,7 +23,8 @@ from featurestore.encoders.clip import clip_frame_preprocessor
 from featurestore.encoders.timm_frames import frame_preprocessor
 from featurestore.extract import extract
 from featurestore.extract.plan import Source
-from featurestore.extract.workers import ClipDecoder, collate, make_job
+from featurestore.extract import pipeline, workers
+from featurestore.extract.workers import ClipDecoder, collate, make_job, preprocess_on_device
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -140,13 +141,33 @@ def test_clips_of_several_frame_sizes_in_one_decode_batch_are_stacked_per_size(t
     assert [(list(rows), tuple(x.shape)) for rows, x in groups] == [([0, 2], (4, 48, 64, 3)), ([1], (2, 64, 48, 3))]
 
 
-def test_extraction_stores_the_per_frame_preprocessings_features_exactly(tmp_path):
-    """Through worker processes and shared memory, with clips of two frame sizes in one decode batch."""
+def test_extraction_preprocesses_on_the_device_unless_it_is_the_cpu(monkeypatch):
+    assert preprocess_on_device(torch.device("cuda")) and preprocess_on_device(torch.device("mps"))
+    assert not preprocess_on_device(torch.device("cpu"))
+    monkeypatch.setattr(workers, "PREPROCESS_ON_DEVICE", True)
+    assert preprocess_on_device(torch.device("cpu"))
+    job = make_job(0, "e", "frames@2", PREPROCESSORS["nearest 24"], 2, on_device=False)
+    assert job.batched is None and job.preprocess is PREPROCESSORS["nearest 24"]
+
+
+def test_extraction_stores_the_per_frame_preprocessings_features_exactly(tmp_path, monkeypatch):
+    """The device path run on the CPU, through a worker process and shared memory, with clips of two
+    frame sizes in one decode batch and in one encode batch."""
+    monkeypatch.setattr(workers, "PREPROCESS_ON_DEVICE", True)
+    handed_over = []
+    lane_init = pipeline._Lane.__init__
+
+    def spy(self, *args, **kwargs):
+        lane_init(self, *args, **kwargs)
+        handed_over.append(self.batched is not None)
+
+    monkeypatch.setattr(pipeline._Lane, "__init__", spy)
     tiny = make_dataset(tmp_path / "data", 4)
     write_mp4(tiny.root / tiny.clips[1].video, 2.0, seed=11, size=(64, 48))  # portrait, another size
     specs = ["timm/test_vit@none", "clip/ViT-S-32-alt@none"]
     path = tmp_path / "s.zarr"
     extract(tiny, path, specs, **FAST)  # one decode worker, encode batches of 2 rows: rows 0 and 1 differ in size
+    assert handed_over == [True, True]  # both lanes preprocessed uint8 frames themselves
     stored = read_all(path)
     for spec in specs:
         enc = create_encoder(spec)

@@ -1,0 +1,150 @@
+"""Benchmark of frame preprocessing: the per-frame float path in the decode workers (before issue 21)
+against uint8 frames handed over and preprocessed in batches on the encoder's device (now).
+
+On the same decoded 720p frames, per frame, one thread, best of ``--rounds`` (the rounds interleave
+the variants, so a busy machine slows them alike):
+
+* **host (worker) cost**: what a decode worker spends per frame after decoding, shared-memory hand-over
+  included: before, resize + crop + normalise in float32 per frame, ``torch.cat`` and
+  ``share_memory_`` of the float crops; now, ``as_uint8_frames``, ``torch.cat`` and ``share_memory_``
+  of the uint8 frames. This is the CPU's feed cost of a GPU run, where the device half runs on the GPU.
+* **device half on the CPU**: ``FramePreprocessor.batched`` on an encode batch of frames, i.e. the
+  cost when the "device" is the CPU itself. It is the same float32 arithmetic as before (checked bit
+  for bit here and in tests/featurestore/test_uint8_frames.py), so it cannot be much cheaper; this
+  is why extraction on the CPU keeps preprocessing in the decode workers, in parallel
+  (``featurestore.extract.workers.PREPROCESS_ON_DEVICE``).
+* **uint8 antialiased resize** (torch's AVX2 uint8 kernel): the fast CPU kernel, for reference; its
+  output differs from the float path's (max level difference printed), which is why the bit-exact
+  device half does not use it.
+* **bytes per frame through shared memory**, before and now.
+
+Usage:
+    python scripts/bench/bench_preprocess.py --frames 8 --rounds 7
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from featurestore.decode import sample_frames
+from featurestore.demo import write_mp4
+from featurestore.encoders import FramePreprocessor
+from featurestore.encoders._preprocess import as_uint8_frames
+from featurestore.encoders.clip import clip_frame_preprocessor
+from featurestore.encoders.timm_frames import frame_preprocessor
+
+CLIP = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
+        "interpolation": "bicubic", "resize_mode": "shortest"}
+CONFIGS = {
+    "clip/ViT-B-32 (224, bicubic)": clip_frame_preprocessor({"size": 224, **CLIP}),
+    "clip/RN50x4 (288, bicubic)": clip_frame_preprocessor({"size": 288, **CLIP}),
+    "timm 224 (bilinear, crop_pct 0.875)": frame_preprocessor(
+        {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
+         "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}),
+}
+
+
+def per_frame_float(pre: FramePreprocessor, frames: np.ndarray) -> torch.Tensor:
+    """The decode workers' preprocessing before issue 21 (a frozen copy): one frame at a time, float32."""
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
+    out = torch.empty((frames.shape[0], 3, *pre.crop), dtype=torch.float32)
+    for i, frame in enumerate(frames):
+        x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).unsqueeze(0).float()
+        size = pre.resized_size(x.shape[-2], x.shape[-1])
+        if size != tuple(x.shape[-2:]):
+            if pre.interpolation == "nearest":
+                x = F.interpolate(x, size=size, mode="nearest")
+            else:
+                x = F.interpolate(x, size=size, mode=pre.interpolation, align_corners=False, antialias=True)
+                x = x.clamp_(0.0, 255.0).round_()
+        height, width = x.shape[-2:]
+        top, left = int(round((height - pre.crop[0]) / 2.0)), int(round((width - pre.crop[1]) / 2.0))
+        x = x[..., top:top + pre.crop[0], left:left + pre.crop[1]]
+        out[i] = ((x / 255.0 - mean) / std)[0]
+    return out
+
+
+def decoded_720p(n: int, workdir: Path) -> np.ndarray:
+    """``n`` frames decoded from a real 1280x720 MPEG-4 file of smooth noise (so resizing has texture)."""
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (n, 45, 80, 3), dtype=np.uint8)
+    frames = np.repeat(np.repeat(coarse, 16, axis=1), 16, axis=2)
+    frames = np.clip(frames.astype(np.int16) + rng.integers(-12, 13, frames.shape), 0, 255).astype(np.uint8)
+    path = workdir / "720p.mp4"
+    write_mp4(path, list(frames), fps=n, width=1280, height=720, codec="mpeg4")
+    return sample_frames(path, n)
+
+
+def best_per_frame(variants: dict[str, Callable[[], object]], n_frames: int, rounds: int) -> dict[str, float]:
+    """Best milliseconds per frame of each variant, the rounds interleaving the variants."""
+    best = {name: float("inf") for name in variants}
+    for fn in variants.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1000.0 / n_frames)
+    return best
+
+
+def handover(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """What ``collate`` does in a worker: stack, then move into shared memory."""
+    return torch.cat(tensors).share_memory_()
+
+
+def measure(name: str, pre: FramePreprocessor, frames: np.ndarray, rounds: int) -> None:
+    n = len(frames)
+    clips = [frames[i:i + 2] for i in range(0, n, 2)]  # clips of 2 frames, as a decode batch holds them
+    stack = torch.from_numpy(frames)
+    old = per_frame_float(pre, frames)
+    new = pre.batched(stack)
+    if not torch.equal(old, new):
+        raise SystemExit(f"{name}: the batched path differs from the per-frame one: not bit-exact")
+    size = pre.resized_size(*frames.shape[1:3])
+    u8 = F.interpolate(stack.permute(0, 3, 1, 2), size=size, mode=pre.interpolation, antialias=True)
+    ref = F.interpolate(stack.permute(0, 3, 1, 2).float(), size=size, mode=pre.interpolation,
+                        antialias=True).clamp(0, 255).round()
+    levels = int((u8.float() - ref).abs().max())
+    times = best_per_frame({
+        "before: host (per-frame float + cat + share)": lambda: handover([per_frame_float(pre, c) for c in clips]),
+        "now: host (uint8 + cat + share)": lambda: handover([as_uint8_frames(c) for c in clips]),
+        "now: device half on the CPU (batched)": lambda: pre.batched(stack),
+        "uint8 antialiased resize alone (not bit-exact)": lambda: F.interpolate(
+            stack.permute(0, 3, 1, 2), size=size, mode=pre.interpolation, antialias=True),
+    }, n, rounds)
+    before = times["before: host (per-frame float + cat + share)"]
+    print(f"\n{name}: {frames.shape[2]}x{frames.shape[1]} frames -> {pre.crop[1]}x{pre.crop[0]}; batched == "
+          f"per-frame bit for bit: yes")
+    for label, ms in times.items():
+        ratio = f"  ({before / ms:.1f}x cheaper than before)" if label != next(iter(times)) else ""
+        print(f"  {label:<50} {ms:8.3f} ms/frame{ratio}")
+    print(f"  uint8 resize vs float resize: up to {levels} uint8 levels apart")
+    print(f"  bytes per frame through shared memory: before {old[0].numel() * 4:,} (float32 crop, per encoder "
+          f"with its own preprocessing), now {frames[0].size:,} (H x W x 3 uint8, once for every image encoder)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=8, help="decoded 720p frames per measurement")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the best is reported")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread; /proc/loadavg before: {Path('/proc/loadavg').read_text().strip()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = decoded_720p(args.frames, Path(tmp))
+    for name, pre in CONFIGS.items():
+        measure(name, pre, frames, args.rounds)
+    print(f"\n/proc/loadavg after: {Path('/proc/loadavg').read_text().strip()}")
+
+
+if __name__ == "__main__":
+    main()
