@@ -282,7 +282,9 @@ def read_matrix(folder: SidecarDir, name: str, done: np.ndarray, dim: int) -> tu
         manifest = _parse_manifest(f.read(), dim)
     left_out = np.asarray(manifest["left_out"], dtype=np.int64)
     check_rows(left_out, done)
-    rows = np.setdiff1d(np.flatnonzero(done), left_out)
+    searchable = done.copy()
+    searchable[left_out] = False  # check_rows made sure these are done rows, each once
+    rows = np.flatnonzero(searchable)
     if len(rows) != manifest["rows"]:
         raise SidecarDamage(f"its manifest counts {manifest['rows']} rows; the store has {len(rows)} done clips to search")
     with _open_file(folder, manifest_matrix_name(name)) as f:

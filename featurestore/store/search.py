@@ -156,8 +156,10 @@ def search(store: Any, feature_set: str, query: Any, k: int = 10, *, method: str
             answers = _top_k(store, feature_set, method, vectors, int(k), excludes, nprobe, notes, reuse=False)
     finally:
         _WARNED.reset(token)
-    ids, labels, classes = state.clip_ids, state.labels, state.classes
-    results = [SearchResult([ids[r] for r in rows], scores.astype(np.float32),
+    every = np.concatenate([rows for rows, _ in answers]) if answers else np.empty(0, dtype=np.int64)
+    ids = iter(store.index.ids_at(every))  # only the id chunks holding the answers are decoded
+    labels, classes = state.labels, state.classes
+    results = [SearchResult([next(ids) for _ in rows], scores.astype(np.float32),
                             [classes[labels[r]] if labels[r] >= 0 else None for r in rows],
                             feature_set, method, asked, info.random_weights, list(notes))
                for (rows, scores), asked in zip(answers, described)]
@@ -343,8 +345,14 @@ def _build_matrix(folder: SidecarDir | None, store: Any, feature_set: str, key: 
 
 
 def _left_out(done: np.ndarray, kept: list[np.ndarray]) -> list[int]:
-    rows = np.concatenate(kept) if kept else np.empty(0, dtype=np.int64)
-    return [int(r) for r in np.setdiff1d(np.flatnonzero(done), rows)]
+    return [int(r) for r in _not_in(done, np.concatenate(kept) if kept else np.empty(0, dtype=np.int64))]
+
+
+def _not_in(done: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Done rows that are not in ``rows`` (a mask: ``np.setdiff1d`` hashes, 0.5 s at 200k rows)."""
+    left = done.copy()
+    left[rows] = False
+    return np.flatnonzero(left)
 
 
 def _matrix_in_memory(store: Any, feature_set: str, notes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -383,9 +391,9 @@ def clip_blocks(store: Any, feature_set: str) -> Iterator[tuple[np.ndarray, np.n
 
 
 def _note_not_finite(store: Any, done: np.ndarray, rows: np.ndarray, notes: list[str] | None) -> None:
-    left = np.setdiff1d(np.flatnonzero(done), rows)
+    left = _not_in(done, rows)
     if len(left):
-        ids = [store.clip_ids[r] for r in left[:5]]
+        ids = store.index.ids_at(left[:5])
         _note(notes, f"{len(left)} done clips hold non-finite values and are left out of the search: "
                      f"{', '.join(ids)}{', ...' if len(left) > 5 else ''}")
 
@@ -553,7 +561,6 @@ class SetState:
 
     done_key: str
     info: Any
-    clip_ids: list[str]
     labels: np.ndarray
     classes: list[str]
 
@@ -572,8 +579,7 @@ def set_state(store: Any, feature_set: str) -> SetState:
     memo = _MEMO.setdefault(store, {})
     state = memo.get(("state", feature_set))
     if state is None or state.done_key != done_key:
-        state = SetState(done_key, store.feature_info(feature_set), store.clip_ids,
-                         np.asarray(store.labels), store.classes)
+        state = SetState(done_key, store.feature_info(feature_set), np.asarray(store.labels), store.classes)
         memo[("state", feature_set)] = state
     return state
 
