@@ -145,7 +145,14 @@ def test_extract_summary_json_on_a_full_disk_keeps_the_previous_summary(tmp_path
             "--num-workers", "0", "--quiet", "--summary-json", str(summary)]
     assert featurestore_main(args) == 0
     before = _snapshot(out)
-    done = _run_limited(["-m", "featurestore", *args], limit=len(before["summary.json"][1]) // 2)
+    # The limit is set just before the summary is written (the run writes its lock record and
+    # rereads the store first, which a limit set at start-up would hit instead): a real RLIMIT_FSIZE,
+    # injected at the one write under test.
+    script = (f"import resource, signal, sys\nimport featurestore.cli as cli\n"
+              f"signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\nreal = cli.atomic_write_text\n"
+              f"def limited(*a, **k):\n    resource.setrlimit(resource.RLIMIT_FSIZE, (8, 8))\n    return real(*a, **k)\n"
+              f"cli.atomic_write_text = limited\nsys.exit(cli.main({args!r}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     line = _one_error_line(done.stderr, f"featurestore extract: error: could not write {summary}: ")
     assert "file-size limit" in line and KEPT in line
