@@ -102,6 +102,7 @@ def test_open_row_and_get_decode_no_string_column(big):
     lookup = [p for p in counts if p.startswith("index/lookup/")]
     assert sum(counts[p] for p in lookup if p.endswith("/table")) == LOOKUP_CHUNK_ROWS  # one table chunk
     assert counts[f"features/{FEAT}/data"] == CHUNK  # the clip's chunk, nothing else of the values
+    assert counts[f"features/{FEAT}/done"] <= 2 * CHUNK  # its done flags, not the whole mask
 
 
 def test_ls_and_feature_info_read_no_string_column_and_no_error_text(big):
@@ -146,6 +147,20 @@ def test_errors_are_read_only_where_rows_are_not_done(tmp_path):
         assert counts[f"features/{FEAT}/errors"] == CHUNK  # the one chunk holding rows not done
         assert store.errors(FEAT) == {clip_id(r): f"bad clip {r}" for r in range(3)}
         assert counts[f"features/{FEAT}/errors"] == 2 * CHUNK
+
+
+def test_a_lookup_that_disagrees_with_the_ids_is_named(tmp_path):
+    path = str(tmp_path / "wrong.zarr")
+    build(path, n=5_000)
+    with open_store(path, "a") as store:
+        assert store.index.lookup_problem() is None
+        table_path = store.attrs[LOOKUP_ATTR]["path"] + "/table"
+        table = store.arrays.read(table_path, 0, 5_000)
+        table[[0, 1], 2] = table[[1, 0], 2]  # two ids swap rows: whole, checksummed, wrong
+        store.arrays.write(table_path, 0, table)
+    with open_store(path) as store:
+        assert store.index.lookup_problem() == (
+            "2 of 5000 lookup entries do not match the clip ids (ids would resolve to wrong rows)")
 
 
 # ------------------------------------------------------------------------------------ old layout
