@@ -430,7 +430,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
-#: Exit code of ``featurestore extract`` after Ctrl-C, as a shell reports a process stopped by SIGINT.
+#: Exit code of a command stopped by Ctrl-C, as a shell reports a process stopped by SIGINT.
 EXIT_INTERRUPTED = 130
 
 
@@ -566,6 +566,12 @@ def run_command(prog: str, command: str, run: Callable[[], int],
         # devnull so the interpreter's final flush does not fail again, and exit as a shell would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        # commands that keep work say what they kept themselves (extract, heads, fusion); the others
+        # only read, or write whole files (temp name + rename), so nothing half-done is left
+        print(f"{prog} {command}: interrupted; nothing half-written was left, rerun the same command",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except failures as err:
         code, message = EXIT_FAILED, error_message(err)
     except usage as err:

@@ -259,3 +259,15 @@ def test_verify_lists_and_removes_temp_files_of_interrupted_writes(tmp_path, cap
     code, out, err = run(capsys, "verify", path, "--remove-leftovers")
     assert code == 0 and "removed 1 temp file" in err and "temp file" not in out
     assert not leftover.exists()
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(capsys):
+    """Commands without their own Ctrl-C message (ls, show, verify, convert, search) say one line."""
+    from featurestore.cli import run_command
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert run_command("featurestore", "verify", interrupted) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("featurestore verify: interrupted; ")
