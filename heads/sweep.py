@@ -337,7 +337,7 @@ class SharedReads:
     checkpoints and resumption); what is saved is every epoch's read of the store after the first.
 
     Memory: one copy of the training and validation rows of the swept feature sets, in their stored
-    dtype (the 12,291-clip CLIP store's three sets: about 0.4 GB); streamed ``heads train`` holds two
+    dtype (the 12,291-clip CLIP store's three sets: about 0.5 GB); streamed ``heads train`` holds two
     read groups instead. Heads that read large inputs (spectrogram_cnn, frame_cnn) and runs with
     ``num_workers`` > 0 (worker processes drop a cache) are not shared: they train as ``heads train`` does.
     """
