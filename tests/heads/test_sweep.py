@@ -184,3 +184,12 @@ def test_trials_share_one_read_of_the_store_and_train_as_if_alone(tiny_store_pat
     # shared, the whole sweep makes one pass; alone, every trial makes one per epoch (8 trials x 2 epochs)
     one_pass = 2 * 2 * 4
     assert reads[True] == one_pass and reads[False] == 8 * 2 * one_pass
+
+
+def test_sweep_help_shows_the_paper_shaped_example(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["sweep", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "--head late_fusion" in out and "--grid lr=0.1,0.01,0.001 --grid hidden=128,256,512 --seeds 0,1,2" in out
+    assert all(flag in out for flag in ("--train-split", "--epochs", "--batch-size", "--set", "--samples", "--metric"))
