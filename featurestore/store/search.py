@@ -65,6 +65,7 @@ from featurestore.store._search_files import SidecarDamage, SidecarDir
 
 APPROX_ABOVE = 24_000_000  # auto: exact search up to this many n_done x dim values (~40 ms a query here), faiss above
 BLOCK_BYTES = 64 * 2**20  # rows read per block while building the clip matrix (about this many bytes)
+ID_BLOCK_ROWS = 65536  # result ids are decoded (and kept) this many rows at a time
 SCORE_BLOCK_BYTES = 64 * 2**20  # a batch of queries is scored this many bytes of scores at a time
 FLAT_BELOW = 4096  # fewer clips than this: a faiss index is a plain flat (exact) index
 CALIBRATION_RECALL = 0.97  # the IVF index visits enough lists to reach this recall@10 on sample queries
@@ -157,7 +158,7 @@ def search(store: Any, feature_set: str, query: Any, k: int = 10, *, method: str
     finally:
         _WARNED.reset(token)
     every = np.concatenate([rows for rows, _ in answers]) if answers else np.empty(0, dtype=np.int64)
-    ids = iter(store.index.ids_at(every))  # only the id chunks holding the answers are decoded
+    ids = iter(state.ids_of(store, every))
     labels, classes = state.labels, state.classes
     results = [SearchResult([next(ids) for _ in rows], scores.astype(np.float32),
                             [classes[labels[r]] if labels[r] >= 0 else None for r in rows],
@@ -563,6 +564,16 @@ class SetState:
     info: Any
     labels: np.ndarray
     classes: list[str]
+    id_blocks: dict[int, list[str]] = field(default_factory=dict)
+
+    def ids_of(self, store: Any, rows: np.ndarray) -> list[str]:
+        """Clip ids of ``rows``, decoding aligned blocks of ``ID_BLOCK_ROWS`` ids once each (kept while
+        the set is unchanged): the id column is never decoded whole for a query, and a warm query
+        whose answers fall in blocks read before decodes nothing."""
+        for block in {int(r) // ID_BLOCK_ROWS for r in rows} - self.id_blocks.keys():
+            start = block * ID_BLOCK_ROWS
+            self.id_blocks[block] = store.index.ids_at(np.arange(start, min(store.n_clips, start + ID_BLOCK_ROWS)))
+        return [self.id_blocks[int(r) // ID_BLOCK_ROWS][int(r) % ID_BLOCK_ROWS] for r in rows]
 
     def key(self, method: str) -> str:
         """What a built matrix/index depends on: fingerprint, shape, done mask + data version, method."""
