@@ -17,9 +17,12 @@ the variants, so a busy machine slows them alike):
   output differs from the float path's (max level difference printed), which is why the bit-exact
   device half does not use it.
 * **bytes per frame through shared memory**, before and now.
+* with ``--device cuda``: ``FramePreprocessor.batched`` on the GPU (ms per frame, synchronised) and
+  its largest difference from the CPU output, in uint8 levels before normalising (issue 21 asks for
+  at most one).
 
 Usage:
-    python scripts/bench/bench_preprocess.py --frames 8 --rounds 7
+    python scripts/bench/bench_preprocess.py --frames 8 --rounds 7 [--device cuda]
 """
 from __future__ import annotations
 
@@ -107,7 +110,26 @@ def handover(tensors: list[torch.Tensor]) -> torch.Tensor:
     return _cat(tensors, shared=True)
 
 
-def measure(name: str, pre: FramePreprocessor, frames: np.ndarray, rounds: int) -> None:
+def measure_device(pre: FramePreprocessor, stack: torch.Tensor, cpu: torch.Tensor, device: torch.device,
+                   rounds: int) -> None:
+    """The batched path on ``device``: ms per frame and its distance from the CPU output in uint8 levels."""
+    on_device = stack.to(device)
+
+    def run() -> torch.Tensor:
+        out = pre.batched(on_device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    got = run().cpu()
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    levels = float(((got - cpu).abs() * std * 255.0).max())
+    ms = best_per_frame({"device": run}, len(stack), rounds)["device"]
+    print(f"  on {device}: {ms:8.3f} ms/frame batched; largest difference from the CPU: {levels:.3f} uint8 levels")
+
+
+def measure(name: str, pre: FramePreprocessor, frames: np.ndarray, rounds: int,
+            device: torch.device | None = None) -> None:
     n = len(frames)
     clips = [frames[i:i + 2] for i in range(0, n, 2)]  # clips of 2 frames, as a decode batch holds them
     stack = torch.from_numpy(frames)
@@ -134,6 +156,8 @@ def measure(name: str, pre: FramePreprocessor, frames: np.ndarray, rounds: int) 
         ratio = f"  ({before / ms:.1f}x cheaper than before)" if label != next(iter(times)) else ""
         print(f"  {label:<50} {ms:8.3f} ms/frame{ratio}")
     print(f"  uint8 resize vs float resize: up to {levels} uint8 levels apart")
+    if device is not None:
+        measure_device(pre, stack, new, device, rounds)
     print(f"  bytes per frame through shared memory: before {old[0].numel() * 4:,} (float32 crop, per encoder "
           f"with its own preprocessing), now {frames[0].size:,} (H x W x 3 uint8, once for every image encoder)")
 
@@ -142,13 +166,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=8, help="decoded 720p frames per measurement")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the best is reported")
+    parser.add_argument("--device", default=None, help="also run the batched path there (e.g. cuda)")
     args = parser.parse_args()
+    device = torch.device(args.device) if args.device else None
+    if device is not None and device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}")
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread; /proc/loadavg before: {Path('/proc/loadavg').read_text().strip()}")
     with tempfile.TemporaryDirectory() as tmp:
         frames = decoded_720p(args.frames, Path(tmp))
     for name, pre in CONFIGS.items():
-        measure(name, pre, frames, args.rounds)
+        measure(name, pre, frames, args.rounds, device)
     print(f"\n/proc/loadavg after: {Path('/proc/loadavg').read_text().strip()}")
 
 
