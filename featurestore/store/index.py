@@ -31,8 +31,11 @@ LOOKUP_ATTR = "index_lookup"  # root attribute: {"path", "n_clips", "key"} of th
 VALUES_ATTR = "index_values"  # root attribute: {"n_clips", "city": [distinct values]} for summaries
 LOOKUP_GROUP = "index/lookup"
 LOOKUP_KEY = "blake2b-128"
-# 4,096 rows x 24 bytes = 96 KiB per table chunk: one chunk per cold lookup, a fence of 245 keys at 1M
-LOOKUP_CHUNK_ROWS = 4096
+# 16,384 rows x 24 bytes = 384 KiB per table chunk, a fence of 62 keys at 1M clips. Measured at 1M
+# (scripts/bench/bench_scale.py --lookup-sweep): one cold id costs the same 1.3-2.5 ms from 1,024 to
+# 65,536 rows; 1,024 ids (the whole table) 306 / 143-187 / 31-49 / 39 ms at 1,024 / 4,096 / 16,384 /
+# 65,536 rows (per-chunk overhead)
+LOOKUP_CHUNK_ROWS = 16384
 # beyond this many ids per call, the whole table is read once (and kept) instead of chunk by chunk
 _BULK_IDS = 64
 _TABLE_CHUNKS_KEPT = 256

@@ -24,6 +24,7 @@ import pytest
 from featurestore import ClipRecord, Manifest, convert_store, create_store, open_store
 from featurestore.cli import describe_store
 from featurestore.errors import UnknownClipError
+from featurestore.store import index
 from featurestore.store.index import LOOKUP_ATTR, LOOKUP_CHUNK_ROWS, VALUES_ATTR
 
 N = 100_000
@@ -194,17 +195,20 @@ def test_convert_gives_an_old_store_a_lookup(tmp_path, dst_name):
         assert store.verify().ok
 
 
-def test_a_reader_whose_lookup_an_append_replaced_still_finds_its_clips(tmp_path):
+def test_a_reader_whose_lookup_an_append_replaced_still_finds_its_clips(tmp_path, monkeypatch):
+    monkeypatch.setattr(index, "LOOKUP_CHUNK_ROWS", 1024)  # a table of three chunks, quickly
     path = str(tmp_path / "grow.zarr")
-    build(path, n=3 * LOOKUP_CHUNK_ROWS)
+    build(path, n=3 * 1024)
+    high = index.id_keys([clip_id(i) for i in range(3 * 1024)])[:, 0]
+    first, last = int(np.argmin(high)), int(np.argmax(high))  # in the table's first and last chunk
     with open_store(path) as reader:
-        assert reader.row(clip_id(1)) == 1  # fence and one table chunk read, lookup "12288" in use
+        assert reader.row(clip_id(first)) == first  # fence and the first table chunk read
         with open_store(path, "a") as writer:
-            writer.append_clips(Manifest("scale", ["a", "b"], clips(3 * LOOKUP_CHUNK_ROWS, 10)))
-            assert writer.arrays.children("index/lookup") == [str(3 * LOOKUP_CHUNK_ROWS + 10)]
-        # another table chunk of the deleted lookup: the reader falls back to its committed ids
-        assert reader.row(clip_id(3 * LOOKUP_CHUNK_ROWS - 1)) == 3 * LOOKUP_CHUNK_ROWS - 1
-        assert reader.index.find([clip_id(3 * LOOKUP_CHUNK_ROWS)]).tolist() == [-1]  # not committed for it
+            writer.append_clips(Manifest("scale", ["a", "b"], clips(3 * 1024, 10)))
+            assert writer.arrays.children("index/lookup") == [str(3 * 1024 + 10)]
+        # the last table chunk of the deleted lookup: the reader falls back to its committed ids
+        assert reader.row(clip_id(last)) == last
+        assert reader.index.find([clip_id(3 * 1024)]).tolist() == [-1]  # not committed for it
 
 
 # ------------------------------------------------------------------------------------------ kills
