@@ -214,6 +214,10 @@ def _sweep_parser(sub: Any) -> None:
     p.add_argument("--no-shared-reads", dest="share_reads", action="store_false",
                    help="read the store for every trial and epoch, as separate 'heads train' runs do (default: the "
                         "linear, embedding_mlp and late_fusion trials share one in-memory read of their splits)")
+    p.add_argument("--no-stack", dest="stack", action="store_false",
+                   help="train linear trials one after another (default: fresh linear trials that differ only in "
+                        "lr, momentum, weight decay, schedule or seed train stacked, one step for all; equal to "
+                        "lone runs within float tolerance, --no-stack bit for bit)")
     _output_flags(p, "the sweep directory, metric, the table's rows and the best configuration")
     p.set_defaults(func=cmd_sweep)
 
@@ -300,7 +304,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise SweepError(f"--samples must be an integer >= 0, got {args.samples}")
     try:
         result = sweep(cfg, grid, seeds=seeds, ranges=ranges, samples=args.samples, sample_seed=args.sample_seed,
-                       metric=args.metric, overwrite=args.overwrite, share_reads=args.share_reads)
+                       metric=args.metric, overwrite=args.overwrite, share_reads=args.share_reads,
+                       stack=args.stack)
     except KeyboardInterrupt:
         raise CommandInterrupted(f"finished trials and committed epochs kept in {cfg.out}, rerun the same command "
                                  f"to resume") from None

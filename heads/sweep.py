@@ -263,7 +263,7 @@ def _head_config_class(head: str) -> type:
 def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *, seeds: Sequence[int] | None = None,
           out: str | Path | None = None, ranges: Mapping[str, Range | str] | None = None, samples: int = 0,
           sample_seed: int = 0, metric: str = "val_accuracy", overwrite: bool = False, store: Any = None,
-          on_trial_end: Any = None, share_reads: bool = True) -> SweepResult:
+          on_trial_end: Any = None, share_reads: bool = True, stack: bool = True) -> SweepResult:
     """Train every configuration of ``grid`` (and ``samples`` draws of ``ranges``) with every seed.
 
     Args:
@@ -277,6 +277,8 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
         on_trial_end: called with ``(trial, TrainResult)`` after each trial.
         share_reads: read each feature row of the small heads' splits from the store once for the whole
             sweep (see `SharedReads`); False trains every trial exactly as ``heads train`` would, reads and all.
+        stack: train fresh trials of a stackable head (linear) together, one step for all (see
+            `heads._stacked`; equal to lone runs within float tolerance); needs ``share_reads``.
 
     Raises:
         SweepError / ConfigError: a bad grid, range, seed or metric (before any training).
@@ -297,8 +299,11 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
         _write_json(out / "sweep.json", _describe(base, grid or {}, ranges, samples, sample_seed, seeds, metric, trials))
         trained, per_trial = 0, []
         shared = SharedReads(opened) if share_reads else None
-        for trial in trials:
-            if shared is not None and shared.can_share(trial.cfg):
+        stacked = _train_stacked_groups(trials, shared, overwrite) if shared is not None and stack else {}
+        for i, trial in enumerate(trials):
+            if i in stacked:
+                result = stacked[i]
+            elif shared is not None and shared.can_share(trial.cfg):
                 result = shared.train(trial.cfg, overwrite=overwrite)
             else:
                 result = train(trial.cfg, opened, overwrite=overwrite)
@@ -310,6 +315,21 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
         best = pick_best(rows, metric, out)
         _write_outputs(out, rows, best, metric)
     return SweepResult(out, metric, trials, rows, best, trained, per_trial)
+
+
+def _train_stacked_groups(trials: list[Trial], shared: SharedReads, overwrite: bool) -> dict[int, Any]:
+    """Results of the trials trained stacked, by their index: fresh stackable trials, grouped by what must be equal."""
+    from heads._stacked import can_stack, group_key, train_stacked
+
+    groups: dict[str, list[int]] = {}
+    for i, trial in enumerate(trials):
+        if shared.can_share(trial.cfg) and can_stack(trial.cfg, overwrite):
+            groups.setdefault(group_key(trial.cfg), []).append(i)
+    results: dict[int, Any] = {}
+    for indices in groups.values():
+        if len(indices) > 1:
+            results.update(zip(indices, train_stacked([trials[i].cfg for i in indices], shared, overwrite=overwrite)))
+    return results
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from heads.cli import main
@@ -75,7 +76,9 @@ def test_sweep_trains_every_trial_and_tables_their_metrics(tiny_store_path, tmp_
                  "--train-split", "train", "--val-split", "val", "--epochs", "2", "--batch-size", "16", "--lr", "0.01",
                  "--set", "l2_normalize=true", "--seed", "1", "--out", str(lone), "-q"]) == 0
     a, b = load_file(lone / "best.safetensors"), load_file(out / CONFIGS[2] / "seed_1" / "best.safetensors")
-    assert all(bool((a[k] == b[k]).all()) for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)  # stacked: float tolerance
+    assert _best_record(lone)["val_logloss"] == pytest.approx(_best_record(out / CONFIGS[2] / "seed_1")["val_logloss"],
+                                                              abs=1e-5)
     # a rerun trains nothing and touches no run file, and prints the same table
     before = _run_files(out)
     capsys.readouterr()
@@ -89,7 +92,8 @@ def test_a_killed_sweep_resumes_to_the_uninterrupted_result(tiny_store_path, tmp
     epochs = 12
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "heads", *_args(tiny_store_path, killed, epochs)], env=env,
+    # --no-stack: trials one after another, so the kill lands between them and the result is bit for bit
+    proc = subprocess.Popen([sys.executable, "-m", "heads", *_args(tiny_store_path, killed, epochs, "--no-stack")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first, second = killed / CONFIGS[0] / "seed_0" / "state.json", killed / CONFIGS[0] / "seed_1" / "state.json"
     deadline = time.monotonic() + 120
@@ -105,8 +109,8 @@ def test_a_killed_sweep_resumes_to_the_uninterrupted_result(tiny_store_path, tmp
     assert proc.returncode == -signal.SIGKILL, "the sweep ended before it could be killed mid-trial"
     state = json.loads(second.read_text())
     assert json.loads(first.read_text())["finished"] and not state["finished"], state
-    assert main(_args(tiny_store_path, killed, epochs)) == 0  # resumes: skips the first, continues the second
-    assert main(_args(tiny_store_path, whole, epochs)) == 0
+    assert main(_args(tiny_store_path, killed, epochs, "--no-stack")) == 0  # skips the first, continues the second
+    assert main(_args(tiny_store_path, whole, epochs, "--no-stack")) == 0
     _same_runs(killed, whole)
     assert (killed / "results.csv").read_text() == (whole / "results.csv").read_text()
     assert os.readlink(killed / "best") == os.readlink(whole / "best")
@@ -193,3 +197,27 @@ def test_sweep_help_shows_the_paper_shaped_example(capsys):
     out = capsys.readouterr().out
     assert "--head late_fusion" in out and "--grid lr=0.1,0.01,0.001 --grid hidden=128,256,512 --seeds 0,1,2" in out
     assert all(flag in out for flag in ("--train-split", "--epochs", "--batch-size", "--set", "--samples", "--metric"))
+
+
+def test_stacked_linear_trials_equal_lone_trials_within_float_tolerance(tiny_store_path, tmp_path):
+    """16 trials differing in lr, weight decay and seed train as one stacked model; each ends where it ends
+    trained alone (--no-stack: bit for bit a lone `heads train`) within float tolerance."""
+    base = ["--grid", "weight_decay=0,0.01", "--seeds", "0,1,2,3"]
+    stacked, alone = tmp_path / "stacked", tmp_path / "alone"
+    assert main(_args(tiny_store_path, stacked, 2, *base)) == 0
+    assert main(_args(tiny_store_path, alone, 2, *base, "--no-stack")) == 0
+    # one more epoch: the stacked trials resume one by one from their checkpoints (momentum buffers included)
+    assert main(_args(tiny_store_path, stacked, 3, *base)) == 0
+    assert main(_args(tiny_store_path, alone, 3, *base, "--no-stack")) == 0
+    runs = sorted(p.relative_to(stacked) for p in stacked.glob("lr=*/seed_*"))
+    assert len(runs) == 2 * 2 * 2 * 4
+    for run in runs:
+        for name in ("best.safetensors", "ckpt/epoch_003.safetensors", "ckpt/epoch_003.optim.safetensors"):
+            a, b = load_file(stacked / run / name), load_file(alone / run / name)
+            assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), run
+        ma = [json.loads(x) for x in (stacked / run / "metrics.jsonl").read_text().splitlines()]
+        mb = [json.loads(x) for x in (alone / run / "metrics.jsonl").read_text().splitlines()]
+        for x, y in zip(ma, mb, strict=True):
+            assert x["val_accuracy"] == y["val_accuracy"] and x["lr"] == y["lr"], run
+            assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) and x["val_logloss"] == pytest.approx(
+                y["val_logloss"], abs=1e-5), run
