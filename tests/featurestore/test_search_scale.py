@@ -226,3 +226,23 @@ def test_the_clip_matrix_is_built_in_one_bounded_pass(clustered, monkeypatch):
     assert building < reading + matrix_bytes / 4, (reading, building, matrix_bytes)
     assert in_memory > building + matrix_bytes / 4, (in_memory, building)  # the measure sees a matrix held whole
     np.testing.assert_allclose(held.matrix, search_mod.clip_vectors(data), atol=1e-6)
+
+
+def test_a_new_process_maps_the_sidecar_and_builds_nothing(store_path):
+    """The first query of a fresh interpreter answers from the memory-mapped .npy written by another."""
+    import subprocess
+    import sys
+
+    path, data = store_path
+    with open_store(path) as store:
+        first = store.search(FEAT, "c002", k=5)
+    assert any(n.startswith("built the clip matrix") for n in first.notes)
+    child = (f"import json\nimport numpy as np\nfrom featurestore import open_store\n"
+             f"from featurestore.store import search as m\n"
+             f"with open_store({str(path)!r}) as s:\n    r = s.search({FEAT!r}, 'c002', k=5)\n"
+             f"    mapped = isinstance(m.clip_matrix(s, {FEAT!r}).matrix, np.memmap)\n"
+             f"print(json.dumps({{'ids': r.clip_ids, 'notes': r.notes, 'mapped': mapped}}))\n")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == {"ids": first.clip_ids, "notes": [], "mapped": True}
