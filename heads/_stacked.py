@@ -59,8 +59,9 @@ def train_stacked(cfgs: list[TrainConfig], shared: Any, *, overwrite: bool = Fal
                 if loader is not None:
                     shared._share(loader)
             state = _open_run_dir(Path(cfg.out), identity, overwrite)
-            trials.append(_Trial(cfg, head.to(device), FiniteBatches.wrap(train_loader),
-                                 FiniteBatches.wrap(val_loader), state))
+            # the shared rows are checked once for NaN/inf; only a loader over non-finite rows checks each batch
+            checked = train_loader if shared.all_finite(train_loader) else FiniteBatches.wrap(train_loader)
+            trials.append(_Trial(cfg, head.to(device), checked, FiniteBatches.wrap(val_loader), state))
         return _Group(trials, device).run()
 
 
@@ -78,6 +79,10 @@ class _Group:
 
         self.trials, self.device = trials, device
         self.template = trials[0].head
+        # trials with the same seed and read groups get the same batches: each distinct loader is read once
+        readers: dict[tuple, int] = {}
+        self.reader_of = [readers.setdefault((t.cfg.seed, t.cfg.shuffle_buffer), k) for k, t in enumerate(trials)]
+        self.readers = sorted(set(self.reader_of))
         params, _ = stack_module_state([t.head for t in trials])
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         self.buffers = {k: torch.zeros_like(v) for k, v in self.params.items()}
@@ -107,19 +112,21 @@ class _Group:
         from heads.train import TrainingDivergedError
 
         cfgs = [t.cfg for t in self.trials]
-        for t in self.trials:
-            t.train_loader.set_epoch(epoch)
+        for r in self.readers:
+            self.trials[r].train_loader.set_epoch(epoch)
         torch.manual_seed(cfgs[0].seed * 100_003 + epoch)  # as the trainer does (nothing random is drawn here)
         self.template.train()
         lr, momentum, decay = ({n: self._column(n, [f(c) for c in cfgs]) for n in self.params} for f in
                                (lambda c: c.lr_at(epoch), lambda c: c.momentum, lambda c: c.weight_decay))
-        total = min(len(t.train_loader) for t in self.trials)
+        total = min(len(self.trials[r].train_loader) for r in self.readers)
         if cfgs[0].max_steps_per_epoch is not None:
             total = min(total, cfgs[0].max_steps_per_epoch)
         sums, seen = [0.0] * len(cfgs), 0
-        for step, batches in enumerate(zip(*(t.train_loader for t in self.trials))):
+        slot = {r: j for j, r in enumerate(self.readers)}
+        for step, read in enumerate(zip(*(self.trials[r].train_loader for r in self.readers))):
             if step >= total:
                 break
+            batches = [read[slot[r]] for r in self.reader_of]
             inputs = [torch.stack([b.inputs[i] for b in batches]).to(self.device) for i in range(len(batches[0].inputs))]
             labels = torch.stack([b.labels for b in batches]).to(self.device)
             losses = self.losses(self.params, inputs, labels)

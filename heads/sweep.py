@@ -366,7 +366,7 @@ class SharedReads:
 
     def __init__(self, store: Any):
         self.store = store
-        self.caches: dict[tuple, list[np.ndarray]] = {}
+        self.caches: dict[tuple, list[Any]] = {}  # arrays per feature set; ("finite", ...): a check per set
 
     def can_share(self, cfg: TrainConfig) -> bool:
         return self.store is not None and cfg.head in self.HEADS and cfg.num_workers == 0
@@ -386,6 +386,15 @@ class SharedReads:
             if loader is not None:
                 self._share(loader)
         return fit(head, train_loader, val_loader, cfg, identity, overwrite=overwrite)
+
+    def all_finite(self, dataset: Any) -> bool:
+        """Whether the shared rows of ``dataset`` (shared already) hold no NaN or infinity: checked once per
+        cache, so trials fed from it need not check every batch (`heads.train.FiniteBatches`)."""
+        key = ("finite", tuple(dataset.features), dataset.rows.tobytes())
+        if key not in self.caches:
+            self.caches[key] = [bool(np.isfinite(a).all()) if np.issubdtype(a.dtype, np.floating) else True
+                                for a in dataset._cached]
+        return all(self.caches[key])
 
     def _share(self, dataset: Any) -> None:
         """Point ``dataset``'s cache at the rows already read (reading them now if no trial has)."""

@@ -221,3 +221,17 @@ def test_stacked_linear_trials_equal_lone_trials_within_float_tolerance(tiny_sto
             assert x["val_accuracy"] == y["val_accuracy"] and x["lr"] == y["lr"], run
             assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) and x["val_logloss"] == pytest.approx(
                 y["val_logloss"], abs=1e-5), run
+
+
+def test_a_nan_in_the_shared_rows_stops_a_stacked_sweep_in_one_line_naming_the_clip(tmp_path, capsys):
+    """The stacked trials check the shared rows once instead of every batch: a NaN must still be refused."""
+    from tests.heads._store import build_store
+    from tests.heads.test_train_reliability import TRAIN_CLIP, TRAIN_ROW, poison
+
+    store = build_store(tmp_path / "s.zarr")
+    poison(store, "clip/RN101", TRAIN_ROW)
+    out = tmp_path / "sw"
+    assert main(_args(store, out, 1)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("heads sweep: error: feature set 'clip/RN101'") and TRAIN_CLIP in err[0]
+    assert not list(out.glob("*/seed_*/best.safetensors"))
