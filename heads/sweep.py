@@ -16,10 +16,12 @@ Layout of a sweep directory::
     DIR/best.json                    that configuration, its metric mean/std and its run directories
 
 ``<config>`` spells the swept values (``lr=0.01,hidden=32x64``), so adding a value to the grid and
-rerunning trains only the new configurations. Trials run one after another in a fixed order
-(configuration-major, then seed), under the lock ``DIR.lock`` so two sweeps never share a directory.
-The small heads' trials share one read of the store (`SharedReads`): each row is read once per
-sweep, not once per trial and epoch, and every trial still trains bit for bit as it would alone.
+rerunning trains only the new configurations. Everything runs under the lock ``DIR.lock``, so two
+sweeps never share a directory. The small heads' trials share one read of the store (`SharedReads`):
+each row is read once per sweep, not once per trial and epoch, bit for bit as if alone. Fresh
+``linear`` trials that differ only in optimizer settings and seed then train stacked, one step for
+all (`heads._stacked`, equal to lone runs within float tolerance); the rest run one after another in a
+fixed order (configuration-major, then seed).
 
 Random search (``ranges`` with ``samples`` N) draws N configurations from ``numpy``'s generator seeded
 by ``sample_seed``, so a rerun draws the same ones (and resumes them); drawn floats are rounded to 3
@@ -352,9 +354,9 @@ class SharedReads:
     holds the stored values, converted to float32 per batch as a streamed read is). So a trial fed from
     the shared cache trains bit for bit like ``heads train`` streaming from the store: each trial's
     loaders are built by `heads.train.make_loaders` for its own config (seed, batch size, read groups),
-    and only their cache is shared, keyed by the feature sets and the rows selected. One trial still
-    trains after another (its own head, optimizer, seed, lr and schedule, `heads.train.fit`'s
-    checkpoints and resumption); what is saved is every epoch's read of the store after the first.
+    and only their cache is shared, keyed by the feature sets and the rows selected. Each trial trains
+    with its own head, optimizer, seed, lr and schedule, `heads.train.fit`'s checkpoints and resumption
+    (or stacked, `heads._stacked`); what is saved is every epoch's read of the store after the first.
 
     Memory: one copy of the training and validation rows of the swept feature sets, in their stored
     dtype (the 12,291-clip CLIP store's three sets: about 0.5 GB); streamed ``heads train`` holds two
