@@ -9,8 +9,8 @@ its peak RSS is its own, and times only its training (not the interpreter and to
 
 - ``one``: one trial, ``heads.train`` (what ``heads train`` does);
 - ``separate``: the 16 trials (lr 4 values x 4 seeds) as 16 ``heads.train`` calls, each reading the store;
-- ``sweep``: the same 16 trials as one ``heads.sweep`` (one shared read of the store);
-- ``unshared``: that sweep with ``share_reads=False`` (each trial reads the store every epoch).
+- ``sweep``: the same 16 trials as one ``heads.sweep`` (one shared read of the store, trained stacked);
+- ``unshared``: that sweep with ``share_reads=False`` (each trial reads the store every epoch, one after another).
 
 Each case first trains one untimed 1-epoch warm-up run (torch's lazy initialisation, the page cache).
 
@@ -123,7 +123,7 @@ def main() -> int:
           f"16 trials = lr {LRS} x seeds {SEEDS}; load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     print("| case | seconds | x one trial | peak RSS MB | x one trial |")
     print("|---|---|---|---|---|")
-    labels = {"one": "one trial (heads.train)", "sweep": "16 trials, one sweep (shared read)",
+    labels = {"one": "one trial (heads.train)", "sweep": "16 trials, one sweep (shared read, stacked)",
               "unshared": "16 trials, one sweep (--no-shared-reads)", "separate": "16 trials, 16 separate runs"}
     for case in CASES:
         r = results[case]
