@@ -266,17 +266,19 @@ class ClipIndex:
         attrs = self.prepare_append(ids, self.column("city").tolist(), 0)  # as one append of every row
         return attrs
 
-    def lookup_problem(self) -> str | None:
+    def lookup_problem(self, clip_ids: Sequence[str] | None = None) -> str | None:
         """How the lookup disagrees with the id column, or None (also None when there is no lookup).
 
         Checksums catch flipped bits in the table; this catches a table that is whole but wrong (one
-        written from other ids), which would send ids to the wrong rows. For ``verify``: it decodes
-        every id and hashes it (about a second a million clips).
+        written from other ids), which would send ids to the wrong rows. For ``verify``: it hashes
+        every id (about a second a million clips); ``clip_ids``, when the caller decoded them
+        already, saves decoding them again.
         """
         if self._lookup() is None:
             return None
         table = self._arrays.read(join(self._lookup()["path"], "table"), 0, self.n_clips)
-        expected = lookup_table(id_keys(self.clip_ids), np.arange(self.n_clips, dtype=np.uint64))
+        ids = self.clip_ids if clip_ids is None else clip_ids
+        expected = lookup_table(id_keys(ids), np.arange(self.n_clips, dtype=np.uint64))
         if table.shape != expected.shape or not np.array_equal(table, expected):
             wrong = int((table != expected).any(axis=1).sum()) if table.shape == expected.shape else self.n_clips
             return (f"{wrong} of {self.n_clips} lookup entries do not match the clip ids "

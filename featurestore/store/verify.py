@@ -423,7 +423,19 @@ def _check_index(store, report: VerifyReport, raw: "_LocalZarrChunks | None") ->
     if len(bad):
         report.problems.append(Problem("index/label", (int(bad[0]), int(bad[-1]) + 1),
                                        f"{len(bad)} label(s) outside -1..{len(classes) - 1}"))
+    if len(ids) == n:
+        _check_lookup(store, report, ids)
     return n
+
+
+def _check_lookup(store, report: VerifyReport, ids: list[str]) -> None:
+    """A persisted id -> row lookup that is whole (its checksums pass) but sends ids to wrong rows."""
+    try:
+        problem = store.index.lookup_problem(ids)
+    except CorruptChunkError:  # a damaged lookup chunk: the chunk pass reports it, naming the rows
+        return
+    if problem:
+        report.problems.append(Problem("index/lookup", None, problem))
 
 
 def _fast_index(store, raw: "_LocalZarrChunks | None") -> tuple[list[str], np.ndarray] | None:

@@ -162,6 +162,10 @@ def test_a_lookup_that_disagrees_with_the_ids_is_named(tmp_path):
     with open_store(path) as store:
         assert store.index.lookup_problem() == (
             "2 of 5000 lookup entries do not match the clip ids (ids would resolve to wrong rows)")
+        report = store.verify()
+    assert not report.ok
+    assert [(p.where, p.what) for p in report.problems if p.where == "index/lookup"] == [
+        ("index/lookup", "2 of 5000 lookup entries do not match the clip ids (ids would resolve to wrong rows)")]
 
 
 # ------------------------------------------------------------------------------------ old layout
