@@ -21,7 +21,7 @@ from typing import IO, Any
 from featurestore.errors import FeatureStoreError
 
 __all__ = ["OutputWriteError", "atomic_path", "atomic_save", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "describe_os_error"]
+           "describe_os_error", "find_os_error"]
 
 
 class OutputWriteError(FeatureStoreError, OSError):
@@ -39,6 +39,17 @@ def describe_os_error(err: OSError) -> str:
     if err.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     return err.strerror or type(err).__name__
+
+
+def find_os_error(err: BaseException | None) -> OSError | None:
+    """The OSError with an errno in ``err`` or its causes/contexts (libraries wrap them), or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _temp_name(path: Path) -> Path:

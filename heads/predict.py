@@ -35,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from featurestore.encoders import resolve_device
-from featurestore.extract.errors import NO_ROOM, find_os_error, store_write_error
+from featurestore.atomic_files import find_os_error
+from featurestore.extract.errors import NO_ROOM, store_write_error
 from featurestore.provenance import file_sha256, is_random_weights
 from featurestore.errors import ReadOnlyStoreError
 from featurestore.store.lock import writer_lock

@@ -11,7 +11,7 @@ import errno
 from featurestore.errors import FeatureStoreError
 
 __all__ = ["DecodeWorkerError", "ExtractionInterrupted", "ExtractionStopped", "SchedulerError", "StoreWriteError",
-           "find_os_error", "hdf5_with_dask", "store_write_error"]
+           "hdf5_with_dask", "store_write_error"]
 
 #: errno values that mean "no room": the disk, a quota, or a file-size limit.
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -46,17 +46,6 @@ def hdf5_with_dask(location: str) -> ValueError:
     """The refusal of an HDF5 store for a Dask run (before the run takes its lock or makes the store)."""
     return ValueError(f"{location}: an HDF5 file cannot be written by several processes; extract into a Zarr "
                       f"store and convert it ('featurestore convert') afterwards")
-
-
-def find_os_error(err: BaseException) -> OSError | None:
-    """The OSError with an errno in ``err`` or its causes/contexts (libraries wrap them), or None."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno is not None:
-            return err
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def store_write_error(store: str, err: OSError, doing: str) -> StoreWriteError:

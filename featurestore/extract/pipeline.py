@@ -41,8 +41,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from featurestore.extract.workers import DecodedBatch, collate, make_decoder, preprocess_on_device
+from featurestore.atomic_files import find_os_error
 from featurestore.extract.errors import (
-    DecodeWorkerError, ExtractionStopped, find_os_error, store_write_error,
+    DecodeWorkerError, ExtractionStopped, store_write_error,
 )
 from featurestore.extract.plan import Plan, Target
 from featurestore.store.store import FeatureStore

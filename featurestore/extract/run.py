@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.atomic_files import find_os_error
 from featurestore.extract.errors import (
     NO_ROOM, DecodeWorkerError, ExtractionInterrupted, ExtractionStopped, SchedulerError, StoreWriteError,
-    find_os_error, hdf5_with_dask, store_write_error,
+    hdf5_with_dask, store_write_error,
 )
 from featurestore.extract.plan import (
     DEFAULT_COMMIT_SECONDS, MAX_BLOCK_CLIPS, Plan, check_commit_seconds, check_inputs, check_targets, make_plan,

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from featurestore.atomic_files import OutputWriteError, describe_os_error
+from featurestore.atomic_files import OutputWriteError, describe_os_error, find_os_error
 from featurestore.store._backend import STRING, backend_for
 from featurestore.store.store import SCHEMA_VERSION, FeatureStore, open_store
 
@@ -109,22 +109,11 @@ def _writing(dst: str, doing: str) -> Iterator[None]:
     except OutputWriteError:
         raise
     except Exception as err:
-        os_error = _os_error_in(err)
+        os_error = find_os_error(err)
         if os_error is None:
             raise
         raise OutputWriteError(f"could not convert into {dst}: {describe_os_error(os_error)} while {doing}; "
                                f"the source is unchanged and no partial copy is left") from err
-
-
-def _os_error_in(err: BaseException) -> OSError | None:
-    """The OSError with an errno in ``err`` or its causes (libraries wrap them), or None."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno is not None:
-            return err
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def _remove(path: Path) -> None:
