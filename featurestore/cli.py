@@ -550,12 +550,15 @@ FAILURE_ERRORS: tuple[type[BaseException], ...] = (MissingFeatureError, CorruptC
 
 def run_command(prog: str, command: str, run: Callable[[], int],
                 usage: tuple[type[BaseException], ...] = USAGE_ERRORS,
-                failures: tuple[type[BaseException], ...] = FAILURE_ERRORS) -> int:
+                failures: tuple[type[BaseException], ...] = FAILURE_ERRORS,
+                interrupted: Callable[[KeyboardInterrupt], str] | None = None) -> int:
     """Run one command; an expected error becomes one line on stderr and an exit code.
 
     ``failures`` exit 1 and ``usage`` exit 2 (``failures`` are matched first, so a subclass of a
-    usage error can still count as a failure). Anything else is a bug and keeps its traceback.
-    The ``featurestore``, ``heads`` and ``fusion`` command lines all report errors through this.
+    usage error can still count as a failure). Ctrl-C is one line, exit 130: ``interrupted(err)``
+    says what was kept (default: the interrupt's own message, else that nothing half-written was
+    left). Anything else is a bug and keeps its traceback. The ``featurestore``, ``heads`` and
+    ``fusion`` command lines all report errors through this.
     """
     try:
         code = run()
@@ -566,10 +569,11 @@ def run_command(prog: str, command: str, run: Callable[[], int],
         # devnull so the interpreter's final flush does not fail again, and exit as a shell would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
-        # commands that keep work say what they kept themselves (extract, heads, fusion); the others
-        # only read, or write whole files (temp name + rename), so nothing half-done is left
-        print(f"{prog} {command}: interrupted; nothing half-written was left, rerun the same command",
+    except KeyboardInterrupt as err:
+        # commands that keep work say what they kept (their interrupt's message, or ``interrupted``);
+        # the others only read, or write whole files (temp name + rename): nothing half-done is left
+        kept = interrupted(err) if interrupted else str(err)
+        print(f"{prog} {command}: interrupted; {kept or 'nothing half-written was left, rerun the same command'}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     except failures as err:

@@ -27,10 +27,6 @@ from fusion.recipe import FusionRecipe, RecipeError
 from fusion.submission import DEFAULT_FILENAME_TEMPLATE
 
 
-#: Exit code after Ctrl-C, as a shell reports a process stopped by SIGINT (128 + 2).
-EXIT_INTERRUPTED = 130
-
-
 def _open(args: argparse.Namespace):
     """The store, read-only; with ``--predictions`` together with the runs of that prediction store."""
     from featurestore import open_store
@@ -260,15 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fusion._validate import NonFiniteProbabilitiesError
 
     args = build_parser().parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _one_line_warning(args.command)
-            return run_command("fusion", args.command, lambda: args.func(args),
-                               usage=(RecipeError, FeatureStoreError, ValueError, OSError),
-                               failures=(OutputWriteError, NonFiniteProbabilitiesError))
-    except KeyboardInterrupt:  # one line, no traceback
-        print(f"fusion {args.command}: interrupted; {_interrupted_kept(args)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning(args.command)
+        return run_command("fusion", args.command, lambda: args.func(args),
+                           usage=(RecipeError, FeatureStoreError, ValueError, OSError),
+                           failures=(OutputWriteError, NonFiniteProbabilitiesError),
+                           interrupted=lambda err: _interrupted_kept(args))  # Ctrl-C: one line
 
 
 def _interrupted_kept(args: argparse.Namespace) -> str:

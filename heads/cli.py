@@ -69,10 +69,6 @@ _FAILURE_ERRORS = (ExtractionStopped, OutputWriteError, CorruptChunkError, NonFi
                    TrainingDivergedError)
 
 
-#: Exit code after Ctrl-C, as a shell reports a process stopped by SIGINT (128 + 2).
-EXIT_INTERRUPTED = 130
-
-
 class CommandInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a command; the message says what was kept and how to resume."""
 
@@ -81,13 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``heads`` and ``python -m heads``; returns the exit code (2: bad input, 1: failed,
     130: interrupted by Ctrl-C)."""
     args = _parser().parse_args(argv)
-    try:
-        return run_command("heads", args.command, lambda: args.func(args), usage=_USAGE_ERRORS,
-                           failures=_FAILURE_ERRORS)
-    except KeyboardInterrupt as err:  # one line, no traceback: what was kept, how to go on
-        kept = str(err) or "nothing was kept; rerun the same command"
-        print(f"heads {args.command}: interrupted; {kept}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    # Ctrl-C: one line, no traceback, what was kept and how to go on (the commands' interrupts say)
+    return run_command("heads", args.command, lambda: args.func(args), usage=_USAGE_ERRORS,
+                       failures=_FAILURE_ERRORS,
+                       interrupted=lambda err: str(err) or "nothing was kept; rerun the same command")
 
 
 def _flag_help(field: str, text: str) -> str:
