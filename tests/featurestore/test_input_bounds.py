@@ -51,11 +51,14 @@ def vm_bytes():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
 resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + %d * 2**20, resource.RLIM_INFINITY))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_kib():  # this process's own peak RSS (ru_maxrss would start from the forking parent's)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+base = hwm_kib()
 result = {}
 """ % HEADROOM_MB
 _REPORT = """
-result["grew_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+result["grew_mb"] = (hwm_kib() - base) / 1024
 print(json.dumps(result))
 """
 
