@@ -352,21 +352,48 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
     writer = _Writer(store, plan.targets)
     writer.start()
     try:
-        lanes = [_Lane(j, t, blocks, plan.batch_size, plan.n_rows, device, writer, stats, decoder.jobs[j].batched)
-                 for j, t in enumerate(plan.targets)]
-        _encode_all(batches, len(decode_batches), lanes, writer, stats, on_progress,
-                    _CommitClock(plan.commit_seconds))
+        try:
+            lanes = [_Lane(j, t, blocks, plan.batch_size, plan.n_rows, device, writer, stats,
+                           decoder.jobs[j].batched) for j, t in enumerate(plan.targets)]
+            _encode_all(batches, len(decode_batches), lanes, writer, stats, on_progress,
+                        _CommitClock(plan.commit_seconds))
+        finally:
+            del batches  # shuts the worker processes down
+            _finish_writer(writer)  # the chunks finished before a failure are still written
     except _WorkerFailed as err:
         raise _stopped(store, str(err)) from None
     except RuntimeError as err:  # torch's DataLoader: a worker died, or no batch within the timeout
         if not str(err).startswith("DataLoader"):
             raise
         raise _stopped(store, _loader_reason(err)) from None
-    finally:
-        del batches  # shuts the worker processes down
-        writer.finish()  # the chunks finished before a failure are still written
+    except (ConnectionError, EOFError) as err:  # a batch's shared memory from a worker that died
+        if not num_workers:
+            raise
+        raise _stopped(store, f"a decoded batch could not be received ({type(err).__name__}): a decode worker "
+                              f"died") from None
     stats.merge(writer.stats)
     return stats
+
+
+def _finish_writer(writer: _Writer) -> None:
+    """``writer.finish()``, waited out even when torch's SIGCHLD handler raises inside the join (a
+    decode worker died meanwhile): the queued chunks are written first, then that error is raised,
+    so the caller reports the dead worker in one line instead of a traceback from the join."""
+    interrupted: RuntimeError | None = None
+    while True:
+        try:
+            if interrupted is None:
+                writer.finish()
+            else:
+                writer.join()
+                writer.check()
+            break
+        except RuntimeError as err:
+            if not str(err).startswith("DataLoader"):
+                raise
+            interrupted = interrupted or err
+    if interrupted is not None:
+        raise interrupted
 
 
 class _WorkerFailed(Exception):
