@@ -13,6 +13,7 @@ assignment raises the package's own ValueError subclass with `describe`'s one-li
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -87,10 +88,8 @@ def parse_field(cls: type, name: str, raw: str) -> Any:
     """
     field_type = _field_types(cls)[name]
     adapter = TypeAdapter(field_type)
-    try:
+    with contextlib.suppress(ValidationError):  # not JSON of that type: try the text itself
         return adapter.validate_json(raw, strict=False)
-    except ValidationError:
-        pass
     try:
         return adapter.validate_python(raw, strict=False)
     except ValidationError as err:

@@ -31,16 +31,16 @@ import numpy as np
 import torch
 
 from featurestore.atomic_files import atomic_write
-from featurestore.clip_files import FilesError
+from featurestore.manifest import MAX_AUDIO_SEGMENTS, MAX_VIDEO_FRAMES
 from featurestore.encode_files import DEFAULT_BATCH_CLIPS, ClipFiles, FileEncoder, group_files
 from featurestore.provenance import fingerprint, fingerprint_matches, is_random_weights, weights_identity
 from heads.errors import FeatureFingerprintError
 from heads.trained import TrainedHead
 
 #: (lowest, highest) value accepted for each size a caller gives, checked before anything is
-#: allocated: 1,000 one-second segments or 256 frames per clip already make a very long clip.
-LIMITS: dict[str, tuple[int, int]] = {"segments": (1, 1000), "frames": (1, 256), "batch_size": (1, 1024),
-                                      "num_workers": (0, 64)}
+#: allocated; segments and frames take the dataset readers' maxima (featurestore.manifest).
+LIMITS: dict[str, tuple[int, int]] = {"segments": (1, MAX_AUDIO_SEGMENTS), "frames": (1, MAX_VIDEO_FRAMES),
+                                      "batch_size": (1, 1024), "num_workers": (0, 64)}
 
 
 def check_sizes(sizes: Mapping[str, Any], names: Mapping[str, str] | None = None) -> None:
@@ -55,16 +55,6 @@ def check_sizes(sizes: Mapping[str, Any], names: Mapping[str, str] | None = None
         low, high = LIMITS[key]
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
             raise ValueError(f"{(names or {}).get(key, key)} must be an integer from {low} to {high}, got {value!r}")
-
-
-def group_clip_files(paths: Iterable[str | Path]) -> list[ClipFiles]:
-    """``group_files``, with a directory called a directory (not "not found")."""
-    paths = [Path(p) for p in paths]
-    directories = [str(p) for p in paths if p.is_dir()]
-    if directories:
-        raise FilesError(f"{len(directories)} argument(s) are directories, not files: {', '.join(directories[:10])}; "
-                         f"give the audio and video files in them (e.g. DIR/*.wav DIR/*.mp4)")
-    return group_files(paths)
 
 
 @dataclass
@@ -189,7 +179,7 @@ class Classifier:
                 run's feature sets need (before any work).
         """
         items = list(files)
-        clips = items if items and all(isinstance(c, ClipFiles) for c in items) else group_clip_files(items)
+        clips = items if items and all(isinstance(c, ClipFiles) for c in items) else group_files(items)
         encoded = self.encoder.encode(clips, progress=progress)
         classified, errors = encoded.ok_clips, dict(encoded.errors)
         if encoded.ok.any():
