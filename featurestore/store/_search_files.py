@@ -140,16 +140,8 @@ def open_checked(folder: SidecarDir, name: str, max_bytes: int) -> Iterator[Bina
             its name says.
     """
     digest = _NAME.fullmatch(name)[2]
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder.fd)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise SidecarDamage("it is a symbolic link") from err
-        raise
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SidecarDamage("it is not a regular file")
+    with _open_file(folder, name, "it") as f:
+        info = os.fstat(f.fileno())
         if info.st_size > max_bytes:
             raise SidecarDamage(f"it holds {info.st_size} bytes, more than the {max_bytes} the feature set can need")
         if _VERIFIED.get(_stamp(info)) != digest:
@@ -389,17 +381,17 @@ def _create(folder: SidecarDir, name: str) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def _open_file(folder: SidecarDir, name: str) -> Iterator[BinaryIO]:
-    """The regular file ``name``, opened without following a link (`SidecarDamage` otherwise)."""
+def _open_file(folder: SidecarDir, name: str, what: str = "its matrix file") -> Iterator[BinaryIO]:
+    """The regular file ``name``, opened without following a link (`SidecarDamage` naming ``what`` otherwise)."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder.fd)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise SidecarDamage("its matrix file is a symbolic link") from err
+            raise SidecarDamage(f"{what} is a symbolic link") from err
         raise
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SidecarDamage("its matrix file is not a regular file")
+            raise SidecarDamage(f"{what} is not a regular file")
         yield f
 
 
