@@ -1,18 +1,15 @@
 """Report figures: confusion matrix and reliability diagram (matplotlib, Agg backend, PNG).
 
 Figures are rendered to PNG bytes in memory, so a caller can write them whole or not at all:
-:func:`plot_confusion` and :func:`plot_reliability` write one file each through ``atomic_write_bytes``;
 :func:`fusion.report.write_report` publishes its figures together with the rest of the report.
 """
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from featurestore.atomic_files import atomic_write_bytes
 from fusion.metrics import ReliabilityBins
 
 
@@ -73,13 +70,3 @@ def reliability_png(curves: Mapping[str, ReliabilityBins], title: str = "") -> b
     ax.set_title(title or "Reliability diagram")
     fig.tight_layout()
     return _png(plt, fig)
-
-
-def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """Write :func:`confusion_png` to ``path`` (whole, or the previous file stays)."""
-    return atomic_write_bytes(path, confusion_png(matrix, classes, title))
-
-
-def plot_reliability(curves: Mapping[str, ReliabilityBins], path: str | Path, title: str = "") -> Path:
-    """Write :func:`reliability_png` to ``path`` (whole, or the previous file stays)."""
-    return atomic_write_bytes(path, reliability_png(curves, title))

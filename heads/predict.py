@@ -43,11 +43,10 @@ from featurestore.store.lock import writer_lock
 from featurestore.store.shared import open_prediction_store, write_problem
 from featurestore.torchdata import StoreDataset
 from heads._registry import head_class
-from heads.checkpoint import read_json, run_file
 from heads.errors import FeatureFingerprintError
 from heads.evaluate import clip_outputs
 from heads.train import class_features_fingerprint
-from heads.trained import load_head
+from heads.trained import load_head, weights_path
 
 __all__ = ["FLUSH_CLIPS", "PredictInterrupted", "PredictResult", "load_head", "predict"]
 
@@ -337,7 +336,7 @@ def _predict(store: Any, out: Any, run_dir: Path, name: str, opt: _Options) -> P
     # absolute, so that `fusion classify` finds the run from any working directory; the weights'
     # hash tells a rerun of this run (resumed) from a retrained one (refused without overwrite)
     attrs.update({"run_dir": str(run_dir.resolve()), "weights": opt.weights,
-                  "weights_sha256": file_sha256(_weights_file(run_dir, opt.weights)), "n_segments": n_segments})
+                  "weights_sha256": file_sha256(weights_path(run_dir, opt.weights)), "n_segments": n_segments})
     out.create_predictions(name, n_segments, attrs, overwrite=opt.overwrite)
     selected = np.arange(store.n_clips) if opt.split is None else store.rows(store.select(split=opt.split))
     todo = selected[~out.prediction_done(name)[selected]]
@@ -349,24 +348,17 @@ def _predict(store: Any, out: Any, run_dir: Path, name: str, opt: _Options) -> P
     errors: dict[str, str] = {}
     with tqdm(total=len(data.rows), desc=f"predict {name}", unit="clip", disable=not opt.progress) as bar:
         for batch in data:
-            out = next(clip_outputs(head, [batch], dev))
-            probs = out.probs if order is None else out.probs[..., order]
+            outputs = next(clip_outputs(head, [batch], dev))  # one batch: its inputs are checked below
+            probs = outputs.probs if order is None else outputs.probs[..., order]
             bad = _non_finite(batch.inputs, probs, features)
-            errors.update({ids[int(out.rows[i])]: message for i, message in bad.items()})
-            keep = np.setdiff1d(np.arange(len(out.rows)), list(bad))
-            writer.add(out.rows[keep], probs[keep])
-            bar.update(len(out.rows))
+            errors.update({ids[int(outputs.rows[i])]: message for i, message in bad.items()})
+            keep = np.setdiff1d(np.arange(len(outputs.rows)), list(bad))
+            writer.add(outputs.rows[keep], probs[keep])
+            bar.update(len(outputs.rows))
         writer.flush()
     result = PredictResult(name, writer.written, data.n_skipped, n_segments, attrs, len(selected) - len(todo), errors)
     tqdm.write(_summary(result), file=sys.stderr)  # stderr: stdout holds only the command's result (--json)
     return result
-
-
-def _weights_file(run_dir: Path, weights: str) -> Path:
-    """The safetensors file ``weights`` (``best`` or ``last``) names in a run directory."""
-    if weights == "best":
-        return run_dir / "best.safetensors"
-    return run_file(run_dir, read_json(run_dir / "state.json")["checkpoint"])
 
 
 def _non_finite(inputs: list[torch.Tensor], probs: np.ndarray, features: list[str]) -> dict[int, str]:

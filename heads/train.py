@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -457,14 +458,15 @@ def _train_epoch(head: Head, loader: Iterable, optimizer: torch.optim.Optimizer,
             break
         batch = batch.to(device)
         loss = loss_fn(head(batch.inputs), batch.labels)
-        if not bool(torch.isfinite(loss.detach())):  # before the step: the weights are still those of the last step
-            raise TrainingDivergedError(f"the training loss became {float(loss.detach())} at epoch {epoch}, step "
+        value = float(loss.detach())  # the step's one host sync, for the check and the epoch's mean
+        if not math.isfinite(value):  # before the step: the weights are still those of the last step
+            raise TrainingDivergedError(f"the training loss became {value} at epoch {epoch}, step "
                                         f"{step + 1}; stopped before saving anything of this epoch (the last "
                                         f"committed checkpoint stays): lower --lr, or check the features")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss.detach()) * len(batch)
+        loss_sum += value * len(batch)
         seen += len(batch)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)

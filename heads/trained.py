@@ -24,6 +24,15 @@ from heads._registry import Head, create_head, head_class
 from heads.checkpoint import CheckpointError, check_shapes, load_weights, read_json, run_file
 
 
+def weights_path(run_dir: Path, weights: str) -> Path:
+    """The safetensors file ``weights`` (``"best"`` or ``"last"``) names in a run directory."""
+    if weights == "best":
+        return run_dir / "best.safetensors"
+    if weights == "last":
+        return run_file(run_dir, read_json(run_dir / "state.json")["checkpoint"])
+    raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+
+
 def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "best") -> tuple[Head, dict]:
     """A trained head (eval mode) and its ``run.json``.
 
@@ -41,12 +50,7 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a training run directory (no run.json)")
     info = read_json(run_dir / "run.json")
-    if weights == "best":
-        path = run_dir / "best.safetensors"
-    elif weights == "last":
-        path = run_file(run_dir, read_json(run_dir / "state.json")["checkpoint"])
-    else:
-        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+    path = weights_path(run_dir, weights)
     name, config = _head_spec(run_dir, info)
     check_shapes(path, _shapes_on_meta(run_dir, name, config), f"the {name} head run.json describes")
     head = create_head(name, **config)
