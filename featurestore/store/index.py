@@ -41,7 +41,6 @@ _BULK_IDS = 64
 _TABLE_CHUNKS_KEPT = 256
 # distinct values kept in VALUES_ATTR per column; a column with more is summarised by reading it
 _MAX_DISTINCT = 1000
-_SUMMARISED = ("city",)
 #: index arrays that are not per-clip columns (``FeatureStore.columns`` leaves them out)
 NOT_COLUMNS = ("split", "lookup")
 

@@ -362,11 +362,14 @@ def _clip_span(store, path: str, start: int, stop: int) -> str:
     """' (clips A .. B)' for a damaged chunk of a feature set or prediction run, when the index reads."""
     if not path.startswith(("features/", "predictions/")):
         return ""
+    stop = min(stop, store.n_clips)
+    if stop <= start:
+        return ""
     try:
-        ids = store.clip_ids[start:stop]
+        first, last = store.index.ids_at([start, stop - 1])  # only the id chunks that hold them
     except Exception:  # noqa: BLE001 - the index's own damage is reported on its own
         return ""
-    return f" (clips {ids[0]} .. {ids[-1]})" if ids else ""
+    return f" (clips {first} .. {last})"
 
 
 def _rows_or_none(store) -> int | None:
