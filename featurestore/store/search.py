@@ -151,10 +151,12 @@ def search(store: Any, feature_set: str, query: Any, k: int = 10, *, method: str
     token = _WARNED.set(set())
     try:
         try:
-            answers = _top_k(store, feature_set, method, vectors, int(k), excludes, nprobe, notes, reuse=True)
+            answers = _top_k(store, feature_set, state.key(method), method, vectors, int(k), excludes, nprobe,
+                             notes, reuse=True)
         except SidecarDamage as damage:  # an index gave a "cosine" outside [-1, 1]: never served
             _warn(f"the {method} search index of {feature_set!r} {damage}; rebuilding it from the store")
-            answers = _top_k(store, feature_set, method, vectors, int(k), excludes, nprobe, notes, reuse=False)
+            answers = _top_k(store, feature_set, state.key(method), method, vectors, int(k), excludes, nprobe,
+                             notes, reuse=False)
     finally:
         _WARNED.reset(token)
     every = np.concatenate([rows for rows, _ in answers]) if answers else np.empty(0, dtype=np.int64)
@@ -179,12 +181,14 @@ def clip_vectors(segments: np.ndarray) -> np.ndarray:
     return mean / np.maximum(norm, 1e-12)
 
 
-def _top_k(store: Any, feature_set: str, method: str, vectors: np.ndarray, k: int, excludes: list[int | None],
-           nprobe: int | None, notes: list[str], reuse: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Rows and scores of the ``k`` best per query; ``reuse=False`` builds the index anew from the store."""
+def _top_k(store: Any, feature_set: str, key: str, method: str, vectors: np.ndarray, k: int,
+           excludes: list[int | None], nprobe: int | None, notes: list[str],
+           reuse: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows and scores of the ``k`` best per query; ``reuse=False`` builds the index anew from the store.
+    ``key`` is the set's key for ``method``, worked out once per query by the caller."""
     if method == "exact":
-        return clip_matrix(store, feature_set, notes, reuse=reuse).top_k(vectors, k, excludes)
-    return faiss_index(store, feature_set, notes, reuse=reuse).top_k(vectors, k, excludes, nprobe)
+        return clip_matrix(store, feature_set, notes, reuse=reuse, key=key).top_k(vectors, k, excludes)
+    return faiss_index(store, feature_set, notes, reuse=reuse, key=key).top_k(vectors, k, excludes, nprobe)
 
 
 def check_cosines(scores: np.ndarray) -> None:
@@ -297,10 +301,12 @@ class ClipMatrix:
         return self.rows[top], scores[top]
 
 
-def clip_matrix(store: Any, feature_set: str, notes: list[str] | None = None, *, reuse: bool = True) -> ClipMatrix:
+def clip_matrix(store: Any, feature_set: str, notes: list[str] | None = None, *, reuse: bool = True,
+                key: str | None = None) -> ClipMatrix:
     """The clip matrix of a feature set: from this process's memo, the sidecar files (memory-mapped),
-    or built now in one streaming pass (always built when ``reuse`` is False)."""
-    key = set_key(store, feature_set, "exact")
+    or built now in one streaming pass (always built when ``reuse`` is False). ``key``: the set's
+    exact-search key when the caller has it (`SetState.key`)."""
+    key = key or set_key(store, feature_set, "exact")
     memo = _MEMO.setdefault(store, {})
     held = memo.get(("exact", feature_set))
     if reuse and held is not None and held.key == key:
@@ -466,10 +472,11 @@ def faiss_available() -> bool:
     return True
 
 
-def faiss_index(store: Any, feature_set: str, notes: list[str] | None = None, *, reuse: bool = True) -> FaissIndex:
+def faiss_index(store: Any, feature_set: str, notes: list[str] | None = None, *, reuse: bool = True,
+                key: str | None = None) -> FaissIndex:
     """The faiss index of a feature set: from this process's memo, the sidecar file, or built now
-    (always built when ``reuse`` is False)."""
-    key = set_key(store, feature_set, "faiss")
+    (always built when ``reuse`` is False). ``key``: the set's faiss key when the caller has it."""
+    key = key or set_key(store, feature_set, "faiss")
     return _cached(store, feature_set, "faiss", key, lambda: build_faiss_index(store, feature_set, key, notes),
                    reuse, notes)
 
@@ -565,6 +572,7 @@ class SetState:
     labels: np.ndarray
     classes: list[str]
     id_blocks: dict[int, list[str]] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # method -> key, worked out once per state
 
     def ids_of(self, store: Any, rows: np.ndarray) -> list[str]:
         """Clip ids of ``rows``, decoding aligned blocks of ``ID_BLOCK_ROWS`` ids once each (kept while
@@ -577,8 +585,10 @@ class SetState:
 
     def key(self, method: str) -> str:
         """What a built matrix/index depends on: fingerprint, shape, done mask + data version, method."""
-        text = json.dumps([self.info.fingerprint, list(self.info.shape), method, FLAT_BELOW, self.done_key])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        if method not in self.keys:
+            text = json.dumps([self.info.fingerprint, list(self.info.shape), method, FLAT_BELOW, self.done_key])
+            self.keys[method] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self.keys[method]
 
 
 def set_state(store: Any, feature_set: str) -> SetState:
