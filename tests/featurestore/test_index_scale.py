@@ -131,6 +131,19 @@ def test_every_id_resolves_to_the_row_the_id_dict_gives(big):
     assert store.index.find(["nope", clip_id(N), clip_id(7) + "x"]).tolist() == [-1, -1, -1]
 
 
+def test_a_loop_of_single_lookups_turns_into_one_dict(big):
+    """Warm gets stay a dict lookup: once single lookups add up to a sixteenth of the index, the id
+    column is decoded once and later lookups read nothing (bench_store's warm get floor)."""
+    ids = [clip_id(i) for i in range(N)]
+    with open_store(big) as store:
+        counts = counting(store)
+        assert [store.row(ids[i]) for i in range(N // 16 + 1)] == list(range(N // 16 + 1))
+        assert counts["index/clip_id"] == N  # decoded once, whole
+        before = dict(counts)
+        assert [store.row(ids[i]) for i in range(N - 100, N)] == list(range(N - 100, N))
+        assert dict(counts) == before
+
+
 def test_unknown_id_is_refused_through_the_lookup(big):
     with open_store(big) as store:
         with pytest.raises(UnknownClipError, match="clip-000007-7"):
