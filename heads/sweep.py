@@ -47,6 +47,7 @@ import numpy as np
 
 from featurestore.atomic_files import atomic_write_text
 from featurestore.typed_config import field_names, parse_field
+from heads.checkpoint import write_json
 from heads.config import ConfigError, TrainConfig
 
 #: Metrics read from a trial's best epoch (the trainer picks it by validation accuracy); the table has each.
@@ -298,7 +299,7 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
     trials = make_trials(base, configurations(dict(grid or {}), ranges, samples, sample_seed), seeds, out)
     with run_lock(out), _opened(store, base) as opened:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "sweep.json", _describe(base, grid or {}, ranges, samples, sample_seed, seeds, metric, trials))
+        write_json(out / "sweep.json", _describe(base, grid or {}, ranges, samples, sample_seed, seeds, metric, trials))
         trained, per_trial = 0, []
         shared = SharedReads(opened) if share_reads else None
         stacked = _train_stacked_groups(trials, shared, overwrite) if shared is not None and stack else {}
@@ -508,15 +509,11 @@ def _cell(value: float | None) -> str:
 
 def _write_outputs(out: Path, rows: list[dict[str, Any]], best: dict[str, Any] | None, metric: str) -> None:
     atomic_write_text(out / "results.csv", csv_text(rows))
-    _write_json(out / "results.json", {"metric": metric, "rows": rows, "best": best})
+    write_json(out / "results.json", {"metric": metric, "rows": rows, "best": best})
     atomic_write_text(out / "results.md", markdown_table(rows, metric) + "\n")
     if best is not None:
-        _write_json(out / "best.json", best)
+        write_json(out / "best.json", best)
         _point_best(out, best["config"])
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _point_best(out: Path, config: str) -> None:
