@@ -35,23 +35,73 @@ def test_images_are_normalised_and_only_augmented_in_training():
     augmented = head.images(same)
     # every frame gets its own random draw, not one per batch
     assert len({tuple(a.flatten()[:50].tolist()) for a in augmented}) == 6
+    from heads.frame_cnn import AugmentParams
+
+    params = AugmentParams.draw(head.cfg, same[:2])
+    assert params.angle[0] != params.angle[1] and params.scale[0] != params.scale[1]
+    assert params.sigma[0] != params.sigma[1]
     off = heads.create_head("frame_cnn", **SMALL, augment=False).train()
     assert torch.equal(off.images(frames), off.eval().images(frames))
 
 
-def test_the_augmentation_is_the_papers():
-    """RandomAffine(10, translate 0.1, scale 0.5-1.5), ColorJitter (PyTorch defaults: identity, so not
-    built), GaussianBlur(11), then RandomErasing (p 0.5) after normalisation: torchvision v2 objects."""
+def test_the_batched_augmentation_equals_torchvisions_transforms_for_the_same_parameters():
+    """RandomAffine (nearest, zero fill), ColorJitter, GaussianBlur(11) and RandomErasing, per frame in
+    torchvision's functional API vs the head's batched versions, on a non-square batch."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from heads.frame_cnn import affine, color_jitter, erase_boxes, gaussian_blur
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 24, 30)
+    angle, scale = torch.tensor([7.3, -4.1, 0.0]), torch.tensor([0.77, 1.31, 1.0])
+    shift = torch.tensor([[3.0, -2.0], [0.0, 4.0], [-1.0, 0.0]])
+    sigma = torch.tensor([0.3, 1.1, 1.9])
+    jitter = torch.tensor([[1.2, 0.8, 1.3, 0.05], [0.7, 1.1, 0.9, -0.1], [1.0, 1.0, 1.0, 0.0]])
+    boxes = torch.tensor([[2, 3, 5, 7], [0, 0, 0, 0], [10, 20, 14, 10]])
+    moved, blurred = affine(x, angle, shift, scale), gaussian_blur(x, sigma, 11)
+    jittered, erased = color_jitter(x, jitter, [0.4, 0.4, 0.4, 0.1]), erase_boxes(x, boxes)
+    for i in range(3):
+        ref = TF.affine(x[i], angle=float(angle[i]), translate=[int(v) for v in shift[i]], scale=float(scale[i]),
+                        shear=[0.0, 0.0], interpolation=InterpolationMode.NEAREST)
+        assert (moved[i] == ref).float().mean() > 0.99  # float rounding may move a sample at a pixel edge
+        torch.testing.assert_close(blurred[i], TF.gaussian_blur(x[i], [11, 11], [float(sigma[i])] * 2))
+        b, c, s, h = (float(v) for v in jitter[i])
+        ref = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], b), c), s), h)
+        torch.testing.assert_close(jittered[i], ref, atol=1e-5, rtol=0)
+        top, left, height, width = (int(v) for v in boxes[i])
+        ref = TF.erase(x[i], top, left, height, width, torch.zeros(1, 1, 1)) if height else x[i]
+        assert torch.equal(erased[i], ref)
+
+
+def test_per_frame_parameters_are_drawn_from_torchvisions_distributions():
+    """Two-sample KS tests of the head's batched draws against torchvision's own per-call draws
+    (RandomAffine, GaussianBlur, RandomErasing with the paper's settings), and their ranges."""
+    from scipy.stats import ks_2samp
     from torchvision.transforms import v2
 
-    head = heads.create_head("frame_cnn", **SMALL)
-    affine, blur = head._geometric.transforms
-    assert isinstance(affine, v2.RandomAffine) and isinstance(blur, v2.GaussianBlur)
-    assert (affine.degrees, affine.translate, affine.scale) == ([-10.0, 10.0], (0.1, 0.1), (0.5, 1.5))
-    assert tuple(blur.kernel_size) == (11, 11)
-    assert isinstance(head._erase, v2.RandomErasing) and head._erase.p == 0.5
-    jitter = heads.create_head("frame_cnn", **SMALL, color_jitter=[0.4, 0.4, 0.4, 0.1])._geometric.transforms
-    assert [type(t) for t in jitter] == [v2.RandomAffine, v2.ColorJitter, v2.GaussianBlur]
+    from heads.frame_cnn import AugmentParams, FrameCNNConfig
+
+    cfg, n, frame = FrameCNNConfig(**SMALL), 4000, torch.zeros(3, 32, 32)
+    torch.manual_seed(1)
+    ours = AugmentParams.draw(cfg, torch.zeros(n, 3, 32, 32))
+    affine_tv, blur_tv = v2.RandomAffine(10, (0.1, 0.1), (0.5, 1.5)), v2.GaussianBlur(11, (0.1, 2.0))
+    erase_tv = v2.RandomErasing(p=1.0)
+    theirs = [affine_tv.make_params([frame]) for _ in range(800)]
+    boxes = [erase_tv.make_params([frame]) for _ in range(800)]
+    checks = {"angle": (ours.angle, [t["angle"] for t in theirs]),
+              "tx": (ours.shift[:, 0], [t["translate"][0] for t in theirs]),
+              "scale": (ours.scale, [t["scale"] for t in theirs]),
+              "sigma": (ours.sigma, [blur_tv.make_params([frame])["sigma"][0] for _ in range(800)]),
+              "erased height": (ours.boxes[ours.boxes[:, 2] > 0, 2].float(), [b["h"] for b in boxes]),
+              "erased top": (ours.boxes[ours.boxes[:, 2] > 0, 0].float(), [b["i"] for b in boxes])}
+    for name, (mine, ref) in checks.items():
+        assert ks_2samp(mine.numpy(), np.asarray(ref, dtype=float)).pvalue > 1e-3, name
+    assert ours.angle.abs().max() <= 10 and set(ours.shift.unique().tolist()) <= set(range(-3, 4))
+    assert 0.5 <= ours.scale.min() and ours.scale.max() <= 1.5 and 0.1 <= ours.sigma.min() and ours.sigma.max() <= 2
+    assert abs(float((ours.boxes[:, 2] > 0).float().mean()) - 0.5) < 0.05  # erasing_p 0.5
+    top, left, height, width = ours.boxes.T
+    assert bool(((top + height <= 32) & (left + width <= 32)).all())
 
 
 def test_resize_to_image_size_and_wrong_shapes_are_named():
