@@ -5,9 +5,11 @@ from featurestore.errors import (
 )
 from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
 from featurestore.store import FeatureInfo, FeatureStore, VerifyReport, convert_store, create_store, open_store
+from featurestore.view import view  # the browser viewer (featurestore.view(store); the web stack loads on start)
 
 __all__ = [
     "TAU_CLASSES", "ClipRecord", "CorruptChunkError", "FeatureInfo", "FeatureStore", "FeatureStoreError",
     "FingerprintMismatchError", "Manifest", "MissingChunkError", "MissingFeatureError", "ReadOnlyStoreError", "StoreFormatError",
     "UnknownClipError", "UnknownFeatureError", "UnknownValueError", "VerifyReport", "convert_store", "create_store", "open_store",
+    "view",
 ]

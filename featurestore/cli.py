@@ -327,6 +327,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ----------------------------------------------------------------------------------------- view
+def cmd_view(args: argparse.Namespace) -> int:
+    """``view STORE``: the store in the browser until Ctrl-C (`featurestore.view`, docs/view.md)."""
+    from featurestore.view import view
+
+    view(args.store, host=args.host, port=args.port, feature_sets=args.feature_set, method=args.method,
+         recipes=args.recipe or ())
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
     with open_store(args.store, "r") as store:
@@ -521,6 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the text tower runs (cpu, cuda, auto)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("view", help="the store in the browser: embedding map, clip pages, search, confusion matrix")
+    add_store_argument(p, where)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others warn: no login)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free one)")
+    p.add_argument("--feature-set", action="append", help="embedding set(s) to map (default: every vector set)")
+    p.add_argument("--method", default="pca", choices=["pca", "umap"], help="map projection (umap needs umap-learn)")
+    p.add_argument("--recipe", action="append", help="fusion recipe whose fused output to show (needs fusion)")
+    p.set_defaults(func=cmd_view)
 
     p = sub.add_parser("extract", help="run encoders over a dataset into a store (resumable)",
                        description="Run encoders over a dataset into a store (resumable).")

@@ -1,0 +1,171 @@
+"""The web app: Starlette routes over `featurestore.view.data`, every script served from here.
+
+Routes take clip ids and names as query parameters, never paths: ``clip?id=...``,
+``media?id=...&kind=audio``. A percent-encoded slash or ``..`` is then just part of an id the index
+does not hold (404). The store is read under one lock: a `FeatureStore` keeps caches that are not
+made for concurrent threads, and Starlette runs plain endpoints in a thread pool.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from featurestore.errors import FeatureStoreError, UnknownClipError, UnknownFeatureError
+from featurestore.view._deps import plotly_js
+from featurestore.view.data import ViewState, clip_page, colour_options, confusion, map_points, search
+from featurestore.view.images import frame_strip, logmel_image, png
+from featurestore.view.media import MediaMissing, MediaRefused, content_type, media_path
+
+STATIC = Path(__file__).parent / "static"
+LOCAL_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
+
+
+def create_app(state: ViewState, local_only: bool = True) -> Any:
+    """The Starlette app over ``state``; ``local_only`` refuses other Host headers (DNS rebinding)."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.gzip import GZipMiddleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.routing import Route
+
+    lock = threading.Lock()
+    handlers = _Handlers(state, lock)
+    routes = [Route("/", handlers.index), Route("/clip", handlers.clip), Route("/media", handlers.media),
+              Route("/frames.png", handlers.frames), Route("/logmel.png", handlers.logmel),
+              Route("/api/info", handlers.info), Route("/api/points", handlers.points),
+              Route("/api/confusion", handlers.confusion), Route("/api/search", handlers.search),
+              Route("/static/{name}", handlers.static), Route("/favicon.ico", handlers.no_icon)]
+    middleware = [Middleware(GZipMiddleware, minimum_size=1024)]
+    if local_only:
+        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS))
+    return Starlette(routes=routes, middleware=middleware)
+
+
+class _Handlers:
+    """Plain (thread-pool) endpoints; each maps the store's errors to a 404/400 with their one line."""
+
+    def __init__(self, state: ViewState, lock: threading.Lock):
+        self.state, self.lock = state, lock
+        self.statics = {"plotly.min.js": plotly_js(), "view.js": STATIC / "view.js", "view.css": STATIC / "view.css"}
+
+    def _answer(self, make: Callable[[], Any]) -> Any:
+        from starlette.responses import PlainTextResponse
+
+        try:
+            with self.lock:
+                return make()
+        except (UnknownClipError, UnknownFeatureError, MediaRefused, MediaMissing) as err:
+            return PlainTextResponse(_one_line(err), status_code=404)
+        except (FeatureStoreError, ValueError, KeyError) as err:
+            return PlainTextResponse(_one_line(err), status_code=400)
+
+    def index(self, request: Any) -> Any:
+        from starlette.responses import FileResponse
+
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    def no_icon(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        return Response(status_code=204)
+
+    def static(self, request: Any) -> Any:
+        from starlette.responses import FileResponse, PlainTextResponse
+
+        path = self.statics.get(request.path_params["name"])
+        if path is None:
+            return PlainTextResponse("not found", status_code=404)
+        return FileResponse(path, headers={"Cache-Control": "max-age=86400"})
+
+    def clip(self, request: Any) -> Any:
+        from starlette.responses import HTMLResponse
+
+        from featurestore.view.pages import clip_html
+
+        q = request.query_params
+        return self._answer(lambda: HTMLResponse(clip_html(clip_page(self.state, q.get("id", ""),
+                                                                     self._set(q.get("set"))))))
+
+    def media(self, request: Any) -> Any:
+        from starlette.responses import FileResponse
+
+        q = request.query_params
+
+        def serve() -> Any:
+            path = media_path(self.state.store, q.get("id", ""), q.get("kind", ""))
+            return FileResponse(path, media_type=content_type(path))
+
+        return self._answer(serve)
+
+    def frames(self, request: Any) -> Any:
+        return self._answer(lambda: _png(self._frames(request.query_params.get("id", ""))))
+
+    def _frames(self, clip_id: str) -> Any:
+        from featurestore.view.data import _frames_source
+
+        store = self.state.store
+        source = _frames_source(store, store.row(clip_id))
+        if source is None:
+            raise MediaMissing(f"clip {clip_id!r} has no frames")
+        if source != "video":
+            return frame_strip(store.get(source, clip_id), channels_first=True)
+        from featurestore.decode.video import sample_frames
+
+        n = int(store.attrs.get("video_frames") or 5)
+        return frame_strip(sample_frames(media_path(store, clip_id, "video"), n), channels_first=False)
+
+    def logmel(self, request: Any) -> Any:
+        q = request.query_params
+        return self._answer(lambda: _png(logmel_image(self.state.store.get(q.get("set", ""), q.get("id", "")))))
+
+    def info(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        return self._answer(lambda: JSONResponse(self._info()))
+
+    def _info(self) -> dict[str, Any]:
+        store = self.state.store
+        return {"store": str(store.location), "n_clips": store.n_clips, "classes": list(store.classes),
+                "feature_sets": {name: {"method": p.method, "n": len(p.rows)} for name, p in self.state.projections.items()},
+                "colours": colour_options(self.state), "outputs": list(self.state.sources), "splits": store.splits()}
+
+    def points(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        q = request.query_params
+        return self._answer(lambda: JSONResponse(map_points(self.state, self._set(q.get("set")), q.get("colour", "label"))))
+
+    def confusion(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        q = request.query_params
+        return self._answer(lambda: JSONResponse(confusion(self.state, q.get("source", ""), q.get("split") or None)))
+
+    def search(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        q = request.query_params
+        return self._answer(lambda: JSONResponse(search(self.state, self._set(q.get("set")), q.get("q", ""))))
+
+    def _set(self, name: str | None) -> str | None:
+        """The map set asked for (first one by default); an unknown name is UnknownFeatureError."""
+        sets = self.state.projections
+        if not name:
+            return next(iter(sets), None)
+        if name not in sets:
+            raise UnknownFeatureError("feature set on the map", name, list(sets))
+        return name
+
+
+def _png(rgb: Any) -> Any:
+    from starlette.responses import Response
+
+    return Response(png(rgb), media_type="image/png")
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and len(err.args) == 1 and type(err).__str__ is KeyError.__str__ \
+        else str(err)
+    return text.splitlines()[0] if text else type(err).__name__

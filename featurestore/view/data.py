@@ -1,0 +1,196 @@
+"""What the viewer's pages show, as plain data: map points, one clip, a confusion matrix, a search.
+
+Kept apart from the web app (`featurestore.view.app`) so tests and the benchmark call it directly.
+Every function reads through the store's public API; nothing here writes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featurestore.errors import MissingFeatureError
+from featurestore.view.images import frame_sets, logmel_sets
+from featurestore.view.media import KINDS, MediaMissing, MediaRefused, index_value, media_path
+from featurestore.view.outputs import Source
+from featurestore.view.projection import Projection
+
+NEIGHBOURS = 8
+PLAIN_COLOURS = ("label", "city", "split")
+
+
+@dataclass
+class ViewState:
+    """What the app holds while it runs: the open store, the map's sets and the outputs it can show."""
+
+    store: Any
+    projections: dict[str, Projection]
+    sources: dict[str, Source]
+    index: dict[str, np.ndarray] = field(default_factory=dict)  # label, city, split columns, read once
+
+    def labels(self) -> np.ndarray:
+        """Class index of every row (-1: no label), read once."""
+        if "label_index" not in self.index:
+            self.index["label_index"] = np.asarray(self.store.labels, dtype=np.int64)
+        return self.index["label_index"]
+
+    def column(self, name: str) -> np.ndarray:
+        """An index column for every row (``label``, ``city``, ``split``: first split the clip is in)."""
+        if name not in self.index:
+            self.index[name] = _read_column(self.store, name)
+        return self.index[name]
+
+
+def _read_column(store: Any, name: str) -> np.ndarray:
+    if name == "label":
+        classes = np.array([*store.classes, "(no label)"], dtype=object)
+        return classes[np.asarray(store.labels, dtype=np.int64)]  # -1 picks "(no label)"
+    if name == "split":
+        out = np.full(store.n_clips, "(none)", dtype=object)
+        for split in reversed(store.splits()):
+            out[store.column(f"split/{split}").astype(bool)] = split
+        return out
+    return np.asarray(store.column(name), dtype=object)
+
+
+# ------------------------------------------------------------------------------------- the map
+def colour_options(state: ViewState) -> list[str]:
+    """What the map can colour by: index columns, then each output's predicted class and right/wrong."""
+    return [*PLAIN_COLOURS, *(f"{kind}:{name}" for name in state.sources for kind in ("predicted", "correct"))]
+
+
+def map_points(state: ViewState, feature_set: str, colour: str = "label") -> dict[str, Any]:
+    """Positions, clip ids and one group per point, for one WebGL trace per group."""
+    proj = state.projections[feature_set]
+    groups = colour_values(state, proj.rows, colour)
+    names, codes = np.unique(groups.astype(str), return_inverse=True)
+    ids = state.store.index.ids_at(proj.rows)
+    return {"feature_set": feature_set, "method": proj.method, "colour": colour, "ids": ids,
+            "x": proj.xy[:, 0].round(5).tolist(), "y": proj.xy[:, 1].round(5).tolist(),
+            "groups": names.tolist(), "group": codes.tolist()}
+
+
+def colour_values(state: ViewState, rows: np.ndarray, colour: str) -> np.ndarray:
+    """The group name of each row under ``colour`` (see `colour_options`)."""
+    if colour in PLAIN_COLOURS:
+        return state.column(colour)[rows]
+    kind, _, source = colour.partition(":")
+    if kind not in ("predicted", "correct") or source not in state.sources:
+        raise ValueError(f"cannot colour by {colour!r}; choose one of {', '.join(colour_options(state))}")
+    pred = predicted_classes(state, source, rows)
+    classes = np.array([*state.store.classes, "(not predicted)"], dtype=object)
+    if kind == "predicted":
+        return classes[pred]
+    labels = state.labels()[rows]
+    out = np.where(pred == labels, "right", "wrong").astype(object)
+    out[(pred < 0) | (labels < 0)] = "(no prediction or label)"
+    return out
+
+
+def predicted_classes(state: ViewState, source: str, rows: np.ndarray) -> np.ndarray:
+    """The source's predicted class of each row; -1 where it has no answer."""
+    src = state.sources[source]
+    covered = np.asarray(src.covered(), dtype=bool)[rows]
+    out = np.full(len(rows), -1, dtype=np.int64)
+    if covered.any():
+        out[covered] = src.score(state.store.index.ids_at(rows[covered])).argmax(axis=1)
+    return out
+
+
+# ------------------------------------------------------------------------------------ one clip
+def clip_page(state: ViewState, clip_id: str, feature_set: str | None) -> dict[str, Any]:
+    """Everything the clip page shows (UnknownClipError for an id not in the store)."""
+    store = state.store
+    row = store.row(clip_id)
+    label = int(state.labels()[row])
+    splits = [s for s in store.splits() if bool(store.arrays.read(f"index/split/{s}", row, row + 1)[0])]
+    return {"clip_id": clip_id, "row": row, "label": store.classes[label] if label >= 0 else None,
+            "city": index_value(store, "city", row), "location": index_value(store, "location", row),
+            "splits": splits, "media": {kind: media_note(store, clip_id, kind) for kind in KINDS},
+            "frames": _frames_source(store, row), "logmel": _first_done(store, logmel_sets(store), row),
+            "outputs": clip_outputs(state, clip_id, row), "classes": list(store.classes),
+            "neighbours": neighbours(store, feature_set, clip_id) if feature_set else None,
+            "feature_set": feature_set}
+
+
+def media_note(store: Any, clip_id: str, kind: str) -> dict[str, Any]:
+    """``{"ok": True}`` when the file can be served, else ``{"ok": False, "note": why}``."""
+    try:
+        media_path(store, clip_id, kind)
+        return {"ok": True}
+    except (MediaMissing, MediaRefused) as err:
+        return {"ok": False, "note": str(err)}
+
+
+def _frames_source(store: Any, row: int) -> str | None:
+    """Where the frames come from: a stored frames set, ``video`` (decoded), or None."""
+    stored = _first_done(store, frame_sets(store), row)
+    if stored:
+        return stored
+    return "video" if index_value(store, "video_path", row) else None
+
+
+def _first_done(store: Any, sets: list[str], row: int) -> str | None:
+    return next((name for name in sets if store.done_mask(name)[row]), None)
+
+
+def clip_outputs(state: ViewState, clip_id: str, row: int) -> dict[str, list[float]]:
+    """Clip-level probabilities of every source that covers the clip."""
+    out = {}
+    for name, src in state.sources.items():
+        if bool(np.asarray(src.covered())[row]):
+            out[name] = [float(p) for p in src.score([clip_id])[0]]
+    return out
+
+
+def neighbours(store: Any, feature_set: str, clip_id: str, k: int = NEIGHBOURS) -> list[dict[str, Any]]:
+    """The clip's nearest clips in ``feature_set`` (search's cosine of clip means), with labels."""
+    try:
+        result = store.search(feature_set, clip_id, k=k)
+    except MissingFeatureError:
+        return []
+    return [{"clip_id": c, "score": float(s), "label": lab}
+            for c, s, lab in zip(result.clip_ids, result.scores, result.labels)]
+
+
+# ------------------------------------------------------------------------- confusion, search
+def confusion(state: ViewState, source: str, split: str | None) -> dict[str, Any]:
+    """Counts ``[true, predicted]`` of a source on a split (clips with a label it covers) and the
+    clip ids of every cell, so a click lists them without another request."""
+    store = state.store
+    if source not in state.sources:
+        raise ValueError(f"no output {source!r}; the store has {', '.join(state.sources) or 'none'}")
+    member = store.column(f"split/{split}").astype(bool) if split else np.ones(store.n_clips, dtype=bool)
+    labels = state.labels()
+    rows = np.flatnonzero(member & (labels >= 0) & np.asarray(state.sources[source].covered(), dtype=bool))
+    pred = predicted_classes(state, source, rows)
+    n = len(store.classes)
+    counts = np.zeros((n, n), dtype=np.int64)
+    np.add.at(counts, (labels[rows], pred), 1)
+    ids = store.index.ids_at(rows)
+    cells: dict[str, list[str]] = {}
+    for i, (t, p) in enumerate(zip(labels[rows], pred)):
+        cells.setdefault(f"{t},{p}", []).append(ids[i])
+    return {"source": source, "split": split, "classes": list(store.classes), "counts": counts.tolist(),
+            "cells": cells, "n": int(len(rows)), "accuracy": float(np.trace(counts) / max(1, len(rows)))}
+
+
+def search(state: ViewState, feature_set: str, query: str, k: int = 20) -> dict[str, Any]:
+    """A clip id (that clip and its neighbours) or a sentence (through the set's CLIP text tower)."""
+    store = state.store
+    query = query.strip()
+    if not query:
+        raise ValueError("type a clip id or a sentence")
+    if store.index.find([query])[0] >= 0:
+        label = int(state.labels()[store.row(query)])
+        hits = [{"clip_id": query, "score": 1.0, "label": store.classes[label] if label >= 0 else None},
+                *neighbours(store, feature_set, query, k - 1)]
+        return {"query": query, "kind": "clip id", "results": hits, "notes": []}
+    from featurestore.text_query import search_text
+
+    result = search_text(store, feature_set, query, k)
+    return {"query": query, "kind": f"text ({result.query['encoder']})", "notes": list(result.notes),
+            "random_weights": result.random_weights,
+            "results": [{"clip_id": c, "score": float(s), "label": lab}
+                        for c, s, lab in zip(result.clip_ids, result.scores, result.labels)]}

@@ -1,0 +1,128 @@
+// The map page: embedding map (WebGL scatter), search, confusion matrix. Data from the app's JSON API.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+let info = null;
+let points = null;
+let mapBound = false;
+
+async function getJSON(url) {
+  const r = await fetch(url);
+  if (!r.ok) throw new Error(await r.text());
+  return r.json();
+}
+
+function fill(select, values, chosen) {
+  select.innerHTML = "";
+  for (const v of values) select.add(new Option(v, v, false, v === chosen));
+}
+
+function clipLink(id) {
+  const a = document.createElement("a");
+  a.href = "clip?" + new URLSearchParams({ id, set: $("set").value });
+  a.textContent = id;
+  return a;
+}
+
+function list(ol, items) {
+  ol.innerHTML = "";
+  for (const it of items) {
+    const li = document.createElement("li");
+    li.append(clipLink(it.clip_id));
+    if (it.label !== undefined) li.append(" " + (it.label ?? "(no label)"));
+    if (it.score !== undefined) li.append(" " + it.score.toFixed(3));
+    ol.append(li);
+  }
+}
+
+async function drawMap() {
+  const t0 = performance.now();
+  const set = $("set").value;
+  points = await getJSON("api/points?" + new URLSearchParams({ set, colour: $("colour").value }));
+  const byGroup = points.groups.map(() => []);
+  points.group.forEach((g, i) => byGroup[g].push(i));
+  const traces = byGroup.map((idx, g) => ({
+    type: "scattergl", mode: "markers", name: points.groups[g] + " (" + idx.length + ")",
+    x: idx.map((i) => points.x[i]), y: idx.map((i) => points.y[i]), customdata: idx.map((i) => points.ids[i]),
+    hovertemplate: "%{customdata}<extra>" + points.groups[g] + "</extra>", marker: { size: idx.length > 20000 ? 3 : 6 },
+  }));
+  const layout = { margin: { l: 30, r: 10, t: 30, b: 30 }, dragmode: "zoom", hovermode: "closest", uirevision: set,
+    title: { text: set + " (" + points.method + ", " + points.ids.length + " clips)", font: { size: 13 } } };
+  await Plotly.react("map", traces, layout, { displaylogo: false, responsive: true });
+  if (!mapBound) bindMap();
+  window.mapRenderMs = performance.now() - t0;
+  document.body.dataset.map = set + "|" + $("colour").value;
+}
+
+function bindMap() {
+  mapBound = true;
+  const map = $("map");
+  map.on("plotly_click", (ev) => {
+    const id = ev.points[0].customdata;
+    if (id) location.href = "clip?" + new URLSearchParams({ id, set: $("set").value });
+  });
+  map.on("plotly_selected", (ev) => {
+    const ids = ev ? ev.points.map((p) => p.customdata).filter((c) => c) : [];
+    list($("selection"), ids.map((clip_id) => ({ clip_id })));
+  });
+}
+
+async function runSearch(ev) {
+  ev.preventDefault();
+  $("note").textContent = "";
+  try {
+    const found = await getJSON("api/search?" + new URLSearchParams({ set: $("set").value, q: $("search").value }));
+    list($("results"), found.results);
+    $("results").dataset.kind = found.kind;
+    const where = new Map(points.ids.map((id, i) => [id, i]));
+    const hits = found.results.map((r) => where.get(r.clip_id)).filter((i) => i !== undefined);
+    const map = $("map");
+    const old = map.data.findIndex((t) => t.name === "search");
+    if (old >= 0) await Plotly.deleteTraces(map, old);
+    await Plotly.addTraces(map, { type: "scattergl", mode: "markers", name: "search",
+      x: hits.map((i) => points.x[i]), y: hits.map((i) => points.y[i]), customdata: hits.map((i) => points.ids[i]),
+      marker: { size: 14, color: "rgba(0,0,0,0)", line: { width: 2, color: "black" } }, hovertemplate: "%{customdata}<extra>search</extra>" });
+    if (found.random_weights) $("note").textContent = "The text tower has random weights: these hits mean nothing.";
+  } catch (err) {
+    $("note").textContent = err.message;
+  }
+}
+
+async function drawConfusion() {
+  if (!$("source").value) return;
+  const cm = await getJSON("api/confusion?" + new URLSearchParams({ source: $("source").value, split: $("split").value }));
+  $("accuracy").textContent = cm.n + " clips, accuracy " + (100 * cm.accuracy).toFixed(1) + "%";
+  const trace = { type: "heatmap", z: cm.counts, x: cm.classes, y: cm.classes, colorscale: [[0, "#f4f8fc"], [1, "#1f4e8c"]],
+    text: cm.counts.map((r) => r.map(String)), texttemplate: "%{text}", hovertemplate: "true %{y}, predicted %{x}: %{z}<extra></extra>" };
+  const layout = { margin: { l: 140, r: 10, t: 10, b: 120 }, xaxis: { title: { text: "predicted" } },
+    yaxis: { title: { text: "true" }, autorange: "reversed" } };
+  const div = $("confusion");
+  await Plotly.react(div, [trace], layout, { displaylogo: false, responsive: true });
+  div.removeAllListeners?.("plotly_click");
+  div.on("plotly_click", (ev) => {
+    const t = cm.classes.indexOf(ev.points[0].y), p = cm.classes.indexOf(ev.points[0].x);
+    $("cell-name").textContent = "(true " + ev.points[0].y + ", predicted " + ev.points[0].x + ")";
+    list($("cell-clips"), (cm.cells[t + "," + p] || []).map((clip_id) => ({ clip_id })));
+  });
+  document.body.dataset.confusion = $("source").value + "|" + $("split").value;
+}
+
+async function init() {
+  info = await getJSON("api/info");
+  $("store").textContent = info.store + " (" + info.n_clips + " clips)";
+  const sets = Object.keys(info.feature_sets);
+  fill($("set"), sets, params.get("set") || sets[0]);
+  fill($("colour"), info.colours, params.get("colour") || "label");
+  fill($("source"), info.outputs, info.outputs[0]);
+  fill($("split"), ["", ...info.splits], info.splits[info.splits.length - 1]);
+  $("set").onchange = $("colour").onchange = drawMap;
+  $("source").onchange = $("split").onchange = drawConfusion;
+  $("search-form").onsubmit = runSearch;
+  if (!sets.length) $("note").textContent = "The store holds no embedding set with finished clips: there is no map to draw.";
+  else await drawMap();
+  if (info.outputs.length) await drawConfusion();
+  else $("confusion").textContent = "No prediction run or fused output in this store.";
+  document.body.dataset.ready = "1";
+}
+
+init().catch((err) => { $("note").textContent = err.message; });

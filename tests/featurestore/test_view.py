@@ -1,0 +1,357 @@
+"""The store viewer's server side: projection sidecar, safe media serving, pages and JSON, the CLI.
+
+The store is made from the tiny demo dataset (real WAV and MP4 files), with embeddings, a log-mel
+set, stored frames and a prediction run written directly (no encoder runs: the viewer only reads).
+The browser test (test_view_browser.py) uses the same store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette", reason="the viewer's [view] extra (starlette, uvicorn, plotly) is not installed")
+
+from featurestore.datasets import read_tau
+from featurestore.store import create_store, open_store
+
+EMBED = "clip/ViT-S-32-alt"
+TEXT_SPEC = "cliptext/ViT-S-32-alt@none:3"
+RUN = "a01"
+LOGMEL = (8, 12)
+FRAMES = (3, 16, 16)
+
+
+def build_view_store(path: Path, dataset: Path, text: str | None = None) -> Path:
+    """A store over ``dataset`` with an embedding set, log-mel, frames and one prediction run.
+
+    ``text``: the sentence whose text-tower embedding (``TEXT_SPEC``) is written as the first tram
+    clip's embedding, so a text search for it must find that clip first; otherwise 16-d embeddings.
+    """
+    rng = np.random.default_rng(0)
+    manifest = read_tau(dataset)
+    with create_store(path, manifest) as store:
+        n, seg, frames = store.n_clips, manifest.audio_segments, manifest.video_frames
+        target = None
+        if text is not None:
+            from featurestore.encoders import create_encoder
+
+            target = create_encoder(TEXT_SPEC).encode_text([text])[0].numpy()
+        dim = 16 if target is None else target.shape[0]
+        labels = np.asarray(store.labels)
+        means = rng.normal(size=(len(store.classes), dim))
+        emb = means[labels][:, None, :] + 0.3 * rng.normal(size=(n, seg, dim))
+        if target is not None:
+            emb[int(np.flatnonzero(labels == store.classes.index("tram"))[0])] = target
+        prov = {"encoder": f"{EMBED.split('@')[0]}@none:3", "config": {}, "weights": {"kind": "random", "seed": 3}}
+        store.create_feature_set(EMBED, seg, (dim,), prov)
+        store.write_rows(EMBED, 0, emb.astype(np.float16))
+        store.create_feature_set("logmel", seg, LOGMEL, {"encoder": "logmel", "config": {}, "weights": {"kind": "parameter-free"}})
+        store.write_rows("logmel", 0, rng.normal(size=(n, seg, *LOGMEL)).astype(np.float16))
+        store.create_feature_set("frames/16", frames, FRAMES, {"encoder": "frames/16", "config": {},
+                                                               "weights": {"kind": "parameter-free"}}, dtype="uint8")
+        store.write_rows("frames/16", 0, rng.integers(0, 255, size=(n, frames, *FRAMES), dtype=np.uint8))
+        logits = rng.normal(size=(n, seg, len(store.classes))) + 2 * np.eye(len(store.classes))[labels][:, None]
+        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        store.create_predictions(RUN, seg, {"head": "test"})
+        store.write_predictions(RUN, np.arange(n), probs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def view_store(tiny_dataset, tmp_path_factory) -> Path:
+    return build_view_store(tmp_path_factory.mktemp("view") / "view.zarr", tiny_dataset)
+
+
+@pytest.fixture(scope="module")
+def server(view_store):
+    from featurestore.view import start
+
+    running = start(view_store)
+    yield running
+    running.stop()
+
+
+def fetch(url: str) -> tuple[int, bytes, str]:
+    """(status, body, content type) of a GET, errors included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return answer.status, answer.read(), answer.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers.get("Content-Type", "")
+
+
+def raw_get(url: str, target: str, host: str | None = None) -> tuple[int, bytes]:
+    """A GET of ``target`` sent as written (no client-side normalisation of ``..`` or ``%2F``)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    conn.putrequest("GET", target, skip_host=host is not None)
+    if host is not None:
+        conn.putheader("Host", host)
+    conn.endheaders()
+    answer = conn.getresponse()
+    body = answer.read()
+    conn.close()
+    return answer.status, body
+
+
+# -------------------------------------------------------------------------------- projection
+def test_the_map_is_the_pca_of_the_clip_vectors_kept_in_a_sidecar_and_rebuilt_when_the_set_changes(tmp_path, tiny_dataset):
+    from sklearn.decomposition import PCA
+
+    from featurestore.store.search import clip_vectors
+    from featurestore.view.projection import project, sidecar_dir
+
+    path = build_view_store(tmp_path / "p.zarr", tiny_dataset)
+    with open_store(path, "a") as store:
+        first = project(store, EMBED)
+        vectors = clip_vectors(store.get_many(EMBED, store.clip_ids))
+        expected = PCA(n_components=2, svd_solver="randomized", random_state=0).fit_transform(vectors)
+        np.testing.assert_allclose(first.xy, expected, atol=1e-4)
+        assert first.seconds > 0 and first.kept_in.parent == sidecar_dir(store, EMBED)
+        assert first.kept_in.parent == tmp_path / "p.zarr.view" / "clip" / "ViT-S-32-alt"
+        again = project(store, EMBED)
+        assert again.seconds == 0 and again.kept_in == first.kept_in
+        np.testing.assert_array_equal(again.xy, first.xy)
+        # rewriting finished rows with other values changes the set's data version: a new key, a new file
+        store.write_rows(EMBED, 0, -store.read_rows(EMBED, 0, store.n_clips))
+        rebuilt = project(store, EMBED)
+    assert rebuilt.key != first.key and rebuilt.seconds > 0 and not first.kept_in.exists()
+    assert [p.name for p in rebuilt.kept_in.parent.iterdir()] == [rebuilt.kept_in.name]
+
+
+def test_a_damaged_projection_file_is_never_served(tmp_path, tiny_dataset):
+    from featurestore.view.projection import project
+
+    path = build_view_store(tmp_path / "d.zarr", tiny_dataset)
+    with open_store(path) as store:
+        first = project(store, EMBED)
+        data = bytearray(first.kept_in.read_bytes())
+        data[-40] ^= 0xFF  # inside the xy array: the bytes no longer hash to the name
+        first.kept_in.write_bytes(bytes(data))
+        again = project(store, EMBED)
+    assert again.seconds > 0  # recomputed, not read
+    np.testing.assert_array_equal(again.xy, first.xy)
+
+
+def test_a_store_this_process_cannot_write_gets_no_sidecar(tmp_path, tiny_dataset):
+    from featurestore.view import prepare
+
+    folder = tmp_path / "ro"
+    path = build_view_store(folder / "s.zarr", tiny_dataset)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    _make_unwritable(folder)
+    try:
+        with open_store(path) as store:
+            state = prepare(store)
+            assert len(state.projections[EMBED].rows) == store.n_clips
+            assert state.projections[EMBED].kept_in is None
+    finally:
+        _make_writable(folder)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
+def _make_unwritable(folder: Path) -> None:
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+            pytest.skip("root cannot make a folder unwritable here (no chattr +i)")
+    else:
+        folder.chmod(0o555)
+
+
+def _make_writable(folder: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o755)
+
+
+# ------------------------------------------------------------------------------------ media
+def test_media_is_served_for_listed_files_and_nothing_else(server, view_store, tiny_dataset):
+    with open_store(view_store) as store:
+        clip, audio_rel = store.clip_ids[3], str(store.column("audio_path")[3])
+    status, body, kind = fetch(server.url + f"media?id={clip}&kind=audio")
+    assert status == 200 and kind == "audio/wav" and body == (tiny_dataset / audio_rel).read_bytes()
+    for target in ["/media?id=..%2F..%2Fetc%2Fpasswd&kind=audio", "/media?id=/etc/passwd&kind=audio",
+                   f"/media?id={clip}%2F..%2F..&kind=audio", "/media/../../etc/passwd", "/media?id=..&kind=audio",
+                   f"/media?id={clip}&kind=..%2Fmeta.csv", "/static/..%2F..%2Fstore.py", "/static/../app.py",
+                   f"/media?id={clip}&kind=/etc/passwd"]:
+        status, body = raw_get(server.url, target)
+        assert status == 404, (target, status, body[:200])
+        assert b"root:" not in body and b"import" not in body
+
+
+def test_a_store_listing_a_path_outside_its_dataset_root_serves_nothing(tmp_path, tiny_dataset):
+    """A crafted index (an absolute path, a ``..`` path) and a link inside the dataset pointing out."""
+    from featurestore.view.media import MediaRefused, media_path
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    manifest = read_tau(data)
+    secret = tmp_path / "secret.wav"
+    secret.write_bytes(b"RIFF secret")
+    linked = data / manifest.clips[1].audio
+    linked.unlink()
+    linked.symlink_to(secret)
+    manifest.clips[0].audio = secret  # outside the root: the index keeps it absolute
+    manifest.clips[2].audio = data / "audio" / ".." / ".." / "secret.wav"
+    with create_store(tmp_path / "s.zarr", manifest) as store:
+        ids = store.clip_ids[:4]
+        for clip in ids[:3]:
+            with pytest.raises(MediaRefused, match="dataset root|not a path inside"):
+                media_path(store, clip, "audio")
+        assert media_path(store, ids[3], "audio") == (data / str(store.column("audio_path")[3])).resolve()
+
+
+def test_a_missing_media_file_is_a_note_on_the_clip_page(tmp_path, tiny_dataset):
+    from featurestore.view import start
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    path = build_view_store(tmp_path / "s.zarr", data)
+    with open_store(path) as store:
+        clip, rel = store.clip_ids[0], str(store.column("audio_path")[0])
+    (data / rel).unlink()
+    running = start(path)
+    try:
+        status, body, _ = fetch(running.url + f"clip?id={clip}")
+        assert status == 200 and b'id="audio-note"' in body and rel.encode() in body and b"<audio" not in body
+        assert fetch(running.url + f"media?id={clip}&kind=audio")[0] == 404
+    finally:
+        running.stop()
+
+
+def test_only_local_host_names_are_answered_by_default(server):
+    assert raw_get(server.url, "/api/info", host="evil.example:80")[0] == 400
+    assert raw_get(server.url, "/api/info", host="localhost")[0] == 200
+
+
+# ------------------------------------------------------------------------------- the pages
+def test_the_clip_page_shows_the_clip_its_outputs_and_its_neighbours(server, view_store):
+    with open_store(view_store) as store:
+        clip = store.clip_ids[5]
+        probs = store.get_predictions(RUN, [clip])[0].mean(0)
+        near = store.search(EMBED, clip, k=8).clip_ids
+        label = store.classes[int(store.labels[5])]
+    status, body, _ = fetch(server.url + f"clip?id={clip}")
+    page = body.decode()
+    assert status == 200 and f'<h1 id="clip-id">{clip}</h1>' in page and f"<td id='meta-label'>{label}</td>" in page
+    assert f'src="media?id={clip}&amp;kind=audio"' in page
+    shown = [float(v) for v in __import__("re").findall(r"data-source='run:a01' data-class='[^']+' data-value='([^']+)'", page)]
+    np.testing.assert_array_equal(np.array(shown, dtype=np.float32), probs.astype(np.float32))
+    assert [m for m in __import__("re").findall(r"clip\?id=([^&']+)&amp;set=", page)] == near
+    status, body, _ = fetch(server.url + f"clip?id=no-such-clip")
+    assert status == 404 and b"not in the store" in body
+
+
+def test_frames_and_logmel_pictures(server, view_store, tmp_path):
+    from PIL import Image
+
+    with open_store(view_store) as store:
+        clip = store.clip_ids[2]
+        frames = store.get("frames/16", clip)
+        n_seg = store.feature_info("logmel").n_segments
+    status, body, kind = fetch(server.url + f"frames.png?id={clip}")
+    assert status == 200 and kind == "image/png"
+    image = np.asarray(Image.open(__import__("io").BytesIO(body)))
+    np.testing.assert_array_equal(image, np.concatenate(list(frames.transpose(0, 2, 3, 1)), axis=1))
+    status, body, kind = fetch(server.url + f"logmel.png?id={clip}&set=logmel")
+    image = Image.open(__import__("io").BytesIO(body))
+    assert status == 200 and image.size[0] == n_seg * LOGMEL[1] and image.size[1] % LOGMEL[0] == 0
+
+
+def test_frames_are_decoded_from_the_video_when_the_store_holds_none(tmp_path, tiny_dataset):
+    from featurestore.decode.video import sample_frames
+    from featurestore.view.app import _Handlers
+    from featurestore.view import prepare
+
+    manifest = read_tau(tiny_dataset)
+    with create_store(tmp_path / "bare.zarr", manifest) as store:
+        pass
+    with open_store(tmp_path / "bare.zarr") as store:
+        state = prepare(store)
+        assert state.projections == {} and state.sources == {}
+        strip = _Handlers(state, __import__("threading").Lock())._frames(manifest.clips[0].clip_id)
+    frames = sample_frames(tiny_dataset / manifest.clips[0].video, manifest.video_frames)
+    np.testing.assert_array_equal(strip, np.concatenate(list(frames), axis=1))
+
+
+def test_map_points_confusion_and_search_answer_from_the_store(server, view_store):
+    with open_store(view_store) as store:
+        labels, classes = np.asarray(store.labels), store.classes
+        member = store.column("split/fold1_train").astype(bool)
+        pred = store.get_predictions(RUN).mean(1).argmax(1)
+        ids = store.clip_ids
+        near = store.search(EMBED, ids[4], k=19).clip_ids
+    points = json.loads(fetch(server.url + "api/points?colour=correct:run:a01")[1])
+    right = {i: points["groups"][g] for i, g in zip(points["ids"], points["group"])}
+    assert sorted(right) == sorted(ids)
+    assert all(right[c] == ("right" if pred[r] == labels[r] else "wrong") for r, c in enumerate(ids))
+    cm = json.loads(fetch(server.url + "api/confusion?source=run:a01&split=fold1_train")[1])
+    expected = np.zeros((len(classes),) * 2, dtype=int)
+    np.add.at(expected, (labels[member], pred[member]), 1)
+    assert cm["counts"] == expected.tolist() and cm["n"] == int(member.sum())
+    for cell, clips in cm["cells"].items():
+        t, p = map(int, cell.split(","))
+        assert all(labels[ids.index(c)] == t and pred[ids.index(c)] == p and member[ids.index(c)] for c in clips)
+    found = json.loads(fetch(server.url + f"api/search?q={ids[4]}")[1])
+    assert [r["clip_id"] for r in found["results"]] == [ids[4], *near]
+    status, body, _ = fetch(server.url + "api/points?colour=predicted:run:nope")
+    assert status == 400 and b"cannot colour by" in body
+
+
+def test_a_store_without_runs_or_media_still_has_its_map_and_clip_pages(tmp_path):
+    from featurestore.view import start
+    from tests.heads._store import build_store
+
+    path = build_store(tmp_path / "plain.zarr", n_clips=16)
+    running = start(path, feature_sets=["clip/RN101"])
+    try:
+        info = json.loads(fetch(running.url + "api/info")[1])
+        assert info["outputs"] == [] and info["feature_sets"] == {"clip/RN101": {"method": "pca", "n": 16}}
+        with open_store(path) as store:
+            clip = store.clip_ids[0]
+        status, body, _ = fetch(running.url + f"clip?id={clip}")
+        assert status == 200 and b"No prediction run" in body and b"no audio file" in body
+        assert b"frames.png" in body and b"logmel.png" in body
+    finally:
+        running.stop()
+
+
+# ---------------------------------------------------------------------------------- the CLI
+def test_the_cli_names_the_extra_when_it_is_missing(view_store):
+    code = ("import sys; sys.modules['uvicorn'] = None\n"
+            "from featurestore.cli import main\n"
+            f"sys.exit(main(['view', {str(view_store)!r}, '--port', '0']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "featurestore view: error: featurestore view needs the [view] extra (uvicorn is not installed): "
+        "pip install 'avscene[view]'"]
+
+
+def test_another_host_prints_a_warning(view_store, capsys):
+    from featurestore.view import start
+
+    running = start(view_store, host="0.0.0.0")
+    try:
+        assert running.url.startswith("http://0.0.0.0:")
+        assert "WARNING: featurestore view listens on 0.0.0.0" in capsys.readouterr().err
+    finally:
+        running.stop()
+
+
+def test_the_default_binds_the_loopback_address(server):
+    assert server.url.startswith("http://127.0.0.1:")
