@@ -5,6 +5,10 @@ batch on the training device. ``librosa.feature.delta(S, width, order)`` is a Sa
 with ``polyorder = deriv = order``; in ``"interp"`` mode the edge values come from the polynomial fitted
 to the first/last ``width`` frames, whose ``order``-th derivative is constant, so the edges equal the
 first/last interior value. That gives: a valid 1-D convolution plus replicate padding.
+
+A head keeps the weights of both deltas as one buffer (`delta_kernels`, moved with the module), so a
+forward pass builds no tensor on the host and copies none to the device: `with_deltas` computes the
+delta and the delta-delta in one two-channel convolution.
 """
 from __future__ import annotations
 
@@ -56,9 +60,26 @@ def delta(x: torch.Tensor, width: int = 9, order: int = 1) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
-def with_deltas(logmel: torch.Tensor, width: int = 9) -> torch.Tensor:
-    """``[B, mels, time]`` -> ``[B, 3, mels, time]``: log-mel, delta and delta-delta as image channels."""
-    return torch.stack([logmel, delta(logmel, width, 1), delta(logmel, width, 2)], dim=1)
+def delta_kernels(width: int = 9) -> torch.Tensor:
+    """``[2, 1, width]`` float32 weights of the delta and the delta-delta: `with_deltas`'s ``kernels``."""
+    return torch.stack([savgol_derivative_coeffs(width, order) for order in (1, 2)]).float().unsqueeze(1)
+
+
+def with_deltas(logmel: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """``[B, mels, time]`` -> ``[B, 3, mels, time]``: log-mel, delta and delta-delta as image channels.
+
+    Args:
+        logmel: the log-mel batch; time must be at least the kernels' width.
+        kernels: `delta_kernels` of the wanted width, on ``logmel``'s device (a head's buffer).
+    """
+    b, mels, steps = logmel.shape
+    width = kernels.shape[-1]
+    if steps < width:
+        raise ValueError(f"delta width {width} exceeds the {steps} time steps of the input")
+    out = F.conv1d(logmel.reshape(-1, 1, steps), kernels.to(logmel.dtype))  # [B * mels, 2, steps - width + 1]
+    half = width // 2
+    out = F.pad(out, (half, half), mode="replicate").view(b, mels, 2, steps)
+    return torch.cat([logmel.unsqueeze(1), out.permute(0, 2, 1, 3)], dim=1)
 
 
 def _check(width: int, order: int) -> None:

@@ -21,7 +21,7 @@ from featurestore.typed_config import typed_config
 from heads._registry import Head, register_head
 from heads.backbones import create_backbone
 from heads.config import ConfigError, Count, Name, NonNegative, Probability, Size
-from heads.deltas import with_deltas
+from heads.deltas import delta_kernels, with_deltas
 
 
 @typed_config(ConfigError)
@@ -53,6 +53,8 @@ class SpectrogramCNN(Head):
         if len(cfg.input_shape) != 2 or len(cfg.resize_to) != 2:
             raise ValueError(f"input_shape and resize_to must be [mels, frames], got {cfg.input_shape}, {cfg.resize_to}")
         self.norm = nn.BatchNorm2d(3)
+        # Built once and moved with the head: a forward pass copies nothing to the device.
+        self.register_buffer("delta_kernels", delta_kernels(cfg.delta_width), persistent=False)
         self.backbone, self._weights = create_backbone(cfg.backbone, cfg.weights, num_classes=cfg.n_classes,
                                                        in_chans=3, seed=cfg.seed, drop_rate=cfg.drop_rate)
 
@@ -82,7 +84,7 @@ class SpectrogramCNN(Head):
         if self.training and self.cfg.gain_db > 0:
             gain = (torch.rand(logmel.shape[0], 1, 1, device=logmel.device) * 2 - 1) * self.cfg.gain_db
             logmel = logmel + gain  # deltas are unchanged by a constant offset
-        x = self.norm(with_deltas(logmel, self.cfg.delta_width))
+        x = self.norm(with_deltas(logmel, self.delta_kernels))
         x = F.interpolate(x, size=tuple(self.cfg.resize_to), mode="bilinear", align_corners=False)
         if self.training and self.cfg.freq_mask_width > 0:
             x = _freq_mask(x, self.cfg.freq_mask_width, self.cfg.freq_masks)

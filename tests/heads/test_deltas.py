@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from heads.deltas import delta, with_deltas
+from heads.deltas import delta, delta_kernels, with_deltas
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -20,8 +20,9 @@ def test_delta_matches_librosa(order, width):
 
 def test_with_deltas_stacks_three_channels():
     x = torch.randn(2, 8, 20)
-    out = with_deltas(x)
+    out = with_deltas(x, delta_kernels())
     assert out.shape == (2, 3, 8, 20) and torch.equal(out[:, 0], x)
+    torch.testing.assert_close(out[:, 1], delta(x, 9, 1), atol=1e-5, rtol=0)
     assert torch.allclose(out[:, 2].double(), torch.from_numpy(librosa.feature.delta(x.numpy(), order=2)).double(),
                           atol=1e-4)
 
@@ -31,3 +32,5 @@ def test_delta_rejects_bad_widths_and_short_input():
         delta(torch.zeros(1, 20), width=4)
     with pytest.raises(ValueError, match="exceeds"):
         delta(torch.zeros(1, 5), width=9)
+    with pytest.raises(ValueError, match="exceeds"):
+        with_deltas(torch.zeros(1, 4, 5), delta_kernels(9))
