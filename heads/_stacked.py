@@ -1,40 +1,68 @@
 """K trials of a small head trained at once: stacked parameters, one forward/backward per step for all K.
 
-Why: a linear epoch on stored embeddings is hundreds of tiny steps whose cost is Python and kernel
-launches, not arithmetic; K models stacked (`torch.func.stack_module_state` + `vmap` of
-`functional_call`) take one step for all K. Each trial keeps its own batches (its seed's order, from
-the sweep's shared read), initial weights (built by `heads.train.build_head` under its seed), learning
-rate and schedule, momentum and weight decay; the update is SGD with momentum written out per trial,
-as `torch.optim.SGD` computes it. Every epoch each trial is unstacked into its own head and optimizer
-and committed by the trainer's own code (`_commit_epoch`: checkpoint, best weights, metrics, state),
-so a trial's run directory is a normal one: a killed stacked group resumes trial by trial through
-`heads.train` (exact, from the committed epoch).
+Why: an epoch of a small head on stored embeddings is hundreds of small steps whose cost is Python,
+kernel launches and, for the MLPs, matmuls too small to use the CPU well; K models stacked take one
+step for all K with batched matmuls (``torch.baddbmm`` over a leading trial dimension). Each trial
+keeps its own batches (its seed's order, from the sweep's shared read), initial weights (built by
+`heads.train.build_head` under its seed), learning rate and schedule, momentum and weight decay; the
+update is SGD with momentum written out per trial, as `torch.optim.SGD` computes it.
 
-Only heads whose forward has no randomness or batch statistics are stacked (``STACKABLE``: linear);
-under `vmap` dropout masks and batchnorm statistics would not be those of a lone run. Results equal a
-lone run within float tolerance (batched matmuls may sum in another order), not bit for bit.
+Why batched matmuls and not ``vmap`` of the module: a lone run's dropout masks come from torch's
+global generator seeded with ``(seed, epoch)``, drawn layer by layer in forward order, and its
+batchnorm updates running statistics in place. Here each trial has its own `torch.Generator` seeded
+the same way and draws the same masks in the same order (bit for bit those of a lone run), and the
+batchnorm of each trial uses its own batch's statistics and updates its own stacked running buffers.
+The stacked forward is written once per layer kind (`Linear`, `BatchNorm1d`, `ReLU`, `Dropout`) and
+each head's wiring in `FORWARDS`; a head (or layer) not in them is not stacked.
+
+Validation is stacked too: every trial reads the same clip-level validation batches, so each batch is
+cut once and scored by all K, then `heads.evaluate.clip_metrics` scores each trial as `evaluate` does.
+Every epoch each trial is unstacked into its own head and optimizer and committed by the trainer's own
+code (`_commit_epoch`: checkpoint, best weights, metrics, state) in a background thread while the next
+epoch trains, so a trial's run directory is a normal one; a killed stacked group resumes trial by
+trial through `heads.train` (exact, from the committed epoch).
+
+Results equal a lone run within float tolerance (batched matmuls and the batchnorm written out sum in
+another order: weights within ~1e-6), not bit for bit.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
-from torch.func import functional_call, stack_module_state, vmap
+import torch.nn.functional as F
+from torch import nn
 
 from heads.config import TrainConfig
 
-STACKABLE = ("linear",)
+
+def trainer_internals() -> SimpleNamespace:
+    """The parts of `heads.train` a stacked group needs beyond its public `train`/`fit`, named in one place.
+
+    Why private ones: a stacked trial must write exactly the run directory a lone run writes, so it
+    opens, commits and finishes it with the trainer's own functions instead of copies of them.
+    """
+    t = importlib.import_module("heads.train")  # the module: ``heads.train`` is also the function
+    return SimpleNamespace(open_run_dir=t._open_run_dir, commit_epoch=t._commit_epoch, finish=t._finish,
+                           log=t._log, epoch_line=t._epoch_line, FiniteBatches=t.FiniteBatches,
+                           TrainingDivergedError=t.TrainingDivergedError, build_head=t.build_head,
+                           make_loaders=t.make_loaders, run_lock=t.run_lock)
 
 
 def can_stack(cfg: TrainConfig, overwrite: bool) -> bool:
     """A fresh trial (nothing committed in its run directory) of a stackable head, read in this process."""
     fresh = overwrite or not (Path(cfg.out) / "state.json").exists()
-    return cfg.head in STACKABLE and cfg.num_workers == 0 and fresh
+    return cfg.head in FORWARDS and cfg.num_workers == 0 and fresh
 
 
 def group_key(cfg: TrainConfig) -> str:
@@ -46,136 +74,297 @@ def group_key(cfg: TrainConfig) -> str:
 def train_stacked(cfgs: list[TrainConfig], shared: Any, *, overwrite: bool = False) -> list[Any]:
     """Train the trials ``cfgs`` (one `group_key`) together; one `TrainResult` per trial, in order."""
     from featurestore.encoders import resolve_device
-    from heads.train import FiniteBatches, _open_run_dir, build_head, make_loaders, run_lock
 
+    t = trainer_internals()
     device = resolve_device(cfgs[0].device)
+    reader = [(cfg.seed, cfg.shuffle_buffer) for cfg in cfgs]
+    order = sorted(range(len(cfgs)), key=lambda i: reader.index(reader[i]))  # trials of one reader together
     with contextlib.ExitStack() as locks:
-        trials = []
-        for cfg in cfgs:
-            locks.enter_context(run_lock(cfg.out))
-            head, identity = build_head(cfg, shared.store)
-            train_loader, val_loader = make_loaders(cfg, shared.store, head)
-            for loader in (train_loader, val_loader):
-                if loader is not None:
-                    shared._share(loader)
-            state = _open_run_dir(Path(cfg.out), identity, overwrite)
-            # the shared rows are checked once for NaN/inf; only a loader over non-finite rows checks each batch
-            checked = train_loader if shared.all_finite(train_loader) else FiniteBatches.wrap(train_loader)
-            trials.append(_Trial(cfg, head.to(device), checked, FiniteBatches.wrap(val_loader), state))
-        return _Group(trials, device).run()
+        trials, readers, val = [], {}, None
+        for i in order:
+            cfg = cfgs[i]
+            locks.enter_context(t.run_lock(cfg.out))
+            head, identity = t.build_head(cfg, shared.store)
+            if reader[i] not in readers:  # trials of one seed read the same batches: one loader for them
+                train_loader, val_loader = t.make_loaders(cfg, shared.store, head)
+                readers[reader[i]] = _checked(shared, train_loader, t)
+                val = val if val is not None or val_loader is None else _checked(shared, val_loader, t)
+            state = t.open_run_dir(Path(cfg.out), identity, overwrite)
+            trials.append(_Trial(cfg, head.to(device), readers[reader[i]], state))
+        results = _Group(trials, val, device, t).run()
+    return [results[order.index(i)] for i in range(len(cfgs))]
+
+
+def _checked(shared: Any, loader: Any, t: SimpleNamespace) -> Any:
+    """``loader`` reading the shared rows; checked per batch for NaN/inf only when those rows hold one
+    (they are checked once, `SharedReads.all_finite`), so the error still names the clip."""
+    shared.share(loader)
+    return loader if shared.all_finite(loader) else t.FiniteBatches.wrap(loader)
 
 
 class _Trial:
-    def __init__(self, cfg: TrainConfig, head: Any, train_loader: Any, val_loader: Any, state: dict):
-        self.cfg, self.head, self.train_loader, self.val_loader, self.state = cfg, head, train_loader, val_loader, state
+    def __init__(self, cfg: TrainConfig, head: nn.Module, train_loader: Any, state: dict):
+        self.cfg, self.head, self.train_loader, self.state = cfg, head, train_loader, state
         self.history: list[dict] = []
 
 
+# ------------------------------------------------------------------------ the stacked forward
+class _Pass:
+    """What one stacked forward needs besides the parameters: the mode, each trial's dropout generator,
+    and the stacked batchnorm buffers (updated in place in training, as a lone run's are)."""
+
+    def __init__(self, params: dict, buffers: dict, generators: list[torch.Generator] | None):
+        self.params, self.buffers, self.generators = params, buffers, generators
+
+    @property
+    def training(self) -> bool:
+        return self.generators is not None
+
+
+def _linear(ctx: _Pass, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``[K, B, in] -> [K, B, out]``: each trial's Linear on its own input.
+
+    A first layer's input is per reader, ``[R, B, in]`` with the K trials in reader order, K/R each
+    (``[B, in]``: validation, one input for all): then each reader's K/R weight matrices are one matrix
+    (a view) and the layer is R matmuls of ``K/R * out`` columns instead of K small ones, which is most
+    of the speed of stacking small heads.
+    """
+    w, b = ctx.params[f"{name}.weight"], ctx.params[f"{name}.bias"]
+    k, out, d = w.shape
+    x = x.unsqueeze(0) if x.dim() == 2 else x
+    r = x.shape[0]
+    if r == k:
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    n = k // r
+    y = torch.baddbmm(b.view(r, 1, n * out), x, w.view(r, n * out, d).transpose(1, 2))
+    return y.view(r, -1, n, out).transpose(1, 2).reshape(k, -1, out)
+
+
+def _batchnorm(ctx: _Pass, name: str, module: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """`nn.BatchNorm1d` per trial: batch statistics and a running-average update in training, running stats in eval."""
+    mean_buf, var_buf = ctx.buffers[f"{name}.running_mean"], ctx.buffers[f"{name}.running_var"]
+    if ctx.training:
+        mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+        n, m = x.shape[1], module.momentum
+        with torch.no_grad():
+            mean_buf.mul_(1 - m).add_(mean.squeeze(1), alpha=m)
+            var_buf.mul_(1 - m).add_(var.squeeze(1) * (n / max(1, n - 1)), alpha=m)
+            ctx.buffers[f"{name}.num_batches_tracked"].add_(1)
+    else:
+        mean, var = mean_buf.unsqueeze(1), var_buf.unsqueeze(1)
+    scale = ctx.params[f"{name}.weight"].unsqueeze(1) * torch.rsqrt(var + module.eps)
+    return (x - mean) * scale + ctx.params[f"{name}.bias"].unsqueeze(1)
+
+
+def _dropout(ctx: _Pass, p: float, x: torch.Tensor) -> torch.Tensor:
+    """`F.dropout` per trial with each trial's own generator: the mask a lone run draws at this point."""
+    if not ctx.training or p == 0:
+        return x
+    if p == 1:
+        return x * 0
+    masks = [torch.empty(x.shape[1:], dtype=x.dtype, device=x.device).bernoulli_(1 - p, generator=g).div_(1 - p)
+             for g in ctx.generators]
+    return x * torch.stack(masks)
+
+
+def _sequential(ctx: _Pass, name: str, seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    for i, layer in enumerate(seq):
+        sub = f"{name}.{i}"
+        if isinstance(layer, nn.Linear):
+            x = _linear(ctx, sub, x)
+        elif isinstance(layer, nn.BatchNorm1d) and layer.track_running_stats and layer.momentum is not None:
+            x = _batchnorm(ctx, sub, layer, x)
+        elif isinstance(layer, nn.ReLU):
+            x = torch.relu(x)
+        elif isinstance(layer, nn.Dropout):
+            x = _dropout(ctx, layer.p, x)
+        else:
+            raise TypeError(f"{type(layer).__name__} ({sub}) has no stacked forward")
+    return x
+
+
+def _joined(inputs: list[torch.Tensor], l2: bool) -> torch.Tensor:
+    if l2:
+        inputs = [F.normalize(x, dim=-1) for x in inputs]
+    return torch.cat(inputs, dim=-1) if len(inputs) > 1 else inputs[0]
+
+
+def _linear_forward(head: Any, ctx: _Pass, inputs: list[torch.Tensor]) -> torch.Tensor:
+    return _linear(ctx, "fc", _joined(inputs, head.cfg.l2_normalize))
+
+
+def _mlp_forward(head: Any, ctx: _Pass, inputs: list[torch.Tensor]) -> torch.Tensor:
+    return _sequential(ctx, "net", head.net, _joined(inputs, head.cfg.l2_normalize))
+
+
+def _late_fusion_forward(head: Any, ctx: _Pass, inputs: list[torch.Tensor]) -> torch.Tensor:
+    branches = [_sequential(ctx, f"branches.{i}", b, x) for i, (b, x) in enumerate(zip(head.branches, inputs))]
+    return _linear(ctx, "classifier", _linear(ctx, "fusion", torch.cat(branches, dim=-1)))
+
+
+#: The stacked forward of each stackable head: ``(template head, pass, inputs) -> logits [K, B, C]``;
+#: each mirrors the head's own ``forward`` (heads/embedding_mlp.py, heads/late_fusion.py).
+FORWARDS: dict[str, Callable[[Any, _Pass, list[torch.Tensor]], torch.Tensor]] = {
+    "linear": _linear_forward, "embedding_mlp": _mlp_forward, "late_fusion": _late_fusion_forward}
+
+
+def stacked_loss(cfg: TrainConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each trial's mean loss over its batch, ``[K]``: `heads.losses` over a leading trial dimension."""
+    if cfg.loss == "cross_entropy":
+        k, b, c = logits.shape
+        return F.cross_entropy(logits.reshape(k * b, c), labels.reshape(-1), reduction="none").reshape(k, b).mean(1)
+    log_p = F.log_softmax(logits.float(), dim=-1).gather(2, labels.unsqueeze(2)).squeeze(2)
+    weight = (1 - log_p.exp()).clamp_min(0) ** cfg.focal_gamma
+    return -(weight * log_p).mean(1)
+
+
+# --------------------------------------------------------------------------------- the group
 class _Group:
-    """The stacked parameters and momentum buffers of K trials, trained epoch by epoch."""
+    """The stacked parameters, buffers and momentum of K trials, trained epoch by epoch."""
 
-    def __init__(self, trials: list[_Trial], device: torch.device):
-        from heads.losses import make_loss
-
-        self.trials, self.device = trials, device
+    def __init__(self, trials: list[_Trial], val_loader: Any, device: torch.device, t: SimpleNamespace):
+        self.trials, self.val_loader, self.device, self.t = trials, val_loader, device, t
         self.template = trials[0].head
-        # trials with the same seed and read groups get the same batches: each distinct loader is read once
-        readers: dict[tuple, int] = {}
-        self.reader_of = [readers.setdefault((t.cfg.seed, t.cfg.shuffle_buffer), k) for k, t in enumerate(trials)]
-        self.readers = sorted(set(self.reader_of))
-        params, _ = stack_module_state([t.head for t in trials])
-        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        self.buffers = {k: torch.zeros_like(v) for k, v in self.params.items()}
-        cfg = trials[0].cfg
-        loss_fn = make_loss(cfg.loss, cfg.focal_gamma)
-
-        def one(p: dict, inputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-            return loss_fn(functional_call(self.template, p, (inputs,)), labels)
-
-        self.losses = vmap(one, randomness="error")
+        self.forward = FORWARDS[trials[0].cfg.head]
+        self.loaders = list(dict.fromkeys(tr.train_loader for tr in trials))  # distinct, in trial order
+        self.reader_of = torch.tensor([self.loaders.index(tr.train_loader) for tr in trials])
+        # each reader's batch feeds its trials' first layers as it is when every reader has as many trials
+        # (`_linear`); otherwise it is repeated for each of its trials
+        self.per_reader = len(set(torch.bincount(self.reader_of).tolist())) == 1
+        named = [dict(tr.head.named_parameters()) for tr in trials]
+        self.trainable = [n for n, p in named[0].items() if p.requires_grad]
+        self.params = {n: torch.stack([p[n].detach() for p in named]).requires_grad_(True) for n in self.trainable}
+        buffers = [dict(tr.head.named_buffers()) for tr in trials]
+        self.buffers = {n: torch.stack([b[n] for b in buffers]).clone() for n in buffers[0]}
+        self.momentum = {n: torch.zeros_like(v) for n, v in self.params.items()}
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stacked-commit")
 
     def run(self) -> list[Any]:
-        from heads.train import _finish
-
-        for epoch in range(1, self.trials[0].cfg.epochs + 1):
-            started = time.perf_counter()
-            losses = self._epoch(epoch)
-            for k, trial in enumerate(self.trials):
-                self._commit(k, trial, epoch, losses[k], started)
-        return [_finish(Path(t.cfg.out), t.state, t.cfg, t.history) for t in self.trials]
+        pending: list[Future] = []
+        try:
+            for epoch in range(1, self.trials[0].cfg.epochs + 1):
+                started = time.perf_counter()
+                losses = self._epoch(epoch)
+                metrics = self._validate()
+                seconds = time.perf_counter() - started
+                _wait(pending)  # the previous epoch's files are written before this one's are queued
+                snapshot = self._snapshot()
+                pending = [self.writer.submit(self._commit, k, epoch, losses[k], metrics[k], seconds, snapshot)
+                           for k in range(len(self.trials))]
+            _wait(pending)
+        finally:
+            self.writer.shutdown(wait=True)
+        return [self.t.finish(Path(tr.cfg.out), tr.state, tr.cfg, tr.history) for tr in self.trials]
 
     def _column(self, name: str, values: list[float]) -> torch.Tensor:
         shape = (len(values),) + (1,) * (self.params[name].dim() - 1)
         return torch.tensor(values, dtype=self.params[name].dtype, device=self.device).reshape(shape)
 
     def _epoch(self, epoch: int) -> list[float]:
-        from heads.train import TrainingDivergedError
-
-        cfgs = [t.cfg for t in self.trials]
-        for r in self.readers:
-            self.trials[r].train_loader.set_epoch(epoch)
-        torch.manual_seed(cfgs[0].seed * 100_003 + epoch)  # as the trainer does (nothing random is drawn here)
-        self.template.train()
+        cfgs = [tr.cfg for tr in self.trials]
+        for loader in self.loaders:
+            loader.set_epoch(epoch)
+        generators = [torch.Generator().manual_seed(c.seed * 100_003 + epoch) for c in cfgs]  # as the trainer seeds
         lr, momentum, decay = ({n: self._column(n, [f(c) for c in cfgs]) for n in self.params} for f in
                                (lambda c: c.lr_at(epoch), lambda c: c.momentum, lambda c: c.weight_decay))
-        total = min(len(self.trials[r].train_loader) for r in self.readers)
+        total = min(len(loader) for loader in self.loaders)
         if cfgs[0].max_steps_per_epoch is not None:
             total = min(total, cfgs[0].max_steps_per_epoch)
-        sums, seen = [0.0] * len(cfgs), 0
-        slot = {r: j for j, r in enumerate(self.readers)}
-        for step, read in enumerate(zip(*(self.trials[r].train_loader for r in self.readers))):
+        sums, seen = torch.zeros(len(cfgs), dtype=torch.float64), 0
+        ctx = _Pass(self.params, self.buffers, generators)
+        for step, read in enumerate(zip(*self.loaders)):
             if step >= total:
                 break
-            batches = [read[slot[r]] for r in self.reader_of]
-            inputs = [torch.stack([b.inputs[i] for b in batches]).to(self.device) for i in range(len(batches[0].inputs))]
-            labels = torch.stack([b.labels for b in batches]).to(self.device)
-            losses = self.losses(self.params, inputs, labels)
-            values = losses.detach().tolist()
-            bad = [k for k, v in enumerate(values) if not math.isfinite(v)]
-            if bad:
-                raise TrainingDivergedError(f"the training loss of {cfgs[bad[0]].out} became {values[bad[0]]} at "
-                                            f"epoch {epoch}, step {step + 1}; lower --lr, or check the features")
+            inputs = [self._stacked([b.inputs[i] for b in read]) for i in range(len(read[0].inputs))]
+            labels = torch.stack([b.labels for b in read])[self.reader_of].to(self.device)
+            losses = stacked_loss(cfgs[0], self.forward(self.template, ctx, inputs), labels)
+            values = losses.detach().double()
+            if not bool(torch.isfinite(values).all()):  # one check for the stack, before the step
+                k = int((~torch.isfinite(values)).nonzero()[0])
+                raise self.t.TrainingDivergedError(
+                    f"the training loss of {cfgs[k].out} became {float(values[k])} at epoch {epoch}, step "
+                    f"{step + 1}; lower --lr, or check the features")
             for p in self.params.values():
                 p.grad = None
             losses.sum().backward()
             self._sgd_step(lr, momentum, decay)
-            n = len(batches[0])
-            sums = [s + v * n for s, v in zip(sums, values)]
+            n = len(read[0])
+            sums += values * n
             seen += n
         if seen == 0:
             raise ValueError("the training loader produced no batches")
-        return [s / seen for s in sums]
+        return (sums / seen).tolist()
+
+    def _stacked(self, per_reader: list[torch.Tensor]) -> torch.Tensor:
+        """One input of every reader as ``[R, B, ...]`` (or ``[K, B, ...]``, see ``per_reader``)."""
+        x = per_reader[0].unsqueeze(0) if len(per_reader) == 1 else torch.stack(per_reader)
+        return (x if self.per_reader else x[self.reader_of]).to(self.device)
 
     @torch.no_grad()
     def _sgd_step(self, lr: dict, momentum: dict, decay: dict) -> None:
         """``torch.optim.SGD`` (momentum, weight decay, no dampening or Nesterov), one lr per trial."""
         for name, p in self.params.items():
-            d = p.grad + decay[name] * p
-            buf = self.buffers[name]
+            d = p.grad.addcmul_(decay[name], p)  # the gradient is this step's own: updated in place
+            buf = self.momentum[name]
             buf.mul_(momentum[name]).add_(d)
-            p.sub_(lr[name] * buf)
+            p.addcmul_(lr[name], buf, value=-1)
 
-    def _commit(self, k: int, trial: _Trial, epoch: int, loss: float, started: float) -> None:
-        """Unstack trial ``k`` into its head and a torch SGD optimizer, validate it, and commit the epoch."""
-        from heads.evaluate import evaluate
-        from heads.train import _commit_epoch, _epoch_line, _log
+    @torch.no_grad()
+    def _validate(self) -> list[dict]:
+        """`heads.evaluate.evaluate` of every trial on the shared validation batches, each batch cut once."""
+        from heads.evaluate import clip_metrics
 
+        k = len(self.trials)
+        if self.val_loader is None:
+            return [{} for _ in range(k)]
+        ctx = _Pass(self.params, self.buffers, None)
+        rows, labels, counts, sums, hits, total = [], [], [], [[] for _ in range(k)], np.zeros(k, dtype=np.int64), 0
+        for batch in self.val_loader:
+            b, s = batch.inputs[0].shape[:2]
+            flat = [x.to(self.device).flatten(0, 1) for x in batch.inputs]
+            probs = torch.softmax(self.forward(self.template, ctx, flat).float(), dim=-1).reshape(k, b, s, -1).cpu()
+            hits += (probs.argmax(-1) == batch.labels[None, :, None]).sum((1, 2)).numpy()
+            total += b * s
+            rows.append(batch.rows.numpy())
+            labels.append(batch.labels.numpy())
+            counts.append(np.full(b, s))
+            for j in range(k):
+                sums[j].append(probs[j].sum(1).numpy())
+        if not rows:
+            raise ValueError("the validation loader produced no samples (empty split?)")
+        rows, labels, counts = np.concatenate(rows), np.concatenate(labels), np.concatenate(counts)
+        return [clip_metrics(rows, labels, np.concatenate(sums[j]), counts, hits[j] / max(1, total)) for j in range(k)]
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of the stacked weights, buffers and momentum, for the writer thread while training goes on."""
+        tensors = {**self.params, **self.buffers}
+        return {**{n: v.detach().clone() for n, v in tensors.items()},
+                **{f"momentum.{n}": v.clone() for n, v in self.momentum.items()}}
+
+    def _commit(self, k: int, epoch: int, loss: float, metrics: dict, seconds: float, snap: dict) -> None:
+        """Unstack trial ``k`` into its head and a torch SGD optimizer and commit the epoch (writer thread)."""
+        trial, t = self.trials[k], self.t
         cfg, head = trial.cfg, trial.head
         with torch.no_grad():
-            head.load_state_dict({n: p[k].detach().clone() for n, p in self.params.items()}, strict=False)
+            head.load_state_dict({n: v[k] for n, v in snap.items() if not n.startswith("momentum.")})
         named = dict(head.named_parameters())
-        optimizer = torch.optim.SGD([named[n] for n in named if named[n].requires_grad], lr=cfg.lr,
-                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD([named[n] for n in self.trainable], lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(epoch)
-        for n, p in named.items():
-            if p.requires_grad:
-                optimizer.state[p] = {"momentum_buffer": self.buffers[n][k].clone()}
-        record = {"epoch": epoch, "loss": loss, "lr": cfg.lr_at(epoch)}
-        if trial.val_loader is not None:
-            record.update(evaluate(head, trial.val_loader, self.device))
-        record["seconds"] = round(time.perf_counter() - started, 3)
-        trial.state = _commit_epoch(Path(cfg.out), head, optimizer, trial.state, record, cfg)
+        if cfg.momentum != 0:  # torch keeps no buffer without momentum
+            for n in self.trainable:
+                optimizer.state[named[n]] = {"momentum_buffer": snap[f"momentum.{n}"][k].clone()}
+        record = {"epoch": epoch, "loss": loss, "lr": cfg.lr_at(epoch), **metrics, "seconds": round(seconds, 3)}
+        trial.state = t.commit_epoch(Path(cfg.out), head, optimizer, trial.state, record, cfg)
         trial.history.append(record)
         if cfg.progress:
-            _log(_epoch_line(record, cfg.epochs))
+            t.log(t.epoch_line(record, cfg.epochs))
+
+
+def _wait(futures: list[Future]) -> None:
+    """Wait for every commit; the first error (a diverged or unwritable trial) is raised after all have ended."""
+    errors = [f.exception() for f in futures]
+    for err in errors:
+        if err is not None:
+            raise err

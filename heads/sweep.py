@@ -387,7 +387,7 @@ class SharedReads:
         train_loader, val_loader = make_loaders(cfg, self.store, head)
         for loader in (train_loader, val_loader):
             if loader is not None:
-                self._share(loader)
+                self.share(loader)
         return fit(head, train_loader, val_loader, cfg, identity, overwrite=overwrite)
 
     def all_finite(self, dataset: Any) -> bool:
@@ -396,18 +396,28 @@ class SharedReads:
         key = ("finite", tuple(dataset.features), dataset.rows.tobytes())
         if key not in self.caches:
             self.caches[key] = [bool(np.isfinite(a).all()) if np.issubdtype(a.dtype, np.floating) else True
-                                for a in dataset._cached]
+                                for a in _dataset_cache(dataset)]
         return all(self.caches[key])
 
-    def _share(self, dataset: Any) -> None:
+    def share(self, dataset: Any) -> None:
         """Point ``dataset``'s cache at the rows already read (reading them now if no trial has)."""
         key = (tuple(dataset.features), dataset.rows.tobytes())
-        dataset.cache = True
-        if key in self.caches:
-            dataset._cached = self.caches[key]  # StoreDataset's cache: a list of arrays, one per feature set
-        else:
-            dataset._load_cache()
-            self.caches[key] = dataset._cached
+        self.caches[key] = _dataset_cache(dataset, self.caches.get(key))
+
+
+def _dataset_cache(dataset: Any, arrays: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """The in-memory rows of a `featurestore.torchdata.StoreDataset` (one array per feature set): ``arrays``
+    when given (rows another dataset over the same selection read), else read now.
+
+    The one place a sweep reaches into StoreDataset's private cache (``_cached``, ``_load_cache``): the
+    dataset cuts its batches from that cache exactly as from the store, which is what makes sharing exact.
+    """
+    dataset.cache = True
+    if arrays is not None:
+        dataset._cached = arrays
+    else:
+        dataset._load_cache()
+    return dataset._cached
 
 
 def _describe(base: TrainConfig, grid: Mapping, ranges: Mapping[str, Range], samples: int, sample_seed: int,

@@ -158,8 +158,9 @@ def test_random_search_draws_the_same_configurations_again(tiny_store_path, tmp_
 
 
 def test_trials_share_one_read_of_the_store_and_train_as_if_alone(tiny_store_path, tmp_path):
-    """An embedding MLP (dropout, batchnorm: the RNG matters) swept with shared reads ends bit for bit where
-    the same sweep reading the store per trial and epoch ends, while reading each stored row once."""
+    """An embedding MLP (dropout, batchnorm: the RNG matters) swept with shared reads (one trial after
+    another: stacked trials are equal within float tolerance, tests/heads/test_sweep_stacked.py) ends bit for
+    bit where the same sweep reading the store per trial and epoch ends, while reading each stored row once."""
     import heads
     from featurestore.store import open_store
     from heads.config import TrainConfig
@@ -174,7 +175,7 @@ def test_trials_share_one_read_of_the_store_and_train_as_if_alone(tiny_store_pat
             original = store.read_rows
             store.read_rows = lambda name, start, stop, **kw: calls.append(name) or original(name, start, stop, **kw)
             out = tmp_path / f"share_{share}"
-            result = heads.sweep(base, grid, seeds=[0, 1], out=out, store=store, share_reads=share)
+            result = heads.sweep(base, grid, seeds=[0, 1], out=out, store=store, share_reads=share, stack=False)
             reads[share] = len(calls)
         assert result.trained == 8
     shared, alone = tmp_path / "share_True", tmp_path / "share_False"
