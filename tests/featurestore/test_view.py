@@ -1,6 +1,6 @@
 """The store viewer's server side: projection sidecar, safe media serving, pages and JSON, the CLI.
 
-The store is made from the tiny demo dataset (real WAV and MP4 files), with embeddings, a log-mel
+The store is made from the demo dataset (real WAV and MP4 files, 2 s clips), with embeddings, a log-mel
 set, stored frames and a prediction run written directly (no encoder runs: the viewer only reads).
 The browser test (test_view_browser.py) uses the same store.
 """
@@ -19,13 +19,20 @@ import pytest
 pytest.importorskip("starlette", reason="the viewer's [view] extra (starlette, uvicorn, plotly) is not installed")
 
 from featurestore.datasets import read_tau
+from featurestore.demo import make_demo_dataset
 from featurestore.store import create_store, open_store
+from tests.conftest import TINY
 
 EMBED = "clip/ViT-S-32-alt"
 TEXT_SPEC = "cliptext/ViT-S-32-alt@none:3"
 RUN = "a01"
 LOGMEL = (8, 12)
 FRAMES = (3, 16, 16)
+
+
+def make_view_dataset(path: Path) -> Path:
+    """The tiny demo set with 2 s clips (2 audio segments, 12 frames): real WAV/MP4 files, made in ~2 s."""
+    return make_demo_dataset(path, **{**TINY, "duration": 2.0})
 
 
 def build_view_store(path: Path, dataset: Path, text: str | None = None) -> Path:
@@ -57,7 +64,8 @@ def build_view_store(path: Path, dataset: Path, text: str | None = None) -> Path
         store.create_feature_set("frames/16", frames, FRAMES, {"encoder": "frames/16", "config": {},
                                                                "weights": {"kind": "parameter-free"}}, dtype="uint8")
         store.write_rows("frames/16", 0, rng.integers(0, 255, size=(n, frames, *FRAMES), dtype=np.uint8))
-        logits = rng.normal(size=(n, seg, len(store.classes))) + 2 * np.eye(len(store.classes))[labels][:, None]
+        c = len(store.classes)  # right about two thirds of the time: the confusion matrix has errors to click
+        logits = 1.5 * rng.normal(size=(n, 1, c)) + 0.5 * rng.normal(size=(n, seg, c)) + 2.5 * np.eye(c)[labels][:, None]
         probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
         store.create_predictions(RUN, seg, {"head": "test"})
         store.write_predictions(RUN, np.arange(n), probs)
@@ -65,8 +73,13 @@ def build_view_store(path: Path, dataset: Path, text: str | None = None) -> Path
 
 
 @pytest.fixture(scope="module")
-def view_store(tiny_dataset, tmp_path_factory) -> Path:
-    return build_view_store(tmp_path_factory.mktemp("view") / "view.zarr", tiny_dataset)
+def view_dataset(tmp_path_factory) -> Path:
+    return make_view_dataset(tmp_path_factory.mktemp("view_dataset") / "demo")
+
+
+@pytest.fixture(scope="module")
+def view_store(view_dataset, tmp_path_factory) -> Path:
+    return build_view_store(tmp_path_factory.mktemp("view") / "view.zarr", view_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +121,13 @@ def raw_get(url: str, target: str, host: str | None = None) -> tuple[int, bytes]
 
 
 # -------------------------------------------------------------------------------- projection
-def test_the_map_is_the_pca_of_the_clip_vectors_kept_in_a_sidecar_and_rebuilt_when_the_set_changes(tmp_path, tiny_dataset):
+def test_the_map_is_the_pca_of_the_clip_vectors_kept_in_a_sidecar_and_rebuilt_when_the_set_changes(tmp_path, view_dataset):
     from sklearn.decomposition import PCA
 
     from featurestore.store.search import clip_vectors
     from featurestore.view.projection import project, sidecar_dir
 
-    path = build_view_store(tmp_path / "p.zarr", tiny_dataset)
+    path = build_view_store(tmp_path / "p.zarr", view_dataset)
     with open_store(path, "a") as store:
         first = project(store, EMBED)
         vectors = clip_vectors(store.get_many(EMBED, store.clip_ids))
@@ -132,10 +145,10 @@ def test_the_map_is_the_pca_of_the_clip_vectors_kept_in_a_sidecar_and_rebuilt_wh
     assert [p.name for p in rebuilt.kept_in.parent.iterdir()] == [rebuilt.kept_in.name]
 
 
-def test_a_damaged_projection_file_is_never_served(tmp_path, tiny_dataset):
+def test_a_damaged_projection_file_is_never_served(tmp_path, view_dataset):
     from featurestore.view.projection import project
 
-    path = build_view_store(tmp_path / "d.zarr", tiny_dataset)
+    path = build_view_store(tmp_path / "d.zarr", view_dataset)
     with open_store(path) as store:
         first = project(store, EMBED)
         data = bytearray(first.kept_in.read_bytes())
@@ -146,11 +159,11 @@ def test_a_damaged_projection_file_is_never_served(tmp_path, tiny_dataset):
     np.testing.assert_array_equal(again.xy, first.xy)
 
 
-def test_a_store_this_process_cannot_write_gets_no_sidecar(tmp_path, tiny_dataset):
+def test_a_store_this_process_cannot_write_gets_no_sidecar(tmp_path, view_dataset):
     from featurestore.view import prepare
 
     folder = tmp_path / "ro"
-    path = build_view_store(folder / "s.zarr", tiny_dataset)
+    path = build_view_store(folder / "s.zarr", view_dataset)
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
     _make_unwritable(folder)
     try:
@@ -179,11 +192,11 @@ def _make_writable(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ media
-def test_media_is_served_for_listed_files_and_nothing_else(server, view_store, tiny_dataset):
+def test_media_is_served_for_listed_files_and_nothing_else(server, view_store, view_dataset):
     with open_store(view_store) as store:
         clip, audio_rel = store.clip_ids[3], str(store.column("audio_path")[3])
     status, body, kind = fetch(server.url + f"media?id={clip}&kind=audio")
-    assert status == 200 and kind == "audio/wav" and body == (tiny_dataset / audio_rel).read_bytes()
+    assert status == 200 and kind == "audio/wav" and body == (view_dataset / audio_rel).read_bytes()
     for target in ["/media?id=..%2F..%2Fetc%2Fpasswd&kind=audio", "/media?id=/etc/passwd&kind=audio",
                    f"/media?id={clip}%2F..%2F..&kind=audio", "/media/../../etc/passwd", "/media?id=..&kind=audio",
                    f"/media?id={clip}&kind=..%2Fmeta.csv", "/static/..%2F..%2Fstore.py", "/static/../app.py",
@@ -193,12 +206,12 @@ def test_media_is_served_for_listed_files_and_nothing_else(server, view_store, t
         assert b"root:" not in body and b"import" not in body
 
 
-def test_a_store_listing_a_path_outside_its_dataset_root_serves_nothing(tmp_path, tiny_dataset):
+def test_a_store_listing_a_path_outside_its_dataset_root_serves_nothing(tmp_path, view_dataset):
     """A crafted index (an absolute path, a ``..`` path) and a link inside the dataset pointing out."""
     from featurestore.view.media import MediaRefused, media_path
 
     data = tmp_path / "data"
-    shutil.copytree(tiny_dataset, data)
+    shutil.copytree(view_dataset, data)
     manifest = read_tau(data)
     secret = tmp_path / "secret.wav"
     secret.write_bytes(b"RIFF secret")
@@ -215,11 +228,11 @@ def test_a_store_listing_a_path_outside_its_dataset_root_serves_nothing(tmp_path
         assert media_path(store, ids[3], "audio") == (data / str(store.column("audio_path")[3])).resolve()
 
 
-def test_a_missing_media_file_is_a_note_on_the_clip_page(tmp_path, tiny_dataset):
+def test_a_missing_media_file_is_a_note_on_the_clip_page(tmp_path, view_dataset):
     from featurestore.view import start
 
     data = tmp_path / "data"
-    shutil.copytree(tiny_dataset, data)
+    shutil.copytree(view_dataset, data)
     path = build_view_store(tmp_path / "s.zarr", data)
     with open_store(path) as store:
         clip, rel = store.clip_ids[0], str(store.column("audio_path")[0])
@@ -272,19 +285,19 @@ def test_frames_and_logmel_pictures(server, view_store, tmp_path):
     assert status == 200 and image.size[0] == n_seg * LOGMEL[1] and image.size[1] % LOGMEL[0] == 0
 
 
-def test_frames_are_decoded_from_the_video_when_the_store_holds_none(tmp_path, tiny_dataset):
+def test_frames_are_decoded_from_the_video_when_the_store_holds_none(tmp_path, view_dataset):
     from featurestore.decode.video import sample_frames
     from featurestore.view.app import _Handlers
     from featurestore.view import prepare
 
-    manifest = read_tau(tiny_dataset)
+    manifest = read_tau(view_dataset)
     with create_store(tmp_path / "bare.zarr", manifest) as store:
         pass
     with open_store(tmp_path / "bare.zarr") as store:
         state = prepare(store)
         assert state.projections == {} and state.sources == {}
         strip = _Handlers(state, __import__("threading").Lock())._frames(manifest.clips[0].clip_id)
-    frames = sample_frames(tiny_dataset / manifest.clips[0].video, manifest.video_frames)
+    frames = sample_frames(view_dataset / manifest.clips[0].video, manifest.video_frames)
     np.testing.assert_array_equal(strip, np.concatenate(list(frames), axis=1))
 
 

@@ -1,0 +1,124 @@
+"""The viewer in a real browser: Debian's chromium driven by Playwright (no downloaded browser).
+
+One walk through the app on the demo store: the map draws, a click on a point opens that clip's page
+(its id, an audio element as long as the WAV, the frames, the run's probabilities as
+``get_predictions`` has them), a text search finds the clip holding that sentence's embedding, and
+a click on a confusion-matrix cell lists its clips. Screenshots go to the test's tmp folder (on
+failure too). Skipped, saying why, when /usr/bin/chromium or the playwright package is missing;
+``.ci/run`` installs chromium.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytest.importorskip("starlette", reason="the viewer's [view] extra (starlette, uvicorn, plotly) is not installed")
+pytest.importorskip("playwright.sync_api", reason="playwright (the [test] extra) is not installed")
+if not CHROMIUM.exists():
+    pytest.skip("no /usr/bin/chromium (apt-get install chromium; .ci/run does)", allow_module_level=True)
+
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+from featurestore.store import open_store  # noqa: E402
+from tests.featurestore.test_view import RUN, build_view_store, fetch, make_view_dataset  # noqa: E402
+
+TEXT = "a busy tram"
+#: WebGL through SwiftShader (software): headless chromium has no GPU here.
+BROWSER_ARGS = ["--enable-unsafe-swiftshader", "--use-angle=swiftshader", "--no-sandbox"]
+WAIT_MS = 30_000
+
+ISOLATED_POINT = """() => {
+  const gd = document.getElementById('map'), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+  const box = gd.getBoundingClientRect(), pts = [];
+  gd.data.forEach((t) => t.x.forEach((x, i) => pts.push([xa._offset + xa.l2p(x), ya._offset + ya.l2p(t.y[i]), t.customdata[i]])));
+  let best = null, far = -1;
+  for (const p of pts) {
+    const d = Math.min(...pts.filter((q) => q !== p).map((q) => Math.hypot(p[0] - q[0], p[1] - q[1])));
+    if (d > far) { far = d; best = p; }
+  }
+  return { x: box.left + best[0], y: box.top + best[1], id: best[2] };
+}"""
+
+CELL = """([t, p]) => {
+  const gd = document.getElementById('confusion'), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+  const box = gd.getBoundingClientRect();
+  return { x: box.left + xa._offset + xa.l2p(p), y: box.top + ya._offset + ya.l2p(t) };
+}"""
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from featurestore.view import start
+
+    dataset = make_view_dataset(tmp_path_factory.mktemp("browser_dataset") / "demo")
+    path = build_view_store(tmp_path_factory.mktemp("browser") / "view.zarr", dataset, text=TEXT)
+    running = start(path)
+    yield running, path, dataset
+    running.stop()
+
+
+@pytest.fixture
+def page(tmp_path):
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        tab = browser.new_page(viewport={"width": 1300, "height": 900})
+        tab.set_default_timeout(WAIT_MS)
+        yield tab
+        if not tab.is_closed():
+            tab.screenshot(path=str(tmp_path / "last.png"), full_page=True)  # what the page showed at the end (or failure)
+        browser.close()
+
+
+def test_map_click_clip_page_search_and_confusion_in_chromium(app, page, tmp_path):
+    import soundfile
+
+    running, path, dataset = app
+    page.goto(running.url)
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator("#map .scatterlayer, #map canvas").count() > 0
+    page.screenshot(path=str(tmp_path / "map.png"))
+
+    point = page.evaluate(ISOLATED_POINT)
+    page.mouse.move(point["x"], point["y"])
+    page.mouse.click(point["x"], point["y"])
+    page.wait_for_url("**/clip?*")
+    clip = point["id"]
+    assert page.locator("#clip-id").inner_text() == clip
+    with open_store(path) as store:
+        row = store.row(clip)
+        wav = dataset / str(store.column("audio_path")[row])
+        probs = store.get_predictions(RUN, [clip])[0].mean(0)
+        classes, n_frames = store.classes, store.feature_info("frames/16").n_segments
+    page.wait_for_function("document.getElementById('audio').readyState >= 1")
+    assert page.evaluate("document.getElementById('audio').duration") == pytest.approx(soundfile.info(str(wav)).duration, abs=1e-3)
+    page.wait_for_function("document.getElementById('frames').complete")
+    assert page.evaluate("document.getElementById('frames').naturalWidth") == n_frames * 16
+    shown = page.evaluate("""() => Object.fromEntries([...document.querySelectorAll("td[data-source='run:a01']")]
+                                   .map((td) => [td.dataset.class, parseFloat(td.dataset.value)]))""")
+    np.testing.assert_array_equal(np.array([shown[c] for c in classes], dtype=np.float32), probs.astype(np.float32))
+    page.screenshot(path=str(tmp_path / "clip.png"), full_page=True)
+
+    page.goto(running.url)
+    page.wait_for_selector("body[data-ready='1']")
+    page.fill("#search", TEXT)
+    page.click("#search-go")
+    first = page.locator("#results li a").first
+    first.wait_for()
+    with open_store(path) as store:
+        tram = store.clip_ids[int(np.flatnonzero(np.asarray(store.labels) == store.classes.index("tram"))[0])]
+    assert first.inner_text() == tram
+
+    cm = json.loads(fetch(running.url + "api/confusion?" + "source=run:a01&split=" + page.input_value("#split"))[1])
+    t, p = next(map(int, k.split(",")) for k in cm["cells"] if k.split(",")[0] != k.split(",")[1])  # a mistake
+    page.locator("#confusion").scroll_into_view_if_needed()
+    cell = page.evaluate(CELL, [t, p])
+    page.mouse.move(cell["x"], cell["y"])
+    page.mouse.click(cell["x"], cell["y"])
+    page.locator("#cell-clips li").first.wait_for()
+    assert page.locator("#cell-clips li a").all_inner_texts() == cm["cells"][f"{t},{p}"]
+    page.screenshot(path=str(tmp_path / "map-search-confusion.png"), full_page=True)
