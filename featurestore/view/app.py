@@ -94,7 +94,7 @@ class _Handlers:
         q = request.query_params
 
         def serve() -> Any:
-            path = media_path(self.state.store, q.get("id", ""), q.get("kind", ""))
+            path = media_path(self.state.store, q.get("id", ""), q.get("kind", ""), self.state.attrs, self.state.value)
             return FileResponse(path, media_type=content_type(path))
 
         return self._answer(serve)
@@ -103,18 +103,18 @@ class _Handlers:
         return self._answer(lambda: _png(self._frames(request.query_params.get("id", ""))))
 
     def _frames(self, clip_id: str) -> Any:
-        from featurestore.view.data import _frames_source
+        from featurestore.view.data import frames_source
 
         store = self.state.store
-        source = _frames_source(store, store.row(clip_id))
+        source = frames_source(self.state, store.row(clip_id))
         if source is None:
             raise MediaMissing(f"clip {clip_id!r} has no frames")
         if source != "video":
             return frame_strip(store.get(source, clip_id), channels_first=True)
         from featurestore.decode.video import sample_frames
 
-        n = int(store.attrs.get("video_frames") or 5)
-        return frame_strip(sample_frames(media_path(store, clip_id, "video"), n), channels_first=False)
+        n = int(self.state.attrs.get("video_frames") or 5)
+        return frame_strip(sample_frames(media_path(store, clip_id, "video", self.state.attrs, self.state.value), n), channels_first=False)
 
     def logmel(self, request: Any) -> Any:
         q = request.query_params

@@ -5,6 +5,7 @@ Every function reads through the store's public API; nothing here writes.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,11 +13,12 @@ import numpy as np
 
 from featurestore.errors import MissingFeatureError
 from featurestore.view.images import frame_sets, logmel_sets
-from featurestore.view.media import KINDS, MediaMissing, MediaRefused, index_value, media_path
+from featurestore.view.media import KINDS, MediaMissing, MediaRefused, media_path
 from featurestore.view.outputs import Source
 from featurestore.view.projection import Projection
 
 NEIGHBOURS = 8
+CHUNKS_KEPT = 16  # decoded chunks of the media path columns a running app keeps
 PLAIN_COLOURS = ("label", "city", "split")
 
 
@@ -28,6 +30,45 @@ class ViewState:
     projections: dict[str, Projection]
     sources: dict[str, Source]
     index: dict[str, np.ndarray] = field(default_factory=dict)  # label, city, split columns, read once
+    covered: dict[str, np.ndarray] = field(default_factory=dict)  # source -> rows it answers for, read once
+    attrs: dict[str, Any] = field(default_factory=dict)  # the store's root attributes
+    frame_sets: list[str] = field(default_factory=list)
+    logmel_sets: list[str] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+    chunks: "OrderedDict[tuple[str, int], np.ndarray]" = field(default_factory=OrderedDict)  # path columns, LRU
+
+    def __post_init__(self) -> None:
+        """What every clip page needs and a running app never sees change: read once, not per page
+        (each read is a metadata or chunk request, milliseconds each on a loaded machine)."""
+        self.attrs = dict(self.store.attrs)
+        self.frame_sets, self.logmel_sets = frame_sets(self.store), logmel_sets(self.store)
+        self.splits = self.store.splits()
+
+    def value(self, column: str, row: int) -> str:
+        """One row of a string column (media paths), through a few decoded chunks kept (LRU): the
+        columns are not held whole (memory), and neighbours' pages often fall in a chunk read before."""
+        per = self.store.arrays.chunk_rows(f"index/{column}")
+        key = (column, row // per)
+        if key not in self.chunks:
+            start = key[1] * per
+            self.chunks[key] = self.store.arrays.read(f"index/{column}", start, min(self.store.n_clips, start + per))
+            while len(self.chunks) > CHUNKS_KEPT:
+                self.chunks.popitem(last=False)
+        self.chunks.move_to_end(key)
+        return str(self.chunks[key][row % per])
+
+    def covers(self, source: str) -> np.ndarray:
+        """The store rows ``source`` answers for (bool per row), read once."""
+        if source not in self.covered:
+            self.covered[source] = np.asarray(self.sources[source].covered(), dtype=bool)
+        return self.covered[source]
+
+    def in_split(self, split: str) -> np.ndarray:
+        """Membership of one split (bool per row), read once."""
+        key = f"split/{split}"
+        if key not in self.index:
+            self.index[key] = self.store.column(key).astype(bool)
+        return self.index[key]
 
     def labels(self) -> np.ndarray:
         """Class index of every row (-1: no label), read once."""
@@ -91,7 +132,7 @@ def colour_values(state: ViewState, rows: np.ndarray, colour: str) -> np.ndarray
 def predicted_classes(state: ViewState, source: str, rows: np.ndarray) -> np.ndarray:
     """The source's predicted class of each row; -1 where it has no answer."""
     src = state.sources[source]
-    covered = np.asarray(src.covered(), dtype=bool)[rows]
+    covered = state.covers(source)[rows]
     out = np.full(len(rows), -1, dtype=np.int64)
     if covered.any():
         out[covered] = src.score(state.store.index.ids_at(rows[covered])).argmax(axis=1)
@@ -104,31 +145,31 @@ def clip_page(state: ViewState, clip_id: str, feature_set: str | None) -> dict[s
     store = state.store
     row = store.row(clip_id)
     label = int(state.labels()[row])
-    splits = [s for s in store.splits() if bool(store.arrays.read(f"index/split/{s}", row, row + 1)[0])]
+    splits = [s for s in state.splits if state.in_split(s)[row]]
     return {"clip_id": clip_id, "row": row, "label": store.classes[label] if label >= 0 else None,
-            "city": index_value(store, "city", row), "location": index_value(store, "location", row),
-            "splits": splits, "media": {kind: media_note(store, clip_id, kind) for kind in KINDS},
-            "frames": _frames_source(store, row), "logmel": _first_done(store, logmel_sets(store), row),
+            "city": state.column("city")[row], "location": state.column("location")[row],
+            "splits": splits, "media": {kind: media_note(state, clip_id, kind) for kind in KINDS},
+            "frames": frames_source(state, row), "logmel": _first_done(store, state.logmel_sets, row),
             "outputs": clip_outputs(state, clip_id, row), "classes": list(store.classes),
             "neighbours": neighbours(store, feature_set, clip_id) if feature_set else None,
             "feature_set": feature_set}
 
 
-def media_note(store: Any, clip_id: str, kind: str) -> dict[str, Any]:
+def media_note(state: ViewState, clip_id: str, kind: str) -> dict[str, Any]:
     """``{"ok": True}`` when the file can be served, else ``{"ok": False, "note": why}``."""
     try:
-        media_path(store, clip_id, kind)
+        media_path(state.store, clip_id, kind, state.attrs, state.value)
         return {"ok": True}
     except (MediaMissing, MediaRefused) as err:
         return {"ok": False, "note": str(err)}
 
 
-def _frames_source(store: Any, row: int) -> str | None:
+def frames_source(state: ViewState, row: int) -> str | None:
     """Where the frames come from: a stored frames set, ``video`` (decoded), or None."""
-    stored = _first_done(store, frame_sets(store), row)
+    stored = _first_done(state.store, state.frame_sets, row)
     if stored:
         return stored
-    return "video" if index_value(store, "video_path", row) else None
+    return "video" if state.value("video_path", row) else None
 
 
 def _first_done(store: Any, sets: list[str], row: int) -> str | None:
@@ -139,7 +180,7 @@ def clip_outputs(state: ViewState, clip_id: str, row: int) -> dict[str, list[flo
     """Clip-level probabilities of every source that covers the clip."""
     out = {}
     for name, src in state.sources.items():
-        if bool(np.asarray(src.covered())[row]):
+        if state.covers(name)[row]:
             out[name] = [float(p) for p in src.score([clip_id])[0]]
     return out
 
@@ -161,9 +202,9 @@ def confusion(state: ViewState, source: str, split: str | None) -> dict[str, Any
     store = state.store
     if source not in state.sources:
         raise ValueError(f"no output {source!r}; the store has {', '.join(state.sources) or 'none'}")
-    member = store.column(f"split/{split}").astype(bool) if split else np.ones(store.n_clips, dtype=bool)
+    member = state.in_split(split) if split else np.ones(store.n_clips, dtype=bool)
     labels = state.labels()
-    rows = np.flatnonzero(member & (labels >= 0) & np.asarray(state.sources[source].covered(), dtype=bool))
+    rows = np.flatnonzero(member & (labels >= 0) & state.covers(source))
     pred = predicted_classes(state, source, rows)
     n = len(store.classes)
     counts = np.zeros((n, n), dtype=np.int64)

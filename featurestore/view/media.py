@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -33,9 +35,10 @@ class MediaMissing(FeatureStoreError):
     """The file the index lists is not where the dataset root says (moved, unmounted, not copied)."""
 
 
-def row_root(store: Any, row: int) -> str:
-    """The dataset root recorded for ``row`` (the ``datasets`` attribute; else the store's root)."""
-    attrs = store.attrs
+def row_root(store: Any, row: int, attrs: dict | None = None) -> str:
+    """The dataset root recorded for ``row`` (the ``datasets`` attribute; else the store's root).
+    ``attrs``: the store's root attributes when the caller holds them (reading them costs a metadata read)."""
+    attrs = store.attrs if attrs is None else attrs
     root = str(attrs.get("dataset_root") or "")
     for added in attrs.get("datasets", []):
         start, stop = added.get("rows", (0, 0))
@@ -44,8 +47,12 @@ def row_root(store: Any, row: int) -> str:
     return root
 
 
-def media_path(store: Any, clip_id: str, kind: str) -> Path:
+def media_path(store: Any, clip_id: str, kind: str, attrs: dict | None = None,
+               value: Callable[[str, int], str] | None = None) -> Path:
     """The real path of a clip's audio or video file, checked as the module docstring says.
+
+    ``attrs``: the store's root attributes, and ``value(column, row)``: a reader of index values,
+    when the caller keeps them (a running app: each read is a request to the store).
 
     Raises:
         MediaRefused: unknown kind or clip, no recorded root, a path that leaves the root.
@@ -54,10 +61,10 @@ def media_path(store: Any, clip_id: str, kind: str) -> Path:
     if kind not in KINDS:
         raise MediaRefused(f"unknown media kind {kind!r} (audio or video)")
     row = _row(store, clip_id)
-    relative = index_value(store, KINDS[kind], row)
+    relative = (value or partial(index_value, store))(KINDS[kind], row)
     if not relative:
         raise MediaMissing(f"clip {clip_id!r} has no {kind} file in the store's index")
-    root = row_root(store, row)
+    root = row_root(store, row, attrs)
     if not root:
         raise MediaMissing(f"the store records no dataset root for clip {clip_id!r}, so its {kind} file "
                            f"{relative!r} cannot be found")

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.store.row_group import PREDICTION_RUNS
+
 GROUP = "featurestore.view_outputs"
 Scorer = Callable[[Sequence[str]], np.ndarray]
 
@@ -37,7 +39,7 @@ class Source:
 def run_source(store: Any, run: str) -> Source:
     """A stored prediction run, clip-level by the mean over its segments; it covers its done clips."""
     return Source(f"run:{run}", lambda clip_ids: store.get_predictions(run, list(clip_ids)).mean(axis=1),
-                  lambda: store.prediction_done(run))
+                  lambda: store.row_group(PREDICTION_RUNS, run).done_mask())
 
 
 def load_sources(store: Any, recipes: Sequence[str] = ()) -> dict[str, Source]:
