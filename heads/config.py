@@ -57,6 +57,7 @@ class TrainConfig:
     cache: bool = False  # load the training features into memory instead of streaming them
     shuffle_buffer: Size = 2048  # clips per read group (read at once, shuffled together) when streaming
     num_workers: Count = 0  # DataLoader worker processes reading the store (0: a reader thread)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the head's forward passes under bfloat16 autocast (a GPU's fast path)
     max_steps_per_epoch: Size | None = None  # cap on optimizer steps per epoch (quick demos); None: full epochs
     family: Name | None = None  # ensemble family for predictions ("audio", "video", "clip", ...); None: derived
     progress: bool = True  # tqdm progress bar per epoch
