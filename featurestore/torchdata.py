@@ -14,8 +14,14 @@ samples inside each read group (seeded, per epoch), and reads the next read grou
 thread while the current one is consumed. At most two read groups are ever in memory (the one being
 cut into batches and the next one being read,
 each read block by block into one preallocated array), so a store larger than RAM trains in bounded
-memory; ``cache=True`` loads the selected rows once instead (fastest when they fit). Stored float16
-is converted to float32 per batch.
+memory; ``cache=True`` loads the selected rows once instead (fastest when they fit).
+
+For a GPU: with ``keep_dtype`` batches keep the stored dtype (uint8 frames, float16 embeddings: a
+quarter or half of float32's bytes to copy), with ``pin_memory`` they are cut straight into pinned
+host memory, and `Batch.to` copies them to the device without blocking, then converts them to float32
+there. Without ``keep_dtype`` (the default, for callers that feed a head themselves) stored float16 is
+converted to float32 per batch on the host. `WorkerLoader` keeps its worker processes from epoch to
+epoch and pins in the main process (the DataLoader's pinning thread).
 """
 from __future__ import annotations
 
@@ -42,8 +48,9 @@ class Batch:
     """A batch of samples from one or more feature sets.
 
     Attributes:
-        inputs: one float tensor per feature set, ``[B, *shape]`` at segment level and
-            ``[B, n_segments, *shape]`` at clip level.
+        inputs: one tensor per feature set, ``[B, *shape]`` at segment level and
+            ``[B, n_segments, *shape]`` at clip level: float32, or the stored dtype from a loader with
+            ``keep_dtype`` (`to` converts on the device).
         labels: ``[B]`` int64 class indices (-1 where the store does not know the label).
         rows: ``[B]`` int64 store rows of the clips.
         segments: ``[B]`` int64 segment index (-1 at clip level).
@@ -62,9 +69,17 @@ class Batch:
         return iter((self.inputs, self.labels, self.rows, self.segments))
 
     def to(self, device: torch.device | str) -> "Batch":
-        """The same batch on ``device`` (inputs and labels; rows/segments stay on the CPU)."""
-        return Batch([x.to(device, non_blocking=True) for x in self.inputs],
+        """The same batch on ``device`` with float32 inputs (labels too; rows/segments stay on the CPU).
+
+        Inputs travel in their dtype (non-blocking: from pinned memory the host does not wait) and
+        are converted to float32 once there, so a uint8 frame costs a quarter of the copy.
+        """
+        return Batch([x.to(device, non_blocking=True).float() for x in self.inputs],
                      self.labels.to(device, non_blocking=True), self.rows, self.segments)
+
+    def pin_memory(self) -> "Batch":
+        """The batch in pinned host memory (the DataLoader's pinning thread calls this)."""
+        return Batch([x.pin_memory() for x in self.inputs], self.labels.pin_memory(), self.rows, self.segments)
 
 
 @dataclass
@@ -103,6 +118,9 @@ class StoreDataset(IterableDataset):
         require_labels: refuse clips whose label is unknown (-1); set it for training.
         prefetch: read the next read group in a background thread.
         block_clips: clips per block read (default: the feature sets' chunk size).
+        keep_dtype: batches keep the stored dtype (uint8, float16); `Batch.to` converts on the device.
+        pin_memory: cut batches into pinned host memory (for non-blocking copies to a CUDA device;
+            needs one).
     """
 
     def __init__(self, store: Any, features: str | Sequence[str], *, split: str | Sequence[str] | None = None,
@@ -110,7 +128,8 @@ class StoreDataset(IterableDataset):
                  batch_size: int | None = None, shuffle: bool = False, seed: int = 0,
                  shuffle_buffer: int = 2048, cache: bool = False, drop_last: bool = False,
                  missing: Literal["error", "skip"] = "error", require_labels: bool = False,
-                 prefetch: bool = True, block_clips: int | None = None):
+                 prefetch: bool = True, block_clips: int | None = None, keep_dtype: bool = False,
+                 pin_memory: bool = False):
         if level not in _LEVELS:
             raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
         if missing not in ("error", "skip"):
@@ -124,6 +143,7 @@ class StoreDataset(IterableDataset):
             raise ValueError("features must name at least one feature set")
         self.level, self.batch_size, self.shuffle, self.seed = level, batch_size, shuffle, seed
         self.shuffle_buffer, self.cache, self.drop_last, self.prefetch = shuffle_buffer, cache, drop_last, prefetch
+        self.keep_dtype, self.pin_memory = keep_dtype, pin_memory
         self.epoch = 0
         self._cached: list[np.ndarray] | None = None
         self.infos = [self.store.feature_info(name) for name in self.features]  # only these sets are read
@@ -211,7 +231,7 @@ class StoreDataset(IterableDataset):
             self._load_cache()
         produce = (self._build_read_group(g, rng) for g in groups)
         source = _prefetched(produce) if self.prefetch and not self.cache else produce
-        batches = _batches(source, self.batch_size or 1, self.drop_last)
+        batches = _batches(source, self.batch_size or 1, self.drop_last, _Cut(self.keep_dtype, self.pin_memory))
         if self.batch_size is not None:
             yield from batches
             return
@@ -331,7 +351,38 @@ def _prefetched(groups: Iterator[_ReadGroup], depth: int = 1) -> Iterator[_ReadG
         thread.join()
 
 
-def _batches(groups: Iterator[_ReadGroup], batch_size: int, drop_last: bool) -> Iterator[Batch]:
+@dataclass(frozen=True)
+class _Cut:
+    """How batches are cut from read groups: in the stored dtype or float32, in pinned memory or not."""
+
+    keep_dtype: bool = False
+    pin: bool = False
+
+    def take(self, w: _ReadGroup, idx: np.ndarray) -> Batch:
+        """The samples ``idx`` of ``w``, gathered straight into the batch's (pinned) tensors."""
+        inputs = [self._input(self._gather(a, idx)) for a in w.arrays]
+        return Batch(inputs, torch.from_numpy(w.labels[idx]), torch.from_numpy(w.rows[idx]),
+                     torch.from_numpy(w.segments[idx]))
+
+    def cat(self, a: Batch, b: Batch) -> Batch:
+        inputs = [torch.cat([x, y], out=self._empty((len(x) + len(y), *x.shape[1:]), x.dtype))
+                  for x, y in zip(a.inputs, b.inputs)]
+        return Batch(inputs, torch.cat([a.labels, b.labels]), torch.cat([a.rows, b.rows]),
+                     torch.cat([a.segments, b.segments]))
+
+    def _gather(self, a: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        out = self._empty((len(idx), *a.shape[1:]), torch.from_numpy(a[:0]).dtype)
+        np.take(a, idx, axis=0, out=out.numpy(), mode="clip")  # idx is in range; "clip" is unbuffered
+        return out
+
+    def _empty(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.keep_dtype else x.float()
+
+
+def _batches(groups: Iterator[_ReadGroup], batch_size: int, drop_last: bool, cut: _Cut = _Cut()) -> Iterator[Batch]:
     """Cut read groups into batches; a read group's leftover is joined to the start of the next one.
 
     A read group is dropped before the next one is asked for, so the two are never both held here.
@@ -345,8 +396,8 @@ def _batches(groups: Iterator[_ReadGroup], batch_size: int, drop_last: bool) -> 
         pos = 0
         if carry is not None:
             need = batch_size - len(carry)
-            head = _take(w, w.order[:need])
-            carry, pos = _cat(carry, head), need
+            head = cut.take(w, w.order[:need])
+            carry, pos = cut.cat(carry, head), need
             if len(carry) < batch_size:
                 w = None
                 continue
@@ -354,24 +405,13 @@ def _batches(groups: Iterator[_ReadGroup], batch_size: int, drop_last: bool) -> 
             carry = None
         n = len(w.order)
         while pos + batch_size <= n:
-            yield _take(w, w.order[pos:pos + batch_size])
+            yield cut.take(w, w.order[pos:pos + batch_size])
             pos += batch_size
         if pos < n:
-            carry = _take(w, w.order[pos:])
+            carry = cut.take(w, w.order[pos:])
         w = None
     if carry is not None and len(carry) and not drop_last:
         yield carry
-
-
-def _take(w: _ReadGroup, idx: np.ndarray) -> Batch:
-    inputs = [torch.from_numpy(np.ascontiguousarray(a[idx])).float() for a in w.arrays]
-    return Batch(inputs, torch.from_numpy(w.labels[idx]), torch.from_numpy(w.rows[idx]),
-                 torch.from_numpy(w.segments[idx]))
-
-
-def _cat(a: Batch, b: Batch) -> Batch:
-    return Batch([torch.cat([x, y]) for x, y in zip(a.inputs, b.inputs)], torch.cat([a.labels, b.labels]),
-                 torch.cat([a.rows, b.rows]), torch.cat([a.segments, b.segments]))
 
 
 class TensorBatches:
@@ -435,12 +475,22 @@ class WorkerLoader:
     read groups into batches, so an epoch ends with up to one short batch per worker (with
     ``drop_last``: those samples are dropped, so up to ``num_workers - 1`` batches fewer than
     ``len``, which stays the single-process count).
+
+    With ``persistent_workers`` (the default) the workers live from epoch to epoch instead of
+    reopening the store every epoch; the epoch reaches them through a shared-memory counter, since
+    each worker holds its own copy of the dataset. ``pin_memory`` pins batches in the main process.
+    `close` ends the workers.
     """
 
-    def __init__(self, dataset: StoreDataset, num_workers: int):
+    def __init__(self, dataset: StoreDataset, num_workers: int, *, pin_memory: bool = False,
+                 persistent_workers: bool = True):
         if dataset.batch_size is None:
             raise ValueError("WorkerLoader needs a StoreDataset with batch_size set")
         self.dataset, self.num_workers = dataset, num_workers
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers and num_workers > 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._epoch.fill_(dataset.epoch)
+        self._loader: Any = None
 
     @property
     def level(self) -> str:
@@ -448,6 +498,7 @@ class WorkerLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -455,5 +506,23 @@ class WorkerLoader:
     def __iter__(self) -> Iterator[Batch]:
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_unchanged)
-        return iter(loader)
+        if self._loader is None or not self.persistent_workers:
+            self._loader = DataLoader(_EpochFollower(self.dataset, self._epoch), batch_size=None,
+                                      num_workers=self.num_workers, collate_fn=_unchanged, pin_memory=self.pin_memory,
+                                      persistent_workers=self.persistent_workers)
+        return iter(self._loader)
+
+    def close(self) -> None:
+        """End the worker processes (they end with the loader otherwise)."""
+        self._loader = None
+
+
+class _EpochFollower(IterableDataset):
+    """A dataset that takes its epoch from a shared-memory counter when an iteration starts (in a worker)."""
+
+    def __init__(self, dataset: StoreDataset, epoch: torch.Tensor):
+        self.dataset, self.epoch = dataset, epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.dataset.set_epoch(int(self.epoch))
+        return iter(self.dataset)

@@ -5,7 +5,9 @@ run killed mid-write, or stopped by a full disk or a file-size limit, leaves the
 intact; a write that fails is an `OutputWriteError` naming the file. Files follow the process's
 umask (safetensors' own ``save_file`` makes them 0600, which hides a run from a teammate).
 ``state.json`` is written last and is the commit point of an epoch. Weights that are not finite are
-never written: a NaN model is refused here whatever asked for it.
+never written: a NaN model is refused here whatever asked for it (`weights_bytes` checks every tensor
+once, with one read-back for all of them, and the trainer writes the same bytes as the epoch's
+checkpoint and as the best weights).
 
 A run's files are read with their sizes checked before anything is allocated: `stored_shapes` reads
 only a safetensors header, so a crafted ``run.json`` cannot make a loader build a huge model first.
@@ -41,19 +43,36 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict
         NonFiniteWeightsError: a tensor holds NaN or infinity (nothing is written).
         OutputWriteError: the file could not be written (the previous one stays).
     """
+    atomic_write_bytes(path, weights_bytes(state_dict, metadata, str(path)))
+
+
+def weights_bytes(state_dict: Mapping[str, torch.Tensor], metadata: dict[str, Any] | None = None,
+                  what: str = "weights") -> bytes:
+    """The safetensors file of ``state_dict`` (moved to the CPU, contiguous), refused if not finite.
+
+    Raises:
+        NonFiniteWeightsError: a tensor holds NaN or infinity; ``what`` names the file in the message.
+    """
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     bad = non_finite_tensors(tensors)
     if bad:
-        raise NonFiniteWeightsError(f"refusing to write {path}: tensor(s) {', '.join(bad[:5])}"
-                                    f"{' ...' if len(bad) > 5 else ''} hold NaN or infinity")
-    data = safetensors_bytes(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    atomic_write_bytes(path, data)
+        raise NonFiniteWeightsError(f"refusing to write {what}: tensor(s) {', '.join(bad[:5])}"
+                                    f"{' ...' if len(bad) > 5 else ''} hold NaN or infinity", bad)
+    return safetensors_bytes(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
-def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors holding NaN or infinity (integer tensors are always finite)."""
-    return [name for name, t in tensors.items()
-            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+def non_finite_tensors(tensors: Mapping[Any, torch.Tensor]) -> list[Any]:
+    """Keys of the floating-point tensors holding NaN or infinity (integer tensors are always finite).
+
+    The one NaN check of heads (weights, optimizer state, input batches): a reduction per tensor and
+    one read-back for all of them, so a device is waited for once, not once per tensor.
+    """
+    named = [(key, t) for key, t in tensors.items() if t.is_floating_point() or t.is_complex()]
+    if not named:
+        return []
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(t).all().to(device, non_blocking=True) for _, t in named]).tolist()
+    return [key for (key, _), ok in zip(named, finite) if not ok]
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -73,6 +92,10 @@ class CheckpointError(ValueError):
 
 class NonFiniteWeightsError(RuntimeError):
     """Weights or optimizer state hold NaN or infinity, so they are not written (training diverged)."""
+
+    def __init__(self, message: str, names: list[str] | None = None):
+        super().__init__(message)
+        self.names = list(names or [])  # the non-finite tensors
 
 
 def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -125,6 +148,11 @@ def run_file(run_dir: Path, name: str) -> Path:
 
 def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
     """Optimizer state: per-parameter tensors in safetensors, param groups as JSON metadata."""
+    atomic_write_bytes(path, optimizer_bytes(optimizer, str(path)))
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer, what: str = "optimizer state") -> bytes:
+    """`save_optimizer`'s file as bytes (`NonFiniteWeightsError` when a state tensor is not finite)."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, slots in state["state"].items():
@@ -133,8 +161,8 @@ def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
                 tensors[f"{idx}.{key}"] = value
             else:
                 scalars[f"{idx}.{key}"] = value
-    save_weights(path, tensors, {"param_groups": json.dumps(state["param_groups"]),
-                                 "scalars": json.dumps(scalars)})
+    return weights_bytes(tensors, {"param_groups": json.dumps(state["param_groups"]),
+                                   "scalars": json.dumps(scalars)}, what)
 
 
 def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:

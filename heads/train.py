@@ -26,12 +26,20 @@ full disk is an `OutputWriteError` naming the file, with the previous epoch's ch
 Nothing non-finite is trained on or saved: a batch holding NaN or infinity stops the run with
 `NonFiniteInputError` naming the feature set and the clips; a non-finite loss or weights stops it
 with `TrainingDivergedError` naming the epoch (and step); the last committed checkpoint stays.
+
+What a GPU needs (tests/heads/test_gpu_ready.py): batches keep the stored dtype (uint8 frames,
+float16 embeddings), are cut into pinned memory, copied without blocking and converted on the
+device (`DeviceBatches`); a step reads nothing back: the loss is summed, and its first non-finite
+step noted, on the device (`LossTally`), and read once per epoch; the weights and optimizer state
+are checked for NaN once per epoch, with one read-back per file, and the same bytes are written as
+the epoch's checkpoint and the best weights. ``precision="bf16"`` runs the head's forward passes
+under bfloat16 autocast (the loss in float32); it is part of the run's config, so it is recorded
+in run.json and a run is never resumed in the other precision.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import sys
 import time
@@ -44,15 +52,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from featurestore.atomic_files import OutputWriteError, atomic_write_text, describe_os_error
+from featurestore.atomic_files import OutputWriteError, atomic_write_bytes, atomic_write_text, describe_os_error
 from featurestore.encoders import resolve_device
 from featurestore.provenance import fingerprint as provenance_fingerprint
 from featurestore.provenance import is_random_weights, runtime_info, weights_identity
 from featurestore.store.lock import WriterLock, writer_lock
-from featurestore.torchdata import StoreDataset, WorkerLoader
+from featurestore.torchdata import Batch, StoreDataset, WorkerLoader
 from heads._registry import Head, create_head, head_class
 from heads.checkpoint import (
-    load_optimizer, load_weights, non_finite_tensors, read_json, run_file, save_optimizer, save_weights, write_json,
+    NonFiniteWeightsError, load_optimizer, load_weights, non_finite_tensors, optimizer_bytes, read_json, run_file,
+    save_weights, weights_bytes, write_json,
 )
 from heads.config import RESUMABLE_FIELDS, TrainConfig
 from heads.evaluate import evaluate
@@ -134,11 +143,15 @@ def _train_locked(cfg: TrainConfig, store: Any, overwrite: bool, on_epoch_end: E
         from featurestore.store import open_store
 
         store = open_store(cfg.store, mode="r")
+    loaders: tuple[Any, ...] = ()
     try:
         head, identity = build_head(cfg, store)
-        train_loader, val_loader = make_loaders(cfg, store, head)
-        return _fit(head, train_loader, val_loader, cfg, identity, overwrite=overwrite, on_epoch_end=on_epoch_end)
+        loaders = make_loaders(cfg, store, head, resolve_device(cfg.device))
+        return _fit(head, *loaders, cfg, identity, overwrite=overwrite, on_epoch_end=on_epoch_end)
     finally:
+        for loader in loaders:
+            if isinstance(loader, WorkerLoader):
+                loader.close()
         if own:
             store.close()
 
@@ -268,31 +281,36 @@ def _feature_summary(info: Any) -> dict:
             "random_weights": bool(info.random_weights), "weights_identity": info.weights_identity}
 
 
-def make_loaders(cfg: TrainConfig, store: Any, head: Head) -> tuple[Iterable | None, Iterable | None]:
+def make_loaders(cfg: TrainConfig, store: Any, head: Head,
+                 device: torch.device | None = None) -> tuple[Iterable | None, Iterable | None]:
     """Shuffled segment-level training batches and clip-level validation batches from the store.
 
     A head without trainable parameters (zero-shot) gets no training loader.
+
+    Args:
+        device: the device `fit` trains on: batches then keep the stored dtype and, for CUDA, are cut
+            into pinned memory (`fit` converts them on the device). None: float32 batches on the
+            host, for callers that feed the head themselves.
     """
+    pin = device is not None and device.type == "cuda"
+    layout = {"keep_dtype": device is not None, "pin_memory": pin and cfg.num_workers == 0}  # workers: pinned by the loader
     batch_size = cfg.batch_size or head.default_batch_size
     trainable = any(p.requires_grad for p in head.parameters())
     n_segments = store.feature_info(cfg.features[0]).n_segments
     train_ds = None
     if trainable:
-        make = lambda size: StoreDataset(  # noqa: E731
-            store, cfg.features, split=cfg.train_split, level="segment", batch_size=size, shuffle=True,
-            seed=cfg.seed, shuffle_buffer=shuffle_clips(cfg, store, head), cache=cfg.cache, drop_last=True,
-            require_labels=True)
-        train_ds = make(batch_size)
-        batch_size = _fit_batch_to_split(cfg, train_ds.n_samples, batch_size)
-        if batch_size != train_ds.batch_size:
-            train_ds = make(batch_size)
+        train_ds = StoreDataset(store, cfg.features, split=cfg.train_split, level="segment", batch_size=batch_size,
+                                shuffle=True, seed=cfg.seed, shuffle_buffer=shuffle_clips(cfg, store, head),
+                                cache=cfg.cache, drop_last=True, require_labels=True, **layout)
+        # the sample count does not depend on the batch size: clamping it needs no second dataset
+        batch_size = train_ds.batch_size = _fit_batch_to_split(cfg, train_ds.n_samples, batch_size)
     val_ds = None
     if cfg.val_split:
         clips_per_batch = max(1, 4 * batch_size // max(1, n_segments))
         val_ds = StoreDataset(store, cfg.features, split=cfg.val_split, level="clip", batch_size=clips_per_batch,
-                              require_labels=True)
+                              require_labels=True, **layout)
     if cfg.num_workers > 0:
-        wrap = lambda ds: WorkerLoader(ds, cfg.num_workers) if ds is not None else None  # noqa: E731
+        wrap = lambda ds: WorkerLoader(ds, cfg.num_workers, pin_memory=pin) if ds is not None else None  # noqa: E731
         return wrap(train_ds), wrap(val_ds)
     return train_ds, val_ds
 
@@ -354,9 +372,9 @@ class FiniteBatches:
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            for i, x in enumerate(batch.inputs):
-                if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                    raise self._error(i, batch, x)
+            bad = non_finite_tensors(dict(enumerate(batch.inputs)))  # host tensors: no device is waited for
+            if bad:
+                raise self._error(bad[0], batch, batch.inputs[bad[0]])
             yield batch
 
     def _error(self, i: int, batch: Any, x: torch.Tensor) -> NonFiniteInputError:
@@ -370,6 +388,32 @@ class FiniteBatches:
             where = f"input {i} holds NaN or infinity in sample row(s) {_some(sorted({int(r) for r in bad_rows}))}"
         return NonFiniteInputError(f"{where}; training refuses non-finite inputs (a NaN model is never saved): "
                                    f"re-extract those clips or leave them out of the split")
+
+
+class DeviceBatches:
+    """A loader whose batches arrive on ``device`` with float32 inputs (`Batch.to`: non-blocking copies
+    in the stored dtype, converted there); validation batches keep their labels on the host, where
+    `heads.evaluate` reads them. Everything else is the wrapped loader's, as for `FiniteBatches`."""
+
+    def __init__(self, loader: Iterable, device: torch.device, labels: bool = True):
+        self.loader, self.device, self.labels = loader, device, labels
+
+    @classmethod
+    def wrap(cls, loader: Iterable | None, device: torch.device, labels: bool = True) -> Iterable | None:
+        return None if loader is None else cls(loader, device, labels)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            moved = batch.to(self.device)
+            yield moved if self.labels else Batch(moved.inputs, batch.labels, batch.rows, batch.segments)
 
 
 def non_finite_clips(dataset: StoreDataset, i: int) -> list[str]:
@@ -411,8 +455,9 @@ def _fit(head: Head, train_loader: Iterable | None, val_loader: Iterable | None,
          *, overwrite: bool = False, on_epoch_end: EpochCallback | None = None) -> TrainResult:
     """`fit` with the run directory's lock held."""
     run_dir = Path(cfg.out)
-    train_loader, val_loader = FiniteBatches.wrap(train_loader), FiniteBatches.wrap(val_loader)
     device = resolve_device(cfg.device)
+    train_loader = DeviceBatches.wrap(FiniteBatches.wrap(train_loader), device)
+    val_loader = DeviceBatches.wrap(FiniteBatches.wrap(val_loader), device, labels=False)
     head.to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
@@ -431,7 +476,8 @@ def _fit(head: Head, train_loader: Iterable | None, val_loader: Iterable | None,
         loss = _train_epoch(head, train_loader, optimizer, loss_fn, cfg, epoch, device)
         record = {"epoch": epoch, "loss": loss, "lr": cfg.lr_at(epoch)}
         if val_loader is not None:
-            record.update(evaluate(head, val_loader, device))
+            with autocast(cfg.precision, device):
+                record.update(evaluate(head, val_loader, device))
         record["seconds"] = round(time.perf_counter() - started, 3)
         state = _commit_epoch(run_dir, head, optimizer, state, record, cfg)
         history.append(record)
@@ -444,6 +490,7 @@ def _fit(head: Head, train_loader: Iterable | None, val_loader: Iterable | None,
 
 def _train_epoch(head: Head, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
                  cfg: TrainConfig, epoch: int, device: torch.device) -> float:
+    """One epoch; the mean training loss. The loss is read back once, here at the end (`LossTally`)."""
     torch.manual_seed(cfg.seed * 100_003 + epoch)
     loader.set_epoch(epoch)
     for group in optimizer.param_groups:
@@ -452,28 +499,70 @@ def _train_epoch(head: Head, loader: Iterable, optimizer: torch.optim.Optimizer,
     total = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     bar = tqdm(total=total, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not cfg.progress,
                leave=False, dynamic_ncols=True)
-    loss_sum, seen = 0.0, 0
+    tally = LossTally(device)
     for step, batch in enumerate(loader):
         if step >= total:
             break
-        batch = batch.to(device)
-        loss = loss_fn(head(batch.inputs), batch.labels)
-        value = float(loss.detach())  # the step's one host sync, for the check and the epoch's mean
-        if not math.isfinite(value):  # before the step: the weights are still those of the last step
-            raise TrainingDivergedError(f"the training loss became {value} at epoch {epoch}, step "
-                                        f"{step + 1}; stopped before saving anything of this epoch (the last "
-                                        f"committed checkpoint stays): lower --lr, or check the features")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += value * len(batch)
-        seen += len(batch)
+        train_step(head, batch, optimizer, loss_fn, tally, cfg.precision)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
     bar.close()
-    if seen == 0:
+    if tally.seen == 0:
         raise ValueError("the training loader produced no batches")
-    return loss_sum / seen
+    mean, bad = tally.result()
+    if bad is not None:
+        step, value = bad
+        raise TrainingDivergedError(f"the training loss became {value} at epoch {epoch}, step {step + 1}; "
+                                    f"nothing of this epoch was saved (the last committed checkpoint stays): "
+                                    f"lower --lr, or check the features")
+    return mean
+
+
+def train_step(head: Head, batch: Any, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
+               tally: "LossTally", precision: str = "fp32") -> None:
+    """Forward, loss, backward and update on a batch already on the head's device; nothing is read back."""
+    with autocast(precision, tally.device):
+        loss = loss_fn(head(batch.inputs), batch.labels)
+    tally.add(loss.detach(), len(batch))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on ``device`` for ``"bf16"``; nothing for ``"fp32"``."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class LossTally:
+    """An epoch's loss sum and its first non-finite step, kept on the device and read back once.
+
+    The sum is in float64, as a Python float would be, so the epoch's mean is the same number as
+    when each step's loss was read back. A non-finite step does not stop the epoch (that would need
+    a read-back per step); the epoch is then refused, naming it, before anything of it is saved.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float64, device=device)
+        self.seen = self.steps = 0
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        value = loss.double()
+        self.total += value * n
+        new = (self.first_bad < 0) & ~torch.isfinite(value)
+        self.first_bad = torch.where(new, self.steps, self.first_bad)
+        self.bad_value = torch.where(new, value, self.bad_value)
+        self.seen += n
+        self.steps += 1
+
+    def result(self) -> tuple[float, tuple[int, float] | None]:
+        """``(mean loss, (first non-finite step, its loss) or None)``: the one read-back."""
+        total, first, value = torch.stack([self.total, self.first_bad.double(), self.bad_value]).tolist()
+        return total / self.seen, (None if first < 0 else (int(first), value))
 
 
 def _no_training(head: Head, val_loader: Iterable | None, cfg: TrainConfig, run_dir: Path,
@@ -545,15 +634,15 @@ def _commit_epoch(run_dir: Path, head: Head, optimizer: torch.optim.Optimizer, s
                   cfg: TrainConfig) -> dict:
     """Save the epoch's checkpoint (and best weights), then the metrics line, then state.json (the commit)."""
     epoch = record["epoch"]
-    _check_finite_weights(head, optimizer, epoch)
+    weights, optim = _epoch_files(head, optimizer, epoch)
     best_acc = state.get("best_val_accuracy")
     acc = record.get("val_accuracy")
     improved = epoch == 1 or state.get("best_epoch") is None or (acc is None or best_acc is None or acc > best_acc)
     stem = f"ckpt/epoch_{epoch:03d}"
-    save_weights(run_dir / f"{stem}.safetensors", head.state_dict(), {"epoch": epoch})
-    save_optimizer(run_dir / f"{stem}.optim.safetensors", optimizer)
+    atomic_write_bytes(run_dir / f"{stem}.safetensors", weights)
+    atomic_write_bytes(run_dir / f"{stem}.optim.safetensors", optim)
     if improved:
-        save_weights(run_dir / "best.safetensors", head.state_dict(), {"epoch": epoch})
+        atomic_write_bytes(run_dir / "best.safetensors", weights)  # the same bytes: checked and serialised once
     new_state = {
         "epoch": epoch, "checkpoint": f"{stem}.safetensors", "optimizer": f"{stem}.optim.safetensors",
         "best_epoch": epoch if improved else state["best_epoch"],
@@ -570,16 +659,21 @@ def _commit_epoch(run_dir: Path, head: Head, optimizer: torch.optim.Optimizer, s
     return new_state
 
 
-def _check_finite_weights(head: Head, optimizer: torch.optim.Optimizer, epoch: int) -> None:
-    """Refuse to checkpoint an epoch whose weights (or optimizer state) hold NaN or infinity."""
-    bad = non_finite_tensors(head.state_dict())
-    for slots in optimizer.state.values():
-        bad += [f"optimizer.{key}" for key, value in slots.items() if isinstance(value, torch.Tensor)
-                and non_finite_tensors({key: value})]
+def _epoch_files(head: Head, optimizer: torch.optim.Optimizer, epoch: int) -> tuple[bytes, bytes]:
+    """The epoch's weights and optimizer state as safetensors files, or `TrainingDivergedError` when
+    either holds NaN or infinity: every tensor is checked once (`heads.checkpoint.weights_bytes`)."""
+    files, bad = [], []
+    for prefix, make in (("", lambda: weights_bytes(head.state_dict(), {"epoch": epoch})),
+                         ("optimizer.", lambda: optimizer_bytes(optimizer))):
+        try:
+            files.append(make())
+        except NonFiniteWeightsError as err:
+            bad += [prefix + name.partition(".")[2] if prefix else name for name in err.names]
     if bad:
         raise TrainingDivergedError(f"the weights became NaN or infinite in epoch {epoch} ({', '.join(bad[:3])}"
                                     f"{' ...' if len(bad) > 3 else ''}); epoch {epoch} was not saved (the last "
                                     f"committed checkpoint stays): lower --lr, or check the features")
+    return files[0], files[1]
 
 
 def _finish(run_dir: Path, state: dict, cfg: TrainConfig, history: list[dict]) -> TrainResult:
