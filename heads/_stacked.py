@@ -141,19 +141,16 @@ def _linear(ctx: _Pass, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _batchnorm(ctx: _Pass, name: str, module: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
-    """`nn.BatchNorm1d` per trial: batch statistics and a running-average update in training, running stats in eval."""
-    mean_buf, var_buf = ctx.buffers[f"{name}.running_mean"], ctx.buffers[f"{name}.running_var"]
+    """`nn.BatchNorm1d` per trial: ``F.batch_norm`` over ``[B, K * features]``, so each trial's feature is a
+    channel of its own (its batch statistics, its slice of the stacked running buffers, updated in place)."""
+    k, b, h = x.shape
+    flat = lambda t: t.reshape(k * h)  # noqa: E731 - views of the stacked [K, h] tensors
     if ctx.training:
-        mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
-        n, m = x.shape[1], module.momentum
-        with torch.no_grad():
-            mean_buf.mul_(1 - m).add_(mean.squeeze(1), alpha=m)
-            var_buf.mul_(1 - m).add_(var.squeeze(1) * (n / max(1, n - 1)), alpha=m)
-            ctx.buffers[f"{name}.num_batches_tracked"].add_(1)
-    else:
-        mean, var = mean_buf.unsqueeze(1), var_buf.unsqueeze(1)
-    scale = ctx.params[f"{name}.weight"].unsqueeze(1) * torch.rsqrt(var + module.eps)
-    return (x - mean) * scale + ctx.params[f"{name}.bias"].unsqueeze(1)
+        ctx.buffers[f"{name}.num_batches_tracked"].add_(1)
+    y = F.batch_norm(x.transpose(0, 1).reshape(b, k * h), flat(ctx.buffers[f"{name}.running_mean"]),
+                     flat(ctx.buffers[f"{name}.running_var"]), flat(ctx.params[f"{name}.weight"]),
+                     flat(ctx.params[f"{name}.bias"]), ctx.training, module.momentum, module.eps)
+    return y.reshape(b, k, h).transpose(0, 1)
 
 
 def _dropout(ctx: _Pass, p: float, x: torch.Tensor) -> torch.Tensor:
