@@ -15,6 +15,11 @@ write or delete files elsewhere, so:
   those hashed). Loading compares the bytes with the name *before* any of them is decoded, and
   refuses files larger than the caller's bound: a flipped bit, a cut file or one edited by hand is
   `SidecarDamage`, rebuilt by the caller, never served.
+* An IVF-flat faiss index also gets a ``.lists`` manifest, ``<key>-<its sha256>.lists``, written after
+  the index file: the file's name and size, the crc32 of its head (everything before the lists'
+  data) and of each inverted list. Loading through it checks the manifest and the head, then faiss
+  maps the file (``IO_FLAG_MMAP``) and each list is checked (crc32, done rows, unit vectors) when a
+  query first probes it (`CheckedLists`): a new process reads what its queries use, not the file.
 * The clip matrix is a ``.npy`` (memory-mapped, never read whole) plus a JSON manifest written after
   it: ``<key>-<sha256>.json`` named by the manifest's own bytes, and ``<key>-<same sha256>.npy``.
   The manifest holds the matrix's shape, size, the crc32 of each 64 MiB block of its data and the
@@ -489,3 +494,151 @@ def check_unit(vectors: np.ndarray) -> None:
     if bad.any():
         raise SidecarDamage(f"{int(bad.sum())} of its vectors are not unit vectors "
                             f"(one has squared length {float(norms[bad][0]):.3g})")
+
+
+# ----------------------------------------------------------- IVF index files checked list by list
+LISTS_FORMAT = "avscene-search-ivf-lists/1"
+
+
+@dataclass
+class CheckedLists:
+    """The promises of an IVF-flat index file's ``.lists`` manifest, checked list by list as queries
+    first probe them (a query probes ``nprobe`` of ``nlist`` lists, so a new process reads and checks
+    only those: at a million clips, about 1% of a 2 GiB file).
+
+    Each list's bytes (vectors then ids, as faiss lays them out at the end of the file) must have the
+    manifest's crc32, its ids must be done store rows (each once within the list) and its vectors
+    unit vectors: what `read_faiss` checks for the whole file at once.
+    """
+
+    crcs: list[int]
+    done: np.ndarray
+    dim: int
+    checked: set[int]
+
+    def check(self, index: Any, lists: Iterable[int]) -> None:
+        """Check the lists not checked before; `SidecarDamage` ("is damaged: list ...") naming the
+        first that fails."""
+        import faiss
+
+        invlists = faiss.extract_index_ivf(index).invlists
+        for number in sorted(set(int(i) for i in lists) - self.checked):
+            vectors, ids = _list_arrays(invlists, number, self.dim)
+            found = zlib.crc32(ids.view(np.uint8), zlib.crc32(vectors.view(np.uint8)))
+            if found != self.crcs[number]:
+                raise SidecarDamage(f"is damaged: list {number} of its index file has crc32 {found:08x}, its "
+                                    f"manifest says {self.crcs[number]:08x}")
+            try:
+                check_rows(np.sort(ids), self.done)
+                check_unit(vectors)
+            except SidecarDamage as damage:
+                raise SidecarDamage(f"is damaged: list {number} of its index file: {damage}") from None
+            self.checked.add(number)
+
+
+def _list_arrays(invlists: Any, number: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors ``[size, dim]`` float32, ids) of one inverted list, viewed in place."""
+    import faiss
+
+    size = int(invlists.list_size(number))
+    if not size:
+        return np.empty((0, dim), dtype=np.float32), np.empty(0, dtype=np.int64)
+    codes = faiss.rev_swig_ptr(invlists.get_codes(number), size * dim * 4)
+    return codes.view(np.float32).reshape(size, dim), faiss.rev_swig_ptr(invlists.get_ids(number), size)
+
+
+def write_lists_manifest(folder: SidecarDir, key: str, index: Any, faiss_name: str) -> str | None:
+    """Write the ``.lists`` manifest of the IVF-flat index just saved as ``faiss_name``; its name
+    (``<key>-<sha256 of the manifest>.lists``), or None when the index is not an IVF-flat one or the
+    file is not laid out as this reader expects (then the whole-file sha256 check loads it).
+
+    The manifest holds the file's name and size, the crc32 of its head (header, quantizer, list sizes:
+    everything before the lists' data) and of each list's bytes. faiss writes an ``IndexIVFFlat``'s
+    lists last, in order, each its vectors then its ids; that layout is confirmed here on the file
+    (the first list's bytes) before a manifest promises it.
+    """
+    import faiss
+
+    if not isinstance(index, faiss.IndexIVFFlat) or not os.path.isdir("/proc/self/fd"):
+        return None  # the lazy reader maps the file by name through /proc/self/fd (Linux)
+    dim, nlist = index.d, index.nlist
+    sizes = [int(index.invlists.list_size(i)) for i in range(nlist)]
+    crcs = []
+    for number in range(nlist):
+        vectors, ids = _list_arrays(index.invlists, number, dim)
+        crcs.append(zlib.crc32(ids.view(np.uint8), zlib.crc32(vectors.view(np.uint8))))
+    with _open_file(folder, faiss_name, "the index file") as f:
+        size = os.fstat(f.fileno()).st_size
+        data_start = size - sum(sizes) * (4 * dim + 8)
+        head_crc = zlib.crc32(f.read(data_start)) if data_start > 0 else None
+        first = next((i for i in range(nlist) if sizes[i]), None)
+        if first is not None:
+            f.seek(data_start)
+            vectors, _ = _list_arrays(index.invlists, first, dim)
+            if f.read(min(vectors.nbytes, 4096)) != vectors.reshape(-1).view(np.uint8)[:4096].tobytes():
+                return None
+    if head_crc is None:
+        return None
+    text = json.dumps({"format": LISTS_FORMAT, "faiss": faiss_name, "size": size, "dim": dim,
+                       "data_start": data_start, "head_crc32": head_crc, "sizes": sizes, "crc32": crcs})
+    return save(folder, key, ".lists", lambda m: m.write(text.encode()))
+
+
+def read_lists_manifest(folder: SidecarDir, name: str, done: np.ndarray, dim: int) -> tuple[Any, CheckedLists]:
+    """The IVF-flat index a ``.lists`` manifest describes, its lists memory-mapped from the file, and the
+    `CheckedLists` that checks each list on first use.
+
+    Checked now: the manifest's sha256 (its name), the index file's size and the crc32 of its head
+    (before faiss parses a byte of it), then the parsed index against the manifest and the store
+    (kind, dimension, metric, list count and sizes, at most the done clips). Nothing of the lists'
+    data is read here.
+
+    Raises:
+        SidecarDamage: any of these differs; a link or not a regular file.
+        OSError: a file vanished (removed by another search meanwhile).
+    """
+    import faiss
+
+    with open_checked(folder, name, 2**16 + 24 * len(done)) as f:
+        manifest = _parse_lists_manifest(f.read(), dim, _NAME.fullmatch(name)[1])
+    with _open_file(folder, manifest["faiss"], "its index file") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != manifest["size"] or not 0 < manifest["data_start"] <= size:
+            raise SidecarDamage(f"its index file holds {size} bytes, its manifest says {manifest['size']}")
+        found = zlib.crc32(f.read(manifest["data_start"]))
+        if found != manifest["head_crc32"]:
+            raise SidecarDamage(f"its index file's head has crc32 {found:08x}, its manifest says "
+                                f"{manifest['head_crc32']:08x}")
+        try:
+            index = faiss.read_index(f"/proc/self/fd/{f.fileno()}", faiss.IO_FLAG_MMAP)
+        except (RuntimeError, MemoryError, ValueError) as err:
+            raise SidecarDamage(f"faiss cannot read it ({type(err).__name__}: {str(err).strip()[:200]})") from err
+    sizes = manifest["sizes"]
+    ok = (isinstance(index, faiss.IndexIVFFlat) and index.d == dim and index.metric_type == faiss.METRIC_INNER_PRODUCT
+          and index.nlist == len(sizes) and index.quantizer.ntotal == index.nlist and 1 <= index.nprobe <= index.nlist
+          and index.ntotal == sum(sizes) <= done.sum()
+          and [int(index.invlists.list_size(i)) for i in range(index.nlist)] == sizes)
+    if not ok:
+        raise SidecarDamage(f"it is a {type(index).__name__} of {index.ntotal} vectors of {index.d}; its manifest "
+                            f"describes an IVF-flat index of {sum(sizes)} vectors of {dim} in {len(sizes)} lists")
+    return index, CheckedLists(manifest["crc32"], done, dim, set())
+
+
+def _parse_lists_manifest(text: bytes, dim: int, key: str) -> dict:
+    """The ``.lists`` manifest's fields, each of the type and range the writer gives it."""
+    try:
+        manifest = json.loads(text)
+        ints = [manifest[k] for k in ("size", "dim", "data_start", "head_crc32")]
+        lists = [manifest["sizes"], manifest["crc32"]]
+        target = _NAME.fullmatch(manifest["faiss"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise SidecarDamage(f"its manifest cannot be read ({type(err).__name__}: {err})") from err
+    if (manifest.get("format") != LISTS_FORMAT or not all(type(v) is int and v >= 0 for v in ints)
+            or not all(isinstance(v, list) and all(type(i) is int and i >= 0 for i in v) for v in lists)
+            or len(lists[0]) != len(lists[1]) or not target or target[1] != key or target[3] != ".faiss"):
+        raise SidecarDamage(f"its manifest is not a {LISTS_FORMAT} manifest of this key's index file")
+    if manifest["dim"] != dim:
+        raise SidecarDamage(f"its manifest describes {manifest['dim']}-value vectors; the feature set's have {dim}")
+    if manifest["data_start"] + sum(lists[0]) * (4 * dim + 8) != manifest["size"]:
+        raise SidecarDamage(f"its manifest gives {manifest['size']} bytes for {sum(lists[0])} vectors of {dim}")
+    return manifest

@@ -35,7 +35,11 @@ The sidecar files are caches, never trusted (`featurestore.store._search_files`)
   manifest, the size and the ``.npy`` header (cheap); the block crc32s and the unit length of every
   vector are checked once per file per process, before the first answer from it (about 1 GB/s: 0.1 s
   for the largest matrix ``auto`` searches exactly), remembered by the file's inode, size, mtime and ctime;
-* the faiss index is one file named by its bytes' sha256, checked before faiss decodes it;
+* the faiss index is one file named by its bytes' sha256. A flat index (small sets) is hashed whole
+  before faiss decodes it. An IVF index also gets a ``.lists`` manifest (named by its own sha256)
+  with the crc32 of the file's head and of each inverted list: a new process checks the head, has
+  faiss map the file (its lists are not read), and checks each list when a query first probes it,
+  so the first query at a million clips reads a few MiB of a 2 GiB file, not all of it;
 * a query that yields a "cosine" outside [-1, 1] drops what it used (the last guard for an index
   whose memory went bad after its check).
 
@@ -283,7 +287,9 @@ class ClipMatrix:
         step = max(1, SCORE_BLOCK_BYTES // max(1, 4 * n))
         out = []
         for start in range(0, len(vectors), step):
-            scores = np.atleast_2d(vectors[start:start + step] @ self.matrix.T)
+            block = vectors[start:start + step]
+            # one query: a matrix-vector product (numpy's `matrix @ vector`), not a 1-row matrix product
+            scores = (self.matrix @ block[0])[None] if len(block) == 1 else block @ self.matrix.T
             check_cosines(scores)
             for row_scores, exclude in zip(scores, excludes[start:start + step]):
                 out.append(self._best(row_scores, k, exclude))
@@ -437,6 +443,7 @@ class FaissIndex:
     key: str
     index: Any
     nlist: int
+    lists: _files.CheckedLists | None = None  # loaded from a .lists manifest: lists checked on first probe
 
     @property
     def default_nprobe(self) -> int:
@@ -455,6 +462,10 @@ class FaissIndex:
             import faiss
 
             params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+        if self.lists is not None:  # the lists these queries probe, checked before faiss reads them
+            queries = np.ascontiguousarray(vectors, dtype=np.float32)
+            _, probed = self.index.quantizer.search(queries, min(self.nlist, int(nprobe or self.default_nprobe)))
+            self.lists.check(self.index, np.unique(probed[probed >= 0]))
         scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), want, params=params)
         check_cosines(scores[ids >= 0])
         out = []
@@ -672,6 +683,16 @@ def _load_faiss(folder: SidecarDir | None, store: Any, feature_set: str, key: st
         return None
     done = store.done_mask(feature_set)
     dim = store.feature_info(feature_set).feature_shape[0]
+    for name in _files.names(folder, key, ".lists"):
+        try:
+            index, lists = _files.read_lists_manifest(folder, name, done, dim)
+            return FaissIndex(key, index, int(index.nlist), lists)
+        except SidecarDamage as damage:
+            _warn(f"the search index {folder.path / name} is damaged: {damage}; rebuilding it")
+            for other in [name, *_files.names(folder, key, ".faiss")]:
+                _files.remove(folder, other)
+        except OSError:
+            continue  # removed meanwhile by another search, or unreadable: build
     max_bytes = 2 * int(done.sum()) * (4 * dim + 8) + 16 * 2**20  # twice what the done clips need
     for name in _files.names(folder, key, ".faiss"):
         try:
@@ -693,9 +714,13 @@ def _save_faiss(folder: SidecarDir | None, key: str, built: FaissIndex) -> str |
         return None
     try:
         name = _files.save(folder, key, ".faiss", lambda f: _files.write_faiss(f, built.index))
+        lists = _files.write_lists_manifest(folder, key, built.index, name)
     except OSError as err:
         _warn(f"could not keep the search index in {folder.path}: {describe_os_error(err)}; searching in memory")
+        for other in _files.names(folder, key, ".faiss"):
+            _files.remove(folder, other)
         return None
+    _files.remove_others(folder, ".lists", lists)
     _files.remove_others(folder, ".faiss", name)
     return name
 
