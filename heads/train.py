@@ -520,12 +520,19 @@ def _train_epoch(head: Head, loader: Iterable, optimizer: torch.optim.Optimizer,
 def train_step(head: Head, batch: Any, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
                tally: "LossTally", precision: str = "fp32") -> None:
     """Forward, loss, backward and update on a batch already on the head's device; nothing is read back."""
-    with autocast(precision, tally.device):
-        loss = loss_fn(head(batch.inputs), batch.labels)
-    tally.add(loss.detach(), len(batch))
+    loss = forward_loss(head, batch, loss_fn, tally, precision)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+
+
+def forward_loss(head: Head, batch: Any, loss_fn: torch.nn.Module, tally: "LossTally",
+                 precision: str = "fp32") -> torch.Tensor:
+    """A training step's forward pass and loss (added to ``tally`` on the device)."""
+    with autocast(precision, tally.device):
+        loss = loss_fn(head(batch.inputs), batch.labels)
+    tally.add(loss.detach(), len(batch))
+    return loss
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -162,6 +162,32 @@ def test_worker_processes_cover_every_sample_once(tmp_path):
     assert all(isinstance(b, Batch) for b in batches)
 
 
+def test_persistent_workers_follow_set_epoch(tmp_path):
+    """The workers outlive an epoch (one DataLoader, reused) and still read each epoch's own shuffle:
+    epoch 2 through the kept workers is what a fresh loader set to epoch 2 reads."""
+    path = _build(tmp_path / "w.zarr")
+    make = lambda: StoreDataset(str(path), "emb/a", batch_size=6, shuffle=True, shuffle_buffer=CHUNK)  # noqa: E731
+    loader = WorkerLoader(make(), num_workers=2)
+    order = lambda batches: [int(r) * 10 + int(s) for b in batches for r, s in zip(b.rows, b.segments)]  # noqa: E731
+    loader.set_epoch(1)
+    first = order(loader)
+    kept = loader._loader
+    loader.set_epoch(2)
+    second = order(loader)
+    fresh = WorkerLoader(make(), num_workers=2)
+    fresh.set_epoch(2)
+    assert loader._loader is kept and second != first and second == order(fresh)
+    loader.close()
+    fresh.close()
+
+
+def test_keep_dtype_hands_over_the_stored_dtype_and_to_converts_it(store):
+    kept = next(iter(StoreDataset(store, ["emb/a", "emb/b"], batch_size=7, keep_dtype=True)))
+    floats = next(iter(StoreDataset(store, ["emb/a", "emb/b"], batch_size=7)))
+    assert [x.dtype for x in kept.inputs] == [torch.float16] * 2 and floats.inputs[0].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(kept.to("cpu").inputs, floats.inputs))
+
+
 def test_segment_level_needs_equal_segment_counts(tmp_path):
     s = create_store(tmp_path / "x.zarr", Manifest("t", CLASSES, [ClipRecord("a-1", label="a")]))
     s.create_feature_set("f3", 3, (2,), {"encoder": "f3"})
