@@ -14,7 +14,7 @@ from typing import Any
 
 from featurestore.errors import FeatureStoreError, UnknownClipError, UnknownFeatureError
 from featurestore.view._deps import plotly_js
-from featurestore.view.data import ViewState, clip_page, colour_options, confusion, map_points, search
+from featurestore.view.data import ViewState, clip_page, colour_options, confusion, map_points_json, search
 from featurestore.view.images import frame_strip, logmel_image, png
 from featurestore.view.media import MediaMissing, MediaRefused, content_type, media_path
 
@@ -37,7 +37,8 @@ def create_app(state: ViewState, local_only: bool = True) -> Any:
               Route("/api/info", handlers.info), Route("/api/points", handlers.points),
               Route("/api/confusion", handlers.confusion), Route("/api/search", handlers.search),
               Route("/static/{name}", handlers.static), Route("/favicon.ico", handlers.no_icon)]
-    middleware = [Middleware(GZipMiddleware, minimum_size=1024)]
+    # level 4: the map's JSON (6 MiB at 100,000 clips) compresses 5x in a fraction of level 9's time
+    middleware = [Middleware(GZipMiddleware, minimum_size=1024, compresslevel=4)]
     if local_only:
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS))
     return Starlette(routes=routes, middleware=middleware)
@@ -132,10 +133,11 @@ class _Handlers:
                 "colours": colour_options(self.state), "outputs": list(self.state.sources), "splits": store.splits()}
 
     def points(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
+        from starlette.responses import Response
 
         q = request.query_params
-        return self._answer(lambda: JSONResponse(map_points(self.state, self._set(q.get("set")), q.get("colour", "label"))))
+        return self._answer(lambda: Response(map_points_json(self.state, self._set(q.get("set")), q.get("colour", "label")),
+                                             media_type="application/json"))
 
     def confusion(self, request: Any) -> Any:
         from starlette.responses import JSONResponse

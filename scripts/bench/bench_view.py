@@ -195,20 +195,32 @@ def first_render(path: Path) -> dict:
     return out
 
 
-RSS = "int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 1024"
+RSS = ("import json; print(json.dumps({l.split(':')[0]: int(l.split()[1]) / 1024 for l in open('/proc/self/status') "
+       "if l.split(':')[0] in ('VmRSS', 'RssAnon', 'RssFile')}))")
+
+
+def _rss(code: str) -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def idle_memory(path: Path) -> dict:
-    """VmRSS (MiB) of the store opened in Python (index read) vs the app serving it, idle after one map."""
+    """Resident memory (MiB: VmRSS, and its anonymous and file-backed parts) of the store opened in
+    Python (ids, labels and a done mask read) vs the app serving it, idle after the map was drawn, and
+    after one clip page too (its neighbours memory-map search's clip matrix: file-backed pages)."""
     plain = (f"from featurestore import open_store\ns = open_store({str(path)!r})\nids = s.clip_ids\nlab = s.labels\n"
-             f"d = s.done_mask({EMBED!r})\nprint({RSS})")
-    app = (f"import urllib.request, time\nfrom featurestore.view import start\nr = start({str(path)!r})\n"
-           f"urllib.request.urlopen(r.url + 'api/points?colour=label').read()\n"
+             f"d = s.done_mask({EMBED!r})\n{RSS}")
+    app = (f"import urllib.request, time, gc\nfrom featurestore.view import start\nr = start({str(path)!r})\n"
+           f"urllib.request.urlopen(r.url + 'api/points?colour=label').read()\ngc.collect(); time.sleep(1)\n{RSS}\n"
            f"urllib.request.urlopen(r.url + 'clip?id=' + r.state.store.index.ids_at([0])[0]).read()\n"
-           f"import gc; gc.collect(); time.sleep(1)\nprint({RSS})\nr.stop()")
-    store_mb = float(subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, check=True).stdout.split()[-1])
-    app_mb = float(subprocess.run([sys.executable, "-c", app], capture_output=True, text=True, check=True).stdout.split()[-1])
-    return {"store_mb": store_mb, "app_mb": app_mb, "idle_memory_ratio": app_mb / store_mb}
+           f"gc.collect(); time.sleep(1)\n{RSS}\nr.stop()")
+    store = _rss(plain)
+    done = subprocess.run([sys.executable, "-c", app], capture_output=True, text=True, check=True)
+    after_map, after_page = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    return {"store": store, "app_after_map": after_map, "app_after_clip_page": after_page,
+            "idle_memory_ratio": after_map["VmRSS"] / store["VmRSS"],
+            "after_clip_page_ratio": after_page["VmRSS"] / store["VmRSS"],
+            "after_clip_page_anon_ratio": after_page["RssAnon"] / store["RssAnon"]}
 
 
 def main(argv: list[str] | None = None) -> int:
