@@ -17,6 +17,12 @@ through ``heads.train.fit``, the trainer every head uses):
   in-memory reference). A 12-batch epoch is too short to compare: fixed costs and scheduler noise on
   a loaded machine swamp it.
 
+Augmentation case (``augment``): the head's training-time input pipeline (``FrameCNN.images``:
+scaling, the paper's RandomAffine, GaussianBlur(11), normalisation and RandomErasing) on one batch of
+``--batch-size`` random frames at ``--aug-size`` px, batched on the device (ours) vs the same
+torchvision v2 transforms called once per frame (what the head did before issue 21, kept here as the
+reference), alternating, best of ``--aug-repeats``.
+
 Memory cases: a store of random 448 px frames (``--mem-clips`` N and 4N clips, the paper's frame size),
 one frame_cnn epoch streamed from it through ``heads.train`` (default shuffle window cap: 256 MiB of
 stored clips, i.e. 37 clips; at most two windows are held, plus the store's 256 MiB chunk cache).
@@ -257,10 +263,50 @@ def case_memory(n_clips: int, args: argparse.Namespace) -> dict:
             "frames": n_clips * FRAMES_PER_CLIP, "peak_rss_mb": _peak_rss_mb()}
 
 
+def per_frame_reference(head):
+    """The per-frame torchvision v2 pipeline the head used before issue 21 (the reference)."""
+    from torchvision.transforms import v2
+
+    cfg = head.cfg
+    geometric = v2.Compose([v2.RandomAffine(degrees=cfg.affine_degrees, translate=tuple(cfg.affine_translate),
+                                            scale=tuple(cfg.affine_scale)),
+                            v2.GaussianBlur(cfg.blur_kernel, sigma=tuple(cfg.blur_sigma))])
+    erase = v2.RandomErasing(p=cfg.erasing_p)
+
+    def images(frames):
+        import torch
+
+        x = torch.stack([geometric(frame) for frame in frames.float() / 255.0])
+        return torch.stack([erase(frame) for frame in (x - head.mean) / head.std])
+
+    return images
+
+
+def case_augment(args: argparse.Namespace) -> dict:
+    import torch
+
+    import heads
+
+    size = args.aug_size
+    head = heads.create_head("frame_cnn", backbone=args.backbone, n_classes=10, input_shape=[3, size, size]).train()
+    frames = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8).float()
+    reference = per_frame_reference(head)
+    best = {"batched": math.inf, "per_frame": math.inf}
+    for _ in range(args.aug_repeats):
+        for kind, fn in (("batched", head.images), ("per_frame", reference)):
+            started = time.perf_counter()
+            fn(frames)
+            best[kind] = min(best[kind], time.perf_counter() - started)
+    return {"case": "augment", "seconds": best["batched"], "reference_seconds": best["per_frame"],
+            "frames": args.batch_size, "peak_rss_mb": _peak_rss_mb()}
+
+
 def run_case(name: str, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    if name == "augment":
+        return case_augment(args)
     if name.startswith("memory_"):
         return case_memory(int(name.split("_")[1]), args)
     return case_speed(name, args)
@@ -289,6 +335,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--mem-clips", type=int, default=160, help="N of the memory cases (N and 4N clips)")
     p.add_argument("--mem-size", type=int, default=448)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--aug-size", type=int, default=448, help="frame size of the augmentation case (the paper's)")
+    p.add_argument("--aug-repeats", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--json", help="write the results here")
@@ -312,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         build_frames_store(dataset, store, args.size)
     build_tiled_store(store, cache / f"frames{args.size}_x{args.ram_tile}.zarr", args.size, args.ram_tile)
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
-    results = []
+    results = [_subprocess("augment", passthrough)]
+    print(json.dumps(results[-1]), flush=True)
     for _ in range(args.repeats):
         for name in ("mp4", "store", "store_long", "ram_long"):
             results.append(_subprocess(name, passthrough))
@@ -343,6 +392,13 @@ def summarise(results: list[dict], args: argparse.Namespace) -> dict:
              f"in RAM {best['ram_long']:.2f} s",
              f"  store / RAM = {ram_ratio:.2f}x (floor <= 1.2x)"]
     ok = mp4_ratio >= 5 and ram_ratio <= 1.2
+    augment = next((r for r in results if r["case"] == "augment"), None)
+    aug_ratio = None
+    if augment is not None:
+        aug_ratio = augment["reference_seconds"] / augment["seconds"]
+        lines.append(f"  augmentation of a batch of {augment['frames']} frames at {args.aug_size} px: batched "
+                     f"{augment['seconds'] * 1e3:.0f} ms | per-frame torchvision {augment['reference_seconds'] * 1e3:.0f} "
+                     f"ms: {aug_ratio:.1f}x faster (best of {args.aug_repeats})")
     memory = [r for r in results if r["case"].startswith("memory_")]
     mem_ratio = None
     if len(memory) == 2:
@@ -350,7 +406,7 @@ def summarise(results: list[dict], args: argparse.Namespace) -> dict:
         lines.append(f"  peak RSS {memory[0]['case']} {memory[0]['peak_rss_mb']:.0f} MB, {memory[1]['case']} "
                      f"{memory[1]['peak_rss_mb']:.0f} MB: {mem_ratio:.2f}x (floor <= 1.2x)")
         ok = ok and mem_ratio <= 1.2
-    return {"best_seconds": best, "mp4_over_store": mp4_ratio, "store_over_ram": ram_ratio,
+    return {"best_seconds": best, "mp4_over_store": mp4_ratio, "store_over_ram": ram_ratio, "augment_speedup": aug_ratio,
             "memory_ratio": mem_ratio, "floors_met": ok, "text": "\n".join(lines)}
 
 
