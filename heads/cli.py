@@ -53,6 +53,7 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "device": (str, DEVICE_HELP),
     "shuffle_buffer": (int, "clips per read group (read into memory and shuffled together) when streaming from the store"),
     "num_workers": (int, "DataLoader processes reading the store (0: a reader thread)"),
+    "precision": (str, "fp32, or bf16: bfloat16 autocast of the head's forward passes (for a GPU; recorded in run.json)"),
     "max_steps_per_epoch": (int, "cap on optimizer steps per epoch (quick demos)"),
     "family": (str, "ensemble family recorded with the predictions (default: derived from the inputs)"),
 }
