@@ -333,7 +333,7 @@ def _build_matrix(folder: SidecarDir | None, store: Any, feature_set: str, key: 
     """The clip matrix, streamed into the sidecar ``.npy`` (then memory-mapped), or in memory when
     there is no sidecar directory or it cannot be written (one warning); (matrix, manifest name or None)."""
     done = store.done_mask(feature_set)
-    dim = store.feature_info(feature_set).feature_shape[0]
+    dim = set_state(store, feature_set).info.feature_shape[0]
     if folder is not None:
         kept: list[np.ndarray] = []
 
@@ -370,7 +370,7 @@ def _not_in(done: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def _matrix_in_memory(store: Any, feature_set: str, notes: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
     """Rows and unit clip vectors of every done clip with finite values, ``[n, dim]`` float32."""
-    info = store.feature_info(feature_set)
+    info = set_state(store, feature_set).info
     done = store.done_mask(feature_set)
     matrix = np.empty((int(done.sum()), info.feature_shape[0]), dtype=np.float32)
     rows, filled = [], 0
@@ -389,7 +389,7 @@ def clip_blocks(store: Any, feature_set: str) -> Iterator[tuple[np.ndarray, np.n
     Clips whose vector is not finite (NaN or inf in the stored values) are left out: they have no
     cosine, and an index holding them could not be told from a damaged one.
     """
-    info = store.feature_info(feature_set)
+    info = set_state(store, feature_set).info
     done = store.done_mask(feature_set)
     row_bytes = max(1, int(np.prod(info.shape[1:])) * np.dtype(info.dtype).itemsize)
     block = max(1, BLOCK_BYTES // row_bytes // info.chunk_clips) * info.chunk_clips
@@ -421,7 +421,7 @@ def _load_matrix(folder: SidecarDir | None, store: Any, feature_set: str, key: s
     if folder is None:
         return None
     done = store.done_mask(feature_set)
-    dim = store.feature_info(feature_set).feature_shape[0]
+    dim = set_state(store, feature_set).info.feature_shape[0]
     for name in _files.names(folder, key, ".json"):
         try:
             rows, matrix = _files.read_matrix(folder, name, done, dim)
@@ -573,9 +573,11 @@ def faiss_nlist(index: Any) -> int:
 class SetState:
     """What a search needs to know about a feature set, kept while its done mask stays the same.
 
-    Reading ``feature_info`` and the label column costs milliseconds (they are read from the store
-    every time); the done mask is cached by the store until ``store.refresh()``, so hashing it is
-    the cheap test of "has this set changed" that keeps a warm query a matrix product.
+    Reading ``feature_info`` and the label column costs milliseconds (a third of a second at a
+    million clips: they are read from the store every time), so search reads them once per state
+    (the sidecar loaders and builders take ``info`` from here too); the done mask is cached by the
+    store until ``store.refresh()``, so hashing it is the cheap test of "has this set changed" that
+    keeps a warm query a matrix product.
     """
 
     done_key: str
@@ -682,7 +684,7 @@ def _load_faiss(folder: SidecarDir | None, store: Any, feature_set: str, key: st
     if folder is None:
         return None
     done = store.done_mask(feature_set)
-    dim = store.feature_info(feature_set).feature_shape[0]
+    dim = set_state(store, feature_set).info.feature_shape[0]
     for name in _files.names(folder, key, ".lists"):
         try:
             index, lists = _files.read_lists_manifest(folder, name, done, dim)

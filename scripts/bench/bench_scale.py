@@ -24,11 +24,11 @@ Then, ours beside the reference on the same data, as ratios of this run:
   * ``verify`` throughput vs crc32c (``google_crc32c``) + ``np.isfinite`` over the same files;
   * ``to_pandas`` and ``select(split=)`` vs pandas / a mask over h5py columns.
 
-Floors (issue 23, set at 1M clips: judged at 1M and above, shown beside smaller sizes): get_many <= 10x memmap, bytes read
-<= 16x returned; cold get <= 3x h5py, warm get <= 2x h5py; open + first get <= 0.3 s, peak RSS
-<= 1.2x h5py + id dict; ``ls`` <= 0.5 s; create + fill <= 2x h5py; exact <= 1.1x numpy; default
-search <= 20 ms warm at recall@10 >= 0.95; first search in a new process <= 1 s; index build <= 2x
-faiss directly; verify >= 50% of crc32c + isfinite. Exit code 1 when one is missed.
+Floors (issue 23, set at 1M clips: judged at 1M and above, shown beside smaller sizes): get_many
+<= 10x memmap, bytes read <= 16x returned; cold get <= 3x h5py, warm get <= 2x h5py; open + first
+get <= 0.3 s, peak RSS <= 1.2x h5py + id dict; ``ls`` <= 0.5 s; create + fill <= 2x h5py; exact
+<= 1.1x numpy; default search <= 20 ms warm at recall@10 >= 0.95; first search in a new process
+<= 1 s; index build <= 2x faiss directly; verify >= 50% of crc32c + isfinite. Exit code 1 when one is missed.
 
 Stores are kept in ``--workdir`` between runs (a 1M-clip size needs about 7 GB there: the store,
 the references and the search sidecars); ``--clean`` removes each size's files after measuring it.

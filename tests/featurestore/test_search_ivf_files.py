@@ -18,7 +18,7 @@ from featurestore.store import _search_files as files
 from featurestore.store import search as search_mod
 
 pytestmark = pytest.mark.skipif(not search_mod.faiss_available(), reason="faiss-cpu is not installed")
-FEAT, N, DIM = "clip/test", 3000, 64
+FEAT, N, DIM = "clip/test", 2000, 32
 
 
 def _build(path: Path) -> np.ndarray:
@@ -46,7 +46,7 @@ def _sidecar(path: Path, suffix: str) -> Path:
 
 @pytest.fixture
 def ivf_store(tmp_path, monkeypatch):
-    """A store whose faiss index is an IVF one (FLAT_BELOW lowered: N clips give 76 lists), built and saved."""
+    """A store whose faiss index is an IVF one (FLAT_BELOW lowered: N clips give 51 lists), built and saved."""
     monkeypatch.setattr(search_mod, "FLAT_BELOW", 100)
     path = tmp_path / "s.zarr"
     vectors = _build(path)
@@ -101,3 +101,18 @@ def test_damage_in_an_ivf_index_file_is_never_served_and_the_index_is_rebuilt(iv
         again = store.search(FEAT, "c0001", k=5, method="faiss", nprobe=1000)
     assert again.clip_ids == index.clip_ids and not any(n.startswith("built") for n in again.notes)
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["exact", "faiss"])
+def test_a_first_search_reads_the_feature_sets_info_once(ivf_store, monkeypatch, method):
+    """``feature_info`` reads the whole done mask (a third of a second at a million clips): a new
+    process's first query reads it once, not once more per sidecar it loads."""
+    from featurestore.store.store import FeatureStore
+
+    path, _ = ivf_store
+    real, calls = FeatureStore.feature_info, []
+    monkeypatch.setattr(FeatureStore, "feature_info", lambda self, name: calls.append(name) or real(self, name))
+    with open_store(path) as store:
+        result = store.search(FEAT, "c0001", k=5, method=method)
+    assert result.method == method and not any(n.startswith("built") for n in result.notes)
+    assert calls == [FEAT]
