@@ -13,7 +13,6 @@ Stored runs are clip-level by the mean over segments (``[n, n_segments, n_classe
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -45,7 +44,8 @@ def run_source(store: Any, run: str) -> Source:
 def load_sources(store: Any, recipes: Sequence[str] = ()) -> dict[str, Source]:
     """Every output to show: ``run:<name>`` per stored run, then ``<provider>:<name>`` per provided one.
 
-    A provider that fails is reported in one line on stderr and left out: the viewer still starts.
+    A provider's error (a recipe that cannot be read, runs the store lacks) is one ValueError line
+    naming the provider: the recipes were asked for, so the viewer does not start without them.
     """
     sources = {f"run:{run}": run_source(store, run) for run in store.prediction_runs()}
     points = list(entry_points(group=GROUP))
@@ -55,9 +55,8 @@ def load_sources(store: Any, recipes: Sequence[str] = ()) -> dict[str, Source]:
     for point in points:
         try:
             provided = point.load()(store, list(recipes))
-        except Exception as err:  # a plug-in's failure must not stop the viewer
-            print(f"featurestore view: the {point.name} outputs ({point.value}) are left out: {err}", file=sys.stderr)
-            continue
+        except Exception as err:  # a provider's own error, said in one line naming it
+            raise ValueError(f"the {point.name} outputs ({point.value}): {err}") from err
         for name, (score, covered) in provided.items():
             sources[f"{point.name}:{name}"] = Source(f"{point.name}:{name}", score, covered)
     return sources
