@@ -209,9 +209,13 @@ def _sweep_parser(sub: Any) -> None:
                    help="read the store for every trial and epoch, as separate 'heads train' runs do (default: the "
                         "linear, embedding_mlp and late_fusion trials share one in-memory read of their splits)")
     p.add_argument("--no-stack", dest="stack", action="store_false",
-                   help="train linear trials one after another (default: fresh linear trials that differ only in "
-                        "lr, momentum, weight decay, schedule or seed train stacked, one step for all; equal to "
-                        "lone runs within float tolerance, --no-stack bit for bit)")
+                   help="train the small heads' trials one after another (default: fresh linear, embedding_mlp "
+                        "and late_fusion trials of one model shape, differing in lr, momentum, weight decay, "
+                        "schedule or seed, train stacked, one step for all; equal to lone runs within float "
+                        "tolerance, --no-stack bit for bit)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="processes for the trials that cannot be stacked (spectrogram_cnn, frame_cnn), each reading "
+                        "the store itself (default: one per CPU core; 1: one after another in this process)")
     _output_flags(p, "the sweep directory, metric, the table's rows and the best configuration")
     p.set_defaults(func=cmd_sweep)
 
@@ -299,7 +303,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         result = sweep(cfg, grid, seeds=seeds, ranges=ranges, samples=args.samples, sample_seed=args.sample_seed,
                        metric=args.metric, overwrite=args.overwrite, share_reads=args.share_reads,
-                       stack=args.stack)
+                       stack=args.stack, jobs=args.jobs)
     except KeyboardInterrupt:
         raise CommandInterrupted(f"finished trials and committed epochs kept in {cfg.out}, rerun the same command "
                                  f"to resume") from None

@@ -266,7 +266,7 @@ def _head_config_class(head: str) -> type:
 def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *, seeds: Sequence[int] | None = None,
           out: str | Path | None = None, ranges: Mapping[str, Range | str] | None = None, samples: int = 0,
           sample_seed: int = 0, metric: str = "val_accuracy", overwrite: bool = False, store: Any = None,
-          on_trial_end: Any = None, share_reads: bool = True, stack: bool = True) -> SweepResult:
+          on_trial_end: Any = None, share_reads: bool = True, stack: bool = True, jobs: int | None = None) -> SweepResult:
     """Train every configuration of ``grid`` (and ``samples`` draws of ``ranges``) with every seed.
 
     Args:
@@ -280,8 +280,11 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
         on_trial_end: called with ``(trial, TrainResult)`` after each trial.
         share_reads: read each feature row of the small heads' splits from the store once for the whole
             sweep (see `SharedReads`); False trains every trial exactly as ``heads train`` would, reads and all.
-        stack: train fresh trials of a stackable head (linear) together, one step for all (see
-            `heads._stacked`; equal to lone runs within float tolerance); needs ``share_reads``.
+        stack: train fresh trials of a stackable head (linear, embedding_mlp, late_fusion) together, one step
+            for all (see `heads._stacked`; equal to lone runs within float tolerance); needs ``share_reads``.
+        jobs: processes for the trials that are neither shared nor stacked (spectrogram_cnn, frame_cnn):
+            each trains one trial at a time as ``heads train`` does, opening the store itself (None: one per
+            CPU core, at most one per such trial; 1: one after another in this process).
 
     Raises:
         SweepError / ConfigError: a bad grid, range, seed or metric (before any training).
@@ -291,6 +294,8 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
 
     if metric not in METRICS:
         raise SweepError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if jobs is not None and jobs < 1:
+        raise SweepError(f"--jobs must be an integer >= 1, got {jobs}")
     out = Path(out if out is not None else base.out)
     seeds = list(seeds) if seeds is not None else [base.seed]
     ranges = {k: (parse_range(base.head, k, r) if isinstance(r, str) else r) for k, r in (ranges or {}).items()}
@@ -303,15 +308,17 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
         trained, per_trial = 0, []
         shared = SharedReads(opened) if share_reads else None
         stacked = _train_stacked_groups(trials, shared, overwrite) if shared is not None and stack else {}
+        alone = [i for i in range(len(trials)) if i not in stacked and not (shared and shared.can_share(trials[i].cfg))]
+        in_processes = _train_in_processes([trials[i] for i in alone], alone, base, overwrite, jobs)
         for i, trial in enumerate(trials):
-            if i in stacked:
-                result = stacked[i]
+            if i in stacked or i in in_processes:
+                result, how = (stacked[i], "stacked") if i in stacked else (in_processes[i], "process")
             elif shared is not None and shared.can_share(trial.cfg):
-                result = shared.train(trial.cfg, overwrite=overwrite)
+                result, how = shared.train(trial.cfg, overwrite=overwrite), "shared"
             else:
-                result = train(trial.cfg, opened, overwrite=overwrite)
+                result, how = train(trial.cfg, opened, overwrite=overwrite), "alone"
             trained += not result.nothing_to_do
-            per_trial.append(_trial_row(trial, result))
+            per_trial.append({**_trial_row(trial, result), "trained": "no" if result.nothing_to_do else how})
             if on_trial_end is not None:
                 on_trial_end(trial, result)
         rows = summarise(per_trial)
@@ -333,6 +340,39 @@ def _train_stacked_groups(trials: list[Trial], shared: SharedReads, overwrite: b
         if len(indices) > 1:
             results.update(zip(indices, train_stacked([trials[i].cfg for i in indices], shared, overwrite=overwrite)))
     return results
+
+
+def _train_in_processes(trials: list[Trial], indices: list[int], base: TrainConfig, overwrite: bool,
+                        jobs: int | None) -> dict[int, Any]:
+    """Results of ``trials`` trained in joblib worker processes, by index (the rest train in this process).
+
+    Why processes: the CNN heads cannot be stacked, and one trial keeps one core busy only part of the
+    time. Each worker opens the store by its path and reads its own batches, as ``heads train`` does,
+    so no copy of the features is made per process (the page cache serves them all); each uses
+    ``cores / jobs`` torch threads. An open store without a path (``store=`` only) trains here instead,
+    and so do finished trials (a rerun reads two JSON files each, no process is started).
+    """
+    from heads.train import finished_already
+
+    todo = [(i, t) for i, t in zip(indices, trials) if overwrite or finished_already(t.cfg) is None]
+    n_jobs = min(len(todo), os.cpu_count() or 1) if jobs is None else min(jobs, len(todo))
+    if n_jobs < 2 or not base.store:
+        return {}
+    from joblib import Parallel, delayed
+
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    results = Parallel(n_jobs=n_jobs, backend="loky")(delayed(_train_one)(t.cfg, overwrite, threads) for _, t in todo)
+    return {i: result for (i, _), result in zip(todo, results)}
+
+
+def _train_one(cfg: TrainConfig, overwrite: bool, threads: int) -> Any:
+    """One trial in a worker process: `heads.train.train` opening ``cfg.store`` itself."""
+    import torch
+
+    from heads.train import train
+
+    torch.set_num_threads(threads)
+    return train(cfg, overwrite=overwrite)
 
 
 @contextlib.contextmanager
