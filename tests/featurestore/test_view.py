@@ -256,7 +256,7 @@ def test_the_clip_page_shows_the_clip_its_outputs_and_its_neighbours(server, vie
     with open_store(view_store) as store:
         clip = store.clip_ids[5]
         probs = store.get_predictions(RUN, [clip])[0].mean(0)
-        near = store.search(EMBED, clip, k=8).clip_ids
+        near = store.search(EMBED, clip, k=8, method="exact").clip_ids
         label = store.classes[int(store.labels[5])]
     status, body, _ = fetch(server.url + f"clip?id={clip}")
     page = body.decode()
@@ -307,9 +307,13 @@ def test_map_points_confusion_and_search_answer_from_the_store(server, view_stor
         member = store.column("split/fold1_train").astype(bool)
         pred = store.get_predictions(RUN).mean(1).argmax(1)
         ids = store.clip_ids
-        near = store.search(EMBED, ids[4], k=19).clip_ids
-    points = json.loads(fetch(server.url + "api/points?colour=correct:run:a01")[1])
-    right = {i: points["groups"][g] for i, g in zip(points["ids"], points["group"])}
+        near = store.search(EMBED, ids[4], k=19, method="exact").clip_ids
+    wire = json.loads(fetch(server.url + "api/points?colour=correct:run:a01")[1])
+    codes = np.frombuffer(__import__("base64").b64decode(wire["group"]), dtype="<u2")
+    right = {i: wire["groups"][g] for i, g in zip(wire["ids"].split("\n"), codes)}
+    proj = server.state.projections[EMBED]
+    assert wire["ids"].split("\n") == [ids[r] for r in proj.rows]
+    np.testing.assert_array_equal(np.frombuffer(__import__("base64").b64decode(wire["x"]), "<f4"), proj.xy[:, 0])
     assert sorted(right) == sorted(ids)
     assert all(right[c] == ("right" if pred[r] == labels[r] else "wrong") for r, c in enumerate(ids))
     cm = json.loads(fetch(server.url + "api/confusion?source=run:a01&split=fold1_train")[1])

@@ -35,17 +35,28 @@ function list(ol, items) {
   }
 }
 
+function decode(b64, Type) {
+  // base64 little-endian array from the server -> typed array (positions float32, group codes uint16)
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  return new Type(bytes.buffer);
+}
+
 async function drawMap() {
   const t0 = performance.now();
   const set = $("set").value;
-  points = await getJSON("api/points?" + new URLSearchParams({ set, colour: $("colour").value }));
-  const byGroup = points.groups.map(() => []);
-  points.group.forEach((g, i) => byGroup[g].push(i));
-  const traces = byGroup.map((idx, g) => ({
-    type: "scattergl", mode: "markers", name: points.groups[g] + " (" + idx.length + ")",
-    x: idx.map((i) => points.x[i]), y: idx.map((i) => points.y[i]), customdata: idx.map((i) => points.ids[i]),
-    hovertemplate: "%{customdata}<extra>" + points.groups[g] + "</extra>", marker: { size: idx.length > 20000 ? 3 : 6 },
-  }));
+  const wire = await getJSON("api/points?" + new URLSearchParams({ set, colour: $("colour").value }));
+  points = { ...wire, x: decode(wire.x, Float32Array), y: decode(wire.y, Float32Array), group: decode(wire.group, Uint16Array),
+             ids: typeof wire.ids === "string" ? wire.ids.split("\n") : wire.ids };
+  const counts = new Array(points.groups.length).fill(0);
+  for (const g of points.group) counts[g] += 1;
+  const traces = points.groups.map((name, g) => ({ type: "scattergl", mode: "markers", name: name + " (" + counts[g] + ")",
+    x: new Float32Array(counts[g]), y: new Float32Array(counts[g]), customdata: new Array(counts[g]),
+    hovertemplate: "%{customdata}<extra>" + name + "</extra>", marker: { size: points.n > 20000 ? 3 : 6 } }));
+  const filled = new Array(points.groups.length).fill(0);
+  points.group.forEach((g, i) => {
+    const t = traces[g], k = filled[g]++;
+    t.x[k] = points.x[i]; t.y[k] = points.y[i]; t.customdata[k] = points.ids[i];
+  });
   const layout = { margin: { l: 30, r: 10, t: 30, b: 30 }, dragmode: "zoom", hovermode: "closest", uirevision: set,
     title: { text: set + " (" + points.method + ", " + points.ids.length + " clips)", font: { size: 13 } } };
   await Plotly.react("map", traces, layout, { displaylogo: false, responsive: true });
