@@ -92,6 +92,7 @@ def test_sweep_trains_every_trial_and_tables_their_metrics(tiny_store_path, tmp_
     captured = capsys.readouterr()
     assert "8 trial(s), 0 trained now" in captured.err and "| " + expected + " (best) |" in captured.out
     assert _run_files(out) == before
+    assert not list(tmp_path.rglob("*.lock"))  # the sweep's and every trial's lock file are gone on a clean exit
 
 
 def _committed(out: Path) -> list[int]:
