@@ -5,7 +5,8 @@ list of blocks. A task opens the store by its path itself, rebuilds the encoders
 and options (once per worker process), checks that they give the fingerprints the driver recorded, recomputes
 which rows of its blocks are still not done (so a task retried after a worker died skips what the
 first attempt wrote), and runs ``run_blocks`` with decoding in its own thread. Tasks never share a
-chunk, because blocks are whole chunks of every feature set.
+chunk (a shard, where the feature set is sharded: the unit written whole), because blocks are whole
+chunks of every feature set (``check_blocks_aligned``).
 
 ``scheduler`` may be an address, ``"local:N"`` (a LocalCluster of N single-threaded processes started
 for the run), a cluster or a client. An address is checked with a bounded wait before the store is
@@ -273,6 +274,18 @@ def group_blocks(blocks: list[tuple[int, int]], n_tasks: int) -> list[list[tuple
     return [blocks[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+def check_blocks_aligned(plan: Plan) -> None:
+    """Every block starts on a chunk (shard) boundary of every target it writes (one with rows to do
+    there) and ends on one or at the last row, so no two tasks ever write the same shard (a shard
+    written by two would lose one's rows)."""
+    for target in plan.targets:
+        per = target.chunk_clips
+        for start, stop in plan.blocks():
+            if target.todo[start:stop].any() and (start % per or (stop % per and stop != plan.n_rows)):
+                raise RuntimeError(f"block {start}:{stop} is not made of whole chunks of {per} clips of "
+                                   f"{target.name}: two Dask tasks could write the same shard")
+
+
 def run_distributed(plan: Plan, store_ref: StoreRef, client, device: str,
                     on_progress: Callable[[int], None] | None = None) -> tuple[RunStats, str]:
     """Run every block of ``plan`` as Dask tasks on ``client`` (from ``connect``, which the caller
@@ -289,6 +302,7 @@ def run_distributed(plan: Plan, store_ref: StoreRef, client, device: str,
 
     if store_ref.backend == "hdf5":
         raise hdf5_with_dask(store_ref.location)
+    check_blocks_aligned(plan)
     threads = sum(client.nthreads().values()) or 1
     groups = group_blocks(plan.blocks(), threads * TASKS_PER_THREAD)
     light = replace(plan, targets=[replace(t, encoder=None) for t in plan.targets])

@@ -3,6 +3,11 @@
 Everything above it (index, feature sets, caching, validation) is backend-neutral, so the Zarr and
 HDF5 stores cannot drift apart. Arrays are addressed by '/'-separated paths and always read and
 written as row ranges along axis 0, which is how the store chunks them (whole clips per chunk).
+
+An array has two row counts: ``chunk_rows``, the unit a writer writes whole (a Zarr shard, or a plain
+chunk), and ``inner_rows``, the unit decoded on its own (a shard's inner chunk; equal to
+``chunk_rows`` where the array is not sharded). Random reads fetch inner chunks (``read_chunks``);
+aligned writers own whole ``chunk_rows`` blocks.
 """
 from __future__ import annotations
 
@@ -32,17 +37,33 @@ class Backend(Protocol):
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None: ...  # one atomic update
     def create_group(self, path: str) -> None: ...
     def create_array(self, path: str, shape: tuple[int, ...], dtype: str, chunk_rows: int,
-                     fill_value: Any, compressor: str | None = None) -> None: ...
+                     fill_value: Any, compressor: str | None = None, inner_rows: int | None = None) -> None: ...
     def compressor(self, path: str) -> str | None: ...
     def chunk_written(self, path: str, chunk: int) -> bool: ...  # False: never written, or deleted
     def shape(self, path: str) -> tuple[int, ...]: ...
     def dtype(self, path: str) -> str: ...
-    def chunk_rows(self, path: str) -> int: ...
+    def chunk_rows(self, path: str) -> int: ...  # the write unit
+    def inner_rows(self, path: str) -> int: ...  # the decode unit (divides chunk_rows)
+    # inner chunks by number, whole (the last one cut to the array's end); raises ChunkFault for a
+    # chunk that fails its check, or is absent where ``required`` (absent elsewhere: fill values)
+    def read_chunks(self, path: str, chunks: np.ndarray, required: np.ndarray) -> list[np.ndarray]: ...
     def read(self, path: str, start: int, stop: int) -> np.ndarray: ...
     def write(self, path: str, start: int, data: np.ndarray) -> None: ...
     def resize(self, path: str, n_rows: int) -> None: ...
     def delete(self, path: str) -> None: ...
     def close(self) -> None: ...
+
+
+class ChunkFault(Exception):
+    """Inner chunk ``chunk`` of an array is absent (``missing``) or fails its check (``cause``).
+
+    Backends raise it from ``read_chunks``; ``StoreArrays`` turns it into ``MissingChunkError`` /
+    ``CorruptChunkError`` naming the chunk's rows.
+    """
+
+    def __init__(self, chunk: int, missing: bool, cause: BaseException | None = None):
+        self.chunk, self.missing, self.cause = int(chunk), missing, cause
+        super().__init__(f"inner chunk {chunk} {'is missing' if missing else f'failed: {cause}'}")
 
 
 #: The array name whose writes publish rows (feature sets' and prediction runs' done flags).

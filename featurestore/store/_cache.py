@@ -2,52 +2,78 @@
 
 Plain Zarr v3 indexing costs ~0.5 ms per call (async machinery, codec pipeline), which is ~25x an
 h5py row read. Most access is local (a clip, then its neighbours; training epochs walk blocks), so
-keeping whole decoded chunks makes a warm ``get`` a dict lookup plus a slice.
+keeping whole decoded chunks makes a warm ``get`` a dict lookup plus a slice. An entry is an array,
+or a tuple of arrays kept together (a block and the done flags it was read with).
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
+from typing import Union
 
 import numpy as np
 
+Entry = Union[np.ndarray, tuple[np.ndarray, ...]]
+
+
+def _nbytes(value: Entry) -> int:
+    if isinstance(value, tuple):
+        return value[0].nbytes + _nbytes(value[1:]) if value else 0
+    return value.nbytes
+
 
 class ChunkCache:
-    """Least-recently-used map of chunk key -> decoded array, bounded by total bytes."""
+    """Least-recently-used map of chunk key -> decoded array(s), bounded by total bytes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._items: OrderedDict[Hashable, Entry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable) -> np.ndarray | None:
+    def get(self, key: Hashable) -> Entry | None:
         with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)
             return value
 
-    def put(self, key: Hashable, value: np.ndarray) -> None:
-        if value.nbytes > self.max_bytes:
-            return
-        value.setflags(write=False)
+    def get_many(self, keys: list[Hashable]) -> list[Entry | None]:
+        """``get`` of each key, under one hold of the lock (a random gather asks for ~1,000)."""
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._items[key] = value
-            self._bytes += value.nbytes
+            out = [self._items.get(key) for key in keys]
+            for key, value in zip(keys, out):
+                if value is not None:
+                    self._items.move_to_end(key)
+            return out
+
+    def put(self, key: Hashable, value: Entry) -> None:
+        self.put_many([(key, value)])
+
+    def put_many(self, items: list[tuple[Hashable, Entry]]) -> None:
+        """``put`` of each ``(key, value)``, under one hold of the lock."""
+        sized = [(key, value, _nbytes(value)) for key, value in items]
+        sized = [item for item in sized if item[2] <= self.max_bytes]
+        for _, value, _ in sized:
+            for array in value if isinstance(value, tuple) else (value,):
+                array.setflags(write=False)
+        with self._lock:
+            for key, value, size in sized:
+                old = self._items.pop(key, None)
+                if old is not None:
+                    self._bytes -= _nbytes(old)
+                self._items[key] = value
+                self._bytes += size
             while self._bytes > self.max_bytes:
                 _, dropped = self._items.popitem(last=False)
-                self._bytes -= dropped.nbytes
+                self._bytes -= _nbytes(dropped)
 
     def drop(self, prefix: str) -> None:
         """Forget every chunk of the array at ``prefix`` (keys are ``(path, ...)`` tuples)."""
         with self._lock:
             for key in [k for k in self._items if k[0] == prefix]:
-                self._bytes -= self._items.pop(key).nbytes
+                self._bytes -= _nbytes(self._items.pop(key))
 
     def clear(self) -> None:
         with self._lock:

@@ -35,9 +35,16 @@ import h5py
 import numpy as np
 
 from featurestore.errors import StoreFormatError
-from featurestore.store._backend import COMPRESSORS, STRING, as_str_array, is_commit_point
+from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array, is_commit_point
 
 _STRING_ATTR = "avscene_string_array"
+# rows a writer writes whole, for datasets chunked finer (the HDF5 twin of a Zarr shard)
+_CHUNK_ROWS_ATTR = "avscene_chunk_rows"
+# Readers' raw-data chunk cache. Feature datasets have small chunks (~16 KiB, see store.py), so the
+# cache needs many hash slots for its bytes (HDF5 advises ~100x the chunks that fit; h5py's default
+# of 521 slots for 1 MiB was sized for 1 MiB chunks); decoded chunks are cached above the backend.
+_READ_CACHE_BYTES = 4 * 2**20
+_READ_CACHE_SLOTS = 25013  # a prime ~100 x the 256 chunks of 16 KiB that fit
 _CONTIGUOUS_BLOCK_BYTES = 4 * 2**20  # read unchunked datasets (other tools' default) in blocks of this size
 _ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")  # HDF5 puts the system call's errno in its message text
 
@@ -52,7 +59,8 @@ class HDF5Backend:
         self.read_only = mode == "r"
         self._failed: OSError | None = None  # the write that failed; the file is closed since
         h5mode = {"r": "r", "a": "a", "w": "w"}[mode]
-        options = {} if self.read_only else {"rdcc_nbytes": 0}  # no chunk cache when writing (see above)
+        options = {"rdcc_nbytes": _READ_CACHE_BYTES, "rdcc_nslots": _READ_CACHE_SLOTS} if self.read_only \
+            else {"rdcc_nbytes": 0}  # no chunk cache when writing (see above)
         if mode == "w":  # space freed by a rewrite is never handed out again (see ``write``)
             options["fs_strategy"] = "none"
         try:
@@ -132,7 +140,7 @@ class HDF5Backend:
     def get_attrs(self, path: str) -> dict[str, Any]:
         out = {}
         for key, value in self._node(path).attrs.items():
-            if key == _STRING_ATTR:
+            if key in (_STRING_ATTR, _CHUNK_ROWS_ATTR):  # the backend's own, not the store's
                 continue
             out[key] = json.loads(value) if isinstance(value, str) else value
         return out
@@ -153,24 +161,30 @@ class HDF5Backend:
             self._file.require_group(path)
 
     def create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value,
-                     compressor: str | None = None) -> None:
+                     compressor: str | None = None, inner_rows: int | None = None) -> None:
         with self._writing():
-            self._create_array(path, shape, dtype, chunk_rows, fill_value, compressor)
+            self._create_array(path, shape, dtype, chunk_rows, fill_value, compressor, inner_rows)
 
     def _create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value,
-                      compressor: str | None) -> None:
+                      compressor: str | None, inner_rows: int | None = None) -> None:
         if path in self._file:
             del self._file[path]
         self._forget(path)
         is_str = dtype == STRING
         h5dtype = np.dtype("S16") if is_str else np.dtype(dtype)
-        chunks = (max(1, chunk_rows),) + tuple(shape[1:])
+        chunk_rows = max(1, chunk_rows)
+        small = inner_rows is not None and 0 < inner_rows < chunk_rows and not is_str
+        if small and chunk_rows % inner_rows:
+            raise ValueError(f"{path}: chunks of {inner_rows} rows do not divide write blocks of {chunk_rows}")
+        chunks = (inner_rows if small else chunk_rows,) + tuple(shape[1:])
         gzip = {"compression": "gzip", "shuffle": True} if COMPRESSORS[compressor] == "zstd" else {}
         ds = self._file.create_dataset(path, shape=tuple(shape), maxshape=(None,) + tuple(shape[1:]),
                                        dtype=h5dtype, chunks=chunks, fletcher32=True,
                                        fillvalue=b"" if is_str else fill_value, **gzip)
         if is_str:
             ds.attrs[_STRING_ATTR] = 1
+        if small:
+            ds.attrs[_CHUNK_ROWS_ATTR] = chunk_rows
 
     def _is_str(self, path: str) -> bool:
         return _STRING_ATTR in self._ds(path).attrs
@@ -183,6 +197,12 @@ class HDF5Backend:
 
     def chunk_rows(self, path: str) -> int:
         ds = self._ds(path)
+        if ds.chunks is not None and _CHUNK_ROWS_ATTR in ds.attrs:
+            return int(ds.attrs[_CHUNK_ROWS_ATTR])
+        return self.inner_rows(path)
+
+    def inner_rows(self, path: str) -> int:
+        ds = self._ds(path)
         if ds.chunks is None:  # contiguous, as other HDF5 tools write by default: read in ~4 MiB blocks
             per_row = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
             return max(1, min(max(1, ds.shape[0]), _CONTIGUOUS_BLOCK_BYTES // per_row))
@@ -193,11 +213,29 @@ class HDF5Backend:
         return "zstd" if self._ds(path).compression else None
 
     def chunk_written(self, path: str, chunk: int) -> bool:
+        per = self.chunk_rows(path)
+        inner = self.inner_rows(path)
+        stop = min(self._ds(path).shape[0], (chunk + 1) * per)
+        return all(self._inner_written(path, c) for c in range(chunk * per // inner, -(-stop // inner)))
+
+    def _inner_written(self, path: str, chunk: int) -> bool:
         ds = self._ds(path)
         if ds.chunks is None:
             return True  # contiguous storage is allocated whole
         coords = (chunk * ds.chunks[0],) + (0,) * (ds.ndim - 1)
         return ds.id.get_chunk_info_by_coord(coords).byte_offset is not None
+
+    def read_chunks(self, path: str, chunks: np.ndarray, required: np.ndarray) -> list[np.ndarray]:
+        per, n = self.inner_rows(path), self._ds(path).shape[0]
+        out = []
+        for chunk, needed in zip(np.asarray(chunks).tolist(), np.asarray(required).tolist()):
+            if needed and not self._inner_written(path, chunk):
+                raise ChunkFault(chunk, missing=True)
+            try:
+                out.append(self.read(path, chunk * per, min(n, (chunk + 1) * per)))
+            except Exception as err:  # fletcher32 and filter failures surface as OSError
+                raise ChunkFault(chunk, missing=False, cause=err) from err
+        return out
 
     def read(self, path: str, start: int, stop: int) -> np.ndarray:
         data = self._ds(path)[start:stop]

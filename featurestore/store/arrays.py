@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.errors import CorruptChunkError, MissingChunkError, ReadOnlyStoreError
-from featurestore.store._backend import Backend, join
+from featurestore.store._backend import Backend, ChunkFault, join
 
 
 class StoreArrays:
@@ -99,8 +99,13 @@ class StoreArrays:
         return self._backend.dtype(path)
 
     def chunk_rows(self, path: str) -> int:
-        """Rows per chunk (for unchunked HDF5 datasets: rows per ~4 MiB read block)."""
+        """Rows per chunk as writers see it: a shard of a sharded array (for unchunked HDF5 datasets:
+        rows per ~4 MiB read block). Aligned writers own whole chunks."""
         return self._backend.chunk_rows(path)
+
+    def inner_rows(self, path: str) -> int:
+        """Rows per inner chunk, the unit decoded on its own (``chunk_rows`` unless sharded)."""
+        return self._backend.inner_rows(path)
 
     def compressor(self, path: str) -> str | None:
         """``"zstd"`` when the array's chunks are compressed (gzip in HDF5), else None."""
@@ -111,13 +116,16 @@ class StoreArrays:
         return self._backend.chunk_written(path, chunk)
 
     # --------------------------------------------------------------------------------- reads
-    def read(self, path: str, start: int, stop: int, written: bool = True) -> np.ndarray:
+    def read(self, path: str, start: int, stop: int, written: bool | np.ndarray = True) -> np.ndarray:
         """Rows ``start:stop``; damage raises ``CorruptChunkError`` naming array and rows.
 
         ``written``: these rows were written, so each of their chunks must be in storage (a missing
-        one would read as fill values: zeros, "unknown" labels) or ``MissingChunkError`` is raised.
-        Version 1 stores did not keep chunks of fill values, so there it is not checked.
+        one would read as fill values: zeros, "unknown" labels) or ``MissingChunkError`` is raised;
+        or a bool per row (a chunk holding one written row must be there). Version 1 stores did not
+        keep chunks of fill values, so there it is not checked.
         """
+        if stop > start and (not isinstance(written, bool) or self.inner_rows(path) < self.chunk_rows(path)):
+            return self._read_inner(path, start, stop, written)
         if written and self.strict:
             per = self.chunk_rows(path)
             for chunk in range(start // per, -(-stop // per)):
@@ -128,6 +136,33 @@ class StoreArrays:
             return self._backend.read(path, start, stop)
         except Exception as err:  # checksum and decode failures surface as codec errors
             raise self._corrupt_rows(path, start, stop, err) from err
+
+    def _read_inner(self, path: str, start: int, stop: int, written: bool | np.ndarray) -> np.ndarray:
+        """Rows ``start:stop`` read inner chunk by inner chunk (sharded arrays, per-row ``written``)."""
+        per = self.inner_rows(path)
+        first = start // per
+        chunks = np.arange(first, -(-stop // per), dtype=np.int64)
+        flags = np.zeros(len(chunks) * per, dtype=bool)
+        flags[start - first * per:stop - first * per] = written
+        blocks = self.read_chunks(path, chunks, flags.reshape(len(chunks), per).any(axis=1))
+        whole = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+        return whole[start - first * per:stop - first * per]
+
+    def read_chunks(self, path: str, chunks: np.ndarray, required: np.ndarray) -> list[np.ndarray]:
+        """Inner chunks by number, each whole (the last cut to the array's end), in the order given.
+
+        ``required`` (bool per chunk): the chunk holds written rows, so it must be in storage
+        (``MissingChunkError`` naming its rows otherwise; with it not required, an absent chunk reads
+        as fill values). A chunk failing its checksum raises ``CorruptChunkError`` naming its rows.
+        """
+        try:
+            return self._backend.read_chunks(path, chunks, np.asarray(required, dtype=bool) & self.strict)
+        except ChunkFault as fault:
+            per, n = self.inner_rows(path), self.shape(path)[0]
+            start, stop = fault.chunk * per, min(n, (fault.chunk + 1) * per)
+            if fault.missing:
+                raise MissingChunkError(f"{self.location}:{path}", start, stop) from None
+            raise CorruptChunkError(f"{self.location}:{path}", start, stop, fault.cause) from fault.cause
 
     def read_unchecked(self, path: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as the backend returns them: a decode failure propagates as it is
@@ -156,10 +191,13 @@ class StoreArrays:
         self._backend.create_group(path)
 
     def create_array(self, path: str, shape: tuple[int, ...], dtype: str, chunk_rows: int, fill_value: Any,
-                     compressor: str | None = None) -> None:
-        """A new array (replacing one at ``path``), chunked by ``chunk_rows`` rows, checksummed."""
+                     compressor: str | None = None, inner_rows: int | None = None) -> None:
+        """A new array (replacing one at ``path``), chunked by ``chunk_rows`` rows, checksummed;
+        ``inner_rows`` (a divisor of ``chunk_rows``) shards it: each chunk of ``chunk_rows`` is then
+        stored as inner chunks of ``inner_rows`` that are read and decoded on their own."""
         self.require_writable()
-        self._backend.create_array(path, shape, dtype, chunk_rows, fill_value, compressor=compressor)
+        self._backend.create_array(path, shape, dtype, chunk_rows, fill_value, compressor=compressor,
+                                   inner_rows=inner_rows)
 
     def write(self, path: str, start: int, data: np.ndarray) -> None:
         """Write rows ``start:start+len(data)``."""

@@ -1,4 +1,9 @@
-"""Copy a store between backends (Zarr <-> HDF5) with every array, chunking and attribute intact.
+"""Copy a store between backends (Zarr <-> HDF5) with every array and attribute, in the current layout.
+
+Feature sets are rewritten in the current layout: each chunk (what writers wrote whole, kept as it
+was) becomes a shard of inner chunks of ``default_inner_clips``, so converting a store written
+before sharding gives it random reads that decode a few clips, not a whole chunk. Every other
+array keeps its chunking.
 
 A local destination is written under a temporary name beside it and renamed into place at the end,
 so a killed conversion leaves no half-written store at the destination (only the temporary, which
@@ -16,7 +21,11 @@ from pathlib import Path
 
 from featurestore.atomic_files import OutputWriteError, describe_os_error, find_os_error
 from featurestore.store._backend import STRING, backend_for
-from featurestore.store.store import SCHEMA_VERSION, FeatureStore, open_store
+from featurestore.store.arrays import StoreArrays
+from featurestore.store.row_group import FEATURE_SETS
+from featurestore.store.store import (
+    SCHEMA_VERSION, FeatureStore, default_inner_clips, open_store,
+)
 
 
 def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> int:
@@ -26,7 +35,8 @@ def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> in
     ``.h5``/``.hdf5`` name, else Zarr (a store already at ``dst`` is replaced, whatever it is).
 
     Copies block by block (one chunk of rows at a time), so stores larger than memory convert. An
-    existing store at a local ``dst`` is replaced only once the copy is complete.
+    existing store at a local ``dst`` is replaced only once the copy is complete. Feature sets are
+    written in the current layout (see the module docstring), whatever layout the source has.
 
     Raises:
         OutputWriteError: the destination could not be written (disk full, file-size limit, ...);
@@ -74,14 +84,17 @@ def _copy_into(source: FeatureStore, target: FeatureStore, shown: str, progress:
 
     sa, ta = source.arrays, target.arrays
     arrays, groups = sa.arrays(), sa.groups()
+    layouts = _feature_layouts(source)
     with _writing(shown, "creating its groups"):
         for group in groups:
             ta.create_group(group)
     for path in tqdm(arrays, desc=f"convert -> {Path(shown).name}", disable=not progress, unit="array"):
-        shape, rows, dtype = sa.shape(path), sa.chunk_rows(path), sa.dtype(path)
+        shape, dtype = sa.shape(path), sa.dtype(path)
+        rows, inner = layouts.get(path) or _kept_layout(sa, path)
         with _writing(shown, f"creating {path}"):
-            ta.create_array(path, shape, dtype, rows, "" if dtype == STRING else 0, compressor=sa.compressor(path))
-        for start in range(0, shape[0], rows):
+            ta.create_array(path, shape, dtype, rows, "" if dtype == STRING else 0, compressor=sa.compressor(path),
+                            inner_rows=inner)
+        for start in range(0, shape[0], rows):  # whole chunks of the destination: one write each
             stop = min(shape[0], start + rows)
             block = sa.read(path, start, stop, written=False)
             if len(block):
@@ -98,6 +111,23 @@ def _copy_into(source: FeatureStore, target: FeatureStore, shown: str, progress:
         if lookup:
             ta.set_attrs("", lookup)
     return len(arrays)
+
+
+def _feature_layouts(source: FeatureStore) -> dict[str, tuple[int, int | None]]:
+    """``(chunk rows, inner rows)`` of each feature set's value array in the current layout: its
+    chunk rows kept (the set's ``done`` and ``errors`` and its writers are aligned to them), inner
+    chunks of ``default_inner_clips``."""
+    out: dict[str, tuple[int, int | None]] = {}
+    for group in source.row_groups(FEATURE_SETS):
+        shape, dtype, rows = group.shape, group.dtype, group.chunk_rows
+        out[group.values_path] = (rows, default_inner_clips(shape[1], shape[2:], dtype, rows))
+    return out
+
+
+def _kept_layout(arrays: StoreArrays, path: str) -> tuple[int, int | None]:
+    """The array's own ``(chunk rows, inner rows)`` (inner None where it is not sharded)."""
+    rows, inner = arrays.chunk_rows(path), arrays.inner_rows(path)
+    return rows, (inner if inner < rows else None)
 
 
 @contextlib.contextmanager

@@ -139,15 +139,18 @@ class RowGroup:
 
     # ------------------------------------------------------------------------ create, delete
     def create(self, shape: tuple[int, ...], dtype: str, chunk_rows: int, attrs: dict[str, Any],
-               compressor: str | None = None) -> None:
+               compressor: str | None = None, inner_rows: int | None = None) -> None:
         """Create the row arrays (values filled with 0, not done, no errors), attributes last.
 
+        ``inner_rows`` (a divisor of ``chunk_rows``) shards the value array: chunks of
+        ``chunk_rows`` (what writers write whole) made of inner chunks read on their own.
         The attributes are one update written after the arrays, so a group without them is a
         creation that never finished. They get a new ``data_version`` (see :meth:`data_version`).
         """
         n_rows = shape[0]
         self._arrays.create_group(self.path)
-        self._arrays.create_array(self.values_path, shape, dtype, chunk_rows, 0, compressor=compressor)
+        self._arrays.create_array(self.values_path, shape, dtype, chunk_rows, 0, compressor=compressor,
+                                  inner_rows=inner_rows)
         self._arrays.create_array(self.done_path, (n_rows,), "bool", chunk_rows, False)
         if self.kind.with_errors:
             self._arrays.create_array(self.errors_path, (n_rows,), STRING, chunk_rows, "")
@@ -378,52 +381,85 @@ class RowGroup:
     def gather(self, rows: np.ndarray, check_done: bool = True) -> np.ndarray:
         """Values of ``rows`` in the given order; each chunk is read and decoded once.
 
+        Scattered rows are read by inner chunk (a sharded array's small unit: a random read decodes
+        a few clips, not a whole shard); a run of rows covering at least half a chunk is read by
+        whole chunks (one read per shard, cached whole, as loaders walking blocks want).
         ``check_done``: refuse rows that are not finished (``MissingFeatureError``).
         """
         if check_done:
             self.require_done(rows)
         array = self.values_path
-        shape, per = self._arrays.shape(array), self._arrays.chunk_rows(array)
+        shape = self._arrays.shape(array)
         out = np.empty((len(rows),) + tuple(shape[1:]), dtype=self._arrays.dtype(array))
         if not len(rows):
             return out
+        per = self._arrays.inner_rows(array)
+        whole = self._arrays.chunk_rows(array)
+        if per < whole and 2 * len(rows) >= whole and _is_run(rows):
+            per = whole
         chunk_of = rows // per
         order = np.argsort(chunk_of, kind="stable")
-        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
-        for part in np.split(order, bounds):
-            chunk = int(chunk_of[part[0]])
-            offsets = rows[part] - chunk * per
-            out[part] = self._chunk(chunk, per, shape[0], offsets)[offsets]
+        ordered = chunk_of[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(ordered)) + 1]
+        ends = np.r_[starts[1:], len(order)]
+        local = rows[order] - ordered * per  # each row's place in its block, in block order
+        starts, ends = starts.tolist(), ends.tolist()
+        blocks = self._blocks(ordered[starts], per, shape[0], [local[a:b] for a, b in zip(starts, ends)])
+        for block, a, b in zip(blocks, starts, ends):
+            out[order[a:b]] = block[local[a:b]]
         return out
 
     def read_row(self, row: int) -> np.ndarray:
-        """Values of one row, ``[1, ...]`` (a view of the cached chunk: copy before changing it)."""
+        """Values of one row, ``[1, ...]`` (a view of the cached inner chunk: copy before changing it)."""
         array = self.values_path
-        per = self._arrays.chunk_rows(array)
-        chunk = row // per
-        offset = row - chunk * per
-        block = self._chunk(chunk, per, self._arrays.shape(array)[0], np.array([offset]))
+        per = self._arrays.inner_rows(array)
+        chunk, offset = divmod(row, per)
+        hit = self._caches.chunks.get((array, per, chunk))  # the warm path: one lookup, one slice
+        if hit is not None and offset < len(hit[1]) and hit[1][offset]:
+            return hit[0][offset:offset + 1]
+        block = self._blocks(np.array([chunk]), per, self._arrays.shape(array)[0], [np.array([offset])])[0]
         return block[offset:offset + 1]
 
-    def _chunk(self, chunk: int, per: int, n_rows: int, offsets: np.ndarray) -> np.ndarray:
-        """The decoded chunk; from the cache when every row asked for was done when it was read.
+    def _blocks(self, numbers: np.ndarray, per: int, n_rows: int, offsets: list[np.ndarray]) -> list[np.ndarray]:
+        """Decoded blocks ``numbers`` of ``per`` rows; from the cache when every row asked for
+        (``offsets`` in each block) was done when it was read, the others read together (one
+        request per run of adjacent inner chunks).
 
-        Partly finished chunks are cached too (one failed clip would otherwise make its whole chunk
+        Partly finished blocks are cached too (one failed clip would otherwise make its whole block
         be re-read on every get), together with the done flags seen when they were read: a row
         finished since, e.g. by another process, misses the cache and is never served stale.
         """
         array, cache = self.values_path, self._caches.chunks
-        key, done_key = (array, chunk), (array, chunk, "done")
-        block, done_then = cache.get(key), cache.get(done_key)
-        if (block is not None and done_then is not None and int(offsets.max()) < len(done_then)
-                and done_then[offsets].all()):
-            return block
-        start, stop = chunk * per, min(n_rows, (chunk + 1) * per)
-        done_now = self._done_rows(start, stop).copy()  # read done before data: a row done now was written
-        block = self._arrays.read(array, start, stop, written=bool(done_now.any()))
-        cache.put(key, block)
-        cache.put(done_key, done_now)
-        return block
+        out: list[np.ndarray | None] = []
+        misses: list[int] = []
+        keys = [(array, per, number) for number in numbers.tolist()]
+        for i, (hit, offset) in enumerate(zip(cache.get_many(keys), offsets)):
+            if hit is not None and int(offset[-1] if len(offset) == 1 else offset.max()) < len(hit[1]) \
+                    and bool(hit[1][offset].all()):
+                out.append(hit[0])
+            else:
+                out.append(None)
+                misses.append(i)
+        if not misses:
+            return out  # type: ignore[return-value]
+        spans = [(int(numbers[i]) * per, min(n_rows, (int(numbers[i]) + 1) * per)) for i in misses]
+        # done flags before data: a row done now was written. One cold row reads its own flags only
+        mask = None if len(misses) == 1 else self._done()
+        done = [self._done_rows(*spans[0]).copy()] if mask is None else [mask[lo:hi].copy() for lo, hi in spans]
+        if per == self._arrays.inner_rows(array):
+            required = np.array([flags.any() for flags in done])
+            blocks = self._arrays.read_chunks(array, numbers[misses], required)
+        else:
+            blocks = [self._arrays.read(array, lo, hi, written=flags) for (lo, hi), flags in zip(spans, done)]
+        cache.put_many([(keys[i], (block, flags)) for i, block, flags in zip(misses, blocks, done)])
+        for i, block in zip(misses, blocks):
+            out[i] = block
+        return out  # type: ignore[return-value]
+
+
+def _is_run(rows: np.ndarray) -> bool:
+    """Whether ``rows`` are consecutive and increasing (a block read, not a random gather)."""
+    return len(rows) > 1 and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool((np.diff(rows) == 1).all())
 
 
 DATA_VERSION = "data_version"

@@ -37,7 +37,9 @@ from featurestore.store.row_group import (
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 DEFAULT_CACHE_BYTES = 256 * 2**20
-TARGET_CHUNK_BYTES = 4 * 2**20  # see default_chunk_clips and docs/store.md (benchmark)
+TARGET_CHUNK_BYTES = 32 * 2**20  # a shard: see default_chunk_clips and docs/store.md (benchmark)
+MAX_CHUNK_CLIPS = 4096  # extraction's block bound (extract.plan.MAX_BLOCK_CLIPS)
+TARGET_INNER_BYTES = 8 * 2**10  # an inner chunk: see default_inner_clips and docs/store.md (benchmark)
 INDEX_CHUNK_ROWS = 65536
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+@=-]+(/[A-Za-z0-9_.+@=-]+)*$")
 _INDEX_STRINGS = ("clip_id", "city", "location", "audio_path", "video_path")
@@ -76,15 +78,28 @@ class FeatureInfo:
 
 
 def default_chunk_clips(n_segments: int, feature_shape: Sequence[int], dtype: str) -> int:
-    """Clips per chunk so that one chunk is about 4 MiB: big enough to amortise per-chunk overhead.
+    """Clips per chunk (a shard of a feature set) so that one is about 32 MiB, at most 4,096 clips.
 
-    A Zarr chunk read costs ~0.5 ms of fixed overhead plus the bytes, and a batched read of random
-    clips touches nearly every chunk, so fewer, bigger chunks make ``get_many`` faster; a cold
-    single-clip read pays for its whole chunk (~1.3 ms at 4 MiB). At 2 MiB, 1,024 random ids out of
-    12,291 CLIP clips were only ~10x faster than 1,024 cold single reads (floor: 10x); at 4 MiB ~23x.
+    The chunk is what a writer writes whole (a Dask task owns whole chunks, a partial commit rewrites
+    one); reads decode its inner chunks (:func:`default_inner_clips`), so its size no longer costs
+    random reads, and big shards keep a store of millions of clips to a few hundred files. 4,096
+    clips is extraction's block bound. See docs/store.md for the measurement.
     """
     per_clip = n_segments * int(np.prod(feature_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return int(min(4096, max(1, TARGET_CHUNK_BYTES // max(1, per_clip))))
+    return int(min(MAX_CHUNK_CLIPS, max(1, TARGET_CHUNK_BYTES // max(1, per_clip))))
+
+
+def default_inner_clips(n_segments: int, feature_shape: Sequence[int], dtype: str, chunk_clips: int) -> int:
+    """Clips per inner chunk: the largest divisor of ``chunk_clips`` of at most ~8 KiB (at least 1).
+
+    A random read decodes whole inner chunks, so their size bounds the bytes decoded per clip
+    returned (8x at 1 KiB per clip: the scale floor is 16x); below a few KiB the index and the
+    per-chunk checksum start to cost more than the bytes. Equal to ``chunk_clips`` (no sharding)
+    where one chunk is that small already. See docs/store.md for the measurement.
+    """
+    per_clip = n_segments * int(np.prod(feature_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    target = max(1, min(int(chunk_clips), TARGET_INNER_BYTES // max(1, per_clip)))
+    return max(d for d in range(1, target + 1) if chunk_clips % d == 0)
 
 
 def validate_name(kind: str, name: str) -> str:
@@ -444,11 +459,12 @@ class FeatureStore:
             group.delete()
         shape = (self.n_clips, int(n_segments)) + tuple(int(s) for s in feature_shape)
         rows = int(chunk_clips or default_chunk_clips(n_segments, feature_shape, dtype))
+        inner = default_inner_clips(n_segments, feature_shape, dtype, rows)
         prov = dict(provenance)
         prov.setdefault("runtime", runtime_info())
         # the attributes are written last, in one update: a set without its fingerprint is an
         # unfinished creation, which check_feature_set replaces
-        group.create(shape, str(np.dtype(dtype)), rows, compressor=compressor, attrs={
+        group.create(shape, str(np.dtype(dtype)), rows, compressor=compressor, inner_rows=inner, attrs={
             "provenance": prov, "fingerprint": fingerprint(provenance), "n_segments": int(n_segments),
             "feature_shape": list(shape[2:]), "chunk_clips": rows, "compressor": COMPRESSORS[compressor]})
         return self._feature_info(group)

@@ -17,7 +17,7 @@ import google_crc32c
 import numcodecs
 import numpy as np
 
-from featurestore.errors import CorruptChunkError, FeatureStoreError
+from featurestore.errors import CorruptChunkError, FeatureStoreError, MissingChunkError
 from featurestore.provenance import fingerprint, fingerprint_matches
 from featurestore.store._backend import join
 
@@ -209,7 +209,7 @@ def _read_chunk(arrays, raw: "_LocalZarrChunks | None", chunk: _Chunk) -> _Outco
         if block is _BACKEND:
             if not arrays.chunk_written(chunk.path, chunk.number):
                 return _Outcome(chunk, missing=True)
-            block = arrays.read_unchecked(chunk.path, chunk.start, chunk.stop)
+            block = _read_backend(arrays, chunk)
         if chunk.done is None:
             return _Outcome(chunk)
         if block is None:  # a string chunk whose checksum the fast path checked
@@ -220,9 +220,28 @@ def _read_chunk(arrays, raw: "_LocalZarrChunks | None", chunk: _Chunk) -> _Outco
     return _Outcome(chunk, findings=_value_findings(chunk.start, values, chunk.path.rpartition("/")[2]))
 
 
+def _read_backend(arrays, chunk: _Chunk) -> np.ndarray:
+    """The chunk through the backend. A sharded one is read by inner chunk, each checked against its
+    own crc32c and required where it holds a written row (zarr would read an absent one as zeros),
+    so a ``CorruptChunkError`` names the inner chunk's rows."""
+    if arrays.inner_rows(chunk.path) == arrays.chunk_rows(chunk.path):
+        return arrays.read_unchecked(chunk.path, chunk.start, chunk.stop)
+    written = chunk.done if chunk.done is not None else np.full(chunk.stop - chunk.start, chunk.needed)
+    return arrays.read(chunk.path, chunk.start, chunk.stop, written=written)
+
+
 def _record(store, report: VerifyReport, outcome: _Outcome, damaged: set[str]) -> None:
     chunk = outcome.chunk
     path, span = chunk.path, (chunk.start, chunk.stop)
+    if isinstance(outcome.error, CorruptChunkError):  # an inner chunk of a shard, named by its rows
+        span = (outcome.error.start, outcome.error.stop)
+        what = ("inner chunk missing from its shard (deleted or lost) although its rows were written"
+                if isinstance(outcome.error, MissingChunkError)
+                else str(CorruptChunkError(path, *span, outcome.error.__cause__ or outcome.error)))
+        report.chunks_read += 1
+        report.problems.append(Problem(path, span, what + _clip_span(store, path, *span)))
+        damaged.add(path)
+        return
     if outcome.missing:
         if chunk.needed and store.arrays.strict:
             report.problems.append(Problem(path, span, "chunk missing from storage (deleted or lost) although "

@@ -1,7 +1,9 @@
 """Partly filled chunks are committed every ``commit_seconds``: a real extraction with a slow plug-in
 encoder, SIGKILLed right after its first partial commit (long before any chunk is full), keeps the
 rows encoded so far; the rerun does not encode them again and ends bit for bit equal to an
-uninterrupted run, with the feature set's data version unchanged (no churn per commit).
+uninterrupted run, with the feature set's data version unchanged (no churn per commit). It runs
+twice: with outputs small enough that a chunk is one plain Zarr chunk, and with outputs of 16 KiB a
+clip, which the store shards (a chunk of 8 clips = a shard of 8 inner chunks of one clip).
 
 The encoder is a real plug-in (a distribution with a ``featurestore.encoders`` entry point, on the
 child's ``PYTHONPATH`` too) that sleeps in every call and appends the size of each call to a file,
@@ -42,10 +44,10 @@ PLUGIN = textwrap.dedent('''
 
         @property
         def output_shape(self):
-            return (4,)
+            return (int(os.environ.get("FS_TEST_DIM", "4")),)
 
         def config(self):
-            return {"statistics": ["mean", "std", "peak", "energy"]}
+            return {"statistics": ["mean", "std", "peak", "energy"], "dim": self.output_shape[0]}
 
         def preprocessor(self):
             return AudioSegments(samples=16000, sample_rate=16000)
@@ -56,8 +58,9 @@ PLUGIN = textwrap.dedent('''
             if log:
                 with open(log, "a") as f:
                     f.write(f"{os.getpid()} {batch.shape[0]}\\n")
-            return torch.stack([batch.mean(dim=1), batch.std(dim=1), batch.abs().amax(dim=1),
-                                (batch * batch).mean(dim=1)], dim=1)
+            stats = torch.stack([batch.mean(dim=1), batch.std(dim=1), batch.abs().amax(dim=1),
+                                 (batch * batch).mean(dim=1)], dim=1)
+            return stats.repeat(1, self.output_shape[0] // 4)
 ''')
 NAME = "slowstats"
 N_CLIPS = 10
@@ -94,8 +97,10 @@ def _encoded_clips(log: Path) -> int:
     return sum(int(line.split()[1]) for line in log.read_text().split("\n") if line) // SEGMENTS
 
 
+@pytest.mark.parametrize("dim,inner", [(4, CHUNK), (2048, 1)], ids=["plain-chunks", "sharded"])
 def test_sigkill_after_a_partial_commit_keeps_the_rows_and_the_rerun_equals_a_clean_run(plugin, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, dim, inner):
+    monkeypatch.setenv("FS_TEST_DIM", str(dim))  # the children inherit it
     manifest = make_dataset(tmp_path / "data", N_CLIPS)
     store = tmp_path / "killed.zarr"
     killed_log = tmp_path / "killed.log"
@@ -104,6 +109,7 @@ def test_sigkill_after_a_partial_commit_keeps_the_rows_and_the_rerun_equals_a_cl
     code, err = finish(proc)
     assert code == -signal.SIGKILL, err
     with open_store(store) as fs:
+        assert fs.arrays.inner_rows(f"features/{NAME}/data") == inner
         report = fs.verify()
         assert report.ok, report.problems
         done = fs.done_mask(NAME)

@@ -1,0 +1,195 @@
+"""The sharded chunk layout: small inner chunks inside shards, read by byte range from a cached index.
+
+A 100k-clip store is built through the public API without encoders (rows written directly). The
+tests count the bytes read from shard files (``os.pread`` wrapped), so they prove what a random read
+touches, not only how long it takes; zarr-python reads what the store wrote and the store reads
+what zarr-python wrote; a damaged inner chunk or shard index is refused (never zeros) and ``verify``
+names its rows; a store in the layout before sharding still reads, and ``convert`` shards it.
+"""
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from featurestore import ClipRecord, Manifest, convert_store, create_store, open_store
+from featurestore.errors import CorruptChunkError, MissingChunkError
+from featurestore.store import store as store_module
+
+N = 100_000
+DIM = 128  # float16: 256 B a clip -> inner chunks of 32 clips (8 KiB), shards of 4,096 clips (1 MiB)
+FEAT = "emb/test"
+PROV = {"encoder": "emb/test@none", "config": {}, "weights": {"kind": "random", "seed": 0}, "segments": {}}
+INNER, SHARD = 32, 4096
+INNER_BYTES = INNER * DIM * 2
+INDEX_BYTES = SHARD // INNER * 16 + 4
+
+
+def clip_id(i: int) -> str:
+    return f"c{i:06d}"
+
+
+def values(rows: np.ndarray) -> np.ndarray:
+    """Each row's values: its number (mod 2048, exact in float16) plus the column, in every cell."""
+    return ((rows[:, None] % 2048) + np.arange(DIM) % 7).astype(np.float16)[:, None, :]
+
+
+def build(path: str, n: int = N, inner: int = INNER) -> None:
+    """A store of ``n`` clips with one finished 1 x DIM float16 feature set, in the default layout."""
+    with create_store(path, Manifest("scale", ["a"], [ClipRecord(clip_id(i), label="a") for i in range(n)])) as fs:
+        info = fs.create_feature_set(FEAT, 1, (DIM,), PROV)
+        assert (info.chunk_clips, fs.arrays.inner_rows(f"features/{FEAT}/data")) == (SHARD, inner)
+        for start in range(0, n, 8 * SHARD):
+            stop = min(n, start + 8 * SHARD)
+            fs.write_rows(FEAT, start, values(np.arange(start, stop)))
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("shards") / "big.zarr")
+    build(path)
+    return path
+
+
+@pytest.fixture
+def small(tmp_path) -> str:
+    path = str(tmp_path / "small.zarr")
+    build(path, 2 * SHARD + 100)  # two whole shards and a part-filled last one
+    return path
+
+
+def count_reads(monkeypatch) -> list[int]:
+    """Sizes of every ``os.pread`` from now on (how the store reads local shard files)."""
+    sizes: list[int] = []
+    pread = os.pread
+
+    def counted(fd: int, n: int, offset: int) -> bytes:
+        data = pread(fd, n, offset)
+        sizes.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "pread", counted)
+    return sizes
+
+
+def shard_file(path: str, shard: int) -> str:
+    return os.path.join(path, "features", *FEAT.split("/"), "data", "c", str(shard), "0", "0")
+
+
+def test_random_reads_fetch_only_their_inner_chunks(big, monkeypatch):
+    rng = np.random.default_rng(0)
+    rows = rng.choice(N, 256, replace=False)
+    with open_store(big) as fs:
+        fs.done_mask(FEAT)  # the done flags are read once; what is counted below is the values
+        sizes = count_reads(monkeypatch)
+        got = fs.get_many(FEAT, [clip_id(r) for r in rows])
+        np.testing.assert_array_equal(got, values(rows))
+        inner = len(np.unique(rows // INNER))
+        shards = len(np.unique(rows // SHARD))
+        indexes = [s for s in sizes if s == INDEX_BYTES]
+        chunks = [s for s in sizes if s != INDEX_BYTES]
+        assert len(indexes) == shards  # one index read per shard touched
+        assert all(s % (INNER_BYTES + 4) == 0 for s in chunks)  # runs of whole inner chunks, nothing else
+        assert sum(chunks) == inner * (INNER_BYTES + 4)  # exactly the inner chunks holding the clips
+        assert sum(chunks) <= INNER * 1.01 * got.nbytes  # ~32x the bytes returned, not a 1 MiB shard each
+        sizes.clear()  # the shard indexes are kept: a second batch reads inner chunks only
+        more = rng.choice(N, 64, replace=False)
+        np.testing.assert_array_equal(fs.get_many(FEAT, [clip_id(r) for r in more]), values(more))
+        assert sizes and all(s % (INNER_BYTES + 4) == 0 for s in sizes)
+        assert sum(sizes) <= 64 * (INNER_BYTES + 4)
+
+
+def test_zarr_python_reads_what_the_store_wrote_and_the_store_reads_what_zarr_wrote(big, small):
+    arr = zarr.open_array(os.path.join(big, "features", *FEAT.split("/"), "data"), mode="r")
+    assert (arr.shards[0], arr.chunks[0]) == (SHARD, INNER)
+    rows = np.random.default_rng(1).choice(N, 500, replace=False)
+    with open_store(big) as fs:
+        np.testing.assert_array_equal(arr.oindex[rows], fs.get_many(FEAT, [clip_id(r) for r in rows]))
+    np.testing.assert_array_equal(arr[N - 50:], values(np.arange(N - 50, N)))  # the last, part-filled shard
+
+    theirs = zarr.open_array(os.path.join(small, "features", *FEAT.split("/"), "data"), mode="a")
+    new = np.full((40, 1, DIM), -3.5, dtype=np.float16)
+    theirs[SHARD + 10:SHARD + 50] = new  # zarr-python rewrites part of shard 1
+    with open_store(small) as fs:
+        np.testing.assert_array_equal(fs.read_rows(FEAT, SHARD + 10, SHARD + 50), new)
+        np.testing.assert_array_equal(fs.get(FEAT, clip_id(SHARD + 9)), values(np.array([SHARD + 9]))[0])
+
+
+def test_a_damaged_inner_chunk_is_refused_and_verify_names_its_rows(small):
+    target = SHARD + 5 * INNER + 3  # a clip in inner chunk 5 of shard 1
+    with open(shard_file(small, 1), "r+b") as f:
+        f.seek(5 * (INNER_BYTES + 4) + 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    first = SHARD + 5 * INNER
+    with open_store(small) as fs:
+        with pytest.raises(CorruptChunkError, match=rf"rows {first}:{first + INNER} could not be read.*crc32c"):
+            fs.get(FEAT, clip_id(target))
+        with pytest.raises(CorruptChunkError, match=rf"rows {first}:{first + INNER}"):
+            fs.get_many(FEAT, [clip_id(0), clip_id(target)])
+        neighbour = first + INNER  # the next inner chunk of the same shard is intact
+        np.testing.assert_array_equal(fs.get(FEAT, clip_id(neighbour)), values(np.array([neighbour]))[0])
+        report = fs.verify()
+    assert [(p.where, p.rows) for p in report.problems] == [(f"features/{FEAT}/data", (first, first + INNER))]
+    assert f"{clip_id(first)} .. {clip_id(first + INNER - 1)}" in str(report.problems[0])
+
+
+def test_a_damaged_shard_index_or_an_absent_inner_chunk_is_refused_never_zeros(small):
+    import google_crc32c
+
+    path = shard_file(small, 0)
+    data = bytearray(open(path, "rb").read())
+    index = np.frombuffer(bytes(data[-INDEX_BYTES:-4]), "<u8").reshape(-1, 2).copy()
+    index[2] = 2**64 - 1  # inner chunk 2 marked absent, index checksum made right: a lost inner chunk
+    body = index.tobytes()
+    data[-INDEX_BYTES:] = body + google_crc32c.value(body).to_bytes(4, "little")
+    open(path, "wb").write(bytes(data))
+    with open_store(small) as fs:
+        with pytest.raises(MissingChunkError, match=rf"rows {2 * INNER}:{3 * INNER} were written but"):
+            fs.get(FEAT, clip_id(2 * INNER + 1))
+        report = fs.verify()
+        assert [(p.rows, "inner chunk missing" in p.what) for p in report.problems] == [((2 * INNER, 3 * INNER), True)]
+
+    data[-10] ^= 0xFF  # now the index fails its checksum
+    open(path, "wb").write(bytes(data))
+    with open_store(small) as fs:
+        with pytest.raises(CorruptChunkError, match=r"index fails its crc32c"):
+            fs.get(FEAT, clip_id(7))
+        assert not fs.verify().ok
+        np.testing.assert_array_equal(fs.get(FEAT, clip_id(SHARD + 7)), values(np.array([SHARD + 7]))[0])
+
+
+def test_a_store_in_the_layout_before_shards_reads_and_converts_into_shards(tmp_path, monkeypatch):
+    old = str(tmp_path / "old.zarr")
+    with monkeypatch.context() as m:  # the layout before: one plain chunk per block of clips
+        m.setattr(store_module, "default_inner_clips", lambda n_segments, shape, dtype, chunk_clips: chunk_clips)
+        build(old, 9001, inner=SHARD)
+    arr = zarr.open_array(os.path.join(old, "features", *FEAT.split("/"), "data"), mode="r")
+    assert arr.shards is None and arr.chunks[0] == SHARD
+    rows = np.array([0, 1, 4095, 4096, 9000])
+    with open_store(old) as fs:
+        np.testing.assert_array_equal(fs.get_many(FEAT, [clip_id(r) for r in rows]), values(rows))
+    for dst in ("new.zarr", "new.h5"):
+        convert_store(old, tmp_path / dst, progress=False)
+        with open_store(tmp_path / dst) as fs:
+            assert (fs.feature_info(FEAT).chunk_clips, fs.arrays.inner_rows(f"features/{FEAT}/data")) == (SHARD, INNER)
+            np.testing.assert_array_equal(fs.read_rows(FEAT, 0, 9001), values(np.arange(9001)))
+            assert fs.verify().ok
+    with h5py.File(tmp_path / "new.h5", "r") as f:  # HDF5: small chunks, writers' blocks unchanged
+        assert f[f"features/{FEAT}/data"].chunks[0] == INNER
+
+
+def test_hdf5_feature_sets_get_small_chunks_and_read_back(tmp_path):
+    path = str(tmp_path / "s.h5")
+    build(path, SHARD + 300)
+    with h5py.File(path, "r") as f:
+        assert f[f"features/{FEAT}/data"].chunks == (INNER, 1, DIM)
+    with open_store(path) as fs:
+        assert fs.feature_info(FEAT).chunk_clips == SHARD
+        rows = np.array([5, SHARD + 299, 77, 4000])
+        np.testing.assert_array_equal(fs.get_many(FEAT, [clip_id(r) for r in rows]), values(rows))
+        assert fs.verify().ok
