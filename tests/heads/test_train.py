@@ -164,3 +164,24 @@ def test_an_unknown_feature_set_is_refused_naming_the_stored_ones(tiny_store, tm
     with pytest.raises(UnknownFeatureError, match="clip/nope.*clip/RN101"):
         heads.train(cfg, tiny_store)
     assert not (tmp_path / "linear").exists()  # refused before the run directory is made
+
+
+def test_a_batch_cut_to_a_small_split_builds_the_training_dataset_once(tiny_store, tmp_path, monkeypatch):
+    """The clamp needs the split's sample count only, which does not depend on the batch size."""
+    import importlib
+
+    train_module = importlib.import_module("heads.train")  # heads.train is also the function
+
+    built = []
+
+    class Counting(train_module.StoreDataset):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["level"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "StoreDataset", Counting)
+    cfg = config(tmp_path, "linear", batch_size=None, val_split=None)
+    head, _ = train_module.build_head(cfg, tiny_store)
+    head.default_batch_size = 10_000  # larger than the split: cut to it
+    train_loader, _ = make_loaders(cfg, tiny_store, head)
+    assert built == ["segment"] and train_loader.batch_size == train_loader.n_samples < 10_000
