@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -159,9 +158,10 @@ def _dropout(ctx: _Pass, p: float, x: torch.Tensor) -> torch.Tensor:
         return x
     if p == 1:
         return x * 0
-    masks = [torch.empty(x.shape[1:], dtype=x.dtype, device=x.device).bernoulli_(1 - p, generator=g).div_(1 - p)
-             for g in ctx.generators]
-    return x * torch.stack(masks)
+    masks = torch.empty_like(x)
+    for mask, g in zip(masks, ctx.generators):  # each a contiguous [B, h] slice: the draw of a fresh [B, h] tensor
+        mask.bernoulli_(1 - p, generator=g)
+    return x * masks.div_(1 - p)
 
 
 def _sequential(ctx: _Pass, name: str, seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,11 @@ Layout of a sweep directory::
 rerunning trains only the new configurations. Everything runs under the lock ``DIR.lock``, so two
 sweeps never share a directory. The small heads' trials share one read of the store (`SharedReads`):
 each row is read once per sweep, not once per trial and epoch, bit for bit as if alone. Fresh
-``linear`` trials that differ only in optimizer settings and seed then train stacked, one step for
-all (`heads._stacked`, equal to lone runs within float tolerance); the rest run one after another in a
-fixed order (configuration-major, then seed).
+``linear``, ``embedding_mlp`` and ``late_fusion`` trials of one model shape that differ only in
+optimizer settings and seed then train stacked, one step for all (`heads._stacked`, equal to lone runs
+within float tolerance); the CNN heads' trials train in joblib worker processes, each reading the store
+itself; the rest (trials resumed from a checkpoint) run one after another in a fixed order
+(configuration-major, then seed).
 
 Random search (``ranges`` with ``samples`` N) draws N configurations from ``numpy``'s generator seeded
 by ``sample_seed``, so a rerun draws the same ones (and resumes them); drawn floats are rounded to 3
