@@ -1,20 +1,24 @@
-"""Benchmark `heads sweep`: 16 linear trials in one sweep vs the same 16 as separate runs vs one trial.
+"""Benchmark `heads sweep`: 16 trials of a small head in one sweep vs 16 separate runs vs one trial vs the compute floor.
 
-    python scripts/bench/bench_sweep.py                   # 4,000 clips x 10 segments x 512-d, 2 epochs
-    python scripts/bench/bench_sweep.py --clips 12291     # the benchmark store's size
+    python scripts/bench/bench_sweep.py                          # linear on 12,291 clips; the MLP heads on 2,000
+    python scripts/bench/bench_sweep.py --heads linear --clips 4000
 
-The store (one CLIP-sized feature set, float16 random values with a class signal, TAU-like splits by
-groups of 10 clips) is made once into ``--cache-dir`` and reused. Each case runs in its own process, so
+The stores (one CLIP-sized feature set, float16 random values with a class signal, TAU-like splits by
+groups of 10 clips) are made once into ``--cache-dir`` and reused. Each case runs in its own process, so
 its peak RSS is its own, and times only its training (not the interpreter and torch imports):
 
 - ``one``: one trial, ``heads.train`` (what ``heads train`` does);
-- ``separate``: the 16 trials (lr 4 values x 4 seeds) as 16 ``heads.train`` calls, each reading the store;
-- ``sweep``: the same 16 trials as one ``heads.sweep`` (one shared read of the store, trained stacked);
-- ``unshared``: that sweep with ``share_reads=False`` (each trial reads the store every epoch, one after another).
+- ``sweep``: the 16 trials (lr 4 values x 4 seeds) as one ``heads.sweep`` (one shared read, stacked);
+- ``floor``: the compute floor of that sweep: the same 16 stacked forward/backward/SGD steps of
+  `heads._stacked` on random tensors already in memory (no store, no validation, no checkpoints);
+- ``unshared`` (linear): the sweep with ``share_reads=False`` (each trial reads the store every epoch);
+- ``separate``: the 16 trials as 16 ``heads.train`` calls, each reading the store.
 
 Each case first trains one untimed 1-epoch warm-up run (torch's lazy initialisation, the page cache).
+The MLP heads are compute-bound, so they run on a smaller store (``--mlp-clips``) to keep the benchmark
+minutes long; their floors are ratios to the compute floor, which scales with the store the same way.
 
-Prints a Markdown table with the ratios to one trial, and the machine's load average.
+Prints a Markdown table per head with the ratios, and the machine's load average.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ FEATURE = "clip/ViT-B-32"
 CLASSES = [f"class{i}" for i in range(10)]
 LRS = [0.1, 0.03, 0.01, 0.003]
 SEEDS = [0, 1, 2, 3]
-CASES = ("one", "sweep", "unshared", "separate")
+CASES = ("one", "sweep", "floor", "unshared", "separate")
+HEADS = ("linear", "embedding_mlp", "late_fusion")
 
 
 def build_store(path: Path, n_clips: int, segments: int, dim: int) -> Path:
@@ -64,14 +69,42 @@ def build_store(path: Path, n_clips: int, segments: int, dim: int) -> Path:
     return path
 
 
-def _config(store: Path, out: Path, epochs: int, lr: float = LRS[0], seed: int = SEEDS[0]):
+def _config(store: Path, out: Path, epochs: int, head: str, lr: float = LRS[0], seed: int = SEEDS[0]):
     from heads.config import TrainConfig
 
-    return TrainConfig(head="linear", features=[FEATURE], store=str(store), out=str(out), epochs=epochs, lr=lr,
+    return TrainConfig(head=head, features=[FEATURE], store=str(store), out=str(out), epochs=epochs, lr=lr,
                        seed=seed, progress=False, device="cpu")
 
 
-def run_case(case: str, store: Path, work: Path, epochs: int) -> dict:
+def compute_floor(store: Path, head: str, epochs: int) -> None:
+    """The sweep's 16 stacked training steps per epoch on in-memory random tensors of the training split's shape."""
+    from featurestore.store import open_store
+    from featurestore.torchdata import StoreDataset, TensorBatches
+    import torch
+
+    from heads._registry import create_head
+    from heads._stacked import _Group, _Trial, trainer_internals
+
+    with open_store(store, mode="r") as opened:
+        n = StoreDataset(opened, [FEATURE], split="fold1_train", level="segment").n_samples
+        dim = opened.feature_info(FEATURE).feature_shape[0]
+    x, labels = torch.randn(n, dim), torch.randint(0, len(CLASSES), (n,))
+    loaders = {seed: TensorBatches([x], labels, 48, shuffle=True, seed=seed, drop_last=True) for seed in SEEDS}
+    trials = []
+    for seed in SEEDS:
+        for lr in LRS:
+            torch.manual_seed(seed)
+            cfg = _config(store, Path("/nonexistent"), epochs, head, lr, seed)
+            trials.append(_Trial(cfg, create_head(head, input_dims=[dim], n_classes=len(CLASSES)), loaders[seed], {}))
+    group = _Group(trials, None, torch.device("cpu"), trainer_internals())
+    try:
+        for epoch in range(1, epochs + 1):
+            group._epoch(epoch)
+    finally:
+        group.writer.shutdown()
+
+
+def run_case(case: str, head: str, store: Path, work: Path, epochs: int) -> dict:
     """One case in this process: seconds of training and peak RSS."""
     import torch
 
@@ -79,61 +112,94 @@ def run_case(case: str, store: Path, work: Path, epochs: int) -> dict:
 
     torch.set_num_threads(1)
     shutil.rmtree(work, ignore_errors=True)
-    heads.train(_config(store, work / "warm-up", 1))  # untimed: first-call costs (lazy torch init, page cache)
+    heads.train(_config(store, work / "warm-up", 1, head))  # untimed: first-call costs (lazy torch init, page cache)
     started = time.perf_counter()
     if case == "one":
-        heads.train(_config(store, work / "one", epochs))
+        heads.train(_config(store, work / "one", epochs, head))
     elif case == "separate":
         for lr in LRS:
             for seed in SEEDS:
-                heads.train(_config(store, work / f"lr={lr}" / f"seed_{seed}", epochs, lr, seed))
+                heads.train(_config(store, work / f"lr={lr}" / f"seed_{seed}", epochs, head, lr, seed))
+    elif case == "floor":
+        compute_floor(store, head, epochs)
     else:
-        heads.sweep(_config(store, work, epochs), {"lr": LRS}, seeds=SEEDS, out=work / "sweep",
+        heads.sweep(_config(store, work, epochs, head), {"lr": LRS}, seeds=SEEDS, out=work / "sweep",
                     share_reads=case == "sweep")
     seconds = time.perf_counter() - started
-    return {"case": case, "seconds": round(seconds, 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {"case": case, "seconds": round(seconds, 3), "peak_rss_mb": round(_peak_rss_kb() / 1024, 1)}
+
+
+def _peak_rss_kb() -> int:
+    """This process's own peak RSS (VmHWM; ru_maxrss would start from the forking parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=4000)
+    parser.add_argument("--heads", default=",".join(HEADS), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--clips", type=int, default=12291, help="clips of linear's store (default: %(default)s)")
+    parser.add_argument("--mlp-clips", type=int, default=2000, help="clips of the MLP heads' store (default: %(default)s)")
     parser.add_argument("--segments", type=int, default=10)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/avscene-bench-sweep"))
-    parser.add_argument("--case", choices=["one", "separate", "sweep", "unshared"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--head", choices=HEADS, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    store = args.cache_dir / f"store-{args.clips}x{args.segments}x{args.dim}.zarr"
     if args.case:
-        print(json.dumps(run_case(args.case, store, args.cache_dir / f"work-{args.case}", args.epochs)))
+        store = _store_path(args, args.head)
+        print(json.dumps(run_case(args.case, args.head, store, args.cache_dir / f"work-{args.case}", args.epochs)))
         return 0
-    build_store(store, args.clips, args.segments, args.dim)
-    load_before = os.getloadavg()
-    results = {}
-    for case in CASES:
-        cmd = [sys.executable, __file__, "--case", case, "--clips", str(args.clips), "--segments", str(args.segments),
-               "--dim", str(args.dim), "--epochs", str(args.epochs), "--cache-dir", str(args.cache_dir)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        results[case] = json.loads(done.stdout.strip().splitlines()[-1])
-    one = results["one"]
-    print(f"linear, {args.clips} clips x {args.segments} segments x {args.dim}-d float16, {args.epochs} epoch(s), "
-          f"16 trials = lr {LRS} x seeds {SEEDS}; load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    print("| case | seconds | x one trial | peak RSS MB | x one trial |")
-    print("|---|---|---|---|---|")
-    labels = {"one": "one trial (heads.train)", "sweep": "16 trials, one sweep (shared read, stacked)",
-              "unshared": "16 trials, one sweep (--no-shared-reads)", "separate": "16 trials, 16 separate runs"}
-    for case in CASES:
-        r = results[case]
-        print(f"| {labels[case]} | {r['seconds']:.2f} | {r['seconds'] / one['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['peak_rss_mb'] / one['peak_rss_mb']:.2f} |")
-    print(f"separate / sweep: {results['separate']['seconds'] / results['sweep']['seconds']:.2f}x")
+    load_before, results = os.getloadavg(), {}
+    for head in [h.strip() for h in args.heads.split(",")]:
+        store = build_store(_store_path(args, head), _clips(args, head), args.segments, args.dim)
+        results[head] = {case: _run(args, head, case) for case in CASES if case != "unshared" or head == "linear"}
+        _print_head(args, head, results[head])
+    print(f"load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
                                          "loadavg": load_before}, indent=2))
     return 0
+
+
+def _clips(args: argparse.Namespace, head: str) -> int:
+    return args.clips if head == "linear" else args.mlp_clips
+
+
+def _store_path(args: argparse.Namespace, head: str) -> Path:
+    return args.cache_dir / f"store-{_clips(args, head)}x{args.segments}x{args.dim}.zarr"
+
+
+def _run(args: argparse.Namespace, head: str, case: str) -> dict:
+    cmd = [sys.executable, __file__, "--case", case, "--head", head, "--clips", str(args.clips), "--mlp-clips",
+           str(args.mlp_clips), "--segments", str(args.segments), "--dim", str(args.dim), "--epochs", str(args.epochs),
+           "--cache-dir", str(args.cache_dir)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_sweep: case {case} of {head} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_head(args: argparse.Namespace, head: str, results: dict) -> None:
+    one, floor, sweep = results["one"], results["floor"], results["sweep"]
+    print(f"\n{head}, {_clips(args, head)} clips x {args.segments} segments x {args.dim}-d float16, {args.epochs} "
+          f"epoch(s), 16 trials = lr {LRS} x seeds {SEEDS}; load average now {os.getloadavg()[0]:.2f}")
+    print("| case | seconds | x one trial | x compute floor | peak RSS MB | x one trial |")
+    print("|---|---|---|---|---|---|")
+    labels = {"one": "one trial (heads.train)", "sweep": "16 trials, one sweep (shared read, stacked)",
+              "floor": "compute floor: the 16 stacked steps on in-memory tensors",
+              "unshared": "16 trials, one sweep (--no-shared-reads)", "separate": "16 trials, 16 separate runs"}
+    for case, r in results.items():
+        print(f"| {labels[case]} | {r['seconds']:.2f} | {r['seconds'] / one['seconds']:.2f} | "
+              f"{r['seconds'] / floor['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / one['peak_rss_mb']:.2f} |")
+    print(f"sweep / one trial {sweep['seconds'] / one['seconds']:.2f}x; sweep / compute floor "
+          f"{sweep['seconds'] / floor['seconds']:.2f}x; separate / sweep {results['separate']['seconds'] / sweep['seconds']:.2f}x; "
+          f"sweep peak RSS / one trial {sweep['peak_rss_mb'] / one['peak_rss_mb']:.2f}x")
 
 
 if __name__ == "__main__":
