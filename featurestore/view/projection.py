@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.errors import FeatureStoreError
 from featurestore.store import _search_files as files
 from featurestore.store._search_files import SidecarDamage, SidecarDir
 from featurestore.store.search import clip_blocks, set_state
@@ -35,6 +36,10 @@ METHODS = ("pca", "umap")
 FIT_ROWS = 20_000
 SIDECAR_SUFFIX = ".view"
 FILE_SUFFIX = ".npz"
+
+
+class ProjectionUnavailable(FeatureStoreError, ImportError):
+    """The projection asked for needs a package that is not installed (a usage error: one line)."""
 
 
 @dataclass
@@ -62,7 +67,7 @@ def project(store: Any, feature_set: str, method: str = "pca", keep: bool = True
 
     Raises:
         UnknownFeatureError, ValueError: a set that is not one vector per segment, or no done clip.
-        ImportError: ``umap`` without ``umap-learn``.
+        ProjectionUnavailable: ``umap`` without ``umap-learn``.
     """
     if method not in METHODS:
         raise ValueError(f"projection method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -107,7 +112,8 @@ def project_vectors(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> 
         try:
             import umap
         except ImportError as err:
-            raise ImportError("the umap projection needs umap-learn: pip install umap-learn") from err
+            raise ProjectionUnavailable("the umap projection needs umap-learn (not installed): pip install umap-learn, "
+                                        "or use --method pca") from err
         out[:] = umap.UMAP(n_components=2, random_state=seed).fit_transform(vectors)
         return out
     from sklearn.decomposition import PCA

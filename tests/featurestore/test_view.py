@@ -372,3 +372,16 @@ def test_another_host_prints_a_warning(view_store, capsys):
 
 def test_the_default_binds_the_loopback_address(server):
     assert server.url.startswith("http://127.0.0.1:")
+
+
+def test_umap_without_umap_learn_is_one_line(view_store, capsys):
+    import importlib.util
+
+    from featurestore.cli import main
+
+    if importlib.util.find_spec("umap") is not None:
+        pytest.skip("umap-learn is installed: the missing-package line cannot show")
+    assert main(["view", str(view_store), "--port", "0", "--method", "umap"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "featurestore view: error: the umap projection needs umap-learn (not installed): pip install umap-learn, "
+        "or use --method pca"]
