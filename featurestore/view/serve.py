@@ -47,7 +47,7 @@ def prepare(store: Any, feature_sets: Sequence[str] | None = None, method: str =
             recipes: Sequence[str] = (), keep: bool = True, log: Any = None) -> Any:
     """The app's `ViewState`: projections of the map's sets (from their sidecars, or computed now)
     and the outputs to show (stored runs, and what providers add for ``recipes``)."""
-    from featurestore.view.data import ViewState
+    from featurestore.view.data import ViewState, map_points_json
     from featurestore.view.outputs import load_sources
     from featurestore.view.projection import project
 
@@ -61,7 +61,10 @@ def prepare(store: Any, feature_sets: Sequence[str] | None = None, method: str =
             kept = f", kept in {proj.kept_in}" if proj.kept_in and proj.seconds else \
                 ("" if proj.kept_in else ", not kept (the store is not writable here)")
             print(f"map of {name}: {len(proj.rows)} clips, {method} {how}{kept}", file=log)
-    return ViewState(store, projections, load_sources(store, recipes))
+    state = ViewState(store, projections, load_sources(store, recipes))
+    for name in projections:  # encoded now, so the first map a browser asks for is served from memory
+        map_points_json(state, name)
+    return state
 
 
 def _open(store: Any) -> tuple[Any, bool]:
