@@ -21,14 +21,19 @@ RECIPE = {"name": "two", "families": {"A": [RUN], "B": ["b02"]}, "eval_split": "
           "aggregation": "mean", "replacement": {"source": "A", "targets": ["B"], "margin": 0.2}}
 
 
-def test_a_recipe_given_to_the_viewer_shows_its_fused_output(tmp_path):
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_view_dataset(tmp_path_factory.mktemp("fusion_view") / "demo")
+
+
+def test_a_recipe_given_to_the_viewer_shows_its_fused_output(tmp_path, dataset):
     from featurestore.view import start
     from fusion.pipeline import fuse
     from fusion.recipe import FusionRecipe
 
     if not any(p.name == "fusion" for p in entry_points(group="featurestore.view_outputs")):
         pytest.fail("the fusion provider is not registered: reinstall the package (pip install -e .)")
-    path = build_view_store(tmp_path / "s.zarr", make_view_dataset(tmp_path / "data"))
+    path = build_view_store(tmp_path / "s.zarr", dataset)
     with open_store(path, "a") as store:
         probs = np.random.default_rng(1).dirichlet(np.ones(len(store.classes)), size=(store.n_clips, 2))
         store.create_predictions("b02", 2, {"head": "other"})
@@ -55,10 +60,10 @@ def test_a_recipe_given_to_the_viewer_shows_its_fused_output(tmp_path):
     assert cm["counts"] == expected_counts.tolist()
 
 
-def test_a_recipe_naming_runs_the_store_lacks_is_one_line(tmp_path, capsys):
+def test_a_recipe_naming_runs_the_store_lacks_is_one_line(tmp_path, capsys, dataset):
     from featurestore.cli import main
 
-    path = build_view_store(tmp_path / "s.zarr", make_view_dataset(tmp_path / "data"))
+    path = build_view_store(tmp_path / "s.zarr", dataset)
     recipe_file = tmp_path / "two.json"
     recipe_file.write_text(json.dumps(RECIPE))
     code = main(["view", str(path), "--port", "0", "--recipe", str(recipe_file)])
