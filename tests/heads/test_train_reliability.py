@@ -300,3 +300,19 @@ def test_run_files_follow_the_umask(tmp_path):
     assert {p.name for p in files} >= {"best.safetensors", "epoch_001.safetensors", "epoch_001.optim.safetensors",
                                         "run.json", "state.json", "metrics.jsonl"}
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_one_nan_check_finds_nan_and_infinities_and_passes_the_largest_finite_values(dtype):
+    """`non_finite_tensors` sums in a dtype that cannot overflow (one pass): a thousand maxima are finite."""
+    from heads.checkpoint import non_finite_tensors
+
+    def with_values(*values: float) -> torch.Tensor:
+        t = torch.zeros(10, dtype=dtype)
+        t[: len(values)] = torch.tensor(values, dtype=torch.float64).to(dtype)
+        return t
+
+    tensors = {"largest": torch.full((1000,), torch.finfo(dtype).max, dtype=dtype), "ints": torch.arange(3),
+               "nan": with_values(1.0, float("nan")), "inf": with_values(float("inf")),
+               "both": with_values(float("inf"), -float("inf"))}
+    assert non_finite_tensors(tensors) == ["nan", "inf", "both"]
