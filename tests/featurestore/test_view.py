@@ -385,3 +385,20 @@ def test_umap_without_umap_learn_is_one_line(view_store, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "featurestore view: error: the umap projection needs umap-learn (not installed): pip install umap-learn, "
         "or use --method pca"]
+
+
+def test_the_cli_prints_its_url_serves_and_stops_on_ctrl_c(view_store):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "featurestore", "view", "--store", str(view_store), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith(f"map of {EMBED}: 20 clips, pca ")
+        assert lines[1].startswith("featurestore view: http://127.0.0.1:") and lines[1].endswith(" (Ctrl-C to stop)\n")
+        url = lines[1].split()[2]
+        assert json.loads(fetch(url + "api/info")[1])["n_clips"] == 20
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and err == ""
