@@ -19,7 +19,10 @@ trivially:
 
 Class signatures depend only on the class, not on the seed, so a model trained on one seed's
 data applies to another seed's (e.g. :func:`make_demo_eval_dataset`). Everything else is drawn
-from ``seed``: the same seed gives byte-identical WAVs and MP4s that decode to the same frames.
+from ``seed``: the same seed gives byte-identical WAVs and metadata and hands the video encoder
+identical frames. The MP4 bytes are not promised: libx264 (single-threaded) encoded identical
+frames differently from run to run on a busy machine (up to ~40 levels on a pixel, about 2-4 on
+average), so only the decoded pictures' closeness to the synthesized frames is.
 
 Besides the TAU files, a demo directory holds ``demo_truth.csv`` (labels and night flags),
 ``demo_config.json`` (the generator's parameters, for people: no reader looks at it) and the

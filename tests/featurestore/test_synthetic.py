@@ -107,16 +107,28 @@ def test_sound_and_picture_differ_by_class():
     assert np.mean(errors) < 0.06 and max(errors) < 0.15  # classes are 0.1 apart in hue
 
 
-def test_same_seed_same_bytes_and_frames_other_seed_differs(tmp_path):
+def test_same_seed_same_audio_metadata_and_frames_other_seed_differs(tmp_path):
+    """What the seed promises. Not MP4 bytes: libx264 encoded identical frames differently from
+    run to run when the machine was busy (a flaky byte-equality test found it), so the videos are
+    checked against the frames the generator drew, within a lossy codec's error."""
     a = make_demo_dataset(tmp_path / "a", seed=3, **SMALL)
     b = make_demo_dataset(tmp_path / "b", seed=3, **SMALL)
     c = make_demo_dataset(tmp_path / "c", seed=4, **SMALL)
     for wav in sorted((a / "audio").iterdir()):
         assert wav.read_bytes() == (b / "audio" / wav.name).read_bytes()
         assert wav.read_bytes() != (c / "audio" / wav.name).read_bytes()
-    for mp4 in sorted((a / "video").iterdir())[:3]:
-        np.testing.assert_array_equal(sample_frames(mp4, 3), sample_frames(b / "video" / mp4.name, 3))
     assert (a / "meta.csv").read_text() == (b / "meta.csv").read_text()
+    cfg_a, cfg_c = (DemoConfig(seed=seed, **{k: v for k, v in SMALL.items() if k != "progress"}) for seed in (3, 4))
+    clips, others = plan_clips(cfg_a), plan_clips(cfg_c)
+    drawn = {c.clip_id: np.stack(list(synth_frames(c, cfg_a))).astype(np.float32) for c in clips}
+    for clip, other in list(zip(clips, others))[:3]:
+        np.testing.assert_array_equal(drawn[clip.clip_id], np.stack(list(synth_frames(clip, cfg_a))))
+        assert not np.array_equal(drawn[clip.clip_id], np.stack(list(synth_frames(other, cfg_c))))
+        for root in (a, b):
+            decoded = sample_frames(root / "video" / f"{clip.clip_id}.mp4", 10).astype(np.float32)
+            errors = {k: float(np.abs(decoded - v).mean()) for k, v in drawn.items()}
+            # the frames drawn carry noise of std 12 that the codec smooths away: ~10 levels off on average
+            assert errors[clip.clip_id] < 16.0 and min(errors, key=errors.get) == clip.clip_id, errors
 
 
 def test_evaluation_layout_has_integer_ids_and_hidden_labels(tmp_path):
