@@ -49,3 +49,35 @@ def test_stacked_mlp_trials_equal_lone_runs(tiny_store_path, tmp_path, head, hea
                 assert x[key] == pytest.approx(y[key], abs=1e-5), (trial.config, key)
     assert [r["config"] for r in stacked.rows] == [r["config"] for r in alone.rows]
 
+
+
+@pytest.mark.parametrize("name, config", [
+    ("linear", {"l2_normalize": True}),
+    ("embedding_mlp", {"hidden": [7, 5], "dropout": 0.4, "l2_normalize": True}),
+    ("late_fusion", {"hidden": 7, "branch_out": 3, "fusion_hidden": 4, "dropout": 0.4}),
+])
+def test_every_stacked_forward_is_its_heads_own_forward(name, config):
+    """Each entry of `heads._stacked.FORWARDS` mirrors its head's ``forward`` (a change to one without the other
+    fails here): K=3 heads, training (dropout masks from generators seeded as the trainer seeds torch, batch
+    statistics, running buffers updated) and eval (running statistics), on per-reader and shared inputs."""
+    from heads._registry import create_head
+    from heads._stacked import FORWARDS, _Pass
+
+    torch.manual_seed(0)
+    dims = [6, 5]
+    models = [create_head(name, input_dims=dims, n_classes=4, **config) for _ in range(3)]
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]) for n, _ in
+              models[0].named_parameters()}
+    buffers = {n: torch.stack([dict(m.named_buffers())[n] for m in models]).clone() for n, _ in models[0].named_buffers()}
+    inputs = [torch.randn(3, 10, d) for d in dims]  # one batch per trial (three readers)
+    stacked = FORWARDS[name](models[0], _Pass(params, buffers, [torch.Generator().manual_seed(s) for s in (7, 8, 9)]),
+                             inputs)
+    for k, (model, seed) in enumerate(zip(models, (7, 8, 9))):
+        torch.manual_seed(seed)
+        assert torch.allclose(stacked[k], model.train()([x[k] for x in inputs]), atol=1e-5), (name, k)
+        for key, value in model.named_buffers():
+            assert torch.allclose(buffers[key][k].double(), value.double(), atol=1e-6), (name, key)
+    shared = [torch.randn(10, d) for d in dims]  # validation: one batch for all trials
+    evaluated = FORWARDS[name](models[0], _Pass(params, buffers, None), shared)
+    for k, model in enumerate(models):
+        assert torch.allclose(evaluated[k], model.eval()(shared), atol=1e-5), (name, k)
