@@ -642,3 +642,24 @@ def _parse_lists_manifest(text: bytes, dim: int, key: str) -> dict:
     if manifest["data_start"] + sum(lists[0]) * (4 * dim + 8) != manifest["size"]:
         raise SidecarDamage(f"its manifest gives {manifest['size']} bytes for {sum(lists[0])} vectors of {dim}")
     return manifest
+
+
+# ------------------------------------------------------------------------------- the ids file
+def read_ids(f: BinaryIO, n: int, max_width: int) -> np.ndarray:
+    """The ``[n]`` fixed-width bytes of a ``.ids`` sidecar (the store's ids in row order), its header
+    checked against the store before anything is allocated.
+
+    Raises:
+        SidecarDamage: not a ``.npy`` of ``n`` byte strings of at most ``max_width`` bytes.
+    """
+    try:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f) if version == (1, 0) else (None, None, None)
+    except (ValueError, EOFError) as err:
+        raise SidecarDamage(f"it has no .npy header ({err})") from err
+    if shape != (n,) or fortran or dtype is None or dtype.kind != "S" or not 0 < dtype.itemsize <= max_width:
+        raise SidecarDamage(f"it holds {dtype} {shape}; the store has {n} ids of at most {max_width} bytes")
+    data = f.read(n * dtype.itemsize + 1)
+    if len(data) != n * dtype.itemsize:
+        raise SidecarDamage(f"it holds {len(data)} bytes of ids, its header promises {n * dtype.itemsize}")
+    return np.frombuffer(data, dtype=dtype)

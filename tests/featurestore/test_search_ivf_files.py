@@ -116,3 +116,45 @@ def test_a_first_search_reads_the_feature_sets_info_once(ivf_store, monkeypatch,
         result = store.search(FEAT, "c0001", k=5, method=method)
     assert result.method == method and not any(n.startswith("built") for n in result.notes)
     assert calls == [FEAT]
+
+
+def _counting_id_reads(store) -> list[int]:
+    """Rows of ``index/clip_id`` read through the store from now on (one entry per read)."""
+    rows, read = [], store.arrays.read
+
+    def counted(path, start, stop, **kwargs):
+        if path == "index/clip_id":
+            rows.append(stop - start)
+        return read(path, start, stop, **kwargs)
+
+    store.arrays.read = counted
+    return rows
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_answers_take_their_ids_from_the_ids_sidecar_not_the_id_column(ivf_store, monkeypatch, capsys, damaged):
+    """At a million clips a first query decoded a 65,536-id block of the id column per answer (2-3 s):
+    stores above IDS_ABOVE clips keep their ids in a checked ``.ids`` sidecar (lowered here to N / 20)."""
+    monkeypatch.setattr(search_mod, "IDS_ABOVE", 100)
+    monkeypatch.setattr(search_mod, "ID_BLOCK_ROWS", 64)
+    path, vectors = ivf_store
+    exact = [f"c{r:04d}" for r in np.argsort(-(vectors @ vectors[1]), kind="stable")[1:6]]
+    with open_store(path) as store:
+        assert store.search(FEAT, "c0001", k=5, method="faiss", nprobe=1000).clip_ids == exact  # writes it
+    ids_file = _sidecar(path, ".ids")
+    if damaged:
+        raw = bytearray(ids_file.read_bytes())
+        raw[-3] ^= 0x01
+        ids_file.write_bytes(bytes(raw))
+    files._VERIFIED.clear()  # as in a new process
+    capsys.readouterr()
+    with open_store(path) as store:
+        reads = _counting_id_reads(store)
+        result = store.search(FEAT, "c0001", k=5, method="faiss", nprobe=1000)
+    assert result.clip_ids == exact
+    err = capsys.readouterr().err
+    if damaged:  # reported once, the answer's ids from the store, the file written again whole
+        assert "search ids" in err and "damaged" in err and err.count("warning") == 1, err
+        assert sum(reads) == N and _sidecar(path, ".ids").read_bytes() != bytes(raw)
+    else:
+        assert reads == [] and err == ""
