@@ -24,13 +24,14 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from featurestore.checks import is_int_in
 
 from featurestore.extract.workers import ClipDecoder, DecodedBatch, Job, collate
 from featurestore.extract.plan import Source
@@ -216,8 +217,7 @@ class FileEncoder:
         for label, value, low, high in (("batch_size", batch_size, 1, None), ("num_workers", num_workers, 0, None),
                                         ("segments", segments, 1, MAX_AUDIO_SEGMENTS),
                                         ("frames", frames, 1, MAX_VIDEO_FRAMES)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low
-                                      or (high is not None and value > high)):
+            if value is not None and not is_int_in(value, low, high):
                 raise ValueError(f"{label} must be an integer >= {low}{f' and <= {high}' if high else ''}, "
                                  f"got {value!r}")
         unknown = sorted(set(checkpoints or {}) - set(provenances))
@@ -366,8 +366,7 @@ def _source(name: str, prov: Mapping[str, Any], encoder: Encoder, segments: int 
 
 def _bounded(name: str, key: str, value: Any, most: int) -> int:
     """A recorded count, checked before any array is sized by it (a provenance is read from a file)."""
-    whole = isinstance(value, Integral) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not whole or not 1 <= value <= most:
+    if not is_int_in(value, 1, most, whole_floats=True):
         raise EncoderRebuildError(f"feature set {name!r} records {key} {value!r}; "
                                   f"expected an integer from 1 to {most}")
     return int(value)

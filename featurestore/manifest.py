@@ -8,8 +8,10 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
+
+from featurestore.checks import is_int_in
 
 # The DCASE2021 Task 1B classes in the baseline's order (index 0-9).
 TAU_CLASSES: tuple[str, ...] = (
@@ -139,7 +141,7 @@ class Manifest:
                 raise ValueError(f"dataset {self.name!r}, clip {i}: {problem}")
         for name, value, most in (("audio_segments", self.audio_segments, MAX_AUDIO_SEGMENTS),
                                   ("video_frames", self.video_frames, MAX_VIDEO_FRAMES)):
-            if isinstance(value, bool) or not isinstance(value, Integral) or not 1 <= value <= most:
+            if not is_int_in(value, 1, most):
                 raise ValueError(f"dataset {self.name!r}: {name} must be an integer with 1 <= {name} <= {most}, "
                                  f"got {value!r}")
         seconds = self.segment_seconds

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from featurestore.atomic_files import atomic_write
+from featurestore.checks import is_int_in
 from featurestore.manifest import MAX_AUDIO_SEGMENTS, MAX_VIDEO_FRAMES
 from featurestore.encode_files import DEFAULT_BATCH_CLIPS, ClipFiles, FileEncoder, group_files
 from featurestore.provenance import fingerprint, fingerprint_matches, is_random_weights, weights_identity
@@ -53,7 +54,7 @@ def check_sizes(sizes: Mapping[str, Any], names: Mapping[str, str] | None = None
         if value is None:
             continue
         low, high = LIMITS[key]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        if not is_int_in(value, low, high):
             raise ValueError(f"{(names or {}).get(key, key)} must be an integer from {low} to {high}, got {value!r}")
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from featurestore.encoders import resolve_device
 from featurestore.atomic_files import find_os_error
+from featurestore.checks import is_int_in
 from featurestore.extract.errors import NO_ROOM, store_write_error
 from featurestore.provenance import file_sha256, is_random_weights
 from featurestore.errors import ReadOnlyStoreError
@@ -219,7 +220,7 @@ def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: 
         FileExistsError: a prediction run of that name exists with other settings.
         PredictInterrupted: Ctrl-C; the clips written before stay done and a rerun continues.
     """
-    if isinstance(flush_clips, bool) or not isinstance(flush_clips, int) or flush_clips < 1:
+    if not is_int_in(flush_clips, 1):
         raise ValueError(f"flush_clips must be an integer >= 1, got {flush_clips!r}")
     name = name or Path(run_dir).name
     own = isinstance(store, (str, Path))

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from featurestore.checks import is_int_in
 from featurestore.manifest import (
     MAX_AUDIO_SEGMENTS,
     MAX_CLIP_SECONDS,
@@ -42,7 +43,7 @@ def check_count(name: str, value: int | None) -> None:
     """``value`` must be None (derive it) or an integer from 1 to the maximum for ``name``
     (``audio_segments``, ``video_frames``); raises ValueError naming ``name`` and the range."""
     most = _MAXIMA[name]
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
+    if value is not None and not is_int_in(value, 1, most):
         raise ValueError(f"{name} must be an integer >= 1 and <= {most} (or None to derive it), got {value!r}")
 
 

@@ -1,0 +1,24 @@
+"""One predicate for "a whole number in a range", the check every count, size and limit goes through.
+
+Why one: the same five-part test (not a bool, an integer type, at least ``low``, at most ``high``,
+whole floats from JSON files where a file allows them) was written out at each call site, and each
+copy was a chance to forget the bool case (``True`` is an ``int``). Callers keep their own messages:
+what the value is and where it came from differs at each.
+"""
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Any
+
+
+def is_int_in(value: Any, low: int, high: int | None = None, *, whole_floats: bool = False) -> bool:
+    """True when ``value`` is an integer (not a bool) with ``low <= value`` and, if given, ``value <= high``.
+
+    ``whole_floats`` admits floats with no fractional part (``12.0``), as JSON files written by other
+    tools may hold them; the caller converts with ``int(value)``.
+    """
+    if isinstance(value, bool):
+        return False
+    if not isinstance(value, Integral) and not (whole_floats and isinstance(value, float) and value.is_integer()):
+        return False
+    return bool(low <= value and (high is None or value <= high))

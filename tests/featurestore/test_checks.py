@@ -1,0 +1,32 @@
+"""`featurestore.checks.is_int_in`: the one integer-range check counts, sizes and limits go through."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featurestore.checks import is_int_in
+from featurestore.manifest import MAX_VIDEO_FRAMES, Manifest
+
+
+@pytest.mark.parametrize("value, low, high, expected", [
+    (1, 1, 3, True), (3, 1, 3, True), (0, 1, 3, False), (4, 1, 3, False),
+    (10**9, 1, None, True), (np.int64(2), 1, 3, True), (np.uint8(0), 1, 3, False),
+    (True, 0, 3, False), (False, 0, 3, False),  # a bool is an int in Python, never a count
+    (2.0, 1, 3, False), ("2", 1, 3, False), (None, 1, 3, False), (float("nan"), 1, 3, False),
+])
+def test_is_int_in(value, low, high, expected):
+    assert is_int_in(value, low, high) is expected
+
+
+def test_whole_floats_only_where_asked():
+    assert is_int_in(12.0, 1, 20, whole_floats=True)
+    assert not is_int_in(12.5, 1, 20, whole_floats=True)
+    assert not is_int_in(float("inf"), 1, None, whole_floats=True)
+    assert not is_int_in(12.0, 1, 20)
+
+
+def test_manifest_refuses_a_bool_frame_count_through_it():
+    with pytest.raises(ValueError, match=r"video_frames must be an integer with 1 <= video_frames <= "):
+        Manifest(name="d", classes=["a"], clips=[], video_frames=True)
+    with pytest.raises(ValueError, match=str(MAX_VIDEO_FRAMES)):
+        Manifest(name="d", classes=["a"], clips=[], video_frames=MAX_VIDEO_FRAMES + 1)
