@@ -1,6 +1,7 @@
 """The viewer in a real browser: Debian's chromium driven by Playwright (no downloaded browser).
 
-One walk through the app on the demo store: the map draws, a click on a point opens that clip's page
+One walk through the app on the demo store: the map draws, a box selection lists its clips, hovering
+a point shows its id, a click on it opens that clip's page
 (its id, an audio element as long as the WAV, the frames, the run's probabilities as
 ``get_predictions`` has them), a text search finds the clip holding that sentence's embedding, and
 a click on a confusion-matrix cell lists its clips. Screenshots go to the test's tmp folder (on
@@ -44,6 +45,11 @@ ISOLATED_POINT = """() => {
   return { x: box.left + best[0], y: box.top + best[1], id: best[2] };
 }"""
 
+PLOT_AREA = """() => {
+  const gd = document.getElementById('map'), s = gd._fullLayout._size, box = gd.getBoundingClientRect();
+  return { left: box.left + s.l, top: box.top + s.t, right: box.left + s.l + s.w, bottom: box.top + s.t + s.h };
+}"""
+
 CELL = """([t, p]) => {
   const gd = document.getElementById('confusion'), xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
   const box = gd.getBoundingClientRect();
@@ -83,8 +89,21 @@ def test_map_click_clip_page_search_and_confusion_in_chromium(app, page, tmp_pat
     assert page.locator("#map .scatterlayer, #map canvas").count() > 0
     page.screenshot(path=str(tmp_path / "map.png"))
 
+    box = page.evaluate(PLOT_AREA)  # a box selection over the whole plot lists every clip on the map
+    page.evaluate("Plotly.relayout('map', {dragmode: 'select'})")
+    page.mouse.move(box["left"] + 2, box["top"] + 2)
+    page.mouse.down()
+    page.mouse.move(box["right"] - 2, box["bottom"] - 2, steps=8)
+    page.mouse.up()
+    page.wait_for_function("document.querySelectorAll('#selection li').length > 0")
+    with open_store(path) as store:
+        assert sorted(page.locator("#selection li a").all_inner_texts()) == sorted(store.clip_ids)
+    page.evaluate("Plotly.relayout('map', {dragmode: 'zoom', selections: []})")  # the box would take the hover
+
     point = page.evaluate(ISOLATED_POINT)
     page.mouse.move(point["x"], point["y"])
+    page.wait_for_selector("#map .hovertext")  # hovering shows the clip id
+    assert point["id"] in page.locator("#map .hovertext").first.text_content()
     page.mouse.click(point["x"], point["y"])
     page.wait_for_url("**/clip?*")
     clip = point["id"]
@@ -112,6 +131,8 @@ def test_map_click_clip_page_search_and_confusion_in_chromium(app, page, tmp_pat
     with open_store(path) as store:
         tram = store.clip_ids[int(np.flatnonzero(np.asarray(store.labels) == store.classes.index("tram"))[0])]
     assert first.inner_text() == tram
+    ringed = page.evaluate("document.getElementById('map').data.find((t) => t.name === 'search').customdata")
+    assert list(ringed) == page.locator("#results li a").all_inner_texts()  # the hits, ringed on the map
 
     cm = json.loads(fetch(running.url + "api/confusion?" + "source=run:a01&split=" + page.input_value("#split"))[1])
     t, p = next(map(int, k.split(",")) for k in cm["cells"] if k.split(",")[0] != k.split(",")[1])  # a mistake
