@@ -329,6 +329,41 @@ def test_map_points_confusion_and_search_answer_from_the_store(server, view_stor
     assert status == 400 and b"cannot colour by" in body
 
 
+def test_every_colouring_gives_each_clip_its_own_value(server, view_store):
+    with open_store(view_store) as store:
+        ids, classes = store.clip_ids, store.classes
+        city = dict(zip(ids, store.column("city")))
+        train = dict(zip(ids, store.column("split/fold1_train")))
+        pred = dict(zip(ids, store.get_predictions(RUN).mean(1).argmax(1)))
+    for colour, expected in [("city", lambda c: city[c]), ("predicted:run:a01", lambda c: classes[pred[c]]),
+                             ("split", lambda c: "fold1_train" if train[c] else None)]:
+        wire = json.loads(fetch(server.url + f"api/points?colour={colour}")[1])
+        codes = np.frombuffer(__import__("base64").b64decode(wire["group"]), dtype="<u2")
+        for clip, code in zip(wire["ids"].split("\n"), codes):
+            want = expected(clip)
+            assert want is None and wire["groups"][code] != "fold1_train" or wire["groups"][code] == want, (colour, clip)
+
+
+def test_serving_pages_changes_nothing_in_the_store(tmp_path, view_dataset):
+    from featurestore.view import start
+
+    path = build_view_store(tmp_path / "s.zarr", view_dataset)
+    listing = lambda: sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)  # noqa: E731
+                             for p in path.rglob("*"))
+    before = listing()
+    running = start(path)
+    try:
+        with open_store(path) as store:
+            clip = store.clip_ids[1]
+        for target in [f"clip?id={clip}", "api/points?colour=correct:run:a01", f"frames.png?id={clip}",
+                       f"logmel.png?id={clip}&set=logmel", "api/confusion?source=run:a01&split=", f"api/search?q={clip}"]:
+            assert fetch(running.url + target)[0] == 200, target
+    finally:
+        running.stop()
+    assert listing() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr", "s.zarr.search", "s.zarr.view"]
+
+
 def test_a_store_without_runs_or_media_still_has_its_map_and_clip_pages(tmp_path):
     from featurestore.view import start
     from tests.heads._store import build_store

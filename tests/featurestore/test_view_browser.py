@@ -84,6 +84,8 @@ def test_map_click_clip_page_search_and_confusion_in_chromium(app, page, tmp_pat
     import soundfile
 
     running, path, dataset = app
+    elsewhere = []  # every script, stylesheet and request must come from the app itself (no CDN)
+    page.on("request", lambda request: None if request.url.startswith(running.url) else elsewhere.append(request.url))
     page.goto(running.url)
     page.wait_for_selector("body[data-ready='1']")
     assert page.locator("#map .scatterlayer, #map canvas").count() > 0
@@ -143,3 +145,4 @@ def test_map_click_clip_page_search_and_confusion_in_chromium(app, page, tmp_pat
     page.locator("#cell-clips li").first.wait_for()
     assert page.locator("#cell-clips li a").all_inner_texts() == cm["cells"][f"{t},{p}"]
     page.screenshot(path=str(tmp_path / "map-search-confusion.png"), full_page=True)
+    assert elsewhere == []
