@@ -188,6 +188,26 @@ def test_keep_dtype_hands_over_the_stored_dtype_and_to_converts_it(store):
     assert all(torch.equal(a, b) for a, b in zip(kept.to("cpu").inputs, floats.inputs))
 
 
+def test_pin_memory_cuts_every_batch_input_into_pinned_memory(store, monkeypatch):
+    """Every input of every batch, a batch joined across read groups too, is allocated pinned (no GPU
+    here: the allocation is recorded and made unpinned); the values are those of an unpinned loader."""
+    real_empty, pinned = torch.empty, []
+
+    def empty(*shape, pin_memory=False, **kwargs):
+        pinned.append(pin_memory)
+        return real_empty(*shape, **kwargs)
+
+    reference = _collect(StoreDataset(store, ["emb/a", "emb/b"], batch_size=7, shuffle=True, shuffle_buffer=CHUNK,
+                                      keep_dtype=True))
+    monkeypatch.setattr(torch, "empty", empty)
+    pinned_run = _collect(StoreDataset(store, ["emb/a", "emb/b"], batch_size=7, shuffle=True, shuffle_buffer=CHUNK,
+                                       keep_dtype=True, pin_memory=True))
+    n_batches = -(-N_CLIPS * SEGMENTS // 7)  # both inputs of each, plus those of batches joined across read groups
+    assert all(pinned) and len(pinned) >= 2 * n_batches
+    assert all(np.array_equal(a, b) for a, b in zip(reference[0], pinned_run[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(reference[1:], pinned_run[1:]))
+
+
 def test_segment_level_needs_equal_segment_counts(tmp_path):
     s = create_store(tmp_path / "x.zarr", Manifest("t", CLASSES, [ClipRecord("a-1", label="a")]))
     s.create_feature_set("f3", 3, (2,), {"encoder": "f3"})
