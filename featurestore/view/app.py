@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from featurestore.decode._errors import DecodeError
 from featurestore.errors import FeatureStoreError, UnknownClipError, UnknownFeatureError
 from featurestore.view._deps import plotly_js
 from featurestore.view.data import ViewState, clip_page, colour_options, confusion, map_points_json, search
@@ -59,6 +60,8 @@ class _Handlers:
                 return make()
         except (UnknownClipError, UnknownFeatureError, MediaRefused, MediaMissing) as err:
             return PlainTextResponse(_one_line(err), status_code=404)
+        except (DecodeError, OSError) as err:  # a listed video that does not decode, an unreadable file
+            return PlainTextResponse(_one_line(err), status_code=422)
         except (FeatureStoreError, ValueError, KeyError) as err:
             return PlainTextResponse(_one_line(err), status_code=400)
 

@@ -98,6 +98,8 @@ def _inside(root: Path, relative: str, clip_id: str, kind: str) -> Path:
         info = os.stat(real)
     except FileNotFoundError as err:
         raise MediaMissing(f"the {kind} file of clip {clip_id!r} is not at {candidate}") from err
+    except OSError as err:  # a link loop, a file we may not read: nothing to serve
+        raise MediaRefused(f"the {kind} file of clip {clip_id!r} ({candidate}) cannot be read: {err.strerror}") from err
     if not stat.S_ISREG(info.st_mode):
         raise MediaRefused(f"the {kind} file of clip {clip_id!r} ({candidate}) is not a regular file")
     return real

@@ -207,7 +207,7 @@ def test_media_is_served_for_listed_files_and_nothing_else(server, view_store, v
 
 
 def test_a_store_listing_a_path_outside_its_dataset_root_serves_nothing(tmp_path, view_dataset):
-    """A crafted index (an absolute path, a ``..`` path) and a link inside the dataset pointing out."""
+    """A crafted index (an absolute path, a ``..`` path), a link inside the dataset pointing out, a link loop."""
     from featurestore.view.media import MediaRefused, media_path
 
     data = tmp_path / "data"
@@ -220,11 +220,16 @@ def test_a_store_listing_a_path_outside_its_dataset_root_serves_nothing(tmp_path
     linked.symlink_to(secret)
     manifest.clips[0].audio = secret  # outside the root: the index keeps it absolute
     manifest.clips[2].audio = data / "audio" / ".." / ".." / "secret.wav"
+    looped = data / manifest.clips[4].audio
+    looped.unlink()
+    looped.symlink_to(looped.name)  # a link to itself
     with create_store(tmp_path / "s.zarr", manifest) as store:
-        ids = store.clip_ids[:4]
+        ids = store.clip_ids[:5]
         for clip in ids[:3]:
             with pytest.raises(MediaRefused, match="dataset root|not a path inside"):
                 media_path(store, clip, "audio")
+        with pytest.raises(MediaRefused, match="cannot be read"):
+            media_path(store, ids[4], "audio")
         assert media_path(store, ids[3], "audio") == (data / str(store.column("audio_path")[3])).resolve()
 
 
