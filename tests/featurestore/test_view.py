@@ -433,10 +433,13 @@ def test_the_cli_prints_its_url_serves_and_stops_on_ctrl_c(view_store):
     proc = subprocess.Popen([sys.executable, "-m", "featurestore", "view", "--store", str(view_store), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        lines = [proc.stdout.readline() for _ in range(2)]
+        lines = [proc.stdout.readline()]
+        while lines[-1] and not lines[-1].startswith("featurestore view:"):  # the start's lines, then the URL
+            lines.append(proc.stdout.readline())
         assert lines[0].startswith(f"map of {EMBED}: 20 clips, pca ")
-        assert lines[1].startswith("featurestore view: http://127.0.0.1:") and lines[1].endswith(" (Ctrl-C to stop)\n")
-        url = lines[1].split()[2]
+        assert all(line.startswith("neighbours of ") for line in lines[1:-1])
+        assert lines[-1].startswith("featurestore view: http://127.0.0.1:") and lines[-1].endswith(" (Ctrl-C to stop)\n")
+        url = lines[-1].split()[2]
         assert json.loads(fetch(url + "api/info")[1])["n_clips"] == 20
     finally:
         proc.send_signal(signal.SIGINT)
