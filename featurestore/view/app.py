@@ -38,7 +38,7 @@ def create_app(state: ViewState, local_only: bool = True) -> Any:
               Route("/api/info", handlers.info), Route("/api/points", handlers.points),
               Route("/api/confusion", handlers.confusion), Route("/api/search", handlers.search),
               Route("/static/{name}", handlers.static), Route("/favicon.ico", handlers.no_icon)]
-    # level 4: the map's JSON (6 MiB at 100,000 clips) compresses 5x in a fraction of level 9's time
+    # level 4: the map's 3.7 MiB of JSON at 100,000 clips in a fraction of level 9's time, for about its size
     middleware = [Middleware(GZipMiddleware, minimum_size=1024, compresslevel=4)]
     if local_only:
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS))

@@ -1,7 +1,7 @@
 """What the viewer's pages show, as plain data: map points, one clip, a confusion matrix, a search.
 
 Kept apart from the web app (`featurestore.view.app`) so tests and the benchmark call it directly.
-Every function reads through the store's public API; nothing here writes.
+Everything is read through the store object (its index and arrays); nothing here writes.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from featurestore.view.outputs import Source
 from featurestore.view.projection import Projection
 
 NEIGHBOURS = 8
-CHUNKS_KEPT = 16  # decoded chunks of the media path columns a running app keeps
+CHUNKS_KEPT = 4  # decoded chunks of the media path columns a running app keeps (65,536 paths each)
 PLAIN_COLOURS = ("label", "city", "split")
 
 
