@@ -359,16 +359,18 @@ class _Cut:
     pin: bool = False
 
     def take(self, w: _ReadGroup, idx: np.ndarray) -> Batch:
-        """The samples ``idx`` of ``w``, gathered straight into the batch's (pinned) tensors."""
+        """The samples ``idx`` of ``w``, gathered straight into the batch's tensors (inputs and labels,
+        what goes to the device, pinned when asked; rows and segments stay on the host)."""
         inputs = [self._input(self._gather(a, idx)) for a in w.arrays]
-        return Batch(inputs, torch.from_numpy(w.labels[idx]), torch.from_numpy(w.rows[idx]),
+        return Batch(inputs, self._gather(w.labels, idx), torch.from_numpy(w.rows[idx]),
                      torch.from_numpy(w.segments[idx]))
 
     def cat(self, a: Batch, b: Batch) -> Batch:
-        inputs = [torch.cat([x, y], out=self._empty((len(x) + len(y), *x.shape[1:]), x.dtype))
-                  for x, y in zip(a.inputs, b.inputs)]
-        return Batch(inputs, torch.cat([a.labels, b.labels]), torch.cat([a.rows, b.rows]),
-                     torch.cat([a.segments, b.segments]))
+        inputs, labels = [self._cat(x, y) for x, y in zip(a.inputs, b.inputs)], self._cat(a.labels, b.labels)
+        return Batch(inputs, labels, torch.cat([a.rows, b.rows]), torch.cat([a.segments, b.segments]))
+
+    def _cat(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, y], out=self._empty((len(x) + len(y), *x.shape[1:]), x.dtype))
 
     def _gather(self, a: np.ndarray, idx: np.ndarray) -> torch.Tensor:
         out = self._empty((len(idx), *a.shape[1:]), torch.from_numpy(a[:0]).dtype)

@@ -218,8 +218,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return flat.view(n, c, height, width)
 
 
-def draw_boxes(n: int, height: int, width: int, p: float, device: torch.device, scale: tuple[float, float] = (0.02, 0.33),
-               ratio: tuple[float, float] = (0.3, 3.3), tries: int = 10) -> torch.Tensor:
+def draw_boxes(n: int, height: int, width: int, p: float, device: torch.device,
+               scale: tuple[float, float] = (0.02, 0.33), ratio: tuple[float, float] = (0.3, 3.3),
+               tries: int = 10) -> torch.Tensor:
     """RandomErasing's boxes ``[n, 4]`` (top, left, height, width; height 0 where nothing is erased).
 
     As torchvision: erase with probability ``p``; up to ``tries`` (area, aspect) draws, the first box

@@ -293,7 +293,8 @@ def make_loaders(cfg: TrainConfig, store: Any, head: Head,
             host, for callers that feed the head themselves.
     """
     pin = device is not None and device.type == "cuda"
-    layout = {"keep_dtype": device is not None, "pin_memory": pin and cfg.num_workers == 0}  # workers: pinned by the loader
+    # with worker processes the DataLoader pins (in this process), not the dataset
+    layout = {"keep_dtype": device is not None, "pin_memory": pin and cfg.num_workers == 0}
     batch_size = cfg.batch_size or head.default_batch_size
     trainable = any(p.requires_grad for p in head.parameters())
     n_segments = store.feature_info(cfg.features[0]).n_segments

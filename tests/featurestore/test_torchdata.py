@@ -189,8 +189,9 @@ def test_keep_dtype_hands_over_the_stored_dtype_and_to_converts_it(store):
 
 
 def test_pin_memory_cuts_every_batch_input_into_pinned_memory(store, monkeypatch):
-    """Every input of every batch, a batch joined across read groups too, is allocated pinned (no GPU
-    here: the allocation is recorded and made unpinned); the values are those of an unpinned loader."""
+    """Every input and the labels of every batch, a batch joined across read groups too, are allocated
+    pinned (no GPU here: the allocation is recorded and made unpinned); the values are those of an
+    unpinned loader."""
     real_empty, pinned = torch.empty, []
 
     def empty(*shape, pin_memory=False, **kwargs):
@@ -202,8 +203,8 @@ def test_pin_memory_cuts_every_batch_input_into_pinned_memory(store, monkeypatch
     monkeypatch.setattr(torch, "empty", empty)
     pinned_run = _collect(StoreDataset(store, ["emb/a", "emb/b"], batch_size=7, shuffle=True, shuffle_buffer=CHUNK,
                                        keep_dtype=True, pin_memory=True))
-    n_batches = -(-N_CLIPS * SEGMENTS // 7)  # both inputs of each, plus those of batches joined across read groups
-    assert all(pinned) and len(pinned) >= 2 * n_batches
+    n_batches = -(-N_CLIPS * SEGMENTS // 7)  # both inputs and the labels of each, and of batches joined
+    assert all(pinned) and len(pinned) >= 3 * n_batches
     assert all(np.array_equal(a, b) for a, b in zip(reference[0], pinned_run[0]))
     assert all(np.array_equal(a, b) for a, b in zip(reference[1:], pinned_run[1:]))
 
