@@ -15,11 +15,11 @@ over as float 0..255). On the training device, per batch: scale to [0, 1], an op
   the paper does not say where in the pipeline it sits).
 
 torchvision's v2 transforms draw one set of random parameters per call, even on a batch, and the
-paper's ran per image in a DataLoader; calling them once per frame cost ~100 dispatched operations
-and several host syncs per frame. So the head draws every frame's parameters at once, on the device,
-with the same distributions as torchvision (`AugmentParams`), and applies them batched: one
-``affine_grid``/``grid_sample`` for the affine transforms (nearest, zero fill: RandomAffine's
-defaults), the blur as one grouped convolution (a per-frame separable Gaussian, reflect-padded as
+paper's ran per image in a DataLoader; calling them once per frame cost ~70 dispatched operations,
+6 host syncs and 3 blocking copies to the device per frame. So the head draws every frame's
+parameters at once, on the device, with the same distributions as torchvision (`AugmentParams`),
+and applies them batched: one ``affine_grid``/``grid_sample`` for the affine transforms (nearest,
+zero fill: RandomAffine's defaults), the blur as one grouped convolution (a per-frame separable Gaussian, reflect-padded as
 ``gaussian_blur``), erasing as box masks. The number of operations per batch does not depend on the
 batch size, and nothing reads a value back to the host (tests/heads/test_gpu_ready.py). For the same
 parameters the result equals torchvision's functional transforms (up to float rounding, which can move
