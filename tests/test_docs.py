@@ -23,7 +23,7 @@ from tests.docblocks import RUN_LANGUAGES, SHOWN_LANGUAGES, Block, read_blocks
 REPO = Path(__file__).resolve().parent.parent
 #: README first (its tour makes the data), then the docs in the order a reader meets them.
 DOC_ORDER = ["README.md", "docs/store.md", "docs/datasets-and-decoding.md", "docs/encoders.md",
-             "docs/extraction.md", "docs/heads.md", "docs/fusion.md", "docs/scaling.md", "docs/reliability.md",
+             "docs/extraction.md", "docs/heads.md", "docs/fusion.md", "docs/view.md", "docs/scaling.md", "docs/reliability.md",
              "docs/architecture.md", "docs/benchmarks.md"]
 BLOCK_TIMEOUT_S = 1200
 
