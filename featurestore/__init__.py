@@ -5,7 +5,7 @@ from featurestore.errors import (
 )
 from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
 from featurestore.store import FeatureInfo, FeatureStore, VerifyReport, convert_store, create_store, open_store
-from featurestore.view import view  # the browser viewer (featurestore.view(store); the web stack loads on start)
+from featurestore.viewer import view  # the browser viewer (featurestore.view(store); the web stack loads on start)
 
 __all__ = [
     "TAU_CLASSES", "ClipRecord", "CorruptChunkError", "FeatureInfo", "FeatureStore", "FeatureStoreError",

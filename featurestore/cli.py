@@ -329,8 +329,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- view
 def cmd_view(args: argparse.Namespace) -> int:
-    """``view STORE``: the store in the browser until Ctrl-C (`featurestore.view`, docs/view.md)."""
-    from featurestore.view import view
+    """``view STORE``: the store in the browser until Ctrl-C (`featurestore.viewer`, docs/view.md)."""
+    from featurestore.viewer import view
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the viewer stops: exit 0, no message
         view(args.store, host=args.host, port=args.port, feature_sets=args.feature_set, method=args.method,

@@ -10,7 +10,7 @@ Measured in one run (the app runs in this process on a free port, requests go th
   1. clip page: server time of ``GET /clip?id=...`` (the whole HTML page: index fields, media checks,
      every run's probabilities, 8 nearest neighbours), median and p95 over ``--pages`` random clips
      after one warm-up page (which builds search's clip matrix). Floor <= 300 ms on both stores.
-  2. projection: the big set's PCA through ``featurestore.view.projection.project`` (read the store,
+  2. projection: the big set's PCA through ``featurestore.viewer.projection.project`` (read the store,
      clip vectors, PCA) beside scikit-learn's PCA alone on the same in-memory vectors (the ratio is
      what the store read adds). Floor <= 10 s. Then a sidecar read (the next start).
   3. first render in chromium (Playwright, /usr/bin/chromium, SwiftShader WebGL): from the map page's
@@ -132,7 +132,7 @@ def ms(values: list[float]) -> dict[str, float]:
 
 def clip_pages(path: Path, pages: int) -> dict:
     """Server time of clip pages (warm), after one warm-up page; the app's start time too."""
-    from featurestore.view import start
+    from featurestore.viewer import start
 
     t0 = time.perf_counter()
     running = start(path)
@@ -154,7 +154,7 @@ def projection(path: Path) -> dict:
     from sklearn.decomposition import PCA
 
     from featurestore.store.search import clip_blocks
-    from featurestore.view.projection import project, sidecar_dir
+    from featurestore.viewer.projection import project, sidecar_dir
 
     with open_store(path) as store:
         folder = sidecar_dir(store, EMBED)
@@ -178,7 +178,7 @@ def first_render(path: Path) -> dict:
     """Chromium: navigation -> map drawn, with the projection already in its sidecar."""
     from playwright.sync_api import sync_playwright
 
-    from featurestore.view import start
+    from featurestore.viewer import start
 
     running = start(path)
     try:
@@ -218,7 +218,7 @@ Bokeh.embed.embed_item({item}, "plot").then(() => requestAnimationFrame(() => re
 def library_pages(work: Path, n: int) -> dict[str, Path]:
     """The same ``n`` points (10 colour groups) drawn with WebGL by plotly.js and by BokehJS, each a
     standalone page with its library inline: the reference for choosing the plotting library."""
-    from featurestore.view._deps import plotly_js
+    from featurestore.viewer._deps import plotly_js
 
     rng = np.random.default_rng(0)
     group = np.arange(n) % 10
@@ -283,7 +283,7 @@ def idle_memory(path: Path) -> dict:
     after one clip page too (its neighbours memory-map search's clip matrix: file-backed pages)."""
     plain = (f"from featurestore import open_store\ns = open_store({str(path)!r})\nids = s.clip_ids\nlab = s.labels\n"
              f"d = s.done_mask({EMBED!r})\n{RSS}")
-    app = (f"import urllib.request, time, gc\nfrom featurestore.view import start\nr = start({str(path)!r})\n"
+    app = (f"import urllib.request, time, gc\nfrom featurestore.viewer import start\nr = start({str(path)!r})\n"
            f"urllib.request.urlopen(r.url + 'api/points?colour=label').read()\ngc.collect(); time.sleep(1)\n{RSS}\n"
            f"urllib.request.urlopen(r.url + 'clip?id=' + r.state.store.index.ids_at([0])[0]).read()\n"
            f"gc.collect(); time.sleep(1)\n{RSS}\nr.stop()")

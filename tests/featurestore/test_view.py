@@ -84,7 +84,7 @@ def view_store(view_dataset, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(view_store):
-    from featurestore.view import start
+    from featurestore.viewer import start
 
     running = start(view_store)
     yield running
@@ -125,7 +125,7 @@ def test_the_map_is_the_pca_of_the_clip_vectors_kept_in_a_sidecar_and_rebuilt_wh
     from sklearn.decomposition import PCA
 
     from featurestore.store.search import clip_vectors
-    from featurestore.view.projection import project, sidecar_dir
+    from featurestore.viewer.projection import project, sidecar_dir
 
     path = build_view_store(tmp_path / "p.zarr", view_dataset)
     with open_store(path, "a") as store:
@@ -146,7 +146,7 @@ def test_the_map_is_the_pca_of_the_clip_vectors_kept_in_a_sidecar_and_rebuilt_wh
 
 
 def test_a_damaged_projection_file_is_never_served(tmp_path, view_dataset):
-    from featurestore.view.projection import project
+    from featurestore.viewer.projection import project
 
     path = build_view_store(tmp_path / "d.zarr", view_dataset)
     with open_store(path) as store:
@@ -160,7 +160,7 @@ def test_a_damaged_projection_file_is_never_served(tmp_path, view_dataset):
 
 
 def test_a_store_this_process_cannot_write_gets_no_sidecar(tmp_path, view_dataset):
-    from featurestore.view import prepare
+    from featurestore.viewer import prepare
 
     folder = tmp_path / "ro"
     path = build_view_store(folder / "s.zarr", view_dataset)
@@ -208,7 +208,7 @@ def test_media_is_served_for_listed_files_and_nothing_else(server, view_store, v
 
 def test_a_store_listing_a_path_outside_its_dataset_root_serves_nothing(tmp_path, view_dataset):
     """A crafted index (an absolute path, a ``..`` path), a link inside the dataset pointing out, a link loop."""
-    from featurestore.view.media import MediaRefused, media_path
+    from featurestore.viewer.media import MediaRefused, media_path
 
     data = tmp_path / "data"
     shutil.copytree(view_dataset, data)
@@ -234,7 +234,7 @@ def test_a_store_listing_a_path_outside_its_dataset_root_serves_nothing(tmp_path
 
 
 def test_a_missing_media_file_is_a_note_on_the_clip_page(tmp_path, view_dataset):
-    from featurestore.view import start
+    from featurestore.viewer import start
 
     data = tmp_path / "data"
     shutil.copytree(view_dataset, data)
@@ -292,8 +292,8 @@ def test_frames_and_logmel_pictures(server, view_store, tmp_path):
 
 def test_frames_are_decoded_from_the_video_when_the_store_holds_none(tmp_path, view_dataset):
     from featurestore.decode.video import sample_frames
-    from featurestore.view.app import _Handlers
-    from featurestore.view import prepare
+    from featurestore.viewer.app import _Handlers
+    from featurestore.viewer import prepare
 
     manifest = read_tau(view_dataset)
     with create_store(tmp_path / "bare.zarr", manifest) as store:
@@ -350,7 +350,7 @@ def test_every_colouring_gives_each_clip_its_own_value(server, view_store):
 
 
 def test_serving_pages_changes_nothing_in_the_store(tmp_path, view_dataset):
-    from featurestore.view import start
+    from featurestore.viewer import start
 
     path = build_view_store(tmp_path / "s.zarr", view_dataset)
     listing = lambda: sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)  # noqa: E731
@@ -370,7 +370,7 @@ def test_serving_pages_changes_nothing_in_the_store(tmp_path, view_dataset):
 
 
 def test_a_store_without_runs_or_media_still_has_its_map_and_clip_pages(tmp_path):
-    from featurestore.view import start
+    from featurestore.viewer import start
     from tests.heads._store import build_store
 
     path = build_store(tmp_path / "plain.zarr", n_clips=16)
@@ -400,7 +400,7 @@ def test_the_cli_names_the_extra_when_it_is_missing(view_store):
 
 
 def test_another_host_prints_a_warning(view_store, capsys):
-    from featurestore.view import start
+    from featurestore.viewer import start
 
     running = start(view_store, host="0.0.0.0")
     try:
@@ -445,3 +445,12 @@ def test_the_cli_prints_its_url_serves_and_stops_on_ctrl_c(view_store):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and err == ""
+
+
+def test_the_function_and_the_package_have_their_own_names():
+    """``featurestore.view`` is the function; the package is ``featurestore.viewer``, whose modules import by name."""
+    import featurestore
+    import featurestore.viewer.media as media
+
+    assert callable(featurestore.view) and featurestore.view is featurestore.viewer.view
+    assert media.KINDS == {"audio": "audio_path", "video": "video_path"}

@@ -59,7 +59,7 @@ CELL = """([t, p]) => {
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from featurestore.view import start
+    from featurestore.viewer import start
 
     dataset = make_view_dataset(tmp_path_factory.mktemp("browser_dataset") / "demo")
     path = build_view_store(tmp_path_factory.mktemp("browser") / "view.zarr", dataset, text=TEXT)

@@ -27,7 +27,7 @@ def dataset(tmp_path_factory):
 
 
 def test_a_recipe_given_to_the_viewer_shows_its_fused_output(tmp_path, dataset):
-    from featurestore.view import start
+    from featurestore.viewer import start
     from fusion.pipeline import fuse
     from fusion.recipe import FusionRecipe
 

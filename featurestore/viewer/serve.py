@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featurestore.view._deps import require_view_extra
+from featurestore.viewer._deps import require_view_extra
 
 LOCAL = "127.0.0.1"
 
@@ -47,9 +47,9 @@ def prepare(store: Any, feature_sets: Sequence[str] | None = None, method: str =
             recipes: Sequence[str] = (), keep: bool = True, log: Any = None) -> Any:
     """The app's `ViewState`: projections of the map's sets (from their sidecars, or computed now)
     and the outputs to show (stored runs, and what providers add for ``recipes``)."""
-    from featurestore.view.data import ViewState, map_points_json
-    from featurestore.view.outputs import load_sources
-    from featurestore.view.projection import project
+    from featurestore.viewer.data import ViewState, map_points_json
+    from featurestore.viewer.outputs import load_sources
+    from featurestore.viewer.projection import project
 
     names = list(feature_sets) if feature_sets else map_sets(store)
     projections = {}
@@ -98,7 +98,7 @@ def _bind(host: str, port: int) -> socket.socket:
 def _server(state: Any, host: str) -> Any:
     import uvicorn
 
-    from featurestore.view.app import create_app
+    from featurestore.viewer.app import create_app
 
     if host != LOCAL:
         print(f"WARNING: featurestore view listens on {host}: anyone who can reach it can read this store and "

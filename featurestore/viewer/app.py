@@ -1,4 +1,4 @@
-"""The web app: Starlette routes over `featurestore.view.data`, every script served from here.
+"""The web app: Starlette routes over `featurestore.viewer.data`, every script served from here.
 
 Routes take clip ids and names as query parameters, never paths: ``clip?id=...``,
 ``media?id=...&kind=audio``. A percent-encoded slash or ``..`` is then just part of an id the index
@@ -14,10 +14,10 @@ from typing import Any
 
 from featurestore.decode._errors import DecodeError
 from featurestore.errors import FeatureStoreError, UnknownClipError, UnknownFeatureError
-from featurestore.view._deps import plotly_js
-from featurestore.view.data import ViewState, clip_page, colour_options, confusion, map_points_json, search
-from featurestore.view.images import frame_strip, logmel_image, png
-from featurestore.view.media import MediaMissing, MediaRefused, content_type, media_path
+from featurestore.viewer._deps import plotly_js
+from featurestore.viewer.data import ViewState, clip_page, colour_options, confusion, map_points_json, search
+from featurestore.viewer.images import frame_strip, logmel_image, png
+from featurestore.viewer.media import MediaMissing, MediaRefused, content_type, media_path
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
@@ -86,7 +86,7 @@ class _Handlers:
     def clip(self, request: Any) -> Any:
         from starlette.responses import HTMLResponse
 
-        from featurestore.view.pages import clip_html
+        from featurestore.viewer.pages import clip_html
 
         q = request.query_params
         return self._answer(lambda: HTMLResponse(clip_html(clip_page(self.state, q.get("id", ""),
@@ -107,7 +107,7 @@ class _Handlers:
         return self._answer(lambda: _png(self._frames(request.query_params.get("id", ""))))
 
     def _frames(self, clip_id: str) -> Any:
-        from featurestore.view.data import frames_source
+        from featurestore.viewer.data import frames_source
 
         store = self.state.store
         source = frames_source(self.state, store.row(clip_id))

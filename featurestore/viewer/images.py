@@ -1,7 +1,7 @@
 """PNG pictures of a clip: its frames as one strip, its log-mel as a heat map.
 
 Frames come from a stored ``frames/<size>`` set when the store holds one (no decoding), else they are
-decoded from the clip's video file (only a file `featurestore.view.media` allows). Pictures are
+decoded from the clip's video file (only a file `featurestore.viewer.media` allows). Pictures are
 made with Pillow, which torchvision and matplotlib already need.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the viewer's pages show, as plain data: map points, one clip, a confusion matrix, a search.
 
-Kept apart from the web app (`featurestore.view.app`) so tests and the benchmark call it directly.
+Kept apart from the web app (`featurestore.viewer.app`) so tests and the benchmark call it directly.
 Everything is read through the store object (its index and arrays); nothing here writes.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from featurestore.errors import MissingFeatureError
-from featurestore.view.images import frame_sets, logmel_sets
-from featurestore.view.media import KINDS, MediaMissing, MediaRefused, media_path
-from featurestore.view.outputs import Source
-from featurestore.view.projection import Projection
+from featurestore.viewer.images import frame_sets, logmel_sets
+from featurestore.viewer.media import KINDS, MediaMissing, MediaRefused, media_path
+from featurestore.viewer.outputs import Source
+from featurestore.viewer.projection import Projection
 
 NEIGHBOURS = 8
 CHUNKS_KEPT = 4  # decoded chunks of the media path columns a running app keeps (65,536 paths each)

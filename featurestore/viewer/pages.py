@@ -1,4 +1,4 @@
-"""The clip page as HTML, rendered on the server from `featurestore.view.data.clip_page`'s data.
+"""The clip page as HTML, rendered on the server from `featurestore.viewer.data.clip_page`'s data.
 
 Server-rendered so the page is whole when it arrives (no second request before the player shows)
 and so its server time is the one number the floor bounds. Every value is escaped.
