@@ -4,6 +4,12 @@ Routes take clip ids and names as query parameters, never paths: ``clip?id=...``
 ``media?id=...&kind=audio``. A percent-encoded slash or ``..`` is then just part of an id the index
 does not hold (404). The store is read under one lock: a `FeatureStore` keeps caches that are not
 made for concurrent threads, and Starlette runs plain endpoints in a thread pool.
+
+Every answer that is not a page or a picture is one line of plain text (never a traceback): a wrong
+parameter is a 400/404 naming it; a store that was deleted or changed under the running app is a
+503 saying so, and the server goes on answering. Every response carries ``nosniff`` and a content
+security policy that allows no inline script, so nothing a store holds can run in the page even
+if it got past the escaping (docs/view.md, "Safety").
 """
 from __future__ import annotations
 
@@ -15,12 +21,19 @@ from typing import Any
 from featurestore.decode._errors import DecodeError
 from featurestore.errors import FeatureStoreError, UnknownClipError, UnknownFeatureError
 from featurestore.viewer._deps import plotly_js
-from featurestore.viewer.data import ViewState, clip_page, colour_options, confusion, map_points_json, search
+from featurestore.viewer.data import (BadRequest, ViewState, check_k, clip_page, colour_options, confusion,
+                                      map_points_json, search)
 from featurestore.viewer.images import frame_strip, logmel_image, png
 from featurestore.viewer.media import MediaMissing, MediaRefused, content_type, media_path
 
 STATIC = Path(__file__).parent / "static"
-LOCAL_HOSTS = ["127.0.0.1", "localhost", "[::1]", "::1"]
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+#: Plotly's WebGL maps compile shaders with ``Function`` (regl), hence 'unsafe-eval'; inline scripts
+#: and event-handler attributes (``onerror=``) stay forbidden, and nothing loads from elsewhere.
+CSP = ("default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' data: blob:; media-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+HEADERS = [(b"x-content-type-options", b"nosniff"), (b"content-security-policy", CSP.encode()),
+           (b"referrer-policy", b"no-referrer")]
 
 
 def create_app(state: ViewState, local_only: bool = True) -> Any:
@@ -28,7 +41,6 @@ def create_app(state: ViewState, local_only: bool = True) -> Any:
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.gzip import GZipMiddleware
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from starlette.routing import Route
 
     lock = threading.Lock()
@@ -39,10 +51,55 @@ def create_app(state: ViewState, local_only: bool = True) -> Any:
               Route("/api/confusion", handlers.confusion), Route("/api/search", handlers.search),
               Route("/static/{name}", handlers.static), Route("/favicon.ico", handlers.no_icon)]
     # level 4: the map's 3.7 MiB of JSON at 100,000 clips in a fraction of level 9's time, for about its size
-    middleware = [Middleware(GZipMiddleware, minimum_size=1024, compresslevel=4)]
-    if local_only:
-        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS))
+    middleware = [Middleware(_Guard, local_only=local_only),
+                  Middleware(GZipMiddleware, minimum_size=1024, compresslevel=4)]
     return Starlette(routes=routes, middleware=middleware)
+
+
+def host_name(header: str) -> str:
+    """The host name of a Host header without its port: ``[::1]:8765`` -> ``::1``, ``localhost:80`` ->
+    ``localhost`` (Starlette's TrustedHostMiddleware cuts at the first colon, so an IPv6 loopback
+    address never matched and ``--host ::1`` answered nothing)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        rest = header[end + 1:] if end > 0 else "?"
+        return header[1:end] if rest == "" or (rest[:1] == ":" and rest[1:].isdigit()) else ""
+    if ":" not in header:
+        return header
+    name, _, port = header.partition(":")
+    return name if port.isdigit() else ""
+
+
+class _Guard:
+    """ASGI middleware: refuse a Host header that is not a loopback name (DNS rebinding: a page of
+    evil.example whose name now points at 127.0.0.1) when listening on loopback, and add the safety
+    headers to every response."""
+
+    def __init__(self, app: Any, local_only: bool):
+        self.app, self.local_only = app, local_only
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.local_only:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in LOCAL_HOSTS:
+                from starlette.responses import PlainTextResponse
+
+                answer = PlainTextResponse(f"refused: Host {host[:80]!r} is not a loopback name "
+                                           f"(featurestore view answers {', '.join(sorted(LOCAL_HOSTS))})", 400)
+                return await answer(scope, receive, _with_headers(send))
+        return await self.app(scope, receive, _with_headers(send))
+
+
+def _with_headers(send: Any) -> Any:
+    async def sending(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *HEADERS]}
+        await send(message)
+
+    return sending
 
 
 class _Handlers:
@@ -60,10 +117,32 @@ class _Handlers:
                 return make()
         except (UnknownClipError, UnknownFeatureError, MediaRefused, MediaMissing) as err:
             return PlainTextResponse(_one_line(err), status_code=404)
-        except (DecodeError, OSError) as err:  # a listed video that does not decode, an unreadable file
-            return PlainTextResponse(_one_line(err), status_code=422)
-        except (FeatureStoreError, ValueError, KeyError) as err:
+        except BadRequest as err:
             return PlainTextResponse(_one_line(err), status_code=400)
+        except Exception as err:  # noqa: BLE001 - the browser gets one line, never a traceback
+            gone = self._store_gone()
+            if gone:
+                return PlainTextResponse(f"{gone} ({_one_line(err)}); restart featurestore view", status_code=503)
+            if isinstance(err, (DecodeError, OSError)):  # a listed video that does not decode, an unreadable file
+                return PlainTextResponse(_one_line(err), status_code=422)
+            if isinstance(err, (FeatureStoreError, ValueError, KeyError)):
+                return PlainTextResponse(_one_line(err), status_code=400)
+            return PlainTextResponse(f"featurestore view could not answer: {_one_line(err)}", status_code=500)
+
+    def _store_gone(self) -> str | None:
+        """A sentence when the store the app opened is no longer at its path (deleted, moved,
+        replaced by another), else None. Stores at URLs are not checked (None)."""
+        location = str(self.state.store.location)
+        if "://" in location and not location.startswith("file://"):
+            return None
+        path = Path(location.removeprefix("file://"))
+        try:
+            same = path.exists() and path.stat().st_ino == self.state.store_inode
+        except OSError:
+            same = False
+        if same:
+            return None
+        return f"the store {path} was deleted or replaced while featurestore view runs"
 
     def index(self, request: Any) -> Any:
         from starlette.responses import FileResponse
@@ -133,7 +212,7 @@ class _Handlers:
         store = self.state.store
         return {"store": str(store.location), "n_clips": store.n_clips, "classes": list(store.classes),
                 "feature_sets": {name: {"method": p.method, "n": len(p.rows)} for name, p in self.state.projections.items()},
-                "colours": colour_options(self.state), "outputs": list(self.state.sources), "splits": store.splits()}
+                "colours": colour_options(self.state), "outputs": list(self.state.sources), "splits": self.state.splits}
 
     def points(self, request: Any) -> Any:
         from starlette.responses import Response
@@ -152,7 +231,8 @@ class _Handlers:
         from starlette.responses import JSONResponse
 
         q = request.query_params
-        return self._answer(lambda: JSONResponse(search(self.state, self._set(q.get("set")), q.get("q", ""))))
+        return self._answer(lambda: JSONResponse(search(self.state, self._set(q.get("set")), q.get("q", ""),
+                                                       check_k(q.get("k")))))
 
     def _set(self, name: str | None) -> str | None:
         """The map set asked for (first one by default); an unknown name is UnknownFeatureError."""

@@ -10,6 +10,7 @@ import ctypes
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,9 @@ from featurestore.viewer.outputs import Source
 from featurestore.viewer.projection import Projection
 
 NEIGHBOURS = 8
+SEARCH_K = 20  # search results by default
+MAX_K = 200  # search results at most: each is a list item and a ringed point
+MAX_QUERY = 1000  # characters of a search query: a text tower reads 77 tokens; more is a mistake or an attack
 CHUNKS_KEPT = 4  # decoded chunks of the media path columns a running app keeps (65,536 paths each)
 PLAIN_COLOURS = ("label", "city", "split")
 
@@ -40,6 +44,7 @@ class ViewState:
     splits: list[str] = field(default_factory=list)
     chunks: "OrderedDict[tuple[str, int], np.ndarray]" = field(default_factory=OrderedDict)  # path columns, LRU
     map_json: dict[str, str] = field(default_factory=dict)  # feature set -> its ids and positions as JSON
+    store_inode: int | None = None  # the store's folder at start: a page tells a deleted or replaced store
 
     def __post_init__(self) -> None:
         """What every clip page needs and a running app never sees change: read once, not per page
@@ -47,6 +52,7 @@ class ViewState:
         self.attrs = dict(self.store.attrs)
         self.frame_sets, self.logmel_sets = frame_sets(self.store), logmel_sets(self.store)
         self.splits = self.store.splits()
+        self.store_inode = _inode(self.store.location)
 
     def value(self, column: str, row: int) -> str:
         """One row of a string column (media paths), through a few decoded chunks kept (LRU): the
@@ -87,6 +93,17 @@ class ViewState:
         return self.index[name]
 
 
+def _inode(location: Any) -> int | None:
+    """The inode of a local store's path (None for URLs and paths that cannot be read)."""
+    text = str(location)
+    if "://" in text and not text.startswith("file://"):
+        return None
+    try:
+        return Path(text.removeprefix("file://")).stat().st_ino
+    except OSError:
+        return None
+
+
 def _read_column(store: Any, name: str) -> np.ndarray:
     if name == "label":
         classes = np.array([*store.classes, "(no label)"], dtype=object)
@@ -97,6 +114,29 @@ def _read_column(store: Any, name: str) -> np.ndarray:
             out[store.column(f"split/{split}").astype(bool)] = split
         return out
     return np.asarray(store.column(name), dtype=object)
+
+
+class BadRequest(ValueError):
+    """A request's parameter the viewer cannot answer (unknown colour, source, split; k or a query out
+    of range): 400 with this one line. Kept apart from the store's own errors, which say the store is
+    unreadable rather than the request wrong."""
+
+
+def check_k(text: str | None) -> int:
+    """``k`` from a query string: an integer in 1..`MAX_K` (default `SEARCH_K`), else BadRequest."""
+    if text is None or text == "":
+        return SEARCH_K
+    value = int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else None
+    if value is None or not 1 <= value <= MAX_K:
+        raise BadRequest(f"k must be a whole number from 1 to {MAX_K}, got {text[:20]!r}")
+    return value
+
+
+def check_split(state: "ViewState", split: str | None) -> str | None:
+    """A split the store has (None or '' is every clip), else BadRequest naming the ones it has."""
+    if split and split not in state.splits:
+        raise BadRequest(f"no split {split[:80]!r} in the store; it has {', '.join(state.splits) or 'none'}")
+    return split or None
 
 
 # ------------------------------------------------------------------------------------- the map
@@ -172,7 +212,7 @@ def colour_values(state: ViewState, rows: np.ndarray, colour: str) -> np.ndarray
         return state.column(colour)[rows]
     kind, _, source = colour.partition(":")
     if kind not in ("predicted", "correct") or source not in state.sources:
-        raise ValueError(f"cannot colour by {colour!r}; choose one of {', '.join(colour_options(state))}")
+        raise BadRequest(f"cannot colour by {colour[:80]!r}; choose one of {', '.join(colour_options(state))}")
     pred = predicted_classes(state, source, rows)
     classes = np.array([*state.store.classes, "(not predicted)"], dtype=object)
     if kind == "predicted":
@@ -259,7 +299,8 @@ def confusion(state: ViewState, source: str, split: str | None) -> dict[str, Any
     clip ids of every cell, so a click lists them without another request."""
     store = state.store
     if source not in state.sources:
-        raise ValueError(f"no output {source!r}; the store has {', '.join(state.sources) or 'none'}")
+        raise BadRequest(f"no output {source[:80]!r}; the store has {', '.join(state.sources) or 'none'}")
+    split = check_split(state, split)
     member = state.in_split(split) if split else np.ones(store.n_clips, dtype=bool)
     labels = state.labels()
     rows = np.flatnonzero(member & (labels >= 0) & state.covers(source))
@@ -275,16 +316,22 @@ def confusion(state: ViewState, source: str, split: str | None) -> dict[str, Any
             "cells": cells, "n": int(len(rows)), "accuracy": float(np.trace(counts) / max(1, len(rows)))}
 
 
-def search(state: ViewState, feature_set: str, query: str, k: int = 20) -> dict[str, Any]:
+def search(state: ViewState, feature_set: str | None, query: str, k: int = SEARCH_K) -> dict[str, Any]:
     """A clip id (that clip and its neighbours) or a sentence (through the set's CLIP text tower)."""
     store = state.store
     query = query.strip()
     if not query:
-        raise ValueError("type a clip id or a sentence")
+        raise BadRequest("type a clip id or a sentence")
+    if len(query) > MAX_QUERY:
+        raise BadRequest(f"the query has {len(query)} characters; at most {MAX_QUERY}")
+    if not 1 <= k <= MAX_K:
+        raise BadRequest(f"k must be from 1 to {MAX_K}, got {k}")
+    if feature_set is None:
+        raise BadRequest("the store holds no embedding set to search in")
     if store.index.find([query])[0] >= 0:
         label = int(state.labels()[store.row(query)])
         hits = [{"clip_id": query, "score": 1.0, "label": store.classes[label] if label >= 0 else None},
-                *neighbours(store, feature_set, query, k - 1)]
+                *(neighbours(store, feature_set, query, k - 1) if k > 1 else [])]
         return {"query": query, "kind": "clip id", "results": hits, "notes": []}
     from featurestore.text_query import search_text
 

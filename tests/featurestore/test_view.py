@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,14 +36,15 @@ def make_view_dataset(path: Path) -> Path:
     return make_demo_dataset(path, **{**TINY, "duration": 2.0})
 
 
-def build_view_store(path: Path, dataset: Path, text: str | None = None) -> Path:
+def build_view_store(path: Path, dataset: Path, text: str | None = None, manifest: Any = None) -> Path:
     """A store over ``dataset`` with an embedding set, log-mel, frames and one prediction run.
 
     ``text``: the sentence whose text-tower embedding (``TEXT_SPEC``) is written as the first tram
     clip's embedding, so a text search for it must find that clip first; otherwise 16-d embeddings.
+    ``manifest``: the dataset's clips as read (default) or as a test changed them.
     """
     rng = np.random.default_rng(0)
-    manifest = read_tau(dataset)
+    manifest = read_tau(dataset) if manifest is None else manifest
     with create_store(path, manifest) as store:
         n, seg, frames = store.n_clips, manifest.audio_segments, manifest.video_frames
         target = None
@@ -454,3 +456,164 @@ def test_the_function_and_the_package_have_their_own_names():
 
     assert callable(featurestore.view) and featurestore.view is featurestore.viewer.view
     assert media.KINDS == {"audio": "audio_path", "video": "video_path"}
+
+
+# ------------------------------------------------------------------------- a hostile review
+#: Markup in the store's own text (class, city and split names are free text in a dataset's CSV).
+HOSTILE = '<b>x<a href="https:evil.example">y<img src=x onerror="window.pwned=1">%{x}'  # no '/': store paths hold split names
+
+
+def hostile_manifest(dataset: Path) -> Any:
+    """The demo manifest with ``bus`` renamed to ``bus`` + `HOSTILE`, and one clip's city and an extra split hostile."""
+    manifest = read_tau(dataset)
+    bus = manifest.classes.index("bus")
+    manifest.classes[bus] = "bus" + HOSTILE
+    for clip in manifest.clips:
+        clip.label = manifest.classes[bus] if clip.label == "bus" else clip.label
+    manifest.clips[0].city = "city" + HOSTILE
+    manifest.clips[0].splits = frozenset({*manifest.clips[0].splits, "split" + HOSTILE})
+    return manifest
+
+
+def test_the_stores_text_is_escaped_on_pages_and_errors_are_plain_text(tmp_path, view_dataset):
+    from featurestore.viewer import start
+
+    path = build_view_store(tmp_path / "h.zarr", view_dataset, manifest=hostile_manifest(view_dataset))
+    running = start(path)
+    try:
+        with open_store(path) as store:
+            clip = store.clip_ids[0]
+        status, body, _ = fetch(running.url + f"clip?id={clip}")
+        page = body.decode()
+        assert status == 200 and HOSTILE not in page and "<img src=x" not in page and 'href="https:evil' not in page
+        from html import escape
+
+        assert escape("city" + HOSTILE) in page and escape("split" + HOSTILE) in page and escape("bus" + HOSTILE) in page
+        for target in ["clip?id=%3Cscript%3Ealert(1)%3C/script%3E", "api/search?q=%3Cscript%3E&k=0",
+                       "api/confusion?source=%3Cscript%3E", "api/points?colour=%3Cimg%20src=x%3E"]:
+            status, body, kind = fetch(running.url + target)
+            assert status in (400, 404) and kind.startswith("text/plain") and b"\n" not in body.strip(), target
+        answer = urllib_head(running.url + "clip?id=nope")
+        assert answer["x-content-type-options"] == "nosniff" and "script-src 'self'" in answer["content-security-policy"]
+        assert "'unsafe-inline'" not in answer["content-security-policy"].split("script-src")[1].split(";")[0]
+    finally:
+        running.stop()
+
+
+def urllib_head(url: str) -> dict[str, str]:
+    """The response headers of a GET (errors included), names in lower case."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return {k.lower(): v for k, v in answer.headers.items()}
+    except urllib.error.HTTPError as err:
+        return {k.lower(): v for k, v in err.headers.items()}
+
+
+def test_spoofed_host_headers_are_refused_and_the_ipv6_loopback_is_answered(view_store):
+    from featurestore.viewer import start
+
+    running = start(view_store, host="::1")
+    try:
+        port = running.url.rsplit(":", 1)[1].strip("/")
+        assert running.url.startswith("http://[::1]:")
+        for host, status in [(f"[::1]:{port}", 200), ("[::1]", 200), (f"localhost:{port}", 200),
+                             ("evil.example", 400), (f"127.0.0.1.evil.example:{port}", 400),
+                             (f"localhost:{port}@evil.example", 400), ("[::1].evil.example", 400), ("", 400)]:
+            got, body = raw_get(running.url, "/api/info", host=host)
+            assert got == status, (host, got, body[:200])
+            assert status == 200 or b"not a loopback name" in body
+    finally:
+        running.stop()
+
+
+def test_hostile_media_requests_serve_nothing_but_the_listed_file(tmp_path, view_dataset):
+    """NUL bytes, double encoding, huge or many ranges, and a listed file swapped for a link after start."""
+    import http.client
+
+    from featurestore.viewer import start
+
+    data = tmp_path / "data"
+    shutil.copytree(view_dataset, data)
+    path = build_view_store(tmp_path / "s.zarr", data)
+    secret = tmp_path / "secret.wav"
+    secret.write_bytes(b"RIFF secret")
+    with open_store(path) as store:
+        clip, other = store.clip_ids[3], store.clip_ids[6]
+        wav = data / str(store.column("audio_path")[3])
+        swapped = data / str(store.column("audio_path")[6])
+    running = start(path)
+    try:
+        for target in [f"/media?id={clip}%00&kind=audio", f"/media?id={clip}&kind=audio%00", "/media?id=%00&kind=audio",
+                       "/media?id=%252e%252e%252fsecret.wav&kind=audio", "/media?id=%2e%2e%2f%2e%2e%2fsecret.wav&kind=audio",
+                       f"/media?id={clip}%252F..%252F..%252Fsecret.wav&kind=audio", f"/media?id={tmp_path}/secret.wav&kind=audio"]:
+            status, body = raw_get(running.url, target)
+            assert status == 404 and b"secret" not in body.replace(b"secret.wav", b""), (target, status, body[:200])
+        where = running.url.split("//")[1].strip("/").split(":")
+        for ranges, status, size in [("bytes=0-99999999999999999999999", 206, wav.stat().st_size),
+                                     ("bytes=-99999999999999999999999", 206, wav.stat().st_size),
+                                     ("bytes=99999999999999999999-", 416, 0),
+                                     ("bytes=" + ",".join(f"{i}-{i}" for i in range(2000)), 200, wav.stat().st_size)]:
+            conn = http.client.HTTPConnection(where[0], int(where[1]), timeout=30)
+            conn.request("GET", f"/media?id={clip}&kind=audio", headers={"Range": ranges})
+            answer = conn.getresponse()
+            body = answer.read()
+            conn.close()
+            assert (answer.status, len(body)) == (status, size), ranges[:40]
+            assert status != 206 or body == wav.read_bytes()
+        assert fetch(running.url + f"media?id={other}&kind=audio")[0] == 200
+        swapped.unlink()
+        swapped.symlink_to(secret)  # after start: each request resolves the path again
+        status, body, _ = fetch(running.url + f"media?id={other}&kind=audio")
+        assert status == 404 and b"outside the dataset root" in body and b"RIFF secret" not in body
+    finally:
+        running.stop()
+
+
+def test_a_store_deleted_while_the_app_runs_is_a_one_line_503_and_the_server_goes_on(tmp_path, view_dataset):
+    from featurestore.viewer import start
+
+    path = build_view_store(tmp_path / "s.zarr", view_dataset)
+    with open_store(path) as store:
+        clip, later = store.clip_ids[3], store.clip_ids[9]
+    running = start(path)
+    try:
+        assert fetch(running.url + f"clip?id={clip}")[0] == 200
+        shutil.rmtree(path)
+        gone = []  # what the app holds in memory (index columns, the map) is still answered; a read is not
+        for target in [f"clip?id={later}", f"frames.png?id={clip}", f"logmel.png?id={clip}&set=logmel",
+                       "api/points?colour=city", "api/confusion?source=run:a01&split=", f"api/search?q={clip}"]:
+            status, body, kind = fetch(running.url + target)
+            text = body.decode(errors="replace")
+            assert status in (200, 503), (target, status, text[:200])
+            if status == 503:
+                gone.append(target.split("?")[0])
+                assert kind.startswith("text/plain") and "\n" not in text.strip() and "Traceback" not in text
+                assert text.startswith(f"the store {path} was deleted or replaced while featurestore view runs (")
+        assert {"frames.png", "logmel.png"} <= set(gone), gone
+        assert fetch(running.url)[0] == 200 and fetch(running.url + "static/view.js")[0] == 200
+        assert json.loads(fetch(running.url + "api/info")[1])["n_clips"] == 20  # what it read at start
+        print("answered with 503:", gone)
+    finally:
+        running.stop()
+
+
+def test_query_parameters_out_of_range_are_one_line_400s(server, view_store):
+    with open_store(view_store) as store:
+        clip = store.clip_ids[4]
+        near = store.search(EMBED, clip, k=3, method="exact").clip_ids
+    found = json.loads(fetch(server.url + f"api/search?q={clip}&k=3")[1])
+    assert [r["clip_id"] for r in found["results"]] == [clip, *near[:2]]
+    assert [r["clip_id"] for r in json.loads(fetch(server.url + f"api/search?q={clip}&k=1")[1])["results"]] == [clip]
+    for target, line in [(f"api/search?q={clip}&k=0", "k must be a whole number from 1 to 200, got '0'"),
+                         (f"api/search?q={clip}&k=201", "k must be a whole number from 1 to 200, got '201'"),
+                         (f"api/search?q={clip}&k=-1", "k must be a whole number from 1 to 200, got '-1'"),
+                         (f"api/search?q={clip}&k=1e9", "k must be a whole number from 1 to 200, got '1e9'"),
+                         (f"api/search?q={clip}&k=" + "9" * 400, "k must be a whole number from 1 to 200, got '" + "9" * 20 + "'"),
+                         ("api/search?q=" + "a" * 1001, "the query has 1001 characters; at most 1000"),
+                         ("api/confusion?source=run:a01&split=%00",
+                          "no split '\\x00' in the store; it has fold1_evaluate, fold1_test, fold1_train")]:
+        status, body, _ = fetch(server.url + target)
+        assert (status, body.decode()) == (400, line), target
