@@ -756,7 +756,9 @@ def _load_faiss(folder: SidecarDir | None, store: Any, feature_set: str, key: st
         try:
             with _files.open_checked(folder, name, max_bytes) as f:
                 index = _files.read_faiss(f, done, dim)
-                return FaissIndex(key, index, faiss_nlist(index))
+            with contextlib.suppress(OSError):  # an IVF file saved before .lists manifests: give it one
+                _files.remove_others(folder, ".lists", _files.write_lists_manifest(folder, key, index, name))
+            return FaissIndex(key, index, faiss_nlist(index))
         except SidecarDamage as damage:
             _warn(f"the search index {folder.path / name} is damaged: {damage}; rebuilding it")
             _files.remove(folder, name)

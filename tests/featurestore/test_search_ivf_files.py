@@ -158,3 +158,20 @@ def test_answers_take_their_ids_from_the_ids_sidecar_not_the_id_column(ivf_store
         assert sum(reads) == N and _sidecar(path, ".ids").read_bytes() != bytes(raw)
     else:
         assert reads == [] and err == ""
+
+
+def test_an_ivf_index_saved_without_a_lists_manifest_is_checked_whole_once_and_given_one(ivf_store):
+    """An index file from before the manifests (or whose manifest was lost) is hashed whole as before,
+    and then gets its manifest: the next process maps it instead of reading it."""
+    path, vectors = ivf_store
+    _sidecar(path, ".lists").unlink()
+    files._VERIFIED.clear()
+    with open_store(path) as store:
+        first = store.search(FEAT, "c0001", k=5, method="faiss")
+        assert search_mod.faiss_index(store, FEAT).lists is None  # read and checked whole
+    assert _sidecar(path, ".lists").exists()
+    files._VERIFIED.clear()
+    with open_store(path) as store:
+        again = store.search(FEAT, "c0001", k=5, method="faiss")
+        assert search_mod.faiss_index(store, FEAT).lists is not None
+    assert again.clip_ids == first.clip_ids and not any(n.startswith("built") for n in again.notes + first.notes)
