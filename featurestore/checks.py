@@ -10,6 +10,8 @@ from __future__ import annotations
 from numbers import Integral
 from typing import Any
 
+import numpy as np
+
 
 def is_int_in(value: Any, low: int, high: int | None = None, *, whole_floats: bool = False) -> bool:
     """True when ``value`` is an integer (not a bool) with ``low <= value`` and, if given, ``value <= high``.
@@ -22,3 +24,21 @@ def is_int_in(value: Any, low: int, high: int | None = None, *, whole_floats: bo
     if not isinstance(value, Integral) and not (whole_floats and isinstance(value, float) and value.is_integer()):
         return False
     return bool(low <= value and (high is None or value <= high))
+
+
+def non_finite_rows(values: Any) -> np.ndarray:
+    """Bool mask over the first axis of ``values`` (a numpy array or a torch tensor): rows holding NaN or
+    infinity. Integer arrays have none. A tensor on a device is reduced there and only the mask read back.
+
+    The one row check behind "this clip's features/probabilities must not be stored or shown"
+    (heads predict and classify, training's naming of bad clips, fusion's run checks).
+    """
+    n = len(values)
+    if hasattr(values, "is_floating_point"):  # a torch tensor; torch itself is not imported here
+        if not (values.is_floating_point() or values.is_complex()):
+            return np.zeros(n, dtype=bool)
+        return (~values.reshape(n, -1).isfinite().all(dim=1)).cpu().numpy()
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fc" or n == 0:
+        return np.zeros(n, dtype=bool)
+    return ~np.isfinite(arr.reshape(n, -1)).all(axis=1)

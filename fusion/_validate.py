@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from featurestore.checks import non_finite_rows
+
 
 def as_probs(probs: np.ndarray, what: str = "probs", ndim: int = 2) -> np.ndarray:
     """Return ``probs`` as a float64 array after checking its rank, finiteness and range [0, 1].
@@ -68,8 +70,7 @@ class NonFiniteProbabilitiesError(ValueError):
 
 def nonfinite_rows(probs: np.ndarray) -> np.ndarray:
     """Bool mask of the rows (first axis) of ``probs`` holding any NaN or infinity."""
-    arr = np.asarray(probs, dtype=np.float64)
-    return ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1) if arr.shape[0] else np.zeros(0, dtype=bool)
+    return non_finite_rows(np.asarray(probs, dtype=np.float64))
 
 
 def name_some(names: list[str], limit: int = 5) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from featurestore.atomic_files import atomic_write
-from featurestore.checks import is_int_in
+from featurestore.checks import is_int_in, non_finite_rows
 from featurestore.manifest import MAX_AUDIO_SEGMENTS, MAX_VIDEO_FRAMES
 from featurestore.encode_files import DEFAULT_BATCH_CLIPS, ClipFiles, FileEncoder, group_files
 from featurestore.provenance import fingerprint, fingerprint_matches, is_random_weights, weights_identity
@@ -202,14 +202,11 @@ class Classifier:
 
 def non_finite_clips(features: Mapping[str, np.ndarray], segment_probs: np.ndarray) -> dict[int, str]:
     """Clip index -> why its probabilities must not be shown: NaN or infinity in its features or output."""
-    n = len(segment_probs)
     bad: dict[int, str] = {}
     for name, values in features.items():
-        values = np.asarray(values)
-        if values.dtype.kind in "fc":
-            for i in np.flatnonzero(~np.isfinite(values.reshape(n, -1)).all(axis=1)):
-                bad.setdefault(int(i), f"{name}: the features hold NaN or infinity (samples out of range in the file?)")
-    for i in np.flatnonzero(~np.isfinite(segment_probs.reshape(n, -1)).all(axis=1)):
+        for i in np.flatnonzero(non_finite_rows(values)):
+            bad.setdefault(int(i), f"{name}: the features hold NaN or infinity (samples out of range in the file?)")
+    for i in np.flatnonzero(non_finite_rows(segment_probs)):
         bad.setdefault(int(i), "the head gave NaN or infinite probabilities (are the run's weights finite?)")
     return bad
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from featurestore.encoders import resolve_device
 from featurestore.atomic_files import find_os_error
-from featurestore.checks import is_int_in
+from featurestore.checks import is_int_in, non_finite_rows
 from featurestore.extract.errors import NO_ROOM, store_write_error
 from featurestore.provenance import file_sha256, is_random_weights
 from featurestore.errors import ReadOnlyStoreError
@@ -364,15 +364,11 @@ def _predict(store: Any, out: Any, run_dir: Path, name: str, opt: _Options) -> P
 
 def _non_finite(inputs: list[torch.Tensor], probs: np.ndarray, features: list[str]) -> dict[int, str]:
     """Batch position -> why that clip's probabilities must not be stored (NaN or inf in or out)."""
-    n = len(probs)
     bad: dict[int, str] = {}
     for feature, x in zip(features, inputs):
-        if x.is_floating_point():
-            finite = torch.isfinite(x.reshape(n, -1)).all(dim=1).cpu().numpy()
-            for i in np.flatnonzero(~finite):
-                bad.setdefault(int(i), f"its {feature!r} features hold NaN or infinity")
-    finite = np.isfinite(probs.reshape(n, -1)).all(axis=1)
-    for i in np.flatnonzero(~finite):
+        for i in np.flatnonzero(non_finite_rows(x)):
+            bad.setdefault(int(i), f"its {feature!r} features hold NaN or infinity")
+    for i in np.flatnonzero(non_finite_rows(probs)):
         bad.setdefault(int(i), "the head gave NaN or infinite probabilities (are the run's weights finite?)")
     return bad
 

@@ -53,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from featurestore.atomic_files import OutputWriteError, atomic_write_bytes, atomic_write_text, describe_os_error
+from featurestore.checks import non_finite_rows
 from featurestore.encoders import resolve_device
 from featurestore.provenance import fingerprint as provenance_fingerprint
 from featurestore.provenance import is_random_weights, runtime_info, weights_identity
@@ -425,8 +426,7 @@ def non_finite_clips(dataset: StoreDataset, i: int) -> list[str]:
     bad: list[int] = []
     for start, stop, local in dataset.blocks:
         block = np.asarray(store.read_rows(name, start, stop, check_done=False))[local]
-        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-        bad.extend(int(start + r) for r in local[~finite])
+        bad.extend(int(start + r) for r in local[non_finite_rows(block)])
     ids = store.clip_ids
     return [ids[r] for r in bad]
 

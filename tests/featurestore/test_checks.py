@@ -30,3 +30,20 @@ def test_manifest_refuses_a_bool_frame_count_through_it():
         Manifest(name="d", classes=["a"], clips=[], video_frames=True)
     with pytest.raises(ValueError, match=str(MAX_VIDEO_FRAMES)):
         Manifest(name="d", classes=["a"], clips=[], video_frames=MAX_VIDEO_FRAMES + 1)
+
+
+def test_non_finite_rows_on_arrays_and_tensors():
+    import torch
+
+    from featurestore.checks import non_finite_rows
+
+    x = np.zeros((4, 2, 3), np.float16)
+    x[1, 0, 2], x[3, 1, 1] = np.nan, -np.inf
+    expected = [False, True, False, True]
+    assert non_finite_rows(x).tolist() == expected
+    assert non_finite_rows(torch.from_numpy(x)).tolist() == expected
+    assert non_finite_rows(np.full((3, 5), 7, np.int64)).tolist() == [False] * 3
+    assert non_finite_rows(torch.zeros(2, 3, dtype=torch.uint8)).tolist() == [False, False]
+    assert non_finite_rows(np.zeros((0, 4))).shape == (0,)
+    big = np.full((2, 3), np.finfo(np.float16).max, np.float16)  # finite, though a float16 sum would overflow
+    assert non_finite_rows(big).tolist() == [False, False]
