@@ -617,3 +617,18 @@ def test_query_parameters_out_of_range_are_one_line_400s(server, view_store):
                           "no split '\\x00' in the store; it has fold1_evaluate, fold1_test, fold1_train")]:
         status, body, _ = fetch(server.url + target)
         assert (status, body.decode()) == (400, line), target
+
+
+def test_umap_when_umap_learn_is_installed_is_kept_beside_the_pca_map(tmp_path, view_dataset):
+    pytest.importorskip("umap", reason="umap-learn is not installed (optional; not in [test]): the umap map is untested here")
+    from featurestore.viewer.projection import project
+
+    path = build_view_store(tmp_path / "u.zarr", view_dataset)
+    with open_store(path, "a") as store:
+        pca, first = project(store, EMBED, "pca"), project(store, EMBED, "umap")
+        again = project(store, EMBED, "umap")
+        n = store.n_clips
+    assert first.method == "umap" and first.xy.shape == (n, 2) and np.isfinite(first.xy).all() and first.seconds > 0
+    assert first.key != pca.key and first.kept_in.exists() and first.kept_in.parent == pca.kept_in.parent
+    assert again.seconds == 0 and again.kept_in == first.kept_in
+    np.testing.assert_array_equal(again.xy, first.xy)

@@ -12,6 +12,15 @@ async function getJSON(url) {
   return r.json();
 }
 
+// Plotly draws legend entries, hover labels, titles and tick labels from its own "pseudo-HTML":
+// <b>, <a href="https://...">, <span style> and entities. A class, city or split name is the store's
+// text, so every such string is entity-escaped on the way in (Plotly shows the escaped text as the
+// literal characters) and never spliced into a hovertemplate; '%' too: Plotly fills %{...} in
+// legend names as well.
+function plain(text) {
+  return String(text).replace(/[&<>"'%]/g, (c) => "&#" + c.charCodeAt(0) + ";");
+}
+
 function fill(select, values, chosen) {
   select.innerHTML = "";
   for (const v of values) select.add(new Option(v, v, false, v === chosen));
@@ -49,16 +58,16 @@ async function drawMap() {
              ids: typeof wire.ids === "string" ? wire.ids.split("\n") : wire.ids };
   const counts = new Array(points.groups.length).fill(0);
   for (const g of points.group) counts[g] += 1;
-  const traces = points.groups.map((name, g) => ({ type: "scattergl", mode: "markers", name: name + " (" + counts[g] + ")",
-    x: new Float32Array(counts[g]), y: new Float32Array(counts[g]), customdata: new Array(counts[g]),
-    hovertemplate: "%{customdata}<extra>" + name + "</extra>", marker: { size: points.n > 20000 ? 3 : 6 } }));
+  const traces = points.groups.map((name, g) => ({ type: "scattergl", mode: "markers", name: plain(name) + " (" + counts[g] + ")",
+    x: new Float32Array(counts[g]), y: new Float32Array(counts[g]), customdata: new Array(counts[g]), meta: plain(name),
+    hovertemplate: "%{customdata}<extra>%{meta}</extra>", marker: { size: points.n > 20000 ? 3 : 6 } }));
   const filled = new Array(points.groups.length).fill(0);
   points.group.forEach((g, i) => {
     const t = traces[g], k = filled[g]++;
     t.x[k] = points.x[i]; t.y[k] = points.y[i]; t.customdata[k] = points.ids[i];
   });
   const layout = { margin: { l: 30, r: 10, t: 30, b: 30 }, dragmode: "zoom", hovermode: "closest", uirevision: set,
-    title: { text: set + " (" + points.method + ", " + points.ids.length + " clips)", font: { size: 13 } } };
+    title: { text: plain(set) + " (" + points.method + ", " + points.ids.length + " clips)", font: { size: 13 } } };
   await Plotly.react("map", traces, layout, { displaylogo: false, responsive: true });
   if (!mapBound) bindMap();
   window.mapRenderMs = performance.now() - t0;
@@ -103,7 +112,8 @@ async function drawConfusion() {
   if (!$("source").value) return;
   const cm = await getJSON("api/confusion?" + new URLSearchParams({ source: $("source").value, split: $("split").value }));
   $("accuracy").textContent = cm.n + " clips, accuracy " + (100 * cm.accuracy).toFixed(1) + "%";
-  const trace = { type: "heatmap", z: cm.counts, x: cm.classes, y: cm.classes, colorscale: [[0, "#f4f8fc"], [1, "#1f4e8c"]],
+  const shown = cm.classes.map(plain);  // tick labels and hover: the escaped names (see plain)
+  const trace = { type: "heatmap", z: cm.counts, x: shown, y: shown, colorscale: [[0, "#f4f8fc"], [1, "#1f4e8c"]],
     text: cm.counts.map((r) => r.map(String)), texttemplate: "%{text}", hovertemplate: "true %{y}, predicted %{x}: %{z}<extra></extra>" };
   const layout = { margin: { l: 140, r: 10, t: 10, b: 120 }, xaxis: { title: { text: "predicted" } },
     yaxis: { title: { text: "true" }, autorange: "reversed" } };
@@ -111,8 +121,8 @@ async function drawConfusion() {
   await Plotly.react(div, [trace], layout, { displaylogo: false, responsive: true });
   div.removeAllListeners?.("plotly_click");
   div.on("plotly_click", (ev) => {
-    const t = cm.classes.indexOf(ev.points[0].y), p = cm.classes.indexOf(ev.points[0].x);
-    $("cell-name").textContent = "(true " + ev.points[0].y + ", predicted " + ev.points[0].x + ")";
+    const t = shown.indexOf(ev.points[0].y), p = shown.indexOf(ev.points[0].x);
+    $("cell-name").textContent = "(true " + cm.classes[t] + ", predicted " + cm.classes[p] + ")";
     list($("cell-clips"), (cm.cells[t + "," + p] || []).map((clip_id) => ({ clip_id })));
   });
   document.body.dataset.confusion = $("source").value + "|" + $("split").value;
