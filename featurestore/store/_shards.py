@@ -16,8 +16,11 @@ stale index still points at the right bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import mmap
 import os
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,14 +102,70 @@ class ShardReader:
 
     def __init__(self) -> None:
         self._indexes: dict[tuple[str, int], np.ndarray | None] = {}
+        self._maps: dict[tuple[str, int], _Mapped] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0  # shard bytes fetched (indexes and inner chunks), for tests and benchmarks
 
     def forget(self, path: str) -> None:
-        """Drop the cached indexes of the array at ``path`` and the arrays under it ('' : all)."""
+        """Drop the cached indexes and mappings of the array at ``path`` and the arrays under it ('' : all)."""
         with self._lock:
-            for key in [k for k in self._indexes if not path or k[0] == path or k[0].startswith(path + "/")]:
-                del self._indexes[key]
+            for cache in (self._indexes, self._maps):
+                for key in [k for k in cache if not path or k[0] == path or k[0].startswith(path + "/")]:
+                    del cache[key]
+
+    # ------------------------------------------------------------------- mapped random reads
+    def gather(self, name: str, arr: zarr.Array, layout: ShardLayout, rows: np.ndarray,
+               required: np.ndarray) -> np.ndarray | None:
+        """Rows ``rows`` (any order) of a local, uncompressed sharded array through memory maps of
+        its shards, or None where that does not apply (remote, zstd, a shard not laid out as this
+        module writes it): then ``read`` serves them by inner chunk.
+
+        A random batch of rows costs what numpy fancy indexing of a memmap does, plus one crc32c per
+        inner chunk the first time one of its rows is asked for (checked chunks are remembered per
+        mapping) and one ``stat`` per shard per call: a shard replaced since it was mapped (another
+        process rewrote it) is mapped again, so its new bytes are what is read. ``required``: per
+        row, it was written (an absent inner chunk holding one is ``ChunkFault``, missing).
+        """
+        if layout.zstd or local_file(arr, "") is None:
+            return None
+        out = np.empty((len(rows), *layout.row_shape), dtype=layout.dtype)
+        shard_of = rows // layout.shard_rows
+        if int(shard_of[0]) == int(shard_of[-1]) and (len(rows) < 3 or _is_sorted(rows)):  # one shard
+            order, bounds = np.arange(len(rows)), []
+        else:
+            order = np.argsort(shard_of, kind="stable")
+            bounds = (np.flatnonzero(np.diff(shard_of[order])) + 1).tolist()
+        zeros = (0,) * (len(layout.row_shape))
+        encode = arr.metadata.encode_chunk_key
+        folder = local_file(arr, "")
+        for a, b in zip([0, *bounds], [*bounds, len(rows)]):
+            at = order[a:b]
+            shard = int(shard_of[at[0]])
+            mapped = self._mapping(name, os.path.join(folder, encode((shard, *zeros))), layout)
+            if mapped is None:
+                return None
+            self.bytes_read += mapped.fill(layout, shard, rows[at] - shard * layout.shard_rows, required[at], out, at)
+        return out
+
+    def _mapping(self, name: str, path: str, layout: ShardLayout) -> _Mapped | None:
+        """The current mapping of the shard file ``path`` (None: not in the uniform layout; an
+        empty one when there is no such file)."""
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            return _Mapped.absent()
+        key = (name, path)
+        with self._lock:
+            mapped = self._maps.get(key)
+        if mapped is not None and mapped.identity == (stat.st_ino, stat.st_size, stat.st_mtime_ns):
+            return mapped
+        mapped = _Mapped.open(path, layout)
+        if mapped is not None:
+            self.bytes_read += layout.index_bytes
+            with self._lock:
+                self._maps[key] = mapped
+        return mapped
+
 
     # ------------------------------------------------------------------------------------ reads
     def read(self, name: str, arr: zarr.Array, layout: ShardLayout, chunks: np.ndarray,
@@ -204,42 +263,136 @@ class ShardReader:
 
     # ----------------------------------------------------------------------------------- writes
     def write(self, name: str, arr: zarr.Array, layout: ShardLayout, start: int, data: np.ndarray) -> None:
-        """Write whole shards (``layout.whole_shards`` holds), each in one store write."""
+        """Write whole shards (``layout.whole_shards`` holds), each replacing its object at once.
+
+        Local shards are written as zarr's local store writes them (a ``.partial`` temp file renamed
+        into place: a kill never leaves a torn shard), without its event loop (~1-10 ms a call
+        under load); remote ones in one batch of store writes.
+        """
+        shards = []
         for lo in range(0, len(data), layout.shard_rows):
             shard = (start + lo) // layout.shard_rows
-            blob, index = encode_shard(layout, data[lo:lo + layout.shard_rows])
-            key = _shard_key(arr, shard)
-            sync(arr.store_path.store.set(_full_key(arr, key), default_buffer_prototype().buffer.from_bytes(blob)))
-            with self._lock:
+            shards.append((shard, *encode_shard(layout, data[lo:lo + layout.shard_rows])))
+        if local_file(arr, "") is not None:
+            for shard, blob, _ in shards:
+                _replace_file(local_file(arr, _shard_key(arr, shard)), blob)
+        else:
+            store, proto = arr.store_path.store, default_buffer_prototype()
+
+            async def put() -> None:
+                await asyncio.gather(*(store.set(_full_key(arr, _shard_key(arr, shard)), proto.buffer.from_bytes(blob))
+                                       for shard, blob, _ in shards))
+
+            sync(put())
+        with self._lock:
+            for shard, _, index in shards:
                 self._indexes[(name, shard)] = index
 
 
-def encode_shard(layout: ShardLayout, block: np.ndarray) -> tuple[bytes, np.ndarray]:
+class _Mapped:
+    """One shard file mapped read-only, in the uniform layout this module writes (every inner chunk
+    present up to ``n_inner``, in order, uncompressed): its rows are a strided view of the map."""
+
+    def __init__(self, identity: tuple, grid: np.ndarray | None, n_inner: int, checked: np.ndarray,
+                 raw: np.ndarray | None, chunk_bytes: int):
+        self.identity, self.grid, self.n_inner = identity, grid, n_inner
+        self.checked, self.raw, self.chunk_bytes = checked, raw, chunk_bytes
+
+    @classmethod
+    def absent(cls) -> _Mapped:
+        return cls((), None, 0, np.zeros(0, dtype=bool), None, 0)
+
+    @classmethod
+    def open(cls, path: str, layout: ShardLayout) -> _Mapped | None:
+        """Map ``path``; None when its index fails its check or is not the uniform layout (the
+        inner-chunk reader then reads it, and words any damage)."""
+        with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            if stat.st_size < layout.index_bytes:
+                return None
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        raw = np.frombuffer(mm, dtype=np.uint8)
+        tail = raw[-layout.index_bytes:]
+        if google_crc32c.value(tail[:-_CRC]) != int.from_bytes(tail[-_CRC:].tobytes(), "little"):
+            return None
+        index = tail[:-_CRC].view("<u8").reshape(layout.per_shard, 2)
+        length = layout.inner_bytes + _CRC
+        n_inner = int((index[:, 0] != _ABSENT).sum())
+        uniform = (index[:n_inner, 0] == np.arange(n_inner, dtype=np.uint64) * np.uint64(length)).all() \
+            and (index[:n_inner, 1] == length).all() and n_inner * length + layout.index_bytes <= stat.st_size
+        if not uniform:
+            return None
+        body = raw[:n_inner * length].reshape(n_inner, length)[:, :layout.inner_bytes]
+        grid = body.view(layout.dtype).reshape(n_inner, layout.inner_rows, *layout.row_shape)
+        return cls((stat.st_ino, stat.st_size, stat.st_mtime_ns), grid, n_inner,
+                   np.zeros(n_inner, dtype=bool), raw, length)
+
+    def fill(self, layout: ShardLayout, shard: int, local: np.ndarray, required: np.ndarray,
+             out: np.ndarray, at: np.ndarray) -> int:
+        """Write rows ``local`` (within this shard) into ``out[at]``; checks each inner chunk's crc32c
+        once. Raises ChunkFault for a damaged or (where ``required``) absent inner chunk. Returns the
+        bytes checked (the inner chunks read from the map for the first time)."""
+        chunk = local // layout.inner_rows
+        absent = chunk >= self.n_inner
+        if absent.any():
+            if (absent & required).any():
+                first = int(chunk[np.flatnonzero(absent & required)[0]])
+                raise ChunkFault(shard * layout.per_shard + first, missing=True)
+            out[at[absent]] = layout.fill
+            present = ~absent
+            at, chunk, local = at[present], chunk[present], local[present]
+        if not len(chunk):
+            return 0
+        new = sorted(set(chunk[~self.checked[chunk]].tolist()))  # a few per shard: cheaper than np.unique
+        for c in new:
+            start = c * self.chunk_bytes
+            body = self.raw[start:start + self.chunk_bytes]
+            if google_crc32c.value(body[:-_CRC]) != int.from_bytes(body[-_CRC:].tobytes(), "little"):
+                raise ChunkFault(shard * layout.per_shard + c, missing=False,
+                                 cause=ValueError("stored and computed crc32c checksums differ"))
+        self.checked[new] = True
+        out[at] = self.grid[chunk, local % layout.inner_rows]
+        return len(new) * self.chunk_bytes
+
+
+def encode_shard(layout: ShardLayout, block: np.ndarray) -> tuple[memoryview, np.ndarray]:
     """The bytes of a shard holding ``block`` (its first rows; the rest absent) and its index.
 
     The last inner chunk is padded with the fill value, as zarr-python pads edge chunks.
+    Uncompressed shards are assembled in one buffer (the rows copied once, a crc32c per inner chunk).
     """
     rows = len(block)
     n_inner = -(-rows // layout.inner_rows)
     padded = np.full((n_inner * layout.inner_rows, *layout.row_shape), layout.fill, dtype=layout.dtype)
     padded[:rows] = block
     raw = padded.reshape(n_inner, -1).view(np.uint8)
-    raw.setflags(write=False)
-    zstd = numcodecs.Zstd(level=_ZSTD_LEVEL) if layout.zstd else None
-    bodies = [zstd.encode(row) if zstd else row for row in raw]
-    lengths = np.array([len(b) + _CRC for b in bodies], dtype=np.uint64)
+    if layout.zstd:
+        zstd = numcodecs.Zstd(level=_ZSTD_LEVEL)
+        bodies = [np.frombuffer(zstd.encode(row), dtype=np.uint8) for row in raw]
+    else:
+        bodies = None
+    lengths = np.full(n_inner, layout.inner_bytes + _CRC, dtype=np.uint64) if bodies is None \
+        else np.array([len(b) + _CRC for b in bodies], dtype=np.uint64)
+    ends = np.cumsum(lengths)
     index = np.full((layout.per_shard, 2), _ABSENT, dtype="<u8")
+    index[:n_inner, 0] = ends - lengths
     index[:n_inner, 1] = lengths
-    index[:n_inner, 0] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64)
-    parts: list[bytes] = []
-    for body in bodies:
-        body = np.frombuffer(body, dtype=np.uint8) if isinstance(body, bytes) else body
-        parts += [body.tobytes(), google_crc32c.value(body).to_bytes(_CRC, "little")]
-    index_bytes = index.tobytes()
-    ro = np.frombuffer(index_bytes, dtype=np.uint8)
-    parts += [index_bytes, google_crc32c.value(ro).to_bytes(_CRC, "little")]
+    data_bytes = int(ends[-1]) if n_inner else 0
+    out = np.empty(data_bytes + layout.index_bytes, dtype=np.uint8)
+    if bodies is None:
+        chunks = out[:data_bytes].reshape(n_inner, -1)
+        chunks[:, :-_CRC] = raw
+        crcs = np.fromiter((google_crc32c.value(row) for row in raw), dtype="<u4", count=n_inner)
+        chunks[:, -_CRC:] = crcs.view(np.uint8).reshape(n_inner, _CRC)
+    else:
+        for body, start in zip(bodies, (ends - lengths).tolist()):
+            out[start:start + len(body)] = body
+            out[start + len(body):start + len(body) + _CRC] = np.frombuffer(
+                google_crc32c.value(body).to_bytes(_CRC, "little"), dtype=np.uint8)
+    out[data_bytes:-_CRC] = index.reshape(-1).view(np.uint8)
+    out[-_CRC:] = np.frombuffer(google_crc32c.value(out[data_bytes:-_CRC]).to_bytes(_CRC, "little"), dtype=np.uint8)
     index.setflags(write=False)
-    return b"".join(parts), index
+    return memoryview(out), index
 
 
 def _decode(layout: ShardLayout, body: np.ndarray, chunk: int, n_rows: int) -> np.ndarray:
@@ -258,6 +411,10 @@ def _decode(layout: ShardLayout, body: np.ndarray, chunk: int, n_rows: int) -> n
     return raw.view(layout.dtype).reshape((layout.inner_rows, *layout.row_shape))[:shape[0]]
 
 
+def _is_sorted(rows: np.ndarray) -> bool:
+    return bool((rows[1:] >= rows[:-1]).all())
+
+
 def _inner_shape(layout: ShardLayout, chunk: int, n_rows: int) -> tuple[int, ...]:
     rows = max(0, min(layout.inner_rows, n_rows - chunk * layout.inner_rows))
     return (rows, *layout.row_shape)
@@ -272,14 +429,29 @@ def _full_key(arr: zarr.Array, key: str) -> str:
     return f"{prefix}/{key}" if prefix else key
 
 
-def _local_file(arr: zarr.Array, key: str) -> str | None:
+def local_file(arr: zarr.Array, key: str) -> str | None:
+    """The file of the stored object ``key`` of ``arr`` when the store is a local directory."""
     store = arr.store_path.store
     return os.path.join(str(store.root), _full_key(arr, key)) if isinstance(store, LocalStore) else None
 
 
+def _replace_file(path: str, blob: memoryview) -> None:
+    """Write ``path`` whole through a temp file renamed over it (zarr's local store does the same)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _read_ranges(arr: zarr.Array, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
     """Bytes ``lo:hi`` of the stored object ``key`` of ``arr`` for each range; FileNotFoundError if absent."""
-    path = _local_file(arr, key)
+    path = local_file(arr, key)
     if path is not None:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -300,7 +472,7 @@ def _read_ranges(arr: zarr.Array, key: str, ranges: list[tuple[int, int]]) -> li
 
 def _read_suffix(arr: zarr.Array, key: str, n: int) -> bytes:
     """The last ``n`` bytes of the stored object ``key`` (fewer if it is shorter); FileNotFoundError if absent."""
-    path = _local_file(arr, key)
+    path = local_file(arr, key)
     if path is not None:
         fd = os.open(path, os.O_RDONLY)
         try:

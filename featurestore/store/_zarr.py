@@ -13,6 +13,7 @@ files are the standard format, which zarr-python reads and writes as well.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array
-from featurestore.store._shards import ShardLayout, ShardReader
+from featurestore.store._chunk_files import PlainLayout
+from featurestore.store._shards import ShardLayout, ShardReader, local_file
 
 _CONFIG = {"write_empty_chunks": True}
 #: URL schemes whose fsspec filesystem comes with one of avscene's extras.
@@ -56,6 +58,7 @@ class ZarrBackend:
         self._arrays: dict[str, zarr.Array] = {}
         self._layouts: dict[str, ShardLayout | None] = {}  # sharded arrays the fast path knows
         self._rows: dict[str, tuple[int, int]] = {}  # path -> (chunk rows, inner rows): asked per get
+        self._plain: dict[str, PlainLayout | None] = {}  # local unsharded arrays read from their files
         self._shards = ShardReader()
 
     def _node(self, path: str):
@@ -135,7 +138,7 @@ class ZarrBackend:
         gone = [k for k in self._arrays if k == path or k.startswith(path + "/")]
         for key in gone:
             del self._arrays[key]
-        for cache in (self._layouts, self._rows):
+        for cache in (self._layouts, self._rows, self._plain):
             for key in [k for k in cache if k == path or k.startswith(path + "/")]:
                 del cache[key]
         self._shards.forget(path)
@@ -146,10 +149,18 @@ class ZarrBackend:
             self._layouts[path] = ShardLayout.of(self._array(path))
         return self._layouts[path]
 
+    def _plain_layout(self, path: str) -> PlainLayout | None:
+        if path not in self._plain:
+            self._plain[path] = PlainLayout.of(self._array(path))
+        return self._plain[path]
+
     def chunk_written(self, path: str, chunk: int) -> bool:
         arr = self._array(path)
         coords = (chunk,) + (0,) * (arr.ndim - 1)
         key = arr.metadata.encode_chunk_key(coords)
+        file = local_file(arr, key)
+        if file is not None:  # a stat, not a trip through zarr's event loop
+            return os.path.exists(file)
         return bool(sync((arr.store_path / key).exists()))
 
     def _chunking(self, path: str) -> tuple[int, int]:
@@ -162,6 +173,10 @@ class ZarrBackend:
 
     def inner_rows(self, path: str) -> int:
         return self._chunking(path)[1]
+
+    def gather(self, path: str, rows: np.ndarray, required: np.ndarray) -> np.ndarray | None:
+        layout = self._layout(path)
+        return None if layout is None else self._shards.gather(path, self._array(path), layout, rows, required)
 
     def read_chunks(self, path: str, chunks: np.ndarray, required: np.ndarray) -> list[np.ndarray]:
         layout = self._layout(path)
@@ -189,6 +204,9 @@ class ZarrBackend:
         return self._chunking(path)[0]
 
     def read(self, path: str, start: int, stop: int) -> np.ndarray:
+        plain = self._plain_layout(path)
+        if plain is not None and stop > start:
+            return plain.read(start, stop)
         arr = self._array(path)
         data = arr[start:stop]
         return as_str_array(data) if arr.dtype.kind in "OTU" else np.asarray(data)
@@ -218,4 +236,5 @@ class ZarrBackend:
         self._arrays.clear()
         self._layouts.clear()
         self._rows.clear()
+        self._plain.clear()
         self._shards.forget("")

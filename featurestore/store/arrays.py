@@ -148,6 +148,21 @@ class StoreArrays:
         whole = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
         return whole[start - first * per:stop - first * per]
 
+    def gather(self, path: str, rows: np.ndarray, required: np.ndarray) -> np.ndarray | None:
+        """Rows in any order by the backend's fastest path (memory-mapped shards), checked as
+        ``read_chunks`` checks; None where there is none (``read_chunks`` then serves them)."""
+        try:
+            return self._backend.gather(path, rows, np.asarray(required, dtype=bool) & self.strict)
+        except ChunkFault as fault:
+            raise self._fault_error(path, fault) from fault.cause
+
+    def _fault_error(self, path: str, fault: ChunkFault) -> CorruptChunkError:
+        per, n = self.inner_rows(path), self.shape(path)[0]
+        start, stop = fault.chunk * per, min(n, (fault.chunk + 1) * per)
+        if fault.missing:
+            return MissingChunkError(f"{self.location}:{path}", start, stop)
+        return CorruptChunkError(f"{self.location}:{path}", start, stop, fault.cause)
+
     def read_chunks(self, path: str, chunks: np.ndarray, required: np.ndarray) -> list[np.ndarray]:
         """Inner chunks by number, each whole (the last cut to the array's end), in the order given.
 
@@ -158,11 +173,7 @@ class StoreArrays:
         try:
             return self._backend.read_chunks(path, chunks, np.asarray(required, dtype=bool) & self.strict)
         except ChunkFault as fault:
-            per, n = self.inner_rows(path), self.shape(path)[0]
-            start, stop = fault.chunk * per, min(n, (fault.chunk + 1) * per)
-            if fault.missing:
-                raise MissingChunkError(f"{self.location}:{path}", start, stop) from None
-            raise CorruptChunkError(f"{self.location}:{path}", start, stop, fault.cause) from fault.cause
+            raise self._fault_error(path, fault) from fault.cause
 
     def read_unchecked(self, path: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as the backend returns them: a decode failure propagates as it is

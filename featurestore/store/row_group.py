@@ -381,9 +381,11 @@ class RowGroup:
     def gather(self, rows: np.ndarray, check_done: bool = True) -> np.ndarray:
         """Values of ``rows`` in the given order; each chunk is read and decoded once.
 
-        Scattered rows are read by inner chunk (a sharded array's small unit: a random read decodes
-        a few clips, not a whole shard); a run of rows covering at least half a chunk is read by
-        whole chunks (one read per shard, cached whole, as loaders walking blocks want).
+        Scattered rows are read from memory-mapped shards where the backend can (local, uncompressed
+        shards: numpy fancy indexing plus a crc32c per inner chunk touched), else by inner chunk (a
+        sharded array's small unit: a random read decodes a few clips, not a whole shard); a run of
+        rows covering at least half a chunk is read by whole chunks (one read per shard, cached
+        whole, as loaders walking blocks want).
         ``check_done``: refuse rows that are not finished (``MissingFeatureError``).
         """
         if check_done:
@@ -397,6 +399,11 @@ class RowGroup:
         whole = self._arrays.chunk_rows(array)
         if per < whole and 2 * len(rows) >= whole and _is_run(rows):
             per = whole
+        elif len(rows) > 1:  # scattered rows: memory-mapped shards where the backend has them
+            required = np.ones(len(rows), dtype=bool) if check_done else self._done()[rows]
+            fast = self._arrays.gather(array, rows, required)
+            if fast is not None:
+                return fast
         chunk_of = rows // per
         order = np.argsort(chunk_of, kind="stable")
         ordered = chunk_of[order]
@@ -419,6 +426,15 @@ class RowGroup:
             return hit[0][offset:offset + 1]
         block = self._blocks(np.array([chunk]), per, self._arrays.shape(array)[0], [np.array([offset])])[0]
         return block[offset:offset + 1]
+
+    def _mapped_blocks(self, spans: list[tuple[int, int]], done: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Inner chunks (rows ``spans``) from memory-mapped shards, or None where the backend has none."""
+        if len(spans) == 1:  # a cold single get
+            block = self._arrays.gather(self.values_path, np.arange(*spans[0]), done[0])
+            return None if block is None else [block]
+        rows, ends = _split_rows(spans)
+        whole = self._arrays.gather(self.values_path, rows, np.concatenate(done))
+        return None if whole is None else np.split(whole, ends)
 
     def _blocks(self, numbers: np.ndarray, per: int, n_rows: int, offsets: list[np.ndarray]) -> list[np.ndarray]:
         """Decoded blocks ``numbers`` of ``per`` rows; from the cache when every row asked for
@@ -447,14 +463,22 @@ class RowGroup:
         mask = None if len(misses) == 1 else self._done()
         done = [self._done_rows(*spans[0]).copy()] if mask is None else [mask[lo:hi].copy() for lo, hi in spans]
         if per == self._arrays.inner_rows(array):
-            required = np.array([flags.any() for flags in done])
-            blocks = self._arrays.read_chunks(array, numbers[misses], required)
+            blocks = self._mapped_blocks(spans, done)  # memory-mapped shards where the backend has them
+            if blocks is None:
+                required = np.array([flags.any() for flags in done])
+                blocks = self._arrays.read_chunks(array, numbers[misses], required)
         else:
             blocks = [self._arrays.read(array, lo, hi, written=flags) for (lo, hi), flags in zip(spans, done)]
         cache.put_many([(keys[i], (block, flags)) for i, block, flags in zip(misses, blocks, done)])
         for i, block in zip(misses, blocks):
             out[i] = block
         return out  # type: ignore[return-value]
+
+
+def _split_rows(spans: list[tuple[int, int]]) -> tuple[np.ndarray, list[int]]:
+    """Every row of ``spans`` in order, and where each span ends in that list."""
+    rows = np.concatenate([np.arange(lo, hi) for lo, hi in spans])
+    return rows, np.cumsum([hi - lo for lo, hi in spans])[:-1].tolist()
 
 
 def _is_run(rows: np.ndarray) -> bool:

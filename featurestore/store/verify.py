@@ -289,6 +289,7 @@ class _LocalZarrChunks:
         root = Path(location)
         self._root = None if "://" in location or not root.is_dir() else root
         self._layouts: dict[str, _Layout | None] = {}
+        self._columns: dict[tuple[str, int], np.ndarray] = {}  # numeric columns read whole, by (path, rows)
         self._zstd = numcodecs.Zstd()
         self._vlen = numcodecs.VLenUTF8()  # what zarr's vlen-utf8 codec decodes with
 
@@ -315,7 +316,12 @@ class _LocalZarrChunks:
 
     def column(self, path: str, stop: int) -> np.ndarray | None:
         """Rows ``0:stop`` of a one-dimensional array (strings as an object array), or None where
-        anything is unusual (no fast layout, a chunk missing or failing its check, too few rows)."""
+        anything is unusual (no fast layout, a chunk missing or failing its check, too few rows).
+
+        Numeric columns are kept for the rest of the run: a set's done flags are asked for by the
+        chunk pass (which rows must be stored) and again by the set's own checks."""
+        if (path, stop) in self._columns:
+            return self._columns[(path, stop)]
         layout = self.layout(path)
         if layout is None or layout.ndim != 1 or not 0 < stop <= layout.rows:
             return None
@@ -324,7 +330,11 @@ class _LocalZarrChunks:
             parts = [self._decoded(layout, number) for number in range(-(-stop // per))]
         except Exception:  # noqa: BLE001 - the backend reads it and reports what it finds
             return None
-        return np.concatenate(parts)[:stop]
+        values = np.concatenate(parts)[:stop]
+        if layout.dtype is not None:
+            values.setflags(write=False)
+            self._columns[(path, stop)] = values
+        return values
 
     def _body(self, layout: _Layout, number: int) -> np.ndarray:
         """The chunk's checked (and decompressed) bytes; raises when its checksum fails."""

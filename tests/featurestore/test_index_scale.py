@@ -67,10 +67,10 @@ def big(tmp_path_factory) -> str:
 
 
 def counting(store) -> Counter:
-    """Rows read per array path from now on (every read of the store's backend: row ranges, and
-    the inner chunks of sharded arrays)."""
+    """Rows read per array path from now on (every read of the store's backend: row ranges, the
+    inner chunks of sharded arrays, and rows gathered from memory-mapped shards)."""
     counts: Counter = Counter()
-    read, read_chunks = store._b.read, store._b.read_chunks
+    read, read_chunks, gather = store._b.read, store._b.read_chunks, store._b.gather
 
     def counted(path: str, start: int, stop: int):
         counts[path] += stop - start
@@ -81,7 +81,12 @@ def counting(store) -> Counter:
         counts[path] += sum(len(b) for b in blocks)
         return blocks
 
-    store._b.read, store._b.read_chunks = counted, counted_chunks
+    def counted_gather(path: str, rows, required):
+        values = gather(path, rows, required)
+        counts[path] += 0 if values is None else len(values)
+        return values
+
+    store._b.read, store._b.read_chunks, store._b.gather = counted, counted_chunks, counted_gather
     return counts
 
 

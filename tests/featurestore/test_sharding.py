@@ -18,6 +18,7 @@ import zarr
 from featurestore import ClipRecord, Manifest, convert_store, create_store, open_store
 from featurestore.errors import CorruptChunkError, MissingChunkError
 from featurestore.store import store as store_module
+from featurestore.store._shards import ShardReader
 
 N = 100_000
 DIM = 128  # float16: 256 B a clip -> inner chunks of 32 clips (8 KiB), shards of 4,096 clips (1 MiB)
@@ -79,7 +80,9 @@ def shard_file(path: str, shard: int) -> str:
     return os.path.join(path, "features", *FEAT.split("/"), "data", "c", str(shard), "0", "0")
 
 
-def test_random_reads_fetch_only_their_inner_chunks(big, monkeypatch):
+def test_random_reads_by_range_fetch_only_their_inner_chunks(big, monkeypatch):
+    """The inner-chunk reader (remote stores, compressed shards, single gets): counted at the syscall."""
+    monkeypatch.setattr(ShardReader, "gather", lambda *args: None)  # no memory maps: every read by range
     rng = np.random.default_rng(0)
     rows = rng.choice(N, 256, replace=False)
     with open_store(big) as fs:
@@ -100,6 +103,24 @@ def test_random_reads_fetch_only_their_inner_chunks(big, monkeypatch):
         np.testing.assert_array_equal(fs.get_many(FEAT, [clip_id(r) for r in more]), values(more))
         assert sizes and all(s % (INNER_BYTES + 4) == 0 for s in sizes)
         assert sum(sizes) <= 64 * (INNER_BYTES + 4)
+
+
+def test_random_reads_from_mapped_shards_check_only_their_inner_chunks(big, monkeypatch):
+    """The memory-mapped path (local, uncompressed shards): no read syscalls for values; what it
+    checks (each shard's index, each inner chunk holding a clip, once) is counted by the reader."""
+    rows = np.random.default_rng(2).choice(N, 256, replace=False)
+    with open_store(big) as fs:
+        fs.done_mask(FEAT)
+        reader = fs._b._shards
+        sizes = count_reads(monkeypatch)
+        got = fs.get_many(FEAT, [clip_id(r) for r in rows])
+        np.testing.assert_array_equal(got, values(rows))
+        assert sizes == []  # values come from the maps
+        inner, shards = len(np.unique(rows // INNER)), len(np.unique(rows // SHARD))
+        assert reader.bytes_read == shards * INDEX_BYTES + inner * (INNER_BYTES + 4)
+        before = reader.bytes_read
+        np.testing.assert_array_equal(fs.get_many(FEAT, [clip_id(r) for r in rows[::-1]]), values(rows[::-1]))
+        assert reader.bytes_read == before  # checked once per mapping
 
 
 def test_zarr_python_reads_what_the_store_wrote_and_the_store_reads_what_zarr_wrote(big, small):
@@ -193,3 +214,39 @@ def test_hdf5_feature_sets_get_small_chunks_and_read_back(tmp_path):
         rows = np.array([5, SHARD + 299, 77, 4000])
         np.testing.assert_array_equal(fs.get_many(FEAT, [clip_id(r) for r in rows]), values(rows))
         assert fs.verify().ok
+
+
+def test_zstd_shards_and_a_url_store_take_the_same_byte_range_path(tmp_path):
+    """Compressed inner chunks (frames) and a store behind fsspec (no local files): written whole,
+    read by range, read back by zarr-python the same."""
+    for where, compressor in ((str(tmp_path / "z.zarr"), "zstd"), (f"memory://shards-{os.getpid()}/s.zarr", None)):
+        n = SHARD + 200
+        with create_store(where, Manifest("z", ["a"], [ClipRecord(clip_id(i), label="a") for i in range(n)])) as fs:
+            fs.create_feature_set(FEAT, 1, (DIM,), PROV, compressor=compressor)
+            fs.write_rows(FEAT, 0, values(np.arange(n)))
+            rows = np.array([n - 1, 3, SHARD + 33, 40])
+            fs.refresh()
+            np.testing.assert_array_equal(fs.get_many(FEAT, [clip_id(r) for r in rows]), values(rows))
+            assert fs._b._shards.bytes_read <= 2 * INDEX_BYTES + len(rows) * (INNER_BYTES + 4)
+            assert fs.verify().ok
+        arr = zarr.open_array(f"{where}/features/{FEAT}/data", mode="r")
+        assert [type(c).__name__ for c in arr.metadata.codecs[0].codecs][1:] == (["ZstdCodec"] if compressor else []) \
+            + ["Crc32cCodec"]
+        np.testing.assert_array_equal(arr[:], values(np.arange(n)))
+
+
+def test_a_shard_rewritten_by_another_writer_is_read_anew_never_stale(small):
+    """A reader holding a shard mapped sees rows another process finished since (after refresh, as
+    for every cached read): the replaced file is mapped again, not its old bytes served."""
+    later = np.arange(SHARD, 2 * SHARD)
+    with open_store(small, "a") as writer:
+        done = np.ones(SHARD, dtype=bool)
+        done[100:] = False  # shard 1 holds 100 finished rows, the rest not yet
+        writer.write_rows(FEAT, SHARD, np.zeros((SHARD, 1, DIM), np.float16), done=done)
+    with open_store(small) as reader:
+        np.testing.assert_array_equal(reader.get_many(FEAT, [clip_id(SHARD + 1), clip_id(SHARD + 2)]), 0)
+        with open_store(small, "a") as writer:
+            writer.write_rows(FEAT, SHARD, values(later))
+        reader.refresh()
+        rows = np.array([SHARD + 1, SHARD + 500, 2 * SHARD - 1])
+        np.testing.assert_array_equal(reader.get_many(FEAT, [clip_id(r) for r in rows]), values(rows))
