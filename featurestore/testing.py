@@ -137,3 +137,37 @@ def _finish(report: ContractReport, raise_on_failure: bool) -> ContractReport:
     if report.failures and raise_on_failure:
         raise EncoderContractError(f"encoder {report.spec!r} breaks the contract: " + "; ".join(report.failures))
     return report
+
+
+def per_frame_preprocessing(pre: Any, frames: np.ndarray) -> Any:
+    """The frame preprocessing extraction ran before issue 21, kept frozen as the reference that
+    ``FramePreprocessor.batched`` must equal bit for bit on the CPU (stored features and their
+    fingerprints promise it): one frame at a time, float32 resize, centre crop, normalise.
+
+    Args:
+        pre: a ``FramePreprocessor``.
+        frames: ``uint8 [K, H, W, 3]`` RGB frames.
+
+    Returns:
+        ``float32 [K, 3, h, w]``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
+    out = torch.empty((frames.shape[0], 3, *pre.crop), dtype=torch.float32)
+    for i, frame in enumerate(frames):
+        x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).unsqueeze(0).float()
+        size = pre.resized_size(x.shape[-2], x.shape[-1])
+        if size != tuple(x.shape[-2:]):
+            if pre.interpolation == "nearest":
+                x = F.interpolate(x, size=size, mode="nearest")
+            else:
+                x = F.interpolate(x, size=size, mode=pre.interpolation, align_corners=False, antialias=True)
+                x = x.clamp_(0.0, 255.0).round_()
+        height, width = x.shape[-2:]
+        top, left = int(round((height - pre.crop[0]) / 2.0)), int(round((width - pre.crop[1]) / 2.0))
+        x = x[..., top:top + pre.crop[0], left:left + pre.crop[1]]
+        out[i] = ((x / 255.0 - mean) / std)[0]
+    return out

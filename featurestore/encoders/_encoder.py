@@ -16,6 +16,13 @@ from featurestore.encoders._device import resolve_device
 from featurestore.encoders._names import EncoderSpec, SpecError, UnknownEncoderError, parse_spec
 
 
+#: ``Encoder.set_run_options(precision=)`` values.
+PRECISIONS = ("float32", "bfloat16")
+#: Options every encoder takes (``create_encoder(spec, precision="bfloat16")``, ``--encoder-option
+#: clip/ViT-B-32.precision=bfloat16``), handled by the base class rather than each family.
+RUN_OPTIONS = ("precision", "channels_last")
+
+
 class Encoder(abc.ABC):
     """Base class of every encoder: a spec, a preprocessor and a batched ``encode``.
 
@@ -30,6 +37,9 @@ class Encoder(abc.ABC):
     # A cheap spec of this family (random weights, small model) that the test suite builds and runs
     # for every registered family, so a new encoder gets a contract test without anyone adding one.
     smoke_spec: ClassVar[str | None] = None
+    #: A parameter-free encoder whose ``encode`` is cheaper than two copies of its input (``frames``:
+    #: a dtype change): extraction runs it on the host even when the others run on an accelerator.
+    runs_on_host: ClassVar[bool] = False
 
     def __init__(self, spec: str | EncoderSpec) -> None:
         self._spec = parse_spec(spec)
@@ -42,6 +52,9 @@ class Encoder(abc.ABC):
         self.module: torch.nn.Module | None = None
         self.sample_rate: int | None = None
         self.segment_seconds: float | None = None
+        #: How ``encode`` runs (``set_run_options``): float32 or bfloat16 autocast, channels-last input.
+        self.precision = "float32"
+        self.channels_last = False
 
     # ----------------------------------------------------------------- what the registry asks
     @classmethod
@@ -102,9 +115,40 @@ class Encoder(abc.ABC):
             "dtype": self.dtype,
             **self.config(),
         }
+        run = self.run_options()
+        if run:  # only when not the defaults, so the fingerprints of float32 feature sets stay as they were
+            config["run"] = run
         return {"encoder": self.spec, "config": config, "weights": self.weights_provenance()}
 
     # ----------------------------------------------------------------- running
+    def set_run_options(self, precision: str = "float32", channels_last: bool = False) -> Encoder:
+        """Choose how ``encode`` runs; both change the outputs' bits, so both are in the fingerprint.
+
+        Args:
+            precision: ``"float32"``, or ``"bfloat16"``: ``forward`` under bf16 autocast (a GPU's
+                fast path; features differ from float32 ones by bf16 rounding, never stored
+                under the same fingerprint).
+            channels_last: feed 4-d image batches in channels-last memory layout (faster
+                convolutions on GPUs, same values up to the kernels' summation order).
+        """
+        if precision not in PRECISIONS:
+            raise SpecError(f"{self.spec}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if not isinstance(channels_last, bool):
+            raise SpecError(f"{self.spec}: channels_last must be true or false, got {channels_last!r}")
+        self.precision, self.channels_last = precision, channels_last
+        if self.module is not None and channels_last:
+            self.module.to(memory_format=torch.channels_last)
+        return self
+
+    def run_options(self) -> dict[str, Any]:
+        """The run options that differ from the defaults (recorded in the provenance config)."""
+        out: dict[str, Any] = {}
+        if self.precision != "float32":
+            out["precision"] = self.precision
+        if self.channels_last:
+            out["channels_last"] = True
+        return out
+
     @abc.abstractmethod
     def preprocessor(self) -> Any:
         """A picklable callable holding no model, run in DataLoader workers."""
@@ -124,8 +168,14 @@ class Encoder(abc.ABC):
             raise TypeError(f"{self.spec}: encode() expects a torch.Tensor batch, got {type(batch).__name__}")
         if self.module is not None and self.module.training:
             self.module.eval()
-        with torch.inference_mode():
-            out = self.forward(batch.to(self.device, non_blocking=True))
+        x = batch.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        bf16 = self.precision == "bfloat16"
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = self.forward(x)
+        if out.dtype != torch.float32:
+            out = out.float()
         expected = (batch.shape[0], *self.output_shape)
         if tuple(out.shape) != expected:
             raise RuntimeError(f"{self.spec}: encoder returned shape {tuple(out.shape)}, expected {expected}")

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from featurestore._spec import split_name
-from featurestore.encoders._encoder import Encoder
+from featurestore.encoders._encoder import RUN_OPTIONS, Encoder
 from featurestore.encoders._names import _FAMILY_RE, EncoderSpec, SpecError, UnknownEncoderError, parse_spec
 
 ENTRY_POINT_GROUP = "featurestore.encoders"
@@ -130,8 +130,10 @@ def create_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu", 
             ``"vit_random=clip/ViT-B-32@none"`` (``NAME`` is the feature set it fills; default: the
             spec without its weights).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
-        **options: family-specific constructor options (e.g. ``n_mels=128`` for ``logmel``); they
-            change the encoder's config and therefore its provenance fingerprint.
+        **options: family-specific constructor options (e.g. ``n_mels=128`` for ``logmel``), and
+            the run options every encoder takes (``precision="bfloat16"``, ``channels_last=True``:
+            ``Encoder.set_run_options``); they change the encoder's config and therefore its
+            provenance fingerprint.
 
     Raises:
         SpecError (also for an option the family does not take, naming the ones it does),
@@ -143,11 +145,15 @@ def create_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu", 
     check = getattr(builder, "check_spec", None)
     if check is not None:
         check(parsed)
-    check_options(builder, parsed, options)
-    encoder = builder(parsed, **options)
+    run = {key: options[key] for key in RUN_OPTIONS if key in options}
+    family_options = {key: value for key, value in options.items() if key not in RUN_OPTIONS}
+    check_options(builder, parsed, family_options)
+    encoder = builder(parsed, **family_options)
     if not isinstance(encoder, Encoder):
         raise TypeError(f"encoder family {parsed.family!r}: {_describe(builder)} returned "
                         f"{type(encoder).__name__}, not an Encoder")
+    if run:
+        encoder.set_run_options(**run)
     if name is not None:
         encoder.name = name
     encoder.request = {"spec": str(parsed), "options": dict(options)}

@@ -89,6 +89,7 @@ class FramesEncoder(Encoder):
     #: embedding); extraction passes it to ``create_feature_set`` when the store supports it.
     compressor: ClassVar[str | None] = "zstd"
     smoke_spec = "frames/32"
+    runs_on_host = True  # its uint8 output would cross to the device and back for a dtype change
 
     def __init__(self, spec: str | EncoderSpec = "frames", interpolation: str = "bilinear") -> None:
         super().__init__(spec)

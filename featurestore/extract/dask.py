@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # the pipeline imports torch: loaded by the functions that ru
 LOCAL_PREFIX = "local:"
 #: Tasks per Dask worker thread: enough to balance uneven blocks, few enough to load models rarely.
 TASKS_PER_THREAD = 4
+#: Threads a task decodes its next batches in while it encodes one (``run_blocks(decode_threads=)``).
+DECODE_THREADS = 2
 
 _ENCODERS: dict[tuple[str, str, str], object] = {}  # per worker process: (spec, options, device) -> encoder
 _ENCODERS_LOCK = threading.Lock()
@@ -75,7 +77,7 @@ def run_task(plan: Plan, store_ref: StoreRef, blocks: list[tuple[int, int]], dev
             done = store.done_mask(target.name, refresh=True)
             targets.append(replace(target, encoder=encoder, todo=plan.selected & ~done))
         local = replace(plan, targets=targets)
-        return run_blocks(local, store, blocks, dev, num_workers=0)
+        return run_blocks(local, store, blocks, dev, num_workers=0, decode_threads=DECODE_THREADS)
 
 
 def _encoder(spec: str, options: dict, device) -> object:

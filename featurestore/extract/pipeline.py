@@ -26,6 +26,10 @@ Either way the chunks finished before are written (or kept) and nothing else is 
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import gc
+import itertools
 import os
 import queue
 import re
@@ -40,12 +44,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from featurestore.extract.workers import DecodedBatch, collate, make_decoder, preprocess_on_device
 from featurestore.atomic_files import find_os_error
+from featurestore.extract.buffer_pool import BufferPool, slots_per_worker
 from featurestore.extract.errors import (
     DecodeWorkerError, ExtractionStopped, store_write_error,
 )
 from featurestore.extract.plan import Plan, Target
+from featurestore.extract.transfers import INFLIGHT_BATCHES, DeviceCopies, _Launched, lane_device, launch
+from featurestore.extract.workers import DecodedBatch, collate, make_decoder, preprocess_on_device
 from featurestore.store.store import FeatureStore
 
 #: Finished chunks waiting for the writer (a chunk is ~4 MiB of one feature set by default).
@@ -130,10 +136,14 @@ class _Lane:
     """
 
     def __init__(self, j: int, target: Target, blocks: list[tuple[int, int]], batch_size: int, n_rows: int,
-                 device: torch.device, writer: _Writer, stats: RunStats,
-                 batched: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.j, self.target, self.device, self.writer, self.stats = j, target, device, writer, stats
+                 device: torch.device, writer: _Writer | None, stats: RunStats,
+                 batched: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 copies: DeviceCopies | None = None):
+        self.j, self.target, self.writer, self.stats = j, target, writer, stats
+        self.device = lane_device(target, device)
         self.batched = batched
+        self.copies = copies if copies is not None else DeviceCopies(self.device)
+        self.inflight: deque[tuple[np.ndarray, _Launched]] = deque()  # encoded on the device, not back yet
         self.batches: deque[np.ndarray] = deque()  # encode batches, in row order
         self.chunk_need: dict[int, int] = {}
         per = target.chunk_clips
@@ -170,8 +180,22 @@ class _Lane:
             return
         x = self._inputs(rows)
         t0 = time.perf_counter()
-        out, finite = _encode(self.target, x, self.device, len(rows))
+        if self.device.type == "cpu":
+            self._fill(rows, *_encode(self.target, x, self.device, len(rows)))
+        else:  # queued on the device; the outputs are taken INFLIGHT_BATCHES encode batches later
+            self.inflight.append((rows, launch(self.target, x, len(rows))))
+            self.drain(INFLIGHT_BATCHES)
         self.stats.add_seconds(f"encode {self.target.name}", time.perf_counter() - t0)
+
+    def drain(self, keep: int = 0) -> None:
+        """Take the outputs of all but the ``keep`` newest encode batches in flight (waiting for
+        each one's event: the device has long finished them when ``keep`` > 0) into their chunks."""
+        while len(self.inflight) > keep:
+            rows, launched = self.inflight.popleft()
+            self._fill(rows, *launched.result(self.target, len(rows)))
+
+    def _fill(self, rows: np.ndarray, out: np.ndarray, finite: np.ndarray) -> None:
+        """Put one encode batch's outputs (as stored) into their chunks; non-finite rows fail."""
         out = out.reshape(len(rows), self.target.source.n_segments, *self.target.shape)
         for i, row in enumerate(rows):
             chunk = self._chunk(int(row))
@@ -187,21 +211,21 @@ class _Lane:
         parts = [self.pending.pop(int(r)) for r in rows]
         n_seg = self.target.source.n_segments
         if self.batched is None:
-            return _stack(parts, n_seg)
+            return self.copies.stack(parts, n_seg)
         t0 = time.perf_counter()
         by_size: dict[tuple[int, ...], list[int]] = {}
         for k, (t, _) in enumerate(parts):
             by_size.setdefault(tuple(t.shape[1:]), []).append(k)
         if len(by_size) == 1:
-            x = self.batched(_stack(parts, n_seg).to(self.device, non_blocking=True))
+            x = self.batched(self.copies.stack(parts, n_seg))
         else:  # clips of several frame sizes: one call per size, outputs put back in row order
             x = None
             for ks in by_size.values():
-                y = self.batched(_stack([parts[k] for k in ks], n_seg).to(self.device, non_blocking=True))
+                y = self.batched(self.copies.stack([parts[k] for k in ks], n_seg))
                 if x is None:
                     x = torch.empty((len(parts) * n_seg, *y.shape[1:]), dtype=y.dtype, device=y.device)
                 at = (torch.tensor(ks)[:, None] * n_seg + torch.arange(n_seg)).reshape(-1)
-                x[at.to(y.device)] = y
+                x[at.to(y.device, non_blocking=True)] = y
         self.stats.add_seconds(f"preprocess {self.target.name}", time.perf_counter() - t0)
         return x
 
@@ -226,6 +250,7 @@ class _Lane:
     def commit_partial(self) -> int:
         """Queue a copy of every chunk being filled that has rows handled since its last commit;
         returns how many were queued. Rows encoded so far are then written and marked done."""
+        self.drain()
         queued = 0
         for chunk in list(self.chunks.values()):
             handled = chunk.handled()
@@ -237,6 +262,7 @@ class _Lane:
 
     def check_finished(self) -> None:
         """Every encode batch encoded and every chunk handed to the writer (else a row never arrived)."""
+        self.drain()
         if self.batches or self.chunks or self.pending:
             raise RuntimeError(f"{self.target.name}: {len(self.batches)} encode batches and {len(self.chunks)} chunks "
                                f"left unfinished after the last batch (rows {sorted(self.pending)[:5]} pending)")
@@ -320,14 +346,23 @@ class _Writer(threading.Thread):
         self.check()
 
 
-def default_num_workers() -> int:
-    """One decoding process per spare core (at least one, at most eight)."""
+#: Most decode workers when the encoders run on the CPU: they share its cores with the encoding.
+CPU_DEVICE_MAX_WORKERS = 8
+
+
+def default_num_workers(device: torch.device | None = None) -> int:
+    """One decoding process per spare core (at least one). With the encoders on the CPU at most
+    ``CPU_DEVICE_MAX_WORKERS`` (the encoding needs cores too); with an accelerator every spare core
+    decodes, as decoding is what bounds the feed (~165-235 frames/s from eight workers against a
+    GPU's thousands)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
+    cap = CPU_DEVICE_MAX_WORKERS if device is None or device.type == "cpu" else cores
+    return max(1, min(cap, cores - 1))
 
 
 def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], device: torch.device,
-               num_workers: int, on_progress: Callable[[int], None] | None = None) -> RunStats:
+               num_workers: int, on_progress: Callable[[int], None] | None = None,
+               decode_threads: int = 0) -> RunStats:
     """Decode, encode and write the given blocks of ``plan`` into ``store``.
 
     Args:
@@ -335,7 +370,9 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
         store: the store, open for writing; only the writer thread touches it while this runs.
         blocks: ``(start, stop)`` row ranges, each a whole number of chunks of every target.
         device: where the encoders run.
-        num_workers: decoding processes (0 decodes in this thread, as Dask tasks do).
+        num_workers: decoding processes (0: in this process, as Dask tasks do).
+        decode_threads: with ``num_workers=0``, threads that decode the next batches while this
+            one encodes (PyAV releases the GIL while it decodes); 0 decodes in this thread.
         on_progress: called with the number of clips after each decoded batch (progress bars).
 
     Returns:
@@ -345,20 +382,31 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
     decoder, decode_batches = make_decoder(plan, blocks, preprocess_on_device(device))
     if not decode_batches:
         return stats
-    loader = DataLoader(decoder, batch_sampler=decode_batches, collate_fn=collate, num_workers=num_workers,
+    slots = slots_per_worker()
+    pool = BufferPool(num_workers, slots) if num_workers and slots else None  # made before the workers fork
+    loader = DataLoader(decoder, batch_sampler=decode_batches, collate_fn=functools.partial(collate, pool=pool),
+                        num_workers=num_workers,
                         prefetch_factor=PREFETCH_BATCHES if num_workers else None,
                         pin_memory=device.type == "cuda", timeout=DECODE_TIMEOUT_S if num_workers else 0)
-    batches = iter(loader)  # workers are forked here, before the writer thread exists
+    gc.collect()  # a PyAV object left in a reference cycle here must not be collected in a forked worker (crash)
+    if num_workers == 0 and decode_threads > 0:
+        batches = decode_in_threads(decoder, decode_batches, decode_threads)
+    else:
+        batches = iter(loader)  # workers are forked here, before the writer thread exists
     writer = _Writer(store, plan.targets)
     writer.start()
     try:
         try:
+            copies = DeviceCopies(device)  # one device copy of each decoded tensor, whichever lanes read it
             lanes = [_Lane(j, t, blocks, plan.batch_size, plan.n_rows, device, writer, stats,
-                           decoder.jobs[j].batched) for j, t in enumerate(plan.targets)]
+                           decoder.jobs[j].batched, copies if lane_device(t, device) == device else None)
+                     for j, t in enumerate(plan.targets)]
             _encode_all(batches, len(decode_batches), lanes, writer, stats, on_progress,
                         _CommitClock(plan.commit_seconds))
         finally:
             del batches  # shuts the worker processes down
+            if pool is not None:
+                pool.close()
             _finish_writer(writer)  # the chunks finished before a failure are still written
     except _WorkerFailed as err:
         raise _stopped(store, str(err)) from None
@@ -373,6 +421,28 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
                               f"died") from None
     stats.merge(writer.stats)
     return stats
+
+
+def decode_in_threads(decoder, decode_batches: list[list[int]], threads: int):
+    """Decoded batches in order, ``threads`` of them decoded ahead in a thread pool (bounded: at
+    most ``2 * threads`` batches wait), so decoding overlaps encoding without worker processes."""
+    def decode(rows: list[int]) -> DecodedBatch:
+        return collate([decoder[row] for row in rows])
+
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="featurestore-decode") as pool:
+        ahead: deque[concurrent.futures.Future] = deque()
+        todo = iter(decode_batches)
+        try:
+            for rows in itertools.islice(todo, 2 * threads):
+                ahead.append(pool.submit(decode, rows))
+            while ahead:
+                batch = ahead.popleft().result()
+                for rows in itertools.islice(todo, 1):
+                    ahead.append(pool.submit(decode, rows))
+                yield batch
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 def _finish_writer(writer: _Writer) -> None:
@@ -416,14 +486,6 @@ def _loader_reason(err: RuntimeError) -> str:
     return text.split(". If ")[0].split(". Details")[0]
 
 
-def _stack(parts: list[tuple[torch.Tensor, int]], n_seg: int) -> torch.Tensor:
-    """Rows ``(decoded batch tensor, index in it)`` as one tensor: a view when they are consecutive there."""
-    first, i0 = parts[0]
-    if all(t is first and i == i0 + k for k, (t, i) in enumerate(parts)):
-        return first[i0 * n_seg:(i0 + len(parts)) * n_seg]
-    return torch.cat([t[i * n_seg:(i + 1) * n_seg] for t, i in parts])
-
-
 def _test_signal() -> tuple[signal.Signals, int] | None:
     """The ``TEST_SIGNAL_ENV`` hook's (signal, done rows), or None when unset."""
     value = os.environ.get(TEST_SIGNAL_ENV)
@@ -457,6 +519,7 @@ def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writer, st
             raise _WorkerFailed(batch.fatal)
         for stage, value in batch.seconds.items():
             stats.add_seconds(stage, value)
+        _prefetch(batch, lanes)
         for lane in lanes:
             lane.add(None, None, batch.errors.get(lane.j, {}))
             for rows, x in batch.groups(lane.j):  # one group, or one per frame size
@@ -464,12 +527,28 @@ def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writer, st
             if clock.due():  # checked after each lane: one slow encoder does not hold the others' rows back
                 for each in lanes:
                     each.commit_partial()
+        _forget_taken(lanes)
         writer.check()
         stats.clips += len(batch.rows)
         if on_progress is not None:
             on_progress(len(batch.rows))
     for lane in lanes:
         lane.check_finished()
+
+
+def _prefetch(batch: DecodedBatch, lanes: list[_Lane]) -> None:
+    """Start the device copies of a decoded batch's tensors that device lanes read (one per tensor)."""
+    for lane in lanes:
+        if lane.device.type != "cpu":
+            for _, x in batch.groups(lane.j):
+                lane.copies.prefetch(x)
+
+
+def _forget_taken(lanes: list[_Lane]) -> None:
+    """Drop the device copies no lane has rows of pending any more."""
+    pending = {id(x) for lane in lanes for x, _ in lane.pending.values()}
+    for lane in lanes:
+        lane.copies.keep(pending)
 
 
 def non_finite_message(target: Target, out: np.ndarray) -> str:

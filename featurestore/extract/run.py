@@ -76,7 +76,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda[:N]"``. With a scheduler it is
             resolved on each Dask worker.
         batch_size: clips per batch (an encoder call sees ``batch_size * segments`` items).
-        num_workers: decoding processes (default: one per spare core, at most 8; 0 = in this thread).
+        num_workers: decoding processes (default: one per spare core, at most 8 when encoding on the
+            CPU; 0 = in this thread).
         frames: video frames per clip, overriding the dataset's ``video_frames``.
         segments: audio segments per clip, overriding the dataset's ``audio_segments`` (a clip of
             another length is an error for that clip: see ``featurestore.decode``).
@@ -260,7 +261,7 @@ def _execute(fs: FeatureStore, summary: ExtractSummary, plan: Plan, dev, opt: _R
 
     with _ProgressBar(plan.n_todo_clips(), opt.progress) as bar:
         if client is None:
-            workers = default_num_workers() if opt.num_workers is None else opt.num_workers
+            workers = default_num_workers(dev) if opt.num_workers is None else opt.num_workers
             stats = run_blocks(plan, fs, plan.blocks(), dev, workers, bar.update)
         else:
             from featurestore.extract.dask import StoreRef, run_distributed

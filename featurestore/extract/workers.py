@@ -19,7 +19,8 @@ a store or an open file, and opens each media file itself.
 A clip that fails to decode is not an exception here but a per-encoder error message carried in the
 batch, so one broken file costs one row, not the run.
 
-In a worker, ``collate`` moves the batch into shared memory itself. Otherwise the DataLoader's queue
+In a worker, ``collate`` moves the batch into shared memory itself, into buffers the worker reuses
+from batch to batch (``featurestore.extract.buffer_pool``). Otherwise the DataLoader's queue
 would do it in a background thread whose errors are only printed, and the batch would be lost
 while the main process waited for it for ever (``/dev/shm`` full, a file-size limit). A batch that
 cannot be shared is replaced by one that carries only the reason (``DecodedBatch.fatal``), which
@@ -39,6 +40,7 @@ from torch.utils.data import Dataset
 
 from featurestore.decode import DecodeError, load_audio_segments, sample_frames
 from featurestore.encoders._preprocess import as_uint8_frames
+from featurestore.extract import buffer_pool
 from featurestore.extract.plan import Plan, Source
 
 
@@ -110,6 +112,16 @@ class DecodedBatch:
     seconds: dict[str, float]
     fatal: str = ""
     extra: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = field(default_factory=dict)
+    #: The tensors stacked into slots of a ``BufferPool`` (tensor, slot) and that pool's key: on
+    #: arrival in the main process each slot is freed again once its tensor is let go.
+    pooled: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    pool_key: int = 0
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in the main process: hand the pooled tensors to their pool (see buffer_pool)."""
+        pooled = state.pop("pooled", [])
+        self.__dict__.update(state, pooled=[])  # no reference kept here: the lanes' ones decide
+        buffer_pool.received(state.get("pool_key", 0), pooled)
 
     def groups(self, job: int) -> list[tuple[np.ndarray, torch.Tensor]]:
         """Every (rows, tensor) group of ``job``: ``inputs``' one, then ``extra``'s."""
@@ -206,8 +218,9 @@ class ClipDecoder(Dataset):
         return x
 
 
-def collate(results: list[ClipResult]) -> DecodedBatch:
-    """Stack the clips of a decode batch per job (runs in the worker, so the main thread only encodes)."""
+def collate(results: list[ClipResult], pool: buffer_pool.BufferPool | None = None) -> DecodedBatch:
+    """Stack the clips of a decode batch per job (runs in the worker, so the main thread only encodes);
+    in a worker, into a reused slot of ``pool`` when one is free (``functools.partial(collate, pool=)``)."""
     rows = np.array([r.row for r in results], dtype=np.int64)
     jobs = sorted({j for r in results for j in (*r.inputs, *r.errors)})
     inputs: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
@@ -218,7 +231,8 @@ def collate(results: list[ClipResult]) -> DecodedBatch:
         for stage, value in r.seconds.items():
             _add(seconds, stage, value)
     stacked: dict[tuple[int, ...], tuple[np.ndarray, torch.Tensor]] = {}
-    shared = torch.utils.data.get_worker_info() is not None
+    info = torch.utils.data.get_worker_info()
+    share = _Sharer(pool, info.id) if info is not None else None
     for j in jobs:
         groups = []
         ok_results = [r for r in results if j in r.inputs]
@@ -230,7 +244,7 @@ def collate(results: list[ClipResult]) -> DecodedBatch:
             parts = tuple(id(r.inputs[j]) for r in ok)  # same tensors (shared preprocessing): stack once
             if parts not in stacked:
                 try:
-                    x = _cat([r.inputs[j] for r in ok], shared)
+                    x = _cat([r.inputs[j] for r in ok], share)
                 except _ShareFailed as err:
                     return DecodedBatch(rows, {}, {}, seconds, fatal=(
                         f"decode worker (pid {os.getpid()}) could not pass rows {rows.min()}..{rows.max()} to "
@@ -244,22 +258,38 @@ def collate(results: list[ClipResult]) -> DecodedBatch:
         failed = {r.row: r.errors[j] for r in results if j in r.errors}
         if failed:
             errors[j] = failed
-    return DecodedBatch(rows, inputs, errors, seconds, extra=extra)
+    pooled = share.pooled if share is not None else []
+    return DecodedBatch(rows, inputs, errors, seconds, extra=extra, pooled=pooled,
+                        pool_key=pool.key if pool is not None else 0)
 
 
 class _ShareFailed(Exception):
     """Shared memory for a stacked tensor could not be had (message: why, on one line)."""
 
 
-def _cat(tensors: list[torch.Tensor], shared: bool) -> torch.Tensor:
-    """``torch.cat``, in a worker straight into new shared memory (as torch's default collate
-    does): one copy of the bytes instead of a stack and then a copy into shared memory, which
-    matters for uint8 frames (2.76 MB per 720p frame)."""
-    if not shared:
+class _Sharer:
+    """How a worker puts stacked tensors into shared memory: a free slot of ``pool`` (then the
+    tensor is listed in ``pooled``), else fresh shared memory."""
+
+    def __init__(self, pool: buffer_pool.BufferPool | None, worker: int):
+        self.pool, self.worker = pool, worker
+        self.pooled: list[tuple[torch.Tensor, int]] = []
+
+
+def _cat(tensors: list[torch.Tensor], share: _Sharer | None) -> torch.Tensor:
+    """``torch.cat``; in a worker (``share``) straight into shared memory: a reused pool slot when
+    one is free (no fresh pages to fault in: most of the hand-over's cost for uint8 frames, 2.76 MB
+    per 720p frame), else new shared memory as torch's default collate does (one copy either way)."""
+    if share is None:
         return torch.cat(tensors)
     first = tensors[0]
     shape = (sum(t.shape[0] for t in tensors), *first.shape[1:])
     try:
+        if share.pool is not None:
+            got = share.pool.stack(tensors, share.worker)
+            if got is not None:
+                share.pooled.append(got)
+                return got[0]
         storage = first._typed_storage()._new_shared(math.prod(shape), device=first.device)
     except (OSError, RuntimeError) as err:
         raise _ShareFailed(" ".join(str(err).split())) from err

@@ -14,8 +14,12 @@ What it measures, on a synthetic TAU-layout dataset of 4N clips (real WAV + MP4,
 Every run is a fresh ``python`` process, so model loading and imports are in the wall time but
 counted separately (``startup``). Ratios from one run of this script are what to compare.
 
+* **Feed** (``--feed``): frames per second one core hands a no-op encoder, from 720p MP4s and from
+  a stored ``frames/224`` set, projected to 16 cores (see ``feed``).
+
 Usage:
     python scripts/bench/bench_extract.py --clips 10 --encoders logmel,timm/test_vit@none --workers 1
+    python scripts/bench/bench_extract.py --feed --clips 20 --batch-size 8
 """
 from __future__ import annotations
 
@@ -188,8 +192,65 @@ def parent(args: argparse.Namespace) -> None:
                                                "memory_ratio": mem_ratio}, indent=2))
 
 
+# ------------------------------------------------------------------------------------- feed
+def feed(args: argparse.Namespace) -> None:
+    """Frames per second one core feeds a no-op encoder (issue 21's CPU floor), from MP4s and from a
+    stored ``frames/224`` set, and that rate projected to 16 cores (15 feeding, one encoding).
+
+    From MP4s: what a decode worker does per decode batch (seek-decode ``--frames`` frames per clip,
+    hand the uint8 frames over into a reused shared buffer), timed as process CPU time in one thread.
+    From the store: reading the frames set's rows (zstd chunks) for the same clips, what an image
+    encoder would read instead of decoding (issue 21 item 2: not wired into extraction yet).
+    """
+    import torch
+
+    from featurestore.demo import make_demo_dataset
+    from featurestore.encoders.clip import clip_frame_preprocessor
+    from featurestore.extract import extract
+    from featurestore.extract.buffer_pool import BufferPool
+    from featurestore.extract.plan import Source
+    from featurestore.extract.workers import ClipDecoder, make_job
+    from featurestore.datasets import open_dataset
+    from featurestore.store import open_store
+
+    torch.set_num_threads(1)
+    print(f"/proc/loadavg before: {Path('/proc/loadavg').read_text().strip()}")
+    with tempfile.TemporaryDirectory(prefix="bench_feed_", dir=args.tmp) as tmp:
+        root = make_demo_dataset(Path(tmp) / "data", clips_per_class=math.ceil(args.clips / 10), duration=10.0,
+                                 width=1280, height=720, fps=10, progress=False)
+        manifest = open_dataset(root)
+        videos = [str(Path(manifest.root) / c.video) for c in manifest.clips]
+        pre = clip_frame_preprocessor({"size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                                       "interpolation": "bicubic", "resize_mode": "shortest"})
+        job = make_job(0, "clip", "frames@k", pre, args.frames, on_device=True)  # uint8 frames, as on a GPU
+        decoder = ClipDecoder({"frames@k": Source("frames", args.frames)}, [job],
+                              {r: (0,) for r in range(len(videos))}, [""] * len(videos), videos)
+        pool, batch = BufferPool(1, 2), args.batch_size
+        t0 = time.process_time()
+        for lo in range(0, len(videos), batch):
+            results = [decoder[r] for r in range(lo, min(lo + batch, len(videos)))]
+            x, slot = pool.stack([r.inputs[0] for r in results], 0)
+            pool.release(slot)
+        mp4_rate = len(videos) * args.frames / (time.process_time() - t0)
+        store = Path(tmp) / "s.zarr"
+        extract(root, store, "frames/224", device="cpu", num_workers=1, frames=args.frames, progress=False)
+        with open_store(store, "r") as fs:
+            t0 = time.process_time()
+            n = 0
+            for lo in range(0, fs.n_clips, batch):
+                n += fs.read_rows("frames/224", lo, min(lo + batch, fs.n_clips)).shape[0] * args.frames
+            store_rate = n / (time.process_time() - t0)
+    for label, rate in (("MP4s (1280x720, seek-decode + hand-over)", mp4_rate),
+                        ("stored frames/224 set (read + zstd)", store_rate)):
+        print(f"fed from {label}: {rate:,.0f} frames/s per core -> {rate * 15:,.0f} frames/s on 16 cores "
+              f"(15 feeding)")
+    print(f"stored set vs MP4s: {store_rate / mp4_rate:.1f}x per core; /proc/loadavg after: "
+          f"{Path('/proc/loadavg').read_text().strip()}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--feed", action="store_true", help="measure frames/s fed per core to a no-op encoder instead")
     p.add_argument("--clips", type=int, default=10, help="N (the large run has 4N clips)")
     p.add_argument("--encoders", default="logmel,timm/test_vit@none")
     p.add_argument("--device", default="auto")
@@ -203,7 +264,9 @@ def main() -> None:
     p.add_argument("--store", help=argparse.SUPPRESS)
     p.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
+    if args.feed:
+        feed(args)
+    elif args.child:
         child(args)
     else:
         parent(args)

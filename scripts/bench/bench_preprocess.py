@@ -7,7 +7,9 @@ the variants, so a busy machine slows them alike):
 * **host (worker) cost**: what a decode worker spends per frame after decoding, shared-memory hand-over
   included: before, resize + crop + normalise in float32 per frame, ``torch.cat`` and
   ``share_memory_`` of the float crops; now, ``as_uint8_frames`` and one ``torch.cat`` of the uint8
-  frames straight into new shared memory (``collate``'s ``_cat``). This is the CPU's feed cost of a GPU run, where the device half runs on the GPU.
+  frames into a shared buffer the worker reuses (``featurestore.extract.buffer_pool``); shown beside
+  it, the same into fresh shared memory (a worker whose slots are all busy). This is the CPU's feed
+  cost of a GPU run, where the device half runs on the GPU.
 * **device half on the CPU**: ``FramePreprocessor.batched`` on an encode batch of frames, i.e. the
   cost when the "device" is the CPU itself. It is the same float32 arithmetic as before (checked bit
   for bit here and in tests/featurestore/test_uint8_frames.py), so it cannot be much cheaper; this
@@ -42,7 +44,9 @@ from featurestore.encoders import FramePreprocessor
 from featurestore.encoders._preprocess import as_uint8_frames
 from featurestore.encoders.clip import clip_frame_preprocessor
 from featurestore.encoders.timm_frames import frame_preprocessor
+from featurestore.extract.buffer_pool import BufferPool
 from featurestore.extract.workers import _cat
+from featurestore.testing import per_frame_preprocessing
 
 CLIP = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
         "interpolation": "bicubic", "resize_mode": "shortest"}
@@ -53,27 +57,6 @@ CONFIGS = {
         {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
          "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}),
 }
-
-
-def per_frame_float(pre: FramePreprocessor, frames: np.ndarray) -> torch.Tensor:
-    """The decode workers' preprocessing before issue 21 (a frozen copy): one frame at a time, float32."""
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
-    out = torch.empty((frames.shape[0], 3, *pre.crop), dtype=torch.float32)
-    for i, frame in enumerate(frames):
-        x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).unsqueeze(0).float()
-        size = pre.resized_size(x.shape[-2], x.shape[-1])
-        if size != tuple(x.shape[-2:]):
-            if pre.interpolation == "nearest":
-                x = F.interpolate(x, size=size, mode="nearest")
-            else:
-                x = F.interpolate(x, size=size, mode=pre.interpolation, align_corners=False, antialias=True)
-                x = x.clamp_(0.0, 255.0).round_()
-        height, width = x.shape[-2:]
-        top, left = int(round((height - pre.crop[0]) / 2.0)), int(round((width - pre.crop[1]) / 2.0))
-        x = x[..., top:top + pre.crop[0], left:left + pre.crop[1]]
-        out[i] = ((x / 255.0 - mean) / std)[0]
-    return out
 
 
 def decoded_720p(n: int, workdir: Path) -> np.ndarray:
@@ -105,9 +88,24 @@ def old_handover(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors).share_memory_()
 
 
-def handover(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """What ``collate`` does in a worker now: stack straight into new shared memory."""
-    return _cat(tensors, shared=True)
+def fresh_handover(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """What ``collate`` does in a worker whose pool slots are all busy: stack straight into new
+    shared memory (what it always did before the buffer pool)."""
+    return _cat(tensors, _Fresh())
+
+
+class _Fresh:
+    """A ``workers._Sharer`` without a pool: always fresh shared memory."""
+
+    pool, worker, pooled = None, 0, []
+
+
+def pooled_handover(pool: BufferPool, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """What ``collate`` does in a worker now: stack into a reused slot of its buffer pool (the main
+    process frees the slot when it lets go of the batch; here at once)."""
+    x, slot = pool.stack(tensors, 0)
+    pool.release(slot)
+    return x
 
 
 def measure_device(pre: FramePreprocessor, stack: torch.Tensor, cpu: torch.Tensor, device: torch.device,
@@ -133,7 +131,7 @@ def measure(name: str, pre: FramePreprocessor, frames: np.ndarray, rounds: int,
     n = len(frames)
     clips = [frames[i:i + 2] for i in range(0, n, 2)]  # clips of 2 frames, as a decode batch holds them
     stack = torch.from_numpy(frames)
-    old = per_frame_float(pre, frames)
+    old = per_frame_preprocessing(pre, frames)
     new = pre.batched(stack)
     if not torch.equal(old, new):
         raise SystemExit(f"{name}: the batched path differs from the per-frame one: not bit-exact")
@@ -142,9 +140,11 @@ def measure(name: str, pre: FramePreprocessor, frames: np.ndarray, rounds: int,
     ref = F.interpolate(stack.permute(0, 3, 1, 2).float(), size=size, mode=pre.interpolation,
                         antialias=True).clamp(0, 255).round()
     levels = int((u8.float() - ref).abs().max())
+    pool = BufferPool(1, slots_per_worker=1)
     times = best_per_frame({
-        "before: host (per-frame float + cat + share)": lambda: old_handover([per_frame_float(pre, c) for c in clips]),
-        "now: host (uint8 + cat into shared memory)": lambda: handover([as_uint8_frames(c) for c in clips]),
+        "before: host (per-frame float + cat + share)": lambda: old_handover([per_frame_preprocessing(pre, c) for c in clips]),
+        "now: host (uint8 into a reused shared buffer)": lambda: pooled_handover(pool, [as_uint8_frames(c) for c in clips]),
+        "host, uint8 into fresh shared memory (no pool)": lambda: fresh_handover([as_uint8_frames(c) for c in clips]),
         "now: device half on the CPU (batched)": lambda: pre.batched(stack),
         "uint8 antialiased resize alone (not bit-exact)": lambda: F.interpolate(
             stack.permute(0, 3, 1, 2), size=size, mode=pre.interpolation, antialias=True),

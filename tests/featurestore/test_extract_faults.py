@@ -16,6 +16,7 @@ from tests.featurestore.fault_support import (
 )
 from tests.featurestore.test_extract_support import assert_same_arrays, make_dataset, read_all
 
+from featurestore.extract.buffer_pool import SLOTS_ENV
 from featurestore.extract.errors import StoreWriteError
 from featurestore.extract.pipeline import _loader_reason
 from featurestore.cli import run_command
@@ -86,8 +87,10 @@ def test_a_file_size_limit_in_a_decode_worker_stops_the_run_with_one_line(datase
     error and dropped the batch, and the run waited for it for ever."""
     store = tmp_path / "s.zarr"
     ignore_xfsz = lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # noqa: E731 (inherited by workers)
+    # a worker that reuses its shared buffers needs no new shared memory after its first batches:
+    # the limit bites on fresh shared memory, which this run uses for every batch
     proc = start_child(tmp_path / "child", dataset, store, WORKER_OPTIONS, signal_at="STOP:2",
-                       preexec_fn=ignore_xfsz)
+                       preexec_fn=ignore_xfsz, env={SLOTS_ENV: "0"})
     try:
         wait_stopped(proc)
         (worker,) = forked_children(proc.pid)

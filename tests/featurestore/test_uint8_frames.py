@@ -4,16 +4,18 @@ Decode workers hand over the decoded frames (``uint8``, ``H x W x 3`` bytes per 
 memory) and the encode lane resizes, crops and normalises each encode batch where the encoder runs.
 On the CPU that batched path must give the per-frame preprocessing's output bit for bit, or stored
 features (and fingerprints, which promise them) would change: the per-frame implementation this
-replaced is kept below, frozen, as the reference.
+replaced is kept frozen as the reference (``featurestore.testing.per_frame_preprocessing``, which
+scripts/bench/bench_preprocess.py times too).
 """
 from __future__ import annotations
 
+import functools
+import gc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from tests.featurestore.test_extract_support import FAST, make_dataset, read_all, write_mp4
 
 import featurestore.encoders._preprocess as preprocess_module
@@ -24,7 +26,9 @@ from featurestore.encoders.timm_frames import frame_preprocessor
 from featurestore.extract import extract
 from featurestore.extract.plan import Source
 from featurestore.extract import pipeline, workers
+from featurestore.extract.buffer_pool import BufferPool
 from featurestore.extract.workers import ClipDecoder, collate, make_job, preprocess_on_device
+from featurestore.testing import per_frame_preprocessing
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -51,27 +55,6 @@ PREPROCESSORS = {
 }
 
 
-def per_frame_reference(pre: FramePreprocessor, frames: np.ndarray) -> torch.Tensor:
-    """The per-frame preprocessing extraction ran in its decode workers before (frozen copy)."""
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
-    out = torch.empty((frames.shape[0], 3, *pre.crop), dtype=torch.float32)
-    for i, frame in enumerate(frames):
-        x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).unsqueeze(0).float()
-        size = pre.resized_size(x.shape[-2], x.shape[-1])
-        if size != tuple(x.shape[-2:]):
-            if pre.interpolation == "nearest":
-                x = F.interpolate(x, size=size, mode="nearest")
-            else:
-                x = F.interpolate(x, size=size, mode=pre.interpolation, align_corners=False, antialias=True)
-                x = x.clamp_(0.0, 255.0).round_()
-        height, width = x.shape[-2:]
-        top, left = int(round((height - pre.crop[0]) / 2.0)), int(round((width - pre.crop[1]) / 2.0))
-        x = x[..., top:top + pre.crop[0], left:left + pre.crop[1]]
-        out[i] = ((x / 255.0 - mean) / std)[0]
-    return out
-
-
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory) -> dict[str, np.ndarray]:
     """Real decoded frames (MPEG-4, yuv420p: even sizes) of several sizes and aspect ratios, plus
@@ -92,7 +75,7 @@ def decoded(tmp_path_factory) -> dict[str, np.ndarray]:
 def test_batched_preprocessing_equals_the_per_frame_one_bit_for_bit(name, decoded, monkeypatch):
     pre = PREPROCESSORS[name]
     for size, frames in decoded.items():
-        expected = per_frame_reference(pre, frames)
+        expected = per_frame_preprocessing(pre, frames)
         stack = torch.from_numpy(np.concatenate([frames, frames[::-1]]))
         for slice_bytes in (1, 1 << 40):  # one frame per op, and the whole stack in one op (the GPU's way)
             monkeypatch.setattr(preprocess_module, "CPU_SLICE_BYTES", slice_bytes)
@@ -129,6 +112,37 @@ def test_decode_workers_hand_over_uint8_frames_through_shared_memory(tmp_path):
     assert x.numel() * x.element_size() // x.shape[0] == 48 * 64 * 3  # bytes per frame through shared memory
     assert batch.inputs[1][1] is x and batch.inputs[2][1] is x  # one tensor for every image encoder
     np.testing.assert_array_equal(x[2:4].numpy(), sample_frames(paths[1], 2))
+
+
+def test_decode_workers_reuse_their_shared_buffers_and_never_overwrite_a_batch_still_held(tmp_path):
+    """12 decode batches through one worker with 3 pool slots: every batch arrives in a reused buffer
+    (none falls back to fresh shared memory), the main process maps at most 3 buffers, and a batch it
+    keeps holding is never written over."""
+    paths = [str(write_mp4(tmp_path / f"{i}.mp4", 2.0, seed=i, size=(48, 64))) for i in range(4)]
+    decoder = ClipDecoder({"frames@2": Source("frames", 2)}, _frame_jobs(), {r: (0, 1, 2) for r in range(4)},
+                          [""] * 4, paths)
+    pool = BufferPool(1, slots_per_worker=3)
+    loader = torch.utils.data.DataLoader(decoder, batch_sampler=[[r % 4] for r in range(12)], num_workers=1,
+                                         collate_fn=functools.partial(collate, pool=pool), prefetch_factor=1,
+                                         timeout=60)
+    held, buffers, got = None, set(), []
+    gc.collect()  # as run_blocks does: no PyAV object of an earlier test is collected in the forked worker
+    batches = iter(loader)
+    for k in range(12):  # not enumerate(loader): its cached result tuple would hold the last batch
+        batch = next(batches)
+        (row,), x = batch.inputs[0]
+        assert x.numel() * x.element_size() // x.shape[0] == 48 * 64 * 3 and x.is_shared()
+        buffers.add(x.untyped_storage().data_ptr())  # a buffer mapped again would sit elsewhere
+        got.append((row, x.clone()))
+        if k == 0:
+            held = (x, x.clone())  # slot kept busy to the end
+        del batch, x  # let go before asking for the next batch
+    expected = [sample_frames(p, 2) for p in paths]  # decoded after the worker is gone (PyAV and fork)
+    for row, x in got:
+        np.testing.assert_array_equal(x.numpy(), expected[row])
+    assert pool.received_tensors == 12 and len(buffers) <= 3
+    assert torch.equal(*held) and int(pool.busy.sum()) == 1
+    pool.close()
 
 
 def test_clips_of_several_frame_sizes_in_one_decode_batch_are_stacked_per_size(tmp_path):
@@ -175,6 +189,6 @@ def test_extraction_stores_the_per_frame_preprocessings_features_exactly(tmp_pat
         assert done.all()
         # the run's one encode batch (rows 0 and 1; the model's output depends on the batch's shape)
         frames = [sample_frames(Path(tiny.root) / clip.video, 2) for clip in tiny.clips]
-        x = torch.cat([per_frame_reference(enc.preprocessor(), f) for f in frames])
+        x = torch.cat([per_frame_preprocessing(enc.preprocessor(), f) for f in frames])
         expected = enc.encode(x).numpy().astype(np.float16).reshape(2, 2, -1)
         np.testing.assert_array_equal(data, expected, err_msg=spec)
