@@ -6,6 +6,7 @@ so ``featurestore`` itself never needs it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 from featurestore.errors import FeatureStoreError
@@ -19,20 +20,31 @@ class ViewExtraMissing(FeatureStoreError, ImportError):
 
 
 def require_view_extra() -> None:
-    """Import every package the app needs, or raise one `ViewExtraMissing` line naming the extra."""
+    """Import every package the app runs on, or raise one `ViewExtraMissing` line naming the extra.
+    ``plotly`` is only found, not imported: the app serves its plotly.min.js file and needs none of
+    its Python (importing it would cost the idle app ~5 MiB)."""
     for name in MODULES:
         try:
-            importlib.import_module(name)
+            _plotly_dir() if name == "plotly" else importlib.import_module(name)
         except ImportError as err:
             raise ViewExtraMissing(f"featurestore view needs the [view] extra ({name} is not installed): "
                                    f"{EXTRA_HINT}") from err
 
 
+def _plotly_dir() -> Path:
+    """The installed ``plotly`` package's folder, found without importing it (ImportError when absent)."""
+    try:
+        spec = importlib.util.find_spec("plotly")
+    except (ImportError, ValueError) as err:  # ValueError: sys.modules["plotly"] is None
+        raise ImportError("plotly") from err
+    if spec is None or not spec.origin:
+        raise ImportError("plotly")
+    return Path(spec.origin).parent
+
+
 def plotly_js() -> Path:
     """plotly.min.js as the ``plotly`` Python package ships it: served by the app, never a CDN."""
-    import plotly
-
-    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    path = _plotly_dir() / "package_data" / "plotly.min.js"
     if not path.is_file():
         raise ViewExtraMissing(f"the plotly package at {path.parent.parent} has no package_data/plotly.min.js; "
                                f"reinstall it: {EXTRA_HINT}")

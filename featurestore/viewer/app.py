@@ -22,7 +22,7 @@ from featurestore.decode._errors import DecodeError
 from featurestore.errors import FeatureStoreError, UnknownClipError, UnknownFeatureError
 from featurestore.viewer._deps import plotly_js
 from featurestore.viewer.data import (BadRequest, ViewState, check_k, clip_page, colour_options, confusion,
-                                      map_points_json, search)
+                                      map_points_parts, search)
 from featurestore.viewer.images import frame_strip, logmel_image, png
 from featurestore.viewer.media import MediaMissing, MediaRefused, content_type, media_path
 
@@ -215,11 +215,12 @@ class _Handlers:
                 "colours": colour_options(self.state), "outputs": list(self.state.sources), "splits": self.state.splits}
 
     def points(self, request: Any) -> Any:
-        from starlette.responses import Response
+        from starlette.responses import StreamingResponse
 
-        q = request.query_params
-        return self._answer(lambda: Response(map_points_json(self.state, self._set(q.get("set")), q.get("colour", "label")),
-                                             media_type="application/json"))
+        q = request.query_params  # the pieces are made under the lock, then streamed (see map_points_parts)
+        return self._answer(lambda: StreamingResponse(iter(map_points_parts(self.state, self._set(q.get("set")),
+                                                                            q.get("colour", "label"))),
+                                                      media_type="application/json"))
 
     def confusion(self, request: Any) -> Any:
         from starlette.responses import JSONResponse

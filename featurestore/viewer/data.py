@@ -6,7 +6,6 @@ Everything is read through the store object (its index and arrays); nothing here
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ class ViewState:
     logmel_sets: list[str] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
     chunks: "OrderedDict[tuple[str, int], np.ndarray]" = field(default_factory=OrderedDict)  # path columns, LRU
-    map_json: dict[str, str] = field(default_factory=dict)  # feature set -> its ids and positions as JSON
+    map_json: dict[str, bytes] = field(default_factory=dict)  # feature set -> its ids and positions, JSON
+    coded: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)  # column -> (names, codes)
     store_inode: int | None = None  # the store's folder at start: a page tells a deleted or replaced store
 
     def __post_init__(self) -> None:
@@ -86,11 +86,13 @@ class ViewState:
             self.index["label_index"] = np.asarray(self.store.labels, dtype=np.int64)
         return self.index["label_index"]
 
-    def column(self, name: str) -> np.ndarray:
-        """An index column for every row (``label``, ``city``, ``split``: first split the clip is in)."""
-        if name not in self.index:
-            self.index[name] = _read_column(self.store, name)
-        return self.index[name]
+    def groups(self, name: str) -> tuple[list[str], np.ndarray]:
+        """An index column for every row as (distinct names, int32 code per row), read once:
+        ``label``, ``city``, ``split`` (first split the clip is in). Codes, not a Python string per
+        row: at 100,000 clips an object column is ~6 MiB that the allocators keep after it is gone."""
+        if name not in self.coded:
+            self.coded[name] = _read_groups(self.store, name)
+        return self.coded[name]
 
 
 def _inode(location: Any) -> int | None:
@@ -104,16 +106,18 @@ def _inode(location: Any) -> int | None:
         return None
 
 
-def _read_column(store: Any, name: str) -> np.ndarray:
+def _read_groups(store: Any, name: str) -> tuple[list[str], np.ndarray]:
     if name == "label":
-        classes = np.array([*store.classes, "(no label)"], dtype=object)
-        return classes[np.asarray(store.labels, dtype=np.int64)]  # -1 picks "(no label)"
+        labels = np.asarray(store.labels, dtype=np.int32)
+        return [*store.classes, "(no label)"], np.where(labels < 0, len(store.classes), labels).astype(np.int32)
     if name == "split":
-        out = np.full(store.n_clips, "(none)", dtype=object)
-        for split in reversed(store.splits()):
-            out[store.column(f"split/{split}").astype(bool)] = split
-        return out
-    return np.asarray(store.column(name), dtype=object)
+        splits = store.splits()
+        codes = np.full(store.n_clips, len(splits), dtype=np.int32)
+        for i, split in reversed(list(enumerate(splits))):
+            codes[store.column(f"split/{split}").astype(bool)] = i
+        return [*splits, "(none)"], codes
+    names, codes = np.unique(store.column(name), return_inverse=True)
+    return [str(v) for v in names], codes.astype(np.int32)
 
 
 class BadRequest(ValueError):
@@ -156,71 +160,100 @@ def map_points(state: ViewState, feature_set: str, colour: str = "label") -> dic
 
 
 def map_points_json(state: ViewState, feature_set: str, colour: str = "label") -> str:
-    """The map's data as JSON text, made to be small and quick to parse at 100,000 clips: positions
-    and group codes as base64 little-endian arrays (float32, uint16), the ids as one string joined by
-    newlines (a list if an id holds one). The ids and positions of a set are encoded once and kept;
-    each colouring adds its groups only. No per-point Python object is made."""
+    """The map's data as JSON text (`map_points_parts` joined: tests and the benchmark)."""
+    return b"".join(map_points_parts(state, feature_set, colour)).decode("utf-8")
+
+
+def map_points_parts(state: ViewState, feature_set: str, colour: str = "label", piece: int = 1 << 18) -> list[Any]:
+    """The map's data as JSON in pieces of at most ``piece`` bytes, made to be small and quick to
+    parse at 100,000 clips: positions and group codes as base64 little-endian arrays (float32,
+    uint16), the ids as one string joined by newlines (a list if an id holds one). The ids and
+    positions of a set are encoded once and kept as UTF-8 bytes; each colouring adds its groups only.
+    Pieces (views of the kept bytes) are streamed, so a request copies none of the 3.7 MiB of a
+    100,000-clip map (copies the allocator would keep after: the idle app's memory). No per-point
+    Python object is made."""
     proj = state.projections[feature_set]
     if feature_set not in state.map_json:
-        state.map_json[feature_set] = (f'"ids": {_ids_json(state.store, proj.rows)}, '
-                                       f'"x": "{_b64(proj.xy[:, 0], "<f4")}", "y": "{_b64(proj.xy[:, 1], "<f4")}"')
-    names, codes = np.unique(colour_values(state, proj.rows, colour).astype(str), return_inverse=True)
-    release_freed_memory()
+        state.map_json[feature_set] = (f'"ids": {_ids_json(state.store, proj.rows)}, "x": "{_b64(proj.xy[:, 0], "<f4")}", '
+                                       f'"y": "{_b64(proj.xy[:, 1], "<f4")}"}}').encode("utf-8")
+    all_names, all_codes = colour_codes(state, proj.rows, colour)
+    used, codes = np.unique(all_codes, return_inverse=True)  # only the groups on the map, in name order
+    names = np.array(all_names, dtype=object)[used]
+    order = np.argsort(names.astype(str), kind="stable")
+    names, codes = names[order], np.argsort(order)[codes]
     head = json.dumps({"feature_set": feature_set, "method": proj.method, "colour": colour,
                        "groups": names.tolist(), "n": len(proj.rows)})[:-1]
-    return f'{head}, "group": "{_b64(codes, "<u2")}", {state.map_json[feature_set]}}}'
+    shared = memoryview(state.map_json[feature_set])
+    return [f'{head}, "group": "{_b64(codes, "<u2")}", '.encode("utf-8"),
+            *(shared[at:at + piece] for at in range(0, len(shared), piece))]
 
 
-def _ids_json(store: Any, rows: np.ndarray, block: int = 16384) -> str:
-    """The ids of ``rows`` as one JSON string joined by newlines (a JSON list if an id holds one),
-    decoded a block at a time: 100,000 id objects at once would leave the allocator's arenas
-    holding their peak long after (the app's idle memory)."""
-    parts = []
-    for start in range(0, len(rows), block):
-        ids = store.index.ids_at(rows[start:start + block])
-        if any("\n" in c for c in ids):
-            return json.dumps(store.index.ids_at(rows))
-        parts.append(json.dumps("\n".join(ids))[1:-1])
+def _ids_json(store: Any, rows: np.ndarray, block: int = 2048) -> str:
+    """The ids of ``rows`` as one JSON string joined by newlines, made from the id column's
+    fixed-width text without a Python string per id: each chunk of the column is read once and
+    turned into text ``block`` ids at a time. Per-id strings, re-reading a chunk per block, or
+    big temporaries all leave the C and Python allocators holding their peak after the map is
+    encoded (the idle app's memory; measured in scripts/bench/bench_view.py). Ids that JSON would
+    have to escape (a quote, a backslash, a control character; the clip id grammar allows none, a
+    hand-made store might) fall back to a JSON list."""
+    per = store.arrays.chunk_rows("index/clip_id")
+    parts, start = [], 0
+    while start < len(rows):
+        chunk = int(rows[start]) // per
+        stop = start + int(np.argmax(np.append(rows[start:] // per != chunk, True)))  # the run in this chunk
+        first = chunk * per
+        text = store.arrays.read("index/clip_id", first, min(store.n_clips, first + per))
+        for at in range(start, stop, block):
+            part = _id_block(text[rows[at:min(stop, at + block)] - first])
+            if part is None:
+                return json.dumps(store.index.ids_at(rows))
+            parts.append(part)
+        del text
+        start = stop
     return '"' + "\\n".join(parts) + '"'
 
 
-def release_freed_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
-
-    Encoding a map at 100,000 clips allocates tens of MiB for a moment; glibc keeps freed heap pages
-    mapped, so an idle app would go on holding its peak. Called after each such burst."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM: Any = None
+def _id_block(text: np.ndarray) -> str | None:
+    """Fixed-width ids joined by JSON-escaped newlines, or None when an id needs escaping."""
+    if text.dtype.kind != "U":
+        return None
+    codes = np.ascontiguousarray(text).view(np.uint32).reshape(len(text), -1)  # UTF-32, zero-padded
+    if ((codes < 32) & (codes != 0)).any() or (codes == 34).any() or (codes == 92).any():
+        return None
+    width, at = codes.shape[1], np.arange(len(text))
+    out = np.zeros((len(text), width + 2), dtype=np.uint32)
+    out[:, :width] = codes
+    ends = (codes != 0).sum(axis=1)
+    out[at, ends], out[at, ends + 1] = 92, 110  # a backslash and an n: JSON's newline between ids
+    return out[out != 0][:-2].tobytes().decode("utf-32-le")
 
 
 def _b64(values: np.ndarray, dtype: str) -> str:
     return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode("ascii")
 
 
-def colour_values(state: ViewState, rows: np.ndarray, colour: str) -> np.ndarray:
-    """The group name of each row under ``colour`` (see `colour_options`)."""
+def colour_codes(state: ViewState, rows: np.ndarray, colour: str) -> tuple[list[str], np.ndarray]:
+    """(group names, the group code of each row) under ``colour`` (see `colour_options`)."""
     if colour in PLAIN_COLOURS:
-        return state.column(colour)[rows]
+        names, codes = state.groups(colour)
+        return names, codes[rows]
     kind, _, source = colour.partition(":")
     if kind not in ("predicted", "correct") or source not in state.sources:
         raise BadRequest(f"cannot colour by {colour[:80]!r}; choose one of {', '.join(colour_options(state))}")
     pred = predicted_classes(state, source, rows)
-    classes = np.array([*state.store.classes, "(not predicted)"], dtype=object)
+    n = len(state.store.classes)
     if kind == "predicted":
-        return classes[pred]
+        return [*state.store.classes, "(not predicted)"], np.where(pred < 0, n, pred)
     labels = state.labels()[rows]
-    out = np.where(pred == labels, "right", "wrong").astype(object)
-    out[(pred < 0) | (labels < 0)] = "(no prediction or label)"
-    return out
+    codes = np.where(pred == labels, 0, 1)
+    codes[(pred < 0) | (labels < 0)] = 2
+    return ["right", "wrong", "(no prediction or label)"], codes
+
+
+def colour_values(state: ViewState, rows: np.ndarray, colour: str) -> np.ndarray:
+    """The group name of each row under ``colour`` (for tests: the app sends `colour_codes`)."""
+    names, codes = colour_codes(state, rows, colour)
+    return np.array(names, dtype=object)[codes]
 
 
 def predicted_classes(state: ViewState, source: str, rows: np.ndarray) -> np.ndarray:
@@ -241,7 +274,7 @@ def clip_page(state: ViewState, clip_id: str, feature_set: str | None) -> dict[s
     label = int(state.labels()[row])
     splits = [s for s in state.splits if state.in_split(s)[row]]
     return {"clip_id": clip_id, "row": row, "label": store.classes[label] if label >= 0 else None,
-            "city": state.column("city")[row], "location": state.column("location")[row],
+            "city": state.value("city", row), "location": state.value("location", row),
             "splits": splits, "media": {kind: media_note(state, clip_id, kind) for kind in KINDS},
             "frames": frames_source(state, row), "logmel": _first_done(store, state.logmel_sets, row),
             "outputs": clip_outputs(state, clip_id, row), "classes": list(store.classes),

@@ -47,7 +47,7 @@ def prepare(store: Any, feature_sets: Sequence[str] | None = None, method: str =
             recipes: Sequence[str] = (), keep: bool = True, log: Any = None) -> Any:
     """The app's `ViewState`: projections of the map's sets (from their sidecars, or computed now)
     and the outputs to show (stored runs, and what providers add for ``recipes``)."""
-    from featurestore.viewer.data import ViewState, map_points_json
+    from featurestore.viewer.data import ViewState, map_points_parts
     from featurestore.viewer.outputs import load_sources
     from featurestore.viewer.projection import project
 
@@ -63,14 +63,24 @@ def prepare(store: Any, feature_sets: Sequence[str] | None = None, method: str =
             print(f"map of {name}: {len(proj.rows)} clips, {method} {how}{kept}", file=log)
     state = ViewState(store, projections, load_sources(store, recipes))
     for name, proj in projections.items():  # now, not on the first page a browser asks for
-        map_points_json(state, name)
+        map_points_parts(state, name)  # encodes and keeps the map's ids and positions
         _warm_neighbours(store, name, proj, log)
     return state
 
 
 def _warm_neighbours(store: Any, name: str, proj: Any, log: Any) -> None:
-    """One neighbour query, so search's clip matrix is built (or opened from its sidecar) at start:
-    at 100,000 clips building it is seconds, which the first clip page would otherwise wait."""
+    """Build search's clip matrix at start when it has no sidecar: at 100,000 clips building it is
+    seconds, which the first clip page would otherwise wait. A matrix already kept is left to the
+    first clip page (opening it maps and checks 200 MiB at 100,000 x 512: the idle app would hold
+    those pages resident for nothing)."""
+    import re
+
+    from featurestore.store.search import set_key, sidecar_dir
+
+    folder, key = sidecar_dir(store, name), set_key(store, name, "exact")
+    if folder is not None and folder.is_dir() and any(re.fullmatch(re.escape(key) + r"-[0-9a-f]+\.json", entry.name)
+                                                      for entry in folder.iterdir()):
+        return
     t0 = time.perf_counter()
     result = store.search(name, store.index.ids_at(proj.rows[:1])[0], k=1, method="exact")
     built = [note for note in result.notes if note.startswith("built")]
