@@ -250,3 +250,25 @@ def test_a_shard_rewritten_by_another_writer_is_read_anew_never_stale(small):
         reader.refresh()
         rows = np.array([SHARD + 1, SHARD + 500, 2 * SHARD - 1])
         np.testing.assert_array_equal(reader.get_many(FEAT, [clip_id(r) for r in rows]), values(rows))
+
+
+def test_dask_blocks_must_be_whole_shards_of_every_feature_set_they_write():
+    """A plan whose blocks would split a shard between two Dask tasks is refused before any task
+    runs; a set with nothing to do in a block does not constrain it."""
+    from featurestore.extract.dask import check_blocks_aligned
+    from featurestore.extract.plan import Plan, Source, Target
+
+    n = 20
+
+    def target(name: str, chunk: int, todo: bool) -> Target:
+        return Target(name, None, f"{name}@none", Source("audio", 1, 16000, 1.0), (4,), "float32", chunk, {},
+                      np.full(n, todo), skipped=0, options={})
+
+    def plan(block: int, *targets: Target) -> Plan:
+        return Plan(list(targets), block, n, np.ones(n, dtype=bool), [""] * n, [""] * n,
+                    [clip_id(i) for i in range(n)], 2)
+
+    check_blocks_aligned(plan(8, target("a", 8, True)))  # 0:8, 8:16, 16:20 (the end)
+    check_blocks_aligned(plan(4, target("a", 4, True), target("b", 8, False)))  # b has nothing to do
+    with pytest.raises(RuntimeError, match=r"block 0:4 is not made of whole chunks of 8 clips of a"):
+        check_blocks_aligned(plan(4, target("a", 8, True)))
