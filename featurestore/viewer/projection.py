@@ -30,10 +30,8 @@ from featurestore.store.search import clip_blocks, set_state
 from featurestore.store.shared import write_problem
 
 METHODS = ("pca", "umap")
-#: PCA is fitted on at most this many clips (a seeded sample) and applied to all: the two leading
-#: directions of 20,000 clips differ from those of all of them by sampling noise far below what a map
-#: shows, and the fit is the projection's cost (5x less at 100,000 clips).
-FIT_ROWS = 20_000
+#: Rows per block of the covariance pass: 16,384 x 512 float32 is a 32 MiB temporary.
+BLOCK_ROWS = 16_384
 SIDECAR_SUFFIX = ".view"
 FILE_SUFFIX = ".npz"
 
@@ -63,7 +61,7 @@ def project(store: Any, feature_set: str, method: str = "pca", keep: bool = True
         feature_set: an embedding set (one vector per segment).
         method: ``pca`` (scikit-learn) or ``umap`` (needs ``umap-learn``).
         keep: write the sidecar when it was computed (never on a store this process cannot write).
-        seed: the random state of the randomized SVD / UMAP.
+        seed: UMAP's random state (PCA is exact: no randomness).
 
     Raises:
         UnknownFeatureError, ValueError: a set that is not one vector per segment, or no done clip.
@@ -75,7 +73,7 @@ def project(store: Any, feature_set: str, method: str = "pca", keep: bool = True
     if len(state.info.feature_shape) != 1:
         raise ValueError(f"feature set {feature_set!r} holds {list(state.info.feature_shape)} arrays per segment; "
                          f"the map needs one embedding vector per segment")
-    key = state.key(f"view-{method}")
+    key = state.key(f"view-{method}" + ("-eigh" if method == "pca" else ""))  # -eigh: exact PCA (a sampled fit before)
     place = _place(store, feature_set) if keep else None
     with _folder(place) as folder:
         found = _load(folder, key, store.done_mask(feature_set))
@@ -103,7 +101,7 @@ def compute(store: Any, feature_set: str, method: str = "pca", seed: int = 0) ->
 def project_vectors(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     """``[n, dim]`` -> ``[n, 2]`` float32 (one vector or one dimension: zeros beyond what exists).
 
-    PCA above ``FIT_ROWS`` clips is fitted on a seeded sample of them (see `FIT_ROWS`)."""
+    PCA is `pca_2d`: exact, numpy only."""
     n, dim = vectors.shape
     out = np.zeros((n, 2), dtype=np.float32)
     if n < 2 or dim < 1:
@@ -116,16 +114,39 @@ def project_vectors(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> 
                                         "or use --method pca") from err
         out[:] = umap.UMAP(n_components=2, random_state=seed).fit_transform(vectors)
         return out
-    from sklearn.decomposition import PCA
-
     k = min(2, n, dim)
-    solver = "randomized" if min(n, dim) > 10 else "full"
-    pca = PCA(n_components=k, svd_solver=solver, random_state=seed)
-    if n <= FIT_ROWS:
-        out[:, :k] = pca.fit_transform(vectors)
-    else:
-        pca.fit(vectors[np.sort(np.random.default_rng(seed).choice(n, FIT_ROWS, replace=False))])
-        out[:, :k] = pca.transform(vectors)
+    out[:, :k] = pca_2d(vectors, k)
+    return out
+
+
+def pca_2d(vectors: np.ndarray, k: int = 2) -> np.ndarray:
+    """The ``k`` leading principal components of ``vectors`` ``[n, dim]`` (float32 ``[n, k]``).
+
+    Exact PCA by the eigenvectors of the covariance matrix (``dim x dim``), summed over blocks of
+    centred float32 rows in float64: scikit-learn's ``covariance_eigh`` solver, which its default
+    picks for n >> dim, with its sign rule (each component's largest-magnitude entry positive). Done
+    here rather than by scikit-learn because importing it costs the app seconds and ~100 MiB of
+    memory it then keeps, and float32 blocks halve the pass's time and temporaries; at 100,000 x
+    512 it is one read of the vectors and a 512 x 512 eigenproblem (scripts/bench/bench_view.py).
+    """
+    x = np.asarray(vectors)
+    n, dim = x.shape
+    mean = np.zeros(dim, dtype=np.float64)
+    for start in range(0, n, BLOCK_ROWS):
+        mean += x[start:start + BLOCK_ROWS].sum(axis=0, dtype=np.float64)
+    mean /= n
+    centre = mean.astype(np.float32)
+    cov = np.zeros((dim, dim), dtype=np.float64)
+    for start in range(0, n, BLOCK_ROWS):
+        block = x[start:start + BLOCK_ROWS].astype(np.float32) - centre
+        cov += block.T @ block
+    _, vecs = np.linalg.eigh(cov / max(1, n - 1))
+    components = vecs[:, ::-1][:, :k].T  # [k, dim], largest variance first
+    signs = np.sign(components[np.arange(k), np.abs(components).argmax(axis=1)])
+    components = (components * np.where(signs == 0, 1, signs)[:, None]).astype(np.float32)
+    out = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, BLOCK_ROWS):
+        out[start:start + BLOCK_ROWS] = (x[start:start + BLOCK_ROWS].astype(np.float32) - centre) @ components.T
     return out
 
 

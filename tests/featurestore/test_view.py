@@ -133,7 +133,7 @@ def test_the_map_is_the_pca_of_the_clip_vectors_kept_in_a_sidecar_and_rebuilt_wh
     with open_store(path, "a") as store:
         first = project(store, EMBED)
         vectors = clip_vectors(store.get_many(EMBED, store.clip_ids))
-        expected = PCA(n_components=2, svd_solver="randomized", random_state=0).fit_transform(vectors)
+        expected = PCA(n_components=2).fit_transform(vectors)  # scikit-learn's default solver, its sign rule
         np.testing.assert_allclose(first.xy, expected, atol=1e-4)
         assert first.seconds > 0 and first.kept_in.parent == sidecar_dir(store, EMBED)
         assert first.kept_in.parent == tmp_path / "p.zarr.view" / "clip" / "ViT-S-32-alt"
@@ -145,6 +145,24 @@ def test_the_map_is_the_pca_of_the_clip_vectors_kept_in_a_sidecar_and_rebuilt_wh
         rebuilt = project(store, EMBED)
     assert rebuilt.key != first.key and rebuilt.seconds > 0 and not first.kept_in.exists()
     assert [p.name for p in rebuilt.kept_in.parent.iterdir()] == [rebuilt.kept_in.name]
+
+
+def test_the_pca_is_scikit_learns_on_a_larger_set_in_float32_blocks():
+    """Several covariance blocks (BLOCK_ROWS shrunk), float16 input, one direction much stronger."""
+    from sklearn.decomposition import PCA
+
+    from featurestore.viewer import projection
+
+    rng = np.random.default_rng(1)
+    vectors = (rng.normal(size=(3000, 40)) * np.linspace(3, 0.1, 40)).astype(np.float16)
+    old, projection.BLOCK_ROWS = projection.BLOCK_ROWS, 700
+    try:
+        ours = projection.project_vectors(vectors)
+    finally:
+        projection.BLOCK_ROWS = old
+    expected = PCA(n_components=2).fit_transform(vectors.astype(np.float64))
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, expected, atol=2e-3 * np.abs(expected).max())
 
 
 def test_a_damaged_projection_file_is_never_served(tmp_path, view_dataset):
