@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.atomic_files import find_os_error
+from featurestore.errors import UnknownClipError
 from featurestore.extract.errors import (
     NO_ROOM, DecodeWorkerError, ExtractionInterrupted, ExtractionStopped, SchedulerError, StoreWriteError,
     hdf5_with_dask, store_write_error,
@@ -47,12 +48,26 @@ __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_ENCODERS", "DecodeWorkerError", "Extra
 
 #: The paper's encoders: log-mel for the audio CNNs, RegNetX-6.4GF frames (Table 5: 24.60M), three CLIP image encoders.
 DEFAULT_ENCODERS = "logmel,timm/regnetx_064,clip/RN50x4,clip/RN101,clip/ViT-B-32"
-DEFAULT_BATCH_SIZE = 16
+#: Clips per batch: None picks ``default_batch_size`` for the device the encoders run on.
+DEFAULT_BATCH_SIZE: int | None = None
+#: Clips per batch on the CPU (an encoder call sees 16 x 12 frames).
+CPU_BATCH_CLIPS = 16
+#: Frames per encode batch aimed at on an accelerator: a GPU is only busy with hundreds of frames
+#: per call (a ViT-B/32 call on 192 frames is launch overhead, on 768 it is compute).
+ACCELERATOR_BATCH_FRAMES = 768
+
+
+def default_batch_size(device: Any, frames_per_clip: int) -> int:
+    """Clips per batch: ``CPU_BATCH_CLIPS`` on the CPU, else about ``ACCELERATOR_BATCH_FRAMES``
+    frames' worth (never fewer clips than on the CPU)."""
+    if getattr(device, "type", str(device)) == "cpu":
+        return CPU_BATCH_CLIPS
+    return max(CPU_BATCH_CLIPS, ACCELERATOR_BATCH_FRAMES // max(1, int(frames_per_clip)))
 
 
 def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             encoders: str | Sequence | Mapping = DEFAULT_ENCODERS, device: str = "auto",
-            batch_size: int = DEFAULT_BATCH_SIZE, num_workers: int | None = None, frames: int | None = None,
+            batch_size: int | None = DEFAULT_BATCH_SIZE, num_workers: int | None = None, frames: int | None = None,
             limit: int | None = None, overwrite: bool = False, scheduler=None, progress: bool = True,
             backend: str | None = None, chunk_clips: int | Mapping[str, int] | None = None,
             segments: int | None = None, allow_outside_root: bool = False,
@@ -75,7 +90,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             (``clip_id,audio,video``); every labelled clip's label must be one of them.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda[:N]"``. With a scheduler it is
             resolved on each Dask worker.
-        batch_size: clips per batch (an encoder call sees ``batch_size * segments`` items).
+        batch_size: clips per batch (an encoder call sees ``batch_size * segments`` items); None:
+            16 on the CPU, about 768 frames' worth on an accelerator (``default_batch_size``).
         num_workers: decoding processes (default: one per spare core, at most 8 when encoding on the
             CPU; 0 = in this thread).
         frames: video frames per clip, overriding the dataset's ``video_frames``.
@@ -179,6 +195,8 @@ def _run(store: str | Path | FeatureStore, manifest: Manifest, selected_ids: lis
     with contextlib.ExitStack() as stack:
         client = _connect(opt.scheduler, stack)  # before the store exists: a bad scheduler leaves nothing
         dev = _resolve_device(opt.device if opt.scheduler is None else "cpu")  # Dask: resolved on each worker
+        if opt.batch_size is None:
+            opt = replace(opt, batch_size=default_batch_size(dev, manifest.video_frames or 1))
         built = build(asked, dev)
         check_inputs(manifest, built)
         with _no_room(location, "creating the store"):
@@ -224,7 +242,7 @@ class _RunOptions:
     """How one extraction runs, as given to ``extract`` (documented there)."""
 
     device: str  # as asked ("auto", "cuda"...): Dask workers resolve it themselves
-    batch_size: int
+    batch_size: int | None  # None until the device is known (default_batch_size)
     num_workers: int | None
     overwrite: bool
     scheduler: Any
@@ -419,15 +437,23 @@ def _no_room(location: str, doing: str) -> Iterator[None]:
 
 def _ensure_clips(fs: FeatureStore, manifest: Manifest) -> np.ndarray:
     """Store rows of the manifest's clips, adding clips the store does not index yet (and the
-    manifest's classes to a store made without any, see ``_adopt_classes``)."""
+    manifest's classes to a store made without any, see ``_adopt_classes``).
+
+    The usual case, every clip indexed already (a new store, a resumed run), is answered by the
+    index's id -> row lookup; the whole id column is decoded only when some clip is new."""
+    try:
+        rows = fs.rows(manifest.clip_ids)
+    except UnknownClipError:
+        rows = None
+    if rows is not None:
+        if manifest.classes and not fs.classes:
+            _adopt_classes(fs, manifest)
+        return rows
     known = set(fs.clip_ids)
     new = [c for c in manifest.clip_ids if c not in known]
-    if new:
-        if known:
-            print(f"adding {len(new)} clips of {manifest.name!r} to the index of {fs.location}", file=sys.stderr)
-        fs.append_clips(manifest.subset(new))
-    elif manifest.classes and not fs.classes:
-        _adopt_classes(fs, manifest)
+    if known:
+        print(f"adding {len(new)} clips of {manifest.name!r} to the index of {fs.location}", file=sys.stderr)
+    fs.append_clips(manifest.subset(new))
     return fs.rows(manifest.clip_ids)
 
 

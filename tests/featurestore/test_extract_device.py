@@ -123,3 +123,11 @@ def test_decoding_in_threads_gives_the_batches_of_decoding_in_this_thread(tmp_pa
         expected = collate([decoder[r] for r in rows])
         np.testing.assert_array_equal(got.rows, expected.rows)
         assert torch.equal(got.inputs[0][1], expected.inputs[0][1])
+
+
+def test_the_default_batch_is_larger_on_an_accelerator_and_sized_in_frames():
+    from featurestore.extract.run import ACCELERATOR_BATCH_FRAMES, CPU_BATCH_CLIPS, default_batch_size
+
+    assert default_batch_size(torch.device("cpu"), 12) == CPU_BATCH_CLIPS == 16
+    assert default_batch_size(CUDA, 12) * 12 == ACCELERATOR_BATCH_FRAMES == 768  # 64 clips of 12 frames
+    assert default_batch_size(CUDA, 5) == 153 and default_batch_size(CUDA, 100) == CPU_BATCH_CLIPS
