@@ -48,6 +48,8 @@ def load_sources(store: Any, recipes: Sequence[str] = ()) -> dict[str, Source]:
     naming the provider: the recipes were asked for, so the viewer does not start without them.
     """
     sources = {f"run:{run}": run_source(store, run) for run in store.prediction_runs()}
+    if not recipes:  # providers answer recipes: without any, loading them (fusion, pydantic: ~10 MiB) is for nothing
+        return sources
     points = list(entry_points(group=GROUP))
     if recipes and not points:
         raise ValueError(f"recipes were given ({', '.join(recipes)}) but no package provides fused outputs "

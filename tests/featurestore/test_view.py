@@ -180,20 +180,29 @@ def test_a_damaged_projection_file_is_never_served(tmp_path, view_dataset):
 
 
 def test_a_store_this_process_cannot_write_gets_no_sidecar(tmp_path, view_dataset):
-    from featurestore.viewer import prepare
+    """Started and serving every page on a store in a folder it cannot write: nothing is written."""
+    from featurestore.viewer import start
 
     folder = tmp_path / "ro"
     path = build_view_store(folder / "s.zarr", view_dataset)
-    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    listing = lambda: sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)  # noqa: E731
+                             for p in folder.rglob("*"))
+    before = listing()
     _make_unwritable(folder)
     try:
-        with open_store(path) as store:
-            state = prepare(store)
-            assert len(state.projections[EMBED].rows) == store.n_clips
-            assert state.projections[EMBED].kept_in is None
+        running = start(path)
+        try:
+            assert len(running.state.projections[EMBED].rows) == 20 and running.state.projections[EMBED].kept_in is None
+            clip = running.state.store.clip_ids[2]
+            for target in [f"clip?id={clip}", "api/points?colour=correct:run:a01", f"frames.png?id={clip}",
+                           f"logmel.png?id={clip}&set=logmel", "api/confusion?source=run:a01&split=",
+                           f"api/search?q={clip}", f"media?id={clip}&kind=audio"]:
+                assert fetch(running.url + target)[0] == 200, target
+        finally:
+            running.stop()
     finally:
         _make_writable(folder)
-    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    assert listing() == before
 
 
 def _make_unwritable(folder: Path) -> None:
