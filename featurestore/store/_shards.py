@@ -21,6 +21,7 @@ import mmap
 import os
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,9 @@ from zarr.storage import LocalStore
 from featurestore.store._backend import ChunkFault
 
 _ABSENT = np.uint64(2**64 - 1)
+# Shards mapped at once per store: each map holds a file descriptor (CPython's mmap keeps one), so
+# the least recently used are dropped beyond this (1,024 descriptors is a common limit).
+MAX_MAPPED_SHARDS = 256
 _CRC = 4  # bytes of a crc32c
 _ZSTD_LEVEL = 3
 
@@ -102,7 +106,7 @@ class ShardReader:
 
     def __init__(self) -> None:
         self._indexes: dict[tuple[str, int], np.ndarray | None] = {}
-        self._maps: dict[tuple[str, int], _Mapped] = {}
+        self._maps: OrderedDict[tuple[str, str], _Mapped] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self.bytes_read = 0  # shard bytes fetched (indexes and inner chunks), for tests and benchmarks
 
@@ -157,6 +161,8 @@ class ShardReader:
         key = (name, path)
         with self._lock:
             mapped = self._maps.get(key)
+            if mapped is not None:
+                self._maps.move_to_end(key)
         if mapped is not None and mapped.identity == (stat.st_ino, stat.st_size, stat.st_mtime_ns):
             return mapped
         mapped = _Mapped.open(path, layout)
@@ -164,6 +170,8 @@ class ShardReader:
             self.bytes_read += layout.index_bytes
             with self._lock:
                 self._maps[key] = mapped
+                while len(self._maps) > MAX_MAPPED_SHARDS:
+                    self._maps.popitem(last=False)  # its map (and descriptor) goes with its last reference
         return mapped
 
 

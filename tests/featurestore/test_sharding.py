@@ -272,3 +272,16 @@ def test_dask_blocks_must_be_whole_shards_of_every_feature_set_they_write():
     check_blocks_aligned(plan(4, target("a", 4, True), target("b", 8, False)))  # b has nothing to do
     with pytest.raises(RuntimeError, match=r"block 0:4 is not made of whole chunks of 8 clips of a"):
         check_blocks_aligned(plan(4, target("a", 8, True)))
+
+
+def test_mapped_shards_are_bounded_so_their_file_descriptors_are(big, monkeypatch):
+    """Each memory map holds a file descriptor: a store keeps at most MAX_MAPPED_SHARDS of them."""
+    from featurestore.store import _shards
+
+    monkeypatch.setattr(_shards, "MAX_MAPPED_SHARDS", 3)
+    rows = np.arange(0, N, SHARD // 2)  # two clips in every one of the 25 shards
+    with open_store(big) as fs:
+        fds = len(os.listdir("/proc/self/fd"))
+        np.testing.assert_array_equal(fs.get_many(FEAT, [clip_id(r) for r in rows]), values(rows))
+        assert len(fs._b._shards._maps) == 3
+        assert len(os.listdir("/proc/self/fd")) <= fds + 3
