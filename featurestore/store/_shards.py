@@ -371,8 +371,11 @@ def encode_shard(layout: ShardLayout, block: np.ndarray) -> tuple[memoryview, np
     """
     rows = len(block)
     n_inner = -(-rows // layout.inner_rows)
-    padded = np.full((n_inner * layout.inner_rows, *layout.row_shape), layout.fill, dtype=layout.dtype)
-    padded[:rows] = block
+    if rows % layout.inner_rows:
+        padded = np.full((n_inner * layout.inner_rows, *layout.row_shape), layout.fill, dtype=layout.dtype)
+        padded[:rows] = block
+    else:  # whole inner chunks: the rows as they are (no padding copy)
+        padded = np.ascontiguousarray(block, dtype=layout.dtype)
     raw = padded.reshape(n_inner, -1).view(np.uint8)
     if layout.zstd:
         zstd = numcodecs.Zstd(level=_ZSTD_LEVEL)
