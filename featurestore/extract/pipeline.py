@@ -6,8 +6,9 @@ Three stages overlap:
    time (``prefetch_factor`` batches per worker);
 2. the calling thread hands each decoded batch to one *lane* per encoder; a lane encodes fixed
    batches of rows on the device and fills the buffer of the feature set's current chunk;
-3. a writer thread takes finished chunks from a bounded queue and writes each with one
-   ``write_rows`` call (data, then errors, then done flags). Every ``plan.commit_seconds`` the
+3. a writer thread (four on an accelerator, each owning every fourth block: ``_Writers``) takes
+   finished chunks from a bounded queue and writes each with one ``write_rows`` call (data, then
+   errors, then done flags). Every ``plan.commit_seconds`` the
    chunks still being filled are queued too, as copies holding the rows encoded so far, so a kill
    loses at most that much encoding whatever the chunk size (the full chunk is written again later;
    the rows done by then keep their stored bits and done flags).
@@ -136,7 +137,7 @@ class _Lane:
     """
 
     def __init__(self, j: int, target: Target, blocks: list[tuple[int, int]], batch_size: int, n_rows: int,
-                 device: torch.device, writer: _Writer | None, stats: RunStats,
+                 device: torch.device, writer: _Writers | None, stats: RunStats,
                  batched: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  copies: DeviceCopies | None = None):
         self.j, self.target, self.writer, self.stats = j, target, writer, stats
@@ -350,6 +351,64 @@ class _Writer(threading.Thread):
 CPU_DEVICE_MAX_WORKERS = 8
 
 
+#: Writer threads when the encoders run on an accelerator (each compresses and writes its blocks).
+ACCELERATOR_WRITERS = 4
+
+
+def default_writers(store: FeatureStore, device: torch.device) -> int:
+    """Writer threads: one on the CPU (its cores encode) and for HDF5 (one writer per file), else
+    ``ACCELERATOR_WRITERS``: compressing the chunks of a GPU's output is more than one core's work."""
+    if device.type == "cpu" or store.backend == "hdf5":
+        return 1
+    return ACCELERATOR_WRITERS
+
+
+class _Writers:
+    """Several ``_Writer`` threads, each owning every n-th block: all chunks of a block (and every
+    partial commit of a chunk, in order) go to one writer, which writes them through its own
+    handle on the store, as Dask tasks do from their processes, so no chunk is written by two."""
+
+    def __init__(self, store: FeatureStore, targets: list[Target], n: int, block_clips: int):
+        from featurestore.store import open_store
+
+        self.block_clips = block_clips
+        self.extra = [open_store(store.location, "a", backend=store.backend,
+                                 storage_options=store.open_args.get("storage_options")) for _ in range(n - 1)]
+        self.writers = [_Writer(handle, targets) for handle in [store, *self.extra]]
+
+    @property
+    def stats(self) -> RunStats:
+        stats = RunStats()
+        for writer in self.writers:
+            stats.merge(writer.stats)
+        return stats
+
+    def start(self) -> None:
+        for writer in self.writers:
+            writer.start()
+
+    def put(self, chunk: _Chunk) -> None:
+        self.writers[(chunk.start // self.block_clips) % len(self.writers)].put(chunk)
+
+    def check(self) -> None:
+        for writer in self.writers:
+            writer.check()
+
+    def finish(self) -> None:
+        """Every writer finished (see ``_finish_writer``) and the extra handles closed; the first
+        error is raised once all have stopped."""
+        first: BaseException | None = None
+        for writer in self.writers:
+            try:
+                _finish_writer(writer)
+            except BaseException as err:  # noqa: BLE001 - the others still finish; re-raised below
+                first = first or err
+        for handle in self.extra:
+            handle.close()
+        if first is not None:
+            raise first
+
+
 def default_num_workers(device: torch.device | None = None) -> int:
     """One decoding process per spare core (at least one). With the encoders on the CPU at most
     ``CPU_DEVICE_MAX_WORKERS`` (the encoding needs cores too); with an accelerator every spare core
@@ -393,7 +452,7 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
         batches = decode_in_threads(decoder, decode_batches, decode_threads)
     else:
         batches = iter(loader)  # workers are forked here, before the writer thread exists
-    writer = _Writer(store, plan.targets)
+    writer = _Writers(store, plan.targets, default_writers(store, device), plan.block_clips)
     writer.start()
     try:
         try:
@@ -407,7 +466,7 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
             del batches  # shuts the worker processes down
             if pool is not None:
                 pool.close()
-            _finish_writer(writer)  # the chunks finished before a failure are still written
+            writer.finish()  # the chunks finished before a failure are still written
     except _WorkerFailed as err:
         raise _stopped(store, str(err)) from None
     except RuntimeError as err:  # torch's DataLoader: a worker died, or no batch within the timeout
@@ -509,7 +568,7 @@ class _CommitClock:
         return True
 
 
-def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writer, stats: RunStats,
+def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writers, stats: RunStats,
                 on_progress: Callable[[int], None] | None, clock: _CommitClock) -> None:
     for _ in range(n_batches):
         t0 = time.perf_counter()

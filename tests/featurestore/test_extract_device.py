@@ -131,3 +131,20 @@ def test_the_default_batch_is_larger_on_an_accelerator_and_sized_in_frames():
     assert default_batch_size(torch.device("cpu"), 12) == CPU_BATCH_CLIPS == 16
     assert default_batch_size(CUDA, 12) * 12 == ACCELERATOR_BATCH_FRAMES == 768  # 64 clips of 12 frames
     assert default_batch_size(CUDA, 5) == 153 and default_batch_size(CUDA, 100) == CPU_BATCH_CLIPS
+
+
+def test_several_writer_threads_store_what_one_writer_stores(tmp_path, monkeypatch):
+    """Writers each owning every n-th block (what an accelerator run uses), here on the CPU: 3
+    writers, blocks of 2 clips, chunks written and partly committed: the same stored bits."""
+    from tests.featurestore.test_extract_support import FAST, make_dataset, read_all
+
+    from featurestore.extract import extract
+
+    tiny = make_dataset(tmp_path / "data", 6)
+    extract(tiny, tmp_path / "one.zarr", "logmel", **FAST)
+    counts = []
+    monkeypatch.setattr(pipeline, "default_writers", lambda store, device: counts.append(3) or 3)
+    extract(tiny, tmp_path / "three.zarr", "logmel", commit_seconds=1e-6, **FAST)
+    one, three = read_all(tmp_path / "one.zarr")["logmel"], read_all(tmp_path / "three.zarr")["logmel"]
+    assert counts == [3] and three[1].all()
+    np.testing.assert_array_equal(three[0], one[0])
