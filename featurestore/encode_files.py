@@ -20,6 +20,7 @@ Files are grouped into clips by stem: ``x.wav`` and ``x.mp4`` are the audio and 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -325,6 +326,7 @@ class FileEncoder:
             return
         loader = torch.utils.data.DataLoader(decoder, batch_sampler=batches, collate_fn=collate,
                                              num_workers=self.num_workers, prefetch_factor=2)
+        gc.collect()  # a PyAV object in a reference cycle must not be collected in a forked worker (crash)
         try:
             for batch in loader:
                 if batch.fatal:
