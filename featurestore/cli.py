@@ -390,7 +390,8 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="the class order of the store, comma-separated or @FILE with one class per line; "
                              "needed for a manifest without labels (clip_id,audio,video)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="clips per batch")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="clips per batch (default: 16 on the CPU, about 768 frames' worth on a GPU)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="decoding processes (default: one per spare core, at most 8)")
     parser.add_argument("--frames", type=int, default=None, help="video frames per clip (default: the dataset's)")

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.atomic_files import find_os_error
+from featurestore.checks import is_int_in
 from featurestore.errors import UnknownClipError
 from featurestore.extract.errors import (
     NO_ROOM, DecodeWorkerError, ExtractionInterrupted, ExtractionStopped, SchedulerError, StoreWriteError,
@@ -318,7 +319,7 @@ def _check_arguments(batch_size: int, num_workers: int | None, frames: int | Non
     else:
         checks.append(("chunk_clips", chunk_clips, 1))
     for name, value, low in checks:
-        if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
+        if value is not None and not is_int_in(value, low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     for name, value, _ in checks:
         if name.startswith("chunk_clips") and value is not None and value > MAX_BLOCK_CLIPS:

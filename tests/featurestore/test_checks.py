@@ -47,3 +47,11 @@ def test_non_finite_rows_on_arrays_and_tensors():
     assert non_finite_rows(np.zeros((0, 4))).shape == (0,)
     big = np.full((2, 3), np.finfo(np.float16).max, np.float16)  # finite, though a float16 sum would overflow
     assert non_finite_rows(big).tolist() == [False, False]
+
+
+def test_extract_refuses_a_bool_batch_size_before_reading_anything(tmp_path):
+    from featurestore.extract import extract
+
+    with pytest.raises(ValueError, match=r"^batch_size must be an integer >= 1, got True$"):
+        extract(tmp_path / "no-dataset", tmp_path / "s.zarr", ["logmel"], batch_size=True)
+    assert not (tmp_path / "s.zarr").exists()
