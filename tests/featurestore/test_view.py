@@ -622,7 +622,6 @@ def test_a_store_deleted_while_the_app_runs_is_a_one_line_503_and_the_server_goe
         assert {"frames.png", "logmel.png"} <= set(gone), gone
         assert fetch(running.url)[0] == 200 and fetch(running.url + "static/view.js")[0] == 200
         assert json.loads(fetch(running.url + "api/info")[1])["n_clips"] == 20  # what it read at start
-        print("answered with 503:", gone)
     finally:
         running.stop()
 
