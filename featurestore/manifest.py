@@ -133,12 +133,17 @@ class Manifest:
     video_frames: int = 12
 
     def __post_init__(self) -> None:
-        """Refuse, before any store is created from it, a clip id outside the grammar and a clip
+        """Refuse, before any store is created from it, a clip id or split name outside the grammar and a clip
         shape beyond the maxima (one line naming the dataset, the field and the allowed range)."""
         for i, clip in enumerate(self.clips):
             problem = clip_id_problem(clip.clip_id)
             if problem:
                 raise ValueError(f"dataset {self.name!r}, clip {i}: {problem}")
+        for split in {s for c in self.clips for s in c.splits}:
+            # a split is an array's name in the store (index/split/<name>) and a --train-split argument
+            if not (isinstance(split, str) and _CLIP_ID.fullmatch(split)):
+                raise ValueError(f"dataset {self.name!r}: split name {split!r:.60} cannot be a store key; split "
+                                 f"names follow the clip id grammar: {CLIP_ID_GRAMMAR.replace('a clip id is ', '')}")
         for name, value, most in (("audio_segments", self.audio_segments, MAX_AUDIO_SEGMENTS),
                                   ("video_frames", self.video_frames, MAX_VIDEO_FRAMES)):
             if not is_int_in(value, 1, most):

@@ -55,3 +55,14 @@ def test_extract_refuses_a_bool_batch_size_before_reading_anything(tmp_path):
     with pytest.raises(ValueError, match=r"^batch_size must be an integer >= 1, got True$"):
         extract(tmp_path / "no-dataset", tmp_path / "s.zarr", ["logmel"], batch_size=True)
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("split", ["a/b", "..", "", "x y", 3])
+def test_a_split_name_that_cannot_be_a_store_key_is_refused_in_one_line(tmp_path, split):
+    """A '/' in a split name made zarr fail deep inside store creation (`index/split/<name>` is an array)."""
+    from featurestore import ClipRecord, create_store
+
+    clips = [ClipRecord("c0", label="a", splits=frozenset({split}))]
+    with pytest.raises(ValueError, match=r"^dataset 'd': split name .* cannot be a store key; split names follow"):
+        create_store(tmp_path / "s.zarr", Manifest(name="d", classes=["a"], clips=clips))
+    assert not (tmp_path / "s.zarr").exists()
