@@ -105,10 +105,10 @@ def _committed(out: Path) -> list[int]:
 
 
 def test_a_sweep_killed_at_a_random_point_resumes_to_the_uninterrupted_result(tiny_store_path, tmp_path):
-    """SIGKILL once a random number of trial-epochs are committed (the 8 trials train as one stacked group, so
-    the kill lands with trials at different epochs: in the middle of the group), rerun: every trial, the table
-    and ``best`` equal the uninterrupted sweep's (resumed trials continue alone from their checkpoints, so
-    within the stacked tolerance)."""
+    """SIGKILL once a random number of trial-epochs are committed (the 8 trials train as two stacked groups of 4,
+    one per l2_normalize value, and a group commits its trials one by one, so the kill often lands with a
+    group's trials at different epochs, e.g. [2, 2, 2, 3]), rerun: every trial and ``best`` equal the
+    uninterrupted sweep's (resumed trials continue alone from their checkpoints: within the stacked tolerance)."""
     epochs = 6
     seed = random.randrange(2**32)
     target = random.Random(seed).randrange(1, 8 * epochs - 1)
