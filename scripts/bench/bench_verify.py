@@ -9,7 +9,10 @@ Compared, over the same bytes (every chunk file under the store directory, index
     checksums of every chunk, done-vs-data, finiteness of done rows, index checks;
   * the reference the issue names: read each chunk file's bytes, crc32c of the chunk
     (``google_crc32c``, the implementation zarr's ``crc32c`` codec uses) and ``np.isfinite`` over
-    the float values of the feature data.
+    the float values of the feature data. A file of a sharded array (Zarr v3 ``sharding_indexed``,
+    the layout feature sets are written in, docs/store.md) is a shard: the reference checks its
+    index's crc32c, then each inner chunk's crc32c and ``np.isfinite`` over its values (decoded
+    first when zstd-compressed); a plain chunk file is one checksum over the whole file.
 
 Throughput is total chunk bytes / wall time; verify's time starts on an open store (opening is
 printed beside it) and includes re-reading the index, since verify starts with ``store.refresh()``.
@@ -21,6 +24,7 @@ bits as verify does.
 Floor from issue 23: verify >= 50% of the reference's throughput.
 
 Run:  .venv/bin/python scripts/bench/bench_verify.py [--clips 200000] [--threads N] [--workdir DIR]
+      [--chunk-clips 8: the plain layout, one chunk file per 8 clips]
 Exit code 1 when the floor is missed.
 """
 from __future__ import annotations
@@ -30,9 +34,11 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import google_crc32c
+import numcodecs
 import numpy as np
 
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store, open_store
@@ -42,6 +48,8 @@ FEATURE = "clip/bench"
 PROVENANCE = {"encoder": "bench/random-normal", "config": {}, "weights": {"kind": "random", "seed": 0},
               "segments": {"frames": 1}}
 FLOOR = 0.5
+_CRC = 4  # bytes of a crc32c
+_ABSENT = 2**64 - 1  # a shard index's offset of an absent inner chunk
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,14 +62,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help=f"verify's threads (default: its own, {DEFAULT_THREADS} here)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-clips", type=int, default=None,
+                   help="clips per chunk (a shard) of the feature set (default: the store's own); one "
+                        "small enough to be a single inner chunk gives the plain, unsharded layout")
     p.add_argument("--rebuild", action="store_true")
     return p.parse_args(argv)
 
 
 def build(args: argparse.Namespace) -> Path:
     """The store, built once through the public API; a marker file records what was built."""
-    spec = {"clips": args.clips, "segments": args.segments, "dim": args.dim, "seed": args.seed}
-    work = Path(args.workdir) / f"{args.clips}x{args.segments}x{args.dim}"
+    spec = {"clips": args.clips, "segments": args.segments, "dim": args.dim, "seed": args.seed,
+            "chunk_clips": args.chunk_clips}
+    work = Path(args.workdir) / f"{args.clips}x{args.segments}x{args.dim}x{args.chunk_clips or 'default'}"
     store_path, marker = work / "store.zarr", work / "built.json"
     if not args.rebuild and marker.exists() and json.loads(marker.read_text()) == spec:
         return store_path
@@ -72,7 +84,8 @@ def build(args: argparse.Namespace) -> Path:
                          for i, c in enumerate(ids)])
     rng = np.random.default_rng(args.seed)
     with create_store(store_path, manifest) as store:
-        info = store.create_feature_set(FEATURE, args.segments, (args.dim,), PROVENANCE)
+        info = store.create_feature_set(FEATURE, args.segments, (args.dim,), PROVENANCE,
+                                        chunk_clips=args.chunk_clips)
         block = info.chunk_clips * 8
         for start in range(0, args.clips, block):
             n = min(block, args.clips - start)
@@ -82,32 +95,90 @@ def build(args: argparse.Namespace) -> Path:
     return store_path
 
 
-def chunk_files(store_path: Path) -> list[tuple[Path, bool]]:
-    """Every chunk file of the store, and whether it holds float16 feature values."""
+@dataclass(frozen=True)
+class ChunkFile:
+    """One chunk file of the store: a plain chunk (its bytes, then their crc32c) or a Zarr v3 shard
+    (inner chunks, each its bytes then their crc32c, then an index sealed by its own crc32c)."""
+
+    path: Path
+    is_float: bool  # holds float16 feature values (finiteness is checked)
+    index_bytes: int = 0  # a shard's index, its crc32c included; 0: a plain chunk
+    zstd: bool = False  # a shard's inner chunks are zstd-compressed (decoded before isfinite)
+
+
+def chunk_files(store_path: Path) -> list[ChunkFile]:
+    """Every chunk file of the store, with what the reference needs to check it."""
     out = []
     for meta in sorted(store_path.rglob("zarr.json")):
         node = json.loads(meta.read_text())
         if node.get("node_type") != "array":
             continue
-        is_float = node.get("data_type") == "float16"
-        out += [(f, is_float) for f in sorted((meta.parent / "c").rglob("*")) if f.is_file()]
+        is_float, index_bytes, zstd = node.get("data_type") == "float16", 0, False
+        codecs = node.get("codecs", [])
+        if codecs and codecs[0]["name"] == "sharding_indexed":
+            config = codecs[0]["configuration"]
+            if config.get("index_location", "end") != "end":
+                raise ValueError(f"{meta}: shard index at the start; the reference reads it at the end")
+            shard_shape = node["chunk_grid"]["configuration"]["chunk_shape"]
+            per_shard = int(np.prod([s // i for s, i in zip(shard_shape, config["chunk_shape"])]))
+            index_bytes = per_shard * 16 + _CRC
+            zstd = any(c["name"] == "zstd" for c in config["codecs"])
+        out += [ChunkFile(f, is_float, index_bytes, zstd)
+                for f in sorted((meta.parent / "c").rglob("*")) if f.is_file()]
     return out
 
 
-def reference(files: list[tuple[Path, bool]], exponent_bits: bool = False) -> int:
-    """Read every chunk file, crc32c its chunk, isfinite over its float values; returns bad chunks.
+def _crc_ok(body: np.ndarray) -> bool:
+    """Whether ``body``'s last 4 bytes are the crc32c of the rest."""
+    return np.uint32(google_crc32c.value(body[:-_CRC])).tobytes() == body[-_CRC:].tobytes()
+
+
+def _finite(values: np.ndarray, exponent_bits: bool) -> bool:
+    """Whether float16 values (as bytes) are all finite: ``np.isfinite``, or the exponent bits."""
+    if exponent_bits:
+        return not ((values.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    return bool(np.isfinite(values.view(np.float16)).all())
+
+
+def _shard_bad(raw: np.ndarray, chunk: ChunkFile, exponent_bits: bool) -> int:
+    """Bad inner chunks of one shard (a failed index counts as one): crc32c of the index and of each
+    inner chunk, finiteness of float values. Uniform shards (every inner chunk the same length, back
+    to back: what the store writes) get one finiteness test over all their values, then one per
+    inner chunk only when that fails (to count them)."""
+    tail = raw[-chunk.index_bytes:]
+    if len(raw) < chunk.index_bytes or not _crc_ok(tail):
+        return 1
+    index = tail[:-_CRC].view("<u8").reshape(-1, 2)
+    spans = index[index[:, 0] != _ABSENT].astype(np.int64)
+    bodies = [raw[lo:lo + n] for lo, n in spans.tolist()]
+    bad = sum(not _crc_ok(b) for b in bodies)
+    if not chunk.is_float or bad:
+        return bad
+    if chunk.zstd:
+        zstd = numcodecs.Zstd()
+        return sum(not _finite(np.frombuffer(zstd.decode(b[:-_CRC]), np.uint8), exponent_bits) for b in bodies)
+    length = int(spans[0, 1]) if len(spans) else 0
+    uniform = len(spans) and (spans[:, 1] == length).all() and \
+        (spans[:, 0] == np.arange(len(spans)) * length).all()
+    if uniform and _finite(raw[:len(spans) * length].reshape(-1, length)[:, :-_CRC], exponent_bits):
+        return 0
+    return sum(not _finite(b[:-_CRC], exponent_bits) for b in bodies)
+
+
+def reference(files: list[ChunkFile], exponent_bits: bool = False) -> int:
+    """Read every chunk file, crc32c each chunk (each inner chunk of a shard, and the shard's index),
+    isfinite over its float values; returns the bad chunks.
 
     ``exponent_bits``: test finiteness on float16's exponent bits as verify does (context only:
     the floor is judged against ``np.isfinite``, the reference the issue names)."""
     bad = 0
-    for path, is_float in files:
-        raw = np.fromfile(path, dtype=np.uint8)
-        body, stored = raw[:-4], raw[-4:]
-        if np.uint32(google_crc32c.value(body)).tobytes() != stored.tobytes():
+    for chunk in files:
+        raw = np.fromfile(chunk.path, dtype=np.uint8)
+        if chunk.index_bytes:
+            bad += _shard_bad(raw, chunk, exponent_bits)
+        elif not _crc_ok(raw):
             bad += 1
-        elif is_float and exponent_bits and ((body.view(np.uint16) & 0x7C00) == 0x7C00).any():
-            bad += 1
-        elif is_float and not exponent_bits and not np.isfinite(body.view(np.float16)).all():
+        elif chunk.is_float and not _finite(raw[:-_CRC], exponent_bits):
             bad += 1
     return bad
 
@@ -127,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     store_path = build(args)
     files = chunk_files(store_path)
-    total = sum(f.stat().st_size for f, _ in files)
-    print(f"store {store_path}: {len(files)} chunk files, {total / 1e6:.1f} MB "
+    total = sum(f.path.stat().st_size for f in files)
+    print(f"store {store_path}: {len(files)} chunk files ({sum(bool(f.index_bytes) for f in files)} of them "
+          f"shards), {total / 1e6:.1f} MB "
           f"(ready in {time.perf_counter() - t0:.1f} s); load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
     reference(files), run_verify(store_path, args.threads)  # warm the page cache and imports
     ours, ref, opens, one_thread, bits = [], [], [], [], []
