@@ -104,20 +104,25 @@ def test_the_command_line_resume_imports_no_torch(done):
     assert lines[-1] == "0 False"
 
 
-def test_the_command_line_resume_with_nothing_to_do_exits_within_two_seconds(done):
+def test_the_command_line_resume_with_nothing_to_do_is_as_quick_as_importing_the_cli(done):
     """The issue's promise: ``python -m featurestore extract`` on a finished store is a quick no-op.
 
-    The wall time of the whole process (interpreter start to exit, as a user waits for it) is
-    measured from the outside; the best of up to 3 runs (it stops at the first under 2 s) keeps a
-    loaded 2-core machine from failing it.
     ``-X importtime`` lists every module the process imported, which tells that torch never was.
+    The wall time of the whole process (interpreter start to exit, as a user waits for it) is
+    compared with a process that only imports the command line, run alternately with it: a ratio
+    of one run, which CPU load from other processes moves for both alike (an absolute 2 s bound
+    failed at 3 s on a loaded 2-core machine). Idle, the resume takes about 0.6 s.
     """
     manifest, store = done
     command = [sys.executable, "-X", "importtime", "-m", "featurestore", "extract", str(manifest.root), str(store),
                "--encoders", ENCODERS, "--encoder-option", "logmel.n_mels=32", "--segments", "2", "--frames", "1",
                "-q"]
-    times = []
+    baseline = [sys.executable, "-X", "importtime", "-c", "import featurestore.cli"]
+    times, base = [], []
     for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run(baseline, capture_output=True, check=True, timeout=120)
+        base.append(time.perf_counter() - start)
         start = time.perf_counter()
         run = subprocess.run(command, capture_output=True, text=True, timeout=120)
         times.append(time.perf_counter() - start)
@@ -126,8 +131,7 @@ def test_the_command_line_resume_with_nothing_to_do_exits_within_two_seconds(don
         imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
         assert "featurestore.cli" in imported  # the import listing is there to be read
         assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, "the resume imported torch"
-        if min(times) < 2.0:
-            break
-    assert min(times) < 2.0, (f"`python -m featurestore extract` resume with nothing to do: best wall time from "
-                              f"process start to exit {min(times):.2f} s over {len(times)} runs ({times}), "
-                              f"expected under 2 s")
+    ratio = min(times) / min(base)
+    assert ratio < 4.0, (f"`python -m featurestore extract` resume with nothing to do: best wall time {min(times):.2f} s "
+                         f"over {len(times)} runs is {ratio:.1f}x a process that only imports the command line "
+                         f"({min(base):.2f} s), expected under 4x (adding torch to the imports alone made it about 10x here)")
