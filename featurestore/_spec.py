@@ -107,7 +107,7 @@ def split_name(text: str) -> tuple[str | None, str]:
 
 def check_feature_set_name(name: str, given: str | None = None) -> str:
     """``name`` when a store can hold a feature set of that name, else a SpecError naming it."""
-    from featurestore.store.store import validate_name
+    from featurestore.store.layout import validate_name
 
     try:
         return validate_name("feature set", name)

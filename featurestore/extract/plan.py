@@ -25,7 +25,8 @@ import numpy as np
 from featurestore.datasets._common import resolve
 from featurestore.manifest import Manifest
 from featurestore.provenance import is_random_weights, runtime_info
-from featurestore.store.store import FeatureStore, default_chunk_clips
+from featurestore.store.layout import default_chunk_clips
+from featurestore.store.store import FeatureStore
 
 #: A block larger than this many clips means the feature sets' chunk sizes do not align well.
 MAX_BLOCK_CLIPS = 4096

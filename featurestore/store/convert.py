@@ -22,10 +22,9 @@ from pathlib import Path
 from featurestore.atomic_files import OutputWriteError, describe_os_error, find_os_error
 from featurestore.store._backend import STRING, backend_for
 from featurestore.store.arrays import StoreArrays
+from featurestore.store.layout import SCHEMA_VERSION, default_inner_clips
 from featurestore.store.row_group import FEATURE_SETS
-from featurestore.store.store import (
-    SCHEMA_VERSION, FeatureStore, default_inner_clips, open_store,
-)
+from featurestore.store.store import FeatureStore, open_store
 
 
 def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> int:

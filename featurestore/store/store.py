@@ -1,113 +1,43 @@
 """The feature store: an index of clips plus feature sets and prediction runs keyed by clip and segment.
 
-``FeatureStore`` is the facade: the index (ids, labels, splits, appends) lives here, and feature
-sets and prediction runs are both ``RowGroup``s (``row_group.py``: values, ``done`` flags and, for
-feature sets, error texts, read through a decoded-chunk cache and written in whole chunks with
-``done`` last, so a killed writer never leaves a clip that looks finished but holds fill values).
-Below both, ``StoreArrays`` (``arrays.py``) addresses arrays by path with checked reads, and
+This module is the table of contents of the store: ``FeatureStore`` is a thin facade whose methods,
+grouped by topic below, each delegate to the module that does the work:
+
+- ``layout.py``: the groups of a new store, the schema version, names, chunk sizes
+- ``index.py`` (``ClipIndex``): clip ids, the persisted id -> row lookup, the index columns, read lazily
+- ``clips.py``: appending a manifest's clips (and rolling back a killed append), ``select``, classes
+- ``row_group.py`` (``RowGroup``): the values, ``done`` flags and error texts of a feature set or a
+  prediction run, read through a decoded-chunk cache and written in whole chunks with ``done``
+  last, so a killed writer never leaves a clip that looks finished but holds fill values
+- ``feature_sets.py``: creating (or reopening to resume) a feature set by fingerprint, ``FeatureInfo``,
+  per-clip errors
+- ``class_features.py``: per-class vectors with their provenance
+- ``predictions.py``: prediction runs of heads, created or reopened by their settings
+- ``search.py``, ``export.py``, ``verify.py``: nearest clips, pandas/lhotse/HF, checksums and consistency
+
+Below all of them, ``StoreArrays`` (``arrays.py``) addresses arrays by path with checked reads, and
 ``backend_for`` (``_backend.py``) picks the storage engine. See docs/architecture.md for the layout.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from featurestore.errors import (
-    FingerprintMismatchError, StoreFormatError, UnknownClipError, UnknownFeatureError, UnknownValueError,
-)
-from featurestore.manifest import Manifest, check_classes
-from featurestore.provenance import (
-    fingerprint, fingerprint_matches, is_random_weights, runtime_info, weights_identity,
-)
-from featurestore.store._backend import COMPRESSORS, STRING, Backend, join, open_backend
+from featurestore.errors import UnknownFeatureError
+from featurestore.manifest import Manifest
+from featurestore.store import class_features, clips, feature_sets, predictions
+from featurestore.store._backend import Backend, open_backend
 from featurestore.store.arrays import StoreArrays
+from featurestore.store.clips import check_id_sequence
+from featurestore.store.feature_sets import FeatureInfo
 from featurestore.store.index import NOT_COLUMNS, ClipIndex
-from featurestore.store.row_group import (
-    DATA_VERSION, FEATURE_SETS, KINDS, PREDICTION_RUNS, RowCaches, RowGroup, RowGroupKind,
-)
+from featurestore.store.layout import check_schema, init_layout
+from featurestore.store.row_group import FEATURE_SETS, KINDS, PREDICTION_RUNS, RowCaches, RowGroup, RowGroupKind
 
-# 2: every written chunk is stored (a missing one is damage) and ``n_clips`` in the root attributes
-# is the commit point of an append. Version 1 stores are read as before (missing chunks = fill).
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)
 DEFAULT_CACHE_BYTES = 256 * 2**20
-TARGET_CHUNK_BYTES = 32 * 2**20  # a shard: see default_chunk_clips and docs/store.md (benchmark)
-MAX_CHUNK_CLIPS = 4096  # extraction's block bound (extract.plan.MAX_BLOCK_CLIPS)
-TARGET_INNER_BYTES = 8 * 2**10  # an inner chunk: see default_inner_clips and docs/store.md (benchmark)
-INDEX_CHUNK_ROWS = 65536
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.+@=-]+(/[A-Za-z0-9_.+@=-]+)*$")
-_INDEX_STRINGS = ("clip_id", "city", "location", "audio_path", "video_path")
-# what create_feature_set writes in its last step; a set missing any of them was never finished
-_FEATURE_ATTRS = {"provenance", "fingerprint", "n_segments", "feature_shape", "chunk_clips"}
-
-
-@dataclass(frozen=True)
-class FeatureInfo:
-    """What ``feature_sets()`` says about one feature set."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    chunk_clips: int
-    provenance: dict = field(repr=False)
-    fingerprint: str
-    n_done: int
-    n_errors: int
-
-    @property
-    def n_segments(self) -> int:
-        return self.shape[1]
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        return self.shape[2:]
-
-    @property
-    def random_weights(self) -> bool:
-        return is_random_weights(self.provenance)
-
-    @property
-    def weights_identity(self) -> str:
-        return weights_identity(self.provenance)
-
-
-def default_chunk_clips(n_segments: int, feature_shape: Sequence[int], dtype: str) -> int:
-    """Clips per chunk (a shard of a feature set) so that one is about 32 MiB, at most 4,096 clips.
-
-    The chunk is what a writer writes whole (a Dask task owns whole chunks, a partial commit rewrites
-    one); reads decode its inner chunks (:func:`default_inner_clips`), so its size no longer costs
-    random reads, and big shards keep a store of millions of clips to a few hundred files. 4,096
-    clips is extraction's block bound. See docs/store.md for the measurement.
-    """
-    per_clip = n_segments * int(np.prod(feature_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return int(min(MAX_CHUNK_CLIPS, max(1, TARGET_CHUNK_BYTES // max(1, per_clip))))
-
-
-def default_inner_clips(n_segments: int, feature_shape: Sequence[int], dtype: str, chunk_clips: int) -> int:
-    """Clips per inner chunk: the largest divisor of ``chunk_clips`` of at most ~8 KiB (at least 1).
-
-    A random read decodes whole inner chunks, so their size bounds the bytes decoded per clip
-    returned (8x at 1 KiB per clip: the scale floor is 16x); below a few KiB the index and the
-    per-chunk checksum start to cost more than the bytes. Equal to ``chunk_clips`` (no sharding)
-    where one chunk is that small already. See docs/store.md for the measurement.
-    """
-    per_clip = n_segments * int(np.prod(feature_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    target = max(1, min(int(chunk_clips), TARGET_INNER_BYTES // max(1, per_clip)))
-    return max(d for d in range(1, target + 1) if chunk_clips % d == 0)
-
-
-def validate_name(kind: str, name: str) -> str:
-    """Feature set / run names become group paths: letters, digits, ``_.+@=-``, '/'-separated."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name.split("/"):
-        raise ValueError(f"invalid {kind} name {name!r}: use letters, digits and _ . + @ = -, "
-                         f"with '/' between parts (e.g. 'clip/ViT-B-32')")
-    return name
 
 
 class FeatureStore:
@@ -122,59 +52,12 @@ class FeatureStore:
         self._index = ClipIndex(self._arrays)  # ids, the id -> row lookup, columns: read lazily
         self._runs: dict[str, dict] | None = None  # prediction run attrs, read once (refresh() drops them)
         if mode == "w" or not self._arrays.exists("index"):
-            self._init_layout()
-        self._arrays.strict = self._check_schema() >= 2
+            init_layout(self._arrays)
+        self._arrays.strict = check_schema(self._arrays) >= 2
         if not self._arrays.read_only:
-            self._roll_back_partial_append()
+            clips.roll_back_partial_append(self)
 
-    # ----------------------------------------------------------------------------------- layout
-    def _init_layout(self) -> None:
-        if self._arrays.read_only:
-            raise StoreFormatError(f"{self.location} is not a feature store (no index group)")
-        for group in ("index", "index/split", "features", "predictions", "class_features"):
-            self._arrays.create_group(group)
-        attrs = self._arrays.attrs("")
-        if "schema_version" not in attrs:
-            from importlib.metadata import PackageNotFoundError, version
-
-            try:
-                created_by = f"avscene {version('avscene')}"
-            except PackageNotFoundError:
-                created_by = "avscene (not installed)"
-            self._arrays.set_attrs("", {"schema_version": SCHEMA_VERSION, "classes": [], "dataset": "",
-                                   "created_by": created_by, "n_clips": 0})
-        for name in _INDEX_STRINGS:
-            if not self._arrays.exists(f"index/{name}"):
-                self._arrays.create_array(f"index/{name}", (0,), STRING, INDEX_CHUNK_ROWS, "")
-        if not self._arrays.exists("index/label"):
-            self._arrays.create_array("index/label", (0,), "int16", INDEX_CHUNK_ROWS, -1)
-
-    def _check_schema(self) -> int:
-        attrs = self._arrays.attrs("")
-        found = attrs.get("schema_version")
-        if found not in READABLE_SCHEMAS:
-            raise StoreFormatError(f"{self.location}: schema version {found!r}, this library reads "
-                                   f"versions {', '.join(map(str, READABLE_SCHEMAS))}")
-        return int(found)
-
-    def _committed_rows(self) -> int:
-        """Rows of the index that a finished ``append_clips`` committed (its last write)."""
-        return self._index.committed_rows()
-
-    def _roll_back_partial_append(self) -> None:
-        """Cut arrays that an append killed before its commit left longer than the index.
-
-        ``append_clips`` grows every row array and writes the new index rows before it commits the
-        new row count, so a killed append leaves only rows past ``n_clips``; dropping them restores
-        the store as it was before, and rerunning the append then ends as a clean run would.
-        """
-        n = self._committed_rows()
-        for path in self._row_arrays():
-            if self._arrays.shape(path)[0] > n:
-                self._arrays.resize(path, n)
-        self._index.drop_unused()  # a lookup written for the rows cut off
-
-    # ------------------------------------------------------------------------------ properties
+    # ------------------------------------------------- what it is, its index (clips.py, index.py)
     @property
     def location(self) -> str:
         return self._arrays.location
@@ -199,7 +82,7 @@ class FeatureStore:
 
         It does not read the index itself, so it answers for a store whose index is damaged.
         """
-        return self._committed_rows()
+        return self._index.committed_rows()
 
     @property
     def open_args(self) -> dict[str, Any]:
@@ -254,16 +137,13 @@ class FeatureStore:
         Resolved through the persisted lookup (a few table chunks, no id decoded) when the store
         has one, else through a dict of the decoded ids (see ``featurestore.store.index``).
         """
-        _check_id_sequence("rows", clip_ids, "row(clip_id)")
+        check_id_sequence("rows", clip_ids, "row(clip_id)")
         return self._index.rows(list(clip_ids))
 
     def row(self, clip_id: str) -> int:
         return self._index.row(clip_id)
 
-    # ------------------------------------------------------------------------------- the index
-    def _require_writable(self) -> None:
-        self._arrays.require_writable()
-
+    # ---------------------------------------------------------------------- adding, selecting (clips.py)
     def append_clips(self, manifest: Manifest) -> None:
         """Add the manifest's clips to the index and grow every feature and prediction array.
 
@@ -272,51 +152,7 @@ class FeatureStore:
         attribute with its root and rows, so the relative paths in the index of clips from
         another dataset stay resolvable.
         """
-        self._require_writable()
-        attrs = self.attrs
-        classes = list(manifest.classes) or list(attrs.get("classes", []))  # unlabelled clips keep the store's
-        if attrs.get("classes") and list(attrs["classes"]) != classes:
-            raise ValueError(f"{self.location}: classes {attrs['classes']} differ from the manifest's "
-                             f"{manifest.classes}")
-        new_ids = manifest.clip_ids
-        dup = {new_ids[i] for i in np.flatnonzero(self._index.find(new_ids) >= 0)}
-        if dup or len(set(new_ids)) != len(manifest):
-            raise ValueError(f"clip ids must be unique; already present or repeated: {sorted(dup)[:5]}")
-        start, n_new = self.n_clips, len(manifest)
-        end = start + n_new
-        described = {"dataset": manifest.name, "dataset_root": str(manifest.root) if manifest.root else "",
-                     "audio_segments": manifest.audio_segments, "segment_seconds": manifest.segment_seconds,
-                     "video_frames": manifest.video_frames}
-        first = described if start == 0 else {}
-        added = {**described, "rows": [start, end]}
-        new_splits = [s for s in manifest.split_names if not self._arrays.exists(f"index/split/{s}")]
-        for split in new_splits:
-            self._arrays.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
-        for path in self._row_arrays():
-            self._arrays.resize(path, end)
-        for name, values in _manifest_columns(manifest).items():
-            self._arrays.write(f"index/{name}", start, values)
-        for split in self.splits():
-            member = np.array([split in c.splits for c in manifest.clips], dtype=bool)
-            if split in new_splits and start:
-                member = np.concatenate([np.zeros(start, dtype=bool), member])  # earlier rows: written too
-            self._arrays.write(f"index/split/{split}", end - len(member), member)
-        looked_up = self._index.prepare_append(new_ids, [c.city for c in manifest.clips], start)
-        # the commit point, one attribute update (the lookup's name included): a kill before it leaves
-        # rows past n_clips and an unnamed lookup, which the next writable open removes
-        # (_roll_back_partial_append)
-        self._arrays.set_attrs("", {"classes": classes, **first, "n_clips": end, **looked_up,
-                               "datasets": [*attrs.get("datasets", []), added]})
-        self._index.forget()
-        self._index.drop_unused()
-        self._rows_cache.done.clear()
-
-    def _row_arrays(self) -> list[str]:
-        """Every array whose first axis is the clip axis."""
-        paths = [f"index/{c}" for c in self.columns()]
-        for group in self.row_groups():
-            paths += group.array_paths
-        return [p for p in paths if self._arrays.is_array(p)]  # a creation killed midway has only some
+        clips.append_clips(self, manifest)
 
     def select(self, split: str | Sequence[str] | None = None, label: str | int | Sequence | None = None,
                city: str | Sequence[str] | None = None,
@@ -328,37 +164,7 @@ class FeatureStore:
         ``UnknownValueError`` naming the column, the value and the values the store has, rather
         than selecting nothing, which a typo would otherwise do silently.
         """
-        keep = np.ones(self.n_clips, dtype=bool)
-        if split is not None:
-            any_split = np.zeros(self.n_clips, dtype=bool)
-            for s in _as_list(split):
-                if s not in self.splits():
-                    raise UnknownValueError("split", s, self.splits())
-                any_split |= self.column(f"split/{s}").astype(bool)
-            keep &= any_split
-        if label is not None:
-            wanted = [self._label_index(v) for v in _as_list(label)]
-            keep &= np.isin(self.labels, wanted)
-        for name, value in (("city", city), ("location", location)):
-            if value is not None:
-                column = self.column(name)
-                present = set(column.tolist())
-                for v in _as_list(value):
-                    if v not in present:
-                        raise UnknownValueError(name, v, present - {""})
-                keep &= np.isin(column, _as_list(value))
-        return self._index.ids_at(np.flatnonzero(keep))
-
-    def _label_index(self, label: str | int) -> int:
-        classes = self.classes
-        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-            if not -1 <= int(label) < len(classes):
-                raise UnknownValueError("label", int(label), classes,
-                                        f"An integer label is an index 0..{len(classes) - 1} (-1: no label).")
-            return int(label)
-        if label not in classes:
-            raise UnknownValueError("label", label, classes)
-        return classes.index(label)
+        return clips.select(self, split, label, city, location)
 
     def set_classes(self, classes: Sequence[str]) -> None:
         """Give a store without classes its class list.
@@ -375,29 +181,9 @@ class FeatureStore:
         Raises:
             ValueError: other classes are already set, or bad class names.
         """
-        self._require_writable()
-        names = check_classes(classes)
-        current = self.classes
-        if current == names:
-            return
-        if current:
-            raise ValueError(f"{self.location}: the store already has classes {current}; refusing to replace "
-                             f"them with {names} (labels, predictions and class features use that order)")
-        for group in self.row_groups(PREDICTION_RUNS):
-            group.delete()
-        for name in self.class_feature_sets():
-            self._arrays.delete(join("class_features", name))
-        self._runs = None
-        self._arrays.set_attrs("", {"classes": names})
+        clips.set_classes(self, classes)
 
-    def _require_classes(self, what: str) -> None:
-        """Per-class arrays need a class list; a store made from unlabelled clips has none yet."""
-        if not self.classes:
-            raise ValueError(f"{self.location}: {what} needs the store's classes, and it has none (made from a "
-                             f"manifest without labels); give them first: store.set_classes([...]) or "
-                             f"featurestore extract --classes A,B,C")
-
-    # ----------------------------------------------------------------------------- row groups
+    # ------------------------------------------------------------------------ row groups (row_group.py)
     def row_groups(self, kind: RowGroupKind | None = None) -> list[RowGroup]:
         """Every feature set and prediction run (or those of ``kind``) as a ``RowGroup``.
 
@@ -421,20 +207,13 @@ class FeatureStore:
     def _group(self, kind: RowGroupKind, name: str) -> RowGroup:
         return RowGroup(kind, name, self._arrays, self._rows_cache, self._index)
 
-    # --------------------------------------------------------------------------- feature sets
+    # --------------------------------------------------------------------- feature sets (feature_sets.py)
     def feature_sets(self) -> dict[str, FeatureInfo]:
         """Every feature set with its shape, dtype, provenance, fingerprint and done/error counts."""
-        return {group.name: self._feature_info(group) for group in self.row_groups(FEATURE_SETS)}
+        return {group.name: feature_sets.feature_info(group) for group in self.row_groups(FEATURE_SETS)}
 
     def feature_info(self, name: str) -> FeatureInfo:
-        return self._feature_info(self.row_group(FEATURE_SETS, name))
-
-    def _feature_info(self, group: RowGroup) -> FeatureInfo:
-        attrs = group.attrs
-        done = group.done_mask(refresh=True)
-        n_errors = len(group.failed_rows(done))  # reads error texts only where rows are not done
-        return FeatureInfo(group.name, group.shape, group.dtype, group.chunk_rows, attrs.get("provenance", {}),
-                           attrs.get("fingerprint", ""), int(done.sum()), n_errors)
+        return feature_sets.feature_info(self.row_group(FEATURE_SETS, name))
 
     def create_feature_set(self, name: str, n_segments: int, feature_shape: Sequence[int],
                            provenance: dict, dtype: str = "float16", chunk_clips: int | None = None,
@@ -447,27 +226,8 @@ class FeatureStore:
         compresses them losslessly (zstd in Zarr, gzip in HDF5), for data such as stored frames.
         The checksum is kept either way.
         """
-        self._require_writable()
-        validate_name("feature set", name)
-        if compressor not in COMPRESSORS:
-            raise ValueError(f"feature set {name!r}: unknown compressor {compressor!r}; use one of "
-                             f"{', '.join(str(c) for c in COMPRESSORS)}")
-        if self.check_feature_set(name, n_segments, feature_shape, provenance, overwrite):
-            return self.feature_info(name)
-        group = self._group(FEATURE_SETS, name)
-        if group.exists():  # overwritten, or a creation that never finished
-            group.delete()
-        shape = (self.n_clips, int(n_segments)) + tuple(int(s) for s in feature_shape)
-        rows = int(chunk_clips or default_chunk_clips(n_segments, feature_shape, dtype))
-        inner = default_inner_clips(n_segments, feature_shape, dtype, rows)
-        prov = dict(provenance)
-        prov.setdefault("runtime", runtime_info())
-        # the attributes are written last, in one update: a set without its fingerprint is an
-        # unfinished creation, which check_feature_set replaces
-        group.create(shape, str(np.dtype(dtype)), rows, compressor=compressor, inner_rows=inner, attrs={
-            "provenance": prov, "fingerprint": fingerprint(provenance), "n_segments": int(n_segments),
-            "feature_shape": list(shape[2:]), "chunk_clips": rows, "compressor": COMPRESSORS[compressor]})
-        return self._feature_info(group)
+        return feature_sets.create_feature_set(self, name, n_segments, feature_shape, provenance, dtype,
+                                               chunk_clips, overwrite, compressor)
 
     def check_feature_set(self, name: str, n_segments: int, feature_shape: Sequence[int], provenance: dict,
                           overwrite: bool = False) -> bool:
@@ -478,28 +238,10 @@ class FeatureStore:
         attributes, which never marked anything done). Raises ``FingerprintMismatchError`` where
         it would refuse, so a caller can check every set before changing the store.
         """
-        path = join("features", name)
-        if not self._arrays.exists(join(path, "data")):
-            if self._arrays.exists(path) and self._arrays.children(path) and not overwrite:
-                raise ValueError(f"{name!r} is a group of other feature sets "
-                                 f"({', '.join(self._arrays.children(path))}); choose another name")
-            return False
-        old = self._arrays.attrs(path)
-        if overwrite or not _FEATURE_ATTRS <= set(old):  # an unfinished creation: replace it
-            return False
-        if not fingerprint_matches(old["fingerprint"], provenance):
-            raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})),
-                                           _strip_runtime(provenance))
-        stored = tuple(self._arrays.shape(join(path, "data"))[1:])
-        wanted = (int(n_segments), *(int(s) for s in feature_shape))
-        if stored != wanted:
-            raise FingerprintMismatchError(
-                name, {**_strip_runtime(old.get("provenance", {})), "shape": list(stored)},
-                {**_strip_runtime(provenance), "shape": list(wanted)})
-        return True
+        return feature_sets.check_feature_set(self, name, n_segments, feature_shape, provenance, overwrite)
 
     def delete_feature_set(self, name: str) -> None:
-        self._require_writable()
+        self._arrays.require_writable()
         self.row_group(FEATURE_SETS, name).delete()
 
     def done_mask(self, name: str, refresh: bool = False) -> np.ndarray:
@@ -526,35 +268,25 @@ class FeatureStore:
         Data, then errors, then done flags are written, so a writer killed in between never leaves
         a row marked done whose data is not there.
         """
-        self._require_writable()
+        self._arrays.require_writable()
         self.row_group(FEATURE_SETS, name).write_rows(start, data, done, errors)
 
     def set_errors(self, name: str, errors: dict[int | str, str]) -> None:
         """Record per-clip failures (row or clip id -> message); those clips are marked not done."""
-        self._require_writable()
-        group = self.row_group(FEATURE_SETS, name)
-        group.set_errors({self._row_number(key): message for key, message in errors.items()})
+        feature_sets.set_errors(self, name, errors)
 
     def clear_errors(self, name: str, rows: Iterable[int | str]) -> None:
         """Forget the recorded failures of these clips (rows or clip ids), e.g. before a retry.
 
         Their done flags stay false: the clips are simply "not computed" again.
         """
-        _check_id_sequence("clear_errors", rows)
-        self._require_writable()
-        group = self.row_group(FEATURE_SETS, name)
-        for key in rows:
-            group.write_errors(self._row_number(key), np.array([""], dtype=object))
-
-    def _row_number(self, key: int | str) -> int:
-        return self.row(key) if isinstance(key, str) else int(key)
+        feature_sets.clear_errors(self, name, rows)
 
     def errors(self, name: str) -> dict[str, str]:
         """Clip id -> error message for every clip whose extraction failed."""
-        failed = self.row_group(FEATURE_SETS, name).failed_rows()
-        return dict(zip(self._index.ids_at(list(failed)), failed.values()))
+        return feature_sets.errors(self, name)
 
-    # ------------------------------------------------------------------------------- reading
+    # ------------------------------------------------------- reading features (row_group.py)
     def get(self, name: str, clip_id: str) -> np.ndarray:
         """Features of one clip, ``[n_segments, *feature_shape]`` in the stored dtype."""
         group = self.row_group(FEATURE_SETS, name)
@@ -564,7 +296,7 @@ class FeatureStore:
 
     def get_many(self, name: str, clip_ids: Sequence[str]) -> np.ndarray:
         """Features of many clips in the given order; each chunk is read and decoded once."""
-        _check_id_sequence("get_many", clip_ids, "get(name, clip_id)")
+        check_id_sequence("get_many", clip_ids, "get(name, clip_id)")
         group = self.row_group(FEATURE_SETS, name)
         return group.gather(self.rows(clip_ids))
 
@@ -585,7 +317,7 @@ class FeatureStore:
 
         return StoreDataset(self, [features] if isinstance(features, str) else list(features), **kwargs)
 
-    # ------------------------------------------------------------------------ class features
+    # ----------------------------------------------------------------- class features (class_features.py)
     def write_class_features(self, name: str, data: np.ndarray, provenance: dict,
                              prompts: Sequence[str] | None = None, overwrite: bool = False) -> None:
         """Per-class vectors (e.g. CLIP text embeddings of class prompts) with their provenance.
@@ -593,22 +325,7 @@ class FeatureStore:
         Replacing a set made with another configuration needs ``overwrite=True``
         (:meth:`has_class_features` tells the rule).
         """
-        self._require_writable()
-        validate_name("class feature set", name)
-        self._require_classes(f"class feature set {name!r}")
-        self.has_class_features(name, provenance, overwrite)
-        data = np.asarray(data)
-        if data.ndim < 1 or data.shape[0] != len(self.classes):
-            raise ValueError(f"class features {name!r}: first axis must be the {len(self.classes)} classes, "
-                             f"got shape {data.shape}")
-        path = join("class_features", name)
-        self._arrays.create_group(path)
-        self._arrays.create_array(join(path, "data"), data.shape, str(data.dtype), data.shape[0], 0)
-        self._arrays.write(join(path, "data"), 0, data)
-        prov = dict(provenance)
-        prov.setdefault("runtime", runtime_info())
-        self._arrays.set_attrs(path, {"provenance": prov, "fingerprint": fingerprint(prov),
-                                 "prompts": list(prompts or []), "classes": self.classes})
+        class_features.write_class_features(self, name, data, provenance, prompts, overwrite)
 
     def has_class_features(self, name: str, provenance: dict, overwrite: bool = False) -> bool:
         """Whether class features ``name`` made with this provenance are stored already.
@@ -618,27 +335,16 @@ class FeatureStore:
         none stored, or ``overwrite`` -> False; another fingerprint -> ``FingerprintMismatchError``
         naming both configurations.
         """
-        path = join("class_features", name)
-        if overwrite or not self._arrays.is_array(join(path, "data")):
-            return False
-        old = self._arrays.attrs(path)
-        if fingerprint_matches(old.get("fingerprint"), provenance):
-            return True
-        raise FingerprintMismatchError(name, _strip_runtime(old.get("provenance", {})), _strip_runtime(provenance),
-                                       kind="class feature set")
+        return class_features.has_class_features(self, name, provenance, overwrite)
 
     def class_feature_sets(self) -> list[str]:
-        return self._arrays.groups_with("class_features", "data")
+        return class_features.class_feature_sets(self)
 
     def get_class_features(self, name: str) -> tuple[np.ndarray, dict]:
         """``(array [n_classes, ...], attrs)`` where attrs hold provenance, fingerprint and prompts."""
-        path = join("class_features", name)
-        if not self._arrays.is_array(join(path, "data")):
-            raise UnknownFeatureError("class feature set", name, self.class_feature_sets())
-        data = self._arrays.read(join(path, "data"), 0, self._arrays.shape(join(path, "data"))[0])
-        return data, self._arrays.attrs(path)
+        return class_features.get_class_features(self, name)
 
-    # ---------------------------------------------------------------------------- predictions
+    # ---------------------------------------------------------------------- predictions (predictions.py)
     def create_predictions(self, run: str, n_segments: int, attrs: dict, overwrite: bool = False,
                            chunk_clips: int | None = None) -> bool:
         """Create ``predictions/<run>`` for every clip, or reopen it to resume.
@@ -651,28 +357,7 @@ class FeatureStore:
         Returns:
             True when an existing run was reopened, False when one was created.
         """
-        self._require_writable()
-        validate_name("prediction run", run)
-        self._require_classes(f"prediction run {run!r}")
-        group = self._group(PREDICTION_RUNS, run)
-        n_classes = len(self.classes)
-        shape = (self.n_clips, int(n_segments), n_classes)
-        if group.exists() and not overwrite:
-            stored = group.attrs
-            if stored:  # none: a creation killed before its attributes (written last), replaced below
-                differs = _run_differences(stored, attrs) + (["shape"] if tuple(group.shape) != shape else [])
-                if not differs:
-                    self._runs = None
-                    return True
-                raise FileExistsError(f"{self.location}: prediction run {run!r} exists with other settings "
-                                      f"(differing: {', '.join(differs[:8])}); use another name, or "
-                                      f"overwrite=True (--overwrite) to replace it")
-        if group.exists():
-            group.delete()
-        rows = int(chunk_clips or default_chunk_clips(n_segments, (n_classes,), "float32"))
-        group.create(shape, "float32", rows, attrs={**attrs, "runtime": runtime_info()})
-        self._runs = None
-        return False
+        return predictions.create_predictions(self, run, n_segments, attrs, overwrite, chunk_clips)
 
     def write_predictions(self, run: str, rows: np.ndarray | slice | int, probs: np.ndarray) -> None:
         """Write probabilities for rows (any order; a single writer per run), then mark them done.
@@ -680,23 +365,7 @@ class FeatureStore:
         Non-finite probabilities are refused (``ValueError`` naming the clips): a NaN must never be
         stored as a prediction, whatever produced it.
         """
-        self._require_writable()
-        group = self.row_group(PREDICTION_RUNS, run)
-        probs = np.asarray(probs, dtype=np.float32)
-        if isinstance(rows, slice):
-            rows = np.arange(self.n_clips)[rows]
-        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
-        if len(rows) != len(probs):
-            raise ValueError(f"predictions {run!r}: {len(rows)} rows but {len(probs)} probability rows")
-        expected = tuple(group.shape[1:])
-        if probs.shape[1:] != expected:
-            raise ValueError(f"predictions {run!r}: rows have shape {probs.shape[1:]}, expected {expected}")
-        finite = np.isfinite(probs.reshape(len(probs), -1)).all(axis=1)
-        if not finite.all():
-            bad = self._index.ids_at(rows[~finite][:5])
-            raise ValueError(f"predictions {run!r}: {int((~finite).sum())} clip(s) have non-finite probabilities "
-                             f"(e.g. {', '.join(bad)}); nothing was written")
-        group.write_scattered(rows, probs)
+        predictions.write_predictions(self, run, rows, probs)
 
     def prediction_runs(self) -> dict[str, dict]:
         """Run name -> its attributes (head config, feature fingerprints, ...).
@@ -707,28 +376,19 @@ class FeatureStore:
         slow on object storage): ``refresh()`` rereads them. The dicts are copies: editing them
         changes nothing stored.
         """
-        kind = PREDICTION_RUNS
-        names = self._arrays.groups_with(kind.top, kind.leaf)
-        cached = self._runs or {}
-        self._runs = {name: cached[name] if name in cached else self._group(kind, name).attrs for name in names}
-        return {run: dict(attrs) for run, attrs in self._runs.items()}
+        return predictions.prediction_runs(self)
 
     def prediction_done(self, run: str) -> np.ndarray:
         return self.row_group(PREDICTION_RUNS, run).done_mask(refresh=True)
 
     def get_predictions(self, run: str, clip_ids: Sequence[str] | None = None) -> np.ndarray:
         """Probabilities ``[n, n_segments, n_classes]``; clips never predicted raise an error."""
-        _check_id_sequence("get_predictions", clip_ids)
-        group = self.row_group(PREDICTION_RUNS, run)
-        rows = np.arange(self.n_clips) if clip_ids is None else self.rows(clip_ids)
-        return group.gather(rows)
+        return predictions.get_predictions(self, run, clip_ids)
 
     def delete_predictions(self, run: str) -> None:
-        self._require_writable()
-        self.row_group(PREDICTION_RUNS, run).delete()
-        self._runs = None
+        predictions.delete_predictions(self, run)
 
-    # ------------------------------------------------------------------------- search, export
+    # ------------------------------------------------------- search, export (search.py, export.py)
     def search(self, feature_set: str, query: Any = None, k: int = 10, **kwargs: Any):
         """Nearest clips by cosine similarity of clip-mean embeddings; see ``featurestore.store.search``."""
         from featurestore.store.search import search
@@ -784,57 +444,6 @@ class FeatureStore:
     def __repr__(self) -> str:
         return (f"FeatureStore({self.location!r}, mode={self.mode!r}, clips={self.n_clips}, "
                 f"features={self._arrays.groups_with('features', 'data')})")
-
-
-def _check_id_sequence(method: str, clip_ids: Any, single: str = "") -> None:
-    """A str or bytes where many clip ids are expected would be iterated character by character
-    (and fail as "unknown clip 'o'", or worse, match one-letter ids): refuse it in one line."""
-    if isinstance(clip_ids, (str, bytes)):
-        shown = repr(clip_ids) if len(clip_ids) <= 60 else f"{clip_ids[:57]!r}..."
-        instead = f", or use {single} for one clip" if single else ""
-        raise TypeError(f"{method}: expected a list of clip ids, got the {type(clip_ids).__name__} {shown}; "
-                        f"pass a list ([{shown}]){instead}")
-
-
-def _as_list(value: Any) -> list:
-    return list(value) if isinstance(value, (list, tuple, set, np.ndarray)) else [value]
-
-
-def _run_differences(stored: dict, requested: dict) -> list[str]:
-    """Top-level attributes of a prediction run that differ (``runtime`` and the data version aside).
-
-    Both sides go through JSON first, as stored attributes did (tuples become lists, keys strings).
-    """
-    ignore = {"runtime", DATA_VERSION}
-    old = json.loads(json.dumps({k: v for k, v in stored.items() if k not in ignore}, default=str))
-    new = json.loads(json.dumps({k: v for k, v in requested.items() if k not in ignore}, default=str))
-    return sorted(k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
-
-
-_MISSING = object()
-
-
-def _strip_runtime(provenance: dict) -> dict:
-    return {k: v for k, v in provenance.items() if k != "runtime"}
-
-
-def _manifest_columns(manifest: Manifest) -> dict[str, np.ndarray]:
-    def rel(p: Path | None) -> str:
-        if p is None:
-            return ""
-        if manifest.root is not None and Path(p).is_relative_to(manifest.root):
-            return Path(p).relative_to(manifest.root).as_posix()
-        return Path(p).as_posix()
-
-    clips = manifest.clips
-    return {
-        "clip_id": np.array([c.clip_id for c in clips], dtype=object),
-        "label": np.array([manifest.label_index(c.label) for c in clips], dtype=np.int16),
-        "city": np.array([c.city for c in clips], dtype=object),
-        "location": np.array([c.location for c in clips], dtype=object),
-        "audio_path": np.array([rel(c.audio) for c in clips], dtype=object),
-        "video_path": np.array([rel(c.video) for c in clips], dtype=object),
-    }
 
 
 def open_store(path: str | Path, mode: str = "r", backend: str | None = None,

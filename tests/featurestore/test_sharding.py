@@ -17,7 +17,7 @@ import zarr
 
 from featurestore import ClipRecord, Manifest, convert_store, create_store, open_store
 from featurestore.errors import CorruptChunkError, MissingChunkError
-from featurestore.store import store as store_module
+from featurestore.store import feature_sets
 from featurestore.store._shards import ShardReader
 
 N = 100_000
@@ -187,7 +187,7 @@ def test_a_damaged_shard_index_or_an_absent_inner_chunk_is_refused_never_zeros(s
 def test_a_store_in_the_layout_before_shards_reads_and_converts_into_shards(tmp_path, monkeypatch):
     old = str(tmp_path / "old.zarr")
     with monkeypatch.context() as m:  # the layout before: one plain chunk per block of clips
-        m.setattr(store_module, "default_inner_clips", lambda n_segments, shape, dtype, chunk_clips: chunk_clips)
+        m.setattr(feature_sets, "default_inner_clips", lambda n_segments, shape, dtype, chunk_clips: chunk_clips)
         build(old, 9001, inner=SHARD)
     arr = zarr.open_array(os.path.join(old, "features", *FEAT.split("/"), "data"), mode="r")
     assert arr.shards is None and arr.chunks[0] == SHARD

@@ -1,0 +1,181 @@
+"""The clips of a store: appending a manifest's clips, selecting them, and the class list.
+
+``FeatureStore.append_clips``, ``select`` and ``set_classes`` delegate here. The index they write
+and read (ids, the id -> row lookup, columns) is ``ClipIndex`` (``index.py``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from featurestore.errors import UnknownValueError
+from featurestore.manifest import Manifest, check_classes
+from featurestore.store._backend import join
+from featurestore.store.layout import INDEX_CHUNK_ROWS
+from featurestore.store.row_group import PREDICTION_RUNS
+
+if TYPE_CHECKING:
+    from featurestore.store.store import FeatureStore
+
+
+def append_clips(store: FeatureStore, manifest: Manifest) -> None:
+    """See ``FeatureStore.append_clips``."""
+    arrays = store.arrays
+    arrays.require_writable()
+    attrs = store.attrs
+    classes = list(manifest.classes) or list(attrs.get("classes", []))  # unlabelled clips keep the store's
+    if attrs.get("classes") and list(attrs["classes"]) != classes:
+        raise ValueError(f"{store.location}: classes {attrs['classes']} differ from the manifest's "
+                         f"{manifest.classes}")
+    new_ids = manifest.clip_ids
+    dup = {new_ids[i] for i in np.flatnonzero(store.index.find(new_ids) >= 0)}
+    if dup or len(set(new_ids)) != len(manifest):
+        raise ValueError(f"clip ids must be unique; already present or repeated: {sorted(dup)[:5]}")
+    start, n_new = store.n_clips, len(manifest)
+    end = start + n_new
+    described = {"dataset": manifest.name, "dataset_root": str(manifest.root) if manifest.root else "",
+                 "audio_segments": manifest.audio_segments, "segment_seconds": manifest.segment_seconds,
+                 "video_frames": manifest.video_frames}
+    first = described if start == 0 else {}
+    added = {**described, "rows": [start, end]}
+    new_splits = [s for s in manifest.split_names if not arrays.exists(f"index/split/{s}")]
+    for split in new_splits:
+        arrays.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
+    for path in row_arrays(store):
+        arrays.resize(path, end)
+    for name, values in _manifest_columns(manifest).items():
+        arrays.write(f"index/{name}", start, values)
+    for split in store.splits():
+        member = np.array([split in c.splits for c in manifest.clips], dtype=bool)
+        if split in new_splits and start:
+            member = np.concatenate([np.zeros(start, dtype=bool), member])  # earlier rows: written too
+        arrays.write(f"index/split/{split}", end - len(member), member)
+    looked_up = store.index.prepare_append(new_ids, [c.city for c in manifest.clips], start)
+    # the commit point, one attribute update (the lookup's name included): a kill before it leaves
+    # rows past n_clips and an unnamed lookup, which the next writable open removes
+    # (roll_back_partial_append)
+    arrays.set_attrs("", {"classes": classes, **first, "n_clips": end, **looked_up,
+                          "datasets": [*attrs.get("datasets", []), added]})
+    store.index.forget()
+    store.index.drop_unused()
+    store._rows_cache.done.clear()
+
+
+def roll_back_partial_append(store: FeatureStore) -> None:
+    """Cut arrays that an append killed before its commit left longer than the index.
+
+    ``append_clips`` grows every row array and writes the new index rows before it commits the
+    new row count, so a killed append leaves only rows past ``n_clips``; dropping them restores
+    the store as it was before, and rerunning the append then ends as a clean run would.
+    """
+    n = store.committed_rows
+    for path in row_arrays(store):
+        if store.arrays.shape(path)[0] > n:
+            store.arrays.resize(path, n)
+    store.index.drop_unused()  # a lookup written for the rows cut off
+
+
+def row_arrays(store: FeatureStore) -> list[str]:
+    """Every array whose first axis is the clip axis."""
+    paths = [f"index/{c}" for c in store.columns()]
+    for group in store.row_groups():
+        paths += group.array_paths
+    return [p for p in paths if store.arrays.is_array(p)]  # a creation killed midway has only some
+
+
+def select(store: FeatureStore, split: str | Sequence[str] | None = None,
+           label: str | int | Sequence | None = None, city: str | Sequence[str] | None = None,
+           location: str | Sequence[str] | None = None) -> list[str]:
+    """See ``FeatureStore.select``."""
+    keep = np.ones(store.n_clips, dtype=bool)
+    if split is not None:
+        any_split = np.zeros(store.n_clips, dtype=bool)
+        for s in as_list(split):
+            if s not in store.splits():
+                raise UnknownValueError("split", s, store.splits())
+            any_split |= store.column(f"split/{s}").astype(bool)
+        keep &= any_split
+    if label is not None:
+        wanted = [_label_index(store.classes, v) for v in as_list(label)]
+        keep &= np.isin(store.labels, wanted)
+    for name, value in (("city", city), ("location", location)):
+        if value is not None:
+            column = store.column(name)
+            present = set(column.tolist())
+            for v in as_list(value):
+                if v not in present:
+                    raise UnknownValueError(name, v, present - {""})
+            keep &= np.isin(column, as_list(value))
+    return store.index.ids_at(np.flatnonzero(keep))
+
+
+def _label_index(classes: list[str], label: str | int) -> int:
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        if not -1 <= int(label) < len(classes):
+            raise UnknownValueError("label", int(label), classes,
+                                    f"An integer label is an index 0..{len(classes) - 1} (-1: no label).")
+        return int(label)
+    if label not in classes:
+        raise UnknownValueError("label", label, classes)
+    return classes.index(label)
+
+
+def set_classes(store: FeatureStore, classes: Sequence[str]) -> None:
+    """See ``FeatureStore.set_classes``."""
+    store.arrays.require_writable()
+    names = check_classes(classes)
+    current = store.classes
+    if current == names:
+        return
+    if current:
+        raise ValueError(f"{store.location}: the store already has classes {current}; refusing to replace "
+                         f"them with {names} (labels, predictions and class features use that order)")
+    for group in store.row_groups(PREDICTION_RUNS):
+        group.delete()
+    for name in store.class_feature_sets():
+        store.arrays.delete(join("class_features", name))
+    store._runs = None
+    store.arrays.set_attrs("", {"classes": names})
+
+
+def require_classes(store: FeatureStore, what: str) -> None:
+    """Per-class arrays need a class list; a store made from unlabelled clips has none yet."""
+    if not store.classes:
+        raise ValueError(f"{store.location}: {what} needs the store's classes, and it has none (made from a "
+                         f"manifest without labels); give them first: store.set_classes([...]) or "
+                         f"featurestore extract --classes A,B,C")
+
+
+def check_id_sequence(method: str, clip_ids: Any, single: str = "") -> None:
+    """A str or bytes where many clip ids are expected would be iterated character by character
+    (and fail as "unknown clip 'o'", or worse, match one-letter ids): refuse it in one line."""
+    if isinstance(clip_ids, (str, bytes)):
+        shown = repr(clip_ids) if len(clip_ids) <= 60 else f"{clip_ids[:57]!r}..."
+        instead = f", or use {single} for one clip" if single else ""
+        raise TypeError(f"{method}: expected a list of clip ids, got the {type(clip_ids).__name__} {shown}; "
+                        f"pass a list ([{shown}]){instead}")
+
+
+def as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple, set, np.ndarray)) else [value]
+
+
+def _manifest_columns(manifest: Manifest) -> dict[str, np.ndarray]:
+    def rel(p: Path | None) -> str:
+        if p is None:
+            return ""
+        if manifest.root is not None and Path(p).is_relative_to(manifest.root):
+            return Path(p).relative_to(manifest.root).as_posix()
+        return Path(p).as_posix()
+
+    clips = manifest.clips
+    return {
+        "clip_id": np.array([c.clip_id for c in clips], dtype=object),
+        "label": np.array([manifest.label_index(c.label) for c in clips], dtype=np.int16),
+        "city": np.array([c.city for c in clips], dtype=object),
+        "location": np.array([c.location for c in clips], dtype=object),
+        "audio_path": np.array([rel(c.audio) for c in clips], dtype=object),
+        "video_path": np.array([rel(c.video) for c in clips], dtype=object),
+    }
