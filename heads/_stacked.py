@@ -59,15 +59,17 @@ def trainer_internals() -> SimpleNamespace:
 
 
 def can_stack(cfg: TrainConfig, overwrite: bool) -> bool:
-    """A fresh trial (nothing committed in its run directory) of a stackable head, read in this process."""
+    """A fresh trial (nothing committed in its run directory) of a stackable head, read in this process,
+    in float32: the stacked step has no autocast, so a bf16 trial trains alone as it asked."""
     fresh = overwrite or not (Path(cfg.out) / "state.json").exists()
-    return cfg.head in FORWARDS and cfg.num_workers == 0 and fresh
+    return cfg.head in FORWARDS and cfg.num_workers == 0 and cfg.precision == "fp32" and fresh
 
 
 def group_key(cfg: TrainConfig) -> str:
     """Trials that can share a step: same model shape and data, same number of steps (lr etc. may differ)."""
     return json.dumps([cfg.head, cfg.features, cfg.head_config, cfg.batch_size, cfg.train_split, cfg.val_split,
-                       cfg.epochs, cfg.loss, cfg.focal_gamma, cfg.device, cfg.max_steps_per_epoch], sort_keys=True)
+                       cfg.epochs, cfg.loss, cfg.focal_gamma, cfg.device, cfg.max_steps_per_epoch, cfg.precision],
+                      sort_keys=True)
 
 
 def train_stacked(cfgs: list[TrainConfig], shared: Any, *, overwrite: bool = False) -> list[Any]:

@@ -81,3 +81,15 @@ def test_every_stacked_forward_is_its_heads_own_forward(name, config):
     evaluated = FORWARDS[name](models[0], _Pass(params, buffers, None), shared)
     for k, model in enumerate(models):
         assert torch.allclose(evaluated[k], model.eval()(shared), atol=1e-5), (name, k)
+
+
+def test_bf16_trials_are_never_stacked_the_stacked_step_has_no_autocast(tmp_path):
+    """A `--precision bf16` sweep must train what its runs record: stacked trials would run in float32."""
+    from heads._stacked import can_stack, group_key
+
+    fp32 = TrainConfig(head="linear", features=TWO_SETS, store="s.zarr", train_split="train", val_split="val",
+                       out=str(tmp_path / "a"))
+    bf16 = TrainConfig(**{**fp32.to_dict(), "precision": "bf16"})
+    assert can_stack(fp32, overwrite=False)
+    assert not can_stack(bf16, overwrite=False)
+    assert group_key(fp32) != group_key(bf16)
