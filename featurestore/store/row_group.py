@@ -177,17 +177,22 @@ class RowGroup:
             self._caches.versions[self.path] = self.attrs.get(DATA_VERSION)
         return self._caches.versions[self.path]
 
-    def _rewriting(self, rows: np.ndarray, values: np.ndarray | None = None) -> bool:
+    def _rewriting(self, rows: np.ndarray, values: np.ndarray | None = None,
+                   unchanged: np.ndarray | None = None) -> bool:
         """Whether some of ``rows`` are done already; if so, bump the data version (see ``_bump``).
 
         With ``values`` (the new values of ``rows``, in order), done rows written again with the
         very same bits are no rewrite: an extraction that commits a chunk part by part writes the
         rows it finished earlier again, unchanged, and caches keyed by the version stay valid.
+        ``unchanged`` (bool per row): rows the caller took from the store itself, so they are the
+        stored bits without reading them again; only the other done rows are compared.
         """
         mask = self._done()
         keep = (rows >= 0) & (rows < len(mask))  # out-of-range blocks are refused by the write itself
         finished = keep.copy()
         finished[keep] = mask[rows[keep]]
+        if unchanged is not None:
+            finished &= ~unchanged
         rewriting = bool(finished.any())
         if rewriting and values is not None and self._same_values(rows[finished], values[finished]):
             rewriting = False
@@ -320,26 +325,33 @@ class RowGroup:
         return data
 
     def write_rows(self, start: int, data: np.ndarray, done: np.ndarray | None = None,
-                   errors: dict[int, str] | None = None) -> None:
+                   errors: dict[int, str] | None = None, unchanged: np.ndarray | None = None) -> None:
         """Write a block of whole chunks, then its error texts, then its done flags.
 
         ``done`` (bool per row of the block, default all True) says which rows are finished;
         ``errors`` (absolute row -> message) records the failures of this block. Rows neither done
         nor in ``errors`` keep their done flag false and their earlier error text; a done row's
         earlier error is cleared. A writer killed in between never leaves a row marked done whose
-        values are not there.
+        values are not there. ``unchanged`` (bool per row of the block, default none): rows whose
+        values the caller read from this group for this write (an extraction keeping the rows it
+        finished earlier); they are not read a second time to tell whether the data version changes.
         """
         stop = start + len(data)
         done = np.ones(len(data), dtype=bool) if done is None else np.asarray(done, dtype=bool)
         if done.shape != (len(data),):
             raise ValueError(f"{self.path}: done mask has shape {done.shape}, expected ({len(data)},)")
+        if unchanged is not None:
+            unchanged = np.asarray(unchanged, dtype=bool)
+            if unchanged.shape != (len(data),):
+                raise ValueError(f"{self.path}: unchanged mask has shape {unchanged.shape}, "
+                                 f"expected ({len(data)},)")
         errors = {int(row): str(msg) for row, msg in (errors or {}).items()}
         bad = [row for row in errors if not start <= row < stop or done[row - start]]
         if bad:
             raise ValueError(f"{self.path}: error rows {bad[:5]} are outside the block {start}:{stop} "
                              f"or also marked done")
         data = self._check_block(start, np.asarray(data))
-        rewriting = self._rewriting(np.arange(start, stop), data)
+        rewriting = self._rewriting(np.arange(start, stop), data, unchanged)
         self.write_block(start, data)
         if self.kind.with_errors:
             if done.all() and not errors:
