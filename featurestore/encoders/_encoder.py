@@ -8,6 +8,8 @@ device. That is what lets decoding, preprocessing and encoding overlap during ex
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +22,9 @@ from featurestore.encoders._names import EncoderSpec, SpecError, UnknownEncoderE
 PRECISIONS = ("float32", "bfloat16")
 #: Options every encoder takes (``create_encoder(spec, precision="bfloat16")``, ``--encoder-option
 #: clip/ViT-B-32.precision=bfloat16``), handled by the base class rather than each family.
-RUN_OPTIONS = ("precision", "channels_last")
+RUN_OPTIONS = ("precision", "channels_last", "cudnn_benchmark", "compile")
+#: The ``torch.compile`` backend that ``compile=True`` means.
+DEFAULT_COMPILE_BACKEND = "inductor"
 
 
 class Encoder(abc.ABC):
@@ -55,6 +59,13 @@ class Encoder(abc.ABC):
         #: How ``encode`` runs (``set_run_options``): float32 or bfloat16 autocast, channels-last input.
         self.precision = "float32"
         self.channels_last = False
+        #: cuDNN autotuning around ``forward`` (``torch.backends.cudnn.benchmark``), and the
+        #: ``torch.compile`` backend of ``forward`` (None: eager).
+        self.cudnn_benchmark = False
+        self.compile_backend: str | None = None
+        self._compiled: Any = None  # the compiled forward, built on first use (not pickled)
+        #: The one batch size the compiled forward sees: the largest batch so far (see ``encode``).
+        self.static_batch: int | None = None
 
     # ----------------------------------------------------------------- what the registry asks
     @classmethod
@@ -121,8 +132,9 @@ class Encoder(abc.ABC):
         return {"encoder": self.spec, "config": config, "weights": self.weights_provenance()}
 
     # ----------------------------------------------------------------- running
-    def set_run_options(self, precision: str = "float32", channels_last: bool = False) -> Encoder:
-        """Choose how ``encode`` runs; both change the outputs' bits, so both are in the fingerprint.
+    def set_run_options(self, precision: str = "float32", channels_last: bool = False,
+                        cudnn_benchmark: bool = False, compile: bool | str = False) -> Encoder:
+        """Choose how ``encode`` runs; each is recorded in the fingerprint when not the default.
 
         Args:
             precision: ``"float32"``, or ``"bfloat16"``: ``forward`` under bf16 autocast (a GPU's
@@ -130,15 +142,39 @@ class Encoder(abc.ABC):
                 under the same fingerprint).
             channels_last: feed 4-d image batches in channels-last memory layout (faster
                 convolutions on GPUs, same values up to the kernels' summation order).
+            cudnn_benchmark: let cuDNN time its convolution algorithms for each input shape and
+                keep the fastest (``torch.backends.cudnn.benchmark``, set around ``forward`` only);
+                the chosen algorithm can sum in another order, so values may move within float
+                tolerance.
+            compile: ``torch.compile`` the forward: ``True`` (backend ``inductor``) or a backend
+                name. Batches are padded to one static size so the graph compiles once; fused
+                kernels may round differently, within float tolerance.
         """
         if precision not in PRECISIONS:
             raise SpecError(f"{self.spec}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if not isinstance(channels_last, bool):
-            raise SpecError(f"{self.spec}: channels_last must be true or false, got {channels_last!r}")
-        self.precision, self.channels_last = precision, channels_last
+        for key, value in (("channels_last", channels_last), ("cudnn_benchmark", cudnn_benchmark)):
+            if not isinstance(value, bool):
+                raise SpecError(f"{self.spec}: {key} must be true or false, got {value!r}")
+        self.precision, self.channels_last, self.cudnn_benchmark = precision, channels_last, cudnn_benchmark
+        self.compile_backend = self._compile_backend(compile)
+        self._compiled, self.static_batch = None, None
         if self.module is not None and channels_last:
             self.module.to(memory_format=torch.channels_last)
         return self
+
+    def _compile_backend(self, compile: bool | str) -> str | None:
+        """``compile`` -> the backend name (None: eager), refusing what torch.compile does not know."""
+        if compile is False:
+            return None
+        if compile is True:
+            return DEFAULT_COMPILE_BACKEND
+        import torch._dynamo
+
+        known = sorted(torch._dynamo.list_backends(exclude_tags=()))
+        if not isinstance(compile, str) or compile not in known:
+            raise SpecError(f"{self.spec}: compile must be true, false or a torch.compile backend "
+                            f"({', '.join(known)}), got {compile!r}")
+        return compile
 
     def run_options(self) -> dict[str, Any]:
         """The run options that differ from the defaults (recorded in the provenance config)."""
@@ -147,6 +183,10 @@ class Encoder(abc.ABC):
             out["precision"] = self.precision
         if self.channels_last:
             out["channels_last"] = True
+        if self.cudnn_benchmark:
+            out["cudnn_benchmark"] = True
+        if self.compile_backend is not None:
+            out["compile"] = self.compile_backend
         return out
 
     @abc.abstractmethod
@@ -168,26 +208,77 @@ class Encoder(abc.ABC):
             raise TypeError(f"{self.spec}: encode() expects a torch.Tensor batch, got {type(batch).__name__}")
         if self.module is not None and self.module.training:
             self.module.eval()
+        n = batch.shape[0]
         x = batch.to(self.device, non_blocking=True)
+        if self.compile_backend is not None:  # outside inference mode: the graph's guards see one kind of tensor
+            x = self._pad_static(x)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        forward = self._compiled_forward() if self.compile_backend is not None else self.forward
         bf16 = self.precision == "bfloat16"
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = self.forward(x)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16), \
+                _cudnn_benchmark(self.cudnn_benchmark):
+            out = forward(x)[:n]
         if out.dtype != torch.float32:
             out = out.float()
-        expected = (batch.shape[0], *self.output_shape)
+        expected = (n, *self.output_shape)
         if tuple(out.shape) != expected:
             raise RuntimeError(f"{self.spec}: encoder returned shape {tuple(out.shape)}, expected {expected}")
         return out
+
+    def _pad_static(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded to ``static_batch`` rows, so that the compiled forward sees one shape.
+
+        Extraction's last batch of a run (or of a chunk) is smaller than the others; a compiled
+        graph would recompile for it. Padding with copies of the last row (a real input, so no
+        NaN from an all-zero row) keeps one shape; ``encode`` drops the padded rows' outputs, and
+        each row's output does not depend on the others (eval mode). ``static_batch`` is the
+        largest batch seen so far, so a run whose first batch is full compiles exactly once.
+        """
+        self.static_batch = max(self.static_batch or 0, x.shape[0])
+        return pad_batch(x, self.static_batch)
+
+    def _compiled_forward(self) -> Any:
+        """``torch.compile(self.forward)`` with static shapes, built on first use."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self.forward, backend=self.compile_backend, dynamic=False)
+        return self._compiled
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the compiled forward (rebuilt on first use in the new process)."""
+        return {**self.__dict__, "_compiled": None}
 
     def to(self, device: str | torch.device) -> Encoder:
         """Move the model to ``device`` (``"auto"`` allowed); returns self for chaining."""
         self.device = resolve_device(device)
         if self.module is not None:
             self.module.to(self.device)
+        self._compiled = None  # guarded on the parameters' device: compile afresh for the new one
         return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, modality={self.modality!r}, " \
                f"output_shape={self.output_shape}, device={str(self.device)!r})"
+
+
+def pad_batch(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with copies of its last row appended up to ``rows`` rows (``x`` itself when full)."""
+    missing = rows - x.shape[0]
+    if missing <= 0:
+        return x
+    return torch.cat([x, x[-1:].expand(missing, *x.shape[1:])])
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark = True`` for the duration (nothing when not ``enabled``),
+    so one encoder's choice does not change how the others in the process run."""
+    if not enabled:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -131,8 +131,8 @@ def create_encoder(spec: str | EncoderSpec, device: str | torch.device = "cpu", 
             spec without its weights).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
         **options: family-specific constructor options (e.g. ``n_mels=128`` for ``logmel``), and
-            the run options every encoder takes (``precision="bfloat16"``, ``channels_last=True``:
-            ``Encoder.set_run_options``); they change the encoder's config and therefore its
+            the run options every encoder takes (``precision="bfloat16"``, ``channels_last=True``,
+            ``cudnn_benchmark=True``, ``compile=True``: ``Encoder.set_run_options``); they change the encoder's config and therefore its
             provenance fingerprint.
 
     Raises:
