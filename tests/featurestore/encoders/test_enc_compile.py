@@ -79,3 +79,26 @@ def test_a_bad_value_is_a_one_line_error(option, value, message):
     with pytest.raises(SpecError, match=message) as err:
         create_encoder(SPEC, **{option: value})
     assert "\n" not in str(err.value) and SPEC.partition("@")[0] in str(err.value)
+
+
+def test_extraction_takes_compile_from_the_command_line_and_compiles_once(tmp_path, capsys):
+    from tests.featurestore.test_extract_support import make_dataset
+
+    from featurestore.cli import main
+    from featurestore.store import open_store
+
+    dataset = make_dataset(tmp_path / "data", 3, seconds=1.0, frames=2)
+    # 3 clips x 2 frames in batches of 2 clips: encoder calls of 4 frames, then 2 (ragged). frames/32
+    # (a real, parameter-free encoder) traces in a blink; the model case is the test above.
+    options = ["--encoders", "frames/32", "--device", "cpu", "--num-workers", "0", "--batch-size", "2",
+               "--segments", "1", "--frames", "2", "-q"]
+    assert main(["extract", str(dataset.root), str(tmp_path / "plain.zarr"), *options]) == 0
+    frames = counters["frames"]["total"]
+    assert main(["extract", str(dataset.root), str(tmp_path / "compiled.zarr"), *options,
+                 "--encoder-option", "frames/32.compile=eager"]) == 0
+    assert counters["frames"]["total"] - frames == 1, capsys.readouterr().err
+    with open_store(tmp_path / "plain.zarr") as plain, open_store(tmp_path / "compiled.zarr") as compiled:
+        assert compiled.feature_info("frames/32").provenance["config"]["run"] == {"compile": "eager"}
+        assert compiled.feature_info("frames/32").fingerprint != plain.feature_info("frames/32").fingerprint
+        ids = plain.clip_ids
+        assert torch.equal(torch.from_numpy(compiled.get_many("frames/32", ids)), torch.from_numpy(plain.get_many("frames/32", ids)))
