@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from featurestore.encoders import SpecError, create_encoder
 from featurestore.encoders._encoder import pad_batch
-from featurestore.extract.request import build, encoder_options_argument, requests
+from featurestore.extract import encoder_options_argument
 from featurestore.provenance import fingerprint
 from featurestore.testing import smoke_input
 
@@ -65,7 +65,7 @@ def test_cudnn_benchmark_and_compile_land_in_the_fingerprint():
 
 def test_the_options_come_from_the_command_line_text_as_the_other_run_options():
     options = encoder_options_argument(["timm/test_resnet.compile=true", "timm/test_resnet.cudnn_benchmark=true"])
-    (encoder,) = build(requests([SPEC], options), "cpu")
+    encoder = create_encoder(SPEC, **options["timm/test_resnet"])  # as extraction builds it
     assert encoder.run_options() == {"cudnn_benchmark": True, "compile": "inductor"}
     assert encoder.request["options"] == {"compile": True, "cudnn_benchmark": True}
 
