@@ -395,6 +395,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--num-workers", type=int, default=None,
                         help="decoding processes (default: one per spare core, at most 8)")
     parser.add_argument("--frames", type=int, default=None, help="video frames per clip (default: the dataset's)")
+    parser.add_argument("--frames-from", default=None, metavar="SET",
+                        help="image encoders read the stored frames of this frames/<size> feature set "
+                             "instead of decoding the videos (e.g. frames/224; see docs/extraction.md)")
     parser.add_argument("--segments", type=int, default=None,
                         help="audio segments per clip (default: the dataset's; TAU development: 10 x 1 s)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N clips")
@@ -456,7 +459,7 @@ def _extract_command(args: argparse.Namespace, options: dict, classes: list[str]
                           overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
                           backend=args.backend, chunk_clips=args.chunk_clips, segments=args.segments,
                           allow_outside_root=args.allow_outside_root, encoder_options=options, classes=classes,
-                          **({} if args.commit_every is None else {"commit_seconds": args.commit_every}))
+                          frames_from=args.frames_from, **({} if args.commit_every is None else {"commit_seconds": args.commit_every}))
         if args.quiet and not args.json:
             print(summary.line())
             for line in summary.failure_lines():

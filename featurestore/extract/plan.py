@@ -50,9 +50,15 @@ class Source:
     n_segments: int
     sample_rate: int = 0
     segment_seconds: float = 0.0
+    #: frames read from this ``frames/<size>`` feature set of the store instead of decoded from
+    #: the video files ('' = decode); ``from_fingerprint`` is that set's fingerprint.
+    from_set: str = ""
+    from_fingerprint: str = ""
 
     @property
     def key(self) -> str:
+        if self.from_set:
+            return f"stored:{self.from_set}"
         return f"audio@{self.sample_rate}" if self.kind == "audio" else f"frames@{self.n_segments}"
 
     def scheme(self) -> dict:
@@ -114,6 +120,9 @@ class Plan:
         batch_size: clips per decode batch and per encode batch.
         commit_seconds: longest time encoded rows wait in a partly filled chunk before the chunk
             is written with them marked done (a kill loses at most this much encoding).
+        frames_store: ``(location, backend, storage_options)`` of the store the decode workers
+            read stored frames from (``extract(frames_from=)``), each opening it read-only itself;
+            None when frames are decoded from the video files.
     """
 
     targets: list[Target]
@@ -125,6 +134,7 @@ class Plan:
     clip_ids: list[str]
     batch_size: int
     commit_seconds: float = DEFAULT_COMMIT_SECONDS
+    frames_store: tuple[str, str, dict | None] | None = None
     _need: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def blocks(self) -> list[tuple[int, int]]:
@@ -169,7 +179,7 @@ class Plan:
 # -------------------------------------------------------------------------------------- plan
 def make_plan(store: FeatureStore, manifest: Manifest, rows: np.ndarray, selected: np.ndarray, encoders: list,
               device: str, batch_size: int, chunk_clips: int | Mapping[str, int] | None, overwrite: bool,
-              commit_seconds: float = DEFAULT_COMMIT_SECONDS) -> Plan:
+              commit_seconds: float = DEFAULT_COMMIT_SECONDS, stored: StoredFrames | None = None) -> Plan:
     """The plan of a run: the targets (feature sets created or reopened, their rows to do), the
     block size and the absolute media path of every store row.
 
@@ -184,6 +194,7 @@ def make_plan(store: FeatureStore, manifest: Manifest, rows: np.ndarray, selecte
         chunk_clips: clips per chunk of new feature sets, one number or a dict by feature-set name.
         overwrite: replace feature sets made with another configuration.
         commit_seconds: see :attr:`Plan.commit_seconds`.
+        stored: the checked ``frames_from`` set the image encoders read (``stored_frames``), or None.
     """
     check_commit_seconds(commit_seconds)
     if isinstance(chunk_clips, Mapping):
@@ -191,15 +202,17 @@ def make_plan(store: FeatureStore, manifest: Manifest, rows: np.ndarray, selecte
         if unknown:
             raise ValueError(f"chunk_clips names {unknown} are not feature sets of this run "
                              f"({', '.join(e.name for e in encoders)})")
-    targets = [prepare_target(store, e, source_for(e, manifest), selected, device, chunk_clips, overwrite)
+    targets = [prepare_target(store, e, source_for(e, manifest, stored), selected, device, chunk_clips, overwrite)
                for e in encoders if e.modality != "text"]
     audio = [""] * store.n_clips
     video = [""] * store.n_clips
     for row, clip in zip(rows, manifest.clips):
         audio[row] = resolve_path(clip.audio, manifest.root)
         video[row] = resolve_path(clip.video, manifest.root)
+    frames_store = None if stored is None else \
+        (store.location, store.backend, store.open_args.get("storage_options"))
     return Plan(targets, block_size(targets), store.n_clips, selected, audio, video, store.clip_ids, batch_size,
-                float(commit_seconds))
+                float(commit_seconds), frames_store)
 
 
 def check_commit_seconds(value: object) -> None:
@@ -210,8 +223,9 @@ def check_commit_seconds(value: object) -> None:
 
 
 # ----------------------------------------------------------------------------------- sources
-def source_for(encoder, manifest: Manifest) -> Source:
-    """The decoding an encoder needs, checked against the dataset's segment scheme."""
+def source_for(encoder, manifest: Manifest, stored: StoredFrames | None = None) -> Source:
+    """The decoding an encoder needs, checked against the dataset's segment scheme; with
+    ``stored``, an image encoder's frames come from that feature set instead."""
     if encoder.modality == "audio":
         seconds = float(encoder.segment_seconds or manifest.segment_seconds)
         if not math.isclose(seconds, float(manifest.segment_seconds)):
@@ -222,6 +236,8 @@ def source_for(encoder, manifest: Manifest) -> Source:
             raise ValueError(f"audio encoder {encoder.spec} declares no sample_rate; cannot decode for it")
         return Source("audio", int(manifest.audio_segments), int(encoder.sample_rate), seconds)
     if encoder.modality == "video":
+        if stored is not None:
+            return Source("frames", stored.n_frames, from_set=stored.name, from_fingerprint=stored.fingerprint)
         return Source("frames", int(manifest.video_frames))
     raise ValueError(f"encoder {encoder.spec} has modality {encoder.modality!r}; expected audio or video")
 
@@ -230,6 +246,8 @@ def target_provenance(encoder, source: Source, device: str) -> dict:
     """Encoder provenance + segment scheme + runtime (runtime is outside the fingerprint)."""
     prov = dict(encoder.provenance())
     prov["segments"] = source.scheme()
+    if source.from_set:  # never the fingerprint of features made from the MP4s (the frames were squashed)
+        prov["frames_from"] = {"set": source.from_set, "fingerprint": source.from_fingerprint}
     prov["runtime"] = run_record(encoder, device)
     return prov
 
@@ -251,6 +269,56 @@ def encoder_options(encoder) -> dict:
     return dict(request.get("options") or {})
 
 
+# ----------------------------------------------------------------------------- stored frames
+@dataclass(frozen=True)
+class StoredFrames:
+    """A ``frames/<size>`` feature set that image encoders read instead of decoding video
+    (``extract(frames_from=)``), as checked by ``stored_frames``."""
+
+    name: str
+    fingerprint: str
+    n_frames: int
+
+
+def stored_frames(store: FeatureStore, name: str, manifest: Manifest, encoders: list,
+                  selected_ids: list[str]) -> StoredFrames:
+    """Check a ``frames_from`` request up front and describe the set; each refusal is one line.
+
+    Refused: a set the store does not hold or that is not uint8 ``[3, S, S]`` frames; a frame count
+    other than the dataset's (``--frames``); any encoder of the run other than an image encoder
+    (its preprocessor has a ``batched`` step) or a text encoder; and selected clips the set has not
+    done (named: a clip is never half made from stored frames and half from video).
+    """
+    from featurestore.errors import UnknownClipError, UnknownFeatureError
+
+    where = f"--frames-from {name}: {store.location}"
+    try:
+        info = store.feature_info(name)
+    except UnknownFeatureError:
+        raise ValueError(f"{where} has no feature set {name!r}; extract it first "
+                         f"(--encoders {name})") from None
+    shape = tuple(int(s) for s in info.feature_shape)
+    if str(info.dtype) != "uint8" or len(shape) != 3 or shape[0] != 3 or shape[1] != shape[2]:
+        raise ValueError(f"{where}: {name!r} holds {info.dtype} {list(shape)} per frame, not stored frames "
+                         f"(uint8 [3, S, S] from a frames/<size> encoder)")
+    if info.n_segments != manifest.video_frames:
+        raise ValueError(f"{where}: {name!r} holds {info.n_segments} frames per clip, this run asks for "
+                         f"{manifest.video_frames} (--frames); extract {name} with that many frames")
+    for encoder in encoders:
+        if encoder.modality != "text" and not callable(getattr(encoder.preprocessor(), "batched", None)):
+            raise ValueError(f"{where}: encoder {encoder.spec} is not an image encoder and cannot read stored "
+                             f"frames; extract it in a run without --frames-from")
+    try:
+        rows = store.rows(selected_ids)
+    except UnknownClipError as err:
+        raise ValueError(f"{where}: {err}; extract {name} for those clips first") from None
+    missing = [selected_ids[i] for i in np.flatnonzero(~store.done_mask(name)[rows])]
+    if missing:
+        raise ValueError(f"{where}: {name!r} is not done for {len(missing)} of the {len(rows)} selected clips "
+                         f"(e.g. {', '.join(missing[:3])}); extract {name} for them first")
+    return StoredFrames(name, info.fingerprint, int(info.n_segments))
+
+
 # ------------------------------------------------------------------------------ feature sets
 def power_of_two_chunk(n_segments: int, shape: tuple[int, ...], dtype: str) -> int:
     """The store's default (~4 MiB per chunk) rounded down to a power of two clips (so 2-4 MiB), so
@@ -260,7 +328,8 @@ def power_of_two_chunk(n_segments: int, shape: tuple[int, ...], dtype: str) -> i
     return 1 << (max(1, default).bit_length() - 1)
 
 
-def check_targets(store: FeatureStore, manifest: Manifest, encoders: list, device: str, overwrite: bool) -> None:
+def check_targets(store: FeatureStore, manifest: Manifest, encoders: list, device: str, overwrite: bool,
+                  stored: StoredFrames | None = None) -> None:
     """Refuse a run before it changes anything: each feature set and class-feature set it would
     write must be absent, made with the same configuration, or ``overwrite``-n (the store's
     fingerprint rule). Runs before the manifest's clips are added to the index, so a refused
@@ -269,7 +338,7 @@ def check_targets(store: FeatureStore, manifest: Manifest, encoders: list, devic
         if encoder.modality == "text":
             store.has_class_features(encoder.name, text_provenance(encoder, manifest.classes, device), overwrite)
             continue
-        source = source_for(encoder, manifest)
+        source = source_for(encoder, manifest, stored)
         store.check_feature_set(encoder.name, source.n_segments, tuple(int(s) for s in encoder.output_shape),
                                 target_provenance(encoder, source, device), overwrite)
 

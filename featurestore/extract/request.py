@@ -186,9 +186,11 @@ def classes_argument(text: str) -> list[str]:
 
 # ------------------------------------------------------------------------- nothing to do?
 def nothing_to_do(store: Any, manifest: Manifest, selected_ids: list[str], items: list[EncoderRequest],
-                  overwrite: bool) -> ExtractSummary | None:
+                  overwrite: bool, frames_from: str | None = None) -> ExtractSummary | None:
     """The summary of a run that would skip every selected clip, or None when that cannot be told
-    without building the encoders (see the module docstring). ``store`` is an open store."""
+    without building the encoders (see the module docstring). ``store`` is an open store;
+    ``frames_from``: the run's ``frames/<size>`` set (video sets must have been made from it, as it
+    is now, else the full check decides)."""
     if overwrite or any(r.encoder is not None for r in items):
         return None
     if store.classes != list(manifest.classes) and (manifest.classes or not store.classes):
@@ -200,9 +202,10 @@ def nothing_to_do(store: Any, manifest: Manifest, selected_ids: list[str], items
     versions = runtime_info()["versions"]
     summary = ExtractSummary(store.location, NO_DEVICE, clips_selected=len(selected_ids),
                              clips_skipped=len(selected_ids))
+    source = _frames_source(store, frames_from)
     for item in items:
         prov = _done_with(store, item, manifest, rows, versions, summary)
-        if prov is None:
+        if prov is None or _video(prov) and prov.get("frames_from") != source:
             return None
         if is_random_weights(prov):
             summary.random_weights.append(item.name)
@@ -232,6 +235,22 @@ def _done_with(store: Any, item: EncoderRequest, manifest: Manifest, rows: Any, 
     summary.features[item.name] = FeatureSetSummary(item.name, str(info.provenance.get("encoder")),
                                                     skipped=len(rows), random_weights=info.random_weights)
     return info.provenance
+
+
+def _frames_source(store: Any, frames_from: str | None) -> dict | None:
+    """What ``plan.target_provenance`` records as ``frames_from`` for this run (None: decoded video)."""
+    from featurestore.errors import UnknownFeatureError
+
+    if frames_from is None:
+        return None
+    try:
+        return {"set": frames_from, "fingerprint": store.feature_info(frames_from).fingerprint}
+    except UnknownFeatureError:
+        return {"set": frames_from, "fingerprint": None}  # matches nothing: the full run refuses it
+
+
+def _video(prov: dict) -> bool:
+    return ((prov or {}).get("config") or {}).get("modality") == "video"
 
 
 def _same_request(prov: dict, item: EncoderRequest, versions: dict) -> bool:

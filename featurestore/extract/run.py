@@ -35,7 +35,7 @@ from featurestore.extract.errors import (
 )
 from featurestore.extract.plan import (
     DEFAULT_COMMIT_SECONDS, MAX_BLOCK_CLIPS, Plan, check_commit_seconds, check_inputs, check_targets, make_plan,
-    write_text_features,
+    stored_frames, write_text_features,
 )
 from featurestore.extract.request import EncoderRequest, build, nothing_to_do, requests
 from featurestore.extract.summary import ExtractSummary, FeatureSetSummary, fill_summary
@@ -73,7 +73,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             backend: str | None = None, chunk_clips: int | Mapping[str, int] | None = None,
             segments: int | None = None, allow_outside_root: bool = False,
             encoder_options: Mapping[str, Mapping[str, Any]] | None = None,
-            classes: Sequence[str] | None = None, commit_seconds: float = DEFAULT_COMMIT_SECONDS) -> ExtractSummary:
+            classes: Sequence[str] | None = None, commit_seconds: float = DEFAULT_COMMIT_SECONDS,
+            frames_from: str | None = None) -> ExtractSummary:
     """Extract features of a dataset's clips into a store; resumable, with per-clip errors.
 
     Args:
@@ -110,6 +111,13 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             root (refused by default, before any work).
         commit_seconds: longest time encoded clips wait in a partly filled chunk before they are
             written and marked done (``--commit-every``): what a kill can lose, whatever the chunk size.
+        frames_from: a ``frames/<size>`` feature set of the store (``--frames-from frames/224``):
+            the image encoders read its stored uint8 frames instead of decoding the video files,
+            which are then neither checked nor opened. Recorded in each feature set's provenance
+            (the set's name and fingerprint), so these features never share a fingerprint with
+            features made from the MP4s (the stored frames were squashed to a square). Refused up
+            front: a missing set, another frame count, an encoder that is not an image or text
+            encoder, selected clips the set has not done (named).
 
     A rerun with nothing left to do (every selected clip done by the same request under the same
     library versions) is told from the store alone and returns before any encoder is built.
@@ -138,7 +146,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     asked = requests(encoders, encoder_options)
     manifest = _load_manifest(dataset, frames, segments, allow_outside_root, classes)
     selected_ids = manifest.clip_ids[:limit] if limit else manifest.clip_ids
-    _check_files(manifest.subset(selected_ids) if limit else manifest)
+    if frames_from is None:  # stored frames: no media file is read
+        _check_files(manifest.subset(selected_ids) if limit else manifest)
     location = store.location if isinstance(store, FeatureStore) else str(store)
     if scheduler is not None:
         _check_dask_backend(store, backend)
@@ -146,11 +155,11 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     with _no_room(location, "writing its lock file"):
         lock = writer_lock(location).acquire()  # refused at once while another run writes the store
     try:
-        summary = _already_done(store, manifest, selected_ids, asked, overwrite, backend)
+        summary = _already_done(store, manifest, selected_ids, asked, overwrite, backend, frames_from)
         if summary is None:
             summary = _run(store, manifest, selected_ids, asked, _RunOptions(
                 device, batch_size, num_workers, overwrite, scheduler, progress, backend, chunk_clips,
-                commit_seconds))
+                commit_seconds, frames_from))
     except ExtractionInterrupted:
         raise
     except KeyboardInterrupt:
@@ -168,11 +177,12 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
 
 
 def _already_done(store: str | Path | FeatureStore, manifest: Manifest, selected_ids: list[str],
-                  asked: list[EncoderRequest], overwrite: bool, backend: str | None) -> ExtractSummary | None:
+                  asked: list[EncoderRequest], overwrite: bool, backend: str | None,
+                  frames_from: str | None = None) -> ExtractSummary | None:
     """The summary of a run with nothing left to do, told from an existing store without building
     any encoder (``request.nothing_to_do``), else None."""
     if isinstance(store, FeatureStore):
-        return nothing_to_do(store, manifest, selected_ids, asked, overwrite)
+        return nothing_to_do(store, manifest, selected_ids, asked, overwrite, frames_from)
     location = str(store)
     local = location.removeprefix("file://")
     if overwrite or ("://" not in local and not Path(local).exists()):
@@ -182,7 +192,7 @@ def _already_done(store: str | Path | FeatureStore, manifest: Manifest, selected
     except Exception:  # noqa: BLE001 - no store at that URL yet (or unreadable): the full run decides and says why
         return None
     with fs:
-        return nothing_to_do(fs, manifest, selected_ids, asked, overwrite)
+        return nothing_to_do(fs, manifest, selected_ids, asked, overwrite, frames_from)
 
 
 def _run(store: str | Path | FeatureStore, manifest: Manifest, selected_ids: list[str],
@@ -199,7 +209,8 @@ def _run(store: str | Path | FeatureStore, manifest: Manifest, selected_ids: lis
         if opt.batch_size is None:
             opt = replace(opt, batch_size=default_batch_size(dev, manifest.video_frames or 1))
         built = build(asked, dev)
-        check_inputs(manifest, built)
+        if opt.frames_from is None:  # stored frames need no media files
+            check_inputs(manifest, built)
         with _no_room(location, "creating the store"):
             fs, owned, created = _open_store(store, manifest, opt.backend)
         try:
@@ -251,13 +262,16 @@ class _RunOptions:
     backend: str | None
     chunk_clips: int | Mapping[str, int] | None
     commit_seconds: float = DEFAULT_COMMIT_SECONDS
+    frames_from: str | None = None
 
 
 def _prepare(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], built: list, dev,
              opt: _RunOptions) -> tuple[ExtractSummary, Plan]:
     """Check the targets, index the clips, write class features and plan: every refusal of a run
     that found an open store happens here, before any clip is extracted."""
-    check_targets(fs, manifest, built, str(dev), opt.overwrite)
+    stored = None if opt.frames_from is None else \
+        stored_frames(fs, opt.frames_from, manifest, built, selected_ids)
+    check_targets(fs, manifest, built, str(dev), opt.overwrite, stored)
     rows = _ensure_clips(fs, manifest)
     selected = np.zeros(fs.n_clips, dtype=bool)
     selected[rows[:len(selected_ids)]] = True
@@ -267,7 +281,7 @@ def _prepare(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], buil
         summary.class_features[enc.name] = "written" if write_text_features(fs, enc, str(dev), opt.overwrite) \
             else "unchanged"
     plan = make_plan(fs, manifest, rows, selected, built, str(dev), opt.batch_size, opt.chunk_clips, opt.overwrite,
-                     opt.commit_seconds)
+                     opt.commit_seconds, stored)
     summary.random_weights = [e.name for e in built if is_random_weights(e.provenance())]
     return summary, plan
 

@@ -14,7 +14,10 @@ The outputs are the same bit for bit either way.
 
 This runs inside DataLoader worker processes. Everything here is plain picklable data (paths,
 frozen source descriptions, the encoders' model-free preprocessors): a worker never receives a model,
-a store or an open file, and opens each media file itself.
+a store or an open file, and opens each media file itself. With ``extract(frames_from=)`` a frames
+source is read from a ``frames/<size>`` feature set instead (``Source.from_set``): each worker opens
+the store read-only itself and hands the stored ``[K, 3, S, S]`` frames over as ``[K, S, S, 3]``,
+what decoding would give, so the image encoders' preprocessing is unchanged and no video is opened.
 
 A clip that fails to decode is not an exception here but a per-encoder error message carried in the
 batch, so one broken file costs one row, not the run.
@@ -152,14 +155,22 @@ class ClipDecoder(Dataset):
         needs: row -> indices of the jobs that need that row.
         audio_paths: absolute audio path per store row.
         video_paths: absolute video path per store row.
+        frames_store: ``(location, backend, storage_options)`` of the store that sources with a
+            ``from_set`` are read from (``Plan.frames_store``).
     """
 
     def __init__(self, sources: dict[str, Source], jobs: Sequence[Job], needs: dict[int, tuple[int, ...]],
-                 audio_paths: Sequence[str], video_paths: Sequence[str]):
+                 audio_paths: Sequence[str], video_paths: Sequence[str],
+                 frames_store: tuple[str, str, dict | None] | None = None):
         self.sources = dict(sources)
         self.jobs = list(jobs)
         self.needs = dict(needs)
         self.paths = {row: (audio_paths[row], video_paths[row]) for row in self.needs}
+        self.frames_store = frames_store
+        self._store: tuple[int, object] | None = None  # (pid, read-only store): opened by each process itself
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None}  # a store handle never travels to another process
 
     def __len__(self) -> int:
         return len(self.needs)
@@ -172,7 +183,9 @@ class ClipDecoder(Dataset):
         for key in dict.fromkeys(job.source for job in wanted):
             t0 = time.perf_counter()
             decoded[key] = self._decode(self.sources[key], row)
-            _add(result.seconds, f"decode {self.sources[key].kind}", time.perf_counter() - t0)
+            source = self.sources[key]
+            stage = f"decode {source.kind} from {source.from_set}" if source.from_set else f"decode {source.kind}"
+            _add(result.seconds, stage, time.perf_counter() - t0)
         for job in wanted:
             value = decoded[job.source]
             if isinstance(value, str):
@@ -197,6 +210,8 @@ class ClipDecoder(Dataset):
 
     def _decode(self, source: Source, row: int) -> np.ndarray | str:
         """The decoded array, or the error message when the file cannot be decoded."""
+        if source.from_set:
+            return self._stored(source, row)
         audio, video = self.paths[row]
         path = audio if source.kind == "audio" else video
         if not path:
@@ -207,6 +222,24 @@ class ClipDecoder(Dataset):
             return sample_frames(path, source.n_segments)
         except DecodeError as err:
             return f"decode failed: {err}"
+
+    def _stored(self, source: Source, row: int) -> np.ndarray | str:
+        """The frames of ``row`` from the ``frames/<size>`` set, as ``uint8 [K, S, S, 3]`` (decoding's
+        layout), or the error message when they cannot be read."""
+        try:
+            frames = self._frames_source().read_rows(source.from_set, row, row + 1)[0]
+        except Exception as err:  # noqa: BLE001 - a damaged chunk fails this clip, not the run
+            return f"reading stored frames {source.from_set} failed: {' '.join(str(err).split())}"
+        return np.ascontiguousarray(frames.transpose(0, 2, 3, 1))
+
+    def _frames_source(self):
+        """This process's read-only handle on the store (a forked worker opens its own)."""
+        if self._store is None or self._store[0] != os.getpid():
+            from featurestore.store import open_store
+
+            location, backend, storage_options = self.frames_store
+            self._store = (os.getpid(), open_store(location, "r", backend=backend, storage_options=storage_options))
+        return self._store[1]
 
     @staticmethod
     def _preprocess(job: Job, value: np.ndarray, row: int) -> torch.Tensor:
@@ -319,7 +352,7 @@ def make_decoder(plan: Plan, blocks: list[tuple[int, int]],
             batches.append([int(r) for r in rows])
             for r in rows:
                 needs[int(r)] = tuple(i for i, t in enumerate(plan.targets) if t.todo[r])
-    return ClipDecoder(sources, jobs, needs, plan.audio_paths, plan.video_paths), batches
+    return ClipDecoder(sources, jobs, needs, plan.audio_paths, plan.video_paths, plan.frames_store), batches
 
 
 def _share_key(job: Job) -> tuple | None:
