@@ -53,7 +53,6 @@ from featurestore.extract.errors import (
 from featurestore.extract.plan import Plan, Target
 from featurestore.extract.transfers import INFLIGHT_BATCHES, DeviceCopies, _Launched, lane_device, launch
 from featurestore.extract.workers import DecodedBatch, collate, make_decoder, preprocess_on_device
-from featurestore.store.row_group import FEATURE_SETS
 from featurestore.store.store import FeatureStore
 
 #: Finished chunks waiting for the writer (a chunk is ~4 MiB of one feature set by default).
@@ -318,10 +317,10 @@ class _Writer(threading.Thread):
         if old_done.any():  # rows finished earlier (limit, retried failures) share this chunk: keep them
             old = self.store.read_rows(target.name, chunk.start, chunk.stop, check_done=False)
             chunk.data[old_done] = old[old_done]
-        # never clears a done flag; done rows are written again with the stored bits just read, which
-        # the row group is told (``unchanged``) so that it does not read them again to keep the data version
-        group = self.store.row_group(FEATURE_SETS, target.name)
-        group.write_rows(chunk.start, chunk.data, done=old_done | chunk.ok, errors=chunk.errors, unchanged=old_done)
+        # never clears a done flag; done rows are written again with the stored bits just read, which the
+        # store is told (``unchanged``) so that it does not read them again to keep the data version
+        self.store.write_rows(target.name, chunk.start, chunk.data, done=old_done | chunk.ok, errors=chunk.errors,
+                              unchanged=old_done)
         newly = int((chunk.ok & ~old_done).sum())  # a partly committed chunk's earlier rows count once
         self.stats.written[target.name] = self.stats.written.get(target.name, 0) + newly
         if chunk.errors:

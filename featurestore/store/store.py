@@ -255,7 +255,7 @@ class FeatureStore:
         return self.row_group(FEATURE_SETS, name).data_version(refresh)
 
     def write_rows(self, name: str, start: int, data: np.ndarray, done: np.ndarray | None = None,
-                   errors: dict[int, str] | None = None) -> None:
+                   errors: dict[int, str] | None = None, unchanged: np.ndarray | None = None) -> None:
         """Write rows ``start:start+len(data)`` of a feature set, then mark them done.
 
         The block must cover whole chunks (its end may be the last row), so that parallel writers
@@ -266,10 +266,12 @@ class FeatureStore:
         finished, and ``errors`` (absolute row -> message) records the failures of this block. Rows
         neither done nor in ``errors`` keep their done flag false and their earlier error text.
         Data, then errors, then done flags are written, so a writer killed in between never leaves
-        a row marked done whose data is not there.
+        a row marked done whose data is not there. ``unchanged`` (bool per row) marks done rows the
+        caller read from the store and writes back as they were (extraction's resumed chunks), so they
+        are not read again to decide whether the data version changes.
         """
         self._arrays.require_writable()
-        self.row_group(FEATURE_SETS, name).write_rows(start, data, done, errors)
+        self.row_group(FEATURE_SETS, name).write_rows(start, data, done, errors, unchanged=unchanged)
 
     def set_errors(self, name: str, errors: dict[int | str, str]) -> None:
         """Record per-clip failures (row or clip id -> message); those clips are marked not done."""
