@@ -465,10 +465,12 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
             _encode_all(batches, len(decode_batches), lanes, writer, stats, on_progress,
                         _CommitClock(plan.commit_seconds))
         finally:
-            del batches  # shuts the worker processes down
-            if pool is not None:
-                pool.close()
-            writer.finish()  # the chunks finished before a failure are still written
+            try:
+                del batches  # shuts the worker processes down
+                if pool is not None:
+                    pool.close()
+            finally:  # torch's SIGCHLD handler may raise a dead worker's error in any line above
+                writer.finish()  # the chunks finished before a failure are still written
     except _WorkerFailed as err:
         raise _stopped(store, str(err)) from None
     except RuntimeError as err:  # torch's DataLoader: a worker died, or no batch within the timeout

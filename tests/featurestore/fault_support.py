@@ -97,7 +97,11 @@ def forked_children(pid: int) -> list[int]:
     own = Path(f"/proc/{pid}/cmdline").read_bytes()
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:  # a thread that ended while we looked
+            continue
+        for child in children:
             try:
                 if Path(f"/proc/{child}/cmdline").read_bytes() == own:
                     found.append(int(child))

@@ -192,8 +192,14 @@ _ENCODE = textwrap.dedent("""
 
     def kill_the_worker():  # SIGKILL the first child this process forks (the decode worker)
         me = Path(f"/proc/{os.getpid()}/task")
+        def children_of(task):  # a thread that ends while we look has no children file any more
+            try:
+                return (task / "children").read_text().split()
+            except FileNotFoundError:
+                return []
+
         while True:
-            children = [c for t in me.iterdir() for c in (t / "children").read_text().split()]
+            children = [c for t in me.iterdir() for c in children_of(t)]
             if children:
                 os.kill(int(children[0]), signal.SIGKILL)
                 return
