@@ -75,7 +75,10 @@ def test_a_decode_worker_killed_with_sigkill_stops_the_run_with_one_line(dataset
     code, err = finish(proc, timeout=60)
     assert code == 1, err
     line = one_error_line(err)
-    assert str(store) in line and f"decode worker (pid {workers[0]})" in line and "rerun to resume" in line
+    # torch names the worker when its SIGCHLD handler reports it; when the death is seen first as a
+    # batch that cannot be received, the line says so without a pid (seen on a loaded machine)
+    named = f"decode worker (pid {workers[0]})" in line or "a decode worker died" in line
+    assert str(store) in line and named and "rerun to resume" in line, line
     assert 4 <= done_total(store) < N_CLIPS
     _resumes_to_reference(dataset, store, reference)
 
