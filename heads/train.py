@@ -348,7 +348,21 @@ def shuffle_clips(cfg: TrainConfig, store: Any, head: Head) -> int:
 
 
 # ------------------------------------------------------------------------------- finite inputs
-class FiniteBatches:
+class _WrappedLoader:
+    """A loader around ``self.loader``: everything not overridden (``set_epoch``, ``level``, ``len``) is its."""
+
+    loader: Iterable
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class FiniteBatches(_WrappedLoader):
     """A loader whose batches are checked for NaN and infinity, naming the clips of any that hold them.
 
     One ``isfinite`` per floating-point input per batch (integer inputs, stored frames, are always
@@ -364,14 +378,6 @@ class FiniteBatches:
     def wrap(cls, loader: Iterable | None) -> Iterable | None:
         return loader if loader is None or isinstance(loader, cls) else cls(loader)
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "loader":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
             bad = non_finite_tensors(dict(enumerate(batch.inputs)))  # host tensors: no device is waited for
@@ -381,7 +387,7 @@ class FiniteBatches:
 
     def _error(self, i: int, batch: Any, x: torch.Tensor) -> NonFiniteInputError:
         dataset = getattr(self.loader, "dataset", self.loader)  # a WorkerLoader reads a StoreDataset
-        bad_rows = batch.rows[~torch.isfinite(x.reshape(len(x), -1)).all(dim=1).cpu()]
+        bad_rows = [r for r, bad in zip(batch.rows.tolist(), non_finite_rows(x)) if bad]
         if isinstance(dataset, StoreDataset):
             name = dataset.features[i]
             clips = non_finite_clips(dataset, i) or sorted({dataset.store.clip_ids[int(r)] for r in bad_rows})
@@ -392,7 +398,7 @@ class FiniteBatches:
                                    f"re-extract those clips or leave them out of the split")
 
 
-class DeviceBatches:
+class DeviceBatches(_WrappedLoader):
     """A loader whose batches arrive on ``device`` with float32 inputs (`Batch.to`: non-blocking copies
     in the stored dtype, converted there); validation batches keep their labels on the host, where
     `heads.evaluate` reads them. Everything else is the wrapped loader's, as for `FiniteBatches`."""
@@ -403,14 +409,6 @@ class DeviceBatches:
     @classmethod
     def wrap(cls, loader: Iterable | None, device: torch.device, labels: bool = True) -> Iterable | None:
         return None if loader is None else cls(loader, device, labels)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-    def __len__(self) -> int:
-        return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
