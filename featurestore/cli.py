@@ -358,9 +358,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------- convert
 def cmd_convert(args: argparse.Namespace) -> int:
-    src, dst = Path(args.src), Path(args.dst)
-    if src.resolve() == dst.resolve():
-        raise _UsageError(f"source and destination are the same: {src}")
+    dst = Path(args.dst)
     if dst.exists() and not args.overwrite:
         raise _UsageError(f"{dst} exists; pass --overwrite to replace it")
     n_arrays = convert_store(args.src, args.dst, progress=not args.quiet)
@@ -398,6 +396,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--frames-from", default=None, metavar="SET",
                         help="image encoders read the stored frames of this frames/<size> feature set "
                              "instead of decoding the videos (e.g. frames/224; see docs/extraction.md)")
+    parser.add_argument("--decoder", default="pyav", choices=("pyav", "torchcodec"),
+                        help="video decoder: pyav (default) or torchcodec, on the GPU (NVDEC) when the encoders "
+                             "run there (pip install 'avscene[torchcodec]'; see docs/extraction.md)")
     parser.add_argument("--segments", type=int, default=None,
                         help="audio segments per clip (default: the dataset's; TAU development: 10 x 1 s)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N clips")
@@ -459,7 +460,7 @@ def _extract_command(args: argparse.Namespace, options: dict, classes: list[str]
                           overwrite=args.overwrite, scheduler=args.scheduler, progress=not args.quiet,
                           backend=args.backend, chunk_clips=args.chunk_clips, segments=args.segments,
                           allow_outside_root=args.allow_outside_root, encoder_options=options, classes=classes,
-                          frames_from=args.frames_from, **({} if args.commit_every is None else {"commit_seconds": args.commit_every}))
+                          frames_from=args.frames_from, decoder=args.decoder, **({} if args.commit_every is None else {"commit_seconds": args.commit_every}))
         if args.quiet and not args.json:
             print(summary.line())
             for line in summary.failure_lines():

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from featurestore.atomic_files import OutputWriteError, describe_os_error, find_os_error
+from featurestore.errors import FeatureStoreError, StoreFormatError
 from featurestore.store._backend import STRING, backend_for
 from featurestore.store.arrays import StoreArrays
 from featurestore.store.layout import SCHEMA_VERSION, default_inner_clips
@@ -40,11 +41,15 @@ def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> in
     Raises:
         OutputWriteError: the destination could not be written (disk full, file-size limit, ...);
             no temporary copy is left and a store already at ``dst`` is unchanged.
+        StoreFormatError: ``dst`` is the source, holds it or lies inside it, or is something other
+            than a feature store (a dataset folder, a home directory): replacing it would delete
+            what it holds, so nothing is written.
     """
     dst_text = str(dst)
     if "://" in dst_text:  # object stores have no rename: written in place
         return _copy(src, dst_text, dst_text, progress)
     final = Path(dst_text)
+    _check_destination(src, final)
     tmp = final.with_name(f".{final.name}.converting")
     _remove(tmp)
     backend = backend_for(final, new=True)
@@ -57,6 +62,24 @@ def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> in
             _remove(tmp)
         raise
     return n_arrays
+
+
+def _check_destination(src: str | Path, final: Path) -> None:
+    """Refuse a local destination whose replacement would delete more than an old store: the source
+    itself or a folder holding it, a place inside the source, or anything that is not a store."""
+    if "://" not in str(src):
+        source, target = Path(src).resolve(), final.resolve()
+        if source == target or target in source.parents:
+            raise StoreFormatError(f"cannot convert {src} into {final}: the destination holds the source, "
+                                   f"and replacing it would delete the source")
+        if source in target.parents:
+            raise StoreFormatError(f"cannot convert {src} into {final}: the destination lies inside the source store")
+    if final.exists() or final.is_symlink():
+        try:
+            open_store(final, "r").close()
+        except (FeatureStoreError, OSError) as err:
+            raise StoreFormatError(f"{final} exists and is not a feature store ({err}); convert replaces only a "
+                                   f"store: remove it yourself or choose another destination") from err
 
 
 def _copy(src: str | Path, dst: str, shown: str, progress: bool, backend: str | None = None) -> int:

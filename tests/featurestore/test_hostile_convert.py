@@ -1,0 +1,63 @@
+"""`featurestore convert --overwrite` replaces an old store, never a folder that holds the source or
+anything that is not a store (before the check, both were deleted without a word)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featurestore import ClipRecord, Manifest, StoreFormatError, convert_store, create_store, open_store
+from featurestore.cli import main
+
+CLASSES = ["a", "b"]
+
+
+def _store(path) -> None:
+    clips = [ClipRecord(f"c{i}", label=CLASSES[i % 2], splits=frozenset({"train"})) for i in range(4)]
+    with create_store(path, Manifest("toy", CLASSES, clips)) as store:
+        store.create_feature_set("emb", 1, (3,), {"encoder": "x"}, dtype="float32")
+        store.write_rows("emb", 0, np.arange(12, dtype=np.float32).reshape(4, 1, 3))
+
+
+def test_a_destination_that_holds_the_source_is_refused_and_kept(tmp_path, capsys):
+    folder = tmp_path / "project"
+    _store(folder / "store.zarr")
+    (folder / "notes.txt").write_text("precious")
+    code = main(["convert", "-q", str(folder / "store.zarr"), str(folder), "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "holds the source" in err
+    assert (folder / "notes.txt").read_text() == "precious"
+    with open_store(folder / "store.zarr") as store:
+        assert store.get("emb", "c3").tolist() == [[9.0, 10.0, 11.0]]
+
+
+def test_a_destination_that_is_no_store_is_refused_and_kept(tmp_path, capsys):
+    _store(tmp_path / "store.zarr")
+    other = tmp_path / "dataset"
+    other.mkdir()
+    (other / "meta.csv").write_text("filename\n")
+    not_h5 = tmp_path / "copy.h5"
+    not_h5.write_text("not hdf5")
+    for dst in (other, not_h5):
+        code = main(["convert", "-q", str(tmp_path / "store.zarr"), str(dst), "--overwrite"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "is not a feature store" in err and str(dst) in err
+    assert (other / "meta.csv").read_text() == "filename\n" and not_h5.read_text() == "not hdf5"
+
+
+def test_a_destination_inside_the_source_or_the_source_itself_is_refused(tmp_path):
+    src = tmp_path / "store.zarr"
+    _store(src)
+    for dst in (src / "copy.h5", tmp_path / "." / "store.zarr"):
+        with pytest.raises(StoreFormatError, match="cannot convert"):
+            convert_store(src, dst, progress=False)
+    assert not (src / "copy.h5").exists() and not list(tmp_path.glob(".*converting"))
+
+
+def test_an_old_store_at_the_destination_is_still_replaced(tmp_path):
+    _store(tmp_path / "store.zarr")
+    _store(tmp_path / "old.h5")
+    with open_store(tmp_path / "old.h5", "a") as old:
+        old.write_rows("emb", 0, np.zeros((4, 1, 3), dtype=np.float32))
+    convert_store(tmp_path / "store.zarr", tmp_path / "old.h5", progress=False)
+    with open_store(tmp_path / "old.h5") as store:
+        assert store.get("emb", "c1").tolist() == [[3.0, 4.0, 5.0]]
