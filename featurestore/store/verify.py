@@ -22,6 +22,8 @@ from featurestore.provenance import fingerprint, fingerprint_matches
 from featurestore.store._backend import join
 
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)
+_CRC = 4  # bytes of a crc32c
+_ABSENT = np.uint64(2**64 - 1)  # a shard index's offset (and length) of an absent inner chunk
 _IN_FLIGHT_PER_THREAD = 2  # chunks queued or being checked per thread: bounds verify's memory
 
 
@@ -267,7 +269,8 @@ _BACKEND = object()  # a chunk to read through the backend
 
 @dataclass(frozen=True)
 class _Layout:
-    """What the fast path needs of a Zarr v3 array's metadata."""
+    """What the fast path needs of a Zarr v3 array's metadata (for a sharded array: the shard's
+    ``chunk_shape``, and its inner chunks' rows and codecs)."""
 
     folder: Path
     rows: int
@@ -276,13 +279,22 @@ class _Layout:
     chunk_shape: tuple[int, ...]
     dtype: np.dtype | None  # None: strings (only the checksum is checked here)
     zstd: bool
+    inner_rows: int = 0  # rows per inner chunk of a shard; 0: not sharded
+    index_bytes: int = 0  # bytes of a shard's index at its end, its crc32c included
+
+    @property
+    def inner_bytes(self) -> int:
+        """Decoded bytes of one inner chunk."""
+        return self.inner_rows * int(np.prod(self.chunk_shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
 
 class _LocalZarrChunks:
     """Checks chunks of a local Zarr v3 store from their files: crc32c over the bytes, the length,
     and the values without zarr's per-call machinery (~2 ms a chunk on a loaded machine), strings
-    without building Python strings. Arrays in any other layout (sharded, other codecs) return no
-    layout and are read through the backend.
+    without building Python strings. A shard (feature data) is read in one piece: its index's
+    crc32c, then each inner chunk's, its values a view of the file's bytes where the inner chunks
+    lie back to back uncompressed (as the store writes them). Arrays in any other layout (other
+    codecs, a shard index at the start) return no layout and are read through the backend.
     """
 
     def __init__(self, location: str):
@@ -307,9 +319,12 @@ class _LocalZarrChunks:
         """The chunk's values (rows ``start:stop``), None for strings (checksum checked, not
         decoded), ``_BACKEND`` when there is no such file."""
         try:
-            body = self._body(layout, chunk.number)
+            data = self._file(layout, chunk.number)
         except FileNotFoundError:
             return _BACKEND  # the backend's own test decides whether the chunk is missing
+        if layout.inner_rows:
+            return self._shard_values(layout, data, chunk.stop - chunk.start)
+        body = self._checked(layout, data)
         if layout.dtype is None:
             return None
         return self._values(layout, body)[:chunk.stop - chunk.start]
@@ -323,7 +338,7 @@ class _LocalZarrChunks:
         if (path, stop) in self._columns:
             return self._columns[(path, stop)]
         layout = self.layout(path)
-        if layout is None or layout.ndim != 1 or not 0 < stop <= layout.rows:
+        if layout is None or layout.inner_rows or layout.ndim != 1 or not 0 < stop <= layout.rows:
             return None
         per = layout.chunk_shape[0]
         try:
@@ -336,14 +351,52 @@ class _LocalZarrChunks:
             self._columns[(path, stop)] = values
         return values
 
-    def _body(self, layout: _Layout, number: int) -> np.ndarray:
-        """The chunk's checked (and decompressed) bytes; raises when its checksum fails."""
+    @staticmethod
+    def _file(layout: _Layout, number: int) -> bytes:
+        """The bytes of chunk (or shard) file ``number``; FileNotFoundError when there is none."""
         key = layout.separator.join(["c", str(number)] + ["0"] * (layout.ndim - 1))
-        data = (layout.folder / key).read_bytes()
-        body = np.frombuffer(data, np.uint8)[:-4]
-        if len(data) < 4 or google_crc32c.value(body) != int.from_bytes(data[-4:], "little"):
+        return (layout.folder / key).read_bytes()
+
+    def _checked(self, layout: _Layout, data: bytes | np.ndarray) -> np.ndarray:
+        """A chunk's bytes checked against their crc32c (and decompressed); raises when it fails."""
+        body = np.frombuffer(data, np.uint8)[:-_CRC]
+        if len(data) < _CRC or google_crc32c.value(body) != int.from_bytes(bytes(data[-_CRC:]), "little"):
             raise _RawChunkError("stored and computed crc32c checksums differ")
         return np.frombuffer(self._zstd.decode(body), np.uint8) if layout.zstd else body
+
+    def _shard_values(self, layout: _Layout, data: bytes, n: int) -> np.ndarray:
+        """Rows ``0:n`` of a shard, every inner chunk holding them checked against its crc32c.
+
+        Raises ``_RawChunkError`` for anything but a whole shard (index or inner chunk failing its
+        crc32c, an inner chunk absent or out of place): the backend then reads it inner chunk by
+        inner chunk and names the damaged one's rows, and whether an absent one was required.
+        """
+        raw = np.frombuffer(data, np.uint8)
+        end = len(raw) - layout.index_bytes
+        if end < 0:
+            raise _RawChunkError("shard shorter than its index")
+        tail = raw[end:]
+        if google_crc32c.value(tail[:-_CRC]) != int.from_bytes(tail[-_CRC:].tobytes(), "little"):
+            raise _RawChunkError("shard index fails its crc32c")
+        k = -(-n // layout.inner_rows)  # inner chunks holding rows 0:n
+        spans = tail[:-_CRC].view("<u8").reshape(-1, 2)[:k]
+        if (spans[:, 0] == _ABSENT).any() or (spans[:, 0] + spans[:, 1] > end).any():
+            raise _RawChunkError("an inner chunk is absent or beyond the shard's data")
+        length = layout.inner_bytes + _CRC
+        if not layout.zstd and (spans[:, 1] == length).all() \
+                and (spans[:, 0] == np.arange(k, dtype=np.uint64) * np.uint64(length)).all():
+            payload = _checked_rows(raw[:k * length].reshape(k, length))  # back to back, as written
+        else:
+            payload = np.stack([self._inner(layout, raw[lo:lo + size]) for lo, size in spans.tolist()])
+        values = payload.view(layout.dtype).reshape(k * layout.inner_rows, *layout.chunk_shape[1:])
+        return values[:n]
+
+    def _inner(self, layout: _Layout, body: np.ndarray) -> np.ndarray:
+        """One inner chunk's decoded bytes (checked, decompressed, of the right length)."""
+        decoded = self._checked(layout, body)
+        if len(decoded) != layout.inner_bytes:
+            raise _RawChunkError(f"inner chunk holds {len(decoded)} bytes, expected {layout.inner_bytes}")
+        return decoded
 
     def _values(self, layout: _Layout, body: np.ndarray) -> np.ndarray:
         if len(body) != int(np.prod(layout.chunk_shape)) * layout.dtype.itemsize:
@@ -352,7 +405,7 @@ class _LocalZarrChunks:
         return body.view(layout.dtype).reshape(layout.chunk_shape)
 
     def _decoded(self, layout: _Layout, number: int) -> np.ndarray:
-        body = self._body(layout, number)
+        body = self._checked(layout, self._file(layout, number))
         if layout.dtype is not None:
             return self._values(layout, body)
         texts = self._vlen.decode(body)
@@ -363,28 +416,63 @@ class _LocalZarrChunks:
 
 def _parse_layout(folder: Path) -> _Layout | None:
     """The layout of the array in ``folder`` when the fast path knows it: regular chunks, default
-    chunk keys, codecs bytes (little-endian) or vlen-utf8, then optional zstd, then crc32c."""
+    chunk keys, codecs bytes (little-endian) or vlen-utf8, then optional zstd, then crc32c; or
+    shards along rows (``sharding_indexed``, index at the end: bytes + crc32c) of inner chunks
+    coded that way."""
     meta = json.loads((folder / "zarr.json").read_text())
-    codecs = [c["name"] if isinstance(c, dict) else c for c in meta["codecs"]]
-    first = meta["codecs"][0]
     keys = meta["chunk_key_encoding"]
     if (meta.get("zarr_format") != 3 or meta["chunk_grid"]["name"] != "regular" or keys["name"] != "default"
-            or codecs[-1] != "crc32c" or codecs[1:-1] not in ([], ["zstd"])
             or meta.get("storage_transformers")):
         return None
-    if codecs[0] == "vlen-utf8" and meta["data_type"] == "string":
-        dtype = None
-    elif codecs[0] == "bytes" and meta["data_type"] not in ("string", "bytes"):
-        dtype = np.dtype(meta["data_type"])
-        if dtype.itemsize > 1 and first.get("configuration", {}).get("endian", "little") != "little":
-            return None
-        dtype = dtype.newbyteorder("<")
-    else:
-        return None
     shape = tuple(int(s) for s in meta["chunk_grid"]["configuration"]["chunk_shape"])
-    separator = keys.get("configuration", {}).get("separator", "/")
-    return _Layout(folder, int(meta["shape"][0]), separator, len(meta["shape"]), shape, dtype,
-                   codecs[1:-1] == ["zstd"])
+    common = dict(folder=folder, rows=int(meta["shape"][0]), separator=keys.get("configuration", {}).get("separator", "/"),
+                  ndim=len(meta["shape"]), chunk_shape=shape)
+    if [c["name"] if isinstance(c, dict) else c for c in meta["codecs"]] == ["sharding_indexed"]:
+        return _parse_shards(meta["codecs"][0]["configuration"], meta["data_type"], common)
+    coded = _chunk_codecs(meta["codecs"], meta["data_type"])
+    return None if coded is None else _Layout(**common, dtype=coded[0], zstd=coded[1])
+
+
+def _parse_shards(config: dict, data_type: str, common: dict) -> _Layout | None:
+    """The layout of a sharded numeric array the fast path reads (sharded along rows only)."""
+    shard, inner = common["chunk_shape"], tuple(int(s) for s in config["chunk_shape"])
+    coded = _chunk_codecs(config["codecs"], data_type)
+    index = _chunk_codecs(config["index_codecs"], "uint64")
+    if (coded is None or coded[0] is None or index != (np.dtype("<u8"), False)
+            or config.get("index_location", "end") != "end"
+            or inner[1:] != shard[1:] or not 0 < inner[0] <= shard[0] or shard[0] % inner[0]):
+        return None
+    return _Layout(**common, dtype=coded[0], zstd=coded[1], inner_rows=inner[0],
+                   index_bytes=shard[0] // inner[0] * 16 + _CRC)
+
+
+def _chunk_codecs(codecs: list, data_type: str) -> tuple[np.dtype | None, bool] | None:
+    """``(dtype, zstd)`` of a chunk coded bytes (little-endian) or vlen-utf8 (dtype None), optional
+    zstd, crc32c; None for any other codecs."""
+    names = [c["name"] if isinstance(c, dict) else c for c in codecs]
+    if not names or names[-1] != "crc32c" or names[1:-1] not in ([], ["zstd"]):
+        return None
+    zstd = names[1:-1] == ["zstd"]
+    if names[0] == "vlen-utf8" and data_type == "string":
+        return None, zstd
+    if names[0] != "bytes" or data_type in ("string", "bytes"):
+        return None
+    dtype = np.dtype(data_type)
+    first = codecs[0] if isinstance(codecs[0], dict) else {}
+    if dtype.itemsize > 1 and (first.get("configuration") or {}).get("endian", "little") != "little":
+        return None
+    return dtype.newbyteorder("<"), zstd
+
+
+def _checked_rows(body: np.ndarray) -> np.ndarray:
+    """The payloads of ``body``'s rows (each an inner chunk: its bytes, then their crc32c), every
+    crc32c checked; raises ``_RawChunkError`` when one differs."""
+    payload = body[:, :-_CRC]
+    stored = np.ascontiguousarray(body[:, -_CRC:]).view("<u4").reshape(-1)
+    computed = np.fromiter(map(google_crc32c.value, payload), dtype="<u4", count=len(body))
+    if not np.array_equal(stored, computed):
+        raise _RawChunkError("stored and computed crc32c checksums differ")
+    return payload
 
 
 def _clip_span(store, path: str, start: int, stop: int) -> str:

@@ -15,6 +15,8 @@ from featurestore.store.verify import verify_store
 
 N_CLIPS, DIM, CHUNK = 48, 8, 4
 PLAIN, PACKED = "clip/plain", "clip/packed"
+SHARDED, SHARDED_ZSTD = "clip/sharded", "clip/sharded-zstd"
+WIDE = 2048  # float16: 4 KiB a clip, so a shard of CHUNK clips holds inner chunks of 2
 PROV = {"encoder": "test/random", "config": {}, "weights": {"kind": "random", "seed": 0}, "segments": {}}
 
 
@@ -51,6 +53,13 @@ def _damaged_store(path: Path) -> list[str]:
     return ids
 
 
+def _sharded_set(store, name: str, compressor: str | None, values: np.ndarray | None = None) -> None:
+    """A feature set of WIDE float16 per clip, sharded (CHUNK clips a shard, inner chunks of 2)."""
+    store.create_feature_set(name, 1, (WIDE,), PROV, chunk_clips=CHUNK, compressor=compressor)
+    assert (store.arrays.chunk_rows(f"features/{name}/data"), store.arrays.inner_rows(f"features/{name}/data")) == (CHUNK, 2)
+    store.write_rows(name, 0, np.ones((N_CLIPS, 1, WIDE), np.float16) if values is None else values)
+
+
 def test_findings_are_the_same_with_one_and_many_threads(tmp_path):
     path = tmp_path / "store.zarr"
     ids = _damaged_store(path)
@@ -82,8 +91,9 @@ def test_findings_are_the_same_with_one_and_many_threads(tmp_path):
 
 
 def test_an_undamaged_local_zarr_store_is_checked_from_its_files(tmp_path, monkeypatch):
-    """Every chunk (plain, zstd, strings, flags) is checked from its file, none through zarr's read
-    path (~2 ms a call on a loaded machine: what made verify 10x slower than a checksum)."""
+    """Every chunk (plain, zstd, strings, flags, shards of plain and zstd inner chunks) is checked
+    from its file, none through zarr's read path (~2 ms a call on a loaded machine: what made verify
+    10x slower than a checksum) nor the backend's inner-chunk reads."""
     path = tmp_path / "store.zarr"
     clips = [ClipRecord(f"bus-lisbon-{i}-{i}", label="bus", splits=frozenset({"train"})) for i in range(N_CLIPS)]
     with create_store(path, Manifest("toy", list(TAU_CLASSES), clips)) as store:
@@ -91,16 +101,19 @@ def test_an_undamaged_local_zarr_store_is_checked_from_its_files(tmp_path, monke
         store.write_rows(PLAIN, 0, np.ones((N_CLIPS, 1, DIM), np.float16))
         store.create_feature_set(PACKED, 1, (DIM,), PROV, dtype="float32", chunk_clips=CHUNK, compressor="zstd")
         store.write_rows(PACKED, 0, np.ones((N_CLIPS, 1, DIM), np.float32))
+        for name, compressor in ((SHARDED, None), (SHARDED_ZSTD, "zstd")):
+            _sharded_set(store, name, compressor)
     with open_store(path, "r") as store:
         calls = []
-        for name in ("read", "read_unchecked", "chunk_written"):
+        for name in ("read", "read_unchecked", "chunk_written", "read_chunks", "gather"):
             real = getattr(store.arrays, name)
             monkeypatch.setattr(store.arrays, name,
                                 lambda *a, _r=real, _n=name, **k: calls.append(f"{_n} {a[0]}") or _r(*a, **k))
         report = verify_store(store, threads=4)
     assert report.ok, report.problems
-    # data, done and errors of two sets in chunks of CHUNK rows, one chunk for each other (index) array
-    assert report.chunks_read == 2 * 3 * N_CLIPS // CHUNK + report.arrays_checked - 6
+    # data, done and errors of four sets in chunks (shards) of CHUNK rows, one chunk for each other
+    # (index) array
+    assert report.chunks_read == 4 * 3 * N_CLIPS // CHUNK + report.arrays_checked - 12
     # only the id -> row lookup is read through the store (a table of 24 bytes a clip, compared with
     # the ids the file pass decoded): every data, flag and string chunk is checked from its file
     assert [c for c in calls if " index/lookup/" not in c] == []
@@ -128,3 +141,44 @@ def test_verify_holds_a_few_chunks_in_memory_not_the_array(tmp_path):
             tracemalloc.stop()
     assert report.ok and report.chunks_read >= n // per
     assert peak < data_bytes / 2, f"peak {peak / 2**20:.1f} MiB for {data_bytes / 2**20:.0f} MiB of data"
+
+
+def test_damaged_shards_read_from_their_files_are_reported_as_the_backend_reports_them(tmp_path, monkeypatch):
+    """Shards (plain and zstd inner chunks) with a flipped byte in an inner chunk, a flipped byte in
+    the index, an Inf in a finished clip and a deleted shard file: the file path finds what the
+    backend's inner-chunk reads find, with the same rows and words."""
+    from featurestore.store import verify
+
+    path = tmp_path / "store.zarr"
+    rng = np.random.default_rng(1)
+    clips = [ClipRecord(f"bus-lisbon-{i}-{i}", label="bus") for i in range(N_CLIPS)]
+    with create_store(path, Manifest("toy", list(TAU_CLASSES), clips)) as store:
+        for name, compressor in ((SHARDED, None), (SHARDED_ZSTD, "zstd")):
+            values = rng.standard_normal((N_CLIPS, 1, WIDE)).astype(np.float16)
+            values[13, 0, 5] = np.inf  # shard 3, rows 12:16
+            _sharded_set(store, name, compressor, values)
+        ids = store.clip_ids
+    for name in (SHARDED, SHARDED_ZSTD):
+        shards = path / "features" / name / "data" / "c"
+        _flip_at(shards / "2" / "0" / "0", 10)  # inner chunk 0 of shard 2: rows 8:10
+        _flip_at(shards / "7" / "0" / "0", -10)  # the index of shard 7: rows 28:32
+        (shards / "5" / "0" / "0").unlink()  # rows 20:24
+    with open_store(path, "r") as store:
+        fast = verify_store(store, threads=2)
+        with monkeypatch.context() as m:  # shards through the backend, as before the file path
+            m.setattr(verify, "_parse_shards", lambda *a: None)
+            slow = verify_store(store, threads=2)
+    assert fast.to_dict() == slow.to_dict()
+    found = [(p.where.rpartition("/")[0], p.rows, p.what) for p in fast.problems]
+    for name in (f"features/{SHARDED}", f"features/{SHARDED_ZSTD}"):
+        mine = [f[1:] for f in found if f[0] == name]
+        assert [rows for rows, _ in mine] == [(8, 10), (12, 16), (20, 24), (28, 30)], mine
+        assert "crc32c" in mine[0][1] and mine[1][1] == "1 finished clip(s) hold NaN or Inf"
+        assert "chunk missing from storage" in mine[2][1] and "index fails its crc32c" in mine[3][1]
+    assert f"(clips {ids[8]} .. {ids[9]})" in str(fast.problems[0])
+
+
+def _flip_at(file: Path, offset: int) -> None:
+    raw = bytearray(file.read_bytes())
+    raw[offset] ^= 0xFF
+    file.write_bytes(bytes(raw))
