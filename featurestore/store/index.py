@@ -202,6 +202,12 @@ class ClipIndex:
             self._row_of = {cid: row for row, cid in enumerate(self.clip_ids)}
         return self._row_of
 
+    def ids_digest(self) -> str | None:
+        """A digest of every id in row order (of the lookup table, kept with it), or None without a
+        lookup or with one written before digests. Equal digests: the same ids in the same order."""
+        meta = self._lookup()
+        return None if meta is None else meta.get("digest")
+
     def _lookup(self) -> dict | None:
         """The root attribute naming the lookup, when it covers exactly the committed rows."""
         if self._meta is False:
@@ -287,7 +293,9 @@ class ClipIndex:
         self._arrays.write(join(group, "table"), 0, table)
         self._arrays.create_array(join(group, "fence"), fence.shape, "uint64", max(1, len(fence)), 0)
         self._arrays.write(join(group, "fence"), 0, fence)
-        return {"path": group, "n_clips": end, "key": LOOKUP_KEY}
+        # the table is a function of the ids in row order: equal digests, equal ids (shared.py)
+        return {"path": group, "n_clips": end, "key": LOOKUP_KEY,
+                "digest": hashlib.blake2b(table.tobytes(), digest_size=16).hexdigest()}
 
     def write_missing(self) -> dict[str, Any] | None:
         """Write a lookup for a store without one (``convert``); the root attributes to set, or None."""
