@@ -9,7 +9,8 @@ A local destination is written under a temporary name beside it and renamed into
 so a killed conversion leaves no half-written store at the destination (only the temporary, which
 the next conversion to that destination replaces). A conversion that fails (a full disk, a file-size
 limit) removes the temporary itself and raises ``OutputWriteError`` naming the destination and the
-cause; the source is only read, and a store already at the destination is left as it was.
+cause; the source is only read, and a store already at the destination is left as it was. The
+source's writer lock is held meanwhile, so the copy is never taken while an extraction writes it.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from featurestore.errors import FeatureStoreError, StoreFormatError
 from featurestore.store._backend import STRING, backend_for
 from featurestore.store.arrays import StoreArrays
 from featurestore.store.layout import SCHEMA_VERSION, default_inner_clips
+from featurestore.store.lock import StoreLockedError, writer_lock
 from featurestore.store.row_group import FEATURE_SETS
 from featurestore.store.store import FeatureStore, open_store
 
@@ -82,8 +84,29 @@ def _check_destination(src: str | Path, final: Path) -> None:
                                    f"store: remove it yourself or choose another destination") from err
 
 
+@contextlib.contextmanager
+def _source_locked(src: str | Path) -> Iterator[None]:
+    """Hold the source's writer lock while copying it: a copy read while ``extract`` or ``heads
+    predict`` writes could take a chunk's data before a write and its done flags after it (rows
+    marked done holding fill values), so a running writer refuses the conversion in one line
+    (`StoreLockedError`, naming it). A source in a place where no lock file can be made (a read-only
+    directory) has no writer either, and is copied without one."""
+    lock = writer_lock(src, command=f"featurestore convert {src}")
+    try:
+        lock.acquire()
+    except StoreLockedError:
+        raise
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _copy(src: str | Path, dst: str, shown: str, progress: bool, backend: str | None = None) -> int:
-    with open_store(src, "r") as source:
+    with _source_locked(src), open_store(src, "r") as source:
         with _writing(shown, "creating it"):
             target = open_store(dst, "w", backend=backend)
         try:

@@ -61,3 +61,25 @@ def test_an_old_store_at_the_destination_is_still_replaced(tmp_path):
     convert_store(tmp_path / "store.zarr", tmp_path / "old.h5", progress=False)
     with open_store(tmp_path / "old.h5") as store:
         assert store.get("emb", "c1").tolist() == [[3.0, 4.0, 5.0]]
+
+
+def test_a_source_being_written_is_refused_naming_the_writer(tmp_path, capsys):
+    from featurestore.store.lock import writer_lock
+
+    _store(tmp_path / "store.zarr")
+    with writer_lock(tmp_path / "store.zarr", command="featurestore extract data store.zarr"):
+        code = main(["convert", "-q", str(tmp_path / "store.zarr"), str(tmp_path / "copy.h5")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is being written by another process" in err
+    assert "featurestore extract data store.zarr" in err and not (tmp_path / "copy.h5").exists()
+    assert main(["convert", "-q", str(tmp_path / "store.zarr"), str(tmp_path / "copy.h5")]) == 0
+    assert not (tmp_path / "store.zarr.lock").exists()
+
+
+def test_a_source_whose_lock_file_cannot_be_made_still_converts(tmp_path):
+    """As in a read-only folder (simulated for root, who writes those: the lock's name is taken by a folder)."""
+    _store(tmp_path / "store.zarr")
+    (tmp_path / "store.zarr.lock").mkdir()
+    convert_store(tmp_path / "store.zarr", tmp_path / "copy.h5", progress=False)
+    with open_store(tmp_path / "copy.h5") as store:
+        assert store.get("emb", "c0").tolist() == [[0.0, 1.0, 2.0]]
