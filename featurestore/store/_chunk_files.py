@@ -1,11 +1,14 @@
-"""Plain (unsharded) Zarr v3 chunks of a local store read straight from their files.
+"""Plain (unsharded) Zarr v3 chunks of a local store read and written straight from and to their files.
 
 Done flags, labels and the id lookup table are numeric arrays in plain chunks. zarr-python reads a
 chunk through its async codec pipeline (~0.5 ms a call, several ms on a loaded machine), so a fresh
 process reading a million clips' done mask (245 chunks) spent a tenth of a second there; reading the
 files (crc32c, optional zstd, the bytes) costs a few microseconds a chunk. Only the layout the store
 writes is read this way (default chunk keys, little-endian ``bytes``, optional ``zstd``, ``crc32c``);
-anything else, and every remote store, goes through zarr.
+anything else, and every remote store, goes through zarr. Writes of whole chunks (done flags, error
+texts, index columns: numbers and vlen-utf8 strings) are encoded here and each file replaced whole,
+as zarr's local store does (a temp file renamed into place); at a million clips zarr's pipeline spent
+several seconds of a store's creation on them.
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, VLenUTF8Codec, ZstdCodec
 from zarr.storage import LocalStore
+
+from featurestore.store._shards import replace_file
 
 _CRC = 4
 
@@ -78,3 +83,53 @@ class PlainLayout:
         if len(raw) != expected:
             raise ValueError(f"chunk {chunk} holds {len(raw)} bytes, expected {expected}")
         return raw.view(self.dtype).reshape(self.chunk_shape)
+
+
+_VLEN_UTF8 = numcodecs.VLenUTF8()
+
+
+@dataclass(frozen=True)
+class ChunkWriter:
+    """Whole chunks of one local, unsharded, uncompressed array (numbers or vlen-utf8 strings)
+    encoded as zarr-python encodes them (``bytes`` or ``vlen-utf8``, then ``crc32c``) and written
+    file by file. Edge chunks are padded with the fill value, as zarr pads them."""
+
+    arr: zarr.Array
+    folder: str
+    chunk_rows: int
+    dtype: np.dtype | None  # little-endian; None: strings
+    fill: Any
+
+    @classmethod
+    def of(cls, arr: zarr.Array) -> ChunkWriter | None:
+        store = arr.store_path.store
+        codecs = list(arr.metadata.codecs) if arr.metadata.zarr_format == 3 else []
+        if (not isinstance(store, LocalStore) or arr.shards is not None or len(codecs) != 2
+                or not isinstance(codecs[-1], Crc32cCodec) or tuple(arr.chunks[1:]) != tuple(arr.shape[1:])):
+            return None
+        if isinstance(codecs[0], VLenUTF8Codec) and arr.ndim == 1:
+            dtype, fill = None, ""
+        elif (isinstance(codecs[0], BytesCodec) and arr.dtype.kind in "biuf"
+              and getattr(codecs[0].endian, "value", codecs[0].endian) in (None, "little")):
+            dtype, fill = np.dtype(arr.dtype).newbyteorder("<"), arr.metadata.fill_value
+        else:
+            return None
+        return cls(arr, os.path.join(str(store.root), arr.store_path.path), int(arr.chunks[0]), dtype, fill)
+
+    def write(self, start: int, data: np.ndarray) -> bool:
+        """Write rows ``start:start+len(data)`` when they are whole chunks (the last may end at the
+        array's end); False where they are not (zarr writes them)."""
+        stop, n_rows, per = start + len(data), self.arr.shape[0], self.chunk_rows
+        if not len(data) or start % per or (stop % per and stop != n_rows) or stop > n_rows:
+            return False
+        for lo in range(0, len(data), per):
+            block = data[lo:lo + per]
+            if len(block) < per:
+                padded = np.full((per, *block.shape[1:]), self.fill, dtype=object if self.dtype is None else self.dtype)
+                padded[:len(block)] = block
+                block = padded
+            body = bytes(_VLEN_UTF8.encode(np.asarray(block, dtype=object))) if self.dtype is None \
+                else np.ascontiguousarray(block, dtype=self.dtype).tobytes()
+            key = self.arr.metadata.encode_chunk_key(((start + lo) // per,) + (0,) * (self.arr.ndim - 1))
+            replace_file(os.path.join(self.folder, key), body + google_crc32c.value(body).to_bytes(_CRC, "little"))
+        return True

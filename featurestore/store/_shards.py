@@ -107,13 +107,14 @@ class ShardReader:
     def __init__(self) -> None:
         self._indexes: dict[tuple[str, int], np.ndarray | None] = {}
         self._maps: OrderedDict[tuple[str, str], _Mapped] = OrderedDict()  # least recently used first
+        self._files: dict[tuple[str, int], str] = {}  # (array, shard) -> its file, for local arrays
         self._lock = threading.Lock()
         self.bytes_read = 0  # shard bytes fetched (indexes and inner chunks), for tests and benchmarks
 
     def forget(self, path: str) -> None:
         """Drop the cached indexes and mappings of the array at ``path`` and the arrays under it ('' : all)."""
         with self._lock:
-            for cache in (self._indexes, self._maps):
+            for cache in (self._indexes, self._maps, self._files):
                 for key in [k for k in cache if not path or k[0] == path or k[0].startswith(path + "/")]:
                     del cache[key]
 
@@ -130,26 +131,34 @@ class ShardReader:
         process rewrote it) is mapped again, so its new bytes are what is read. ``required``: per
         row, it was written (an absent inner chunk holding one is ``ChunkFault``, missing).
         """
-        if layout.zstd or local_file(arr, "") is None:
+        folder = None if layout.zstd else local_file(arr, "")
+        if folder is None:
             return None
         out = np.empty((len(rows), *layout.row_shape), dtype=layout.dtype)
         shard_of = rows // layout.shard_rows
         if int(shard_of[0]) == int(shard_of[-1]) and (len(rows) < 3 or _is_sorted(rows)):  # one shard
-            order, bounds = np.arange(len(rows)), []
+            order, starts, ends = np.arange(len(rows)), [0], [len(rows)]
         else:
             order = np.argsort(shard_of, kind="stable")
             bounds = (np.flatnonzero(np.diff(shard_of[order])) + 1).tolist()
-        zeros = (0,) * (len(layout.row_shape))
-        encode = arr.metadata.encode_chunk_key
-        folder = local_file(arr, "")
-        for a, b in zip([0, *bounds], [*bounds, len(rows)]):
-            at = order[a:b]
-            shard = int(shard_of[at[0]])
-            mapped = self._mapping(name, os.path.join(folder, encode((shard, *zeros))), layout)
+            starts, ends = [0, *bounds], [*bounds, len(rows)]
+        sorted_shards = shard_of[order]
+        local = rows[order] - sorted_shards * layout.shard_rows
+        for a, b, shard in zip(starts, ends, sorted_shards[starts].tolist()):
+            mapped = self._mapping(name, self._shard_file(name, arr, folder, shard), layout)
             if mapped is None:
                 return None
-            self.bytes_read += mapped.fill(layout, shard, rows[at] - shard * layout.shard_rows, required[at], out, at)
+            at = order[a:b]
+            self.bytes_read += mapped.fill(layout, shard, local[a:b], required[at], out, at)
         return out
+
+    def _shard_file(self, name: str, arr: zarr.Array, folder: str, shard: int) -> str:
+        """The file of shard ``shard`` of a local array (names kept: asked per shard per call)."""
+        key = (name, shard)
+        path = self._files.get(key)
+        if path is None:
+            path = self._files[key] = os.path.join(folder, _shard_key(arr, shard))
+        return path
 
     def _mapping(self, name: str, path: str, layout: ShardLayout) -> _Mapped | None:
         """The current mapping of the shard file ``path`` (None: not in the uniform layout; an
@@ -283,7 +292,7 @@ class ShardReader:
             shards.append((shard, *encode_shard(layout, data[lo:lo + layout.shard_rows])))
         if local_file(arr, "") is not None:
             for shard, blob, _ in shards:
-                _replace_file(local_file(arr, _shard_key(arr, shard)), blob)
+                replace_file(local_file(arr, _shard_key(arr, shard)), blob)
         else:
             store, proto = arr.store_path.store, default_buffer_prototype()
 
@@ -341,17 +350,20 @@ class _Mapped:
         once. Raises ChunkFault for a damaged or (where ``required``) absent inner chunk. Returns the
         bytes checked (the inner chunks read from the map for the first time)."""
         chunk = local // layout.inner_rows
-        absent = chunk >= self.n_inner
-        if absent.any():
-            if (absent & required).any():
-                first = int(chunk[np.flatnonzero(absent & required)[0]])
-                raise ChunkFault(shard * layout.per_shard + first, missing=True)
-            out[at[absent]] = layout.fill
-            present = ~absent
-            at, chunk, local = at[present], chunk[present], local[present]
+        if self.n_inner < layout.per_shard:  # a shard written in part (or absent): rows past it are absent
+            absent = chunk >= self.n_inner
+            if absent.any():
+                if (absent & required).any():
+                    first = int(chunk[np.flatnonzero(absent & required)[0]])
+                    raise ChunkFault(shard * layout.per_shard + first, missing=True)
+                out[at[absent]] = layout.fill
+                present = ~absent
+                at, chunk, local = at[present], chunk[present], local[present]
         if not len(chunk):
             return 0
-        new = sorted(set(chunk[~self.checked[chunk]].tolist()))  # a few per shard: cheaper than np.unique
+        unchecked = chunk[~self.checked[chunk]]
+        new = (np.unique(unchecked).tolist() if len(unchecked) > 32 else sorted(set(unchecked.tolist()))) \
+            if len(unchecked) else []
         for c in new:
             start = c * self.chunk_bytes
             body = self.raw[start:start + self.chunk_bytes]
@@ -359,7 +371,7 @@ class _Mapped:
                 raise ChunkFault(shard * layout.per_shard + c, missing=False,
                                  cause=ValueError("stored and computed crc32c checksums differ"))
         self.checked[new] = True
-        out[at] = self.grid[chunk, local % layout.inner_rows]
+        out[at] = self.grid[chunk, local - chunk * layout.inner_rows]
         return len(new) * self.chunk_bytes
 
 
@@ -446,7 +458,7 @@ def local_file(arr: zarr.Array, key: str) -> str | None:
     return os.path.join(str(store.root), _full_key(arr, key)) if isinstance(store, LocalStore) else None
 
 
-def _replace_file(path: str, blob: memoryview) -> None:
+def replace_file(path: str, blob: memoryview) -> None:
     """Write ``path`` whole through a temp file renamed over it (zarr's local store does the same)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.partial"

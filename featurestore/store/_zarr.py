@@ -22,7 +22,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array
-from featurestore.store._chunk_files import PlainLayout
+from featurestore.store._chunk_files import ChunkWriter, PlainLayout
 from featurestore.store._shards import ShardLayout, ShardReader, local_file
 
 _CONFIG = {"write_empty_chunks": True}
@@ -59,6 +59,7 @@ class ZarrBackend:
         self._layouts: dict[str, ShardLayout | None] = {}  # sharded arrays the fast path knows
         self._rows: dict[str, tuple[int, int]] = {}  # path -> (chunk rows, inner rows): asked per get
         self._plain: dict[str, PlainLayout | None] = {}  # local unsharded arrays read from their files
+        self._writers: dict[str, ChunkWriter | None] = {}  # local unsharded arrays written to their files
         self._shards = ShardReader()
 
     def _node(self, path: str):
@@ -138,7 +139,7 @@ class ZarrBackend:
         gone = [k for k in self._arrays if k == path or k.startswith(path + "/")]
         for key in gone:
             del self._arrays[key]
-        for cache in (self._layouts, self._rows, self._plain):
+        for cache in (self._layouts, self._rows, self._plain, self._writers):
             for key in [k for k in cache if k == path or k.startswith(path + "/")]:
                 del cache[key]
         self._shards.forget(path)
@@ -219,6 +220,10 @@ class ZarrBackend:
         if layout is not None and layout.whole_shards(start, len(data), arr.shape[0]):
             self._shards.write(path, arr, layout, start, np.asarray(data))
             return
+        if path not in self._writers:
+            self._writers[path] = ChunkWriter.of(arr)
+        if self._writers[path] is not None and self._writers[path].write(start, np.asarray(data)):
+            return  # whole plain chunks, written as files
         self._shards.forget(path)  # zarr rewrites the shards it touches: their indexes change
         arr[start:start + len(data)] = data
 
@@ -237,4 +242,5 @@ class ZarrBackend:
         self._layouts.clear()
         self._rows.clear()
         self._plain.clear()
+        self._writers.clear()
         self._shards.forget("")

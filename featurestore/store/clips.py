@@ -30,7 +30,8 @@ def append_clips(store: FeatureStore, manifest: Manifest) -> None:
         raise ValueError(f"{store.location}: classes {attrs['classes']} differ from the manifest's "
                          f"{manifest.classes}")
     new_ids = manifest.clip_ids
-    dup = {new_ids[i] for i in np.flatnonzero(store.index.find(new_ids) >= 0)}
+    found = store.index.find(new_ids) if store.n_clips else np.full(len(new_ids), -1)  # empty: nothing to find
+    dup = {new_ids[i] for i in np.flatnonzero(found >= 0)}
     if dup or len(set(new_ids)) != len(manifest):
         raise ValueError(f"clip ids must be unique; already present or repeated: {sorted(dup)[:5]}")
     start, n_new = store.n_clips, len(manifest)
@@ -60,7 +61,7 @@ def append_clips(store: FeatureStore, manifest: Manifest) -> None:
                           "datasets": [*attrs.get("datasets", []), added]})
     store.index.forget()
     store.index.drop_unused()
-    store._rows_cache.done.clear()
+    store._rows_cache.drop_done()
 
 
 def roll_back_partial_append(store: FeatureStore) -> None:

@@ -3,10 +3,10 @@
 At a million clips, decoding ``index/clip_id`` whole (a Python string per clip) to build an id dict
 costs seconds per process. So an append also writes a *lookup* beside the columns: every id's
 128-bit BLAKE2b key with its row, sorted by key (``index/lookup/<n>/table``, ``[n, 3]`` uint64:
-key high, key low, row; chunks of ``LOOKUP_CHUNK_ROWS``), plus ``fence``, the first key-high of each
-table chunk. Resolving a few ids reads the fence once and one table chunk per id (binary search);
-resolving many reads the table whole (24 bytes per clip, no strings). Other columns are decoded only
-when asked for.
+key high, key low, row; sharded, inner chunks of ``LOOKUP_INNER_ROWS``), plus ``fence``, the first
+key-high of each inner chunk. Resolving ids reads the fence once and, per id, the one inner chunk its
+key falls in (from memory-mapped shards where the store is local: 1.5 KiB and a crc32c per id; a
+remote or HDF5 table is read whole for many ids). Other columns are decoded only when asked for.
 
 Kill-safety: the lookup is written under a new name (the row count it covers) before the append's
 commit, and the root attribute ``index_lookup`` that names it is part of that same commit (the
@@ -31,12 +31,15 @@ LOOKUP_ATTR = "index_lookup"  # root attribute: {"path", "n_clips", "key"} of th
 VALUES_ATTR = "index_values"  # root attribute: {"n_clips", "city": [distinct values]} for summaries
 LOOKUP_GROUP = "index/lookup"
 LOOKUP_KEY = "blake2b-128"
-# 16,384 rows x 24 bytes = 384 KiB per table chunk, a fence of 62 keys at 1M clips. Measured at 1M
-# (scripts/bench/bench_scale.py --lookup-sweep): one cold id costs the same 1.3-2.5 ms from 1,024 to
-# 65,536 rows; 1,024 ids (the whole table) 306 / 143-187 / 31-49 / 39 ms at 1,024 / 4,096 / 16,384 /
-# 65,536 rows (per-chunk overhead)
-LOOKUP_CHUNK_ROWS = 16384
-# beyond this many ids per call, the whole table is read once (and kept) instead of chunk by chunk
+# The table is sharded (Zarr v3 sharding, as feature sets are): an id costs one inner chunk of
+# LOOKUP_INNER_ROWS rows (64 x 24 bytes = 1.5 KiB, its own crc32c), found through the fence (the first
+# key of each inner chunk: 15,625 keys, 122 KiB at 1M clips); shards of up to 2**20 rows (24 MiB, one
+# file per million clips). 1,024 random ids read ~1,000 such blocks from the memory-mapped shard
+# instead of the whole 24 MiB table (docs/store.md, bench_scale.py --lookup-sweep)
+LOOKUP_INNER_ROWS = 64
+LOOKUP_SHARD_ROWS = 2**20
+# beyond this many ids (or table blocks) per call, a table that cannot be memory-mapped (remote, HDF5,
+# unsharded) is read whole once (and kept) instead of block by block
 _BULK_IDS = 64
 _TABLE_CHUNKS_KEPT = 256
 # ids resolved a few at a time are kept (id -> row) up to this many, oldest dropped first: a warm `get`
@@ -51,7 +54,8 @@ NOT_COLUMNS = ("split", "lookup")
 
 def id_keys(clip_ids: Iterable[str]) -> np.ndarray:
     """``[n, 2]`` uint64: the 128-bit BLAKE2b key of each id (high, low), as the lookup sorts them."""
-    digests = b"".join(hashlib.blake2b(str(c).encode("utf-8"), digest_size=16).digest() for c in clip_ids)
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(str(c).encode("utf-8"), digest_size=16).digest() for c in clip_ids])
     return np.frombuffer(digests, dtype=">u8").astype(np.uint64).reshape(-1, 2)
 
 
@@ -188,6 +192,10 @@ class ClipIndex:
         row_of = self._row_dict()
         return np.fromiter((row_of.get(c, -1) for c in clip_ids), dtype=np.int64, count=len(clip_ids))
 
+    def known_row(self, clip_id: str) -> int | None:
+        """The row of an id resolved before (kept, or in the decoded id dict), else None: nothing read."""
+        return (self._recent if self._row_of is None else self._row_of).get(clip_id)
+
     def _remember(self, clip_ids: Sequence[str], rows: np.ndarray) -> None:
         """Keep the rows of ids found (oldest dropped first beyond ``_RECENT_IDS``)."""
         for cid, row in zip(clip_ids, rows.tolist()):
@@ -222,30 +230,63 @@ class ClipIndex:
         return bool(meta) and self._arrays.exists(join(str(meta.get("path")), "table"))  # not cached
 
     def _find_in_lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Rows of ``keys`` (-1: absent): the fence names each key's table block (an inner chunk of a
+        sharded table), the blocks are read together, and each key is matched within its block."""
         path = join(self._lookup()["path"], "table")
-        if self._table is None and len(keys) > _BULK_IDS:
-            self._table = self._arrays.read(path, 0, self.n_clips)
-        if self._table is not None:
-            found = search_table(self._table, keys)
-        else:
-            found = np.array([self._find_one(path, key) for key in keys], dtype=np.int64)
+        fence = self._fence_keys()
+        block = np.maximum(np.searchsorted(fence, keys[:, 0], "right") - 1, 0)  # the last that can hold it
+        found = self._match_in_blocks(path, keys, block)
+        # a key whose high half starts its block may sit at the end of blocks before it when they end
+        # with the same high half (64 equal bits: practically never); those are searched in full
+        first = np.maximum(np.searchsorted(fence, keys[:, 0], "left") - 1, 0)
+        for i in np.flatnonzero((found < 0) & (first < block)).tolist():
+            table = self._block_rows(path, np.arange(first[i], block[i] + 1)).reshape(-1, 3)
+            found[i] = search_table(table[table[:, 2] != np.uint64(2**64 - 1)], keys[i:i + 1])[0]
         found[found >= self.n_clips] = -1  # a reader trusts only committed rows
         return found
 
-    def _find_one(self, path: str, key: np.ndarray) -> int:
-        """Binary search: the fence names the table chunk(s) whose key range holds ``key``."""
+    def _fence_keys(self) -> np.ndarray:
         if self._fence is None:
             fence_path = join(self._lookup()["path"], "fence")
             self._fence = self._arrays.read(fence_path, 0, self._arrays.shape(fence_path)[0])
-        first = max(0, int(np.searchsorted(self._fence, key[0], "left")) - 1)
-        last = max(first, int(np.searchsorted(self._fence, key[0], "right")) - 1)
-        parts = [self._table_chunk(path, c) for c in range(first, last + 1)]
-        return int(search_table(np.concatenate(parts), key[None])[0])
+        return self._fence
 
-    def _table_chunk(self, path: str, chunk: int) -> np.ndarray:
+    def _match_in_blocks(self, path: str, keys: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """Row of each key within its table block (``blocks``: per key), -1 where it is not there."""
+        numbers, which = np.unique(blocks, return_inverse=True)
+        table = self._block_rows(path, numbers)[which]  # [keys, block rows, 3]; padding rows hold no key
+        hit = (table[:, :, 0] == keys[:, :1]) & (table[:, :, 1] == keys[:, 1:])
+        at = hit.argmax(axis=1)
+        rows = table[np.arange(len(keys)), at, 2].astype(np.int64)
+        return np.where(hit[np.arange(len(keys)), at], rows, -1)
+
+    def _block_rows(self, path: str, numbers: np.ndarray) -> np.ndarray:
+        """Table blocks ``numbers`` (rows per block: the fence's spacing) as ``[len, per, 3]``; rows past
+        the table's end hold an impossible entry (row 2**64 - 1, found as absent).
+
+        From memory-mapped shards where the backend has them (each block's crc32c checked once per
+        mapping), else the whole table once for many blocks, else block by block (kept)."""
+        per = self._arrays.inner_rows(path)
+        rows = (numbers[:, None] * per + np.arange(per)).reshape(-1)
+        inside = rows < self.n_clips
+        out = np.zeros((len(rows), 3), dtype=np.uint64)
+        out[~inside, 2] = np.uint64(2**64 - 1)
+        mapped = self._arrays.gather(path, rows[inside], np.ones(int(inside.sum()), dtype=bool))
+        if mapped is not None:
+            out[inside] = mapped
+        elif self._table is not None or len(numbers) > _BULK_IDS:
+            if self._table is None:
+                self._table = self._arrays.read(path, 0, self.n_clips)
+            out[inside] = self._table[rows[inside]]
+        else:
+            for i, number in enumerate(numbers.tolist()):
+                block = self._table_chunk(path, number, per)
+                out[i * per:i * per + len(block)] = block
+        return out.reshape(len(numbers), per, 3)
+
+    def _table_chunk(self, path: str, chunk: int, per: int) -> np.ndarray:
         block = self._chunks.get(chunk)
         if block is None:
-            per = self._arrays.chunk_rows(path)
             block = self._arrays.read(path, chunk * per, min(self.n_clips, (chunk + 1) * per))
             if len(self._chunks) >= _TABLE_CHUNKS_KEPT:
                 self._chunks.pop(next(iter(self._chunks)))
@@ -285,11 +326,12 @@ class ClipIndex:
 
     def _write_lookup(self, table: np.ndarray, end: int) -> dict[str, Any]:
         group = join(LOOKUP_GROUP, str(end))
-        per = LOOKUP_CHUNK_ROWS
+        per = LOOKUP_INNER_ROWS
+        shard = min(LOOKUP_SHARD_ROWS, -(-len(table) // per) * per)
         fence = table[::per, 0].copy()
         self._arrays.create_group(LOOKUP_GROUP)
         self._arrays.create_group(group)
-        self._arrays.create_array(join(group, "table"), table.shape, "uint64", per, 0)
+        self._arrays.create_array(join(group, "table"), table.shape, "uint64", shard, 0, inner_rows=per)
         self._arrays.write(join(group, "table"), 0, table)
         self._arrays.create_array(join(group, "fence"), fence.shape, "uint64", max(1, len(fence)), 0)
         self._arrays.write(join(group, "fence"), 0, fence)

@@ -59,19 +59,25 @@ class RowCaches:
         self.chunks = ChunkCache(cache_bytes)
         self.done: dict[str, np.ndarray] = {}  # group path -> done mask, until refresh
         self.versions: dict[str, str | None] = {}  # group path -> data version, until refresh
-        self.partial_done: dict[str, int] = {}  # group path -> done rows read without the whole mask
+        self.partial_done: dict[str, int] = {}  # group path -> done chunks read without the whole mask
+        self.done_chunks: dict[str, dict[int, np.ndarray]] = {}  # group path -> {first row: flags}, same
 
     def forget(self, path: str) -> None:
         """Drop what is cached of the group at ``path`` and of the groups nested in it."""
-        for cache in (self.done, self.versions, self.partial_done):
+        for cache in (self.done, self.versions, self.partial_done, self.done_chunks):
             for key in [k for k in cache if k == path or k.startswith(path + "/")]:
                 del cache[key]
         for kind in KINDS:
             self.chunks.drop(join(path, kind.leaf))
 
+    def drop_done(self) -> None:
+        """Forget every group's done flags (an append changed the row count)."""
+        self.done.clear()
+        self.done_chunks.clear()
+
     def clear(self) -> None:
         self.chunks.clear()
-        self.done.clear()
+        self.drop_done()
         self.versions.clear()
         self.partial_done.clear()
 
@@ -88,6 +94,8 @@ class RowGroup:
         self.kind, self.name = kind, name
         self.path = join(kind.top, name)
         self._arrays, self._caches, self._index = arrays, caches, index
+        self._rows_per: tuple[int, int] | None = None  # (inner rows of the values, rows per done chunk)
+        self._values_path = join(self.path, kind.leaf)
 
     def __repr__(self) -> str:
         return f"RowGroup({self.kind.noun} {self.name!r})"
@@ -96,7 +104,7 @@ class RowGroup:
     @property
     def values_path(self) -> str:
         """The value array: ``<path>/data`` or ``<path>/probs``."""
-        return join(self.path, self.kind.leaf)
+        return self._values_path
 
     @property
     def done_path(self) -> str:
@@ -230,22 +238,48 @@ class RowGroup:
         return mask
 
     def _done_rows(self, start: int, stop: int) -> np.ndarray:
-        """Done flags of rows ``start:stop``: the first few reads of a group read only these rows.
+        """Done flags of rows ``start:stop``: the first few reads of a group read only their done chunk.
 
         A fresh process's first ``get`` at a million clips would otherwise read every done chunk
-        (~80 of ~110 ms); after ``_PARTIAL_DONE_READS`` such reads the whole mask is read and kept,
-        so a loop of gets costs what it did (a slice of the kept mask).
+        (~80 of ~110 ms). Chunks read so are kept (as the whole mask is, until refresh); after
+        ``_PARTIAL_DONE_READS`` of them the whole mask is read and kept, so a loop of gets costs
+        what it did (a slice of the kept mask).
         """
         if self.path not in self._caches.done:
-            count = self._caches.partial_done.get(self.path, 0)
-            if count < _PARTIAL_DONE_READS:
-                self._caches.partial_done[self.path] = count + 1
-                return self._arrays.read(self.done_path, start, stop, written=False).astype(bool)
+            per = self._per()[1]
+            first = start - start % per
+            if stop <= first + per:
+                chunks = self._caches.done_chunks.setdefault(self.path, {})
+                flags = chunks.get(first)
+                count = self._caches.partial_done.get(self.path, 0)
+                if flags is None and count < _PARTIAL_DONE_READS:
+                    self._caches.partial_done[self.path] = count + 1
+                    stop_chunk = min(self._index.n_clips, first + per)
+                    flags = self._arrays.read(self.done_path, first, stop_chunk, written=False).astype(bool)
+                    chunks[first] = flags
+                if flags is not None:
+                    return flags[start - first:stop - first]
         return self._done()[start:stop]
+
+    def _per(self) -> tuple[int, int]:
+        """(inner rows of the value array, rows per done chunk), asked once per group object."""
+        if self._rows_per is None:
+            self._rows_per = (self._arrays.inner_rows(self.values_path), self._arrays.chunk_rows(self.done_path))
+        return self._rows_per
+
+    def _known_done(self, row: int) -> bool:
+        """Whether the done flags already read say ``row`` is finished (False: unknown or not)."""
+        mask = self._caches.done.get(self.path)
+        if mask is not None:
+            return bool(mask[row])
+        per = self._per()[1]
+        flags = self._caches.done_chunks.get(self.path, {}).get(row - row % per)
+        return flags is not None and bool(flags[row % per])
 
     def set_done(self, start: int, flags: np.ndarray) -> None:
         """Write done flags for rows ``start:start+len(flags)`` and keep the cached mask in step."""
         self._arrays.write(self.done_path, start, flags)
+        self._caches.done_chunks.pop(self.path, None)
         mask = self._caches.done.get(self.path)
         if mask is not None:
             mask[start:start + len(flags)] = flags
@@ -427,6 +461,16 @@ class RowGroup:
         for block, a, b in zip(blocks, starts, ends):
             out[order[a:b]] = block[local[a:b]]
         return out
+
+    def cached_row(self, row: int) -> np.ndarray | None:
+        """Values of a finished row held by the decoded-chunk cache, ``[...]`` (a view: copy it), or
+        None. The warm ``get``: two dict lookups and a slice, nothing read."""
+        per = self._per()[0]
+        chunk, offset = divmod(row, per)
+        hit = self._caches.chunks.get((self.values_path, per, chunk))
+        if hit is None or offset >= len(hit[1]) or not hit[1][offset] or not self._known_done(row):
+            return None
+        return hit[0][offset]
 
     def read_row(self, row: int) -> np.ndarray:
         """Values of one row, ``[1, ...]`` (a view of the cached inner chunk: copy before changing it)."""

@@ -51,6 +51,9 @@ class FeatureStore:
         self._rows_cache = RowCaches(cache_bytes)
         self._index = ClipIndex(self._arrays)  # ids, the id -> row lookup, columns: read lazily
         self._runs: dict[str, dict] | None = None  # prediction run attrs, read once (refresh() drops them)
+        # feature sets a ``get`` found (name -> group): the warm ``get`` skips the name check. A group
+        # object holds names only; what it reads is in ``_rows_cache``, which deletes and refresh drop
+        self._feature_groups: dict[str, RowGroup] = {}
         if mode == "w" or not self._arrays.exists("index"):
             init_layout(self._arrays)
         self._arrays.strict = check_schema(self._arrays) >= 2
@@ -290,10 +293,19 @@ class FeatureStore:
 
     # ------------------------------------------------------- reading features (row_group.py)
     def get(self, name: str, clip_id: str) -> np.ndarray:
-        """Features of one clip, ``[n_segments, *feature_shape]`` in the stored dtype."""
+        """Features of one clip, ``[n_segments, *feature_shape]`` in the stored dtype.
+
+        A clip asked before (its row known, its chunk cached, finished by the done flags read) is a
+        few dict lookups and a copy: about an h5py row read."""
+        group, row = self._feature_groups.get(name), self._index.known_row(clip_id)
+        if group is not None and row is not None:
+            hit = group.cached_row(row)
+            if hit is not None:
+                return hit.copy()
         group = self.row_group(FEATURE_SETS, name)
         row = self.row(clip_id)
         group.require_done(np.array([row]))
+        self._feature_groups[name] = group
         return group.read_row(row)[0].copy()
 
     def get_many(self, name: str, clip_ids: Sequence[str]) -> np.ndarray:
@@ -312,6 +324,7 @@ class FeatureStore:
         self._rows_cache.clear()
         self._index.forget()
         self._runs = None
+        self._feature_groups.clear()
 
     def torch_dataset(self, features: str | Sequence[str], **kwargs):
         """A ``featurestore.torchdata.StoreDataset`` over this store (see that class for arguments)."""
@@ -424,6 +437,7 @@ class FeatureStore:
 
     def close(self) -> None:
         self._rows_cache.clear()
+        self._feature_groups.clear()
         self._b.close()
 
     def __enter__(self) -> "FeatureStore":

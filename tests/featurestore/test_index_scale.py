@@ -25,7 +25,7 @@ from featurestore import ClipRecord, Manifest, convert_store, create_store, open
 from featurestore.cli import describe_store
 from featurestore.errors import UnknownClipError
 from featurestore.store import index
-from featurestore.store.index import LOOKUP_ATTR, LOOKUP_CHUNK_ROWS, VALUES_ATTR
+from featurestore.store.index import LOOKUP_ATTR, LOOKUP_INNER_ROWS, VALUES_ATTR
 
 N = 100_000
 FEAT = "emb/test"
@@ -113,7 +113,7 @@ def test_open_row_and_get_decode_no_string_column(big):
     np.testing.assert_array_equal(value, values(np.array([54_321]))[0])
     assert not set(counts) & set(STRING_COLUMNS), counts
     lookup = [p for p in counts if p.startswith("index/lookup/")]
-    assert sum(counts[p] for p in lookup if p.endswith("/table")) == LOOKUP_CHUNK_ROWS  # one table chunk
+    assert sum(counts[p] for p in lookup if p.endswith("/table")) == LOOKUP_INNER_ROWS  # one table chunk
     assert inner < CHUNK and counts[f"features/{FEAT}/data"] == inner  # the clip's inner chunk, nothing else
     assert counts[f"features/{FEAT}/done"] <= 2 * CHUNK  # its done flags, not the whole mask
 
@@ -225,7 +225,7 @@ def test_convert_gives_an_old_store_a_lookup(tmp_path, dst_name):
 
 
 def test_a_reader_whose_lookup_an_append_replaced_still_finds_its_clips(tmp_path, monkeypatch):
-    monkeypatch.setattr(index, "LOOKUP_CHUNK_ROWS", 1024)  # a table of three chunks, quickly
+    monkeypatch.setattr(index, "LOOKUP_INNER_ROWS", 1024)  # a table of three chunks, quickly
     path = str(tmp_path / "grow.zarr")
     build(path, n=3 * 1024)
     high = index.id_keys([clip_id(i) for i in range(3 * 1024)])[:, 0]
