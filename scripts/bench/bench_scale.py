@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help=f"comma-separated figure groups to time ({', '.join(GROUPS)}; "
                    "default: all)")
     p.add_argument("--lookup-sweep", type=int, nargs="*", default=None, metavar="ROWS",
-                   help="only time the id lookup, its table in chunks of these many rows (1024 4096 16384)")
+                   help="only time the id lookup, its table in inner chunks of these many rows (64 256 1024)")
     args = p.parse_args(argv)
     args.sizes = [int(c) for c in str(args.clips).replace("_", "").split(",") if c]
     args.groups = list(GROUPS) if args.only is None else [g for g in args.only.split(",") if g]
@@ -397,17 +397,17 @@ def lookup_sweep(args: argparse.Namespace, chunk_rows: list[int]) -> None:
     rng = np.random.default_rng(args.seed + 2)
     picks = [clip_id(int(i)) for i in rng.integers(0, n, 200)]
     batch = [clip_id(int(i)) for i in rng.integers(0, n, 1024)]
-    keep = index.LOOKUP_CHUNK_ROWS
+    keep = index.LOOKUP_INNER_ROWS
     for rows in chunk_rows:
         path = Path(args.workdir) / f"lookup-{n}-{rows}.zarr"
-        index.LOOKUP_CHUNK_ROWS = rows
+        index.LOOKUP_INNER_ROWS = rows
         try:
             with open_store(path, "w") as store:  # an index alone: ids through the public API
                 from featurestore import ClipRecord, Manifest
 
                 store.append_clips(Manifest("sweep", CLASSES, [ClipRecord(clip_id(i)) for i in range(n)]))
         finally:
-            index.LOOKUP_CHUNK_ROWS = keep
+            index.LOOKUP_INNER_ROWS = keep
         with open_store(path) as store:
             one = []
             for cid in picks:
@@ -421,7 +421,7 @@ def lookup_sweep(args: argparse.Namespace, chunk_rows: list[int]) -> None:
                 t = time.perf_counter()
                 store.rows(batch)
                 many.append(time.perf_counter() - t)
-        print(f"lookup chunks of {rows:>6} rows ({rows * 24 // 1024} KiB): one cold id "
+        print(f"lookup blocks of {rows:>6} rows ({rows * 24 // 1024} KiB): one cold id "
               f"{statistics.median(one) * 1e3:.2f} ms (fence included), "
               f"1,024 ids {statistics.median(many) * 1e3:.1f} ms")
 

@@ -133,7 +133,9 @@ def test_every_id_resolves_to_the_row_the_id_dict_gives(big):
     ids = [clip_id(i) for i in range(N)]
     with open_store(big) as store:
         counts = counting(store)
-        np.testing.assert_array_equal(store.rows(ids), np.arange(N))  # bulk: the whole table, once
+        np.testing.assert_array_equal(store.rows(ids), np.arange(N))  # bulk: every key's block bisected
+        asked = [ids[7], "no-such-clip", ids[-1], *[f"absent-{i}" for i in range(10)], ids[0]]
+        assert store.index.find(asked).tolist() == [7, -1, N - 1, *[-1] * 10, 0]  # absent ids: -1, never a row
         assert "index/clip_id" not in counts
         sample = np.random.default_rng(0).choice(N, 3000, replace=False)
         store.index.forget()  # then one id at a time: fence + table chunks
