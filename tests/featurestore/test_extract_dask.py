@@ -1,6 +1,7 @@
-"""Extraction as Dask tasks on a real two-process LocalCluster equals the local run bit for bit;
-``scheduler="local:N"`` starts its own cluster; a worker SIGKILLed mid-task loses nothing written
-by other tasks, and a rerun extracts only what is missing."""
+"""Extraction as Dask tasks on a real two-process LocalCluster equals the local run bit for bit, each
+task writing whole shards that no other task writes; ``scheduler="local:N"`` starts its own cluster;
+a worker SIGKILLed mid-task loses nothing written by other tasks, and a rerun extracts only what is
+missing."""
 from __future__ import annotations
 
 import os
@@ -33,8 +34,14 @@ def test_dask_tasks_write_the_same_arrays_as_a_local_run(tmp_path, client):
     extract(manifest, local, ENCODERS, **OPTIONS)
 
     remote = tmp_path / "dask.zarr"
-    summary = extract(manifest, remote, ENCODERS, scheduler=client, **OPTIONS)
+    log = tmp_path / "writes.log"
+    client.register_plugin(RecordDataWrites(str(log)), name=f"record-{tmp_path.name}")
+    try:
+        summary = extract(manifest, remote, ENCODERS, scheduler=client, **OPTIONS)
+    finally:
+        client.unregister_worker_plugin(f"record-{tmp_path.name}")
     assert summary.exit_code == 0 and summary.clips_done == 9
+    _assert_whole_shards_of_one_writer(log, "features/logmel/data", 2, 9)
     assert summary.device.startswith("dask (2 workers")
     assert summary.stage_seconds["encode timm/test_vit"] > 0 and summary.stage_seconds["write"] > 0
     workers = {w for w, tasks in client.run(_tasks_seen).items() if tasks}
@@ -83,6 +90,50 @@ def test_a_scheduler_address_passes_the_greeting_check_and_runs(tmp_path, client
     summary = extract(manifest, tmp_path / "dask.zarr", ENCODERS, scheduler=address, **OPTIONS)
     assert summary.exit_code == 0 and summary.clips_done == 5
     assert summary.device == "dask (2 workers, 2 threads, device cpu; cluster)"
+
+
+class RecordDataWrites(distributed.WorkerPlugin):
+    """Appends ``pid path start rows shard_rows whole`` to ``log`` for every feature-data write a
+    worker makes (``whole``: the rows are whole shards, written without reading the shard back),
+    so a test can tell that each Dask task writes whole shards of its own."""
+
+    def __init__(self, log: str):
+        self.log = log
+
+    def setup(self, worker) -> None:
+        from featurestore.store._zarr import ZarrBackend
+
+        self.original = original = ZarrBackend.write
+        log = self.log
+
+        def write(backend, path, start, data):
+            if path.endswith("/data"):
+                layout = backend._layout(path)
+                whole = layout is not None and layout.whole_shards(start, len(data), backend.shape(path)[0])
+                with open(log, "a") as f:
+                    f.write(f"{os.getpid()} {path} {start} {len(data)} {layout.shard_rows if layout else 0} "
+                            f"{int(whole)}\n")
+            return original(backend, path, start, data)
+
+        ZarrBackend.write = write
+
+    def teardown(self, worker) -> None:
+        from featurestore.store._zarr import ZarrBackend
+
+        ZarrBackend.write = self.original
+
+
+def _assert_whole_shards_of_one_writer(log, path: str, shard_rows: int, n_rows: int) -> None:
+    """Every write of ``path`` the workers logged is whole shards (written without reading a shard
+    back), and no shard is written by two workers."""
+    writes = [line.split() for line in log.read_text().splitlines() if line.split()[1] == path]
+    assert writes and all(w[4] == str(shard_rows) and w[5] == "1" for w in writes), writes
+    writers: dict[int, set[str]] = {}
+    for pid, _, start, rows, _, _ in writes:
+        for shard in range(int(start) // shard_rows, -(-(int(start) + int(rows)) // shard_rows)):
+            writers.setdefault(shard, set()).add(pid)
+    assert sorted(writers) == list(range(-(-n_rows // shard_rows))), writers
+    assert all(len(pids) == 1 for pids in writers.values()), writers
 
 
 def _tasks_seen() -> int:

@@ -123,7 +123,7 @@ def test_a_scheduler_address_that_is_no_dask_scheduler_is_one_line_within_the_ti
 
 @pytest.mark.parametrize("extra, says", [
     (["--encoder-option", "logmel.segment_seconds=2.0"], "works on 2.0 s segments"),
-    (["--chunk-clips", "100000"], "chunk_clips must be at most 4096 clips"),
+    (["--chunk-clips", "100000"], "chunk_clips must be at most 65536 clips"),
     (["--scheduler", "local:0"], "expected 'local:N' with N >= 1"),
     (["--scheduler", "local:1", "--backend", "hdf5"], "an HDF5 file cannot be written by several processes"),
 ], ids=["encoder-misfit", "chunk-sizes", "local-0", "hdf5-for-dask"])
