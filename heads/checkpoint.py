@@ -32,8 +32,32 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """The JSON in ``path``; `CheckpointError` naming the file when it is not JSON (a truncated or
+    overwritten run file), since the decoder's own message names only a line and column."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the run's "
+                              f"files are damaged: train the run again (or restore the file)") from None
+
+
+def read_json_object(path: Path, required: Mapping[str, type | tuple[type, ...]]) -> dict:
+    """``read_json(path)``, refused unless it is an object whose ``required`` keys have those types."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    for key, kinds in required.items():
+        if not isinstance(data.get(key), kinds):
+            raise CheckpointError(f"{path}: {key!r} should be {_kind_names(kinds)}, found "
+                                  f"{'nothing' if key not in data else type(data[key]).__name__}")
+    return data
+
+
+def _kind_names(kinds: type | tuple[type, ...]) -> str:
+    names = {str: "a string", dict: "an object", list: "a list", int: "an integer", type(None): "null"}
+    return " or ".join(names.get(k, k.__name__) for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

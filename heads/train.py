@@ -599,6 +599,7 @@ def _open_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> dict:
     """
     state_path, info_path = run_dir / "state.json", run_dir / "run.json"
     if overwrite and run_dir.exists():
+        _check_replaceable(run_dir)
         shutil.rmtree(run_dir)
     if info_path.exists():
         diff = _identity_diff(read_json(info_path), identity)
@@ -610,6 +611,23 @@ def _open_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> dict:
         write_json(info_path, {**identity, "created": runtime_info()})
         return {}
     return read_json(state_path) if state_path.exists() else {}
+
+
+#: What a run directory holds before its run.json is written (a run killed at its start) or beside it.
+RUN_ENTRIES = frozenset({"run.json", "state.json", "best.safetensors", "metrics.jsonl", "ckpt"})
+
+
+def _check_replaceable(run_dir: Path) -> None:
+    """Refuse ``--overwrite`` of a directory that is not a run's: it is deleted whole, so ``--out .``
+    or ``--out`` naming the folder of the store or a dataset would delete them (a run directory has
+    ``run.json``, or only a run's own entries when it was killed before writing it)."""
+    if not run_dir.is_dir() or run_dir.is_symlink():
+        raise FileExistsError(f"--out {str(run_dir)!r} is not a directory; --overwrite replaces only a run directory")
+    entries = sorted(p.name for p in run_dir.iterdir())
+    if "run.json" not in entries and not set(entries) <= RUN_ENTRIES:
+        raise FileExistsError(f"--out {str(run_dir)!r} is not a run directory (no run.json; it holds "
+                              f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}), and --overwrite "
+                              f"would delete it whole; choose another --out")
 
 
 #: run.json keys that are not part of a run's identity: ``feature_provenance`` is documentation the

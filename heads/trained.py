@@ -21,7 +21,7 @@ import torch
 
 from featurestore.encoders import resolve_device
 from heads._registry import Head, create_head, head_class
-from heads.checkpoint import CheckpointError, check_shapes, load_weights, read_json, run_file
+from heads.checkpoint import CheckpointError, check_shapes, load_weights, read_json_object, run_file
 
 
 def weights_path(run_dir: Path, weights: str) -> Path:
@@ -29,7 +29,7 @@ def weights_path(run_dir: Path, weights: str) -> Path:
     if weights == "best":
         return run_dir / "best.safetensors"
     if weights == "last":
-        return run_file(run_dir, read_json(run_dir / "state.json")["checkpoint"])
+        return run_file(run_dir, read_json_object(run_dir / "state.json", {"checkpoint": str})["checkpoint"])
     raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
 
 
@@ -49,7 +49,7 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a training run directory (no run.json)")
-    info = read_json(run_dir / "run.json")
+    info = run_info(run_dir)
     path = weights_path(run_dir, weights)
     name, config = _head_spec(run_dir, info)
     check_shapes(path, _shapes_on_meta(run_dir, name, config), f"the {name} head run.json describes")
@@ -59,15 +59,44 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
     return head.to(resolve_device(device)).eval(), info
 
 
-def _head_spec(run_dir: Path, info: Any) -> tuple[str, dict]:
-    """The head name and loading config ``run.json`` records, checked to be the right kinds of JSON."""
-    name = info.get("head") if isinstance(info, dict) else None
-    config = info.get("head_config") if isinstance(info, dict) else None
-    if not isinstance(name, str) or not isinstance(config, dict):
-        raise CheckpointError(f"{run_dir / 'run.json'}: expected a JSON object with 'head' (a name) and "
-                              f"'head_config' (an object), found {type(info).__name__} "
-                              f"{sorted(info) if isinstance(info, dict) else ''}")
-    return name, head_class(name).loading_config(config)
+def run_info(run_dir: Path) -> dict:
+    """A run's ``run.json``, checked to hold what loading and predicting read, of the right kinds.
+
+    The trainer writes it; a file truncated, overwritten or edited by hand is refused here in one
+    line naming the file and the key, instead of failing later with a bare ``KeyError``/``TypeError``
+    (or a string of feature names read letter by letter).
+
+    Raises:
+        CheckpointError: not JSON, or a key missing or of the wrong kind.
+    """
+    path = run_dir / "run.json"
+    info = read_json_object(path, {"head": str, "head_config": dict, "train": dict, "features": dict})
+    names = info["train"].get("features")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: 'train.features' should be a non-empty list of feature set names, found {names!r:.80}")
+    unknown = [n for n in names if not isinstance(info["features"].get(n), str)]
+    if unknown or not all(isinstance(v, str) for v in info["features"].values()):
+        raise CheckpointError(f"{path}: 'features' should map every input feature set to its fingerprint; "
+                              f"{unknown or 'some'} have none")
+    classes = info.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{path}: 'classes' should be a list of class names, found {classes!r:.80}")
+    for key, kind in (("feature_info", dict), ("feature_provenance", dict), ("class_features", str)):
+        value = info.get(key) or {}
+        if not isinstance(value, dict) or not all(isinstance(v, kind) for v in value.values()):
+            raise CheckpointError(f"{path}: {key!r} should map feature set names to "
+                                  f"{'objects' if kind is dict else 'fingerprints'}, found {value!r:.80}")
+    for name, meta in (info.get("feature_info") or {}).items():
+        shape = meta.get("shape")
+        if shape is not None and (not isinstance(shape, list) or not all(type(n) is int and n > 0 for n in shape)):
+            raise CheckpointError(f"{path}: 'feature_info.{name}.shape' should be a list of sizes, found {shape!r:.80}")
+    return info
+
+
+def _head_spec(run_dir: Path, info: dict) -> tuple[str, dict]:
+    """The head name and loading config ``run.json`` records (checked by `run_info`)."""
+    name = info["head"]
+    return name, head_class(name).loading_config(info["head_config"])
 
 
 def _shapes_on_meta(run_dir: Path, name: str, config: dict) -> dict[str, tuple[int, ...]]:

@@ -251,7 +251,7 @@ def test_every_head_is_checked_on_the_meta_device_and_loads_its_trained_weights(
 def test_a_run_json_that_is_not_an_object_is_a_checkpoint_error(trained_run, tmp_path):
     run = _crafted_copy(trained_run, tmp_path / "crafted")
     (run / "run.json").write_text("[1, 2]")
-    with pytest.raises(CheckpointError, match="expected a JSON object with 'head'"):
+    with pytest.raises(CheckpointError, match="run.json: expected a JSON object, found list"):
         TrainedHead.load(run, device="cpu")
 
 
