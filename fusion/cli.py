@@ -141,8 +141,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from fusion.classify import classify_files
     from fusion.submission import check_output_file
 
-    if args.out:
-        check_output_file(args.out)  # a directory is refused before any run classifies the files
     run_dirs = {}
     for item in args.run_dir:
         run, sep, path = item.partition("=")
@@ -151,6 +149,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         run_dirs[run] = path
     recipe = FusionRecipe.from_json(args.recipe)
     with _open(args) as store:
+        if args.out:  # a directory or a file of the store is refused before any run classifies the files
+            check_output_file(args.out, store)
         result = classify_files(store, recipe, args.files, args.device, run_dirs, progress=not args.quiet)
     if args.out:
         result.write_csv(args.out)

@@ -13,9 +13,11 @@ scored the same. ``scene_label`` is the arg-max class.
 from __future__ import annotations
 
 import csv
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +55,7 @@ def write_submission(path: str | Path, clip_ids: Sequence[str], probs: np.ndarra
     p = as_probs(probs, "submission probabilities")
     if p.shape != (len(clip_ids), len(classes)):
         raise ValueError(f"submission: expected probabilities of shape {(len(clip_ids), len(classes))}, found {p.shape}")
-    if "{clip_id}" not in filename_template:
-        raise ValueError(f"submission: filename template must contain '{{clip_id}}', found {filename_template!r}")
+    check_filename_template(filename_template)
     out = check_output_file(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, "w", newline="") as handle:
@@ -66,12 +67,38 @@ def write_submission(path: str | Path, clip_ids: Sequence[str], probs: np.ndarra
     return out
 
 
-def check_output_file(path: str | Path) -> Path:
-    """``path`` as a file to write: an existing directory there is refused before any work is done."""
+def check_filename_template(template: str) -> None:
+    """Refuse a filename template that is not ``str.format`` text whose only field is ``{clip_id}``
+    (checked before any work: ``{x}`` or ``{clip_id:d}`` would otherwise fail on the first row).
+
+    Raises:
+        ValueError: naming the template and what is wrong with it.
+    """
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        template.format(clip_id="airport-lisbon-1000-40000")
+    except (ValueError, KeyError, IndexError, AttributeError) as err:
+        raise ValueError(f"submission: filename template {template!r} is not a format string with only "
+                         f"{{clip_id}} in braces ({type(err).__name__}: {err})") from None
+    if not fields or any(name != "clip_id" for name in fields):
+        raise ValueError(f"submission: filename template must contain '{{clip_id}}' and no other field, "
+                         f"found {template!r}")
+
+
+def check_output_file(path: str | Path, store: Any = None) -> Path:
+    """``path`` as a file to write, refused before any work is done when it is an existing directory,
+    or the local ``store`` itself or a file inside it (``--out store.h5`` would replace the store
+    with a CSV, ``--out store.zarr/zarr.json`` its root metadata)."""
     out = Path(path)
     if out.is_dir():
         raise ValueError(f"output file {str(out)!r} is a directory; expected a file name such as "
                          f"{str(out / 'submission.csv')!r}")
+    location = str(getattr(store, "location", "") or "")
+    if location and ("://" not in location or location.startswith("file://")):
+        kept, written = Path(location.removeprefix("file://")).resolve(), out.resolve()
+        if written == kept or kept in written.parents:
+            raise ValueError(f"output file {str(out)!r} is {'the store' if written == kept else 'inside the store'} "
+                             f"{location}; writing it would damage the store: choose a path outside it")
     return out
 
 
