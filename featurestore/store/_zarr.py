@@ -13,7 +13,11 @@ files are the standard format, which zarr-python reads and writes as well.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +25,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
+from featurestore.errors import StoreFormatError
 from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array
 from featurestore.store._chunk_files import ChunkWriter, PlainLayout
 from featurestore.store._shards import ShardLayout, ShardReader, local_file
@@ -35,6 +40,29 @@ def _missing_filesystem(location: str, err: ImportError) -> str:
     scheme = location.split("://")[0]
     fix = f"pip install 'avscene[{_EXTRAS[scheme]}]'" if scheme in _EXTRAS else "install it"
     return f"{location}: {scheme}:// URLs need a filesystem package that is not installed ({err}); {fix}"
+
+
+@contextlib.contextmanager
+def _metadata(location: str) -> Iterator[None]:
+    """A ``zarr.json`` that is not JSON (truncated, overwritten) becomes one `StoreFormatError` naming
+    the file: zarr-python's own error names only a line and a column."""
+    try:
+        yield
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreFormatError(f"{location}: {_damaged_metadata(location)} is not valid JSON ({err}); the store's "
+                               f"metadata is damaged (restore the file, or the store from a copy)") from None
+
+
+def _damaged_metadata(location: str) -> str:
+    """The first local ``zarr.json`` under ``location`` that does not parse (searched only after a failure)."""
+    root = Path(location.removeprefix("file://"))
+    if "://" not in str(root) and root.is_dir():
+        for path in sorted(root.rglob("zarr.json")):
+            try:
+                json.loads(path.read_bytes())
+            except (ValueError, OSError):
+                return str(path)
+    return "a zarr.json metadata file"
 
 
 class ZarrBackend:
@@ -52,7 +80,8 @@ class ZarrBackend:
             options.setdefault("auto_mkdir", True)
         kwargs = {"storage_options": options} if options and "://" in location else {}
         try:
-            self._root = zarr.open_group(location, mode=mode, zarr_format=3, **kwargs)
+            with _metadata(location):
+                self._root = zarr.open_group(location, mode=mode, zarr_format=3, **kwargs)
         except ImportError as err:  # fsspec names the missing package (s3fs, gcsfs) in a traceback
             raise ValueError(_missing_filesystem(location, err)) from None
         self._arrays: dict[str, zarr.Array] = {}
@@ -63,12 +92,14 @@ class ZarrBackend:
         self._shards = ShardReader()
 
     def _node(self, path: str):
-        return self._root[path] if path else self._root
+        with _metadata(self.location):
+            return self._root[path] if path else self._root
 
     def _array(self, path: str) -> zarr.Array:
         arr = self._arrays.get(path)
         if arr is None:
-            arr = self._root[path].with_config(_CONFIG)
+            with _metadata(self.location):
+                arr = self._root[path].with_config(_CONFIG)
             self._arrays[path] = arr
         return arr
 
@@ -76,7 +107,8 @@ class ZarrBackend:
         if not path:
             return True
         try:
-            self._root[path]
+            with _metadata(self.location):
+                self._root[path]
         except KeyError:
             return False
         return True
@@ -89,7 +121,8 @@ class ZarrBackend:
         if not path:
             return False
         try:
-            node = self._root[path]
+            with _metadata(self.location):
+                node = self._root[path]
         except KeyError:
             return False
         if isinstance(node, zarr.Array):
@@ -99,7 +132,8 @@ class ZarrBackend:
 
     def children(self, path: str) -> list[str]:
         node = self._node(path)
-        return sorted(name for name, _ in node.members(max_depth=0))
+        with _metadata(self.location):
+            return sorted(name for name, _ in node.members(max_depth=0))
 
     def get_attrs(self, path: str) -> dict[str, Any]:
         return dict(self._node(path).attrs)
