@@ -157,6 +157,12 @@ def _stacked(path: PathLike, arrays: list) -> np.ndarray:
     return np.stack(arrays)
 
 
+def target_tick(t: float, start: int, time_base: Fraction) -> int:
+    """The pts tick the sampler looks for at ``t`` seconds after the stream's ``start`` (a thousandth of
+    a tick of slack, so that a time computed to fall on a frame's start does not round to the tick before)."""
+    return start + int(math.floor(Fraction(t) / time_base + Fraction(1, 1000)))
+
+
 class _CannotSeek(Exception):
     """The frame timestamps cannot be trusted for seeking (missing, out of order, or the demuxer
     refuses to seek): decode everything instead."""
@@ -271,7 +277,7 @@ class _Sampler:
         self._index_offset = self._pts_minus_index_ts()
 
     def _ticks(self, t: float) -> int:
-        return self._start + int(math.floor(Fraction(t) / self._tb + Fraction(1, 1000)))
+        return target_tick(t, self._start, self._tb)
 
     def _seconds(self, ticks: int) -> float:
         return float((ticks - self._start) * self._tb)

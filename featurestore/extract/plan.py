@@ -61,19 +61,27 @@ class Source:
     #: the video files ('' = decode); ``from_fingerprint`` is that set's fingerprint.
     from_set: str = ""
     from_fingerprint: str = ""
+    #: frames decoded by torchcodec (``extract(decoder="torchcodec")``) on ``decode_device`` ('': PyAV).
+    decoder: str = ""
+    decode_device: str = ""
 
     @property
     def key(self) -> str:
         if self.from_set:
             return f"stored:{self.from_set}"
-        return f"audio@{self.sample_rate}" if self.kind == "audio" else f"frames@{self.n_segments}"
+        if self.kind == "audio":
+            return f"audio@{self.sample_rate}"
+        return f"frames@{self.n_segments}" + (f"/{self.decoder}" if self.decoder else "")
 
     def scheme(self) -> dict:
         """The segment scheme recorded in provenance (part of the fingerprint)."""
         if self.kind == "audio":
             return {"kind": "audio", "n_segments": self.n_segments, "segment_seconds": self.segment_seconds,
                     "sample_rate": self.sample_rate}
-        return {"kind": "frames", "n_frames": self.n_segments}
+        scheme = {"kind": "frames", "n_frames": self.n_segments}
+        if self.decode_device.startswith("cuda"):  # NVDEC's RGB differs from the CPU decoders' by a few levels
+            scheme["decoder"] = f"{self.decoder}/cuda"
+        return scheme
 
 
 @dataclass
@@ -186,7 +194,8 @@ class Plan:
 # -------------------------------------------------------------------------------------- plan
 def make_plan(store: FeatureStore, manifest: Manifest, rows: np.ndarray, selected: np.ndarray, encoders: list,
               device: str, batch_size: int, chunk_clips: int | Mapping[str, int] | None, overwrite: bool,
-              commit_seconds: float = DEFAULT_COMMIT_SECONDS, stored: StoredFrames | None = None) -> Plan:
+              commit_seconds: float = DEFAULT_COMMIT_SECONDS, stored: StoredFrames | None = None,
+              decoder: str = "pyav") -> Plan:
     """The plan of a run: the targets (feature sets created or reopened, their rows to do), the
     block size and the absolute media path of every store row.
 
@@ -202,6 +211,7 @@ def make_plan(store: FeatureStore, manifest: Manifest, rows: np.ndarray, selecte
         overwrite: replace feature sets made with another configuration.
         commit_seconds: see :attr:`Plan.commit_seconds`.
         stored: the checked ``frames_from`` set the image encoders read (``stored_frames``), or None.
+        decoder: ``"pyav"`` or ``"torchcodec"`` (then on ``device``), for frames decoded from video.
     """
     check_commit_seconds(commit_seconds)
     if isinstance(chunk_clips, Mapping):
@@ -209,8 +219,8 @@ def make_plan(store: FeatureStore, manifest: Manifest, rows: np.ndarray, selecte
         if unknown:
             raise ValueError(f"chunk_clips names {unknown} are not feature sets of this run "
                              f"({', '.join(e.name for e in encoders)})")
-    targets = [prepare_target(store, e, source_for(e, manifest, stored), selected, device, chunk_clips, overwrite)
-               for e in encoders if e.modality != "text"]
+    targets = [prepare_target(store, e, source_for(e, manifest, stored, decoder, device), selected, device,
+                              chunk_clips, overwrite) for e in encoders if e.modality != "text"]
     audio = [""] * store.n_clips
     video = [""] * store.n_clips
     for row, clip in zip(rows, manifest.clips):
@@ -230,9 +240,11 @@ def check_commit_seconds(value: object) -> None:
 
 
 # ----------------------------------------------------------------------------------- sources
-def source_for(encoder, manifest: Manifest, stored: StoredFrames | None = None) -> Source:
+def source_for(encoder, manifest: Manifest, stored: StoredFrames | None = None, decoder: str = "pyav",
+               device: str = "cpu") -> Source:
     """The decoding an encoder needs, checked against the dataset's segment scheme; with
-    ``stored``, an image encoder's frames come from that feature set instead."""
+    ``stored``, an image encoder's frames come from that feature set instead; with ``decoder``
+    ``"torchcodec"``, frames are decoded by torchcodec on ``device``."""
     if encoder.modality == "audio":
         seconds = float(encoder.segment_seconds or manifest.segment_seconds)
         if not math.isclose(seconds, float(manifest.segment_seconds)):
@@ -245,6 +257,8 @@ def source_for(encoder, manifest: Manifest, stored: StoredFrames | None = None) 
     if encoder.modality == "video":
         if stored is not None:
             return Source("frames", stored.n_frames, from_set=stored.name, from_fingerprint=stored.fingerprint)
+        if decoder == "torchcodec":
+            return Source("frames", int(manifest.video_frames), decoder=decoder, decode_device=device)
         return Source("frames", int(manifest.video_frames))
     raise ValueError(f"encoder {encoder.spec} has modality {encoder.modality!r}; expected audio or video")
 
@@ -343,7 +357,7 @@ def extraction_chunk_clips(n_segments: int, shape: tuple[int, ...], dtype: str, 
 
 
 def check_targets(store: FeatureStore, manifest: Manifest, encoders: list, device: str, overwrite: bool,
-                  stored: StoredFrames | None = None) -> None:
+                  stored: StoredFrames | None = None, decoder: str = "pyav") -> None:
     """Refuse a run before it changes anything: each feature set and class-feature set it would
     write must be absent, made with the same configuration, or ``overwrite``-n (the store's
     fingerprint rule). Runs before the manifest's clips are added to the index, so a refused
@@ -352,7 +366,7 @@ def check_targets(store: FeatureStore, manifest: Manifest, encoders: list, devic
         if encoder.modality == "text":
             store.has_class_features(encoder.name, text_provenance(encoder, manifest.classes, device), overwrite)
             continue
-        source = source_for(encoder, manifest, stored)
+        source = source_for(encoder, manifest, stored, decoder, device)
         store.check_feature_set(encoder.name, source.n_segments, tuple(int(s) for s in encoder.output_shape),
                                 target_provenance(encoder, source, device), overwrite)
 

@@ -74,7 +74,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             segments: int | None = None, allow_outside_root: bool = False,
             encoder_options: Mapping[str, Mapping[str, Any]] | None = None,
             classes: Sequence[str] | None = None, commit_seconds: float = DEFAULT_COMMIT_SECONDS,
-            frames_from: str | None = None) -> ExtractSummary:
+            frames_from: str | None = None, decoder: str = "pyav") -> ExtractSummary:
     """Extract features of a dataset's clips into a store; resumable, with per-clip errors.
 
     Args:
@@ -118,6 +118,11 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
             features made from the MP4s (the stored frames were squashed to a square). Refused up
             front: a missing set, another frame count, an encoder that is not an image or text
             encoder, selected clips the set has not done (named).
+        decoder: ``"pyav"`` (default) or ``"torchcodec"`` (``--decoder``, the ``avscene[torchcodec]``
+            extra): frames decoded by torchcodec on the encoders' device, NVDEC on a GPU (then in
+            threads of this process, and recorded in the fingerprint: its RGB differs by a few levels),
+            FFmpeg's CPU decoders otherwise (the PyAV path's frames bit for bit on MP4/MOV/Matroska;
+            other containers are a per-clip decode error). See ``featurestore.decode.torchcodec_video``.
 
     A rerun with nothing left to do (every selected clip done by the same request under the same
     library versions) is told from the store alone and returns before any encoder is built.
@@ -143,6 +148,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     t_start = time.perf_counter()
     _check_arguments(batch_size, num_workers, frames, limit, chunk_clips, segments)
     check_commit_seconds(commit_seconds)
+    _check_decoder(decoder)
     asked = requests(encoders, encoder_options)
     manifest = _load_manifest(dataset, frames, segments, allow_outside_root, classes)
     selected_ids = manifest.clip_ids[:limit] if limit else manifest.clip_ids
@@ -159,7 +165,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         if summary is None:
             summary = _run(store, manifest, selected_ids, asked, _RunOptions(
                 device, batch_size, num_workers, overwrite, scheduler, progress, backend, chunk_clips,
-                commit_seconds, frames_from))
+                commit_seconds, frames_from, decoder))
     except ExtractionInterrupted:
         raise
     except KeyboardInterrupt:
@@ -263,6 +269,7 @@ class _RunOptions:
     chunk_clips: int | Mapping[str, int] | None
     commit_seconds: float = DEFAULT_COMMIT_SECONDS
     frames_from: str | None = None
+    decoder: str = "pyav"
 
 
 def _prepare(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], built: list, dev,
@@ -271,7 +278,7 @@ def _prepare(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], buil
     that found an open store happens here, before any clip is extracted."""
     stored = None if opt.frames_from is None else \
         stored_frames(fs, opt.frames_from, manifest, built, selected_ids)
-    check_targets(fs, manifest, built, str(dev), opt.overwrite, stored)
+    check_targets(fs, manifest, built, str(dev), opt.overwrite, stored, opt.decoder)
     rows = _ensure_clips(fs, manifest)
     selected = np.zeros(fs.n_clips, dtype=bool)
     selected[rows[:len(selected_ids)]] = True
@@ -281,7 +288,7 @@ def _prepare(fs: FeatureStore, manifest: Manifest, selected_ids: list[str], buil
         summary.class_features[enc.name] = "written" if write_text_features(fs, enc, str(dev), opt.overwrite) \
             else "unchanged"
     plan = make_plan(fs, manifest, rows, selected, built, str(dev), opt.batch_size, opt.chunk_clips, opt.overwrite,
-                     opt.commit_seconds, stored)
+                     opt.commit_seconds, stored, opt.decoder)
     summary.random_weights = [e.name for e in built if is_random_weights(e.provenance())]
     return summary, plan
 
@@ -291,11 +298,15 @@ def _execute(fs: FeatureStore, summary: ExtractSummary, plan: Plan, dev, opt: _R
     """Run the pipeline over the plan's blocks (here, or as Dask tasks on ``client``) and count."""
     t_pipeline = time.perf_counter()
     from featurestore.extract.pipeline import default_num_workers, run_blocks
+    from featurestore.extract.workers import decodes_on_device
 
     with _ProgressBar(plan.n_todo_clips(), opt.progress) as bar:
         if client is None:
             workers = default_num_workers(dev) if opt.num_workers is None else opt.num_workers
-            stats = run_blocks(plan, fs, plan.blocks(), dev, workers, bar.update)
+            threads = 0
+            if decodes_on_device(plan):  # torchcodec on CUDA: decoded in threads here (see decodes_on_device)
+                workers, threads = 0, max(1, workers)
+            stats = run_blocks(plan, fs, plan.blocks(), dev, workers, bar.update, decode_threads=threads)
         else:
             from featurestore.extract.dask import StoreRef, run_distributed
 
@@ -339,6 +350,14 @@ def _check_arguments(batch_size: int, num_workers: int | None, frames: int | Non
         if name.startswith("chunk_clips") and value is not None and value > MAX_BLOCK_CLIPS:
             raise ValueError(f"{name} must be at most {MAX_BLOCK_CLIPS} clips (a block of whole chunks of every "
                              f"feature set is the unit of work), got {value}")
+
+
+def _check_decoder(decoder: str) -> None:
+    """An unknown decoder, or torchcodec where it cannot run, refused in one line before any work."""
+    if decoder != "pyav":
+        from featurestore.decode.torchcodec_video import check_decoder
+
+        check_decoder(decoder)
 
 
 def _load_manifest(dataset: str | Path | Manifest, frames: int | None, segments: int | None = None,

@@ -72,6 +72,13 @@ def preprocess_on_device(device: torch.device) -> bool:
     return device.type != "cpu" if PREPROCESS_ON_DEVICE is None else bool(PREPROCESS_ON_DEVICE)
 
 
+def decodes_on_device(plan: Plan) -> bool:
+    """Whether some source is decoded on an accelerator (torchcodec on CUDA). Then decoding runs in
+    threads of the main process (``run_blocks(num_workers=0, decode_threads=)``): a forked
+    DataLoader worker cannot use the CUDA context its parent made, and the frames stay on the device."""
+    return any(s.decoder and s.decode_device not in ("", "cpu") for s in plan.sources().values())
+
+
 def make_job(index: int, name: str, source: str, preprocessor: Callable, n_segments: int,
              on_device: bool = True) -> Job:
     """The job of one encoder. With ``on_device``, a preprocessor with a ``batched`` step runs that
@@ -199,7 +206,7 @@ class ClipDecoder(Dataset):
                 continue
             t0 = time.perf_counter()
             try:
-                result.inputs[job.index] = self._preprocess(job, value, row)
+                result.inputs[job.index] = self._job_input(job, value, row)
             except ValueError as err:  # preprocessors validate their input with ValueError
                 result.errors[job.index] = f"preprocessing for {job.name} failed: {err}"
             else:
@@ -208,8 +215,9 @@ class ClipDecoder(Dataset):
             _add(result.seconds, "preprocess", time.perf_counter() - t0)
         return result
 
-    def _decode(self, source: Source, row: int) -> np.ndarray | str:
-        """The decoded array, or the error message when the file cannot be decoded."""
+    def _decode(self, source: Source, row: int) -> np.ndarray | torch.Tensor | str:
+        """The decoded array (torchcodec's frames: a tensor, on the GPU when it decodes there), or the
+        error message when the file cannot be decoded."""
         if source.from_set:
             return self._stored(source, row)
         audio, video = self.paths[row]
@@ -219,6 +227,10 @@ class ClipDecoder(Dataset):
         try:
             if source.kind == "audio":
                 return load_audio_segments(path, source.sample_rate, source.n_segments, source.segment_seconds)
+            if source.decoder == "torchcodec":
+                from featurestore.decode.torchcodec_video import sample_frames_torchcodec
+
+                return sample_frames_torchcodec(path, source.n_segments, source.decode_device or "cpu")
             return sample_frames(path, source.n_segments)
         except DecodeError as err:
             return f"decode failed: {err}"
@@ -240,6 +252,17 @@ class ClipDecoder(Dataset):
             location, backend, storage_options = self.frames_store
             self._store = (os.getpid(), open_store(location, "r", backend=backend, storage_options=storage_options))
         return self._store[1]
+
+    @classmethod
+    def _job_input(cls, job: Job, value: np.ndarray | torch.Tensor, row: int) -> torch.Tensor:
+        """What ``job`` reads: torchcodec's frame tensor is already the uint8 ``[K, H, W, 3]`` that
+        ``as_uint8_frames`` hands over (left where it was decoded, the GPU's memory included); a
+        preprocessor that runs here gets it as the array decoding gives."""
+        if isinstance(value, torch.Tensor):
+            if job.batched is not None:
+                return value
+            value = value.cpu().numpy()
+        return cls._preprocess(job, value, row)
 
     @staticmethod
     def _preprocess(job: Job, value: np.ndarray, row: int) -> torch.Tensor:
