@@ -26,9 +26,14 @@ Each is run single-threaded (``threads=1``: the sampler's default, and what extr
 processes use) and with ``--threads`` threads: the sampler then seeks groups of times that share
 no keyframe in parallel, one opened file per group; the baselines use FFmpeg frame threading.
 
+With ``--torchcodec`` it also times the torchcodec decoder (``extract --decoder torchcodec``) on
+the CPU against ``seek``, alternating, one thread each, after checking that it returns the same
+frames bit for bit: frames/s of both and their ratio.
+
 Usage:
     python scripts/bench/bench_frames.py                  # GOP 15 (0.5 s)
     python scripts/bench/bench_frames.py --gops 8 15 30 250 --repeats 7
+    python scripts/bench/bench_frames.py --gops 15 250 --threads 1 --torchcodec
 """
 from __future__ import annotations
 
@@ -215,6 +220,30 @@ def report(gop: int, path: Path, n_frames: int, threads: int, n_seek, n_full,
               f"decode_all+rgb {r1 / st:.2f}x; seek itself {s1 / st:.2f}x faster than with 1 thread")
 
 
+def torchcodec_vs_seek(path: Path, n_frames: int, repeats: int) -> tuple[float, float]:
+    """Median wall seconds of ``seek`` and of torchcodec on the CPU, one thread each, alternating
+    (after a warm-up); refuses (ValueError) when their frames differ."""
+    from featurestore.decode.torchcodec_video import sample_frames_torchcodec
+
+    calls = {"seek": lambda: sample_frames(path, n_frames),
+             "torchcodec": lambda: sample_frames_torchcodec(path, n_frames).numpy()}
+    if not np.array_equal(calls["seek"](), calls["torchcodec"]()):
+        raise ValueError(f"{path}: torchcodec's frames differ from the PyAV sampler's")
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            w0 = time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - w0)
+    return statistics.median(wall["seek"]), statistics.median(wall["torchcodec"])
+
+
+def report_torchcodec(path: Path, n_frames: int, repeats: int) -> None:
+    seek, codec = torchcodec_vs_seek(path, n_frames, repeats)
+    print(f"  torchcodec (CPU, 1 thread; same frames bit for bit): {n_frames / codec:6.1f} frames/s vs seek "
+          f"{n_frames / seek:6.1f} frames/s (PyAV): torchcodec/seek = {seek / codec:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gops", type=int, nargs="+", default=[15], help="GOP lengths in frames (default 15)")
@@ -222,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per method (median reported)")
     p.add_argument("--threads", type=int, default=2,
                    help="also time every method with this many threads (default 2; 1 = single-threaded only)")
+    p.add_argument("--torchcodec", action="store_true",
+                   help="also time the torchcodec decoder on the CPU against seek (needs avscene[torchcodec])")
     args = p.parse_args(argv)
     thread_counts = (1, args.threads) if args.threads > 1 else (1,)
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  bound for any exact sampler: it must decode {n_needed} of {n_full.frames} frames; "
                   f"decoding only those takes {needed_ms:.0f} ms vs {all_ms:.0f} ms for all "
                   f"(1 thread, CPU): at most {all_ms / needed_ms:.2f}x")
+            if args.torchcodec:
+                report_torchcodec(path, args.frames, args.repeats)
     return 0
 
 

@@ -129,3 +129,25 @@ def test_clips_the_frames_set_has_not_done_are_refused_by_name(dataset, tmp_path
         extract(manifest, store, VIT, frames_from="frames/32", **RUN)
     summary = extract(manifest, store, VIT, frames_from="frames/32", limit=2, **RUN)
     assert summary.clips_done == 2
+
+
+def test_dask_tasks_read_the_stored_frames_too(dataset, tmp_path):
+    """``frames_from`` with a scheduler: each task's decoder opens the store read-only itself. An
+    in-process cluster (two worker threads, two tasks of two clips) keeps it cheap; the features
+    equal the encoder on the stored frames, batch by batch, with no video opened."""
+    distributed = pytest.importorskip("distributed")
+    manifest, store = _store_copy(dataset, tmp_path)
+    (manifest.root / "video").rename(tmp_path / "video_moved")
+    try:
+        with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+            summary = extract(manifest, store, VIT, frames_from="frames/32", scheduler=client,
+                              **{**RUN, "batch_size": 2, "chunk_clips": 2})
+    finally:
+        (tmp_path / "video_moved").rename(manifest.root / "video")
+    assert (summary.clips_done, summary.clips_failed) == (4, 0) and summary.device.startswith("dask")
+    ids = [clip_id(i) for i in range(4)]
+    with open_store(store) as fs:
+        got = fs.get_many("timm/test_vit", ids)
+        assert fs.feature_info("timm/test_vit").provenance["frames_from"]["set"] == "frames/32"
+    np.testing.assert_array_equal(got, np.concatenate([_expected(store, ids[:2]), _expected(store, ids[2:])]))
