@@ -42,15 +42,17 @@ def _store_copy(dataset, tmp_path):
     return manifest, copy
 
 
-def _expected(store_path, ids: list[str]) -> np.ndarray:
-    """The encoder applied directly to the stored frames, as one encode batch (the run's)."""
+def _expected(store_path, ids: list[str], batch: int | None = None) -> np.ndarray:
+    """The encoder applied directly to the stored frames, in encode batches of ``batch`` clips (the
+    run's; default: all of them in one)."""
     encoder = create_encoder(VIT, "cpu")
     with open_store(store_path) as store:
         frames = store.get_many("frames/32", ids)  # [n, K, 3, S, S] uint8
     pre = encoder.preprocessor()
     x = torch.cat([pre(np.ascontiguousarray(f.transpose(0, 2, 3, 1))) for f in frames])
+    step = (batch or len(ids)) * frames.shape[1]
     with torch.no_grad():
-        out = encoder.encode(x).float().numpy()
+        out = torch.cat([encoder.encode(x[i:i + step]) for i in range(0, len(x), step)]).float().numpy()
     return out.reshape(len(ids), frames.shape[1], *encoder.output_shape).astype(encoder.dtype)
 
 
@@ -139,8 +141,8 @@ def test_dask_tasks_read_the_stored_frames_too(dataset, tmp_path):
     manifest, store = _store_copy(dataset, tmp_path)
     (manifest.root / "video").rename(tmp_path / "video_moved")
     try:
-        with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0",
+                                      worker_dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
             summary = extract(manifest, store, VIT, frames_from="frames/32", scheduler=client,
                               **{**RUN, "batch_size": 2, "chunk_clips": 2})
     finally:
@@ -150,4 +152,4 @@ def test_dask_tasks_read_the_stored_frames_too(dataset, tmp_path):
     with open_store(store) as fs:
         got = fs.get_many("timm/test_vit", ids)
         assert fs.feature_info("timm/test_vit").provenance["frames_from"]["set"] == "frames/32"
-    np.testing.assert_array_equal(got, np.concatenate([_expected(store, ids[:2]), _expected(store, ids[2:])]))
+    np.testing.assert_array_equal(got, _expected(store, ids, batch=2))
