@@ -229,7 +229,7 @@ def read_answer(run: str, where: str | Path, attrs: Mapping[str, Any], text: str
     """Check the JSON that ``heads classify --json`` printed and map its probabilities onto ``classes``.
 
     Raises:
-        ClassifyError: the answer comes from another head (other features or classes).
+        ClassifyError: the answer comes from another head (other features, weights or classes).
         NonFiniteProbabilitiesError: it holds a NaN or an infinity for some clips (named): a
             diverged head; fusing it would print and write ``nan``.
     """
@@ -246,12 +246,19 @@ def read_answer(run: str, where: str | Path, attrs: Mapping[str, Any], text: str
 
 def _check_answer(run: str, where: str | Path, attrs: Mapping[str, Any], answer: Mapping[str, Any],
                   classes: Sequence[str]) -> None:
-    """The answering head must be the one behind the stored run: same features, same classes."""
+    """The answering head must be the one behind the stored run: same features, same weights file
+    (its sha256, recorded by ``heads predict``), same classes."""
     recorded = dict(attrs.get("features") or {})
     if recorded and dict(answer.get("features") or {}) != recorded:
         raise ClassifyError(f"run {run!r}: {where} now holds a head trained on feature sets "
                             f"{answer.get('features')}, but predictions/{run} were made from {recorded}; "
                             f"predict again or point --run-dir {run}=PATH at the run that made them")
+    recorded_sha = attrs.get("weights_sha256")
+    if recorded_sha and answer.get("weights_sha256") != recorded_sha:
+        raise ClassifyError(f"run {run!r}: {where} now holds other {answer.get('weights') or 'best'} weights "
+                            f"(sha256 {str(answer.get('weights_sha256'))[:12]}...) than the ones predictions/{run} "
+                            f"were made with ({recorded_sha[:12]}...): trained again since? predict again, or point "
+                            f"--run-dir {run}=PATH at the run that made them")
     if sorted(answer.get("classes") or []) != sorted(classes):
         raise ClassifyError(f"run {run!r}: {where} classifies into {answer.get('classes')}, the store has "
                             f"{list(classes)}")

@@ -34,9 +34,9 @@ from featurestore.atomic_files import atomic_write
 from featurestore.checks import is_int_in, non_finite_rows
 from featurestore.manifest import MAX_AUDIO_SEGMENTS, MAX_VIDEO_FRAMES
 from featurestore.encode_files import DEFAULT_BATCH_CLIPS, ClipFiles, FileEncoder, group_files
-from featurestore.provenance import fingerprint, fingerprint_matches, is_random_weights, weights_identity
+from featurestore.provenance import file_sha256, fingerprint, fingerprint_matches, is_random_weights, weights_identity
 from heads.errors import FeatureFingerprintError
-from heads.trained import TrainedHead
+from heads.trained import TrainedHead, weights_path
 
 #: (lowest, highest) value accepted for each size a caller gives, checked before anything is
 #: allocated; segments and frames take the dataset readers' maxima (featurestore.manifest).
@@ -73,6 +73,8 @@ class ClassifyResult:
         random_weights: feature sets (and ``backbone:<name>``) whose weights are random: such
             probabilities carry no pretrained knowledge.
         weights: the run's ``best`` or ``last`` checkpoint.
+        weights_sha256: the sha256 of that checkpoint's file, as ``heads predict`` records it with
+            a prediction run (so fusion can tell the head behind stored predictions from another).
     """
 
     run_dir: str
@@ -84,6 +86,7 @@ class ClassifyResult:
     weights_identity: dict[str, str] = field(default_factory=dict)
     random_weights: list[str] = field(default_factory=list)
     weights: str = "best"
+    weights_sha256: str = ""
 
     @property
     def names(self) -> list[str]:
@@ -113,7 +116,8 @@ class ClassifyResult:
         for clip, (label, p), probs, seg in zip(self.clips, self.top(), self.probs, self.segment_probs):
             clips.append({"clip": clip.name, "files": [str(f) for f in clip.files], "top_class": label,
                           "probability": p, "probs": probs.tolist(), "segment_probs": seg.tolist()})
-        return {"run_dir": self.run_dir, "weights": self.weights, "classes": list(self.classes),
+        return {"run_dir": self.run_dir, "weights": self.weights, "weights_sha256": self.weights_sha256,
+                "classes": list(self.classes),
                 "features": dict(self.features), "weights_identity": dict(self.weights_identity),
                 "random_weights": list(self.random_weights), "clips": clips, "errors": dict(self.errors)}
 
@@ -159,6 +163,7 @@ class Classifier:
                  batch_size: int = DEFAULT_BATCH_CLIPS, num_workers: int = 0):
         check_sizes({"segments": segments, "frames": frames, "batch_size": batch_size, "num_workers": num_workers})
         self.trained = TrainedHead.load(run_dir, device, weights)
+        self.weights_sha256 = file_sha256(weights_path(self.trained.run_dir, weights))
         provenances, store_classes = run_provenance(self.trained, store)
         self.classes = self.trained.classes or store_classes
         self.encoder = FileEncoder(provenances, self.trained.device, checkpoints=checkpoints, segments=segments,
@@ -197,7 +202,7 @@ class Classifier:
             identity["backbone"] = weights_identity({"weights": backbone})
         return ClassifyResult(str(self.trained.run_dir), list(self.classes), classified, segment_probs,
                               errors, dict(self.trained.info["features"]), identity,
-                              self.random_weights, self.trained.weights)
+                              self.random_weights, self.trained.weights, self.weights_sha256)
 
 
 def non_finite_clips(features: Mapping[str, np.ndarray], segment_probs: np.ndarray) -> dict[int, str]:

@@ -49,3 +49,18 @@ def test_submit_into_the_store_is_refused_and_the_store_still_opens(tiny_store_p
         assert code == 2 and len(err.splitlines()) == 1 and "inside the store" in err
     with open_store(store) as opened:
         assert opened.n_clips > 0 and not (store / "index" / "s.csv").exists()
+
+
+def test_fusion_classify_refuses_a_run_directory_holding_other_weights_than_the_stored_run(tiny_store):
+    """A run trained again since ``heads predict`` (same features and classes, other weights) would
+    give the new files other probabilities than the stored ones: refused naming both sha256s."""
+    from fusion.classify import ClassifyError, read_answer
+
+    classes = list(tiny_store.classes)
+    answer = {"classes": classes, "features": {"f": "fp"}, "weights": "best", "weights_sha256": "b" * 64,
+              "errors": {}, "clips": [{"clip": "new", "segment_probs": [[1 / len(classes)] * len(classes)]}]}
+    attrs = {"features": {"f": "fp"}, "weights_sha256": "a" * 64}
+    with pytest.raises(ClassifyError, match=r"runs/c04 now holds other best weights \(sha256 bbbbbbbbbbbb...\) "
+                                            r"than the ones predictions/C04 were made with \(aaaaaaaaaaaa...\)"):
+        read_answer("C04", "runs/c04", attrs, json.dumps(answer), classes)
+    assert read_answer("C04", "runs/c04", {**attrs, "weights_sha256": "b" * 64}, json.dumps(answer), classes).run == "C04"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import heads
+from featurestore.provenance import file_sha256
 from featurestore.store import open_store
 from heads.classify import Classifier, classify
 from heads.cli import main
@@ -108,6 +109,7 @@ def test_cli_prints_a_table_json_and_csv(runs, capsys):
     answer = json.loads(capsys.readouterr().out)
     assert answer["classes"] == classes and answer["random_weights"] == [VIDEO_SET]
     assert answer["weights_identity"][VIDEO_SET] == "RANDOM(seed=0)"
+    assert answer["weights_sha256"] == file_sha256(runs["V"] / "best.safetensors")  # what fusion checks
     assert [c["clip"] for c in answer["clips"]] == ids
     np.testing.assert_allclose([c["segment_probs"] for c in answer["clips"]], stored, atol=1e-6)
     np.testing.assert_allclose([c["probs"] for c in answer["clips"]], expected, atol=1e-6)
