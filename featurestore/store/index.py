@@ -58,7 +58,7 @@ NOT_COLUMNS = ("split", "lookup")
 def id_keys(clip_ids: Iterable[str]) -> np.ndarray:
     """``[n, 2]`` uint64: the 128-bit BLAKE2b key of each id (high, low), as the lookup sorts them."""
     blake2b = hashlib.blake2b
-    digests = b"".join([blake2b(str(c).encode("utf-8"), digest_size=16).digest() for c in clip_ids])
+    digests = b"".join([blake2b(c.encode("utf-8"), digest_size=16).digest() for c in map(str, clip_ids)])
     return np.frombuffer(digests, dtype=">u8").astype(np.uint64).reshape(-1, 2)
 
 
@@ -260,6 +260,10 @@ class ClipIndex:
             found = self._bisect_blocks(path, keys, blocks)
             if found is not None:
                 return found
+        if len(keys) == 1:  # a cold single id: its block, matched directly
+            table = self._block_rows(path, blocks)[0]
+            at = np.flatnonzero((table[:, 0] == keys[0, 0]) & (table[:, 1] == keys[0, 1]))
+            return np.array([int(table[at[0], 2]) if len(at) else -1], dtype=np.int64)
         numbers, which = np.unique(blocks, return_inverse=True)
         table = self._block_rows(path, numbers)[which]  # [keys, block rows, 3]; padding rows hold no key
         hit = (table[:, :, 0] == keys[:, :1]) & (table[:, :, 1] == keys[:, 1:])
@@ -299,6 +303,11 @@ class ClipIndex:
         From memory-mapped shards where the backend has them (each block's crc32c checked once per
         mapping), else the whole table once for many blocks, else block by block (kept)."""
         per = self._arrays.inner_rows(path)
+        if len(numbers) == 1 and (int(numbers[0]) + 1) * per <= self.n_clips:  # one whole block
+            start = int(numbers[0]) * per
+            block = self._arrays.gather(path, np.arange(start, start + per), np.ones(per, dtype=bool))
+            if block is not None:
+                return block[None]
         rows = (numbers[:, None] * per + np.arange(per)).reshape(-1)
         inside = rows < self.n_clips
         out = np.zeros((len(rows), 3), dtype=np.uint64)
