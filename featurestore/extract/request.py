@@ -186,11 +186,12 @@ def classes_argument(text: str) -> list[str]:
 
 # ------------------------------------------------------------------------- nothing to do?
 def nothing_to_do(store: Any, manifest: Manifest, selected_ids: list[str], items: list[EncoderRequest],
-                  overwrite: bool, frames_from: str | None = None) -> ExtractSummary | None:
+                  overwrite: bool, frames_from: str | None = None, decoder: str = "pyav") -> ExtractSummary | None:
     """The summary of a run that would skip every selected clip, or None when that cannot be told
     without building the encoders (see the module docstring). ``store`` is an open store;
     ``frames_from``: the run's ``frames/<size>`` set (video sets must have been made from it, as it
-    is now, else the full check decides)."""
+    is now, else the full check decides); ``decoder``: with torchcodec, video sets always go to the
+    full check (whether its frames enter the fingerprint depends on the device, resolved there)."""
     if overwrite or any(r.encoder is not None for r in items):
         return None
     if store.classes != list(manifest.classes) and (manifest.classes or not store.classes):
@@ -205,7 +206,7 @@ def nothing_to_do(store: Any, manifest: Manifest, selected_ids: list[str], items
     source = _frames_source(store, frames_from)
     for item in items:
         prov = _done_with(store, item, manifest, rows, versions, summary)
-        if prov is None or _video(prov) and prov.get("frames_from") != source:
+        if prov is None or _video(prov) and (prov.get("frames_from") != source or decoder != "pyav"):
             return None
         if is_random_weights(prov):
             summary.random_weights.append(item.name)

@@ -161,7 +161,7 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
     with _no_room(location, "writing its lock file"):
         lock = writer_lock(location).acquire()  # refused at once while another run writes the store
     try:
-        summary = _already_done(store, manifest, selected_ids, asked, overwrite, backend, frames_from)
+        summary = _already_done(store, manifest, selected_ids, asked, overwrite, backend, frames_from, decoder)
         if summary is None:
             summary = _run(store, manifest, selected_ids, asked, _RunOptions(
                 device, batch_size, num_workers, overwrite, scheduler, progress, backend, chunk_clips,
@@ -184,11 +184,11 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
 
 def _already_done(store: str | Path | FeatureStore, manifest: Manifest, selected_ids: list[str],
                   asked: list[EncoderRequest], overwrite: bool, backend: str | None,
-                  frames_from: str | None = None) -> ExtractSummary | None:
+                  frames_from: str | None = None, decoder: str = "pyav") -> ExtractSummary | None:
     """The summary of a run with nothing left to do, told from an existing store without building
     any encoder (``request.nothing_to_do``), else None."""
     if isinstance(store, FeatureStore):
-        return nothing_to_do(store, manifest, selected_ids, asked, overwrite, frames_from)
+        return nothing_to_do(store, manifest, selected_ids, asked, overwrite, frames_from, decoder)
     location = str(store)
     local = location.removeprefix("file://")
     if overwrite or ("://" not in local and not Path(local).exists()):
@@ -198,7 +198,7 @@ def _already_done(store: str | Path | FeatureStore, manifest: Manifest, selected
     except Exception:  # noqa: BLE001 - no store at that URL yet (or unreadable): the full run decides and says why
         return None
     with fs:
-        return nothing_to_do(fs, manifest, selected_ids, asked, overwrite, frames_from)
+        return nothing_to_do(fs, manifest, selected_ids, asked, overwrite, frames_from, decoder)
 
 
 def _run(store: str | Path | FeatureStore, manifest: Manifest, selected_ids: list[str],

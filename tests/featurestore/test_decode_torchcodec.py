@@ -126,3 +126,17 @@ def test_extraction_with_torchcodec_stores_the_pyav_paths_features_under_its_fin
             name = spec.split("@")[0]
             np.testing.assert_array_equal(fs.get_many(name, ids), want.reshape(3, 2, *encoder.output_shape))
             assert fs.feature_info(name).provenance["segments"] == {"kind": "frames", "n_frames": 2}
+
+
+@needs_torchcodec
+def test_a_rerun_with_torchcodec_is_checked_by_fingerprint_and_resumes_a_pyav_run_on_the_cpu(tmp_path):
+    """Told from the store alone, a PyAV run would look done; with torchcodec the full check decides
+    (on CUDA the fingerprint differs). On the CPU it is the same fingerprint: everything is skipped."""
+    from featurestore.extract.request import NO_DEVICE
+
+    manifest = make_dataset(tmp_path / "data", 2)
+    run = dict(device="cpu", batch_size=2, chunk_clips=2, num_workers=0, progress=False)
+    extract(manifest, tmp_path / "s.zarr", "frames/32", **run)
+    assert extract(manifest, tmp_path / "s.zarr", "frames/32", **run).device == NO_DEVICE
+    again = extract(manifest, tmp_path / "s.zarr", "frames/32", decoder="torchcodec", **run)
+    assert (again.clips_done, again.clips_skipped, again.device) == (0, 2, "cpu")
