@@ -1,4 +1,4 @@
-"""GPU check of every GPU floor of issue 21, for a session that is lent a GPU (~5 minutes on an H100).
+"""GPU check of every GPU floor of issue 21, for a session lent a GPU (estimated ~5 min on an H100; not yet run).
 
 1. **Encode lane** (``lane``): ViT-B/32 with random weights (``clip/ViT-B-32@none``: the OpenAI
    weights' compute, no download) fed uint8 frames the way extraction's encode lane feeds it
@@ -69,16 +69,16 @@ class Sizes:
     lane_inputs: tuple[tuple[tuple[int, int], str, int], ...]  # ((H, W), label, batch)
     profiled_steps: int  # lane steps in the profiled window
     bf16: tuple[bool, ...]  # the lane's precisions: float32 (False) and/or bf16 (True)
-    stored_clips: int
-    stored_size: int
+    stored_clips: int  # clips of the random frames set extracted from (step 2)
+    stored_size: int  # its frame size
     mp4: dict  # make_demo_dataset arguments
     mp4_limit: int | None  # clips of it extracted (None: all)
-    train_clips: int
+    train_clips: int  # clips of the random training store
     frame_size: int  # stored frames of the frame_cnn run
-    logmel_shape: tuple[int, int]
-    backbone: str
-    frame_batch: int
-    logmel_batch: int
+    logmel_shape: tuple[int, int]  # stored log-mel [mels, frames] of the spectrogram_cnn run
+    backbone: str  # both heads' timm backbone
+    frame_batch: int  # frame_cnn batch (frames)
+    logmel_batch: int  # spectrogram_cnn batch (segments)
     epochs: int = 2  # training epochs per head; the last one's loader wait is reported
 
     @classmethod
@@ -86,13 +86,18 @@ class Sizes:
         # 720p batches are 2.76 MB a frame: at most 256 frames, so the three pinned batches stay ~2 GB
         lane = (((224, 224), "stored224", batch), ((720, 1280), "decoded720p", min(batch, 256)))
         mp4 = dict(clips_per_class=max(1, clips // 10), duration=10.0, width=1280, height=720, fps=10)
-        return cls("cuda", VIT, lane, 8, (False, True), stored_clips, 224, mp4, None, 96, 448, (256, 94), "regnetx_064", 48, 24, 2)
+        return cls(device="cuda", encoder=VIT, lane_inputs=lane, profiled_steps=8, bf16=(False, True),
+                   stored_clips=stored_clips, stored_size=224, mp4=mp4, mp4_limit=None, train_clips=96,
+                   frame_size=448, logmel_shape=(256, 94), backbone="regnetx_064", frame_batch=48, logmel_batch=24,
+                   epochs=2)
 
     @classmethod
     def dry_run(cls) -> Sizes:
         lane = (((32, 32), "stored32", 2),)
         mp4 = dict(clips_per_class=1, duration=1.0, width=64, height=48, fps=4)
-        return cls("cpu", "timm/test_vit@none", lane, 2, (True,), 2, 32, mp4, 2, 2, 16, (16, 20), "test_resnet", 8, 8, 1)
+        return cls(device="cpu", encoder="timm/test_vit@none", lane_inputs=lane, profiled_steps=2, bf16=(True,),
+                   stored_clips=2, stored_size=32, mp4=mp4, mp4_limit=2, train_clips=2, frame_size=16,
+                   logmel_shape=(16, 20), backbone="test_resnet", frame_batch=8, logmel_batch=8, epochs=1)
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -187,7 +192,8 @@ def run_lane(encoder, size: tuple[int, int], batch: int, seconds: float, bf16: b
         elapsed = time.perf_counter() - t0
     trace = out / f"trace_{tag}.json"
     prof.export_chrome_trace(str(trace))
-    result = {"input": f"{size[1]}x{size[0]}", "bf16": bf16, "batch": batch, "frames_per_s": (k + profiled) * batch / elapsed,
+    result = {"input": f"{size[1]}x{size[0]}", "bf16": bf16, "batch": batch,
+              "frames_per_s": (k + profiled) * batch / elapsed,
               "gpu_busy": busy_fraction(prof, window_us), "sync_warnings": dict(syncs), "trace": str(trace),
               "fingerprint_options": {"precision": encoder.precision, "cudnn_benchmark": encoder.cudnn_benchmark}}
     print(f"{tag}: {result['frames_per_s']:,.0f} frames/s, GPU busy {100 * result['gpu_busy']:.0f}% "
@@ -278,7 +284,8 @@ def run_mp4_extract(sizes: Sizes, dataset: Path, tmp: Path) -> dict:
             ids = a.clip_ids[:sizes.mp4_limit]
             diff = np.abs(a.get_many("frames/224", ids).astype(np.int16) - b.get_many("frames/224", ids))
         result["frames224_diff"] = {"max": int(diff.max()), "mean": float(diff.mean())}
-        print(f"mp4_extract: frames/224 torchcodec vs pyav: max |diff| {diff.max()}, mean {diff.mean():.3f}", flush=True)
+        print(f"mp4_extract: frames/224 torchcodec vs pyav: max |diff| {diff.max()}, mean {diff.mean():.3f}",
+              flush=True)
     return result
 
 
@@ -369,7 +376,8 @@ def _train_one(head_name: str, feature: str, config: dict, batch: int, sizes: Si
     config = {"backbone": sizes.backbone, "n_classes": 10, **config}
     cuda = sizes.device.startswith("cuda")
     cfg = heads.TrainConfig(head=head_name, features=[feature], train_split="train", val_split=None,
-                            out=str(tmp / f"run_{head_name}"), epochs=sizes.epochs, batch_size=batch, device=sizes.device,
+                            out=str(tmp / f"run_{head_name}"), epochs=sizes.epochs, batch_size=batch,
+                            device=sizes.device,
                             precision="bf16" if cuda else "fp32", progress=False, head_config=config)
     torch.manual_seed(0)
     head = heads.create_head(head_name, **config)
