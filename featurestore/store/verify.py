@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -218,8 +219,17 @@ def _read_chunk(arrays, raw: "_LocalZarrChunks | None", chunk: _Chunk) -> _Outco
             block = arrays.read_unchecked(chunk.path, chunk.start, chunk.stop)
     except Exception as err:  # noqa: BLE001 - any decode failure is a finding
         return _Outcome(chunk, error=err)
+    leaf = chunk.path.rpartition("/")[2]
+    if isinstance(block, _ShardRows):
+        if block.grouped.dtype.kind != "f":
+            return _Outcome(chunk)  # integers (stored frames): no value to judge
+        if leaf != "probs":  # judged where the rows lie in the file's bytes, not copied together
+            finite = block.finite_rows()
+            done = finite if chunk.done.all() else finite[chunk.done]
+            return _Outcome(chunk, findings=_finite_findings(chunk.start, done))
+        block = block.rows()
     values = block if chunk.done.all() else block[chunk.done]
-    return _Outcome(chunk, findings=_value_findings(chunk.start, values, chunk.path.rpartition("/")[2]))
+    return _Outcome(chunk, findings=_value_findings(chunk.start, values, leaf))
 
 
 def _read_backend(arrays, chunk: _Chunk) -> np.ndarray:
@@ -268,6 +278,23 @@ _BACKEND = object()  # a chunk to read through the backend
 
 
 @dataclass(frozen=True)
+class _ShardRows:
+    """Rows ``0:n`` of a shard as a view of its file's bytes grouped by inner chunk, ``[k, rows per
+    inner chunk, values per row]``: each inner chunk ends in its crc32c, so the rows are not one
+    array without a copy of the shard (a quarter of the fast path's time), and are judged in place."""
+
+    grouped: np.ndarray
+    n: int
+    row_shape: tuple[int, ...]
+
+    def finite_rows(self) -> np.ndarray:
+        return _finite_last(self.grouped).reshape(-1)[:self.n]
+
+    def rows(self) -> np.ndarray:
+        return self.grouped.reshape(-1, *self.row_shape)[:self.n]
+
+
+@dataclass(frozen=True)
 class _Layout:
     """What the fast path needs of a Zarr v3 array's metadata (for a sharded array: the shard's
     ``chunk_shape``, and its inner chunks' rows and codecs)."""
@@ -304,6 +331,7 @@ class _LocalZarrChunks:
         self._columns: dict[tuple[str, int], np.ndarray] = {}  # numeric columns read whole, by (path, rows)
         self._zstd = numcodecs.Zstd()
         self._vlen = numcodecs.VLenUTF8()  # what zarr's vlen-utf8 codec decodes with
+        self._buffers = threading.local()  # per thread: the bytes of the shard being checked
 
     def layout(self, path: str) -> _Layout | None:
         if self._root is None:
@@ -319,7 +347,7 @@ class _LocalZarrChunks:
         """The chunk's values (rows ``start:stop``), None for strings (checksum checked, not
         decoded), ``_BACKEND`` when there is no such file."""
         try:
-            data = self._file(layout, chunk.number)
+            data = self._shard_file(layout, chunk.number) if layout.inner_rows else self._file(layout, chunk.number)
         except FileNotFoundError:
             return _BACKEND  # the backend's own test decides whether the chunk is missing
         if layout.inner_rows:
@@ -357,6 +385,19 @@ class _LocalZarrChunks:
         key = layout.separator.join(["c", str(number)] + ["0"] * (layout.ndim - 1))
         return (layout.folder / key).read_bytes()
 
+    def _shard_file(self, layout: _Layout, number: int) -> np.ndarray:
+        """The bytes of shard file ``number`` in this thread's buffer, valid until its next call:
+        a fresh 32 MiB ``bytes`` per shard costs a page fault per 4 KiB (a sixth of the check)."""
+        key = layout.separator.join(["c", str(number)] + ["0"] * (layout.ndim - 1))
+        with open(layout.folder / key, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            buffer = getattr(self._buffers, "bytes", None)
+            if buffer is None or len(buffer) < size:
+                buffer = self._buffers.bytes = np.empty(max(size, 2 * len(buffer) if buffer is not None else 0),
+                                                        np.uint8)
+            got = f.readinto(memoryview(buffer)[:size])
+        return buffer[:got]
+
     def _checked(self, layout: _Layout, data: bytes | np.ndarray) -> np.ndarray:
         """A chunk's bytes checked against their crc32c (and decompressed); raises when it fails."""
         body = np.frombuffer(data, np.uint8)[:-_CRC]
@@ -364,7 +405,7 @@ class _LocalZarrChunks:
             raise _RawChunkError("stored and computed crc32c checksums differ")
         return np.frombuffer(self._zstd.decode(body), np.uint8) if layout.zstd else body
 
-    def _shard_values(self, layout: _Layout, data: bytes, n: int) -> np.ndarray:
+    def _shard_values(self, layout: _Layout, data: np.ndarray, n: int) -> _ShardRows:
         """Rows ``0:n`` of a shard, every inner chunk holding them checked against its crc32c.
 
         Raises ``_RawChunkError`` for anything but a whole shard (index or inner chunk failing its
@@ -388,8 +429,7 @@ class _LocalZarrChunks:
             payload = _checked_rows(raw[:k * length].reshape(k, length))  # back to back, as written
         else:
             payload = np.stack([self._inner(layout, raw[lo:lo + size]) for lo, size in spans.tolist()])
-        values = payload.view(layout.dtype).reshape(k * layout.inner_rows, *layout.chunk_shape[1:])
-        return values[:n]
+        return _ShardRows(payload.view(layout.dtype).reshape(k, layout.inner_rows, -1), n, layout.chunk_shape[1:])
 
     def _inner(self, layout: _Layout, body: np.ndarray) -> np.ndarray:
         """One inner chunk's decoded bytes (checked, decompressed, of the right length)."""
@@ -638,19 +678,28 @@ def _value_findings(start: int, values: np.ndarray, leaf: str) -> list[tuple[tup
     """NaN/Inf in finished rows (and probabilities outside [0, 1]) as (rows, what) findings."""
     if values.dtype.kind != "f" or not values.size:
         return []
-    rows, found = (start, start + len(values)), []
-    finite = _finite_rows(values)
-    if not finite.all():
-        found.append((rows, f"{int((~finite).sum())} finished clip(s) hold NaN or Inf"))
+    found = _finite_findings(start, _finite_rows(values))
     if leaf == "probs" and ((values < 0) | (values > 1)).any():
-        found.append((rows, "probabilities outside [0, 1]"))
+        found.append(((start, start + len(values)), "probabilities outside [0, 1]"))
     return found
 
 
+def _finite_findings(start: int, finite: np.ndarray) -> list[tuple[tuple[int, int], str]]:
+    """A finding for finished rows (``finite``: one flag each) holding NaN or Inf, if any do."""
+    if finite.all():
+        return []
+    return [((start, start + len(finite)), f"{int((~finite).sum())} finished clip(s) hold NaN or Inf")]
+
+
 def _finite_rows(values: np.ndarray) -> np.ndarray:
-    """Per row: every value finite. float16 is tested on its exponent bits (all ones: Inf or NaN),
-    exactly what ``np.isfinite`` answers and ~20x faster, since numpy widens float16 for it."""
-    flat = values.reshape(len(values), -1)
-    if flat.dtype == np.float16:
-        return ((flat.view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
-    return np.isfinite(flat).all(axis=1)
+    """Per row: every value finite."""
+    return _finite_last(values.reshape(len(values), -1))
+
+
+def _finite_last(values: np.ndarray) -> np.ndarray:
+    """Whether every value along the last axis is finite. float16 is tested on its exponent bits
+    (all ones: Inf or NaN), exactly what ``np.isfinite`` answers and ~20x faster, since numpy
+    widens float16 for it."""
+    if values.dtype == np.float16:
+        return ((values.view(np.uint16) & 0x7C00) != 0x7C00).all(axis=-1)
+    return np.isfinite(values).all(axis=-1)

@@ -53,11 +53,12 @@ def _damaged_store(path: Path) -> list[str]:
     return ids
 
 
-def _sharded_set(store, name: str, compressor: str | None, values: np.ndarray | None = None) -> None:
+def _sharded_set(store, name: str, compressor: str | None, values: np.ndarray | None = None,
+                 done: np.ndarray | None = None) -> None:
     """A feature set of WIDE float16 per clip, sharded (CHUNK clips a shard, inner chunks of 2)."""
     store.create_feature_set(name, 1, (WIDE,), PROV, chunk_clips=CHUNK, compressor=compressor)
     assert (store.arrays.chunk_rows(f"features/{name}/data"), store.arrays.inner_rows(f"features/{name}/data")) == (CHUNK, 2)
-    store.write_rows(name, 0, np.ones((N_CLIPS, 1, WIDE), np.float16) if values is None else values)
+    store.write_rows(name, 0, np.ones((N_CLIPS, 1, WIDE), np.float16) if values is None else values, done=done)
 
 
 def test_findings_are_the_same_with_one_and_many_threads(tmp_path):
@@ -145,8 +146,9 @@ def test_verify_holds_a_few_chunks_in_memory_not_the_array(tmp_path):
 
 def test_damaged_shards_read_from_their_files_are_reported_as_the_backend_reports_them(tmp_path, monkeypatch):
     """Shards (plain and zstd inner chunks) with a flipped byte in an inner chunk, a flipped byte in
-    the index, an Inf in a finished clip and a deleted shard file: the file path finds what the
-    backend's inner-chunk reads find, with the same rows and words."""
+    the index, an Inf in a finished clip (a NaN in a clip not done is none of verify's business) and a
+    deleted shard file: the file path finds what the backend's inner-chunk reads find, with the same
+    rows and words."""
     from featurestore.store import verify
 
     path = tmp_path / "store.zarr"
@@ -156,7 +158,10 @@ def test_damaged_shards_read_from_their_files_are_reported_as_the_backend_report
         for name, compressor in ((SHARDED, None), (SHARDED_ZSTD, "zstd")):
             values = rng.standard_normal((N_CLIPS, 1, WIDE)).astype(np.float16)
             values[13, 0, 5] = np.inf  # shard 3, rows 12:16
-            _sharded_set(store, name, compressor, values)
+            values[17, 0, 1] = np.nan  # shard 4, in a row not done: not a finding
+            done = np.ones(N_CLIPS, dtype=bool)
+            done[17] = False
+            _sharded_set(store, name, compressor, values, done)
         ids = store.clip_ids
     for name in (SHARDED, SHARDED_ZSTD):
         shards = path / "features" / name / "data" / "c"
