@@ -102,6 +102,22 @@ def test_only_frames_decoded_on_cuda_carry_the_decoder_in_the_fingerprint():
     assert Source("frames", 12, decoder="torchcodec").key != Source("frames", 12).key
 
 
+def test_only_decoding_on_cuda_moves_decoding_into_threads_of_the_main_process():
+    """A forked decode worker cannot use its parent's CUDA context: ``extract`` then decodes in
+    threads (``run_blocks(num_workers=0, decode_threads=)``)."""
+    from types import SimpleNamespace
+
+    from featurestore.extract.workers import decodes_on_device
+
+    def plan(*sources: Source) -> SimpleNamespace:
+        return SimpleNamespace(sources=lambda: {s.key: s for s in sources})
+
+    audio = Source("audio", 10, 48000, 1.0)
+    assert not decodes_on_device(plan(audio, Source("frames", 12)))
+    assert not decodes_on_device(plan(audio, Source("frames", 12, decoder="torchcodec", decode_device="cpu")))
+    assert decodes_on_device(plan(audio, Source("frames", 12, decoder="torchcodec", decode_device="cuda:0")))
+
+
 @needs_torchcodec
 def test_extraction_with_torchcodec_stores_the_pyav_paths_features_under_its_fingerprint(tmp_path, monkeypatch):
     """One run, two encoders: the parameter-free frames/32 (preprocessed in the worker from the frame
