@@ -61,13 +61,18 @@ class StoreLockedError(FeatureStoreError):
 
 
 def lock_path(location: str | os.PathLike) -> Path | None:
-    """The lock file of a store location, or None for a remote URL (no lock is taken there)."""
+    """The lock file of a store location, or None for a remote URL (no lock is taken there).
+
+    A store named through a symbolic link (``store.zarr -> /scratch/store.zarr``) gets the lock of the
+    store the link names, so a writer using the link and one using the real path exclude each other."""
     text = os.fspath(location)
     if text.startswith("file://"):
         text = text[len("file://"):]
     elif "://" in text:
         return None
     path = Path(text).absolute()
+    if path.is_symlink():  # a link to a store locks the store it names: one lock however the store is named
+        path = Path(os.path.realpath(path))
     return path.with_name(path.name + LOCK_SUFFIX)
 
 
