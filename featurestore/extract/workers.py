@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -175,9 +176,14 @@ class ClipDecoder(Dataset):
         self.paths = {row: (audio_paths[row], video_paths[row]) for row in self.needs}
         self.frames_store = frames_store
         self._store: tuple[int, object] | None = None  # (pid, read-only store): opened by each process itself
+        self._store_lock = threading.Lock()  # decode threads (a Dask task's) open it once between them
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_store": None}  # a store handle never travels to another process
+        # a store handle never travels to another process; a lock cannot
+        return {**self.__dict__, "_store": None, "_store_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _store_lock=threading.Lock())
 
     def __len__(self) -> int:
         return len(self.needs)
@@ -246,11 +252,13 @@ class ClipDecoder(Dataset):
 
     def _frames_source(self):
         """This process's read-only handle on the store (a forked worker opens its own)."""
-        if self._store is None or self._store[0] != os.getpid():
-            from featurestore.store import open_store
+        with self._store_lock:
+            if self._store is None or self._store[0] != os.getpid():
+                from featurestore.store import open_store
 
-            location, backend, storage_options = self.frames_store
-            self._store = (os.getpid(), open_store(location, "r", backend=backend, storage_options=storage_options))
+                location, backend, storage_options = self.frames_store
+                self._store = (os.getpid(), open_store(location, "r", backend=backend,
+                                                       storage_options=storage_options))
         return self._store[1]
 
     @classmethod
