@@ -7,7 +7,8 @@ array keeps its chunking.
 
 A local destination is written under a temporary name beside it and renamed into place at the end,
 so a killed conversion leaves no half-written store at the destination (only the temporary, which
-the next conversion to that destination replaces). A conversion that fails (a full disk, a file-size
+the next conversion to that destination replaces); a destination that is a symbolic link to a store
+replaces the store it names and keeps the link. A conversion that fails (a full disk, a file-size
 limit) removes the temporary itself and raises ``OutputWriteError`` naming the destination and the
 cause; the source is only read, and a store already at the destination is left as it was. The
 source's writer lock is held meanwhile, so the copy is never taken while an extraction writes it.
@@ -51,6 +52,8 @@ def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> in
     if "://" in dst_text:  # object stores have no rename: written in place
         return _copy(src, dst_text, dst_text, progress)
     final = Path(dst_text)
+    if final.is_symlink():  # a link to a store: the store it names is replaced, the link kept
+        final = Path(os.path.realpath(final))
     _check_destination(src, final)
     tmp = final.with_name(f".{final.name}.converting")
     _remove(tmp)
@@ -192,7 +195,9 @@ def _writing(dst: str, doing: str) -> Iterator[None]:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()

@@ -83,3 +83,17 @@ def test_a_source_whose_lock_file_cannot_be_made_still_converts(tmp_path):
     convert_store(tmp_path / "store.zarr", tmp_path / "copy.h5", progress=False)
     with open_store(tmp_path / "copy.h5") as store:
         assert store.get("emb", "c0").tolist() == [[0.0, 1.0, 2.0]]
+
+
+def test_a_destination_that_links_to_a_store_replaces_that_store_and_keeps_the_link(tmp_path):
+    _store(tmp_path / "store.zarr")
+    (tmp_path / "scratch").mkdir()
+    _store(tmp_path / "scratch" / "old.zarr")
+    with open_store(tmp_path / "scratch" / "old.zarr", "a") as old:
+        old.write_rows("emb", 0, np.zeros((4, 1, 3), dtype=np.float32))
+    link = tmp_path / "copy.zarr"
+    link.symlink_to(tmp_path / "scratch" / "old.zarr")
+    assert main(["convert", "-q", str(tmp_path / "store.zarr"), str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ["old.zarr"]
+    with open_store(link) as store:
+        assert store.get("emb", "c1").tolist() == [[3.0, 4.0, 5.0]]
