@@ -28,6 +28,7 @@ from functools import cache
 import torch
 
 from featurestore.decode._errors import DecodeError, PathLike
+from featurestore.errors import FeatureStoreError
 from featurestore.decode.video import _open_video, _probe, sample_times, target_tick
 
 #: What to install for this decoder (named by every error saying it is missing).
@@ -38,8 +39,9 @@ DECODERS = ("pyav", "torchcodec")
 CONTAINERS = frozenset({"mov", "mp4", "matroska", "webm"})
 
 
-class DecoderUnavailable(RuntimeError):
-    """torchcodec is not installed, or cannot load FFmpeg's libraries (message: one line, what to install)."""
+class DecoderUnavailable(FeatureStoreError):
+    """torchcodec is not installed, or cannot load FFmpeg's libraries (message: one line, what to
+    install; the command line's exit 2, as for the other missing extras)."""
 
 
 @cache

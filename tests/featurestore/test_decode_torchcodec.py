@@ -80,18 +80,21 @@ def test_other_containers_and_bad_files_are_decode_errors_naming_the_file(tmp_pa
     assert err.value.path == garbage
 
 
-def test_an_unknown_decoder_and_a_missing_torchcodec_are_one_line_refusals(monkeypatch, tmp_path):
+def test_an_unknown_decoder_and_a_missing_torchcodec_are_one_line_refusals(monkeypatch, tmp_path, capsys):
+    from featurestore.cli import main
+
     with pytest.raises(ValueError, match="decoder must be one of pyav, torchcodec, got 'nvdec'"):
         extract(tmp_path / "none", tmp_path / "s.zarr", "frames/32", decoder="nvdec", progress=False)
     tcv._video_decoder_class.cache_clear()
     monkeypatch.setitem(sys.modules, "torchcodec", None)  # what an environment without the extra sees
     try:
-        with pytest.raises(tcv.DecoderUnavailable, match=r"torchcodec is not installed .*avscene\[torchcodec\]") \
-                as err:
+        with pytest.raises(tcv.DecoderUnavailable, match=r"torchcodec is not installed .*avscene\[torchcodec\]"):
             tcv.check_decoder("torchcodec")
-        assert "\n" not in str(err.value)
+        assert main(["extract", str(tmp_path / "data"), str(tmp_path / "s.zarr"), "--decoder", "torchcodec"]) == 2
     finally:
         tcv._video_decoder_class.cache_clear()
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("featurestore extract: error: decoder 'torchcodec': torchcodec is not")
     assert not (tmp_path / "s.zarr").exists()
 
 
