@@ -621,8 +621,9 @@ def _check_replaceable(run_dir: Path) -> None:
     """Refuse ``--overwrite`` of a directory that is not a run's: it is deleted whole, so ``--out .``
     or ``--out`` naming the folder of the store or a dataset would delete them (a run directory has
     ``run.json``, or only a run's own entries when it was killed before writing it)."""
-    if not run_dir.is_dir() or run_dir.is_symlink():
-        raise FileExistsError(f"--out {str(run_dir)!r} is not a directory; --overwrite replaces only a run directory")
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        what = "a symbolic link (give the run directory's own path)" if run_dir.is_symlink() else "not a directory"
+        raise FileExistsError(f"--out {str(run_dir)!r} is {what}; --overwrite replaces only a run directory")
     entries = sorted(p.name for p in run_dir.iterdir())
     if "run.json" not in entries and not set(entries) <= RUN_ENTRIES:
         raise FileExistsError(f"--out {str(run_dir)!r} is not a run directory (no run.json; it holds "
