@@ -111,6 +111,9 @@ class FusionRecipe:
             used = {self.replacement.source, *self.replacement.targets}
             if used - names:
                 raise RecipeError(f"recipe {self.name!r}: replacement names unknown families {sorted(used - names)}; families are {sorted(names)}")
+            if self.replacement.source in self.replacement.targets:  # it would replace rows by themselves: a no-op
+                raise RecipeError(f"recipe {self.name!r}: replacement.targets holds its own source "
+                                  f"{self.replacement.source!r}; a family cannot replace its own rows")
         if self.class_weights and set(self.class_weights.select) - names:
             raise RecipeError(f"recipe {self.name!r}: class_weights.select names unknown families {sorted(set(self.class_weights.select) - names)}; families are {sorted(names)}")
 

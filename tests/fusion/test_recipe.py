@@ -32,6 +32,8 @@ def test_unknown_key_lists_the_allowed_ones(paper_recipe_dict):
 def test_semantic_errors(paper_recipe_dict):
     with pytest.raises(RecipeError, match="replacement names unknown families \\['X04'\\]"):
         FusionRecipe.from_dict({**paper_recipe_dict, "replacement": {"source": "X04", "targets": ["V04"]}})
+    with pytest.raises(RecipeError, match="replacement.targets holds its own source 'A04'"):
+        FusionRecipe.from_dict({**paper_recipe_dict, "replacement": {"source": "A04", "targets": ["V04", "A04"]}})
     with pytest.raises(RecipeError, match="aggregation: expected 'mean', .* got \"vote\""):
         FusionRecipe.from_dict({**paper_recipe_dict, "aggregation": "vote"})
     with pytest.raises(RecipeError, match="calibration.method: expected 'temperature' or 'stacking', got \"platt\""):
