@@ -2,7 +2,7 @@
 
 Why a second decoder: on a GPU host the CPU decode workers are what bounds extraction's feed
 (issue 21); torchcodec decodes H.264/HEVC/AV1 on the GPU's own decoder and hands back frames
-already in device memory. It is optional (``pip install 'avscene[torchcodec]'``, plus FFmpeg 4-8's
+already in device memory. It is optional (``pip install 'avscene[torchcodec]'``, plus FFmpeg 4-9's
 shared libraries, which torchcodec does not bundle) and chosen with ``extract(decoder="torchcodec")``.
 
 The frames are taken at exactly the sampler's times: the file is probed with PyAV as
@@ -28,8 +28,8 @@ from functools import cache
 import torch
 
 from featurestore.decode._errors import DecodeError, PathLike
-from featurestore.errors import FeatureStoreError
 from featurestore.decode.video import _open_video, _probe, sample_times, target_tick
+from featurestore.errors import FeatureStoreError
 
 #: What to install for this decoder (named by every error saying it is missing).
 EXTRA = "avscene[torchcodec]"
@@ -46,7 +46,8 @@ class DecoderUnavailable(FeatureStoreError):
 
 @cache
 def _video_decoder_class() -> type:
-    """torchcodec's ``VideoDecoder``, loaded once (importing torchcodec costs ~0.3 s)."""
+    """torchcodec's ``VideoDecoder``, loaded once. Importing torchcodec loads ``torch._dynamo`` (seconds):
+    ``extract`` checks the decoder, and so imports it, before it forks its decode workers, which inherit it."""
     try:
         import torchcodec
         from torchcodec.decoders import VideoDecoder
@@ -56,7 +57,7 @@ def _video_decoder_class() -> type:
     if torchcodec.ffmpeg_major_version is None:
         raise DecoderUnavailable(
             f"decoder 'torchcodec': torchcodec {getattr(torchcodec, '__version__', '?')} is installed but cannot "
-            f"load FFmpeg's shared libraries (it needs FFmpeg 4-8: libavutil.so.56-60, not bundled); install them, "
+            f"load FFmpeg's shared libraries (it needs FFmpeg 4-9: libavutil.so.56-61, not bundled); install them, "
             f"e.g. apt-get install libavcodec59 libavformat59 libavdevice59 libavfilter8 libswscale6")
     return VideoDecoder
 

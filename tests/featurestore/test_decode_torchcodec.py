@@ -5,7 +5,7 @@ clip whose frame i is a flat grey of its own, so the chosen frame can be read of
 textured camera-like clip, in MP4, MOV and Matroska): the same frames, bit for bit. Extraction with
 ``decoder="torchcodec"`` stores the PyAV run's features under the same fingerprint; decoding on
 CUDA (NVDEC, whose RGB differs) is recorded in the fingerprint. Skipped where torchcodec cannot
-load (not installed, or no FFmpeg 4-8 shared libraries): the refusal is tested then instead.
+load (not installed, or no FFmpeg 4-9 shared libraries): the refusal is tested then instead.
 """
 from __future__ import annotations
 
