@@ -144,12 +144,14 @@ class ShardReader:
             starts, ends = [0, *bounds], [*bounds, len(rows)]
         sorted_shards = shard_of[order]
         local = rows[order] - sorted_shards * layout.shard_rows
+        chunk = local // layout.inner_rows  # within its shard, computed once for every row
+        within = local - chunk * layout.inner_rows
         for a, b, shard in zip(starts, ends, sorted_shards[starts].tolist()):
             mapped = self._mapping(name, self._shard_file(name, arr, folder, shard), layout)
             if mapped is None:
                 return None
             at = order[a:b]
-            self.bytes_read += mapped.fill(layout, shard, local[a:b], required[at], out, at)
+            self.bytes_read += mapped.fill(layout, shard, chunk[a:b], within[a:b], required[at], out, at)
         return out
 
     def _shard_file(self, name: str, arr: zarr.Array, folder: str, shard: int) -> str:
@@ -344,12 +346,11 @@ class _Mapped:
         return cls((stat.st_ino, stat.st_size, stat.st_mtime_ns), grid, n_inner,
                    np.zeros(n_inner, dtype=bool), raw, length)
 
-    def fill(self, layout: ShardLayout, shard: int, local: np.ndarray, required: np.ndarray,
+    def fill(self, layout: ShardLayout, shard: int, chunk: np.ndarray, within: np.ndarray, required: np.ndarray,
              out: np.ndarray, at: np.ndarray) -> int:
-        """Write rows ``local`` (within this shard) into ``out[at]``; checks each inner chunk's crc32c
-        once. Raises ChunkFault for a damaged or (where ``required``) absent inner chunk. Returns the
-        bytes checked (the inner chunks read from the map for the first time)."""
-        chunk = local // layout.inner_rows
+        """Write rows (inner chunk ``chunk`` of this shard, row ``within`` it) into ``out[at]``; checks
+        each inner chunk's crc32c once. Raises ChunkFault for a damaged or (where ``required``) absent
+        inner chunk. Returns the bytes checked (the inner chunks read from the map for the first time)."""
         if self.n_inner < layout.per_shard:  # a shard written in part (or absent): rows past it are absent
             absent = chunk >= self.n_inner
             if absent.any():
@@ -358,20 +359,22 @@ class _Mapped:
                     raise ChunkFault(shard * layout.per_shard + first, missing=True)
                 out[at[absent]] = layout.fill
                 present = ~absent
-                at, chunk, local = at[present], chunk[present], local[present]
-        if not len(chunk):
-            return 0
-        unchecked = chunk[~self.checked[chunk]]
-        new = (np.unique(unchecked).tolist() if len(unchecked) > 32 else sorted(set(unchecked.tolist()))) \
-            if len(unchecked) else []
-        for c in new:
-            start = c * self.chunk_bytes
-            body = self.raw[start:start + self.chunk_bytes]
-            if google_crc32c.value(body[:-_CRC]) != int.from_bytes(body[-_CRC:].tobytes(), "little"):
-                raise ChunkFault(shard * layout.per_shard + c, missing=False,
-                                 cause=ValueError("stored and computed crc32c checksums differ"))
-        self.checked[new] = True
-        out[at] = self.grid[chunk, local - chunk * layout.inner_rows]
+                at, chunk, within = at[present], chunk[present], within[present]
+            if not len(chunk):
+                return 0
+        seen = self.checked[chunk]
+        new: list[int] = []
+        if not seen.all():
+            unchecked = chunk[~seen]
+            new = np.unique(unchecked).tolist() if len(unchecked) > 32 else sorted(set(unchecked.tolist()))
+            for c in new:
+                start = c * self.chunk_bytes
+                body = self.raw[start:start + self.chunk_bytes]
+                if google_crc32c.value(body[:-_CRC]) != int.from_bytes(body[-_CRC:].tobytes(), "little"):
+                    raise ChunkFault(shard * layout.per_shard + c, missing=False,
+                                     cause=ValueError("stored and computed crc32c checksums differ"))
+            self.checked[new] = True
+        out[at] = self.grid[chunk, within]
         return len(new) * self.chunk_bytes
 
 
