@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.atomic_files import atomic_write
+from featurestore.clip_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES
 from fusion._validate import as_probs
 
 DEFAULT_FILENAME_TEMPLATE = "audio/{clip_id}.wav"
@@ -87,12 +88,15 @@ def check_filename_template(template: str) -> None:
 
 def check_output_file(path: str | Path, store: Any = None) -> Path:
     """``path`` as a file to write, refused before any work is done when it is an existing directory,
-    or the local ``store`` itself or a file inside it (``--out store.h5`` would replace the store
+    has an audio or video ending, or is the local ``store`` itself or a file inside it (``--out store.h5`` would replace the store
     with a CSV, ``--out store.zarr/zarr.json`` its root metadata)."""
     out = Path(path)
     if out.is_dir():
         raise ValueError(f"output file {str(out)!r} is a directory; expected a file name such as "
                          f"{str(out / 'submission.csv')!r}")
+    if out.suffix.lower() in AUDIO_SUFFIXES + VIDEO_SUFFIXES:  # `--out a.wav b.wav`: a recording taken as the value
+        raise ValueError(f"output file {str(out)!r} names an audio or video file; the output is a CSV: give a .csv "
+                         f"name (was a recording meant as an input?)")
     location = str(getattr(store, "location", "") or "")
     if location and ("://" not in location or location.startswith("file://")):
         kept, written = Path(location.removeprefix("file://")).resolve(), out.resolve()

@@ -32,6 +32,7 @@ import torch
 
 from featurestore.atomic_files import atomic_write
 from featurestore.checks import is_int_in, non_finite_rows
+from featurestore.clip_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES
 from featurestore.manifest import MAX_AUDIO_SEGMENTS, MAX_VIDEO_FRAMES
 from featurestore.encode_files import DEFAULT_BATCH_CLIPS, ClipFiles, FileEncoder, group_files
 from featurestore.provenance import file_sha256, fingerprint, fingerprint_matches, is_random_weights, weights_identity
@@ -56,6 +57,27 @@ def check_sizes(sizes: Mapping[str, Any], names: Mapping[str, str] | None = None
         low, high = LIMITS[key]
         if not is_int_in(value, low, high):
             raise ValueError(f"{(names or {}).get(key, key)} must be an integer from {low} to {high}, got {value!r}")
+
+
+def check_output(path: str | Path, run_dir: str | Path) -> Path:
+    """``--out`` as a CSV to write, refused before any model is built when it is a directory, has an
+    audio or video ending (``--out a.wav b.wav`` takes a recording for the flag's value, and would
+    replace it by the CSV), or lies in the run directory (it would overwrite the run's own files).
+
+    Raises:
+        ValueError: naming the path and what is wrong with it.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a directory; expected a CSV file name such as "
+                         f"{str(out / 'probs.csv')!r}")
+    if out.suffix.lower() in AUDIO_SUFFIXES + VIDEO_SUFFIXES:
+        raise ValueError(f"--out {str(out)!r} names an audio or video file; the output is a CSV: give a .csv name "
+                         f"(was a recording meant as an input?)")
+    run = Path(run_dir).resolve()
+    if run == out.resolve() or run in out.resolve().parents:
+        raise ValueError(f"--out {str(out)!r} lies in the run directory {str(run_dir)!r}; write the CSV elsewhere")
+    return out
 
 
 @dataclass

@@ -356,10 +356,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     """``heads classify RUN FILE...``: a table (file, top class, probability) or JSON; 1 if a clip failed."""
     from featurestore.encode_files import group_files
-    from heads.classify import Classifier, check_sizes
+    from heads.classify import Classifier, check_output, check_sizes
 
     check_sizes({"segments": args.segments, "frames": args.frames, "batch_size": args.batch_size,
                  "num_workers": args.num_workers}, _CLASSIFY_FLAGS)  # before anything is allocated
+    if args.out:
+        check_output(args.out, args.run)
     clips = group_files(args.files)  # missing files and unknown kinds are refused before any model is built
     checkpoints = dict(_parse_pair(item, "--checkpoint", "FEATURE_SET=PATH") for item in args.checkpoint)
     classifier = Classifier(args.run, args.device, weights=args.weights, store=args.store, checkpoints=checkpoints,

@@ -324,6 +324,8 @@ def _predict(store: Any, out: Any, run_dir: Path, name: str, opt: _Options) -> P
     dev = resolve_device(opt.device)
     head, info = load_head(run_dir, dev, opt.weights)
     sets = check_fingerprints(store, info, run_dir)
+    # an unknown split is refused before the run is created (or, with --overwrite, deleted)
+    selected = np.arange(store.n_clips) if opt.split is None else store.rows(store.select(split=opt.split))
     if not out.classes and info.get("classes"):
         out.set_classes(info["classes"])  # a store of unlabelled clips takes the classes the head predicts
     order = class_order(info.get("classes"), out.classes, run_dir)
@@ -339,7 +341,6 @@ def _predict(store: Any, out: Any, run_dir: Path, name: str, opt: _Options) -> P
     attrs.update({"run_dir": str(run_dir.resolve()), "weights": opt.weights,
                   "weights_sha256": file_sha256(weights_path(run_dir, opt.weights)), "n_segments": n_segments})
     out.create_predictions(name, n_segments, attrs, overwrite=opt.overwrite)
-    selected = np.arange(store.n_clips) if opt.split is None else store.rows(store.select(split=opt.split))
     todo = selected[~out.prediction_done(name)[selected]]
     ids = store.clip_ids
     clips = opt.batch_size or max(1, 4 * head.default_batch_size // n_segments)

@@ -64,3 +64,12 @@ def test_fusion_classify_refuses_a_run_directory_holding_other_weights_than_the_
                                             r"than the ones predictions/C04 were made with \(aaaaaaaaaaaa...\)"):
         read_answer("C04", "runs/c04", attrs, json.dumps(answer), classes)
     assert read_answer("C04", "runs/c04", {**attrs, "weights_sha256": "b" * 64}, json.dumps(answer), classes).run == "C04"
+
+
+def test_an_output_with_an_audio_or_video_name_is_refused(tmp_path):
+    from fusion.submission import check_output_file
+
+    for name in ("a.wav", "clip.MP4"):
+        with pytest.raises(ValueError, match="names an audio or video file"):
+            check_output_file(tmp_path / name)
+    assert check_output_file(tmp_path / "a.csv") == tmp_path / "a.csv"

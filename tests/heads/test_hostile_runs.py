@@ -100,3 +100,31 @@ def test_overwrite_still_replaces_a_run_and_a_run_killed_before_its_run_json(run
                                     out=str(out), epochs=1, batch_size=16, progress=False), store, overwrite=True)
             assert (out / "run.json").is_file() and (out / "best.safetensors").is_file()
     assert not (copy / "notes.txt").exists()
+
+
+def test_predict_with_an_unknown_split_leaves_the_store_as_it_was(run, tmp_path, tiny_store_path, capsys):
+    """Before: the run was created (empty) before the split was looked up, and with --overwrite an
+    existing run was emptied, then the command was refused."""
+    store = tmp_path / "own.zarr"
+    shutil.copytree(tiny_store_path, store)
+    assert main(["predict", "--store", str(store), "--run", str(run), "--name", "p", "-q"]) == 0
+    for extra in (["--name", "new"], ["--name", "p", "--overwrite"]):
+        assert main(["predict", "--store", str(store), "--run", str(run), "--split", "nosuch", "-q", *extra]) == 2
+        assert "no clip has split 'nosuch'" in capsys.readouterr().err
+    with open_store(store) as opened:
+        assert sorted(opened.prediction_runs()) == ["p"] and opened.prediction_done("p").all()
+
+
+@pytest.mark.parametrize("out, said", [("a.wav", "names an audio or video file"), ("RUN/probs.csv", "lies in the run"),
+                                       ("folder", "is a directory")])
+def test_classify_out_that_would_overwrite_a_recording_or_the_run_is_refused_first(run, tmp_path, capsys, out, said):
+    """``heads classify RUN --out a.wav b.wav`` took a.wav as the flag's value and, after classifying
+    b.wav, replaced the recording by the CSV."""
+    recording = tmp_path / "a.wav"
+    recording.write_bytes(b"RIFF recording")
+    (tmp_path / "folder").mkdir()
+    target = str(run / out.removeprefix("RUN/")) if out.startswith("RUN/") else str(tmp_path / out)
+    code = main(["classify", str(run), "--out", target, str(tmp_path / "b.wav"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and said in err
+    assert recording.read_bytes() == b"RIFF recording" and not (run / "probs.csv").exists()
