@@ -186,12 +186,13 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over(dataset, reference, tmp_pa
 HOLDER = """
 import fcntl, json, os, socket, sys, time
 from pathlib import Path
+from featurestore.store.lock import _write_record  # before the flock: on a loaded machine the import
+# alone can outlast the refused writer's wait for a record (HOLDER_WAIT_S), which is not the case tested
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 Path(sys.argv[2]).touch()  # locked: the record in the file is still the dead holder's
 time.sleep(float(sys.argv[3]))
 if float(sys.argv[3]) < 10:  # then records itself, as WriterLock does
-    from featurestore.store.lock import _write_record
     _write_record(fd, {"pid": os.getpid(), "host": socket.gethostname(), "command": "late holder"})
 time.sleep(60)
 """
