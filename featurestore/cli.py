@@ -359,8 +359,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------- convert
 def cmd_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
-    if dst.exists() and not args.overwrite:
-        raise _UsageError(f"{dst} exists; pass --overwrite to replace it")
+    if not args.overwrite and _exists(args.dst):
+        raise _UsageError(f"{args.dst} exists; pass --overwrite to replace it")
     n_arrays = convert_store(args.src, args.dst, progress=not args.quiet)
     if args.json:
         _emit_json({"src": str(args.src), "dst": str(args.dst), "backend": backend_for(dst),
@@ -368,6 +368,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         print(f"converted {args.src} -> {args.dst}: {n_arrays} arrays copied")
     return EXIT_OK
+
+
+def _exists(location: str) -> bool:
+    """Whether something is at a local path, or a store at a URL (``s3://``, ``memory://``): a URL has
+    no path to test, and a store there would be replaced in place (zarr clears it) without asking."""
+    if "://" not in location or location.startswith("file://"):
+        path = Path(location.removeprefix("file://"))
+        return path.exists() or path.is_symlink()
+    try:
+        open_store(location, "r").close()
+    except (FeatureStoreError, OSError, ValueError):
+        return False
+    return True
 
 
 # -------------------------------------------------------------------------------------- extract

@@ -97,3 +97,18 @@ def test_a_destination_that_links_to_a_store_replaces_that_store_and_keeps_the_l
     assert link.is_symlink() and sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ["old.zarr"]
     with open_store(link) as store:
         assert store.get("emb", "c1").tolist() == [[3.0, 4.0, 5.0]]
+
+
+def test_a_store_at_a_url_is_not_replaced_without_overwrite(tmp_path, capsys):
+    _store(tmp_path / "store.zarr")
+    url = "memory://hostile-convert/copy.zarr"
+    assert main(["convert", "-q", str(tmp_path / "store.zarr"), url]) == 0
+    with open_store(url, "a") as copy:
+        copy.write_rows("emb", 0, np.full((4, 1, 3), 7, dtype=np.float32))
+    assert main(["convert", "-q", str(tmp_path / "store.zarr"), url]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    with open_store(url) as copy:
+        assert copy.get("emb", "c0").tolist() == [[7.0, 7.0, 7.0]]
+    assert main(["convert", "-q", str(tmp_path / "store.zarr"), url, "--overwrite"]) == 0
+    with open_store(url) as copy:
+        assert copy.get("emb", "c0").tolist() == [[0.0, 1.0, 2.0]]
