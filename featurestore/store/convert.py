@@ -50,6 +50,7 @@ def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> in
     """
     dst_text = str(dst)
     if "://" in dst_text:  # object stores have no rename: written in place
+        _check_url_destination(str(src), dst_text)
         return _copy(src, dst_text, dst_text, progress)
     final = Path(dst_text)
     if final.is_symlink():  # a link to a store: the store it names is replaced, the link kept
@@ -67,6 +68,15 @@ def convert_store(src: str | Path, dst: str | Path, progress: bool = True) -> in
             _remove(tmp)
         raise
     return n_arrays
+
+
+def _check_url_destination(src: str, dst: str) -> None:
+    """Refuse a URL destination that is the source or holds it, or lies inside it: it is cleared and
+    written in place, so the source would be deleted while it is read."""
+    a, b = src.rstrip("/") + "/", dst.rstrip("/") + "/"
+    if a.startswith(b) or b.startswith(a):
+        raise StoreFormatError(f"cannot convert {src} into {dst}: one lies inside the other (or they are the "
+                               f"same), and the destination is cleared before it is written")
 
 
 def _check_destination(src: str | Path, final: Path) -> None:

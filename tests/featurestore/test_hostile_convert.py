@@ -112,3 +112,14 @@ def test_a_store_at_a_url_is_not_replaced_without_overwrite(tmp_path, capsys):
     assert main(["convert", "-q", str(tmp_path / "store.zarr"), url, "--overwrite"]) == 0
     with open_store(url) as copy:
         assert copy.get("emb", "c0").tolist() == [[0.0, 1.0, 2.0]]
+
+
+def test_a_url_destination_that_is_the_source_is_refused(tmp_path):
+    _store(tmp_path / "store.zarr")
+    url = "memory://hostile-convert/same.zarr"
+    convert_store(tmp_path / "store.zarr", url, progress=False)
+    for dst in (url + "/", url + "/inner.zarr", "memory://hostile-convert"):
+        with pytest.raises(StoreFormatError, match="one lies inside the other"):
+            convert_store(url, dst, progress=False)
+    with open_store(url) as store:
+        assert store.get("emb", "c3").tolist() == [[9.0, 10.0, 11.0]]
