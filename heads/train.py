@@ -109,6 +109,7 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch is committed to disk.
     """
     resolve_device(cfg.device)  # a bad or unavailable device fails before any data is read
+    _check_out_beside_store(cfg.out, store.location if store is not None else cfg.store)
     with run_lock(cfg.out):  # a second trainer into this run directory is refused here, at once
         done = None if overwrite else finished_already(cfg, store)
         if done is not None:  # nothing to train: said in one line, without building the head or loaders
@@ -611,6 +612,18 @@ def _open_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> dict:
         write_json(info_path, {**identity, "created": runtime_info()})
         return {}
     return read_json(state_path) if state_path.exists() else {}
+
+
+def _check_out_beside_store(out: str | Path, store: Any) -> None:
+    """Refuse an ``--out`` that is a local store or lies inside it (``--out`` and ``--store`` mixed
+    up): the run's files would be written among the store's, and ``--overwrite`` would delete it."""
+    location = str(store or "")
+    if not location or ("://" in location and not location.startswith("file://")):
+        return
+    kept, run = Path(location.removeprefix("file://")).resolve(), Path(out).resolve()
+    if run == kept or kept in run.parents:
+        raise FileExistsError(f"--out {str(out)!r} is {'the store' if run == kept else 'inside the store'} "
+                              f"{location}; a run directory belongs beside the store, not in it")
 
 
 #: What a run directory holds before its run.json is written (a run killed at its start) or beside it.

@@ -128,3 +128,15 @@ def test_classify_out_that_would_overwrite_a_recording_or_the_run_is_refused_fir
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and said in err
     assert recording.read_bytes() == b"RIFF recording" and not (run / "probs.csv").exists()
+
+
+@pytest.mark.parametrize("inside", ["", "runs/lin"])
+def test_train_out_in_the_store_is_refused(tmp_path, tiny_store_path, capsys, inside):
+    store = tmp_path / "own.zarr"
+    shutil.copytree(tiny_store_path, store)
+    before = sorted(p.name for p in store.iterdir())
+    code = main(["train", "--store", str(store), "--head", "linear", "--features", "clip/ViT-B-32", "--train-split",
+                 "train", "--val-split", "val", "--epochs", "1", "--out", str(store / inside), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "a run directory belongs beside the store" in err
+    assert sorted(p.name for p in store.iterdir()) == before and not (tmp_path / "own.zarr.lock").exists()
