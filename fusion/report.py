@@ -18,6 +18,7 @@ from fusion.metrics import Scores, reliability
 from fusion.plots import confusion_png, reliability_png
 from fusion.recipe import FusionRecipe
 from fusion.runinfo import RunInfo, describe_runs, feature_modality
+from fusion.submission import check_outside_store
 
 RANDOM_BANNER = (
     "> **WARNING: RANDOM WEIGHTS.** At least one encoder behind these predictions ran with randomly "
@@ -217,7 +218,8 @@ def write_report(store, recipe: FusionRecipe, out_dir: str | Path, split: str | 
     Args:
         store: an open store with the recipe's prediction runs.
         recipe: the fusion recipe.
-        out_dir: directory to create (existing report files there are replaced; a file there is refused).
+        out_dir: directory to create (existing report files there are replaced; a file there, the
+            store itself or a folder inside it is refused).
         split: labelled split to score (default: the recipe's ``eval_split``).
         calibration_split: fit split for the temperature/stacking comparison rows.
         cross_fit: location folds for those rows when their fit split overlaps ``split``.
@@ -225,6 +227,7 @@ def write_report(store, recipe: FusionRecipe, out_dir: str | Path, split: str | 
     directory = Path(out_dir)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"report directory {str(directory)!r} is a file; expected a directory (or a new name)")
+    check_outside_store(directory, store, "report directory")
     ev = evaluate_recipe(store, recipe, split, calibration_split, cross_fit)
     stored = store.feature_sets()  # reads every done mask: once per report
     infos = describe_runs(store, recipe.runs, stored)

@@ -97,13 +97,18 @@ def check_output_file(path: str | Path, store: Any = None) -> Path:
     if out.suffix.lower() in AUDIO_SUFFIXES + VIDEO_SUFFIXES:  # `--out a.wav b.wav`: a recording taken as the value
         raise ValueError(f"output file {str(out)!r} names an audio or video file; the output is a CSV: give a .csv "
                          f"name (was a recording meant as an input?)")
+    check_outside_store(out, store, "output file")
+    return out
+
+
+def check_outside_store(path: Path, store: Any, what: str) -> None:
+    """Refuse ``path`` when it is the local ``store`` or lies inside it (writing there would damage it)."""
     location = str(getattr(store, "location", "") or "")
     if location and ("://" not in location or location.startswith("file://")):
-        kept, written = Path(location.removeprefix("file://")).resolve(), out.resolve()
+        kept, written = Path(location.removeprefix("file://")).resolve(), path.resolve()
         if written == kept or kept in written.parents:
-            raise ValueError(f"output file {str(out)!r} is {'the store' if written == kept else 'inside the store'} "
+            raise ValueError(f"{what} {str(path)!r} is {'the store' if written == kept else 'inside the store'} "
                              f"{location}; writing it would damage the store: choose a path outside it")
-    return out
 
 
 def read_submission(path: str | Path, classes: Sequence[str] | None = None) -> Submission:

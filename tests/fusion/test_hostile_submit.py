@@ -47,8 +47,12 @@ def test_submit_into_the_store_is_refused_and_the_store_still_opens(tiny_store_p
         code = main(["submit", "--store", str(store), "--recipe", recipe, "--split", "fold1_test", "--out", str(out)])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and "inside the store" in err
+    for out in (store, store / "report"):
+        assert main(["report", "--store", str(store), "--recipe", recipe, "--out", str(out)]) == 2
+        assert "report directory" in capsys.readouterr().err
     with open_store(store) as opened:
-        assert opened.n_clips > 0 and not (store / "index" / "s.csv").exists()
+        assert opened.n_clips > 0 and not (store / "index" / "s.csv").exists() and not (store / "report").exists()
+        assert not (store / "report.md").exists()
 
 
 def test_fusion_classify_refuses_a_run_directory_holding_other_weights_than_the_stored_run(tiny_store):
