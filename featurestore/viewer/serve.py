@@ -97,11 +97,19 @@ def _open(store: Any) -> tuple[Any, bool]:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``; a port out of range, a host that does not resolve or an
+    address in use is one `ValueError` naming them (socket's own errors name neither)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: expected 0-65535 (0: any free port)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {err.strerror or err}") from None
     return sock
 
 
