@@ -245,6 +245,9 @@ class HDF5Backend:
                 raise ChunkFault(chunk, missing=False, cause=err) from err
         return out
 
+    def revalidate(self, path: str) -> None:
+        """Nothing to do: the HDF5 backend keeps no memory maps."""
+
     def gather(self, path: str, rows: np.ndarray, required: np.ndarray) -> np.ndarray | None:
         return None  # h5py reads by chunk (read_chunks) as fast as it reads anything
 

@@ -42,6 +42,7 @@ _ABSENT = np.uint64(2**64 - 1)
 # the least recently used are dropped beyond this (1,024 descriptors is a common limit).
 MAX_MAPPED_SHARDS = 256
 _CRC = 4  # bytes of a crc32c
+_FEW_ROWS = 16  # rows of one shard in one gather up to which they are copied one by one
 _ZSTD_LEVEL = 3
 
 
@@ -108,6 +109,7 @@ class ShardReader:
         self._indexes: dict[tuple[str, int], np.ndarray | None] = {}
         self._maps: OrderedDict[tuple[str, str], _Mapped] = OrderedDict()  # least recently used first
         self._files: dict[tuple[str, int], str] = {}  # (array, shard) -> its file, for local arrays
+        self._epochs: dict[str, int] = {}  # array -> how often its mappings were called into doubt
         self._lock = threading.Lock()
         self.bytes_read = 0  # shard bytes fetched (indexes and inner chunks), for tests and benchmarks
 
@@ -162,22 +164,35 @@ class ShardReader:
             path = self._files[key] = os.path.join(folder, _shard_key(arr, shard))
         return path
 
+    def revalidate(self, name: str) -> None:
+        """The shard files of the array ``name`` may have been replaced (the store read done flags
+        anew, or wrote shards): each mapping's file is checked (a ``stat``) before its next use."""
+        with self._lock:
+            self._epochs[name] = self._epochs.get(name, 0) + 1
+
     def _mapping(self, name: str, path: str, layout: ShardLayout) -> _Mapped | None:
         """The current mapping of the shard file ``path`` (None: not in the uniform layout; an
-        empty one when there is no such file)."""
+        empty one when there is no such file). A mapping checked against its file since the array's
+        last ``revalidate`` is used as it is; otherwise a ``stat`` tells whether the file is the one
+        mapped (same inode, size and mtime), and a replaced file is mapped anew."""
+        key = (name, path)
+        with self._lock:
+            epoch = self._epochs.get(name, 0)
+            mapped = self._maps.get(key)
+            if mapped is not None:
+                self._maps.move_to_end(key)
+        if mapped is not None and mapped.epoch == epoch:
+            return mapped
         try:
             stat = os.stat(path)
         except FileNotFoundError:
             return _Mapped.absent()
-        key = (name, path)
-        with self._lock:
-            mapped = self._maps.get(key)
-            if mapped is not None:
-                self._maps.move_to_end(key)
         if mapped is not None and mapped.identity == (stat.st_ino, stat.st_size, stat.st_mtime_ns):
+            mapped.epoch = epoch
             return mapped
         mapped = _Mapped.open(path, layout)
         if mapped is not None:
+            mapped.epoch = epoch
             self.bytes_read += layout.index_bytes
             with self._lock:
                 self._maps[key] = mapped
@@ -306,6 +321,7 @@ class ShardReader:
         with self._lock:
             for shard, _, index in shards:
                 self._indexes[(name, shard)] = index
+        self.revalidate(name)  # the files just written replace what is mapped
 
 
 class _Mapped:
@@ -316,6 +332,7 @@ class _Mapped:
                  raw: np.ndarray | None, chunk_bytes: int):
         self.identity, self.grid, self.n_inner = identity, grid, n_inner
         self.checked, self.raw, self.chunk_bytes = checked, raw, chunk_bytes
+        self.epoch = -1  # the reader's revalidation count for its array when last checked against the file
 
     @classmethod
     def absent(cls) -> _Mapped:
@@ -362,20 +379,37 @@ class _Mapped:
                 at, chunk, within = at[present], chunk[present], within[present]
             if not len(chunk):
                 return 0
+        if len(chunk) <= _FEW_ROWS:  # a few rows of this shard (a random batch): plain ints, no array ops
+            return self._fill_rows(layout, shard, chunk.tolist(), within.tolist(), at.tolist(), out)
         seen = self.checked[chunk]
         new: list[int] = []
         if not seen.all():
             unchecked = chunk[~seen]
             new = np.unique(unchecked).tolist() if len(unchecked) > 32 else sorted(set(unchecked.tolist()))
             for c in new:
-                start = c * self.chunk_bytes
-                body = self.raw[start:start + self.chunk_bytes]
-                if google_crc32c.value(body[:-_CRC]) != int.from_bytes(body[-_CRC:].tobytes(), "little"):
-                    raise ChunkFault(shard * layout.per_shard + c, missing=False,
-                                     cause=ValueError("stored and computed crc32c checksums differ"))
-            self.checked[new] = True
+                self._check(layout, shard, c)
         out[at] = self.grid[chunk, within]
         return len(new) * self.chunk_bytes
+
+    def _fill_rows(self, layout: ShardLayout, shard: int, chunks: list[int], within: list[int], at: list[int],
+                   out: np.ndarray) -> int:
+        """``fill`` for a few rows, one at a time (numpy calls cost more than the rows here)."""
+        checked_bytes = 0
+        for c, w, i in zip(chunks, within, at):
+            if not self.checked[c]:
+                self._check(layout, shard, c)
+                checked_bytes += self.chunk_bytes
+            out[i] = self.grid[c, w]
+        return checked_bytes
+
+    def _check(self, layout: ShardLayout, shard: int, c: int) -> None:
+        """Check inner chunk ``c``'s crc32c (ChunkFault when it fails) and remember that it passed."""
+        start = c * self.chunk_bytes
+        body = self.raw[start:start + self.chunk_bytes]
+        if google_crc32c.value(body[:-_CRC]) != int.from_bytes(body[-_CRC:].tobytes(), "little"):
+            raise ChunkFault(shard * layout.per_shard + c, missing=False,
+                             cause=ValueError("stored and computed crc32c checksums differ"))
+        self.checked[c] = True
 
 
 def encode_shard(layout: ShardLayout, block: np.ndarray) -> tuple[memoryview, np.ndarray]:

@@ -213,6 +213,9 @@ class ZarrBackend:
         layout = self._layout(path)
         return None if layout is None else self._shards.gather(path, self._array(path), layout, rows, required)
 
+    def revalidate(self, path: str) -> None:
+        self._shards.revalidate(path)
+
     def read_chunks(self, path: str, chunks: np.ndarray, required: np.ndarray) -> list[np.ndarray]:
         layout = self._layout(path)
         if layout is not None:

@@ -156,6 +156,11 @@ class StoreArrays:
         except ChunkFault as fault:
             raise self._fault_error(path, fault) from fault.cause
 
+    def revalidate(self, path: str) -> None:
+        """Files of ``path`` may have been replaced by another process (its done flags were read
+        anew): ``gather`` checks what it keeps of them (memory maps) before using it again."""
+        self._backend.revalidate(path)
+
     def _fault_error(self, path: str, fault: ChunkFault) -> CorruptChunkError:
         per, n = self.inner_rows(path), self.shape(path)[0]
         start, stop = fault.chunk * per, min(n, (fault.chunk + 1) * per)

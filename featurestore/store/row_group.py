@@ -235,6 +235,7 @@ class RowGroup:
             # a missing done chunk reads as "not done": safe (the rows are recomputed), never wrong
             mask = self._arrays.read(self.done_path, 0, self._index.n_clips, written=False).astype(bool)
             self._caches.done[self.path] = mask
+            self._arrays.revalidate(self.values_path)  # rows done now may be in shards replaced since mapped
         return mask
 
     def _done_rows(self, start: int, stop: int) -> np.ndarray:
@@ -257,6 +258,7 @@ class RowGroup:
                     stop_chunk = min(self._index.n_clips, first + per)
                     flags = self._arrays.read(self.done_path, first, stop_chunk, written=False).astype(bool)
                     chunks[first] = flags
+                    self._arrays.revalidate(self.values_path)
                 if flags is not None:
                     return flags[start - first:stop - first]
         return self._done()[start:stop]

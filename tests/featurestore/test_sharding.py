@@ -255,6 +255,9 @@ def test_a_shard_rewritten_by_another_writer_is_read_anew_never_stale(small):
         np.testing.assert_array_equal(reader.get_many(FEAT, [clip_id(SHARD + 1), clip_id(SHARD + 2)]), 0)
         with open_store(small, "a") as writer:
             writer.write_rows(FEAT, SHARD, values(later))
+        # rows finished since: the done flags are read anew, and with them the mapped shard's file checked
+        np.testing.assert_array_equal(reader.get_many(FEAT, [clip_id(SHARD + 500), clip_id(SHARD + 501)]),
+                                      values(np.array([SHARD + 500, SHARD + 501])))
         reader.refresh()
         rows = np.array([SHARD + 1, SHARD + 500, 2 * SHARD - 1])
         np.testing.assert_array_equal(reader.get_many(FEAT, [clip_id(r) for r in rows]), values(rows))
