@@ -718,8 +718,13 @@ def _finish(run_dir: Path, state: dict, cfg: TrainConfig, history: list[dict]) -
     result = TrainResult(run_dir, int(state.get("best_epoch") or 0), state.get("best_val_accuracy"),
                          state.get("best_val_logloss"), int(state.get("epoch", 0)), history)
     acc = "n/a" if result.best_val_accuracy is None else f"{result.best_val_accuracy:.4f}"
+    best = run_dir / "best.safetensors"
+    if not best.is_file():  # --epochs 0 on a head with trainable parameters: no weights to point at
+        _log(f"{cfg.head}: {result.epochs_completed} epoch(s) done; no weights saved in {run_dir} (train at least "
+             f"one epoch: --epochs N resumes it)")
+        return result
     _log(f"{cfg.head}: {result.epochs_completed} epoch(s) done; best epoch {result.best_epoch} "
-         f"(val_accuracy {acc}) -> {run_dir / 'best.safetensors'}")
+         f"(val_accuracy {acc}) -> {best}")
     return result
 
 

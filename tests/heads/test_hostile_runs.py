@@ -140,3 +140,11 @@ def test_train_out_in_the_store_is_refused(tmp_path, tiny_store_path, capsys, in
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "a run directory belongs beside the store" in err
     assert sorted(p.name for p in store.iterdir()) == before and not (tmp_path / "own.zarr.lock").exists()
+
+
+def test_zero_epochs_do_not_claim_saved_weights(tmp_path, tiny_store_path, capsys):
+    out = tmp_path / "e0"
+    assert main(["train", "--store", str(tiny_store_path), "--head", "linear", "--features", "clip/ViT-B-32",
+                 "--train-split", "train", "--val-split", "val", "--epochs", "0", "--out", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "no weights saved" in err and "best.safetensors" not in err and not (out / "best.safetensors").exists()
