@@ -1,7 +1,16 @@
 """Fixtures shared by every test package: tiny real demo datasets made by the synthetic generator."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+
+# One torch (OpenMP) thread per test process, set before anything imports torch, inherited by every
+# child process: the suite runs in up to 4 pytest-xdist processes on 2 cores, where each process's
+# intra-op thread pool waited for cores the others held (a 24-clip extraction cost 7.0 s of CPU with
+# 2 threads and 4.3 s with one). A value the caller set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+assert "torch" not in sys.modules, "torch was imported before tests/conftest.py could set OMP_NUM_THREADS"
 
 import pytest
 
