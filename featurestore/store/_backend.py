@@ -91,6 +91,13 @@ def join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of a 1-d array: ``np.unique`` without its first call's import of
+    ``numpy.ma`` (~90 ms in a fresh process, where a store's first ``get`` is timed)."""
+    ordered = np.sort(values)
+    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]] if len(ordered) else ordered
+
+
 def as_str_array(values: Any) -> np.ndarray:
     """Normalise what a backend returns for a string array to a numpy unicode array."""
     arr = np.asarray(values, dtype=object)

@@ -35,7 +35,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from featurestore.store._backend import ChunkFault
+from featurestore.store._backend import ChunkFault, distinct
 
 _ABSENT = np.uint64(2**64 - 1)
 # Shards mapped at once per store: each map holds a file descriptor (CPython's mmap keeps one), so
@@ -385,7 +385,7 @@ class _Mapped:
         new: list[int] = []
         if not seen.all():
             unchecked = chunk[~seen]
-            new = np.unique(unchecked).tolist() if len(unchecked) > 32 else sorted(set(unchecked.tolist()))
+            new = distinct(unchecked).tolist() if len(unchecked) > 32 else sorted(set(unchecked.tolist()))
             for c in new:
                 self._check(layout, shard, c)
         out[at] = self.grid[chunk, within]

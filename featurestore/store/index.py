@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from featurestore.errors import FeatureStoreError, UnknownClipError
-from featurestore.store._backend import join
+from featurestore.store._backend import distinct, join
 from featurestore.store.arrays import StoreArrays
 
 LOOKUP_ATTR = "index_lookup"  # root attribute: {"path", "n_clips", "key"} of the lookup in use
@@ -133,7 +133,7 @@ class ClipIndex:
             return [self.clip_ids[r] for r in rows]
         per = self._arrays.chunk_rows("index/clip_id")
         out: list[str] = [""] * len(rows)
-        for chunk in np.unique(rows // per):
+        for chunk in distinct(rows // per):
             start, stop = int(chunk) * per, min(self.n_clips, (int(chunk) + 1) * per)
             texts = self._arrays.read("index/clip_id", start, stop)
             for i in np.flatnonzero(rows // per == chunk):
@@ -264,7 +264,8 @@ class ClipIndex:
             table = self._block_rows(path, blocks)[0]
             at = np.flatnonzero((table[:, 0] == keys[0, 0]) & (table[:, 1] == keys[0, 1]))
             return np.array([int(table[at[0], 2]) if len(at) else -1], dtype=np.int64)
-        numbers, which = np.unique(blocks, return_inverse=True)
+        numbers = distinct(blocks)
+        which = np.searchsorted(numbers, blocks)
         table = self._block_rows(path, numbers)[which]  # [keys, block rows, 3]; padding rows hold no key
         hit = (table[:, :, 0] == keys[:, :1]) & (table[:, :, 1] == keys[:, 1:])
         at = hit.argmax(axis=1)

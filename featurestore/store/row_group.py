@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from featurestore.errors import CorruptChunkError, MissingFeatureError
-from featurestore.store._backend import STRING, join
+from featurestore.store._backend import STRING, distinct, join
 from featurestore.store._cache import ChunkCache
 from featurestore.store.arrays import StoreArrays
 
@@ -321,7 +321,7 @@ class RowGroup:
         open_rows = np.flatnonzero(~(self._done() if done is None else np.asarray(done, dtype=bool)))
         per = self._arrays.chunk_rows(self.errors_path)
         failed: dict[int, str] = {}
-        for chunk in np.unique(open_rows // per):
+        for chunk in distinct(open_rows // per):
             if not self._arrays.chunk_written(self.errors_path, int(chunk)):
                 continue
             start = int(chunk) * per
