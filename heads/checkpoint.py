@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from featurestore.atomic_files import atomic_write_bytes, atomic_write_text
+from featurestore.provenance import file_sha256
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -171,6 +172,25 @@ def _unreadable(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file "
                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); heads "
                            f"read weights as safetensors only, never pickles")
+
+
+def check_sha256(path: Path, recorded: Any) -> None:
+    """Refuse a weights file whose sha256 is not the one training recorded in ``state.json``.
+
+    safetensors carries no checksum: a flipped bit in a tensor's bytes loads as slightly other
+    weights, and a file copied over from another run loads as that run. Files of runs trained before
+    the hash was recorded (``recorded`` None) are not checked.
+
+    Raises:
+        CheckpointError: naming the file and both hashes.
+    """
+    if not isinstance(recorded, str):
+        return
+    found = file_sha256(path)
+    if found != recorded:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not the file training wrote (sha256 {found[:12]}..., "
+                              f"state.json records {recorded[:12]}...): it is damaged or was replaced; restore it "
+                              f"or train the run again")
 
 
 def run_file(run_dir: Path, name: str) -> Path:

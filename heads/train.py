@@ -39,6 +39,7 @@ in run.json and a run is never resumed in the other precision.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import sys
@@ -56,13 +57,13 @@ from featurestore.atomic_files import OutputWriteError, atomic_write_bytes, atom
 from featurestore.checks import non_finite_rows
 from featurestore.encoders import resolve_device
 from featurestore.provenance import fingerprint as provenance_fingerprint
-from featurestore.provenance import is_random_weights, runtime_info, weights_identity
+from featurestore.provenance import file_sha256, is_random_weights, runtime_info, weights_identity
 from featurestore.store.lock import WriterLock, writer_lock
 from featurestore.torchdata import Batch, StoreDataset, WorkerLoader
 from heads._registry import Head, create_head, head_class
 from heads.checkpoint import (
-    NonFiniteWeightsError, load_optimizer, load_weights, non_finite_tensors, optimizer_bytes, read_json, run_file,
-    save_weights, weights_bytes, write_json,
+    NonFiniteWeightsError, check_sha256, load_optimizer, load_weights, non_finite_tensors, optimizer_bytes, read_json,
+    run_file, save_weights, weights_bytes, write_json,
 )
 from heads.config import RESUMABLE_FIELDS, TrainConfig
 from heads.evaluate import evaluate
@@ -583,7 +584,8 @@ def _no_training(head: Head, val_loader: Iterable | None, cfg: TrainConfig, run_
         record.update(evaluate(head, val_loader, device))
     record["seconds"] = round(time.perf_counter() - started, 3)
     save_weights(run_dir / "best.safetensors", head.state_dict(), {"epoch": 0})
-    state = {"epoch": 0, "best_epoch": 0, "best_val_accuracy": record.get("val_accuracy"),
+    state = {"epoch": 0, "best_epoch": 0, "best_sha256": file_sha256(run_dir / "best.safetensors"),
+             "best_val_accuracy": record.get("val_accuracy"),
              "best_val_logloss": record.get("val_logloss"), "finished": True, "trainable_parameters": 0}
     _append_metrics(run_dir, record)
     write_json(run_dir / "state.json", state)
@@ -661,7 +663,9 @@ def _canon(value: Any) -> str:
 
 
 def _restore(run_dir: Path, state: dict, head: Head, optimizer: torch.optim.Optimizer | None) -> None:
-    weights, _ = load_weights(run_file(run_dir, state["checkpoint"]))
+    path = run_file(run_dir, state["checkpoint"])
+    check_sha256(path, state.get("checkpoint_sha256"))  # a damaged checkpoint never resumes silently
+    weights, _ = load_weights(path)
     head.load_state_dict(weights)
     if optimizer is not None:
         load_optimizer(run_file(run_dir, state["optimizer"]), optimizer)
@@ -677,12 +681,14 @@ def _commit_epoch(run_dir: Path, head: Head, optimizer: torch.optim.Optimizer, s
     acc = record.get("val_accuracy")
     improved = epoch == 1 or state.get("best_epoch") is None or (acc is None or best_acc is None or acc > best_acc)
     stem = f"ckpt/epoch_{epoch:03d}"
+    sha = hashlib.sha256(weights).hexdigest()  # loaders check it: safetensors carries no checksum
     atomic_write_bytes(run_dir / f"{stem}.safetensors", weights)
     atomic_write_bytes(run_dir / f"{stem}.optim.safetensors", optim)
     if improved:
         atomic_write_bytes(run_dir / "best.safetensors", weights)  # the same bytes: checked and serialised once
     new_state = {
         "epoch": epoch, "checkpoint": f"{stem}.safetensors", "optimizer": f"{stem}.optim.safetensors",
+        "checkpoint_sha256": sha, "best_sha256": sha if improved else state.get("best_sha256"),
         "best_epoch": epoch if improved else state["best_epoch"],
         "best_val_accuracy": acc if improved else best_acc,
         "best_val_logloss": record.get("val_logloss") if improved else state.get("best_val_logloss"),

@@ -21,7 +21,7 @@ import torch
 
 from featurestore.encoders import resolve_device
 from heads._registry import Head, create_head, head_class
-from heads.checkpoint import CheckpointError, check_shapes, load_weights, read_json_object, run_file
+from heads.checkpoint import CheckpointError, check_sha256, check_shapes, load_weights, read_json_object, run_file
 
 
 def weights_path(run_dir: Path, weights: str) -> Path:
@@ -31,6 +31,15 @@ def weights_path(run_dir: Path, weights: str) -> Path:
     if weights == "last":
         return run_file(run_dir, read_json_object(run_dir / "state.json", {"checkpoint": str})["checkpoint"])
     raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+
+
+def check_weights_file(run_dir: Path, weights: str, path: Path) -> None:
+    """Refuse a weights file whose bytes are not the ones training recorded (``best_sha256`` or
+    ``checkpoint_sha256`` in ``state.json``; see `heads.checkpoint.check_sha256`)."""
+    state_path = run_dir / "state.json"
+    if state_path.is_file():
+        state = read_json_object(state_path, {})
+        check_sha256(path, state.get("best_sha256" if weights == "best" else "checkpoint_sha256"))
 
 
 def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "best") -> tuple[Head, dict]:
@@ -52,6 +61,7 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
     info = run_info(run_dir)
     path = weights_path(run_dir, weights)
     name, config = _head_spec(run_dir, info)
+    check_weights_file(run_dir, weights, path)
     check_shapes(path, _shapes_on_meta(run_dir, name, config), f"the {name} head run.json describes")
     head = create_head(name, **config)
     state, _ = load_weights(path)

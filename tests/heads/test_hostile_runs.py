@@ -148,3 +148,29 @@ def test_zero_epochs_do_not_claim_saved_weights(tmp_path, tiny_store_path, capsy
                  "--train-split", "train", "--val-split", "val", "--epochs", "0", "--out", str(out), "-q"]) == 0
     err = capsys.readouterr().err
     assert "no weights saved" in err and "best.safetensors" not in err and not (out / "best.safetensors").exists()
+
+
+def _flip_last_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # a tensor's byte: the header still parses, the shapes still fit
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("weights", ["best", "last"])
+def test_a_flipped_bit_in_the_weights_is_refused(run, tmp_path, weights):
+    """safetensors has no checksum: before, the flipped weights loaded and predicted silently."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    state = json.loads((copy / "state.json").read_text())
+    _flip_last_byte(copy / ("best.safetensors" if weights == "best" else state["checkpoint"]))
+    with pytest.raises(CheckpointError, match="is not the file training wrote"):
+        load_head(copy, weights=weights)
+
+
+def test_a_flipped_bit_in_the_checkpoint_never_resumes(run, tmp_path, tiny_store_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    _flip_last_byte(copy / json.loads((copy / "state.json").read_text())["checkpoint"])
+    with open_store(tiny_store_path) as store, pytest.raises(CheckpointError, match="is not the file training wrote"):
+        heads.train(TrainConfig(head="linear", features=["clip/ViT-B-32"], train_split="train", val_split="val",
+                                out=str(copy), epochs=2, batch_size=16, progress=False), store)
