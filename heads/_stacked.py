@@ -19,8 +19,10 @@ Validation is stacked too: every trial reads the same clip-level validation batc
 cut once and scored by all K, then `heads.evaluate.clip_metrics` scores each trial as `evaluate` does.
 Every epoch each trial is unstacked into its own head and optimizer and committed by the trainer's own
 code (`_commit_epoch`: checkpoint, best weights, metrics, state) in a background thread while the next
-epoch trains, so a trial's run directory is a normal one; a killed stacked group resumes trial by
-trial through `heads.train` (exact, from the committed epoch).
+epoch trains, so a trial's run directory is a normal one. A killed stacked group resumes stacked: each
+trial is restored from its own committed epoch by the trainer's `_restore` (weights, batchnorm buffers,
+SGD momentum) and the trials at the same epoch form a group again (`resume_epoch`, and the sweep groups
+by it); a trial alone at its epoch resumes through `heads.train`.
 
 Results equal a lone run within float tolerance (batched matmuls and the batchnorm written out sum in
 another order: weights within ~1e-6), not bit for bit.
@@ -55,14 +57,27 @@ def trainer_internals() -> SimpleNamespace:
     return SimpleNamespace(open_run_dir=t._open_run_dir, commit_epoch=t._commit_epoch, finish=t._finish,
                            log=t._log, epoch_line=t._epoch_line, FiniteBatches=t.FiniteBatches,
                            TrainingDivergedError=t.TrainingDivergedError, build_head=t.build_head,
-                           make_loaders=t.make_loaders, run_lock=t.run_lock)
+                           make_loaders=t.make_loaders, run_lock=t.run_lock, restore=t._restore,
+                           read_metrics=t._read_metrics)
 
 
-def can_stack(cfg: TrainConfig, overwrite: bool) -> bool:
-    """A fresh trial (nothing committed in its run directory) of a stackable head, read in this process,
-    in float32: the stacked step has no autocast, so a bf16 trial trains alone as it asked."""
-    fresh = overwrite or not (Path(cfg.out) / "state.json").exists()
-    return cfg.head in FORWARDS and cfg.num_workers == 0 and cfg.precision == "fp32" and fresh
+def can_stack(cfg: TrainConfig) -> bool:
+    """A trial of a stackable head, read in this process, in float32: the stacked step has no autocast,
+    so a bf16 trial trains alone as it asked."""
+    return cfg.head in FORWARDS and cfg.num_workers == 0 and cfg.precision == "fp32"
+
+
+def resume_epoch(cfg: TrainConfig, overwrite: bool) -> int | None:
+    """The epoch a trial's run directory has committed (0: fresh), which its stacked group must share; None when
+    ``state.json`` cannot be read: the trial then goes through `heads.train`, which names what is wrong."""
+    path = Path(cfg.out) / "state.json"
+    if overwrite or not path.exists():
+        return 0
+    try:
+        epoch = json.loads(path.read_text()).get("epoch", 0)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epoch if isinstance(epoch, int) and epoch >= 0 else None
 
 
 def group_key(cfg: TrainConfig) -> str:
@@ -85,13 +100,12 @@ def train_stacked(cfgs: list[TrainConfig], shared: Any, *, overwrite: bool = Fal
         for i in order:
             cfg = cfgs[i]
             locks.enter_context(t.run_lock(cfg.out))
-            head, identity = t.build_head(cfg, shared.store)
+            head, identity = t.build_head(cfg, shared.store)  # restored below when resumed
             if reader[i] not in readers:  # trials of one seed read the same batches: one loader for them
                 train_loader, val_loader = t.make_loaders(cfg, shared.store, head)
                 readers[reader[i]] = _checked(shared, train_loader, t)
                 val = val if val is not None or val_loader is None else _checked(shared, val_loader, t)
-            state = t.open_run_dir(Path(cfg.out), identity, overwrite)
-            trials.append(_Trial(cfg, head.to(device), readers[reader[i]], state))
+            trials.append(_opened_trial(cfg, head, identity, readers[reader[i]], overwrite, t).to(device))
         results = _Group(trials, val, device, t).run()
     return [results[order.index(i)] for i in range(len(cfgs))]
 
@@ -103,10 +117,41 @@ def _checked(shared: Any, loader: Any, t: SimpleNamespace) -> Any:
     return loader if shared.all_finite(loader) else t.FiniteBatches.wrap(loader)
 
 
+def _opened_trial(cfg: TrainConfig, head: nn.Module, identity: dict, train_loader: Any, overwrite: bool,
+                  t: SimpleNamespace) -> _Trial:
+    """A trial with its run directory opened as `heads.train` opens it: fresh, or restored from its committed
+    epoch by the trainer's own `_restore` (weights and buffers into ``head``, the SGD momentum through a torch
+    optimizer, metric lines of later epochs dropped)."""
+    run_dir = Path(cfg.out)
+    state = t.open_run_dir(run_dir, identity, overwrite)
+    if state.get("epoch", 0) == 0:
+        return _Trial(cfg, head, train_loader, state)
+    params = {n: p for n, p in head.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(params.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    t.restore(run_dir, state, head, optimizer)
+    momentum = {n: optimizer.state.get(p, {}).get("momentum_buffer") for n, p in params.items()}
+    momentum = {n: torch.zeros_like(params[n]) if v is None else v.detach().clone() for n, v in momentum.items()}
+    return _Trial(cfg, head, train_loader, state, momentum, t.read_metrics(run_dir))
+
+
 class _Trial:
-    def __init__(self, cfg: TrainConfig, head: nn.Module, train_loader: Any, state: dict):
+    """One trial of a group: its config, head (the weights it starts from), loader, run state and history, and
+    the SGD momentum it resumes with (None: zeros, a fresh trial)."""
+
+    def __init__(self, cfg: TrainConfig, head: nn.Module, train_loader: Any, state: dict,
+                 momentum: dict[str, torch.Tensor] | None = None, history: list[dict] | None = None):
         self.cfg, self.head, self.train_loader, self.state = cfg, head, train_loader, state
-        self.history: list[dict] = []
+        self.momentum, self.history = momentum, list(history or [])
+
+    @property
+    def start(self) -> int:
+        """The last epoch committed before this group trains (0: fresh)."""
+        return int(self.state.get("epoch", 0))
+
+    def to(self, device: torch.device) -> _Trial:
+        self.head.to(device)
+        self.momentum = None if self.momentum is None else {n: v.to(device) for n, v in self.momentum.items()}
+        return self
 
 
 # ------------------------------------------------------------------------ the stacked forward
@@ -270,14 +315,18 @@ class _Group:
         self.params = {n: torch.stack([p[n].detach() for p in named]).requires_grad_(True) for n in self.trainable}
         buffers = [dict(tr.head.named_buffers()) for tr in trials]
         self.buffers = {n: torch.stack([b[n] for b in buffers]).clone() for n in buffers[0]}
-        self.momentum = {n: torch.zeros_like(v) for n, v in self.params.items()}
+        if len({tr.start for tr in trials}) > 1:
+            raise ValueError(f"stacked trials must resume from one epoch, got {sorted({tr.start for tr in trials})}")
+        self.start = trials[0].start
+        self.momentum = {n: torch.stack([torch.zeros_like(tr.head.get_parameter(n)) if tr.momentum is None
+                                         else tr.momentum[n] for tr in trials]) for n in self.params}
         self.grads = {n: torch.empty_like(self.params[n]) for n in _linear_params(self.template) if n in self.params}
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stacked-commit")
 
     def run(self) -> list[Any]:
         pending: list[Future] = []
         try:
-            for epoch in range(1, self.trials[0].cfg.epochs + 1):
+            for epoch in range(self.start + 1, self.trials[0].cfg.epochs + 1):
                 started = time.perf_counter()
                 losses = self._epoch(epoch)
                 metrics = self._validate()

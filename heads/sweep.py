@@ -18,11 +18,12 @@ Layout of a sweep directory::
 ``<config>`` spells the swept values (``lr=0.01,hidden=32x64``), so adding a value to the grid and
 rerunning trains only the new configurations. Everything runs under the lock ``DIR.lock``, so two
 sweeps never share a directory. The small heads' trials share one read of the store (`SharedReads`):
-each row is read once per sweep, not once per trial and epoch, bit for bit as if alone. Fresh
+each row is read once per sweep, not once per trial and epoch, bit for bit as if alone. Unfinished
 ``linear``, ``embedding_mlp`` and ``late_fusion`` trials of one model shape that differ only in
 optimizer settings and seed then train stacked, one step for all (`heads._stacked`, equal to lone runs
 within float tolerance); the CNN heads' trials train in joblib worker processes, each reading the store
-itself; the rest (trials resumed from a checkpoint) run one after another in a fixed order
+itself; trials of a killed stacked group resume stacked, those at the same committed epoch together;
+the rest (a trial alone at its epoch, finished trials) run one after another in a fixed order
 (configuration-major, then seed).
 
 Random search (``ranges`` with ``samples`` N) draws N configurations from ``numpy``'s generator seeded
@@ -330,13 +331,17 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
 
 
 def _train_stacked_groups(trials: list[Trial], shared: SharedReads, overwrite: bool) -> dict[int, Any]:
-    """Results of the trials trained stacked, by their index: fresh stackable trials, grouped by what must be equal."""
-    from heads._stacked import can_stack, group_key, train_stacked
+    """Results of the trials trained stacked, by their index: unfinished stackable trials, grouped by what must be
+    equal and by the epoch they resume from (fresh ones from 0; a killed group's trials from their own commits)."""
+    from heads._stacked import can_stack, group_key, resume_epoch, train_stacked
 
-    groups: dict[str, list[int]] = {}
+    groups: dict[tuple[str, int], list[int]] = {}
     for i, trial in enumerate(trials):
-        if shared.can_share(trial.cfg) and can_stack(trial.cfg, overwrite):
-            groups.setdefault(group_key(trial.cfg), []).append(i)
+        if not (shared.can_share(trial.cfg) and can_stack(trial.cfg)):
+            continue
+        start = resume_epoch(trial.cfg, overwrite)
+        if start is not None and start < trial.cfg.epochs:  # a finished trial is two JSON reads in the loop below
+            groups.setdefault((group_key(trial.cfg), start), []).append(i)
     results: dict[int, Any] = {}
     for indices in groups.values():
         if len(indices) > 1:

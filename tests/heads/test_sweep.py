@@ -97,18 +97,38 @@ def test_sweep_trains_every_trial_and_tables_their_metrics(tiny_store_path, tmp_
 
 def _committed(out: Path) -> list[int]:
     """The last committed epoch of every trial that has one (a state.json read while it may be replaced)."""
-    epochs = []
+    return list(_committed_by_run(out).values())
+
+
+def _committed_by_run(out: Path) -> dict[str, int]:
+    epochs = {}
     for path in out.glob("*/seed_*/state.json"):
         with contextlib.suppress(OSError, ValueError):
-            epochs.append(json.loads(path.read_text())["epoch"])
+            epochs[str(path.parent)] = json.loads(path.read_text())["epoch"]
     return epochs
 
 
-def test_a_sweep_killed_at_a_random_point_resumes_to_the_uninterrupted_result(tiny_store_path, tmp_path):
+def _stacked_calls(monkeypatch) -> list[list[tuple[str, int]]]:
+    """Every stacked group `heads.sweep` trains from now on, as (run directory, committed epoch) per trial."""
+    import heads._stacked as stacked
+
+    calls, original = [], stacked.train_stacked
+
+    def recording(cfgs, shared, **kwargs):
+        calls.append([(c.out, _committed_by_run(Path(c.out).parents[1]).get(c.out, 0)) for c in cfgs])
+        return original(cfgs, shared, **kwargs)
+
+    monkeypatch.setattr(stacked, "train_stacked", recording)
+    return calls
+
+
+def test_a_sweep_killed_at_a_random_point_resumes_to_the_uninterrupted_result(tiny_store_path, tmp_path, monkeypatch):
     """SIGKILL once a random number of trial-epochs are committed (the 8 trials train as two stacked groups of 4,
     one per l2_normalize value, and a group commits its trials one by one, so the kill often lands with a
     group's trials at different epochs, e.g. [2, 2, 2, 3]), rerun: every trial and ``best`` equal the
-    uninterrupted sweep's (resumed trials continue alone from their checkpoints: within the stacked tolerance)."""
+    uninterrupted sweep's (within the stacked tolerance). The rerun resumes them stacked: the unfinished
+    trials of a group at the same committed epoch train as one group again (a trial alone at its epoch
+    resumes through `heads.train`)."""
     epochs = 6
     seed = random.randrange(2**32)
     target = random.Random(seed).randrange(1, 8 * epochs - 1)
@@ -129,7 +149,18 @@ def test_a_sweep_killed_at_a_random_point_resumes_to_the_uninterrupted_result(ti
     committed = _committed(killed)
     assert proc.returncode == -signal.SIGKILL, f"the sweep ended before {target} trial-epochs (seed {seed})"
     assert sum(committed) < 8 * epochs, (seed, committed)
+    at_kill = _committed_by_run(killed)
+    groups: dict[tuple[str, int], set[str]] = {}
+    for config in CONFIGS:
+        for s in (0, 1):
+            run = str(killed / config / f"seed_{s}")
+            if at_kill.get(run, 0) < epochs:
+                groups.setdefault((config.split(",")[1], at_kill.get(run, 0)), set()).add(run)
+    calls = _stacked_calls(monkeypatch)
     assert main(_args(tiny_store_path, killed, epochs)) == 0
+    assert sorted(sorted(run for run, _ in call) for call in calls) == sorted(
+        sorted(runs) for runs in groups.values() if len(runs) > 1), (seed, at_kill)
+    assert all(len({epoch for _, epoch in call}) == 1 for call in calls)
     assert main(_args(tiny_store_path, whole, epochs)) == 0
     _same_runs(killed, whole)
     assert os.readlink(killed / "best") == os.readlink(whole / "best"), (seed, committed)
@@ -219,7 +250,7 @@ def test_sweep_help_shows_the_paper_shaped_example(capsys):
     assert all(flag in out for flag in ("--train-split", "--epochs", "--batch-size", "--set", "--samples", "--metric"))
 
 
-def test_stacked_linear_trials_equal_lone_trials_within_float_tolerance(tiny_store_path, tmp_path):
+def test_stacked_linear_trials_equal_lone_trials_within_float_tolerance(tiny_store_path, tmp_path, monkeypatch):
     """16 trials differing in lr, weight decay and seed train as two stacked models (one per l2_normalize value,
     a head field: another model); each ends where it ends
     trained alone (--no-stack: bit for bit a lone `heads train`) within float tolerance."""
@@ -227,8 +258,10 @@ def test_stacked_linear_trials_equal_lone_trials_within_float_tolerance(tiny_sto
     stacked, alone = tmp_path / "stacked", tmp_path / "alone"
     assert main(_args(tiny_store_path, stacked, 2, *base)) == 0
     assert main(_args(tiny_store_path, alone, 2, *base, "--no-stack")) == 0
-    # one more epoch: the stacked trials resume one by one from their checkpoints (momentum buffers included)
+    # one more epoch: the trials resume stacked, each from its checkpoint (momentum buffers included)
+    calls = _stacked_calls(monkeypatch)
     assert main(_args(tiny_store_path, stacked, 3, *base)) == 0
+    assert sorted(len(call) for call in calls) == [8, 8] and {e for call in calls for _, e in call} == {2}
     assert main(_args(tiny_store_path, alone, 3, *base, "--no-stack")) == 0
     runs = sorted(p.relative_to(stacked) for p in stacked.glob("lr=*/seed_*"))
     assert len(runs) == 2 * 2 * 2 * 2

@@ -12,11 +12,30 @@ from heads.config import TrainConfig
 CNN = {"backbone": "test_resnet", "resize_to": [32, 24], "freq_mask_width": 4}
 
 
-def test_cnn_trials_train_in_worker_processes_each_equal_to_a_lone_run(tiny_store_path, tmp_path):
+def test_cnn_trials_train_in_worker_processes_each_equal_to_a_lone_run(tiny_store_path, tmp_path, monkeypatch):
+    """The workers read the store themselves: this process reads no feature row while they train, and what each
+    is sent is its trial's config (a path to the store, no features)."""
+    import pickle
+
+    import joblib
+
+    from featurestore.store.store import FeatureStore
+
     base = TrainConfig(head="spectrogram_cnn", features=["logmel"], store=str(tiny_store_path), train_split="train",
                        val_split="val", epochs=1, batch_size=16, head_config=CNN, progress=False)
+    reads, sent, original = [], [], FeatureStore.read_rows
+    monkeypatch.setattr(FeatureStore, "read_rows", lambda self, name, *a, **kw: reads.append(name) or original(
+        self, name, *a, **kw))
+    delayed = joblib.delayed
+
+    def recording(function):  # what the parent hands each worker: the pickled call
+        return lambda *args, **kwargs: sent.append(len(pickle.dumps((args, kwargs)))) or delayed(function)(*args, **kwargs)
+
+    monkeypatch.setattr(joblib, "delayed", recording)
     result = heads.sweep(base, {"lr": [0.01]}, seeds=[0, 1], out=tmp_path / "sw", jobs=2)
     assert [t["trained"] for t in result.per_trial] == ["process", "process"]
+    assert reads == [] and len(sent) == 2 and max(sent) < 4096, (reads, sent)  # the store's rows: 64 x 4 x 20 x 16
+    monkeypatch.undo()
     lone = heads.train(TrainConfig(**{**base.to_dict(), "lr": 0.01, "seed": 1, "out": str(tmp_path / "lone")}))
     a, b = load_file(lone.best_weights), load_file(tmp_path / "sw" / "lr=0.01" / "seed_1" / "best.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k].double(), b[k].double(), rtol=1e-5, atol=1e-6) for k in a)

@@ -90,6 +90,6 @@ def test_bf16_trials_are_never_stacked_the_stacked_step_has_no_autocast(tmp_path
     fp32 = TrainConfig(head="linear", features=TWO_SETS, store="s.zarr", train_split="train", val_split="val",
                        out=str(tmp_path / "a"))
     bf16 = TrainConfig(**{**fp32.to_dict(), "precision": "bf16"})
-    assert can_stack(fp32, overwrite=False)
-    assert not can_stack(bf16, overwrite=False)
+    assert can_stack(fp32)
+    assert not can_stack(bf16)
     assert group_key(fp32) != group_key(bf16)
