@@ -193,8 +193,10 @@ def register_lhotse_reader() -> None:
     """Teach lhotse the ``featurestore`` storage type, so ``cut.load_custom(<feature set>)`` reads.
 
     ``to_lhotse`` calls it; a process that only loads saved cuts (``CutSet.from_file``) calls it
-    once before loading features. The storage key is ``<feature set>/<clip id>`` (a clip id holds
-    no ``/``); stores are opened read-only once per process and path.
+    once before loading features. The storage key is ``<feature set>/<clip id>#<fingerprint>`` (a
+    clip id holds no ``/`` or ``#``): a set extracted again with another configuration since the cuts
+    were made is refused, never read as the features the cuts describe. Stores are opened read-only
+    once per process and path.
     """
     lhotse_io = _require("lhotse.features.io", "to_lhotse")
     if lhotse_io.get_reader(LHOTSE_STORAGE_TYPE) is not None:
@@ -215,7 +217,13 @@ def register_lhotse_reader() -> None:
             store = _OPEN_FOR_LHOTSE.get(self.storage_path)
             if store is None:
                 store = _OPEN_FOR_LHOTSE.setdefault(self.storage_path, open_store(self.storage_path))
-            feature_set, clip_id = key.rsplit("/", 1)
+            feature_set, clip_key = key.rsplit("/", 1)
+            clip_id, _, made = clip_key.partition("#")
+            found = store.feature_info(feature_set).fingerprint
+            if made and found != made:
+                raise ValueError(f"{self.storage_path}: feature set {feature_set!r} has fingerprint {found}, but the "
+                                 f"cut of clip {clip_id!r} was made from {made} (the set was extracted again with "
+                                 f"another configuration since): make the cuts again with to_lhotse")
             return store.get(feature_set, clip_id)[left_offset_frames:right_offset_frames]
 
     lhotse_io.register_reader(FeatureStoreReader)
@@ -251,7 +259,8 @@ def to_lhotse(store: Any, features: Sequence[str] = (), split: str | None = None
     cuts = []
     for row in rows:
         arrays = {name: lhotse_array.Array(storage_type=LHOTSE_STORAGE_TYPE, storage_path=location,
-                                     storage_key=f"{name}/{cols['clip_id'][row]}", shape=list(info.shape[1:]))
+                                     storage_key=f"{name}/{cols['clip_id'][row]}#{info.fingerprint}",
+                                     shape=list(info.shape[1:]))
                   for name, info in infos.items() if done[name][row]}
         cuts.append(_lhotse_cut(lhotse, store, cols, int(row), arrays))
     return lhotse.CutSet.from_cuts(cuts)
