@@ -71,13 +71,18 @@ def test_lock_refuses_a_second_holder_and_takes_over_a_file_whose_holder_is_gone
 def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
     """Decode workers are forked while the lock is held: when the writer dies, they must not hold it."""
     store = tmp_path / "s.zarr"
+    # the parent dies only once the child runs (its at-fork handlers done): a child not yet scheduled
+    # on a loaded machine would still share the parent's descriptor, which is not the case tested
     code = ("import os, signal, sys, time\n"
             "from featurestore.store.lock import writer_lock\n"
             "writer_lock(sys.argv[1]).acquire()\n"
             "if os.fork() == 0:\n"
-            "    time.sleep(60); os._exit(0)\n"
+            "    open(sys.argv[2], 'w').close(); time.sleep(60); os._exit(0)\n"
+            "while not os.path.exists(sys.argv[2]):\n"
+            "    time.sleep(0.005)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(store)], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(store), str(tmp_path / "child-runs")],
+                            start_new_session=True)
     try:
         proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGKILL
