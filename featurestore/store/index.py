@@ -67,7 +67,17 @@ def lookup_table(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
     table = np.empty((len(keys), 3), dtype=np.uint64)
     table[:, :2] = keys
     table[:, 2] = rows
-    return table[np.lexsort((table[:, 1], table[:, 0]))]
+    return sort_by_key(table)
+
+
+def sort_by_key(table: np.ndarray) -> np.ndarray:
+    """``table`` (key high, key low, ...) in key order. By the high half alone, which is all it takes
+    unless two keys share it (64 equal bits: practically never; then both halves): a million keys in
+    ~0.1 s where a two-key lexsort takes several times that."""
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    if (table[1:, 0] == table[:-1, 0]).any():
+        table = table[np.lexsort((table[:, 1], table[:, 0]))]
+    return table
 
 
 def search_table(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -349,7 +359,7 @@ class ClipIndex:
         table = lookup_table(id_keys(new_ids), np.arange(start, end, dtype=np.uint64))
         if len(old):
             table = np.concatenate([old, table])
-            table = table[np.lexsort((table[:, 1], table[:, 0]))]
+            table = sort_by_key(table)
         same = (np.diff(table[:, 0]) == 0) & (np.diff(table[:, 1]) == 0)
         attrs[LOOKUP_ATTR] = None if same.any() or not end else self._write_lookup(table, end)
         return attrs
