@@ -75,16 +75,19 @@ class UnknownValueError(UnknownFeatureError):
 
 
 class MissingFeatureError(FeatureStoreError):
-    """A clip's row exists but its ``done`` flag is false: the data is not there, never zeros."""
+    """A clip's row exists but its ``done`` flag is false: the data is not there, never zeros.
 
-    def __init__(self, feature: str, clip_ids: list[str]):
+    ``kind`` is what holds the rows ("feature set" or "prediction run"): the message names the
+    command that fills them, extraction or ``heads predict``.
+    """
+
+    def __init__(self, feature: str, clip_ids: list[str], kind: str = "feature set"):
         self.feature = feature
         self.clip_ids = clip_ids
         shown = ", ".join(clip_ids[:5]) + (f" and {len(clip_ids) - 5} more" if len(clip_ids) > 5 else "")
-        super().__init__(
-            f"feature set {feature!r} has not been computed for clip(s) {shown} "
-            f"(done flag is false; run extraction for them first)"
-        )
+        remedy = "run `heads predict` for them first" if kind == "prediction run" else "run extraction for them first"
+        super().__init__(f"{kind} {feature!r} has not been computed for clip(s) {shown} "
+                         f"(done flag is false; {remedy})")
 
 
 class FingerprintMismatchError(FeatureStoreError):

@@ -38,6 +38,7 @@ from featurestore.encoders import resolve_device
 from featurestore.atomic_files import find_os_error
 from featurestore.checks import is_int_in, non_finite_rows
 from featurestore.extract.errors import NO_ROOM, store_write_error
+from featurestore.store.layout import validate_name
 from featurestore.provenance import file_sha256, is_random_weights
 from featurestore.errors import ReadOnlyStoreError
 from featurestore.store.lock import writer_lock
@@ -222,7 +223,7 @@ def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: 
     """
     if not is_int_in(flush_clips, 1):
         raise ValueError(f"flush_clips must be an integer >= 1, got {flush_clips!r}")
-    name = name or Path(run_dir).name
+    name = validate_name("prediction run", name or Path(run_dir).name)  # before the lock file or classes
     own = isinstance(store, (str, Path))
     location = str(store) if own else store.location
     target = location if predictions is None else str(predictions)

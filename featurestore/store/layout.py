@@ -53,10 +53,16 @@ def default_inner_clips(n_segments: int, feature_shape: Sequence[int], dtype: st
 
 
 def validate_name(kind: str, name: str) -> str:
-    """Feature set / run names become group paths: letters, digits, ``_.+@=-``, '/'-separated."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name.split("/"):
+    """Feature set / run names become group paths: letters, digits, ``_.+@=-``, '/'-separated.
+
+    A part ``.`` or ``..`` would name another group (zarr refuses such paths only once writing).
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"invalid {kind} name {name!r}: use letters, digits and _ . + @ = -, "
-                         f"with '/' between parts (e.g. 'clip/ViT-B-32')")
+                         f"with '/' between non-empty parts (e.g. 'clip/ViT-B-32')")
+    if {".", ".."} & set(name.split("/")):
+        raise ValueError(f"invalid {kind} name {name!r}: '.' and '..' cannot be parts of a name "
+                         f"(e.g. 'clip/ViT-B-32')")
     return name
 
 

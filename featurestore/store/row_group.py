@@ -298,7 +298,8 @@ class RowGroup:
             mask = self._done(refresh=True)  # another process may have written since
             missing = rows[~mask[rows]]
             if len(missing):
-                raise MissingFeatureError(self.kind.missing_label.format(name=self.name), self._index.ids_at(missing))
+                raise MissingFeatureError(self.kind.missing_label.format(name=self.name), self._index.ids_at(missing),
+                                          self.kind.noun)
 
     def error_texts(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Error texts of rows ``start:stop`` ('' where a row has none; all '' without an errors array)."""
