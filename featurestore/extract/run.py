@@ -15,6 +15,7 @@ The command line ``featurestore extract DATASET STORE ...`` is built with the ot
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import sys
@@ -408,10 +409,14 @@ def _create_atomically(path: Path, manifest: Manifest, backend: str | None) -> F
     index is being written leaves no half-made store where the rerun would find it.
 
     The caller holds the store's writer lock, so no other process creates it now: temp stores left
-    by killed creators (any pid) are removed."""
+    by killed creators (any pid) are removed: only this name's, ``.<name>.creating-<pid>``, the name
+    escaped (a name holding ``[ab]`` would match another store's) and the pid all digits (the temp
+    store of a store named ``<name>.creating-x`` is not this one's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob(f".{path.name}.creating-*"):
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    prefix = f".{path.name}.creating-"
+    for old in path.parent.glob(glob.escape(prefix) + "*"):
+        if old.name[len(prefix):].isdigit():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     kind = backend_for(path, backend, new=True)
     try:

@@ -64,3 +64,21 @@ def test_missing_prediction_rows_point_to_heads_predict(store_path):
         store.create_feature_set(FEAT, N_SEG, (DIM,), provenance())
         with pytest.raises(MissingFeatureError, match="run extraction"):
             store.get(FEAT, store.clip_ids[0])
+
+
+def test_creating_a_store_named_with_brackets_leaves_other_stores_temp_folders(tmp_path):
+    """A store created by extraction is built in ``.<name>.creating-<pid>``; stale ones of this name
+    are removed, never another store's: ``a[b].zarr`` as a glob would match ``.ab.zarr.creating-*``."""
+    from featurestore.extract.run import _open_store
+
+    others = [tmp_path / ".ab.zarr.creating-999", tmp_path / ".a[b].zarr.creating-x.creating-7"]
+    stale = tmp_path / ".a[b].zarr.creating-998"
+    for folder in (*others, stale):
+        folder.mkdir()
+        (folder / "marker").write_text("another creator's")
+    store, opened, created = _open_store(tmp_path / "a[b].zarr", make_manifest(4), None)
+    store.close()
+    assert opened and created == tmp_path / "a[b].zarr"
+    assert all((folder / "marker").exists() for folder in others) and not stale.exists()
+    with open_store(created) as fs:
+        assert fs.n_clips == 4
