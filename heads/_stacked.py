@@ -30,6 +30,9 @@ another order: weights within ~1e-6), not bit for bit.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import importlib
 import json
 import time
@@ -414,6 +417,7 @@ class _Group:
             counts.append(np.full(b, s))
             for j in range(k):
                 sums[j].append(probs[j].sum(1).numpy())
+            _release_free_heap()
         if not rows:
             raise ValueError("the validation loader produced no samples (empty split?)")
         rows, labels, counts = np.concatenate(rows), np.concatenate(labels), np.concatenate(counts)
@@ -444,6 +448,27 @@ class _Group:
         trial.history.append(record)
         if cfg.progress:
             t.log(t.epoch_line(record, cfg.epochs))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    return trim
+
+
+def _release_free_heap() -> None:
+    """Give glibc's free heap memory back to the system (``malloc_trim``; nothing where there is no glibc).
+
+    Why: a stacked validation batch of K trials allocates and frees a few K x 190 x hidden float32
+    temporaries (6 MB each for 16 late-fusion trials); glibc kept them as heap instead of reusing it,
+    so the sweep's RSS grew by ~15 MB a batch through each validation pass (+450 MB, the sweep's peak;
+    measured with an RSS sampler per phase). Trimming after each batch keeps it flat for about a
+    millisecond a batch.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _linear_params(head: nn.Module) -> list[str]:
