@@ -20,6 +20,18 @@ on a shared machine a burst of load otherwise decides a ratio.
 The MLP heads are compute-bound, so they run on a smaller store (``--mlp-clips``) to keep the benchmark
 minutes long; their floors are ratios to the compute floor, which scales with the store the same way.
 
+Heads that cannot be stacked (``--heads spectrogram_cnn``) train their trials in joblib worker processes,
+each opening the store itself. Their cases, on a store of one ``logmel`` set (``--cnn-clips`` clips of
+``[64, 48]`` float16, a ``test_resnet`` backbone), ``--cnn-trials`` trials (lr x seeds):
+
+- ``one``: one trial, ``heads.train``, one torch thread;
+- ``sequential``: the N trials as one ``heads.sweep(jobs=1)``: one after another in this process, one thread;
+- ``jobs``: the N trials as one ``heads.sweep(jobs=2)``: two worker processes, one thread each;
+
+with the parent's peak RSS and how many feature rows the parent read (0: the workers read the store
+themselves, nothing is copied to them). One thread everywhere: on a shared 2-core machine two OpenMP
+threads per process were 6x slower than one (they spin while the other sessions hold the cores).
+
 Prints a Markdown table per head with the ratios, and the machine's load average.
 """
 from __future__ import annotations
@@ -46,6 +58,11 @@ HEAD_LRS = {"late_fusion": [0.01, 0.003, 0.001, 0.0003]}
 SEEDS = [0, 1, 2, 3]
 CASES = ("one", "sweep", "floor", "unshared", "separate")
 HEADS = ("linear", "embedding_mlp", "late_fusion")
+CNN = "spectrogram_cnn"
+CNN_CASES = ("one", "sequential", "jobs")
+CNN_SHAPE = (64, 48)  # stored log-mel [n_mels, frames]
+CNN_HEAD = {"backbone": "test_resnet", "input_shape": list(CNN_SHAPE), "resize_to": list(CNN_SHAPE), "freq_mask_width": 8}
+CNN_LRS = [0.01, 0.003]
 
 
 def build_store(path: Path, n_clips: int, segments: int, dim: int) -> Path:
@@ -72,6 +89,69 @@ def build_store(path: Path, n_clips: int, segments: int, dim: int) -> Path:
         store.write_rows(FEATURE, start, x.astype(np.float16))
     store.close()
     return path
+
+
+def build_cnn_store(path: Path, n_clips: int, segments: int) -> Path:
+    """A store of one ``logmel`` set with a class pattern (made once; an existing complete one is reused)."""
+    from featurestore.manifest import ClipRecord, Manifest
+    from featurestore.store import create_store
+
+    if (path / "zarr.json").exists():
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, len(CLASSES), n_clips)
+    clips = [ClipRecord(f"c{i}", label=CLASSES[labels[i]],
+                        splits=frozenset({"fold1_train" if (i // 10) % 10 < 7 else "fold1_evaluate"}))
+             for i in range(n_clips)]
+    store = create_store(path, Manifest("bench-cnn", CLASSES, clips, audio_segments=segments, video_frames=segments))
+    store.create_feature_set("logmel", segments, CNN_SHAPE,
+                             {"encoder": "logmel", "config": {"modality": "audio"}, "weights": {"kind": "parameter-free"}})
+    patterns = rng.normal(size=(len(CLASSES), *CNN_SHAPE)).astype(np.float32)
+    for start in range(0, n_clips, 256):
+        n = min(256, n_clips - start)
+        x = patterns[labels[start:start + n]][:, None] * 3 + rng.standard_normal((n, segments, *CNN_SHAPE), dtype=np.float32)
+        store.write_rows("logmel", start, (x * 10 - 40).astype(np.float16))
+    store.close()
+    return path
+
+
+def _cnn_config(store: Path, out: Path, epochs: int, lr: float = CNN_LRS[0], seed: int = SEEDS[0]):
+    from heads.config import TrainConfig
+
+    return TrainConfig(head=CNN, features=["logmel"], store=str(store), out=str(out), epochs=epochs, lr=lr, seed=seed,
+                       head_config=CNN_HEAD, progress=False, device="cpu")
+
+
+def run_cnn_case(case: str, store: Path, work: Path, epochs: int, trials: int) -> dict:
+    """One CNN case in this process: seconds, peak RSS, and the feature rows this process read from the store
+    (0 when the workers read it themselves)."""
+    import torch
+
+    import heads
+    from featurestore.store.store import FeatureStore
+
+    shutil.rmtree(work, ignore_errors=True)
+    torch.set_num_threads(1)
+    heads.train(_cnn_config(store, work / "warm-up", 1))  # untimed, as for the small heads
+    rows, original = [0], FeatureStore.read_rows
+
+    def counted(self, name, start, stop, **kwargs):  # noqa: ANN001, ANN202 - a counting wrapper
+        rows[0] += stop - start
+        return original(self, name, start, stop, **kwargs)
+
+    FeatureStore.read_rows = counted
+    started = time.perf_counter()
+    if case == "one":
+        heads.train(_cnn_config(store, work / "one", epochs))
+    else:
+        seeds = SEEDS[:max(1, trials // len(CNN_LRS))]
+        heads.sweep(_cnn_config(store, work, epochs), {"lr": CNN_LRS}, seeds=seeds, out=work / "sweep",
+                    jobs=1 if case == "sequential" else 2)
+    seconds = time.perf_counter() - started
+    FeatureStore.read_rows = original
+    return {"case": case, "seconds": round(seconds, 3), "peak_rss_mb": round(_peak_rss_kb() / 1024, 1),
+            "parent_rows_read": rows[0]}
 
 
 def _lrs(head: str) -> list[float]:
@@ -165,16 +245,25 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="rounds of the short cases; each case's fastest "
                         "run counts (default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/avscene-bench-sweep"))
-    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
-    parser.add_argument("--head", choices=HEADS, help=argparse.SUPPRESS)
+    parser.add_argument("--cnn-clips", type=int, default=300, help=f"clips of {CNN}'s store (default: %(default)s)")
+    parser.add_argument("--cnn-trials", type=int, default=4, help=f"{CNN} trials: lr {CNN_LRS} x the first "
+                        "N/2 seeds (default: %(default)s)")
+    parser.add_argument("--case", choices=sorted({*CASES, *CNN_CASES}), help=argparse.SUPPRESS)
+    parser.add_argument("--head", choices=(*HEADS, CNN), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.case:
-        store = _store_path(args, args.head)
-        print(json.dumps(run_case(args.case, args.head, store, args.cache_dir / f"work-{args.case}", args.epochs)))
+        store, work = _store_path(args, args.head), args.cache_dir / f"work-{args.case}"
+        print(json.dumps(run_cnn_case(args.case, store, work, args.epochs, args.cnn_trials) if args.head == CNN
+                         else run_case(args.case, args.head, store, work, args.epochs)))
         return 0
     load_before, results = os.getloadavg(), {}
     for head in [h.strip() for h in args.heads.split(",")]:
+        if head == CNN:
+            build_cnn_store(_store_path(args, head), args.cnn_clips, args.segments)
+            results[head] = _rounds(args, head, CNN_CASES, CNN_CASES)
+            _print_cnn(args, results[head])
+            continue
         store = build_store(_store_path(args, head), _clips(args, head), args.segments, args.dim)
         results[head] = _rounds(args, head)
         _print_head(args, head, results[head])
@@ -185,31 +274,34 @@ def main() -> int:
     return 0
 
 
-def _rounds(args: argparse.Namespace, head: str) -> dict[str, dict]:
-    """Every case once, then ``--repeat - 1`` more rounds of the short ones (one trial, sweep, floor), interleaved so
-    that a burst of load on the shared machine hits all of them; each case's fastest run (and highest peak RSS)."""
-    cases = [c for c in CASES if c != "unshared" or head == "linear"]
+def _rounds(args: argparse.Namespace, head: str, cases: tuple[str, ...] = CASES,
+            repeated: tuple[str, ...] = ("one", "sweep", "floor")) -> dict[str, dict]:
+    """Every case once, then ``--repeat - 1`` more rounds of the short ones (``repeated``), interleaved so that a
+    burst of load on the shared machine hits all of them; each case's fastest run (and highest peak RSS)."""
+    cases = tuple(c for c in cases if c != "unshared" or head == "linear")
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     for round_ in range(args.repeat):
         for case in cases:
-            if round_ == 0 or case in ("one", "sweep", "floor"):
+            if round_ == 0 or case in repeated:
                 runs[case].append(_run(args, head, case))
-    return {c: {**min(r, key=lambda x: x["seconds"]), "peak_rss_mb": max(x["peak_rss_mb"] for x in r), "runs": len(r)}
-            for c, r in runs.items()}
+    return {c: {**min(r, key=lambda x: x["seconds"]), **{k: max(x[k] for x in r) for k in r[0] if k.endswith("_mb")},
+                "runs": len(r)} for c, r in runs.items()}
 
 
 def _clips(args: argparse.Namespace, head: str) -> int:
-    return args.clips if head == "linear" else args.mlp_clips
+    return args.clips if head == "linear" else args.cnn_clips if head == CNN else args.mlp_clips
 
 
 def _store_path(args: argparse.Namespace, head: str) -> Path:
+    if head == CNN:
+        return args.cache_dir / f"store-logmel-{args.cnn_clips}x{args.segments}x{CNN_SHAPE[0]}x{CNN_SHAPE[1]}.zarr"
     return args.cache_dir / f"store-{_clips(args, head)}x{args.segments}x{args.dim}.zarr"
 
 
 def _run(args: argparse.Namespace, head: str, case: str) -> dict:
     cmd = [sys.executable, __file__, "--case", case, "--head", head, "--clips", str(args.clips), "--mlp-clips",
            str(args.mlp_clips), "--segments", str(args.segments), "--dim", str(args.dim), "--epochs", str(args.epochs),
-           "--cache-dir", str(args.cache_dir)]
+           "--cnn-clips", str(args.cnn_clips), "--cnn-trials", str(args.cnn_trials), "--cache-dir", str(args.cache_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -232,6 +324,23 @@ def _print_head(args: argparse.Namespace, head: str, results: dict) -> None:
     print(f"sweep / one trial {sweep['seconds'] / one['seconds']:.2f}x; sweep / compute floor "
           f"{sweep['seconds'] / floor['seconds']:.2f}x; separate / sweep {results['separate']['seconds'] / sweep['seconds']:.2f}x; "
           f"sweep peak RSS / one trial {sweep['peak_rss_mb'] / one['peak_rss_mb']:.2f}x")
+
+
+def _print_cnn(args: argparse.Namespace, results: dict) -> None:
+    one, seq, jobs = results["one"], results["sequential"], results["jobs"]
+    n = len(CNN_LRS) * max(1, args.cnn_trials // len(CNN_LRS))
+    print(f"\n{CNN} (test_resnet), {args.cnn_clips} clips x {args.segments} segments x {list(CNN_SHAPE)} float16, "
+          f"{args.epochs} epoch(s), {n} trials = lr {CNN_LRS} x seeds; {os.cpu_count()} cores; "
+          f"load average now {os.getloadavg()[0]:.2f}")
+    print("| case | seconds | x one trial | peak RSS MB (this process) | feature rows this process read |")
+    print("|---|---|---|---|---|")
+    labels = {"one": "one trial (heads.train)", "sequential": f"{n} trials, one sweep, --jobs 1",
+              "jobs": f"{n} trials, one sweep, --jobs 2 (worker processes)"}
+    for case, r in results.items():
+        print(f"| {labels[case]} | {r['seconds']:.2f} | {r['seconds'] / one['seconds']:.2f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['parent_rows_read']} |")
+    print(f"sequential / jobs 2: {seq['seconds'] / jobs['seconds']:.2f}x; jobs 2 / (N x one trial): "
+          f"{jobs['seconds'] / (n * one['seconds']):.2f}")
 
 
 if __name__ == "__main__":
