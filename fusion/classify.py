@@ -217,11 +217,29 @@ def ask_heads(run: str, attrs: Mapping[str, Any], clips: Sequence[ClipFiles], cl
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    if done.returncode not in (0, 1):
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        reason = next((line for line in reversed(lines) if "error:" in line), lines[-1] if lines else "no output")
-        raise ClassifyError(f"run {run!r} ({where}): {reason.strip()} (exit code {done.returncode})")
+    if done.returncode not in (0, 1) or not _is_json(done.stdout):
+        raise ClassifyError(_failure(run, where, done))
     return read_answer(run, where, attrs, done.stdout, classes, seconds)
+
+
+def _is_json(text: str) -> bool:
+    """Exit code 1 is also heads' answer with failed files: only a JSON answer tells it from a crash."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _failure(run: str, where: str | Path, done: subprocess.CompletedProcess) -> str:
+    """One line for a ``heads classify`` that gave no answer: its one-line error when it printed one,
+    else the last lines of its stderr (a crash's traceback ends with the exception)."""
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if "error:" in line), None)
+    if reason is None:
+        reason = "heads classify printed no answer" + (f"; its stderr ends: {' | '.join(lines[-3:])}"
+                                                         if lines else " and nothing on stderr")
+    return f"run {run!r} ({where}): {reason} (exit code {done.returncode})"
 
 
 def read_answer(run: str, where: str | Path, attrs: Mapping[str, Any], text: str, classes: Sequence[str],
