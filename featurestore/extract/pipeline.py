@@ -24,6 +24,8 @@ A run that cannot go on stops with one error and a consistent store: a failed wr
 file-size limit) is a :class:`StoreWriteError` naming the rows; a decode worker that dies (killed,
 out of shared memory) or hands over nothing for ``DECODE_TIMEOUT_S`` is a :class:`DecodeWorkerError`.
 Either way the chunks finished before are written (or kept) and nothing else is marked done.
+Ctrl-C is a KeyboardInterrupt in the calling thread only: the decode workers are forked deaf to
+SIGINT and a decoded batch is never half-received (``featurestore._sigint``), so no worker prints.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from featurestore._sigint import iter_loader
 from featurestore.atomic_files import find_os_error
 from featurestore.extract.buffer_pool import BufferPool, slots_per_worker
 from featurestore.extract.errors import (
@@ -453,7 +456,7 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
     if num_workers == 0 and decode_threads > 0:
         batches = decode_in_threads(decoder, decode_batches, decode_threads)
     else:
-        batches = iter(loader)  # workers are forked here, before the writer thread exists
+        batches = iter_loader(loader)  # workers are forked here (deaf to Ctrl-C), before the writer thread exists
     writer = _Writers(store, plan.targets, default_writers(store, device), plan.block_clips)
     writer.start()
     try:

@@ -1,0 +1,145 @@
+"""Ctrl-C with DataLoader worker processes: the command's one line, never a worker's traceback.
+
+Ctrl-C sends SIGINT to the whole foreground process group: the main process and every DataLoader
+worker forked from it. Two races made that print a traceback now and then (issue 22 item 3, seen
+under load):
+
+* torch hands a batch's shared-memory tensors to the main process as file descriptors, through
+  ``multiprocessing.resource_sharer``: to receive a batch, the main thread connects to a thread of
+  the worker (an authenticated handshake, then the descriptor). A KeyboardInterrupt raised in the
+  main thread halfway through drops that connection, and the worker's thread prints the broken
+  connection's traceback (``ConnectionResetError`` in ``deliver_challenge``) unless that worker
+  happens to be exiting already on its own SIGINT.
+* a worker that takes the SIGINT while it starts (before torch's loop catches it) prints
+  ``Process ...: KeyboardInterrupt`` with a traceback; one that exits on it while the main thread
+  receives from it fails that receive as if the worker had died (a "decode worker died" error).
+
+:func:`iter_loader` closes both, instead of making them rarer: the workers are forked with SIGINT
+blocked, so they never see Ctrl-C (the main process shuts them down, as at the end of a run), and
+the main thread holds a SIGINT that arrives while it receives a batch until the batch is whole,
+then raises it. Each batch travels as ``(hold, batch, release)``: unpickling the first token holds
+Ctrl-C, the last one releases it, so the hold lasts exactly as long as the receiving and never
+covers the wait for a batch.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is not imported for this module's sake
+    from torch.utils.data import DataLoader
+
+_held = 0  # batches (or worker starts) the main thread is inside now
+_pending: tuple[int, FrameType | None] | None = None  # a SIGINT that came while held
+_previous: Any = None  # the SIGINT handler before the hold, called with the pending SIGINT on release
+
+
+def iter_loader(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)`` for a torch DataLoader, made safe for Ctrl-C (see the module docstring).
+
+    With worker processes, wraps ``loader.collate_fn`` (once) so that each batch travels between
+    the hold and release tokens, and forks the workers with SIGINT blocked. Without workers it is
+    ``iter(loader)``. Off the main thread (where no KeyboardInterrupt is raised) nothing is held.
+    """
+    if not loader.num_workers:
+        return iter(loader)
+    if not isinstance(loader.collate_fn, _Bracketed):
+        loader.collate_fn = _Bracketed(loader.collate_fn)
+    return _Batches(_start_workers(loader))
+
+
+def _start_workers(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)`` with SIGINT blocked in this thread while it forks (the workers inherit the
+    mask, so they never get it; this process still does, in another thread or once unblocked) and
+    held, so a Ctrl-C is raised once the iterator is whole (then dropped: torch's ``__del__`` shuts
+    the workers down) rather than halfway through starting them."""
+    _hold()
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    finally:
+        _release()
+
+
+class _Batches:
+    """The loader's batches, unwrapped from their tokens. A receive that failed halfway (a worker
+    that died) leaves no hold behind: a Ctrl-C that came meanwhile is raised instead of that error."""
+
+    def __init__(self, batches: Iterator[Any]):
+        self._batches = batches
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            item = next(self._batches)
+        finally:
+            _release(everything=True)
+        return item[1]
+
+
+class _Bracketed:
+    """A collate function whose batches go out as ``(hold, batch, release)`` (picklable: a worker
+    started by spawn or forkserver receives it too)."""
+
+    def __init__(self, collate_fn: Callable[[Any], Any]):
+        self.collate_fn = collate_fn
+
+    def __call__(self, data: Any) -> tuple[_Token, Any, _Token]:
+        return (_HOLD, self.collate_fn(data), _RELEASE)
+
+
+class _Token:
+    """Calls ``action`` in the process that unpickles it (and is unpickled as None)."""
+
+    def __init__(self, action: Callable[[], None]):
+        self.action = action
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple]:
+        return self.action, ()
+
+
+def _hold() -> None:
+    """From now on a SIGINT is noted, not raised, until ``_release`` (main thread only; a handler
+    that is not a Python callable, SIG_IGN or SIG_DFL, is left alone: nothing to print there)."""
+    global _held, _previous
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if _held == 0:
+        previous = signal.getsignal(signal.SIGINT)
+        if not callable(previous) or previous is _note:
+            return
+        signal.signal(signal.SIGINT, _note)  # runs a SIGINT that came before this under the old handler
+        _previous = previous
+    _held += 1
+
+
+def _release(everything: bool = False) -> None:
+    """End one hold (``everything``: all of them); at the last, put the old handler back and give
+    it the SIGINT that came meanwhile (``default_int_handler`` raises KeyboardInterrupt)."""
+    global _held, _pending, _previous
+    if _held == 0 or threading.current_thread() is not threading.main_thread():
+        return
+    _held = 0 if everything else _held - 1
+    if _held:
+        return
+    previous, _previous = _previous, None
+    signal.signal(signal.SIGINT, previous)  # a SIGINT not yet handled is noted by _note first
+    pending, _pending = _pending, None
+    if pending is not None:
+        previous(*pending)
+
+
+def _note(signum: int, frame: FrameType | None) -> None:
+    global _pending
+    _pending = (signum, frame)
+
+
+_HOLD, _RELEASE = _Token(_hold), _Token(_release)
