@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from featurestore._sigint import iter_loader
 from featurestore.checks import is_int_in
 
 from featurestore.extract.workers import ClipDecoder, DecodedBatch, Job, collate
@@ -328,7 +329,7 @@ class FileEncoder:
                                              num_workers=self.num_workers, prefetch_factor=2)
         gc.collect()  # a PyAV object in a reference cycle must not be collected in a forked worker (crash)
         try:
-            for batch in loader:
+            for batch in iter_loader(loader):  # workers deaf to Ctrl-C; a Ctrl-C never lands mid-batch
                 if batch.fatal:
                     raise _worker_stopped(batch.fatal)
                 yield batch

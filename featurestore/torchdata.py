@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from featurestore._sigint import iter_loader
 from featurestore.errors import MissingFeatureError
 
 Level = Literal["segment", "clip"]
@@ -512,7 +513,7 @@ class WorkerLoader:
             self._loader = DataLoader(_EpochFollower(self.dataset, self._epoch), batch_size=None,
                                       num_workers=self.num_workers, collate_fn=_unchanged, pin_memory=self.pin_memory,
                                       persistent_workers=self.persistent_workers)
-        return iter(self._loader)
+        return iter_loader(self._loader)  # workers deaf to Ctrl-C; a Ctrl-C never lands mid-batch
 
     def close(self) -> None:
         """End the worker processes (they end with the loader otherwise)."""
