@@ -132,7 +132,6 @@ def test_workers_are_forked_deaf_to_ctrl_c_and_this_process_is_not(python_handle
     worker = batches._batches._workers[0]
     assert _sigint_blocked(worker.pid) and not _sigint_blocked(os.getpid())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    os.kill(worker.pid, signal.SIGINT)
+    os.kill(worker.pid, signal.SIGINT)  # one that took it would quit: torch's "worker exited unexpectedly"
     assert [batch[1][0].item() for batch in batches] == [0.0, 1.0, 2.0]
-    assert worker.exitcode == 0 or worker.is_alive()  # ended by the loader, not by the SIGINT
     assert "Traceback" not in capfd.readouterr().err
