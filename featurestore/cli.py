@@ -340,8 +340,18 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
-    with open_store(args.store, "r") as store:
-        report = store.verify()
+    """Exit 1 for problems, also for a store that does not open because a ``zarr.json`` is damaged."""
+    from featurestore.store.verify import unopenable_report
+
+    try:
+        store = open_store(args.store, "r")
+    except Exception:  # noqa: BLE001 - damaged metadata is a report; anything else keeps its error
+        report = unopenable_report(args.store)
+        if report is None:
+            raise
+    else:
+        with store:
+            report = store.verify()
     if args.remove_leftovers and report.leftovers:
         from featurestore.store.verify import remove_leftovers
 

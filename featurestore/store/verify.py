@@ -21,6 +21,8 @@ import numpy as np
 from featurestore.errors import CorruptChunkError, FeatureStoreError, MissingChunkError
 from featurestore.provenance import fingerprint, fingerprint_matches
 from featurestore.store._backend import join
+from featurestore.store.row_group import KINDS
+from featurestore.store.verify_metadata import MetadataScan, scan_metadata
 
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)
 _CRC = 4  # bytes of a crc32c
@@ -83,21 +85,58 @@ def verify_store(store, threads: int | None = None) -> VerifyReport:
     (every index row; feature and prediction rows marked done; anything stored for the rest) must
     be in storage and pass its checksum. Then the logical checks run on what could be read.
     ``threads`` (default ``DEFAULT_THREADS``) check Zarr chunks in parallel; the report is the same
-    with any number.
+    with any number. A damaged ``zarr.json`` is a problem naming the file; the arrays whose own
+    metadata is whole are still checked (``verify_metadata.py``).
     """
     report = VerifyReport(store.location, leftovers=[str(p) for p in leftover_files(store.location)])
+    scan = _damaged_metadata(store, report)
     store.refresh()
     raw = _LocalZarrChunks(store.arrays.location) if store.arrays.backend == "zarr" else None
-    damaged = _check_chunks(store, report, raw, DEFAULT_THREADS if threads is None else max(1, int(threads)))
+    damaged = _check_chunks(store, report, raw, DEFAULT_THREADS if threads is None else max(1, int(threads)),
+                            store.arrays.arrays() if scan is None else scan.arrays)
+    if scan is not None and scan.touches("index"):
+        return report  # the index's arrays whose metadata is whole were read above
     try:
         n = _check_index(store, report, raw)
     except FeatureStoreError as err:
         if "index" not in damaged:
             report.problems.append(Problem("index", None, str(err)))
         return report
-    for group in store.row_groups():
+    for group in _row_groups(store, scan):
         _check_group(store, report, group, damaged, n, raw)
     return report
+
+
+def unopenable_report(location: str) -> VerifyReport | None:
+    """The report for a local Zarr store that does not open because metadata is damaged (its root
+    ``zarr.json``, say): the damaged files as problems; None when none is (the open's error stands)."""
+    scan = scan_metadata(os.path.abspath(location)) if "://" not in location else None
+    if scan is None or not scan.damaged:
+        return None
+    return VerifyReport(location, [Problem(scan.file(node), None, what) for node, what in scan.damaged.items()])
+
+
+def _damaged_metadata(store, report: VerifyReport) -> MetadataScan | None:
+    """The walk over a local Zarr store's metadata when some of it is damaged (its files are then
+    problems); None when all of it is whole, or the store is not local Zarr (listed by the backend)."""
+    scan = scan_metadata(store.arrays.location) if store.arrays.backend == "zarr" else None
+    if scan is None or not scan.damaged:
+        return None
+    report.problems += [Problem(scan.file(node), None, what) for node, what in scan.damaged.items()]
+    return scan
+
+
+def _row_groups(store, scan: MetadataScan | None) -> list:
+    """The feature sets and prediction runs to check: all of them, or, with damaged metadata, those
+    the walk found whose own metadata (group and arrays) is whole."""
+    if scan is None:
+        return store.row_groups()
+    groups = []
+    for kind in KINDS:
+        top, leaf = kind.top + "/", "/" + kind.leaf
+        names = [path[len(top):-len(leaf)] for path in scan.arrays if path.startswith(top) and path.endswith(leaf)]
+        groups += [store.row_group(kind, name) for name in names if not scan.touches(join(kind.top, name))]
+    return groups
 
 
 def leftover_files(location: str) -> list[Path]:
@@ -120,8 +159,9 @@ def remove_leftovers(report: VerifyReport) -> int:
     return len(report.leftovers)
 
 
-def _check_chunks(store, report: VerifyReport, raw: "_LocalZarrChunks | None", threads: int) -> set[str]:
-    """Read every chunk of every array that should hold data; returns the damaged array paths.
+def _check_chunks(store, report: VerifyReport, raw: "_LocalZarrChunks | None", threads: int,
+                  paths: list[str]) -> set[str]:
+    """Read every chunk of every array (of ``paths``) that should hold data; returns the damaged array paths.
 
     Chunks are checked by a pool of threads (reading, checksums and the value checks release the
     GIL), at most ``_IN_FLIGHT_PER_THREAD`` per thread at a time so memory stays a few chunks
@@ -130,7 +170,7 @@ def _check_chunks(store, report: VerifyReport, raw: "_LocalZarrChunks | None", t
     """
     arrays = store.arrays
     damaged: set[str] = set()
-    outcomes = _in_order(lambda chunk: _read_chunk(arrays, raw, chunk), _chunks(store, report, raw),
+    outcomes = _in_order(lambda chunk: _read_chunk(arrays, raw, chunk), _chunks(store, report, raw, paths),
                          threads if arrays.backend == "zarr" else 1)  # h5py serialises every call anyway
     for outcome in outcomes:
         _record(store, report, outcome, damaged)
@@ -160,11 +200,11 @@ class _Outcome:
     findings: list[tuple[tuple[int, int], str]] = field(default_factory=list)
 
 
-def _chunks(store, report: VerifyReport, raw: "_LocalZarrChunks | None"):
+def _chunks(store, report: VerifyReport, raw: "_LocalZarrChunks | None", paths: list[str]):
     """The chunks to check, array by array in storage order (counts the arrays in ``report``)."""
     arrays = store.arrays
     n = _rows_or_none(store)
-    for path in arrays.arrays():
+    for path in paths:
         report.arrays_checked += 1
         rows = arrays.shape(path)[0] if n is None or not _is_row_array(path) else min(n, arrays.shape(path)[0])
         required = _required_rows(arrays, raw, path, rows)
@@ -552,10 +592,11 @@ def _required_rows(arrays, raw: "_LocalZarrChunks | None", path: str, rows: int)
         return None
     if leaf in ("done", "errors"):
         return np.zeros(rows, dtype=bool)
-    if leaf in ("data", "probs") and arrays.is_array(join(group, "done")):
+    if leaf in ("data", "probs"):
         try:
-            return _column(arrays, raw, join(group, "done"), rows).astype(bool)
-        except Exception:  # noqa: BLE001 - the done array's own damage is reported on its own
+            if arrays.is_array(join(group, "done")):
+                return _column(arrays, raw, join(group, "done"), rows).astype(bool)
+        except Exception:  # noqa: BLE001 - the done array's own damage (data or metadata) is reported on its own
             return None
     return None
 
