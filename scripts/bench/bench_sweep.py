@@ -105,11 +105,12 @@ def build_cnn_store(path: Path, n_clips: int, segments: int) -> Path:
                         splits=frozenset({"fold1_train" if (i // 10) % 10 < 7 else "fold1_evaluate"}))
              for i in range(n_clips)]
     store = create_store(path, Manifest("bench-cnn", CLASSES, clips, audio_segments=segments, video_frames=segments))
-    store.create_feature_set("logmel", segments, CNN_SHAPE,
-                             {"encoder": "logmel", "config": {"modality": "audio"}, "weights": {"kind": "parameter-free"}})
+    info = store.create_feature_set("logmel", segments, CNN_SHAPE, {"encoder": "logmel", "config": {"modality": "audio"},
+                                                                    "weights": {"kind": "parameter-free"}})
     patterns = rng.normal(size=(len(CLASSES), *CNN_SHAPE)).astype(np.float32)
-    for start in range(0, n_clips, 256):
-        n = min(256, n_clips - start)
+    step = info.chunk_clips * max(1, 256 // info.chunk_clips)  # whole chunks per write
+    for start in range(0, n_clips, step):
+        n = min(step, n_clips - start)
         x = patterns[labels[start:start + n]][:, None] * 3 + rng.standard_normal((n, segments, *CNN_SHAPE), dtype=np.float32)
         store.write_rows("logmel", start, (x * 10 - 40).astype(np.float16))
     store.close()
