@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -48,3 +49,13 @@ def tiny_eval_dataset(tmp_path_factory) -> Path:
 def tiny_eval_manifest(tiny_eval_dataset) -> Manifest:
     """A fresh Manifest of ``tiny_eval_dataset`` (1 audio segment, 5 frames per clip)."""
     return read_tau_eval(tiny_eval_dataset)
+
+
+@pytest.fixture()
+def sigint_as_in_a_terminal():
+    """SIGINT handled in this process while it starts the child, so the child starts with it as a
+    terminal's foreground job does: a runner started in the background (``pytest &`` in a script)
+    ignores SIGINT, and a child would inherit that and never see the Ctrl-C."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -155,16 +155,6 @@ def test_a_refused_run_never_removes_a_store_that_was_there(tau_dir, tmp_path, c
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C
-@pytest.fixture()
-def sigint_as_in_a_terminal():
-    """SIGINT handled in this process while it starts the child, so the child starts with it as a
-    terminal's foreground job does: a runner started in the background (``pytest &`` in a script)
-    ignores SIGINT, and a child would inherit that and never see the Ctrl-C."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_saying_what_was_kept_exit_130_and_the_rerun_resumes(tmp_path, sigint_as_in_a_terminal):
     """A real SIGINT to the whole process group (what Ctrl-C in a terminal sends; the decode workers

@@ -27,7 +27,7 @@ def _children(pid: int) -> list[str]:
         return []
 
 
-def test_ctrl_c_in_fusion_classify_is_one_line_exit_130(tmp_path):
+def test_ctrl_c_in_fusion_classify_is_one_line_exit_130(tmp_path, sigint_as_in_a_terminal):
     store = build_tiny_store(tmp_path / "s.zarr")
     (tmp_path / "run").mkdir()  # the training run the prediction run records (heads is never reached)
     with open_store(store, "a") as opened:

@@ -30,7 +30,7 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
-def test_ctrl_c_in_heads_train_is_one_line_naming_the_epochs_kept(tiny_store_path, tmp_path):
+def test_ctrl_c_in_heads_train_is_one_line_naming_the_epochs_kept(tiny_store_path, tmp_path, sigint_as_in_a_terminal):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "heads", "train", "--store", str(tiny_store_path), "--head", "embedding_mlp",
                "--features", "clip/ViT-B-32", "--train-split", "train", "--val-split", "val", "--out", str(run),
@@ -54,7 +54,7 @@ def test_ctrl_c_in_heads_train_is_one_line_naming_the_epochs_kept(tiny_store_pat
     assert line == f"heads train: interrupted; {kept} kept in {run}, rerun the same command to resume"
 
 
-def test_ctrl_c_in_heads_predict_is_one_line_and_the_rerun_resumes(tiny_store_path, tmp_path, capsys):
+def test_ctrl_c_in_heads_predict_is_one_line_and_the_rerun_resumes(tiny_store_path, tmp_path, capsys, sigint_as_in_a_terminal):
     with open_store(tiny_store_path) as store:
         heads.train(TrainConfig(head="embedding_mlp", features=["clip/ViT-B-32"], train_split="train",
                                 val_split="val", out=str(tmp_path / "m"), epochs=1, batch_size=16, progress=False),
