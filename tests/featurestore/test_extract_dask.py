@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 
 import pytest
 from tests.featurestore.test_extract_support import ENCODERS, FAST, assert_same_arrays, clip_id, make_dataset, read_all
@@ -168,6 +169,24 @@ def test_local_clusters_leave_glibc_malloc_trimming_alone(monkeypatch):
     (worker_env,) = seen.values()
     assert worker_env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
     assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+
+
+def test_local_cluster_workers_leave_ctrl_c_to_the_command():
+    """Ctrl-C reaches the whole process group: a ``local:N`` worker that took it printed its own
+    KeyboardInterrupt traceback and died mid-task, before the command's one line. Its workers start
+    with SIGINT ignored; the command (this process) keeps its own handler and closes the cluster."""
+    from contextlib import ExitStack
+
+    from featurestore.extract.dask import connect
+
+    before = signal.getsignal(signal.SIGINT)
+    with ExitStack() as stack:
+        client = connect("local:1", stack)
+        assert signal.getsignal(signal.SIGINT) is before
+        (address, pid), = client.run(os.getpid).items()
+        os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert client.run(os.getpid) == {address: pid}  # the same worker process, still serving
 
 
 @pytest.mark.parametrize("spelling", ["local:0", "local:", "local:two"])
