@@ -305,6 +305,7 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
     for key in [*(grid or {}), *ranges]:
         _field_owner(base.head, key)
     trials = make_trials(base, configurations(dict(grid or {}), ranges, samples, sample_seed), seeds, out)
+    _check_best_is_ours(out)
     with run_lock(out), _opened(store, base) as opened:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "sweep.json", _describe(base, grid or {}, ranges, samples, sample_seed, seeds, metric, trials))
@@ -571,6 +572,15 @@ def _write_outputs(out: Path, rows: list[dict[str, Any]], best: dict[str, Any] |
     if best is not None:
         write_json(out / "best.json", best)
         _point_best(out, best["config"])
+
+
+def _check_best_is_ours(out: Path) -> None:
+    """``out/best`` is the sweep's own link (or absent): anything else there would be found only after
+    every trial had trained, when the link replaces it (a directory cannot be replaced by one)."""
+    best = out / "best"
+    if (best.exists() or best.is_symlink()) and not best.is_symlink():
+        raise SweepError(f"{best} exists and is not the sweep's 'best' link (a {'directory' if best.is_dir() else 'file'}); "
+                         f"move it away or choose another --out")
 
 
 def _point_best(out: Path, config: str) -> None:

@@ -188,6 +188,17 @@ def test_bad_grid_values_are_one_line_before_any_training(tiny_store_path, tmp_p
     assert not out.exists()
 
 
+def test_a_best_that_is_not_the_sweeps_link_is_one_line_before_any_training(tiny_store_path, tmp_path, capsys):
+    out = tmp_path / "sw"
+    (out / "best").mkdir(parents=True)  # a directory of the user's: the link could replace it only at the end
+    argv = ["sweep", "--store", str(tiny_store_path), "--head", "linear", "--features", "clip/RN101", "--out", str(out),
+            "--epochs", "1", "--grid", "lr=0.1", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("heads sweep: error: ") and "is not the sweep's 'best' link (a directory)" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["best"]  # nothing trained, nothing written
+
+
 def test_random_search_draws_the_same_configurations_again(tiny_store_path, tmp_path, capsys):
     out = tmp_path / "rs"
     argv = ["sweep", "--store", str(tiny_store_path), "--head", "embedding_mlp", "--features", "clip/RN101",
