@@ -274,13 +274,10 @@ class ClipIndex:
             table = self._block_rows(path, blocks)[0]
             at = np.flatnonzero((table[:, 0] == keys[0, 0]) & (table[:, 1] == keys[0, 1]))
             return np.array([int(table[at[0], 2]) if len(at) else -1], dtype=np.int64)
-        numbers = distinct(blocks)
-        which = np.searchsorted(numbers, blocks)
-        table = self._block_rows(path, numbers)[which]  # [keys, block rows, 3]; padding rows hold no key
-        hit = (table[:, :, 0] == keys[:, :1]) & (table[:, :, 1] == keys[:, 1:])
-        at = hit.argmax(axis=1)
-        rows = table[np.arange(len(keys)), at, 2].astype(np.int64)
-        return np.where(hit[np.arange(len(keys)), at], rows, -1)
+        # the keys' blocks, each read once, in block order: a sorted part of the table, searched by key
+        # (a [keys, block rows] comparison was 4 GB for 12,291 keys in a table of 16,384-row blocks)
+        table = self._block_rows(path, distinct(blocks)).reshape(-1, 3)
+        return search_table(table[table[:, 2] != np.uint64(2**64 - 1)], keys)
 
     def _bisect_blocks(self, path: str, keys: np.ndarray, blocks: np.ndarray) -> np.ndarray | None:
         """Many keys at once by a binary search of every key's block together, each step one gather
