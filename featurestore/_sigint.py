@@ -84,6 +84,15 @@ class _Batches:
             _release(everything=True)
         return item[1]
 
+    def close(self) -> None:
+        """Shut the worker processes down now. Dropping the iterator is not enough while an exception
+        propagates: its traceback keeps the frames that hold it, torch keeps the workers' pids
+        registered, and torch's SIGCHLD handler then raises a killed worker's error in whatever line
+        runs next (a lock's release, after the run's one-line error was already raised)."""
+        shutdown = getattr(self._batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
 
 class _Bracketed:
     """A collate function whose batches go out as ``(hold, batch, release)`` (picklable: a worker

@@ -469,7 +469,9 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
                         _CommitClock(plan.commit_seconds))
         finally:
             try:
-                del batches  # shuts the worker processes down
+                if hasattr(batches, "close"):  # the worker processes (or decode threads) stop here
+                    batches.close()
+                del batches
                 if pool is not None:
                     pool.close()
             finally:  # torch's SIGCHLD handler may raise a dead worker's error in any line above
