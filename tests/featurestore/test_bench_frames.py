@@ -6,24 +6,19 @@ and the reference frames after it up to the target". That holds only if those pa
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import av
 import numpy as np
 import pytest
+from tests.scripts_support import script_module
 
 from featurestore.decode.video import _sample_frames
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "bench_frames.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_frames", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with script_module("bench/bench_frames.py") as module:
+        yield module
 
 
 @pytest.mark.parametrize("gop", [6, 250])

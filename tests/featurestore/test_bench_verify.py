@@ -7,27 +7,19 @@ none, and finds a flipped byte and a non-finite value (with a correct checksum) 
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
 import pytest
+from tests.scripts_support import script_module
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "bench_verify.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_verify", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    try:
-        spec.loader.exec_module(module)
+    with script_module("bench/bench_verify.py") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _store(bench, tmp_path: Path, chunk_clips: int | None):

@@ -9,15 +9,14 @@ load (not installed, or no FFmpeg 4-9 shared libraries): the refusal is tested t
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tests.featurestore.test_decode import _frame_indices, _video
 from tests.featurestore.test_extract_support import clip_id, make_dataset
+from tests.scripts_support import script_module
 
 from featurestore.decode import DecodeError, sample_frames
 from featurestore.decode import torchcodec_video as tcv
@@ -26,7 +25,6 @@ from featurestore.extract.plan import Source
 from featurestore.store import open_store
 
 VIT = "timm/test_vit@none"
-BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "bench_frames.py"
 
 
 def _unavailable() -> str:
@@ -42,10 +40,8 @@ needs_torchcodec = pytest.mark.skipif(bool(_unavailable()), reason=_unavailable(
 
 @pytest.fixture(scope="module")
 def write_clip():
-    spec = importlib.util.spec_from_file_location("bench_frames", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_clip
+    with script_module("bench/bench_frames.py") as module:
+        yield module.write_clip
 
 
 @needs_torchcodec

@@ -4,27 +4,19 @@ decoder, the torchcodec comparison, both training heads' loader wait) on the CPU
 Device time is scarce: a script that fails on the GPU for a reason a CPU run would have shown wastes it."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests.scripts_support import script_module
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    try:
-        spec.loader.exec_module(module)
+    with script_module("bench/gpu_check.py") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.mark.slow

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import colorsys
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from tests.scripts_support import script_module
 
 from featurestore.datasets import read_tau, read_tau_eval
 from featurestore.decode import load_audio_segments, probe_video, sample_frames
@@ -161,10 +160,11 @@ def test_existing_non_empty_directory_is_refused(tmp_path):
 
 
 def test_script_writes_a_dataset_the_reader_accepts(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "make_demo_dataset_script", Path(__file__).parents[2] / "scripts" / "make_demo_dataset.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    with script_module("make_demo_dataset.py") as script:
+        _run_the_script(script, tmp_path, capsys)
+
+
+def _run_the_script(script, tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     argv = [str(out), "--clips-per-class", "1", "--duration", "1", "--width", "32", "--height", "24",
             "--fps", "4", "--seed", "5"]
