@@ -232,11 +232,9 @@ class HDF5Backend:
             if needed and not self._inner_written(path, chunk):
                 raise ChunkFault(chunk, missing=True)
         if len(numbers) > 1 and numbers[-1] - numbers[0] == len(numbers) - 1:  # a run: one h5py read
-            try:
-                whole = self.read(path, numbers[0] * per, min(n, (numbers[-1] + 1) * per))
+            whole = self._read_or_none(path, numbers[0] * per, min(n, (numbers[-1] + 1) * per))
+            if whole is not None:
                 return np.split(whole, np.arange(per, len(whole), per)) if len(whole) > per else [whole]
-            except Exception:  # noqa: BLE001 - read chunk by chunk below to name the damaged one
-                pass
         out = []
         for chunk in numbers:
             try:
@@ -244,6 +242,14 @@ class HDF5Backend:
             except Exception as err:  # fletcher32 and filter failures surface as OSError
                 raise ChunkFault(chunk, missing=False, cause=err) from err
         return out
+
+    def _read_or_none(self, path: str, start: int, stop: int) -> np.ndarray | None:
+        """Rows ``start:stop`` in one read, or None when it fails: the caller reads chunk by chunk then,
+        so that the damaged chunk can be named."""
+        try:
+            return self.read(path, start, stop)
+        except Exception:  # noqa: BLE001 - fletcher32 and filter failures surface as OSError
+            return None
 
     def revalidate(self, path: str) -> None:
         """Nothing to do: the HDF5 backend keeps no memory maps."""
