@@ -29,6 +29,7 @@ from featurestore.errors import StoreFormatError
 from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array
 from featurestore.store._chunk_files import ChunkWriter, PlainLayout
 from featurestore.store._shards import ShardLayout, ShardReader, local_file
+from featurestore.store.verify_metadata import scan_metadata
 
 _CONFIG = {"write_empty_chunks": True}
 #: URL schemes whose fsspec filesystem comes with one of avscene's extras.
@@ -54,15 +55,11 @@ def _metadata(location: str) -> Iterator[None]:
 
 
 def _damaged_metadata(location: str) -> str:
-    """The first local ``zarr.json`` under ``location`` that does not parse (searched only after a failure)."""
-    root = Path(location.removeprefix("file://"))
-    if "://" not in str(root) and root.is_dir():
-        for path in sorted(root.rglob("zarr.json")):
-            try:
-                json.loads(path.read_bytes())
-            except (ValueError, OSError):
-                return str(path)
-    return "a zarr.json metadata file"
+    """The first damaged ``zarr.json`` of a local store, by verify's own walk (only after a failure)."""
+    scan = scan_metadata(location)
+    if scan is None or not scan.damaged:
+        return "a zarr.json metadata file"
+    return str(Path(location.removeprefix("file://")) / scan.file(next(iter(scan.damaged))))
 
 
 class ZarrBackend:
