@@ -20,12 +20,16 @@ the main thread holds a SIGINT that arrives while it receives a batch until the 
 then raises it. Each batch travels as ``(hold, batch, release)``: unpickling the first token holds
 Ctrl-C, the last one releases it, so the hold lasts exactly as long as the receiving and never
 covers the wait for a batch.
+
+:func:`ignored_by_new_processes` does the same for processes that are started rather than forked
+(Dask's ``local:N`` workers): they start with SIGINT ignored.
 """
 from __future__ import annotations
 
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -152,3 +156,20 @@ def _note(signum: int, frame: FrameType | None) -> None:
 
 
 _HOLD, _RELEASE = _Token(_hold), _Token(_release)
+
+
+@contextmanager
+def ignored_by_new_processes() -> Iterator[None]:
+    """Processes started (fork + exec) inside start with SIGINT ignored: an ignored signal stays ignored
+    across exec, where a handled one is reset. For Dask's ``local:N`` worker processes: Ctrl-C reaches
+    the whole process group, and a worker that took it printed its own KeyboardInterrupt traceback and
+    died mid-task before the command's one line; the command handles Ctrl-C and closes the cluster.
+    Only in the main thread (where signal handlers are set); elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

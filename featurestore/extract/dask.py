@@ -19,7 +19,6 @@ and the writer thread still overlaps writing.
 """
 from __future__ import annotations
 
-import signal
 import socket
 import struct
 import threading
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from featurestore._sigint import ignored_by_new_processes
 from featurestore.extract.errors import SchedulerError, hdf5_with_dask
 from featurestore.extract.plan import Plan, target_provenance
 from featurestore.provenance import canonical_json, fingerprint
@@ -259,24 +259,9 @@ def local_cluster(n_workers: int):
     import dask
     from distributed import LocalCluster
 
-    with dask.config.set(NANNY_ENVIRON_UNSET), _sigint_ignored_by_new_processes():
+    with dask.config.set(NANNY_ENVIRON_UNSET), ignored_by_new_processes():
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
 
-
-@contextmanager
-def _sigint_ignored_by_new_processes():
-    """The cluster's worker processes start with SIGINT ignored (an ignored signal stays ignored across
-    the exec that starts them): Ctrl-C reaches the whole process group, and a worker that took it
-    printed its own KeyboardInterrupt traceback and died mid-task before the command's one line.
-    The command handles Ctrl-C and closes the cluster. Only in the main thread (where signals are set)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _local_workers(scheduler: str) -> int:
