@@ -2,7 +2,8 @@
 
 At a million clips, decoding ``index/clip_id`` whole (a Python string per clip) to build an id dict
 costs seconds per process. So an append also writes a *lookup* beside the columns: every id's
-128-bit BLAKE2b key with its row, sorted by key (``index/lookup/<n>/table``, ``[n, 3]`` uint64:
+128-bit key (XXH3-128 of its UTF-8 bytes; lookups written before it use BLAKE2b, read as they are)
+with its row, sorted by key (``index/lookup/<n>/table``, ``[n, 3]`` uint64:
 key high, key low, row; sharded, inner chunks of ``LOOKUP_INNER_ROWS``), plus ``fence``, the first
 key-high of each inner chunk. Resolving ids reads the fence once and, per id, the one inner chunk its
 key falls in (from memory-mapped shards where the store is local: 1.5 KiB and a crc32c per id; a
@@ -12,7 +13,7 @@ Kill-safety: the lookup is written under a new name (the row count it covers) be
 commit, and the root attribute ``index_lookup`` that names it is part of that same commit (the
 update that sets ``n_clips``). A reader trusts a lookup only when it covers exactly the committed
 rows; a killed append leaves an orphan the next writable open deletes. A store without a lookup (the
-layout before it, or ids whose keys collide, which BLAKE2b makes practically impossible) is read as
+layout before it, or ids whose keys collide: practically never at 128 bits) is read as
 before: the ids are decoded and a dict built in memory. ``featurestore convert`` or the next append
 writes one.
 """
@@ -22,6 +23,7 @@ import hashlib
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import xxhash
 
 from featurestore.errors import FeatureStoreError, UnknownClipError
 from featurestore.store._backend import distinct, join
@@ -30,7 +32,11 @@ from featurestore.store.arrays import StoreArrays
 LOOKUP_ATTR = "index_lookup"  # root attribute: {"path", "n_clips", "key"} of the lookup in use
 VALUES_ATTR = "index_values"  # root attribute: {"n_clips", "city": [distinct values]} for summaries
 LOOKUP_GROUP = "index/lookup"
-LOOKUP_KEY = "blake2b-128"
+# the key of new lookups: XXH3-128 hashes a million ids in ~0.15 s, BLAKE2b (the key before it, still
+# read, and kept by appends to a store whose lookup has it) in ~0.6 s of a million-clip store's creation
+LOOKUP_KEY = "xxh3-128"
+_KEYS = {"xxh3-128": xxhash.xxh3_128_digest,
+         "blake2b-128": lambda b: hashlib.blake2b(b, digest_size=16).digest()}
 # The table is sharded (Zarr v3 sharding, as feature sets are): an id costs one inner chunk of
 # LOOKUP_INNER_ROWS rows (64 x 24 bytes = 1.5 KiB, its own crc32c), found through the fence (the first
 # key of each inner chunk: 15,625 keys, 122 KiB at 1M clips); shards of up to 2**20 rows (24 MiB, one
@@ -41,9 +47,6 @@ LOOKUP_SHARD_ROWS = 2**20
 # beyond this many ids (or table blocks) per call, a table that cannot be memory-mapped (remote, HDF5,
 # unsharded) is read whole once (and kept) instead of block by block
 _BULK_IDS = 64
-# more keys than this are searched by bisecting their blocks together (a gather per step) rather than
-# by copying whole blocks
-_FEW_KEYS = 8
 _TABLE_CHUNKS_KEPT = 256
 # ids resolved a few at a time are kept (id -> row) up to this many, oldest dropped first: a warm `get`
 # of a clip asked before is a dict lookup, not a hash + binary search (at 1M clips 0.2 ms of a 0.4 ms
@@ -55,10 +58,10 @@ _MAX_DISTINCT = 1000
 NOT_COLUMNS = ("split", "lookup")
 
 
-def id_keys(clip_ids: Iterable[str]) -> np.ndarray:
-    """``[n, 2]`` uint64: the 128-bit BLAKE2b key of each id (high, low), as the lookup sorts them."""
-    blake2b = hashlib.blake2b
-    digests = b"".join([blake2b(c.encode("utf-8"), digest_size=16).digest() for c in map(str, clip_ids)])
+def id_keys(clip_ids: Iterable[str], key: str = LOOKUP_KEY) -> np.ndarray:
+    """``[n, 2]`` uint64: the 128-bit ``key`` (a ``_KEYS`` name) of each id's UTF-8 bytes (high, low,
+    big-endian digest halves), as the lookup sorts them."""
+    digests = b"".join(map(_KEYS[key], map(str.encode, map(str, clip_ids))))
     return np.frombuffer(digests, dtype=">u8").astype(np.uint64).reshape(-1, 2)
 
 
@@ -193,7 +196,7 @@ class ClipIndex:
                 self._row_dict()
         if self._row_of is None and self._lookup() is not None:
             try:
-                found = self._find_in_lookup(id_keys(clip_ids))
+                found = self._find_in_lookup(id_keys(clip_ids, self._lookup()["key"]))
             except FeatureStoreError:
                 if self._lookup_exists():
                     raise  # damage: reported as it is, never served around
@@ -233,7 +236,7 @@ class ClipIndex:
         """The root attribute naming the lookup, when it covers exactly the committed rows."""
         if self._meta is False:
             meta = self._arrays.attrs("").get(LOOKUP_ATTR)
-            ok = (isinstance(meta, dict) and meta.get("key") == LOOKUP_KEY and meta.get("n_clips") == self.n_clips
+            ok = (isinstance(meta, dict) and meta.get("key") in _KEYS and meta.get("n_clips") == self.n_clips
                   and self._arrays.is_array(join(str(meta.get("path")), "table")))
             self._meta = meta if ok else None
         return self._meta or None
@@ -266,43 +269,25 @@ class ClipIndex:
 
     def _match_in_blocks(self, path: str, keys: np.ndarray, blocks: np.ndarray) -> np.ndarray:
         """Row of each key within its table block (``blocks``: per key), -1 where it is not there."""
-        if len(keys) > _FEW_KEYS:
-            found = self._bisect_blocks(path, keys, blocks)
-            if found is not None:
-                return found
-        if len(keys) == 1:  # a cold single id: its block, matched directly
-            table = self._block_rows(path, blocks)[0]
-            at = np.flatnonzero((table[:, 0] == keys[0, 0]) & (table[:, 1] == keys[0, 1]))
-            return np.array([int(table[at[0], 2]) if len(at) else -1], dtype=np.int64)
-        # the keys' blocks, each read once, in block order: a sorted part of the table, searched by key
+        per, n = self._arrays.inner_rows(path), self.n_clips
+        if len(keys) == 1:  # a cold single id: its block, a view of the mapped table, matched directly
+            view = self._arrays.chunk(path, int(blocks[0]), True)
+            if view is not None:
+                table = view[:n - int(blocks[0]) * per]
+                at = np.flatnonzero((table[:, 0] == keys[0, 0]) & (table[:, 1] == keys[0, 1]))
+                return np.array([int(table[at[0], 2]) if len(at) else -1], dtype=np.int64)
+        else:  # many: every key's block copied from the mapped table at once, each key matched in its own
+            table = self._arrays.gather_chunks(path, blocks)
+            if table is not None:
+                inside = blocks[:, None].astype(np.int64) * per + np.arange(per) < n
+                match = (table[:, :, 0] == keys[:, :1]) & (table[:, :, 1] == keys[:, 1:]) & inside
+                at = match.argmax(axis=1)
+                picked = np.arange(len(keys))
+                return np.where(match[picked, at], table[picked, at, 2].astype(np.int64), -1)
+        # a table that cannot be mapped: the keys' blocks, each read once, in block order, searched by key
         # (a [keys, block rows] comparison was 4 GB for 12,291 keys in a table of 16,384-row blocks)
         table = self._block_rows(path, distinct(blocks)).reshape(-1, 3)
         return search_table(table[table[:, 2] != np.uint64(2**64 - 1)], keys)
-
-    def _bisect_blocks(self, path: str, keys: np.ndarray, blocks: np.ndarray) -> np.ndarray | None:
-        """Many keys at once by a binary search of every key's block together, each step one gather
-        of one table row per key from the memory-mapped table (log2 of the block's rows + 1 steps,
-        never a copy of whole blocks); None where the table cannot be mapped."""
-        per, n = self._arrays.inner_rows(path), self.n_clips
-        lo = blocks.astype(np.int64) * per
-        hi = np.minimum(lo + per, n)
-        required = np.ones(len(keys), dtype=bool)
-        while (lo < hi).any():
-            mid = (lo + hi) // 2
-            probe = np.minimum(mid, n - 1)
-            entries = self._arrays.gather(path, probe, required)
-            if entries is None:
-                return None
-            below = (entries[:, 0] < keys[:, 0]) | ((entries[:, 0] == keys[:, 0]) & (entries[:, 1] < keys[:, 1]))
-            searching = lo < hi
-            lo = np.where(searching & below, mid + 1, lo)
-            hi = np.where(searching & ~below, mid, hi)
-        at = np.minimum(lo, n - 1)
-        entries = self._arrays.gather(path, at, required)
-        if entries is None:
-            return None
-        hit = (lo < n) & (entries[:, 0] == keys[:, 0]) & (entries[:, 1] == keys[:, 1])
-        return np.where(hit, entries[:, 2].astype(np.int64), -1)
 
     def _block_rows(self, path: str, numbers: np.ndarray) -> np.ndarray:
         """Table blocks ``numbers`` (rows per block: the fence's spacing) as ``[len, per, 3]``; rows past
@@ -352,13 +337,16 @@ class ClipIndex:
         """
         end = start + len(new_ids)
         attrs: dict[str, Any] = {VALUES_ATTR: self._values_after(new_cities, start, end)}
+        # an append to a store whose lookup has an older key keeps that key (the old rows' keys are
+        # read, not recomputed), as ``convert`` keeps it: both keys are read alike
+        key = self._lookup()["key"] if start and self._lookup() is not None else LOOKUP_KEY
         old = self._old_table(start)
-        table = lookup_table(id_keys(new_ids), np.arange(start, end, dtype=np.uint64))
+        table = lookup_table(id_keys(new_ids, key), np.arange(start, end, dtype=np.uint64))
         if len(old):
             table = np.concatenate([old, table])
             table = sort_by_key(table)
         same = (np.diff(table[:, 0]) == 0) & (np.diff(table[:, 1]) == 0)
-        attrs[LOOKUP_ATTR] = None if same.any() or not end else self._write_lookup(table, end)
+        attrs[LOOKUP_ATTR] = None if same.any() or not end else self._write_lookup(table, end, key)
         return attrs
 
     def _old_table(self, start: int) -> np.ndarray:
@@ -373,7 +361,7 @@ class ClipIndex:
         cities = sorted((old | {str(c) for c in new_cities}) - {""})
         return {"n_clips": end, "city": cities if len(cities) <= _MAX_DISTINCT else None}
 
-    def _write_lookup(self, table: np.ndarray, end: int) -> dict[str, Any]:
+    def _write_lookup(self, table: np.ndarray, end: int, key: str) -> dict[str, Any]:
         group = join(LOOKUP_GROUP, str(end))
         per = LOOKUP_INNER_ROWS
         shard = min(LOOKUP_SHARD_ROWS, -(-len(table) // per) * per)
@@ -385,7 +373,7 @@ class ClipIndex:
         self._arrays.create_array(join(group, "fence"), fence.shape, "uint64", max(1, len(fence)), 0)
         self._arrays.write(join(group, "fence"), 0, fence)
         # the table is a function of the ids in row order: equal digests, equal ids (shared.py)
-        return {"path": group, "n_clips": end, "key": LOOKUP_KEY,
+        return {"path": group, "n_clips": end, "key": key,
                 "digest": hashlib.blake2b(table.tobytes(), digest_size=16).hexdigest()}
 
     def write_missing(self) -> dict[str, Any] | None:
@@ -409,7 +397,7 @@ class ClipIndex:
             return None
         table = self._arrays.read(join(self._lookup()["path"], "table"), 0, self.n_clips)
         ids = self.clip_ids if clip_ids is None else clip_ids
-        expected = lookup_table(id_keys(ids), np.arange(self.n_clips, dtype=np.uint64))
+        expected = lookup_table(id_keys(ids, self._lookup()["key"]), np.arange(self.n_clips, dtype=np.uint64))
         if table.shape != expected.shape or not np.array_equal(table, expected):
             wrong = int((table != expected).any(axis=1).sum()) if table.shape == expected.shape else self.n_clips
             return (f"{wrong} of {self.n_clips} lookup entries do not match the clip ids "

@@ -251,8 +251,8 @@ from featurestore.store import index
 from test_index_scale import clips
 
 written = index.ClipIndex._write_lookup
-def write_then_die(self, table, end):
-    meta = written(self, table, end)
+def write_then_die(self, *args):
+    meta = written(self, *args)
     os.kill(os.getpid(), signal.SIGKILL)  # the lookup is on disk; the commit (n_clips) is not
 index.ClipIndex._write_lookup = write_then_die
 with open_store({path!r}, "a") as store:
