@@ -25,18 +25,12 @@ import numpy as np
 from featurestore.datasets._common import resolve
 from featurestore.manifest import Manifest
 from featurestore.provenance import is_random_weights, runtime_info
-from featurestore.store.layout import TARGET_CHUNK_BYTES
+from featurestore.store.layout import MAX_CHUNK_CLIPS, default_chunk_clips
 from featurestore.store.store import FeatureStore
 
-#: Most clips in a block (and in a shard an extraction creates): a commit rewrites a chunk's done
-#: flags and error texts whole, and a block is the least work a Dask task owns. A larger common
-#: multiple of the feature sets' chunk sizes means they do not align well.
-MAX_BLOCK_CLIPS = 65536
-#: An extraction's shards are small enough that the store splits into at least this many blocks
-#: (Dask tasks for 16 workers at ``dask.TASKS_PER_THREAD``), but not below ``MIN_SPLIT_BYTES``
-#: (where an object store's cost per object stops mattering, docs/scaling.md).
-MIN_BLOCKS = 64
-MIN_SPLIT_BYTES = 4 * 2**20
+#: Most clips in a block: the store's chunk bound (a block is whole chunks of every set). A larger
+#: common multiple of the feature sets' chunk sizes means they do not align well.
+MAX_BLOCK_CLIPS = MAX_CHUNK_CLIPS
 #: Longest time encoded rows wait in a partly filled chunk before they are committed (written and
 #: marked done): what a kill can lose, whatever the chunk size (``extract(commit_seconds=)``).
 DEFAULT_COMMIT_SECONDS = 60.0
@@ -341,21 +335,6 @@ def stored_frames(store: FeatureStore, name: str, manifest: Manifest, encoders: 
 
 
 # ------------------------------------------------------------------------------ feature sets
-def extraction_chunk_clips(n_segments: int, shape: tuple[int, ...], dtype: str, n_clips: int) -> int:
-    """Clips per chunk (a shard) of a feature set an extraction creates, a power of two (so chunk
-    sizes of different feature sets divide each other: their common block is the largest).
-
-    The store's shard of ~32 MiB (``TARGET_CHUNK_BYTES``, docs/store.md), at most
-    ``MAX_BLOCK_CLIPS``; but no more than 1/``MIN_BLOCKS`` of the store's ``n_clips`` unless that
-    is below ``MIN_SPLIT_BYTES``, so that a Dask run has tasks for its workers (a block is whole
-    shards and a task whole blocks). See docs/scaling.md for the sizes this gives.
-    """
-    per_clip = max(1, n_segments * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
-    by_tasks = max(n_clips // MIN_BLOCKS, MIN_SPLIT_BYTES // per_clip)
-    clips = max(1, min(MAX_BLOCK_CLIPS, TARGET_CHUNK_BYTES // per_clip, by_tasks))
-    return 1 << (clips.bit_length() - 1)
-
-
 def check_targets(store: FeatureStore, manifest: Manifest, encoders: list, device: str, overwrite: bool,
                   stored: StoredFrames | None = None, decoder: str = "pyav") -> None:
     """Refuse a run before it changes anything: each feature set and class-feature set it would
@@ -391,7 +370,7 @@ def prepare_target(store: FeatureStore, encoder, source: Source, selected: np.nd
     dtype = str(encoder.dtype)
     prov = target_provenance(encoder, source, device)
     asked = chunk_clips.get(encoder.name) if isinstance(chunk_clips, Mapping) else chunk_clips
-    rows = int(asked or extraction_chunk_clips(source.n_segments, shape, dtype, store.n_clips))
+    rows = int(asked or default_chunk_clips(source.n_segments, shape, dtype, store.n_clips))
     info = store.create_feature_set(encoder.name, source.n_segments, shape, prov, dtype=dtype,
                                     chunk_clips=rows, overwrite=overwrite,
                                     compressor=getattr(encoder, "compressor", None))  # frames: "zstd"

@@ -88,7 +88,7 @@ def create_feature_set(store: FeatureStore, name: str, n_segments: int, feature_
     if group.exists():  # overwritten, or a creation that never finished
         group.delete()
     shape = (store.n_clips, int(n_segments)) + tuple(int(s) for s in feature_shape)
-    rows = int(chunk_clips or default_chunk_clips(n_segments, feature_shape, dtype))
+    rows = int(chunk_clips or default_chunk_clips(n_segments, feature_shape, dtype, store.n_clips))
     inner = default_inner_clips(n_segments, feature_shape, dtype, rows)
     prov = dict(provenance)
     prov.setdefault("runtime", runtime_info())

@@ -1,8 +1,8 @@
 """What a store is on disk before any clip: its groups, schema version, names and chunk sizes.
 
 ``FeatureStore`` creates and checks the layout through these on open; feature sets and prediction
-runs size their chunks with :func:`default_chunk_clips` and :func:`default_inner_clips` (extraction
-plans its blocks with the first, ``convert`` rewrites old stores with the second).
+runs size their chunks with :func:`default_chunk_clips` and :func:`default_inner_clips` (an extraction's
+sets take the first too, ``convert`` rewrites old stores with the second).
 """
 from __future__ import annotations
 
@@ -20,23 +20,36 @@ from featurestore.store.arrays import StoreArrays
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 TARGET_CHUNK_BYTES = 32 * 2**20  # a shard: see default_chunk_clips and docs/store.md (benchmark)
-MAX_CHUNK_CLIPS = 4096  # extraction's block bound (extract.plan.MAX_BLOCK_CLIPS)
+#: Most clips in a chunk (a shard), and in a block an extraction writes: a commit rewrites a chunk's
+#: done flags and error texts whole, and a block is the least work a Dask task owns.
+MAX_CHUNK_CLIPS = 65536
+#: A store's chunks are small enough that it splits into at least this many (Dask tasks for 16
+#: workers at ``extract.dask.TASKS_PER_THREAD``), but not below ``MIN_SPLIT_BYTES`` (where an object
+#: store's cost per object stops mattering, docs/scaling.md).
+MIN_BLOCKS = 64
+MIN_SPLIT_BYTES = 4 * 2**20
 TARGET_INNER_BYTES = 8 * 2**10  # an inner chunk: see default_inner_clips and docs/store.md (benchmark)
 INDEX_CHUNK_ROWS = 65536
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+@=-]+(/[A-Za-z0-9_.+@=-]+)*$")
 _INDEX_STRINGS = ("clip_id", "city", "location", "audio_path", "video_path")
 
 
-def default_chunk_clips(n_segments: int, feature_shape: Sequence[int], dtype: str) -> int:
-    """Clips per chunk (a shard of a feature set) so that one is about 32 MiB, at most 4,096 clips.
+def default_chunk_clips(n_segments: int, feature_shape: Sequence[int], dtype: str, n_clips: int) -> int:
+    """Clips per chunk (a shard) of a new feature set or prediction run of a store of ``n_clips``:
+    the one rule for every writer (``create_feature_set``, extraction, predictions).
 
-    The chunk is what a writer writes whole (a Dask task owns whole chunks, a partial commit rewrites
-    one); reads decode its inner chunks (:func:`default_inner_clips`), so its size no longer costs
-    random reads, and big shards keep a store of millions of clips to a few hundred files. 4,096
-    clips is extraction's block bound. See docs/store.md for the measurement.
+    About ``TARGET_CHUNK_BYTES`` (32 MiB) of clips, at most ``MAX_CHUNK_CLIPS``; but no more than
+    1/``MIN_BLOCKS`` of the store unless that is below ``MIN_SPLIT_BYTES``, so that a Dask run has
+    tasks for its workers (a block is whole chunks, a task whole blocks). A power of two, so chunk
+    sizes of different sets divide each other (their common block is the largest). The chunk is
+    what a writer writes whole; reads decode its inner chunks (:func:`default_inner_clips`), so
+    its size does not cost random reads, and big shards keep a store of millions of clips to a
+    few hundred files. See docs/store.md and docs/scaling.md for the measurements and the sizes.
     """
-    per_clip = n_segments * int(np.prod(feature_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    return int(min(MAX_CHUNK_CLIPS, max(1, TARGET_CHUNK_BYTES // max(1, per_clip))))
+    per_clip = max(1, n_segments * int(np.prod(feature_shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    by_tasks = max(int(n_clips) // MIN_BLOCKS, MIN_SPLIT_BYTES // per_clip)
+    clips = max(1, min(MAX_CHUNK_CLIPS, TARGET_CHUNK_BYTES // per_clip, by_tasks))
+    return 1 << (clips.bit_length() - 1)
 
 
 def default_inner_clips(n_segments: int, feature_shape: Sequence[int], dtype: str, chunk_clips: int) -> int:

@@ -42,7 +42,7 @@ def create_predictions(store: FeatureStore, run: str, n_segments: int, attrs: di
                                   f"overwrite=True (--overwrite) to replace it")
     if group.exists():
         group.delete()
-    rows = int(chunk_clips or default_chunk_clips(n_segments, (n_classes,), "float32"))
+    rows = int(chunk_clips or default_chunk_clips(n_segments, (n_classes,), "float32", store.n_clips))
     group.create(shape, "float32", rows, attrs={**attrs, "runtime": runtime_info()})
     store._runs = None
     return False
