@@ -257,6 +257,9 @@ class HDF5Backend:
     def gather(self, path: str, rows: np.ndarray, required: np.ndarray) -> np.ndarray | None:
         return None  # h5py reads by chunk (read_chunks) as fast as it reads anything
 
+    def chunk(self, path: str, chunk: int, required: bool) -> np.ndarray | None:
+        return None
+
     def read(self, path: str, start: int, stop: int) -> np.ndarray:
         data = self._ds(path)[start:stop]
         return as_str_array(data) if self._is_str(path) else data

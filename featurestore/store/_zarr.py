@@ -210,6 +210,10 @@ class ZarrBackend:
         layout = self._layout(path)
         return None if layout is None else self._shards.gather(path, self._array(path), layout, rows, required)
 
+    def chunk(self, path: str, chunk: int, required: bool) -> np.ndarray | None:
+        layout = self._layout(path)
+        return None if layout is None else self._shards.chunk(path, self._array(path), layout, chunk, required)
+
     def revalidate(self, path: str) -> None:
         self._shards.revalidate(path)
 

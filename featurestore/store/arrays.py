@@ -156,6 +156,14 @@ class StoreArrays:
         except ChunkFault as fault:
             raise self._fault_error(path, fault) from fault.cause
 
+    def chunk(self, path: str, chunk: int, required: bool) -> np.ndarray | None:
+        """One inner chunk, ``[inner rows, ...]``, by the backend's fastest path (a cold single read:
+        a read-only view of a memory map, checked as ``read_chunks`` checks; copy what is kept), or None."""
+        try:
+            return self._backend.chunk(path, chunk, required and self.strict)
+        except ChunkFault as fault:
+            raise self._fault_error(path, fault) from fault.cause
+
     def revalidate(self, path: str) -> None:
         """Files of ``path`` may have been replaced by another process (its done flags were read
         anew): ``gather`` checks what it keeps of them (memory maps) before using it again."""

@@ -47,9 +47,6 @@ LOOKUP_SHARD_ROWS = 2**20
 # beyond this many ids (or table blocks) per call, a table that cannot be memory-mapped (remote, HDF5,
 # unsharded) is read whole once (and kept) instead of block by block
 _BULK_IDS = 64
-# more keys than this are searched by bisecting their blocks together (a gather per step) rather than
-# by copying whole blocks
-_FEW_KEYS = 8
 _TABLE_CHUNKS_KEPT = 256
 # ids resolved a few at a time are kept (id -> row) up to this many, oldest dropped first: a warm `get`
 # of a clip asked before is a dict lookup, not a hash + binary search (at 1M clips 0.2 ms of a 0.4 ms
@@ -272,15 +269,18 @@ class ClipIndex:
 
     def _match_in_blocks(self, path: str, keys: np.ndarray, blocks: np.ndarray) -> np.ndarray:
         """Row of each key within its table block (``blocks``: per key), -1 where it is not there."""
-        if len(keys) > _FEW_KEYS:
+        per, n = self._arrays.inner_rows(path), self.n_clips
+        if len(keys) == 1:  # a cold single id: its block, a view of the mapped table, matched directly
+            view = self._arrays.chunk(path, int(blocks[0]), True)
+            if view is not None:
+                table = view[:n - int(blocks[0]) * per]
+                at = np.flatnonzero((table[:, 0] == keys[0, 0]) & (table[:, 1] == keys[0, 1]))
+                return np.array([int(table[at[0], 2]) if len(at) else -1], dtype=np.int64)
+        else:
             found = self._bisect_blocks(path, keys, blocks)
             if found is not None:
                 return found
-        if len(keys) == 1:  # a cold single id: its block, matched directly
-            table = self._block_rows(path, blocks)[0]
-            at = np.flatnonzero((table[:, 0] == keys[0, 0]) & (table[:, 1] == keys[0, 1]))
-            return np.array([int(table[at[0], 2]) if len(at) else -1], dtype=np.int64)
-        # the keys' blocks, each read once, in block order: a sorted part of the table, searched by key
+        # a table that cannot be mapped: the keys' blocks, each read once, in block order, searched by key
         # (a [keys, block rows] comparison was 4 GB for 12,291 keys in a table of 16,384-row blocks)
         table = self._block_rows(path, distinct(blocks)).reshape(-1, 3)
         return search_table(table[table[:, 2] != np.uint64(2**64 - 1)], keys)
@@ -288,23 +288,22 @@ class ClipIndex:
     def _bisect_blocks(self, path: str, keys: np.ndarray, blocks: np.ndarray) -> np.ndarray | None:
         """Many keys at once by a binary search of every key's block together, each step one gather
         of one table row per key from the memory-mapped table (log2 of the block's rows + 1 steps,
-        never a copy of whole blocks); None where the table cannot be mapped."""
+        never a copy of whole blocks: a fresh 1.5 MiB buffer a call costs its page faults); None
+        where the table cannot be mapped."""
         per, n = self._arrays.inner_rows(path), self.n_clips
         lo = blocks.astype(np.int64) * per
         hi = np.minimum(lo + per, n)
         required = np.ones(len(keys), dtype=bool)
         while (lo < hi).any():
             mid = (lo + hi) // 2
-            probe = np.minimum(mid, n - 1)
-            entries = self._arrays.gather(path, probe, required)
+            entries = self._arrays.gather(path, np.minimum(mid, n - 1), required)
             if entries is None:
                 return None
             below = (entries[:, 0] < keys[:, 0]) | ((entries[:, 0] == keys[:, 0]) & (entries[:, 1] < keys[:, 1]))
             searching = lo < hi
             lo = np.where(searching & below, mid + 1, lo)
             hi = np.where(searching & ~below, mid, hi)
-        at = np.minimum(lo, n - 1)
-        entries = self._arrays.gather(path, at, required)
+        entries = self._arrays.gather(path, np.minimum(lo, n - 1), required)
         if entries is None:
             return None
         hit = (lo < n) & (entries[:, 0] == keys[:, 0]) & (entries[:, 1] == keys[:, 1])

@@ -478,12 +478,21 @@ class RowGroup:
     def read_row(self, row: int) -> np.ndarray:
         """Values of one row, ``[1, ...]`` (a view of the cached inner chunk: copy before changing it)."""
         array = self.values_path
-        per = self._arrays.inner_rows(array)
+        per = self._per()[0]
         chunk, offset = divmod(row, per)
-        hit = self._caches.chunks.get((array, per, chunk))  # the warm path: one lookup, one slice
+        key = (array, per, chunk)
+        hit = self._caches.chunks.get(key)  # the warm path: one lookup, one slice
         if hit is not None and offset < len(hit[1]) and hit[1][offset]:
             return hit[0][offset:offset + 1]
-        block = self._blocks(np.array([chunk]), per, self._arrays.shape(array)[0], [np.array([offset])])[0]
+        start, n_rows = chunk * per, self._arrays.shape(array)[0]
+        stop = min(n_rows, start + per)
+        done = self._done_rows(start, stop).copy()  # done flags before data: a row done now was written
+        view = self._arrays.chunk(array, chunk, bool(done.any()))  # a cold get: its inner chunk from the map
+        if view is None:
+            block = self._blocks(np.array([chunk]), per, n_rows, [np.array([offset])])[0]
+        else:
+            block = view[:stop - start].copy()
+            self._caches.chunks.put(key, (block, done))
         return block[offset:offset + 1]
 
     def _mapped_blocks(self, spans: list[tuple[int, int]], done: list[np.ndarray]) -> list[np.ndarray] | None:

@@ -68,9 +68,10 @@ def big(tmp_path_factory) -> str:
 
 def counting(store) -> Counter:
     """Rows read per array path from now on (every read of the store's backend: row ranges, the
-    inner chunks of sharded arrays, and rows gathered from memory-mapped shards)."""
+    inner chunks of sharded arrays, and rows or inner chunks from memory-mapped shards)."""
     counts: Counter = Counter()
     read, read_chunks, gather = store._b.read, store._b.read_chunks, store._b.gather
+    one_chunk = store._b.chunk
 
     def counted(path: str, start: int, stop: int):
         counts[path] += stop - start
@@ -86,7 +87,13 @@ def counting(store) -> Counter:
         counts[path] += 0 if values is None else len(values)
         return values
 
+    def counted_chunk(path: str, chunk: int, required: bool):
+        block = one_chunk(path, chunk, required)
+        counts[path] += 0 if block is None else len(block)
+        return block
+
     store._b.read, store._b.read_chunks, store._b.gather = counted, counted_chunks, counted_gather
+    store._b.chunk = counted_chunk
     return counts
 
 

@@ -319,3 +319,41 @@ def test_plain_chunks_written_as_files_are_what_zarr_python_reads(tmp_path):
     assert [(i, e) for i, e in enumerate(errors) if e] == [(int(r), f"bad clip {r} ✗") for r in np.flatnonzero(~done)]
     with open_store(path) as fs:
         assert fs.errors(FEAT)[clip_id(5)] == "bad clip 5 ✗" and fs.verify().ok
+
+
+def test_a_batch_over_more_shards_than_may_be_mapped_reads_them_in_turns(big, monkeypatch):
+    """One ``get_many`` touching more shards than ``MAX_MAPPED_SHARDS`` maps them a bound at a time
+    (each map holds a descriptor), rows in the order asked, every value right."""
+    from featurestore.store import _shards
+
+    monkeypatch.setattr(_shards, "MAX_MAPPED_SHARDS", 4)
+    rows = np.random.default_rng(7).permutation(np.arange(3, N, SHARD // 3))  # 3 clips in each of 25 shards
+    with open_store(big) as fs:
+        np.testing.assert_array_equal(fs.get_many(FEAT, [clip_id(r) for r in rows]), values(rows))
+        assert len(fs._b._shards._maps) == 4
+
+
+def test_rows_of_a_shard_never_written_read_as_fill_unless_required(tmp_path):
+    """A batch over written shards and one never written: with done checks it is refused, without
+    them (what ``_same_values`` and ``verify`` ask) its rows are the fill value; both the few-rows-a-
+    shard path and the many-rows-a-shard path of the mapped reader."""
+    from featurestore.errors import MissingFeatureError
+    from featurestore.store.row_group import FEATURE_SETS
+
+    path = str(tmp_path / "holes.zarr")
+    n = 3 * SHARD
+    with create_store(path, Manifest("holes", ["a"], [ClipRecord(clip_id(i), label="a") for i in range(n)])) as fs:
+        fs.create_feature_set(FEAT, 1, (DIM,), PROV)
+        for start in (0, 2 * SHARD):  # shard 1 is never written
+            fs.write_rows(FEAT, start, values(np.arange(start, start + SHARD)))
+    rng = np.random.default_rng(3)
+    with open_store(path) as fs:
+        group = fs.row_group(FEATURE_SETS, FEAT)
+        for rows in (rng.choice(n, 6, replace=False), rng.choice(n, 900, replace=False)):
+            rows[0] = SHARD + 17
+            got = group.gather(rows, check_done=False)
+            hole = (rows >= SHARD) & (rows < 2 * SHARD)
+            np.testing.assert_array_equal(got[~hole], values(rows[~hole]))
+            assert (got[hole] == 0).all()
+            with pytest.raises(MissingFeatureError, match=clip_id(SHARD + 17)):
+                fs.get_many(FEAT, [clip_id(r) for r in rows])
