@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
+from zarr.errors import ZarrUserWarning
 
 from featurestore.errors import StoreFormatError
 from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array
@@ -44,22 +46,40 @@ def _missing_filesystem(location: str, err: ImportError) -> str:
 
 
 @contextlib.contextmanager
-def _metadata(location: str) -> Iterator[None]:
-    """A ``zarr.json`` that is not JSON (truncated, overwritten) becomes one `StoreFormatError` naming
-    the file: zarr-python's own error names only a line and a column."""
+def _metadata(location: str, path: str | None = None) -> Iterator[None]:
+    """A damaged ``zarr.json`` (not JSON, or JSON that is not the Zarr v3 metadata zarr expects) becomes
+    one `StoreFormatError` naming the file and what is wrong in it, by verify's own walk: zarr-python's
+    error names a line and a column, or a field, or is a TypeError from deep inside it, or (a node looked
+    up by ``path``) says the node is absent. Other failures pass as they are."""
     try:
         yield
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StoreFormatError(f"{location}: {_damaged_metadata(location)} is not valid JSON ({err}); the store's "
-                               f"metadata is damaged (restore the file, or the store from a copy)") from None
+    except StoreFormatError:
+        raise
+    except KeyError:  # an absent node, or one whose metadata zarr cannot read
+        if path is not None and _has_metadata_file(location, path):
+            _raise_damage(location)
+        raise
+    except Exception as err:
+        _raise_damage(location)
+        if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):  # a remote store: no walk
+            raise StoreFormatError(f"{location}: a zarr.json metadata file is not valid JSON ({err}); the store's "
+                                   f"metadata is damaged (restore the file, or the store from a copy)") from None
+        raise
 
 
-def _damaged_metadata(location: str) -> str:
-    """The first damaged ``zarr.json`` of a local store, by verify's own walk (only after a failure)."""
+def _raise_damage(location: str) -> None:
+    """Raise `StoreFormatError` for the first damaged ``zarr.json`` of a local store, if there is one."""
     scan = scan_metadata(location)
-    if scan is None or not scan.damaged:
-        return "a zarr.json metadata file"
-    return str(Path(location.removeprefix("file://")) / scan.file(next(iter(scan.damaged))))
+    if scan is not None and scan.damaged:
+        node, problem = next(iter(scan.damaged.items()))
+        file = Path(location.removeprefix("file://")) / scan.file(node)
+        raise StoreFormatError(f"{file}: {problem}; the store's metadata is damaged (restore the file, "
+                               f"or the store from a copy)") from None
+
+
+def _has_metadata_file(location: str, path: str) -> bool:
+    root = Path(location.removeprefix("file://"))
+    return "://" not in location.replace("file://", "") and (root / path / "zarr.json").is_file()
 
 
 class ZarrBackend:
@@ -89,13 +109,13 @@ class ZarrBackend:
         self._shards = ShardReader()
 
     def _node(self, path: str):
-        with _metadata(self.location):
+        with _metadata(self.location, path):
             return self._root[path] if path else self._root
 
     def _array(self, path: str) -> zarr.Array:
         arr = self._arrays.get(path)
         if arr is None:
-            with _metadata(self.location):
+            with _metadata(self.location, path):
                 arr = self._root[path].with_config(_CONFIG)
             self._arrays[path] = arr
         return arr
@@ -104,7 +124,7 @@ class ZarrBackend:
         if not path:
             return True
         try:
-            with _metadata(self.location):
+            with _metadata(self.location, path):
                 self._root[path]
         except KeyError:
             return False
@@ -118,7 +138,7 @@ class ZarrBackend:
         if not path:
             return False
         try:
-            with _metadata(self.location):
+            with _metadata(self.location, path):
                 node = self._root[path]
         except KeyError:
             return False
@@ -129,8 +149,17 @@ class ZarrBackend:
 
     def children(self, path: str) -> list[str]:
         node = self._node(path)
-        with _metadata(self.location):
-            return sorted(name for name, _ in node.members(max_depth=0))
+        with _metadata(self.location), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ZarrUserWarning)  # "not recognized": a damaged child, found below
+            names = sorted(name for name, _ in node.members(max_depth=0))
+        folder = local_file(node, "")
+        if folder is not None and os.path.isdir(folder):
+            # zarr leaves out (with a warning) a child whose metadata it cannot read: a feature set
+            # would vanish from listings without a word
+            on_disk = {e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, "zarr.json"))}
+            if on_disk - set(names):
+                _raise_damage(self.location)
+        return names
 
     def get_attrs(self, path: str) -> dict[str, Any]:
         return dict(self._node(path).attrs)
