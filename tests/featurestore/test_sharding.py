@@ -41,7 +41,7 @@ def values(rows: np.ndarray) -> np.ndarray:
 def build(path: str, n: int = N, inner: int = INNER) -> None:
     """A store of ``n`` clips with one finished 1 x DIM float16 feature set, in the default layout."""
     with create_store(path, Manifest("scale", ["a"], [ClipRecord(clip_id(i), label="a") for i in range(n)])) as fs:
-        info = fs.create_feature_set(FEAT, 1, (DIM,), PROV)
+        info = fs.create_feature_set(FEAT, 1, (DIM,), PROV, chunk_clips=SHARD)  # the default: 16,384 here
         assert (info.chunk_clips, fs.arrays.inner_rows(f"features/{FEAT}/data")) == (SHARD, inner)
         for start in range(0, n, 8 * SHARD):
             stop = min(n, start + 8 * SHARD)
@@ -305,7 +305,7 @@ def test_plain_chunks_written_as_files_are_what_zarr_python_reads(tmp_path):
     ids = [clip_id(i) for i in range(n)]
     with create_store(path, Manifest("p", ["a", "b"], [ClipRecord(c, label="ab"[i % 2], city=f"ü{i % 3}")
                                                         for i, c in enumerate(ids)])) as fs:
-        fs.create_feature_set(FEAT, 1, (DIM,), PROV)
+        fs.create_feature_set(FEAT, 1, (DIM,), PROV, chunk_clips=SHARD)
         done = np.arange(SHARD) % 5 != 0
         fs.write_rows(FEAT, 0, values(np.arange(SHARD)), done=done,
                       errors={int(r): f"bad clip {r} ✗" for r in np.flatnonzero(~done)})
@@ -343,7 +343,7 @@ def test_rows_of_a_shard_never_written_read_as_fill_unless_required(tmp_path):
     path = str(tmp_path / "holes.zarr")
     n = 3 * SHARD
     with create_store(path, Manifest("holes", ["a"], [ClipRecord(clip_id(i), label="a") for i in range(n)])) as fs:
-        fs.create_feature_set(FEAT, 1, (DIM,), PROV)
+        fs.create_feature_set(FEAT, 1, (DIM,), PROV, chunk_clips=SHARD)
         for start in (0, 2 * SHARD):  # shard 1 is never written
             fs.write_rows(FEAT, start, values(np.arange(start, start + SHARD)))
     rng = np.random.default_rng(3)
