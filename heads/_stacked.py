@@ -5,7 +5,11 @@ kernel launches and, for the MLPs, matmuls too small to use the CPU well; K mode
 step for all K with batched matmuls (``torch.baddbmm`` over a leading trial dimension). Each trial
 keeps its own batches (its seed's order, from the sweep's shared read), initial weights (built by
 `heads.train.build_head` under its seed), learning rate and schedule, momentum and weight decay; the
-update is SGD with momentum written out per trial, as `torch.optim.SGD` computes it.
+update is SGD with momentum written out per trial, as `torch.optim.SGD` computes it (one ``_foreach`` call
+per operation for all parameters). The stacked logits are class-major, ``[K, C, B]``, and the loss's
+gradient by them is written out (`stacked_loss`); the ``linear`` head's step needs no autograd at all
+(`_linear_step`), the others run autograd back from that gradient. Each step's batches are cut in a
+background thread while the previous step trains (`_in_background`).
 
 Why batched matmuls and not ``vmap`` of the module: a lone run's dropout masks come from torch's
 global generator seeded with ``(seed, epoch)``, drawn layer by layer in forward order, and its
@@ -35,8 +39,10 @@ import ctypes.util
 import functools
 import importlib
 import json
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,7 +111,7 @@ def train_stacked(cfgs: list[TrainConfig], shared: Any, *, overwrite: bool = Fal
             locks.enter_context(t.run_lock(cfg.out))
             head, identity = t.build_head(cfg, shared.store)  # restored below when resumed
             if reader[i] not in readers:  # trials of one seed read the same batches: one loader for them
-                train_loader, val_loader = t.make_loaders(cfg, shared.store, head)
+                train_loader, val_loader = t.make_loaders(cfg, shared.store, head, device)
                 readers[reader[i]] = _checked(shared, train_loader, t)
                 val = val if val is not None or val_loader is None else _checked(shared, val_loader, t)
             trials.append(_opened_trial(cfg, head, identity, readers[reader[i]], overwrite, t).to(device))
@@ -172,31 +178,39 @@ class _Pass:
         return self.generators is not None
 
 
-def _linear(ctx: _Pass, name: str, x: torch.Tensor) -> torch.Tensor:
-    """``[K, B, in] -> [K, B, out]``: each trial's Linear on its own input.
+def _linear(ctx: _Pass, name: str, x: torch.Tensor, *, logits: bool = False) -> torch.Tensor:
+    """``[K, B, in] -> [K, B, out]``: each trial's Linear on its own input; ``logits``: a head's last layer,
+    whose output is class-major, ``[K, out, B]`` (see `stacked_loss`).
 
     A first layer's input is per reader, ``[R, B, in]`` with the K trials in reader order, K/R each
     (``[B, in]``: validation, one input for all): then each reader's K/R weight matrices are one matrix
     (a view) and the layer is R matmuls of ``K/R * out`` columns instead of K small ones, which is most
-    of the speed of stacking small heads.
+    of the speed of stacking small heads. Class-major, that matmul's ``[R, K/R * out, B]`` result is already
+    ``[K, out, B]`` (a view); row-major its columns are regrouped by trial (a copy).
     """
-    w, b = ctx.params[f"{name}.weight"], ctx.params[f"{name}.bias"]
-    grad_w, grad_b = ctx.grads.get(f"{name}.weight"), ctx.grads.get(f"{name}.bias")
-    k, out, d = w.shape
     x = x.unsqueeze(0) if x.dim() == 2 else x
-    r = x.shape[0]
-    if r == k:
-        return _BatchedLinear.apply(x, w, b, grad_w, grad_b)
-    n = k // r
-    as_one = lambda t: None if t is None else t.view(r, n * out, *t.shape[2:])  # noqa: E731 - views, no copies
-    y = _BatchedLinear.apply(x, as_one(w), as_one(b), as_one(grad_w), as_one(grad_b))
+    k, out, _ = ctx.params[f"{name}.weight"].shape
+    r, n = x.shape[0], k // x.shape[0]
+    y = _BatchedLinear.apply(x, *_per_reader(ctx, name, r), logits)
+    if logits or r == k:
+        return y.view(k, out, -1) if logits else y
     return y.view(r, -1, n, out).transpose(1, 2).reshape(k, -1, out)
 
 
+def _per_reader(ctx: _Pass, name: str, r: int) -> list[torch.Tensor | None]:
+    """Layer ``name``'s weight, bias and their gradient buffers (None: none) as ``r`` matrices of K/r trials
+    each: ``[K, out, ...]`` viewed as ``[r, K/r * out, ...]`` (views, no copies)."""
+    tensors = [ctx.params[f"{name}.weight"], ctx.params[f"{name}.bias"], ctx.grads.get(f"{name}.weight"),
+               ctx.grads.get(f"{name}.bias")]
+    k, out = tensors[0].shape[:2]
+    return [None if t is None else t.view(r, k // r * out, *t.shape[2:]) for t in tensors]
+
+
 class _BatchedLinear(torch.autograd.Function):
-    """``x [K, B, in], w [K, out, in], b [K, out] -> x @ w^T + b``, with a backward that computes the weight's
-    gradient in its parameter's layout, as `nn.Linear`'s does (``grad_w = g^T @ x``), into ``grad_w`` /
-    ``grad_b`` when given (then autograd gets None for ``w`` and ``b``: the caller reads the buffers).
+    """``x [K, B, in], w [K, out, in], b [K, out] -> x @ w^T + b`` (``[K, B, out]``; ``class_major``: its
+    transpose ``w @ x^T + b``, ``[K, out, B]``), with a backward that computes the weight's gradient in its
+    parameter's layout, as `nn.Linear`'s does (``grad_w = g^T @ x``), into ``grad_w`` / ``grad_b`` when given
+    (then autograd gets None for ``w`` and ``b``: the caller reads the buffers).
 
     Why not ``torch.baddbmm(b, x, w.transpose(1, 2))`` and autograd: its backward computes the weight's
     gradient as ``x^T @ g`` (``[K, in, out]``) and then copies it, transposed element by element, into the
@@ -209,19 +223,23 @@ class _BatchedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, grad_w: torch.Tensor | None,
-                grad_b: torch.Tensor | None) -> torch.Tensor:
+                grad_b: torch.Tensor | None, class_major: bool = False) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        ctx.out = grad_w, grad_b
+        ctx.out, ctx.class_major = (grad_w, grad_b), class_major
+        if class_major:
+            return torch.baddbmm(b.unsqueeze(2), w, x.transpose(1, 2))
         return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w = ctx.saved_tensors
         out_w, out_b = ctx.out
-        grad_x = torch.bmm(grad, w) if ctx.needs_input_grad[0] else None
-        grad_w = torch.bmm(grad.transpose(1, 2), x, out=out_w) if ctx.needs_input_grad[1] else None
-        grad_b = torch.sum(grad, 1, out=out_b) if ctx.needs_input_grad[2] else None
-        return grad_x, None if out_w is not None else grad_w, None if out_b is not None else grad_b, None, None
+        g_t = grad if ctx.class_major else grad.transpose(1, 2)  # [K, out, B]
+        grad_x = torch.bmm(g_t.transpose(1, 2), w) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(g_t, x, out=out_w) if ctx.needs_input_grad[1] else None
+        grad_b = torch.sum(g_t, 2, out=out_b) if ctx.needs_input_grad[2] else None
+        return (grad_x, None if out_w is not None else grad_w, None if out_b is not None else grad_b,
+                None, None, None)
 
 
 def _batchnorm(ctx: _Pass, name: str, module: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
@@ -249,11 +267,12 @@ def _dropout(ctx: _Pass, p: float, x: torch.Tensor) -> torch.Tensor:
     return x * masks.div_(1 - p)
 
 
-def _sequential(ctx: _Pass, name: str, seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def _sequential(ctx: _Pass, name: str, seq: nn.Sequential, x: torch.Tensor, *, logits: bool = False) -> torch.Tensor:
+    """``seq`` per trial; ``logits``: its last layer is the head's output (a Linear, class-major)."""
     for i, layer in enumerate(seq):
         sub = f"{name}.{i}"
         if isinstance(layer, nn.Linear):
-            x = _linear(ctx, sub, x)
+            x = _linear(ctx, sub, x, logits=logits and i == len(seq) - 1)
         elif isinstance(layer, nn.BatchNorm1d) and layer.track_running_stats and layer.momentum is not None:
             x = _batchnorm(ctx, sub, layer, x)
         elif isinstance(layer, nn.ReLU):
@@ -262,6 +281,8 @@ def _sequential(ctx: _Pass, name: str, seq: nn.Sequential, x: torch.Tensor) -> t
             x = _dropout(ctx, layer.p, x)
         else:
             raise TypeError(f"{type(layer).__name__} ({sub}) has no stacked forward")
+    if logits and not isinstance(seq[-1], nn.Linear):
+        raise TypeError(f"{name} ends in {type(seq[-1]).__name__}, not the Linear layer of a head's output")
     return x
 
 
@@ -272,42 +293,107 @@ def _joined(inputs: list[torch.Tensor], l2: bool) -> torch.Tensor:
 
 
 def _linear_forward(head: Any, ctx: _Pass, inputs: list[torch.Tensor]) -> torch.Tensor:
-    return _linear(ctx, "fc", _joined(inputs, head.cfg.l2_normalize))
+    return _linear(ctx, "fc", _joined(inputs, head.cfg.l2_normalize), logits=True)
 
 
 def _mlp_forward(head: Any, ctx: _Pass, inputs: list[torch.Tensor]) -> torch.Tensor:
-    return _sequential(ctx, "net", head.net, _joined(inputs, head.cfg.l2_normalize))
+    return _sequential(ctx, "net", head.net, _joined(inputs, head.cfg.l2_normalize), logits=True)
 
 
 def _late_fusion_forward(head: Any, ctx: _Pass, inputs: list[torch.Tensor]) -> torch.Tensor:
     branches = [_sequential(ctx, f"branches.{i}", b, x) for i, (b, x) in enumerate(zip(head.branches, inputs))]
-    return _linear(ctx, "classifier", _linear(ctx, "fusion", torch.cat(branches, dim=-1)))
+    return _linear(ctx, "classifier", _linear(ctx, "fusion", torch.cat(branches, dim=-1)), logits=True)
 
 
-#: The stacked forward of each stackable head: ``(template head, pass, inputs) -> logits [K, B, C]``;
+#: The stacked forward of each stackable head: ``(template head, pass, inputs) -> logits [K, C, B]`` (class-major);
 #: each mirrors the head's own ``forward`` (heads/embedding_mlp.py, heads/late_fusion.py).
 FORWARDS: dict[str, Callable[[Any, _Pass, list[torch.Tensor]], torch.Tensor]] = {
     "linear": _linear_forward, "embedding_mlp": _mlp_forward, "late_fusion": _late_fusion_forward}
 
 
-def stacked_loss(cfg: TrainConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each trial's mean loss over its batch, ``[K]``: `heads.losses` over a leading trial dimension."""
+@torch.no_grad()
+def stacked_loss(cfg: TrainConfig, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each trial's mean loss over its batch, ``[K]``, and its gradient by the logits, from class-major logits
+    ``[K, C, B]`` and labels ``[K, B]``: ``heads.losses.FocalLoss`` (or ``nn.CrossEntropyLoss``) of K trials,
+    with the gradient autograd computes through the lone loss, written out.
+
+    Why class-major: ``log_softmax`` over a last dimension of 10 classes ran 17x slower on this CPU than over
+    the middle dimension of ``[K, C, B]`` (125 vs 7 us for 16 x 48 samples; its backward likewise), which made
+    the loss of a stacked ``linear`` step cost as much as its matmuls. Why written out: a focal loss through
+    autograd is a dozen small nodes forward and backward; here it is one pass. The gradient is the chain rule
+    of the lone loss term by term, as torch's derivative formulas have it (``u = clamp_min(1 - p_t, 0)`` passes
+    the gradient only where ``u > 0``, so a sample with ``p_t`` rounded to 1 adds nothing; ``u ** gamma`` has the
+    derivative ``gamma * u ** (gamma - 1)``, and 0 for ``gamma = 0``): with ``c = dL/dlog p_t``,
+    ``dL/dz = c * (onehot - softmax) / B``.
+    """
+    log_p = F.log_softmax(logits, dim=1)
+    at = labels.unsqueeze(1)
+    log_pt = log_p.gather(1, at).squeeze(1)  # [K, B]
     if cfg.loss == "cross_entropy":
-        k, b, c = logits.shape
-        return F.cross_entropy(logits.reshape(k * b, c), labels.reshape(-1), reduction="none").reshape(k, b).mean(1)
-    log_p = F.log_softmax(logits.float(), dim=-1).gather(2, labels.unsqueeze(2)).squeeze(2)
-    weight = (1 - log_p.exp()).clamp_min(0) ** cfg.focal_gamma
-    return -(weight * log_p).mean(1)
+        loss, c = -log_pt, torch.full_like(log_pt, -1.0)
+    else:
+        gamma = cfg.focal_gamma
+        p_t = log_pt.exp()
+        u = (1 - p_t).clamp_min(0)
+        weight = u ** gamma
+        loss = -(weight * log_pt)
+        slope = torch.where(u > 0, gamma * u ** (gamma - 1), 0.0) if gamma != 0 else torch.zeros_like(u)
+        c = log_pt * slope * p_t - weight
+    c = c.div_(logits.shape[2]).unsqueeze(1)  # the batch mean
+    grad = log_p.exp_().mul_(c.neg()).scatter_add_(1, at, c)  # c * (onehot - softmax), in log_p's memory
+    return loss.mean(1), grad
+
+
+def _autograd_step(group: _Group, ctx: _Pass, inputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """A step's losses ``[K]``, its gradients in ``group.grads`` (Linear layers) and ``.grad`` (the rest):
+    the stacked forward, then autograd back from the loss's own gradient by the logits."""
+    for name, p in group.params.items():
+        if name not in group.grads:
+            p.grad = None  # these accumulate; the Linear layers' gradients are written into group.grads
+    logits = group.forward(group.template, ctx, inputs)
+    losses, grad = stacked_loss(group.cfg, logits.detach(), labels)
+    logits.backward(grad)
+    return losses
+
+
+def _linear_step(group: _Group, ctx: _Pass, inputs: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """`_autograd_step` of the ``linear`` head without autograd: its gradients are one matmul of the loss's own
+    gradient with the (joined) inputs, ``grad_w = g @ x``, per reader as the forward (`_linear`).
+
+    Why: a stacked linear step is two small matmuls (~0.2 ms for 16 trials); autograd's graph, engine and
+    nodes around them added 0.1 ms more (0.73 vs 0.63 ms a step in three alternating runs, load 6).
+    """
+    with torch.no_grad():
+        x = _joined(inputs, group.template.cfg.l2_normalize)
+        x = x.unsqueeze(0) if x.dim() == 2 else x
+        logits = _linear(ctx, "fc", x, logits=True)
+        losses, grad = stacked_loss(group.cfg, logits, labels)
+        _, _, grad_w, grad_b = _per_reader(ctx, "fc", x.shape[0])
+        g = grad.view(grad_w.shape[0], grad_w.shape[1], -1)  # [R, K/R * C, B]
+        torch.bmm(g, x, out=grad_w)
+        torch.sum(g, 2, out=grad_b)
+    return losses
+
+
+#: How each stackable head's step computes its gradients (default `_autograd_step`).
+STEPS: dict[str, Callable[..., torch.Tensor]] = {"linear": _linear_step}
 
 
 # --------------------------------------------------------------------------------- the group
+#: Threads writing the trials' epoch files: a commit is mostly waiting for fsync (four files a trial), and
+#: the trials' run directories are independent; one trial's epochs stay in order (`_Group.run` waits for an
+#: epoch's commits before it queues the next).
+COMMIT_THREADS = 4
+
+
 class _Group:
     """The stacked parameters, buffers and momentum of K trials, trained epoch by epoch."""
 
     def __init__(self, trials: list[_Trial], val_loader: Any, device: torch.device, t: SimpleNamespace):
         self.trials, self.val_loader, self.device, self.t = trials, val_loader, device, t
-        self.template = trials[0].head
-        self.forward = FORWARDS[trials[0].cfg.head]
+        self.template, self.cfg = trials[0].head, trials[0].cfg  # what all trials share (`group_key`)
+        self.forward = FORWARDS[self.cfg.head]
+        self.step = STEPS.get(self.cfg.head, _autograd_step)
         self.loaders = list(dict.fromkeys(tr.train_loader for tr in trials))  # distinct, in trial order
         self.reader_of = torch.tensor([self.loaders.index(tr.train_loader) for tr in trials])
         # each reader's batch feeds its trials' first layers as it is when every reader has as many trials
@@ -324,7 +410,8 @@ class _Group:
         self.momentum = {n: torch.stack([torch.zeros_like(tr.head.get_parameter(n)) if tr.momentum is None
                                          else tr.momentum[n] for tr in trials]) for n in self.params}
         self.grads = {n: torch.empty_like(self.params[n]) for n in _linear_params(self.template) if n in self.params}
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stacked-commit")
+        self.activation_bytes = 4 * len(trials) * sum(self.params[n].shape[1] for n in self.grads if n.endswith(".weight"))
+        self.writer = ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="stacked-commit")
 
     def run(self) -> list[Any]:
         pending: list[Future] = []
@@ -357,44 +444,49 @@ class _Group:
         total = min(len(loader) for loader in self.loaders)
         if cfgs[0].max_steps_per_epoch is not None:
             total = min(total, cfgs[0].max_steps_per_epoch)
-        sums, seen = torch.zeros(len(cfgs), dtype=torch.float64), 0
+        sums, seen = torch.zeros(len(cfgs), dtype=torch.float64, device=self.device), 0
         ctx = _Pass(self.params, self.buffers, generators, self.grads)
-        for step, read in enumerate(zip(*self.loaders)):
-            if step >= total:
-                break
-            inputs = [self._stacked([b.inputs[i] for b in read]) for i in range(len(read[0].inputs))]
-            labels = torch.stack([b.labels for b in read])[self.reader_of].to(self.device)
-            losses = stacked_loss(cfgs[0], self.forward(self.template, ctx, inputs), labels)
-            values = losses.detach().double()
-            if not bool(torch.isfinite(values).all()):  # one check for the stack, before the step
+        hyper = [[t[n] for n in self.params] for t in (lr, momentum, decay)]
+        for step, (inputs, labels, n) in enumerate(_in_background(self._steps(total))):
+            values = self.step(self, ctx, inputs, labels).double()
+            if not bool(torch.isfinite(values).all()):  # one check for the stack, before the update
                 k = int((~torch.isfinite(values)).nonzero()[0])
                 raise self.t.TrainingDivergedError(
                     f"the training loss of {cfgs[k].out} became {float(values[k])} at epoch {epoch}, step "
                     f"{step + 1}; lower --lr, or check the features")
-            for p in self.params.values():
-                p.grad = None  # the Linear layers' gradients are written into self.grads, the rest accumulate
-            losses.sum().backward()
-            self._sgd_step(lr, momentum, decay)
-            n = len(read[0])
-            sums += values * n
+            self._sgd_step(*hyper)
+            sums.add_(values, alpha=n)
             seen += n
         if seen == 0:
             raise ValueError("the training loader produced no batches")
         return (sums / seen).tolist()
 
+    def _steps(self, total: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, int]]:
+        """The first ``total`` steps' inputs (each ``[R, B, ...]``), labels ``[K, B]`` and batch size: one batch
+        of every reader, stacked."""
+        for step, read in enumerate(zip(*self.loaders)):
+            if step >= total:
+                return
+            inputs = [self._stacked([b.inputs[i] for b in read]) for i in range(len(read[0].inputs))]
+            yield inputs, torch.stack([b.labels for b in read])[self.reader_of].to(self.device), len(read[0])
+
     def _stacked(self, per_reader: list[torch.Tensor]) -> torch.Tensor:
-        """One input of every reader as ``[R, B, ...]`` (or ``[K, B, ...]``, see ``per_reader``)."""
+        """One input of every reader as float32 ``[R, B, ...]`` (or ``[K, B, ...]``, see ``per_reader``); the
+        batches come in the stored dtype (float16 here) and are converted once, stacked."""
         x = per_reader[0].unsqueeze(0) if len(per_reader) == 1 else torch.stack(per_reader)
-        return (x if self.per_reader else x[self.reader_of]).to(self.device)
+        return (x if self.per_reader else x[self.reader_of]).to(self.device).float()
 
     @torch.no_grad()
-    def _sgd_step(self, lr: dict, momentum: dict, decay: dict) -> None:
-        """``torch.optim.SGD`` (momentum, weight decay, no dampening or Nesterov), one lr per trial."""
-        for name, p in self.params.items():
-            d = self.grads.get(name, p.grad).addcmul_(decay[name], p)  # this step's own gradient: updated in place
-            buf = self.momentum[name]
-            buf.mul_(momentum[name]).add_(d)
-            p.addcmul_(lr[name], buf, value=-1)
+    def _sgd_step(self, lr: list[torch.Tensor], momentum: list[torch.Tensor], decay: list[torch.Tensor]) -> None:
+        """``torch.optim.SGD`` (momentum, weight decay, no dampening or Nesterov), one lr per trial: each a list
+        of ``[K, 1, ...]`` columns in ``self.params`` order, applied to all parameters at once (``_foreach``)."""
+        params = list(self.params.values())
+        grads = [self.grads[n] if n in self.grads else p.grad for n, p in self.params.items()]
+        momentum_buffers = list(self.momentum.values())
+        torch._foreach_addcmul_(grads, decay, params)  # this step's own gradients, updated in place
+        torch._foreach_mul_(momentum_buffers, momentum)
+        torch._foreach_add_(momentum_buffers, grads)
+        torch._foreach_addcmul_(params, lr, momentum_buffers, value=-1)
 
     @torch.no_grad()
     def _validate(self) -> list[dict]:
@@ -408,16 +500,19 @@ class _Group:
         rows, labels, counts, sums, hits, total = [], [], [], [[] for _ in range(k)], np.zeros(k, dtype=np.int64), 0
         for batch in self.val_loader:
             b, s = batch.inputs[0].shape[:2]
-            flat = [x.to(self.device).flatten(0, 1) for x in batch.inputs]
-            probs = torch.softmax(self.forward(self.template, ctx, flat).float(), dim=-1).reshape(k, b, s, -1).cpu()
-            hits += (probs.argmax(-1) == batch.labels[None, :, None]).sum((1, 2)).numpy()
+            flat = [x.to(self.device).float().flatten(0, 1) for x in batch.inputs]
+            probs = torch.softmax(self.forward(self.template, ctx, flat).float(), dim=1).cpu().view(k, -1, b, s)
+            # max(1).indices: argmax's first maximum, without argmax's 50x slower reduction over a middle dim
+            hits += (probs.max(1).indices == batch.labels[None, :, None]).sum((1, 2)).numpy()
             total += b * s
             rows.append(batch.rows.numpy())
             labels.append(batch.labels.numpy())
             counts.append(np.full(b, s))
+            clip_sums = probs.sum(3).transpose(1, 2).numpy()  # [K, b, C]
             for j in range(k):
-                sums[j].append(probs[j].sum(1).numpy())
-            _release_free_heap()
+                sums[j].append(clip_sums[j])
+            if self.activation_bytes * b * s >= TRIM_ABOVE:
+                _release_free_heap()
         if not rows:
             raise ValueError("the validation loader produced no samples (empty split?)")
         rows, labels, counts = np.concatenate(rows), np.concatenate(labels), np.concatenate(counts)
@@ -457,6 +552,12 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
+#: A validation batch whose stacked activations (every Linear layer's output, K trials, float32) reach this many
+#: bytes is followed by `_release_free_heap`; smaller ones (a linear head's 16 x 10 logits a sample: 120 kB a
+#: batch) are not what grew the heap, and there the trim (~1 ms with the sweep's heap) cost more than the batch.
+TRIM_ABOVE = 1 << 20
+
+
 def _release_free_heap() -> None:
     """Give glibc's free heap memory back to the system (``malloc_trim``; nothing where there is no glibc).
 
@@ -469,6 +570,54 @@ def _release_free_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _in_background(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """``items``, made by a background thread up to ``depth`` ahead of the consumer, in order.
+
+    Why: a stacked step's batches are cut by R loaders (numpy gathers of the shared rows, a conversion to
+    float32) and its matmuls run in torch, both mostly without the GIL; cutting the next step's batches while
+    this one trains keeps a second core busy, as a lone run's `StoreDataset` prefetch thread does. A consumer
+    that stops early (an error, a diverged loss) stops the thread before it returns.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as exc:  # re-raised in the consumer
+            put(_Raised(exc))
+
+    thread = threading.Thread(target=work, name="stacked-batches", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Raised:
+    """An exception of `_in_background`'s thread, passed to its consumer."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 def _linear_params(head: nn.Module) -> list[str]:

@@ -58,7 +58,7 @@ def test_stacked_mlp_trials_equal_lone_runs(tiny_store_path, tmp_path, head, hea
 ])
 def test_every_stacked_forward_is_its_heads_own_forward(name, config):
     """Each entry of `heads._stacked.FORWARDS` mirrors its head's ``forward`` (a change to one without the other
-    fails here): K=3 heads, training (dropout masks from generators seeded as the trainer seeds torch, batch
+    fails here; the stacked logits are class-major, ``[K, C, B]``): K=3 heads, training (dropout masks from generators seeded as the trainer seeds torch, batch
     statistics, running buffers updated) and eval (running statistics), on per-reader and shared inputs."""
     from heads._registry import create_head
     from heads._stacked import FORWARDS, _Pass
@@ -74,13 +74,34 @@ def test_every_stacked_forward_is_its_heads_own_forward(name, config):
                              inputs)
     for k, (model, seed) in enumerate(zip(models, (7, 8, 9))):
         torch.manual_seed(seed)
-        assert torch.allclose(stacked[k], model.train()([x[k] for x in inputs]), atol=1e-5), (name, k)
+        assert torch.allclose(stacked[k].T, model.train()([x[k] for x in inputs]), atol=1e-5), (name, k)
         for key, value in model.named_buffers():
             assert torch.allclose(buffers[key][k].double(), value.double(), atol=1e-6), (name, key)
     shared = [torch.randn(10, d) for d in dims]  # validation: one batch for all trials
     evaluated = FORWARDS[name](models[0], _Pass(params, buffers, None), shared)
     for k, model in enumerate(models):
-        assert torch.allclose(evaluated[k], model.eval()(shared), atol=1e-5), (name, k)
+        assert torch.allclose(evaluated[k].T, model.eval()(shared), atol=1e-5), (name, k)
+
+
+@pytest.mark.parametrize("loss, gamma", [("focal", 2.0), ("focal", 0.5), ("focal", 0.0), ("cross_entropy", 2.0)])
+def test_the_stacked_loss_and_its_gradient_are_the_lone_losses_through_autograd(loss, gamma):
+    """`heads._stacked.stacked_loss` writes the loss's gradient out instead of autograd: each trial's loss and
+    gradient by its logits equal `heads.losses.make_loss` of that trial alone, differentiated by autograd
+    (confident samples included: p_t near 1 is where the focal weight's derivative matters)."""
+    from heads._stacked import stacked_loss
+    from heads.losses import make_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 5, 8) * 4, torch.randint(0, 5, (3, 8))  # [K, C, B], [K, B]
+    logits[0, labels[0, 0], 0] = 30.0  # p_t rounds to 1
+    cfg = TrainConfig(head="linear", features=TWO_SETS, store="s.zarr", loss=loss, focal_gamma=gamma)
+    losses, grad = stacked_loss(cfg, logits, labels)
+    for k in range(3):
+        z = logits[k].T.clone().requires_grad_(True)  # [B, C], as a lone run's head returns them
+        lone = make_loss(loss, gamma)(z, labels[k])
+        lone.backward()
+        assert losses[k].item() == pytest.approx(lone.item(), rel=1e-6, abs=1e-7), (loss, gamma, k)
+        assert torch.allclose(grad[k].T, z.grad, rtol=1e-5, atol=1e-7), (loss, gamma, k)
 
 
 def test_bf16_trials_are_never_stacked_the_stacked_step_has_no_autocast(tmp_path):
