@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import mmap
 import os
 import threading
@@ -262,18 +263,20 @@ class ShardReader:
             return mapped
         path = state.file(shard)
         try:
-            stat = os.stat(path)
+            if mapped is not None and mapped.grid is not None:  # mapped before: is it still that file?
+                stat = os.stat(path)
+                if mapped.identity == (stat.st_ino, stat.st_size, stat.st_mtime_ns):
+                    mapped.epoch = epoch
+                    return mapped
+            mapped = _Mapped.open(path, state.layout)
         except FileNotFoundError:
             mapped = _Mapped.absent()
         else:
-            if mapped is not None and mapped.identity == (stat.st_ino, stat.st_size, stat.st_mtime_ns):
-                mapped.epoch = epoch
-                return mapped
-            mapped = _Mapped.open(path, state.layout)
             if mapped is None:
                 return None
             self.bytes_read += state.layout.index_bytes
             self._maps[(name, shard)] = mapped
+            self._maps.move_to_end((name, shard))
             while len(self._maps) > MAX_MAPPED_SHARDS:  # its map (and descriptor) goes with its last reference
                 (old_name, old_shard), _ = self._maps.popitem(last=False)
                 old = self._arrays.get(old_name)
@@ -461,20 +464,17 @@ class _Mapped:
                 return None
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         raw = np.frombuffer(mm, dtype=np.uint8)
-        tail = raw[-layout.index_bytes:]
-        if google_crc32c.value(tail[:-_CRC]) != int.from_bytes(tail[-_CRC:].tobytes(), "little"):
-            return None
-        index = tail[:-_CRC].view("<u8").reshape(layout.per_shard, 2)
         length = layout.inner_bytes + _CRC
-        n_inner = int((index[:, 0] != _ABSENT).sum())
-        uniform = (index[:n_inner, 0] == np.arange(n_inner, dtype=np.uint64) * np.uint64(length)).all() \
-            and (index[:n_inner, 1] == length).all() and n_inner * length + layout.index_bytes <= stat.st_size
-        if not uniform:
+        n_inner, extra = divmod(stat.st_size - layout.index_bytes, length)
+        view = memoryview(mm)
+        # the uniform layout's index is known from the file's size: one compare, then its crc32c
+        if extra or n_inner > layout.per_shard or view[-layout.index_bytes:-_CRC] != _uniform_index(
+                layout.per_shard, length, n_inner) or google_crc32c.value(raw[-layout.index_bytes:]) != _RESIDUE:
             return None
         body = raw[:n_inner * length].reshape(n_inner, length)[:, :layout.inner_bytes]
         grid = body.view(layout.dtype).reshape(n_inner, layout.inner_rows, *layout.row_shape)
         rows = body.reshape(n_inner, layout.inner_rows, -1)
-        return cls((stat.st_ino, stat.st_size, stat.st_mtime_ns), grid, n_inner, raw, memoryview(mm), length, rows)
+        return cls((stat.st_ino, stat.st_size, stat.st_mtime_ns), grid, n_inner, raw, view, length, rows)
 
 
 def encode_shard(layout: ShardLayout, block: np.ndarray) -> tuple[memoryview, np.ndarray]:
@@ -534,6 +534,17 @@ def _decode(layout: ShardLayout, body: np.ndarray, chunk: int, n_rows: int) -> n
             f"inner chunk holds {len(raw)} bytes, expected {layout.inner_bytes}"))
     shape = _inner_shape(layout, chunk, n_rows)
     return raw.view(layout.dtype).reshape((layout.inner_rows, *layout.row_shape))[:shape[0]]
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_index(per_shard: int, length: int, n_inner: int) -> bytes:
+    """The index (without its crc32c) of a shard whose first ``n_inner`` inner chunks of ``length``
+    bytes lie one after another from its start and the rest are absent: what ``encode_shard`` writes
+    for uncompressed data."""
+    index = np.full((per_shard, 2), _ABSENT, dtype="<u8")
+    index[:n_inner, 0] = np.arange(n_inner, dtype=np.uint64) * np.uint64(length)
+    index[:n_inner, 1] = length
+    return index.tobytes()
 
 
 def _groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -196,7 +196,9 @@ class ClipIndex:
                 self._row_dict()
         if self._row_of is None and self._lookup() is not None:
             try:
-                found = self._find_in_lookup(id_keys(clip_ids, self._lookup()["key"]))
+                one = self._find_one(clip_ids[0]) if len(clip_ids) == 1 else None
+                found = self._find_in_lookup(id_keys(clip_ids, self._lookup()["key"])) if one is None \
+                    else np.array([one], dtype=np.int64)
             except FeatureStoreError:
                 if self._lookup_exists():
                     raise  # damage: reported as it is, never served around
@@ -260,6 +262,29 @@ class ClipIndex:
             found[i] = search_table(table[table[:, 2] != np.uint64(2**64 - 1)], keys[i:i + 1])[0]
         found[found >= self.n_clips] = -1  # a reader trusts only committed rows
         return found
+
+    def _find_one(self, clip_id: str) -> int | None:
+        """Row of one id (-1: absent) with integer steps: its key, the fence, its table block as a view
+        of the mapped table (a cold single ``get``); None where that does not answer (a table that
+        cannot be mapped, or equal high halves of keys: practically never; ``_find_in_lookup`` then does)."""
+        meta = self._lookup()
+        digest = _KEYS[meta["key"]](clip_id.encode("utf-8"))
+        hi, lo = np.uint64(int.from_bytes(digest[:8], "big")), int.from_bytes(digest[8:], "big")
+        fence, path = self._fence_keys(), join(meta["path"], "table")
+        block = max(int(fence.searchsorted(hi, "right")) - 1, 0)
+        view = self._arrays.chunk(path, block, True)
+        if view is None:
+            return None
+        per = self._arrays.inner_rows(path)
+        table = view[:self.n_clips - block * per]
+        at = int(table[:, 0].searchsorted(hi))
+        if at + 1 < len(table) and table[at + 1, 0] == hi:
+            return None
+        if at < len(table) and table[at, 0] == hi and int(table[at, 1]) == lo:
+            row = int(table[at, 2])
+            return row if row < self.n_clips else -1
+        # not in its block: absent, unless equal high halves may run on from the block before
+        return None if fence[block] == hi else -1
 
     def _fence_keys(self) -> np.ndarray:
         if self._fence is None:

@@ -152,6 +152,18 @@ def test_every_id_resolves_to_the_row_the_id_dict_gives(big):
     assert store.index.find(["nope", clip_id(N), clip_id(7) + "x"]).tolist() == [-1, -1, -1]
 
 
+def test_a_single_id_is_found_by_integer_steps_at_either_end_of_its_block(big):
+    """A cold single ``get`` resolves its id through one mapped table block (``_find_one``), whether
+    the id starts or ends its block or lies in the last, part-filled one; an absent id is -1."""
+    with open_store(big) as store:
+        meta = store.arrays.attrs("")[LOOKUP_ATTR]
+        table = store.arrays.read(f"{meta['path']}/table", 0, N)
+        ends = np.r_[0:N:LOOKUP_INNER_ROWS, LOOKUP_INNER_ROWS - 1:N:LOOKUP_INNER_ROWS, N - 1]
+        rows = table[ends, 2].astype(int)[::97].tolist()
+        assert [store.index._find_one(clip_id(r)) for r in rows] == rows
+        assert [store.index._find_one(c) for c in ("nope", clip_id(7) + "x", clip_id(N))] == [-1, -1, -1]
+
+
 def test_a_loop_of_single_lookups_turns_into_one_dict(big):
     """Warm gets stay a dict lookup: once single lookups add up to a sixteenth of the index, the id
     column is decoded once and later lookups read nothing (bench_store's warm get floor)."""
