@@ -18,9 +18,7 @@ Entry = Union[np.ndarray, tuple[np.ndarray, ...]]
 
 
 def _nbytes(value: Entry) -> int:
-    if isinstance(value, tuple):
-        return value[0].nbytes + _nbytes(value[1:]) if value else 0
-    return value.nbytes
+    return sum(array.nbytes for array in value) if isinstance(value, tuple) else value.nbytes
 
 
 class ChunkCache:
@@ -49,7 +47,14 @@ class ChunkCache:
             return out
 
     def put(self, key: Hashable, value: Entry) -> None:
-        self.put_many([(key, value)])
+        """``put_many`` of one entry (a cold single ``get``), without its lists."""
+        size = _nbytes(value)
+        if size > self.max_bytes:
+            return
+        for array in value if isinstance(value, tuple) else (value,):
+            array.setflags(write=False)
+        with self._lock:
+            self._store(key, value, size)
 
     def put_many(self, items: list[tuple[Hashable, Entry]]) -> None:
         """``put`` of each ``(key, value)``, under one hold of the lock."""
@@ -60,14 +65,19 @@ class ChunkCache:
                 array.setflags(write=False)
         with self._lock:
             for key, value, size in sized:
-                old = self._items.pop(key, None)
-                if old is not None:
-                    self._bytes -= _nbytes(old)
-                self._items[key] = value
-                self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self._bytes -= _nbytes(dropped)
+                self._store(key, value, size)
+
+    def _store(self, key: Hashable, value: Entry, size: int) -> None:
+        """Keep ``value`` (``size`` bytes) under ``key``, dropping the least recently used beyond
+        ``max_bytes``; the caller holds the lock."""
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= _nbytes(old)
+        self._items[key] = value
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self._bytes -= _nbytes(dropped)
 
     def drop(self, prefix: str) -> None:
         """Forget every chunk of the array at ``prefix`` (keys are ``(path, ...)`` tuples)."""

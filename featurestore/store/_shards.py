@@ -458,19 +458,23 @@ class _Mapped:
     def open(cls, path: str, layout: ShardLayout) -> _Mapped | None:
         """Map ``path``; None when its index fails its check or is not the uniform layout (the
         inner-chunk reader then reads it, and words any damage)."""
-        with open(path, "rb") as f:
-            stat = os.fstat(f.fileno())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            stat = os.fstat(fd)
             if stat.st_size < layout.index_bytes:
                 return None
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
         raw = np.frombuffer(mm, dtype=np.uint8)
         length = layout.inner_bytes + _CRC
         n_inner, extra = divmod(stat.st_size - layout.index_bytes, length)
-        view = memoryview(mm)
-        # the uniform layout's index is known from the file's size: one compare, then its crc32c
-        if extra or n_inner > layout.per_shard or view[-layout.index_bytes:-_CRC] != _uniform_index(
+        # the uniform layout's index is known from the file's size: one compare (of bytes: a memoryview
+        # compares item by item, ~30 us for 8 KiB), then its crc32c
+        if extra or n_inner > layout.per_shard or mm[-layout.index_bytes:-_CRC] != _uniform_index(
                 layout.per_shard, length, n_inner) or google_crc32c.value(raw[-layout.index_bytes:]) != _RESIDUE:
             return None
+        view = memoryview(mm)
         body = raw[:n_inner * length].reshape(n_inner, length)[:, :layout.inner_bytes]
         grid = body.view(layout.dtype).reshape(n_inner, layout.inner_rows, *layout.row_shape)
         rows = body.reshape(n_inner, layout.inner_rows, -1)
