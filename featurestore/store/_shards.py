@@ -193,7 +193,10 @@ class ShardReader:
         checked the first time; False where a shard cannot be mapped."""
         layout = state.layout
         shard_of = inner // layout.per_shard
-        shards, where, _ = _groups(shard_of)
+        if (shard_of == shard_of[0]).all():  # one shard (an id lookup's table at up to 2**20 clips)
+            shards, where = shard_of[:1], np.zeros(len(inner), dtype=np.int64)
+        else:
+            shards, where, _ = _groups(shard_of)
         if len(shards) > MAX_MAPPED_SHARDS:  # the maps one call holds stay within the descriptor bound
             for low in range(0, len(shards), MAX_MAPPED_SHARDS):
                 part = np.flatnonzero((where >= low) & (where < low + MAX_MAPPED_SHARDS))
@@ -217,9 +220,13 @@ class ShardReader:
         if some_absent:
             out[absent] = layout.fill
         if some_absent or len(shards) * 8 <= len(inner):  # many items per shard: a numpy copy per shard
-            order = np.argsort(where, kind="stable")
             items = out.reshape(len(out), -1).view(np.uint8)  # copied as bytes: a map's rows may be unaligned
-            for at, mapped in zip(np.split(order, np.flatnonzero(np.diff(where[order])) + 1), maps):
+            if len(maps) == 1:
+                parts = [np.arange(len(inner))]
+            else:
+                order = np.argsort(where, kind="stable")
+                parts = np.split(order, np.flatnonzero(np.diff(where[order])) + 1)
+            for at, mapped in zip(parts, maps):
                 at = at[~absent[at]]
                 if len(at):
                     items[at] = mapped.rows[local[at], within[at]]
