@@ -285,6 +285,8 @@ class _Writer(threading.Thread):
         self.queue: queue.Queue[_Chunk | None] = queue.Queue(maxsize=WRITE_QUEUE_CHUNKS)
         self.error: BaseException | None = None
         self.test_signal = _test_signal()
+        # (feature set, chunk start) -> (rows kept, values): rows finished before this run, see _rows_before
+        self._before: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def run(self) -> None:
         while True:
@@ -317,17 +319,37 @@ class _Writer(threading.Thread):
     def _write(self, chunk: _Chunk) -> None:
         target = self.targets[chunk.target]
         old_done = self.store.done_mask(target.name)[chunk.start:chunk.stop]
-        if old_done.any():  # rows finished earlier (limit, retried failures) share this chunk: keep them
-            old = self.store.read_rows(target.name, chunk.start, chunk.stop, check_done=False)
-            chunk.data[old_done] = old[old_done]
-        # never clears a done flag; done rows are written again with the stored bits just read, which the
-        # store is told (``unchanged``) so that it does not read them again to keep the data version
+        before = old_done & ~chunk.ok  # rows finished before this run (limit, retried failures): keep them
+        if before.any():
+            chunk.data[before] = self._rows_before(target.name, chunk, before)
+        if chunk.remaining == 0:
+            self._before.pop((target.name, chunk.start), None)
+        # never clears a done flag. Done rows are written again with the bits stored: rows this run
+        # encoded are in the chunk's data (those an earlier partial commit wrote included, so a partial
+        # commit rereads nothing of its own), the others were just read; the store is told
+        # (``unchanged``) so that it does not read them again to keep the data version
         self.store.write_rows(target.name, chunk.start, chunk.data, done=old_done | chunk.ok, errors=chunk.errors,
                               unchanged=old_done)
         newly = int((chunk.ok & ~old_done).sum())  # a partly committed chunk's earlier rows count once
         self.stats.written[target.name] = self.stats.written.get(target.name, 0) + newly
         if chunk.errors:
             self.stats.failed.setdefault(target.name, {}).update(chunk.errors)
+
+    def _rows_before(self, name: str, chunk: _Chunk, before: np.ndarray) -> np.ndarray:
+        """The stored values of a chunk's rows finished before this run (``before``), read once per
+        chunk (the span that holds them) and kept until the chunk's last write: each later partial
+        commit of the chunk would otherwise read them again."""
+        key = (name, chunk.start)
+        kept = self._before.get(key)
+        if kept is None or (before & ~kept[0]).any():
+            rows = np.flatnonzero(before)
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            values = np.empty_like(chunk.data)
+            values[lo:hi] = self.store.read_rows(name, chunk.start + lo, chunk.start + hi, check_done=False)
+            mask = np.zeros(len(before), dtype=bool)
+            mask[lo:hi] = True
+            kept = self._before[key] = (mask, values)
+        return kept[1][before]
 
     def put(self, chunk: _Chunk) -> None:
         while True:  # wait for room, but notice a writer that died meanwhile

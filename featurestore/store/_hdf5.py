@@ -264,7 +264,8 @@ class HDF5Backend:
         data = self._ds(path)[start:stop]
         return as_str_array(data) if self._is_str(path) else data
 
-    def write(self, path: str, start: int, data: np.ndarray) -> None:
+    def write(self, path: str, start: int, data: np.ndarray, changed: np.ndarray | None = None) -> None:
+        # ``changed`` is not needed: HDF5 writes each chunk in place (rows of whole blocks)
         with self._writing():
             # Each write starts from a flushed file. HDF5 frees a chunk's old place when a rewrite
             # changes its size (compressed chunks) and, in files made by other tools (default

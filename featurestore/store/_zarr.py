@@ -30,6 +30,7 @@ from zarr.errors import ZarrUserWarning
 from featurestore.errors import StoreFormatError
 from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array
 from featurestore.store._chunk_files import ChunkWriter, PlainLayout
+from featurestore.store._shard_patch import patch_shard
 from featurestore.store._shards import ShardLayout, ShardReader, local_file
 from featurestore.store.verify_metadata import scan_metadata
 
@@ -279,13 +280,16 @@ class ZarrBackend:
         data = arr[start:stop]
         return as_str_array(data) if arr.dtype.kind in "OTU" else np.asarray(data)
 
-    def write(self, path: str, start: int, data: np.ndarray) -> None:
+    def write(self, path: str, start: int, data: np.ndarray, changed: np.ndarray | None = None) -> None:
         arr = self._array(path)
         if arr.dtype.kind in "OTU":
             data = np.asarray(data, dtype=object)
         layout = self._layout(path) if arr.shards is not None else None
         if layout is not None and layout.whole_shards(start, len(data), arr.shape[0]):
-            self._shards.write(path, arr, layout, start, np.asarray(data))
+            if changed is None:
+                self._shards.write(path, arr, layout, start, np.asarray(data))
+            else:
+                self._write_changed(path, arr, layout, start, np.asarray(data), np.asarray(changed, dtype=bool))
             return
         if path not in self._writers:
             self._writers[path] = ChunkWriter.of(arr)
@@ -293,6 +297,16 @@ class ZarrBackend:
             return  # whole plain chunks, written as files
         self._shards.forget(path)  # zarr rewrites the shards it touches: their indexes change
         arr[start:start + len(data)] = data
+
+    def _write_changed(self, path: str, arr: zarr.Array, layout: ShardLayout, start: int, data: np.ndarray,
+                       changed: np.ndarray) -> None:
+        """Whole shards of which only the ``changed`` rows differ from what is stored: each shard the
+        store laid out is patched (its changed inner chunks, ``_shard_patch``), any other written whole."""
+        for lo in range(0, len(data), layout.shard_rows):
+            shard, block = (start + lo) // layout.shard_rows, data[lo:lo + layout.shard_rows]
+            if not patch_shard(arr, layout, shard, block, changed[lo:lo + layout.shard_rows]):
+                self._shards.write(path, arr, layout, start + lo, block)
+        self._shards.revalidate(path)  # patched files replace what is mapped (their indexes are the same)
 
     def resize(self, path: str, n_rows: int) -> None:
         arr = self._array(path)

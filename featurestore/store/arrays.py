@@ -223,10 +223,13 @@ class StoreArrays:
         self._backend.create_array(path, shape, dtype, chunk_rows, fill_value, compressor=compressor,
                                    inner_rows=inner_rows)
 
-    def write(self, path: str, start: int, data: np.ndarray) -> None:
-        """Write rows ``start:start+len(data)``."""
+    def write(self, path: str, start: int, data: np.ndarray, changed: np.ndarray | None = None) -> None:
+        """Write rows ``start:start+len(data)``; ``changed``: see ``Backend.write``."""
         self.require_writable()
-        self._backend.write(path, start, data)
+        if changed is None:  # the common call keeps the three-argument form (wrappers of write in tests)
+            self._backend.write(path, start, data)
+        else:
+            self._backend.write(path, start, data, changed=changed)
 
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
         """Add or replace these attributes in one update."""

@@ -336,15 +336,17 @@ class RowGroup:
         self._arrays.write(self.errors_path, start, np.asarray(texts, dtype=object))
 
     # ---------------------------------------------------------------------------------- writes
-    def write_block(self, start: int, data: np.ndarray) -> None:
+    def write_block(self, start: int, data: np.ndarray, changed: np.ndarray | None = None) -> None:
         """Write values of rows ``start:start+len(data)``; the block must cover whole chunks.
 
         Its end may be the last row. Parallel writers then never touch the same chunk (Zarr
         loses data when two do). Done flags are not touched: the caller sets them afterwards.
+        ``changed`` (bool per row): the only rows whose stored bits may differ and matter (see
+        ``Backend.write``): a partial commit of a shard then writes its changed inner chunks.
         """
         data = self._check_block(start, np.asarray(data))
         array = self.values_path
-        self._arrays.write(array, start, data.astype(self._arrays.dtype(array), copy=False))
+        self._arrays.write(array, start, data.astype(self._arrays.dtype(array), copy=False), changed=changed)
         self._caches.chunks.drop(array)
 
     def _check_block(self, start: int, data: np.ndarray) -> np.ndarray:
@@ -389,7 +391,9 @@ class RowGroup:
                              f"or also marked done")
         data = self._check_block(start, np.asarray(data))
         rewriting = self._rewriting(np.arange(start, stop), data, unchanged)
-        self.write_block(start, data)
+        # rows taken from the store are stored already, rows not done are never served: only the
+        # others need writing (a partial commit: the rows done since the last one)
+        self.write_block(start, data, changed=None if unchanged is None else done & ~unchanged)
         if self.kind.with_errors:
             if done.all() and not errors:
                 texts = np.full(len(data), "", dtype=object)
