@@ -373,7 +373,8 @@ class RowGroup:
         earlier error is cleared. A writer killed in between never leaves a row marked done whose
         values are not there. ``unchanged`` (bool per row of the block, default none): rows whose
         values the caller read from this group for this write (an extraction keeping the rows it
-        finished earlier); they are not read a second time to tell whether the data version changes.
+        finished earlier); they are not read a second time to tell whether the data version changes,
+        and with ``unchanged`` given only the other done rows are written (``write_block``'s ``changed``).
         """
         stop = start + len(data)
         done = np.ones(len(data), dtype=bool) if done is None else np.asarray(done, dtype=bool)

@@ -271,7 +271,8 @@ class FeatureStore:
         Data, then errors, then done flags are written, so a writer killed in between never leaves
         a row marked done whose data is not there. ``unchanged`` (bool per row) marks done rows the
         caller read from the store and writes back as they were (extraction's resumed chunks), so they
-        are not read again to decide whether the data version changes.
+        are not read again to decide whether the data version changes; with it, only the inner chunks
+        of the other done rows are written (a partial commit; rows not done are not written at all).
         """
         self._arrays.require_writable()
         self.row_group(FEATURE_SETS, name).write_rows(start, data, done, errors, unchanged=unchanged)
