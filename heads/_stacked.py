@@ -410,7 +410,6 @@ class _Group:
         self.momentum = {n: torch.stack([torch.zeros_like(tr.head.get_parameter(n)) if tr.momentum is None
                                          else tr.momentum[n] for tr in trials]) for n in self.params}
         self.grads = {n: torch.empty_like(self.params[n]) for n in _linear_params(self.template) if n in self.params}
-        self.activation_bytes = 4 * len(trials) * sum(self.params[n].shape[1] for n in self.grads if n.endswith(".weight"))
         self.writer = ThreadPoolExecutor(max_workers=COMMIT_THREADS, thread_name_prefix="stacked-commit")
 
     def run(self) -> list[Any]:
@@ -511,8 +510,7 @@ class _Group:
             clip_sums = probs.sum(3).transpose(1, 2).numpy()  # [K, b, C]
             for j in range(k):
                 sums[j].append(clip_sums[j])
-            if self.activation_bytes * b * s >= TRIM_ABOVE:
-                _release_free_heap()
+            _release_free_heap()
         if not rows:
             raise ValueError("the validation loader produced no samples (empty split?)")
         rows, labels, counts = np.concatenate(rows), np.concatenate(labels), np.concatenate(counts)
@@ -550,12 +548,6 @@ def _malloc_trim() -> Callable[[int], int] | None:
     libc = ctypes.util.find_library("c")
     trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
     return trim
-
-
-#: A validation batch whose stacked activations (every Linear layer's output, K trials, float32) reach this many
-#: bytes is followed by `_release_free_heap`; smaller ones (a linear head's 16 x 10 logits a sample: 120 kB a
-#: batch) are not what grew the heap, and there the trim (~1 ms with the sweep's heap) cost more than the batch.
-TRIM_ABOVE = 1 << 20
 
 
 def _release_free_heap() -> None:

@@ -17,6 +17,8 @@ its peak RSS is its own, and times only its training (not the interpreter and to
 Each case first trains one untimed 1-epoch warm-up run (torch's lazy initialisation, the page cache).
 The short cases (one trial, sweep, floor) run ``--repeat`` times, interleaved, and the fastest counts:
 on a shared machine a burst of load otherwise decides a ratio.
+Beside each case's wall seconds the table gives its process CPU seconds (every thread's, of the fastest
+run): under load the wall time stretches by whatever the other processes take, the CPU time much less.
 The MLP heads are compute-bound, so they run on a smaller store (``--mlp-clips``) to keep the benchmark
 minutes long; their floors are ratios to the compute floor, which scales with the store the same way.
 
@@ -211,7 +213,7 @@ def run_case(case: str, head: str, store: Path, work: Path, epochs: int) -> dict
     shutil.rmtree(work, ignore_errors=True)
     heads.train(_config(store, work / "warm-up", 1, head))  # untimed: first-call costs (lazy torch init, page cache)
     floor = compute_floor(store, head, epochs) if case == "floor" else None
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     if case == "one":
         heads.train(_config(store, work / "one", epochs, head))
     elif case == "separate":
@@ -223,8 +225,9 @@ def run_case(case: str, head: str, store: Path, work: Path, epochs: int) -> dict
     else:
         heads.sweep(_config(store, work, epochs, head), {"lr": _lrs(head)}, seeds=SEEDS, out=work / "sweep",
                     share_reads=case == "sweep")
-    seconds = time.perf_counter() - started
-    return {"case": case, "seconds": round(seconds, 3), "peak_rss_mb": round(_peak_rss_kb() / 1024, 1)}
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"case": case, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+            "peak_rss_mb": round(_peak_rss_kb() / 1024, 1)}
 
 
 def _peak_rss_kb() -> int:
@@ -314,14 +317,15 @@ def _print_head(args: argparse.Namespace, head: str, results: dict) -> None:
     one, floor, sweep = results["one"], results["floor"], results["sweep"]
     print(f"\n{head}, {_clips(args, head)} clips x {args.segments} segments x {args.dim}-d float16, {args.epochs} "
           f"epoch(s), 16 trials = lr {_lrs(head)} x seeds {SEEDS}; load average now {os.getloadavg()[0]:.2f}")
-    print("| case | seconds | x one trial | x compute floor | peak RSS MB | x one trial |")
-    print("|---|---|---|---|---|---|")
+    print("| case | seconds | x one trial | x compute floor | CPU seconds | x one trial | peak RSS MB | x one trial |")
+    print("|---|---|---|---|---|---|---|---|")
     labels = {"one": "one trial (heads.train)", "sweep": "16 trials, one sweep (shared read, stacked)",
               "floor": "compute floor: the 16 stacked steps on in-memory tensors",
               "unshared": "16 trials, one sweep (--no-shared-reads)", "separate": "16 trials, 16 separate runs"}
     for case, r in results.items():
         print(f"| {labels[case]} | {r['seconds']:.2f} | {r['seconds'] / one['seconds']:.2f} | "
-              f"{r['seconds'] / floor['seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / one['peak_rss_mb']:.2f} |")
+              f"{r['seconds'] / floor['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['cpu_seconds'] / one['cpu_seconds']:.2f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / one['peak_rss_mb']:.2f} |")
     print(f"sweep / one trial {sweep['seconds'] / one['seconds']:.2f}x; sweep / compute floor "
           f"{sweep['seconds'] / floor['seconds']:.2f}x; separate / sweep {results['separate']['seconds'] / sweep['seconds']:.2f}x; "
           f"sweep peak RSS / one trial {sweep['peak_rss_mb'] / one['peak_rss_mb']:.2f}x")
