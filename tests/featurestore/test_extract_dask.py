@@ -8,11 +8,14 @@ import os
 import shutil
 import signal
 import time
+from contextlib import ExitStack
+from types import SimpleNamespace
 
 import pytest
 from tests.featurestore.test_extract_support import ENCODERS, FAST, assert_same_arrays, clip_id, make_dataset, read_all
 
 from featurestore.extract import extract
+from featurestore.extract.dask import connect
 from featurestore.store import open_store
 
 distributed = pytest.importorskip("distributed")
@@ -21,11 +24,23 @@ OPTIONS = {**FAST, "batch_size": 4, "chunk_clips": {"logmel": 2, "timm/test_vit"
 
 
 @pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    with distributed.Client(cluster) as c:
-        yield c
-    cluster.close()
+def local2():
+    """The module's one cluster, started the way ``scheduler="local:2"`` starts one (``connect``): two
+    single-threaded worker processes. MALLOC_TRIM_THRESHOLD_ is removed from this process first (a
+    default LocalCluster started earlier in this process may have put it into os.environ, so only our
+    cluster decides); what the start left in this process (the SIGINT handler, that variable) is kept
+    for the tests of what local clusters leave alone."""
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.MonkeyPatch.context() as mp, ExitStack() as stack:
+        mp.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+        client = connect("local:2", stack)
+        yield SimpleNamespace(client=client, sigint_before=before, sigint_after=signal.getsignal(signal.SIGINT),
+                              malloc_trim_after=os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+
+
+@pytest.fixture()
+def client(local2):
+    return local2.client
 
 
 @pytest.mark.slow
@@ -157,36 +172,23 @@ def test_local_n_starts_a_cluster_of_n_processes_for_the_run(tmp_path):
     assert_same_arrays(read_all(tmp_path / "dask.zarr"), read_all(local))
 
 
-def test_local_clusters_leave_glibc_malloc_trimming_alone(monkeypatch):
+def test_local_clusters_leave_glibc_malloc_trimming_alone(local2):
     """Dask's nanny would set MALLOC_TRIM_THRESHOLD_ in the workers (and here), which slows torch
-    forwards by about a third; ``local_cluster`` unsets it (a default LocalCluster started earlier in
-    this process may have put it into os.environ: removed first, so only our cluster decides)."""
-    from featurestore.extract.dask import local_cluster
-
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    with local_cluster(1) as cluster, distributed.Client(cluster) as client:
-        seen = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
-    (worker_env,) = seen.values()
-    assert worker_env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
-    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    forwards by about a third; ``local_cluster`` (what ``connect("local:N")`` starts) unsets it."""
+    seen = local2.client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
+    assert list(seen.values()) == [{"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}] * 2
+    assert local2.malloc_trim_after is None and "MALLOC_TRIM_THRESHOLD_" not in os.environ
 
 
-def test_local_cluster_workers_leave_ctrl_c_to_the_command():
+def test_local_cluster_workers_leave_ctrl_c_to_the_command(local2):
     """Ctrl-C reaches the whole process group: a ``local:N`` worker that took it printed its own
     KeyboardInterrupt traceback and died mid-task, before the command's one line. Its workers start
     with SIGINT ignored; the command (this process) keeps its own handler and closes the cluster."""
-    from contextlib import ExitStack
-
-    from featurestore.extract.dask import connect
-
-    before = signal.getsignal(signal.SIGINT)
-    with ExitStack() as stack:
-        client = connect("local:1", stack)
-        assert signal.getsignal(signal.SIGINT) is before
-        (address, pid), = client.run(os.getpid).items()
-        os.kill(pid, signal.SIGINT)
-        time.sleep(0.5)
-        assert client.run(os.getpid) == {address: pid}  # the same worker process, still serving
+    assert local2.sigint_after is local2.sigint_before
+    workers = local2.client.run(os.getpid)
+    os.kill(next(iter(workers.values())), signal.SIGINT)
+    time.sleep(0.5)
+    assert local2.client.run(os.getpid) == workers  # the same worker processes, still serving
 
 
 @pytest.mark.parametrize("spelling", ["local:0", "local:", "local:two"])
@@ -242,11 +244,19 @@ def killing(tmp_path, client):
 N_KILL = 12  # blocks 0-4, 4-8, 8-12; the kill lands after the block's two log-mel chunks are written
 
 
+@pytest.fixture(scope="module")
+def kill_set(tmp_path_factory):
+    """The kill tests' dataset of N_KILL clips (read-only) and the arrays of its uninterrupted local
+    extraction, made once for both tests."""
+    tmp = tmp_path_factory.mktemp("dask_kill")
+    manifest = make_dataset(tmp / "data", N_KILL)
+    extract(manifest, tmp / "clean.zarr", ENCODERS, **OPTIONS)
+    return manifest, read_all(tmp / "clean.zarr")
+
+
 @pytest.mark.slow
-def test_a_killed_worker_is_retried_and_the_retry_skips_what_was_written(tmp_path, client, killing):
-    manifest = make_dataset(tmp_path / "data", N_KILL)
-    clean = tmp_path / "clean.zarr"
-    extract(manifest, clean, ENCODERS, **OPTIONS)
+def test_a_killed_worker_is_retried_and_the_retry_skips_what_was_written(tmp_path, client, kill_set, killing):
+    manifest, clean_arrays = kill_set
     summary = extract(manifest, tmp_path / "dask.zarr", ENCODERS, scheduler=client, **OPTIONS)
     assert killing.exists(), "the worker was not killed"
     assert summary.exit_code == 0 and summary.clips_done == N_KILL
@@ -255,14 +265,12 @@ def test_a_killed_worker_is_retried_and_the_retry_skips_what_was_written(tmp_pat
     assert summary.features["timm/test_vit"].written == N_KILL
     with open_store(tmp_path / "dask.zarr") as store:
         assert store.verify().ok
-    assert_same_arrays(read_all(tmp_path / "dask.zarr"), read_all(clean))
+    assert_same_arrays(read_all(tmp_path / "dask.zarr"), clean_arrays)
 
 
 @pytest.mark.slow
-def test_a_task_lost_for_good_fails_only_its_rows_and_a_rerun_completes_them(tmp_path, client, killing):
-    manifest = make_dataset(tmp_path / "data", N_KILL)
-    clean = tmp_path / "clean.zarr"
-    extract(manifest, clean, ENCODERS, **OPTIONS)
+def test_a_task_lost_for_good_fails_only_its_rows_and_a_rerun_completes_them(tmp_path, client, kill_set, killing):
+    manifest, clean_arrays = kill_set
     store = tmp_path / "dask.zarr"
     old = client.run_on_scheduler(_set_allowed_failures, 0)  # no retry: the first death loses the task
     try:
@@ -285,7 +293,6 @@ def test_a_task_lost_for_good_fails_only_its_rows_and_a_rerun_completes_them(tmp
     assert after["logmel"][1][4:8].all()
     not_done = {ids[r] for name, (_, mask) in after.items() for r in range(N_KILL) if not mask[r]}
     assert not_done == set(failed.failures)
-    clean_arrays = read_all(clean)
     for name, (data, mask) in after.items():
         assert_same_arrays({name: (data, mask)}, {name: (clean_arrays[name][0], mask)})
     missing = {name: int((~mask).sum()) for name, (_, mask) in after.items()}
