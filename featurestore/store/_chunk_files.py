@@ -99,6 +99,15 @@ class PlainLayout:
 _VLEN_UTF8 = numcodecs.VLenUTF8()
 
 
+def vlen_utf8(texts: np.ndarray) -> bytes:
+    """``texts`` (object array of str) encoded as zarr's ``vlen-utf8`` codec encodes them: the count,
+    then each text's length and bytes. A chunk of empty texts (the error texts of finished rows, a
+    store's media paths without media) is the count and zeros, without encoding each text."""
+    if not any(texts):
+        return len(texts).to_bytes(4, "little") + bytes(4 * len(texts))
+    return bytes(_VLEN_UTF8.encode(texts))
+
+
 @dataclass(frozen=True)
 class ChunkWriter:
     """Whole chunks of one local, unsharded, uncompressed array (numbers or vlen-utf8 strings)
@@ -139,7 +148,7 @@ class ChunkWriter:
                 padded = np.full((per, *block.shape[1:]), self.fill, dtype=object if self.dtype is None else self.dtype)
                 padded[:len(block)] = block
                 block = padded
-            body = bytes(_VLEN_UTF8.encode(np.asarray(block, dtype=object))) if self.dtype is None \
+            body = vlen_utf8(np.asarray(block, dtype=object)) if self.dtype is None \
                 else np.ascontiguousarray(block, dtype=self.dtype).tobytes()
             key = self.arr.metadata.encode_chunk_key(((start + lo) // per,) + (0,) * (self.arr.ndim - 1))
             replace_file(os.path.join(self.folder, key), body + google_crc32c.value(body).to_bytes(_CRC, "little"))

@@ -403,7 +403,7 @@ class ClipIndex:
 
     def _values_after(self, new_cities: Sequence[str], start: int, end: int) -> dict[str, Any]:
         old = set(self.distinct("city")) if start else set()
-        cities = sorted((old | {str(c) for c in new_cities}) - {""})
+        cities = sorted((old | set(map(str, new_cities))) - {""})
         return {"n_clips": end, "city": cities if len(cities) <= _MAX_DISTINCT else None}
 
     def _write_lookup(self, table: np.ndarray, end: int, key: str) -> dict[str, Any]:

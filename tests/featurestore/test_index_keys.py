@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 from featurestore import ClipRecord, Manifest, create_store, open_store
@@ -66,3 +68,13 @@ def test_an_unknown_label_is_refused_before_anything_is_written(tmp_path):
             store.append_clips(Manifest("keys", ["a"], [ClipRecord("y1", label="zz")]))
         assert store.n_clips == 1 and store.arrays.shape("index/clip_id") == (1,)
         assert store.column("label").tolist() == [0]
+
+
+def test_empty_texts_are_encoded_as_zarr_encodes_them():
+    import numcodecs
+
+    from featurestore.store._chunk_files import vlen_utf8
+
+    for texts in ([""] * 7, ["", "é", ""], []):
+        block = np.array(texts, dtype=object)
+        assert vlen_utf8(block) == bytes(numcodecs.VLenUTF8().encode(block))
