@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn import metrics as skm
 
 from fusion.metrics import (
     accuracy, classwise_accuracy, classwise_log_loss, confusion_matrix, log_loss, per_clip_log_loss,
@@ -21,6 +20,16 @@ PROBS = np.array([[0.7, 0.2, 0.1],
 LABELS = np.array([0, 0, 1, 2])
 
 
+@pytest.fixture(scope="module")
+def skm():
+    """scikit-learn's metrics, the reference, imported by the tests that compare with it: every
+    pytest-xdist process collects this file, and the one that runs none of it need not spend the
+    ~1 s of CPU that importing sklearn takes."""
+    from sklearn import metrics
+
+    return metrics
+
+
 def test_log_losses_by_hand():
     per_clip = [-math.log(0.7), -math.log(0.4), -math.log(0.8), -math.log(0.4)]
     np.testing.assert_allclose(per_clip_log_loss(PROBS, LABELS), per_clip)
@@ -33,7 +42,7 @@ def test_log_losses_by_hand():
     assert mean != pytest.approx(log_loss(PROBS, LABELS))  # the two averages really differ here
 
 
-def test_log_losses_match_sklearn():
+def test_log_losses_match_sklearn(skm):
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(200, 10))
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
@@ -46,7 +55,7 @@ def test_log_losses_match_sklearn():
     assert mean == pytest.approx(np.mean(per_class), rel=1e-10)
 
 
-def test_unnormalised_rows_renormalize_flag():
+def test_unnormalised_rows_renormalize_flag(skm):
     # equation (1) output: rows do not sum to one
     rows = np.array([[0.99, 0.001, 0.001], [0.06, 0.5, 0.99]])
     labels = np.array([0, 1])
@@ -69,7 +78,7 @@ def test_zero_probability_is_clipped_not_infinite():
     assert np.isfinite(loss) and loss == pytest.approx(-math.log(1e-15) / 2, rel=1e-6)
 
 
-def test_accuracy_and_confusion_match_sklearn():
+def test_accuracy_and_confusion_match_sklearn(skm):
     rng = np.random.default_rng(2)
     probs = rng.dirichlet(np.ones(10), size=150)
     labels = rng.integers(0, 10, size=150)
