@@ -256,6 +256,8 @@ def test_a_shard_rewritten_by_another_writer_is_read_anew_never_stale(small):
         with open_store(small, "a") as writer:
             writer.write_rows(FEAT, SHARD, values(later))
         # rows finished since: the done flags are read anew, and with them the mapped shard's file checked
+        # a single get (one inner chunk as a view of the map) maps the new file, as a batch does
+        np.testing.assert_array_equal(reader.get(FEAT, clip_id(SHARD + 700)), values(np.array([SHARD + 700]))[0])
         np.testing.assert_array_equal(reader.get_many(FEAT, [clip_id(SHARD + 500), clip_id(SHARD + 501)]),
                                       values(np.array([SHARD + 500, SHARD + 501])))
         reader.refresh()
