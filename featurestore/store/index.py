@@ -167,7 +167,11 @@ class ClipIndex:
 
     # ---------------------------------------------------------------------------------- lookups
     def row(self, clip_id: str) -> int:
-        return int(self.rows([clip_id])[0])
+        """Row of one id; an unknown id raises ``UnknownClipError`` with the nearest ids."""
+        found = int(self.find([clip_id])[0])
+        if found < 0:
+            raise UnknownClipError(clip_id, self.clip_ids)
+        return found
 
     def rows(self, clip_ids: Sequence[str]) -> np.ndarray:
         """Rows of ids; an unknown id raises ``UnknownClipError`` with the nearest ids."""
