@@ -44,14 +44,15 @@ def append_clips(store: FeatureStore, manifest: Manifest) -> None:
     first = described if start == 0 else {}
     added = {**described, "rows": [start, end]}
     columns = _manifest_columns(manifest, new_ids)  # before any write: an unknown label is refused first
-    new_splits = [s for s in manifest.split_names if not arrays.exists(f"index/split/{s}")]
+    split_sets = list(map(attrgetter("splits"), manifest.clips))
+    new_splits = [s for s in sorted(set().union(*split_sets)) if not arrays.exists(f"index/split/{s}")]
     for split in new_splits:
         arrays.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
     for path in row_arrays(store):
         arrays.resize(path, end)
     for name, values in columns.items():
         arrays.write(f"index/{name}", start, values)
-    for split, member in _split_members(manifest, store.splits()).items():
+    for split, member in _split_members(split_sets, store.splits()).items():
         if split in new_splits and start:
             member = np.concatenate([np.zeros(start, dtype=bool), member])  # earlier rows: written too
         arrays.write(f"index/split/{split}", end - len(member), member)
@@ -199,7 +200,7 @@ def _paths(manifest: Manifest, paths: list[Path | None]) -> np.ndarray:
     return out
 
 
-def _split_members(manifest: Manifest, splits: Sequence[str]) -> dict[str, np.ndarray]:
-    """Each split's membership of the manifest's clips (bool per clip), without a Python call per clip."""
-    sets = list(map(attrgetter("splits"), manifest.clips))
+def _split_members(sets: list[frozenset[str]], splits: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each split's membership of the clips whose split sets are ``sets`` (bool per clip), without a
+    Python call per clip."""
     return {split: np.fromiter(map(contains, sets, repeat(split)), dtype=bool, count=len(sets)) for split in splits}

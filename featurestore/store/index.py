@@ -407,7 +407,7 @@ class ClipIndex:
 
     def _values_after(self, new_cities: Sequence[str], start: int, end: int) -> dict[str, Any]:
         old = set(self.distinct("city")) if start else set()
-        cities = sorted((old | set(map(str, new_cities))) - {""})
+        cities = sorted((old | {str(c) for c in set(new_cities)}) - {""})  # str() per distinct value
         return {"n_clips": end, "city": cities if len(cities) <= _MAX_DISTINCT else None}
 
     def _write_lookup(self, table: np.ndarray, end: int, key: str) -> dict[str, Any]:
