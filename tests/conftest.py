@@ -1,6 +1,7 @@
 """Fixtures shared by every test package: tiny real demo datasets made by the synthetic generator."""
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import sys
@@ -49,6 +50,31 @@ def tiny_eval_dataset(tmp_path_factory) -> Path:
 def tiny_eval_manifest(tiny_eval_dataset) -> Manifest:
     """A fresh Manifest of ``tiny_eval_dataset`` (1 audio segment, 5 frames per clip)."""
     return read_tau_eval(tiny_eval_dataset)
+
+
+@pytest.fixture(scope="session")
+def librosa_compiled(tmp_path_factory):
+    """librosa (the log-mel and delta tests' reference), its numba functions compiled by one test
+    process at a time.
+
+    librosa compiles its numba ufuncs when ``librosa.util`` is first imported (and some functions
+    on their first call) and caches them beside its own sources: ~16 s of CPU in a fresh venv, and
+    every pytest-xdist process that got there before the cache was written paid it again (the whole
+    first run of the suite in a new venv was slower than the next). Under a lock that the session's
+    processes share, the first compiles and the others load its cache (~1 s).
+    """
+    import numpy as np
+
+    librosa = pytest.importorskip("librosa")
+    lock = tmp_path_factory.getbasetemp().parent / "librosa-numba.lock"
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:  # what the tests call: the import's ufuncs, then the functions compiled on first use
+            librosa.power_to_db(librosa.feature.melspectrogram(y=np.zeros(4096, np.float32), sr=16000, n_fft=512))
+            librosa.feature.delta(np.zeros((2, 16)))
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+    return librosa
 
 
 @pytest.fixture()

@@ -9,6 +9,11 @@ import torch
 from heads.deltas import delta, delta_kernels, with_deltas
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _librosa_compiled_once(librosa_compiled):
+    """librosa's numba compilation, one test process at a time (tests/conftest.py)."""
+
+
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("width", [9, 5])
 def test_delta_matches_librosa(order, width):

@@ -16,6 +16,11 @@ librosa = pytest.importorskip("librosa")
 TOLERANCE_DB = 0.05
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _librosa_compiled_once(librosa_compiled):
+    """librosa's numba compilation, one test process at a time (tests/conftest.py)."""
+
+
 def librosa_logmel(segment: np.ndarray, **overrides) -> np.ndarray:
     """The paper's transform, exactly as the paper's code would call librosa."""
     params = dict(sr=48000, n_fft=4096, hop_length=512, n_mels=256) | overrides
