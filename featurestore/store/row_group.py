@@ -288,7 +288,12 @@ class RowGroup:
 
     def require_done(self, rows: np.ndarray) -> None:
         """Raise ``MissingFeatureError`` naming the clips of ``rows`` that are not finished."""
-        if len(rows) == 1 and self.path not in self._caches.done:  # a cold single get: its done chunk only
+        mask = self._caches.done.get(self.path)
+        if len(rows) == 1 and mask is not None:  # a single get, the mask read: one flag, no array
+            if mask[int(rows[0])]:
+                return
+            flags = mask[rows]
+        elif len(rows) == 1:  # a cold single get: its done chunk only
             per, row = self._arrays.chunk_rows(self.done_path), int(rows[0])
             start = row - row % per
             flags = self._done_rows(start, min(self._index.n_clips, start + per))[row - start:row - start + 1]
