@@ -368,8 +368,16 @@ def _train_in_processes(trials: list[Trial], indices: list[int], base: TrainConf
         return {}
     from joblib import Parallel, delayed
 
+    from joblib.externals.loky import get_reusable_executor
+
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    results = Parallel(n_jobs=n_jobs, backend="loky")(delayed(_train_one)(t.cfg, overwrite, threads) for _, t in todo)
+    try:
+        results = Parallel(n_jobs=n_jobs, backend="loky")(delayed(_train_one)(t.cfg, overwrite, threads)
+                                                          for _, t in todo)
+    finally:
+        # loky keeps its workers (each holding torch and a store's maps) for minutes after the last task;
+        # a sweep is one batch of work, so they go now and the process exits without waiting on them
+        get_reusable_executor(max_workers=n_jobs, reuse=True).shutdown(wait=True, kill_workers=True)
     return {i: result for (i, _), result in zip(todo, results)}
 
 

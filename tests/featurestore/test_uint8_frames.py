@@ -104,7 +104,9 @@ def test_decode_workers_hand_over_uint8_frames_through_shared_memory(tmp_path):
     paths = [str(write_mp4(tmp_path / f"{i}.mp4", 2.0, seed=i, size=(48, 64))) for i in range(3)]
     decoder = ClipDecoder({"frames@2": Source("frames", 2)}, _frame_jobs(), {r: (0, 1, 2) for r in range(3)},
                           [""] * 3, paths)
-    loader = torch.utils.data.DataLoader(decoder, batch_sampler=[[0, 1, 2]], collate_fn=collate, num_workers=1)
+    loader = torch.utils.data.DataLoader(decoder, batch_sampler=[[0, 1, 2]], collate_fn=collate, num_workers=1,
+                                         timeout=60)
+    gc.collect()  # as run_blocks does: no PyAV object of an earlier test is collected in the forked worker
     (batch,) = list(loader)
     rows, x = batch.inputs[0]
     np.testing.assert_array_equal(rows, [0, 1, 2])

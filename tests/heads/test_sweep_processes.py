@@ -1,6 +1,9 @@
 """Sweeps of heads that cannot be stacked (worker processes), and a sweep's best run as a fusion recipe's run."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +38,7 @@ def test_cnn_trials_train_in_worker_processes_each_equal_to_a_lone_run(tiny_stor
     result = heads.sweep(base, {"lr": [0.01]}, seeds=[0, 1], out=tmp_path / "sw", jobs=2)
     assert [t["trained"] for t in result.per_trial] == ["process", "process"]
     assert reads == [] and len(sent) == 2 and max(sent) < 4096, (reads, sent)  # the store's rows: 64 x 4 x 20 x 16
+    assert _loky_workers() == []  # gone with the sweep, not idling for minutes (they kept a pytest worker from exiting)
     monkeypatch.undo()
     lone = heads.train(TrainConfig(**{**base.to_dict(), "lr": 0.01, "seed": 1, "out": str(tmp_path / "lone")}))
     a, b = load_file(lone.best_weights), load_file(tmp_path / "sw" / "lr=0.01" / "seed_1" / "best.safetensors")
@@ -59,3 +63,17 @@ def test_a_fusion_recipe_names_a_sweeps_best_run(writable_store, tmp_path):
     out = fuse(writable_store, recipe, "val")
     accuracy = float(np.mean(out.final.argmax(1) == out.labels))
     assert accuracy == pytest.approx(result.best["mean"], abs=1e-9)
+
+
+def _loky_workers() -> list[str]:
+    """Command lines of this process's children that are loky worker processes."""
+    children = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        children.update((task / "children").read_text().split())
+    lines = []
+    for pid in children:
+        try:
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # exited meanwhile
+            continue
+    return [line for line in lines if "popen_loky" in line]
