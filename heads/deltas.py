@@ -62,7 +62,11 @@ def delta(x: torch.Tensor, width: int = 9, order: int = 1) -> torch.Tensor:
 
 def delta_kernels(width: int = 9) -> torch.Tensor:
     """``[2, 1, width]`` float32 weights of the delta and the delta-delta: `with_deltas`'s ``kernels``."""
-    return torch.stack([savgol_derivative_coeffs(width, order) for order in (1, 2)]).float().unsqueeze(1)
+    for order in (1, 2):
+        _check(width, order)
+    # one tensor from the floats (not torch.stack: built on the meta device, as a run's shapes are
+    # checked, a stack goes through a decomposition that imports torch._dynamo, ~1.4 s a process)
+    return torch.tensor([_coeffs(width, order) for order in (1, 2)], dtype=torch.float64).float().unsqueeze(1)
 
 
 def with_deltas(logmel: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:

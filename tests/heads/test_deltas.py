@@ -39,3 +39,16 @@ def test_delta_rejects_bad_widths_and_short_input():
         delta(torch.zeros(1, 5), width=9)
     with pytest.raises(ValueError, match="exceeds"):
         with_deltas(torch.zeros(1, 4, 5), delta_kernels(9))
+
+
+def test_delta_kernels_are_the_savgol_weights_and_build_on_the_meta_device():
+    """A run's shapes are checked on a head built on the meta device: the kernels build there too."""
+    from heads.deltas import savgol_derivative_coeffs
+
+    expected = torch.stack([savgol_derivative_coeffs(7, order).float() for order in (1, 2)]).unsqueeze(1)
+    assert torch.equal(delta_kernels(7), expected) and delta_kernels(7).dtype == torch.float32
+    with torch.device("meta"):
+        kernels = delta_kernels(7)
+    assert kernels.is_meta and kernels.shape == (2, 1, 7)
+    with pytest.raises(ValueError, match="odd"):
+        delta_kernels(6)
