@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -231,7 +231,7 @@ class StoreDataset(IterableDataset):
         if self.cache:
             self._load_cache()
         produce = (self._build_read_group(g, rng) for g in groups)
-        source = _prefetched(produce) if self.prefetch and not self.cache else produce
+        source = prefetched(produce) if self.prefetch and not self.cache else produce
         batches = _batches(source, self.batch_size or 1, self.drop_last, _Cut(self.keep_dtype, self.pin_memory))
         if self.batch_size is not None:
             yield from batches
@@ -304,8 +304,11 @@ def _make_blocks(rows: np.ndarray, block_clips: int) -> list[tuple[int, int, np.
     return blocks
 
 
-def _prefetched(groups: Iterator[_ReadGroup], depth: int = 1) -> Iterator[_ReadGroup]:
-    """Build read groups in a background thread (block decoding overlaps training), in order.
+T = TypeVar("T")
+
+
+def prefetched(groups: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Build read groups (or any items) in a background thread (block decoding overlaps training), in order.
 
     At most ``depth`` read groups are built ahead of the one being consumed: the producer starts one
     only once the consumer has taken the previous one, and the consumer lets go of a read group

@@ -9,7 +9,7 @@ update is SGD with momentum written out per trial, as `torch.optim.SGD` computes
 per operation for all parameters). The stacked logits are class-major, ``[K, C, B]``, and the loss's
 gradient by them is written out (`stacked_loss`); the ``linear`` head's step needs no autograd at all
 (`_linear_step`), the others run autograd back from that gradient. Each step's batches are cut in a
-background thread while the previous step trains (`_in_background`).
+background thread while the previous step trains (`featurestore.torchdata.prefetched`).
 
 Why batched matmuls and not ``vmap`` of the module: a lone run's dropout masks come from torch's
 global generator seeded with ``(seed, epoch)``, drawn layer by layer in forward order, and its
@@ -39,8 +39,6 @@ import ctypes.util
 import functools
 import importlib
 import json
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featurestore.torchdata import prefetched
 from heads.config import TrainConfig
 
 
@@ -446,7 +445,9 @@ class _Group:
         sums, seen = torch.zeros(len(cfgs), dtype=torch.float64, device=self.device), 0
         ctx = _Pass(self.params, self.buffers, generators, self.grads)
         hyper = [[t[n] for n in self.params] for t in (lr, momentum, decay)]
-        for step, (inputs, labels, n) in enumerate(_in_background(self._steps(total))):
+        # the next step's batches are cut (numpy gathers, a float32 conversion; mostly without the GIL) in a
+        # background thread while this one trains, keeping a second core busy as a lone run's prefetch does
+        for step, (inputs, labels, n) in enumerate(prefetched(self._steps(total), depth=2)):
             values = self.step(self, ctx, inputs, labels).double()
             if not bool(torch.isfinite(values).all()):  # one check for the stack, before the update
                 k = int((~torch.isfinite(values)).nonzero()[0])
@@ -562,54 +563,6 @@ def _release_free_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def _in_background(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """``items``, made by a background thread up to ``depth`` ahead of the consumer, in order.
-
-    Why: a stacked step's batches are cut by R loaders (numpy gathers of the shared rows, a conversion to
-    float32) and its matmuls run in torch, both mostly without the GIL; cutting the next step's batches while
-    this one trains keeps a second core busy, as a lone run's `StoreDataset` prefetch thread does. A consumer
-    that stops early (an error, a diverged loss) stops the thread before it returns.
-    """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop, end = threading.Event(), object()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(end)
-        except BaseException as exc:  # re-raised in the consumer
-            put(_Raised(exc))
-
-    thread = threading.Thread(target=work, name="stacked-batches", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not end:
-            if isinstance(item, _Raised):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-class _Raised:
-    """An exception of `_in_background`'s thread, passed to its consumer."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
 
 
 def _linear_params(head: nn.Module) -> list[str]:
