@@ -298,17 +298,9 @@ class ClipIndex:
 
     def _match_in_blocks(self, path: str, keys: np.ndarray, blocks: np.ndarray) -> np.ndarray:
         """Row of each key within its table block (``blocks``: per key), -1 where it is not there."""
-        per, n = self._arrays.inner_rows(path), self.n_clips
-        if len(keys) == 1:  # a cold single id: its block, a view of the mapped table, matched directly
-            view = self._arrays.chunk(path, int(blocks[0]), True)
-            if view is not None:
-                table = view[:n - int(blocks[0]) * per]
-                at = np.flatnonzero((table[:, 0] == keys[0, 0]) & (table[:, 1] == keys[0, 1]))
-                return np.array([int(table[at[0], 2]) if len(at) else -1], dtype=np.int64)
-        else:
-            found = self._bisect_blocks(path, keys, blocks)
-            if found is not None:
-                return found
+        found = self._bisect_blocks(path, keys, blocks)  # a single id is usually found by _find_one first
+        if found is not None:
+            return found
         # a table that cannot be mapped: the keys' blocks, each read once, in block order, searched by key
         # (a [keys, block rows] comparison was 4 GB for 12,291 keys in a table of 16,384-row blocks)
         table = self._block_rows(path, distinct(blocks)).reshape(-1, 3)
