@@ -11,16 +11,14 @@ Anything else (a shard absent, compressed, of another layout, remote) is written
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import uuid
 
-import google_crc32c
 import numpy as np
 import zarr
 
-from featurestore.store._shards import _CRC, ShardLayout, _shard_key, local_file
+from featurestore.store._shards import (_CRC, ShardLayout, _shard_key, encode_inner_chunks, is_uniform_index, local_file,
+                                        replacing)
 
 
 def changed_inner_chunks(layout: ShardLayout, changed: np.ndarray) -> np.ndarray:
@@ -41,30 +39,17 @@ def patch_shard(arr: zarr.Array, layout: ShardLayout, shard: int, block: np.ndar
         return True  # nothing to write: the stored shard holds these rows already
     raw = np.ascontiguousarray(block, dtype=layout.dtype).reshape(n_inner, -1).view(np.uint8)
     length = layout.inner_bytes + _CRC
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
+    with replacing(path) as tmp:
         shutil.copyfile(path, tmp)  # in the kernel (sendfile / copy_file_range)
         fd = os.open(tmp, os.O_WRONLY)
         try:
             for run in np.split(chunks, np.flatnonzero(np.diff(chunks) != 1) + 1):  # one write per run
-                os.pwrite(fd, _encoded(raw[run[0]:run[-1] + 1]), int(run[0]) * length)
+                encoded = np.empty((len(run), length), dtype=np.uint8)
+                encode_inner_chunks(raw[run[0]:run[-1] + 1], encoded)
+                os.pwrite(fd, memoryview(encoded).cast("B"), int(run[0]) * length)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return True
-
-
-def _encoded(raw: np.ndarray) -> memoryview:
-    """Consecutive inner chunks (``[n, inner bytes]`` uint8) as stored: each one's bytes, then its crc32c."""
-    out = np.empty((len(raw), raw.shape[1] + _CRC), dtype=np.uint8)
-    out[:, :-_CRC] = raw
-    crcs = np.fromiter((google_crc32c.value(row) for row in raw), dtype="<u4", count=len(raw))
-    out[:, -_CRC:] = crcs.view(np.uint8).reshape(len(raw), _CRC)
-    return memoryview(out).cast("B")
 
 
 def _uniform(path: str, layout: ShardLayout, n_inner: int) -> bool:
@@ -82,9 +67,4 @@ def _uniform(path: str, layout: ShardLayout, n_inner: int) -> bool:
         tail = os.pread(fd, layout.index_bytes, size - layout.index_bytes)
     finally:
         os.close(fd)
-    body = np.frombuffer(tail, dtype=np.uint8)
-    if google_crc32c.value(body[:-_CRC]) != int.from_bytes(tail[-_CRC:], "little"):
-        return False
-    index = body[:-_CRC].view("<u8").reshape(layout.per_shard, 2)
-    return bool((index[:n_inner, 0] == np.arange(n_inner, dtype=np.uint64) * np.uint64(length)).all()
-                and (index[:n_inner, 1] == length).all() and (index[n_inner:] == np.uint64(2**64 - 1)).all())
+    return is_uniform_index(layout, tail, n_inner)

@@ -476,10 +476,7 @@ class _Mapped:
         raw = np.frombuffer(mm, dtype=np.uint8)
         length = layout.inner_bytes + _CRC
         n_inner, extra = divmod(stat.st_size - layout.index_bytes, length)
-        # the uniform layout's index is known from the file's size: one compare (of bytes: a memoryview
-        # compares item by item, ~30 us for 8 KiB), then its crc32c
-        if extra or n_inner > layout.per_shard or mm[-layout.index_bytes:-_CRC] != _uniform_index(
-                layout.per_shard, length, n_inner) or google_crc32c.value(raw[-layout.index_bytes:]) != _RESIDUE:
+        if extra or not is_uniform_index(layout, mm[-layout.index_bytes:], n_inner):  # known from the size
             return None
         view = memoryview(mm)
         body = raw[:n_inner * length].reshape(n_inner, length)[:, :layout.inner_bytes]
@@ -516,10 +513,7 @@ def encode_shard(layout: ShardLayout, block: np.ndarray) -> tuple[memoryview, np
     data_bytes = int(ends[-1]) if n_inner else 0
     out = np.empty(data_bytes + layout.index_bytes, dtype=np.uint8)
     if bodies is None:
-        chunks = out[:data_bytes].reshape(n_inner, -1)
-        chunks[:, :-_CRC] = raw
-        crcs = np.fromiter((google_crc32c.value(row) for row in raw), dtype="<u4", count=n_inner)
-        chunks[:, -_CRC:] = crcs.view(np.uint8).reshape(n_inner, _CRC)
+        encode_inner_chunks(raw, out[:data_bytes].reshape(n_inner, -1))
     else:
         for body, start in zip(bodies, (ends - lengths).tolist()):
             out[start:start + len(body)] = body
@@ -529,6 +523,23 @@ def encode_shard(layout: ShardLayout, block: np.ndarray) -> tuple[memoryview, np
     out[-_CRC:] = np.frombuffer(google_crc32c.value(out[data_bytes:-_CRC]).to_bytes(_CRC, "little"), dtype=np.uint8)
     index.setflags(write=False)
     return memoryview(out), index
+
+
+def encode_inner_chunks(raw: np.ndarray, out: np.ndarray) -> None:
+    """Uncompressed inner chunks ``raw`` (``[n, inner bytes]`` uint8) as stored, into ``out``
+    (``[n, inner bytes + 4]``): each chunk's bytes, then its crc32c."""
+    out[:, :-_CRC] = raw
+    crcs = np.fromiter((google_crc32c.value(row) for row in raw), dtype="<u4", count=len(raw))
+    out[:, -_CRC:] = crcs.view(np.uint8).reshape(len(raw), _CRC)
+
+
+def is_uniform_index(layout: ShardLayout, tail: bytes, n_inner: int) -> bool:
+    """Whether ``tail`` (a shard's last ``index_bytes``) is the intact index of the uniform layout with
+    ``n_inner`` inner chunks: one compare with the index that layout implies (of bytes: a memoryview
+    compares item by item, ~30 us for 8 KiB), then its crc32c."""
+    return (n_inner <= layout.per_shard and tail[:-_CRC] == _uniform_index(layout.per_shard, layout.inner_bytes + _CRC,
+                                                                           n_inner)
+            and google_crc32c.value(tail) == _RESIDUE)
 
 
 def _decode(layout: ShardLayout, body: np.ndarray, chunk: int, n_rows: int) -> np.ndarray:
@@ -600,10 +611,17 @@ def local_file(arr: zarr.Array, key: str) -> str | None:
 def replace_file(path: str, blob: memoryview) -> None:
     """Write ``path`` whole through a temp file renamed over it (zarr's local store does the same)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(blob)
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """A temp name beside ``path``, renamed over it when the block ends without error and removed
+    otherwise: a kill or a failure never leaves a torn file under ``path``."""
     tmp = f"{path}.{uuid.uuid4().hex}.partial"
     try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
