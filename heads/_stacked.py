@@ -437,14 +437,13 @@ class _Group:
         for loader in self.loaders:
             loader.set_epoch(epoch)
         generators = [torch.Generator().manual_seed(c.seed * 100_003 + epoch) for c in cfgs]  # as the trainer seeds
-        lr, momentum, decay = ({n: self._column(n, [f(c) for c in cfgs]) for n in self.params} for f in
+        lr, momentum, decay = ([self._column(n, [f(c) for c in cfgs]) for n in self.params] for f in
                                (lambda c: c.lr_at(epoch), lambda c: c.momentum, lambda c: c.weight_decay))
         total = min(len(loader) for loader in self.loaders)
         if cfgs[0].max_steps_per_epoch is not None:
             total = min(total, cfgs[0].max_steps_per_epoch)
         sums, seen = torch.zeros(len(cfgs), dtype=torch.float64, device=self.device), 0
         ctx = _Pass(self.params, self.buffers, generators, self.grads)
-        hyper = [[t[n] for n in self.params] for t in (lr, momentum, decay)]
         # the next step's batches are cut (numpy gathers, a float32 conversion; mostly without the GIL) in a
         # background thread while this one trains, keeping a second core busy as a lone run's prefetch does
         for step, (inputs, labels, n) in enumerate(prefetched(self._steps(total), depth=2)):
@@ -454,7 +453,7 @@ class _Group:
                 raise self.t.TrainingDivergedError(
                     f"the training loss of {cfgs[k].out} became {float(values[k])} at epoch {epoch}, step "
                     f"{step + 1}; lower --lr, or check the features")
-            self._sgd_step(*hyper)
+            self._sgd_step(lr, momentum, decay)
             sums.add_(values, alpha=n)
             seen += n
         if seen == 0:
