@@ -367,7 +367,6 @@ def _train_in_processes(trials: list[Trial], indices: list[int], base: TrainConf
     if n_jobs < 2 or not base.store:
         return {}
     from joblib import Parallel, delayed
-
     from joblib.externals.loky import get_reusable_executor
 
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
@@ -593,7 +592,7 @@ def _check_best_is_ours(out: Path) -> None:
     """``out/best`` is the sweep's own link (or absent): anything else there would be found only after
     every trial had trained, when the link replaces it (a directory cannot be replaced by one)."""
     best = out / "best"
-    if (best.exists() or best.is_symlink()) and not best.is_symlink():
+    if best.exists() and not best.is_symlink():  # a link, even a dangling one, is replaced
         raise SweepError(f"{best} exists and is not the sweep's 'best' link (a {'directory' if best.is_dir() else 'file'}); "
                          f"move it away or choose another --out")
 
