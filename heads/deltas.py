@@ -66,7 +66,7 @@ def delta_kernels(width: int = 9) -> torch.Tensor:
         _check(width, order)
     # one tensor from the floats (not torch.stack: built on the meta device, as a run's shapes are
     # checked, a stack goes through a decomposition that imports torch._dynamo, ~1.4 s a process)
-    return torch.tensor([_coeffs(width, order) for order in (1, 2)], dtype=torch.float64).float().unsqueeze(1)
+    return torch.tensor([_coeffs(width, order) for order in (1, 2)], dtype=torch.float32).unsqueeze(1)
 
 
 def with_deltas(logmel: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
