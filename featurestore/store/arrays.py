@@ -226,10 +226,7 @@ class StoreArrays:
     def write(self, path: str, start: int, data: np.ndarray, changed: np.ndarray | None = None) -> None:
         """Write rows ``start:start+len(data)``; ``changed``: see ``Backend.write``."""
         self.require_writable()
-        if changed is None:  # the common call keeps the three-argument form (wrappers of write in tests)
-            self._backend.write(path, start, data)
-        else:
-            self._backend.write(path, start, data, changed=changed)
+        self._backend.write(path, start, data, changed=changed)
 
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
         """Add or replace these attributes in one update."""

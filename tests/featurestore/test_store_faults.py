@@ -289,11 +289,11 @@ def test_killed_convert_leaves_no_destination_and_a_rerun_converts(tmp_path):
         from featurestore.store import _hdf5
         from featurestore import convert_store
         original, calls = _hdf5.HDF5Backend.write, [0]
-        def killing(self, *args):
+        def killing(self, *args, **kwargs):
             calls[0] += 1
             if calls[0] == 5:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(self, *args)
+            return original(self, *args, **kwargs)
         _hdf5.HDF5Backend.write = killing
         convert_store({src!r}, {str(dst)!r}, progress=False)
     """)
