@@ -126,6 +126,11 @@ def _cnn_config(store: Path, out: Path, epochs: int, lr: float = CNN_LRS[0], see
                        head_config=CNN_HEAD, progress=False, device="cpu")
 
 
+def _cnn_seeds(trials: int) -> list[int]:
+    """The seeds of ``trials`` CNN trials, ``trials / len(CNN_LRS)`` of `SEEDS` (at least one, at most all)."""
+    return SEEDS[:max(1, trials // len(CNN_LRS))]
+
+
 def run_cnn_case(case: str, store: Path, work: Path, epochs: int, trials: int) -> dict:
     """One CNN case in this process: seconds, peak RSS, and the feature rows this process read from the store
     (0 when the workers read it themselves)."""
@@ -148,8 +153,7 @@ def run_cnn_case(case: str, store: Path, work: Path, epochs: int, trials: int) -
     if case == "one":
         heads.train(_cnn_config(store, work / "one", epochs))
     else:
-        seeds = SEEDS[:max(1, trials // len(CNN_LRS))]
-        heads.sweep(_cnn_config(store, work, epochs), {"lr": CNN_LRS}, seeds=seeds, out=work / "sweep",
+        heads.sweep(_cnn_config(store, work, epochs), {"lr": CNN_LRS}, seeds=_cnn_seeds(trials), out=work / "sweep",
                     jobs=1 if case == "sequential" else 2)
     seconds = time.perf_counter() - started
     FeatureStore.read_rows = original
@@ -293,7 +297,7 @@ def _rounds(args: argparse.Namespace, head: str, cases: tuple[str, ...] = CASES,
 
 
 def _clips(args: argparse.Namespace, head: str) -> int:
-    return args.clips if head == "linear" else args.cnn_clips if head == CNN else args.mlp_clips
+    return args.clips if head == "linear" else args.mlp_clips
 
 
 def _store_path(args: argparse.Namespace, head: str) -> Path:
@@ -333,7 +337,7 @@ def _print_head(args: argparse.Namespace, head: str, results: dict) -> None:
 
 def _print_cnn(args: argparse.Namespace, results: dict) -> None:
     one, seq, jobs = results["one"], results["sequential"], results["jobs"]
-    n = len(CNN_LRS) * max(1, args.cnn_trials // len(CNN_LRS))
+    n = len(CNN_LRS) * len(_cnn_seeds(args.cnn_trials))
     print(f"\n{CNN} (test_resnet), {args.cnn_clips} clips x {args.segments} segments x {list(CNN_SHAPE)} float16, "
           f"{args.epochs} epoch(s), {n} trials = lr {CNN_LRS} x seeds; {os.cpu_count()} cores; "
           f"load average now {os.getloadavg()[0]:.2f}")
