@@ -113,7 +113,7 @@ def unopenable_report(location: str) -> VerifyReport | None:
     scan = scan_metadata(os.path.abspath(location)) if "://" not in location else None
     if scan is None or not scan.damaged:
         return None
-    return VerifyReport(location, [Problem(scan.file(node), None, what) for node, what in scan.damaged.items()])
+    return VerifyReport(location, _metadata_problems(scan))
 
 
 def _damaged_metadata(store, report: VerifyReport) -> MetadataScan | None:
@@ -122,8 +122,13 @@ def _damaged_metadata(store, report: VerifyReport) -> MetadataScan | None:
     scan = scan_metadata(store.arrays.location) if store.arrays.backend == "zarr" else None
     if scan is None or not scan.damaged:
         return None
-    report.problems += [Problem(scan.file(node), None, what) for node, what in scan.damaged.items()]
+    report.problems += _metadata_problems(scan)
     return scan
+
+
+def _metadata_problems(scan: MetadataScan) -> list[Problem]:
+    """One problem per damaged ``zarr.json``, named by its file."""
+    return [Problem(scan.file(node), None, what) for node, what in scan.damaged.items()]
 
 
 def _row_groups(store, scan: MetadataScan | None) -> list:
