@@ -191,8 +191,10 @@ def _linear(ctx: _Pass, name: str, x: torch.Tensor, *, logits: bool = False) -> 
     k, out, _ = ctx.params[f"{name}.weight"].shape
     r, n = x.shape[0], k // x.shape[0]
     y = _BatchedLinear.apply(x, *_per_reader(ctx, name, r), logits)
-    if logits or r == k:
-        return y.view(k, out, -1) if logits else y
+    if logits:
+        return y.view(k, out, -1)
+    if r == k:
+        return y
     return y.view(r, -1, n, out).transpose(1, 2).reshape(k, -1, out)
 
 
@@ -546,8 +548,7 @@ class _Group:
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     libc = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
-    return trim
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
 
 
 def _release_free_heap() -> None:
