@@ -263,7 +263,6 @@ def local_cluster(n_workers: int):
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
 
 
-
 def _local_workers(scheduler: str) -> int:
     count = scheduler[len(LOCAL_PREFIX):]
     if not count.isdigit() or int(count) < 1:
