@@ -89,7 +89,7 @@ def verify_store(store, threads: int | None = None) -> VerifyReport:
     metadata is whole are still checked (``verify_metadata.py``).
     """
     report = VerifyReport(store.location, leftovers=[str(p) for p in leftover_files(store.location)])
-    scan = _damaged_metadata(store, report)
+    scan = _metadata_scan(store, report)
     store.refresh()
     raw = _LocalZarrChunks(store.arrays.location) if store.arrays.backend == "zarr" else None
     damaged = _check_chunks(store, report, raw, DEFAULT_THREADS if threads is None else max(1, int(threads)),
@@ -116,13 +116,13 @@ def unopenable_report(location: str) -> VerifyReport | None:
     return VerifyReport(location, _metadata_problems(scan))
 
 
-def _damaged_metadata(store, report: VerifyReport) -> MetadataScan | None:
-    """The walk over a local Zarr store's metadata when some of it is damaged (its files are then
-    problems); None when all of it is whole, or the store is not local Zarr (listed by the backend)."""
+def _metadata_scan(store, report: VerifyReport) -> MetadataScan | None:
+    """The walk over a local Zarr store's metadata (its damaged files become problems; its arrays are
+    the ones to check, listed without zarr reading every node again); None where the store is not
+    local Zarr (the backend lists its arrays)."""
     scan = scan_metadata(store.arrays.location) if store.arrays.backend == "zarr" else None
-    if scan is None or not scan.damaged:
-        return None
-    report.problems += _metadata_problems(scan)
+    if scan is not None:
+        report.problems += _metadata_problems(scan)
     return scan
 
 
@@ -134,7 +134,7 @@ def _metadata_problems(scan: MetadataScan) -> list[Problem]:
 def _row_groups(store, scan: MetadataScan | None) -> list:
     """The feature sets and prediction runs to check: all of them, or, with damaged metadata, those
     the walk found whose own metadata (group and arrays) is whole."""
-    if scan is None:
+    if scan is None or not scan.damaged:
         return store.row_groups()
     groups = []
     for kind in KINDS:
