@@ -18,7 +18,6 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,7 @@ from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_
 from featurestore.store._chunk_files import ChunkWriter, PlainLayout
 from featurestore.store._shard_patch import patch_shard
 from featurestore.store._shards import ShardLayout, ShardReader, local_file
-from featurestore.store.verify_metadata import scan_metadata
+from featurestore.store.verify_metadata import local_root, scan_metadata
 
 _CONFIG = {"write_empty_chunks": True}
 #: URL schemes whose fsspec filesystem comes with one of avscene's extras.
@@ -73,14 +72,14 @@ def _raise_damage(location: str) -> None:
     scan = scan_metadata(location)
     if scan is not None and scan.damaged:
         node, problem = next(iter(scan.damaged.items()))
-        file = Path(location.removeprefix("file://")) / scan.file(node)
+        file = local_root(location) / scan.file(node)
         raise StoreFormatError(f"{file}: {problem}; the store's metadata is damaged (restore the file, "
                                f"or the store from a copy)") from None
 
 
 def _has_metadata_file(location: str, path: str) -> bool:
-    root = Path(location.removeprefix("file://"))
-    return "://" not in location.replace("file://", "") and (root / path / "zarr.json").is_file()
+    root = local_root(location)
+    return root is not None and (root / path / "zarr.json").is_file()
 
 
 class ZarrBackend:

@@ -34,10 +34,16 @@ class MetadataScan:
         return any(n == "" or n == top or n.startswith(top + "/") for n in self.damaged)
 
 
+def local_root(location: str) -> Path | None:
+    """The directory of a local store at ``location`` (a path or ``file://`` URL); None for a URL."""
+    root = location.removeprefix("file://")
+    return None if "://" in root else Path(root)
+
+
 def scan_metadata(location: str) -> MetadataScan | None:
     """Walk the nodes of the local Zarr store at ``location``; None for anything else (a URL, HDF5)."""
-    root = Path(location.removeprefix("file://"))
-    if "://" in str(root) or not (root / META).is_file():
+    root = local_root(location)
+    if root is None or not (root / META).is_file():
         return None
     scan = MetadataScan()
     _walk(root, "", scan)
