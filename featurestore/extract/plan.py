@@ -28,9 +28,6 @@ from featurestore.provenance import is_random_weights, runtime_info
 from featurestore.store.layout import MAX_CHUNK_CLIPS, default_chunk_clips
 from featurestore.store.store import FeatureStore
 
-#: Most clips in a block: the store's chunk bound (a block is whole chunks of every set). A larger
-#: common multiple of the feature sets' chunk sizes means they do not align well.
-MAX_BLOCK_CLIPS = MAX_CHUNK_CLIPS
 #: Longest time encoded rows wait in a partly filled chunk before they are committed (written and
 #: marked done): what a kill can lose, whatever the chunk size (``extract(commit_seconds=)``).
 DEFAULT_COMMIT_SECONDS = 60.0
@@ -386,10 +383,10 @@ def block_size(targets: list[Target]) -> int:
     block = 1
     for size in sizes:
         block = block * size // math.gcd(block, size)
-    if block > MAX_BLOCK_CLIPS:
+    if block > MAX_CHUNK_CLIPS:  # a block is whole chunks of every set: larger, they do not align well
         listing = ", ".join(f"{t.name}: {t.chunk_clips}" for t in targets)
         raise ValueError(f"the feature sets' chunk sizes ({listing}) have a common multiple of {block} clips, "
-                         f"more than {MAX_BLOCK_CLIPS}; extract these encoders in separate runs")
+                         f"more than {MAX_CHUNK_CLIPS}; extract these encoders in separate runs")
     return block
 
 

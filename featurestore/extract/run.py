@@ -35,7 +35,7 @@ from featurestore.extract.errors import (
     hdf5_with_dask, store_write_error,
 )
 from featurestore.extract.plan import (
-    DEFAULT_COMMIT_SECONDS, MAX_BLOCK_CLIPS, Plan, check_commit_seconds, check_inputs, check_targets, make_plan,
+    DEFAULT_COMMIT_SECONDS, Plan, check_commit_seconds, check_inputs, check_targets, make_plan,
     stored_frames, write_text_features,
 )
 from featurestore.extract.request import EncoderRequest, build, nothing_to_do, requests
@@ -43,6 +43,7 @@ from featurestore.extract.summary import ExtractSummary, FeatureSetSummary, fill
 from featurestore.manifest import Manifest
 from featurestore.provenance import is_random_weights
 from featurestore.store import FeatureStore, backend_for, create_store, open_store
+from featurestore.store.layout import MAX_CHUNK_CLIPS
 from featurestore.store.lock import StoreLockedError, writer_lock
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_ENCODERS", "DecodeWorkerError", "ExtractSummary", "ExtractionInterrupted",
@@ -348,8 +349,8 @@ def _check_arguments(batch_size: int, num_workers: int | None, frames: int | Non
         if value is not None and not is_int_in(value, low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     for name, value, _ in checks:
-        if name.startswith("chunk_clips") and value is not None and value > MAX_BLOCK_CLIPS:
-            raise ValueError(f"{name} must be at most {MAX_BLOCK_CLIPS} clips (a block of whole chunks of every "
+        if name.startswith("chunk_clips") and value is not None and value > MAX_CHUNK_CLIPS:
+            raise ValueError(f"{name} must be at most {MAX_CHUNK_CLIPS} clips (a block of whole chunks of every "
                              f"feature set is the unit of work), got {value}")
 
 
