@@ -294,7 +294,7 @@ class RowGroup:
                 return
             flags = mask[rows]
         elif len(rows) == 1:  # a cold single get: its done chunk only
-            per, row = self._arrays.chunk_rows(self.done_path), int(rows[0])
+            per, row = self._per()[1], int(rows[0])
             start = row - row % per
             flags = self._done_rows(start, min(self._index.n_clips, start + per))[row - start:row - start + 1]
         else:
