@@ -151,5 +151,5 @@ class ChunkWriter:
             body = vlen_utf8(np.asarray(block, dtype=object)) if self.dtype is None \
                 else np.ascontiguousarray(block, dtype=self.dtype).tobytes()
             key = self.arr.metadata.encode_chunk_key(((start + lo) // per,) + (0,) * (self.arr.ndim - 1))
-            replace_file(os.path.join(self.folder, key), body + google_crc32c.value(body).to_bytes(_CRC, "little"))
+            replace_file(os.path.join(self.folder, key), [body, google_crc32c.value(body).to_bytes(_CRC, "little")])
         return True

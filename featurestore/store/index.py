@@ -115,6 +115,7 @@ class ClipIndex:
         self._row_of: dict[str, int] | None = None
         self._meta: dict | None | bool = False  # False: not looked at yet
         self._fence: np.ndarray | None = None
+        self._table_path: tuple[str, int] | None = None  # (the lookup table's path, its inner rows)
         self._table: np.ndarray | None = None
         self._chunks: dict[int, np.ndarray] = {}
         self._looked_up = 0  # ids resolved through the lookup so far (see find)
@@ -274,12 +275,14 @@ class ClipIndex:
         meta = self._lookup()
         digest = _KEYS[meta["key"]](clip_id.encode("utf-8"))
         hi, lo = np.uint64(int.from_bytes(digest[:8], "big")), int.from_bytes(digest[8:], "big")
-        fence, path = self._fence_keys(), join(meta["path"], "table")
+        if self._table_path is None:
+            path = join(meta["path"], "table")
+            self._table_path = (path, self._arrays.inner_rows(path))
+        (path, per), fence = self._table_path, self._fence_keys()
         block = max(int(fence.searchsorted(hi, "right")) - 1, 0)
         view = self._arrays.chunk(path, block, True)
         if view is None:
             return None
-        per = self._arrays.inner_rows(path)
         table = view[:self.n_clips - block * per]
         at = int(table[:, 0].searchsorted(hi))
         if at + 1 < len(table) and table[at + 1, 0] == hi:

@@ -303,8 +303,9 @@ class FeatureStore:
             hit = group.cached_row(row)
             if hit is not None:
                 return hit.copy()
-        group = self.row_group(FEATURE_SETS, name)
-        row = self.row(clip_id)
+        if group is None:
+            group = self.row_group(FEATURE_SETS, name)
+        row = self.row(clip_id) if row is None else row
         group.require_done(np.array([row]))
         self._feature_groups[name] = group
         return group.read_row(row)[0].copy()

@@ -1,0 +1,112 @@
+"""How shards are memory-mapped for random reads: with their pages where the array fits in memory.
+
+A shard mapped bare costs a page fault per new page a random read touches; mapped with
+``MAP_POPULATE`` it costs one pass over its cached pages when it is mapped and nothing after. The
+kernel's own account of a mapping (``Rss`` in ``/proc/self/smaps``) tells which happened, so these
+tests read it rather than trusting the flag was passed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store
+from featurestore.store import _shards, open_store
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not _shards._MAP_POPULATE,
+                                reason="MAP_POPULATE and /proc/self/smaps are Linux's")
+
+PROVENANCE = {"encoder": "test/maps", "config": {}, "weights": {"kind": "random", "seed": 0},
+              "segments": {"frames": 1}}
+CLIPS, DIM = 16384, 256  # 512 B a row: one 8 MiB shard
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    path = tmp_path_factory.mktemp("maps") / "store.zarr"
+    ids = [f"{TAU_CLASSES[i % 10]}-city0-{i}-a" for i in range(CLIPS)]
+    manifest = Manifest("maps", list(TAU_CLASSES), [ClipRecord(c, label=TAU_CLASSES[i % 10]) for i, c in enumerate(ids)])
+    values = np.random.default_rng(0).standard_normal((CLIPS, 1, DIM)).astype(np.float16)
+    with create_store(path, manifest) as store:
+        store.create_feature_set("emb", 1, (DIM,), PROVENANCE, chunk_clips=CLIPS)
+        store.write_rows("emb", 0, values)
+    return path, values
+
+
+def shard_files(path: Path) -> list[Path]:
+    return sorted(p for p in (path / "features" / "emb" / "data" / "c").rglob("*") if p.is_file())
+
+
+def uncached(file: Path) -> Path:
+    """``file`` with its pages dropped from the page cache: a bare mapping then holds only what its
+    reads fault in (a cached file may sit in large folios, which one fault maps whole)."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return file
+
+
+def mapped_kib(file: Path) -> int:
+    """Resident KiB of this process's mappings of ``file`` (0: not mapped)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = head[-1] == str(file)
+        elif inside and head and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+def test_a_shard_of_an_array_that_fits_in_memory_is_mapped_with_its_pages(store_path):
+    path, values = store_path
+    shard = uncached(shard_files(path)[0])
+    with open_store(path) as store:
+        row = 1234
+        np.testing.assert_array_equal(store.get("emb", store.clip_ids[row]), values[row])
+        resident = mapped_kib(shard)
+    assert resident >= 0.9 * shard.stat().st_size / 1024  # every page of the 8 MiB shard, after one row
+
+
+def test_an_array_larger_than_a_quarter_of_memory_is_mapped_bare(store_path, monkeypatch):
+    path, values = store_path
+    shard = uncached(shard_files(path)[0])
+    monkeypatch.setattr(_shards, "_physical_memory", lambda: 4 * CLIPS * DIM * 2 - 4)  # a byte too small
+    with open_store(path) as store:
+        rows = [5, 8000, 16000]
+        np.testing.assert_array_equal(store.get_many("emb", [store.clip_ids[r] for r in rows]), values[rows])
+        resident = mapped_kib(shard)
+    assert 0 < resident <= 2048  # the pages read around three rows (readahead), not the 8 MiB
+
+
+def test_the_rule_is_a_quarter_of_physical_memory(monkeypatch):
+    layout = _shards.ShardLayout(1024, 8, (1, 512), np.dtype("<f2"), False, 0)
+    monkeypatch.setattr(_shards, "_physical_memory", lambda: 4 << 30)  # 4 GiB: arrays up to 1 GiB
+    assert _shards.populates(layout, 1 << 20)  # 1 KiB rows: exactly 1 GiB
+    assert not _shards.populates(layout, (1 << 20) + 1)
+
+
+def test_a_shard_written_from_views_of_the_rows_reads_back_whole_in_zarr_python(store_path):
+    """The 8 MiB shard is 1,024 inner chunks and their checksums: 2,049 buffers, three ``writev`` calls."""
+    import zarr
+
+    path, values = store_path
+    layout_rows = zarr.open_array(path / "features" / "emb" / "data", mode="r")
+    assert len(_shards.shard_parts(_shards.ShardLayout.of(layout_rows), values)[0]) > 2 * _shards._IOV_MAX
+    np.testing.assert_array_equal(layout_rows[:], values)
+
+
+def test_a_short_write_is_finished_from_where_it_stopped(tmp_path, monkeypatch):
+    """``writev`` may write less than asked (a signal, a full disk that frees up): the rest follows in order."""
+    parts = [np.full(1000, i % 251, dtype=np.uint8) for i in range(3000)]
+    real = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, buffers: real(fd, buffers[:len(buffers) // 2 + 1][:-1] or buffers[:1]))
+    _shards.replace_file(str(tmp_path / "f"), parts)
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "f", dtype=np.uint8), np.concatenate(parts))
