@@ -20,6 +20,7 @@ import contextlib
 import functools
 import mmap
 import os
+import sys
 import threading
 import uuid
 from collections import OrderedDict
@@ -46,7 +47,10 @@ _CRC = 4  # bytes of a crc32c
 # the crc32c of any bytes followed by their own crc32c (little-endian): one call checks a chunk whole
 _RESIDUE = 0x48674BC7
 _ZSTD_LEVEL = 3
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
+# Linux 5.14+ (an older kernel refuses it: the shard stays mapped bare)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else 0)
+# a mapping is populated once it has served a read per this many bytes of its file (at least two)
+_POPULATE_AFTER_BYTES = 4 << 20
 _IOV_MAX = 1024  # buffers per writev (POSIX's minimum IOV_MAX is 16; Linux and macOS take 1,024)
 
 
@@ -269,6 +273,7 @@ class ShardReader:
         if mapped is not None and mapped.epoch == epoch:
             if mapped.grid is not None:
                 self._maps.move_to_end((name, shard))
+                _used_again(state, mapped)
             return mapped
         path = state.file(shard)
         try:
@@ -276,8 +281,9 @@ class ShardReader:
                 stat = os.stat(path)
                 if mapped.identity == (stat.st_ino, stat.st_size, stat.st_mtime_ns):
                     mapped.epoch = epoch
+                    _used_again(state, mapped)
                     return mapped
-            mapped = _Mapped.open(path, state.layout, state.populate)
+            mapped = _Mapped.open(path, state.layout)
         except FileNotFoundError:
             mapped = _Mapped.absent()
         else:
@@ -462,23 +468,31 @@ class _Mapped:
         self.raw, self.view, self.chunk_bytes = raw, view, chunk_bytes
         self.rows = rows  # [n_inner, inner rows, bytes a row] uint8: rows copied as bytes (a map's may be unaligned)
         self.epoch = -1  # the reader's revalidation count for its array when last checked against the file
+        self.mm: mmap.mmap | None = None
+        self.populated = False  # its pages mapped all at once (see populates)
+        self.uses = 1  # reads served, counted until it is populated
 
     @classmethod
     def absent(cls) -> _Mapped:
         return cls((), None, 0, None, None, 0)
 
+    def populate(self) -> None:
+        """Map every page of the shard now (``MADV_POPULATE_READ``), so that no read of it faults
+        again; once per mapping, and a kernel that refuses it leaves the mapping as it was."""
+        self.populated = True
+        with contextlib.suppress(OSError, ValueError):
+            self.mm.madvise(_MADV_POPULATE_READ)
+
     @classmethod
-    def open(cls, path: str, layout: ShardLayout, populate: bool = False) -> _Mapped | None:
-        """Map ``path`` (with its pages when ``populate``: see :func:`populates`); None when its index
-        fails its check or is not the uniform layout (the inner-chunk reader then reads it, and
-        words any damage)."""
+    def open(cls, path: str, layout: ShardLayout) -> _Mapped | None:
+        """Map ``path``; None when its index fails its check or is not the uniform layout (the
+        inner-chunk reader then reads it, and words any damage)."""
         fd = os.open(path, os.O_RDONLY)
         try:
             stat = os.fstat(fd)
             if stat.st_size < layout.index_bytes:
                 return None
-            mm = (mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ) if populate
-                  else mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
         raw = np.frombuffer(mm, dtype=np.uint8)
@@ -490,25 +504,39 @@ class _Mapped:
         body = raw[:n_inner * length].reshape(n_inner, length)[:, :layout.inner_bytes]
         grid = body.view(layout.dtype).reshape(n_inner, layout.inner_rows, *layout.row_shape)
         rows = body.reshape(n_inner, layout.inner_rows, -1)
-        return cls((stat.st_ino, stat.st_size, stat.st_mtime_ns), grid, n_inner, raw, view, length, rows)
+        mapped = cls((stat.st_ino, stat.st_size, stat.st_mtime_ns), grid, n_inner, raw, view, length, rows)
+        mapped.mm = mm
+        return mapped
 
 
 def populates(layout: ShardLayout, n_rows: int) -> bool:
-    """Whether the shards of an array of ``n_rows`` rows are mapped with their pages at once
-    (``MAP_POPULATE``) rather than page by page as they are touched.
+    """Whether the shards of an array of ``n_rows`` rows get all their pages mapped at once when
+    they are in use (a mapping that has served a read per 4 MiB of its file, at least two: a batch
+    or a single read after the one that mapped it), rather than page by page as reads touch them.
 
     A random read of a row of a shard mapped bare costs a page fault (~1-2 us; the kernel maps the
     cached pages around it) on top of reading it: about a third of a ``get_many`` of random ids and a
-    fifth of a cold ``get`` at a million clips. Mapping a shard with its pages costs about what
-    touching all of them would (8 MiB: ~1 ms from the page cache), paid once per mapping. That pays
-    where the array's bytes fit in memory several times over (they end up cached, and every shard
-    gets read); where they do not, populating would read whole shards from disk for one row each,
-    so an array larger than a quarter of the physical memory is mapped bare.
+    fifth of a cold ``get`` at a million clips, until most pages have been touched (some hundred
+    batches). Mapping all of a shard's pages costs ~0.1 ms a MiB from the page cache (the 24 MB id
+    table of a million clips: ~1 ms), once per mapping: worth it for a store in use, not for a read
+    or two per store object, hence after a few uses. It also pays only where the array's bytes fit in memory
+    several times over (they end up cached, and every shard gets read); where they do not, it would
+    read whole shards from disk for one row each, so a larger array (over a quarter of the physical
+    memory) is never populated.
     """
-    if not _MAP_POPULATE:
+    if not _MADV_POPULATE_READ:
         return False
     stored = n_rows * (layout.inner_bytes // layout.inner_rows)
     return stored <= _physical_memory() // 4
+
+
+def _used_again(state: _ArrayMaps, mapped: _Mapped) -> None:
+    """A mapping served a read before: populated once it has served one read per
+    ``_POPULATE_AFTER_BYTES`` of its file (at least two), where its array is (see :func:`populates`)."""
+    if state.populate and not mapped.populated:
+        mapped.uses += 1
+        if mapped.uses >= max(2, mapped.identity[1] // _POPULATE_AFTER_BYTES):
+            mapped.populate()
 
 
 @functools.cache
