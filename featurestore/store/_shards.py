@@ -688,12 +688,13 @@ def replace_file(path: str, parts: list) -> None:
 
 
 def write_all(fd: int, parts: list) -> None:
-    """Write the buffers ``parts`` to ``fd`` in order: ``os.writev`` by ``_IOV_MAX`` at a time, a
-    short write (disk full, a signal) finished from where it stopped."""
+    """Write ``parts`` (bytes, or 1-d uint8 arrays: ``len`` is their size) to ``fd`` in order:
+    ``os.writev`` by ``_IOV_MAX`` at a time, a short write (disk full, a signal) finished from where
+    it stopped."""
     for low in range(0, len(parts), _IOV_MAX):
-        batch = [memoryview(p).cast("B") for p in parts[low:low + _IOV_MAX]]
-        written, total = os.writev(fd, batch), sum(len(b) for b in batch)
-        if written < total:  # rare: write the rest of this batch joined, until it is all out
+        batch = parts[low:low + _IOV_MAX]
+        written = os.writev(fd, batch)
+        if written < sum(map(len, batch)):  # rare: the rest of this batch joined, until it is all out
             rest = memoryview(b"".join(batch))[written:]
             while len(rest):
                 rest = rest[os.write(fd, rest):]
