@@ -5,6 +5,7 @@ and read (ids, the id -> row lookup, columns) is ``ClipIndex`` (``index.py``).
 """
 from __future__ import annotations
 
+from collections import Counter
 from itertools import repeat
 from operator import attrgetter, contains
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 
 from featurestore.errors import UnknownValueError
 from featurestore.manifest import Manifest, check_classes
-from featurestore.store._backend import join
+from featurestore.store._backend import distinct, join
 from featurestore.store.layout import INDEX_CHUNK_ROWS
 from featurestore.store.row_group import PREDICTION_RUNS
 
@@ -32,11 +33,16 @@ def append_clips(store: FeatureStore, manifest: Manifest) -> None:
         raise ValueError(f"{store.location}: classes {attrs['classes']} differ from the manifest's "
                          f"{manifest.classes}")
     new_ids = manifest.clip_ids
-    found = store.index.find(new_ids) if store.n_clips else np.full(len(new_ids), -1)  # empty: nothing to find
-    dup = {new_ids[i] for i in np.flatnonzero(found >= 0)}
-    if dup or len(set(new_ids)) != len(manifest):
-        raise ValueError(f"clip ids must be unique; already present or repeated: {sorted(dup)[:5]}")
     start, n_new = store.n_clips, len(manifest)
+    found = store.index.find(new_ids) if start else np.full(len(new_ids), -1)  # empty: nothing to find
+    dup = {new_ids[i] for i in np.flatnonzero(found >= 0)}
+    table = store.index.new_lookup_rows(new_ids, start)  # sorted by key: a repeated id sits by its twin
+    twins = np.flatnonzero((table[1:, 0] == table[:-1, 0]) & (table[1:, 1] == table[:-1, 1]))
+    if len(twins):  # equal keys: the same id twice (or, practically never, two ids sharing 128 bits)
+        rows = distinct(table[np.concatenate([twins, twins + 1]), 2].astype(np.int64)) - start
+        dup |= {cid for cid, n in Counter(new_ids[r] for r in rows.tolist()).items() if n > 1}
+    if dup:
+        raise ValueError(f"clip ids must be unique; already present or repeated: {sorted(dup)[:5]}")
     end = start + n_new
     described = {"dataset": manifest.name, "dataset_root": str(manifest.root) if manifest.root else "",
                  "audio_segments": manifest.audio_segments, "segment_seconds": manifest.segment_seconds,
@@ -56,7 +62,7 @@ def append_clips(store: FeatureStore, manifest: Manifest) -> None:
         if split in new_splits and start:
             member = np.concatenate([np.zeros(start, dtype=bool), member])  # earlier rows: written too
         arrays.write(f"index/split/{split}", end - len(member), member)
-    looked_up = store.index.prepare_append(new_ids, columns["city"], start)
+    looked_up = store.index.prepare_append(table, columns["city"], start)
     # the commit point, one attribute update (the lookup's name included): a kill before it leaves
     # rows past n_clips and an unnamed lookup, which the next writable open removes
     # (roll_back_partial_append)

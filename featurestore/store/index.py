@@ -61,7 +61,10 @@ NOT_COLUMNS = ("split", "lookup")
 def id_keys(clip_ids: Iterable[str], key: str = LOOKUP_KEY) -> np.ndarray:
     """``[n, 2]`` uint64: the 128-bit ``key`` (a ``_KEYS`` name) of each id's UTF-8 bytes (high, low,
     big-endian digest halves), as the lookup sorts them."""
-    digests = b"".join(map(_KEYS[key], map(str.encode, map(str, clip_ids))))
+    try:
+        digests = b"".join(map(_KEYS[key], map(str.encode, clip_ids)))
+    except TypeError:  # not all str (numpy strings are): keyed as their text
+        digests = b"".join(map(_KEYS[key], map(str.encode, map(str, clip_ids))))
     return np.frombuffer(digests, dtype=">u8").astype(np.uint64).reshape(-1, 2)
 
 
@@ -372,20 +375,25 @@ class ClipIndex:
         return block
 
     # ----------------------------------------------------------------------------------- writes
-    def prepare_append(self, new_ids: Sequence[str], new_cities: Sequence[str], start: int) -> dict[str, Any]:
-        """Write the lookup covering rows ``0:start+len(new_ids)``; return the root attributes to
-        commit with the new ``n_clips`` (the lookup's name, the distinct-value summary).
+    def new_lookup_rows(self, new_ids: Sequence[str], start: int) -> np.ndarray:
+        """The lookup table's rows (key, row; sorted by key) of ids appended at row ``start``,
+        keyed as the store's lookup is (an append to a store whose lookup has an older key keeps
+        that key: the old rows' keys are read, not recomputed, as ``convert`` keeps it)."""
+        key = self._lookup()["key"] if start and self._lookup() is not None else LOOKUP_KEY
+        return lookup_table(id_keys(new_ids, key), np.arange(start, start + len(new_ids), dtype=np.uint64))
+
+    def prepare_append(self, table: np.ndarray, new_cities: Sequence[str], start: int) -> dict[str, Any]:
+        """Write the lookup covering rows ``0:start+len(table)`` (``table``: ``new_lookup_rows`` of
+        the new ids); return the root attributes to commit with the new ``n_clips`` (the lookup's
+        name, the distinct-value summary).
 
         Called by ``append_clips`` after the duplicate check, before its commit. Nothing written
         here is read until that commit names it.
         """
-        end = start + len(new_ids)
+        end = start + len(table)
         attrs: dict[str, Any] = {VALUES_ATTR: self._values_after(new_cities, start, end)}
-        # an append to a store whose lookup has an older key keeps that key (the old rows' keys are
-        # read, not recomputed), as ``convert`` keeps it: both keys are read alike
         key = self._lookup()["key"] if start and self._lookup() is not None else LOOKUP_KEY
         old = self._old_table(start)
-        table = lookup_table(id_keys(new_ids, key), np.arange(start, end, dtype=np.uint64))
         if len(old):
             table = np.concatenate([old, table])
             table = sort_by_key(table)
@@ -426,7 +434,7 @@ class ClipIndex:
         if self._lookup() is not None or not n:
             return None
         ids = self.clip_ids
-        attrs = self.prepare_append(ids, self.column("city").tolist(), 0)  # as one append of every row
+        attrs = self.prepare_append(self.new_lookup_rows(ids, 0), self.column("city").tolist(), 0)  # one append of all
         return attrs
 
     def lookup_problem(self, clip_ids: Sequence[str] | None = None) -> str | None:
