@@ -116,9 +116,10 @@ class HDF5Backend:
             self._datasets[path] = ds
         return ds
 
-    def _forget(self, path: str) -> None:
+    def forget(self, path: str) -> None:
+        """Drop the dataset objects of ``path`` and those under it ('': all)."""
         self._datasets = {k: v for k, v in self._datasets.items()
-                          if not (k == path or k.startswith(path + "/"))}
+                          if path and not (k == path or k.startswith(path + "/"))}
 
     def _node(self, path: str):
         return self._file[path] if path else self._file
@@ -169,7 +170,7 @@ class HDF5Backend:
                       compressor: str | None, inner_rows: int | None = None) -> None:
         if path in self._file:
             del self._file[path]
-        self._forget(path)
+        self.forget(path)
         is_str = dtype == STRING
         h5dtype = np.dtype("S16") if is_str else np.dtype(dtype)
         chunk_rows = max(1, chunk_rows)
@@ -293,7 +294,7 @@ class HDF5Backend:
             return
         old, rows, attrs = ds[...], self._growable(path).chunks[0], dict(ds.attrs)
         del self._file[path]
-        self._forget(path)
+        self.forget(path)
         new = self._file.create_dataset(path, shape=old.shape, maxshape=(None,), dtype=np.dtype(f"S{width}"),
                                         chunks=(rows,), fletcher32=True, fillvalue=b"")
         new[...] = old
@@ -321,7 +322,7 @@ class HDF5Backend:
     def delete(self, path: str) -> None:
         with self._writing():
             del self._file[path]
-        self._forget(path)
+        self.forget(path)
 
     def close(self) -> None:
         """Close the file; a writable one is flushed first, and a failed flush abandons it (raised)."""

@@ -125,7 +125,7 @@ class ShardReader:
         """Drop the cached indexes and mappings of the array at ``path`` and the arrays under it ('' : all)."""
         with self._lock:
             for cache in (self._indexes, self._maps, self._arrays):
-                for key in [k for k in cache if not path or _under(k if isinstance(k, str) else k[0], path)]:
+                for key in [k for k in cache if under(k if isinstance(k, str) else k[0], path)]:
                     del cache[key]
 
     def revalidate(self, name: str) -> None:
@@ -650,9 +650,9 @@ def _groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ordered[starts], where, order[starts]
 
 
-def _under(key: str, path: str) -> bool:
-    """Whether the array ``key`` is the one at ``path`` or under it."""
-    return key == path or key.startswith(path + "/")
+def under(key: str, path: str) -> bool:
+    """Whether the array ``key`` is the one at ``path`` or under it ('': every array is)."""
+    return not path or key == path or key.startswith(path + "/")
 
 
 def _inner_shape(layout: ShardLayout, chunk: int, n_rows: int) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ from featurestore.errors import StoreFormatError
 from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array
 from featurestore.store._chunk_files import ChunkWriter, PlainLayout
 from featurestore.store._shard_patch import patch_shard
-from featurestore.store._shards import ShardLayout, ShardReader, local_file
+from featurestore.store._shards import ShardLayout, ShardReader, local_file, under
 from featurestore.store.verify_metadata import local_root, scan_metadata
 
 _CONFIG = {"write_empty_chunks": True}
@@ -179,7 +179,7 @@ class ZarrBackend:
         chunk_rows = max(1, chunk_rows)
         chunks = (chunk_rows,) + tuple(shape[1:])
         zdtype = str if dtype == STRING else np.dtype(dtype)
-        self._forget(path)
+        self.forget(path)
         codecs = [ZstdCodec(level=3)] if COMPRESSORS[compressor] == "zstd" else []
         options: dict[str, Any] = {"chunks": chunks}
         if inner_rows is not None and 0 < inner_rows < chunk_rows and dtype != STRING:
@@ -194,13 +194,11 @@ class ZarrBackend:
         names = [type(c).__name__ for c in self._array(path).compressors]
         return "zstd" if "ZstdCodec" in names else None
 
-    def _forget(self, path: str) -> None:
-        """Drop what is known of the array at ``path`` and of the arrays under it."""
-        gone = [k for k in self._arrays if k == path or k.startswith(path + "/")]
-        for key in gone:
-            del self._arrays[key]
-        for cache in (self._layouts, self._rows, self._plain, self._writers):
-            for key in [k for k in cache if k == path or k.startswith(path + "/")]:
+    def forget(self, path: str) -> None:
+        """Drop what is known of the array at ``path`` and of the arrays under it ('': all): their
+        metadata (shape, dtype, chunking), layouts, shard indexes and maps are read anew when next used."""
+        for cache in (self._arrays, self._layouts, self._rows, self._plain, self._writers):
+            for key in [k for k in cache if under(k, path)]:
                 del cache[key]
         self._shards.forget(path)
 
@@ -310,10 +308,10 @@ class ZarrBackend:
     def resize(self, path: str, n_rows: int) -> None:
         arr = self._array(path)
         arr.resize((n_rows,) + tuple(arr.shape[1:]))
-        self._forget(path)  # the cached array object and layout hold the old shape
+        self.forget(path)  # the cached array object and layout hold the old shape
 
     def delete(self, path: str) -> None:
-        self._forget(path)
+        self.forget(path)
         parent, _, name = path.rpartition("/")
         del self._node(parent)[name]
 

@@ -164,6 +164,13 @@ class StoreArrays:
         except ChunkFault as fault:
             raise self._fault_error(path, fault) from fault.cause
 
+    def forget(self, path: str = "") -> None:
+        """Forget what is known of the arrays at and under ``path`` ('': all): another process may
+        have replaced them (a feature set deleted and created again with another shape, dtype or
+        chunking), and reading new files through the old metadata would call them damaged, or
+        reinterpret their bytes."""
+        self._backend.forget(path)
+
     def revalidate(self, path: str) -> None:
         """Files of ``path`` may have been replaced by another process (its done flags were read
         anew): ``gather`` checks what it keeps of them (memory maps) before using it again."""

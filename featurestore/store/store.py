@@ -322,8 +322,10 @@ class FeatureStore:
         return group.gather(np.arange(start, stop), check_done=check_done)
 
     def refresh(self) -> None:
-        """Drop cached chunks, done masks and the index: see what other processes wrote since."""
+        """Drop cached chunks, done masks, the index and the arrays' metadata: see what other
+        processes wrote since (a feature set created again with another shape is read as it is now)."""
         self._rows_cache.clear()
+        self._arrays.forget()
         self._index.forget()
         self._runs = None
         self._feature_groups.clear()
