@@ -21,6 +21,22 @@ from featurestore.store._cache import ChunkCache
 from featurestore.store.arrays import StoreArrays
 
 
+
+def _check_storable(array: str, data: np.ndarray, stored: np.dtype) -> None:
+    """ValueError unless ``data`` converts to the ``stored`` numbers without losing what it is:
+    numpy would drop an imaginary part, truncate floats into an integer set (NaN becomes any
+    integer) and wrap integers out of range, all silently."""
+    kind = data.dtype.kind
+    if kind not in "biuf" or (kind == "f" and stored.kind in "biu"):
+        raise ValueError(f"{array}: rows are {data.dtype}, expected numbers storable as {stored} "
+                         f"(convert them first)")
+    if kind in "iu" and stored.kind in "iu" and not np.can_cast(data.dtype, stored) and data.size:
+        info = np.iinfo(stored)
+        low, high = data.min(), data.max()
+        if low < info.min or high > info.max:
+            raise ValueError(f"{array}: rows hold integers {low}..{high}, outside {stored}'s "
+                             f"{info.min}..{info.max}")
+
 @dataclass(frozen=True)
 class RowGroupKind:
     """What tells the kinds of row group apart; everything else they share."""
@@ -366,6 +382,7 @@ class RowGroup:
         if start % rows or (stop % rows and stop != shape[0]):
             raise ValueError(f"{array}: block {start}:{stop} is not aligned to whole chunks of {rows} "
                              f"rows (parallel writers must own whole chunks)")
+        _check_storable(array, data, np.dtype(self._arrays.dtype(array)))
         return data
 
     def write_rows(self, start: int, data: np.ndarray, done: np.ndarray | None = None,

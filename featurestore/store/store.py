@@ -262,7 +262,9 @@ class FeatureStore:
         """Write rows ``start:start+len(data)`` of a feature set, then mark them done.
 
         The block must cover whole chunks (its end may be the last row), so that parallel writers
-        never touch the same chunk. Errors recorded earlier for these rows are cleared.
+        never touch the same chunk. Errors recorded earlier for these rows are cleared. Rows that
+        would not convert to the stored dtype as numbers (complex, text, floats into an integer set,
+        integers out of its range) are refused before anything is written.
 
         A block may also hold rows that are not finished (a clip that failed to decode in the middle
         of a block): ``done`` (bool per row of the block, default all True) says which rows are
