@@ -63,9 +63,18 @@ def id_keys(clip_ids: Iterable[str], key: str = LOOKUP_KEY) -> np.ndarray:
     big-endian digest halves), as the lookup sorts them."""
     try:
         digests = b"".join(map(_KEYS[key], map(str.encode, clip_ids)))
-    except TypeError:  # not all str (numpy strings are): keyed as their text
-        digests = b"".join(map(_KEYS[key], map(str.encode, map(str, clip_ids))))
+    except UnicodeEncodeError:  # a lone surrogate: manifests refuse it, so its key matches no stored id
+        digests = b"".join(_KEYS[key](cid.encode("utf-8", "surrogatepass")) for cid in clip_ids)
     return np.frombuffer(digests, dtype=">u8").astype(np.uint64).reshape(-1, 2)
+
+
+def check_clip_ids(clip_ids: Sequence[Any]) -> None:
+    """TypeError unless every id is a str (numpy's are): an int keyed as its text would find the
+    clip named "5" for 5 where the caller meant a row, and only on some paths (the decoded ids do not)."""
+    if not all(isinstance(cid, str) for cid in clip_ids):
+        bad = next(cid for cid in clip_ids if not isinstance(cid, str))
+        raise TypeError(f"clip ids are strings, got the {type(bad).__name__} {bad!r}"
+                        f"{' (rows are read with read_rows)' if isinstance(bad, (int, np.integer)) else ''}")
 
 
 def lookup_table(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -195,6 +204,7 @@ class ClipIndex:
         existed (the same break-even as the done mask's). Ids found a few at a time are kept
         (``_RECENT_IDS``), so asking them again costs a dict lookup and counts towards nothing.
         """
+        check_clip_ids(clip_ids)
         few = len(clip_ids) <= _BULK_IDS
         if few and self._row_of is None and all(c in self._recent for c in clip_ids):
             return np.fromiter((self._recent[c] for c in clip_ids), dtype=np.int64, count=len(clip_ids))
@@ -276,7 +286,10 @@ class ClipIndex:
         of the mapped table (a cold single ``get``); None where that does not answer (a table that
         cannot be mapped, or equal high halves of keys: practically never; ``_find_in_lookup`` then does)."""
         meta = self._lookup()
-        digest = _KEYS[meta["key"]](clip_id.encode("utf-8"))
+        try:
+            digest = _KEYS[meta["key"]](clip_id.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate: no stored id holds one (manifests refuse them)
+            return -1
         hi, lo = np.uint64(int.from_bytes(digest[:8], "big")), int.from_bytes(digest[8:], "big")
         if self._table_path is None:
             path = join(meta["path"], "table")

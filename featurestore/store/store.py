@@ -300,7 +300,11 @@ class FeatureStore:
 
         A clip asked before (its row known, its chunk cached, finished by the done flags read) is a
         few dict lookups and a copy: about an h5py row read."""
-        group, row = self._feature_groups.get(name), self._index.known_row(clip_id)
+        group = self._feature_groups.get(name)
+        try:
+            row = self._index.known_row(clip_id)
+        except TypeError:  # unhashable: not an id (``row`` below says so)
+            row = None
         if group is not None and row is not None:
             hit = group.cached_row(row)
             if hit is not None:
