@@ -96,6 +96,7 @@ class ZarrBackend:
             # creates them when asked to
             options.setdefault("auto_mkdir", True)
         kwargs = {"storage_options": options} if options and "://" in location else {}
+        self._open_kwargs = kwargs
         try:
             with _metadata(location):
                 self._root = zarr.open_group(location, mode=mode, zarr_format=3, **kwargs)
@@ -201,6 +202,10 @@ class ZarrBackend:
             for key in [k for k in cache if under(k, path)]:
                 del cache[key]
         self._shards.forget(path)
+        if not path:  # the root group's attributes (n_clips, the lookup) are kept by its object
+            with _metadata(self.location):
+                self._root = zarr.open_group(self.location, mode="r" if self.read_only else "r+", zarr_format=3,
+                                             **self._open_kwargs)
 
     def _layout(self, path: str) -> ShardLayout | None:
         """The shard layout of ``path`` when it is sharded in the layout the fast path reads."""

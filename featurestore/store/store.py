@@ -324,6 +324,8 @@ class FeatureStore:
 
     def read_rows(self, name: str, start: int, stop: int, check_done: bool = True) -> np.ndarray:
         """A contiguous block of rows (loaders read chunk-sized blocks through this)."""
+        if not 0 <= start <= stop <= self.n_clips:
+            raise ValueError(f"{self.location}: rows {start}:{stop} are outside the store's 0:{self.n_clips}")
         group = self.row_group(FEATURE_SETS, name)
         return group.gather(np.arange(start, stop), check_done=check_done)
 

@@ -53,3 +53,25 @@ def test_a_set_deleted_by_another_writer_is_unknown_after_refresh(store_path):
         reader.refresh()
         with pytest.raises(UnknownFeatureError, match="no feature set named 'e'"):
             reader.get_many("e", ids[:5])
+
+
+def test_clips_another_writer_appended_are_read_after_refresh(store_path):
+    path, ids, values = store_path
+    more = np.random.default_rng(2).standard_normal((N, 1, 64)).astype(np.float16)
+    new_ids = [f"new-{i}" for i in range(N)]
+    with open_store(path) as reader:
+        reader.get_many("e", ids[:3])
+        with open_store(path, "a") as writer:
+            writer.append_clips(Manifest("hostile", list(TAU_CLASSES),
+                                         [ClipRecord(c, label=TAU_CLASSES[0]) for c in new_ids]))
+            writer.write_rows("e", N, more)
+        reader.refresh()
+        assert reader.n_clips == 2 * N
+        np.testing.assert_array_equal(reader.get_many("e", [new_ids[5], ids[7]]), [more[5], values[7]])
+        np.testing.assert_array_equal(reader.read_rows("e", N - 2, N + 2), np.concatenate([values[-2:], more[:2]]))
+
+
+@pytest.mark.parametrize("start, stop", [(-5, 3), (5, 2), (N - 2, N + 1)])
+def test_rows_outside_the_store_are_refused_in_one_line(store_path, start, stop):
+    with open_store(store_path[0]) as store, pytest.raises(ValueError, match=rf"rows {start}:{stop} are outside"):
+        store.read_rows("e", start, stop)
