@@ -23,15 +23,18 @@ from pathlib import Path
 #: Set in the environment while the S3 tests run; the audit hook only acts while it is "1".
 GUARD_ENV = "AVSCENE_TEST_LOOPBACK_ONLY"
 
+#: moto's S3 app alone (what ``moto_server s3`` serves), not ``ThreadedMotoServer``'s dispatcher: that
+#: one finds the service of every request anew (listing moto's modules on disk) under one lock and logs
+#: a line per request, half of the server's CPU in the S3 tests.
 _SERVER = """
-import sys
-from moto.server import ThreadedMotoServer
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-server.start()
-host, port = server.get_host_and_port()
-print(f"http://{host}:{port}", flush=True)
-sys.stdin.read()  # until the parent closes our stdin (or dies)
-server.stop()
+import logging, sys, threading
+from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
+from werkzeug.serving import make_server
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no log line per request
+server = make_server("127.0.0.1", 0, create_backend_app("s3"), threaded=True, request_handler=MotoRequestHandler)
+print(f"http://127.0.0.1:{server.server_port}", flush=True)
+threading.Thread(target=lambda: (sys.stdin.read(), server.shutdown()), daemon=True).start()
+server.serve_forever()  # until the parent closes our stdin (or dies)
 """
 
 #: The hook, as source: run in this process and written as the children's ``sitecustomize.py``.
