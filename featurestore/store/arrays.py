@@ -227,6 +227,9 @@ class StoreArrays:
         ``inner_rows`` (a divisor of ``chunk_rows``) shards it: each chunk of ``chunk_rows`` is then
         stored as inner chunks of ``inner_rows`` that are read and decoded on their own."""
         self.require_writable()
+        if int(shape[0]) < 0 or any(int(s) < 1 for s in shape[1:]):  # zarr: a ZeroDivisionError at best
+            raise ValueError(f"{self.location}:{path}: shape {tuple(shape)} has an empty or negative axis "
+                             f"(each value needs at least one element)")
         self._backend.create_array(path, shape, dtype, chunk_rows, fill_value, compressor=compressor,
                                    inner_rows=inner_rows)
 
