@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import mmap
 import os
@@ -38,6 +39,11 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from featurestore.store._backend import ChunkFault
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 _ABSENT = np.uint64(2**64 - 1)
 # Shards mapped at once per store: each map holds a file descriptor (CPython's mmap keeps one), so
@@ -203,9 +209,10 @@ class ShardReader:
             shards, where = shard_of[:1], np.zeros(len(inner), dtype=np.int64)
         else:
             shards, where, _ = _groups(shard_of)
-        if len(shards) > MAX_MAPPED_SHARDS:  # the maps one call holds stay within the descriptor bound
-            for low in range(0, len(shards), MAX_MAPPED_SHARDS):
-                part = np.flatnonzero((where >= low) & (where < low + MAX_MAPPED_SHARDS))
+        bound = max_mapped_shards()
+        if len(shards) > bound:  # the maps one call holds stay within the descriptor bound
+            for low in range(0, len(shards), bound):
+                part = np.flatnonzero((where >= low) & (where < low + bound))
                 got = out[part]
                 if not self._collect(name, state, inner[part], within[part], required[part], got):
                     return False
@@ -283,7 +290,7 @@ class ShardReader:
                     mapped.epoch = epoch
                     _used_again(state, mapped)
                     return mapped
-            mapped = _Mapped.open(path, state.layout)
+            mapped = self._open(path, state.layout)
         except FileNotFoundError:
             mapped = _Mapped.absent()
         else:
@@ -292,14 +299,29 @@ class ShardReader:
             self.bytes_read += state.layout.index_bytes
             self._maps[(name, shard)] = mapped
             self._maps.move_to_end((name, shard))
-            while len(self._maps) > MAX_MAPPED_SHARDS:  # its map (and descriptor) goes with its last reference
-                (old_name, old_shard), _ = self._maps.popitem(last=False)
-                old = self._arrays.get(old_name)
-                if old is not None:
-                    old.drop(old_shard)
+            self._unmap(len(self._maps) - max_mapped_shards())
         mapped.epoch = epoch
         state.put(shard, mapped)
         return mapped
+
+    def _open(self, path: str, layout: ShardLayout) -> _Mapped | None:
+        """``_Mapped.open``; out of file descriptors (the process's limit, another library's files),
+        this reader's older maps are dropped (their descriptors close) and it is tried once more."""
+        try:
+            return _Mapped.open(path, layout)
+        except OSError as err:
+            if err.errno not in (errno.EMFILE, errno.ENFILE) or not self._maps:
+                raise
+        self._unmap(len(self._maps))
+        return _Mapped.open(path, layout)
+
+    def _unmap(self, n: int) -> None:
+        """Drop the ``n`` least recently used maps: each map (and descriptor) goes with its last reference."""
+        for _ in range(max(0, n)):
+            (old_name, old_shard), _ = self._maps.popitem(last=False)
+            old = self._arrays.get(old_name)
+            if old is not None:
+                old.drop(old_shard)
 
     # ------------------------------------------------------------------------------------ reads
     def read(self, name: str, arr: zarr.Array, layout: ShardLayout, chunks: np.ndarray,
@@ -507,6 +529,17 @@ class _Mapped:
         mapped = cls((stat.st_ino, stat.st_size, stat.st_mtime_ns), grid, n_inner, raw, view, length, rows)
         mapped.mm = mm
         return mapped
+
+
+def max_mapped_shards() -> int:
+    """``MAX_MAPPED_SHARDS``, or a quarter of the process's file descriptor limit where that is lower
+    (macOS's default soft limit is 256: 256 maps and a few files ran out, a bare OSError)."""
+    if resource is None:  # Windows: no such limit
+        return MAX_MAPPED_SHARDS
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_MAPPED_SHARDS
+    return max(1, min(MAX_MAPPED_SHARDS, soft // 4))
 
 
 def populates(layout: ShardLayout, n_rows: int) -> bool:
