@@ -82,6 +82,8 @@ class HDF5Backend:
         if self._failed is not None:
             raise OSError(self._failed.errno, f"closed after a failed write: {self._failed.strerror}",
                           self.location) from self._failed
+        if not self._h5.id.valid:  # h5py answers a closed file's lookups as absent: "no feature set named ..."
+            raise ValueError(f"{self.location}: the store is closed")
         return self._h5
 
     @contextlib.contextmanager
