@@ -19,12 +19,18 @@ import pytest
 from featurestore.datasets import read_tau, read_tau_eval
 from featurestore.demo import make_demo_dataset, make_demo_eval_dataset
 from featurestore.manifest import Manifest
+from tests import warm_child
 
 #: The tiny development set: 2 clips per class (20 clips of 10 s, 48 kHz stereo 24-bit WAV, 64x48
 #: H.264 at 5 fps), one location per clip, so each class has one clip in fold1_train and one in
 #: fold1_evaluate; 5 of the 20 are night clips (see demo_truth.csv).
 TINY = dict(clips_per_class=2, duration=10.0, n_cities=2, seed=0, width=64, height=48, fps=5,
             night_fraction=0.25, clips_per_location=1, progress=False)
+
+
+def pytest_sessionfinish(session):
+    """The warm children's server is stopped and waited for (its children's CPU counted here)."""
+    warm_child.stop_server()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Helpers of the fault tests: extraction in a real child process, stopped or killed at chosen points.
 
 The child runs ``extract`` through ``featurestore.cli.run_command``, so its exit code and stderr are
-what ``featurestore extract`` gives. Points in the run are chosen by the number of done rows
+what ``featurestore extract`` gives. It starts warm (forked from a server that imported torch once,
+:mod:`tests.warm_child`) unless it runs under a ``prefix`` command, which needs a fresh interpreter. Points in the run are chosen by the number of done rows
 (``FEATURESTORE_TEST_SIGNAL_AT_DONE=KILL:10`` / ``STOP:10``, see ``featurestore.extract.pipeline``), never
 by sleeping.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests import warm_child
 
 from featurestore.extract.pipeline import TEST_SIGNAL_ENV
 from featurestore.store import open_store
@@ -37,8 +40,9 @@ sys.exit(run_command("featurestore", "extract", lambda: extract(manifest, sys.ar
 
 
 def start_child(tmp: Path, manifest, store: Path, options: dict, signal_at: str | None = None,
-                env: dict | None = None, prefix: list[str] | None = None, preexec_fn=None) -> subprocess.Popen:
-    """Start an extraction child in its own process group (stdout dropped, stderr piped)."""
+                env: dict | None = None, prefix: list[str] | None = None, preexec_fn=None):
+    """Start an extraction child in its own process group (stdout dropped, stderr piped); a
+    ``preexec_fn`` must pickle (a module-level function, or a ``functools.partial`` of one)."""
     tmp.mkdir(parents=True, exist_ok=True)
     manifest_file, options_file = tmp / "manifest.pkl", tmp / f"options-{time.monotonic_ns()}.pkl"
     if not manifest_file.exists():
@@ -48,9 +52,24 @@ def start_child(tmp: Path, manifest, store: Path, options: dict, signal_at: str 
     child_env.pop(TEST_SIGNAL_ENV, None)
     if signal_at:
         child_env[TEST_SIGNAL_ENV] = signal_at
-    argv = [*(prefix or []), sys.executable, "-c", CHILD, str(manifest_file), str(options_file), str(store)]
-    return subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=child_env, preexec_fn=preexec_fn)
+    args = ["-c", CHILD, str(manifest_file), str(options_file), str(store)]
+    if prefix is None:
+        return warm_child.start(args, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=preexec_fn)
+    return subprocess.Popen([*prefix, sys.executable, *args], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=child_env, preexec_fn=preexec_fn)
+
+
+def ignore_sigxfsz() -> None:
+    """SIGXFSZ ignored (and so in decode workers): a write past RLIMIT_FSIZE fails with EFBIG instead
+    of killing the process."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def file_size_limit(limit: int) -> None:
+    """RLIMIT_FSIZE of ``limit`` bytes, SIGXFSZ ignored: ``preexec_fn=partial(file_size_limit, n)``."""
+    ignore_sigxfsz()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:

@@ -9,10 +9,12 @@ import os
 import resource
 import signal
 import subprocess
+from functools import partial
 
 import pytest
 from tests.featurestore.fault_support import (
-    done_total, finish, forked_children, kill_group, one_error_line, start_child, wait_stopped,
+    done_total, file_size_limit, finish, forked_children, ignore_sigxfsz, kill_group, one_error_line, start_child,
+    wait_stopped,
 )
 from tests.featurestore.test_extract_support import assert_same_arrays, make_dataset, read_all
 
@@ -89,11 +91,10 @@ def test_a_file_size_limit_in_a_decode_worker_stops_the_run_with_one_line(datase
     next batch cannot go into shared memory. Before, the DataLoader's queue thread printed that
     error and dropped the batch, and the run waited for it for ever."""
     store = tmp_path / "s.zarr"
-    ignore_xfsz = lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # noqa: E731 (inherited by workers)
     # a worker that reuses its shared buffers needs no new shared memory after its first batches:
     # the limit bites on fresh shared memory, which this run uses for every batch
     proc = start_child(tmp_path / "child", dataset, store, WORKER_OPTIONS, signal_at="STOP:2",
-                       preexec_fn=ignore_xfsz, env={SLOTS_ENV: "0"})
+                       preexec_fn=ignore_sigxfsz, env={SLOTS_ENV: "0"})
     try:
         wait_stopped(proc)
         (worker,) = forked_children(proc.pid)
@@ -178,12 +179,8 @@ def test_a_file_size_limit_on_the_store_stops_with_one_line(dataset, reference, 
     """RLIMIT_FSIZE of 64 KiB on the writer (SIGXFSZ ignored): a 190 KiB chunk does not fit."""
     store = tmp_path / "s.zarr"
     assert extract(dataset, store, ENCODERS, limit=2, **OPTIONS).exit_code == 0  # the index (256 KiB files)
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
-
-    proc = start_child(tmp_path / "child", dataset, store, dict(OPTIONS, encoders=ENCODERS), preexec_fn=limit)
+    proc = start_child(tmp_path / "child", dataset, store, dict(OPTIONS, encoders=ENCODERS),
+                       preexec_fn=partial(file_size_limit, 64 * 1024))
     code, err = finish(proc, timeout=90)
     assert code == 1, err
     line = one_error_line(err)

@@ -12,14 +12,14 @@ A SIGKILL keeps the rows marked done too (the file is flushed at every commit of
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
-from tests.featurestore.fault_support import done_total, finish, one_error_line, start_child
+from tests.featurestore.fault_support import done_total, file_size_limit, finish, one_error_line, start_child
 from tests.featurestore.test_extract_support import assert_same_arrays, make_dataset, read_all
 
 from featurestore.cli import main, run_command
@@ -55,10 +55,7 @@ def reference(dataset, tmp_path_factory) -> Path:
 
 
 def _file_size_limit(limit: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
+    return partial(file_size_limit, limit)
 
 
 def _verifies_and_resumes(dataset, store: Path, reference: Path) -> None:

@@ -1,0 +1,246 @@
+"""Python children that start warm: forked from a server process that imported torch and the library
+once, instead of a fresh interpreter that pays ~2 s of CPU importing torch before it does anything.
+
+The fault tests kill, stop and starve real extraction processes, dozens of them in a run; their start
+was most of what those tests cost. This is multiprocessing's ``forkserver`` with a preload (the way
+PyTorch's own docs start workers that must not inherit a parent's threads): the server is a single-
+threaded process started once per test process, each child is a plain ``fork()`` of it, then runs
+the same code a ``python -c CODE ARGS`` / ``python -m MODULE ARGS`` child would, with the environment,
+working directory, process group (a new session), SIGINT disposition and stdio pipes the test gave.
+What differs from a fresh interpreter is only that the preloaded modules are already imported.
+
+:func:`start` returns a :class:`WarmChild`, which answers what the tests ask of a
+``subprocess.Popen``: ``pid``, ``poll``, ``wait``, ``communicate``, ``returncode``, ``stderr``.
+"""
+from __future__ import annotations
+
+import atexit
+import io
+import multiprocessing
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import types
+from collections.abc import Callable
+from multiprocessing import reduction
+
+#: What the server imports once: everything an extraction or ``featurestore``/``heads`` command loads.
+PRELOAD = ["featurestore.cli", "featurestore.extract.pipeline", "heads.cli"]
+
+_CONTEXT: multiprocessing.context.ForkServerContext | None = None
+
+
+def _context() -> multiprocessing.context.ForkServerContext:
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(PRELOAD)
+    return _CONTEXT
+
+
+def stop_server() -> None:
+    """Stop the server and wait for it, so that its children's CPU is counted as this process's
+    (a server left to exit after this process would be reaped by init, and its time lost)."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)
+    if _CONTEXT is not None and stop is not None:
+        stop()
+
+
+class _Fd:
+    """A file descriptor handed to the child (sent over the server's socket, as multiprocessing
+    sends a Connection's)."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _Fd._rebuilt, (None if self.fd is None else reduction.DupFd(self.fd),)
+
+    @staticmethod
+    def _rebuilt(dup) -> int | None:
+        return None if dup is None else dup.detach()
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """What the interpreter makes of ``sys.exit(code)``: None is 0, an int is itself, anything else
+    is printed to stderr and is 1."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _run(argv: list[str]) -> int:
+    """Run ``argv`` (``["-c", CODE, *args]`` or ``["-m", MODULE, *args]``) as the interpreter would."""
+    import runpy
+
+    if argv[0] == "-c":
+        sys.argv = ["-c", *argv[2:]]
+        main = types.ModuleType("__main__")
+        sys.modules["__main__"] = main
+        exec(compile(argv[1], "<string>", "exec"), main.__dict__)
+    elif argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]  # runpy puts the module's file in argv[0]
+        runpy._run_module_as_main(argv[1], alter_argv=True)
+    else:
+        raise ValueError(f"warm children run -c CODE or -m MODULE, not {argv[0]!r}")
+    return 0
+
+
+def _writer(fd: int, errors: str, line_buffering: bool, write_through: bool) -> io.TextIOWrapper:
+    """``sys.stdout``/``sys.stderr`` on ``fd`` as the interpreter makes them (stderr line-buffered)."""
+    return io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)), encoding="utf-8", errors=errors,
+                            line_buffering=line_buffering, write_through=write_through)
+
+
+def _child(argv: list[str], env: dict[str, str], cwd: str | None, stdio: tuple[_Fd, _Fd, _Fd],
+           sigint_ignored: bool, preexec_fn: Callable[[], None] | None) -> None:
+    """The forked child: become what ``subprocess.Popen(start_new_session=True, ...)`` would have
+    started, run ``argv``, exit with the interpreter's exit status."""
+    os.setsid()
+    multiprocessing.set_start_method(None, force=True)  # the interpreter's default (fork), not forkserver
+    for target, fd in enumerate(stdio):
+        if fd is not None:
+            os.dup2(fd, target)
+            os.close(fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if sigint_ignored else signal.default_int_handler)
+    os.environ.clear()
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    unbuffered = bool(env.get("PYTHONUNBUFFERED"))  # what the interpreter reads from it at start
+    sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = _writer(1, "strict", line_buffering=False, write_through=unbuffered)
+    sys.stderr = _writer(2, "backslashreplace", line_buffering=True, write_through=unbuffered)
+    if preexec_fn is not None:
+        preexec_fn()
+    try:
+        code = _run(argv)
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = None  # the interpreter reports an unhandled Ctrl-C as death by SIGINT
+    except BaseException:  # noqa: BLE001 (what the interpreter does with any uncaught exception)
+        traceback.print_exc()
+        code = 1
+    threading._shutdown()  # as at interpreter exit: wait for non-daemon threads, then atexit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if code is None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code & 0xFF)
+
+
+class WarmChild:
+    """A started warm child, with the part of ``subprocess.Popen``'s interface the tests use."""
+
+    def __init__(self, process: multiprocessing.Process, stdout, stderr, text: bool):
+        self._process = process
+        self.pid = process.pid
+        self.stdout, self.stderr, self._text = stdout, stderr, text
+        self.args = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._process.exitcode
+
+    def communicate(self, timeout: float | None = None):
+        """Read stdout and stderr (those that are pipes) to their end, then wait for the exit."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        streams = [s for s in (self.stdout, self.stderr) if s is not None]
+        chunks: dict = {s: [] for s in streams}
+        with selectors.DefaultSelector() as selector:
+            for stream in streams:
+                selector.register(stream, selectors.EVENT_READ)
+            while selector.get_map():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(self.args, timeout)
+                for key, _ in selector.select(left):
+                    data = os.read(key.fd, 65536)
+                    if data:
+                        chunks[key.fileobj].append(data)
+                    else:
+                        selector.unregister(key.fileobj)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        out = [b"".join(chunks[s]) if s in chunks else None for s in (self.stdout, self.stderr)]
+        for stream in streams:
+            stream.close()
+        if self._text:
+            out = [None if o is None else o.decode(errors="replace") for o in out]
+        return tuple(out)
+
+
+def _pipe_for(where) -> tuple[int | None, object, int | None]:
+    """(fd for the child, file for the test or None, fd to close here after the start)."""
+    if where == subprocess.PIPE:
+        r, w = os.pipe()
+        return w, os.fdopen(r, "rb", buffering=0), w
+    if where == subprocess.DEVNULL:
+        fd = os.open(os.devnull, os.O_RDWR)
+        return fd, None, fd
+    if where is None:
+        return None, None, None
+    raise ValueError(f"stdio {where!r}: PIPE, DEVNULL or None")
+
+
+def start(argv: list[str], env: dict[str, str] | None = None, cwd=None, stdout=None, stderr=None,
+          preexec_fn: Callable[[], None] | None = None, text: bool = False) -> WarmChild:
+    """Start ``python ARGV`` warm, in a new session (``start_new_session=True``); ``stdout``/``stderr``
+    as for Popen (PIPE, DEVNULL or None to inherit); ``preexec_fn`` must pickle (a module-level
+    function or a ``functools.partial`` of one)."""
+    ctx = _context()
+    fds = [_pipe_for(subprocess.DEVNULL), _pipe_for(stdout), _pipe_for(stderr)]
+    sigint_ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    process = ctx.Process(target=_child, args=(list(argv), dict(os.environ if env is None else env),
+                                               None if cwd is None else str(cwd),
+                                               tuple(_Fd(fd) for fd, _, _ in fds), sigint_ignored, preexec_fn))
+    try:
+        process.start()
+    finally:
+        for _, _, close in fds:
+            if close is not None:
+                os.close(close)
+    _wait_for_own_session(process)
+    return WarmChild(process, fds[1][1], fds[2][1], text)
+
+
+def _wait_for_own_session(process: multiprocessing.Process, timeout: float = 30.0) -> None:
+    """Return once the child leads its own process group, as Popen(start_new_session=True) does
+    before it returns: a test that kills the group at once must reach the child."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.getpgid(process.pid) == process.pid:
+                return
+        except ProcessLookupError:
+            return  # ended already
+        if process.exitcode is not None:
+            return
+        time.sleep(0.001)
+    raise RuntimeError(f"warm child {process.pid} did not start its session in {timeout} s")
