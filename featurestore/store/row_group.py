@@ -409,6 +409,10 @@ class RowGroup:
             if unchanged.shape != (len(data),):
                 raise ValueError(f"{self.path}: unchanged mask has shape {unchanged.shape}, "
                                  f"expected ({len(data)},)")
+        bad_keys = [row for row in (errors or {}) if not isinstance(row, (int, np.integer)) or isinstance(row, bool)]
+        if bad_keys:
+            raise ValueError(f"{self.path}: errors are keyed by row number, got {bad_keys[0]!r} "
+                             f"(set_errors takes clip ids)")
         errors = {int(row): str(msg) for row, msg in (errors or {}).items()}
         bad = [row for row in errors if not start <= row < stop or done[row - start]]
         if bad:

@@ -66,3 +66,9 @@ def test_a_complex_set_keeps_complex_rows(store):
 def test_a_set_with_an_empty_or_negative_axis_is_refused_in_one_line(store, n_segments, feature_shape):
     with pytest.raises(ValueError, match=r"features/empty/data: shape .* has an empty or negative axis"):
         store.create_feature_set("empty", n_segments, feature_shape, PROVENANCE)
+
+
+@pytest.mark.parametrize("key", ["k3", 3.7, True])
+def test_errors_keyed_by_anything_but_a_row_number_are_refused_in_one_line(store, key):
+    with pytest.raises(ValueError, match=r"features/f: errors are keyed by row number, got"):
+        store.write_rows("f", 0, np.ones((20, 2, 3)), done=np.arange(20) != 3, errors={key: "boom"})
