@@ -400,6 +400,8 @@ class RowGroup:
         finished earlier); they are not read a second time to tell whether the data version changes,
         and with ``unchanged`` given only the other done rows are written (``write_block``'s ``changed``).
         """
+        if not isinstance(start, (int, np.integer)) or isinstance(start, bool):
+            raise TypeError(f"{self.path}: start is a row number, got the {type(start).__name__} {start!r}")
         stop = start + len(data)
         done = np.ones(len(data), dtype=bool) if done is None else np.asarray(done, dtype=bool)
         if done.shape != (len(data),):

@@ -72,3 +72,9 @@ def test_a_set_with_an_empty_or_negative_axis_is_refused_in_one_line(store, n_se
 def test_errors_keyed_by_anything_but_a_row_number_are_refused_in_one_line(store, key):
     with pytest.raises(ValueError, match=r"features/f: errors are keyed by row number, got"):
         store.write_rows("f", 0, np.ones((20, 2, 3)), done=np.arange(20) != 3, errors={key: "boom"})
+
+
+@pytest.mark.parametrize("start", [20.0, np.float32(20), "20", True, None])
+def test_a_start_that_is_not_a_row_number_is_refused_in_one_line(store, start):
+    with pytest.raises(TypeError, match=r"features/f: start is a row number, got the"):
+        store.write_rows("f", start, np.ones((20, 2, 3)))
