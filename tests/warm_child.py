@@ -7,7 +7,8 @@ PyTorch's own docs start workers that must not inherit a parent's threads): the 
 threaded process started once per test process, each child is a plain ``fork()`` of it, then runs
 the same code a ``python -c CODE ARGS`` / ``python -m MODULE ARGS`` child would, with the environment,
 working directory, process group (a new session), SIGINT disposition and stdio pipes the test gave.
-What differs from a fresh interpreter is only that the preloaded modules are already imported.
+What differs from a fresh interpreter: the preloaded modules are already imported, and what the
+interpreter does once at its start (``sitecustomize``, ``-X`` options) is the server's.
 
 :func:`start` returns a :class:`WarmChild`, which answers what the tests ask of a
 ``subprocess.Popen``: ``pid``, ``poll``, ``wait``, ``communicate``, ``returncode``, ``stderr``.
@@ -18,6 +19,7 @@ import atexit
 import io
 import multiprocessing
 import os
+import resource
 import selectors
 import signal
 import subprocess
@@ -119,6 +121,8 @@ def _child(argv: list[str], env: dict[str, str], cwd: str | None, stdio: tuple[_
         os.chdir(cwd)
     unbuffered = bool(env.get("PYTHONUNBUFFERED"))  # what the interpreter reads from it at start
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
+    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    sys.path[:0] = extra  # (a sitecustomize found there is not run: children that need one start cold)
     sys.stdin = open(0, closefd=False)
     sys.stdout = _writer(1, "strict", line_buffering=False, write_through=unbuffered)
     sys.stderr = _writer(2, "backslashreplace", line_buffering=True, write_through=unbuffered)
@@ -168,6 +172,13 @@ class WarmChild:
         if self._process.exitcode is None:
             raise subprocess.TimeoutExpired(self.args, timeout)
         return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
     def communicate(self, timeout: float | None = None):
         """Read stdout and stderr (those that are pipes) to their end, then wait for the exit."""
@@ -244,3 +255,30 @@ def _wait_for_own_session(process: multiprocessing.Process, timeout: float = 30.
             return
         time.sleep(0.001)
     raise RuntimeError(f"warm child {process.pid} did not start its session in {timeout} s")
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, cwd=None, timeout: float | None = None,
+        preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run([sys.executable, *argv], capture_output=True, text=True, ...)``, started warm;
+    on a timeout the child's process group is killed and ``TimeoutExpired`` raised, as ``run`` does."""
+    child = start(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn,
+                  text=True)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        raise
+    return subprocess.CompletedProcess([sys.executable, *argv], child.returncode, out, err)
+
+
+def ignore_sigxfsz() -> None:
+    """SIGXFSZ ignored (and so in the child's own children): a write past RLIMIT_FSIZE fails with
+    EFBIG instead of killing the process. A ``preexec_fn`` that pickles."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def file_size_limit(limit: int) -> None:
+    """RLIMIT_FSIZE of ``limit`` bytes, SIGXFSZ ignored: ``preexec_fn=functools.partial(file_size_limit, n)``."""
+    ignore_sigxfsz()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import resource
 import signal
 import subprocess
 import sys
@@ -58,18 +57,6 @@ def start_child(tmp: Path, manifest, store: Path, options: dict, signal_at: str 
                                 preexec_fn=preexec_fn)
     return subprocess.Popen([*prefix, sys.executable, *args], start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=child_env, preexec_fn=preexec_fn)
-
-
-def ignore_sigxfsz() -> None:
-    """SIGXFSZ ignored (and so in decode workers): a write past RLIMIT_FSIZE fails with EFBIG instead
-    of killing the process."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-
-def file_size_limit(limit: int) -> None:
-    """RLIMIT_FSIZE of ``limit`` bytes, SIGXFSZ ignored: ``preexec_fn=partial(file_size_limit, n)``."""
-    ignore_sigxfsz()
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:

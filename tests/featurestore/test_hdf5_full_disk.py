@@ -19,8 +19,9 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from tests.featurestore.fault_support import done_total, file_size_limit, finish, one_error_line, start_child
+from tests.featurestore.fault_support import done_total, finish, one_error_line, start_child
 from tests.featurestore.test_extract_support import assert_same_arrays, make_dataset, read_all
+from tests.warm_child import file_size_limit
 
 from featurestore.cli import main, run_command
 from featurestore.extract import StoreWriteError, extract

@@ -11,12 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import resource
 import shutil
-import signal
-import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +27,9 @@ from featurestore.demo import make_demo_dataset
 from featurestore.extract import extract
 from featurestore.store import open_store
 from heads.cli import main
+
+from tests import warm_child
+from tests.warm_child import file_size_limit
 
 
 @pytest.fixture(scope="module")
@@ -114,21 +114,14 @@ def test_a_directory_argument_is_called_a_directory(audio_run, capsys):
                    f"video files in them (e.g. DIR/*.wav DIR/*.mp4)")
 
 
-def _limited(limit: int):
-    def preexec() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, no kill
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return preexec
-
-
 def test_a_full_disk_while_writing_the_csv_keeps_the_previous_file_and_is_one_line(audio_run, tmp_path):
     out = tmp_path / "probs.csv"
     out.write_text("previous,good,file\n")
     before = (out.stat().st_ino, out.read_bytes())
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run([sys.executable, "-m", "heads", "classify", str(audio_run["run"]),
-                           *map(str, audio_run["wavs"][:2]), "--device", "cpu", "-q", "--out", str(out)],
-                          capture_output=True, text=True, preexec_fn=_limited(100), env=env, timeout=300)
+    done = warm_child.run(["-m", "heads", "classify", str(audio_run["run"]), *map(str, audio_run["wavs"][:2]),
+                           "--device", "cpu", "-q", "--out", str(out)],
+                          preexec_fn=partial(file_size_limit, 100), env=env, timeout=300)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1, done.stderr
     assert lines[0] == (f"heads classify: error: could not write {out}: file-size limit reached; "

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from featurestore.store import open_store
 from heads.cli import main
 from heads.config import TrainConfig
 
+from tests import warm_child
 from tests.heads._store import build_store
 
 HOOK = "HEADS_TEST_SIGNAL_AT_DONE"
@@ -32,10 +32,10 @@ def _env(**extra: str) -> dict[str, str]:
 
 def test_ctrl_c_in_heads_train_is_one_line_naming_the_epochs_kept(tiny_store_path, tmp_path, sigint_as_in_a_terminal):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "heads", "train", "--store", str(tiny_store_path), "--head", "embedding_mlp",
+    command = ["-m", "heads", "train", "--store", str(tiny_store_path), "--head", "embedding_mlp",
                "--features", "clip/ViT-B-32", "--train-split", "train", "--val-split", "val", "--out", str(run),
                "--epochs", "100000", "--batch-size", "16", "--device", "cpu", "-q"]
-    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = warm_child.start(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while not (run / "state.json").exists():  # the first epoch is committed
@@ -63,8 +63,7 @@ def test_ctrl_c_in_heads_predict_is_one_line_and_the_rerun_resumes(tiny_store_pa
     command = ["predict", "--store", str(store), "--run", str(tmp_path / "m"), "--name", "p", "--device", "cpu",
                "--batch-size", "8", "--flush-clips", "8", "-q"]
     # a real SIGINT, sent by the process to itself once 16 clips are written (the test hook)
-    done = subprocess.run([sys.executable, "-m", "heads", *command], env=_env(**{HOOK: "INT:16"}),
-                          capture_output=True, text=True, timeout=300)
+    done = warm_child.run(["-m", "heads", *command], env=_env(**{HOOK: "INT:16"}), timeout=300)
     assert done.returncode == 130, done.stderr
     line, = done.stderr.strip().splitlines()
     assert line == (f"heads predict: interrupted; 16 clip(s) of predictions/p kept in {store}; rerun the same "

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,9 @@ from heads._registry import _HEADS, Head, register_head
 from heads.cli import main
 from heads.config import TrainConfig
 
+from tests import warm_child
 from tests.heads._store import N_CLIPS, build_store
+from tests.warm_child import file_size_limit
 
 CLIP3 = ["clip/RN50x4", "clip/RN101", "clip/ViT-B-32"]
 HOOK = "HEADS_TEST_SIGNAL_AT_DONE"
@@ -50,7 +51,8 @@ def runs(tmp_path_factory, tiny_store_path):
 
 
 def _predict_cmd(store: Path, run: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "heads", "predict", "--store", str(store), "--run", str(run), "--name", "p",
+    """``python``'s arguments for ``heads predict`` (``[2:]``: the command line's)."""
+    return ["-m", "heads", "predict", "--store", str(store), "--run", str(run), "--name", "p",
             "--device", "cpu", "--batch-size", "8", "--flush-clips", "8", "-q", *extra]
 
 
@@ -73,13 +75,12 @@ def _uninterrupted(store_path: Path, run_dir: Path, name: str) -> np.ndarray:
 # ------------------------------------------------------------------ a killed predict resumes
 def test_a_killed_predict_resumes_and_equals_an_uninterrupted_one(runs, tmp_path, capsys):
     store = build_store(tmp_path / "s.zarr")
-    killed = subprocess.run(_predict_cmd(store, runs / "c04"), env=_env(**{HOOK: "KILL:16"}), capture_output=True,
-                            text=True, timeout=300)
+    killed = warm_child.run(_predict_cmd(store, runs / "c04"), env=_env(**{HOOK: "KILL:16"}), timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     done = _done(store)
     assert done.sum() == 16 and done[:16].all()  # the written rows are done, nothing else is
 
-    assert main(_predict_cmd(store, runs / "c04", "--json")[3:]) == 0  # the same command, rerun
+    assert main(_predict_cmd(store, runs / "c04", "--json")[2:]) == 0  # the same command, rerun
     captured = capsys.readouterr()
     answer = json.loads(captured.out)
     assert answer["resumed"] == 16 and answer["clips"] == N_CLIPS - 16 and answer["errors"] == {}
@@ -90,7 +91,7 @@ def test_a_killed_predict_resumes_and_equals_an_uninterrupted_one(runs, tmp_path
 
 
 # --------------------------------------------------------- two predicts into one store at once
-def _wait_stopped(proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_stopped(proc: warm_child.WarmChild, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -103,12 +104,12 @@ def _wait_stopped(proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def test_two_predicts_into_one_store_at_once_one_is_refused_and_no_rows_mix(runs, tmp_path, capsys):
     store = build_store(tmp_path / "s.zarr")
-    first = subprocess.Popen(_predict_cmd(store, runs / "c04"), env=_env(**{HOOK: "STOP:8"}),
+    first = warm_child.start(_predict_cmd(store, runs / "c04"), env=_env(**{HOOK: "STOP:8"}),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_stopped(first)  # it holds the store's writer lock, 8 clips written
         # another run into the same name, from this process (flock excludes across processes)
-        assert main(_predict_cmd(store, runs / "c03")[3:]) == 2
+        assert main(_predict_cmd(store, runs / "c03")[2:]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"heads predict: error: {store} is being written by another process (pid "
                                    f"{first.pid} ")
@@ -119,7 +120,7 @@ def test_two_predicts_into_one_store_at_once_one_is_refused_and_no_rows_mix(runs
         _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
 
-    assert main(_predict_cmd(store, runs / "c03")[3:]) == 2
+    assert main(_predict_cmd(store, runs / "c03")[2:]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--overwrite" in lines[0], lines
     assert "pass overwrite=True" not in lines[0] and "differing: " in lines[0]
@@ -163,24 +164,17 @@ def test_the_store_refuses_non_finite_probabilities(tmp_path):
 
 
 # ------------------------------------------------------------------------------- a full disk
-def _limited(limit: int):
-    def preexec() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, no kill
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return preexec
-
-
 def test_a_full_disk_during_predict_is_one_line_and_a_rerun_completes(runs, tmp_path):
     store = build_store(tmp_path / "s.zarr")
-    limited = subprocess.run(_predict_cmd(store, runs / "c04"), env=_env(), capture_output=True, text=True,
-                             preexec_fn=_limited(3000), timeout=300)  # metadata fits, a 4 KiB chunk does not
+    limited = warm_child.run(_predict_cmd(store, runs / "c04"), env=_env(),
+                             preexec_fn=partial(file_size_limit, 3000), timeout=300)  # metadata fits, a 4 KiB chunk does not
     lines = limited.stderr.strip().splitlines()
     assert limited.returncode == 1 and len(lines) == 1, limited.stderr
     assert lines[0] == (f"heads predict: error: {store}: file size limit exceeded while writing predictions/p "
                         f"(see 'ulimit -f'); raise the limit and rerun to resume")
     with open_store(store) as opened:
         assert opened.verify().ok
-    assert main(_predict_cmd(store, runs / "c04")[3:]) == 0
+    assert main(_predict_cmd(store, runs / "c04")[2:]) == 0
     assert _done(store).all()
 
 

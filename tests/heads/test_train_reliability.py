@@ -22,6 +22,7 @@ from heads.config import TrainConfig
 from heads.train import NonFiniteInputError, TrainingDivergedError
 from heads.trained import TrainedHead, load_head
 
+from tests import warm_child
 from tests.heads._store import build_store
 from tests.heads.test_train import SETUPS
 
@@ -57,10 +58,10 @@ def poison(store_path: Path, name: str, row: int, value: float = float("nan")) -
     store.close()
 
 
-def run_python(code: str, *args: str, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
+def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -c code args`` (started warm: torch and heads already imported) from the repository."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, **popen)
+    return warm_child.run(["-c", code, *args], cwd=ROOT, env=env, timeout=timeout)
 
 
 # ------------------------------------------------------------------------------- item 1: NaN
@@ -131,8 +132,8 @@ def test_a_second_trainer_into_the_same_run_directory_is_refused_naming_the_firs
     store = build_store(tmp_path / "s.zarr")
     out, marker, go = tmp_path / "run", tmp_path / "marker", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-c", _HOLDING_TRAINER, str(store), str(out), str(marker), str(go)],
-                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    first = warm_child.start(["-c", _HOLDING_TRAINER, str(store), str(out), str(marker), str(go)], cwd=ROOT, env=env,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
