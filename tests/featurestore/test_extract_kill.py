@@ -7,7 +7,6 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from tests.featurestore.fault_support import done_total, finish, start_child
 from tests.featurestore.test_extract_support import ENCODERS, assert_same_arrays, make_dataset, read_all
+from tests import warm_child
 
 from featurestore.extract import extract
 from featurestore.store import open_store
@@ -44,8 +44,8 @@ def _run_and_kill(manifest_file: Path, store: Path, at_least: int, timeout: floa
     """Start an extraction in a new process group; SIGKILL it (and its decode workers) as soon as
     the log-mel set has at least ``at_least`` done rows. Returns the counts seen after the kill."""
     code = CHILD.format(encoders=ENCODERS, options=OPTIONS)
-    proc = subprocess.Popen([sys.executable, "-c", code, str(manifest_file), str(store)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = warm_child.start(["-c", code, str(manifest_file), str(store)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # in a new session
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

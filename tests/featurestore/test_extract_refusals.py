@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from tests.featurestore.fault_support import finish, kill_group, one_error_line, wait_stopped
 from tests.featurestore.test_extract_support import make_dataset
+from tests import warm_child
 
 from featurestore.cli import main
 from featurestore.datasets import open_dataset
@@ -164,10 +165,10 @@ def test_ctrl_c_is_one_line_saying_what_was_kept_exit_130_and_the_rerun_resumes(
     root = tmp_path / "TAU-urban-audio-visual-scenes-2021-development"
     make_dataset(root, 6, seconds=10.0, rate=8000, fps=1)
     store = tmp_path / "s.zarr"
-    argv = [sys.executable, "-m", "featurestore", "extract", str(root), str(store), "--encoders", "logmel",
+    argv = ["-m", "featurestore", "extract", str(root), str(store), "--encoders", "logmel",
             "--device", "cpu", "--num-workers", "1", "--batch-size", "2", "--chunk-clips", "2", "--quiet"]
     env = {**os.environ, TEST_SIGNAL_ENV: "STOP:2"}
-    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = warm_child.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # a new session
     try:
         wait_stopped(proc)
         os.killpg(proc.pid, signal.SIGINT)
@@ -192,7 +193,7 @@ def test_ctrl_c_is_one_line_saying_what_was_kept_exit_130_and_the_rerun_resumes(
     with open_store(store) as fs:
         assert fs.verify().ok and int(fs.done_mask("logmel").sum()) == int(kept[1])
     env.pop(TEST_SIGNAL_ENV)
-    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    rerun = warm_child.run(argv, env=env, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{6 - int(kept[1])} clips done, {kept[1]} skipped, 0 failed of 6" in rerun.stdout
 
