@@ -183,14 +183,36 @@ def _manifest_columns(manifest: Manifest, clip_ids: list[str]) -> dict[str, np.n
     if unknown:  # as Manifest.label_index words it
         manifest.label_index(sorted(unknown, key=str)[0])
     label_of[None] = -1
-    return {
-        "clip_id": np.array(clip_ids, dtype=object),
-        "label": np.fromiter(map(label_of.__getitem__, labels), dtype=np.int16, count=len(labels)),
+    texts = {
         "city": np.array(list(map(attrgetter("city"), clips)), dtype=object),
         "location": np.array(list(map(attrgetter("location"), clips)), dtype=object),
         "audio_path": _paths(manifest, list(map(attrgetter("audio"), clips))),
         "video_path": _paths(manifest, list(map(attrgetter("video"), clips))),
     }
+    _require_utf8(manifest, clip_ids, texts)
+    return {"clip_id": np.array(clip_ids, dtype=object),
+            "label": np.fromiter(map(label_of.__getitem__, labels), dtype=np.int16, count=len(labels)), **texts}
+
+
+def _require_utf8(manifest: Manifest, clip_ids: list[str], texts: dict[str, np.ndarray]) -> None:
+    """ValueError naming the first clip whose text (a media path in a folder whose name is not
+    UTF-8: Python decodes it with lone surrogates) cannot be stored, before anything is written (the
+    strings' encoding failed half-way through the append, with a bare UnicodeEncodeError)."""
+    for name, column in texts.items():
+        try:
+            "".join(column).encode("utf-8")  # one pass over the column
+        except UnicodeEncodeError:
+            i = next(i for i, text in enumerate(column) if not _is_utf8(text))
+            raise ValueError(f"dataset {manifest.name!r}, clip {clip_ids[i]!r}: its {name} {column[i]!r} is not "
+                             f"valid UTF-8 (a file or folder name in another encoding); rename it") from None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _paths(manifest: Manifest, paths: list[Path | None]) -> np.ndarray:

@@ -598,5 +598,12 @@ def _new_version() -> str:
 
 
 def error_text(message: object) -> str:
-    """What is stored for a failed row: the message, cut to 500 characters, never empty."""
-    return str(message)[:500] or "error"
+    """What is stored for a failed row: the message, cut to 500 characters, never empty, and
+    encodable as UTF-8 (a file name that is not, which Python decodes with lone surrogates, is
+    kept as its escapes: the store's vlen-utf8 and HDF5's strings refused it, failing the write)."""
+    text = str(message)[:500] or "error"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
