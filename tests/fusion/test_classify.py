@@ -1,14 +1,12 @@
 """``fusion classify``: a recipe fused on files equals what ``fusion`` computes for those clips from the store.
 
-The runs are trained and predicted by ``python -m heads`` in a subprocess, as ``fusion classify`` itself
-asks them: fusion (and its tests) never import heads.
+The runs are trained in a child process (started warm, :mod:`tests.warm_child`) and asked by ``python -m
+heads`` children, as ``fusion classify`` itself asks them: fusion (and its tests) never import heads.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -21,6 +19,7 @@ from fusion.cli import main
 from fusion.pipeline import fuse
 from fusion.recipe import FusionRecipe
 
+from tests import warm_child
 from tests.heads._extracted import VIDEO_SET, extracted_store, files_of
 
 TRAIN = textwrap.dedent("""
@@ -52,7 +51,8 @@ RECIPE = {  # every step that fits on the store: replacement, confidence weights
 def fused_store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fusion_classify")
     root, store = extracted_store(tmp)
-    subprocess.run([sys.executable, "-c", TRAIN, str(store), str(tmp)], check=True, capture_output=True)
+    trained = warm_child.run(["-c", TRAIN, str(store), str(tmp)])  # (heads is imported by the child only)
+    assert trained.returncode == 0, trained.stderr[-3000:]
     recipe = tmp / "recipe.json"
     recipe.write_text(json.dumps(RECIPE))
     return {"root": root, "store": store, "recipe": recipe, "tmp": tmp}
