@@ -25,6 +25,7 @@ import sys
 import threading
 import uuid
 from collections import OrderedDict
+from stat import S_ISREG
 from dataclasses import dataclass
 from typing import Any
 
@@ -393,6 +394,8 @@ class ShardReader:
             blobs = _read_ranges(arr, _shard_key(arr, shard), [(lo, hi) for lo, hi, _, _ in runs])
         except FileNotFoundError as err:  # the shard vanished since its index was read
             raise ChunkFault(int(chunks[0]), missing=True) from err
+        except OSError as err:  # replaced by what cannot be read since
+            raise ChunkFault(int(chunks[0]), missing=False, cause=err) from err
         out: list[np.ndarray] = [None] * len(spans)  # type: ignore[list-item]
         for (lo, hi, a, b), blob in zip(runs, blobs):
             self.bytes_read += len(blob)
@@ -410,6 +413,8 @@ class ShardReader:
             blob = _read_suffix(arr, _shard_key(arr, shard), layout.index_bytes)
         except FileNotFoundError:
             return None
+        except OSError as err:  # a folder in its place, no permission: the shard cannot be read
+            raise ChunkFault(chunk, missing=False, cause=err) from err
         self.bytes_read += len(blob)
         body = np.frombuffer(blob, dtype=np.uint8)
         if len(blob) != layout.index_bytes or google_crc32c.value(body[:-_CRC]) != int.from_bytes(blob[-_CRC:], "little"):
@@ -512,7 +517,7 @@ class _Mapped:
         fd = os.open(path, os.O_RDONLY)
         try:
             stat = os.fstat(fd)
-            if stat.st_size < layout.index_bytes:
+            if stat.st_size < layout.index_bytes or not S_ISREG(stat.st_mode):  # a folder: not mappable
                 return None
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
