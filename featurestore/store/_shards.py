@@ -157,13 +157,13 @@ class ShardReader:
         ``required``: per row, it was written (an absent inner chunk holding one is ``ChunkFault``,
         missing).
         """
-        state = self._state(name, arr, layout)
-        if state is None:
-            return None
         rows = np.asarray(rows, dtype=np.int64)
         inner = rows // layout.inner_rows
-        out = np.empty((len(rows), *layout.row_shape), dtype=layout.dtype)
-        with self._lock:
+        with self._lock:  # the state and the maps it holds as one (a ``forget`` in another thread waits)
+            state = self._state(name, arr, layout)
+            if state is None:
+                return None
+            out = np.empty((len(rows), *layout.row_shape), dtype=layout.dtype)
             done = self._collect(name, state, inner, rows - inner * layout.inner_rows, required, out)
         return out if done else None
 
@@ -172,10 +172,10 @@ class ShardReader:
         once, as ``gather`` checks), or None where the maps do not apply: a cold single ``get``
         with a few integer steps instead of a batch's array work. Absent and not ``required``:
         the fill value."""
-        state = self._state(name, arr, layout)
-        if state is None:
-            return None
         with self._lock:
+            state = self._state(name, arr, layout)
+            if state is None:
+                return None
             shard, c = divmod(chunk, layout.per_shard)
             mapped = self._shard(name, state, shard)
             if mapped is None:
