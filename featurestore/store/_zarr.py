@@ -199,8 +199,8 @@ class ZarrBackend:
         """Drop what is known of the array at ``path`` and of the arrays under it ('': all): their
         metadata (shape, dtype, chunking), layouts, shard indexes and maps are read anew when next used."""
         for cache in (self._arrays, self._layouts, self._rows, self._plain, self._writers):
-            for key in [k for k in cache if under(k, path)]:
-                del cache[key]
+            for key in [k for k in list(cache) if under(k, path)]:  # a copy: other threads may be reading
+                cache.pop(key, None)
         self._shards.forget(path)
         if not path:  # the root group's attributes (n_clips, the lookup) are kept by its object
             with _metadata(self.location):
