@@ -257,6 +257,8 @@ class ClipIndex:
         if self._meta is False:
             meta = self._arrays.attrs("").get(LOOKUP_ATTR)
             ok = (isinstance(meta, dict) and meta.get("key") in _KEYS and meta.get("n_clips") == self.n_clips
+                  # where appends write it (a path out of the store, '..', is zarr's ValueError on every lookup)
+                  and meta.get("path") == join(LOOKUP_GROUP, str(self.n_clips))
                   and self._arrays.is_array(join(str(meta.get("path")), "table")))
             self._meta = meta if ok else None
         return self._meta or None

@@ -4,11 +4,14 @@ few, many), never the row of the clip whose id is their text (5 meaning clip "5"
 bare AttributeError / UnicodeEncodeError."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from featurestore import ClipRecord, Manifest, create_store
 from featurestore.errors import UnknownClipError
+from featurestore.store import open_store
 
 PROVENANCE = {"encoder": "test/hostile", "config": {}, "weights": {"kind": "random", "seed": 0},
               "segments": {"frames": 1}}
@@ -41,3 +44,16 @@ def test_unicode_and_numpy_ids_are_found_and_a_lone_surrogate_is_unknown(store):
             store.get_many("e", ids)
     with pytest.raises(UnknownClipError):
         store.get("e", "\ud800")
+
+
+def test_a_lookup_named_outside_its_place_is_not_followed(tmp_path):
+    """The root attribute naming the lookup is read from the store's files: a path out of the
+    store ('..') made zarr refuse every lookup by id; the ids themselves serve instead."""
+    path = tmp_path / "s.zarr"
+    create_store(path, Manifest("hostile", ["a"], [ClipRecord(c, label="a") for c in IDS[:10]])).close()
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["index_lookup"]["path"] = "index/../../elsewhere/index/lookup/10"
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with open_store(path) as store:
+        assert store.rows(["c3", "7"]).tolist() == [8, 0]
+        assert store.row("Ω@z") == 4
