@@ -721,6 +721,8 @@ def replace_file(path: str, parts: list) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             write_all(fd, parts)
+        except OSError as err:  # writev names no file: "[Errno 28] No space left on device" alone
+            raise OSError(err.errno, err.strerror, path) from err
         finally:
             os.close(fd)
 
