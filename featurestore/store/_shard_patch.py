@@ -47,6 +47,8 @@ def patch_shard(arr: zarr.Array, layout: ShardLayout, shard: int, block: np.ndar
                 encoded = np.empty((len(run), length), dtype=np.uint8)
                 encode_inner_chunks(raw[run[0]:run[-1] + 1], encoded)
                 os.pwrite(fd, memoryview(encoded).cast("B"), int(run[0]) * length)
+        except OSError as err:  # pwrite names no file (disk full)
+            raise OSError(err.errno, err.strerror, path) from err
         finally:
             os.close(fd)
     return True
