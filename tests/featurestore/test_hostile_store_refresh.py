@@ -71,7 +71,8 @@ def test_clips_another_writer_appended_are_read_after_refresh(store_path):
         np.testing.assert_array_equal(reader.read_rows("e", N - 2, N + 2), np.concatenate([values[-2:], more[:2]]))
 
 
-@pytest.mark.parametrize("start, stop", [(-5, 3), (5, 2), (N - 2, N + 1)])
-def test_rows_outside_the_store_are_refused_in_one_line(store_path, start, stop):
-    with open_store(store_path[0]) as store, pytest.raises(ValueError, match=rf"rows {start}:{stop} are outside"):
-        store.read_rows("e", start, stop)
+def test_rows_outside_the_store_are_refused_in_one_line(store_path):
+    with open_store(store_path[0]) as store:
+        for start, stop in ((-5, 3), (5, 2), (N - 2, N + 1)):
+            with pytest.raises(ValueError, match=rf"rows {start}:{stop} are outside"):
+                store.read_rows("e", start, stop)
