@@ -97,6 +97,18 @@ def test_dask_workers_rebuild_named_encoders_with_their_options(tmp_path, client
 
 
 @pytest.mark.slow
+def test_dask_run_writes_the_same_frames(tmp_path, client):
+    """The ``frames/<size>`` feature set (uint8 frames, no parameters) through Dask tasks equals a local run."""
+    manifest = make_dataset(tmp_path / "data", 5)
+    options = dict(device="cpu", batch_size=2, num_workers=1, chunk_clips=2, progress=False)
+    local, remote = tmp_path / "local.zarr", tmp_path / "dask.zarr"
+    extract(manifest, local, "frames/32", **options)
+    summary = extract(manifest, remote, "frames/32", scheduler=client, **options)
+    assert summary.exit_code == 0 and summary.clips_done == 5
+    assert_same_arrays(read_all(remote), read_all(local))
+
+
+@pytest.mark.slow
 def test_a_scheduler_address_passes_the_greeting_check_and_runs(tmp_path, client):
     """``scheduler="tcp://..."`` (what ``--scheduler`` gives): the greeting check accepts a real
     scheduler and the run uses it."""

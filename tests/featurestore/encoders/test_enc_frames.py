@@ -1,11 +1,12 @@
 """The ``frames/<size>`` feature set: spec grammar, the resize, and the store's whole life cycle for it
-(extraction, resume, get/get_many, verify, HDF5 conversion, a Dask run), on tiny clips and frames."""
+(extraction, resume, get/get_many, verify, HDF5 conversion), on tiny clips and frames. Its Dask run is in
+test_extract_dask.py, on that module's cluster."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
-from tests.featurestore.test_extract_support import assert_same_arrays, clip_id, make_dataset, read_all
+from tests.featurestore.test_extract_support import clip_id, make_dataset
 
 from featurestore.decode import sample_frames
 from featurestore.encoders import FrameResize, SpecError, create_encoder
@@ -78,15 +79,3 @@ def test_extraction_stores_the_resized_frames_and_resumes(clips, tmp_path):
     with open_store(h5) as converted:
         assert converted.verify().ok
         np.testing.assert_array_equal(converted.get("frames/32", clip_id(3)), expected)
-
-
-@pytest.mark.slow
-def test_dask_run_writes_the_same_frames(clips, tmp_path):
-    distributed = pytest.importorskip("distributed")
-    local, remote = tmp_path / "local.zarr", tmp_path / "dask.zarr"
-    extract(clips, local, "frames/32", **OPTIONS)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        summary = extract(clips, remote, "frames/32", scheduler=client, **OPTIONS)
-    assert summary.exit_code == 0 and summary.clips_done == 5
-    assert_same_arrays(read_all(remote), read_all(local))
