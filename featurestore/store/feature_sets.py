@@ -7,7 +7,7 @@ a ``RowGroup`` (``row_group.py``); this module decides when a set is created, re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -82,6 +82,7 @@ def create_feature_set(store: FeatureStore, name: str, n_segments: int, feature_
     if compressor not in COMPRESSORS:
         raise ValueError(f"feature set {name!r}: unknown compressor {compressor!r}; use one of "
                          f"{', '.join(str(c) for c in COMPRESSORS)}")
+    dtype = _feature_dtype(name, dtype)
     if check_feature_set(store, name, n_segments, feature_shape, provenance, overwrite):
         return store.feature_info(name)
     group = store._group(FEATURE_SETS, name)
@@ -98,6 +99,20 @@ def create_feature_set(store: FeatureStore, name: str, n_segments: int, feature_
         "provenance": prov, "fingerprint": fingerprint(provenance), "n_segments": int(n_segments),
         "feature_shape": list(shape[2:]), "chunk_clips": rows, "compressor": COMPRESSORS[compressor]})
     return feature_info(group)
+
+
+def _feature_dtype(name: str, dtype: Any) -> str:
+    """``dtype`` as a numpy name when it is a real number type (bool, integers, floats): features are
+    checked for finite values, searched and trained on as such; complex numbers, text and objects are
+    refused in one line, before anything is created."""
+    try:
+        kind = np.dtype(dtype).kind
+    except TypeError as err:
+        raise ValueError(f"feature set {name!r}: {dtype!r} is not a numpy dtype ({err})") from None
+    if kind not in "biuf":
+        raise ValueError(f"feature set {name!r}: dtype {np.dtype(dtype)} is not a real number type; "
+                         f"features are stored as bool, integers or floats (float16 by default)")
+    return str(np.dtype(dtype))
 
 
 def check_feature_set(store: FeatureStore, name: str, n_segments: int, feature_shape: Sequence[int],

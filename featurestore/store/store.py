@@ -21,6 +21,7 @@ Below all of them, ``StoreArrays`` (``arrays.py``) addresses arrays by path with
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -491,6 +492,8 @@ def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
     """
     if mode not in ("r", "a", "w"):
         raise ValueError(f"mode must be 'r', 'a' or 'w', not {mode!r}")
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, np.integer)) or cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be a number of bytes >= 0 (0 disables the cache), not {cache_bytes!r}")
     location = str(path)
     if "://" not in location:  # a local path: absolute, so a later chdir cannot turn chunks "missing"
         location = os.path.abspath(location)
@@ -505,7 +508,19 @@ def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
 
 
 def create_store(path: str | Path, manifest: Manifest, backend: str | None = None, **kwargs) -> FeatureStore:
-    """Create a new store at ``path`` whose index holds the manifest's clips (mode ``"w"``)."""
+    """Create a new store at ``path`` whose index holds the manifest's clips (mode ``"w"``).
+
+    A manifest the append refuses (a repeated id, an unknown label) leaves no store behind where
+    there was nothing before."""
+    fresh = "://" not in str(path) and not os.path.lexists(path)
     store = open_store(path, "w", backend=backend, **kwargs)
-    store.append_clips(manifest)
+    try:
+        store.append_clips(manifest)
+    except BaseException:
+        store.close()
+        if fresh and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif fresh:
+            Path(path).unlink(missing_ok=True)
+        raise
     return store

@@ -104,6 +104,7 @@ def verify_store(store, threads: int | None = None) -> VerifyReport:
         return report
     for group in _row_groups(store, scan):
         _check_group(store, report, group, damaged, n, raw)
+    report.problems += _groups_without_values(store, scan)
     return report
 
 
@@ -656,6 +657,27 @@ def _fast_index(store, raw: "_LocalZarrChunks | None") -> tuple[list[str], np.nd
     if ids is None or labels is None:
         return None
     return ids.tolist(), labels
+
+
+def _groups_without_values(store, scan: MetadataScan | None) -> list[Problem]:
+    """Feature sets and prediction runs whose value array is gone (its ``zarr.json`` deleted) while
+    their done flags remain: the store no longer lists them, so nothing else would tell."""
+    problems = []
+    for kind in KINDS:
+        if scan is not None:  # the metadata walk's arrays (listing through zarr would read damaged nodes)
+            top, known = kind.top + "/", set(scan.arrays)
+            names = [p[len(top):-len("/done")] for p in scan.arrays if p.startswith(top) and p.endswith("/done")]
+            listed = {name for name in names if join(kind.top, name, kind.leaf) in known}
+        else:
+            names = store.arrays.groups_with(kind.top, "done")
+            listed = set(store.arrays.groups_with(kind.top, kind.leaf))
+        for name in names:
+            path = join(kind.top, name)
+            if name not in listed and not (scan is not None and scan.touches(path)):
+                problems.append(Problem(join(path, kind.leaf), None, f"{kind.noun} {name!r} has its done flags but "
+                                        f"no {kind.leaf} array (deleted?); the store no longer lists it: rerunning "
+                                        f"the extraction or prediction replaces it"))
+    return problems
 
 
 def _check_group(store, report: VerifyReport, group, damaged: set[str], n: int,

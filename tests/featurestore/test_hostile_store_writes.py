@@ -55,13 +55,6 @@ def test_rows_in_any_layout_and_byte_order_are_stored_as_their_values(store):
     np.testing.assert_array_equal(store.get("u", store.clip_ids[39]), [[156, 157, 158, 159]])
 
 
-def test_a_complex_set_keeps_complex_rows(store):
-    store.create_feature_set("c", 1, (2,), PROVENANCE, dtype="complex64", chunk_clips=20)
-    values = np.arange(N * 2).reshape(N, 1, 2) * (1 + 2j)
-    store.write_rows("c", 0, values)
-    np.testing.assert_array_equal(store.get("c", store.clip_ids[7]), values[7].astype(np.complex64))
-
-
 @pytest.mark.parametrize("n_segments, feature_shape", [(1, (0,)), (0, (4,)), (1, (3, 0)), (-1, (4,))])
 def test_a_set_with_an_empty_or_negative_axis_is_refused_in_one_line(store, n_segments, feature_shape):
     with pytest.raises(ValueError, match=r"features/empty/data: shape .* has an empty or negative axis"):
