@@ -226,6 +226,7 @@ class FeatureStore:
 
         A different fingerprint raises ``FingerprintMismatchError`` naming both configurations;
         ``overwrite=True`` deletes the old set first (:meth:`check_feature_set` tells the rule).
+        ``dtype``: a real number type (bool, integers, floats; float16 by default).
         ``compressor``: None stores chunks as they are (embeddings barely compress); ``"zstd"``
         compresses them losslessly (zstd in Zarr, gzip in HDF5), for data such as stored frames.
         The checksum is kept either way.
