@@ -8,7 +8,8 @@ threaded process started once per test process, each child is a plain ``fork()``
 the same code a ``python -c CODE ARGS`` / ``python -m MODULE ARGS`` child would, with the environment,
 working directory, process group (a new session), SIGINT disposition and stdio pipes the test gave.
 What differs from a fresh interpreter: the preloaded modules are already imported, and what the
-interpreter does once at its start (``sitecustomize``, ``-X`` options) is the server's.
+interpreter does once at its start is the server's (``-X`` options, site; a ``sitecustomize`` in a
+directory the child's PYTHONPATH adds is run).
 
 :func:`start` returns a :class:`WarmChild`, which answers what the tests ask of a
 ``subprocess.Popen``: ``pid``, ``poll``, ``wait``, ``communicate``, ``returncode``, ``stderr``.
@@ -104,6 +105,18 @@ def _writer(fd: int, errors: str, line_buffering: bool, write_through: bool) -> 
                             line_buffering=line_buffering, write_through=write_through)
 
 
+def _run_sitecustomize(entries: list[str]) -> None:
+    """The interpreter imports the first ``sitecustomize`` on its path at start: one in a directory
+    that PYTHONPATH adds here (the S3 tests' loopback guard) is run now, as it would have been."""
+    import runpy
+
+    for entry in entries:
+        path = os.path.join(entry, "sitecustomize.py")
+        if os.path.isfile(path):
+            runpy.run_path(path, run_name="sitecustomize")
+            return
+
+
 def _child(argv: list[str], env: dict[str, str], cwd: str | None, stdio: tuple[_Fd, _Fd, _Fd],
            sigint_ignored: bool, preexec_fn: Callable[[], None] | None) -> None:
     """The forked child: become what ``subprocess.Popen(start_new_session=True, ...)`` would have
@@ -122,7 +135,8 @@ def _child(argv: list[str], env: dict[str, str], cwd: str | None, stdio: tuple[_
     unbuffered = bool(env.get("PYTHONUNBUFFERED"))  # what the interpreter reads from it at start
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
     extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
-    sys.path[:0] = extra  # (a sitecustomize found there is not run: children that need one start cold)
+    sys.path[:0] = extra
+    _run_sitecustomize(extra)
     sys.stdin = open(0, closefd=False)
     sys.stdout = _writer(1, "strict", line_buffering=False, write_through=unbuffered)
     sys.stderr = _writer(2, "backslashreplace", line_buffering=True, write_through=unbuffered)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from tests.featurestore.test_extract_support import assert_same_arrays, read_all
 from tests.s3_server import MotoServer, loopback_guard, make_bucket, s3_environment
+from tests import warm_child
 
 from featurestore.cli import main as featurestore_main
 from featurestore.extract.pipeline import TEST_SIGNAL_ENV
@@ -75,15 +76,16 @@ def local_store(demo_set, tmp_path_factory):
 
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 180.0) -> subprocess.CompletedProcess:
-    """``featurestore ...`` in a child process of its own group (the kill takes its workers too)."""
-    proc = subprocess.Popen([sys.executable, "-m", "featurestore", *args], start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    """``featurestore ...`` in a child process of its own group (the kill takes its workers too),
+    started warm (:mod:`tests.warm_child`; the loopback guard's sitecustomize runs in it)."""
+    proc = warm_child.start(["-m", "featurestore", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"featurestore {args[0]} did not end in {timeout} s: {err[-2000:]}")
+        proc.wait()
+        pytest.fail(f"featurestore {args[0]} did not end in {timeout} s")
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
@@ -120,12 +122,15 @@ def test_extract_into_s3_killed_then_resumed_by_two_dask_workers_equals_a_local_
 
 def test_nothing_reaches_past_loopback_here_or_in_children(s3_env):
     """The guard is live: a connection to a documentation-range address is refused before any
-    packet leaves, in this process and in a Python child (how the CLI runs and Dask workers start)."""
+    packet leaves, in this process, in a Python child (how Dask workers start) and in a warm child
+    (how the CLI runs here)."""
     with pytest.raises(OSError, match="test guard"):
         socket.create_connection(("192.0.2.1", 80), timeout=1)
     child = "import socket\nsocket.create_connection(('192.0.2.1', 80), timeout=1)"
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "test guard" in proc.stderr, proc.stderr[-2000:]
+    warm = warm_child.run(["-c", child], timeout=120)  # how the CLI children here start
+    assert warm.returncode == 1 and "test guard" in warm.stderr, warm.stderr[-2000:]
 
 
 def test_get_many_search_and_verify_on_s3_equal_the_local_store(s3_store, local_store):
