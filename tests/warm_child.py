@@ -2,9 +2,9 @@
 once, instead of a fresh interpreter that pays ~2 s of CPU importing torch before it does anything.
 
 The fault tests kill, stop and starve real extraction processes, dozens of them in a run; their start
-was most of what those tests cost. This is multiprocessing's ``forkserver`` with a preload (the way
-PyTorch's own docs start workers that must not inherit a parent's threads): the server is a single-
-threaded process started once per test process, each child is a plain ``fork()`` of it, then runs
+was most of what those tests cost. This is multiprocessing's ``forkserver`` with a preload: the server
+is a single-threaded process started once per test process (so forking it is safe, unlike forking
+pytest with its threads), each child is a plain ``fork()`` of it, then runs
 the same code a ``python -c CODE ARGS`` / ``python -m MODULE ARGS`` child would, with the environment,
 working directory, process group (a new session), SIGINT disposition and stdio pipes the test gave.
 What differs from a fresh interpreter: the preloaded modules are already imported, and what the
