@@ -25,8 +25,8 @@ import sys
 import threading
 import uuid
 from collections import OrderedDict
-from stat import S_ISREG
 from dataclasses import dataclass
+from stat import S_ISREG
 from typing import Any
 
 import google_crc32c
@@ -490,12 +490,13 @@ class _Mapped:
     present up to ``n_inner``, in order, uncompressed): its inner chunks are a strided view of the map."""
 
     def __init__(self, identity: tuple, grid: np.ndarray | None, n_inner: int, raw: np.ndarray | None,
-                 view: memoryview | None, chunk_bytes: int, rows: np.ndarray | None = None):
+                 view: memoryview | None, chunk_bytes: int, rows: np.ndarray | None = None,
+                 mm: mmap.mmap | None = None):
         self.identity, self.grid, self.n_inner = identity, grid, n_inner
         self.raw, self.view, self.chunk_bytes = raw, view, chunk_bytes
         self.rows = rows  # [n_inner, inner rows, bytes a row] uint8: rows copied as bytes (a map's may be unaligned)
         self.epoch = -1  # the reader's revalidation count for its array when last checked against the file
-        self.mm: mmap.mmap | None = None
+        self.mm = mm  # the map itself (madvise)
         self.populated = False  # its pages mapped all at once (see populates)
         self.uses = 1  # reads served, counted until it is populated
 
@@ -531,9 +532,7 @@ class _Mapped:
         body = raw[:n_inner * length].reshape(n_inner, length)[:, :layout.inner_bytes]
         grid = body.view(layout.dtype).reshape(n_inner, layout.inner_rows, *layout.row_shape)
         rows = body.reshape(n_inner, layout.inner_rows, -1)
-        mapped = cls((stat.st_ino, stat.st_size, stat.st_mtime_ns), grid, n_inner, raw, view, length, rows)
-        mapped.mm = mm
-        return mapped
+        return cls((stat.st_ino, stat.st_size, stat.st_mtime_ns), grid, n_inner, raw, view, length, rows, mm)
 
 
 def max_mapped_shards() -> int:
@@ -613,8 +612,7 @@ def shard_parts(layout: ShardLayout, block: np.ndarray) -> tuple[list, np.ndarra
     if layout.zstd:
         zstd = numcodecs.Zstd(level=_ZSTD_LEVEL)
         chunks = [np.frombuffer(zstd.encode(chunk), dtype=np.uint8) for chunk in chunks]
-    crc = google_crc32c.value
-    sums = np.fromiter(map(crc, chunks), dtype="<u4", count=n_inner).view(np.uint8).reshape(n_inner, _CRC)
+    sums = _crc32c_bytes(chunks)
     lengths = np.array([len(c) + _CRC for c in chunks], dtype=np.uint64) if layout.zstd \
         else np.full(n_inner, layout.inner_bytes + _CRC, dtype=np.uint64)
     ends = np.cumsum(lengths)
@@ -623,7 +621,7 @@ def shard_parts(layout: ShardLayout, block: np.ndarray) -> tuple[list, np.ndarra
     index[:n_inner, 1] = lengths
     tail = np.empty(layout.index_bytes, dtype=np.uint8)
     tail[:-_CRC] = index.reshape(-1).view(np.uint8)
-    tail[-_CRC:] = np.frombuffer(crc(tail[:-_CRC]).to_bytes(_CRC, "little"), dtype=np.uint8)
+    tail[-_CRC:] = _crc32c_bytes([tail[:-_CRC]])[0]
     index.setflags(write=False)
     parts = [part for pair in zip(chunks, sums) for part in pair]
     parts.append(tail)
@@ -634,8 +632,12 @@ def encode_inner_chunks(raw: np.ndarray, out: np.ndarray) -> None:
     """Uncompressed inner chunks ``raw`` (``[n, inner bytes]`` uint8) as stored, into ``out``
     (``[n, inner bytes + 4]``): each chunk's bytes, then its crc32c."""
     out[:, :-_CRC] = raw
-    crcs = np.fromiter(map(google_crc32c.value, raw), dtype="<u4", count=len(raw))
-    out[:, -_CRC:] = crcs.view(np.uint8).reshape(len(raw), _CRC)
+    out[:, -_CRC:] = _crc32c_bytes(raw)
+
+
+def _crc32c_bytes(chunks) -> np.ndarray:
+    """``[n, 4]`` uint8: the crc32c of each of ``chunks`` (byte buffers) as stored after it (little-endian)."""
+    return np.fromiter(map(google_crc32c.value, chunks), dtype="<u4", count=len(chunks)).view(np.uint8).reshape(-1, _CRC)
 
 
 def is_uniform_index(layout: ShardLayout, tail: bytes, n_inner: int) -> bool:

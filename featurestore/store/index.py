@@ -394,8 +394,12 @@ class ClipIndex:
         """The lookup table's rows (key, row; sorted by key) of ids appended at row ``start``,
         keyed as the store's lookup is (an append to a store whose lookup has an older key keeps
         that key: the old rows' keys are read, not recomputed, as ``convert`` keeps it)."""
-        key = self._lookup()["key"] if start and self._lookup() is not None else LOOKUP_KEY
-        return lookup_table(id_keys(new_ids, key), np.arange(start, start + len(new_ids), dtype=np.uint64))
+        return lookup_table(id_keys(new_ids, self._append_key(start)),
+                            np.arange(start, start + len(new_ids), dtype=np.uint64))
+
+    def _append_key(self, start: int) -> str:
+        """The key new rows at ``start`` are hashed with: the store's lookup's (an older BLAKE2b kept)."""
+        return self._lookup()["key"] if start and self._lookup() is not None else LOOKUP_KEY
 
     def prepare_append(self, table: np.ndarray, new_cities: Sequence[str], start: int) -> dict[str, Any]:
         """Write the lookup covering rows ``0:start+len(table)`` (``table``: ``new_lookup_rows`` of
@@ -407,7 +411,7 @@ class ClipIndex:
         """
         end = start + len(table)
         attrs: dict[str, Any] = {VALUES_ATTR: self._values_after(new_cities, start, end)}
-        key = self._lookup()["key"] if start and self._lookup() is not None else LOOKUP_KEY
+        key = self._append_key(start)
         old = self._old_table(start)
         if len(old):
             table = np.concatenate([old, table])

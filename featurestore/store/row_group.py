@@ -21,7 +21,6 @@ from featurestore.store._cache import ChunkCache
 from featurestore.store.arrays import StoreArrays
 
 
-
 def _check_storable(array: str, data: np.ndarray, stored: np.dtype) -> None:
     """ValueError unless ``data`` converts to the ``stored`` numbers without losing what it is:
     numpy would drop an imaginary part, truncate floats into an integer set (NaN becomes any
@@ -38,6 +37,7 @@ def _check_storable(array: str, data: np.ndarray, stored: np.dtype) -> None:
         if low < info.min or high > info.max:
             raise ValueError(f"{array}: rows hold integers {low}..{high}, outside {stored}'s "
                              f"{info.min}..{info.max}")
+
 
 @dataclass(frozen=True)
 class RowGroupKind:
