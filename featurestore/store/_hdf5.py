@@ -263,6 +263,9 @@ class HDF5Backend:
     def chunk(self, path: str, chunk: int, required: bool) -> np.ndarray | None:
         return None
 
+    def chunk_grids(self, path: str, chunks: np.ndarray) -> None:
+        return None
+
     def read(self, path: str, start: int, stop: int) -> np.ndarray:
         data = self._ds(path)[start:stop]
         return as_str_array(data) if self._is_str(path) else data

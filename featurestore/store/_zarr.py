@@ -246,6 +246,10 @@ class ZarrBackend:
         layout = self._layout(path)
         return None if layout is None else self._shards.chunk(path, self._array(path), layout, chunk, required)
 
+    def chunk_grids(self, path: str, chunks: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray] | None:
+        layout = self._layout(path)
+        return None if layout is None else self._shards.chunk_grids(path, self._array(path), layout, chunks)
+
     def revalidate(self, path: str) -> None:
         self._shards.revalidate(path)
 

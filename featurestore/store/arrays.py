@@ -164,6 +164,17 @@ class StoreArrays:
         except ChunkFault as fault:
             raise self._fault_error(path, fault) from fault.cause
 
+    def chunk_grids(self, path: str, chunks: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray] | None:
+        """Inner chunks (each written) as read-only views of memory maps, checked as ``read_chunks``
+        checks: ``(grids, where, local)``, chunk ``chunks[i]`` being ``grids[where[i]][local[i]]``;
+        None where the backend has no maps, or in a store whose missing chunks are fill values."""
+        if not self.strict:
+            return None
+        try:
+            return self._backend.chunk_grids(path, chunks)
+        except ChunkFault as fault:
+            raise self._fault_error(path, fault) from fault.cause
+
     def forget(self, path: str = "") -> None:
         """Forget what is known of the arrays at and under ``path`` ('': all): another process may
         have replaced them (a feature set deleted and created again with another shape, dtype or

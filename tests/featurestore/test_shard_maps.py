@@ -132,3 +132,58 @@ def test_a_short_write_is_finished_from_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "writev", lambda fd, buffers: real(fd, buffers[:len(buffers) // 2 + 1][:-1] or buffers[:1]))
     _shards.replace_file(str(tmp_path / "f"), parts)
     np.testing.assert_array_equal(np.fromfile(tmp_path / "f", dtype=np.uint8), np.concatenate(parts))
+
+
+def flip_byte_at(file: Path, offset: int) -> None:
+    """Flip one byte in place (the file keeps its inode: what a bad disk does, not a writer)."""
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def test_a_shard_in_use_is_checked_whole_once_and_a_damaged_chunk_is_still_named_when_read(store_path, tmp_path):
+    """Once populated, a shard's unchecked inner chunks are checked in one pass (a random batch then
+    costs no checksum); the pass raises nothing for a chunk no one asked for, and the read of that
+    chunk still names the damage."""
+    import shutil
+
+    from featurestore.errors import CorruptChunkError
+
+    source, values = store_path
+    path = tmp_path / "store.zarr"
+    shutil.copytree(source, path)
+    shard = shard_files(path)[0]
+    inner = (8 << 10) + 4  # 16 rows of 512 B a chunk, then its crc32c
+    flip_byte_at(shard, 700 * inner + 100)  # inside inner chunk 700: rows 11200-11215
+    with open_store(path) as store:
+        ids, reader = store.clip_ids, store._b._shards
+        np.testing.assert_array_equal(store.get("emb", ids[5]), values[5])
+        checked_before = int(reader._arrays["features/emb/data"].checked.sum())
+        np.testing.assert_array_equal(store.get_many("emb", [ids[9000], ids[16000]]), values[[9000, 16000]])
+        checked = reader._arrays["features/emb/data"].checked
+        with pytest.raises(CorruptChunkError, match="features/emb/data: rows 11200:11216"):
+            store.get_many("emb", [ids[3], ids[11210]])
+    assert checked_before == 1
+    assert np.flatnonzero(~checked[:1024]).tolist() == [700]  # every chunk but the damaged one
+
+
+def test_a_bulk_id_lookup_names_a_damaged_block_of_the_lookup_table(store_path, tmp_path):
+    """Many ids are looked up by a binary search over views of the mapped table: a block that fails
+    its crc32c is named as the array and rows it holds, never searched."""
+    import shutil
+
+    from featurestore.errors import CorruptChunkError
+
+    source, values = store_path
+    path = tmp_path / "store.zarr"
+    shutil.copytree(source, path)
+    with open_store(path) as store:
+        ids = store.clip_ids
+        rows = np.random.default_rng(1).choice(CLIPS, 500, replace=False)
+        np.testing.assert_array_equal(store.rows([ids[r] for r in rows]), rows)  # found across the blocks
+        table = next(p for p in (path / "index" / "lookup").rglob("c/*/*") if p.parent.parent.parent.name == "table")
+    flip_byte_at(table, 5 * (64 * 24 + 4) + 10)  # block 5: table rows 320-383
+    with open_store(path) as store, pytest.raises(CorruptChunkError, match=r"table: rows 320:384"):
+        store.rows(list(ids))
