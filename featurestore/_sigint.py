@@ -158,6 +158,28 @@ def _note(signum: int, frame: FrameType | None) -> None:
 _HOLD, _RELEASE = _Token(_hold), _Token(_release)
 
 
+def check_pending() -> None:
+    """Run now, in the main thread, the Python handlers of signals another thread took.
+
+    CPython (3.11) runs a signal's handler in the main thread at its next check of the interpreter's
+    "eval breaker"; a thread other than the main one that took the signal may clear the breaker, and
+    a main thread that only waits (a join, a queue) then runs the handler once that thread ends, or
+    at exit: Ctrl-C that a writer thread took was a KeyboardInterrupt only after the whole run (exit
+    0 and a traceback from a finalizer, seen under load after SIGSTOP/SIGCONT, where any thread may
+    take the group's SIGINT). ``pthread_sigmask`` runs pending handlers when it returns. Elsewhere
+    than the main thread (no handler runs there) nothing happens."""
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, ())
+
+
+def join(thread: threading.Thread, poll: float = 0.1) -> None:
+    """``thread.join()`` in which a Ctrl-C is a KeyboardInterrupt within ``poll`` seconds, whichever
+    thread took the signal (see :func:`check_pending`)."""
+    while thread.is_alive():
+        thread.join(poll)
+        check_pending()
+
+
 @contextmanager
 def ignored_by_new_processes() -> Iterator[None]:
     """Processes started (fork + exec) inside start with SIGINT ignored: an ignored signal stays ignored

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from featurestore._sigint import iter_loader
+from featurestore._sigint import check_pending, iter_loader
+from featurestore._sigint import join as join_thread
 from featurestore.atomic_files import find_os_error
 from featurestore.extract.buffer_pool import BufferPool, slots_per_worker
 from featurestore.extract.errors import (
@@ -361,6 +362,7 @@ class _Writer(threading.Thread):
                 continue
 
     def check(self) -> None:
+        check_pending()  # a Ctrl-C the writer thread took is raised here, in the waiting main thread
         if isinstance(self.error, ExtractionStopped):
             raise self.error
         if self.error is not None:
@@ -370,7 +372,7 @@ class _Writer(threading.Thread):
         """Write everything queued, stop the thread and re-raise its error if it had one."""
         if self.is_alive():
             self.queue.put(None)
-            self.join()
+            join_thread(self)
         self.check()
 
 
@@ -545,7 +547,7 @@ def _finish_writer(writer: _Writer) -> None:
             if interrupted is None:
                 writer.finish()
             else:
-                writer.join()
+                join_thread(writer)
                 writer.check()
             break
         except RuntimeError as err:

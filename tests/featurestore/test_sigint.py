@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from featurestore._sigint import iter_loader
+from featurestore._sigint import iter_loader, join
 
 _reached: list[str] = []  # what the main process has unpickled of the current batch, in order
 
@@ -135,3 +137,30 @@ def test_workers_are_forked_deaf_to_ctrl_c_and_this_process_is_not(python_handle
     os.kill(worker.pid, signal.SIGINT)  # one that took it would quit: torch's "worker exited unexpectedly"
     assert [batch[1][0].item() for batch in batches] == [0.0, 1.0, 2.0]
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_ctrl_c_another_thread_took_reaches_the_main_thread_while_it_waits_for_that_thread(python_handler):
+    """A SIGINT taken by a busy thread (after SIGSTOP/SIGCONT any thread of the group may take it)
+    while the main thread joins that thread: a KeyboardInterrupt while the thread still runs. A
+    plain ``join`` raised it only once the thread ended (here after 3 s; an extraction's writer
+    thread: after the whole run, or at exit)."""
+    go, stop, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def busy() -> None:
+        go.wait()
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        deadline = time.monotonic() + 3
+        while not stop.is_set() and time.monotonic() < deadline:
+            sum(range(1000))
+        ended.set()
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            go.set()
+            join(thread)
+        assert not ended.is_set()
+    finally:
+        stop.set()
+        ended.wait(10)
