@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import repeat
-from operator import attrgetter, contains
+from operator import attrgetter, is_not
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from featurestore.errors import UnknownValueError
-from featurestore.manifest import Manifest, check_classes
-from featurestore.store._backend import distinct, join
+from featurestore.manifest import ClipRecord, Manifest, check_classes
+from featurestore.store._backend import join
+from featurestore.store.index import equal_key_runs
 from featurestore.store.layout import INDEX_CHUNK_ROWS
 from featurestore.store.row_group import PREDICTION_RUNS
 
@@ -34,35 +35,31 @@ def append_clips(store: FeatureStore, manifest: Manifest) -> None:
                          f"{manifest.classes}")
     new_ids = manifest.clip_ids
     start, n_new = store.n_clips, len(manifest)
-    found = store.index.find(new_ids) if start else np.full(len(new_ids), -1)  # empty: nothing to find
-    dup = {new_ids[i] for i in np.flatnonzero(found >= 0)}
-    table = store.index.new_lookup_rows(new_ids, start)  # sorted by key: a repeated id sits by its twin
-    twins = np.flatnonzero((table[1:, 0] == table[:-1, 0]) & (table[1:, 1] == table[:-1, 1]))
-    if len(twins):  # equal keys: the same id twice (or, practically never, two ids sharing 128 bits)
-        rows = distinct(table[np.concatenate([twins, twins + 1]), 2].astype(np.int64)) - start
-        dup |= {cid for cid, n in Counter(new_ids[r] for r in rows.tolist()).items() if n > 1}
-    if dup:
-        raise ValueError(f"clip ids must be unique; already present or repeated: {sorted(dup)[:5]}")
+    table = store.index.append_table(new_ids, start)  # every row's key, sorted: a repeated id sits by its twin
+    shared = equal_key_runs(table)
+    _refuse_repeats(store, new_ids, table, shared, start)
     end = start + n_new
     described = {"dataset": manifest.name, "dataset_root": str(manifest.root) if manifest.root else "",
                  "audio_segments": manifest.audio_segments, "segment_seconds": manifest.segment_seconds,
                  "video_frames": manifest.video_frames}
     first = described if start == 0 else {}
     added = {**described, "rows": [start, end]}
-    columns = _manifest_columns(manifest, new_ids)  # before any write: an unknown label is refused first
-    split_sets = list(map(attrgetter("splits"), manifest.clips))
-    new_splits = [s for s in sorted(set().union(*split_sets)) if not arrays.exists(f"index/split/{s}")]
+    columns, cities = _manifest_columns(manifest, new_ids)  # before any write: an unknown label is refused first
+    stored_splits = store.splits()
+    members = _split_members(manifest.clips, stored_splits)
+    new_splits = [s for s in members if s not in stored_splits]
     for split in new_splits:
         arrays.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
     for path in row_arrays(store):
         arrays.resize(path, end)
     for name, values in columns.items():
         arrays.write(f"index/{name}", start, values)
-    for split, member in _split_members(split_sets, store.splits()).items():
+    for split, member in members.items():
         if split in new_splits and start:
             member = np.concatenate([np.zeros(start, dtype=bool), member])  # earlier rows: written too
         arrays.write(f"index/split/{split}", end - len(member), member)
-    looked_up = store.index.prepare_append(table, columns["city"], start)
+    # ids sharing a key that are not repeats (practically never): no lookup, ids found by the id column
+    looked_up = store.index.prepare_append(table, cities, start, bool(shared))
     # the commit point, one attribute update (the lookup's name included): a kill before it leaves
     # rows past n_clips and an unnamed lookup, which the next writable open removes
     # (roll_back_partial_append)
@@ -71,6 +68,20 @@ def append_clips(store: FeatureStore, manifest: Manifest) -> None:
     store.index.forget()
     store.index.drop_unused()
     store._rows_cache.drop_done()
+
+
+def _refuse_repeats(store: FeatureStore, new_ids: list[str], table: np.ndarray, runs: list[tuple[int, int]],
+                    start: int) -> None:
+    """ValueError naming new ids already in the store or given twice. ``runs``: the runs of equal keys
+    in ``table`` (the lookup of every row, old and new: ``ClipIndex.append_table``), each confirmed on
+    the ids themselves, as ids sharing a key are not necessarily equal (practically never at 128 bits)."""
+    if not runs:
+        return
+    rows = np.concatenate([table[a:b, 2] for a, b in runs]).astype(np.int64)
+    ids = store.index.ids_at(rows[rows < start]) + [new_ids[r - start] for r in rows[rows >= start].tolist()]
+    dup = sorted(cid for cid, n in Counter(ids).items() if n > 1)
+    if dup:
+        raise ValueError(f"clip ids must be unique; already present or repeated: {dup[:5]}")
 
 
 def roll_back_partial_append(store: FeatureStore) -> None:
@@ -172,39 +183,57 @@ def as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple, set, np.ndarray)) else [value]
 
 
-def _manifest_columns(manifest: Manifest, clip_ids: list[str]) -> dict[str, np.ndarray]:
-    """The index columns of a manifest's clips, one pass over the clips per column (attribute
-    getters and dict lookups, no Python call per clip: ~0.1 s a million clips, where a label
-    lookup and two path functions per clip were ~0.5 s of a million-clip store's creation)."""
+def _manifest_columns(manifest: Manifest, clip_ids: list[str]) -> tuple[dict[str, np.ndarray], set[str]]:
+    """The index columns of a manifest's clips and their distinct cities, one pass over the clips
+    per attribute (attribute getters and dict lookups, no Python call per clip: a label lookup and
+    two path functions per clip were ~0.5 s of a million-clip store's creation)."""
     clips = manifest.clips
-    label_of = {name: i for i, name in enumerate(manifest.classes)}
-    labels = [c.label for c in clips]
-    unknown = set(labels) - set(label_of) - {None}
-    if unknown:  # as Manifest.label_index words it
-        manifest.label_index(sorted(unknown, key=str)[0])
+    n = len(clips)
+    # object arrays filled straight from the clips: no list of a million strings copied into one (and
+    # traversed by every garbage collection while it is young: lists are tracked, arrays are not)
+    texts = {name: np.fromiter(map(attrgetter(name), clips), dtype=object, count=n) for name in ("city", "location")}
+    distinct_cities = set(texts["city"])  # a few: checked instead of every city, and the summary's values
+    checked = {"city": distinct_cities, "location": texts["location"]}
+    for media in ("audio", "video"):
+        if any(map(is_not, map(attrgetter(media), clips), repeat(None))):
+            texts[f"{media}_path"] = checked[f"{media}_path"] = _paths(manifest, map(attrgetter(media), clips))
+        else:  # no media paths (a store of features made elsewhere)
+            texts[f"{media}_path"] = np.full(n, "", dtype=object)
+    labels = _label_column(manifest)  # before any text is checked: an unknown label is refused first
+    for name, values in checked.items():
+        _require_utf8(manifest, clip_ids, name, texts[name], values)
+    return {"clip_id": np.array(clip_ids, dtype=object), "label": labels, **texts}, distinct_cities
+
+
+def _label_column(manifest: Manifest) -> np.ndarray:
+    """Each clip's label index (-1: no label), one dict lookup per clip; an unknown label is refused
+    as ``Manifest.label_index`` words it (the first in sorted order)."""
+    label_of: dict[str | None, int] = {name: i for i, name in enumerate(manifest.classes)}
     label_of[None] = -1
-    texts = {
-        "city": np.array(list(map(attrgetter("city"), clips)), dtype=object),
-        "location": np.array(list(map(attrgetter("location"), clips)), dtype=object),
-        "audio_path": _paths(manifest, list(map(attrgetter("audio"), clips))),
-        "video_path": _paths(manifest, list(map(attrgetter("video"), clips))),
-    }
-    _require_utf8(manifest, clip_ids, texts)
-    return {"clip_id": np.array(clip_ids, dtype=object),
-            "label": np.fromiter(map(label_of.__getitem__, labels), dtype=np.int16, count=len(labels)), **texts}
+    labels = map(attrgetter("label"), manifest.clips)
+    try:
+        return np.fromiter(map(label_of.__getitem__, labels), dtype=np.int16, count=len(manifest.clips))
+    except KeyError:
+        unknown = {clip.label for clip in manifest.clips} - set(label_of)
+        manifest.label_index(sorted(unknown, key=str)[0])
+        raise
 
 
-def _require_utf8(manifest: Manifest, clip_ids: list[str], texts: dict[str, np.ndarray]) -> None:
-    """ValueError naming the first clip whose text (a media path in a folder whose name is not
-    UTF-8: Python decodes it with lone surrogates) cannot be stored, before anything is written (the
-    strings' encoding failed half-way through the append, with a bare UnicodeEncodeError)."""
-    for name, column in texts.items():
-        try:
-            "".join(column).encode("utf-8")  # one pass over the column
-        except UnicodeEncodeError:
-            i = next(i for i, text in enumerate(column) if not _is_utf8(text))
-            raise ValueError(f"dataset {manifest.name!r}, clip {clip_ids[i]!r}: its {name} {column[i]!r} is not "
-                             f"valid UTF-8 (a file or folder name in another encoding); rename it") from None
+def _require_utf8(manifest: Manifest, clip_ids: list[str], name: str, column: Sequence[str],
+                  values: Iterable[str]) -> None:
+    """ValueError naming the first clip whose ``name`` text (a media path in a folder whose name is
+    not UTF-8: Python decodes it with lone surrogates) cannot be stored, before anything is written
+    (the strings' encoding failed half-way through the append, with a bare UnicodeEncodeError).
+    ``values``: the column's texts, or its distinct values where they are known (fewer to check)."""
+    joined = "".join(values)  # one pass over the column; ASCII (the usual case) needs no encoding
+    if joined.isascii():
+        return
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError:
+        i = next(i for i, text in enumerate(column) if not _is_utf8(text))
+        raise ValueError(f"dataset {manifest.name!r}, clip {clip_ids[i]!r}: its {name} {column[i]!r} is not "
+                         f"valid UTF-8 (a file or folder name in another encoding); rename it") from None
 
 
 def _is_utf8(text: str) -> bool:
@@ -215,20 +244,26 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _paths(manifest: Manifest, paths: list[Path | None]) -> np.ndarray:
+def _paths(manifest: Manifest, paths: Iterable[Path | None]) -> np.ndarray:
     """Media paths as stored: relative to the manifest's root where under it, '' where absent."""
-    out = np.full(len(paths), "", dtype=object)
-    if paths.count(None) == len(paths):  # no media paths (a store of features made elsewhere)
-        return out
-    for i, p in enumerate(paths):
-        if p is not None:
-            p = Path(p)
-            out[i] = (p.relative_to(manifest.root) if manifest.root is not None and p.is_relative_to(manifest.root)
-                      else p).as_posix()
-    return out
+    return np.array(["" if p is None else _stored_path(Path(p), manifest.root) for p in paths], dtype=object)
 
 
-def _split_members(sets: list[frozenset[str]], splits: Sequence[str]) -> dict[str, np.ndarray]:
-    """Each split's membership of the clips whose split sets are ``sets`` (bool per clip), without a
-    Python call per clip."""
-    return {split: np.fromiter(map(contains, sets, repeat(split)), dtype=bool, count=len(sets)) for split in splits}
+def _stored_path(path: Path, root: Path | None) -> str:
+    return (path.relative_to(root) if root is not None and path.is_relative_to(root) else path).as_posix()
+
+
+def _split_members(clips: Sequence[ClipRecord], stored: Sequence[str]) -> dict[str, np.ndarray]:
+    """Membership (bool per clip) of every split the clips name or the store has (``stored``), in
+    name order. Clips share a few distinct split sets: each clip's set is numbered (one dict lookup
+    per clip, frozensets keep their hash), and a split's membership is a gather of its per-set answers."""
+    sets = list(map(attrgetter("splits"), clips))
+    try:
+        number = {s: i for i, s in enumerate(set(sets))}
+    except TypeError:  # a set or list given where a frozenset belongs
+        sets = list(map(frozenset, sets))
+        number = {s: i for i, s in enumerate(set(sets))}
+    of_clip = np.fromiter(map(number.__getitem__, sets), dtype=np.intp, count=len(sets))
+    names = sorted(set().union(*number, stored))
+    return {split: np.fromiter((split in s for s in number), dtype=bool, count=len(number))[of_clip]
+            for split in names}
