@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from numbers import Real
+from operator import attrgetter
 from pathlib import Path
+
+import numpy as np
 
 from featurestore.checks import is_int_in
 
@@ -57,6 +62,45 @@ def clip_id_problem(clip_id: object) -> str | None:
         bad = next(c for c in clip_id if not (c.isalnum() or c in _ID_PUNCTUATION or c == "_"))
         why = f"holds {bad!r}"
     return f"clip id {shown} {why}; {CLIP_ID_GRAMMAR}"
+
+
+# per ASCII byte: allowed in a clip id (``\w`` on ASCII is letters, digits and '_'; the newline joins
+# ids for the check below), and not allowed to start one
+_ID_BYTE = np.zeros(256, dtype=bool)
+_ID_BYTE[list((string.ascii_letters + string.digits + "_" + _ID_PUNCTUATION + "\n").encode())] = True
+_NOT_FIRST = np.zeros(256, dtype=bool)
+_NOT_FIRST[list(b".-")] = True
+
+
+def _all_plain_ids(ids: list) -> bool:
+    """True when every id is an ASCII string following the clip id grammar, checked on all the ids
+    joined by newlines as one byte array (a million ids in ~0.15 s, where the grammar's regular
+    expression took ~0.5 s, one id at a time). False where any is not (or is not ASCII): the caller
+    then checks the ids one by one, which decides (and names the wrong one)."""
+    if not ids or not all(map(isinstance, ids, repeat(str))):
+        return False
+    joined = "\n".join(ids)
+    if not joined.isascii():
+        return False
+    text = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+    breaks = np.flatnonzero(text == ord("\n"))
+    if len(breaks) != len(ids) - 1:  # an id holds a newline
+        return False
+    starts, stops = np.r_[0, breaks + 1], np.r_[breaks, len(text)]
+    lengths = stops - starts
+    if lengths.min() < 1 or lengths.max() > MAX_CLIP_ID_LENGTH or not _ID_BYTE[text].all():
+        return False
+    dots = text == ord(".")
+    return not (_NOT_FIRST[text[starts]].any() or (dots[1:] & dots[:-1]).any())
+
+
+def _split_names(clips: Sequence[ClipRecord]) -> set[str]:
+    """Every split name the clips list: the union of their distinct split sets (a few frozensets,
+    each clip's hashed once), not of a million sets."""
+    try:
+        return set().union(*set(map(attrgetter("splits"), clips)))
+    except TypeError:  # a set or list given where a frozenset belongs: not hashable
+        return {s for c in clips for s in c.splits}
 
 
 def check_clip_id(clip_id: object) -> str:
@@ -135,11 +179,13 @@ class Manifest:
     def __post_init__(self) -> None:
         """Refuse, before any store is created from it, a clip id or split name outside the grammar and a clip
         shape beyond the maxima (one line naming the dataset, the field and the allowed range)."""
-        for i, clip in enumerate(self.clips):
-            problem = clip_id_problem(clip.clip_id)
-            if problem:
-                raise ValueError(f"dataset {self.name!r}, clip {i}: {problem}")
-        for split in {s for c in self.clips for s in c.splits}:
+        ids = self.clip_ids
+        if not _all_plain_ids(ids):  # else each id is checked to name the first wrong one
+            for i, clip_id in enumerate(ids):
+                problem = clip_id_problem(clip_id)
+                if problem:
+                    raise ValueError(f"dataset {self.name!r}, clip {i}: {problem}")
+        for split in _split_names(self.clips):
             # a split is an array's name in the store (index/split/<name>) and a --train-split argument
             if not (isinstance(split, str) and _CLIP_ID.fullmatch(split)):
                 raise ValueError(f"dataset {self.name!r}: split name {split!r:.60} cannot be a store key; split "
@@ -164,7 +210,7 @@ class Manifest:
 
     @property
     def split_names(self) -> list[str]:
-        return sorted({s for c in self.clips for s in c.splits})
+        return sorted(_split_names(self.clips))
 
     def label_index(self, label: str | None) -> int:
         """Index of a class name, -1 for an unknown label; an unlisted name is an error."""
