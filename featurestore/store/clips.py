@@ -192,11 +192,13 @@ def _manifest_columns(manifest: Manifest, clip_ids: list[str]) -> tuple[dict[str
     # object arrays filled straight from the clips: no list of a million strings copied into one (and
     # traversed by every garbage collection while it is young: lists are tracked, arrays are not)
     texts = {name: np.fromiter(map(attrgetter(name), clips), dtype=object, count=n) for name in ("city", "location")}
-    distinct_cities = set(texts["city"])  # a few: checked instead of every city, and the summary's values
-    checked = {"city": distinct_cities, "location": texts["location"]}
+    # (a list of an object array is a C loop; iterating the array itself costs a call per item)
+    distinct_cities = set(texts["city"].tolist())  # a few: checked instead of every city, and the summary's values
+    checked = {"city": distinct_cities, "location": texts["location"].tolist()}
     for media in ("audio", "video"):
         if any(map(is_not, map(attrgetter(media), clips), repeat(None))):
-            texts[f"{media}_path"] = checked[f"{media}_path"] = _paths(manifest, map(attrgetter(media), clips))
+            texts[f"{media}_path"] = _paths(manifest, map(attrgetter(media), clips))
+            checked[f"{media}_path"] = texts[f"{media}_path"].tolist()
         else:  # no media paths (a store of features made elsewhere)
             texts[f"{media}_path"] = np.full(n, "", dtype=object)
     labels = _label_column(manifest)  # before any text is checked: an unknown label is refused first
