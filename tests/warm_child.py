@@ -32,8 +32,9 @@ import types
 from collections.abc import Callable
 from multiprocessing import reduction
 
-#: What the server imports once: everything an extraction or ``featurestore``/``heads`` command loads.
-PRELOAD = ["featurestore.cli", "featurestore.extract.pipeline", "heads.cli"]
+#: What the server imports once: everything an extraction or ``featurestore``/``heads`` command loads,
+#: and timm (~2 s of CPU per child that builds a timm encoder or backbone; once here).
+PRELOAD = ["featurestore.cli", "featurestore.extract.pipeline", "heads.cli", "timm"]
 
 _CONTEXT: multiprocessing.context.ForkServerContext | None = None
 
@@ -296,3 +297,27 @@ def file_size_limit(limit: int) -> None:
     """RLIMIT_FSIZE of ``limit`` bytes, SIGXFSZ ignored: ``preexec_fn=functools.partial(file_size_limit, n)``."""
     ignore_sigxfsz()
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+class SubprocessModule:
+    """Stands in for the ``subprocess`` module inside a library module under test that starts its own
+    Python children (``fusion.classify`` runs ``python -m heads classify``): each
+    ``run([sys.executable, *argv], capture_output=True, text=True)`` runs ``argv`` as a warm child.
+
+    Patch it in for the test only (``monkeypatch.setattr(fusion.classify, "subprocess",
+    warm_child.SubprocessModule)``): the library still builds the command line, the child still runs
+    it as ``python ARGV`` would; only the start is warm. Any other call is refused, so a library
+    change that starts children differently fails the test instead of silently running cold.
+    """
+
+    CompletedProcess = subprocess.CompletedProcess
+    TimeoutExpired = subprocess.TimeoutExpired
+
+    @staticmethod
+    def run(command: list[str], capture_output: bool = False, text: bool = False, timeout: float | None = None,
+            **unexpected) -> subprocess.CompletedProcess:
+        if unexpected or not (capture_output and text) or list(command[:1]) != [sys.executable]:
+            raise ValueError(f"warm_child.SubprocessModule.run runs [sys.executable, ...] with capture_output=True, "
+                             f"text=True, got {command[:3]!r}... capture_output={capture_output} text={text} "
+                             f"{sorted(unexpected)}")
+        return run(list(command[1:]), timeout=timeout)

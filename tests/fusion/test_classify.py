@@ -1,7 +1,9 @@
 """``fusion classify``: a recipe fused on files equals what ``fusion`` computes for those clips from the store.
 
 The runs are trained in a child process (started warm, :mod:`tests.warm_child`) and asked by ``python -m
-heads`` children, as ``fusion classify`` itself asks them: fusion (and its tests) never import heads.
+heads`` children, as ``fusion classify`` itself asks them: fusion (and its tests) never import heads. Those
+children start warm too (``warm_child.SubprocessModule`` in place of ``fusion.classify``'s ``subprocess``):
+the command line is fusion's own; a cold start cost ~5 s of CPU each (torch, timm), most of this file.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from featurestore import open_store
+import fusion.classify
 from fusion.classify import ClassifyError, classify_files
 from fusion.cli import main
 from fusion.pipeline import fuse
@@ -45,6 +48,14 @@ RECIPE = {  # every step that fits on the store: replacement, confidence weights
     "calibration": {"method": "temperature", "fit_split": "fold1_train"},
     "postprocess": {"method": "eq1"},
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_heads_children():
+    """``fusion classify`` runs its ``[sys.executable, "-m", "heads", "classify", ...]`` children warm."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fusion.classify, "subprocess", warm_child.SubprocessModule)
+        yield
 
 
 @pytest.fixture(scope="module")
