@@ -36,6 +36,11 @@ ENCODERS = "logmel,timm/test_vit@none"
 LIGHT = ["--encoders", ENCODERS, "--device", "cpu", "--frames", "2", "--num-workers", "0", "--chunk-clips", "2",
          "--batch-size", "2", "--quiet"]
 KILL_AT_DONE = 12  # done rows over both feature sets (40 in all)
+#: The resume's Dask workers are forked from the command (Dask's ``fork`` method) instead of spawned: a
+#: spawned worker imports torch, timm and Dask anew (~5 s of CPU each), a fork of the warm command has
+#: them. They are still two processes that reach the server by URL; spawned ``local:N`` workers (what
+#: users get) are tested in test_extract_dask.py.
+FORKED_WORKERS = {"DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD": "fork"}
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +98,8 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 180.0) -> subproc
 def s3_store(s3_env, demo_set):
     """``featurestore extract`` into ``s3://extracted/store.zarr``: SIGKILLed (its process group)
     after 12 done rows, checked, then resumed by the same command on two Dask worker processes
-    (``--scheduler local:2``), which reach the server by URL. Returns (url, what was seen)."""
+    (``--scheduler local:2``, forked: ``FORKED_WORKERS``), which reach the server by URL. Returns (url,
+    what was seen)."""
     make_bucket(s3_env, "extracted")
     url = "s3://extracted/store.zarr"
     killed = _cli("extract", str(demo_set), url, *LIGHT, env={TEST_SIGNAL_ENV: f"KILL:{KILL_AT_DONE}"})
@@ -102,7 +108,7 @@ def s3_store(s3_env, demo_set):
         done = {name: int(mask.sum()) for name, mask in masks.items()}
         done["all sets"] = int(np.logical_and.reduce(list(masks.values())).sum())
         after_kill = store.verify()
-    resumed = _cli("extract", str(demo_set), url, *LIGHT, "--scheduler", "local:2", "--json")
+    resumed = _cli("extract", str(demo_set), url, *LIGHT, "--scheduler", "local:2", "--json", env=FORKED_WORKERS)
     return url, {"killed": killed, "done": done, "verify": after_kill, "resumed": resumed}
 
 
