@@ -39,9 +39,10 @@ def _run_files(out: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime_ns for p in sorted(out.glob("*/seed_*/**/*")) if p.is_file()}
 
 
-def _same_runs(a: Path, b: Path) -> None:
+def _same_runs(a: Path, b: Path, context: object = None) -> None:
     """Every trial of sweep ``a`` has the weights, checkpoint and metrics (timings aside) of ``b``'s, within the
-    tolerance of stacked trials (see docs/heads.md)."""
+    tolerance of stacked trials (see docs/heads.md). ``context`` (e.g. how a run was killed) goes into
+    every failure's message, with the values that differ."""
     for config in CONFIGS:
         for seed in (0, 1):
             ra, rb = a / config / f"seed_{seed}", b / config / f"seed_{seed}"
@@ -49,12 +50,13 @@ def _same_runs(a: Path, b: Path) -> None:
                 fa, fb = (ra / name, rb / name) if name == "best.safetensors" else (ra / "ckpt" / name, rb / "ckpt" / name)
                 wa, wb = load_file(fa), load_file(fb)
                 assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa), (
-                    config, seed, name)
+                    config, seed, name, {k: float((wa[k] - wb[k]).abs().max()) for k in wa if k in wb}, context)
             strip = lambda run: [{k: v for k, v in json.loads(x).items() if k != "seconds"}  # noqa: E731
                                  for x in (run / "metrics.jsonl").read_text().splitlines()]
             for x, y in zip(strip(ra), strip(rb), strict=True):
-                assert x["val_accuracy"] == y["val_accuracy"] and x["lr"] == y["lr"], (config, seed)
-                assert all(x[k] == pytest.approx(y[k], abs=1e-5) for k in ("loss", "val_logloss")), (config, seed)
+                assert x["val_accuracy"] == y["val_accuracy"] and x["lr"] == y["lr"], (config, seed, x, y, context)
+                assert all(x[k] == pytest.approx(y[k], abs=1e-5) for k in ("loss", "val_logloss")), (
+                    config, seed, x, y, context)
 
 
 def test_sweep_trains_every_trial_and_tables_their_metrics(tiny_store_path, tmp_path, capsys):
@@ -162,7 +164,7 @@ def test_a_sweep_killed_at_a_random_point_resumes_to_the_uninterrupted_result(ti
         sorted(runs) for runs in groups.values() if len(runs) > 1), (seed, at_kill)
     assert all(len({epoch for _, epoch in call}) == 1 for call in calls)
     assert main(_args(tiny_store_path, whole, epochs)) == 0
-    _same_runs(killed, whole)
+    _same_runs(killed, whole, {"kill seed": seed, "trial-epochs at the kill": at_kill})
     assert os.readlink(killed / "best") == os.readlink(whole / "best"), (seed, committed)
 
 
