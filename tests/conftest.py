@@ -5,7 +5,6 @@ import fcntl
 import os
 import signal
 import sys
-from collections import Counter
 from pathlib import Path
 
 # One torch (OpenMP) thread per test process, set before anything imports torch, inherited by every
@@ -27,40 +26,6 @@ from tests import warm_child
 #: fold1_evaluate; 5 of the 20 are night clips (see demo_truth.csv).
 TINY = dict(clips_per_class=2, duration=10.0, n_cities=2, seed=0, width=64, height=48, fps=5,
             night_fraction=0.25, clips_per_location=1, progress=False)
-
-
-#: Wall seconds of the slowest test files (setup + call + teardown, `--durations=0` of the whole suite
-#: on 2 xdist workers, 2026-12-06). pytest-xdist hands a worker its next file when it runs low, so a
-#: long file handed out last keeps one worker busy while the other idles: files are handed out longest
-#: first (the largest-first rule), these by their time and the rest after them, most tests first (as
-#: xdist orders files by default). Refresh when a file's time changes much; a file missing here only
-#: runs later.
-SLOW_FILES = {
-    "tests/featurestore/test_s3.py": 50, "tests/featurestore/test_extract_dask.py": 39,
-    "tests/fusion/test_classify.py": 30, "tests/featurestore/test_extract.py": 23,
-    "tests/featurestore/test_view_browser.py": 23, "tests/featurestore/test_extract_refusals.py": 14,
-    "tests/heads/test_train_reliability.py": 14, "tests/featurestore/test_store_faults.py": 14,
-    "tests/featurestore/test_extract_kill.py": 13, "tests/featurestore/test_hdf5_full_disk.py": 13,
-    "tests/featurestore/test_extract_partial_commit.py": 12, "tests/featurestore/test_extract_faults.py": 12,
-    "tests/featurestore/test_input_bounds.py": 12, "tests/featurestore/test_view.py": 10,
-    "tests/heads/test_sweep.py": 9, "tests/fusion/test_outputs_reliability.py": 8,
-    "tests/heads/test_sweep_processes.py": 8, "tests/featurestore/test_cli.py": 8,
-    "tests/featurestore/test_argument_shapes.py": 7, "tests/featurestore/test_export.py": 7,
-    "tests/featurestore/test_search_sidecars.py": 7, "tests/featurestore/test_store.py": 7,
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Test files in the order they are handed to xdist workers: slowest first (``SLOW_FILES``),
-    then by number of tests; each file's tests keep their order. Every worker sorts its collection
-    the same way (xdist requires equal collections); ``--no-loadscope-reorder`` (pyproject.toml)
-    keeps xdist from reordering files by test count alone."""
-    files = [item.nodeid.split("::", 1)[0] for item in items]
-    count = Counter(files)
-    first = {path: i for i, path in reversed(list(enumerate(files)))}
-    rank = {path: (-SLOW_FILES.get(path, 0), -count[path], first[path]) for path in count}
-    order = sorted(range(len(items)), key=lambda i: (rank[files[i]], i))
-    items[:] = [items[i] for i in order]
 
 
 def pytest_sessionfinish(session):
