@@ -182,7 +182,7 @@ class ShardReader:
             if state is None:
                 return None
             shard, c = divmod(chunk, layout.per_shard)
-            mapped = self._shard(name, state, shard)
+            mapped = self._shard(name, state, shard, batch=False)
             if mapped is None:
                 return None
             if c >= mapped.n_inner:
@@ -214,7 +214,7 @@ class ShardReader:
             shards, where, _ = _groups(shard_of)
             if len(shards) > max_mapped_shards():  # more maps than one call may hold: gather serves it
                 return None
-            maps = [self._shard(name, state, shard) for shard in shards.tolist()]
+            maps = [self._shard(name, state, shard, batch=True) for shard in shards.tolist()]
             if any(m is None for m in maps):
                 return None
             local = chunks - shard_of * layout.per_shard
@@ -254,7 +254,7 @@ class ShardReader:
                     return False
                 out[part] = got
             return True
-        maps = [self._shard(name, state, shard) for shard in shards.tolist()]
+        maps = [self._shard(name, state, shard, batch=True) for shard in shards.tolist()]
         if any(m is None for m in maps):
             return False
         local = inner - shard_of * layout.per_shard
@@ -306,7 +306,7 @@ class ShardReader:
             raise ChunkFault(int(numbers[bad[0]]), missing=False,
                              cause=ValueError("stored and computed crc32c checksums differ"))
 
-    def _shard(self, name: str, state: _ArrayMaps, shard: int) -> _Mapped | None:
+    def _shard(self, name: str, state: _ArrayMaps, shard: int, batch: bool) -> _Mapped | None:
         """The current mapping of shard ``shard`` (None: not in the uniform layout; one with no inner
         chunks when there is no such file). A mapping checked against its file since the array's
         last ``revalidate`` is used as it is; otherwise a ``stat`` tells whether the file is the one
@@ -317,7 +317,7 @@ class ShardReader:
         if mapped is not None and mapped.epoch == epoch:
             if mapped.grid is not None:
                 self._maps.move_to_end((name, shard))
-                self._used_again(state, shard, mapped)
+                self._used_again(state, shard, mapped, batch)
             return mapped
         path = state.file(shard)
         try:
@@ -325,7 +325,7 @@ class ShardReader:
                 stat = os.stat(path)
                 if mapped.identity == (stat.st_ino, stat.st_size, stat.st_mtime_ns):
                     mapped.epoch = epoch
-                    self._used_again(state, shard, mapped)
+                    self._used_again(state, shard, mapped, batch)
                     return mapped
             mapped = self._open(path, state.layout)
         except FileNotFoundError:
@@ -341,15 +341,18 @@ class ShardReader:
         state.put(shard, mapped)
         return mapped
 
-    def _used_again(self, state: _ArrayMaps, shard: int, mapped: _Mapped) -> None:
+    def _used_again(self, state: _ArrayMaps, shard: int, mapped: _Mapped, batch: bool) -> None:
         """A mapping served a read before: populated once it has served one read per
-        ``_POPULATE_AFTER_BYTES`` of its file (at least two), where its array is (see :func:`populates`),
-        and then every inner chunk of it not checked yet is checked at once (see ``_check_shard``)."""
+        ``_POPULATE_AFTER_BYTES`` of its file (at least two), where its array is (see :func:`populates`);
+        once populated, the first batch read (``gather``, ``chunk_grids``: not a single ``get``, which
+        checks one chunk and should not pay for a thousand) checks every inner chunk of it at once
+        (see ``_check_shard``)."""
         if state.populate and not mapped.populated:
             mapped.uses += 1
             if mapped.uses >= max(2, mapped.identity[1] // _POPULATE_AFTER_BYTES):
                 mapped.populate()
-                self._check_shard(state, shard, mapped)
+        if batch and mapped.populated and not mapped.checked_whole:
+            self._check_shard(state, shard, mapped)
 
     def _check_shard(self, state: _ArrayMaps, shard: int, mapped: _Mapped) -> None:
         """Check the crc32c of every inner chunk of a shard in use that was not checked yet, in one
@@ -358,6 +361,7 @@ class ShardReader:
         (1,000 of a million clips' 125,000 per batch of 1,024); one pass costs ~1.3 ms per 8 MiB,
         once per mapping. A chunk that fails is left unchecked, to be reported by the read that
         asks for it (or by ``verify``), never here."""
+        mapped.checked_whole = True
         base, length = shard * state.layout.per_shard, mapped.chunk_bytes
         todo = np.flatnonzero(~state.checked[base:base + mapped.n_inner])
         if not len(todo):
@@ -561,6 +565,7 @@ class _Mapped:
         self.mm = mm  # the map itself (madvise)
         self.populated = False  # its pages mapped all at once (see populates)
         self.uses = 1  # reads served, counted until it is populated
+        self.checked_whole = False  # every inner chunk checked in one pass (see ShardReader._check_shard)
 
     @classmethod
     def absent(cls) -> _Mapped:
