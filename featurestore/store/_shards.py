@@ -210,21 +210,13 @@ class ShardReader:
             state = self._state(name, arr, layout)
             if state is None or not len(chunks):
                 return None
-            shard_of = chunks // layout.per_shard
-            shards, where, _ = _groups(shard_of)
+            shards, where = _shard_groups(chunks // layout.per_shard)
             if len(shards) > max_mapped_shards():  # more maps than one call may hold: gather serves it
                 return None
-            maps = [self._shard(name, state, shard, batch=True) for shard in shards.tolist()]
-            if any(m is None for m in maps):
+            got = self._checked_maps(name, state, chunks, shards, where, np.ones(len(chunks), dtype=bool))
+            if got is None:
                 return None
-            local = chunks - shard_of * layout.per_shard
-            absent = local >= np.array([m.n_inner for m in maps], dtype=np.int64)[where]
-            if absent.any():
-                raise ChunkFault(int(chunks[np.flatnonzero(absent)[0]]), missing=True)
-            unchecked = ~state.checked[chunks]
-            if unchecked.any():
-                new, _, first = _groups(chunks[unchecked])
-                self._check(state, maps, where[unchecked][first], local[unchecked][first], new)
+            maps, local, _ = got
             return [m.grid for m in maps], where, local
 
     def _state(self, name: str, arr: zarr.Array, layout: ShardLayout) -> _ArrayMaps | None:
@@ -240,11 +232,7 @@ class ShardReader:
         """Fill ``out`` with row ``within`` of inner chunk ``inner`` (per entry), each inner chunk
         checked the first time; False where a shard cannot be mapped."""
         layout = state.layout
-        shard_of = inner // layout.per_shard
-        if (shard_of == shard_of[0]).all():  # one shard (an id lookup's table at up to 2**20 clips)
-            shards, where = shard_of[:1], np.zeros(len(inner), dtype=np.int64)
-        else:
-            shards, where, _ = _groups(shard_of)
+        shards, where = _shard_groups(inner // layout.per_shard)
         bound = max_mapped_shards()
         if len(shards) > bound:  # the maps one call holds stay within the descriptor bound
             for low in range(0, len(shards), bound):
@@ -254,18 +242,11 @@ class ShardReader:
                     return False
                 out[part] = got
             return True
-        maps = [self._shard(name, state, shard, batch=True) for shard in shards.tolist()]
-        if any(m is None for m in maps):
+        got = self._checked_maps(name, state, inner, shards, where, required)
+        if got is None:
             return False
-        local = inner - shard_of * layout.per_shard
-        absent = local >= np.array([m.n_inner for m in maps], dtype=np.int64)[where]
+        maps, local, absent = got
         some_absent = bool(absent.any())
-        if some_absent and (absent & required).any():
-            raise ChunkFault(int(inner[np.flatnonzero(absent & required)[0]]), missing=True)
-        unchecked = ~(state.checked[inner] | absent)
-        if unchecked.any():
-            new, _, first = _groups(inner[unchecked])
-            self._check(state, maps, where[unchecked][first], local[unchecked][first], new)
         if some_absent:
             out[absent] = layout.fill
         if some_absent or len(shards) * _ROWS_PER_SHARD_GATHER <= len(inner):  # many per shard: numpy per shard
@@ -288,6 +269,25 @@ class ShardReader:
         for i, (s, o) in enumerate(zip(where.tolist(), starts.tolist())):
             into[i * size:(i + 1) * size] = views[s][o:o + size]
         return True
+
+    def _checked_maps(self, name: str, state: _ArrayMaps, inner: np.ndarray, shards: np.ndarray,
+                      where: np.ndarray, required: np.ndarray) -> tuple[list[_Mapped], np.ndarray, np.ndarray] | None:
+        """The maps of ``shards`` (inner chunk ``inner[i]`` lies in ``shards[where[i]]``) for a batch
+        read, with each chunk's number in its shard and whether it is absent; every present chunk
+        checked the first time it is met. ChunkFault for an absent chunk that is ``required``; None
+        where a shard cannot be mapped (the caller holds the lock)."""
+        maps = [self._shard(name, state, shard, batch=True) for shard in shards.tolist()]
+        if any(m is None for m in maps):
+            return None
+        local = inner - shards[where] * state.layout.per_shard
+        absent = local >= np.array([m.n_inner for m in maps], dtype=np.int64)[where]
+        if (absent & required).any():
+            raise ChunkFault(int(inner[np.flatnonzero(absent & required)[0]]), missing=True)
+        unchecked = ~(state.checked[inner] | absent)
+        if unchecked.any():
+            new, _, first = _groups(inner[unchecked])
+            self._check(state, maps, where[unchecked][first], local[unchecked][first], new)
+        return maps, local, absent
 
     def _check(self, state: _ArrayMaps, maps: list[_Mapped], where: np.ndarray, local: np.ndarray,
                numbers: np.ndarray) -> None:
@@ -732,6 +732,15 @@ def _uniform_index(per_shard: int, length: int, n_inner: int) -> bytes:
     index[:n_inner, 0] = np.arange(n_inner, dtype=np.uint64) * np.uint64(length)
     index[:n_inner, 1] = length
     return index.tobytes()
+
+
+def _shard_groups(shard_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct shards of a batch's chunks and each chunk's place among them; one shard (an id
+    lookup's table at up to 2**20 clips) without a sort."""
+    if (shard_of == shard_of[0]).all():
+        return shard_of[:1], np.zeros(len(shard_of), dtype=np.int64)
+    shards, where, _ = _groups(shard_of)
+    return shards, where
 
 
 def _groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
