@@ -304,18 +304,15 @@ class ClipIndex:
         fence = self._fence_keys()
         block = np.maximum(np.searchsorted(fence, keys[:, 0], "right") - 1, 0)  # the last that can hold it
         found = self._match_in_blocks(path, keys, block)
-        found[found >= self.n_clips] = -1  # a reader trusts only committed rows
-        missing = np.flatnonzero(found < 0)
-        if not len(missing):
-            return found
         # a key whose high half starts its block may sit at the end of blocks before it when they end
         # with the same high half (64 equal bits: practically never); those are searched in full
-        first = np.full(len(keys), -1, dtype=np.int64)
-        first[missing] = np.maximum(np.searchsorted(fence, keys[missing, 0], "left") - 1, 0)
-        for i in np.flatnonzero((found < 0) & (first >= 0) & (first < block)).tolist():
-            table = self._block_rows(path, np.arange(first[i], block[i] + 1)).reshape(-1, 3)
+        missing = np.flatnonzero(found < 0)  # (the fence searched again only for these)
+        first = np.maximum(np.searchsorted(fence, keys[missing, 0], "left") - 1, 0)
+        earlier = first < block[missing]
+        for i, j in zip(missing[earlier].tolist(), first[earlier].tolist()):
+            table = self._block_rows(path, np.arange(j, block[i] + 1)).reshape(-1, 3)
             found[i] = search_table(table[table[:, 2] != np.uint64(2**64 - 1)], keys[i:i + 1])[0]
-        found[found >= self.n_clips] = -1
+        found[found >= self.n_clips] = -1  # a reader trusts only committed rows
         return found
 
     def _find_one(self, clip_id: str) -> int | None:
