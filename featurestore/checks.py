@@ -13,15 +13,18 @@ from typing import Any
 import numpy as np
 
 
+def is_int(value: Any) -> bool:
+    """True when ``value`` is an integer of any type (numpy's too), not a bool: a row number, a key."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def is_int_in(value: Any, low: int, high: int | None = None, *, whole_floats: bool = False) -> bool:
     """True when ``value`` is an integer (not a bool) with ``low <= value`` and, if given, ``value <= high``.
 
     ``whole_floats`` admits floats with no fractional part (``12.0``), as JSON files written by other
     tools may hold them; the caller converts with ``int(value)``.
     """
-    if isinstance(value, bool):
-        return False
-    if not isinstance(value, Integral) and not (whole_floats and isinstance(value, float) and value.is_integer()):
+    if not is_int(value) and not (whole_floats and isinstance(value, float) and value.is_integer()):
         return False
     return bool(low <= value and (high is None or value <= high))
 

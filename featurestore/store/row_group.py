@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from featurestore.checks import is_int
 from featurestore.errors import CorruptChunkError, MissingFeatureError
 from featurestore.store._backend import STRING, distinct, join
 from featurestore.store._cache import ChunkCache
@@ -400,7 +401,7 @@ class RowGroup:
         finished earlier); they are not read a second time to tell whether the data version changes,
         and with ``unchanged`` given only the other done rows are written (``write_block``'s ``changed``).
         """
-        if not isinstance(start, (int, np.integer)) or isinstance(start, bool):
+        if not is_int(start):
             raise TypeError(f"{self.path}: start is a row number, got the {type(start).__name__} {start!r}")
         stop = start + len(data)
         done = np.ones(len(data), dtype=bool) if done is None else np.asarray(done, dtype=bool)
@@ -411,7 +412,7 @@ class RowGroup:
             if unchanged.shape != (len(data),):
                 raise ValueError(f"{self.path}: unchanged mask has shape {unchanged.shape}, "
                                  f"expected ({len(data)},)")
-        bad_keys = [row for row in (errors or {}) if not isinstance(row, (int, np.integer)) or isinstance(row, bool)]
+        bad_keys = [row for row in (errors or {}) if not is_int(row)]
         if bad_keys:
             raise ValueError(f"{self.path}: errors are keyed by row number, got {bad_keys[0]!r} "
                              f"(set_errors takes clip ids)")

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from featurestore.checks import is_int_in
 from featurestore.errors import UnknownFeatureError
 from featurestore.manifest import Manifest
 from featurestore.store import class_features, clips, feature_sets, predictions
@@ -493,7 +494,7 @@ def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
     """
     if mode not in ("r", "a", "w"):
         raise ValueError(f"mode must be 'r', 'a' or 'w', not {mode!r}")
-    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, np.integer)) or cache_bytes < 0:
+    if not is_int_in(cache_bytes, 0):
         raise ValueError(f"cache_bytes must be a number of bytes >= 0 (0 disables the cache), not {cache_bytes!r}")
     location = str(path)
     if "://" not in location:  # a local path: absolute, so a later chdir cannot turn chunks "missing"
