@@ -94,13 +94,19 @@ def _all_plain_ids(ids: list) -> bool:
     return not (_NOT_FIRST[text[starts]].any() or (dots[1:] & dots[:-1]).any())
 
 
-def _split_names(clips: Sequence[ClipRecord]) -> set[str]:
-    """Every split name the clips list: the union of their distinct split sets (a few frozensets,
-    each clip's hashed once), not of a million sets."""
+def distinct_split_sets(clips: Sequence[ClipRecord]) -> list[frozenset[str]]:
+    """The clips' distinct split sets: clips share a few, so what is asked of splits (their names,
+    each split's members) is asked of these few, not of a million sets. A set or list given where a
+    frozenset belongs is taken as one."""
     try:
-        return set().union(*set(map(attrgetter("splits"), clips)))
-    except TypeError:  # a set or list given where a frozenset belongs: not hashable
-        return {s for c in clips for s in c.splits}
+        return list(set(map(attrgetter("splits"), clips)))
+    except TypeError:  # not hashable
+        return list(set(map(frozenset, map(attrgetter("splits"), clips))))
+
+
+def _split_names(clips: Sequence[ClipRecord]) -> set[str]:
+    """Every split name the clips list: the union of their distinct split sets."""
+    return set().union(*distinct_split_sets(clips))
 
 
 def check_clip_id(clip_id: object) -> str:

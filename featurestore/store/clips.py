@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 
 from featurestore.errors import UnknownValueError
-from featurestore.manifest import ClipRecord, Manifest, check_classes
+from featurestore.manifest import ClipRecord, Manifest, check_classes, distinct_split_sets
 from featurestore.store._backend import join
 from featurestore.store.index import equal_key_runs
 from featurestore.store.layout import INDEX_CHUNK_ROWS
@@ -257,15 +257,12 @@ def _stored_path(path: Path, root: Path | None) -> str:
 
 def _split_members(clips: Sequence[ClipRecord], stored: Sequence[str]) -> dict[str, np.ndarray]:
     """Membership (bool per clip) of every split the clips name or the store has (``stored``), in
-    name order. Clips share a few distinct split sets: each clip's set is numbered (one dict lookup
-    per clip, frozensets keep their hash), and a split's membership is a gather of its per-set answers."""
-    sets = list(map(attrgetter("splits"), clips))
-    try:
-        number = {s: i for i, s in enumerate(set(sets))}
-    except TypeError:  # a set or list given where a frozenset belongs
-        sets = list(map(frozenset, sets))
-        number = {s: i for i, s in enumerate(set(sets))}
-    of_clip = np.fromiter(map(number.__getitem__, sets), dtype=np.intp, count=len(sets))
-    names = sorted(set().union(*number, stored))
-    return {split: np.fromiter((split in s for s in number), dtype=bool, count=len(number))[of_clip]
-            for split in names}
+    name order. Each clip's split set is numbered among the few distinct ones (one dict lookup per
+    clip; ``frozenset`` of a frozenset is itself), and a split's membership is a gather of its
+    answers for those few."""
+    distinct = distinct_split_sets(clips)
+    number = {s: i for i, s in enumerate(distinct)}
+    of_clip = np.fromiter(map(number.__getitem__, map(frozenset, map(attrgetter("splits"), clips))),
+                          dtype=np.intp, count=len(clips))
+    return {split: np.fromiter((split in s for s in distinct), dtype=bool, count=len(distinct))[of_clip]
+            for split in sorted(set().union(*distinct, stored))}
