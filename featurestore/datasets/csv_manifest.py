@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from featurestore.clip_table import ClipRecord
 from featurestore.datasets._common import (
     DatasetFormatError,
     PathLike,
@@ -29,7 +30,7 @@ from featurestore.datasets._common import (
     clip_counts,
     read_table,
 )
-from featurestore.manifest import ClipRecord, Manifest, check_classes
+from featurestore.manifest import Manifest, check_classes
 
 _KNOWN = ("clip_id", "audio", "video", "label", "split", "city", "location")
 #: Without an argument or a ``dataset.json``: TAU-like 10 s clips, 12 frames.

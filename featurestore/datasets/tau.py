@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from featurestore.clip_table import ClipRecord
 from featurestore.datasets._common import (
     DatasetFormatError,
     PathLike,
@@ -29,7 +30,7 @@ from featurestore.datasets._common import (
     clip_counts,
     read_table,
 )
-from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
+from featurestore.manifest import TAU_CLASSES, Manifest
 
 log = logging.getLogger(__name__)
 

@@ -5,16 +5,17 @@ and read (ids, the id -> row lookup, columns) is ``ClipIndex`` (``index.py``).
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from itertools import repeat
-from operator import attrgetter, is_not
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from featurestore.clip_table import ClipTable
 from featurestore.errors import UnknownValueError
-from featurestore.manifest import ClipRecord, Manifest, check_classes, distinct_split_sets
+from featurestore.manifest import Manifest, check_classes
 from featurestore.store._backend import join
 from featurestore.store.index import equal_key_runs
 from featurestore.store.layout import INDEX_CHUNK_ROWS
@@ -46,7 +47,7 @@ def append_clips(store: FeatureStore, manifest: Manifest) -> None:
     added = {**described, "rows": [start, end]}
     columns, cities = _manifest_columns(manifest, new_ids)  # before any write: an unknown label is refused first
     stored_splits = store.splits()
-    members = _split_members(manifest.clips, stored_splits)
+    members = _split_members(manifest, stored_splits)
     new_splits = [s for s in members if s not in stored_splits]
     for split in new_splits:
         arrays.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
@@ -184,39 +185,36 @@ def as_list(value: Any) -> list:
 
 
 def _manifest_columns(manifest: Manifest, clip_ids: list[str]) -> tuple[dict[str, np.ndarray], set[str]]:
-    """The index columns of a manifest's clips and their distinct cities, one pass over the clips
-    per attribute (attribute getters and dict lookups, no Python call per clip: a label lookup and
-    two path functions per clip were ~0.5 s of a million-clip store's creation)."""
-    clips = manifest.clips
-    n = len(clips)
-    # object arrays filled straight from the clips: no list of a million strings copied into one (and
-    # traversed by every garbage collection while it is young: lists are tracked, arrays are not)
-    texts = {name: np.fromiter(map(attrgetter(name), clips), dtype=object, count=n) for name in ("city", "location")}
+    """The index columns of a manifest's clips and their distinct cities, from its clips as columns
+    (``ClipTable.of``: itself for a manifest made from columns, else one pass per attribute)."""
+    table = ClipTable.of(manifest.clips)
+    n = len(table)
+    texts = {"city": table.city, "location": table.location}
     # (a list of an object array is a C loop; iterating the array itself costs a call per item)
-    distinct_cities = set(texts["city"].tolist())  # a few: checked instead of every city, and the summary's values
-    checked = {"city": distinct_cities, "location": texts["location"].tolist()}
+    distinct_cities = set(table.city.tolist())  # a few: checked instead of every city, and the summary's values
+    checked = {"city": distinct_cities, "location": table.location.tolist()}
     for media in ("audio", "video"):
-        if any(map(is_not, map(attrgetter(media), clips), repeat(None))):
-            texts[f"{media}_path"] = _paths(manifest, map(attrgetter(media), clips))
+        paths = getattr(table, media)
+        if paths is not None:
+            texts[f"{media}_path"] = _stored_paths(paths, manifest.root)
             checked[f"{media}_path"] = texts[f"{media}_path"].tolist()
         else:  # no media paths (a store of features made elsewhere)
             texts[f"{media}_path"] = np.full(n, "", dtype=object)
-    labels = _label_column(manifest)  # before any text is checked: an unknown label is refused first
+    labels = _label_column(manifest, table.label)  # before any text is checked: an unknown label is refused first
     for name, values in checked.items():
         _require_utf8(manifest, clip_ids, name, texts[name], values)
-    return {"clip_id": np.array(clip_ids, dtype=object), "label": labels, **texts}, distinct_cities
+    return {"clip_id": table.clip_id, "label": labels, **texts}, distinct_cities
 
 
-def _label_column(manifest: Manifest) -> np.ndarray:
+def _label_column(manifest: Manifest, labels: np.ndarray) -> np.ndarray:
     """Each clip's label index (-1: no label), one dict lookup per clip; an unknown label is refused
     as ``Manifest.label_index`` words it (the first in sorted order)."""
     label_of: dict[str | None, int] = {name: i for i, name in enumerate(manifest.classes)}
     label_of[None] = -1
-    labels = map(attrgetter("label"), manifest.clips)
     try:
-        return np.fromiter(map(label_of.__getitem__, labels), dtype=np.int16, count=len(manifest.clips))
+        return np.fromiter(map(label_of.__getitem__, labels.tolist()), dtype=np.int16, count=len(labels))
     except KeyError:
-        unknown = {clip.label for clip in manifest.clips} - set(label_of)
+        unknown = set(labels.tolist()) - set(label_of)
         manifest.label_index(sorted(unknown, key=str)[0])
         raise
 
@@ -246,23 +244,35 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _paths(manifest: Manifest, paths: Iterable[Path | None]) -> np.ndarray:
-    """Media paths as stored: relative to the manifest's root where under it, '' where absent."""
-    return np.array(["" if p is None else _stored_path(Path(p), manifest.root) for p in paths], dtype=object)
+#: what makes ``Path(text).as_posix()`` differ from ``text``: a '.' component, '//', a trailing '/'
+_UNCLEAN_PATH = re.compile(r"(^|/)\.(/|$)|//|/$", re.M)
+
+
+def _stored_paths(paths: np.ndarray, root: Path | None) -> np.ndarray:
+    """Media paths as stored: relative to the manifest's root where under it, '' where absent.
+
+    Texts that ``Path`` would keep as they are (the usual case: clean relative paths from a table)
+    are taken without a ``Path`` each (~5 us a clip); anything else goes through ``Path`` one by one,
+    so both give the same text."""
+    given = paths.tolist()
+    texts = [p for p in given if p is not None]
+    if all(map(isinstance, texts, repeat(str))) and "\n" not in (joined := "\n".join(texts)) \
+            and not _UNCLEAN_PATH.search(joined):
+        if root is None:
+            return np.array(["" if p is None else p for p in given], dtype=object)
+        prefix = root.as_posix().rstrip("/") + "/"
+        if prefix not in joined and root.as_posix() not in texts:  # nothing under the root: kept as given
+            return np.array(["" if p is None else p for p in given], dtype=object)
+    return np.array(["" if p is None else _stored_path(Path(p), root) for p in given], dtype=object)
 
 
 def _stored_path(path: Path, root: Path | None) -> str:
     return (path.relative_to(root) if root is not None and path.is_relative_to(root) else path).as_posix()
 
 
-def _split_members(clips: Sequence[ClipRecord], stored: Sequence[str]) -> dict[str, np.ndarray]:
+def _split_members(manifest: Manifest, stored: Sequence[str]) -> dict[str, np.ndarray]:
     """Membership (bool per clip) of every split the clips name or the store has (``stored``), in
-    name order. Each clip's split set is numbered among the few distinct ones (one dict lookup per
-    clip; ``frozenset`` of a frozenset is itself), and a split's membership is a gather of its
-    answers for those few."""
-    distinct = distinct_split_sets(clips)
-    number = {s: i for i, s in enumerate(distinct)}
-    of_clip = np.fromiter(map(number.__getitem__, map(frozenset, map(attrgetter("splits"), clips))),
-                          dtype=np.intp, count=len(clips))
-    return {split: np.fromiter((split in s for s in distinct), dtype=bool, count=len(distinct))[of_clip]
-            for split in sorted(set().union(*distinct, stored))}
+    name order."""
+    masks = ClipTable.of(manifest.clips).splits
+    none = np.zeros(len(manifest), dtype=bool)
+    return {split: masks.get(split, none) for split in sorted({*masks, *stored})}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.errors import UnknownFeatureError
-from featurestore.manifest import ClipRecord, Manifest
+from featurestore.manifest import Manifest
 from featurestore.store.store import FeatureStore, open_store
 
 __all__ = ["PREDICTIONS_FOR", "StoreWithPredictions", "index_difference", "index_manifest", "open_prediction_store",
@@ -61,16 +61,13 @@ def index_manifest(store: FeatureStore, rows: slice = slice(None)) -> Manifest:
     ids = store.clip_ids[rows]
     labels = store.labels[rows]
     columns = {name: store.column(name)[rows] for name in ("city", "location", "audio_path", "video_path")}
-    member = {split: store.column(f"split/{split}")[rows].astype(bool) for split in store.splits()}
-    clips = [ClipRecord(clip_id=cid, label=classes[int(labels[i])] if labels[i] >= 0 else None,
-                        city=str(columns["city"][i]), location=str(columns["location"][i]),
-                        audio=Path(str(columns["audio_path"][i])) if columns["audio_path"][i] else None,
-                        video=Path(str(columns["video_path"][i])) if columns["video_path"][i] else None,
-                        splits=frozenset(s for s, m in member.items() if m[i]))
-             for i, cid in enumerate(ids)]
-    return Manifest(str(attrs.get("dataset", "")), classes, clips, audio_segments=int(attrs.get("audio_segments", 10)),
-                    segment_seconds=float(attrs.get("segment_seconds", 1.0)),
-                    video_frames=int(attrs.get("video_frames", 12)))
+    splits = {split: store.column(f"split/{split}")[rows].astype(bool) for split in store.splits()}
+    names = np.array([*classes, None], dtype=object)  # label -1 (none) is the last
+    return Manifest.from_columns(
+        str(attrs.get("dataset", "")), classes, ids, label=names[labels], city=columns["city"],
+        location=columns["location"], audio=columns["audio_path"], video=columns["video_path"], splits=splits,
+        audio_segments=int(attrs.get("audio_segments", 10)), segment_seconds=float(attrs.get("segment_seconds", 1.0)),
+        video_frames=int(attrs.get("video_frames", 12)))
 
 
 def index_difference(store: FeatureStore, predictions: FeatureStore) -> str | None:

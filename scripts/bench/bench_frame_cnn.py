@@ -77,7 +77,7 @@ def build_frames_store(dataset: Path, path: Path, size: int) -> Path:
 
 def build_random_store(path: Path, n_clips: int, size: int) -> Path:
     """``n_clips`` clips of random 12-frame uint8 frames at ``size`` (made once)."""
-    from featurestore.manifest import ClipRecord, Manifest
+    from featurestore import ClipRecord, Manifest
     from featurestore.store import create_store, open_store
 
     name = f"frames/{size}"
@@ -102,7 +102,7 @@ def build_random_store(path: Path, n_clips: int, size: int) -> Path:
 
 def build_tiled_store(source: Path, path: Path, size: int, tile: int) -> Path:
     """The clips of ``source`` repeated ``tile`` times (same real frames and labels, made once)."""
-    from featurestore.manifest import ClipRecord, Manifest
+    from featurestore import ClipRecord, Manifest
     from featurestore.store import create_store, open_store
 
     name = f"frames/{size}"

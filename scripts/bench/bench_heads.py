@@ -30,7 +30,7 @@ CLASSES = ["airport", "bus", "metro", "metro_station", "park", "public_square", 
 
 # ------------------------------------------------------------------------------------- stores
 def _manifest(n_clips: int, segments: int, seed: int):
-    from featurestore.manifest import ClipRecord, Manifest
+    from featurestore import ClipRecord, Manifest
 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(CLASSES), n_clips)

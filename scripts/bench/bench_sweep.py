@@ -69,7 +69,7 @@ CNN_LRS = [0.01, 0.003]
 
 def build_store(path: Path, n_clips: int, segments: int, dim: int) -> Path:
     """The synthetic store (made once; an existing complete one is reused)."""
-    from featurestore.manifest import ClipRecord, Manifest
+    from featurestore import ClipRecord, Manifest
     from featurestore.store import create_store
 
     if (path / "zarr.json").exists():
@@ -95,7 +95,7 @@ def build_store(path: Path, n_clips: int, segments: int, dim: int) -> Path:
 
 def build_cnn_store(path: Path, n_clips: int, segments: int) -> Path:
     """A store of one ``logmel`` set with a class pattern (made once; an existing complete one is reused)."""
-    from featurestore.manifest import ClipRecord, Manifest
+    from featurestore import ClipRecord, Manifest
     from featurestore.store import create_store
 
     if (path / "zarr.json").exists():

@@ -205,7 +205,7 @@ def run_lane(encoder, size: tuple[int, int], batch: int, seconds: float, bf16: b
 def random_store(path: Path, sets: dict[str, tuple[int, tuple[int, ...], str]], n_clips: int):
     """A store of ``n_clips`` labelled training clips with feature sets of random values:
     ``{name: (segments per clip, per-segment shape, dtype)}`` (no media files: nothing decodes them)."""
-    from featurestore.manifest import ClipRecord, Manifest
+    from featurestore import ClipRecord, Manifest
     from featurestore.store import create_store
 
     classes = [f"c{i}" for i in range(10)]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from featurestore.clip_table import ClipRecord
 from featurestore.datasets import DatasetFormatError, open_dataset, read_csv_manifest, read_tau, read_tau_eval
-from featurestore.manifest import ClipRecord, Manifest, check_clip_id
+from featurestore.manifest import Manifest, check_clip_id
 
 ROOT = Path(__file__).resolve().parents[2]
 TAU_HEADER = "filename_audio\tfilename_video\tscene_label\tidentifier\n"

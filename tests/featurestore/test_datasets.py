@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from tests.featurestore.test_extract_support import FAST
 
+from featurestore import TAU_CLASSES, ClipRecord, Manifest
 from featurestore.datasets import (
     DatasetFormatError,
     MissingFilesError,
@@ -20,7 +21,6 @@ from featurestore.datasets import (
 from featurestore.decode import load_audio_segments
 from featurestore.demo import make_demo_dataset, make_demo_eval_dataset
 from featurestore.extract import extract
-from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
 from featurestore.store import open_store
 
 META_HEADER = "filename_audio\tfilename_video\tscene_label\tidentifier"

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore import demo
-from featurestore.manifest import TAU_CLASSES, ClipRecord, Manifest
+from featurestore import TAU_CLASSES, ClipRecord, Manifest, demo
 from featurestore.store import open_store
 
 #: Light encoders: the torch log-mel transform and a 0.3M-parameter timm test ViT with seeded weights.

@@ -236,7 +236,7 @@ def test_extract_refuses_a_huge_clip_seconds_before_any_store_exists(tmp_path):
 @pytest.mark.parametrize("field, value", [("audio_segments", 10 ** 9), ("video_frames", 10 ** 9),
                                           ("segment_seconds", float("nan")), ("segment_seconds", 1e9)])
 def test_a_manifest_with_unbounded_counts_cannot_be_built(field, value):
-    from featurestore.manifest import ClipRecord, Manifest
+    from featurestore import ClipRecord, Manifest
 
     with pytest.raises(ValueError, match=field):
         Manifest("toy", [], [ClipRecord("c1")], **{field: value})

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from featurestore.errors import MissingFeatureError, UnknownFeatureError
-from featurestore.manifest import ClipRecord, Manifest
+from featurestore import ClipRecord, Manifest
 from featurestore.store import create_store, open_store
 from featurestore.torchdata import Batch, StoreDataset, TensorBatches, WorkerLoader
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.manifest import ClipRecord, Manifest
+from featurestore import ClipRecord, Manifest
 from featurestore.store import create_store
 
 CLASSES = ["airport", "bus", "park", "tram"]

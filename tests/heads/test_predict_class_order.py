@@ -37,7 +37,7 @@ def _copy_with_classes(src, path, classes):
 
 
 def _manifest_of(store):
-    from featurestore.manifest import ClipRecord, Manifest
+    from featurestore import ClipRecord, Manifest
 
     labels = [store.classes[i] for i in store.labels]
     clips = [ClipRecord(clip_id=c, label=lab, city="city", location="x",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import heads
-from featurestore.manifest import ClipRecord, Manifest
+from featurestore import ClipRecord, Manifest
 from featurestore.store import create_store, open_store
 from heads.config import TrainConfig
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import heads
-from featurestore.manifest import ClipRecord, Manifest
+from featurestore import ClipRecord, Manifest
 from featurestore.store import create_store, open_store
 from featurestore.store.shared import PREDICTIONS_FOR, open_prediction_store
 from fusion.cli import main as fusion_main
