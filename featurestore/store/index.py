@@ -82,7 +82,7 @@ def lookup_table(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``[n, 3]`` uint64 (key high, key low, row) sorted by key."""
     order = key_order(keys)
     table = np.empty((len(keys), 3), dtype=np.uint64)
-    table[:, :2] = keys[order]
+    table[:, :2] = np.take(keys, order, axis=0)  # (a fancy index of [n, 2] rows took 5x as long)
     table[:, 2] = rows[order]
     return table
 
