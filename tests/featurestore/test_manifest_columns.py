@@ -144,3 +144,27 @@ def test_stored_paths_take_the_fast_path_only_where_path_keeps_the_text(root):
         for column in ([text], [text, "clean/x.wav"], texts):
             expected = ["" if t is None else _stored_path(Path(t), root) for t in column]
             assert _stored_paths(np.array(column, dtype=object), root).tolist() == expected, (column, root)
+
+
+def test_a_manifest_from_columns_extracts_as_its_records(tiny_manifest, tmp_path):
+    """Extraction reads a table's clips as records built on demand (decode paths, splits, labels):
+    the store it fills is the one the records fill, features and all."""
+    from featurestore.extract import extract
+
+    m = tiny_manifest
+    cols = ClipTable.of(m.clips)
+    table = Manifest.from_columns(m.name, m.classes, cols.clip_id, label=cols.label, city=cols.city,
+                                  location=cols.location, audio=[str(p) for p in cols.audio],
+                                  video=[str(p) for p in cols.video], splits=cols.splits, root=m.root,
+                                  audio_segments=m.audio_segments, segment_seconds=m.segment_seconds,
+                                  video_frames=m.video_frames)
+    assert isinstance(table.clips, ClipTable) and isinstance(m.clips, list)
+    for name, manifest in (("records", m), ("columns", table)):
+        summary = extract(manifest, tmp_path / f"{name}.zarr", "logmel", device="cpu", num_workers=0,
+                          progress=False, limit=2)
+        assert summary.clips_done == 2
+    with open_store(tmp_path / "records.zarr") as a, open_store(tmp_path / "columns.zarr") as b:
+        assert a.clip_ids == b.clip_ids and a.splits() == b.splits() and a.labels.tolist() == b.labels.tolist()
+        for column in a.columns():
+            assert a.column(column).tolist() == b.column(column).tolist(), column
+        assert np.array_equal(a.read_rows("logmel", 0, 2), b.read_rows("logmel", 0, 2))
