@@ -20,8 +20,9 @@ writes one.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left, bisect_right
 from itertools import repeat
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import xxhash
@@ -55,6 +56,7 @@ _TABLE_CHUNKS_KEPT = 256
 _RECENT_IDS = 4096
 # distinct values kept in VALUES_ATTR per column; a column with more is summarised by reading it
 _MAX_DISTINCT = 1000
+_LOW_HALF = (1 << 64) - 1
 #: index arrays that are not per-clip columns (``FeatureStore.columns`` leaves them out)
 NOT_COLUMNS = ("split", "lookup")
 
@@ -143,6 +145,15 @@ def search_table(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return out
 
 
+class _OneLookup(NamedTuple):
+    """The lookup in use as ``ClipIndex._find_one`` reads it."""
+
+    path: str  # the table
+    per: int  # entries per table block (inner chunk)
+    key: Callable[[bytes], bytes]  # the 128-bit key of an id's UTF-8 bytes
+    fence: memoryview  # first key high of each block, as Python integers
+
+
 class ClipIndex:
     """The index of one open store; everything is read on first use and kept until :meth:`forget`."""
 
@@ -157,7 +168,7 @@ class ClipIndex:
         self._row_of: dict[str, int] | None = None
         self._meta: dict | None | bool = False  # False: not looked at yet
         self._fence: np.ndarray | None = None
-        self._table_path: tuple[str, int] | None = None  # (the lookup table's path, its inner rows)
+        self._one: _OneLookup | None = None  # the lookup as a single id's search uses it
         self._table: np.ndarray | None = None
         self._chunks: dict[int, np.ndarray] = {}
         self._looked_up = 0  # ids resolved through the lookup so far (see find)
@@ -211,7 +222,7 @@ class ClipIndex:
     # ---------------------------------------------------------------------------------- lookups
     def row(self, clip_id: str) -> int:
         """Row of one id; an unknown id raises ``UnknownClipError`` with the nearest ids."""
-        found = int(self.find([clip_id])[0])
+        found = self.find_one(clip_id)
         if found < 0:
             raise UnknownClipError(clip_id, self.clip_ids)
         return found
@@ -235,6 +246,8 @@ class ClipIndex:
         (``_RECENT_IDS``), so asking them again costs a dict lookup and counts towards nothing.
         """
         check_clip_ids(clip_ids)
+        if len(clip_ids) == 1:
+            return np.array([self.find_one(clip_ids[0])], dtype=np.int64)
         few = len(clip_ids) <= _BULK_IDS
         if few and self._row_of is None and all(c in self._recent for c in clip_ids):
             return np.fromiter((self._recent[c] for c in clip_ids), dtype=np.int64, count=len(clip_ids))
@@ -243,24 +256,53 @@ class ClipIndex:
             if self._looked_up > max(_BULK_IDS, self.n_clips // 16):
                 self._row_dict()
         if self._row_of is None and self._lookup() is not None:
-            try:
-                one = self._find_one(clip_ids[0]) if len(clip_ids) == 1 else None
-                found = self._find_in_lookup(id_keys(clip_ids, self._lookup()["key"])) if one is None \
-                    else np.array([one], dtype=np.int64)
-            except FeatureStoreError:
-                if self._lookup_exists():
-                    raise  # damage: reported as it is, never served around
-                self._meta = None  # an append replaced the lookup since: use the ids themselves
-            else:
+            found = self._through_lookup(lambda: self._find_in_lookup(id_keys(clip_ids, self._lookup()["key"])))
+            if found is not None:
                 if few:
                     self._remember(clip_ids, found)
                 return found
         row_of = self._row_dict()
         return np.fromiter((row_of.get(c, -1) for c in clip_ids), dtype=np.int64, count=len(clip_ids))
 
+    def find_one(self, clip_id: str) -> int:
+        """``find`` of one id (-1: not in the index) in integer steps, no array made on the way: a
+        cold single ``get`` pays its id's hash, a bisection of the fence and of one table block."""
+        if not isinstance(clip_id, str):
+            check_clip_ids([clip_id])
+        if self._row_of is None:
+            row = self._recent.get(clip_id)
+            if row is not None:
+                return row
+            if self._lookup() is not None:
+                self._looked_up += 1
+                if self._looked_up <= max(_BULK_IDS, self.n_clips // 16):
+                    row = self._through_lookup(lambda: self._lookup_one(clip_id))
+                    if row is not None:
+                        if row >= 0:
+                            self._remember_one(clip_id, row)
+                        return row
+        return self._row_dict().get(clip_id, -1)
+
+    def _through_lookup(self, find: Callable[[], Any]) -> Any:
+        """What ``find`` answers from the lookup, or None where an append replaced the lookup since
+        (the ids themselves are used from then on); damage is raised as it is, never served around."""
+        try:
+            return find()
+        except FeatureStoreError:
+            if self._lookup_exists():
+                raise
+            self._meta, self._one = None, None
+            return None
+
     def known_row(self, clip_id: str) -> int | None:
         """The row of an id resolved before (kept, or in the decoded id dict), else None: nothing read."""
         return (self._recent if self._row_of is None else self._row_of).get(clip_id)
+
+    def _remember_one(self, clip_id: str, row: int) -> None:
+        """``_remember`` of one id not kept yet."""
+        self._recent[clip_id] = row
+        if len(self._recent) > _RECENT_IDS:
+            del self._recent[next(iter(self._recent))]
 
     def _remember(self, clip_ids: Sequence[str], rows: np.ndarray) -> None:
         """Keep the rows of ids found (oldest dropped first beyond ``_RECENT_IDS``)."""
@@ -315,33 +357,48 @@ class ClipIndex:
         found[found >= self.n_clips] = -1  # a reader trusts only committed rows
         return found
 
+    def _lookup_one(self, clip_id: str) -> int:
+        """Row of one id (-1: absent) through the lookup: ``_find_one``, else ``_find_in_lookup``."""
+        row = self._find_one(clip_id)
+        if row is None:
+            row = int(self._find_in_lookup(id_keys([clip_id], self._lookup()["key"]))[0])
+        return row
+
     def _find_one(self, clip_id: str) -> int | None:
-        """Row of one id (-1: absent) with integer steps: its key, the fence, its table block as a view
-        of the mapped table (a cold single ``get``); None where that does not answer (a table that
-        cannot be mapped, or equal high halves of keys: practically never; ``_find_in_lookup`` then does)."""
-        meta = self._lookup()
+        """Row of one id (-1: absent) in integer steps: its key, a bisection of the fence, then of its
+        table block, a read-only view of the mapped table read as Python integers (numpy calls on
+        one scalar cost ~0.5 us each, most of a cold ``get``'s lookup); None where that does not
+        answer (a table that cannot be mapped, or equal high halves of keys: practically never;
+        ``_find_in_lookup`` then does)."""
+        one = self._one or self._one_lookup()
         try:
-            digest = _KEYS[meta["key"]](clip_id.encode("utf-8"))
+            key = int.from_bytes(one.key(clip_id.encode("utf-8")), "big")
         except UnicodeEncodeError:  # a lone surrogate: no stored id holds one (manifests refuse them)
             return -1
-        hi, lo = np.uint64(int.from_bytes(digest[:8], "big")), int.from_bytes(digest[8:], "big")
-        if self._table_path is None:
-            path = join(meta["path"], "table")
-            self._table_path = (path, self._arrays.inner_rows(path))
-        (path, per), fence = self._table_path, self._fence_keys()
-        block = max(int(fence.searchsorted(hi, "right")) - 1, 0)
-        view = self._arrays.chunk(path, block, True)
-        if view is None:
+        hi, lo = key >> 64, key & _LOW_HALF
+        block = max(bisect_right(one.fence, hi) - 1, 0)
+        view = self._arrays.chunk(one.path, block, True)
+        if view is None or view.dtype != np.uint64 or not view.flags.c_contiguous:
             return None
-        table = view[:self.n_clips - block * per]
-        at = int(table[:, 0].searchsorted(hi))
-        if at + 1 < len(table) and table[at + 1, 0] == hi:
+        size = min(one.per, self.n_clips - block * one.per)
+        entries = memoryview(view).cast("B").cast("Q")  # key high, key low, row of each entry in turn
+        highs = entries[:3 * size:3]
+        at = bisect_left(highs, hi)
+        if at + 1 < size and highs[at + 1] == hi:
             return None
-        if at < len(table) and table[at, 0] == hi and int(table[at, 1]) == lo:
-            row = int(table[at, 2])
+        if at < size and highs[at] == hi and entries[3 * at + 1] == lo:
+            row = entries[3 * at + 2]
             return row if row < self.n_clips else -1
         # not in its block: absent, unless equal high halves may run on from the block before
-        return None if fence[block] == hi else -1
+        return None if one.fence[block] == hi else -1
+
+    def _one_lookup(self) -> _OneLookup:
+        """What ``_find_one`` needs of the lookup in use, found once (``forget`` drops it)."""
+        meta = self._lookup()
+        path = join(meta["path"], "table")
+        fence = memoryview(np.ascontiguousarray(self._fence_keys(), dtype=np.uint64))
+        self._one = _OneLookup(path, self._arrays.inner_rows(path), _KEYS[meta["key"]], fence)
+        return self._one
 
     def _fence_keys(self) -> np.ndarray:
         if self._fence is None:

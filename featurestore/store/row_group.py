@@ -10,6 +10,7 @@ cache that never serves a row finished since it was cached, and aligned writers 
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,6 +81,18 @@ class RowCaches:
         self.versions: dict[str, str | None] = {}  # group path -> data version, until refresh
         self.partial_done: dict[str, int] = {}  # group path -> done chunks read without the whole mask
         self.done_chunks: dict[str, dict[int, np.ndarray]] = {}  # group path -> {first row: flags}, same
+        self._read_once: OrderedDict[tuple, None] = OrderedDict()  # chunks read once from a map, not kept
+
+    def read_before(self, key: tuple) -> bool:
+        """Whether the chunk ``key`` was read from a map before (then it is worth keeping: see
+        ``RowGroup.read_row``); the first time, it is noted (the last ``_READ_ONCE_KEPT``)."""
+        if key in self._read_once:
+            del self._read_once[key]
+            return True
+        self._read_once[key] = None
+        if len(self._read_once) > _READ_ONCE_KEPT:
+            self._read_once.popitem(last=False)
+        return False
 
     def forget(self, path: str) -> None:
         """Drop what is cached of the group at ``path`` and of the groups nested in it."""
@@ -96,6 +109,7 @@ class RowCaches:
 
     def clear(self) -> None:
         self.chunks.clear()
+        self._read_once.clear()
         self.drop_done()
         self.versions.clear()
         self.partial_done.clear()
@@ -512,24 +526,35 @@ class RowGroup:
         return hit[0][offset]
 
     def read_row(self, row: int) -> np.ndarray:
-        """Values of one row, ``[1, ...]`` (a view of the cached inner chunk: copy before changing it)."""
+        """Values of one finished row, ``[...]``, as a read-only view (copy it); a row not finished
+        raises ``MissingFeatureError`` (as ``require_done``).
+
+        A row of an inner chunk in the decoded-chunk cache is a slice of it. Otherwise the chunk's
+        done flags are read first (a row done now was written), then the chunk: from its shard's
+        map where the backend has one, checked once per mapping, and kept in the cache only when a
+        row of it is read a second time. A random read (a cold ``get``) never reads its chunk's
+        other rows, and copying them into fresh memory cost ~5 us of page faults, a third of it; a
+        clip asked again, or its neighbour, finds the chunk cached from then on."""
         array = self.values_path
         per = self._per()[0]
         chunk, offset = divmod(row, per)
         key = (array, per, chunk)
         hit = self._caches.chunks.get(key)  # the warm path: one lookup, one slice
         if hit is not None and offset < len(hit[1]) and hit[1][offset]:
-            return hit[0][offset:offset + 1]
+            return hit[0][offset]
         start, n_rows = chunk * per, self._arrays.shape(array)[0]
         stop = min(n_rows, start + per)
-        done = self._done_rows(start, stop).copy()  # done flags before data: a row done now was written
-        view = self._arrays.chunk(array, chunk, bool(done.any()))  # a cold get: its inner chunk from the map
+        done = self._done_rows(start, stop)
+        if not done[offset]:
+            self.require_done(np.array([row]))  # raises unless another process finished it since
+            done = self._done_rows(start, stop)
+        view = self._arrays.chunk(array, chunk, True)  # a cold get: its inner chunk from the map
         if view is None:
-            block = self._blocks(np.array([chunk]), per, n_rows, [np.array([offset])])[0]
-        else:
-            block = view[:stop - start].copy()
-            self._caches.chunks.put(key, (block, done))
-        return block[offset:offset + 1]
+            return self._blocks(np.array([chunk]), per, n_rows, [np.array([offset])])[0][offset]
+        if self._caches.read_before(key):
+            view = view[:stop - start].copy()
+            self._caches.chunks.put(key, (view, done.copy()))
+        return view[offset]
 
     def _mapped_blocks(self, spans: list[tuple[int, int]], done: list[np.ndarray]) -> list[np.ndarray] | None:
         """Inner chunks (rows ``spans``) from memory-mapped shards, or None where the backend has none."""
@@ -592,6 +617,7 @@ def _is_run(rows: np.ndarray) -> bool:
 
 DATA_VERSION = "data_version"
 _PARTIAL_DONE_READS = 8  # reads of a few done rows per group before the whole mask is read and kept
+_READ_ONCE_KEPT = 4096  # chunks read once by single reads that a store remembers (see RowCaches.read_before)
 
 
 def _new_version() -> str:

@@ -302,7 +302,8 @@ class FeatureStore:
         """Features of one clip, ``[n_segments, *feature_shape]`` in the stored dtype.
 
         A clip asked before (its row known, its chunk cached, finished by the done flags read) is a
-        few dict lookups and a copy: about an h5py row read."""
+        few dict lookups and a copy: about an h5py row read. A clip never asked is its id's lookup
+        block and its inner chunk, each a view of a mapped shard checked once (see ``read_row``)."""
         group = self._feature_groups.get(name)
         try:
             row = self._index.known_row(clip_id)
@@ -315,9 +316,8 @@ class FeatureStore:
         if group is None:
             group = self.row_group(FEATURE_SETS, name)
         row = self.row(clip_id) if row is None else row
-        group.require_done(np.array([row]))
         self._feature_groups[name] = group
-        return group.read_row(row)[0].copy()
+        return group.read_row(row).copy()
 
     def get_many(self, name: str, clip_ids: Sequence[str]) -> np.ndarray:
         """Features of many clips in the given order; each chunk is read and decoded once."""

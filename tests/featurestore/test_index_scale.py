@@ -164,6 +164,20 @@ def test_a_single_id_is_found_by_integer_steps_at_either_end_of_its_block(big):
         assert [store.index._find_one(c) for c in ("nope", clip_id(7) + "x", clip_id(N))] == [-1, -1, -1]
 
 
+def test_single_ids_whose_keys_share_high_halves_across_blocks_are_found(tmp_path, monkeypatch):
+    """Keys whose high halves are equal (64 bits: practically never; forced here to 256 values) run
+    across table blocks: a single id the integer steps cannot place is found by the batch search, and
+    an absent one is -1, never another clip's row."""
+    real = index._KEYS[index.LOOKUP_KEY]
+    monkeypatch.setitem(index._KEYS, index.LOOKUP_KEY, lambda b: bytes(7) + real(b)[7:])
+    path = str(tmp_path / "equal.zarr")
+    build(path, n=1000)
+    with open_store(path) as store:
+        assert [store.row(clip_id(i)) for i in range(0, 1000, 7)] == list(range(0, 1000, 7))
+        np.testing.assert_array_equal(store.get(FEAT, clip_id(999)), values(np.array([999]))[0])
+        assert store.index.find_one(clip_id(1000)) == -1
+
+
 def test_a_loop_of_single_lookups_turns_into_one_dict(big):
     """Warm gets stay a dict lookup: once single lookups add up to a sixteenth of the index, the id
     column is decoded once and later lookups read nothing (bench_store's warm get floor)."""

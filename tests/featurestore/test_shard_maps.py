@@ -201,3 +201,20 @@ def test_single_gets_check_only_their_chunks_and_the_first_batch_checks_the_shar
         assert int(checked[:1024].sum()) == 3
         np.testing.assert_array_equal(store.get_many("emb", [ids[1], ids[16383]]), values[[1, 16383]])
         assert bool(checked[:1024].all())
+
+
+def test_a_cold_get_keeps_its_chunk_only_when_a_row_of_it_is_read_again(store_path):
+    """A random read copies no neighbours into the decoded-chunk cache (fresh memory: page faults, a
+    third of a cold ``get``); a second read of the chunk keeps it, so the clip again is a cache hit."""
+    path, values = store_path
+    with open_store(path) as store:
+        ids, cache = store.clip_ids, store._rows_cache.chunks
+        per = store._b.inner_rows("features/emb/data")
+        first = store.get("emb", ids[3 * per + 1])
+        assert cache.nbytes == 0
+        first[:] = 7  # the caller's copy, not a view of the map
+        np.testing.assert_array_equal(store.get("emb", ids[3 * per + 2]), values[3 * per + 2])  # its neighbour
+        kept = per * DIM * 2 + per  # the chunk and its done flags
+        assert cache.nbytes == kept
+        np.testing.assert_array_equal(store.get("emb", ids[3 * per + 1]), values[3 * per + 1])
+        assert cache.nbytes == kept
