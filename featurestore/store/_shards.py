@@ -25,6 +25,7 @@ import sys
 import threading
 import uuid
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from stat import S_ISREG
 from typing import Any
@@ -494,19 +495,15 @@ class ShardReader:
 
         Local shards are written as zarr's local store writes them (a ``.partial`` temp file renamed
         into place: a kill never leaves a torn shard), without its event loop (~1-10 ms a call
-        under load); remote ones in one batch of store writes.
+        under load), several on a thread of their own (see :func:`_write_local`); remote ones in
+        one batch of store writes.
         """
-        shards = []
         local = local_file(arr, "") is not None
-        for lo in range(0, len(data), layout.shard_rows):
-            shard, block = (start + lo) // layout.shard_rows, data[lo:lo + layout.shard_rows]
-            if local:  # each written from views of ``data`` as it is encoded (its parts are not kept)
-                parts, index = shard_parts(layout, block)
-                replace_file(local_file(arr, _shard_key(arr, shard)), parts)
-                shards.append((shard, None, index))
-            else:
-                shards.append((shard, *encode_shard(layout, block)))
-        if not local:
+        if local:
+            shards = _write_local(arr, layout, start, data)
+        else:
+            shards = [((start + lo) // layout.shard_rows, *encode_shard(layout, data[lo:lo + layout.shard_rows]))
+                      for lo in range(0, len(data), layout.shard_rows)]
             store, proto = arr.store_path.store, default_buffer_prototype()
 
             async def put() -> None:
@@ -640,6 +637,21 @@ def _physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not on this platform: map bare
         return 0
+
+
+def _write_local(arr: zarr.Array, layout: ShardLayout, start: int, data: np.ndarray) -> list[tuple[int, None, np.ndarray]]:
+    """Write the whole shards of ``data`` (rows from ``start``) to their local files; ``(shard, None,
+    index)`` for each. Each shard goes from views of ``data`` to its file (see :func:`shard_parts`);
+    with several, each file is written on a thread of its own while the next shard's crc32c are
+    computed here (writing releases the GIL; the crc32c does not), so the two overlap."""
+    out = []
+    with FileWriter(background=len(data) > layout.shard_rows) as files:
+        for lo in range(0, len(data), layout.shard_rows):
+            shard = (start + lo) // layout.shard_rows
+            parts, index = shard_parts(layout, data[lo:lo + layout.shard_rows])
+            files.write(local_file(arr, _shard_key(arr, shard)), parts)
+            out.append((shard, None, index))
+    return out
 
 
 def encode_shard(layout: ShardLayout, block: np.ndarray) -> tuple[memoryview, np.ndarray]:
@@ -785,15 +797,26 @@ def local_file(arr: zarr.Array, key: str) -> str | None:
 def replace_file(path: str, parts: list) -> None:
     """Write ``path`` whole, the buffers ``parts`` one after another, through a temp file renamed
     over it (zarr's local store does the same)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     with replacing(path) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = _create(tmp)
         try:
             write_all(fd, parts)
         except OSError as err:  # writev names no file: "[Errno 28] No space left on device" alone
             raise OSError(err.errno, err.strerror, path) from err
         finally:
             os.close(fd)
+
+
+def _create(path: str) -> int:
+    """A new file at ``path``, open for writing; its folder is made only when the file cannot be
+    created without it (a new array's first chunk, or a folder deleted since): a ``makedirs`` before
+    every file was a ``mkdir`` that failed on the existing folder (493 calls to fill a million clips)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        return os.open(path, flags, 0o666)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, flags, 0o666)
 
 
 def write_all(fd: int, parts: list) -> None:
@@ -807,6 +830,53 @@ def write_all(fd: int, parts: list) -> None:
             rest = memoryview(b"".join(batch))[written:]
             while len(rest):
                 rest = rest[os.write(fd, rest):]
+
+
+class FileWriter:
+    """Files replaced whole (:func:`replace_file`), one after another in the order given, either
+    at once or on one thread of its own (``background``) so that the caller prepares the next file
+    while the kernel writes this one; leaving the ``with`` block waits until every file is in place.
+
+    Its guarantees are those of writing them in order here: the first file that fails raises (its
+    error names it) when the block ends, and no file after it is started; a failure or an interrupt
+    in the block itself (Ctrl-C) starts no further file either, lets the one being written finish
+    (whole, or removed), and then propagates. No file is ever torn (see :func:`replacing`).
+    """
+
+    def __init__(self, background: bool = True):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="featurestore-files") if background else None
+        self._pending: list[Future] = []
+        self._stop = False  # set by a failure: files not started yet are skipped
+
+    def write(self, path: str, parts: list) -> None:
+        """Replace ``path`` with ``parts`` (kept as they are until the block ends: views, not copies)."""
+        if self._pool is None:
+            replace_file(path, parts)
+        else:
+            self._pending.append(self._pool.submit(self._replace, path, parts))
+
+    def _replace(self, path: str, parts: list) -> None:
+        if self._stop:
+            return
+        try:
+            replace_file(path, parts)
+        except BaseException:
+            self._stop = True
+            raise
+
+    def __enter__(self) -> FileWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if self._pool is None:
+            return
+        try:
+            if kind is None:
+                for future in self._pending:  # the first failure, in the files' order
+                    future.result()
+        finally:
+            self._stop = True
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager

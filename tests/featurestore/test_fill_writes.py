@@ -1,0 +1,102 @@
+"""Filling a feature set: a block's shards are written on a thread of their own while the next
+shard is encoded, with the guarantees of writing them one after another.
+
+A failed shard raises from ``write_rows`` naming its file, no file after it is written, no temp file
+is left and no row is marked done; an interrupt leaves only whole shards; a chunk folder deleted
+since it was made is made again. Small stores through the public API (three 64 KiB shards a block).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from featurestore import ClipRecord, Manifest, create_store, open_store
+from featurestore.store import _shards
+
+DIM = 32  # float16: 64 B a clip
+SHARD = 1024  # clips a shard (64 KiB)
+N = 3 * SHARD
+FEAT = "emb/fill"
+PROV = {"encoder": "emb/fill@none", "config": {}, "weights": {"kind": "random", "seed": 0}, "segments": {}}
+
+
+def values(n: int) -> np.ndarray:
+    return ((np.arange(n)[:, None] % 2048) + np.arange(DIM) % 5).astype(np.float16)[:, None, :]
+
+
+def new_store(path: Path) -> None:
+    """A store of ``N`` clips with an empty feature set of three shards."""
+    with create_store(str(path), Manifest("fill", ["a"], [ClipRecord(f"c{i:05d}", label="a") for i in range(N)])) as fs:
+        info = fs.create_feature_set(FEAT, 1, (DIM,), PROV, chunk_clips=SHARD)
+        assert info.chunk_clips == SHARD
+
+
+def shard_file(path: Path, shard: int) -> Path:
+    return path / "features" / "emb" / "fill" / "data" / "c" / str(shard) / "0" / "0"
+
+
+def leftovers(path: Path) -> list[Path]:
+    return sorted(path.rglob("*.partial"))
+
+
+def done_count(path: Path) -> int:
+    with open_store(str(path)) as fs:
+        return int(fs.done_mask(FEAT).sum())
+
+
+def test_a_shard_that_cannot_be_written_fails_the_block_naming_it_and_nothing_after_it_is_written(tmp_path):
+    path = tmp_path / "s.zarr"
+    new_store(path)
+    (shard_file(path, 1) / "in-the-way").mkdir(parents=True)  # a folder where shard 1's file goes
+    with open_store(str(path), mode="a") as fs:
+        with pytest.raises(OSError) as caught:
+            fs.write_rows(FEAT, 0, values(N))
+    assert str(shard_file(path, 1)) in str(caught.value)
+    assert shard_file(path, 0).is_file()  # written before the failure, whole
+    assert not shard_file(path, 2).exists()  # never started after it
+    assert leftovers(path) == []
+    assert done_count(path) == 0
+    group = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(group[f"features/{FEAT}/data"][:SHARD], values(SHARD))
+
+
+def test_an_interrupt_while_a_block_is_written_leaves_whole_shards_and_no_thread(tmp_path, monkeypatch):
+    path = tmp_path / "s.zarr"
+    new_store(path)
+    real, calls = _shards.shard_parts, []
+
+    def interrupted(layout, block):
+        calls.append(len(block))
+        if len(calls) == 2:  # Ctrl-C while the first shard is being written
+            raise KeyboardInterrupt
+        return real(layout, block)
+
+    monkeypatch.setattr(_shards, "shard_parts", interrupted)
+    with open_store(str(path), mode="a") as fs:
+        with pytest.raises(KeyboardInterrupt):
+            fs.write_rows(FEAT, 0, values(N))
+    assert not any(t.name.startswith("featurestore-files") for t in threading.enumerate())
+    assert [shard_file(path, s).exists() for s in range(3)] == [True, False, False]
+    assert leftovers(path) == [] and done_count(path) == 0
+    group = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(group[f"features/{FEAT}/data"][:SHARD], values(SHARD))
+
+
+def test_chunk_folders_deleted_since_they_were_made_are_made_again(tmp_path):
+    path = tmp_path / "s.zarr"
+    new_store(path)
+    with open_store(str(path), mode="a") as fs:
+        fs.write_rows(FEAT, 0, values(N))
+        for leaf in ("data", "done", "errors"):
+            shutil.rmtree(path / "features" / "emb" / "fill" / leaf / "c", ignore_errors=True)
+        fs.write_rows(FEAT, 0, values(N))
+    with open_store(str(path)) as fs:
+        np.testing.assert_array_equal(fs.get_many(FEAT, [f"c{i:05d}" for i in range(N)]), values(N))
+        assert int(fs.done_mask(FEAT).sum()) == N
+    assert leftovers(path) == [] and sorted(os.listdir(shard_file(path, 2).parent.parent.parent)) == ["0", "1", "2"]
