@@ -542,17 +542,17 @@ class RowGroup:
         hit = self._caches.chunks.get(key)  # the warm path: one lookup, one slice
         if hit is not None and offset < len(hit[1]) and hit[1][offset]:
             return hit[0][offset]
-        start, n_rows = chunk * per, self._arrays.shape(array)[0]
-        stop = min(n_rows, start + per)
-        done = self._done_rows(start, stop)
+        start = chunk * per
+        done = self._done_rows(start, start + per)  # the chunk's committed rows (the index's row count)
         if not done[offset]:
             self.require_done(np.array([row]))  # raises unless another process finished it since
-            done = self._done_rows(start, stop)
+            done = self._done_rows(start, start + per)
         view = self._arrays.chunk(array, chunk, True)  # a cold get: its inner chunk from the map
         if view is None:
-            return self._blocks(np.array([chunk]), per, n_rows, [np.array([offset])])[0][offset]
+            blocks = self._blocks(np.array([chunk]), per, self._arrays.shape(array)[0], [np.array([offset])])
+            return blocks[0][offset]
         if self._caches.read_before(key):
-            view = view[:stop - start].copy()
+            view = view[:len(done)].copy()
             self._caches.chunks.put(key, (view, done.copy()))
         return view[offset]
 
