@@ -217,18 +217,20 @@ def ask_heads(run: str, attrs: Mapping[str, Any], clips: Sequence[ClipFiles], cl
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    if done.returncode not in (0, 1) or not _is_json(done.stdout):
+    answer = _json_object(done.stdout)
+    if done.returncode not in (0, 1) or answer is None:
         raise ClassifyError(_failure(run, where, done))
-    return read_answer(run, where, attrs, done.stdout, classes, seconds)
+    return read_answer(run, where, attrs, answer, classes, seconds)
 
 
-def _is_json(text: str) -> bool:
-    """Exit code 1 is also heads' answer with failed files: only a JSON answer tells it from a crash."""
+def _json_object(text: str) -> dict | None:
+    """The JSON object printed, or None: exit code 1 is also heads' answer with failed files, and
+    only a JSON answer tells it from a crash."""
     try:
-        json.loads(text)
+        answer = json.loads(text)
     except ValueError:
-        return False
-    return True
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 def _failure(run: str, where: str | Path, done: subprocess.CompletedProcess) -> str:
@@ -242,16 +244,15 @@ def _failure(run: str, where: str | Path, done: subprocess.CompletedProcess) -> 
     return f"run {run!r} ({where}): {reason} (exit code {done.returncode})"
 
 
-def read_answer(run: str, where: str | Path, attrs: Mapping[str, Any], text: str, classes: Sequence[str],
-                seconds: float = 0.0) -> RunProbs:
-    """Check the JSON that ``heads classify --json`` printed and map its probabilities onto ``classes``.
+def read_answer(run: str, where: str | Path, attrs: Mapping[str, Any], answer: Mapping[str, Any],
+                classes: Sequence[str], seconds: float = 0.0) -> RunProbs:
+    """Check the answer ``heads classify --json`` printed (parsed) and map its probabilities onto ``classes``.
 
     Raises:
         ClassifyError: the answer comes from another head (other features, weights or classes).
         NonFiniteProbabilitiesError: it holds a NaN or an infinity for some clips (named): a
             diverged head; fusing it would print and write ``nan``.
     """
-    answer = json.loads(text)
     _check_answer(run, where, attrs, answer, classes)
     order = [answer["classes"].index(name) for name in classes]
     probs = {c["clip"]: np.asarray(c["segment_probs"], dtype=np.float32)[:, order] for c in answer["clips"]}

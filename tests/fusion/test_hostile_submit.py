@@ -66,8 +66,8 @@ def test_fusion_classify_refuses_a_run_directory_holding_other_weights_than_the_
     attrs = {"features": {"f": "fp"}, "weights_sha256": "a" * 64}
     with pytest.raises(ClassifyError, match=r"runs/c04 now holds other best weights \(sha256 bbbbbbbbbbbb...\) "
                                             r"than the ones predictions/C04 were made with \(aaaaaaaaaaaa...\)"):
-        read_answer("C04", "runs/c04", attrs, json.dumps(answer), classes)
-    assert read_answer("C04", "runs/c04", {**attrs, "weights_sha256": "b" * 64}, json.dumps(answer), classes).run == "C04"
+        read_answer("C04", "runs/c04", attrs, answer, classes)
+    assert read_answer("C04", "runs/c04", {**attrs, "weights_sha256": "b" * 64}, answer, classes).run == "C04"
 
 
 def test_an_output_with_an_audio_or_video_name_is_refused(tmp_path):

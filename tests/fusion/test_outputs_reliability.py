@@ -215,7 +215,7 @@ def test_a_heads_answer_with_nan_is_refused_naming_the_run_and_clips(tiny_store)
     assert np.isnan(json.loads(text)["clips"][1]["segment_probs"][0][0])  # the crafted answer parses as heads' would
     with pytest.raises(NonFiniteProbabilitiesError,
                        match=r"the answer of run 'V01' \(runs/v01\) holds non-finite .* 1 clip\(s\): bus2;"):
-        read_answer("V01", "runs/v01", {}, text, classes)
+        read_answer("V01", "runs/v01", {}, json.loads(text), classes)
 
 
 def test_the_output_guard_names_the_recipe_and_its_runs():
