@@ -10,7 +10,6 @@ cache that never serves a row finished since it was cached, and aligned writers 
 from __future__ import annotations
 
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,18 +80,6 @@ class RowCaches:
         self.versions: dict[str, str | None] = {}  # group path -> data version, until refresh
         self.partial_done: dict[str, int] = {}  # group path -> done chunks read without the whole mask
         self.done_chunks: dict[str, dict[int, np.ndarray]] = {}  # group path -> {first row: flags}, same
-        self._read_once: OrderedDict[tuple, None] = OrderedDict()  # chunks read once from a map, not kept
-
-    def read_before(self, key: tuple) -> bool:
-        """Whether the chunk ``key`` was read from a map before (then it is worth keeping: see
-        ``RowGroup.read_row``); the first time, it is noted (the last ``_READ_ONCE_KEPT``)."""
-        if key in self._read_once:
-            del self._read_once[key]
-            return True
-        self._read_once[key] = None
-        if len(self._read_once) > _READ_ONCE_KEPT:
-            self._read_once.popitem(last=False)
-        return False
 
     def forget(self, path: str) -> None:
         """Drop what is cached of the group at ``path`` and of the groups nested in it."""
@@ -109,7 +96,6 @@ class RowCaches:
 
     def clear(self) -> None:
         self.chunks.clear()
-        self._read_once.clear()
         self.drop_done()
         self.versions.clear()
         self.partial_done.clear()
@@ -531,10 +517,12 @@ class RowGroup:
 
         A row of an inner chunk in the decoded-chunk cache is a slice of it. Otherwise the chunk's
         done flags are read first (a row done now was written), then the chunk: from its shard's
-        map where the backend has one, checked once per mapping, and kept in the cache only when a
-        row of it is read a second time. A random read (a cold ``get``) never reads its chunk's
-        other rows, and copying them into fresh memory cost ~5 us of page faults, a third of it; a
-        clip asked again, or its neighbour, finds the chunk cached from then on."""
+        map where the backend has one, checked once per mapping. The first read of a chunk keeps
+        only its row in the cache: the entry's block is that row repeated (stride 0, no memory for
+        the others), with only its flag set, so no other row is served from it. A random read never
+        uses its neighbours, and copying them into fresh memory cost ~5 us of page faults, a third
+        of a cold ``get`` at a million clips. The clip asked again is a cache hit; a neighbour read
+        next keeps the chunk whole."""
         array = self.values_path
         per = self._per()[0]
         chunk, offset = divmod(row, per)
@@ -551,10 +539,15 @@ class RowGroup:
         if view is None:
             blocks = self._blocks(np.array([chunk]), per, self._arrays.shape(array)[0], [np.array([offset])])
             return blocks[0][offset]
-        if self._caches.read_before(key):
-            view = view[:len(done)].copy()
-            self._caches.chunks.put(key, (view, done.copy()))
-        return view[offset]
+        if hit is None:  # the chunk's first read: its row alone, repeated (stride 0) to the chunk's shape
+            one = view[offset].copy()
+            block = np.ndarray((len(done), *one.shape), one.dtype, one, 0, (0, *one.strides))
+            kept = np.zeros(len(done), dtype=bool)
+            kept[offset] = True
+        else:  # a row of it was read before: the whole chunk
+            block, kept = view[:len(done)].copy(), done.copy()
+        self._caches.chunks.put(key, (block, kept))
+        return block[offset]
 
     def _mapped_blocks(self, spans: list[tuple[int, int]], done: list[np.ndarray]) -> list[np.ndarray] | None:
         """Inner chunks (rows ``spans``) from memory-mapped shards, or None where the backend has none."""
@@ -617,7 +610,6 @@ def _is_run(rows: np.ndarray) -> bool:
 
 DATA_VERSION = "data_version"
 _PARTIAL_DONE_READS = 8  # reads of a few done rows per group before the whole mask is read and kept
-_READ_ONCE_KEPT = 4096  # chunks read once by single reads that a store remembers (see RowCaches.read_before)
 
 
 def _new_version() -> str:

@@ -203,18 +203,20 @@ def test_single_gets_check_only_their_chunks_and_the_first_batch_checks_the_shar
         assert bool(checked[:1024].all())
 
 
-def test_a_cold_get_keeps_its_chunk_only_when_a_row_of_it_is_read_again(store_path):
+def test_a_cold_get_keeps_its_row_and_a_second_read_of_its_chunk_keeps_the_chunk(store_path):
     """A random read copies no neighbours into the decoded-chunk cache (fresh memory: page faults, a
-    third of a cold ``get``); a second read of the chunk keeps it, so the clip again is a cache hit."""
+    third of a cold ``get``): its entry holds the row asked, the others flagged absent; the clip again
+    is a hit, a neighbour read next keeps the chunk whole."""
     path, values = store_path
     with open_store(path) as store:
         ids, cache = store.clip_ids, store._rows_cache.chunks
         per = store._b.inner_rows("features/emb/data")
+        key = ("features/emb/data", per, 3)
         first = store.get("emb", ids[3 * per + 1])
-        assert cache.nbytes == 0
-        first[:] = 7  # the caller's copy, not a view of the map
-        np.testing.assert_array_equal(store.get("emb", ids[3 * per + 2]), values[3 * per + 2])  # its neighbour
-        kept = per * DIM * 2 + per  # the chunk and its done flags
-        assert cache.nbytes == kept
+        assert cache.get(key)[1].tolist() == [i == 1 for i in range(per)]
+        first[:] = 7  # the caller's copy, not a view of the cache or the map
         np.testing.assert_array_equal(store.get("emb", ids[3 * per + 1]), values[3 * per + 1])
-        assert cache.nbytes == kept
+        np.testing.assert_array_equal(store.get("emb", ids[3 * per + 2]), values[3 * per + 2])  # its neighbour
+        block, kept = cache.get(key)
+        assert kept.all()
+        np.testing.assert_array_equal(block, values[3 * per:4 * per])
