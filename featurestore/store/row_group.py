@@ -17,7 +17,7 @@ import numpy as np
 
 from featurestore.checks import is_int
 from featurestore.errors import CorruptChunkError, MissingFeatureError
-from featurestore.store._backend import STRING, distinct, join
+from featurestore.store._backend import STRING, join
 from featurestore.store._cache import ChunkCache
 from featurestore.store.arrays import StoreArrays
 
@@ -346,7 +346,8 @@ class RowGroup:
         open_rows = np.flatnonzero(~(self._done() if done is None else np.asarray(done, dtype=bool)))
         per = self._arrays.chunk_rows(self.errors_path)
         failed: dict[int, str] = {}
-        for chunk in distinct(open_rows // per):
+        chunks = open_rows // per  # ascending, as the rows are: the distinct ones without a sort
+        for chunk in chunks[np.flatnonzero(np.diff(chunks, prepend=-1))]:
             if not self._arrays.chunk_written(self.errors_path, int(chunk)):
                 continue
             start = int(chunk) * per
