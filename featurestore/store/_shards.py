@@ -490,20 +490,29 @@ class ShardReader:
         return body[:-_CRC].view("<u8").reshape(layout.per_shard, 2)
 
     # ----------------------------------------------------------------------------------- writes
-    def write(self, name: str, arr: zarr.Array, layout: ShardLayout, start: int, data: np.ndarray) -> None:
+    def write(self, name: str, arr: zarr.Array, layout: ShardLayout, start: int, data: np.ndarray,
+              files: FileWriter) -> None:
         """Write whole shards (``layout.whole_shards`` holds), each replacing its object at once.
 
-        Local shards are written as zarr's local store writes them (a ``.partial`` temp file renamed
-        into place: a kill never leaves a torn shard), without its event loop (~1-10 ms a call
-        under load), several on a thread of their own (see :func:`_write_local`); remote ones in
-        one batch of store writes.
+        Local shards go to ``files`` (written as zarr's local store writes them, a ``.partial`` temp
+        file renamed into place, so a kill never leaves a torn shard, but without its event loop:
+        ~1-10 ms a call under load), each from views of ``data`` as it is encoded: they are in place
+        when ``files`` is drained, and the caller then calls :meth:`revalidate`. Remote ones are one
+        batch of store writes, after what ``files`` holds.
         """
+        shards = []
         local = local_file(arr, "") is not None
-        if local:
-            shards = _write_local(arr, layout, start, data)
-        else:
-            shards = [((start + lo) // layout.shard_rows, *encode_shard(layout, data[lo:lo + layout.shard_rows]))
-                      for lo in range(0, len(data), layout.shard_rows)]
+        if not local:
+            files.drain()
+        for lo in range(0, len(data), layout.shard_rows):
+            shard, block = (start + lo) // layout.shard_rows, data[lo:lo + layout.shard_rows]
+            if local:
+                parts, index = shard_parts(layout, block)
+                files.write(local_file(arr, _shard_key(arr, shard)), parts)
+                shards.append((shard, None, index))
+            else:
+                shards.append((shard, *encode_shard(layout, block)))
+        if not local:
             store, proto = arr.store_path.store, default_buffer_prototype()
 
             async def put() -> None:
@@ -514,7 +523,7 @@ class ShardReader:
         with self._lock:
             for shard, _, index in shards:
                 self._indexes[(name, shard)] = index
-        self.revalidate(name)  # the files just written replace what is mapped
+        self.revalidate(name)
 
 
 class _ArrayMaps:
@@ -637,21 +646,6 @@ def _physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not on this platform: map bare
         return 0
-
-
-def _write_local(arr: zarr.Array, layout: ShardLayout, start: int, data: np.ndarray) -> list[tuple[int, None, np.ndarray]]:
-    """Write the whole shards of ``data`` (rows from ``start``) to their local files; ``(shard, None,
-    index)`` for each. Each shard goes from views of ``data`` to its file (see :func:`shard_parts`);
-    with several, each file is written on a thread of its own while the next shard's crc32c are
-    computed here (writing releases the GIL; the crc32c does not), so the two overlap."""
-    out = []
-    with FileWriter(background=len(data) > layout.shard_rows) as files:
-        for lo in range(0, len(data), layout.shard_rows):
-            shard = (start + lo) // layout.shard_rows
-            parts, index = shard_parts(layout, data[lo:lo + layout.shard_rows])
-            files.write(local_file(arr, _shard_key(arr, shard)), parts)
-            out.append((shard, None, index))
-    return out
 
 
 def encode_shard(layout: ShardLayout, block: np.ndarray) -> tuple[memoryview, np.ndarray]:
@@ -833,27 +827,43 @@ def write_all(fd: int, parts: list) -> None:
 
 
 class FileWriter:
-    """Files replaced whole (:func:`replace_file`), one after another in the order given, either
-    at once or on one thread of its own (``background``) so that the caller prepares the next file
-    while the kernel writes this one; leaving the ``with`` block waits until every file is in place.
+    """Files replaced whole (:func:`replace_file`) in the order given, by one thread of their own
+    once there are two or more (the caller encodes the next file while the kernel writes this one;
+    a lone file is written by the caller, without a thread); leaving the ``with`` block waits until
+    every file is in place, as :meth:`drain` does.
 
-    Its guarantees are those of writing them in order here: the first file that fails raises (its
-    error names it) when the block ends, and no file after it is started; a failure or an interrupt
-    in the block itself (Ctrl-C) starts no further file either, lets the one being written finish
-    (whole, or removed), and then propagates. No file is ever torn (see :func:`replacing`).
+    The outcome is that of writing them one after another: the first file that fails raises (its
+    error names it) and no file after it is started; a failure or an interrupt in the block itself
+    (Ctrl-C) starts no further file, lets the one being written finish (whole, or removed), and
+    then propagates. No file is ever torn (see :func:`replacing`).
     """
 
-    def __init__(self, background: bool = True):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="featurestore-files") if background else None
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._held: tuple[str, list] | None = None  # the first file, until a second one comes
         self._pending: list[Future] = []
         self._stop = False  # set by a failure: files not started yet are skipped
 
     def write(self, path: str, parts: list) -> None:
-        """Replace ``path`` with ``parts`` (kept as they are until the block ends: views, not copies)."""
+        """Replace ``path`` with ``parts`` (kept as they are until written: views, not copies)."""
         if self._pool is None:
-            replace_file(path, parts)
-        else:
-            self._pending.append(self._pool.submit(self._replace, path, parts))
+            if self._held is None:
+                self._held = (path, parts)
+                return
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="featurestore-files")
+            held, self._held = self._held, None
+            self._pending.append(self._pool.submit(self._replace, *held))
+        self._pending.append(self._pool.submit(self._replace, path, parts))
+
+    def drain(self) -> None:
+        """Wait until every file given so far is in place (before a write that does not come here,
+        so that writes keep their order); the first that failed raises."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            replace_file(*held)
+        pending, self._pending = self._pending, []
+        for future in pending:  # in the files' order
+            future.result()
 
     def _replace(self, path: str, parts: list) -> None:
         if self._stop:
@@ -868,15 +878,13 @@ class FileWriter:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
-        if self._pool is None:
-            return
         try:
             if kind is None:
-                for future in self._pending:  # the first failure, in the files' order
-                    future.result()
+                self.drain()
         finally:
-            self._stop = True
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._stop, self._held = True, None
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager
