@@ -1,0 +1,85 @@
+"""Filling a feature set (``create_feature_set`` + ``write_rows`` of 65,536-row blocks) vs h5py writing
+the same matrix, interleaved in one process (issue 23's create + fill, without ``create_store``).
+
+The store is created once (its index is not timed); each round deletes the feature set, syncs, then
+times the fill, then h5py's ``create_dataset`` of the same ``[N, 1, 512]`` float16 matrix after a
+sync with its earlier file deleted. Prints each round (wall, user and system CPU of the process) and
+the medians with their ratio. Kernel write times vary several-fold from run to run on a shared
+machine (h5py's as much as ours): compare medians of many rounds, or run it on ``/dev/shm``.
+
+    python scripts/bench/bench_fill.py --clips 1000000 --rounds 5 --dir /tmp/bench_fill
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import time
+
+import h5py
+import numpy as np
+
+from featurestore import ClipRecord, Manifest, create_store
+
+FEATURE, DIM = "clip/bench", 512
+PROVENANCE = {"encoder": "bench/random", "config": {}, "weights": {"kind": "random", "seed": 0},
+              "segments": {"frames": 1}}
+
+
+def timed(work) -> tuple[float, float, float]:
+    """(wall, user, system) seconds of ``work()`` after a sync."""
+    os.sync()
+    before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    work()
+    wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clips", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dir", default="/tmp/bench_fill", help="where the store and the h5py file go (deleted after)")
+    args = parser.parse_args()
+    data = np.random.default_rng(0).standard_normal((args.clips, 1, DIM), dtype=np.float32).astype(np.float16)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    h5 = os.path.join(args.dir, "matrix.h5")
+    store = create_store(os.path.join(args.dir, "store"),
+                         Manifest("bench", ["a"], [ClipRecord(f"c{i:08d}") for i in range(args.clips)]))
+
+    def fill() -> None:
+        info = store.create_feature_set(FEATURE, 1, (DIM,), PROVENANCE)
+        step = info.chunk_clips * max(1, 65536 // info.chunk_clips)
+        for start in range(0, args.clips, step):
+            store.write_rows(FEATURE, start, data[start:start + step])
+
+    def write_h5() -> None:
+        with h5py.File(h5, "w") as f:
+            f.create_dataset("data", data=data)
+
+    ours, theirs = [], []
+    try:
+        for _ in range(args.rounds):
+            if FEATURE in store.feature_sets():
+                store.delete_feature_set(FEATURE)
+            ours.append(timed(fill))
+            if os.path.exists(h5):
+                os.unlink(h5)
+            theirs.append(timed(write_h5))
+            (w, u, s), (hw, hu, hs) = ours[-1], theirs[-1]
+            print(f"fill wall {w:.3f} s (user {u:.3f}, sys {s:.3f}) | h5py wall {hw:.3f} s (user {hu:.3f}, "
+                  f"sys {hs:.3f}) | {w / hw:.2f}x", flush=True)
+    finally:
+        store.close()
+        shutil.rmtree(args.dir, ignore_errors=True)
+    med = [statistics.median(col) for col in zip(*ours)]
+    hmed = [statistics.median(col) for col in zip(*theirs)]
+    print(f"median of {args.rounds}: fill wall {med[0]:.3f} s (user {med[1]:.3f}, sys {med[2]:.3f}) | "
+          f"h5py wall {hmed[0]:.3f} s (sys {hmed[2]:.3f}) | {med[0] / hmed[0]:.2f}x h5py")
+
+
+if __name__ == "__main__":
+    main()
