@@ -104,3 +104,17 @@ def test_chunk_folders_deleted_since_they_were_made_are_made_again(tmp_path):
         np.testing.assert_array_equal(fs.get_many(FEAT, [f"c{i:05d}" for i in range(N)]), values(N))
         assert int(fs.done_mask(FEAT).sum()) == N
     assert leftovers(path) == [] and sorted(os.listdir(shard_file(path, 2).parent.parent.parent)) == ["0", "1", "2"]
+
+
+def test_error_texts_that_cannot_be_written_leave_the_blocks_shards_but_no_done_flag(tmp_path):
+    path = tmp_path / "s.zarr"
+    new_store(path)
+    errors_chunk = path / "features" / "emb" / "fill" / "errors" / "c" / "1"
+    (errors_chunk / "in-the-way").mkdir(parents=True)
+    with open_store(str(path), mode="a") as fs:
+        with pytest.raises(OSError) as caught:
+            fs.write_rows(FEAT, 0, values(N))
+    assert str(errors_chunk) in str(caught.value)
+    assert all(shard_file(path, s).is_file() for s in range(3))  # the values come first
+    assert not (path / "features" / "emb" / "fill" / "done" / "c").exists()  # the done flags come last
+    assert leftovers(path) == [] and done_count(path) == 0
