@@ -64,9 +64,6 @@ class Backend(Protocol):
     def write(self, path: str, start: int, data: np.ndarray, changed: np.ndarray | None = None) -> None:
         """Rows ``start:start+len(data)``. ``changed`` (bool per row): the other rows hold their stored
         bits already or are not done (never served), so a backend may write only these."""
-    def write_many(self, writes: list[tuple[str, int, np.ndarray, np.ndarray | None]]) -> None:
-        """Each ``(path, start, data, changed)`` as ``write``, in order: the first that fails raises
-        and nothing after it is written (values, then the done flags that publish them)."""
     def resize(self, path: str, n_rows: int) -> None: ...
     def delete(self, path: str) -> None: ...
     def close(self) -> None: ...

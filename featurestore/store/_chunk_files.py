@@ -23,7 +23,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, VLenUTF8Codec, ZstdCodec
 from zarr.storage import LocalStore
 
-from featurestore.store._shards import FileWriter
+from featurestore.store._shards import replace_file
 
 _CRC = 4
 
@@ -136,9 +136,9 @@ class ChunkWriter:
             return None
         return cls(arr, os.path.join(str(store.root), arr.store_path.path), int(arr.chunks[0]), dtype, fill)
 
-    def write(self, start: int, data: np.ndarray, files: FileWriter) -> bool:
-        """Write rows ``start:start+len(data)`` to ``files`` when they are whole chunks (the last may
-        end at the array's end); False where they are not (zarr writes them)."""
+    def write(self, start: int, data: np.ndarray) -> bool:
+        """Write rows ``start:start+len(data)`` when they are whole chunks (the last may end at the
+        array's end); False where they are not (zarr writes them)."""
         stop, n_rows, per = start + len(data), self.arr.shape[0], self.chunk_rows
         if not len(data) or start % per or (stop % per and stop != n_rows) or stop > n_rows:
             return False
@@ -151,5 +151,5 @@ class ChunkWriter:
             body = vlen_utf8(np.asarray(block, dtype=object)) if self.dtype is None \
                 else np.ascontiguousarray(block, dtype=self.dtype).tobytes()
             key = self.arr.metadata.encode_chunk_key(((start + lo) // per,) + (0,) * (self.arr.ndim - 1))
-            files.write(os.path.join(self.folder, key), [body, google_crc32c.value(body).to_bytes(_CRC, "little")])
+            replace_file(os.path.join(self.folder, key), [body, google_crc32c.value(body).to_bytes(_CRC, "little")])
         return True

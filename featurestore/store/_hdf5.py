@@ -292,10 +292,6 @@ class HDF5Backend:
             if is_commit_point(path):
                 self._commit()
 
-    def write_many(self, writes: list[tuple[str, int, np.ndarray, np.ndarray | None]]) -> None:
-        for path, start, data, changed in writes:
-            self.write(path, start, data, changed)
-
     def _widen(self, path: str, width: int) -> None:
         """Rewrite a string dataset with a wider fixed width (rare: only the index and error texts)."""
         ds = self._ds(path)

@@ -25,7 +25,6 @@ import sys
 import threading
 import uuid
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from stat import S_ISREG
 from typing import Any
@@ -490,25 +489,20 @@ class ShardReader:
         return body[:-_CRC].view("<u8").reshape(layout.per_shard, 2)
 
     # ----------------------------------------------------------------------------------- writes
-    def write(self, name: str, arr: zarr.Array, layout: ShardLayout, start: int, data: np.ndarray,
-              files: FileWriter) -> None:
+    def write(self, name: str, arr: zarr.Array, layout: ShardLayout, start: int, data: np.ndarray) -> None:
         """Write whole shards (``layout.whole_shards`` holds), each replacing its object at once.
 
-        Local shards go to ``files`` (written as zarr's local store writes them, a ``.partial`` temp
-        file renamed into place, so a kill never leaves a torn shard, but without its event loop:
-        ~1-10 ms a call under load), each from views of ``data`` as it is encoded: they are in place
-        when ``files`` is drained, and the caller then calls :meth:`revalidate`. Remote ones are one
-        batch of store writes, after what ``files`` holds.
+        Local shards are written as zarr's local store writes them (a ``.partial`` temp file renamed
+        into place: a kill never leaves a torn shard), without its event loop (~1-10 ms a call
+        under load); remote ones in one batch of store writes.
         """
         shards = []
         local = local_file(arr, "") is not None
-        if not local:
-            files.drain()
         for lo in range(0, len(data), layout.shard_rows):
             shard, block = (start + lo) // layout.shard_rows, data[lo:lo + layout.shard_rows]
-            if local:
+            if local:  # each written from views of ``data`` as it is encoded (its parts are not kept)
                 parts, index = shard_parts(layout, block)
-                files.write(local_file(arr, _shard_key(arr, shard)), parts)
+                replace_file(local_file(arr, _shard_key(arr, shard)), parts)
                 shards.append((shard, None, index))
             else:
                 shards.append((shard, *encode_shard(layout, block)))
@@ -523,7 +517,7 @@ class ShardReader:
         with self._lock:
             for shard, _, index in shards:
                 self._indexes[(name, shard)] = index
-        self.revalidate(name)
+        self.revalidate(name)  # the files just written replace what is mapped
 
 
 class _ArrayMaps:
@@ -824,67 +818,6 @@ def write_all(fd: int, parts: list) -> None:
             rest = memoryview(b"".join(batch))[written:]
             while len(rest):
                 rest = rest[os.write(fd, rest):]
-
-
-class FileWriter:
-    """Files replaced whole (:func:`replace_file`) in the order given, by one thread of their own
-    once there are two or more (the caller encodes the next file while the kernel writes this one;
-    a lone file is written by the caller, without a thread); leaving the ``with`` block waits until
-    every file is in place, as :meth:`drain` does.
-
-    The outcome is that of writing them one after another: the first file that fails raises (its
-    error names it) and no file after it is started; a failure or an interrupt in the block itself
-    (Ctrl-C) starts no further file, lets the one being written finish (whole, or removed), and
-    then propagates. No file is ever torn (see :func:`replacing`).
-    """
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._held: tuple[str, list] | None = None  # the first file, until a second one comes
-        self._pending: list[Future] = []
-        self._stop = False  # set by a failure: files not started yet are skipped
-
-    def write(self, path: str, parts: list) -> None:
-        """Replace ``path`` with ``parts`` (kept as they are until written: views, not copies)."""
-        if self._pool is None:
-            if self._held is None:
-                self._held = (path, parts)
-                return
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="featurestore-files")
-            held, self._held = self._held, None
-            self._pending.append(self._pool.submit(self._replace, *held))
-        self._pending.append(self._pool.submit(self._replace, path, parts))
-
-    def drain(self) -> None:
-        """Wait until every file given so far is in place (before a write that does not come here,
-        so that writes keep their order); the first that failed raises."""
-        if self._held is not None:
-            held, self._held = self._held, None
-            replace_file(*held)
-        pending, self._pending = self._pending, []
-        for future in pending:  # in the files' order
-            future.result()
-
-    def _replace(self, path: str, parts: list) -> None:
-        if self._stop:
-            return
-        try:
-            replace_file(path, parts)
-        except BaseException:
-            self._stop = True
-            raise
-
-    def __enter__(self) -> FileWriter:
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        try:
-            if kind is None:
-                self.drain()
-        finally:
-            self._stop, self._held = True, None
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager

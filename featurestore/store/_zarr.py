@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from featurestore.errors import StoreFormatError
 from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array
 from featurestore.store._chunk_files import ChunkWriter, PlainLayout
 from featurestore.store._shard_patch import patch_shard
-from featurestore.store._shards import FileWriter, ShardLayout, ShardReader, local_file, under
+from featurestore.store._shards import ShardLayout, ShardReader, local_file, under
 from featurestore.store.verify_metadata import local_root, scan_metadata
 
 _CONFIG = {"write_empty_chunks": True}
@@ -287,54 +287,32 @@ class ZarrBackend:
         return as_str_array(data) if arr.dtype.kind in "OTU" else np.asarray(data)
 
     def write(self, path: str, start: int, data: np.ndarray, changed: np.ndarray | None = None) -> None:
-        self.write_many([(path, start, data, changed)])
-
-    def write_many(self, writes: Sequence[tuple[str, int, np.ndarray, np.ndarray | None]]) -> None:
-        """Each ``(path, start, data, changed)`` as ``write`` writes it, in order, with the outcome of
-        one after another (the first that fails raises; nothing after it is written). The files of
-        local shards and whole plain chunks go to one thread that writes them while the next are
-        encoded here (a block's shards, then its error texts and done flags: their crc32c hold the
-        GIL, writing does not); any other write waits for the files before it."""
-        sharded = []
-        try:
-            with FileWriter() as files:
-                for path, start, data, changed in writes:
-                    if self._write(path, start, data, changed, files):
-                        sharded.append(path)
-        finally:  # shard files replaced (all, or those before a failure): mapped ones are checked anew
-            for path in sharded:
-                self._shards.revalidate(path)
-
-    def _write(self, path: str, start: int, data: np.ndarray, changed: np.ndarray | None, files: FileWriter) -> bool:
-        """One write of ``write_many``; True when it wrote shards by their files."""
         arr = self._array(path)
         if arr.dtype.kind in "OTU":
             data = np.asarray(data, dtype=object)
         layout = self._layout(path) if arr.shards is not None else None
         if layout is not None and layout.whole_shards(start, len(data), arr.shape[0]):
             if changed is None:
-                self._shards.write(path, arr, layout, start, np.asarray(data), files)
+                self._shards.write(path, arr, layout, start, np.asarray(data))
             else:
-                self._write_changed(path, arr, layout, start, np.asarray(data), np.asarray(changed, dtype=bool), files)
-            return True
+                self._write_changed(path, arr, layout, start, np.asarray(data), np.asarray(changed, dtype=bool))
+            return
         if path not in self._writers:
             self._writers[path] = ChunkWriter.of(arr)
-        if self._writers[path] is not None and self._writers[path].write(start, np.asarray(data), files):
-            return False  # whole plain chunks, written as files
-        files.drain()
+        if self._writers[path] is not None and self._writers[path].write(start, np.asarray(data)):
+            return  # whole plain chunks, written as files
         self._shards.forget(path)  # zarr rewrites the shards it touches: their indexes change
         arr[start:start + len(data)] = data
-        return False
 
     def _write_changed(self, path: str, arr: zarr.Array, layout: ShardLayout, start: int, data: np.ndarray,
-                       changed: np.ndarray, files: FileWriter) -> None:
+                       changed: np.ndarray) -> None:
         """Whole shards of which only the ``changed`` rows differ from what is stored: each shard the
         store laid out is patched (its changed inner chunks, ``_shard_patch``), any other written whole."""
         for lo in range(0, len(data), layout.shard_rows):
             shard, block = (start + lo) // layout.shard_rows, data[lo:lo + layout.shard_rows]
-            files.drain()  # the patch reads and replaces the shard file itself
             if not patch_shard(arr, layout, shard, block, changed[lo:lo + layout.shard_rows]):
-                self._shards.write(path, arr, layout, start + lo, block, files)
+                self._shards.write(path, arr, layout, start + lo, block)
+        self._shards.revalidate(path)  # patched files replace what is mapped (their indexes are the same)
 
     def resize(self, path: str, n_rows: int) -> None:
         arr = self._array(path)

@@ -249,12 +249,6 @@ class StoreArrays:
         self.require_writable()
         self._backend.write(path, start, data, changed=changed)
 
-    def write_many(self, writes: list[tuple[str, int, np.ndarray, np.ndarray | None]]) -> None:
-        """``(path, start, data, changed)`` written in order, as by ``write`` one after another
-        (a backend may overlap encoding one with writing the one before: see ``Backend.write_many``)."""
-        self.require_writable()
-        self._backend.write_many(writes)
-
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
         """Add or replace these attributes in one update."""
         self.require_writable()

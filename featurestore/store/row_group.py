@@ -300,10 +300,6 @@ class RowGroup:
     def set_done(self, start: int, flags: np.ndarray) -> None:
         """Write done flags for rows ``start:start+len(flags)`` and keep the cached mask in step."""
         self._arrays.write(self.done_path, start, flags)
-        self._done_written(start, flags)
-
-    def _done_written(self, start: int, flags: np.ndarray) -> None:
-        """Keep the cached done flags in step with flags just written for rows from ``start``."""
         self._caches.done_chunks.pop(self.path, None)
         mask = self._caches.done.get(self.path)
         if mask is not None:
@@ -373,15 +369,10 @@ class RowGroup:
         ``changed`` (bool per row): the only rows whose stored bits may differ and matter (see
         ``Backend.write``): a partial commit of a shard then writes its changed inner chunks.
         """
-        self._arrays.write(*self._block_write(start, data, changed))
-        self._caches.chunks.drop(self.values_path)
-
-    def _block_write(self, start: int, data: np.ndarray,
-                     changed: np.ndarray | None) -> tuple[str, int, np.ndarray, np.ndarray | None]:
-        """The write of a block of values (checked: see ``_check_block``) in the stored dtype."""
         data = self._check_block(start, np.asarray(data))
         array = self.values_path
-        return array, start, data.astype(self._arrays.dtype(array), copy=False), changed
+        self._arrays.write(array, start, data.astype(self._arrays.dtype(array), copy=False), changed=changed)
+        self._caches.chunks.drop(array)
 
     def _check_block(self, start: int, data: np.ndarray) -> np.ndarray:
         """``data`` when it is a block of whole chunks of the value array's row shape, else ValueError."""
@@ -400,9 +391,7 @@ class RowGroup:
 
     def write_rows(self, start: int, data: np.ndarray, done: np.ndarray | None = None,
                    errors: dict[int, str] | None = None, unchanged: np.ndarray | None = None) -> None:
-        """Write a block of whole chunks, then its error texts, then its done flags (in that order,
-        as one ``write_many``: a local Zarr store writes the files on a thread while it encodes the
-        next).
+        """Write a block of whole chunks, then its error texts, then its done flags.
 
         ``done`` (bool per row of the block, default all True) says which rows are finished;
         ``errors`` (absolute row -> message) records the failures of this block. Rows neither done
@@ -437,7 +426,7 @@ class RowGroup:
         rewriting = self._rewriting(np.arange(start, stop), data, unchanged)
         # rows taken from the store are stored already, rows not done are never served: only the
         # others need writing (a partial commit: the rows done since the last one)
-        writes = [self._block_write(start, data, None if unchanged is None else done & ~unchanged)]
+        self.write_block(start, data, changed=None if unchanged is None else done & ~unchanged)
         if self.kind.with_errors:
             if done.all() and not errors:
                 texts = np.full(len(data), "", dtype=object)
@@ -446,13 +435,8 @@ class RowGroup:
                 texts[done] = ""
                 for row, message in errors.items():
                     texts[row - start] = error_text(message)
-            writes.append((self.errors_path, start, texts, None))
-        writes.append((self.done_path, start, done, None))
-        try:  # in this order: the backend may write one while it encodes the next
-            self._arrays.write_many(writes)
-        finally:  # what was written of them, or all
-            self._caches.chunks.drop(self.values_path)
-        self._done_written(start, done)
+            self.write_errors(start, texts)
+        self.set_done(start, done)
         if rewriting:
             self._bump()
 
