@@ -530,7 +530,7 @@ class ClipIndex:
         self._arrays.write(join(group, "fence"), 0, fence)
         # the table is a function of the ids in row order: equal digests, equal ids (shared.py)
         return {"path": group, "n_clips": end, "key": key,
-                "digest": hashlib.blake2b(table.tobytes(), digest_size=16).hexdigest()}
+                "digest": hashlib.blake2b(np.ascontiguousarray(table), digest_size=16).hexdigest()}  # (no copy)
 
     def write_missing(self) -> dict[str, Any] | None:
         """Write a lookup for a store without one (``convert``); the root attributes to set, or None."""

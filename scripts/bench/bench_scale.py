@@ -154,7 +154,7 @@ def build(n: int, args: argparse.Namespace) -> tuple[Paths, dict]:
     returns the paths and the build timings (create + fill vs h5py), kept in a marker file.
 
     Both writes are timed ``--build-rounds`` times, interleaved (store, h5py; then h5py, store; ...),
-    each after ``os.sync()`` with its previous output deleted, after one untimed write of each: h5py's
+    each after ``os.sync()`` with its previous output deleted and ``touch_free_memory``, after one untimed write of each: h5py's
     write of the same GB took 2.1 s the first time in a process (1.3 s of it in the kernel) and
     0.6-0.9 s the next three times, so a single pair in a fixed order favours one side. The medians
     are compared; every run is kept."""
@@ -205,6 +205,18 @@ def bench_manifest(ids: list[str]):
                                  splits={"train": i % 4 != 0, "test": i % 4 == 0})
 
 
+def touch_free_memory(nbytes: int) -> None:
+    """Write to (then free) 1.5x ``nbytes`` of fresh memory, just before a timed write of ``nbytes``.
+
+    On this VM, free memory that the guest has handed back to the host (free page reporting, a
+    few seconds after it is freed) costs a host page fault when it is next touched: writing a GB
+    into the page cache took 0.5-2.4 s of system time after a 3 s pause and 0.20-0.22 s right after
+    this (measured 6 times each, same process). Both writes are timed after it, so neither side's
+    figure depends on how long the machine happened to idle before it (docs/benchmarks.md)."""
+    block = np.ones(int(nbytes * 1.5), dtype=np.uint8)
+    del block
+
+
 def write_store(path: Path, manifest, data: np.ndarray) -> tuple[float, float]:
     """Seconds (wall, process CPU) to create the store from the manifest and fill its feature set
     (65,536-row blocks, as an extraction's writers do), after deleting any earlier one and syncing."""
@@ -212,6 +224,7 @@ def write_store(path: Path, manifest, data: np.ndarray) -> tuple[float, float]:
 
     shutil.rmtree(path, ignore_errors=True)
     os.sync()  # no dirty pages of earlier writes to wait on (one may take 4x the other's)
+    touch_free_memory(data.nbytes)
     t, cpu = time.perf_counter(), time.process_time()
     with create_store(path, manifest) as store:
         info = store.create_feature_set(FEATURE, 1, (DIM,), PROVENANCE)
@@ -228,6 +241,7 @@ def write_h5(path: Path, data: np.ndarray, ids: list[str]) -> tuple[float, float
 
     path.unlink(missing_ok=True)
     os.sync()
+    touch_free_memory(data.nbytes)
     t, cpu = time.perf_counter(), time.process_time()
     with h5py.File(path, "w") as f:
         f.create_dataset("data", data=data)
