@@ -65,8 +65,9 @@ def run_task(plan: Plan, store_ref: StoreRef, blocks: list[tuple[int, int]], dev
     from featurestore.store import open_store
 
     dev = resolve_device(device)
+    # the driver holds the writer lock and repaired the store when it opened it
     with open_store(store_ref.location, "a", backend=store_ref.backend,
-                    storage_options=store_ref.storage_options) as store:
+                    storage_options=store_ref.storage_options, repair=False) as store:
         targets = []
         for target in plan.targets:
             encoder = _encoder(target.spec, target.options, dev)

@@ -401,8 +401,9 @@ class _Writers:
         from featurestore.store import open_store
 
         self.block_clips = block_clips
-        self.extra = [open_store(store.location, "a", backend=store.backend,
-                                 storage_options=store.open_args.get("storage_options")) for _ in range(n - 1)]
+        self.extra = [open_store(store.location, "a", backend=store.backend,  # (repaired by the lock holder's open)
+                                 storage_options=store.open_args.get("storage_options"), repair=False)
+                      for _ in range(n - 1)]
         self.writers = [_Writer(handle, targets) for handle in [store, *self.extra]]
 
     @property

@@ -45,7 +45,7 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 class FeatureStore:
     """One store = one set of clips. Create with ``open_store`` or ``create_store``."""
 
-    def __init__(self, backend: Backend, mode: str, cache_bytes: int, open_args: dict):
+    def __init__(self, backend: Backend, mode: str, cache_bytes: int, open_args: dict, repair: bool = True):
         self._b = backend  # the storage engine; everything here goes through self._arrays
         self._arrays = StoreArrays(backend)
         self.mode = mode
@@ -59,7 +59,7 @@ class FeatureStore:
         if mode == "w" or not self._arrays.exists("index"):
             init_layout(self._arrays)
         self._arrays.strict = check_schema(self._arrays) >= 2
-        if not self._arrays.read_only:
+        if repair and not self._arrays.read_only:
             clips.roll_back_partial_append(self)
 
     # ------------------------------------------------- what it is, its index (clips.py, index.py)
@@ -478,7 +478,8 @@ class FeatureStore:
 
 
 def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
-               cache_bytes: int = DEFAULT_CACHE_BYTES, storage_options: dict | None = None) -> FeatureStore:
+               cache_bytes: int = DEFAULT_CACHE_BYTES, storage_options: dict | None = None,
+               repair: bool = True) -> FeatureStore:
     """Open a feature store.
 
     Args:
@@ -491,6 +492,11 @@ def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
             contradicts them is refused; with ``"w"`` the new store is made with ``backend``).
         cache_bytes: bound of the decoded-chunk cache (0 disables it).
         storage_options: passed to fsspec for URLs (credentials, endpoints).
+        repair: a writable open first cuts the rows an append killed before its commit left
+            (``roll_back_partial_append``). A process that writes under another's writer lock (an
+            extraction's Dask tasks and extra writers) passes False: the lock holder repaired the
+            store when it opened it, and on object storage the check reads every array's metadata
+            (about half of a small Dask task's time).
     """
     if mode not in ("r", "a", "w"):
         raise ValueError(f"mode must be 'r', 'a' or 'w', not {mode!r}")
@@ -500,10 +506,10 @@ def open_store(path: str | Path, mode: str = "r", backend: str | None = None,
     if "://" not in location:  # a local path: absolute, so a later chdir cannot turn chunks "missing"
         location = os.path.abspath(location)
     args = dict(path=location, mode=mode, backend=backend, cache_bytes=cache_bytes,
-                storage_options=storage_options)
+                storage_options=storage_options, repair=repair)
     b = open_backend(location, mode, backend, storage_options)
     try:
-        return FeatureStore(b, mode, cache_bytes, args)
+        return FeatureStore(b, mode, cache_bytes, args, repair)
     except Exception:
         b.close()
         raise

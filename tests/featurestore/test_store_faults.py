@@ -413,3 +413,17 @@ def test_schema_1_stores_are_still_read(zstore):
     chunk_file(converted, DATA, 2).unlink()
     with open_store(converted) as store, pytest.raises(MissingChunkError):
         store.get(FEAT, store.clip_ids[9])
+
+
+def test_a_writable_open_without_repair_leaves_an_uncommitted_append_to_the_lock_holder(tmp_path):
+    """Dask tasks and extra writers open with ``repair=False`` (the writer-lock holder repaired the
+    store): their open leaves the rows past ``n_clips`` alone, and a plain writable open cuts them."""
+    path = str(tmp_path / "store.zarr")
+    build(path)
+    with open_store(path, "a") as store:  # what an append killed before its commit leaves: longer arrays
+        store.arrays.resize("index/city", N_CLIPS + 3)
+    with open_store(path, "a", repair=False) as store:
+        assert store.arrays.shape("index/city")[0] == N_CLIPS + 3
+        assert store.open_args["repair"] is False
+    with open_store(path, "a") as store:
+        assert store.arrays.shape("index/city")[0] == N_CLIPS and store.n_clips == N_CLIPS
