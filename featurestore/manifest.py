@@ -192,6 +192,13 @@ class Manifest:
             return self.clips.clip_id.tolist()
         return [c.clip_id for c in self.clips]
 
+    def has_media(self, kind: str) -> bool:
+        """Whether any clip has a file of ``kind`` (``"audio"`` or ``"video"``); a table answers from
+        its column, without building a record per clip."""
+        if isinstance(self.clips, ClipTable):
+            return getattr(self.clips, kind) is not None
+        return any(getattr(c, kind) for c in self.clips)
+
     @property
     def split_names(self) -> list[str]:
         return sorted(_split_names(self.clips))

@@ -354,7 +354,7 @@ def check_inputs(manifest: Manifest, encoders: list) -> None:
         if encoder.modality == "text":
             continue
         column = "audio" if encoder.modality == "audio" else "video"
-        if manifest.clips and not any(getattr(c, column) for c in manifest.clips):
+        if len(manifest) and not manifest.has_media(column):
             where = f" ({manifest.root})" if manifest.root else ""
             raise ValueError(f"encoder {encoder.spec} needs {column} files, but dataset {manifest.name!r}{where} "
                              f"lists none for its {len(manifest)} clip(s); leave it out of --encoders")

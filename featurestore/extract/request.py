@@ -276,7 +276,7 @@ def _fits(info: Any, manifest: Manifest) -> bool:
         segments = (info.provenance or {}).get("segments") or {}
         return (info.n_segments == manifest.audio_segments
                 and float(segments.get("segment_seconds", -1)) == float(manifest.segment_seconds)
-                and any(c.audio for c in manifest.clips))
+                and manifest.has_media("audio"))
     if modality == "video":
-        return info.n_segments == manifest.video_frames and any(c.video for c in manifest.clips)
+        return info.n_segments == manifest.video_frames and manifest.has_media("video")
     return False

@@ -46,7 +46,8 @@ def records(cols: dict) -> list[ClipRecord]:
     out = []
     for i, cid in enumerate(cols["clip_id"]):
         out.append(ClipRecord(cid, audio=Path(cols["audio"][i]) if given(cols["audio"][i]) else None,
-                              video=Path(cols["video"][i]), label=given(cols["label"][i]),
+                              video=Path(cols["video"][i]) if given(cols["video"][i]) else None,
+                              label=given(cols["label"][i]),
                               city=given(cols["city"][i]) or "", location=cols["location"][i],
                               splits=frozenset(s for s, m in cols["splits"].items() if m[i])))
     return out
@@ -168,3 +169,12 @@ def test_a_manifest_from_columns_extracts_as_its_records(tiny_manifest, tmp_path
         for column in a.columns():
             assert a.column(column).tolist() == b.column(column).tolist(), column
         assert np.array_equal(a.read_rows("logmel", 0, 2), b.read_rows("logmel", 0, 2))
+
+
+def test_a_table_says_which_media_it_has_as_its_records_do():
+    cols = columns()
+    no_video = {**cols, "video": [None, "", float("nan")] + [None] * 5}
+    for given in (cols, no_video):
+        table, plain = from_columns(given), Manifest("cols", CLASSES, records(given), ROOT)
+        assert [table.has_media(k) for k in ("audio", "video")] == [plain.has_media(k) for k in ("audio", "video")]
+    assert not from_columns(no_video).has_media("video") and from_columns(no_video).has_media("audio")
