@@ -46,7 +46,6 @@ class ClipRecord:
     splits: frozenset[str] = field(default_factory=frozenset)
 
 
-_TEXTS = ("city", "location")
 _MEDIA = ("audio", "video")
 
 
@@ -83,11 +82,10 @@ class ClipTable(Sequence[ClipRecord]):
         ids = _object_column("clip_id", clip_id, None)
         n = len(ids)
         # clip ids are checked by Manifest against the id grammar (which names the wrong one)
-        columns = {"label": _optional_texts("label", label, n, ids, None)}
-        for name in _TEXTS:
-            columns[name] = _optional_texts(name, locals()[name], n, ids, "")
-        media = {name: _media("audio", audio, n, ids) if name == "audio" else _media("video", video, n, ids)
-                 for name in _MEDIA}
+        texts = {"label": _optional_texts("label", label, n, ids, None),
+                 "city": _optional_texts("city", city, n, ids, ""),
+                 "location": _optional_texts("location", location, n, ids, "")}
+        media = {"audio": _media("audio", audio, n, ids), "video": _media("video", video, n, ids)}
         masks = {}
         for name, mask in (splits or {}).items():
             array = np.asarray(mask)
@@ -96,8 +94,7 @@ class ClipTable(Sequence[ClipRecord]):
                                  f"{array.dtype} with shape {array.shape}")
             if array.any():  # a split no clip is in is no split (as with records)
                 masks[name] = array
-        return cls(ids, columns["label"], columns["city"], columns["location"], media["audio"], media["video"],
-                   masks)
+        return cls(ids, texts["label"], texts["city"], texts["location"], media["audio"], media["video"], masks)
 
     @classmethod
     def of(cls, clips: Sequence[ClipRecord]) -> ClipTable:
@@ -196,7 +193,8 @@ def _record_split_masks(clips: Sequence[ClipRecord]) -> dict[str, np.ndarray]:
 def _object_column(name: str, values: Sequence[Any], n: int | None) -> np.ndarray:
     """``values`` as a 1-d object array (a list, a numpy or pandas column), of length ``n`` when given."""
     if isinstance(values, (str, bytes)):
-        raise ValueError(f"column {name!r}: expected one value per clip, got the {type(values).__name__} {values!r:.60}")
+        raise ValueError(f"column {name!r}: expected one value per clip, got the {type(values).__name__} "
+                         f"{values!r:.60}")
     column = np.empty(len(values), dtype=object)
     column[:] = list(values) if not isinstance(values, np.ndarray) else values
     if n is not None and len(column) != n:

@@ -154,10 +154,10 @@ def build(n: int, args: argparse.Namespace) -> tuple[Paths, dict]:
     returns the paths and the build timings (create + fill vs h5py), kept in a marker file.
 
     Both writes are timed ``--build-rounds`` times, interleaved (store, h5py; then h5py, store; ...),
-    each after ``os.sync()`` with its previous output deleted and ``touch_free_memory``, after one untimed write of each: h5py's
-    write of the same GB took 2.1 s the first time in a process (1.3 s of it in the kernel) and
-    0.6-0.9 s the next three times, so a single pair in a fixed order favours one side. The medians
-    are compared; every run is kept."""
+    each after ``os.sync()`` with its previous output deleted and ``touch_free_memory``, after one
+    untimed write of each: h5py's write of the same GB took 2.1 s the first time in a process (1.3 s
+    of it in the kernel) and 0.6-0.9 s the next three times, so a single pair in a fixed order
+    favours one side. The medians are compared; every run is kept."""
     paths = Paths(Path(args.workdir) / f"clips-{n}")
     marker = paths.work / "built.json"
     spec = {"clips": n, "dim": DIM, "seed": args.seed, "data": "clustered"}
