@@ -90,8 +90,9 @@ class ClipTable(Sequence[ClipRecord]):
         for name, mask in (splits or {}).items():
             array = np.asarray(mask)
             if array.dtype != bool or array.shape != (n,):
+                hint = " (missing values? fill them first: mask.fillna(False))" if array.dtype == object else ""
                 raise ValueError(f"split {name!r}: expected {n} booleans (one per clip), got an array of "
-                                 f"{array.dtype} with shape {array.shape}")
+                                 f"{array.dtype} with shape {array.shape}{hint}")
             if array.any():  # a split no clip is in is no split (as with records)
                 masks[name] = array
         return cls(ids, texts["label"], texts["city"], texts["location"], media["audio"], media["video"], masks)
@@ -195,6 +196,11 @@ def _object_column(name: str, values: Sequence[Any], n: int | None) -> np.ndarra
     if isinstance(values, (str, bytes)):
         raise ValueError(f"column {name!r}: expected one value per clip, got the {type(values).__name__} "
                          f"{values!r:.60}")
+    if not hasattr(values, "__len__"):  # a generator, a map: taken once
+        values = list(values)
+    if np.ndim(values) != 1:
+        raise ValueError(f"column {name!r}: expected one value per clip (a 1-d column), got "
+                         f"{np.ndim(values)} dimensions, shape {np.shape(values)}")
     column = np.empty(len(values), dtype=object)
     column[:] = list(values) if not isinstance(values, np.ndarray) else values
     if n is not None and len(column) != n:
@@ -203,8 +209,12 @@ def _object_column(name: str, values: Sequence[Any], n: int | None) -> np.ndarra
 
 
 def _missing(value: Any) -> bool:
-    """None, or a float NaN (how pandas reads an empty cell)."""
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """None, a float NaN (how pandas reads an empty cell) or pandas' ``NA`` (its nullable dtypes'),
+    known by its type's name and module: pandas is not imported for it."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    kind = type(value)
+    return kind.__name__ == "NAType" and kind.__module__.startswith("pandas")
 
 
 def _is_given(value: Any) -> bool:

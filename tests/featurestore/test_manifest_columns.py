@@ -108,11 +108,14 @@ def test_the_manifest_of_a_table_answers_as_the_manifest_of_records():
 def test_pandas_columns_make_the_same_manifest():
     cols = columns()
     frame = pd.DataFrame({k: v for k, v in cols.items() if k != "splits"})
+    frame["city"] = frame["city"].astype("string")  # a nullable column: its missing value is pd.NA
     manifest = Manifest.from_columns("cols", CLASSES, frame["clip_id"], label=frame["label"], city=frame["city"],
                                      location=frame["location"], audio=frame["audio"], video=frame["video"],
                                      splits={s: frame.index.isin(np.flatnonzero(m)) for s, m in cols["splits"].items()},
                                      root=ROOT)
-    assert list(manifest.clips) == records(cols)
+    assert list(manifest.clips) == records(cols) and manifest.clips[3].city == ""
+    ids = (cid for cid in cols["clip_id"])  # any iterable, taken once
+    assert Manifest.from_columns("cols", CLASSES, ids).clip_ids == cols["clip_id"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -122,6 +125,9 @@ def test_pandas_columns_make_the_same_manifest():
     (dict(location="loc"), r"column 'location': expected one value per clip, got the str 'loc'"),
     (dict(splits={"train": np.ones(8)}), r"split 'train': expected 8 booleans \(one per clip\), got an array of float64"),
     (dict(clip_id=[f"clip-{i}" for i in range(7)] + ["a b"]), r"dataset 'cols', clip 7: clip id 'a b' holds ' '"),
+    (dict(city=np.array([["lyon"] * 8])), r"column 'city': expected one value per clip \(a 1-d column\), got 2 dim"),
+    (dict(splits={"train": pd.array([True] * 7 + [None], dtype="boolean")}),
+     r"split 'train': expected 8 booleans .* got an array of object .*fill them first: mask.fillna\(False\)"),
     (dict(splits={"a/b": np.ones(8, dtype=bool)}), r"split name 'a/b' cannot be a store key"),
 ])
 def test_a_bad_column_is_refused_in_one_line(change, message):
