@@ -255,10 +255,10 @@ class Manifest:
         Args:
             name, classes, root, audio_segments, segment_seconds, video_frames: as for ``Manifest``.
             clip_id: the ids, in store row order.
-            label: class names (None or NaN: unknown); None: no clip is labelled.
-            city, location: texts ('' where unknown; None or NaN read as ''); None: all ''.
-            audio, video: paths (str or os.PathLike), relative to ``root`` or absolute; None, NaN or
-                '' where the clip has none; None: no clip has one.
+            label: class names (None, NaN or pandas' NA: unknown); None: no clip is labelled.
+            city, location: texts ('' where unknown; None, NaN or NA read as ''); None: all ''.
+            audio, video: paths (str or os.PathLike), relative to ``root`` or absolute; None, NaN, NA
+                or '' where the clip has none; None: no clip has one.
             splits: split name -> one boolean per clip (``df["split"] == "train"``).
 
         Raises:
