@@ -7,6 +7,7 @@ a rerun after ``pip install -U`` refuse to resume into the same feature set.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import platform
@@ -79,18 +80,25 @@ def file_sha256(path: str | Path) -> str:
 
 def runtime_info() -> dict:
     """Library versions, Python and host: recorded beside every feature set and prediction run."""
-    versions = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
     return {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "host": platform.node(),
-        "versions": versions,
+        "versions": dict(_library_versions()),
     }
+
+
+@functools.cache
+def _library_versions() -> tuple[tuple[str, str], ...]:
+    """The installed versions of ``_VERSIONED``, read once per process (~40 ms of package metadata
+    per feature set created otherwise): the libraries imported are those of the process's start."""
+    versions = []
+    for name in _VERSIONED:
+        try:
+            versions.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            continue
+    return tuple(versions)
 
 
 def is_random_weights(provenance: dict) -> bool:
