@@ -256,8 +256,8 @@ def _stored_paths(paths: np.ndarray, root: Path | None) -> np.ndarray:
     so both give the same text."""
     given = paths.tolist()
     texts = [p for p in given if p is not None]
-    if all(map(isinstance, texts, repeat(str))) and "\n" not in (joined := "\n".join(texts)) \
-            and not _UNCLEAN_PATH.search(joined):
+    joined = "\n".join(texts) if all(map(isinstance, texts, repeat(str))) else None
+    if joined is not None and joined.count("\n") == len(texts) - 1 and not _UNCLEAN_PATH.search(joined):
         if root is None:
             return np.array(["" if p is None else p for p in given], dtype=object)
         prefix = root.as_posix().rstrip("/") + "/"
