@@ -34,8 +34,9 @@ def append_clips(store: FeatureStore, manifest: Manifest) -> None:
     if attrs.get("classes") and list(attrs["classes"]) != classes:
         raise ValueError(f"{store.location}: classes {attrs['classes']} differ from the manifest's "
                          f"{manifest.classes}")
-    new_ids = manifest.clip_ids
-    start, n_new = store.n_clips, len(manifest)
+    given = ClipTable.of(manifest.clips)  # the clips as columns, once (records: one pass per attribute)
+    new_ids = given.clip_id.tolist()
+    start, n_new = store.n_clips, len(given)
     table = store.index.append_table(new_ids, start)  # every row's key, sorted: a repeated id sits by its twin
     shared = equal_key_runs(table)
     _refuse_repeats(store, new_ids, table, shared, start)
@@ -45,9 +46,9 @@ def append_clips(store: FeatureStore, manifest: Manifest) -> None:
                  "video_frames": manifest.video_frames}
     first = described if start == 0 else {}
     added = {**described, "rows": [start, end]}
-    columns, cities = _manifest_columns(manifest, new_ids)  # before any write: an unknown label is refused first
+    columns, cities = _manifest_columns(manifest, given, new_ids)  # before any write: an unknown label is refused
     stored_splits = store.splits()
-    members = _split_members(manifest, stored_splits)
+    members = _split_members(given, stored_splits)
     new_splits = [s for s in members if s not in stored_splits]
     for split in new_splits:
         arrays.create_array(f"index/split/{split}", (start,), "bool", INDEX_CHUNK_ROWS, False)
@@ -184,10 +185,9 @@ def as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple, set, np.ndarray)) else [value]
 
 
-def _manifest_columns(manifest: Manifest, clip_ids: list[str]) -> tuple[dict[str, np.ndarray], set[str]]:
-    """The index columns of a manifest's clips and their distinct cities, from its clips as columns
-    (``ClipTable.of``: itself for a manifest made from columns, else one pass per attribute)."""
-    table = ClipTable.of(manifest.clips)
+def _manifest_columns(manifest: Manifest, table: ClipTable,
+                      clip_ids: list[str]) -> tuple[dict[str, np.ndarray], set[str]]:
+    """The index columns of a manifest's clips (``table``: them as columns) and their distinct cities."""
     n = len(table)
     texts = {"city": table.city, "location": table.location}
     # (a list of an object array is a C loop; iterating the array itself costs a call per item)
@@ -270,9 +270,8 @@ def _stored_path(path: Path, root: Path | None) -> str:
     return (path.relative_to(root) if root is not None and path.is_relative_to(root) else path).as_posix()
 
 
-def _split_members(manifest: Manifest, stored: Sequence[str]) -> dict[str, np.ndarray]:
+def _split_members(table: ClipTable, stored: Sequence[str]) -> dict[str, np.ndarray]:
     """Membership (bool per clip) of every split the clips name or the store has (``stored``), in
     name order."""
-    masks = ClipTable.of(manifest.clips).splits
-    none = np.zeros(len(manifest), dtype=bool)
-    return {split: masks.get(split, none) for split in sorted({*masks, *stored})}
+    none = np.zeros(len(table), dtype=bool)
+    return {split: table.splits.get(split, none) for split in sorted({*table.splits, *stored})}
