@@ -3,9 +3,12 @@ the same matrix, interleaved in one process (issue 23's create + fill, without `
 
 The store is created once (its index is not timed); each round deletes the feature set, syncs, then
 times the fill, then h5py's ``create_dataset`` of the same ``[N, 1, 512]`` float16 matrix after a
-sync with its earlier file deleted. Prints each round (wall, user and system CPU of the process) and
-the medians with their ratio. Kernel write times vary several-fold from run to run on a shared
-machine (h5py's as much as ours): compare medians of many rounds, or run it on ``/dev/shm``.
+sync with its earlier file deleted. Each timed write starts right after fresh memory is touched
+(``bench_scale.touch_free_memory``: on a VM that hands free memory back to its host, a write's
+kernel time otherwise depends on how long the machine idled before it). Prints each round (wall,
+user and system CPU of the process) and the medians with their ratio. Kernel write times vary
+several-fold from run to run on a shared machine (h5py's as much as ours): compare medians of many
+rounds, or run it on ``/dev/shm``.
 
     python scripts/bench/bench_fill.py --clips 1000000 --rounds 5 --dir /tmp/bench_fill
 """
@@ -21,16 +24,18 @@ import time
 import h5py
 import numpy as np
 
-from featurestore import ClipRecord, Manifest, create_store
+from bench_scale import touch_free_memory  # (this script's folder is on sys.path when it is run)
+from featurestore import Manifest, create_store
 
 FEATURE, DIM = "clip/bench", 512
 PROVENANCE = {"encoder": "bench/random", "config": {}, "weights": {"kind": "random", "seed": 0},
               "segments": {"frames": 1}}
 
 
-def timed(work) -> tuple[float, float, float]:
-    """(wall, user, system) seconds of ``work()`` after a sync."""
+def timed(work, nbytes: int) -> tuple[float, float, float]:
+    """(wall, user, system) seconds of ``work()`` (writing about ``nbytes``) after a sync."""
     os.sync()
+    touch_free_memory(nbytes)
     before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     work()
     wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
@@ -48,7 +53,7 @@ def main() -> None:
     os.makedirs(args.dir)
     h5 = os.path.join(args.dir, "matrix.h5")
     store = create_store(os.path.join(args.dir, "store"),
-                         Manifest("bench", ["a"], [ClipRecord(f"c{i:08d}") for i in range(args.clips)]))
+                         Manifest.from_columns("bench", ["a"], [f"c{i:08d}" for i in range(args.clips)]))
 
     def fill() -> None:
         info = store.create_feature_set(FEATURE, 1, (DIM,), PROVENANCE)
@@ -65,10 +70,10 @@ def main() -> None:
         for _ in range(args.rounds):
             if FEATURE in store.feature_sets():
                 store.delete_feature_set(FEATURE)
-            ours.append(timed(fill))
+            ours.append(timed(fill, data.nbytes))
             if os.path.exists(h5):
                 os.unlink(h5)
-            theirs.append(timed(write_h5))
+            theirs.append(timed(write_h5, data.nbytes))
             (w, u, s), (hw, hu, hs) = ours[-1], theirs[-1]
             print(f"fill wall {w:.3f} s (user {u:.3f}, sys {s:.3f}) | h5py wall {hw:.3f} s (user {hu:.3f}, "
                   f"sys {hs:.3f}) | {w / hw:.2f}x", flush=True)
