@@ -513,7 +513,7 @@ class RowGroup:
         return hit[0][offset]
 
     def read_row(self, row: int) -> np.ndarray:
-        """Values of one finished row, ``[...]``, as a read-only view (copy it); a row not finished
+        """Values of one finished row, ``[...]``, as a view of the decoded-chunk cache (copy it); a row not finished
         raises ``MissingFeatureError`` (as ``require_done``).
 
         A row of an inner chunk in the decoded-chunk cache is a slice of it. Otherwise the chunk's
