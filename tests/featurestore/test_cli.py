@@ -11,6 +11,7 @@ import pytest
 
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store, open_store
 from featurestore.cli import main
+from tests.featurestore.chunk_paths import chunk_file
 
 N_CLIPS, N_SEG, DIM, CHUNK = 12, 2, 3, 4
 FEAT = "clip/ViT-B-32"
@@ -250,8 +251,8 @@ def test_module_and_console_script(tmp_path):
 def test_verify_lists_and_removes_temp_files_of_interrupted_writes(tmp_path, capsys):
     path = str(tmp_path / "s.zarr")
     build(path)
-    chunk_dir = next(p for p in Path(path).rglob("c") if p.is_dir())
-    leftover = chunk_dir / "0.0123456789abcdef.partial"  # what a writer killed mid-rename leaves
+    chunk = chunk_file(path, f"features/{FEAT}/data")
+    leftover = chunk.with_name(chunk.name + ".0123456789abcdef.partial")  # what a writer killed mid-rename leaves
     leftover.write_bytes(b"half a chunk")
     code, out, _ = run(capsys, "verify", path, "--json")
     report = json.loads(out)

@@ -18,6 +18,7 @@ from featurestore import (
     TAU_CLASSES, ClipRecord, CorruptChunkError, Manifest, MissingFeatureError, StoreFormatError, create_store,
     open_store,
 )
+from tests.featurestore.chunk_paths import chunk_file
 
 N_CLIPS, N_SEG, DIM, CHUNK = 20, 3, 4, 4
 FEAT = "clip/RN50"
@@ -49,7 +50,7 @@ def flip_chunk_bytes(path: str, first_row: int) -> None:
             info = f[DATA].id.get_chunk_info_by_coord((first_row, 0, 0))
             offset = info.byte_offset + info.size // 2
     else:
-        chunk = Path(path, DATA, "c", str(first_row // CHUNK), "0", "0")
+        chunk = chunk_file(path, DATA, first_row // CHUNK)
         offset, path = chunk.stat().st_size // 2, str(chunk)
     with open(path, "r+b") as fh:
         fh.seek(offset)

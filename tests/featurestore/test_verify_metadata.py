@@ -13,6 +13,7 @@ import pytest
 from featurestore import create_store
 from featurestore.cli import main
 
+from tests.featurestore.chunk_paths import chunk_file
 from tests.featurestore.test_store import DIM, FEAT, N_SEG, features, make_manifest, provenance
 
 OTHER = "logmel"
@@ -36,7 +37,7 @@ def whole(tmp_path_factory) -> Path:
 
 
 def _flip_a_byte(path: Path) -> None:
-    chunk = next(p for p in sorted((path / "features" / OTHER / "data" / "c").rglob("*")) if p.is_file())
+    chunk = chunk_file(path, f"features/{OTHER}/data")  # rows 0:4
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
