@@ -83,3 +83,27 @@ def test_a_store_without_digests_is_compared_by_its_ids(tmp_path, monkeypatch):
     other = _store(tmp_path / "other.zarr", ids[::-1])
     with open_store(shared, "r") as store, pytest.raises(ValueError, match="the same clip ids in another order"):
         open_prediction_store(other, store, mode="r")
+
+
+def test_a_digest_of_the_older_kind_is_compared_by_ids_and_both_kinds_are_named(tmp_path, monkeypatch):
+    """Lookups written before XXH3 digests carry a bare BLAKE2b hex digest of the table: such a store
+    and a new one never compare equal by digest (the new one's is prefixed with its kind), so their
+    ids are decoded and compared, and equal ids still match."""
+    import hashlib
+
+    import numpy as np
+
+    ids = [f"c{i:04d}" for i in range(40)]
+    shared = _store(tmp_path / "shared.zarr", ids)
+    with open_store(shared, "a") as store:
+        meta = dict(store.attrs[index_module.LOOKUP_ATTR])
+        assert meta["digest"].startswith("xxh3-128:") and len(meta["digest"]) == len("xxh3-128:") + 32
+        table = store.arrays.read(meta["path"] + "/table", 0, 40)
+        meta["digest"] = hashlib.blake2b(np.ascontiguousarray(table), digest_size=16).hexdigest()
+        store.arrays.set_attrs("", {index_module.LOOKUP_ATTR: meta})
+    mine = _store(tmp_path / "mine.zarr", ids)
+    decoded = _count_id_decodes(monkeypatch)
+    with open_store(shared, "r") as store, open_store(mine, "r") as new:
+        assert store.index.ids_digest() != new.index.ids_digest()
+        open_prediction_store(mine, store, mode="r").close()
+    assert decoded == [40, 40]
