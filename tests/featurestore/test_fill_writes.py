@@ -1,12 +1,14 @@
 """Filling a feature set: a block's files (shards, then error texts, then done flags) one after another.
 
 A file that cannot be written fails ``write_rows`` naming it, no file after it is written (so no
-done flag), no temp file is left; an interrupt leaves only whole shards; a chunk folder deleted
-since it was made is made again (files are created first, folders only when missing). Small stores
-through the public API (three 64 KiB shards a block).
+done flag), no temp file is left; an interrupt leaves only whole shards; a new store keeps a feature
+set's chunk files (keys ``c.<i>.0.0``) in the array's folder, and in a store of the old layout
+(``c/<i>/0/0``) a chunk folder deleted since it was made is made again (files are created first,
+folders only when missing). Small stores through the public API (three 64 KiB shards a block).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +19,7 @@ import zarr
 
 from featurestore import ClipRecord, Manifest, create_store, open_store
 from featurestore.store import _shards
+from tests.featurestore.chunk_paths import chunk_file, chunk_files
 
 DIM = 32  # float16: 64 B a clip
 SHARD = 1024  # clips a shard (64 KiB)
@@ -36,8 +39,22 @@ def new_store(path: Path) -> None:
         assert info.chunk_clips == SHARD
 
 
+ARRAYS = [f"features/{FEAT}/{leaf}" for leaf in ("data", "done", "errors")]
+
+
 def shard_file(path: Path, shard: int) -> Path:
-    return path / "features" / "emb" / "fill" / "data" / "c" / str(shard) / "0" / "0"
+    return chunk_file(path, f"features/{FEAT}/data", shard)
+
+
+def old_layout(path: Path) -> None:
+    """The feature set's arrays keyed as stores made before the "." separator were (``c/<i>/0/0``):
+    their metadata edited before any chunk of them is written."""
+    for array in ARRAYS:
+        meta = path / array / "zarr.json"
+        doc = json.loads(meta.read_text())
+        assert doc["chunk_key_encoding"]["name"] == "default" and chunk_files(path, array) == []
+        doc["chunk_key_encoding"]["configuration"] = {"separator": "/"}
+        meta.write_text(json.dumps(doc))
 
 
 def leftovers(path: Path) -> list[Path]:
@@ -86,29 +103,51 @@ def test_an_interrupt_while_a_block_is_written_leaves_whole_shards(tmp_path, mon
     np.testing.assert_array_equal(group[f"features/{FEAT}/data"][:SHARD], values(SHARD))
 
 
-def test_chunk_folders_deleted_since_they_were_made_are_made_again(tmp_path):
+def test_a_new_stores_shards_are_files_in_the_arrays_folder(tmp_path):
+    """The layout new stores write: no folder per chunk (a new shard's file needed two ``mkdir``s)."""
     path = tmp_path / "s.zarr"
     new_store(path)
     with open_store(str(path), mode="a") as fs:
         fs.write_rows(FEAT, 0, values(N))
-        for leaf in ("data", "done", "errors"):
-            shutil.rmtree(path / "features" / "emb" / "fill" / leaf / "c", ignore_errors=True)
+    data = path / "features" / "emb" / "fill" / "data"
+    assert sorted(os.listdir(data)) == ["c.0.0.0", "c.1.0.0", "c.2.0.0", "zarr.json"]
+    for array in ARRAYS:  # the done flags and error texts too: nothing but files
+        folder = path / array
+        assert [p.name for p in folder.iterdir() if not p.is_file()] == []
+        keys = [f"c.{s}.0.0" if array.endswith("/data") else f"c.{s}" for s in range(3)]  # data is 3-d
+        assert [p.name for p in chunk_files(path, array)] == keys
+
+
+def test_chunk_folders_deleted_since_they_were_made_are_made_again(tmp_path):
+    """A store in the old layout (``c/<i>/0/0``): its chunk files are still created first and their
+    folders made only when that fails, so a folder deleted since the last write is made again."""
+    path = tmp_path / "s.zarr"
+    new_store(path)
+    old_layout(path)
+    with open_store(str(path), mode="a") as fs:
+        fs.write_rows(FEAT, 0, values(N))
+        for array in ARRAYS:
+            assert (path / array / "c").is_dir()  # the old layout was written
+            shutil.rmtree(path / array / "c")
         fs.write_rows(FEAT, 0, values(N))
     with open_store(str(path)) as fs:
         np.testing.assert_array_equal(fs.get_many(FEAT, [f"c{i:05d}" for i in range(N)]), values(N))
         assert int(fs.done_mask(FEAT).sum()) == N
-    assert leftovers(path) == [] and sorted(os.listdir(shard_file(path, 2).parent.parent.parent)) == ["0", "1", "2"]
+        assert fs.verify().ok
+    assert leftovers(path) == []
+    assert shard_file(path, 2) == path / "features" / "emb" / "fill" / "data" / "c" / "2" / "0" / "0"
+    assert sorted(os.listdir(shard_file(path, 2).parent.parent.parent)) == ["0", "1", "2"]
 
 
 def test_error_texts_that_cannot_be_written_leave_the_blocks_shards_but_no_done_flag(tmp_path):
     path = tmp_path / "s.zarr"
     new_store(path)
-    errors_chunk = path / "features" / "emb" / "fill" / "errors" / "c" / "1"
+    errors_chunk = chunk_file(path, f"features/{FEAT}/errors", 1)
     (errors_chunk / "in-the-way").mkdir(parents=True)
     with open_store(str(path), mode="a") as fs:
         with pytest.raises(OSError) as caught:
             fs.write_rows(FEAT, 0, values(N))
     assert str(errors_chunk) in str(caught.value)
     assert all(shard_file(path, s).is_file() for s in range(3))  # the values come first
-    assert not (path / "features" / "emb" / "fill" / "done" / "c").exists()  # the done flags come last
+    assert chunk_files(path, f"features/{FEAT}/done") == []  # the done flags come last
     assert leftovers(path) == [] and done_count(path) == 0

@@ -17,6 +17,7 @@ import pytest
 
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store
 from featurestore.store import _shards, open_store
+from tests.featurestore.chunk_paths import arrays, chunk_file, chunk_files
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not _shards._MADV_POPULATE_READ,
                                 reason="MADV_POPULATE_READ and /proc/self/smaps are Linux's")
@@ -39,7 +40,7 @@ def store_path(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 
 def shard_files(path: Path) -> list[Path]:
-    return sorted(p for p in (path / "features" / "emb" / "data" / "c").rglob("*") if p.is_file())
+    return chunk_files(path, "features/emb/data")
 
 
 def uncached(file: Path) -> Path:
@@ -183,7 +184,8 @@ def test_a_bulk_id_lookup_names_a_damaged_block_of_the_lookup_table(store_path, 
         ids = store.clip_ids
         rows = np.random.default_rng(1).choice(CLIPS, 500, replace=False)
         np.testing.assert_array_equal(store.rows([ids[r] for r in rows]), rows)  # found across the blocks
-        table = next(p for p in (path / "index" / "lookup").rglob("c/*/*") if p.parent.parent.parent.name == "table")
+        [table] = [a for a in arrays(path) if a.startswith("index/lookup/") and a.endswith("/table")]
+        table = chunk_file(path, table)  # rows 0:16384 of the table, all of it
     flip_byte_at(table, 5 * (64 * 24 + 4) + 10)  # block 5: table rows 320-383
     with open_store(path) as store, pytest.raises(CorruptChunkError, match=r"table: rows 320:384"):
         store.rows(list(ids))

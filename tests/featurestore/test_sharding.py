@@ -19,6 +19,7 @@ from featurestore import ClipRecord, Manifest, convert_store, create_store, open
 from featurestore.errors import CorruptChunkError, MissingChunkError
 from featurestore.store import feature_sets
 from featurestore.store._shards import ShardReader
+from tests.featurestore.chunk_paths import chunk_file
 
 N = 100_000
 DIM = 128  # float16: 256 B a clip -> inner chunks of 32 clips (8 KiB), shards of 4,096 clips (1 MiB)
@@ -77,7 +78,7 @@ def count_reads(monkeypatch) -> list[int]:
 
 
 def shard_file(path: str, shard: int) -> str:
-    return os.path.join(path, "features", *FEAT.split("/"), "data", "c", str(shard), "0", "0")
+    return str(chunk_file(path, f"features/{FEAT}/data", shard))
 
 
 def test_random_reads_by_range_fetch_only_their_inner_chunks(big, monkeypatch):

@@ -7,13 +7,12 @@ value array's metadata was deleted, which ``verify`` passed as if the set had ne
 """
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store
 from featurestore.store import open_store
+from tests.featurestore.chunk_paths import chunk_files
 
 PROVENANCE = {"encoder": "test/refusals", "config": {}, "weights": {"kind": "random", "seed": 0},
               "segments": {"frames": 1}}
@@ -54,9 +53,14 @@ def test_a_feature_set_whose_values_are_gone_is_a_verify_problem(tmp_path, chunk
     with create_store(path, manifest()) as store:
         store.create_feature_set("emb", 1, (4,), PROVENANCE)
         store.write_rows("emb", 0, np.ones((6, 1, 4), dtype=np.float16))
-    (path / "features" / "emb" / "data" / "zarr.json").unlink()
+    data = path / "features" / "emb" / "data"
+    chunks = chunk_files(path, "features/emb/data")  # found from its zarr.json, before that goes
+    (data / "zarr.json").unlink()
     if chunks_too:
-        shutil.rmtree(path / "features" / "emb" / "data" / "c")
+        assert chunks
+        for chunk in chunks:
+            chunk.unlink()
+        assert not [p for p in data.rglob("*") if p.is_file()]  # nothing of the array is left
     with open_store(path) as store:
         assert "emb" not in store.feature_sets()
         report = store.verify()
