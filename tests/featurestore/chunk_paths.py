@@ -15,18 +15,28 @@ def _metadata(store, array: str) -> dict:
 
 
 def separator(store, array: str) -> str:
-    """The chunk key separator of the array ('/' or '.'); only the "default" encoding (keys that
-    start with "c") is known here: another would make every path below wrong, so it is refused."""
-    encoding = _metadata(store, array)["chunk_key_encoding"]
+    """The chunk key separator of the array at ``store``/``array`` ('/' or '.')."""
+    return key_separator(_metadata(store, array))
+
+
+def key_separator(meta: dict) -> str:
+    """The chunk key separator of an array's metadata (its ``zarr.json``); only the "default" encoding
+    (keys that start with "c") is known here: another would make every key below wrong, so it is refused."""
+    encoding = meta["chunk_key_encoding"]
     if encoding["name"] != "default":
-        raise ValueError(f"{array}: chunk key encoding {encoding['name']!r}, not 'default'")
+        raise ValueError(f"chunk key encoding {encoding['name']!r}, not 'default'")
     return encoding.get("configuration", {}).get("separator", "/")
+
+
+def chunk_key(meta: dict, chunk: int = 0) -> str:
+    """The key (relative to the array) of chunk (or shard) ``chunk`` along the clip axis of an array
+    whose metadata is ``meta``: for stores that are not local folders (an S3 bucket)."""
+    return key_separator(meta).join(["c", str(chunk)] + ["0"] * (len(meta["shape"]) - 1))
 
 
 def chunk_file(store, array: str, chunk: int = 0) -> Path:
     """The file of chunk (or shard) ``chunk`` along the clip axis of the array at ``store``/``array``."""
-    ndim = len(_metadata(store, array)["shape"])
-    return Path(store, array, separator(store, array).join(["c", str(chunk)] + ["0"] * (ndim - 1)))
+    return Path(store, array, chunk_key(_metadata(store, array), chunk))
 
 
 def chunk_files(store, array: str) -> list[Path]:

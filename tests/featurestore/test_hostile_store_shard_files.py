@@ -9,6 +9,7 @@ import pytest
 from featurestore import ClipRecord, Manifest, create_store
 from featurestore.errors import CorruptChunkError
 from featurestore.store import open_store
+from tests.featurestore.chunk_paths import chunk_file
 
 PROVENANCE = {"encoder": "test/hostile", "config": {}, "weights": {"kind": "random", "seed": 0},
               "segments": {"frames": 1}}
@@ -19,7 +20,7 @@ def test_a_folder_in_place_of_a_shard_is_a_corrupt_chunk_naming_its_rows(tmp_pat
     with create_store(path, Manifest("files", ["a"], [ClipRecord(f"k{i}", label="a") for i in range(200)])) as store:
         store.create_feature_set("e", 1, (64,), PROVENANCE, chunk_clips=100)
         store.write_rows("e", 0, np.ones((200, 1, 64)))
-    shard = path / "features" / "e" / "data" / "c" / "0" / "0" / "0"
+    shard = chunk_file(path, "features/e/data", 0)
     shard.unlink()
     shard.mkdir()
     with open_store(path) as store:

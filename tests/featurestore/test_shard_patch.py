@@ -16,6 +16,7 @@ import zarr
 
 from featurestore import ClipRecord, Manifest, create_store, open_store
 from featurestore.store import _shard_patch
+from tests.featurestore.chunk_paths import chunk_file
 
 DIM = 512  # float16: 1 KiB a clip -> inner chunks of 8 clips (8 KiB)
 SHARD, INNER, N = 128, 8, 256
@@ -27,8 +28,8 @@ def values(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((SHARD, 1, DIM)).astype(np.float16)
 
 
-def shard_file(path) -> str:
-    return os.path.join(path, "features", "emb", "data", "c", "0", "0", "0")
+def shard_file(path, shard: int = 0) -> str:
+    return str(chunk_file(path, "features/emb/data", shard))
 
 
 @pytest.fixture
@@ -73,15 +74,15 @@ def test_nothing_changed_writes_nothing_and_other_layouts_are_written_whole(stor
     block = values(2)
     with open_store(store_path, "a") as store:
         store.write_rows("emb", SHARD, block)
-        stat = os.stat(shard_file(store_path).replace("c/0/0/0", "c/1/0/0"))
+        stat = os.stat(shard_file(store_path, 1))
         store.write_rows("emb", SHARD, block, unchanged=np.ones(SHARD, dtype=bool))  # a commit of nothing new
-        assert os.stat(shard_file(store_path).replace("c/0/0/0", "c/1/0/0")).st_ino == stat.st_ino
-        with open(shard_file(store_path).replace("c/0/0/0", "c/1/0/0"), "ab") as f:
+        assert os.stat(shard_file(store_path, 1)).st_ino == stat.st_ino
+        with open(shard_file(store_path, 1), "ab") as f:
             f.write(b"\0" * 16)  # no longer the layout this store writes: the next commit rewrites it whole
         done = np.zeros(SHARD, dtype=bool)
         done[:8] = True
         store.write_rows("emb", SHARD, block, done=done, unchanged=np.zeros(SHARD, dtype=bool))
-        size = os.path.getsize(shard_file(store_path).replace("c/0/0/0", "c/1/0/0"))
+        size = os.path.getsize(shard_file(store_path, 1))
         assert size == SHARD // INNER * LENGTH + SHARD // INNER * 16 + 4
         store.refresh()
         np.testing.assert_array_equal(store.get_many("emb", [f"c{SHARD + i}" for i in range(8)]), block[:8])

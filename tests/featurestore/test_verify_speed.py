@@ -12,6 +12,7 @@ import numpy as np
 
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store, open_store
 from featurestore.store.verify import verify_store
+from tests.featurestore.chunk_paths import chunk_file
 
 N_CLIPS, DIM, CHUNK = 48, 8, 4
 PLAIN, PACKED = "clip/plain", "clip/packed"
@@ -45,11 +46,11 @@ def _damaged_store(path: Path) -> list[str]:
         arrays.write(f"features/{PACKED}/data", 28, inf_block)
         arrays.write(f"features/{PLAIN}/done", 40, np.ones(CHUNK, dtype=bool))  # done, data never written
         ids = store.clip_ids
-    _flip(path / "features" / PLAIN / "data" / "c" / "2" / "0" / "0")  # rows 8:12
-    (path / "features" / PLAIN / "data" / "c" / "5" / "0" / "0").unlink()  # rows 20:24
-    _flip(path / "features" / PACKED / "data" / "c" / "1" / "0" / "0")  # rows 4:8, compressed
-    _flip(path / "features" / PACKED / "errors" / "c" / "3")  # rows 12:16, strings
-    _flip(path / "index" / "city" / "c" / "0")  # strings, rows 0:48
+    _flip(chunk_file(path, f"features/{PLAIN}/data", 2))  # rows 8:12
+    chunk_file(path, f"features/{PLAIN}/data", 5).unlink()  # rows 20:24
+    _flip(chunk_file(path, f"features/{PACKED}/data", 1))  # rows 4:8, compressed
+    _flip(chunk_file(path, f"features/{PACKED}/errors", 3))  # rows 12:16, strings
+    _flip(chunk_file(path, "index/city", 0))  # strings, rows 0:48
     return ids
 
 
@@ -164,10 +165,10 @@ def test_damaged_shards_read_from_their_files_are_reported_as_the_backend_report
             _sharded_set(store, name, compressor, values, done)
         ids = store.clip_ids
     for name in (SHARDED, SHARDED_ZSTD):
-        shards = path / "features" / name / "data" / "c"
-        _flip_at(shards / "2" / "0" / "0", 10)  # inner chunk 0 of shard 2: rows 8:10
-        _flip_at(shards / "7" / "0" / "0", -10)  # the index of shard 7: rows 28:32
-        (shards / "5" / "0" / "0").unlink()  # rows 20:24
+        data = f"features/{name}/data"
+        _flip_at(chunk_file(path, data, 2), 10)  # inner chunk 0 of shard 2: rows 8:10
+        _flip_at(chunk_file(path, data, 7), -10)  # the index of shard 7: rows 28:32
+        chunk_file(path, data, 5).unlink()  # rows 20:24
     with open_store(path, "r") as store:
         fast = verify_store(store, threads=2)
         with monkeypatch.context() as m:  # shards through the backend, as before the file path
