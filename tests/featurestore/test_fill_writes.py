@@ -107,8 +107,10 @@ def test_a_new_stores_shards_are_files_in_the_arrays_folder(tmp_path):
     """The layout new stores write: no folder per chunk (a new shard's file needed two ``mkdir``s)."""
     path = tmp_path / "s.zarr"
     new_store(path)
+    done = np.ones(N, dtype=bool)
+    done[SHARD + 5] = False  # a failure: the block's error texts are written too
     with open_store(str(path), mode="a") as fs:
-        fs.write_rows(FEAT, 0, values(N))
+        fs.write_rows(FEAT, 0, values(N), done=done, errors={SHARD + 5: "no frames"})
     data = path / "features" / "emb" / "fill" / "data"
     assert sorted(os.listdir(data)) == ["c.0.0.0", "c.1.0.0", "c.2.0.0", "zarr.json"]
     for array in ARRAYS:  # the done flags and error texts too: nothing but files
@@ -124,17 +126,21 @@ def test_chunk_folders_deleted_since_they_were_made_are_made_again(tmp_path):
     path = tmp_path / "s.zarr"
     new_store(path)
     old_layout(path)
+    done, failed = np.ones(N, dtype=bool), 2 * SHARD + 7  # a failure: the block's error texts are written too
+    done[failed] = False
     with open_store(str(path), mode="a") as fs:
-        fs.write_rows(FEAT, 0, values(N))
+        fs.write_rows(FEAT, 0, values(N), done=done, errors={failed: "no frames"})
         for array in ARRAYS:
             assert (path / array / "c").is_dir()  # the old layout was written
             shutil.rmtree(path / array / "c")
-        fs.write_rows(FEAT, 0, values(N))
+        fs.write_rows(FEAT, 0, values(N), done=done, errors={failed: "no frames again"})
     with open_store(str(path)) as fs:
-        np.testing.assert_array_equal(fs.get_many(FEAT, [f"c{i:05d}" for i in range(N)]), values(N))
-        assert int(fs.done_mask(FEAT).sum()) == N
+        rows = np.flatnonzero(done)
+        np.testing.assert_array_equal(fs.get_many(FEAT, [f"c{i:05d}" for i in rows]), values(N)[rows])
+        assert fs.done_mask(FEAT).tolist() == done.tolist()
+        assert fs.errors(FEAT) == {f"c{failed:05d}": "no frames again"}
         assert fs.verify().ok
-    assert leftovers(path) == []
+    assert leftovers(path) == [] and all((path / array / "c").is_dir() for array in ARRAYS)
     assert shard_file(path, 2) == path / "features" / "emb" / "fill" / "data" / "c" / "2" / "0" / "0"
     assert sorted(os.listdir(shard_file(path, 2).parent.parent.parent)) == ["0", "1", "2"]
 
