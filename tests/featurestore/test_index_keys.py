@@ -78,3 +78,24 @@ def test_empty_texts_are_encoded_as_zarr_encodes_them():
     for texts in ([""] * 7, ["", "é", ""], []):
         block = np.array(texts, dtype=object)
         assert vlen_utf8(block) == bytes(numcodecs.VLenUTF8().encode(block))
+
+
+@pytest.mark.parametrize("values", [["city0", "city1", "Zürich"], [f"id{i}" for i in range(5000)], ["só"]])
+def test_repeated_and_unique_texts_are_encoded_as_zarr_encodes_them(values):
+    """A chunk whose first texts repeat is encoded value by value through a table; any other through
+    numcodecs: both as zarr's vlen-utf8 codec, whatever texts follow the ones looked at."""
+    import numcodecs
+
+    from featurestore.store._chunk_files import vlen_utf8
+
+    rng = np.random.default_rng(len(values))
+    block = np.array([values[i] for i in rng.integers(0, len(values), 3000)] + ["a new text, late", "ü"], dtype=object)
+    assert vlen_utf8(block) == bytes(numcodecs.VLenUTF8().encode(block))
+
+
+def test_a_non_text_after_repeated_texts_is_refused_as_numcodecs_refuses_it():
+    from featurestore.store._chunk_files import vlen_utf8
+
+    block = np.array(["x", "y"] * 600 + [3], dtype=object)
+    with pytest.raises(TypeError, match="int"):
+        vlen_utf8(block)
