@@ -29,6 +29,7 @@ from zarr.errors import ZarrUserWarning
 from featurestore.errors import StoreFormatError
 from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array
 from featurestore.store._chunk_files import ChunkWriter, PlainLayout
+from featurestore.store._local_nodes import LocalNodes
 from featurestore.store._shard_patch import patch_shard
 from featurestore.store._shards import ShardLayout, ShardReader, local_file, under
 from featurestore.store.verify_metadata import local_root, scan_metadata
@@ -112,6 +113,8 @@ class ZarrBackend:
         self._plain: dict[str, PlainLayout | None] = {}  # local unsharded arrays read from their files
         self._writers: dict[str, ChunkWriter | None] = {}  # local unsharded arrays written to their files
         self._shards = ShardReader()
+        folder = local_file(self._root, "")
+        self._nodes = LocalNodes(folder) if folder is not None and not self.read_only else None
 
     def _node(self, path: str):
         with _metadata(self.location, path):
@@ -175,7 +178,9 @@ class ZarrBackend:
         self._node(path).update_attributes(dict(attrs))
 
     def create_group(self, path: str) -> None:
-        if not self.exists(path):
+        if self._nodes is not None and not self._nodes.has_metadata(path):
+            self._nodes.create_group(path)
+        elif not self.exists(path):
             self._root.require_group(path)
 
     def create_array(self, path: str, shape, dtype: str, chunk_rows: int, fill_value,
@@ -191,10 +196,12 @@ class ZarrBackend:
             if chunk_rows % inner_rows:
                 raise ValueError(f"{path}: inner chunks of {inner_rows} rows do not divide shards of {chunk_rows}")
             options = {"chunks": (inner_rows,) + chunks[1:], "shards": chunks}
-        self._root.create_array(path, shape=tuple(shape), dtype=zdtype,
-                                fill_value="" if dtype == STRING else fill_value,
-                                compressors=[*codecs, Crc32cCodec()], overwrite=True, config=_CONFIG,
-                                chunk_key_encoding=_CHUNK_KEYS, **options)
+        options.update(shape=tuple(shape), dtype=zdtype, fill_value="" if dtype == STRING else fill_value,
+                       compressors=[*codecs, Crc32cCodec()], chunk_key_encoding=_CHUNK_KEYS)
+        if self._nodes is not None:
+            self._nodes.create_array(path, options)
+        else:
+            self._root.create_array(path, overwrite=True, config=_CONFIG, **options)
 
     def compressor(self, path: str) -> str | None:
         names = [type(c).__name__ for c in self._array(path).compressors]

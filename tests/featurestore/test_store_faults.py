@@ -186,6 +186,15 @@ KILL_ON_NTH_METADATA_WRITE = """
                 os.kill(os.getpid(), signal.SIGKILL)
         return await original(self, key, value, *args, **kwargs)
     LocalStore.set = killing
+    from featurestore.store import _local_nodes  # new groups' and arrays' zarr.json, written directly
+    original_node = _local_nodes.LocalNodes._write
+    def killing_node(self, path, body):
+        if path.startswith("features/"):
+            calls[0] += 1
+            if calls[0] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original_node(self, path, body)
+    _local_nodes.LocalNodes._write = killing_node
 """
 
 
