@@ -254,6 +254,10 @@ def _read_chunk(arrays, raw: "_LocalZarrChunks | None", chunk: _Chunk) -> _Outco
             block = raw.read(fast, chunk)
         except Exception:  # noqa: BLE001 - a failed check, or a chunk the fast path cannot judge
             block = _BACKEND
+    if block is _NO_FILE:
+        if not chunk.needed:  # absent and not required (an error-text chunk of a clean fill): no finding
+            return _Outcome(chunk, missing=True)
+        block = _BACKEND  # required: the backend's own test decides whether it is missing
     try:
         if block is _BACKEND:
             if not arrays.chunk_written(chunk.path, chunk.number):
@@ -321,6 +325,7 @@ class _RawChunkError(Exception):
 
 
 _BACKEND = object()  # a chunk to read through the backend
+_NO_FILE = object()  # the fast path found no file for the chunk
 
 
 @dataclass(frozen=True)
@@ -391,11 +396,11 @@ class _LocalZarrChunks:
 
     def read(self, layout: _Layout, chunk: _Chunk):
         """The chunk's values (rows ``start:stop``), None for strings (checksum checked, not
-        decoded), ``_BACKEND`` when there is no such file."""
+        decoded), ``_NO_FILE`` when there is no such file."""
         try:
             data = self._shard_file(layout, chunk.number) if layout.inner_rows else self._file(layout, chunk.number)
         except FileNotFoundError:
-            return _BACKEND  # the backend's own test decides whether the chunk is missing
+            return _NO_FILE
         if layout.inner_rows:
             return self._shard_values(layout, data, chunk.stop - chunk.start)
         body = self._checked(layout, data)
@@ -403,7 +408,7 @@ class _LocalZarrChunks:
             return None
         return self._values(layout, body)[:chunk.stop - chunk.start]
 
-    def column(self, path: str, stop: int) -> np.ndarray | None:
+    def column(self, path: str, stop: int, absent_is_empty: bool = False) -> np.ndarray | None:
         """Rows ``0:stop`` of a one-dimensional array (strings as an object array), or None where
         anything is unusual (no fast layout, a chunk missing or failing its check, too few rows).
 
@@ -416,7 +421,7 @@ class _LocalZarrChunks:
             return None
         per = layout.chunk_shape[0]
         try:
-            parts = [self._decoded(layout, number) for number in range(-(-stop // per))]
+            parts = [self._decoded(layout, number, absent_is_empty) for number in range(-(-stop // per))]
         except Exception:  # noqa: BLE001 - the backend reads it and reports what it finds
             return None
         values = np.concatenate(parts)[:stop]
@@ -490,8 +495,16 @@ class _LocalZarrChunks:
                                  f"{layout.dtype}")
         return body.view(layout.dtype).reshape(layout.chunk_shape)
 
-    def _decoded(self, layout: _Layout, number: int) -> np.ndarray:
-        body = self._checked(layout, self._file(layout, number))
+    def _decoded(self, layout: _Layout, number: int, absent_is_empty: bool = False) -> np.ndarray:
+        """Chunk ``number`` decoded; ``absent_is_empty``: a string chunk with no file is empty texts
+        (error texts: a fill without failures writes none), as the backend reads it."""
+        try:
+            data = self._file(layout, number)
+        except FileNotFoundError:
+            if absent_is_empty and layout.dtype is None:
+                return np.full(layout.chunk_shape, "", dtype=object)
+            raise
+        body = self._checked(layout, data)
         if layout.dtype is not None:
             return self._values(layout, body)
         texts = self._vlen.decode(body)
@@ -702,17 +715,17 @@ def _check_group(store, report: VerifyReport, group, damaged: set[str], n: int,
         return
     done = _column(arrays, raw, group.done_path, n).astype(bool)
     if group.kind.with_errors:
-        texts = _column(arrays, raw, group.errors_path, n)
+        texts = _column(arrays, raw, group.errors_path, n, absent_is_empty=True)
         both = np.flatnonzero(done & (texts != ""))
         if len(both):
             report.problems.append(Problem(group.errors_path, (int(both[0]), int(both[-1]) + 1),
                                            f"{len(both)} clip(s) marked done but also failed"))
 
 
-def _column(arrays, raw: "_LocalZarrChunks | None", path: str, n: int) -> np.ndarray:
+def _column(arrays, raw: "_LocalZarrChunks | None", path: str, n: int, absent_is_empty: bool = False) -> np.ndarray:
     """Rows ``0:n`` of a one-dimensional array: from its files where the fast path can, else through
-    the backend (where a missing chunk reads as fill values)."""
-    values = raw.column(path, n) if raw is not None else None
+    the backend (where a missing chunk reads as fill values). ``absent_is_empty``: see ``column``."""
+    values = raw.column(path, n, absent_is_empty) if raw is not None else None
     return arrays.read_unchecked(path, 0, n) if values is None else values
 
 

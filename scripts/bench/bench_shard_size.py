@@ -84,8 +84,9 @@ def random_reads(path: Path, shard: int, ids: list[str]) -> float:
 
 
 def files_of(path: Path, shard: int) -> tuple[int, int]:
-    folder = path / "features" / "emb" / f"s{shard}" / "data" / "c"
-    sizes = [f.stat().st_size for f in folder.rglob("*") if f.is_file()]
+    folder = path / "features" / "emb" / f"s{shard}" / "data"
+    files = list(folder.glob("c.*")) + list((folder / "c").rglob("*"))  # keys c.<i>.0.0, or c/<i>/0/0 (older)
+    sizes = [f.stat().st_size for f in files if f.is_file() and not f.name.endswith(".partial")]
     return len(sizes), max(sizes)
 
 

@@ -123,8 +123,10 @@ def chunk_files(store_path: Path) -> list[ChunkFile]:
             per_shard = int(np.prod([s // i for s, i in zip(shard_shape, config["chunk_shape"])]))
             index_bytes = per_shard * 16 + _CRC
             zstd = any(c["name"] == "zstd" for c in config["codecs"])
+        sep = node.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
+        files = (meta.parent / "c").rglob("*") if sep == "/" else meta.parent.glob("c.*")
         out += [ChunkFile(f, is_float, index_bytes, zstd)
-                for f in sorted((meta.parent / "c").rglob("*")) if f.is_file()]
+                for f in sorted(files) if f.is_file() and not f.name.endswith(".partial")]
     return out
 
 

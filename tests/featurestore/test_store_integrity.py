@@ -24,10 +24,10 @@ N_CLIPS, N_SEG, DIM, CHUNK = 20, 3, 4, 4
 FEAT = "clip/RN50"
 DATA = f"features/{FEAT}/data"
 # verify reads every chunk: 7 index arrays of one chunk (clip_id, label, city, location, audio_path,
-# video_path, split/fold1_train) + the id lookup's table and fence + data, done and errors of the
-# feature set in chunks of CHUNK rows
+# video_path, split/fold1_train) + the id lookup's table and fence + data and done of the feature set
+# in chunks of CHUNK rows (a fill without failures writes no error-text chunk)
 INDEX_CHUNKS = 7 + 2
-ALL_CHUNKS = INDEX_CHUNKS + 3 * (N_CLIPS // CHUNK)
+ALL_CHUNKS = INDEX_CHUNKS + 2 * (N_CLIPS // CHUNK)
 PROV = {"encoder": "clip/RN50@none", "config": {}, "weights": {"kind": "random", "seed": 0}, "segments": {}}
 
 
@@ -113,9 +113,9 @@ def test_verify_skips_garbage_chunks_without_done_rows(path):
     with open_store(path, "r") as store:
         report = store.verify()
         assert report.ok, report.problems
-        # data, done and errors of rows 0:8 (two chunks each) + the index; data 8:12 holds no done
-        # row and is not read, done/errors 8:20 were never written
-        assert report.chunks_read == INDEX_CHUNKS + 3 * 2
+        # data and done of rows 0:8 (two chunks each) + the index; data 8:12 holds no done row and
+        # is not read, done 8:20 was never written (nor any error text: none failed)
+        assert report.chunks_read == INDEX_CHUNKS + 2 * 2
         with pytest.raises(MissingFeatureError):
             store.get(FEAT, store.clip_ids[8])
         with pytest.raises(CorruptChunkError):

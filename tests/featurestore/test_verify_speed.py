@@ -46,6 +46,7 @@ def _damaged_store(path: Path) -> list[str]:
         arrays.write(f"features/{PACKED}/data", 28, inf_block)
         arrays.write(f"features/{PLAIN}/done", 40, np.ones(CHUNK, dtype=bool))  # done, data never written
         ids = store.clip_ids
+        store.set_errors(PACKED, {ids[13]: "decode failed"})  # an error-text chunk in storage (rows 12:16)
     _flip(chunk_file(path, f"features/{PLAIN}/data", 2))  # rows 8:12
     chunk_file(path, f"features/{PLAIN}/data", 5).unlink()  # rows 20:24
     _flip(chunk_file(path, f"features/{PACKED}/data", 1))  # rows 4:8, compressed
@@ -113,9 +114,9 @@ def test_an_undamaged_local_zarr_store_is_checked_from_its_files(tmp_path, monke
                                 lambda *a, _r=real, _n=name, **k: calls.append(f"{_n} {a[0]}") or _r(*a, **k))
         report = verify_store(store, threads=4)
     assert report.ok, report.problems
-    # data, done and errors of four sets in chunks (shards) of CHUNK rows, one chunk for each other
-    # (index) array
-    assert report.chunks_read == 4 * 3 * N_CLIPS // CHUNK + report.arrays_checked - 12
+    # data and done of four sets in chunks (shards) of CHUNK rows (no error texts: nothing failed, so
+    # none was written), one chunk for each index array
+    assert report.chunks_read == 4 * 2 * N_CLIPS // CHUNK + report.arrays_checked - 12
     # only the id -> row lookup is read through the store (a table of 24 bytes a clip, compared with
     # the ids the file pass decoded): every data, flag and string chunk is checked from its file
     assert [c for c in calls if " index/lookup/" not in c] == []
