@@ -256,12 +256,18 @@ NANNY_ENVIRON_UNSET = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOL
 def local_cluster(n_workers: int):
     """A ``LocalCluster`` of ``n_workers`` processes with one thread each (torch single-threaded too:
     Dask's nanny sets ``OMP_NUM_THREADS=1`` in the workers), no dashboard, and glibc's own malloc
-    trimming (see ``NANNY_ENVIRON_UNSET``)."""
+    trimming (see ``NANNY_ENVIRON_UNSET``).
+
+    The scheduler's HTTP server listens on a free port of the loopback interface: distributed starts
+    it even without a dashboard, on 8787 for ``dashboard_address=None`` (dask/distributed#7207), so a
+    second cluster on the machine (two extractions, a user's notebook) warned "Port 8787 is already
+    in use"."""
     import dask
     from distributed import LocalCluster
 
     with dask.config.set(NANNY_ENVIRON_UNSET), ignored_by_new_processes():
-        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                            dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False})
 
 
 def _local_workers(scheduler: str) -> int:

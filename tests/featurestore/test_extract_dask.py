@@ -192,6 +192,13 @@ def test_local_clusters_leave_glibc_malloc_trimming_alone(local2):
     assert local2.malloc_trim_after is None and "MALLOC_TRIM_THRESHOLD_" not in os.environ
 
 
+def test_a_local_cluster_holds_no_fixed_port(local2):
+    """distributed binds the scheduler's HTTP server to 8787 even without a dashboard, so a second
+    cluster warned that the port was in use; ours listens on a free port of the loopback interface."""
+    scheduler = local2.client.cluster.scheduler
+    assert scheduler.http_server.port != 8787 and scheduler.http_server.address == "127.0.0.1"
+
+
 def test_local_cluster_workers_leave_ctrl_c_to_the_command(local2):
     """Ctrl-C reaches the whole process group: a ``local:N`` worker that took it printed its own
     KeyboardInterrupt traceback and died mid-task, before the command's one line. Its workers start
