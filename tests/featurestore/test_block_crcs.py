@@ -117,3 +117,28 @@ def test_a_failed_shard_write_stops_the_block_and_leaves_no_encoding_thread(tmp_
         assert store.feature_info("emb").n_done == 0
     assert len(calls) == 2
     assert not [t for t in threading.enumerate() if t.name.startswith("shard-encode")]
+
+
+def test_temp_names_differ_across_calls_threads_and_forked_children():
+    import os
+
+    names = [_shards._temp_name() for _ in range(1000)]
+    from_threads: list[str] = []
+    workers = [threading.Thread(target=lambda: from_threads.extend(_shards._temp_name() for _ in range(500)))
+               for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its names must not repeat the parent's next ones
+        os.write(write, " ".join(_shards._temp_name() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split()
+    parent_next = [_shards._temp_name() for _ in range(10)]
+    everything = names + from_threads + child + parent_next
+    assert len(everything) == 3020 and len(set(everything)) == len(everything)
