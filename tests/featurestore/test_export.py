@@ -19,7 +19,7 @@ import soundfile
 
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store, open_store
 from featurestore.errors import MissingFeatureError, UnknownFeatureError
-from featurestore.store.export import (index_columns, manifest_records, to_hf, to_lhotse, write_manifest,
+from featurestore.store.export import (index_columns, manifest_records, write_manifest,
                                        write_parquet)
 
 FEAT = "clip/ViT-B-32"

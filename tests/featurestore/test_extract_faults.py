@@ -13,7 +13,7 @@ from functools import partial
 
 import pytest
 from tests.featurestore.fault_support import (
-    done_total, finish, forked_children, kill_group, one_error_line, start_child, wait_stopped,
+    done_total, finish, forked_children, one_error_line, start_child, wait_stopped,
 )
 from tests.featurestore.test_extract_support import assert_same_arrays, make_dataset, read_all
 from tests.warm_child import file_size_limit, ignore_sigxfsz

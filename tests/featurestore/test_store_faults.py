@@ -8,7 +8,6 @@ a store that verify reported forever.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

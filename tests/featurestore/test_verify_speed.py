@@ -133,7 +133,7 @@ def test_verify_holds_a_few_chunks_in_memory_not_the_array(tmp_path):
         block = np.ones((per * 8, 1, dim), np.float16)
         for start in range(0, n, len(block)):
             store.write_rows(PLAIN, start, block)
-    data_bytes, chunk_bytes = n * dim * 2, per * dim * 2
+    data_bytes = n * dim * 2
     with open_store(path, "r") as store:
         store.clip_ids  # the index the store itself holds is not verify's memory
         tracemalloc.start()

@@ -299,7 +299,7 @@ def test_the_clip_page_shows_the_clip_its_outputs_and_its_neighbours(server, vie
     shown = [float(v) for v in __import__("re").findall(r"data-source='run:a01' data-class='[^']+' data-value='([^']+)'", page)]
     np.testing.assert_array_equal(np.array(shown, dtype=np.float32), probs.astype(np.float32))
     assert [m for m in __import__("re").findall(r"clip\?id=([^&']+)&amp;set=", page)] == near
-    status, body, _ = fetch(server.url + f"clip?id=no-such-clip")
+    status, body, _ = fetch(server.url + "clip?id=no-such-clip")
     assert status == 404 and b"not in the store" in body
 
 

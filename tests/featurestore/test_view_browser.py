@@ -15,7 +15,6 @@ smallest CLIP text tower (ViT-S-32-alt, random weights), most of this file's tim
 from __future__ import annotations
 
 import json
-import shutil
 from urllib.parse import urlencode
 from pathlib import Path
 
@@ -209,7 +208,7 @@ def test_zoom_pan_and_lasso_give_plotlys_ranges_and_selection(app, page):
     before = page.evaluate("document.getElementById('map')._fullLayout.xaxis.range.slice()")
     centre = (box["left"] + w / 2, box["top"] + h / 2)
     _drag(page, centre, (centre[0] + 100, centre[1]))  # pan right by 100 px: the range moves left by 100 px of data
-    page.wait_for_function(f"window.relayouts.length > 2")
+    page.wait_for_function("window.relayouts.length > 2")
     after = page.evaluate("document.getElementById('map')._fullLayout.xaxis.range.slice()")
     per_px = (before[1] - before[0]) / w
     assert after[1] - after[0] == pytest.approx(before[1] - before[0], rel=1e-6)
