@@ -198,8 +198,8 @@ def _manifest_columns(manifest: Manifest, table: ClipTable,
         if paths is not None:
             texts[f"{media}_path"] = _stored_paths(paths, manifest.root)
             checked[f"{media}_path"] = texts[f"{media}_path"].tolist()
-        else:  # no media paths (a store of features made elsewhere)
-            texts[f"{media}_path"] = np.full(n, "", dtype=object)
+        else:  # no media paths (a store of features made elsewhere): one '' seen n times, not n of them
+            texts[f"{media}_path"] = np.broadcast_to(np.array("", dtype=object), (n,))
     labels = _label_column(manifest, table.label)  # before any text is checked: an unknown label is refused first
     for name, values in checked.items():
         _require_utf8(manifest, clip_ids, name, texts[name], values)

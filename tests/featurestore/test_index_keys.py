@@ -99,3 +99,13 @@ def test_a_non_text_after_repeated_texts_is_refused_as_numcodecs_refuses_it():
     block = np.array(["x", "y"] * 600 + [3], dtype=object)
     with pytest.raises(TypeError, match="int"):
         vlen_utf8(block)
+
+
+def test_one_text_repeated_by_a_zero_stride_view_is_encoded_as_the_whole_column():
+    import numcodecs
+
+    from featurestore.store._chunk_files import vlen_utf8
+
+    for text in ("", "audio/x.wav", "é"):
+        view = np.broadcast_to(np.array(text, dtype=object), (1000,))
+        assert vlen_utf8(view) == bytes(numcodecs.VLenUTF8().encode(np.full(1000, text, dtype=object)))
