@@ -198,7 +198,7 @@ def _object_column(name: str, values: Sequence[Any], n: int | None) -> np.ndarra
                          f"{values!r:.60}")
     if not hasattr(values, "__len__"):  # a generator, a map: taken once
         values = list(values)
-    if np.ndim(values) != 1:
+    if _ndim(values) != 1:
         raise ValueError(f"column {name!r}: expected one value per clip (a 1-d column), got "
                          f"{np.ndim(values)} dimensions, shape {np.shape(values)}")
     column = np.empty(len(values), dtype=object)
@@ -206,6 +206,17 @@ def _object_column(name: str, values: Sequence[Any], n: int | None) -> np.ndarra
     if n is not None and len(column) != n:
         raise ValueError(f"column {name!r} holds {len(column)} values for {n} clip ids")
     return column
+
+
+def _ndim(values: Sequence[Any]) -> int:
+    """How many dimensions ``values`` has: its own ``ndim`` (numpy, pandas), else 1 for a sequence whose
+    first item is no sequence itself. ``np.ndim`` of a list makes an array of it first: a million
+    strings as a numpy string array, ~0.13 s a column for nothing."""
+    ndim = getattr(values, "ndim", None)
+    if isinstance(ndim, int):
+        return ndim
+    first = next(iter(values), None)
+    return np.ndim(values) if isinstance(first, (list, tuple, np.ndarray)) else 1
 
 
 def _missing(value: Any) -> bool:

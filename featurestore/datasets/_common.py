@@ -2,7 +2,9 @@
 (``dataset.json``) and the file check."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import io
 import json
 import logging
@@ -242,16 +244,31 @@ def read_table(path: PathLike, delimiter: str | None = None, header_first: tuple
     parsed: list[tuple[int, list[str]]] = []
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     start = 1
-    for fields in reader:
-        if any(f.strip() for f in fields):  # spaces and tabs around a cell go; the rest stays, to be judged
-            parsed.append((start, [f.strip(" \t") for f in fields]))
-        start = reader.line_num + 1
+    with _no_cyclic_gc():  # two lists a row: the collector's passes were half of a million-row read
+        for cells in reader:
+            if any(f.strip() for f in cells):  # spaces and tabs around a cell go; the rest stays, to be judged
+                parsed.append((start, [f.strip(" \t") for f in cells]))
+            start = reader.line_num + 1
     if not parsed:
         raise DatasetFormatError(path, None, "file is empty")
     first = parsed[0][1]
     has_header = not header_first or first[0] in header_first
     _check_widths(path, parsed, delimiter, "from the header" if has_header else f"as on line {parsed[0][0]}")
     return Table(path, first if has_header else None, parsed[1:] if has_header else parsed)
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """The cyclic garbage collector paused (as it was before, after): building millions of small
+    lists that hold no cycles triggers a collection every 700 of them, each walking everything
+    tracked so far. Reference counting still frees what is dropped."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _check_widths(path: Path, parsed: list[tuple[int, list[str]]], delimiter: str, source: str) -> None:

@@ -37,7 +37,7 @@ from featurestore.datasets._common import (
     clip_counts,
     read_table,
 )
-from featurestore.manifest import Manifest, _all_plain_ids, check_classes, clip_id_problem
+from featurestore.manifest import Manifest, all_plain_ids, check_classes, clip_id_problem
 
 _KNOWN = ("clip_id", "audio", "video", "label", "split", "city", "location")
 #: Without an argument or a ``dataset.json``: TAU-like 10 s clips, 12 frames.
@@ -131,7 +131,7 @@ def _check_row(table: _Columns, cells: dict[str, list[str]], row: int, base: Pat
 def _first_bad_id(ids: list[str]) -> int | None:
     """The first id outside the grammar (None: all follow it); the ids are checked joined as one
     array of bytes where they are ASCII, one by one otherwise."""
-    if _all_plain_ids(ids):
+    if all_plain_ids(ids):
         return None
     return next((i for i, clip_id in enumerate(ids) if clip_id_problem(clip_id)), None)
 

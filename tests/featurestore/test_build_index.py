@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store
-from featurestore.manifest import MAX_CLIP_ID_LENGTH, _all_plain_ids, clip_id_problem
+from featurestore.manifest import MAX_CLIP_ID_LENGTH, all_plain_ids, clip_id_problem
 from featurestore.store import index, open_store
 
 LABEL = TAU_CLASSES[0]
@@ -35,8 +35,8 @@ def test_the_joined_id_check_accepts_no_id_the_grammar_refuses():
     tricky += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 5))) for _ in range(3000)]
     for cid in tricky:
         plain = clip_id_problem(cid) is None and cid.isascii()
-        assert _all_plain_ids(["ok-1", cid, "ok-2"]) == plain, repr(cid)
-    assert not _all_plain_ids(["ok", 5]) and not _all_plain_ids([])
+        assert all_plain_ids(["ok-1", cid, "ok-2"]) == plain, repr(cid)
+    assert not all_plain_ids(["ok", 5]) and not all_plain_ids([])
 
 
 def test_a_manifest_still_names_the_first_wrong_id_and_accepts_unicode_ones():

@@ -197,3 +197,17 @@ def test_clean_paths_are_stored_without_a_path_each(monkeypatch):
     monkeypatch.setattr(store_clips, "_stored_path", lambda *a: pytest.fail("a Path per clip on clean texts"))
     for root in (None, ROOT):
         assert _stored_paths(column, root).tolist() == expected
+
+
+def test_a_column_given_as_a_list_is_not_made_into_a_numpy_text_array(monkeypatch):
+    """Checking that a list column is 1-d looks at its first item, not at ``np.ndim`` of the list
+    (which builds a numpy string array of a million ids first); a list of lists is still refused."""
+    from featurestore import clip_table
+
+    calls = []
+    real = np.ndim
+    monkeypatch.setattr(clip_table.np, "ndim", lambda values: calls.append(type(values).__name__) or real(values))
+    ClipTable.from_columns([f"c{i}" for i in range(100)], city=["x"] * 100)
+    assert calls == []
+    with pytest.raises(ValueError, match="2 dimensions"):
+        ClipTable.from_columns(["a", "b"], city=[["x", "y"], ["z", "w"]])
