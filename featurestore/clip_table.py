@@ -208,6 +208,26 @@ def _object_column(name: str, values: Sequence[Any], n: int | None) -> np.ndarra
     return column
 
 
+#: what makes ``Path(text).as_posix()`` differ from ``text``, in texts framed by newlines: '//', a
+#: trailing '/', a '.' component (inside, first, last, or alone). Plain substring searches: a regular
+#: expression over a million paths' 20 MB took ~0.7 s, these ~0.05 s.
+_UNCLEAN_MARKS = ("//", "/\n", "/./", "\n./", "/.\n", "\n.\n")
+
+
+def joined_if_kept_by_path(texts: Sequence[Any]) -> str | None:
+    """``texts`` joined by newlines when every one is a str that ``Path(text).as_posix()`` gives back
+    unchanged (no '.' component, no '//', no trailing '/'), checked on all of them at once: a million
+    clean paths in a few ms, where a ``Path`` each took ~5 us. None where any is not (or is no str, or
+    holds a newline): the caller then takes the texts through ``Path`` one by one."""
+    if not all(map(isinstance, texts, repeat(str))):
+        return None
+    joined = "\n".join(texts)
+    if joined.count("\n") != len(texts) - 1:  # a text holds a newline
+        return None
+    framed = f"\n{joined}\n"
+    return None if any(mark in framed for mark in _UNCLEAN_MARKS) else joined
+
+
 def _ndim(values: Sequence[Any]) -> int:
     """How many dimensions ``values`` has: its own ``ndim`` (numpy, pandas), else 1 for a sequence whose
     first item is no sequence itself. ``np.ndim`` of a list makes an array of it first: a million

@@ -5,15 +5,13 @@ and read (ids, the id -> row lookup, columns) is ``ClipIndex`` (``index.py``).
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
-from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from featurestore.clip_table import ClipTable
+from featurestore.clip_table import ClipTable, joined_if_kept_by_path
 from featurestore.errors import UnknownValueError
 from featurestore.manifest import Manifest, check_classes
 from featurestore.store._backend import join
@@ -244,10 +242,6 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-#: what makes ``Path(text).as_posix()`` differ from ``text``: a '.' component, '//', a trailing '/'
-_UNCLEAN_PATH = re.compile(r"(^|/)\.(/|$)|//|/$", re.M)
-
-
 def _stored_paths(paths: np.ndarray, root: Path | None) -> np.ndarray:
     """Media paths as stored: relative to the manifest's root where under it, '' where absent.
 
@@ -256,8 +250,8 @@ def _stored_paths(paths: np.ndarray, root: Path | None) -> np.ndarray:
     so both give the same text."""
     given = paths.tolist()
     texts = [p for p in given if p is not None]
-    joined = "\n".join(texts) if all(map(isinstance, texts, repeat(str))) else None
-    if joined is not None and joined.count("\n") == len(texts) - 1 and not _UNCLEAN_PATH.search(joined):
+    joined = joined_if_kept_by_path(texts)
+    if joined is not None:
         if root is None:
             return np.array(["" if p is None else p for p in given], dtype=object)
         prefix = root.as_posix().rstrip("/") + "/"
