@@ -419,26 +419,25 @@ def resolved_paths(paths: np.ndarray | None, root: Path | None) -> list[str]:
     of planning, before any clip was decoded."""
     if paths is None:
         return []
+    given = paths.tolist()
     try:  # a Path's text is what str() of it gives, clean by construction
-        given = [None if p is None else os.fspath(p) for p in paths.tolist()]
-    except TypeError:
-        given = None
-    texts = [p for p in given if p is not None and p != ""] if given is not None else None
+        texts = ["" if p is None else os.fspath(p) for p in given]
+    except TypeError:  # neither a text nor a path: resolve_path words it
+        texts = None
     if os.sep != "/" or texts is None or joined_if_kept_by_path(texts) is None:
-        return [resolve_path(p, root) for p in paths.tolist()]
+        return [resolve_path(p, root) for p in given]
     base = str(Path(root).absolute() if root is not None else Path.cwd())
     prefix = "" if base == "/" else base
-    return ["" if p is None or p == "" else p if p.startswith("/") else f"{prefix}/{p}" for p in given]
+    return [p if not p or p.startswith("/") else f"{prefix}/{p}" for p in texts]
 
 
 def _by_row(paths: list[str], rows: np.ndarray, n_rows: int) -> list[str]:
     """``paths[i]`` at store row ``rows[i]``, '' at the other rows (and everywhere without paths)."""
-    out = [""] * n_rows
-    if paths:
-        column = np.full(n_rows, "", dtype=object)
-        column[np.asarray(rows, dtype=np.intp)] = np.array(paths, dtype=object)
-        out = column.tolist()
-    return out
+    if not paths:
+        return [""] * n_rows
+    column = np.full(n_rows, "", dtype=object)
+    column[np.asarray(rows, dtype=np.intp)] = np.array(paths, dtype=object)
+    return column.tolist()
 
 
 def resolve_path(path, root: Path | None) -> str:

@@ -109,7 +109,8 @@ def vlen_utf8(texts: np.ndarray) -> bytes:
     if not any(texts):
         return len(texts).to_bytes(4, "little") + bytes(4 * len(texts))
     sample = texts[:_SAMPLE].tolist()
-    if len(set(sample)) * 8 <= len(sample) and all(type(v) is str for v in set(sample)):
+    distinct = set(sample)
+    if len(distinct) * 8 <= len(sample) and all(type(v) is str for v in distinct):
         return len(texts).to_bytes(4, "little") + b"".join(map(_Encoded().__getitem__, texts.tolist()))
     return bytes(_VLEN_UTF8.encode(texts))
 

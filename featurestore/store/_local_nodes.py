@@ -70,9 +70,7 @@ class LocalNodes:
                 self._write(parent, _GROUP)
 
     def _write(self, path: str, body: bytes) -> None:
-        file = self._file(path)
-        os.makedirs(os.path.dirname(file), exist_ok=True)
-        replace_file(file, [body])
+        replace_file(self._file(path), [body])  # (its folder made when missing)
 
     def _file(self, path: str) -> str:
         return os.path.join(self.folder, path, META)
