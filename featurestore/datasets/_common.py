@@ -307,15 +307,20 @@ def check_inside_root(base: Path, relative: str, manifest: Path, line: int | Non
     Raises:
         DatasetFormatError: naming the manifest, the line, the clip id and the path.
     """
-    if allow_outside_root or not relative:
+    if allow_outside_root or not relative or not outside_root(relative):
         return
     where = f"clip {clip_id!r}: path {relative!r}"
     if Path(relative).is_absolute():
         raise DatasetFormatError(manifest, line, f"{where} is absolute; paths must be relative to the dataset "
                                                  f"root {base}; {OUTSIDE_ROOT_HINT}")
-    if ".." in Path(relative).parts:
-        raise DatasetFormatError(manifest, line, f"{where} has a '..' component, which may lead outside the "
-                                                 f"dataset root {base}; {OUTSIDE_ROOT_HINT}")
+    raise DatasetFormatError(manifest, line, f"{where} has a '..' component, which may lead outside the "
+                                             f"dataset root {base}; {OUTSIDE_ROOT_HINT}")
+
+
+def outside_root(relative: str) -> bool:
+    """The lexical rule of ``check_inside_root``: an absolute path, or one with a ``..`` component."""
+    path = Path(relative)
+    return path.is_absolute() or ".." in path.parts
 
 
 def check_files(manifest: Manifest) -> None:

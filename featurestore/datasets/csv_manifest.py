@@ -35,6 +35,7 @@ from featurestore.datasets._common import (
     check_inside_root,
     checked_clip_id,
     clip_counts,
+    outside_root,
     read_table,
 )
 from featurestore.manifest import Manifest, all_plain_ids, check_classes, clip_id_problem
@@ -161,13 +162,7 @@ def _first_outside(column: list[str]) -> int | None:
         # '..' is rare in a path's text ('a..b.wav'): the four marks are searched for only then
         if "\n/" not in joined and (".." not in joined or not any(m in joined for m in _DOTDOT_MARKS)):
             return None
-    return next((i for i, listed in enumerate(column) if listed and _outside(listed)), None)
-
-
-def _outside(listed: str) -> bool:
-    """What ``check_inside_root`` refuses: an absolute path or one with a '..' component."""
-    path = Path(listed)
-    return path.is_absolute() or ".." in path.parts
+    return next((i for i, listed in enumerate(column) if listed and outside_root(listed)), None)
 
 
 def _classes(table: _Columns, ids: list[str], labels: list[str | None],
