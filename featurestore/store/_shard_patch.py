@@ -17,8 +17,8 @@ import shutil
 import numpy as np
 import zarr
 
-from featurestore.store._shards import (_CRC, ShardLayout, _shard_key, encode_inner_chunks, is_uniform_index, local_file,
-                                        replacing)
+from featurestore.store._file_writes import replacing
+from featurestore.store._shards import _CRC, ShardLayout, _shard_key, encode_inner_chunks, is_uniform_index, local_file
 
 
 def changed_inner_chunks(layout: ShardLayout, changed: np.ndarray) -> np.ndarray:

@@ -19,17 +19,14 @@ import asyncio
 import contextlib
 import errno
 import functools
-import itertools
 import mmap
 import os
 import sys
 import threading
-import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from stat import S_ISREG
-from typing import Any, Iterator
+from typing import Any
 
 import google_crc32c
 import numcodecs
@@ -42,8 +39,8 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from featurestore.store._backend import ChunkFault
-from featurestore.store._crc import RELEASES_GIL as CRC_RELEASES_GIL
 from featurestore.store._crc import block_crcs
+from featurestore.store._file_writes import FileWrites, replace_file
 
 try:
     import resource
@@ -67,7 +64,6 @@ _POPULATE_AFTER_BYTES = 4 << 20
 # where a gather per shard took 1.24 ms and slices joined into one bytes then copied 1.7-2.0 ms;
 # equal at 2,048)
 _ROWS_PER_SHARD_GATHER = 16
-_IOV_MAX = 1024  # buffers per writev (POSIX's minimum IOV_MAX is 16; Linux and macOS take 1,024)
 
 
 @dataclass(frozen=True)
@@ -498,20 +494,14 @@ class ShardReader:
 
         Local shards are written as zarr's local store writes them (a ``.partial`` temp file renamed
         into place: a kill never leaves a torn shard), without its event loop (~1-10 ms a call
-        under load); remote ones in one batch of store writes.
+        under load), each encoded and written by one of a few threads (``FileWrites``: checksums
+        and copies into the page cache release the GIL); remote ones in one batch of store writes.
+        Where a local shard fails, the others are still recorded before the failure is raised.
         """
-        shards = []
-        local = local_file(arr, "") is not None
         blocks = [((start + lo) // layout.shard_rows, data[lo:lo + layout.shard_rows])
                   for lo in range(0, len(data), layout.shard_rows)]
-        if local:  # each written from views of ``data`` as it is encoded (its parts are not kept)
-            with contextlib.closing(_encoded_ahead(layout, [b for _, b in blocks])) as encoded:  # a failed write
-                for (shard, _), (parts, index) in zip(blocks, encoded):  # waits for the worker before raising
-                    replace_file(local_file(arr, _shard_key(arr, shard)), parts)
-                    shards.append((shard, None, index))
-        else:
+        if local_file(arr, "") is None:
             shards = [(shard, *encode_shard(layout, block)) for shard, block in blocks]
-        if not local:
             store, proto = arr.store_path.store, default_buffer_prototype()
 
             async def put() -> None:
@@ -519,10 +509,31 @@ class ShardReader:
                                        for shard, blob, _ in shards))
 
             sync(put())
+            self._record(name, [(shard, index) for shard, _, index in shards])
+            return
+        futures = []
+        try:
+            with FileWrites(len(blocks), "shard-write") as writes:
+                for shard, block in blocks:
+                    futures.append((shard, writes.submit(_write_shard, local_file(arr, _shard_key(arr, shard)),
+                                                         layout, block)))
+        finally:  # the shards written replace what was cached and mapped, even where another failed
+            self._record(name, [(shard, f.result()) for shard, f in futures if f.done() and not f.cancelled()
+                                and f.exception() is None])
+
+    def _record(self, name: str, indexes: list[tuple[int, np.ndarray]]) -> None:
         with self._lock:
-            for shard, _, index in shards:
+            for shard, index in indexes:
                 self._indexes[(name, shard)] = index
         self.revalidate(name)  # the files just written replace what is mapped
+
+
+def _write_shard(path: str, layout: ShardLayout, block: np.ndarray) -> np.ndarray:
+    """Encode ``block`` as a shard, write it to ``path`` whole (from views of ``block``: its parts
+    are not kept), and return its index."""
+    parts, index = shard_parts(layout, block)
+    replace_file(path, parts)
+    return index
 
 
 class _ArrayMaps:
@@ -645,24 +656,6 @@ def _physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not on this platform: map bare
         return 0
-
-
-def _encoded_ahead(layout: ShardLayout, blocks: list[np.ndarray]) -> Iterator[tuple[list, np.ndarray]]:
-    """``shard_parts`` of each block in order, the next block's encoded in a worker thread while the
-    caller writes the one it was given: its checksums release the GIL (``_crc``), so they run on
-    another core while the caller's ``writev`` copies the previous shard into the page cache (a
-    million-clip fill: 0.1-0.2 s faster on 2 cores). One block, compressed shards, or checksums that
-    hold the GIL are encoded in the caller's thread (nothing would run beside them)."""
-    if len(blocks) < 2 or layout.zstd or not CRC_RELEASES_GIL:
-        yield from (shard_parts(layout, block) for block in blocks)
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="shard-encode") as pool:  # one per write: never forked
-        ahead = pool.submit(shard_parts, layout, blocks[0])
-        for following in [*blocks[1:], None]:
-            current = ahead.result()
-            if following is not None:
-                ahead = pool.submit(shard_parts, layout, following)
-            yield current
 
 
 def encode_shard(layout: ShardLayout, block: np.ndarray) -> tuple[memoryview, np.ndarray]:
@@ -807,78 +800,6 @@ def local_file(arr: zarr.Array, key: str) -> str | None:
     """The file of the stored object ``key`` of ``arr`` when the store is a local directory."""
     store = arr.store_path.store
     return os.path.join(str(store.root), _full_key(arr, key)) if isinstance(store, LocalStore) else None
-
-
-def replace_file(path: str, parts: list) -> None:
-    """Write ``path`` whole, the buffers ``parts`` one after another, through a temp file renamed
-    over it (zarr's local store does the same)."""
-    with replacing(path) as tmp:
-        fd = _create(tmp)
-        try:
-            write_all(fd, parts)
-        except OSError as err:  # writev names no file: "[Errno 28] No space left on device" alone
-            raise OSError(err.errno, err.strerror, path) from err
-        finally:
-            os.close(fd)
-
-
-def _create(path: str) -> int:
-    """A new file at ``path``, open for writing; its folder is made only when the file cannot be
-    created without it (a new array's first chunk, or a folder deleted since): a ``makedirs`` before
-    every file was a ``mkdir`` that failed on the existing folder (493 calls to fill a million clips)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    try:
-        return os.open(path, flags, 0o666)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return os.open(path, flags, 0o666)
-
-
-def write_all(fd: int, parts: list) -> None:
-    """Write ``parts`` (bytes, or 1-d uint8 arrays: ``len`` is their size) to ``fd`` in order:
-    ``os.writev`` by ``_IOV_MAX`` at a time, a short write (disk full, a signal) finished from where
-    it stopped."""
-    for low in range(0, len(parts), _IOV_MAX):
-        batch = parts[low:low + _IOV_MAX]
-        written = os.writev(fd, batch)
-        if written < sum(map(len, batch)):  # rare: the rest of this batch joined, until it is all out
-            rest = memoryview(b"".join(batch))[written:]
-            while len(rest):
-                rest = rest[os.write(fd, rest):]
-
-
-class _TempNames:
-    """Names for temp files no other writer uses: a random token per process (drawn again in a
-    forked child) and a counter. A fresh ``uuid4`` per file was a ``getrandom`` call each, and with
-    the next shard's checksums running on another thread each such call could wait for the GIL
-    (~0.1 s of a million-clip fill)."""
-
-    def __init__(self) -> None:
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self) -> None:
-        self.token, self.count = uuid.uuid4().hex, itertools.count()
-
-    def __call__(self) -> str:
-        return f"{self.token}{next(self.count):x}"
-
-
-_temp_name = _TempNames()
-
-
-@contextlib.contextmanager
-def replacing(path: str):
-    """A temp name beside ``path``, renamed over it when the block ends without error and removed
-    otherwise: a kill or a failure never leaves a torn file under ``path``."""
-    tmp = f"{path}.{_temp_name()}.partial"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _read_ranges(arr: zarr.Array, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:

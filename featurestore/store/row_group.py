@@ -9,6 +9,7 @@ cache that never serves a row finished since it was cached, and aligned writers 
 """
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -379,8 +380,10 @@ class RowGroup:
         """
         data = self._check_block(start, np.asarray(data))
         array = self.values_path
-        self._arrays.write(array, start, data.astype(self._arrays.dtype(array), copy=False), changed=changed)
-        self._caches.chunks.drop(array)
+        try:
+            self._arrays.write(array, start, data.astype(self._arrays.dtype(array), copy=False), changed=changed)
+        finally:  # a failed write may have replaced some of the block's chunks
+            self._caches.chunks.drop(array)
 
     def _check_block(self, start: int, data: np.ndarray) -> np.ndarray:
         """``data`` when it is a block of whole chunks of the value array's row shape, else ValueError."""
@@ -432,22 +435,32 @@ class RowGroup:
                              f"or also marked done")
         data = self._check_block(start, np.asarray(data))
         rewriting = self._rewriting(np.arange(start, stop), data, unchanged)
-        # rows taken from the store are stored already, rows not done are never served: only the
-        # others need writing (a partial commit: the rows done since the last one)
-        self.write_block(start, data, changed=None if unchanged is None else done & ~unchanged)
-        if self.kind.with_errors:
-            if done.all() and not errors:
-                if self._errors_stored(start, stop):  # texts of earlier failures to clear
-                    self.write_errors(start, np.full(len(data), "", dtype=object))
-            else:
-                texts = self.error_texts(start, stop).astype(object)
-                texts[done] = ""
-                for row, message in errors.items():
-                    texts[row - start] = error_text(message)
-                self.write_errors(start, texts)
-        self.set_done(start, done)
+        try:
+            # rows taken from the store are stored already, rows not done are never served: only the
+            # others need writing (a partial commit: the rows done since the last one)
+            self.write_block(start, data, changed=None if unchanged is None else done & ~unchanged)
+            if self.kind.with_errors:
+                self._write_block_errors(start, stop, done, errors)
+            self.set_done(start, done)
+        except BaseException:  # some shards may be rewritten: what was built meanwhile is stale
+            if rewriting:
+                with contextlib.suppress(Exception):  # (a full disk: the write's own error matters)
+                    self._bump()
+            raise
         if rewriting:
             self._bump()
+
+    def _write_block_errors(self, start: int, stop: int, done: np.ndarray, errors: dict[int, str]) -> None:
+        """The error texts of rows ``start:stop`` after a write: cleared for done rows, ``errors`` set."""
+        if done.all() and not errors:
+            if self._errors_stored(start, stop):  # texts of earlier failures to clear
+                self.write_errors(start, np.full(stop - start, "", dtype=object))
+            return
+        texts = self.error_texts(start, stop).astype(object)
+        texts[done] = ""
+        for row, message in errors.items():
+            texts[row - start] = error_text(message)
+        self.write_errors(start, texts)
 
     def set_errors(self, errors: dict[int, str]) -> None:
         """Record failures (row -> message); those rows are marked not done."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from featurestore import TAU_CLASSES, ClipRecord, Manifest, create_store
-from featurestore.store import _shards, open_store
+from featurestore.store import _file_writes, _shards, open_store
 from tests.featurestore.chunk_paths import arrays, chunk_file, chunk_files
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not _shards._MADV_POPULATE_READ,
@@ -122,7 +122,7 @@ def test_a_shard_written_from_views_of_the_rows_reads_back_whole_in_zarr_python(
 
     path, values = store_path
     layout_rows = zarr.open_array(path / "features" / "emb" / "data", mode="r")
-    assert len(_shards.shard_parts(_shards.ShardLayout.of(layout_rows), values)[0]) > 2 * _shards._IOV_MAX
+    assert len(_shards.shard_parts(_shards.ShardLayout.of(layout_rows), values)[0]) > 2 * _file_writes._IOV_MAX
     np.testing.assert_array_equal(layout_rows[:], values)
 
 
@@ -131,7 +131,7 @@ def test_a_short_write_is_finished_from_where_it_stopped(tmp_path, monkeypatch):
     parts = [np.full(1000, i % 251, dtype=np.uint8) for i in range(3000)]
     real = os.writev
     monkeypatch.setattr(os, "writev", lambda fd, buffers: real(fd, buffers[:len(buffers) // 2 + 1][:-1] or buffers[:1]))
-    _shards.replace_file(str(tmp_path / "f"), parts)
+    _file_writes.replace_file(str(tmp_path / "f"), parts)
     np.testing.assert_array_equal(np.fromfile(tmp_path / "f", dtype=np.uint8), np.concatenate(parts))
 
 
