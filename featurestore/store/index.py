@@ -57,18 +57,30 @@ _RECENT_IDS = 4096
 # distinct values kept in VALUES_ATTR per column; a column with more is summarised by reading it
 _MAX_DISTINCT = 1000
 _LOW_HALF = (1 << 64) - 1
+_KEY_BATCH = 16384  # ids hashed per join (id_keys)
 #: index arrays that are not per-clip columns (``FeatureStore.columns`` leaves them out)
 NOT_COLUMNS = ("split", "lookup")
 
 
 def id_keys(clip_ids: Iterable[str], key: str = LOOKUP_KEY) -> np.ndarray:
     """``[n, 2]`` uint64: the 128-bit ``key`` (a ``_KEYS`` name) of each id's UTF-8 bytes (high, low,
-    big-endian digest halves), as the lookup sorts them."""
-    try:
-        digests = b"".join(map(_KEYS[key], map(str.encode, clip_ids)))
-    except UnicodeEncodeError:  # a lone surrogate: manifests refuse it, so its key matches no stored id
-        digests = b"".join(_KEYS[key](cid.encode("utf-8", "surrogatepass")) for cid in clip_ids)
-    return np.frombuffer(digests, dtype=">u8").astype(np.uint64).reshape(-1, 2)
+    big-endian digest halves), as the lookup sorts them.
+
+    Hashed ``_KEY_BATCH`` ids at a time: one join over a million ids held a million digest objects
+    (~50 MB of fresh pages, faulted in and handed back: 0.17 s where the hashing takes 0.07 s)."""
+    if not isinstance(clip_ids, (list, tuple, np.ndarray)):
+        clip_ids = list(clip_ids)
+    digest = _KEYS[key]
+    out = np.empty((len(clip_ids), 2), dtype=np.uint64)
+    halves = out.reshape(-1)
+    for low in range(0, len(clip_ids), _KEY_BATCH):
+        batch = clip_ids[low:low + _KEY_BATCH]
+        try:
+            digests = b"".join(map(digest, map(str.encode, batch)))
+        except UnicodeEncodeError:  # a lone surrogate: manifests refuse it, so its key matches no stored id
+            digests = b"".join(digest(cid.encode("utf-8", "surrogatepass")) for cid in batch)
+        halves[2 * low:2 * (low + len(batch))] = np.frombuffer(digests, dtype=">u8")
+    return out
 
 
 def check_clip_ids(clip_ids: Sequence[Any]) -> None:
