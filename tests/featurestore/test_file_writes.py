@@ -35,7 +35,7 @@ def _fill(path, threads: int, monkeypatch) -> dict[str, bytes]:
     """A store of 1,000 clips filled in two writes of several shards, on ``threads`` threads; the
     bytes of every file it holds."""
     monkeypatch.setattr(_file_writes, "write_threads", lambda: threads)
-    for module in (layout, clips_module):  # index columns of eight chunks: written side by side too
+    for module in (layout, clips_module):  # index columns of eight chunks
         monkeypatch.setattr(module, "INDEX_CHUNK_ROWS", 128)
     clips = [ClipRecord(f"c{i:04d}", label=["a", "b"][i % 2], city=f"city{i % 3}") for i in range(1000)]
     values = np.random.default_rng(1).standard_normal((1000, 1, 48)).astype(np.float16)
