@@ -154,10 +154,16 @@ def build(n: int, args: argparse.Namespace) -> tuple[Paths, dict]:
     returns the paths and the build timings (create + fill vs h5py), kept in a marker file.
 
     Both writes are timed ``--build-rounds`` times, interleaved (store, h5py; then h5py, store; ...),
-    each after ``os.sync()`` with its previous output deleted and ``touch_free_memory``, after one
-    untimed write of each: h5py's write of the same GB took 2.1 s the first time in a process (1.3 s
-    of it in the kernel) and 0.6-0.9 s the next three times, so a single pair in a fixed order
-    favours one side. The medians are compared; every run is kept."""
+    each after ``os.sync()`` and ``touch_free_memory``, after one untimed write of each: h5py's write
+    of the same GB took 2.1 s the first time in a process (1.3 s of it in the kernel) and 0.6-0.9 s
+    the next three times, so a single pair in a fixed order favours one side. The medians are
+    compared; every run is kept.
+
+    Every write goes to a new path, and nothing is deleted until the last one: ext4 skips inodes
+    freed in the last 60-300 s when it allocates one (``recently_deleted``, seen in ``perf``), so a
+    file created right after a store of ~400 files was deleted took 0.3-0.6 ms, against 0.017 ms
+    on a disk quiet for 100 s. Deleting the previous round's store just before the next charged the
+    store's ~400 files 0.1-0.2 s that h5py's one file never paid."""
     paths = Paths(Path(args.workdir) / f"clips-{n}")
     marker = paths.work / "built.json"
     spec = {"clips": n, "dim": DIM, "seed": args.seed, "data": "clustered"}
@@ -165,30 +171,56 @@ def build(n: int, args: argparse.Namespace) -> tuple[Paths, dict]:
     if not args.rebuild and saved.get("spec") == spec and "create_fill_runs" in saved.get("timings", {}):
         return paths, saved["timings"]  # (a marker without the interleaved runs is built again)
     import featurestore.store._zarr  # noqa: F401 - imports are not timed (h5py's neither)
-    shutil.rmtree(paths.work, ignore_errors=True)
-    paths.work.mkdir(parents=True)
+    old = paths.work.with_name(paths.work.name + ".old")  # an earlier build, deleted after the timed writes
+    shutil.rmtree(old, ignore_errors=True)
+    if paths.work.exists():
+        paths.work.rename(old)
+    rounds = paths.work / "rounds"
+    rounds.mkdir(parents=True)
     ids = [clip_id(i) for i in range(n)]
     manifest = bench_manifest(ids)
     data = values(n, args.seed)
-    writes = {"store": lambda: write_store(paths.store, manifest, data),
-              "h5py": lambda: write_h5(paths.h5, data, ids)}
+    targets = {"store": lambda k: rounds / f"store-{k}.zarr", "h5py": lambda k: rounds / f"raw-{k}.h5"}
+    writes = {"store": lambda k: write_store(targets["store"](k), manifest, data),
+              "h5py": lambda k: write_h5(targets["h5py"](k), data, ids)}
     for which in ("store", "h5py"):  # untimed: a first write of a GB took 2-4x the later ones (kernel time)
-        writes[which]()
-    runs: dict[str, list[tuple[float, float]]] = {"store": [], "h5py": []}
+        writes[which]("untimed")
+        drop_cached(targets[which]("untimed"))
+    runs: dict[str, list[tuple[float, ...]]] = {"store": [], "h5py": []}
     order = [w for r in range(args.build_rounds) for w in (("store", "h5py") if r % 2 == 0 else ("h5py", "store"))]
-    for which in order:
-        runs[which].append(writes[which]())
+    for k, which in enumerate(order):
+        runs[which].append(writes[which](k))
+        drop_cached(targets[which](k))  # kept on disk, not in memory: 2 GB a round filled the page cache
+    targets["store"](order.index("store")).rename(paths.store)  # kept: the first timed write of each
+    targets["h5py"](order.index("h5py")).rename(paths.h5)
+    shutil.rmtree(rounds)
+    shutil.rmtree(old, ignore_errors=True)
     add_h5_columns(paths.h5, ids)
     np.save(paths.npy, data)
-    timings = {"order": order, "create_fill_runs": [w for w, _ in runs["store"]],
+    timings = {"order": order, "create_fill_runs": [w for w, _, _ in runs["store"]],
                "h5py_write_runs": [w for w, _ in runs["h5py"]],
-               "create_fill_cpu_runs": [c for _, c in runs["store"]],
+               "create_fill_cpu_runs": [c for _, c, _ in runs["store"]],
+               "create_runs": [c for _, _, c in runs["store"]],
                "h5py_write_cpu_runs": [c for _, c in runs["h5py"]]}
     marker.write_text(json.dumps({"spec": spec, "timings": timings}))
     print(f"  built {n:,} clips: store " + " ".join(f"{t:.1f}" for t in timings["create_fill_runs"])
           + " s, h5py " + " ".join(f"{t:.1f}" for t in timings["h5py_write_runs"]) + f" s -> {paths.work}",
           file=sys.stderr)
     return paths, timings
+
+
+def drop_cached(path: Path) -> None:
+    """Write ``path`` (a file or a folder's files) to disk and drop its pages from the page cache
+    without deleting it (``POSIX_FADV_DONTNEED``): the build's rounds are kept until the last one
+    (see ``build``), and eight rounds of 2 GB each filled 16 of the VM's 24 GB, so the later rounds
+    paid for reclaiming memory (create + fill 0.9-1.0 s in the first rounds, 1.2-1.6 s in the last)."""
+    os.sync()
+    for file in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def bench_manifest(ids: list[str]):
@@ -217,29 +249,36 @@ def touch_free_memory(nbytes: int) -> None:
     del block
 
 
-def write_store(path: Path, manifest, data: np.ndarray) -> tuple[float, float]:
-    """Seconds (wall, process CPU) to create the store from the manifest and fill its feature set
-    (65,536-row blocks, as an extraction's writers do), after deleting any earlier one and syncing."""
+def write_store(path: Path, manifest, data: np.ndarray) -> tuple[float, float, float]:
+    """Seconds (wall, process CPU; and the wall time of ``create_store`` alone) to create the store
+    at the new ``path`` from the manifest and fill its feature set (65,536-row blocks, as an
+    extraction's writers do), after syncing.
+
+    ``touch_free_memory`` runs before each of the two steps, outside the timing: h5py copies its GB
+    into the page cache right after its touch, the store ~0.5 s later (after ``create_store``), and
+    on this VM the same 1 GB ``write`` took 0.21-0.25 s right after a touch and 0.26-1.08 s when it
+    started 1-4 s after one (``/tmp`` scratch run, docs/benchmarks.md)."""
     from featurestore import create_store
 
-    shutil.rmtree(path, ignore_errors=True)
     os.sync()  # no dirty pages of earlier writes to wait on (one may take 4x the other's)
     touch_free_memory(data.nbytes)
     t, cpu = time.perf_counter(), time.process_time()
     with create_store(path, manifest) as store:
+        created, created_cpu = time.perf_counter() - t, time.process_time() - cpu
+        touch_free_memory(data.nbytes)
+        t, cpu = time.perf_counter(), time.process_time()
         info = store.create_feature_set(FEATURE, 1, (DIM,), PROVENANCE)
         step = info.chunk_clips * max(1, 65536 // info.chunk_clips)
         for start in range(0, len(data), step):
             store.write_rows(FEATURE, start, data[start:start + step])
-    return time.perf_counter() - t, time.process_time() - cpu
+    return created + time.perf_counter() - t, created_cpu + time.process_time() - cpu, created
 
 
 def write_h5(path: Path, data: np.ndarray, ids: list[str]) -> tuple[float, float]:
-    """Seconds (wall, process CPU) for h5py to write the matrix and the id column (the timed
-    reference), after deleting any earlier file and syncing, as before the store's write."""
+    """Seconds (wall, process CPU) for h5py to write the matrix and the id column to the new ``path``
+    (the timed reference), after syncing, as before the store's write."""
     import h5py
 
-    path.unlink(missing_ok=True)
     os.sync()
     touch_free_memory(data.nbytes)
     t, cpu = time.perf_counter(), time.process_time()
@@ -432,6 +471,9 @@ def in_use_get_figures(paths: Paths, n: int, rng: np.random.Generator, report: R
     from featurestore import open_store
 
     ours, ref, ours_cpu, ref_cpu = [], [], [], []
+    # at most a quarter of the 64-row blocks served, so that unread ones remain to time (at 10,000
+    # clips 256 served clips left none, and the search for one never ended)
+    served = max(1, min(served, n // 64 // 4))
     warm_page_cache([paths.h5, *sorted(paths.store.rglob("*"))])
     with open_store(paths.store) as store, h5py.File(paths.h5, "r") as f:
         data = f["data"]
@@ -441,10 +483,15 @@ def in_use_get_figures(paths: Paths, n: int, rng: np.random.Generator, report: R
             data[row]
             seen[row // 64] = True
         for i in range(repeats):
-            row = int(rng.integers(n))
-            while seen[max(0, row // 64 - 1):row // 64 + 2].any():
-                row = int(rng.integers(n))
-            seen[row // 64] = True
+            near = seen.copy()  # blocks read, or beside one read
+            near[1:] |= seen[:-1]
+            near[:-1] |= seen[1:]
+            unread = np.flatnonzero(~near[:-(-n // 64)])
+            if not len(unread):  # (a small store: every block read or beside one)
+                break
+            block = int(rng.choice(unread))
+            row = min(n - 1, block * 64 + int(rng.integers(64)))
+            seen[block] = True
             for first in (i % 2, 1 - i % 2):  # each side first half of the time
                 if first:
                     t, cpu, _ = cpu_timed(lambda: store.get(FEATURE, clip_id(row)))  # noqa: B023
@@ -617,6 +664,10 @@ def build_figures(timings: dict, report: Report) -> None:
                    + ", ".join(f"{t:.2f}" for t in ref) + " s)",
                    f"{ratio:.2f}x", "<= 2x" if suffix == "runs" else "(context)",
                    ratio <= 2 if suffix == "runs" else None)
+    if "create_runs" in timings:  # (markers written before the split was kept have none)
+        created = timings["create_runs"]
+        report.add("  of which create_store", f"{ms(median(created))} (" + ", ".join(f"{t:.2f}" for t in created)
+                   + " s)", "-", f"{median(created) / median(timings['h5py_write_runs']):.2f}x h5py's write")
 
 
 # ----------------------------------------------------------------------------------- search
