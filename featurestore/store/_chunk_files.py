@@ -182,8 +182,8 @@ def _write_chunk(path: str, body: bytes | bytearray | np.ndarray) -> None:
     """``body`` (bytes, or a 1-d uint8 array: the caller's rows, not a copy) and its crc32c (zarr's
     ``crc32c`` codec) as the file ``path``, replaced whole.
 
-    In the caller's thread, unlike a block's shards (``FileWrites``): encoding strings holds the GIL,
-    which a writer thread then waits for after each system call (a million-clip ``create_store``
-    took 0.59 s with writer threads and 0.54 s without, medians of 8 interleaved), and done flags
-    are 8 KiB files, too small for threads to gain anything measurable."""
+    In the caller's thread: with the files written on threads while the next chunk was encoded, the
+    encoding (strings) held the GIL that the writers waited for after each system call (a
+    million-clip ``create_store`` took 0.59 s with writer threads and 0.54 s without, medians of 8
+    interleaved), and done flags are 8 KiB files, too small for threads to gain anything."""
     replace_file(path, [body, block_crcs(np.frombuffer(body, dtype=np.uint8).reshape(1, -1))[0]])

@@ -1,19 +1,16 @@
-"""Filling a feature set: a block's shards (written side by side), then error texts, then done flags.
+"""Filling a feature set: a block's files (shards, then error texts, then done flags) one after another.
 
-A shard that cannot be written fails ``write_rows`` naming it once every other shard of the block
-has been tried, with no done flag set and no temp file left; an interrupt leaves only whole shards
-and no writer thread; a new store keeps a feature set's chunk files (keys ``c.<i>.0.0``) in the
-array's folder, and in a store of the old layout (``c/<i>/0/0``) a chunk folder deleted since it was
-made is made again (files are created first, folders only when missing). Small stores through the
-public API (three 64 KiB shards a block).
+A file that cannot be written fails ``write_rows`` naming it, no file after it is written (so no
+done flag), no temp file is left; an interrupt leaves only whole shards; a new store keeps a feature
+set's chunk files (keys ``c.<i>.0.0``) in the array's folder, and in a store of the old layout
+(``c/<i>/0/0``) a chunk folder deleted since it was made is made again (files are created first,
+folders only when missing). Small stores through the public API (three 64 KiB shards a block).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +18,7 @@ import pytest
 import zarr
 
 from featurestore import ClipRecord, Manifest, create_store, open_store
-from featurestore.store import _file_writes, _shards
-from tests.featurestore.test_file_writes import writer_threads
+from featurestore.store import _shards
 from tests.featurestore.chunk_paths import chunk_file, chunk_files
 
 DIM = 32  # float16: 64 B a clip
@@ -70,19 +66,7 @@ def done_count(path: Path) -> int:
         return int(fs.done_mask(FEAT).sum())
 
 
-def whole_or_absent(path: Path, shards: range) -> list[bool]:
-    """Which of ``shards`` are on disk; those that are hold exactly their rows."""
-    group = zarr.open_group(str(path), mode="r")
-    for s in shards:
-        if shard_file(path, s).exists():
-            rows = slice(s * SHARD, (s + 1) * SHARD)
-            np.testing.assert_array_equal(group[f"features/{FEAT}/data"][rows], values(N)[rows])
-    return [shard_file(path, s).exists() for s in shards]
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_a_shard_that_cannot_be_written_fails_the_block_naming_it_after_the_others(tmp_path, monkeypatch, threads):
-    monkeypatch.setattr(_file_writes, "write_threads", lambda: threads)
+def test_a_shard_that_cannot_be_written_fails_the_block_naming_it_and_nothing_after_it_is_written(tmp_path):
     path = tmp_path / "s.zarr"
     new_store(path)
     (shard_file(path, 1) / "in-the-way").mkdir(parents=True)  # a folder where shard 1's file goes
@@ -90,34 +74,33 @@ def test_a_shard_that_cannot_be_written_fails_the_block_naming_it_after_the_othe
         with pytest.raises(OSError) as caught:
             fs.write_rows(FEAT, 0, values(N))
     assert str(shard_file(path, 1)) in str(caught.value)
-    assert whole_or_absent(path, range(0, 3, 2)) == [True, True]  # the others were tried, and are whole
+    assert shard_file(path, 0).is_file()  # written before the failure, whole
+    assert not shard_file(path, 2).exists()  # never started after it
     assert leftovers(path) == []
     assert done_count(path) == 0
+    group = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(group[f"features/{FEAT}/data"][:SHARD], values(SHARD))
 
 
 def test_an_interrupt_while_a_block_is_written_leaves_whole_shards(tmp_path, monkeypatch):
-    """Ctrl-C (a real SIGINT, taken by the main thread) while the second shard is encoded: the writes
-    running end whole, those not started never start, no done flag is set, no writer thread stays."""
-    monkeypatch.setattr(_file_writes, "write_threads", lambda: 2)
     path = tmp_path / "s.zarr"
     new_store(path)
     real, calls = _shards.shard_parts, []
 
     def interrupted(layout, block):
         calls.append(len(block))
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.2)  # the main thread takes the signal meanwhile
+        if len(calls) == 2:  # Ctrl-C after the first shard is written
+            raise KeyboardInterrupt
         return real(layout, block)
 
     monkeypatch.setattr(_shards, "shard_parts", interrupted)
     with open_store(str(path), mode="a") as fs:
         with pytest.raises(KeyboardInterrupt):
             fs.write_rows(FEAT, 0, values(N))
-    assert not writer_threads()
-    assert whole_or_absent(path, range(2)) == [True, True]  # both were running: both ended whole
-    whole_or_absent(path, range(2, 3))
+    assert [shard_file(path, s).exists() for s in range(3)] == [True, False, False]
     assert leftovers(path) == [] and done_count(path) == 0
+    group = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(group[f"features/{FEAT}/data"][:SHARD], values(SHARD))
 
 
 def test_a_new_stores_shards_are_files_in_the_arrays_folder(tmp_path):
@@ -174,3 +157,31 @@ def test_error_texts_that_cannot_be_written_leave_the_blocks_shards_but_no_done_
     assert all(shard_file(path, s).is_file() for s in range(3))  # the values come first
     assert chunk_files(path, f"features/{FEAT}/done") == []  # the done flags come last
     assert leftovers(path) == [] and done_count(path) == 0
+
+
+def test_a_failed_rewrite_serves_the_shards_written_before_it_and_moves_the_data_version(tmp_path, monkeypatch):
+    """Done rows written again, shard 1 of three failing: shard 0 is served from its new file (not the
+    store's cached chunks or maps of the old one), shards 1 and 2 keep their rows, the done flags stay,
+    and the data version moves on (what was built from the old rows is stale)."""
+    path = tmp_path / "s.zarr"
+    new_store(path)
+    real = _shards.replace_file
+
+    def failing(file, parts):
+        if file == str(shard_file(path, 1)):
+            raise OSError(28, "No space left on device", file)
+        real(file, parts)
+
+    with open_store(str(path), mode="a") as fs:
+        fs.write_rows(FEAT, 0, values(N))
+        fs.get_many(FEAT, [f"c{i:05d}" for i in range(0, N, 7)])  # chunks cached, shards mapped
+        version = fs.data_version(FEAT)
+        monkeypatch.setattr(_shards, "replace_file", failing)
+        with pytest.raises(OSError, match="No space left"):
+            fs.write_rows(FEAT, 0, values(N) + 1)
+        rows = fs.get_many(FEAT, [f"c{i:05d}" for i in range(N)])
+        np.testing.assert_array_equal(rows[:SHARD], values(SHARD) + 1)
+        np.testing.assert_array_equal(rows[SHARD:], values(N)[SHARD:])
+        assert fs.done_mask(FEAT).all()
+        assert fs.data_version(FEAT, refresh=True) != version
+    assert leftovers(path) == []
