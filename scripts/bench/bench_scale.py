@@ -256,8 +256,8 @@ def write_store(path: Path, manifest, data: np.ndarray) -> tuple[float, float, f
 
     ``touch_free_memory`` runs before each of the two steps, outside the timing: h5py copies its GB
     into the page cache right after its touch, the store ~0.5 s later (after ``create_store``), and
-    on this VM the same 1 GB ``write`` took 0.21-0.25 s right after a touch and 0.26-1.08 s when it
-    started 1-4 s after one (``/tmp`` scratch run, docs/benchmarks.md)."""
+    on this VM the same 1 GB ``write`` took 0.21-0.24 s within 0.5 s of a touch and 0.22-1.08 s when
+    it started 1-4 s after one (``/tmp`` scratch run, docs/benchmarks.md)."""
     from featurestore import create_store
 
     os.sync()  # no dirty pages of earlier writes to wait on (one may take 4x the other's)
