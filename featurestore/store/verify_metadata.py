@@ -53,7 +53,7 @@ def scan_metadata(location: str) -> MetadataScan | None:
 def _walk(root: Path, node: str, scan: MetadataScan) -> None:
     """One node: an array ends the walk; a group (or a node whose metadata is damaged, which may
     have been one) goes on into its sub-folders that hold a ``zarr.json``."""
-    kind, problem = _node_kind(root / node / META)
+    kind, problem = node_kind(root / node / META)
     if problem:
         scan.damaged[node] = problem
     if kind == "array":
@@ -64,8 +64,9 @@ def _walk(root: Path, node: str, scan: MetadataScan) -> None:
         _walk(root, join(node, child), scan)
 
 
-def _node_kind(path: Path) -> tuple[str | None, str | None]:
-    """``("array" | "group", None)``, or ``(None, what is wrong)`` with the file."""
+def node_kind(path: Path) -> tuple[str | None, str | None]:
+    """``("array" | "group", None)``, or ``(None, what is wrong)`` with the file, as zarr would parse
+    it (the walk here, and the local backend's node lookups: ``ZarrBackend._local_node``)."""
     from zarr.core.group import GroupMetadata
     from zarr.core.metadata.v3 import ArrayV3Metadata
 
