@@ -40,16 +40,26 @@ def _pair(tmp_path) -> tuple[ZarrBackend, ZarrBackend]:
     return direct, through
 
 
+def _create(backend: ZarrBackend, path: str, kind: str, shape: tuple | None = None) -> None:
+    """An array of ``kind`` (``KINDS``) at ``path``, of its own shape or ``shape``."""
+    default, dtype, rows, fill, compressor, inner = KINDS[kind]
+    backend.create_array(path, shape or default, dtype, rows, fill, compressor=compressor, inner_rows=inner)
+
+
+def _same_json(tmp_path, path: str) -> dict:
+    """The metadata of ``path``, which both stores of ``_pair`` must hold alike."""
+    direct = _zarr_json(tmp_path / "direct.zarr", path)
+    assert direct == _zarr_json(tmp_path / "zarr.zarr", path)
+    return direct
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_an_array_has_the_metadata_zarr_writes(tmp_path, kind):
-    shape, dtype, rows, fill, compressor, inner = KINDS[kind]
-    direct, through = _pair(tmp_path)
-    for backend in (direct, through):
-        backend.create_array("features/a/b/data", shape, dtype, rows, fill, compressor=compressor, inner_rows=inner)
-    assert _zarr_json(tmp_path / "direct.zarr", "features/a/b/data") == _zarr_json(tmp_path / "zarr.zarr", "features/a/b/data")
+    for backend in _pair(tmp_path):
+        _create(backend, "features/a/b/data", kind)
+    _same_json(tmp_path, "features/a/b/data")
     for parent in ("features", "features/a", "features/a/b"):  # made as zarr makes them
-        assert _zarr_json(tmp_path / "direct.zarr", parent) == _zarr_json(tmp_path / "zarr.zarr", parent)
-        assert _zarr_json(tmp_path / "direct.zarr", parent)["node_type"] == "group"
+        assert _same_json(tmp_path, parent)["node_type"] == "group"
 
 
 def test_written_values_read_back_through_zarr_python(tmp_path):
@@ -100,25 +110,24 @@ def test_no_temp_file_is_left_beside_the_metadata(tmp_path):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_a_second_array_of_a_kind_has_the_metadata_zarr_writes_for_its_shape(tmp_path, kind):
     """zarr builds a kind's metadata once; the next array of that kind (another shape) takes it over."""
-    shape, dtype, rows, fill, compressor, inner = KINDS[kind]
+    shape = KINDS[kind][0]
     other = (shape[0] * 3 + 5, *shape[1:])
     direct, through = _pair(tmp_path)
     for backend in (direct, through):
-        backend.create_array("first", shape, dtype, rows, fill, compressor=compressor, inner_rows=inner)
-        backend.create_array("second", other, dtype, rows, fill, compressor=compressor, inner_rows=inner)
+        _create(backend, "first", kind)
+        _create(backend, "second", kind, other)
     assert len(direct._nodes._kinds) == 1
-    assert _zarr_json(tmp_path / "direct.zarr", "second") == _zarr_json(tmp_path / "zarr.zarr", "second")
-    assert _zarr_json(tmp_path / "direct.zarr", "second")["shape"] == list(other)
+    assert _same_json(tmp_path, "second")["shape"] == list(other)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_a_growing_array_has_the_metadata_zarr_writes_and_a_shrinking_one_loses_its_chunks(tmp_path, kind):
-    shape, dtype, rows, fill, compressor, inner = KINDS[kind]
+    shape, dtype, rows = KINDS[kind][:3]
     direct, through = _pair(tmp_path)
     for backend in (direct, through):
-        backend.create_array("a", shape, dtype, rows, fill, compressor=compressor, inner_rows=inner)
+        _create(backend, "a", kind)
         backend.resize("a", shape[0] * 4)
-    assert _zarr_json(tmp_path / "direct.zarr", "a") == _zarr_json(tmp_path / "zarr.zarr", "a")
+    _same_json(tmp_path, "a")
     assert direct.shape("a") == (shape[0] * 4, *shape[1:])
     values = np.full((shape[0] * 4, *shape[1:]), "x", dtype=object) if dtype == STRING \
         else np.ones((shape[0] * 4, *shape[1:]), dtype=dtype)
