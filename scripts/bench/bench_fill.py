@@ -8,7 +8,8 @@ sync with its earlier file deleted. Each timed write starts right after fresh me
 kernel time otherwise depends on how long the machine idled before it). Prints each round (wall,
 user and system CPU of the process) and the medians with their ratio. Kernel write times vary
 several-fold from run to run on a shared machine (h5py's as much as ours): compare medians of many
-rounds, or run it on ``/dev/shm``.
+rounds, or run it on ``/dev/shm``. A round during which the VM handed memory back to its host
+(``bench_scale.reporting_passes``) is marked and left out of the medians.
 
     python scripts/bench/bench_fill.py --clips 1000000 --rounds 5 --dir /tmp/bench_fill
 """
@@ -24,7 +25,7 @@ import time
 import h5py
 import numpy as np
 
-from bench_scale import touch_free_memory  # (this script's folder is on sys.path when it is run)
+from bench_scale import reporting_passes, touch_free_memory  # (this script's folder is on sys.path when run)
 from featurestore import Manifest, create_store
 
 FEATURE, DIM = "clip/bench", 512
@@ -32,14 +33,16 @@ PROVENANCE = {"encoder": "bench/random", "config": {}, "weights": {"kind": "rand
               "segments": {"frames": 1}}
 
 
-def timed(work, nbytes: int) -> tuple[float, float, float]:
-    """(wall, user, system) seconds of ``work()`` (writing about ``nbytes``) after a sync."""
+def timed(work, nbytes: int) -> tuple[float, float, float, bool]:
+    """(wall, user, system) seconds of ``work()`` (writing about ``nbytes``) after a sync, and whether
+    the VM handed memory back to its host meanwhile."""
     os.sync()
     touch_free_memory(nbytes)
+    passes = reporting_passes()
     before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     work()
     wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
-    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, reporting_passes() != passes
 
 
 def main() -> None:
@@ -74,15 +77,18 @@ def main() -> None:
             if os.path.exists(h5):
                 os.unlink(h5)
             theirs.append(timed(write_h5, data.nbytes))
-            (w, u, s), (hw, hu, hs) = ours[-1], theirs[-1]
+            (w, u, s, back), (hw, hu, hs, hback) = ours[-1], theirs[-1]
             print(f"fill wall {w:.3f} s (user {u:.3f}, sys {s:.3f}) | h5py wall {hw:.3f} s (user {hu:.3f}, "
-                  f"sys {hs:.3f}) | {w / hw:.2f}x", flush=True)
+                  f"sys {hs:.3f}) | {w / hw:.2f}x" + (" (the VM handed memory back: left out)" if back or hback
+                                                      else ""), flush=True)
     finally:
         store.close()
         shutil.rmtree(args.dir, ignore_errors=True)
-    med = [statistics.median(col) for col in zip(*ours)]
-    hmed = [statistics.median(col) for col in zip(*theirs)]
-    print(f"median of {args.rounds}: fill wall {med[0]:.3f} s (user {med[1]:.3f}, sys {med[2]:.3f}) | "
+    quiet = [(a[:3], b[:3]) for a, b in zip(ours, theirs) if not (a[3] or b[3])] or \
+        [(a[:3], b[:3]) for a, b in zip(ours, theirs)]  # (every round disturbed: all of them, as printed)
+    med = [statistics.median(col) for col in zip(*(a for a, _ in quiet))]
+    hmed = [statistics.median(col) for col in zip(*(b for _, b in quiet))]
+    print(f"median of {len(quiet)} of {args.rounds}: fill wall {med[0]:.3f} s (user {med[1]:.3f}, sys {med[2]:.3f}) | "
           f"h5py wall {hmed[0]:.3f} s (sys {hmed[2]:.3f}) | {med[0] / hmed[0]:.2f}x h5py")
 
 
