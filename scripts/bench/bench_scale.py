@@ -257,7 +257,7 @@ def reporting_passes() -> int | None:
     """How many passes this VM's kernel has made handing free pages back to its host (the
     ``page_reporting`` module's counter), None where there is no such counter (not this VM's kernel).
 
-    A pass stalls the guest: h5py writing the same 512 MiB took 0.20-0.36 s in the 10 of 12 runs
+    A pass stalls the guest: h5py writing the same 1M x 512 float16 took 0.20-0.36 s in the 10 of 12 runs
     without one and 0.69 s and 1.02 s in the two with one (0.66 and 0.79 GB handed back), and it
     lands in whichever side's write happens to be running (docs/benchmarks.md)."""
     try:
