@@ -282,41 +282,39 @@ def write_store(path: Path, manifest, data: np.ndarray) -> tuple[float, float, f
     """Seconds (wall, process CPU; and the wall time of ``create_store`` alone) to create the store
     at the new ``path`` from the manifest and fill its feature set (65,536-row blocks, as an
     extraction's writers do), after syncing; and whether the VM handed memory back to its host
-    while either step was timed (``reporting_passes``).
+    (``reporting_passes``) from the touch of fresh memory to the end: a pass after the touch hands
+    the touched pages back, and a write that reuses them pays a host fault for each.
 
-    ``touch_free_memory`` runs before each of the two steps, outside the timing: h5py copies its GB
-    into the page cache right after its touch, the store ~0.5 s later (after ``create_store``), and
-    on this VM the same 1 GB ``write`` took 0.21-0.24 s within 0.5 s of a touch and 0.22-1.08 s when
-    it started 1-4 s after one (``/tmp`` scratch run, docs/benchmarks.md)."""
+    One ``touch_free_memory`` before the timing, as for h5py. (A second one between the two steps,
+    meant to spare the fill the host faults that a pass after the first touch causes, freed another
+    1.5 GB and brought on a pass in ~70% of the store's writes, against ~15% of h5py's; the faults
+    it was meant to spare are now seen by the counter.)"""
     from featurestore import create_store
 
     os.sync()  # no dirty pages of earlier writes to wait on (one may take 4x the other's)
+    passes = reporting_passes()  # (before the touch: a pass after it hands the touched pages back)
     touch_free_memory(data.nbytes)
-    passes = reporting_passes()
     t, cpu = time.perf_counter(), time.process_time()
     with create_store(path, manifest) as store:
         created, created_cpu = time.perf_counter() - t, time.process_time() - cpu
-        handed_back = reporting_passes() != passes
-        touch_free_memory(data.nbytes)
-        passes = reporting_passes()
         t, cpu = time.perf_counter(), time.process_time()
         info = store.create_feature_set(FEATURE, 1, (DIM,), PROVENANCE)
         step = info.chunk_clips * max(1, 65536 // info.chunk_clips)
         for start in range(0, len(data), step):
             store.write_rows(FEATURE, start, data[start:start + step])
     wall, cpu = created + time.perf_counter() - t, created_cpu + time.process_time() - cpu
-    return wall, cpu, created, handed_back or reporting_passes() != passes
+    return wall, cpu, created, reporting_passes() != passes
 
 
 def write_h5(path: Path, data: np.ndarray, ids: list[str]) -> tuple[float, float, bool]:
     """Seconds (wall, process CPU) for h5py to write the matrix and the id column to the new ``path``
     (the timed reference), after syncing, as before the store's write; and whether the VM handed
-    memory back to its host meanwhile."""
+    memory back to its host from the touch of fresh memory to the end."""
     import h5py
 
     os.sync()
-    touch_free_memory(data.nbytes)
     passes = reporting_passes()
+    touch_free_memory(data.nbytes)
     t, cpu = time.perf_counter(), time.process_time()
     with h5py.File(path, "w") as f:
         f.create_dataset("data", data=data)
