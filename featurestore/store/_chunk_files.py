@@ -113,7 +113,17 @@ def vlen_utf8(texts: np.ndarray) -> bytes | bytearray:
     distinct = set(sample)
     if len(distinct) * 8 <= len(sample) and all(type(v) is str for v in distinct):
         return len(texts).to_bytes(4, "little") + b"".join(map(_Encoded().__getitem__, texts.tolist()))
-    return _VLEN_UTF8.encode(texts)  # a bytearray (a copy into bytes cost 2 ms of 5 a 65,536-id chunk)
+    try:
+        return _VLEN_UTF8.encode(texts)  # a bytearray (a copy into bytes cost 2 ms of 5 a 65,536-id chunk)
+    except TypeError:  # numcodecs takes exact str only; zarr-python stores numpy's texts (np.str_) too
+        return _VLEN_UTF8.encode(_plain_texts(texts))
+
+
+def _plain_texts(texts: np.ndarray) -> np.ndarray:
+    """``texts`` with each str of a subclass (numpy's ``str_``: a list of a numpy column's values) as a
+    plain str, as zarr-python stores it; anything else is kept, for numcodecs to refuse as before."""
+    return np.fromiter((str.__str__(t) if isinstance(t, str) else t for t in texts.tolist()),
+                       dtype=object, count=len(texts))
 
 
 _SAMPLE = 1024  # texts looked at to decide whether a chunk's values repeat
@@ -121,12 +131,13 @@ _SAMPLE = 1024  # texts looked at to decide whether a chunk's values repeat
 
 class _Encoded(dict):
     """str -> its length (4 bytes, little-endian) and UTF-8 bytes, as vlen-utf8 stores each text,
-    encoded the first time a text is asked for. Anything but a str is refused as numcodecs refuses it."""
+    encoded the first time a text is asked for. A str subclass (numpy's ``str_``) is encoded as its
+    text, as zarr-python stores it; anything but a str is refused as numcodecs refuses it."""
 
     def __missing__(self, text: str) -> bytes:
-        if type(text) is not str:
+        if not isinstance(text, str):
             raise TypeError(f"expected a str to encode, got {type(text).__name__} {text!r}")
-        data = text.encode("utf-8")
+        data = str.encode(text, "utf-8")
         self[text] = encoded = len(data).to_bytes(4, "little") + data
         return encoded
 

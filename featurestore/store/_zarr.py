@@ -375,8 +375,22 @@ class ZarrBackend:
             self.forget(path)  # the layout and cached rows hold the old shape
             self._keep(path, metadata)
             return
+        if n_rows < arr.shape[0]:
+            self._clear_cut_rows(path, arr, n_rows)
         arr.resize(shape)
         self.forget(path)  # the cached array object and layout hold the old shape
+
+    def _clear_cut_rows(self, path: str, arr: zarr.Array, n_rows: int) -> None:
+        """Fill values over the rows past ``n_rows`` of the chunk (shard) that keeps the new last row.
+
+        zarr's resize deletes only the chunks wholly past the new end and keeps that one as it is;
+        growing again (metadata only) would then show its cut rows anew: an append after a roll back
+        would find the done flags and values written past the old end as its new clips' own."""
+        per = self.chunk_rows(path)
+        stop = min(int(arr.shape[0]), -(-n_rows // per) * per)
+        if stop > n_rows and self.chunk_written(path, n_rows // per):
+            self._shards.forget(path)  # zarr rewrites the shard: its index changes
+            arr[n_rows:stop] = arr.metadata.fill_value
 
     def delete(self, path: str) -> None:
         self.forget(path)

@@ -394,6 +394,9 @@ class RowGroup:
             raise ValueError(f"{array}: rows have shape {tuple(data.shape[1:])}, expected {tuple(shape[1:])}")
         if start < 0 or stop > shape[0] or len(data) == 0:
             raise ValueError(f"{array}: rows {start}:{stop} are outside 0:{shape[0]} or empty")
+        if stop > self._index.n_clips:  # rows an unfinished append grew the arrays by: no clip owns them yet
+            raise ValueError(f"{array}: rows {start}:{stop} go past the store's {self._index.n_clips} clips "
+                             f"(rows an append that did not finish left; the next writable open removes them)")
         if start % rows or (stop % rows and stop != shape[0]):
             raise ValueError(f"{array}: block {start}:{stop} is not aligned to whole chunks of {rows} "
                              f"rows (parallel writers must own whole chunks)")
