@@ -81,10 +81,13 @@ class RowCaches:
         self.versions: dict[str, str | None] = {}  # group path -> data version, until refresh
         self.partial_done: dict[str, int] = {}  # group path -> done chunks read without the whole mask
         self.done_chunks: dict[str, dict[int, np.ndarray]] = {}  # group path -> {first row: flags}, same
+        # group path -> (inner rows of the values, rows per done chunk): here, not on the RowGroup,
+        # so that a set created again with another chunking (same path) is never read with the old
+        self.rows_per: dict[str, tuple[int, int]] = {}
 
     def forget(self, path: str) -> None:
         """Drop what is cached of the group at ``path`` and of the groups nested in it."""
-        for cache in (self.done, self.versions, self.partial_done, self.done_chunks):
+        for cache in (self.done, self.versions, self.partial_done, self.done_chunks, self.rows_per):
             for key in [k for k in cache if k == path or k.startswith(path + "/")]:
                 del cache[key]
         for kind in KINDS:
@@ -100,6 +103,7 @@ class RowCaches:
         self.drop_done()
         self.versions.clear()
         self.partial_done.clear()
+        self.rows_per.clear()
 
 
 class RowGroup:
@@ -114,7 +118,6 @@ class RowGroup:
         self.kind, self.name = kind, name
         self.path = join(kind.top, name)
         self._arrays, self._caches, self._index = arrays, caches, index
-        self._rows_per: tuple[int, int] | None = None  # (inner rows of the values, rows per done chunk)
         self._values_path = join(self.path, kind.leaf)
 
     def __repr__(self) -> str:
@@ -284,10 +287,13 @@ class RowGroup:
         return self._done()[start:stop]
 
     def _per(self) -> tuple[int, int]:
-        """(inner rows of the value array, rows per done chunk), asked once per group object."""
-        if self._rows_per is None:
-            self._rows_per = (self._arrays.inner_rows(self.values_path), self._arrays.chunk_rows(self.done_path))
-        return self._rows_per
+        """(inner rows of the value array, rows per done chunk), asked once per group until it is
+        deleted, created again or refreshed (``RowCaches.rows_per``)."""
+        per = self._caches.rows_per.get(self.path)
+        if per is None:
+            per = self._caches.rows_per[self.path] = (self._arrays.inner_rows(self.values_path),
+                                                      self._arrays.chunk_rows(self.done_path))
+        return per
 
     def _known_done(self, row: int) -> bool:
         """Whether the done flags already read say ``row`` is finished (False: unknown or not)."""

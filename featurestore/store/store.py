@@ -232,6 +232,7 @@ class FeatureStore:
         compresses them losslessly (zstd in Zarr, gzip in HDF5), for data such as stored frames.
         The checksum is kept either way.
         """
+        self._feature_groups.pop(name, None)  # (``get``'s group of the set this may replace)
         return feature_sets.create_feature_set(self, name, n_segments, feature_shape, provenance, dtype,
                                                chunk_clips, overwrite, compressor)
 
@@ -248,6 +249,7 @@ class FeatureStore:
 
     def delete_feature_set(self, name: str) -> None:
         self._arrays.require_writable()
+        self._feature_groups.pop(name, None)  # a later ``get`` looks the set up again (and names it unknown)
         self.row_group(FEATURE_SETS, name).delete()
 
     def done_mask(self, name: str, refresh: bool = False) -> np.ndarray:
