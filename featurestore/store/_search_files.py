@@ -274,9 +274,9 @@ def read_matrix(folder: SidecarDir, name: str, done: np.ndarray, dim: int) -> tu
         SidecarDamage: any of these differs; a link or not a regular file.
         OSError: a file vanished (removed by another search meanwhile).
     """
-    digest = _NAME.fullmatch(name)[2]
+    key, digest = _NAME.fullmatch(name).group(1, 2)
     with open_checked(folder, name, 2**16 + 24 * len(done)) as f:
-        manifest = _parse_manifest(f.read(), dim)
+        manifest = _parse_manifest(f.read(), dim, key)
     left_out = np.asarray(manifest["left_out"], dtype=np.int64)
     check_rows(left_out, done)
     searchable = done.copy()
@@ -331,8 +331,9 @@ def _check_blocks(matrix: np.ndarray, crcs: list[int], block_bytes: int) -> None
         check_unit(matrix[start:start + step])
 
 
-def _parse_manifest(text: bytes, dim: int) -> dict:
-    """The manifest's fields, each of the type and range the writer gives it."""
+def _parse_manifest(text: bytes, dim: int, key: str) -> dict:
+    """The manifest's fields, each of the type and range the writer gives it, written for ``key`` (the
+    key in its name: a manifest of other data renamed to this key keeps its sha256, not its key)."""
     try:
         manifest = json.loads(text)
         ints = {key: manifest[key] for key in ("rows", "dim", "header_bytes", "size", "block_bytes")}
@@ -342,6 +343,9 @@ def _parse_manifest(text: bytes, dim: int) -> dict:
     if (manifest.get("format") != MATRIX_FORMAT or not all(type(v) is int and v >= 0 for v in ints.values())
             or not all(isinstance(v, list) and all(type(i) is int for i in v) for v in lists)):
         raise SidecarDamage(f"its manifest is not a {MATRIX_FORMAT} manifest")
+    if manifest.get("key") != key:
+        raise SidecarDamage(f"its manifest was written for key {str(manifest.get('key'))[:16]!r}, not {key!r}: "
+                            f"another feature set's or store's matrix")
     if ints["dim"] != dim or ints["header_bytes"] != HEADER_BYTES or ints["block_bytes"] < 1:
         raise SidecarDamage(f"its manifest describes {ints['dim']}-value vectors after a {ints['header_bytes']}-byte "
                             f"header; the feature set's have {dim}")

@@ -305,12 +305,23 @@ class RowGroup:
         return flags is not None and bool(flags[row % per])
 
     def set_done(self, start: int, flags: np.ndarray) -> None:
-        """Write done flags for rows ``start:start+len(flags)`` and keep the cached mask in step."""
+        """Write done flags for rows ``start:start+len(flags)`` and keep the cached mask in step.
+
+        Done rows marked not done (failed on a rerun, ``set_errors``) get a new data version, before
+        and after (``_bump``): written again later while not done, they are no rewrite of done rows,
+        and the done mask and version would otherwise come back as they were, so that a cache keyed
+        by them (search's matrix and index) served the values from before."""
+        flags = np.asarray(flags, dtype=bool)
+        undone = bool((self._done()[start:start + len(flags)] & ~flags).any())
+        if undone:
+            self._bump()
         self._arrays.write(self.done_path, start, flags)
         self._caches.done_chunks.pop(self.path, None)
         mask = self._caches.done.get(self.path)
         if mask is not None:
             mask[start:start + len(flags)] = flags
+        if undone:
+            self._bump()
 
     def require_done(self, rows: np.ndarray) -> None:
         """Raise ``MissingFeatureError`` naming the clips of ``rows`` that are not finished."""

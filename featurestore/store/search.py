@@ -64,6 +64,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from featurestore.atomic_files import describe_os_error
+from featurestore.checks import is_int_in
 from featurestore.store import _search_files as _files
 from featurestore.store._search_files import SidecarDamage, SidecarDir
 
@@ -139,13 +140,15 @@ def search(store: Any, feature_set: str, query: Any, k: int = 10, *, method: str
 
     Raises:
         UnknownFeatureError, UnknownClipError, MissingFeatureError (a query clip is not done),
-        ValueError: bad ``k``/method/query shape, a query vector that is all zeros or not finite, or
-        a feature set that is not one vector per segment.
+        ValueError: bad ``k``/``nprobe``/method/query shape, a query vector that is all zeros or not
+        finite, or a feature set that is not one vector per segment.
     """
     if method not in METHODS:
         raise ValueError(f"search method must be one of {', '.join(METHODS)}, got {method!r}")
-    if int(k) < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+    if not is_int_in(k, 1):  # int(2.7) would answer 2 clips, int(None) raise a bare TypeError
+        raise ValueError(f"k must be a whole number of at least 1, got {k!r}")
+    if nprobe is not None and not is_int_in(nprobe, 1):  # faiss takes it as a size_t: -1 is an OverflowError
+        raise ValueError(f"nprobe must be a whole number of at least 1 (IVF lists visited per query), got {nprobe!r}")
     state = set_state(store, feature_set)  # raises UnknownFeatureError naming the stored sets
     info = state.info
     if len(info.feature_shape) != 1:
@@ -180,13 +183,47 @@ def search(store: Any, feature_set: str, query: Any, k: int = 10, *, method: str
 def clip_vectors(segments: np.ndarray) -> np.ndarray:
     """Clip-level search vectors: the mean over segments, L2-normalised (float32).
 
+    A float64 set's mean is taken in float64 (its values need not fit float32), others' in float32.
+
     Args:
         segments: ``[n, n_segments, dim]`` (or ``[n_segments, dim]`` for one clip).
     """
-    x = np.asarray(segments, dtype=np.float32)
-    mean = x.mean(axis=-2)
-    norm = np.linalg.norm(mean, axis=-1, keepdims=True)
-    return mean / np.maximum(norm, 1e-12)
+    x = np.asarray(segments)
+    x = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False)
+    return unit_rows(x.mean(axis=-2))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` divided by their length, as float32: a row of zeros stays zero, a row holding NaN
+    or inf gives NaN (callers leave those out or refuse them). ``x`` is float32 or float64 and may be
+    changed in place.
+
+    A row whose length is not a normal number (its squares overflowed: float32 values above ~1e19;
+    or underflowed: below ~1e-19) is first divided by its largest magnitude (``_scaled_unit``): a
+    cosine does not depend on the scale, so neither may the answer (``x / inf`` was a zero vector,
+    scoring 0 against every clip). Only such rows pay for it: a float16 set's never do.
+    """
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        norm = np.linalg.norm(rows, axis=1, keepdims=True)
+        odd = ~(np.isfinite(norm[:, 0]) & (norm[:, 0] > _NORMAL_LENGTH))
+        if odd.any():
+            rows[odd] = _scaled_unit(rows[odd])
+            norm[odd] = 1
+        rows /= norm
+    return x.astype(np.float32, copy=False)
+
+
+#: a row at least this long has squares well inside float32's normal range (its length is exact)
+_NORMAL_LENGTH = 1e-15
+
+
+def _scaled_unit(rows: np.ndarray) -> np.ndarray:
+    """``rows`` (2-d) divided by their largest magnitude, then by their length (1 or more, or 0 for
+    a row of zeros, which stays zero; NaN for a row holding NaN or inf)."""
+    scale = np.abs(rows).max(axis=1, keepdims=True)
+    rows = rows / np.where(scale > 0, scale, 1)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1)
 
 
 def _top_k(store: Any, feature_set: str, key: str, method: str, vectors: np.ndarray, k: int,
@@ -236,27 +273,28 @@ def query_vectors(store: Any, info: Any, query: Any) -> tuple[np.ndarray, list[d
         return vectors, [{"like": q} for q in ids], rows
     if query is None or isinstance(query, (list, tuple)) and not query:
         raise ValueError("give a query: a clip id, a list of clip ids, an embedding [dim] or a matrix [q, dim]")
-    x = np.asarray(query, dtype=np.float32)
+    if np.iscomplexobj(query):  # numpy would drop the imaginary parts with a warning, answering another query
+        raise ValueError("the query embedding holds complex numbers; give real ones")
+    x = np.asarray(query, dtype=np.float64)  # float64: a query of 1e200s has a direction too
     if x.ndim not in (1, 2) or x.shape[-1] != dim or not x.size:
         raise ValueError(f"the query embedding has shape {list(x.shape)}; the feature set's embeddings have {dim} "
                          f"values: give [{dim}] or [q, {dim}]")
     x = x.reshape(-1, dim)
     what = ["the query embedding"] if len(x) == 1 else [f"query {i + 1} of {len(x)}" for i in range(len(x))]
-    norms = _check_vectors(x, what)
-    return x / norms[:, None], [{"vector": dim}] * len(x), [None] * len(x)
+    _check_vectors(x, what)
+    return unit_rows(x.copy()), [{"vector": dim}] * len(x), [None] * len(x)
 
 
-def _check_vectors(x: np.ndarray, what: list[str]) -> np.ndarray:
-    """The norms of ``x``'s rows; a ValueError naming the first row that is not finite or all zeros."""
+def _check_vectors(x: np.ndarray, what: list[str]) -> None:
+    """A ValueError naming the first row of ``x`` that is not finite or all zeros (no cosine)."""
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
         raise ValueError(f"{what[int(np.argmin(finite))]} holds non-finite values (NaN or inf): it has no cosine "
                          f"to search by")
-    norms = np.linalg.norm(x, axis=1)
-    if not (norms > 0).all():
-        raise ValueError(f"{what[int(np.argmin(norms > 0))]} is all zeros: it has no direction, so no cosine "
+    nonzero = (x != 0).any(axis=1)  # not a norm: the square of 1e-30 is 0 in float32, of 1e20 inf
+    if not nonzero.all():
+        raise ValueError(f"{what[int(np.argmin(nonzero))]} is all zeros: it has no direction, so no cosine "
                          f"to search by")
-    return norms
 
 
 def _top_rows(scores: np.ndarray, k: int) -> np.ndarray:
