@@ -105,6 +105,8 @@ class TemperatureScaling(_FittedOnClips):
         from scipy.optimize import minimize_scalar
 
         p = as_probs(probs, "temperature fit probs")
+        if p.shape[0] == 0:  # the NLL of no clip is NaN, and the bounded search still returns "a" T
+            raise ValueError("temperature scaling: expected at least one clip to fit on, found none")
         y = as_labels(labels, p.shape[0], p.shape[1], "temperature fit labels")
         self._remember(clip_ids, p.shape[0])
         logits = _log_probs(p)
@@ -240,6 +242,10 @@ def crossfit_apply(method: str, n_classes: int, params: dict, folds: int,
         held_groups = [g for g, f in fold.items() if f == k]
         held = np.isin(apply_groups_arr, held_groups)
         train = ~np.isin(fit_groups_arr, held_groups)
+        if not train.any():
+            raise ValueError(f"cross-fitting: fold {k} of {folds} (locations {', '.join(held_groups[:5])}) leaves no "
+                             f"clip of the fit split to fit on: all {len(fit_ids)} were recorded at those locations; "
+                             f"fit on a split with clips recorded at other locations too")
         calibrator = make_calibrator(method, n_classes, **params)
         calibrator.fit([fit_ids[i] for i in np.flatnonzero(train)], fit_x[train], fit_y[train])
         out[held] = calibrator.apply([apply_ids[i] for i in np.flatnonzero(held)], apply_x[held])

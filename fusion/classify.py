@@ -107,7 +107,7 @@ class FusedFiles:
         (``OutputWriteError`` naming the file).
         """
         path = Path(path)
-        with atomic_write(path, "w", newline="") as f:
+        with atomic_write(path, "w", newline="", encoding="utf-8") as f:  # clip names are file stems: any letters
             out = csv.writer(f)
             out.writerow(["clip", "files", "top_class", "probability", *self.classes])
             for clip, (label, p), probs in zip(self.clips, self.top(), self.probs):

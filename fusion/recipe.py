@@ -163,5 +163,5 @@ def _read(path_or_text: str | Path) -> tuple[str, str]:
     path = Path(path_or_text)
     if not path.exists() or path.is_dir():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
-    return path.read_text(), str(path)
+    return path.read_text(encoding="utf-8"), str(path)  # (JSON is UTF-8, whatever the locale)
 

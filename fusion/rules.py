@@ -21,9 +21,11 @@ import numpy as np
 
 from fusion._validate import as_labels, as_probs, same_shape
 
-# A tiny slack on the margin comparison: 0.7 - 0.5 is 0.19999999999999996 in binary floating point,
-# and the rule must still fire for "0.20 lower".
-MARGIN_TOLERANCE = 1e-9
+# A tiny slack on the margin comparison, so that the rule fires for "0.20 lower" as written: 0.7 - 0.5
+# is 0.19999999999999996 in float64, and a store keeps probabilities as float32, where 0.7 is read back
+# as 0.699999988 (0.7 - 0.5 = 0.199999988). 1e-6 covers float32 rounding (about 6e-8 near 1) with room
+# to spare and is far below any margin that means something.
+MARGIN_TOLERANCE = 1e-6
 
 
 def average_models(probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:

@@ -59,7 +59,9 @@ def write_submission(path: str | Path, clip_ids: Sequence[str], probs: np.ndarra
     check_filename_template(filename_template)
     out = check_output_file(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, "w", newline="") as handle:
+    # UTF-8 whatever the locale: clip ids may hold non-ASCII letters ("café-1"), and a locale's
+    # encoding would fail on them (C/POSIX) or write bytes an evaluator reads as other letters
+    with atomic_write(out, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         writer.writerow(["filename", "scene_label", *classes])
         for clip_id, row in zip(clip_ids, p):
@@ -113,7 +115,7 @@ def check_outside_store(path: Path, store: Any, what: str) -> None:
 
 def read_submission(path: str | Path, classes: Sequence[str] | None = None) -> Submission:
     """Parse a submission file, checking its header (against ``classes`` when given) and every row."""
-    with Path(path).open(newline="") as handle:
+    with Path(path).open(newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle, delimiter="\t"))
     if not rows or rows[0][:2] != ["filename", "scene_label"]:
         raise ValueError(f"{path}: expected a header starting 'filename<TAB>scene_label', found {rows[:1]}")

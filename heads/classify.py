@@ -150,7 +150,7 @@ class ClassifyResult:
             OutputWriteError: the file could not be written (disk full...); a previous file is kept.
         """
         path = Path(path)
-        with atomic_write(path, "w", newline="") as f:  # OutputWriteError if it cannot; the old file stays
+        with atomic_write(path, "w", newline="", encoding="utf-8") as f:  # OutputWriteError if it cannot; the old file stays
             out = csv.writer(f)
             out.writerow(["clip", "files", "top_class", "probability", *self.classes])
             for clip, (label, p), probs in zip(self.clips, self.top(), self.probs):

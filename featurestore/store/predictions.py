@@ -53,9 +53,7 @@ def write_predictions(store: FeatureStore, run: str, rows: np.ndarray | slice | 
     store.arrays.require_writable()
     group = store.row_group(PREDICTION_RUNS, run)
     probs = np.asarray(probs, dtype=np.float32)
-    if isinstance(rows, slice):
-        rows = np.arange(store.n_clips)[rows]
-    rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+    rows = _row_numbers(run, rows, store.n_clips)
     if len(rows) != len(probs):
         raise ValueError(f"predictions {run!r}: {len(rows)} rows but {len(probs)} probability rows")
     expected = tuple(group.shape[1:])
@@ -67,6 +65,31 @@ def write_predictions(store: FeatureStore, run: str, rows: np.ndarray | slice | 
         raise ValueError(f"predictions {run!r}: {int((~finite).sum())} clip(s) have non-finite probabilities "
                          f"(e.g. {', '.join(bad)}); nothing was written")
     group.write_scattered(rows, probs)
+
+
+def _row_numbers(run: str, rows: np.ndarray | slice | int, n_clips: int) -> np.ndarray:
+    """``rows`` as distinct int64 row numbers in ``0:n_clips``, else ValueError.
+
+    Rows are written one run of consecutive rows at a time, as slices: a negative row would write
+    (and mark done) the clip counted from the end, a row past the end nothing at all, a row given
+    twice one of its two values (which one depends on the sort), a bool mask the rows 0 and 1;
+    each silently, so they are refused here before anything is written.
+    """
+    if isinstance(rows, slice):
+        return np.arange(n_clips)[rows]
+    arr = np.atleast_1d(np.asarray(rows))
+    if arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"predictions {run!r}: rows must be a 1-D list of row numbers, got "
+                         f"{arr.dtype} of shape {arr.shape} (a bool mask? pass np.flatnonzero(mask))")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= n_clips):
+        raise ValueError(f"predictions {run!r}: rows {arr.min()}..{arr.max()} go outside the store's "
+                         f"0:{n_clips}; nothing was written")
+    distinct, counts = np.unique(arr, return_counts=True)
+    if len(distinct) != len(arr):
+        raise ValueError(f"predictions {run!r}: rows {distinct[counts > 1][:5].tolist()} are given more than "
+                         f"once; nothing was written")
+    return arr
 
 
 def prediction_runs(store: FeatureStore) -> dict[str, dict]:
