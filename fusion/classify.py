@@ -111,7 +111,8 @@ class FusedFiles:
             out = csv.writer(f)
             out.writerow(["clip", "files", "top_class", "probability", *self.classes])
             for clip, (label, p), probs in zip(self.clips, self.top(), self.probs):
-                out.writerow([clip.name, clip.describe(), label, f"{p:.6f}", *(f"{v:.6f}" for v in probs)])
+                # .8g: a float32 probability whole (%.6f wrote a calibrated 1e-9 as 0.000000)
+                out.writerow([clip.name, clip.describe(), label, f"{p:.8g}", *(f"{v:.8g}" for v in probs)])
         return path
 
 

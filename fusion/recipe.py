@@ -107,6 +107,11 @@ class FusionRecipe:
     def _check(self) -> None:
         """Families named by the rules must exist (the store-dependent checks are `fusion.pipeline.validate_recipe`)."""
         names = set(self.families)
+        for family, runs in self.families.items():  # a run listed twice would weigh twice in the family's mean
+            repeated = sorted({r for r in runs if runs.count(r) > 1})
+            if repeated:
+                raise RecipeError(f"recipe {self.name!r}: family {family!r} lists run(s) {repeated} more than once; "
+                                  f"a family's runs are averaged equally, so each is listed once")
         if self.replacement:
             used = {self.replacement.source, *self.replacement.targets}
             if used - names:

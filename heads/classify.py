@@ -150,11 +150,13 @@ class ClassifyResult:
             OutputWriteError: the file could not be written (disk full...); a previous file is kept.
         """
         path = Path(path)
-        with atomic_write(path, "w", newline="", encoding="utf-8") as f:  # OutputWriteError if it cannot; the old file stays
+        # OutputWriteError if it cannot (the old file stays); UTF-8 whatever the locale: names are file stems
+        with atomic_write(path, "w", newline="", encoding="utf-8") as f:
             out = csv.writer(f)
             out.writerow(["clip", "files", "top_class", "probability", *self.classes])
             for clip, (label, p), probs in zip(self.clips, self.top(), self.probs):
-                out.writerow([clip.name, clip.describe(), label, f"{p:.6f}", *(f"{v:.6f}" for v in probs)])
+                # .8g: a float32 probability whole (%.6f wrote a calibrated 1e-9 as 0.000000)
+                out.writerow([clip.name, clip.describe(), label, f"{p:.8g}", *(f"{v:.8g}" for v in probs)])
         return path
 
 

@@ -200,7 +200,7 @@ def _manifest_columns(manifest: Manifest, table: ClipTable,
             texts[f"{media}_path"] = np.broadcast_to(np.array("", dtype=object), (n,))
     labels = _label_column(manifest, table.label)  # before any text is checked: an unknown label is refused first
     for name, values in checked.items():
-        _require_utf8(manifest, clip_ids, name, texts[name], values)
+        _require_storable(manifest, clip_ids, name, texts[name], values)
     return {"clip_id": table.clip_id, "label": labels, **texts}, distinct_cities
 
 
@@ -217,13 +217,19 @@ def _label_column(manifest: Manifest, labels: np.ndarray) -> np.ndarray:
         raise
 
 
-def _require_utf8(manifest: Manifest, clip_ids: list[str], name: str, column: Sequence[str],
-                  values: Iterable[str]) -> None:
-    """ValueError naming the first clip whose ``name`` text (a media path in a folder whose name is
-    not UTF-8: Python decodes it with lone surrogates) cannot be stored, before anything is written
-    (the strings' encoding failed half-way through the append, with a bare UnicodeEncodeError).
-    ``values``: the column's texts, or its distinct values where they are known (fewer to check)."""
+def _require_storable(manifest: Manifest, clip_ids: list[str], name: str, column: Sequence[str],
+                      values: Iterable[str]) -> None:
+    """ValueError naming the first clip whose ``name`` text cannot be stored, before anything is
+    written: one that is not UTF-8 (a media path in a folder whose name is not: Python decodes it
+    with lone surrogates; the strings' encoding failed half-way through the append, with a bare
+    UnicodeEncodeError), or one holding a NUL (texts are read back as numpy strings, which drop
+    trailing NULs: "x\\0" would come back as "x"). ``values``: the column's texts, or its distinct
+    values where they are known (fewer to check)."""
     joined = "".join(values)  # one pass over the column; ASCII (the usual case) needs no encoding
+    if "\x00" in joined:
+        i = next(i for i, text in enumerate(column) if "\x00" in text)
+        raise ValueError(f"dataset {manifest.name!r}, clip {clip_ids[i]!r}: its {name} {column[i]!r} holds a NUL "
+                         f"character, which the store cannot keep (texts are read back without trailing NULs)")
     if joined.isascii():
         return
     try:

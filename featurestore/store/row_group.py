@@ -662,8 +662,9 @@ def _new_version() -> str:
 def error_text(message: object) -> str:
     """What is stored for a failed row: the message, cut to 500 characters, never empty, and
     encodable as UTF-8 (a file name that is not, which Python decodes with lone surrogates, is
-    kept as its escapes: the store's vlen-utf8 and HDF5's strings refused it, failing the write)."""
-    text = str(message)[:500] or "error"
+    kept as its escapes: the store's vlen-utf8 and HDF5's strings refused it, failing the write).
+    A NUL is kept as its escape too: texts are read back as numpy strings, which drop trailing NULs."""
+    text = str(message)[:500].replace("\x00", "\\x00") or "error"
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -112,6 +112,26 @@ def test_a_store_of_numpy_string_ids_and_texts_reads_back_through_zarr(tmp_path)
 
 
 # -------------------------------------------------------------------- index columns and lookups
+def _storable(texts: list[str]) -> list[str]:
+    """``texts`` with each NUL as U+0001: a manifest text holding a NUL is refused (see below)."""
+    return [t.replace("\x00", "\x01") for t in texts]
+
+
+def test_a_manifest_text_holding_a_nul_is_refused_before_anything_is_written(tmp_path):
+    """Texts are read back as numpy strings, which drop trailing NULs ("x\\0" came back as "x", and
+    ``select(city="x\\0")`` found nothing): such a text is refused naming its clip, and an append of
+    it leaves every file as it was."""
+    path = tmp_path / "s.zarr"
+    with create_store(path, Manifest.from_columns("n", CLASSES, ["a0", "a1"], label=["a", "b"])) as store:
+        before = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in path.rglob("*") if f.is_file()}
+        for column in ("city", "location"):
+            texts = {column: ["ok", "x\x00"]}
+            with pytest.raises(ValueError, match=rf"clip 'b1': its {column} 'x\\x00' holds a NUL"):
+                store.append_clips(Manifest.from_columns("n", CLASSES, ["b0", "b1"], label=["a", "b"], **texts))
+        assert store.n_clips == 2
+    assert {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in path.rglob("*") if f.is_file()} == before
+
+
 def _index_scenario(tmp_path: Path, sizes: list[int], kinds: list[str]) -> None:
     """Create then append ``sizes`` clips (hostile ids, cities, locations, labels, splits), then check
     every index column through plain zarr-python and every id through the store."""
@@ -120,7 +140,7 @@ def _index_scenario(tmp_path: Path, sizes: list[int], kinds: list[str]) -> None:
     splits: dict[str, list[bool]] = {"train": [], "test": []}
     for j, n in enumerate(sizes):
         new = [f"ü{len(ids) + i}-é" if (len(ids) + i) % 3 == 0 else f"c{len(ids) + i}" for i in range(n)]
-        city, location = _texts(kinds[j % len(kinds)], n), _texts(kinds[(j + 1) % len(kinds)], n)
+        city, location = _storable(_texts(kinds[j % len(kinds)], n)), _storable(_texts(kinds[(j + 1) % len(kinds)], n))
         label = [None if i % 4 == 0 else CLASSES[i % 2] for i in range(n)]
         masks = {}
         if j % 2 == 0:
@@ -344,7 +364,8 @@ def test_feature_rows_of_any_layout_read_back_through_zarr_as_sets_grow(tmp_path
                     ref[name][start:stop][mask] = rows[mask].astype(dtype)
                     done[name][start:stop] = mask
                     for row in range(start, stop):
-                        errors[name][row] = failed.get(row, "" if mask[row - start] else errors[name][row])
+                        stored = failed.get(row, "").replace("\x00", "\\x00")  # (NUL kept as its escape)
+                        errors[name][row] = stored if row in failed else "" if mask[row - start] else errors[name][row]
         root = zarr.open_group(str(path), mode="r")
         for name in SETS:
             assert root[f"features/{name}/done"][:].tolist() == done[name].tolist()

@@ -333,3 +333,15 @@ def test_new_files_answered_in_another_class_order_are_fused_by_class_name(store
         np.testing.assert_array_equal(answers[run].segment_probs["new"], probs[0])
     final, _ = fuse_new_clips(store, FusionRecipe.from_dict(RECIPE), ["new"], answers)
     np.testing.assert_allclose(final[0], ref_eq1(ref_fused(built[1], [0]))[0], rtol=1e-7)
+
+
+def test_a_run_listed_twice_in_a_family_is_refused_not_weighed_twice():
+    """A family's runs are averaged equally: ``["A01", "A01", "A02"]`` gave A01 two thirds of the
+    family's weight without a word. The recipe refuses it, naming the family and the run."""
+    from fusion.recipe import RecipeError
+
+    text = '{"name": "r", "families": {"A04": ["A01", "A01", "A02"], "V04": ["V01"]}}'
+    with pytest.raises(RecipeError, match=r"family 'A04' lists run\(s\) \['A01'\] more than once"):
+        FusionRecipe.from_json(text)
+    ok = FusionRecipe.from_json('{"name": "r", "families": {"A04": ["A01", "A02"], "V04": ["A01"]}}')
+    assert ok.runs == ["A01", "A02"]  # one run in two families is allowed (each family averages its own)
