@@ -133,6 +133,10 @@ def check_classes(classes: Sequence[str], what: str = "classes") -> list[str]:
     return names
 
 
+#: the columns of the index's tables (``to_pandas``, Parquet exports): no split may take one's name
+INDEX_COLUMN_NAMES = ("clip_id", "label", "label_index", "city", "location", "audio_path", "video_path")
+
+
 @dataclass
 class Manifest:
     """An ordered list of clips plus what is shared by all of them.
@@ -172,6 +176,10 @@ class Manifest:
             if not (isinstance(split, str) and _CLIP_ID.fullmatch(split)):
                 raise ValueError(f"dataset {self.name!r}: split name {split!r:.60} cannot be a store key; split "
                                  f"names follow the clip id grammar: {CLIP_ID_GRAMMAR.replace('a clip id is ', '')}")
+            if split in INDEX_COLUMN_NAMES:  # tables of the index (to_pandas, Parquet) name a column after each split
+                raise ValueError(f"dataset {self.name!r}: split name {split!r} is the name of an index column "
+                                 f"({', '.join(INDEX_COLUMN_NAMES)}), whose values its column would replace in "
+                                 f"every table of the index; choose another")
         for name, value, most in (("audio_segments", self.audio_segments, MAX_AUDIO_SEGMENTS),
                                   ("video_frames", self.video_frames, MAX_VIDEO_FRAMES)):
             if not is_int_in(value, 1, most):

@@ -108,12 +108,23 @@ def index_columns(store: Any, done: bool = False, absolute_paths: bool = False) 
         if name in present:
             absolute = absolute_paths and name in _MEDIA_COLUMNS
             cols[name] = media_paths(store, name) if absolute else [str(v) for v in store.column(name)]
+    _refuse_split_clashes(store.splits(), cols)
     for split in store.splits():
         cols[split] = np.asarray(store.column(f"split/{split}"), dtype=bool)
     if done:
         for name in store.feature_sets():
             cols[f"done:{name}"] = store.done_mask(name)
     return cols
+
+
+def _refuse_split_clashes(splits: Sequence[str], cols: dict[str, Any]) -> None:
+    """Refuse a split named like an index column (``clip_id``, ``label``, ``city``, ...): its column
+    is named after the split and would replace that column, so every export would hold the split's
+    True/False as clip ids or labels without a word."""
+    clash = sorted(set(splits) & {*cols, *_STRING_COLUMNS})
+    if clash:
+        raise ValueError(f"split(s) {', '.join(clash)} have the name of an index column, and the index's "
+                         f"tables name a column after each split: its values would replace the column's")
 
 
 def to_pandas(store: Any, done: bool = False) -> Any:
