@@ -233,9 +233,27 @@ def build_head(cfg: TrainConfig, store: Any) -> tuple[Head, dict]:
         "feature_provenance": {i.name: _recorded_provenance(i) for i in infos},
         "backbone_weights": head.backbone_weights(),
         "classes": list(store.classes),
+        "data": training_data(cfg, store),
         "train": cfg.to_dict(),
     }
     return head, identity
+
+
+def training_data(cfg: TrainConfig, store: Any) -> dict:
+    """What a run's epochs read beyond the fingerprints: each feature set's data version and a digest
+    of each split's clip ids and labels. A fingerprint names how features were computed, not their
+    values, so without these a run resumed after a feature set was rewritten (same provenance, other
+    values) or clips were appended to a split would train its later epochs on other data, silently."""
+    versions = {name: store.data_version(name) for name in cfg.features}
+    splits = {}
+    for split in dict.fromkeys(s for s in (cfg.train_split, cfg.val_split) if s):
+        if split not in store.splits():  # an unknown split: the loaders name it
+            continue
+        rows = np.flatnonzero(np.asarray(store.column(f"split/{split}"), dtype=bool))
+        ids = store.select(split=split)  # the ids of those rows, in row order
+        labels = np.asarray(store.labels, dtype=np.int64)[rows]
+        splits[split] = hashlib.sha256(json.dumps([ids, labels.tolist()]).encode()).hexdigest()
+    return {"data_versions": versions, "splits": splits}
 
 
 def _check_overrides(name: str, derived: dict, given: dict) -> None:
@@ -649,13 +667,24 @@ def _check_replaceable(run_dir: Path) -> None:
 #: run.json keys that are not part of a run's identity: ``feature_provenance`` is documentation the
 #: fingerprints in ``features`` already cover (and runs made before it was recorded lack it).
 _NOT_IDENTITY = ("train", "created", "feature_provenance")
+#: identity keys that runs made before they were recorded lack: such a run still resumes (unchecked).
+_RECORDED_LATER = ("data",)
 
 
 def _identity_diff(old: dict, new: dict) -> list[str]:
     """Top-level (and train-config) keys that differ, ignoring fields that may change on resume."""
-    diff = [k for k in new if k not in _NOT_IDENTITY and _canon(old.get(k)) != _canon(new[k])]
+    diff = [k for k in new if k not in _NOT_IDENTITY and _canon(old.get(k)) != _canon(new[k])
+            and not (k in _RECORDED_LATER and k not in old)]
     diff += [f"train.{k}" for k in _train_diff(old.get("train", {}), new.get("train", {}))]
-    return diff
+    return [part for key in diff for part in (_data_diff(old, new) if key == "data" else [key])]
+
+
+def _data_diff(old: dict, new: dict) -> list[str]:
+    """``data.<kind>.<name>`` for each feature set or split whose recorded data changed (else ``data``)."""
+    was, now = old.get("data") or {}, new.get("data") or {}
+    parts = [f"data.{kind}.{name}" for kind in now for name in sorted({*(was.get(kind) or {}), *now[kind]})
+             if (was.get(kind) or {}).get(name) != now[kind].get(name)]
+    return parts or ["data"]
 
 
 def _canon(value: Any) -> str:

@@ -228,8 +228,8 @@ class ClipDecoder(Dataset):
             return self._stored(source, row)
         audio, video = self.paths[row]
         path = audio if source.kind == "audio" else video
-        if not path:
-            return f"no {source.kind} file listed for this clip"
+        if not path:  # named as the manifest's column is ("video"), not the source kind ("frames")
+            return f"no {'audio' if source.kind == 'audio' else 'video'} file listed for this clip"
         try:
             if source.kind == "audio":
                 return load_audio_segments(path, source.sample_rate, source.n_segments, source.segment_seconds)
