@@ -149,6 +149,8 @@ def _train_locked(cfg: TrainConfig, store: Any, overwrite: bool, on_epoch_end: E
     loaders: tuple[Any, ...] = ()
     try:
         head, identity = build_head(cfg, store)
+        if any(p.requires_grad for p in head.parameters()):  # (a zero-shot head trains on nothing)
+            refuse_shared_val_clips(cfg, store)
         loaders = make_loaders(cfg, store, head, resolve_device(cfg.device))
         return _fit(head, *loaders, cfg, identity, overwrite=overwrite, on_epoch_end=on_epoch_end)
     finally:
@@ -157,6 +159,22 @@ def _train_locked(cfg: TrainConfig, store: Any, overwrite: bool, on_epoch_end: E
                 loader.close()
         if own:
             store.close()
+
+
+def refuse_shared_val_clips(cfg: TrainConfig, store: Any) -> None:
+    """ValueError where the validation split shares clips with the training split: the best epoch
+    would be chosen, and the validation numbers reported, on clips the head trains on (``val_split``
+    the training split itself reported accuracy 1.0). ``val_split=None`` keeps the last epoch."""
+    train, val, splits = cfg.train_split, cfg.val_split, store.splits()
+    if not val or train not in splits or val not in splits:  # (an unknown split: the loaders name it)
+        return
+    shared = np.flatnonzero(np.asarray(store.column(f"split/{train}"), dtype=bool)
+                            & np.asarray(store.column(f"split/{val}"), dtype=bool))
+    if len(shared):
+        some = [store.clip_ids[i] for i in shared[:3].tolist()]
+        raise ValueError(f"val_split {val!r} shares {len(shared)} clip(s) with train_split {train!r} (e.g. {some}): "
+                         f"the best epoch would be chosen on clips the head trains on; give a split without "
+                         f"them, or no val_split (None: the last epoch is kept)")
 
 
 def finished_already(cfg: TrainConfig, store: Any = None) -> TrainResult | None:

@@ -208,3 +208,31 @@ def test_an_old_run_json_without_the_data_record_still_resumes(store, tmp_path):
     path.write_text(json.dumps(info))
     resumed = heads.train(cfg, store)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in clean.history]
+
+
+
+def _append_to_two_splits(store, n: int, splits: frozenset) -> None:
+    start = store.n_clips
+    clips = [ClipRecord(clip_id=f"two-{start + i}", label="bus", city="city", location="city-two", splits=splits)
+             for i in range(n)]
+    store.append_clips(Manifest("tiny", list(CLASSES), clips, audio_segments=SEGMENTS, video_frames=SEGMENTS))
+    dim = store.feature_info(FEATURE).feature_shape[0]
+    store.write_rows(FEATURE, start, np.random.default_rng(2).normal(size=(n, SEGMENTS, dim)).astype(np.float16))
+
+
+@pytest.mark.parametrize("case", ["the training split itself", "a split sharing 16 clips"])
+def test_a_validation_split_sharing_clips_with_the_training_split_is_refused(store, tmp_path, case):
+    """``val_split`` the training split reported accuracy 1.0 and chose the best epoch on the clips it
+    trained on; a validation split sharing any clip with the training split is refused in one line,
+    naming both and how many, before the run directory is written. Without one, training goes on."""
+    if case == "the training split itself":
+        cfg, expected = config(tmp_path / "run", val_split="train"), "val_split 'train' shares 24 clip"
+    else:
+        _append_to_two_splits(store, 16, frozenset({"train", "extra"}))
+        cfg, expected = config(tmp_path / "run", val_split="extra"), "val_split 'extra' shares 16 clip"
+    with pytest.raises(ValueError, match=expected) as err:
+        heads.train(cfg, store)
+    assert "\n" not in str(err.value) and "train_split 'train'" in str(err.value)
+    assert not (Path(cfg.out) / "run.json").exists()
+    heads.train(config(tmp_path / "last", val_split=None, epochs=1), store)
+    assert (tmp_path / "last" / "run.json").exists()
