@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -209,27 +209,48 @@ class RowGroup:
         return self._caches.versions[self.path]
 
     def _rewriting(self, rows: np.ndarray, values: np.ndarray | None = None,
-                   unchanged: np.ndarray | None = None) -> bool:
-        """Whether some of ``rows`` are done already; if so, bump the data version (see ``_bump``).
+                   unchanged: np.ndarray | None = None, done: np.ndarray | None = None) -> bool:
+        """Whether the write changes what some of ``rows`` that are done already serve; if so, bump
+        the data version (see ``_bump``; ``_version_moves`` bumps it again after the write).
 
         With ``values`` (the new values of ``rows``, in order), done rows written again with the
         very same bits are no rewrite: an extraction that commits a chunk part by part writes the
         rows it finished earlier again, unchanged, and caches keyed by the version stay valid.
         ``unchanged`` (bool per row): rows the caller took from the store itself, so they are the
         stored bits without reading them again; only the other done rows are compared.
+        ``done`` (bool per row, the flags the write leaves): a done row left not done is a change
+        too. Written again later while not done, it is no rewrite of done rows, and the done mask
+        and version would come back as they were: a cache keyed by them (search's matrix and index)
+        served the values from before.
         """
         mask = self._done()
         keep = (rows >= 0) & (rows < len(mask))  # out-of-range blocks are refused by the write itself
-        finished = keep.copy()
-        finished[keep] = mask[rows[keep]]
-        if unchanged is not None:
-            finished &= ~unchanged
+        was_done = keep.copy()
+        was_done[keep] = mask[rows[keep]]
+        finished = was_done & ~unchanged if unchanged is not None else was_done
         rewriting = bool(finished.any())
         if rewriting and values is not None and self._same_values(rows[finished], values[finished]):
             rewriting = False
+        if not rewriting and done is not None:
+            rewriting = bool((was_done & ~done).any())
         if rewriting:
             self._bump()
         return rewriting
+
+    @contextlib.contextmanager
+    def _version_moves(self, rewriting: bool) -> Iterator[None]:
+        """The write of the block, then a second new data version where ``_rewriting`` bumped one
+        before it: a reader that built something in between holds the first token. Also where the
+        write fails part way (some chunks may be rewritten), without hiding the write's own error."""
+        try:
+            yield
+        except BaseException:
+            if rewriting:
+                with contextlib.suppress(Exception):  # (a full disk: the write's own error matters)
+                    self._bump()
+            raise
+        if rewriting:
+            self._bump()
 
     def _same_values(self, rows: np.ndarray, values: np.ndarray) -> bool:
         """Whether ``values`` are bit for bit what is stored for ``rows`` (a damaged chunk: no)."""
@@ -305,23 +326,13 @@ class RowGroup:
         return flags is not None and bool(flags[row % per])
 
     def set_done(self, start: int, flags: np.ndarray) -> None:
-        """Write done flags for rows ``start:start+len(flags)`` and keep the cached mask in step.
-
-        Done rows marked not done (failed on a rerun, ``set_errors``) get a new data version, before
-        and after (``_bump``): written again later while not done, they are no rewrite of done rows,
-        and the done mask and version would otherwise come back as they were, so that a cache keyed
-        by them (search's matrix and index) served the values from before."""
-        flags = np.asarray(flags, dtype=bool)
-        undone = bool((self._done()[start:start + len(flags)] & ~flags).any())
-        if undone:
-            self._bump()
+        """Write done flags for rows ``start:start+len(flags)`` and keep the cached mask in step
+        (the callers move the data version where done rows are left not done: ``_rewriting``)."""
         self._arrays.write(self.done_path, start, flags)
         self._caches.done_chunks.pop(self.path, None)
         mask = self._caches.done.get(self.path)
         if mask is not None:
             mask[start:start + len(flags)] = flags
-        if undone:
-            self._bump()
 
     def require_done(self, rows: np.ndarray) -> None:
         """Raise ``MissingFeatureError`` naming the clips of ``rows`` that are not finished."""
@@ -454,21 +465,13 @@ class RowGroup:
             raise ValueError(f"{self.path}: error rows {bad[:5]} are outside the block {start}:{stop} "
                              f"or also marked done")
         data = self._check_block(start, np.asarray(data))
-        rewriting = self._rewriting(np.arange(start, stop), data, unchanged)
-        try:
+        with self._version_moves(self._rewriting(np.arange(start, stop), data, unchanged, done)):
             # rows taken from the store are stored already, rows not done are never served: only the
             # others need writing (a partial commit: the rows done since the last one)
             self.write_block(start, data, changed=None if unchanged is None else done & ~unchanged)
             if self.kind.with_errors:
                 self._write_block_errors(start, stop, done, errors)
             self.set_done(start, done)
-        except BaseException:  # some shards may be rewritten: what was built meanwhile is stale
-            if rewriting:
-                with contextlib.suppress(Exception):  # (a full disk: the write's own error matters)
-                    self._bump()
-            raise
-        if rewriting:
-            self._bump()
 
     def _write_block_errors(self, start: int, stop: int, done: np.ndarray, errors: dict[int, str]) -> None:
         """The error texts of rows ``start:stop`` after a write: cleared for done rows, ``errors`` set."""
@@ -484,9 +487,11 @@ class RowGroup:
 
     def set_errors(self, errors: dict[int, str]) -> None:
         """Record failures (row -> message); those rows are marked not done."""
-        for row, message in errors.items():
-            self.write_errors(row, np.array([error_text(message)], dtype=object))
-            self.set_done(row, np.zeros(1, dtype=bool))
+        rows = np.fromiter(errors, dtype=np.int64, count=len(errors))
+        with self._version_moves(self._rewriting(rows, done=np.zeros(len(rows), dtype=bool))):
+            for row, message in errors.items():
+                self.write_errors(row, np.array([error_text(message)], dtype=object))
+                self.set_done(row, np.zeros(1, dtype=bool))
 
     def write_scattered(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Write values of any rows (in any order; one writer per group), then mark them done.
@@ -495,15 +500,13 @@ class RowGroup:
         """
         order = np.argsort(rows)
         rows, values = rows[order], values[order]
-        rewriting = self._rewriting(rows)
-        for part in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):
-            if len(part):
-                start = int(rows[part[0]])
-                self._arrays.write(self.values_path, start, values[part])
-                self.set_done(start, np.ones(len(part), dtype=bool))
-        self._caches.chunks.drop(self.values_path)
-        if rewriting:
-            self._bump()
+        with self._version_moves(self._rewriting(rows)):
+            for part in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):
+                if len(part):
+                    start = int(rows[part[0]])
+                    self._arrays.write(self.values_path, start, values[part])
+                    self.set_done(start, np.ones(len(part), dtype=bool))
+            self._caches.chunks.drop(self.values_path)
 
     # ----------------------------------------------------------------------------------- reads
     def gather(self, rows: np.ndarray, check_done: bool = True) -> np.ndarray:
