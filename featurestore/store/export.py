@@ -37,6 +37,7 @@ import numpy as np
 
 from featurestore.atomic_files import atomic_path, atomic_write
 from featurestore.errors import MissingFeatureError
+from featurestore.manifest import INDEX_COLUMN_NAMES
 
 _STRING_COLUMNS = ("city", "location", "audio_path", "video_path")
 _MEDIA_COLUMNS = ("audio_path", "video_path")
@@ -96,6 +97,10 @@ def index_columns(store: Any, done: bool = False, absolute_paths: bool = False) 
     ``absolute_paths``: media paths joined to their dataset root (what exports write) instead of
     the stored relative paths (``''`` then becomes None).
     """
+    clash = sorted(set(store.splits()) & set(INDEX_COLUMN_NAMES))  # (manifests refuse them; older stores may hold one)
+    if clash:  # its column, named after it, would replace the index column's values in every table, silently
+        raise ValueError(f"split(s) {', '.join(clash)} have the name of an index column, and the index's "
+                         f"tables name a column after each split: its values would replace the column's")
     classes = store.classes
     labels = np.asarray(store.labels, dtype=np.int64)
     cols: dict[str, Any] = {
@@ -108,23 +113,12 @@ def index_columns(store: Any, done: bool = False, absolute_paths: bool = False) 
         if name in present:
             absolute = absolute_paths and name in _MEDIA_COLUMNS
             cols[name] = media_paths(store, name) if absolute else [str(v) for v in store.column(name)]
-    _refuse_split_clashes(store.splits(), cols)
     for split in store.splits():
         cols[split] = np.asarray(store.column(f"split/{split}"), dtype=bool)
     if done:
         for name in store.feature_sets():
             cols[f"done:{name}"] = store.done_mask(name)
     return cols
-
-
-def _refuse_split_clashes(splits: Sequence[str], cols: dict[str, Any]) -> None:
-    """Refuse a split named like an index column (``clip_id``, ``label``, ``city``, ...): its column
-    is named after the split and would replace that column, so every export would hold the split's
-    True/False as clip ids or labels without a word."""
-    clash = sorted(set(splits) & {*cols, *_STRING_COLUMNS})
-    if clash:
-        raise ValueError(f"split(s) {', '.join(clash)} have the name of an index column, and the index's "
-                         f"tables name a column after each split: its values would replace the column's")
 
 
 def to_pandas(store: Any, done: bool = False) -> Any:
