@@ -22,7 +22,7 @@ import pytest
 import xxhash
 import zarr
 
-from featurestore import ClipRecord, Manifest, create_store, open_store
+from featurestore import ClipRecord, FeatureStore, Manifest, create_store, open_store
 from featurestore.errors import MissingFeatureError, UnknownClipError
 from featurestore.store import _file_writes, index
 from featurestore.store._backend import STRING
@@ -410,25 +410,32 @@ def test_rows_cut_off_by_a_shrink_read_as_fill_values_when_the_array_grows_again
         assert (zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["a"][10:] == fill).all()
 
 
+def _after_a_failed_append(path: Path, monkeypatch) -> FeatureStore:
+    """A store of 10 done clips (set "f", chunks of 16) whose append of 4 more failed on a full disk
+    after growing the arrays to 14 rows: the store object it failed in, still open."""
+    store = create_store(path, Manifest.from_columns("r", CLASSES, [f"a{i}" for i in range(10)], label=["a"] * 10))
+    store.create_feature_set("f", 1, (2,), PROV, chunk_clips=16)
+    store.write_rows("f", 0, np.ones((10, 1, 2)))
+    write = ZarrBackend.write
+
+    def failing(self, array, start, data, changed=None):
+        if array == "index/city":
+            raise OSError(28, "No space left on device")
+        return write(self, array, start, data, changed)
+
+    monkeypatch.setattr(ZarrBackend, "write", failing)
+    with pytest.raises(OSError):
+        store.append_clips(Manifest.from_columns("r", CLASSES, [f"b{i}" for i in range(4)], label=["a"] * 4))
+    monkeypatch.setattr(ZarrBackend, "write", write)
+    return store
+
+
 def test_clips_appended_after_a_roll_back_are_not_given_the_cut_rows_values(tmp_path, monkeypatch):
     """An append failed after growing the arrays; rows past the committed end were then written
     (this store object still saw them); the next writable open cuts them off, and the clips of the
     next append must start not done, not with those rows' flags and values."""
     path = tmp_path / "s.zarr"
-    with create_store(path, Manifest.from_columns("r", CLASSES, [f"a{i}" for i in range(10)], label=["a"] * 10)) as store:
-        store.create_feature_set("f", 1, (2,), PROV, chunk_clips=16)
-        store.write_rows("f", 0, np.ones((10, 1, 2)))
-        write = ZarrBackend.write
-
-        def failing(self, array, start, data, changed=None):
-            if array == "index/city":
-                raise OSError(28, "No space left on device")
-            return write(self, array, start, data, changed)
-
-        monkeypatch.setattr(ZarrBackend, "write", failing)
-        with pytest.raises(OSError):
-            store.append_clips(Manifest.from_columns("r", CLASSES, [f"b{i}" for i in range(4)], label=["a"] * 4))
-        monkeypatch.setattr(ZarrBackend, "write", write)
+    with _after_a_failed_append(path, monkeypatch) as store:
         with contextlib.suppress(ValueError):  # rows past the committed end: written, or refused
             store.write_rows("f", 0, np.full((14, 1, 2), 7.0))
     with open_store(path, "a") as store:
@@ -449,20 +456,7 @@ def test_rows_an_unfinished_append_left_are_refused_and_a_later_append_finds_the
     next append through the same object (growing the arrays further, metadata only) gets clips that
     are not done and hold fill values, not rows written for clips that never were."""
     path = tmp_path / "s.zarr"
-    with create_store(path, Manifest.from_columns("r", CLASSES, [f"a{i}" for i in range(10)], label=["a"] * 10)) as store:
-        store.create_feature_set("f", 1, (2,), PROV, chunk_clips=16)
-        store.write_rows("f", 0, np.ones((10, 1, 2)))
-        write = ZarrBackend.write
-
-        def failing(self, array, start, data, changed=None):
-            if array == "index/city":
-                raise OSError(28, "No space left on device")
-            return write(self, array, start, data, changed)
-
-        monkeypatch.setattr(ZarrBackend, "write", failing)
-        with pytest.raises(OSError):
-            store.append_clips(Manifest.from_columns("r", CLASSES, [f"b{i}" for i in range(4)], label=["a"] * 4))
-        monkeypatch.setattr(ZarrBackend, "write", write)
+    with _after_a_failed_append(path, monkeypatch) as store:
         with pytest.raises(ValueError, match="go past the store's 10 clips"):
             store.write_rows("f", 0, np.full((14, 1, 2), 7.0))
         assert store.done_mask("f").tolist() == [True] * 10

@@ -76,21 +76,14 @@ def test_a_resume_after_the_features_were_rewritten_with_other_values_is_refused
     assert heads.train(cfg, store, overwrite=True).epochs_completed == 2  # the way out: train afresh
 
 
-def test_a_resume_after_clips_were_appended_to_its_training_split_is_refused(store, tmp_path):
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_resume_after_clips_were_appended_to_its_training_or_validation_split_is_refused(store, tmp_path, split):
     cfg = config(tmp_path / "run")
     _one_epoch_of_two(cfg, store)
-    _append_clips(store, 16, "train")
-    with pytest.raises(FileExistsError, match="data.splits.train"):
+    _append_clips(store, 16, split)
+    with pytest.raises(FileExistsError, match=f"data.splits.{split}"):
         heads.train(cfg, store)
     assert json.loads((Path(cfg.out) / "state.json").read_text())["epoch"] == 1
-
-
-def test_a_resume_after_clips_were_appended_to_its_validation_split_is_refused(store, tmp_path):
-    cfg = config(tmp_path / "run")
-    _one_epoch_of_two(cfg, store)
-    _append_clips(store, 16, "val")
-    with pytest.raises(FileExistsError, match="data.splits.val"):
-        heads.train(cfg, store)
 
 
 def test_clips_appended_to_another_split_do_not_stop_a_resume_and_it_equals_a_clean_run(store, tmp_path):
