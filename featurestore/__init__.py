@@ -2,7 +2,7 @@
 from featurestore.clip_table import ClipRecord
 from featurestore.errors import (
     CorruptChunkError, FeatureStoreError, FingerprintMismatchError, MissingChunkError, MissingFeatureError,
-    ReadOnlyStoreError, StoreFormatError, UnknownClipError, UnknownFeatureError, UnknownValueError,
+    ReadOnlyStoreError, StoreChangedError, StoreFormatError, UnknownClipError, UnknownFeatureError, UnknownValueError,
 )
 from featurestore.manifest import TAU_CLASSES, Manifest
 from featurestore.store import FeatureInfo, FeatureStore, VerifyReport, convert_store, create_store, open_store
@@ -10,7 +10,7 @@ from featurestore.viewer import view  # the browser viewer (featurestore.view(st
 
 __all__ = [
     "TAU_CLASSES", "ClipRecord", "CorruptChunkError", "FeatureInfo", "FeatureStore", "FeatureStoreError",
-    "FingerprintMismatchError", "Manifest", "MissingChunkError", "MissingFeatureError", "ReadOnlyStoreError", "StoreFormatError",
-    "UnknownClipError", "UnknownFeatureError", "UnknownValueError", "VerifyReport", "convert_store", "create_store", "open_store",
+    "FingerprintMismatchError", "Manifest", "MissingChunkError", "MissingFeatureError", "ReadOnlyStoreError",
+    "StoreChangedError", "StoreFormatError", "UnknownClipError", "UnknownFeatureError", "UnknownValueError", "VerifyReport", "convert_store", "create_store", "open_store",
     "view",
 ]

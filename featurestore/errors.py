@@ -135,6 +135,11 @@ def _value(value) -> str:
     return "<absent>" if value is _ABSENT else _short(value, 80)
 
 
+class StoreChangedError(FeatureStoreError):
+    """Another process kept replacing what was being read (a feature set created again on every
+    try): nothing consistent could be read."""
+
+
 class CorruptChunkError(FeatureStoreError):
     """A chunk failed its checksum or could not be decoded."""
 

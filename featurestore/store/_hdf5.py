@@ -148,6 +148,12 @@ class HDF5Backend:
             out[key] = json.loads(value) if isinstance(value, str) else value
         return out
 
+    def read_attr(self, path: str, key: str) -> Any:
+        return self.get_attrs(path).get(key)  # h5py reads attributes from the file each time
+
+    def metadata_token(self, path: str) -> None:
+        return None  # the file is held by one process: nobody else replaces a dataset meanwhile
+
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
         node = self._node(path)
         with self._writing():

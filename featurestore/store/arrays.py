@@ -91,6 +91,16 @@ class StoreArrays:
         """The JSON attributes of a group or array (a copy)."""
         return self._backend.get_attrs(path)
 
+    def read_attr(self, path: str, key: str) -> Any:
+        """One attribute of a group or array, read anew from storage (``attrs`` may be cached by
+        the backend's node objects; this never is)."""
+        return self._backend.read_attr(path, key)
+
+    def metadata_token(self, path: str) -> Any:
+        """Something that changes when the array's metadata file is written (None where the backend
+        cannot tell cheaply): a reader's cue to look whether another writer replaced it."""
+        return self._backend.metadata_token(path)
+
     def shape(self, path: str) -> tuple[int, ...]:
         return self._backend.shape(path)
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import numpy as np
 
 from featurestore.checks import is_int
-from featurestore.errors import CorruptChunkError, MissingFeatureError
+from featurestore.errors import CorruptChunkError, MissingFeatureError, StoreChangedError, UnknownFeatureError
 from featurestore.store._backend import STRING, join
 from featurestore.store._cache import ChunkCache
 from featurestore.store.arrays import StoreArrays
@@ -79,15 +80,19 @@ class RowCaches:
         self.chunks = ChunkCache(cache_bytes)
         self.done: dict[str, np.ndarray] = {}  # group path -> done mask, until refresh
         self.versions: dict[str, str | None] = {}  # group path -> data version, until refresh
+        self.tokens: dict[str, Any] = {}  # group path -> its value array's metadata token when last looked
         self.partial_done: dict[str, int] = {}  # group path -> done chunks read without the whole mask
         self.done_chunks: dict[str, dict[int, np.ndarray]] = {}  # group path -> {first row: flags}, same
         # group path -> (inner rows of the values, rows per done chunk): here, not on the RowGroup,
         # so that a set created again with another chunking (same path) is never read with the old
         self.rows_per: dict[str, tuple[int, int]] = {}
+        # group path -> how often another writer was seen to replace it (never reset: a read in
+        # flight compares it before and after, see ``RowGroup._consistent``)
+        self.replaced: Counter[str] = Counter()
 
     def forget(self, path: str) -> None:
         """Drop what is cached of the group at ``path`` and of the groups nested in it."""
-        for cache in (self.done, self.versions, self.partial_done, self.done_chunks, self.rows_per):
+        for cache in (self.done, self.versions, self.tokens, self.partial_done, self.done_chunks, self.rows_per):
             for key in [k for k in cache if k == path or k.startswith(path + "/")]:
                 del cache[key]
         for kind in KINDS:
@@ -102,6 +107,7 @@ class RowCaches:
         self.chunks.clear()
         self.drop_done()
         self.versions.clear()
+        self.tokens.clear()
         self.partial_done.clear()
         self.rows_per.clear()
 
@@ -276,6 +282,10 @@ class RowGroup:
     def _done(self, refresh: bool = False) -> np.ndarray:
         mask = self._caches.done.get(self.path)
         if mask is None or refresh:
+            if mask is not None or self.path in self._caches.done_chunks:
+                self._follow_other_writers()  # flags read before: the group may have been replaced since
+            else:
+                self._note_version()
             # a missing done chunk reads as "not done": safe (the rows are recomputed), never wrong
             mask = self._arrays.read(self.done_path, 0, self._index.n_clips, written=False).astype(bool)
             self._caches.done[self.path] = mask
@@ -312,9 +322,70 @@ class RowGroup:
         deleted, created again or refreshed (``RowCaches.rows_per``)."""
         per = self._caches.rows_per.get(self.path)
         if per is None:
+            self._note_version()
             per = self._caches.rows_per[self.path] = (self._arrays.inner_rows(self.values_path),
                                                       self._arrays.chunk_rows(self.done_path))
         return per
+
+    def _note_version(self) -> None:
+        """Remember the data version the arrays' metadata is read under, where nothing is yet."""
+        if self.path not in self._caches.versions:
+            self._caches.tokens[self.path] = self._arrays.metadata_token(self.values_path)
+            self._caches.versions[self.path] = self._arrays.read_attr(self.path, DATA_VERSION)
+
+    def _check_metadata(self) -> None:
+        """After a read from storage: where the value array's metadata file changed since it was
+        looked at (a ``stat`` of a local Zarr store's ``zarr.json``, ~1 us), see whether another
+        writer replaced the group (``_follow_other_writers``). A growth by another writer's append
+        changes the file too, not the data version: nothing is forgotten then."""
+        now = self._arrays.metadata_token(self.values_path)
+        if now is not None and now != self._caches.tokens.get(self.path, now):
+            self._follow_other_writers()
+        self._caches.tokens[self.path] = now
+
+    def _follow_other_writers(self) -> None:
+        """Before done flags are read anew: where another writer gave the group a new data version
+        (it created the set again, perhaps with another dtype, shape or chunking, or rewrote done
+        rows), forget its arrays' metadata, maps and cached chunks, so that nothing of the new files
+        is read through what was known of the old ones (bytes of float32 read as float16: garbage,
+        with every checksum passing). ``_consistent`` starts a read in flight again."""
+        known = self._caches.versions.get(self.path, _UNREAD)
+        token = self._arrays.metadata_token(self.values_path)
+        try:
+            now = self._arrays.read_attr(self.path, DATA_VERSION)
+        except (KeyError, FileNotFoundError):  # deleted since: say so, as a fresh open would
+            self._arrays.forget(self.path)
+            self._caches.forget(self.path)
+            raise UnknownFeatureError(self.kind.noun, self.name,
+                                      self._arrays.groups_with(self.kind.top, self.kind.leaf)) from None
+        if known is not _UNREAD and now != known:
+            self._arrays.forget(self.path)
+            self._caches.forget(self.path)
+            self._caches.replaced[self.path] += 1
+        self._caches.versions[self.path], self._caches.tokens[self.path] = now, token
+
+    def _consistent(self, read: Callable[[], _T]) -> _T:
+        """``read()``, started again where another writer's replacement of the group was seen
+        during it or just after it (its first part used the old metadata: its result, or its
+        error, is not the store's). The metadata is looked at after the read, so bytes read before
+        a replacement finished are never taken for the new set's. The common case costs a ``stat``
+        and a counter lookup before and after."""
+        for _ in range(_REPLACED_TRIES):
+            seen = self._caches.replaced[self.path]
+            try:
+                out = read()
+            except Exception:
+                self._check_metadata()
+                if self._caches.replaced[self.path] == seen:
+                    raise
+                self._caches.forget(self.path)  # what the attempt cached through the old metadata
+                continue
+            self._check_metadata()
+            if self._caches.replaced[self.path] == seen:
+                return out
+            self._caches.forget(self.path)
+        raise StoreChangedError(f"{self._arrays.location}:{self.path}: replaced by another writer on each of "
+                                f"{_REPLACED_TRIES} reads in a row; read it again when that writer is done")
 
     def _known_done(self, row: int) -> bool:
         """Whether the done flags already read say ``row`` is finished (False: unknown or not)."""
@@ -518,7 +589,11 @@ class RowGroup:
         rows covering at least half a chunk is read by whole chunks (one read per shard, cached
         whole, as loaders walking blocks want).
         ``check_done``: refuse rows that are not finished (``MissingFeatureError``).
+        A group replaced by another writer meanwhile is read as it is now (``_consistent``).
         """
+        return self._consistent(lambda: self._gather(rows, check_done))
+
+    def _gather(self, rows: np.ndarray, check_done: bool) -> np.ndarray:
         if check_done:
             self.require_done(rows)
         array = self.values_path
@@ -569,6 +644,9 @@ class RowGroup:
         uses its neighbours, and copying them into fresh memory cost ~5 us of page faults, a third
         of a cold ``get`` at a million clips. The clip asked again is a cache hit; a neighbour read
         next keeps the chunk whole."""
+        return self._consistent(lambda: self._read_row(row))
+
+    def _read_row(self, row: int) -> np.ndarray:
         array = self.values_path
         per = self._per()[0]
         chunk, offset = divmod(row, per)
@@ -655,6 +733,9 @@ def _is_run(rows: np.ndarray) -> bool:
 
 
 DATA_VERSION = "data_version"
+_UNREAD = object()  # no data version read yet for a group
+_REPLACED_TRIES = 3  # reads of a group that another writer keeps replacing, before giving up
+_T = TypeVar("_T")
 _PARTIAL_DONE_READS = 8  # reads of a few done rows per group before the whole mask is read and kept
 
 
