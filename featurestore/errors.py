@@ -83,7 +83,8 @@ class MissingFeatureError(FeatureStoreError):
 
     def __init__(self, feature: str, clip_ids: list[str], kind: str = "feature set"):
         self.feature = feature
-        self.clip_ids = clip_ids
+        self.clip_ids = list(dict.fromkeys(clip_ids))  # each once, in the order asked (a batch may repeat one)
+        clip_ids = self.clip_ids
         shown = ", ".join(clip_ids[:5]) + (f" and {len(clip_ids) - 5} more" if len(clip_ids) > 5 else "")
         remedy = "run `heads predict` for them first" if kind == "prediction run" else "run extraction for them first"
         super().__init__(f"{kind} {feature!r} has not been computed for clip(s) {shown} "

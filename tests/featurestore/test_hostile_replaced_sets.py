@@ -126,3 +126,11 @@ def test_a_set_replaced_on_every_read_gives_up_in_one_line(store, monkeypatch):
         monkeypatch.setattr(backend, "read_attr", lambda path, key: f"v{next(versions)}")
         with pytest.raises(StoreChangedError, match=r"features/e: replaced by another writer on each of 3 reads"):
             reader.get_many("e", IDS[50:55])
+
+
+def test_missing_clips_asked_twice_are_named_once(store):
+    with open_store(store) as reader:
+        with pytest.raises(MissingFeatureError) as caught:
+            reader.get_many("e", [IDS[150], IDS[3], IDS[150], IDS[120], IDS[150]])
+    assert caught.value.clip_ids == [IDS[150], IDS[120]]
+    assert str(caught.value).count(IDS[150]) == 1
