@@ -123,3 +123,30 @@ def test_a_url_destination_that_is_the_source_is_refused(tmp_path):
             convert_store(url, dst, progress=False)
     with open_store(url) as store:
         assert store.get("emb", "c3").tolist() == [[9.0, 10.0, 11.0]]
+
+
+@pytest.mark.parametrize("destination", ["copy.zarr", "copy.h5"])
+def test_rows_a_killed_append_left_past_the_end_are_not_given_to_clips_appended_to_the_copy(tmp_path, destination):
+    """A source whose arrays a killed append grew past ``n_clips`` (rows written, even marked done,
+    by a writer that never committed them), converted before any writable open cut them off: the
+    copy serves the committed clips, and clips appended to it start not done, with fill values."""
+    import zarr
+
+    from featurestore.errors import MissingFeatureError
+
+    source = tmp_path / "store.zarr"
+    _store(source)
+    root = zarr.open_group(str(source), mode="r+")
+    for name in ("features/emb/data", "features/emb/done", "features/emb/errors"):
+        root[name].resize((6,) + root[name].shape[1:])
+    root["features/emb/data"][4:] = 7.0
+    root["features/emb/done"][4:] = True
+    convert_store(source, tmp_path / destination)
+    with open_store(tmp_path / destination, "a") as copy:
+        assert copy.n_clips == 4 and copy.get("emb", "c3").tolist() == [[9.0, 10.0, 11.0]]
+        copy.append_clips(Manifest("toy", CLASSES, [ClipRecord(f"n{i}", label="a") for i in range(2)]))
+    with open_store(tmp_path / destination) as copy:
+        assert copy.done_mask("emb").tolist() == [True] * 4 + [False] * 2
+        with pytest.raises(MissingFeatureError):
+            copy.get("emb", "n0")
+        assert copy.read_rows("emb", 4, 6, check_done=False).tolist() == [[[0.0] * 3]] * 2
