@@ -79,6 +79,43 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _check_bounds(bounds: Sequence[float]) -> tuple[float, float]:
+    """The temperature search interval, refused in one line naming ``bounds`` unless 0 < low <= high
+    (both finite): the search runs on log T, and scipy's own words for a bad interval name neither
+    the calibrator nor the parameter."""
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature scaling bounds: expected two numbers (low, high), found {bounds!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and 0.0 < lo <= hi):
+        raise ValueError(f"temperature scaling bounds: expected finite temperatures 0 < low <= high, found {bounds!r}")
+    return lo, hi
+
+
+def _warn_if_unidentified(temperature: float, bounds: tuple[float, float], logits: np.ndarray,
+                          labels: np.ndarray) -> None:
+    """Warn when the fit split cannot pin T down, instead of returning the search's edge as an optimum.
+
+    Where every fit clip's true class is its strict arg-max (a tiny or an easy split), the NLL keeps
+    falling as T -> 0: the search stops wherever the NLL stops changing in floating point, and the
+    calibrated output is close to 0/1, so a single held-out error costs ~34.5 nats. T at the upper
+    bound means the fit split prefers uniform rows. Either way the number is the split's, not the model's.
+    """
+    n = len(labels)
+    if not n or bounds[0] == bounds[1] or logits.shape[1] < 2:  # a fixed T, or one class: nothing to fit
+        return
+    true = logits[np.arange(n), labels]
+    others = np.where(np.eye(logits.shape[1], dtype=bool)[labels], -np.inf, logits)
+    if bool(np.all(true > others.max(axis=1))):
+        warnings.warn(f"temperature scaling: all {n} fit clips have their true class on top, so the fit "
+                      f"cannot stop sharpening (T={temperature:.3g}, search bounds {bounds[0]:g}..{bounds[1]:g}): "
+                      f"calibrated probabilities are near 0/1; fit on a larger labelled split with errors", stacklevel=3)
+    elif min(abs(np.log(temperature / b)) for b in bounds) < 1e-3:
+        warnings.warn(f"temperature scaling: the fit stopped at the search bound T={temperature:.3g} "
+                      f"(bounds {bounds[0]:g}..{bounds[1]:g}) on {n} fit clips: the optimum lies beyond it; "
+                      f"check the fit split (size, labels)", stacklevel=3)
+
+
 class TemperatureScaling(_FittedOnClips):
     """p -> softmax(log p / T), with T fitted by minimum NLL on a labelled split.
 
@@ -90,7 +127,7 @@ class TemperatureScaling(_FittedOnClips):
 
     def __init__(self, bounds: tuple[float, float] = (0.02, 50.0)) -> None:
         super().__init__()
-        self.bounds = bounds
+        self.bounds = _check_bounds(bounds)
         self.temperature: float | None = None
 
     @staticmethod
@@ -114,6 +151,7 @@ class TemperatureScaling(_FittedOnClips):
         result = minimize_scalar(lambda lt: self.nll(logits, y, float(np.exp(lt))),
                                  bounds=(lo, hi), method="bounded", options={"xatol": 1e-5})
         self.temperature = float(np.exp(result.x))
+        _warn_if_unidentified(self.temperature, self.bounds, logits, y)
         return self
 
     def apply(self, clip_ids: Sequence[str], probs: np.ndarray) -> np.ndarray:

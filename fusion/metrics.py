@@ -16,7 +16,10 @@ scored depends on the scorer:
   epsilon, does *not* renormalise, and only warns "The y_prob values do not sum to one".
 
 Our functions make the choice explicit with ``renormalize`` (default True: the challenge's scoring);
-``renormalize=False`` scores the raw values, as current scikit-learn does.
+``renormalize=False`` scores the raw values, as current scikit-learn does. The clipping constant
+follows the same choice (``eps=None``): 1e-15 with renormalisation, as the 2021 scorer did, and
+float64's machine epsilon without, as current scikit-learn does for the float64 rows we score (a
+true class given exactly 0 costs -log(2.2e-16) = 36.04 there, not -log(1e-15) = 34.54).
 """
 from __future__ import annotations
 
@@ -27,20 +30,34 @@ import numpy as np
 from fusion._validate import as_labels, as_probs
 
 DCASE_EPS = 1e-15  # scikit-learn's clipping constant before 1.2, the one the 2021 evaluation used
+RAW_EPS = float(np.finfo(np.float64).eps)  # scikit-learn >= 1.5's for float64 rows (it does not renormalise)
+
+
+def clip_eps(renormalize: bool, eps: float | None = None) -> float:
+    """The clipping constant of a scorer: ``eps`` if given, else the one of the scorer that
+    ``renormalize`` stands for (:data:`DCASE_EPS` for the 2021 one, :data:`RAW_EPS` for current
+    scikit-learn), so that ``renormalize=False`` reproduces current scikit-learn on exact 0s and 1s too."""
+    if eps is None:
+        return DCASE_EPS if renormalize else RAW_EPS
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"log-loss eps: expected a clipping constant in (0, 0.5), found {eps!r}")
+    return float(eps)
 
 
 def per_clip_log_loss(probs: np.ndarray, labels: np.ndarray, *, renormalize: bool = True,
-                      eps: float = DCASE_EPS) -> np.ndarray:
+                      eps: float | None = None) -> np.ndarray:
     """Negative log of the probability given to the true class, one value per clip.
 
     Args:
         probs: [n, n_classes] probabilities (rows may not sum to one).
         labels: [n] true class indices.
         renormalize: divide each row by its sum after clipping (the 2021 scorer) or score it raw.
-        eps: values are clipped to [eps, 1 - eps] first, so that log(0) never happens.
+        eps: values are clipped to [eps, 1 - eps] first, so that log(0) never happens (default:
+            :func:`clip_eps` of ``renormalize``).
     """
     p = as_probs(probs)
     y = as_labels(labels, p.shape[0], p.shape[1])
+    eps = clip_eps(renormalize, eps)
     p = np.clip(p, eps, 1.0 - eps)
     if renormalize:
         p = p / p.sum(axis=1, keepdims=True)
@@ -48,7 +65,7 @@ def per_clip_log_loss(probs: np.ndarray, labels: np.ndarray, *, renormalize: boo
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray, *, renormalize: bool = True,
-             eps: float = DCASE_EPS) -> float:
+             eps: float | None = None) -> float:
     """Micro (plain) log-loss: the mean of :func:`per_clip_log_loss` over all clips."""
     losses = per_clip_log_loss(probs, labels, renormalize=renormalize, eps=eps)
     if losses.size == 0:
@@ -57,7 +74,7 @@ def log_loss(probs: np.ndarray, labels: np.ndarray, *, renormalize: bool = True,
 
 
 def classwise_log_loss(probs: np.ndarray, labels: np.ndarray, *, renormalize: bool = True,
-                       eps: float = DCASE_EPS) -> tuple[float, np.ndarray]:
+                       eps: float | None = None) -> tuple[float, np.ndarray]:
     """DCASE's primary metric: log-loss per true class, then the mean over classes.
 
     Classes without any clip get NaN in the per-class array and are left out of the mean (a
@@ -178,7 +195,7 @@ def _jsonable(value):
 
 
 def score(probs: np.ndarray, labels: np.ndarray, classes: list[str], *, renormalize: bool = True,
-          eps: float = DCASE_EPS) -> Scores:
+          eps: float | None = None) -> Scores:
     """All metrics at once, with class names attached to the class-wise ones."""
     if np.shape(probs)[-1] != len(classes):
         raise ValueError(f"score: expected {len(classes)} class columns, found shape {np.shape(probs)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,24 +139,56 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
+_HTML = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"})
+
+
+def _inline(text: object) -> str:
+    """A name as Markdown text on one line: its own line breaks would end a list item, a heading or a
+    table row, and HTML in it (``<b>``) would be rendered instead of shown."""
+    return " ".join(str(text).translate(_HTML).splitlines())
+
+
+def _cell(text: object) -> str:
+    """A value as one Markdown table cell. Names come from the store and the recipe (a class name may
+    hold any character): an unescaped ``|`` splits the cell and shifts every number after it into the
+    wrong column, and a line break ends the table. Backslashes are doubled first: a name holding
+    ``\\|`` would otherwise become ``\\\\|``, an escaped backslash followed by a column break."""
+    return _inline(str(text).replace("\\", "\\\\").replace("|", "\\|"))
+
+
+def _row(cells: list[object]) -> str:
+    """One Markdown table row of escaped cells."""
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def _code(text: object) -> str:
+    """``text`` (a path, a split name) on one line as an inline code span, fenced by more backticks
+    than it holds in a row, so that a backtick in it cannot end the span early."""
+    text = " ".join(str(text).splitlines())
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _table2(rows: list[TableRow]) -> list[str]:
     lines = ["| Index | Architecture | Audio | Video | Notes | Log-loss | Accuracy (%) | Micro log-loss | ECE |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r.scores
-        lines.append(f"| {r.index} | {r.architecture} | {r.audio} | {r.video} | {r.notes or '-'} | "
-                     f"{_fmt(s.logloss)} | {_fmt(100 * s.accuracy, 1)} | {_fmt(s.logloss_micro)} | {_fmt(s.ece)} |")
+        lines.append(_row([r.index, r.architecture, r.audio, r.video, r.notes or "-", _fmt(s.logloss),
+                           _fmt(100 * s.accuracy, 1), _fmt(s.logloss_micro), _fmt(s.ece)]))
     return lines
 
 
 def _classwise_table(ev: Evaluation) -> list[str]:
     names = list(ev.variants)
     counts = np.bincount(ev.output.labels, minlength=len(ev.output.classes))
-    lines = ["| Class | Clips | " + " | ".join(f"log-loss: {n}" for n in names) + " | Accuracy (final) |",
+    lines = [_row(["Class", "Clips", *(f"log-loss: {n}" for n in names), "Accuracy (final)"]),
              "|---|---|" + "---|" * len(names) + "---|"]
     for c, name in enumerate(ev.output.classes):
-        cells = " | ".join(_fmt(ev.variants[n].classwise_logloss[name]) for n in names)
-        lines.append(f"| {name} | {counts[c]} | {cells} | {_fmt(100 * ev.final.classwise_accuracy[name], 1)} |")
+        cells = [_fmt(ev.variants[n].classwise_logloss[name]) for n in names]
+        lines.append(_row([name, counts[c], *cells, _fmt(100 * ev.final.classwise_accuracy[name], 1)]))
     return lines
 
 
@@ -176,7 +209,7 @@ def _weights_table(stored: dict, infos: dict[str, RunInfo]) -> list[str]:
         modality = "head backbone" if backbone else feature_modality(feature, info.provenance if info else None)
         flag = "**RANDOM**" if feature in random else "no"
         fingerprint = info.fingerprint if info else ("-" if backbone else "(not in this store)")
-        lines.append(f"| {feature} | {modality} | {identity[feature]} | {flag} | {fingerprint} | {', '.join(used[feature])} |")
+        lines.append(_row([feature, modality, identity[feature], flag, fingerprint, ", ".join(used[feature])]))
     return lines
 
 
@@ -185,18 +218,18 @@ def render_markdown(store, ev: Evaluation, rows: list[TableRow], infos: dict[str
     """The text of report.md (``feature_sets``: the store's, as read once by :func:`write_report`)."""
     out, recipe = ev.output, ev.output.recipe
     random = sorted({f for i in infos.values() for f in i.random_features})
-    lines = [RANDOM_BANNER.format(features=", ".join(random)), ""] if random else []
-    lines += [f"# Fusion report: {recipe.name}", "",
-              f"- Store: `{getattr(store, 'location', store)}`",
-              f"- Evaluated split: `{out.split}` ({len(out.clip_ids)} clips)",
-              f"- Recipe: {recipe.description or recipe.name}",
+    lines = [RANDOM_BANNER.format(features=_inline(", ".join(random))), ""] if random else []
+    lines += [f"# Fusion report: {_inline(recipe.name)}", "",
+              f"- Store: {_code(getattr(store, 'location', store))}",
+              f"- Evaluated split: {_code(out.split)} ({len(out.clip_ids)} clips)",
+              f"- Recipe: {_inline(recipe.description or recipe.name)}",
               f"- Final output: class-wise log-loss **{ev.final.logloss:.3f}**, accuracy **{100 * ev.final.accuracy:.1f} %**",
               "- Log-loss is DCASE's class-wise average (per true class, then the mean); micro log-loss is over all clips. "
               + ("Rows are renormalised to sum to one before scoring, as the 2021 scorer (scikit-learn of that time) did; "
                  "equation (1) leaves rows that do not sum to one."
                  if recipe.metric_renormalize else "Rows are scored as they are (no renormalisation), as scikit-learn >= 1.5 does."),
               ""]
-    lines += [f"- Note: {n}" for n in out.notes]
+    lines += [f"- Note: {_inline(n)}" for n in out.notes]
     lines += ["", "## Models and ensembles (shape of the paper's Table 2)", "", *_table2(rows), "",
               "## Class-wise results", "", *_classwise_table(ev), "",
               "## Encoder weights", "", *_weights_table(feature_sets, infos), "",
