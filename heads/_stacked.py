@@ -539,7 +539,10 @@ class _Group:
             for n in self.trainable:
                 optimizer.state[named[n]] = {"momentum_buffer": snap[f"momentum.{n}"][k].clone()}
         record = {"epoch": epoch, "loss": loss, "lr": cfg.lr_at(epoch), **metrics, "seconds": round(seconds, 3)}
-        trial.state = t.commit_epoch(Path(cfg.out), head, optimizer, trial.state, record, cfg)
+        try:
+            trial.state = t.commit_epoch(Path(cfg.out), head, optimizer, trial.state, record, cfg)
+        except t.TrainingDivergedError as err:  # its weights: the trainer's message names no run, K trials here
+            raise t.TrainingDivergedError(f"trial {cfg.out}: {err}") from err
         trial.history.append(record)
         if cfg.progress:
             t.log(t.epoch_line(record, cfg.epochs))

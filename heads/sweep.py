@@ -82,7 +82,17 @@ class Range:
             value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
         else:
             value = rng.uniform(self.low, self.high)
-        return float(f"{value:.3g}")
+        return self.rounded(value)
+
+    def rounded(self, value: float) -> float:
+        """``value`` to 3 significant digits (a directory name that is its exact value), with more digits where
+        3 would leave the range: ``lin:0.9:0.9999`` drew 0.99961 as momentum 1.0, a value never asked for
+        (momentum without decay); ``log:1.234e-4:1e-3`` drew 0.00012341 as 0.000123, below the range."""
+        for digits in range(3, 18):
+            rounded = float(f"{value:.{digits}g}")
+            if self.low <= rounded <= self.high:
+                return rounded
+        return min(max(value, self.low), self.high)  # exp(log(high)) may pass high by a rounding error
 
 
 @dataclass
@@ -185,6 +195,9 @@ def parse_range(head: str, key: str, raw: str) -> Range:
         low, high = float(low_text), float(high_text)
     except ValueError:
         raise SweepError(f"--grid {key}={raw}: range ends must be numbers, got {low_text!r} and {high_text!r}") from None
+    if kind == "int" and not (low.is_integer() and high.is_integer()):
+        # int(1.5) is 1: the draws would start below the range
+        raise SweepError(f"--grid {key}={raw}: int range ends must be integers, got {low_text} and {high_text}")
     if not (math.isfinite(low) and math.isfinite(high)) or low > high or (kind == "log" and low <= 0):
         raise SweepError(f"--grid {key}={raw}: expected LOW <= HIGH{' and LOW > 0' if kind == 'log' else ''}, "
                          f"got {low_text} and {high_text}")
@@ -204,6 +217,50 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def check_seeds(seeds: Iterable[Any]) -> list[int]:
+    """The ``seeds`` a Python caller gave, as a list: distinct integers >= 0, at least one.
+
+    Why: `parse_seeds` checks the command line's, but ``heads.sweep(..., seeds=[0, 0])`` made two trials of
+    one run directory (the second was refused as "being written by another process", after the first had
+    trained), and ``seeds=[]`` a sweep of nothing that wrote an empty table.
+    """
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise SweepError(f"seeds: expected a list of integers, got {seeds!r}")
+    seeds = list(seeds)
+    if (not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise SweepError(f"seeds: expected distinct integers >= 0 (at least one), got {seeds!r}")
+    return seeds
+
+
+def distinct_values(head: str, key: str, values: Any) -> list[Any]:
+    """A grid axis a Python caller gave, as a list of distinct values (the first spelling of each kept).
+
+    Why: values equal as the field's type are one configuration, but ``{"lr": [1, 1.0]}`` named two
+    directories (``lr=1``, ``lr=1.0``) and trained the same trials twice; ``{"loss": "focal"}`` swept its
+    letters, ``{"lr": 0.1}`` was a bare TypeError and ``{"lr": []}`` a sweep of nothing.
+    """
+    owner = _field_owner(head, key)
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise SweepError(f"grid {key}: expected a list of values, got {values!r}")
+    values = list(values)
+    if not values:
+        raise SweepError(f"grid {key}: no values (an axis without values sweeps nothing)")
+    kept: dict[str, Any] = {}
+    for value in values:
+        kept.setdefault(_canonical(owner, key, value), value)
+    return list(kept.values())
+
+
+def _canonical(owner: type, key: str, value: Any) -> str:
+    """``value`` as the field's type, in JSON (1 and 1.0 of a float field are both ``1.0``); a value the field
+    refuses stays as given (`TrainConfig` names it when the trials are made)."""
+    try:
+        return json.dumps(parse_field(owner, key, json.dumps(value)), sort_keys=True)
+    except (TypeError, ValueError):
+        return json.dumps(value, sort_keys=True, default=repr)
+
+
 # ------------------------------------------------------------------------------ the trials
 def configurations(grid: Mapping[str, Sequence[Any]], ranges: Mapping[str, Range] | None = None,
                    samples: int = 0, sample_seed: int = 0) -> list[dict[str, Any]]:
@@ -213,6 +270,9 @@ def configurations(grid: Mapping[str, Sequence[Any]], ranges: Mapping[str, Range
         raise SweepError(f"--grid ranges ({', '.join(ranges)}) need --samples N (how many configurations to draw)")
     if samples and not ranges:
         raise SweepError("--samples needs at least one range (--grid KEY=log:LOW:HIGH, lin:LOW:HIGH or int:LOW:HIGH)")
+    if isinstance(sample_seed, bool) or not isinstance(sample_seed, int) or sample_seed < 0:
+        # numpy's own words ("expected non-negative integer") named neither the flag nor the value
+        raise SweepError(f"--sample-seed must be an integer >= 0, got {sample_seed!r}")
     keys = list(grid)
     combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     if ranges:
@@ -254,6 +314,109 @@ def make_trials(base: TrainConfig, configs: list[dict[str, Any]], seeds: Sequenc
                       "head_config": {**base.head_config, **head_values}}
             trials.append(Trial(name, seed, values, TrainConfig(**fields)))
     return trials
+
+
+def _check_out(out: Path, store: Any, base: TrainConfig) -> None:
+    """``out`` is a directory (or not there yet) beside the store, checked before its lock or anything in it.
+
+    Why: a file there failed only at ``mkdir`` as a bare ``[Errno 17] File exists``; a run directory (both
+    commands default to ``runs/run``) took the trials among its own files; and the shared and
+    stacked trials never pass through `heads.train.train`, whose check refuses an ``--out`` that is the
+    store or inside it, so a sweep wrote its runs, table and 'best' link among the store's arrays.
+    """
+    from heads.train import _check_out_beside_store
+
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out {str(out)!r} is a file, not a sweep directory; choose another --out")
+    if out.is_symlink() and not out.exists():
+        raise SweepError(f"--out {str(out)!r} is a symbolic link to nothing; choose another --out")
+    held = [name for name in ("run.json", "state.json") if (out / name).is_file()]
+    if held:  # both commands default to runs/run: the sweep went into a run's directory, whose `heads train
+        # --overwrite` then deleted every trial with it
+        raise SweepError(f"--out {str(out)!r} is the run directory of a `heads train` run (it holds {held[0]}), not a "
+                         f"sweep directory: its trials would be deleted with that run; choose another --out")
+    _check_out_beside_store(out, store.location if store is not None else base.store)
+
+
+def _refuse_shared_val_clips(trials: list[Trial], store: Any) -> None:
+    """Refuse, before anything trains, a validation split sharing clips with the training split.
+
+    Why: `heads.train.train` refuses it (the best epoch and the reported accuracy would come from clips
+    the head trains on), but the small heads' trials train through `SharedReads` and `heads._stacked`,
+    which do not pass through it: such a sweep tabled training-set accuracy and picked 'best' by it.
+    """
+    from heads.train import refuse_shared_val_clips
+
+    checked = set()
+    for trial in trials:
+        pair = (trial.cfg.train_split, trial.cfg.val_split)
+        if trial.cfg.head in SharedReads.HEADS and pair not in checked:
+            checked.add(pair)
+            refuse_shared_val_clips(trial.cfg, store)
+
+
+def _refuse_trials_of_other_data(trials: list[Trial], store: Any) -> None:
+    """Refuse a rerun when a trial's run directory was trained on other data than the store holds now.
+
+    Why: each run records its data (`heads.train.training_data`: the feature sets' data versions, a digest
+    of its splits' clip ids and labels), but a *finished* trial is skipped by fingerprints alone, so after
+    a feature set was rewritten or a split relabelled a rerun (say, with a value added to the grid) tabled
+    the old trials' metrics beside new trials trained on the new data and picked 'best' across the two.
+    Runs made before the data was recorded are not checked (as `heads.train` resumes them).
+    """
+    from heads.train import _data_diff, training_data
+
+    now: dict[str, dict] = {}
+    stale: list[tuple[Trial, list[str]]] = []
+    for trial in trials:
+        info = _own_run_info(trial)
+        if info is None or not isinstance(info.get("data"), dict):
+            continue
+        key = json.dumps([trial.cfg.features, trial.cfg.train_split, trial.cfg.val_split])
+        if key not in now:
+            now[key] = training_data(trial.cfg, store)
+        if json.dumps(info["data"], sort_keys=True) != json.dumps(now[key], sort_keys=True):
+            stale.append((trial, _data_diff(info, {"data": now[key]})))
+    if stale:
+        trial, diff = stale[0]
+        raise SweepError(f"{len(stale)} trial(s) were trained on other data than the store holds now, e.g. "
+                         f"{trial.run_dir} (differs in: {', '.join(diff)}); their metrics cannot be compared with "
+                         f"trials trained now: --overwrite trains every trial afresh, or choose another --out")
+
+
+def _own_run_info(trial: Trial) -> dict | None:
+    """The trial's ``run.json`` when its directory holds this trial's run (the same training config, up to the
+    fields a resume may change); None when there is no run yet, a damaged one, or another run's (another
+    split, lr, ...): `heads.train` refuses those, naming what is wrong or which fields differ."""
+    from heads.train import _train_diff
+
+    try:
+        info = json.loads((trial.run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("train"), dict) or _train_diff(info["train"],
+                                                                                            trial.cfg.to_dict()):
+        return None
+    return info
+
+
+def _refuse_trials_past_their_epochs(trials: list[Trial]) -> None:
+    """Refuse a rerun with fewer ``epochs`` than trials have done already.
+
+    Why: `heads.train` leaves such a run as it is ("nothing to train"), best epoch and all, which is right
+    for one run; a sweep then tabled those trials' best of, say, 6 epochs beside trials of a value added to
+    the grid trained for the 1 asked for now, picked 'best' across the two, and wrote ``epochs: 1`` into
+    sweep.json.
+    """
+    from heads._stacked import resume_epoch
+
+    past = [(t, done) for t in trials
+            if (done := resume_epoch(t.cfg, False) or 0) > t.cfg.epochs and _own_run_info(t) is not None]
+    if past:
+        trial, done = past[0]
+        raise SweepError(f"{len(past)} trial(s) have more epochs done than the {trial.cfg.epochs} asked for, e.g. "
+                         f"{trial.run_dir} ({done} done); their metrics cannot be compared with trials of "
+                         f"{trial.cfg.epochs}: give --epochs {done}, or --overwrite to train every trial afresh")
 
 
 def _head_config_class(head: str) -> type:
@@ -300,13 +463,23 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
     if jobs is not None and jobs < 1:
         raise SweepError(f"--jobs must be an integer >= 1, got {jobs}")
     out = Path(out if out is not None else base.out)
-    seeds = list(seeds) if seeds is not None else [base.seed]
+    seeds = check_seeds(seeds) if seeds is not None else [base.seed]
     ranges = {k: (parse_range(base.head, k, r) if isinstance(r, str) else r) for k, r in (ranges or {}).items()}
-    for key in [*(grid or {}), *ranges]:
+    grid = {key: distinct_values(base.head, key, values) for key, values in (grid or {}).items()}
+    for key in ranges:
         _field_owner(base.head, key)
-    trials = make_trials(base, configurations(dict(grid or {}), ranges, samples, sample_seed), seeds, out)
+        if key in grid:  # the draws replaced the grid's values of ``key`` without a word
+            raise SweepError(f"grid {key}: given both as grid values and as a range; give one")
+    trials = make_trials(base, configurations(grid, ranges, samples, sample_seed), seeds, out)
+    _check_out(out, store, base)
     _check_best_is_ours(out)
     with run_lock(out), _opened(store, base) as opened:
+        if opened is not None:
+            _refuse_shared_val_clips(trials, opened)
+            if not overwrite:
+                _refuse_trials_of_other_data(trials, opened)
+        if not overwrite:
+            _refuse_trials_past_their_epochs(trials)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "sweep.json", _describe(base, grid or {}, ranges, samples, sample_seed, seeds, metric, trials))
         trained, per_trial = 0, []
@@ -318,9 +491,11 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
             if i in stacked or i in in_processes:
                 result, how = (stacked[i], "stacked") if i in stacked else (in_processes[i], "process")
             elif shared is not None and shared.can_share(trial.cfg):
-                result, how = shared.train(trial.cfg, overwrite=overwrite), "shared"
+                with naming_the_trial(trial.cfg):
+                    result, how = shared.train(trial.cfg, overwrite=overwrite), "shared"
             else:
-                result, how = train(trial.cfg, opened, overwrite=overwrite), "alone"
+                with naming_the_trial(trial.cfg):
+                    result, how = train(trial.cfg, opened, overwrite=overwrite), "alone"
             trained += not result.nothing_to_do
             per_trial.append({**_trial_row(trial, result), "trained": "no" if result.nothing_to_do else how})
             if on_trial_end is not None:
@@ -387,7 +562,22 @@ def _train_one(cfg: TrainConfig, overwrite: bool, threads: int) -> Any:
     from heads.train import train
 
     torch.set_num_threads(threads)
-    return train(cfg, overwrite=overwrite)
+    with naming_the_trial(cfg):
+        return train(cfg, overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def naming_the_trial(cfg: TrainConfig) -> Iterator[None]:
+    """A trial that diverges is named in the error: the trainer's "the weights became NaN or infinite in epoch 1"
+    names no run (a lone run has one), and a sweep of many trials stopped without saying which."""
+    from heads.train import TrainingDivergedError
+
+    try:
+        yield
+    except TrainingDivergedError as err:
+        if str(cfg.out) in str(err):
+            raise
+        raise TrainingDivergedError(f"trial {cfg.out}: {err}") from err
 
 
 @contextlib.contextmanager
@@ -586,6 +776,11 @@ def _write_outputs(out: Path, rows: list[dict[str, Any]], best: dict[str, Any] |
     if best is not None:
         write_json(out / "best.json", best)
         _point_best(out, best["config"])
+    else:  # no configuration has the metric (no val_split): an earlier sweep's best.json and link would name a
+        # configuration, and a mean, that this table no longer has
+        for stale in (out / "best", out / "best.json"):
+            if stale.is_symlink() or stale.is_file():
+                stale.unlink()
 
 
 def _check_best_is_ours(out: Path) -> None:
