@@ -254,7 +254,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     else:
         missing = [f"--{k.replace('_', '-')}" for k in ("store", "head", "features") if k not in flags]
         if missing:
-            raise ValueError(f"train needs {', '.join(missing)} (or --recipe)")
+            raise ValueError(f"{args.command} needs {', '.join(missing)} (or --recipe)")
         cfg = TrainConfig(**flags)
     cfg.head_config = {**cfg.head_config, **parse_head_set(cfg.head, args.head_set)}
     return cfg

@@ -19,8 +19,11 @@ RESUMABLE_FIELDS = ("epochs", "device", "progress", "num_workers", "store", "out
 Name = Annotated[str, Field(min_length=1)]  # a head, feature set, split, path or device: never empty
 Count = Annotated[int, Field(ge=0)]  # 0 allowed (epochs, workers, seeds, masks)
 Size = Annotated[int, Field(ge=1)]  # a width, batch or number of classes
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# torch trains in float32: a rate or decay past its largest value (lr=1e39) was a torch RuntimeError
+# traceback ("value cannot be converted to type float without overflow") at the first step
+FLOAT32_MAX = 3.4028234663852886e38
+Positive = Annotated[float, Field(gt=0, le=FLOAT32_MAX, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, le=FLOAT32_MAX, allow_inf_nan=False)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 

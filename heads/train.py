@@ -185,7 +185,8 @@ def finished_already(cfg: TrainConfig, store: Any = None) -> TrainResult | None:
     has ``cfg.epochs`` or more epochs done, or it is a finished head without training. This reads
     two JSON files and the store's feature-set attributes, so a resume with nothing to do returns
     at once; asking for fewer epochs than were done is said in one line. Anything else (another run
-    in the directory, features that changed) is None: ``train`` then resumes or refuses as usual.
+    in the directory, features that changed, data other than the run recorded) is None: ``train``
+    then resumes or refuses as usual (naming ``data.*``: a finished run of other data is not "done").
     """
     run_dir = Path(cfg.out)
     info_path, state_path = run_dir / "run.json", run_dir / "state.json"
@@ -196,7 +197,7 @@ def finished_already(cfg: TrainConfig, store: Any = None) -> TrainResult | None:
     no_training = bool(state.get("finished")) and state.get("trainable_parameters") == 0
     if (done < cfg.epochs and not no_training) or _train_diff(info.get("train", {}), cfg.to_dict()):
         return None
-    if not _same_features(info, cfg, store):
+    if not _same_inputs(info, cfg, store):
         return None
     best = state.get("best_epoch")
     if no_training:
@@ -216,20 +217,25 @@ def _train_diff(old: dict, new: dict) -> list[str]:
     return [k for k in new if k not in RESUMABLE_FIELDS and _canon(old.get(k)) != _canon(new[k])]
 
 
-def _same_features(info: dict, cfg: TrainConfig, store: Any) -> bool:
-    """Whether the store's feature sets still have the fingerprints the run was trained on."""
+def _same_inputs(info: dict, cfg: TrainConfig, store: Any) -> bool:
+    """Whether the store's feature sets still have the fingerprints the run was trained on and,
+    where the run recorded them, the data versions and split digests (``training_data``): a rerun of
+    a finished run after a set was rewritten or a split grew said "nothing to do" and reported the
+    old data's metrics as the answer for the store as it is."""
     if store is None:
         if not cfg.store:
             return False
         from featurestore.store import open_store
 
         with open_store(cfg.store, mode="r") as opened:
-            return _same_features(info, cfg, opened)
+            return _same_inputs(info, cfg, opened)
     try:
         found = {name: store.feature_info(name).fingerprint for name in cfg.features}
     except KeyError:  # UnknownFeatureError: train() reports it
         return False
-    return found == {name: info.get("features", {}).get(name) for name in cfg.features}
+    if found != {name: info.get("features", {}).get(name) for name in cfg.features}:
+        return False
+    return "data" not in info or _canon(info["data"]) == _canon(training_data(cfg, store))
 
 
 def build_head(cfg: TrainConfig, store: Any) -> tuple[Head, dict]:
@@ -640,6 +646,9 @@ def _open_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> dict:
     if overwrite and run_dir.exists():
         _check_replaceable(run_dir)
         shutil.rmtree(run_dir)
+    if (run_dir / "sweep.json").is_file():  # both commands default to runs/run
+        raise FileExistsError(f"--out {str(run_dir)!r} is a `heads sweep` directory (it holds sweep.json), not a run "
+                              f"directory; choose another --out")
     if info_path.exists():
         diff = _identity_diff(read_json(info_path), identity)
         if diff:

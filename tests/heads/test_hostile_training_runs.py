@@ -229,3 +229,46 @@ def test_a_validation_split_sharing_clips_with_the_training_split_is_refused(sto
     assert not (Path(cfg.out) / "run.json").exists()
     heads.train(config(tmp_path / "last", val_split=None, epochs=1), store)
     assert (tmp_path / "last" / "run.json").exists()
+
+
+def test_a_finished_run_rerun_after_its_features_were_rewritten_is_refused_not_called_done(store, tmp_path):
+    """All epochs done, then the set rewritten with the same provenance: the rerun said "nothing to
+    do" and reported the old data's metrics as this store's."""
+    cfg = config(tmp_path / "run", epochs=1)
+    heads.train(cfg, store)
+    values = np.asarray(store.read_rows(FEATURE, 0, N), dtype=np.float32)
+    store.write_rows(FEATURE, 0, (-values).astype(np.float16))
+    with pytest.raises(FileExistsError, match=f"data.data_versions.{FEATURE}"):
+        heads.train(cfg, store)
+    assert heads.train(cfg, store, overwrite=True).nothing_to_do is False  # the way out: train afresh
+
+
+def test_a_finished_run_with_unchanged_data_is_still_nothing_to_do(store, tmp_path):
+    cfg = config(tmp_path / "run", epochs=1)
+    heads.train(cfg, store)
+    _append_clips(store, 16, "other")  # another split: not this run's data
+    assert heads.train(cfg, store).nothing_to_do
+
+
+def test_heads_train_into_a_sweep_directory_is_refused(store, tmp_path):
+    out = tmp_path / "sweep"
+    heads.sweep(config(out, epochs=1), {"lr": [0.1]}, seeds=[0], store=store)
+    with pytest.raises(FileExistsError, match="is a `heads sweep` directory"):
+        heads.train(config(out, epochs=1), store)
+    assert (out / "sweep.json").is_file() and not (out / "run.json").exists()
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "lr_gamma"])
+def test_rates_past_float32_are_refused_naming_the_field(tmp_path, field):
+    from heads.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        config(tmp_path / "run", **{field: 1e39})
+
+
+def test_heads_sweep_without_store_names_the_sweep_command(tmp_path, capsys):
+    from heads.cli import main
+
+    code = main(["sweep", "--head", "linear", "--features", FEATURE, "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sweep needs --store" in err and "train needs" not in err
