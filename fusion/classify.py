@@ -116,14 +116,20 @@ class FusedFiles:
         return path
 
 
+#: What the pipeline calls a new clip: ``/`` is in no clip id (``manifest.check_clip_id``), so a file
+#: named like a stored clip is never taken for it (a leakage refusal, or a location looked up for it).
+NEW_CLIP = "new file/"
+
+
 class _NewClips:
-    """New clips' segment probabilities, read the way the pipeline reads a store's predictions."""
+    """New clips' segment probabilities, read the way the pipeline reads a store's predictions
+    (under the keys ``NEW_CLIP + name``)."""
 
     def __init__(self, runs: Mapping[str, RunProbs]):
         self.runs = runs
 
     def get_predictions(self, run: str, clip_ids: Sequence[str]) -> np.ndarray:
-        return np.stack([self.runs[run].segment_probs[c] for c in clip_ids])
+        return np.stack([self.runs[run].segment_probs[c.removeprefix(NEW_CLIP)] for c in clip_ids])
 
 
 def classify_files(store, recipe: FusionRecipe, files: Iterable[str | Path], device: str = "auto",
@@ -178,13 +184,15 @@ def fuse_new_clips(store, recipe: FusionRecipe, names: Sequence[str],
     """The recipe's final probabilities for new clips (the steps of :func:`fusion.pipeline.fuse`).
 
     Everything fitted (confidence weights, calibration) is fitted on the store's clips; the new
-    clips only pass through.
+    clips only pass through, even a file named like a clip of a fit split: its answer is a
+    prediction, never scored, so there is nothing to leak (and it is not that stored clip).
     """
     if not names:
         return np.zeros((0, len(store.classes))), None
-    stage = family_stage(_NewClips(answers), recipe, list(names))
+    keys = [NEW_CLIP + name for name in names]
+    stage = family_stage(_NewClips(answers), recipe, keys)
     stages: dict = {}  # the fit splits' stages, read from the store
-    weights = _weights(store, recipe, list(names), stages)
+    weights = _weights(store, recipe, keys, stages)
     fused = _fuse(recipe, stage, weights)
     final, described = fused, None
     if recipe.calibration:

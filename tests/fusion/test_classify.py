@@ -118,3 +118,28 @@ def test_the_cli_refuses_missing_files_in_one_line_before_any_run(fused_store, c
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err == f"fusion classify: error: 1 file(s) not found: {fused_store['tmp'] / 'absent.wav'}"
+
+
+@pytest.mark.parametrize("cross_fit", [0, 2])
+def test_files_named_like_clips_of_the_fit_splits_are_classified_as_any_file(fused_store, tmp_path, cross_fit):
+    """A file whose stem is a stored clip id of the recipe's fit splits: its answer is the same as the
+    same file's under another name (before: a LeakageError "fit on a split disjoint from the one you
+    evaluate", or with cross-fitting an UnknownClipError, though nothing is scored)."""
+    recipe = dict(RECIPE, calibration={**RECIPE["calibration"], "cross_fit": cross_fit})
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    with open_store(fused_store["store"]) as store:
+        ids = store.select(split="fold1_train")[:3]
+    files = files_of(fused_store["root"], ids)
+    renamed = []
+    for f in files:
+        copy = tmp_path / f"copy-{f.name}"
+        shutil.copy(f, copy)
+        renamed.append(copy)
+    answers = []
+    for given in (files, renamed):
+        with warnings.catch_warnings(), open_store(fused_store["store"]) as store:
+            warnings.simplefilter("ignore")  # calibration fitted on the runs' training split (a test shortcut)
+            answers.append(classify_files(store, FusionRecipe.from_json(path), given, device="cpu", progress=False))
+    assert [c.name for c in answers[0].clips] == ids and not answers[0].errors
+    np.testing.assert_array_equal(answers[0].probs, answers[1].probs)
