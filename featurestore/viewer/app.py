@@ -116,6 +116,9 @@ class _Handlers:
             with self.lock:
                 return make()
         except (UnknownClipError, UnknownFeatureError, MediaRefused, MediaMissing) as err:
+            gone = self._store_gone()  # a store deleted under the app: its sets read as unknown now
+            if gone:
+                return PlainTextResponse(f"{gone} ({_one_line(err)}); restart featurestore view", status_code=503)
             return PlainTextResponse(_one_line(err), status_code=404)
         except BadRequest as err:
             return PlainTextResponse(_one_line(err), status_code=400)
