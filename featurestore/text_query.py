@@ -50,8 +50,9 @@ def text_encoder_spec(store: Any, info: Any) -> str:
     The store's class features say which text tower went with the image tower: first a set made by
     ``cliptext/<model>`` with the same weights (whatever its name: a store may hold two weight
     choices of one model, ``vit_random=clip/ViT-B-32@none``), then, for the default-named
-    ``clip/<model>`` set, the ``cliptext/<model>`` class features; otherwise the weights come from
-    the feature set's own provenance.
+    ``clip/<model>`` set, the ``cliptext/<model>`` class features when they may pair with it (a
+    checkpoint file on either side, see `_may_pair`); otherwise the weights come from the feature
+    set's own provenance.
     """
     prov = info.provenance or {}
     spec = parse_spec(str(prov.get("encoder") or info.name))
@@ -64,9 +65,20 @@ def text_encoder_spec(store: Any, info: Any) -> str:
     same = [p for p in towers.values() if prov.get("weights") and weights_identity(p) == weights_identity(prov)]
     if same:
         return str(same[0]["encoder"])
-    if info.name == spec.name and towers.get(text_name, {}).get("encoder"):
-        return str(towers[text_name]["encoder"])
+    default = towers.get(text_name, {})
+    if info.name == spec.name and default.get("encoder") and _may_pair(prov, default):
+        return str(default["encoder"])
     return f"{text_name}@{_weights_text(prov.get('weights') or {}, spec.weights, info.name)}"
+
+
+def _may_pair(image: dict, text: dict) -> bool:
+    """Whether a text tower of other weights than the image set's may still be its partner: when
+    the image set records no weights, or either side is a checkpoint file (a text tower tuned to
+    frozen image weights). Two pretrained tags (``openai``/``laion2b_...``), or random weights
+    against anything else, are two trainings with two embedding spaces: a sentence embedded by the
+    one ranks the other's clips by noise, with nothing flagged."""
+    kinds = {(image.get("weights") or {}).get("kind"), (text.get("weights") or {}).get("kind")}
+    return not image.get("weights") or "file" in kinds
 
 
 def _spec_name(encoder: Any) -> str | None:

@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from featurestore._sigint import iter_loader
+from featurestore.checks import is_int_in
 from featurestore.errors import MissingFeatureError
 
 Level = Literal["segment", "clip"]
@@ -135,8 +136,7 @@ class StoreDataset(IterableDataset):
             raise ValueError(f"level must be one of {_LEVELS}, got {level!r}")
         if missing not in ("error", "skip"):
             raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_sizes(batch_size=batch_size, block_clips=block_clips, shuffle_buffer=shuffle_buffer, seed=seed)
         self._store = None if isinstance(store, (str, Path)) else store
         self._store_ref = str(store) if isinstance(store, (str, Path)) else None
         self.features = [features] if isinstance(features, str) else list(features)
@@ -158,7 +158,7 @@ class StoreDataset(IterableDataset):
         if require_labels:
             self._check_labels()
         chunk = max(int(info.chunk_clips) for info in self.infos)
-        self.block_clips = int(block_clips or chunk)
+        self.block_clips = int(chunk if block_clips is None else block_clips)
         self.blocks = _make_blocks(self.rows, self.block_clips)
 
     # ----------------------------------------------------------------- setup
@@ -289,6 +289,19 @@ class StoreDataset(IterableDataset):
         if self._cached is not None:
             return
         self._cached = [self._fill(i, self.blocks, len(self.rows)) for i in range(len(self.features))]
+
+
+def _check_sizes(**values: Any) -> None:
+    """Refuse a size or seed that is not a whole number in range, naming the argument: ``block_clips=0``
+    read as the default, a negative one cut blocks of one row and shuffled nothing across them, and a
+    float or string batch size failed at the first batch with a message naming no argument."""
+    for name, value in values.items():
+        low = 0 if name == "seed" else 1
+        if value is None and name in ("batch_size", "block_clips"):
+            continue
+        if not is_int_in(value, low):
+            raise ValueError(f"StoreDataset: {name} must be an integer >= {low}"
+                             f"{' (or None)' if name in ('batch_size', 'block_clips') else ''}, got {value!r}")
 
 
 def _make_blocks(rows: np.ndarray, block_clips: int) -> list[tuple[int, int, np.ndarray]]:
@@ -441,6 +454,11 @@ class TensorBatches:
         for i, x in enumerate(inputs):
             if int(x.shape[0]) != n:
                 raise ValueError(f"input {i} has {x.shape[0]} samples, labels have {n}")
+        for name, x in (("rows", rows), ("segments", segments)):  # shorter failed mid-epoch; longer misaligned
+            if x is not None and tuple(x.shape) != (n,):
+                raise ValueError(f"TensorBatches: {name} has shape {tuple(x.shape)}, expected ({n},): one per sample")
+        if not is_int_in(batch_size, 1):
+            raise ValueError(f"TensorBatches: batch_size must be an integer >= 1, got {batch_size!r}")
         self.inputs = [x.float() for x in inputs]
         self.labels = labels.long()
         self.rows = rows.long() if rows is not None else torch.arange(n)

@@ -40,6 +40,7 @@ from featurestore.checks import is_int_in, non_finite_rows
 from featurestore.extract.errors import NO_ROOM, store_write_error
 from featurestore.store.layout import validate_name
 from featurestore.provenance import file_sha256, is_random_weights
+from featurestore.provenance import fingerprint as provenance_fingerprint
 from featurestore.errors import ReadOnlyStoreError
 from featurestore.store.lock import writer_lock
 from featurestore.store.shared import open_prediction_store, write_problem
@@ -110,9 +111,26 @@ def check_fingerprints(store: Any, info: dict, run_dir: str | Path) -> dict[str,
         if name in store.class_feature_sets():
             attrs = store.get_class_features(name)[1]
             found = class_features_fingerprint(attrs)
-            if found != trained:
+            if found != trained and _in_run_order(attrs, info.get("classes")) != trained:
                 raise FeatureFingerprintError(str(run_dir), name, trained, found)
     return sets
+
+
+def _in_run_order(attrs: dict, run_classes: list[str] | None) -> str | None:
+    """The fingerprint stored class features would have with their prompts in the run's class order.
+
+    Extraction records one prompt per class, in the store's class order, in the provenance: the
+    same tower over a store with the same classes in another order has another fingerprint, though
+    predict maps the head's columns to the store's classes by name (`class_order`). None when the
+    store's classes are not the run's in another order, or no prompts are recorded per class."""
+    prov, classes = attrs.get("provenance"), attrs.get("classes")
+    prompts = prov.get("prompts") if isinstance(prov, dict) else None
+    if not (isinstance(prompts, list) and isinstance(classes, list) and isinstance(run_classes, list)):
+        return None
+    if len(prompts) != len(classes) or len(set(classes)) != len(classes) or sorted(classes) != sorted(run_classes):
+        return None
+    position = {name: i for i, name in enumerate(classes)}
+    return provenance_fingerprint({**prov, "prompts": [prompts[position[name]] for name in run_classes]})
 
 
 def class_order(run_classes: list[str] | None, store_classes: list[str], run_dir: str | Path) -> np.ndarray | None:
@@ -323,7 +341,7 @@ def _predict(store: Any, out: Any, run_dir: Path, name: str, opt: _Options) -> P
     """Read features from ``store``, write probabilities into ``out`` (``store`` itself, or a
     prediction store of the same index: the same rows)."""
     dev = resolve_device(opt.device)
-    head, info = load_head(run_dir, dev, opt.weights)
+    head, info = load_head(run_dir, dev, opt.weights)  # (zero-shot prompts of another CLIP model are refused)
     sets = check_fingerprints(store, info, run_dir)
     # an unknown split is refused before the run is created (or, with --overwrite, deleted)
     selected = np.arange(store.n_clips) if opt.split is None else store.rows(store.select(split=opt.split))

@@ -260,6 +260,10 @@ def build_head(cfg: TrainConfig, store: Any) -> tuple[Head, dict]:
         "data": training_data(cfg, store),
         "train": cfg.to_dict(),
     }
+    if class_fp:  # zero-shot: prompts of another CLIP model or weights would give meaningless numbers
+        from heads.zero_shot import check_towers
+
+        check_towers(identity, cfg.out)
     return head, identity
 
 

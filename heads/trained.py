@@ -21,6 +21,7 @@ import torch
 
 from featurestore.encoders import resolve_device
 from heads._registry import Head, create_head, head_class
+from heads.zero_shot import check_towers
 from heads.checkpoint import CheckpointError, check_sha256, check_shapes, load_weights, read_json_object, run_file
 
 
@@ -54,11 +55,14 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
         FileNotFoundError: not a run directory, or its weights file is missing.
         CheckpointError: ``run.json`` does not describe a head, or the weights file does not fit it
             (checked from the safetensors header before the head is allocated).
+        ConfigError: a zero-shot run whose class prompts another CLIP model or other weights made
+            (`heads.zero_shot.check_towers`; runs trained before the check are caught here).
     """
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a training run directory (no run.json)")
     info = run_info(run_dir)
+    check_towers(info, str(run_dir))  # zero-shot prompts of another CLIP model: refused before any answer
     path = weights_path(run_dir, weights)
     name, config = _head_spec(run_dir, info)
     check_weights_file(run_dir, weights, path)

@@ -105,6 +105,7 @@ def verify_store(store, threads: int | None = None) -> VerifyReport:
     for group in _row_groups(store, scan):
         _check_group(store, report, group, damaged, n, raw)
     report.problems += _groups_without_values(store, scan)
+    report.problems += _unfinished_class_features(store, scan)
     return report
 
 
@@ -670,6 +671,21 @@ def _fast_index(store, raw: "_LocalZarrChunks | None") -> tuple[list[str], np.nd
     if ids is None or labels is None:
         return None
     return ids.tolist(), labels
+
+
+def _unfinished_class_features(store, scan: MetadataScan | None) -> list[Problem]:
+    """Class-feature sets whose write never finished (still marked ``writing``): reads refuse them,
+    the store does not list them, and only this says why (a missing chunk may say it too)."""
+    from featurestore.store.class_features import WRITING
+
+    problems = []
+    for name in store.arrays.groups_with("class_features", "data"):
+        path = join("class_features", name)
+        if not (scan is not None and scan.touches(path)) and store.arrays.attrs(path).get(WRITING):
+            problems.append(Problem(path, None, f"class feature set {name!r} is unfinished: its writer stopped "
+                                                f"before recording what made its values; write it again "
+                                                f"(featurestore extract with its cliptext encoder)"))
+    return problems
 
 
 def _groups_without_values(store, scan: MetadataScan | None) -> list[Problem]:
