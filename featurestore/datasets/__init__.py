@@ -22,6 +22,7 @@ from featurestore.datasets._common import (
     PathLike,
     check_count,
     check_files,
+    not_utf8,
 )
 from featurestore.datasets.csv_manifest import read_csv_manifest
 from featurestore.datasets.tau import TauLayout, locate_tau, read_tau, read_tau_eval
@@ -94,6 +95,11 @@ def _open_file(path: Path, shape: dict[str, int | None], allow_outside_root: boo
 
 
 def _has_clip_id(path: Path) -> bool:
-    with open(path, encoding="utf-8-sig") as f:
-        first = f.readline()
+    """Whether the CSV's header names a ``clip_id`` column. A file that is not UTF-8 is a
+    DatasetFormatError naming it (it escaped as a bare UnicodeDecodeError, naming no file)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            first = f.readline()
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from exc
     return "clip_id" in [h.strip().lower() for h in first.replace("\t", ",").split(",")]

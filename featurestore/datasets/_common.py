@@ -235,7 +235,9 @@ def read_table(path: PathLike, delimiter: str | None = None, header_first: tuple
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # csv sees every \r and \n as they are
             text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from exc
+    except OSError as exc:
         raise DatasetFormatError(path, None, f"cannot read file ({exc})") from exc
     if delimiter is None:
         delimiter = "\t" if "\t" in io.StringIO(text, newline="").readline() else ","
@@ -255,6 +257,19 @@ def read_table(path: PathLike, delimiter: str | None = None, header_first: tuple
     has_header = not header_first or first[0] in header_first
     _check_widths(path, parsed, delimiter, "from the header" if has_header else f"as on line {parsed[0][0]}")
     return Table(path, first if has_header else None, parsed[1:] if has_header else parsed)
+
+
+def not_utf8(path: Path, exc: UnicodeDecodeError) -> DatasetFormatError:
+    """The error for a metadata file that is not UTF-8, saying so and, for UTF-16 (a spreadsheet's
+    "Unicode text" export, which starts with a byte-order mark), which encoding it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        head = b""
+    kind = ("UTF-16 text (Unicode text as spreadsheets export it)" if head in (b"\xff\xfe", b"\xfe\xff")
+            else "not UTF-8 text")
+    return DatasetFormatError(path, None, f"{kind}: save it as UTF-8 (byte {exc.start}: {exc.reason})")
 
 
 @contextlib.contextmanager

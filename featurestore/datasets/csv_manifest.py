@@ -92,6 +92,8 @@ def read_csv_manifest(
     base = table.path.parent.absolute()
     cells = dict(zip(header, table.columns))  # a repeated column name: the last one, as a dict of each row had it
     _check_rows(table, cells, base, allow_outside_root)
+    for column in ("label", "city", "location"):
+        _check_unpadded(table, cells, column)
     labels = _labels(cells.get("label"), len(table.lines))
     classes = _classes(table, cells["clip_id"], labels, classes)
     audio_segments, video_frames = clip_counts([base], audio_segments, video_frames, default_segments=DEFAULT_SEGMENTS,
@@ -127,6 +129,25 @@ def _check_row(table: _Columns, cells: dict[str, list[str]], row: int, base: Pat
     for media in ("audio", "video"):
         listed = cells[media][row] if media in cells else ""
         check_inside_root(base, listed, table.path, line, clip_id, allow_outside_root)
+
+
+def _check_unpadded(table: _Columns, cells: dict[str, list[str]], name: str) -> None:
+    """No ``name`` cell (label, city, location) starts or ends with white space that the CSV reading
+    kept: a no-break space (spreadsheets, text copied from the web), an em space, a vertical tab.
+
+    ``"park\u00a0"`` was a class of its own beside ``"park"`` (a head with one class more, its
+    clips counted apart), and such a location one of its own beside the real one (location-disjoint
+    folds put the two on either side). The distinct cells are checked, so a million rows cost little.
+    """
+    column = cells.get(name)
+    if column is None:
+        return
+    padded = {value for value in set(column) if value != value.strip()}
+    if padded:
+        row = next(i for i, value in enumerate(column) if value in padded)
+        raise DatasetFormatError(table.path, table.lines[row], f"{name} {column[row]!r} of clip "
+                                                               f"{cells['clip_id'][row]!r} starts or ends with "
+                                                               f"white space; remove it")
 
 
 def _first_bad_id(ids: list[str]) -> int | None:

@@ -137,6 +137,7 @@ def read_tau(root: PathLike, *, audio_segments: int | None = None,
     by_id = {c.clip_id: c for c in clips}
     for fold in layout.fold_files:
         _apply_split(read_table(fold, "\t", _HEADER_FIRST), by_id)
+    _check_train_apart(layout.fold_files, clips)
     audio_segments, video_frames = clip_counts(_sidecar_places(layout), audio_segments, video_frames,
                                                default_segments=DEV_SEGMENTS, default_frames=DEV_FRAMES)
     manifest = Manifest(layout.name, list(TAU_CLASSES), clips, base, audio_segments=audio_segments,
@@ -305,6 +306,30 @@ def _apply_split(table: Table, by_id: dict[str, ClipRecord]) -> None:
         clip.splits = clip.splits | {split}
 
 
+def _check_train_apart(folds: list[Path], clips: list[ClipRecord]) -> None:
+    """A fold's training clips are none of the clips it is scored on (``foldN_train`` against
+    ``foldN_evaluate`` and ``foldN_test``).
+
+    A clip in both (split files concatenated or edited by hand) was read without a word, and a head
+    trained on it was then scored on it: numbers that look good and mean nothing.
+    """
+    members: dict[str, set[str]] = {}
+    for clip in clips:
+        for split in clip.splits:
+            members.setdefault(split, set()).add(clip.clip_id)
+    for fold in folds:
+        if not fold.stem.endswith("_train"):
+            continue
+        prefix = fold.stem.removesuffix("_train")
+        for scored in (f"{prefix}_evaluate", f"{prefix}_test"):
+            shared = sorted(members.get(fold.stem, set()) & members.get(scored, set()))
+            if shared:
+                more = f" and {len(shared) - 5} more" if len(shared) > 5 else ""
+                shown = ", ".join(repr(c) for c in shared[:5]) + more
+                raise DatasetFormatError(fold, None, f"{len(shared)} clip(s) listed here are also in {scored}: "
+                                                     f"{shown}; a fold's training and scored clips must differ")
+
+
 def _field(row: list[str], idx: int | None) -> str:
     return row[idx] if idx is not None and idx < len(row) else ""
 
@@ -332,9 +357,25 @@ def _clips_from_folds(folds: list[Path], base: Path, allow_outside_root: bool) -
     return list(clips.values())
 
 
+def _listed_files(directory: Path) -> dict[str, Path]:
+    """The files of ``directory`` by stem, hidden ones left out with a warning.
+
+    Copies made on a Mac leave ``.DS_Store`` and an AppleDouble ``._0.wav`` beside each file; their
+    stems are no clip ids, so one of them made the whole evaluation set unreadable. No clip id
+    starts with '.', so a hidden file is never a clip.
+    """
+    if not directory.is_dir():
+        return {}
+    files = [p for p in sorted(directory.iterdir()) if p.is_file()]
+    hidden = [p.name for p in files if p.name.startswith(".")]
+    if hidden:
+        log.warning("%s: %d hidden file(s) left out of the clips (%s)", directory, len(hidden),
+                    ", ".join(hidden[:5]) + (" ..." if len(hidden) > 5 else ""))
+    return {p.stem: p for p in files if not p.name.startswith(".")}
+
+
 def _clips_from_listing(base: Path) -> list[ClipRecord]:
-    audio = {p.stem: p for p in sorted((base / "audio").glob("*")) if p.is_file()} if (base / "audio").is_dir() else {}
-    video = {p.stem: p for p in sorted((base / "video").glob("*")) if p.is_file()} if (base / "video").is_dir() else {}
+    audio, video = _listed_files(base / "audio"), _listed_files(base / "video")
     ids = sorted(set(audio) | set(video), key=lambda s: (0, int(s), "") if s.isdigit() else (1, 0, s))
     for i in ids:
         checked_clip_id(audio.get(i) or video.get(i), None, i)

@@ -20,6 +20,11 @@ Everything an encoder sees comes through here, so the policies live in one place
   needs a seek the decoder is drained at the wanted frame instead of being fed the next GOP's
   first packets (which its reordering delay would otherwise ask for). None of this changes a
   pixel: every frame that is decoded, and every frame it depends on, is decoded exactly.
+* The frame on screen at a time is found from the frames' own timestamps (one demux pass per clip,
+  nothing decoded), never from packet durations, which variable frame rate video (phones, screen
+  recorders) does not keep. Frames come out upright: a display rotation (portrait phone video) is
+  applied as ffmpeg and torchcodec apply it. The stream sampled is the one FFmpeg would play
+  (``video_stream``: not a cover picture).
 * Decoding is single-threaded unless ``threads`` asks for more (extraction already decodes many
   clips at once in worker processes, and never asks); then groups of times that share no keyframe
   are sought in parallel, each in its own opened copy of the file (``_parallel_seek``, loaded only

@@ -12,7 +12,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 from featurestore.decode._errors import PathLike
-from featurestore.decode.video import _Counts, _open_video, _probe, _sample_with, _Sampler, sample_times
+from featurestore.decode.video import _Counts, _open_video, _probe, _sample_with, _Sampler, sample_times, video_stream
 
 #: Speed-up FFmpeg's frame threading gives per extra thread on H.264 (measured 1.54-1.55x with two
 #: threads on 720p30 clips; docs/datasets-and-decoding.md). Used only to choose how to use threads.
@@ -30,7 +30,7 @@ def seek_in_parallel(path: PathLike, n_frames: int, threads: int) -> tuple[list,
     """
     with _open_video(path) as container:
         info = _probe(container, path)
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         times = sample_times(info.duration, n_frames)
         groups = independent_groups(_Sampler(container, stream, path, info.fps), times, threads)
     total = sum(work for _, work in groups)

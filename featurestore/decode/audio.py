@@ -45,8 +45,9 @@ def load_audio(path: PathLike, sample_rate: int = 48000, *, allow_silent: bool =
         DecodeError: missing, empty, unreadable, truncated, silent or non-finite audio.
     """
     with _open_audio(path) as f:
-        mono, _ = _read_mono(f, path, None)
         file_rate = int(f.samplerate)
+        _check_ratio(path, file_rate, sample_rate)
+        mono, _ = _read_mono(f, path, None)
     _check_samples(path, mono, allow_silent)
     return resample(mono, file_rate, sample_rate)
 
@@ -96,6 +97,7 @@ def load_audio_segments(
     expected = f"expected {_secs(want, sample_rate)} s ({n_segments} segments of {segment_seconds:g} s"
     with _open_audio(path) as f:
         file_rate = int(f.samplerate)
+        _check_ratio(path, file_rate, sample_rate)
         claimed = _resampled_len(int(f.frames), file_rate, sample_rate) if 0 <= f.frames < _UNKNOWN_FRAMES else 0
         if not trim_long and claimed - want > slack:  # the header says so: nothing is read
             raise DecodeError(path, f"too long: {_secs(claimed, sample_rate)} s, {expected}; "
@@ -136,6 +138,27 @@ def resample(signal: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
 
     g = math.gcd(int(from_rate), int(to_rate))
     return resample_poly(signal, int(to_rate) // g, int(from_rate) // g).astype(np.float32)
+
+
+#: The largest term of the reduced rate ratio ``to/from`` resampling takes (44.1 -> 48 kHz is 160/147,
+#: an odd clock like 48001 Hz is 48000/48001). ``resample_poly`` designs a filter of ``20 * max(up, down)``
+#: taps: this bounds it to 1.3 M taps, 10 MB.
+MAX_RATIO_TERM = 1 << 16
+
+
+def _check_ratio(path: PathLike, from_rate: int, to_rate: int) -> None:
+    """Refuse, before any sample is read, a file whose rate cannot be resampled in bounded memory.
+
+    The filter grows with the reduced ratio's terms: a header claiming 536870912 Hz (a damaged or
+    hostile rate field) asked for an 84 M-tap filter, a MemoryError traceback (and 999983 Hz for
+    20 M taps and seconds of work) instead of an error naming the file.
+    """
+    g = math.gcd(int(from_rate), int(to_rate))
+    up, down = int(to_rate) // g, int(from_rate) // g
+    if from_rate != to_rate and max(up, down) > MAX_RATIO_TERM:
+        raise DecodeError(path, f"sample rate {from_rate} Hz cannot be resampled to {to_rate} Hz: the exact ratio "
+                                f"{up}/{down} needs a filter of {20 * max(up, down) + 1} taps (at most "
+                                f"{20 * MAX_RATIO_TERM + 1}); a damaged header?")
 
 
 def _secs(n_samples: int, rate: int) -> str:

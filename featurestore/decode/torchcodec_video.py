@@ -28,7 +28,7 @@ from functools import cache
 import torch
 
 from featurestore.decode._errors import DecodeError, PathLike
-from featurestore.decode.video import _open_video, _probe, sample_times, target_tick
+from featurestore.decode.video import _open_video, _probe, sample_times, target_tick, video_stream
 from featurestore.errors import FeatureStoreError
 
 #: What to install for this decoder (named by every error saying it is missing).
@@ -87,15 +87,39 @@ def sample_frames_torchcodec(path: PathLike, n_frames: int, device: str | torch.
     """
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
-    seconds = target_seconds(path, n_frames)
+    seconds, half_frame = _targets(path, n_frames)
     video_decoder = _video_decoder_class()
     try:
         decoder = video_decoder(str(path), device=str(device), seek_mode="exact", dimension_order="NHWC")
-        frames = decoder.get_frames_played_at(seconds).data
+        end = decoder.metadata.end_stream_seconds
+        inside = [s for s in seconds if end is None or s < end]
+        parts = [decoder.get_frames_played_at(inside).data] if inside else []
+        if len(inside) < len(seconds):
+            last = _last_frame(path, decoder, seconds[-1], half_frame)
+            parts.append(last.repeat(len(seconds) - len(inside), 1, 1, 1))
+        frames = parts[0] if len(parts) == 1 else torch.cat(parts)
+    except DecodeError:
+        raise
     except Exception as exc:  # torchcodec raises RuntimeError/IndexError/ValueError with FFmpeg's words
         raise DecodeError(path, f"torchcodec could not decode it ({type(exc).__name__}: "
                                 f"{' '.join(str(exc).split())[:300]})") from exc
     return frames.contiguous()
+
+
+def _last_frame(path: PathLike, decoder, latest: float, half_frame: float) -> torch.Tensor:
+    """The last frame ``[1, H, W, 3]``, for times at or after torchcodec's end of stream.
+
+    torchcodec refuses any time at or after its end ("frame pts is 1.389594; must be less than
+    1.300000"), and its end is sometimes the last frame's start (clips cut with ``ffmpeg -ss ... -c
+    copy``, variable frame rate MP4), where the PyAV sampler gives the last frame while it is on
+    screen and for half a frame after: so a clip the sampler decodes failed with ``--decoder
+    torchcodec``. The sampler's rule is applied here: the last frame, or "truncated" past that.
+    """
+    last = decoder.get_frame_at(len(decoder) - 1)
+    frame_end = last.pts_seconds + (last.duration_seconds or 2 * half_frame)
+    if latest > frame_end + half_frame:
+        raise DecodeError(path, f"truncated: frames end at {frame_end:.3f} s, needed one at {latest:.3f} s")
+    return last.data.unsqueeze(0)
 
 
 def target_seconds(path: PathLike, n_frames: int) -> list[float]:
@@ -104,9 +128,14 @@ def target_seconds(path: PathLike, n_frames: int) -> list[float]:
     Each is the sampler's target tick plus half a tick, so that the frame starting exactly at the
     target is "played at" it whatever rounding torchcodec applies to seconds.
     """
+    return _targets(path, n_frames)[0]
+
+
+def _targets(path: PathLike, n_frames: int) -> tuple[list[float], float]:
+    """:func:`target_seconds` and half a frame's length in seconds (the sampler's slack at the end)."""
     with _open_video(path) as container:
         info = _probe(container, path)
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         base, start = stream.time_base, stream.start_time or 0
         container_name = container.format.name
     if not CONTAINERS & set(container_name.split(",")):
@@ -117,4 +146,4 @@ def target_seconds(path: PathLike, n_frames: int) -> list[float]:
         raise DecodeError(path, "the video stream has no time base (frames without timestamps): decode it "
                                 "with the default decoder (pyav)")
     ticks = [target_tick(t, start, base) for t in sample_times(info.duration, n_frames)]
-    return [float((tick + Fraction(1, 2)) * base) for tick in ticks]
+    return [float((tick + Fraction(1, 2)) * base) for tick in ticks], 0.5 / info.fps

@@ -15,13 +15,13 @@ from featurestore.decode._errors import DecodeError, PathLike
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What :func:`probe_video` found out about a file's first video stream.
+    """What :func:`probe_video` found out about a file's video stream (:func:`video_stream`).
 
     Attributes:
         duration: seconds covered by the frames (first frame's start to last frame's end).
         fps: average frame rate.
-        width: frame width in pixels.
-        height: frame height in pixels.
+        width: frame width in pixels, as stored (before a display rotation turns the frames).
+        height: frame height in pixels, as stored.
         n_frames: number of frames (counted by the container, else estimated from duration * fps).
         duration_source: where ``duration`` came from: ``"stream"``, ``"container"``,
             ``"frame_count"`` or ``"packets"`` (a demux pass, for streams without metadata).
@@ -36,7 +36,7 @@ class VideoInfo:
 
 
 def probe_video(path: PathLike) -> VideoInfo:
-    """Duration, frame rate, size and frame count of a video's first video stream.
+    """Duration, frame rate, size and frame count of a video's stream (:func:`video_stream`).
 
     Falls back from the stream's duration to the container's, to the frame count, and finally to
     demuxing all packets (no decoding), so streams without duration metadata (raw H.264,
@@ -126,7 +126,7 @@ def _sample_with(path: PathLike, want: int | list[float], method: str, threads: 
     :func:`sample_times` of the file's duration), decoded from one opened copy of the file."""
     with _open_video(path) as container:
         info = _probe(container, path)
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         _set_decoder_threads(stream, threads)
         times = sample_times(info.duration, want) if isinstance(want, int) else want
         sampler = _Sampler(container, stream, path, info.fps)
@@ -135,12 +135,29 @@ def _sample_with(path: PathLike, want: int | list[float], method: str, threads: 
                 picked = sampler.by_seeking(times)
             else:
                 picked = sampler.by_decoding_all(times, info.fps, by_index=method == "decode_all_by_index")
-            arrays = [f.to_ndarray(format="rgb24") for f in picked]
+            arrays = [_upright(path, f) for f in picked]
         except (DecodeError, _CannotSeek):
             raise
         except Exception as exc:  # av.error.*: corrupt data in the middle of the file
             raise DecodeError(path, f"corrupt or truncated video data ({type(exc).__name__}: {exc})") from exc
     return arrays, _Counts(sampler.n_decoded, sampler.n_packets)
+
+
+def _upright(path: PathLike, frame) -> np.ndarray:
+    """The frame's RGB pixels as players show them: turned by the stream's display rotation.
+
+    Phones store portrait video as landscape frames plus a display matrix saying "turn by 90";
+    ffmpeg, players and torchcodec apply it, so without it these frames came out sideways (and
+    differed from ``--decoder torchcodec``'s). Only quarter turns exist in practice; any other
+    angle is refused rather than guessed.
+    """
+    array = frame.to_ndarray(format="rgb24")
+    rotation = int(getattr(frame, "rotation", 0) or 0)  # degrees counterclockwise (PyAV >= 14)
+    if rotation % 90:
+        raise DecodeError(path, f"display rotation of {rotation} degrees is not a multiple of 90 "
+                                f"(the frames cannot be turned upright exactly)")
+    turns = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
 
 def _set_decoder_threads(stream, threads: int) -> None:
@@ -190,14 +207,26 @@ def _open_video(path: PathLike) -> Iterator:
         container.close()
 
 
+def video_stream(container):
+    """The video stream a player shows, as FFmpeg picks it (``av_find_best_stream``: not a cover picture,
+    the default track before others, then the one with most frames), which is torchcodec's too.
+
+    The first video stream was taken before: in a Matroska file whose first track is a one-frame
+    cover or thumbnail, that track was sampled (a false "truncated", or its frames), while
+    ``--decoder torchcodec`` decoded the film. With one video stream nothing changes.
+    """
+    best = container.streams.best("video")
+    return best if best is not None else container.streams.video[0]
+
+
 def _probe(container, path: PathLike) -> VideoInfo:
-    stream = container.streams.video[0]
+    stream = video_stream(container)
     ctx = stream.codec_context
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
     if stream.duration and stream.time_base:
         duration, source = float(stream.duration * stream.time_base), "stream"
-    elif container.duration:
+    elif container.duration and not _starts_late(container, stream):
         duration, source = container.duration / 1_000_000, "container"  # AV_TIME_BASE units
     elif stream.frames and fps > 0:
         duration, source = stream.frames / fps, "frame_count"
@@ -212,6 +241,17 @@ def _probe(container, path: PathLike) -> VideoInfo:
     return VideoInfo(duration, fps, int(ctx.width), int(ctx.height), n_frames, source)
 
 
+def _starts_late(container, stream) -> bool:
+    """Whether the file's timestamps start after 0, which makes a container's duration ambiguous.
+
+    Matroska's segment duration is the last timestamp, not the span: a clip whose stream starts
+    at 0.3 s (``ffmpeg -itsoffset``, cut recordings) claims 4.3 s for 4 s of frames, which spread
+    the sampling times over 4.3 s and picked other frames without a word. The packets are
+    measured instead (a demux pass, nothing decoded).
+    """
+    return bool(container.start_time or stream.start_time)
+
+
 def _scan_packets(path: PathLike) -> tuple[float | None, int]:
     """``(duration, n_packets)`` from a demux pass over a separate handle (nothing is decoded).
 
@@ -219,7 +259,7 @@ def _scan_packets(path: PathLike) -> tuple[float | None, int]:
     (raw elementary streams).
     """
     with _open_video(path) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         first = last_end = None
         total = n = 0
         try:
@@ -238,15 +278,6 @@ def _scan_packets(path: PathLike) -> tuple[float | None, int]:
             return None, n
         ticks = (last_end - first) if first is not None else total
         return float(ticks * stream.time_base), n
-
-
-def _shows(packet, target: int) -> bool:
-    """Whether a packet's frame is on screen at pts ``target`` by its pts and duration.
-
-    Packets without a duration never match, so their streams keep the slower, safer path.
-    """
-    return (packet.pts is not None and bool(packet.duration)
-            and packet.pts <= target < packet.pts + packet.duration)
 
 
 class _Sampler:
@@ -270,11 +301,13 @@ class _Sampler:
         self._prev = None  # last decoded frame with pts <= the current target
         self._pending = None  # first decoded frame past the current target
         self._eof = False
-        self._wanted: list[tuple[int, int]] | None = None  # (lo, hi] pts ranges worth decoding
+        self._wanted: list[int] | None = None  # the targets (pts ticks) being sampled
         self._current = 0  # the target being looked for; ranges before it are finished
         self._drain_for: int | None = None  # target whose packet ends decoding (the next one seeks)
         self._drained = False  # the decoder was drained: only a seek can continue
         self._index_offset = self._pts_minus_index_ts()
+        self._ends: dict[int, int] = {}  # frame start -> next frame's start (_index_intervals)
+        self._last: int | None = None  # the last frame's start
 
     def _ticks(self, t: float) -> int:
         return target_tick(t, self._start, self._tb)
@@ -286,9 +319,9 @@ class _Sampler:
     def by_seeking(self, times: list[float]) -> list:
         if not self._tb:
             raise _CannotSeek()
+        self._index_intervals()
         targets = [self._ticks(t) for t in times]
-        margin = 3 * self._frame_ticks  # a target's frame starts less than one frame before it
-        self._wanted = [(target - margin, target) for target in targets]
+        self._wanted = targets
         out = []
         for target, drain in zip(targets, self._drain_plan(targets)):
             self._current = target
@@ -300,6 +333,30 @@ class _Sampler:
                 frame = self._seek_earlier(target)
             out.append(self._checked(frame, target))
         return out
+
+    def _index_intervals(self) -> None:
+        """Learn when each frame stops being on screen: the next frame's start, from one demux pass
+        (nothing decoded).
+
+        Seeking stops decoding at the frame on screen at a target and skips non-reference frames
+        that are on screen at none. It used to take that interval from the packet's duration, or,
+        without one, to assume the frame on screen starts within three frames of the target. In
+        variable frame rate video (phones, screen recordings) neither holds: MP4 packet durations
+        are decode-order steps, Matroska's a rounded default, so frames several positions off came
+        back without a word (and one tick off in 29.97 fps Matroska). The gaps between the
+        frames' own timestamps are the intervals; the last frame keeps its packet's duration.
+        """
+        starts = sorted({p.pts: p.duration or 0 for p in self.container.demux(self.stream)
+                         if p.size and p.pts is not None}.items())
+        self._ends = {pts: next_pts for (pts, _), (next_pts, _) in zip(starts, starts[1:])}
+        if starts:
+            last, duration = starts[-1]
+            self._ends[last] = last + (duration or self._frame_ticks)
+            self._last = last
+
+    def _shows(self, pts: int | None, target: int) -> bool:
+        """Whether the frame starting at ``pts`` is on screen at ``target`` (False when unknown)."""
+        return pts is not None and pts <= target < self._ends.get(pts, pts)
 
     def _must_seek(self, target: int) -> bool:
         """Seek unless the keyframe before ``target`` is at or behind the decoder's position."""
@@ -408,7 +465,7 @@ class _Sampler:
                 self._pending = frame
                 return self._prev if self._prev is not None else frame
             self._prev = frame
-            if frame.duration and frame.pts + frame.duration > target:
+            if self._shows(frame.pts, target):
                 return frame  # still on screen at the target: no need to decode the next frame
 
     def _decode_iter(self) -> Iterator:
@@ -432,7 +489,7 @@ class _Sampler:
                 for frame in packet.decode():
                     self.n_decoded += 1
                     yield frame
-                if self._drain_for is not None and _shows(packet, self._drain_for):
+                if self._drain_for is not None and self._shows(packet.pts, self._drain_for):
                     self._drained = True
                     for frame in ctx.decode(None):
                         self.n_decoded += 1
@@ -443,17 +500,15 @@ class _Sampler:
                 ctx.skip_frame = "DEFAULT"
 
     def _near_target(self, packet) -> bool:
-        """Whether the packet's frame could be the frame shown at one of the remaining targets.
-
-        With a packet duration that is exact: the frame is on screen at a target. Without one:
-        it starts at most three frames before a target.
-        """
-        if packet.pts is None:
+        """Whether the packet's frame could be the frame shown at one of the remaining targets: it is
+        on screen at one (:meth:`_index_intervals`), or it is the last frame and a target lies at or
+        after its start (a target just past the end still gets it). A packet without a timestamp,
+        or one the index did not see, is decoded."""
+        pts = packet.pts
+        if pts is None or pts not in self._ends:
             return True
-        remaining = [(lo, hi) for lo, hi in self._wanted if hi >= self._current]
-        if packet.duration:
-            return any(_shows(packet, hi) for _, hi in remaining)
-        return any(lo < packet.pts <= hi for lo, hi in remaining)
+        remaining = [target for target in self._wanted if target >= self._current]
+        return any(self._shows(pts, target) or (pts == self._last and target >= pts) for target in remaining)
 
     # -- reference: decode everything ---------------------------------------------------------------
     def by_decoding_all(self, times: list[float], fps: float, by_index: bool = False) -> list:
