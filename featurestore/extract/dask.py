@@ -8,10 +8,19 @@ first attempt wrote), and runs ``run_blocks`` with decoding in its own thread. T
 chunk (a shard, where the feature set is sharded: the unit written whole), because blocks are whole
 chunks of every feature set (``check_blocks_aligned``).
 
+A task that cannot run on its worker (no store at the location there, or not the driver's; an
+encoder that cannot be built there or gives another fingerprint) returns a ``TaskRefused``, which the
+driver raises as one ``ExtractionStopped`` line naming the worker. Ctrl-C, or any task's error, sets
+the run's stop ``Event``: running tasks stop after their current batch (writing what they
+finished) and the driver waits for them before it returns, so no task writes into the store after
+the run released its lock. After the run the driver checks that every row the tasks reported done is
+done in its own store (``check_written``: workers that wrote into a copy of the store are an error).
+
 ``scheduler`` may be an address, ``"local:N"`` (a LocalCluster of N single-threaded processes started
 for the run), a cluster or a client. An address is checked with a bounded wait before the store is
-created: one line (``SchedulerError``) when nothing there greets like a Dask scheduler. A task lost to dead workers (``KilledWorker``) does not stop the
-others; its rows still not done are reported as failed clips, and a rerun extracts them.
+created: one line (``SchedulerError``) when nothing there greets like a Dask scheduler, or when the
+scheduler has no worker. A task lost to dead workers (``KilledWorker``) does not stop the others;
+its rows still not done are reported as failed clips, and a rerun extracts them.
 
 Dask worker processes are daemonic and cannot start DataLoader workers, so within a task decoding
 is not overlapped with encoding; the parallelism is the cluster's (one task per worker thread),
@@ -23,6 +32,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -31,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featurestore._sigint import ignored_by_new_processes
-from featurestore.extract.errors import SchedulerError, hdf5_with_dask
+from featurestore.extract.errors import ExtractionStopped, SchedulerError, hdf5_with_dask
 from featurestore.extract.plan import Plan, target_provenance
 from featurestore.provenance import canonical_json, fingerprint
 
@@ -58,28 +68,167 @@ class StoreRef:
     storage_options: dict | None = None
 
 
-def run_task(plan: Plan, store_ref: StoreRef, blocks: list[tuple[int, int]], device: str) -> RunStats:
-    """One Dask task: extract ``blocks`` of ``plan`` into the store at ``store_ref``."""
+def run_task(plan: Plan, store_ref: StoreRef, blocks: list[tuple[int, int]], device: str,
+             stop: str | None = None) -> RunStats | TaskRefused:
+    """One Dask task: extract ``blocks`` of ``plan`` into the store at ``store_ref``.
+
+    ``stop`` names the run's ``distributed.Event``: once the driver sets it (Ctrl-C, or another
+    task's error), a task not started yet returns at once and a running one stops after its current
+    batch, having written the chunks it finished (as a local run does on Ctrl-C). A task that cannot
+    run on this worker returns a ``TaskRefused`` (one line for the user) instead of raising, so that
+    the worker logs no "Compute Failed" traceback.
+    """
+    flag = _StopFlag(stop)
+    if flag.is_set():
+        return _no_stats()
+    where = _worker_address()
+    try:
+        with _open_on_worker(store_ref, where) as store:  # before torch is imported: a refusal comes at once
+            dev = _worker_device(device, where)
+            local = _worker_plan(plan, store, dev, where)
+            from featurestore.extract.pipeline import run_blocks
+
+            return run_blocks(local, store, blocks, dev, num_workers=0, on_progress=flag.check,
+                              decode_threads=DECODE_THREADS)
+    except _Refused as err:
+        return TaskRefused(str(err))
+    except _StopRequested:  # the chunks it finished are written; the driver counts from the store
+        return _no_stats()
+
+
+def _no_stats() -> RunStats:
+    from featurestore.extract.pipeline import RunStats
+
+    return RunStats()
+
+
+@dataclass(frozen=True)
+class TaskRefused:
+    """What a task returns when it cannot run on its worker (the store not reachable there, an
+    encoder that cannot be built or gives another fingerprint); the driver raises it as one
+    ``ExtractionStopped`` line."""
+
+    message: str
+
+
+class _Refused(Exception):
+    """Raised inside a task by the checks that make a ``TaskRefused``."""
+
+
+class _StopRequested(Exception):
+    """Raised inside a task's pipeline (through its progress callback) when the driver asked to stop."""
+
+
+#: How often a running task asks the scheduler whether the driver wants it to stop (seconds).
+STOP_CHECK_S = 0.25
+#: How long the driver waits for running tasks to stop after Ctrl-C or a task's error (a second
+#: Ctrl-C stops waiting); each stops after its current batch and writes the chunks it finished.
+STOP_WAIT_S = 120.0
+
+
+class _StopFlag:
+    """The driver's stop request as a task sees it: the run's ``distributed.Event``, asked at most
+    every ``STOP_CHECK_S`` seconds while the pipeline runs."""
+
+    def __init__(self, name: str | None):
+        self.name, self.event, self.last = name, None, float("-inf")
+
+    def is_set(self) -> bool:
+        if self.name is None:
+            return False
+        if self.event is None:
+            from distributed import Event, get_client
+
+            self.event = Event(self.name, client=get_client())
+        return bool(self.event.is_set())
+
+    def check(self, _clips: int = 0) -> None:
+        """``run_blocks``' progress callback: raise ``_StopRequested`` once the driver asked to stop."""
+        now = time.monotonic()
+        if now - self.last >= STOP_CHECK_S:
+            self.last = now
+            if self.is_set():
+                raise _StopRequested()
+
+
+def _worker_address() -> str:
+    """This Dask worker's address, for the messages that name it."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):  # not in a worker (a task run by hand)
+        return "(not a worker)"
+
+
+def _worker_device(device: str, where: str):
+    """``device`` resolved on this worker (``--device cuda`` on a worker without a GPU: ``_Refused``,
+    naming the worker; the driver plans on the CPU and cannot tell)."""
     from featurestore.encoders import resolve_device
-    from featurestore.extract.pipeline import run_blocks
+
+    try:
+        return resolve_device(device)
+    except ValueError as err:
+        raise _Refused(f"Dask worker {where}: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+_SAME_LOCATION = ("every worker must reach the store under the same location (a shared filesystem or an "
+                  "object-store URL; memory:// is one process's own)")
+
+
+def _open_on_worker(ref: StoreRef, where: str):
+    """The store at ``ref`` opened for writing on this worker; ``_Refused`` when there is none here.
+
+    Opened read-only first: mode ``"a"`` creates a store where there is none, so a worker that does
+    not see the driver's store (another machine's disk, ``memory://``) made an empty store of its own
+    and failed on "no feature set named ...". The driver holds the writer lock and repaired the store
+    when it opened it (``repair=False``)."""
     from featurestore.store import open_store
 
-    dev = resolve_device(device)
-    # the driver holds the writer lock and repaired the store when it opened it
-    with open_store(store_ref.location, "a", backend=store_ref.backend,
-                    storage_options=store_ref.storage_options, repair=False) as store:
-        targets = []
-        for target in plan.targets:
+    args = dict(backend=ref.backend, storage_options=ref.storage_options)
+    try:
+        open_store(ref.location, "r", **args).close()
+        return open_store(ref.location, "a", repair=False, **args)
+    except Exception as err:  # noqa: BLE001 - whatever the backend says, it is one line naming the worker
+        raise _Refused(f"Dask worker {where} cannot open the store {ref.location} ({_one_line(err)}); "
+                       f"{_SAME_LOCATION}") from None
+
+
+def _worker_plan(plan: Plan, store, dev, where: str) -> Plan:
+    """``plan`` with this worker's encoders and the rows still not done (a retried task skips what
+    its first attempt wrote); ``_Refused`` when the store here is not the driver's or an encoder
+    cannot be built here or gives another fingerprint than the driver's."""
+    from featurestore.errors import FeatureStoreError, UnknownFeatureError
+
+    targets = []
+    for target in plan.targets:
+        expected = fingerprint(target.provenance)
+        try:
+            stored = store.feature_info(target.name).fingerprint
+        except UnknownFeatureError:
+            stored = None
+        if stored != expected:
+            found = f"no feature set {target.name!r}" if stored is None else \
+                f"feature set {target.name!r} with fingerprint {stored}"
+            raise _Refused(f"Dask worker {where} finds {found} in the store {store.location}, the driver's "
+                           f"has fingerprint {expected}: not the driver's store; {_SAME_LOCATION}")
+        try:
             encoder = _encoder(target.spec, target.options, dev)
-            expected = fingerprint(target.provenance)
-            found = fingerprint(target_provenance(encoder, target.source, str(dev)))
-            if found != expected:
-                raise RuntimeError(f"on this Dask worker {target.spec} gives fingerprint {found}, the driver "
-                                   f"planned {expected}: different weights or library versions on the workers")
-            done = store.done_mask(target.name, refresh=True)
-            targets.append(replace(target, encoder=encoder, todo=plan.selected & ~done))
-        local = replace(plan, targets=targets)
-        return run_blocks(local, store, blocks, dev, num_workers=0, decode_threads=DECODE_THREADS)
+        except (ImportError, FeatureStoreError) as err:
+            raise _Refused(f"Dask worker {where} cannot build encoder {target.spec}: {_one_line(err)}; every "
+                           f"worker needs the driver's environment (avscene, torch, timm, open_clip, "
+                           f"plugins and weights)") from None
+        found_fp = fingerprint(target_provenance(encoder, target.source, str(dev)))
+        if found_fp != expected:
+            raise _Refused(f"on Dask worker {where} {target.spec} gives fingerprint {found_fp}, the driver "
+                           f"planned {expected}: different weights or library versions on the workers")
+        done = store.done_mask(target.name, refresh=True)
+        targets.append(replace(target, encoder=encoder, todo=plan.selected & ~done))
+    return replace(plan, targets=targets)
 
 
 def _encoder(spec: str, options: dict, device) -> object:
@@ -104,7 +253,7 @@ def connect(scheduler, stack: ExitStack):
 
     Raises:
         SchedulerError: nothing answers at the address as a Dask scheduler does (one line saying what
-            was found there).
+            was found there), or the scheduler has no worker within Dask's connect timeout.
         ValueError: ``local:N`` without a positive N.
     """
     try:
@@ -113,21 +262,36 @@ def connect(scheduler, stack: ExitStack):
         raise SchedulerError(f"--scheduler {scheduler}: Dask is not installed; pip install 'avscene[dask]'") from None
 
     if isinstance(scheduler, Client):
-        return scheduler
-    if isinstance(scheduler, str) and scheduler.startswith(LOCAL_PREFIX):
-        scheduler = stack.enter_context(local_cluster(_local_workers(scheduler)))
-    elif not isinstance(scheduler, str) and not hasattr(scheduler, "scheduler_address"):
-        raise TypeError(f"scheduler must be an address like 'tcp://host:8786', 'local:N', a distributed.Client "
-                        f"or a cluster, got {type(scheduler).__name__}")
-    if not isinstance(scheduler, str):
-        return stack.enter_context(Client(scheduler))
-    wait = connect_timeout()
-    check_scheduler(scheduler, wait)
+        client = scheduler
+    elif isinstance(scheduler, str) and scheduler.startswith(LOCAL_PREFIX):
+        client = stack.enter_context(Client(stack.enter_context(local_cluster(_local_workers(scheduler)))))
+    elif not isinstance(scheduler, str):
+        if not hasattr(scheduler, "scheduler_address"):
+            raise TypeError(f"scheduler must be an address like 'tcp://host:8786', 'local:N', a distributed.Client "
+                            f"or a cluster, got {type(scheduler).__name__}")
+        client = stack.enter_context(Client(scheduler))
+    else:
+        check_scheduler(scheduler, connect_timeout())
+        try:
+            client = stack.enter_context(Client(scheduler, timeout=connect_timeout()))
+        except (OSError, TimeoutError) as err:  # it greeted, then went away or did not register us in time
+            raise SchedulerError(f"--scheduler {scheduler}: {' '.join(str(err).split()) or type(err).__name__}; "
+                                 f"is the scheduler running and reachable?") from None
+    check_workers(client, scheduler if isinstance(scheduler, str) else client.scheduler.address, connect_timeout())
+    return client
+
+
+def check_workers(client, label: str, timeout: float) -> None:
+    """Refuse a scheduler that has no worker (none joined within ``timeout`` seconds) in one line,
+    before the store is created: the run's first step (scattering the plan) failed there with a
+    bare ``TimeoutError: No valid workers found`` after the store had been made and left behind."""
+    if client.nthreads():
+        return
     try:
-        return stack.enter_context(Client(scheduler, timeout=wait))
-    except (OSError, TimeoutError) as err:  # it greeted, then went away or did not register us in time
-        raise SchedulerError(f"--scheduler {scheduler}: {' '.join(str(err).split()) or type(err).__name__}; "
-                             f"is the scheduler running and reachable?") from None
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise SchedulerError(f"--scheduler {label}: the scheduler has no workers (none joined within {timeout:g} s); "
+                             f"start some ('dask worker {label}') or wait longer ({_TIMEOUT_HINT})") from None
 
 
 def connect_timeout() -> float:
@@ -304,9 +468,15 @@ def run_distributed(plan: Plan, store_ref: StoreRef, client, device: str,
 
     A task whose worker died (``KilledWorker``: Dask retried it ``allowed-failures`` times) does not
     stop the others: they finish, and the rows the lost task left not done are reported as failed
-    clips (exit code 1), so a rerun extracts exactly those. Any other task error cancels the run.
+    clips (exit code 1), so a rerun extracts exactly those. A task refused by its worker
+    (``TaskRefused``) is an ``ExtractionStopped`` line; that, any other task error and Ctrl-C stop
+    the run: the tasks are asked to stop and waited for (``stop_tasks``) before this raises, so that
+    none writes into the store after the run has returned and released its lock.
+
+    Raises:
+        ExtractionStopped: a worker could not run its task (the store or an encoder, named).
     """
-    from distributed import KilledWorker, as_completed
+    from distributed import Event, KilledWorker, as_completed
 
     from featurestore.extract.pipeline import RunStats
 
@@ -318,23 +488,74 @@ def run_distributed(plan: Plan, store_ref: StoreRef, client, device: str,
     light = replace(plan, targets=[replace(t, encoder=None) for t in plan.targets])
     shared = client.scatter(light, broadcast=True)
     need = plan.needed_any()
-    futures = {client.submit(run_task, shared, store_ref, group, device, pure=False): group for group in groups}
+    stop = Event(f"featurestore-extract-stop-{uuid.uuid4().hex}", client=client)
+    futures = {client.submit(run_task, shared, store_ref, group, device, stop.name, pure=False): group
+               for group in groups}
     stats, lost = RunStats(), []
     try:
         for future in as_completed(futures):
+            planned = int(sum(need[a:b].sum() for a, b in futures[future]))
             try:
-                stats.merge(future.result())
+                result = future.result()
             except KilledWorker as err:
                 lost.append((futures[future], err))
+            else:
+                if isinstance(result, TaskRefused):
+                    raise ExtractionStopped(f"{result.message}; the clips finished before are kept in "
+                                            f"{store_ref.location}, rerun to resume once fixed")
+                # a retry skips the rows its killed attempt finished, which this run did extract
+                result.clips = planned
+                stats.merge(result)
             if on_progress is not None:
-                on_progress(int(sum(need[a:b].sum() for a, b in futures[future])))
+                on_progress(planned)
     except BaseException:
-        client.cancel(list(futures))
+        stop_tasks(client, stop, list(futures))
         raise
     if lost:
         stats.merge(lost_task_stats(plan, store_ref, lost))
     where = "local cluster" if type(getattr(client, "cluster", None)).__name__ == "LocalCluster" else "cluster"
     return stats, f"dask ({len(client.nthreads())} workers, {threads} threads, device {device}; {where})"
+
+
+def stop_tasks(client, stop, futures: list, wait_s: float = STOP_WAIT_S) -> None:
+    """Ask the run's tasks to stop (``stop``, the Event they poll) and wait for them, at most
+    ``wait_s`` seconds (a second Ctrl-C stops waiting), then cancel what is left.
+
+    Cancelling alone forgets a running task on the scheduler but not on its worker: the task went on
+    writing into the store after the run had returned, counted what was kept and released the lock,
+    beside a rerun's tasks writing the same shards."""
+    from distributed import wait
+
+    try:
+        stop.set()
+        wait(futures, timeout=wait_s)
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C, the timeout, a lost scheduler: the first error wins
+        pass
+    try:
+        client.cancel(futures)
+    except Exception:  # noqa: BLE001 - as above
+        pass
+
+
+def check_written(plan: Plan, store, stats: RunStats) -> None:
+    """After a Dask run, every row the tasks reported done must be done in the driver's store.
+
+    A worker that reaches a *copy* of the store at the same location (the store rsynced to each
+    node's scratch disk) passes every check of its task and writes into its copy: the summary said
+    the clips were extracted, exit 0, while the driver's store had none of them.
+
+    Raises:
+        ExtractionStopped: rows neither done in ``store`` nor reported failed (a few named).
+    """
+    for target in plan.targets:
+        failed = np.zeros(plan.n_rows, dtype=bool)
+        failed[list(stats.failed.get(target.name, {}))] = True
+        missing = np.flatnonzero(target.todo & ~failed & ~store.done_mask(target.name, refresh=True))
+        if len(missing):
+            shown = ", ".join(plan.clip_ids[r] for r in missing[:3])
+            raise ExtractionStopped(f"{store.location}: {len(missing)} clips of {target.name} that the Dask tasks "
+                                    f"extracted are not done in this store (e.g. {shown}): the workers wrote "
+                                    f"into another store at that location; {_SAME_LOCATION}")
 
 
 def lost_task_stats(plan: Plan, store_ref: StoreRef, lost: list[tuple[list[tuple[int, int]], Exception]]) -> RunStats:

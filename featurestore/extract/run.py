@@ -142,6 +142,9 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         StoreWriteError: the store could not be written (disk full, file-size limit); the rows
             finished before are kept and a rerun resumes.
         DecodeWorkerError: a decode worker died or could not hand a batch over; a rerun resumes.
+        ExtractionStopped: with a scheduler, a Dask worker could not run its task (no store, or not
+            this one, at the location there; an encoder it cannot build or that gives another
+            fingerprint), or the workers wrote into another store at the location (``check_written``).
         ValueError: bad arguments, or encoders whose chunk sizes do not align.
 
     A run refused after it created a new store (a bad scheduler, an encoder that does not fit the
@@ -310,11 +313,12 @@ def _execute(fs: FeatureStore, summary: ExtractSummary, plan: Plan, dev, opt: _R
                 workers, threads = 0, max(1, workers)
             stats = run_blocks(plan, fs, plan.blocks(), dev, workers, bar.update, decode_threads=threads)
         else:
-            from featurestore.extract.dask import StoreRef, run_distributed
+            from featurestore.extract.dask import StoreRef, check_written, run_distributed
 
             ref = StoreRef(fs.location, fs.backend, fs.open_args.get("storage_options"))
             stats, summary.device = run_distributed(plan, ref, client, opt.device, bar.update)
             fs.refresh()
+            check_written(plan, fs, stats)  # the workers wrote into this very store, not a copy of it
     summary.pipeline_seconds = time.perf_counter() - t_pipeline
     fill_summary(summary, plan, stats, fs.clip_ids)
     return summary
