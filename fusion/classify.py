@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,20 +116,19 @@ class FusedFiles:
         return path
 
 
-#: What the pipeline calls a new clip: ``/`` is in no clip id (``manifest.check_clip_id``), so a file
-#: named like a stored clip is never taken for it (a leakage refusal, or a location looked up for it).
+#: What the fitted steps call a new clip: ``/`` is in no clip id (``manifest.check_clip_id``), so a
+#: file named like a stored clip is never taken for it (a leakage refusal, or a location looked up).
 NEW_CLIP = "new file/"
 
 
 class _NewClips:
-    """New clips' segment probabilities, read the way the pipeline reads a store's predictions
-    (under the keys ``NEW_CLIP + name``)."""
+    """New clips' segment probabilities, read the way the pipeline reads a store's predictions."""
 
     def __init__(self, runs: Mapping[str, RunProbs]):
         self.runs = runs
 
     def get_predictions(self, run: str, clip_ids: Sequence[str]) -> np.ndarray:
-        return np.stack([self.runs[run].segment_probs[c.removeprefix(NEW_CLIP)] for c in clip_ids])
+        return np.stack([self.runs[run].segment_probs[c] for c in clip_ids])
 
 
 def classify_files(store, recipe: FusionRecipe, files: Iterable[str | Path], device: str = "auto",
@@ -189,10 +188,10 @@ def fuse_new_clips(store, recipe: FusionRecipe, names: Sequence[str],
     """
     if not names:
         return np.zeros((0, len(store.classes))), None
-    keys = [NEW_CLIP + name for name in names]
-    stage = family_stage(_NewClips(answers), recipe, keys)
+    stage = family_stage(_NewClips(answers), recipe, list(names))  # (its errors name the files' clips)
+    stage = replace(stage, clip_ids=[NEW_CLIP + name for name in names])  # for the fitted steps
     stages: dict = {}  # the fit splits' stages, read from the store
-    weights = _weights(store, recipe, keys, stages)
+    weights = _weights(store, recipe, stage.clip_ids, stages)
     fused = _fuse(recipe, stage, weights)
     final, described = fused, None
     if recipe.calibration:

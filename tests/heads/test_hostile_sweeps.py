@@ -147,7 +147,7 @@ def test_values_equal_as_their_fields_type_are_one_configuration(tiny_store_path
 
 
 @pytest.mark.parametrize("extra, trial", [
-    (["--grid", "lr=0.1,1e39", "--max-steps-per-epoch", "1"], "lr=1e+39"),  # stacked: the weights' check
+    (["--grid", "lr=0.1,3e38", "--max-steps-per-epoch", "1"], "lr=3e+38"),  # stacked: the weights' check
     (["--grid", "lr=0.1,1e30", "--no-stack"], "lr=1e+30"),  # one after another: the loss's check
 ])
 def test_a_diverging_trial_is_named_by_the_sweeps_error(tiny_store_path, tmp_path, capsys, extra, trial):
