@@ -48,6 +48,9 @@ class Backend(Protocol):
     # something that changes whenever the array's metadata file is written, cheaply (a stat), or
     # None where the backend cannot tell so (object storage; HDF5, which one process holds)
     def metadata_token(self, path: str) -> Any: ...
+    # how many reads so far met files anew (not served by what is mapped already); any count that
+    # grows with them. A reader compares it before and after a read to know whether to look
+    fresh_reads: int
     def chunk_rows(self, path: str) -> int: ...  # the write unit
     def inner_rows(self, path: str) -> int: ...  # the decode unit (divides chunk_rows)
     # inner chunks by number, whole (the last one cut to the array's end); raises ChunkFault for a

@@ -154,6 +154,8 @@ class HDF5Backend:
     def metadata_token(self, path: str) -> None:
         return None  # the file is held by one process: nobody else replaces a dataset meanwhile
 
+    fresh_reads = 0  # (nothing to look at after a read: see ``metadata_token``)
+
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
         node = self._node(path)
         with self._writing():

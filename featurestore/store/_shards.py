@@ -127,13 +127,16 @@ class ShardReader:
     Owned by one backend (one open store); ``forget`` drops the indexes of an array that changed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, files_opened: list[int] | None = None) -> None:
         self._indexes: dict[tuple[str, int], np.ndarray | None] = {}
         self._arrays: dict[str, _ArrayMaps | None] = {}  # array -> its mapped shards (None: not mappable)
         self._maps: OrderedDict[tuple[str, int], _Mapped] = OrderedDict()  # (array, shard), least recently used first
         self._epochs: dict[str, int] = {}  # array -> how often its mappings were called into doubt
         self._lock = threading.RLock()
         self.bytes_read = 0  # shard bytes fetched (indexes and inner chunks), for tests and benchmarks
+        # shard files mapped or read anew (where another writer's files may be met), counted in
+        # the owner's one-element list (``ZarrBackend.fresh_reads``)
+        self.files_opened = files_opened if files_opened is not None else [0]
 
     def forget(self, path: str) -> None:
         """Drop the cached indexes and mappings of the array at ``path`` and the arrays under it ('' : all)."""
@@ -331,6 +334,7 @@ class ShardReader:
                     mapped.epoch = epoch
                     self._used_again(state, shard, mapped, batch)
                     return mapped
+            self.files_opened[0] += 1
             mapped = self._open(path, state.layout)
         except FileNotFoundError:
             mapped = _Mapped.absent()
@@ -399,6 +403,7 @@ class ShardReader:
              required: np.ndarray) -> list[np.ndarray]:
         """Inner chunks ``chunks`` of ``arr`` (at store path ``name``) decoded, in order (see
         ``Backend.read_chunks``)."""
+        self.files_opened[0] += 1
         chunks = np.asarray(chunks, dtype=np.int64)
         required = np.asarray(required, dtype=bool)
         out: list[np.ndarray] = [None] * len(chunks)  # type: ignore[list-item]

@@ -115,7 +115,8 @@ class ZarrBackend:
         self._rows: dict[str, tuple[int, int]] = {}  # path -> (chunk rows, inner rows): asked per get
         self._plain: dict[str, PlainLayout | None] = {}  # local unsharded arrays read from their files
         self._writers: dict[str, ChunkWriter | None] = {}  # local unsharded arrays written to their files
-        self._shards = ShardReader()
+        self._fresh = [0]  # reads that met files anew, the shard reader's included: ``fresh_reads``
+        self._shards = ShardReader(self._fresh)
         self._folder = local_file(self._root, "")  # a local store's folder: its nodes are looked up there
         self._nodes = LocalNodes(self._folder) if self._folder is not None and not self.read_only else None
 
@@ -330,7 +331,14 @@ class ZarrBackend:
     def revalidate(self, path: str) -> None:
         self._shards.revalidate(path)
 
+    @property
+    def fresh_reads(self) -> int:
+        """How many reads so far met files anew (zarr reads, shard files mapped or read): a reader
+        that has not met any since it looked at the metadata has read nothing another writer made."""
+        return self._fresh[0]
+
     def read_chunks(self, path: str, chunks: np.ndarray, required: np.ndarray) -> list[np.ndarray]:
+        self._fresh[0] += 1
         layout = self._layout(path)
         if layout is not None:
             return self._shards.read(path, self._array(path), layout, chunks, required)
@@ -356,6 +364,7 @@ class ZarrBackend:
         return self._chunking(path)[0]
 
     def read(self, path: str, start: int, stop: int) -> np.ndarray:
+        self._fresh[0] += 1
         plain = self._plain_layout(path)
         if plain is not None and stop > start:
             return plain.read(start, stop)

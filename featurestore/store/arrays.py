@@ -101,6 +101,10 @@ class StoreArrays:
         cannot tell cheaply): a reader's cue to look whether another writer replaced it."""
         return self._backend.metadata_token(path)
 
+    def fresh_reads(self) -> int:
+        """A count that grows with every read that met files anew (see ``Backend.fresh_reads``)."""
+        return self._backend.fresh_reads
+
     def shape(self, path: str) -> tuple[int, ...]:
         return self._backend.shape(path)
 

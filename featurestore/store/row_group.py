@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
@@ -88,7 +87,7 @@ class RowCaches:
         self.rows_per: dict[str, tuple[int, int]] = {}
         # group path -> how often another writer was seen to replace it (never reset: a read in
         # flight compares it before and after, see ``RowGroup._consistent``)
-        self.replaced: Counter[str] = Counter()
+        self.replaced: dict[str, int] = {}
 
     def forget(self, path: str) -> None:
         """Drop what is cached of the group at ``path`` and of the groups nested in it."""
@@ -361,29 +360,33 @@ class RowGroup:
         if known is not _UNREAD and now != known:
             self._arrays.forget(self.path)
             self._caches.forget(self.path)
-            self._caches.replaced[self.path] += 1
+            self._caches.replaced[self.path] = self._caches.replaced.get(self.path, 0) + 1
         self._caches.versions[self.path], self._caches.tokens[self.path] = now, token
 
-    def _consistent(self, read: Callable[[], _T]) -> _T:
-        """``read()``, started again where another writer's replacement of the group was seen
+    def _consistent(self, read: Callable[..., _T], *args: Any) -> _T:
+        """``read(*args)``, started again where another writer's replacement of the group was seen
         during it or just after it (its first part used the old metadata: its result, or its
-        error, is not the store's). The metadata is looked at after the read, so bytes read before
-        a replacement finished are never taken for the new set's. The common case costs a ``stat``
-        and a counter lookup before and after."""
+        error, is not the store's). The metadata is looked at after a read that met files anew
+        (``StoreArrays.fresh_reads``: a zarr read, a shard file mapped), so bytes read before a
+        replacement finished are never taken for the new set's; a read served by shards mapped
+        before reads what they held (the old set's values, consistently, until ``refresh``). The
+        common case costs two counter lookups before and after; a fresh read, a ``stat`` more."""
+        replaced, arrays, path = self._caches.replaced, self._arrays, self.path
         for _ in range(_REPLACED_TRIES):
-            seen = self._caches.replaced[self.path]
+            seen, reads = replaced.get(path, 0), arrays.fresh_reads()
             try:
-                out = read()
+                out = read(*args)
             except Exception:
                 self._check_metadata()
-                if self._caches.replaced[self.path] == seen:
+                if replaced.get(path, 0) == seen:
                     raise
-                self._caches.forget(self.path)  # what the attempt cached through the old metadata
+                self._caches.forget(path)  # what the attempt cached through the old metadata
                 continue
-            self._check_metadata()
-            if self._caches.replaced[self.path] == seen:
+            if arrays.fresh_reads() != reads:
+                self._check_metadata()
+            if replaced.get(path, 0) == seen:
                 return out
-            self._caches.forget(self.path)
+            self._caches.forget(path)
         raise StoreChangedError(f"{self._arrays.location}:{self.path}: replaced by another writer on each of "
                                 f"{_REPLACED_TRIES} reads in a row; read it again when that writer is done")
 
@@ -591,7 +594,7 @@ class RowGroup:
         ``check_done``: refuse rows that are not finished (``MissingFeatureError``).
         A group replaced by another writer meanwhile is read as it is now (``_consistent``).
         """
-        return self._consistent(lambda: self._gather(rows, check_done))
+        return self._consistent(self._gather, rows, check_done)
 
     def _gather(self, rows: np.ndarray, check_done: bool) -> np.ndarray:
         if check_done:
@@ -644,7 +647,7 @@ class RowGroup:
         uses its neighbours, and copying them into fresh memory cost ~5 us of page faults, a third
         of a cold ``get`` at a million clips. The clip asked again is a cache hit; a neighbour read
         next keeps the chunk whole."""
-        return self._consistent(lambda: self._read_row(row))
+        return self._consistent(self._read_row, row)
 
     def _read_row(self, row: int) -> np.ndarray:
         array = self.values_path
