@@ -89,8 +89,12 @@ def read_csv_manifest(
     unknown = [h for h in header if h not in _KNOWN]
     if unknown:
         raise DatasetFormatError(table.path, 1, f"unknown column(s) {unknown}; known: {', '.join(_KNOWN)}")
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:  # the last one was used without a word (``clip_id,audio,video,clip_id``: the second ids)
+        raise DatasetFormatError(table.path, 1, f"column(s) {twice} given more than once (names are read without "
+                                                f"case: {table.header}); keep one of each")
     base = table.path.parent.absolute()
-    cells = dict(zip(header, table.columns))  # a repeated column name: the last one, as a dict of each row had it
+    cells = dict(zip(header, table.columns))
     _check_rows(table, cells, base, allow_outside_root)
     for column in ("label", "city", "location"):
         _check_unpadded(table, cells, column)

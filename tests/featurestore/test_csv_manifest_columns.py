@@ -248,7 +248,6 @@ def test_a_dotted_name_that_is_no_dotdot_component_is_accepted(tmp_path):
     "clip_id,audio\na,a.wav,extra\n",           # an extra one
     "clip_id,label\na,dog\n",                   # no media column
     "clip_id,audio,colour\na,a.wav,red\n",      # an unknown column
-    "clip_id,audio,Audio\na,x.wav,y.wav\n",     # a column twice: the last one
     "", "\n\n", "clip_id,audio\n",              # empty, blank, header only
     "clip_id,audio\na,a.wav\r\nb,b.wav\rc,c.wav\n",  # a lone carriage return
     "clip_id,audio\n,a.wav\n",                  # an empty id
@@ -259,6 +258,17 @@ def test_shapes_and_odd_files_fail_or_read_as_before(tmp_path, text):
     path = tmp_path / "clips.csv"
     path.write_text(text, newline="")
     assert_same(path)
+
+
+@pytest.mark.parametrize("header", ["clip_id,audio,Audio", "clip_id,audio,video,clip_id", "clip_id,audio,label,Label"])
+def test_a_column_given_twice_is_refused_naming_it(tmp_path, header):
+    """Before: the last of the two was used without a word (the second ``clip_id`` column's ids,
+    the last ``label``)."""
+    path = tmp_path / "clips.csv"
+    n = len(header.split(","))
+    path.write_text(header + "\n" + ",".join(["a", "a.wav", "b.mp4", "c"][:n]) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"clips.csv.*given more than once"):
+        read_csv_manifest(path)
 
 
 def test_a_field_over_csvs_limit_fails_as_before(tmp_path):
