@@ -324,7 +324,7 @@ def _check_out(out: Path, store: Any, base: TrainConfig) -> None:
     stacked trials never pass through `heads.train.train`, whose check refuses an ``--out`` that is the
     store or inside it, so a sweep wrote its runs, table and 'best' link among the store's arrays.
     """
-    from heads.train import _check_out_beside_store
+    from heads.train import check_out_beside_store
 
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out {str(out)!r} is a file, not a sweep directory; choose another --out")
@@ -335,7 +335,7 @@ def _check_out(out: Path, store: Any, base: TrainConfig) -> None:
         # --overwrite` then deleted every trial with it
         raise SweepError(f"--out {str(out)!r} is the run directory of a `heads train` run (it holds {held[0]}), not a "
                          f"sweep directory: its trials would be deleted with that run; choose another --out")
-    _check_out_beside_store(out, store.location if store is not None else base.store)
+    check_out_beside_store(out, store.location if store is not None else base.store)
 
 
 def _refuse_shared_val_clips(trials: list[Trial], store: Any) -> None:
@@ -364,7 +364,7 @@ def _refuse_trials_of_other_data(trials: list[Trial], store: Any) -> None:
     the old trials' metrics beside new trials trained on the new data and picked 'best' across the two.
     Runs made before the data was recorded are not checked (as `heads.train` resumes them).
     """
-    from heads.train import _data_diff, training_data
+    from heads.train import data_diff, training_data
 
     now: dict[str, dict] = {}
     stale: list[tuple[Trial, list[str]]] = []
@@ -376,7 +376,7 @@ def _refuse_trials_of_other_data(trials: list[Trial], store: Any) -> None:
         if key not in now:
             now[key] = training_data(trial.cfg, store)
         if json.dumps(info["data"], sort_keys=True) != json.dumps(now[key], sort_keys=True):
-            stale.append((trial, _data_diff(info, {"data": now[key]})))
+            stale.append((trial, data_diff(info, {"data": now[key]})))
     if stale:
         trial, diff = stale[0]
         raise SweepError(f"{len(stale)} trial(s) were trained on other data than the store holds now, e.g. "
@@ -388,13 +388,13 @@ def _own_run_info(trial: Trial) -> dict | None:
     """The trial's ``run.json`` when its directory holds this trial's run (the same training config, up to the
     fields a resume may change); None when there is no run yet, a damaged one, or another run's (another
     split, lr, ...): `heads.train` refuses those, naming what is wrong or which fields differ."""
-    from heads.train import _train_diff
+    from heads.train import train_diff
 
     try:
         info = json.loads((trial.run_dir / "run.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or not isinstance(info.get("train"), dict) or _train_diff(info["train"],
+    if not isinstance(info, dict) or not isinstance(info.get("train"), dict) or train_diff(info["train"],
                                                                                             trial.cfg.to_dict()):
         return None
     return info

@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch is committed to disk.
     """
     resolve_device(cfg.device)  # a bad or unavailable device fails before any data is read
-    _check_out_beside_store(cfg.out, store.location if store is not None else cfg.store)
+    check_out_beside_store(cfg.out, store.location if store is not None else cfg.store)
     with run_lock(cfg.out):  # a second trainer into this run directory is refused here, at once
         done = None if overwrite else finished_already(cfg, store)
         if done is not None:  # nothing to train: said in one line, without building the head or loaders
@@ -195,7 +195,7 @@ def finished_already(cfg: TrainConfig, store: Any = None) -> TrainResult | None:
     info, state = read_json(info_path), read_json(state_path)
     done = int(state.get("epoch", 0))
     no_training = bool(state.get("finished")) and state.get("trainable_parameters") == 0
-    if (done < cfg.epochs and not no_training) or _train_diff(info.get("train", {}), cfg.to_dict()):
+    if (done < cfg.epochs and not no_training) or train_diff(info.get("train", {}), cfg.to_dict()):
         return None
     if not _same_inputs(info, cfg, store):
         return None
@@ -212,7 +212,7 @@ def finished_already(cfg: TrainConfig, store: Any = None) -> TrainResult | None:
                        done, _read_metrics(run_dir), nothing_to_do=True)
 
 
-def _train_diff(old: dict, new: dict) -> list[str]:
+def train_diff(old: dict, new: dict) -> list[str]:
     """Training-config fields that differ, ignoring those a resume may change."""
     return [k for k in new if k not in RESUMABLE_FIELDS and _canon(old.get(k)) != _canon(new[k])]
 
@@ -665,7 +665,7 @@ def _open_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> dict:
     return read_json(state_path) if state_path.exists() else {}
 
 
-def _check_out_beside_store(out: str | Path, store: Any) -> None:
+def check_out_beside_store(out: str | Path, store: Any) -> None:
     """Refuse an ``--out`` that is a local store or lies inside it (``--out`` and ``--store`` mixed
     up): the run's files would be written among the store's, and ``--overwrite`` would delete it."""
     location = str(store or "")
@@ -706,11 +706,11 @@ def _identity_diff(old: dict, new: dict) -> list[str]:
     """Top-level (and train-config) keys that differ, ignoring fields that may change on resume."""
     diff = [k for k in new if k not in _NOT_IDENTITY and _canon(old.get(k)) != _canon(new[k])
             and not (k in _RECORDED_LATER and k not in old)]
-    diff += [f"train.{k}" for k in _train_diff(old.get("train", {}), new.get("train", {}))]
-    return [part for key in diff for part in (_data_diff(old, new) if key == "data" else [key])]
+    diff += [f"train.{k}" for k in train_diff(old.get("train", {}), new.get("train", {}))]
+    return [part for key in diff for part in (data_diff(old, new) if key == "data" else [key])]
 
 
-def _data_diff(old: dict, new: dict) -> list[str]:
+def data_diff(old: dict, new: dict) -> list[str]:
     """``data.<kind>.<name>`` for each feature set or split whose recorded data changed (else ``data``)."""
     was, now = old.get("data") or {}, new.get("data") or {}
     parts = [f"data.{kind}.{name}" for kind in now for name in sorted({*(was.get(kind) or {}), *now[kind]})
