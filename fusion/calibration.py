@@ -203,6 +203,10 @@ class StackingCalibrator(_FittedOnClips):
     def apply(self, clip_ids: Sequence[str], probs: np.ndarray) -> np.ndarray:
         x = as_probs(probs, "stacking apply inputs")
         self._guard(clip_ids, x.shape[0])
+        fitted = int(self.model.n_features_in_)
+        if x.shape[1] != fitted:  # scikit-learn's "X has N features" named neither the calibrator nor its fit
+            raise ValueError(f"stacking calibrator: fitted on {fitted} input columns, given {x.shape[1]} "
+                             f"(apply it to what it was fitted on: the same families, or the fused output)")
         out = np.zeros((x.shape[0], self.n_classes))
         seen = self.model.predict_proba(_log_probs(x))
         if self.missing_classes:
@@ -285,7 +289,11 @@ def crossfit_apply(method: str, n_classes: int, params: dict, folds: int,
                              f"clip of the fit split to fit on: all {len(fit_ids)} were recorded at those locations; "
                              f"fit on a split with clips recorded at other locations too")
         calibrator = make_calibrator(method, n_classes, **params)
-        calibrator.fit([fit_ids[i] for i in np.flatnonzero(train)], fit_x[train], fit_y[train])
+        try:
+            calibrator.fit([fit_ids[i] for i in np.flatnonzero(train)], fit_x[train], fit_y[train])
+        except ValueError as err:  # e.g. a fold whose fit clips hold one class: say which fold
+            raise ValueError(f"cross-fitting: fold {k} of {folds} (locations {', '.join(held_groups[:5])}): "
+                             f"{err}") from err
         out[held] = calibrator.apply([apply_ids[i] for i in np.flatnonzero(held)], apply_x[held])
         described.append({**calibrator.describe(), "fold": k, "n_scored": int(held.sum())})
     return out, described

@@ -146,3 +146,26 @@ def test_stacking_never_gives_an_unseen_class_probability_zero():
     np.testing.assert_allclose(out[:, [3, 4]], floor)
     np.testing.assert_allclose(out.sum(axis=1), 1.0)
     assert log_loss(out, np.array([3, 4, 3, 4])) < -np.log(floor) + 1e-6
+
+
+def test_stacking_applied_to_another_number_of_columns_is_named():
+    from fusion.calibration import StackingCalibrator
+
+    p, y = _overconfident(60, seed=3)
+    calibrator = StackingCalibrator(5).fit(_ids("f", 60), p, y)
+    wider = np.concatenate([p, p], axis=1) / 2  # two families side by side: 10 columns
+    with pytest.raises(ValueError, match="stacking calibrator: fitted on 5 input columns, given 10"):
+        calibrator.apply(_ids("a", 60), wider)
+
+
+def test_a_cross_fitting_fold_the_calibrator_refuses_is_named():
+    """Locations 1 and 2 hold only class 0: the fold holding out location 0 fits on one class."""
+    from fusion.calibration import crossfit_apply
+
+    p, _ = _overconfident(30, seed=4)
+    groups = [f"loc{i % 3}" for i in range(30)]
+    y = np.array([i % 5 if g == "loc0" else 0 for i, g in enumerate(groups)])
+    ids = _ids("c", 30)
+    with pytest.raises(ValueError, match=r"cross-fitting: fold \d of 3 \(locations loc0\): stacking calibrator: "
+                                         r"expected at least 2 classes"):
+        crossfit_apply("stacking", 5, {}, 3, (ids, p, y, groups), (ids, p, groups))
