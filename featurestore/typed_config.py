@@ -63,12 +63,52 @@ def load_json(cls: type[T], text: str, source: str, error: type[ValueError], at:
     """``cls`` from JSON text, strictly (JSON types only: ``"0.2"`` is not a number).
 
     Errors start with ``source`` (the file; "" for none) and name keys as dotted paths under ``at``.
+    A key given twice in one object is refused (`repeated_keys`).
     """
+    head = f"{source}: " if source else ""
+    repeated = repeated_keys(text, at)
+    if repeated:
+        raise error(f"{head}key(s) {', '.join(map(repr, repeated))} given more than once; JSON keeps only the last "
+                    f"value, which would drop the others without a word: merge them or rename one")
     try:
         return _adapter(cls).validate_json(text, strict=True)
     except ValidationError as err:
-        head = f"{source}: " if source else ""
         raise error(head + describe(err, cls, at)) from None
+
+
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs in file order, before a repeated key is merged away."""
+
+
+def repeated_keys(text: str, at: tuple = ()) -> list[str]:
+    """Dotted paths (under ``at``) of the keys that appear twice in one object of the JSON ``text``
+    ([] for text that is not JSON: the validation says what is wrong with it).
+
+    Why: ``{"V04": ["V01", "V02"], "V04": ["C04"]}`` (a copied line not renamed) is valid JSON that
+    every parser, pydantic's included, reads as ``{"V04": ["C04"]}``: a family's runs, a rule, a
+    head-config field or a whole section would vanish and nothing would say so.
+    """
+    try:
+        node = json.loads(text, object_pairs_hook=_Pairs)
+    except ValueError:
+        return []
+    return _repeated(node, tuple(str(a) for a in at))
+
+
+def _repeated(node: Any, at: tuple[str, ...]) -> list[str]:
+    found: list[str] = []
+    if isinstance(node, _Pairs):
+        seen: set[str] = set()
+        for key, value in node:
+            path = ".".join((*at, key))
+            if key in seen and path not in found:
+                found.append(path)
+            seen.add(key)
+            found += [p for p in _repeated(value, (*at, key)) if p not in found]
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _repeated(value, (*at, str(i)))
+    return found
 
 
 def load_data(cls: type[T], data: dict, source: str, error: type[ValueError], at: tuple = ()) -> T:

@@ -87,6 +87,24 @@ def validate_recipe(store, recipe: FusionRecipe) -> None:
                              " (runs predicted into a store of your own are read with --predictions MINE)"))
     if recipe.class_weights:
         selection_weights(list(recipe.families), store.classes, recipe.class_weights.select)
+    _warn_if_mixed_families(recipe, runs)
+
+
+def _warn_if_mixed_families(recipe: FusionRecipe, runs: dict[str, dict]) -> None:
+    """Warn when a family averages runs that record different kinds (``family`` attr: audio, video, clip).
+
+    Why: a family is averaged as one model and the rules treat it as one modality (audio's class
+    selection, the replacement of video rows by audio rows); ``"A04": ["A01", "A02", "V03"]`` (a
+    run name mistyped) fuses a video run as audio, and nothing else would say so. A warning, not an
+    error: a family mixing kinds on purpose stays possible.
+    """
+    for family, members in recipe.families.items():
+        kinds = {run: str(runs[run]["family"]) for run in members if runs[run].get("family")}
+        if len(set(kinds.values())) > 1:
+            listed = ", ".join(f"{run} ({kind})" for run, kind in kinds.items())
+            warnings.warn(f"recipe {recipe.name!r}: family {family!r} averages runs recorded as different kinds: "
+                          f"{listed}; its runs are averaged as one model and its rules apply to all of them "
+                          f"(a run name mistyped?)", stacklevel=3)
 
 
 def labels_of(store, clip_ids: Sequence[str]) -> np.ndarray:

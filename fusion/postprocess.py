@@ -18,6 +18,8 @@ Decisions the paper leaves open, made here and documented in docs/fusion.md:
   class ranked first before the clamp. The paper does not say; docs/fusion.md tells where the
   pre-clamp ranking is reported.
 * The band edges and values are parameters (:class:`ClampBands`), the paper's by default.
+* Edges are compared at float32 precision, the precision prediction runs are stored in, so that a
+  stored 0.2 (0.200000003 once read) is "0.20" as written: in the 0.06 band, as a float64 0.2 is.
 """
 from __future__ import annotations
 
@@ -56,13 +58,17 @@ def clamp_eq1(probs: np.ndarray, bands: ClampBands = PAPER_BANDS, renormalize: b
     """
     x = as_probs(probs)
     out = x.copy()
-    lower = 0.0
+    # Which band a value falls in is decided at float32 precision, the precision runs are stored in:
+    # a stored 0.2 reads back as 0.200000003 and compared in float64 would land above the 0.20 edge
+    # (kept at 0.2, not 0.06), while 0.06 and 0.7 read back below theirs. Values keep their float64.
+    x32 = x.astype(np.float32)
+    lower = np.float32(0.0)
     for edge, value in zip(bands.edges, bands.values):
-        band = (x > lower) & (x <= edge)
+        band = (x32 > lower) & (x32 <= np.float32(edge))
         if value is not None:
             out[band] = value
-        lower = edge
-    out[x == 0.0] = bands.zero_value
+        lower = np.float32(edge)
+    out[x32 == 0.0] = bands.zero_value
     if renormalize:
         out = out / out.sum(axis=1, keepdims=True)
     return out

@@ -19,6 +19,7 @@ families, classes and splits are checked against the store by :func:`fusion.pipe
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,7 +29,7 @@ from pydantic import Field
 from featurestore.atomic_files import atomic_write_text
 from featurestore.typed_config import load_data, load_json, typed_config
 from fusion.aggregate import AGGREGATORS
-from fusion.calibration import CALIBRATORS
+from fusion.calibration import CALIBRATORS, make_calibrator
 
 VAL_SPLIT_REF = "@val_split"  # a fit split written like this means "the runs' own val_split attr"
 
@@ -79,6 +80,54 @@ class Calibration:
         # checked here, not only in FusionRecipe: evaluate builds its comparison calibrations directly
         if self.cross_fit == 1:
             raise RecipeError(f"cross_fit must be 0 (off) or >= 2, found {self.cross_fit}")
+        check_calibration_params(self.method, self.params)
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _temperature_bounds(value: Any) -> bool:
+    """Two finite JSON numbers 0 < low <= high (the calibrator's own check, after the JSON types)."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_positive_number(v) for v in value)):
+        return False
+    try:
+        make_calibrator("temperature", 2, bounds=tuple(value))
+    except ValueError:
+        return False
+    return True
+
+
+#: method -> parameter -> (check, what it must be): the keyword arguments of each calibrator
+#: (`fusion.calibration.make_calibrator`), checked when the recipe is loaded: params is free-form
+#: JSON, so an unknown name would otherwise be a TypeError traceback, and a bad value a scikit-learn
+#: or scipy message naming neither the recipe nor the key, after the store was read.
+CALIBRATION_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
+    "temperature": {"bounds": (_temperature_bounds, "two finite temperatures [low, high] with 0 < low <= high")},
+    "stacking": {"C": (_positive_number, "a finite number > 0 (inverse regularisation strength)"),
+                 "max_iter": (_positive_int, "an integer >= 1")},
+}
+
+
+def check_calibration_params(method: str, params: dict[str, Any]) -> None:
+    """Refuse a calibrator parameter that is unknown for ``method`` or of the wrong JSON type or range.
+
+    Raises:
+        RecipeError: ``params.C: expected a finite number > 0 ..., got -1``.
+    """
+    allowed = CALIBRATION_PARAMS.get(method, {})
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise RecipeError(f"params: unknown parameter(s) {unknown} for {method!r} calibration; allowed: "
+                          f"{sorted(allowed) or '(none)'}")
+    for name, value in params.items():
+        check, expected = allowed[name]
+        if not check(value):
+            raise RecipeError(f"params.{name}: expected {expected}, got {json.dumps(value)}")
 
 
 @typed_config(RecipeError)
@@ -149,7 +198,7 @@ class FusionRecipe:
             raise RecipeError(f"{source}: not valid JSON ({err})") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: expected a JSON object, found {type(data).__name__}")
-        return load_json(cls, text, source, RecipeError)
+        return load_json(cls, text, source, RecipeError)  # (a key given twice is refused there)
 
     def to_dict(self) -> dict:
         return asdict(self)

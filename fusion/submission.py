@@ -23,6 +23,7 @@ import numpy as np
 
 from featurestore.atomic_files import atomic_write
 from featurestore.clip_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES
+from featurestore.store.shared import StoreWithPredictions
 from fusion._validate import as_probs
 
 DEFAULT_FILENAME_TEMPLATE = "audio/{clip_id}.wav"
@@ -78,14 +79,21 @@ def check_filename_template(template: str) -> None:
         ValueError: naming the template and what is wrong with it.
     """
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
         template.format(clip_id="airport-lisbon-1000-40000")
     except (ValueError, KeyError, IndexError, AttributeError) as err:
         raise ValueError(f"submission: filename template {template!r} is not a format string with only "
                          f"{{clip_id}} in braces ({type(err).__name__}: {err})") from None
-    if not fields or any(name != "clip_id" for name in fields):
+    if not parsed or any(name != "clip_id" for name, _, _ in parsed):
         raise ValueError(f"submission: filename template must contain '{{clip_id}}' and no other field, "
                          f"found {template!r}")
+    changed = [f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+               for name, spec, conversion in parsed if spec or conversion]
+    if changed:  # '{clip_id:.3}' cuts every id to 3 letters: rows of different clips under one file name
+        raise ValueError(f"submission: filename template {template!r} changes the clip id with "
+                         f"{', '.join(changed)}; the evaluation matches rows by file name, so write "
+                         f"'{{clip_id}}' as it is")
 
 
 def check_output_file(path: str | Path, store: Any = None) -> Path:
@@ -104,13 +112,19 @@ def check_output_file(path: str | Path, store: Any = None) -> Path:
 
 
 def check_outside_store(path: Path, store: Any, what: str) -> None:
-    """Refuse ``path`` when it is the local ``store`` or lies inside it (writing there would damage it)."""
-    location = str(getattr(store, "location", "") or "")
-    if location and ("://" not in location or location.startswith("file://")):
-        kept, written = Path(location.removeprefix("file://")).resolve(), path.resolve()
-        if written == kept or kept in written.parents:
-            raise ValueError(f"{what} {str(path)!r} is {'the store' if written == kept else 'inside the store'} "
-                             f"{location}; writing it would damage the store: choose a path outside it")
+    """Refuse ``path`` when it is the local ``store`` or lies inside it (writing there would damage it).
+
+    A store read with ``--predictions MINE`` (``StoreWithPredictions``) is two stores: the user's own
+    prediction store is checked too (``--out mine.h5`` would replace every run predicted into it).
+    """
+    mine = store.predictions if isinstance(store, StoreWithPredictions) else None
+    for held, name in ((store, "the store"), (mine, "the prediction store")):
+        location = str(getattr(held, "location", "") or "") if held is not None else ""
+        if location and ("://" not in location or location.startswith("file://")):
+            kept, written = Path(location.removeprefix("file://")).resolve(), path.resolve()
+            if written == kept or kept in written.parents:
+                raise ValueError(f"{what} {str(path)!r} is {name if written == kept else 'inside ' + name} "
+                                 f"{location}; writing it would damage the store: choose a path outside it")
 
 
 def read_submission(path: str | Path, classes: Sequence[str] | None = None) -> Submission:

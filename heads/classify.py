@@ -36,6 +36,7 @@ from featurestore.clip_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES
 from featurestore.manifest import MAX_AUDIO_SEGMENTS, MAX_VIDEO_FRAMES
 from featurestore.encode_files import DEFAULT_BATCH_CLIPS, ClipFiles, FileEncoder, group_files
 from featurestore.provenance import file_sha256, fingerprint, fingerprint_matches, is_random_weights, weights_identity
+from heads.checkpoint import CheckpointError, read_json
 from heads.errors import FeatureFingerprintError
 from heads.trained import TrainedHead, weights_path
 
@@ -59,10 +60,12 @@ def check_sizes(sizes: Mapping[str, Any], names: Mapping[str, str] | None = None
             raise ValueError(f"{(names or {}).get(key, key)} must be an integer from {low} to {high}, got {value!r}")
 
 
-def check_output(path: str | Path, run_dir: str | Path) -> Path:
+def check_output(path: str | Path, run_dir: str | Path, store: str | Path | None = None) -> Path:
     """``--out`` as a CSV to write, refused before any model is built when it is a directory, has an
     audio or video ending (``--out a.wav b.wav`` takes a recording for the flag's value, and would
-    replace it by the CSV), or lies in the run directory (it would overwrite the run's own files).
+    replace it by the CSV), lies in the run directory (it would overwrite the run's own files), or is
+    (or lies in) the local store the run was trained on, or ``store`` (``--out store.h5`` would
+    replace the features of every run with the CSV).
 
     Raises:
         ValueError: naming the path and what is wrong with it.
@@ -77,7 +80,31 @@ def check_output(path: str | Path, run_dir: str | Path) -> Path:
     run = Path(run_dir).resolve()
     if run == out.resolve() or run in out.resolve().parents:
         raise ValueError(f"--out {str(out)!r} lies in the run directory {str(run_dir)!r}; write the CSV elsewhere")
+    for location in filter(None, (_training_store(run_dir), store)):
+        local = str(location).removeprefix("file://")
+        if "://" in local:
+            continue  # a remote store: no local file to damage
+        kept = Path(local).resolve()
+        if kept == out.resolve() or kept in out.resolve().parents:
+            raise ValueError(f"--out {str(out)!r} is {'the store' if kept == out.resolve() else 'inside the store'} "
+                             f"{str(location)!r} (the run's features); writing the CSV there would damage it: "
+                             f"write it elsewhere")
     return out
+
+
+def _training_store(run_dir: str | Path) -> str | None:
+    """The store the run was trained on, as ``run.json`` records it (``train.store``), or None.
+
+    Read here, before the head is loaded, only to keep ``--out`` off it; a ``run.json`` that cannot
+    be read is left to :class:`Classifier`, which says what is wrong with it.
+    """
+    try:
+        info = read_json(Path(run_dir) / "run.json")
+    except (OSError, CheckpointError):
+        return None
+    train = info.get("train") if isinstance(info, dict) else None
+    store = train.get("store") if isinstance(train, dict) else None
+    return store if isinstance(store, str) and store else None
 
 
 @dataclass

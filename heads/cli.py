@@ -361,7 +361,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     check_sizes({"segments": args.segments, "frames": args.frames, "batch_size": args.batch_size,
                  "num_workers": args.num_workers}, _CLASSIFY_FLAGS)  # before anything is allocated
     if args.out:
-        check_output(args.out, args.run)
+        check_output(args.out, args.run, store=args.store)
     clips = group_files(args.files)  # missing files and unknown kinds are refused before any model is built
     checkpoints = dict(_parse_pair(item, "--checkpoint", "FEATURE_SET=PATH") for item in args.checkpoint)
     classifier = Classifier(args.run, args.device, weights=args.weights, store=args.store, checkpoints=checkpoints,

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from featurestore.typed_config import field_names, load_data, parse_field, typed_config
+from featurestore.typed_config import field_names, load_data, parse_field, repeated_keys, typed_config
 from heads.losses import LOSSES
 
 # Fields that may change between an interrupted run and its resumption without changing its result.
@@ -90,11 +90,16 @@ class TrainConfig:
             ConfigError: not a JSON object, or a key unknown, missing, of the wrong type or out of range
                 (one line naming the file, the dotted key, the value and what was expected).
         """
-        with open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"recipe {str(path)!r} is not valid JSON: {err}") from None
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"recipe {str(path)!r} is not valid JSON: {err}") from None
+        repeated = repeated_keys(text)
+        if repeated:  # json keeps the last value: a head_config or a field given twice lost one silently
+            raise ConfigError(f"recipe {str(path)!r}: key(s) {', '.join(map(repr, repeated))} given more than once; "
+                              f"JSON keeps only the last value: merge them or remove one")
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {str(path)!r}: expected a JSON object, found {type(data).__name__}")
         data.pop("description", None)

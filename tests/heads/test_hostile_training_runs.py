@@ -272,3 +272,14 @@ def test_heads_sweep_without_store_names_the_sweep_command(tmp_path, capsys):
     code = main(["sweep", "--head", "linear", "--features", FEATURE, "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2 and "sweep needs --store" in err and "train needs" not in err
+
+
+def test_a_key_given_twice_in_a_training_recipe_is_refused_naming_it(tmp_path):
+    """Before: JSON kept the last value, so the first ``head_config`` (or ``lr``) vanished silently."""
+    from heads.config import ConfigError
+
+    recipe = tmp_path / "r.json"
+    recipe.write_text('{"head": "embedding_mlp", "features": ["x"], "lr": 0.1, '
+                      '"head_config": {"hidden": [32], "hidden": [64]}, "lr": 0.5}', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"key\(s\) 'head_config.hidden', 'lr' given more than once"):
+        TrainConfig.from_json(recipe)
