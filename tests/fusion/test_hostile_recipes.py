@@ -193,7 +193,7 @@ def test_a_submission_onto_the_users_prediction_store_is_refused_and_the_store_s
 
 # ------------------------------------------------------------------ heads classify --out
 @pytest.mark.parametrize("kind", ["h5", "zarr"])
-def test_heads_classify_refuses_an_out_onto_the_store_the_run_was_trained_on(tiny_store_path, tmp_path, kind):
+def test_heads_classify_refuses_an_out_onto_the_store_the_run_was_trained_on(tiny_store_path, tmp_path, kind, capsys):
     """Before: only the run directory was protected: ``--out store.h5`` replaced the whole store the
     run was trained on with the CSV (``--out store.zarr/zarr.json`` its root metadata)."""
     from featurestore import create_store
@@ -216,6 +216,11 @@ def test_heads_classify_refuses_an_out_onto_the_store_the_run_was_trained_on(tin
     other = tmp_path / "other.h5"
     with pytest.raises(ValueError, match="is the store"):  # a store given with --store
         check_output(other, run, store=other)
+    from heads.cli import main as heads_main
+
+    capsys.readouterr()
+    assert heads_main(["classify", str(run), str(tmp_path / "x.wav"), "--out", str(other), "--store", str(other)]) == 2
+    assert "is the store" in capsys.readouterr().err and not other.exists()
     assert check_output(tmp_path / "probs.csv", run) == tmp_path / "probs.csv"
     (run / "run.json").write_text("{not json")  # left to the Classifier to say
     assert check_output(tmp_path / "probs.csv", run) == tmp_path / "probs.csv"
