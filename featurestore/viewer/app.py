@@ -107,6 +107,7 @@ class _Handlers:
 
     def __init__(self, state: ViewState, lock: threading.Lock):
         self.state, self.lock = state, lock
+        self.n_clips = int(state.store.n_clips)  # the index the app shows (read once, docs/view.md)
         self.statics = {"plotly.min.js": plotly_js(), "view.js": STATIC / "view.js", "view.css": STATIC / "view.css"}
 
     def _answer(self, make: Callable[[], Any]) -> Any:
@@ -119,7 +120,10 @@ class _Handlers:
             gone = self._store_gone()  # a store deleted under the app: its sets read as unknown now
             if gone:
                 return PlainTextResponse(f"{gone} ({_one_line(err)}); restart featurestore view", status_code=503)
-            return PlainTextResponse(_one_line(err), status_code=404)
+            # an unknown clip id (media says it as a MediaRefused caused by one): maybe appended since the start
+            unknown_clip = isinstance(err, UnknownClipError) or isinstance(err.__cause__, UnknownClipError)
+            grown = self._clips_added() if unknown_clip else ""
+            return PlainTextResponse(_one_line(err) + grown, status_code=404)
         except BadRequest as err:
             return PlainTextResponse(_one_line(err), status_code=400)
         except Exception as err:  # noqa: BLE001 - the browser gets one line, never a traceback
@@ -131,6 +135,19 @@ class _Handlers:
             if isinstance(err, (FeatureStoreError, ValueError, KeyError)):
                 return PlainTextResponse(_one_line(err), status_code=400)
             return PlainTextResponse(f"featurestore view could not answer: {_one_line(err)}", status_code=500)
+
+    def _clips_added(self) -> str:
+        """Why an unknown clip may be in the store after all: clips appended since the app started
+        (it shows the store as it was then), said with the way to see them; else ''. One attribute
+        read, on a 404 only."""
+        try:
+            now = int(self.state.store.arrays.read_attr("", "n_clips"))
+        except Exception:  # noqa: BLE001 - a store that cannot be read now: the 404 alone
+            return ""
+        if now <= self.n_clips:
+            return ""
+        return (f" (the store now holds {now} clips, {now - self.n_clips} added since featurestore view "
+                f"started with {self.n_clips}: restart it to see them)")
 
     def _store_gone(self) -> str | None:
         """A sentence when the store the app opened is no longer at its path (deleted, moved,
@@ -204,7 +221,16 @@ class _Handlers:
 
     def logmel(self, request: Any) -> Any:
         q = request.query_params
-        return self._answer(lambda: _png(logmel_image(self.state.store.get(q.get("set", ""), q.get("id", "")))))
+        return self._answer(lambda: _png(logmel_image(self.state.store.get(self._logmel_set(q.get("set", "")),
+                                                                           q.get("id", "")))))
+
+    def _logmel_set(self, name: str) -> str:
+        """``name`` when it is a log-mel set (`logmel_sets`), else UnknownFeatureError (404) naming them:
+        any other set's arrays are not a spectrogram (frames gave a 500 from Pillow, an embedding a
+        400 'axis 1 is out of bounds', neither naming the set)."""
+        if name not in self.state.logmel_sets:
+            raise UnknownFeatureError("log-mel set", name, self.state.logmel_sets)
+        return name
 
     def info(self, request: Any) -> Any:
         from starlette.responses import JSONResponse

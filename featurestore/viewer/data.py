@@ -278,8 +278,19 @@ def clip_page(state: ViewState, clip_id: str, feature_set: str | None) -> dict[s
             "splits": splits, "media": {kind: media_note(state, clip_id, kind) for kind in KINDS},
             "frames": frames_source(state, row), "logmel": _first_done(store, state.logmel_sets, row),
             "outputs": clip_outputs(state, clip_id, row), "classes": list(store.classes),
-            "neighbours": neighbours(store, feature_set, clip_id) if feature_set else None,
-            "feature_set": feature_set}
+            **_page_neighbours(store, feature_set, clip_id), "feature_set": feature_set}
+
+
+def _page_neighbours(store: Any, feature_set: str | None, clip_id: str) -> dict[str, Any]:
+    """``neighbours`` (None: no set) and ``neighbours_note``: why a clip whose vector search cannot
+    use (all zeros, not finite: search's ValueError) has none. The rest of its page is still shown
+    (before: the whole page was that one 400 line, its audio and predictions out of reach)."""
+    if not feature_set:
+        return {"neighbours": None, "neighbours_note": None}
+    try:
+        return {"neighbours": neighbours(store, feature_set, clip_id), "neighbours_note": None}
+    except ValueError as err:
+        return {"neighbours": [], "neighbours_note": str(err)}
 
 
 def media_note(state: ViewState, clip_id: str, kind: str) -> dict[str, Any]:
@@ -345,8 +356,10 @@ def confusion(state: ViewState, source: str, split: str | None) -> dict[str, Any
     cells: dict[str, list[str]] = {}
     for i, (t, p) in enumerate(zip(labels[rows], pred)):
         cells.setdefault(f"{t},{p}", []).append(ids[i])
+    # no labelled clip (an unlabelled evaluation split): no accuracy, where 0 / 1 read as 0.0%
+    accuracy = float(np.trace(counts) / len(rows)) if len(rows) else None
     return {"source": source, "split": split, "classes": list(store.classes), "counts": counts.tolist(),
-            "cells": cells, "n": int(len(rows)), "accuracy": float(np.trace(counts) / max(1, len(rows)))}
+            "cells": cells, "n": int(len(rows)), "accuracy": accuracy}
 
 
 def search(state: ViewState, feature_set: str | None, query: str, k: int = SEARCH_K) -> dict[str, Any]:
@@ -362,7 +375,10 @@ def search(state: ViewState, feature_set: str | None, query: str, k: int = SEARC
     if feature_set is None:
         raise BadRequest("the store holds no embedding set to search in")
     if store.index.find([query])[0] >= 0:
-        label = int(state.labels()[store.row(query)])
+        row = store.row(query)
+        if not store.done_mask(feature_set)[row]:  # no vector: no self-match of 1.0, no neighbours to list
+            raise MissingFeatureError(feature_set, [query])
+        label = int(state.labels()[row])
         hits = [{"clip_id": query, "score": 1.0, "label": store.classes[label] if label >= 0 else None},
                 *(neighbours(store, feature_set, query, k - 1) if k > 1 else [])]
         return {"query": query, "kind": "clip id", "results": hits, "notes": []}

@@ -81,6 +81,8 @@ def _neighbours(page: dict[str, Any]) -> str:
     found = page["neighbours"]
     if found is None:
         return "<h2>Neighbours</h2><p class='note'>The store holds no embedding set to find neighbours in.</p>"
+    if page.get("neighbours_note"):
+        return f"<h2>Neighbours</h2><p class='note' id='neighbours-note'>{escape(page['neighbours_note'])}</p>"
     if not found:
         return "<h2>Neighbours</h2><p class='note'>This clip has no embedding in the map's set.</p>"
     items = "".join(f"<li><a href='clip?{_q(id=n['clip_id'], set=page['feature_set'])}'>{escape(n['clip_id'])}</a> "

@@ -104,13 +104,7 @@ def test_map_click_clip_page_search_and_confusion_in_chromium(app, page, tmp_pat
     assert page.locator("#map .scatterlayer, #map canvas").count() > 0
     page.screenshot(path=str(tmp_path / "map.png"))
 
-    box = page.evaluate(PLOT_AREA)  # a box selection over the whole plot lists every clip on the map
-    page.evaluate("Plotly.relayout('map', {dragmode: 'select'})")
-    page.mouse.move(box["left"] + 2, box["top"] + 2)
-    page.mouse.down()
-    page.mouse.move(box["right"] - 2, box["bottom"] - 2, steps=8)
-    page.mouse.up()
-    page.wait_for_function("document.querySelectorAll('#selection li').length > 0")
+    select_whole_map(page)  # a box selection over the whole plot lists every clip on the map
     with open_store(path) as store:
         assert sorted(page.locator("#selection li a").all_inner_texts()) == sorted(store.clip_ids)
     page.evaluate("Plotly.relayout('map', {dragmode: 'zoom', selections: []})")  # the box would take the hover
@@ -180,6 +174,17 @@ GAP = """([lo, hi]) => {
   for (let i = 1; i < xs.length; i++) if (xs[i] - xs[i - 1] > best[1] - best[0]) best = [xs[i - 1], xs[i]];
   return (best[0] + best[1]) / 2;
 }"""
+
+
+def select_whole_map(page) -> None:
+    """A box selection dragged over the whole map's plot area, waited for until the list fills."""
+    box = page.evaluate(PLOT_AREA)
+    page.evaluate("Plotly.relayout('map', {dragmode: 'select'})")
+    page.mouse.move(box["left"] + 2, box["top"] + 2)
+    page.mouse.down()
+    page.mouse.move(box["right"] - 2, box["bottom"] - 2, steps=8)
+    page.mouse.up()
+    page.wait_for_function("document.querySelectorAll('#selection li').length > 0")
 
 
 def _drag(page, start, end, steps=10):

@@ -5,6 +5,7 @@ const params = new URLSearchParams(location.search);
 let info = null;
 let points = null;
 let mapBound = false;
+let searched = null;  // the last search: { set, results }
 
 async function getJSON(url) {
   const r = await fetch(url);
@@ -70,6 +71,7 @@ async function drawMap() {
     title: { text: plain(set) + " (" + points.method + ", " + points.ids.length + " clips)", font: { size: 13 } } };
   await Plotly.react("map", traces, layout, { displaylogo: false, responsive: true });
   if (!mapBound) bindMap();
+  await keepSearch(set);
   window.mapRenderMs = performance.now() - t0;
   document.body.dataset.map = set + "|" + $("colour").value;
 }
@@ -82,27 +84,53 @@ function bindMap() {
     if (id) location.href = "clip?" + new URLSearchParams({ id, set: $("set").value });
   });
   map.on("plotly_selected", (ev) => {
-    const ids = ev ? ev.points.map((p) => p.customdata).filter((c) => c) : [];
+    // each clip once: a search's ring is a point of its own trace over the clip's point
+    const ids = ev ? [...new Set(ev.points.map((p) => p.customdata).filter((c) => c))] : [];
     list($("selection"), ids.map((clip_id) => ({ clip_id })));
   });
+}
+
+async function dropSearch() {
+  // the last query's results and ring: gone before a new query answers (or fails), so a list is
+  // never shown under a query it does not answer
+  searched = null;
+  list($("results"), []);
+  delete $("results").dataset.kind;
+  const map = $("map");
+  const old = points && map.data ? map.data.findIndex((t) => t.name === "search") : -1;
+  if (old >= 0) await Plotly.deleteTraces(map, old);
+}
+
+async function ring(results) {
+  // the hits ringed on the map: a trace of their own, named "search"
+  if (!points) return;  // no map drawn (its redraw failed): the list alone
+  const where = new Map(points.ids.map((id, i) => [id, i]));
+  const hits = results.map((r) => where.get(r.clip_id)).filter((i) => i !== undefined);
+  await Plotly.addTraces($("map"), { type: "scattergl", mode: "markers", name: "search",
+    x: hits.map((i) => points.x[i]), y: hits.map((i) => points.y[i]), customdata: hits.map((i) => points.ids[i]),
+    marker: { size: 14, color: "rgba(0,0,0,0)", line: { width: 2, color: "black" } }, hovertemplate: "%{customdata}<extra>search</extra>" });
+}
+
+async function keepSearch(set) {
+  // after a redraw of the map: the hits ringed again on the same set (another colouring); on
+  // another set they are neighbours in the old one, so they go (before: the list stayed, unringed)
+  if (!searched) return;
+  if (searched.set === set) await ring(searched.results);
+  else await dropSearch();
 }
 
 async function runSearch(ev) {
   ev.preventDefault();
   $("note").textContent = "";
   try {
-    const found = await getJSON("api/search?" + new URLSearchParams({ set: $("set").value, q: $("search").value }));
+    await dropSearch();
+    const set = $("set").value;
+    const found = await getJSON("api/search?" + new URLSearchParams({ set, q: $("search").value }));
     list($("results"), found.results);
     $("results").dataset.kind = found.kind;
-    const where = new Map(points.ids.map((id, i) => [id, i]));
-    const hits = found.results.map((r) => where.get(r.clip_id)).filter((i) => i !== undefined);
-    const map = $("map");
-    const old = map.data.findIndex((t) => t.name === "search");
-    if (old >= 0) await Plotly.deleteTraces(map, old);
-    await Plotly.addTraces(map, { type: "scattergl", mode: "markers", name: "search",
-      x: hits.map((i) => points.x[i]), y: hits.map((i) => points.y[i]), customdata: hits.map((i) => points.ids[i]),
-      marker: { size: 14, color: "rgba(0,0,0,0)", line: { width: 2, color: "black" } }, hovertemplate: "%{customdata}<extra>search</extra>" });
+    searched = { set, results: found.results };
     if (found.random_weights) $("note").textContent = "The text tower has random weights: these hits mean nothing.";
+    await ring(found.results);
   } catch (err) {
     $("note").textContent = err.message;
   }
@@ -111,12 +139,16 @@ async function runSearch(ev) {
 async function drawConfusion() {
   if (!$("source").value) return;
   const cm = await getJSON("api/confusion?" + new URLSearchParams({ source: $("source").value, split: $("split").value }));
-  $("accuracy").textContent = cm.n + " clips, accuracy " + (100 * cm.accuracy).toFixed(1) + "%";
+  $("accuracy").textContent = cm.accuracy === null ? "no clip with a label in this split: no accuracy"
+    : cm.n + " clips, accuracy " + (100 * cm.accuracy).toFixed(1) + "%";
   const shown = cm.classes.map(plain);  // tick labels and hover: the escaped names (see plain)
   const trace = { type: "heatmap", z: cm.counts, x: shown, y: shown, colorscale: [[0, "#f4f8fc"], [1, "#1f4e8c"]],
     text: cm.counts.map((r) => r.map(String)), texttemplate: "%{text}", hovertemplate: "true %{y}, predicted %{x}: %{z}<extra></extra>" };
-  const layout = { margin: { l: 140, r: 10, t: 10, b: 120 }, xaxis: { title: { text: "predicted" } },
-    yaxis: { title: { text: "true" }, autorange: "reversed" } };
+  // category axes, always: Plotly guesses an axis type from the tick values, so classes named "1",
+  // "10", "2" (or like dates) got a numeric axis, their cells placed by number and a click on one
+  // listing no clips
+  const layout = { margin: { l: 140, r: 10, t: 10, b: 120 }, xaxis: { type: "category", title: { text: "predicted" } },
+    yaxis: { type: "category", title: { text: "true" }, autorange: "reversed" } };
   const div = $("confusion");
   await Plotly.react(div, [trace], layout, { displaylogo: false, responsive: true });
   div.removeAllListeners?.("plotly_click");
@@ -128,6 +160,37 @@ async function drawConfusion() {
   document.body.dataset.confusion = $("source").value + "|" + $("split").value;
 }
 
+// A redraw asked by a menu that fails (a store deleted under the app: 503; an output that cannot be
+// computed: 400) says why in the note and removes the picture it was to replace: before, the error
+// went nowhere and the last map or matrix stayed under the new choice, as if it were its answer.
+async function redraw(draw, clear) {
+  $("note").textContent = "";
+  try {
+    await draw();
+  } catch (err) {
+    clear();
+    $("note").textContent = err.message;
+  }
+}
+
+function clearMap() {
+  Plotly.purge($("map"));  // drops the plot's event handlers too: bound again on the next draw
+  mapBound = false;
+  points = null;
+  delete document.body.dataset.map;
+  list($("selection"), []);
+  searched = null;  // its hits were ringed on the map that is gone
+  list($("results"), []);
+}
+
+function clearConfusion() {
+  Plotly.purge($("confusion"));
+  $("accuracy").textContent = "";
+  $("cell-name").textContent = "";
+  list($("cell-clips"), []);
+  delete document.body.dataset.confusion;
+}
+
 async function init() {
   info = await getJSON("api/info");
   $("store").textContent = info.store + " (" + info.n_clips + " clips)";
@@ -136,8 +199,8 @@ async function init() {
   fill($("colour"), info.colours, params.get("colour") || "label");
   fill($("source"), info.outputs, info.outputs[0]);
   fill($("split"), ["", ...info.splits], info.splits[info.splits.length - 1]);
-  $("set").onchange = $("colour").onchange = drawMap;
-  $("source").onchange = $("split").onchange = drawConfusion;
+  $("set").onchange = $("colour").onchange = () => redraw(drawMap, clearMap);
+  $("source").onchange = $("split").onchange = () => redraw(drawConfusion, clearConfusion);
   $("search-form").onsubmit = runSearch;
   if (!sets.length) $("note").textContent = "The store holds no embedding set with finished clips: there is no map to draw.";
   else await drawMap();
