@@ -23,6 +23,33 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device {device!r} is not a device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available here; use 'cpu' or 'auto'")
+    if resolved.type == "cpu":
+        return resolved
+    backend = getattr(torch, resolved.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not _available(backend):
+        raise ValueError(f"device {device!r} was requested but {resolved.type.upper()} is not available here; "
+                         f"use 'cpu' or 'auto'")
+    count = _device_count(backend)
+    if resolved.index is not None and count and resolved.index >= count:  # 0 next to "available": cannot tell
+        raise ValueError(f"device {device!r} was requested but this machine has {count} {resolved.type.upper()} "
+                         f"device(s), numbered from 0; use one of them, 'cpu' or 'auto'")
     return resolved
+
+
+def _available(backend: object) -> bool:
+    """Whether torch's module for a device type says it can run here (False when there is none:
+    ``meta``, or a type this build has no module for)."""
+    check = getattr(backend, "is_available", None)
+    try:
+        return bool(check()) if callable(check) else False
+    except Exception:  # noqa: BLE001 - a backend that cannot even answer is not available
+        return False
+
+
+def _device_count(backend: object) -> int | None:
+    """How many devices of that type torch sees, or None when it cannot say."""
+    count = getattr(backend, "device_count", None)
+    try:
+        return int(count()) if callable(count) else None
+    except Exception:  # noqa: BLE001
+        return None

@@ -206,7 +206,7 @@ class Encoder(abc.ABC):
         """
         if not isinstance(batch, torch.Tensor):
             raise TypeError(f"{self.spec}: encode() expects a torch.Tensor batch, got {type(batch).__name__}")
-        if self.module is not None and self.module.training:
+        if self.module is not None and _any_training(self.module):
             self.module.eval()
         n = batch.shape[0]
         x = batch.to(self.device, non_blocking=True)
@@ -259,6 +259,16 @@ class Encoder(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, modality={self.modality!r}, " \
                f"output_shape={self.output_shape}, device={str(self.device)!r})"
+
+
+def _any_training(module: torch.nn.Module) -> bool:
+    """True when ``module`` or any submodule is in training mode.
+
+    The top module's flag is not enough: a submodule assigned after ``eval()`` (a new head, a
+    ``reset_classifier``) starts in training mode, and its dropout or batch-norm statistics would
+    make a clip's features depend on chance and on the other clips of its batch.
+    """
+    return any(m.training for m in module.modules())
 
 
 def pad_batch(x: torch.Tensor, rows: int) -> torch.Tensor:

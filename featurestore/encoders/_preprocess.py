@@ -142,21 +142,35 @@ def as_uint8_frames(frames: np.ndarray) -> torch.Tensor:
     Every image encoder whose preprocessor has a ``batched`` step shares this one function, so the
     workers hand one uint8 tensor per clip to all of them (no float copy, no per-encoder copy).
     """
-    if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
-            and frames.shape[-1] == 3):
+    if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and is_frame_stack(frames.shape)):
         found = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) \
             else type(frames).__name__
         raise ValueError(f"expected uint8 RGB frames [K, H, W, 3], got {found}")
     return torch.from_numpy(np.ascontiguousarray(frames))
 
 
+def is_frame_stack(shape: tuple[int, ...]) -> bool:
+    """``[K, H, W, 3]`` with frames of at least one pixel (a 0-pixel side would divide by zero
+    in the resize, far from the clip that had it)."""
+    return len(shape) == 4 and shape[-1] == 3 and shape[1] >= 1 and shape[2] >= 1
+
+
 def check_frame_tensor(frames: torch.Tensor) -> None:
     """Refuse anything but a ``uint8 [N, H, W, 3]`` tensor (what ``as_uint8_frames`` hands over)."""
-    if not (isinstance(frames, torch.Tensor) and frames.dtype == torch.uint8 and frames.ndim == 4
-            and frames.shape[-1] == 3):
+    if not (isinstance(frames, torch.Tensor) and frames.dtype == torch.uint8 and is_frame_stack(frames.shape)):
         found = f"{frames.dtype} tensor of shape {tuple(frames.shape)}" if isinstance(frames, torch.Tensor) \
             else type(frames).__name__
         raise ValueError(f"expected a uint8 RGB frame tensor [N, H, W, 3], got {found}")
+
+
+def check_normalised_batch(batch: torch.Tensor, spec: str) -> None:
+    """Refuse an integer batch handed to an image model's ``encode``: raw uint8 pixels (stored
+    ``frames/<size>`` ones, say) are not the normalised floats the model takes, and ``float()``
+    of them gives features of a picture 255 times too bright, without a word."""
+    if not batch.is_floating_point():
+        raise ValueError(f"{spec}: encode() takes the preprocessor's normalised float frames [B, 3, h, w], got a "
+                         f"{batch.dtype} batch of shape {tuple(batch.shape)}; pass uint8 RGB frames [K, H, W, 3] "
+                         f"through encoder.preprocessor() first")
 
 
 def _center_crop(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:

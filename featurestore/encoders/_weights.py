@@ -20,7 +20,7 @@ import os
 import pickle
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,8 +210,17 @@ def _unnest(obj: Any) -> Any:
 
 
 def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path,
-              strict: bool = True) -> None:
+              strict: bool = True, used: Callable[[str], bool] | None = None) -> None:
     """Load ``state_dict`` into ``module``; with ``strict`` every key must match both ways.
+
+    Without ``strict`` keys may be missing, and those weights keep their (seeded) initial values;
+    that is said on stderr, with how many. A checkpoint that leaves *every* weight the encoder
+    runs at its initial value is still refused: its features would be those of ``@none`` under a
+    ``file`` provenance (a checkpoint whose keys all carry a prefix the model lacks does that).
+
+    Args:
+        used: which of ``module``'s keys the encoder runs (default: all), e.g. only the image
+            tower's of a whole CLIP model loaded for image embeddings.
 
     Raises:
         WeightsMismatchError: one line naming the checkpoint, how many keys are missing / unexpected
@@ -223,6 +232,29 @@ def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
         raise WeightsMismatchError(_mismatch_message(module, state_dict, source)) from None
     if strict and (result.missing_keys or result.unexpected_keys):
         raise WeightsMismatchError(_mismatch_message(module, state_dict, source, result.missing_keys))
+    if not strict:
+        _check_partial_load(module, state_dict, source, result.missing_keys, used)
+
+
+def _check_partial_load(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path,
+                        missing: list[str], used: Callable[[str], bool] | None) -> None:
+    """Refuse a non-strict load that loaded none of the used weights; say how many stayed initial.
+
+    Batch-norm step counters (``num_batches_tracked``) are not weights: torch fills them in
+    without calling them missing, and they change no output.
+    """
+    wanted = [key for key in module.state_dict() if (used is None or used(key))
+              and not key.endswith("num_batches_tracked")]
+    absent = set(missing)
+    left = [key for key in wanted if key in absent or key not in state_dict]
+    if wanted and len(left) == len(wanted):
+        raise WeightsMismatchError(
+            f"{_mismatch_message(module, state_dict, source, missing)}; none of the {len(wanted)} weights the "
+            f"encoder runs is in the checkpoint, so even with strict=False its features would be those of "
+            f"random weights")
+    if left:
+        print(f"WARNING: checkpoint {source} (strict=False) lacks {len(left)} of the {len(wanted)} weights the "
+              f"encoder runs, e.g. {left[:3]}; they keep their random initial values", file=sys.stderr)
 
 
 def _mismatch_message(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path,

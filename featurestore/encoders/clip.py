@@ -28,7 +28,7 @@ import torch
 
 from featurestore.encoders._encoder import Encoder
 from featurestore.encoders._names import EncoderSpec, SpecError
-from featurestore.encoders._preprocess import FramePreprocessor
+from featurestore.encoders._preprocess import FramePreprocessor, check_normalised_batch
 from featurestore.encoders._registry import register_encoder
 from featurestore.encoders._weights import (
     Weights,
@@ -135,8 +135,9 @@ def _load_checkpoint(model: torch.nn.Module, weights: Weights, strict: bool, ima
         load_into(model.visual, state, weights.path, strict=strict)
     elif image_only_ok and _fits_better(state, model.visual, model):
         load_into(model.visual, state, weights.path, strict=strict)
-    else:
-        load_into(model, state, weights.path, strict=strict)
+    else:  # a whole model: only the tower the encoder runs must come from it (strict=False)
+        load_into(model, state, weights.path, strict=strict,
+                  used=lambda key: key.startswith("visual.") == image_only_ok)
 
 
 def _fits_better(state: dict[str, torch.Tensor], tower: torch.nn.Module, model: torch.nn.Module) -> bool:
@@ -159,6 +160,23 @@ def clip_frame_preprocessor(preprocess: dict[str, Any]) -> FramePreprocessor:
     return FramePreprocessor(crop=(height, width), resize=resize,
                              interpolation=preprocess.get("interpolation", "bicubic"),
                              mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]))
+
+
+def check_template(template: str) -> str:
+    """``template`` when it formats one class name exactly once (``"a photo of a {}."``).
+
+    Checked when the encoder is built, not at the first ``class_prompts``: ``"a {} in {city}"``
+    would otherwise fail with a bare ``KeyError`` in the middle of an extraction.
+    """
+    probe = "\x00class\x00"
+    try:
+        filled = template.format(probe) if isinstance(template, str) else ""
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as exc:
+        raise SpecError(f"cliptext: template {template!r} is not a format string with one '{{}}' for the class "
+                        f"name ({type(exc).__name__}: {exc}); write literal braces as '{{{{' and '}}}}'") from None
+    if filled.count(probe) != 1:
+        raise SpecError(f"cliptext: template must contain exactly one '{{}}' for the class name, got {template!r}")
+    return template
 
 
 class _OpenClipEncoder(Encoder):
@@ -209,6 +227,7 @@ class ClipImageEncoder(_OpenClipEncoder):
         return self._preprocessor
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        check_normalised_batch(batch, self.spec)
         return self.module(batch.float()).float()
 
 
@@ -225,11 +244,25 @@ class ClipTokenizer:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"expected a list of strings, got {type(texts).__name__}")
+        return self._get()(list(texts))
+
+    def _get(self) -> Any:
+        """open_clip's tokenizer of the model, built on first use in this process."""
         if self._tokenizer is None:
             import open_clip
 
             self._tokenizer = open_clip.get_tokenizer(self.model)
-        return self._tokenizer(list(texts))
+        return self._tokenizer
+
+    def overlong(self, texts: list[str]) -> list[tuple[str, int, int]]:
+        """``(text, tokens, context)`` for each text longer than the context, which the tokenizer
+        would cut silently (only for tokenizers that can count: open_clip's own BPE one)."""
+        tokenizer = self._get()
+        encode, context = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
+        if not callable(encode) or not isinstance(context, int):
+            return []
+        counts = [(text, len(encode(text)) + 2) for text in texts]  # + start and end of text
+        return [(text, n, context) for text, n in counts if n > context]
 
     def __getstate__(self) -> dict[str, Any]:
         return {"model": self.model, "_tokenizer": None}
@@ -249,9 +282,7 @@ class ClipTextEncoder(_OpenClipEncoder):
 
     def __init__(self, spec: str | EncoderSpec, strict: bool = True, template: str = PROMPT_TEMPLATE) -> None:
         super().__init__(spec)
-        if template.count("{}") != 1:
-            raise SpecError(f"cliptext: template must contain exactly one '{{}}' for the class name, got {template!r}")
-        self.template = template
+        self.template = check_template(template)
         built = self._setup(strict, image_only_ok=False)
         built.model.visual = None  # the text tower is all this encoder runs
         self.module = built.model
@@ -262,8 +293,42 @@ class ClipTextEncoder(_OpenClipEncoder):
                 "normalized": False, "template": self.template}
 
     def class_prompts(self, classes: list[str]) -> list[str]:
-        """One prompt per class name: the template with ``_`` in the name turned into spaces."""
-        return [self.template.format(str(name).replace("_", " ")) for name in classes]
+        """One prompt per class name: the template with ``_`` in the name turned into spaces.
+
+        Refuses what would give a zero-shot head wrong class embeddings without a word: an empty
+        name, a prompt longer than the text tower's context (the tokenizer cuts it), and two classes
+        whose prompts tokenize alike (``street_traffic`` and ``Street traffic``, or names that differ
+        only past the cut), which would share one embedding.
+
+        Raises:
+            ValueError: naming the class(es) and what is wrong.
+        """
+        names = [str(name) for name in classes]
+        empty = [name for name in names if not name.replace("_", " ").strip()]
+        if empty:
+            raise ValueError(f"{self.spec}: class name {empty[0]!r} is empty; a prompt needs a name")
+        prompts = [self.template.format(name.replace("_", " ")) for name in names]
+        overlong = self._tokenizer.overlong(prompts)
+        if overlong:
+            prompt, tokens, context = overlong[0]
+            name = names[prompts.index(prompt)]
+            raise ValueError(f"{self.spec}: the prompt of class {name!r} is {tokens} tokens, more than the text "
+                             f"tower's context of {context}, and would be cut: {prompt[:80]!r}...; shorten the "
+                             f"class name or the template")
+        self._check_distinct(names, prompts)
+        return prompts
+
+    def _check_distinct(self, names: list[str], prompts: list[str]) -> None:
+        """Refuse two classes whose prompts become the same tokens (one embedding for two classes)."""
+        if len(prompts) < 2:
+            return
+        seen: dict[bytes, str] = {}
+        for name, row in zip(names, self._tokenizer(prompts)):
+            other = seen.setdefault(row.numpy().tobytes(), name)
+            if other != name:
+                raise ValueError(f"{self.spec}: classes {other!r} and {name!r} give the same prompt tokens "
+                                 f"({self.template.format(name.replace('_', ' '))!r}), so they would share "
+                                 f"one text embedding")
 
     def preprocessor(self) -> ClipTokenizer:
         return self._tokenizer

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from featurestore.encoders._encoder import Encoder
 from featurestore.encoders._names import EncoderSpec, SpecError
+from featurestore.encoders._preprocess import is_frame_stack
 from featurestore.encoders._registry import register_encoder
 
 #: The paper's frame size (Section 3, "Resized to 448 x 448 x 3").
@@ -58,8 +59,7 @@ class FrameResize:
                 "rounding": "round to nearest, clamp to 0..255", "layout": "CHW", "channels": "RGB"}
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
-        if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
-                and frames.shape[-1] == 3):
+        if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and is_frame_stack(frames.shape)):
             found = f"{frames.dtype} array of shape {frames.shape}" if isinstance(frames, np.ndarray) \
                 else type(frames).__name__
             raise ValueError(f"expected uint8 RGB frames [K, H, W, 3], got {found}")

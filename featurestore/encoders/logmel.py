@@ -45,18 +45,25 @@ class LogMelConfig:
 
     def __post_init__(self) -> None:
         samples = self.sample_rate * self.segment_seconds
-        if not float(samples).is_integer() or samples < self.n_fft // 2 + 1:
+        # whole up to float rounding (48000 * 1.1 is 52800.00000000001), as decoding rounds it
+        if abs(samples - round(samples)) > 1e-9 * max(1.0, abs(samples)) or round(samples) < self.n_fft // 2 + 1:
             raise SpecError(f"logmel: segment of {self.segment_seconds} s at {self.sample_rate} Hz must be a "
                             f"whole number of samples longer than n_fft/2 ({self.n_fft // 2})")
         if self.mel_norm not in ("slaney", None):
             raise SpecError(f"logmel: mel_norm must be 'slaney' or None, got {self.mel_norm!r}")
         if self.n_mels < 1 or self.hop_length < 1 or self.amin <= 0 or self.ref <= 0:
             raise SpecError(f"logmel: n_mels and hop_length must be >= 1 and amin, ref > 0 (got {self})")
+        nyquist = self.sample_rate / 2
+        fmax = nyquist if self.fmax is None else self.fmax
+        if not 0 <= self.fmin < fmax <= nyquist:
+            # outside, the filters are empty: every band of every segment a constant -100 dB
+            raise SpecError(f"logmel: the mel bands must lie in 0 <= fmin < fmax <= sample_rate / 2 = {nyquist:g} Hz, "
+                            f"got fmin={self.fmin:g}, fmax={fmax:g}")
 
     @property
     def samples(self) -> int:
-        """Samples per segment."""
-        return int(self.sample_rate * self.segment_seconds)
+        """Samples per segment (rounded as ``featurestore.decode.audio`` rounds the segment length)."""
+        return int(round(self.sample_rate * self.segment_seconds))
 
     @property
     def n_frames(self) -> int:
@@ -109,6 +116,16 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0,
     return weights
 
 
+def _warn_empty_bands(mel: np.ndarray, config: LogMelConfig) -> None:
+    """Warn, as librosa does, when some mel filters fall between FFT bins and so hold no weight:
+    those bands are a constant (the amin floor) in every segment."""
+    empty = int((mel.max(axis=1) <= 0).sum())
+    if empty:
+        warnings.warn(f"logmel: {empty} of the {config.n_mels} mel bands are empty (narrower than the FFT bins of "
+                      f"n_fft={config.n_fft} at {config.sample_rate} Hz) and will be constant; lower n_mels or "
+                      f"raise n_fft", UserWarning, stacklevel=3)
+
+
 # ===================================================================== the torch transform
 class LogMelSpectrogram(torch.nn.Module):
     """``[B, samples]`` waveforms -> ``[B, n_mels, frames]`` log-mel in dB (float32)."""
@@ -118,6 +135,7 @@ class LogMelSpectrogram(torch.nn.Module):
         self.config = config
         mel = mel_filterbank(config.sample_rate, config.n_fft, config.n_mels, config.fmin, config.fmax,
                              config.mel_norm)
+        _warn_empty_bands(mel, config)
         self.register_buffer("mel", torch.from_numpy(mel.astype(np.float32)), persistent=False)
         self.register_buffer("window", torch.hann_window(config.n_fft, periodic=True), persistent=False)
         self._mel_csr: torch.Tensor | None = None  # CPU only, built on first CPU forward
@@ -129,7 +147,9 @@ class LogMelSpectrogram(torch.nn.Module):
         most two triangles, so the dense product does ~100x more multiply-adds than needed and
         costs more than the STFT itself. On GPUs the dense matmul is already cheap.
         """
-        if spec.device.type != "cpu":
+        if spec.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            # GPUs; and bf16 autocast on the CPU, which has no bf16 sparse kernel (and which the
+            # dense product honours, as on a GPU)
             return torch.matmul(self.mel, spec)
         if self._mel_csr is None:
             with warnings.catch_warnings():
@@ -147,7 +167,10 @@ class LogMelSpectrogram(torch.nn.Module):
             spec = stft.real.square() + stft.imag.square()
         else:
             spec = stft.abs().pow(cfg.power)
-        mel = self._apply_mel(spec)
+        # float32 from here on: under bf16 autocast the product comes back in bf16, whose 8-bit
+        # mantissa would quantise the dB values themselves (0.6 dB steps near -100 dB); rounding the
+        # power instead costs only ~0.02 dB
+        mel = self._apply_mel(spec).float()
         db = 10.0 * torch.log10(mel.clamp_min(cfg.amin)) - 10.0 * math.log10(max(cfg.amin, cfg.ref))
         if cfg.top_db is not None:
             floor = db.amax(dim=(-2, -1), keepdim=True) - cfg.top_db
@@ -189,13 +212,21 @@ class LogMelEncoder(Encoder):
         return (self.params.n_mels, self.params.n_frames)
 
     def config(self) -> dict[str, Any]:
-        return {"transform": "log-mel (librosa melspectrogram + power_to_db equivalent)", "window": "hann",
-                "center": True, "pad_mode": "constant", "mel_scale": "slaney", **asdict(self.params)}
+        config = {"transform": "log-mel (librosa melspectrogram + power_to_db equivalent)", "window": "hann",
+                  "center": True, "pad_mode": "constant", "mel_scale": "slaney", **asdict(self.params)}
+        if self.precision == "bfloat16":
+            # bf16 feature sets made before the dB values were taken in float32 (rounded to bf16,
+            # ~0.3 dB off) must not be resumed with these: another fingerprint
+            config["bf16"] = "filterbank product only, dB in float32"
+        return config
 
     def preprocessor(self) -> AudioSegments:
         return AudioSegments(samples=self.params.samples, sample_rate=self.params.sample_rate)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if not batch.is_floating_point():  # int16 PCM as floats is 90 dB too loud, silently
+            raise ValueError(f"{self.spec}: expected float audio (full scale 1.0), got a {batch.dtype} batch; "
+                             f"scale integer PCM first (int16: divide by 32768), as librosa requires")
         if batch.ndim != 2 or batch.shape[1] != self.params.samples:
             raise ValueError(f"{self.spec}: expected a batch of segments [B, {self.params.samples}], "
                              f"got {tuple(batch.shape)}")

@@ -21,7 +21,7 @@ import torch
 
 from featurestore.encoders._encoder import Encoder
 from featurestore.encoders._names import EncoderSpec, SpecError, UnknownEncoderError
-from featurestore.encoders._preprocess import FramePreprocessor
+from featurestore.encoders._preprocess import FramePreprocessor, check_normalised_batch
 from featurestore.encoders._registry import register_encoder
 from featurestore.encoders._weights import (
     Weights,
@@ -197,4 +197,5 @@ class TimmFrameEncoder(Encoder):
         return self._preprocessor
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        check_normalised_batch(batch, self.spec)
         return self.module(batch.float()).float()
