@@ -38,6 +38,7 @@ from featurestore.checks import is_int_in
 from featurestore.extract.workers import ClipDecoder, DecodedBatch, Job, collate
 from featurestore.extract.plan import Source
 from featurestore.extract.errors import DecodeWorkerError
+from featurestore.extract import pipeline as extract_pipeline
 from featurestore.extract.pipeline import _encode as encode_and_cast
 from featurestore.extract.pipeline import _loader_reason
 from featurestore.clip_files import AUDIO_SUFFIXES, VIDEO_SUFFIXES, ClipFiles, FilesError, group_files
@@ -77,6 +78,7 @@ def rebuild_encoder(name: str, provenance: Mapping[str, Any], device: str | torc
         WeightsMismatchError: the checkpoint's sha256 is not the one recorded.
         EncoderRebuildError: the rebuilt encoder's configuration differs from the recorded one.
     """
+    _refuse_stored_frames(name, provenance)
     spec = _spec_to_build(name, provenance, checkpoint)
     options = recorded_options(provenance)
     encoder = create_encoder(spec, device, **options)
@@ -102,6 +104,19 @@ def recorded_options(provenance: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(options, Mapping) and options:
             return dict(options)
     return {}
+
+
+def _refuse_stored_frames(name: str, provenance: Mapping[str, Any]) -> None:
+    """A feature set encoded from a stored ``frames/<size>`` set (``extract(frames_from=)``) saw
+    frames squashed to that size first; decoding a file would skip that step and give other
+    features, so it is refused naming the reason (not as "other encoder options", which it is not)."""
+    stored = provenance.get("frames_from")
+    if not stored:
+        return
+    source = stored.get("set") if isinstance(stored, Mapping) else stored
+    raise EncoderRebuildError(f"feature set {name!r} was encoded from the stored frames set {source!r} "
+                              f"(extract frames_from=), not from video files: files outside a store cannot be "
+                              f"encoded the same way; use a feature set extracted from the MP4s")
 
 
 def _spec_to_build(name: str, provenance: Mapping[str, Any], checkpoint: str | Path | None) -> str:
@@ -294,22 +309,33 @@ class FileEncoder:
         ok = np.ones(n, dtype=bool)
         errors: dict[str, str] = {}
         seconds: dict[str, float] = {}
-        with tqdm(total=n, desc="encode", unit="clip", disable=not progress) as bar:
-            for batch in self._batches(clips):
-                _add_all(seconds, batch.seconds)
-                for j, t in enumerate(self.targets):
-                    for row, message in batch.errors.get(j, {}).items():
-                        ok[row] = False
-                        errors.setdefault(clips[row].name, f"{t.name}: {message}")
-                    if j not in batch.inputs:
-                        continue
-                    rows, x = batch.inputs[j]
-                    t0 = time.perf_counter()
-                    out, _ = encode_and_cast(t, x, self.device, len(rows))  # heads.classify judges finiteness
-                    _add_all(seconds, {f"encode {t.name}": time.perf_counter() - t0})
-                    outputs[t.name][rows] = out.reshape(len(rows), t.source.n_segments, *t.shape)
-                bar.update(len(batch.rows))
+        batches = self._batches(clips)
+        with _decode_worker_errors(self.num_workers), tqdm(total=n, desc="encode", unit="clip",
+                                                             disable=not progress) as bar:
+            try:
+                self._encode_batches(batches, clips, outputs, ok, errors, seconds, bar)
+            finally:  # the decode workers stop here (torch may raise a dead worker's error in any line)
+                batches.close()
         return EncodedFiles(clips, ok, {name: arr[ok] for name, arr in outputs.items()}, errors, seconds)
+
+    def _encode_batches(self, batches: Iterator[DecodedBatch], clips: Sequence[ClipFiles],
+                        outputs: dict[str, np.ndarray], ok: np.ndarray, errors: dict[str, str],
+                        seconds: dict[str, float], bar: tqdm) -> None:
+        """Encode every decoded batch into ``outputs`` (rows = clip indices), marking failed clips."""
+        for batch in batches:
+            _add_all(seconds, batch.seconds)
+            for j, t in enumerate(self.targets):
+                for row, message in batch.errors.get(j, {}).items():
+                    ok[row] = False
+                    errors.setdefault(clips[row].name, f"{t.name}: {message}")
+                if j not in batch.inputs:
+                    continue
+                rows, x = batch.inputs[j]
+                t0 = time.perf_counter()
+                out, _ = encode_and_cast(t, x, self.device, len(rows))  # heads.classify judges finiteness
+                _add_all(seconds, {f"encode {t.name}": time.perf_counter() - t0})
+                outputs[t.name][rows] = out.reshape(len(rows), t.source.n_segments, *t.shape)
+            bar.update(len(batch.rows))
 
     def _batches(self, clips: Sequence[ClipFiles]) -> Iterator[DecodedBatch]:
         """Decoded batches of ``batch_size`` clips, through extraction's decoder (rows = clip indices)."""
@@ -326,17 +352,36 @@ class FileEncoder:
                 yield collate([decoder[row] for row in rows])
             return
         loader = torch.utils.data.DataLoader(decoder, batch_sampler=batches, collate_fn=collate,
-                                             num_workers=self.num_workers, prefetch_factor=2)
+                                             num_workers=self.num_workers, prefetch_factor=2,
+                                             timeout=extract_pipeline.DECODE_TIMEOUT_S)  # a hung worker is an error
         gc.collect()  # a PyAV object in a reference cycle must not be collected in a forked worker (crash)
+        loaded = iter_loader(loader)  # workers deaf to Ctrl-C; a Ctrl-C never lands mid-batch
         try:
-            for batch in iter_loader(loader):  # workers deaf to Ctrl-C; a Ctrl-C never lands mid-batch
+            for batch in loaded:
                 if batch.fatal:
                     raise _worker_stopped(batch.fatal)
                 yield batch
-        except RuntimeError as err:  # torch's DataLoader: a worker died, or no batch within the timeout
-            if not str(err).startswith("DataLoader"):
-                raise
-            raise _worker_stopped(_loader_reason(err)) from None
+        finally:  # shut the workers down now, not when the iterator is collected (see _Batches.close)
+            if hasattr(loaded, "close"):
+                loaded.close()
+
+
+@contextlib.contextmanager
+def _decode_worker_errors(num_workers: int) -> Iterator[None]:
+    """A decode worker's death as one ``DecodeWorkerError`` line, wherever torch raises it: its
+    SIGCHLD handler raises in whatever line the main thread is running (often the encoding, outside
+    the loader's loop), and a batch from a dead worker fails to arrive as ConnectionError/EOFError."""
+    try:
+        yield
+    except RuntimeError as err:  # torch's DataLoader: a worker died, or no batch within the timeout
+        if not str(err).startswith("DataLoader"):
+            raise
+        raise _worker_stopped(_loader_reason(err)) from None
+    except (ConnectionError, EOFError) as err:
+        if not num_workers:
+            raise
+        raise _worker_stopped(f"a decoded batch could not be received ({type(err).__name__}): a decode worker "
+                              f"died") from None
 
 
 def _worker_stopped(reason: str) -> DecodeWorkerError:

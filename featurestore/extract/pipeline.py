@@ -55,7 +55,9 @@ from featurestore.extract.errors import (
     DecodeWorkerError, ExtractionStopped, store_write_error,
 )
 from featurestore.extract.plan import Plan, Target
-from featurestore.extract.transfers import INFLIGHT_BATCHES, DeviceCopies, _Launched, lane_device, launch
+from featurestore.extract.transfers import (
+    INFLIGHT_BATCHES, DeviceCopies, _Launched, cast_on_host, encode_unchanged, lane_device, launch,
+)
 from featurestore.extract.workers import DecodedBatch, collate, make_decoder, preprocess_on_device
 from featurestore.store.store import FeatureStore
 
@@ -425,8 +427,8 @@ class _Writers:
             writer.check()
 
     def finish(self) -> None:
-        """Every writer finished (see ``_finish_writer``) and the extra handles closed; the first
-        error is raised once all have stopped."""
+        """Every writer finished (see ``_finish_writer``), the extra handles closed and the caller's
+        handle refreshed; the first error is raised once all have stopped."""
         first: BaseException | None = None
         for writer in self.writers:
             try:
@@ -435,6 +437,11 @@ class _Writers:
                 first = first or err
         for handle in self.extra:
             handle.close()
+        if self.extra:  # the caller's handle (an open store given to extract) cached done flags and
+            try:        # data versions that the other handles' writes changed: see them as they are now
+                self.writers[0].store.refresh()
+            except Exception as err:  # noqa: BLE001 - a writer's error comes first
+                first = first or err
         if first is not None:
             raise first
 
@@ -645,7 +652,12 @@ def _forget_taken(lanes: list[_Lane]) -> None:
 
 
 def non_finite_message(target: Target, out: np.ndarray) -> str:
-    """The per-clip error of an output holding NaN or infinity (counted as stored, after the cast)."""
+    """The per-clip error of an output holding NaN or infinity (counted as stored, after the cast),
+    or, for an integer dtype, a value that it cannot hold (see ``cast_on_host``)."""
+    if np.issubdtype(np.dtype(target.dtype), np.integer):
+        info = np.iinfo(np.dtype(target.dtype))
+        return (f"non-finite or out-of-range output from {target.spec}: NaN, infinity or a value outside "
+                f"{info.min}..{info.max} cannot be stored as {target.dtype}")
     nan = int(np.isnan(out).sum())
     inf = int(np.isinf(out).sum())
     return f"non-finite output from {target.spec}: {nan} NaN and {inf} infinite of {out.size} values (as {target.dtype})"
@@ -658,11 +670,10 @@ def _encode(target: Target, x: torch.Tensor, device: torch.device, n_rows: int) 
     judged after it, so a float16 overflow counts. On an accelerator the check runs there too (only
     ``n_rows`` flags come back); on the CPU numpy's is the faster one for float16.
     """
-    out = target.encoder.encode(x.to(device, non_blocking=True))
+    out = encode_unchanged(target, x.to(device, non_blocking=True))
     torch_dtype = _TORCH_DTYPES.get(target.dtype)
     if torch_dtype is None:
-        stored = out.float().cpu().numpy().astype(target.dtype)
-        return stored, finite_rows(stored, n_rows)
+        return cast_on_host(out.float().cpu().numpy(), target.dtype, n_rows)
     cast = out.to(torch_dtype)
     finite = finite_rows(cast, n_rows) if cast.device.type != "cpu" else None
     stored = cast.cpu().numpy()

@@ -85,6 +85,7 @@ def requests(encoders: str | Sequence | Mapping, encoder_options: Mapping[str, M
 
 def _items(encoders: str | Sequence | Mapping) -> list[EncoderRequest]:
     if isinstance(encoders, Mapping):
+        _refuse_one_object_under_several_names(encoders)
         return [_named(str(name), value) for name, value in encoders.items()]
     listed = [s for s in encoders.split(",") if s.strip()] if isinstance(encoders, str) else list(encoders)
     out = []
@@ -95,6 +96,20 @@ def _items(encoders: str | Sequence | Mapping) -> list[EncoderRequest]:
         else:
             out.append(EncoderRequest(str(getattr(item, "name", "?")), None, encoder=item))
     return out
+
+
+def _refuse_one_object_under_several_names(encoders: Mapping) -> None:
+    """``{"a": enc, "b": enc}``: the name is set on the object itself, so the last one would win and
+    the run would fill only ``b``, saying nothing of ``a``; refused naming them."""
+    by_object: dict[int, list[str]] = {}
+    for name, value in encoders.items():
+        if not isinstance(value, str):
+            by_object.setdefault(id(value), []).append(str(name))
+    shared = next((names for names in by_object.values() if len(names) > 1), None)
+    if shared:
+        raise ValueError(f"feature sets {shared} are given one and the same Encoder object; a feature-set name "
+                         f"is set on the object, so build one encoder per name (or give specs, which are built "
+                         f"once per name)")
 
 
 def _named(name: str, value: Any) -> EncoderRequest:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from featurestore.testing import EncoderContractError
+
 #: Encode batches a lane keeps in flight on the device before it takes the oldest one's outputs.
 INFLIGHT_BATCHES = 2
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -108,16 +110,55 @@ class _Launched:
         """The outputs as stored and the finite flag per row (waits for this batch's copies only)."""
         if self.event is not None:
             self.event.synchronize()
-        if self.finite is None:  # a dtype torch lacks: cast on the host, judged after the cast
-            stored = self.out.numpy().astype(self.dtype)
-            return stored, np.isfinite(stored.reshape(n_rows, -1)).all(axis=1)
+        if self.finite is None:  # a dtype torch lacks: cast on the host, judged as cast
+            return cast_on_host(self.out.numpy(), self.dtype, n_rows)
         return self.out.numpy(), self.finite.numpy()
+
+
+def cast_on_host(values: np.ndarray, dtype: str, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 outputs (``n_rows`` rows, first axis) in a stored dtype torch lacks, and whether each
+    row is storable: all finite after the cast, and for an integer dtype (``frames/...``'s uint8, a
+    quantising plugin's) every value within its range before it. numpy's cast would turn NaN into 0
+    and wrap 300 to 44 in uint8, silently, and the row would be marked done."""
+    kind = np.dtype(dtype)
+    if not np.issubdtype(kind, np.integer):
+        stored = values.astype(kind)
+        return stored, np.isfinite(stored.reshape(n_rows, -1)).all(axis=1)
+    info = np.iinfo(kind)
+    with np.errstate(invalid="ignore"):  # the cast truncates toward zero: -0.5 and 255.5 still fit uint8
+        fits = np.isfinite(values) & (values > info.min - 1) & (values < info.max + 1)
+    return np.where(fits, values, 0).astype(kind), fits.reshape(n_rows, -1).all(axis=1)
+
+
+def encode_unchanged(target: Any, x: torch.Tensor) -> torch.Tensor:
+    """``target.encoder.encode(x)``, refusing an encoder that changed ``x`` in place or returned
+    another number of rows (or another shape) than its input has segments and it promises.
+
+    ``x`` is (a view of) the one decoded tensor, or its one device copy, that every encoder with an
+    equal preprocessor reads: an encoder that normalised it in place (``batch.sub_(mean)``) would
+    make every encoder after it store features of the altered input, silently. Torch counts in-place
+    writes on a tensor and its views (``_version``), so the check costs nothing; it raises before any
+    other encoder reads the batch, so no wrong row is written.
+    """
+    version = x._version
+    out = target.encoder.encode(x)
+    if x._version != version:
+        raise EncoderContractError(
+            f"encoder {target.encoder.spec} (feature set {target.name}) changed its input batch in place; "
+            f"encoders share decoded inputs, so the others would store features of the changed input: "
+            f"the encoder must leave its input unchanged (e.g. batch = batch - mean, not batch.sub_(mean))")
+    expected = (x.shape[0], *target.shape)
+    if tuple(out.shape) != expected:  # an encoder that overrides encode() skips the base class's check
+        raise EncoderContractError(
+            f"encoder {target.encoder.spec} (feature set {target.name}) returned shape {tuple(out.shape)} for a "
+            f"batch of {x.shape[0]} inputs; expected {expected} (one output per segment or frame, in order)")
+    return out
 
 
 def launch(target: Any, x: torch.Tensor, n_rows: int) -> _Launched:
     """Encode ``x`` on the device and start bringing the stored-dtype outputs and per-row finite
     flags back into pinned memory, without waiting for any of it."""
-    out = target.encoder.encode(x)
+    out = encode_unchanged(target, x)
     dtype = _TORCH_DTYPES.get(target.dtype)
     cast = out.to(dtype if dtype is not None else torch.float32)
     finite = torch.isfinite(cast.reshape(n_rows, -1)).all(dim=1) if dtype is not None else None
