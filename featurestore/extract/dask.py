@@ -28,6 +28,7 @@ and the writer thread still overlaps writing.
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -526,15 +527,11 @@ def stop_tasks(client, stop, futures: list, wait_s: float = STOP_WAIT_S) -> None
     beside a rerun's tasks writing the same shards."""
     from distributed import wait
 
-    try:
+    with contextlib.suppress(BaseException):  # a second Ctrl-C, the timeout, a lost scheduler: the first error wins
         stop.set()
         wait(futures, timeout=wait_s)
-    except BaseException:  # noqa: BLE001 - a second Ctrl-C, the timeout, a lost scheduler: the first error wins
-        pass
-    try:
+    with contextlib.suppress(Exception):  # as above
         client.cancel(futures)
-    except Exception:  # noqa: BLE001 - as above
-        pass
 
 
 def check_written(plan: Plan, store, stats: RunStats) -> None:
