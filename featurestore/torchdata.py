@@ -186,6 +186,11 @@ class StoreDataset(IterableDataset):
             raise ValueError("give either split or clip_ids, not both")
         if clip_ids is not None:
             rows = np.asarray(store.rows(clip_ids), dtype=np.int64)  # rows() refuses one str
+            if len(np.unique(rows)) != len(rows):  # each clip is read once an epoch: a repeat was dropped silently
+                seen: set[str] = set()
+                twice = [c for c in clip_ids if c in seen or seen.add(c)]
+                raise ValueError(f"clip_ids: {sorted(set(twice))[:3]} given more than once; each clip is read once "
+                                 f"an epoch (give each id once)")
         elif split is not None:
             rows = np.asarray(store.rows(store.select(split=split)), dtype=np.int64)
         else:

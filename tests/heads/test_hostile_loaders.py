@@ -220,6 +220,18 @@ def test_a_store_dataset_size_that_is_no_whole_number_in_range_is_refused_naming
         StoreDataset(tiny_store, "clip/RN101", split="train", **{"batch_size": 8, **kwargs})
 
 
+def test_a_store_dataset_of_clip_ids_given_twice_is_refused_naming_them(tiny_store):
+    """Before: the repeat was dropped without a word (a caller weighting a clip by listing it twice
+    trained on it once)."""
+    from featurestore.torchdata import StoreDataset
+
+    ids = tiny_store.clip_ids
+    with pytest.raises(ValueError, match=rf"clip_ids: \['{ids[2]}'\] given more than once"):
+        StoreDataset(tiny_store, "clip/RN101", clip_ids=[ids[2], ids[0], ids[2]], batch_size=2)
+    assert len(StoreDataset(tiny_store, "clip/RN101", clip_ids=[ids[2], ids[0]], batch_size=2,
+                            level="clip").rows) == 2
+
+
 def test_tensor_batches_refuse_rows_that_are_not_one_per_sample():
     """Before: rows shorter than the samples failed mid-epoch with an IndexError; longer ones were
     silently taken as the first N."""
