@@ -89,18 +89,9 @@ def test_zero_shot_prompts_of_the_same_tower_still_predict(tmp_path, writable_st
 
 
 # ------------------------------------------------------------------- class features: a killed write
-KILL_ON_NTH = """
-import os, signal
+WRITE_B = """
 import numpy as np
-from featurestore.store import _zarr, open_store
-target, nth, calls = {target!r}, {nth}, [0]
-original = getattr(_zarr.ZarrBackend, target)
-def killing(self, *args, **kwargs):
-    calls[0] += 1
-    if calls[0] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(self, *args, **kwargs)
-setattr(_zarr.ZarrBackend, target, killing)
+from featurestore.store import open_store
 with open_store({path!r}, mode="a") as store:
     store.write_class_features("cliptext/M", np.full((4, 8), 2.0, np.float32), {prov!r}, overwrite=True)
 """
@@ -125,16 +116,11 @@ def test_a_killed_overwrite_of_class_features_never_leaves_values_under_the_old_
     before, a kill after the values (or right after the array was made: zeros) left them under A's
     fingerprint, so the next extraction of A said "unchanged" and a zero-shot head used them (or, for
     the zeros, every read failed while extraction kept saying "unchanged")."""
-    import subprocess
-    import sys
-
     from featurestore.errors import FingerprintMismatchError, UnknownFeatureError
+    from tests.featurestore.test_store_faults import KILL_ON_NTH, run_killed
 
     path = _class_store(tmp_path / "s.zarr")
-    script = KILL_ON_NTH.format(target=target, nth=nth, path=str(path), prov=TOWER_B)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode in (0, -9), proc.stderr[-2000:]  # 0: the write has fewer such calls
+    run_killed(KILL_ON_NTH.format(target=target, nth=nth), WRITE_B.format(path=str(path), prov=TOWER_B))
     with open_store(path, mode="a") as store:
         if "cliptext/M" in store.class_feature_sets():
             data, attrs = store.get_class_features("cliptext/M")
