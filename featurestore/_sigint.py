@@ -23,10 +23,19 @@ covers the wait for a batch.
 
 :func:`ignored_by_new_processes` does the same for processes that are started rather than forked
 (Dask's ``local:N`` workers): they start with SIGINT ignored.
+
+:func:`kept` closes a third: Python runs a signal's handler at its next check between bytecodes, and
+when that falls inside a weakref finalizer or a ``__del__`` (the decode buffer pool frees a slot from
+one, torch's iterators shut down from one), the KeyboardInterrupt it raises is printed as "Exception
+ignored" and dropped: the run went on and ended with exit 0 (seen once in CI, in
+``extract/buffer_pool.py``'s finalizer). Inside :func:`kept` every SIGINT handled is counted, and
+:func:`raise_swallowed` (called by the work loop after each batch) and the end of the block raise a
+KeyboardInterrupt for a SIGINT that was handled but never reached the caller.
 """
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +48,7 @@ if TYPE_CHECKING:  # torch is not imported for this module's sake
 _held = 0  # batches (or worker starts) the main thread is inside now
 _pending: tuple[int, FrameType | None] | None = None  # a SIGINT that came while held
 _previous: Any = None  # the SIGINT handler before the hold, called with the pending SIGINT on release
+_counting: _Counting | None = None  # the handler of the innermost ``kept`` block, if any
 
 
 def iter_loader(loader: DataLoader) -> Iterator[Any]:
@@ -195,3 +205,62 @@ def ignored_by_new_processes() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class _Counting:
+    """A SIGINT handler that counts each SIGINT, then hands it to the handler it replaced (which raises
+    KeyboardInterrupt), so that a KeyboardInterrupt Python dropped can be told from none."""
+
+    def __init__(self, previous: Callable[[int, FrameType | None], Any]):
+        self.previous = previous
+        self.handled = 0  # SIGINTs handled since the block began
+        self.raised = 0  # of those, the ones known to have reached the caller
+
+    def __call__(self, signum: int, frame: FrameType | None) -> Any:
+        self.handled += 1
+        return self.previous(signum, frame)
+
+
+@contextmanager
+def kept() -> Iterator[None]:
+    """A block in which a Ctrl-C that Python swallowed (in a finalizer, see the module docstring) is
+    still a KeyboardInterrupt: at the next :func:`raise_swallowed`, or when the block ends. Only in the
+    main thread, and only over a Python handler (SIG_IGN and SIG_DFL are left alone)."""
+    global _counting
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous) \
+            or isinstance(previous, _Counting) or previous is _note:
+        yield
+        return
+    counting, outer, hook = _Counting(previous), _counting, sys.unraisablehook
+    signal.signal(signal.SIGINT, counting)
+    _counting, sys.unraisablehook = counting, _QuietInterrupts(hook)
+    try:
+        yield
+        raise_swallowed()
+    finally:
+        _counting, sys.unraisablehook = outer, hook
+        if signal.getsignal(signal.SIGINT) is counting:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _QuietInterrupts:
+    """``sys.unraisablehook`` that leaves out the "Exception ignored ... KeyboardInterrupt" report
+    (the interrupt is raised again, and the command prints its one line); others go to ``hook``."""
+
+    def __init__(self, hook: Callable[[Any], Any]):
+        self.hook = hook
+
+    def __call__(self, unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self.hook(unraisable)
+
+
+def raise_swallowed() -> None:
+    """Raise KeyboardInterrupt if a SIGINT handled inside the current :func:`kept` block raised one
+    that never came out (cheap: called once per batch). One that did come out ended the block's work
+    before this call, so every SIGINT counted and not yet raised here is one that was dropped."""
+    counting = _counting
+    if counting is not None and counting.handled > counting.raised:
+        counting.raised = counting.handled
+        raise KeyboardInterrupt

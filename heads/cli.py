@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from featurestore._sigint import kept
 from featurestore.atomic_files import OutputWriteError
 from featurestore.cli import run_command
 from featurestore.encoders import DEVICE_HELP
@@ -279,7 +280,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args)
     try:
-        result = train(cfg, overwrite=args.overwrite)
+        with kept():  # a Ctrl-C that Python dropped in a finalizer still stops (featurestore._sigint)
+            result = train(cfg, overwrite=args.overwrite)
     except KeyboardInterrupt:
         raise CommandInterrupted(train_kept(cfg.out)) from None
     if args.json:
@@ -301,9 +303,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.samples < 0:
         raise SweepError(f"--samples must be an integer >= 0, got {args.samples}")
     try:
-        result = sweep(cfg, grid, seeds=seeds, ranges=ranges, samples=args.samples, sample_seed=args.sample_seed,
-                       metric=args.metric, overwrite=args.overwrite, share_reads=args.share_reads,
-                       stack=args.stack, jobs=args.jobs)
+        with kept():
+            result = sweep(cfg, grid, seeds=seeds, ranges=ranges, samples=args.samples, sample_seed=args.sample_seed,
+                           metric=args.metric, overwrite=args.overwrite, share_reads=args.share_reads,
+                           stack=args.stack, jobs=args.jobs)
     except KeyboardInterrupt:
         raise CommandInterrupted(f"finished trials and committed epochs kept in {cfg.out}, rerun the same command "
                                  f"to resume") from None
@@ -368,7 +371,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
                             segments=args.segments, frames=args.frames, batch_size=args.batch_size,
                             num_workers=args.num_workers)
     try:
-        result = classifier.classify(clips, progress=not args.quiet)
+        with kept():
+            result = classifier.classify(clips, progress=not args.quiet)
     except KeyboardInterrupt:
         raise CommandInterrupted("nothing was written; rerun the same command") from None
     if args.out:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from featurestore._sigint import kept
 from featurestore.encoders import resolve_device
 from featurestore.atomic_files import find_os_error
 from featurestore.checks import is_int_in, non_finite_rows
@@ -307,7 +308,8 @@ def _predict_locked(store: Any, target: str, predictions: Any, run_dir: Path, na
         else:
             out = store = open_store(store, mode="a") if opened else store
         try:
-            return _predict(store, out, run_dir, name, opt)
+            with kept():  # a Ctrl-C that Python dropped in a finalizer still stops (featurestore._sigint)
+                return _predict(store, out, run_dir, name, opt)
         except KeyboardInterrupt:
             raise _interrupted(out, name) from None
         finally:

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from featurestore._sigint import raise_swallowed
 from featurestore.atomic_files import OutputWriteError, atomic_write_bytes, atomic_write_text, describe_os_error
 from featurestore.checks import non_finite_rows
 from featurestore.encoders import resolve_device
@@ -552,6 +553,7 @@ def _train_epoch(head: Head, loader: Iterable, optimizer: torch.optim.Optimizer,
             break
         train_step(head, batch, optimizer, loss_fn, tally, cfg.precision)
         bar.update(1)
+        raise_swallowed()  # a Ctrl-C dropped in a finalizer (a loader's) stops at this step, not the run's end
     bar.close()
     if tally.seen == 0:
         raise ValueError("the training loader produced no batches")

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from featurestore._sigint import check_pending, iter_loader
+from featurestore._sigint import check_pending, iter_loader, raise_swallowed
 from featurestore._sigint import join as join_thread
 from featurestore.atomic_files import find_os_error
 from featurestore.extract.buffer_pool import BufferPool, slots_per_worker
@@ -629,6 +629,7 @@ def _encode_all(batches, n_batches: int, lanes: list[_Lane], writer: _Writers, s
                     each.commit_partial()
         _forget_taken(lanes)
         writer.check()
+        raise_swallowed()  # a Ctrl-C taken inside a finalizer (the buffer pool's) and dropped there
         stats.clips += len(batch.rows)
         if on_progress is not None:
             on_progress(len(batch.rows))

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from featurestore._sigint import kept
 from featurestore.atomic_files import find_os_error
 from featurestore.checks import is_int_in
 from featurestore.errors import UnknownClipError
@@ -305,7 +306,7 @@ def _execute(fs: FeatureStore, summary: ExtractSummary, plan: Plan, dev, opt: _R
     from featurestore.extract.pipeline import default_num_workers, run_blocks
     from featurestore.extract.workers import decodes_on_device
 
-    with _ProgressBar(plan.n_todo_clips(), opt.progress) as bar:
+    with _ProgressBar(plan.n_todo_clips(), opt.progress) as bar, kept():  # a Ctrl-C Python dropped still stops
         if client is None:
             workers = default_num_workers(dev) if opt.num_workers is None else opt.num_workers
             threads = 0

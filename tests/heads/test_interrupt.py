@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,3 +79,39 @@ def test_ctrl_c_in_heads_predict_is_one_line_and_the_rerun_resumes(tiny_store_pa
 @pytest.fixture(autouse=True)
 def _no_hook(monkeypatch):
     monkeypatch.delenv(HOOK, raising=False)
+
+
+SWALLOWING_TRAIN = """
+import importlib, os, signal, sys, weakref
+from heads.cli import main
+
+training = importlib.import_module("heads.train")  # the module (``heads.train`` is also the function)
+step, steps = training.train_step, []
+
+def interrupted_in_a_finalizer(*args, **kwargs):
+    steps.append(1)
+    if len(steps) == 2:  # Ctrl-C arrives while a finalizer runs: Python reports it "ignored" and goes on
+        thing = type("Thing", (), {})()
+        weakref.finalize(thing, lambda: (os.kill(os.getpid(), signal.SIGINT), sum(range(10))))
+        del thing
+    return step(*args, **kwargs)
+
+training.train_step = interrupted_in_a_finalizer
+code = main(sys.argv[1:])
+print("steps", len(steps), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_ctrl_c_that_python_drops_in_a_finalizer_still_stops_heads_train(tiny_store_path, tmp_path,
+                                                                         sigint_as_in_a_terminal):
+    """Without ``featurestore._sigint.kept`` the run trained every epoch and exited 0."""
+    run = tmp_path / "run"
+    command = ["-c", SWALLOWING_TRAIN, "train", "--store", str(tiny_store_path), "--head", "embedding_mlp",
+               "--features", "clip/ViT-B-32", "--train-split", "train", "--val-split", "val", "--out", str(run), "--epochs", "3",
+               "--batch-size", "4", "--device", "cpu", "-q"]
+    done = subprocess.run([sys.executable, *command], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr
+    line, count = done.stderr.strip().splitlines()  # the command's one line (then this test's count)
+    assert line == f"heads train: interrupted; no epoch was finished, nothing kept in {run}; rerun the same command to start"
+    assert count == "steps 2"  # it stopped right after the step it was interrupted in
