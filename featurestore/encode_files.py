@@ -332,9 +332,10 @@ class FileEncoder:
                     continue
                 rows, x = batch.inputs[j]
                 t0 = time.perf_counter()
-                out, _ = encode_and_cast(t, x, self.device, len(rows))  # heads.classify judges finiteness
+                out, storable = encode_and_cast(t, x, self.device, len(rows))
                 _add_all(seconds, {f"encode {t.name}": time.perf_counter() - t0})
                 outputs[t.name][rows] = out.reshape(len(rows), t.source.n_segments, *t.shape)
+                _refuse_unstorable(t, rows, storable, clips, ok, errors)
             bar.update(len(batch.rows))
 
     def _batches(self, clips: Sequence[ClipFiles]) -> Iterator[DecodedBatch]:
@@ -364,6 +365,21 @@ class FileEncoder:
         finally:  # shut the workers down now, not when the iterator is collected (see _Batches.close)
             if hasattr(loaded, "close"):
                 loaded.close()
+
+
+def _refuse_unstorable(target: _Target, rows: np.ndarray, storable: np.ndarray,
+                       clips: Sequence[ClipFiles], ok: np.ndarray, errors: dict[str, str]) -> None:
+    """Fail the clips whose output an integer feature set cannot hold (NaN, or outside the dtype's
+    range: the cast made them 0 or wrapped them, and extraction would not have stored them). Float
+    sets keep their NaN, which ``heads.classify`` names as the features' fault."""
+    if not np.issubdtype(np.dtype(target.dtype), np.integer) or storable.all():
+        return
+    info = np.iinfo(np.dtype(target.dtype))
+    message = (f"the encoder gave NaN, infinity or a value outside {info.min}..{info.max}, which {target.dtype} "
+               f"cannot hold (extraction refuses such rows too)")
+    for row in rows[~storable]:
+        ok[row] = False
+        errors.setdefault(clips[row].name, f"{target.name}: {message}")
 
 
 @contextlib.contextmanager

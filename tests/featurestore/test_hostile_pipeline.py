@@ -449,3 +449,30 @@ def test_features_from_stored_frames_are_the_encoder_on_each_clips_own_resized_v
             expected = signature.encode(signature.preprocessor()(np.ascontiguousarray(frames.transpose(0, 2, 3, 1))))
             np.testing.assert_allclose(store.get("videosig", clip_id(i)), expected.numpy(), rtol=1e-6, atol=1e-6,
                                        err_msg=f"clip {i}")
+
+
+def test_encoding_files_fails_a_clip_an_integer_set_cannot_hold_rather_than_wrapping_it(dataset, extracted,
+                                                                                        monkeypatch):
+    """``frames/32`` is stored as uint8. An encoder giving 300 (or NaN) for a clip: extraction refuses
+    that row, but encoding files (``heads classify``) cast it to 44 (or 0) and classified it from those
+    values without a word."""
+    from featurestore.encode_files import FileEncoder
+
+    with open_store(extracted) as store:
+        encoder = FileEncoder({"frames/32": store.feature_info("frames/32").provenance}, "cpu", batch_size=1,
+                              num_workers=0)
+    frames = encoder.targets[0].encoder
+    forward = frames.forward
+    bad = dataset.clips[2].clip_id
+
+    def too_bright(batch: torch.Tensor) -> torch.Tensor:
+        out = forward(batch).float()
+        return out + 300 if too_bright.calls.pop(0) else out
+
+    clips = [i for i in range(len(dataset.clips)) if i not in BROKEN][:4]
+    too_bright.calls = [dataset.clips[i].clip_id == bad for i in clips]
+    monkeypatch.setattr(frames, "forward", too_bright)
+    result = encoder.encode([dataset.root / dataset.clips[i].video for i in clips])
+    assert list(result.errors) == [bad]
+    assert "frames/32: the encoder gave NaN, infinity or a value outside 0..255" in result.errors[bad]
+    assert bad not in [c.name for c in result.ok_clips] and len(result.ok_clips) == 3
