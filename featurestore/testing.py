@@ -102,17 +102,21 @@ def check_encoder(spec: Any, raise_on_failure: bool = True, atol: float = 1e-4, 
     except Exception as err:  # noqa: BLE001 - reported as a failure
         check("preprocessor pickles", False, f"pickling failed ({type(err).__name__}: {err}); DataLoader "
                                              f"worker processes need it")
+    before = batch.clone() if isinstance(batch, torch.Tensor) else None
     try:
         out = encoder.encode(batch)
     except Exception as err:  # noqa: BLE001 - reported as a failure
         check("encode", False, f"raised {type(err).__name__}: {err}")
         return _finish(report, raise_on_failure)
+    if before is not None:  # encoders with an equal preprocessor share one batch: extraction refuses the run
+        check("input unchanged", torch.equal(batch, before),
+              "encode changed its input batch in place (normalise into a new tensor: x = x - mean)")
     shape_ok = check("output shape", tuple(out.shape) == (len(raw), *encoder.output_shape),
                      f"encode gave {tuple(out.shape)}, output_shape promises {(len(raw), *encoder.output_shape)}")
     check("output dtype", out.dtype == torch.float32, f"encode gave {out.dtype}, expected torch.float32")
     values = out.detach().float().cpu().numpy()
     check("finite", bool(np.isfinite(values).all()), "encode gave NaN or Inf")
-    check("fits storage dtype", bool(np.isfinite(values.astype(encoder.dtype)).all()),
+    check("fits storage dtype", _storable(values, encoder.dtype),
           f"values overflow the storage dtype {encoder.dtype}")
     repeat = encoder.encode(pre(raw)).detach().float().cpu().numpy()
     check("deterministic", repeat.shape == values.shape and np.allclose(repeat, values, atol=atol),
@@ -131,6 +135,17 @@ def check_encoder(spec: Any, raise_on_failure: bool = True, atol: float = 1e-4, 
     except (TypeError, ValueError) as err:
         check("provenance is JSON", False, f"{type(err).__name__}: {err}")
     return _finish(report, raise_on_failure)
+
+
+def _storable(values: np.ndarray, dtype: str) -> bool:
+    """Whether extraction would store every value: finite after the cast, and for an integer dtype
+    within its range before it (numpy's cast would wrap 300 to 44 in uint8; extraction refuses)."""
+    kind = np.dtype(dtype)
+    if not np.issubdtype(kind, np.integer):
+        with np.errstate(over="ignore"):
+            return bool(np.isfinite(values.astype(kind)).all())
+    info = np.iinfo(kind)
+    return bool((np.isfinite(values) & (values > info.min - 1) & (values < info.max + 1)).all())
 
 
 def _finish(report: ContractReport, raise_on_failure: bool) -> ContractReport:

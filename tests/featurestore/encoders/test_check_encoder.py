@@ -21,6 +21,8 @@ class ThirdParty(Encoder):
         super().__init__(spec)
         self.mode = mode
         self.sample_rate, self.segment_seconds = 8000, 0.25
+        if mode == "out_of_range":
+            self.dtype = "uint8"  # a quantising plugin whose values do not fit: numpy would wrap 300 to 44
 
     @property
     def output_shape(self):
@@ -35,6 +37,8 @@ class ThirdParty(Encoder):
         return AudioSegments(samples=2000, sample_rate=8000)
 
     def forward(self, batch):
+        if self.mode == "in_place":
+            batch.mul_(2.0)  # every encoder after it sharing this batch would see the change
         feats = torch.stack([batch.mean(1), batch.std(1), batch.abs().amax(1)], dim=1)
         if self.mode == "batch_dependent":
             feats = feats - feats.mean(0, keepdim=True)  # normalised over the batch
@@ -42,6 +46,8 @@ class ThirdParty(Encoder):
             feats = feats + torch.rand_like(feats)
         if self.mode == "wrong_shape":
             feats = feats[:, :2]
+        if self.mode == "out_of_range":
+            feats = feats * 0 + 300.0
         return feats
 
 
@@ -61,6 +67,8 @@ def test_a_good_plugin_passes(third_party):
     ("random", "deterministic"),
     ("unpicklable", "preprocessor pickles"),
     ("wrong_shape", "encode"),
+    ("in_place", "input unchanged"),
+    ("out_of_range", "fits storage dtype"),
 ])
 def test_each_broken_plugin_fails_naming_the_broken_promise(third_party, mode, named):
     with pytest.raises(EncoderContractError, match=f"'thirdparty'.*{named}"):
