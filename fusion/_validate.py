@@ -91,3 +91,41 @@ def check_finite_rows(probs: np.ndarray, clip_ids: list[str], source: str) -> No
     if bad:
         raise NonFiniteProbabilitiesError(f"{source} holds non-finite probabilities (NaN/inf) for {len(bad)} "
                                           f"clip(s): {name_some(bad)}; nothing was written")
+
+
+# How far a stored row's sum may be from one. A float32 softmax of 10 classes sums to 1 within about
+# 1e-6, of a thousand within about 1e-4, a half-precision softmax cast to float32 within about 5e-4;
+# logits, sigmoid scores or rows scaled by mistake are off by far more than 1e-3.
+SUM_TOLERANCE = 1e-3
+
+
+def check_distribution_rows(probs: np.ndarray, clip_ids: list[str], source: str) -> None:
+    """Refuse stored rows (last axis) that are not probability distributions, naming the first bad clip.
+
+    Why: fusion averages, compares and clamps rows as probabilities. Logits that happen to lie in
+    [0, 1], sigmoid scores or a row of zeros would be fused and scored as if they were, silently
+    (the fused rows are renormalised later, hiding it). Non-finite rows are refused before this by
+    :func:`check_finite_rows`.
+
+    Args:
+        probs: ``[n_clips, ..., n_classes]`` probabilities, one leading row per clip id.
+        clip_ids: the clips of the rows.
+        source: what produced them, for the message ("prediction run 'A01'").
+    """
+    arr = np.asarray(probs, dtype=np.float64)
+    if not arr.size:
+        return
+    flat = arr.reshape(len(arr), -1, arr.shape[-1])  # [clips, rows of a clip, classes]
+    sums = flat.sum(axis=-1)
+    outside = (flat.min(axis=-1) < -1e-6) | (flat.max(axis=-1) > 1 + 1e-6)
+    bad_rows = outside | (np.abs(sums - 1.0) > SUM_TOLERANCE)
+    bad = np.flatnonzero(bad_rows.any(axis=1))
+    if not bad.size:
+        return
+    clip, segment = int(bad[0]), int(np.flatnonzero(bad_rows[bad[0]])[0])
+    row = flat[clip, segment]
+    raise ValueError(f"{source} holds rows that are not probability distributions (values in [0, 1] summing to 1 "
+                     f"within {SUM_TOLERANCE:g}) for {len(bad)} clip(s): {name_some([clip_ids[i] for i in bad])}; "
+                     f"first: clip {clip_ids[clip]!r} segment {segment} sums to {row.sum():.6g} "
+                     f"(range [{row.min():.6g}, {row.max():.6g}]): logits or unnormalised scores stored as "
+                     f"probabilities? nothing was fused or written")

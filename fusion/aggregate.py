@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fusion._validate import as_probs, check_finite_rows
+from fusion._validate import as_probs, check_distribution_rows, check_finite_rows, name_some
 
 GEOMETRIC_EPS = 1e-7  # floor before the log, so one zero segment does not zero the clip
 
@@ -67,10 +67,30 @@ def load_clip_probs(store, run: str, clip_ids: Sequence[str], method: str = "mea
     ``UnknownFeatureError`` (listing the runs that exist) when the run is not in the store, and
     ``NonFiniteProbabilitiesError`` naming the run and the clips whose stored probabilities hold a NaN
     or an infinity (a model that diverged): those never reach a fusion, a submission or a score.
+    A ``ValueError`` names the run and the first clip whose stored rows are not probability
+    distributions (a negative value, or a sum off one by more than ``SUM_TOLERANCE``): runs store
+    softmax probabilities (``heads predict``; no run records logits), so such rows are a store
+    written by mistake and are refused rather than fused as probabilities.
     """
-    segment_probs = store.get_predictions(run, list(clip_ids))
-    check_finite_rows(segment_probs, list(clip_ids), f"prediction run {run!r}")
+    ids = list(clip_ids)
+    segment_probs = store.get_predictions(run, ids)
+    check_finite_rows(segment_probs, ids, f"prediction run {run!r}")
+    check_distribution_rows(segment_probs, ids, f"prediction run {run!r}")
     try:
-        return aggregate_segments(segment_probs, method)
+        clip_probs = aggregate_segments(segment_probs, method)
     except ValueError as err:
         raise ValueError(f"prediction run {run!r}: {err}") from None
+    _refuse_empty_rows(clip_probs, ids, run, method)
+    return clip_probs
+
+
+def _refuse_empty_rows(clip_probs: np.ndarray, clip_ids: list[str], run: str, method: str) -> None:
+    """A clip whose aggregate is all zeros (the median of segments that disagree, each with exact zeros).
+
+    Renormalising cannot make a distribution of it: the zeros would be fused and scored as if the run
+    gave every class probability 0.
+    """
+    empty = [clip_ids[i] for i in np.flatnonzero(clip_probs.sum(axis=1) <= 0)]
+    if empty:
+        raise ValueError(f"prediction run {run!r}: the {method} of the segments is 0 for every class for "
+                         f"{len(empty)} clip(s): {name_some(empty)}; use aggregation 'mean'")

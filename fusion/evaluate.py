@@ -52,8 +52,11 @@ class Evaluation:
 def _variant_probs(store, output: FusionOutput, calibration_split: str | None, cross_fit: int | None
                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     recipe = output.recipe
-    probs = {FUSED: output.fused, EQ1: clamp_eq1(output.fused)}
+    probs = {FUSED: output.fused, EQ1: eq1_row(output.fused, recipe)}
     notes: dict[str, str] = {}
+    if recipe.postprocess and recipe.postprocess.renormalize:
+        notes[EQ1] = ("post-processing of equation (1), rows rescaled to sum to one "
+                      "(the recipe's postprocess.renormalize)")
     own = recipe.calibration
     split = calibration_split or (own.fit_split if own else None)
     if split is None:
@@ -67,6 +70,17 @@ def _variant_probs(store, output: FusionOutput, calibration_split: str | None, c
                                            output.stages)
         notes[name] = describe_calibration(described)
     return probs, notes
+
+
+def eq1_row(fused: np.ndarray, recipe: FusionRecipe) -> np.ndarray:
+    """The "fused + eq. (1)" row: equation (1) exactly as the recipe's ``postprocess`` applies it.
+
+    Why: with ``postprocess.renormalize: true`` the recipe's output (what ``fuse`` and ``submit``
+    give) is the clamped rows rescaled; a row that clamped without rescaling would report numbers no
+    command produces. A recipe without ``postprocess`` gets the paper's equation (no rescaling).
+    """
+    renormalize = recipe.postprocess.renormalize if recipe.postprocess else False
+    return clamp_eq1(fused, renormalize=renormalize)
 
 
 def describe_calibration(described: dict) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from featurestore.store.clips import check_id_sequence
 from featurestore.store.shared import StoreWithPredictions
 from fusion._validate import check_finite_rows
 from fusion.aggregate import load_clip_probs
@@ -239,14 +240,34 @@ def training_overlap(store, recipe: FusionRecipe, clip_ids: Sequence[str]) -> di
 
 def clip_ids_for(store, recipe: FusionRecipe, split: str | None = None,
                  clip_ids: Sequence[str] | None = None) -> tuple[str | None, list[str]]:
-    """The evaluated clips: explicit ids, else the given split, else the recipe's ``eval_split``."""
+    """The evaluated clips: explicit ids, else the given split, else the recipe's ``eval_split``.
+
+    Explicit ids must be distinct and not come with a split (as ``StoreDataset`` asks): a repeated
+    id would come back as a repeated row of every output, a submission with two rows for one clip,
+    and a split beside them would be named in notes ("chose their best epoch on it") about clips
+    that need not be in it.
+    """
     if clip_ids is not None:
-        return split, list(clip_ids)
+        return None, _distinct_ids(clip_ids, split)
     split = resolve_split(store, recipe, split or recipe.eval_split)
     ids = store.select(split=split)
     if not ids:
         raise RecipeError(f"split {split!r} has no clips in the store")
     return split, ids
+
+
+def _distinct_ids(clip_ids: Sequence[str], split: str | None) -> list[str]:
+    """``clip_ids`` as a list, refused when a single string, repeated or given with a split."""
+    check_id_sequence("fuse", clip_ids)
+    if split is not None:
+        raise ValueError(f"fuse: give either split ({split!r}) or clip_ids, not both")
+    ids = list(clip_ids)
+    seen: set[str] = set()
+    twice = [c for c in ids if c in seen or seen.add(c)]
+    if twice:
+        raise ValueError(f"fuse: clip_ids: {sorted(set(twice))[:3]} given more than once; each clip is fused "
+                         f"once and gives one output row (give each id once)")
+    return ids
 
 
 def fuse(store, recipe: FusionRecipe, split: str | None = None,

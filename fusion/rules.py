@@ -73,6 +73,10 @@ def selection_weights(families: Sequence[str], classes: Sequence[str],
 
     Families not named in ``selected`` count for every class. The paper's E01 is
     ``selected={"audio": ["bus", "park", "tram"]}``.
+
+    Refused, naming the family or the classes: an empty list (the family's runs would be read and
+    then count for nothing) and a selection that leaves some class with no family at all (every
+    family selected away from it: that column could only be fused by dividing by zero).
     """
     unknown_fam = sorted(set(selected) - set(families))
     if unknown_fam:
@@ -84,7 +88,14 @@ def selection_weights(families: Sequence[str], classes: Sequence[str],
         unknown = sorted(set(selected[family]) - set(classes))
         if unknown:
             raise ValueError(f"class selection for {family!r} names unknown classes {unknown}; classes are {list(classes)}")
+        if not selected[family]:
+            raise ValueError(f"class selection for {family!r} is empty: the family would count for no class; "
+                             f"list its classes or remove it from the recipe's families")
         weights[f] = [1.0 if c in selected[family] else 0.0 for c in classes]
+    uncovered = [c for c, total in zip(classes, weights.sum(axis=0)) if total <= 0]
+    if uncovered:
+        raise ValueError(f"class selection leaves classes {uncovered} with no family counting for them "
+                         f"(every family is selected for other classes); selection: {dict(selected)}")
     return weights
 
 

@@ -5,8 +5,8 @@ The reference below re-implements docs/fusion.md in plain numpy (segment mean, f
 replacement rule, class-wise selection, renormalisation, equation (1), the 2021 scorer: clip to
 [1e-15, 1 - 1e-15], renormalise, class-wise mean) without calling fusion. The store is built by hand:
 runs written in a shuffled row order, clip ids with commas, '=', '@', '+' and non-ASCII letters, a
-class order that is not alphabetical, an evaluated split without any clip of one class, exact zeros,
-rows that do not sum to one and a row whose arg-max is a tie.
+class order that is not alphabetical, an evaluated split without any clip of one class, exact zeros
+and a row whose arg-max is a tie (rows that do not sum to one are refused: test_hostile_fusion_rows.py).
 
 Bugs these tests caught (each test says which):
 - ``write_predictions`` took a negative row as a row counted from the end (another clip's row written
@@ -80,11 +80,12 @@ def _manifest(clips) -> Manifest:
 
 
 def _segment_probs(seed: int) -> np.ndarray:
-    """[n_clips, SEG, C] float32: random rows plus exact zeros, unnormalised rows and a flat row."""
+    """[n_clips, SEG, C] float32: random rows plus exact zeros and a flat row."""
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.full(len(CLASSES), 0.6), size=(len(IDS), SEG))
-    probs[IDS.index("café,1"), :, 2] = 0.0           # an exact zero (airport, which A04 does not count for)
-    probs[IDS.index("tram+3")] *= 0.8                 # rows summing to 0.8, all values in [0, 1]
+    zero = IDS.index("café,1")
+    probs[zero, :, 2] = 0.0                           # an exact zero (airport, which A04 does not count for)
+    probs[zero] /= probs[zero].sum(axis=-1, keepdims=True)  # still a distribution (others are refused on read)
     probs[FLAT] = [0.3, 0.3, 0.3, 0.05, 0.05]         # three tied maxima, kept as they are by eq. (1)
     return probs.astype(np.float32)
 
