@@ -24,7 +24,7 @@ from featurestore.viewer._deps import plotly_js
 from featurestore.viewer.data import (BadRequest, ViewState, check_k, clip_page, colour_options, confusion,
                                       map_points_parts, search)
 from featurestore.viewer.images import frame_strip, logmel_image, png
-from featurestore.viewer.media import MediaMissing, MediaRefused, content_type, media_path
+from featurestore.viewer.media import MediaMissing, MediaRefused, content_type, open_media
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -192,13 +192,12 @@ class _Handlers:
                                                                      self._set(q.get("set"))))))
 
     def media(self, request: Any) -> Any:
-        from starlette.responses import FileResponse
-
         q = request.query_params
 
         def serve() -> Any:
-            path = media_path(self.state.store, q.get("id", ""), q.get("kind", ""), self.state.attrs, self.state.value)
-            return FileResponse(path, media_type=content_type(path))
+            file, info, real = open_media(self.state.store, q.get("id", ""), q.get("kind", ""), self.state.attrs,
+                                          self.state.value)
+            return file_response(request, file, info, content_type(real))
 
         return self._answer(serve)
 
@@ -217,7 +216,14 @@ class _Handlers:
         from featurestore.decode.video import sample_frames
 
         n = int(self.state.attrs.get("video_frames") or 5)
-        return frame_strip(sample_frames(media_path(store, clip_id, "video", self.state.attrs, self.state.value), n), channels_first=False)
+        file, _, real = open_media(store, clip_id, "video", self.state.attrs, self.state.value)
+        with file:  # decoded through the descriptor opened (see open_media), not the path opened again
+            held = Path(f"/proc/self/fd/{file.fileno()}")
+            try:
+                frames = sample_frames(held if held.exists() else real, n)
+            except DecodeError as err:
+                raise DecodeError(real, err.reason) from err
+        return frame_strip(frames, channels_first=False)
 
     def logmel(self, request: Any) -> Any:
         q = request.query_params
@@ -272,6 +278,74 @@ class _Handlers:
         if name not in sets:
             raise UnknownFeatureError("feature set on the map", name, list(sets))
         return name
+
+
+class _Unsatisfiable(Exception):
+    """A byte range that starts past the file's end (416)."""
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(start, stop)`` of a ``Range: bytes=...`` header over a file of ``size`` bytes, or None to
+    send the whole file: no header, several ranges, or one that is not a byte range (RFC 9110
+    lets a server ignore Range; a media player asks one range at a time). A range starting past
+    the end is `_Unsatisfiable`."""
+    import re
+
+    found = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
+    if found is None or found.groups() == ("", ""):
+        return None
+    first, last = (None if not v else int(v) if len(v) <= 30 else 10 ** 30 for v in found.groups())  # no 4,300-digit int()
+    if first is None:  # the last ``last`` bytes
+        if last == 0 or size == 0:
+            raise _Unsatisfiable
+        return max(0, size - last), size
+    if last is not None and last < first:
+        return None
+    if first >= size:
+        raise _Unsatisfiable
+    return first, size if last is None else min(size, last + 1)
+
+
+def file_response(request: Any, file: Any, info: Any, media_type: str) -> Any:
+    """A response that reads the open ``file`` (``info``: its fstat) and closes it: the whole file, or
+    the one byte range asked (206; 416 past the end). Starlette's FileResponse opens a path again
+    when it sends, which is what `open_media` exists to avoid."""
+    from email.utils import formatdate
+
+    from starlette.responses import Response, StreamingResponse
+
+    size = int(info.st_size)
+    common = {"accept-ranges": "bytes", "etag": f'"{info.st_mtime_ns:x}-{size:x}"',
+              "last-modified": formatdate(info.st_mtime, usegmt=True)}
+    if_range = request.headers.get("if-range")
+    asked = request.headers.get("range") if if_range in (None, common["etag"], common["last-modified"]) else None
+    try:
+        span = byte_range(asked, size) if request.method in ("GET", "HEAD") else None
+    except _Unsatisfiable:
+        file.close()
+        return Response(status_code=416, headers={**common, "content-range": f"bytes */{size}"})
+    start, stop = span or (0, size)
+    headers = {**common, "content-length": str(stop - start)}
+    if span:
+        headers["content-range"] = f"bytes {start}-{stop - 1}/{size}"
+    if request.method == "HEAD":
+        file.close()
+        return Response(status_code=206 if span else 200, headers=headers, media_type=media_type)
+    return StreamingResponse(_chunks(file, start, stop), status_code=206 if span else 200, headers=headers,
+                             media_type=media_type)
+
+
+def _chunks(file: Any, start: int, stop: int, size: int = 1 << 16) -> Any:
+    """Bytes ``start:stop`` of the open ``file`` (pread: no shared offset), closing it at the end."""
+    import os
+
+    with file:
+        while start < stop:
+            chunk = os.pread(file.fileno(), min(size, stop - start), start)
+            if not chunk:  # the file shrank since its fstat: the short body ends the connection
+                return
+            start += len(chunk)
+            yield chunk
 
 
 def _png(rgb: Any) -> Any:

@@ -26,6 +26,7 @@ MAX_K = 200  # search results at most: each is a list item and a ringed point
 MAX_QUERY = 1000  # characters of a search query: a text tower reads 77 tokens; more is a mistake or an attack
 CHUNKS_KEPT = 4  # decoded chunks of the media path columns a running app keeps (65,536 paths each)
 PLAIN_COLOURS = ("label", "city", "split")
+WIRE_CODES = {"uint16": "<u2", "uint32": "<u4"}  # the map's group codes on the wire (`group_dtype`)
 
 
 @dataclass
@@ -70,8 +71,27 @@ class ViewState:
     def covers(self, source: str) -> np.ndarray:
         """The store rows ``source`` answers for (bool per row), read once."""
         if source not in self.covered:
-            self.covered[source] = np.asarray(self.sources[source].covered(), dtype=bool)
+            covered = np.asarray(self.sources[source].covered(), dtype=bool)
+            if covered.shape != (self.store.n_clips,):  # else numpy's broadcast error, naming nothing
+                raise ValueError(f"output {source!r} says which clips it covers with shape {covered.shape}; "
+                                 f"expected ({self.store.n_clips},), one flag per clip of the store")
+            self.covered[source] = covered
         return self.covered[source]
+
+    def scores(self, source: str, clip_ids: list[str]) -> np.ndarray:
+        """The source's clip probabilities ``[n, n_classes]``, checked: a provider's wrong shape or a
+        NaN row was argmax-ed into a class (NaN counts as the largest), drawn and counted in the
+        confusion matrix as that class, silently. Now one line naming the output and a clip."""
+        out = np.asarray(self.sources[source].score(clip_ids), dtype=np.float64)
+        want = (len(clip_ids), len(self.store.classes))
+        if out.shape != want:
+            raise ValueError(f"output {source!r} gave scores of shape {out.shape} for {want[0]} clip(s) "
+                             f"of {want[1]} classes")
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        if len(bad):
+            raise ValueError(f"output {source!r} gave non-finite scores for {len(bad)} clip(s), "
+                             f"e.g. {clip_ids[int(bad[0])]!r}")
+        return out
 
     def in_split(self, split: str) -> np.ndarray:
         """Membership of one split (bool per row), read once."""
@@ -106,16 +126,30 @@ def _inode(location: Any) -> int | None:
         return None
 
 
+def unclaimed(name: str, taken: Any) -> str:
+    """``name`` for a built-in group (no label, no split, not predicted), or ``name`` numbered
+    (``(no label 2)``) while the store already names something so: a class literally called
+    "(no label)" shared the built-in group's legend entry and name, its clips indistinguishable
+    from the unlabelled ones."""
+    taken = set(taken)
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name[:-1]} {n})" if name.endswith(")") else f"{name} {n}"
+    return candidate
+
+
 def _read_groups(store: Any, name: str) -> tuple[list[str], np.ndarray]:
     if name == "label":
         labels = np.asarray(store.labels, dtype=np.int32)
-        return [*store.classes, "(no label)"], np.where(labels < 0, len(store.classes), labels).astype(np.int32)
+        return ([*store.classes, unclaimed("(no label)", store.classes)],
+                np.where(labels < 0, len(store.classes), labels).astype(np.int32))
     if name == "split":
         splits = store.splits()
         codes = np.full(store.n_clips, len(splits), dtype=np.int32)
         for i, split in reversed(list(enumerate(splits))):
             codes[store.column(f"split/{split}").astype(bool)] = i
-        return [*splits, "(none)"], codes
+        return [*splits, unclaimed("(none)", splits)], codes
     names, codes = np.unique(store.column(name), return_inverse=True)
     return [str(v) for v in names], codes.astype(np.int32)
 
@@ -155,7 +189,7 @@ def map_points(state: ViewState, feature_set: str, colour: str = "label") -> dic
     wire = json.loads(map_points_json(state, feature_set, colour))
     ids = wire["ids"].split("\n") if isinstance(wire["ids"], str) else wire["ids"]
     decoded = {name: np.frombuffer(base64.b64decode(wire[name]), dtype=dtype)
-               for name, dtype in (("x", "<f4"), ("y", "<f4"), ("group", "<u2"))}
+               for name, dtype in (("x", "<f4"), ("y", "<f4"), ("group", WIRE_CODES[wire["group_dtype"]]))}
     return {**wire, "ids": ids, **decoded}
 
 
@@ -166,8 +200,8 @@ def map_points_json(state: ViewState, feature_set: str, colour: str = "label") -
 
 def map_points_parts(state: ViewState, feature_set: str, colour: str = "label", piece: int = 1 << 18) -> list[Any]:
     """The map's data as JSON in pieces of at most ``piece`` bytes, made to be small and quick to
-    parse at 100,000 clips: positions and group codes as base64 little-endian arrays (float32,
-    uint16), the ids as one string joined by newlines (a list if an id holds one). The ids and
+    parse at 100,000 clips: positions and group codes as base64 little-endian arrays (float32;
+    uint16, or uint32 past 65,536 groups, as ``group_dtype`` says), the ids as one string joined by newlines (a list if an id holds one). The ids and
     positions of a set are encoded once and kept as UTF-8 bytes; each colouring adds its groups only.
     Pieces (views of the kept bytes) are streamed, so a request copies none of the 3.7 MiB of a
     100,000-clip map (copies the allocator would keep after: the idle app's memory). No per-point
@@ -181,11 +215,19 @@ def map_points_parts(state: ViewState, feature_set: str, colour: str = "label", 
     names = np.array(all_names, dtype=object)[used]
     order = np.argsort(names.astype(str), kind="stable")
     names, codes = names[order], np.argsort(order)[codes]
+    wide = group_dtype(len(names))
     head = json.dumps({"feature_set": feature_set, "method": proj.method, "colour": colour,
-                       "groups": names.tolist(), "n": len(proj.rows)})[:-1]
+                       "groups": names.tolist(), "group_dtype": wide, "n": len(proj.rows)})[:-1]
     shared = memoryview(state.map_json[feature_set])
-    return [f'{head}, "group": "{_b64(codes, "<u2")}", '.encode("utf-8"),
+    return [f'{head}, "group": "{_b64(codes, WIRE_CODES[wide])}", '.encode("utf-8"),
             *(shared[at:at + piece] for at in range(0, len(shared), piece))]
+
+
+def group_dtype(n_groups: int) -> str:
+    """The narrowest wire type of the map's group codes: uint16 holds codes of at most 65,536
+    groups; past that (a city or location per clip) uint16 wrapped code 65,536 to 0 and coloured
+    those points as the first group, silently. The page reads the type from ``group_dtype``."""
+    return "uint16" if n_groups <= 1 << 16 else "uint32"
 
 
 def _ids_json(store: Any, rows: np.ndarray, block: int = 2048) -> str:
@@ -243,7 +285,7 @@ def colour_codes(state: ViewState, rows: np.ndarray, colour: str) -> tuple[list[
     pred = predicted_classes(state, source, rows)
     n = len(state.store.classes)
     if kind == "predicted":
-        return [*state.store.classes, "(not predicted)"], np.where(pred < 0, n, pred)
+        return [*state.store.classes, unclaimed("(not predicted)", state.store.classes)], np.where(pred < 0, n, pred)
     labels = state.labels()[rows]
     codes = np.where(pred == labels, 0, 1)
     codes[(pred < 0) | (labels < 0)] = 2
@@ -258,11 +300,10 @@ def colour_values(state: ViewState, rows: np.ndarray, colour: str) -> np.ndarray
 
 def predicted_classes(state: ViewState, source: str, rows: np.ndarray) -> np.ndarray:
     """The source's predicted class of each row; -1 where it has no answer."""
-    src = state.sources[source]
     covered = state.covers(source)[rows]
     out = np.full(len(rows), -1, dtype=np.int64)
     if covered.any():
-        out[covered] = src.score(state.store.index.ids_at(rows[covered])).argmax(axis=1)
+        out[covered] = state.scores(source, state.store.index.ids_at(rows[covered])).argmax(axis=1)
     return out
 
 
@@ -275,7 +316,8 @@ def clip_page(state: ViewState, clip_id: str, feature_set: str | None) -> dict[s
     splits = [s for s in state.splits if state.in_split(s)[row]]
     return {"clip_id": clip_id, "row": row, "label": store.classes[label] if label >= 0 else None,
             "city": state.value("city", row), "location": state.value("location", row),
-            "splits": splits, "media": {kind: media_note(state, clip_id, kind) for kind in KINDS},
+            "splits": splits, "no_split": unclaimed("(none)", state.splits),
+            "media": {kind: media_note(state, clip_id, kind) for kind in KINDS},
             "frames": frames_source(state, row), "logmel": _first_done(store, state.logmel_sets, row),
             "outputs": clip_outputs(state, clip_id, row), "classes": list(store.classes),
             **_page_neighbours(store, feature_set, clip_id), "feature_set": feature_set}
@@ -317,9 +359,9 @@ def _first_done(store: Any, sets: list[str], row: int) -> str | None:
 def clip_outputs(state: ViewState, clip_id: str, row: int) -> dict[str, list[float]]:
     """Clip-level probabilities of every source that covers the clip."""
     out = {}
-    for name, src in state.sources.items():
+    for name in state.sources:
         if state.covers(name)[row]:
-            out[name] = [float(p) for p in src.score([clip_id])[0]]
+            out[name] = [float(p) for p in state.scores(name, [clip_id])[0]]
     return out
 
 

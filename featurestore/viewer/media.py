@@ -10,6 +10,11 @@ store's index (relative to the dataset root recorded for the clip's rows) and is
 
 Anything else is `MediaRefused` (served as 404 with the reason) or `MediaMissing` (the file the index
 lists is not there: the page shows a note instead of a player).
+
+What is served is the file `open_media` opened, never the path opened again later: the checked
+path is walked down from the real root one name at a time without following a link, and the
+open descriptor is what the response reads. Before, the path was checked and then reopened by the
+response, so a file swapped for a link out of the dataset in between was served.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import stat
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from featurestore.errors import FeatureStoreError
 
@@ -72,6 +77,52 @@ def media_path(store: Any, clip_id: str, kind: str, attrs: dict | None = None,
     if parts.is_absolute() or ".." in parts.parts or "\\" in relative:
         raise MediaRefused(f"the index lists {relative!r} for clip {clip_id!r}: not a path inside the dataset root")
     return _inside(Path(root), relative, clip_id, kind)
+
+
+def open_media(store: Any, clip_id: str, kind: str, attrs: dict | None = None,
+               value: Callable[[str, int], str] | None = None) -> tuple[BinaryIO, os.stat_result, Path]:
+    """The clip's media file opened for reading, with its ``fstat`` and its checked real path.
+
+    `media_path` checks the path; the file is then opened from the real dataset root one name at
+    a time with ``O_NOFOLLOW`` (`_open_beneath`), so what is opened is that checked file or
+    nothing: a name swapped for a link (or a folder for a link) since the check is refused, not
+    followed. ``O_NONBLOCK``: a file swapped for a FIFO cannot hang the app in ``open``.
+
+    Raises:
+        MediaRefused, MediaMissing: as `media_path`, or when the file changed since the check.
+    """
+    real = media_path(store, clip_id, kind, attrs, value)
+    real_root = Path(os.path.realpath(row_root(store, _row(store, clip_id), attrs)))
+    what = f"the {kind} file of clip {clip_id!r} ({real})"
+    if not real.is_relative_to(real_root):
+        raise MediaRefused(f"{what} left the dataset root {real_root} while being opened")
+    file = os.fdopen(_open_beneath(real_root, real.relative_to(real_root).parts, what), "rb", buffering=0)
+    info = os.fstat(file.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        file.close()
+        raise MediaRefused(f"{what} is not a regular file")
+    return file, info, real
+
+
+def _open_beneath(root: Path, parts: tuple[str, ...], what: str) -> int:
+    """A read descriptor of ``root/parts...``, following no link on the way (see `open_media`)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        folder = os.open(root, flags | os.O_DIRECTORY)
+    except OSError as err:
+        raise MediaMissing(f"{what}: the dataset root {root} cannot be opened: {err.strerror}") from err
+    try:
+        for name in parts[:-1]:
+            inner = os.open(name, flags | os.O_DIRECTORY, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        return os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=folder)
+    except FileNotFoundError as err:
+        raise MediaMissing(f"{what} is gone") from err
+    except OSError as err:  # ELOOP or ENOTDIR: a name became a link since the check
+        raise MediaRefused(f"{what} changed since it was checked (a link now?): {err.strerror}") from err
+    finally:
+        os.close(folder)
 
 
 def index_value(store: Any, column: str, row: int) -> str:

@@ -9,6 +9,8 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
+from featurestore.viewer.data import unclaimed
+
 
 def _q(**params: Any) -> str:
     return escape(urlencode({k: v for k, v in params.items() if v is not None}))
@@ -29,11 +31,16 @@ def clip_html(page: dict[str, Any]) -> str:
 
 
 def _metadata(page: dict[str, Any]) -> str:
-    rows = [("label", page["label"] or "(no label)"), ("city", page["city"]), ("location", page["location"]),
-            ("splits", ", ".join(page["splits"]) or "(none)"), ("store row", page["row"])]
+    rows = [("label", _label(page, page["label"])), ("city", page["city"]), ("location", page["location"]),
+            ("splits", ", ".join(page["splits"]) or page["no_split"]), ("store row", page["row"])]
     cells = "".join(f"<tr><th>{escape(k)}</th><td id='meta-{escape(k.replace(' ', '-'))}'>{escape(str(v))}</td></tr>"
                     for k, v in rows)
     return f'<table class="meta">{cells}</table>'
+
+
+def _label(page: dict[str, Any], label: str | None) -> str:
+    """A class name, or the no-label text that no class of the store has (`unclaimed`)."""
+    return label if label is not None else unclaimed("(no label)", page["classes"])
 
 
 def _media(page: dict[str, Any]) -> str:
@@ -86,6 +93,6 @@ def _neighbours(page: dict[str, Any]) -> str:
     if not found:
         return "<h2>Neighbours</h2><p class='note'>This clip has no embedding in the map's set.</p>"
     items = "".join(f"<li><a href='clip?{_q(id=n['clip_id'], set=page['feature_set'])}'>{escape(n['clip_id'])}</a> "
-                    f"<span class='label'>{escape(n['label'] or '(no label)')}</span> "
+                    f"<span class='label'>{escape(_label(page, n['label']))}</span> "
                     f"<span class='score'>{n['score']:.3f}</span></li>" for n in found)
     return f"<h2>Neighbours <small>in {escape(page['feature_set'])}</small></h2><ol id='neighbours'>{items}</ol>"

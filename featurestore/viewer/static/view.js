@@ -34,19 +34,31 @@ function clipLink(id) {
   return a;
 }
 
+function noLabel() {
+  // the text of a clip without a label: numbered while a class is named so (data.py's unclaimed)
+  const taken = new Set(info ? info.classes : []);
+  let name = "(no label)";
+  for (let n = 2; taken.has(name); n++) name = "(no label " + n + ")";
+  return name;
+}
+
 function list(ol, items) {
   ol.innerHTML = "";
   for (const it of items) {
     const li = document.createElement("li");
     li.append(clipLink(it.clip_id));
-    if (it.label !== undefined) li.append(" " + (it.label ?? "(no label)"));
+    if (it.label !== undefined) li.append(" " + (it.label ?? noLabel()));
     if (it.score !== undefined) li.append(" " + it.score.toFixed(3));
     ol.append(li);
   }
 }
 
+const CODES = { uint16: Uint16Array, uint32: Uint32Array };
+
 function decode(b64, Type) {
-  // base64 little-endian array from the server -> typed array (positions float32, group codes uint16)
+  // base64 little-endian array from the server -> typed array (positions float32, group codes
+  // uint16, or uint32 past 65,536 groups: the server names it in group_dtype)
+  if (!Type) throw new Error("the map's group codes come in a type this page cannot read");
   const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
   return new Type(bytes.buffer);
 }
@@ -55,7 +67,7 @@ async function drawMap() {
   const t0 = performance.now();
   const set = $("set").value;
   const wire = await getJSON("api/points?" + new URLSearchParams({ set, colour: $("colour").value }));
-  points = { ...wire, x: decode(wire.x, Float32Array), y: decode(wire.y, Float32Array), group: decode(wire.group, Uint16Array),
+  points = { ...wire, x: decode(wire.x, Float32Array), y: decode(wire.y, Float32Array), group: decode(wire.group, CODES[wire.group_dtype]),
              ids: typeof wire.ids === "string" ? wire.ids.split("\n") : wire.ids };
   const counts = new Array(points.groups.length).fill(0);
   for (const g of points.group) counts[g] += 1;
