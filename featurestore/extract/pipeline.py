@@ -57,6 +57,7 @@ from featurestore.extract.errors import (
 from featurestore.extract.plan import Plan, Target
 from featurestore.extract.transfers import (
     INFLIGHT_BATCHES, DeviceCopies, _Launched, cast_on_host, encode_unchanged, lane_device, launch,
+    preprocess_unchanged,
 )
 from featurestore.extract.workers import DecodedBatch, collate, make_decoder, preprocess_on_device
 from featurestore.store.store import FeatureStore
@@ -224,11 +225,11 @@ class _Lane:
         for k, (t, _) in enumerate(parts):
             by_size.setdefault(tuple(t.shape[1:]), []).append(k)
         if len(by_size) == 1:
-            x = self.batched(self.copies.stack(parts, n_seg))
+            x = preprocess_unchanged(self.target, self.batched, self.copies.stack(parts, n_seg))
         else:  # clips of several frame sizes: one call per size, outputs put back in row order
             x = None
             for ks in by_size.values():
-                y = self.batched(self.copies.stack([parts[k] for k in ks], n_seg))
+                y = preprocess_unchanged(self.target, self.batched, self.copies.stack([parts[k] for k in ks], n_seg))
                 if x is None:
                     x = torch.empty((len(parts) * n_seg, *y.shape[1:]), dtype=y.dtype, device=y.device)
                 at = (torch.tensor(ks)[:, None] * n_seg + torch.arange(n_seg)).reshape(-1)

@@ -21,6 +21,7 @@ Tests count the device copies and host syncs of the encode lane on fake CUDA ten
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -152,6 +153,22 @@ def encode_unchanged(target: Any, x: torch.Tensor) -> torch.Tensor:
         raise EncoderContractError(
             f"encoder {target.encoder.spec} (feature set {target.name}) returned shape {tuple(out.shape)} for a "
             f"batch of {x.shape[0]} inputs; expected {expected} (one output per segment or frame, in order)")
+    return out
+
+
+def preprocess_unchanged(target: Any, batched: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``batched(x)``: the device half of an image encoder's preprocessing, refusing one that changed
+    ``x`` in place. ``x`` is (a slice of) the one device copy of the decoded uint8 frames that every
+    image encoder of the source reads, so an in-place step would alter the frames of the encoders
+    after it (see ``encode_unchanged``: the same ``_version`` check, free)."""
+    version = x._version
+    out = batched(x)
+    if x._version != version:
+        raise EncoderContractError(
+            f"the preprocessor of encoder {target.encoder.spec} (feature set {target.name}) changed the decoded "
+            f"frames in place in its batched step; encoders share decoded frames, so the others would store "
+            f"features of the changed frames: the step must leave its input unchanged (x = x.float() / 255, "
+            f"not x.div_(255))")
     return out
 
 

@@ -476,3 +476,37 @@ def test_encoding_files_fails_a_clip_an_integer_set_cannot_hold_rather_than_wrap
     assert list(result.errors) == [bad]
     assert "frames/32: the encoder gave NaN, infinity or a value outside 0..255" in result.errors[bad]
     assert bad not in [c.name for c in result.ok_clips] and len(result.ok_clips) == 3
+
+
+class _BrightensInPlace(FramePreprocessor):
+    """A plugin's device preprocessing that brightens the shared uint8 frames in place."""
+
+    def batched(self, frames: torch.Tensor) -> torch.Tensor:
+        return super().batched(frames.add_(1))
+
+
+class BrightensInPlace(VideoSignature):
+    def __init__(self, spec: str = "brightens") -> None:
+        super().__init__(spec)
+
+    def preprocessor(self) -> FramePreprocessor:
+        base = super().preprocessor()
+        return _BrightensInPlace(base.crop, base.resize, base.interpolation, base.mean, base.std)
+
+
+def test_a_device_preprocessing_step_that_changes_the_shared_frames_in_place_is_refused(dataset, tmp_path,
+                                                                                         monkeypatch):
+    """On an accelerator every image encoder of a source reads one device copy of the uint8 frames and
+    runs its own ``batched`` step on it. Before: a step that wrote into them (``frames.add_``) made the
+    encoders after it store features of the altered frames, silently."""
+    from featurestore.testing import EncoderContractError
+
+    monkeypatch.setattr(extract_workers, "PREPROCESS_ON_DEVICE", True)  # the device path, on the CPU
+    with pytest.raises(EncoderContractError, match=r"brightens.*changed the decoded frames in place"):
+        extract(dataset, tmp_path / "s.zarr", [BrightensInPlace(), VideoSignature()], device="cpu", batch_size=2,
+                num_workers=0, chunk_clips=2, progress=False)
+    with open_store(tmp_path / "s.zarr") as store:  # nothing the encoder after it stored is of altered frames
+        done = store.done_mask("videosig")
+        for i in np.flatnonzero(done):
+            np.testing.assert_allclose(store.get("videosig", store.clip_ids[i]),
+                                       reference(dataset, VideoSignature(), i), rtol=1e-6, atol=1e-6)
