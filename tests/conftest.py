@@ -28,6 +28,13 @@ TINY = dict(clips_per_class=2, duration=10.0, n_cities=2, seed=0, width=64, heig
             night_fraction=0.25, clips_per_location=1, progress=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache_of_this_run(tmp_path_factory):
+    """Weight-file hashes (``featurestore.encoders._content_hash``) go to this run's temp folder, not
+    the user's ``~/.cache``; child processes inherit it. A value the caller set is kept."""
+    os.environ.setdefault("FEATURESTORE_HASH_CACHE", str(tmp_path_factory.mktemp("hash_cache") / "sha256.json"))
+
+
 def pytest_sessionfinish(session):
     """The warm children's server is stopped and waited for (its children's CPU counted here)."""
     warm_child.stop_server()

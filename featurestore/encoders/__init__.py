@@ -22,6 +22,7 @@ from featurestore.encoders._registry import (
 )
 from featurestore.encoders._weights import (
     ALLOW_DOWNLOAD_ENV,
+    DownloadRefusedError,
     Weights,
     WeightsMismatchError,
     WeightsNotFoundError,
@@ -45,7 +46,7 @@ __all__ = [
     "parse_spec", "resolve_device",
     "ALLOW_DOWNLOAD_ENV", "Weights", "downloads_allowed", "file_sha256", "parse_weights", "read_state_dict",
     "seeded", "load_into", "announce_random_weights",
-    "SpecError", "UnknownEncoderError", "WeightsNotFoundError", "WeightsMismatchError",
+    "SpecError", "UnknownEncoderError", "WeightsNotFoundError", "WeightsMismatchError", "DownloadRefusedError",
     "LogMelConfig", "LogMelEncoder", "LogMelSpectrogram", "mel_filterbank",
     "TimmFrameEncoder", "ClipImageEncoder", "ClipTextEncoder", "FrameResize", "FramesEncoder",
 ]

@@ -2,20 +2,24 @@
 
 The ``@weights`` part of a spec is one of
   * a pretrained tag (``openai``, ``ra3_in1k``, ``pretrained`` = the model's default tag), loaded
-    through the library's own pretrained path, which reads the Hugging Face / torch hub caches;
+    through the library's own pretrained path, which reads the Hugging Face / torch hub caches; the
+    file it read is identified by its SHA-256 too (a replaced cache must not pass for the same tag);
   * a checkpoint path (``@/ckpt/model.safetensors``), loaded strictly, identified by its SHA-256;
   * ``none`` (or ``none:<seed>``): random init under a fixed seed, announced loudly, because features
     from random weights look like features and carry no pretrained knowledge.
 
-Downloads are off by default: a pretrained attempt runs with ``HF_HUB_OFFLINE=1`` so that a machine
-without network fails at once with a message saying what was wanted, where it looked and what the
-alternatives are, instead of hanging. Set ``FEATURESTORE_ALLOW_DOWNLOAD=1`` to let the libraries
-download.
+Downloads are off by default: a pretrained attempt runs with ``HF_HUB_OFFLINE=1`` and with torch
+hub's and open_clip's URL downloads refused, so that a machine without network fails at once (and one
+with network does not download behind an offline request) with a message saying what was wanted,
+where it looked and what the alternatives are, instead of hanging. Set
+``FEATURESTORE_ALLOW_DOWNLOAD=1`` to let the libraries download.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import types
 import os
 import pickle
 import sys
@@ -27,6 +31,7 @@ from typing import Any
 
 import torch
 
+from featurestore.encoders._content_hash import cached_sha256
 from featurestore.encoders._names import SpecError
 from featurestore.errors import FeatureStoreError
 from featurestore.provenance import file_sha256  # noqa: F401 - re-exported (torch-free, used by the planner)
@@ -53,9 +58,11 @@ class Weights:
     Attributes:
         kind: ``pretrained``, ``file`` or ``random``.
         tag: the pretrained tag (kind ``pretrained``).
-        path: the absolute checkpoint path (kind ``file``).
+        path: the absolute checkpoint path (kind ``file``), or the file the library read for a
+            tag (kind ``pretrained``, once loaded).
         seed: the init seed (kind ``random``; also used around construction for the other kinds).
-        sha256: hex SHA-256 of the checkpoint file (kind ``file``).
+        sha256: hex SHA-256 of the checkpoint file (kind ``file``) or of the file loaded for a tag
+            (kind ``pretrained``, once loaded; see ``_content_hash.loaded_weights_hash``).
     """
 
     kind: str
@@ -79,6 +86,8 @@ class Weights:
             return {"kind": "random", "seed": self.seed}
         if self.kind == "file":
             return {"kind": "file", "path": str(self.path), "sha256": self.sha256}
+        if self.sha256:
+            return {"kind": "pretrained", "tag": self.tag, "path": str(self.path), "sha256": self.sha256}
         return {"kind": "pretrained", "tag": self.tag}
 
 
@@ -104,8 +113,9 @@ def parse_weights(text: str | None, default_tag: str | None, spec: str) -> Weigh
     if looks_like_path(text):
         path = Path(text).expanduser().resolve()
         if not path.is_file():
-            raise WeightsNotFoundError(f"{spec}: checkpoint file {path} does not exist")
-        return Weights(kind="file", path=path, sha256=file_sha256(path))
+            what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+            raise WeightsNotFoundError(f"{spec}: checkpoint file {path} {what}")
+        return Weights(kind="file", path=path, sha256=cached_sha256(path))
     return Weights(kind="pretrained", tag=text)
 
 
@@ -145,6 +155,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if all(key.startswith("module.") for key in obj):
         obj = {key[len("module."):]: value for key, value in obj.items()}
     return obj
+
+
+def read_checkpoint(weights: Weights) -> dict[str, torch.Tensor]:
+    """``read_state_dict`` of a ``file`` choice, refusing a file that changed since it was hashed.
+
+    The hash is taken when the spec is resolved and recorded as the weights' identity; a checkpoint
+    rewritten in between (a training job still saving ``last.pt``) would otherwise be loaded under
+    the old file's hash. The second look is cheap: the hash cache answers unless the file changed.
+
+    Raises:
+        WeightsMismatchError: the file's content is no longer the hashed one, or as ``read_state_dict``.
+    """
+    state = read_state_dict(str(weights.path))
+    now = cached_sha256(str(weights.path))
+    if now != weights.sha256:
+        raise WeightsMismatchError(f"checkpoint {weights.path} changed after it was identified (sha256 "
+                                   f"{str(weights.sha256)[:12]}... then, {now[:12]}... now); refusing to load "
+                                   f"weights other than the recorded ones; run again once the file is final")
+    return state
 
 
 _SAVE_HINT = ("save the weights alone instead: safetensors.torch.save_file(model.state_dict(), 'x.safetensors') "
@@ -317,16 +346,31 @@ def downloads_allowed() -> bool:
     return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+class DownloadRefusedError(FeatureStoreError, ConnectionRefusedError):
+    """A library tried to download weights inside ``hub_offline()`` while downloads are off."""
+
+
 @contextlib.contextmanager
 def hub_offline() -> Iterator[None]:
-    """Run the block with the Hugging Face hub offline (cache only), unless downloads are allowed.
+    """Run the block with weight downloads off (cache only), unless downloads are allowed.
 
-    ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once at import, so the module constant is switched
-    as well as the environment variable; both are restored afterwards.
+    The Hugging Face hub is switched offline: ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once at
+    import, so the module constant is switched as well as the environment variable. URL downloads
+    do not ask the hub, so they are refused where they happen: ``torch.hub.download_url_to_file``
+    (behind ``torch.hub.load_state_dict_from_url``, which timm uses for URL weights), timm's own
+    import of it, and open_clip's ``urllib`` download of URL weights; each raises
+    ``DownloadRefusedError`` naming the URL before any connection. Cached files are still read.
+    Everything is restored afterwards.
     """
     if downloads_allowed():
         yield
         return
+    with _hf_offline(), _urls_refused():
+        yield
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
     old_env = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants = _hf_constants()
@@ -342,6 +386,45 @@ def hub_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old_env
         if constants is not None:
             constants.HF_HUB_OFFLINE = old_const
+
+
+def _refuse_download(url: Any, *args: Any, **kwargs: Any) -> Any:
+    raise DownloadRefusedError(f"download of {getattr(url, 'full_url', url)} refused: downloads are off "
+                               f"(set {ALLOW_DOWNLOAD_ENV}=1 on a machine with network to allow them)")
+
+
+#: ``(module, attribute)`` pairs replaced by a refusal inside ``hub_offline`` (modules not imported
+#: yet are skipped: timm and open_clip are imported before the pretrained attempt that matters).
+_URL_DOWNLOADERS = (("torch.hub", "download_url_to_file"), ("timm.models._hub", "download_url_to_file"))
+_URL_LOCK = threading.Lock()
+_URL_DEPTH = [0]
+_URL_SAVED: list[tuple[Any, str, Any]] = []
+
+
+@contextlib.contextmanager
+def _urls_refused() -> Iterator[None]:
+    """Replace the URL download functions by ``_refuse_download`` (nested and threaded use count)."""
+    with _URL_LOCK:
+        _URL_DEPTH[0] += 1
+        if _URL_DEPTH[0] == 1:
+            for module_name, attr in _URL_DOWNLOADERS:
+                module = sys.modules.get(module_name)
+                if module is not None and hasattr(module, attr):
+                    _URL_SAVED.append((module, attr, getattr(module, attr)))
+                    setattr(module, attr, _refuse_download)
+            pretrained = sys.modules.get("open_clip.pretrained")
+            if pretrained is not None and hasattr(pretrained, "urllib"):  # its only use: urllib.request.urlopen
+                _URL_SAVED.append((pretrained, "urllib", pretrained.urllib))
+                pretrained.urllib = types.SimpleNamespace(request=types.SimpleNamespace(urlopen=_refuse_download))
+    try:
+        yield
+    finally:
+        with _URL_LOCK:
+            _URL_DEPTH[0] -= 1
+            if _URL_DEPTH[0] == 0:
+                while _URL_SAVED:
+                    module, attr, original = _URL_SAVED.pop()
+                    setattr(module, attr, original)
 
 
 @contextlib.contextmanager
@@ -404,4 +487,4 @@ def pretrained_unavailable(spec: str, model: str, tag: str, looked_in: list[str]
     return WeightsNotFoundError(
         f"{spec}: pretrained weights {tag!r} for {model} are not available locally. Looked in: {where}; "
         f"{how}. Alternatives: '{base}@none' (random weights, seeded) or '{base}@/path/to/checkpoint.pt' "
-        f"(a local state dict). Cause: {type(cause).__name__}: {str(cause)[:300]}")
+        f"(a local state dict). Cause: {type(cause).__name__}: {' '.join(str(cause).split())[:300]}")

@@ -12,20 +12,28 @@ Design decisions:
     default tag), i.e. for OpenAI weights: shorter side to the input size (bicubic), center crop,
     CLIP mean/std.
   * OpenAI weights were trained with QuickGELU; open_clip's plain configs use GELU and would give
-    wrong embeddings with them, so QuickGELU follows the tag (or the default tag for ``@none`` and
-    files) and is recorded in the provenance config.
+    wrong embeddings with them, so QuickGELU follows the tag (the default tag for ``@none``). A
+    checkpoint file does not say which activation it was trained with (an activation has no
+    weights), so for ``@file`` it comes from the ``quick_gelu`` option, a ``-quickgelu`` model name,
+    an ``open_clip_config.json`` beside the file, or the model's tags when they all agree; when the
+    tags disagree (ViT-B-32: ``openai`` QuickGELU, ``laion2b_*`` GELU) the encoder refuses to
+    guess. It is recorded in the provenance config.
   * ``@none`` builds the whole CLIP model under the seed, so ``clip/X@none`` and ``cliptext/X@none``
     are the two towers of one (random) model.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from featurestore.encoders._content_hash import loaded_weights_hash, recording_loaded_files
 from featurestore.encoders._encoder import Encoder
 from featurestore.encoders._names import EncoderSpec, SpecError
 from featurestore.encoders._preprocess import FramePreprocessor, check_normalised_batch
@@ -39,7 +47,7 @@ from featurestore.encoders._weights import (
     load_into,
     parse_weights,
     pretrained_unavailable,
-    read_state_dict,
+    read_checkpoint,
     seeded,
 )
 
@@ -70,13 +78,15 @@ class OpenClipModel:
     embed_dim: int
 
 
-def build_open_clip(spec: EncoderSpec, strict: bool, image_only_ok: bool) -> OpenClipModel:
+def build_open_clip(spec: EncoderSpec, strict: bool, image_only_ok: bool,
+                    quick_gelu_option: bool | None = None) -> OpenClipModel:
     """Build the open_clip model of ``spec`` with its weights (tag, file or seeded random).
 
     Args:
         spec: a ``clip/...`` or ``cliptext/...`` spec.
         strict: require every checkpoint key to match.
         image_only_ok: accept a checkpoint of the image tower alone (``visual.*`` keys).
+        quick_gelu_option: the user's ``quick_gelu`` option (None: not given); see ``resolve_quick_gelu``.
     """
     import open_clip
 
@@ -89,10 +99,11 @@ def build_open_clip(spec: EncoderSpec, strict: bool, image_only_ok: bool) -> Ope
                         f"{tags or '(none)'}; or use '@none' (random) or '@/path/to/checkpoint.pt'")
     reference_tag = weights.tag if weights.kind == "pretrained" else default
     tag_cfg = open_clip.get_pretrained_cfg(model_name, reference_tag) if reference_tag else {}
-    quick_gelu = bool(tag_cfg.get("quick_gelu", False)) or "quickgelu" in model_name.lower()
+    quick_gelu = resolve_quick_gelu(str(spec), model_name, weights, tag_cfg, quick_gelu_option)
     with seeded(weights.seed):
         if weights.kind == "pretrained":
-            model = _create_pretrained(spec.with_weights(weights.spec_text), model_name, str(weights.tag), tag_cfg, quick_gelu)
+            model, weights = _create_pretrained(spec.with_weights(weights.spec_text), model_name, weights, tag_cfg,
+                                                quick_gelu)
         else:
             with _quiet_random_init():  # said once, by us, for '@none'; wrong for '@file' (loaded next)
                 model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick_gelu)
@@ -110,12 +121,88 @@ def _quiet_random_init() -> contextlib.AbstractContextManager:
     return captured_root_log(lambda message: "No pretrained weights loaded" in message)
 
 
-def _create_pretrained(spec: EncoderSpec, model_name: str, tag: str, tag_cfg: dict, quick_gelu: bool) -> Any:
+def resolve_quick_gelu(spec: str, model_name: str, weights: Weights, tag_cfg: dict, option: bool | None) -> bool:
+    """Whether the model must run QuickGELU: what its weights were trained with.
+
+    A tag says it (and an option that contradicts it is refused); ``@none`` follows the default
+    tag unless the option says otherwise. A checkpoint file cannot say it through its weights, so
+    the first of these decides: the option, a ``-quickgelu`` model (its config forces QuickGELU),
+    ``open_clip_config.json`` beside the file (what open_clip's hub exports write), the model's
+    pretrained tags when they all agree; otherwise the choice is refused rather than guessed.
+
+    Raises:
+        SpecError: the option contradicts the tag or a ``-quickgelu`` model, or a file's activation
+            cannot be known.
+    """
     import open_clip
 
+    forced = bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
+    if forced and option is False:
+        raise SpecError(f"{spec}: {model_name} is a QuickGELU architecture, so quick_gelu=False cannot apply; "
+                        f"use the model without '-quickgelu'")
+    if weights.kind == "pretrained":
+        trained = bool(tag_cfg.get("quick_gelu", False)) or forced
+        if option is not None and option != trained:
+            raise SpecError(f"{spec}: weights {weights.tag!r} were trained with {_act(trained)}; "
+                            f"quick_gelu={option} would give wrong embeddings (leave the option out)")
+        return trained
+    if option is not None:
+        return option or forced
+    if weights.kind == "random" or forced:
+        return bool(tag_cfg.get("quick_gelu", False)) or forced
+    return _file_quick_gelu(spec, model_name, weights)
+
+
+def _act(quick_gelu: bool) -> str:
+    return "QuickGELU" if quick_gelu else "GELU"
+
+
+def _file_quick_gelu(spec: str, model_name: str, weights: Weights) -> bool:
+    """A checkpoint's activation from a config beside it, else from the model's tags when they agree."""
+    import open_clip
+
+    recorded = _recorded_quick_gelu(Path(str(weights.path)))
+    if recorded is not None:
+        return recorded
+    by_tag = {tag: bool(open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
+              for tag in open_clip.list_pretrained_tags_by_model(model_name)}
+    if len(set(by_tag.values())) <= 1:
+        return next(iter(by_tag.values()), False)
+    quick = [tag for tag, value in by_tag.items() if value][:3]
+    plain = [tag for tag, value in by_tag.items() if not value][:3]
+    raise SpecError(f"{spec}: cannot tell whether checkpoint {weights.path} was trained with QuickGELU "
+                    f"(like {model_name}@{'/'.join(quick)}) or GELU (like {model_name}@{'/'.join(plain)}), and "
+                    f"the wrong one gives wrong embeddings silently; say which with the option quick_gelu=True "
+                    f"or quick_gelu=False (--encoder-option {spec.split('@', 1)[0]}.quick_gelu=...)")
+
+
+def _recorded_quick_gelu(path: Path) -> bool | None:
+    """``model_cfg.quick_gelu`` of an ``open_clip_config.json`` next to the checkpoint, if there is one.
+
+    Raises:
+        SpecError: the file is there but is not such a config.
+    """
+    config = path.parent / "open_clip_config.json"
+    if not config.is_file():
+        return None
     try:
-        with hub_offline(), captured_root_log():  # its "Failed to download" line repeats what we raise
-            return open_clip.create_model(model_name, pretrained=tag, force_quick_gelu=quick_gelu)
+        model_cfg = json.loads(config.read_text())["model_cfg"]
+        return bool(model_cfg.get("quick_gelu", False))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SpecError(f"{config}: not an open_clip config with a 'model_cfg' section "
+                        f"({type(exc).__name__}: {exc}); it sits beside checkpoint {path.name} and would say "
+                        f"its activation") from None
+
+
+def _create_pretrained(spec: EncoderSpec, model_name: str, weights: Weights, tag_cfg: dict,
+                       quick_gelu: bool) -> tuple[Any, Weights]:
+    """The model with the tag's weights, and the weights with the file it read and that file's hash."""
+    import open_clip
+
+    tag = str(weights.tag)
+    try:
+        with hub_offline(), captured_root_log(), recording_loaded_files() as files:
+            model = open_clip.create_model(model_name, pretrained=tag, force_quick_gelu=quick_gelu)
     except Exception as exc:
         looked = []
         if tag_cfg.get("hf_hub"):
@@ -125,11 +212,13 @@ def _create_pretrained(spec: EncoderSpec, model_name: str, tag: str, tag_cfg: di
             looked.append(f"open_clip URL cache ~/.cache/clip/{tag_cfg['url'].rsplit('/', 1)[-1]} (used when "
                           f"huggingface_hub is not installed)")
         raise pretrained_unavailable(str(spec), model_name, tag, looked, exc) from exc
+    path, sha256 = loaded_weights_hash(files, model)
+    return model, dataclasses.replace(weights, path=Path(path), sha256=sha256)
 
 
 def _load_checkpoint(model: torch.nn.Module, weights: Weights, strict: bool, image_only_ok: bool) -> None:
     """Load a whole-CLIP state dict or, for image encoders, an image tower's alone (``visual.`` prefix or not)."""
-    state = {k: v for k, v in read_state_dict(weights.path).items() if k not in _JIT_EXTRA_KEYS}
+    state = {k: v for k, v in read_checkpoint(weights).items() if k not in _JIT_EXTRA_KEYS}
     if image_only_ok and all(key.startswith("visual.") for key in state):
         state = {k[len("visual."):]: v for k, v in state.items()}
         load_into(model.visual, state, weights.path, strict=strict)
@@ -188,8 +277,10 @@ class _OpenClipEncoder(Encoder):
 
         return open_clip.list_models()
 
-    def _setup(self, strict: bool, image_only_ok: bool) -> OpenClipModel:
-        built = build_open_clip(self._spec, strict, image_only_ok)
+    def _setup(self, strict: bool, image_only_ok: bool, quick_gelu: bool | None) -> OpenClipModel:
+        if quick_gelu is not None and not isinstance(quick_gelu, bool):
+            raise SpecError(f"{self._spec}: quick_gelu must be true or false, got {quick_gelu!r}")
+        built = build_open_clip(self._spec, strict, image_only_ok, quick_gelu)
         self.weights = built.weights
         self._spec = self._spec.with_weights(built.weights.spec_text)
         self.quick_gelu = built.quick_gelu
@@ -213,9 +304,9 @@ class ClipImageEncoder(_OpenClipEncoder):
     modality = "video"
     smoke_spec = "clip/ViT-B-32@none"
 
-    def __init__(self, spec: str | EncoderSpec, strict: bool = True) -> None:
+    def __init__(self, spec: str | EncoderSpec, strict: bool = True, quick_gelu: bool | None = None) -> None:
         super().__init__(spec)
-        built = self._setup(strict, image_only_ok=True)
+        built = self._setup(strict, image_only_ok=True, quick_gelu=quick_gelu)
         self.module = built.model.visual
         self._preprocessor = clip_frame_preprocessor(built.preprocess)
 
@@ -280,10 +371,11 @@ class ClipTextEncoder(_OpenClipEncoder):
     modality = "text"
     smoke_spec = "cliptext/ViT-S-32-alt@none"  # the smallest built-in CLIP config
 
-    def __init__(self, spec: str | EncoderSpec, strict: bool = True, template: str = PROMPT_TEMPLATE) -> None:
+    def __init__(self, spec: str | EncoderSpec, strict: bool = True, template: str = PROMPT_TEMPLATE,
+                 quick_gelu: bool | None = None) -> None:
         super().__init__(spec)
         self.template = check_template(template)
-        built = self._setup(strict, image_only_ok=False)
+        built = self._setup(strict, image_only_ok=False, quick_gelu=quick_gelu)
         built.model.visual = None  # the text tower is all this encoder runs
         self.module = built.model
         self._tokenizer = ClipTokenizer(str(self._spec.model))

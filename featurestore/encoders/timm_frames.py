@@ -7,18 +7,22 @@ mean/std from ``timm.data.resolve_model_data_config``), reimplemented as a pickl
 ``FramePreprocessor`` that works on numpy uint8 frames.
 
 Weights: ``@<tag>`` (``ra3_in1k``) or ``@pretrained`` / no ``@`` (the model's default tag) load via
-``timm.create_model(..., pretrained=True)``, which reads the Hugging Face / torch hub caches;
+``timm.create_model(..., pretrained=True)``, which reads the Hugging Face / torch hub caches (the
+file it read is recorded with its SHA-256);
 ``@/path.pth`` loads a state dict strictly except for the classifier head (a pooled-feature encoder
 has none); ``@none`` is a seeded random init. timm is imported lazily so that importing the
 registry stays cheap.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from featurestore.encoders._content_hash import loaded_weights_hash, recording_loaded_files
 from featurestore.encoders._encoder import Encoder
 from featurestore.encoders._names import EncoderSpec, SpecError, UnknownEncoderError
 from featurestore.encoders._preprocess import FramePreprocessor, check_normalised_batch
@@ -31,7 +35,7 @@ from featurestore.encoders._weights import (
     load_into,
     parse_weights,
     pretrained_unavailable,
-    read_state_dict,
+    read_checkpoint,
     seeded,
     torch_hub_location,
 )
@@ -146,7 +150,7 @@ class TimmFrameEncoder(Encoder):
                 return self._build_pretrained()
             model = timm.create_model(self.model_name, pretrained=False, num_classes=0)
         if self.weights.kind == "file":
-            state = self._drop_classifier(read_state_dict(self.weights.path), model)
+            state = self._drop_classifier(read_checkpoint(self.weights), model)
             load_into(model, state, self.weights.path, strict=self.strict)
         return model
 
@@ -156,8 +160,8 @@ class TimmFrameEncoder(Encoder):
 
         full_name = f"{self.model_name}.{self.weights.tag}"
         try:
-            with hub_offline():
-                return timm.create_model(full_name, pretrained=True, num_classes=0)
+            with hub_offline(), recording_loaded_files() as files:
+                model = timm.create_model(full_name, pretrained=True, num_classes=0)
         except Exception as exc:
             cfg = timm.models.get_pretrained_cfg(full_name)
             looked = []
@@ -166,6 +170,9 @@ class TimmFrameEncoder(Encoder):
             if cfg is not None and cfg.url:
                 looked.append(f"torch hub cache {torch_hub_location(cfg.url)}")
             raise pretrained_unavailable(self.spec, self.model_name, str(self.weights.tag), looked, exc) from exc
+        path, sha256 = loaded_weights_hash(files, model)
+        self.weights = dataclasses.replace(self.weights, path=Path(path), sha256=sha256)
+        return model
 
     @staticmethod
     def _drop_classifier(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:

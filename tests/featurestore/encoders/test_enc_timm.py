@@ -166,7 +166,9 @@ def test_pretrained_tag_loads_from_the_hub_cache(tmp_path, monkeypatch, smooth_f
 
     enc = create_encoder("timm/test_resnet@pretrained")
     assert enc.spec == "timm/test_resnet@r160_in1k"
-    assert enc.provenance()["weights"] == {"kind": "pretrained", "tag": "r160_in1k"}
+    assert enc.provenance()["weights"] == {"kind": "pretrained", "tag": "r160_in1k",
+                                           "path": str(snapshot / "model.safetensors"),
+                                           "sha256": file_sha256(snapshot / "model.safetensors")}
     batch = enc.preprocessor()(smooth_frames(2, 64, 64))
     torch.testing.assert_close(enc.encode(batch), reference_embedding(source, batch), rtol=1e-5, atol=1e-5)
     same = create_encoder("timm/test_resnet.r160_in1k")  # timm's own naming is accepted too
