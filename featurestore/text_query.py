@@ -19,6 +19,7 @@ import numpy as np
 
 from featurestore._spec import SpecError, parse_spec
 from featurestore.provenance import is_random_weights, weights_identity
+from featurestore.store.class_features import WRITING
 
 _ENCODERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # store -> {spec: encoder}
 
@@ -60,8 +61,8 @@ def text_encoder_spec(store: Any, info: Any) -> str:
         raise ValueError(f"feature set {info.name!r} was made by {prov.get('encoder') or info.name!r}, which has "
                          f"no CLIP text tower; text queries need a clip/<model> feature set")
     text_name = f"cliptext/{spec.model}"
-    towers = {name: store.get_class_features(name)[1].get("provenance") or {} for name in store.class_feature_sets()}
-    towers = {name: p for name, p in towers.items() if _spec_name(p.get("encoder")) == text_name}
+    towers = {name: p for name, p in _class_feature_provenances(store).items()
+              if _spec_name(p.get("encoder")) == text_name}
     same = [p for p in towers.values() if prov.get("weights") and weights_identity(p) == weights_identity(prov)]
     if same:
         return str(same[0]["encoder"])
@@ -69,6 +70,22 @@ def text_encoder_spec(store: Any, info: Any) -> str:
     if info.name == spec.name and default.get("encoder") and _may_pair(prov, default):
         return str(default["encoder"])
     return f"{text_name}@{_weights_text(prov.get('weights') or {}, spec.weights, info.name)}"
+
+
+def _class_feature_provenances(store: Any) -> dict[str, dict]:
+    """The provenance of every finished class-feature set, from its attributes alone.
+
+    Only which encoder and weights made each set matters here: reading each set's values
+    (``get_class_features``) cost a read per set and made a damaged chunk in an unrelated set
+    (another model's prompts) break every text query. A set whose write began after it was listed
+    (marked ``writing``) is passed over, as ``class_feature_sets`` passes over unfinished ones.
+    """
+    found = {}
+    for name in store.class_feature_sets():
+        attrs = store.arrays.attrs(f"class_features/{name}")
+        if not attrs.get(WRITING):
+            found[name] = attrs.get("provenance") or {}
+    return found
 
 
 def _may_pair(image: dict, text: dict) -> bool:

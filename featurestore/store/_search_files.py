@@ -15,6 +15,12 @@ write or delete files elsewhere, so:
   those hashed). Loading compares the bytes with the name *before* any of them is decoded, and
   refuses files larger than the caller's bound: a flipped bit, a cut file or one edited by hand is
   `SidecarDamage`, rebuilt by the caller, never served.
+* A name's sha256 says the bytes are whole, not whose they are: the faiss index and the ``.ids`` file
+  end with a binding (`write_binding`: JSON of the key, feature set, data version and store they were
+  built from, its length, a magic), inside the hashed bytes. Loading refuses a file without one or
+  with one for another key, feature set or data version (`check_binding`): a sidecar of another
+  store, feature set or data version copied in and renamed to this key is `SidecarDamage`, rebuilt,
+  never served. (The clip matrix's manifest holds its key, which hashes the same things.)
 * An IVF-flat faiss index also gets a ``.lists`` manifest, ``<key>-<its sha256>.lists``, written after
   the index file: the file's name and size, the crc32 of its head (everything before the lists'
   data) and of each inverted list. Loading through it checks the manifest and the head, then faiss
@@ -158,9 +164,11 @@ def open_checked(folder: SidecarDir, name: str, max_bytes: int) -> Iterator[Bina
         yield f
 
 
-def save(folder: SidecarDir, key: str, suffix: str, write: Callable[[BinaryIO], object]) -> str:
+def save(folder: SidecarDir, key: str, suffix: str, write: Callable[[BinaryIO], object],
+         origin: dict[str, str | None] | None = None) -> str:
     """Write a file with ``write(file)`` under a temp name, then rename it ``<key>-<sha256><suffix>``.
 
+    With ``origin`` (what the file is built from), the file ends with its binding (`write_binding`).
     Returns the name. On any error the temp file is removed and the error raised.
     """
     tmp = f".{key}-{os.getpid()}{suffix}.tmp"
@@ -170,6 +178,8 @@ def save(folder: SidecarDir, key: str, suffix: str, write: Callable[[BinaryIO], 
     try:
         with os.fdopen(fd, "w+b") as f:
             write(f)
+            if origin is not None:
+                write_binding(f, key, origin)
             f.flush()
             f.seek(0)
             digest = hashlib.file_digest(f, "sha256").hexdigest()
@@ -206,6 +216,76 @@ def remove_others(folder: SidecarDir, suffix: str, keep: str | None) -> None:
 
 def _stamp(info: os.stat_result) -> tuple[int, ...]:
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+# ------------------------------------------------------------ binding a file to what it was built from
+BIND_FORMAT = "avscene-search-binding/1"
+BIND_MAGIC = b"avsbind1"  # the last 8 bytes of a bound file; the 8 before them: the binding's length
+BIND_MAX_BYTES = 2**16
+ORIGIN_FIELDS = ("feature_set", "data_version", "store")
+
+
+def write_binding(f: BinaryIO, key: str, origin: dict[str, str | None]) -> None:
+    """Append the binding to a file being written: its key and ``origin`` (the feature set, its data
+    version and the store it is built from) as JSON, its length, `BIND_MAGIC`.
+
+    The sha256 in a file's name says its bytes are whole, not whose they are: a file of another
+    store, feature set or data version copied in and renamed to this key keeps a valid name. The
+    binding is part of the hashed bytes, so it cannot be changed without the name, and it names the
+    key, set and version the file was built for (`check_binding`). Readers of the file's own format
+    (faiss, ``.npy``) stop before it.
+    """
+    text = json.dumps({"format": BIND_FORMAT, "key": key, **{k: origin.get(k) for k in ORIGIN_FIELDS}}).encode()
+    f.write(text + len(text).to_bytes(8, "little") + BIND_MAGIC)
+
+
+def check_binding(f: BinaryIO, name: str, origin: dict[str, str | None]) -> int:
+    """Where the file's own data ends (its binding starts), when the binding says it was built for
+    ``name``'s key from ``origin``'s feature set and data version; ``f`` is left at its start.
+
+    Raises:
+        SidecarDamage: no binding (a file copied or renamed by hand, or written before bindings), or
+            one for another key, feature set or data version.
+    """
+    data_end, binding = read_binding(f)
+    wanted = {"key": _NAME.fullmatch(name)[1], **{k: origin.get(k) for k in ORIGIN_FIELDS[:2]}}
+    if any(binding[k] != v for k, v in wanted.items()):
+        raise SidecarDamage(f"it was built from feature set {binding['feature_set']!r} (data version "
+                            f"{binding['data_version']}, key {binding['key']}) of the store at {binding['store']}, "
+                            f"not from {origin.get('feature_set')!r} (data version {origin.get('data_version')}, "
+                            f"key {wanted['key']}) of {origin.get('store')}: copied or renamed by hand, never served")
+    return data_end
+
+
+def read_binding(f: BinaryIO) -> tuple[int, dict]:
+    """(where the file's own data ends, its binding's fields); ``f`` is left at its start.
+
+    Raises:
+        SidecarDamage: the file does not end with a binding.
+    """
+    size = os.fstat(f.fileno()).st_size
+    f.seek(max(0, size - 16))
+    footer = f.read(16)
+    length = int.from_bytes(footer[:8], "little") if len(footer) == 16 else -1
+    if footer[8:] != BIND_MAGIC or not 0 < length <= min(BIND_MAX_BYTES, size - 16):
+        raise SidecarDamage("it carries no binding to the store, feature set and data version it was built "
+                            "from (copied or renamed by hand, or written before bindings): never served")
+    f.seek(size - 16 - length)
+    binding = _parse_binding(f.read(length))
+    f.seek(0)
+    return size - 16 - length, binding
+
+
+def _parse_binding(text: bytes) -> dict:
+    """The binding's fields, each a string."""
+    try:
+        binding = json.loads(text)
+        fields = [binding[k] for k in ("format", "key", *ORIGIN_FIELDS)]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SidecarDamage(f"its binding cannot be read ({type(err).__name__}: {err})") from err
+    if fields[0] != BIND_FORMAT or not all(isinstance(v, str) for v in fields):
+        raise SidecarDamage(f"its binding is not a {BIND_FORMAT} binding")
+    return binding
 
 
 # ------------------------------------------------------------------------- the clip matrix files
@@ -501,7 +581,7 @@ def check_unit(vectors: np.ndarray) -> None:
 
 
 # ----------------------------------------------------------- IVF index files checked list by list
-LISTS_FORMAT = "avscene-search-ivf-lists/1"
+LISTS_FORMAT = "avscene-search-ivf-lists/2"  # /2: the lists end where the file's binding starts
 
 
 @dataclass
@@ -573,7 +653,11 @@ def write_lists_manifest(folder: SidecarDir, key: str, index: Any, faiss_name: s
         crcs.append(zlib.crc32(ids.view(np.uint8), zlib.crc32(vectors.view(np.uint8))))
     with _open_file(folder, faiss_name, "the index file") as f:
         size = os.fstat(f.fileno()).st_size
-        data_start = size - sum(sizes) * (4 * dim + 8)
+        try:
+            data_end, _ = read_binding(f)
+        except SidecarDamage:
+            return None
+        data_start = data_end - sum(sizes) * (4 * dim + 8)
         head_crc = zlib.crc32(f.read(data_start)) if data_start > 0 else None
         first = next((i for i in range(nlist) if sizes[i]), None)
         if first is not None:
@@ -583,16 +667,18 @@ def write_lists_manifest(folder: SidecarDir, key: str, index: Any, faiss_name: s
                 return None
     if head_crc is None:
         return None
-    text = json.dumps({"format": LISTS_FORMAT, "faiss": faiss_name, "size": size, "dim": dim,
-                       "data_start": data_start, "head_crc32": head_crc, "sizes": sizes, "crc32": crcs})
+    text = json.dumps({"format": LISTS_FORMAT, "faiss": faiss_name, "size": size, "dim": dim, "data_start": data_start,
+                       "data_end": data_end, "head_crc32": head_crc, "sizes": sizes, "crc32": crcs})
     return save(folder, key, ".lists", lambda m: m.write(text.encode()))
 
 
-def read_lists_manifest(folder: SidecarDir, name: str, done: np.ndarray, dim: int) -> tuple[Any, CheckedLists]:
+def read_lists_manifest(folder: SidecarDir, name: str, done: np.ndarray, dim: int,
+                        origin: dict[str, str | None]) -> tuple[Any, CheckedLists]:
     """The IVF-flat index a ``.lists`` manifest describes, its lists memory-mapped from the file, and the
     `CheckedLists` that checks each list on first use.
 
-    Checked now: the manifest's sha256 (its name), the index file's size and the crc32 of its head
+    Checked now: the manifest's sha256 (its name), the index file's size, its binding to ``origin``
+    (`check_binding`) and the crc32 of its head
     (before faiss parses a byte of it), then the parsed index against the manifest and the store
     (kind, dimension, metric, list count and sizes, at most the done clips). Nothing of the lists'
     data is read here.
@@ -609,6 +695,9 @@ def read_lists_manifest(folder: SidecarDir, name: str, done: np.ndarray, dim: in
         size = os.fstat(f.fileno()).st_size
         if size != manifest["size"] or not 0 < manifest["data_start"] <= size:
             raise SidecarDamage(f"its index file holds {size} bytes, its manifest says {manifest['size']}")
+        if check_binding(f, manifest["faiss"], origin) != manifest["data_end"]:
+            raise SidecarDamage(f"its index file's binding starts at another byte than its manifest's "
+                                f"{manifest['data_end']}")
         found = zlib.crc32(f.read(manifest["data_start"]))
         if found != manifest["head_crc32"]:
             raise SidecarDamage(f"its index file's head has crc32 {found:08x}, its manifest says "
@@ -632,7 +721,7 @@ def _parse_lists_manifest(text: bytes, dim: int, key: str) -> dict:
     """The ``.lists`` manifest's fields, each of the type and range the writer gives it."""
     try:
         manifest = json.loads(text)
-        ints = [manifest[k] for k in ("size", "dim", "data_start", "head_crc32")]
+        ints = [manifest[k] for k in ("size", "dim", "data_start", "data_end", "head_crc32")]
         lists = [manifest["sizes"], manifest["crc32"]]
         target = _NAME.fullmatch(manifest["faiss"])
     except (ValueError, KeyError, TypeError) as err:
@@ -643,15 +732,17 @@ def _parse_lists_manifest(text: bytes, dim: int, key: str) -> dict:
         raise SidecarDamage(f"its manifest is not a {LISTS_FORMAT} manifest of this key's index file")
     if manifest["dim"] != dim:
         raise SidecarDamage(f"its manifest describes {manifest['dim']}-value vectors; the feature set's have {dim}")
-    if manifest["data_start"] + sum(lists[0]) * (4 * dim + 8) != manifest["size"]:
+    if manifest["data_start"] + sum(lists[0]) * (4 * dim + 8) != manifest["data_end"] or \
+            not manifest["data_end"] < manifest["size"]:
         raise SidecarDamage(f"its manifest gives {manifest['size']} bytes for {sum(lists[0])} vectors of {dim}")
     return manifest
 
 
 # ------------------------------------------------------------------------------- the ids file
-def read_ids(f: BinaryIO, n: int, max_width: int) -> np.ndarray:
+def read_ids(f: BinaryIO, n: int, max_width: int, data_end: int) -> np.ndarray:
     """The ``[n]`` fixed-width bytes of a ``.ids`` sidecar (the store's ids in row order), its header
-    checked against the store before anything is allocated.
+    checked against the store before anything is allocated; its data must end at ``data_end`` (where
+    its binding starts).
 
     Raises:
         SidecarDamage: not a ``.npy`` of ``n`` byte strings of at most ``max_width`` bytes.
@@ -663,7 +754,9 @@ def read_ids(f: BinaryIO, n: int, max_width: int) -> np.ndarray:
         raise SidecarDamage(f"it has no .npy header ({err})") from err
     if shape != (n,) or fortran or dtype is None or dtype.kind != "S" or not 0 < dtype.itemsize <= max_width:
         raise SidecarDamage(f"it holds {dtype} {shape}; the store has {n} ids of at most {max_width} bytes")
-    data = f.read(n * dtype.itemsize + 1)
+    if data_end - f.tell() != n * dtype.itemsize:
+        raise SidecarDamage(f"it holds {data_end - f.tell()} bytes of ids, its header promises {n * dtype.itemsize}")
+    data = f.read(n * dtype.itemsize)
     if len(data) != n * dtype.itemsize:
         raise SidecarDamage(f"it holds {len(data)} bytes of ids, its header promises {n * dtype.itemsize}")
     return np.frombuffer(data, dtype=dtype)

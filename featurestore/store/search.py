@@ -40,6 +40,9 @@ The sidecar files are caches, never trusted (`featurestore.store._search_files`)
   with the crc32 of the file's head and of each inverted list: a new process checks the head, has
   faiss map the file (its lists are not read), and checks each list when a query first probes it,
   so the first query at a million clips reads a few MiB of a 2 GiB file, not all of it;
+* the faiss and ``.ids`` files end with a binding (key, feature set, data version, store) inside their
+  hashed bytes, and the matrix's manifest holds its key: a sidecar of another store or set renamed to
+  this key is refused (`_search_files.check_binding`);
 * a query that yields a "cosine" outside [-1, 1] drops what it used (the last guard for an index
   whose memory went bad after its check).
 
@@ -59,7 +62,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -269,31 +272,45 @@ def query_vectors(store: Any, info: Any, query: Any) -> tuple[np.ndarray, list[d
     if ids is not None:
         rows = [store.row(q) for q in ids]  # UnknownClipError with the nearest ids
         vectors = clip_vectors(store.get_many(info.name, list(ids)))  # MissingFeatureError when not done
-        _check_vectors(vectors, [f"clip {q!r} in feature set {info.name!r}" for q in ids])
+        _check_vectors(vectors, lambda i: f"clip {ids[i]!r} in feature set {info.name!r}")
         return vectors, [{"like": q} for q in ids], rows
     if query is None or isinstance(query, (list, tuple)) and not query:
         raise ValueError("give a query: a clip id, a list of clip ids, an embedding [dim] or a matrix [q, dim]")
     if np.iscomplexobj(query):  # numpy would drop the imaginary parts with a warning, answering another query
         raise ValueError("the query embedding holds complex numbers; give real ones")
-    x = np.asarray(query, dtype=np.float64)  # float64: a query of 1e200s has a direction too
+    try:
+        x = np.asarray(query)
+        x = x.astype(_working_dtype(x.dtype))  # a copy: unit_rows works in place, the caller's array stays as it is
+    except (ValueError, TypeError) as err:  # ["c001", 2.0], an array of ids: numpy's own line named no query
+        raise ValueError(f"the query must be a clip id, a list of clip ids, or numbers (an embedding [dim] or "
+                         f"[q, dim]); it holds something else ({err})") from None
     if x.ndim not in (1, 2) or x.shape[-1] != dim or not x.size:
         raise ValueError(f"the query embedding has shape {list(x.shape)}; the feature set's embeddings have {dim} "
                          f"values: give [{dim}] or [q, {dim}]")
     x = x.reshape(-1, dim)
-    what = ["the query embedding"] if len(x) == 1 else [f"query {i + 1} of {len(x)}" for i in range(len(x))]
-    _check_vectors(x, what)
-    return unit_rows(x.copy()), [{"vector": dim}] * len(x), [None] * len(x)
+    _check_vectors(x, lambda i: "the query embedding" if len(x) == 1 else f"query {i + 1} of {len(x)}")
+    return unit_rows(x), [{"vector": dim}] * len(x), [None] * len(x)
 
 
-def _check_vectors(x: np.ndarray, what: list[str]) -> None:
-    """A ValueError naming the first row of ``x`` that is not finite or all zeros (no cosine)."""
+def _working_dtype(dtype: np.dtype) -> type:
+    """float32 for queries that fit it (float16/32, integers, bool: every such value is a finite
+    float32), so a float32 batch is normalised with the arithmetic of the float32 index and never
+    copied to float64 (twice its size); float64 for the rest (Python floats, float64, object): a
+    query of 1e200s has a direction too, and `unit_rows` scales it before normalising."""
+    fits = dtype.kind in "biu" or (dtype.kind == "f" and dtype.itemsize <= 4)
+    return np.float32 if fits else np.float64
+
+
+def _check_vectors(x: np.ndarray, what: Callable[[int], str]) -> None:
+    """A ValueError naming (``what(row)``: made only for the row refused) the first row of ``x`` that
+    is not finite or all zeros (no cosine)."""
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
-        raise ValueError(f"{what[int(np.argmin(finite))]} holds non-finite values (NaN or inf): it has no cosine "
+        raise ValueError(f"{what(int(np.argmin(finite)))} holds non-finite values (NaN or inf): it has no cosine "
                          f"to search by")
     nonzero = (x != 0).any(axis=1)  # not a norm: the square of 1e-30 is 0 in float32, of 1e20 inf
     if not nonzero.all():
-        raise ValueError(f"{what[int(np.argmin(nonzero))]} is all zeros: it has no direction, so no cosine "
+        raise ValueError(f"{what(int(np.argmin(nonzero)))} is all zeros: it has no direction, so no cosine "
                          f"to search by")
 
 
@@ -626,6 +643,7 @@ class SetState:
     info: Any
     labels: np.ndarray
     classes: list[str]
+    origin: dict[str, str]  # what sidecar files are bound to (`_search_files.check_binding`): set, version, store
     id_blocks: dict[int, list[str]] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  # method -> key, worked out once per state
     id_file: Any = False  # the .ids sidecar's ids (bytes, row order); None: none; False: not looked for
@@ -645,23 +663,31 @@ class SetState:
         return [self.id_blocks[int(r) // ID_BLOCK_ROWS][int(r) % ID_BLOCK_ROWS] for r in rows]
 
     def key(self, method: str) -> str:
-        """What a built matrix/index depends on: fingerprint, shape, done mask + data version, method."""
+        """What a built matrix/index depends on: the feature set's name, fingerprint, shape, done mask and
+        data token (`set_state`), the method."""
         if method not in self.keys:
-            text = json.dumps([self.info.fingerprint, list(self.info.shape), method, FLAT_BELOW, self.done_key])
+            text = json.dumps([self.info.name, self.info.fingerprint, list(self.info.shape), method, FLAT_BELOW,
+                               self.done_key])
             self.keys[method] = hashlib.sha256(text.encode()).hexdigest()[:16]
         return self.keys[method]
 
 
 def set_state(store: Any, feature_set: str) -> SetState:
     """The feature set's `SetState`, rebuilt when its done mask or data version differs from the one
-    it was made with (both are cached by the store until ``store.refresh()``)."""
+    it was made with (both are cached by the store until ``store.refresh()``).
+
+    The data version is a random token made with the set, so it tells this store's set from any
+    other's; a set written before versions existed has none, and the store's location stands in.
+    """
     done = store.done_mask(feature_set)  # UnknownFeatureError for a bad name; cached by the store
-    version = str(store.data_version(feature_set))  # changes when done rows are written again
-    done_key = hashlib.sha256(np.packbits(done).tobytes() + f"{len(done)}/{version}".encode()).hexdigest()[:16]
+    version = store.data_version(feature_set)  # changes when done rows are written again
+    token = str(version) if version is not None else f"unversioned set of {store.location}"
+    done_key = hashlib.sha256(np.packbits(done).tobytes() + f"{len(done)}/{token}".encode()).hexdigest()[:16]
     memo = _MEMO.setdefault(store, {})
     state = memo.get(("state", feature_set))
     if state is None or state.done_key != done_key:
-        state = SetState(done_key, store.feature_info(feature_set), np.asarray(store.labels), store.classes)
+        origin = {"feature_set": feature_set, "data_version": token, "store": str(store.location)}
+        state = SetState(done_key, store.feature_info(feature_set), np.asarray(store.labels), store.classes, origin)
         memo[("state", feature_set)] = state
     return state
 
@@ -672,8 +698,9 @@ def id_file(store: Any, feature_set: str, key: str) -> np.ndarray | None:
     of building the index); None for stores of at most ``IDS_ABOVE`` clips, at URLs, or with ids that
     do not fit (longer than ``MAX_ID_BYTES`` bytes, or holding NUL).
 
-    The file is named by its sha256, checked once per process (30 MB at 1M clips); a damaged one is
-    removed with one warning line and written again.
+    The file is named by its sha256, checked once per process (30 MB at 1M clips), and ends with its
+    binding to the feature set and data version (`_search_files.check_binding`); a damaged one, or
+    one of another store or set renamed to this key, is removed with one warning line and written again.
     """
     if store.n_clips <= IDS_ABOVE:
         return None
@@ -682,17 +709,19 @@ def id_file(store: Any, feature_set: str, key: str) -> np.ndarray | None:
             return None
         for name in _files.names(folder, key, ".ids"):
             try:
-                with _files.open_checked(folder, name, store.n_clips * MAX_ID_BYTES + 4096) as f:
-                    return _files.read_ids(f, store.n_clips, MAX_ID_BYTES)
+                most = store.n_clips * MAX_ID_BYTES + 4096 + _files.BIND_MAX_BYTES
+                with _files.open_checked(folder, name, most) as f:
+                    end = _files.check_binding(f, name, set_state(store, feature_set).origin)
+                    return _files.read_ids(f, store.n_clips, MAX_ID_BYTES, end)
             except SidecarDamage as damage:
                 _warn(f"the search ids {folder.path / name} are damaged: {damage}; writing them again")
                 _files.remove(folder, name)
             except OSError:
                 continue
-        return _save_ids(folder, store, key)
+        return _save_ids(folder, store, feature_set, key)
 
 
-def _save_ids(folder: SidecarDir, store: Any, key: str) -> np.ndarray | None:
+def _save_ids(folder: SidecarDir, store: Any, feature_set: str, key: str) -> np.ndarray | None:
     """Write the ``.ids`` sidecar from the store's id column (in ``ID_BLOCK_ROWS`` blocks); the ids, or
     None when they do not fit or the file cannot be written (answers then decode id blocks)."""
     parts, step = [], max(ID_BLOCK_ROWS, store.arrays.chunk_rows("index/clip_id"))  # each chunk read once
@@ -704,7 +733,8 @@ def _save_ids(folder: SidecarDir, store: Any, key: str) -> np.ndarray | None:
         return None  # numpy's fixed-width bytes drop trailing NULs: such an id would come back cut
     ids = np.array([b for part in parts for b in part], dtype=f"S{max(1, widest)}")
     try:
-        name = _files.save(folder, key, ".ids", lambda f: np.lib.format.write_array(f, ids, allow_pickle=False))
+        name = _files.save(folder, key, ".ids", lambda f: np.lib.format.write_array(f, ids, allow_pickle=False),
+                           set_state(store, feature_set).origin)
     except OSError as err:
         _warn(f"could not keep the search ids in {folder.path}: {describe_os_error(err)}; decoding them per query")
         return None
@@ -746,7 +776,7 @@ def _cached(store: Any, feature_set: str, method: str, key: str, build: Any, reu
         t0 = time.perf_counter()
         built = build()  # outside the folder: it may open it itself for the clip matrix
         with _sidecar_folder(store, feature_set) as folder:
-            saved = _save_faiss(folder, key, built)
+            saved = _save_faiss(folder, key, built, set_state(store, feature_set).origin)
         _note(notes, f"built the faiss index of {feature_set!r} ({built.index.ntotal} clips, nlist {built.nlist}, "
                      f"nprobe {built.default_nprobe}) in {time.perf_counter() - t0:.2f} s"
                      + (f"; saved to {folder.path / saved}" if saved else ""))
@@ -772,16 +802,18 @@ def _sidecar_folder(store: Any, feature_set: str) -> Iterator[SidecarDir | None]
 def _load_faiss(folder: SidecarDir | None, store: Any, feature_set: str, key: str) -> FaissIndex | None:
     """The checked faiss sidecar of ``key``, decoded; None when there is none that is whole.
 
-    A damaged file (bytes other than its name's sha256, too large for the store, contents that are
-    not the store's done rows as unit vectors, undecodable) is removed with one warning line.
+    A damaged file (bytes other than its name's sha256, too large for the store, bound to another
+    store, feature set or data version, contents that are not the store's done rows as unit vectors,
+    undecodable) is removed with one warning line.
     """
     if folder is None:
         return None
     done = store.done_mask(feature_set)
-    dim = set_state(store, feature_set).info.feature_shape[0]
+    state = set_state(store, feature_set)
+    dim = state.info.feature_shape[0]
     for name in _files.names(folder, key, ".lists"):
         try:
-            index, lists = _files.read_lists_manifest(folder, name, done, dim)
+            index, lists = _files.read_lists_manifest(folder, name, done, dim, state.origin)
             return FaissIndex(key, index, int(index.nlist), lists)
         except SidecarDamage as damage:
             _warn(f"the search index {folder.path / name} is damaged: {damage}; rebuilding it")
@@ -793,6 +825,7 @@ def _load_faiss(folder: SidecarDir | None, store: Any, feature_set: str, key: st
     for name in _files.names(folder, key, ".faiss"):
         try:
             with _files.open_checked(folder, name, max_bytes) as f:
+                _files.check_binding(f, name, state.origin)
                 index = _files.read_faiss(f, done, dim)
             with contextlib.suppress(OSError):  # an IVF file saved before .lists manifests: give it one
                 _files.remove_others(folder, ".lists", _files.write_lists_manifest(folder, key, index, name))
@@ -805,13 +838,13 @@ def _load_faiss(folder: SidecarDir | None, store: Any, feature_set: str, key: st
     return None
 
 
-def _save_faiss(folder: SidecarDir | None, key: str, built: FaissIndex) -> str | None:
-    """Keep ``built`` in the sidecar directory and drop the other faiss files; the file's name, or
-    None when it was not written (a URL store, or a failure: one warning line)."""
+def _save_faiss(folder: SidecarDir | None, key: str, built: FaissIndex, origin: dict[str, str | None]) -> str | None:
+    """Keep ``built`` in the sidecar directory, bound to ``origin``, and drop the other faiss files;
+    the file's name, or None when it was not written (a URL store, or a failure: one warning line)."""
     if folder is None:
         return None
     try:
-        name = _files.save(folder, key, ".faiss", lambda f: _files.write_faiss(f, built.index))
+        name = _files.save(folder, key, ".faiss", lambda f: _files.write_faiss(f, built.index), origin)
         lists = _files.write_lists_manifest(folder, key, built.index, name)
     except OSError as err:
         _warn(f"could not keep the search index in {folder.path}: {describe_os_error(err)}; searching in memory")
