@@ -76,14 +76,14 @@ def project(store: Any, feature_set: str, method: str = "pca", keep: bool = True
     key = state.key(f"view-{method}" + ("-eigh" if method == "pca" else ""))  # -eigh: exact PCA (a sampled fit before)
     place = _place(store, feature_set) if keep else None
     with _folder(place) as folder:
-        found = _load(folder, key, store.done_mask(feature_set))
+        found = _load(folder, key, store.done_mask(feature_set), state.origin)
         if found is not None:
             name, rows, xy = found
             return Projection(feature_set, method, key, rows, xy, 0.0, folder.path / name)
         t0 = time.perf_counter()
         rows, xy = compute(store, feature_set, method, seed)
         seconds = time.perf_counter() - t0
-        saved = _save(folder, key, rows, xy)
+        saved = _save(folder, key, rows, xy, state.origin)
         return Projection(feature_set, method, key, rows, xy, seconds, saved)
 
 
@@ -179,15 +179,18 @@ def _folder(place: tuple[Path, list[str]] | None) -> Iterator[SidecarDir | None]
         yield folder
 
 
-def _load(folder: SidecarDir | None, key: str, done: np.ndarray) -> tuple[str, np.ndarray, np.ndarray] | None:
-    """(name, rows, xy) of the checked projection of ``key``; a damaged file is removed (and the
-    projection recomputed)."""
+def _load(folder: SidecarDir | None, key: str, done: np.ndarray,
+          origin: dict[str, str | None]) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """(name, rows, xy) of the checked projection of ``key``; a damaged file, or one bound to another
+    store, feature set or data version (copied and renamed by hand: its name's sha256 is still right),
+    is removed and the projection recomputed."""
     if folder is None:
         return None
     for name in files.names(folder, key, FILE_SUFFIX):
         try:
-            with files.open_checked(folder, name, int(done.sum()) * 16 + 4096) as f:
-                return (name, *_decode(f.read(), done))
+            with files.open_checked(folder, name, int(done.sum()) * 16 + 4096 + files.BIND_MAX_BYTES) as f:
+                end = files.check_binding(f, name, origin)
+                return (name, *_decode(f.read(end), done))
         except SidecarDamage:
             files.remove(folder, name)
         except OSError:
@@ -209,13 +212,14 @@ def _decode(data: bytes, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, xy
 
 
-def _save(folder: SidecarDir | None, key: str, rows: np.ndarray, xy: np.ndarray) -> Path | None:
+def _save(folder: SidecarDir | None, key: str, rows: np.ndarray, xy: np.ndarray,
+          origin: dict[str, str | None]) -> Path | None:
     """Keep the projection under ``key`` and drop the files of older keys; None when not written."""
     if folder is None:
         return None
     try:
         name = files.save(folder, key, FILE_SUFFIX,
-                          lambda f: np.savez(f, rows=rows.astype(np.int64), xy=xy.astype(np.float32)))
+                          lambda f: np.savez(f, rows=rows.astype(np.int64), xy=xy.astype(np.float32)), origin=origin)
     except OSError:
         return None
     files.remove_others(folder, FILE_SUFFIX, name)

@@ -658,3 +658,25 @@ def test_umap_when_umap_learn_is_installed_is_kept_beside_the_pca_map(tmp_path, 
     assert first.key != pca.key and first.kept_in.exists() and first.kept_in.parent == pca.kept_in.parent
     assert again.seconds == 0 and again.kept_in == first.kept_in
     np.testing.assert_array_equal(again.xy, first.xy)
+
+
+def test_a_projection_file_of_another_store_renamed_to_this_key_is_never_served(tmp_path, view_dataset):
+    """Its name's sha256 is right for its bytes; before the binding, the other store's coordinates
+    were drawn for this store's clips."""
+    from featurestore.viewer.projection import project
+
+    mine = build_view_store(tmp_path / "a.zarr", view_dataset)
+    other = build_view_store(tmp_path / "b.zarr", view_dataset)
+    with open_store(other, "a") as store:
+        store.write_rows(EMBED, 0, store.read_rows(EMBED, 0, store.n_clips)[::-1].copy())  # other clips' vectors
+        theirs = project(store, EMBED)
+    with open_store(mine) as store:
+        first = project(store, EMBED)
+        assert not np.allclose(first.xy, theirs.xy)
+        first.kept_in.unlink()
+        key, _, rest = theirs.kept_in.name.partition("-")
+        (first.kept_in.parent / f"{first.key}-{rest}").write_bytes(theirs.kept_in.read_bytes())
+        again = project(store, EMBED)
+    assert again.seconds > 0  # recomputed, not read
+    np.testing.assert_array_equal(again.xy, first.xy)
+    assert [p.name for p in again.kept_in.parent.iterdir()] == [again.kept_in.name]
