@@ -233,6 +233,7 @@ class StoreDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         rng = np.random.default_rng([self.seed, self.epoch])
         groups = self._read_group_plan(rng)
+        rng = self._sample_rng(rng)
         if self.cache:
             self._load_cache()
         produce = (self._build_read_group(g, rng) for g in groups)
@@ -255,6 +256,17 @@ class StoreDataset(IterableDataset):
         if worker is not None:
             groups = groups[worker.id::worker.num_workers]
         return groups
+
+    def _sample_rng(self, rng: np.random.Generator) -> np.random.Generator:
+        """The generator of the in-group shuffles: ``rng`` itself (continued after the block order) in one
+        process; in a DataLoader worker one of its own, seeded by ``(seed, epoch, worker id)``.
+
+        Why: every worker shares the block order (so each takes its own share of it), but with the shared
+        generator each worker then left it in the same state, and shuffled its first, second, ... read
+        group by the very same permutation as every other worker did its own.
+        """
+        worker = get_worker_info()
+        return rng if worker is None else np.random.default_rng([self.seed, self.epoch, worker.id])
 
     def _build_read_group(self, blocks: list[tuple[int, int, np.ndarray]],
                           rng: np.random.Generator) -> _ReadGroup:
@@ -500,7 +512,10 @@ class WorkerLoader:
     """A `StoreDataset` read by DataLoader worker processes, keeping ``set_epoch``/``level``/``len``.
 
     Each worker reopens the store and builds every ``num_workers``-th read group; batches arrive in
-    round-robin order, which is deterministic for a given ``num_workers``. Each worker cuts its own
+    round-robin order, which is deterministic for a given ``num_workers``. Each worker shuffles inside its
+    read groups with a generator of its own, seeded by ``(seed, epoch, worker id)``, and torch seeds its
+    global generators (torch, random, numpy.random) with a draw of a generator seeded by ``(seed, epoch)``
+    (the epoch its workers start in), plus the worker id: distinct per worker, the same on a rerun. Each worker cuts its own
     read groups into batches, so an epoch ends with up to one short batch per worker (with
     ``drop_last``: those samples are dropped, so up to ``num_workers - 1`` batches fewer than
     ``len``, which stays the single-process count).
@@ -536,9 +551,13 @@ class WorkerLoader:
         from torch.utils.data import DataLoader
 
         if self._loader is None or not self.persistent_workers:
+            # torch seeds each worker's torch, random and numpy.random with a draw of this generator + the worker
+            # id; unseeded, that draw was a fresh random one per loader (no rerun of a seeded run drew alike)
+            seed = int(np.random.default_rng([self.dataset.seed, self.dataset.epoch]).integers(2**62))
+            generator = torch.Generator().manual_seed(seed)
             self._loader = DataLoader(_EpochFollower(self.dataset, self._epoch), batch_size=None,
                                       num_workers=self.num_workers, collate_fn=_unchanged, pin_memory=self.pin_memory,
-                                      persistent_workers=self.persistent_workers)
+                                      persistent_workers=self.persistent_workers, generator=generator)
         return iter_loader(self._loader)  # workers deaf to Ctrl-C; a Ctrl-C never lands mid-batch
 
     def close(self) -> None:

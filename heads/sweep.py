@@ -15,7 +15,8 @@ Layout of a sweep directory::
     DIR/best                         symlink to the best configuration's directory (by ``metric``)
     DIR/best.json                    that configuration, its metric mean/std and its run directories
 
-``<config>`` spells the swept values (``lr=0.01,hidden=32x64``), so adding a value to the grid and
+``<config>`` spells the swept values (``lr=0.01,hidden=32x64``; training fields, then head fields, each
+sorted by name), so adding a value to the grid and
 rerunning trains only the new configurations. Everything runs under the lock ``DIR.lock``, so two
 sweeps never share a directory. The small heads' trials share one read of the store (`SharedReads`):
 each row is read once per sweep, not once per trial and epoch, bit for bit as if alone. Unfinished
@@ -26,10 +27,12 @@ itself; trials of a killed stacked group resume stacked, those at the same commi
 the rest (a trial alone at its epoch, finished trials) run one after another in a fixed order
 (configuration-major, then seed).
 
-Random search (``ranges`` with ``samples`` N) draws N configurations from ``numpy``'s generator seeded
-by ``sample_seed``, so a rerun draws the same ones (and resumes them); drawn floats are rounded to 3
-significant digits, so a configuration's name is its exact value. The drawn configurations are
-crossed with the grid's.
+Random search (``ranges`` with ``samples`` N) draws N distinct configurations from ``numpy``'s generator
+seeded by ``sample_seed``, the ranges in the order of their names, so a rerun draws the same ones (and
+resumes them) whatever the order of its flags; a repeated draw is drawn again, and ranges holding fewer
+than N configurations are refused. Drawn floats are rounded to 3 significant digits, so a configuration's
+name is its exact value. The drawn configurations are crossed with the grid's. A name spells training
+fields first, then head fields, each sorted by name (not in the order of the flags).
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ HIGHER_IS_BETTER = {"val_accuracy": True, "val_logloss": False, "loss": False}
 FIXED_FIELDS = ("head", "features", "store", "out", "seed", "head_config", "device", "progress", "num_workers",
                 "cache")
 RANGE_KINDS = ("log", "lin", "int")
+NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs, APFS): a configuration's directory name must fit
 
 
 class SweepError(ConfigError):
@@ -83,6 +87,13 @@ class Range:
         else:
             value = rng.uniform(self.low, self.high)
         return self.rounded(value)
+
+    def size(self) -> int | None:
+        """How many distinct values the range can draw, where few: an ``int`` range's integers, a range of one
+        value; None for a float range (thousands of 3-digit values or more)."""
+        if self.kind == "int":
+            return int(self.high) - int(self.low) + 1
+        return 1 if self.low == self.high else None
 
     def rounded(self, value: float) -> float:
         """``value`` to 3 significant digits (a directory name that is its exact value), with more digits where
@@ -189,8 +200,15 @@ def parse_grid(head: str, items: Iterable[str]) -> tuple[dict[str, list[Any]], d
 
 
 def parse_range(head: str, key: str, raw: str) -> Range:
-    """``log:1e-4:1e-1`` / ``lin:0.1:0.9`` / ``int:16:128`` as a Range whose ends are valid values of ``key``."""
-    kind, low_text, high_text = raw.split(":")
+    """``log:1e-4:1e-1`` / ``lin:0.1:0.9`` / ``int:16:128`` as a Range whose ends are valid values of ``key``.
+
+    The kind is checked here, not only by `parse_grid`: a Python caller's ``ranges={"lr": "lgo:1e-4:1e-1"}``
+    drew uniformly (any kind but int and log did), and ``"log:1e-4"`` was a bare unpacking error.
+    """
+    parts = raw.split(":")
+    if len(parts) != 3 or parts[0] not in RANGE_KINDS:
+        raise SweepError(f"--grid {key}={raw}: a range is KIND:LOW:HIGH with KIND one of {', '.join(RANGE_KINDS)}")
+    kind, low_text, high_text = parts
     try:
         low, high = float(low_text), float(high_text)
     except ValueError:
@@ -266,6 +284,9 @@ def configurations(grid: Mapping[str, Sequence[Any]], ranges: Mapping[str, Range
                    samples: int = 0, sample_seed: int = 0) -> list[dict[str, Any]]:
     """The swept values of each configuration: the grid's product, crossed with ``samples`` draws of the ranges."""
     ranges = dict(ranges or {})
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        # a Python caller's samples=2.5 was a bare TypeError from range(), samples=True one draw
+        raise SweepError(f"--samples must be an integer >= 0, got {samples!r}")
     if ranges and samples < 1:
         raise SweepError(f"--grid ranges ({', '.join(ranges)}) need --samples N (how many configurations to draw)")
     if samples and not ranges:
@@ -276,13 +297,41 @@ def configurations(grid: Mapping[str, Sequence[Any]], ranges: Mapping[str, Range
     keys = list(grid)
     combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     if ranges:
-        rng = np.random.default_rng(sample_seed)
-        drawn = [{k: r.draw(rng) for k, r in ranges.items()} for _ in range(samples)]
+        drawn = draw_distinct(ranges, samples, sample_seed)
         combos = [{**c, **d} for c in combos for d in drawn]
     unique: dict[str, dict[str, Any]] = {}
     for combo in combos:  # a value listed twice (or drawn twice) is one configuration
         unique.setdefault(json.dumps(combo, sort_keys=True), combo)
     return list(unique.values())
+
+
+def draw_distinct(ranges: Mapping[str, Range], samples: int, sample_seed: int) -> list[dict[str, Any]]:
+    """``samples`` distinct draws of ``ranges``, each range drawn in the order of the keys' names.
+
+    Why distinct: a draw that repeated an earlier one (``int:1:4`` draws 4 values, and small float ranges
+    round to few 3-digit values) was one configuration less than asked, without a word; a repeat is drawn
+    again, and a space smaller than ``samples`` is refused. Why sorted keys: drawing in the order the flags
+    were given drew other values for ``--grid lr=... --grid momentum=...`` than for the flags swapped, so a
+    resumed sweep did not find its trials. Draws that repeat nothing, of one range or of ranges given in
+    the order of their names, are the draws of earlier versions.
+    """
+    sizes = [r.size() for r in ranges.values()]
+    space = math.prod(sizes) if None not in sizes else None  # type: ignore[arg-type]
+    spelled = ", ".join(f"{k}={r.kind}:{r.low:g}:{r.high:g}" for k, r in sorted(ranges.items()))
+    if space is not None and space < samples:
+        raise SweepError(f"--samples {samples}: the ranges hold only {space} distinct configuration(s) ({spelled}); "
+                         f"ask for at most {space}, or give the values as a grid")
+    rng = np.random.default_rng(sample_seed)
+    drawn: dict[str, dict[str, Any]] = {}
+    tries = 100 * samples + 1000
+    for _ in range(tries):
+        draw = {k: ranges[k].draw(rng) for k in sorted(ranges)}
+        drawn.setdefault(json.dumps(draw, sort_keys=True), draw)
+        if len(drawn) == samples:
+            return list(drawn.values())
+    raise SweepError(f"--samples {samples}: {tries} draws of the ranges gave only {len(drawn)} distinct "
+                     f"configuration(s) ({spelled}; values are rounded to 3 significant digits); ask for fewer "
+                     f"or widen the ranges")
 
 
 def config_name(values: Mapping[str, Any]) -> str:
@@ -303,7 +352,11 @@ def make_trials(base: TrainConfig, configs: list[dict[str, Any]], seeds: Sequenc
     names: dict[str, str] = {}
     trials = []
     for values in configs:
+        values = in_name_order(values, head_fields)
         name = config_name(values)
+        if len(name.encode()) > NAME_MAX:  # failed at that trial's mkdir, after the trials before it had trained
+            raise SweepError(f"configuration {name[:40]}...: its directory name is {len(name.encode())} bytes, more "
+                             f"than a file name may have ({NAME_MAX}); sweep fewer keys at once or shorter values")
         key = json.dumps(values, sort_keys=True)
         if names.setdefault(name, key) != key:
             raise SweepError(f"two configurations have the same directory name {name!r}: {names[name]} and {key}")
@@ -314,6 +367,38 @@ def make_trials(base: TrainConfig, configs: list[dict[str, Any]], seeds: Sequenc
                       "head_config": {**base.head_config, **head_values}}
             trials.append(Trial(name, seed, values, TrainConfig(**fields)))
     return trials
+
+
+def in_name_order(values: Mapping[str, Any], head_fields: set[str]) -> dict[str, Any]:
+    """``values`` with training fields first, then head fields, each sorted by name: the order of the
+    configuration's name.
+
+    Why: the name followed the order of the ``--grid`` flags, so a sweep resumed with its flags in another
+    order named every configuration anew and trained them all again beside the finished ones. This order
+    keeps the names of sweeps given in it (``lr=0.01,hidden=32``, ``lr=0.1,l2_normalize=True``).
+    """
+    train = sorted(k for k in values if k not in head_fields or k in field_names(TrainConfig))
+    head = sorted(k for k in values if k not in train)
+    return {k: values[k] for k in (*train, *head)}
+
+
+def _refuse_configurations_named_otherwise(out: Path, trials: list[Trial]) -> None:
+    """Refuse a rerun whose configurations an earlier sweep in ``out`` trained under other names.
+
+    Why: names once followed the order of the ``--grid`` flags (``hidden=32,lr=0.1``); such a sweep rerun
+    now names them ``lr=0.1,hidden=32``, and would train every trial again beside the finished ones.
+    """
+    try:
+        earlier = json.loads((out / "sweep.json").read_text()).get("trials", [])
+        named = {json.dumps(t["values"], sort_keys=True): t["config"] for t in earlier}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return
+    for trial in trials:
+        old = named.get(json.dumps(trial.values, sort_keys=True))
+        if old is not None and old != trial.config and (out / old).is_dir() and not (out / trial.config).exists():
+            raise SweepError(f"{out / old} holds configuration {trial.config!r} under the name an earlier version "
+                             f"gave it (in the order of the --grid flags): rename it (mv {out / old} "
+                             f"{out / trial.config}) to resume it, or choose another --out")
 
 
 def _check_out(out: Path, store: Any, base: TrainConfig) -> None:
@@ -453,7 +538,8 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
             CPU core, at most one per such trial; 1: one after another in this process).
 
     Raises:
-        SweepError / ConfigError: a bad grid, range, seed or metric (before any training).
+        SweepError / ConfigError: a bad grid, range, seed or metric, a validation metric without a validation
+            split, more samples than the ranges hold (before any training).
         StoreLockedError: another sweep works in ``out``.
     """
     from heads.train import run_lock, train
@@ -464,13 +550,15 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
         raise SweepError(f"--jobs must be an integer >= 1, got {jobs}")
     out = Path(out if out is not None else base.out)
     seeds = check_seeds(seeds) if seeds is not None else [base.seed]
-    ranges = {k: (parse_range(base.head, k, r) if isinstance(r, str) else r) for k, r in (ranges or {}).items()}
+    ranges = {k: parse_range(base.head, k, r if isinstance(r, str) else f"{r.kind}:{r.low!r}:{r.high!r}")
+              for k, r in (ranges or {}).items()}  # a Range made in Python is checked as a string is
     grid = {key: distinct_values(base.head, key, values) for key, values in (grid or {}).items()}
     for key in ranges:
         _field_owner(base.head, key)
         if key in grid:  # the draws replaced the grid's values of ``key`` without a word
             raise SweepError(f"grid {key}: given both as grid values and as a range; give one")
     trials = make_trials(base, configurations(grid, ranges, samples, sample_seed), seeds, out)
+    _check_metric(metric, trials)
     _check_out(out, store, base)
     _check_best_is_ours(out)
     with run_lock(out), _opened(store, base) as opened:
@@ -478,8 +566,10 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
             _refuse_shared_val_clips(trials, opened)
             if not overwrite:
                 _refuse_trials_of_other_data(trials, opened)
+        _refuse_swept_validation_split(metric, trials)  # after the shared clips: that is the worse fault to name
         if not overwrite:
             _refuse_trials_past_their_epochs(trials)
+            _refuse_configurations_named_otherwise(out, trials)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "sweep.json", _describe(base, grid or {}, ranges, samples, sample_seed, seeds, metric, trials))
         trained, per_trial = 0, []
@@ -504,6 +594,27 @@ def sweep(base: TrainConfig, grid: Mapping[str, Sequence[Any]] | None = None, *,
         best = pick_best(rows, metric, out)
         _write_outputs(out, rows, best, metric)
     return SweepResult(out, metric, trials, rows, best, trained, per_trial)
+
+
+def _check_metric(metric: str, trials: list[Trial]) -> None:
+    """Refuse a validation metric for trials without a validation split: no trial had it, so the sweep
+    trained everything and ended with no best configuration, without a word."""
+    if not metric.startswith("val_"):
+        return
+    without = [t for t in trials if t.cfg.val_split is None]
+    if without:
+        raise SweepError(f"--metric {metric} needs a validation split, and {len(without)} trial(s) have none (e.g. "
+                         f"{without[0].run_dir}): give --val-split, or --metric loss (the training loss)")
+
+
+def _refuse_swept_validation_split(metric: str, trials: list[Trial]) -> None:
+    """Refuse a validation metric when the trials are validated on different splits: 'best' compared means
+    taken over other clips (``--grid val_split=fold1_evaluate,fold2_evaluate`` picked the configuration with
+    the easier split), without a word. ``--metric loss`` (the training loss) does not read the split."""
+    splits = sorted({str(t.cfg.val_split) for t in trials})
+    if metric.startswith("val_") and len(splits) > 1:
+        raise SweepError(f"--metric {metric} compares configurations validated on different splits "
+                         f"({', '.join(splits)}): sweep one --val-split at a time, or use --metric loss")
 
 
 def _train_stacked_groups(trials: list[Trial], shared: SharedReads, overwrite: bool) -> dict[int, Any]:

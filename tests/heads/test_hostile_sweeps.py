@@ -143,7 +143,7 @@ def test_values_equal_as_their_fields_type_are_one_configuration(tiny_store_path
     out = tmp_path / "sw"
     result = heads.sweep(base, {"weight_decay": [0, 0.0], "lr": [0.1, 0.1]}, seeds=[0], out=out)
     assert len(result.trials) == 1 and len(result.rows) == 1 and result.trained == 1
-    assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.is_symlink()) == ["weight_decay=0,lr=0.1"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.is_symlink()) == ["lr=0.1,weight_decay=0"]
 
 
 @pytest.mark.parametrize("extra, trial", [
@@ -205,14 +205,15 @@ def test_a_rerun_asking_fewer_epochs_than_trials_have_done_is_refused_not_tabled
 
 
 def test_a_sweep_without_a_best_removes_the_best_an_earlier_sweep_left(tiny_store_path, tmp_path):
-    """Before: rerun with ``--overwrite`` and no validation split (no configuration has val_accuracy), the table
-    had no best, but best.json still named lr=0.1 with the earlier mean accuracy and 'best' still led to it."""
+    """Before: rerun with ``--overwrite`` and no epoch trained (no configuration has val_accuracy), the table
+    had no best, but best.json still named lr=0.1 with the earlier mean accuracy and 'best' still led to it.
+    (A sweep without a validation split is now refused for a ``val_*`` metric, so ``epochs=0`` gets there.)"""
     base = TrainConfig(head="linear", features=[FEATURE], train_split="train", val_split="val", epochs=1,
                        batch_size=16, progress=False, store=str(tiny_store_path))
     out = tmp_path / "sw"
     assert heads.sweep(base, {"lr": [0.1, 0.01]}, seeds=[0], out=out).best is not None
     assert (out / "best.json").is_file() and (out / "best").is_symlink()
-    base.val_split = None
+    base.epochs = 0
     result = heads.sweep(base, {"lr": [0.1, 0.01]}, seeds=[0], out=out, overwrite=True)
     assert result.best is None and json.loads((out / "results.json").read_text())["best"] is None
     assert not (out / "best.json").exists() and not (out / "best").is_symlink()
