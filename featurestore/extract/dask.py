@@ -13,14 +13,17 @@ encoder that cannot be built there or gives another fingerprint) returns a ``Tas
 driver raises as one ``ExtractionStopped`` line naming the worker. Ctrl-C, or any task's error, sets
 the run's stop ``Event``: running tasks stop after their current batch (writing what they
 finished) and the driver waits for them before it returns, so no task writes into the store after
-the run released its lock. After the run the driver checks that every row the tasks reported done is
+the run released its lock. A task the scheduler gave up (its driver killed or disconnected) stops
+the same way. After the run the driver counts the rows written from the store (``read_back``: a
+retried task's killed attempt wrote some of them) and checks that every row the tasks reported done is
 done in its own store (``check_written``: workers that wrote into a copy of the store are an error).
 
 ``scheduler`` may be an address, ``"local:N"`` (a LocalCluster of N single-threaded processes started
 for the run), a cluster or a client. An address is checked with a bounded wait before the store is
 created: one line (``SchedulerError``) when nothing there greets like a Dask scheduler, or when the
 scheduler has no worker. A task lost to dead workers (``KilledWorker``) does not stop the others;
-its rows still not done are reported as failed clips, and a rerun extracts them.
+its rows still not done are reported as failed clips, and a rerun extracts them. The plan reaches
+the workers as a task's result, computed again if every worker holding it dies.
 
 Dask worker processes are daemonic and cannot start DataLoader workers, so within a task decoding
 is not overlapped with encoding; the parallelism is the cluster's (one task per worker thread),
@@ -34,7 +37,9 @@ import struct
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -129,7 +134,8 @@ STOP_WAIT_S = 120.0
 
 class _StopFlag:
     """The driver's stop request as a task sees it: the run's ``distributed.Event``, asked at most
-    every ``STOP_CHECK_S`` seconds while the pipeline runs."""
+    every ``STOP_CHECK_S`` seconds while the pipeline runs, or the scheduler having given up the task
+    (``_cancelled_here``)."""
 
     def __init__(self, name: str | None):
         self.name, self.event, self.last = name, None, float("-inf")
@@ -141,7 +147,7 @@ class _StopFlag:
             from distributed import Event, get_client
 
             self.event = Event(self.name, client=get_client())
-        return bool(self.event.is_set())
+        return bool(self.event.is_set()) or _cancelled_here()
 
     def check(self, _clips: int = 0) -> None:
         """``run_blocks``' progress callback: raise ``_StopRequested`` once the driver asked to stop."""
@@ -150,6 +156,19 @@ class _StopFlag:
             self.last = now
             if self.is_set():
                 raise _StopRequested()
+
+
+def _cancelled_here() -> bool:
+    """Whether the scheduler gave up the task running in this thread: its driver died or lost its
+    connection (killed, its terminal closed), so the futures were released, or the driver cancelled
+    it after ``stop_tasks`` waited in vain. Dask lets a running task run on ("cancelled" on its worker):
+    it went on writing into the store for the rest of its blocks, with no lock held, beside the tasks of
+    a rerun writing the same shards."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    task = worker.state.tasks.get(worker.get_current_task())
+    return task is None or task.state == "cancelled"
 
 
 def _worker_address() -> str:
@@ -477,50 +496,91 @@ def run_distributed(plan: Plan, store_ref: StoreRef, client, device: str,
     Raises:
         ExtractionStopped: a worker could not run its task (the store or an encoder, named).
     """
-    from distributed import Event, KilledWorker, as_completed
-
-    from featurestore.extract.pipeline import RunStats
+    from distributed import Event
 
     if store_ref.backend == "hdf5":
         raise hdf5_with_dask(store_ref.location)
     check_blocks_aligned(plan)
     threads = sum(client.nthreads().values()) or 1
     groups = group_blocks(plan.blocks(), threads * TASKS_PER_THREAD)
-    light = replace(plan, targets=[replace(t, encoder=None) for t in plan.targets])
-    shared = client.scatter(light, broadcast=True)
-    need = plan.needed_any()
     stop = Event(f"featurestore-extract-stop-{uuid.uuid4().hex}", client=client)
-    futures = {client.submit(run_task, shared, store_ref, group, device, stop.name, pure=False): group
-               for group in groups}
-    stats, lost = RunStats(), []
-    try:
-        for future in as_completed(futures):
-            planned = int(sum(need[a:b].sum() for a, b in futures[future]))
-            try:
-                result = future.result()
-            except KilledWorker as err:
-                lost.append((futures[future], err))
-            else:
-                if isinstance(result, TaskRefused):
-                    raise ExtractionStopped(f"{result.message}; the clips finished before are kept in "
-                                            f"{store_ref.location}, rerun to resume once fixed")
-                # a retry skips the rows its killed attempt finished, which this run did extract
-                result.clips = planned
-                stats.merge(result)
-            if on_progress is not None:
-                on_progress(planned)
+    pending: dict = {}  # future -> its blocks, until its result is read
+    try:  # a Ctrl-C while tasks are submitted stops those already submitted too
+        shared = _shared_plan(client, plan)
+        for group in groups:
+            pending[client.submit(run_task, shared, store_ref, group, device, stop.name, pure=False)] = group
+        stats, lost = _collect(plan, store_ref, pending, on_progress)
     except BaseException:
-        stop_tasks(client, stop, list(futures))
+        stop_tasks(client, stop, list(pending))
         raise
-    if lost:
-        stats.merge(lost_task_stats(plan, store_ref, lost))
+    stats.merge(read_back(plan, store_ref, lost))
     where = "local cluster" if type(getattr(client, "cluster", None)).__name__ == "LocalCluster" else "cluster"
     return stats, f"dask ({len(client.nthreads())} workers, {threads} threads, device {device}; {where})"
 
 
+def _identity(value: object) -> object:
+    return value
+
+
+def _shared_plan(client, plan: Plan):
+    """``plan`` without its encoders, as the result of a task that every extraction task depends on.
+
+    Not scattered: scattered data lives only on the workers, so when every worker holding it had died
+    (the worker of a one-worker cluster killed once) Dask cancelled every task ("already forgotten")
+    and the run ended in a traceback. A task's result is computed again from the plan the scheduler
+    keeps. Dask's warning about a large graph is for data sent with many tasks; this is sent once."""
+    light = replace(plan, targets=[replace(t, encoder=None) for t in plan.targets])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        return client.submit(_identity, light, pure=False)
+
+
+def _collect(plan: Plan, store_ref: StoreRef, pending: dict,
+             on_progress: Callable[[int], None] | None) -> tuple[RunStats, list]:
+    """The tasks' results as they come, merged, and the tasks lost to dead workers with their blocks.
+
+    A task cancelled by someone else (the connection to the scheduler lost: Dask cancels every
+    future; another client) is one ``ExtractionStopped`` line: it was a two-line traceback.
+    Each future is released once read (removed from ``pending``): a future still held is a result
+    Dask computes again when the worker that kept it dies, a task the driver neither counts nor waits
+    for (it re-extracted the run's failed clips, and could write after the run had ended).
+    """
+    from distributed import KilledWorker, as_completed
+
+    from featurestore.extract.pipeline import RunStats
+
+    need = plan.needed_any()
+    stats, lost = RunStats(), []
+    for future in as_completed(list(pending)):
+        blocks = pending[future]
+        planned = int(sum(need[a:b].sum() for a, b in blocks))
+        try:
+            result = future.result()
+        except KilledWorker as err:
+            lost.append((blocks, err))
+        except CancelledError as err:  # not by this run: the scheduler lost, or another client cancelled it
+            raise ExtractionStopped(f"Dask cancelled the task of rows {blocks[0][0]}-{blocks[-1][1] - 1} "
+                                    f"({_one_line(err)}); the clips finished before are kept in "
+                                    f"{store_ref.location}, rerun to resume once the cluster is back") from None
+        else:
+            if isinstance(result, TaskRefused):
+                raise ExtractionStopped(f"{result.message}; the clips finished before are kept in "
+                                        f"{store_ref.location}, rerun to resume once fixed")
+            # a retry skips the rows its killed attempt finished, which this run did extract:
+            # clips count whole, and rows written are counted from the store (``read_back``)
+            result.clips, result.written = planned, {}
+            stats.merge(result)
+        del pending[future]
+        future.release()
+        if on_progress is not None:
+            on_progress(planned)
+    return stats, lost
+
+
 def stop_tasks(client, stop, futures: list, wait_s: float = STOP_WAIT_S) -> None:
     """Ask the run's tasks to stop (``stop``, the Event they poll) and wait for them, at most
-    ``wait_s`` seconds (a second Ctrl-C stops waiting), then cancel what is left.
+    ``wait_s`` seconds (a second Ctrl-C stops waiting), then cancel what is left (a running task
+    cancelled stops after its current batch too: ``_cancelled_here``).
 
     Cancelling alone forgets a running task on the scheduler but not on its worker: the task went on
     writing into the store after the run had returned, counted what was kept and released the lock,
@@ -555,27 +615,30 @@ def check_written(plan: Plan, store, stats: RunStats) -> None:
                                     f"into another store at that location; {_SAME_LOCATION}")
 
 
-def lost_task_stats(plan: Plan, store_ref: StoreRef, lost: list[tuple[list[tuple[int, int]], Exception]]) -> RunStats:
-    """What tasks whose worker died left behind, read back from the store: rows they finished count as
-    written, rows still not done as failed (the next run extracts them)."""
+def read_back(plan: Plan, store_ref: StoreRef, lost: list[tuple[list[tuple[int, int]], Exception]]) -> RunStats:
+    """What the run left in the store, read back once every task has ended: the rows it wrote per
+    feature set (rows to do that are now done: those a killed attempt wrote before its retry skipped
+    them count once, as in a local run's summary, which a task's own count cannot) and what the tasks
+    lost to dead workers (``lost``) left behind: their clips, and their rows still not done as failed
+    (the next run extracts them)."""
     from featurestore.extract.pipeline import RunStats
     from featurestore.store import open_store
 
     stats = RunStats()
     with open_store(store_ref.location, "r", backend=store_ref.backend,
                     storage_options=store_ref.storage_options) as store:
-        for blocks, err in lost:
-            in_task = np.zeros(plan.n_rows, dtype=bool)
-            for a, b in blocks:
-                in_task[a:b] = True
-            stats.clips += int((in_task & plan.needed_any()).sum())
-            message = (f"Dask worker died while extracting rows {blocks[0][0]}-{blocks[-1][1] - 1} "
-                       f"({type(err).__name__}); a rerun extracts them")
-            for target in plan.targets:
-                todo = in_task & target.todo
-                done = store.done_mask(target.name, refresh=True)
-                stats.written[target.name] = stats.written.get(target.name, 0) + int((todo & done).sum())
-                missing = np.flatnonzero(todo & ~done)
-                if len(missing):
-                    stats.failed.setdefault(target.name, {}).update({int(r): message for r in missing})
+        done = {t.name: store.done_mask(t.name, refresh=True) for t in plan.targets}
+    for target in plan.targets:
+        stats.written[target.name] = int((target.todo & done[target.name]).sum())
+    for blocks, err in lost:
+        in_task = np.zeros(plan.n_rows, dtype=bool)
+        for a, b in blocks:
+            in_task[a:b] = True
+        stats.clips += int((in_task & plan.needed_any()).sum())
+        message = (f"Dask worker died while extracting rows {blocks[0][0]}-{blocks[-1][1] - 1} "
+                   f"({type(err).__name__}); a rerun extracts them")
+        for target in plan.targets:
+            missing = np.flatnonzero(in_task & target.todo & ~done[target.name])
+            if len(missing):
+                stats.failed.setdefault(target.name, {}).update({int(r): message for r in missing})
     return stats

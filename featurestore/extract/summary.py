@@ -19,7 +19,8 @@ class FeatureSetSummary:
     Attributes:
         name: feature set name.
         encoder: the encoder spec (weights included).
-        written: clips newly written.
+        written: clips this run wrote, each once (a Dask run counts them from the store, so the rows
+            a killed task's first attempt wrote before its retry skipped them count too).
         skipped: selected clips that were already done.
         failed: clips that failed in this run.
         random_weights: the encoder ran with randomly initialised weights.
