@@ -4,7 +4,8 @@ Every file goes through `featurestore.atomic_files` (a temp name beside it, then
 run killed mid-write, or stopped by a full disk or a file-size limit, leaves the previous checkpoint
 intact; a write that fails is an `OutputWriteError` naming the file. Files follow the process's
 umask (safetensors' own ``save_file`` makes them 0600, which hides a run from a teammate).
-``state.json`` is written last and is the commit point of an epoch. Weights that are not finite are
+``state.json`` is the commit point of an epoch (only ``best.safetensors``, a copy of the committed
+checkpoint, follows it). Weights that are not finite are
 never written: a NaN model is refused here whatever asked for it (`weights_bytes` checks every tensor
 once, with one read-back for all of them, and the trainer writes the same bytes as the epoch's
 checkpoint and as the best weights).
@@ -56,8 +57,37 @@ def read_json_object(path: Path, required: Mapping[str, type | tuple[type, ...]]
     return data
 
 
+#: ``state.json`` keys read on resume and load, with their types (an epoch > 0 also needs its files).
+STATE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "epoch": int, "best_epoch": (int, type(None)), "best_val_accuracy": (int, float, type(None)),
+    "best_val_logloss": (int, float, type(None)), "finished": (bool, type(None)),
+}
+
+
+def read_state(path: Path) -> dict:
+    """A run's ``state.json``, checked to hold what resuming and loading read, of the right kinds.
+
+    An edited or foreign file was an ``AttributeError``/``TypeError``/``KeyError`` deep in the
+    trainer; now it is one `CheckpointError` naming the file and the key.
+    """
+    state = read_json_object(path, {k: v for k, v in STATE_KEYS.items() if k == "epoch"})
+    for key, kinds in {**STATE_KEYS, "checkpoint": str, "optimizer": str}.items():
+        wrong = key in state and (not isinstance(state[key], kinds) or (kinds is int and isinstance(state[key], bool)))
+        if wrong:
+            raise CheckpointError(f"{path}: {key!r} should be {_kind_names(kinds)}, found {state[key]!r:.80}")
+    if state["epoch"] < 0:
+        raise CheckpointError(f"{path}: 'epoch' should be >= 0, found {state['epoch']}")
+    missing = [k for k in ("checkpoint", "optimizer") if state["epoch"] > 0 and k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: epoch {state['epoch']} is committed but {' and '.join(map(repr, missing))} "
+                              f"{'is' if len(missing) == 1 else 'are'} missing; the run's files are damaged: "
+                              f"train the run again (--overwrite)")
+    return state
+
+
 def _kind_names(kinds: type | tuple[type, ...]) -> str:
-    names = {str: "a string", dict: "an object", list: "a list", int: "an integer", type(None): "null"}
+    names = {str: "a string", dict: "an object", list: "a list", int: "an integer", float: "a number",
+             bool: "true or false", type(None): "null"}
     return " or ".join(names.get(k, k.__name__) for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
 
 
@@ -112,14 +142,29 @@ def _all_finite(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(state_dict, metadata)`` of a safetensors file."""
+    """``(state_dict, metadata)`` of a safetensors file, refused when a tensor is not finite.
+
+    The trainer never writes NaN, but a file from elsewhere (or of a run whose ``state.json`` is
+    gone, so no hash is compared) may hold it: loaded, it predicted NaN for every clip, or resumed
+    training from NaN and was reported as a divergence of the next epoch.
+
+    Raises:
+        CheckpointError: not a readable safetensors file.
+        NonFiniteWeightsError: a tensor holds NaN or infinity (a failure, as training's divergence is).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+            tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
     except Exception as err:  # noqa: BLE001 - safetensors' own errors do not name the file
         raise _unreadable(path, err) from None
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise NonFiniteWeightsError(f"checkpoint {str(path)!r} holds NaN or infinity in tensor(s) "
+                                    f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; the trainer never writes "
+                                    f"such weights: the file is damaged or not a trained run's", bad)
+    return tensors, metadata
 
 
 class CheckpointError(ValueError):

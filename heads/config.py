@@ -13,7 +13,10 @@ from featurestore.typed_config import field_names, load_data, parse_field, repea
 from heads.losses import LOSSES
 
 # Fields that may change between an interrupted run and its resumption without changing its result.
-RESUMABLE_FIELDS = ("epochs", "device", "progress", "num_workers", "store", "out", "cache")
+RESUMABLE_FIELDS = ("epochs", "device", "progress", "store", "out", "cache")
+# Fields that set a run's data order (worker processes each shuffle their own share, seeded by worker id,
+# and drop their own short batch): a resume must keep them, a finished run is the same run whatever they are.
+ORDER_FIELDS = ("num_workers",)
 
 # Field types with their ranges, shared with the heads' configs (`heads.embedding_mlp`, ...).
 Name = Annotated[str, Field(min_length=1)]  # a head, feature set, split, path or device: never empty

@@ -17,6 +17,10 @@ from heads._registry import Head
 EPS = 1e-15
 
 
+class NonFiniteOutputError(ValueError):
+    """The head gave NaN or infinite probabilities for some clips (finite inputs, weights that overflow)."""
+
+
 @dataclass
 class ClipOutputs:
     """Probabilities of a batch of clips: ``probs [B, n_segments, n_classes]`` for store ``rows``."""
@@ -51,6 +55,10 @@ def evaluate(head: Head, loader: Iterable, device: torch.device) -> dict[str, fl
 
     The loader may be clip level (``loader.level == "clip"``) or segment level; segment-level samples
     are grouped by their store row, so either gives the same clip metrics.
+
+    Raises:
+        NonFiniteOutputError: probabilities hold NaN or infinity (argmax of NaN is class 0: the
+            accuracy of such a head was the share of class-0 clips, and it could be chosen as best).
     """
     clip_level = getattr(loader, "level", "segment") == "clip"
     outputs = clip_outputs if clip_level else segment_outputs
@@ -64,13 +72,21 @@ def evaluate(head: Head, loader: Iterable, device: torch.device) -> dict[str, fl
         counts.append(np.full(len(out.rows), out.probs.shape[1]))
     if not rows:
         raise ValueError("the validation loader produced no samples (empty split?)")
-    return clip_metrics(np.concatenate(rows), np.concatenate(labels), np.concatenate(sums),
-                        np.concatenate(counts), seg_hits / max(1, seg_total))
+    all_rows, all_sums = np.concatenate(rows), np.concatenate(sums)
+    _check_finite(all_rows, all_sums)
+    return clip_metrics(all_rows, np.concatenate(labels), all_sums, np.concatenate(counts),
+                        seg_hits / max(1, seg_total))
 
 
 def clip_metrics(rows: np.ndarray, labels: np.ndarray, prob_sums: np.ndarray, counts: np.ndarray,
                  segment_accuracy: float) -> dict[str, float]:
-    """Group per-sample probability sums by clip row, average, and score."""
+    """Group per-sample probability sums by clip row, average, and score.
+
+    Raises:
+        ValueError: a label is not a class index (an unlabelled clip's -1 was scored against the last
+            class, silently).
+    """
+    _check_labels(rows, labels, prob_sums.shape[1])
     uniq, inverse = np.unique(rows, return_inverse=True)
     total = np.zeros((len(uniq), prob_sums.shape[1]))
     n = np.zeros(len(uniq))
@@ -86,3 +102,20 @@ def clip_metrics(rows: np.ndarray, labels: np.ndarray, prob_sums: np.ndarray, co
         "val_segment_accuracy": float(segment_accuracy),
         "val_clips": int(len(uniq)),
     }
+
+
+def _check_labels(rows: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+    """Refuse labels that are not class indices, naming the rows."""
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if len(bad):
+        raise ValueError(f"{len(bad)} validation sample(s) (store rows {sorted(set(rows[bad].tolist()))[:5]}) have "
+                         f"label(s) {sorted(set(labels[bad].tolist()))[:5]}, not a class index in [0, {n_classes}): "
+                         f"unlabelled clips cannot be scored; leave them out of the split")
+
+
+def _check_finite(rows: np.ndarray, prob_sums: np.ndarray) -> None:
+    """Refuse probabilities that are not finite, naming the rows (`NonFiniteOutputError`)."""
+    bad = np.flatnonzero(~np.isfinite(prob_sums).all(axis=1))
+    if len(bad):
+        raise NonFiniteOutputError(f"the head gave NaN or infinite probabilities for {len(bad)} validation sample(s) "
+                                   f"(store rows {sorted(set(rows[bad].tolist()))[:5]}) on finite inputs")

@@ -14,9 +14,10 @@ Run directory::
 
     run.json               what was trained on what: config, head config, feature fingerprints
     metrics.jsonl          one JSON line per epoch: epoch, loss, val_accuracy, val_logloss, lr, seconds
-    best.safetensors       weights of the best epoch by validation accuracy (last epoch without validation)
+    best.safetensors       weights of the best epoch by validation accuracy (last epoch without validation),
+                           written after state.json (`repair_best` finishes a commit killed between them)
     ckpt/epoch_NNN.*       weights and optimizer state of the last completed epoch (for resuming)
-    state.json             the commit point: last completed epoch, best epoch and its metrics
+    state.json             the commit point: last completed epoch, best epoch and its metrics, file hashes
 
 One trainer per run directory: ``train`` and ``fit`` hold the writer lock ``<run_dir>.lock`` (the
 store's flock design, `featurestore.store.lock`) for the whole run, so a second trainer into the same
@@ -63,11 +64,11 @@ from featurestore.store.lock import WriterLock, writer_lock
 from featurestore.torchdata import Batch, StoreDataset, WorkerLoader
 from heads._registry import Head, create_head, head_class
 from heads.checkpoint import (
-    NonFiniteWeightsError, check_sha256, load_optimizer, load_weights, non_finite_tensors, optimizer_bytes, read_json,
-    run_file, save_weights, weights_bytes, write_json,
+    CheckpointError, NonFiniteWeightsError, check_sha256, load_optimizer, load_weights, non_finite_tensors,
+    optimizer_bytes, read_json, read_state, run_file, save_weights, weights_bytes, write_json,
 )
-from heads.config import RESUMABLE_FIELDS, TrainConfig
-from heads.evaluate import evaluate
+from heads.config import ORDER_FIELDS, RESUMABLE_FIELDS, TrainConfig
+from heads.evaluate import NonFiniteOutputError, evaluate
 from heads.losses import make_loss
 
 EpochCallback = Callable[[int, dict], None]
@@ -115,6 +116,7 @@ def train(cfg: TrainConfig, store: Any = None, *, overwrite: bool = False,
     with run_lock(cfg.out):  # a second trainer into this run directory is refused here, at once
         done = None if overwrite else finished_already(cfg, store)
         if done is not None:  # nothing to train: said in one line, without building the head or loaders
+            repair_best(Path(cfg.out), read_state(Path(cfg.out) / "state.json"))
             return done
         return _train_locked(cfg, store, overwrite, on_epoch_end)
 
@@ -193,10 +195,10 @@ def finished_already(cfg: TrainConfig, store: Any = None) -> TrainResult | None:
     info_path, state_path = run_dir / "run.json", run_dir / "state.json"
     if not (info_path.is_file() and state_path.is_file()):
         return None
-    info, state = read_json(info_path), read_json(state_path)
+    info, state = read_json(info_path), read_state(state_path)
     done = int(state.get("epoch", 0))
     no_training = bool(state.get("finished")) and state.get("trainable_parameters") == 0
-    if (done < cfg.epochs and not no_training) or train_diff(info.get("train", {}), cfg.to_dict()):
+    if (done < cfg.epochs and not no_training) or train_diff(info.get("train", {}), cfg.to_dict(), ORDER_FIELDS):
         return None
     if not _same_inputs(info, cfg, store):
         return None
@@ -213,9 +215,13 @@ def finished_already(cfg: TrainConfig, store: Any = None) -> TrainResult | None:
                        done, _read_metrics(run_dir), nothing_to_do=True)
 
 
-def train_diff(old: dict, new: dict) -> list[str]:
-    """Training-config fields that differ, ignoring those a resume may change."""
-    return [k for k in new if k not in RESUMABLE_FIELDS and _canon(old.get(k)) != _canon(new[k])]
+def train_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Training-config fields that differ, ignoring those a resume may change (and ``ignore``).
+
+    ``num_workers`` counts (`heads.config.ORDER_FIELDS`): a run resumed with another worker count
+    trained its later epochs in another data order, so it ended with weights no run of either
+    count gives, while the docs promise a resume ends as an uninterrupted run."""
+    return [k for k in new if k not in RESUMABLE_FIELDS and k not in ignore and _canon(old.get(k)) != _canon(new[k])]
 
 
 def _same_inputs(info: dict, cfg: TrainConfig, store: Any) -> bool:
@@ -524,8 +530,7 @@ def _fit(head: Head, train_loader: Iterable | None, val_loader: Iterable | None,
         loss = _train_epoch(head, train_loader, optimizer, loss_fn, cfg, epoch, device)
         record = {"epoch": epoch, "loss": loss, "lr": cfg.lr_at(epoch)}
         if val_loader is not None:
-            with autocast(cfg.precision, device):
-                record.update(evaluate(head, val_loader, device))
+            record.update(_validate(head, val_loader, cfg, epoch, device))
         record["seconds"] = round(time.perf_counter() - started, 3)
         state = _commit_epoch(run_dir, head, optimizer, state, record, cfg)
         history.append(record)
@@ -534,6 +539,16 @@ def _fit(head: Head, train_loader: Iterable | None, val_loader: Iterable | None,
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     return _finish(run_dir, state, cfg, history)
+
+
+def _validate(head: Head, val_loader: Iterable, cfg: TrainConfig, epoch: int, device: torch.device) -> dict:
+    """The epoch's validation metrics; NaN probabilities stop the run as a divergence naming the epoch."""
+    try:
+        with autocast(cfg.precision, device):
+            return evaluate(head, val_loader, device)
+    except NonFiniteOutputError as err:
+        raise TrainingDivergedError(f"{err} after epoch {epoch}; epoch {epoch} was not saved (the last committed "
+                                    f"checkpoint stays): lower --lr, or check the features") from None
 
 
 def _train_epoch(head: Head, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
@@ -656,15 +671,23 @@ def _open_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> dict:
         raise FileExistsError(f"--out {str(run_dir)!r} is a `heads sweep` directory (it holds sweep.json), not a run "
                               f"directory; choose another --out")
     if info_path.exists():
-        diff = _identity_diff(read_json(info_path), identity)
+        recorded = read_json(info_path)
+        diff = _identity_diff(recorded, identity)
         if diff:
+            workers = (recorded.get("train") or {}).get("num_workers")
+            hint = (f" (the worker count sets a run's data order: resume with --num-workers {workers})"
+                    if "train.num_workers" in diff else "")
             raise FileExistsError(f"run directory {str(run_dir)!r} holds a different run (differs in: "
-                                  f"{', '.join(diff)}); choose another --out or pass --overwrite")
+                                  f"{', '.join(diff)}){hint}; choose another --out or pass --overwrite")
     (run_dir / "ckpt").mkdir(parents=True, exist_ok=True)
     if not info_path.exists():
         write_json(info_path, {**identity, "created": runtime_info()})
         return {}
-    return read_json(state_path) if state_path.exists() else {}
+    if not state_path.exists():
+        return {}
+    state = read_state(state_path)
+    repair_best(run_dir, state)
+    return state
 
 
 def check_out_beside_store(out: str | Path, store: Any) -> None:
@@ -725,18 +748,42 @@ def _canon(value: Any) -> str:
 
 
 def _restore(run_dir: Path, state: dict, head: Head, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load the committed epoch's weights and optimizer state, each checked against ``state.json``:
+    its hash (a damaged or replaced file) and, for the weights, the epoch stamped in the file (an
+    edited ``epoch`` resumed epoch 1's weights as epoch 2's and skipped an epoch, silently)."""
     path = run_file(run_dir, state["checkpoint"])
     check_sha256(path, state.get("checkpoint_sha256"))  # a damaged checkpoint never resumes silently
-    weights, _ = load_weights(path)
+    weights, metadata = load_weights(path)
+    stamped = metadata.get("epoch")
+    if stamped is not None and stamped != str(state["epoch"]):
+        raise CheckpointError(f"{path} holds the weights of epoch {stamped} but {run_dir / 'state.json'} says epoch "
+                              f"{state['epoch']} is committed: the run's files do not belong together (state.json "
+                              f"edited or copied); train the run again (--overwrite)")
     head.load_state_dict(weights)
     if optimizer is not None:
-        load_optimizer(run_file(run_dir, state["optimizer"]), optimizer)
+        optim_path = run_file(run_dir, state["optimizer"])
+        check_sha256(optim_path, state.get("optimizer_sha256"))  # momentum of another epoch or run: refused
+        load_optimizer(optim_path, optimizer)
     _truncate_metrics(run_dir, state["epoch"])
+
+
+def repair_best(run_dir: Path, state: dict) -> None:
+    """Finish a commit killed between ``state.json`` and ``best.safetensors``: when the committed
+    best epoch is the last one, its checkpoint holds the same bytes, so ``best.safetensors`` is
+    rewritten from it if it is missing or not those bytes (anything else is left for loading to refuse)."""
+    best, sha = run_dir / "best.safetensors", state.get("best_sha256")
+    if not isinstance(sha, str) or sha != state.get("checkpoint_sha256") or "checkpoint" not in state:
+        return
+    if best.is_file() and file_sha256(best) == sha:
+        return
+    ckpt = run_file(run_dir, state["checkpoint"])
+    if ckpt.is_file() and file_sha256(ckpt) == sha:
+        atomic_write_bytes(best, ckpt.read_bytes())
 
 
 def _commit_epoch(run_dir: Path, head: Head, optimizer: torch.optim.Optimizer, state: dict, record: dict,
                   cfg: TrainConfig) -> dict:
-    """Save the epoch's checkpoint (and best weights), then the metrics line, then state.json (the commit)."""
+    """Save the epoch's checkpoint, then the metrics line, then state.json (the commit), then the best weights."""
     epoch = record["epoch"]
     weights, optim = _epoch_files(head, optimizer, epoch)
     best_acc = state.get("best_val_accuracy")
@@ -746,11 +793,10 @@ def _commit_epoch(run_dir: Path, head: Head, optimizer: torch.optim.Optimizer, s
     sha = hashlib.sha256(weights).hexdigest()  # loaders check it: safetensors carries no checksum
     atomic_write_bytes(run_dir / f"{stem}.safetensors", weights)
     atomic_write_bytes(run_dir / f"{stem}.optim.safetensors", optim)
-    if improved:
-        atomic_write_bytes(run_dir / "best.safetensors", weights)  # the same bytes: checked and serialised once
     new_state = {
         "epoch": epoch, "checkpoint": f"{stem}.safetensors", "optimizer": f"{stem}.optim.safetensors",
-        "checkpoint_sha256": sha, "best_sha256": sha if improved else state.get("best_sha256"),
+        "checkpoint_sha256": sha, "optimizer_sha256": hashlib.sha256(optim).hexdigest(),
+        "best_sha256": sha if improved else state.get("best_sha256"),
         "best_epoch": epoch if improved else state["best_epoch"],
         "best_val_accuracy": acc if improved else best_acc,
         "best_val_logloss": record.get("val_logloss") if improved else state.get("best_val_logloss"),
@@ -759,6 +805,8 @@ def _commit_epoch(run_dir: Path, head: Head, optimizer: torch.optim.Optimizer, s
     }
     _append_metrics(run_dir, record)  # before the commit: a resume drops lines of uncommitted epochs
     write_json(run_dir / "state.json", new_state)
+    if improved:  # after the commit, so a kill never leaves an uncommitted epoch's weights as the best (repair_best)
+        atomic_write_bytes(run_dir / "best.safetensors", weights)  # the same bytes: checked and serialised once
     for old in (run_dir / "ckpt").glob("epoch_*"):
         if not old.name.startswith(f"epoch_{epoch:03d}."):
             old.unlink()
@@ -806,10 +854,27 @@ def _write_metrics(run_dir: Path, records: list[dict]) -> None:
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:
+    """The epochs' records; `CheckpointError` naming the file and line when one is not an epoch's record
+    (a damaged file was a bare JSONDecodeError or ``KeyError: 'epoch'`` on resume)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+            raise CheckpointError(f"{path}, line {number}: not JSON ({type(err).__name__}: {str(err)[:120]}); the "
+                                  f"run's files are damaged: train the run again (--overwrite)") from None
+        if not isinstance(record, dict) or type(record.get("epoch")) is not int:
+            shown = line[:80].decode(errors="replace")
+            raise CheckpointError(f"{path}, line {number}: expected an epoch's record (an object with an integer "
+                                  f"'epoch'), found {shown!r}; the run's files are damaged: train the run again "
+                                  f"(--overwrite)")
+        records.append(record)
+    return records
 
 
 def _truncate_metrics(run_dir: Path, epoch: int) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featurestore.checks import is_int_in
 from featurestore.encoders import resolve_device
 from heads._registry import Head, create_head, head_class
 from heads.zero_shot import check_towers
@@ -185,11 +186,14 @@ class TrainedHead:
             them. The clip-level probabilities are their mean over segments.
 
         Raises:
-            ValueError: an input is missing or its shape is not the one the head was trained on.
+            ValueError: an input is missing or its shape is not the one the head was trained on, or
+                ``batch_size`` is not an integer >= 1 (a negative one returned no rows at all).
         """
+        if batch_size is not None and not is_int_in(batch_size, 1):
+            raise ValueError(f"batch_size must be an integer >= 1 (clips per forward pass) or None, got {batch_size!r}")
         arrays, single = self._inputs(features)
         n_clips, n_segments = arrays[0].shape[:2]
-        step = batch_size or self.batch_clips(n_segments)
+        step = batch_size if batch_size is not None else self.batch_clips(n_segments)
         self.head.eval()
         parts = []
         for lo in range(0, n_clips, step):
