@@ -419,7 +419,7 @@ class _Group:
             for epoch in range(self.start + 1, self.trials[0].cfg.epochs + 1):
                 started = time.perf_counter()
                 losses = self._epoch(epoch)
-                metrics = self._validate()
+                metrics = self._validate(epoch)
                 seconds = time.perf_counter() - started
                 _wait(pending)  # the previous epoch's files are written before this one's are queued
                 snapshot = self._snapshot()
@@ -490,9 +490,11 @@ class _Group:
         torch._foreach_addcmul_(params, lr, momentum_buffers, value=-1)
 
     @torch.no_grad()
-    def _validate(self) -> list[dict]:
-        """`heads.evaluate.evaluate` of every trial on the shared validation batches, each batch cut once."""
-        from heads.evaluate import clip_metrics
+    def _validate(self, epoch: int) -> list[dict]:
+        """`heads.evaluate.evaluate` of every trial on the shared validation batches, each batch cut once;
+        a trial whose probabilities are not finite (finite weights whose logits overflow) diverged, as
+        in `heads.train`: argmax of NaN is class 0, and the epoch would be scored and maybe kept."""
+        from heads.evaluate import NonFiniteOutputError, check_finite, clip_metrics
 
         k = len(self.trials)
         if self.val_loader is None:
@@ -516,7 +518,15 @@ class _Group:
         if not rows:
             raise ValueError("the validation loader produced no samples (empty split?)")
         rows, labels, counts = np.concatenate(rows), np.concatenate(labels), np.concatenate(counts)
-        return [clip_metrics(rows, labels, np.concatenate(sums[j]), counts, hits[j] / max(1, total)) for j in range(k)]
+        sums = [np.concatenate(s) for s in sums]
+        for j in range(k):
+            try:
+                check_finite(rows, sums[j])
+            except NonFiniteOutputError as err:
+                raise self.t.TrainingDivergedError(
+                    f"trial {self.trials[j].cfg.out}: the validation probabilities became NaN or infinite after "
+                    f"epoch {epoch} ({err}); epoch {epoch} was not saved: lower --lr, or check the features") from None
+        return [clip_metrics(rows, labels, sums[j], counts, hits[j] / max(1, total)) for j in range(k)]
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         """Copies of the stacked weights, buffers and momentum, for the writer thread while training goes on."""

@@ -73,7 +73,7 @@ def evaluate(head: Head, loader: Iterable, device: torch.device) -> dict[str, fl
     if not rows:
         raise ValueError("the validation loader produced no samples (empty split?)")
     all_rows, all_sums = np.concatenate(rows), np.concatenate(sums)
-    _check_finite(all_rows, all_sums)
+    check_finite(all_rows, all_sums)
     return clip_metrics(all_rows, np.concatenate(labels), all_sums, np.concatenate(counts),
                         seg_hits / max(1, seg_total))
 
@@ -113,7 +113,7 @@ def _check_labels(rows: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
                          f"unlabelled clips cannot be scored; leave them out of the split")
 
 
-def _check_finite(rows: np.ndarray, prob_sums: np.ndarray) -> None:
+def check_finite(rows: np.ndarray, prob_sums: np.ndarray) -> None:
     """Refuse probabilities that are not finite, naming the rows (`NonFiniteOutputError`)."""
     bad = np.flatnonzero(~np.isfinite(prob_sums).all(axis=1))
     if len(bad):

@@ -159,6 +159,20 @@ def test_a_diverging_trial_is_named_by_the_sweeps_error(tiny_store_path, tmp_pat
     assert f"trial {out / trial / 'seed_0'}: " in line and "became" in line, line
 
 
+def test_a_stacked_trial_whose_validation_probabilities_overflow_is_named_not_scored(tiny_store_path, tmp_path,
+                                                                                      capsys):
+    """lr 1e38 on unnormalised inputs leaves the weights finite after one step, but the validation logits
+    overflow to inf and the softmax gives NaN. Before: stacked trials scored argmax(NaN) = class 0 and committed the epoch, where
+    ``heads train`` (and an unstacked trial) stop as a divergence."""
+    out = tmp_path / "sw"
+    assert main(_argv(tiny_store_path, out, "--grid", "lr=0.1,1e38", "--grid", "l2_normalize=False",
+                      "--max-steps-per-epoch", "1")) == 1
+    trial = out / "lr=1e+38,l2_normalize=False" / "seed_0"
+    line = _err_line(capsys)
+    assert f"trial {trial}: the validation probabilities became NaN" in line, line
+    assert not (trial / "state.json").exists()
+
+
 @pytest.mark.parametrize("kind, low, high", [("lin", 0.9, 0.9999), ("log", 1.234e-4, 1e-3), ("lin", 0.01234, 0.05)])
 def test_drawn_values_stay_inside_their_range(kind, low, high):
     """Before: rounding to 3 significant digits drew momentum ``lin:0.9:0.9999`` as 1.0 (SGD momentum without
