@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from featurestore._sigint import iter_loader
 from featurestore.checks import is_int_in
 
-from featurestore.extract.workers import ClipDecoder, DecodedBatch, Job, collate
+from featurestore.extract.workers import WORKER_CHECK_S, ClipDecoder, DecodedBatch, Job, WatchedBatches, collate
 from featurestore.extract.plan import Source
 from featurestore.extract.errors import DecodeWorkerError
 from featurestore.extract import pipeline as extract_pipeline
@@ -354,9 +354,10 @@ class FileEncoder:
             return
         loader = torch.utils.data.DataLoader(decoder, batch_sampler=batches, collate_fn=collate,
                                              num_workers=self.num_workers, prefetch_factor=2,
-                                             timeout=extract_pipeline.DECODE_TIMEOUT_S)  # a hung worker is an error
+                                             timeout=min(WORKER_CHECK_S, extract_pipeline.DECODE_TIMEOUT_S))
         gc.collect()  # a PyAV object in a reference cycle must not be collected in a forked worker (crash)
-        loaded = iter_loader(loader)  # workers deaf to Ctrl-C; a Ctrl-C never lands mid-batch
+        # a hung worker is an error after DECODE_TIMEOUT_S; a dead one within WORKER_CHECK_S
+        loaded = WatchedBatches(iter_loader(loader), extract_pipeline.DECODE_TIMEOUT_S)  # workers deaf to Ctrl-C
         try:
             for batch in loaded:
                 if batch.fatal:

@@ -59,7 +59,9 @@ from featurestore.extract.transfers import (
     INFLIGHT_BATCHES, DeviceCopies, _Launched, cast_on_host, encode_unchanged, lane_device, launch,
     preprocess_unchanged,
 )
-from featurestore.extract.workers import DecodedBatch, collate, make_decoder, preprocess_on_device
+from featurestore.extract.workers import (
+    WORKER_CHECK_S, DecodedBatch, WatchedBatches, collate, make_decoder, preprocess_on_device,
+)
 from featurestore.store.store import FeatureStore
 
 #: Finished chunks waiting for the writer (a chunk is ~4 MiB of one feature set by default).
@@ -484,12 +486,14 @@ def run_blocks(plan: Plan, store: FeatureStore, blocks: list[tuple[int, int]], d
     loader = DataLoader(decoder, batch_sampler=decode_batches, collate_fn=functools.partial(collate, pool=pool),
                         num_workers=num_workers,
                         prefetch_factor=PREFETCH_BATCHES if num_workers else None,
-                        pin_memory=device.type == "cuda", timeout=DECODE_TIMEOUT_S if num_workers else 0)
+                        pin_memory=device.type == "cuda",
+                        timeout=min(WORKER_CHECK_S, DECODE_TIMEOUT_S) if num_workers else 0)
     gc.collect()  # a PyAV object left in a reference cycle here must not be collected in a forked worker (crash)
     if num_workers == 0 and decode_threads > 0:
         batches = decode_in_threads(decoder, decode_batches, decode_threads)
     else:
-        batches = iter_loader(loader)  # workers are forked here (deaf to Ctrl-C), before the writer thread exists
+        # workers are forked here (deaf to Ctrl-C), before the writer thread exists
+        batches = WatchedBatches(iter_loader(loader), DECODE_TIMEOUT_S)
     writer = _Writers(store, plan.targets, default_writers(store, device), plan.block_clips)
     writer.start()
     try:

@@ -27,15 +27,27 @@ from batch to batch (``featurestore.extract.buffer_pool``). Otherwise the DataLo
 would do it in a background thread whose errors are only printed, and the batch would be lost
 while the main process waited for it for ever (``/dev/shm`` full, a file-size limit). A batch that
 cannot be shared is replaced by one that carries only the reason (``DecodedBatch.fatal``), which
-the main process turns into an error that stops the run.
+the main process turns into an error that stops the run. Pickling the batch into the queue can still
+fail in the queue's thread (out of file descriptors: each shared tensor is passed as a duplicated
+descriptor); the standard library prints that and drops the batch, which left the main process and
+the workers idle in ``Queue.get`` until ``DECODE_TIMEOUT_S``. A worker therefore replaces such a batch
+by a fatal one too (``_guard_queue_thread``).
+
+The main process must notice a decode worker that dies within seconds. torch's SIGCHLD handler
+raises the death in whatever line the main thread runs; when that line is inside a finalizer or a
+``__del__`` (the buffer pool frees its slots from one), Python prints the error and drops it, and a
+DataLoader made with ``timeout=`` checks its workers only once that timeout has passed (600 s).
+:class:`WatchedBatches` waits ``DECODE_TIMEOUT_S`` in ``WORKER_CHECK_S`` slices, and torch checks
+every worker at the end of each slice.
 """
 from __future__ import annotations
 
 import math
+import multiprocessing.queues
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +58,11 @@ from featurestore.decode import DecodeError, load_audio_segments, sample_frames
 from featurestore.encoders._preprocess import as_uint8_frames
 from featurestore.extract import buffer_pool
 from featurestore.extract.plan import Plan, Source
+
+#: While the main process waits for a decoded batch, how often it checks that every decode worker
+#: is alive: the DataLoader's ``timeout`` (``DECODE_TIMEOUT_S`` is the whole wait, counted by
+#: :class:`WatchedBatches`).
+WORKER_CHECK_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -297,6 +314,8 @@ def collate(results: list[ClipResult], pool: buffer_pool.BufferPool | None = Non
     stacked: dict[tuple[int, ...], tuple[np.ndarray, torch.Tensor]] = {}
     info = torch.utils.data.get_worker_info()
     share = _Sharer(pool, info.id) if info is not None else None
+    if info is not None:
+        _guard_queue_thread()
     for j in jobs:
         groups = []
         ok_results = [r for r in results if j in r.inputs]
@@ -325,6 +344,88 @@ def collate(results: list[ClipResult], pool: buffer_pool.BufferPool | None = Non
     pooled = share.pooled if share is not None else []
     return DecodedBatch(rows, inputs, errors, seconds, extra=extra, pooled=pooled,
                         pool_key=pool.key if pool is not None else 0)
+
+
+_ON_QUEUE_ERROR = multiprocessing.queues.Queue._on_queue_feeder_error  # the standard library's: print
+_GUARDED_PID = 0  # the process whose queues carry lost batches to the main process as fatal ones
+
+
+def _guard_queue_thread() -> None:
+    """In a decode worker, before its first batch is queued: a batch its queue thread cannot send is
+    replaced by a fatal one (``_lost_in_queue``) instead of being printed and dropped (the main
+    process would wait ``DECODE_TIMEOUT_S`` for it). Set on the class, in this worker process only:
+    torch makes the queue and starts its thread at the first ``put``, after this."""
+    global _GUARDED_PID
+    if _GUARDED_PID != os.getpid():
+        _GUARDED_PID = os.getpid()
+        multiprocessing.queues.Queue._on_queue_feeder_error = _lost_in_queue
+
+
+def _lost_in_queue(queue: multiprocessing.queues.Queue, err: Exception, obj: object) -> None:
+    """``Queue._on_queue_feeder_error`` of a decode worker (bound: ``queue`` is the queue): ``obj``
+    could not be sent. A decoded batch goes out again as a fatal one naming ``err``; anything else
+    (bytes half sent, or a fatal batch that failed too) ends this worker after the usual traceback,
+    so the main process reports a dead worker within seconds rather than waiting for the batch."""
+    replaced = _as_fatal(obj, err)
+    if replaced is None:
+        _ON_QUEUE_ERROR(err, obj)
+        os._exit(1)
+    queue.put(replaced)
+
+
+def _as_fatal(obj: object, err: Exception) -> tuple | None:
+    """``obj`` (the DataLoader's ``(index, data)``, ``data`` a batch or a tuple holding one) with its
+    batch replaced by a fatal one naming ``err``; None when ``obj`` is not such a thing."""
+    if not (isinstance(obj, tuple) and len(obj) == 2):
+        return None
+    index, data = obj
+    parts = data if isinstance(data, tuple) else (data,)
+    batches = [part for part in parts if isinstance(part, DecodedBatch)]
+    if len(batches) != 1 or batches[0].fatal:
+        return None
+    lost = batches[0]
+    fatal = DecodedBatch(lost.rows, {}, {}, lost.seconds, fatal=(
+        f"decode worker (pid {os.getpid()}) could not send rows {lost.rows.min()}..{lost.rows.max()} to the main "
+        f"process ({type(err).__name__}: {' '.join(str(err).split())})"))
+    parts = tuple(fatal if part is lost else part for part in parts)
+    return index, parts if isinstance(data, tuple) else fatal
+
+
+class WatchedBatches:
+    """The batches of a DataLoader iterator made with ``timeout=WORKER_CHECK_S``, each waited for up
+    to ``total_s``: torch checks that every worker is alive at the end of each ``WORKER_CHECK_S``
+    wait (a dead one: "DataLoader worker (pid(s) N) exited unexpectedly"), and after ``total_s``
+    without the batch this raises torch's own "DataLoader timed out after ``total_s`` seconds".
+    A single ``timeout=total_s`` wait noticed a death only through SIGCHLD (see the module doc).
+
+    Args:
+        batches: the loader's iterator (``featurestore._sigint.iter_loader``'s), made with a
+            DataLoader ``timeout`` of ``WORKER_CHECK_S`` (or less).
+        total_s: the longest wait for one batch (``pipeline.DECODE_TIMEOUT_S``).
+    """
+
+    def __init__(self, batches: Iterator[DecodedBatch], total_s: float):
+        self.batches, self.total_s = batches, total_s
+
+    def __iter__(self) -> WatchedBatches:
+        return self
+
+    def __next__(self) -> DecodedBatch:
+        start = time.monotonic()
+        while True:
+            try:
+                return next(self.batches)
+            except RuntimeError as err:  # a torch timeout leaves its iterator as it was: asked again
+                if not str(err).startswith("DataLoader timed out"):
+                    raise
+                if time.monotonic() - start >= self.total_s:
+                    raise RuntimeError(f"DataLoader timed out after {self.total_s} seconds") from None
+
+    def close(self) -> None:
+        """Shut the workers down now (``_sigint._Batches.close``)."""
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()
 
 
 class _ShareFailed(Exception):
