@@ -10,7 +10,29 @@ from collections.abc import Iterable
 
 
 class FeatureStoreError(Exception):
-    """Base class of every error the feature store raises on purpose."""
+    """Base class of every error the feature store raises on purpose.
+
+    Pickles as its message and attributes, not by calling ``__init__`` again: the subclasses that
+    build their message from several arguments (``MissingFeatureError(feature, clip_ids)``) cannot
+    be rebuilt from it, and an error raised in a Dask task, a joblib trial or a DataLoader worker
+    reached the caller as a TypeError from unpickling instead of itself."""
+
+    def __reduce__(self) -> tuple:
+        return pickled_by_state(self)
+
+
+def pickled_by_state(err: BaseException) -> tuple:
+    """``__reduce__`` for an exception whose ``__init__`` takes other arguments than its message: it
+    is rebuilt from its ``args`` and attributes (errors outside ``FeatureStoreError`` use it too)."""
+    return _rebuilt, (type(err), err.args, err.__dict__)
+
+
+def _rebuilt(cls: type, args: tuple, state: dict) -> FeatureStoreError:
+    """``cls`` with ``args`` and the attributes ``state``, ``__init__`` not called (see ``__reduce__``)."""
+    err = cls.__new__(cls, *args)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class StoreFormatError(FeatureStoreError):

@@ -1,7 +1,7 @@
 """Errors the heads package raises on purpose."""
 from __future__ import annotations
 
-from featurestore.errors import FeatureStoreError
+from featurestore.errors import FeatureStoreError, pickled_by_state
 
 
 class FeatureFingerprintError(FeatureStoreError):
@@ -18,6 +18,8 @@ class FeatureFingerprintError(FeatureStoreError):
 
 class UnknownHeadError(KeyError):
     """No head is registered under the requested name; the message lists the registered ones."""
+
+    __reduce__ = pickled_by_state  # its __init__ takes other arguments than its message
 
     def __init__(self, name: str, known: list[str]):
         self.name = name

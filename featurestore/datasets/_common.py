@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from featurestore.checks import is_int_in
+from featurestore.errors import pickled_by_state
 from featurestore.manifest import (
     MAX_AUDIO_SEGMENTS,
     MAX_CLIP_SECONDS,
@@ -61,6 +62,8 @@ def checked_clip_id(path: PathLike, line: int | None, clip_id: str) -> str:
 class DatasetFormatError(ValueError):
     """A metadata file does not have the expected shape or content (names the file and line)."""
 
+    __reduce__ = pickled_by_state  # its __init__ takes other arguments than its message
+
     def __init__(self, path: PathLike, line: int | None, problem: str):
         self.path = Path(path)
         self.line = line
@@ -79,6 +82,8 @@ class MissingFilesError(FileNotFoundError):
         paths: every missing path, in manifest order.
         n_checked: how many paths were checked.
     """
+
+    __reduce__ = pickled_by_state  # its __init__ takes other arguments than its message
 
     def __init__(self, paths: list[Path], n_checked: int, dataset: str = ""):
         self.paths = paths

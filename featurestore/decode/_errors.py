@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from featurestore.errors import pickled_by_state
+
 PathLike = str | os.PathLike
 
 
@@ -14,6 +16,8 @@ class DecodeError(Exception):
         path: the file.
         reason: what was wrong, in words (``"too short: 4.2 s, expected 10 s"``).
     """
+
+    __reduce__ = pickled_by_state  # its __init__ takes other arguments than its message
 
     def __init__(self, path: PathLike, reason: str):
         self.path = Path(path)
