@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from featurestore._devices import DEVICE_HELP
-from featurestore.atomic_files import OutputWriteError, atomic_write_text
+from featurestore.atomic_files import OutputWriteError, atomic_write, atomic_write_text
 from featurestore.extract import DEFAULT_BATCH_SIZE, DEFAULT_ENCODERS, ExtractSummary
 from featurestore.extract.errors import ExtractionStopped
 from featurestore.errors import CorruptChunkError, FeatureStoreError, MissingFeatureError
@@ -280,12 +280,15 @@ def cmd_get(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix != ".npy":
         raise _UsageError(f"output {out} must end with .npy (it is written with numpy.save)")
+    if not out.parent.is_dir():  # said before the store is read, not as an errno after it
+        raise _UsageError(f"output {out}: folder {out.parent} does not exist; create it or choose another -o")
     with open_store(args.store, "r") as store:
         if args.run is not None:
             array = store.get_predictions(args.run, [args.clip_id])[0]
         else:
             array = store.get(args.feature, args.clip_id)
-    np.save(out, array)
+    with atomic_write(out, "wb") as handle:  # whole or not at all: Ctrl-C or a full disk keeps the old file
+        np.save(handle, array)
     print(f"wrote {out}: {args.feature or 'predictions/' + args.run} of {args.clip_id}, "
           f"shape {list(array.shape)}, {array.dtype}")
     return EXIT_OK
@@ -370,6 +373,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if not args.overwrite and _exists(args.dst):
+        _refuse_unreplaceable(args.src, args.dst)  # never advise an --overwrite that would be refused
         raise _UsageError(f"{args.dst} exists; pass --overwrite to replace it")
     n_arrays = convert_store(args.src, args.dst, progress=not args.quiet)
     if args.json:
@@ -378,6 +382,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         print(f"converted {args.src} -> {args.dst}: {n_arrays} arrays copied")
     return EXIT_OK
+
+
+def _refuse_unreplaceable(src: str, dst: str) -> None:
+    """Raise the refusal ``convert_store`` gives with ``--overwrite`` (the source itself, a folder
+    holding it, a dataset folder, any other file) for a local ``dst``, so the advice is to choose
+    another destination, not to pass ``--overwrite``."""
+    from featurestore.store.convert import _check_destination
+
+    if "://" not in dst:
+        final = Path(os.path.realpath(dst)) if Path(dst).is_symlink() else Path(dst)
+        _check_destination(src, final)
 
 
 def _exists(location: str) -> bool:

@@ -195,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def scoring(p: argparse.ArgumentParser) -> None:
         common(p, "labelled split to score (default: the recipe's eval_split)")
-        p.add_argument("--calibration-split", default=None, help="fit split for the temperature/stacking rows")
-        p.add_argument("--cross-fit", type=int, default=None, help="location folds when that split overlaps --split")
+        p.add_argument("--calibration-split", default=None, metavar="SPLIT",
+                       help="fit split for the temperature/stacking rows")
+        p.add_argument("--cross-fit", type=int, default=None, metavar="K",
+                       help="location folds when that split overlaps --split")
         p.add_argument("--raw-metric", action="store_true", help="score rows without renormalising them")
 
     ev = sub.add_parser("evaluate", help="score a recipe on a labelled split")
