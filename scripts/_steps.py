@@ -21,6 +21,14 @@ _MAINS = {"featurestore": featurestore.cli.main, "heads": heads.cli.main, "fusio
 class StepFailed(RuntimeError):
     """A step's command exited non-zero: the recipe stops there, naming the command."""
 
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code  # the command's exit status (130: Ctrl-C)
+
+
+class PreflightError(ValueError):
+    """Bad input found before any work (a missing dataset file, a feature set no encoder makes)."""
+
 
 @dataclass
 class Transcript:
@@ -41,7 +49,7 @@ class Transcript:
         code = 0 if code is None else int(code)
         self.steps.append((line, time.perf_counter() - start, code))
         if code not in allow:
-            raise StepFailed(f"`{line}` exited with status {code}")
+            raise StepFailed(f"`{line}` exited with status {code}", code)
         return code
 
     def summary(self) -> str:
@@ -65,6 +73,10 @@ def banner(text: str) -> None:
     print("\n" + "=" * 100 + f"\n{text}\n" + "=" * 100, flush=True)
 
 
-def fail(err: Exception) -> int:
+def fail(err: StepFailed) -> int:
+    """The recipe's exit status: 130 after a Ctrl-C (the command said what it kept), else 1."""
+    if err.code == 130:
+        print("\nINTERRUPTED: rerun the same command to resume (finished steps are kept)", file=sys.stderr)
+        return 130
     print(f"\nFAILED: {err}", file=sys.stderr)
     return 1
