@@ -93,6 +93,9 @@ class TrainConfig:
             ConfigError: not a JSON object, or a key unknown, missing, of the wrong type or out of range
                 (one line naming the file, the dotted key, the value and what was expected).
         """
+        if not Path(path).is_file():  # not errno's "[Errno 2] No such file or directory: ..."
+            raise FileNotFoundError(f"recipe file {str(path)!r} does not exist"
+                                    + (" (it is a directory)" if Path(path).is_dir() else ""))
         with open(path, encoding="utf-8") as f:
             text = f.read()
         try:

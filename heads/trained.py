@@ -60,6 +60,8 @@ def load_head(run_dir: str | Path, device: str | torch.device = "cpu", weights: 
             (`heads.zero_shot.check_towers`; runs trained before the check are caught here).
     """
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a training run directory (no run.json)")
     info = run_info(run_dir)

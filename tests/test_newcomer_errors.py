@@ -97,3 +97,25 @@ def test_fusion_help_spells_options_as_docs_fusion_md_does(capsys) -> None:
     assert "[--calibration-split SPLIT]" in usage and "[--cross-fit K]" in usage
     synopsis = (Path(__file__).parents[1] / "docs" / "fusion.md").read_text()
     assert "[--calibration-split SPLIT] [--cross-fit K]" in synopsis
+
+
+def test_heads_train_with_a_recipe_file_that_is_not_there_says_so_in_one_line(tmp_path, capsys):
+    """Before: ``heads train: error: [Errno 2] No such file or directory: '.../typo.jsn'``."""
+    from heads.cli import main as heads_main
+
+    missing = tmp_path / "typo.jsn"
+    assert heads_main(["train", "--recipe", str(missing), "--store", str(tmp_path / "s.zarr")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"heads train: error: recipe file {str(missing)!r} does not exist", err
+
+
+def test_heads_predict_with_a_run_directory_that_is_not_there_says_so(tmp_path, capsys):
+    """Before: '... is not a training run directory (no run.json)' for a path that does not exist at all."""
+    from heads.cli import main as heads_main
+    from tests.heads._store import build_store
+
+    store = build_store(tmp_path / "s.zarr", n_clips=8)
+    missing = tmp_path / "runs" / "nope"
+    code = heads_main(["predict", "--store", str(store), "--run", str(missing), "--name", "p"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"run directory {str(missing)!r} does not exist" in err and "\n" not in err, err
