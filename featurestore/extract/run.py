@@ -493,13 +493,52 @@ def _ensure_clips(fs: FeatureStore, manifest: Manifest) -> np.ndarray:
     if rows is not None:
         if manifest.classes and not fs.classes:
             _adopt_classes(fs, manifest)
+        else:
+            _check_indexed(fs, manifest, manifest.clip_ids, rows)
         return rows
     known = set(fs.clip_ids)
     new = [c for c in manifest.clip_ids if c not in known]
+    old = [c for c in manifest.clip_ids if c in known]
+    if old:
+        _check_indexed(fs, manifest, old, fs.rows(old))
     if known:
         print(f"adding {len(new)} clips of {manifest.name!r} to the index of {fs.location}", file=sys.stderr)
     fs.append_clips(manifest.subset(new))
     return fs.rows(manifest.clip_ids)
+
+
+def _check_indexed(fs: FeatureStore, manifest: Manifest, clip_ids: list[str], rows: np.ndarray) -> None:
+    """Refuse a manifest that gives clips already indexed another label, or puts them in or out of a
+    split the store has: the index keeps what the dataset that added them said, so a relabelled or
+    re-split dataset extracted into the same store was trained and scored on the old labels and
+    splits without a word. A manifest without labels (evaluation data) or without a split says
+    nothing about them and is not compared there."""
+    by_id = {c.clip_id: c for c in manifest.clips}
+    records = [by_id[c] for c in clip_ids]
+    classes = {name: i for i, name in enumerate(fs.classes)}
+    want = np.fromiter((-2 if r.label is None else classes.get(r.label, -3) for r in records), np.int64, len(records))
+    if (want != -2).any():
+        stored = np.asarray(fs.labels)[rows]
+        wrong = np.flatnonzero((want != -2) & (want != stored))
+        if len(wrong):
+            i = int(wrong[0])
+            had = fs.classes[stored[i]] if 0 <= stored[i] < len(fs.classes) else None
+            _refuse_reindex(fs, manifest, records[i].clip_id, f"label {records[i].label!r}", f"label {had!r}")
+    named = {s for r in records for s in r.splits}
+    for split in sorted(named & set(fs.splits())):
+        listed = np.fromiter((split in r.splits for r in records), bool, len(records))
+        member = np.asarray(fs.column(f"split/{split}"))[rows].astype(bool)
+        wrong = np.flatnonzero(listed != member)
+        if len(wrong):
+            i = int(wrong[0])
+            _refuse_reindex(fs, manifest, records[i].clip_id, f"{'in' if listed[i] else 'not in'} split {split!r}",
+                            f"{'in' if member[i] else 'not in'} it")
+
+
+def _refuse_reindex(fs: FeatureStore, manifest: Manifest, clip_id: str, says: str, has: str) -> None:
+    raise ValueError(f"dataset {manifest.name!r} gives clip {clip_id!r} {says}, but {fs.location} has it {has} "
+                     f"(from the dataset that added it): the index keeps a clip's label and splits, so "
+                     f"extract a relabelled or re-split dataset into a new store")
 
 
 def _adopt_classes(fs: FeatureStore, manifest: Manifest) -> None:
