@@ -315,9 +315,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         _emit_json(results[0].to_dict() if len(results) == 1 else [r.to_dict() for r in results])
         return EXIT_OK
     for number, result in enumerate(results):
-        query = f"like {result.query['like']}" if "like" in result.query else \
-            f"text {args.text!r} ({result.query['encoder']})"
-        print(("\n" if number else "") + f"{result.feature_set}: {len(result.clip_ids)} nearest clips to {query}, "
+        query = f"clip {result.query['like']}" if "like" in result.query else \
+            f"the text {args.text!r} ({result.query['encoder']})"
+        print(("\n" if number else "") + f"{result.feature_set}: the {len(result.clip_ids)} clips nearest to {query}, "
               f"{result.method} search")
         rows = [(i + 1, c, f"{s:.4f}", lab if lab is not None else "-")
                 for i, (c, s, lab) in enumerate(zip(result.clip_ids, result.scores, result.labels))]

@@ -129,7 +129,7 @@ def test_cli_several_like_ids_print_one_answer_each(store_path, capsys):
     assert [g["query"] for g in got] == [{"like": "c005"}, {"like": "c009"}]
     assert main(["search", str(path), "--feature-set", FEAT, "--like", "c005", "--like", "c009", "-k", "2"]) == 0
     out = capsys.readouterr().out
-    assert "nearest clips to like c005" in out and "nearest clips to like c009" in out
+    assert "clips nearest to clip c005" in out and "clips nearest to clip c009" in out
 
 
 # ------------------------------------------------------------------------------- bad query vectors
