@@ -10,7 +10,7 @@ over as float 0..255). On the training device, per batch: scale to [0, 1], an op
   zero, so the transform is the identity. We keep it literal (``color_jitter`` = [0, 0, 0, 0]) and
   make the four factors a config field; this reading is an interpretation.
 * ``GaussianBlur(kernel_size=11)`` (sigma drawn from PyTorch's default (0.1, 2.0))
-* ``RandomErasing()`` (p 0.5, PyTorch's defaults), applied after the ImageNet normalisation, as
+* ``RandomErasing()`` (p 0.5, PyTorch's defaults), applied after the mean/std normalisation, as
   torchvision's reference recipes do, so an erased box holds the mean colour (our interpretation:
   the paper does not say where in the pipeline it sits).
 
@@ -29,13 +29,15 @@ are drawn in another order than torchvision's, so the augmentation of a given se
 per-frame one's. ColorJitter's four factors, when set, are also per frame but applied in the fixed
 order brightness, contrast, saturation, hue (torchvision draws an order per call).
 
-Then ImageNet mean/std normalisation (the timm backbones' pretrained statistics) and the backbone with
+Then mean/std normalisation with the backbone's own pretrained statistics (timm's ``pretrained_cfg``:
+ImageNet's for the paper's CNNs, 0.5/0.5 for e.g. ``inception_v3.tf_in1k``) and the backbone with
 a ``n_classes`` classifier. Predictions are per frame: the trainer's validation averages a clip's
 frame probabilities; ``heads.predict`` stores them per frame (frames on the segment axis) and fusion
 averages them per clip, as for every head's segments.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
@@ -46,7 +48,7 @@ from pydantic import Field
 
 from featurestore.typed_config import typed_config
 from heads._registry import Head, register_head
-from heads.backbones import create_backbone
+from heads.backbones import create_backbone, full_precision
 from heads.config import ConfigError, Count, Name, NonNegative, Positive, Probability, Size
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -66,8 +68,8 @@ class FrameCNNConfig:
     n_classes: Size = 10  # output classes
     input_shape: list[Size] = field(default_factory=lambda: [3, 448, 448])  # stored frame [3, S, S] (the head checks the form)
     image_size: Size | None = None  # size fed to the backbone; None: the stored size (paper: 448)
-    mean: _fixed(float, 3) = field(default_factory=lambda: list(IMAGENET_MEAN))  # normalisation on the [0, 1] scale
-    std: _fixed(Positive, 3) = field(default_factory=lambda: list(IMAGENET_STD))
+    mean: _fixed(float, 3) | None = None  # normalisation on the [0, 1] scale; None: the backbone's own (timm pretrained_cfg)
+    std: _fixed(Positive, 3) | None = None  # None: the backbone's own; both are recorded resolved in run.json
     augment: bool = True  # training-time augmentation (all of the below); False turns it off
     affine_degrees: NonNegative = 10.0  # RandomAffine rotation range +-degrees
     affine_translate: _fixed(Probability, 2) = field(default_factory=lambda: [0.1, 0.1])  # RandomAffine translate (fractions)
@@ -101,6 +103,8 @@ class FrameCNN(Head):
             raise ValueError(f"frame_cnn needs square RGB frames [3, S, S], got input_shape {shape}")
         self.backbone, self._weights = create_backbone(cfg.backbone, cfg.weights, num_classes=cfg.n_classes,
                                                        in_chans=3, seed=cfg.seed, drop_rate=cfg.drop_rate)
+        if cfg.mean is None or cfg.std is None:
+            self.cfg = cfg = dataclasses.replace(cfg, **backbone_statistics(self.backbone, cfg))
         self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -112,6 +116,9 @@ class FrameCNN(Head):
         if len(shape) != 3 or shape[0] != 3:
             raise ValueError(f"feature set {infos[0].name!r} has per-frame shape {shape}; frame_cnn needs stored "
                              f"frames [3, S, S] (extract them with the encoder 'frames/<S>', e.g. frames/448)")
+        if str(infos[0].dtype) != "uint8":  # images() divides by 255: 0..1 or normalised values would be ~black
+            raise ValueError(f"feature set {infos[0].name!r} is stored as {infos[0].dtype}; frame_cnn reads uint8 "
+                             f"frames (0..255) as the encoder 'frames/<S>' stores them, e.g. frames/448")
         return {"input_shape": shape, "n_classes": n_classes}
 
     @classmethod
@@ -127,7 +134,7 @@ class FrameCNN(Head):
         expected = tuple(self.cfg.input_shape)
         if tuple(frames.shape[1:]) != expected:
             raise ValueError(f"frame_cnn expects frames of shape {expected}, got {tuple(frames.shape[1:])}")
-        x = frames.float() / 255.0
+        x = frames.float() / 255.0  # float32: callers run this outside autocast (`full_precision`)
         size = self.cfg.image_size
         if size and size != x.shape[-1]:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -141,7 +148,26 @@ class FrameCNN(Head):
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         self.check_inputs(inputs, 1)
-        return self.backbone(self.images(inputs[0]))
+        with full_precision(inputs[0].device):
+            images = self.images(inputs[0])
+        return self.backbone(images)
+
+
+def backbone_statistics(backbone: torch.nn.Module, cfg: FrameCNNConfig) -> dict[str, list[float]]:
+    """The unset of ``mean`` / ``std``: the backbone's pretrained statistics (timm's ``pretrained_cfg``).
+
+    Why: pretrained backbones expect their own input statistics (ImageNet's for most CNNs, 0.5 / 0.5
+    for ``inception_v3.tf_in1k`` or ViTs); fixed ImageNet values fed those a shifted input, silently.
+    The resolved values go into the head's config, so run.json records them and a loaded run uses them
+    whatever timm version is installed then.
+    """
+    pretrained = getattr(backbone, "pretrained_cfg", None) or {}
+    mean, std = pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"frame_cnn: backbone {cfg.backbone!r} has input statistics mean={list(mean)}, "
+                         f"std={list(std)}, not 3 channels: set mean and std in the head config")
+    return {"mean": [float(v) for v in mean] if cfg.mean is None else list(cfg.mean),
+            "std": [float(v) for v in std] if cfg.std is None else list(cfg.std)}
 
 
 @dataclass

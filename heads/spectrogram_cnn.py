@@ -19,7 +19,7 @@ from torch import nn
 
 from featurestore.typed_config import typed_config
 from heads._registry import Head, register_head
-from heads.backbones import create_backbone
+from heads.backbones import create_backbone, full_precision
 from heads.config import ConfigError, Count, Name, NonNegative, Probability, Size
 from heads.deltas import delta_kernels, with_deltas
 
@@ -66,6 +66,11 @@ class SpectrogramCNN(Head):
         if len(shape) != 2:
             raise ValueError(f"feature set {infos[0].name!r} has per-segment shape {shape}; spectrogram_cnn "
                              f"needs a log-mel [n_mels, frames]")
+        n_mels = (infos[0].provenance.get("config") or {}).get("n_mels")
+        if isinstance(n_mels, int) and shape[0] != n_mels:  # transposed: deltas would run along frequency
+            raise ValueError(f"feature set {infos[0].name!r} has per-segment shape {shape} but its provenance says "
+                             f"n_mels={n_mels}: spectrogram_cnn needs [n_mels, frames] (time last, where the "
+                             f"deltas are taken); store it as the encoder 'logmel' does")
         return {"input_shape": shape, "n_classes": n_classes}
 
     @classmethod
@@ -81,6 +86,7 @@ class SpectrogramCNN(Head):
         expected = tuple(self.cfg.input_shape)
         if tuple(logmel.shape[1:]) != expected:
             raise ValueError(f"spectrogram_cnn expects log-mel segments of shape {expected}, got {tuple(logmel.shape[1:])}")
+        logmel = logmel.float()  # deltas of a float16 / bfloat16 batch would lose ~1% of their range
         if self.training and self.cfg.gain_db > 0:
             gain = (torch.rand(logmel.shape[0], 1, 1, device=logmel.device) * 2 - 1) * self.cfg.gain_db
             logmel = logmel + gain  # deltas are unchanged by a constant offset
@@ -92,7 +98,9 @@ class SpectrogramCNN(Head):
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         self.check_inputs(inputs, 1)
-        return self.backbone(self.images(inputs[0]))
+        with full_precision(inputs[0].device):
+            images = self.images(inputs[0])
+        return self.backbone(images)
 
 
 def _freq_mask(x: torch.Tensor, max_width: int, n_masks: int) -> torch.Tensor:
