@@ -108,7 +108,8 @@ def is_random_weights(provenance: dict) -> bool:
 
 
 def weights_identity(provenance: dict) -> str:
-    """A short human-readable identity of the weights: ``openai``, ``file:ab12cd..``, ``RANDOM(seed=0)``."""
+    """A short human-readable identity of the weights: ``openai``, ``openai:ab12cd..`` (a tag whose
+    file's sha256 was recorded: two files under one tag read apart), ``file:ab12cd..``, ``RANDOM(seed=0)``."""
     weights = provenance.get("weights") or {}
     kind = weights.get("kind")
     if kind == "random":
@@ -116,7 +117,8 @@ def weights_identity(provenance: dict) -> str:
     if kind == "file":
         return f"file:{str(weights.get('sha256', ''))[:12]}"
     if kind == "pretrained":
-        return str(weights.get("tag"))
+        digest = str(weights.get("sha256") or "")[:12]
+        return f"{weights.get('tag')}:{digest}" if digest else str(weights.get("tag"))
     if kind is None:
         return "n/a"
     return str(kind)

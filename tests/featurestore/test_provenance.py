@@ -64,3 +64,12 @@ def test_sets_fingerprinted_before_the_spec_path_rule_still_verify_and_resume(tm
     with open_store(path, "a") as store:
         assert store.verify().ok
         assert store.check_feature_set("timm/x", 1, (2,), prov)  # resumes instead of refusing
+
+
+def test_the_identity_of_a_pretrained_tag_shows_its_files_hash_when_recorded():
+    """Two files under one tag (a replaced hub cache) read apart in reports and classify answers;
+    before, both were 'openai'."""
+    one = {"weights": {"kind": "pretrained", "tag": "openai", "sha256": "ab" * 32}}
+    other = {"weights": {"kind": "pretrained", "tag": "openai", "sha256": "cd" * 32}}
+    assert weights_identity(one) == "openai:" + "ab" * 6 and weights_identity(one) != weights_identity(other)
+    assert weights_identity({"weights": {"kind": "pretrained", "tag": "openai"}}) == "openai"  # recorded before hashes
