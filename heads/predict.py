@@ -258,7 +258,8 @@ def predict(store: Any, run_dir: str | Path, *, name: str | None = None, split: 
     try:
         _check_writable(target, location, predictions is not None)
         with _no_room(target, "writing its lock file"):
-            lock = writer_lock(target).acquire()  # refused at once while another predict or extract writes
+            options = None if own or predictions is not None else store.open_args.get("storage_options")
+            lock = writer_lock(target, storage_options=options).acquire()  # refused while another process writes
         try:
             return _predict_locked(store, target, predictions, Path(run_dir), name, _Options(
                 split, batch_size, device, overwrite, family, weights, progress, flush_clips))

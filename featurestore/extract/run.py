@@ -165,7 +165,8 @@ def extract(dataset: str | Path | Manifest, store: str | Path | FeatureStore,
         _check_dask_backend(store, backend)
     new_dirs = _missing_dirs(location)  # made for the lock file and the store; removed again if left empty
     with _no_room(location, "writing its lock file"):
-        lock = writer_lock(location).acquire()  # refused at once while another run writes the store
+        options = store.open_args.get("storage_options") if isinstance(store, FeatureStore) else None
+        lock = writer_lock(location, storage_options=options).acquire()  # refused at once while another run writes
     try:
         summary = _already_done(store, manifest, selected_ids, asked, overwrite, backend, frames_from, decoder)
         if summary is None:

@@ -33,6 +33,7 @@ from featurestore.errors import StoreFormatError
 from featurestore.store._backend import COMPRESSORS, STRING, ChunkFault, as_str_array
 from featurestore.store._chunk_files import ChunkWriter, PlainLayout
 from featurestore.store._local_nodes import LocalNodes
+from featurestore.store._remote import is_remote, is_transport_error, remote_error
 from featurestore.store._shard_patch import patch_shard
 from featurestore.store._shards import ShardLayout, ShardReader, local_file, under
 from featurestore.store.verify_metadata import local_root, node_kind, scan_metadata
@@ -42,6 +43,8 @@ _CONFIG = {"write_empty_chunks": True}
 # first (two mkdirs each; ~260 per million clips filled, 0.03-0.35 s of the fill on this machine's
 # ext4), and a store has few enough chunk files per array (a few hundred per million clips) for one folder
 _CHUNK_KEYS = {"name": "default", "separator": "."}
+#: URL schemes whose fsspec filesystems cache directory listings (``ZarrBackend`` turns that off).
+_LISTED_SCHEMES = ("s3", "s3a", "gs", "gcs")
 #: URL schemes whose fsspec filesystem comes with one of avscene's extras.
 _EXTRAS = {"s3": "s3", "s3a": "s3"}
 
@@ -68,10 +71,14 @@ def _metadata(location: str, path: str | None = None) -> Iterator[None]:
             _raise_damage(location)
         raise
     except Exception as err:
+        if is_transport_error(err, remote=is_remote(location)):  # a failed request (refused, throttled), not damage
+            doing = f"reading the metadata of {path}" if path else "reading its metadata"
+            raise remote_error(location, err, doing) from None
         _raise_damage(location)
         if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):  # a remote store: no walk
-            raise StoreFormatError(f"{location}: a zarr.json metadata file is not valid JSON ({err}); the store's "
-                                   f"metadata is damaged (restore the file, or the store from a copy)") from None
+            file = f"{location.rstrip('/')}/{path}/zarr.json" if path else f"{location}: a zarr.json metadata file"
+            raise StoreFormatError(f"{file} is not valid JSON ({err}); the store's metadata is damaged (restore "
+                                   f"the file, or the store from a copy)") from None
         raise
 
 
@@ -83,6 +90,30 @@ def _raise_damage(location: str) -> None:
         file = local_root(location) / scan.file(node)
         raise StoreFormatError(f"{file}: {problem}; the store's metadata is damaged (restore the file, "
                                f"or the store from a copy)") from None
+
+
+def _remote_open_error(location: str, err: Exception, options: dict) -> Exception:
+    """What to raise for a store at a URL that could not be opened: one line naming the URL.
+
+    zarr says "No group found in store ... at path ''" both where the URL names no store and where
+    its bucket does not exist; s3fs's errors (refused credentials, no endpoint) name no URL at all."""
+    if is_transport_error(err, remote=True):
+        return remote_error(location, err, "opening it")
+    if type(err).__name__ != "GroupNotFoundError":
+        return err
+    return FileNotFoundError(f"no feature store at {location} (no zarr.json there{_bucket_note(location, options)})")
+
+
+def _bucket_note(location: str, options: dict) -> str:
+    """``; the bucket 'b' does not exist`` where that is why nothing was found at an object-store URL."""
+    try:
+        import fsspec
+
+        fs, path = fsspec.url_to_fs(location, **options)
+        bucket = path.split("/", 1)[0]
+        return "" if not bucket or fs.exists(bucket) else f"; the bucket {bucket!r} does not exist or cannot be seen"
+    except Exception:  # noqa: BLE001 - only a hint: the error says what was not found either way
+        return ""
 
 
 def _has_metadata_file(location: str, path: str) -> bool:
@@ -99,10 +130,16 @@ class ZarrBackend:
         self.location = location
         self.read_only = mode == "r"
         options = dict(storage_options or {})
-        if location.split("://")[0] in ("file", "local"):
+        scheme = location.split("://")[0] if "://" in location else ""
+        if scheme in ("file", "local"):
             # object stores need no directories; fsspec's local filesystem does, and only
             # creates them when asked to
             options.setdefault("auto_mkdir", True)
+        elif scheme in _LISTED_SCHEMES:
+            # s3fs/gcsfs keep every listing for the life of a filesystem instance, and fsspec shares one
+            # instance per set of options in a process: a store listed once would never show a feature
+            # set another process added (nor lose one it deleted), even opened anew or after refresh()
+            options.setdefault("use_listings_cache", False)
         kwargs = {"storage_options": options} if options and "://" in location else {}
         self._open_kwargs = kwargs
         try:
@@ -110,6 +147,10 @@ class ZarrBackend:
                 self._root = zarr.open_group(location, mode=mode, zarr_format=3, **kwargs)
         except ImportError as err:  # fsspec names the missing package (s3fs, gcsfs) in a traceback
             raise ValueError(_missing_filesystem(location, err)) from None
+        except Exception as err:
+            if not is_remote(location):
+                raise
+            raise _remote_open_error(location, err, options) from None
         self._arrays: dict[str, zarr.Array] = {}
         self._layouts: dict[str, ShardLayout | None] = {}  # sharded arrays the fast path knows
         self._rows: dict[str, tuple[int, int]] = {}  # path -> (chunk rows, inner rows): asked per get
@@ -221,17 +262,34 @@ class ZarrBackend:
                 pass  # absent or damaged: zarr's own read below says what is wrong, in its words
         return self.get_attrs(path).get(key)
 
-    def metadata_token(self, path: str) -> tuple[int, ...] | None:
-        """A local array's ``zarr.json`` identity (inode, times, size; () where it is gone); None on
-        object storage, where a look costs a request (readers there see a replaced set after
-        ``refresh()``)."""
+    def metadata_token(self, path: str) -> tuple[Any, ...] | None:
+        """A local array's ``zarr.json`` identity (inode, times, size; () where it is gone); on S3 and
+        GCS the object's ETag and size (one HEAD request: without it a reader holding the store open
+        read another writer's float32 shards of a replaced set as float16, every checksum passing);
+        None on other URLs (``memory://``: no ETag to tell versions apart)."""
         if self._folder is None:
-            return None
+            return self._object_token(path)
         try:
             st = os.stat(os.path.join(self._folder, path, "zarr.json"))
         except OSError:
             return ()
         return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+    def _object_token(self, path: str) -> tuple[Any, ...] | None:
+        """(ETag, size) of the array's ``zarr.json`` object, read anew; () where it is gone."""
+        store = self._root.store
+        if self.location.split("://")[0] not in _LISTED_SCHEMES or not hasattr(store, "fs"):
+            return None
+        key = "/".join(p for p in (store.path.strip("/"), self._root.store_path.path, path, "zarr.json") if p)
+        try:
+            info = sync(store.fs._info(key, refresh=True))
+        except FileNotFoundError:
+            return ()
+        except Exception as err:
+            if is_transport_error(err, remote=True):
+                raise remote_error(self.location, err, f"looking at the metadata of {path}") from None
+            raise
+        return info.get("ETag"), info.get("size")
 
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
         # One metadata write for all keys: ``attrs.update`` rewrites zarr.json once per key, so a

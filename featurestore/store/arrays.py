@@ -14,6 +14,7 @@ import numpy as np
 
 from featurestore.errors import CorruptChunkError, MissingChunkError, ReadOnlyStoreError
 from featurestore.store._backend import Backend, ChunkFault, join
+from featurestore.store._remote import RemoteStoreError, is_remote, is_transport_error, remote_error
 
 
 class StoreArrays:
@@ -127,7 +128,16 @@ class StoreArrays:
 
     def chunk_written(self, path: str, chunk: int) -> bool:
         """Whether chunk number ``chunk`` is in storage (False: never written, or lost)."""
-        return self._backend.chunk_written(path, chunk)
+        try:
+            return self._backend.chunk_written(path, chunk)
+        except Exception as err:  # a HEAD request that failed says nothing of the chunk
+            if self._failed_request(err):
+                raise remote_error(self.location, err, f"looking up chunk {chunk} of {path}") from None
+            raise
+
+    def _failed_request(self, err: BaseException) -> bool:
+        """Whether ``err`` is a request to object storage that failed, not damage of the data."""
+        return is_transport_error(err, remote=is_remote(self.location))
 
     # --------------------------------------------------------------------------------- reads
     def read(self, path: str, start: int, stop: int, written: bool | np.ndarray = True) -> np.ndarray:
@@ -201,9 +211,11 @@ class StoreArrays:
         anew): ``gather`` checks what it keeps of them (memory maps) before using it again."""
         self._backend.revalidate(path)
 
-    def _fault_error(self, path: str, fault: ChunkFault) -> CorruptChunkError:
+    def _fault_error(self, path: str, fault: ChunkFault) -> CorruptChunkError | RemoteStoreError:
         per, n = self.inner_rows(path), self.shape(path)[0]
         start, stop = fault.chunk * per, min(n, (fault.chunk + 1) * per)
+        if fault.cause is not None and self._failed_request(fault.cause):  # the request failed, not the data
+            return remote_error(self.location, fault.cause, f"reading {path} rows {start}:{stop}")
         if fault.missing:
             return MissingChunkError(f"{self.location}:{path}", start, stop)
         return CorruptChunkError(f"{self.location}:{path}", start, stop, fault.cause)
@@ -219,20 +231,29 @@ class StoreArrays:
             return self._backend.read_chunks(path, chunks, np.asarray(required, dtype=bool) & self.strict)
         except ChunkFault as fault:
             raise self._fault_error(path, fault) from fault.cause
+        except Exception as err:  # a request that failed outside the checks (botocore: no endpoint)
+            if self._failed_request(err):
+                raise remote_error(self.location, err, f"reading {path}") from None
+            raise
 
     def read_unchecked(self, path: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as the backend returns them: a decode failure propagates as it is
         and a missing chunk reads as fill values (``verify`` locates and words damage itself)."""
         return self._backend.read(path, start, stop)
 
-    def _corrupt_rows(self, path: str, start: int, stop: int, err: Exception) -> CorruptChunkError:
-        """The error for a failed read, narrowed to the first chunk that fails on its own."""
+    def _corrupt_rows(self, path: str, start: int, stop: int, err: Exception) -> CorruptChunkError | RemoteStoreError:
+        """The error for a failed read, narrowed to the first chunk that fails on its own; a failed
+        request (throttled, refused, no endpoint) says so instead of calling the data damaged."""
+        if self._failed_request(err):
+            return remote_error(self.location, err, f"reading {path} rows {start}:{stop}")
         per = self.chunk_rows(path)
         for chunk_start in range(start - start % per, stop, per):
             lo, hi = max(start, chunk_start), min(stop, chunk_start + per)
             try:
                 self._backend.read(path, lo, hi)
             except Exception as chunk_err:  # noqa: BLE001 - the failure being located
+                if self._failed_request(chunk_err):
+                    return remote_error(self.location, chunk_err, f"reading {path} rows {lo}:{hi}")
                 return CorruptChunkError(f"{self.location}:{path}", lo, hi, chunk_err)
         return CorruptChunkError(f"{self.location}:{path}", start, stop, err)
 
@@ -261,7 +282,12 @@ class StoreArrays:
     def write(self, path: str, start: int, data: np.ndarray, changed: np.ndarray | None = None) -> None:
         """Write rows ``start:start+len(data)``; ``changed``: see ``Backend.write``."""
         self.require_writable()
-        self._backend.write(path, start, data, changed=changed)
+        try:
+            self._backend.write(path, start, data, changed=changed)
+        except Exception as err:  # s3fs's error names neither the store nor the rows
+            if self._failed_request(err):
+                raise remote_error(self.location, err, f"writing {path} rows {start}:{start + len(data)}") from None
+            raise
 
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
         """Add or replace these attributes in one update."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from featurestore.atomic_files import OutputWriteError, describe_os_error, find_os_error
 from featurestore.errors import FeatureStoreError, StoreFormatError
 from featurestore.store._backend import STRING, backend_for
+from featurestore.store._remote import RemoteStoreError
 from featurestore.store.arrays import StoreArrays
 from featurestore.store.layout import SCHEMA_VERSION, default_inner_clips
 from featurestore.store.lock import StoreLockedError, writer_lock
@@ -103,13 +104,13 @@ def _source_locked(src: str | Path) -> Iterator[None]:
     predict`` writes could take a chunk's data before a write and its done flags after it (rows
     marked done holding fill values), so a running writer refuses the conversion in one line
     (`StoreLockedError`, naming it). A source in a place where no lock file can be made (a read-only
-    directory) has no writer either, and is copied without one."""
+    directory, a bucket this user may only read) has no writer either, and is copied without one."""
     lock = writer_lock(src, command=f"featurestore convert {src}")
     try:
         lock.acquire()
     except StoreLockedError:
         raise
-    except OSError:
+    except (OSError, RemoteStoreError):
         yield
         return
     try:

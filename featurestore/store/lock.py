@@ -21,8 +21,14 @@ names what it knows: the kernel's pid ("details not recorded yet") or "holder no
 * Processes forked while the lock is held (decode workers) close their copy of the descriptor, so
   only the process that took the lock holds it; ``exec``'d children never inherit it.
 * Readers (``open_store(..., "r")``) take no lock.
-* Remote fsspec URLs (``s3://``, ``memory://``...) get no lock (``writer_lock`` returns a no-op
-  lock): there is no filesystem lock to take there. ``file://`` URLs are local paths.
+* An ``s3://`` store's lock is an object beside it, ``<store>.lock``, created with a conditional
+  PUT (``If-None-Match: *``): of two writers starting at once, S3 lets exactly one create it, and the
+  other is refused naming the holder. Object storage does not drop the lock when its holder dies: a
+  record left by a process of this host that no longer runs is taken over (a PUT conditional on
+  that record's ETag, so two writers cannot both take it over); one left by another host is
+  refused with the command that removes it. Servers without conditional writes ignore the
+  condition (no exclusion there, as before). Other URLs (``memory://``, ``gs://``...) get no lock
+  (a no-op lock). ``file://`` URLs are local paths.
 * ``flock`` is coherent between processes of one host; on network filesystems whose ``flock`` is
   local to each client, writers on different hosts are not excluded.
 """
@@ -37,14 +43,19 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from featurestore.errors import FeatureStoreError
 
-__all__ = ["HOLDER_WAIT_S", "LOCK_SUFFIX", "StoreLockedError", "WriterLock", "current_holder", "lock_path",
-           "writer_lock"]
+if TYPE_CHECKING:
+    from featurestore.store._remote_lock import RemoteLock
+
+__all__ = ["HOLDER_WAIT_S", "LOCK_SUFFIX", "REMOTE_LOCK_SCHEMES", "StoreLockedError", "WriterLock", "current_holder",
+           "lock_path", "writer_lock"]
 
 LOCK_SUFFIX = ".lock"
+#: URL schemes whose stores get a lock object (``_remote_lock``); other URLs get none.
+REMOTE_LOCK_SCHEMES = ("s3", "s3a")
 #: How long a refused writer waits for the holder to record itself (the time between its ``flock``
 #: and its record: microseconds, unless the machine is loaded).
 HOLDER_WAIT_S = 1.0
@@ -54,10 +65,13 @@ _HELD_FDS: set[int] = set()  # descriptors of the locks this process holds
 class StoreLockedError(FeatureStoreError):
     """Another process holds the store's writer lock."""
 
-    def __init__(self, store: str, lock_file: Path, holder: dict[str, Any]):
+    def __init__(self, store: str, lock_file: Path | str, holder: dict[str, Any]):
         self.store, self.lock_file, self.holder = store, lock_file, holder
-        super().__init__(f"{store} is being written by another process ({describe_holder(holder)}; lock file "
-                         f"{lock_file}); wait for it to finish or stop it, then rerun")
+        fix = "wait for it to finish or stop it, then rerun"
+        if isinstance(lock_file, str):  # an object: nothing drops it when its holder dies elsewhere
+            fix += f" (if it no longer runs, delete the lock object: aws s3 rm {lock_file})"
+        super().__init__(f"{store} is being written by another process ({describe_holder(holder)}; lock "
+                         f"{'object' if isinstance(lock_file, str) else 'file'} {lock_file}); {fix}")
 
 
 def lock_path(location: str | os.PathLike) -> Path | None:
@@ -76,9 +90,17 @@ def lock_path(location: str | os.PathLike) -> Path | None:
     return path.with_name(path.name + LOCK_SUFFIX)
 
 
-def writer_lock(location: str | os.PathLike, command: str | None = None) -> WriterLock:
-    """The (not yet acquired) writer lock of ``location``; use it as a context manager."""
-    return WriterLock(lock_path(location), str(location), command)
+def writer_lock(location: str | os.PathLike, command: str | None = None,
+                storage_options: dict | None = None) -> WriterLock | RemoteLock:
+    """The (not yet acquired) writer lock of ``location``; use it as a context manager.
+
+    ``storage_options`` reach s3fs for an ``s3://`` store's lock object (as ``open_store``'s do)."""
+    text = os.fspath(location)
+    if "://" in text and text.split("://")[0] in REMOTE_LOCK_SCHEMES:
+        from featurestore.store._remote_lock import RemoteLock
+
+        return RemoteLock(text, command, storage_options)
+    return WriterLock(lock_path(location), text, command)
 
 
 class WriterLock:

@@ -21,6 +21,7 @@ import numpy as np
 from featurestore.errors import CorruptChunkError, FeatureStoreError, MissingChunkError
 from featurestore.provenance import fingerprint, fingerprint_matches
 from featurestore.store._backend import join
+from featurestore.store._remote import RemoteStoreError, is_remote, is_transport_error, remote_error
 from featurestore.store.row_group import KINDS
 from featurestore.store.verify_metadata import MetadataScan, scan_metadata
 
@@ -268,7 +269,11 @@ def _read_chunk(arrays, raw: "_LocalZarrChunks | None", chunk: _Chunk) -> _Outco
             return _Outcome(chunk)
         if block is None:  # a string chunk whose checksum the fast path checked
             block = arrays.read_unchecked(chunk.path, chunk.start, chunk.stop)
+    except RemoteStoreError:  # a failed request says nothing of the data: the check cannot finish
+        raise
     except Exception as err:  # noqa: BLE001 - any decode failure is a finding
+        if is_transport_error(err, remote=is_remote(arrays.location)):
+            raise remote_error(arrays.location, err, f"reading {chunk.path} rows {chunk.start}:{chunk.stop}") from None
         return _Outcome(chunk, error=err)
     leaf = chunk.path.rpartition("/")[2]
     if isinstance(block, _ShardRows):
