@@ -519,6 +519,8 @@ def _fit(head: Head, train_loader: Iterable | None, val_loader: Iterable | None,
     state = _open_run_dir(run_dir, identity, overwrite)
     if state.get("epoch", 0) > 0:
         _restore(run_dir, state, head, optimizer)
+    else:  # no epoch committed: a line an attempt killed before its first commit left is not history
+        _truncate_metrics(run_dir, 0)
     if optimizer is None:
         return _no_training(head, val_loader, cfg, run_dir, device, state)
     if train_loader is None:
@@ -845,8 +847,11 @@ def _finish(run_dir: Path, state: dict, cfg: TrainConfig, history: list[dict]) -
 
 
 def _append_metrics(run_dir: Path, record: dict) -> None:
-    """Add an epoch's line by rewriting the (small) file atomically: a full disk never leaves half a line."""
-    _write_metrics(run_dir, [*_read_metrics(run_dir), record])
+    """Add an epoch's line by rewriting the (small) file atomically: a full disk never leaves half a line.
+    Lines of this epoch or later go: an attempt killed between its metrics line and its state.json left
+    one (never committed), and a run that restarted from no committed epoch had it read back twice."""
+    kept = [r for r in _read_metrics(run_dir) if r["epoch"] < record["epoch"]]
+    _write_metrics(run_dir, [*kept, record])
 
 
 def _write_metrics(run_dir: Path, records: list[dict]) -> None:
@@ -879,7 +884,10 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 
 def _truncate_metrics(run_dir: Path, epoch: int) -> None:
     """Drop metric lines of epochs after the last committed checkpoint (written before a crash)."""
-    _write_metrics(run_dir, [r for r in _read_metrics(run_dir) if r["epoch"] <= epoch])
+    records = _read_metrics(run_dir)
+    kept = [r for r in records if r["epoch"] <= epoch]
+    if len(kept) < len(records):
+        _write_metrics(run_dir, kept)
 
 
 def _epoch_line(record: dict, epochs: int) -> str:

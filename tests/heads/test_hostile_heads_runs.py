@@ -198,3 +198,22 @@ def test_a_resume_with_another_worker_count_is_refused_but_a_finished_run_is_sti
         heads.train(config(tmp_path / "run", epochs=2, num_workers=1), store)
     assert json.loads((tmp_path / "run/state.json").read_text())["epoch"] == 1
     assert heads.train(config(tmp_path / "run", num_workers=1), store).nothing_to_do  # nothing trains: any count
+
+
+def test_a_metrics_line_left_by_an_attempt_killed_before_its_first_commit_is_not_kept(store, tmp_path):
+    """A kill between an epoch's metrics line and its state.json (the commit) left the line; when no
+    epoch had been committed the rerun started fresh without dropping it, and metrics.jsonl (and the
+    history) held epoch 1 twice. Seen in test_sweep's random-kill test, about 1 run in 8."""
+    import json
+
+    cfg = config(tmp_path / "run")
+    first = heads.train(cfg, store)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    (tmp_path / "run" / "state.json").unlink()  # as if killed right after the metrics line of epoch 1
+    for stale in (tmp_path / "run" / "ckpt").iterdir():
+        stale.unlink()
+    again = heads.train(cfg, store)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, cfg.epochs + 1)), lines
+    assert [r["epoch"] for r in again.history] == [r["epoch"] for r in first.history]
+    assert len(metrics.splitlines()) == cfg.epochs
