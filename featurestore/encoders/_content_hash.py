@@ -23,14 +23,12 @@ from typing import Any
 
 import torch
 
+from featurestore.encoders._patching import SharedPatch
 from featurestore.provenance import file_sha256
 
 HASH_CACHE_ENV = "FEATURESTORE_HASH_CACHE"
 _MEMO: dict[str, str] = {}
 _LOCAL = threading.local()
-_PATCH_LOCK = threading.Lock()
-_PATCH_DEPTH = 0
-_ORIGINALS: dict[str, Any] = {}
 
 
 def hash_cache_path() -> Path:
@@ -104,11 +102,10 @@ def recording_loaded_files() -> Iterator[list[str]]:
     files: list[str] = []
     stack = getattr(_LOCAL, "stack", None) or []
     _LOCAL.stack = [*stack, files]
-    _install()
     try:
-        yield files
+        with _WATCHING():
+            yield files
     finally:
-        _uninstall()
         _LOCAL.stack = stack
 
 
@@ -118,30 +115,14 @@ def _record(target: Any) -> None:
         stack[-1].append(os.fspath(target))
 
 
-def _install() -> None:
-    global _PATCH_DEPTH
+def _watched_loaders() -> list[tuple[Any, str, Any]]:
     import safetensors.torch
 
-    with _PATCH_LOCK:
-        _PATCH_DEPTH += 1
-        if _PATCH_DEPTH > 1:
-            return
-        _ORIGINALS["torch"] = torch.load
-        _ORIGINALS["safetensors"] = safetensors.torch.load_file
-        torch.load = _watched(torch.load)
-        safetensors.torch.load_file = _watched(safetensors.torch.load_file)
+    return [(torch, "load", _watched(torch.load)),
+            (safetensors.torch, "load_file", _watched(safetensors.torch.load_file))]
 
 
-def _uninstall() -> None:
-    global _PATCH_DEPTH
-    import safetensors.torch
-
-    with _PATCH_LOCK:
-        _PATCH_DEPTH -= 1
-        if _PATCH_DEPTH > 0:
-            return
-        torch.load = _ORIGINALS.pop("torch")
-        safetensors.torch.load_file = _ORIGINALS.pop("safetensors")
+_WATCHING = SharedPatch(_watched_loaders)
 
 
 def _watched(function: Any) -> Any:

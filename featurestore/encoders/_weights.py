@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import types
 import os
 import pickle
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from featurestore.encoders._content_hash import cached_sha256
+from featurestore.encoders._patching import SharedPatch
 from featurestore.encoders._names import SpecError
 from featurestore.errors import FeatureStoreError
 from featurestore.provenance import file_sha256  # noqa: F401 - re-exported (torch-free, used by the planner)
@@ -396,35 +396,22 @@ def _refuse_download(url: Any, *args: Any, **kwargs: Any) -> Any:
 #: ``(module, attribute)`` pairs replaced by a refusal inside ``hub_offline`` (modules not imported
 #: yet are skipped: timm and open_clip are imported before the pretrained attempt that matters).
 _URL_DOWNLOADERS = (("torch.hub", "download_url_to_file"), ("timm.models._hub", "download_url_to_file"))
-_URL_LOCK = threading.Lock()
-_URL_DEPTH = [0]
-_URL_SAVED: list[tuple[Any, str, Any]] = []
 
 
-@contextlib.contextmanager
-def _urls_refused() -> Iterator[None]:
-    """Replace the URL download functions by ``_refuse_download`` (nested and threaded use count)."""
-    with _URL_LOCK:
-        _URL_DEPTH[0] += 1
-        if _URL_DEPTH[0] == 1:
-            for module_name, attr in _URL_DOWNLOADERS:
-                module = sys.modules.get(module_name)
-                if module is not None and hasattr(module, attr):
-                    _URL_SAVED.append((module, attr, getattr(module, attr)))
-                    setattr(module, attr, _refuse_download)
-            pretrained = sys.modules.get("open_clip.pretrained")
-            if pretrained is not None and hasattr(pretrained, "urllib"):  # its only use: urllib.request.urlopen
-                _URL_SAVED.append((pretrained, "urllib", pretrained.urllib))
-                pretrained.urllib = types.SimpleNamespace(request=types.SimpleNamespace(urlopen=_refuse_download))
-    try:
-        yield
-    finally:
-        with _URL_LOCK:
-            _URL_DEPTH[0] -= 1
-            if _URL_DEPTH[0] == 0:
-                while _URL_SAVED:
-                    module, attr, original = _URL_SAVED.pop()
-                    setattr(module, attr, original)
+def _url_refusals() -> list[tuple[Any, str, Any]]:
+    """The URL download functions, each replaced by ``_refuse_download``; open_clip's ``urllib``
+    (its only use there: ``urllib.request.urlopen``) by one whose ``urlopen`` refuses."""
+    found = [(module, attr, _refuse_download) for module_name, attr in _URL_DOWNLOADERS
+             if (module := sys.modules.get(module_name)) is not None and hasattr(module, attr)]
+    pretrained = sys.modules.get("open_clip.pretrained")
+    if pretrained is not None and hasattr(pretrained, "urllib"):
+        refusing = types.SimpleNamespace(request=types.SimpleNamespace(urlopen=_refuse_download))
+        found.append((pretrained, "urllib", refusing))
+    return found
+
+
+#: ``with _urls_refused():`` the URL download functions refuse (nested and threaded use counted).
+_urls_refused = SharedPatch(_url_refusals)
 
 
 @contextlib.contextmanager
