@@ -16,8 +16,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tests.featurestore.test_extract_support import FAST, assert_same_arrays, make_dataset, read_all
-from tests.featurestore.test_hostile_dask import KillOnWrite, SlowWrites
+from tests.featurestore.test_extract_support import assert_same_arrays, make_dataset, read_all
+from tests.featurestore.test_hostile_dask import N_CLIPS, ONE_PER_CHUNK, KillOnWrite, SlowWrites
+from tests.featurestore.test_hostile_dask import client  # noqa: F401 - the module's own cluster
 
 from featurestore.extract import extract
 from featurestore.extract.dask import TASKS_PER_THREAD, connect, group_blocks, run_task
@@ -25,18 +26,6 @@ from featurestore.extract.errors import ExtractionInterrupted, ExtractionStopped
 from featurestore.store import open_store
 
 distributed = pytest.importorskip("distributed")
-
-N_CLIPS = 10
-#: One clip per chunk (and per block), so that most tasks hold one block and a few hold two.
-ONE_PER_CHUNK = {**FAST, "batch_size": 1, "chunk_clips": 1}
-
-
-@pytest.fixture(scope="module")
-def client():
-    """The module's one cluster (``local:2``: two single-threaded worker processes)."""
-    with pytest.MonkeyPatch.context() as mp, ExitStack() as stack:
-        mp.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-        yield connect("local:2", stack)
 
 
 @pytest.fixture(scope="module")

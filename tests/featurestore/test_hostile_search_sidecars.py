@@ -19,6 +19,7 @@ from featurestore import text_query
 from featurestore.store import _search_files as files
 from featurestore.store import search as search_mod
 from tests.featurestore.test_search import DIM, FEAT, N, SEG, _prov, brute_force, build
+from tests.featurestore.test_search import store_path  # noqa: F401 - the fixture: a store of N done clips
 
 needs_faiss = pytest.mark.skipif(not search_mod.faiss_available(), reason="faiss-cpu is not installed")
 OTHER_SET = "clip/other"
@@ -189,8 +190,8 @@ def test_a_stored_clips_float32_vector_scores_as_the_clip_itself(tmp_path, metho
 
 @pytest.mark.parametrize("query", [np.full(DIM, 1e200), [1e200] * DIM, np.full(DIM, 3e38, np.float32),
                                    np.full(DIM, 2**62, np.int64)])
-def test_queries_of_any_scale_or_type_keep_their_direction(store_path_all_done, query):
-    path, data = store_path_all_done
+def test_queries_of_any_scale_or_type_keep_their_direction(store_path, query):
+    path, data = store_path
     with open_store(path) as store:
         big = store.search(FEAT, query, k=N, method="exact")
         small = store.search(FEAT, np.ones(DIM), k=N, method="exact")
@@ -198,14 +199,8 @@ def test_queries_of_any_scale_or_type_keep_their_direction(store_path_all_done, 
     np.testing.assert_allclose(big.scores, small.scores, atol=1e-6)
 
 
-@pytest.fixture
-def store_path_all_done(tmp_path):
-    path = tmp_path / "s.zarr"
-    return path, build(path)
-
-
-def test_a_query_that_is_not_numbers_is_refused_in_one_line(store_path_all_done):
-    path, _ = store_path_all_done
+def test_a_query_that_is_not_numbers_is_refused_in_one_line(store_path):
+    path, _ = store_path
     with open_store(path) as store:
         with pytest.raises(ValueError, match=r"^the query .* numbers"):
             store.search(FEAT, ["c001", 2.0])
