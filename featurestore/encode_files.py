@@ -187,6 +187,11 @@ class _Target:
     dtype: str
     shape: tuple[int, ...]
 
+    @property
+    def spec(self) -> str:
+        """The encoder's spec, as extraction's messages name it (``non_finite_message``)."""
+        return str(self.encoder.spec)
+
 
 @dataclass
 class EncodedFiles:
@@ -335,7 +340,7 @@ class FileEncoder:
                 out, storable = encode_and_cast(t, x, self.device, len(rows))
                 _add_all(seconds, {f"encode {t.name}": time.perf_counter() - t0})
                 outputs[t.name][rows] = out.reshape(len(rows), t.source.n_segments, *t.shape)
-                _refuse_unstorable(t, rows, storable, clips, ok, errors)
+                _refuse_unstorable(t, out, rows, storable, clips, ok, errors)
             bar.update(len(batch.rows))
 
     def _batches(self, clips: Sequence[ClipFiles]) -> Iterator[DecodedBatch]:
@@ -368,16 +373,14 @@ class FileEncoder:
                 loaded.close()
 
 
-def _refuse_unstorable(target: _Target, rows: np.ndarray, storable: np.ndarray,
+def _refuse_unstorable(target: _Target, out: np.ndarray, rows: np.ndarray, storable: np.ndarray,
                        clips: Sequence[ClipFiles], ok: np.ndarray, errors: dict[str, str]) -> None:
     """Fail the clips whose output an integer feature set cannot hold (NaN, or outside the dtype's
     range: the cast made them 0 or wrapped them, and extraction would not have stored them). Float
     sets keep their NaN, which ``heads.classify`` names as the features' fault."""
     if not np.issubdtype(np.dtype(target.dtype), np.integer) or storable.all():
         return
-    info = np.iinfo(np.dtype(target.dtype))
-    message = (f"the encoder gave NaN, infinity or a value outside {info.min}..{info.max}, which {target.dtype} "
-               f"cannot hold (extraction refuses such rows too)")
+    message = extract_pipeline.non_finite_message(target, out)  # extraction's own words for the rows it refuses
     for row in rows[~storable]:
         ok[row] = False
         errors.setdefault(clips[row].name, f"{target.name}: {message}")

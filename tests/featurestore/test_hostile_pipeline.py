@@ -474,7 +474,8 @@ def test_encoding_files_fails_a_clip_an_integer_set_cannot_hold_rather_than_wrap
     monkeypatch.setattr(frames, "forward", too_bright)
     result = encoder.encode([dataset.root / dataset.clips[i].video for i in clips])
     assert list(result.errors) == [bad]
-    assert "frames/32: the encoder gave NaN, infinity or a value outside 0..255" in result.errors[bad]
+    assert result.errors[bad].startswith("frames/32: non-finite or out-of-range output from frames/32: NaN, "
+                                         "infinity or a value outside 0..255 cannot be stored as uint8")
     assert bad not in [c.name for c in result.ok_clips] and len(result.ok_clips) == 3
 
 
